@@ -1,0 +1,1 @@
+"""The ``spectra`` command line (installed as the ``spectra_cli`` package): a thin shell over the library."""

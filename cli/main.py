@@ -1,0 +1,206 @@
+"""``spectra`` commands: parse, check flag combinations, call the library, print.
+
+Results go to stdout; progress, hints and errors to stderr. Expected failures (every
+:class:`spectra.SpectraError`) print one line and exit with status 1; set ``SPECTRA_DEBUG=1`` for
+the traceback. Unknown exceptions propagate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import spectra
+from spectra.diff import DiffConfig, DiffEvent
+from spectra.errors import IdenticalCheckpointsError, SpectraError
+
+EXIT_ERROR = 1
+EXIT_IDENTICAL = 3
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout() -> Console:
+    """Console for results; when piped to a file, wide enough that tensor names do not fold."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=200)
+    return console
+
+
+class _Group(click.Group):
+    """Turns :class:`SpectraError` into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SpectraError as exc:
+            if os.environ.get("SPECTRA_DEBUG") == "1":
+                raise
+            code = EXIT_IDENTICAL if isinstance(exc, IdenticalCheckpointsError) else EXIT_ERROR
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(spectra.__version__, prog_name="spectra")
+def main() -> None:
+    """Weight-space spectral analysis of fine-tuned models."""
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[current]}", style="dim"),
+        console=console, transient=False,
+    )
+
+
+@main.command("diff")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for results.json, results.csv and the heatmaps (default: no files).")
+@click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
+              help="Energy-rank threshold τ in (0, 1]; repeatable. Default: 0.5 0.9 0.99.")
+@click.option("--include", default=None, help="Regex: analyse only matrices whose name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Singular values kept per matrix in the results (metrics use all of them).")
+@click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
+              help="Exact spectrum via the Gram matrix's eigenvalues (fast) or an SVD.")
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Precision of the decomposition; float32 is faster but loses small singular values.")
+@click.option("--no-split", is_flag=True, help="Analyse fused q/k/v and gate/up matrices whole.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
+@click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
+@click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
+def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
+             no_split, as_json, no_plots, allow_identical) -> None:
+    """Spectrum of ΔW = TUNED − BASE for every paired matrix.
+
+    BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
+    dict, an index file, or an org/name entry of the local Hugging Face cache.
+    """
+    config = DiffConfig(
+        **({"thresholds": tuple(thresholds)} if thresholds else {}),
+        include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
+        method=method, precision=precision, split_fused=not no_split,
+    )
+    err = _stderr()
+    progress = _progress(err)
+    task_id = None
+
+    def on_event(ev: DiffEvent) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("ΔW spectra", total=ev.total, current="")
+        current = ev.result.name if ev.result else ev.skipped.name
+        progress.update(task_id, completed=ev.done, current=current[-60:])
+        if ev.skipped is not None:
+            progress.console.print(f"[yellow]warning:[/] {ev.skipped.name}: {ev.skipped.reason}", markup=True, highlight=False)
+
+    start = time.perf_counter()
+    with progress:
+        result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
+                              plots=not no_plots, allow_identical=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        _stdout().print(_summary_table(result))
+    err.print(f"{len(result.modules)} matrices in {time.perf_counter() - start:.1f} s on {result.device}; "
+              f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
+              f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
+    if out_dir:
+        err.print(f"results: {Path(out_dir) / 'results.json'}", highlight=False)
+    for w in result.warnings:
+        if "exactly zero" in w:
+            err.print(f"[yellow]warning:[/] {w}")
+    if not allow_identical and result.modules and all(m.fro_norm == 0.0 for m in result.modules):
+        raise IdenticalCheckpointsError(
+            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
+            path=f"{base} vs {tuned}", hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this",
+        )
+
+
+def _summary_table(result: spectra.DiffResult, threshold: float = 0.9) -> Table:
+    key = str(float(threshold)) if threshold in result.thresholds else str(float(result.thresholds[len(result.thresholds) // 2]))
+    tau = float(key)
+    table = Table(title=f"Rank needed for {tau:.0%} of ΔW's energy, median per module", title_justify="left")
+    for col, just in (("module", "left"), ("n", "right"), ("p", "right"), (f"rank[{key}]", "right"),
+                      ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
+        table.add_column(col, justify=just)
+    from spectra.naming import role_sort_key
+
+    rows = sorted(result.summary(tau), key=lambda r: role_sort_key(r["role"], r["module"]))
+    for r in rows:
+        table.add_row(
+            r["module"], str(r["count"]), str(r["p"]), f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
+            f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
+        )
+    return table
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--all", "show_all", is_flag=True, help="Also list 1-D and non-float tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+def inspect_cmd(path, show_all, as_json) -> None:
+    """List a checkpoint's matrices with their layer, module, role, shape and dtype.
+
+    The quick way to see how spectra understood an architecture: fused matrices show the parts
+    they will be split into, and transposed (Conv1D) storage is marked.
+    """
+    from spectra.inspect import inspect_checkpoint
+
+    records = inspect_checkpoint(path, include_non_matrices=show_all)
+    if as_json:
+        click.echo(json.dumps(records, indent=1, ensure_ascii=False))
+        return
+    table = Table(title=f"{path}", title_justify="left")
+    for col in ("name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(
+            r["name"], "" if r["layer"] is None else str(r["layer"]), "" if r["expert"] is None else str(r["expert"]),
+            r["module"] or "", r["role"] or "", "×".join(map(str, r["shape"])), r["dtype"],
+            ",".join(r["parts"]) + (" (T)" if r["transpose"] else ""), r["note"],
+        )
+    _stdout().print(table)
+    _stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
+
+
+@main.command("demo")
+@click.option("--out", "out_dir", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the generated checkpoints and the analysis go.")
+@click.option("--seed", default=0, show_default=True)
+def demo_cmd(out_dir, seed) -> None:
+    """Generate a small Llama-shaped checkpoint pair with a fine-tune-like update and diff it."""
+    from spectra.synthetic import LlamaShape, make_llama_pair
+
+    err = _stderr()
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    base, tuned = make_llama_pair(out / "checkpoints", shape=LlamaShape(), seed=seed)
+    err.print(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s", highlight=False)
+    ctx = click.get_current_context()
+    ctx.invoke(diff_cmd, base=str(base), tuned=str(tuned), out_dir=str(out), thresholds=(), include=None,
+               exclude=None, layers=None, device="auto", top_k=64, method="gram", precision="float64",
+               no_split=False, as_json=False, no_plots=False, allow_identical=False)
+    err.print(f"look at: {out / 'rank_heatmap.png'}, {out / 'relnorm_heatmap.png'}, {out / 'results.csv'}", highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""``python -m spectra``: the command line."""
+
+from spectra_cli.main import main
+
+main()

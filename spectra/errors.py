@@ -1,0 +1,65 @@
+"""One error hierarchy for everything spectra reports to a user.
+
+Every error carries the file and/or tensor it is about and a hint saying what to do, so the CLI can
+print it as one line (``error: <path>: <tensor>: <message> (<hint>)``) without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class SpectraError(Exception):
+    """Base class of the errors spectra raises for expected bad input.
+
+    Args:
+        message: what is wrong, one sentence without a trailing period.
+        path: the file or folder concerned, if any.
+        tensor: the tensor name concerned, if any.
+        hint: what the user can do about it, if anything.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | Path | None = None,
+        tensor: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.path, None if self.tensor is None else f"tensor {self.tensor!r}") if p]
+        text = ": ".join([*parts, self.message])
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class CheckpointNotFoundError(SpectraError):
+    """A checkpoint, shard or cache entry does not exist."""
+
+
+class CheckpointFormatError(SpectraError):
+    """A file exists but is not a valid checkpoint: truncated, corrupt, unknown layout."""
+
+
+class UnsafeCheckpointError(SpectraError):
+    """A file would need arbitrary code execution (pickle) to load; spectra refuses it."""
+
+
+class PairingError(SpectraError):
+    """The two checkpoints do not pair: no shared matrices, or incompatible architectures."""
+
+
+class ConfigError(SpectraError):
+    """An option or combination of options is invalid."""
+
+
+class IdenticalCheckpointsError(SpectraError):
+    """Every paired update is exactly zero: base and tuned hold the same weights."""

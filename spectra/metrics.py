@@ -1,0 +1,116 @@
+"""Spectrum metrics of one matrix from its singular values (SPEC.md, "Spectrum metrics").
+
+Pure numpy on float64 arrays; no torch, no I/O. ``S`` is always the full spectrum, descending,
+``S.shape == (p,)`` with ``p = min(out, in)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from spectra.randmat import gavish_donoho_omega
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.9, 0.99)
+
+
+def energy_rank(S: np.ndarray, tau: float) -> int:
+    """Smallest k with ``Σ_{i<=k} σᵢ² >= τ · Σ σᵢ²``; 0 for a zero matrix.
+
+    This is Biderman et al. 2024's "rank needed to explain τ of the spectrum" (Fig. 6): uncentred,
+    on σ², like PCA's explained variance. The cumulative sum runs in float64.
+
+    >>> energy_rank(np.array([3.0, 1.0, 1.0]), 0.9)
+    2
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
+    energy = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    if energy.size == 0 or energy[-1] == 0.0:
+        return 0
+    k = int(np.searchsorted(energy, tau * energy[-1], side="left")) + 1
+    return min(k, energy.size)
+
+
+def stable_rank(S: np.ndarray) -> float:
+    """``Σσᵢ² / σ₁²``; 0 for a zero matrix."""
+    S = np.asarray(S, dtype=np.float64)
+    if S.size == 0 or S[0] == 0.0:
+        return 0.0
+    return float(np.sum(S**2) / S[0] ** 2)
+
+
+def effective_rank(S: np.ndarray) -> float:
+    """Roy & Vetterli (2007): ``exp(−Σ qᵢ ln qᵢ)``, ``qᵢ = σᵢ / Σσⱼ``, ``0·ln 0 = 0``; 0 for a zero matrix.
+
+    >>> round(effective_rank(np.ones(5)), 12)
+    5.0
+    """
+    S = np.asarray(S, dtype=np.float64)
+    total = S.sum()
+    if total == 0.0:
+        return 0.0
+    q = S[S > 0] / total
+    return float(np.exp(-np.sum(q * np.log(q))))
+
+
+def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
+    """Gavish & Donoho (2014) hard threshold for unknown noise: ``#{σᵢ > ω(β)·median(σ)}``.
+
+    ``β = p / max(out, in)``. A Gaussian-noise matrix gives about 0; a rank-r signal well above the
+    noise gives r.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    if S.size == 0:
+        return 0
+    beta = min(shape) / max(shape)
+    return int(np.sum(S > gavish_donoho_omega(beta) * np.median(S)))
+
+
+@dataclass(frozen=True)
+class SpectrumMetrics:
+    """Every SPEC.md metric of one matrix that needs only its spectrum.
+
+    Attributes:
+        p: ``min(out, in)``.
+        fro_norm: ``sqrt(Σσᵢ²)``.
+        spectral_norm: ``σ₁``.
+        nuclear_norm: ``Σσᵢ``.
+        stable_rank: ``Σσᵢ² / σ₁²``.
+        effective_rank: Roy & Vetterli entropy rank.
+        energy_rank: threshold -> energy rank.
+        energy_rank_frac: threshold -> energy rank / p.
+        signal_rank: Gavish–Donoho count.
+    """
+
+    p: int
+    fro_norm: float
+    spectral_norm: float
+    nuclear_norm: float
+    stable_rank: float
+    effective_rank: float
+    energy_rank: dict[float, int]
+    energy_rank_frac: dict[float, float]
+    signal_rank: int
+
+
+def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> SpectrumMetrics:
+    """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (descending, length p)."""
+    S = np.asarray(S, dtype=np.float64)
+    p = min(shape)
+    if S.shape != (p,):
+        raise ValueError(f"S must have shape ({p},) for a {shape} matrix. Got {S.shape} instead.")
+    ranks = {float(t): energy_rank(S, t) for t in thresholds}
+    return SpectrumMetrics(
+        p=p,
+        fro_norm=float(np.sqrt(np.sum(S**2))),
+        spectral_norm=float(S[0]) if p else 0.0,
+        nuclear_norm=float(S.sum()),
+        stable_rank=stable_rank(S),
+        effective_rank=effective_rank(S),
+        energy_rank=ranks,
+        energy_rank_frac={t: (k / p if p else 0.0) for t, k in ranks.items()},
+        signal_rank=signal_rank(S, shape),
+    )

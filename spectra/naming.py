@@ -1,0 +1,382 @@
+"""Tensor names -> (layer, expert, module, role), fused-matrix splits and orientation.
+
+Checkpoints of different architectures name the same logical matrix differently
+(``model.layers.3.self_attn.q_proj.weight``, ``transformer.h.3.attn.c_attn.weight`` rows 0..d,
+``gpt_neox.layers.3.attention.query_key_value.weight`` every third head block). This module turns a
+name and a shape, plus what ``config.json`` says about heads, into a :class:`MatrixSpec`: where the
+matrix sits (layer, expert), what it is (module label and a cross-architecture role), how to orient it
+``(out, in)`` and how to split a fused matrix into its logical parts (SPEC.md, Conventions).
+
+Everything here is pure: no file I/O, no torch kernels beyond building index tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+#: Leading name components that only wrap a model (``model.``, ``transformer.``, ``bert.``...): two
+#: checkpoints of one model saved through different heads differ by these, and pairing ignores them.
+WRAPPER_PREFIXES = frozenset({
+    "model", "transformer", "bert", "roberta", "gpt_neox", "base_model", "module", "_orig_mod",
+    "language_model", "decoder_model",
+})
+
+#: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).
+LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block"})
+
+#: Column order of tables and heatmaps, by role; unknown roles come after, alphabetically.
+ROLE_ORDER = (
+    "embed", "pos_embed", "q", "k", "v", "qkv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
+    "router", "gate", "up", "gate_up", "down", "head",
+)
+
+_WEIGHT_SUFFIXES = ("weight",)
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What a checkpoint's ``config.json`` says that naming needs. Every field may be unknown.
+
+    Attributes:
+        model_type: ``config.json``'s ``model_type`` (``"llama"``, ``"gpt2"``, ...), or None.
+        num_heads: attention heads (``num_attention_heads`` / ``n_head``).
+        num_kv_heads: key/value heads (GQA/MQA); equals ``num_heads`` when the config has none.
+        head_dim: per-head width; ``hidden_size // num_heads`` when the config has none.
+        hidden_size: model width.
+        conv1d: matrices are stored ``(in, out)`` (GPT-2's ``Conv1D``) and must be transposed.
+        falcon_layout: for Falcon's ``query_key_value``: ``"new"`` (grouped per kv head),
+            ``"multi_query"`` (q rows, then one k and one v head) or ``"interleaved"`` (per head).
+    """
+
+    model_type: str | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_size: int | None = None
+    conv1d: bool = False
+    falcon_layout: str | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]] | None = None) -> "ArchInfo":
+        """Build from a parsed ``config.json`` (may be None) and the checkpoint's tensor shapes.
+
+        Without a config, GPT-2's ``(in, out)`` storage is recognised from its ``c_attn`` shape
+        ``(d, 3d)``, since GPT-BigCode uses the same names with ``nn.Linear`` ``(out, in)`` storage.
+        """
+        config = dict(config or {})
+        if isinstance(config.get("text_config"), dict):  # multimodal wrappers keep the LM config inside
+            config = {**config["text_config"], "model_type": config.get("model_type")}
+        model_type = config.get("model_type")
+        heads = _first_int(config, "num_attention_heads", "n_head", "num_heads")
+        kv = _first_int(config, "num_key_value_heads", "num_kv_heads", "multi_query_group_num")
+        hidden = _first_int(config, "hidden_size", "n_embd", "d_model")
+        head_dim = _first_int(config, "head_dim", "d_kv")
+        if head_dim is None and heads and hidden:
+            head_dim = hidden // heads
+        falcon_layout = None
+        if model_type in ("falcon", "RefinedWeb", "RefinedWebModel"):
+            if config.get("new_decoder_architecture"):
+                falcon_layout = "new"
+                kv = kv or _first_int(config, "num_kv_heads")
+            elif config.get("multi_query", True):
+                falcon_layout, kv = "multi_query", 1
+            else:
+                falcon_layout = "interleaved"
+        if kv is None:
+            kv = heads
+        if model_type is not None:
+            conv1d = model_type in ("gpt2", "openai-gpt", "imagegpt")
+        else:
+            conv1d = False
+            for name, shape in (shapes or {}).items():
+                comps = name.split(".")
+                if "c_attn" in comps and len(shape) == 2 and shape[1] == 3 * shape[0]:
+                    conv1d = True
+                    break
+        return cls(model_type, heads, kv, head_dim, hidden, conv1d, falcon_layout)
+
+
+def _first_int(config: Mapping[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Part:
+    """One logical part of a (possibly fused) matrix.
+
+    Attributes:
+        suffix: ``""`` for an unsplit matrix, else ``"q"``, ``"k"``, ``"v"``, ``"gate"``, ``"up"``.
+        rows: row indices into the ``(out, in)``-oriented matrix, or None for all rows.
+    """
+
+    suffix: str
+    rows: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """Where a stored 2-D (or 3-D expert-stacked) tensor sits and how to read it.
+
+    Attributes:
+        name: the tensor name as stored.
+        key: the pairing key: name without wrapper prefixes (``model.``, ``bert.``...).
+        layer: index in the layer stack, or None (embeddings, head, final projections).
+        expert: expert index for MoE expert matrices, else None.
+        module: the module label, unique within the checkpoint (``"q_proj"``, ``"attn.c_proj"``).
+        role: cross-architecture role (``"q"``, ``"down"``, ``"embed"``...), or None if unknown.
+        transpose: stored ``(in, out)``; transpose to get SPEC.md's ``(out, in)``.
+        parts: the logical parts to analyse (one unsplit part, or the split of a fused matrix).
+        note: why a fused matrix was left unsplit, or another caveat; empty when none.
+    """
+
+    name: str
+    key: str
+    layer: int | None
+    expert: int | None
+    module: str
+    role: str | None
+    transpose: bool = False
+    parts: tuple[Part, ...] = (Part(""),)
+    note: str = ""
+    rel_path: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    key: str
+    layer: int | None
+    expert: int | None
+    rel_path: str  # module path with wrappers, layer and expert numbers removed
+    leaf: str
+    parent: str
+
+
+def pairing_key(name: str) -> str:
+    """The name without leading wrapper components and without a trailing ``.weight``.
+
+    >>> pairing_key("model.layers.0.self_attn.q_proj.weight")
+    'layers.0.self_attn.q_proj'
+    >>> pairing_key("bert.encoder.layer.0.attention.self.query.weight")
+    'encoder.layer.0.attention.self.query'
+    """
+    comps = name.split(".")
+    if comps and comps[-1] in _WEIGHT_SUFFIXES and len(comps) > 1:
+        comps = comps[:-1]
+    while len(comps) > 1 and comps[0] in WRAPPER_PREFIXES:
+        comps = comps[1:]
+    return ".".join(comps)
+
+
+def _parse(name: str) -> _Parsed:
+    key = pairing_key(name)
+    comps = key.split(".")
+    layer = expert = None
+    rel: list[str] = []
+    i = 0
+    while i < len(comps):
+        c = comps[i]
+        nxt = comps[i + 1] if i + 1 < len(comps) else None
+        if nxt is not None and nxt.isdigit():
+            if layer is None and c in LAYER_CONTAINERS:
+                layer = int(nxt)
+                i += 2
+                continue
+            if c == "experts" and expert is None:
+                expert = int(nxt)
+                rel.append(c)
+                i += 2
+                continue
+            if c in LAYER_CONTAINERS:  # T5's sub-layer index inside a block: not part of the identity
+                i += 2
+                continue
+        if not c.isdigit():
+            rel.append(c)
+        i += 1
+    leaf = rel[-1] if rel else key
+    parent = rel[-2] if len(rel) > 1 else ""
+    return _Parsed(key, layer, expert, ".".join(rel), leaf, parent)
+
+
+_ATTN_PARENTS = frozenset({"attn", "self_attn", "attention", "self_attention", "selfattention", "mixer"})
+_CROSS_PARENTS = frozenset({"encdecattention", "crossattention", "encoder_attn", "cross_attn"})
+_MLP_PARENTS = frozenset({"mlp", "feed_forward", "densereludense", "ffn", "intermediate", "shared_expert", "experts"})
+
+_LEAF_ROLES = {
+    "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q",
+    "k_proj": "k", "key": "k", "wk": "k",
+    "v_proj": "v", "value": "v", "wv": "v",
+    "o_proj": "o", "out_proj": "o",
+    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "w_pack": "qkv", "wqkv": "qkv",
+    "gate_proj": "gate", "w1": "gate",
+    "up_proj": "up", "w3": "up", "dense_h_to_4h": "up", "c_fc": "up", "fc1": "up", "wi": "up",
+    "down_proj": "down", "w2": "down", "dense_4h_to_h": "down", "fc2": "down",
+    "gate_up_proj": "gate_up",
+    "router": "router",
+    "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "embed_in": "embed",
+    "shared": "embed", "tok_embeddings": "embed",
+    "wpe": "pos_embed", "position_embeddings": "pos_embed",
+    "lm_head": "head", "embed_out": "head",
+}
+
+
+def _role(p: _Parsed) -> str | None:
+    leaf, parent = p.leaf.lower(), p.parent.lower()
+    role = _LEAF_ROLES.get(leaf)
+    cross = parent in _CROSS_PARENTS
+    if role is None:
+        if leaf in ("q", "k", "v", "o"):
+            role = leaf
+        elif leaf in ("dense", "c_proj", "wo"):
+            if parent in _ATTN_PARENTS or cross or (leaf == "dense" and parent == "output" and "attention" in p.rel_path):
+                role = "o"
+            elif parent in _MLP_PARENTS or parent == "output":
+                role = "down"
+            elif leaf == "dense" and parent == "intermediate":
+                role = "up"
+        elif leaf == "gate" and parent in ("block_sparse_moe", "mlp", "moe"):
+            role = "router"
+        elif leaf == "output" and p.layer is None:
+            role = "head"
+    if parent == "intermediate" and leaf == "dense":
+        role = "up"
+    if cross and role in ("q", "k", "v", "o"):
+        role = "cross_" + role
+    return role
+
+
+def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
+    """Shortest suffix of each module path that no other path in the set shares.
+
+    Llama's ``self_attn.q_proj`` becomes ``q_proj``; GPT-2's two ``c_proj`` become ``attn.c_proj``
+    and ``mlp.c_proj``; BERT's ``output.dense`` stays whole beside ``attention.output.dense``.
+
+    >>> module_labels(["attn.c_proj", "mlp.c_proj", "attn.c_attn"])
+    {'attn.c_attn': 'c_attn', 'attn.c_proj': 'attn.c_proj', 'mlp.c_proj': 'mlp.c_proj'}
+    """
+    paths = sorted(set(rel_paths))
+    split = {p: p.split(".") for p in paths}
+    out: dict[str, str] = {}
+    for p in paths:
+        comps = split[p]
+        for n in range(1, len(comps) + 1):
+            suffix = comps[-n:]
+            if not any(q != p and split[q][-n:] == suffix for q in paths):
+                break
+        out[p] = ".".join(comps[-n:])
+    return out
+
+
+def describe_checkpoint(
+    shapes: Mapping[str, Sequence[int]], arch: ArchInfo | None = None
+) -> dict[str, MatrixSpec]:
+    """Describe every 2-D tensor of a checkpoint, and 3-D tensors under ``experts`` (stacked experts).
+
+    Args:
+        shapes: tensor name -> stored shape, for the whole checkpoint.
+        arch: head counts and storage layout from ``config.json``; inferred from shapes when None.
+
+    Returns:
+        name -> :class:`MatrixSpec` for every matrix; tensors of other ranks are left out (the caller
+        reports them as skipped).
+    """
+    arch = arch or ArchInfo.from_config(None, shapes)
+    parsed = {n: _parse(n) for n, s in shapes.items() if _is_matrix(n, s)}
+    labels = module_labels([p.rel_path for p in parsed.values()])
+    specs: dict[str, MatrixSpec] = {}
+    for name, p in parsed.items():
+        shape = tuple(shapes[name])
+        role = _role(p)
+        transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
+        out_dim = shape[-1] if transpose else shape[-2]
+        in_dim = shape[-2] if transpose else shape[-1]
+        parts, note = _split(p, role, out_dim, in_dim, arch)
+        specs[name] = MatrixSpec(
+            name=name, key=p.key, layer=p.layer, expert=p.expert, module=labels[p.rel_path], role=role,
+            transpose=transpose, parts=parts, note=note, rel_path=p.rel_path,
+        )
+    return specs
+
+
+def _is_matrix(name: str, shape: Sequence[int]) -> bool:
+    if len(shape) == 2:
+        return True
+    return len(shape) == 3 and "experts" in name.split(".")
+
+
+def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchInfo) -> tuple[tuple[Part, ...], str]:
+    """Row indices of each logical part of a fused matrix, oriented ``(out, in)``."""
+    leaf = p.leaf.lower()
+    if role == "gate_up":
+        if out_dim % 2:
+            return (Part(""),), f"gate_up_proj has an odd number of rows ({out_dim}); left unsplit"
+        half = out_dim // 2  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+        return (Part("gate", torch.arange(0, half)), Part("up", torch.arange(half, out_dim))), ""
+    if role != "qkv":
+        return (Part(""),), ""
+    hd, heads, kv = arch.head_dim, arch.num_heads, arch.num_kv_heads
+    if leaf == "c_attn":
+        if arch.conv1d:  # GPT-2: c_attn(x).split(d, dim=2) -> q, k, v, equal blocks
+            if out_dim % 3:
+                return (Part(""),), "c_attn rows are not a multiple of 3; left unsplit"
+            return _blocks(("q", "k", "v"), (out_dim // 3,) * 3), ""
+        if hd and heads and kv:  # GPT-BigCode (MQA/GQA): q rows, then k and v blocks
+            return _blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
+        return (Part(""),), "c_attn of a non-GPT-2 model needs config.json head counts to split; left unsplit"
+    if leaf == "query_key_value":
+        layout = arch.falcon_layout or "interleaved"
+        if layout == "multi_query" and hd:
+            nq = out_dim - 2 * hd
+            return _blocks(("q", "k", "v"), (nq, hd, hd), out_dim)
+        if layout == "new" and hd and heads and kv:
+            group = heads // kv + 2  # per kv head: its q heads, then k, then v
+            idx = torch.arange(out_dim).view(-1, group, hd) if out_dim == kv * group * hd else None
+            if idx is None:
+                return (Part(""),), f"query_key_value has {out_dim} rows, not {kv}x{group}x{hd}; left unsplit"
+            return (Part("q", idx[:, :-2].reshape(-1)), Part("k", idx[:, -2].reshape(-1)), Part("v", idx[:, -1].reshape(-1))), ""
+        if heads and out_dim % (3 * heads) == 0:
+            # GPT-NeoX / Bloom / Falcon-RW: rows are view(heads, 3, head_dim, hidden)
+            idx = torch.arange(out_dim).view(heads, 3, out_dim // (3 * heads))
+            return tuple(Part(s, idx[:, i].reshape(-1)) for i, s in enumerate("qkv")), ""
+        return (Part(""),), "query_key_value is interleaved per head; config.json num_attention_heads is needed to split it; left unsplit"
+    # qkv_proj (Phi-3), W_pack (Baichuan), wqkv (InternLM2 uses a grouped layout we do not guess)
+    if leaf == "wqkv":
+        return (Part(""),), "wqkv uses a grouped layout; left unsplit"
+    if hd and heads and kv and out_dim == (heads + 2 * kv) * hd:
+        return _blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
+    if (out_dim - in_dim) > 0 and (out_dim - in_dim) % 2 == 0:
+        kvd = (out_dim - in_dim) // 2
+        parts, note = _blocks(("q", "k", "v"), (in_dim, kvd, kvd), out_dim)
+        return parts, "split assuming q has `in` rows (no config.json head counts)"
+    return (Part(""),), f"{p.leaf} has {out_dim} rows that do not split into q, k, v; left unsplit"
+
+
+def _blocks(names: Sequence[str], sizes: Sequence[int], total: int | None = None) -> tuple[tuple[Part, ...], str]:
+    if total is not None and (sum(sizes) != total or min(sizes) <= 0):
+        return (Part(""),), f"fused rows ({total}) do not match the config's q/k/v sizes {tuple(sizes)}; left unsplit"
+    parts, start = [], 0
+    for n, s in zip(names, sizes):
+        parts.append(Part(n, torch.arange(start, start + s)))
+        start += s
+    return tuple(parts), ""
+
+
+def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
+    """Sort key putting modules in ROLE_ORDER, unknown roles last."""
+    try:
+        return (ROLE_ORDER.index(role or ""), module)
+    except ValueError:
+        return (len(ROLE_ORDER), module)
+
+
+__all__ = [
+    "ArchInfo", "MatrixSpec", "Part", "describe_checkpoint", "module_labels", "pairing_key",
+    "role_sort_key", "ROLE_ORDER",
+]

@@ -1,0 +1,147 @@
+"""Pair the matrices of a base and a tuned checkpoint by layer and module.
+
+Names are matched exactly first, then by :func:`spectra.naming.pairing_key` (wrapper prefixes such as
+``model.``, ``transformer.`` or ``bert.`` dropped), so a ``LlamaForCausalLM`` checkpoint pairs with a
+``LlamaModel`` one. Everything that does not become a pair is accounted for: tensors found on one
+side only, and tensors found on both sides that are not analysable matrices (1-D norms and biases,
+integer tensors, shape mismatches), each with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from spectra.errors import PairingError
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
+from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, role_sort_key
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A tensor (or matrix part) present in the inputs but not analysed, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class MatrixPair:
+    """A base matrix and its tuned counterpart.
+
+    Attributes:
+        base: the base side's spec; ``base_info`` its stored tensor.
+        tuned: the tuned side's spec (its name is the one results report); ``tuned_info`` likewise.
+        rows: when the two sides have different numbers of rows (a resized vocabulary), the number of
+            leading rows they share and that are analysed; else None.
+        note: a caveat to report with every result of this pair; empty when none.
+    """
+
+    base: MatrixSpec
+    tuned: MatrixSpec
+    base_info: TensorInfo
+    tuned_info: TensorInfo
+    rows: int | None = None
+    note: str = ""
+
+    @property
+    def sort_key(self) -> tuple:
+        """Embeddings first, then layers in order, then matrices outside the stack (head)."""
+        s = self.tuned
+        band = 0 if s.role in ("embed", "pos_embed") else (1 if s.layer is not None else 2)
+        return (band, s.layer if s.layer is not None else -1, s.expert if s.expert is not None else -1,
+                role_sort_key(s.role, s.module), s.name)
+
+
+@dataclass
+class Pairing:
+    """The result of :func:`pair_checkpoints`."""
+
+    pairs: list[MatrixPair] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    base_only: list[str] = field(default_factory=list)
+    tuned_only: list[str] = field(default_factory=list)
+
+
+def _oriented(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
+
+
+def _match_names(base_names: list[str], tuned_names: list[str], base_keys: dict[str, str], tuned_keys: dict[str, str]) -> list[tuple[str, str]]:
+    """Exact name matches first, then unique pairing-key matches."""
+    matches: list[tuple[str, str]] = []
+    tuned_set = set(tuned_names)
+    used_t: set[str] = set()
+    rest_b: list[str] = []
+    for n in base_names:
+        if n in tuned_set:
+            matches.append((n, n))
+            used_t.add(n)
+        else:
+            rest_b.append(n)
+    rest_t = [n for n in tuned_names if n not in used_t]
+
+    def unique_keys(names: list[str], keys: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, list[str]] = {}
+        for n in names:
+            seen.setdefault(keys[n], []).append(n)
+        return {k: v[0] for k, v in seen.items() if len(v) == 1}  # a key two names share pairs nothing
+
+    bk, tk = unique_keys(rest_b, base_keys), unique_keys(rest_t, tuned_keys)
+    for key, bn in bk.items():
+        if key in tk:
+            matches.append((bn, tk[key]))
+    return matches
+
+
+def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
+    """Pair every matrix of ``tuned`` with its ``base`` counterpart.
+
+    Raises:
+        PairingError: not a single matrix pairs (different architectures, or unrelated files).
+    """
+
+    bspecs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
+    tspecs = describe_checkpoint({n: t.shape for n, t in tuned.tensors.items()}, tuned.arch)
+    bkeys = {n: pairing_key(n) for n in base.tensors}
+    tkeys = {n: pairing_key(n) for n in tuned.tensors}
+    result = Pairing()
+    matched_b: set[str] = set()
+    matched_t: set[str] = set()
+    for bn, tn in _match_names(list(base.tensors), list(tuned.tensors), bkeys, tkeys):
+        matched_b.add(bn)
+        matched_t.add(tn)
+        bi, ti = base.tensors[bn], tuned.tensors[tn]
+        bs, ts = bspecs.get(bn), tspecs.get(tn)
+        if bs is None or ts is None:
+            ndim = len(ti.shape) if ts is None else len(bi.shape)
+            what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
+            result.skipped.append(Skipped(tn, f"{what}, not a weight matrix"))
+            continue
+        bad = [f"{side} dtype {i.dtype}" for side, i in (("base", bi), ("tuned", ti)) if i.dtype not in FLOAT_DTYPES]
+        if bad:
+            result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
+            continue
+        bshape, tshape = _oriented(bs, bi.shape), _oriented(ts, ti.shape)
+        rows, note = None, ""
+        if bshape != tshape:
+            if bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
+                rows = min(bshape[-2], tshape[-2])
+                note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
+                        f"the {rows} leading rows both have are analysed")
+            else:
+                result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"))
+                continue
+        result.pairs.append(MatrixPair(bs, ts, bi, ti, rows, note))
+    result.base_only = [n for n in base.tensors if n not in matched_b]
+    result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
+    if not result.pairs:
+        def sample(names: list[str]) -> str:
+            return ", ".join(names[:2]) or "no tensors"
+        raise PairingError(
+            f"no weight matrix of the base pairs with the tuned checkpoint (base has e.g. {sample(list(base.tensors))}; "
+            f"tuned has e.g. {sample(list(tuned.tensors))})",
+            path=f"{base.label} vs {tuned.label}",
+            hint="are both checkpoints of the same architecture? `spectra inspect` shows how each is understood",
+        )
+    result.pairs.sort(key=lambda p: p.sort_key)
+    return result
