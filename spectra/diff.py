@@ -1,27 +1,34 @@
 """``spectra diff``: the spectrum of ΔW = W_tuned − W_base for every paired matrix.
 
-The run streams: one pair of tensors is read, ΔW formed in float32 (SPEC.md: never subtract in
-bf16/fp16), split into its logical parts, decomposed and reduced to metrics before the next pair is
-read, so memory is bounded by a few tensors. Each result is reported through a callback as it is
-computed and, with ``out_dir``, journaled to ``results.jsonl`` at once and folded into
-``results.json`` every few seconds, so an interrupted run loses at most one matrix.
+The run streams. A background thread reads the next tensor pairs (``prefetch`` of them at most) and
+forms ΔW in float32 (SPEC.md: never subtract in bf16/fp16), split into its logical parts, while the
+main thread decomposes the previous batch: equally shaped matrices (all q_proj of a model, all
+experts of a layer) are visited together and decomposed in device-sized batches
+(:mod:`spectra.engine`). Memory is bounded by the prefetched pairs plus one batch, not by the model.
+Each result is reported through a callback as it is computed and, with ``out_dir``, journaled to
+``results.jsonl`` at once and folded into ``results.json`` every few seconds, so an interrupted run
+loses at most one batch. Results come back in layer order whatever the work order was.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
+import numpy as np
 import torch
 
 from spectra import __version__
 from spectra.errors import ConfigError, IdenticalCheckpointsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
-from spectra.linalg import fro_norm, resolve_device, singular_values
+from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
+from spectra.linalg import fro_norm, resolve_device
 from spectra.metrics import DEFAULT_THRESHOLDS, spectrum_metrics
 from spectra.naming import Part
 from spectra.pairing import MatrixPair, Skipped, pair_checkpoints
@@ -52,6 +59,15 @@ class DiffConfig:
             not the small singular values (nuclear norm, effective rank of low-rank updates).
         split_fused: split fused matrices (``qkv_proj``, ``c_attn``, ``query_key_value``,
             ``gate_up_proj``) into their logical parts (SPEC.md); False analyses them whole.
+        approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each
+            estimate comes with guaranteed bounds (``energy_rank_bounds``), see
+            :func:`spectra.engine.approx_energy_ranks`.
+        approx_above: use the approximate mode automatically for matrices with p above this.
+        approx_tol: approximate mode stops when every bound is narrower than this fraction of p.
+        seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
+        max_batch: most matrices decomposed together (equal shapes only).
+        max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 1 GiB on CPU.
+        prefetch: tensor pairs read ahead by a background thread while the engine works (0: none).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -63,6 +79,13 @@ class DiffConfig:
     method: Literal["gram", "svd"] = "gram"
     precision: Literal["float64", "float32"] = "float64"
     split_fused: bool = True
+    approx: bool = False
+    approx_above: int | None = None
+    approx_tol: float = 0.01
+    seed: int = 0
+    max_batch: int = 32
+    max_batch_bytes: int | None = None
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
@@ -83,6 +106,10 @@ class DiffConfig:
             raise ConfigError(f"method must be 'gram' or 'svd'. Got {self.method!r} instead")
         if self.precision not in ("float64", "float32"):
             raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
+        if not 0 < self.approx_tol < 1:
+            raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
+        if self.max_batch < 1 or self.prefetch < 0:
+            raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {self.device!r} instead")
 
@@ -125,37 +152,227 @@ class DiffEvent:
     skipped: Skipped | None = None
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """One matrix to analyse: a part of a (possibly fused, possibly expert-stacked) tensor pair."""
+
+    order: int  # position in the final, layer-ordered results
+    name: str
+    expert: int | None
+    rows: torch.Tensor | None
+    module: str
+    shape: tuple[int, int]
+
+
 @dataclass
 class _Task:
     pair: MatrixPair
-    units: list[tuple[str, int | None, str, torch.Tensor | None, str]] = field(default_factory=list)
-    # (result name, expert, part suffix, rows, module label)
+    units: list[_Unit] = field(default_factory=list)
 
 
 def _plan(pairs: list[MatrixPair], config: DiffConfig) -> list[_Task]:
-    """Expand pairs into units (parts × experts) and apply the filters."""
+    """Expand pairs into units (parts × experts), apply the filters, and order the work so that
+    equally shaped units are adjacent (they are batched together)."""
     inc = re.compile(config.include) if config.include else None
     exc = re.compile(config.exclude) if config.exclude else None
     layer_ok = parse_layers(config.layers) if config.layers else None
-    tasks = []
+    tasks: list[_Task] = []
+    order = 0
     for pair in pairs:
         spec = pair.tuned
+        if layer_ok is not None and (spec.layer is None or not layer_ok(spec.layer)):
+            continue  # outside the asked layers: not analysed, not worth a skipped entry
         ndim = len(pair.tuned_info.shape)
         experts = range(pair.tuned_info.shape[0]) if ndim == 3 else [spec.expert]
         parts = spec.parts if config.split_fused else (Part(""),)
+        stored = pair.tuned_info.shape[-2:]
+        out_dim, in_dim = (stored[1], stored[0]) if spec.transpose else (stored[0], stored[1])
+        if pair.rows is not None:
+            out_dim = pair.rows
         task = _Task(pair)
         for e in experts:
             for part in parts:
                 name = spec.name + (f":e{e}" if ndim == 3 else "") + (f":{part.suffix}" if part.suffix else "")
-                module = spec.module + (f":{part.suffix}" if part.suffix else "")
-                if layer_ok is not None and (spec.layer is None or not layer_ok(spec.layer)):
-                    continue  # outside the asked layers: not analysed, not worth a skipped entry
                 if (inc and not inc.search(name)) or (exc and exc.search(name)):
                     continue
-                task.units.append((name, e, part.suffix, part.rows, module))
+                module = spec.module + (f":{part.suffix}" if part.suffix else "")
+                rows = part.rows
+                shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
+                task.units.append(_Unit(order, name, e if ndim == 3 else spec.expert, rows, module, shape))
+                order += 1
         if task.units:
             tasks.append(task)
+    tasks.sort(key=lambda t: (t.units[0].shape, t.units[0].order))
     return tasks
+
+
+@dataclass
+class _Prepared:
+    """A unit ready for the engine: ΔW (float32, CPU) and the base norm, or why it is skipped."""
+
+    unit: _Unit
+    task: _Task
+    delta: torch.Tensor | None
+    base_fro: float
+    skip: str | None = None
+
+
+def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint) -> list[_Prepared]:
+    """Read one tensor pair and form ΔW for each of its units (runs in the prefetch thread)."""
+    pair = task.pair
+    wb = _oriented(base.load(pair.base.name), pair)
+    wt = _oriented(tuned.load(pair.tuned.name), pair)
+    out = []
+    for unit in task.units:
+        b = wb[unit.expert] if wb.ndim == 3 else wb
+        t = wt[unit.expert] if wt.ndim == 3 else wt
+        if unit.rows is not None:
+            b, t = b[unit.rows], t[unit.rows]
+        bad = [side for side, w in (("base", b), ("tuned", t)) if not bool(torch.isfinite(w).all())]
+        if bad:
+            out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
+            continue
+        # float32 subtraction of float32 upcasts (SPEC.md); contiguous so batches stack cheaply
+        out.append(_Prepared(unit, task, (t - b).contiguous(), fro_norm(b)))
+    return out
+
+
+def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int) -> Iterator[_Prepared]:
+    """Yield prepared units while a background thread reads ahead up to ``depth`` tensor pairs.
+
+    Reading and forming ΔW overlap with the decomposition of the previous batch; the queue bound
+    keeps memory at ``depth`` pairs. An exception in the reader is re-raised here.
+    """
+    if depth <= 0:
+        for task in tasks:
+            yield from _prepare(task, base, tuned)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    sentinel = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for task in tasks:
+                if stop.is_set() or not put(_prepare(task, base, tuned)):
+                    return
+            put(sentinel)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=reader, name="spectra-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _batches(prepared: Iterator[_Prepared], max_count: int, max_bytes: int) -> Iterator[list[_Prepared]]:
+    """Group consecutive equally shaped units; skipped units travel alone."""
+    batch: list[_Prepared] = []
+    size = 0
+    for item in prepared:
+        if item.delta is None:
+            if batch:
+                yield batch
+                batch, size = [], 0
+            yield [item]
+            continue
+        nbytes = item.delta.numel() * 4
+        if batch and (item.unit.shape != batch[0].unit.shape or len(batch) >= max_count or size + nbytes > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += nbytes
+    if batch:
+        yield batch
+
+
+def _results(batch: list[_Prepared], config: DiffConfig, device: torch.device, dtype: torch.dtype) -> list[tuple[ModuleResult | None, Skipped | None]]:
+    """Decompose one batch and turn each spectrum into a result."""
+    first = batch[0]
+    if first.delta is None:
+        return [(None, Skipped(first.unit.name, first.skip or "skipped"))]
+    shape = first.unit.shape
+    start = time.perf_counter()
+    if config.approx or (config.approx_above is not None and min(shape) > config.approx_above):
+        approx = [approx_energy_ranks(item.delta, config.thresholds, rank_tol=config.approx_tol, device=device,
+                                      generator=torch.Generator().manual_seed(config.seed)) for item in batch]
+        seconds = (time.perf_counter() - start) / len(batch)
+        return [(_approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
+    S_all = batch_singular_values(torch.stack([item.delta for item in batch]), device=device, method=config.method,
+                                  dtype=dtype, max_batch_bytes=config.max_batch_bytes)
+    seconds = (time.perf_counter() - start) / len(batch)
+    return [(_exact_result(item, S, config, seconds), None) for item, S in zip(batch, S_all)]
+
+
+def _common(item: _Prepared, config: DiffConfig) -> dict:
+    """The fields every result has, whichever path computed it."""
+    pair, unit = item.task.pair, item.unit
+    keys = [threshold_key(tau) for tau in config.thresholds]
+    return dict(
+        name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
+        shape=list(unit.shape), base_fro_norm=item.base_fro,
+        random_energy_rank={k: random_energy_rank(unit.shape, tau) for k, tau in zip(keys, config.thresholds)},
+        dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
+        note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
+    )
+
+
+def _rel(fro: float, base_fro: float) -> float | None:
+    return (fro / base_fro) if base_fro > 0 else (0.0 if fro == 0 else None)
+
+
+def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float) -> ModuleResult:
+    m = spectrum_metrics(S, item.unit.shape, config.thresholds)
+    keys = [threshold_key(tau) for tau in config.thresholds]
+    return ModuleResult(
+        **_common(item, config),
+        fro_norm=m.fro_norm, rel_norm=_rel(m.fro_norm, item.base_fro), spectral_norm=m.spectral_norm,
+        nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank, effective_rank=m.effective_rank,
+        signal_rank=m.signal_rank,
+        energy_rank={k: m.energy_rank[tau] for k, tau in zip(keys, config.thresholds)},
+        energy_rank_frac={k: m.energy_rank_frac[tau] for k, tau in zip(keys, config.thresholds)},
+        singular_values=[float(s) for s in S[: config.top_k]],
+        method=f"{config.method}/{config.precision}", seconds=seconds,
+    )
+
+
+def _approx_result(item: _Prepared, a: ApproxSpectrum, config: DiffConfig, seconds: float) -> ModuleResult:
+    p = min(item.unit.shape)
+    keys = [threshold_key(tau) for tau in config.thresholds]
+    sigma1 = float(a.top[0]) if a.top.size else 0.0
+    fields = _common(item, config)
+    fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds; "
+                                           "nuclear norm, effective and signal rank need the full spectrum") if n)
+    return ModuleResult(
+        **fields,
+        fro_norm=a.fro_norm, rel_norm=_rel(a.fro_norm, item.base_fro), spectral_norm=sigma1,
+        stable_rank=(a.fro_norm**2 / sigma1**2) if sigma1 > 0 else 0.0, effective_rank=None, nuclear_norm=None,
+        signal_rank=None,
+        energy_rank={k: a.ranks[tau].estimate for k, tau in zip(keys, config.thresholds)},
+        energy_rank_frac={k: a.ranks[tau].estimate / p for k, tau in zip(keys, config.thresholds)},
+        energy_rank_bounds={k: [a.ranks[tau].lo, a.ranks[tau].hi] for k, tau in zip(keys, config.thresholds)},
+        singular_values=[float(s) for s in a.top[: config.top_k]],
+        method=f"approx/sketch{a.sketch}", seconds=seconds,
+    )
 
 
 def diff(
@@ -209,18 +426,25 @@ def diff(
     if writer:
         writer.start(result)
     done = 0
-    for task in tasks:
-        for event_result, event_skip in _run_task(task, base_ckpt, tuned_ckpt, config, device, dtype):
-            done += 1
-            if event_result is not None:
-                result.modules.append(event_result)
-            else:
-                result.skipped.append(asdict(event_skip))
-                result.warnings.append(f"{event_skip.name}: {event_skip.reason}")
-            if writer:
-                writer.add(result, event_result, event_skip)
-            if callback:
-                callback(DiffEvent(done, total, event_result, event_skip))
+    budget = batch_budget(device, config.max_batch_bytes)
+    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, config.prefetch)
+    try:
+        for batch in _batches(prepared, config.max_batch, budget):
+            for event_result, event_skip in _results(batch, config, device, dtype):
+                done += 1
+                if event_result is not None:
+                    result.modules.append(event_result)
+                else:
+                    result.skipped.append(asdict(event_skip))
+                    result.warnings.append(f"{event_skip.name}: {event_skip.reason}")
+                if writer:
+                    writer.add(result, event_result, event_skip)
+                if callback:
+                    callback(DiffEvent(done, total, event_result, event_skip))
+    finally:
+        prepared.close()
+    order = {u.name: u.order for t in tasks for u in t.units}
+    result.modules.sort(key=lambda m: order[m.name])
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     zero = bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
@@ -235,54 +459,6 @@ def diff(
             hint="check that you passed the fine-tuned checkpoint" + (f"; results were still written to {out_dir}" if out_dir else ""),
         )
     return result
-
-
-def _run_task(task: _Task, base: Checkpoint, tuned: Checkpoint, config: DiffConfig, device: torch.device, dtype: torch.dtype):
-    """Yield ``(ModuleResult, None)`` or ``(None, Skipped)`` for each unit of one pair."""
-    pair = task.pair
-    wb = _oriented(base.load(pair.base.name), pair)
-    wt = _oriented(tuned.load(pair.tuned.name), pair)
-    for name, expert, _suffix, rows, module in task.units:
-        b = wb[expert] if wb.ndim == 3 else wb
-        t = wt[expert] if wt.ndim == 3 else wt
-        if rows is not None:
-            b, t = b[rows], t[rows]
-        bad = [side for side, w in (("base", b), ("tuned", t)) if not bool(torch.isfinite(w).all())]
-        if bad:
-            yield None, Skipped(name, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined")
-            continue
-        start = time.perf_counter()
-        delta = (t - b).to(device)  # float32 subtraction of float32 upcasts (SPEC.md)
-        S = singular_values(delta, method=config.method, dtype=dtype)
-        seconds = time.perf_counter() - start
-        shape = (int(delta.shape[0]), int(delta.shape[1]))
-        m = spectrum_metrics(S, shape, config.thresholds)
-        base_fro = fro_norm(b)
-        keys = [threshold_key(tau) for tau in config.thresholds]
-        yield ModuleResult(
-            name=name,
-            layer=pair.tuned.layer,
-            module=module,
-            role=pair.tuned.role,
-            expert=expert if expert is not None else pair.tuned.expert,
-            shape=list(shape),
-            fro_norm=m.fro_norm,
-            base_fro_norm=base_fro,
-            rel_norm=(m.fro_norm / base_fro) if base_fro > 0 else (0.0 if m.fro_norm == 0 else None),
-            spectral_norm=m.spectral_norm,
-            nuclear_norm=m.nuclear_norm,
-            stable_rank=m.stable_rank,
-            effective_rank=m.effective_rank,
-            signal_rank=m.signal_rank,
-            energy_rank={k: m.energy_rank[tau] for k, tau in zip(keys, config.thresholds)},
-            energy_rank_frac={k: m.energy_rank_frac[tau] for k, tau in zip(keys, config.thresholds)},
-            random_energy_rank={k: random_energy_rank(shape, tau) for k, tau in zip(keys, config.thresholds)},
-            singular_values=[float(s) for s in S[: config.top_k]],
-            dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
-            method=f"{config.method}/{config.precision}",
-            seconds=seconds,
-            note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
-        ), None
 
 
 def _oriented(w: torch.Tensor, pair: MatrixPair) -> torch.Tensor:

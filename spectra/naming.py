@@ -326,7 +326,7 @@ def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchIn
         if arch.conv1d:  # GPT-2: c_attn(x).split(d, dim=2) -> q, k, v, equal blocks
             if out_dim % 3:
                 return (Part(""),), "c_attn rows are not a multiple of 3; left unsplit"
-            return _blocks(("q", "k", "v"), (out_dim // 3,) * 3), ""
+            return _blocks(("q", "k", "v"), (out_dim // 3,) * 3)
         if hd and heads and kv:  # GPT-BigCode (MQA/GQA): q rows, then k and v blocks
             return _blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
         return (Part(""),), "c_attn of a non-GPT-2 model needs config.json head counts to split; left unsplit"

@@ -41,6 +41,10 @@ class ModuleResult:
         stable_rank, effective_rank, signal_rank: SPEC.md definitions.
         energy_rank, energy_rank_frac: threshold key (``"0.9"``) -> rank / rank ÷ p.
         random_energy_rank: threshold key -> energy rank of a Gaussian matrix of this shape.
+        energy_rank_bounds: approximate mode only: threshold key -> ``[lo, hi]``, guaranteed
+            bounds of the energy rank (the exact path leaves this None). In approximate mode
+            ``nuclear_norm``, ``effective_rank`` and ``signal_rank`` are None (they need every
+            singular value) and ``stable_rank`` uses the sketch's σ₁ (a lower bound of σ₁).
         singular_values: the top ``top_k`` singular values of ΔW, descending.
         method: how the spectrum was computed (``"gram/float64"``...).
         seconds: wall time of the decomposition.
@@ -56,15 +60,16 @@ class ModuleResult:
     rel_norm: float | None
     spectral_norm: float
     stable_rank: float
-    effective_rank: float
+    effective_rank: float | None
     energy_rank: dict[str, int]
     random_energy_rank: dict[str, int]
     singular_values: list[float]
     role: str | None = None
     expert: int | None = None
-    nuclear_norm: float = 0.0
-    signal_rank: int = 0
+    nuclear_norm: float | None = 0.0
+    signal_rank: int | None = 0
     energy_rank_frac: dict[str, float] = field(default_factory=dict)
+    energy_rank_bounds: dict[str, list[int]] | None = None
     dtype: str = ""
     method: str = ""
     seconds: float = 0.0

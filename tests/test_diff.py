@@ -196,3 +196,19 @@ def test_device_argument_runs_on_cpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device="cuda"))
+
+
+def test_stacked_expert_tensor_is_analysed_per_expert(tmp_path):
+    """A 3-D ``experts`` tensor (experts, out, in) gives one result per expert, expert index kept apart
+    from the layer index, each equal to the float64 reference."""
+    g = torch.Generator().manual_seed(5)
+    base = {"model.layers.2.mlp.experts.down_proj": torch.randn(4, 12, 20, generator=g)}
+    tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(tuned, str(tmp_path / "b.safetensors"))
+    res = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert [(m.layer, m.expert) for m in res.modules] == [(2, e) for e in range(4)]
+    assert [m.name for m in res.modules] == [f"model.layers.2.mlp.experts.down_proj:e{e}" for e in range(4)]
+    for e, m in enumerate(res.modules):
+        S_ref = svd64(tuned["model.layers.2.mlp.experts.down_proj"][e].double() - base["model.layers.2.mlp.experts.down_proj"][e].double())
+        np.testing.assert_allclose(m.singular_values, S_ref, rtol=1e-6)

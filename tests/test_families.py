@@ -40,11 +40,6 @@ NORM_RTOL = 1e-6
 #: only be skipped when their cumulative energy is within 1e-6 (relative) of the threshold.
 MIN_COMPARED_FRACTION = 0.9
 
-GPT2_C_ATTN_BUG = (
-    "spectra/naming.py:329 `return _blocks((\"q\", \"k\", \"v\"), (out_dim // 3,) * 3), \"\"` wraps _blocks' "
-    "(parts, note) tuple in another tuple, so MatrixSpec.parts of GPT-2 c_attn is ((Part q, Part k, Part v), '') "
-    "instead of (Part q, Part k, Part v); anything reading part.suffix raises AttributeError"
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +54,6 @@ def _specs(ckpt: Checkpoint) -> dict[str, MatrixSpec]:
 
 def _names_by_rank(ckpt: Checkpoint, ndim: int) -> set[str]:
     return {n for n, t in ckpt.tensors.items() if len(t.shape) == ndim}
-
-
-def _xfail_for(name: str, families: set[str], reason: str, raises=None):
-    marks = [pytest.mark.xfail(strict=True, reason=reason, raises=raises)] if name in families else []
-    return pytest.param(name, marks=marks, id=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +234,7 @@ FUSED_CASES = [
 
 
 def _fused_param(case: FusedCase):
-    marks = [pytest.mark.xfail(strict=True, raises=AttributeError, reason=GPT2_C_ATTN_BUG)] if case.family == "gpt2" else []
-    return pytest.param(case, marks=marks, id=f"{case.family}-{case.kind}")
+    return pytest.param(case, id=f"{case.family}-{case.kind}")
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -291,7 +280,7 @@ def test_gpt2_conv1d_storage_is_transposed(zoo):
 _SUFFIXES_BY_ROLE = {"qkv": ["q", "k", "v"], "gate_up": ["gate", "up"]}
 
 
-@pytest.mark.parametrize("name", [_xfail_for(n, {"gpt2"}, GPT2_C_ATTN_BUG, AttributeError) for n in FAMILY_NAMES])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_diff_gives_one_result_per_part_matching_numpy(zoo, name):
     built = zoo.get(name)
     result = spectra.diff(str(built.base_dir), str(built.tuned_dir), config=DiffConfig(device="cpu"))
@@ -337,8 +326,7 @@ def test_diff_gives_one_result_per_part_matching_numpy(zoo, name):
     pytest.param("phi3", "model.layers.1.self_attn.qkv_proj.weight", ["q", "k", "v"], id="phi3-qkv"),
     pytest.param("phi3", "model.layers.1.mlp.gate_up_proj.weight", ["gate", "up"], id="phi3-gate_up"),
     pytest.param("falcon_new", "transformer.h.1.self_attention.query_key_value.weight", ["q", "k", "v"], id="falcon_new"),
-    pytest.param("gpt2", "transformer.h.1.attn.c_attn.weight", ["q", "k", "v"], id="gpt2",
-                 marks=pytest.mark.xfail(strict=True, raises=AttributeError, reason=GPT2_C_ATTN_BUG)),
+    pytest.param("gpt2", "transformer.h.1.attn.c_attn.weight", ["q", "k", "v"], id="gpt2"),
 ])
 def test_inspect_cli_lists_the_split_parts(zoo, name, tensor, parts):
     folder = str(zoo.get(name).base_dir)
