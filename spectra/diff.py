@@ -66,7 +66,7 @@ class DiffConfig:
         approx_tol: approximate mode stops when every bound is narrower than this fraction of p.
         seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
         max_batch: most matrices decomposed together (equal shapes only).
-        max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 1 GiB on CPU.
+        max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 256 MiB on CPU.
         prefetch: tensor pairs read ahead by a background thread while the engine works (0: none).
     """
 
@@ -85,7 +85,7 @@ class DiffConfig:
     seed: int = 0
     max_batch: int = 32
     max_batch_bytes: int | None = None
-    prefetch: int = 2
+    prefetch: int = 1
 
     def __post_init__(self) -> None:
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
@@ -228,13 +228,30 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint) -> list[_Prepared
         t = wt[unit.expert] if wt.ndim == 3 else wt
         if unit.rows is not None:
             b, t = b[unit.rows], t[unit.rows]
-        bad = [side for side, w in (("base", b), ("tuned", t)) if not bool(torch.isfinite(w).all())]
+        delta, base_fro, bad = _delta(b, t)
         if bad:
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
-            continue
-        # float32 subtraction of float32 upcasts (SPEC.md); contiguous so batches stack cheaply
-        out.append(_Prepared(unit, task, (t - b).contiguous(), fro_norm(b)))
+        else:
+            out.append(_Prepared(unit, task, delta, base_fro))
     return out
+
+
+def _delta(b: torch.Tensor, t: torch.Tensor, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
+    """ΔW = t − b in float32 (SPEC.md: upcast, then subtract), ‖b‖_F in float64, and which sides
+    hold NaN/Inf. Works through row blocks of ``block`` elements, so a bf16 pair never has both
+    float32 upcasts in memory at once: the peak is the stored pair plus ΔW."""
+    delta = torch.empty(b.shape, dtype=torch.float32)
+    rows = max(1, block // max(1, b.shape[-1]))
+    sq, bad_b, bad_t = 0.0, False, False
+    for r in range(0, b.shape[0], rows):
+        bb = b[r : r + rows].to(torch.float32)
+        tb = t[r : r + rows].to(torch.float32)
+        bad_b |= not bool(torch.isfinite(bb).all())
+        bad_t |= not bool(torch.isfinite(tb).all())
+        b64 = bb.double()
+        sq += float(torch.dot(b64.reshape(-1), b64.reshape(-1)).item())
+        torch.sub(tb, bb, out=delta[r : r + rows])
+    return delta, sq**0.5, [side for side, flag in (("base", bad_b), ("tuned", bad_t)) if flag]
 
 
 def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int) -> Iterator[_Prepared]:
@@ -284,23 +301,24 @@ def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: in
         thread.join()
 
 
-def _batches(prepared: Iterator[_Prepared], max_count: int, max_bytes: int) -> Iterator[list[_Prepared]]:
-    """Group consecutive equally shaped units; skipped units travel alone."""
+def _batches(prepared: Iterator[_Prepared], shapes: list[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[_Prepared]]:
+    """Group consecutive equally shaped units; skipped units travel alone.
+
+    ``shapes`` is the planned shape of every unit in stream order: a batch is closed as soon as the
+    next unit cannot join it, before that unit is read, so no ΔW waits in memory for its batch.
+    """
     batch: list[_Prepared] = []
     size = 0
-    for item in prepared:
+    for i, item in enumerate(prepared):
         if item.delta is None:
-            if batch:
-                yield batch
-                batch, size = [], 0
             yield [item]
             continue
-        nbytes = item.delta.numel() * 4
-        if batch and (item.unit.shape != batch[0].unit.shape or len(batch) >= max_count or size + nbytes > max_bytes):
+        batch.append(item)
+        size += item.delta.numel() * 4
+        nxt = shapes[i + 1] if i + 1 < len(shapes) else None
+        if nxt != item.unit.shape or len(batch) >= max_count or size + nxt[0] * nxt[1] * 4 > max_bytes:
             yield batch
             batch, size = [], 0
-        batch.append(item)
-        size += nbytes
     if batch:
         yield batch
 
@@ -316,11 +334,22 @@ def _results(batch: list[_Prepared], config: DiffConfig, device: torch.device, d
         approx = [approx_energy_ranks(item.delta, config.thresholds, rank_tol=config.approx_tol, device=device,
                                       generator=torch.Generator().manual_seed(config.seed)) for item in batch]
         seconds = (time.perf_counter() - start) / len(batch)
+        _release(batch)
         return [(_approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
-    S_all = batch_singular_values(torch.stack([item.delta for item in batch]), device=device, method=config.method,
+    stack = batch[0].delta.unsqueeze(0) if len(batch) == 1 else torch.stack([item.delta for item in batch])
+    S_all = batch_singular_values(stack, device=device, method=config.method,
                                   dtype=dtype, max_batch_bytes=config.max_batch_bytes)
     seconds = (time.perf_counter() - start) / len(batch)
+    del stack
+    _release(batch)
     return [(_exact_result(item, S, config, seconds), None) for item, S in zip(batch, S_all)]
+
+
+def _release(batch: list[_Prepared]) -> None:
+    """Drop the ΔW tensors of a decomposed batch now: generator and loop variables still hold the
+    batch while the next tensors are read, and a large embedding's ΔW is hundreds of MB."""
+    for item in batch:
+        item.delta = None
 
 
 def _common(item: _Prepared, config: DiffConfig) -> dict:
@@ -429,7 +458,8 @@ def diff(
     budget = batch_budget(device, config.max_batch_bytes)
     prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, config.prefetch)
     try:
-        for batch in _batches(prepared, config.max_batch, budget):
+        shapes = [u.shape for t in tasks for u in t.units]
+        for batch in _batches(prepared, shapes, config.max_batch, budget):
             for event_result, event_skip in _results(batch, config, device, dtype):
                 done += 1
                 if event_result is not None:
@@ -462,8 +492,8 @@ def diff(
 
 
 def _oriented(w: torch.Tensor, pair: MatrixPair) -> torch.Tensor:
-    """float32, ``(…, out, in)``, restricted to the shared rows."""
-    w = w.to(torch.float32)
+    """A view of ``w`` in ``(…, out, in)`` orientation restricted to the shared rows, stored dtype
+    (the float32 upcast happens block by block in :func:`_delta`)."""
     if pair.tuned.transpose:
         w = w.mT
     if pair.rows is not None:

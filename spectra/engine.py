@@ -31,8 +31,9 @@ from spectra.linalg import gram, resolve_device
 
 Method = Literal["auto", "gram", "svd"]
 
-#: Default batch memory cap on the CPU, bytes (the GPU uses its free memory).
-CPU_BATCH_BYTES = 1 << 30
+#: Default batch memory cap on the CPU, bytes (the GPU uses its free memory). Batching buys little
+#: on a CPU, whose BLAS already uses every core, so the cap is small and keeps peak memory low.
+CPU_BATCH_BYTES = 256 << 20
 
 
 class BatchTooLarge(RuntimeError):
@@ -57,8 +58,8 @@ def estimate_batch_bytes(shape: tuple[int, int], dtype: torch.dtype, method: str
     out_dim, in_dim = shape
     p = min(shape)
     item = torch.empty(0, dtype=dtype).element_size()
-    if method == "gram":
-        return out_dim * in_dim * (4 + item) + 4 * p * p * item
+    if method == "gram":  # input + one upcast block (≤ 64 MiB, see linalg.gram) + Gram and eigh workspace
+        return out_dim * in_dim * 4 + min(out_dim * in_dim * item, 64 << 20) + 4 * p * p * item
     return out_dim * in_dim * (4 + 3 * item) + 2 * p * p * item
 
 

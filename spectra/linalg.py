@@ -42,20 +42,32 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def gram(M: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The smaller Gram matrix of ``M``, upcast to ``dtype`` before the product.
+def gram(M: torch.Tensor, *, dtype: torch.dtype = torch.float64, block_bytes: int = 64 << 20) -> torch.Tensor:
+    """The smaller Gram matrix of ``M``, accumulated in ``dtype``.
 
     Args:
         M: tensor of shape ``(..., out, in)``.
-        dtype: precision of the product.
+        dtype: precision of the products and the sum.
+        block_bytes: the long dimension is upcast and multiplied in blocks of at most this many
+            bytes, so a float64 Gram of a float32 ``32000 × 2048`` embedding never holds a float64
+            copy of the whole matrix (memory stays at one block plus the p × p result).
 
     Returns:
         ``(..., p, p)`` with ``p = min(out, in)``: ``M Mᵀ`` when ``out <= in`` else ``Mᵀ M``.
     """
-    M = M.to(dtype)
-    if M.shape[-2] <= M.shape[-1]:
-        return M @ M.mT
-    return M.mT @ M
+    wide = M.shape[-2] <= M.shape[-1]
+    X = M if wide else M.mT  # (..., p, long): G = X Xᵀ = Σ_blocks X_b X_bᵀ
+    p, long = X.shape[-2], X.shape[-1]
+    per_col = max(1, p * torch.empty(0, dtype=dtype).element_size() * max(1, X[..., 0, 0].numel()))
+    step = max(1, min(long, block_bytes // per_col))
+    if step >= long:
+        Xd = X.to(dtype)
+        return Xd @ Xd.mT
+    G = torch.zeros(*X.shape[:-2], p, p, dtype=dtype, device=M.device)
+    for start in range(0, long, step):
+        Xb = X[..., start : start + step].to(dtype)
+        G.addmm_(Xb, Xb.mT) if G.ndim == 2 else G.baddbmm_(Xb, Xb.mT)
+    return G
 
 
 def singular_values(
@@ -95,6 +107,12 @@ def singular_values(
     return s.double().cpu().numpy()
 
 
-def fro_norm(M: torch.Tensor) -> float:
-    """Frobenius norm of ``M``, accumulated in float64."""
-    return float(torch.linalg.vector_norm(M.double()).item())
+def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
+    """Frobenius norm of ``M``, accumulated in float64 over blocks of ``block`` elements (no full
+    float64 copy of a large matrix)."""
+    flat = M.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), block):
+        chunk = flat[start : start + block].double()
+        total += float(torch.dot(chunk, chunk).item())
+    return total**0.5

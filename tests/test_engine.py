@@ -147,3 +147,46 @@ def test_factored_svd_equals_dense_float64(scale):
     # subspaces equal, sign-free: principal angles between spans are ~0
     assert np.max(scipy.linalg.subspace_angles(U.numpy(), U_ref[:, :8])) < 1e-7
     assert np.max(scipy.linalg.subspace_angles(Vh.T.numpy(), Vh_ref[:8].T)) < 1e-7
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_path_on_device_matches_float64(device, tmp_path):
+    """Same functions, ``device`` argument: exact, batched, randomized, approximate, factored and
+    the whole diff agree with the float64 CPU reference on this device."""
+    from safetensors.torch import save_file
+
+    s = np.arange(1, 201, dtype=np.float64) ** -0.8
+    M = planted((200, 320), s).float()
+    exact = batch_singular_values(torch.stack([M, M]).to(device), device=device)
+    np.testing.assert_allclose(exact[1], s, rtol=1e-5, atol=1e-7)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    top = randomized_svd(M.to(device), 10, generator=gen, device=device)
+    assert top.U.device.type == device
+    np.testing.assert_allclose(top.S, s[:10], rtol=1e-4)
+    approx = approx_energy_ranks(M.to(device), (0.9,), generator=gen, device=device)
+    assert approx.ranks[0.9].lo <= energy_rank(s, 0.9) <= approx.ranks[0.9].hi
+    g = torch.Generator().manual_seed(1)
+    B, A = torch.randn(50, 4, generator=g), torch.randn(4, 70, generator=g)
+    _, S, _ = factored_svd(B.to(device), A.to(device), 2.0)
+    np.testing.assert_allclose(S.cpu().numpy(), 2.0 * svd64(B.double() @ A.double())[:4], rtol=1e-10)
+    save_file({"layers.0.mlp.up_proj.weight": torch.zeros(200, 320)}, str(tmp_path / "a.safetensors"))
+    save_file({"layers.0.mlp.up_proj.weight": M}, str(tmp_path / "b.safetensors"))
+    (m,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device=device)).modules
+    np.testing.assert_allclose(m.singular_values, s[:64], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_blocked_gram_equals_full_product(shape, batched):
+    from spectra.linalg import fro_norm, gram
+
+    g = torch.Generator().manual_seed(9)
+    M = torch.randn(*((3,) if batched else ()), *shape, generator=g)
+    M64 = M.double()
+    ref = M64 @ M64.mT if shape[0] <= shape[1] else M64.mT @ M64
+    for block_bytes in (1, 8 * 30 * 7, 1 << 30):  # one column per block, a few columns, everything
+        torch.testing.assert_close(gram(M, block_bytes=block_bytes), ref, rtol=1e-13, atol=1e-12)
+    assert fro_norm(M, block=17) == pytest.approx(float(torch.linalg.norm(M64)), rel=1e-14)
