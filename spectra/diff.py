@@ -13,10 +13,12 @@ loses at most one batch. Results come back in layer order whatever the work orde
 from __future__ import annotations
 
 import json
-import queue
+import os
 import re
-import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -28,7 +30,7 @@ from spectra import __version__
 from spectra.errors import ConfigError, IdenticalCheckpointsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
-from spectra.linalg import fro_norm, resolve_device
+from spectra.linalg import resolve_device
 from spectra.metrics import DEFAULT_THRESHOLDS, spectrum_metrics
 from spectra.naming import Part
 from spectra.pairing import MatrixPair, Skipped, pair_checkpoints
@@ -67,7 +69,10 @@ class DiffConfig:
         seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
         max_batch: most matrices decomposed together (equal shapes only).
         max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 256 MiB on CPU.
-        prefetch: tensor pairs read ahead by a background thread while the engine works (0: none).
+        prefetch: tensor pairs read ahead while the engine works (0: none); default 1 on the CPU
+            (whose cores the engine already uses) and 8 on CUDA.
+        read_workers: reader threads; default 1 on the CPU and up to 4 on CUDA, where reading and
+            forming ΔW, not the GPU, is the bottleneck (``bench/results/``).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -85,7 +90,8 @@ class DiffConfig:
     seed: int = 0
     max_batch: int = 32
     max_batch_bytes: int | None = None
-    prefetch: int = 1
+    prefetch: int | None = None
+    read_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
@@ -108,7 +114,7 @@ class DiffConfig:
             raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
         if not 0 < self.approx_tol < 1:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
-        if self.max_batch < 1 or self.prefetch < 0:
+        if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0) or (self.read_workers is not None and self.read_workers < 1):
             raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {self.device!r} instead")
@@ -217,8 +223,8 @@ class _Prepared:
     skip: str | None = None
 
 
-def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint) -> list[_Prepared]:
-    """Read one tensor pair and form ΔW for each of its units (runs in the prefetch thread)."""
+def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.device) -> list[_Prepared]:
+    """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread)."""
     pair = task.pair
     wb = _oriented(base.load(pair.base.name), pair)
     wt = _oriented(tuned.load(pair.tuned.name), pair)
@@ -228,7 +234,7 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint) -> list[_Prepared
         t = wt[unit.expert] if wt.ndim == 3 else wt
         if unit.rows is not None:
             b, t = b[unit.rows], t[unit.rows]
-        delta, base_fro, bad = _delta(b, t)
+        delta, base_fro, bad = _delta(b, t, device)
         if bad:
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
@@ -236,69 +242,56 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint) -> list[_Prepared
     return out
 
 
-def _delta(b: torch.Tensor, t: torch.Tensor, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
-    """ΔW = t − b in float32 (SPEC.md: upcast, then subtract), ‖b‖_F in float64, and which sides
-    hold NaN/Inf. Works through row blocks of ``block`` elements, so a bf16 pair never has both
-    float32 upcasts in memory at once: the peak is the stored pair plus ΔW."""
-    delta = torch.empty(b.shape, dtype=torch.float32)
+def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
+    """ΔW = t − b in float32 on ``device`` (SPEC.md: upcast, then subtract), ‖b‖_F in float64, and
+    which sides hold NaN/Inf.
+
+    Works through row blocks of ``block`` elements: a bf16 pair never has both float32 upcasts in
+    memory at once (peak: the stored pair plus ΔW), and on a GPU only the stored bytes cross the bus.
+    """
+    delta = torch.empty(b.shape, dtype=torch.float32, device=device)
     rows = max(1, block // max(1, b.shape[-1]))
-    sq, bad_b, bad_t = 0.0, False, False
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    finite_b = torch.ones((), dtype=torch.bool, device=device)
+    finite_t = torch.ones((), dtype=torch.bool, device=device)
     for r in range(0, b.shape[0], rows):
-        bb = b[r : r + rows].to(torch.float32)
-        tb = t[r : r + rows].to(torch.float32)
-        bad_b |= not bool(torch.isfinite(bb).all())
-        bad_t |= not bool(torch.isfinite(tb).all())
-        b64 = bb.double()
-        sq += float(torch.dot(b64.reshape(-1), b64.reshape(-1)).item())
+        bb = b[r : r + rows].to(device).to(torch.float32)
+        tb = t[r : r + rows].to(device).to(torch.float32)
+        finite_b &= torch.isfinite(bb).all()
+        finite_t &= torch.isfinite(tb).all()
+        b64 = bb.double().reshape(-1)
+        sq += torch.dot(b64, b64)
         torch.sub(tb, bb, out=delta[r : r + rows])
-    return delta, sq**0.5, [side for side, flag in (("base", bad_b), ("tuned", bad_t)) if flag]
+    bad = [side for side, ok in (("base", finite_b), ("tuned", finite_t)) if not bool(ok)]  # one sync per matrix
+    return delta, float(sq.item()) ** 0.5, bad
 
 
-def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int) -> Iterator[_Prepared]:
-    """Yield prepared units while a background thread reads ahead up to ``depth`` tensor pairs.
+def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
+              device: torch.device) -> Iterator[_Prepared]:
+    """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
+    pairs ahead.
 
-    Reading and forming ΔW overlap with the decomposition of the previous batch; the queue bound
-    keeps memory at ``depth`` pairs. An exception in the reader is re-raised here.
+    Reading (positioned reads release the GIL) and forming ΔW overlap with the decomposition of the
+    previous batch; at most ``depth`` pairs are in flight, which bounds memory. A reader's exception
+    is re-raised here, in order.
     """
     if depth <= 0:
         for task in tasks:
-            yield from _prepare(task, base, tuned)
+            yield from _prepare(task, base, tuned, device)
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    sentinel = object()
-
-    def put(item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
+    todo = iter(tasks)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read") as pool:
+        pending = deque(pool.submit(_prepare, t, base, tuned, device) for t in islice(todo, depth))
         try:
-            for task in tasks:
-                if stop.is_set() or not put(_prepare(task, base, tuned)):
-                    return
-            put(sentinel)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
-
-    thread = threading.Thread(target=reader, name="spectra-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is sentinel:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-    finally:
-        stop.set()
-        thread.join()
+            while pending:
+                items = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_prepare, nxt, base, tuned, device))
+                yield from items
+        finally:
+            for fut in pending:
+                fut.cancel()
 
 
 def _batches(prepared: Iterator[_Prepared], shapes: list[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[_Prepared]]:
@@ -456,7 +449,9 @@ def diff(
         writer.start(result)
     done = 0
     budget = batch_budget(device, config.max_batch_bytes)
-    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, config.prefetch)
+    depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
+    workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
+    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device)
     try:
         shapes = [u.shape for t in tasks for u in t.units]
         for batch in _batches(prepared, shapes, config.max_batch, budget):
