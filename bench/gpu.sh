@@ -24,5 +24,5 @@ fi
 echo "== end to end, Llama-2-7B shape" | tee -a "$out/gpu-$tag.log"
 timeout 330 python3 bench/diff_e2e.py --shape llama-7b --device cuda --precisions float32,float64 --workdir /tmp/spectra-e2e --save "diff-e2e-llama7b-$tag" 2>&1 | tee -a "$out/gpu-$tag.log"
 rm -rf /tmp/spectra-e2e
-if [ "$out" != bench/results ]; then cp bench/results/*-"$tag".* "$out"/ 2>/dev/null; fi
+if [ "$out" != bench/results ]; then for f in bench/results/*-"$tag".md bench/results/*-"$tag".json; do [ "$f" -nt "$shim" ] && cp "$f" "$out"/; done; fi
 ls -la "$out"

@@ -68,7 +68,7 @@ def _progress(console: Console) -> Progress:
 
 @main.command("diff")
 @click.argument("base")
-@click.argument("tuned")
+@click.argument("tuned", required=False)
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for results.json, results.csv and the heatmaps (default: no files).")
 @click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
@@ -92,7 +92,9 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
-    dict, an index file, or an org/name entry of the local Hugging Face cache.
+    dict, an index file, or an org/name entry of the local Hugging Face cache. TUNED may be a PEFT
+    LoRA adapter folder (ΔW = s·B·A from the factors); `spectra diff ADAPTER` alone analyses an
+    adapter without its base (no relative norms; DoRA needs the base).
     """
     config = DiffConfig(
         **({"thresholds": tuple(thresholds)} if thresholds else {}),
@@ -139,15 +141,20 @@ def _summary_table(result: spectra.DiffResult, threshold: float = 0.9) -> Table:
     key = str(float(threshold)) if threshold in result.thresholds else str(float(result.thresholds[len(result.thresholds) // 2]))
     tau = float(key)
     table = Table(title=f"Rank needed for {tau:.0%} of ΔW's energy, median per module", title_justify="left")
-    for col, just in (("module", "left"), ("n", "right"), ("p", "right"), (f"rank[{key}]", "right"),
-                      ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
+    lora = any(m.lora_r is not None for m in result.modules)
+    for col, just in (("module", "left"), ("n", "right"), ("p", "right"), *((("LoRA r", "right"),) if lora else ()),
+                      (f"rank[{key}]", "right"), ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
         table.add_column(col, justify=just)
+    lora_r = {}
+    for m in result.modules:
+        lora_r.setdefault(m.module, m.lora_r)
     from spectra.naming import role_sort_key
 
     rows = sorted(result.summary(tau), key=lambda r: role_sort_key(r["role"], r["module"]))
     for r in rows:
         table.add_row(
-            r["module"], str(r["count"]), str(r["p"]), f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
+            r["module"], str(r["count"]), str(r["p"]), *((str(lora_r.get(r["module"])),) if lora else ()),
+            f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
         )
     return table

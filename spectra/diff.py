@@ -176,35 +176,41 @@ class _Task:
     units: list[_Unit] = field(default_factory=list)
 
 
+def _filter_units(spec, config: DiffConfig, expert: int | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
+    """``(result name, rows, module label)`` of each part of ``spec`` that the filters keep.
+
+    Experts of a stacked 3-D tensor are named ``<tensor>:e<k>``, parts ``<tensor>:q`` (SPEC.md).
+    """
+    if config.layers is not None and (spec.layer is None or not parse_layers(config.layers)(spec.layer)):
+        return []  # outside the asked layers: not analysed, not worth a skipped entry
+    inc = re.compile(config.include) if config.include else None
+    exc = re.compile(config.exclude) if config.exclude else None
+    out = []
+    for part in (spec.parts if config.split_fused else (Part(""),)):
+        name = spec.name + (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            continue
+        out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
+    return out
+
+
 def _plan(pairs: list[MatrixPair], config: DiffConfig) -> list[_Task]:
     """Expand pairs into units (parts × experts), apply the filters, and order the work so that
     equally shaped units are adjacent (they are batched together)."""
-    inc = re.compile(config.include) if config.include else None
-    exc = re.compile(config.exclude) if config.exclude else None
-    layer_ok = parse_layers(config.layers) if config.layers else None
     tasks: list[_Task] = []
     order = 0
     for pair in pairs:
         spec = pair.tuned
-        if layer_ok is not None and (spec.layer is None or not layer_ok(spec.layer)):
-            continue  # outside the asked layers: not analysed, not worth a skipped entry
-        ndim = len(pair.tuned_info.shape)
-        experts = range(pair.tuned_info.shape[0]) if ndim == 3 else [spec.expert]
-        parts = spec.parts if config.split_fused else (Part(""),)
+        stacked = len(pair.tuned_info.shape) == 3
         stored = pair.tuned_info.shape[-2:]
         out_dim, in_dim = (stored[1], stored[0]) if spec.transpose else (stored[0], stored[1])
         if pair.rows is not None:
             out_dim = pair.rows
         task = _Task(pair)
-        for e in experts:
-            for part in parts:
-                name = spec.name + (f":e{e}" if ndim == 3 else "") + (f":{part.suffix}" if part.suffix else "")
-                if (inc and not inc.search(name)) or (exc and exc.search(name)):
-                    continue
-                module = spec.module + (f":{part.suffix}" if part.suffix else "")
-                rows = part.rows
+        for e in (range(pair.tuned_info.shape[0]) if stacked else [None]):
+            for name, rows, module in _filter_units(spec, config, e):
                 shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
-                task.units.append(_Unit(order, name, e if ndim == 3 else spec.expert, rows, module, shape))
+                task.units.append(_Unit(order, name, e if stacked else spec.expert, rows, module, shape))
                 order += 1
         if task.units:
             tasks.append(task)
@@ -399,7 +405,7 @@ def _approx_result(item: _Prepared, a: ApproxSpectrum, config: DiffConfig, secon
 
 def diff(
     base: str | Checkpoint,
-    tuned: str | Checkpoint,
+    tuned: str | Checkpoint | None = None,
     *,
     config: DiffConfig | None = None,
     out_dir: str | Path | None = None,
@@ -410,8 +416,10 @@ def diff(
     """Spectrum metrics of ΔW = W_tuned − W_base for every paired matrix (SPEC.md).
 
     Args:
-        base: the base checkpoint (path, folder, index, ``.bin``, hub cache id) or an opened one.
-        tuned: the fine-tuned checkpoint, likewise.
+        base: the base checkpoint (path, folder, index, ``.bin``, hub cache id) or an opened one;
+            or, with ``tuned`` None, a PEFT adapter folder to analyse on its own.
+        tuned: the fine-tuned checkpoint, likewise, or a PEFT adapter folder (its updates
+            ``s·B·A`` are analysed from the factors, see :mod:`spectra.adapter_diff`).
         config: options; :class:`DiffConfig` defaults when None.
         out_dir: if given, ``results.json``/``results.jsonl`` are written there as results come in,
             then ``results.csv`` and the heatmaps at the end.
@@ -425,16 +433,54 @@ def diff(
 
     Example:
         >>> res = diff("base.safetensors", "tuned.safetensors")   # doctest: +SKIP
+        >>> res = diff("base/", "lora-adapter/")                  # doctest: +SKIP
         >>> res.summary()[0]["energy_rank"]                       # doctest: +SKIP
     """
+    from spectra.adapter_diff import diff_adapter
+    from spectra.io.adapter import is_adapter, open_adapter
+
     config = config or DiffConfig()
     t0 = time.perf_counter()
-    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     device = resolve_device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu or auto")
     dtype = torch.float64 if config.precision == "float64" else torch.float32
+    writer = _Writer(Path(out_dir)) if out_dir is not None else None
+    adapter_path = tuned if tuned is not None else base
+    if not isinstance(adapter_path, Checkpoint) and is_adapter(adapter_path):
+        base_ckpt = None
+        if tuned is not None:
+            base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
+                              callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None)
+        labels = f"{result.base} vs {result.tuned}"
+    elif tuned is None:
+        raise ConfigError(f"{base} is not a PEFT adapter folder; a single input must be an adapter",
+                          hint="pass BASE and TUNED to diff two checkpoints")
+    else:
+        base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback)
+        labels = f"{base_ckpt.label} vs {tuned_ckpt.label}"
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    zero = bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
+    if zero:
+        result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
+    if writer:
+        writer.finish(result, plots=plots)
+    if zero and not allow_identical:
+        raise IdenticalCheckpointsError(
+            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
+            path=labels,
+            hint="check that you passed the fine-tuned checkpoint" + (f"; results were still written to {out_dir}" if out_dir else ""),
+        )
+    return result
+
+
+def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
+                      dtype: torch.dtype, writer: "_Writer | None", callback: Callable[[DiffEvent], None] | None) -> DiffResult:
+    """The streaming, batched run over two full checkpoints (see the module docstring)."""
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
     tasks = _plan(pairing.pairs, config)
     result = DiffResult(
@@ -444,7 +490,6 @@ def diff(
         config=asdict(config), device=str(device), version=__version__,
     )
     total = sum(len(t.units) for t in tasks)
-    writer = _Writer(Path(out_dir)) if out_dir is not None else None
     if writer:
         writer.start(result)
     done = 0
@@ -470,19 +515,6 @@ def diff(
         prepared.close()
     order = {u.name: u.order for t in tasks for u in t.units}
     result.modules.sort(key=lambda m: order[m.name])
-    result.complete = True
-    result.elapsed_s = time.perf_counter() - t0
-    zero = bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
-    if zero:
-        result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
-    if writer:
-        writer.finish(result, plots=plots)
-    if zero and not allow_identical:
-        raise IdenticalCheckpointsError(
-            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
-            path=f"{base_ckpt.label} vs {tuned_ckpt.label}",
-            hint="check that you passed the fine-tuned checkpoint" + (f"; results were still written to {out_dir}" if out_dir else ""),
-        )
     return result
 
 

@@ -49,6 +49,8 @@ class ModuleResult:
         method: how the spectrum was computed (``"gram/float64"``...).
         seconds: wall time of the decomposition.
         note: a caveat (rows analysed, split assumptions); empty when none.
+        lora_r, lora_alpha, lora_scale: for a LoRA update, the module's nominal rank, alpha and
+            scale ``s`` (after rank/alpha patterns); None for full checkpoints.
     """
 
     name: str
@@ -56,7 +58,7 @@ class ModuleResult:
     module: str
     shape: list[int]
     fro_norm: float
-    base_fro_norm: float
+    base_fro_norm: float | None
     rel_norm: float | None
     spectral_norm: float
     stable_rank: float
@@ -74,6 +76,9 @@ class ModuleResult:
     method: str = ""
     seconds: float = 0.0
     note: str = ""
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_scale: float | None = None
 
     @property
     def p(self) -> int:
@@ -96,6 +101,7 @@ class DiffResult:
         complete: False while a run is in progress or if it was interrupted.
         elapsed_s: wall time of the whole run, seconds.
         device: the device the spectra were computed on.
+        adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
     """
 
     base: str
@@ -110,6 +116,7 @@ class DiffResult:
     elapsed_s: float = 0.0
     device: str = ""
     version: str = ""
+    adapter: dict[str, Any] | None = None
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -175,6 +182,8 @@ class DiffResult:
                 row[f"energy_rank_{k}"] = m.energy_rank.get(k)
                 row[f"energy_rank_frac_{k}"] = m.energy_rank_frac.get(k)
                 row[f"random_energy_rank_{k}"] = m.random_energy_rank.get(k)
+            if m.lora_r is not None:
+                row.update({"lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_scale": m.lora_scale})
             row.update({"dtype": m.dtype, "method": m.method, "seconds": m.seconds, "note": m.note})
             rows.append(row)
         return rows

@@ -1,0 +1,183 @@
+"""``spectra diff BASE ADAPTER`` and ``spectra diff ADAPTER``: spectra of LoRA updates, from the factors.
+
+Each adapted module's ``ΔW = s·B·A`` is decomposed by :func:`spectra.engine.factored_svd` (QR of the
+factors, SVD of the r × r core; never densified), so its r singular values are exact and the rest
+are zero. The results use the same contract and metrics as a full diff, plus the nominal rank, alpha
+and scale, so that "how much of r does the update use" reads off ``energy_rank`` and
+``effective_rank``. DoRA updates depend on the base weight and are formed densely (they are not low
+rank). Adapters whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoftQ) are
+refused: their B·A is not the update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from spectra import __version__
+from spectra.engine import batch_singular_values, factored_svd
+from spectra.errors import CheckpointFormatError, PairingError
+from spectra.io.adapter import Adapter, LoraModule
+from spectra.io.checkpoint import Checkpoint
+from spectra.metrics import spectrum_metrics
+from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key
+from spectra.pairing import Skipped
+from spectra.randmat import random_energy_rank
+from spectra.results import DiffResult, ModuleResult, threshold_key
+
+
+def _base_lookup(base: Checkpoint) -> dict[str, str]:
+    """Pairing key -> base tensor name, for keys that are unique."""
+    seen: dict[str, list[str]] = {}
+    for n in base.tensors:
+        seen.setdefault(pairing_key(n), []).append(n)
+    return {k: v[0] for k, v in seen.items() if len(v) == 1}
+
+
+def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
+    """Each LoRA module with the spec of the matrix it updates and its base tensor name (None without base).
+
+    Raises:
+        PairingError: a module the adapter updates is not in the base (names it).
+        CheckpointFormatError: the adapter's update shape differs from the base matrix's.
+    """
+    if base is not None:
+        specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
+        lookup = _base_lookup(base)
+    else:
+        specs = describe_checkpoint({m.weight_name: m.shape for m in adapter.modules.values()})
+    out = []
+    for mod in adapter.modules.values():
+        if base is None:
+            out.append((mod, specs[mod.weight_name], None))
+            continue
+        name = mod.weight_name if mod.weight_name in base.tensors else lookup.get(pairing_key(mod.weight_name))
+        if name is None or name not in specs:
+            raise PairingError(
+                f"the adapter updates {mod.module}, which the base checkpoint does not have",
+                path=f"{adapter.path} vs {base.label}", tensor=mod.weight_name,
+                hint="is this adapter for this base model? `spectra inspect BASE` lists its matrices",
+            )
+        spec = specs[name]
+        stored = base.tensors[name].shape
+        oriented = (stored[1], stored[0]) if spec.transpose else tuple(stored)
+        if tuple(mod.shape) != tuple(oriented):
+            raise CheckpointFormatError(
+                f"the adapter's update of {mod.module} is {tuple(mod.shape)} but the base matrix is {tuple(oriented)}",
+                path=adapter.path, tensor=name, hint="the adapter was trained on a different base model",
+            )
+        out.append((mod, spec, name))
+    return out
+
+
+def diff_adapter(
+    base: Checkpoint | None,
+    adapter: Adapter,
+    *,
+    config,
+    device: torch.device,
+    dtype: torch.dtype,
+    callback: Callable | None = None,
+    writer=None,
+    label_base: str | None = None,
+) -> DiffResult:
+    """Spectrum metrics of every LoRA update of ``adapter`` (see the module docstring).
+
+    Args:
+        base: the base checkpoint, or None to analyse the adapter alone (no rel_norm, no DoRA).
+        adapter: the opened adapter.
+        config: a :class:`spectra.diff.DiffConfig` (thresholds, filters, top_k, device).
+        device, dtype: where and in what precision to decompose.
+        callback: called with a ``DiffEvent`` per module.
+        writer: the run's results writer (journal), or None.
+    """
+    from spectra.diff import DiffEvent, _filter_units  # late: diff imports this module
+
+    init = adapter.config.base_changing_init
+    if init:
+        raise CheckpointFormatError(
+            f"this adapter was initialised with {init} (init_lora_weights={adapter.config.init_lora_weights!r}), "
+            "which changes the base weights: s·B·A alone is not the fine-tuning update",
+            path=adapter.path, hint="merge it (merge_and_unload) and diff the merged model against the original base",
+        )
+    if adapter.config.use_dora and base is None:
+        raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
+                                    hint="pass the base model: spectra diff BASE ADAPTER")
+    result = DiffResult(base=label_base or "", tuned=str(adapter.path), thresholds=list(config.thresholds),
+                        config=asdict(config), device=str(device), version=__version__)
+    result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
+                      "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
+                      "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}
+    units = []
+    for mod, spec, base_name in adapter_updates(adapter, base):
+        for name, part_rows, module in _filter_units(spec, config):
+            units.append((mod, spec, base_name, name, part_rows, module))
+    for full_name in adapter.full:
+        result.skipped.append(asdict(Skipped(full_name, "stored whole (modules_to_save): a full update, not a LoRA; diff the merged model for it")))
+    for copy in adapter.base_copies:
+        result.skipped.append(asdict(Skipped(copy, "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
+    if writer:
+        writer.start(result)
+    total = len(units)
+    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=1):
+        res = _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
+        result.modules.append(res)
+        if writer:
+            writer.add(result, res, None)
+        if callback:
+            callback(DiffEvent(done, total, res, None))
+    return result
+
+
+def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, base_name: str | None, name: str,
+                   rows: torch.Tensor | None, module: str, config, device: torch.device, dtype: torch.dtype) -> ModuleResult:
+    start = time.perf_counter()
+    Bf, Af = mod.factors()
+    W = None
+    if base is not None:
+        W = base.load(base_name).to(torch.float32)
+        if spec.transpose:
+            W = W.mT
+        if rows is not None:
+            W = W[rows]
+    if rows is not None:
+        Bf = Bf[rows]
+    shape = (int(Bf.shape[0]), int(Af.shape[1]))
+    p = min(shape)
+    if mod.magnitude is not None:
+        full = base.load(base_name).to(torch.float32)
+        full = full.mT if spec.transpose else full
+        delta = mod.dora_delta(full)
+        if rows is not None:
+            delta = delta[rows]
+        S = batch_singular_values(delta.unsqueeze(0).to(torch.float32), device=device, dtype=dtype)[0]
+        method = "dora/dense"
+    else:
+        _, s, _ = factored_svd(Bf.to(device), Af.to(device), mod.scale)
+        S = np.zeros(p)
+        S[: min(p, s.numel())] = s.cpu().numpy()[:p]
+        method = "factored"
+    m = spectrum_metrics(S, shape, config.thresholds)
+    keys = [threshold_key(t) for t in config.thresholds]
+    base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
+    note = f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "") + (", embedding" if mod.embedding else "")
+    if spec.note:
+        note += "; " + spec.note
+    return ModuleResult(
+        name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
+        fro_norm=m.fro_norm, base_fro_norm=base_fro if base_fro is not None else None,
+        rel_norm=(m.fro_norm / base_fro if base_fro else (0.0 if base_fro is not None and m.fro_norm == 0 else None)),
+        spectral_norm=m.spectral_norm, nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank,
+        effective_rank=m.effective_rank, signal_rank=m.signal_rank,
+        energy_rank={k: m.energy_rank[t] for k, t in zip(keys, config.thresholds)},
+        energy_rank_frac={k: m.energy_rank_frac[t] for k, t in zip(keys, config.thresholds)},
+        random_energy_rank={k: random_energy_rank(shape, t) for k, t in zip(keys, config.thresholds)},
+        singular_values=[float(x) for x in S[: config.top_k]],
+        dtype="float32", method=method, seconds=time.perf_counter() - start, note=note,
+        lora_r=mod.r, lora_alpha=mod.alpha, lora_scale=mod.scale,
+    )
