@@ -160,6 +160,74 @@ def _summary_table(result: spectra.DiffResult, threshold: float = 0.9) -> Table:
     return table
 
 
+@main.command("compare")
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", default=None, help="The base model both were tuned from (needed for full checkpoints, DoRA, amplification, intruders).")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for compare.json, compare.csv and plots.")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default="right", show_default=True,
+              help="Singular vectors compared (Hu et al. used the right ones of LoRA's A).")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1), help="Subspace rank taken from a full update.")
+@click.option("--include", default=None, help="Regex on module names to keep.")
+@click.option("--exclude", default=None, help="Regex on module names to leave out.")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7'.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
+@click.option("--no-plots", is_flag=True)
+def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots) -> None:
+    """How two updates of one base relate: φ grids, principal angles, captured energy,
+    amplification and intruder dimensions (SPEC.md, Subspaces).
+
+    A and B are each a PEFT LoRA adapter folder or a full fine-tuned checkpoint (then --base is
+    required).
+    """
+    from spectra.compare import CompareConfig, compare
+
+    config = CompareConfig(side=side, top_k=top_k, include=include, exclude=exclude, layers=layers, device=device)
+    err = _stderr()
+    progress = _progress(err)
+    task_id = None
+
+    def on_module(done: int, total: int, name: str) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("subspaces", total=total, current="")
+        progress.update(task_id, completed=done, current=name[-60:])
+
+    with progress:
+        result = compare(a, b, base=base, config=config, out_dir=out_dir, callback=on_module, plots=not no_plots)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        _stdout().print(_compare_table(result))
+    err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s; "
+              f"{len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
+    if out_dir:
+        err.print(f"results: {Path(out_dir) / 'compare.json'}", highlight=False)
+
+
+def _compare_table(result) -> Table:
+    side = result.config["side"] if result.config["side"] != "both" else "right"
+    table = Table(title=f"A = {result.a} ({result.kinds['a']}), B = {result.b} ({result.kinds['b']})", title_justify="left")
+    cols = ["module", "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
+    with_base = any("amplification" in m for m in result.modules)
+    if with_base:
+        cols += ["amp A", "amp B", "intr A", "intr B"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "module" else "right")
+    for m in result.modules:
+        ph = m["phi"][side]
+        row = [m["module"], "" if m["layer"] is None else str(m["layer"]), str(m["rank_a"]), str(m["rank_b"]),
+               f"{ph['phi_full']:.3f}", f"{ph['random']:.3f}", f"{m['captured']['b_in_a']['two_sided']:.3f}",
+               f"{m['captured']['b_in_a']['best_rank_r']:.3f}", f"{m['captured']['a_in_b']['two_sided']:.3f}"]
+        if with_base:
+            amp, intr = m.get("amplification", {}), m.get("intruders", {})
+            row += [f"{amp['a']['factor']:.2f}" if amp else "–", f"{amp['b']['factor']:.2f}" if amp else "–",
+                    str(intr['a']['count']) if intr else "–", str(intr['b']['count']) if intr else "–"]
+        table.add_row(*row)
+    return table
+
+
 @main.command("inspect")
 @click.argument("path")
 @click.option("--all", "show_all", is_flag=True, help="Also list 1-D and non-float tensors.")

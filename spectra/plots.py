@@ -96,3 +96,77 @@ def relnorm_heatmap(result: "DiffResult", path: str | os.PathLike[str] | None = 
     title = "Relative update size ‖ΔW‖_F / ‖W_base‖_F" + ("   (experts: median)" if moe else "")
     return _heatmap(grid, layers, modules, title=title, cbar_label="‖ΔW‖_F / ‖W_base‖_F",
                     fmt=lambda v: f"{v:.2g}", cmap="magma", path=path)
+
+
+def _layer_module_grid(records: list[dict], value) -> tuple[np.ndarray, list[int], list[str]]:
+    rows = [r for r in records if r["layer"] is not None]
+    layers = sorted({r["layer"] for r in rows})
+    order: dict[str, tuple] = {}
+    for r in rows:
+        order.setdefault(r["module"], role_sort_key(r["role"], r["module"]))
+    modules = sorted(order, key=lambda k: order[k])
+    grid = np.full((len(layers), len(modules)), np.nan)
+    li, mi = {l: i for i, l in enumerate(layers)}, {k: i for i, k in enumerate(modules)}
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            grid[li[r["layer"]], mi[r["module"]]] = v
+    return grid, layers, modules
+
+
+def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[str, Path]:
+    """The figures of a compare run: captured energy and intruder counts (layers × modules), φ grids
+    of a few modules (Hu et al. Fig. 3/4 style) and principal-angle curves. Returns name -> path."""
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    files: dict[str, Path] = {}
+    recs = result.modules
+    a_lbl, b_lbl = f"A ({result.kinds['a']})", f"B ({result.kinds['b']})"
+    grid, layers, modules = _layer_module_grid(recs, lambda r: r["captured"]["b_in_a"]["two_sided"])
+    if grid.size:
+        files["captured_heatmap"] = _heatmap(
+            grid, layers, modules, title=f"Energy of {b_lbl}'s update captured by {a_lbl}'s top-r subspaces (two-sided)",
+            cbar_label="‖U_Aᵀ ΔW_B V_A‖²_F / ‖ΔW_B‖²_F", fmt=lambda v: f"{v:.2f}", vmin=0.0, vmax=1.0,
+            path=out_dir / "captured_heatmap.png")
+    if any("intruders" in r for r in recs):
+        for who, lbl in (("a", a_lbl), ("b", b_lbl)):
+            grid, layers, modules = _layer_module_grid(recs, lambda r: (r.get("intruders") or {}).get(who, {}).get("count"))
+            if grid.size and np.isfinite(grid).any():
+                eps = result.config["epsilon"]
+                files[f"intruders_{who}"] = _heatmap(
+                    grid, layers, modules, title=f"Intruder dimensions of {lbl} (top-{result.config['intruder_k']}, ε = {eps})",
+                    cbar_label="intruder count", fmt=lambda v: f"{v:.0f}", vmin=0.0, cmap="Reds",
+                    path=out_dir / f"intruders_{who}.png")
+    # φ grids for a few modules in the middle of the stack
+    chosen = sorted(recs, key=lambda r: (abs((r["layer"] or 0) - np.median([x["layer"] or 0 for x in recs])), r["name"]))[:max_phi_modules]
+    if chosen:
+        side = next(iter(chosen[0]["phi"]))
+        fig = Figure(figsize=(4.2 * len(chosen), 3.8), layout="constrained")
+        for idx, r in enumerate(chosen):
+            ax = fig.add_subplot(1, len(chosen), idx + 1)
+            g = np.asarray(result.phi_grids[r["name"]][side])
+            im = ax.imshow(g, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
+                           extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
+            ax.set_title(f"{r['module']} · layer {r['layer']}\nrandom ≈ {r['phi'][side]['random']:.3f}", fontsize=9)
+            ax.set_xlabel(f"j (top-j of B, r={r['rank_b']})")
+            ax.set_ylabel(f"i (top-i of A, r={r['rank_a']})")
+        fig.colorbar(im, ax=fig.axes, label=f"φ(A, B, i, j), {side} singular vectors")
+        fig.suptitle("Normalised subspace similarity (Hu et al. 2021, Eq. 4)", fontsize=10)
+        files["phi_grids"] = out_dir / "phi_grids.png"
+        fig.savefig(files["phi_grids"], dpi=110)
+        # principal angle curves
+        fig = Figure(figsize=(6.5, 4), layout="constrained")
+        ax = fig.add_subplot()
+        for r in chosen:
+            cos = r["angles"][side]["cosines"]
+            ax.plot(range(1, len(cos) + 1), np.degrees(np.arccos(np.clip(cos, 0, 1))), marker="o", ms=3,
+                    label=f"{r['module']} L{r['layer']}")
+        ax.set_xlabel("principal angle index l")
+        ax.set_ylabel("θ_l (degrees)")
+        ax.set_ylim(0, 90)
+        ax.set_title(f"Principal angles between A's and B's top subspaces ({side})", fontsize=10)
+        ax.legend(fontsize=7)
+        files["angles"] = out_dir / "principal_angles.png"
+        fig.savefig(files["angles"], dpi=110)
+    return files

@@ -1,0 +1,639 @@
+"""Subspace measures between updates and weights (SPEC.md, "Subspaces").
+
+Principal angles and the Grassmann distance, Hu et al.'s normalised subspace similarity φ, the
+energy of one update captured by another's singular subspaces, Hu et al.'s amplification factor, and
+Shuttleworth et al.'s intruder dimensions.
+
+Pure functions, no I/O. Inputs are torch tensors on any device (numpy arrays are accepted too);
+everything is upcast to float64 before any product or decomposition and computed on the device of
+the first tensor argument. Results come back as float64 numpy arrays or Python floats; bases built
+here (:func:`top_subspace`) come back as float64 tensors on the input's device.
+
+Conventions: a weight or update is ``(out, in)``; a subspace is an orthonormal basis ``Q`` stored
+as columns, ``(d, k)``. Left singular vectors (``U``, ``d = out``) span an update's output space,
+right singular vectors (``Vh.mT``, ``d = in``) its input space; choose the side with
+:func:`top_subspace`. An update may be given dense, or factored as its thin SVD ``(U, S, Vh)``
+(a :class:`Factored`, or a plain tuple), e.g. from :func:`spectra.engine.factored_svd` for a LoRA
+adapter; the factored form is never densified except where a measure needs a dense SVD anyway
+(:func:`intruder_dimensions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence, Union
+
+import numpy as np
+import torch
+
+from spectra.engine import factored_svd
+
+Tensor = Union[torch.Tensor, np.ndarray]
+Side = Literal["left", "right"]
+
+#: ε values of the intruder sweep (Shuttleworth et al. 2024 sweep ε over (0, 1)).
+DEFAULT_EPSILONS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Factored:
+    """An ``(out, in)`` update held as its thin SVD, ``ΔW = U diag(S) Vh``.
+
+    Attributes:
+        U: ``(out, q)`` orthonormal columns (left singular vectors).
+        S: ``(q,)`` non-negative singular values (any order; sorted descending where used).
+        Vh: ``(q, in)`` orthonormal rows (right singular vectors, transposed).
+
+    A plain tuple ``(U, S, Vh)`` is accepted wherever a :class:`Factored` is.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> B, A = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+        >>> dW = Factored.from_lora(B, A, scale=2.0)
+        >>> bool(torch.allclose(dW.dense(), 2.0 * B.double() @ A.double()))
+        True
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+
+    @classmethod
+    def from_lora(cls, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> "Factored":
+        """``ΔW = scale · B · A`` with ``B (out, r)``, ``A (r, in)``, by :func:`spectra.engine.factored_svd`
+        (QR of the factors and an ``r × r`` SVD; the ``(out, in)`` product is never formed)."""
+        return cls(*factored_svd(B, A, scale))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of the update."""
+        return int(self.U.shape[0]), int(self.Vh.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The ``(out, in)`` float64 matrix ``U diag(S) Vh`` (for tests and small matrices)."""
+        U, S, Vh = _factors64(self, "dW", None)
+        return (U * S) @ Vh
+
+
+Update = Union[torch.Tensor, np.ndarray, Factored, tuple]
+
+
+def _device_of(x: Tensor) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _to64(x: Tensor, device: torch.device | None) -> torch.Tensor:
+    t = torch.as_tensor(x)
+    return t.to(device=t.device if device is None else device, dtype=torch.float64)
+
+
+def _eps(x: Tensor) -> float:
+    t = torch.as_tensor(x)
+    return torch.finfo(t.dtype).eps if t.is_floating_point() else torch.finfo(torch.float64).eps
+
+
+def _matrix(x: Tensor, name: str, device: torch.device | None) -> torch.Tensor:
+    t = _to64(x, device)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix. Got shape {tuple(t.shape)} instead.")
+    return t
+
+
+def _basis(Q: Tensor, name: str, device: torch.device | None) -> torch.Tensor:
+    """``Q`` as a float64 ``(d, k)`` tensor, checked to have orthonormal columns.
+
+    Every measure here is only meaningful on orthonormal bases (φ of a raw matrix can exceed 1), so
+    the check is not optional; it costs O(d·k²), the same order as the measures themselves. The
+    tolerance grows with the input's precision: ``max(1e-6, 100 · eps(dtype) · sqrt(d))`` on
+    ``max |QᵀQ − I|``, so float32 bases from a float32 SVD pass and a raw weight matrix does not.
+    """
+    Q64 = _matrix(Q, name, device)
+    d, k = Q64.shape
+    if k == 0 or k > d:
+        raise ValueError(f"{name} must have between 1 and d = {d} columns. Got {k} instead.")
+    err = float((Q64.mT @ Q64 - torch.eye(k, dtype=torch.float64, device=Q64.device)).abs().max())
+    tol = max(1e-6, 100.0 * _eps(Q) * math.sqrt(d))
+    if not err <= tol:
+        raise ValueError(
+            f"{name} must have orthonormal columns (max |{name}ᵀ{name} − I| <= {tol:.1e}). Got {err:.3e} instead; "
+            "build bases with spectra.subspaces.top_subspace."
+        )
+    return Q64
+
+
+def _factors64(dW: Factored | tuple, name: str, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, S, Vh)`` in float64, validated (shapes, orthonormality, S >= 0) and sorted descending."""
+    if isinstance(dW, Factored):
+        U, S, Vh = dW.U, dW.S, dW.Vh
+    elif isinstance(dW, tuple) and len(dW) == 3:
+        U, S, Vh = dW
+    else:
+        raise ValueError(f"{name} must be an (out, in) tensor, a Factored or a (U, S, Vh) tuple. Got {type(dW).__name__} instead.")
+    if device is None:
+        device = torch.as_tensor(U).device
+    S64 = _to64(S, device)
+    if S64.ndim != 1:
+        raise ValueError(f"{name}'s S must have shape (q,). Got {tuple(S64.shape)} instead.")
+    q = S64.shape[0]
+    U64 = _basis(U, f"{name}'s U", device)
+    Vh64 = _matrix(Vh, f"{name}'s Vh", device)
+    if U64.shape[1] != q or Vh64.shape[0] != q:
+        raise ValueError(
+            f"{name} must be U (out, q), S (q,), Vh (q, in) with one q. Got U {tuple(U64.shape)}, "
+            f"S {tuple(S64.shape)}, Vh {tuple(Vh64.shape)} instead."
+        )
+    V64 = _basis(Vh64.mT, f"{name}'s Vh.mT", device)
+    if bool((S64 < 0).any()):
+        raise ValueError(f"{name}'s S must be non-negative. Got min {float(S64.min()):.3e} instead.")
+    order = torch.argsort(S64, descending=True)  # factored_svd already sorts; a hand-built tuple may not
+    return U64[:, order], S64[order], V64[:, order].mT
+
+
+def _is_factored(dW: Update) -> bool:
+    return isinstance(dW, (Factored, tuple))
+
+
+def _update_device(dW: Update) -> torch.device:
+    # every public entry point taking an update calls this first, so the form is checked here
+    if isinstance(dW, tuple) and len(dW) != 3:
+        raise ValueError(f"dW must be an (out, in) tensor, a Factored or a (U, S, Vh) tuple. Got a tuple of {len(dW)} instead.")
+    if isinstance(dW, Factored):
+        return torch.as_tensor(dW.U).device
+    if isinstance(dW, tuple) and len(dW) == 3:
+        return torch.as_tensor(dW[0]).device
+    return torch.as_tensor(dW).device
+
+
+def _update_shape(dW: Update) -> tuple[int, int]:
+    if _is_factored(dW):
+        U, _, Vh = (dW.U, dW.S, dW.Vh) if isinstance(dW, Factored) else dW
+        return int(torch.as_tensor(U).shape[0]), int(torch.as_tensor(Vh).shape[-1])
+    shape = tuple(torch.as_tensor(dW).shape)
+    if len(shape) != 2:
+        raise ValueError(f"dW must be a 2-D matrix. Got shape {shape} instead.")
+    return shape  # type: ignore[return-value]
+
+
+def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
+    """Orthonormal basis of the top-k left or right singular vectors of ``M``.
+
+    Args:
+        M: ``(out, in)`` matrix (any device, any float dtype), or its thin SVD as a
+            :class:`Factored` / ``(U, S, Vh)`` tuple (e.g. ``Factored.from_lora(B, A, scale)`` for a
+            LoRA update, computed without forming ``B·A``).
+        k: number of singular vectors, ``1 <= k <= p`` (``p = min(out, in)``, or ``q`` for a factored
+            ``M``).
+        side: ``"left"`` (output space, columns of ``U``) or ``"right"`` (input space, rows of ``Vh``).
+
+    Returns:
+        float64 tensor on ``M``'s device: ``(out, k)`` for ``"left"``, ``(in, k)`` for ``"right"``,
+        orthonormal columns, ordered by descending singular value.
+
+    Notes:
+        A dense ``M`` is decomposed exactly (float64 ``torch.linalg.svd``). Singular vectors carry an
+        arbitrary sign, and within a repeated singular value an arbitrary rotation; only the span is
+        defined, which is all the measures here use.
+
+    Example:
+        >>> top_subspace(torch.diag(torch.tensor([1.0, 3.0, 2.0])), 2).abs().round().tolist()
+        [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right'. Got {side!r} instead.")
+    if _is_factored(M):
+        U, _, Vh = _factors64(M, "M", None)  # type: ignore[arg-type]
+    else:
+        U, _, Vh = torch.linalg.svd(_matrix(M, "M", None), full_matrices=False)  # type: ignore[arg-type]
+    p = U.shape[1]
+    if not 1 <= k <= p:
+        raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
+    return U[:, :k] if side == "left" else Vh[:k].mT
+
+
+# ---- principal angles ---------------------------------------------------------------------------
+def principal_angles(QA: Tensor, QB: Tensor) -> np.ndarray:
+    """Principal angles between ``span(QA)`` and ``span(QB)``, radians, ascending.
+
+    Args:
+        QA: ``(d, i)`` orthonormal columns.
+        QB: ``(d, j)`` orthonormal columns (same ``d``).
+
+    Returns:
+        float64 array of shape ``(min(i, j),)``, ascending, in ``[0, π/2]``, with
+        ``cos θ_l = σ_l(QAᵀ QB)`` (SPEC.md).
+
+    Notes:
+        Steps, after Knyazev & Argentati (2002) as in ``scipy.linalg.subspace_angles``:
+
+        1. cosines ``σ(QAᵀQB)`` (descending), clipped to ``[0, 1]``;
+        2. sines ``σ(Q_s − Q_b Q_bᵀ Q_s)`` (ascending), with ``Q_s`` the basis with fewer columns;
+        3. ``θ = arcsin(sin)`` where ``cos² >= 1/2`` (θ <= π/4), else ``arccos(cos)``.
+
+        The definition is step 1; step 2 only restores the accuracy of small angles, which
+        ``arccos`` loses (a cosine of ``1 − 1e-17`` rounds to 1, so θ below ~1e-8 reads as 0).
+
+    Example:
+        >>> e = torch.eye(3, dtype=torch.float64)
+        >>> principal_angles(e[:, :2], e[:, 1:]).round(6).tolist()
+        [0.0, 1.570796]
+    """
+    device = _device_of(QA)
+    A = _basis(QA, "QA", device)
+    B = _basis(QB, "QB", device)
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"QA and QB must have the same number of rows d. Got {A.shape[0]} and {B.shape[0]} instead.")
+    small, big = (A, B) if A.shape[1] <= B.shape[1] else (B, A)  # angles are symmetric
+    M = big.mT @ small  # (k_big, k_small)
+    cos = torch.linalg.svdvals(M).clamp(0.0, 1.0)  # descending <-> θ ascending
+    sin = torch.linalg.svdvals(small - big @ M).flip(0).clamp(0.0, 1.0)  # ascending <-> θ ascending
+    theta = torch.where(cos**2 >= 0.5, torch.arcsin(sin), torch.arccos(cos))
+    return np.sort(theta.cpu().numpy())  # the two branches may meet out of order by one ulp
+
+
+def grassmann_distance(QA: Tensor, QB: Tensor) -> float:
+    """Geodesic (Grassmann) distance ``‖θ‖₂`` between the spans, radians; see :func:`principal_angles`.
+
+    For ``i != j`` this is the distance between the smaller span and its closest subspace of the
+    larger one (the angles beyond ``min(i, j)`` are not counted).
+    """
+    return float(np.linalg.norm(principal_angles(QA, QB)))
+
+
+# ---- normalised subspace similarity φ ------------------------------------------------------------
+def phi(QA: Tensor, QB: Tensor, i: int, j: int) -> float:
+    """Hu et al. (2021, LoRA, Sec. 7, Eq. 4): ``φ = ‖QA[:, :i]ᵀ QB[:, :j]‖_F² / min(i, j)``.
+
+    Args:
+        QA: ``(d, a)`` orthonormal columns, most important first (top singular vectors).
+        QB: ``(d, b)`` orthonormal columns.
+        i: leading columns of ``QA`` used, ``1 <= i <= a``.
+        j: leading columns of ``QB`` used, ``1 <= j <= b``.
+
+    Returns:
+        φ in ``[0, 1]``: 1 when one span contains the other, 0 when they are orthogonal, and
+        ``max(i, j) / d`` in expectation for independent random subspaces
+        (:func:`phi_random_baseline`). It is the mean squared cosine of the ``min(i, j)`` principal
+        angles.
+
+    Example:
+        >>> e = torch.eye(4, dtype=torch.float64)
+        >>> phi(e[:, :2], e[:, 1:3], 2, 2)
+        0.5
+    """
+    return float(phi_grid(QA, QB, i, j)[i - 1, j - 1])
+
+
+def phi_grid(QA: Tensor, QB: Tensor, i_max: int | None = None, j_max: int | None = None) -> np.ndarray:
+    """φ(i, j) of :func:`phi` for every ``1 <= i <= i_max``, ``1 <= j <= j_max``, in one pass.
+
+    Args:
+        QA: ``(d, a)`` orthonormal columns.
+        QB: ``(d, b)`` orthonormal columns.
+        i_max: default ``a``; ``1 <= i_max <= a``.
+        j_max: default ``b``; ``1 <= j_max <= b``.
+
+    Returns:
+        float64 array of shape ``(i_max, j_max)``; entry ``[i − 1, j − 1]`` is φ(i, j).
+
+    Notes:
+        With ``M = QAᵀQB`` (one ``(i_max, j_max)`` product), ``‖M[:i, :j]‖_F²`` is the 2-D cumulative
+        sum of ``M²`` at ``[i − 1, j − 1]``; cost O(d·i_max·j_max). Values are clipped to ``[0, 1]``:
+        φ <= 1 holds exactly for orthonormal bases, anything above is their rounding error.
+    """
+    device = _device_of(QA)
+    A = _basis(QA, "QA", device)
+    B = _basis(QB, "QB", device)
+    if A.shape[0] != B.shape[0]:
+        raise ValueError(f"QA and QB must have the same number of rows d. Got {A.shape[0]} and {B.shape[0]} instead.")
+    i_max = A.shape[1] if i_max is None else i_max
+    j_max = B.shape[1] if j_max is None else j_max
+    if not 1 <= i_max <= A.shape[1]:
+        raise ValueError(f"i must be in [1, {A.shape[1]}] (columns of QA). Got {i_max} instead.")
+    if not 1 <= j_max <= B.shape[1]:
+        raise ValueError(f"j must be in [1, {B.shape[1]}] (columns of QB). Got {j_max} instead.")
+    M = A[:, :i_max].mT @ B[:, :j_max]  # (i_max, j_max)
+    energy = torch.cumsum(torch.cumsum(M**2, dim=0), dim=1)
+    i = torch.arange(1, i_max + 1, device=M.device, dtype=torch.float64)[:, None]
+    j = torch.arange(1, j_max + 1, device=M.device, dtype=torch.float64)[None, :]
+    return (energy / torch.minimum(i, j)).clamp(0.0, 1.0).cpu().numpy()
+
+
+def phi_random_baseline(i: int, j: int, d: int) -> float:
+    """``E[φ(i, j)] = max(i, j) / d`` for independent uniformly random subspaces of ``R^d``.
+
+    Exact: ``E‖QAᵀQB‖_F² = i·j/d`` (``E[QA QAᵀ] = (i/d)·I``), divided by ``min(i, j)``.
+
+    >>> phi_random_baseline(8, 64, 4096)
+    0.015625
+    """
+    if not (1 <= i <= d and 1 <= j <= d):
+        raise ValueError(f"i and j must be in [1, d = {d}]. Got i = {i}, j = {j} instead.")
+    return max(i, j) / d
+
+
+def phi_random_baseline_grid(i_max: int, j_max: int, d: int) -> np.ndarray:
+    """:func:`phi_random_baseline` for every ``(i, j)``, float64 ``(i_max, j_max)``, laid out as :func:`phi_grid`."""
+    if not (1 <= i_max <= d and 1 <= j_max <= d):
+        raise ValueError(f"i_max and j_max must be in [1, d = {d}]. Got i_max = {i_max}, j_max = {j_max} instead.")
+    i = np.arange(1, i_max + 1, dtype=np.float64)[:, None]
+    j = np.arange(1, j_max + 1, dtype=np.float64)[None, :]
+    return np.maximum(i, j) / d
+
+
+# ---- captured energy ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CapturedEnergy:
+    """Fractions of ``‖ΔW‖_F²`` that the subspaces ``U_L (out, r)``, ``V_L (in, r)`` hold (SPEC.md).
+
+    Attributes:
+        r: rank of the subspaces (columns of ``U_L``).
+        two_sided: ``‖U_Lᵀ ΔW V_L‖_F² / ‖ΔW‖_F²``.
+        left: ``‖U_Lᵀ ΔW‖_F² / ‖ΔW‖_F²`` (output space only).
+        right: ``‖ΔW V_L‖_F² / ‖ΔW‖_F²`` (input space only).
+        best_rank_r: ``Σ_{i<=r} σᵢ(ΔW)² / ‖ΔW‖_F²``, the most any rank-r subspace pair can hold
+            (Eckart–Young); each of the other three is at most this.
+
+    All four are 0 for ``ΔW = 0``. For random subspaces, ``E[left] = r/out``, ``E[right] = r/in``,
+    ``E[two_sided] = r²/(out·in)``.
+    """
+
+    r: int
+    two_sided: float
+    left: float
+    right: float
+    best_rank_r: float
+
+
+def captured_energy(dW: Update, U_L: Tensor, V_L: Tensor) -> CapturedEnergy:
+    """Energy of an update ``ΔW`` captured by another update's singular subspaces (SPEC.md).
+
+    This answers "how much of the full fine-tuning update does the LoRA subspace hold": pass the
+    full update as ``dW`` and the LoRA update's bases, ``U_L = top_subspace(lora, r, "left")``,
+    ``V_L = top_subspace(lora, r, "right")``.
+
+    Args:
+        dW: ``(out, in)`` update, dense, or factored as its thin SVD (:class:`Factored` or
+            ``(U, S, Vh)``); a factored update is never densified: with ``ΔW = U diag(S) Vh``,
+            ``‖U_LᵀΔW V_L‖ = ‖(U_LᵀU) diag(S) (Vh V_L)‖``, O((out + in)·q·r).
+        U_L: ``(out, r)`` orthonormal columns.
+        V_L: ``(in, r)`` orthonormal columns (right singular vectors as columns, i.e. ``Vh[:r].mT``).
+
+    Returns:
+        :class:`CapturedEnergy`; all zeros (not NaN) when ``ΔW = 0``.
+
+    Notes:
+        ``best_rank_r`` uses ``S`` of a factored update, and the exact float64 singular values of a
+        dense one (:func:`spectra.linalg.singular_values`, Gram route). Sums run in float64.
+
+    Example:
+        >>> dW = torch.diag(torch.tensor([3.0, 1.0, 0.0]))
+        >>> e = torch.eye(3, dtype=torch.float64)
+        >>> captured_energy(dW, e[:, :1], e[:, :1]).two_sided
+        0.9
+    """
+    from spectra.linalg import singular_values  # local: keeps this module's import surface small
+
+    device = _update_device(dW)
+    out, inn = _update_shape(dW)
+    UL = _basis(U_L, "U_L", device)
+    VL = _basis(V_L, "V_L", device)
+    if UL.shape[0] != out:
+        raise ValueError(f"U_L must have out = {out} rows. Got {UL.shape[0]} instead.")
+    if VL.shape[0] != inn:
+        raise ValueError(f"V_L must have in = {inn} rows. Got {VL.shape[0]} instead.")
+    r = UL.shape[1]
+    if VL.shape[1] != r:
+        raise ValueError(f"V_L must have as many columns as U_L ({r}). Got {VL.shape[1]} instead.")
+
+    if _is_factored(dW):
+        U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
+        left_core = (UL.mT @ U) * S  # (r, q): U_LᵀΔW = left_core · Vh, and Vh has orthonormal rows
+        right_core = S[:, None] * (Vh @ VL)  # (q, r): ΔW V_L = U · right_core
+        two = left_core @ (Vh @ VL)  # (r, r)
+        S2 = S**2
+    else:
+        D = _matrix(dW, "dW", device)  # type: ignore[arg-type]
+        UtD = UL.mT @ D  # (r, in)
+        left_core, right_core, two = UtD, D @ VL, UtD @ VL
+        S2 = torch.from_numpy(singular_values(D)).to(device) ** 2
+    total = float(S2.sum())
+    if total == 0.0:
+        return CapturedEnergy(r, 0.0, 0.0, 0.0, 0.0)
+    return CapturedEnergy(
+        r=r,
+        two_sided=float((two**2).sum()) / total,
+        left=float((left_core**2).sum()) / total,
+        right=float((right_core**2).sum()) / total,
+        best_rank_r=min(1.0, float(S2[:r].sum()) / total),
+    )
+
+
+# ---- amplification ----------------------------------------------------------------------------------
+def amplification_factor(delta_fro: float, proj_delta: float) -> float:
+    """Hu et al. (2021, Sec. 7.3): ``‖ΔW‖_F / ‖U_rᵀ W V_r‖_F``; 0 when ``ΔW = 0``, inf when only the
+    projection is 0.
+
+    >>> round(amplification_factor(6.91, 0.32), 1)   # Table 7, GPT-3 W_q, r = 4
+    21.6
+    """
+    if delta_fro == 0.0:
+        return 0.0
+    return delta_fro / proj_delta if proj_delta > 0.0 else math.inf
+
+
+def random_projection_rms(w_fro: float, r: int, out: int, in_: int) -> float:
+    """``sqrt(E‖UᵀWV‖_F²) = r·‖W‖_F / sqrt(out·in)`` for independent random orthonormal ``U (out, r)``,
+    ``V (in, r)``.
+
+    Exact: ``E[UUᵀ] = (r/out)·I`` and ``E[VVᵀ] = (r/in)·I``, so ``E‖UᵀWV‖_F² = r²‖W‖_F²/(out·in)``.
+    This is the root mean square; ``E‖UᵀWV‖_F`` itself is slightly smaller (Jensen). SPEC.md's
+    0.0202 (r = 4) and 0.3227 (r = 64) for GPT-3's ``W_q`` (12288², ‖W‖_F = 61.95) are this value.
+
+    >>> round(random_projection_rms(61.95, 4, 12288, 12288), 4)
+    0.0202
+    """
+    return r * w_fro / math.sqrt(out * in_)
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """Hu et al. (2021, LoRA, Sec. 7.3, Table 7): how strongly ΔW amplifies directions of W.
+
+    Attributes:
+        r: subspace rank.
+        delta_fro: ``‖ΔW‖_F``.
+        w_fro: ``‖W‖_F``.
+        proj_delta: ``‖U_rᵀ W V_r‖_F``, ``U_r, V_r`` the top-r left/right singular vectors of ΔW.
+        factor: ``delta_fro / proj_delta`` (:func:`amplification_factor`).
+        proj_own: ``‖U_W,rᵀ W V_W,r‖_F = sqrt(Σ_{i<=r} σᵢ(W)²)``, W's own top-r directions.
+        proj_random: ``‖UᵀWV‖_F`` for one draw of random orthonormal ``U (out, r)``, ``V (in, r)``.
+        proj_random_expected: ``sqrt(E‖UᵀWV‖_F²) = r·‖W‖_F / sqrt(out·in)``, the root mean square
+            of ``proj_random`` (:func:`random_projection_rms`), a norm like the other ``proj_*``.
+    """
+
+    r: int
+    delta_fro: float
+    w_fro: float
+    proj_delta: float
+    factor: float
+    proj_own: float
+    proj_random: float
+    proj_random_expected: float
+
+
+def _random_orthonormal(n: int, r: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    # QR of a Gaussian matrix: its span is uniformly (Haar) distributed, which is all a norm needs.
+    gen_dev = "cpu" if generator is None else generator.device
+    G = torch.randn(n, r, generator=generator, device=gen_dev, dtype=torch.float64).to(device)
+    return torch.linalg.qr(G, mode="reduced").Q
+
+
+def amplification(dW: Update, W: Tensor, r: int, *, generator: torch.Generator | None = None) -> Amplification:
+    """Amplification factor of an update over its base weight (Hu et al. 2021, Sec. 7.3, Table 7).
+
+    Args:
+        dW: ``(out, in)`` update, dense or factored (:class:`Factored` / ``(U, S, Vh)``; only its
+            top-r factors are used, nothing is densified).
+        W: ``(out, in)`` base weight.
+        r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``).
+        generator: randomness of ``proj_random`` (seed it for reproducible numbers).
+
+    Returns:
+        :class:`Amplification`. A large ``factor`` with a small ``proj_delta`` means ΔW amplifies
+        directions that W barely uses (Hu et al.: 21.6 at r = 4 for GPT-3's ``W_q``). For
+        ``ΔW = 0`` its singular subspace is undefined and ``proj_delta``, ``factor`` are 0.
+
+    Notes:
+        Dense ΔW: float64 ``torch.linalg.svd``. ``proj_own`` comes from W's exact float64 singular
+        values (Gram route, :func:`spectra.linalg.singular_values`), which equals the projection
+        onto W's own top-r singular vectors without computing them.
+
+    Example:
+        >>> W = torch.diag(torch.tensor([4.0, 3.0, 0.5]))
+        >>> dW = torch.diag(torch.tensor([0.0, 0.0, 2.0]))
+        >>> a = amplification(dW, W, 1, generator=torch.Generator().manual_seed(0))
+        >>> a.proj_delta, a.factor, a.proj_own
+        (0.5, 4.0, 4.0)
+    """
+    from spectra.linalg import singular_values
+
+    device = _update_device(dW)
+    W64 = _matrix(W, "W", device)
+    shape = _update_shape(dW)
+    if tuple(W64.shape) != tuple(shape):
+        raise ValueError(f"W must have the shape of dW, {tuple(shape)}. Got {tuple(W64.shape)} instead.")
+    out, inn = shape
+    if _is_factored(dW):
+        U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
+    else:
+        U, S, Vh = torch.linalg.svd(_matrix(dW, "dW", device), full_matrices=False)  # type: ignore[arg-type]
+    if not 1 <= r <= S.shape[0]:
+        raise ValueError(f"r must be in [1, {S.shape[0]}]. Got {r} instead.")
+    delta_fro = float(torch.sqrt((S**2).sum()))
+    proj_delta = float(torch.linalg.matrix_norm(U[:, :r].mT @ W64 @ Vh[:r].mT)) if delta_fro > 0 else 0.0
+    S_W = singular_values(W64)
+    w_fro = float(np.sqrt(np.sum(S_W**2)))
+    Ur = _random_orthonormal(out, r, generator, device)
+    Vr = _random_orthonormal(inn, r, generator, device)
+    return Amplification(
+        r=r,
+        delta_fro=delta_fro,
+        w_fro=w_fro,
+        proj_delta=proj_delta,
+        factor=amplification_factor(delta_fro, proj_delta),
+        proj_own=float(np.sqrt(np.sum(S_W[:r] ** 2))),
+        proj_random=float(torch.linalg.matrix_norm(Ur.mT @ W64 @ Vr)),
+        proj_random_expected=random_projection_rms(w_fro, r, out, inn),
+    )
+
+
+# ---- intruder dimensions ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Intruders:
+    """Intruder dimensions of a fine-tuned matrix (Shuttleworth et al. 2024).
+
+    Attributes:
+        k: top singular vectors of ``W_base + ΔW`` examined.
+        max_cos: float64 ``(k,)``: for each, in order of descending singular value, its largest
+            ``|cos|`` with any left singular vector of ``W_base``.
+        counts: ε -> number of the k with ``max_cos < ε`` (non-decreasing in ε).
+        epsilon: the ε of ``count``.
+        count: intruders at ``epsilon`` (default 0.5, the paper's).
+    """
+
+    k: int
+    max_cos: np.ndarray
+    counts: dict[float, int]
+    epsilon: float
+    count: int
+
+
+def intruder_dimensions(
+    W_base: Tensor,
+    dW: Update,
+    *,
+    k: int = 10,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    epsilon: float = 0.5,
+) -> Intruders:
+    """Intruder dimensions (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
+    Equivalence"): top singular vectors of the tuned matrix unlike every singular vector of the base.
+
+    Take the top ``k`` left singular vectors of ``W_tuned = W_base + ΔW``; one is an intruder when
+    its largest absolute cosine with all ``p = min(out, in)`` left singular vectors of ``W_base`` is
+    below ε.
+
+    Args:
+        W_base: ``(out, in)`` base weight.
+        dW: ``(out, in)`` update, dense or factored (:class:`Factored` / ``(U, S, Vh)``); a factored
+            update is formed densely as ``W_base + U diag(S) Vh``: the measure needs the dense SVD
+            of ``W_tuned`` anyway, so the factored form saves nothing here.
+        k: ``1 <= k <= p``; the paper uses 10.
+        epsilons: the ε sweep of ``counts``, each in ``[0, 1]``.
+        epsilon: the ε of ``count``.
+
+    Returns:
+        :class:`Intruders`.
+
+    Notes:
+        Two dense float64 SVDs of ``(out, in)`` matrices (half-precision inputs are upcast first: a
+        bf16 SVD would blur the cosines it is meant to measure): O(out·in·p), seconds at 4096².
+        The base's left singular vectors are the thin set (``p`` of them), as in PEFT's
+        ``intruders.py``; when ``out > in`` a tuned vector outside the base's column space is an
+        intruder, as it should be.
+
+    Example:
+        >>> Wb = torch.diag(torch.arange(6.0, 0.0, -1.0))   # singular vectors: the axes
+        >>> u = torch.full((6, 1), 6.0**-0.5)                # |cos| with every axis: 0.41
+        >>> res = intruder_dimensions(Wb, 20.0 * u @ u.mT, k=2)
+        >>> res.count, res.counts[0.4], res.counts[0.9]
+        (1, 0, 2)
+    """
+    device = _update_device(dW)
+    Wb = _matrix(W_base, "W_base", device)
+    shape = _update_shape(dW)
+    if tuple(Wb.shape) != tuple(shape):
+        raise ValueError(f"W_base must have the shape of dW, {tuple(shape)}. Got {tuple(Wb.shape)} instead.")
+    p = min(shape)
+    if not 1 <= k <= p:
+        raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
+    for e in (*epsilons, epsilon):
+        if not 0.0 <= e <= 1.0:
+            raise ValueError(f"epsilons must be in [0, 1]. Got {e!r} instead.")
+    if _is_factored(dW):
+        U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
+        D = (U * S) @ Vh
+    else:
+        D = _matrix(dW, "dW", device)  # type: ignore[arg-type]
+    U_base = torch.linalg.svd(Wb, full_matrices=False).U  # (out, p)
+    U_tuned = torch.linalg.svd(Wb + D, full_matrices=False).U[:, :k]  # (out, k)
+    max_cos = (U_tuned.mT @ U_base).abs().amax(dim=1).clamp(0.0, 1.0).cpu().numpy()  # (k,)
+    return Intruders(
+        k=k,
+        max_cos=max_cos,
+        counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
+        epsilon=float(epsilon),
+        count=int(np.sum(max_cos < epsilon)),
+    )
