@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -126,7 +125,7 @@ def main() -> None:
     files = [base / "model.safetensors", tuned / "model.safetensors"]
     gbytes = sum(f.stat().st_size for f in files) / 1e9
     print(f"generated {gbytes:.2f} GB in {gen_s:.1f} s", flush=True)
-    warm_s = warm(files)
+    warm(files)
     read_s, floor_s, shapes = io_floor(base, tuned, device)
     print(f"read-only {read_s:.2f} s, I/O floor (read + ΔW fp32) {floor_s:.2f} s", flush=True)
 

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 import spectra
-from spectra.diff import DiffConfig, DiffEvent
+from spectra.diff import DiffConfig, DiffEvent, all_zero, raise_if_identical
 from spectra.errors import IdenticalCheckpointsError, SpectraError
 
 EXIT_ERROR = 1
@@ -112,7 +113,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         current = ev.result.name if ev.result else ev.skipped.name
         progress.update(task_id, completed=ev.done, current=current[-60:])
         if ev.skipped is not None:
-            progress.console.print(f"[yellow]warning:[/] {ev.skipped.name}: {ev.skipped.reason}", markup=True, highlight=False)
+            progress.console.print(f"[yellow]warning:[/] {escape(ev.skipped.name)}: {escape(ev.skipped.reason)}", highlight=False)
 
     start = time.perf_counter()
     with progress:
@@ -126,20 +127,16 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
               f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if out_dir:
-        err.print(f"results: {Path(out_dir) / 'results.json'}", highlight=False)
-    for w in result.warnings:
-        if "exactly zero" in w:
-            err.print(f"[yellow]warning:[/] {w}")
-    if not allow_identical and result.modules and all(m.fro_norm == 0.0 for m in result.modules):
-        raise IdenticalCheckpointsError(
-            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
-            path=f"{base} vs {tuned}", hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this",
-        )
+        err.print(f"results: {escape(str(Path(out_dir) / 'results.json'))}", highlight=False)
+    if all_zero(result):
+        err.print("[yellow]warning:[/] every analysed ΔW is exactly zero: base and tuned hold the same weights")
+        if not allow_identical:
+            raise_if_identical(result, out_dir)
 
 
-def _summary_table(result: spectra.DiffResult, threshold: float = 0.9) -> Table:
-    key = str(float(threshold)) if threshold in result.thresholds else str(float(result.thresholds[len(result.thresholds) // 2]))
-    tau = float(key)
+def _summary_table(result: spectra.DiffResult) -> Table:
+    tau = result.headline_threshold
+    key = str(float(tau))
     table = Table(title=f"Rank needed for {tau:.0%} of ΔW's energy, median per module", title_justify="left")
     lora = any(m.lora_r is not None for m in result.modules)
     for col, just in (("module", "left"), ("n", "right"), ("p", "right"), *((("LoRA r", "right"),) if lora else ()),
@@ -153,7 +150,7 @@ def _summary_table(result: spectra.DiffResult, threshold: float = 0.9) -> Table:
     rows = sorted(result.summary(tau), key=lambda r: role_sort_key(r["role"], r["module"]))
     for r in rows:
         table.add_row(
-            r["module"], str(r["count"]), str(r["p"]), *((str(lora_r.get(r["module"])),) if lora else ()),
+            escape(r["module"]), str(r["count"]), str(r["p"]), *((str(lora_r.get(r["module"])),) if lora else ()),
             f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
         )
@@ -203,12 +200,12 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
     err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s; "
               f"{len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
     if out_dir:
-        err.print(f"results: {Path(out_dir) / 'compare.json'}", highlight=False)
+        err.print(f"results: {escape(str(Path(out_dir) / 'compare.json'))}", highlight=False)
 
 
 def _compare_table(result) -> Table:
     side = result.config["side"] if result.config["side"] != "both" else "right"
-    table = Table(title=f"A = {result.a} ({result.kinds['a']}), B = {result.b} ({result.kinds['b']})", title_justify="left")
+    table = Table(title=escape(f"A = {result.a} ({result.kinds['a']}), B = {result.b} ({result.kinds['b']})"), title_justify="left")
     cols = ["module", "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
     with_base = any("amplification" in m for m in result.modules)
     if with_base:
@@ -217,7 +214,7 @@ def _compare_table(result) -> Table:
         table.add_column(c, justify="left" if c == "module" else "right")
     for m in result.modules:
         ph = m["phi"][side]
-        row = [m["module"], "" if m["layer"] is None else str(m["layer"]), str(m["rank_a"]), str(m["rank_b"]),
+        row = [escape(m["module"]), "" if m["layer"] is None else str(m["layer"]), str(m["rank_a"]), str(m["rank_b"]),
                f"{ph['phi_full']:.3f}", f"{ph['random']:.3f}", f"{m['captured']['b_in_a']['two_sided']:.3f}",
                f"{m['captured']['b_in_a']['best_rank_r']:.3f}", f"{m['captured']['a_in_b']['two_sided']:.3f}"]
         if with_base:
@@ -244,14 +241,14 @@ def inspect_cmd(path, show_all, as_json) -> None:
     if as_json:
         click.echo(json.dumps(records, indent=1, ensure_ascii=False))
         return
-    table = Table(title=f"{path}", title_justify="left")
+    table = Table(title=escape(str(path)), title_justify="left")
     for col in ("name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note"):
         table.add_column(col, overflow="fold")
     for r in records:
         table.add_row(
-            r["name"], "" if r["layer"] is None else str(r["layer"]), "" if r["expert"] is None else str(r["expert"]),
-            r["module"] or "", r["role"] or "", "×".join(map(str, r["shape"])), r["dtype"],
-            ",".join(r["parts"]) + (" (T)" if r["transpose"] else ""), r["note"],
+            escape(r["name"]), "" if r["layer"] is None else str(r["layer"]), "" if r["expert"] is None else str(r["expert"]),
+            escape(r["module"] or ""), r["role"] or "", "×".join(map(str, r["shape"])), r["dtype"],
+            ",".join(r["parts"]) + (" (T)" if r["transpose"] else ""), escape(r["note"]),
         )
     _stdout().print(table)
     _stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
@@ -269,12 +266,12 @@ def demo_cmd(out_dir, seed) -> None:
     out = Path(out_dir)
     t0 = time.perf_counter()
     base, tuned = make_llama_pair(out / "checkpoints", shape=LlamaShape(), seed=seed)
-    err.print(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s", highlight=False)
+    err.print(escape(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
     ctx = click.get_current_context()
     ctx.invoke(diff_cmd, base=str(base), tuned=str(tuned), out_dir=str(out), thresholds=(), include=None,
                exclude=None, layers=None, device="auto", top_k=64, method="gram", precision="float64",
                no_split=False, as_json=False, no_plots=False, allow_identical=False)
-    err.print(f"look at: {out / 'rank_heatmap.png'}, {out / 'relnorm_heatmap.png'}, {out / 'results.csv'}", highlight=False)
+    err.print(escape(f"look at: {out / 'rank_heatmap.png'}, {out / 'relnorm_heatmap.png'}, {out / 'results.csv'}"), highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

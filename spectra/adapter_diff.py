@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,19 +23,11 @@ from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
-from spectra.metrics import spectrum_metrics
-from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key
+from spectra.metrics import relative_norm, spectrum_metrics
+from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import DiffResult, ModuleResult, threshold_key
-
-
-def _base_lookup(base: Checkpoint) -> dict[str, str]:
-    """Pairing key -> base tensor name, for keys that are unique."""
-    seen: dict[str, list[str]] = {}
-    for n in base.tensors:
-        seen.setdefault(pairing_key(n), []).append(n)
-    return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
 def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
@@ -48,7 +39,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
     """
     if base is not None:
         specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
-        lookup = _base_lookup(base)
+        lookup = unique_pairing_keys(list(base.tensors))
     else:
         specs = describe_checkpoint({m.weight_name: m.shape for m in adapter.modules.values()})
     out = []
@@ -85,6 +76,7 @@ def diff_adapter(
     callback: Callable | None = None,
     writer=None,
     label_base: str | None = None,
+    label_tuned: str | None = None,
 ) -> DiffResult:
     """Spectrum metrics of every LoRA update of ``adapter`` (see the module docstring).
 
@@ -108,7 +100,7 @@ def diff_adapter(
     if adapter.config.use_dora and base is None:
         raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
                                     hint="pass the base model: spectra diff BASE ADAPTER")
-    result = DiffResult(base=label_base or "", tuned=str(adapter.path), thresholds=list(config.thresholds),
+    result = DiffResult(base=label_base, tuned=label_tuned or str(adapter.path), thresholds=list(config.thresholds),
                         config=asdict(config), device=str(device), version=__version__)
     result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
@@ -171,7 +163,7 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
         fro_norm=m.fro_norm, base_fro_norm=base_fro if base_fro is not None else None,
-        rel_norm=(m.fro_norm / base_fro if base_fro else (0.0 if base_fro is not None and m.fro_norm == 0 else None)),
+        rel_norm=relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
         spectral_norm=m.spectral_norm, nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank,
         effective_rank=m.effective_rank, signal_rank=m.signal_rank,
         energy_rank={k: m.energy_rank[t] for k, t in zip(keys, config.thresholds)},

@@ -22,13 +22,15 @@ import numpy as np
 import torch
 
 from spectra import __version__
-from spectra.diff import parse_layers
+from spectra.adapter_diff import adapter_updates
+from spectra.diff import _delta, _oriented, check_device_available, parse_layers, validate_device, validate_filters
 from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.linalg import resolve_device
-from spectra.naming import describe_checkpoint, pairing_key, role_sort_key
+from spectra.naming import describe_checkpoint, pairing_key, role_sort_key, unique_pairing_keys
+from spectra.pairing import pair_checkpoints
 from spectra.results import atomic_write_text, rows_to_csv
 from spectra.subspaces import (
     DEFAULT_EPSILONS, Factored, amplification, captured_energy, grassmann_distance, intruder_dimensions, phi_grid,
@@ -75,6 +77,8 @@ class CompareConfig:
             raise ConfigError(f"epsilon must be in (0, 1). Got {self.epsilon} instead")
         if self.layers is not None:
             parse_layers(self.layers)
+        validate_filters(self.include, self.exclude)
+        validate_device(self.device)
 
 
 class _Updates:
@@ -90,6 +94,8 @@ class _Updates:
         if is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
+            if base is not None:
+                adapter_updates(self.adapter, base)  # every adapted module exists in the base, same shape
             self.names = {pairing_key(m.weight_name): m.weight_name for m in self.adapter.modules.values()}
             self._mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
         else:
@@ -98,9 +104,11 @@ class _Updates:
                                   hint="pass --base BASE")
             self.tuned = open_checkpoint(label)
             self.kind = "full"
-            specs = describe_checkpoint({n: t.shape for n, t in self.tuned.tensors.items()}, self.tuned.arch)
-            self._specs = specs
-            self.names = {pairing_key(n): n for n in specs if len(self.tuned.tensors[n].shape) == 2}
+            # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
+            # matrices, shared rows of a resized vocabulary
+            pairing = pair_checkpoints(base, self.tuned)
+            self._pairs = {pairing_key(p.base.name): p for p in pairing.pairs if len(p.tuned_info.shape) == 2}
+            self.names = {k: p.tuned.name for k, p in self._pairs.items()}
 
     def rank(self, key: str) -> int:
         return self._mods[key].r if self.kind == "lora" else self.config.top_k
@@ -118,11 +126,13 @@ class _Updates:
                 return self._thin(dense), dense, float((dense.double() ** 2).sum())
             f = Factored.from_lora(Bf.to(self.device), Af.to(self.device), mod.scale)
             return f, None, float((f.S.double() ** 2).sum())
-        name = self.names[key]
-        W_t = self.tuned.load(name).to(torch.float32)
-        W_b = self.base.load(base_name).to(torch.float32)
-        dense = (W_t - W_b)
-        dense = (dense.mT if transpose else dense).contiguous().to(self.device)
+        pair = self._pairs[key]
+        wb = _oriented(self.base.load(pair.base.name), pair.base.transpose, pair.rows)
+        wt = _oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+        dense, _, bad = _delta(wb, wt, self.device)
+        if bad:
+            raise ConfigError(f"{' and '.join(bad)} weights of {pair.tuned.name} contain NaN or Inf", path=self.label,
+                              hint="leave the module out with --exclude")
         return self._thin(dense), dense, float((dense.double() ** 2).sum())
 
     def _thin(self, dense: torch.Tensor) -> Factored:
@@ -223,6 +233,7 @@ def compare(
     config = config or CompareConfig()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
+    check_device_available(device)
     base_ckpt = open_checkpoint(base) if base is not None else None
     A = _Updates(str(a), base_ckpt, config, device)
     B = _Updates(str(b), base_ckpt, config, device)
@@ -234,7 +245,7 @@ def compare(
         raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",
                            hint="are they fine-tunes of the same base model?")
     base_specs = describe_checkpoint({n: t.shape for n, t in base_ckpt.tensors.items()}, base_ckpt.arch) if base_ckpt else {}
-    base_keys = {pairing_key(n): n for n in base_specs}
+    base_keys = unique_pairing_keys(list(base_specs))
     names_for_specs = {k: (base_keys.get(k) or A.names[k]) for k in shared}
     if not base_ckpt:
         shapes = {}
@@ -286,7 +297,7 @@ def compare(
         rec["captured"]["a_in_b"] = asdict(captured_energy(dense_a if dense_a is not None else fa, UB, VB))
         if base_ckpt is not None and base_name is not None:
             W = base_ckpt.load(base_name).to(torch.float32)
-            W = (W.mT if spec.transpose else W).contiguous().to(device)
+            W = (W.mT if spec.transpose else W)[:out_dim].contiguous().to(device)  # shared rows of a resized vocabulary
             rec["amplification"] = {
                 who: asdict(amplification(f if dn is None else dn, W, r, generator=gen))
                 for who, f, dn, r in (("a", fa, dense_a, ra), ("b", fb, dense_b, rb))

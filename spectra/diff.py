@@ -31,7 +31,7 @@ from spectra.errors import ConfigError, IdenticalCheckpointsError
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
 from spectra.linalg import resolve_device
-from spectra.metrics import DEFAULT_THRESHOLDS, spectrum_metrics
+from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics
 from spectra.naming import Part
 from spectra.pairing import MatrixPair, Skipped, pair_checkpoints
 from spectra.randmat import random_energy_rank
@@ -97,13 +97,7 @@ class DiffConfig:
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
             raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
         object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
-        for name in ("include", "exclude"):
-            pattern = getattr(self, name)
-            if pattern is not None:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise ConfigError(f"--{name} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+        validate_filters(self.include, self.exclude)
         if self.layers is not None:
             parse_layers(self.layers)
         if self.top_k < 0:
@@ -116,8 +110,33 @@ class DiffConfig:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
         if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0) or (self.read_workers is not None and self.read_workers < 1):
             raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
-        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {self.device!r} instead")
+        validate_device(self.device)
+
+
+def validate_filters(include: str | None, exclude: str | None) -> None:
+    """Raise :class:`ConfigError` unless both are valid regular expressions (or None)."""
+    for name, pattern in (("include", include), ("exclude", exclude)):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"--{name} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+
+
+def validate_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N."""
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
+
+
+def check_device_available(device: torch.device) -> None:
+    """Raise :class:`ConfigError` when a CUDA device is asked for that this machine does not have."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise ConfigError(f"--device {device} was asked for but this machine has {count} CUDA device(s)",
+                          hint="use --device cpu, auto or an existing cuda:N")
 
 
 def parse_layers(spec: str) -> Callable[[int], bool]:
@@ -232,8 +251,8 @@ class _Prepared:
 def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.device) -> list[_Prepared]:
     """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread)."""
     pair = task.pair
-    wb = _oriented(base.load(pair.base.name), pair)
-    wt = _oriented(tuned.load(pair.tuned.name), pair)
+    wb = _oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
+    wt = _oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
     out = []
     for unit in task.units:
         b = wb[unit.expert] if wb.ndim == 3 else wb
@@ -249,20 +268,23 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.dev
 
 
 def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
-    """ΔW = t − b in float32 on ``device`` (SPEC.md: upcast, then subtract), ‖b‖_F in float64, and
-    which sides hold NaN/Inf.
+    """ΔW = t − b on ``device`` (SPEC.md: upcast, then subtract), ‖b‖_F in float64, and which sides
+    hold NaN/Inf.
 
-    Works through row blocks of ``block`` elements: a bf16 pair never has both float32 upcasts in
-    memory at once (peak: the stored pair plus ΔW), and on a GPU only the stored bytes cross the bus.
+    ΔW is float32, or float64 when either side is stored in float64 (a float32 subtraction would
+    round away updates below float32 resolution). Works through row blocks of ``block`` elements:
+    a bf16 pair never has both float32 upcasts in memory at once (peak: the stored pair plus ΔW),
+    and on a GPU only the stored bytes cross the bus.
     """
-    delta = torch.empty(b.shape, dtype=torch.float32, device=device)
+    work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
+    delta = torch.empty(b.shape, dtype=work, device=device)
     rows = max(1, block // max(1, b.shape[-1]))
     sq = torch.zeros((), dtype=torch.float64, device=device)
     finite_b = torch.ones((), dtype=torch.bool, device=device)
     finite_t = torch.ones((), dtype=torch.bool, device=device)
     for r in range(0, b.shape[0], rows):
-        bb = b[r : r + rows].to(device).to(torch.float32)
-        tb = t[r : r + rows].to(device).to(torch.float32)
+        bb = b[r : r + rows].to(device).to(work)
+        tb = t[r : r + rows].to(device).to(work)
         finite_b &= torch.isfinite(bb).all()
         finite_t &= torch.isfinite(tb).all()
         b64 = bb.double().reshape(-1)
@@ -364,16 +386,12 @@ def _common(item: _Prepared, config: DiffConfig) -> dict:
     )
 
 
-def _rel(fro: float, base_fro: float) -> float | None:
-    return (fro / base_fro) if base_fro > 0 else (0.0 if fro == 0 else None)
-
-
 def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float) -> ModuleResult:
     m = spectrum_metrics(S, item.unit.shape, config.thresholds)
     keys = [threshold_key(tau) for tau in config.thresholds]
     return ModuleResult(
         **_common(item, config),
-        fro_norm=m.fro_norm, rel_norm=_rel(m.fro_norm, item.base_fro), spectral_norm=m.spectral_norm,
+        fro_norm=m.fro_norm, rel_norm=relative_norm(m.fro_norm, item.base_fro), spectral_norm=m.spectral_norm,
         nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank, effective_rank=m.effective_rank,
         signal_rank=m.signal_rank,
         energy_rank={k: m.energy_rank[tau] for k, tau in zip(keys, config.thresholds)},
@@ -392,7 +410,7 @@ def _approx_result(item: _Prepared, a: ApproxSpectrum, config: DiffConfig, secon
                                            "nuclear norm, effective and signal rank need the full spectrum") if n)
     return ModuleResult(
         **fields,
-        fro_norm=a.fro_norm, rel_norm=_rel(a.fro_norm, item.base_fro), spectral_norm=sigma1,
+        fro_norm=a.fro_norm, rel_norm=relative_norm(a.fro_norm, item.base_fro), spectral_norm=sigma1,
         stable_rank=(a.fro_norm**2 / sigma1**2) if sigma1 > 0 else 0.0, effective_rank=None, nuclear_norm=None,
         signal_rank=None,
         energy_rank={k: a.ranks[tau].estimate for k, tau in zip(keys, config.thresholds)},
@@ -442,8 +460,7 @@ def diff(
     config = config or DiffConfig()
     t0 = time.perf_counter()
     device = resolve_device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available", hint="use --device cpu or auto")
+    check_device_available(device)
     dtype = torch.float64 if config.precision == "float64" else torch.float32
     writer = _Writer(Path(out_dir)) if out_dir is not None else None
     adapter_path = tuned if tuned is not None else base
@@ -452,8 +469,8 @@ def diff(
         if tuned is not None:
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
-                              callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None)
-        labels = f"{result.base} vs {result.tuned}"
+                              callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
+                              label_tuned=str(adapter_path))
     elif tuned is None:
         raise ConfigError(f"{base} is not a PEFT adapter folder; a single input must be an adapter",
                           hint="pass BASE and TUNED to diff two checkpoints")
@@ -461,21 +478,31 @@ def diff(
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
         result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback)
-        labels = f"{base_ckpt.label} vs {tuned_ckpt.label}"
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
-    zero = bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
-    if zero:
+    if all_zero(result):
         result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
     if writer:
         writer.finish(result, plots=plots)
-    if zero and not allow_identical:
+    if not allow_identical:
+        raise_if_identical(result, out_dir)
+    return result
+
+
+def all_zero(result: DiffResult) -> bool:
+    """True when results exist and every analysed ΔW is exactly zero."""
+    return bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
+
+
+def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) -> None:
+    """Raise :class:`IdenticalCheckpointsError` when every analysed ΔW is exactly zero."""
+    if all_zero(result):
         raise IdenticalCheckpointsError(
             f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
-            path=labels,
-            hint="check that you passed the fine-tuned checkpoint" + (f"; results were still written to {out_dir}" if out_dir else ""),
+            path=f"{result.base} vs {result.tuned}",
+            hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this"
+            + (f"; results were still written to {out_dir}" if out_dir else ""),
         )
-    return result
 
 
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
@@ -497,6 +524,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
     workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
     prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device)
+    completed = False
     try:
         shapes = [u.shape for t in tasks for u in t.units]
         for batch in _batches(prepared, shapes, config.max_batch, budget):
@@ -511,20 +539,23 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
                     writer.add(result, event_result, event_skip)
                 if callback:
                     callback(DiffEvent(done, total, event_result, event_skip))
+        completed = True
     finally:
         prepared.close()
+        if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
+            writer.flush(result)
     order = {u.name: u.order for t in tasks for u in t.units}
     result.modules.sort(key=lambda m: order[m.name])
     return result
 
 
-def _oriented(w: torch.Tensor, pair: MatrixPair) -> torch.Tensor:
-    """A view of ``w`` in ``(…, out, in)`` orientation restricted to the shared rows, stored dtype
-    (the float32 upcast happens block by block in :func:`_delta`)."""
-    if pair.tuned.transpose:
+def _oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor:
+    """A view of ``w`` in ``(…, out, in)`` orientation (each side by its own storage layout),
+    restricted to the shared leading rows; stored dtype (upcast block by block in :func:`_delta`)."""
+    if transpose:
         w = w.mT
-    if pair.rows is not None:
-        w = w[..., : pair.rows, :]
+    if rows is not None:
+        w = w[..., :rows, :]
     return w
 
 
@@ -549,6 +580,10 @@ class _Writer:
         if time.monotonic() - self.last >= _REWRITE_EVERY_S:
             result.save_json(self.out_dir / "results.json")
             self.last = time.monotonic()
+
+    def flush(self, result: DiffResult) -> None:
+        """Write ``results.json`` now (``complete`` stays False on an interrupted run)."""
+        result.save_json(self.out_dir / "results.json")
 
     def finish(self, result: DiffResult, *, plots: bool) -> None:
         result.save(self.out_dir, plots=plots)

@@ -27,7 +27,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
-from spectra.linalg import gram, resolve_device
+from spectra.linalg import resolve_device, singular_values
 
 Method = Literal["auto", "gram", "svd"]
 
@@ -40,8 +40,8 @@ class BatchTooLarge(RuntimeError):
     """Raised (or a real CUDA OOM caught) when a batch does not fit; the batch is split and retried."""
 
 
-def choose_method(device: torch.device, shape: tuple[int, int], method: Method = "auto") -> str:
-    """The exact method to use for a ``shape`` matrix on ``device``.
+def choose_method(method: Method = "auto") -> str:
+    """The exact method ``"auto"`` stands for, on any device and shape.
 
     Measured (``bench/engine.py``; ``bench/results/``): on the CPU the float64 Gram + ``syevd`` route
     beats ``svdvals`` by 10-50× at every Llama shape; on CUDA (H100/H200) batched ``eigvalsh`` on
@@ -111,7 +111,9 @@ def batch_singular_values(
         raise ValueError(f"mats must have shape (b, out, in). Got {tuple(stack.shape)} instead.")
     dev = resolve_device(device)
     shape = (int(stack.shape[1]), int(stack.shape[2]))
-    meth = choose_method(dev, shape, method)
+    if min(shape) == 0 or stack.shape[0] == 0:
+        return np.zeros((stack.shape[0], min(shape)), dtype=np.float64)
+    meth = choose_method(method)
     per = estimate_batch_bytes(shape, dtype, meth)
     chunk = max(1, min(stack.shape[0], batch_budget(dev, max_batch_bytes) // max(per, 1)))
     out = np.empty((stack.shape[0], min(shape)), dtype=np.float64)
@@ -140,12 +142,7 @@ def batch_singular_values(
 
 
 def _exact_chunk(batch: torch.Tensor, method: str, dtype: torch.dtype) -> np.ndarray:
-    if method == "gram":
-        lam = torch.linalg.eigvalsh(gram(batch, dtype=dtype))
-        s = lam.clamp_min_(0).sqrt_().flip(-1)
-    else:
-        s = torch.linalg.svdvals(batch.to(dtype))
-    return s.double().cpu().numpy()
+    return singular_values(batch, method=method, dtype=dtype)  # type: ignore[arg-type]
 
 
 # ---- truncated path -----------------------------------------------------------------------------
@@ -339,6 +336,10 @@ def approx_energy_ranks(
     ell = min(start, p)
     while True:
         tsvd = randomized_svd(M, min(ell, p), oversample=0, n_iter=n_iter, generator=generator)
+        if tsvd.exact:  # the sketch got as wide as p/2: the exact spectrum costs no more, use all of it
+            top = batch_singular_values(M.unsqueeze(0), device=dev)[0]
+            ranks = {float(t): energy_rank_bounds(top, total, 0.0, float(t), p) for t in thresholds}
+            return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p)
         top = tsvd.S
         captured = float(np.sum(top.astype(np.float64) ** 2))
         residual = max(total - captured, 0.0)
@@ -368,5 +369,5 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *, dtype:
     A = A.to(dtype)
     Qb, Rb = torch.linalg.qr(B, mode="reduced")      # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A.mT, mode="reduced")   # (in, r), (r, r)
-    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT))
+    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT), full_matrices=False)
     return Qb @ Uc, S, Vch @ Qa.mT

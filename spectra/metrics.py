@@ -69,6 +69,13 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     return int(np.sum(S > gavish_donoho_omega(beta) * np.median(S)))
 
 
+def relative_norm(fro: float, base_fro: float) -> float | None:
+    """``‖ΔW‖_F / ‖W_base‖_F``; 0 for a zero update, None (not NaN/inf) when only the base is zero."""
+    if base_fro > 0:
+        return fro / base_fro
+    return 0.0 if fro == 0 else None
+
+
 @dataclass(frozen=True)
 class SpectrumMetrics:
     """Every SPEC.md metric of one matrix that needs only its spectrum.

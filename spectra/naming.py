@@ -12,7 +12,6 @@ Everything here is pure: no file I/O, no torch kernels beyond building index ten
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -173,6 +172,14 @@ def pairing_key(name: str) -> str:
     while len(comps) > 1 and comps[0] in WRAPPER_PREFIXES:
         comps = comps[1:]
     return ".".join(comps)
+
+
+def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
+    """Pairing key -> name, for the keys exactly one of ``names`` has (a shared key pairs nothing)."""
+    seen: dict[str, list[str]] = {}
+    for n in names:
+        seen.setdefault(pairing_key(n), []).append(n)
+    return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
 def _parse(name: str) -> _Parsed:
@@ -341,11 +348,14 @@ def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchIn
             if idx is None:
                 return (Part(""),), f"query_key_value has {out_dim} rows, not {kv}x{group}x{hd}; left unsplit"
             return (Part("q", idx[:, :-2].reshape(-1)), Part("k", idx[:, -2].reshape(-1)), Part("v", idx[:, -1].reshape(-1))), ""
-        if heads and out_dim % (3 * heads) == 0:
-            # GPT-NeoX / Bloom / Falcon-RW: rows are view(heads, 3, head_dim, hidden)
+        if heads and (kv is None or kv == heads) and out_dim % (3 * heads) == 0:
+            # GPT-NeoX / Bloom / Falcon-RW (no GQA): rows are view(heads, 3, head_dim, hidden)
             idx = torch.arange(out_dim).view(heads, 3, out_dim // (3 * heads))
             return tuple(Part(s, idx[:, i].reshape(-1)) for i, s in enumerate("qkv")), ""
-        return (Part(""),), "query_key_value is interleaved per head; config.json num_attention_heads is needed to split it; left unsplit"
+        if heads and kv and hd and kv != heads and out_dim == (heads + 2 * kv) * hd:
+            # grouped-query models with this name (ChatGLM2/3) store q, k, v as row blocks
+            return _blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
+        return (Part(""),), "query_key_value layout needs config.json head counts (num_attention_heads, kv heads) to split; left unsplit"
     # qkv_proj (Phi-3), W_pack (Baichuan), wqkv (InternLM2 uses a grouped layout we do not guess)
     if leaf == "wqkv":
         return (Part(""),), "wqkv uses a grouped layout; left unsplit"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
-from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, role_sort_key
+from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -62,11 +62,12 @@ class Pairing:
     tuned_only: list[str] = field(default_factory=list)
 
 
-def _oriented(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored ``shape`` in ``(…, out, in)`` orientation (``spec.transpose`` swaps the last two)."""
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
 
 
-def _match_names(base_names: list[str], tuned_names: list[str], base_keys: dict[str, str], tuned_keys: dict[str, str]) -> list[tuple[str, str]]:
+def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[str, str]]:
     """Exact name matches first, then unique pairing-key matches."""
     matches: list[tuple[str, str]] = []
     tuned_set = set(tuned_names)
@@ -80,13 +81,7 @@ def _match_names(base_names: list[str], tuned_names: list[str], base_keys: dict[
             rest_b.append(n)
     rest_t = [n for n in tuned_names if n not in used_t]
 
-    def unique_keys(names: list[str], keys: dict[str, str]) -> dict[str, str]:
-        seen: dict[str, list[str]] = {}
-        for n in names:
-            seen.setdefault(keys[n], []).append(n)
-        return {k: v[0] for k, v in seen.items() if len(v) == 1}  # a key two names share pairs nothing
-
-    bk, tk = unique_keys(rest_b, base_keys), unique_keys(rest_t, tuned_keys)
+    bk, tk = unique_pairing_keys(rest_b), unique_pairing_keys(rest_t)
     for key, bn in bk.items():
         if key in tk:
             matches.append((bn, tk[key]))
@@ -102,12 +97,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
 
     bspecs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
     tspecs = describe_checkpoint({n: t.shape for n, t in tuned.tensors.items()}, tuned.arch)
-    bkeys = {n: pairing_key(n) for n in base.tensors}
-    tkeys = {n: pairing_key(n) for n in tuned.tensors}
     result = Pairing()
     matched_b: set[str] = set()
     matched_t: set[str] = set()
-    for bn, tn in _match_names(list(base.tensors), list(tuned.tensors), bkeys, tkeys):
+    for bn, tn in _match_names(list(base.tensors), list(tuned.tensors)):
         matched_b.add(bn)
         matched_t.add(tn)
         bi, ti = base.tensors[bn], tuned.tensors[tn]
@@ -121,7 +114,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
         if bad:
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
             continue
-        bshape, tshape = _oriented(bs, bi.shape), _oriented(ts, ti.shape)
+        bshape, tshape = oriented_shape(bs, bi.shape), oriented_shape(ts, ti.shape)
         rows, note = None, ""
         if bshape != tshape:
             if bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:

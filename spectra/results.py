@@ -91,7 +91,7 @@ class DiffResult:
     """Everything ``spectra diff`` computed; serialises to the SPEC.md contract.
 
     Attributes:
-        base, tuned: the inputs as the user gave them.
+        base, tuned: the inputs as the user gave them (base is None for an adapter analysed alone).
         thresholds: energy-rank thresholds τ.
         modules: one entry per analysed matrix, in layer order.
         skipped: ``{"name", "reason"}`` for tensors present but not analysed.
@@ -104,7 +104,7 @@ class DiffResult:
         adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
     """
 
-    base: str
+    base: str | None
     tuned: str
     thresholds: list[float]
     modules: list[ModuleResult] = field(default_factory=list)
@@ -158,12 +158,19 @@ class DiffResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files = {"json": self.save_json(out / "results.json"), "csv": self.save_csv(out / "results.csv")}
-        if plots and self.modules:
+        if plots and any(m.layer is not None for m in self.modules):  # heatmaps need a layer stack
             from spectra import plots as _plots  # matplotlib only when plotting
 
-            files["rank_heatmap"] = _plots.rank_heatmap(self, out / "rank_heatmap.png")
-            files["relnorm_heatmap"] = _plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
+            files["rank_heatmap"] = _plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
+            if any(m.rel_norm is not None for m in self.modules):
+                files["relnorm_heatmap"] = _plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
         return files
+
+    @property
+    def headline_threshold(self) -> float:
+        """τ shown in tables and heatmaps: 0.9 (Biderman et al.'s "rank needed") when computed, else the
+        computed threshold nearest to it."""
+        return min(self.thresholds, key=lambda t: abs(t - 0.9))
 
     # ---- tables --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:

@@ -114,7 +114,7 @@ def test_patterns_and_scales(tmp_path):
 def test_adapter_alone_and_rank_usage(tmp_path):
     _, adapter_dir, _ = _make(tmp_path, **CASES["patterns"])
     res = spectra.diff(adapter_dir)
-    assert res.base == "" and res.adapter["r"] == 4
+    assert res.base is None and res.tuned == str(adapter_dir) and res.adapter["r"] == 4
     for m in res.modules:
         assert m.rel_norm is None and m.base_fro_norm is None
         assert m.energy_rank["0.99"] <= m.lora_r  # a rank-r update never needs more than r

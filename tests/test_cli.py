@@ -106,3 +106,14 @@ def test_debug_env_shows_traceback(pair, monkeypatch):
     monkeypatch.setenv("SPECTRA_DEBUG", "1")
     res = CliRunner().invoke(main, ["diff", str(pair[0].parent / "missing.safetensors"), str(pair[1])])
     assert res.exit_code != 0 and res.exception is not None and not isinstance(res.exception, SystemExit)
+
+
+def test_names_with_markup_characters_are_printed_verbatim(pair, tmp_path):
+    odd = tmp_path / "ckpt[v2]"
+    odd.mkdir()
+    (odd / "model.safetensors").write_bytes(pair[1].read_bytes())
+    res = _run("diff", pair[0], odd, "--out", tmp_path / "o[/]")
+    assert res.exit_code == 0, res.output
+    assert "o[/]" in res.stderr
+    res = _run("inspect", odd)
+    assert "ckpt[v2]" in res.stdout

@@ -194,7 +194,7 @@ def test_device_argument_runs_on_cpu(tmp_path):
     fast = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device="cpu", precision="float32"))
     np.testing.assert_allclose(ref.modules[0].singular_values, fast.modules[0].singular_values, rtol=1e-4)
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="no CUDA device"):
+        with pytest.raises(ConfigError, match="this machine has 0 CUDA device"):
             spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device="cuda"))
 
 
@@ -212,3 +212,31 @@ def test_stacked_expert_tensor_is_analysed_per_expert(tmp_path):
     for e, m in enumerate(res.modules):
         S_ref = svd64(tuned["model.layers.2.mlp.experts.down_proj"][e].double() - base["model.layers.2.mlp.experts.down_proj"][e].double())
         np.testing.assert_allclose(m.singular_values, S_ref, rtol=1e-6)
+
+
+def test_float64_checkpoints_keep_updates_below_float32_resolution(tmp_path):
+    """Both sides in float64: ΔW is formed in float64, so a 1e-9 update of weights near 1 survives."""
+    g = torch.Generator().manual_seed(6)
+    base = {"layers.0.mlp.up_proj.weight": 1.0 + 0.01 * torch.randn(10, 8, generator=g, dtype=torch.float64)}
+    delta = 1e-9 * torch.randn(10, 8, generator=g, dtype=torch.float64)
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file({k: v + delta for k, v in base.items()}, str(tmp_path / "b.safetensors"))
+    (m,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors").modules
+    assert m.fro_norm == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-5)
+
+
+def test_other_thresholds_and_no_layer_stack_still_write_outputs(tmp_path, llama_pair):
+    res = spectra.diff(*llama_pair, out_dir=tmp_path / "a", config=DiffConfig(thresholds=(0.95,), layers="0"))
+    assert (tmp_path / "a" / "rank_heatmap.png").is_file() and res.headline_threshold == 0.95
+    spectra.diff(*llama_pair, out_dir=tmp_path / "b", config=DiffConfig(include="lm_head"))
+    assert (tmp_path / "b" / "results.json").is_file() and not (tmp_path / "b" / "rank_heatmap.png").exists()
+
+
+def test_gqa_query_key_value_is_split_in_blocks():
+    """ChatGLM-style grouped query_key_value: q, k, v row blocks, not the per-head interleave."""
+    from spectra.naming import ArchInfo, describe_checkpoint
+
+    arch = ArchInfo.from_config({"model_type": "chatglm", "num_attention_heads": 8, "multi_query_group_num": 2, "hidden_size": 64})
+    (spec,) = describe_checkpoint({"transformer.encoder.layers.0.self_attention.query_key_value.weight": (96, 64)}, arch).values()
+    assert [p.suffix for p in spec.parts] == ["q", "k", "v"]
+    assert [p.rows.tolist() for p in spec.parts] == [list(range(0, 64)), list(range(64, 80)), list(range(80, 96))]

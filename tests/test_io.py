@@ -242,3 +242,27 @@ def test_bounded_reads_do_not_keep_file_mapped(tmp_path):
     t = ckpt.load("lm_head.weight")
     os.unlink(tmp_path / "m.safetensors")
     assert np.isfinite(t.numpy()).all()
+
+
+def test_lfs_pointer_and_unreadable_files(tmp_path, monkeypatch):
+    lfs = tmp_path / "pytorch_model.bin"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(CheckpointNotFoundError, match="Git LFS pointer"):
+        open_checkpoint(lfs)
+    locked = tmp_path / "m.safetensors"
+    save_file(_state(), str(locked))
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):  # as a file without read permission behaves for a non-root user
+        if str(file) == str(locked):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(CheckpointNotFoundError, match="cannot read the file \\(Permission denied\\)"):
+        open_checkpoint(locked)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointNotFoundError, match="not a valid revision"):
+        open_checkpoint("acme/tiny@../../etc")

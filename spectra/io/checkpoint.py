@@ -31,14 +31,9 @@ from typing import Any, Iterator
 import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
-from spectra.io.safetensors_file import TensorEntry, read_header, read_tensor
+from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_tensor
 from spectra.naming import ArchInfo
 
-_ST_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 _BIN_SUFFIXES = (".bin", ".pt", ".pth")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -166,9 +161,12 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
     if (folder / "adapter_config.json").is_file():
         raise CheckpointFormatError(
             "this folder is a PEFT adapter (adapter_config.json), not a full checkpoint",
-            path=folder, hint="pass the base model and the fine-tuned model folders; adapters are not analysed by this version",
+            path=folder, hint="an adapter goes second: `spectra diff BASE ADAPTER`, or alone: `spectra diff ADAPTER`",
         )
-    candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    try:
+        candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot list the folder ({exc.strerror or exc.__class__.__name__})", path=folder) from None
     if len(candidates) == 1:
         return _open_file(label, folder / candidates[0])
     if candidates:
@@ -190,8 +188,6 @@ def _open_file(label: str, path: Path) -> Checkpoint:
         return Checkpoint(label, path, "safetensors", _safetensors_infos(path), config)
     if path.suffix in _BIN_SUFFIXES:
         return Checkpoint(label, path, "bin", _bin_infos(path), config)
-    if not path.exists():
-        raise CheckpointNotFoundError("no such file", path=path)
     raise CheckpointFormatError(
         f"unknown checkpoint file type {path.suffix!r}",
         path=path, hint="expected .safetensors, .bin, .pt, .pth or an .index.json",
@@ -200,7 +196,7 @@ def _open_file(label: str, path: Path) -> Checkpoint:
 
 def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
     entries, _ = read_header(path)
-    return {n: TensorInfo(n, e.shape, _ST_DTYPE_NAMES[e.dtype], path, e) for n, e in entries.items()}
+    return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
 
 
 def _bin_infos(path: Path) -> dict[str, TensorInfo]:
@@ -212,6 +208,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """Load a PyTorch state dict safely: ``weights_only=True``, memory-mapped when the file allows."""
     if not path.exists():
         raise CheckpointNotFoundError("no such file", path=path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path) from None
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointNotFoundError("this is a Git LFS pointer, not the weights", path=path,
+                                      hint="fetch the real file (git lfs pull) or download it again")
     try:
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what counts
@@ -320,6 +324,8 @@ def resolve_hub_cache(repo: str) -> Path:
     """
     repo_id, _, revision = repo.partition("@")
     revision = revision or "main"
+    if ".." in revision.split("/") or revision.startswith("/"):
+        raise CheckpointNotFoundError(f"revision {revision!r} is not a valid revision name", path=repo)
     cache = hub_cache_dir()
     entry = cache / ("models--" + repo_id.replace("/", "--"))
     hint = f"download it first (e.g. `hf download {repo_id}`); spectra works offline and never downloads"

@@ -37,7 +37,15 @@ _DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
-FLOAT_TAGS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+_TAG_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # for torch builds without fp8
+
+
+def dtype_name(tag: str) -> str:
+    """torch's name for a safetensors dtype tag: ``"BF16"`` -> ``"bfloat16"``."""
+    tdtype = _DTYPES[tag][0]
+    return str(tdtype).removeprefix("torch.") if tdtype is not None else _TAG_NAMES[tag]
+
 
 # A header larger than this is not a checkpoint we should trust with our memory; the safetensors
 # library uses the same 100 MB bound.
@@ -97,6 +105,9 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
         raise CheckpointNotFoundError("file not found", path=path) from None
     except IsADirectoryError:
         raise CheckpointFormatError("expected a .safetensors file, got a folder", path=path) from None
+    except OSError as exc:  # permissions, I/O errors
+        raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path,
+                                      hint="check the file's permissions") from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -175,8 +186,9 @@ def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
     got = 0
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("file disappeared while reading", path=path, tensor=entry.name) from None
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot open the file any more ({exc.strerror or exc.__class__.__name__})",
+                                      path=path, tensor=entry.name) from None
     try:
         while got < entry.nbytes:
             n = os.preadv(fd, [view[got:]], entry.start + got)
