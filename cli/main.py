@@ -31,6 +31,21 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def _quiet_transformers() -> None:
+    """Training commands report progress themselves: silence transformers' own bars and notices."""
+    import warnings
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+
+
 def _stdout() -> Console:
     """Console for results; when piped to a file, wide enough that tensor names do not fold."""
     console = Console(highlight=False)
@@ -254,24 +269,91 @@ def inspect_cmd(path, show_all, as_json) -> None:
     _stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
 
 
+@main.command("train")
+@click.option("--base", required=True, help="Local Hugging Face causal-LM folder (never downloaded).")
+@click.option("--data", required=True, help="Target data: a text file, a folder of text/code files, or JSONL (text, or prompt/response).")
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha (default 2·r, as Biderman et al. advise).")
+@click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
+@click.option("--targets", default="all", show_default=True, help="all (default, Biderman et al.), attn, mlp, or module names.")
+@click.option("--lr", type=float, default=None, help="Default 2e-4 for LoRA, 2e-5 for full (LoRA ≈ 10× full, Biderman et al.).")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-source", default=None, help="Source-domain data: its loss measures forgetting.")
+@click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto uses CUDA with bf16 autocast when present.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False))
+def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch, seq_len, seed, eval_source, eval_every, device, out_dir) -> None:
+    """One reference fine-tune (LoRA through PEFT, or full), logged to OUT/train_log.jsonl.
+
+    A LoRA run writes a standard PEFT adapter, a full run a safetensors model folder; both can be
+    analysed with `spectra diff BASE OUT`.
+    """
+    from spectra.training import TrainConfig, train
+
+    _quiet_transformers()
+    config = TrainConfig(base=base, data=data, out=out_dir, method=method, rank=rank, alpha=alpha, rslora=rslora,
+                         targets=targets, lr=lr, steps=steps, batch=batch, seq_len=seq_len, seed=seed,
+                         eval_source=eval_source, eval_every=eval_every, device=device)
+    err = _stderr()
+    progress = _progress(err)
+    task_id = progress.add_task(f"{method} fine-tune", total=steps, current="")
+
+    def on_record(rec: dict) -> None:
+        src = "" if rec["source_loss"] is None else f" source {rec['source_loss']:.3f}"
+        progress.update(task_id, completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
+
+    with progress:
+        summary = train(config, callback=on_record)
+    err.print(escape(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
+                     + ("" if summary.source_loss is None else f", source loss {summary.source_loss:.3f}")
+                     + f"; outputs in {out_dir}"), highlight=False)
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
-              help="Where the generated checkpoints and the analysis go.")
+              help="Where the runs, analyses and summary go.")
+@click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run).")
+@click.option("--synthetic", is_flag=True, help="No training: diff a generated Llama-shaped pair with a planted update.")
 @click.option("--seed", default=0, show_default=True)
-def demo_cmd(out_dir, seed) -> None:
-    """Generate a small Llama-shaped checkpoint pair with a fine-tune-like update and diff it."""
-    from spectra.synthetic import LlamaShape, make_llama_pair
-
+def demo_cmd(out_dir, quick, synthetic, seed) -> None:
+    """Offline end-to-end demo: pretrain a tiny byte-level Llama on English prose, fine-tune it on
+    Python code (full, LoRA r=8 and r=64, a second seed), then diff, compare and plot everything."""
     err = _stderr()
     out = Path(out_dir)
+    if synthetic:
+        from spectra.synthetic import LlamaShape, make_llama_pair
+
+        t0 = time.perf_counter()
+        base, tuned = make_llama_pair(out / "checkpoints", shape=LlamaShape(), seed=seed)
+        err.print(escape(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
+        click.get_current_context().invoke(
+            diff_cmd, base=str(base), tuned=str(tuned), out_dir=str(out), thresholds=(), include=None, exclude=None,
+            layers=None, device="auto", top_k=64, method="gram", precision="float64", no_split=False, as_json=False,
+            no_plots=False, allow_identical=False)
+        return
+    from spectra.demo import DemoConfig, run_demo
+
+    _quiet_transformers()
+    config = DemoConfig.make(str(out), quick=quick, seed=seed)
     t0 = time.perf_counter()
-    base, tuned = make_llama_pair(out / "checkpoints", shape=LlamaShape(), seed=seed)
-    err.print(escape(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
-    ctx = click.get_current_context()
-    ctx.invoke(diff_cmd, base=str(base), tuned=str(tuned), out_dir=str(out), thresholds=(), include=None,
-               exclude=None, layers=None, device="auto", top_k=64, method="gram", precision="float64",
-               no_split=False, as_json=False, no_plots=False, allow_identical=False)
-    err.print(escape(f"look at: {out / 'rank_heatmap.png'}, {out / 'relnorm_heatmap.png'}, {out / 'results.csv'}"), highlight=False)
+    progress = _progress(err)
+    tasks: dict[str, int] = {}
+    total = {"base": config.pretrain_steps}
+
+    def on_train(name: str, rec: dict) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(f"train {name}", total=total.get(name, config.finetune_steps), current="")
+        src = "" if rec["source_loss"] is None else f", source {rec['source_loss']:.3f}"
+        progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
+
+    with progress:
+        summary = run_demo(config, log=lambda m: progress.console.print(escape(m), highlight=False), on_train=on_train)
+    _stdout().print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    err.print(escape(f"demo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}/"), highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

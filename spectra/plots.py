@@ -170,3 +170,24 @@ def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[st
         files["angles"] = out_dir / "principal_angles.png"
         fig.savefig(files["angles"], dpi=110)
     return files
+
+
+def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLike[str]) -> Path:
+    """Target loss (learning) against source loss (forgetting) along each run, start to end."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for name, recs in logs.items():
+        pts = [(r["source_loss"], r["target_loss"]) for r in recs if r.get("source_loss") is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.annotate("end", (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("source-domain loss (forgetting →), nats/token")
+    ax.set_ylabel("held-out target-domain loss (← learning), nats/token")
+    ax.set_title("Learning vs forgetting (Biderman et al. 2024): each run from its start", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return Path(path)
