@@ -351,7 +351,7 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
         progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
 
     with progress:
-        summary = run_demo(config, log=lambda m: progress.console.print(escape(m), highlight=False), on_train=on_train)
+        run_demo(config, log=lambda m: progress.console.print(escape(m), highlight=False), on_train=on_train)
     _stdout().print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     err.print(escape(f"demo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}/"), highlight=False)
 
