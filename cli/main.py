@@ -313,6 +313,53 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
                      + f"; outputs in {out_dir}"), highlight=False)
 
 
+@main.command("sweep")
+@click.option("--base", required=True, help="Local Hugging Face causal-LM folder.")
+@click.option("--data", required=True, help="Target data (as for spectra train).")
+@click.option("--methods", default="lora,full", show_default=True, help="Comma-separated: lora, full.")
+@click.option("--ranks", default="8,64", show_default=True, help="Comma-separated LoRA ranks.")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one set of runs per seed.")
+@click.option("--eval-source", default=None, help="Source-domain data for the forgetting measure.")
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False))
+def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir) -> None:
+    """Several reference runs on one base and dataset, then diff each and compare LoRA with full
+    fine-tuning and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
+    from spectra.training import sweep
+
+    _quiet_transformers()
+    try:
+        method_list = [m.strip() for m in methods.split(",") if m.strip()]
+        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("--ranks and --seeds must be comma-separated integers") from None
+    if not method_list or any(m not in ("lora", "full") for m in method_list):
+        raise click.BadParameter(f"--methods must list lora and/or full. Got {methods!r} instead")
+    err = _stderr()
+    progress = _progress(err)
+    tasks: dict[str, int] = {}
+
+    def on_record(name: str, rec: dict) -> None:
+        if name not in tasks:
+            tasks[name] = progress.add_task(f"train {name}", total=steps, current="")
+        progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}")
+
+    with progress:
+        doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
+                    callback=on_record, steps=steps, batch=batch, seq_len=seq_len, device=device)
+    table = Table(title="sweep", title_justify="left")
+    for c in ("run", "target loss", "source loss", "seconds"):
+        table.add_column(c, justify="left" if c == "run" else "right")
+    for name, r in doc["runs"].items():
+        table.add_row(escape(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.0f}")
+    _stdout().print(table)
+    err.print(escape(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
+
+
 @main.command("demo")
 @click.option("--out", "out_dir", default="reports/demo", show_default=True, type=click.Path(file_okay=False),
               help="Where the runs, analyses and summary go.")

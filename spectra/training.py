@@ -303,3 +303,53 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                            last["target_loss"], last["source_loss"], cfg_doc["trainable_params"])
     atomic_write_text(out / "train_summary.json", json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int], seeds: list[int] | None = None,
+          eval_source: str | None = None, callback: Callable[[str, dict], None] | None = None, **train_kwargs) -> dict:
+    """Several reference runs on one base and dataset, then ``spectra diff`` of each and ``compare``
+    of every LoRA run with the full run (if any) and of consecutive LoRA ranks.
+
+    Args:
+        base, data, out, eval_source: as :class:`TrainConfig`; runs go to ``out/<name>``.
+        methods: ``["lora", "full"]`` or a subset; ranks: LoRA ranks; seeds: one run per seed (default [0]).
+        callback: ``callback(run_name, log_record)`` as runs progress.
+        train_kwargs: any other :class:`TrainConfig` field (steps, lr, batch, seq_len…), for every run.
+
+    Returns:
+        ``{"runs": {name: TrainSummary dict}, "diffs": {name: folder}, "compares": {name: folder}}``;
+        also written to ``out/sweep.json``.
+    """
+    from spectra.compare import compare
+    from spectra.diff import diff
+
+    root = Path(out)
+    seeds = seeds or [0]
+    runs: dict[str, dict] = {}
+    names: list[tuple[str, str, int]] = []
+    for seed in seeds:
+        suffix = f"_seed{seed}" if len(seeds) > 1 else ""
+        this_seed = ([(f"full{suffix}", "full", 0)] if "full" in methods else []) + \
+            ([(f"lora{r}{suffix}", "lora", r) for r in ranks] if "lora" in methods else [])
+        for name, method, rank in this_seed:
+            summary = train(TrainConfig(base=base, data=data, out=str(root / name), method=method, rank=max(rank, 1),
+                                        seed=seed, eval_source=eval_source, **train_kwargs),
+                            callback=(lambda r, n=name: callback(n, r)) if callback else None)
+            runs[name] = asdict(summary)
+        names += this_seed
+    diffs = {}
+    for name in runs:
+        diff(base, str(root / name), out_dir=root / "analysis" / f"diff_{name}")
+        diffs[name] = str(root / "analysis" / f"diff_{name}")
+    compares = {}
+    loras = [n for n, m, _ in names if m == "lora"]
+    fulls = [n for n, m, _ in names if m == "full"]
+    pairs = [(l, fulls[0]) for l in loras[:1]] if fulls else []
+    pairs += list(zip(loras, loras[1:]))
+    for a, b in pairs:
+        folder = root / "analysis" / f"compare_{a}_vs_{b}"
+        compare(str(root / a), str(root / b), base=base, out_dir=folder)
+        compares[f"{a}_vs_{b}"] = str(folder)
+    doc = {"runs": runs, "diffs": diffs, "compares": compares}
+    atomic_write_text(root / "sweep.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return doc

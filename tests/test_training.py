@@ -114,3 +114,22 @@ def test_quick_demo_end_to_end(tmp_path):
     assert runs["lora8"]["median_energy_rank_0.9"] <= 8  # a rank-8 update never needs more than 8
     assert runs["full"]["target_loss"] < summary["base"]["target_loss"]  # fine-tuning on the target learned it
     assert min(r["target_loss"] for r in runs.values()) < summary["base"]["target_loss"]
+
+
+def test_sweep_runs_and_analyses(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    res = CliRunner().invoke(main, ["sweep", "--base", str(setup / "base"), "--data", str(setup / "target.txt"),
+                                    "--ranks", "2,4", "--methods", "lora,full", "--steps", "4", "--batch", "2",
+                                    "--seq-len", "32", "--device", "cpu", "--eval-source", str(setup / "source.txt"),
+                                    "--out", str(tmp_path / "sw")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert set(doc["runs"]) == {"full", "lora2", "lora4"}
+    assert set(doc["compares"]) == {"lora2_vs_full", "lora2_vs_lora4"}
+    for folder in doc["diffs"].values():
+        assert (Path(folder) / "results.json").is_file()
+    bad = CliRunner().invoke(main, ["sweep", "--base", "x", "--data", "y", "--methods", "dpo", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "--methods must list lora and/or full" in bad.output
