@@ -176,6 +176,16 @@ def _update_shape(dW: Update) -> tuple[int, int]:
     return shape  # type: ignore[return-value]
 
 
+def _weight_for_update(W: Tensor, dW: Update, name: str) -> tuple[torch.device, torch.Tensor, tuple[int, int]]:
+    """``(device, W as float64 on dW's device, dW's shape)``; W must have dW's shape."""
+    device = _update_device(dW)
+    W64 = _matrix(W, name, device)
+    shape = _update_shape(dW)
+    if tuple(W64.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of dW, {tuple(shape)}. Got {tuple(W64.shape)} instead.")
+    return device, W64, shape
+
+
 def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
     """Orthonormal basis of the top-k left or right singular vectors of ``M``.
 
@@ -519,11 +529,7 @@ def amplification(dW: Update, W: Tensor, r: int, *, generator: torch.Generator |
     """
     from spectra.linalg import singular_values
 
-    device = _update_device(dW)
-    W64 = _matrix(W, "W", device)
-    shape = _update_shape(dW)
-    if tuple(W64.shape) != tuple(shape):
-        raise ValueError(f"W must have the shape of dW, {tuple(shape)}. Got {tuple(W64.shape)} instead.")
+    device, W64, shape = _weight_for_update(W, dW, "W")
     out, inn = shape
     if _is_factored(dW):
         U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
@@ -611,11 +617,7 @@ def intruder_dimensions(
         >>> res.count, res.counts[0.4], res.counts[0.9]
         (1, 0, 2)
     """
-    device = _update_device(dW)
-    Wb = _matrix(W_base, "W_base", device)
-    shape = _update_shape(dW)
-    if tuple(Wb.shape) != tuple(shape):
-        raise ValueError(f"W_base must have the shape of dW, {tuple(shape)}. Got {tuple(Wb.shape)} instead.")
+    device, Wb, shape = _weight_for_update(W_base, dW, "W_base")
     p = min(shape)
     if not 1 <= k <= p:
         raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
