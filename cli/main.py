@@ -103,8 +103,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
 @click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
+@click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
-             no_split, as_json, no_plots, allow_identical) -> None:
+             no_split, as_json, no_plots, allow_identical, report=False) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -112,6 +113,8 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     LoRA adapter folder (ΔW = s·B·A from the factors); `spectra diff ADAPTER` alone analyses an
     adapter without its base (no relative norms; DoRA needs the base).
     """
+    if report and not out_dir:
+        raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
     config = DiffConfig(
         **({"thresholds": tuple(thresholds)} if thresholds else {}),
         include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
@@ -143,6 +146,10 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'results.json'))}", highlight=False)
+    if report:
+        from spectra.report import write_report
+
+        err.print(escape(f"report: {write_report([Path(out_dir) / 'results.json'], Path(out_dir) / 'report.html')}"), highlight=False)
     if all_zero(result):
         err.print("[yellow]warning:[/] every analysed ΔW is exactly zero: base and tuned hold the same weights")
         if not allow_identical:
@@ -186,7 +193,8 @@ def _summary_table(result: spectra.DiffResult) -> Table:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True)
-def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots) -> None:
+@click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report) -> None:
     """How two updates of one base relate: φ grids, principal angles, captured energy,
     amplification and intruder dimensions (SPEC.md, Subspaces).
 
@@ -195,6 +203,8 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
     """
     from spectra.compare import CompareConfig, compare
 
+    if report and not out_dir:
+        raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
     config = CompareConfig(side=side, top_k=top_k, include=include, exclude=exclude, layers=layers, device=device)
     err = _stderr()
     progress = _progress(err)
@@ -216,6 +226,10 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
               f"{len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'compare.json'))}", highlight=False)
+    if report:
+        from spectra.report import write_report
+
+        err.print(escape(f"report: {write_report([Path(out_dir) / 'compare.json'], Path(out_dir) / 'report.html')}"), highlight=False)
 
 
 def _compare_table(result) -> Table:
@@ -238,6 +252,20 @@ def _compare_table(result) -> Table:
                     str(intr['a']['count']) if intr else "–", str(intr['b']['count']) if intr else "–"]
         table.add_row(*row)
     return table
+
+
+@main.command("report")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", "-o", "out_path", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write.")
+@click.option("--title", default="spectra report", show_default=True)
+def report_cmd(results, out_path, title) -> None:
+    """One self-contained HTML report (no network) from results.json, compare.json,
+    train_log.jsonl files, or folders holding them (e.g. reports/demo)."""
+    from spectra.report import write_report
+
+    path = write_report(list(results), out_path, title=title)
+    _stderr().print(escape(f"report: {path}"), highlight=False)
 
 
 @main.command("inspect")

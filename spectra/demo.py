@@ -7,7 +7,7 @@
 3. It is fine-tuned on the target: fully, with LoRA at r = 8 and r = 64, and with LoRA r = 8 under a
    second seed, each run logging target and source losses.
 4. The analyses: ``diff`` of every run (rank-needed heatmaps), ``compare`` of LoRA vs full and of
-   LoRA vs LoRA, and a learning-vs-forgetting plot; a summary of where to look.
+   LoRA vs LoRA, a learning-vs-forgetting plot, a summary of where to look, and ``report.html``.
 """
 
 from __future__ import annotations
@@ -151,10 +151,18 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     stages["compare"] = time.perf_counter() - t
 
     logs = {name: [json.loads(l) for l in (ck / name / "train_log.jsonl").read_text().splitlines()] for name in runs}
+    for name in runs:  # the logs and configs travel with the analyses (checkpoints/ is a cache)
+        (out / "runs" / name).mkdir(parents=True, exist_ok=True)
+        for f in ("train_log.jsonl", "train_config.json", "train_summary.json"):
+            (out / "runs" / name / f).write_bytes((ck / name / f).read_bytes())
     learning_forgetting_plot(logs, out / "learning_vs_forgetting.png")
     summary = _summary(config, runs, logs, diffs, comparisons, stages)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "summary.md", _summary_md(summary))
+    from spectra.report import write_report
+
+    write_report([out / d for d in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "checkpoints")],
+                 out / "report.html", title="spectra demo: LoRA vs full fine-tuning of a tiny byte-level Llama")
     return summary
 
 
@@ -212,5 +220,6 @@ def _summary_md(s: dict) -> str:
               f"- LoRA r=8 {'learned less' if f['lora_learned_less'] else 'did not learn less'} than full fine-tuning (target loss) and "
               f"{'forgot less' if f['lora_forgot_less'] else 'did not forget less'} (source loss).", "",
               "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items()), "",
-              "Look at: `learning_vs_forgetting.png`, `diff_*/rank_heatmap.png`, `compare_*/phi_grids.png`, `compare_*/captured_heatmap.png`."]
+              "Look at: `report.html` (everything in one page), `learning_vs_forgetting.png`, `diff_*/rank_heatmap.png`, "
+              "`compare_*/phi_grids.png`, `compare_*/captured_heatmap.png`."]
     return "\n".join(lines) + "\n"

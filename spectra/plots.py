@@ -48,9 +48,12 @@ def _heatmap(grid, layers, modules, *, title, cbar_label, fmt, vmin=None, vmax=N
     fig_w = min(3 + 0.95 * n_mod, 24)
     fig = Figure(figsize=(fig_w, fig_h), layout="constrained")
     ax = fig.add_subplot()
+    # tick labels are checkpoint names: never parse them as mathtext ("$" is legal in a name)
     masked = np.ma.masked_invalid(grid)
     im = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_xticks(range(n_mod), modules, rotation=45, ha="right")
+    for label in ax.get_xticklabels():
+        label.set_parse_math(False)
     step = max(1, n_layers // 40)
     ax.set_yticks(range(0, n_layers, step), [str(l) for l in layers[::step]])
     ax.set_xlabel("module")
@@ -115,12 +118,20 @@ def _layer_module_grid(records: list[dict], value) -> tuple[np.ndarray, list[int
 
 
 def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[str, Path]:
+    """Write :func:`compare_figures` as PNGs into ``out_dir``; returns name -> path."""
+    files = {}
+    for name, fig in compare_figures(result, max_phi_modules=max_phi_modules).items():
+        files[name] = Path(out_dir) / f"{name}.png"
+        fig.savefig(files[name], dpi=110)
+    return files
+
+
+def compare_figures(result, *, max_phi_modules: int = 4) -> dict:
     """The figures of a compare run: captured energy and intruder counts (layers × modules), φ grids
-    of a few modules (Hu et al. Fig. 3/4 style) and principal-angle curves. Returns name -> path."""
+    of a few modules (Hu et al. Fig. 3/4 style) and principal-angle curves. Returns name -> Figure."""
     from matplotlib.figure import Figure
 
-    out_dir = Path(out_dir)
-    files: dict[str, Path] = {}
+    files: dict = {}
     recs = result.modules
     a_lbl, b_lbl = f"A ({result.kinds['a']})", f"B ({result.kinds['b']})"
     grid, layers, modules = _layer_module_grid(recs, lambda r: r["captured"]["b_in_a"]["two_sided"])
@@ -128,7 +139,7 @@ def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[st
         files["captured_heatmap"] = _heatmap(
             grid, layers, modules, title=f"Energy of {b_lbl}'s update captured by {a_lbl}'s top-r subspaces (two-sided)",
             cbar_label="‖U_Aᵀ ΔW_B V_A‖²_F / ‖ΔW_B‖²_F", fmt=lambda v: f"{v:.2f}", vmin=0.0, vmax=1.0,
-            path=out_dir / "captured_heatmap.png")
+            path=None)
     if any("intruders" in r for r in recs):
         for who, lbl in (("a", a_lbl), ("b", b_lbl)):
             grid, layers, modules = _layer_module_grid(recs, lambda r: (r.get("intruders") or {}).get(who, {}).get("count"))
@@ -137,7 +148,7 @@ def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[st
                 files[f"intruders_{who}"] = _heatmap(
                     grid, layers, modules, title=f"Intruder dimensions of {lbl} (top-{result.config['intruder_k']}, ε = {eps})",
                     cbar_label="intruder count", fmt=lambda v: f"{v:.0f}", vmin=0.0, cmap="Reds",
-                    path=out_dir / f"intruders_{who}.png")
+                    path=None)
     # φ grids for a few modules in the middle of the stack
     chosen = sorted(recs, key=lambda r: (abs((r["layer"] or 0) - np.median([x["layer"] or 0 for x in recs])), r["name"]))[:max_phi_modules]
     if chosen:
@@ -148,31 +159,29 @@ def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[st
             g = np.asarray(result.phi_grids[r["name"]][side])
             im = ax.imshow(g, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
                            extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
-            ax.set_title(f"{r['module']} · layer {r['layer']}\nrandom ≈ {r['phi'][side]['random']:.3f}", fontsize=9)
+            ax.set_title(f"{r['module']} · layer {r['layer']}\nrandom ≈ {r['phi'][side]['random']:.3f}", fontsize=9, parse_math=False)
             ax.set_xlabel(f"j (top-j of B, r={r['rank_b']})")
             ax.set_ylabel(f"i (top-i of A, r={r['rank_a']})")
         fig.colorbar(im, ax=fig.axes, label=f"φ(A, B, i, j), {side} singular vectors")
         fig.suptitle("Normalised subspace similarity (Hu et al. 2021, Eq. 4)", fontsize=10)
-        files["phi_grids"] = out_dir / "phi_grids.png"
-        fig.savefig(files["phi_grids"], dpi=110)
+        files["phi_grids"] = fig
         # principal angle curves
         fig = Figure(figsize=(6.5, 4), layout="constrained")
         ax = fig.add_subplot()
         for r in chosen:
             cos = r["angles"][side]["cosines"]
             ax.plot(range(1, len(cos) + 1), np.degrees(np.arccos(np.clip(cos, 0, 1))), marker="o", ms=3,
-                    label=f"{r['module']} L{r['layer']}")
+                    label=f"{r['module']} L{r['layer']}".replace("$", r"\$"))
         ax.set_xlabel("principal angle index l")
         ax.set_ylabel("θ_l (degrees)")
         ax.set_ylim(0, 90)
         ax.set_title(f"Principal angles between A's and B's top subspaces ({side})", fontsize=10)
         ax.legend(fontsize=7)
-        files["angles"] = out_dir / "principal_angles.png"
-        fig.savefig(files["angles"], dpi=110)
+        files["principal_angles"] = fig
     return files
 
 
-def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLike[str]) -> Path:
+def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLike[str] | None = None):
     """Target loss (learning) against source loss (forgetting) along each run, start to end."""
     from matplotlib.figure import Figure
 
@@ -183,11 +192,13 @@ def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLik
         if not pts:
             continue
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
+        ax.plot(xs, ys, marker="o", ms=3, label=name.replace("$", r"\$"))
         ax.annotate("end", (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("source-domain loss (forgetting →), nats/token")
     ax.set_ylabel("held-out target-domain loss (← learning), nats/token")
     ax.set_title("Learning vs forgetting (Biderman et al. 2024): each run from its start", fontsize=10)
     ax.legend(fontsize=8)
+    if path is None:
+        return fig
     fig.savefig(path, dpi=120)
     return Path(path)
