@@ -104,8 +104,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
 @click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--weight-spectra", is_flag=True, help="Also keep the top singular values of W_base and W_tuned (3× the work).")
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
-             no_split, as_json, no_plots, allow_identical, report=False) -> None:
+             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -118,7 +119,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     config = DiffConfig(
         **({"thresholds": tuple(thresholds)} if thresholds else {}),
         include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
-        method=method, precision=precision, split_fused=not no_split,
+        method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra,
     )
     err = _stderr()
     progress = _progress(err)

@@ -10,7 +10,6 @@ HERE = Path(__file__).resolve().parent
 SETUP = """%matplotlib inline
 import os, tempfile
 from pathlib import Path
-import spectra
 from spectra.demo import DemoConfig, run_demo
 
 # The demo's runs: reuse a finished one (SPECTRA_DEMO_DIR, or reports/demo after `make demo`), else train
@@ -40,7 +39,7 @@ NOTEBOOKS = {
                "φ between the subspaces learned at r = 8 and r = 64 and between two seeds of r = 8 (Fig. 3/4), and the "
                "amplification factor (Table 7). The demo model is tiny; the point is the method, not GPT-3's numbers."),
         ("code", SETUP),
-        ("code", "from spectra.compare import compare, CompareConfig\n"
+        ("code", "from spectra.compare import compare\n"
                  "ranks = compare(ck / 'lora8', ck / 'lora64', base=base)\nseeds = compare(ck / 'lora8', ck / 'lora8_seed2', base=base)\n"
                  "for name, c in (('r=8 vs r=64', ranks), ('r=8 vs r=8, other seed', seeds)):\n"
                  "    phis = [m['phi']['right']['phi_full'] for m in c.modules]\n"
@@ -58,7 +57,7 @@ NOTEBOOKS = {
                "Rank needed to explain 90% of ΔW per layer and module for the full fine-tune and the LoRA runs of the demo, "
                "against the random-matrix baseline, and the spectra themselves (Fig. 6 and S7 style)."),
         ("code", SETUP),
-        ("code", "full = spectra.diff(base, ck / 'full')\nlora = spectra.diff(base, ck / 'lora8')\n"
+        ("code", "import spectra\nfull = spectra.diff(base, ck / 'full')\nlora = spectra.diff(base, ck / 'lora8')\n"
                  "for name, r in (('full', full), ('lora8', lora)):\n"
                  "    med = sorted(m.energy_rank['0.9'] for m in r.modules)[len(r.modules)//2]\n"
                  "    print(f'{name}: median rank for 90% = {med}')"),

@@ -141,8 +141,10 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
 
     t = time.perf_counter()
     diffs = {}
-    for name in runs:
-        diffs[name] = diff(str(base), str(ck / name), out_dir=out / f"diff_{name}")
+    from spectra.diff import DiffConfig
+
+    for name in runs:  # the full fine-tune also keeps the weights' spectra, for the report's Fig. S7-style panel
+        diffs[name] = diff(str(base), str(ck / name), out_dir=out / f"diff_{name}", config=DiffConfig(weight_spectra=name == "full"))
     stages["diff"] = time.perf_counter() - t
     t = time.perf_counter()
     comparisons = {}

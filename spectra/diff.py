@@ -71,6 +71,9 @@ class DiffConfig:
         max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 256 MiB on CPU.
         prefetch: tensor pairs read ahead while the engine works (0: none); default 1 on the CPU
             (whose cores the engine already uses) and 8 on CUDA.
+        weight_spectra: also keep the top singular values of W_base and W_tuned (two more exact
+            decompositions per matrix), for spectra plots of the weights next to ΔW (Biderman et al.
+            Fig. S7).
         read_workers: reader threads; default 1 on the CPU and up to 4 on CUDA, where reading and
             forming ΔW, not the GPU, is the bottleneck (``bench/results/``).
     """
@@ -92,6 +95,7 @@ class DiffConfig:
     max_batch_bytes: int | None = None
     prefetch: int | None = None
     read_workers: int | None = None
+    weight_spectra: bool = False
 
     def __post_init__(self) -> None:
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
@@ -246,9 +250,10 @@ class _Prepared:
     delta: torch.Tensor | None
     base_fro: float
     skip: str | None = None
+    base: torch.Tensor | None = None  # W_base upcast, only with DiffConfig.weight_spectra
 
 
-def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.device) -> list[_Prepared]:
+def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False) -> list[_Prepared]:
     """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread)."""
     pair = task.pair
     wb = _oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
@@ -263,7 +268,7 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.dev
         if bad:
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
-            out.append(_Prepared(unit, task, delta, base_fro))
+            out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device).to(delta.dtype) if keep_base else None))
     return out
 
 
@@ -295,7 +300,7 @@ def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 
 
 
 def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
-              device: torch.device) -> Iterator[_Prepared]:
+              device: torch.device, keep_base: bool = False) -> Iterator[_Prepared]:
     """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
     pairs ahead.
 
@@ -305,17 +310,17 @@ def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: in
     """
     if depth <= 0:
         for task in tasks:
-            yield from _prepare(task, base, tuned, device)
+            yield from _prepare(task, base, tuned, device, keep_base)
         return
     todo = iter(tasks)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read") as pool:
-        pending = deque(pool.submit(_prepare, t, base, tuned, device) for t in islice(todo, depth))
+        pending = deque(pool.submit(_prepare, t, base, tuned, device, keep_base) for t in islice(todo, depth))
         try:
             while pending:
                 items = pending.popleft().result()
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending.append(pool.submit(_prepare, nxt, base, tuned, device))
+                    pending.append(pool.submit(_prepare, nxt, base, tuned, device, keep_base))
                 yield from items
         finally:
             for fut in pending:
@@ -362,8 +367,16 @@ def _results(batch: list[_Prepared], config: DiffConfig, device: torch.device, d
                                   dtype=dtype, max_batch_bytes=config.max_batch_bytes)
     seconds = (time.perf_counter() - start) / len(batch)
     del stack
+    weights: list[tuple[list[float] | None, list[float] | None]] = [(None, None)] * len(batch)
+    if config.weight_spectra:
+        W_b = torch.stack([item.base for item in batch])
+        S_b = batch_singular_values(W_b, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
+        W_b += torch.stack([item.delta for item in batch])  # W_tuned = W_base + ΔW, in place
+        S_t = batch_singular_values(W_b, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
+        del W_b
+        weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
     _release(batch)
-    return [(_exact_result(item, S, config, seconds), None) for item, S in zip(batch, S_all)]
+    return [(_exact_result(item, S, config, seconds, *w), None) for item, S, w in zip(batch, S_all, weights)]
 
 
 def _release(batch: list[_Prepared]) -> None:
@@ -371,6 +384,7 @@ def _release(batch: list[_Prepared]) -> None:
     batch while the next tensors are read, and a large embedding's ΔW is hundreds of MB."""
     for item in batch:
         item.delta = None
+        item.base = None
 
 
 def _common(item: _Prepared, config: DiffConfig) -> dict:
@@ -386,7 +400,8 @@ def _common(item: _Prepared, config: DiffConfig) -> dict:
     )
 
 
-def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float) -> ModuleResult:
+def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
+                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None) -> ModuleResult:
     m = spectrum_metrics(S, item.unit.shape, config.thresholds)
     keys = [threshold_key(tau) for tau in config.thresholds]
     return ModuleResult(
@@ -398,6 +413,7 @@ def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: f
         energy_rank_frac={k: m.energy_rank_frac[tau] for k, tau in zip(keys, config.thresholds)},
         singular_values=[float(s) for s in S[: config.top_k]],
         method=f"{config.method}/{config.precision}", seconds=seconds,
+        base_singular_values=base_sv, tuned_singular_values=tuned_sv,
     )
 
 
@@ -523,7 +539,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     budget = batch_budget(device, config.max_batch_bytes)
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
     workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
-    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device)
+    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device, config.weight_spectra)
     completed = False
     try:
         shapes = [u.shape for t in tasks for u in t.units]

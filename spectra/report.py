@@ -187,7 +187,7 @@ def _diff_sections(path: Path, res: DiffResult, plots) -> str:
     rows = [[m.name, m.layer, m.expert, m.module, f"{m.shape[0]}×{m.shape[1]}", m.energy_rank.get(key), m.energy_rank_frac.get(key),
              (m.random_energy_rank.get(key) or 0) / max(1, m.p), m.rel_norm, m.fro_norm, m.spectral_norm, m.stable_rank,
              m.effective_rank, m.lora_r, m.note] for m in res.modules]
-    out.append(f"<h3>Every matrix (click a column to sort)</h3>")
+    out.append("<h3>Every matrix (click a column to sort)</h3>")
     out.append(_table(["name", "layer", "expert", "module", "shape", f"energy rank [{key}]", "/ p", "random / p", "‖ΔW‖/‖W‖",
                        "‖ΔW‖_F", "σ₁", "stable rank", "effective rank", "LoRA r", "note"], rows, sortable=True))
     if res.skipped:
@@ -221,7 +221,22 @@ def _spectra_figure(res: DiffResult) -> str:
     ax2.set_ylim(0, 1.02)
     ax2.set_title("Cumulative energy (the dashed line is 90%)", fontsize=10)
     ax2.legend(fontsize=7)
-    return ("<h3>Spectra of ΔW</h3>" + _svg(fig) + _note(
+    weights = ""
+    with_w = [m for m in chosen if m.base_singular_values and m.tuned_singular_values]
+    if with_w:
+        figw = Figure(figsize=(4.2 * min(3, len(with_w)), 3.6), layout="constrained")
+        for i, m in enumerate(with_w[:3]):
+            ax = figw.add_subplot(1, min(3, len(with_w)), i + 1)
+            for vals, lbl in ((m.base_singular_values, "W_base"), (m.tuned_singular_values, "W_tuned"), (m.singular_values, "ΔW")):
+                ax.semilogy(range(1, len(vals) + 1), vals, label=lbl)
+            ax.set_title(f"{m.module}, layer {m.layer}", fontsize=9, parse_math=False)
+            ax.set_xlabel("index i")
+            ax.set_ylabel("σᵢ")
+            ax.legend(fontsize=7)
+        weights = "<h3>Spectra of W_base, W_tuned and ΔW (Biderman et al. 2024, Fig. S7 style)</h3>" + _svg(figw) + _note(
+            "The weights' spectra barely move while ΔW has a spectrum of its own: a fine-tune is a small update whose "
+            "shape (how many directions it needs) is what the rank-needed numbers measure.")
+    return weights + ("<h3>Spectra of ΔW</h3>" + _svg(fig) + _note(
         "Where the cumulative curve crosses 90% is the rank needed. Only the top singular values are stored in the results "
         "(--top-k), so a curve that has not reached 90% at the right edge needs more rank than shown."))
 

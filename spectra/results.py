@@ -49,6 +49,8 @@ class ModuleResult:
         method: how the spectrum was computed (``"gram/float64"``...).
         seconds: wall time of the decomposition.
         note: a caveat (rows analysed, split assumptions); empty when none.
+        base_singular_values, tuned_singular_values: top ``top_k`` singular values of W_base and
+            W_tuned, with ``--weight-spectra`` only (else None).
         lora_r, lora_alpha, lora_scale: for a LoRA update, the module's nominal rank, alpha and
             scale ``s`` (after rank/alpha patterns); None for full checkpoints.
     """
@@ -79,6 +81,8 @@ class ModuleResult:
     lora_r: int | None = None
     lora_alpha: float | None = None
     lora_scale: float | None = None
+    base_singular_values: list[float] | None = None
+    tuned_singular_values: list[float] | None = None
 
     @property
     def p(self) -> int:

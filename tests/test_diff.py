@@ -240,3 +240,17 @@ def test_gqa_query_key_value_is_split_in_blocks():
     (spec,) = describe_checkpoint({"transformer.encoder.layers.0.self_attention.query_key_value.weight": (96, 64)}, arch).values()
     assert [p.suffix for p in spec.parts] == ["q", "k", "v"]
     assert [p.rows.tolist() for p in spec.parts] == [list(range(0, 64)), list(range(64, 80)), list(range(80, 96))]
+
+
+def test_weight_spectra_option(tmp_path):
+    g = torch.Generator().manual_seed(8)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(30, 20, generator=g)}
+    tuned = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(tuned, str(tmp_path / "b.safetensors"))
+    (m,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(weight_spectra=True, top_k=5)).modules
+    k = "model.layers.0.mlp.up_proj.weight"
+    np.testing.assert_allclose(m.base_singular_values, svd64(base[k])[:5], rtol=1e-6)
+    np.testing.assert_allclose(m.tuned_singular_values, svd64(tuned[k])[:5], rtol=1e-6)
+    (plain,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors").modules
+    assert plain.base_singular_values is None and plain.singular_values[:5] == pytest.approx(m.singular_values, rel=1e-12)

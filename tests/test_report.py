@@ -31,7 +31,7 @@ def evil_diff(tmp_path_factory) -> Path:
     base = {EVIL: torch.randn(16, 16, generator=g), "model.layers.1.mlp.$x$_proj.weight": torch.randn(16, 24, generator=g)}
     save_file(base, str(d / "a.safetensors"))
     save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(d / "b.safetensors"))
-    spectra.diff(d / "a.safetensors", d / "b.safetensors", out_dir=d / "out")
+    spectra.diff(d / "a.safetensors", d / "b.safetensors", out_dir=d / "out", config=spectra.DiffConfig(weight_spectra=True))
     return d / "out" / "results.json"
 
 
@@ -44,7 +44,7 @@ def test_diff_only_report_escapes_names(evil_diff):
     text = build_report([evil_diff])
     assert "<script>alert(1)</script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
-    for section in ("Overview", "ΔW spectra", "Every matrix", "Spectra of ΔW", "What this means"):
+    for section in ("Overview", "ΔW spectra", "Every matrix", "Spectra of ΔW", "Spectra of W_base, W_tuned and ΔW", "What this means"):
         assert section in text, section
     assert "Subspaces:" not in text and "Learning vs forgetting" not in text
     _no_external_urls(text)
