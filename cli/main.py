@@ -105,8 +105,9 @@ def _progress(console: Console) -> Progress:
 @click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
 @click.option("--weight-spectra", is_flag=True, help="Also keep the top singular values of W_base and W_tuned (3× the work).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
-             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False) -> None:
+             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -137,7 +138,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     start = time.perf_counter()
     with progress:
         result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
-                              plots=not no_plots, allow_identical=True)
+                              plots=not no_plots, allow_identical=True, resume=resume)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
     else:

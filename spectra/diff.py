@@ -12,6 +12,7 @@ loses at most one batch. Results come back in layer order whatever the work orde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -446,6 +447,7 @@ def diff(
     callback: Callable[[DiffEvent], None] | None = None,
     plots: bool = True,
     allow_identical: bool = True,
+    resume: bool = False,
 ) -> DiffResult:
     """Spectrum metrics of ΔW = W_tuned − W_base for every paired matrix (SPEC.md).
 
@@ -461,6 +463,9 @@ def diff(
         plots: write the heatmaps into ``out_dir``.
         allow_identical: if False, raise :class:`IdenticalCheckpointsError` (after writing the
             results) when every analysed ΔW is exactly zero.
+        resume: continue an interrupted run in ``out_dir`` from its journal (``results.jsonl``):
+            only the missing matrices are computed, and the results equal an uninterrupted run's.
+            Refused when the journal comes from other inputs or options.
 
     Returns:
         A :class:`DiffResult` with ``complete=True``.
@@ -493,7 +498,9 @@ def diff(
     else:
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback)
+        if resume and writer is None:
+            raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
+        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if all_zero(result):
@@ -522,7 +529,8 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
 
 
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
-                      dtype: torch.dtype, writer: "_Writer | None", callback: Callable[[DiffEvent], None] | None) -> DiffResult:
+                      dtype: torch.dtype, writer: "_Writer | None", callback: Callable[[DiffEvent], None] | None,
+                      resume: bool = False) -> DiffResult:
     """The streaming, batched run over two full checkpoints (see the module docstring)."""
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
     tasks = _plan(pairing.pairs, config)
@@ -532,10 +540,24 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
         config=asdict(config), device=str(device), version=__version__,
     )
-    total = sum(len(t.units) for t in tasks)
-    if writer:
-        writer.start(result)
+    result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
     done = 0
+    if writer:
+        finished = writer.start(result, resume=resume)
+        names = set()
+        for rec in finished:
+            if "module" in rec:
+                known = set(ModuleResult.__dataclass_fields__)
+                result.modules.append(ModuleResult(**{k: v for k, v in rec["module"].items() if k in known}))
+                names.add(rec["module"]["name"])
+            elif "skipped" in rec:
+                result.skipped.append(rec["skipped"])
+                names.add(rec["skipped"]["name"])
+        for t in tasks:
+            t.units = [u for u in t.units if u.name not in names]
+        tasks = [t for t in tasks if t.units]
+        done = len(names)
+    total = done + sum(len(t.units) for t in tasks)
     budget = batch_budget(device, config.max_batch_bytes)
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
     workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
@@ -560,9 +582,25 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         prepared.close()
         if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
             writer.flush(result)
-    order = {u.name: u.order for t in tasks for u in t.units}
+    order = {u.name: u.order for t in _plan(pairing.pairs, config) for u in t.units}
     result.modules.sort(key=lambda m: order[m.name])
     return result
+
+
+#: DiffConfig fields that change the numbers a run writes (the others only change how it runs).
+_RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method", "precision", "split_fused",
+                  "approx", "approx_above", "approx_tol", "seed", "weight_spectra")
+
+
+def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> str:
+    """A hash of the inputs (tensor names, shapes, dtypes, offsets; file sizes and modification
+    times) and of the result-affecting options: a journal is resumed only under the same one."""
+    h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in _RESULT_FIELDS}, sort_keys=True, default=list).encode())
+    for ckpt in (base, tuned):
+        files = sorted({str(t.file) for t in ckpt.tensors.values()})
+        h.update(json.dumps([ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+                             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items())]).encode())
+    return h.hexdigest()[:16]
 
 
 def _oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor:
@@ -583,11 +621,39 @@ class _Writer:
         self.journal = out_dir / "results.jsonl"
         self.last = 0.0
 
-    def start(self, result: DiffResult) -> None:
+    def start(self, result: DiffResult, *, resume: bool = False) -> list[dict]:
+        """Begin a run; with ``resume``, return the journal's records of an earlier run with the same
+        fingerprint (inputs and result-affecting options) and append to it, else start afresh.
+
+        Raises:
+            ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
+        """
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.journal.write_text("", encoding="utf-8")
+        done: list[dict] = []
+        if resume:
+            previous = self.out_dir / "results.json"
+            if not (self.journal.is_file() and previous.is_file()):
+                raise ConfigError("nothing to resume: no results.jsonl and results.json", path=self.out_dir,
+                                  hint="run without --resume first")
+            try:
+                old = json.loads(previous.read_text(encoding="utf-8")).get("fingerprint")
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != result.fingerprint:
+                raise ConfigError("the journal here comes from different inputs or options", path=self.out_dir,
+                                  hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
+            for line in self.journal.read_text(encoding="utf-8").splitlines():
+                try:
+                    done.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by a kill: that matrix is recomputed
+            # rewrite the journal with the whole records only, so the next append starts on a new line
+            atomic_write_text(self.journal, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+        else:
+            self.journal.write_text("", encoding="utf-8")
         result.save_json(self.out_dir / "results.json")
         self.last = time.monotonic()
+        return done
 
     def add(self, result: DiffResult, module: ModuleResult | None, skipped: Skipped | None) -> None:
         record = {"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)}

@@ -106,6 +106,7 @@ class DiffResult:
         elapsed_s: wall time of the whole run, seconds.
         device: the device the spectra were computed on.
         adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
+        fingerprint: hash of the inputs and result-affecting options (``--resume`` checks it).
     """
 
     base: str | None
@@ -121,6 +122,7 @@ class DiffResult:
     device: str = ""
     version: str = ""
     adapter: dict[str, Any] | None = None
+    fingerprint: str = ""
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
