@@ -23,11 +23,9 @@ from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
-from spectra.metrics import relative_norm, spectrum_metrics
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped
-from spectra.randmat import random_energy_rank
-from spectra.results import DiffResult, ModuleResult, threshold_key
+from spectra.results import DiffResult, ModuleResult
 
 
 def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
@@ -128,6 +126,7 @@ def diff_adapter(
 
 def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, base_name: str | None, name: str,
                    rows: torch.Tensor | None, module: str, config, device: torch.device, dtype: torch.dtype) -> ModuleResult:
+    from spectra.diff import random_ranks, spectrum_fields  # late: diff imports this module
     start = time.perf_counter()
     Bf, Af = mod.factors()
     W = None
@@ -154,22 +153,13 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         S = np.zeros(p)
         S[: min(p, s.numel())] = s.cpu().numpy()[:p]
         method = "factored"
-    m = spectrum_metrics(S, shape, config.thresholds)
-    keys = [threshold_key(t) for t in config.thresholds]
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
     note = f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "") + (", embedding" if mod.embedding else "")
     if spec.note:
         note += "; " + spec.note
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
-        fro_norm=m.fro_norm, base_fro_norm=base_fro if base_fro is not None else None,
-        rel_norm=relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
-        spectral_norm=m.spectral_norm, nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank,
-        effective_rank=m.effective_rank, signal_rank=m.signal_rank,
-        energy_rank={k: m.energy_rank[t] for k, t in zip(keys, config.thresholds)},
-        energy_rank_frac={k: m.energy_rank_frac[t] for k, t in zip(keys, config.thresholds)},
-        random_energy_rank={k: random_energy_rank(shape, t) for k, t in zip(keys, config.thresholds)},
-        singular_values=[float(x) for x in S[: config.top_k]],
+        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
         dtype="float32", method=method, seconds=time.perf_counter() - start, note=note,
         lora_r=mod.r, lora_alpha=mod.alpha, lora_scale=mod.scale,
     )

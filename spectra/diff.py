@@ -391,28 +391,38 @@ def _release(batch: list[_Prepared]) -> None:
 def _common(item: _Prepared, config: DiffConfig) -> dict:
     """The fields every result has, whichever path computed it."""
     pair, unit = item.task.pair, item.unit
-    keys = [threshold_key(tau) for tau in config.thresholds]
     return dict(
         name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
-        shape=list(unit.shape), base_fro_norm=item.base_fro,
-        random_energy_rank={k: random_energy_rank(unit.shape, tau) for k, tau in zip(keys, config.thresholds)},
+        shape=list(unit.shape), base_fro_norm=item.base_fro, random_energy_rank=random_ranks(unit.shape, config),
         dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
         note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
     )
 
 
-def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
-                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None) -> ModuleResult:
-    m = spectrum_metrics(S, item.unit.shape, config.thresholds)
+def spectrum_fields(S: np.ndarray, shape: tuple[int, int], config: DiffConfig, base_fro: float | None) -> dict:
+    """The :class:`ModuleResult` fields that follow from the full spectrum ``S`` (descending, length p)
+    of a ``shape`` update and ``‖W_base‖_F`` (None when there is no base)."""
+    m = spectrum_metrics(S, shape, config.thresholds)
     keys = [threshold_key(tau) for tau in config.thresholds]
-    return ModuleResult(
-        **_common(item, config),
-        fro_norm=m.fro_norm, rel_norm=relative_norm(m.fro_norm, item.base_fro), spectral_norm=m.spectral_norm,
-        nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank, effective_rank=m.effective_rank,
-        signal_rank=m.signal_rank,
+    return dict(
+        fro_norm=m.fro_norm, rel_norm=relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
+        spectral_norm=m.spectral_norm, nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank,
+        effective_rank=m.effective_rank, signal_rank=m.signal_rank,
         energy_rank={k: m.energy_rank[tau] for k, tau in zip(keys, config.thresholds)},
         energy_rank_frac={k: m.energy_rank_frac[tau] for k, tau in zip(keys, config.thresholds)},
         singular_values=[float(s) for s in S[: config.top_k]],
+    )
+
+
+def random_ranks(shape: tuple[int, int], config: DiffConfig) -> dict[str, int]:
+    """Threshold key -> energy rank of a Gaussian matrix of ``shape`` (Marchenko–Pastur)."""
+    return {threshold_key(tau): random_energy_rank(shape, tau) for tau in config.thresholds}
+
+
+def _exact_result(item: _Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
+                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None) -> ModuleResult:
+    return ModuleResult(
+        **_common(item, config), **spectrum_fields(S, item.unit.shape, config, item.base_fro),
         method=f"{config.method}/{config.precision}", seconds=seconds,
         base_singular_values=base_sv, tuned_singular_values=tuned_sv,
     )
