@@ -86,7 +86,7 @@ def diff_adapter(
         callback: called with a ``DiffEvent`` per module.
         writer: the run's results writer (journal), or None.
     """
-    from spectra.diff import DiffEvent, _filter_units  # late: diff imports this module
+    from spectra.diff import DiffEvent, _filter_units, selector  # late: diff imports this module
 
     init = adapter.config.base_changing_init
     if init:
@@ -104,8 +104,9 @@ def diff_adapter(
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
                       "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}
     units = []
+    keep = selector(config.include, config.exclude, config.layers)
     for mod, spec, base_name in adapter_updates(adapter, base):
-        for name, part_rows, module in _filter_units(spec, config):
+        for name, part_rows, module in _filter_units(spec, config, keep):
             units.append((mod, spec, base_name, name, part_rows, module))
     for full_name in adapter.full:
         result.skipped.append(asdict(Skipped(full_name, "stored whole (modules_to_save): a full update, not a LoRA; diff the merged model for it")))

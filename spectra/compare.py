@@ -23,7 +23,7 @@ import torch
 
 from spectra import __version__
 from spectra.adapter_diff import adapter_updates
-from spectra.diff import _delta, _oriented, check_device_available, parse_layers, validate_device, validate_filters
+from spectra.diff import _delta, _oriented, check_device_available, parse_layers, selector, validate_device, validate_filters
 from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
@@ -253,21 +253,14 @@ def compare(
             mod = A._mods.get(k) if A.kind == "lora" else None
             shapes[A.names[k]] = mod.shape if mod else A.tuned.tensors[A.names[k]].shape
         base_specs = describe_checkpoint(shapes)
-    import re
-
-    inc = re.compile(config.include) if config.include else None
-    exc = re.compile(config.exclude) if config.exclude else None
-    layer_ok = parse_layers(config.layers) if config.layers else None
+    keep = selector(config.include, config.exclude, config.layers)
     todo = []
     for k in shared:
         spec = base_specs.get(names_for_specs[k])
         if spec is None:
             raise PairingError(f"the base checkpoint has no matrix {names_for_specs[k]}", path=str(base), tensor=names_for_specs[k])
-        if layer_ok and (spec.layer is None or not layer_ok(spec.layer)):
-            continue
-        if (inc and not inc.search(spec.name)) or (exc and exc.search(spec.name)):
-            continue
-        todo.append((k, spec))
+        if keep(spec.name, spec.layer):
+            todo.append((k, spec))
     todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))
     sides = ("left", "right") if config.side == "both" else (config.side,)
     gen = torch.Generator().manual_seed(config.seed)

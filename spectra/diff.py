@@ -200,21 +200,32 @@ class _Task:
     units: list[_Unit] = field(default_factory=list)
 
 
-def _filter_units(spec, config: DiffConfig, expert: int | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
-    """``(result name, rows, module label)`` of each part of ``spec`` that the filters keep.
+def selector(include: str | None, exclude: str | None, layers: str | None) -> Callable[[str, int | None], bool]:
+    """``keep(name, layer)`` for the ``--include``/``--exclude`` regexes and the ``--layers`` selection
+    (which leaves out matrices outside the layer stack). Compiled once per run."""
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    layer_ok = parse_layers(layers) if layers else None
+
+    def keep(name: str, layer: int | None) -> bool:
+        if layer_ok is not None and (layer is None or not layer_ok(layer)):
+            return False  # outside the asked layers: not analysed, not worth a skipped entry
+        return not ((inc and not inc.search(name)) or (exc and exc.search(name)))
+
+    return keep
+
+
+def _filter_units(spec, config: DiffConfig, keep: Callable[[str, int | None], bool],
+                  expert: int | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
+    """``(result name, rows, module label)`` of each part of ``spec`` that ``keep`` keeps.
 
     Experts of a stacked 3-D tensor are named ``<tensor>:e<k>``, parts ``<tensor>:q`` (SPEC.md).
     """
-    if config.layers is not None and (spec.layer is None or not parse_layers(config.layers)(spec.layer)):
-        return []  # outside the asked layers: not analysed, not worth a skipped entry
-    inc = re.compile(config.include) if config.include else None
-    exc = re.compile(config.exclude) if config.exclude else None
     out = []
     for part in (spec.parts if config.split_fused else (Part(""),)):
         name = spec.name + (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
-        if (inc and not inc.search(name)) or (exc and exc.search(name)):
-            continue
-        out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
+        if keep(name, spec.layer):
+            out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
     return out
 
 
@@ -223,6 +234,7 @@ def _plan(pairs: list[MatrixPair], config: DiffConfig) -> list[_Task]:
     equally shaped units are adjacent (they are batched together)."""
     tasks: list[_Task] = []
     order = 0
+    keep = selector(config.include, config.exclude, config.layers)
     for pair in pairs:
         spec = pair.tuned
         stacked = len(pair.tuned_info.shape) == 3
@@ -232,7 +244,7 @@ def _plan(pairs: list[MatrixPair], config: DiffConfig) -> list[_Task]:
             out_dim = pair.rows
         task = _Task(pair)
         for e in (range(pair.tuned_info.shape[0]) if stacked else [None]):
-            for name, rows, module in _filter_units(spec, config, e):
+            for name, rows, module in _filter_units(spec, config, keep, e):
                 shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
                 task.units.append(_Unit(order, name, e if stacked else spec.expert, rows, module, shape))
                 order += 1
