@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,18 +56,41 @@ def _stdout() -> Console:
     return console
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run), handled as Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _rank_prefix() -> str:
+    """``[rank N] `` in a multi-process run, so that each rank's lines can be told apart."""
+    return f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+
+
 class _Group(click.Group):
-    """Turns :class:`SpectraError` into one line on stderr and a non-zero exit."""
+    """Turns :class:`SpectraError` into one line on stderr and a non-zero exit, and Ctrl-C or
+    SIGTERM into a clean stop: what was computed is already journaled (``diff --resume``)."""
 
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except SpectraError as exc:
             if os.environ.get("SPECTRA_DEBUG") == "1":
                 raise
             code = EXIT_IDENTICAL if isinstance(exc, IdenticalCheckpointsError) else EXIT_ERROR
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"{_rank_prefix()}error: {exc}", err=True)
             ctx.exit(code)
+        except KeyboardInterrupt as exc:
+            what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+            click.echo(f"{_rank_prefix()}stopped by {what}: results finished so far are kept in the --out folder "
+                       "(results.jsonl); run the same command with --resume to finish", err=True)
+            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -106,8 +131,18 @@ def _progress(console: Console) -> Progress:
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
 @click.option("--weight-spectra", is_flag=True, help="Also keep the top singular values of W_base and W_tuned (3× the work).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
+@click.option("--approx", is_flag=True, help="Approximate energy ranks with guaranteed bounds for every matrix (randomized sketch).")
+@click.option("--approx-above", type=click.IntRange(min=0), default=16384, show_default=True,
+              help="Use the approximate mode for matrices with min(out, in) above this; 0: never.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the matrices, bytes to read, estimated time (quick calibration on --device) and memory; do nothing else.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="With --plan: the number of ranks to plan for (default: this launch's WORLD_SIZE, else 1).")
+@click.option("--distributed/--no-distributed", default=None,
+              help="Run as one rank of a torchrun job (default: on when launched by torchrun with WORLD_SIZE > 1).")
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
-             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False) -> None:
+             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False,
+             approx=False, approx_above=16384, plan_only=False, nproc=None, distributed=None) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -121,8 +156,19 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         **({"thresholds": tuple(thresholds)} if thresholds else {}),
         include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
         method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra,
+        approx=approx, approx_above=approx_above or None,
     )
-    err = _stderr()
+    from spectra.distributed import launched
+
+    if plan_only:
+        if tuned is None:
+            raise click.UsageError("--plan needs BASE and TUNED checkpoints")
+        world = nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        _print_plan(spectra.diff_plan(base, tuned, config, world_size=world), _stdout())
+        return
+    distributed = launched() if distributed is None else distributed
+    lead = not distributed or os.environ.get("RANK", "0") == "0"
+    err = _stderr() if lead else Console(stderr=True, quiet=True)  # other ranks print only their errors
     progress = _progress(err)
     task_id = None
 
@@ -138,7 +184,9 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     start = time.perf_counter()
     with progress:
         result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
-                              plots=not no_plots, allow_identical=True, resume=resume)
+                              plots=not no_plots, allow_identical=True, resume=resume, distributed_run=distributed)
+    if not lead:
+        return
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
     else:
@@ -156,6 +204,46 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         err.print("[yellow]warning:[/] every analysed ΔW is exactly zero: base and tuned hold the same weights")
         if not allow_identical:
             raise_if_identical(result, out_dir)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def _print_plan(plan, console: Console) -> None:
+    """The ``--plan`` summary: work, bytes, time and memory, then the matrices by shape."""
+    c = plan.cost
+    table = Table(title="spectra diff --plan (nothing has been computed)", title_justify="left", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("matrices to analyse", f"{plan.matrices:,} (from {plan.tensors:,} tensor pairs)")
+    table.add_row("bytes to read (both checkpoints)", _fmt_bytes(plan.read_bytes))
+    table.add_row("ranks", str(plan.world_size))
+    table.add_row("estimated time", f"{_fmt_seconds(plan.seconds)} (slowest rank: read+ΔW {_fmt_seconds(plan.io_seconds)}, "
+                                    f"decompositions {_fmt_seconds(plan.compute_seconds)})")
+    table.add_row("estimated peak memory, host", f"{_fmt_bytes(plan.baseline_bytes + plan.host_bytes)} "
+                                                 f"(process now {_fmt_bytes(plan.baseline_bytes)} + data {_fmt_bytes(plan.host_bytes)})")
+    if plan.device_bytes:
+        table.add_row("estimated peak memory, GPU", _fmt_bytes(plan.device_bytes))
+    table.add_row("calibration", f"{c.device}, {c.precision}: Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, "
+                                 f"eigensolve {c.eig_rate / 1e9:.2f} G p³/s, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
+    console.print(table)
+    shapes = Table(title="matrices by shape (out × in)", title_justify="left")
+    for col in ("shape", "count", "est. s / matrix"):
+        shapes.add_column(col, justify="right")
+    for shape, n in sorted(plan.shapes.items(), key=lambda kv: -kv[1] * c.matrix_seconds(kv[0])):
+        shapes.add_row(f"{shape[0]}×{shape[1]}", str(n), f"{c.matrix_seconds(shape):.3g}")
+    console.print(shapes)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}")
 
 
 def _summary_table(result: spectra.DiffResult) -> Table:

@@ -13,10 +13,10 @@ amplification, intruder dimensions).
 __version__ = "0.1.0"
 
 from spectra.errors import SpectraError  # noqa: E402
-from spectra.diff import DiffConfig, DiffEvent, diff  # noqa: E402
+from spectra.diff import DiffConfig, DiffEvent, diff, plan_run as diff_plan  # noqa: E402
 from spectra.io.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from spectra.results import DiffResult, ModuleResult  # noqa: E402
 from spectra.compare import CompareConfig, CompareResult, compare  # noqa: E402
 
-__all__ = ["diff", "DiffConfig", "DiffEvent", "DiffResult", "ModuleResult", "compare", "CompareConfig", "CompareResult",
+__all__ = ["diff", "diff_plan", "DiffConfig", "DiffEvent", "DiffResult", "ModuleResult", "compare", "CompareConfig", "CompareResult",
            "Checkpoint", "open_checkpoint", "SpectraError", "__version__"]

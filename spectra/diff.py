@@ -28,18 +28,23 @@ import numpy as np
 import torch
 
 from spectra import __version__
-from spectra.errors import ConfigError, IdenticalCheckpointsError
+from spectra.errors import ConfigError, IdenticalCheckpointsError, output_error
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
 from spectra.linalg import resolve_device
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics
 from spectra.naming import Part
 from spectra.pairing import MatrixPair, Skipped, pair_checkpoints
+from spectra import distributed
+from spectra.distributed import DistContext
+from spectra.plan import CostModel, Plan, balance, calibrate, peak_rss_bytes, segment_ends
 from spectra.randmat import random_energy_rank
 from spectra.results import DiffResult, ModuleResult, atomic_write_text, threshold_key
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 _REWRITE_EVERY_S = 5.0
+#: A distributed run exchanges results this many times at most (each exchange waits for every rank).
+_ROUNDS = 32
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,10 @@ class DiffConfig:
         approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each
             estimate comes with guaranteed bounds (``energy_rank_bounds``), see
             :func:`spectra.engine.approx_energy_ranks`.
-        approx_above: use the approximate mode automatically for matrices with p above this.
+        approx_above: use the approximate mode automatically for matrices with ``p = min(out, in)``
+            above this; None never does. The default, 16384, keeps every matrix of today's open
+            models up to 405B exact (their largest p is 16384) and stops the exact path's p³ cost
+            (and its 8·p² byte Gram) from taking over beyond that (``docs/scale.md``).
         approx_tol: approximate mode stops when every bound is narrower than this fraction of p.
         seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
         max_batch: most matrices decomposed together (equal shapes only).
@@ -89,7 +97,7 @@ class DiffConfig:
     precision: Literal["float64", "float32"] = "float64"
     split_fused: bool = True
     approx: bool = False
-    approx_above: int | None = None
+    approx_above: int | None = 16384
     approx_tol: float = 0.01
     seed: int = 0
     max_batch: int = 32
@@ -470,6 +478,7 @@ def diff(
     plots: bool = True,
     allow_identical: bool = True,
     resume: bool = False,
+    distributed_run: bool = False,
 ) -> DiffResult:
     """Spectrum metrics of ΔW = W_tuned − W_base for every paired matrix (SPEC.md).
 
@@ -488,24 +497,45 @@ def diff(
         resume: continue an interrupted run in ``out_dir`` from its journal (``results.jsonl``):
             only the missing matrices are computed, and the results equal an uninterrupted run's.
             Refused when the journal comes from other inputs or options.
+        distributed_run: this process is one rank of a run started by ``torchrun`` (see
+            :mod:`spectra.distributed`): the tensor pairs are split among the ranks by cost, rank 0
+            writes ``out_dir`` and calls ``callback``, and every rank returns the whole result.
+            PEFT adapters (cheap: factored) are analysed whole on every rank.
 
     Returns:
         A :class:`DiffResult` with ``complete=True``.
+
+    Raises:
+        DistributedError: another rank failed or was killed; rerun with ``resume`` to finish.
 
     Example:
         >>> res = diff("base.safetensors", "tuned.safetensors")   # doctest: +SKIP
         >>> res = diff("base/", "lora-adapter/")                  # doctest: +SKIP
         >>> res.summary()[0]["energy_rank"]                       # doctest: +SKIP
     """
+    config = config or DiffConfig()
+    device = resolve_device(config.device)
+    check_device_available(device)
+    ctx = None
+    if distributed_run:
+        device = distributed.rank_device(device)
+        ctx = distributed.init(device)
+    try:
+        return _diff(base, tuned, config, device, out_dir, callback, plots, allow_identical, resume, ctx)
+    finally:
+        distributed.close(ctx)
+
+
+def _diff(base, tuned, config: DiffConfig, device: torch.device, out_dir, callback, plots: bool,
+          allow_identical: bool, resume: bool, ctx: DistContext | None) -> DiffResult:
     from spectra.adapter_diff import diff_adapter
     from spectra.io.adapter import is_adapter, open_adapter
 
-    config = config or DiffConfig()
     t0 = time.perf_counter()
-    device = resolve_device(config.device)
-    check_device_available(device)
     dtype = torch.float64 if config.precision == "float64" else torch.float32
-    writer = _Writer(Path(out_dir)) if out_dir is not None else None
+    lead = ctx is None or ctx.rank == 0  # the rank that writes and reports
+    writer = _Writer(Path(out_dir)) if out_dir is not None and lead else None
+    callback = callback if lead else None
     adapter_path = tuned if tuned is not None else base
     if not isinstance(adapter_path, Checkpoint) and is_adapter(adapter_path):
         base_ckpt = None
@@ -520,9 +550,9 @@ def diff(
     else:
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-        if resume and writer is None:
+        if resume and out_dir is None:
             raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
-        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume)
+        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if all_zero(result):
@@ -550,12 +580,39 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
         )
 
 
+def _absorb(result: DiffResult, records: list[dict]) -> set[str]:
+    """Add journal records (``{"module": …}`` / ``{"skipped": …}``) to ``result``; their names."""
+    names = set()
+    known = set(ModuleResult.__dataclass_fields__)
+    for rec in records:
+        if "module" in rec:
+            result.modules.append(ModuleResult(**{k: v for k, v in rec["module"].items() if k in known}))
+            names.add(rec["module"]["name"])
+        elif "skipped" in rec:
+            result.skipped.append(rec["skipped"])
+            names.add(rec["skipped"]["name"])
+    return names
+
+
+def _task_cost(task: _Task, cost: CostModel, config: DiffConfig) -> float:
+    """Estimated seconds of one tensor pair: reading both sides and decomposing its units."""
+    work = 3 if config.weight_spectra else 1
+    return cost.io_seconds(task.pair.base_info.nbytes + task.pair.tuned_info.nbytes) + sum(
+        work * cost.matrix_seconds(u.shape) for u in task.units)
+
+
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
                       dtype: torch.dtype, writer: "_Writer | None", callback: Callable[[DiffEvent], None] | None,
-                      resume: bool = False) -> DiffResult:
-    """The streaming, batched run over two full checkpoints (see the module docstring)."""
+                      resume: bool = False, ctx: DistContext | None = None) -> DiffResult:
+    """The streaming, batched run over two full checkpoints (see the module docstring).
+
+    With ``ctx`` (a distributed run) every rank plans the same work, takes its cost-balanced share
+    of the tensor pairs, and exchanges results with the others after each of ``rounds`` segments;
+    every rank returns the whole result, and only rank 0 has a ``writer``.
+    """
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
-    tasks = _plan(pairing.pairs, config)
+    planned = _plan(pairing.pairs, config)
+    order = {u.name: u.order for t in planned for u in t.units}
     result = DiffResult(
         base=base_ckpt.label, tuned=tuned_ckpt.label, thresholds=list(config.thresholds),
         skipped=[asdict(s) for s in pairing.skipped],
@@ -563,49 +620,78 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         config=asdict(config), device=str(device), version=__version__,
     )
     result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
-    done = 0
-    if writer:
-        finished = writer.start(result, resume=resume)
-        names = set()
-        for rec in finished:
-            if "module" in rec:
-                known = set(ModuleResult.__dataclass_fields__)
-                result.modules.append(ModuleResult(**{k: v for k, v in rec["module"].items() if k in known}))
-                names.add(rec["module"]["name"])
-            elif "skipped" in rec:
-                result.skipped.append(rec["skipped"])
-                names.add(rec["skipped"]["name"])
-        for t in tasks:
-            t.units = [u for u in t.units if u.name not in names]
-        tasks = [t for t in tasks if t.units]
-        done = len(names)
+    finished = writer.start(result, resume=resume) if writer else []
+    if ctx is not None:  # only rank 0 reads the journal; the others learn what is done from it
+        finished = distributed.broadcast(ctx, finished, where="reading the journal")
+    names = _absorb(result, finished)
+    tasks = []
+    for t in planned:
+        left = [u for u in t.units if u.name not in names]
+        if left:
+            tasks.append(_Task(t.pair, left))
+    done = len(names)
     total = done + sum(len(t.units) for t in tasks)
+    rounds, ends = 0, []
+    if ctx is not None:
+        cost = CostModel()
+        costs = [_task_cost(t, cost, config) for t in tasks]
+        shares = balance(costs, ctx.world_size)
+        tasks = [tasks[i] for i in shares[ctx.rank]]  # stays in shape order: batching works as before
+        rounds = max(1, min(_ROUNDS, max(len(s) for s in shares)))  # the same on every rank
+        unit_costs = [c / len(t.units) for t, c in zip(tasks, (costs[i] for i in shares[ctx.rank])) for _ in t.units]
+        ends = segment_ends(unit_costs, rounds)
     budget = batch_budget(device, config.max_batch_bytes)
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
     workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
     prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device, config.weight_spectra)
+    outbox: list[tuple[ModuleResult | None, Skipped | None]] = []
+    emitted = 0
     completed = False
+
+    def record(module: ModuleResult | None, skip: Skipped | None) -> None:
+        nonlocal done
+        done += 1
+        if module is not None:
+            result.modules.append(module)
+        else:
+            result.skipped.append(asdict(skip))
+        if writer:
+            writer.add(result, module, skip)
+        if callback:
+            callback(DiffEvent(done, total, module, skip))
+
+    def exchange(k: int) -> None:
+        nonlocal outbox
+        got = distributed.exchange(ctx, outbox, where=f"exchanging results (round {k + 1} of {rounds})")
+        outbox = []
+        for rank, items in enumerate(got):
+            if rank != ctx.rank:
+                for module, skip in items:
+                    record(module, skip)
+
     try:
         shapes = [u.shape for t in tasks for u in t.units]
+        k = 0
         for batch in _batches(prepared, shapes, config.max_batch, budget):
-            for event_result, event_skip in _results(batch, config, device, dtype):
-                done += 1
-                if event_result is not None:
-                    result.modules.append(event_result)
-                else:
-                    result.skipped.append(asdict(event_skip))
-                    result.warnings.append(f"{event_skip.name}: {event_skip.reason}")
-                if writer:
-                    writer.add(result, event_result, event_skip)
-                if callback:
-                    callback(DiffEvent(done, total, event_result, event_skip))
+            for module, skip in _results(batch, config, device, dtype):
+                record(module, skip)
+                emitted += 1
+                if ctx is not None:
+                    outbox.append((module, skip))
+                    while k < rounds and ends[k] <= emitted:
+                        exchange(k)
+                        k += 1
+        while ctx is not None and k < rounds:  # ranks with less work still take part in every round
+            exchange(k)
+            k += 1
         completed = True
     finally:
         prepared.close()
         if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
             writer.flush(result)
-    order = {u.name: u.order for t in _plan(pairing.pairs, config) for u in t.units}
     result.modules.sort(key=lambda m: order[m.name])
+    result.skipped.sort(key=lambda s: order.get(s["name"], -1))  # pairing skips first, then layer order
+    result.warnings.extend(f"{s['name']}: {s['reason']}" for s in result.skipped if s["name"] in order)
     return result
 
 
@@ -650,7 +736,10 @@ class _Writer:
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
         """
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(self.out_dir, exc) from exc
         done: list[dict] = []
         if resume:
             previous = self.out_dir / "results.json"
@@ -672,15 +761,18 @@ class _Writer:
             # rewrite the journal with the whole records only, so the next append starts on a new line
             atomic_write_text(self.journal, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
         else:
-            self.journal.write_text("", encoding="utf-8")
+            atomic_write_text(self.journal, "")
         result.save_json(self.out_dir / "results.json")
         self.last = time.monotonic()
         return done
 
     def add(self, result: DiffResult, module: ModuleResult | None, skipped: Skipped | None) -> None:
         record = {"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)}
-        with open(self.journal, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        try:
+            with open(self.journal, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+        except OSError as exc:  # the journal keeps every line written before this one
+            raise output_error(self.journal, exc) from exc
         if time.monotonic() - self.last >= _REWRITE_EVERY_S:
             result.save_json(self.out_dir / "results.json")
             self.last = time.monotonic()
@@ -692,3 +784,80 @@ class _Writer:
     def finish(self, result: DiffResult, *, plots: bool) -> None:
         result.save(self.out_dir, plots=plots)
         atomic_write_text(self.out_dir / "diff_config.json", json.dumps(result.config, indent=2, sort_keys=True) + "\n")
+
+
+def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig | None = None, *,
+             world_size: int = 1, calibrate_cost: bool = True) -> Plan:
+    """What ``diff(base, tuned, config)`` will do and cost, before doing it (``spectra diff --plan``).
+
+    Opens both checkpoints (headers only), pairs and plans the matrices exactly as :func:`diff`
+    does, then prices them: with ``calibrate_cost`` the rates are measured on the configured device
+    (:func:`spectra.plan.calibrate`: a probe Gram product and eigensolve, and one real tensor pair
+    read and subtracted), else :class:`CostModel` defaults are used.
+
+    Args:
+        base, tuned: checkpoints as for :func:`diff` (PEFT adapters are not planned: their factored
+            analysis takes seconds).
+        config: options; :class:`DiffConfig` defaults when None.
+        world_size: ranks the work would be split over (``torchrun --nproc-per-node``).
+        calibrate_cost: measure the rates on the device (about a second) instead of using defaults.
+
+    Returns:
+        A :class:`spectra.plan.Plan`. Memory is the data's (tensors in flight, the batch, the
+        decomposition workspace) on top of ``baseline_bytes``, the process as it is now.
+    """
+    from spectra.engine import estimate_batch_bytes
+    from spectra.io.adapter import is_adapter
+
+    config = config or DiffConfig()
+    if any(not isinstance(x, Checkpoint) and is_adapter(x) for x in (base, tuned)):
+        raise ConfigError("--plan prices checkpoint pairs; a PEFT adapter is analysed from its factors in seconds",
+                          hint="run without --plan")
+    device = resolve_device(config.device)
+    check_device_available(device)
+    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+    pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
+    tasks = _plan(pairing.pairs, config)
+    cost = CostModel()
+    if calibrate_cost:
+        probe = None
+        if tasks:  # one real pair, the one nearest 32 MiB, read and subtracted as the run will
+            task = min(tasks, key=lambda t: abs(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes - (32 << 20)))
+            probe = (lambda: _prepare(task, base_ckpt, tuned_ckpt, device),
+                     task.pair.base_info.nbytes + task.pair.tuned_info.nbytes, None)
+        cost = calibrate(device, config.precision, io_probe=probe)
+    work = 3 if config.weight_spectra else 1
+    io = [cost.io_seconds(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes) for t in tasks]
+    compute = [sum(work * cost.matrix_seconds(u.shape) for u in t.units) for t in tasks]
+    shares = balance([a + b for a, b in zip(io, compute)], world_size)
+    slowest = max(shares, key=lambda s: sum(io[i] + compute[i] for i in s))
+    shapes: dict[tuple[int, int], int] = {}
+    for t in tasks:
+        for u in t.units:
+            shapes[u.shape] = shapes.get(u.shape, 0) + 1
+    # memory: the pairs in flight (stored tensors + their ΔW in float32) and one batch with workspace
+    dtype = torch.float64 if config.precision == "float64" else torch.float32
+    depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
+    pair_bytes = [t.pair.base_info.nbytes + t.pair.tuned_info.nbytes + sum(4 * u.shape[0] * u.shape[1] * (1 + int(config.weight_spectra))
+                                                                             for u in t.units) for t in tasks]
+    in_flight = sum(sorted(pair_bytes, reverse=True)[: depth + 1])
+    budget = batch_budget(device, config.max_batch_bytes)
+    batch = max((min(budget, min(n, config.max_batch) * estimate_batch_bytes(s, dtype, config.method))
+                 for s, n in shapes.items()), default=0)
+    approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
+    notes = []
+    if approx:
+        notes.append(f"{approx} matrices use the approximate mode (priced as exact: an upper estimate)")
+    stored_in_flight = sum(sorted((t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks), reverse=True)[: depth + 1])
+    if device.type == "cuda":  # ΔW is formed on the GPU: the host holds only the stored tensors
+        host, on_device = stored_in_flight, in_flight + batch
+    else:
+        host, on_device = in_flight + batch, 0
+    return Plan(
+        matrices=sum(shapes.values()), tensors=len(tasks),
+        read_bytes=sum(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks), shapes=shapes,
+        world_size=world_size, rank_seconds=[sum(io[i] + compute[i] for i in s) for s in shares],
+        io_seconds=sum(io[i] for i in slowest), compute_seconds=sum(compute[i] for i in slowest),
+        host_bytes=host, device_bytes=on_device, baseline_bytes=peak_rss_bytes(), cost=cost, approx=approx, notes=notes,
+    )

@@ -63,3 +63,15 @@ class ConfigError(SpectraError):
 
 class IdenticalCheckpointsError(SpectraError):
     """Every paired update is exactly zero: base and tuned hold the same weights."""
+
+
+class OutputError(SpectraError):
+    """A result file could not be written (full disk, no permission); earlier files are unchanged."""
+
+
+def output_error(path: str | Path, exc: OSError) -> OutputError:
+    """The :class:`OutputError` for an ``OSError`` raised while writing ``path``."""
+    why = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write results: {why}", path=path,
+                       hint="free disk space or fix the folder's permissions, or choose another --out; "
+                            "files written earlier are intact, and diff --resume continues an interrupted run")

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from spectra.naming import role_sort_key
-from spectra.results import threshold_key
+from spectra.results import atomic_write_bytes, threshold_key
 
 if TYPE_CHECKING:
     from spectra.results import DiffResult, ModuleResult
@@ -70,9 +70,7 @@ def _heatmap(grid, layers, modules, *, title, cbar_label, fmt, vmin=None, vmax=N
                     ax.text(j, i, fmt(grid[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if grid[i, j] < mid else "black")
     if path is not None:
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        return path
+        return save_figure(fig, path, dpi=120)
     return fig
 
 
@@ -121,8 +119,7 @@ def compare_plots(result, out_dir: Path, *, max_phi_modules: int = 4) -> dict[st
     """Write :func:`compare_figures` as PNGs into ``out_dir``; returns name -> path."""
     files = {}
     for name, fig in compare_figures(result, max_phi_modules=max_phi_modules).items():
-        files[name] = Path(out_dir) / f"{name}.png"
-        fig.savefig(files[name], dpi=110)
+        files[name] = save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110)
     return files
 
 
@@ -200,5 +197,14 @@ def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLik
     ax.legend(fontsize=8)
     if path is None:
         return fig
-    fig.savefig(path, dpi=120)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Render ``fig`` as PNG in memory and write it atomically (an interrupted or failed write never
+    leaves a half image; a full disk raises :class:`spectra.errors.OutputError`)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(Path(path), buf.getvalue())

@@ -1,0 +1,198 @@
+"""Cost model of a diff run: what ``spectra diff --plan`` prints, and how distributed runs split work.
+
+A run reads every paired tensor twice (base and tuned), forms ΔW, and decomposes it. With the
+exact Gram path (:mod:`spectra.linalg`) a ``(m, n)`` matrix with ``p = min(m, n)`` costs
+
+    t ≈ m·n·p / gram_rate  +  p³ / eig_rate
+
+(the Gram product, then the symmetric eigensolve), and a tensor pair costs ``bytes / io_rate`` to
+read and subtract. :func:`calibrate` measures the three rates on the chosen device in about a
+second; :class:`CostModel` then prices any shape, which is how the estimates for models we cannot
+run here (``docs/scale.md``) are made. Reading overlaps the decomposition when prefetching, so a
+run takes about ``max(io, compute)`` where the two are balanced and their sum at worst; the plan
+reports both.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from spectra.linalg import gram
+
+#: Rates used when nothing was calibrated (a 2-core CPU of this project's CI, float64); only their
+#: ratios matter for balancing ranks.
+DEFAULT_RATES = {"gram_rate": 1.2e10, "eig_rate": 2.0e9, "io_rate": 4.0e8}
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-matrix and per-byte costs on one device.
+
+    Attributes:
+        gram_rate: multiply-adds per second of the Gram product (``m·n·p`` per matrix).
+        eig_rate: ``p³`` units per second of the symmetric eigensolve of a ``p × p`` Gram matrix.
+        io_rate: stored bytes per second of reading a tensor pair and forming ΔW.
+        overhead_s: fixed seconds per matrix (launches, bookkeeping).
+        device: where the rates were measured (``"cpu"``, ``"cuda:0"``, or ``"default"``).
+        precision: ``"float64"`` or ``"float32"``, the decomposition dtype measured.
+    """
+
+    gram_rate: float = DEFAULT_RATES["gram_rate"]
+    eig_rate: float = DEFAULT_RATES["eig_rate"]
+    io_rate: float = DEFAULT_RATES["io_rate"]
+    overhead_s: float = 1e-4
+    device: str = "default"
+    precision: str = "float64"
+
+    def matrix_seconds(self, shape: tuple[int, int]) -> float:
+        """Estimated seconds to decompose one ``(m, n)`` matrix exactly."""
+        m, n = shape
+        p = min(m, n)
+        return m * n * p / self.gram_rate + p**3 / self.eig_rate + self.overhead_s
+
+    def io_seconds(self, nbytes: int) -> float:
+        """Estimated seconds to read ``nbytes`` of stored tensors and form their ΔW."""
+        return nbytes / self.io_rate
+
+
+def balance(costs: Sequence[float], ranks: int) -> list[list[int]]:
+    """Split items among ``ranks`` so that the largest total cost is small (greedy LPT: the most
+    expensive item first, each to the least loaded rank; within 4/3 of the optimum).
+
+    Args:
+        costs: cost of each item (any unit), ``len(costs) = n``.
+        ranks: number of workers, ≥ 1.
+
+    Returns:
+        ``ranks`` lists of item indices, each in ascending index order (the caller's work order).
+        Deterministic: ties go to the lower index and the lower rank.
+    """
+    loads = [0.0] * ranks
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(ranks), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(x) for x in out]
+
+
+def segment_ends(costs: Sequence[float], rounds: int) -> list[int]:
+    """End indices (exclusive) of ``rounds`` consecutive segments of roughly equal cost.
+
+    Used by distributed runs: every rank sends its results to the others after each segment, and
+    all ranks do the same number of rounds whatever their item counts. The last end is ``len(costs)``.
+    """
+    total = float(sum(costs))
+    ends, acc, i = [], 0.0, 0
+    for k in range(1, rounds + 1):
+        goal = total * k / rounds
+        while i < len(costs) and (acc + costs[i] <= goal + 1e-12 * total or k == rounds):
+            acc += costs[i]
+            i += 1
+        ends.append(i)
+    ends[-1] = len(costs)
+    return ends
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def calibrate(device: torch.device, precision: str = "float64", *, size: int | None = None,
+              io_probe: "tuple[object, object, object] | None" = None) -> CostModel:
+    """Measure the rates of :class:`CostModel` on ``device`` (about a second).
+
+    Args:
+        device: where the engine will run.
+        precision: decomposition dtype, ``"float64"`` or ``"float32"``.
+        size: ``p`` of the probe matrices (default 512 on the CPU, 4096 on CUDA, large enough that
+            the measured rates hold at model sizes).
+        io_probe: ``(read, nbytes, _)``: a callable that reads one tensor pair and forms its ΔW,
+            and the stored bytes it reads; None keeps the default I/O rate.
+    """
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    p = size or (4096 if device.type == "cuda" else 512)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    M = torch.randn(p, 4 * p, generator=g, dtype=torch.float32).to(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run_gram():
+        gram(M, dtype=dtype)
+        sync()
+
+    G = gram(M, dtype=dtype)
+
+    def run_eig():
+        torch.linalg.eigvalsh(G)
+        sync()
+
+    run_gram(), run_eig()  # warm-up (library loading, kernels)
+    t_gram = _median_time(run_gram)
+    t_eig = _median_time(run_eig)
+    io_rate = DEFAULT_RATES["io_rate"]
+    if io_probe is not None:
+        read, nbytes, _ = io_probe
+        t_io = _median_time(read, repeats=2)
+        io_rate = nbytes / max(t_io, 1e-6)
+    return CostModel(gram_rate=p * 4 * p * p / t_gram, eig_rate=p**3 / t_eig, io_rate=io_rate,
+                     device=str(device), precision=precision)
+
+
+@dataclass
+class Plan:
+    """What a diff run will do, priced by a :class:`CostModel`.
+
+    Attributes:
+        matrices: matrices (units: parts × experts) to analyse.
+        tensors: tensor pairs to read.
+        read_bytes: stored bytes read, both checkpoints together.
+        shapes: ``(m, n)`` -> count, for the table.
+        world_size: ranks the work is split over.
+        rank_seconds: estimated compute + I/O seconds of each rank (sum, no overlap).
+        io_seconds: I/O part of the slowest rank.
+        compute_seconds: decomposition part of the slowest rank.
+        host_bytes: estimated peak host memory of the data (process baseline excluded).
+        device_bytes: estimated peak memory of a batch on the compute device (CUDA), else 0.
+        baseline_bytes: resident memory of this process now (interpreter, torch, libraries).
+        cost: the cost model used.
+        approx: matrices that will use the approximate mode.
+    """
+
+    matrices: int
+    tensors: int
+    read_bytes: int
+    shapes: dict[tuple[int, int], int]
+    world_size: int
+    rank_seconds: list[float]
+    io_seconds: float
+    compute_seconds: float
+    host_bytes: int
+    device_bytes: int
+    baseline_bytes: int
+    cost: CostModel
+    approx: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        """Estimated wall time: the slowest rank, reads overlapping the decomposition."""
+        return max(self.io_seconds, self.compute_seconds) + 0.15 * min(self.io_seconds, self.compute_seconds)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, bytes (Linux ``ru_maxrss`` is KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
