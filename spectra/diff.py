@@ -32,12 +32,13 @@ from spectra.errors import ConfigError, IdenticalCheckpointsError, output_error
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
 from spectra.linalg import resolve_device
+from spectra.numerics import numeric_notes
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics
 from spectra.naming import Part
 from spectra.pairing import MatrixPair, Skipped, pair_checkpoints
 from spectra import distributed
 from spectra.distributed import DistContext
-from spectra.plan import CostModel, Plan, balance, calibrate, peak_rss_bytes, segment_ends
+from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.randmat import random_energy_rank
 from spectra.results import DiffResult, ModuleResult, atomic_write_text, threshold_key
 
@@ -272,6 +273,7 @@ class _Prepared:
     base_fro: float
     skip: str | None = None
     base: torch.Tensor | None = None  # W_base upcast, only with DiffConfig.weight_spectra
+    note: str = ""  # numerical caveats of this ΔW (spectra.numerics)
 
 
 def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False) -> list[_Prepared]:
@@ -289,7 +291,9 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.dev
         if bad:
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
-            out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device).to(delta.dtype) if keep_base else None))
+            notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype)
+            out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device).to(delta.dtype) if keep_base else None,
+                                 note="; ".join(notes)))
     return out
 
 
@@ -307,16 +311,22 @@ def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 
     rows = max(1, block // max(1, b.shape[-1]))
     sq = torch.zeros((), dtype=torch.float64, device=device)
     finite_b = torch.ones((), dtype=torch.bool, device=device)
-    finite_t = torch.ones((), dtype=torch.bool, device=device)
+    delta_ok = torch.ones((), dtype=torch.bool, device=device)
     for r in range(0, b.shape[0], rows):
         bb = b[r : r + rows].to(device).to(work)
         tb = t[r : r + rows].to(device).to(work)
-        finite_b &= torch.isfinite(bb).all()
-        finite_t &= torch.isfinite(tb).all()
         b64 = bb.double().reshape(-1)
-        sq += torch.dot(b64, b64)
-        torch.sub(tb, bb, out=delta[r : r + rows])
-    bad = [side for side, ok in (("base", finite_b), ("tuned", finite_t)) if not bool(ok)]  # one sync per matrix
+        part = torch.dot(b64, b64)  # finite exactly when the block is: a float32² sum cannot overflow float64
+        sq += part
+        finite_b &= torch.isfinite(part)
+        d = delta[r : r + rows]
+        torch.sub(tb, bb, out=d)
+        delta_ok &= torch.isfinite(d.sum())  # NaN/Inf in tuned reach the sum (isfinite() per element is 5× slower)
+    base_ok, sums_ok = torch.stack([finite_b, delta_ok]).tolist()  # one sync per matrix
+    bad = [] if base_ok else ["base"]
+    if not sums_ok:  # rare: tuned or base is not finite, or a float32 sum overflowed; look closely
+        if not all(bool(torch.isfinite(t[r : r + rows]).all()) for r in range(0, t.shape[0], rows)):
+            bad.append("tuned")
     return delta, float(sq.item()) ** 0.5, bad
 
 
@@ -415,7 +425,7 @@ def _common(item: _Prepared, config: DiffConfig) -> dict:
         name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
         shape=list(unit.shape), base_fro_norm=item.base_fro, random_energy_rank=random_ranks(unit.shape, config),
         dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
-        note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
+        note="; ".join(n for n in (pair.note, pair.tuned.note, item.note) if n),
     )
 
 
@@ -806,7 +816,6 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         A :class:`spectra.plan.Plan`. Memory is the data's (tensors in flight, the batch, the
         decomposition workspace) on top of ``baseline_bytes``, the process as it is now.
     """
-    from spectra.engine import estimate_batch_bytes
     from spectra.io.adapter import is_adapter
 
     config = config or DiffConfig()
@@ -825,7 +834,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         if tasks:  # one real pair, the one nearest 32 MiB, read and subtracted as the run will
             task = min(tasks, key=lambda t: abs(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes - (32 << 20)))
             probe = (lambda: _prepare(task, base_ckpt, tuned_ckpt, device),
-                     task.pair.base_info.nbytes + task.pair.tuned_info.nbytes, None)
+                     task.pair.base_info.nbytes + task.pair.tuned_info.nbytes)
         cost = calibrate(device, config.precision, io_probe=probe)
     work = 3 if config.weight_spectra else 1
     io = [cost.io_seconds(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes) for t in tasks]
@@ -836,24 +845,16 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     for t in tasks:
         for u in t.units:
             shapes[u.shape] = shapes.get(u.shape, 0) + 1
-    # memory: the pairs in flight (stored tensors + their ΔW in float32) and one batch with workspace
     dtype = torch.float64 if config.precision == "float64" else torch.float32
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
-    pair_bytes = [t.pair.base_info.nbytes + t.pair.tuned_info.nbytes + sum(4 * u.shape[0] * u.shape[1] * (1 + int(config.weight_spectra))
-                                                                             for u in t.units) for t in tasks]
-    in_flight = sum(sorted(pair_bytes, reverse=True)[: depth + 1])
-    budget = batch_budget(device, config.max_batch_bytes)
-    batch = max((min(budget, min(n, config.max_batch) * estimate_batch_bytes(s, dtype, config.method))
-                 for s, n in shapes.items()), default=0)
+    host, on_device = estimate_memory([(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes, [u.shape for u in t.units]) for t in tasks],
+                                      depth=depth, batch_bytes=batch_budget(device, config.max_batch_bytes),
+                                      max_batch=config.max_batch, dtype=dtype, method=config.method,
+                                      on_gpu=device.type == "cuda", weight_spectra=config.weight_spectra)
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
     notes = []
     if approx:
         notes.append(f"{approx} matrices use the approximate mode (priced as exact: an upper estimate)")
-    stored_in_flight = sum(sorted((t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks), reverse=True)[: depth + 1])
-    if device.type == "cuda":  # ΔW is formed on the GPU: the host holds only the stored tensors
-        host, on_device = stored_in_flight, in_flight + batch
-    else:
-        host, on_device = in_flight + batch, 0
     return Plan(
         matrices=sum(shapes.values()), tensors=len(tasks),
         read_bytes=sum(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks), shapes=shapes,

@@ -35,6 +35,19 @@ ROLE_ORDER = (
 
 _WEIGHT_SUFFIXES = ("weight",)
 
+#: Last name components of quantisation parameters stored beside a quantised weight ``X.weight``:
+#: compressed-tensors / FBGEMM ``weight_scale`` (per tensor, per output channel, per group or per
+#: block), DeepSeek-V3 ``weight_scale_inv`` (128×128 block scales; multiplied despite the name),
+#: zero points, and activation / KV-cache scales (``input_scale``, ``k_scale``...), which are not
+#: weights at all. None of them is a weight matrix, whatever its rank.
+QUANT_PARAM_LEAVES = frozenset({
+    "weight_scale", "weight_scale_inv", "weight_zero_point", "weight_global_scale",
+    "input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale", "v_scale",
+})
+
+#: The quantisation parameters that dequantise the weight beside them (``X.<leaf>`` -> ``X.weight``).
+WEIGHT_QUANT_LEAVES = ("weight_scale", "weight_scale_inv", "weight_zero_point")
+
 
 @dataclass(frozen=True)
 class ArchInfo:
@@ -174,6 +187,23 @@ def pairing_key(name: str) -> str:
     return ".".join(comps)
 
 
+def quant_param_of(name: str) -> tuple[str, str] | None:
+    """``(weight name, kind)`` when ``name`` is a quantisation parameter, else None.
+
+    ``kind`` is the last component (``"weight_scale"``, ``"input_scale"``...). The weight name is
+    ``X.weight`` for every kind, including activation scales (whose ``X`` holds that weight).
+
+    >>> quant_param_of("model.layers.0.mlp.down_proj.weight_scale_inv")
+    ('model.layers.0.mlp.down_proj.weight', 'weight_scale_inv')
+    >>> quant_param_of("model.layers.0.mlp.down_proj.weight") is None
+    True
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in QUANT_PARAM_LEAVES:
+        return None
+    return (f"{prefix}.weight" if prefix else "weight"), leaf
+
+
 def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
     """Pairing key -> name, for the keys exactly one of ``names`` has (a shared key pairs nothing)."""
     seen: dict[str, list[str]] = {}
@@ -291,8 +321,9 @@ def describe_checkpoint(
         arch: head counts and storage layout from ``config.json``; inferred from shapes when None.
 
     Returns:
-        name -> :class:`MatrixSpec` for every matrix; tensors of other ranks are left out (the caller
-        reports them as skipped).
+        name -> :class:`MatrixSpec` for every matrix; tensors of other ranks and quantisation
+        parameters (:func:`quant_param_of`, even 2-D block scales) are left out (the caller reports
+        them as skipped).
     """
     arch = arch or ArchInfo.from_config(None, shapes)
     parsed = {n: _parse(n) for n, s in shapes.items() if _is_matrix(n, s)}
@@ -313,6 +344,8 @@ def describe_checkpoint(
 
 
 def _is_matrix(name: str, shape: Sequence[int]) -> bool:
+    if quant_param_of(name) is not None:  # a 2-D block scale is not a weight matrix
+        return False
     if len(shape) == 2:
         return True
     return len(shape) == 3 and "experts" in name.split(".")
@@ -387,6 +420,6 @@ def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
 
 
 __all__ = [
-    "ArchInfo", "MatrixSpec", "Part", "describe_checkpoint", "module_labels", "pairing_key",
-    "role_sort_key", "ROLE_ORDER",
+    "ArchInfo", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "describe_checkpoint", "module_labels",
+    "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
 ]

@@ -4,7 +4,9 @@ Names are matched exactly first, then by :func:`spectra.naming.pairing_key` (wra
 ``model.``, ``transformer.`` or ``bert.`` dropped), so a ``LlamaForCausalLM`` checkpoint pairs with a
 ``LlamaModel`` one. Everything that does not become a pair is accounted for: tensors found on one
 side only, and tensors found on both sides that are not analysable matrices (1-D norms and biases,
-integer tensors, shape mismatches), each with a reason.
+integer tensors, quantisation scales, shape mismatches), each with a reason. A quantised weight with
+a companion scale is analysed dequantised (:meth:`spectra.io.checkpoint.Checkpoint.load`), and its
+pair says so in its note.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
-from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, describe_checkpoint, quant_param_of, role_sort_key, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,22 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     return matches
 
 
+def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
+    """Why a quantisation parameter is not analysed, or None when ``name`` is not one."""
+    found = quant_param_of(name)
+    if found is None:
+        return None
+    weight, kind = found
+    if not kind.startswith("weight_"):
+        return f"activation/cache quantisation scale ({kind}), not a weight"
+    ws = ckpt.scales.get(weight)
+    if ws is not None and name in (ws.scale, ws.zero_point):
+        return f"quantisation {'scale' if name == ws.scale else 'zero point'} of {weight}; applied to it"
+    if weight in ckpt.tensors:
+        return f"quantisation parameter ({kind}) of {weight}, which is stored as {ckpt.tensors[weight].dtype}, not fp8/int8; not applied"
+    return f"quantisation parameter ({kind}) of {weight}, which this checkpoint does not hold"
+
+
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
     """Pair every matrix of ``tuned`` with its ``base`` counterpart.
 
@@ -106,11 +124,13 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
         bi, ti = base.tensors[bn], tuned.tensors[tn]
         bs, ts = bspecs.get(bn), tspecs.get(tn)
         if bs is None or ts is None:
+            quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)
             ndim = len(ti.shape) if ts is None else len(bi.shape)
             what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
-            result.skipped.append(Skipped(tn, f"{what}, not a weight matrix"))
+            result.skipped.append(Skipped(tn, quant or f"{what}, not a weight matrix"))
             continue
-        bad = [f"{side} dtype {i.dtype}" for side, i in (("base", bi), ("tuned", ti)) if i.dtype not in FLOAT_DTYPES]
+        bad = [f"{side} dtype {i.dtype}" for side, i, n, c in (("base", bi, bn, base), ("tuned", ti, tn, tuned))
+               if i.dtype not in FLOAT_DTYPES and n not in c.scales]
         if bad:
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
             continue
@@ -124,6 +144,9 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
             else:
                 result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"))
                 continue
+        deq = [f"{side} {c.scales[n].describe(i.dtype)}" for side, i, n, c in
+               (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales]
+        note = "; ".join(x for x in (note, *deq) if x)
         result.pairs.append(MatrixPair(bs, ts, bi, ti, rows, note))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 def calibrate(device: torch.device, precision: str = "float64", *, size: int | None = None,
-              io_probe: "tuple[object, object, object] | None" = None) -> CostModel:
+              io_probe: tuple[Callable[[], object], int] | None = None) -> CostModel:
     """Measure the rates of :class:`CostModel` on ``device`` (about a second).
 
     Args:
@@ -118,8 +118,8 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
         precision: decomposition dtype, ``"float64"`` or ``"float32"``.
         size: ``p`` of the probe matrices (default 512 on the CPU, 4096 on CUDA, large enough that
             the measured rates hold at model sizes).
-        io_probe: ``(read, nbytes, _)``: a callable that reads one tensor pair and forms its ΔW,
-            and the stored bytes it reads; None keeps the default I/O rate.
+        io_probe: ``(read, nbytes)``: a callable that reads one tensor pair and forms its ΔW, and
+            the stored bytes it reads; None keeps the default I/O rate.
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     p = size or (4096 if device.type == "cuda" else 512)
@@ -145,7 +145,7 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     t_eig = _median_time(run_eig)
     io_rate = DEFAULT_RATES["io_rate"]
     if io_probe is not None:
-        read, nbytes, _ = io_probe
+        read, nbytes = io_probe
         t_io = _median_time(read, repeats=2)
         io_rate = nbytes / max(t_io, 1e-6)
     return CostModel(gram_rate=p * 4 * p * p / t_gram, eig_rate=p**3 / t_eig, io_rate=io_rate,
@@ -191,6 +191,41 @@ class Plan:
     def seconds(self) -> float:
         """Estimated wall time: the slowest rank, reads overlapping the decomposition."""
         return max(self.io_seconds, self.compute_seconds) + 0.15 * min(self.io_seconds, self.compute_seconds)
+
+
+def estimate_memory(pairs: Sequence[tuple[int, Sequence[tuple[int, int]]]], *, depth: int, batch_bytes: int,
+                    max_batch: int, dtype: torch.dtype = torch.float64, method: str = "gram", on_gpu: bool = False,
+                    weight_spectra: bool = False) -> tuple[int, int]:
+    """Peak memory of a run's data, bytes, as ``(host, device)`` (device is 0 on a CPU run).
+
+    What a streaming run holds at once (:mod:`spectra.diff`): up to ``depth + 1`` tensor pairs in
+    flight, each as stored bytes plus ΔW in float32 for each of its matrices (W_base too with
+    ``weight_spectra``), and one batch of equally shaped matrices with the decomposition's
+    workspace, capped by ``batch_bytes``. On a GPU, ΔW and the batch live on the device and the host
+    holds only the stored tensors being read.
+
+    Args:
+        pairs: per tensor pair, its stored bytes (both sides) and the ``(m, n)`` shapes of its matrices.
+        depth: tensor pairs read ahead (``DiffConfig.prefetch``).
+        batch_bytes: the batch cap (:func:`spectra.engine.batch_budget`).
+        max_batch: most matrices per batch.
+        dtype, method: the decomposition's dtype and method (workspace size).
+        on_gpu: the decomposition runs on CUDA.
+        weight_spectra: W_base is kept beside ΔW.
+    """
+    from spectra.engine import estimate_batch_bytes
+
+    per_pair = [(stored, stored + sum(4 * m * n * (1 + int(weight_spectra)) for m, n in shapes)) for stored, shapes in pairs]
+    counts: dict[tuple[int, int], int] = {}
+    for _, shapes in pairs:
+        for s in shapes:
+            counts[s] = counts.get(s, 0) + 1
+    batch = max((min(batch_bytes, min(n, max_batch) * estimate_batch_bytes(s, dtype, method)) for s, n in counts.items()), default=0)
+    in_flight = sum(sorted((full for _, full in per_pair), reverse=True)[: depth + 1])
+    if on_gpu:
+        stored = sum(sorted((st for st, _ in per_pair), reverse=True)[: depth + 1])
+        return stored, in_flight + batch
+    return in_flight + batch, 0
 
 
 def peak_rss_bytes() -> int:

@@ -1,0 +1,277 @@
+"""Numerical caveats of one weight update ΔW = W_tuned − W_base, as explained notes.
+
+Pure tensor functions, no I/O. :func:`numeric_notes` looks at one matrix pair as stored and says when
+the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
+
+``subnormal``
+    Base or tuned holds subnormal (denormal) values of its stored dtype that could move ‖ΔW‖_F by
+    ≥ 1 % (:data:`SUBNORMAL_EFFECT`) if flushed. spectra upcasts and keeps them, but hardware that
+    flushes denormals to zero (FTZ/DAZ, common on GPUs for fp16/fp8) trained on different numbers.
+``rounding_level``
+    Most of ΔW's energy sits in entries that changed by at most one rounding step of the (coarser)
+    stored dtype, ``|ΔW_ij| ≤ ε · max(|W_base,ij|, |W_tuned,ij|)`` with ε = ``torch.finfo(dtype).eps``
+    (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3). A 1e-8 relative update stored
+    in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is that of rounding noise.
+    The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
+    criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
+``precision_mismatch``
+    The two sides are stored at different precisions (fp32 base, bf16 tuned): ΔW includes rounding W
+    to the coarser dtype, ≈ 0.045·ε²·‖W‖_F² of energy (round-to-nearest error, ulp²/12, averaged over
+    a binade), spread over all directions. Flagged when that is ≥ 1 % of ‖ΔW‖_F² (it then moves
+    ``energy_rank[0.99]``).
+``quantisation_grid``
+    One side is quantised (stored as fp8/int8, or every sampled row of ≥ 1024 entries holds ≤ 256
+    distinct values, as int8/int4-dequantised weights do) and the other is not, or both are on
+    different grids: ΔW includes quantisation error, which is near full rank.
+
+An all-zero ΔW gets no notes (``fro_norm == 0`` is reported elsewhere); nor does a ΔW with NaN/Inf.
+Every check is O(elements) in row blocks of bounded size, or reads a fixed, evenly spaced sample
+of rows: results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+#: ``subnormal`` fires when flushing the subnormal entries could change ‖ΔW‖_F by this fraction.
+SUBNORMAL_EFFECT = 0.01
+#: ``rounding_level`` fires when at least this fraction of ‖ΔW‖_F² is in ≤ 1-ulp entries.
+ROUNDING_ENERGY = 0.5
+#: ``precision_mismatch`` fires when the estimated rounding energy is this fraction of ‖ΔW‖_F².
+MISMATCH_ENERGY = 0.01
+#: A sampled row of at least GRID_MIN_ROW entries with at most GRID_MAX_LEVELS distinct values
+#: looks quantised (int8 has 256 levels; a bf16 row of 1024 Gaussian weights has ~650-720).
+GRID_MIN_ROW = 1024
+GRID_MAX_LEVELS = 256
+#: Two quantised sides are on different grids when a sampled row's union of values exceeds this
+#: many times the larger side's own count (same grid: the union stays within the grid's levels).
+GRID_UNION_RATIO = 1.5
+#: Mean of (rounding error / x)² under round-to-nearest, in units of ε², for x log-uniform in a
+#: binade: (1/12)·E[(2^e/x)²] = (1/12)·(3/8)/ln 2 ≈ 0.0451.
+_ROUND_ENERGY_PER_EPS2 = 0.375 / (12 * 0.6931471805599453)
+_QUANTISED_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8", "int4"})
+
+
+@dataclass(frozen=True)
+class NumericNote:
+    """One caveat about a matrix pair.
+
+    Attributes:
+        code: ``"subnormal"``, ``"rounding_level"``, ``"precision_mismatch"`` or
+            ``"quantisation_grid"`` (see the module docstring).
+        message: one explained sentence for users (no trailing period), fit to join with ``"; "``.
+    """
+
+    code: str
+    message: str
+
+
+def numeric_notes(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
+                  base_dtype: str, tuned_dtype: str) -> list[str]:
+    """Explained numerical caveats of ΔW, as messages (see :func:`numeric_flags`).
+
+    Example:
+        >>> w = (torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+        >>> t = (w.float() * (1 + 1e-8)).bfloat16()  # a 1e-8 relative update, rounded away in bf16
+        >>> numeric_notes(w, t, t.float() - w.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")
+        []
+        >>> t = (w.float() + 0.003 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1)) * w.float()).bfloat16()
+        >>> [m.split(":")[0] for m in numeric_notes(w, t, t.float() - w.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")]
+        ['ΔW is at the rounding level of bfloat16']
+    """
+    return [n.message for n in numeric_flags(base, tuned, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype)]
+
+
+def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
+                  base_dtype: str, tuned_dtype: str, block: int = 1 << 22,
+                  sample_rows: int = 16, max_rows: int | None = 64) -> list[NumericNote]:
+    """Numerical caveats of one update ΔW = W_tuned − W_base (module docstring), in a fixed order.
+
+    Args:
+        base, tuned: W_base and W_tuned, shape ``(out, in)`` (any leading dims are folded into rows),
+            as stored (bf16, fp16, fp32, fp8...) or upcast / dequantised to float32; any device.
+        delta: ΔW = tuned − base, same shape, float32 or float64 (as :mod:`spectra.diff` forms it).
+        base_dtype, tuned_dtype: the stored dtype names (``"bfloat16"``, ``"float8_e4m3fn"``,
+            ``"int8"``...), which decide ε and whether a side is quantised.
+        block: elements per row block of the O(elements) pass (bounds temporary memory).
+        sample_rows: rows read (evenly spaced, so deterministic) by the quantisation-grid check.
+        max_rows: the element-wise checks read at most this many rows: evenly spaced ones plus the
+            16 rows where ΔW is largest (so that an update confined to a few rows, such as new
+            token embeddings, is seen); None reads every row. A full pass costs several times
+            forming ΔW on a CPU; the checks are ratios, which a sample estimates well.
+
+    Returns:
+        The :class:`NumericNote` of each check that fired; empty when ΔW is all zero or not finite.
+    """
+    if base.shape != tuned.shape or base.shape != delta.shape:
+        raise ValueError(f"base, tuned and delta must have one shape. Got {tuple(base.shape)}, "
+                         f"{tuple(tuned.shape)}, {tuple(delta.shape)} instead")
+    if delta.numel() == 0:
+        return []
+    cols = delta.shape[-1] if delta.ndim else 1
+    b2, t2, d2 = (x.reshape(-1, cols) for x in (base, tuned, delta))
+    total_rows = d2.shape[0]
+    if max_rows is not None and total_rows > max_rows:
+        top = min(16, max_rows)
+        energy = torch.linalg.vector_norm(d2, dim=1)
+        energy = torch.nan_to_num(energy, nan=float("inf"))  # rows with NaN/Inf must be seen
+        picked = torch.cat([_sample_rows(total_rows, max_rows - top).to(energy.device), torch.topk(energy, top).indices])
+        rows = torch.unique(picked)  # sorted: deterministic order
+        b2, t2, d2 = b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows]
+    eps_b, eps_t = _eps(base_dtype), _eps(tuned_dtype)
+    eps = max((e for e in (eps_b, eps_t) if e is not None), default=None)
+    tiny_b = _tiny_threshold(b2, base_dtype)
+    tiny_t = _tiny_threshold(t2, tuned_dtype)
+    s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block)
+    if s["delta_sq"] == 0.0 or not s["finite"]:
+        return []
+    notes: list[NumericNote] = []
+    where = f" of {d2.shape[0]} sampled rows" if d2.shape[0] < total_rows else ""
+    fro = s["delta_sq"] ** 0.5
+    n = d2.numel()
+
+    # (1) subnormals: flushing them changes ΔW by at most |b| + |t| on those entries.
+    effect = (s["sub_b_sq"] ** 0.5 + s["sub_t_sq"] ** 0.5) / fro
+    if (s["sub_b"] or s["sub_t"]) and effect >= SUBNORMAL_EFFECT:
+        sides = ", ".join(f"{side} {k} ({k / n:.2%}, below {tiny:.3g} in {dt})"
+                          for side, k, tiny, dt in (("base", s["sub_b"], tiny_b, base_dtype), ("tuned", s["sub_t"], tiny_t, tuned_dtype)) if k)
+        notes.append(NumericNote("subnormal", (
+            f"subnormal values{where}: {sides}; spectra computes in float64 and keeps them, but hardware that flushes "
+            f"denormals to zero would see a ΔW different by up to {effect:.1%} of ‖ΔW‖_F")))
+
+    # (2) rounding level: ≤ 1-ulp changes carry most of ‖ΔW‖².
+    rounding = False
+    if eps is not None and s["nonzero"]:
+        coarse = base_dtype if eps == eps_b else tuned_dtype
+        share = s["ulp_sq"] / s["delta_sq"]
+        if share >= ROUNDING_ENERGY:
+            rounding = True
+            rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
+            mixed = f" (base {base_dtype}, tuned {tuned_dtype})" if base_dtype != tuned_dtype else ""
+            notes.append(NumericNote("rounding_level", (
+                f"ΔW is at the rounding level of {coarse}{mixed}: {s['ulp'] / s['nonzero']:.0%} of its "
+                f"{s['nonzero']} nonzero entries{where}, carrying {share:.0%} of ‖ΔW‖_F², changed by at most one rounding "
+                f"step (|ΔW_ij| ≤ ε·|W_ij|, ε = {eps:.3g}); ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit roundoff of "
+                f"{eps / 2:.3g}: its spectrum is that of rounding noise, not of a learned update")))
+
+    # (3) quantisation grids (sampled rows).
+    grid = _grid_note(b2, t2, base_dtype, tuned_dtype, sample_rows)
+    # (5) mixed precisions: the rounding of W into the coarser dtype is part of ΔW.
+    if not rounding and grid is None and eps_b is not None and eps_t is not None and eps_b != eps_t:
+        fine_sq = s["base_sq"] if eps_b < eps_t else s["tuned_sq"]
+        est = _ROUND_ENERGY_PER_EPS2 * eps**2 * fine_sq
+        share = est / s["delta_sq"]
+        if share >= MISMATCH_ENERGY:
+            fine, coarse = (base_dtype, tuned_dtype) if eps_b < eps_t else (tuned_dtype, base_dtype)
+            notes.append(NumericNote("precision_mismatch", (
+                f"base is {base_dtype} and tuned {tuned_dtype}: ΔW includes rounding W from {fine} to {coarse}, "
+                f"≈ {min(share, 1.0):.1%} of ‖ΔW‖_F² (0.045·ε²·‖W‖_F², ε = {eps:.3g}), spread over all directions; "
+                f"energy ranks at τ ≥ {max(0.0, 1 - share):.3g} measure that rounding, not the update")))
+    if grid is not None:
+        notes.append(grid)
+    return notes
+
+
+def _eps(dtype: str) -> float | None:
+    """``torch.finfo(dtype).eps`` (one ulp at 1.0), or None for integer / unknown dtypes."""
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
+        return None
+    return float(torch.finfo(tdtype).eps)
+
+
+def _tiny_threshold(x: torch.Tensor, dtype: str) -> float | None:
+    """Smallest normal of the stored dtype when ``x`` holds values in that dtype's units; None when
+    ``x`` was dequantised (scaled codes: subnormality of the codes cannot be seen in the values)."""
+    tdtype = getattr(torch, dtype, None)
+    if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
+        return None
+    if x.dtype != tdtype:
+        rows = _sample_rows(x.shape[0], 16)
+        sample = x[rows]
+        if not torch.equal(sample.to(tdtype).to(sample.dtype), sample):
+            return None  # not representable as stored: scaled (dequantised) values
+    return float(torch.finfo(tdtype).tiny)
+
+
+def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
+          tiny_b: float | None, tiny_t: float | None, block: int) -> dict:
+    """One O(elements) pass in row blocks; sums in float64, one host sync at the end."""
+    dev = d.device
+    work = d.dtype if d.dtype.is_floating_point else torch.float32
+    acc = {k: torch.zeros((), dtype=torch.float64, device=dev)
+           for k in ("delta_sq", "base_sq", "tuned_sq", "ulp_sq", "sub_b_sq", "sub_t_sq")}
+    cnt = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("nonzero", "ulp", "sub_b", "sub_t")}
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+    rows = max(1, block // max(1, d.shape[1]))
+    for r in range(0, d.shape[0], rows):
+        db = d[r : r + rows].to(work)
+        bb = b[r : r + rows].to(dev).to(work).abs()
+        tb = t[r : r + rows].to(dev).to(work).abs()
+        finite &= torch.isfinite(db).all()
+        d64 = db.double()
+        acc["delta_sq"] += (d64 * d64).sum()
+        acc["base_sq"] += (bb.double() ** 2).sum()
+        acc["tuned_sq"] += (tb.double() ** 2).sum()
+        nz = db != 0
+        cnt["nonzero"] += nz.sum()
+        if eps is not None:
+            # one ulp at x is ε·2^floor(log2|x|) ≤ ε·|x|; the slack absorbs float32 rounding of the product
+            small = nz & (db.abs() <= torch.maximum(bb, tb) * (eps * (1 + 1e-3)))
+            cnt["ulp"] += small.sum()
+            acc["ulp_sq"] += (d64 * d64 * small).sum()
+        for side, x, tiny in (("sub_b", bb, tiny_b), ("sub_t", tb, tiny_t)):
+            if tiny is not None:
+                sub = (x > 0) & (x < tiny)
+                cnt[side] += sub.sum()
+                acc[side + "_sq"] += (x.double() ** 2 * sub).sum()
+    out: dict = {k: float(v.item()) for k, v in acc.items()}
+    out.update({k: int(v.item()) for k, v in cnt.items()})
+    out["finite"] = bool(finite.item())
+    return out
+
+
+def _sample_rows(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` evenly spaced row indices, first and last included (deterministic)."""
+    k = min(n, k)
+    return torch.linspace(0, n - 1, k).round().long() if k > 1 else torch.zeros(k, dtype=torch.long)
+
+
+def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: str, sample_rows: int) -> NumericNote | None:
+    """The ``quantisation_grid`` note, or None."""
+    rows = _sample_rows(b.shape[0], sample_rows)
+    long_rows = b.shape[1] >= GRID_MIN_ROW
+    sb = b[rows].to(torch.float64).cpu()
+    st = t[rows].to(torch.float64).cpu()
+    levels_b = [torch.unique(r) for r in sb]
+    levels_t = [torch.unique(r) for r in st]
+
+    def looks(levels: list[torch.Tensor], dtype: str) -> str | None:
+        if dtype in _QUANTISED_DTYPES:
+            return f"stored as {dtype}"
+        if long_rows and levels and all(v.numel() <= GRID_MAX_LEVELS for v in levels):
+            return (f"≤ {max(v.numel() for v in levels)} distinct values in each of {len(levels)} sampled rows "
+                    f"of {b.shape[1]}, as int8/int4-dequantised weights")
+        return None
+
+    qb, qt = looks(levels_b, base_dtype), looks(levels_t, tuned_dtype)
+    if qb and qt:
+        ratios = [torch.unique(torch.cat([lb, lt])).numel() / max(lb.numel(), lt.numel(), 1)
+                  for lb, lt in zip(levels_b, levels_t)]
+        if max(ratios, default=0.0) <= GRID_UNION_RATIO:
+            return None  # same grid: ΔW is made of grid steps, the update as well as it can be stored
+        return NumericNote("quantisation_grid", (
+            f"base ({qb}) and tuned ({qt}) are quantised on different grids (a sampled row holds "
+            f"{max(ratios):.1f}x more distinct values over both sides than over one): ΔW includes the "
+            f"quantisation error of both, which is near full rank"))
+    if qb or qt:
+        side, why, other = ("base", qb, "tuned") if qb else ("tuned", qt, "base")
+        return NumericNote("quantisation_grid", (
+            f"{side} appears quantised ({why}) and {other} does not: ΔW includes quantisation error, which is "
+            f"near full rank and inflates energy ranks"))
+    return None
+
+
+__all__ = ["NumericNote", "numeric_flags", "numeric_notes"]
