@@ -110,7 +110,8 @@ def project(cost: CostModel, tasks, ranks: int, depth: int, batch_bytes: int, on
     shares = balance([a + b for a, b in zip(io, comp)], ranks)
     slow = max(shares, key=lambda s: sum(io[i] + comp[i] for i in s))
     t_io, t_comp = sum(io[i] for i in slow), sum(comp[i] for i in slow)
-    host, dev = estimate_memory([tasks[i] for i in slow], depth=depth, batch_bytes=batch_bytes, max_batch=32, on_gpu=on_gpu)
+    host, dev = estimate_memory([tasks[i] for i in slow], depth=depth, batch_bytes=batch_bytes, max_batch=32, on_gpu=on_gpu,
+                                max_in_flight=int(0.25 * 139e9) if on_gpu else None)
     return {"ranks": ranks, "io_s": t_io, "compute_s": t_comp, "wall_s": max(t_io, t_comp) + 0.15 * min(t_io, t_comp),
             "host_bytes": host, "device_bytes": dev, "read_bytes": sum(b for b, _ in tasks),
             "aggregate_read_GBps": ranks * cost.io_rate / 1e9}
@@ -174,7 +175,7 @@ def main() -> None:
     for name, dims in MODELS.items():
         tasks = llama_tasks(*dims)
         for label, cost, on_gpu, depth, batch in (("this CPU", local, False, 1, 256 << 20),
-                                                  ("H200", gpu, True, 8, int(0.7 * 139e9))):
+                                                  ("H200", gpu, True, 8, int(0.45 * 139e9))):
             for ranks in ((1,) if not on_gpu else (1, 8, 64)):
                 p = project(cost, tasks, ranks, depth, batch, on_gpu)
                 data["projections"].append({"model": name, "device": label, **p})

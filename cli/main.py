@@ -138,11 +138,16 @@ def _progress(console: Console) -> Progress:
               help="Print the matrices, bytes to read, estimated time (quick calibration on --device) and memory; do nothing else.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="With --plan: the number of ranks to plan for (default: this launch's WORLD_SIZE, else 1).")
+@click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB",
+              help="Memory cap of one batch of matrices, MiB (default: 256 on the CPU, 45% of free GPU memory).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="Tensor pairs read ahead while the engine works (default: 1 on the CPU, 8 on CUDA; 0: none).")
 @click.option("--distributed/--no-distributed", default=None,
               help="Run as one rank of a torchrun job (default: on when launched by torchrun with WORLD_SIZE > 1).")
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
              no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False,
-             approx=False, approx_above=16384, plan_only=False, nproc=None, distributed=None) -> None:
+             approx=False, approx_above=16384, plan_only=False, nproc=None, distributed=None,
+             batch_memory=None, prefetch=None) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -157,6 +162,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
         method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra,
         approx=approx, approx_above=approx_above or None,
+        max_batch_bytes=batch_memory << 20 if batch_memory else None, prefetch=prefetch,
     )
     from spectra.distributed import launched
 

@@ -19,7 +19,6 @@ import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -78,9 +77,13 @@ class DiffConfig:
         approx_tol: approximate mode stops when every bound is narrower than this fraction of p.
         seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
         max_batch: most matrices decomposed together (equal shapes only).
-        max_batch_bytes: memory cap of a batch; default 70% of free CUDA memory, or 256 MiB on CPU.
+        max_batch_bytes: memory cap of a batch; default 45% of the free CUDA memory (a quarter more goes to
+            reading ahead, see ``prefetch_bytes``), or 256 MiB on the CPU.
         prefetch: tensor pairs read ahead while the engine works (0: none); default 1 on the CPU
             (whose cores the engine already uses) and 8 on CUDA.
+        prefetch_bytes: most bytes of tensor pairs in flight (stored tensors and their ΔW); default a
+            quarter of the free CUDA memory on a GPU (ΔW is formed there), no cap on the CPU (where
+            ``prefetch`` counts pairs). One pair is always read, however large.
         weight_spectra: also keep the top singular values of W_base and W_tuned (two more exact
             decompositions per matrix), for spectra plots of the weights next to ΔW (Biderman et al.
             Fig. S7).
@@ -104,6 +107,7 @@ class DiffConfig:
     max_batch: int = 32
     max_batch_bytes: int | None = None
     prefetch: int | None = None
+    prefetch_bytes: int | None = None
     read_workers: int | None = None
     weight_spectra: bool = False
 
@@ -122,6 +126,8 @@ class DiffConfig:
             raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
         if not 0 < self.approx_tol < 1:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
+        if self.prefetch_bytes is not None and self.prefetch_bytes < 1:
+            raise ConfigError(f"prefetch_bytes must be >= 1. Got {self.prefetch_bytes} instead")
         if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0) or (self.read_workers is not None and self.read_workers < 1):
             raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
         validate_device(self.device)
@@ -292,7 +298,7 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.dev
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
             notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype)
-            out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device).to(delta.dtype) if keep_base else None,
+            out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
                                  note="; ".join(notes)))
     return out
 
@@ -330,31 +336,47 @@ def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 
     return delta, float(sq.item()) ** 0.5, bad
 
 
+def _task_bytes(task: _Task) -> int:
+    """Memory one tensor pair takes while in flight: both stored tensors and ΔW (float32) of each unit."""
+    return task.pair.base_info.nbytes + task.pair.tuned_info.nbytes + sum(4 * u.shape[0] * u.shape[1] for u in task.units)
+
+
 def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
-              device: torch.device, keep_base: bool = False) -> Iterator[_Prepared]:
+              device: torch.device, keep_base: bool = False, max_bytes: int | None = None) -> Iterator[_Prepared]:
     """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
-    pairs ahead.
+    pairs ahead, and no more than ``max_bytes`` of them (:func:`_task_bytes`; one pair always goes).
 
     Reading (positioned reads release the GIL) and forming ΔW overlap with the decomposition of the
-    previous batch; at most ``depth`` pairs are in flight, which bounds memory. A reader's exception
-    is re-raised here, in order.
+    previous batch; the two caps bound the memory this takes, whatever the model: on a GPU, where ΔW
+    is formed on the device, a 405B model's embedding pair alone is 17 GB. A reader's exception is
+    re-raised here, in order.
     """
     if depth <= 0:
         for task in tasks:
             yield from _prepare(task, base, tuned, device, keep_base)
         return
-    todo = iter(tasks)
+    todo = deque(tasks)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read") as pool:
-        pending = deque(pool.submit(_prepare, t, base, tuned, device, keep_base) for t in islice(todo, depth))
+        pending: deque = deque()
+        in_flight = 0
+
+        def fill() -> None:
+            nonlocal in_flight
+            while todo and len(pending) < depth and (not pending or max_bytes is None or in_flight + _task_bytes(todo[0]) <= max_bytes):
+                task = todo.popleft()
+                in_flight += _task_bytes(task)
+                pending.append((pool.submit(_prepare, task, base, tuned, device, keep_base), _task_bytes(task)))
+
         try:
+            fill()
             while pending:
-                items = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_prepare, nxt, base, tuned, device, keep_base))
+                fut, size = pending.popleft()
+                items = fut.result()
+                in_flight -= size
+                fill()
                 yield from items
         finally:
-            for fut in pending:
+            for fut, _ in pending:
                 fut.cancel()
 
 
@@ -393,18 +415,17 @@ def _results(batch: list[_Prepared], config: DiffConfig, device: torch.device, d
         seconds = (time.perf_counter() - start) / len(batch)
         _release(batch)
         return [(_approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
-    stack = batch[0].delta.unsqueeze(0) if len(batch) == 1 else torch.stack([item.delta for item in batch])
-    S_all = batch_singular_values(stack, device=device, method=config.method,
+    S_all = batch_singular_values([item.delta for item in batch], device=device, method=config.method,
                                   dtype=dtype, max_batch_bytes=config.max_batch_bytes)
     seconds = (time.perf_counter() - start) / len(batch)
-    del stack
     weights: list[tuple[list[float] | None, list[float] | None]] = [(None, None)] * len(batch)
     if config.weight_spectra:
-        W_b = torch.stack([item.base for item in batch])
-        S_b = batch_singular_values(W_b, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
-        W_b += torch.stack([item.delta for item in batch])  # W_tuned = W_base + ΔW, in place
-        S_t = batch_singular_values(W_b, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
-        del W_b
+        bases = [item.base for item in batch]
+        S_b = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
+        for item in batch:  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
+            item.base += item.delta
+        S_t = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=config.max_batch_bytes)
+        del bases
         weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
     _release(batch)
     return [(_exact_result(item, S, config, seconds, *w), None) for item, S, w in zip(batch, S_all, weights)]
@@ -651,9 +672,14 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         unit_costs = [c / len(t.units) for t, c in zip(tasks, (costs[i] for i in shares[ctx.rank])) for _ in t.units]
         ends = segment_ends(unit_costs, rounds)
     budget = batch_budget(device, config.max_batch_bytes)
+    if device.type == "cuda" and config.max_batch_bytes is None:  # a quarter of the memory goes to reading ahead
+        budget = int(0.45 * torch.cuda.mem_get_info(device)[0])
     depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
     workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
-    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device, config.weight_spectra)
+    ahead = config.prefetch_bytes
+    if ahead is None and device.type == "cuda":  # ΔW is formed on the GPU: leave most of it to the batches
+        ahead = int(0.25 * torch.cuda.mem_get_info(device)[0])
+    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device, config.weight_spectra, ahead)
     outbox: list[tuple[ModuleResult | None, Skipped | None]] = []
     emitted = 0
     completed = False
@@ -850,7 +876,9 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     host, on_device = estimate_memory([(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes, [u.shape for u in t.units]) for t in tasks],
                                       depth=depth, batch_bytes=batch_budget(device, config.max_batch_bytes),
                                       max_batch=config.max_batch, dtype=dtype, method=config.method,
-                                      on_gpu=device.type == "cuda", weight_spectra=config.weight_spectra)
+                                      on_gpu=device.type == "cuda", weight_spectra=config.weight_spectra,
+                                      max_in_flight=config.prefetch_bytes or (int(0.25 * torch.cuda.mem_get_info(device)[0])
+                                                                              if device.type == "cuda" else None))
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
     notes = []
     if approx:

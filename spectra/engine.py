@@ -95,7 +95,9 @@ def batch_singular_values(
     """Exact singular values of equally shaped matrices, computed in device-sized chunks.
 
     Args:
-        mats: ``(b, out, in)`` tensor or a sequence of ``(out, in)`` tensors, any device, float.
+        mats: ``(b, out, in)`` tensor or a sequence of ``(out, in)`` tensors, any device, float. A
+            sequence is stacked one chunk at a time on CUDA and not at all on the CPU, so no copy
+            of the whole batch is made.
         device: where to compute (``"auto"``: CUDA if available).
         method: ``"gram"``, ``"svd"`` or ``"auto"`` (:func:`choose_method`).
         dtype: decomposition precision.
@@ -106,30 +108,45 @@ def batch_singular_values(
     Returns:
         float64 array ``(b, p)``, each row descending.
     """
-    stack = mats if isinstance(mats, torch.Tensor) else torch.stack(list(mats))
-    if stack.ndim != 3:
-        raise ValueError(f"mats must have shape (b, out, in). Got {tuple(stack.shape)} instead.")
+    if isinstance(mats, torch.Tensor):
+        if mats.ndim != 3:
+            raise ValueError(f"mats must have shape (b, out, in). Got {tuple(mats.shape)} instead.")
+        count, shape = int(mats.shape[0]), (int(mats.shape[1]), int(mats.shape[2]))
+    else:
+        mats = list(mats)
+        if not mats or any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
+            raise ValueError(f"mats must be equally shaped (out, in) matrices. Got {[tuple(m.shape) for m in mats]} instead.")
+        count, shape = len(mats), (int(mats[0].shape[0]), int(mats[0].shape[1]))
     dev = resolve_device(device)
-    shape = (int(stack.shape[1]), int(stack.shape[2]))
-    if min(shape) == 0 or stack.shape[0] == 0:
-        return np.zeros((stack.shape[0], min(shape)), dtype=np.float64)
+    if min(shape) == 0 or count == 0:
+        return np.zeros((count, min(shape)), dtype=np.float64)
     meth = choose_method(method)
     per = estimate_batch_bytes(shape, dtype, meth)
-    chunk = max(1, min(stack.shape[0], batch_budget(dev, max_batch_bytes) // max(per, 1)))
-    out = np.empty((stack.shape[0], min(shape)), dtype=np.float64)
+    chunk = max(1, min(count, batch_budget(dev, max_batch_bytes) // max(per, 1)))
+    if not isinstance(mats, torch.Tensor) and dev.type == "cpu":
+        # separate matrices on the CPU: one at a time, as views, so the batch is never copied into a
+        # stack (the CPU's BLAS already uses every core on one matrix; batching buys little there)
+        chunk = 1
+
+    def take(i: int, n: int) -> torch.Tensor:
+        if isinstance(mats, torch.Tensor):
+            return mats[i : i + n]
+        return mats[i].unsqueeze(0) if n == 1 else torch.stack(mats[i : i + n])
+
+    out = np.empty((count, min(shape)), dtype=np.float64)
     i = 0
-    while i < stack.shape[0]:
-        n = min(chunk, stack.shape[0] - i)
+    while i < count:
+        n = min(chunk, count - i)
         try:
             if hard_limit_bytes is not None and n * per > hard_limit_bytes:
                 raise BatchTooLarge(f"chunk of {n} needs {n * per} bytes > {hard_limit_bytes}")
-            out[i : i + n] = _exact_chunk(stack[i : i + n].to(dev, non_blocking=True), meth, dtype)
+            out[i : i + n] = _exact_chunk(take(i, n).to(dev, non_blocking=True), meth, dtype)
         except Exception as exc:  # noqa: BLE001 - only allocation failures are retried
             if not _is_oom(exc):
                 raise
             if n == 1:
                 if isinstance(exc, BatchTooLarge):  # a single matrix always runs; the cap is advisory
-                    out[i : i + 1] = _exact_chunk(stack[i : i + 1].to(dev), meth, dtype)
+                    out[i : i + 1] = _exact_chunk(take(i, 1).to(dev), meth, dtype)
                     i += 1
                     continue
                 raise

@@ -48,6 +48,44 @@ QUANT_PARAM_LEAVES = frozenset({
 #: The quantisation parameters that dequantise the weight beside them (``X.<leaf>`` -> ``X.weight``).
 WEIGHT_QUANT_LEAVES = ("weight_scale", "weight_scale_inv", "weight_zero_point")
 
+#: ``config.json`` model types whose stacked expert tensors are stored ``(experts, in, out)`` and
+#: applied as ``x @ W[e]`` (``torch.bmm``), not ``F.linear``: ``experts.gate_up_proj``
+#: ``(E, hidden, 2·I)`` and ``experts.down_proj`` ``(E, I, hidden)`` must be transposed to SPEC.md's
+#: ``(out, in)``. The value is how gate and up share the fused output dimension. Checked against
+#: transformers' modeling code (v5):
+#:   Llama-4 ``Llama4TextExperts``: ``gate, up = torch.bmm(x, gate_up_proj).chunk(2, dim=-1)``;
+#:   gpt-oss ``GptOssExperts._apply_gate``: ``gate, up = gate_up[..., ::2], gate_up[..., 1::2]``;
+#:   OpenAI privacy filter (same layout as gpt-oss, but ``chunk(2, dim=-1)``);
+#:   Aria ``AriaTextExperts`` (stored as ``experts.fc1.weight`` / ``experts.fc2.weight``, ``chunk``);
+#:   Qwen3-VL-MoE: stored ``(E, hidden, 2·I)``, transformers transposes on load (``Transpose(1, 2)``
+#:   in ``conversion_mapping.py``), then ``chunk``.
+#: Every other MoE family of transformers stores ``(E, 2·I, hidden)`` / ``(E, hidden, I)`` and calls
+#: ``F.linear`` (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, ...), as per-expert 2-D ``nn.Linear``
+#: weights on disk or as 3-D tensors: those are ``(out, in)`` already (:data:`EXPERTS_OUT_IN`).
+EXPERTS_IN_OUT: Mapping[str, str] = {
+    "llama4": "halves", "llama4_text": "halves",
+    "gpt_oss": "interleaved",
+    "openai_privacy_filter": "halves",
+    "aria": "halves", "aria_text": "halves",
+    "qwen3_vl_moe": "halves", "qwen3_vl_moe_text": "halves",
+}
+
+#: Model types whose stacked experts (when stored 3-D) are ``(E, out, in)`` with ``F.linear`` and gate
+#: rows before up rows (``nn.functional.linear(x, gate_up_proj[e]).chunk(2, dim=-1)``), as checked in
+#: transformers' modeling code. For a model type in neither table the orientation is judged from
+#: shapes (:func:`_stacked_in_out`).
+EXPERTS_OUT_IN = frozenset({
+    "mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe",
+    "qwen3_5_moe_text", "qwen3_omni_moe", "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "deepseek_v32",
+    "glm4_moe", "glm4v_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba", "granitemoe",
+    "granitemoeshared", "granitemoehybrid", "exaone_moe", "longcat_flash", "lfm2_moe", "afmoe",
+})
+
+#: Stored leaf names of the two stacked expert matrices, by model type where they differ.
+_STACKED_LEAVES: Mapping[str, Mapping[str, str]] = {
+    "aria": {"fc1": "gate_up", "fc2": "down"}, "aria_text": {"fc1": "gate_up", "fc2": "down"},
+}
+
 
 @dataclass(frozen=True)
 class ArchInfo:
@@ -328,36 +366,133 @@ def describe_checkpoint(
     arch = arch or ArchInfo.from_config(None, shapes)
     parsed = {n: _parse(n) for n, s in shapes.items() if _is_matrix(n, s)}
     labels = module_labels([p.rel_path for p in parsed.values()])
+    roles = {n: _role(p) for n, p in parsed.items()}
+    stacked_roles = _STACKED_LEAVES.get(arch.model_type or "", {})
+    for n, p in parsed.items():
+        if len(shapes[n]) == 3 and p.leaf.lower() in stacked_roles:
+            roles[n] = stacked_roles[p.leaf.lower()]
+    # (layer, module path without the leaf) -> role -> stored shape, of 3-D expert stacks: a
+    # gate_up stack is oriented by its down_proj sibling when config.json gives no hidden size.
+    siblings: dict[tuple[int | None, str], dict[str | None, tuple[int, ...]]] = {}
+    for n, p in parsed.items():
+        if len(shapes[n]) == 3:
+            siblings.setdefault((p.layer, p.rel_path.rpartition(".")[0]), {})[roles[n]] = tuple(shapes[n])
+    hidden = arch.hidden_size or (_hidden_from_shapes(shapes, parsed, roles) if siblings else None)
     specs: dict[str, MatrixSpec] = {}
     for name, p in parsed.items():
         shape = tuple(shapes[name])
-        role = _role(p)
-        transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
+        role = roles[name]
+        interleaved, orient_note = False, ""
+        if len(shape) == 3:
+            transpose, orient_note = _stacked_in_out(
+                p, role, shape, arch, hidden, siblings[(p.layer, p.rel_path.rpartition(".")[0])])
+            interleaved = transpose and EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
+        else:
+            transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
         out_dim = shape[-1] if transpose else shape[-2]
         in_dim = shape[-2] if transpose else shape[-1]
-        parts, note = _split(p, role, out_dim, in_dim, arch)
+        parts, note = _split(p, role, out_dim, in_dim, arch, interleaved=interleaved)
         specs[name] = MatrixSpec(
             name=name, key=p.key, layer=p.layer, expert=p.expert, module=labels[p.rel_path], role=role,
-            transpose=transpose, parts=parts, note=note, rel_path=p.rel_path,
+            transpose=transpose, parts=parts, note="; ".join(x for x in (orient_note, note) if x),
+            rel_path=p.rel_path,
         )
     return specs
 
 
+_EXPERT_ROLES = frozenset({"gate_up", "gate", "up", "down"})
+
+
+def _stacked_in_out(
+    p: _Parsed, role: str | None, shape: tuple[int, ...], arch: ArchInfo, hidden: int | None,
+    siblings: Mapping[str | None, tuple[int, ...]],
+) -> tuple[bool, str]:
+    """Whether a 3-D expert stack is stored ``(experts, in, out)`` (transpose it), and a note when
+    that was judged from shapes or could not be judged.
+
+    In order: the model type's known layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`); then
+    shapes: the model width (``hidden``) is the input of gate/up and the output of down; without
+    it, a ``gate_up`` stack is oriented by its ``down`` sibling (out, in: ``(2I, H)`` beside
+    ``(H, I)``; in, out: ``(H, 2I)`` beside ``(I, H)``); then Llama-4's names; else ``(out, in)``,
+    as ``nn.Linear`` stores it. Square stacks (gpt-oss: hidden = I = 2880) need the model type.
+    """
+    mt = arch.model_type
+    if role not in _EXPERT_ROLES:
+        return False, ""
+    if mt in EXPERTS_IN_OUT:
+        return True, ""
+    if mt in EXPERTS_OUT_IN:
+        return False, ""
+    a, b = shape[-2], shape[-1]
+    in_out: bool | None = None
+    how = ""
+    if hidden:
+        if role == "down":  # hidden is the output
+            in_out = True if (b == hidden and a != hidden) else False if (a == hidden and b != hidden) else None
+        else:  # hidden is the input
+            in_out = True if (a == hidden and b != hidden) else False if (b == hidden and a != hidden) else None
+        how = f"shapes: model width {hidden}"
+    down = siblings.get("down")
+    if in_out is None and role in ("gate_up", "down") and "gate_up" in siblings and down is not None:
+        gu, dn = siblings["gate_up"], down
+        as_out_in = gu[-1] == dn[-2] and gu[-2] == 2 * dn[-1]
+        as_in_out = gu[-2] == dn[-1] and gu[-1] == 2 * dn[-2]
+        if as_out_in != as_in_out:
+            in_out, how = as_in_out, "shapes: gate_up beside down_proj"
+    if in_out is None and p.rel_path.endswith(("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")):
+        in_out, how = True, "Llama-4's names (feed_forward.experts)"
+    kind = f"config.json model_type {mt!r} has no known expert layout" if mt else "no config.json model_type"
+    if in_out is None:
+        return False, f"stacked experts assumed stored (experts, out, in) as nn.Linear stores them: {kind}, and shapes {tuple(shape)} do not tell"
+    if in_out:
+        return True, f"stacked experts stored (experts, in, out), judged from {how} ({kind}); transposed"
+    return False, ""
+
+
+def _hidden_from_shapes(shapes: Mapping[str, Sequence[int]], parsed: Mapping[str, _Parsed],
+                        roles: Mapping[str, str | None]) -> int | None:
+    """The model width, read off the router ``(experts, hidden)`` of an expert stack, or off the
+    token embedding ``(vocab, hidden)``; None when the checkpoint has neither."""
+    n_experts = {int(shapes[n][0]) for n in parsed if len(shapes[n]) == 3}
+    for want in ("router", "embed"):
+        for n in parsed:
+            s = tuple(shapes[n])
+            if roles[n] != want or len(s) != 2:
+                continue
+            if want == "embed":
+                return int(s[1])
+            if s[0] in n_experts and s[1] not in n_experts:
+                return int(s[1])
+            if s[1] in n_experts and s[0] not in n_experts:  # a router stored (hidden, experts)
+                return int(s[0])
+    return None
+
+
 def _is_matrix(name: str, shape: Sequence[int]) -> bool:
     if quant_param_of(name) is not None:  # a 2-D block scale is not a weight matrix
+        return False
+    leaf = name.rpartition(".")[2]
+    if leaf == "bias" or leaf.endswith("_bias"):  # gpt-oss per-expert biases are (experts, out): not matrices
         return False
     if len(shape) == 2:
         return True
     return len(shape) == 3 and "experts" in name.split(".")
 
 
-def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchInfo) -> tuple[tuple[Part, ...], str]:
-    """Row indices of each logical part of a fused matrix, oriented ``(out, in)``."""
+def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchInfo, *,
+           interleaved: bool = False) -> tuple[tuple[Part, ...], str]:
+    """Row indices of each logical part of a fused matrix, oriented ``(out, in)``.
+
+    ``interleaved``: gate and up alternate along the fused output (gpt-oss: ``gate_up[..., ::2]``,
+    ``gate_up[..., 1::2]``) instead of being two halves.
+    """
     leaf = p.leaf.lower()
     if role == "gate_up":
         if out_dim % 2:
-            return (Part(""),), f"gate_up_proj has an odd number of rows ({out_dim}); left unsplit"
-        half = out_dim // 2  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+            return (Part(""),), f"{p.leaf} has an odd number of rows ({out_dim}); left unsplit"
+        if interleaved:
+            return (Part("gate", torch.arange(0, out_dim, 2)), Part("up", torch.arange(1, out_dim, 2))), ""
+        half = out_dim // 2  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1); Llama-4, Mixtral (3-D) alike
         return (Part("gate", torch.arange(0, half)), Part("up", torch.arange(half, out_dim))), ""
     if role != "qkv":
         return (Part(""),), ""
@@ -420,6 +555,6 @@ def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
 
 
 __all__ = [
-    "ArchInfo", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "describe_checkpoint", "module_labels",
+    "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "describe_checkpoint", "module_labels",
     "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
 ]

@@ -195,7 +195,7 @@ class Plan:
 
 def estimate_memory(pairs: Sequence[tuple[int, Sequence[tuple[int, int]]]], *, depth: int, batch_bytes: int,
                     max_batch: int, dtype: torch.dtype = torch.float64, method: str = "gram", on_gpu: bool = False,
-                    weight_spectra: bool = False) -> tuple[int, int]:
+                    weight_spectra: bool = False, max_in_flight: int | None = None) -> tuple[int, int]:
     """Peak memory of a run's data, bytes, as ``(host, device)`` (device is 0 on a CPU run).
 
     What a streaming run holds at once (:mod:`spectra.diff`): up to ``depth + 1`` tensor pairs in
@@ -212,6 +212,8 @@ def estimate_memory(pairs: Sequence[tuple[int, Sequence[tuple[int, int]]]], *, d
         dtype, method: the decomposition's dtype and method (workspace size).
         on_gpu: the decomposition runs on CUDA.
         weight_spectra: W_base is kept beside ΔW.
+        max_in_flight: the byte cap on pairs in flight (``DiffConfig.prefetch_bytes``); the
+            largest pair goes through regardless.
     """
     from spectra.engine import estimate_batch_bytes
 
@@ -221,10 +223,13 @@ def estimate_memory(pairs: Sequence[tuple[int, Sequence[tuple[int, int]]]], *, d
         for s in shapes:
             counts[s] = counts.get(s, 0) + 1
     batch = max((min(batch_bytes, min(n, max_batch) * estimate_batch_bytes(s, dtype, method)) for s, n in counts.items()), default=0)
-    in_flight = sum(sorted((full for _, full in per_pair), reverse=True)[: depth + 1])
+    def ahead(sizes: list[int]) -> int:
+        top = sorted(sizes, reverse=True)[: depth + 1]
+        return sum(top) if max_in_flight is None else max(top[:1] + [min(sum(top), max_in_flight)], default=0)
+
+    in_flight = ahead([full for _, full in per_pair])
     if on_gpu:
-        stored = sum(sorted((st for st, _ in per_pair), reverse=True)[: depth + 1])
-        return stored, in_flight + batch
+        return ahead([st for st, _ in per_pair]), in_flight + batch
     return in_flight + batch, 0
 
 

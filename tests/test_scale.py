@@ -197,7 +197,10 @@ class _BatchSpy:
         self.fn, self.calls = fn, []
 
     def __call__(self, mats, **kw):
-        self.calls.append(tuple(mats.shape))
+        # a batch comes as a (b, out, in) stack or as a list of equally shaped (out, in) matrices
+        shape = tuple(mats.shape) if hasattr(mats, "shape") else (len(mats), *mats[0].shape)
+        assert all(tuple(m.shape) == shape[1:] for m in mats)
+        self.calls.append(shape)
         return self.fn(mats, **kw)
 
 
