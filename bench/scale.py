@@ -117,6 +117,10 @@ def project(cost: CostModel, tasks, ranks: int, depth: int, batch_bytes: int, on
             "aggregate_read_GBps": ranks * cost.io_rate / 1e9}
 
 
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def h200_model() -> tuple[CostModel, dict]:
     """The cost model fitted to the H200 engine benchmark (float64 Gram path) and its read+ΔW rate
     from the 7B end-to-end run; and that run's measured vs modelled end-to-end time."""
@@ -179,9 +183,9 @@ def main() -> None:
             for ranks in ((1,) if not on_gpu else (1, 8, 64)):
                 p = project(cost, tasks, ranks, depth, batch, on_gpu)
                 data["projections"].append({"model": name, "device": label, **p})
-                table.append([name, label, ranks, f"{p['read_bytes'] / 1e12:.2f} TB", f"{p['io_s'] / 3600:.2f} h",
-                              f"{p['compute_s'] / 3600:.2f} h", f"**{p['wall_s'] / 3600:.2f} h**",
-                              f"{p['aggregate_read_GBps']:.0f} GB/s",
+                table.append([name, label, ranks, f"{p['read_bytes'] / 1e12:.2f} TB", _dur(p["io_s"]),
+                              _dur(p["compute_s"]), f"**{_dur(p['wall_s'])}**",
+                              f"{p['aggregate_read_GBps']:.2f} GB/s",
                               f"{p['host_bytes'] / 2**30:.1f} GiB", f"{p['device_bytes'] / 2**30:.1f} GiB" if on_gpu else "–"])
     out.append(markdown_table(["model", "device", "ranks", "read", "read+ΔW / rank", "decompositions / rank", "wall",
                                "storage bandwidth needed", "host data memory / rank", "GPU memory / rank"], table))

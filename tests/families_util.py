@@ -33,6 +33,10 @@ PERTURB_LOWRANK_SCALE = 1e-3
 PERTURB_NOISE_SCALE = 7e-4
 
 _DENSE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+#: Stacked-expert families: hidden 32, 4 heads of 8 (2 kv heads), 2 layers, 4 experts.
+N_STACKED_EXPERTS = 4
+_MOE_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  vocab_size=100)
 _FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
 
 
@@ -162,7 +166,34 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             **{f"model.layers.{i}.mlp.{where}.{x}_proj.weight": x for i in (0, 1)
                for where in ("experts.0", "experts.3", "shared_expert") for x in ("gate", "up", "down")}},
            ("lm_head.",), num_kv_heads=2),
+    # Stacked 3-D experts stored (experts, in, out) and applied as x @ W[e] (torch.bmm): Llama-4's
+    # text model (every layer MoE, with a shared expert) and gpt-oss (interleaved gate/up, per-expert
+    # biases stored (experts, out)). gpt-oss keeps its down_proj square (hidden = intermediate, as the
+    # real 2880 × 2880): only config.json's model_type can orient it.
+    Family("llama4", "llama4_text", {**_MOE_SMALL, "intermediate_size": 48, "intermediate_size_mlp": 40,
+                                     "num_local_experts": N_STACKED_EXPERTS, "num_experts_per_tok": 1},
+           "causal", r"^model\.layers\.(\d+)\.",
+           {"model.embed_tokens.weight": "embed", "lm_head.weight": "head",
+            **{f"model.layers.{i}.self_attn.{x}_proj.weight": x for i in (0, 1) for x in "qkvo"},
+            **{f"model.layers.{i}.feed_forward.router.weight": "router" for i in (0, 1)},
+            **{f"model.layers.{i}.feed_forward.experts.{leaf}": role for i in (0, 1)
+               for leaf, role in (("gate_up_proj", "gate_up"), ("down_proj", "down"))},
+            **{f"model.layers.{i}.feed_forward.shared_expert.{x}_proj.weight": x for i in (0, 1)
+               for x in ("gate", "up", "down")}},
+           ("lm_head.",), num_kv_heads=2, head_dim=8),
+    Family("gpt_oss", "gpt_oss", {**_MOE_SMALL, "intermediate_size": 32, "num_local_experts": N_STACKED_EXPERTS,
+                                  "num_experts_per_tok": 2},
+           "causal", r"^model\.layers\.(\d+)\.",
+           {"model.embed_tokens.weight": "embed", "lm_head.weight": "head",
+            **{f"model.layers.{i}.self_attn.{x}_proj.weight": x for i in (0, 1) for x in "qkvo"},
+            **{f"model.layers.{i}.mlp.router.weight": "router" for i in (0, 1)},
+            **{f"model.layers.{i}.mlp.experts.{leaf}": role for i in (0, 1)
+               for leaf, role in (("gate_up_proj", "gate_up"), ("down_proj", "down"))}},
+           ("lm_head.",), num_kv_heads=2, head_dim=8),
 ]}
+
+#: Families whose experts are stored as one 3-D tensor per layer and matrix.
+STACKED_FAMILIES = ("llama4", "gpt_oss")
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -185,7 +216,8 @@ def build_model(family: Family, *, bare: bool = False, untie: bool = False) -> t
 def perturb_copy(src: Path, dst: Path, seed: int) -> None:
     """Copy the checkpoint folder ``src`` to ``dst`` with every float tensor slightly changed.
 
-    2-D tensors get a rank-PERTURB_RANK update plus dense noise; other tensors get noise only.
+    2-D tensors and each expert of a 3-D stack get a rank-PERTURB_RANK update plus dense noise; other
+    tensors get noise only.
     """
     dst.mkdir(parents=True)
     shutil.copy(src / "config.json", dst / "config.json")
@@ -194,9 +226,9 @@ def perturb_copy(src: Path, dst: Path, seed: int) -> None:
     out = {}
     for name, w in state.items():
         noise = PERTURB_NOISE_SCALE * torch.randn(w.shape, generator=g)
-        if w.ndim == 2:
-            a = torch.randn(w.shape[0], PERTURB_RANK, generator=g)
-            b = torch.randn(PERTURB_RANK, w.shape[1], generator=g)
+        if w.ndim in (2, 3):
+            a = torch.randn(*w.shape[:-1], PERTURB_RANK, generator=g)
+            b = torch.randn(*w.shape[:-2], PERTURB_RANK, w.shape[-1], generator=g)
             noise = noise + PERTURB_LOWRANK_SCALE * (a @ b) / PERTURB_RANK**0.5
         out[name] = (w.to(torch.float32) + noise).to(w.dtype).contiguous()
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})

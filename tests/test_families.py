@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -19,12 +20,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 import spectra
-from families_util import FAMILIES, FAMILY_NAMES, Family, ModelZoo, expected_expert, reference_energy_rank
+from families_util import (FAMILIES, FAMILY_NAMES, N_STACKED_EXPERTS, STACKED_FAMILIES, Family, ModelZoo, expected_expert,
+                            reference_energy_rank)
 from spectra.diff import DiffConfig
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint
+from torch.overrides import TorchFunctionMode
 from spectra.pairing import pair_checkpoints
 from spectra_cli.main import main
 
@@ -56,6 +60,12 @@ def _names_by_rank(ckpt: Checkpoint, ndim: int) -> set[str]:
     return {n for n, t in ckpt.tensors.items() if len(t.shape) == ndim}
 
 
+def _matrix_names(ckpt: Checkpoint) -> set[str]:
+    """2-D tensors other than gpt-oss's per-expert biases ``(experts, out)``, and 3-D expert stacks."""
+    return ({n for n in _names_by_rank(ckpt, 2) if not n.endswith("_bias")}
+            | {n for n in _names_by_rank(ckpt, 3) if ".experts." in n})
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. Every matrix is described: layer, expert, role, module label
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +77,7 @@ def test_every_matrix_gets_a_spec_with_its_layer_and_expert(zoo, name):
     ckpt = open_checkpoint(zoo.get(name).base_dir)
     specs = _specs(ckpt)
 
-    assert set(specs) == _names_by_rank(ckpt, 2)
+    assert set(specs) == _matrix_names(ckpt)
     for tensor, spec in specs.items():
         assert spec.name == tensor
         assert spec.layer == family.expected_layer(tensor), tensor
@@ -76,6 +86,8 @@ def test_every_matrix_gets_a_spec_with_its_layer_and_expert(zoo, name):
     assert {s.layer for s in specs.values()} == {None, 0, 1}
     if name in ("mixtral", "qwen2_moe"):
         assert {s.expert for s in specs.values()} == {None, 0, 1, 2, 3}
+    if name in STACKED_FAMILIES:  # one spec per stack; the expert index comes with each result
+        assert sum(len(ckpt.tensors[n].shape) == 3 for n in specs) == 4
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -119,8 +131,10 @@ def test_gpt2_and_bert_labels_tell_same_named_modules_apart(zoo):
 def test_every_matrix_pairs_with_a_perturbed_copy(zoo, name):
     built = zoo.get(name)
     base, tuned = open_checkpoint(built.base_dir), open_checkpoint(built.tuned_dir)
-    matrices, vectors = _names_by_rank(base, 2), _names_by_rank(base, 1)
-    assert matrices | vectors == set(base.tensors), "these checkpoints hold only 1-D and 2-D tensors"
+    matrices, vectors = _matrix_names(base), _names_by_rank(base, 1)
+    expert_biases = {n for n in base.tensors if n.endswith("_bias") and len(base.tensors[n].shape) == 2}
+    assert matrices | vectors | expert_biases == set(base.tensors), "unexpected tensors in the checkpoint"
+    assert bool(expert_biases) == (name == "gpt_oss")
 
     pairing = pair_checkpoints(base, tuned)
 
@@ -128,8 +142,9 @@ def test_every_matrix_pairs_with_a_perturbed_copy(zoo, name):
     assert all(p.base.name == p.tuned.name and p.rows is None for p in pairing.pairs)
     assert pairing.base_only == [] and pairing.tuned_only == []
     skipped = {s.name: s.reason for s in pairing.skipped}
-    assert set(skipped) == vectors
-    assert all("1-D" in reason for reason in skipped.values()), skipped
+    assert set(skipped) == vectors | expert_biases
+    assert all("1-D" in skipped[n] for n in vectors), skipped
+    assert all("not a weight matrix" in skipped[n] for n in expert_biases), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +288,137 @@ def test_gpt2_conv1d_storage_is_transposed(zoo):
 
 
 # ---------------------------------------------------------------------------------------------
+# 4b. Stacked 3-D experts stored (experts, in, out): orientation and gate/up split reproduce the
+#     model's own forward (Llama-4: bmm + chunk; gpt-oss: x @ W[e] + interleaved gate/up)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Calls(TorchFunctionMode):
+    """Records ``(func name, args, result)`` of every torch call made inside the block, so that the
+    modeling code's own intermediate tensors (its gate and up, its down input) can be read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, tuple, object]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((getattr(func, "__name__", str(func)), args, out))
+        return out
+
+    def named(self, name: str) -> list[tuple[tuple, object]]:
+        return [(a, o) for n, a, o in self.calls if n == name]
+
+
+def _llama4_expert_io(model, i: int, x: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per expert: part -> (input, output of that part) as Llama4TextExperts.forward computes them.
+
+    Llama4TextMoe.forward feeds the experts ``hidden_states.repeat(num_experts, 1)``; the experts run
+    ``gate, up = torch.bmm(x, gate_up_proj).chunk(2, dim=-1)`` and ``torch.bmm(up * act(gate), down_proj)``.
+    """
+    experts = model.model.layers[i].feed_forward.experts
+    with torch.no_grad(), _Calls() as rec:
+        experts(x.repeat(experts.num_experts, 1))
+    ((_, (gate, up)),) = rec.named("chunk")
+    (x3, _), _ = rec.named("bmm")[0]
+    _, ((h, _), out) = rec.named("bmm")
+    return {e: {"gate": (x3[e], gate[e]), "up": (x3[e], up[e]), "down": (h[e], out[e])}
+            for e in range(experts.num_experts)}
+
+
+def _gpt_oss_expert_io(model, i: int, x: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per expert: part -> (input, output without bias), from GptOssExperts' eager forward with every
+    token routed to that expert: ``gate_up = x @ gate_up_proj[e] + bias``, then
+    ``gate, up = gate_up[..., ::2], gate_up[..., 1::2]`` (in ``_apply_gate``), ``h @ down_proj[e] + bias``.
+    The biases are removed by subtracting the same forward at x = 0."""
+    experts = model.model.layers[i].mlp.experts
+    eager = type(experts).forward.__wrapped__  # the modeling code's loop, not a grouped-mm kernel
+    res = {}
+    for e in range(experts.num_experts):
+        parts = []
+        for inp in (x, torch.zeros_like(x)):
+            idx, weights = torch.full((len(inp), 1), e), torch.ones(len(inp), 1)
+            with torch.no_grad(), _Calls() as rec:
+                eager(experts, inp, idx, weights)
+            gate_up = next(o for a, o in rec.named("add") if a[0] is rec.named("matmul")[0][1])
+            gate, up = (o for a, o in rec.named("__getitem__") if a[0] is gate_up)  # source order: gate, up
+            (h, _), down = rec.named("matmul")[1]
+            parts.append({"gate": gate, "up": up, "h": h, "down": down})
+        (px, p0) = parts
+        res[e] = {"gate": (x, px["gate"] - p0["gate"]), "up": (x, px["up"] - p0["up"]), "down": (px["h"], px["down"])}
+    return res
+
+
+STACKED_IO = {
+    "llama4": ("model.layers.{i}.feed_forward.experts", _llama4_expert_io),
+    "gpt_oss": ("model.layers.{i}.mlp.experts", _gpt_oss_expert_io),
+}
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("name", STACKED_FAMILIES)
+def test_stacked_expert_parts_reproduce_the_models_own_forward(zoo, name, layer):
+    built = zoo.get(name)
+    ckpt = open_checkpoint(built.base_dir)
+    specs = _specs(ckpt)
+    prefix, expert_io = STACKED_IO[name]
+    prefix = prefix.format(i=layer)
+    gate_up, down = specs[f"{prefix}.gate_up_proj"], specs[f"{prefix}.down_proj"]
+    assert gate_up.transpose and down.transpose and not gate_up.note and not down.note
+    inter = FAMILIES[name].config["intermediate_size"]
+    assert [p.suffix for p in gate_up.parts] == ["gate", "up"] and [len(p.rows) for p in gate_up.parts] == [inter] * 2
+    assert [p.suffix for p in down.parts] == [""]
+
+    x = torch.randn(7, FAMILIES[name].config["hidden_size"], generator=torch.Generator().manual_seed(INPUT_SEED))
+    io = expert_io(built.model, layer, x)
+    assert sorted(io) == list(range(N_STACKED_EXPERTS))
+    gu_stored, down_stored = ckpt.load(gate_up.name).float(), ckpt.load(down.name).float()
+    for e, parts in io.items():
+        weights = {p.suffix: gu_stored[e].T[p.rows] for p in gate_up.parts}  # (out, in), SPEC.md
+        weights["down"] = down_stored[e].T
+        for part, (inp, reference) in parts.items():
+            torch.testing.assert_close(inp @ weights[part].T, reference, rtol=FORWARD_RTOL, atol=FORWARD_ATOL,
+                                       msg=lambda m: f"{name} layer {layer} expert {e} {part}: {m}")
+
+
+@pytest.mark.parametrize("name", STACKED_FAMILIES)
+def test_stacked_expert_update_of_one_part_shows_only_in_that_result(zoo, tmp_path, name):
+    """Only the gate (as the model's forward uses it) of expert 2 in layer 1 changes, by a planted
+    rank-2 ΔW_gate (inter, hidden): spectra reports exactly that spectrum for ``:e2:gate``, zero
+    elsewhere. The stored entries to change are found through the model's own forward: with the
+    identity as input, its gate outputs are the gate columns of the stored (hidden, 2·inter) slice."""
+    built = zoo.get(name)
+    prefix = STACKED_IO[name][0].format(i=1)
+    tensor = f"{prefix}.gate_up_proj"
+    hidden, inter = FAMILIES[name].config["hidden_size"], FAMILIES[name].config["intermediate_size"]
+    state = load_file(built.base_dir / "model.safetensors")
+    stored = state[tensor][2]  # (hidden, 2·inter)
+    gate_out = STACKED_IO[name][1](built.model, 1, torch.eye(hidden))[2]["gate"][1]  # (hidden, inter) = stored[:, gate_cols]
+    gate_cols = [int(torch.nonzero((stored - gate_out[:, [k]]).abs().amax(0) == 0)[0, 0]) for k in range(inter)]
+    assert len(set(gate_cols)) == inter
+
+    g = torch.Generator().manual_seed(21)
+    delta_gate = 1e-2 * torch.randn(inter, 2, generator=g) @ torch.randn(2, hidden, generator=g)  # (out, in)
+    tuned = dict(state)
+    tuned[tensor] = state[tensor].clone()
+    tuned[tensor][2][:, gate_cols] += delta_gate.T
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(built.base_dir / "config.json", tmp_path / "tuned" / "config.json")
+
+    result = spectra.diff(str(built.base_dir), str(tmp_path / "tuned"), config=DiffConfig(device="cpu"))
+    by_name = {m.name: m for m in result.modules}
+    hit = by_name[f"{tensor}:e2:gate"]
+    assert (hit.layer, hit.expert, hit.role, hit.shape) == (1, 2, "gate_up", [inter, hidden])
+    s_ref = np.linalg.svd((tuned[tensor][2][:, gate_cols].double() - stored[:, gate_cols].double()).T.numpy(),
+                          compute_uv=False)
+    np.testing.assert_allclose(hit.singular_values[:2], s_ref[:2], rtol=1e-5)
+    assert hit.energy_rank["0.99"] == 2
+    assert [m.name for m in result.modules if m.fro_norm != 0] == [hit.name]
+    assert {f"{tensor}:e{e}:{p}" for e in range(N_STACKED_EXPERTS) for p in ("gate", "up")} <= set(by_name)
+
+
+# ---------------------------------------------------------------------------------------------
 # 5. End to end: spectra.diff against a float64 numpy reference
 # ---------------------------------------------------------------------------------------------
 
@@ -289,20 +435,30 @@ def test_diff_gives_one_result_per_part_matching_numpy(zoo, name):
 
     by_name = {m.name: m for m in result.modules}
     assert len(by_name) == len(result.modules), "duplicate result names"
-    expected_names = {t + (f":{s}" if s else "") for t, spec in specs.items()
+
+    def experts(t: str) -> list[str]:  # a 3-D stack gives one result per expert, "<tensor>:e<k>"
+        return [f":e{e}" for e in range(N_STACKED_EXPERTS)] if len(tuned.tensors[t].shape) == 3 else [""]
+
+    expected_names = {t + e + (f":{s}" if s else "") for t, spec in specs.items() for e in experts(t)
                       for s in _SUFFIXES_BY_ROLE.get(spec.role, [""])}
     assert set(by_name) == expected_names
 
     compared = 0
     for m in result.modules:
         tensor, _, suffix = m.name.partition(":")
+        stacked = re.match(r"e(\d+)(?::|$)", suffix)
+        expert = int(stacked.group(1)) if stacked else specs[tensor].expert
+        if stacked:
+            suffix = suffix[stacked.end():]
         spec = specs[tensor]
-        assert (m.layer, m.expert, m.role) == (spec.layer, spec.expert, spec.role)
+        assert (m.layer, m.expert, m.role) == (spec.layer, expert, spec.role)
         metrics = [m.fro_norm, m.base_fro_norm, m.rel_norm, m.spectral_norm, m.nuclear_norm, m.stable_rank,
                    m.effective_rank, *m.energy_rank.values(), *m.random_energy_rank.values()]
         assert all(v is not None and math.isfinite(v) for v in metrics), m
 
         delta = (tuned.load(tensor).to(torch.float32).double() - base.load(tensor).to(torch.float32).double())
+        if stacked:
+            delta = delta[expert]
         if spec.transpose:
             delta = delta.T
         if suffix:

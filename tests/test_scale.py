@@ -32,18 +32,16 @@ MiB = 1 << 20
 
 # ---- 1. bounded memory -----------------------------------------------------------------------------
 
-#: Data memory allowed to `spectra diff` above the tiny-pair baseline, bytes. The CLI exposes no
-#: memory knob, so this is sized for the defaults on the CPU (DiffConfig: max_batch 32, prefetch 1,
-#: max_batch_bytes 256 MiB). With the widest matrix 4096 × 64 float32 (1 MiB) one batch holds
-#: 32 ΔW (32 MiB) + their torch.stack copy (32 MiB) + the float64 upcast for the Gram (64 MiB) ≈
-#: 128 MiB, plus the prefetched pair and glibc heap slack (~40 MiB: with MALLOC_MMAP_THRESHOLD_ fixed
-#: the same run needs ~45 MiB less). Measured on the 2-core dev box: baseline ≈ 256 MiB; data memory
-#: +174..178 MiB (76 layers), +179..182 MiB (152 layers).
-BUDGET = 224 * MiB
+#: Data memory allowed to `spectra diff` above the tiny-pair baseline, bytes, with the CPU defaults
+#: (DiffConfig: max_batch 32, prefetch 1, max_batch_bytes 256 MiB). The widest matrix is 4096 × 64
+#: float32 (1 MiB): one batch holds 32 ΔW (32 MiB; decomposed one by one from the list, no stacked
+#: copy) and one float64 upcast block, plus the prefetched pair and glibc heap slack. Measured on
+#: the 2-core dev box: baseline ≈ 259 MiB; data memory +73 MiB (76 layers), +87 MiB (152 layers).
+BUDGET = 128 * MiB
 
 #: Llama naming, small hidden size and a wide MLP: few cheap decompositions (p = 64), many bytes.
 HIDDEN, INTERMEDIATE, KV = 64, 4096, 64
-LAYERS = 152  # base + tuned ≈ 931 MiB ≥ 4 × BUDGET
+LAYERS = 152  # base + tuned ≈ 931 MiB ≥ 7 × BUDGET
 LAYERS_PER_SHARD = 4  # 38 shards a side; the first 19 hold exactly half the layers
 
 
@@ -157,8 +155,8 @@ def test_peak_rss_is_bounded_and_independent_of_model_size(tmp_path):
     """Peak RSS above a tiny-pair baseline ≤ BUDGET on a pair ≥ 4 × BUDGET; and a pair with half the
     layers (the first shards, hard-linked) peaks within 15% of BUDGET of the full one.
 
-    Measured (2-core dev box, loaded): baseline 256 MiB; 76 layers (466 MiB) +174..178 MiB;
-    152 layers (931 MiB, 38 shards a side, 1064 matrices) +179..182 MiB; 18-30 s in all.
+    Measured (2-core dev box): baseline 259 MiB; 76 layers (466 MiB) +73 MiB; 152 layers (931 MiB,
+    38 shards a side, 1064 matrices) +87 MiB; about 25 s in all.
     """
     base, tuned, shards = write_sharded_llama_pair(tmp_path / "big", LAYERS)
     pair_bytes = files_size(base, tuned)
@@ -183,7 +181,7 @@ def test_peak_rss_is_bounded_and_independent_of_model_size(tmp_path):
     print(report)
     assert used_full <= BUDGET, report
     assert used_half <= BUDGET, report
-    assert abs(used_full - used_half) <= 0.15 * BUDGET, report
+    assert abs(used_full - used_half) <= 0.25 * BUDGET, report  # twice the data, about the same peak
     # the run read every byte: memory is bounded, not the input
     assert pair_bytes >= 4 * used_full, report
 
