@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pulling a multi-GB CUDA build to satisfy the package's own `torch>=2.2` range.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,3 +36,13 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Coverage-guided fuzzing (atheris, optional extra): RUNS inputs per parser, seeded from fuzz/corpus
+# (copied, so the shipped seeds stay as they are). The property-based fuzz tests run in `make test`.
+RUNS ?= 100000
+fuzz: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[fuzz]"
+	@for t in safetensors index adapter; do \
+	  d=$$(mktemp -d); cp fuzz/corpus/$$t/* $$d/; \
+	  $(BIN)/python fuzz/atheris_fuzz.py $$t -runs=$(RUNS) $$d 2>&1 | grep -E "DONE|ERROR|Traceback|crash" || exit 1; \
+	  rm -rf $$d; done
