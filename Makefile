@@ -28,7 +28,7 @@ test: $(VENV)/.installed
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1 || \
 	  echo "note: chromium could not be installed; the browser test will be skipped"
-	$(BIN)/ruff check --select F,E9 spectra cli tests bench notebooks
+	$(BIN)/ruff check --select F,E9 spectra cli tests bench notebooks fuzz
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed
