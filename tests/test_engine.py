@@ -132,6 +132,12 @@ def test_diff_approx_mode_bounds_hold(tmp_path):
         assert lo <= m.energy_rank[key] <= hi
     (e,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(approx_above=1000)).modules
     assert e.energy_rank_bounds is None and e.method == "gram/float64"
+    # above the threshold (p = 256 > 128) the approximate mode is used without --approx, with bounds
+    (a,) = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(approx_above=128)).modules
+    assert a.method.startswith("approx/") and a.energy_rank_bounds is not None
+    for key, (lo, hi) in a.energy_rank_bounds.items():
+        assert lo <= energy_rank(s, float(key)) <= hi
+    assert DiffConfig().approx_above == 16384  # the documented default: every matrix up to 405B stays exact
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.0, 16 / np.sqrt(8)])

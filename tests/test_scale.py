@@ -366,3 +366,55 @@ def test_resized_vocabulary_128256_to_128264_analyses_shared_rows(tmp_path):
         assert "rows differ (base 128256, tuned 128264" in m.note and "128256 leading rows" in m.note
     assert not by["model.layers.0.self_attn.q_proj.weight"].note
     assert _check_exact(res, lambda m: (m.name, base[m.name], tuned[m.name][: base[m.name].shape[0]])) >= 6
+
+
+# ---- reading ahead is bounded by count and by bytes ---------------------------------------------------
+
+def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
+    """The reader threads never hold more than ``prefetch`` pairs, nor more than ``prefetch_bytes`` of
+    them (one pair always goes, however large): the cap that keeps a GPU run of a 405B model within
+    memory, tested here on the CPU with the same function."""
+    import threading
+
+    module = sys.modules["spectra.diff"]
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32)] * 6 + [(512, 32)] + [(64, 32)] * 6  # one pair 8× the others
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(*s, generator=g) for i, s in enumerate(shapes)}
+    tuned = {k: v + 0.01 * torch.randn(*v.shape, generator=g) for k, v in base.items()}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(tuned, str(tmp_path / "b.safetensors"))
+    reference = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(prefetch=0))
+
+    lock, state = threading.Lock(), {"now": 0, "bytes": 0, "peak": 0, "peak_bytes": 0}
+    real = module._prepare
+
+    def counting(task, *a, **k):
+        size = module._task_bytes(task)
+        with lock:
+            state["now"] += 1
+            state["bytes"] += size
+            state["peak"] = max(state["peak"], state["now"])
+            state["peak_bytes"] = max(state["peak_bytes"], state["bytes"])
+        time.sleep(0.01)  # let the other readers catch up, if the caps allowed them
+        try:
+            return real(task, *a, **k)
+        finally:
+            with lock:
+                state["now"] -= 1
+                state["bytes"] -= size
+
+    monkeypatch.setattr(module, "_prepare", counting)
+    small, big = 3 * (64 * 32 * 4), 3 * (512 * 32 * 4)  # a pair: both sides float32 and its ΔW
+    # (prefetch, prefetch_bytes) -> most pairs and bytes in flight; the big pair goes alone
+    for depth, cap, peak, peak_bytes in ((4, None, 4, None), (8, 2 * small, 2, big), (8, 1, 1, big)):
+        state.update(peak=0, peak_bytes=0)
+        res = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                           config=DiffConfig(prefetch=depth, prefetch_bytes=cap, read_workers=8))
+        assert [m.singular_values for m in res.modules] == [m.singular_values for m in reference.modules]
+        assert state["peak"] <= peak, (depth, cap, state)
+        if peak_bytes is not None:
+            assert state["peak_bytes"] <= peak_bytes, (depth, cap, state)
+    # without a byte cap, the count cap is reached (the threads do run ahead)
+    state.update(peak=0)
+    spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(prefetch=4, read_workers=8))
+    assert state["peak"] >= 2
