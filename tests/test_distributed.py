@@ -169,3 +169,20 @@ def test_plan_counts_work_and_prices_it(pair, single):
                           capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert f"{plan.matrices} (from" in proc.stdout and "estimated time" in proc.stdout and "peak memory" in proc.stdout
+
+
+def test_rank_device_and_launch_detection(monkeypatch):
+    import torch
+
+    from spectra.distributed import launched, rank_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device(torch.device("cuda")) == torch.device("cuda", 3)  # one GPU per rank on the node
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index is kept
+    assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not launched()
+    monkeypatch.setenv("WORLD_SIZE", "x")
+    assert not launched()
