@@ -73,7 +73,7 @@ def measure_io(device: torch.device, workdir: Path, n: int = 8, shape: tuple[int
         save_file(tensors, str(workdir / f"{side}.safetensors"))
     base, tuned = open_checkpoint(workdir / "base.safetensors"), open_checkpoint(workdir / "tuned.safetensors")
     tasks = _plan(pair_checkpoints(base, tuned).pairs, DiffConfig())
-    nbytes = sum(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks)
+    nbytes = sum(t.pair.stored_bytes for t in tasks)
 
     def read_and_delta():
         for t in tasks:
@@ -110,7 +110,10 @@ def project(cost: CostModel, tasks, ranks: int, depth: int, batch_bytes: int, on
     shares = balance([a + b for a, b in zip(io, comp)], ranks)
     slow = max(shares, key=lambda s: sum(io[i] + comp[i] for i in s))
     t_io, t_comp = sum(io[i] for i in slow), sum(comp[i] for i in slow)
-    host, dev = estimate_memory([tasks[i] for i in slow], depth=depth, batch_bytes=batch_bytes, max_batch=32, on_gpu=on_gpu,
+    # bf16 tensors are loaded as stored; ΔW is float32; the run's own defaults on an H200 (141 GB,
+    # ~139 GiB usable): 45% of free memory per batch, a quarter for reading ahead (spectra.diff._settings)
+    host, dev = estimate_memory([(tasks[i][0], sum(4 * m * n for m, n in tasks[i][1]), tasks[i][1]) for i in slow],
+                                depth=depth, batch_bytes=batch_bytes, max_batch=32, on_gpu=on_gpu,
                                 max_in_flight=int(0.25 * 139e9) if on_gpu else None)
     return {"ranks": ranks, "io_s": t_io, "compute_s": t_comp, "wall_s": max(t_io, t_comp) + 0.15 * min(t_io, t_comp),
             "host_bytes": host, "device_bytes": dev, "read_bytes": sum(b for b, _ in tasks),

@@ -60,7 +60,7 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run), handled as Ctrl-C."""
 
 
-def _on_sigterm(signum, frame) -> None:
+def _on_sigterm(signum: int, frame: object) -> None:
     raise _Terminated()
 
 
@@ -164,12 +164,12 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         approx=approx, approx_above=approx_above or None,
         max_batch_bytes=batch_memory << 20 if batch_memory else None, prefetch=prefetch,
     )
-    from spectra.distributed import launched
+    from spectra.distributed import launched, world_size
 
     if plan_only:
         if tuned is None:
             raise click.UsageError("--plan needs BASE and TUNED checkpoints")
-        world = nproc or int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = nproc or world_size()
         _print_plan(spectra.diff_plan(base, tuned, config, world_size=world), _stdout())
         return
     distributed = launched() if distributed is None else distributed
@@ -224,7 +224,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
 
 
-def _print_plan(plan, console: Console) -> None:
+def _print_plan(plan: "spectra.plan.Plan", console: Console) -> None:
     """The ``--plan`` summary: work, bytes, time and memory, then the matrices by shape."""
     c = plan.cost
     table = Table(title="spectra diff --plan (nothing has been computed)", title_justify="left", show_header=False)

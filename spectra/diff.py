@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from spectra import __version__
-from spectra.errors import ConfigError, IdenticalCheckpointsError, output_error
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError, output_error
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
 from spectra.linalg import resolve_device
@@ -294,10 +294,13 @@ def _prepare(task: _Task, base: Checkpoint, tuned: Checkpoint, device: torch.dev
         if unit.rows is not None:
             b, t = b[unit.rows], t[unit.rows]
         delta, base_fro, bad = _delta(b, t, device)
-        if bad:
+        if bad == ["overflow"]:
+            out.append(_Prepared(unit, task, None, 0.0, "ΔW overflows float32 (weights near ±3.4e38); its spectrum is undefined"))
+        elif bad:
             out.append(_Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
-            notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype)
+            notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
+                                  base_sq=base_fro**2)
             out.append(_Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
                                  note="; ".join(notes)))
     return out
@@ -322,29 +325,72 @@ def _delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 
         bb = b[r : r + rows].to(device).to(work)
         tb = t[r : r + rows].to(device).to(work)
         b64 = bb.double().reshape(-1)
-        part = torch.dot(b64, b64)  # finite exactly when the block is: a float32² sum cannot overflow float64
+        part = torch.dot(b64, b64)
         sq += part
-        finite_b &= torch.isfinite(part)
+        # a float32² sum cannot overflow float64, so it is finite exactly when the block is; float64
+        # weights above 1e154 would overflow it, so they are checked one by one (float64 is rare)
+        finite_b &= torch.isfinite(bb).all() if work == torch.float64 else torch.isfinite(part)
         d = delta[r : r + rows]
         torch.sub(tb, bb, out=d)
         delta_ok &= torch.isfinite(d.sum())  # NaN/Inf in tuned reach the sum (isfinite() per element is 5× slower)
     base_ok, sums_ok = torch.stack([finite_b, delta_ok]).tolist()  # one sync per matrix
     bad = [] if base_ok else ["base"]
-    if not sums_ok:  # rare: tuned or base is not finite, or a float32 sum overflowed; look closely
-        if not all(bool(torch.isfinite(t[r : r + rows]).all()) for r in range(0, t.shape[0], rows)):
+    if not sums_ok:  # rare: tuned or base is not finite, or a sum overflowed; look closely
+        # (fp8 has no isfinite on the CPU: upcast each block)
+        if not all(bool(torch.isfinite(t[r : r + rows].float()).all()) for r in range(0, t.shape[0], rows)):
             bad.append("tuned")
+        elif base_ok and not all(bool(torch.isfinite(delta[r : r + rows]).all()) for r in range(0, delta.shape[0], rows)):
+            bad.append("overflow")  # both sides finite, their difference is not
     return delta, float(sq.item()) ** 0.5, bad
 
 
-def _task_bytes(task: _Task) -> int:
-    """Memory one tensor pair takes while in flight: both stored tensors and ΔW (float32) of each unit."""
-    return task.pair.base_info.nbytes + task.pair.tuned_info.nbytes + sum(4 * u.shape[0] * u.shape[1] for u in task.units)
+def _pair_bytes(task: _Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool = False) -> tuple[int, int]:
+    """Memory of one tensor pair in flight, bytes, as ``(loaded, formed)``: both tensors as loaded
+    (a quantised weight with a scale comes back float32), and what is formed from them: ΔW of each
+    unit (float64 when a side is stored in float64, else float32) and, with ``keep_base``, a copy of
+    W_base in that dtype."""
+    pair = task.pair
+
+    def loaded(ckpt: Checkpoint, name: str, info) -> int:
+        n = info.nbytes // max(1, torch.empty(0, dtype=getattr(torch, info.dtype)).element_size())
+        return n * 4 if name in ckpt.scales else info.nbytes
+
+    item = 8 if "float64" in (pair.base_info.dtype, pair.tuned_info.dtype) else 4
+    formed = sum(item * u.shape[0] * u.shape[1] for u in task.units) * (2 if keep_base else 1)
+    return loaded(base, pair.base.name, pair.base_info) + loaded(tuned, pair.tuned.name, pair.tuned_info), formed
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """How a run uses memory and threads on its device (defaults resolved from :class:`DiffConfig`)."""
+
+    batch_bytes: int  # cap of one batch of ΔW (collected) and of the engine's chunks
+    depth: int  # tensor pairs read ahead
+    workers: int  # reader threads
+    ahead_bytes: int | None  # cap of the pairs in flight (on CUDA: the ΔW formed on the device)
+
+
+def _settings(config: DiffConfig, device: torch.device) -> _Settings:
+    """Resolve the memory and thread defaults: on CUDA, 45% of free memory for a batch and a quarter
+    for reading ahead (ΔW is formed on the GPU), 8 pairs ahead and up to 4 readers; on the CPU a
+    256 MiB batch, one pair ahead and one reader (the engine's BLAS already uses every core)."""
+    cuda = device.type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if cuda else 0
+    batch = config.max_batch_bytes if config.max_batch_bytes is not None else (int(0.45 * free) if cuda else batch_budget(device))
+    ahead = config.prefetch_bytes if config.prefetch_bytes is not None else (int(0.25 * free) if cuda else None)
+    return _Settings(
+        batch_bytes=batch,
+        depth=config.prefetch if config.prefetch is not None else (8 if cuda else 1),
+        workers=config.read_workers or (min(4, os.cpu_count() or 1) if cuda else 1),
+        ahead_bytes=ahead,
+    )
 
 
 def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
               device: torch.device, keep_base: bool = False, max_bytes: int | None = None) -> Iterator[_Prepared]:
     """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
-    pairs ahead, and no more than ``max_bytes`` of them (:func:`_task_bytes`; one pair always goes).
+    pairs ahead, and no more than ``max_bytes`` of them (:func:`_pair_bytes`: what the pair formed
+    on the GPU, or everything it holds on the CPU; one pair always goes).
 
     Reading (positioned reads release the GIL) and forming ΔW overlap with the decomposition of the
     previous batch; the two caps bound the memory this takes, whatever the model: on a GPU, where ΔW
@@ -360,19 +406,23 @@ def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: in
         pending: deque = deque()
         in_flight = 0
 
+        def cost(task: _Task) -> int:
+            loaded, formed = _pair_bytes(task, base, tuned, keep_base)
+            return formed if device.type == "cuda" else loaded + formed
+
         def fill() -> None:
             nonlocal in_flight
-            while todo and len(pending) < depth and (not pending or max_bytes is None or in_flight + _task_bytes(todo[0]) <= max_bytes):
+            while todo and len(pending) < depth and (not pending or max_bytes is None or in_flight + cost(todo[0]) <= max_bytes):
                 task = todo.popleft()
-                in_flight += _task_bytes(task)
-                pending.append((pool.submit(_prepare, task, base, tuned, device, keep_base), _task_bytes(task)))
+                in_flight += cost(task)
+                pending.append((pool.submit(_prepare, task, base, tuned, device, keep_base), cost(task)))
 
         try:
             fill()
             while pending:
-                fut, size = pending.popleft()
+                fut, nbytes = pending.popleft()
                 items = fut.result()
-                in_flight -= size
+                in_flight -= nbytes
                 fill()
                 yield from items
         finally:
@@ -546,10 +596,11 @@ def diff(
     """
     config = config or DiffConfig()
     device = resolve_device(config.device)
-    check_device_available(device)
     ctx = None
     if distributed_run:
         device = distributed.rank_device(device)
+    check_device_available(device)
+    if distributed_run:
         ctx = distributed.init(device)
     try:
         return _diff(base, tuned, config, device, out_dir, callback, plots, allow_identical, resume, ctx)
@@ -628,8 +679,7 @@ def _absorb(result: DiffResult, records: list[dict]) -> set[str]:
 def _task_cost(task: _Task, cost: CostModel, config: DiffConfig) -> float:
     """Estimated seconds of one tensor pair: reading both sides and decomposing its units."""
     work = 3 if config.weight_spectra else 1
-    return cost.io_seconds(task.pair.base_info.nbytes + task.pair.tuned_info.nbytes) + sum(
-        work * cost.matrix_seconds(u.shape) for u in task.units)
+    return cost.io_seconds(task.pair.stored_bytes) + sum(work * cost.matrix_seconds(u.shape) for u in task.units)
 
 
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
@@ -651,9 +701,20 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         config=asdict(config), device=str(device), version=__version__,
     )
     result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
-    finished = writer.start(result, resume=resume) if writer else []
-    if ctx is not None:  # only rank 0 reads the journal; the others learn what is done from it
-        finished = distributed.broadcast(ctx, finished, where="reading the journal")
+    if ctx is None:
+        finished = writer.start(result, resume=resume) if writer else []
+    else:  # only rank 0 reads the journal; the others learn what is done, or why it was refused
+        refused = None
+        try:
+            mine = ("ok", writer.start(result, resume=resume) if writer else [])
+        except SpectraError as exc:
+            refused, mine = exc, ("error", str(exc))
+        status, payload = distributed.broadcast(ctx, mine, where="reading the journal")
+        if refused is not None:
+            raise refused
+        if status == "error":
+            raise ConfigError(f"rank 0 refused the run: {payload}")
+        finished = payload
     names = _absorb(result, finished)
     tasks = []
     for t in planned:
@@ -664,22 +725,16 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     total = done + sum(len(t.units) for t in tasks)
     rounds, ends = 0, []
     if ctx is not None:
-        cost = CostModel()
+        cost = CostModel.default(device)
         costs = [_task_cost(t, cost, config) for t in tasks]
         shares = balance(costs, ctx.world_size)
         tasks = [tasks[i] for i in shares[ctx.rank]]  # stays in shape order: batching works as before
         rounds = max(1, min(_ROUNDS, max(len(s) for s in shares)))  # the same on every rank
         unit_costs = [c / len(t.units) for t, c in zip(tasks, (costs[i] for i in shares[ctx.rank])) for _ in t.units]
         ends = segment_ends(unit_costs, rounds)
-    budget = batch_budget(device, config.max_batch_bytes)
-    if device.type == "cuda" and config.max_batch_bytes is None:  # a quarter of the memory goes to reading ahead
-        budget = int(0.45 * torch.cuda.mem_get_info(device)[0])
-    depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
-    workers = config.read_workers or (min(4, os.cpu_count() or 1) if device.type == "cuda" else 1)
-    ahead = config.prefetch_bytes
-    if ahead is None and device.type == "cuda":  # ΔW is formed on the GPU: leave most of it to the batches
-        ahead = int(0.25 * torch.cuda.mem_get_info(device)[0])
-    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, depth, workers, device, config.weight_spectra, ahead)
+    run = _settings(config, device)
+    budget = run.batch_bytes
+    prepared = _prefetch(tasks, base_ckpt, tuned_ckpt, run.depth, run.workers, device, config.weight_spectra, run.ahead_bytes)
     outbox: list[tuple[ModuleResult | None, Skipped | None]] = []
     emitted = 0
     completed = False
@@ -854,16 +909,15 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
     tasks = _plan(pairing.pairs, config)
-    cost = CostModel()
+    cost = CostModel.default(device)
     if calibrate_cost:
         probe = None
         if tasks:  # one real pair, the one nearest 32 MiB, read and subtracted as the run will
-            task = min(tasks, key=lambda t: abs(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes - (32 << 20)))
-            probe = (lambda: _prepare(task, base_ckpt, tuned_ckpt, device),
-                     task.pair.base_info.nbytes + task.pair.tuned_info.nbytes)
+            task = min(tasks, key=lambda t: abs(t.pair.stored_bytes - (32 << 20)))
+            probe = (lambda: _prepare(task, base_ckpt, tuned_ckpt, device), task.pair.stored_bytes)
         cost = calibrate(device, config.precision, io_probe=probe)
     work = 3 if config.weight_spectra else 1
-    io = [cost.io_seconds(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes) for t in tasks]
+    io = [cost.io_seconds(t.pair.stored_bytes) for t in tasks]
     compute = [sum(work * cost.matrix_seconds(u.shape) for u in t.units) for t in tasks]
     shares = balance([a + b for a, b in zip(io, compute)], world_size)
     slowest = max(shares, key=lambda s: sum(io[i] + compute[i] for i in s))
@@ -871,21 +925,19 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     for t in tasks:
         for u in t.units:
             shapes[u.shape] = shapes.get(u.shape, 0) + 1
-    dtype = torch.float64 if config.precision == "float64" else torch.float32
-    depth = config.prefetch if config.prefetch is not None else (8 if device.type == "cuda" else 1)
-    host, on_device = estimate_memory([(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes, [u.shape for u in t.units]) for t in tasks],
-                                      depth=depth, batch_bytes=batch_budget(device, config.max_batch_bytes),
-                                      max_batch=config.max_batch, dtype=dtype, method=config.method,
-                                      on_gpu=device.type == "cuda", weight_spectra=config.weight_spectra,
-                                      max_in_flight=config.prefetch_bytes or (int(0.25 * torch.cuda.mem_get_info(device)[0])
-                                                                              if device.type == "cuda" else None))
+    run = _settings(config, device)
+    host, on_device = estimate_memory(
+        [(*_pair_bytes(t, base_ckpt, tuned_ckpt, config.weight_spectra), [u.shape for u in t.units]) for t in tasks],
+        depth=run.depth, batch_bytes=run.batch_bytes, max_batch=config.max_batch,
+        dtype=torch.float64 if config.precision == "float64" else torch.float32, method=config.method,
+        on_gpu=device.type == "cuda", max_in_flight=run.ahead_bytes)
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
     notes = []
     if approx:
         notes.append(f"{approx} matrices use the approximate mode (priced as exact: an upper estimate)")
     return Plan(
         matrices=sum(shapes.values()), tensors=len(tasks),
-        read_bytes=sum(t.pair.base_info.nbytes + t.pair.tuned_info.nbytes for t in tasks), shapes=shapes,
+        read_bytes=sum(t.pair.stored_bytes for t in tasks), shapes=shapes,
         world_size=world_size, rank_seconds=[sum(io[i] + compute[i] for i in s) for s in shares],
         io_seconds=sum(io[i] for i in slowest), compute_seconds=sum(compute[i] for i in slowest),
         host_bytes=host, device_bytes=on_device, baseline_bytes=peak_rss_bytes(), cost=cost, approx=approx, notes=notes,

@@ -25,9 +25,27 @@ import torch.distributed as dist
 
 from spectra.errors import ConfigError, SpectraError
 
-#: Seconds a rank waits for the others at an exchange before the run fails. A rank that dies
-#: closes its connections and fails the others at once; this bounds a rank that hangs.
-DEFAULT_TIMEOUT_S = float(os.environ.get("SPECTRA_DIST_TIMEOUT", 1800))
+#: Seconds a rank waits for the others at an exchange before the run fails (``SPECTRA_DIST_TIMEOUT``
+#: overrides it). With gloo a rank that dies closes its connections and fails the others at once;
+#: the timeout bounds a rank that hangs, and a dead rank under NCCL.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer launcher variable; a malformed one is a one-line :class:`ConfigError`."""
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer",
+                          hint="start the run with torchrun, which sets it") from None
+
+
+def world_size() -> int:
+    """``WORLD_SIZE`` set by the launcher, else 1."""
+    return max(1, _env_int("WORLD_SIZE", 1))
 
 
 class DistributedError(SpectraError):
@@ -56,37 +74,58 @@ class DistContext:
 def launched() -> bool:
     """True when a launcher such as ``torchrun`` started this process as one of several ranks."""
     try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
+        return world_size() > 1
+    except ConfigError:
         return False
 
 
 def rank_device(device: torch.device) -> torch.device:
     """The device this rank computes on: ``cuda:LOCAL_RANK`` when the run asked for CUDA without an
-    index (one GPU per rank), else ``device`` unchanged."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    index (one GPU per rank), else ``device`` unchanged.
+
+    Raises:
+        ConfigError: an explicit ``cuda:N`` while several ranks share a node (they would all use one
+            GPU), or ``LOCAL_RANK`` beyond this node's GPUs.
+    """
+    if device.type != "cuda":
+        return device
+    local_ranks = _env_int("LOCAL_WORLD_SIZE", 1)
+    if device.index is not None:
+        if local_ranks > 1:
+            raise ConfigError(f"--device {device} would put all {local_ranks} ranks of this node on one GPU",
+                              hint="pass --device cuda (or auto): each rank then takes cuda:LOCAL_RANK")
+        return device
+    local = _env_int("LOCAL_RANK", 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local >= count:
+        raise ConfigError(f"rank with LOCAL_RANK={local} has no GPU: this node has {count}",
+                          hint=f"start at most {count} processes per node (torchrun --nproc-per-node {count})")
+    return torch.device("cuda", local)
 
 
-def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext:
+def init(device: torch.device, timeout_s: float | None = None) -> DistContext:
     """Join the process group described by the launcher's environment (``env://``).
 
     Args:
         device: the compute device of this rank (after :func:`rank_device`); CUDA selects NCCL.
-        timeout_s: how long an exchange may wait for the other ranks.
+        timeout_s: how long an exchange may wait for the other ranks; default
+            ``SPECTRA_DIST_TIMEOUT`` or :data:`DEFAULT_TIMEOUT_S`.
 
     Raises:
         ConfigError: not started by a launcher (no ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``).
         DistributedError: the rendezvous failed.
     """
-    if dist.is_available() and dist.is_initialized():
-        backend = str(dist.get_backend())
-        return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, False)
+    if dist.is_available() and dist.is_initialized():  # the caller's group (e.g. inside a training job)
+        return _context(owns_group=False)
     missing = [v for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing or not dist.is_available():
         raise ConfigError(f"--distributed needs a launcher: {', '.join(missing) or 'torch.distributed'} not set",
                           hint="start it with `torchrun --nproc-per-node N -m spectra diff ...`")
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get("SPECTRA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise ConfigError(f"SPECTRA_DIST_TIMEOUT={os.environ['SPECTRA_DIST_TIMEOUT']!r} is not a number of seconds") from None
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -95,7 +134,11 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistCont
     except Exception as exc:  # rendezvous errors come as many types; report them as one line
         raise DistributedError(f"could not join the distributed run ({type(exc).__name__}: {str(exc).splitlines()[0]})",
                                hint="check MASTER_ADDR/MASTER_PORT and that every node runs the same torchrun command") from exc
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), backend, True)
+    return _context(owns_group=True)
+
+
+def _context(owns_group: bool) -> DistContext:
+    return DistContext(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), str(dist.get_backend()), owns_group)
 
 
 def exchange(ctx: DistContext, obj: Any, *, where: str) -> list[Any]:
@@ -117,7 +160,11 @@ def exchange(ctx: DistContext, obj: Any, *, where: str) -> list[Any]:
 
 
 def broadcast(ctx: DistContext, obj: Any, *, where: str) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank.
+
+    Raises:
+        DistributedError: rank 0 died or timed out (``where`` says what was being done).
+    """
     box = [obj if ctx.rank == 0 else None]
     try:
         dist.broadcast_object_list(box, src=0)

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spectra.io.checkpoint import QUANTISED_DTYPES
+
 #: ``subnormal`` fires when flushing the subnormal entries could change ‖ΔW‖_F by this fraction.
 SUBNORMAL_EFFECT = 0.01
 #: ``rounding_level`` fires when at least this fraction of ‖ΔW‖_F² is in ≤ 1-ulp entries.
@@ -51,7 +53,9 @@ GRID_UNION_RATIO = 1.5
 #: Mean of (rounding error / x)² under round-to-nearest, in units of ε², for x log-uniform in a
 #: binade: (1/12)·E[(2^e/x)²] = (1/12)·(3/8)/ln 2 ≈ 0.0451.
 _ROUND_ENERGY_PER_EPS2 = 0.375 / (12 * 0.6931471805599453)
-_QUANTISED_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "int8", "uint8", "int4"})
+#: Storage dtypes that are quantisation grids: those spectra dequantises with a scale
+#: (:data:`spectra.io.checkpoint.QUANTISED_DTYPES`) and the packed ones it does not read.
+_QUANTISED_DTYPES = QUANTISED_DTYPES | {"uint8", "int4"}
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ class NumericNote:
 
 
 def numeric_notes(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
-                  base_dtype: str, tuned_dtype: str) -> list[str]:
-    """Explained numerical caveats of ΔW, as messages (see :func:`numeric_flags`).
+                  base_dtype: str, tuned_dtype: str, base_sq: float | None = None) -> list[str]:
+    """Explained numerical caveats of ΔW, as messages (see :func:`numeric_flags` for the arguments).
 
     Example:
         >>> w = (torch.randn(64, 64, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
@@ -81,12 +85,12 @@ def numeric_notes(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         >>> [m.split(":")[0] for m in numeric_notes(w, t, t.float() - w.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")]
         ['ΔW is at the rounding level of bfloat16']
     """
-    return [n.message for n in numeric_flags(base, tuned, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype)]
+    return [n.message for n in numeric_flags(base, tuned, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype, base_sq=base_sq)]
 
 
 def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
                   base_dtype: str, tuned_dtype: str, block: int = 1 << 22,
-                  sample_rows: int = 16, max_rows: int | None = 64) -> list[NumericNote]:
+                  sample_rows: int = 16, max_rows: int | None = 64, base_sq: float | None = None) -> list[NumericNote]:
     """Numerical caveats of one update ΔW = W_tuned − W_base (module docstring), in a fixed order.
 
     Args:
@@ -96,11 +100,15 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         base_dtype, tuned_dtype: the stored dtype names (``"bfloat16"``, ``"float8_e4m3fn"``,
             ``"int8"``...), which decide ε and whether a side is quantised.
         block: elements per row block of the O(elements) pass (bounds temporary memory).
-        sample_rows: rows read (evenly spaced, so deterministic) by the quantisation-grid check.
+        sample_rows: rows read (evenly spaced among the rows the other checks read) by the
+            quantisation-grid check.
         max_rows: the element-wise checks read at most this many rows: evenly spaced ones plus the
             16 rows where ΔW is largest (so that an update confined to a few rows, such as new
             token embeddings, is seen); None reads every row. A full pass costs several times
-            forming ΔW on a CPU; the checks are ratios, which a sample estimates well.
+            forming ΔW on a CPU. ‖ΔW‖_F² is always taken over every row; the sums over the other
+            rows are scaled up from the evenly spaced ones, and the note says it was estimated.
+        base_sq: ‖W_base‖_F² when the caller has it (``spectra.diff`` computes it while forming
+            ΔW); else it is computed (or, with sampling, estimated) here.
 
     Returns:
         The :class:`NumericNote` of each check that fired; empty when ΔW is all zero or not finite.
@@ -112,25 +120,42 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         return []
     cols = delta.shape[-1] if delta.ndim else 1
     b2, t2, d2 = (x.reshape(-1, cols) for x in (base, tuned, delta))
-    total_rows = d2.shape[0]
-    if max_rows is not None and total_rows > max_rows:
-        top = min(16, max_rows)
-        energy = torch.linalg.vector_norm(d2, dim=1)
-        energy = torch.nan_to_num(energy, nan=float("inf"))  # rows with NaN/Inf must be seen
-        picked = torch.cat([_sample_rows(total_rows, max_rows - top).to(energy.device), torch.topk(energy, top).indices])
-        rows = torch.unique(picked)  # sorted: deterministic order
-        b2, t2, d2 = b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows]
     eps_b, eps_t = _eps(base_dtype), _eps(tuned_dtype)
     eps = max((e for e in (eps_b, eps_t) if e is not None), default=None)
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
-    s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block)
+    total_rows = d2.shape[0]
+    where = ""
+    if max_rows is None or total_rows <= max_rows:
+        s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block)
+    else:
+        # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
+        # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
+        energy = torch.linalg.vector_norm(d2, dim=1).double()  # float32 per row: ample for these ratios, 4x faster
+        if not bool(torch.isfinite(energy).all()):
+            return []
+        top = torch.topk(energy, min(16, max_rows)).indices
+        rest = torch.ones(total_rows, dtype=torch.bool, device=energy.device)
+        rest[top] = False
+        rest_rows = torch.nonzero(rest).flatten()
+        even = rest_rows[_sample_rows(rest_rows.numel(), max_rows - top.numel()).to(rest_rows.device)]
+        s_top = _pass(b2[top.to(b2.device)], t2[top.to(t2.device)], d2[top], eps, tiny_b, tiny_t, block)
+        s_even = _pass(b2[even.to(b2.device)], t2[even.to(t2.device)], d2[even], eps, tiny_b, tiny_t, block)
+        scale = rest_rows.numel() / max(1, even.numel())
+        s = {k: s_top[k] + scale * s_even[k] for k in s_top if k != "finite"}
+        s.update(finite=s_top["finite"] and s_even["finite"], delta_sq=float((energy**2).sum()))
+        for k in ("nonzero", "ulp", "sub_b", "sub_t"):
+            s[k] = int(round(s[k]))
+        rows = torch.cat([top, even]).to(b2.device)
+        b2, t2 = b2[rows], t2[rows]  # the grid check samples from these
+        where = f" (estimated from {rows.numel()} of {total_rows} rows: the {top.numel()} that changed most, and evenly spaced others)"
+    if base_sq is not None:  # exact, from the caller's pass over every element
+        s["base_sq"] = s["tuned_sq"] = float(base_sq)  # ‖W_tuned‖ ≈ ‖W_base‖ at the precision these ratios need
     if s["delta_sq"] == 0.0 or not s["finite"]:
         return []
     notes: list[NumericNote] = []
-    where = f" of {d2.shape[0]} sampled rows" if d2.shape[0] < total_rows else ""
     fro = s["delta_sq"] ** 0.5
-    n = d2.numel()
+    n = total_rows * cols
 
     # (1) subnormals: flushing them changes ΔW by at most |b| + |t| on those entries.
     effect = (s["sub_b_sq"] ** 0.5 + s["sub_t_sq"] ** 0.5) / fro
@@ -138,7 +163,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         sides = ", ".join(f"{side} {k} ({k / n:.2%}, below {tiny:.3g} in {dt})"
                           for side, k, tiny, dt in (("base", s["sub_b"], tiny_b, base_dtype), ("tuned", s["sub_t"], tiny_t, tuned_dtype)) if k)
         notes.append(NumericNote("subnormal", (
-            f"subnormal values{where}: {sides}; spectra computes in float64 and keeps them, but hardware that flushes "
+            f"subnormal values: {sides}{where}; spectra computes in float64 and keeps them, but hardware that flushes "
             f"denormals to zero would see a ΔW different by up to {effect:.1%} of ‖ΔW‖_F")))
 
     # (2) rounding level: ≤ 1-ulp changes carry most of ‖ΔW‖².

@@ -46,6 +46,11 @@ class MatrixPair:
     note: str = ""
 
     @property
+    def stored_bytes(self) -> int:
+        """Bytes read for this pair: both tensors as stored."""
+        return self.base_info.nbytes + self.tuned_info.nbytes
+
+    @property
     def sort_key(self) -> tuple:
         """Embeddings first, then layers in order, then matrices outside the stack (head)."""
         s = self.tuned

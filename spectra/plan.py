@@ -25,9 +25,14 @@ import torch
 
 from spectra.linalg import gram
 
-#: Rates used when nothing was calibrated (a 2-core CPU of this project's CI, float64); only their
-#: ratios matter for balancing ranks.
-DEFAULT_RATES = {"gram_rate": 1.2e10, "eig_rate": 2.0e9, "io_rate": 4.0e8}
+#: Rates used when nothing was calibrated, per device type (float64 exact path), fitted by
+#: ``bench/scale.py``: the 2-core CPU of this project's development machine, and an H200
+#: (``bench/results/scale-cpu.md``). Distributed runs balance their ranks with these; only the
+#: ratios between the terms matter there.
+DEFAULT_RATES = {
+    "cpu": {"gram_rate": 3.26e10, "eig_rate": 1.52e10, "io_rate": 4.0e8, "overhead_s": 0.02},
+    "cuda": {"gram_rate": 2.37e13, "eig_rate": 7.1e11, "io_rate": 1.09e9, "overhead_s": 0.0089},
+}
 
 
 @dataclass(frozen=True)
@@ -43,12 +48,18 @@ class CostModel:
         precision: ``"float64"`` or ``"float32"``, the decomposition dtype measured.
     """
 
-    gram_rate: float = DEFAULT_RATES["gram_rate"]
-    eig_rate: float = DEFAULT_RATES["eig_rate"]
-    io_rate: float = DEFAULT_RATES["io_rate"]
-    overhead_s: float = 1e-4
+    gram_rate: float = DEFAULT_RATES["cpu"]["gram_rate"]
+    eig_rate: float = DEFAULT_RATES["cpu"]["eig_rate"]
+    io_rate: float = DEFAULT_RATES["cpu"]["io_rate"]
+    overhead_s: float = DEFAULT_RATES["cpu"]["overhead_s"]
     device: str = "default"
     precision: str = "float64"
+
+    @classmethod
+    def default(cls, device: torch.device | str) -> "CostModel":
+        """The uncalibrated model of a device type (:data:`DEFAULT_RATES`): CUDA or CPU."""
+        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        return cls(**DEFAULT_RATES[kind], device=f"default {kind}")
 
     def matrix_seconds(self, shape: tuple[int, int]) -> float:
         """Estimated seconds to decompose one ``(m, n)`` matrix exactly."""
@@ -143,7 +154,7 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     run_gram(), run_eig()  # warm-up (library loading, kernels)
     t_gram = _median_time(run_gram)
     t_eig = _median_time(run_eig)
-    io_rate = DEFAULT_RATES["io_rate"]
+    io_rate = CostModel.default(device).io_rate
     if io_probe is not None:
         read, nbytes = io_probe
         t_io = _median_time(read, repeats=2)
@@ -193,44 +204,47 @@ class Plan:
         return max(self.io_seconds, self.compute_seconds) + 0.15 * min(self.io_seconds, self.compute_seconds)
 
 
-def estimate_memory(pairs: Sequence[tuple[int, Sequence[tuple[int, int]]]], *, depth: int, batch_bytes: int,
+def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]], *, depth: int, batch_bytes: int,
                     max_batch: int, dtype: torch.dtype = torch.float64, method: str = "gram", on_gpu: bool = False,
-                    weight_spectra: bool = False, max_in_flight: int | None = None) -> tuple[int, int]:
+                    max_in_flight: int | None = None) -> tuple[int, int]:
     """Peak memory of a run's data, bytes, as ``(host, device)`` (device is 0 on a CPU run).
 
     What a streaming run holds at once (:mod:`spectra.diff`): up to ``depth + 1`` tensor pairs in
-    flight, each as stored bytes plus ΔW in float32 for each of its matrices (W_base too with
-    ``weight_spectra``), and one batch of equally shaped matrices with the decomposition's
+    flight (and no more than ``max_in_flight`` bytes of them, the largest pair excepted), each as
+    loaded plus its ΔW, and one batch of equally shaped matrices with the decomposition's
     workspace, capped by ``batch_bytes``. On a GPU, ΔW and the batch live on the device and the host
-    holds only the stored tensors being read.
+    holds only the tensors being read.
 
     Args:
-        pairs: per tensor pair, its stored bytes (both sides) and the ``(m, n)`` shapes of its matrices.
+        pairs: per tensor pair: the bytes of both tensors as loaded (dequantised fp8/int8 weights
+            are float32), the bytes formed from them (ΔW of each matrix, and a W_base copy with
+            ``weight_spectra``), and the ``(m, n)`` shapes of its matrices.
         depth: tensor pairs read ahead (``DiffConfig.prefetch``).
         batch_bytes: the batch cap (:func:`spectra.engine.batch_budget`).
         max_batch: most matrices per batch.
         dtype, method: the decomposition's dtype and method (workspace size).
         on_gpu: the decomposition runs on CUDA.
-        weight_spectra: W_base is kept beside ΔW.
-        max_in_flight: the byte cap on pairs in flight (``DiffConfig.prefetch_bytes``); the
-            largest pair goes through regardless.
+        max_in_flight: the byte cap on pairs in flight (``DiffConfig.prefetch_bytes``).
+
+    Example:
+        >>> estimate_memory([(8, 16, [(2, 2)])] * 3, depth=1, batch_bytes=1 << 20, max_batch=4)[1]
+        0
     """
     from spectra.engine import estimate_batch_bytes
 
-    per_pair = [(stored, stored + sum(4 * m * n * (1 + int(weight_spectra)) for m, n in shapes)) for stored, shapes in pairs]
     counts: dict[tuple[int, int], int] = {}
-    for _, shapes in pairs:
+    for _, _, shapes in pairs:
         for s in shapes:
             counts[s] = counts.get(s, 0) + 1
     batch = max((min(batch_bytes, min(n, max_batch) * estimate_batch_bytes(s, dtype, method)) for s, n in counts.items()), default=0)
+
     def ahead(sizes: list[int]) -> int:
         top = sorted(sizes, reverse=True)[: depth + 1]
         return sum(top) if max_in_flight is None else max(top[:1] + [min(sum(top), max_in_flight)], default=0)
 
-    in_flight = ahead([full for _, full in per_pair])
     if on_gpu:
-        return ahead([st for st, _ in per_pair]), in_flight + batch
-    return in_flight + batch, 0
+        return ahead([host for host, _, _ in pairs]), ahead([formed for _, formed, _ in pairs]) + batch
+    return ahead([host + formed for host, formed, _ in pairs]) + batch, 0
 
 
 def peak_rss_bytes() -> int:

@@ -174,15 +174,39 @@ def test_plan_counts_work_and_prices_it(pair, single):
 def test_rank_device_and_launch_detection(monkeypatch):
     import torch
 
-    from spectra.distributed import launched, rank_device
+    from spectra.distributed import launched, rank_device, world_size
+    from spectra.errors import ConfigError
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a 4-GPU node, as torch sees it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert rank_device(torch.device("cuda")) == torch.device("cuda", 3)  # one GPU per rank on the node
-    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index is kept
+    assert rank_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # one rank per node: kept
     assert rank_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="would put all 4 ranks of this node on one GPU"):
+        rank_device(torch.device("cuda", 1))
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ConfigError, match="LOCAL_RANK=5 has no GPU: this node has 4"):
+        rank_device(torch.device("cuda"))
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ConfigError, match="LOCAL_RANK='x' is not an integer"):
+        rank_device(torch.device("cuda"))
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert launched()
+    assert launched() and world_size() == 4
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not launched()
     monkeypatch.setenv("WORLD_SIZE", "x")
     assert not launched()
+    with pytest.raises(ConfigError, match="WORLD_SIZE='x' is not an integer"):
+        world_size()
+
+
+def test_rank_0_refusal_reaches_every_rank(pair, single, tmp_path):
+    """--resume of a journal from other options: rank 0 refuses, and rank 1 says why instead of
+    reporting a lost rank 0."""
+    proc = _torchrun(2, str(pair[0]), str(pair[1]), "--out", str(single), "--no-plots", "--layers", "0", "--resume")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "[rank 0] error:" in stderr and "the journal here comes from different inputs or options" in stderr
+    assert "[rank 1] error: rank 0 refused the run:" in stderr, stderr[-3000:]

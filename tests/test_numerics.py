@@ -456,3 +456,26 @@ def test_fuzz_scale_shapes(wshape, sshape, leaf, wdtype):
         assert tuple(w.shape) == tuple(wshape)
         if f"{Q}.weight" in ckpt.scales:
             assert w.dtype == torch.float32
+
+
+def test_delta_flags_nan_inf_and_overflow_on_every_storage_dtype():
+    """ΔW is formed with a cheap finiteness test (a sum per block); its rare failures are resolved
+    exactly: NaN/Inf on either side (fp8 included, which has no CPU isfinite), an overflowing
+    difference of finite weights, and float64 weights too large to square are told apart."""
+    from spectra.diff import _delta
+
+    cpu = torch.device("cpu")
+    nan8 = torch.zeros(4, 4)
+    nan8[1, 1] = float("nan")
+    assert _delta(torch.zeros(4, 4).to(torch.float8_e4m3fn), nan8.to(torch.float8_e4m3fn), cpu)[2] == ["tuned"]
+    assert _delta(torch.full((4, 4), 3e38), torch.full((4, 4), -3e38), cpu)[2] == ["overflow"]
+    big = torch.full((4, 4), 1e200, dtype=torch.float64)
+    delta, norm, bad = _delta(big, big + 1e190, cpu)
+    assert bad == [] and torch.isfinite(delta).all() and norm == float("inf")  # ‖W‖ overflows, ΔW does not
+    for side in ("base", "tuned"):
+        w = [torch.ones(8, 8), torch.ones(8, 8)]
+        w[side == "tuned"][3, 5] = float("inf")
+        assert _delta(*w, cpu)[2] == [side]
+    both = torch.ones(8, 8)
+    both[0, 0] = float("nan")
+    assert _delta(both, both.clone(), cpu)[2] == ["base", "tuned"]

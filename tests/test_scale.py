@@ -388,8 +388,8 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
     lock, state = threading.Lock(), {"now": 0, "bytes": 0, "peak": 0, "peak_bytes": 0}
     real = module._prepare
 
-    def counting(task, *a, **k):
-        size = module._task_bytes(task)
+    def counting(task, base_ckpt, tuned_ckpt, *a, **k):
+        size = sum(module._pair_bytes(task, base_ckpt, tuned_ckpt))
         with lock:
             state["now"] += 1
             state["bytes"] += size
@@ -397,7 +397,7 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
             state["peak_bytes"] = max(state["peak_bytes"], state["bytes"])
         time.sleep(0.01)  # let the other readers catch up, if the caps allowed them
         try:
-            return real(task, *a, **k)
+            return real(task, base_ckpt, tuned_ckpt, *a, **k)
         finally:
             with lock:
                 state["now"] -= 1
