@@ -930,9 +930,9 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         [(*_pair_bytes(t, base_ckpt, tuned_ckpt, config.weight_spectra), [u.shape for u in t.units]) for t in tasks],
         depth=run.depth, batch_bytes=run.batch_bytes, max_batch=config.max_batch,
         dtype=torch.float64 if config.precision == "float64" else torch.float32, method=config.method,
-        on_gpu=device.type == "cuda", max_in_flight=run.ahead_bytes)
+        on_gpu=device.type == "cuda", max_in_flight=run.ahead_bytes, workers=run.workers)
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
-    notes = []
+    notes = ["memory is the data's; the allocator keeps some freed memory on top (40-80 MiB in tests/test_scale.py)"]
     if approx:
         notes.append(f"{approx} matrices use the approximate mode (priced as exact: an upper estimate)")
     return Plan(

@@ -206,13 +206,13 @@ class Plan:
 
 def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]], *, depth: int, batch_bytes: int,
                     max_batch: int, dtype: torch.dtype = torch.float64, method: str = "gram", on_gpu: bool = False,
-                    max_in_flight: int | None = None) -> tuple[int, int]:
+                    max_in_flight: int | None = None, workers: int = 1) -> tuple[int, int]:
     """Peak memory of a run's data, bytes, as ``(host, device)`` (device is 0 on a CPU run).
 
     What a streaming run holds at once (:mod:`spectra.diff`): up to ``depth + 1`` tensor pairs in
     flight (and no more than ``max_in_flight`` bytes of them, the largest pair excepted), each as
-    loaded plus its ΔW, and one batch of equally shaped matrices with the decomposition's
-    workspace, capped by ``batch_bytes``. On a GPU, ΔW and the batch live on the device and the host
+    loaded plus its ΔW, and one batch of equally shaped matrices, capped by ``batch_bytes``, with
+    the decomposition's workspace (one matrix's on the CPU, a chunk's on CUDA). On a GPU, ΔW and the batch live on the device and the host
     holds only the tensors being read.
 
     Args:
@@ -225,6 +225,8 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
         dtype, method: the decomposition's dtype and method (workspace size).
         on_gpu: the decomposition runs on CUDA.
         max_in_flight: the byte cap on pairs in flight (``DiffConfig.prefetch_bytes``).
+        workers: reader threads; each forms ΔW through row blocks of at most 2²² elements, with
+            two float32 upcasts and a float64 copy of the base block (16 bytes per element).
 
     Example:
         >>> estimate_memory([(8, 16, [(2, 2)])] * 3, depth=1, batch_bytes=1 << 20, max_batch=4)[1]
@@ -236,15 +238,21 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
     for _, _, shapes in pairs:
         for s in shapes:
             counts[s] = counts.get(s, 0) + 1
-    batch = max((min(batch_bytes, min(n, max_batch) * estimate_batch_bytes(s, dtype, method)) for s, n in counts.items()), default=0)
+    if on_gpu:  # a chunk of the batch is stacked and decomposed together
+        batch = max((min(batch_bytes, min(n, max_batch) * estimate_batch_bytes(s, dtype, method)) for s, n in counts.items()), default=0)
+    else:  # the batch's ΔW wait in a list and are decomposed one at a time (spectra.engine)
+        batch = max((min(batch_bytes, min(n, max_batch) * 4 * s[0] * s[1]) + estimate_batch_bytes(s, dtype, method)
+                     for s, n in counts.items()), default=0)
 
     def ahead(sizes: list[int]) -> int:
         top = sorted(sizes, reverse=True)[: depth + 1]
         return sum(top) if max_in_flight is None else max(top[:1] + [min(sum(top), max_in_flight)], default=0)
 
+    largest = max((m * n for _, _, shapes in pairs for m, n in shapes), default=0)
+    blocks = workers * 16 * min(largest, 1 << 22)  # the row blocks of spectra.diff._delta, per reader
     if on_gpu:
-        return ahead([host for host, _, _ in pairs]), ahead([formed for _, formed, _ in pairs]) + batch
-    return ahead([host + formed for host, formed, _ in pairs]) + batch, 0
+        return ahead([host for host, _, _ in pairs]), ahead([formed for _, formed, _ in pairs]) + batch + blocks
+    return ahead([host + formed for host, formed, _ in pairs]) + batch + blocks, 0
 
 
 def peak_rss_bytes() -> int:

@@ -36,7 +36,7 @@ MiB = 1 << 20
 #: (DiffConfig: max_batch 32, prefetch 1, max_batch_bytes 256 MiB). The widest matrix is 4096 × 64
 #: float32 (1 MiB): one batch holds 32 ΔW (32 MiB; decomposed one by one from the list, no stacked
 #: copy) and one float64 upcast block, plus the prefetched pair and glibc heap slack. Measured on
-#: the 2-core dev box: baseline ≈ 259 MiB; data memory +73 MiB (76 layers), +87 MiB (152 layers).
+#: the 2-core dev box: baseline ≈ 259 MiB; data memory +73..79 MiB (76 layers), +81..87 MiB (152 layers).
 BUDGET = 128 * MiB
 
 #: Llama naming, small hidden size and a wide MLP: few cheap decompositions (p = 64), many bytes.
@@ -155,8 +155,8 @@ def test_peak_rss_is_bounded_and_independent_of_model_size(tmp_path):
     """Peak RSS above a tiny-pair baseline ≤ BUDGET on a pair ≥ 4 × BUDGET; and a pair with half the
     layers (the first shards, hard-linked) peaks within 15% of BUDGET of the full one.
 
-    Measured (2-core dev box): baseline 259 MiB; 76 layers (466 MiB) +73 MiB; 152 layers (931 MiB,
-    38 shards a side, 1064 matrices) +87 MiB; about 25 s in all.
+    Measured (2-core dev box): baseline 259 MiB; 76 layers (466 MiB) +73..79 MiB; 152 layers (931 MiB,
+    38 shards a side, 1064 matrices) +81..87 MiB; about 25 s in all.
     """
     base, tuned, shards = write_sharded_llama_pair(tmp_path / "big", LAYERS)
     pair_bytes = files_size(base, tuned)
@@ -184,6 +184,11 @@ def test_peak_rss_is_bounded_and_independent_of_model_size(tmp_path):
     assert abs(used_full - used_half) <= 0.25 * BUDGET, report  # twice the data, about the same peak
     # the run read every byte: memory is bounded, not the input
     assert pair_bytes >= 4 * used_full, report
+    # `spectra diff --plan` predicts the data memory before reading anything; what it leaves out is
+    # the allocator's slack (freed blocks glibc keeps; measured 45 vs 81 MiB here)
+    estimate = spectra.diff_plan(base, tuned, calibrate_cost=False).host_bytes
+    print(f"--plan estimate of the data memory: {estimate / MiB:.0f} MiB (measured +{used_full / MiB:.0f} MiB)")
+    assert used_full - 64 * MiB <= estimate <= 2 * used_full, (estimate / MiB, report)
 
 
 # ---- 2. MoE with hundreds of experts ---------------------------------------------------------------------
