@@ -43,7 +43,8 @@ from spectra.results import DiffResult, ModuleResult, atomic_write_text, thresho
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 _REWRITE_EVERY_S = 5.0
-#: A distributed run exchanges results this many times at most (each exchange waits for every rank).
+#: A distributed run exchanges results this many times at most (in a background thread, so ranks do
+#: not wait for each other; more rounds mean a finer journal on rank 0 after a lost rank).
 _ROUNDS = 32
 
 
@@ -688,8 +689,9 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     """The streaming, batched run over two full checkpoints (see the module docstring).
 
     With ``ctx`` (a distributed run) every rank plans the same work, takes its cost-balanced share
-    of the tensor pairs, and exchanges results with the others after each of ``rounds`` segments;
-    every rank returns the whole result, and only rank 0 has a ``writer``.
+    of the tensor pairs, and hands its results to a background exchange after each of ``rounds``
+    segments of equal cost (:class:`spectra.distributed.Exchanger`), collecting the others' between
+    batches; every rank returns the whole result, and only rank 0 has a ``writer``.
     """
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
     planned = _plan(pairing.pairs, config)
@@ -751,14 +753,11 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         if callback:
             callback(DiffEvent(done, total, module, skip))
 
-    def exchange(k: int) -> None:
-        nonlocal outbox
-        got = distributed.exchange(ctx, outbox, where=f"exchanging results (round {k + 1} of {rounds})")
-        outbox = []
-        for rank, items in enumerate(got):
-            if rank != ctx.rank:
-                for module, skip in items:
-                    record(module, skip)
+    exchanger = distributed.Exchanger(ctx, rounds, device) if ctx is not None else None
+
+    def collect(wait: bool = False) -> None:  # results the other ranks finished
+        for module, skip in exchanger.receive(wait=wait):
+            record(module, skip)
 
     try:
         shapes = [u.shape for t in tasks for u in t.units]
@@ -767,14 +766,18 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
             for module, skip in _results(batch, config, device, dtype):
                 record(module, skip)
                 emitted += 1
-                if ctx is not None:
+                if exchanger is not None:
                     outbox.append((module, skip))
                     while k < rounds and ends[k] <= emitted:
-                        exchange(k)
-                        k += 1
-        while ctx is not None and k < rounds:  # ranks with less work still take part in every round
-            exchange(k)
-            k += 1
+                        exchanger.send(outbox)
+                        outbox, k = [], k + 1
+            if exchanger is not None:
+                collect()
+        if exchanger is not None:
+            while k < rounds:  # ranks with less work still take part in every round
+                exchanger.send(outbox)
+                outbox, k = [], k + 1
+            collect(wait=True)
         completed = True
     finally:
         prepared.close()

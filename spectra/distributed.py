@@ -9,8 +9,8 @@ travel as Python objects (``all_gather_object``) between processes of this same 
 How :mod:`spectra.diff` uses it: every rank opens the checkpoints and plans the same work; the
 tensor pairs are split by estimated cost (:func:`spectra.plan.balance`), each rank reads and
 decomposes only its own, and after each of a fixed number of rounds all ranks exchange what they
-finished. Rank 0 journals every result as it arrives, so a run that loses a rank keeps whatever
-was exchanged and ``--resume`` completes it.
+finished, in a background thread (:class:`Exchanger`). Rank 0 journals every result as it arrives,
+so a run that loses a rank keeps whatever was exchanged and ``--resume`` completes it.
 """
 
 from __future__ import annotations
@@ -178,3 +178,68 @@ def close(ctx: DistContext | None) -> None:
     """Leave the process group if :func:`init` created it."""
     if ctx is not None and ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class Exchanger:
+    """Runs a fixed number of :func:`exchange` rounds in a background thread, so that a rank keeps
+    computing while the others catch up (a blocking exchange would make every rank wait for the
+    slowest at each round).
+
+    The caller :meth:`send` s one list per round, in order, exactly ``rounds`` times, and collects
+    what the other ranks sent with :meth:`receive`. Only this thread issues collectives, so their
+    order is the same on every rank.
+
+    Args:
+        ctx: the run's :class:`DistContext`.
+        rounds: number of rounds, the same on every rank.
+        device: this rank's compute device (NCCL needs it current in the exchanging thread).
+    """
+
+    def __init__(self, ctx: DistContext, rounds: int, device: torch.device) -> None:
+        import queue
+        import threading
+
+        self.ctx, self.rounds, self.device = ctx, rounds, device
+        self._out: queue.Queue = queue.Queue()
+        self._in: queue.Queue = queue.Queue()
+        self.received = 0  # rounds whose results were handed out by receive()
+        # a daemon: if this rank stops on an error, a thread waiting for its peers must not keep it alive
+        self._thread = threading.Thread(target=self._run, name="spectra-exchange", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.ctx.backend == "nccl":
+                torch.cuda.set_device(self.device)
+            for k in range(self.rounds):
+                items = self._out.get()
+                self._in.put(exchange(self.ctx, items, where=f"exchanging results (round {k + 1} of {self.rounds})"))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self._in.put(exc)
+
+    def send(self, items: list) -> None:
+        """This rank's results of the next round."""
+        self._out.put(items)
+
+    def receive(self, *, wait: bool = False) -> list:
+        """The other ranks' items from the rounds finished so far (with ``wait``, from every round).
+
+        Raises:
+            DistributedError: a round failed (a rank died, was killed or timed out).
+        """
+        import queue
+
+        items: list = []
+        while self.received < self.rounds:
+            try:
+                got = self._in.get(block=wait)
+            except queue.Empty:
+                break
+            if isinstance(got, BaseException):
+                self.received = self.rounds  # nothing more will come
+                raise got
+            self.received += 1
+            for rank, theirs in enumerate(got):
+                if rank != self.ctx.rank:
+                    items.extend(theirs)
+        return items
