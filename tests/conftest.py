@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +35,16 @@ def svd64(M: torch.Tensor | np.ndarray) -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def wait_for_journal(proc: subprocess.Popen, journal: Path, lines: int = 3, timeout: float = 120,
+                     ready=lambda: True) -> None:
+    """Wait until the run ``proc`` has journaled ``lines`` results (and ``ready()`` holds), so that
+    it can be interrupted mid-way; fail the test if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready() and journal.is_file() and len(journal.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.02)
+    out = proc.communicate()[1] if proc.poll() is not None else ""
+    pytest.fail(f"the run ended (or stalled) before it could be interrupted; make the test pair larger. {str(out)[-2000:]}")

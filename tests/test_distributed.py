@@ -9,11 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_journal
 
 import spectra
 from spectra.plan import CostModel, balance, segment_ends
@@ -114,16 +114,15 @@ def test_killed_rank_fails_clearly_and_resume_completes(pair, single, tmp_path):
     tag = uuid.uuid4().hex
     proc = _torchrun(2, str(pair[0]), str(pair[1]), "--out", str(out), "--no-plots", "--method", "svd", tag=tag)
     journal = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    victim = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        victim = victim or _rank_pid(tag, 1)
-        if victim and journal.is_file() and len(journal.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None or victim is None:
-        pytest.fail(f"the run ended before rank 1 could be killed: {proc.communicate()[1][-2000:]}")
-    os.kill(victim, signal.SIGKILL)
+    victim: list[int] = []
+
+    def rank1_found() -> bool:
+        if not victim and (pid := _rank_pid(tag, 1)):
+            victim.append(pid)
+        return bool(victim)
+
+    wait_for_journal(proc, journal, lines=4, ready=rank1_found)
+    os.kill(victim[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     # rank 0 says what happened and what to do, in one line (torchrun adds its own summary)

@@ -11,9 +11,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+from conftest import wait_for_journal
 
 import spectra
 from spectra.diff import DiffConfig
@@ -131,13 +131,7 @@ def test_interrupt_stops_cleanly_and_resumes(pair, reference, tmp_path, sig, cod
     cmd = [sys.executable, "-m", "spectra", "diff", str(pair[0]), str(pair[1]), "--out", str(out), "--method", "svd", "--no-plots"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     journal = out / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.fail("the run finished before it could be interrupted; make the test pair larger")
+    wait_for_journal(proc, journal)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == code, stderr[-2000:]

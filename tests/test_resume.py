@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import wait_for_journal
 
 import spectra
 from spectra.diff import DiffConfig
@@ -60,13 +60,7 @@ def test_resume_after_sigkill(pair, reference, tmp_path):
     cmd = [sys.executable, "-m", "spectra", "diff", str(pair[0]), str(pair[1]), "--out", str(tmp_path), "--method", "svd", "--no-plots"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "results.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.02)
-    if proc.poll() is not None:
-        pytest.fail("the run finished before it could be killed; make the test pair larger")
+    wait_for_journal(proc, journal)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
