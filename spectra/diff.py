@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -28,7 +29,7 @@ import torch
 
 from spectra import __version__
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError, output_error
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from spectra.engine import ApproxSpectrum, approx_energy_ranks, batch_budget, batch_singular_values
 from spectra.linalg import resolve_device
 from spectra.numerics import numeric_notes
@@ -352,9 +353,8 @@ def _pair_bytes(task: _Task, base: Checkpoint, tuned: Checkpoint, keep_base: boo
     W_base in that dtype."""
     pair = task.pair
 
-    def loaded(ckpt: Checkpoint, name: str, info) -> int:
-        n = info.nbytes // max(1, torch.empty(0, dtype=getattr(torch, info.dtype)).element_size())
-        return n * 4 if name in ckpt.scales else info.nbytes
+    def loaded(ckpt: Checkpoint, name: str, info: TensorInfo) -> int:
+        return math.prod(info.shape) * 4 if name in ckpt.scales else info.nbytes
 
     item = 8 if "float64" in (pair.base_info.dtype, pair.tuned_info.dtype) else 4
     formed = sum(item * u.shape[0] * u.shape[1] for u in task.units) * (2 if keep_base else 1)
@@ -413,10 +413,12 @@ def _prefetch(tasks: list[_Task], base: Checkpoint, tuned: Checkpoint, depth: in
 
         def fill() -> None:
             nonlocal in_flight
-            while todo and len(pending) < depth and (not pending or max_bytes is None or in_flight + cost(todo[0]) <= max_bytes):
-                task = todo.popleft()
-                in_flight += cost(task)
-                pending.append((pool.submit(_prepare, task, base, tuned, device, keep_base), cost(task)))
+            while todo and len(pending) < depth:
+                nbytes = cost(todo[0])
+                if pending and max_bytes is not None and in_flight + nbytes > max_bytes:
+                    return
+                in_flight += nbytes
+                pending.append((pool.submit(_prepare, todo.popleft(), base, tuned, device, keep_base), nbytes))
 
         try:
             fill()
@@ -609,8 +611,10 @@ def diff(
         distributed.close(ctx)
 
 
-def _diff(base, tuned, config: DiffConfig, device: torch.device, out_dir, callback, plots: bool,
+def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffConfig, device: torch.device,
+          out_dir: str | Path | None, callback: Callable[[DiffEvent], None] | None, plots: bool,
           allow_identical: bool, resume: bool, ctx: DistContext | None) -> DiffResult:
+    """:func:`diff` once the device (and the process group) is settled."""
     from spectra.adapter_diff import diff_adapter
     from spectra.io.adapter import is_adapter, open_adapter
 
@@ -677,10 +681,11 @@ def _absorb(result: DiffResult, records: list[dict]) -> set[str]:
     return names
 
 
-def _task_cost(task: _Task, cost: CostModel, config: DiffConfig) -> float:
-    """Estimated seconds of one tensor pair: reading both sides and decomposing its units."""
+def _task_seconds(task: _Task, cost: CostModel, config: DiffConfig) -> tuple[float, float]:
+    """Estimated seconds of one tensor pair: ``(reading both sides and forming ΔW, decomposing its
+    units)``; three decompositions per unit with ``weight_spectra``."""
     work = 3 if config.weight_spectra else 1
-    return cost.io_seconds(task.pair.stored_bytes) + sum(work * cost.matrix_seconds(u.shape) for u in task.units)
+    return cost.io_seconds(task.pair.stored_bytes), sum(work * cost.matrix_seconds(u.shape) for u in task.units)
 
 
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
@@ -728,7 +733,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     rounds, ends = 0, []
     if ctx is not None:
         cost = CostModel.default(device)
-        costs = [_task_cost(t, cost, config) for t in tasks]
+        costs = [sum(_task_seconds(t, cost, config)) for t in tasks]
         shares = balance(costs, ctx.world_size)
         tasks = [tasks[i] for i in shares[ctx.rank]]  # stays in shape order: batching works as before
         rounds = max(1, min(_ROUNDS, max(len(s) for s in shares)))  # the same on every rank
@@ -919,9 +924,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
             task = min(tasks, key=lambda t: abs(t.pair.stored_bytes - (32 << 20)))
             probe = (lambda: _prepare(task, base_ckpt, tuned_ckpt, device), task.pair.stored_bytes)
         cost = calibrate(device, config.precision, io_probe=probe)
-    work = 3 if config.weight_spectra else 1
-    io = [cost.io_seconds(t.pair.stored_bytes) for t in tasks]
-    compute = [sum(work * cost.matrix_seconds(u.shape) for u in t.units) for t in tasks]
+    io, compute = zip(*(_task_seconds(t, cost, config) for t in tasks)) if tasks else ((), ())
     shares = balance([a + b for a, b in zip(io, compute)], world_size)
     slowest = max(shares, key=lambda s: sum(io[i] + compute[i] for i in s))
     shapes: dict[tuple[int, int], int] = {}
