@@ -83,6 +83,10 @@ def balance(costs: Sequence[float], ranks: int) -> list[list[int]]:
     Returns:
         ``ranks`` lists of item indices, each in ascending index order (the caller's work order).
         Deterministic: ties go to the lower index and the lower rank.
+
+    Example:
+        >>> balance([5, 3, 2, 2], 2)
+        [[0, 3], [1, 2]]
     """
     loads = [0.0] * ranks
     out: list[list[int]] = [[] for _ in range(ranks)]
@@ -97,7 +101,21 @@ def segment_ends(costs: Sequence[float], rounds: int) -> list[int]:
     """End indices (exclusive) of ``rounds`` consecutive segments of roughly equal cost.
 
     Used by distributed runs: every rank sends its results to the others after each segment, and
-    all ranks do the same number of rounds whatever their item counts. The last end is ``len(costs)``.
+    all ranks do the same number of rounds whatever their item counts.
+
+    Args:
+        costs: cost of each item, in work order.
+        rounds: number of segments, ≥ 1.
+
+    Returns:
+        ``rounds`` non-decreasing end indices; the last is ``len(costs)``. A segment may be empty
+        (an item costing more than a segment spans several).
+
+    Example:
+        >>> segment_ends([1, 1, 1, 1], 2)
+        [2, 4]
+        >>> segment_ends([1, 6, 1], 3)  # the costly item overruns the second goal: an empty segment
+        [1, 1, 3]
     """
     total = float(sum(costs))
     ends, acc, i = [], 0.0, 0
