@@ -86,6 +86,26 @@ _STACKED_LEAVES: Mapping[str, Mapping[str, str]] = {
     "aria": {"fc1": "gate_up", "fc2": "down"}, "aria_text": {"fc1": "gate_up", "fc2": "down"},
 }
 
+#: ``(parent, leaf)`` of 3-D expert stacks stored outside an ``experts`` module, and their role.
+#: Granite-MoE (``granitemoe``, ``granitemoeshared``, ``granitemoehybrid``) checkpoints store
+#: ``block_sparse_moe.input_linear.weight`` ``(E, 2·I, hidden)`` and ``output_linear.weight``
+#: ``(E, hidden, I)``; transformers renames them to ``experts.gate_up_proj`` / ``experts.down_proj``
+#: on load (``conversion_mapping.py``) and runs
+#: ``gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)``: ``(out, in)``, gate rows first.
+_STACKED_MODULES: Mapping[tuple[str, str], str] = {
+    ("block_sparse_moe", "input_linear"): "gate_up", ("block_sparse_moe", "output_linear"): "down",
+}
+
+#: ``config.json`` model types whose stored router is ``(in, out)``: transformers transposes it on
+#: load. ERNIE-4.5-VL (``ernie4_5_vl_moe``): ``mlp.gate.weight`` (text experts) and
+#: ``mlp.gate.weight_1`` (vision experts) are stored ``(hidden, experts)`` and loaded as
+#: ``text_moe.gate.weight`` / ``vision_moe.gate.weight`` through ``Transpose(0, 1)``, then used by
+#: ``F.linear``. The value: the ``(parent, leaf)`` of those routers as stored. (ERNIE-4.5 MoE,
+#: ``ernie4_5_moe``, stores its ``mlp.gate.weight`` ``(experts, hidden)`` and does not transpose.)
+ROUTERS_IN_OUT: Mapping[str, frozenset[tuple[str, str]]] = {
+    "ernie4_5_vl_moe": frozenset({("mlp", "gate"), ("gate", "weight_1")}),
+}
+
 
 @dataclass(frozen=True)
 class ArchInfo:
@@ -284,6 +304,15 @@ _ATTN_PARENTS = frozenset({"attn", "self_attn", "attention", "self_attention", "
 _CROSS_PARENTS = frozenset({"encdecattention", "crossattention", "encoder_attn", "cross_attn"})
 _MLP_PARENTS = frozenset({"mlp", "feed_forward", "densereludense", "ffn", "intermediate", "shared_expert", "experts"})
 
+#: Roles that need the parent's name too: ``(parent, leaf)`` -> role.
+_PARENT_LEAF_ROLES = {
+    **_STACKED_MODULES,
+    # Granite-MoE-shared/hybrid's dense shared MLP: input_linear(x).chunk(2, dim=-1) -> gate, up
+    ("shared_mlp", "input_linear"): "gate_up", ("shared_mlp", "output_linear"): "down",
+    ("router", "layer"): "router",  # Granite-MoE's block_sparse_moe.router.layer.weight
+    ("gate", "weight_1"): "router",  # ERNIE-4.5-VL's vision-expert router mlp.gate.weight_1
+}
+
 _LEAF_ROLES = {
     "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q",
     "k_proj": "k", "key": "k", "wk": "k",
@@ -304,7 +333,7 @@ _LEAF_ROLES = {
 
 def _role(p: _Parsed) -> str | None:
     leaf, parent = p.leaf.lower(), p.parent.lower()
-    role = _LEAF_ROLES.get(leaf)
+    role = _PARENT_LEAF_ROLES.get((parent, leaf)) or _LEAF_ROLES.get(leaf)
     cross = parent in _CROSS_PARENTS
     if role is None:
         if leaf in ("q", "k", "v", "o"):
@@ -327,6 +356,10 @@ def _role(p: _Parsed) -> str | None:
     return role
 
 
+#: Leaf names too generic to label a module alone (:func:`module_labels`).
+_VAGUE_LEAVES = frozenset({"layer", "weight_1"})
+
+
 def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
     """Shortest suffix of each module path that no other path in the set shares.
 
@@ -341,7 +374,9 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for p in paths:
         comps = split[p]
-        for n in range(1, len(comps) + 1):
+        # a leaf that says nothing alone keeps its parent: Granite-MoE's ``router.layer``
+        first = 2 if comps[-1] in _VAGUE_LEAVES and len(comps) > 1 else 1
+        for n in range(first, len(comps) + 1):
             suffix = comps[-n:]
             if not any(q != p and split[q][-n:] == suffix for q in paths):
                 break
@@ -352,7 +387,8 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
 def describe_checkpoint(
     shapes: Mapping[str, Sequence[int]], arch: ArchInfo | None = None
 ) -> dict[str, MatrixSpec]:
-    """Describe every 2-D tensor of a checkpoint, and 3-D tensors under ``experts`` (stacked experts).
+    """Describe every 2-D tensor of a checkpoint, and 3-D expert stacks (under ``experts``, or
+    Granite-MoE's ``block_sparse_moe.input_linear`` / ``output_linear``).
 
     Args:
         shapes: tensor name -> stored shape, for the whole checkpoint.
@@ -389,6 +425,8 @@ def describe_checkpoint(
             interleaved = transpose and EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
         else:
             transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
+            if role == "router" and (p.parent, p.leaf) in ROUTERS_IN_OUT.get(arch.model_type or "", ()):
+                transpose = True
         out_dim = shape[-1] if transpose else shape[-2]
         in_dim = shape[-2] if transpose else shape[-1]
         parts, note = _split(p, role, out_dim, in_dim, arch, interleaved=interleaved)
@@ -468,15 +506,24 @@ def _hidden_from_shapes(shapes: Mapping[str, Sequence[int]], parsed: Mapping[str
     return None
 
 
+def is_bias(name: str) -> bool:
+    """Whether ``name`` is a bias (``X.bias``, or gpt-oss's per-expert ``experts.down_proj_bias``),
+    whatever its rank: never a weight matrix, even 2-D ``(experts, out)``."""
+    leaf = name.rpartition(".")[2]
+    return leaf == "bias" or leaf.endswith("_bias")
+
+
 def _is_matrix(name: str, shape: Sequence[int]) -> bool:
     if quant_param_of(name) is not None:  # a 2-D block scale is not a weight matrix
         return False
-    leaf = name.rpartition(".")[2]
-    if leaf == "bias" or leaf.endswith("_bias"):  # gpt-oss per-expert biases are (experts, out): not matrices
+    if is_bias(name):
         return False
     if len(shape) == 2:
         return True
-    return len(shape) == 3 and "experts" in name.split(".")
+    if len(shape) != 3:
+        return False
+    comps = pairing_key(name).split(".")
+    return "experts" in comps or tuple(comps[-2:]) in _STACKED_MODULES
 
 
 def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchInfo, *,
@@ -555,6 +602,6 @@ def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
 
 
 __all__ = [
-    "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "describe_checkpoint", "module_labels",
-    "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
+    "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
+    "describe_checkpoint", "is_bias", "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
 ]

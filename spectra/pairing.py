@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
-from spectra.naming import MatrixSpec, describe_checkpoint, quant_param_of, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, describe_checkpoint, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
             quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)
             ndim = len(ti.shape) if ts is None else len(bi.shape)
             what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
+            if ndim > 1 and is_bias(tn):  # gpt-oss's experts.gate_up_proj_bias (experts, out)
+                what = "per-expert bias" if ndim == 2 and "experts" in tn.split(".") else f"{ndim}-D bias"
             result.skipped.append(Skipped(tn, quant or f"{what}, not a weight matrix"))
             continue
         bad = [f"{side} dtype {i.dtype}" for side, i, n, c in (("base", bi, bn, base), ("tuned", ti, tn, tuned))

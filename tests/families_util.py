@@ -38,6 +38,21 @@ N_STACKED_EXPERTS = 4
 _MOE_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   vocab_size=100)
 _FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+#: Granite-MoE: stacked experts stored (experts, out, in) outside an ``experts`` module.
+_GRANITE_MOE = dict(_MOE_SMALL, intermediate_size=24, num_local_experts=N_STACKED_EXPERTS, num_experts_per_tok=2)
+
+
+def _granite_moe_roles(shared: bool) -> dict[str, str | None]:
+    roles: dict[str, str | None] = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head"}
+    for i in (0, 1):
+        roles.update({f"model.layers.{i}.self_attn.{x}_proj.weight": x for x in "qkvo"})
+        roles[f"model.layers.{i}.block_sparse_moe.router.layer.weight"] = "router"
+        roles[f"model.layers.{i}.block_sparse_moe.input_linear.weight"] = "gate_up"
+        roles[f"model.layers.{i}.block_sparse_moe.output_linear.weight"] = "down"
+        if shared:
+            roles[f"model.layers.{i}.shared_mlp.input_linear.weight"] = "gate_up"
+            roles[f"model.layers.{i}.shared_mlp.output_linear.weight"] = "down"
+    return roles
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,9 @@ class Family:
 
 
 EXPERT_PATTERN = re.compile(r".*\.experts\.(\d+)\.")
+
+#: Names of 3-D expert stacks stored outside an ``experts`` module (Granite-MoE).
+GRANITE_STACK_SUFFIXES = ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight")
 
 
 def expected_expert(name: str) -> int | None:
@@ -190,12 +208,31 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
             **{f"model.layers.{i}.mlp.experts.{leaf}": role for i in (0, 1)
                for leaf, role in (("gate_up_proj", "gate_up"), ("down_proj", "down"))}},
            ("lm_head.",), num_kv_heads=2, head_dim=8),
+    # Granite-MoE: checkpoints store block_sparse_moe.input_linear.weight (experts, 2·inter, hidden)
+    # and output_linear.weight (experts, hidden, inter), applied with F.linear, gate rows first
+    # (transformers renames them experts.gate_up_proj / down_proj on load); the router is
+    # block_sparse_moe.router.layer.weight. The -shared variant adds a dense shared_mlp whose
+    # input_linear is fused the same way.
+    Family("granitemoe", "granitemoe", dict(_GRANITE_MOE), "causal", r"^model\.layers\.(\d+)\.",
+           _granite_moe_roles(shared=False), ("lm_head.",), num_kv_heads=2, head_dim=8),
+    Family("granitemoeshared", "granitemoeshared", {**_GRANITE_MOE, "shared_intermediate_size": 24}, "causal",
+           r"^model\.layers\.(\d+)\.", _granite_moe_roles(shared=True), ("lm_head.",), num_kv_heads=2, head_dim=8),
+    # Granite-MoE-hybrid (Mamba-2 + attention layers, the same expert layout): only for the expert
+    # forward check, since its Mamba conv1d weight (3-D, not an expert stack) sits outside the
+    # per-family checks' tensor accounting.
+    Family("granitemoehybrid", "granitemoehybrid",
+           {**_GRANITE_MOE, "shared_intermediate_size": 24, "layer_types": ["mamba", "attention"], "mamba_n_heads": 4,
+            "mamba_d_head": 16, "mamba_n_groups": 1, "mamba_d_state": 8, "mamba_chunk_size": 16},
+           "causal", r"^model\.layers\.(\d+)\.", {}, ("lm_head.",), num_kv_heads=2, head_dim=8),
 ]}
 
 #: Families whose experts are stored as one 3-D tensor per layer and matrix.
-STACKED_FAMILIES = ("llama4", "gpt_oss")
+STACKED_FAMILIES = ("llama4", "gpt_oss", "granitemoe", "granitemoeshared")
 
-FAMILY_NAMES = list(FAMILIES)
+#: Families built only for the stacked-expert forward checks, not the per-family ones.
+FORWARD_ONLY_FAMILIES = ("granitemoehybrid",)
+
+FAMILY_NAMES = [n for n in FAMILIES if n not in FORWARD_ONLY_FAMILIES]
 
 
 def build_model(family: Family, *, bare: bool = False, untie: bool = False) -> torch.nn.Module:

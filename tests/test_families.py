@@ -23,7 +23,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import spectra
-from families_util import (FAMILIES, FAMILY_NAMES, N_STACKED_EXPERTS, STACKED_FAMILIES, Family, ModelZoo, expected_expert,
+from families_util import (FAMILIES, FAMILY_NAMES, FORWARD_ONLY_FAMILIES, GRANITE_STACK_SUFFIXES, N_STACKED_EXPERTS,
+                            STACKED_FAMILIES, Family, ModelZoo, expected_expert,
                             reference_energy_rank)
 from spectra.diff import DiffConfig
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -61,9 +62,10 @@ def _names_by_rank(ckpt: Checkpoint, ndim: int) -> set[str]:
 
 
 def _matrix_names(ckpt: Checkpoint) -> set[str]:
-    """2-D tensors other than gpt-oss's per-expert biases ``(experts, out)``, and 3-D expert stacks."""
+    """2-D tensors other than gpt-oss's per-expert biases ``(experts, out)``, and 3-D expert stacks
+    (under ``experts``, or Granite-MoE's ``block_sparse_moe.input_linear`` / ``output_linear``)."""
     return ({n for n in _names_by_rank(ckpt, 2) if not n.endswith("_bias")}
-            | {n for n in _names_by_rank(ckpt, 3) if ".experts." in n})
+            | {n for n in _names_by_rank(ckpt, 3) if ".experts." in n or n.endswith(GRANITE_STACK_SUFFIXES)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +146,7 @@ def test_every_matrix_pairs_with_a_perturbed_copy(zoo, name):
     skipped = {s.name: s.reason for s in pairing.skipped}
     assert set(skipped) == vectors | expert_biases
     assert all("1-D" in skipped[n] for n in vectors), skipped
-    assert all("not a weight matrix" in skipped[n] for n in expert_biases), skipped
+    assert all(skipped[n] == "per-expert bias, not a weight matrix" for n in expert_biases), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +231,8 @@ class FusedCase:
     def expected_rows(self) -> dict[str, int]:
         f = FAMILIES[self.family]
         if self.kind == "gate_up":
-            return {"gate": f.config["intermediate_size"], "up": f.config["intermediate_size"]}
+            inter = f.config["shared_intermediate_size" if ".shared_mlp." in self.tensor else "intermediate_size"]
+            return {"gate": inter, "up": inter}
         return {"q": f.num_heads * f.head_dim, "k": f.num_kv_heads * f.head_dim, "v": f.num_kv_heads * f.head_dim}
 
 
@@ -245,6 +248,9 @@ FUSED_CASES = [
     *[FusedCase(fam, "transformer.h.{i}.self_attention.query_key_value.weight",
                 lambda m, i: m.transformer.h[i].self_attention.query_key_value, _falcon_qkv, "qkv")
       for fam in ("falcon", "falcon_new", "falcon_interleaved")],
+    # GraniteMoeSharedMLP.forward: input_linear(x).chunk(2, dim=-1) -> gate, up (same split as Phi-3)
+    FusedCase("granitemoeshared", "model.layers.{i}.shared_mlp.input_linear.weight",
+              lambda m, i: m.model.layers[i].shared_mlp.input_linear, _phi3_gate_up, "gate_up"),
 ]
 
 
@@ -288,8 +294,9 @@ def test_gpt2_conv1d_storage_is_transposed(zoo):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4b. Stacked 3-D experts stored (experts, in, out): orientation and gate/up split reproduce the
-#     model's own forward (Llama-4: bmm + chunk; gpt-oss: x @ W[e] + interleaved gate/up)
+# 4b. Stacked 3-D experts: orientation and gate/up split reproduce the model's own forward
+#     (stored (experts, in, out): Llama-4: bmm + chunk; gpt-oss: x @ W[e] + interleaved gate/up;
+#     stored (experts, out, in) outside ``experts``: Granite-MoE: F.linear + chunk)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -349,22 +356,52 @@ def _gpt_oss_expert_io(model, i: int, x: torch.Tensor) -> dict[int, dict[str, tu
     return res
 
 
+def _granite_moe_expert_io(model, i: int, x: torch.Tensor) -> dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per expert: part -> (input, output), from GraniteMoeExperts' eager forward (the same code in
+    -shared and -hybrid) with every token routed to that expert:
+    ``gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)``, ``F.linear(h, down_proj[e])``."""
+    experts = model.model.layers[i].block_sparse_moe.experts
+    eager = type(experts).forward.__wrapped__  # the modeling code's loop, not a grouped-mm kernel
+    res = {}
+    for e in range(experts.num_experts):
+        idx, weights = torch.full((len(x), 1), e), torch.ones(len(x), 1)
+        with torch.no_grad(), _Calls() as rec:
+            eager(experts, x, idx, weights)
+        ((inp, _), _), ((h, _), down) = rec.named("linear")
+        ((_, (gate, up)),) = rec.named("chunk")
+        res[e] = {"gate": (inp, gate), "up": (inp, up), "down": (h, down)}
+    return res
+
+
+#: family -> (stored gate_up name, stored down name, per-expert io); "{i}" = layer.
+_GRANITE_IO = ("model.layers.{i}.block_sparse_moe.input_linear.weight",
+               "model.layers.{i}.block_sparse_moe.output_linear.weight", _granite_moe_expert_io)
 STACKED_IO = {
-    "llama4": ("model.layers.{i}.feed_forward.experts", _llama4_expert_io),
-    "gpt_oss": ("model.layers.{i}.mlp.experts", _gpt_oss_expert_io),
+    "llama4": ("model.layers.{i}.feed_forward.experts.gate_up_proj", "model.layers.{i}.feed_forward.experts.down_proj",
+               _llama4_expert_io),
+    "gpt_oss": ("model.layers.{i}.mlp.experts.gate_up_proj", "model.layers.{i}.mlp.experts.down_proj", _gpt_oss_expert_io),
+    "granitemoe": _GRANITE_IO, "granitemoeshared": _GRANITE_IO, "granitemoehybrid": _GRANITE_IO,
 }
+#: Families whose stacks are stored (experts, in, out) and must be transposed.
+STACKED_IN_OUT = ("llama4", "gpt_oss")
+
+
+def _oriented(spec: MatrixSpec, w: torch.Tensor) -> torch.Tensor:
+    """One expert's stored matrix as SPEC.md's (out, in) (a view of ``w``)."""
+    return w.T if spec.transpose else w
 
 
 @pytest.mark.parametrize("layer", [0, 1])
-@pytest.mark.parametrize("name", STACKED_FAMILIES)
+@pytest.mark.parametrize("name", STACKED_FAMILIES + FORWARD_ONLY_FAMILIES)
 def test_stacked_expert_parts_reproduce_the_models_own_forward(zoo, name, layer):
     built = zoo.get(name)
     ckpt = open_checkpoint(built.base_dir)
     specs = _specs(ckpt)
-    prefix, expert_io = STACKED_IO[name]
-    prefix = prefix.format(i=layer)
-    gate_up, down = specs[f"{prefix}.gate_up_proj"], specs[f"{prefix}.down_proj"]
-    assert gate_up.transpose and down.transpose and not gate_up.note and not down.note
+    gate_up_name, down_name, expert_io = STACKED_IO[name]
+    gate_up, down = specs[gate_up_name.format(i=layer)], specs[down_name.format(i=layer)]
+    in_out = name in STACKED_IN_OUT
+    assert gate_up.transpose == down.transpose == in_out and not gate_up.note and not down.note
+    assert (gate_up.role, down.role, gate_up.layer, down.layer, gate_up.expert) == ("gate_up", "down", layer, layer, None)
     inter = FAMILIES[name].config["intermediate_size"]
     assert [p.suffix for p in gate_up.parts] == ["gate", "up"] and [len(p.rows) for p in gate_up.parts] == [inter] * 2
     assert [p.suffix for p in down.parts] == [""]
@@ -374,8 +411,8 @@ def test_stacked_expert_parts_reproduce_the_models_own_forward(zoo, name, layer)
     assert sorted(io) == list(range(N_STACKED_EXPERTS))
     gu_stored, down_stored = ckpt.load(gate_up.name).float(), ckpt.load(down.name).float()
     for e, parts in io.items():
-        weights = {p.suffix: gu_stored[e].T[p.rows] for p in gate_up.parts}  # (out, in), SPEC.md
-        weights["down"] = down_stored[e].T
+        weights = {p.suffix: _oriented(gate_up, gu_stored[e])[p.rows] for p in gate_up.parts}  # (out, in), SPEC.md
+        weights["down"] = _oriented(down, down_stored[e])
         for part, (inp, reference) in parts.items():
             torch.testing.assert_close(inp @ weights[part].T, reference, rtol=FORWARD_RTOL, atol=FORWARD_ATOL,
                                        msg=lambda m: f"{name} layer {layer} expert {e} {part}: {m}")
@@ -386,14 +423,16 @@ def test_stacked_expert_update_of_one_part_shows_only_in_that_result(zoo, tmp_pa
     """Only the gate (as the model's forward uses it) of expert 2 in layer 1 changes, by a planted
     rank-2 ΔW_gate (inter, hidden): spectra reports exactly that spectrum for ``:e2:gate``, zero
     elsewhere. The stored entries to change are found through the model's own forward: with the
-    identity as input, its gate outputs are the gate columns of the stored (hidden, 2·inter) slice."""
+    identity as input, its gate outputs are the gate columns of the stored slice read (in, out)
+    ((hidden, 2·inter) as Llama-4 / gpt-oss store it, the transpose of Granite-MoE's (2·inter, hidden))."""
     built = zoo.get(name)
-    prefix = STACKED_IO[name][0].format(i=1)
-    tensor = f"{prefix}.gate_up_proj"
+    tensor, _, expert_io = STACKED_IO[name]
+    tensor = tensor.format(i=1)
     hidden, inter = FAMILIES[name].config["hidden_size"], FAMILIES[name].config["intermediate_size"]
     state = load_file(built.base_dir / "model.safetensors")
-    stored = state[tensor][2]  # (hidden, 2·inter)
-    gate_out = STACKED_IO[name][1](built.model, 1, torch.eye(hidden))[2]["gate"][1]  # (hidden, inter) = stored[:, gate_cols]
+    in_out = (lambda w: w) if name in STACKED_IN_OUT else (lambda w: w.T)  # a view of the stored slice, (in, out)
+    stored = in_out(state[tensor][2])  # (hidden, 2·inter)
+    gate_out = expert_io(built.model, 1, torch.eye(hidden))[2]["gate"][1]  # (hidden, inter) = stored[:, gate_cols]
     gate_cols = [int(torch.nonzero((stored - gate_out[:, [k]]).abs().amax(0) == 0)[0, 0]) for k in range(inter)]
     assert len(set(gate_cols)) == inter
 
@@ -401,7 +440,7 @@ def test_stacked_expert_update_of_one_part_shows_only_in_that_result(zoo, tmp_pa
     delta_gate = 1e-2 * torch.randn(inter, 2, generator=g) @ torch.randn(2, hidden, generator=g)  # (out, in)
     tuned = dict(state)
     tuned[tensor] = state[tensor].clone()
-    tuned[tensor][2][:, gate_cols] += delta_gate.T
+    in_out(tuned[tensor][2])[:, gate_cols] += delta_gate.T
     (tmp_path / "tuned").mkdir()
     save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(built.base_dir / "config.json", tmp_path / "tuned" / "config.json")
@@ -410,7 +449,7 @@ def test_stacked_expert_update_of_one_part_shows_only_in_that_result(zoo, tmp_pa
     by_name = {m.name: m for m in result.modules}
     hit = by_name[f"{tensor}:e2:gate"]
     assert (hit.layer, hit.expert, hit.role, hit.shape) == (1, 2, "gate_up", [inter, hidden])
-    s_ref = np.linalg.svd((tuned[tensor][2][:, gate_cols].double() - stored[:, gate_cols].double()).T.numpy(),
+    s_ref = np.linalg.svd((in_out(tuned[tensor][2])[:, gate_cols].double() - stored[:, gate_cols].double()).T.numpy(),
                           compute_uv=False)
     np.testing.assert_allclose(hit.singular_values[:2], s_ref[:2], rtol=1e-5)
     assert hit.energy_rank["0.99"] == 2
@@ -497,3 +536,86 @@ def test_inspect_cli_lists_the_split_parts(zoo, name, tensor, parts):
     assert table.exit_code == 0, table.output
     row = next(line for line in table.stdout.splitlines() if tensor in line)
     assert ",".join(parts) in row
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Routers stored (in, out): ERNIE-4.5-VL transposes mlp.gate.weight(_1) on load; ERNIE-4.5 MoE
+#    does not
+# ---------------------------------------------------------------------------------------------
+
+
+#: ERNIE-4.5-VL-MoE: layer 0 dense, layer 1 MoE with 4 text and 4 vision experts. head_dim 16 with
+#: an mrope section (3, 3, 2) that fits it (the default one needs head_dim 128).
+_ERNIE_TEXT = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=1, moe_k=2, moe_num_experts=4, mlp_layer_types=["dense", "sparse"],
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2]})
+
+
+def _save_tiny(tmp_path, model_type: str, model_cls: str, **config):
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls).from_config(cfg).eval()
+    model.save_pretrained(tmp_path / "base")
+    return model, open_checkpoint(tmp_path / "base")
+
+
+def test_ernie4_5_vl_routers_stored_in_out_are_transposed(tmp_path):
+    """Ernie4_5_VLMoeMoeTopKRouter computes ``F.linear(x, weight)`` with ``weight`` (experts, hidden);
+    the checkpoint stores ``mlp.gate.weight`` (text experts) and ``mlp.gate.weight_1`` (vision
+    experts) as (hidden, experts), transposed on load. Oriented, each reproduces the router's logits,
+    and a change to one shows as an (experts, hidden) result matching numpy."""
+    model, ckpt = _save_tiny(tmp_path, "ernie4_5_vl_moe", "AutoModelForImageTextToText",
+                             text_config={**_ERNIE_TEXT, "moe_intermediate_size": [16, 8], "moe_num_shared_experts": 1},
+                             vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64))
+    specs = _specs(ckpt)
+    hidden, n_exp = 64, 4
+    mlp = model.model.language_model.layers[1].mlp
+    x = torch.randn(7, hidden, generator=torch.Generator().manual_seed(INPUT_SEED))
+    for stored_name, router in (("model.layers.1.mlp.gate.weight", mlp.text_moe.gate),
+                                ("model.layers.1.mlp.gate.weight_1", mlp.vision_moe.gate)):
+        spec = specs[stored_name]
+        assert ckpt.tensors[stored_name].shape == (hidden, n_exp)
+        assert (spec.role, spec.layer, spec.transpose) == ("router", 1, True), spec
+        with torch.no_grad():
+            logits = router(x)[0]
+        weight = _oriented(spec, ckpt.load(stored_name).float())  # (experts, hidden)
+        torch.testing.assert_close(x @ weight.T, logits, rtol=FORWARD_RTOL, atol=FORWARD_ATOL)
+    # Every other 2-D weight of the language model is (out, in) already.
+    assert [n for n, s in specs.items() if s.transpose] == ["model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.weight_1"]
+
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    delta = 1e-2 * torch.randn(n_exp, 1, generator=g) @ torch.randn(1, hidden, generator=g)  # (out, in), rank 1
+    tuned = {**state, "model.layers.1.mlp.gate.weight_1": state["model.layers.1.mlp.gate.weight_1"] + delta.T}
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "tuned" / "config.json")
+    result = spectra.diff(str(tmp_path / "base"), str(tmp_path / "tuned"), config=DiffConfig(device="cpu"))
+    changed = [m for m in result.modules if m.fro_norm != 0]
+    assert [m.name for m in changed] == ["model.layers.1.mlp.gate.weight_1"]
+    assert (changed[0].role, changed[0].shape) == ("router", [n_exp, hidden])
+    s_ref = np.linalg.svd((tuned["model.layers.1.mlp.gate.weight_1"].double()
+                           - state["model.layers.1.mlp.gate.weight_1"].double()).T.numpy(), compute_uv=False)
+    np.testing.assert_allclose(changed[0].singular_values[:1], s_ref[:1], rtol=1e-5)
+    skipped = {s["name"]: s["reason"] for s in result.skipped}
+    # (2, experts): the text and vision routers' score corrections, not a matrix nor per expert
+    assert skipped["model.layers.1.mlp.moe_statics.e_score_correction_bias"] == "2-D bias, not a weight matrix"
+
+
+def test_ernie4_5_moe_router_is_stored_out_in(tmp_path):
+    """ERNIE-4.5 MoE (text) stores mlp.gate.weight (experts, hidden) as its router uses it
+    (``F.linear``, no transpose in transformers' conversion mapping): left as stored."""
+    model, ckpt = _save_tiny(tmp_path, "ernie4_5_moe", "AutoModelForCausalLM",
+                             **{k: v for k, v in _ERNIE_TEXT.items() if k not in ("mlp_layer_types", "rope_parameters")},
+                             moe_intermediate_size=16, moe_num_shared_experts=0, moe_layer_start_index=1)
+    specs = _specs(ckpt)
+    spec = specs["model.layers.1.mlp.gate.weight"]
+    assert ckpt.tensors[spec.name].shape == (4, 64)
+    assert (spec.role, spec.transpose) == ("router", False)
+    assert not any(s.transpose for s in specs.values())
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(INPUT_SEED))
+    with torch.no_grad():
+        logits = model.model.layers[1].mlp.gate(x)[0]
+    torch.testing.assert_close(x @ ckpt.load(spec.name).float().T, logits, rtol=FORWARD_RTOL, atol=FORWARD_ATOL)
