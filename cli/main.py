@@ -66,7 +66,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def _rank_prefix() -> str:
     """``[rank N] `` in a multi-process run, so that each rank's lines can be told apart."""
-    return f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    from spectra.distributed import launched
+
+    return f"[rank {os.environ.get('RANK', '?')}] " if launched() else ""
 
 
 class _Group(click.Group):
