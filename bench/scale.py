@@ -63,21 +63,22 @@ def measure_io(device: torch.device, workdir: Path, n: int = 8, shape: tuple[int
     the diff run does it; also the plain read rate."""
     from safetensors.torch import save_file
 
-    from spectra.diff import DiffConfig, _plan, _prepare
+    from spectra.delta import prepare
     from spectra.io.checkpoint import open_checkpoint
     from spectra.pairing import pair_checkpoints
+    from spectra.selection import plan_units
 
     g = torch.Generator().manual_seed(1)
     for side in ("base", "tuned"):
         tensors = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(*shape, generator=g).to(torch.bfloat16) for i in range(n)}
         save_file(tensors, str(workdir / f"{side}.safetensors"))
     base, tuned = open_checkpoint(workdir / "base.safetensors"), open_checkpoint(workdir / "tuned.safetensors")
-    tasks = _plan(pair_checkpoints(base, tuned).pairs, DiffConfig())
+    tasks = plan_units(pair_checkpoints(base, tuned).pairs)
     nbytes = sum(t.pair.stored_bytes for t in tasks)
 
     def read_and_delta():
         for t in tasks:
-            _prepare(t, base, tuned, device)
+            prepare(t, base, tuned, device)
 
     def read_only():
         for t in tasks:
@@ -111,7 +112,7 @@ def project(cost: CostModel, tasks, ranks: int, depth: int, batch_bytes: int, on
     slow = max(shares, key=lambda s: sum(io[i] + comp[i] for i in s))
     t_io, t_comp = sum(io[i] for i in slow), sum(comp[i] for i in slow)
     # bf16 tensors are loaded as stored; ΔW is float32; the run's own defaults on an H200 (141 GB,
-    # ~139 GiB usable): 45% of free memory per batch, a quarter for reading ahead (spectra.diff._settings)
+    # ~139 GiB usable): 45% of free memory per batch, a quarter for reading ahead (spectra.stream.run_settings)
     host, dev = estimate_memory([(tasks[i][0], sum(4 * m * n for m, n in tasks[i][1]), tasks[i][1]) for i in slow],
                                 depth=depth, batch_bytes=batch_bytes, max_batch=32, on_gpu=on_gpu,
                                 max_in_flight=int(0.25 * 139e9) if on_gpu else None)

@@ -9,7 +9,12 @@ file outside the checkpoint folder, is a crash that libFuzzer reports with the i
     python fuzz/atheris_fuzz.py safetensors -runs=20000     # raw bytes as a .safetensors file
     python fuzz/atheris_fuzz.py index -runs=20000           # bytes as model.safetensors.index.json
     python fuzz/atheris_fuzz.py adapter -runs=20000         # bytes as adapter_config.json
-    make fuzz                                                # all three, bounded
+    python fuzz/atheris_fuzz.py config -runs=20000          # bytes as config.json beside a real shard
+    python fuzz/atheris_fuzz.py pickle -runs=20000          # bytes as a .bin (torch.load, weights_only)
+    make fuzz                                                # all five, bounded
+
+The model folder holds a symlink ``r -> <work dir>``, so an index naming ``r/secret.safetensors``
+reaches the decoy unless spectra's path containment refuses it first.
 
 Not part of ``make test`` (atheris is an optional extra and the runs take minutes).
 """
@@ -37,6 +42,10 @@ FOLDER = WORK / "model"
 FOLDER.mkdir()
 save_file({"w": torch.zeros(2, 2)}, str(DECOY))
 save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(4, 4)}, str(FOLDER / "shard.safetensors"))
+os.symlink(WORK, FOLDER / "r")  # a way out of the folder that only path containment closes
+CONFIG_FOLDER = WORK / "configured"
+CONFIG_FOLDER.mkdir()
+save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)}, str(CONFIG_FOLDER / "model.safetensors"))
 ADAPTER = WORK / "adapter"
 ADAPTER.mkdir()
 save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.ones(2, 4),
@@ -94,7 +103,26 @@ def one_adapter(data: bytes) -> None:
         pass
 
 
-TARGETS = {"safetensors": one_safetensors, "index": one_index, "adapter": one_adapter}
+def one_config(data: bytes) -> None:
+    (CONFIG_FOLDER / "config.json").write_bytes(data)
+    try:
+        ckpt = open_checkpoint(CONFIG_FOLDER)
+        ckpt.arch  # noqa: B018 - head counts and layout are read from the config
+    except SpectraError:
+        pass
+
+
+def one_pickle(data: bytes) -> None:
+    path = WORK / "fuzz.bin"
+    path.write_bytes(data)
+    try:
+        _read_all(path)
+    except SpectraError:
+        pass
+
+
+TARGETS = {"safetensors": one_safetensors, "index": one_index, "adapter": one_adapter, "config": one_config,
+           "pickle": one_pickle}
 
 
 def main() -> None:

@@ -18,14 +18,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from spectra import __version__
+from spectra._version import __version__
+from spectra.config import DiffConfig
 from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
-from spectra.pairing import Skipped
+from spectra.delta import oriented
+from spectra.pairing import Skipped, oriented_shape
+from spectra.records import DiffEvent, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
+from spectra.selection import selector, units_of
 
 
 def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
@@ -53,11 +57,10 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
                 hint="is this adapter for this base model? `spectra inspect BASE` lists its matrices",
             )
         spec = specs[name]
-        stored = base.tensors[name].shape
-        oriented = (stored[1], stored[0]) if spec.transpose else tuple(stored)
-        if tuple(mod.shape) != tuple(oriented):
+        out_in = oriented_shape(spec, tuple(base.tensors[name].shape))
+        if tuple(mod.shape) != out_in:
             raise CheckpointFormatError(
-                f"the adapter's update of {mod.module} is {tuple(mod.shape)} but the base matrix is {tuple(oriented)}",
+                f"the adapter's update of {mod.module} is {tuple(mod.shape)} but the base matrix is {out_in}",
                 path=adapter.path, tensor=name, hint="the adapter was trained on a different base model",
             )
         out.append((mod, spec, name))
@@ -68,7 +71,7 @@ def diff_adapter(
     base: Checkpoint | None,
     adapter: Adapter,
     *,
-    config,
+    config: DiffConfig,
     device: torch.device,
     dtype: torch.dtype,
     callback: Callable | None = None,
@@ -81,13 +84,11 @@ def diff_adapter(
     Args:
         base: the base checkpoint, or None to analyse the adapter alone (no rel_norm, no DoRA).
         adapter: the opened adapter.
-        config: a :class:`spectra.diff.DiffConfig` (thresholds, filters, top_k, device).
+        config: a :class:`spectra.config.DiffConfig` (thresholds, filters, top_k, device).
         device, dtype: where and in what precision to decompose.
         callback: called with a ``DiffEvent`` per module.
         writer: the run's results writer (journal), or None.
     """
-    from spectra.diff import DiffEvent, _filter_units, selector  # late: diff imports this module
-
     init = adapter.config.base_changing_init
     if init:
         raise CheckpointFormatError(
@@ -106,7 +107,7 @@ def diff_adapter(
     units = []
     keep = selector(config.include, config.exclude, config.layers)
     for mod, spec, base_name in adapter_updates(adapter, base):
-        for name, part_rows, module in _filter_units(spec, config, keep):
+        for name, part_rows, module in units_of(spec, keep, split_fused=config.split_fused):
             units.append((mod, spec, base_name, name, part_rows, module))
     for full_name in adapter.full:
         result.skipped.append(asdict(Skipped(full_name, "stored whole (modules_to_save): a full update, not a LoRA; diff the merged model for it")))
@@ -126,24 +127,16 @@ def diff_adapter(
 
 
 def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, base_name: str | None, name: str,
-                   rows: torch.Tensor | None, module: str, config, device: torch.device, dtype: torch.dtype) -> ModuleResult:
-    from spectra.diff import random_ranks, spectrum_fields  # late: diff imports this module
+                   rows: torch.Tensor | None, module: str, config: DiffConfig, device: torch.device, dtype: torch.dtype) -> ModuleResult:
     start = time.perf_counter()
     Bf, Af = mod.factors()
-    W = None
-    if base is not None:
-        W = base.load(base_name).to(torch.float32)
-        if spec.transpose:
-            W = W.mT
-        if rows is not None:
-            W = W[rows]
+    full = oriented(base.load(base_name).to(torch.float32), spec.transpose, None) if base is not None else None
+    W = full[rows] if full is not None and rows is not None else full  # the analysed part's rows
     if rows is not None:
         Bf = Bf[rows]
     shape = (int(Bf.shape[0]), int(Af.shape[1]))
     p = min(shape)
-    if mod.magnitude is not None:
-        full = base.load(base_name).to(torch.float32)
-        full = full.mT if spec.transpose else full
+    if mod.magnitude is not None:  # DoRA normalises whole rows of W + sBA: form it on the full matrix
         delta = mod.dora_delta(full)
         if rows is not None:
             delta = delta[rows]

@@ -8,6 +8,10 @@
    second seed, each run logging target and source losses.
 4. The analyses: ``diff`` of every run (rank-needed heatmaps), ``compare`` of LoRA vs full and of
    LoRA vs LoRA, a learning-vs-forgetting plot, a summary of where to look, and ``report.html``.
+5. A second task: LoRA r = 8 on JSON records (built from the interpreter's Unicode database), and
+   ``interfere`` of the two tasks' adapters, the second seed and the full fine-tune: how fine-tunes
+   on the same and on different data collide. Every fine-tune is traced while it trains
+   (``trace.jsonl``, :class:`spectra.callbacks.SpectraTracker`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from spectra.results import atomic_write_text
+from spectra.comparison import compare
+from spectra.config import CompareConfig, DiffConfig
+from spectra.interfere import interfere
+from spectra.io.files import atomic_write_text
+from spectra.pipeline import diff
+from spectra.plots import learning_forgetting_plot
+from spectra.report import write_report
+from spectra.training import TrainConfig, train
 
 
 @dataclass(frozen=True)
@@ -80,15 +91,32 @@ def target_text(limit: int = 400_000) -> str:
     return "\n".join(parts)[:limit]
 
 
+def json_text(limit: int = 400_000) -> str:
+    """JSON records, one per line, built from the interpreter's Unicode database (every Python has it,
+    so the demo stays offline): a second target domain, data rather than code."""
+    import unicodedata
+
+    lines, size = [], 0
+    for cp in range(0x20, 0x30000):
+        name = unicodedata.name(chr(cp), None)
+        if name is None:
+            continue
+        rec = {"codepoint": f"U+{cp:04X}", "name": name, "category": unicodedata.category(chr(cp)),
+               "bidirectional": unicodedata.bidirectional(chr(cp)), "mirrored": bool(unicodedata.mirrored(chr(cp))),
+               "decimal": unicodedata.decimal(chr(cp), None)}
+        line = json.dumps(rec)
+        lines.append(line)
+        size += len(line) + 1
+        if size >= limit:
+            break
+    return "\n".join(lines)[:limit]
+
+
 def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train: Callable[[str, dict], None] | None = None) -> dict:
     """Run every stage; returns the summary (also written to ``<out>/summary.json`` and ``summary.md``)."""
     import torch
     import transformers
 
-    from spectra.compare import CompareConfig, compare
-    from spectra.diff import diff
-    from spectra.plots import learning_forgetting_plot
-    from spectra.training import TrainConfig, train
 
     out = Path(config.out)
     ck = out / "checkpoints"
@@ -101,6 +129,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     (data / "source_train.txt").write_text(src[:cut], encoding="utf-8")
     (data / "source_eval.txt").write_text(src[cut:], encoding="utf-8")
     (data / "target.txt").write_text(tgt, encoding="utf-8")
+    (data / "json.txt").write_text(json_text(), encoding="utf-8")
     stages["data"] = time.perf_counter() - t
 
     # base model: cached by a hash of what defines it
@@ -128,21 +157,24 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
 
     runs = {"full": ("full", 0, config.seed), "lora8": ("lora", 8, config.seed), "lora64": ("lora", 64, config.seed),
             "lora8_seed2": ("lora", 8, config.seed + 1)}
-    for name, (method, rank, seed) in runs.items():
+    # the second task, JSON records instead of Python code, under a third seed: LoRA's A starts random and
+    # moves little in a short run, so two runs with one seed share their input subspace whatever the data
+    second = {"lora8_json": ("lora", 8, config.seed + 2)}
+    for name, (method, rank, seed) in {**runs, **second}.items():
         t = time.perf_counter()
-        log(f"fine-tuning on Python code: {name}")
-        train(TrainConfig(base=str(base), data=str(data / "target.txt"), out=str(ck / name), method=method,
+        corpus = "json.txt" if name in second else "target.txt"
+        log(f"fine-tuning on {'JSON records' if name in second else 'Python code'}: {name}")
+        train(TrainConfig(base=str(base), data=str(data / corpus), out=str(ck / name), method=method,
                           rank=max(rank, 1), lr=config.lr_full if method == "full" else config.lr_lora,
                           steps=config.finetune_steps, batch=config.batch, seq_len=config.seq_len, seed=seed,
                           eval_source=str(data / "source_eval.txt"), eval_every=max(1, config.finetune_steps // 5),
+                          trace_every=max(1, config.finetune_steps // 10),
                           device="cpu" if config.quick else "auto"),
               callback=(lambda r, n=name: on_train(n, r)) if on_train else None)
         stages[f"train {name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
     diffs = {}
-    from spectra.diff import DiffConfig
-
     for name in runs:  # the full fine-tune also keeps the weights' spectra, for the report's Fig. S7-style panel
         diffs[name] = diff(str(base), str(ck / name), out_dir=out / f"diff_{name}", config=DiffConfig(weight_spectra=name == "full"))
     stages["diff"] = time.perf_counter() - t
@@ -151,18 +183,22 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     for a, b, cfg in (("lora8", "full", CompareConfig(top_k=64)), ("lora8", "lora64", CompareConfig()), ("lora8", "lora8_seed2", CompareConfig())):
         comparisons[f"{a}_vs_{b}"] = compare(str(ck / a), str(ck / b), base=str(base), config=cfg, out_dir=out / f"compare_{a}_vs_{b}")
     stages["compare"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tasks = ["lora8", "lora8_seed2", "lora8_json", "full"]  # same data twice, other data, full fine-tuning
+    interference = interfere(str(base), [str(ck / n) for n in tasks], out_dir=out / "interfere")
+    stages["interfere"] = time.perf_counter() - t
 
     logs = {name: [json.loads(l) for l in (ck / name / "train_log.jsonl").read_text().splitlines()] for name in runs}
-    for name in runs:  # the logs and configs travel with the analyses (checkpoints/ is a cache)
+    for name in {**runs, **second}:  # the logs, configs and traces travel with the analyses (checkpoints/ is a cache)
         (out / "runs" / name).mkdir(parents=True, exist_ok=True)
-        for f in ("train_log.jsonl", "train_config.json", "train_summary.json"):
-            (out / "runs" / name / f).write_bytes((ck / name / f).read_bytes())
+        for f in ("train_log.jsonl", "train_config.json", "train_summary.json", "trace.jsonl"):
+            if (ck / name / f).is_file():
+                (out / "runs" / name / f).write_bytes((ck / name / f).read_bytes())
     learning_forgetting_plot(logs, out / "learning_vs_forgetting.png")
     summary = _summary(config, runs, logs, diffs, comparisons, stages)
+    summary["interference"] = _interference_summary(interference.summary, tasks)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "summary.md", _summary_md(summary))
-    from spectra.report import write_report
-
     write_report([out / d for d in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "checkpoints")],
                  out / "report.html", title="spectra demo: LoRA vs full fine-tuning of a tiny byte-level Llama")
     return summary
@@ -204,6 +240,14 @@ def _summary(config, runs, logs, diffs, comparisons, stages) -> dict:
     }
 
 
+def _interference_summary(s: dict, tasks: list[str]) -> dict:
+    """Median cosine and φ of the same-task pair (two seeds) and the two-task pair, and what summing does."""
+    i, j, k = tasks.index("lora8"), tasks.index("lora8_seed2"), tasks.index("lora8_json")
+    return {"tasks": tasks, "same_task_cosine": s["cosine"][i][j], "same_task_phi": s["phi"][i][j],
+            "two_tasks_cosine": s["cosine"][i][k], "two_tasks_phi": s["phi"][i][k],
+            "spectral_over_max": s["spectral_over_max"], "tsv_relative_fro": s["tsv_relative_fro"]}
+
+
 def _summary_md(s: dict) -> str:
     f = s["findings"]
     lines = ["# spectra demo: LoRA vs full fine-tuning of a tiny byte-level Llama", "",
@@ -220,7 +264,11 @@ def _summary_md(s: dict) -> str:
     lines += ["", "What came out (measured, whatever it is):", "",
               f"- Full fine-tuning's ΔW needs {f['full_rank_over_lora_rank']:.1f}× the rank of the LoRA r=8 update to explain 90% of its energy.",
               f"- LoRA r=8 {'learned less' if f['lora_learned_less'] else 'did not learn less'} than full fine-tuning (target loss) and "
-              f"{'forgot less' if f['lora_forgot_less'] else 'did not forget less'} (source loss).", "",
+              f"{'forgot less' if f['lora_forgot_less'] else 'did not forget less'} (source loss).",
+              *([f"- Two LoRA r=8 fine-tunes on the same data (two seeds): median cosine {s['interference']['same_task_cosine']:.2f}, "
+                 f"φ {s['interference']['same_task_phi']:.2f}; on Python code vs JSON records (other seeds too): cosine "
+                 f"{s['interference']['two_tasks_cosine']:.2f}, φ {s['interference']['two_tasks_phi']:.2f} (`interfere/`)."]
+                if "interference" in s else []), "",
               "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items()), "",
               "Look at: `report.html` (everything in one page), `learning_vs_forgetting.png`, `diff_*/rank_heatmap.png`, "
               "`compare_*/phi_grids.png`, `compare_*/captured_heatmap.png`."]

@@ -6,7 +6,7 @@ many, and :func:`init` joins the process group it describes: NCCL when the ranks
 CUDA, gloo on CPUs. What we exchange is small (each result is a few hundred numbers), so results
 travel as Python objects (``all_gather_object``) between processes of this same run.
 
-How :mod:`spectra.diff` uses it: every rank opens the checkpoints and plans the same work; the
+How :mod:`spectra.pipeline` uses it: every rank opens the checkpoints and plans the same work; the
 tensor pairs are split by estimated cost (:func:`spectra.plan.balance`), each rank reads and
 decomposes only its own, and after each of a fixed number of rounds all ranks exchange what they
 finished, in a background thread (:class:`Exchanger`). Rank 0 journals every result as it arrives,
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from spectra.errors import ConfigError, SpectraError
+from spectra.errors import ConfigError, DistributedError
 
 #: Seconds a rank waits for the others at an exchange before the run fails (``SPECTRA_DIST_TIMEOUT``
 #: overrides it). With gloo a rank that dies closes its connections and fails the others at once;
@@ -46,10 +46,6 @@ def _env_int(name: str, default: int) -> int:
 def world_size() -> int:
     """``WORLD_SIZE`` set by the launcher, else 1."""
     return max(1, _env_int("WORLD_SIZE", 1))
-
-
-class DistributedError(SpectraError):
-    """Another rank of a distributed run failed, was killed, or stopped answering."""
 
 
 @dataclass(frozen=True)

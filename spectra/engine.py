@@ -1,5 +1,5 @@
-"""The spectral engine: batched exact spectra, truncated (randomized) SVD, approximate energy ranks
-with guaranteed bounds, and the factored SVD of LoRA updates.
+"""The spectral engine: batched exact spectra (float64, or certified float32), truncated
+(randomized) SVD, approximate energy ranks with guaranteed bounds, and the factored SVD of LoRA updates.
 
 Every function here is pure tensor code with a ``device`` argument (or works on the device of its
 input) and runs on the CPU in the tests. Conventions: matrices are ``(out, in)``; a batch is
@@ -7,9 +7,16 @@ input) and runs on the CPU in the tests. Conventions: matrices are ``(out, in)``
 
 Paths and their precision:
 
-- :func:`batch_singular_values` — exact, all p values; the Gram/eigh route of
-  :mod:`spectra.linalg` or ``svdvals``, chunked to fit the device and retried in smaller chunks on an
-  allocation failure.
+- :func:`exact_spectra` — exact, all p values of each matrix of a batch, by the Gram/eigh route of
+  :mod:`spectra.linalg` (or ``svdvals``). ``precision="float64"`` is the reference;
+  ``"certified"`` (the default) solves in float32 and keeps a matrix's float32 spectrum only when
+  :func:`spectra.linalg.certify_float32` proves that every metric computed from it equals the float64
+  one (energy and signal ranks exactly, the float metrics to ``rtol``), else recomputes that matrix in
+  float64; ``"float32"`` is plain float32. Two backends: on the CPU, LAPACK through scipy with the
+  matrices of a batch solved at once in worker threads, one BLAS thread each (a p ≤ 1024 eigensolve
+  barely uses a second core, and multithreaded BLAS collapses on a busy machine); elsewhere
+  (CUDA, or ``backend="torch"``), batched torch chunks sized to the device and retried in smaller
+  chunks on an allocation failure. :func:`batch_singular_values` returns just the values.
 - :func:`randomized_svd` — top-k triplets by a randomized range finder with re-orthonormalised power
   iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4/5.1); each value comes with an a-posteriori
   residual bound (see :class:`TruncatedSVD`).
@@ -20,37 +27,98 @@ Paths and their precision:
 
 from __future__ import annotations
 
+import functools
 import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
-from spectra.linalg import resolve_device, singular_values
+from spectra.linalg import (
+    CERTIFY_RTOL,
+    Method,
+    certify_float32,
+    eigvalsh_upper,
+    gram,
+    gram_upper,
+    resolve_device,
+    trace_and_fro,
+)
+from spectra.metrics import DEFAULT_THRESHOLDS
 
-Method = Literal["auto", "gram", "svd"]
+#: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
+#: where a certificate proves it gives the float64 results, float64 elsewhere) or ``"float32"``.
+Precision = Literal["float64", "certified", "float32"]
+PRECISIONS: tuple[str, ...] = ("float64", "certified", "float32")
 
-#: Default batch memory cap on the CPU, bytes (the GPU uses its free memory). Batching buys little
-#: on a CPU, whose BLAS already uses every core, so the cap is small and keeps peak memory low.
+#: Where the exact path runs: ``"lapack"`` (CPU: scipy's LAPACK, matrices in parallel threads),
+#: ``"torch"`` (any device: batched ``torch.linalg``), ``"auto"`` (lapack on the CPU, else torch).
+Backend = Literal["auto", "lapack", "torch"]
+
+#: Default batch memory cap on the CPU, bytes. Batching buys little on a CPU, so the cap is small
+#: and keeps peak memory low.
 CPU_BATCH_BYTES = 256 << 20
+
+#: Default share of the free CUDA memory a batch may use; a quarter more goes to reading ahead
+#: (``DiffConfig.prefetch_bytes``), leaving room for the allocator and other processes.
+CUDA_BATCH_FRACTION = 0.45
+
+#: LAPACK driver of scipy's ``eigvalsh`` per size: ``(largest p, float64 driver, float32 driver)``,
+#: the first row whose p bound holds applies. Chosen by ``bench/eigensolvers.py`` on this project's
+#: 2-core CPU (``bench/results/eigensolvers-cpu.md``).
+EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((math.inf, "evd", "evd"),)
+
+#: The CPU backend solves the matrices of a batch in this many threads at most, one BLAS thread each
+#: (None: ``torch.get_num_threads()``, the process's CPU budget).
+DEFAULT_WORKERS: int | None = None
+
+#: A matrix solved alone (a batch of one) gets every BLAS thread from this p up; below it one thread,
+#: which is as fast at these sizes and does not stall when other processes hold the cores
+#: (``bench/results/eigensolvers-cpu.md``).
+ALONE_THREADS_MIN_P = 1024
 
 
 class BatchTooLarge(RuntimeError):
     """Raised (or a real CUDA OOM caught) when a batch does not fit; the batch is split and retried."""
 
 
-def choose_method(method: Method = "auto") -> str:
-    """The exact method ``"auto"`` stands for, on any device and shape.
+@dataclass(frozen=True)
+class Spectra:
+    """Exact spectra of a batch of equally shaped matrices (:func:`exact_spectra`).
 
-    Measured (``bench/engine.py``; ``bench/results/``): on the CPU the float64 Gram + ``syevd`` route
-    beats ``svdvals`` by 10-50× at every Llama shape; on CUDA (H100/H200) batched ``eigvalsh`` on
-    the Gram also wins for every shape we measured, so ``"auto"`` picks ``"gram"`` everywhere, and
-    ``"svd"`` stays available for comparison and for users who want backward-stable small values.
+    Attributes:
+        S: float64 array ``(b, p)``, each row descending, ``p = min(out, in)``.
+        precision: per matrix, what produced its row: ``"float64"``, ``"float32"`` (asked for), or
+            ``"float32-certified"``.
+        failed: per matrix, the certificate's failed checks that sent it to float64 (empty when it
+            was certified or not asked for).
+        gram_seconds, eig_seconds: per matrix, seconds spent forming its Gram matrix and solving it
+            (on its worker thread; a torch chunk's time is shared evenly by its matrices).
     """
-    if method != "auto":
-        return method
-    return "gram"
+
+    S: np.ndarray
+    precision: tuple[str, ...]
+    failed: tuple[tuple[str, ...], ...]
+    gram_seconds: np.ndarray
+    eig_seconds: np.ndarray
+
+    @property
+    def recomputed(self) -> int:
+        """Matrices whose float32 spectrum was not certified and were recomputed in float64."""
+        return sum(1 for f in self.failed if f)
+
+
+def eig_driver(p: int, dtype: type[np.floating]) -> str:
+    """The LAPACK driver :data:`EIG_DRIVERS` picks for a ``p × p`` eigensolve in ``dtype``."""
+    for bound, d64, d32 in EIG_DRIVERS:
+        if p <= bound:
+            return d64 if np.dtype(dtype) == np.float64 else d32
+    return "evd"
 
 
 def estimate_batch_bytes(shape: tuple[int, int], dtype: torch.dtype, method: str) -> int:
@@ -64,13 +132,13 @@ def estimate_batch_bytes(shape: tuple[int, int], dtype: torch.dtype, method: str
 
 
 def batch_budget(device: torch.device, max_batch_bytes: int | None = None) -> int:
-    """Bytes a batch may use on ``device``: ``max_batch_bytes`` if given, else 70% of the free CUDA
-    memory, else :data:`CPU_BATCH_BYTES`."""
+    """Bytes a batch may use on ``device``: ``max_batch_bytes`` if given, else
+    :data:`CUDA_BATCH_FRACTION` (45%) of the free CUDA memory, else :data:`CPU_BATCH_BYTES`."""
     if max_batch_bytes is not None:
         return int(max_batch_bytes)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.7)
+        return int(free * CUDA_BATCH_FRACTION)
     return CPU_BATCH_BYTES
 
 
@@ -83,31 +151,60 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def batch_singular_values(
+def exact_spectra(
     mats: torch.Tensor | Sequence[torch.Tensor],
     *,
+    precision: Precision = "certified",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    top_k: int = 64,
+    rtol: float = CERTIFY_RTOL,
+    metrics: bool = True,
     device: str | torch.device = "auto",
-    method: Method = "auto",
-    dtype: torch.dtype = torch.float64,
+    method: Method = "gram",
     max_batch_bytes: int | None = None,
     hard_limit_bytes: int | None = None,
-) -> np.ndarray:
-    """Exact singular values of equally shaped matrices, computed in device-sized chunks.
+    workers: int | None = DEFAULT_WORKERS,
+    backend: Backend = "auto",
+) -> Spectra:
+    """Exact singular values of equally shaped matrices, with the precision each was computed in.
 
     Args:
         mats: ``(b, out, in)`` tensor or a sequence of ``(out, in)`` tensors, any device, float. A
-            sequence is stacked one chunk at a time on CUDA and not at all on the CPU, so no copy
-            of the whole batch is made.
+            sequence is never stacked on the CPU (each matrix is read in place) and stacked one chunk
+            at a time on CUDA.
+        precision: ``"float64"``, ``"certified"`` or ``"float32"`` (:data:`Precision`). With
+            ``"certified"`` the Gram matrix is formed in float64, solved in float32 and checked by
+            :func:`spectra.linalg.certify_float32` for ``thresholds``, ``top_k`` and ``rtol``; a matrix
+            that fails is solved again in float64 from the same Gram matrix. ``method="svd"`` has no
+            certificate: ``"certified"`` runs it in float64.
+        thresholds: energy-rank thresholds τ that must come out exact (certified precision only).
+        top_k: leading singular values that must be within ``rtol`` (certified precision only).
+        rtol: relative tolerance of the float metrics (certified precision only).
+        metrics: certify the norms, stable, effective and signal rank too; False when only the
+            leading ``top_k`` values and the energy ranks are reported (the weights' own spectra).
         device: where to compute (``"auto"``: CUDA if available).
-        method: ``"gram"``, ``"svd"`` or ``"auto"`` (:func:`choose_method`).
-        dtype: decomposition precision.
-        max_batch_bytes: memory a chunk may use; default from :func:`batch_budget`.
-        hard_limit_bytes: for tests: a chunk whose estimate exceeds this raises
+        method: ``"gram"`` or ``"svd"`` (:mod:`spectra.linalg`).
+        max_batch_bytes: memory a torch chunk may use; default from :func:`batch_budget`.
+        hard_limit_bytes: for tests: a torch chunk whose estimate exceeds this raises
             :class:`BatchTooLarge` as an allocation failure would, exercising the split-and-retry path.
+        workers: CPU backend: matrices solved at once (default ``torch.get_num_threads()``).
+        backend: ``"auto"``, ``"lapack"`` (CPU only) or ``"torch"`` (:data:`Backend`).
 
     Returns:
-        float64 array ``(b, p)``, each row descending.
+        :class:`Spectra`; ``S`` is float64 ``(b, p)``, each row descending.
+
+    Example:
+        >>> M = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+        >>> res = exact_spectra([M, 2 * M], device="cpu")
+        >>> res.S.round(6).tolist(), res.precision
+        ([[3.0, 2.0, 1.0], [6.0, 4.0, 2.0]], ('float32-certified', 'float32-certified'))
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}. Got {precision!r} instead.")
+    if method not in ("gram", "svd"):
+        raise ValueError(f"method must be 'gram' or 'svd'. Got {method!r} instead.")
+    if backend not in ("auto", "lapack", "torch"):
+        raise ValueError(f"backend must be 'auto', 'lapack' or 'torch'. Got {backend!r} instead.")
     if isinstance(mats, torch.Tensor):
         if mats.ndim != 3:
             raise ValueError(f"mats must have shape (b, out, in). Got {tuple(mats.shape)} instead.")
@@ -118,35 +215,138 @@ def batch_singular_values(
             raise ValueError(f"mats must be equally shaped (out, in) matrices. Got {[tuple(m.shape) for m in mats]} instead.")
         count, shape = len(mats), (int(mats[0].shape[0]), int(mats[0].shape[1]))
     dev = resolve_device(device)
-    if min(shape) == 0 or count == 0:
-        return np.zeros((count, min(shape)), dtype=np.float64)
-    meth = choose_method(method)
-    per = estimate_batch_bytes(shape, dtype, meth)
+    if backend == "auto":
+        backend = "lapack" if dev.type == "cpu" and method == "gram" else "torch"
+    if backend == "lapack" and (dev.type != "cpu" or method != "gram"):
+        raise ValueError(f"backend 'lapack' runs the Gram method on the CPU. Got device {dev}, method {method!r} instead.")
+    if method == "svd" and precision == "certified":
+        precision = "float64"  # no certificate for svdvals; the reference path it is
+    p = min(shape)
+    if p == 0 or count == 0:
+        empty = np.zeros(count)
+        return Spectra(np.zeros((count, p)), (precision,) * count, ((),) * count, empty, empty.copy())
+    check = dict(thresholds=tuple(float(t) for t in thresholds), top_k=top_k, rtol=rtol, metrics=metrics, shape=shape)
+    if backend == "lapack":
+        rows = _lapack_batch(mats, count, precision, check, workers if workers is not None else torch.get_num_threads())
+    else:
+        rows = _torch_batch(mats, count, shape, dev, precision, method, check, max_batch_bytes, hard_limit_bytes)
+    return Spectra(
+        S=np.stack([r[0] for r in rows]), precision=tuple(r[1] for r in rows), failed=tuple(r[2] for r in rows),
+        gram_seconds=np.array([r[3] for r in rows]), eig_seconds=np.array([r[4] for r in rows]),
+    )
+
+
+def batch_singular_values(
+    mats: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "auto",
+    method: Method = "gram",
+    dtype: torch.dtype = torch.float64,
+    max_batch_bytes: int | None = None,
+    hard_limit_bytes: int | None = None,
+    workers: int | None = DEFAULT_WORKERS,
+    backend: Backend = "auto",
+) -> np.ndarray:
+    """Exact singular values of equally shaped matrices in ``dtype`` (float64 or plain float32):
+    :func:`exact_spectra`'s values, without a certificate.
+
+    Returns:
+        float64 array ``(b, p)``, each row descending.
+    """
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"dtype must be torch.float64 or torch.float32. Got {dtype} instead.")
+    precision: Precision = "float64" if dtype == torch.float64 else "float32"
+    return exact_spectra(mats, precision=precision, device=device, method=method, max_batch_bytes=max_batch_bytes,
+                         hard_limit_bytes=hard_limit_bytes, workers=workers, backend=backend).S
+
+
+# ---- CPU backend: LAPACK through scipy, matrices in parallel threads ----------------------------------
+_Row = tuple[np.ndarray, str, tuple[str, ...], float, float]  # S, precision, failed checks, gram s, eig s
+
+
+def _as_numpy(m: torch.Tensor) -> np.ndarray:
+    """A CPU float32/float64 numpy view of ``m`` (a copy only for other dtypes or devices)."""
+    m = m.detach()
+    if m.device.type != "cpu":
+        m = m.cpu()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    return m.numpy()
+
+
+def _lapack_one(M: np.ndarray, precision: str, check: dict) -> _Row:
+    """Gram (``syrk``), eigensolve, and for ``"certified"`` the certificate and the float64 fallback."""
+    t0 = time.perf_counter()
+    p = min(M.shape)
+    G = gram_upper(M, dtype=np.float32 if precision == "float32" else np.float64)
+    t1 = time.perf_counter()
+    failed: tuple[str, ...] = ()
+    if precision == "certified":
+        trace, fro = trace_and_fro(G)
+        lam = eigvalsh_upper(G.astype(np.float32, order="F"), driver=eig_driver(p, np.float32), overwrite=True)
+        cert = certify_float32(lam, trace=trace, gram_fro=fro, **check)
+        label = "float32-certified"
+        if not cert.ok:
+            failed, label = cert.failed, "float64"
+            lam = eigvalsh_upper(G, driver=eig_driver(p, np.float64), overwrite=True)
+    else:
+        label = precision
+        lam = eigvalsh_upper(G, driver=eig_driver(p, G.dtype.type), overwrite=True)
+    S = np.sqrt(np.maximum(lam, 0.0))
+    return S, label, failed, t1 - t0, time.perf_counter() - t1
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded BLAS libraries (scipy's and numpy's OpenBLAS), built once:
+    finding them costs ~20 ms, setting their thread count afterwards microseconds. Both libraries
+    are loaded when this module is imported, so the cached view is complete."""
+    return ThreadpoolController()
+
+
+def _lapack_batch(mats: torch.Tensor | list[torch.Tensor], count: int, precision: str, check: dict, workers: int) -> list[_Row]:
+    """Every matrix on the CPU: with several matrices, up to ``workers`` at once with one BLAS thread
+    each; a lone matrix with one BLAS thread below :data:`ALONE_THREADS_MIN_P`, every thread above.
+    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it is restored when
+    the call returns."""
+    arrays = [_as_numpy(mats[i]) for i in range(count)]
+    workers = max(1, min(workers, count))
+    if workers == 1 and min(arrays[0].shape) >= ALONE_THREADS_MIN_P:
+        return [_lapack_one(M, precision, check) for M in arrays]
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        if workers == 1:
+            return [_lapack_one(M, precision, check) for M in arrays]
+        with ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig") as pool:
+            return list(pool.map(lambda M: _lapack_one(M, precision, check), arrays))
+
+
+# ---- torch backend: batched chunks on any device ------------------------------------------------------
+def _torch_batch(mats: torch.Tensor | list[torch.Tensor], count: int, shape: tuple[int, int], dev: torch.device, precision: str,
+                 method: str, check: dict, max_batch_bytes: int | None, hard_limit_bytes: int | None) -> list[_Row]:
+    """Chunks sized by :func:`batch_budget`, halved on an allocation failure down to one matrix."""
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    per = estimate_batch_bytes(shape, dtype, method)
     chunk = max(1, min(count, batch_budget(dev, max_batch_bytes) // max(per, 1)))
-    if not isinstance(mats, torch.Tensor) and dev.type == "cpu":
-        # separate matrices on the CPU: one at a time, as views, so the batch is never copied into a
-        # stack (the CPU's BLAS already uses every core on one matrix; batching buys little there)
-        chunk = 1
 
     def take(i: int, n: int) -> torch.Tensor:
         if isinstance(mats, torch.Tensor):
             return mats[i : i + n]
         return mats[i].unsqueeze(0) if n == 1 else torch.stack(mats[i : i + n])
 
-    out = np.empty((count, min(shape)), dtype=np.float64)
+    rows: list[_Row] = []
     i = 0
     while i < count:
         n = min(chunk, count - i)
         try:
             if hard_limit_bytes is not None and n * per > hard_limit_bytes:
                 raise BatchTooLarge(f"chunk of {n} needs {n * per} bytes > {hard_limit_bytes}")
-            out[i : i + n] = _exact_chunk(take(i, n).to(dev, non_blocking=True), meth, dtype)
+            rows += _torch_chunk(take(i, n).to(dev, non_blocking=True), precision, method, check)
         except Exception as exc:  # noqa: BLE001 - only allocation failures are retried
             if not _is_oom(exc):
                 raise
             if n == 1:
                 if isinstance(exc, BatchTooLarge):  # a single matrix always runs; the cap is advisory
-                    out[i : i + 1] = _exact_chunk(take(i, 1).to(dev), meth, dtype)
+                    rows += _torch_chunk(take(i, 1).to(dev), precision, method, check)
                     i += 1
                     continue
                 raise
@@ -155,11 +355,44 @@ def batch_singular_values(
             chunk = max(1, n // 2)
             continue
         i += n
-    return out
+    return rows
 
 
-def _exact_chunk(batch: torch.Tensor, method: str, dtype: torch.dtype) -> np.ndarray:
-    return singular_values(batch, method=method, dtype=dtype)  # type: ignore[arg-type]
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) -> list[_Row]:
+    """One stacked chunk ``(n, out, in)``: float64/float32 as asked, or certified float32 with a
+    float64 recompute of the matrices whose certificate fails (from the same float64 Gram)."""
+    n = batch.shape[0]
+    t0 = time.perf_counter()
+    if method == "svd":
+        S = torch.linalg.svdvals(batch.to(torch.float32 if precision == "float32" else torch.float64))
+        S = S.double().cpu().numpy()
+        sec = (time.perf_counter() - t0) / n
+        return [(S[j], precision, (), 0.0, sec) for j in range(n)]
+    G = gram(batch, dtype=torch.float32 if precision == "float32" else torch.float64)
+    _sync(G)
+    t1 = time.perf_counter()
+    failed: list[tuple[str, ...]] = [()] * n
+    labels = [precision] * n
+    if precision == "certified":
+        lam = torch.linalg.eigvalsh(G.float()).flip(-1).double().cpu().numpy()
+        traces = G.diagonal(dim1=-2, dim2=-1).sum(-1).cpu().numpy()
+        fros = torch.linalg.matrix_norm(G).cpu().numpy()
+        certs = [certify_float32(lam[j], trace=float(traces[j]), gram_fro=float(fros[j]), **check) for j in range(n)]
+        labels = ["float32-certified" if c.ok else "float64" for c in certs]
+        failed = [c.failed for c in certs]
+        redo = [j for j, c in enumerate(certs) if not c.ok]
+        if redo:
+            lam[redo] = torch.linalg.eigvalsh(G[redo]).flip(-1).cpu().numpy()
+    else:
+        lam = torch.linalg.eigvalsh(G).flip(-1).double().cpu().numpy()
+    S = np.sqrt(np.maximum(lam, 0.0))
+    t2 = time.perf_counter()
+    return [(S[j], labels[j], failed[j], (t1 - t0) / n, (t2 - t1) / n) for j in range(n)]
 
 
 # ---- truncated path -----------------------------------------------------------------------------

@@ -1,12 +1,16 @@
 """One error hierarchy for everything spectra reports to a user.
 
 Every error carries the file and/or tensor it is about and a hint saying what to do, so the CLI can
-print it as one line (``error: <path>: <tensor>: <message> (<hint>)``) without a traceback.
+print it as one line (``error: <path>: <tensor>: <message> (<hint>)``) without a traceback. The
+text is passed through :func:`spectra.naming.display_name`: names from hostile files cannot break
+the line, drive the terminal with escape sequences, or fail to encode.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from spectra.naming import display_name
 
 
 class SpectraError(Exception):
@@ -38,7 +42,8 @@ class SpectraError(Exception):
         text = ": ".join([*parts, self.message])
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        # names and paths come from untrusted files: no terminal controls, no line breaks, no surrogates
+        return display_name(text)
 
 
 class CheckpointNotFoundError(SpectraError):
@@ -63,6 +68,15 @@ class ConfigError(SpectraError):
 
 class IdenticalCheckpointsError(SpectraError):
     """Every paired update is exactly zero: base and tuned hold the same weights."""
+
+
+class DistributedError(SpectraError):
+    """Another rank of a distributed run failed, was killed, or stopped answering."""
+
+
+class ResultsFormatError(SpectraError):
+    """A results file (results.json, compare.json, train_log.jsonl) is not what spectra writes:
+    wrong schema, a missing key or a value of the wrong type (often after a hand edit or a merge)."""
 
 
 class OutputError(SpectraError):

@@ -1,34 +1,68 @@
-"""Exact spectra of weight updates: the singular values of ``(..., out, in)`` matrices.
+"""Exact spectra of weight updates: the singular values of ``(..., out, in)`` matrices, and the
+certificate that lets a float32 spectrum stand in for the float64 one.
 
-Pure, device-agnostic tensor code: every function takes tensors on any device and a ``dtype`` for
-the decomposition, and returns float64 numpy arrays (sums over a spectrum are always float64, SPEC.md).
+Pure functions: the torch ones take tensors on any device, the LAPACK ones numpy arrays on the CPU;
+spectra come back as float64 numpy arrays (sums over a spectrum are always float64, docs/definitions.md).
 
 Two exact methods:
 
 ``"gram"`` (default)
     Form the smaller Gram matrix ``G = M Mᵀ`` (out <= in) or ``Mᵀ M`` (p × p, p = min(out, in)) and
-    take its eigenvalues with the divide-and-conquer symmetric eigensolver (LAPACK ``syevd`` on the
-    CPU, cuSOLVER on CUDA); ``σᵢ = sqrt(max(λᵢ, 0))``. On this project's 2-core CPU, 2048×5632 takes
-    about 1.3 s in float64 against about 60 s for ``torch.linalg.svd``.
+    take its eigenvalues with a symmetric eigensolver; ``σᵢ = sqrt(max(λᵢ, 0))``. Two kernels:
+    :func:`gram` + ``torch.linalg.eigvalsh`` (any device, batched; the CUDA path), and
+    :func:`gram_upper` (BLAS ``syrk``: half the products of a general product) + :func:`eigvalsh_upper`
+    (LAPACK through scipy, driver chosen per size) on the CPU, where several matrices are solved at
+    once, one BLAS thread each (:mod:`spectra.engine`).
 
     Precision: eigenvalues of G carry an absolute error of about ``p · eps · σ₁²``. In float64
     (eps ≈ 1.1e-16) singular values are accurate down to ≈ 1e-7·σ₁, so energy ranks, norms, stable
-    and effective rank are exact for any practical purpose. In float32 (eps ≈ 6e-8) energy ranks and
-    Frobenius/spectral norms stay exact but singular values below ≈ 3e-3·σ₁ become noise, which
-    inflates the nuclear norm and effective rank of low-rank updates: use float32 only for speed,
-    and never for a low-rank (LoRA-like) matrix.
+    and effective rank are exact for any practical purpose. In float32 (eps ≈ 6e-8) singular values
+    below ≈ 3e-3·σ₁ become noise, which inflates the nuclear norm and effective rank of low-rank
+    updates, and an energy rank whose cumulative energy lies close to τ can move by one. Plain
+    float32 is therefore only a speed option; :func:`certify_float32` decides, per matrix, whether a
+    float32 spectrum gives the float64 results (below).
 
 ``"svd"``
     ``torch.linalg.svdvals`` in the requested dtype: backward-stable, every singular value
     accurate to ``eps · σ₁``; slower on the CPU by 10-50×.
+
+Certified float32 (:func:`certify_float32`)
+    The Gram matrix is formed in float64 (its rounding error, ``n · 1.1e-16 · ‖M‖_F²`` at worst, is
+    negligible), rounded to float32 and solved in float32. The computed eigenvalues are then the exact
+    eigenvalues of ``G + E`` with ``‖E‖_F <= Δ = (1 + c·(1 + u)) · u · ‖G‖_F``, ``u = 2⁻²⁴``: the rounding
+    to float32 contributes at most ``u · ‖G‖_F`` (each entry moves by at most ``u·|Gᵢⱼ|``), and the
+    eigensolver's normwise backward error is at most ``c · u · ‖G‖_F`` (LAPACK's error model, Anderson
+    et al., LAPACK Users' Guide §4.7: "a modestly growing function of p" times ``u·‖G‖``), with
+    ``c = c₀·√p`` and ``c₀`` = :data:`EIG_BACKWARD_C0` taken from measurement (see the constant). From
+    ``‖E‖_F <= Δ`` alone, rigorously:
+
+    - Weyl: every eigenvalue ``|λ̂ᵢ − λᵢ| <= ‖E‖₂ <= Δ``;
+    - Ky Fan: every partial sum ``|Σ_{i<=k} (λ̂ᵢ − λᵢ)| <= Σ_{i<=k} σᵢ(E) <= √k · Δ``, and the same
+      for the tail sums with ``√(p − k)``;
+    - Hoffman–Wielandt: ``Σᵢ (λ̂ᵢ − λᵢ)² <= Δ²``.
+
+    The energy rank at τ is accepted when the true cumulative energy is on the same side of
+    ``τ · ‖M‖_F²`` (known exactly, the trace of the float64 Gram) as the computed one for both the
+    chosen rank and the one before, with these margins; the float metrics (Frobenius and spectral
+    norm, stable rank, nuclear norm, effective rank, the leading singular values) when their
+    worst-case relative error under these bounds is at most ``rtol``; the signal rank when no
+    singular value's interval straddles the threshold's. Otherwise the caller recomputes in float64.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import scipy.linalg
+import scipy.linalg.blas
 import torch
+
+from spectra.metrics import spectrum_metrics
+from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
 
@@ -116,3 +150,286 @@ def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
         chunk = flat[start : start + block].double()
         total += float(torch.dot(chunk, chunk).item())
     return total**0.5
+
+
+# ---- the LAPACK route on the CPU: numpy arrays, one call per matrix ------------------------------
+def gram_upper(M: np.ndarray, *, dtype: type[np.floating] = np.float64, block_bytes: int = 32 << 20) -> np.ndarray:
+    """The smaller Gram matrix of ``M`` by BLAS ``syrk``, upper triangle only, accumulated in ``dtype``.
+
+    ``syrk`` computes one triangle of ``X Xᵀ``, half the multiply-adds of a general product. It runs
+    on the calling thread's BLAS (scipy's), so several calls can run at once in worker threads.
+
+    Args:
+        M: ``(out, in)`` float32 or float64 array (C-ordered arrays are read without a copy).
+        dtype: ``np.float64`` or ``np.float32``: precision of the products and the sum.
+        block_bytes: the long dimension is converted to ``dtype`` and multiplied in blocks of at most
+            this many bytes, so a float64 Gram of a float32 ``49152 × 576`` embedding never holds a
+            float64 copy of the whole matrix.
+
+    Returns:
+        Fortran-ordered ``(p, p)`` array, ``p = min(out, in)``, whose upper triangle holds ``M Mᵀ``
+        (``out <= in``) or ``Mᵀ M``; the strict lower triangle is not referenced (pass ``lower=False``
+        to LAPACK, as :func:`eigvalsh_upper` does).
+
+    Example:
+        >>> G = gram_upper(np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
+        >>> np.triu(G).tolist()
+        [[5.0, 2.0], [0.0, 2.0]]
+    """
+    if M.ndim != 2:
+        raise ValueError(f"M must have shape (out, in). Got {M.shape} instead.")
+    dtype = np.dtype(dtype).type
+    syrk = scipy.linalg.blas.dsyrk if dtype is np.float64 else scipy.linalg.blas.ssyrk
+    wide = M.shape[0] <= M.shape[1]
+    p, long = min(M.shape), max(M.shape)
+    step = max(1, min(long, block_bytes // max(1, p * np.dtype(dtype).itemsize)))
+    G = None
+    for start in range(0, long, step):
+        if wide:  # G = Σ_b M[:, b] M[:, b]ᵀ; A = blockᵀ is (w, p) Fortran-ordered: G += AᵀA
+            A, trans = np.asarray(M[:, start : start + step], dtype=dtype, order="C").T, 1
+        else:  # G = Σ_b M[b]ᵀ M[b]; A = blockᵀ is (p, w) Fortran-ordered: G += AAᵀ
+            A, trans = np.asarray(M[start : start + step], dtype=dtype, order="C").T, 0
+        G = syrk(1.0, A, trans=trans, lower=0) if G is None else syrk(1.0, A, beta=1.0, c=G, trans=trans, lower=0, overwrite_c=1)
+    if G is None:  # long == 0: an empty product
+        G = np.zeros((p, p), dtype=dtype, order="F")
+    return G
+
+
+def eigvalsh_upper(G: np.ndarray, *, driver: str = "evd", overwrite: bool = False) -> np.ndarray:
+    """Eigenvalues of the symmetric matrix whose upper triangle ``G`` holds, by LAPACK through scipy.
+
+    Args:
+        G: ``(p, p)`` float32 or float64 array (Fortran order avoids a copy); the strict lower
+            triangle is ignored.
+        driver: scipy's ``eigvalsh`` driver: ``"evd"`` (divide and conquer, ``syevd``), ``"evr"``
+            (MRRR, ``syevr``) or ``"ev"`` (QR iteration, ``syev``). All three are backward stable; which
+            is fastest depends on p and the machine (``bench/eigensolvers.py``).
+        overwrite: let LAPACK destroy ``G`` (saves a copy).
+
+    Returns:
+        float64 array ``(p,)``, descending, as the solver computed them (in G's precision; small
+        negative values are kept: the certificate needs them raw).
+    """
+    if G.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    lam = scipy.linalg.eigvalsh(G, lower=False, driver=driver, overwrite_a=overwrite, check_finite=False)
+    return lam[::-1].astype(np.float64)
+
+
+def trace_and_fro(G: np.ndarray) -> tuple[float, float]:
+    """``(trace(G), ‖G‖_F)`` in float64 of the symmetric matrix whose upper triangle ``G`` holds.
+
+    ``trace(G) = ‖M‖_F²`` for a Gram matrix: the exact total energy the certificate compares with.
+    """
+    d = np.diagonal(G).astype(np.float64)
+    upper = np.triu(G, 1).astype(np.float64, copy=False)
+    return float(d.sum()), math.sqrt(float(d @ d) + 2.0 * float(np.vdot(upper, upper)))
+
+
+# ---- certified float32 ------------------------------------------------------------------------------
+#: Unit roundoff of IEEE float32 (round to nearest).
+EPS32 = 2.0**-24
+
+#: ``c₀`` of the float32 eigensolver's normwise backward error, ``‖E‖_F <= c₀·√p · u · ‖G‖_F``.
+#: LAPACK bounds it by "a modestly growing function of p" times ``u·‖G‖`` (worst case O(p²) for
+#: Householder tridiagonalisation, typically O(√p)). Measured (``bench/certified.py``,
+#: ``bench/results/certified-cpu.md``): 640 float32 solves, p from 64 to 2048, ten kinds of spectra
+#: (Gaussian, power laws, low rank plus noise, exactly low rank, clusters, a ramp, embedding-like
+#: columns) and four solvers (scipy's ``evd``, ``evr``, ``ev``, torch's ``eigvalsh``). The largest of
+#: ``‖λ̂ − λ‖₂``, ``max |λ̂ᵢ − λᵢ|`` and the partial-sum errors over ``√k``, in units of ``u·‖G‖_F``,
+#: grew like √p (7.4 at p = 64, 52 at p = 2048) and stayed below ``1.16·√p``; ``c₀ = 8`` is 6.9× that.
+EIG_BACKWARD_C0 = 8.0
+
+#: Default relative tolerance of the float metrics of a certified float32 spectrum.
+CERTIFY_RTOL = 1e-4
+
+
+def float32_error_bound(gram_fro: float, p: int) -> float:
+    """``Δ``: the computed float32 eigenvalues of ``fl32(G)`` (``p × p``) are exact for ``G + E``, ``‖E‖_F <= Δ``.
+
+    ``Δ = (1 + c·(1 + u)) · u · ‖G‖_F`` with ``u = 2⁻²⁴`` and ``c = c₀·√p``, ``c₀`` =
+    :data:`EIG_BACKWARD_C0`: rounding G to float32 moves it by at most ``u·‖G‖_F``, and the
+    eigensolver's backward error on the rounded matrix is at most ``c·u·‖fl32(G)‖_F <= c·u·(1 + u)·‖G‖_F``.
+    Units: those of the eigenvalues (σ²).
+    """
+    c = EIG_BACKWARD_C0 * math.sqrt(p)
+    return (1.0 + c * (1.0 + EPS32)) * EPS32 * gram_fro
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Whether a float32 spectrum gives a matrix's float64 results.
+
+    Attributes:
+        ok: every check passed: the integer metrics computed from the float32 spectrum (energy ranks,
+            signal rank) equal the exact ones, the float metrics are within ``rtol`` of them.
+        failed: the checks that did not pass, e.g. ``("energy_rank[0.9]", "nuclear_norm")``.
+        bound: ``Δ`` of :func:`float32_error_bound` (units of σ²).
+    """
+
+    ok: bool
+    failed: tuple[str, ...]
+    bound: float
+
+
+def _rel_spread(value: float, lo: float, hi: float) -> float:
+    """Largest relative distance from ``value`` to a point of ``[lo, hi]`` (inf when value is 0)."""
+    if value <= 0.0:
+        return math.inf
+    return max(hi - value, value - lo) / value
+
+
+def _nuclear_error(lam: np.ndarray, bound: float) -> float:
+    """Bound on ``Σ |σ̂ᵢ − σᵢ|`` given ``Σ (λ̂ᵢ − λᵢ)² <= Δ²`` (Hoffman–Wielandt), ``σ̂ = √max(λ̂, 0)``.
+
+    For the large eigenvalues, ``|σ̂ᵢ − σᵢ| <= |dᵢ| / σ̂ᵢ`` and Cauchy–Schwarz give ``Δ·sqrt(Σ 1/λ̂ᵢ)``; for
+    the others ``|σ̂ᵢ − σᵢ| <= sqrt|dᵢ|`` and Hölder give ``n^{3/4}·√Δ``. The split is the best one.
+    """
+    asc = lam[::-1]  # ascending: the first j are the small ones
+    p = asc.size
+    inv = np.where(asc > 0, 1.0 / np.where(asc > 0, asc, 1.0), np.inf)
+    big = np.concatenate([np.cumsum(inv[::-1])[::-1], [0.0]])  # Σ_{i>=j} 1/λ̂ᵢ for j = 0..p
+    j = np.arange(p + 1)
+    return float(np.min(bound * np.sqrt(big) + j**0.75 * math.sqrt(bound)))  # j = p is always finite
+
+
+def _entropy_error(S: np.ndarray, lam: np.ndarray, bound: float, nuclear_err: float) -> float:
+    """Bound on ``|H(σ) − H(σ̂)|`` with ``H = ln N − Σ σᵢ ln σᵢ / N``, ``N = Σσᵢ`` (effective rank = e^H).
+
+    H is scale free, so σ is measured in units of σ̂₁. For ``λ̂ᵢ > 4Δ``: ``|φ(x) − φ(x̂)| <= Lᵢ |x − x̂|``
+    with ``φ(x) = x ln x`` and ``Lᵢ`` the largest ``|ln z + 1|`` on ``x̂ᵢ ± Δ/x̂ᵢ`` (Weyl), then
+    ``|dᵢ| / x̂ᵢ`` and Cauchy–Schwarz with Hoffman–Wielandt; for the rest, the largest change of φ on
+    each value's Weyl interval (φ is convex, so at an end or at 1/e).
+    """
+    s = float(S[0])
+    d = bound / s**2
+    x = S / s
+    xl = lam / s**2
+    total = float(x.sum())
+    err_n = nuclear_err / s
+    if err_n >= total:
+        return math.inf
+    big = xl > 4 * d
+    xb = x[big]
+    eta = d / xb
+    slope = np.maximum(np.abs(np.log(xb - eta) + 1.0), np.abs(np.log(xb + eta) + 1.0))
+    err_big = d * math.sqrt(float(np.sum((slope / xb) ** 2)))
+
+    def phi(z: np.ndarray) -> np.ndarray:
+        return np.where(z > 0, z * np.log(np.where(z > 0, z, 1.0)), 0.0)
+
+    xs, ls = x[~big], xl[~big]
+    zl = np.sqrt(np.maximum(ls - d, 0.0))
+    zh = np.sqrt(np.maximum(ls, 0.0) + d)
+    f0 = phi(xs)
+    dev = np.maximum(np.abs(phi(zl) - f0), np.abs(phi(zh) - f0))
+    inside = (zl < 1 / math.e) & (zh > 1 / math.e)
+    dev = np.where(inside, np.maximum(dev, np.abs(-1 / math.e - f0)), dev)
+    err_p = err_big + float(dev.sum())
+    p_hat = float(phi(x).sum())
+    rest = total - err_n
+    return err_n / rest + err_p / rest + abs(p_hat) * err_n / (total * rest)
+
+
+def certify_float32(
+    lam: np.ndarray,
+    *,
+    trace: float,
+    gram_fro: float,
+    shape: tuple[int, int],
+    thresholds: Sequence[float],
+    rtol: float = CERTIFY_RTOL,
+    top_k: int = 0,
+    metrics: bool = True,
+) -> Certificate:
+    """Decide whether the float32 eigenvalues ``lam`` of a Gram matrix give its float64 results.
+
+    The checks (see the module docstring for the bounds; ``Δ`` = :func:`float32_error_bound`):
+
+    - energy rank at each τ: with ``k`` the rank computed from ``lam`` (:func:`spectra.metrics.energy_rank`),
+      the true cumulative energy must satisfy ``E_{k−1} < τ·T <= E_k`` for every spectrum within the
+      bounds, where ``T = trace`` (exact) and ``E_j`` lies within ``√j·Δ`` of the computed partial sum
+      and within ``√(p − j)·Δ`` of ``T`` minus the computed tail;
+    - ``fro_norm``: ``|sqrt(Σσ̂²) − sqrt(T)| <= rtol·sqrt(T)`` (T is exact, so this is a direct check);
+    - ``spectral_norm``, ``stable_rank``, the leading ``top_k`` singular values: relative error
+      ``<= rtol`` over each value's Weyl interval ``λ̂ᵢ ± Δ``;
+    - ``nuclear_norm`` and ``effective_rank``: relative error ``<= rtol`` by the Hoffman–Wielandt bounds;
+    - ``signal_rank``: the count of σᵢ above ``ω(β)·median(σ)`` is the same at both ends of every
+      value's Weyl interval.
+
+    Args:
+        lam: ``(p,)`` the computed eigenvalues, descending, unclamped (as float64).
+        trace: ``trace(G) = ‖M‖_F²`` from the float64 Gram.
+        gram_fro: ``‖G‖_F`` from the float64 Gram.
+        shape: ``(out, in)`` of M.
+        thresholds: the energy-rank thresholds τ to certify.
+        rtol: relative tolerance of the float metrics.
+        top_k: how many leading singular values must also be within ``rtol``.
+        metrics: also check the norms, stable, effective and signal rank (False when only the leading
+            values and the energy ranks are reported, as for the spectra of the weights themselves).
+
+    Returns:
+        :class:`Certificate`. A zero matrix (``trace == 0``) is certified when every computed value is 0.
+
+    Example:
+        >>> lam = np.array([4.0, 1.0, 0.25])
+        >>> G = np.diag(lam)
+        >>> certify_float32(lam, trace=5.25, gram_fro=float(np.linalg.norm(G)), shape=(3, 5), thresholds=[0.5, 0.9]).ok
+        True
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    p = min(shape)
+    if lam.shape != (p,):
+        raise ValueError(f"lam must have shape ({p},) for a {shape} matrix. Got {lam.shape} instead.")
+    if trace == 0.0:
+        ok = not np.any(lam)
+        return Certificate(ok, () if ok else ("zero matrix",), 0.0)
+    D = float32_error_bound(gram_fro, p)
+    S = np.sqrt(np.maximum(lam, 0.0))
+    m = spectrum_metrics(S, shape, thresholds)  # the values a caller will report from S
+    failed: list[str] = []
+    # energy ranks: bounds on the true partial sums E_k, k = 1..p (our own float64 sums get a slack)
+    slack = 4.0 * (p + 2) * 2.0**-53 * trace
+    k = np.arange(1, p + 1, dtype=np.float64)
+    head = np.cumsum(lam)
+    tail = np.concatenate([np.cumsum(lam[::-1])[::-1][1:], [0.0]])
+    hi = np.minimum(head + np.sqrt(k) * D, trace - tail + np.sqrt(p - k) * D) + slack
+    lo = np.maximum(head - np.sqrt(k) * D, trace - tail - np.sqrt(p - k) * D) - slack
+    lo[-1] = hi[-1] = trace  # E_p = T exactly
+    for tau, r in m.energy_rank.items():
+        target = tau * trace
+        before = 0.0 if r == 1 else hi[r - 2]
+        if r == 0 or not (before < target <= lo[r - 1]):
+            failed.append(f"energy_rank[{tau}]")
+    lo_s = np.sqrt(np.maximum(lam - D, 0.0))
+    hi_s = np.sqrt(np.maximum(lam, 0.0) + D)
+    n_top = min(top_k, p)
+    top, spread = S[:n_top], np.maximum(hi_s[:n_top] - S[:n_top], S[:n_top] - lo_s[:n_top])
+    if n_top and (np.any(top <= 0) or np.max(spread / np.where(top > 0, top, 1.0)) > rtol):
+        failed.append("singular_values")
+    if not metrics:
+        return Certificate(not failed, tuple(failed), D)
+    # norms and stable rank
+    if abs(m.fro_norm - math.sqrt(trace)) > rtol * math.sqrt(trace):
+        failed.append("fro_norm")
+    l1 = float(lam[0])
+    s_lo, s_hi = math.sqrt(max(l1 - D, 0.0)), math.sqrt(l1 + D)
+    if _rel_spread(m.spectral_norm, s_lo, s_hi) > rtol:
+        failed.append("spectral_norm")
+    if l1 - D <= 0.0 or _rel_spread(m.stable_rank, trace / (l1 + D), trace / (l1 - D)) > rtol:
+        failed.append("stable_rank")
+    # nuclear norm and effective rank
+    err_n = _nuclear_error(lam, D)
+    nuclear = m.nuclear_norm
+    if err_n >= nuclear or err_n / (nuclear - err_n) > rtol:
+        failed.append("nuclear_norm")
+    err_h = _entropy_error(S, lam, D, err_n) if err_n < nuclear else math.inf
+    if not math.isfinite(err_h) or math.expm1(err_h) > rtol:
+        failed.append("effective_rank")
+    # signal rank: the same count at both ends of every interval (the median is monotone)
+    omega = gavish_donoho_omega(p / max(shape))
+    count_lo = int(np.sum(lo_s > omega * np.median(hi_s)))
+    count_hi = int(np.sum(hi_s > omega * np.median(lo_s)))
+    if not count_lo == count_hi == m.signal_rank:
+        failed.append("signal_rank")
+    return Certificate(not failed, tuple(failed), D)

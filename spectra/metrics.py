@@ -1,4 +1,4 @@
-"""Spectrum metrics of one matrix from its singular values (SPEC.md, "Spectrum metrics").
+"""Spectrum metrics of one matrix from its singular values (docs/definitions.md, "Spectrum metrics").
 
 Pure numpy on float64 arrays; no torch, no I/O. ``S`` is always the full spectrum, descending,
 ``S.shape == (p,)`` with ``p = min(out, in)``.
@@ -14,6 +14,11 @@ import numpy as np
 from spectra.randmat import gavish_donoho_omega
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.9, 0.99)
+
+
+def threshold_key(t: float) -> str:
+    """JSON key of a threshold, as Python writes ``str(float)`` (docs/definitions.md): 0.9 -> ``"0.9"``."""
+    return str(float(t))
 
 
 def energy_rank(S: np.ndarray, tau: float) -> int:
@@ -78,7 +83,7 @@ def relative_norm(fro: float, base_fro: float) -> float | None:
 
 @dataclass(frozen=True)
 class SpectrumMetrics:
-    """Every SPEC.md metric of one matrix that needs only its spectrum.
+    """Every docs/definitions.md metric of one matrix that needs only its spectrum.
 
     Attributes:
         p: ``min(out, in)``.

@@ -5,13 +5,14 @@ Checkpoints of different architectures name the same logical matrix differently
 ``gpt_neox.layers.3.attention.query_key_value.weight`` every third head block). This module turns a
 name and a shape, plus what ``config.json`` says about heads, into a :class:`MatrixSpec`: where the
 matrix sits (layer, expert), what it is (module label and a cross-architecture role), how to orient it
-``(out, in)`` and how to split a fused matrix into its logical parts (SPEC.md, Conventions).
+``(out, in)`` and how to split a fused matrix into its logical parts (the definitions document, "Conventions").
 
 Everything here is pure: no file I/O, no torch kernels beyond building index tensors.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -50,7 +51,7 @@ WEIGHT_QUANT_LEAVES = ("weight_scale", "weight_scale_inv", "weight_zero_point")
 
 #: ``config.json`` model types whose stacked expert tensors are stored ``(experts, in, out)`` and
 #: applied as ``x @ W[e]`` (``torch.bmm``), not ``F.linear``: ``experts.gate_up_proj``
-#: ``(E, hidden, 2·I)`` and ``experts.down_proj`` ``(E, I, hidden)`` must be transposed to SPEC.md's
+#: ``(E, hidden, 2·I)`` and ``experts.down_proj`` ``(E, I, hidden)`` must be transposed to the definitions document's
 #: ``(out, in)``. The value is how gate and up share the fused output dimension. Checked against
 #: transformers' modeling code (v5):
 #:   Llama-4 ``Llama4TextExperts``: ``gate, up = torch.bmm(x, gate_up_proj).chunk(2, dim=-1)``;
@@ -202,7 +203,7 @@ class MatrixSpec:
         expert: expert index for MoE expert matrices, else None.
         module: the module label, unique within the checkpoint (``"q_proj"``, ``"attn.c_proj"``).
         role: cross-architecture role (``"q"``, ``"down"``, ``"embed"``...), or None if unknown.
-        transpose: stored ``(in, out)``; transpose to get SPEC.md's ``(out, in)``.
+        transpose: stored ``(in, out)``; transpose to get the definitions document's ``(out, in)``.
         parts: the logical parts to analyse (one unsplit part, or the split of a fused matrix).
         note: why a fused matrix was left unsplit, or another caveat; empty when none.
     """
@@ -227,6 +228,49 @@ class _Parsed:
     rel_path: str  # module path with wrappers, layer and expert numbers removed
     leaf: str
     parent: str
+
+
+#: Characters that must not reach a terminal, a log or a UTF-8 file as they are: C0 and C1 control
+#: characters (ESC starts ANSI sequences that recolour, retitle or rewrite a terminal; U+009B is a
+#: one-character CSI), line and paragraph separators, bidirectional overrides and isolates (which
+#: reorder what is displayed, "Trojan Source"), and lone UTF-16 surrogates (which cannot be encoded
+#: as UTF-8 at all: writing one raises UnicodeEncodeError).
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    ch = m.group()
+    code = ord(ch)
+    return _SHORT_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def display_name(name: str, *, max_chars: int | None = None) -> str:
+    r"""``name`` safe to print, log, plot or write as UTF-8: unsafe characters escaped as Python
+    writes them (``\x1b``, ``\n``, ``\u202e``, ``\ud800``), everything else unchanged.
+
+    Tensor and module names come from the files and are untrusted: an ANSI sequence in a name
+    would otherwise drive the terminal, and a lone surrogate would crash a UTF-8 write.
+
+    Args:
+        name: any string.
+        max_chars: when given and the escaped name is longer, keep its start and end around ``…``
+            and say how long the name was (plots, tables); None keeps it whole.
+
+    Returns:
+        A string with no control characters, bidirectional controls or surrogates.
+
+    >>> display_name("model.layers.0.q_proj\x1b[2J")
+    'model.layers.0.q_proj\\x1b[2J'
+    >>> display_name("x" * 50, max_chars=12)
+    'xxxxxxx…xxxx (50 characters)'
+    """
+    text = _UNSAFE_CHARS.sub(_escape_char, name) if _UNSAFE_CHARS.search(name) else name
+    if max_chars is not None and len(text) > max_chars:
+        keep = max(max_chars - 1, 2)
+        head = keep * 2 // 3
+        text = f"{text[:head]}…{text[len(text) - (keep - head):]} ({len(name)} characters)"
+    return text
 
 
 def pairing_key(name: str) -> str:
@@ -603,5 +647,5 @@ def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
 
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
-    "describe_checkpoint", "is_bias", "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
+    "describe_checkpoint", "display_name", "is_bias", "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
 ]

@@ -96,7 +96,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     Args:
         base, tuned: W_base and W_tuned, shape ``(out, in)`` (any leading dims are folded into rows),
             as stored (bf16, fp16, fp32, fp8...) or upcast / dequantised to float32; any device.
-        delta: ΔW = tuned − base, same shape, float32 or float64 (as :mod:`spectra.diff` forms it).
+        delta: ΔW = tuned − base, same shape, float32 or float64 (as :func:`spectra.delta.form_delta` forms it).
         base_dtype, tuned_dtype: the stored dtype names (``"bfloat16"``, ``"float8_e4m3fn"``,
             ``"int8"``...), which decide ε and whether a side is quantised.
         block: elements per row block of the O(elements) pass (bounds temporary memory).
@@ -107,7 +107,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
             token embeddings, is seen); None reads every row. A full pass costs several times
             forming ΔW on a CPU. ‖ΔW‖_F² is always taken over every row; the sums over the other
             rows are scaled up from the evenly spaced ones, and the note says it was estimated.
-        base_sq: ‖W_base‖_F² when the caller has it (``spectra.diff`` computes it while forming
+        base_sq: ‖W_base‖_F² when the caller has it (:func:`spectra.delta.form_delta` computes it while forming
             ΔW); else it is computed (or, with sampling, estimated) here.
 
     Returns:

@@ -4,9 +4,14 @@ Names are matched exactly first, then by :func:`spectra.naming.pairing_key` (wra
 ``model.``, ``transformer.`` or ``bert.`` dropped), so a ``LlamaForCausalLM`` checkpoint pairs with a
 ``LlamaModel`` one. Everything that does not become a pair is accounted for: tensors found on one
 side only, and tensors found on both sides that are not analysable matrices (1-D norms and biases,
-integer tensors, quantisation scales, shape mismatches), each with a reason. A quantised weight with
-a companion scale is analysed dequantised (:meth:`spectra.io.checkpoint.Checkpoint.load`), and its
-pair says so in its note.
+integer tensors, quantisation scales, empty tensors, shape mismatches), each with a reason. A
+quantised weight with a companion scale is analysed dequantised
+(:meth:`spectra.io.checkpoint.Checkpoint.load`), and its pair says so in its note.
+
+Each side is oriented by its own ``config.json`` (GPT-2's Conv1D stores ``(in, out)``). When the two
+sides disagree on a tensor's layout (``gpt2`` against ``gpt_bigcode`` over the same names), the pair
+is formed only if each side's shapes confirm its own layout (:func:`layout_confirmed`), and the note
+says so; otherwise it is an error, never ``W_t − W_bᵀ`` in silence.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ class MatrixPair:
         return self.base_info.nbytes + self.tuned_info.nbytes
 
     @property
+    def out_in(self) -> tuple[int, int]:
+        """``(out, in)`` of each analysed matrix of this pair (one expert's, for a stacked tensor):
+        the tuned side's stored shape oriented by its layout, cut to the shared ``rows``."""
+        out_dim, in_dim = oriented_shape(self.tuned, tuple(self.tuned_info.shape))[-2:]
+        return (self.rows if self.rows is not None else out_dim), in_dim
+
+    @property
     def sort_key(self) -> tuple:
         """Embeddings first, then layers in order, then matrices outside the stack (head)."""
         s = self.tuned
@@ -72,6 +84,49 @@ class Pairing:
 def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The stored ``shape`` in ``(…, out, in)`` orientation (``spec.transpose`` swaps the last two)."""
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
+
+
+#: Roles whose matrix reads the model width (input = hidden size) or writes it (output = hidden size).
+_READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up"})
+_WRITES_HIDDEN = frozenset({"o", "down"})
+
+
+def layout_confirmed(ckpt: Checkpoint, specs: dict[str, MatrixSpec], *, transpose: bool, ndim: int) -> bool:
+    """Whether ``ckpt``'s shapes confirm its layout for matrices of rank ``ndim`` stored with this
+    ``transpose``: its ``config.json`` gives the model width, at least one such non-square matrix
+    reads or writes it (q/k/v/gate/up read it, o/down write it), and every one has the width on that
+    axis once oriented. Square matrices say nothing either way.
+    """
+    hidden = ckpt.arch.hidden_size
+    if not hidden:
+        return False
+    confirmed = False
+    for name, spec in specs.items():
+        shape = tuple(ckpt.tensors[name].shape)
+        if spec.transpose != transpose or len(shape) != ndim or shape[-1] == shape[-2]:
+            continue
+        out_dim, in_dim = oriented_shape(spec, shape)[-2:]
+        if spec.role in _READS_HIDDEN:
+            ok = in_dim == hidden
+        elif spec.role in _WRITES_HIDDEN:
+            ok = out_dim == hidden
+        else:
+            continue
+        if not ok:
+            return False
+        confirmed = True
+    return confirmed
+
+
+def _layout(ckpt: Checkpoint, spec: MatrixSpec) -> str:
+    mt = ckpt.arch.model_type
+    return f"{'(in, out)' if spec.transpose else '(out, in)'} ({f'config.json model_type {mt!r}' if mt else 'no config.json model_type'})"
+
+
+def _tensor_kind(shape: tuple[int, ...], spec: MatrixSpec | None) -> str:
+    if spec is not None:
+        return "a matrix" if len(shape) == 2 else f"a stack of {shape[0]} matrices"
+    return "a scalar" if not shape else f"a {len(shape)}-D tensor"
 
 
 def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[str, str]]:
@@ -120,6 +175,14 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
 
     bspecs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
     tspecs = describe_checkpoint({n: t.shape for n, t in tuned.tensors.items()}, tuned.arch)
+    confirmed: dict[tuple[str, bool, int], bool] = {}  # (side, transpose, ndim) -> layout_confirmed
+
+    def confirms(side: str, transpose: bool, ndim: int) -> bool:
+        if (side, transpose, ndim) not in confirmed:
+            ckpt, specs = (base, bspecs) if side == "base" else (tuned, tspecs)
+            confirmed[(side, transpose, ndim)] = layout_confirmed(ckpt, specs, transpose=transpose, ndim=ndim)
+        return confirmed[(side, transpose, ndim)]
+
     result = Pairing()
     matched_b: set[str] = set()
     matched_t: set[str] = set()
@@ -130,6 +193,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
         bs, ts = bspecs.get(bn), tspecs.get(tn)
         if bs is None or ts is None:
             quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)
+            if quant is None and (bs is None) != (ts is None) and not (is_bias(tn) or is_bias(bn)):
+                result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} is {_tensor_kind(tuple(bi.shape), bs)}, "
+                                                  f"tuned {tuple(ti.shape)} is {_tensor_kind(tuple(ti.shape), ts)}"))
+                continue
             ndim = len(ti.shape) if ts is None else len(bi.shape)
             what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
             if ndim > 1 and is_bias(tn):  # gpt-oss's experts.gate_up_proj_bias (experts, out)
@@ -141,13 +208,28 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
         if bad:
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
             continue
-        bshape, tshape = oriented_shape(bs, bi.shape), oriented_shape(ts, ti.shape)
+        empty = next((tuple(i.shape) for i in (ti, bi) if 0 in i.shape), None)
+        if empty is not None:  # before any loop over its axes: a (2**30, 0) tensor must cost nothing
+            result.skipped.append(Skipped(tn, f"empty tensor (shape {empty}): nothing to analyse"))
+            continue
         rows, note = None, ""
+        if bs.transpose != ts.transpose:
+            if not (confirms("base", bs.transpose, len(bi.shape)) and confirms("tuned", ts.transpose, len(ti.shape))):
+                raise PairingError(
+                    f"base stores {bn} as {_layout(base, bs)} but tuned as {_layout(tuned, ts)}, and the shapes do not "
+                    "confirm both layouts: comparing them would subtract a transposed matrix",
+                    path=f"{base.label} vs {tuned.label}", tensor=tn,
+                    hint="the two config.json files describe different architectures; give both sides the config of the "
+                         "architecture their weights were saved from")
+            note = (f"base stored {_layout(base, bs)}, tuned {_layout(tuned, ts)}: each oriented by its own config.json, "
+                    f"as its shapes confirm, and compared as (out, in)")
+        bshape, tshape = oriented_shape(bs, bi.shape), oriented_shape(ts, ti.shape)
         if bshape != tshape:
             if bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
                 rows = min(bshape[-2], tshape[-2])
-                note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
-                        f"the {rows} leading rows both have are analysed")
+                rows_note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
+                             f"the {rows} leading rows both have are analysed")
+                note = "; ".join(x for x in (note, rows_note) if x)
             else:
                 result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"))
                 continue

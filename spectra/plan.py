@@ -227,7 +227,7 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
                     max_in_flight: int | None = None, workers: int = 1) -> tuple[int, int]:
     """Peak memory of a run's data, bytes, as ``(host, device)`` (device is 0 on a CPU run).
 
-    What a streaming run holds at once (:mod:`spectra.diff`): up to ``depth + 1`` tensor pairs in
+    What a streaming run holds at once (:mod:`spectra.pipeline`): up to ``depth + 1`` tensor pairs in
     flight (and no more than ``max_in_flight`` bytes of them, the largest pair excepted), each as
     loaded plus its ΔW, and one batch of equally shaped matrices, capped by ``batch_bytes``, with
     the decomposition's workspace (one matrix's on the CPU, a chunk's on CUDA). On a GPU, ΔW and the batch live on the device and the host
@@ -267,7 +267,7 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
         return sum(top) if max_in_flight is None else max(top[:1] + [min(sum(top), max_in_flight)], default=0)
 
     largest = max((m * n for _, _, shapes in pairs for m, n in shapes), default=0)
-    blocks = workers * 16 * min(largest, 1 << 22)  # the row blocks of spectra.diff._delta, per reader
+    blocks = workers * 16 * min(largest, 1 << 22)  # the row blocks of spectra.delta.form_delta, per reader
     if on_gpu:
         return ahead([host for host, _, _ in pairs]), ahead([formed for _, formed, _ in pairs]) + batch + blocks
     return ahead([host + formed for host, formed, _ in pairs]) + batch + blocks, 0

@@ -48,7 +48,7 @@ def mp_energy_fraction(beta: float, tau: float) -> float:
 def random_energy_rank(shape: tuple[int, int], tau: float) -> int:
     """Energy rank at τ of an i.i.d. Gaussian matrix of ``shape`` (Marchenko–Pastur, large-p limit).
 
-    Matches seeded Monte Carlo to within about 0.5% of p for p >= 256 (tested). SPEC.md reference:
+    Matches seeded Monte Carlo to within about 0.5% of p for p >= 256 (tested). docs/definitions.md reference:
     4096×4096 -> ≈ 2088, 4096×11008 -> ≈ 2917, 1024×1024 -> ≈ 523.
     """
     p, n = min(shape), max(shape)

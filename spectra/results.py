@@ -1,28 +1,62 @@
-"""Result objects of ``spectra diff`` and their files (SPEC.md, "The results contract").
+"""Result objects of ``spectra diff`` and their files (docs/definitions.md, "The results contract").
 
 ``DiffResult`` is what :func:`spectra.diff` returns and what ``results.json`` holds. Files are
 written atomically (temporary file + rename) so an interruption never leaves a half-written JSON.
+``results.json`` is always valid JSON: NaN/Inf are written as null (with a warning) and a name that
+UTF-8 cannot encode (a lone surrogate) is written with JSON's ``\\u`` escapes. Reading it back
+(:meth:`DiffResult.from_dict`) checks every key it uses and raises
+:class:`~spectra.errors.ResultsFormatError`, one line, on a file that is not what spectra writes.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
 import statistics
-import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from spectra.errors import output_error
+from spectra.display import display_name
+from spectra.errors import ResultsFormatError
+from spectra.io.files import atomic_write_text
+from spectra.metrics import threshold_key
 
 SCHEMA = "spectra.diff/1"
 
+#: The numerical caveats of :mod:`spectra.numerics`, recognised in a result's ``note`` (which holds
+#: their messages): code -> (pattern, what it is, what it means for the numbers).
+CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
+    "rounding_level": (
+        re.compile(r"ΔW is at the rounding level of "),
+        "ΔW is at the rounding level of its storage dtype",
+        ("their spectra are those of rounding noise, not of a learned update, so a rank needed near the random "
+        "baseline says nothing about the fine-tune")),
+    "precision_mismatch": (
+        re.compile(r"base is \S+ and tuned \S+: ΔW includes rounding W from "),
+        "base and tuned are stored at different precisions",
+        ("ΔW includes the rounding of W to the coarser dtype, spread over all directions, so energy ranks at high τ "
+        "measure that rounding")),
+    "quantisation_grid": (
+        re.compile(r"appears quantised \(|are quantised on different grids"),
+        "one side is on a quantisation grid and the other is not (or the grids differ)",
+        "ΔW includes quantisation error, which is near full rank and inflates energy ranks"),
+    "subnormal": (
+        re.compile(r"subnormal values: "),
+        "subnormal values carry part of ΔW",
+        "hardware that flushes denormals to zero trained on different numbers"),
+}
+#: Every caveat warning starts with this (so that a rerun or resume replaces them, not duplicates them).
+CAVEAT_PREFIX = "caveat "
 
-def threshold_key(t: float) -> str:
-    """JSON key of a threshold, as Python writes ``str(float)`` (SPEC.md): 0.9 -> ``"0.9"``."""
-    return str(float(t))
+
+def caveat_codes(note: str) -> list[str]:
+    """The :data:`CAVEATS` codes whose message appears in a result's ``note``, in :data:`CAVEATS` order."""
+    return [code for code, (pattern, _, _) in CAVEATS.items() if pattern.search(note or "")]
 
 
 @dataclass
@@ -40,7 +74,7 @@ class ModuleResult:
         fro_norm, spectral_norm, nuclear_norm: of ΔW.
         base_fro_norm: ``‖W_base‖_F`` of the same rows.
         rel_norm: ``‖ΔW‖_F / ‖W_base‖_F``; None when the base matrix is zero.
-        stable_rank, effective_rank, signal_rank: SPEC.md definitions.
+        stable_rank, effective_rank, signal_rank: docs/definitions.md, "Spectrum metrics".
         energy_rank, energy_rank_frac: threshold key (``"0.9"``) -> rank / rank ÷ p.
         random_energy_rank: threshold key -> energy rank of a Gaussian matrix of this shape.
         energy_rank_bounds: approximate mode only: threshold key -> ``[lo, hi]``, guaranteed
@@ -88,13 +122,29 @@ class ModuleResult:
 
     @property
     def p(self) -> int:
-        """``min(out, in)``."""
+        """``min(out, in)``: the most singular values (directions) the matrix can have."""
         return min(self.shape)
+
+    @property
+    def caveats(self) -> list[str]:
+        """Codes of the numerical caveats in ``note`` (see :data:`CAVEATS`); empty when none."""
+        return caveat_codes(self.note)
+
+    def random_frac(self, key: str) -> float:
+        """``random_energy_rank[key] / p`` (0 for an empty matrix, p = 0)."""
+        return self.random_energy_rank[key] / self.p if self.p else 0.0
+
+    def __repr__(self) -> str:
+        er = {k: v for k, v in self.energy_rank.items() if k == "0.9"} or self.energy_rank
+        rel = "None" if self.rel_norm is None else f"{self.rel_norm:.3g}"
+        return (f"ModuleResult({display_name(self.name, 80)!r}, layer={self.layer}, module={display_name(self.module, 40)!r}, "
+                f"shape={self.shape}, energy_rank={er}, rel_norm={rel})")
 
 
 @dataclass
 class DiffResult:
-    """Everything ``spectra diff`` computed; serialises to the SPEC.md contract.
+    """Everything ``spectra diff`` computed; serialises to ``results.json`` (docs/definitions.md,
+    "The results contract").
 
     Attributes:
         base, tuned: the inputs as the user gave them (base is None for an adapter analysed alone).
@@ -103,9 +153,10 @@ class DiffResult:
         skipped: ``{"name", "reason"}`` for tensors present but not analysed.
         unmatched: ``{"base_only": [...], "tuned_only": [...]}``.
         config: the options of the run (``DiffConfig`` as a dict).
-        warnings: one-line warnings raised during the run.
+        warnings: one-line warnings: matrices skipped for a reason worth a look (NaN/Inf…), each
+            numerical caveat (:meth:`add_caveat_warnings`, lines starting ``"caveat "``), an all-zero update.
         complete: False while a run is in progress or if it was interrupted.
-        elapsed_s: wall time of the whole run, seconds.
+        elapsed_s: wall time of the whole run, seconds (what ``spectra diff`` prints and the report shows).
         device: the device the spectra were computed on.
         adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
         fingerprint: hash of the inputs and result-affecting options (``--resume`` checks it).
@@ -126,52 +177,123 @@ class DiffResult:
     adapter: dict[str, Any] | None = None
     fingerprint: str = ""
 
+    def __repr__(self) -> str:
+        # short: a notebook cell ending in `res` must not print every singular value of every matrix
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        warn = f", {len(self.warnings)} warnings" if self.warnings else ""
+        base = "None" if self.base is None else repr(display_name(self.base, 60))
+        return (f"DiffResult(base={base}, tuned={display_name(self.tuned, 60)!r}, {len(self.modules)} matrices{skipped}{warn}, "
+                f"thresholds={self.thresholds}, complete={self.complete})")
+
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The ``results.json`` document (SPEC.md contract plus added keys)."""
+        """The ``results.json`` document (docs/definitions.md contract plus added keys), as stored:
+        NaN/Inf values stay floats here (:meth:`to_json` writes them as null)."""
         d = asdict(self)
         d = {"schema": SCHEMA, **d}
         return d
 
+    def non_finite(self) -> list[str]:
+        """Where the results hold NaN or ±Inf (``"modules[3].stable_rank"``…): JSON cannot store
+        them, so :meth:`to_json` writes null there and says so in ``warnings``."""
+        return _non_finite_paths(self.to_dict(), "")
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        """``results.json``'s text: always valid JSON (RFC 8259) that encodes as UTF-8.
+
+        NaN/±Inf become null and a warning naming where is added to ``warnings``; when a name holds a
+        lone surrogate (legal in a safetensors header's JSON, not in UTF-8) the whole document is
+        written with ``\\uXXXX`` escapes, which read back to the same name.
+        """
+        doc = self.to_dict()
+        bad = _non_finite_paths(doc, "")
+        if bad:
+            doc = _finite_or_null(doc)
+            doc["warnings"] = [*doc["warnings"], non_finite_warning(bad)]
+        text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(doc, indent=indent, ensure_ascii=True, allow_nan=False)
+        return text
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiffResult":
-        """Inverse of :meth:`to_dict`; refuses other schemas."""
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead.")
+    def from_dict(cls, d: Any, *, source: str | os.PathLike[str] | None = None) -> DiffResult:
+        """Inverse of :meth:`to_dict`, checking every key it uses.
+
+        Args:
+            d: a parsed ``results.json`` document.
+            source: the file it came from, named in errors.
+
+        Raises:
+            ResultsFormatError: another schema, a missing key or a value of the wrong type (one line
+                naming the key, e.g. ``modules[3].energy_rank must be an object``).
+        """
+        _check_document(d, source)
         d = dict(d)
         d.pop("schema")
-        known = {f for f in ModuleResult.__dataclass_fields__}
-        d["modules"] = [ModuleResult(**{k: v for k, v in m.items() if k in known}) for m in d.get("modules", [])]
+        known = set(ModuleResult.__dataclass_fields__)
+        modules = []
+        for m in d.get("modules", []):
+            m = {k: v for k, v in m.items() if k in known}
+            if not m.get("energy_rank_frac"):  # older or hand-made files: derive it
+                p = min(m["shape"])
+                m["energy_rank_frac"] = {k: (v / p if p else 0.0) for k, v in m["energy_rank"].items()}
+            modules.append(ModuleResult(**m))
+        d["modules"] = modules
         fields = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "DiffResult":
-        """Read a ``results.json`` (or the folder holding one)."""
+    def load(cls, path: str | os.PathLike[str]) -> DiffResult:
+        """Read a ``results.json`` (or the folder holding one).
+
+        Raises:
+            ResultsFormatError: not JSON, or not a ``spectra.diff/1`` document (see :meth:`from_dict`).
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "results.json"
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ResultsFormatError(f"not valid JSON ({type(exc).__name__})", path=path) from None
+        return cls.from_dict(doc, source=path)
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write ``results.json`` atomically."""
-        return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+        """Write ``results.json`` atomically (:meth:`to_json`)."""
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    def add_caveat_warnings(self) -> list[str]:
+        """Put one warning per numerical caveat found in the results' notes into ``warnings``
+        (replacing those of an earlier call, so that it can run again after a resume); returns them.
+
+        Each says how many matrices it concerns, names a few, and what it means for their numbers
+        (:data:`CAVEATS`); ``spectra diff`` prints them, and the report shows them on its first screen.
+        """
+        self.warnings = [w for w in self.warnings if not w.startswith(CAVEAT_PREFIX)]
+        lines = caveat_warnings(self.modules)
+        self.warnings.extend(lines)
+        return lines
 
     def save_csv(self, path: str | os.PathLike[str]) -> Path:
         """One row per analysed matrix; energy ranks flattened to ``energy_rank_0.9`` columns."""
         return atomic_write_text(Path(path), rows_to_csv(self.rows()))
 
     def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
-        """Write ``results.json``, ``results.csv`` and, if ``plots``, the two heatmaps into ``out_dir``."""
+        """Write ``results.json``, ``results.csv`` and, if ``plots``, the two heatmaps into ``out_dir``
+        (after :meth:`add_caveat_warnings`, so that results.json's ``warnings`` hold the caveats)."""
+        self.add_caveat_warnings()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files = {"json": self.save_json(out / "results.json"), "csv": self.save_csv(out / "results.csv")}
         if plots and any(m.layer is not None for m in self.modules):  # heatmaps need a layer stack
-            from spectra import plots as _plots  # matplotlib only when plotting
+            # matplotlib only when plotting
+            from spectra.plots import diff as diff_plots
 
-            files["rank_heatmap"] = _plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
+            files["rank_heatmap"] = diff_plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
             if any(m.rel_norm is not None for m in self.modules):
-                files["relnorm_heatmap"] = _plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
+                files["relnorm_heatmap"] = diff_plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
         return files
 
     @property
@@ -204,46 +326,249 @@ class DiffResult:
         return rows
 
     def to_dataframe(self):  # -> pandas.DataFrame
-        """The per-matrix table as a pandas DataFrame (needs pandas installed)."""
+        """The per-matrix table of :meth:`rows` as a pandas DataFrame (needs pandas installed).
+
+        Column names are usable as attributes: ``energy_rank_0.9`` becomes ``energy_rank_0_9``
+        (``df.energy_rank_0_9``); integer columns that may be missing (``layer``, ``expert``,
+        ``signal_rank``, ``lora_r``) are pandas' nullable ``Int64``, so layer 3 prints as 3, not 3.0.
+        """
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
-        return pd.DataFrame(self.rows())
+        df = pd.DataFrame(self.rows())
+        df.columns = [attribute_name(c) for c in df.columns]
+        for col in ("layer", "expert", "signal_rank", "lora_r", "out", "in", "p"):
+            if col in df.columns:
+                df[col] = df[col].astype("Int64")
+        return df
 
-    def summary(self, threshold: float = 0.9) -> list[dict[str, Any]]:
-        """Per module label: count, medians of energy rank, its fraction of p, the random baseline
-        fraction and rel_norm, in layer-stack column order."""
-        k = threshold_key(threshold)
+    def summary_records(self, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Per module label, in layer-stack column order (q, k, v, o, gate, up, down…): ``module``,
+        ``role``, ``count`` (matrices), ``p`` (median ``min(out, in)``), and medians of
+        ``energy_rank`` (at τ = ``threshold``, default :attr:`headline_threshold`), of
+        ``energy_rank_frac`` (÷ p), of ``random_frac`` (a Gaussian matrix's energy rank ÷ p), of
+        ``rel_norm`` (None when no base), and ``lora_r`` (the median LoRA r; None for full checkpoints).
+        """
+        from spectra.naming import role_sort_key
+
+        tau = self.headline_threshold if threshold is None else threshold
+        k = threshold_key(tau)
         groups: dict[str, list[ModuleResult]] = {}
         for m in self.modules:
             groups.setdefault(m.module, []).append(m)
         out = []
         for module, ms in groups.items():
             rel = [m.rel_norm for m in ms if m.rel_norm is not None]
+            lora = [m.lora_r for m in ms if m.lora_r is not None]
             out.append({
                 "module": module,
                 "role": ms[0].role,
                 "count": len(ms),
                 "p": int(statistics.median(m.p for m in ms)),
                 "energy_rank": statistics.median(m.energy_rank[k] for m in ms),
-                "energy_rank_frac": statistics.median(m.energy_rank_frac[k] for m in ms),
-                "random_frac": statistics.median(m.random_energy_rank[k] / m.p for m in ms),
+                "energy_rank_frac": statistics.median(m.energy_rank_frac.get(k, 0.0) for m in ms),
+                "random_frac": statistics.median(m.random_frac(k) for m in ms),
                 "rel_norm": statistics.median(rel) if rel else None,
+                "lora_r": statistics.median(lora) if lora else None,
             })
-        return out
+        return sorted(out, key=lambda r: role_sort_key(r["role"], r["module"]))
 
-    def plot_rank_heatmap(self, path: str | os.PathLike[str] | None = None, *, threshold: float = 0.9):
-        """Layers × modules heatmap of energy_rank[τ] / p; returns the figure or writes ``path``."""
-        from spectra import plots as _plots
+    def summary(self, threshold: float | None = None):  # -> pandas.DataFrame | list[dict]
+        """The per-module medians of :meth:`summary_records` as a pandas DataFrame indexed by module
+        label, or, when pandas is not installed, as that list of dicts.
 
-        return _plots.rank_heatmap(self, path, threshold=threshold)
+        Example:
+            >>> res.summary()                      # doctest: +SKIP
+                      role  count    p  energy_rank  energy_rank_frac  random_frac  rel_norm  lora_r
+            module
+            q_proj       q     30  576         26.0             0.045        0.512     0.013    <NA>
+        """
+        records = self.summary_records(threshold)
+        try:
+            import pandas as pd
+        except ImportError:
+            return records
+        df = pd.DataFrame(records, columns=["module", "role", "count", "p", "energy_rank", "energy_rank_frac",
+                                            "random_frac", "rel_norm", "lora_r"])
+        df["lora_r"] = df["lora_r"].astype("Float64") if df["lora_r"].notna().any() else df["lora_r"].astype("Int64")
+        return df.set_index("module")
+
+    def plot_rank_heatmap(self, path: str | os.PathLike[str] | None = None, *, threshold: float | None = None):
+        """Layers × modules heatmap of energy_rank[τ] / p (for a LoRA adapter: / r); returns the
+        figure or writes ``path`` (:func:`spectra.plots.diff.rank_heatmap`)."""
+        from spectra.plots import diff as diff_plots
+
+        return diff_plots.rank_heatmap(self, path, threshold=self.headline_threshold if threshold is None else threshold)
 
     def plot_relnorm_heatmap(self, path: str | os.PathLike[str] | None = None):
-        """Layers × modules heatmap of ‖ΔW‖_F / ‖W_base‖_F."""
-        from spectra import plots as _plots
+        """Layers × modules heatmap of ‖ΔW‖_F / ‖W_base‖_F (:func:`spectra.plots.diff.relnorm_heatmap`)."""
+        from spectra.plots import diff as diff_plots
 
-        return _plots.relnorm_heatmap(self, path)
+        return diff_plots.relnorm_heatmap(self, path)
+
+    def plot_spectra(self, path: str | os.PathLike[str] | None = None):
+        """Normalised singular values and cumulative energy of ΔW, one panel per module kind with
+        every layer (:func:`spectra.plots.diff.spectra_figure`)."""
+        from spectra.plots import diff as diff_plots
+
+        fig = diff_plots.spectra_figure(self)
+        if path is None or fig is None:
+            return fig
+        from spectra.plots import save_figure
+
+        return save_figure(fig, path)
+
+
+def attribute_name(column: str) -> str:
+    """A column name usable as a Python attribute: ``energy_rank_0.9`` -> ``energy_rank_0_9``.
+
+    >>> attribute_name("random_energy_rank_0.99")
+    'random_energy_rank_0_99'
+    """
+    return re.sub(r"\W", "_", column)
+
+
+def caveat_groups(modules: list[ModuleResult]) -> list[tuple[str, list[ModuleResult]]]:
+    """``(code, matrices)`` for each numerical caveat (:data:`CAVEATS` order) that some of ``modules`` carry."""
+    out = []
+    for code in CAVEATS:
+        hit = [m for m in modules if code in m.caveats]
+        if hit:
+            out.append((code, hit))
+    return out
+
+
+def caveat_sentence(code: str, hit: list[ModuleResult], total: int) -> str:
+    """What caveat ``code`` means, for how many of ``total`` matrices, naming a few of ``hit``."""
+    names = ", ".join(display_name(m.name, 60) for m in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+    _, what, meaning = CAVEATS[code]
+    return f"{what} in {len(hit)} of {total} matrices ({names}): {meaning} (each matrix's note says more)"
+
+
+def caveat_warnings(modules: list[ModuleResult]) -> list[str]:
+    """One warning line per numerical caveat among ``modules`` (``"caveat (code): …"``): how many
+    matrices, a few of their names, and what it means for their numbers."""
+    return [f"{CAVEAT_PREFIX}({code}): {caveat_sentence(code, hit, len(modules))}" for code, hit in caveat_groups(modules)]
+
+
+def non_finite_warning(paths: list[str]) -> str:
+    """The warning for NaN/Inf values written as null."""
+    where = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    return f"{len(paths)} value(s) were NaN or infinite and are written as null: {where}"
+
+
+def _non_finite_paths(x: Any, where: str) -> list[str]:
+    if isinstance(x, float):
+        return [] if math.isfinite(x) else [where or "value"]
+    if isinstance(x, dict):
+        return [p for k, v in x.items() for p in _non_finite_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(x, (list, tuple)):
+        if x and all(type(v) is float for v in x):  # long float lists (singular values): one entry for the list
+            return [where] if not all(map(math.isfinite, x)) else []
+        return [p for i, v in enumerate(x) for p in _non_finite_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def _finite_or_null(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
+# ---- validation of a results.json document ----------------------------------------------------
+
+def _type(x: Any) -> str:
+    return "null" if x is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(x), type(x).__name__)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_document(d: Any, source: Any) -> None:
+    """Raise :class:`ResultsFormatError` unless ``d`` is a ``spectra.diff/1`` document whose keys
+    have the types :meth:`DiffResult.from_dict` and the report use."""
+    def fail(what: str, got: Any, key: str) -> None:
+        raise ResultsFormatError(f"{key} must be {what}. Got {_type(got)} instead", path=source,
+                                 hint="this file was not written by spectra diff or was edited; rerun spectra diff --out")
+
+    if not isinstance(d, dict):
+        fail("a JSON object", d, "results.json")
+    if d.get("schema") != SCHEMA:
+        raise ResultsFormatError(f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead", path=source,
+                                 hint="pass a results.json written by spectra diff")
+    for key in ("tuned", "thresholds", "modules"):
+        if key not in d:
+            raise ResultsFormatError(f"missing key {key!r}", path=source, hint="rerun spectra diff --out")
+    if not isinstance(d["tuned"], str):
+        fail("a string", d["tuned"], "tuned")
+    if d.get("base") is not None and not isinstance(d["base"], str):
+        fail("a string or null", d["base"], "base")
+    th = d["thresholds"]
+    if not isinstance(th, list) or not th or not all(_is_num(t) and 0 < t <= 1 for t in th):
+        fail("a non-empty array of numbers in (0, 1]", th, "thresholds")
+    keys = [threshold_key(t) for t in th]
+    if not isinstance(d["modules"], list):
+        fail("an array of objects", d["modules"], "modules")
+    for key, kind in (("skipped", list), ("warnings", list), ("config", dict), ("unmatched", dict)):
+        if key in d and not isinstance(d[key], kind):
+            fail("an array" if kind is list else "an object", d[key], key)
+    for i, s in enumerate(d.get("skipped", [])):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str)):
+            fail('an object with string "name" and "reason"', s, f"skipped[{i}]")
+    if not all(isinstance(w, str) for w in d.get("warnings", [])):
+        fail("an array of strings", d["warnings"], "warnings")
+    for side, names in (d.get("unmatched") or {}).items():
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            fail("an array of strings", names, f"unmatched.{side}")
+    for key in ("elapsed_s",):
+        if key in d and not _is_num(d[key]):
+            fail("a number", d[key], key)
+    for i, m in enumerate(d["modules"]):
+        at = f"modules[{i}]"
+        if not isinstance(m, dict):
+            fail("an object", m, at)
+        for key, ok, what in (
+            ("name", lambda v: isinstance(v, str), "a string"),
+            ("module", lambda v: isinstance(v, str), "a string"),
+            ("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v),
+             "an array of two non-negative integers"),
+            ("fro_norm", lambda v: _is_num(v) or v is None, "a number"),
+            ("spectral_norm", lambda v: _is_num(v) or v is None, "a number"),
+            ("stable_rank", lambda v: _is_num(v) or v is None, "a number"),
+            ("energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
+             f"an object with an integer for each threshold ({', '.join(keys)})"),
+            ("random_energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
+             f"an object with an integer for each threshold ({', '.join(keys)})"),
+            ("singular_values", lambda v: isinstance(v, list) and all(_is_num(x) or x is None for x in v), "an array of numbers"),
+        ):
+            if key not in m:
+                raise ResultsFormatError(f"{at}: missing key {key!r}", path=source, hint="rerun spectra diff --out")
+            if not ok(m[key]):
+                fail(what, m[key], f"{at}.{key}")
+        for key, ok, what in (
+            ("layer", lambda v: v is None or _is_int(v), "an integer or null"),
+            ("expert", lambda v: v is None or _is_int(v), "an integer or null"),
+            ("rel_norm", lambda v: v is None or _is_num(v), "a number or null"),
+            ("base_fro_norm", lambda v: v is None or _is_num(v), "a number or null"),
+            ("effective_rank", lambda v: v is None or _is_num(v), "a number or null"),
+            ("lora_r", lambda v: v is None or _is_int(v), "an integer or null"),
+            ("note", lambda v: isinstance(v, str), "a string"),
+            ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
+            ("energy_rank_frac", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
+            ("seconds", _is_num, "a number"),
+        ):
+            if key in m and not ok(m[key]):
+                fail(what, m[key], f"{at}.{key}")
 
 
 def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
@@ -259,38 +584,3 @@ def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and a rename."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and a rename: readers
-    see the old file or the new one, never a part.
-
-    Raises:
-        OutputError: the folder or file cannot be written (full disk, permissions); ``path`` is
-            unchanged and no temporary file is left behind.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise output_error(path, exc) from exc
-        raise
-    return path

@@ -117,3 +117,144 @@ def test_names_with_markup_characters_are_printed_verbatim(pair, tmp_path):
     assert "o[/]" in res.stderr
     res = _run("inspect", odd)
     assert "ckpt[v2]" in res.stdout
+
+
+# ---- issue 18: the answer in words, legends, caveats in sight; issue 13: odd names and values -----
+
+def test_diff_prints_legend_findings_and_explains_what_was_skipped(pair, tmp_path):
+    res = _run("diff", *pair, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert "p = min(out, in)" in res.stdout and "spectra diff --explain" in res.stdout
+    assert "Findings" in res.stdout and "of its p = 16 directions" in res.stdout and "Size:" in res.stdout
+    skipped = [line for line in res.stderr.splitlines() if line.startswith("skipped:")]
+    assert skipped and "1 × 1-D tensor (norm or bias)" in skipped[0] and 'results.json "skipped"' in skipped[0]
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert f"in {doc['elapsed_s']:.1f} s on cpu" in res.stderr  # the report shows this same number
+
+
+def test_explain_needs_no_checkpoint_and_defines_every_column():
+    res = _run("diff", "--explain")
+    assert res.exit_code == 0
+    for col in ("p ", "rank[0.9]", "/ p", "random / p", "‖ΔW‖/‖W‖", "LoRA r", "docs/definitions.md"):
+        assert col in res.stdout, col
+    assert "min(out, in)" in res.stdout
+
+
+def _bf16_rounding_pair(d: Path) -> tuple[Path, Path]:
+    """A bf16 pair whose update is rounding noise (a 3e-3 relative jitter stored in bf16)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.q_proj.weight": (torch.randn(64, 1024, generator=g) * 0.02).bfloat16() for i in range(2)}
+    tuned = {k: (v.float() * (1 + 3e-3 * torch.randn(v.shape, generator=g))).bfloat16() for k, v in base.items()}
+    save_file(base, str(d / "bf_base.safetensors"))
+    save_file(tuned, str(d / "bf_tuned.safetensors"))
+    return d / "bf_base.safetensors", d / "bf_tuned.safetensors"
+
+
+def test_rounding_level_update_is_a_visible_warning_and_in_results_json(tmp_path):
+    base, tuned = _bf16_rounding_pair(tmp_path)
+    res = _run("diff", base, tuned, "--out", tmp_path / "o", "--no-plots")
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings and "rounding level" in warnings[-1]
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert any(w.startswith("caveat (rounding_level): ΔW is at the rounding level") and "in 2 of 2 matrices" in w
+               for w in doc["warnings"])
+    assert "No statement on rank" in res.stdout
+
+
+def test_zero_size_matrix_on_both_sides_gives_a_table(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.q_proj.weight": torch.zeros(0, 16), "model.layers.0.k_proj.weight": torch.randn(8, 16, generator=g)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({k: v + 0.1 for k, v in base.items()}, str(tmp_path / "t.safetensors"))
+    res = _run("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "o")
+    assert res.exit_code == 0 and "k_proj" in res.stdout
+    assert (tmp_path / "o" / "results.json").is_file()
+
+
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.\x1b[31mRED\x1b[0m\x07\x9b2J.q_proj.weight"
+    base = {name: torch.randn(8, 16, generator=g), "model.layers.0.norm.\x1b]0;title\x07.weight": torch.ones(16)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "t.safetensors"))
+    for args in (("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors"),
+                 ("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--json"),
+                 ("inspect", tmp_path / "b.safetensors", "--all"), ("inspect", tmp_path / "b.safetensors", "--json")):
+        res = _run(*args)
+        assert res.exit_code == 0, res.output
+        for raw in ("\x1b", "\x07", "\x9b"):
+            assert raw not in res.stdout and raw not in res.stderr, (args, raw)
+    assert "\\x1b[31mRED" in _run("inspect", tmp_path / "b.safetensors").stdout
+    doc = json.loads(_run("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--json").stdout)
+    assert doc["modules"][0]["name"] == name  # the data keeps the name as it is
+
+
+def test_json_with_nan_prints_valid_json_and_warns(pair, monkeypatch):
+    real = __import__("spectra").diff
+
+    def poisoned(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.modules[0].stable_rank = float("nan")
+        result.modules[1].rel_norm = float("inf")
+        return result
+
+    monkeypatch.setattr("spectra.diff", poisoned)
+    res = _run("diff", *pair, "--json")
+    assert res.exit_code == 0
+
+    def refuse(const):
+        raise AssertionError(f"{const} in --json output")
+
+    doc = json.loads(res.stdout, parse_constant=refuse)
+    assert doc["modules"][0]["stable_rank"] is None and doc["modules"][1]["rel_norm"] is None
+    assert any("NaN or infinite" in w for w in doc["warnings"])
+    assert "are NaN or infinite (modules[0].stable_rank, modules[1].rel_norm): JSON output writes them as null" in res.stderr
+
+
+def test_empty_out_is_refused_and_writes_nothing(pair, tmp_path, monkeypatch):
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    res = CliRunner().invoke(main, ["diff", str(pair[0]), str(pair[1]), "--out", ""])
+    assert res.exit_code == 1
+    lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "--out must name a folder" in lines[0]
+    assert list(work.iterdir()) == []
+
+
+def test_progress_line_in_a_log_keeps_the_counts_and_shortens_the_name(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    long = "model.layers.0." + "x" * 300 + ".q_proj.weight"
+    base = {long: torch.randn(8, 16, generator=g), "model.layers.1.q_proj.weight": torch.randn(8, 16, generator=g)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "t.safetensors"))
+    res = _run("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors")
+    (line,) = [l for l in res.stderr.splitlines() if l.startswith("ΔW spectra")]
+    assert " 2/2 " in line and " eta " in line and "…" not in line.split(" eta ")[0]
+    assert len(line) <= 80 and "xxx" not in line[:25]
+
+
+def test_help_is_complete_and_not_truncated():
+    res = _run("--help")
+    for name in ("diff", "report", "inspect"):
+        (line,) = [l for l in res.stdout.splitlines() if l.strip().startswith(name + " ")]
+        assert not line.rstrip().endswith("..."), line
+    from spectra_cli.main import main as group
+
+    for name in ("diff", "report", "inspect"):
+        cmd = group.commands[name]
+        missing = [p.name for p in cmd.params if isinstance(p, __import__("click").Option) and not p.help]
+        assert missing == [], (name, missing)
+
+
+def test_inspect_orders_layers_by_number(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {f"model.layers.{i}.self_attn.{m}.weight": torch.randn(4, 4, generator=g) for i in range(12) for m in ("v_proj", "q_proj")}
+    sd["model.embed_tokens.weight"] = torch.randn(10, 4, generator=g)
+    sd["lm_head.weight"] = torch.randn(10, 4, generator=g)
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    records = json.loads(_run("inspect", tmp_path / "m.safetensors", "--json").stdout)
+    assert records[0]["name"] == "model.embed_tokens.weight" and records[-1]["name"] == "lm_head.weight"
+    layered = [(r["layer"], r["module"]) for r in records if r["layer"] is not None]
+    assert layered == [(i, m) for i in range(12) for m in ("q_proj", "v_proj")]

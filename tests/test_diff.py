@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spectra
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 from spectra.errors import ConfigError, IdenticalCheckpointsError, PairingError
 from spectra.results import DiffResult
 from spectra.synthetic import LlamaShape, make_llama_pair

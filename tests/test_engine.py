@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 import spectra
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 from spectra.engine import (
     approx_energy_ranks, batch_singular_values, energy_rank_bounds, factored_svd, randomized_svd,
     truncated_singular_values,
@@ -31,10 +31,12 @@ def test_batched_equals_unbatched_and_oom_fallback_path():
     one_by_one = np.stack([batch_singular_values(mats[i : i + 1], device="cpu")[0] for i in range(7)])
     whole = batch_singular_values(mats, device="cpu")
     np.testing.assert_allclose(whole, one_by_one, rtol=1e-12)
-    # a cap below one matrix's working memory forces the split-and-retry path down to single matrices
-    capped = batch_singular_values(mats, device="cpu", max_batch_bytes=10**9, hard_limit_bytes=1)
+    # the torch backend (the CUDA path, here on the CPU): a cap below one matrix's working memory
+    # forces the split-and-retry path down to single matrices, a larger one halves the chunks
+    capped = batch_singular_values(mats, device="cpu", backend="torch", max_batch_bytes=10**9, hard_limit_bytes=1)
     np.testing.assert_allclose(capped, one_by_one, rtol=1e-12)
-    halved = batch_singular_values(mats, device="cpu", max_batch_bytes=10**9, hard_limit_bytes=3 * 48 * 80 * 12 + 3 * 4 * 48 * 48 * 8)
+    halved = batch_singular_values(mats, device="cpu", backend="torch", max_batch_bytes=10**9,
+                                   hard_limit_bytes=3 * 48 * 80 * 12 + 3 * 4 * 48 * 48 * 8)
     np.testing.assert_allclose(halved, one_by_one, rtol=1e-12)
     np.testing.assert_allclose(whole[3], svd64(mats[3]), rtol=1e-6)
 

@@ -26,7 +26,7 @@ import spectra
 from families_util import (FAMILIES, FAMILY_NAMES, FORWARD_ONLY_FAMILIES, GRANITE_STACK_SUFFIXES, N_STACKED_EXPERTS,
                             STACKED_FAMILIES, Family, ModelZoo, expected_expert,
                             reference_energy_rank)
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint
 from torch.overrides import TorchFunctionMode
@@ -387,7 +387,7 @@ STACKED_IN_OUT = ("llama4", "gpt_oss")
 
 
 def _oriented(spec: MatrixSpec, w: torch.Tensor) -> torch.Tensor:
-    """One expert's stored matrix as SPEC.md's (out, in) (a view of ``w``)."""
+    """One expert's stored matrix as docs/definitions.md's (out, in) (a view of ``w``)."""
     return w.T if spec.transpose else w
 
 

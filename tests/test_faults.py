@@ -16,7 +16,7 @@ import pytest
 from conftest import wait_for_journal
 
 import spectra
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 from spectra.errors import OutputError
 from spectra.synthetic import LlamaShape, make_llama_pair
 
@@ -76,7 +76,7 @@ def test_write_failure_mid_run_keeps_earlier_results(pair, reference, tmp_path):
 
 def test_failed_rewrite_leaves_previous_file(tmp_path, monkeypatch):
     """An atomic rewrite that cannot complete (permission, disk) leaves the old file as it was."""
-    from spectra.results import atomic_write_text
+    from spectra.io.files import atomic_write_text
 
     target = tmp_path / "results.json"
     atomic_write_text(target, '{"old": true}\n')

@@ -173,8 +173,8 @@ def test_file_truncated_after_opening_is_reported_not_sigbus(tmp_path):
 @pytest.mark.parametrize(
     "header,match",
     [
-        (b"not json at all", "not valid UTF-8 JSON"),
-        (b"\xff\xfe\xfd", "not valid UTF-8 JSON"),
+        (b"not json at all", "safetensors header is not valid JSON"),
+        (b"\xff\xfe\xfd", "safetensors header is not valid UTF-8"),
         (json.dumps({"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}).encode(), "unknown dtype 'Q7'"),
         (json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), "needs 8"),
         (json.dumps({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}).encode(), "invalid shape"),
@@ -251,16 +251,14 @@ def test_lfs_pointer_and_unreadable_files(tmp_path, monkeypatch):
         open_checkpoint(lfs)
     locked = tmp_path / "m.safetensors"
     save_file(_state(), str(locked))
-    import builtins
-
-    real_open = builtins.open
+    real_open = os.open
 
     def deny(file, *args, **kwargs):  # as a file without read permission behaves for a non-root user
         if str(file) == str(locked):
             raise PermissionError(13, "Permission denied", str(file))
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", deny)
+    monkeypatch.setattr(os, "open", deny)  # spectra opens every file with os.open (O_NONBLOCK, then fstat)
     with pytest.raises(CheckpointNotFoundError, match="cannot read the file \\(Permission denied\\)"):
         open_checkpoint(locked)
     monkeypatch.undo()

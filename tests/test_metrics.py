@@ -1,4 +1,4 @@
-"""Spectrum metrics against float64 numpy/scipy, planted spectra, closed forms and SPEC.md values."""
+"""Spectrum metrics against float64 numpy/scipy, planted spectra, closed forms and docs/definitions.md values."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_random_energy_rank_matches_seeded_monte_carlo(shape):
 
 
 def test_gaussian_1024_square_spec_reference_values_measured():
-    """SPEC.md's seeded Gaussian 1024×1024 row: energy_rank[0.9] ≈ 523, stable rank ≈ 256."""
+    """docs/definitions.md's seeded Gaussian 1024×1024 row: energy_rank[0.9] ≈ 523, stable rank ≈ 256."""
     g = torch.Generator().manual_seed(0)
     S = singular_values(torch.randn(1024, 1024, generator=g))
     assert abs(energy_rank(S, 0.9) - 523) <= 4

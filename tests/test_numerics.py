@@ -462,7 +462,7 @@ def test_delta_flags_nan_inf_and_overflow_on_every_storage_dtype():
     """ΔW is formed with a cheap finiteness test (a sum per block); its rare failures are resolved
     exactly: NaN/Inf on either side (fp8 included, which has no CPU isfinite), an overflowing
     difference of finite weights, and float64 weights too large to square are told apart."""
-    from spectra.diff import _delta
+    from spectra.delta import form_delta as _delta
 
     cpu = torch.device("cpu")
     nan8 = torch.zeros(4, 4)

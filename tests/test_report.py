@@ -115,3 +115,107 @@ def test_renders_in_headless_chromium_without_console_errors(tmp_path, evil_diff
 
     img = matplotlib.image.imread(shot)
     assert img.shape[0] >= 1000 and float(np.std(img[..., :3])) > 0.05  # not a blank page
+
+
+# ---- issue 18: findings and warnings first, legends, definitions; issue 13: validated inputs -------
+
+def _bf16_rounding_results(d: Path) -> Path:
+    """results.json of a bf16 pair whose update is at the rounding level (a 3e-3 relative jitter)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.{m}.weight": (torch.randn(64, 1024, generator=g) * 0.02).bfloat16()
+            for i in range(2) for m in ("q_proj", "v_proj")}
+    tuned = {k: (v.float() * (1 + 3e-3 * torch.randn(v.shape, generator=g))).bfloat16() for k, v in base.items()}
+    save_file(base, str(d / "b.safetensors"))
+    save_file(tuned, str(d / "t.safetensors"))
+    spectra.diff(d / "b.safetensors", d / "t.safetensors", out_dir=d / "out", plots=False)
+    return d / "out" / "results.json"
+
+
+def test_findings_and_warnings_open_the_report_and_tables_have_legends(tmp_path, evil_diff):
+    text = build_report([_bf16_rounding_results(tmp_path), evil_diff])
+    order = [text.index(s) for s in ('id="warnings"', 'id="findings"', "<h2>Overview</h2>", "ΔW spectra:")]
+    assert order == sorted(order)
+    assert "rounding level of its storage dtype in 4 of 4 matrices" in text
+    assert "No statement on rank" in text and "The update is" in text  # the bf16 pair, then the evil one
+    assert "docs/definitions.md" in text and "Columns of this table" in text
+    assert "min(out, in)" in text and "Per module kind (the table spectra diff prints)" in text
+    elapsed = json.loads(evil_diff.read_text(encoding="utf-8"))["elapsed_s"]
+    assert f"<td>{elapsed:.1f}</td><td>cpu</td>" in text  # the seconds spectra diff printed
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d.update(modules="oops"), "modules must be an array of objects. Got string instead"),
+    (lambda d: d.update(thresholds=[]), "thresholds must be a non-empty array of numbers in (0, 1]"),
+    (lambda d: d.pop("modules"), "missing key 'modules'"),
+    (lambda d: d["modules"][0].update(energy_rank="9"), "modules[0].energy_rank must be an object"),
+])
+def test_report_refuses_malformed_results_with_one_line(evil_diff, tmp_path, edit, message):
+    doc = json.loads(evil_diff.read_text(encoding="utf-8"))
+    edit(doc)
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps(doc), encoding="utf-8")
+    res = CliRunner().invoke(main, ["report", str(bad), "-o", str(tmp_path / "r.html")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    lines = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0] and str(bad) in lines[0], res.stderr
+    assert not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"step": "3", "target_loss": 1.0}', "line 1: step must be an integer"),
+    ('{"step": 3, "source_loss": "high"}', "line 1: source_loss must be a number or null"),
+    ("[1, 2]", "line 1 must be a JSON object"),
+])
+def test_report_refuses_malformed_training_logs(tmp_path, line, message):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_log.jsonl").write_text(line + "\n")
+    with pytest.raises(SpectraError, match=re.escape(message)):
+        build_report([tmp_path])
+
+
+def test_a_200000_character_name_does_not_slow_the_figures_or_the_report(tmp_path):
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    long = "model.layers.0." + "x" * 200_000 + ".q_proj.weight"
+    base = {long: torch.randn(8, 16, generator=g), "model.layers.1.self_attn.q_proj.weight": torch.randn(8, 16, generator=g)}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "b.safetensors"))
+    start = time.process_time()  # CPU time: other work on a shared machine does not count
+    spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", out_dir=tmp_path / "out")
+    text = build_report([tmp_path / "out"])
+    assert time.process_time() - start < 30  # was minutes: matplotlib laid out the whole name
+    assert "x" * 200_000 not in text and "…" in text
+
+
+def _first_screen(html_text: str, tmp_path: Path) -> dict:
+    """Where the findings block and each warning sit in a 1280×800 Chromium window (CSS pixels):
+    a probe script appended to a copy of the report writes their positions into the DOM."""
+    probe = ("<script>var o={vh: window.innerHeight, findings: null, warnings: []};"
+             "var f=document.getElementById('findings'); if(f){var r=f.getBoundingClientRect(); o.findings={top:r.top};}"
+             "document.querySelectorAll('#warnings li').forEach(function(li){var r=li.getBoundingClientRect();"
+             "o.warnings.push({top:r.top, bottom:r.bottom});});"
+             "var p=document.createElement('pre'); p.id='probe'; p.textContent=JSON.stringify(o); document.body.appendChild(p);"
+             "</script>")
+    page = tmp_path / "probe.html"
+    page.write_text(html_text.replace("</body>", probe + "</body>"), encoding="utf-8")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800", "--virtual-time-budget=5000", "--dump-dom",
+             page.as_uri()]
+    proc = subprocess.run([_chromium(), *flags], capture_output=True, text=True, timeout=180, check=False)
+    found = re.search(r"<pre id=\"probe\">(.*?)</pre>", proc.stdout, re.DOTALL)
+    assert found, proc.stderr[-2000:]
+    return json.loads(found.group(1))
+
+
+@pytest.mark.parametrize("case", ["demo", "bf16_rounding"])
+def test_findings_and_warnings_are_on_the_first_screen_in_chromium(tmp_path, case):
+    if _chromium() is None:
+        pytest.skip("no Chromium: `make test` installs Debian's chromium when apt-get can; it could not here")
+    inputs = [DEMO] if case == "demo" else [_bf16_rounding_results(tmp_path)]
+    screen = _first_screen(build_report(inputs), tmp_path)
+    assert screen["vh"] > 400
+    assert screen["findings"] is not None and 0 <= screen["findings"]["top"] < screen["vh"]
+    if case == "bf16_rounding":
+        assert screen["warnings"], "the rounding-level warning is missing"
+    assert all(w["top"] >= 0 and w["bottom"] <= screen["vh"] for w in screen["warnings"])

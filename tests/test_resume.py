@@ -13,7 +13,7 @@ import pytest
 from conftest import wait_for_journal
 
 import spectra
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 from spectra.errors import ConfigError
 from spectra.synthetic import LlamaShape, make_llama_pair
 

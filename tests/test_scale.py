@@ -6,7 +6,7 @@ hundreds of experts, and 128k/256k-row vocabularies.
    peak RSS is read cgroup-free with ``os.wait4`` and compared with the same command on a tiny pair
    of the same architecture (interpreter, torch and LAPACK count in that baseline).
 2. MoE: every expert of every layer is paired and analysed exactly, experts are batched by shape.
-3. Large vocabularies: embedding and head analysed ``(vocab, hidden)`` (SPEC.md), exactly, and a
+3. Large vocabularies: embedding and head analysed ``(vocab, hidden)`` (docs/definitions.md), exactly, and a
    resized vocabulary on its shared rows with a note.
 """
 
@@ -26,7 +26,7 @@ from conftest import reference_energy_rank, svd64
 from safetensors.torch import save_file
 
 import spectra
-from spectra.diff import DiffConfig
+from spectra.config import DiffConfig
 
 MiB = 1 << 20
 
@@ -194,7 +194,7 @@ def test_peak_rss_is_bounded_and_independent_of_model_size(tmp_path):
 # ---- 2. MoE with hundreds of experts ---------------------------------------------------------------------
 
 class _BatchSpy:
-    """Wraps ``spectra.diff``'s module-level ``batch_singular_values`` and records each batch's shape."""
+    """Wraps ``spectra.pipeline``'s module-level ``batch_singular_values`` and records each batch's shape."""
 
     def __init__(self, fn):
         self.fn, self.calls = fn, []
@@ -209,7 +209,7 @@ class _BatchSpy:
 
 @pytest.fixture
 def batch_spy(monkeypatch):
-    module = sys.modules["spectra.diff"]  # `import spectra.diff` gives the function, not the module
+    module = sys.modules["spectra.pipeline"]
     spy = _BatchSpy(module.batch_singular_values)
     monkeypatch.setattr(module, "batch_singular_values", spy)
     return spy
@@ -381,7 +381,7 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
     memory, tested here on the CPU with the same function."""
     import threading
 
-    module = sys.modules["spectra.diff"]
+    module = sys.modules["spectra.pipeline"]
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 32)] * 6 + [(512, 32)] + [(64, 32)] * 6  # one pair 8× the others
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(*s, generator=g) for i, s in enumerate(shapes)}

@@ -15,8 +15,15 @@ import pytest
 import scipy.linalg
 import torch
 
-import spectra.subspaces as subspaces
+from spectra import singular_bases, subspaces
 from spectra.engine import factored_svd
+from spectra.singular_bases import (
+    TopSVD,
+    WeightBasis,
+    left_singular_basis,
+    top_left_singular_vectors,
+    top_svd,
+)
 from spectra.subspaces import (
     Factored,
     amplification,
@@ -29,6 +36,7 @@ from spectra.subspaces import (
     phi_random_baseline,
     phi_random_baseline_grid,
     principal_angles,
+    random_orthonormal,
     random_projection_rms,
     top_subspace,
 )
@@ -52,6 +60,7 @@ def planted(rng: np.random.Generator, shape: tuple[int, int], s: np.ndarray) -> 
 
 def test_docstring_examples_run():
     assert doctest.testmod(subspaces, raise_on_error=False).failed == 0
+    assert doctest.testmod(singular_bases, raise_on_error=False).failed == 0
 
 
 # ---- principal angles ----------------------------------------------------------------------------
@@ -159,7 +168,7 @@ def _spectrum_update(rng, shape=(96, 160), q=40):
 @pytest.mark.parametrize("r", [1, 5, 12])
 def test_captured_energy_in_own_top_subspace_equals_energy_fraction(r):
     rng = np.random.default_rng(r)
-    (M, _, _), s = _spectrum_update(rng)
+    (M, _, _), _ = _spectrum_update(rng)
     U_ref, S_ref, Vh_ref = np.linalg.svd(M, full_matrices=False)  # independent float64 oracle
     frac = np.sum(S_ref[:r] ** 2) / np.sum(S_ref**2)
     res = captured_energy(torch.from_numpy(M), torch.from_numpy(U_ref[:, :r]), torch.from_numpy(Vh_ref[:r].T))
@@ -230,7 +239,7 @@ def test_captured_energy_zero_update_is_zeros_not_nan():
 def test_amplification_reproduces_hu_et_al_table7_arithmetic():
     """GPT-3 175B, layer 48, W_q (12288 × 12288), ‖W_q‖_F = 61.95 (Hu et al. 2021, Table 7).
 
-    SPEC.md's random-projection numbers 0.0202 (r = 4) and 0.3227 (r = 64) are ``sqrt(E‖UᵀWV‖_F²)``
+    docs/definitions.md's random-projection numbers 0.0202 (r = 4) and 0.3227 (r = 64) are ``sqrt(E‖UᵀWV‖_F²)``
     (the squared expectations are 4.07e-4 and 0.104): a norm, comparable to ‖U_rᵀWV_r‖_F.
     """
     assert round(amplification_factor(6.91, 0.32), 1) == 21.6
@@ -371,3 +380,106 @@ def test_errors_name_the_rule_and_the_bad_value():
         captured_energy(torch.zeros(30, 30), Q, Q[:, :2])
     with pytest.raises(ValueError, match=r"epsilons must be in \[0, 1\]. Got 1.5 instead."):
         intruder_dimensions(raw, raw, k=2, epsilons=(1.5,))
+
+
+# ---- singular vectors from the Gram matrix (spectra.singular_bases) ------------------------------------
+def _sign_free_error(Q: np.ndarray, ref: np.ndarray) -> float:
+    """max over columns of 1 − |cos| between matching columns (0 for equal vectors of any sign)."""
+    return float(np.max(1.0 - np.abs(np.sum(Q * ref, axis=0))))
+
+
+@pytest.mark.parametrize("shape", [(60, 60), (40, 90), (110, 50)])
+def test_top_svd_matches_numpy_svd(shape):
+    """Planted spectrum with relative gaps ≥ 2% between the top values: the Gram route's vectors are
+    within (n + c·p)·u·σ₁²/gap ≈ 1e-13 of the SVD's, its values within 1e-12 relative."""
+    rng = np.random.default_rng(sum(shape))
+    p = min(shape)
+    M, _, _ = planted(rng, shape, 3.0 * np.arange(1, p + 1, dtype=float) ** -1.0)
+    U_ref, S_ref, Vh_ref = np.linalg.svd(M, full_matrices=False)
+    for dtype in (torch.float64, torch.float32):
+        Mt = torch.from_numpy(M).to(dtype)
+        if dtype == torch.float32:  # the reference is the SVD of the matrix actually given
+            U_ref, S_ref, Vh_ref = np.linalg.svd(Mt.double().numpy(), full_matrices=False)
+        t = top_svd(Mt, 8)
+        assert isinstance(t, TopSVD) and t.U.dtype == torch.float64 and t.shape == shape
+        np.testing.assert_allclose(t.S.numpy(), S_ref[:8], rtol=1e-12)
+        assert _sign_free_error(t.U.numpy(), U_ref[:, :8]) < 1e-12 and _sign_free_error(t.Vh.numpy().T, Vh_ref[:8].T) < 1e-12
+        assert t.energy == pytest.approx(np.sum(S_ref**2), rel=1e-13)
+        np.testing.assert_allclose(t.U.numpy().T @ t.U.numpy(), np.eye(8), atol=1e-13)
+        # U diag(S) Vh is the rank-8 truncation
+        np.testing.assert_allclose((t.U * t.S) @ t.Vh, (U_ref[:, :8] * S_ref[:8]) @ Vh_ref[:8], atol=1e-12)
+
+
+def test_top_svd_of_a_rank_deficient_matrix_is_an_orthonormal_completion():
+    rng = np.random.default_rng(3)
+    M, U0, V0 = planted(rng, (70, 30), np.array([2.0, 1.0]))
+    for Mt in (torch.from_numpy(M), torch.from_numpy(M.T.copy())):
+        t = top_svd(Mt, 5)
+        np.testing.assert_allclose(t.S.numpy()[:2], [2.0, 1.0], rtol=1e-12)
+        assert np.all(t.S.numpy()[2:] < 1e-7)
+        for Q in (t.U.numpy(), t.Vh.numpy().T):
+            np.testing.assert_allclose(Q.T @ Q, np.eye(5), atol=1e-12)
+        top_left = t.U.numpy()[:, :2]
+        ref = U0 if Mt.shape[0] == 70 else V0
+        assert np.max(scipy.linalg.subspace_angles(top_left, ref)) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_left_basis_and_top_left_vectors_match_numpy(shape):
+    rng = np.random.default_rng(shape[0] * 7 + shape[1])
+    W = rng.standard_normal(shape) / np.sqrt(shape[1])
+    U_ref, S_ref, _ = np.linalg.svd(W, full_matrices=False)
+    U, S = left_singular_basis(torch.from_numpy(W))
+    assert U.shape == (shape[0], min(shape))
+    np.testing.assert_allclose(S.numpy(), S_ref, rtol=1e-10)  # smallest σ of a square matrix: ~1e-11 relative
+    assert _sign_free_error(U.numpy(), U_ref) < 1e-10
+    top = top_left_singular_vectors(torch.from_numpy(W), 7)
+    assert _sign_free_error(top.numpy(), U_ref[:, :7]) < 1e-12
+
+
+def test_shared_pieces_give_the_same_numbers_as_computing_them_here():
+    """What spectra compare shares between measures (the base's basis and spectrum, the random bases
+    drawn ahead, a dense update decomposed once) changes no number."""
+    rng = np.random.default_rng(11)
+    W, _, _ = planted(rng, (90, 140), 4.0 * np.arange(1, 91) ** -0.5)
+    dW, _, _ = planted(rng, (90, 140), np.array([3.0, 2.0, 1.5, 1.0, 0.7, 0.5]))
+    Wt, dWt = torch.from_numpy(W), torch.from_numpy(dW)
+    top = top_svd(dWt, 6)
+    own = amplification(dWt, Wt, 4, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    drawn = (random_orthonormal(90, 4, g, torch.device("cpu")), random_orthonormal(140, 4, g, torch.device("cpu")))
+    for dw, basis in ((dWt, WeightBasis(Wt, m=4)), (top, WeightBasis(Wt, m=2)), (top, WeightBasis(Wt))):
+        shared = amplification(dw, Wt, 4, base=basis, random_bases=drawn)
+        for field in ("delta_fro", "w_fro", "proj_delta", "factor", "proj_own", "proj_random", "proj_random_expected"):
+            assert getattr(shared, field) == pytest.approx(getattr(own, field), rel=1e-12), field
+    a = intruder_dimensions(Wt, dWt, k=5)
+    for basis in (WeightBasis(Wt), WeightBasis(Wt, m=20), WeightBasis(Wt, m=1)):
+        b = intruder_dimensions(Wt, top, k=5, base=basis)
+        np.testing.assert_allclose(a.max_cos, b.max_cos, atol=1e-12)
+        assert a.counts == b.counts
+    UL, VL = top_subspace(top, 3, "left"), top_subspace(top, 3, "right")
+    ce_dense, ce_top = captured_energy(dWt, UL, VL), captured_energy(top, UL, VL)
+    for field in ("two_sided", "left", "right", "best_rank_r"):
+        assert getattr(ce_top, field) == pytest.approx(getattr(ce_dense, field), abs=1e-14)
+    with pytest.raises(ValueError, match=r"dW must hold at least r = 8 singular values. Got 6 instead."):
+        captured_energy(top, top_subspace(dWt, 8, "left"), top_subspace(dWt, 8, "right"))
+    with pytest.raises(ValueError, match=r"random_bases must be U \(90, 4\) and V \(140, 4\)"):
+        amplification(dWt, Wt, 4, random_bases=(drawn[1], drawn[0]))
+    with pytest.raises(ValueError, match=r"base must be the decomposition of a 90×140 W_base. Got \(140, 90\) instead."):
+        intruder_dimensions(Wt, dWt, base=WeightBasis(Wt.mT))
+
+
+def test_weight_basis_decides_cosines_from_the_top_vectors_or_computes_all():
+    """max_cosines is the maximum over all p left singular vectors whether or not the top m decide
+    it: a vector near the top is decided from them; a spread-out one (an intruder) is not, and the
+    basis completes itself."""
+    rng = np.random.default_rng(21)
+    W, U0, _ = planted(rng, (80, 120), 3.0 * np.arange(1, 81) ** -0.7)
+    near = U0[:, :3] + 0.05 * rng.standard_normal((80, 3))
+    spread = U0 @ np.ones(80) / np.sqrt(80)  # |cos| = 1/√80 with every singular vector
+    for Q in (near / np.linalg.norm(near, axis=0), spread[:, None]):
+        ref = np.abs(Q.T @ U0).max(axis=1)
+        basis = WeightBasis(torch.from_numpy(W), m=10)
+        got = basis.max_cosines(torch.from_numpy(Q)).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+        assert basis.is_complete == (Q.shape[1] == 1)

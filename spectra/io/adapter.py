@@ -5,7 +5,16 @@ An adapter holds, per adapted module, ``lora_A.weight`` ``(r, in)`` and ``lora_B
 and the update is ``ΔW = s · B · A`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
 rsLoRA); ``r`` and ``lora_alpha`` per module come from ``rank_pattern`` / ``alpha_pattern``, matched as
 PEFT matches them. Embeddings: ``ΔW = s · (B·A)ᵀ`` ``(vocab, dim)``. DoRA adds a magnitude vector;
-its update depends on the base weight (:meth:`LoraModule.dora_delta`). See SPEC.md, "LoRA adapters".
+its update depends on the base weight (:meth:`LoraModule.dora_delta`). See the definitions document,
+"LoRA adapters".
+
+The adapter is read as PEFT would load it (``peft.PeftModel.from_pretrained``): every field missing
+from ``adapter_config.json`` takes ``peft.LoraConfig``'s default (:data:`PEFT_LORA_DEFAULTS`: r = 8,
+lora_alpha = 8, not alpha = r); factors of modules PEFT would not adapt under ``target_modules``,
+``exclude_modules``, ``modules_to_save`` or ``layers_to_transform`` are skipped with that reason;
+a DoRA adapter needs a magnitude of shape ``(out,)`` for every module; one factor stored under two
+names (with and without ``base_model.model.``) is an error, not "the last one wins". Module patterns
+are untrusted regular expressions, matched safely (:mod:`spectra.io.patterns`).
 
 Everything stays factored: :meth:`LoraModule.factors` returns ``(B', A')`` with ``ΔW = s·B'·A'`` in
 ``(out, in)`` orientation, for :func:`spectra.engine.factored_svd`.
@@ -13,56 +22,94 @@ Everything stays factored: :meth:`LoraModule.factors` returns ``(B', A')`` with 
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
-from spectra.io.checkpoint import Checkpoint, _bin_infos, _safetensors_infos
+from spectra.io.checkpoint import Checkpoint, tensor_infos
+from spectra.io.jsonfile import load_json
+from spectra.io.paths import allowed_roots, check_inside
+from spectra.io.patterns import (PatternError, check_component_key, check_full_key, check_layers_key, check_suffix_key,
+                                 component_match, full_match, layer_index, suffix_match)
+from spectra.pairing import Skipped
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.(?:default\.)?weight|\.default)?$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+                       r"(?:\.default)?(?:\.(?P<leaf>weight|bias))?$")
 #: init_lora_weights values that change the base weights, so B·A alone is not the update.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+#: ``peft.LoraConfig``'s defaults for the fields that decide ΔW or which modules are adapted (peft
+#: 0.13 – 0.21; tests/test_hostile.py checks them against the installed peft). PEFT does *not*
+#: default lora_alpha to r.
+PEFT_LORA_DEFAULTS: Mapping[str, Any] = {
+    "r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
+    "init_lora_weights": True, "target_modules": None, "exclude_modules": None, "modules_to_save": None,
+    "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+}
+#: Largest adapter_config.json read (real ones are a few KB).
+MAX_CONFIG_BYTES = 10_000_000
+#: Wall-clock bound on matching every module name against the config's patterns. Each single match
+#: is bounded by :mod:`spectra.io.patterns` (≤ 0.05 s); this bounds their number times that.
+MATCH_BUDGET_S = 10.0
 
 
 def is_adapter(path: str | Path) -> bool:
     """True when ``path`` is a folder holding ``adapter_config.json``."""
     p = Path(path)
-    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+    config = p / ADAPTER_CONFIG
+    # exists(), not is_file(): a FIFO or folder by that name is an adapter's, and open_adapter says what is wrong with it
+    return p.is_dir() and (config.exists() or config.is_symlink())
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """The first key of ``patterns`` that matches ``module`` as PEFT matches it: ``(.*\\.)?(key)$``."""
+    """The first key of ``patterns`` that matches ``module`` as PEFT matches it: ``(.*\\.)?(key)$``
+    (:func:`spectra.io.patterns.suffix_match`; keys without metacharacters compared as strings).
+
+    Raises:
+        PatternError: a key that could backtrack catastrophically, or a name too long for it.
+    """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if suffix_match(key, module):
             return key
     return None
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The fields of ``adapter_config.json`` that decide ΔW.
+    """The fields of ``adapter_config.json`` that decide ΔW and which modules PEFT adapts; each
+    default is ``peft.LoraConfig``'s (:data:`PEFT_LORA_DEFAULTS`).
 
     Attributes:
-        r: default rank.
-        lora_alpha: default alpha.
+        r: default rank (PEFT default 8).
+        lora_alpha: default alpha (PEFT default 8, whatever r is).
         use_rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
         rank_pattern, alpha_pattern: per-module overrides (keys matched with ``(.*\\.)?(key)$``).
         fan_in_fan_out: the base layer stores ``(in, out)`` (GPT-2 Conv1D); A and B are as usual.
         use_dora: DoRA adapter (magnitude vectors; ΔW needs the base weight).
         init_lora_weights: as saved; PiSSA/OLoRA/CorDA/LoftQ initialisations change the base weights.
         base_model_name_or_path: what the adapter was trained on, if recorded.
+        target_modules: None (PEFT's per-architecture default: every stored factor is kept), one
+            regular expression matched against the whole module name, ``"all-linear"``, or names
+            matched as the name or a dotted suffix of it.
+        exclude_modules: the same forms; matching modules are not adapted.
+        modules_to_save: modules trained whole; PEFT never puts a LoRA on them.
+        layers_to_transform, layers_pattern: only these layer indices are adapted (list form of
+            ``target_modules`` only).
+        lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
+        target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
+        source: the file this was read from, for messages.
     """
 
-    r: int
-    lora_alpha: float
+    r: int = PEFT_LORA_DEFAULTS["r"]
+    lora_alpha: float = float(PEFT_LORA_DEFAULTS["lora_alpha"])
     use_rslora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -70,21 +117,34 @@ class AdapterConfig:
     use_dora: bool = False
     init_lora_weights: Any = True
     base_model_name_or_path: str | None = None
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    lora_bias: bool = False
+    target_parameters: tuple[str, ...] | None = None
+    source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_file(cls, path: Path) -> "AdapterConfig":
-        """Parse and validate; errors name the file and the field."""
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointFormatError(f"cannot parse the adapter config ({exc.__class__.__name__})", path=path) from None
+    def from_file(cls, path: Path) -> AdapterConfig:
+        """Parse and validate; every missing field takes PEFT's default; errors name the file and the field.
+
+        Raises:
+            CheckpointNotFoundError: no such file.
+            CheckpointFormatError: not a regular file, not strict JSON (nesting, duplicate keys...),
+                a field of the wrong type or range, a pattern that could backtrack
+                catastrophically (:mod:`spectra.io.patterns`), or a combination PEFT refuses.
+        """
+        raw = load_json(path, what=ADAPTER_CONFIG, max_bytes=MAX_CONFIG_BYTES)
         if not isinstance(raw, dict):
             raise CheckpointFormatError("adapter config is not a JSON object", path=path)
         peft_type = raw.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise CheckpointFormatError(f"peft_type must be LORA. Got {peft_type!r} instead", path=path,
                                         hint="spectra analyses LoRA-family adapters (LoRA, rsLoRA, DoRA)")
-        r, alpha = raw.get("r"), raw.get("lora_alpha", raw.get("r"))
+        r = raw.get("r", PEFT_LORA_DEFAULTS["r"])
+        alpha = raw.get("lora_alpha", PEFT_LORA_DEFAULTS["lora_alpha"])
         if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
             raise CheckpointFormatError(f"r must be a positive integer. Got {r!r} instead", path=path)
         if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha)):
@@ -92,29 +152,58 @@ class AdapterConfig:
         patterns = {}
         for name in ("rank_pattern", "alpha_pattern"):
             pat = raw.get(name) or {}
-            if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pat.values()):
-                raise CheckpointFormatError(f"{name} must map module patterns to numbers. Got {pat!r} instead", path=path)
+            if not isinstance(pat, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                                    for v in pat.values()):
+                raise CheckpointFormatError(f"{name} must map module patterns to numbers. Got {_short(pat)} instead", path=path)
             if name == "rank_pattern" and any(not float(v).is_integer() or v <= 0 for v in pat.values()):
-                raise CheckpointFormatError(f"rank_pattern ranks must be positive integers. Got {pat!r} instead", path=path)
+                raise CheckpointFormatError(f"rank_pattern ranks must be positive integers. Got {_short(pat)} instead", path=path)
             for key in pat:
-                try:
-                    re.compile(key)
-                except re.error:
-                    raise CheckpointFormatError(f"{name} key {key!r} is not a valid pattern", path=path) from None
+                _guard(path, name, check_suffix_key, key)
             patterns[name] = pat
+        target_modules = _names_or_regex(raw, "target_modules", path)
+        exclude_modules = _names_or_regex(raw, "exclude_modules", path)
+        modules_to_save = _str_list(raw, "modules_to_save", path)
+        for entry in modules_to_save or ():
+            _guard(path, "modules_to_save", check_component_key, entry)
+        layers = raw.get("layers_to_transform")
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = [layers]
+        if layers is not None and not (isinstance(layers, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in layers)):
+            raise CheckpointFormatError(f"layers_to_transform must be an integer or a list of integers. Got {_short(layers)} instead",
+                                        path=path)
+        layers_pattern = raw.get("layers_pattern")
+        layers_pattern = [layers_pattern] if isinstance(layers_pattern, str) else \
+            _str_list(raw, "layers_pattern", path, "a string or a list of strings")
+        for entry in layers_pattern or ():
+            _guard(path, "layers_pattern", check_layers_key, entry)
+        if isinstance(target_modules, str) and (layers or layers_pattern):  # peft.LoraConfig.__post_init__ refuses this
+            raise CheckpointFormatError("layers_to_transform and layers_pattern cannot be used when target_modules is a string",
+                                        path=path, hint="PEFT refuses this config as well")
+        base = raw.get("base_model_name_or_path")
         return cls(
-            r=r, lora_alpha=float(alpha), use_rslora=bool(raw.get("use_rslora", False)),
+            r=r, lora_alpha=float(alpha), use_rslora=_flag(raw, "use_rslora", path),
             rank_pattern={k: int(v) for k, v in patterns["rank_pattern"].items()},
             alpha_pattern={k: float(v) for k, v in patterns["alpha_pattern"].items()},
-            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)), use_dora=bool(raw.get("use_dora", False)),
-            init_lora_weights=raw.get("init_lora_weights", True),
-            base_model_name_or_path=raw.get("base_model_name_or_path"),
+            fan_in_fan_out=_flag(raw, "fan_in_fan_out", path), use_dora=_flag(raw, "use_dora", path),
+            init_lora_weights=raw.get("init_lora_weights", PEFT_LORA_DEFAULTS["init_lora_weights"]),
+            base_model_name_or_path=base if isinstance(base, str) else None,
+            target_modules=target_modules, exclude_modules=exclude_modules,
+            modules_to_save=tuple(modules_to_save) if modules_to_save is not None else None,
+            layers_to_transform=tuple(layers) if layers else None,
+            layers_pattern=tuple(layers_pattern) if layers_pattern else None,
+            lora_bias=_flag(raw, "lora_bias", path),
+            target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
+            source=path,
         )
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
-        """``(r, lora_alpha)`` of ``module`` after the patterns."""
-        rk = pattern_key(self.rank_pattern, module)
-        ak = pattern_key(self.alpha_pattern, module)
+        """``(r, lora_alpha)`` of ``module`` after the patterns.
+
+        Raises:
+            CheckpointFormatError: ``module`` is too long to match against a pattern key safely.
+        """
+        rk = _guard(self.source, "rank_pattern", pattern_key, self.rank_pattern, module)
+        ak = _guard(self.source, "alpha_pattern", pattern_key, self.alpha_pattern, module)
         return (self.rank_pattern[rk] if rk else self.r), (self.alpha_pattern[ak] if ak else self.lora_alpha)
 
     def scale(self, module: str) -> float:
@@ -122,11 +211,91 @@ class AdapterConfig:
         r, alpha = self.rank_alpha(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
+    def untargeted(self, module: str) -> str | None:
+        """Why PEFT would not put a LoRA on ``module`` under this config, or None when it would.
+
+        Follows ``peft.tuners.tuners_utils.check_target_module_exists``: ``exclude_modules`` first,
+        then ``modules_to_save``, then ``target_modules`` (one regular expression matched against the
+        whole name, or a list of names each matching the name or a dotted suffix), then
+        ``layers_to_transform``. With ``target_modules`` absent (PEFT's per-architecture default,
+        which the saved config does not record) or ``target_parameters`` set, nothing is excluded by
+        it.
+
+        Raises:
+            CheckpointFormatError: ``module`` is too long to match against a pattern safely.
+        """
+        ex = self.exclude_modules
+        if ex and (_guard(self.source, "exclude_modules", full_match, ex, module) if isinstance(ex, str)
+                   else module in ex or any(module.endswith("." + e) for e in ex)):
+            return f"{module} matches exclude_modules"
+        for entry in self.modules_to_save or ():
+            if _guard(self.source, "modules_to_save", component_match, entry, module):
+                return f"{module} is in modules_to_save (trained whole, never with a LoRA)"
+        tm = self.target_modules
+        if tm is None or self.target_parameters:
+            return None
+        if isinstance(tm, str):
+            if tm.lower() == "all-linear" or _guard(self.source, "target_modules", full_match, tm, module):
+                return None
+            return f"{module} does not match target_modules {tm[:80]!r}"
+        if module in tm:  # named in full: PEFT adapts it whatever layers_to_transform says
+            return None
+        if not any(module.endswith("." + t) for t in tm):
+            return f"{module} is not in target_modules"
+        if self.layers_to_transform:
+            idx = _guard(self.source, "layers_pattern", layer_index, module, self.layers_pattern)
+            if idx is None or idx not in self.layers_to_transform:
+                return f"the layer of {module} ({idx}) is not in layers_to_transform {list(self.layers_to_transform)[:8]}"
+        return None
+
     @property
     def base_changing_init(self) -> str | None:
         """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ), or None."""
         init = str(self.init_lora_weights).lower()
         return next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None)
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def _guard(path: Path | None, field_name: str, fn, *args):
+    """``fn(*args)``, a :class:`PatternError` turned into the config file's one-line error."""
+    try:
+        return fn(*args)
+    except PatternError as exc:
+        raise CheckpointFormatError(f"{field_name} key {exc.key[:80]!r} {exc.reason}", path=path,
+                                    hint="PEFT matches these keys as regular expressions; write module names out "
+                                         "(e.g. 'layers.0.self_attn.q_proj') or use a simpler expression") from None
+
+
+def _flag(raw: Mapping[str, Any], name: str, path: Path) -> bool:
+    value = raw.get(name)
+    if value is None:  # absent or null: PEFT's default (False for every flag read here)
+        return bool(PEFT_LORA_DEFAULTS[name])
+    if not isinstance(value, bool):
+        raise CheckpointFormatError(f"{name} must be true or false. Got {_short(value)} instead", path=path)
+    return value
+
+
+def _str_list(raw: Mapping[str, Any], name: str, path: Path, what: str = "a list of strings") -> list[str] | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise CheckpointFormatError(f"{name} must be {what}. Got {_short(value)} instead", path=path)
+    return value
+
+
+def _names_or_regex(raw: Mapping[str, Any], name: str, path: Path) -> str | tuple[str, ...] | None:
+    value = raw.get(name)
+    if isinstance(value, str):
+        if value.lower() != "all-linear":
+            _guard(path, name, check_full_key, value)
+        return value
+    names = _str_list(raw, name, path, "a string or a list of strings")
+    return tuple(names) if names is not None else None
 
 
 @dataclass(frozen=True)
@@ -190,6 +359,9 @@ class Adapter:
         full: tensors the adapter stores whole and trained (``modules_to_save``): base tensor name
             -> tensor.
         base_copies: names of untrained base-layer copies PEFT saved beside embedding LoRAs.
+        skipped: stored tensors not analysed, each with its reason: factors of modules PEFT would
+            not adapt under the config (``target_modules`` ...), LoRA biases, DoRA magnitudes of an
+            adapter whose config does not say ``use_dora``.
     """
 
     path: Path
@@ -197,59 +369,124 @@ class Adapter:
     modules: dict[str, LoraModule]
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     base_copies: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
 
 
-def open_adapter(path: str | Path) -> Adapter:
-    """Read a PEFT LoRA adapter folder.
+def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
+    """Read a PEFT LoRA adapter folder as PEFT would load it (see the module docstring).
+
+    Args:
+        path: the folder holding ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
+        match_budget_s: wall-clock bound on matching module names against the config's patterns.
 
     Raises:
         CheckpointNotFoundError: no such folder, or no weights file in it.
-        CheckpointFormatError: invalid config, missing A/B halves, ranks that disagree with the
-            config, or a DoRA embedding (not supported).
+        CheckpointFormatError: invalid config, a file that is not a regular file or resolves outside
+            the folder, missing A/B halves, one factor under two names, ranks that disagree with
+            the config, DoRA magnitudes missing or not ``(out,)``, a DoRA embedding (not supported),
+            or pattern matching over its time bound.
     """
     folder = Path(path)
     if not folder.exists():
         raise CheckpointNotFoundError("no such file or folder", path=folder)
-    config = AdapterConfig.from_file(folder / ADAPTER_CONFIG)
-    weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()), None)
+    if not folder.is_dir():
+        raise CheckpointFormatError("a PEFT adapter is a folder (adapter_config.json and its weights)", path=folder)
+    roots = allowed_roots(folder)
+    config_path = folder / ADAPTER_CONFIG
+    check_inside(config_path, roots, what=ADAPTER_CONFIG)
+    config = AdapterConfig.from_file(config_path)
+    weights = next((folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (folder / n).exists() or (folder / n).is_symlink()), None)
     if weights is None:
         raise CheckpointNotFoundError("adapter folder has no adapter_model.safetensors or adapter_model.bin", path=folder)
-    infos = _safetensors_infos(weights) if weights.suffix == ".safetensors" else _bin_infos(weights)
-    ckpt = Checkpoint(str(weights), weights, "safetensors" if weights.suffix == ".safetensors" else "bin", infos, None)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    full: dict[str, torch.Tensor] = {}
-    base_copies: list[str] = []
+    check_inside(weights, roots)
+    ckpt = Checkpoint(str(weights), weights, "safetensors" if weights.suffix == ".safetensors" else "bin", tensor_infos(weights), None)
+    stored: dict[str, dict[str, str]] = {}  # module -> kind -> stored tensor name
+    seen: dict[tuple[str, ...], str] = {}  # what a stored name normalises to -> that name
+    adapter = Adapter(folder, config, {})
     for name in ckpt.tensors:
-        short = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+        short = name.removeprefix(_PREFIX)
         m = _LORA_KEY.match(short)
         if m:
-            parts.setdefault(m.group("module"), {})[m.group("kind")] = ckpt.load(name).to(torch.float32)
+            module, kind, leaf = m.group("module"), m.group("kind"), m.group("leaf") or "weight"
+            what: tuple[str, ...] = (module, kind, leaf)
         elif ".base_layer." in short:
-            base_copies.append(name)
+            what = ("base_layer", short)
         else:
-            full[short.replace(".modules_to_save.default.", ".")] = ckpt.load(name)
-    modules: dict[str, LoraModule] = {}
-    for module, kinds in parts.items():
-        embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-        if a_key not in kinds or b_key not in kinds:
-            missing = b_key if a_key in kinds else a_key
-            raise CheckpointFormatError(f"LoRA module {module} has no {missing}", path=weights, tensor=module,
-                                        hint="the adapter file is incomplete")
-        A, B = kinds[a_key], kinds[b_key]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
-                                        path=weights, tensor=module)
-        r, alpha = config.rank_alpha(module)
-        if r != A.shape[0]:
+            what = ("full", short.replace(".modules_to_save.default.", "."))
+        if what in seen:
             raise CheckpointFormatError(
-                f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",
-                path=folder, tensor=module, hint="rank_pattern and the weights disagree; the config was edited or mismatched",
-            )
-        magnitude = kinds.get("lora_magnitude_vector")
-        if magnitude is not None and embedding:
+                f"{seen[what]} and {name} are the same {'LoRA factor' if m else 'tensor'} ({' '.join(what[:2])}) under two names; "
+                "PEFT would load only one of them", path=weights, tensor=name,
+                hint="the adapter file was merged or edited by hand; keep one copy")
+        seen[what] = name
+        if not m:
+            if what[0] == "base_layer":
+                adapter.base_copies.append(name)
+            else:
+                adapter.full[what[1]] = ckpt.load(name)
+        elif leaf == "bias":
+            state = "" if config.lora_bias else ", but lora_bias is false in adapter_config.json: PEFT does not load it"
+            adapter.skipped.append(Skipped(name, f"LoRA bias (lora_bias=True){state}: it adds scale·b to the bias of {module}, "
+                                                 "a vector, not a weight matrix; the weight update s·B·A is analysed"))
+        else:
+            stored.setdefault(module, {})[kind] = name
+    started = time.monotonic()
+    for module, kinds in stored.items():
+        if time.monotonic() - started > match_budget_s:
+            raise CheckpointFormatError(
+                f"matching {len(stored)} module names against the patterns of {ADAPTER_CONFIG} took over {match_budget_s:g} s",
+                path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
+        reason = config.untargeted(module)
+        if reason:
+            adapter.skipped.extend(Skipped(n, f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})") for n in kinds.values())
+            continue
+        lora = _lora_module(ckpt, config, module, kinds, folder, weights)
+        if lora is not None:
+            adapter.modules[module] = lora
+        if "lora_magnitude_vector" in kinds and not config.use_dora:
+            adapter.skipped.append(Skipped(kinds["lora_magnitude_vector"],
+                                           "DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it, "
+                                           "and the update is s·B·A"))
+    if not adapter.modules:
+        why = f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else ""
+        raise CheckpointFormatError(f"adapter holds no LoRA factors (lora_A/lora_B){why}", path=weights)
+    return adapter
+
+
+def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: dict[str, str], folder: Path,
+                 weights: Path) -> LoraModule | None:
+    """One module's factors, checked; None for a module that holds only a DoRA magnitude PEFT ignores."""
+    embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if a_key not in kinds and b_key not in kinds and not config.use_dora:
+        return None
+    if a_key not in kinds or b_key not in kinds:
+        missing = b_key if a_key in kinds else a_key
+        raise CheckpointFormatError(f"LoRA module {module} has no {missing}", path=weights, tensor=module,
+                                    hint="the adapter file is incomplete")
+    A, B = ckpt.load(kinds[a_key]).to(torch.float32), ckpt.load(kinds[b_key]).to(torch.float32)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
+                                    path=weights, tensor=module)
+    r, alpha = config.rank_alpha(module)
+    if r != A.shape[0]:
+        raise CheckpointFormatError(
+            f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",
+            path=folder, tensor=module, hint="rank_pattern and the weights disagree; the config was edited or mismatched",
+        )
+    magnitude = None
+    mag_name = kinds.get("lora_magnitude_vector")
+    if config.use_dora:
+        if embedding:
             raise CheckpointFormatError("DoRA on an embedding is not supported", path=weights, tensor=module)
-        modules[module] = LoraModule(module, module + ".weight", A, B, r, alpha, config.scale(module), embedding, magnitude)
-    if not modules:
-        raise CheckpointFormatError("adapter holds no LoRA factors (lora_A/lora_B)", path=weights)
-    return Adapter(folder, config, modules, full, base_copies)
+        if mag_name is None:
+            raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector",
+                                        path=weights, tensor=module,
+                                        hint="without it the update is not s·B·A; the adapter file is incomplete")
+        magnitude = ckpt.load(mag_name).to(torch.float32)
+        if tuple(magnitude.shape) != (B.shape[0],):
+            raise CheckpointFormatError(
+                f"DoRA magnitude {mag_name} has shape {tuple(magnitude.shape)}; PEFT requires (out,) = ({B.shape[0]},)",
+                path=weights, tensor=mag_name, hint="PEFT refuses this file as well (size mismatch)")
+    return LoraModule(module, module + ".weight", A, B, r, alpha, config.scale(module), embedding, magnitude)

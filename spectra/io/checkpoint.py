@@ -8,8 +8,12 @@ Accepted inputs (:func:`open_checkpoint`):
   folder holding exactly one ``.safetensors`` file;
 - an index file (``*.safetensors.index.json`` / ``*.bin.index.json``) directly;
 - a PyTorch ``.bin`` / ``.pt`` / ``.pth`` state dict, read with ``torch.load(weights_only=True)``
-  only: a file that needs pickle code execution is refused, never run;
+  only: a file that needs pickle code execution is refused, never run (:mod:`spectra.io.torchfile`);
 - ``org/name`` or ``org/name@revision``: a Hugging Face hub cache entry, resolved offline.
+
+Only regular files are opened (a FIFO would block forever), and a file found inside a folder (a
+shard, ``config.json``) must resolve inside it, symlinks followed (:mod:`spectra.io.paths`). Every
+JSON file is read by :func:`spectra.io.jsonfile.load_json` (bounded size and nesting, strict).
 
 Memory stays bounded by the tensor being read: safetensors are read with positioned reads (see
 :mod:`spectra.io.safetensors_file`), ``.bin`` files are mapped, the one tensor copied out and the
@@ -33,21 +37,21 @@ Activation scales (``input_scale``) and KV-cache scales are not weights and are 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import pickle
 import re
-import warnings
-import zipfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import torch
 
-from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
+from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
+from spectra.io.jsonfile import load_json
+from spectra.io.paths import allowed_roots, check_inside, file_kind, open_regular
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_tensor
+from spectra.io.torchfile import load_state_dict
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
@@ -80,10 +84,9 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         """Bytes of stored data."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * (torch.empty(0, dtype=getattr(torch, self.dtype)).element_size())
+        if self.entry is not None:
+            return self.entry.nbytes
+        return math.prod(self.shape) * torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,7 @@ class Checkpoint:
         info = self.tensors[name]
         if info.entry is not None:
             return read_tensor(info.file, info.entry)
-        state = _load_bin(info.file)
+        state = load_state_dict(info.file)
         try:
             tensor = state[name]
         except KeyError:
@@ -369,7 +372,9 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     Raises:
         CheckpointNotFoundError: nothing at that path, a shard listed by an index is missing, or the
             hub id is not in the local cache.
-        CheckpointFormatError: the files are not a checkpoint spectra can read.
+        CheckpointFormatError: the files are not a checkpoint spectra can read; a FIFO, socket or
+            device where a file is expected (refused before anything could block); a file found in
+            the folder (a shard, ``config.json``) that resolves outside it (:mod:`spectra.io.paths`).
         UnsafeCheckpointError: a ``.bin`` file needs pickle code execution.
 
     Example:
@@ -378,23 +383,31 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     """
     label = str(spec)
     path = Path(os.path.expanduser(label))
-    if not path.exists():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
         if _HUB_ID.match(label) and not label.startswith((".", "/")):
-            path = resolve_hub_cache(label)
-        else:
-            raise CheckpointNotFoundError("no such file or folder", path=label)
-    if path.is_dir():
+            return _open_folder(label, resolve_hub_cache(label))
+        raise CheckpointNotFoundError("no such file or folder", path=label) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CheckpointNotFoundError(f"cannot read it ({getattr(exc, 'strerror', None) or exc})", path=label) from None
+    if stat.S_ISDIR(mode):
         return _open_folder(label, path)
-    return _open_file(label, path)
+    if not stat.S_ISREG(mode):
+        raise CheckpointFormatError(f"is {file_kind(mode)}, not a regular file", path=label,
+                                    hint="pass a checkpoint file or a model folder")
+    return _open_file(label, path, allowed_roots(path.parent))
 
 
 def _open_folder(label: str, folder: Path) -> Checkpoint:
+    roots = allowed_roots(folder)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).is_file():
-            return _open_index(label, folder / index_name)
+        if (folder / index_name).exists():
+            return _open_index(label, folder / index_name, roots)
     for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).exists():
-            return _open_file(label, folder / single)
+        if (folder / single).exists() or (folder / single).is_symlink():
+            check_inside(folder / single, roots)
+            return _open_file(label, folder / single, roots)
     if (folder / "adapter_config.json").is_file():
         raise CheckpointFormatError(
             "this folder is a PEFT adapter (adapter_config.json), not a full checkpoint",
@@ -405,7 +418,8 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot list the folder ({exc.strerror or exc.__class__.__name__})", path=folder) from None
     if len(candidates) == 1:
-        return _open_file(label, folder / candidates[0])
+        check_inside(folder / candidates[0], roots)
+        return _open_file(label, folder / candidates[0], roots)
     if candidates:
         raise CheckpointFormatError(
             f"{len(candidates)} .safetensors files but no model.safetensors.index.json",
@@ -417,80 +431,39 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
     )
 
 
-def _open_file(label: str, path: Path) -> Checkpoint:
+def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
+    """``path`` is the file the user named, or one found in a folder and checked against ``roots``;
+    files it leads to (shards, ``config.json``) must resolve inside ``roots``."""
     if path.name.endswith(".index.json"):
-        return _open_index(label, path)
-    config = _read_config(path.parent)
+        return _open_index(label, path, roots)
+    if path.suffix not in (".safetensors", *_BIN_SUFFIXES):
+        raise CheckpointFormatError(
+            f"unknown checkpoint file type {path.suffix!r}",
+            path=path, hint="expected .safetensors, .bin, .pt, .pth or an .index.json",
+        )
+    infos = tensor_infos(path)
+    return Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
+                      _read_config(path.parent, roots))
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one ``.safetensors`` or ``.bin`` / ``.pt`` / ``.pth`` file, headers only for
+    safetensors (a ``.bin`` is loaded, memory-mapped when its format allows, to learn its shapes).
+
+    Raises:
+        CheckpointNotFoundError, CheckpointFormatError, UnsafeCheckpointError: as :func:`open_checkpoint`.
+    """
     if path.suffix == ".safetensors":
-        return Checkpoint(label, path, "safetensors", _safetensors_infos(path), config)
-    if path.suffix in _BIN_SUFFIXES:
-        return Checkpoint(label, path, "bin", _bin_infos(path), config)
-    raise CheckpointFormatError(
-        f"unknown checkpoint file type {path.suffix!r}",
-        path=path, hint="expected .safetensors, .bin, .pt, .pth or an .index.json",
-    )
-
-
-def _safetensors_infos(path: Path) -> dict[str, TensorInfo]:
-    entries, _ = read_header(path)
-    return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
-
-
-def _bin_infos(path: Path) -> dict[str, TensorInfo]:
-    state = _load_bin(path)
+        entries, _ = read_header(path)
+        return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
+    state = load_state_dict(path)
     return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path) for n, t in state.items()}
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """Load a PyTorch state dict safely: ``weights_only=True``, memory-mapped when the file allows."""
-    if not path.exists():
-        raise CheckpointNotFoundError("no such file", path=path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path) from None
-    if head.startswith(b"version https://git-lfs"):
-        raise CheckpointNotFoundError("this is a Git LFS pointer, not the weights", path=path,
-                                      hint="fetch the real file (git lfs pull) or download it again")
-    try:
-        try:
-            with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what counts
-                warnings.simplefilter("ignore")
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc).lower():
-                raise
-            # Legacy (pre-zip) format cannot be mapped: this reads the whole file.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(exc))
-        what = f"it calls {found.group(1)}" if found else "it is not a plain tensor pickle"
-        raise UnsafeCheckpointError(
-            f"refused: loading this file would need pickle code execution ({what}; weights_only=True failed)",
-            path=path, hint="convert it to safetensors with a tool you trust; spectra never runs code from checkpoints",
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointFormatError(
-            f"cannot read this PyTorch file ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})",
-            path=path, hint="the file is truncated or corrupt; download it again",
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointFormatError(
-            "not a state dict (a mapping of names to tensors)", path=path,
-            hint="save the model with model.state_dict() or safetensors",
-        )
-    return obj
-
-
-def _open_index(label: str, index_path: Path) -> Checkpoint:
+def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     folder = index_path.parent
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"cannot parse the index ({exc.__class__.__name__})", path=index_path) from None
+    check_inside(index_path, roots)
+    index = load_json(index_path, what="index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError("index has no weight_map", path=index_path)
@@ -501,7 +474,9 @@ def _open_index(label: str, index_path: Path) -> Checkpoint:
                 f"index points outside its folder: {shard!r}", path=index_path, tensor=str(name),
                 hint="shard paths must be plain file names relative to the index",
             )
-        shards.setdefault(shard, folder / shard)
+        if shard not in shards:  # through a symlink (a folder `r -> /`, a shard linking out): refused before any open
+            check_inside(folder / shard, roots, what=shard)
+            shards[shard] = folder / shard
     missing = sorted(s for s, p in shards.items() if not p.exists())  # exists() follows cache symlinks
     if missing:
         raise CheckpointNotFoundError(
@@ -510,9 +485,8 @@ def _open_index(label: str, index_path: Path) -> Checkpoint:
             path=folder, hint="the download is incomplete; fetch the missing shards (a partial model is never analysed)",
         )
     fmt = "safetensors" if all(s.endswith(".safetensors") for s in shards) else "bin"
-    per_shard: dict[str, dict[str, TensorInfo]] = {
-        s: (_safetensors_infos(p) if s.endswith(".safetensors") else _bin_infos(p)) for s, p in shards.items()
-    }
+    per_shard = {s: tensor_infos(p) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
+                 for s, p in shards.items()}
     tensors: dict[str, TensorInfo] = {}
     for name, shard in weight_map.items():
         info = per_shard[shard].get(name)
@@ -522,25 +496,25 @@ def _open_index(label: str, index_path: Path) -> Checkpoint:
                 path=index_path, tensor=name, hint="the index and shards are from different versions",
             )
         tensors[name] = info
-    return Checkpoint(label, folder, fmt, tensors, _read_config(folder))
+    return Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots))
+
+
+def _unknown_shard(index_path: Path, shard: str) -> dict[str, TensorInfo]:
+    raise CheckpointFormatError(f"index lists {shard!r}, which is not a .safetensors or .bin file", path=index_path,
+                                hint="shards must be .safetensors, .bin, .pt or .pth files")
 
 
 def _safe_relative(shard: str) -> bool:
     p = PurePosixPath(shard.replace("\\", "/"))
-    return bool(shard) and not p.is_absolute() and ".." not in p.parts and ":" not in shard
+    return bool(shard) and not p.is_absolute() and ".." not in p.parts and ":" not in shard and "\0" not in shard
 
 
-def _read_config(folder: Path) -> dict[str, Any] | None:
+def _read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None:
     path = folder / "config.json"
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(
-            f"config.json cannot be parsed ({exc.__class__.__name__})", path=path,
-            hint="fix or remove it; it is used for head counts when splitting fused q/k/v matrices",
-        ) from None
+    check_inside(path, roots, what="config.json")
+    config = load_json(path, what="config.json")
     return config if isinstance(config, dict) else None
 
 
@@ -553,11 +527,18 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+#: A snapshot folder name: the hub writes 40-hex commit hashes; any single plain path component is accepted.
+_COMMIT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def resolve_hub_cache(repo: str) -> Path:
     """Snapshot folder of ``org/name[@revision]`` in the local hub cache; nothing is downloaded.
 
+    The revision (or what ``refs/<revision>`` holds) must name a snapshot folder directly: a plain
+    name, never a path, and the snapshot must resolve inside the repository's cache entry.
+
     Raises:
-        CheckpointNotFoundError: the model or revision is not cached.
+        CheckpointNotFoundError: the model or revision is not cached, or a ref holds a path.
     """
     repo_id, _, revision = repo.partition("@")
     revision = revision or "main"
@@ -569,8 +550,24 @@ def resolve_hub_cache(repo: str) -> Path:
     if not entry.is_dir():
         raise CheckpointNotFoundError(f"{repo_id} is not in the local Hugging Face cache ({cache})", path=repo, hint=hint)
     ref = entry / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
+    commit = revision
+    if ref.is_file():
+        check_inside(ref, (Path(os.path.realpath(entry)),), what=f"refs/{revision}", error=CheckpointNotFoundError)
+        commit = _read_ref(ref)
+        if not _COMMIT.match(commit):
+            raise CheckpointNotFoundError(f"refs/{revision} holds {commit[:80]!r}, not a commit", path=entry,
+                                          hint="the cache entry is corrupt or was tampered with; download the model again")
     snapshot = entry / "snapshots" / commit
-    if not snapshot.is_dir():
+    if not _COMMIT.match(commit) or not snapshot.is_dir():
         raise CheckpointNotFoundError(f"revision {revision!r} of {repo_id} is not in the local cache ({entry})", path=repo, hint=hint)
+    check_inside(snapshot, (Path(os.path.realpath(entry / "snapshots")),), error=CheckpointNotFoundError)
     return snapshot
+
+
+def _read_ref(path: Path, limit: int = 1024) -> str:
+    """The first ``limit`` bytes of a hub ref (a commit hash), stripped; a FIFO is refused."""
+    fd = open_regular(path)
+    try:
+        return os.pread(fd, limit, 0).decode("utf-8", errors="replace").strip()
+    finally:
+        os.close(fd)

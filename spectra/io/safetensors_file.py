@@ -11,8 +11,6 @@ SIGBUS instead of raising an error we can report.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import struct
 from dataclasses import dataclass
@@ -20,25 +18,42 @@ from pathlib import Path
 
 import torch
 
-from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
+from spectra.errors import CheckpointFormatError
+from spectra.io.jsonfile import parse_json
+from spectra.io.paths import open_regular
 
-#: safetensors dtype tag -> (torch dtype or None when this torch lacks it, bytes per element)
+#: safetensors dtype tag -> (torch dtype, or None when torch cannot hold it, bits per element). Every
+#: tag the safetensors library (0.8) knows, so that a header it reads is a header we read; tensors of
+#: a dtype torch lacks (F4, F6) are listed and skipped by pairing, and refused if read.
 _DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "BOOL": (torch.bool, 1),
+    "F64": (torch.float64, 64),
+    "F32": (torch.float32, 32),
+    "F16": (torch.float16, 16),
+    "BF16": (torch.bfloat16, 16),
+    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 8),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 8),
+    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
+    "F8_E4M3FNUZ": (getattr(torch, "float8_e4m3fnuz", None), 8),
+    "F8_E5M2FNUZ": (getattr(torch, "float8_e5m2fnuz", None), 8),
+    "F6_E2M3": (None, 6),
+    "F6_E3M2": (None, 6),
+    "F4": (None, 4),  # torch's float4_e2m1fn_x2 packs two per element: a different shape, so not used
+    "C64": (torch.complex64, 64),
+    "I64": (torch.int64, 64),
+    "I32": (torch.int32, 32),
+    "I16": (torch.int16, 16),
+    "I8": (torch.int8, 8),
+    "U64": (getattr(torch, "uint64", None), 64),
+    "U32": (getattr(torch, "uint32", None), 32),
+    "U16": (getattr(torch, "uint16", None), 16),
+    "U8": (torch.uint8, 8),
+    "BOOL": (torch.bool, 8),
 }
 
-_TAG_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # for torch builds without fp8
+#: names for tags this torch has no dtype for
+_TAG_NAMES = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+              "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "F6_E2M3": "float6_e2m3",
+              "F6_E3M2": "float6_e3m2", "F4": "float4_e2m1", "U64": "uint64", "U32": "uint32", "U16": "uint16"}
 
 
 def dtype_name(tag: str) -> str:
@@ -50,6 +65,11 @@ def dtype_name(tag: str) -> str:
 # A header larger than this is not a checkpoint we should trust with our memory; the safetensors
 # library uses the same 100 MB bound.
 MAX_HEADER_BYTES = 100_000_000
+#: Largest dimension accepted, per axis. No weight has an axis near 2^31 (vocabularies are < 2^20),
+#: and a zero-element tensor declaring ``[2**50, 0]`` would otherwise make every loop over that axis
+#: hang. The safetensors library has no such bound; this is the one place we are stricter on purpose
+#: (with duplicate names, which it keeps the last of).
+MAX_DIM = 2**31
 
 
 @dataclass(frozen=True)
@@ -71,61 +91,94 @@ class TensorEntry:
     nbytes: int
 
 
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        chunk = os.pread(fd, n - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse and validate the header of a safetensors file.
+    """Parse and validate the header of a safetensors file as strictly as the safetensors library.
+
+    The rules of its ``Metadata::validate`` (safetensors 0.8, ``tensor.rs``), checked here so that a
+    header the library refuses is never read, and one it reads is read the same:
+
+    - an 8-byte little-endian length N ≤ 100 MB, then N bytes of UTF-8 JSON (strict: see
+      :func:`spectra.io.jsonfile.parse_json`; nesting ≤ 127 levels, as serde_json);
+    - a JSON object; ``__metadata__`` absent, null, or a map of strings to strings;
+    - every other key a tensor: ``dtype`` one of the library's tags, ``shape`` a list of
+      non-negative integers, ``data_offsets`` exactly ``[begin, end]`` (other fields are ignored);
+      ``shape × bits per element`` a whole number of bytes equal to ``end − begin``;
+    - sorted by offsets, the tensors tile the data region exactly: the first begins at 0, each
+      begins where the previous ends (no gap, no overlap, no two names on the same bytes, except
+      zero-length ones), and the last ends at the end of the file (no trailing bytes).
+
+    Stricter than the library on purpose: a name repeated in the JSON object (the library keeps the
+    last), and any axis larger than :data:`MAX_DIM`.
 
     Args:
         path: the ``.safetensors`` file.
 
     Returns:
-        ``(entries, metadata)``: tensor name -> :class:`TensorEntry`, and the ``__metadata__`` map.
+        ``(entries, metadata)``: tensor name -> :class:`TensorEntry` (header order), and the
+        ``__metadata__`` map.
 
     Raises:
-        CheckpointNotFoundError: the file does not exist.
-        CheckpointFormatError: the header is truncated, not JSON, or declares data outside the file.
+        CheckpointNotFoundError: the file does not exist or cannot be read.
+        CheckpointFormatError: not a regular file (a FIFO is refused without blocking), or a header
+            that breaks any rule above; one line naming the file (and the tensor).
     """
     path = Path(path)
+    fd = open_regular(path)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointFormatError(
-                    f"file is {size} bytes, too short for a safetensors header",
-                    path=path, hint="the file is truncated or not a safetensors file",
-                )
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointFormatError(
-                    f"header declares {n} bytes but the file has {size}",
-                    path=path, hint="the file is truncated or not a safetensors file",
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("file not found", path=path) from None
-    except IsADirectoryError:
-        raise CheckpointFormatError("expected a .safetensors file, got a folder", path=path) from None
-    except OSError as exc:  # permissions, I/O errors
-        raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path,
-                                      hint="check the file's permissions") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(
-            f"header is not valid UTF-8 JSON ({exc.__class__.__name__})",
-            path=path, hint="the file is corrupt or not a safetensors file",
-        ) from None
+        size = os.fstat(fd).st_size
+        head = _pread_exact(fd, 8, 0)
+        if len(head) < 8:
+            raise CheckpointFormatError(
+                f"file is {size} bytes, too short for a safetensors header",
+                path=path, hint="the file is truncated or not a safetensors file",
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointFormatError(
+                f"header declares {n} bytes but the file has {size}",
+                path=path, hint="the file is truncated or not a safetensors file",
+            )
+        raw = _pread_exact(fd, n, 8)
+    except OSError as exc:  # I/O errors
+        raise CheckpointFormatError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path) from None
+    finally:
+        os.close(fd)
+    if len(raw) < n:
+        raise CheckpointFormatError(f"file ended inside its {n}-byte header", path=path,
+                                    hint="the file was truncated while being read")
+    header = parse_json(raw, path=path, what="safetensors header")
     if not isinstance(header, dict):
         raise CheckpointFormatError("header is not a JSON object", path=path)
     data_start = 8 + n
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointFormatError("__metadata__ is not a JSON object", path=path)
-    entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        entries[name] = _validate_entry(path, name, info, data_start, data_size)
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointFormatError(f"__metadata__ must map strings to strings. Got {_short(metadata)} instead", path=path)
+    entries = {name: _validate_entry(path, name, info, data_start, data_size) for name, info in header.items()}
+    _check_tiling(path, list(entries.values()), data_start, data_size)
+    return entries, metadata
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...]"
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _validate_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
@@ -134,31 +187,61 @@ def _validate_entry(path: Path, name: str, info: object, data_start: int, data_s
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise CheckpointFormatError(
-            f"unknown dtype {dtype!r}", path=path, tensor=name,
+            f"unknown dtype {_short(dtype)}", path=path, tensor=name,
             hint=f"known dtypes are {', '.join(sorted(_DTYPES))}",
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise CheckpointFormatError(f"invalid shape {shape!r}", path=path, tensor=name)
-    if not (
-        isinstance(offsets, list) and len(offsets) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        and 0 <= offsets[0] <= offsets[1]
-    ):
-        raise CheckpointFormatError(f"invalid data_offsets {offsets!r}", path=path, tensor=name)
-    nbytes = math.prod(shape) * _DTYPES[dtype][1]
-    if offsets[1] - offsets[0] != nbytes:
-        raise CheckpointFormatError(
-            f"data_offsets span {offsets[1] - offsets[0]} bytes but {dtype} {tuple(shape)} needs {nbytes}",
-            path=path, tensor=name, hint="the file is corrupt",
-        )
-    if offsets[1] > data_size:
-        raise CheckpointFormatError(
-            f"data ends at byte {data_start + offsets[1]} but the file has {data_start + data_size}",
-            path=path, tensor=name, hint="the file is truncated; download it again",
-        )
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise CheckpointFormatError(f"invalid shape {_short(shape)}", path=path, tensor=name)
+    too_big = next((d for d in shape if d > MAX_DIM), None)
+    if too_big is not None:
+        raise CheckpointFormatError(f"dimension {too_big} of shape {_short(shape)} is larger than {MAX_DIM} (2^31)",
+                                    path=path, tensor=name, hint="no weight has such an axis; the header is corrupt or hostile")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+        raise CheckpointFormatError(f"invalid data_offsets {_short(offsets)}", path=path, tensor=name)
+    span = offsets[1] - offsets[0]
+    bits = _DTYPES[dtype][1]
+    count = 0 if 0 in shape else 1
+    for d in shape if count else ():
+        count *= d
+        if count * bits > 8 * data_size:  # more than the whole file holds: stop multiplying
+            raise CheckpointFormatError(
+                f"{dtype} {_short(tuple(shape))} needs more bytes than the file's {data_size}-byte data region",
+                path=path, tensor=name, hint="the file is truncated or its header is corrupt")
+    if count * bits % 8:
+        raise CheckpointFormatError(f"{count} elements of {dtype} are not a whole number of bytes", path=path, tensor=name)
+    nbytes = count * bits // 8
+    if span != nbytes:
+        raise CheckpointFormatError(f"data_offsets span {span} bytes but {dtype} {_short(tuple(shape))} needs {nbytes}",
+                                    path=path, tensor=name, hint="the file is corrupt")
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def _check_tiling(path: Path, entries: list[TensorEntry], data_start: int, data_size: int) -> None:
+    """The tensors, sorted by offsets as the library sorts them, cover the data region exactly once."""
+    pos, prev = 0, None
+    for e in sorted(entries, key=lambda e: (e.start, e.start + e.nbytes)):
+        begin = e.start - data_start
+        if begin < pos:
+            raise CheckpointFormatError(
+                f"its bytes [{begin}, {begin + e.nbytes}) overlap those of {prev.name!r} [{prev.start - data_start}, {pos})",
+                path=path, tensor=e.name, hint="two tensors share bytes; the header is corrupt or hostile")
+        if begin > pos:
+            raise CheckpointFormatError(
+                f"bytes [{pos}, {begin}) before it belong to no tensor", path=path, tensor=e.name,
+                hint="the data region must be tiled by the tensors; the header is corrupt")
+        pos, prev = begin + e.nbytes, e
+    if pos > data_size:
+        raise CheckpointFormatError(
+            f"data ends at byte {data_start + pos} but the file has {data_start + data_size}",
+            path=path, tensor=prev.name if prev else None, hint="the file is truncated; download it again",
+        )
+    if pos < data_size:
+        raise CheckpointFormatError(
+            f"{data_size - pos} bytes after the last tensor belong to no tensor", path=path,
+            hint="the file is corrupt or something was appended to it",
+        )
 
 
 def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
@@ -181,14 +264,12 @@ def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
             f"dtype {entry.dtype} is not supported by this torch {torch.__version__}",
             path=path, tensor=entry.name, hint="upgrade torch",
         )
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=tdtype)
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if entry.nbytes else memoryview(b"")
+    view = memoryview(buf.numpy())
     got = 0
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"cannot open the file any more ({exc.strerror or exc.__class__.__name__})",
-                                      path=path, tensor=entry.name) from None
+    fd = open_regular(path, tensor=entry.name)  # replaced by a FIFO since it was opened: refused, never blocks
     try:
         while got < entry.nbytes:
             n = os.preadv(fd, [view[got:]], entry.start + got)

@@ -1,0 +1,143 @@
+"""``spectra compare``: how two updates of one base relate: the table, its legend and the findings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
+
+from spectra.compare_findings import compare_findings, headline_side, table_legend
+from spectra.display import display_name
+
+#: Shown by ``spectra compare --explain`` after the columns.
+EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
+                  "repository (\"Subspaces\"). The findings under the table say in words what the numbers show.")
+
+
+def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--explain``: print the legend of the table's columns and stop (no input needed)."""
+    if not value or ctx.resilient_parsing:
+        return
+    console = stdout()
+    console.print("Columns of the table spectra compare prints (one row per module both A and B update):")
+    for name, text in table_legend("right", with_base=True):
+        console.print(f"  {escape(name):<15} {escape(text)}", highlight=False)
+    console.print("With --side left, φ is computed on the left (output-space) singular vectors instead.")
+    console.print(EXPLAIN_EPILOG)
+    ctx.exit(0)
+
+
+@click.command("compare", short_help="How two updates of one base relate: φ, angles, captured energy, amplification, intruders.")
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", default=None,
+              help="The base model both were tuned from (needed for full checkpoints, DoRA, amplification and intruders).")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for compare.json, compare.csv and the plots (default: no files).")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default="right", show_default=True,
+              help="Singular vectors compared: right (input space; Hu et al. used the right ones of LoRA's A), left, or both.")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Subspace rank taken from a full (non-LoRA) update.")
+@click.option("--include", default=None, help="Regex: compare only modules whose base tensor name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out modules whose base tensor name matches.")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head, also from the only-in-A/B lists).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
+@click.option("--no-plots", is_flag=True, help="Do not write the figures (captured energy, φ grids, angles, intruders).")
+@click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,
+              help="Print what each column of the table means, and exit.")
+def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report) -> None:
+    """How two updates of one base relate: φ grids, principal angles, captured energy,
+    amplification and intruder dimensions (definitions: docs/definitions.md, "Subspaces").
+
+    A and B are each a PEFT LoRA adapter folder or a full fine-tuned checkpoint (then --base is
+    required). Prints one row per module both update, a legend, and the findings in words
+    (how much of B the subspaces of A hold against the best possible and random, whether φ is
+    above chance, amplification and intruders). --explain defines every column.
+    """
+    from spectra.comparison import compare
+    from spectra.config import CompareConfig
+
+    if report and not out_dir:
+        raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    config = CompareConfig(side=side, top_k=top_k, include=include, exclude=exclude, layers=layers, device=device)
+    err = stderr()
+    progress = progress_bar(err)
+    task_id = None
+
+    def on_module(done: int, total: int, name: str) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("subspaces", total=total, current="")
+        progress.update(task_id, completed=done, current=short_name(name))
+
+    with progress:
+        result = compare(a, b, base=base, config=config, out_dir=out_dir, callback=on_module, plots=not no_plots)
+    found = compare_findings(result)
+    if as_json:
+        echo_json(result.to_json())
+    else:
+        out = stdout()
+        out.print(compare_table(result))
+        out.print(short_legend(result), style="dim", highlight=False)
+        plain = [f for f in found if not f.warning]
+        if plain:
+            out.print("[bold]Findings[/]")
+            for f in plain:
+                out.print(f"  • {escape(f.text)}", highlight=False)
+    err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s on {escape(result.device or '?')}; "
+              f"{len(result.skipped)} skipped, {len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
+    if out_dir:
+        err.print(f"results: {escape(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
+    if report:
+        from spectra.report import write_report
+
+        written = write_report([Path(out_dir) / "compare.json"], Path(out_dir) / "report.html")
+        err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
+    for f in found:
+        if f.warning:
+            err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
+
+
+def short_legend(result) -> str:
+    """The lines under the table (``--explain`` says more)."""
+    side = headline_side(result)
+    with_base = any(m.amplification is not None for m in result.modules)
+    text = (f"r = subspace rank; φ({side}) = overlap of A's and B's top {side} singular vectors (1 same span, 0 orthogonal), "
+            "random = φ of unrelated random subspaces; B in A = share of B's energy inside A's subspaces, best r_A = the most "
+            "any rank-r_A subspace could hold, A in B = the reverse")
+    if with_base:
+        text += "; amp = amplification ‖ΔW‖/‖U_rᵀWV_r‖; intr = intruder dimensions of W + ΔW"
+    return text + "; – = undefined (an update that is exactly zero). spectra compare --explain defines each column."
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def compare_table(result) -> Table:
+    """One row per compared module (measures that are undefined shown as –)."""
+    side = headline_side(result)
+    title = f"A = {display_name(result.a)} ({result.kinds['a']}), B = {display_name(result.b)} ({result.kinds['b']})"
+    table = Table(title=escape(title), title_justify="left")
+    cols = ["module", "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
+    with_base = any(m.amplification is not None for m in result.modules)
+    if with_base:
+        cols += ["amp A", "amp B", "intr A", "intr B"]
+    for c in cols:
+        table.add_column(c, justify="left" if c == "module" else "right")
+    for m in result.modules:
+        ph, b_in_a, a_in_b = m.phi.get(side), m.captured.get("b_in_a"), m.captured.get("a_in_b")
+        row = [escape(display_name(m.module, 40)), "" if m.layer is None else str(m.layer), str(m.rank_a), str(m.rank_b),
+               _f(ph and ph.phi_full, ".3f"), _f(ph and ph.random, ".3f"), _f(b_in_a and b_in_a.two_sided, ".3f"),
+               _f(b_in_a and b_in_a.best_rank_r, ".3f"), _f(a_in_b and a_in_b.two_sided, ".3f")]
+        if with_base:
+            amp, intr = m.amplification or {}, m.intruders or {}
+            row += [_f(amp.get(w) and amp[w].factor, ".2f") for w in ("a", "b")]
+            row += [_f(intr.get(w) and intr[w].count, "d") for w in ("a", "b")]
+        table.add_row(*row)
+    return table

@@ -1,0 +1,244 @@
+"""``spectra diff``: the spectrum of ΔW for every paired matrix, as a table, JSON or files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+import spectra
+from spectra.config import DiffConfig
+from spectra.display import display_name
+from spectra.errors import ConfigError
+from spectra.findings import diff_findings, skipped_reasons, summary_legend
+from spectra.pipeline import all_zero, raise_if_identical
+from spectra.records import DiffEvent
+from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
+
+#: Shown by ``spectra diff --explain`` (and, shortened, under the table).
+EXPLAIN_EPILOG = ("Definitions of every metric, with formulas and sources: docs/definitions.md in the spectra "
+                  "repository. The findings under the table say in words what the numbers show.")
+
+
+def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--explain``: print the legend of the table's columns and stop (no checkpoint needed)."""
+    if not value or ctx.resilient_parsing:
+        return
+    console = stdout()
+    console.print("Columns of the table spectra diff prints (one row per module kind, medians over its matrices):")
+    for name, text in summary_legend(0.9, lora=True):
+        console.print(f"  {escape(name):<12} {escape(text)}", highlight=False)
+    console.print("For a LoRA adapter, rank[0.9] out of LoRA r is how much of the adapter's rank the update uses.")
+    console.print(EXPLAIN_EPILOG)
+    ctx.exit(0)
+
+
+@click.command("diff", short_help="Spectrum of ΔW = TUNED − BASE for every paired matrix: rank needed, norms, baselines.")
+@click.argument("base")
+@click.argument("tuned", required=False)
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for results.json, results.csv and the heatmaps (default: no files).")
+@click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
+              help="Energy-rank threshold τ in (0, 1]; repeatable. Default: 0.5 0.9 0.99.")
+@click.option("--include", default=None, help="Regex: analyse only matrices whose name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Singular values kept per matrix in the results (metrics use all of them).")
+@click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
+              help="Exact spectrum via the Gram matrix's eigenvalues (fast) or an SVD.")
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Precision of the decomposition; float32 is faster but loses small singular values.")
+@click.option("--no-split", is_flag=True, help="Analyse fused q/k/v and gate/up matrices whole.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
+@click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
+@click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
+@click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--weight-spectra", is_flag=True, help="Also keep the top singular values of W_base and W_tuned (3× the work).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
+@click.option("--approx", is_flag=True, help="Approximate energy ranks with guaranteed bounds for every matrix (randomized sketch).")
+@click.option("--approx-above", type=click.IntRange(min=0), default=16384, show_default=True,
+              help="Use the approximate mode for matrices with min(out, in) above this; 0: never.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Print the matrices, bytes to read, estimated time (quick calibration on --device) and memory; do nothing else.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="With --plan: the number of ranks to plan for (default: this launch's WORLD_SIZE, else 1).")
+@click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB",
+              help="Memory cap of one batch of matrices, MiB (default: 256 on the CPU, 45% of free GPU memory).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="Tensor pairs read ahead while the engine works (default: 1 on the CPU, 8 on CUDA; 0: none).")
+@click.option("--distributed/--no-distributed", default=None,
+              help="Run as one rank of a torchrun job (default: on when launched by torchrun with WORLD_SIZE > 1).")
+@click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,
+              help="Print what each column of the table means (p, rank[τ], / p, random / p, ‖ΔW‖/‖W‖) and exit.")
+def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
+             no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False,
+             approx=False, approx_above=16384, plan_only=False, nproc=None, distributed=None,
+             batch_memory=None, prefetch=None) -> None:
+    """Spectrum of ΔW = TUNED − BASE for every paired matrix.
+
+    BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
+    dict, an index file, or an org/name entry of the local Hugging Face cache. TUNED may be a PEFT
+    LoRA adapter folder (ΔW = s·B·A from the factors); `spectra diff ADAPTER` alone analyses an
+    adapter without its base (no relative norms; DoRA needs the base).
+
+    Prints one row per module kind (medians: rank needed for 90% of ΔW's energy, as a fraction of
+    p = min(out, in), next to a random matrix's), a legend, and the findings in words, with any
+    caveat as a warning. --explain defines every column; docs/definitions.md every metric.
+    """
+    if out_dir is not None and not out_dir.strip():
+        raise ConfigError(f"--out must name a folder. Got {out_dir!r} instead",
+                          hint="pass --out DIR; --out . writes into the current folder")
+    if report and not out_dir:
+        raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    config = DiffConfig(
+        **({"thresholds": tuple(thresholds)} if thresholds else {}),
+        include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
+        method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra,
+        approx=approx, approx_above=approx_above or None,
+        max_batch_bytes=batch_memory << 20 if batch_memory else None, prefetch=prefetch,
+    )
+    from spectra.distributed import launched, world_size
+
+    if plan_only:
+        if tuned is None:
+            raise click.UsageError("--plan needs BASE and TUNED checkpoints")
+        world = nproc or world_size()
+        _print_plan(spectra.diff_plan(base, tuned, config, world_size=world), stdout())
+        return
+    run_diff(base, tuned, config, out_dir=out_dir, as_json=as_json, plots=not no_plots, allow_identical=allow_identical,
+             report=report, resume=resume, distributed=launched() if distributed is None else distributed)
+
+
+def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str | None = None, as_json: bool = False,
+             plots: bool = True, allow_identical: bool = False, report: bool = False, resume: bool = False,
+             distributed: bool = False) -> None:
+    """Run one diff with a progress bar, print the table (or JSON) and the closing lines; the body
+    of ``spectra diff`` (also used by ``spectra demo --synthetic``)."""
+    lead = not distributed or os.environ.get("RANK", "0") == "0"
+    err = stderr() if lead else Console(stderr=True, quiet=True)  # other ranks print only their errors
+    progress = progress_bar(err)
+    task_id = None
+
+    def on_event(ev: DiffEvent) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("ΔW spectra", total=ev.total, current="")
+        current = ev.result.name if ev.result else ev.skipped.name
+        progress.update(task_id, completed=ev.done, current=short_name(current))
+        if ev.skipped is not None:
+            progress.console.print(f"[yellow]warning:[/] {escape(display_name(ev.skipped.name))}: "
+                                   f"{escape(display_name(ev.skipped.reason, 400))}", highlight=False)
+
+    with progress:
+        result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
+                              plots=plots, allow_identical=True, resume=resume, distributed_run=distributed)
+    if not lead:
+        return
+    result.add_caveat_warnings()  # already in results.json when written; for the lines below in any case
+    found = diff_findings(result)
+    if as_json:
+        echo_json(result.to_json())
+    else:
+        out = stdout()
+        out.print(_summary_table(result))
+        lora = any(m.lora_r is not None for m in result.modules)
+        out.print(_short_legend(result.headline_threshold, lora), style="dim", highlight=False)
+        plain = [f for f in found if not f.warning and f.topic != "skipped"]  # skips: the stderr line below
+        if plain:
+            out.print("[bold]Findings[/]")
+            for f in plain:
+                out.print(f"  • {escape(f.text)}", highlight=False)
+    err.print(f"{len(result.modules)} matrices in {result.elapsed_s:.1f} s on {escape(result.device)}; "
+              f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
+              f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
+    if result.skipped:
+        reasons = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in skipped_reasons(result)[:3])
+        where = f"results.json \"skipped\" in {display_name(out_dir)}" if out_dir else "--out DIR or --json"
+        err.print(escape(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)
+    if out_dir:
+        err.print(f"results: {escape(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)
+    if report:
+        from spectra.report import write_report
+
+        written = write_report([Path(out_dir) / "results.json"], Path(out_dir) / "report.html")
+        err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
+    for f in found:
+        if f.warning:
+            err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
+    if all_zero(result) and not allow_identical:
+        raise_if_identical(result, out_dir)
+
+
+def _short_legend(tau: float, lora: bool) -> str:
+    """Two lines under the table: p, the rank needed and the baselines (``--explain`` says more)."""
+    k = str(float(tau))
+    return (f"p = min(out, in), the most directions a matrix can have; rank[{k}] = fewest singular directions holding "
+            f"{tau:.0%} of ΔW's energy; / p = that ÷ p; random / p = the same for a Gaussian random matrix of the shape "
+            f"(a dense update); ‖ΔW‖/‖W‖ = relative size{'; LoRA r = the adapter rank (rank[' + k + '] of r is used)' if lora else ''}. "
+            "spectra diff --explain defines each column; docs/definitions.md each metric.")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def _print_plan(plan: spectra.plan.Plan, console: Console) -> None:
+    """The ``--plan`` summary: work, bytes, time and memory, then the matrices by shape."""
+    c = plan.cost
+    table = Table(title="spectra diff --plan (nothing has been computed)", title_justify="left", show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("matrices to analyse", f"{plan.matrices:,} (from {plan.tensors:,} tensor pairs)")
+    table.add_row("bytes to read (both checkpoints)", fmt_bytes(plan.read_bytes))
+    table.add_row("ranks", str(plan.world_size))
+    table.add_row("estimated time", f"{fmt_seconds(plan.seconds)} (slowest rank: read+ΔW {fmt_seconds(plan.io_seconds)}, "
+                                    f"decompositions {fmt_seconds(plan.compute_seconds)})")
+    table.add_row("estimated peak memory, host", f"{fmt_bytes(plan.baseline_bytes + plan.host_bytes)} "
+                                                 f"(process now {fmt_bytes(plan.baseline_bytes)} + data {fmt_bytes(plan.host_bytes)})")
+    if plan.device_bytes:
+        table.add_row("estimated peak memory, GPU", fmt_bytes(plan.device_bytes))
+    table.add_row("calibration", f"{c.device}, {c.precision}: Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, "
+                                 f"eigensolve {c.eig_rate / 1e9:.2f} G p³/s, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
+    console.print(table)
+    shapes = Table(title="matrices by shape (out × in)", title_justify="left")
+    for col in ("shape", "count", "est. s / matrix"):
+        shapes.add_column(col, justify="right")
+    for shape, n in sorted(plan.shapes.items(), key=lambda kv: -kv[1] * c.matrix_seconds(kv[0])):
+        shapes.add_row(f"{shape[0]}×{shape[1]}", str(n), f"{c.matrix_seconds(shape):.3g}")
+    console.print(shapes)
+    for note in plan.notes:
+        console.print(f"note: {escape(note)}")
+
+
+def _summary_table(result: spectra.DiffResult) -> Table:
+    """One row per module kind: medians of the rank needed, its fraction of p, the random baseline and
+    the relative norm (:meth:`spectra.DiffResult.summary_records`)."""
+    tau = result.headline_threshold
+    key = str(float(tau))
+    table = Table(title=f"Rank needed for {tau:.0%} of ΔW's energy, median per module kind", title_justify="left")
+    lora = any(m.lora_r is not None for m in result.modules)
+    for col, just in (("module", "left"), ("n", "right"), ("p", "right"), *((("LoRA r", "right"),) if lora else ()),
+                      (f"rank[{key}]", "right"), ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
+        table.add_column(col, justify=just)
+    for r in result.summary_records(tau):
+        table.add_row(
+            escape(display_name(r["module"], 40)), str(r["count"]), str(r["p"]),
+            *(("–" if r["lora_r"] is None else f"{r['lora_r']:g}",) if lora else ()),
+            f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
+            f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
+        )
+    return table

@@ -1,0 +1,175 @@
+"""``spectra extract`` (a LoRA adapter from an update, for a rank, energy or parameter budget) and
+``spectra recommend`` (a LoraConfig for training from a diff's results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from spectra_cli.console import progress_bar, stderr, stdout
+
+
+@click.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The adapter folder to write (must be empty or new; see --force, --resume).")
+@click.option("--rank", "-r", type=click.IntRange(min=1), default=None, help="Every module keeps R components (uniform).")
+@click.option("--energy", "-e", type=float, default=None,
+              help="Each module keeps the smallest rank holding ≥ τ of its ‖ΔW‖² (default: 0.9 when no rule is given).")
+@click.option("--budget", "-b", default=None,
+              help="Total LoRA parameters (1200000, 1.2M), a share of the full update's (10%), or a size (50MB, 1GiB): "
+                   "components go where they keep the most energy.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="No module keeps more components than this.")
+@click.option("--serving", type=click.Choice(["none", "vllm"]), default="none", show_default=True,
+              help="vllm: ranks from those vLLM accepts (8 … 512); the serving cost is reported either way.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "float64"]), default="auto", show_default=True,
+              help="Storage dtype of the adapter (auto: the tuned checkpoint's).")
+@click.option("--rslora", is_flag=True, help="Write an rsLoRA adapter (alpha = √r; still scale 1).")
+@click.option("--embeddings", is_flag=True, help="Also extract embeddings (PEFT's embedding LoRA) and the output head.")
+@click.option("--save-modules", is_flag=True,
+              help="Keep changed norms as PEFT modules_to_save and biases of adapted modules as lora_B.bias.")
+@click.option("--include", default=None, help="Regex: extract only matrices whose name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches.")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-'.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--strategy", type=click.Choice(["auto", "one-pass", "two-pass"]), default="auto", show_default=True,
+              help="one-pass: one read and one decomposition per matrix; two-pass: spectra first, then the vectors.")
+@click.option("--approx-above", type=click.IntRange(min=0), default=16384, show_default=True,
+              help="Randomized SVD (certified residual) for matrices with min(out, in) above this; 0: never.")
+@click.option("--task-type", default="auto", show_default=True, help="PEFT task_type of the adapter (auto: from config.json).")
+@click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
+              help="A text file: held-out loss of base, tuned, base + adapter and base + a uniform adapter of the same size.")
+@click.option("--eval-seq-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--eval-blocks", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB", help="Memory cap of one batch, MiB.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out (same inputs and options).")
+@click.option("--force", is_flag=True, help="Overwrite the earlier outputs of spectra extract in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print extract.json to stdout instead of the table.")
+@click.option("--no-plots", is_flag=True, help="Do not write extract.png and extract_ranks.png.")
+def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, dtype, rslora, embeddings, save_modules,
+                include, exclude, layers, device, strategy, approx_above, task_type, eval_text, eval_seq_len, eval_blocks,
+                batch_memory, resume, force, as_json, no_plots) -> None:
+    """Extract a PEFT LoRA adapter from TUNED − BASE that keeps the most of the update.
+
+    TUNED is a full fine-tuned checkpoint or a PEFT adapter of BASE (resized: from its factors; DoRA
+    from its dense update). The adapter loads with peft.PeftModel.from_pretrained(base_model, OUT);
+    OUT/extract.json says, per module, the rank, the energy kept, the errors, and what a uniform rank
+    of the same size would keep.
+    """
+    from spectra.extract import ExtractConfig, ExtractEvent, extract
+
+    config = ExtractConfig(rank=rank, energy=energy, budget=budget, max_rank=max_rank, serving=serving, dtype=dtype,
+                           rslora=rslora, embeddings=embeddings, save_modules=save_modules, include=include, exclude=exclude,
+                           layers=layers, device=device, strategy=strategy, approx_above=approx_above or None,
+                           task_type=None if task_type == "none" else task_type, eval_text=eval_text,
+                           eval_seq_len=eval_seq_len, eval_blocks=eval_blocks,
+                           max_batch_bytes=batch_memory << 20 if batch_memory else None)
+    err = stderr()
+    progress = progress_bar(err)
+    tasks: dict[str, int] = {}
+
+    def on_event(ev: ExtractEvent) -> None:
+        if ev.stage not in tasks:
+            tasks[ev.stage] = progress.add_task(ev.stage, total=ev.total, current="")
+        progress.update(tasks[ev.stage], completed=min(ev.done, ev.total), current=ev.name[-60:])
+
+    with progress:
+        result = extract(base, tuned, out_dir, config=config, resume=resume, force=force, plots=not no_plots, callback=on_event)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+    else:
+        out = stdout()
+        out.print(summary_table(result.to_dict()))
+        out.print(totals_table(result.to_dict()))
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    held = [r for r in result.not_lora if r["held"] is None]
+    if held:
+        err.print(f"{len(held)} changed norms/biases are not in the adapter (see not_lora in extract.json"
+                  f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
+    if result.not_extracted:
+        err.print(f"{len(result.not_extracted)} matrices not extracted (see not_extracted in extract.json)", highlight=False)
+    err.print(escape(f"adapter: {Path(out_dir)} ({result.adapter['bytes']:,} bytes, {result.dtype}) in {result.elapsed_s:.1f} s; "
+                     f"load it with peft.PeftModel.from_pretrained(base_model, {str(out_dir)!r})"), highlight=False)
+
+
+def summary_table(doc: dict) -> Table:
+    """Per module label: matrices, rank (median and range), energy kept (median, min) and parameters."""
+    from spectra.naming import role_sort_key
+
+    groups: dict[str, list[dict]] = {}
+    for m in doc["modules"]:
+        groups.setdefault(m["label"], []).append(m)
+    table = Table(title=escape(f"spectra extract ({doc['mode']}): {doc['tuned']} − {doc['base']}"), title_justify="left")
+    for col in ("module", "n", "rank (median)", "range", "energy kept (median)", "min", "uniform (median)", "params"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for label in sorted(groups, key=lambda k: role_sort_key(groups[k][0].get("role"), k)):
+        ms = groups[label]
+        ranks = sorted(m["rank"] for m in ms)
+        kept = sorted(m["energy_kept"] for m in ms)
+        uni = sorted(m["uniform_energy_kept"] for m in ms if m.get("uniform_energy_kept") is not None)
+        table.add_row(escape(label), str(len(ms)), f"{ranks[len(ranks) // 2]}", f"{ranks[0]}–{ranks[-1]}",
+                      f"{kept[len(kept) // 2]:.3f}", f"{kept[0]:.3f}", f"{uni[len(uni) // 2]:.3f}" if uni else "–",
+                      f"{sum(m['params'] for m in ms):,}")
+    return table
+
+
+def totals_table(doc: dict) -> Table:
+    """The adapter against the uniform rank of the same parameter count, and the serving cost."""
+    t, u, s = doc["totals"], doc["uniform"], doc["serving"]
+    table = Table(title="totals (energy kept: share of all of ΔW's energy)", title_justify="left", show_header=True)
+    for col in ("", "params", "share of full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def f(x, spec=".4f"):
+        return "–" if x is None else format(x, spec)
+
+    table.add_row("extracted", f"{t['params']:,}", f(t["param_fraction"]), f(t["energy_kept"]), f(t["rel_fro_error"]),
+                  f"{t['modules_at_90']} / {t['modules']}")
+    table.add_row(f"uniform r = {u['rank']}", f"{u['params']:,}", f(u["params"] / t["full_params"] if t["full_params"] else None),
+                  f(u["energy_kept"]), f(u["rel_fro_error"]), f"{u['modules_at_90']} / {t['modules']}")
+    if doc.get("allocation"):
+        a = doc["allocation"]
+        table.add_row("fractional bound", f"{a['budget_params']:,}", "", f(a["fractional_bound"]), "", "")
+    if s.get("max_lora_rank"):
+        table.add_row(f"vLLM serving (max_lora_rank {s['max_lora_rank']})", f"{s['params']:,}", "", "", "", "")
+    if doc.get("eval"):
+        ev = doc["eval"]
+        for name, loss in ev["loss"].items():
+            table.add_row(f"held-out loss: {name}", "", "", f"{loss:.4f}", "", "")
+    return table
+
+
+@click.command("recommend")
+@click.argument("results", type=click.Path(exists=True))
+@click.option("--energy", "-e", type=float, default=None, help="Each module's rank holds ≥ τ of its ‖ΔW‖² (default 0.9 without --budget).")
+@click.option("--budget", "-b", default=None, help="At most this many LoRA parameters (1.2M, 10%, 50MB of bf16).")
+@click.option("--alpha-ratio", type=float, default=2.0, show_default=True, help="lora_alpha = ratio × r (Biderman et al.: 2).")
+@click.option("--rslora", is_flag=True, help="use_rslora (alpha = ratio × √r).")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap every rank.")
+@click.option("--embeddings", is_flag=True, help="Also recommend LoRA for embeddings and the head.")
+@click.option("--task-type", default="CAUSAL_LM", show_default=True, help="PEFT task_type of the config ('none' for none).")
+@click.option("--out", "-o", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the config JSON here too.")
+def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embeddings, task_type, out_path) -> None:
+    """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the
+    results.json of `spectra diff` alone. The config goes to stdout as JSON: LoraConfig(**json.load(f))."""
+    from spectra.io.files import atomic_write_text
+    from spectra.recommend import recommend
+
+    if energy is None and budget is None:
+        energy = 0.9
+    rec = recommend(results, energy=energy, budget=budget, alpha_ratio=alpha_ratio, rslora=rslora, max_rank=max_rank,
+                    embeddings=embeddings, task_type=None if task_type == "none" else task_type)
+    text = json.dumps(rec.config, indent=2, sort_keys=True)
+    click.echo(text)
+    if out_path:
+        atomic_write_text(Path(out_path), text + "\n")
+    err = stderr()
+    for n in rec.notes:
+        err.print(f"note: {escape(n)}", highlight=False)
+    err.print(f"{len(rec.ranks)} modules, {rec.params:,} LoRA parameters "
+              f"({rec.params / rec.full_params:.2%} of the full update's {rec.full_params:,})", highlight=False)

@@ -1,0 +1,116 @@
+"""``spectra interfere``: how several fine-tunes of one base collide, pair by pair and all together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+from spectra_cli.console import progress_bar, stderr, stdout
+
+
+@click.command("interfere")
+@click.argument("tuned", nargs=-1, required=True)
+@click.option("--base", required=True, help="The base model every fine-tune started from.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for interfere.json, interfere.csv and the heatmaps (default: no files).")
+@click.option("--top-k", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Singular triplets per update for φ, captured energy, TSV and KnOTS (a LoRA of smaller rank is used whole).")
+@click.option("--side", type=click.Choice(["left", "right"]), default="right", show_default=True,
+              help="Singular vectors φ compares (Hu et al. compared the right ones).")
+@click.option("--include", default=None, help="Regex on base matrix names to keep.")
+@click.option("--exclude", default=None, help="Regex on base matrix names to leave out.")
+@click.option("--layers", default=None, help="Layer selection such as '0-3,7'.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dense-memory", type=click.IntRange(min=1), default=1024, show_default=True, metavar="MIB",
+              help="Most MiB of full-checkpoint updates held at once per matrix (beyond it tensors are read again).")
+@click.option("--json", "as_json", is_flag=True, help="Print interfere.json to stdout instead of the tables.")
+@click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
+@click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, device, dense_memory, as_json, no_plots,
+                  report) -> None:
+    """Interference between fine-tunes T1 T2 … Tn of BASE (PEFT LoRA adapters or full checkpoints).
+
+    Per matrix every task updates: for each pair, the cosine of the flattened updates, φ of their
+    top-k subspaces, the energy one update holds in the other's subspaces, the Task Singular Vectors
+    interference and the KnOTS alignment; over all n, the TSV interference, the KnOTS shared basis
+    and the spectrum of the summed update against the parts. Definitions: README, "Interference".
+    """
+    from spectra.interfere import InterfereConfig, interfere
+
+    if len(tuned) < 2:
+        raise click.UsageError("give two or more fine-tunes: spectra interfere --base BASE T1 T2 [T3 ...]")
+    if report and not out_dir:
+        raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    config = InterfereConfig(top_k=top_k, side=side, include=include, exclude=exclude, layers=layers, device=device,
+                             max_dense_bytes=dense_memory << 20)
+    err = stderr()
+    progress = progress_bar(err)
+    task_id = None
+
+    def on_module(done: int, total: int, name: str) -> None:
+        nonlocal task_id
+        if task_id is None:
+            task_id = progress.add_task("interference", total=total, current="")
+        progress.update(task_id, completed=done, current=name[-60:])
+
+    with progress:
+        result = interfere(base, list(tuned), config=config, out_dir=out_dir, callback=on_module, plots=not no_plots)
+    doc = result.to_dict()
+    if as_json:
+        click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
+    else:
+        out = stdout()
+        for key, label in (("cosine", "cosine of the flattened updates"), ("phi", f"φ of the top-k subspaces ({side})"),
+                           ("tsv", "TSV interference, bounded form (1: identical)")):
+            out.print(_pair_table(doc, key, label))
+        out.print(_module_table(doc))
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    err.print(f"{len(result.modules)} matrices compared in {result.elapsed_s:.1f} s on {result.device}; "
+              f"{len(result.partial)} updated by some tasks only, {len(result.skipped)} skipped", highlight=False)
+    if out_dir:
+        err.print(f"results: {escape(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
+    if report:
+        from spectra.report import write_report
+
+        err.print(escape(f"report: {write_report([Path(out_dir) / 'interfere.json'], Path(out_dir) / 'report.html')}"), highlight=False)
+
+
+def _pair_table(doc: dict, key: str, label: str) -> Table:
+    names = doc["names"]
+    m = (doc.get("summary") or {}).get(key) or []
+    table = Table(title=f"{label}, median over {doc['summary'].get('modules', 0)} matrices", title_justify="left")
+    table.add_column("")
+    for n in names:
+        table.add_column(escape(n), justify="right")
+    for i, row in enumerate(m):
+        table.add_row(escape(names[i]), *("–" if v is None else f"{v:.3f}" for v in row))
+    return table
+
+
+def _module_table(doc: dict) -> Table:
+    from spectra.naming import role_sort_key
+
+    table = Table(title=f"All {len(doc['names'])} together, median per module", title_justify="left")
+    for col in ("module", "n", "TSV (ℓ1)", "TSV (bounded)", "σ₁ sum / max", "‖sum‖² / Σ‖·‖²", "nuclear sum / Σ"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    kinds: dict[str, list[dict]] = {}
+    for m in doc["modules"]:
+        kinds.setdefault(m["module"], []).append(m)
+
+    def med(values: list) -> str:
+        vals = sorted(v for v in values if v is not None)
+        if not vals:
+            return "–"
+        mid = len(vals) // 2
+        return f"{(vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2):.3f}"
+
+    for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
+        ms = kinds[kind]
+        table.add_row(escape(kind), str(len(ms)), med([m["tsv"]["relative"] for m in ms]),
+                      med([m["tsv"].get("relative_fro") for m in ms]), med([m["sum"]["spectral_over_max"] for m in ms]),
+                      med([m["sum"]["fro_sq_ratio"] for m in ms]), med([m["sum"]["nuclear_ratio"] for m in ms]))
+    return table

@@ -1,0 +1,66 @@
+"""``spectra report`` and ``spectra inspect``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from spectra.display import display_name
+from spectra_cli.console import echo_json, stderr, stdout
+
+
+@click.command("report", short_help="One self-contained HTML page from results.json, compare.json and train_log.jsonl files.")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--out", "-o", "out_path", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+              help="The HTML file to write.")
+@click.option("--title", default="spectra report", show_default=True, help="The page's title and heading.")
+def report_cmd(results, out_path, title) -> None:
+    """One self-contained HTML report (no network) from results.json, compare.json,
+    train_log.jsonl files, or folders holding them (e.g. reports/demo).
+
+    It opens with the warnings that change how the numbers read and the findings of each input in
+    words, then an overview, then each input's figures and tables with legends. A file that is not
+    what spectra writes (edited, merged, truncated) is refused with one line naming it.
+    """
+    from spectra.report import write_report
+
+    if not out_path.strip():
+        raise click.BadParameter("must name a file", param_hint="--out")
+    path = write_report(list(results), out_path, title=title)
+    stderr().print(escape(f"report: {display_name(str(path), None)}"), highlight=False)
+
+
+@click.command("inspect", short_help="List a checkpoint's matrices with the layer, module, role and split spectra gives them.")
+@click.argument("path")
+@click.option("--all", "show_all", is_flag=True, help="Also list 1-D and non-float tensors.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
+def inspect_cmd(path, show_all, as_json) -> None:
+    """List a checkpoint's matrices with their layer, module, role, shape and dtype.
+
+    The quick way to see how spectra understood an architecture: fused matrices show the parts
+    they will be split into, and transposed (Conv1D) storage is marked. Rows are in model order:
+    embeddings, then layers 0, 1, 2 … by number (each in q, k, v, o, gate, up, down order), then
+    the rest.
+    """
+    from spectra.inspection import inspect_checkpoint
+
+    records = inspect_checkpoint(path, include_non_matrices=show_all)
+    if as_json:
+        echo_json(json.dumps(records, indent=1, ensure_ascii=False))
+        return
+    table = Table(title=escape(display_name(str(path), None)), title_justify="left")
+    for col in ("name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(
+            escape(display_name(r["name"], 200)), "" if r["layer"] is None else str(r["layer"]),
+            "" if r["expert"] is None else str(r["expert"]), escape(display_name(r["module"] or "", 80)), r["role"] or "",
+            "×".join(map(str, r["shape"])), escape(display_name(r["dtype"], 40)),
+            escape(",".join(display_name(p, 20) for p in r["parts"])) + (" (T)" if r["transpose"] else ""),
+            escape(display_name(r["note"], 400)),
+        )
+    stdout().print(table)
+    stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)

@@ -1,0 +1,386 @@
+"""Trace ΔW inside a training process: :class:`SpectraTracker` for any training loop, and
+:class:`SpectraCallback`, its adapter for ``transformers.Trainer``.
+
+Every ``every`` optimiser steps the tracker computes, for each weight matrix the run trains, the
+metrics ``spectra trace`` computes from checkpoints (:func:`spectra.trace.point_metrics` and
+:func:`spectra.interference.subspace_turn`), on the device the model is on, without writing a checkpoint:
+
+- PEFT LoRA models: the update of each adapted module is ``s·B·A``, decomposed exactly from the
+  factors (QR of B and Aᵀ, SVD of an r × r core; :meth:`spectra.subspaces.Factored.from_lora`).
+  Memory: per module two top-k subspaces, ``2·k·(out + in)`` float64 numbers.
+- Full fine-tuning: a copy of every trained 2-D weight is kept from the start (``initial="cpu"``,
+  the default, holds it in host memory: the model's size again in its dtype; ``"device"`` keeps it
+  beside the model, faster but the model's size again in accelerator memory). ΔW = W − W₀ is
+  decomposed exactly through the float64 Gram matrix (:func:`spectra.interference.spectrum_and_top`).
+  Memory: the copy plus per matrix two top-k subspaces.
+
+Each measurement appends one JSON line per matrix to ``out_dir/trace.jsonl`` (``{"kind", "step",
+"loss", "matrix": {...}, "point": {...}}``, readable by :func:`spectra.trace.load_trace` and
+``spectra report``) and returns a few medians per module kind (``spectra/<module>/<metric>``) that a
+loop can log. :class:`SpectraCallback` sends those to the Trainer's loggers (TensorBoard, W&B…)
+through ``trainer.log`` when it knows the trainer (:func:`attach`), and otherwise merges them into the
+logs of the next ``on_log`` call and into ``state.log_history`` (loggers registered before it have
+already written that step, which is why :func:`attach` is the way to use it). Importing this module
+does not import transformers; ``SpectraCallback`` is built on first use.
+
+Distributed runs: only the main process measures (the others return at once); parameters sharded
+by FSDP/DeepSpeed ZeRO-3 are not gathered (the tracker refuses them with a one-line error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from spectra.errors import ConfigError
+from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
+from spectra.io.files import atomic_write_text
+from spectra.journal import append_record
+from spectra.naming import describe_checkpoint
+from spectra.selection import selector
+from spectra.subspaces import Factored
+from spectra.trace import (
+    TraceConfig,
+    jsonable,
+    matrix_meta,
+    point_metrics,
+)
+
+#: Metrics sent to the loggers, as medians per module kind (the full detail goes to trace.jsonl).
+LOG_METRICS = ("energy_rank", "rel_norm", "effective_rank", "turn_prev", "turn_first")
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class _Tracked:
+    """One traced matrix: how to get its update, and the state kept between measurements."""
+
+    name: str
+    meta: dict[str, Any]
+    transpose: bool
+    module: Any = None  # LoRA: the PEFT layer
+    adapters: tuple[str, ...] = ()
+    param: torch.Tensor | None = None  # full fine-tuning: the trained weight
+    initial: torch.Tensor | None = None  # ... and its copy from the start
+    first: Subspaces | None = None
+    prev: Subspaces | None = None
+
+
+class SpectraTracker:
+    """Trace metrics of every trained matrix, measured in the training process.
+
+    Args:
+        model: the model being trained: a PEFT model (LoRA layers found by their ``lora_A``/``lora_B``
+            and ``scaling``) or any ``torch.nn.Module`` (every 2-D floating-point parameter with
+            ``requires_grad`` is traced, as full fine-tuning).
+        every: measure at steps that are multiples of ``every`` (``step(model, s)``); 0 never.
+        out_dir: folder of ``trace.jsonl`` (created); None keeps nothing on disk.
+        config: thresholds, ``top_k`` of the compared subspaces, include/exclude/layers (matched on
+            the weight names as the checkpoint stores them, e.g. ``model.layers.0.self_attn.q_proj.weight``).
+        initial: where the copy of the initial weights lives for full fine-tuning (``"cpu"`` or
+            ``"device"``; see the module docstring for the memory).
+        is_main: this process writes and measures (False on the other ranks of a distributed run).
+
+    Example:
+        >>> tracker = SpectraTracker(model, every=50, out_dir="runs/lora8")   # doctest: +SKIP
+        >>> for step in range(1, steps + 1):                                   # doctest: +SKIP
+        ...     train_step()
+        ...     logs = tracker.step(model, step, loss=loss)  # None between measurements
+    """
+
+    def __init__(self, model: torch.nn.Module, *, every: int = 50, out_dir: str | Path | None = None,
+                 config: TraceConfig | None = None, initial: Literal["cpu", "device"] = "cpu", is_main: bool = True) -> None:
+        if every < 0:
+            raise ConfigError(f"every must be >= 0. Got {every} instead")
+        if initial not in ("cpu", "device"):
+            raise ConfigError(f"initial must be 'cpu' or 'device'. Got {initial!r} instead")
+        self.every = every
+        self.config = config or TraceConfig()
+        self.path = Path(out_dir) / "trace.jsonl" if out_dir is not None else None
+        self.is_main = is_main
+        self.initial = initial
+        self.seconds = 0.0  # time spent measuring, for overhead reports
+        self.measurements = 0
+        self.skipped: list[dict[str, str]] = []
+        self.matrices: list[_Tracked] = []
+        self.warnings: list[str] = []
+        if is_main:
+            self._discover(model)
+            if self.path is not None:  # a fresh trace per run: its header, then what is not traced
+                atomic_write_text(self.path, "")
+                self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
+                                        "config": asdict(self.config)}})
+                for s in self.skipped:
+                    self._write({"skipped": s})
+
+    def _write(self, record: dict[str, Any]) -> None:
+        if self.path is not None:
+            append_record(self.path, jsonable(record))
+
+    def warn(self, text: str) -> None:
+        """Record a caveat of this trace (kept in ``trace.jsonl``, shown by the report)."""
+        self.warnings.append(text)
+        self._write({"warning": text})
+
+    def log_loss(self, step: int, **values: float | None) -> None:
+        """Record the training loss (or any of ``loss``, ``eval_loss``, ``target_loss``…) at ``step``
+        for the report's loss curve (the measurements themselves are sparser)."""
+        if self.is_main:
+            self._write({"log": {"step": int(step), **{k: v for k, v in values.items() if v is not None}}})
+
+    @property
+    def kind(self) -> str:
+        """``"lora"`` or ``"full"``."""
+        return "lora" if any(t.module is not None for t in self.matrices) else "full"
+
+    # ---- discovery --------------------------------------------------------------------------------
+    def _discover(self, model: torch.nn.Module) -> None:
+        keep = selector(self.config.include, self.config.exclude, self.config.layers)
+        lora = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")]
+        found: list[tuple[str, tuple[int, ...], dict[str, Any]]] = []
+        if lora:
+            for mod_name, mod in lora:
+                base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else getattr(mod, "base_layer", None)
+                weight = getattr(base, "weight", None)
+                active = tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
+                name = mod_name.removeprefix(_PEFT_PREFIX) + ".weight"
+                if weight is None or weight.ndim != 2 or not active:
+                    continue
+                if any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
+                    self.skipped.append({"name": name, "reason": "DoRA: its update depends on the base weight; not traced"})
+                    continue
+                if any(a in mod.lora_A and mod.lora_A[a].weight.ndim != 2 for a in active):
+                    self.skipped.append({"name": name, "reason": "convolution LoRA: not a matrix"})
+                    continue
+                B, A, _ = _factors(mod, active[0])
+                out_in = (int(B.shape[0]), int(A.shape[1]))  # ΔW's (out, in) as the factors give it
+                # a quantised base (QLoRA's packed 4-bit weight) has another shape: no relative norm then
+                dense_base = weight.is_floating_point() and tuple(weight.shape) in (out_in, out_in[::-1])
+                found.append((name, tuple(weight.shape) if dense_base else out_in,
+                              {"module": mod, "adapters": active, "weight": weight if dense_base else None, "out_in": out_in}))
+            self.skipped += [{"name": n, "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
+                             for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and "lora_" not in n]
+        else:
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and p.requires_grad and p.is_floating_point():
+                    found.append((name, tuple(p.shape), {"param": p}))
+        if any(len(s) != 2 or 0 in s for _, s, _ in found):
+            raise ConfigError("some trained weights are empty or not 2-D on this process (sharded by FSDP or ZeRO-3?)",
+                              hint="trace from saved checkpoints with `spectra trace` instead")
+        specs = describe_checkpoint({n: s for n, s, _ in found})
+        for name, shape, parts in found:
+            spec = specs.get(name)
+            if spec is None or not keep(name, spec.layer):
+                continue
+            out_in = parts.get("out_in") or ((shape[1], shape[0]) if spec.transpose else shape)
+            if "param" in parts:
+                p = parts["param"]
+                dev = p.device if self.initial == "device" else torch.device("cpu")
+                init = p.detach().to(dev, copy=True)
+                base_fro = float(torch.linalg.vector_norm(init.double()))
+                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, param=p, initial=init))
+            else:
+                mod = parts["module"]
+                r = sum(_factors(mod, a)[0].shape[1] for a in parts["adapters"])
+                w = parts["weight"]
+                base_fro = float(torch.linalg.vector_norm(w.detach().double())) if w is not None else None
+                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro, r), False,
+                                              module=mod, adapters=parts["adapters"]))
+
+    # ---- measuring ----------------------------------------------------------------------------------
+    def step(self, model: torch.nn.Module | None, step: int, *, loss: float | None = None) -> dict[str, float] | None:
+        """Measure when ``step`` is a multiple of ``every`` (and > 0); returns the logger medians, or
+        None when nothing was measured. ``model`` is accepted for symmetry with training loops (the
+        tracked tensors were found at construction)."""
+        if not self.is_main or self.every == 0 or step <= 0 or step % self.every:
+            return None
+        return self.measure(step, loss=loss)
+
+    @torch.no_grad()
+    def measure(self, step: int, *, loss: float | None = None) -> dict[str, float]:
+        """Measure every tracked matrix now; append to ``trace.jsonl``; return the logger medians."""
+        t0 = time.perf_counter()
+        with _few_threads(self.matrices):
+            records = self._records(step, loss)
+        for rec in records:
+            self._write(rec)
+        self.seconds += time.perf_counter() - t0
+        self.measurements += 1
+        return log_medians(records)
+
+    def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
+        records = []
+        for tr in self.matrices:
+            if tr.module is not None:
+                factors = [_factors(tr.module, a) for a in tr.adapters]
+                B = torch.cat([s * b for b, _, s in factors], dim=1)
+                A = torch.cat([a for _, a, _ in factors], dim=0)
+                f = Factored.from_lora(B, A, 1.0)
+                S, top = f.S.cpu().numpy(), truncate(f, self.config.top_k)
+            else:
+                delta = tr.param.detach().float() - tr.initial.to(tr.param.device).float()
+                S, top = spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k)
+            now = Subspaces.of(top)
+            point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"]),
+                     "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
+            if now is not None:
+                tr.prev = now
+                tr.first = tr.first or now
+            records.append({"kind": self.kind, "step": int(step), "loss": loss, "matrix": tr.meta, "point": jsonable(point)})
+        return records
+
+    def close(self) -> None:
+        """Drop the copies and subspaces (the trace stays on disk)."""
+        for tr in self.matrices:
+            tr.initial = tr.first = tr.prev = None
+
+
+#: Largest matrix (out · in) measured with one CPU thread: LAPACK calls on matrices this small gain
+#: nothing from threads, and on a loaded machine their OpenMP regions wait for descheduled threads
+#: (measured here: a 192 × 8 SVD took 50 ms with 2 threads under load and 18 µs with 1).
+SMALL_MATRIX = 1 << 20
+
+
+@contextlib.contextmanager
+def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
+    """One intra-op thread while measuring small CPU matrices; the previous count restored after."""
+    small = all(int(np.prod(t.meta["shape"])) <= SMALL_MATRIX for t in matrices)
+    cpu = all((t.param if t.param is not None else t.module.get_base_layer().weight).device.type == "cpu"
+              for t in matrices) if matrices else False
+    if not (small and cpu):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(B (out, r), A (r, in), scale)`` of one adapter of a PEFT LoRA layer, in the base weight's
+    ``(out, in)`` orientation as stored by ``nn.Linear`` (embeddings: the stored ``(vocab, dim)``)."""
+    s = float(mod.scaling[adapter])
+    if adapter in mod.lora_A:
+        return mod.lora_B[adapter].weight.detach(), mod.lora_A[adapter].weight.detach(), s
+    A, B = mod.lora_embedding_A[adapter].detach(), mod.lora_embedding_B[adapter].detach()  # (r, vocab), (dim, r)
+    return A.mT, B.mT, s  # (B·A)ᵀ = Aᵀ·Bᵀ
+
+
+def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
+    """``spectra/<module>/<metric>`` -> median over that module kind's matrices, for the loggers:
+    energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (LoRA: / r), and
+    φ with the previous and the first measurement (right singular vectors)."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for rec in records:
+        pt, kind = rec["point"], rec["matrix"]["module"]
+        ranks = pt.get("energy_rank") or {}
+        key = min(ranks, key=lambda t: abs(float(t) - 0.9)) if ranks else None
+        values = {
+            f"energy_rank_{key}": ranks.get(key) if key else None,
+            "rel_norm": pt.get("rel_norm"),
+            "effective_rank": pt.get("effective_rank_over_r", pt.get("effective_rank")),
+            "phi_prev": ((pt.get("turn_prev") or {}).get("right") or {}).get("phi"),
+            "phi_first": ((pt.get("turn_first") or {}).get("right") or {}).get("phi"),
+        }
+        for metric, v in values.items():
+            if v is not None:
+                groups.setdefault(kind, {}).setdefault(metric, []).append(float(v))
+    return {f"spectra/{kind}/{metric}": statistics.median(vs) for kind, ms in groups.items() for metric, vs in ms.items()}
+
+
+class _CallbackHooks:
+    """A ``transformers.TrainerCallback`` over :class:`SpectraTracker` (created at ``on_train_begin``
+    from the model the Trainer trains, so a full fine-tune's initial weights are the ones training
+    starts from). The class is ``spectra.callbacks.SpectraCallback``, built on first use so that
+    importing this module does not import transformers.
+
+    Args:
+        every: measure every ``every`` optimiser steps (``state.global_step``).
+        out_dir: folder of ``trace.jsonl``; default the Trainer's ``args.output_dir``.
+        config, initial: as :class:`SpectraTracker`.
+        trainer: the Trainer, so that measurements go through ``trainer.log`` to every logger; set by
+            :func:`attach`.
+
+    Example:
+        >>> trainer = transformers.Trainer(model=model, args=args, train_dataset=ds)   # doctest: +SKIP
+        >>> attach(trainer, every=50)                                                  # doctest: +SKIP
+        >>> trainer.train()                                                            # doctest: +SKIP
+    """
+
+    def __init__(self, every: int = 50, out_dir: str | Path | None = None, *, config: TraceConfig | None = None,
+                 initial: Literal["cpu", "device"] = "cpu", trainer: Any = None) -> None:
+        self.every, self.out_dir, self.config, self.initial, self.trainer = every, out_dir, config, initial, trainer
+        self.tracker: SpectraTracker | None = None
+        self._pending: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.tracker = SpectraTracker(model, every=self.every, out_dir=self.out_dir or args.output_dir,
+                                      config=self.config, initial=self.initial, is_main=state.is_world_process_zero)
+        if state.global_step > 0 and self.tracker.kind == "full" and state.is_world_process_zero:
+            self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
+                              "with, not from the base")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.tracker is None:
+            return control
+        logs = self.tracker.step(None, state.global_step)  # the loss of this step is logged after this hook
+        if logs:
+            if self.trainer is not None:
+                due = control.should_log
+                self.trainer.log(dict(logs))  # every logger sees them (TensorBoard, W&B, ...), and log_history
+                # trainer.log's on_log clears should_log on this same control; restore it, or the step's
+                # own loss would not be logged
+                control.should_log = due
+            else:
+                self._pending.update(logs)
+                control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.tracker is not None and logs and any(k in logs for k in ("loss", "eval_loss")):
+            self.tracker.log_loss(state.global_step, loss=logs.get("loss"), eval_loss=logs.get("eval_loss"))
+        if self._pending and logs is not None:
+            logs.update(self._pending)  # reaches the callbacks after this one
+            if state.log_history:
+                state.log_history[-1].update(self._pending)  # and trainer_state.json
+            self._pending = {}
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tracker is not None:
+            self.tracker.close()
+        return control
+
+
+@functools.cache
+def callback_class() -> type:
+    """``SpectraCallback``: :class:`_CallbackHooks` on top of ``transformers.TrainerCallback`` (whose
+    other hooks stay no-ops)."""
+    from transformers import TrainerCallback
+
+    return type("SpectraCallback", (_CallbackHooks, TrainerCallback), {"__doc__": _CallbackHooks.__doc__, "__module__": __name__})
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: ``from spectra.callbacks import SpectraCallback`` builds the class
+    if name == "SpectraCallback":
+        return callback_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def attach(trainer: Any, every: int = 50, out_dir: str | Path | None = None, **kwargs: Any) -> Any:
+    """Add a ``SpectraCallback`` to ``trainer`` that logs through ``trainer.log`` (so every configured
+    logger shows the metrics); returns it."""
+    cb = callback_class()(every, out_dir, trainer=trainer, **kwargs)
+    trainer.add_callback(cb)
+    return cb

@@ -1,0 +1,370 @@
+"""Typed results of ``spectra compare``: ``compare.json`` (schema ``spectra.compare/1``) as dataclasses.
+
+:class:`CompareResult` holds one :class:`ComparedModule` per module both inputs update. Every
+measure is a small frozen record whose fields are the JSON keys (the measures' own dataclasses from
+:mod:`spectra.subspaces` where they exist). :meth:`CompareResult.from_dict` checks every key it
+reads and raises a one-line :class:`~spectra.errors.ResultsFormatError` naming it: people edit and
+merge these files.
+
+A measure is ``None`` (JSON ``null``) when it is undefined for the module, with ``status`` and
+``reason`` saying why: an update that is exactly zero has no singular subspace, so φ, the angles,
+the energy the other update's subspaces capture of it (0/0) and its amplification factor are
+undefined, not the values an arbitrary basis would give.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from spectra._version import __version__
+from spectra.errors import ResultsFormatError
+from spectra.subspaces import Amplification, CapturedEnergy
+
+SCHEMA = "spectra.compare/1"
+#: ``ComparedModule.status`` values: every measure computed; one or both updates exactly zero.
+STATUSES = ("ok", "zero_update")
+SIDES = ("left", "right")
+
+
+@dataclass(frozen=True)
+class PhiSummary:
+    """Hu et al.'s φ on one side (docs/definitions.md, "Subspaces").
+
+    Attributes:
+        phi_full: φ(A, B, r_A, r_B), all columns of both bases.
+        phi_11: φ(A, B, 1, 1), the two top directions.
+        mean: mean of the φ(i, j) grid.
+        random: ``max(r_A, r_B) / d``, φ's expectation for independent random subspaces.
+        d: dimension of the space (``out`` for left, ``in`` for right singular vectors).
+    """
+
+    phi_full: float
+    phi_11: float
+    mean: float
+    random: float
+    d: int
+
+
+@dataclass(frozen=True)
+class AngleSummary:
+    """Principal angles between the two top subspaces on one side.
+
+    Attributes:
+        cosines: ``cos θ_l``, descending (θ ascending), ``min(r_A, r_B)`` of them.
+        grassmann: ``‖θ‖₂`` in radians.
+    """
+
+    cosines: list[float]
+    grassmann: float
+
+
+@dataclass(frozen=True)
+class IntruderSummary:
+    """Intruder dimensions of ``W_base + ΔW`` (Shuttleworth et al. 2024).
+
+    Attributes:
+        count: intruders at ``epsilon``.
+        epsilon: the threshold of ``count``.
+        counts: ε (as ``str(float)``) -> intruders at that ε.
+        max_cos: for each top singular vector of the tuned weight, its largest ``|cos|`` with the
+            base's left singular vectors.
+    """
+
+    count: int
+    epsilon: float
+    counts: dict[str, int]
+    max_cos: list[float]
+
+
+@dataclass
+class ComparedModule:
+    """The measures of one module both inputs update; ``None`` where undefined (see ``reason``).
+
+    Attributes:
+        name, layer, module, role: the base tensor's name, layer (None outside the stack), module
+            label and role.
+        out, in_: ``(out, in)`` of the update (``in`` in JSON).
+        rank_a, rank_b: subspace ranks (LoRA r, or ``top_k`` of a full update).
+        fro_a, fro_b: ``‖ΔW_A‖_F``, ``‖ΔW_B‖_F``.
+        phi, angles: side (``left``/``right``) -> :class:`PhiSummary` / :class:`AngleSummary`.
+        captured: ``b_in_a`` (B's energy in A's subspaces) and ``a_in_b`` -> :class:`CapturedEnergy`.
+        amplification: ``a``/``b`` -> :class:`Amplification`; None when no base was given.
+        intruders: ``a``/``b`` -> :class:`IntruderSummary`; None when no base was given.
+        status: ``"ok"`` or ``"zero_update"`` (one or both updates exactly zero).
+        reason: why measures are null; None when status is ok.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    role: str | None
+    out: int
+    in_: int
+    rank_a: int
+    rank_b: int
+    fro_a: float
+    fro_b: float
+    phi: dict[str, PhiSummary | None] = field(default_factory=dict)
+    angles: dict[str, AngleSummary | None] = field(default_factory=dict)
+    captured: dict[str, CapturedEnergy | None] = field(default_factory=dict)
+    amplification: dict[str, Amplification | None] | None = None
+    intruders: dict[str, IntruderSummary | None] | None = None
+    status: str = "ok"
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The module's ``compare.json`` record (``amplification``/``intruders`` only with a base)."""
+        d: dict[str, Any] = {"name": self.name, "layer": self.layer, "module": self.module, "role": self.role,
+                             "out": self.out, "in": self.in_, "rank_a": self.rank_a, "rank_b": self.rank_b,
+                             "fro_a": self.fro_a, "fro_b": self.fro_b}
+        for key in ("phi", "angles", "captured", "amplification", "intruders"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = {k: None if v is None else _finite(asdict(v)) for k, v in value.items()}
+        d["status"] = self.status
+        d["reason"] = self.reason
+        return d
+
+    def __getitem__(self, key: str) -> Any:
+        """``module["phi"]``: the ``compare.json`` record's value, for code written against the
+        untyped dict records (prefer the attributes)."""
+        return self.to_dict()[key]
+
+    @property
+    def sides(self) -> list[str]:
+        """The sides compared (``left``, ``right`` or both)."""
+        return list(self.phi)
+
+
+@dataclass
+class CompareResult:
+    """What ``spectra compare`` computed; ``compare.json`` holds :meth:`to_dict`.
+
+    Attributes:
+        a, b, base: the inputs as given (base may be None).
+        kinds: ``{"a": "lora"|"full", "b": ...}``.
+        config: the options (:class:`spectra.config.CompareConfig` as a dict; ``device`` as asked).
+        modules: one :class:`ComparedModule` per module both update (after the filters).
+        a_only, b_only: modules (base tensor names) only one side updates, after the filters.
+        phi_grids: module name -> side -> φ grid (rows i = 1..r_A, columns j = 1..r_B); absent for
+            modules whose φ is null.
+        skipped: ``{"name", "reason"}`` for modules left out (NaN/Inf in a factor or a weight).
+        device: the device the run used (``cpu``, ``cuda:0``), resolved from ``config["device"]``.
+        elapsed_s: wall seconds of the run.
+        version: spectra's version.
+    """
+
+    a: str
+    b: str
+    base: str | None
+    kinds: dict[str, str]
+    config: dict[str, Any]
+    modules: list[ComparedModule] = field(default_factory=list)
+    a_only: list[str] = field(default_factory=list)
+    b_only: list[str] = field(default_factory=list)
+    phi_grids: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    device: str | None = None
+    elapsed_s: float = 0.0
+    version: str = __version__
+
+    def __repr__(self) -> str:  # the grids make the default repr megabytes long
+        return (f"CompareResult(a={self.a!r}, b={self.b!r}, base={self.base!r}, kinds={self.kinds}, "
+                f"modules={len(self.modules)}, a_only={len(self.a_only)}, b_only={len(self.b_only)}, "
+                f"skipped={len(self.skipped)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``compare.json`` document."""
+        d: dict[str, Any] = {"schema": SCHEMA}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            d[f.name] = [m.to_dict() for m in v] if f.name == "modules" else v
+        return d
+
+    def to_json(self, *, indent: int | None = 1) -> str:
+        """:meth:`to_dict` as strict JSON (no NaN/Infinity: undefined values are null)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Flat per-module records for CSV/DataFrames (None where a measure is undefined)."""
+        out = []
+        for m in self.modules:
+            row: dict[str, Any] = {"name": m.name, "layer": m.layer, "module": m.module, "role": m.role, "out": m.out,
+                                   "in": m.in_, "rank_a": m.rank_a, "rank_b": m.rank_b}
+            for side, ph in m.phi.items():
+                ang = m.angles.get(side)
+                row[f"phi_{side}"] = None if ph is None else ph.phi_full
+                row[f"phi_{side}_random"] = None if ph is None else ph.random
+                row[f"grassmann_{side}"] = None if ang is None else ang.grassmann
+            for who, ce in m.captured.items():
+                for k in ("two_sided", "left", "right", "best_rank_r"):
+                    row[f"captured_{who}_{k}"] = None if ce is None else getattr(ce, k)
+            for who, amp in (m.amplification or {}).items():
+                row[f"amplification_{who}"] = None if amp is None else amp.factor
+            for who, intr in (m.intruders or {}).items():
+                row[f"intruders_{who}"] = None if intr is None else intr.count
+            row["status"] = m.status
+            out.append(row)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str | os.PathLike[str] | None = None) -> CompareResult:
+        """Inverse of :meth:`to_dict`, checking the type of every key it reads.
+
+        Raises:
+            ResultsFormatError: another schema, a missing key or a value of the wrong type, in one
+                line naming the key (e.g. ``modules[3].phi.right.phi_full must be a number``).
+        """
+        return _Reader(source).result(d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CompareResult:
+        """Read a ``compare.json`` (or the folder holding one), validated by :meth:`from_dict`."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "compare.json"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ResultsFormatError(f"cannot read ({type(exc).__name__})", path=path) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ResultsFormatError(f"not valid JSON ({type(exc).__name__})", path=path) from None
+        return cls.from_dict(doc, source=path)
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """A measure's fields with non-finite numbers as None (JSON has no Infinity: an amplification
+    factor is infinite when ΔW has no component in W's directions at all)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+# ---- validation ---------------------------------------------------------------------------------
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _type_name(x: Any) -> str:
+    if x is None:
+        return "null"
+    if isinstance(x, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}.get(type(x), type(x).__name__)
+
+
+class _Reader:
+    """Builds a :class:`CompareResult` from a parsed document, failing on the first bad key."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def fail(self, key: str, what: str, got: Any) -> None:
+        raise ResultsFormatError(f"{key} must be {what}. Got {_type_name(got)} instead", path=self.source,
+                                 hint="this file was not written by spectra compare or was edited; rerun spectra compare --out")
+
+    def get(self, d: dict, key: str, at: str, ok, what: str, *, required: bool = True, default: Any = None) -> Any:
+        if key not in d:
+            if required:
+                raise ResultsFormatError(f"{at}missing key {key!r}", path=self.source, hint="rerun spectra compare --out")
+            return default
+        if not ok(d[key]):
+            self.fail(f"{at}{key}", what, d[key])
+        return d[key]
+
+    def record(self, cls: type, d: Any, at: str) -> Any:
+        """A frozen measure record whose fields are all numbers, except lists/dicts named below."""
+        if d is None:
+            return None
+        if not isinstance(d, dict):
+            self.fail(at, "an object or null", d)
+        values = {}
+        for f in fields(cls):
+            if f.name in ("cosines", "max_cos"):
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, list) and all(_is_num(x) for x in v),
+                                          "an array of numbers")
+            elif f.name == "counts":
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, dict) and all(_is_int(x) for x in v.values()),
+                                          "an object of integers")
+            elif f.name in ("r", "d", "count"):
+                values[f.name] = self.get(d, f.name, at + ".", _is_int, "an integer")
+            else:  # null: not finite (see _finite)
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: v is None or _is_num(v), "a number or null")
+        return cls(**values)
+
+    def measures(self, m: dict, key: str, names: tuple[str, ...], cls: type, at: str, *, required: bool) -> Any:
+        value = self.get(m, key, at, lambda v: isinstance(v, dict) or (v is None and not required),
+                         "an object" if required else "an object or null", required=required)
+        if value is None:
+            return None
+        return {k: self.record(cls, value[k], f"{at}{key}.{k}") for k in names if k in value}
+
+    def module(self, m: Any, i: int) -> ComparedModule:
+        at = f"modules[{i}]."
+        if not isinstance(m, dict):
+            self.fail(f"modules[{i}]", "an object", m)
+        g = self.get
+        base = {
+            "name": g(m, "name", at, lambda v: isinstance(v, str), "a string"),
+            "layer": g(m, "layer", at, lambda v: v is None or _is_int(v), "an integer or null"),
+            "module": g(m, "module", at, lambda v: isinstance(v, str), "a string"),
+            "role": g(m, "role", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
+            "out": g(m, "out", at, _is_int, "an integer"), "in_": g(m, "in", at, _is_int, "an integer"),
+            "rank_a": g(m, "rank_a", at, _is_int, "an integer"), "rank_b": g(m, "rank_b", at, _is_int, "an integer"),
+            "fro_a": g(m, "fro_a", at, _is_num, "a number"), "fro_b": g(m, "fro_b", at, _is_num, "a number"),
+            "status": g(m, "status", at, lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}", required=False, default="ok"),
+            "reason": g(m, "reason", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
+        }
+        phi = self.measures(m, "phi", SIDES, PhiSummary, at, required=True)
+        if not phi:
+            self.fail(f"{at}phi", "an object with a left or right entry", m["phi"])
+        return ComparedModule(
+            **base, phi=phi, angles=self.measures(m, "angles", SIDES, AngleSummary, at, required=True),
+            captured=self.measures(m, "captured", ("b_in_a", "a_in_b"), CapturedEnergy, at, required=True),
+            amplification=self.measures(m, "amplification", ("a", "b"), Amplification, at, required=False),
+            intruders=self.measures(m, "intruders", ("a", "b"), IntruderSummary, at, required=False),
+        )
+
+    def result(self, d: Any) -> CompareResult:
+        if not isinstance(d, dict):
+            self.fail("compare.json", "a JSON object", d)
+        if d.get("schema") != SCHEMA:
+            raise ResultsFormatError(f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead", path=self.source,
+                                     hint="pass a compare.json written by spectra compare")
+        g, at = self.get, ""
+        is_str = lambda v: isinstance(v, str)
+        names = lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)
+        kinds = g(d, "kinds", at, lambda v: isinstance(v, dict) and all(v.get(k) in ("lora", "full") for k in ("a", "b")),
+                  'an object {"a": "lora"|"full", "b": "lora"|"full"}')
+        modules = g(d, "modules", at, lambda v: isinstance(v, list), "an array of objects")
+        grids = g(d, "phi_grids", at, lambda v: isinstance(v, dict), "an object", required=False, default={})
+        for name, by_side in grids.items():
+            if not (isinstance(by_side, dict) and all(
+                    isinstance(grid, list) and all(isinstance(row, list) and all(_is_num(x) for x in row) for row in grid)
+                    for grid in by_side.values())):
+                self.fail(f"phi_grids[{name!r}]", "an object of number grids", by_side)
+        skipped = g(d, "skipped", at, lambda v: isinstance(v, list) and all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str) for s in v),
+            'an array of {"name", "reason"} strings', required=False, default=[])
+        return CompareResult(
+            a=g(d, "a", at, is_str, "a string"), b=g(d, "b", at, is_str, "a string"),
+            base=g(d, "base", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
+            kinds=kinds, config=g(d, "config", at, lambda v: isinstance(v, dict), "an object", required=False, default={}),
+            modules=[self.module(m, i) for i, m in enumerate(modules)],
+            a_only=g(d, "a_only", at, names, "an array of strings", required=False, default=[]),
+            b_only=g(d, "b_only", at, names, "an array of strings", required=False, default=[]),
+            phi_grids=grids, skipped=skipped,
+            device=g(d, "device", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
+            elapsed_s=g(d, "elapsed_s", at, _is_num, "a number", required=False, default=0.0),
+            version=g(d, "version", at, is_str, "a string", required=False, default=__version__),
+        )
+
+
+__all__ = ["SCHEMA", "STATUSES", "AngleSummary", "CompareResult", "ComparedModule", "IntruderSummary", "PhiSummary"]

@@ -1,0 +1,431 @@
+"""``spectra compare A B [--base BASE]``: how two updates of the same base relate (docs/definitions.md, "Subspaces").
+
+A and B are each a PEFT LoRA adapter (ΔW = s·B·A, decomposed from its factors) or a full fine-tuned
+checkpoint (ΔW = W_tuned − W_base, which needs ``base``). For every module both update, the paper
+measures are computed on the top singular subspaces: Hu et al.'s φ grid with its random baseline,
+principal angles and the Grassmann distance, the energy of each update captured by the other's
+subspaces next to the best any subspace of that rank can capture, and, with the base, Hu et al.'s
+amplification factor and Shuttleworth et al.'s intruder dimensions for each side.
+
+Matrices are compared whole: fused matrices (``qkv_proj``, ``c_attn``) are not split here.
+
+Cost: no SVD of a dense matrix. A LoRA update is decomposed from its factors; a dense update's
+top-k triplets, the base weight's left singular basis (computed once per module and shared by the
+intruders of both sides and by both amplification factors) and the top-k left singular vectors of
+each ``W + ΔW`` come from float64 Gram eigensolves that compute only the vectors asked for
+(:mod:`spectra.singular_bases`, which states their precision). Modules run on several threads on the
+CPU, one BLAS thread each; the numbers do not depend on it.
+
+Undefined measures are null, never numbers from an arbitrary basis: an update that is exactly zero
+(a frozen module, a LoRA saved at initialisation with B = 0) has no singular subspace. A module with
+NaN/Inf in a LoRA factor, a weight or the update is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra.adapter_diff import adapter_updates
+from spectra.compare_records import (
+    SCHEMA,
+    AngleSummary,
+    ComparedModule,
+    CompareResult,
+    IntruderSummary,
+    PhiSummary,
+)
+from spectra.config import CompareConfig, check_device_available
+from spectra.delta import form_delta, oriented
+from spectra.engine import randomized_svd
+from spectra.errors import ConfigError, PairingError
+from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.files import atomic_write_text
+from spectra.linalg import resolve_device
+from spectra.naming import (
+    MatrixSpec,
+    describe_checkpoint,
+    pairing_key,
+    role_sort_key,
+    unique_pairing_keys,
+)
+from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.plots.compare import compare_plots
+from spectra.results import rows_to_csv
+from spectra.selection import selector
+from spectra.singular_bases import TopSVD, WeightBasis, top_svd
+from spectra.subspaces import (
+    Factored,
+    amplification,
+    captured_energy,
+    grassmann_distance,
+    intruder_dimensions,
+    phi_grid,
+    phi_random_baseline,
+    principal_angles,
+    random_orthonormal,
+    top_subspace,
+)
+
+__all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
+
+#: Above this p a full update's top-k comes from the randomized SVD (relative tolerance 1e-3 on the
+#: singular values) instead of the exact float64 Gram eigensolve of :func:`spectra.singular_bases.top_svd`.
+EXACT_MAX_P = 4096
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t``. One float64 sum decides it almost always (NaN/Inf reach the sum; a sum of
+    finite float32 values cannot overflow float64); only a non-finite sum is checked element by element
+    (finite float64 values near 1e308 can overflow it)."""
+    if math.isfinite(float(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+@dataclass(frozen=True)
+class _Update:
+    """One side's update of one module: ``form`` is exact (a LoRA's thin SVD, or a dense update with
+    its top-k triplets); ``energy`` is ``‖ΔW‖_F²``."""
+
+    form: Factored | TopSVD
+    energy: float
+
+
+class _Side:
+    """One input of a comparison: per base tensor (pairing key), where its update comes from."""
+
+    def __init__(self, label: str, base: Checkpoint | None, config: CompareConfig):
+        self.label = label
+        self.base = base
+        self.config = config
+        self.adapter: Adapter | None = None
+        self.tuned: Checkpoint | None = None
+        self.mods: dict[str, LoraModule] = {}
+        self.pairs: dict[str, MatrixPair] = {}
+        if is_adapter(label):
+            self.adapter = open_adapter(label)
+            self.kind = "lora"
+            if base is not None:
+                adapter_updates(self.adapter, base)  # every adapted module exists in the base, same shape
+            self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
+            self.names = {k: m.weight_name for k, m in self.mods.items()}
+        else:
+            if base is None:
+                raise ConfigError(f"{label} is a full checkpoint: its update needs the base model",
+                                  hint="pass --base BASE")
+            self.tuned = open_checkpoint(label)
+            self.kind = "full"
+            # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
+            # matrices, shared rows of a resized vocabulary
+            pairing = pair_checkpoints(base, self.tuned)
+            self.pairs = {pairing_key(p.base.name): p for p in pairing.pairs if len(p.tuned_info.shape) == 2}
+            self.names = {k: p.tuned.name for k, p in self.pairs.items()}
+
+    def own_specs(self) -> dict[str, MatrixSpec]:
+        """Pairing key -> spec of each updated matrix, from this side's names alone (no base)."""
+        if self.kind == "lora":
+            specs = describe_checkpoint({m.weight_name: m.shape for m in self.mods.values()})
+            return {k: specs[m.weight_name] for k, m in self.mods.items() if m.weight_name in specs}
+        return {k: p.base for k, p in self.pairs.items()}
+
+    def shape(self, key: str) -> tuple[int, int]:
+        """``(out, in)`` of the update, without reading it."""
+        if self.kind == "lora":
+            return tuple(self.mods[key].shape)  # type: ignore[return-value]
+        return self.pairs[key].out_in
+
+    def rank(self, key: str, shape: tuple[int, int]) -> int:
+        """The subspace rank: a LoRA's r (at most p), or ``top_k`` of a dense update (full, DoRA)."""
+        p = min(shape)
+        if self.kind == "lora":
+            mod = self.mods[key]
+            return min(mod.r, p) if mod.magnitude is None else min(mod.r, self.config.top_k, p)
+        return min(self.config.top_k, p)
+
+    def update(self, key: str, W: torch.Tensor | None, transpose: bool, device: torch.device, need: int,
+               base_name: str | None = None) -> _Update | str:
+        """The update, or why it cannot be measured (NaN/Inf, overflow) as one line.
+
+        ``W`` is the base weight ``base_name`` as stored (DoRA needs it; a full update reuses it
+        instead of reading it again); a dense update keeps its top
+        ``max(top_k, need)`` singular triplets (``need``: the largest rank any measure of the module
+        uses, e.g. the other side's r for the best energy a rank-r subspace can capture)."""
+        if self.kind == "lora":
+            mod = self.mods[key]
+            Bf, Af = mod.factors()
+            for what, t in (("lora_B", Bf), ("lora_A", Af)) + ((("magnitude", mod.magnitude),) if mod.magnitude is not None else ()):
+                if not _all_finite(t):
+                    return f"{what} of {mod.module} in {self.label} contains NaN or Inf"
+            if mod.magnitude is not None:  # DoRA: dense, needs the base
+                if W is None:
+                    raise ConfigError("a DoRA adapter's update depends on the base weights", hint="pass --base BASE")
+                dense = mod.dora_delta(W.mT if transpose else W).to(device)
+                return self._dense(dense, mod.module, need)
+            f = Factored.from_lora(Bf.to(device), Af.to(device), mod.scale)
+            if not bool(torch.isfinite(f.S).all()):
+                return f"the update s·B·A of {mod.module} in {self.label} overflows float64 (scale {mod.scale:g})"
+            return _Update(f, float((f.S.double() ** 2).sum()))
+        pair = self.pairs[key]
+        stored = W if W is not None and base_name == pair.base.name else self.base.load(pair.base.name)
+        wb = oriented(stored, pair.base.transpose, pair.rows)
+        wt = oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+        dense, _, bad = form_delta(wb, wt, device)
+        if bad:
+            what = "the difference of the weights overflows" if bad == ["overflow"] else f"the {' and '.join(bad)} weights contain NaN or Inf"
+            return f"{what} ({pair.tuned.name} in {self.label})"
+        return self._dense(dense, pair.tuned.name, need)
+
+    def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
+        if not _all_finite(dense):
+            return f"the update of {name} in {self.label} contains NaN or Inf"
+        dense = dense.to(torch.float64)  # once: every measure works in float64
+        p = min(dense.shape)
+        k = min(max(self.config.top_k, need), p)
+        if p <= EXACT_MAX_P:
+            top = top_svd(dense, k)
+        else:
+            t = randomized_svd(dense, k, tol=1e-3, generator=torch.Generator().manual_seed(self.config.seed))
+            energy = float(torch.linalg.vector_norm(dense.double()) ** 2)
+            top = TopSVD(dense, t.U.double(), torch.as_tensor(t.S, device=dense.device, dtype=torch.float64), t.Vh.double(), energy)
+        return _Update(top, top.energy)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one module's measures need, decided in order before any work (so that runs on several
+    threads draw the same random bases as one thread)."""
+
+    key: str
+    spec: MatrixSpec
+    base_name: str | None
+    shape: tuple[int, int]
+    rank_a: int
+    rank_b: int
+    random_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+
+
+def _zero_reason(zero_a: bool, zero_b: bool) -> str:
+    who = "A and B" if zero_a and zero_b else ("A" if zero_a else "B")
+    return (f"ΔW of {who} is exactly zero (a frozen module, or a LoRA saved at initialisation with B = 0): "
+            "it has no singular subspace, so φ, the angles and the captured energies are undefined")
+
+
+def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
+             device: torch.device) -> tuple[ComparedModule, dict[str, list[list[float]]]] | dict[str, str]:
+    """The measures of one module (pure given its inputs; runs on a worker thread), or a skip record."""
+    spec, (out_dim, in_dim) = job.spec, job.shape
+    W_stored = base.load(job.base_name) if base is not None and job.base_name is not None else None
+    W = None
+    if W_stored is not None:
+        # float64 once: every measure works in float64 (shared rows of a resized vocabulary)
+        W = (W_stored.mT if spec.transpose else W_stored)[:out_dim].to(device=device, dtype=torch.float64).contiguous()
+        if not _all_finite(W):
+            return {"name": spec.name, "reason": f"the base weights of {spec.name} contain NaN or Inf"}
+    need = max(job.rank_a, job.rank_b)
+    ua = A.update(job.key, W_stored, spec.transpose, device, need, job.base_name)
+    ub = B.update(job.key, W_stored, spec.transpose, device, need, job.base_name)
+    for u in (ua, ub):
+        if isinstance(u, str):
+            return {"name": spec.name, "reason": u}
+    for who, u in (("A", ua), ("B", ub)):
+        if u.form.shape != (out_dim, in_dim):
+            return {"name": spec.name, "reason": f"{who}'s update is {u.form.shape[0]}×{u.form.shape[1]}, not {out_dim}×{in_dim}"}
+    ra, rb = job.rank_a, job.rank_b
+    zero_a, zero_b = ua.energy == 0.0, ub.energy == 0.0
+    sides = ("left", "right") if config.side == "both" else (config.side,)
+    rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
+                         rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5)
+    grids: dict[str, list[list[float]]] = {}
+    if zero_a or zero_b:
+        rec.status, rec.reason = "zero_update", _zero_reason(zero_a, zero_b)
+        rec.phi = dict.fromkeys(sides)
+        rec.angles = dict.fromkeys(sides)
+        rec.captured = {"b_in_a": None, "a_in_b": None}
+    else:
+        fa, fb = ua.form, ub.form
+        for side in sides:
+            QA, QB = top_subspace(fa, ra, side), top_subspace(fb, rb, side)
+            d = QA.shape[0]
+            grid = phi_grid(QA, QB)
+            grids[side] = grid.round(6).tolist()
+            rec.phi[side] = PhiSummary(phi_full=float(grid[-1, -1]), phi_11=float(grid[0, 0]), mean=float(grid.mean()),
+                                       random=phi_random_baseline(ra, rb, d), d=d)
+            ang = principal_angles(QA, QB)
+            rec.angles[side] = AngleSummary(cosines=np.cos(ang).round(8).tolist(), grassmann=grassmann_distance(QA, QB))
+        UA, VA = top_subspace(fa, ra, "left"), top_subspace(fa, ra, "right")
+        UB, VB = top_subspace(fb, rb, "left"), top_subspace(fb, rb, "right")
+        rec.captured = {"b_in_a": captured_energy(fb, UA, VA), "a_in_b": captured_energy(fa, UB, VB)}
+    if W is not None:
+        # W's decomposition is computed once and shared by both sides' amplification and intruders,
+        # as far as they need it: the top singular pairs, all of them only for an undecided cosine
+        k = min(config.intruder_k, min(W.shape))
+        basis = WeightBasis(W, m=max(ra, rb, 2 * k + 10))
+        rec.amplification, rec.intruders = {}, {}
+        for who, u, r, zero in (("a", ua, ra, zero_a), ("b", ub, rb, zero_b)):
+            if zero:  # W + 0 = W: no update, no amplification factor, nothing to intrude
+                rec.amplification[who] = rec.intruders[who] = None
+                continue
+            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=job.random_bases[who])
+            intr = intruder_dimensions(W, u.form, k=k, epsilons=config.epsilons, epsilon=config.epsilon, base=basis)
+            rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
+                                                 counts={str(float(e)): c for e, c in intr.counts.items()},
+                                                 max_cos=np.asarray(intr.max_cos).round(6).tolist())
+    return rec, grids
+
+
+@contextlib.contextmanager
+def _one_blas_thread_each(workers: int) -> Iterator[int]:
+    """Run ``workers`` modules at once with one BLAS/LAPACK thread each, then restore the settings.
+
+    At these sizes (p <= a few thousand) one eigensolve barely uses two threads, while modules are
+    independent: one thread per module uses every core. Needs ``threadpoolctl`` to pin scipy's
+    BLAS; without it (or with one worker) modules run one at a time with every thread. torch's
+    thread count is process-wide, so it is set for the duration of the run and restored after.
+    """
+    if workers <= 1:
+        yield 1
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield 1
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1, user_api="blas"):
+            yield workers
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare(
+    a: str,
+    b: str,
+    *,
+    base: str | None = None,
+    config: CompareConfig | None = None,
+    out_dir: str | Path | None = None,
+    callback: Callable[[int, int, str], None] | None = None,
+    plots: bool = True,
+    workers: int | None = None,
+) -> CompareResult:
+    """Compare the updates of ``a`` and ``b`` (each a LoRA adapter or, with ``base``, a full checkpoint).
+
+    Args:
+        a, b: adapter folders or checkpoints (anything :func:`spectra.open_checkpoint` accepts).
+        base: the base both were fine-tuned from; needed for full checkpoints, DoRA, amplification
+            and intruder dimensions.
+        config: options (:class:`CompareConfig`).
+        out_dir: where ``compare.json``, ``compare.csv`` and the plots go.
+        callback: ``callback(done, total, name)`` after each module, in order.
+        plots: write the figures with the results.
+        workers: modules measured at once on the CPU, one BLAS thread each (default: torch's thread
+            count); 1 runs them one by one with every thread. Results do not depend on it.
+
+    Returns:
+        :class:`CompareResult`. A module whose update is exactly zero on either side gets null
+        measures and its reason; one with NaN/Inf in a factor, a weight or the update is listed in
+        ``skipped``.
+
+    Example:
+        >>> res = compare("lora-r8/", "lora-r64/", base="base/")   # doctest: +SKIP
+    """
+    config = config or CompareConfig()
+    t0 = time.perf_counter()
+    device = resolve_device(config.device)
+    check_device_available(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    base_ckpt = open_checkpoint(base) if base is not None else None
+    A = _Side(str(a), base_ckpt, config)
+    B = _Side(str(b), base_ckpt, config)
+    result = CompareResult(str(a), str(b), None if base is None else str(base), {"a": A.kind, "b": B.kind}, asdict(config),
+                           device=str(device))
+    shared = [k for k in A.names if k in B.names]
+    if not shared:
+        raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",
+                           hint="are they fine-tunes of the same base model?")
+    keep = selector(config.include, config.exclude, config.layers)
+    base_keys: dict[str, str] = {}
+    if base_ckpt is not None:
+        base_specs = describe_checkpoint({n: t.shape for n, t in base_ckpt.tensors.items()}, base_ckpt.arch)
+        base_keys = unique_pairing_keys(list(base_specs))
+        specs = {k: base_specs[n] for k, n in base_keys.items()}
+    else:
+        specs = {**B.own_specs(), **A.own_specs()}
+
+    # the filters apply to the one-sided lists too: --layers 0-1 lists no embedding as "only in B"
+    for side, other, names in ((A, B, result.a_only), (B, A, result.b_only)):
+        own = side.own_specs()
+        for k in side.names:
+            if k not in other.names:
+                spec = specs.get(k) or own.get(k)
+                if spec is None or keep(spec.name, spec.layer):
+                    names.append(side.names[k] if spec is None else spec.name)
+        names.sort()
+    todo = []
+    for k in shared:
+        spec = specs.get(k)
+        if spec is None:
+            raise PairingError(f"the base checkpoint has no matrix {A.names[k]}", path=str(base), tensor=A.names[k])
+        if keep(spec.name, spec.layer):
+            todo.append((k, spec))
+    todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))
+    gen = torch.Generator().manual_seed(config.seed)
+    jobs = []
+    for k, spec in todo:
+        shape = A.shape(k)
+        ra, rb = A.rank(k, shape), B.rank(k, shape)
+        rnd = None
+        if base_ckpt is not None and base_keys.get(k) is not None:
+            # drawn in module order, a then b, as one thread would: the same numbers on any number of workers
+            rnd = {who: (random_orthonormal(shape[0], r, gen, device), random_orthonormal(shape[1], r, gen, device))
+                   for who, r in (("a", ra), ("b", rb))}
+        jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, rnd))
+    if workers is None:
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
+    def measure(job: _Job):
+        return _measure(job, A, B, base_ckpt, config, device)
+
+    # torch's OpenMP thread count is per thread: each worker sets its own to one
+    with _one_blas_thread_each(max(1, min(workers, len(jobs)))) as n, \
+            ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        outs = pool.map(measure, jobs) if n > 1 else map(measure, jobs)  # one worker: on this thread
+        for done, out in enumerate(outs, start=1):
+            if isinstance(out, dict):
+                result.skipped.append(out)
+            else:
+                rec, grids = out
+                result.modules.append(rec)
+                if grids:
+                    result.phi_grids[rec.name] = grids
+            if callback:
+                callback(done, len(jobs), jobs[done - 1].spec.name)
+    result.elapsed_s = time.perf_counter() - t0
+    if out_dir is not None:
+        save_result(result, out_dir, plots=plots)
+    return result
+
+
+def save_result(result: CompareResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+    """Write ``compare.json``, ``compare.csv`` and (with ``plots``) the figures into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": atomic_write_text(out / "compare.json", result.to_json() + "\n"),
+        "csv": atomic_write_text(out / "compare.csv", rows_to_csv(result.rows())),
+    }
+    if plots and result.modules:  # (matplotlib is imported only when a figure is drawn)
+        files.update(compare_plots(result, out))
+    return files

@@ -1,0 +1,195 @@
+"""Options of spectra's runs: one dataclass per command, sharing one block of selection and device
+fields (:class:`SharedOptions`) and their validation. Configs are saved with the results; every field
+is validated in ``__post_init__`` with a :class:`~spectra.errors.ConfigError` that echoes the bad value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from spectra.errors import ConfigError
+from spectra.metrics import DEFAULT_THRESHOLDS
+from spectra.subspaces import DEFAULT_EPSILONS
+
+
+@dataclass(frozen=True)
+class SharedOptions:
+    """Options every command has: which matrices it analyses and where. One definition and one
+    validation, inherited by :class:`DiffConfig`, :class:`CompareConfig` and the other commands' configs.
+
+    Attributes:
+        include: regex; only matrices whose result name matches (``re.search``) are analysed.
+        exclude: regex; matrices whose result name matches are left out (and listed as skipped).
+        layers: layer selection such as ``"0-3,7,10-"``; matrices outside the layer stack
+            (embeddings, head) are left out when set.
+        device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    """
+
+    include: str | None = None
+    exclude: str | None = None
+    layers: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        validate_filters(self.include, self.exclude)
+        if self.layers is not None:
+            parse_layers(self.layers)
+        validate_device(self.device)
+
+
+@dataclass(frozen=True)
+class DiffConfig(SharedOptions):
+    """Options of a diff run; saved with the results.
+
+    Attributes:
+        thresholds: energy-rank thresholds τ (each in (0, 1]); docs/definitions.md's defaults 0.5, 0.9, 0.99.
+        include, exclude, layers, device: see :class:`SharedOptions`.
+        top_k: how many of the largest singular values each result keeps (plots, JSON); the metrics
+            always use the full spectrum.
+        method: ``"gram"`` (eigenvalues of the smaller Gram matrix; fast) or ``"svd"``
+            (``torch.linalg.svdvals``); both exact, see :mod:`spectra.linalg`.
+        precision: dtype of the decomposition. ``"float64"`` (default) keeps every singular value
+            down to ~1e-7·σ₁; ``"float32"`` is ~2× faster on CPU and keeps energy ranks and norms but
+            not the small singular values (nuclear norm, effective rank of low-rank updates).
+        split_fused: split fused matrices (``qkv_proj``, ``c_attn``, ``query_key_value``,
+            ``gate_up_proj``) into their logical parts (docs/definitions.md); False analyses them whole.
+        approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each
+            estimate comes with guaranteed bounds (``energy_rank_bounds``), see
+            :func:`spectra.engine.approx_energy_ranks`.
+        approx_above: use the approximate mode automatically for matrices with ``p = min(out, in)``
+            above this; None never does. The default, 16384, keeps every matrix of today's open
+            models up to 405B exact (their largest p is 16384) and stops the exact path's p³ cost
+            (and its 8·p² byte Gram) from taking over beyond that (``docs/scale.md``).
+        approx_tol: approximate mode stops when every bound is narrower than this fraction of p.
+        seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
+        max_batch: most matrices decomposed together (equal shapes only).
+        max_batch_bytes: memory cap of a batch; default 45% of the free CUDA memory (a quarter more goes to
+            reading ahead, see ``prefetch_bytes``), or 256 MiB on the CPU.
+        prefetch: tensor pairs read ahead while the engine works (0: none); default 1 on the CPU
+            (whose cores the engine already uses) and 8 on CUDA.
+        prefetch_bytes: most bytes of tensor pairs in flight (stored tensors and their ΔW); default a
+            quarter of the free CUDA memory on a GPU (ΔW is formed there), no cap on the CPU (where
+            ``prefetch`` counts pairs). One pair is always read, however large.
+        weight_spectra: also keep the top singular values of W_base and W_tuned (two more exact
+            decompositions per matrix), for spectra plots of the weights next to ΔW (Biderman et al.
+            Fig. S7).
+        read_workers: reader threads; default 1 on the CPU and up to 4 on CUDA, where reading and
+            forming ΔW, not the GPU, is the bottleneck (``bench/results/``).
+    """
+
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    top_k: int = 64
+    method: Literal["gram", "svd"] = "gram"
+    precision: Literal["float64", "float32"] = "float64"
+    split_fused: bool = True
+    approx: bool = False
+    approx_above: int | None = 16384
+    approx_tol: float = 0.01
+    seed: int = 0
+    max_batch: int = 32
+    max_batch_bytes: int | None = None
+    prefetch: int | None = None
+    prefetch_bytes: int | None = None
+    read_workers: int | None = None
+    weight_spectra: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
+            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
+        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0. Got {self.top_k} instead")
+        if self.method not in ("gram", "svd"):
+            raise ConfigError(f"method must be 'gram' or 'svd'. Got {self.method!r} instead")
+        if self.precision not in ("float64", "float32"):
+            raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
+        if not 0 < self.approx_tol < 1:
+            raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
+        if self.prefetch_bytes is not None and self.prefetch_bytes < 1:
+            raise ConfigError(f"prefetch_bytes must be >= 1. Got {self.prefetch_bytes} instead")
+        if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0) or (self.read_workers is not None and self.read_workers < 1):
+            raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
+
+
+@dataclass(frozen=True)
+class CompareConfig(SharedOptions):
+    """Options of a compare run; saved with the results.
+
+    Attributes:
+        side: singular vectors compared: ``"right"`` (input space; Hu et al. used the right singular
+            vectors of the LoRA ``A`` matrices), ``"left"`` or ``"both"``.
+        top_k: rank of the subspace taken from a full (non-LoRA) update.
+        intruder_k: top singular vectors of the tuned weight checked for intruders (default 10).
+        epsilon: intruder threshold; ``epsilons`` the sweep.
+        include, exclude, layers, device: see :class:`SharedOptions` (matched on the base tensor names).
+        seed: seed of random references (random projections of the amplification table).
+    """
+
+    side: Literal["left", "right", "both"] = "right"
+    top_k: int = 64
+    intruder_k: int = 10
+    epsilon: float = 0.5
+    epsilons: tuple[float, ...] = DEFAULT_EPSILONS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.side not in ("left", "right", "both"):
+            raise ConfigError(f"side must be left, right or both. Got {self.side!r} instead")
+        if self.top_k < 1 or self.intruder_k < 1:
+            raise ConfigError(f"top_k and intruder_k must be >= 1. Got {self.top_k}, {self.intruder_k} instead")
+        if not 0 < self.epsilon < 1:
+            raise ConfigError(f"epsilon must be in (0, 1). Got {self.epsilon} instead")
+
+
+def validate_filters(include: str | None, exclude: str | None) -> None:
+    """Raise :class:`ConfigError` unless both are valid regular expressions (or None)."""
+    for name, pattern in (("include", include), ("exclude", exclude)):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"--{name} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+
+
+def validate_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N."""
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
+
+
+def check_device_available(device: torch.device) -> None:
+    """Raise :class:`ConfigError` when a CUDA device is asked for that this machine does not have."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise ConfigError(f"--device {device} was asked for but this machine has {count} CUDA device(s)",
+                          hint="use --device cpu, auto or an existing cuda:N")
+
+
+def parse_layers(spec: str) -> Callable[[int], bool]:
+    """Parse ``"0-3,7,10-"`` into a predicate on layer indices.
+
+    >>> pred = parse_layers("0-1,5,8-")
+    >>> [i for i in range(10) if pred(i)]
+    [0, 1, 5, 8, 9]
+    """
+    ranges: list[tuple[int, int | None]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d*))?", part)
+        if not m:
+            raise ConfigError(f"--layers must look like '0-3,7,10-'. Got {spec!r} instead")
+        lo = int(m.group(1))
+        hi = lo if m.group(2) is None else (int(m.group(2)) if m.group(2) else None)
+        if hi is not None and hi < lo:
+            raise ConfigError(f"--layers range {part!r} is empty (end before start)")
+        ranges.append((lo, hi))
+    return lambda i: any(lo <= i and (hi is None or i <= hi) for lo, hi in ranges)

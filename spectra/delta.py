@@ -1,0 +1,118 @@
+"""Forming ΔW = W_tuned − W_base: the one place where stored tensors are oriented to ``(out, in)``,
+upcast and subtracted (docs/definitions.md: never subtract in bf16/fp16), with the NaN/Inf and overflow checks
+and the numerical caveats of each update (:mod:`spectra.numerics`).
+
+Everything that needs a dense update (``diff``, ``compare``, ``extract``, ``trace``, ``interfere``)
+forms it here, so how ΔW is formed has one home.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from spectra.io.checkpoint import Checkpoint, TensorInfo
+from spectra.numerics import numeric_notes
+from spectra.selection import Task, Unit
+
+
+@dataclass
+class Prepared:
+    """A unit ready for the engine: ΔW (float32, CPU) and the base norm, or why it is skipped."""
+
+    unit: Unit
+    task: Task
+    delta: torch.Tensor | None
+    base_fro: float
+    skip: str | None = None
+    base: torch.Tensor | None = None  # W_base upcast, only with DiffConfig.weight_spectra
+    note: str = ""  # numerical caveats of this ΔW (spectra.numerics)
+
+
+def oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor:
+    """A view of ``w`` in ``(…, out, in)`` orientation (each side by its own storage layout),
+    restricted to the shared leading rows; stored dtype (upcast block by block in :func:`form_delta`)."""
+    if transpose:
+        w = w.mT
+    if rows is not None:
+        w = w[..., :rows, :]
+    return w
+
+
+def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False) -> list[Prepared]:
+    """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread)."""
+    pair = task.pair
+    wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
+    wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+    out = []
+    for unit in task.units:
+        b = wb[unit.expert] if wb.ndim == 3 else wb
+        t = wt[unit.expert] if wt.ndim == 3 else wt
+        if unit.rows is not None:
+            b, t = b[unit.rows], t[unit.rows]
+        delta, base_fro, bad = form_delta(b, t, device)
+        if bad == ["overflow"]:
+            out.append(Prepared(unit, task, None, 0.0, "ΔW overflows float32 (weights near ±3.4e38); its spectrum is undefined"))
+        elif bad:
+            out.append(Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
+        else:
+            notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
+                                  base_sq=base_fro**2)
+            out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
+                                 note="; ".join(notes)))
+    return out
+
+
+def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
+    """ΔW = t − b on ``device`` (docs/definitions.md: upcast, then subtract), ‖b‖_F in float64, and which sides
+    hold NaN/Inf.
+
+    ΔW is float32, or float64 when either side is stored in float64 (a float32 subtraction would
+    round away updates below float32 resolution). Works through row blocks of ``block`` elements:
+    a bf16 pair never has both float32 upcasts in memory at once (peak: the stored pair plus ΔW),
+    and on a GPU only the stored bytes cross the bus.
+    """
+    work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
+    delta = torch.empty(b.shape, dtype=work, device=device)
+    rows = max(1, block // max(1, b.shape[-1]))
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    finite_b = torch.ones((), dtype=torch.bool, device=device)
+    delta_ok = torch.ones((), dtype=torch.bool, device=device)
+    for r in range(0, b.shape[0], rows):
+        bb = b[r : r + rows].to(device).to(work)
+        tb = t[r : r + rows].to(device).to(work)
+        b64 = bb.double().reshape(-1)
+        part = torch.dot(b64, b64)
+        sq += part
+        # a float32² sum cannot overflow float64, so it is finite exactly when the block is; float64
+        # weights above 1e154 would overflow it, so they are checked one by one (float64 is rare)
+        finite_b &= torch.isfinite(bb).all() if work == torch.float64 else torch.isfinite(part)
+        d = delta[r : r + rows]
+        torch.sub(tb, bb, out=d)
+        delta_ok &= torch.isfinite(d.sum())  # NaN/Inf in tuned reach the sum (isfinite() per element is 5× slower)
+    base_ok, sums_ok = torch.stack([finite_b, delta_ok]).tolist()  # one sync per matrix
+    bad = [] if base_ok else ["base"]
+    if not sums_ok:  # rare: tuned or base is not finite, or a sum overflowed; look closely
+        # (fp8 has no isfinite on the CPU: upcast each block)
+        if not all(bool(torch.isfinite(t[r : r + rows].float()).all()) for r in range(0, t.shape[0], rows)):
+            bad.append("tuned")
+        elif base_ok and not all(bool(torch.isfinite(delta[r : r + rows]).all()) for r in range(0, delta.shape[0], rows)):
+            bad.append("overflow")  # both sides finite, their difference is not
+    return delta, float(sq.item()) ** 0.5, bad
+
+
+def pair_bytes(task: Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool = False) -> tuple[int, int]:
+    """Memory of one tensor pair in flight, bytes, as ``(loaded, formed)``: both tensors as loaded
+    (a quantised weight with a scale comes back float32), and what is formed from them: ΔW of each
+    unit (float64 when a side is stored in float64, else float32) and, with ``keep_base``, a copy of
+    W_base in that dtype."""
+    pair = task.pair
+
+    def loaded(ckpt: Checkpoint, name: str, info: TensorInfo) -> int:
+        return math.prod(info.shape) * 4 if name in ckpt.scales else info.nbytes
+
+    item = 8 if "float64" in (pair.base_info.dtype, pair.tuned_info.dtype) else 4
+    formed = sum(item * u.shape[0] * u.shape[1] for u in task.units) * (2 if keep_base else 1)
+    return loaded(base, pair.base.name, pair.base_info) + loaded(tuned, pair.tuned.name, pair.tuned_info), formed

@@ -1,0 +1,82 @@
+"""How untrusted names are shown to people: on a terminal, in figures and in HTML.
+
+Tensor names come from checkpoint headers, which anyone can write. A name may hold ANSI escape
+sequences or other control characters (which would drive the terminal), lone UTF-16 surrogates such
+as ``"\\ud800"`` (legal in a JSON header, but not encodable as UTF-8), or 200,000 characters (which
+make matplotlib lay out text for minutes). :func:`display_name` turns any of them into a short,
+printable string; the results files keep the name as it is.
+"""
+
+from __future__ import annotations
+
+#: Default longest name shown in full; longer ones keep their start and end around an ellipsis.
+MAX_NAME = 120
+
+
+def printable(text: str) -> str:
+    """``text`` with every character that cannot be printed safely written as an escape.
+
+    Control characters (C0, DEL, C1: ``ESC``, ``BEL``, ``CR``…), lone surrogates, format and
+    unassigned characters (categories ``C*``) and separators other than the space become ``\\xNN`` / ``\\uNNNN`` escapes, as
+    Python's ``repr`` writes them; everything else, non-ASCII letters included, is kept.
+
+    >>> printable("layer.\\x1b[31mred\\x1b[0m")
+    'layer.\\\\x1b[31mred\\\\x1b[0m'
+    >>> printable("q_proj.\\ud800")
+    'q_proj.\\\\ud800'
+    >>> printable("Gewichte.größe")
+    'Gewichte.größe'
+    """
+    if text.isprintable():  # the common case: nothing to do
+        return text
+    # str.isprintable is False for categories C* (control, format, surrogate, private, unassigned)
+    # and for separators other than the space
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)  # '\x1b', '\ud800'
+
+
+
+def shorten(text: str, limit: int = MAX_NAME) -> str:
+    """``text`` cut to at most ``limit`` characters, keeping its start and its end (the end of a
+    tensor name says which matrix it is) around ``…``.
+
+    >>> shorten("model.layers.0." + "x" * 50 + ".q_proj.weight", 30)
+    'model.layers…xxx.q_proj.weight'
+    """
+    if limit < 5:
+        raise ValueError(f"limit must be at least 5. Got {limit!r} instead.")
+    if len(text) <= limit:
+        return text
+    tail = (limit - 1) * 3 // 5
+    head = limit - 1 - tail
+    return f"{text[:head]}…{text[-tail:]}"
+
+
+def display_name(name: object, limit: int | None = MAX_NAME) -> str:
+    """A name fit to print: :func:`printable`, then :func:`shorten` to ``limit`` characters (None:
+    any length). Escaping for HTML or terminal markup is still the caller's job.
+
+    >>> display_name("a\\x07b")
+    'a\\\\x07b'
+    """
+    text = str(name)
+    if limit is not None and len(text) > 4 * limit:  # do not scan 200,000 characters to show 120
+        text = text[: 2 * limit] + text[-2 * limit :]
+    text = printable(text)
+    return text if limit is None else shorten(text, limit)
+
+
+def safe_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by their ``\\udXXX`` escape, so that it encodes as
+    UTF-8 (a report or a terminal line); all other characters are kept.
+
+    >>> safe_text("a\\ud800b")
+    'a\\\\ud800b'
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+__all__ = ["MAX_NAME", "display_name", "printable", "safe_text", "shorten"]

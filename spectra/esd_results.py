@@ -1,0 +1,224 @@
+"""Result objects of ``spectra esd`` and their files: ``esd.json`` (schema ``spectra.esd/1``, documented in
+README.md), ``esd.csv``, the α heatmap and the log-log ESD plots. Files are written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spectra.errors import ResultsFormatError
+from spectra.io.files import atomic_write_text
+from spectra.results import rows_to_csv
+
+SCHEMA = "spectra.esd/1"
+
+#: Identity fields of a record; every other key of a record is an :class:`spectra.esd.EsdMetrics` field.
+IDENTITY_FIELDS = ("name", "layer", "module", "role", "expert", "shape", "dtype", "note")
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Inf)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+@dataclass
+class EsdRecord:
+    """The ESD metrics of one matrix.
+
+    Attributes:
+        name: the tensor name (``":e<k>"`` for one expert of a stacked tensor, ``":q"``… for a split part).
+        layer: layer index, None outside the layer stack.
+        module: module label (``"q_proj"``); role: cross-architecture role (``"q"``…), or None.
+        expert: MoE expert index, or None.
+        shape: ``[out, in]`` of the analysed matrix.
+        dtype: the stored dtype.
+        note: caveats (rows analysed, unsplit fused matrix…); empty when none.
+        metrics: the :class:`spectra.esd.EsdMetrics` fields (``alpha``, ``D``, ``xmin``, ``sigma``…).
+        seconds: wall time of the decomposition and fit.
+        eigenvalues: all eigenvalues λ = σ², ascending, for the matrices chosen for ESD plots; else None.
+    """
+
+    name: str
+    layer: int | None
+    module: str
+    role: str | None
+    expert: int | None
+    shape: list[int]
+    dtype: str
+    note: str
+    metrics: dict[str, Any]
+    seconds: float = 0.0
+    eigenvalues: list[float] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        """A metric by name (``rec["alpha"]``), or an identity field."""
+        return self.metrics[key] if key in self.metrics else getattr(self, key)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat record of ``esd.json``: identity fields, metrics, ``seconds``, ``eigenvalues``."""
+        d = {k: getattr(self, k) for k in IDENTITY_FIELDS}
+        d.update(self.metrics)
+        d["seconds"] = self.seconds
+        d["eigenvalues"] = self.eigenvalues
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EsdRecord:
+        ident = {k: d.get(k) for k in IDENTITY_FIELDS}
+        metrics = {k: v for k, v in d.items() if k not in IDENTITY_FIELDS and k not in ("seconds", "eigenvalues")}
+        return cls(**ident, metrics=metrics, seconds=d.get("seconds", 0.0), eigenvalues=d.get("eigenvalues"))
+
+
+@dataclass
+class EsdResult:
+    """Everything ``spectra esd`` computed for one checkpoint; ``esd.json`` holds it.
+
+    Attributes:
+        model: the checkpoint as the user gave it.
+        matrices: one record per analysed matrix, in layer order.
+        skipped: ``{"name", "reason"}`` for tensors present but not analysed.
+        config: the options (:class:`spectra.esd_run.EsdConfig` as a dict).
+        warnings: one-line warnings of the run.
+        complete: False while the run is in progress or if it was interrupted.
+        elapsed_s: wall time of the whole run, seconds; device: where the spectra were computed.
+        version: spectra's version; fingerprint: hash of the inputs and result-affecting options.
+    """
+
+    model: str
+    matrices: list[EsdRecord] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    complete: bool = False
+    elapsed_s: float = 0.0
+    device: str = ""
+    version: str = ""
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["matrices"] = [m.to_dict() for m in self.matrices]
+        return {"schema": SCHEMA, **d}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str | os.PathLike[str] | None = None) -> EsdResult:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ResultsFormatError: another schema, or a matrix record without a string ``name``, a
+                ``[out, in]`` ``shape`` and a ``module`` (one line naming the key and ``source``).
+        """
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            got = d.get("schema") if isinstance(d, dict) else type(d).__name__
+            raise ResultsFormatError(f"schema must be {SCHEMA!r}. Got {got!r} instead", path=source)
+        mats = d.get("matrices", [])
+        if not isinstance(mats, list):
+            raise ResultsFormatError("matrices must be a list", path=source)
+        for i, m in enumerate(mats):
+            ok = (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)
+                  and isinstance(m.get("shape"), list) and len(m["shape"]) == 2)
+            if not ok:
+                raise ResultsFormatError(f"matrices[{i}] must be an object with a name, a module and a shape [out, in]", path=source)
+        fields = set(cls.__dataclass_fields__)
+        kw = {k: v for k, v in d.items() if k in fields}
+        kw["matrices"] = [EsdRecord.from_dict(m) for m in mats]
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EsdResult:
+        """Read ``esd.json`` (or the folder holding one).
+
+        Raises:
+            ResultsFormatError: not JSON, or not a ``spectra.esd/1`` document.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / "esd.json"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ResultsFormatError(f"cannot read esd results ({type(exc).__name__})", path=path) from None
+        return cls.from_dict(doc, source=path)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """``esd.json``'s text: valid JSON always (a non-finite number becomes null), UTF-8 when every
+        name encodes, else with ``\\uXXXX`` escapes (a tensor name may hold a lone surrogate)."""
+        doc = _finite(self.to_dict())
+        text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(doc, indent=indent, ensure_ascii=True, allow_nan=False)
+        return text
+
+    def save_json(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Flat per-matrix rows for the CSV and :meth:`to_dataframe` (eigenvalues left out)."""
+        rows = []
+        for m in self.matrices:
+            d = m.to_dict()
+            d.pop("eigenvalues")
+            out, inn = d.pop("shape")
+            d = {"name": d.pop("name"), "layer": d.pop("layer"), "expert": d.pop("expert"), "module": d.pop("module"),
+                 "role": d.pop("role"), "out": out, "in": inn, **d}
+            rows.append(d)
+        return rows
+
+    def save_csv(self, path: str | os.PathLike[str]) -> Path:
+        return atomic_write_text(Path(path), rows_to_csv(self.rows()))
+
+    def to_dataframe(self):  # -> pandas.DataFrame
+        """The per-matrix table as a pandas DataFrame (needs pandas)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("to_dataframe() needs pandas: pip install pandas") from exc
+        return pd.DataFrame(self.rows())
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per module label, in first-seen order: count, fitted count, median/min/max α, median D,
+        and how many matrices are over-trained (α < 2) and under-trained (α > 6)."""
+        groups: dict[str, list[EsdRecord]] = {}
+        for m in self.matrices:
+            groups.setdefault(m.module, []).append(m)
+        out = []
+        for module, ms in groups.items():
+            alphas = [m["alpha"] for m in ms if m["alpha"] is not None]
+            out.append({
+                "module": module, "role": ms[0].role, "count": len(ms), "fitted": len(alphas),
+                "alpha_median": statistics.median(alphas) if alphas else None,
+                "alpha_min": min(alphas) if alphas else None, "alpha_max": max(alphas) if alphas else None,
+                "D_median": statistics.median(m["D"] for m in ms if m["D"] is not None) if alphas else None,
+                "over_trained": sum(m["warning"] == "over-trained" for m in ms),
+                "under_trained": sum(m["warning"] == "under-trained" for m in ms),
+            })
+        return out
+
+    def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
+        """Write ``esd.json``, ``esd.csv``, ``esd_config.json`` and, with ``plots``, ``alpha_heatmap.png``
+        (needs a layer stack) and ``esd_plots.png`` (needs matrices with eigenvalues kept)."""
+        out = Path(out_dir)
+        files = {"json": self.save_json(out / "esd.json"), "csv": self.save_csv(out / "esd.csv"),
+                 "config": atomic_write_text(out / "esd_config.json", json.dumps(self.config, indent=2, sort_keys=True) + "\n")}
+        if plots:
+            from spectra.plots import esd as esd_plots  # matplotlib only when plotting
+
+            if any(m.layer is not None and m["alpha"] is not None for m in self.matrices):
+                files["alpha_heatmap"] = esd_plots.alpha_heatmap(self.to_dict()["matrices"], out / "alpha_heatmap.png")
+            chosen = [m.to_dict() for m in self.matrices if m.eigenvalues]
+            if chosen:
+                files["esd_plots"] = esd_plots.esd_loglog(chosen, out / "esd_plots.png")
+        return files

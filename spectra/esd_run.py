@@ -1,0 +1,353 @@
+"""``spectra esd``: WeightWatcher's heavy-tailed metrics (:mod:`spectra.esd`) for every matrix of one
+checkpoint, streamed.
+
+A reader thread loads the next tensor (upcast to float32, oriented ``(out, in)``, split into experts,
+and into parts only if asked) while the engine decomposes the current batch of equally shaped
+matrices with :func:`spectra.engine.batch_singular_values` (exact: float64 Gram + eigh); ``λ = σ²``.
+Memory stays at one tensor ahead plus one batch, whatever the model. Each record is journaled to
+``esd.jsonl`` at once (``--resume`` finishes an interrupted run) and reported through a callback;
+results come back in layer order.
+
+Differences from ``WeightWatcher(model).analyze()`` (0.7.7) in what is analysed, and
+``EsdConfig.ww_compatible`` which undoes them (README.md, "spectra esd"):
+
+- every matrix: vocabularies above 50000 rows and matrices with more than 15000 eigenvalues
+  (WeightWatcher's ``max_N`` and ``max_evals``) and stacked expert tensors, which WeightWatcher does not
+  see (they are not a module's ``.weight``), are analysed;
+- a tied ``lm_head`` is stored once and analysed once (WeightWatcher lists it as a second row,
+  identical to the embedding);
+- Conv kernels (4-D) are not matrices here; WeightWatcher pools their ``kh × kw`` slices.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spectra._version import __version__
+from spectra.config import SharedOptions, check_device_available
+from spectra.delta import oriented
+from spectra.engine import batch_budget, batch_singular_values
+from spectra.errors import ConfigError
+from spectra.esd import EVALS_THRESH, XMIN_METHODS, XminMethod, esd_metrics
+from spectra.esd_results import EsdRecord, EsdResult
+from spectra.io.adapter import is_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
+from spectra.linalg import resolve_device
+from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.selection import Task, Unit, plan_units
+
+__all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", "esd", "ww_skip_reason"]
+
+#: WeightWatcher 0.7.7 ``analyze()`` defaults (``constants.py``): a layer is skipped when its number of
+#: eigenvalues M = min(shape) is below ``min_evals`` or above ``max_evals``, or N = max(shape) is above ``max_N``.
+WW_MIN_EVALS = 8
+WW_MAX_EVALS = 15000
+WW_MAX_N = 50000
+
+#: EsdConfig fields that change the numbers written (``--resume`` refuses a journal made with others).
+RESULT_FIELDS = ("include", "exclude", "layers", "xmin", "ww_compatible", "split_fused", "evals_thresh", "plot_include")
+
+#: ESD plots of at most this many matrices when ``plot_include`` is not given (the middle layer's).
+DEFAULT_PLOTTED = 8
+
+
+@dataclass(frozen=True)
+class EsdConfig(SharedOptions):
+    """Options of an esd run; saved with the results.
+
+    Attributes:
+        include, exclude, layers, device: see :class:`spectra.config.SharedOptions`.
+        xmin: how the power-law tail's lower end is chosen: ``"fit"`` (WeightWatcher's default, the
+            xmin with the smallest KS distance), ``"peak"`` or ``"mid"`` (:func:`spectra.esd.power_law_fit`).
+        ww_compatible: analyse only what WeightWatcher 0.7.7's ``analyze()`` analyses (:func:`ww_skip_reason`),
+            so rows can be compared one to one; the others are listed as skipped with the rule.
+        split_fused: split fused matrices (``qkv_proj``, ``c_attn``, ``gate_up_proj``…) into their parts;
+            False (default) analyses them whole, as WeightWatcher does.
+        evals_thresh: eigenvalues at or below this are left out of the power-law fit (WeightWatcher's
+            absolute ``EVALS_THRESH``, 1e-5).
+        plot_include: regex; the eigenvalues of matching matrices are kept in the results and plotted
+            on log-log axes. None: the matrices of the middle layer (at most 8).
+        max_batch: most equally shaped matrices decomposed together on CUDA (the CPU takes them one by one).
+        max_batch_bytes: memory cap of a batch; default 256 MiB on the CPU, 70% of free CUDA memory.
+        prefetch: tensors read ahead while the engine works (at least 1).
+    """
+
+    xmin: XminMethod = "fit"
+    ww_compatible: bool = False
+    split_fused: bool = False
+    evals_thresh: float = EVALS_THRESH
+    plot_include: str | None = None
+    max_batch: int = 32
+    max_batch_bytes: int | None = None
+    prefetch: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.xmin not in XMIN_METHODS:
+            raise ConfigError(f"xmin must be one of fit, peak, mid. Got {self.xmin!r} instead")
+        if self.ww_compatible and self.split_fused:
+            raise ConfigError("ww_compatible analyses fused matrices whole, as WeightWatcher does; splitting them "
+                              "gives rows WeightWatcher does not have", hint="drop --split or --ww-compatible")
+        if not (self.evals_thresh >= 0.0):
+            raise ConfigError(f"evals_thresh must be >= 0. Got {self.evals_thresh!r} instead")
+        if self.plot_include is not None:
+            try:
+                re.compile(self.plot_include)
+            except re.error as exc:
+                raise ConfigError(f"plot_include must be a valid regular expression. Got {self.plot_include!r} instead ({exc})") from None
+        if self.max_batch < 1 or self.prefetch < 1:
+            raise ConfigError(f"max_batch and prefetch must be >= 1. Got {self.max_batch}, {self.prefetch} instead")
+        if self.max_batch_bytes is not None and self.max_batch_bytes < 1:
+            raise ConfigError(f"max_batch_bytes must be >= 1. Got {self.max_batch_bytes} instead")
+
+
+@dataclass(frozen=True)
+class EsdEvent:
+    """Reported to the callback once per analysed or skipped matrix.
+
+    Attributes:
+        done: matrices finished so far (this one included); total: matrices planned.
+        record: the new record, or None if the matrix was skipped; skipped: ``{"name", "reason"}`` or None.
+    """
+
+    done: int
+    total: int
+    record: EsdRecord | None = None
+    skipped: dict[str, str] | None = None
+
+
+def ww_skip_reason(pair: MatrixPair) -> str | None:
+    """Why WeightWatcher 0.7.7's ``analyze()`` (default options) would not analyse this tensor, or None.
+
+    WeightWatcher walks ``model.named_modules()`` and analyses the ``.weight`` of ``Linear``,
+    ``Conv1d``/``Conv2d`` (GPT-2's ``Conv1D`` included) and ``Embedding`` modules
+    (``WWLayerIterator.layer_supported``) whose ``M = min(shape)`` lies in ``[min_evals, max_evals] =
+    [8, 15000]`` and ``N = max(shape) <= max_N = 50000``. From a checkpoint, a module weight is a 2-D
+    tensor named ``*.weight``; a stacked 3-D expert tensor is a bare parameter WeightWatcher never sees.
+    """
+    name, shape = pair.tuned.name, tuple(pair.tuned_info.shape)
+    if len(shape) != 2:
+        return "stacked expert tensor: not a module's .weight, WeightWatcher does not see it (--ww-compatible)"
+    if not name.endswith(".weight"):
+        return "not a module's .weight: WeightWatcher does not see it (--ww-compatible)"
+    out_dim, in_dim = pair.out_in
+    M, N = min(out_dim, in_dim), max(out_dim, in_dim)
+    if M < WW_MIN_EVALS:
+        return f"min(shape) = {M} < {WW_MIN_EVALS}: below WeightWatcher's min_evals (--ww-compatible)"
+    if M > WW_MAX_EVALS:
+        return f"min(shape) = {M} > {WW_MAX_EVALS}: above WeightWatcher's max_evals (--ww-compatible)"
+    if N > WW_MAX_N:
+        return f"max(shape) = {N} > {WW_MAX_N}: above WeightWatcher's max_N (--ww-compatible)"
+    return None
+
+
+def _plotted(tasks: list[Task], pattern: str | None) -> set[str]:
+    """Names of the units whose eigenvalues are kept: ``pattern`` matches, or the middle layer's
+    first :data:`DEFAULT_PLOTTED` units (plan order, so a resumed run keeps the same ones)."""
+    units = sorted((u for t in tasks for u in t.units), key=lambda u: u.order)
+    if pattern is not None:
+        rx = re.compile(pattern)
+        return {u.name for u in units if rx.search(u.name)}
+    layer_of = {u.name: t.pair.tuned.layer for t in tasks for u in t.units}
+    layers = sorted({layer_of[u.name] for u in units if layer_of[u.name] is not None})
+    if not layers:
+        return {u.name for u in units[:DEFAULT_PLOTTED]}
+    mid = layers[len(layers) // 2]
+    return set([u.name for u in units if layer_of[u.name] == mid and u.expert in (None, 0)][:DEFAULT_PLOTTED])
+
+
+def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor | None, str]]:
+    """Load one tensor and cut it into its units: ``(unit, task, W (out, in) float32 or None, why skipped)``.
+    Runs in the reader thread. float64 weights stay float64; others are upcast to float32 (exact)."""
+    pair = task.pair
+    w = oriented(ckpt.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+    out = []
+    for unit in task.units:
+        m = w[unit.expert] if w.ndim == 3 else w
+        if unit.rows is not None:
+            m = m[unit.rows]
+        m = m.to(torch.float64 if m.dtype == torch.float64 else torch.float32)
+        if not bool(torch.isfinite(m).all()):
+            out.append((unit, task, None, "NaN or Inf in the weights; the spectrum is undefined"))
+        else:
+            out.append((unit, task, m, ""))
+    return out
+
+
+def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int) -> Iterator[tuple[Unit, Task, torch.Tensor | None, str]]:
+    """Units in plan order while one thread reads up to ``depth`` tensors ahead (a reader's exception
+    is re-raised here, in order)."""
+    todo = deque(tasks)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-read") as pool:
+        pending: deque = deque()
+        try:
+            while todo and len(pending) < depth:
+                pending.append(pool.submit(_read, todo.popleft(), ckpt))
+            while pending:
+                items = pending.popleft().result()
+                if todo:
+                    pending.append(pool.submit(_read, todo.popleft(), ckpt))
+                yield from items
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+
+def esd(
+    model: str | Checkpoint,
+    *,
+    config: EsdConfig | None = None,
+    out_dir: str | Path | None = None,
+    callback: Callable[[EsdEvent], None] | None = None,
+    resume: bool = False,
+    plots: bool = True,
+) -> EsdResult:
+    """WeightWatcher's ESD metrics (α, D, xmin, σ_α, α-hat, norms, entropy, MP fit) of every matrix of
+    one checkpoint, from exact eigenvalues ``λ = σ²`` of each ``(out, in)`` weight.
+
+    Args:
+        model: a checkpoint (``.safetensors``, model folder, index, ``.bin``, hub cache id) or an opened one.
+        config: options; :class:`EsdConfig` defaults when None.
+        out_dir: if given, ``esd.jsonl`` is journaled as records come in and ``esd.json`` rewritten every
+            few seconds, then ``esd.json``, ``esd.csv``, ``esd_config.json`` and the plots at the end.
+        callback: called with an :class:`EsdEvent` after each matrix.
+        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options).
+        plots: write ``alpha_heatmap.png`` and ``esd_plots.png`` into ``out_dir``.
+
+    Returns:
+        An :class:`EsdResult` with ``complete=True``.
+
+    Raises:
+        ConfigError: ``model`` is a PEFT adapter, ``resume`` without ``out_dir``, or a journal from other
+            inputs or options.
+
+    Example:
+        >>> res = esd("model/", out_dir="esd-out")          # doctest: +SKIP
+        >>> res.summary()[0]["alpha_median"]                # doctest: +SKIP
+    """
+    config = config or EsdConfig()
+    device = resolve_device(config.device)
+    check_device_available(device)
+    t0 = time.perf_counter()
+    if not isinstance(model, Checkpoint) and is_adapter(model):
+        raise ConfigError("is a PEFT adapter: esd analyses full weight matrices", path=model,
+                          hint="merge the adapter into its base first, or use `spectra diff BASE ADAPTER --esd`")
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
+    ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    pairing = pair_checkpoints(ckpt, ckpt)
+    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
+                       split_fused=config.split_fused)
+    result = EsdResult(model=ckpt.label, skipped=[asdict(s) for s in pairing.skipped], config=asdict(config),
+                       device=str(device), version=__version__)
+    if config.ww_compatible:
+        kept = []
+        for t in tasks:
+            why = ww_skip_reason(t.pair)
+            if why is None:
+                kept.append(t)
+            else:
+                result.skipped.extend({"name": u.name, "reason": why} for u in t.units)
+        tasks = kept
+    order = {u.name: u.order for t in tasks for u in t.units}
+    plotted = _plotted(tasks, config.plot_include)
+    result.fingerprint = inputs_fingerprint([ckpt], {k: getattr(config, k) for k in RESULT_FIELDS})
+    journal = RecordJournal(Path(out_dir) / "esd.jsonl") if out_dir is not None else None
+    done_names: set[str] = set()
+    if journal is not None:
+        for rec in journal.start(result.fingerprint, resume=resume):
+            if "matrix" in rec:
+                result.matrices.append(EsdRecord.from_dict(rec["matrix"]))
+                done_names.add(rec["matrix"]["name"])
+            elif "skipped" in rec:
+                result.skipped.append(rec["skipped"])
+                done_names.add(rec["skipped"]["name"])
+        result.save_json(Path(out_dir) / "esd.json")
+    tasks = [Task(t.pair, [u for u in t.units if u.name not in done_names]) for t in tasks]
+    tasks = [t for t in tasks if t.units]
+    total = len(done_names) + sum(len(t.units) for t in tasks)
+    state = {"done": len(done_names), "saved": time.monotonic()}
+
+    def emit(record: EsdRecord | None, skipped: dict[str, str] | None) -> None:
+        state["done"] += 1
+        if record is not None:
+            result.matrices.append(record)
+        else:
+            result.skipped.append(skipped)
+        if journal is not None:
+            journal.add({"matrix": record.to_dict()} if record is not None else {"skipped": skipped})
+            if time.monotonic() - state["saved"] >= REWRITE_EVERY_S:
+                result.save_json(Path(out_dir) / "esd.json")
+                state["saved"] = time.monotonic()
+        if callback is not None:
+            callback(EsdEvent(state["done"], total, record, skipped))
+
+    budget = batch_budget(device, config.max_batch_bytes)
+    # the CPU engine decomposes one matrix at a time whatever the batch (its BLAS already uses every
+    # core), so on the CPU a batch would only hold weights in memory: each matrix goes alone
+    max_count = config.max_batch if device.type == "cuda" else 1
+    shapes = [u.shape for t in tasks for u in t.units]
+    batch: list[tuple[Unit, Task, torch.Tensor]] = []
+    size = 0
+    try:
+        for k, (unit, task, W, why) in enumerate(_stream(tasks, ckpt, config.prefetch)):
+            if W is None:
+                emit(None, {"name": unit.name, "reason": why})
+                continue
+            batch.append((unit, task, W))
+            size += W.numel() * W.element_size()
+            nxt = shapes[k + 1] if k + 1 < len(shapes) else None
+            if nxt != unit.shape or len(batch) >= max_count or size + nxt[0] * nxt[1] * 4 > budget:
+                for rec in _analyse(batch, config, device, budget, plotted):
+                    emit(rec, None)
+                batch, size = [], 0
+        if batch:
+            for rec in _analyse(batch, config, device, budget, plotted):
+                emit(rec, None)
+    finally:
+        if journal is not None:  # an interrupted run leaves esd.json (complete: false) beside its journal
+            result.save_json(Path(out_dir) / "esd.json")
+    result.matrices.sort(key=lambda r: order.get(r.name, len(order)))
+    failed = sum(m["alpha"] is None for m in result.matrices)
+    if failed:
+        result.warnings.append(f"{failed} of {len(result.matrices)} power-law fits failed (too few eigenvalues above "
+                               f"{config.evals_thresh:g}, or a degenerate tail); their alpha is null")
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    if out_dir is not None:
+        result.save(out_dir, plots=plots)
+    return result
+
+
+def _analyse(batch: list[tuple[Unit, Task, torch.Tensor]], config: EsdConfig, device: torch.device, budget: int,
+             plotted: set[str]) -> list[EsdRecord]:
+    """Exact spectra of one batch of equally shaped matrices, then the ESD metrics of each."""
+    start = time.perf_counter()
+    S_all = batch_singular_values([W for _, _, W in batch], device=device, method="gram", dtype=torch.float64,
+                                  max_batch_bytes=budget)
+    per = (time.perf_counter() - start) / len(batch)
+    out = []
+    for (unit, task, _), S in zip(batch, S_all):
+        t = time.perf_counter()
+        lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
+        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh)
+        pair = task.pair
+        out.append(EsdRecord(
+            name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
+            shape=list(unit.shape), dtype=pair.tuned_info.dtype,
+            note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
+            metrics=metrics.to_dict(), seconds=per + time.perf_counter() - t,
+            eigenvalues=[float(v) for v in lam] if unit.name in plotted else None,
+        ))
+    batch.clear()  # drop the weights now: the next tensors are being read
+    return out

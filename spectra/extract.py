@@ -1,0 +1,658 @@
+"""``spectra extract``: the PEFT LoRA adapter that keeps the most of an update for a rank, energy or
+parameter budget, from a full fine-tune or from another adapter, with what it kept and what it lost.
+
+The run streams, like ``spectra diff``: reader threads form ΔW (float32, oriented ``(out, in)``) for
+the next tensor pairs while the main thread decomposes the current batch of equally shaped matrices
+(:mod:`spectra.stream`); memory is bounded by the pairs in flight, one batch and one matrix's Gram
+eigendecomposition, whatever the model. Each module's spectrum is journaled (``extract.jsonl``) and
+the top singular triplets that can still be chosen are written to a scratch shard in the output
+folder as soon as they are computed, so ``resume`` finishes an interrupted run.
+
+Ranks (:mod:`spectra.extract_plan`, :mod:`spectra.lowrank`): ``--rank`` and ``--energy`` decide each
+module alone; ``--budget`` needs every module's spectrum first. The default ``one-pass`` strategy
+keeps, per module, the components whose energy per parameter is not already below the cut-off of the
+modules seen before (they can still be chosen whatever comes later), so one read and one
+eigendecomposition per matrix suffice; ``two-pass`` computes all singular values first (the
+engine's exact batched path), allocates, and reads again for the vectors of the chosen components.
+``bench/extract.py`` measures both.
+
+Factors: ``B = U_r·diag(√σ)``, ``A = diag(√σ)·V_rᵀ`` with ``lora_alpha = r`` per module (scale 1;
+rsLoRA ``alpha = √r``) from the exact top-r singular vectors (float64 Gram eigendecomposition; the
+randomized SVD with its certified residual above ``approx_above``; for an adapter, the factored SVD
+of ``s·B·A``, never densified; DoRA from its dense update), stored in the tuned checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from spectra._version import __version__
+from spectra.adapter_diff import adapter_updates
+from spectra.config import DiffConfig, check_device_available
+from spectra.delta import Prepared
+from spectra.engine import batch_singular_values
+from spectra.errors import ConfigError, IdenticalCheckpointsError
+from spectra.extract_plan import (
+    RESULT_FIELDS,
+    ExtractConfig,
+    RankPlan,
+    Target,
+    plan_ranks,
+    target_of,
+    why_not_target,
+)
+from spectra.extract_results import (
+    ExtractResult,
+    build_result,
+    left_out_record,
+    one_d_changes,
+)
+from spectra.io.adapter import Adapter, is_adapter, open_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.peft_writer import (
+    LoraFactors,
+    adapter_config,
+    lora_layout,
+    lora_tensors,
+    saved_name,
+    task_type_for,
+    write_adapter,
+    write_safetensors,
+)
+from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.linalg import resolve_device
+from spectra.lowrank import (
+    allocate_budget,
+    eig_factors,
+    energy_rank_top,
+    factored_triplets,
+    gram_eig,
+    randomized_triplets,
+    reach_above,
+    round_up,
+    spectrum_total,
+)
+from spectra.naming import describe_checkpoint
+from spectra.pairing import pair_checkpoints
+from spectra.selection import Task, plan_units, selector
+from spectra.stream import batches, prefetch, run_settings
+
+JOURNAL = "extract.jsonl"
+SCRATCH = ".extract-scratch"
+#: Files a run writes; a folder holding anything else (or a finished run) is refused without ``force``.
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "extract.json", "extract.csv", "extract.png",
+                "extract_ranks.png", JOURNAL, SCRATCH)
+
+
+@dataclass(frozen=True)
+class ExtractEvent:
+    """Reported to the callback after each module of a stage.
+
+    Attributes:
+        stage: ``"spectra"`` (decomposition; one-pass also keeps the vectors), ``"vectors"`` (the
+            second pass), ``"eval"``.
+        done, total: modules of this stage finished and planned.
+        name: the module just finished.
+    """
+
+    stage: str
+    done: int
+    total: int
+    name: str
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """What is extracted: the targets, and for a full checkpoint the tensor pairs to stream; for an
+    adapter its modules. Plus what is not extracted, for the report."""
+
+    kind: str  # "full" | "lora"
+    base: Checkpoint
+    targets: list[Target]
+    tuned: Checkpoint | None = None
+    tasks: list[Task] | None = None
+    adapter: Adapter | None = None
+    mods: dict[int, Any] | None = None  # target order -> LoraModule
+    left_out: list[tuple[Any, str]] | None = None  # (Task or (name, shape, fro, base_fro), reason)
+    one_d: list[tuple[str, str]] | None = None  # (tuned name, base name) of paired 1-D tensors
+    unmatched: dict[str, list[str]] | None = None
+    label: str = ""
+
+
+def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> _Source:
+    if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
+        return _adapter_source(base, open_adapter(tuned), config)
+    tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+    pairing = pair_checkpoints(base, tuned_ckpt)
+    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
+    targets, kept, left = [], [], []
+    for task in tasks:
+        spec = task.pair.tuned
+        why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None)
+        if why:
+            left.append((task, why))
+            continue
+        unit = task.units[0]
+        targets.append(target_of(unit.order, spec, spec.name[: -len(".weight")], unit.shape, base_name=task.pair.base.name,
+                                 dtype=task.pair.tuned_info.dtype,
+                                 note="; ".join(x for x in (spec.note, task.pair.note) if x)))
+        kept.append(task)
+    one_d = []
+    base_by_key = {n: n for n in base.tensors}
+    for s in pairing.skipped:
+        info = tuned_ckpt.tensors.get(s.name)
+        if info is not None and len(info.shape) == 1 and info.dtype.startswith(("float", "bfloat")):
+            bn = base_by_key.get(s.name) or _same_key(base, s.name)
+            if bn is not None:
+                one_d.append((s.name, bn))
+    return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
+                   one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
+                   label=tuned_ckpt.label)
+
+
+def _same_key(ckpt: Checkpoint, name: str) -> str | None:
+    from spectra.naming import pairing_key, unique_pairing_keys
+
+    return unique_pairing_keys(list(ckpt.tensors)).get(pairing_key(name))
+
+
+def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> _Source:
+    """Targets of an adapter being resized: each of its LoRA modules (whole, as PEFT wrapped it)."""
+    init = adapter.config.base_changing_init
+    if init:
+        raise ConfigError(f"this adapter was initialised with {init}, which changes the base weights: s·B·A is not "
+                          "the fine-tuning update", path=adapter.path,
+                          hint="merge it (merge_and_unload) and extract from the merged model against the original base")
+    keep = selector(config.include, config.exclude, config.layers)
+    targets, mods, left = [], {}, []
+    for order, (mod, spec, base_name) in enumerate(adapter_updates(adapter, base)):
+        if not keep(spec.name, spec.layer):
+            continue
+        if mod.embedding and not config.embeddings:
+            left.append(((spec.name, tuple(mod.shape), _lora_fro(mod), _fro(base, base_name)),
+                         "embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)"))
+            continue
+        t = target_of(order, spec, mod.module, tuple(mod.shape), base_name=base_name, dtype="float32", note=spec.note)
+        targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": _adapter_dtype(adapter)}))
+        mods[order] = mod
+    for s in adapter.skipped:
+        left.append(((s.name, (), None, None), s.reason))
+    return _Source("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
+                   one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path))
+
+
+def _adapter_dtype(adapter: Adapter) -> str:
+    from spectra.io.checkpoint import tensor_infos
+
+    f = next(adapter.path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter.path / n).is_file())
+    dtypes = [i.dtype for i in tensor_infos(f).values()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else "float32"
+
+
+def _lora_fro(mod) -> float:
+    """‖s·B·A‖_F from the factors (QR and an r × r SVD; the product is never formed)."""
+    Bf, Af = mod.factors()
+    return factored_triplets(Bf, Af, mod.scale, 0).total ** 0.5
+
+
+def _fro(ckpt: Checkpoint, name: str | None) -> float | None:
+    if name is None or name not in ckpt.tensors:
+        return None
+    return float(torch.linalg.vector_norm(ckpt.load(name).double()).item())
+
+
+# ---- the run state: spectra, factors on disk, the journal -------------------------------------------
+class _Run:
+    """Records of one run: per target its spectrum and the factors kept in the scratch shard."""
+
+    def __init__(self, targets: list[Target], plan: RankPlan, config: ExtractConfig, out: Path, journal: RecordJournal,
+                 callback: Callable[[ExtractEvent], None] | None) -> None:
+        self.targets, self.plan, self.config, self.out, self.journal = targets, plan, config, out, journal
+        self.callback = callback
+        self.index = {t.order: i for i, t in enumerate(targets)}
+        self.spectra: dict[int, dict] = {}
+        self.factors: dict[int, dict] = {}
+        self.scratch = out / SCRATCH
+        self.done = 0
+        self._cut, self._cut_at = 0.0, 0  # the last budget cut-off and how many modules it saw
+
+    def absorb(self, records: list[dict]) -> None:
+        """Records of an interrupted run (factors only where their shard file is there)."""
+        for rec in records:
+            if "spectrum" in rec and rec["spectrum"]["order"] in self.index:
+                self.spectra[self.index[rec["spectrum"]["order"]]] = rec["spectrum"]
+            elif "factors" in rec and rec["factors"]["order"] in self.index and (self.scratch / rec["factors"]["file"]).is_file():
+                self.factors[self.index[rec["factors"]["order"]]] = rec["factors"]
+
+    def n_values(self, i: int) -> int:
+        """Singular values journaled for target i: enough for every rank it may take, the uniform
+        comparison and ``top_values`` (all of them under ``energy``, whose rank is the spectrum's)."""
+        t = self.targets[i]
+        if self.config.mode == "energy":
+            return t.p
+        return min(t.p, max(self.plan.caps[i], self.plan.uniform_bound, self.config.top_values) + 1)
+
+    def add_spectrum(self, i: int, S: np.ndarray, total: float, method: str, *, residual: float | None = None,
+                     base_fro: float | None = None, note: str = "", stage: str = "spectra") -> None:
+        t = self.targets[i]
+        rec = {"order": t.order, "S": [float(x) for x in np.asarray(S)[: self.n_values(i)]], "total": float(total),
+               "method": method, "residual": residual, "base_fro": base_fro, "note": note}
+        self.spectra[i] = rec
+        self.journal.add({"spectrum": rec})
+        self._emit(stage, t.name)
+
+    def skip(self, i: int, reason: str) -> None:
+        t = self.targets[i]
+        rec = {"order": t.order, "S": [], "total": 0.0, "method": "skipped", "residual": None, "base_fro": None,
+               "note": reason, "skipped": True}
+        self.spectra[i] = rec
+        self.journal.add({"spectrum": rec})
+        self._emit("spectra", t.name)
+
+    def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None) -> None:
+        t = self.targets[i]
+        k = 0 if A is None else int(A.shape[0])
+        name = f"{t.order}.safetensors"
+        if k:
+            write_safetensors(self.scratch / name, [("B", tuple(B.shape)), ("A", tuple(A.shape))], [B, A], torch.float32)
+        rec = {"order": t.order, "k": k, "file": name if k else ""}
+        if not k:  # nothing to store: no file, but the record says so
+            rec["file"] = ""
+        self.factors[i] = rec
+        self.journal.add({"factors": rec})
+        if stage:
+            self._emit(stage, t.name)
+
+    def has_factors(self, i: int, k: int) -> bool:
+        f = self.factors.get(i)
+        return f is not None and f["k"] >= k and (k == 0 or (self.scratch / f["file"]).is_file())
+
+    def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)`` float32."""
+        f = load_file(str(self.scratch / self.factors[i]["file"]))
+        return f["B"][:, :r], f["A"][:r]
+
+    def _emit(self, stage: str, name: str) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(ExtractEvent(stage, self.done, len(self.targets), name))
+
+    # ---- how many components a module keeps now (one pass) ----------------------------------------
+    def cutoff(self) -> float:
+        """Under ``budget``: the critical value per parameter of the greedy over untied modules seen
+        so far; a component below it can never be chosen (0 while they all fit in the budget).
+
+        Any subset of the modules gives a valid cut-off (more modules only raise it), so it is
+        recomputed only when the modules seen have grown by a tenth since the last time: O(log n)
+        sorts instead of one per matrix, at the price of keeping a few more components in between.
+        """
+        if self.config.mode != "budget":
+            return 0.0
+        idx = [i for i, rec in self.spectra.items() if not self.targets[i].group and not rec.get("skipped")]
+        if len(idx) < 1.1 * self._cut_at + 1:
+            return self._cut
+        need = sum(self.plan.caps[i] * self.targets[i].cost for i in idx)
+        if need > self.plan.budget:  # before that every seen component fits: the cut-off is 0
+            gains = [np.asarray(self.spectra[i]["S"][: self.plan.caps[i]]) ** 2 for i in idx]
+            self._cut = allocate_budget(gains, [self.targets[i].cost for i in idx], self.plan.budget,
+                                        levels=[self.plan.levels[i] for i in idx]).ratio
+            self._cut_at = len(idx)
+        return self._cut
+
+    def keep_now(self, i: int, S: np.ndarray, total: float, cutoff: float) -> int:
+        """Components of target i to keep in the first pass: every one it may still be given."""
+        t, cap, levels = self.targets[i], self.plan.caps[i], self.plan.levels[i]
+        if total <= 0 or cap == 0:
+            k = 0
+        elif self.config.mode == "rank" or t.group:
+            k = cap
+        elif self.config.mode == "energy":
+            r = energy_rank_top(S, total, self.config.energy)
+            k = cap if r is None else min(cap, round_up(r, levels))
+        else:
+            k = reach_above(np.asarray(S[:cap]) ** 2, t.cost, cutoff, levels)
+        return min(t.p, max(k, min(t.p, self.plan.uniform_bound)))
+
+
+# ---- passes -----------------------------------------------------------------------------------------
+def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
+    settings = run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch), device)
+    prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes)
+    try:
+        # the CPU decomposes one matrix at a time (its BLAS already uses every core), so a batch of one
+        # keeps only the matrix being decomposed and the pairs read ahead in memory
+        yield from batches(prepared, [u.shape for t in tasks for u in t.units], 32 if device.type == "cuda" else 1,
+                           settings.batch_bytes)
+    finally:
+        prepared.close()
+
+
+def _approx(config: ExtractConfig, t: Target) -> bool:
+    return config.approx_above is not None and t.p > config.approx_above
+
+
+def _randomized(run: _Run, i: int, delta: torch.Tensor) -> None:
+    """Top triplets of a matrix above ``approx_above`` (both strategies keep its factors at once)."""
+    t, config = run.targets[i], run.config
+    k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
+    if config.mode == "energy":  # grow the sketch until the energy rank is inside it
+        k = min(k, 64)
+        while True:
+            tr = randomized_triplets(delta, k, seed=config.seed)
+            if energy_rank_top(tr.S, tr.total, config.energy) is not None or k >= min(t.p, run.plan.caps[i]):
+                break
+            k = min(t.p, run.plan.caps[i], 2 * k)
+    else:
+        tr = randomized_triplets(delta, k, seed=config.seed)
+    run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=None)
+    run.add_factors(i, tr.B, tr.A)
+
+
+def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.device, *, stage: str,
+                want: dict[int, int] | None = None) -> None:
+    """Stream the pairs of the targets still to do. ``want`` None: the first pass (spectra; with the
+    one-pass strategy also the factors); else the second: target -> components to factor."""
+    two = config.resolved_strategy == "two-pass"
+    if want is None:
+        todo = {i for i in range(len(run.targets)) if i not in run.spectra or (not two and i not in run.factors)}
+    else:
+        todo = {i for i, k in want.items() if not run.has_factors(i, k)}
+    tasks = [t for t in src.tasks if run.index[t.units[0].order] in todo]
+    for batch in _stream(src, tasks, config, device):
+        cutoff = run.cutoff() if want is None and not two else 0.0
+        exact = []
+        for item in batch:
+            i = run.index[item.unit.order]
+            if item.delta is None:
+                run.skip(i, item.skip or "skipped")
+            elif _approx(config, run.targets[i]):
+                _randomized(run, i, item.delta)
+            else:
+                exact.append((i, item))
+        if want is None and two and exact:  # values only, the engine's exact batched path
+            S_all = batch_singular_values([it.delta for _, it in exact], device=device, max_batch_bytes=config.max_batch_bytes)
+            for (i, item), S in zip(exact, S_all):
+                run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note)
+        else:
+            for i, item in exact:
+                eig = gram_eig(item.delta)
+                if want is None:
+                    k = run.keep_now(i, eig.S, eig.total, cutoff)
+                    run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note)
+                else:
+                    k = want[i]
+                B, A = eig_factors(item.delta, eig, k)
+                run.add_factors(i, B, A, stage=None if want is None else stage)
+                del eig
+        for item in batch:
+            item.delta = None
+
+
+def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
+    """Each LoRA module of the adapter: its exact factored SVD (DoRA: the dense update's)."""
+    for i, t in enumerate(run.targets):
+        if i in run.spectra and i in run.factors:
+            continue
+        mod = src.mods[t.order]
+        base_fro = _fro(src.base, t.base_name)
+        if mod.magnitude is not None:  # DoRA: ΔW depends on the base; dense
+            W = src.base.load(t.base_name).to(torch.float32)
+            W = W.mT if t.conv1d else W
+            delta = mod.dora_delta(W).to(device)
+            eig = gram_eig(delta)
+            k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
+            run.add_spectrum(i, eig.S, eig.total, "dora/gram-eigh/float64", base_fro=base_fro, note=t.note)
+            run.add_factors(i, *eig_factors(delta, eig, k))
+            continue
+        Bf, Af = mod.factors()
+        tr = factored_triplets(Bf.to(device), Af.to(device), mod.scale, k=t.p)
+        S = np.zeros(t.p)
+        S[: min(t.p, tr.S.size)] = tr.S[: t.p]
+        run.add_spectrum(i, S, tr.total, "factored", base_fro=base_fro, note=f"LoRA r={mod.r}, scale={mod.scale:g}")
+        run.add_factors(i, tr.B, tr.A)
+
+
+# ---- the allocation -------------------------------------------------------------------------------
+def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
+    """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
+    :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
+
+    Tied groups (per-expert matrices) take one rank: under ``energy`` the largest of their members'
+    ranks; under ``budget`` the group is one knapsack module whose k-th component costs the members'
+    summed ``out + in`` and gains their summed σ_k².
+    """
+    n = len(targets)
+    S = [np.asarray(spectra[i]["S"], dtype=np.float64) for i in range(n)]
+    total = [float(spectra[i]["total"]) for i in range(n)]
+    ranks = [0] * n
+    members = {i for g in plan.groups.values() for i in g}
+    if config.mode == "rank":
+        ranks = [plan.caps[i] if total[i] > 0 else 0 for i in range(n)]
+        return ranks, None
+    if config.mode == "energy":
+        for i in range(n):
+            r = energy_rank_top(S[i], total[i], config.energy)
+            ranks[i] = min(plan.caps[i], round_up(plan.caps[i] if r is None else r, plan.levels[i]))
+        for g in plan.groups.values():
+            cap = min(plan.caps[i] for i in g)
+            top = min(cap, max(ranks[i] for i in g))
+            for i in g:
+                ranks[i] = top if any(total[j] > 0 for j in g) else 0
+        return ranks, None
+    items, gains, costs, levels = [], [], [], []
+    for i in range(n):
+        if i not in members:
+            items.append([i])
+            gains.append(S[i][: plan.caps[i]] ** 2)
+            costs.append(targets[i].cost)
+            levels.append(plan.levels[i])
+    for g in plan.groups.values():
+        cap = min(plan.caps[i] for i in g)
+        summed = np.zeros(cap)
+        for i in g:
+            s = S[i][:cap] ** 2
+            summed[: s.size] += s
+        items.append(g)
+        gains.append(summed)
+        costs.append(sum(targets[i].cost for i in g))
+        levels.append([v for v in plan.levels[g[0]] if v <= cap])
+    alloc = allocate_budget(gains, costs, plan.budget, levels=levels)
+    for item, r in zip(items, alloc.ranks):
+        for i in item:
+            ranks[i] = r
+    return ranks, (alloc, items)
+
+
+# ---- the command ------------------------------------------------------------------------------------
+def _prepare_out(out: Path, resume: bool, force: bool) -> None:
+    """Refuse a folder that holds anything unless resuming or forced; with ``force`` remove what a
+    previous run wrote (only spectra's own files)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError("the output path exists and is not a folder", path=out, hint="choose a folder for --out")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not resume and not force:
+        raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
+                          path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")
+    if force and not resume:
+        for name in [*OUTPUT_FILES, *(p.name for p in out.glob("uniform_r*") if p.is_dir())]:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def _out_dtype(config: ExtractConfig, stored: list[str]) -> torch.dtype:
+    if config.dtype != "auto":
+        return getattr(torch, config.dtype)
+    common = max(set(stored), key=stored.count) if stored else "float32"
+    return getattr(torch, common) if common in ("float64", "float32", "float16", "bfloat16") else torch.bfloat16
+
+
+def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path, *, config: ExtractConfig | None = None,
+            resume: bool = False, force: bool = False, plots: bool = True,
+            callback: Callable[[ExtractEvent], None] | None = None) -> ExtractResult:
+    """Extract a PEFT LoRA adapter from ``tuned`` (a full checkpoint, or an adapter to resize) against
+    ``base`` into ``out_dir``, with ``extract.json`` saying what it kept and lost.
+
+    Args:
+        base: the base checkpoint (any form :func:`spectra.io.checkpoint.open_checkpoint` reads).
+        tuned: the fine-tuned checkpoint, or a PEFT adapter folder of that base (LoRA, rsLoRA, DoRA).
+        out_dir: the adapter folder to write (``adapter_config.json``, ``adapter_model.safetensors``,
+            ``extract.json``, ``extract.csv``, ``extract.png``); must be empty or new.
+        config: the rank rule and options (:class:`ExtractConfig`; default ``energy = 0.9``).
+        resume: finish an interrupted run in ``out_dir`` (same inputs and options).
+        force: overwrite ``out_dir``'s earlier spectra outputs.
+        plots: write the figures.
+        callback: called with an :class:`ExtractEvent` after each module.
+
+    Returns:
+        The :class:`~spectra.extract_results.ExtractResult` (``extract.json``'s contents).
+
+    Raises:
+        ConfigError: a bad option, an output folder that is not empty, ``--rank`` above a module's
+            min(out, in), a budget below the cheapest component, nothing to extract.
+        PairingError, CheckpointFormatError: base and tuned (or the adapter) do not match.
+        IdenticalCheckpointsError: every ΔW is exactly zero (``extract.json`` is still written).
+
+    Example:
+        >>> res = extract("base/", "tuned/", "adapter/", config=ExtractConfig(budget="10%"))  # doctest: +SKIP
+        >>> res.totals["energy_kept"], res.uniform["energy_kept"]                             # doctest: +SKIP
+    """
+    config = config or ExtractConfig()
+    device = resolve_device(config.device)
+    check_device_available(device)
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    _prepare_out(out, resume, force)
+    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    src = _open_source(base_ckpt, tuned, config)
+    if not src.targets:
+        raise ConfigError("no matrix to extract: the selection is empty", path=f"{base_ckpt.label} vs {src.label}",
+                          hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)")
+    dtype = _out_dtype(config, [t.dtype for t in src.targets])
+    plan = plan_ranks(src.targets, config, torch.empty(0, dtype=dtype).element_size())
+    inputs = [base_ckpt] + ([src.tuned] if src.tuned is not None else [])
+    options = {k: getattr(config, k) for k in RESULT_FIELDS}
+    if src.adapter is not None:  # the adapter's weights file (names, shapes, size, mtime) and its config
+        weights = next(src.adapter.path / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                       if (src.adapter.path / n).is_file())
+        inputs.append(open_checkpoint(weights))
+        options["adapter"] = [src.label, repr(src.adapter.config)]
+    fingerprint = inputs_fingerprint(inputs, options)
+    journal = RecordJournal(out / JOURNAL)
+    run = _Run(src.targets, plan, config, out, journal, callback)
+    run.absorb(journal.start(fingerprint, resume=resume))
+    # the matrices left out first: an embedding read whole for its norms is then freed before the
+    # pass, which keeps the run's peak memory at the larger of the two, not their sum
+    not_extracted = [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
+    if src.kind == "full":
+        _dense_pass(src, run, config, device, stage="spectra")
+    else:
+        _adapter_pass(src, run, device)
+    ranks, alloc = final_ranks(src.targets, plan, config, run.spectra)
+    uniform = _uniform_rank(src.targets, ranks)
+    if src.kind == "full" and config.resolved_strategy == "two-pass":
+        want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
+        _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
+    not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
+                             config.save_modules)
+    result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted, not_lora)
+    result.fingerprint, result.version = fingerprint, __version__
+    if all(float(run.spectra[i]["total"]) == 0.0 for i in range(len(src.targets))):
+        result.elapsed_s = time.perf_counter() - t0
+        result.save(out, plots=False)
+        raise IdenticalCheckpointsError(
+            f"every one of the {len(src.targets)} chosen matrices has ΔW = 0: there is nothing to extract",
+            path=f"{base_ckpt.label} vs {src.label}", hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
+    _write(out, src, run, ranks, config, dtype, not_lora, result)
+    if config.eval_text:
+        _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, callback)
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    result.save(out, plots=plots)
+    shutil.rmtree(out / SCRATCH, ignore_errors=True)
+    return result
+
+
+def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
+    from spectra.lowrank import uniform_rank
+
+    params = sum(r * t.cost for t, r in zip(targets, ranks))
+    return uniform_rank([t.cost for t in targets], [t.p for t in targets], params)
+
+
+def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractConfig,
+                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
+    """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
+    a generator loading them one module at a time from the scratch shard (memory: one module), and
+    ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
+    biases = {r["module"]: r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
+    full = {n: v for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
+    chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r]
+    layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
+    layout += [(saved_name(n), tuple(v.shape)) for n, v in full.items()]
+
+    def tensors() -> Iterator[torch.Tensor]:
+        for i, t, r in chosen:
+            B, A = run.load(i, r)
+            # lora_bias is one flag for every adapted module: zeros where the bias did not change
+            bias = (biases.get(t.module, torch.zeros(t.shape[0])) if biases else None)
+            yield from (x for _, x in lora_tensors(LoraFactors(t.module, B, A, t.embedding, bias)))
+        yield from full.values()
+
+    adapted = {t.module: r for i, t, r in chosen}
+    groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
+    all_modules = [n[: -len(".weight")] for n in describe_checkpoint({n: i.shape for n, i in src.base.tensors.items()}, src.base.arch)
+                   if n.endswith(".weight")]
+    task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
+    cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
+                         fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
+                         modules_to_save=sorted({r["module"] for r in not_lora if r.get("held") == "modules_to_save"}),
+                         lora_bias=bool(biases), shared_rank=groups[0] if groups else None)
+    return layout, tensors(), cfg
+
+
+def _write(out: Path, src: _Source, run: _Run, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
+           not_lora: list[dict], result: ExtractResult) -> None:
+    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora)
+    files = write_adapter(out, layout, tensors, cfg, dtype)
+    result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
+                      "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
+                      "lora_bias": cfg["lora_bias"], "fan_in_fan_out": cfg["fan_in_fan_out"], "task_type": cfg["task_type"],
+                      "dtype": str(dtype).removeprefix("torch."), "bytes": sum(f.stat().st_size for f in files),
+                      "tensors": len(layout)}
+
+
+def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: _Run, uniform: int,
+          config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, callback) -> None:
+    """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
+    from spectra.extract_eval import held_out_losses
+
+    ranks_u = [min(uniform, t.p) if float(run.spectra[i]["total"]) > 0 else 0 for i, t in enumerate(src.targets)]
+    missing = [t.name for i, (t, r) in enumerate(zip(src.targets, ranks_u)) if r and not run.has_factors(i, r)]
+    if missing:
+        raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
+                          hint="rerun with --force (the run keeps them when --eval is given from the start)")
+    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [])
+    udir = out / f"uniform_r{uniform}"
+    write_adapter(udir, layout, tensors, cfg, dtype)
+    tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)
+    losses = held_out_losses(base_ckpt.label, tuned_label, {"extracted": out, "uniform": udir}, config.eval_text,
+                             seq_len=config.eval_seq_len, blocks=config.eval_blocks, device=device)
+    losses["uniform_adapter"] = str(udir)
+    losses["uniform_rank"] = uniform
+    result.eval = losses
+
+
+__all__ = ["JOURNAL", "OUTPUT_FILES", "SCRATCH", "ExtractConfig", "ExtractEvent", "ExtractResult", "extract", "final_ranks"]

@@ -1,0 +1,293 @@
+"""What ``spectra extract`` adapts, and its options: the config, the matrices chosen as LoRA targets
+(and why others are not), and the per-module rank limits every pass works with.
+
+Pure planning over checkpoint headers and adapter factors: nothing here decomposes a matrix.
+
+What a LoRA target is: a 2-D ``….weight`` of a module PEFT wraps whole. Fused matrices (Phi-3
+``qkv_proj``/``gate_up_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) are extracted as the
+module PEFT wraps, never split; GPT-2's ``Conv1D`` is oriented ``(out, in)`` like every matrix (PEFT's
+``fan_in_fan_out``). Not targets, each reported with its reason: embeddings and the output head
+unless asked for (``embeddings``), 3-D expert stacks (PEFT adapts them through ``target_parameters``),
+MoE routers (plain parameters in transformers ≥ 5, which PEFT cannot wrap), matrices whose rows
+differ between base and tuned (a resized vocabulary), and tensors that are not a module's ``weight``.
+Per-expert 2-D matrices (Mixtral's ``experts.N.w1``) share one rank: transformers ≥ 5 fuses them on
+load and PEFT converts such an adapter only when they all have its global ``r``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from spectra.config import SharedOptions
+from spectra.errors import ConfigError
+from spectra.lowrank import Budget, parse_budget, rank_levels, round_up
+from spectra.naming import MatrixSpec
+from spectra.pairing import MatrixPair
+
+#: The storage dtypes an adapter can be written in.
+OUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: PEFT's ``TaskType`` values (the PeftModel subclass an adapter loads as).
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+#: The tied group of per-expert matrices (one rank for all, see the module docstring).
+EXPERTS_GROUP = "experts"
+
+
+@dataclass(frozen=True)
+class ExtractConfig(SharedOptions):
+    """Options of ``spectra extract``; saved with the results.
+
+    Attributes:
+        rank: ``--rank R``: every module keeps R components (what mergekit's extract-lora does).
+        energy: ``--energy τ`` in (0, 1]: each module keeps the smallest rank holding ≥ τ of its
+            ‖ΔW‖²_F, its ``energy_rank[τ]`` (the default when no rule is given: τ = 0.9).
+        budget: ``--budget``: total LoRA parameters (``1200000``, ``1.2M``), a percentage of the
+            full update's parameter count (``10%``) or a size in the output dtype (``50MB``); rank-1
+            components are spread over the modules to keep the most energy (:func:`spectra.lowrank.allocate_budget`).
+        max_rank: no module keeps more components than this.
+        serving: ``"vllm"``: ranks are taken from those vLLM accepts (8 … 512) and the serving cost
+            (max rank × modules) is reported; ``"none"``: any rank.
+        dtype: storage dtype of the adapter; ``"auto"``: the tuned checkpoint's (bfloat16 for fp8/int8).
+        rslora: write an rsLoRA adapter (``alpha = √r``; still scale 1) instead of ``alpha = r``.
+        embeddings: also extract embeddings (PEFT's embedding LoRA) and the output head.
+        save_modules: keep changed norms and biases: as PEFT ``modules_to_save`` (modules holding only
+            1-D tensors) and ``lora_bias`` (biases of adapted modules, when every adapted module has one).
+        strategy: ``"one-pass"``: one read and one eigendecomposition per matrix, keeping the top
+            singular triplets that can still be chosen (on disk, in the output folder's scratch);
+            ``"two-pass"``: singular values first (the engine's exact batched path), then, once the
+            ranks are known, a second read for the vectors of the modules that need them; ``"auto"``:
+            one-pass, or two-pass when ``eval_text`` needs a uniform adapter under ``energy``.
+        approx_above: matrices with min(out, in) above this use the randomized SVD (its residual is
+            certified and reported) instead of the exact Gram eigendecomposition; None: never.
+        seed: seed of the randomized sketches.
+        task_type: PEFT ``task_type`` of the adapter; ``"auto"``: from the base's ``config.json``.
+        top_values: singular values of each module kept in ``extract.json``.
+        max_batch_bytes: memory cap of one batch of ΔW; default as ``spectra diff``.
+        prefetch: tensor pairs read ahead; default as ``spectra diff``.
+        eval_text: a text file: report the held-out loss of base, tuned, base + the adapter and base +
+            a uniform-rank adapter of the same size (needs transformers and peft).
+        eval_seq_len: tokens per evaluation block.
+        eval_blocks: evaluation blocks (the first ones of the text).
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget: str | None = None
+    max_rank: int | None = None
+    serving: Literal["none", "vllm"] = "none"
+    dtype: str = "auto"
+    rslora: bool = False
+    embeddings: bool = False
+    save_modules: bool = False
+    strategy: Literal["auto", "one-pass", "two-pass"] = "auto"
+    approx_above: int | None = 16384
+    seed: int = 0
+    task_type: str | None = "auto"
+    top_values: int = 64
+    max_batch_bytes: int | None = None
+    prefetch: int | None = None
+    eval_text: str | None = None
+    eval_seq_len: int = 128
+    eval_blocks: int = 32
+    parsed_budget: Budget | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        given = [n for n, v in (("--rank", self.rank), ("--energy", self.energy), ("--budget", self.budget)) if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"choose one of --rank, --energy and --budget. Got {' and '.join(given)} instead")
+        if not given:
+            object.__setattr__(self, "energy", 0.9)
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise ConfigError(f"--rank must be a positive integer. Got {self.rank!r} instead")
+        if self.energy is not None and not (0.0 < float(self.energy) <= 1.0):
+            raise ConfigError(f"--energy τ must be in (0, 1]. Got {self.energy} instead",
+                              hint="τ is the share of each module's ‖ΔW‖² to keep, e.g. 0.9")
+        if self.budget is not None:
+            try:
+                object.__setattr__(self, "parsed_budget", parse_budget(self.budget))
+            except ValueError as exc:
+                raise ConfigError(f"--{exc}") from None
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ConfigError(f"--max-rank must be >= 1. Got {self.max_rank} instead")
+        if self.serving not in ("none", "vllm"):
+            raise ConfigError(f"--serving must be none or vllm. Got {self.serving!r} instead")
+        if self.dtype != "auto" and self.dtype not in OUT_DTYPES:
+            raise ConfigError(f"--dtype must be auto or one of {', '.join(OUT_DTYPES)}. Got {self.dtype!r} instead")
+        if self.strategy not in ("auto", "one-pass", "two-pass"):
+            raise ConfigError(f"strategy must be auto, one-pass or two-pass. Got {self.strategy!r} instead")
+        if self.top_values < 0 or self.eval_seq_len < 2 or self.eval_blocks < 1:
+            raise ConfigError(f"top_values must be >= 0, eval_seq_len >= 2 and eval_blocks >= 1. "
+                              f"Got {self.top_values}, {self.eval_seq_len}, {self.eval_blocks} instead")
+        if self.task_type not in (None, "auto", *PEFT_TASK_TYPES):
+            raise ConfigError(f"task_type must be auto, none or one of {', '.join(PEFT_TASK_TYPES)}. Got {self.task_type!r} instead")
+        if self.approx_above is not None and self.approx_above < 1:
+            raise ConfigError(f"approx_above must be >= 1 or None. Got {self.approx_above} instead")
+
+    @property
+    def mode(self) -> Literal["rank", "energy", "budget"]:
+        """Which rank rule applies."""
+        return "rank" if self.rank is not None else ("budget" if self.budget is not None else "energy")
+
+    @property
+    def resolved_strategy(self) -> Literal["one-pass", "two-pass"]:
+        """``strategy`` with ``"auto"`` decided (see the attribute)."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "two-pass" if self.eval_text and self.mode == "energy" else "one-pass"
+
+
+#: ExtractConfig fields that change what a run computes (a journal is resumed only under the same ones).
+RESULT_FIELDS = ("include", "exclude", "layers", "rank", "energy", "budget", "max_rank", "serving", "dtype", "rslora",
+                 "embeddings", "save_modules", "strategy", "approx_above", "seed", "top_values", "eval_text")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One matrix extracted as a LoRA module.
+
+    Attributes:
+        order: position in the results (the layer order of ``spectra diff``).
+        name: its tensor name (the tuned checkpoint's; for an adapter, the base's).
+        module: the module path PEFT wraps (``model.layers.0.self_attn.q_proj``).
+        label: module label (``q_proj``), layer, role and expert as :mod:`spectra.naming` says.
+        shape: ``(out, in)`` of ΔW (embeddings: ``(vocab, dim)``, their stored layout).
+        embedding: an ``nn.Embedding`` (written as PEFT's embedding LoRA).
+        conv1d: stored ``(in, out)`` (GPT-2 ``Conv1D``): the adapter needs ``fan_in_fan_out``.
+        group: the tied-rank group (:data:`EXPERTS_GROUP`), or None.
+        base_name: the base checkpoint's tensor name.
+        dtype: the tuned side's stored dtype.
+        note: caveats from naming and pairing.
+    """
+
+    order: int
+    name: str
+    module: str
+    label: str
+    layer: int | None
+    role: str | None
+    expert: int | None
+    shape: tuple[int, int]
+    embedding: bool
+    conv1d: bool
+    group: str | None
+    base_name: str | None
+    dtype: str
+    note: str = ""
+
+    @property
+    def p(self) -> int:
+        return min(self.shape)
+
+    @property
+    def cost(self) -> int:
+        """LoRA parameters per component: one column of B and one row of A, ``out + in``."""
+        return self.shape[0] + self.shape[1]
+
+
+def is_embedding(spec: MatrixSpec) -> bool:
+    """An ``nn.Embedding`` weight: token/position embeddings by role, or any module named ``…embed…``
+    that is not the output head (BERT's ``token_type_embeddings``, GPT-NeoX's ``embed_in``)."""
+    leaf = spec.name.rsplit(".", 2)[-2] if spec.name.count(".") else spec.name
+    return spec.role in ("embed", "pos_embed") or ("embed" in leaf.lower() and spec.role != "head")
+
+
+def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: ExtractConfig, *,
+                   rows_differ: bool = False) -> str | None:
+    """Why a paired matrix is not extracted as a LoRA module, or None when it is (module docstring)."""
+    if len(stored_shape) == 3:
+        return "3-D expert stack: PEFT adapts it through target_parameters, which spectra extract does not write"
+    if not spec.name.endswith(".weight"):
+        return "not a module's weight (PEFT wraps modules whose matrix is named <module>.weight)"
+    if spec.role == "router":
+        return "MoE router: transformers >= 5 implements routers as plain parameters, which PEFT cannot wrap"
+    if rows_differ:
+        return "rows differ between base and tuned (a resized vocabulary): a LoRA cannot add rows to the base"
+    if (is_embedding(spec) or spec.role == "head") and not config.embeddings:
+        what = "output head" if spec.role == "head" else "embedding"
+        return f"{what}: pass --embeddings to extract it (as PEFT's {'embedding ' if what == 'embedding' else ''}LoRA)"
+    return None
+
+
+def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int], *, base_name: str | None,
+              dtype: str, note: str = "") -> Target:
+    """The :class:`Target` of a chosen matrix."""
+    return Target(order=order, name=spec.name, module=module, label=spec.module, layer=spec.layer, role=spec.role,
+                  expert=spec.expert, shape=(int(shape[0]), int(shape[1])), embedding=is_embedding(spec),
+                  conv1d=spec.transpose, group=EXPERTS_GROUP if spec.expert is not None else None,
+                  base_name=base_name, dtype=dtype, note=note)
+
+
+def pair_target(order: int, pair: MatrixPair, config: ExtractConfig) -> tuple[Target | None, str | None]:
+    """``(target, None)`` for a pair extracted as a LoRA module, ``(None, reason)`` otherwise."""
+    spec = pair.tuned
+    why = why_not_target(spec, tuple(pair.tuned_info.shape), config, rows_differ=pair.rows is not None)
+    if why:
+        return None, why
+    notes = "; ".join(x for x in (spec.note, pair.note) if x)
+    return target_of(order, spec, spec.name[: -len(".weight")], pair.out_in, base_name=pair.base.name,
+                     dtype=pair.tuned_info.dtype, note=notes), None
+
+
+@dataclass
+class RankPlan:
+    """Per-target rank limits, in the order of the targets.
+
+    Attributes:
+        levels: the ranks each target may take (:func:`spectra.lowrank.rank_levels`), ascending.
+        caps: the largest of them (with a budget, also at most budget / (out + in)).
+        groups: tied group -> target indices.
+        budget: the budget in parameters (``budget`` rule only).
+        uniform_bound: components each module keeps beyond its own rank so that a uniform adapter of
+            the same size can be built (``eval_text``), or 0.
+    """
+
+    levels: list[list[int]]
+    caps: list[int]
+    groups: dict[str, list[int]]
+    budget: int | None = None
+    uniform_bound: int = 0
+
+
+def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: int) -> RankPlan:
+    """Rank limits of each target, and the up-front checks of the rank rule.
+
+    Raises:
+        ConfigError: ``--rank`` above min(out, in) of a module (naming the smallest), or a budget
+            below the cheapest component of the chosen modules (naming it).
+    """
+    serving = "vllm" if config.serving == "vllm" else None
+    levels = [rank_levels(t.p, config.max_rank, serving) for t in targets]
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(targets):
+        if t.group:
+            groups.setdefault(t.group, []).append(i)
+    budget = None
+    uniform_bound = 0
+    if config.mode == "rank":
+        want = min(config.rank, config.max_rank) if config.max_rank else config.rank
+        small = min(targets, key=lambda t: t.p)
+        if want > small.p:
+            raise ConfigError(
+                f"--rank {config.rank} is above min(out, in) = {small.p} of {small.name} ({small.shape[0]}×{small.shape[1]})",
+                hint=f"choose --rank <= {small.p}, or leave such modules out with --exclude")
+        levels = [[round_up(want, lv)] for lv in levels]  # with --serving vllm: the accepted rank at or above R
+        uniform_bound = want if config.eval_text else 0
+    elif config.mode == "budget":
+        full = sum(t.shape[0] * t.shape[1] for t in targets)
+        budget = config.parsed_budget.params(full, bytes_per_param)
+        c = min(range(len(targets)), key=lambda i: levels[i][0] * targets[i].cost)
+        need = levels[c][0] * targets[c].cost
+        if budget < need:
+            raise ConfigError(
+                f"--budget {config.budget} is {budget:,} LoRA parameters, below the cheapest component of the chosen "
+                f"modules ({need:,} for rank {levels[c][0]} of {targets[c].name})",
+                hint="raise the budget, or choose fewer or smaller modules with --include/--exclude")
+        levels = [[v for v in lv if v * t.cost <= budget] for lv, t in zip(levels, targets)]
+        uniform_bound = budget // sum(t.cost for t in targets) if config.eval_text else 0
+    caps = [lv[-1] if lv else 0 for lv in levels]
+    return RankPlan(levels, caps, groups, budget, uniform_bound)
+
+
+__all__ = ["EXPERTS_GROUP", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
+           "pair_target", "plan_ranks", "target_of", "why_not_target"]

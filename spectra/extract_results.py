@@ -1,0 +1,301 @@
+"""What ``spectra extract`` reports: ``extract.json`` (schema ``spectra.extract/1``), ``extract.csv`` and
+the figures; and the part of an update a LoRA cannot hold (changed norms and biases, matrices left out).
+
+Per module: the rank kept, its parameters ``r·(out + in)``, the energy kept ``E = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``,
+the relative Frobenius error of the truncation ``‖ΔW − B·A‖_F / ‖ΔW‖_F = √(1 − E)`` (Eckart–Young), the
+spectral error ``σ_{r+1} / σ₁`` (``‖ΔW − B·A‖₂ / ‖ΔW‖₂``), and beside them what a uniform rank with the
+same total parameter count would keep, computed from the same spectra at no extra cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.extract_plan import ExtractConfig, RankPlan, Target
+from spectra.io.checkpoint import Checkpoint
+from spectra.io.files import atomic_write_text
+from spectra.lowrank import (
+    VLLM_RANKS,
+    Allocation,
+    energy_kept,
+    energy_rank_top,
+    round_up,
+)
+from spectra.naming import is_bias
+from spectra.results import rows_to_csv
+from spectra.selection import Task
+
+SCHEMA = "spectra.extract/1"
+
+
+@dataclass
+class ExtractResult:
+    """Everything ``spectra extract`` computed; ``extract.json`` holds :meth:`to_dict`.
+
+    Attributes:
+        base, tuned: the inputs as given; ``kind``: ``"full"``, ``"lora"`` or ``"dora"`` (the tuned side).
+        mode: ``"rank"``, ``"energy"`` or ``"budget"``; ``selection`` the rule's parameters.
+        dtype: the adapter's storage dtype; ``strategy``: ``"one-pass"`` or ``"two-pass"``.
+        config: the options (:class:`ExtractConfig` as a dict).
+        modules: one record per chosen matrix, in layer order (see the module docstring and README).
+        totals: sums over the modules (parameters, energy kept over all of ΔW's energy, …).
+        uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
+        allocation: the budget's greedy: budget, parameters used, the fractional bound and the gap
+            to it (as shares of all of ΔW's energy), the first component that did not fit.
+        serving: vLLM's cost: ``max_lora_rank`` (the largest rank rounded up to an accepted one) × the
+            adapted modules' ``out + in``.
+        adapter: what was written (path, r, lora_alpha, target_modules, bytes...).
+        not_extracted: matrices the adapter does not adapt, with the reason and their relative norm.
+        not_lora: changed 1-D tensors (norms, biases), their relative norm and how they are kept, if.
+        eval: held-out losses (``eval_text``), else None.
+    """
+
+    base: str
+    tuned: str
+    kind: str
+    mode: str
+    selection: dict[str, Any]
+    dtype: str
+    strategy: str
+    config: dict[str, Any]
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+    uniform: dict[str, Any] = field(default_factory=dict)
+    allocation: dict[str, Any] | None = None
+    serving: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] | None = None
+    not_extracted: list[dict[str, Any]] = field(default_factory=list)
+    not_lora: list[dict[str, Any]] = field(default_factory=list)
+    unmatched: dict[str, list[str]] = field(default_factory=dict)
+    eval: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+    complete: bool = False
+    elapsed_s: float = 0.0
+    device: str = ""
+    version: str = ""
+    fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per module (``extract.csv``)."""
+        keys = ("name", "module", "layer", "role", "expert", "out", "in", "rank", "params", "energy_kept", "rel_fro_error",
+                "spectral_error", "fro_norm", "rel_norm", "uniform_rank", "uniform_energy_kept", "method")
+        return [{k: (m["shape"][0] if k == "out" else m["shape"][1] if k == "in" else m.get(k)) for k in keys} for m in self.modules]
+
+    def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+        """Write ``extract.json``, ``extract.csv`` and (``plots``) the figures, each atomically."""
+        out = Path(out_dir)
+        files = {"json": atomic_write_text(out / "extract.json", json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
+                 "csv": atomic_write_text(out / "extract.csv", rows_to_csv(self.rows()))}
+        if plots and self.modules:
+            from spectra.plots.extract import save_extract_plots
+
+            files.update(save_extract_plots(self.to_dict(), out))
+        return files
+
+
+def _fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None, block: int = 1 << 20) -> tuple[float, float]:
+    """``(‖t − b‖_F, ‖b‖_F)``: float32 differences of blocks of ``block`` elements (exact for bf16/fp16
+    inputs up to one float32 rounding), norms accumulated in float64; no copy of the whole tensor."""
+    t = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
+    b = None if b is None else (b.reshape(-1, b.shape[-1]) if b.ndim > 1 else b.reshape(1, -1))
+    if rows is not None:
+        t, b = t[:rows], (None if b is None else b[:rows])
+    step = max(1, block // max(1, t.shape[1]))
+    d2 = b2 = 0.0
+    for r in range(0, t.shape[0], step):
+        tb = t[r : r + step].float()
+        bb = b[r : r + step].float() if b is not None else torch.zeros_like(tb)
+        d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
+        b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
+    return math.sqrt(d2), math.sqrt(b2)
+
+
+def _rel(fro: float | None, base_fro: float | None) -> float | None:
+    if fro is None or base_fro is None or (isinstance(fro, float) and math.isnan(fro)):
+        return None
+    return fro / base_fro if base_fro > 0 else (0.0 if fro == 0 else None)
+
+
+def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reason: str) -> dict[str, Any]:
+    """A matrix not extracted: its name, shape, reason and how much fine-tuning changed it
+    (``‖ΔW‖_F`` and ``‖ΔW‖_F / ‖W_base‖_F``, read and summed block by block)."""
+    if isinstance(what, Task):
+        pair = what.pair
+        fro, base_fro = _fro_blocks(base.load(pair.base.name), tuned.load(pair.tuned.name),
+                                    None if pair.rows is None or pair.tuned.transpose else pair.rows)
+        name, shape = pair.tuned.name, list(pair.tuned_info.shape)
+    else:
+        name, shape, fro, base_fro = what
+        shape = list(shape)
+    return {"name": name, "shape": shape, "reason": reason, "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro)}
+
+
+def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[str, str]], adapted: list[Target],
+                  adapter: Any, save_modules: bool) -> list[dict[str, Any]]:
+    """Changed 1-D tensors (norms, biases) and, for an adapter, its ``modules_to_save``: what LoRA
+    cannot hold. With ``save_modules`` each is kept where PEFT can: the bias of an adapted module as
+    ``lora_B.bias`` (PEFT's ``lora_bias`` is one flag for every adapted module, so only when each
+    has a bias and none is an embedding), a module holding only 1-D tensors as ``modules_to_save``.
+    Records carry the tensors to write under ``"delta"``/``"tensors"`` (dropped from ``extract.json``).
+    """
+    targets = {t.module: t for t in adapted}
+    biased = bool(adapted) and not any(t.embedding for t in adapted) and all(
+        t.base_name is not None and t.base_name.removesuffix(".weight") + ".bias" in base.tensors for t in adapted)
+    out = []
+    if adapter is not None:
+        for name, tensor in adapter.full.items():
+            bf = float(torch.linalg.vector_norm(base.load(name).double()).item()) if name in base.tensors else None
+            fro = _fro_blocks(base.load(name), tensor)[0] if name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape) else None
+            module = name.rpartition(".")[0]
+            rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
+                   "rel_norm": _rel(fro, bf), "module": module, "held": None,
+                   "reason": "stored whole by the tuned adapter: pass --save-modules to keep it"}
+            if save_modules:
+                rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save", tensors={name: tensor})
+            out.append(rec)
+        return out
+    def descendants(module: str) -> list[str]:  # every tensor of the module, its submodules' too
+        return [n for n in tuned.tensors if n.startswith(module + ".")]
+    for tn, bn in pairs:
+        t, b = tuned.load(tn), base.load(bn)
+        if t.shape != b.shape or torch.equal(t, b):
+            continue
+        fro, bf = _fro_blocks(b, t)
+        owner = tn.rpartition(".")[0]
+        rec = {"name": tn, "kind": "bias" if is_bias(tn) else "1-D (norm or scale)", "shape": list(t.shape), "fro_norm": fro,
+               "rel_norm": _rel(fro, bf), "module": owner, "held": None, "reason": ""}
+        inside = descendants(owner)
+        only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
+        if owner in targets:
+            if not biased:
+                rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module "
+                                 "and no embedding among them; not held")
+            elif save_modules:
+                rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=(t.double() - b.double()).float())
+            else:
+                rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+        elif not only_1d:
+            rec["reason"] = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
+        elif save_modules:
+            rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save",
+                       tensors={c: tuned.load(c) for c in inside})
+        else:
+            rec["reason"] = "pass --save-modules to keep it as PEFT modules_to_save"
+        out.append(rec)
+    return out
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractConfig) -> dict[str, Any]:
+    """One module's line of ``extract.json`` from its journaled spectrum and rank."""
+    S = np.asarray(spec["S"], dtype=np.float64)
+    total = float(spec["total"])
+    E = energy_kept(S, total, r)
+    ur = min(uniform, t.p)
+    spectral = None
+    if total <= 0 or r >= t.p:
+        spectral = 0.0
+    elif r < S.size and S[0] > 0:
+        spectral = float(S[r] / S[0])
+    base_fro = spec.get("base_fro")
+    rec = {
+        "name": t.name, "module": t.module, "label": t.label, "layer": t.layer, "role": t.role, "expert": t.expert,
+        "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "rank": r, "params": r * t.cost,
+        "energy_kept": E, "rel_fro_error": math.sqrt(max(0.0, 1.0 - E)), "spectral_error": spectral,
+        "fro_norm": math.sqrt(total), "base_fro_norm": base_fro, "rel_norm": _rel(math.sqrt(total), base_fro),
+        "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
+        "method": spec["method"], "residual": spec.get("residual"),
+        "singular_values": [float(x) for x in S[: config.top_values]],
+        "note": "; ".join(x for x in (t.note, spec.get("note") or "") if x),
+    }
+    if config.mode == "energy":
+        rec["energy_rank"] = energy_rank_top(S, total, config.energy)
+    return rec
+
+
+def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tuple[Allocation, list[list[int]]] | None,
+                 plan: RankPlan, config: ExtractConfig, dtype: torch.dtype, device: torch.device, uniform: int,
+                 not_extracted: list[dict], not_lora: list[dict]) -> ExtractResult:
+    """The :class:`ExtractResult` of a run (before the adapter is written and evaluated)."""
+    targets = src.targets
+    bytes_per = torch.empty(0, dtype=dtype).element_size()
+    mods = [module_record(t, spectra[i], ranks[i], uniform, config) for i, t in enumerate(targets)]
+    totals_e = [float(spectra[i]["total"]) for i in range(len(targets))]
+    energy = sum(totals_e)
+
+    def share(key: str) -> float | None:
+        vals = [m[key] for m in mods]
+        if any(v is None for v in vals):
+            return None
+        return sum(v * e for v, e in zip(vals, totals_e)) / energy if energy > 0 else 1.0
+
+    params = sum(m["params"] for m in mods)
+    full = sum(t.shape[0] * t.shape[1] for t in targets)
+    kept = share("energy_kept")
+    adapted = [m for m in mods if m["rank"]]
+    totals = {
+        "modules": len(mods), "adapted": len(adapted), "params": params, "full_params": full,
+        "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
+        "rel_fro_error": math.sqrt(max(0.0, 1.0 - kept)) if kept is not None else None,
+        "median_energy_kept": _median([m["energy_kept"] for m in mods]), "min_energy_kept": min(m["energy_kept"] for m in mods),
+        "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in mods), "max_rank": max(ranks), "min_rank": min(ranks),
+        "median_rank": _median([float(r) for r in ranks]),
+    }
+    u_kept = share("uniform_energy_kept")
+    u_params = sum(m["uniform_rank"] * t.cost for m, t in zip(mods, targets))
+    uni = {"rank": uniform, "params": u_params, "energy_kept": u_kept,
+           "rel_fro_error": math.sqrt(max(0.0, 1.0 - u_kept)) if u_kept is not None else None,
+           "median_energy_kept": _median([m["uniform_energy_kept"] for m in mods if m["uniform_energy_kept"] is not None]),
+           "modules_at_90": sum((m["uniform_energy_kept"] or 0) >= 0.9 for m in mods)}
+    allocation = None
+    if alloc is not None:
+        a, items = alloc
+        crit = None
+        if a.critical is not None:
+            members = items[a.critical[0]]
+            crit = {"module": targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
+                    "rank": a.critical[1]}
+        allocation = {"method": "greedy on σ²/(out+in)", "budget": config.budget, "budget_params": plan.budget,
+                      "used_params": a.params, "kept": a.kept / energy if energy > 0 else 1.0,
+                      "fractional_bound": a.bound / energy if energy > 0 else 1.0,
+                      "gap": a.gap / energy if energy > 0 else 0.0, "critical": crit}
+    top = max(ranks)
+    lora_rank = round_up(top, VLLM_RANKS) if 0 < top <= VLLM_RANKS[-1] else None
+    cost = sum(t.cost for t, r in zip(targets, ranks) if r)
+    serving = {"engine": "vllm", "max_lora_rank": lora_rank, "modules": len(adapted),
+               "params": lora_rank * cost if lora_rank else None,
+               "bytes": lora_rank * cost * bytes_per if lora_rank else None,
+               "note": None if lora_rank or not top else f"largest rank {top} is above vLLM's 512"}
+    selection = {"rank": config.rank, "energy": config.energy, "budget": config.budget, "budget_params": plan.budget,
+                 "max_rank": config.max_rank, "serving": config.serving}
+    cfg = {k: v for k, v in asdict(config).items() if k != "parsed_budget"}
+    warnings = []
+    if config.mode == "energy":
+        short = [m["name"] for m in mods if m["energy_kept"] < config.energy - 1e-12]
+        if short:
+            warnings.append(f"{len(short)} modules keep less than τ = {config.energy:g} of their energy because "
+                            f"--max-rank or --serving caps their rank (e.g. {short[0]})")
+    return ExtractResult(
+        base=src.base.label, tuned=src.label, kind=src.kind, mode=config.mode, selection=selection,
+        dtype=str(dtype).removeprefix("torch."), strategy=config.resolved_strategy if src.kind == "full" else "factored",
+        config=cfg, modules=mods, totals=totals, uniform=uni, allocation=allocation, serving=serving,
+        not_extracted=not_extracted, not_lora=[{k: v for k, v in r.items() if k not in ("delta", "tensors")} for r in not_lora],
+        unmatched=src.unmatched or {}, warnings=warnings, device=str(device),
+    )
+
+
+__all__ = ["SCHEMA", "ExtractResult", "build_result", "left_out_record", "module_record", "one_d_changes"]

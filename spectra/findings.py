@@ -1,0 +1,342 @@
+"""What a diff says, in words: the findings block that ends ``spectra diff``'s output and opens the
+report, each statement with the numbers behind it.
+
+Pure functions of a :class:`~spectra.results.DiffResult` (no I/O, no printing): how low-rank the
+update is against a random matrix of the same shapes, per module kind and along the depth of the
+stack; how big it is next to the weights; for a LoRA adapter, how much of its rank r the update
+uses; and every caveat that changes how those numbers read (numerical notes, zero updates,
+skipped tensors). The metrics are defined in docs/definitions.md.
+
+Example:
+    >>> res = spectra.DiffResult.load("reports/demo/diff_full")       # doctest: +SKIP
+    >>> for f in diff_findings(res):                                  # doctest: +SKIP
+    ...     print(f.text)
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from spectra.display import display_name
+from spectra.metrics import threshold_key
+from spectra.naming import role_sort_key
+from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
+
+#: How a median ratio (rank needed ÷ the random baseline of the same shape) is put in words.
+#: Upper bounds, checked in order; the last word applies above the last bound.
+RANK_WORDS: tuple[tuple[float, str], ...] = (
+    (0.25, "strongly low-rank"),
+    (0.6, "low-rank"),
+    (0.9, "somewhat low-rank"),
+)
+NOT_LOW_RANK = "about as spread out as random noise (not low-rank)"
+#: At most this many module kinds are listed one by one; beyond it, the two lowest and two highest.
+MAX_KINDS_LISTED = 12
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One statement of a findings block.
+
+    Attributes:
+        topic: ``"rank"`` (against random), ``"modules"`` (per module kind), ``"depth"`` (along the
+            layers), ``"size"`` (relative norm), ``"adapter"`` (use of the LoRA rank r), ``"caveat"``
+            (a numerical caveat), ``"zero"`` (updates that are exactly zero), ``"skipped"``,
+            ``"nonfinite"``, ``"incomplete"``.
+        text: one or two sentences in words, with the numbers.
+        warning: True for caveats: shown as warnings (CLI ``warning:`` lines, the report's first screen).
+        numbers: the numbers behind ``text`` (medians, ranges, counts), for scripts and tests.
+    """
+
+    topic: str
+    text: str
+    warning: bool = False
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def rank_words(ratio: float) -> str:
+    """Words for a median ratio of the rank needed to the random baseline (:data:`RANK_WORDS`).
+
+    >>> rank_words(0.2), rank_words(0.95)
+    ('strongly low-rank', 'about as spread out as random noise (not low-rank)')
+    """
+    for bound, words in RANK_WORDS:
+        if ratio < bound:
+            return words
+    return NOT_LOW_RANK
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2f}" if 0.01 <= abs(x) < 100 else f"{x:.2g}"
+
+
+def _pct(x: float) -> str:
+    """A share as a percentage with two significant digits: 0.1325 -> '13%', 0.0042 -> '0.42%'."""
+    return f"{x * 100:.2g}%" if x < 1 else f"{x * 100:.0f}%"
+
+
+def analysed(result: DiffResult) -> list[ModuleResult]:
+    """The matrices the rank statements are about: nonzero updates of nonempty matrices whose
+    spectrum is not rounding noise (``rounding_level`` caveat)."""
+    return [m for m in result.modules if m.p and m.fro_norm and "rounding_level" not in m.caveats]
+
+
+def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Finding]:
+    """The findings of one diff, warnings first (see the module docstring).
+
+    Args:
+        result: a finished (or loaded) diff.
+        threshold: τ of the rank statements; default :attr:`DiffResult.headline_threshold` (0.9).
+
+    Returns:
+        Findings in reading order: warnings (caveats, zero updates, NaN/Inf, an incomplete run),
+        then rank against random, per module kind, along the depth, the adapter's use of r, the size,
+        and what was skipped. Empty when the result holds no matrix.
+    """
+    tau = result.headline_threshold if threshold is None else threshold
+    k = threshold_key(tau)
+    out = [*_warnings(result)]
+    ms = [m for m in analysed(result) if k in m.energy_rank]
+    noise = [m for m in result.modules if m.fro_norm and "rounding_level" in m.caveats]
+    if not ms and noise:
+        out.append(Finding("rank", f"No statement on rank: every updated matrix ({len(noise)}) is at the rounding level of "
+                           "its storage dtype, so its spectrum is rounding noise (see the warning).",
+                           numbers={"matrices": 0, "rounding_level": len(noise)}))
+    elif noise:
+        out.append(Finding("rank", f"The statements on rank below leave out the {len(noise)} matrices at the rounding "
+                           "level (see the warning).", numbers={"rounding_level": len(noise)}))
+    if ms:
+        out.append(_rank_finding(ms, k, tau))
+        kinds = _kinds_finding(ms, k)
+        if kinds:
+            out.append(kinds)
+        depth = _depth_finding(ms, k)
+        if depth:
+            out.append(depth)
+        lora = [m for m in ms if m.lora_r]
+        if lora:
+            out.append(_adapter_finding(lora, k, tau))
+    size = _size_finding([m for m in result.modules if m.fro_norm])
+    if size:
+        out.append(size)
+    skipped = skipped_finding(result)
+    if skipped:
+        out.append(skipped)
+    return out
+
+
+def _warnings(result: DiffResult) -> list[Finding]:
+    out = []
+    if not result.complete:
+        out.append(Finding("incomplete", "This run did not finish (complete: false): the numbers cover only the "
+                           f"{len(result.modules)} matrices finished; diff --resume completes it.", warning=True))
+    for code, hit in caveat_groups(result.modules):
+        out.append(Finding("caveat", caveat_sentence(code, hit, len(result.modules)) + ".", warning=True,
+                           numbers={"code": code, "matrices": len(hit)}))
+    nonempty = [m for m in result.modules if m.p]  # an empty (p = 0) matrix has no update to speak of
+    zero = [m for m in nonempty if m.fro_norm == 0]
+    if zero and len(zero) == len(nonempty):
+        out.append(Finding("zero", f"Every one of the {len(zero)} analysed ΔW is exactly zero: base and tuned hold the "
+                           "same weights (check that the fine-tuned checkpoint was passed).", warning=True,
+                           numbers={"matrices": len(zero)}))
+    elif zero:
+        names = ", ".join(display_name(m.name, 60) for m in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        out.append(Finding("zero", f"{len(zero)} of {len(nonempty)} matrices were not changed at all (ΔW = 0: "
+                           f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
+                           numbers={"matrices": len(zero)}))
+    bad = result.non_finite()
+    if bad:
+        out.append(Finding("nonfinite", f"{len(bad)} value(s) are NaN or infinite ({', '.join(bad[:3])}"
+                           f"{' …' if len(bad) > 3 else ''}): JSON output writes them as null.", warning=True,
+                           numbers={"values": len(bad)}))
+    return out
+
+
+def _rank_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
+    fr = [m.energy_rank_frac.get(k, m.energy_rank[k] / m.p) for m in ms]
+    rnd = [m.random_frac(k) for m in ms]
+    ratio = _median([f / r for f, r in zip(fr, rnd, strict=True) if r > 0] or [0.0])
+    med_rank, med_p = _median([m.energy_rank[k] for m in ms]), _median([m.p for m in ms])
+    words = rank_words(ratio)
+    lo, hi = min(rnd), max(rnd)
+    rnd_text = f"{_fmt(lo)}" if abs(hi - lo) < 0.005 else f"{_fmt(lo)}–{_fmt(hi)} (by shape)"
+    times = f", {1 / ratio:.1f}× fewer directions than noise" if 0 < ratio < 0.9 else ""
+    text = (f"The update is {words}: the median matrix needs {med_rank:g} of its p = {med_p:g} directions "
+            f"({_fmt(_median(fr))} of p) for {tau:.0%} of ΔW's energy, where a random matrix of the same shape "
+            f"needs {rnd_text} of p{times}.")
+    return Finding("rank", text, numbers={"median_rank": med_rank, "median_p": med_p, "median_frac": _median(fr),
+                                          "random_frac_min": lo, "random_frac_max": hi, "median_ratio_to_random": ratio,
+                                          "matrices": len(ms)})
+
+
+def _kinds_finding(ms: list[ModuleResult], k: str) -> Finding | None:
+    groups: dict[str, list[ModuleResult]] = {}
+    for m in ms:
+        groups.setdefault(m.module, []).append(m)
+    if len(groups) < 2:
+        return None
+    rows = sorted(((kind, _median([m.energy_rank_frac.get(k, 0.0) for m in g]), _median([m.random_frac(k) for m in g]))
+                   for kind, g in groups.items()), key=lambda r: role_sort_key(groups[r[0]][0].role, r[0]))
+    by_value = sorted(rows, key=lambda r: r[1])
+    shown = rows if len(rows) <= MAX_KINDS_LISTED else by_value[:2] + by_value[-2:]
+    listed = ", ".join(f"{display_name(kind, 40)} {_fmt(f)} ({_fmt(r)})" for kind, f, r in shown)
+    above = [kind for kind, f, r in rows if f >= 0.9 * r]
+    tail = (f"; near or above random: {', '.join(display_name(x, 40) for x in above)}" if above
+            else "; every kind is below its random baseline")
+    lo, hi = by_value[0], by_value[-1]
+    spread = ("about the same in every kind" if hi[1] - lo[1] < 0.1 * max(hi[1], 1e-12) + 0.005
+              else f"lowest in {display_name(lo[0], 40)}, highest in {display_name(hi[0], 40)}")
+    text = f"By module kind (median rank needed ÷ p, random in brackets): {listed}; {spread}{tail}."
+    return Finding("modules", text, numbers={kind: {"median_frac": f, "random_frac": r} for kind, f, r in rows})
+
+
+def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
+    per_layer: dict[int, list[float]] = {}
+    for m in ms:
+        if m.layer is not None:
+            per_layer.setdefault(m.layer, []).append(m.energy_rank_frac.get(k, 0.0))
+    if len(per_layer) < 2:
+        return None
+    layers = sorted(per_layer)
+    med = {lay: _median(v) for lay, v in per_layer.items()}
+    hi = max(layers, key=lambda lay: (med[lay], -lay))
+    lo = min(layers, key=lambda lay: (med[lay], lay))
+    if len(layers) < 6:
+        listed = ", ".join(f"layer {lay} {_fmt(med[lay])}" for lay in layers)
+        text = f"Along the depth (median rank needed ÷ p per layer): {listed}."
+        thirds = None
+    else:
+        n = len(layers)
+        parts = [layers[: n // 3], layers[n // 3 : n - n // 3], layers[n - n // 3 :]]
+        thirds = [_median([x for lay in part for x in per_layer[lay]]) for part in parts]
+        span = [f"{p[0]}–{p[-1]}" for p in parts]
+        trend = ("rises with depth" if thirds[2] > 1.15 * thirds[0] else
+                 "falls with depth" if thirds[2] < thirds[0] / 1.15 else "is about the same at every depth")
+        text = (f"Along the depth, the rank needed {trend}: {_fmt(thirds[0])} of p in layers {span[0]}, "
+                f"{_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}; highest in layer {hi} "
+                f"({_fmt(med[hi])}), lowest in layer {lo} ({_fmt(med[lo])}).")
+    return Finding("depth", text, numbers={"per_layer": med, "thirds": thirds, "highest_layer": hi, "lowest_layer": lo})
+
+
+def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
+    used = [m.energy_rank[k] for m in ms]
+    rs = sorted({m.lora_r for m in ms})
+    eff = [m.effective_rank for m in ms if m.effective_rank is not None]
+    if len(rs) == 1:
+        r = rs[0]
+        text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {len(ms)} matrices; from {min(used)} to "
+                f"{max(used)}) for {tau:.0%} of each update's energy"
+                + (f"; effective rank {_fmt(_median(eff))} of {r}." if eff else "."))
+    else:
+        per = []
+        for r in rs:
+            u = [m.energy_rank[k] for m in ms if m.lora_r == r]
+            per.append(f"r = {r}: {_median(u):g} of {r} used ({len(u)} matrices)")
+        share = _median([m.energy_rank[k] / m.lora_r for m in ms])
+        text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {share:.0%} of their r for "
+                f"{tau:.0%} of their energy; " + "; ".join(per) + ".")
+    if max(used) < min(rs):
+        text += f" No matrix needs all of its r for {tau:.0%} of its energy."
+    return Finding("adapter", text, numbers={"r": rs, "median_used": _median(used), "min_used": min(used), "max_used": max(used),
+                                             "median_share_of_r": _median([m.energy_rank[k] / m.lora_r for m in ms])})
+
+
+def _size_finding(ms: list[ModuleResult]) -> Finding | None:
+    rel = [m for m in ms if m.rel_norm is not None]
+    if not ms:
+        return None
+    if not rel:
+        fro = [m.fro_norm for m in ms]
+        return Finding("size", f"Size: ‖ΔW‖_F has median {_fmt(_median(fro))} (from {_fmt(min(fro))} to {_fmt(max(fro))}); "
+                       "without the base weights there is no relative size (pass BASE for ‖ΔW‖_F / ‖W_base‖_F).",
+                       numbers={"median_fro": _median(fro)})
+    vals = [m.rel_norm for m in rel]
+    top = max(rel, key=lambda m: m.rel_norm)
+    where = f"{display_name(top.module, 40)}" + (f" of layer {top.layer}" if top.layer is not None else "")
+    kinds: dict[str, list[float]] = {}
+    for m in rel:
+        kinds.setdefault(m.module, []).append(m.rel_norm)
+    big = max(kinds, key=lambda x: _median(kinds[x]))
+    text = (f"Size: the update moved the weights by a median {_pct(_median(vals))} of their norm (‖ΔW‖_F / ‖W_base‖_F "
+            f"{_fmt(_median(vals))}, from {_fmt(min(vals))} to {_fmt(max(vals))}); largest in {where} ({_fmt(top.rel_norm)})"
+            + (f"; by median the largest kind is {display_name(big, 40)} ({_fmt(_median(kinds[big]))})."
+               if len(kinds) > 1 and big != top.module else "."))
+    return Finding("size", text, numbers={"median_rel_norm": _median(vals), "min_rel_norm": min(vals), "max_rel_norm": max(vals),
+                                          "largest": top.name})
+
+
+def skipped_reasons(result: DiffResult) -> list[tuple[str, int]]:
+    """Why tensors were skipped, grouped: ``(reason, count)``, most frequent first (a reason's
+    details after its first ``:``, such as the two shapes of a mismatch, are dropped)."""
+    counts: dict[str, int] = {}
+    for s in result.skipped:
+        reason = str(s.get("reason", "")).split(":")[0].strip() or "no reason given"
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def skipped_finding(result: DiffResult) -> Finding | None:
+    """What was skipped and why, and where to see each name (None when nothing was)."""
+    if not result.skipped:
+        return None
+    reasons = skipped_reasons(result)
+    listed = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in reasons[:4]) + ("; …" if len(reasons) > 4 else "")
+    return Finding("skipped", f"{len(result.skipped)} tensors were not analysed: {listed}. Each is listed with its reason "
+                   "in results.json (\"skipped\") and in the report's Skipped table.",
+                   numbers={"skipped": len(result.skipped), "reasons": dict(reasons)})
+
+
+def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
+    """``(column, definition)`` for the per-module summary table (``spectra diff``'s table)."""
+    k = threshold_key(tau)
+    items = [
+        ("module", ("the module label: the shortest suffix of the tensor name that is unique in the checkpoint "
+                   "(q_proj, mlp.down_proj…); one row per label")),
+        ("n", "how many matrices have this label (layers × experts × parts of split fused matrices)"),
+        ("p", ("min(out, in) of the matrix: the most singular values, i.e. independent directions, a matrix of that "
+              "shape can have (median over the n matrices)")),
+    ]
+    if lora:
+        items.append(("LoRA r", "the adapter's rank r for this module (after rank_pattern): its update has at most r directions"))
+    items += [
+        (f"rank[{k}]", (f"rank needed: the fewest singular directions of ΔW that hold {tau:.0%} of its energy "
+                       f"‖ΔW‖²_F = Σσᵢ² (energy_rank[{k}]), median over the n matrices")),
+        ("/ p", "rank needed ÷ p: near 0, a few directions carry the update; 1, every direction is needed"),
+        ("random / p", ("the same fraction for a Gaussian random matrix of the same shape (Marchenko–Pastur law): "
+                       "what a dense, unstructured update would need; well below it means a low-rank update")),
+        ("‖ΔW‖/‖W‖", "relative size ‖ΔW‖_F / ‖W_base‖_F (0.01: the weights moved by 1% of their norm); – without a base"),
+    ]
+    return items
+
+
+def matrix_legend(tau: float) -> list[tuple[str, str]]:
+    """``(column, definition)`` for the per-matrix table of the report."""
+    k = threshold_key(tau)
+    return [
+        ("name", "the tuned side's tensor name (\":q\", \":gate\"… for a part of a split fused matrix, \":e<k>\" for expert k)"),
+        ("layer", "index in the layer stack; – for embeddings, head and other matrices outside it"),
+        ("expert", "MoE expert index; – for dense matrices"),
+        ("module", "module label (shortest unique suffix of the name)"),
+        ("shape", "out × in of the analysed matrix, as torch.nn.Linear stores it; p = min(out, in)"),
+        (f"energy rank [{k}]", f"the fewest singular directions of ΔW holding {tau:.0%} of Σσᵢ² (rank needed)"),
+        ("/ p", "energy rank ÷ p"),
+        ("random / p", "energy rank ÷ p of a Gaussian random matrix of the same shape (Marchenko–Pastur)"),
+        ("‖ΔW‖/‖W‖", "‖ΔW‖_F / ‖W_base‖_F"),
+        ("‖ΔW‖_F", "Frobenius norm of the update, sqrt(Σσᵢ²)"),
+        ("σ₁", "largest singular value of ΔW (spectral norm)"),
+        ("stable rank", "Σσᵢ² / σ₁²: how many directions as strong as the first would hold the same energy"),
+        ("effective rank", "exp of the entropy of the normalised singular values σᵢ / Σσⱼ (Roy & Vetterli 2007)"),
+        ("LoRA r", "the adapter's rank for this module; – for a full fine-tune"),
+        ("note", ("caveats for this matrix: rows analysed, split assumptions, numerical notes (rounding level, "
+                 "precision mismatch, quantisation grid)")),
+    ]
+
+
+__all__ = ["NOT_LOW_RANK", "RANK_WORDS", "Finding", "analysed", "diff_findings", "matrix_legend", "rank_words",
+           "skipped_finding", "skipped_reasons", "summary_legend"]

@@ -1,0 +1,67 @@
+"""What ``spectra inspect`` shows: how a checkpoint's tensors map to layers, modules and roles."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from spectra.io.checkpoint import open_checkpoint
+from spectra.naming import ROLE_ORDER, describe_checkpoint
+
+
+def inspect_checkpoint(path: str, *, include_non_matrices: bool = False) -> list[dict[str, Any]]:
+    """One record per tensor: name, layer, expert, module, role, stored shape, dtype, parts, note.
+
+    Args:
+        path: anything :func:`spectra.open_checkpoint` accepts.
+        include_non_matrices: also list 1-D/0-D tensors (module and role are None for them).
+
+    Returns:
+        Records in model order (:func:`model_order`: embeddings, then layer 0, 1, 2 … 10 by number,
+        each in role order q, k, v, o, gate, up, down, then the rest); ``parts`` lists the split
+        suffixes (``["q", "k", "v"]``) or ``[""]``.
+    """
+    ckpt = open_checkpoint(path)
+    specs = describe_checkpoint({n: t.shape for n, t in ckpt.tensors.items()}, ckpt.arch)
+    records = []
+    for name, info in ckpt.tensors.items():
+        spec = specs.get(name)
+        if spec is None and not include_non_matrices:
+            continue
+        records.append({
+            "name": name,
+            "layer": spec.layer if spec else None,
+            "expert": spec.expert if spec else None,
+            "module": spec.module if spec else None,
+            "role": spec.role if spec else None,
+            "shape": list(info.shape),
+            "dtype": info.dtype,
+            "parts": [p.suffix for p in spec.parts] if spec else [],
+            "transpose": bool(spec and spec.transpose),
+            "note": spec.note if spec else "",
+        })
+    return sorted(records, key=model_order)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing the numbers inside a name as numbers: ``layers.2`` before ``layers.10``.
+
+    >>> sorted(["h.10.w", "h.2.w", "h.1.w"], key=natural_key)
+    ['h.1.w', 'h.2.w', 'h.10.w']
+    """
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def model_order(record: dict[str, Any]) -> tuple:
+    """Sort key of an inspect record: embeddings first, then the layers by number (each in role
+    order, experts by number), then everything outside the stack; names compared with
+    :func:`natural_key`. Tensors that are not matrices (``--all``) go with the layer their name
+    holds."""
+    role, layer = record.get("role"), record.get("layer")
+    if layer is None and record.get("module") is None:  # a norm or bias: place it by the number in its name
+        m = re.search(r"\.(\d+)\.", record["name"])
+        layer = int(m.group(1)) if m else None
+    block = 1 if layer is not None else (0 if role in ("embed", "pos_embed") else 2)
+    rank = ROLE_ORDER.index(role) if role in ROLE_ORDER else len(ROLE_ORDER)
+    expert = record.get("expert")
+    return (block, -1 if layer is None else layer, -1 if expert is None else expert, rank, natural_key(record["name"]))

@@ -1,0 +1,472 @@
+"""``spectra interfere --base BASE T1 … Tn``: how n fine-tunes of one base collide, module by module.
+
+Each Tᵢ is a PEFT LoRA adapter (its update ``s·B·A`` is used exactly, from the factors) or a full
+checkpoint (``ΔW = W_tuned − W_base``, formed as :mod:`spectra.delta` forms every update). For every
+base matrix that all n update, :mod:`spectra.interference` gives the pairwise measures (cosine of
+the flattened updates, φ of the top-k subspaces, captured energy, the Task Singular Vectors
+interference of each pair, the KnOTS alignment) and the measures over all n together (TSV
+interference, the KnOTS shared basis, the spectrum of the summed update against the parts).
+
+Streaming and memory. The run goes module by module: the base tensor is read once, each task's
+tensor is read when its module comes (tensor by tensor, never a whole checkpoint), and what stays
+between modules is the result records. Within a module the tasks' top-k triplets are kept
+(``k·(out + in)`` numbers each) and, for full checkpoints, the dense updates needed for the exact
+cosine and captured energy, at most ``max_dense_bytes`` of them at once: when n dense updates do not
+fit, they are taken in groups and a task's tensor is read again for each earlier group (each
+checkpoint is read once when they fit, which the default 1 GiB allows for n·out·in·4 bytes up to
+1 GiB). LoRA adapters are read whole when opened (their factors are the top-r triplets).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from spectra._version import __version__
+from spectra.adapter_diff import adapter_updates
+from spectra.config import SharedOptions, check_device_available
+from spectra.delta import form_delta, oriented
+from spectra.errors import CheckpointFormatError, ConfigError, PairingError
+from spectra.interference import (
+    accumulation,
+    captured_two_sided,
+    cosine_from_gram,
+    flat_inner,
+    knots_basis,
+    phi_matrix,
+    singular_task_interference,
+    spectrum_and_top,
+    sum_factored,
+    truncate,
+    tsv_pair_matrix,
+)
+from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.files import atomic_write_text
+from spectra.linalg import resolve_device, singular_values
+from spectra.metrics import DEFAULT_THRESHOLDS
+from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
+from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.results import rows_to_csv
+from spectra.selection import selector
+from spectra.subspaces import Factored
+
+SCHEMA = "spectra.interfere/1"
+#: The pairwise measures, each an n × n matrix per module (and their medians in ``summary``).
+PAIR_MEASURES = ("cosine", "phi", "captured", "tsv", "knots")
+
+
+@dataclass(frozen=True)
+class InterfereConfig(SharedOptions):
+    """Options of an interfere run; saved with the results.
+
+    Attributes:
+        top_k: singular triplets per update for the subspace measures (φ, captured energy, TSV,
+            KnOTS): the top ``min(top_k, rank)``; a LoRA update of rank r <= top_k is used whole.
+        side: singular vectors φ compares: ``"right"`` (input space, as Hu et al.) or ``"left"``.
+        thresholds: energy-rank thresholds of the summed update and the KnOTS concatenation.
+        max_dense_bytes: most bytes of dense full-checkpoint updates held at once for one module
+            (the exact cosine and captured energy need pairs of them); beyond it they are taken in
+            groups and tensors are read again (see the module docstring).
+        keep_singular: singular values of the summed update kept in the results.
+        include, exclude, layers, device: see :class:`spectra.config.SharedOptions` (matched on the
+            base tensor names).
+    """
+
+    top_k: int = 16
+    side: Literal["left", "right"] = "right"
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    max_dense_bytes: int = 1 << 30
+    keep_singular: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1. Got {self.top_k} instead")
+        if self.side not in ("left", "right"):
+            raise ConfigError(f"side must be left or right. Got {self.side!r} instead")
+        if not self.thresholds or any(not 0.0 < float(t) <= 1.0 for t in self.thresholds):
+            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
+        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        if self.max_dense_bytes < 1 or self.keep_singular < 0:
+            raise ConfigError(f"max_dense_bytes must be >= 1 and keep_singular >= 0. Got {self.max_dense_bytes}, "
+                              f"{self.keep_singular} instead")
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+class _Task:
+    """One input: a LoRA adapter or a full checkpoint, and the base matrices it updates."""
+
+    def __init__(self, label: str, base: Checkpoint) -> None:
+        self.label = label
+        self.adapter: Adapter | None = None
+        self.ckpt: Checkpoint | None = None
+        self.skipped: list[dict[str, str]] = []
+        self.updates: dict[str, LoraModule | MatrixPair] = {}  # base tensor name -> what updates it
+        if is_adapter(label):
+            self.kind = "lora"
+            self.adapter = open_adapter(label)
+            init = self.adapter.config.base_changing_init
+            if init:
+                raise CheckpointFormatError(
+                    f"this adapter was initialised with {init}, which changes the base weights: s·B·A alone is not the update",
+                    path=label, hint="merge it (merge_and_unload) and pass the merged model instead")
+            for mod, _spec, base_name in adapter_updates(self.adapter, base):
+                self.updates[base_name] = mod
+            self.skipped += [{"name": n, "reason": f"{label}: stored whole (modules_to_save), not a LoRA update"}
+                             for n in self.adapter.full]
+        else:
+            self.kind = "full"
+            self.ckpt = open_checkpoint(label)
+            pairing = pair_checkpoints(base, self.ckpt)
+            for p in pairing.pairs:
+                self.updates[p.base.name] = p
+
+    def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, str]:
+        """Dense ``ΔW`` of base matrix ``spec`` on ``device`` (full checkpoints and DoRA), ‖W_base‖_F,
+        and why it is undefined ("" when it is fine). ``W`` is the base tensor as stored."""
+        u = self.updates[spec.name]
+        if isinstance(u, LoraModule):  # DoRA: the update depends on the base weight
+            Wo = (W.mT if spec.transpose else W).to(torch.float32)
+            return u.dora_delta(Wo).to(device), float(torch.linalg.vector_norm(Wo.double())), ""
+        wb = oriented(W, u.base.transpose, u.rows)
+        wt = oriented(self.ckpt.load(u.tuned.name), u.tuned.transpose, u.rows)
+        delta, base_fro, bad = form_delta(wb, wt, device)
+        if bad:
+            return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)"
+        return delta, base_fro, ""
+
+    def needs_dense(self, name: str) -> bool:
+        u = self.updates[name]
+        return not isinstance(u, LoraModule) or u.magnitude is not None
+
+    def exact(self, name: str, device: torch.device) -> Factored:
+        """The exact thin SVD of a (non-DoRA) LoRA update, from its factors."""
+        u = self.updates[name]
+        B, A = u.factors()
+        return Factored.from_lora(B.to(device), A.to(device), u.scale)
+
+
+def _short_names(labels: list[str]) -> list[str]:
+    """Folder names for plots and tables, made unique with their position when they repeat."""
+    names = [Path(lbl.rstrip("/")).name or lbl for lbl in labels]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+# ---- result ------------------------------------------------------------------------------------------
+@dataclass
+class InterfereResult:
+    """What ``spectra interfere`` computed; ``interfere.json`` holds :meth:`to_dict` (README schema).
+
+    Attributes:
+        base: the base as given. tasks: the inputs as given; names: short names (folder names).
+        kinds: ``"lora"`` or ``"full"`` per task. config: the options.
+        modules: one record per matrix every task updates (see :func:`interfere`).
+        summary: per pairwise measure the element-wise median over modules (``n × n``), and medians
+            of the n-way scalars.
+        partial: matrices only some tasks update, with those tasks' indices.
+        skipped: ``{"name", "reason"}`` for matrices not analysed.
+        warnings: one-line caveats.
+    """
+
+    base: str
+    tasks: list[str]
+    names: list[str]
+    kinds: list[str]
+    config: dict[str, Any]
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    partial: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    device: str = ""
+    version: str = __version__
+    complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """CSV rows: one per module and pair of tasks (s < t), with the module's n-way numbers."""
+        out = []
+        for m in self.modules:
+            for s in range(len(self.tasks)):
+                for t in range(s + 1, len(self.tasks)):
+                    out.append({
+                        "name": m["name"], "layer": m["layer"], "module": m["module"], "s": s, "t": t,
+                        "task_s": self.names[s], "task_t": self.names[t], "cosine": m["cosine"][s][t], "phi": m["phi"][s][t],
+                        "captured_t_in_s": m["captured"][s][t], "captured_s_in_t": m["captured"][t][s],
+                        "tsv_pair": m["tsv"]["pairs"][s][t], "knots_alignment": m["knots"]["alignment"][s][t],
+                        "sti_all": m["tsv"]["sti"], "tsv_all": m["tsv"]["relative"], "tsv_all_fro": m["tsv"]["relative_fro"],
+                        "sum_spectral_over_max": m["sum"]["spectral_over_max"], "sum_fro_sq_ratio": m["sum"]["fro_sq_ratio"],
+                        "sum_nuclear_ratio": m["sum"]["nuclear_ratio"],
+                    })
+        return out
+
+    def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+        """Write ``interfere.json``, ``interfere.csv`` and (``plots``) the heatmaps into ``out_dir``."""
+        out = Path(out_dir)
+        files = {"json": atomic_write_text(out / "interfere.json",
+                                           json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
+                 "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}
+        if plots and self.modules:
+            # matplotlib only when plotting
+            from spectra.plots.interfere import save_interfere_plots
+
+            files.update(save_interfere_plots(self.to_dict(), out))
+        return files
+
+
+def _clean(x: Any) -> Any:
+    """numpy/torch values -> JSON types, NaN/inf -> None (never a number that is not one)."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, torch.Tensor):
+        return _clean(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _nanmedian(stack: list[Any]) -> Any:
+    arr = np.array([[[np.nan if v is None else v for v in row] for row in m] for m in stack], dtype=float)
+    if arr.size == 0 or np.all(np.isnan(arr)):
+        return None
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN (-> None)
+            return _clean(np.nanmedian(arr, axis=0))
+
+
+def _scalar_median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise medians over modules of every pairwise measure, and medians of the n-way scalars."""
+    if not modules:
+        return {}
+    return {
+        "cosine": _nanmedian([m["cosine"] for m in modules]), "phi": _nanmedian([m["phi"] for m in modules]),
+        "captured": _nanmedian([m["captured"] for m in modules]), "tsv": _nanmedian([m["tsv"]["pairs"] for m in modules]),
+        "knots": _nanmedian([m["knots"]["alignment"] for m in modules]),
+        "tsv_relative": _scalar_median([m["tsv"]["relative"] for m in modules]),
+        "tsv_relative_fro": _scalar_median([m["tsv"]["relative_fro"] for m in modules]),
+        "spectral_over_max": _scalar_median([m["sum"]["spectral_over_max"] for m in modules]),
+        "fro_sq_ratio": _scalar_median([m["sum"]["fro_sq_ratio"] for m in modules]),
+        "nuclear_ratio": _scalar_median([m["sum"]["nuclear_ratio"] for m in modules]),
+        "modules": len(modules),
+    }
+
+
+# ---- one module ----------------------------------------------------------------------------------------
+class _SkipModule(Exception):
+    """A task's update of this module is undefined (NaN/Inf): the module is skipped with the reason."""
+
+
+def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkpoint, config: InterfereConfig,
+                   device: torch.device) -> dict[str, Any]:
+    """Every measure of one base matrix over the n tasks (see the module docstring for memory).
+
+    Raises:
+        _SkipModule: a task's update of this matrix holds NaN/Inf.
+    """
+    n = len(tasks)
+    k = config.top_k
+    dense_tasks = [t for t in range(n) if tasks[t].needs_dense(name)]
+    exact = {t: tasks[t].exact(name, device) for t in range(n) if t not in dense_tasks}
+    W = base.load(name) if dense_tasks else None  # read once per module
+    factors: dict[int, Factored] = {t: truncate(f, k) for t, f in exact.items()}
+    spectra_: dict[int, np.ndarray] = {t: f.S.cpu().numpy() for t, f in exact.items()}
+    rel_norms: list[float | None] = [None] * n
+    G = np.full((n, n), np.nan)
+    C = np.full((n, n), np.nan)
+    total = None  # dense float64 running sum when any update is dense
+    seen: set[int] = set()
+
+    def load(t: int) -> torch.Tensor:
+        nonlocal total
+        delta, base_fro, why = tasks[t].dense(spec, W, device)
+        if delta is None:
+            raise _SkipModule(why)
+        if t not in seen:  # first read: spectrum, top-k triplets, running sum
+            seen.add(t)
+            spectra_[t], factors[t] = spectrum_and_top(delta, k)
+            rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
+            if total is None:
+                total = torch.zeros(delta.shape, dtype=torch.float64, device=device)
+                for f in exact.values():
+                    total += (f.U * f.S) @ f.Vh
+            total += delta.double()
+        return delta
+
+    def pair(s: int, t: int, us: Any, ut: Any) -> None:
+        G[s, t] = G[t, s] = flat_inner(us, ut)
+        C[s, t] = captured_two_sided(factors[s], ut)
+        C[t, s] = captured_two_sided(factors[t], us)
+
+    def diag(t: int, ut: Any) -> None:
+        G[t, t] = flat_inner(ut, ut)
+        C[t, t] = captured_two_sided(factors[t], ut)
+
+    lora = sorted(exact)
+    for i, s in enumerate(lora):
+        diag(s, exact[s])
+        for t in lora[i + 1:]:
+            pair(s, t, exact[s], exact[t])
+    if dense_tasks:
+        out_dim, in_dim = spec_shape(spec, base)
+        per = out_dim * in_dim * (8 if base.tensors[name].dtype == "float64" else 4)  # one ΔW as formed
+        g = max(1, config.max_dense_bytes // max(per, 1))
+        groups = [dense_tasks[i:i + g] for i in range(0, len(dense_tasks), g)]
+        for gi, group in enumerate(groups):
+            held = {t: load(t) for t in group}
+            for j, s in enumerate(group):
+                diag(s, held[s])
+                for t in group[j + 1:]:
+                    pair(s, t, held[s], held[t])
+                for t in lora:
+                    pair(s, t, held[s], exact[t])
+            for later in groups[gi + 1:]:
+                for u in later:  # streamed against the held group, then dropped
+                    du = load(u)
+                    for s in group:
+                        pair(s, u, held[s], du)
+                    del du
+            del held
+    fs = [factors[t] for t in range(n)]
+    S_sum = singular_values(total) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
+    tsv = singular_task_interference(fs)
+    knots = knots_basis(fs, config.thresholds)
+    acc = accumulation(S_sum, [spectra_[t] for t in range(n)], thresholds=config.thresholds, keep=config.keep_singular)
+    out_dim, in_dim = spec_shape(spec, base)
+    return _clean({
+        "name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role, "out": out_dim, "in": in_dim,
+        "ranks": [int(f.S.numel()) for f in fs], "fro": [math.sqrt(max(G[t, t], 0.0)) for t in range(n)],
+        "rel_norm": rel_norms,
+        "cosine": cosine_from_gram(G), "phi": phi_matrix(fs, config.side), "captured": C,
+        "tsv": {"sti": tsv.sti, "relative": tsv.relative, "relative_fro": tsv.relative_fro, "pairs": tsv_pair_matrix(fs)},
+        "knots": {"alignment": knots.alignment, "rank": knots.rank, "energy_rank": knots.energy_rank,
+                  "task_energy_rank": knots.task_energy_rank},
+        "sum": asdict(acc), "note": spec.note,
+    })
+
+
+def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:
+    """``(out, in)`` of base matrix ``spec`` as analysed (its stored shape oriented)."""
+    stored = tuple(base.tensors[spec.name].shape)
+    return (int(stored[1]), int(stored[0])) if spec.transpose else (int(stored[0]), int(stored[1]))
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def interfere(
+    base: str,
+    tuned_list: list[str],
+    *,
+    config: InterfereConfig | None = None,
+    out_dir: str | Path | None = None,
+    callback: Callable[[int, int, str], None] | None = None,
+    plots: bool = True,
+) -> InterfereResult:
+    """Interference between n fine-tunes of one base, per matrix (see the module docstring).
+
+    Args:
+        base: the base checkpoint every task was tuned from.
+        tuned_list: n >= 2 PEFT LoRA adapter folders or full checkpoints (mixing is allowed).
+        config: options (:class:`InterfereConfig`).
+        out_dir: where ``interfere.json``, ``interfere.csv`` and the heatmaps go.
+        callback: ``callback(done, total, name)`` after each matrix.
+        plots: write the heatmaps into ``out_dir``.
+
+    Returns:
+        :class:`InterfereResult`. Each module record holds ``ranks`` (triplets used per task),
+        ``fro`` (‖ΔW_t‖_F), ``rel_norm`` (‖ΔW_t‖_F/‖W_base‖_F for dense updates, else None), the n × n
+        matrices ``cosine``, ``phi``, ``captured`` (row s: whose subspaces, column t: whose energy),
+        ``tsv.pairs`` and ``knots.alignment``, the n-way ``tsv`` (``sti``, ``relative``) and ``knots``
+        (``rank``, ``energy_rank``, ``task_energy_rank``), and ``sum`` (:class:`spectra.interference.Accumulation`).
+        Undefined values (a zero update has no cosine or subspace) are None.
+
+    Raises:
+        ConfigError: fewer than two tasks.
+        PairingError: the tasks update no matrix in common, or one does not pair with the base.
+        CheckpointFormatError: an adapter's shapes do not fit the base (another base model).
+
+    Example:
+        >>> res = interfere("base/", ["lora-code/", "lora-json/"], out_dir="ifr")   # doctest: +SKIP
+        >>> res.summary["cosine"]                                                   # doctest: +SKIP
+    """
+    config = config or InterfereConfig()
+    t0 = time.perf_counter()
+    labels = [str(t) for t in tuned_list]
+    if len(labels) < 2:
+        raise ConfigError(f"interfere needs at least two fine-tunes. Got {len(labels)} instead",
+                          hint="pass --base BASE T1 T2 [T3 ...]")
+    device = resolve_device(config.device)
+    check_device_available(device)
+    base_ckpt = open_checkpoint(base)
+    tasks = [_Task(lbl, base_ckpt) for lbl in labels]
+    result = InterfereResult(base=str(base), tasks=labels, names=_short_names(labels), kinds=[t.kind for t in tasks],
+                             config=asdict(config), device=str(device))
+    for t in tasks:
+        result.skipped += t.skipped
+    specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
+    keep = selector(config.include, config.exclude, config.layers)
+    every = set.intersection(*(set(t.updates) for t in tasks))
+    some = set.union(*(set(t.updates) for t in tasks)) - every
+    result.partial = [{"name": n, "tasks": [i for i, t in enumerate(tasks) if n in t.updates]}
+                      for n in sorted(some) if n in specs and keep(n, specs[n].layer)]
+    todo: list[tuple[str, MatrixSpec]] = []
+    for name in every:
+        spec = specs.get(name)
+        if spec is None or not keep(name, spec.layer):
+            continue
+        if len(base_ckpt.tensors[name].shape) != 2:
+            result.skipped.append({"name": name, "reason": "3-D expert stack: interfere compares 2-D matrices only"})
+            continue
+        resized = [t.label for t in tasks if isinstance(t.updates[name], MatrixPair) and t.updates[name].rows is not None]
+        if resized:
+            result.skipped.append({"name": name, "reason": f"rows differ from the base in {', '.join(resized)} "
+                                                           "(resized vocabulary): interfere compares equal shapes only"})
+            continue
+        todo.append((name, spec))
+    if not todo:
+        raise PairingError("the fine-tunes update no matrix in common (after --include/--exclude/--layers)",
+                           path=", ".join(labels), hint="are they fine-tunes of the same base model, with shared target modules?")
+    todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
+    for done, (name, spec) in enumerate(todo, start=1):
+        try:
+            result.modules.append(measure_module(name, spec, tasks, base_ckpt, config, device))
+        except _SkipModule as exc:
+            result.skipped.append({"name": name, "reason": str(exc)})
+        if callback:
+            callback(done, len(todo), name)
+    result.summary = summarise(result.modules)
+    for i, t in enumerate(tasks):
+        rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
+        if rels and float(np.median(rels)) > 1.0:
+            result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
+                                   "base weights themselves: is it a fine-tune of this base?")
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    if out_dir is not None:
+        result.save(out_dir, plots=plots)
+    return result

@@ -1,0 +1,107 @@
+"""Where spectra may read: regular files only, and only inside the folder the user named.
+
+Two guards for every file spectra opens on a user's behalf (weights, shards, index files,
+``config.json``, adapter files):
+
+- :func:`regular_file` / :func:`open_regular`: a FIFO, socket, device or folder where a file is
+  expected is refused *before* anything could block on it (``open()`` on a FIFO waits for a writer
+  forever). The check is ``os.stat`` + ``S_ISREG``, then the file is opened with ``O_NONBLOCK`` and
+  checked again with ``fstat``, so a file swapped for a FIFO in between cannot block either.
+- :func:`check_inside`: a file found *inside* a checkpoint folder (a shard an index names, a
+  ``config.json``, ``model.safetensors``) must resolve, symlinks followed, to a path inside that
+  folder (:func:`allowed_roots`). A folder may link anywhere inside itself; a Hugging Face hub
+  snapshot may also link into its own repository's ``blobs/``, as the hub cache does.
+
+The paths the user typed are trusted as given: naming ``/data/x.safetensors`` reads it wherever it
+links. What the files themselves name is not.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, SpectraError
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words (``"a FIFO (named pipe)"``, ``"a folder"``...)."""
+    return next((kind for test, kind in _KINDS if test(mode)), "not a file")
+
+
+def regular_file(path: str | os.PathLike[str], *, tensor: str | None = None) -> os.stat_result:
+    """``os.stat`` of ``path`` (symlinks followed), refusing anything but a regular file.
+
+    Raises:
+        CheckpointNotFoundError: nothing at ``path`` (or a dangling symlink), or it cannot be stat'ed.
+        CheckpointFormatError: ``path`` is a FIFO, socket, device or folder; nothing was opened.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file", path=path, tensor=tensor) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise CheckpointNotFoundError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})", path=path,
+                                      tensor=tensor, hint="check the file's permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointFormatError(f"is {file_kind(st.st_mode)}, not a regular file", path=path, tensor=tensor,
+                                    hint="spectra reads checkpoints from regular files only")
+    return st
+
+
+def open_regular(path: str | os.PathLike[str], *, tensor: str | None = None) -> int:
+    """Open ``path`` read-only and return the descriptor, refusing (without blocking) anything that is
+    not a regular file. The caller closes it.
+
+    ``O_NONBLOCK`` makes ``open()`` of a FIFO return at once instead of waiting for a writer; the
+    ``fstat`` that follows sees the file actually opened, whatever replaced it since a first check.
+
+    Raises:
+        CheckpointNotFoundError, CheckpointFormatError: as :func:`regular_file`.
+    """
+    regular_file(path, tensor=tensor)  # a clear message before any open(), and no open() of a device
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or type(exc).__name__})", path=path,
+                                      tensor=tensor, hint="check the file's permissions") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointFormatError(f"is {file_kind(st.st_mode)}, not a regular file", path=path, tensor=tensor,
+                                    hint="spectra reads checkpoints from regular files only")
+    return fd
+
+
+def allowed_roots(folder: str | os.PathLike[str]) -> tuple[Path, ...]:
+    """The real folders files found in ``folder`` may resolve into: ``folder`` itself, and for a hub
+    cache snapshot (``…/models--org--name/snapshots/<commit>``) also that repository's ``blobs/``,
+    where the hub cache keeps the files the snapshot links to."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
+        roots.append(real.parent.parent / "blobs")
+    return tuple(roots)
+
+
+def check_inside(path: str | os.PathLike[str], roots: tuple[Path, ...], *, what: str | None = None,
+                 error: type[SpectraError] = CheckpointFormatError) -> Path:
+    """``path`` with symlinks resolved, refusing one that lands outside every folder in ``roots``.
+
+    Args:
+        path: a file found inside a checkpoint folder (it need not exist).
+        roots: from :func:`allowed_roots`.
+        what: how to name it in the message (default: ``path`` relative to the first root).
+
+    Raises:
+        CheckpointFormatError: ``path`` resolves outside ``roots``; nothing was opened.
+    """
+    real = Path(os.path.realpath(path))
+    if any(real == root or real.is_relative_to(root) for root in roots):
+        return real
+    raise error(f"{what or Path(path).name} resolves outside the checkpoint folder (to {real})", path=roots[0],
+                hint="spectra reads only files inside the folder it is given; copy the file into the folder")

@@ -1,0 +1,257 @@
+"""Writing a PEFT LoRA adapter folder that ``peft.PeftModel.from_pretrained(base, folder)`` loads with
+no missing or unexpected keys: ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+PEFT's on-disk names (the definitions document, "LoRA adapters"; ``peft.utils.save_and_load``):
+
+- a linear (or GPT-2 ``Conv1D``) module ``M``: ``base_model.model.M.lora_A.weight`` ``(r, in)`` and
+  ``base_model.model.M.lora_B.weight`` ``(out, r)``, with ``ΔW = s·B·A`` in ``(out, in)``
+  orientation. A ``Conv1D`` stores its weight ``(in, out)``; PEFT's layer for it (``fan_in_fan_out``)
+  keeps A and B as above and transposes the product, so the factors are the same;
+- an embedding ``M``: ``base_model.model.M.lora_embedding_A`` ``(r, vocab)`` and
+  ``…lora_embedding_B`` ``(dim, r)`` (no ``.weight``), with ``ΔW = s·(B·A)ᵀ`` ``(vocab, dim)``;
+- ``lora_bias``: ``base_model.model.M.lora_B.bias`` ``(out,)``, added to the bias times s on merge;
+- ``modules_to_save`` entry ``M``: each of its tensors whole, ``base_model.model.M.weight`` / ``.bias``.
+
+Ranks and alphas: ``r`` and ``lora_alpha`` are the most common rank (or the rank every tied module
+must share, see :func:`adapter_config`), and every other module gets its own through
+``rank_pattern``/``alpha_pattern`` keyed by its full module path (PEFT matches a key k against a
+module name with ``(.*\\.)?(k)$``; a full path matches only itself). ``alpha = r`` per module gives
+``s = 1`` (rsLoRA: ``alpha = √r``, since s = alpha/√r).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectra.io.files import atomic_write_text
+
+_PREFIX = "base_model.model."
+#: ``config.json`` architecture suffix -> PEFT ``task_type`` (the PeftModel subclass it loads with).
+TASK_TYPES: tuple[tuple[str, str], ...] = (
+    ("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("Model", "FEATURE_EXTRACTION"),
+)
+
+
+@dataclass
+class LoraFactors:
+    """One adapted module, as :func:`adapter_tensors` writes it.
+
+    Attributes:
+        module: the module path (the base tensor name without ``.weight``).
+        B: ``(out, r)`` and A: ``(r, in)``, with ``ΔW ≈ B·A`` in ``(out, in)`` orientation at scale 1
+            (embeddings: ``(vocab, r)`` and ``(r, dim)``, ΔW in its stored ``(vocab, dim)`` layout).
+        embedding: an ``nn.Embedding`` (written as ``lora_embedding_A/B``).
+        bias: ``lora_B.bias`` ``(out,)`` (the bias update at scale 1), or None.
+    """
+
+    module: str
+    B: torch.Tensor
+    A: torch.Tensor
+    embedding: bool = False
+    bias: torch.Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        return int(self.A.shape[0])
+
+
+def lora_tensors(m: LoraFactors) -> list[tuple[str, torch.Tensor]]:
+    """The ``adapter_model.safetensors`` entries of one module, in PEFT's names and layouts (module
+    docstring), in the order :func:`lora_layout` gives."""
+    if m.embedding:  # ΔW (vocab, dim) = B·A  =  (B_p·A_p)ᵀ  with  A_p = Bᵀ (r, vocab), B_p = Aᵀ (dim, r)
+        return [(f"{_PREFIX}{m.module}.lora_embedding_A", m.B.mT), (f"{_PREFIX}{m.module}.lora_embedding_B", m.A.mT)]
+    out = [(f"{_PREFIX}{m.module}.lora_A.weight", m.A), (f"{_PREFIX}{m.module}.lora_B.weight", m.B)]
+    if m.bias is not None:
+        out.append((f"{_PREFIX}{m.module}.lora_B.bias", m.bias))
+    return out
+
+
+def lora_layout(module: str, r: int, shape: tuple[int, int], *, embedding: bool = False, bias: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of :func:`lora_tensors` for a module of ``(out, in)`` ``shape`` at rank r,
+    known before any factor is loaded (the file's header is written first).
+
+    >>> lora_layout("m", 2, (5, 3), bias=True)
+    [('base_model.model.m.lora_A.weight', (2, 3)), ('base_model.model.m.lora_B.weight', (5, 2)), ('base_model.model.m.lora_B.bias', (5,))]
+    """
+    out_dim, in_dim = shape
+    if embedding:
+        return [(f"{_PREFIX}{module}.lora_embedding_A", (r, out_dim)), (f"{_PREFIX}{module}.lora_embedding_B", (in_dim, r))]
+    return [(f"{_PREFIX}{module}.lora_A.weight", (r, in_dim)), (f"{_PREFIX}{module}.lora_B.weight", (out_dim, r))] + (
+        [(f"{_PREFIX}{module}.lora_B.bias", (out_dim,))] if bias else [])
+
+
+def saved_name(name: str) -> str:
+    """The key of a ``modules_to_save`` tensor (its name in the base model) in the adapter file."""
+    return _PREFIX + name
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: str | Path, layout: Sequence[tuple[str, tuple[int, ...]]], tensors: Iterable[torch.Tensor],
+                      dtype: torch.dtype, *, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a ``.safetensors`` file one tensor at a time: the header from ``layout`` (names and
+    shapes, every tensor in ``dtype``), then each tensor of ``tensors`` in that order, cast to
+    ``dtype``. Memory stays at one tensor, whatever the file's size. Atomic: a temporary file in the
+    same folder, fsync, rename.
+
+    Raises:
+        ValueError: a tensor's shape differs from its layout entry, or the counts differ.
+        OutputError: the file cannot be written; ``path`` is unchanged.
+    """
+    import os
+    import struct
+    import tempfile
+
+    from spectra.errors import output_error
+
+    item = torch.empty(0, dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape in layout:
+        n = math.prod(shape) * item
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format recommends
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for (name, shape), t in zip(layout, tensors, strict=True):
+                if tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"tensor {name} must have shape {tuple(shape)}. Got {tuple(t.shape)} instead.")
+                f.write(t.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an adapter is an ordinary file
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise output_error(path, exc) from exc
+        raise
+    return path
+
+
+def target_modules(adapted: Sequence[str], all_modules: Iterable[str]) -> list[str]:
+    """``target_modules`` for PEFT: a module's last name component (``q_proj``) when every module
+    of the model with that last component is adapted, else the full paths of the adapted ones.
+
+    PEFT adapts a module whose name equals an entry or ends with ``"." + entry``; short entries are
+    what people and serving engines expect, but one that also named a module left out (a layer
+    excluded with ``--layers``) would give PEFT a LoRA layer with no weights in the file.
+
+    >>> target_modules(["a.0.q", "a.1.q", "a.0.k"], ["a.0.q", "a.1.q", "a.0.k", "a.1.k"])
+    ['a.0.k', 'q']
+    """
+    adapted_set = set(adapted)
+    by_leaf: dict[str, set[str]] = {}
+    for m in set(all_modules) | adapted_set:
+        by_leaf.setdefault(m.rpartition(".")[2], set()).add(m)
+    out: set[str] = set()
+    for m in adapted_set:
+        leaf = m.rpartition(".")[2]
+        out.add(leaf if by_leaf[leaf] <= adapted_set else m)
+    return sorted(out)
+
+
+def task_type_for(config: Mapping[str, Any] | None) -> str | None:
+    """PEFT's ``task_type`` for a base model's ``config.json`` (its first ``architectures`` entry):
+    ``…ForCausalLM`` → ``CAUSAL_LM`` etc.; None when unknown (PEFT then loads a plain ``PeftModel``).
+
+    >>> task_type_for({"architectures": ["LlamaForCausalLM"]}), task_type_for({"architectures": ["BertForMaskedLM"]})
+    ('CAUSAL_LM', None)
+    """
+    archs = (config or {}).get("architectures") or []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    for suffix, task in TASK_TYPES:
+        if arch.endswith(suffix):
+            return task
+    return None
+
+
+def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base_model: str | None,
+                   task_type: str | None, rslora: bool = False, fan_in_fan_out: bool = False,
+                   modules_to_save: Sequence[str] = (), lora_bias: bool = False, shared_rank: int | None = None) -> dict[str, Any]:
+    """``adapter_config.json`` for modules adapted at ``ranks`` (module path -> r > 0), each at scale 1.
+
+    Args:
+        ranks: the adapted modules and their ranks.
+        all_modules: every module path of the base model that holds a matrix (for :func:`target_modules`).
+        base_model: ``base_model_name_or_path``.
+        task_type: PEFT task type (:func:`task_type_for`), or None.
+        rslora: write ``use_rslora`` with ``alpha = √r`` (scale alpha/√r = 1), else ``alpha = r``.
+        fan_in_fan_out: the targets include GPT-2 ``Conv1D`` layers (PEFT sets it per layer type
+            itself when it is wrong for a layer, with a warning).
+        modules_to_save: module paths stored whole.
+        lora_bias: every target has a ``lora_B.bias``.
+        shared_rank: the global ``r`` when some modules must take it (per-expert MoE matrices that
+            transformers ≥ 5 fuses on load: PEFT converts such adapters at the global r only);
+            default the most common rank (ties: the larger).
+    """
+    if not ranks:
+        raise ValueError("ranks must name at least one adapted module. Got none instead.")
+    if shared_rank is None:
+        counts = Counter(ranks.values())
+        shared_rank = max(counts, key=lambda r: (counts[r], r))
+
+    def alpha(r: int) -> float | int:
+        return math.sqrt(r) if rslora else r
+
+    pattern = {m: r for m, r in sorted(ranks.items()) if r != shared_rank}
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": int(shared_rank),
+        "lora_alpha": alpha(shared_rank),
+        "use_rslora": bool(rslora),
+        "target_modules": target_modules(list(ranks), all_modules),
+        "rank_pattern": pattern,
+        "alpha_pattern": {m: alpha(r) for m, r in pattern.items()},
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "modules_to_save": list(modules_to_save) or None,
+        "lora_bias": bool(lora_bias),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def write_adapter(out_dir: str | Path, layout: Sequence[tuple[str, tuple[int, ...]]], tensors: Iterable[torch.Tensor],
+                  config: Mapping[str, Any], dtype: torch.dtype) -> list[Path]:
+    """Write ``adapter_model.safetensors`` (streamed, :func:`write_safetensors`) then
+    ``adapter_config.json`` into ``out_dir``, each atomically, so a folder never holds a config
+    without its weights.
+
+    Raises:
+        OutputError: a file cannot be written; files written before are intact.
+    """
+    folder = Path(out_dir)
+    weights = write_safetensors(folder / "adapter_model.safetensors", layout, tensors, dtype)
+    cfg = atomic_write_text(folder / "adapter_config.json", json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    return [weights, cfg]
+
+
+__all__ = ["TASK_TYPES", "LoraFactors", "adapter_config", "lora_layout", "lora_tensors", "saved_name", "target_modules", "task_type_for",
+           "write_adapter", "write_safetensors"]

@@ -1,0 +1,191 @@
+"""The journal of a diff run: every result appended to ``results.jsonl`` as it is computed, folded
+into ``results.json`` every few seconds, and read back by ``--resume`` under the same run fingerprint
+(inputs and result-affecting options), so an interrupted run loses at most one batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from spectra.config import DiffConfig
+from spectra.errors import ConfigError, output_error
+from spectra.io.checkpoint import Checkpoint
+from spectra.io.files import atomic_write_text
+from spectra.pairing import Skipped
+from spectra.results import DiffResult, ModuleResult
+
+#: results.json is rewritten at most this often during a run (the journal has every result at once).
+REWRITE_EVERY_S = 5.0
+
+
+#: DiffConfig fields that change the numbers a run writes (the others only change how it runs).
+RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method", "precision", "split_fused",
+                  "approx", "approx_above", "approx_tol", "seed", "weight_spectra")
+
+
+def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> str:
+    """A hash of the inputs (tensor names, shapes, dtypes, offsets; file sizes and modification
+    times) and of the result-affecting options: a journal is resumed only under the same one."""
+    h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in RESULT_FIELDS}, sort_keys=True, default=list).encode())
+    for ckpt in (base, tuned):
+        files = sorted({str(t.file) for t in ckpt.tensors.values()})
+        h.update(json.dumps([ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+                             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items())]).encode())
+    return h.hexdigest()[:16]
+
+
+class Journal:
+    """Journal each result to ``results.jsonl`` at once; fold into ``results.json`` periodically."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.journal = out_dir / "results.jsonl"
+        self.last = 0.0
+
+    def start(self, result: DiffResult, *, resume: bool = False) -> list[dict]:
+        """Begin a run; with ``resume``, return the journal's records of an earlier run with the same
+        fingerprint (inputs and result-affecting options) and append to it, else start afresh.
+
+        Raises:
+            ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
+        """
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(self.out_dir, exc) from exc
+        done: list[dict] = []
+        if resume:
+            previous = self.out_dir / "results.json"
+            if not (self.journal.is_file() and previous.is_file()):
+                raise ConfigError("nothing to resume: no results.jsonl and results.json", path=self.out_dir,
+                                  hint="run without --resume first")
+            try:
+                old = json.loads(previous.read_text(encoding="utf-8")).get("fingerprint")
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != result.fingerprint:
+                raise ConfigError("the journal here comes from different inputs or options", path=self.out_dir,
+                                  hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
+            done = read_records(self.journal)
+        else:
+            atomic_write_text(self.journal, "")
+        result.save_json(self.out_dir / "results.json")
+        self.last = time.monotonic()
+        return done
+
+    def add(self, result: DiffResult, module: ModuleResult | None, skipped: Skipped | None) -> None:
+        append_record(self.journal, {"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)})
+        if time.monotonic() - self.last >= REWRITE_EVERY_S:
+            result.save_json(self.out_dir / "results.json")
+            self.last = time.monotonic()
+
+    def flush(self, result: DiffResult) -> None:
+        """Write ``results.json`` now (``complete`` stays False on an interrupted run)."""
+        result.save_json(self.out_dir / "results.json")
+
+    def finish(self, result: DiffResult, *, plots: bool) -> None:
+        result.save(self.out_dir, plots=plots)
+        atomic_write_text(self.out_dir / "diff_config.json", json.dumps(result.config, indent=2, sort_keys=True) + "\n")
+
+
+def absorb(result: DiffResult, records: list[dict]) -> set[str]:
+    """Add journal records (``{"module": …}`` / ``{"skipped": …}``) to ``result``; their names."""
+    names = set()
+    known = set(ModuleResult.__dataclass_fields__)
+    for rec in records:
+        if "module" in rec:
+            result.modules.append(ModuleResult(**{k: v for k, v in rec["module"].items() if k in known}))
+            names.add(rec["module"]["name"])
+        elif "skipped" in rec:
+            result.skipped.append(rec["skipped"])
+            names.add(rec["skipped"]["name"])
+    return names
+
+
+def read_records(path: Path) -> list[dict]:
+    """The whole records of a JSON-lines journal, stopping at a line cut short by a kill (that item is
+    recomputed); the file is rewritten with the whole records only, so the next append starts on a
+    new line."""
+    done: list[dict] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            done.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    return done
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one record as a JSON line (NaN/Inf refused: the journal must stay valid JSON).
+
+    Raises:
+        OutputError: the file cannot be written; every line written before this one is kept.
+    """
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise output_error(path, exc) from exc
+
+
+def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
+    """A hash of checkpoints (tensor names, shapes, dtypes, offsets; file sizes and modification
+    times) and of the options that change the results: a journal is resumed only under the same one.
+    For commands other than ``diff`` (whose :func:`run_fingerprint` keeps its historical form)."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=list).encode())
+    for ckpt in checkpoints:
+        files = sorted({str(t.file) for t in ckpt.tensors.values()})
+        h.update(json.dumps([ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+                             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items())]).encode())
+    return h.hexdigest()[:16]
+
+
+class RecordJournal:
+    """A resumable JSON-lines journal of per-item records for any streaming command (``esd``,
+    ``extract``, ``trace``...): the first line holds the run's fingerprint, each later line one
+    finished item, appended as soon as it is computed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> j = RecordJournal(pathlib.Path(tempfile.mkdtemp()) / "esd.jsonl")
+        >>> j.start("abc", resume=False)
+        []
+        >>> j.add({"name": "w", "alpha": 3.1})
+        >>> RecordJournal(j.path).start("abc", resume=True)
+        [{'name': 'w', 'alpha': 3.1}]
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def start(self, fingerprint: str, *, resume: bool) -> list[dict]:
+        """Begin a run; with ``resume``, return the records of an earlier run with the same
+        fingerprint and append to it, else start afresh.
+
+        Raises:
+            ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
+            OutputError: the folder cannot be written.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise output_error(self.path.parent, exc) from exc
+        if not resume:
+            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+            return []
+        if not self.path.is_file():
+            raise ConfigError(f"nothing to resume: no {self.path.name}", path=self.path.parent, hint="run without --resume first")
+        records = read_records(self.path)
+        if not records or records[0].get("fingerprint") != fingerprint:
+            raise ConfigError("the journal here comes from different inputs or options", path=self.path,
+                              hint="pass the same inputs and options, or run without --resume into a new folder")
+        return records[1:]
+
+    def add(self, record: dict) -> None:
+        """Append one finished item."""
+        append_record(self.path, record)

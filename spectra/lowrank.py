@@ -1,0 +1,500 @@
+"""Low-rank truncation: which rank each module keeps, and the LoRA factors of a truncated update.
+
+Two halves, both pure (no I/O, no printing):
+
+- **Allocation** (numpy, float64). ``--rank R`` keeps R components everywhere; ``--energy τ`` keeps
+  the smallest rank holding ≥ τ of each module's ‖ΔW‖²_F (the diff's ``energy_rank[τ]``);
+  ``--budget N`` maximises the total energy kept for at most N LoRA parameters, where one
+  component of an ``(out, in)`` module costs ``out + in`` parameters (its column of B and row of A).
+  That is a knapsack whose items are the rank-1 components; each module's σᵢ² are non-increasing, so
+  the value per parameter ``σᵢ² / (out + in)`` is too, and taking components in decreasing order of
+  it (:func:`allocate_budget`) solves the fractional problem exactly and the integer one up to the
+  first component that does not fit (Dantzig 1957): the shortfall against the optimum is at most
+  that component's energy, and the fractional bound reported beside the result caps it.
+- **Factors** (torch, float64). The top singular triplets of a dense ΔW come from the eigenvectors
+  of its smaller Gram matrix (:func:`dense_triplets`), the same route as the exact spectra of
+  :mod:`spectra.linalg`; each is split evenly, ``B = U_r·diag(√σ)``, ``A = diag(√σ)·V_rᵀ``, so that
+  ``B·A`` is the rank-r truncation with a PEFT scale of 1 (:func:`split_factors`).
+
+Orientation is always ``(out, in)``; B is ``(out, r)``, A ``(r, in)``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from spectra.engine import factored_svd, randomized_svd
+from spectra.linalg import fro_norm, gram
+
+#: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
+#: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
+VLLM_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
+
+_PARAM_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """A ``--budget`` as the user wrote it.
+
+    Attributes:
+        kind: ``"params"`` (LoRA parameters), ``"fraction"`` (of the full update's parameter count,
+            Σ out·in over the chosen modules) or ``"bytes"`` (adapter size in the output dtype).
+        value: parameters, a fraction in (0, 1], or bytes.
+        text: the text it was parsed from.
+    """
+
+    kind: Literal["params", "fraction", "bytes"]
+    value: float
+    text: str
+
+    def params(self, full_params: int, bytes_per_param: int) -> int:
+        """The budget in LoRA parameters, for modules holding ``full_params`` weights in total and
+        an adapter stored with ``bytes_per_param`` bytes per value.
+
+        >>> parse_budget("10%").params(1000, 2), parse_budget("1kB").params(0, 2), parse_budget("5k").params(0, 4)
+        (100, 500, 5000)
+        """
+        if self.kind == "params":
+            return int(self.value)
+        if self.kind == "fraction":
+            return math.floor(self.value * full_params)
+        return int(self.value // bytes_per_param)
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a ``--budget``: a parameter count (``1200000``, ``1.2M``, ``500k``), a percentage of the
+    full update (``10%``), or a size in the output dtype (``50MB``, ``1.5GiB``; kB/MB/GB are powers
+    of 1000, KiB/MiB/GiB of 1024).
+
+    Raises:
+        ValueError: anything else, or a value that is not positive (the message says which forms work).
+    """
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(%|[kKmMgG]?i?[bB]|[kKmMgG]?)", t)
+    if not m:
+        raise ValueError(f"budget must be a parameter count (1200000, 1.2M), a percentage (10%) or a size (50MB, 1GiB). "
+                         f"Got {text!r} instead")
+    value = float(m.group(1)) * (10.0 ** int(m.group(2)) if m.group(2) else 1.0)
+    unit = m.group(3)
+    if unit == "%":
+        if not 0 < value <= 100:
+            raise ValueError(f"a budget percentage must be in (0, 100]. Got {text!r} instead")
+        return Budget("fraction", value / 100.0, t)
+    if unit.lower().endswith("b"):
+        key = unit.lower()
+        if key not in _BYTE_UNITS:
+            raise ValueError(f"budget size units are B, kB, MB, GB, KiB, MiB, GiB. Got {text!r} instead")
+        value *= _BYTE_UNITS[key]
+        kind: Literal["params", "bytes"] = "bytes"
+    else:
+        value *= _PARAM_UNITS[unit.lower()]
+        kind = "params"
+    if value < 1:
+        raise ValueError(f"budget must be positive. Got {text!r} instead")
+    return Budget(kind, float(math.floor(value)), t)
+
+
+# ---- ranks of one module --------------------------------------------------------------------------
+def spectrum_total(S: np.ndarray) -> float:
+    """``Σσᵢ²`` summed as :func:`spectra.metrics.energy_rank` sums it (the last cumulative sum, float64),
+    so that ranks from :func:`energy_rank_top` equal the diff's on the same spectrum.
+
+    >>> spectrum_total(np.array([3.0, 1.0]))
+    10.0
+    """
+    cum = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    return float(cum[-1]) if cum.size else 0.0
+
+
+def energy_kept(S: np.ndarray, total: float, r: int) -> float:
+    """``Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``: the share of the update's energy a rank-r truncation keeps (1 for a
+    zero update). ``S`` holds at least the top r values, descending; ``total`` is ‖ΔW‖²_F.
+
+    >>> energy_kept(np.array([3.0, 1.0]), 10.0, 1)
+    0.9
+    """
+    if total <= 0:
+        return 1.0
+    top = np.asarray(S, dtype=np.float64)[:r]
+    return float(min(1.0, np.sum(top * top) / total))
+
+
+def energy_rank_top(S: np.ndarray, total: float, tau: float) -> int | None:
+    """Smallest k with ``Σ_{i≤k} σᵢ² ≥ τ·total`` from the top values ``S`` (descending) and the exact
+    ``total``; 0 for a zero update; None when ``S`` is too short to reach it. With the whole spectrum
+    and ``total = Σσᵢ²`` this is :func:`spectra.metrics.energy_rank`.
+
+    >>> energy_rank_top(np.array([3.0, 1.0, 1.0]), 11.0, 0.9), energy_rank_top(np.array([3.0]), 11.0, 0.9)
+    (2, None)
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
+    if total <= 0:
+        return 0
+    cum = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    k = int(np.searchsorted(cum, tau * total, side="left"))
+    if k < cum.size:
+        return k + 1
+    # a total summed otherwise (a trace) can leave the whole spectrum's cumulative sum a rounding
+    # error under τ·total at τ = 1: then the first k within 1e-12 of it
+    k = int(np.searchsorted(cum, tau * total * (1 - 1e-12), side="left"))
+    return k + 1 if k < cum.size else None
+
+
+def rank_levels(p: int, max_rank: int | None = None, serving: str | None = None) -> list[int]:
+    """The ranks a module of ``p = min(out, in)`` may take, ascending (0 is always allowed).
+
+    Without serving constraints every rank 1 … min(p, max_rank). With ``serving="vllm"`` only the
+    ranks vLLM accepts (:data:`VLLM_RANKS`) up to that cap; a module too small for the smallest
+    (p < 8) keeps ranks up to its p (vLLM pads it to ``max_lora_rank`` like every module).
+
+    >>> rank_levels(5, 3), rank_levels(100, serving="vllm"), rank_levels(4, serving="vllm")
+    ([1, 2, 3], [8, 16, 32, 64], [1, 2, 3, 4])
+    """
+    cap = min(p, max_rank) if max_rank is not None else p
+    if serving == "vllm":
+        levels = [v for v in VLLM_RANKS if v <= cap]
+        if levels:
+            return levels
+        cap = min(cap, VLLM_RANKS[0])
+    return list(range(1, cap + 1))
+
+
+def round_up(r: int, levels: Sequence[int]) -> int:
+    """The smallest allowed level ≥ r (the largest when r exceeds them all); 0 stays 0.
+
+    >>> round_up(9, [8, 16, 32]), round_up(40, [8, 16, 32]), round_up(0, [8])
+    (16, 32, 0)
+    """
+    if r <= 0 or not levels:
+        return 0
+    return next((v for v in levels if v >= r), levels[-1])
+
+
+# ---- the budget allocation ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Allocation:
+    """The result of :func:`allocate_budget`.
+
+    Attributes:
+        ranks: rank of each module.
+        kept: Σ of the σ² kept (same units as the gains).
+        params: LoRA parameters used, Σ rᵢ·costᵢ (≤ the budget).
+        bound: the fractional-knapsack optimum (an upper bound of every integer allocation's kept
+            energy): ``kept`` plus the budget left times the value per parameter of the first block
+            that did not fit; equal to ``kept`` when everything fitted.
+        critical: ``(module, rank it would have reached)`` of that first block; None when none.
+        ratio: that block's gain per parameter (0 when none): no block with a lower ratio is taken,
+            whatever modules are added to the problem later.
+    """
+
+    ranks: list[int]
+    kept: float
+    params: int
+    bound: float
+    critical: tuple[int, int] | None = None
+    ratio: float = 0.0
+
+    @property
+    def gap(self) -> float:
+        """``bound − kept``: how much more any allocation could keep at most (0 when none could)."""
+        return max(0.0, self.bound - self.kept)
+
+
+def _blocks(gains: np.ndarray, levels: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rank reached, components added, gain)`` of each step between consecutive allowed levels,
+    up to the first step that adds no energy (later ones add none either: the gains are non-increasing)."""
+    n = gains.size
+    reach = np.arange(1, n + 1) if levels is None else np.unique(np.minimum(np.asarray(levels, dtype=np.int64), n))
+    reach = reach[reach > 0]
+    cum = np.concatenate([[0.0], np.cumsum(gains)])
+    prev = np.concatenate([[0], reach[:-1]])
+    gain = cum[reach] - cum[prev]
+    stop = np.flatnonzero(gain <= 0)
+    keep = stop[0] if stop.size else reach.size
+    return reach[:keep], (reach - prev)[:keep], gain[:keep]
+
+
+def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int, *,
+                    levels: Sequence[Sequence[int]] | None = None) -> Allocation:
+    """Ranks that keep the most energy for at most ``budget`` parameters (greedy on energy per parameter).
+
+    Args:
+        gains: per module, ``σᵢ²`` for i = 1 … (the most components it may take), non-increasing,
+            float64. Zero gains are never taken (they would spend parameters on nothing).
+        costs: per module, parameters per component (``out + in``), positive integers.
+        budget: parameters available.
+        levels: per module, the ranks it may take, ascending (default every rank 1 … len(gains)).
+            Consecutive levels form blocks; since each block's σ² are all ≤ the previous block's,
+            the blocks' values per parameter are non-increasing too, and the greedy still applies.
+
+    Returns:
+        :class:`Allocation`. Blocks are taken in decreasing order of gain / cost (ties: module index,
+        then rank) until the first that does not fit; the allocation stops there (textbook greedy),
+        so that it is exactly the prefix of that order within the budget, and the gap to the
+        fractional optimum is reported rather than hidden. Vectorised: one sort of all blocks.
+
+    Example:
+        >>> a = allocate_budget([np.array([9.0, 1.0]), np.array([4.0, 4.0])], [1, 1], 3)
+        >>> a.ranks, a.kept, a.params
+        ([1, 2], 17.0, 3)
+    """
+    if len(gains) != len(costs):
+        raise ValueError(f"gains and costs must have the same length. Got {len(gains)} and {len(costs)} instead.")
+    mods, reach, cost, gain, ratio = [], [], [], [], []
+    for i, g in enumerate(gains):
+        if costs[i] <= 0:
+            raise ValueError(f"costs must be positive. Got {costs[i]} for module {i} instead.")
+        r, added, v = _blocks(np.asarray(g, dtype=np.float64), None if levels is None else levels[i])
+        c = added * int(costs[i])
+        mods.append(np.full(r.size, i))
+        reach.append(r)
+        cost.append(c)
+        gain.append(v)
+        # non-increasing within a module in exact arithmetic; the running minimum keeps it so after
+        # rounding, so that a module's blocks are always taken in order
+        ratio.append(np.minimum.accumulate(v / c) if r.size else v)
+    ranks = [0] * len(gains)
+    if not mods or not sum(m.size for m in mods):
+        return Allocation(ranks, 0.0, 0, 0.0)
+    mod, rch, cst, gn, rt = (np.concatenate(x) for x in (mods, reach, cost, gain, ratio))
+    order = np.lexsort((rch, mod, -rt))  # by ratio descending, then module, then rank
+    cum = np.cumsum(cst[order])
+    n = int(np.searchsorted(cum, int(budget), side="right"))  # the blocks whose prefix fits
+    taken = order[:n]
+    for i, r in zip(mod[taken].tolist(), rch[taken].tolist()):
+        ranks[i] = max(ranks[i], r)
+    kept = float(np.sum(gn[taken]))
+    used = int(cum[n - 1]) if n else 0
+    if n == order.size:
+        return Allocation(ranks, kept, used, kept)
+    crit = order[n]
+    return Allocation(ranks, kept, used, kept + (int(budget) - used) * float(rt[crit]), (int(mod[crit]), int(rch[crit])),
+                      float(rt[crit]))
+
+
+def reach_above(gains: np.ndarray, cost: int, ratio: float, levels: Sequence[int] | None = None) -> int:
+    """The largest allowed rank whose every block has a gain per parameter ≥ ``ratio``: the most
+    components a module can receive once another allocation's critical ratio is ``ratio`` (adding
+    modules to a knapsack only pushes the greedy's cut-off up, :class:`Allocation`).
+
+    >>> reach_above(np.array([9.0, 4.0, 1.0]), 1, 4.0)
+    2
+    """
+    reach, added, gain = _blocks(np.asarray(gains, dtype=np.float64), levels)
+    if not reach.size:
+        return 0
+    ok = np.minimum.accumulate(gain / (added * cost)) >= ratio
+    n = int(np.argmin(ok)) if not ok.all() else ok.size
+    return int(reach[n - 1]) if n else 0
+
+
+def uniform_rank(costs: Sequence[int], caps: Sequence[int], params: int) -> int:
+    """The largest uniform rank r whose adapter, each module at ``min(r, cap)``, costs at most
+    ``params`` parameters: what "the same parameter count, spread evenly" buys.
+
+    >>> uniform_rank([10, 10], [4, 1], 45)
+    3
+    """
+    lo, hi = 0, max(caps, default=0)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(mid, c) * k for c, k in zip(caps, costs)) <= params:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ---- factors ----------------------------------------------------------------------------------------
+@dataclass
+class Triplets:
+    """What one module's decomposition keeps.
+
+    Attributes:
+        S: top singular values, descending, float64 (at least as many as factors kept, plus one when
+            the spectrum has more, for the spectral error σ_{r+1}/σ₁).
+        total: ``‖ΔW‖²_F`` in float64 (over the whole spectrum).
+        B: ``(out, k)`` float32, ``U_k·diag(√σ)``; None when k = 0.
+        A: ``(k, in)`` float32, ``diag(√σ)·V_kᵀ``; None when k = 0.
+        method: how it was computed (``"gram-eigh/float64"``, ``"randomized"``, ``"factored"``).
+        residual: randomized path: the largest certified ``‖ΔW vᵢ − σᵢuᵢ‖/√2`` relative to σ₁
+            (:class:`spectra.engine.TruncatedSVD`); None for the exact paths.
+    """
+
+    S: np.ndarray
+    total: float
+    B: torch.Tensor | None
+    A: torch.Tensor | None
+    method: str
+    residual: float | None = None
+
+
+def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B = U·diag(√S)`` ``(out, k)`` and ``A = diag(√S)·Vh`` ``(k, in)``, so that ``B·A = U·diag(S)·Vh``
+    with a PEFT scale of 1 and both factors of the same magnitude (neither over- nor underflows when
+    stored in bf16/fp16). Signs are normalised: each column of B has its largest |entry| positive.
+    """
+    root = S.clamp_min(0).sqrt()
+    B, A = U * root, root.unsqueeze(-1) * Vh
+    flip = _sign(B)
+    return B * flip, flip.unsqueeze(-1) * A
+
+
+def _sign(M: torch.Tensor) -> torch.Tensor:
+    """+1/−1 per column making its largest-magnitude entry positive (sklearn's ``svd_flip``)."""
+    if M.shape[-1] == 0:
+        return torch.ones(0, dtype=M.dtype, device=M.device)
+    idx = M.abs().argmax(dim=0)
+    s = torch.sign(M[idx, torch.arange(M.shape[1], device=M.device)])
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def _matmul64(X: torch.Tensor, Y: torch.Tensor, *, left_t: bool = False, block: int = 1 << 22) -> torch.Tensor:
+    """``X @ Y`` (or ``Xᵀ @ Y``) in float64 without a float64 copy of the large ``X`` (row blocks of
+    ``block`` elements are upcast one at a time)."""
+    rows = max(1, block // max(1, X.shape[1]))
+    if left_t:  # Xᵀ Y = Σ_blocks X_bᵀ Y_b
+        out = torch.zeros(X.shape[1], Y.shape[1], dtype=torch.float64, device=X.device)
+        for r in range(0, X.shape[0], rows):
+            out.addmm_(X[r : r + rows].double().mT, Y[r : r + rows])
+        return out
+    return torch.cat([X[r : r + rows].double() @ Y for r in range(0, X.shape[0], rows)])
+
+
+@dataclass
+class GramEig:
+    """The eigendecomposition of a dense ΔW's smaller Gram matrix (:func:`gram_eig`).
+
+    Attributes:
+        S: all p singular values, descending, float64 numpy.
+        total: ``‖ΔW‖²_F`` as ``Σσᵢ²`` (float64).
+        Q: ``(p, p)`` float64 eigenvectors, columns in the order of S: left singular vectors when
+            out ≤ in (``G = ΔWΔWᵀ``), else right ones (``G = ΔWᵀΔW``).
+    """
+
+    S: np.ndarray
+    total: float
+    Q: torch.Tensor
+
+
+def gram_eig(delta: torch.Tensor) -> GramEig:
+    """All singular values of a dense ``(out, in)`` ΔW and the singular vectors of its smaller side,
+    from the float64 Gram matrix (:func:`spectra.linalg.gram`) and ``torch.linalg.eigh``, on ΔW's device.
+
+    Precision: the eigenvalues of G carry an absolute error of about ``p·eps·σ₁²`` (eps = 1.1e-16),
+    so singular values and directions are exact down to ≈1e-7·σ₁ (the same as ``spectra diff``'s
+    exact path); the components below that hold < 1e-14 of the energy.
+    """
+    G = gram(delta)  # (p, p) float64
+    lam, Q = torch.linalg.eigh(G)  # ascending
+    S = lam.flip(-1).clamp_min(0).sqrt().cpu().numpy()
+    # the total as spectra diff sums it (Σσᵢ² of the clamped eigenvalues, equal to the trace up to
+    # rounding), so that energy ranks agree with the diff's wherever the spectra do
+    return GramEig(S, spectrum_total(S), Q.flip(-1))
+
+
+def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """LoRA factors ``B (out, k)``, ``A (k, in)`` (float32, CPU) of the top-k components of ΔW.
+
+    The other side's vectors are formed in float64 as ``ΔWᵀU_k`` (or ``ΔW·V_k``), whose column norms
+    are the σᵢ, so ``B·A = U_kU_kᵀΔW`` (or ``ΔW·V_kV_kᵀ``) is exactly the projection of ΔW onto the
+    computed singular subspace: an error in the vectors moves the product only to second order. A
+    component whose σ comes out 0 is stored as zeros. None, None when k = 0.
+    """
+    if k == 0:
+        return None, None
+    out_dim, in_dim = delta.shape
+    Qk = eig.Q[:, :k]
+    if out_dim <= in_dim:  # Q holds U; ΔWᵀU_k = V_k·diag(σ)
+        W = _matmul64(delta, Qk, left_t=True)  # (in, k)
+        sig = torch.linalg.vector_norm(W, dim=0)
+        U, Vh = Qk, (W / torch.where(sig > 0, sig, 1.0)).mT
+    else:  # Q holds V; ΔW·V_k = U_k·diag(σ)
+        W = _matmul64(delta, Qk)  # (out, k)
+        sig = torch.linalg.vector_norm(W, dim=0)
+        U, Vh = W / torch.where(sig > 0, sig, 1.0), Qk.mT
+    B, A = split_factors(U, sig, Vh)
+    return B.float().cpu(), A.float().cpu()
+
+
+def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) -> Triplets:
+    """Top-k singular triplets of a dense ``(out, in)`` ΔW as LoRA factors, and its top singular values
+    (:func:`gram_eig` then :func:`eig_factors`).
+
+    Args:
+        delta: ``(out, in)`` float32 or float64, any device.
+        k: triplets to return as factors (0 … p).
+        values: how many top singular values to return (default ``k + 1``, capped at p).
+
+    Example:
+        >>> t = dense_triplets(torch.diag(torch.tensor([3.0, 2.0, 1.0])), 2)
+        >>> t.S.round(6).tolist(), round(t.total, 6), bool(torch.allclose(t.B @ t.A, torch.diag(torch.tensor([3.0, 2.0, 0.0]))))
+        ([3.0, 2.0, 1.0], 14.0, True)
+    """
+    p = min(delta.shape)
+    if not 0 <= k <= p:
+        raise ValueError(f"k must be in [0, {p}]. Got {k} instead.")
+    eig = gram_eig(delta)
+    B, A = eig_factors(delta, eig, k)
+    n = min(p, values if values is not None else k + 1)
+    return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64")
+
+
+def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: float = 1e-3) -> Triplets:
+    """Top-k triplets of a large ΔW by :func:`spectra.engine.randomized_svd` (power iterations grown
+    until every value's certified residual is within ``tol`` of it), with the exact ``‖ΔW‖²_F``.
+    The energy kept, ``Σ σ̂ᵢ²``, is exactly that of the returned factors' product (the projection of
+    ΔW on the sketch's top singular subspace), and a lower bound of the optimal rank-k energy."""
+    total = fro_norm(delta) ** 2
+    if k == 0:
+        return Triplets(np.zeros(0), total, None, None, "randomized")
+    t = randomized_svd(delta, k, tol=tol, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    B, A = split_factors(t.U.double(), torch.as_tensor(t.S, device=t.U.device), t.Vh.double())
+    res = float(np.max(t.residual) / t.S[0]) if t.S.size and t.S[0] > 0 else 0.0
+    return Triplets(np.asarray(t.S, dtype=np.float64), total, B.float().cpu(), A.float().cpu(),
+                    "exact-svd/float64" if t.exact else "randomized", None if t.exact else res)
+
+
+def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) -> Triplets:
+    """Top-k triplets of a LoRA update ``scale·Bf·Af`` from its factors (QR of both and an r × r SVD,
+    :func:`spectra.engine.factored_svd`; the ``(out, in)`` product is never formed). Exact."""
+    U, S, Vh = factored_svd(Bf, Af, scale)
+    total = float((S.double() ** 2).sum().item())
+    k = min(k, int(S.numel()))
+    B, A = split_factors(U[:, :k], S[:k], Vh[:k])
+    return Triplets(S.double().cpu().numpy(), total, B.float().cpu() if k else None, A.float().cpu() if k else None, "factored")
+
+
+__all__ = [
+    "VLLM_RANKS",
+    "Allocation",
+    "Budget",
+    "GramEig",
+    "Triplets",
+    "allocate_budget",
+    "dense_triplets",
+    "eig_factors",
+    "energy_kept",
+    "energy_rank_top",
+    "factored_triplets",
+    "gram_eig",
+    "parse_budget",
+    "randomized_triplets",
+    "rank_levels",
+    "reach_above",
+    "round_up",
+    "spectrum_total",
+    "split_factors",
+    "uniform_rank",
+]

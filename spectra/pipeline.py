@@ -1,0 +1,371 @@
+"""``spectra diff``: the spectrum of ΔW = W_tuned − W_base for every paired matrix.
+
+The run streams. A background thread reads the next tensor pairs (``prefetch`` of them at most) and
+forms ΔW in float32 (docs/definitions.md: never subtract in bf16/fp16), split into its logical parts, while the
+main thread decomposes the previous batch: equally shaped matrices (all q_proj of a model, all
+experts of a layer) are visited together and decomposed in device-sized batches
+(:mod:`spectra.engine`). Memory is bounded by the prefetched pairs plus one batch, not by the model.
+Each result is reported through a callback as it is computed and, with ``out_dir``, journaled to
+``results.jsonl`` at once and folded into ``results.json`` every few seconds, so an interrupted run
+loses at most one batch. Results come back in layer order whatever the work order was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from spectra import distributed
+from spectra._version import __version__
+from spectra.adapter_diff import diff_adapter
+from spectra.config import DiffConfig, check_device_available
+from spectra.delta import Prepared, pair_bytes, prepare
+from spectra.distributed import DistContext
+from spectra.engine import approx_energy_ranks, batch_singular_values
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
+from spectra.io.adapter import is_adapter, open_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.journal import Journal, absorb, run_fingerprint
+from spectra.linalg import resolve_device
+from spectra.pairing import Skipped, pair_checkpoints
+from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
+from spectra.records import DiffEvent, approx_result, exact_result
+from spectra.results import DiffResult, ModuleResult
+from spectra.selection import Task, plan_units
+from spectra.stream import batches, prefetch, run_settings
+
+#: A distributed run exchanges results this many times at most (in a background thread, so ranks do
+#: not wait for each other; more rounds mean a finer journal on rank 0 after a lost rank).
+ROUNDS = 32
+
+__all__ = ["DiffConfig", "DiffEvent", "diff", "plan_run", "all_zero", "raise_if_identical"]
+
+
+def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dtype: torch.dtype,
+             budget: int) -> list[tuple[ModuleResult | None, Skipped | None]]:
+    """Decompose one batch (chunks of at most ``budget`` bytes) and turn each spectrum into a result."""
+    first = batch[0]
+    if first.delta is None:
+        return [(None, Skipped(first.unit.name, first.skip or "skipped"))]
+    shape = first.unit.shape
+    start = time.perf_counter()
+    if config.approx or (config.approx_above is not None and min(shape) > config.approx_above):
+        approx = [approx_energy_ranks(item.delta, config.thresholds, rank_tol=config.approx_tol, device=device,
+                                      generator=torch.Generator().manual_seed(config.seed)) for item in batch]
+        seconds = (time.perf_counter() - start) / len(batch)
+        _release(batch)
+        return [(approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
+    S_all = batch_singular_values([item.delta for item in batch], device=device, method=config.method,
+                                  dtype=dtype, max_batch_bytes=budget)
+    seconds = (time.perf_counter() - start) / len(batch)
+    weights: list[tuple[list[float] | None, list[float] | None]] = [(None, None)] * len(batch)
+    if config.weight_spectra:
+        bases = [item.base for item in batch]
+        S_b = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
+        for item in batch:  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
+            item.base += item.delta
+        S_t = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
+        del bases
+        weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
+    _release(batch)
+    return [(exact_result(item, S, config, seconds, *w), None) for item, S, w in zip(batch, S_all, weights)]
+
+
+def _release(batch: list[Prepared]) -> None:
+    """Drop the ΔW tensors of a decomposed batch now: generator and loop variables still hold the
+    batch while the next tensors are read, and a large embedding's ΔW is hundreds of MB."""
+    for item in batch:
+        item.delta = None
+        item.base = None
+
+
+def diff(
+    base: str | Checkpoint,
+    tuned: str | Checkpoint | None = None,
+    *,
+    config: DiffConfig | None = None,
+    out_dir: str | Path | None = None,
+    callback: Callable[[DiffEvent], None] | None = None,
+    plots: bool = True,
+    allow_identical: bool = True,
+    resume: bool = False,
+    distributed_run: bool = False,
+) -> DiffResult:
+    """Spectrum metrics of ΔW = W_tuned − W_base for every paired matrix (docs/definitions.md).
+
+    Args:
+        base: the base checkpoint (path, folder, index, ``.bin``, hub cache id) or an opened one;
+            or, with ``tuned`` None, a PEFT adapter folder to analyse on its own.
+        tuned: the fine-tuned checkpoint, likewise, or a PEFT adapter folder (its updates
+            ``s·B·A`` are analysed from the factors, see :mod:`spectra.adapter_diff`).
+        config: options; :class:`DiffConfig` defaults when None.
+        out_dir: if given, ``results.json``/``results.jsonl`` are written there as results come in,
+            then ``results.csv`` and the heatmaps at the end.
+        callback: called with a :class:`DiffEvent` after each matrix (progress bars, logging).
+        plots: write the heatmaps into ``out_dir``.
+        allow_identical: if False, raise :class:`IdenticalCheckpointsError` (after writing the
+            results) when every analysed ΔW is exactly zero.
+        resume: continue an interrupted run in ``out_dir`` from its journal (``results.jsonl``):
+            only the missing matrices are computed, and the results equal an uninterrupted run's.
+            Refused when the journal comes from other inputs or options.
+        distributed_run: this process is one rank of a run started by ``torchrun`` (see
+            :mod:`spectra.distributed`): the tensor pairs are split among the ranks by cost, rank 0
+            writes ``out_dir`` and calls ``callback``, and every rank returns the whole result.
+            PEFT adapters (cheap: factored) are analysed whole on every rank.
+
+    Returns:
+        A :class:`DiffResult` with ``complete=True``.
+
+    Raises:
+        DistributedError: another rank failed or was killed; rerun with ``resume`` to finish.
+
+    Example:
+        >>> res = diff("base.safetensors", "tuned.safetensors")   # doctest: +SKIP
+        >>> res = diff("base/", "lora-adapter/")                  # doctest: +SKIP
+        >>> res.summary()[0]["energy_rank"]                       # doctest: +SKIP
+    """
+    config = config or DiffConfig()
+    device = resolve_device(config.device)
+    ctx = None
+    if distributed_run:
+        device = distributed.rank_device(device)
+    check_device_available(device)
+    if distributed_run:
+        ctx = distributed.init(device)
+    try:
+        return _diff(base, tuned, config, device, out_dir, callback, plots, allow_identical, resume, ctx)
+    finally:
+        distributed.close(ctx)
+
+
+def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffConfig, device: torch.device,
+          out_dir: str | Path | None, callback: Callable[[DiffEvent], None] | None, plots: bool,
+          allow_identical: bool, resume: bool, ctx: DistContext | None) -> DiffResult:
+    """:func:`diff` once the device (and the process group) is settled."""
+    t0 = time.perf_counter()
+    dtype = torch.float64 if config.precision == "float64" else torch.float32
+    lead = ctx is None or ctx.rank == 0  # the rank that writes and reports
+    writer = Journal(Path(out_dir)) if out_dir is not None and lead else None
+    callback = callback if lead else None
+    adapter_path = tuned if tuned is not None else base
+    if not isinstance(adapter_path, Checkpoint) and is_adapter(adapter_path):
+        base_ckpt = None
+        if tuned is not None:
+            base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
+                              callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
+                              label_tuned=str(adapter_path))
+    elif tuned is None:
+        raise ConfigError(f"{base} is not a PEFT adapter folder; a single input must be an adapter",
+                          hint="pass BASE and TUNED to diff two checkpoints")
+    else:
+        base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+        tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+        if resume and out_dir is None:
+            raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
+        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx)
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    if all_zero(result):
+        result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
+    if writer:
+        writer.finish(result, plots=plots)
+    if not allow_identical:
+        raise_if_identical(result, out_dir)
+    return result
+
+
+def all_zero(result: DiffResult) -> bool:
+    """True when results exist and every analysed ΔW is exactly zero."""
+    return bool(result.modules) and all(m.fro_norm == 0.0 for m in result.modules)
+
+
+def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) -> None:
+    """Raise :class:`IdenticalCheckpointsError` when every analysed ΔW is exactly zero."""
+    if all_zero(result):
+        raise IdenticalCheckpointsError(
+            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
+            path=f"{result.base} vs {result.tuned}",
+            hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this"
+            + (f"; results were still written to {out_dir}" if out_dir else ""),
+        )
+
+
+def _task_seconds(task: Task, cost: CostModel, config: DiffConfig) -> tuple[float, float]:
+    """Estimated seconds of one tensor pair: ``(reading both sides and forming ΔW, decomposing its
+    units)``; three decompositions per unit with ``weight_spectra``."""
+    work = 3 if config.weight_spectra else 1
+    return cost.io_seconds(task.pair.stored_bytes), sum(work * cost.matrix_seconds(u.shape) for u in task.units)
+
+
+def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
+                      dtype: torch.dtype, writer: Journal | None, callback: Callable[[DiffEvent], None] | None,
+                      resume: bool = False, ctx: DistContext | None = None) -> DiffResult:
+    """The streaming, batched run over two full checkpoints (see the module docstring).
+
+    With ``ctx`` (a distributed run) every rank plans the same work, takes its cost-balanced share
+    of the tensor pairs, and hands its results to a background exchange after each of ``rounds``
+    segments of equal cost (:class:`spectra.distributed.Exchanger`), collecting the others' between
+    batches; every rank returns the whole result, and only rank 0 has a ``writer``.
+    """
+    pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
+    planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
+    order = {u.name: u.order for t in planned for u in t.units}
+    result = DiffResult(
+        base=base_ckpt.label, tuned=tuned_ckpt.label, thresholds=list(config.thresholds),
+        skipped=[asdict(s) for s in pairing.skipped],
+        unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
+        config=asdict(config), device=str(device), version=__version__,
+    )
+    result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
+    if ctx is None:
+        finished = writer.start(result, resume=resume) if writer else []
+    else:  # only rank 0 reads the journal; the others learn what is done, or why it was refused
+        refused = None
+        try:
+            mine = ("ok", writer.start(result, resume=resume) if writer else [])
+        except SpectraError as exc:
+            refused, mine = exc, ("error", str(exc))
+        status, payload = distributed.broadcast(ctx, mine, where="reading the journal")
+        if refused is not None:
+            raise refused
+        if status == "error":
+            raise ConfigError(f"rank 0 refused the run: {payload}")
+        finished = payload
+    names = absorb(result, finished)
+    tasks = []
+    for t in planned:
+        left = [u for u in t.units if u.name not in names]
+        if left:
+            tasks.append(Task(t.pair, left))
+    done = len(names)
+    total = done + sum(len(t.units) for t in tasks)
+    rounds, ends = 0, []
+    if ctx is not None:
+        cost = CostModel.default(device)
+        costs = [sum(_task_seconds(t, cost, config)) for t in tasks]
+        shares = balance(costs, ctx.world_size)
+        tasks = [tasks[i] for i in shares[ctx.rank]]  # stays in shape order: batching works as before
+        rounds = max(1, min(ROUNDS, max(len(s) for s in shares)))  # the same on every rank
+        unit_costs = [c / len(t.units) for t, c in zip(tasks, (costs[i] for i in shares[ctx.rank])) for _ in t.units]
+        ends = segment_ends(unit_costs, rounds)
+    run = run_settings(config, device)
+    budget = run.batch_bytes
+    prepared = prefetch(tasks, base_ckpt, tuned_ckpt, run.depth, run.workers, device, config.weight_spectra, run.ahead_bytes)
+    outbox: list[tuple[ModuleResult | None, Skipped | None]] = []
+    emitted = 0
+    completed = False
+
+    def record(module: ModuleResult | None, skip: Skipped | None) -> None:
+        nonlocal done
+        done += 1
+        if module is not None:
+            result.modules.append(module)
+        else:
+            result.skipped.append(asdict(skip))
+        if writer:
+            writer.add(result, module, skip)
+        if callback:
+            callback(DiffEvent(done, total, module, skip))
+
+    exchanger = distributed.Exchanger(ctx, rounds, device) if ctx is not None else None
+
+    def collect(wait: bool = False) -> None:  # results the other ranks finished
+        for module, skip in exchanger.receive(wait=wait):
+            record(module, skip)
+
+    try:
+        shapes = [u.shape for t in tasks for u in t.units]
+        k = 0
+        for batch in batches(prepared, shapes, config.max_batch, budget):
+            for module, skip in _results(batch, config, device, dtype, budget):
+                record(module, skip)
+                emitted += 1
+                if exchanger is not None:
+                    outbox.append((module, skip))
+                    while k < rounds and ends[k] <= emitted:
+                        exchanger.send(outbox)
+                        outbox, k = [], k + 1
+            if exchanger is not None:
+                collect()
+        if exchanger is not None:
+            while k < rounds:  # ranks with less work still take part in every round
+                exchanger.send(outbox)
+                outbox, k = [], k + 1
+            collect(wait=True)
+        completed = True
+    finally:
+        prepared.close()
+        if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
+            writer.flush(result)
+    result.modules.sort(key=lambda m: order[m.name])
+    result.skipped.sort(key=lambda s: order.get(s["name"], -1))  # pairing skips first, then layer order
+    result.warnings.extend(f"{s['name']}: {s['reason']}" for s in result.skipped if s["name"] in order)
+    return result
+
+
+def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig | None = None, *,
+             world_size: int = 1, calibrate_cost: bool = True) -> Plan:
+    """What ``diff(base, tuned, config)`` will do and cost, before doing it (``spectra diff --plan``).
+
+    Opens both checkpoints (headers only), pairs and plans the matrices exactly as :func:`diff`
+    does, then prices them: with ``calibrate_cost`` the rates are measured on the configured device
+    (:func:`spectra.plan.calibrate`: a probe Gram product and eigensolve, and one real tensor pair
+    read and subtracted), else :class:`CostModel` defaults are used.
+
+    Args:
+        base, tuned: checkpoints as for :func:`diff` (PEFT adapters are not planned: their factored
+            analysis takes seconds).
+        config: options; :class:`DiffConfig` defaults when None.
+        world_size: ranks the work would be split over (``torchrun --nproc-per-node``).
+        calibrate_cost: measure the rates on the device (about a second) instead of using defaults.
+
+    Returns:
+        A :class:`spectra.plan.Plan`. Memory is the data's (tensors in flight, the batch, the
+        decomposition workspace) on top of ``baseline_bytes``, the process as it is now.
+    """
+    config = config or DiffConfig()
+    if any(not isinstance(x, Checkpoint) and is_adapter(x) for x in (base, tuned)):
+        raise ConfigError("--plan prices checkpoint pairs; a PEFT adapter is analysed from its factors in seconds",
+                          hint="run without --plan")
+    device = resolve_device(config.device)
+    check_device_available(device)
+    base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
+    pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
+    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
+    cost = CostModel.default(device)
+    if calibrate_cost:
+        probe = None
+        if tasks:  # one real pair, the one nearest 32 MiB, read and subtracted as the run will
+            task = min(tasks, key=lambda t: abs(t.pair.stored_bytes - (32 << 20)))
+            probe = (lambda: prepare(task, base_ckpt, tuned_ckpt, device), task.pair.stored_bytes)
+        cost = calibrate(device, config.precision, io_probe=probe)
+    io, compute = zip(*(_task_seconds(t, cost, config) for t in tasks)) if tasks else ((), ())
+    shares = balance([a + b for a, b in zip(io, compute)], world_size)
+    slowest = max(shares, key=lambda s: sum(io[i] + compute[i] for i in s))
+    shapes: dict[tuple[int, int], int] = {}
+    for t in tasks:
+        for u in t.units:
+            shapes[u.shape] = shapes.get(u.shape, 0) + 1
+    run = run_settings(config, device)
+    host, on_device = estimate_memory(
+        [(*pair_bytes(t, base_ckpt, tuned_ckpt, config.weight_spectra), [u.shape for u in t.units]) for t in tasks],
+        depth=run.depth, batch_bytes=run.batch_bytes, max_batch=config.max_batch,
+        dtype=torch.float64 if config.precision == "float64" else torch.float32, method=config.method,
+        on_gpu=device.type == "cuda", max_in_flight=run.ahead_bytes, workers=run.workers)
+    approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
+    notes = ["memory is the data's; the allocator keeps some freed memory on top (40-80 MiB in tests/test_scale.py)"]
+    if approx:
+        notes.append(f"{approx} matrices use the approximate mode (priced as exact: an upper estimate)")
+    return Plan(
+        matrices=sum(shapes.values()), tensors=len(tasks),
+        read_bytes=sum(t.pair.stored_bytes for t in tasks), shapes=shapes,
+        world_size=world_size, rank_seconds=[sum(io[i] + compute[i] for i in s) for s in shares],
+        io_seconds=sum(io[i] for i in slowest), compute_seconds=sum(compute[i] for i in slowest),
+        host_bytes=host, device_bytes=on_device, baseline_bytes=peak_rss_bytes(), cost=cost, approx=approx, notes=notes,
+    )

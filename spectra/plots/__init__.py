@@ -1,0 +1,44 @@
+"""Figures (the only package that imports matplotlib): :mod:`spectra.plots.base` holds what every
+figure shares (heatmap, labels, writing PNG/SVG), :mod:`spectra.plots.diff` the figures of a diff
+(rank-needed and relative-norm heatmaps, spectra of every layer), :mod:`spectra.plots.compare` the
+figures of a compare; this module re-exports them and holds the training figure.
+"""
+
+from __future__ import annotations
+
+import os
+
+from spectra.plots.base import heatmap, legend_label, save_figure, svg_img
+from spectra.plots.compare import compare_figures, compare_plots
+from spectra.plots.diff import (
+    rank_heatmap,
+    relnorm_heatmap,
+    spectra_figure,
+    weight_spectra_figure,
+)
+
+
+def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLike[str] | None = None):
+    """Target loss (learning) against source loss (forgetting) along each run, start to end."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for name, recs in logs.items():
+        pts = [(r["source_loss"], r["target_loss"]) for r in recs if r.get("source_loss") is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", ms=3, label=legend_label(name))
+        ax.annotate("end", (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("source-domain loss (forgetting →), nats/token")
+    ax.set_ylabel("held-out target-domain loss (← learning), nats/token")
+    ax.set_title("Learning vs forgetting (Biderman et al. 2024): each run from its start", fontsize=10)
+    ax.legend(fontsize=8)
+    if path is None:
+        return fig
+    return save_figure(fig, path, dpi=120)
+
+
+__all__ = ["compare_figures", "compare_plots", "heatmap", "learning_forgetting_plot", "rank_heatmap", "relnorm_heatmap",
+           "save_figure", "spectra_figure", "svg_img", "weight_spectra_figure"]

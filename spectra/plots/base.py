@@ -1,0 +1,165 @@
+"""What every figure shares: a layers × modules heatmap whose colour scale fits the data and marks
+reference values, readable cell text on every cell colour, short labels, and writing a figure (PNG
+file, or inline SVG for the HTML report).
+
+matplotlib's object-oriented API only (``Figure``, never ``pyplot``): no global state, no GUI
+backend, and a returned Figure still displays in a notebook. Names from checkpoints are never
+parsed as mathtext (``$`` is legal in a tensor name) and are shortened for display
+(:func:`spectra.display.display_name`): a 200,000-character name would otherwise take minutes to lay out.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from spectra.display import display_name
+from spectra.io.files import atomic_write_bytes
+
+#: Longest tick or legend label drawn (characters); longer names keep their start and end.
+LABEL_CHARS = 32
+
+
+def label(name: object, limit: int = LABEL_CHARS) -> str:
+    """A checkpoint name fit for a tick label: printable, at most ``limit`` characters."""
+    return display_name(name, limit)
+
+
+def legend_label(name: object, limit: int = LABEL_CHARS) -> str:
+    """:func:`label` for places that parse mathtext (legends): ``$`` escaped."""
+    return label(name, limit).replace("$", r"\$")
+
+
+def wrap(text: str, width: int) -> str:
+    """``text`` with each of its lines wrapped at ``width`` characters (titles that fit their figure)."""
+    return "\n".join(textwrap.fill(line, max(20, width)) for line in text.split("\n"))
+
+
+def text_color(rgba: Sequence[float]) -> str:
+    """``"black"`` or ``"white"``, whichever reads better on a cell of colour ``rgba`` (WCAG
+    relative luminance of the sRGB colour, threshold 0.179: the point of equal contrast with both).
+
+    >>> text_color((0.0, 0.0, 0.0, 1.0)), text_color((1.0, 1.0, 0.8, 1.0))
+    ('white', 'black')
+    """
+    def lin(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (lin(float(c)) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
+
+
+def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *, title: str, cbar_label: str,
+            fmt: Callable[[float], str] | None = None, cell_text: np.ndarray | None = None,
+            vmin: float | None = None, vmax: float | None = None, log: bool = False, cmap: str = "viridis",
+            marks: Sequence[tuple[float, str]] = (), col_notes: Sequence[str] | None = None,
+            row_label: str = "layer", col_label: str = "module"):
+    """A rows × columns heatmap (``grid``, NaN cells left blank), returned as a Figure.
+
+    Args:
+        grid: values, shape ``(len(rows), len(cols))``.
+        rows, cols: labels (layers down the page, so that 80+ layers stay readable).
+        title: the figure's title (plain text, no mathtext).
+        cbar_label: what the colours mean, with units.
+        fmt: text of a cell's value; cells are annotated while the grid has at most 600 cells.
+        cell_text: the text of each cell instead of ``fmt`` (same shape as ``grid``; "" for none).
+        vmin, vmax: colour range; by default fitted to the data (from 0 when every value is ≥ 0).
+        log: logarithmic colour scale (positive values only).
+        cmap: a matplotlib colour map name.
+        marks: reference values ``(value, label)`` drawn as red lines across the colour bar (e.g.
+            the random-matrix baseline of each shape); the colour bar's label says when some lie
+            outside the colour range.
+        col_notes: a second line under each column label (e.g. that column's baseline).
+    """
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.figure import Figure
+
+    grid = np.asarray(grid, dtype=float)
+    n_rows, n_cols = grid.shape
+    finite = grid[np.isfinite(grid)]
+    if log:
+        pos = finite[finite > 0]
+        lo = vmin if vmin is not None else (float(pos.min()) if pos.size else 1e-3)
+        hi = vmax if vmax is not None else (float(pos.max()) if pos.size else 1.0)
+        norm = LogNorm(vmin=lo, vmax=max(hi, lo * 1.0001))
+        masked = np.ma.masked_where(~np.isfinite(grid) | (grid <= 0), grid)
+    else:
+        lo = vmin if vmin is not None else (0.0 if not finite.size or finite.min() >= 0 else float(finite.min()))
+        hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+        if hi <= lo:  # a constant grid (all zero): a range around it, not a degenerate one
+            hi = lo + (abs(lo) if lo else 1.0)
+        norm = Normalize(vmin=lo, vmax=hi)
+        masked = np.ma.masked_invalid(grid)
+    width = min(max(7.5, 3.5 + 0.95 * n_cols), 24)
+    fig = Figure(figsize=(width, min(4 + 0.22 * n_rows, 40)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ticks = [label(c) + (f"\n{col_notes[j]}" if col_notes and col_notes[j] else "") for j, c in enumerate(cols)]
+    ax.set_xticks(range(n_cols), ticks, rotation=45 if n_cols > 4 or col_notes else 0, ha="right" if n_cols > 4 or col_notes else "center")
+    for t in ax.get_xticklabels():
+        t.set_parse_math(False)
+    step = max(1, n_rows // 40)
+    ax.set_yticks(range(0, n_rows, step), [label(r) for r in list(rows)[::step]])
+    for t in ax.get_yticklabels():
+        t.set_parse_math(False)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    ax.set_title(wrap(title, int(width * 11)), fontsize=10, parse_math=False)
+    cb = fig.colorbar(im, ax=ax)
+    shown = [(v, t) for v, t in marks if norm.vmin <= v <= norm.vmax]
+    off = [v for v, _ in marks if not norm.vmin <= v <= norm.vmax]
+    for value, _ in shown:
+        cb.ax.axhline(value, color="red", lw=1.5)
+    if shown:  # labelled on the colour bar's other side, where constrained layout makes room for them
+        side = cb.ax.secondary_yaxis("left")
+        side.set_yticks([v for v, _ in shown], [t for _, t in shown], fontsize=7, color="red")
+        for t in side.get_yticklabels():
+            t.set_parse_math(False)
+    if off:
+        where = "above" if all(v > norm.vmax for v in off) else "outside"
+        cbar_label += f" (random baselines {', '.join(f'{v:.2g}' for v in off)} lie {where} this scale)"
+    cb.set_label(wrap(cbar_label, int(4 + 0.22 * n_rows) * 9), fontsize=8, parse_math=False)
+    if n_rows * n_cols <= 600:  # annotate while the numbers still fit in their cells
+        cmap_obj = im.get_cmap()
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = grid[i, j]
+                text = cell_text[i, j] if cell_text is not None else (fmt(v) if fmt and np.isfinite(v) else "")
+                if not text or not np.isfinite(v) or (log and v <= 0):
+                    continue
+                colour = text_color(cmap_obj(norm(v)))
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour, parse_math=False)
+    return fig
+
+
+def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
+    """Render ``fig`` as PNG in memory and write it atomically (an interrupted or failed write never
+    leaves a half image; a full disk raises :class:`spectra.errors.OutputError`)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def svg_img(fig, *, alt: str = "figure") -> str:
+    """An <img> holding the figure as an SVG data URI (inert: scripts in an <img> never run). Text is
+    drawn as paths, so the figure looks the same without the fonts it was made with."""
+    import base64
+    import html
+    import io
+
+    import matplotlib
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "path"}):
+        fig.savefig(buf, format="svg")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img class="fig" alt="{html.escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
+
+
+__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "save_figure", "svg_img", "text_color", "wrap"]

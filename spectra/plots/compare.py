@@ -1,0 +1,189 @@
+"""The figures of a ``spectra compare`` result, each saying what it shows.
+
+- captured energy (layers × modules): the share of B's update that A's top subspaces hold, on a
+  colour scale fitted to the data, each cell reading ``captured/best`` (the best any subspace of
+  that rank can hold), the random-subspace expectation marked on the colour bar;
+- intruder dimensions of each side (layers × modules): counts on a 0..max scale (at least 0..1), or
+  "no intruders in any module" in the title when every count is 0;
+- φ grids (Hu et al. 2021, Fig. 3/4 style) and principal-angle curves for modules chosen by a rule
+  stated in the title (:func:`chosen_modules`: per module kind, the layer with that kind's median
+  φ), on a colour scale fitted to the grids shown, the random baseline marked.
+
+Modules whose measures are null (an update that is exactly zero) are blank cells.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from spectra.compare_records import ComparedModule, CompareResult
+from spectra.naming import role_sort_key
+from spectra.plots.base import heatmap, label, legend_label, save_figure, wrap
+
+#: At most this many module kinds get a φ panel (the first ones in the usual role order).
+MAX_PHI_PANELS = 8
+
+
+def layer_module_grid(modules: list[ComparedModule], value: Callable[[ComparedModule], float | None],
+                      ) -> tuple[np.ndarray, list[int], list[str]]:
+    """``(grid (layers, kinds), layers, kinds)`` of ``value`` over the modules in the layer stack
+    (NaN where a module is missing or its value is None)."""
+    rows = [m for m in modules if m.layer is not None]
+    layers = sorted({m.layer for m in rows})
+    order: dict[str, tuple] = {}
+    for m in rows:
+        order.setdefault(m.module, role_sort_key(m.role, m.module))
+    kinds = sorted(order, key=lambda k: order[k])
+    grid = np.full((len(layers), len(kinds)), np.nan)
+    li, ki = {v: i for i, v in enumerate(layers)}, {k: i for i, k in enumerate(kinds)}
+    for m in rows:
+        v = value(m)
+        if v is not None:
+            grid[li[m.layer], ki[m.module]] = v
+    return grid, layers, kinds
+
+
+def phi_side(result: CompareResult) -> str:
+    """The side the figures show: the run's side, ``right`` when it compared both."""
+    side = result.config.get("side", "right")
+    return "right" if side == "both" else side
+
+
+def chosen_modules(result: CompareResult, side: str) -> tuple[list[ComparedModule], str]:
+    """The modules the φ and angle figures show, and the rule in words: for each module kind (at
+    most :data:`MAX_PHI_PANELS`, in role order), the module whose φ(r_A, r_B) is that kind's median
+    (the lower middle one for an even count), so the panels are typical, not extremes."""
+    by_kind: dict[str, list[ComparedModule]] = {}
+    for m in result.modules:
+        if m.phi.get(side) is not None and m.name in result.phi_grids:
+            by_kind.setdefault(m.module, []).append(m)
+    kinds = sorted(by_kind, key=lambda k: role_sort_key(by_kind[k][0].role, k))[:MAX_PHI_PANELS]
+    chosen = []
+    for k in kinds:
+        ms = sorted(by_kind[k], key=lambda m: (m.phi[side].phi_full, m.name))
+        chosen.append(ms[(len(ms) - 1) // 2])
+    more = f" (the first {MAX_PHI_PANELS} of {len(by_kind)} kinds)" if len(by_kind) > MAX_PHI_PANELS else ""
+    return chosen, f"one module per kind{more}: the layer whose φ(r_A, r_B) is that kind's median"
+
+
+def captured_heatmap(result: CompareResult):
+    """Share of B's update in A's top subspaces, per layer and module kind (None without layers)."""
+    mods = [m for m in result.modules if m.layer is not None]
+    grid, layers, kinds = layer_module_grid(mods, lambda m: m.captured["b_in_a"].two_sided if m.captured.get("b_in_a") else None)
+    if not grid.size or not np.isfinite(grid).any():
+        return None
+    best, _, _ = layer_module_grid(mods, lambda m: m.captured["b_in_a"].best_rank_r if m.captured.get("b_in_a") else None)
+    text = np.full(grid.shape, "", dtype=object)
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            text[i, j] = f"{v:.2g}/{best[i, j]:.2g}"
+    # E[two-sided] for random subspaces of ranks r_A: r_A² / (out·in) (definitions document)
+    rand = [m.rank_a**2 / (m.out * m.in_) for m in mods if m.captured.get("b_in_a")]
+    a_lbl, b_lbl = f"A ({result.kinds['a']})", f"B ({result.kinds['b']})"
+    title = (f"Share of {b_lbl}'s update energy inside {a_lbl}'s top-r subspaces (two-sided). Cells: captured/best, "
+             f"the best any rank-r_A subspace pair can hold; median best {statistics.median(best[np.isfinite(best)]):.2g}. "
+             f"Colour scale fitted to the data (max {np.nanmax(grid):.2g}).")
+    return heatmap(grid, layers, kinds, title=title, cbar_label="‖U_Aᵀ ΔW_B V_A‖²_F / ‖ΔW_B‖²_F", cell_text=text,
+                   vmin=0.0, marks=[(statistics.median(rand), "random subspaces")])
+
+
+def intruder_heatmap(result: CompareResult, who: str):
+    """Intruder counts of side ``who`` (``"a"``/``"b"``) per layer and module kind (None when the run
+    had no base or no layered module)."""
+    mods = [m for m in result.modules if m.layer is not None and m.intruders is not None]
+    grid, layers, kinds = layer_module_grid(mods, lambda m: m.intruders.get(who).count if m.intruders.get(who) else None)
+    if not grid.size or not np.isfinite(grid).any():
+        return None
+    k, eps = result.config.get("intruder_k", 10), result.config.get("epsilon", 0.5)
+    top = float(np.nanmax(grid))
+    lbl = f"{who.upper()} ({result.kinds[who]})"
+    title = (f"Intruder dimensions of {lbl}: of the top-{k} singular vectors of W + ΔW, those whose largest |cos| "
+             f"with every base singular vector is below ε = {eps}")
+    if top == 0:
+        title += ". No intruders in any module."
+    return heatmap(grid, layers, kinds, title=title, cbar_label=f"intruders (of {k})", fmt=lambda v: f"{v:.0f}",
+                   vmin=0.0, vmax=max(1.0, top), cmap="Reds")
+
+
+def phi_grids_figure(result: CompareResult):
+    """φ(i, j) grids of :func:`chosen_modules` (None when no module has one)."""
+    from matplotlib.figure import Figure
+
+    side = phi_side(result)
+    chosen, rule = chosen_modules(result, side)
+    if not chosen:
+        return None
+    grids = [np.asarray(result.phi_grids[m.name][side], dtype=float) for m in chosen]
+    hi = max(float(g.max()) for g in grids)
+    rands = sorted({m.phi[side].random for m in chosen})
+    vmax = max(hi, rands[-1], 1e-6)
+    cols = min(4, len(chosen))
+    rows = -(-len(chosen) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows + 0.8), layout="constrained")
+    im = None
+    for idx, (m, g) in enumerate(zip(chosen, grids)):
+        ax = fig.add_subplot(rows, cols, idx + 1)
+        im = ax.imshow(g, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, cmap="viridis", interpolation="nearest",
+                       extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
+        ph = m.phi[side]
+        ax.set_title(f"{label(m.module)} · layer {m.layer}\nφ = {ph.phi_full:.3f}, random {ph.random:.3f}", fontsize=9, parse_math=False)
+        ax.set_xlabel(f"j: top-j of B (r_B = {m.rank_b})")
+        ax.set_ylabel(f"i: top-i of A (r_A = {m.rank_a})")
+    cb = fig.colorbar(im, ax=fig.axes)
+    for rand in rands:
+        cb.ax.axhline(rand, color="red", lw=1.5)
+    cb.set_label(f"φ(A, B, i, j), {side} singular vectors; red: random φ(r_A, r_B) ({', '.join(f'{r:.2g}' for r in rands)})",
+                 fontsize=8)
+    fig.suptitle(wrap(f"Normalised subspace similarity (Hu et al. 2021, Eq. 4); {rule}. Colour scale fitted to the grids "
+                      f"shown (0 to {vmax:.2g}).", 40 * cols), fontsize=10)
+    return fig
+
+
+def angles_figure(result: CompareResult):
+    """Principal angles of :func:`chosen_modules`, with the angle random subspaces would give."""
+    from matplotlib.figure import Figure
+
+    side = phi_side(result)
+    chosen, rule = chosen_modules(result, side)
+    chosen = [m for m in chosen if m.angles.get(side) is not None]
+    if not chosen:
+        return None
+    fig = Figure(figsize=(7.5, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    for m in chosen:
+        cos = np.clip(m.angles[side].cosines, 0.0, 1.0)
+        ax.plot(range(1, len(cos) + 1), np.degrees(np.arccos(cos)), marker="o", ms=3,
+                label=legend_label(f"{m.module} L{m.layer}"))
+    # random subspaces: the mean cos² of the angles is φ's baseline max(r_A, r_B)/d (one line per value)
+    for rand, d in sorted({(m.phi[side].random, m.phi[side].d) for m in chosen}):
+        ax.axhline(np.degrees(np.arccos(np.sqrt(rand))), color="grey", ls="--", lw=1,
+                   label=f"random subspaces, d = {d} (mean cos² = {rand:.2g})")
+    ax.set_xlabel("principal angle index l (ascending)")
+    ax.set_ylabel("θ_l (degrees)")
+    ax.set_ylim(0, 90)
+    ax.set_title(wrap(f"Principal angles between A's and B's top subspaces ({side}); {rule}", 90), fontsize=9, parse_math=False)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def compare_figures(result: CompareResult) -> dict:
+    """Every figure of a compare result, name -> Figure (only those with something to show)."""
+    figs = {"captured_heatmap": captured_heatmap(result), "phi_grids": phi_grids_figure(result),
+            "principal_angles": angles_figure(result)}
+    if any(m.intruders is not None for m in result.modules):
+        figs["intruders_a"] = intruder_heatmap(result, "a")
+        figs["intruders_b"] = intruder_heatmap(result, "b")
+    return {k: v for k, v in figs.items() if v is not None}
+
+
+def compare_plots(result: CompareResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write :func:`compare_figures` as PNGs into ``out_dir``; returns name -> path."""
+    return {name: save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110) for name, fig in compare_figures(result).items()}
+
+
+__all__ = ["MAX_PHI_PANELS", "angles_figure", "captured_heatmap", "chosen_modules", "compare_figures", "compare_plots",
+           "intruder_heatmap", "layer_module_grid", "phi_grids_figure", "phi_side"]

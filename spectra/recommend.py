@@ -1,0 +1,186 @@
+"""``spectra recommend``: a PEFT ``LoraConfig`` for training, from a diff's ``results.json`` alone (no
+checkpoint is read again): per module the rank that holds τ of its update's energy, optionally
+within a parameter budget, written as ``r``, ``rank_pattern``, ``alpha_pattern`` and ``target_modules``.
+
+From each module's record: ``energy_rank[τ]`` when the diff computed that threshold, else the rank
+read off its top singular values and ``fro_norm`` (when they reach τ). Fused matrices the diff split
+(``qkv_proj:q``…) are trained whole by PEFT: the whole module gets the sum of its parts' ranks (a
+rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in). With a budget,
+components are spread by :func:`spectra.lowrank.allocate_budget` over the singular values the results
+hold (``--top-k`` of the diff), each module capped at its τ rank; a part's component costs its whole
+module's ``out + in``. Alphas follow ``alpha = alpha_ratio · r`` (Biderman et al. 2024 train with
+``alpha = 2r``); rsLoRA on request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra.errors import ConfigError
+from spectra.io.jsonfile import load_json
+from spectra.io.peft_writer import target_modules
+from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
+from spectra.metrics import threshold_key
+
+#: Bytes per parameter assumed for a budget given as a size (``50MB``): a bf16 adapter.
+BUDGET_BYTES_PER_PARAM = 2
+
+
+@dataclass
+class Recommendation:
+    """What :func:`recommend` returns.
+
+    Attributes:
+        config: ``LoraConfig`` keyword arguments (``peft.LoraConfig(**config)``), JSON-ready.
+        ranks: module path -> recommended rank (modules with rank 0 are left out of the config).
+        params: LoRA parameters of the config, Σ r·(out + in).
+        full_params: parameters of the modules' full updates, Σ out·in.
+        notes: caveats (ranks read off truncated spectra, capped modules, budget shortfalls).
+    """
+
+    config: dict[str, Any]
+    ranks: dict[str, int]
+    params: int
+    full_params: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_embedding(m: dict) -> bool:
+    leaf = m["name"].split(":")[0].rsplit(".", 2)[-2] if "." in m["name"] else m["name"]
+    return m.get("role") in ("embed", "pos_embed", "head") or "embed" in leaf.lower()
+
+
+def _part_rank(m: dict, tau: float) -> int:
+    """The energy rank at τ of one results record."""
+    key = threshold_key(tau)
+    ranks = m.get("energy_rank") or {}
+    if key in ranks and ranks[key] is not None:
+        return int(ranks[key])
+    S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
+    r = energy_rank_top(S, float(m["fro_norm"]) ** 2, tau)
+    if r is None:
+        raise ConfigError(f"τ = {tau:g} is not among the results' thresholds ({', '.join(ranks) or 'none'}) and the "
+                          f"{S.size} singular values kept for {m['name']} do not reach it",
+                          hint=f"rerun spectra diff with -t {tau:g} (or a larger --top-k)")
+    return r
+
+
+def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget: str | None = None, alpha_ratio: float = 2.0,
+              rslora: bool = False, max_rank: int | None = None, embeddings: bool = False,
+              task_type: str | None = "CAUSAL_LM") -> Recommendation:
+    """Recommend per-module LoRA ranks for training from a diff's results.
+
+    Args:
+        results: a ``results.json`` of ``spectra diff`` (path, or the folder holding it, or the parsed document).
+        energy: τ in (0, 1]: each module's rank holds ≥ τ of its update's energy; None with a budget
+            alone (then each module may take as many components as the results hold singular values).
+        budget: at most this many LoRA parameters (``1.2M``, ``10%`` of the modules' full updates, ``50MB``
+            of a bf16 adapter), spread to keep the most energy.
+        alpha_ratio: ``lora_alpha = alpha_ratio · r`` (or ``· √r`` with ``rslora``).
+        rslora: write ``use_rslora``.
+        max_rank: cap every rank.
+        embeddings: also recommend LoRA for embeddings and the output head.
+        task_type: PEFT task type written into the config.
+
+    Raises:
+        ConfigError: not diff results, τ outside (0, 1], τ not computable from the results, a bad
+            or too small budget, or no module left.
+
+    Example:
+        >>> rec = recommend("diff-out/results.json", energy=0.9)          # doctest: +SKIP
+        >>> peft.LoraConfig(**rec.config)                                  # doctest: +SKIP
+    """
+    if energy is None and budget is None:
+        raise ConfigError("give --energy τ, --budget N or both")
+    if energy is not None and not 0.0 < float(energy) <= 1.0:
+        raise ConfigError(f"--energy τ must be in (0, 1]. Got {energy} instead", hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
+    if max_rank is not None and max_rank < 1:
+        raise ConfigError(f"--max-rank must be >= 1. Got {max_rank} instead")
+    doc = results if isinstance(results, dict) else _load(Path(results))
+    if doc.get("schema") != "spectra.diff/1":
+        raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})",
+                          hint="pass the results.json written by spectra diff --out DIR")
+    notes: list[str] = []
+    whole: dict[str, dict] = {}  # module path -> {"shape": [out, in], "parts": [records]}
+    for m in doc.get("modules", []):
+        name = m["name"]
+        if ":e" in name.split(".")[-1] or m.get("role") == "router" or (_is_embedding(m) and not embeddings):
+            continue
+        base = name.split(":")[0]
+        if not base.endswith(".weight"):
+            continue
+        entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
+        entry["parts"].append(m)
+        entry["out"] += int(m["shape"][0])
+    if not whole:
+        raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
+    paths = sorted(whole)
+    caps: list[list[int]] = []  # per module, per part: the most components it may take
+    for path in paths:
+        e = whole[path]
+        per = []
+        for m in e["parts"]:
+            r = _part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or [])
+            per.append(0 if m["fro_norm"] == 0 else r)
+        caps.append(per)
+    cost = {p: whole[p]["out"] + whole[p]["in"] for p in paths}
+    full = sum(whole[p]["out"] * whole[p]["in"] for p in paths)
+    ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
+    if budget is not None:
+        try:
+            n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
+        except ValueError as exc:
+            raise ConfigError(f"--{exc}") from None
+        if sum(ranks[p] * cost[p] for p in paths) > n:
+            gains, costs, owner = [], [], []
+            for p, per in zip(paths, caps):
+                for m, c in zip(whole[p]["parts"], per):
+                    S = np.asarray(m.get("singular_values") or [], dtype=np.float64)[: min(c, max_rank or c)]
+                    gains.append(S**2)
+                    costs.append(cost[p])
+                    owner.append(p)
+                if any(len(m.get("singular_values") or []) < c for m, c in zip(whole[p]["parts"], per)):
+                    notes.append(f"{p}: the results keep fewer singular values than its τ rank; the budget is spread over those kept")
+            if n < min(costs):
+                raise ConfigError(f"--budget {budget} is {n:,} parameters, below one component of the cheapest module ({min(costs):,})",
+                                  hint="raise the budget")
+            alloc = allocate_budget(gains, costs, n)
+            ranks = dict.fromkeys(paths, 0)
+            for p, r in zip(owner, alloc.ranks):
+                ranks[p] += r
+            ranks = {p: min(r, whole[p]["out"], whole[p]["in"]) for p, r in ranks.items()}
+            energy_all = sum(float(m["fro_norm"]) ** 2 for e in whole.values() for m in e["parts"]) or 1.0
+            notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
+                         f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
+    adapted = {p: r for p, r in ranks.items() if r > 0}
+    if not adapted:
+        raise ConfigError("every recommended rank is 0 (the updates are zero)")
+    counts = Counter(adapted.values())
+    r0 = max(counts, key=lambda r: (counts[r], r))
+
+    def alpha(r: int) -> float:
+        return alpha_ratio * (math.sqrt(r) if rslora else r)
+
+    pattern = {p: r for p, r in sorted(adapted.items()) if r != r0}
+    config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
+              "target_modules": target_modules(list(adapted), paths), "rank_pattern": pattern,
+              "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
+    return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
+
+
+def _load(path: Path) -> dict:
+    if path.is_dir():
+        path = path / "results.json"
+    doc = load_json(path, what="diff results")
+    if not isinstance(doc, dict):
+        raise ConfigError("not a JSON object", path=path)
+    return doc
+
+
+__all__ = ["BUDGET_BYTES_PER_PARAM", "Recommendation", "recommend"]

@@ -1,0 +1,94 @@
+"""Result records of a diff: the :class:`~spectra.results.ModuleResult` fields that follow from a
+spectrum (exact or approximate), the random-matrix baselines beside them, and the per-matrix event
+the runs report through their callback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spectra.config import DiffConfig
+from spectra.delta import Prepared
+from spectra.engine import ApproxSpectrum
+from spectra.metrics import relative_norm, spectrum_metrics, threshold_key
+from spectra.pairing import Skipped
+from spectra.randmat import random_energy_rank
+from spectra.results import ModuleResult
+
+
+@dataclass(frozen=True)
+class DiffEvent:
+    """Reported to the callback once per analysed or skipped matrix.
+
+    Attributes:
+        done: matrices finished so far (including this one).
+        total: matrices planned (parts of fused matrices and experts counted separately).
+        result: the new result, or None if the matrix was skipped.
+        skipped: why the matrix was skipped, or None.
+    """
+
+    done: int
+    total: int
+    result: ModuleResult | None = None
+    skipped: Skipped | None = None
+
+
+def common_fields(item: Prepared, config: DiffConfig) -> dict:
+    """The fields every result has, whichever path computed it."""
+    pair, unit = item.task.pair, item.unit
+    return dict(
+        name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
+        shape=list(unit.shape), base_fro_norm=item.base_fro, random_energy_rank=random_ranks(unit.shape, config),
+        dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
+        note="; ".join(n for n in (pair.note, pair.tuned.note, item.note) if n),
+    )
+
+
+def spectrum_fields(S: np.ndarray, shape: tuple[int, int], config: DiffConfig, base_fro: float | None) -> dict:
+    """The :class:`ModuleResult` fields that follow from the full spectrum ``S`` (descending, length p)
+    of a ``shape`` update and ``‖W_base‖_F`` (None when there is no base)."""
+    m = spectrum_metrics(S, shape, config.thresholds)
+    keys = [threshold_key(tau) for tau in config.thresholds]
+    return dict(
+        fro_norm=m.fro_norm, rel_norm=relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
+        spectral_norm=m.spectral_norm, nuclear_norm=m.nuclear_norm, stable_rank=m.stable_rank,
+        effective_rank=m.effective_rank, signal_rank=m.signal_rank,
+        energy_rank={k: m.energy_rank[tau] for k, tau in zip(keys, config.thresholds)},
+        energy_rank_frac={k: m.energy_rank_frac[tau] for k, tau in zip(keys, config.thresholds)},
+        singular_values=[float(s) for s in S[: config.top_k]],
+    )
+
+
+def random_ranks(shape: tuple[int, int], config: DiffConfig) -> dict[str, int]:
+    """Threshold key -> energy rank of a Gaussian matrix of ``shape`` (Marchenko–Pastur)."""
+    return {threshold_key(tau): random_energy_rank(shape, tau) for tau in config.thresholds}
+
+
+def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
+                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None) -> ModuleResult:
+    return ModuleResult(
+        **common_fields(item, config), **spectrum_fields(S, item.unit.shape, config, item.base_fro),
+        method=f"{config.method}/{config.precision}", seconds=seconds,
+        base_singular_values=base_sv, tuned_singular_values=tuned_sv,
+    )
+
+
+def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds: float) -> ModuleResult:
+    p = min(item.unit.shape)
+    keys = [threshold_key(tau) for tau in config.thresholds]
+    sigma1 = float(a.top[0]) if a.top.size else 0.0
+    fields = common_fields(item, config)
+    fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds; "
+                                           "nuclear norm, effective and signal rank need the full spectrum") if n)
+    return ModuleResult(
+        **fields,
+        fro_norm=a.fro_norm, rel_norm=relative_norm(a.fro_norm, item.base_fro), spectral_norm=sigma1,
+        stable_rank=(a.fro_norm**2 / sigma1**2) if sigma1 > 0 else 0.0, effective_rank=None, nuclear_norm=None,
+        signal_rank=None,
+        energy_rank={k: a.ranks[tau].estimate for k, tau in zip(keys, config.thresholds)},
+        energy_rank_frac={k: a.ranks[tau].estimate / p for k, tau in zip(keys, config.thresholds)},
+        energy_rank_bounds={k: [a.ranks[tau].lo, a.ranks[tau].hi] for k, tau in zip(keys, config.thresholds)},
+        singular_values=[float(s) for s in a.top[: config.top_k]],
+        method=f"approx/sketch{a.sketch}", seconds=seconds,
+    )

@@ -1,0 +1,136 @@
+"""The ``spectra extract`` section of ``spectra report``, from an ``extract.json`` (schema
+``spectra.extract/1``): what the adapter keeps against a uniform rank of the same size, the ranks it
+chose, the held-out losses when measured, and what a LoRA could not hold.
+
+Every name from a checkpoint or a path is escaped (:func:`spectra.report_html.esc`); figures are
+inline SVG. The lead wires :func:`section_html`, :func:`findings` and :func:`title` into
+:mod:`spectra.report` by :data:`SCHEMA`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from spectra.findings import Finding
+from spectra.plots.base import svg_img
+from spectra.plots.extract import energy_figure, rank_heatmap
+from spectra.report_html import esc, legend, note, table
+
+SCHEMA = "spectra.extract/1"
+
+#: Column definitions of the per-module table (shown as its legend).
+COLUMNS = (
+    ("rank", "LoRA rank r kept for the module (B is out × r, A is r × in)."),
+    ("params", "r · (out + in): the module's LoRA parameters."),
+    ("energy kept", "Σ_{i≤r} σᵢ² / ‖ΔW‖²_F: the share of the update's squared Frobenius norm the rank-r truncation keeps."),
+    ("‖ΔW − BA‖/‖ΔW‖", "Relative Frobenius error of the truncation, √(1 − energy kept) (Eckart–Young)."),
+    ("σ_{r+1}/σ₁", "Relative spectral-norm error of the truncation, ‖ΔW − BA‖₂ / ‖ΔW‖₂."),
+    ("uniform", "Energy kept by the uniform rank with the same total parameter count, from the same spectrum."),
+    ("‖ΔW‖/‖W‖", "Size of the update against the base weight."),
+)
+
+
+def title(path: Path, doc: dict[str, Any]) -> str:
+    """How the findings and warnings name this input."""
+    return f"extract ({doc.get('mode')}): {doc.get('tuned')} − {doc.get('base')}"
+
+
+def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
+    """The adapter in words: energy kept against the uniform rank, the spread of ranks, the budget's gap,
+    the held-out losses; warnings for what the adapter does not hold."""
+    t, u = doc["totals"], doc["uniform"]
+    out = []
+    if t.get("energy_kept") is not None:
+        text = (f"The adapter keeps {t['energy_kept']:.1%} of the update's energy with {t['params']:,} LoRA parameters "
+                f"({t['param_fraction']:.2%} of the full update's), ranks {t['min_rank']}–{t['max_rank']}")
+        if u.get("energy_kept") is not None:
+            text += f"; a uniform rank {u['rank']} with the same parameters would keep {u['energy_kept']:.1%}"
+        out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept")}))
+    out.append(Finding("modules", f"{t['modules_at_90']} of {t['modules']} modules keep at least 90% of their energy "
+                                  f"(median module {t['median_energy_kept']:.1%}, lowest {t['min_energy_kept']:.1%}).",
+                       numbers={"modules_at_90": t["modules_at_90"]}))
+    a = doc.get("allocation")
+    if a:
+        out.append(Finding("budget", f"The greedy allocation used {a['used_params']:,} of {a['budget_params']:,} parameters; "
+                                     f"no allocation within the budget could keep more than {a['fractional_bound']:.2%} "
+                                     f"(gap {a['gap']:.2e} of the energy).", numbers=dict(a)))
+    ev = doc.get("eval")
+    if ev:
+        loss = ev["loss"]
+        rec = ev.get("recovered") or {}
+        text = (f"Held-out loss on {Path(ev['text']).name}: base {loss['base']:.4f}, tuned {loss['tuned']:.4f}, "
+                f"base + adapter {loss['extracted']:.4f}, base + uniform adapter {loss['uniform']:.4f} nats/token")
+        if rec.get("extracted") is not None:
+            text += (f"; the adapter reproduces {rec['extracted']:.0%} of the fine-tune's loss change "
+                     f"(uniform: {rec['uniform']:.0%})")
+        out.append(Finding("eval", text + ".", numbers={"loss": loss, "recovered": rec}))
+    lost = [r for r in doc.get("not_lora", []) if r.get("held") is None]
+    if lost:
+        worst = max(lost, key=lambda r: r.get("rel_norm") or 0.0)
+        out.append(Finding("not_lora", f"{len(lost)} changed norms or biases are not in the adapter (largest change "
+                                       f"‖Δ‖/‖base‖ = {worst.get('rel_norm') or 0:.3g}, {worst['name']}); --save-modules keeps those PEFT can hold.",
+                           warning=True))
+    left = [r for r in doc.get("not_extracted", []) if (r.get("rel_norm") or 0) > 0]
+    if left:
+        worst = max(left, key=lambda r: r.get("rel_norm") or 0.0)
+        out.append(Finding("not_extracted", f"{len(left)} changed matrices are not in the adapter (largest ‖ΔW‖/‖W‖ = "
+                                            f"{worst['rel_norm']:.3g}, {worst['name']}: {worst['reason']}).", warning=True))
+    out += [Finding("warning", w, warning=True) for w in doc.get("warnings", [])]
+    return out
+
+
+def section_html(path: Path, doc: dict[str, Any]) -> str:
+    """The report section of one ``extract.json``."""
+    t, u, s = doc["totals"], doc["uniform"], doc.get("serving") or {}
+    sel = doc.get("selection") or {}
+    rule = {"rank": f"--rank {sel.get('rank')}", "energy": f"--energy {sel.get('energy')}",
+            "budget": f"--budget {sel.get('budget')} ({sel.get('budget_params') or 0:,} parameters)"}.get(doc.get("mode"), "")
+    out = [f"<h2>LoRA extraction: {esc(doc.get('tuned'))} − {esc(doc.get('base'))}</h2>",
+           f"<p>results: {esc(path)} · rule: {esc(rule)} · adapter dtype {esc(doc.get('dtype'))} · "
+           f"{esc(doc.get('strategy'))} · {doc.get('elapsed_s', 0):.1f} s on {esc(doc.get('device'))}</p>"]
+    rows = [["extracted", t["params"], t["param_fraction"], t["energy_kept"], t["rel_fro_error"], f"{t['modules_at_90']} / {t['modules']}"],
+            [f"uniform r = {u['rank']}", u["params"], u["params"] / t["full_params"] if t.get("full_params") else None,
+             u["energy_kept"], u["rel_fro_error"], f"{u['modules_at_90']} / {t['modules']}"]]
+    a = doc.get("allocation")
+    if a:
+        rows.append(["fractional bound (no allocation keeps more)", a["budget_params"], None, a["fractional_bound"], None, None])
+    out.append(table(["adapter", "LoRA params", "share of the full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"], rows))
+    if s.get("max_lora_rank"):
+        out.append(f"<p>Serving with vLLM: max_lora_rank {s['max_lora_rank']} for {s['modules']} modules, "
+                   f"{s['params']:,} parameters allocated per adapter slot.</p>")
+    out.append(note("Energy kept is the share of ‖ΔW‖²_F (summed over the modules) that the adapter's B·A reproduces; "
+                    "the truncation's relative error is √(1 − energy kept). The uniform row spends the same number of "
+                    "parameters on one rank for every module: the difference is what choosing ranks per module buys."))
+    ev = doc.get("eval")
+    if ev:
+        rec = ev.get("recovered") or {}
+        out.append("<h3>Held-out loss</h3>")
+        out.append(table(["model", "loss (nats/token)", "share of the fine-tune's loss change"],
+                         [[k, v, rec.get(k) if k not in ("base", "tuned") else (0.0 if k == "base" else 1.0)] for k, v in ev["loss"].items()]))
+        out.append(note(f"Mean token cross-entropy on the first {ev['blocks']} blocks of {ev['seq_len']} tokens of "
+                        f"{esc(ev['text'])}; the share is (base − model) / (base − tuned)."))
+    out.append(svg_img(energy_figure(doc), alt="energy kept and rank per module"))
+    heat = rank_heatmap(doc)
+    if heat is not None:
+        out.append(svg_img(heat, alt="rank per layer and module"))
+    out.append("<h3>Every module (click a column to sort)</h3>")
+    out.append(table(["module", "layer", "shape", "rank", "params", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "σ_{r+1}/σ₁", "uniform",
+                      "‖ΔW‖/‖W‖", "method", "note"],
+                     [[m["name"], m.get("layer"), "×".join(map(str, m["shape"])), m["rank"], m["params"], m["energy_kept"],
+                       m["rel_fro_error"], m.get("spectral_error"), m.get("uniform_energy_kept"), m.get("rel_norm"),
+                       m.get("method"), m.get("note")] for m in doc["modules"]], sortable=True))
+    out.append(legend(COLUMNS))
+    if doc.get("not_extracted"):
+        out.append("<h3>Matrices not in the adapter</h3>")
+        out.append(table(["name", "shape", "‖ΔW‖/‖W‖", "why"],
+                         [[r["name"], "×".join(map(str, r["shape"])), r.get("rel_norm"), r["reason"]] for r in doc["not_extracted"]]))
+    if doc.get("not_lora"):
+        out.append("<h3>Norms and biases (a LoRA holds matrices only)</h3>")
+        out.append(table(["name", "kind", "‖Δ‖/‖base‖", "kept as", "why"],
+                         [[r["name"], r["kind"], r.get("rel_norm"), r.get("held") or "not kept", r.get("reason")] for r in doc["not_lora"]],
+                         sortable=True))
+    return "\n".join(out)
+
+
+__all__ = ["COLUMNS", "SCHEMA", "findings", "section_html", "title"]

@@ -1,0 +1,85 @@
+"""Which matrices a run analyses: the ``--include``/``--exclude``/``--layers`` selection, compiled once
+per run, and the expansion of tensor pairs into units (fused parts × experts), ordered so that
+equally shaped units are adjacent (the engine batches them)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from spectra.config import parse_layers
+from spectra.naming import MatrixSpec, Part
+from spectra.pairing import MatrixPair
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One matrix to analyse: a part of a (possibly fused, possibly expert-stacked) tensor pair."""
+
+    order: int  # position in the final, layer-ordered results
+    name: str
+    expert: int | None
+    rows: torch.Tensor | None
+    module: str
+    shape: tuple[int, int]
+
+
+@dataclass
+class Task:
+    pair: MatrixPair
+    units: list[Unit] = field(default_factory=list)
+
+
+def selector(include: str | None, exclude: str | None, layers: str | None) -> Callable[[str, int | None], bool]:
+    """``keep(name, layer)`` for the ``--include``/``--exclude`` regexes and the ``--layers`` selection
+    (which leaves out matrices outside the layer stack). Compiled once per run."""
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    layer_ok = parse_layers(layers) if layers else None
+
+    def keep(name: str, layer: int | None) -> bool:
+        if layer_ok is not None and (layer is None or not layer_ok(layer)):
+            return False  # outside the asked layers: not analysed, not worth a skipped entry
+        return not ((inc and not inc.search(name)) or (exc and exc.search(name)))
+
+    return keep
+
+
+def units_of(spec: MatrixSpec, keep: Callable[[str, int | None], bool], *, split_fused: bool = True,
+             expert: int | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
+    """``(result name, rows, module label)`` of each part of ``spec`` that ``keep`` keeps.
+
+    Experts of a stacked 3-D tensor are named ``<tensor>:e<k>``, parts ``<tensor>:q`` (docs/definitions.md).
+    """
+    out = []
+    for part in (spec.parts if split_fused else (Part(""),)):
+        name = spec.name + (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
+        if keep(name, spec.layer):
+            out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
+    return out
+
+
+def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,
+               layers: str | None = None, split_fused: bool = True) -> list[Task]:
+    """Expand pairs into units (parts × experts), apply the filters, and order the work so that
+    equally shaped units are adjacent (they are batched together)."""
+    tasks: list[Task] = []
+    order = 0
+    keep = selector(include, exclude, layers)
+    for pair in pairs:
+        spec = pair.tuned
+        stacked = len(pair.tuned_info.shape) == 3
+        out_dim, in_dim = pair.out_in
+        task = Task(pair)
+        for e in (range(pair.tuned_info.shape[0]) if stacked else [None]):
+            for name, rows, module in units_of(spec, keep, split_fused=split_fused, expert=e):
+                shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
+                task.units.append(Unit(order, name, e if stacked else spec.expert, rows, module, shape))
+                order += 1
+        if task.units:
+            tasks.append(task)
+    tasks.sort(key=lambda t: (t.units[0].shape, t.units[0].order))
+    return tasks

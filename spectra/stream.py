@@ -1,0 +1,114 @@
+"""Reading ahead and batching for the streaming runs: reader threads form ΔW for the next tensor
+pairs (bounded in count and bytes) while the engine decomposes the previous batch of equally shaped
+matrices. Memory stays bounded by the pairs in flight plus one batch, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from spectra.config import DiffConfig
+from spectra.delta import Prepared, pair_bytes, prepare
+from spectra.engine import batch_budget
+from spectra.io.checkpoint import Checkpoint
+from spectra.selection import Task
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run uses memory and threads on its device (defaults resolved from :class:`DiffConfig`)."""
+
+    batch_bytes: int  # cap of one batch of ΔW (collected) and of the engine's chunks
+    depth: int  # tensor pairs read ahead
+    workers: int  # reader threads
+    ahead_bytes: int | None  # cap of the pairs in flight (on CUDA: the ΔW formed on the device)
+
+
+def run_settings(config: DiffConfig, device: torch.device) -> RunSettings:
+    """Resolve the memory and thread defaults: on CUDA, 45% of free memory for a batch and a quarter
+    for reading ahead (ΔW is formed on the GPU), 8 pairs ahead and up to 4 readers; on the CPU a
+    256 MiB batch, one pair ahead and one reader (the engine's BLAS already uses every core)."""
+    cuda = device.type == "cuda"
+    free = torch.cuda.mem_get_info(device)[0] if cuda else 0
+    batch = config.max_batch_bytes if config.max_batch_bytes is not None else (int(0.45 * free) if cuda else batch_budget(device))
+    ahead = config.prefetch_bytes if config.prefetch_bytes is not None else (int(0.25 * free) if cuda else None)
+    return RunSettings(
+        batch_bytes=batch,
+        depth=config.prefetch if config.prefetch is not None else (8 if cuda else 1),
+        workers=config.read_workers or (min(4, os.cpu_count() or 1) if cuda else 1),
+        ahead_bytes=ahead,
+    )
+
+
+def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
+              device: torch.device, keep_base: bool = False, max_bytes: int | None = None) -> Iterator[Prepared]:
+    """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
+    pairs ahead, and no more than ``max_bytes`` of them (:func:`pair_bytes`: what the pair formed
+    on the GPU, or everything it holds on the CPU; one pair always goes).
+
+    Reading (positioned reads release the GIL) and forming ΔW overlap with the decomposition of the
+    previous batch; the two caps bound the memory this takes, whatever the model: on a GPU, where ΔW
+    is formed on the device, a 405B model's embedding pair alone is 17 GB. A reader's exception is
+    re-raised here, in order.
+    """
+    if depth <= 0:
+        for task in tasks:
+            yield from prepare(task, base, tuned, device, keep_base)
+        return
+    todo = deque(tasks)
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read") as pool:
+        pending: deque = deque()
+        in_flight = 0
+
+        def cost(task: Task) -> int:
+            loaded, formed = pair_bytes(task, base, tuned, keep_base)
+            return formed if device.type == "cuda" else loaded + formed
+
+        def fill() -> None:
+            nonlocal in_flight
+            while todo and len(pending) < depth:
+                nbytes = cost(todo[0])
+                if pending and max_bytes is not None and in_flight + nbytes > max_bytes:
+                    return
+                in_flight += nbytes
+                pending.append((pool.submit(prepare, todo.popleft(), base, tuned, device, keep_base), nbytes))
+
+        try:
+            fill()
+            while pending:
+                fut, nbytes = pending.popleft()
+                items = fut.result()
+                in_flight -= nbytes
+                fill()
+                yield from items
+        finally:
+            for fut, _ in pending:
+                fut.cancel()
+
+
+def batches(prepared: Iterator[Prepared], shapes: list[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[Prepared]]:
+    """Group consecutive equally shaped units; skipped units travel alone.
+
+    ``shapes`` is the planned shape of every unit in stream order: a batch is closed as soon as the
+    next unit cannot join it, before that unit is read, so no ΔW waits in memory for its batch.
+    """
+    batch: list[Prepared] = []
+    size = 0
+    for i, item in enumerate(prepared):
+        if item.delta is None:
+            yield [item]
+            continue
+        batch.append(item)
+        size += item.delta.numel() * 4
+        nxt = shapes[i + 1] if i + 1 < len(shapes) else None
+        if nxt != item.unit.shape or len(batch) >= max_count or size + nxt[0] * nxt[1] * 4 > max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -1,0 +1,750 @@
+"""``spectra trace BASE RUN_DIR`` (or ``BASE CKPT1 CKPT2 …``): how ΔW evolves over a training run.
+
+For every matrix and checkpoint: the spectrum metrics of ``ΔW_t = W_t − W_base`` (energy ranks,
+‖ΔW‖_F and ‖ΔW‖_F/‖W_base‖_F, σ₁, σ₁/σ₂, stable and effective rank; for LoRA the effective rank of
+``s·B·A`` against r), and how far the update's top-k singular subspaces turned since the previous
+checkpoint and since the first (principal angles, φ; the definitions document, "Subspaces").
+
+Inputs: a run folder of Hugging Face Trainer ``checkpoint-N`` folders (full models or PEFT
+adapters; step and loss from each ``trainer_state.json``), or checkpoints listed in order.
+
+Streaming. Full checkpoints are traced matrix by matrix: the base tensor is read once, then the same
+tensor of each checkpoint, so each file is read once, tensor by tensor, and memory holds one base
+matrix, one ΔW and two top-k subspaces (first and previous) whatever the number of checkpoints.
+Adapters are traced checkpoint by checkpoint (their factors are small): the base contributes only
+‖W_base‖_F per matrix (each base tensor read once), and per module the first and previous top-k
+subspaces are kept. ``--resume`` continues from the journal (``trace_journal.jsonl``).
+
+The same per-matrix metrics are computed inside a training process by
+:class:`spectra.callbacks.SpectraTracker`; its ``trace.jsonl`` loads with :func:`load_trace`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectra._version import __version__
+from spectra.adapter_diff import adapter_updates
+from spectra.config import SharedOptions, check_device_available
+from spectra.delta import form_delta, oriented
+from spectra.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    ConfigError,
+    ResultsFormatError,
+    SpectraError,
+)
+from spectra.esd import power_law_fit
+from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
+from spectra.io.adapter import ADAPTER_CONFIG, is_adapter, open_adapter
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import load_json, parse_json
+from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.linalg import resolve_device, singular_values
+from spectra.metrics import (
+    DEFAULT_THRESHOLDS,
+    relative_norm,
+    spectrum_metrics,
+    threshold_key,
+)
+from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
+from spectra.pairing import pair_checkpoints
+from spectra.results import rows_to_csv
+from spectra.selection import selector
+from spectra.subspaces import Factored
+
+SCHEMA = "spectra.trace/1"
+JOURNAL = "trace_journal.jsonl"
+_CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
+#: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
+SIGMA_FLOOR = 1e-7
+
+
+@dataclass(frozen=True)
+class TraceConfig(SharedOptions):
+    """Options of a trace (``spectra trace`` and :class:`spectra.callbacks.SpectraTracker`).
+
+    Attributes:
+        thresholds: energy-rank thresholds τ (each in (0, 1]).
+        top_k: rank of the subspaces compared between checkpoints (``min(top_k, rank)``; a LoRA
+            update of rank r <= top_k is compared whole). Small k keeps the angles about the
+            directions that carry the update; 8 holds most of a fine-tuning update's energy in the
+            demo's runs.
+        keep_singular: top singular values stored per point.
+        alpha: also fit WeightWatcher's power-law exponent α (:func:`spectra.esd.power_law_fit`, its
+            default ``xmin="fit"``) to the eigenvalues σ² of each checkpoint's weight ``W_step`` and of
+            ``W_base`` (full checkpoints only: one more exact eigensolve per matrix and checkpoint).
+        include, exclude, layers, device: see :class:`spectra.config.SharedOptions`.
+    """
+
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    top_k: int = 8
+    keep_singular: int = 8
+    alpha: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.thresholds or any(not 0.0 < float(t) <= 1.0 for t in self.thresholds):
+            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
+        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        if self.top_k < 1 or self.keep_singular < 0:
+            raise ConfigError(f"top_k must be >= 1 and keep_singular >= 0. Got {self.top_k}, {self.keep_singular} instead")
+
+
+# ---- per-point metrics (shared with spectra.callbacks) -------------------------------------------------
+def point_metrics(S: np.ndarray, shape: tuple[int, int], base_fro: float | None, config: TraceConfig,
+                  lora_r: int | None = None) -> dict[str, Any]:
+    """The spectrum fields of one (matrix, step) point from ΔW's singular values ``S`` (any length
+    holding every non-zero value; padded with zeros to ``p``).
+
+    ``sigma_ratio`` (σ₁/σ₂) is None when σ₂ is at most ``SIGMA_FLOOR · σ₁``: the exact spectrum holds
+    every singular value to about that (float64 Gram route), so a smaller σ₂ is zero within its
+    precision and the ratio would be a number made of rounding."""
+    p = min(shape)
+    S = np.sort(np.asarray(S, dtype=np.float64))[::-1][:p]
+    full = np.zeros(p)
+    full[: S.size] = S
+    m = spectrum_metrics(full, shape, config.thresholds)
+    point = {
+        "fro_norm": m.fro_norm, "rel_norm": relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
+        "spectral_norm": m.spectral_norm, "sigma_ratio": float(full[0] / full[1]) if p > 1 and full[1] > SIGMA_FLOOR * full[0] else None,
+        "stable_rank": m.stable_rank, "effective_rank": m.effective_rank,
+        "energy_rank": {threshold_key(t): m.energy_rank[t] for t in config.thresholds},
+        "singular_values": [float(x) for x in full[: config.keep_singular]],
+    }
+    if lora_r:
+        point["effective_rank_over_r"] = m.effective_rank / lora_r
+    return point
+
+
+def matrix_meta(spec: MatrixSpec, shape: tuple[int, int], base_fro: float | None, lora_r: int | None = None) -> dict[str, Any]:
+    """The per-matrix fields of a trace (points are added beside them)."""
+    return {"name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role,
+            "shape": [int(shape[0]), int(shape[1])], "base_fro_norm": base_fro, "lora_r": lora_r, "note": spec.note}
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+@dataclass
+class CheckpointRef:
+    """One checkpoint of the trace, in step order.
+
+    Attributes:
+        path: the folder or file. step: training step. loss: training loss logged at that step
+            (None when the logs have none). kind: ``"lora"`` or ``"full"``. source: where the step
+            came from (``"trainer_state"``, ``"folder name"``, ``"position"``). note: caveats.
+        failed: why it stopped being readable during the run (its later points are skipped).
+    """
+
+    path: str
+    step: int
+    loss: float | None
+    kind: str
+    source: str
+    note: str = ""
+    failed: str = ""
+
+
+def _read_state(folder: Path) -> tuple[dict | None, str]:
+    """``trainer_state.json`` of a checkpoint folder (strict, bounded JSON), or None and why."""
+    f = folder / "trainer_state.json"
+    if not f.is_file():
+        return None, "no trainer_state.json"
+    try:
+        doc = load_json(f, what="trainer_state.json")
+    except SpectraError as exc:  # half written, or not JSON at all
+        return None, exc.message
+    return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")
+
+
+def _weights(ref_path: str | Path, kind: str | None = None) -> Checkpoint:
+    """The checkpoint holding a folder's tensors (an adapter's weights file), headers read and checked
+    against the file sizes, so a file still being written fails here.
+
+    Raises:
+        SpectraError: missing or truncated files, or no weights in an adapter folder.
+    """
+    path = Path(ref_path)
+    if kind == "lora" or (kind is None and is_adapter(path)):
+        weights = next((path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None)
+        if weights is None:
+            raise CheckpointNotFoundError("adapter folder has no adapter_model.safetensors or adapter_model.bin", path=path)
+        return open_checkpoint(weights)
+    return open_checkpoint(path)
+
+
+def _log_history(state: dict | None) -> list[dict[str, Any]]:
+    out = []
+    for rec in (state or {}).get("log_history") or []:
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            entry = {"step": rec["step"]}
+            for key in ("loss", "eval_loss", "learning_rate"):
+                if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
+                    entry[key] = float(rec[key])
+            if len(entry) > 1:
+                out.append(entry)
+    return out
+
+
+def _train_log(folder: Path) -> list[dict[str, Any]]:
+    """``spectra train``'s ``train_log.jsonl`` as loss history (train, held-out target, source loss)."""
+    f = folder / "train_log.jsonl"
+    out = []
+    if f.is_file():
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = parse_json(line.encode("utf-8"), path=f, what="a train_log.jsonl line")
+            except SpectraError:
+                break  # a line being written
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append({"step": rec["step"], **{k: rec[k] for k in ("train_loss", "target_loss", "source_loss")
+                                                     if isinstance(rec.get(k), (int, float))}})
+                if "train_loss" in out[-1]:
+                    out[-1]["loss"] = out[-1]["train_loss"]
+    return out
+
+
+@dataclass
+class Discovery:
+    """What :func:`find_checkpoints` found: usable checkpoints in step order, those left out with
+    the reason, the loss history of the run, and warnings."""
+
+    checkpoints: list[CheckpointRef]
+    skipped: list[dict[str, str]]
+    loss_history: list[dict[str, Any]]
+    run: str | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def find_checkpoints(paths: list[str]) -> Discovery:
+    """The checkpoints to trace: ``[RUN_DIR]`` (its ``checkpoint-N`` folders) or a list of checkpoints.
+
+    In a run folder a checkpoint that cannot be read (missing or truncated weights) is left out with
+    the reason, and so is the newest one when it has no ``trainer_state.json`` yet (the Trainer
+    writes that file last, so the checkpoint is probably still being saved). Listed checkpoints must
+    all be readable. Steps come from ``trainer_state.json`` (``global_step``), else from a
+    ``checkpoint-N`` name, else from the position in the list; losses from the ``log_history``
+    (and ``train_log.jsonl`` of ``spectra train``).
+
+    Raises:
+        CheckpointNotFoundError: a path does not exist, or a run folder holds no checkpoint-N folder.
+        SpectraError: a listed checkpoint cannot be read; no checkpoint is usable; adapters and full
+            checkpoints are mixed.
+    """
+    skipped: list[dict[str, str]] = []
+    warnings: list[str] = []
+    run = None
+    for p in paths:
+        if not Path(p).exists():
+            raise CheckpointNotFoundError("no such file or folder", path=p)
+    single = Path(paths[0])
+    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if d.is_dir() and (m := _CKPT_DIR.match(d.name))),
+                   key=lambda x: x[0]) if len(paths) == 1 and single.is_dir() else []
+    if len(paths) == 1 and single.is_dir() and not found:
+        if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
+            raise ConfigError("one checkpoint is not a trace", path=single,
+                              hint="pass a run folder with checkpoint-N folders, or two or more checkpoints in order")
+        raise CheckpointNotFoundError("no checkpoint-N folders in this run folder", path=single,
+                                      hint="the Trainer writes them with save_strategy='steps' (or 'epoch'); "
+                                           "or pass the checkpoints themselves in order")
+    refs: list[CheckpointRef] = []
+    histories: list[list[dict[str, Any]]] = []
+    if found:
+        run = str(single)
+        histories.append(_train_log(single))
+        for i, (n, folder) in enumerate(found):
+            newest = i == len(found) - 1
+            state, why = _read_state(folder)
+            note = ""
+            if state is None:
+                if newest:
+                    skipped.append({"path": str(folder), "reason": f"{why}: the Trainer writes it last, so this newest "
+                                                                   "checkpoint is probably still being saved; trace it later"})
+                    continue
+                note = f"{why}: step from the folder name"
+            try:
+                _weights(folder)
+                kind = "lora" if is_adapter(folder) else "full"
+            except SpectraError as exc:
+                skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message}); left out"})
+                continue
+            if state is not None and state.get("global_step") not in (None, n):
+                note = f"trainer_state.json says global_step {state.get('global_step')}; the folder name's {n} is used"
+            histories.append(_log_history(state))
+            refs.append(CheckpointRef(str(folder), n, None, kind, "folder name" if state is None else "trainer_state", note))
+    else:
+        for i, p in enumerate(paths):
+            path = Path(p)
+            _weights(path)  # a listed checkpoint must be readable: errors propagate as one line
+            kind = "lora" if is_adapter(path) else "full"
+            folder = path if path.is_dir() else path.parent
+            state, _ = _read_state(folder)
+            m = _CKPT_DIR.match(folder.name)
+            if state is not None and isinstance(state.get("global_step"), int):
+                step, source = state["global_step"], "trainer_state"
+            elif m:
+                step, source = int(m.group(1)), "folder name"
+            else:
+                step, source = i + 1, "position"
+            histories.append(_log_history(state))
+            refs.append(CheckpointRef(str(p), step, None, kind, source))
+        order = sorted(range(len(refs)), key=lambda j: refs[j].step)
+        if order != list(range(len(refs))):
+            warnings.append("the checkpoints were given out of step order; they are traced in step order")
+        refs = [refs[j] for j in order]
+        if len({r.step for r in refs}) != len(refs):
+            warnings.append("two checkpoints have the same step; they keep the order given")
+    if not refs:
+        raise SpectraError("no checkpoint can be traced", path=run or ", ".join(paths),
+                           hint="; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in skipped)[:400] or None)
+    kinds = {r.kind for r in refs}
+    if len(kinds) > 1:
+        raise ConfigError("the checkpoints mix PEFT adapters and full models", path=run or ", ".join(paths),
+                          hint="trace the adapters and the full checkpoints separately")
+    history: dict[int, dict[str, Any]] = {}
+    for h in histories:  # later (newer) histories win: they are the most complete
+        for rec in h:
+            history.setdefault(rec["step"], {}).update(rec)
+    loss_history = [history[s] for s in sorted(history)]
+    for r in refs:
+        r.loss = history.get(r.step, {}).get("loss")
+    return Discovery(refs, skipped, loss_history, run, warnings)
+
+
+# ---- result ----------------------------------------------------------------------------------------------
+@dataclass
+class TraceResult:
+    """What ``spectra trace`` computed; ``trace.json`` holds :meth:`to_dict` (README schema).
+
+    Attributes:
+        base, run: the inputs (run: the run folder, or None for a list of checkpoints).
+        kind: ``"lora"`` or ``"full"``. thresholds, config: the options.
+        checkpoints: the traced checkpoints in step order (:class:`CheckpointRef` fields).
+        skipped_checkpoints: ``{"path", "reason"}`` for checkpoints left out.
+        loss_history: ``{"step", "loss", …}`` from the run's logs, for the report.
+        matrices: one record per matrix: ``name, layer, module, role, shape, base_fro_norm, lora_r,
+            note`` and ``points``, one per checkpoint in the same order (``step`` and the metrics of
+            :func:`point_metrics` plus ``turn_prev``/``turn_first`` from :func:`spectra.interference.subspace_turn`, or ``skip``).
+        skipped: ``{"name", "reason"}`` for matrices not traced.
+    """
+
+    base: str | None
+    run: str | None
+    kind: str
+    thresholds: list[float]
+    config: dict[str, Any]
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    skipped_checkpoints: list[dict[str, str]] = field(default_factory=list)
+    loss_history: list[dict[str, Any]] = field(default_factory=list)
+    matrices: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    complete: bool = False
+    elapsed_s: float = 0.0
+    device: str = ""
+    version: str = __version__
+    fingerprint: str = ""
+    source: str = "spectra trace"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TraceResult:
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead.")
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """CSV rows: one per (matrix, checkpoint), energy ranks and turns flattened."""
+        steps = {i: c for i, c in enumerate(self.checkpoints)}
+        out = []
+        for m in self.matrices:
+            for i, pt in enumerate(m["points"]):
+                row = {k: m[k] for k in ("name", "layer", "module", "role", "lora_r")}
+                row.update({"step": pt.get("step"), "loss": steps.get(i, {}).get("loss"), "skip": pt.get("skip", "")})
+                for k, v in pt.items():
+                    if k in ("step", "skip", "singular_values"):
+                        continue
+                    if k == "energy_rank":
+                        row.update({f"energy_rank_{t}": r for t, r in v.items()})
+                    elif k in ("turn_prev", "turn_first"):
+                        for side in ("left", "right"):
+                            for key in ("phi", "max_angle_deg"):
+                                row[f"{k}_{side}_{key}"] = (v or {}).get(side, {}).get(key)
+                    else:
+                        row[k] = v
+                out.append(row)
+        return out
+
+    def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+        """Write ``trace.json``, ``trace.csv`` and (``plots``) the figures into ``out_dir``."""
+        out = Path(out_dir)
+        files = {"json": atomic_write_text(out / "trace.json", json.dumps(jsonable(self.to_dict()), indent=1,
+                                                                           ensure_ascii=False, allow_nan=False) + "\n"),
+                 "csv": atomic_write_text(out / "trace.csv", rows_to_csv(self.rows()))}
+        if plots and self.matrices:
+            from spectra.plots.trace import (
+                save_trace_plots,  # matplotlib only when plotting
+            )
+
+            files.update(save_trace_plots(self.to_dict(), out))
+        return files
+
+
+def jsonable(x: Any) -> Any:
+    """NaN/inf -> None, numpy scalars -> Python (a JSON number is always a number)."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(float(x)) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def result_from_records(records: list[dict[str, Any]], *, base: str | None = None, run: str | None = None,
+                        source: str = "spectra.callbacks") -> TraceResult:
+    """A :class:`TraceResult` from the lines of a ``trace.jsonl`` written by
+    :class:`spectra.callbacks.SpectraTracker`: ``{"header": {...}}``, ``{"skipped": {...}}``,
+    ``{"warning": "..."}``, ``{"log": {"step", "loss", ...}}`` and one ``{"kind", "step", "loss",
+    "matrix": meta, "point": point}`` per matrix and measurement."""
+    recs = [r for r in records if isinstance(r, dict) and "matrix" in r and "point" in r]
+    header = next((r["header"] for r in records if isinstance(r, dict) and isinstance(r.get("header"), dict)), {})
+    logs = [r["log"] for r in records if isinstance(r, dict) and isinstance(r.get("log"), dict) and isinstance(r["log"].get("step"), int)]
+    steps = sorted({int(r["step"]) for r in recs})
+    losses: dict[int, float | None] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    points: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in recs:
+        losses.setdefault(int(r["step"]), r.get("loss"))
+        metas.setdefault(r["matrix"]["name"], r["matrix"])
+        points.setdefault(r["matrix"]["name"], {})[int(r["step"])] = {"step": int(r["step"]), **r["point"]}
+    history = {h["step"]: h for h in logs}
+    for s, loss in losses.items():
+        if loss is not None:
+            history.setdefault(s, {"step": s, "loss": loss})
+    kind = recs[0].get("kind", "full") if recs else header.get("kind", "full")
+    config = header.get("config", {})
+    res = TraceResult(base=base, run=run, kind=kind, thresholds=list(config.get("thresholds", [])), config=config, source=source,
+                      checkpoints=[asdict(CheckpointRef(f"step {s}", s, losses.get(s), kind, "in training")) for s in steps],
+                      loss_history=[history[s] for s in sorted(history)],
+                      skipped=[r["skipped"] for r in records if isinstance(r, dict) and isinstance(r.get("skipped"), dict)],
+                      warnings=[r["warning"] for r in records if isinstance(r, dict) and isinstance(r.get("warning"), str)])
+    if not res.thresholds:
+        res.thresholds = sorted({float(t) for r in recs for t in r["point"].get("energy_rank", {})})
+    for name in sorted(metas, key=lambda n: _order(metas[n])):
+        res.matrices.append({**metas[name], "points": [points[name].get(s, {"step": s, "skip": "not measured"}) for s in steps]})
+    res.complete = True
+    return res
+
+
+def load_trace(path: str | Path) -> TraceResult:
+    """Read ``trace.json`` (``spectra trace``) or ``trace.jsonl`` (:class:`spectra.callbacks.SpectraTracker`),
+    or a folder holding one (strict JSON, :mod:`spectra.io.jsonfile`).
+
+    Raises:
+        ResultsFormatError: nothing readable there, or not a trace.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = next((p / n for n in ("trace.json", "trace.jsonl") if (p / n).is_file()), p / "trace.json")
+    if p.suffix != ".jsonl":
+        doc = load_json(p, what="trace.json", error=ResultsFormatError)
+        try:
+            return TraceResult.from_dict(doc if isinstance(doc, dict) else {})
+        except (TypeError, ValueError) as exc:
+            raise ResultsFormatError(f"not a trace ({exc})", path=p, hint="pass trace.json, trace.jsonl or a folder holding one") from None
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResultsFormatError(f"cannot read trace.jsonl ({exc.__class__.__name__})", path=p) from None
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(parse_json(line.encode("utf-8"), path=p, what="a trace.jsonl line", error=ResultsFormatError))
+        except ResultsFormatError:
+            break  # the last line of a training still running
+    return result_from_records(records, run=str(p.parent))
+
+
+def _order(meta: dict[str, Any]) -> tuple:
+    band = 0 if meta.get("role") in ("embed", "pos_embed") else (1 if meta.get("layer") is not None else 2)
+    return (band, meta.get("layer") if meta.get("layer") is not None else -1,
+            role_sort_key(meta.get("role"), meta.get("module") or ""), meta["name"])
+
+
+# ---- the run -----------------------------------------------------------------------------------------------
+def trace(
+    base: str,
+    paths: list[str],
+    *,
+    config: TraceConfig | None = None,
+    out_dir: str | Path | None = None,
+    callback: Callable[[int, int, str], None] | None = None,
+    resume: bool = False,
+    plots: bool = True,
+) -> TraceResult:
+    """Trace ΔW over a run's checkpoints (see the module docstring).
+
+    Args:
+        base: the checkpoint training started from.
+        paths: ``[RUN_DIR]`` or checkpoints in order (:func:`find_checkpoints`).
+        config: options (:class:`TraceConfig`).
+        out_dir: where ``trace.json``, ``trace.csv``, the journal and the plots go.
+        callback: ``callback(done, total, what)`` after each matrix (full) or checkpoint (LoRA).
+        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options).
+        plots: write the figures.
+
+    Returns:
+        :class:`TraceResult` (``complete=True``).
+
+    Raises:
+        ConfigError: ``resume`` without ``out_dir``, a journal from other inputs, or a DoRA adapter.
+        CheckpointNotFoundError, CheckpointFormatError, PairingError: unreadable inputs, or
+            checkpoints that do not fit the base (:func:`find_checkpoints` for which are skipped).
+
+    Example:
+        >>> res = trace("base/", ["runs/lora8"], out_dir="trace")    # doctest: +SKIP
+        >>> res.matrices[0]["points"][-1]["energy_rank"]["0.9"]      # doctest: +SKIP
+    """
+    config = config or TraceConfig()
+    t0 = time.perf_counter()
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
+    device = resolve_device(config.device)
+    check_device_available(device)
+    found = find_checkpoints([str(p) for p in paths])
+    base_ckpt = open_checkpoint(base)
+    refs = found.checkpoints
+    result = TraceResult(base=str(base), run=found.run, kind=refs[0].kind, thresholds=list(config.thresholds),
+                         config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
+                         warnings=list(found.warnings), device=str(device))
+    weights = [_weights(r.path, r.kind) for r in refs]
+    options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
+    result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
+    journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
+    done = journal.start(result.fingerprint, resume=resume) if journal else []
+    if result.kind == "lora":
+        _trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)
+    else:
+        _trace_full(result, refs, weights, base_ckpt, config, device, journal, done, callback)
+    result.checkpoints = [asdict(r) for r in refs]
+    for r in refs:
+        if r.failed:
+            result.warnings.append(f"{r.path}: {r.failed}")
+    result.matrices.sort(key=_order)
+    rels = [m["points"][-1].get("rel_norm") for m in result.matrices if m["points"] and m["points"][-1].get("rel_norm") is not None]
+    if rels and float(np.median(rels)) > 1.0:
+        result.warnings.append(f"at the last checkpoint the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger "
+                               "than the base weights themselves: was this run started from this base?")
+    result.complete = True
+    result.elapsed_s = time.perf_counter() - t0
+    if out_dir is not None:
+        result.save(out_dir, plots=plots)
+    return result
+
+
+def _alpha(w: torch.Tensor, device: torch.device) -> tuple[float | None, float | None]:
+    """WeightWatcher's α of a weight ``w`` and its standard error (None when the fit fails)."""
+    x = w.to(device)
+    fit = power_law_fit(singular_values(x if x.dtype in (torch.float32, torch.float64) else x.float()) ** 2)
+    return fit.alpha, fit.sigma
+
+
+def _skip_point(step: int, reason: str) -> dict[str, Any]:
+    return {"step": step, "skip": reason}
+
+
+def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Checkpoint], base: Checkpoint,
+                config: TraceConfig, device: torch.device, journal: RecordJournal | None, done: list[dict],
+                callback: Callable[[int, int, str], None] | None) -> None:
+    """Matrix by matrix: the base tensor once, then the same tensor of every checkpoint."""
+    pairings = []
+    for ref, ck in zip(refs, ckpts):
+        try:
+            pairings.append({p.base.name: p for p in pair_checkpoints(base, ck).pairs})
+        except SpectraError as exc:
+            ref.failed = f"does not pair with the base ({exc.message})"
+            pairings.append({})
+    if all(ref.failed for ref in refs):
+        raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
+                                    hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")
+    for rec in done:  # a resumed run: finished matrices and checkpoints that failed earlier
+        if "matrix" in rec:
+            result.matrices.append(rec["matrix"])
+        elif "failed" in rec:
+            refs[rec["failed"]["index"]].failed = rec["failed"]["reason"]
+    finished = {m["name"] for m in result.matrices}
+    specs = describe_checkpoint({n: i.shape for n, i in base.tensors.items()}, base.arch)
+    keep = selector(config.include, config.exclude, config.layers)
+    names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
+    todo = []
+    for name in names:
+        if not keep(name, specs[name].layer):
+            continue
+        if len(base.tensors[name].shape) != 2:
+            result.skipped.append({"name": name, "reason": "3-D expert stack: trace follows 2-D matrices only"})
+        elif name not in finished:
+            todo.append(name)
+    total = len(todo) + len(finished)
+    for count, name in enumerate(todo, start=len(finished) + 1):
+        W = base.load(name)  # the one read of this base tensor
+        first = prev = None
+        meta = None
+        points = []
+        base_alpha = None
+        for ci, (ref, pairs) in enumerate(zip(refs, pairings)):
+            if ref.failed:
+                points.append(_skip_point(ref.step, ref.failed))
+                continue
+            pair = pairs.get(name)
+            if pair is None or len(pair.tuned_info.shape) != 2:
+                points.append(_skip_point(ref.step, "not in this checkpoint, or its shape differs from the base"))
+                continue
+            try:
+                wt = ckpts[ci].load(pair.tuned.name)
+            except (SpectraError, OSError) as exc:  # deleted (save_total_limit) or rewritten under us
+                ref.failed = f"could not be read any more during the trace ({getattr(exc, 'message', exc)})"
+                if journal:
+                    journal.add({"failed": {"index": ci, "reason": ref.failed}})
+                points.append(_skip_point(ref.step, ref.failed))
+                continue
+            wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
+            delta, base_fro, bad = form_delta(wb, wt, device)
+            shape = (int(delta.shape[0]), int(delta.shape[1]))
+            meta = meta or matrix_meta(specs[name], shape, base_fro)
+            if bad:
+                points.append(_skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))
+                continue
+            S, top = spectrum_and_top(delta, config.top_k)
+            del delta
+            now = Subspaces.of(top)
+            pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
+                  "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
+            if config.alpha:
+                base_alpha = base_alpha or _alpha(wb, device)
+                pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)
+            del wt
+            points.append(pt)
+            if now is not None:
+                prev, first = now, first or now
+        if meta is None:
+            result.skipped.append({"name": name, "reason": "no checkpoint could be read for it"})
+            continue
+        rec = {**meta, "points": points}
+        if base_alpha is not None:
+            rec["base_alpha"], rec["base_alpha_sigma"] = base_alpha
+        if pairs_note := "; ".join(sorted({p[name].note for p in pairings if name in p and p[name].note})):
+            rec["note"] = "; ".join(x for x in (rec["note"], pairs_note) if x)
+        result.matrices.append(jsonable(rec))
+        if journal:
+            journal.add({"matrix": result.matrices[-1]})
+        if callback:
+            callback(count, total, name)
+
+
+def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpoint, config: TraceConfig,
+                    device: torch.device, journal: RecordJournal | None, done: list[dict],
+                    callback: Callable[[int, int, str], None] | None) -> None:
+    """Checkpoint by checkpoint: each adapter's factors, ‖W_base‖_F once per module, and per module
+    the first and previous top-k subspaces."""
+    keep = selector(config.include, config.exclude, config.layers)
+    if config.alpha:
+        result.warnings.append("α is fitted to dense weights; adapter checkpoints are traced without it")
+    base_fro: dict[str, float] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    points: dict[str, dict[int, dict[str, Any]]] = {}
+    first: dict[str, Subspaces] = {}
+    prev: dict[str, Subspaces] = {}
+    for rec in done:  # a resumed run: the journal holds a prefix of the checkpoints
+        if "checkpoint" in rec:
+            if rec.get("failed"):
+                refs[rec["checkpoint"]].failed = rec["failed"]
+            metas.update(rec.get("meta", {}))
+            for name, pt in rec.get("points", {}).items():
+                points.setdefault(name, {})[rec["checkpoint"]] = pt
+    finished = {rec["checkpoint"] for rec in done if "checkpoint" in rec}
+    if finished:  # the first and previous subspaces the next points compare with, recomputed from their adapters
+        cache: dict[int, dict[str, Subspaces]] = {}
+        for name, pts in points.items():
+            used = sorted(ci for ci, pt in pts.items() if "skip" not in pt and pt.get("fro_norm"))
+            for ci, into in ((used[0], first), (used[-1], prev)) if used else ():
+                if ci not in cache:
+                    cache[ci] = {spec.name: s for mod, spec, shape in _adapter_modules(refs[ci], base, keep)
+                                 if (s := _lora_subspaces(mod, config, device)) is not None}
+                if name in cache[ci]:
+                    into[name] = cache[ci][name]
+    for ci, ref in enumerate(refs):
+        if ci in finished:
+            continue
+        try:
+            modules = _adapter_modules(ref, base, keep)
+        except (SpectraError, OSError) as exc:  # unreadable now, or made for another base
+            ref.failed = f"cannot be used ({getattr(exc, 'message', exc)})"
+            if journal:
+                journal.add({"checkpoint": ci, "failed": ref.failed, "points": {}, "meta": {}})
+            continue
+        new_points, new_meta = {}, {}
+        for mod, spec, shape in modules:
+            name = spec.name
+            if name not in base_fro:  # the one read of this base tensor
+                base_fro[name] = float(torch.linalg.vector_norm(base.load(name).double()))
+            f = Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale)
+            now = Subspaces.of(truncate(f, config.top_k))
+            new_meta[name] = metas[name] = metas.get(name) or matrix_meta(spec, shape, base_fro[name], mod.r)
+            pt = {"step": ref.step, **point_metrics(f.S.cpu().numpy(), shape, base_fro[name], config, mod.r),
+                  "turn_prev": subspace_turn(prev.get(name), now), "turn_first": subspace_turn(first.get(name), now)}
+            new_points[name] = points.setdefault(name, {})[ci] = jsonable(pt)
+            if now is not None:
+                prev[name] = now
+                first.setdefault(name, now)
+        if journal:
+            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta})
+        if callback:
+            callback(ci + 1, len(refs), Path(ref.path).name)
+    for name, meta in metas.items():
+        pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
+        result.matrices.append({**meta, "points": pts})
+    if not result.matrices:
+        raise CheckpointFormatError("no adapter checkpoint could be used", path=result.run or refs[0].path,
+                                    hint="; ".join(r.failed for r in refs if r.failed)[:400] or None)
+
+
+def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subspaces | None:
+    return Subspaces.of(truncate(Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale), config.top_k))
+
+
+def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable) -> list[tuple[Any, MatrixSpec, tuple[int, int]]]:
+    """``(LoraModule, base spec, (out, in))`` of each kept module of an adapter checkpoint (the spec's
+    name is the base tensor's).
+
+    Raises:
+        ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
+        SpectraError: the adapter does not fit the base, or cannot be read.
+    """
+    adapter = open_adapter(ref.path)
+    if adapter.config.use_dora:
+        raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
+                          path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")
+    if adapter.config.base_changing_init:
+        raise CheckpointFormatError(f"this adapter was initialised with {adapter.config.base_changing_init}, which changes "
+                                    "the base weights: s·B·A alone is not the update", path=ref.path)
+    out = []
+    for mod, spec, _name in adapter_updates(adapter, base):
+        if keep(spec.name, spec.layer):
+            out.append((mod, spec, (int(mod.shape[0]), int(mod.shape[1]))))
+    return out
