@@ -239,7 +239,8 @@ def main() -> None:
              + markdown_table(["route", "median s", "all runs s", "peak RSS MiB"], rows) + "\n\n"
              + markdown_table(["ratio", "value", "target"], ratios))
     if check is not None:
-        crow = [[k, f"{v:.1e}" if k != "mismatch" else f"{int(v)}", f"{TOLERANCES[k][0]} ≤ {TOLERANCES[k][1]:.0e}" if k in TOLERANCES else "0",
+        crow = [[k, f"{v:.1e}" if k != "mismatch" else f"{int(v)}",
+                 f"{TOLERANCES[k][0]} ≤ {TOLERANCES[k][1]:.0e}" if k in TOLERANCES else "0",
                  "ok" if v <= (TOLERANCES[k][1] if k in TOLERANCES else 0) else "**over**"] for k, v in check.items()]
         table += "\n\nNew against old compare.json, largest difference per value group:\n\n" + markdown_table(
             ["values", "largest difference", "tolerance", ""], crow)

@@ -2,7 +2,7 @@
 
 1. Writes a SmolLM2-135M-shaped float32 pair (``bench/smollm.py``: 211 matrices, 1.08 GB) in a temp
    folder, in a child process, and warms the page cache.
-2. Extracts the code of ``--before`` (default ``HEAD``: the committed code) with ``git archive`` into
+2. Extracts the code of ``--before`` (default ``aad8413``: the engine before issue 14) with ``git archive`` into
    the temp folder, to run it beside the working tree's.
 3. Times whole commands, each a fresh process, interleaved (each repeat runs every variant once, so
    load from other processes hits them alike), medians of ``--repeats`` (3); peak RSS of each child
@@ -218,7 +218,7 @@ def energy_ranks(results: Path) -> dict[str, dict[str, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--before", default="HEAD", help="git ref of the code to compare against (default: the committed code)")
+    ap.add_argument("--before", default="aad8413", help="git ref of the code to compare against (default: aad8413, the engine before issue 14)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--workdir", default=None, help="keep the pair and outputs here (default: a temp folder, removed)")
     ap.add_argument("--skip-profile", action="store_true")
@@ -240,7 +240,8 @@ def main() -> None:
         shutil.rmtree(before_dir)
     commit = extract_before(args.before, before_dir)
     env_before = {**os.environ, "PYTHONPATH": str(before_dir)}
-    print(f"# 135M whole-command benchmark in {work}; before = {args.before} ({commit[:10]})", flush=True)
+    load_start = os.getloadavg()
+    print(f"# 135M whole-command benchmark in {work}; before = {args.before} ({commit[:10]}); load average {load_start}", flush=True)
 
     if not (work / "tuned" / "model.safetensors").exists():
         _, _, out, _ = run_measured([py, str(Path(__file__).resolve()), "--child", "generate", str(work), str(args.layers)], cwd=work, env=env_after)
@@ -326,10 +327,12 @@ def main() -> None:
 
         text = (f"# spectra diff on a SmolLM2-135M-layout pair, whole commands\n\n"
                 f"Pair: {args.layers} layers, {sum(1 for _ in reference)} matrices, {gbytes:.2f} GB of float32 (bench/smollm.py). "
-                f"Before = `{args.before}` ({commit[:10]}); after = the working tree. Medians of {args.repeats}, interleaved.\n\n"
+                f"Before = `{args.before}` ({commit[:10]}); after = the working tree. Medians of {args.repeats}, interleaved. "
+                f"Load average (1, 5, 15 min) {load_start} at the start and {os.getloadavg()} at the end: this 2-core machine "
+                f"was shared with other jobs.\n\n"
                 f"Command: `python bench/speed_135m.py {' '.join(sys.argv[1:])}`\n\n{table}\n\n"
                 + (f"## In-process profile (seconds)\n\n{ptable}\n" if ptable else ""))
-        data = {"before": commit, "layers": args.layers, "gbytes": gbytes, "native_certified": native,
+        data = {"before": commit, "layers": args.layers, "load_average_start": load_start, "load_average_end": os.getloadavg(), "gbytes": gbytes, "native_certified": native,
                 "median_s": med, "times_s": times, "peak_rss_bytes": {k: max(v) for k, v in rss.items()}, "ranks_equal": checks,
                 "profiles": profiles}
         print(f"saved {save(args.save, text, data)}")

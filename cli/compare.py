@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 from rich.markup import escape
 from rich.table import Table
-from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
+from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -43,7 +43,8 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
               help="Subspace rank taken from a full (non-LoRA) update.")
 @click.option("--include", default=None, help="Regex: compare only modules whose base tensor name matches.")
 @click.option("--exclude", default=None, help="Regex: leave out modules whose base tensor name matches.")
-@click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head, also from the only-in-A/B lists).")
+@click.option("--layers", default=None,
+              help="Layer selection such as '0-3,7,10-' (drops embeddings and head, also from the only-in-A/B lists).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the figures (captured energy, φ grids, angles, intruders).")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 from rich.table import Table
+
 from spectra_cli.console import progress_bar, stderr, stdout
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import click
 from rich.markup import escape
 from rich.table import Table
+
 from spectra_cli.console import progress_bar, stderr, stdout
 
 
-@click.command("interfere")
+@click.command("interfere", short_help="Interference between several fine-tunes of one base (adapters or full).")
 @click.argument("tuned", nargs=-1, required=True)
 @click.option("--base", required=True, help="The base model every fine-tune started from.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,

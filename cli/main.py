@@ -17,6 +17,8 @@ import spectra
 from spectra.errors import IdenticalCheckpointsError, SpectraError
 from spectra_cli import compare as compare_commands
 from spectra_cli import diff as diff_commands
+from spectra_cli import esd as esd_commands
+from spectra_cli import extract as extract_commands
 from spectra_cli import interfere as interfere_commands
 from spectra_cli import other as other_commands
 from spectra_cli import trace as trace_commands
@@ -71,7 +73,8 @@ def main() -> None:
 
 for _command in (diff_commands.diff_cmd, compare_commands.compare_cmd, other_commands.report_cmd, other_commands.inspect_cmd,
                  training_commands.train_cmd, training_commands.sweep_cmd, training_commands.demo_cmd,
-                 trace_commands.trace_cmd, interfere_commands.interfere_cmd):
+                 trace_commands.trace_cmd, interfere_commands.interfere_cmd, esd_commands.esd_cmd,
+                 extract_commands.extract_cmd, extract_commands.recommend_cmd):
     main.add_command(_command)
 
 

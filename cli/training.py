@@ -11,31 +11,30 @@ from rich.markup import escape
 from rich.table import Table
 
 from spectra.config import DiffConfig
-
-from spectra_cli.console import progress_bar, stderr, stdout
-from spectra_cli.console import quiet_transformers
+from spectra_cli.console import progress_bar, quiet_transformers, stderr, stdout
 from spectra_cli.diff import run_diff
 
 
-@click.command("train")
+@click.command("train", short_help="One reference fine-tune (LoRA via PEFT, or full), logged.")
 @click.option("--base", required=True, help="Local Hugging Face causal-LM folder (never downloaded).")
 @click.option("--data", required=True, help="Target data: a text file, a folder of text/code files, or JSONL (text, or prompt/response).")
-@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True)
+@click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True,
+              help="LoRA through PEFT, or full fine-tuning.")
 @click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank r.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (default 2·r, as Biderman et al. advise).")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
 @click.option("--targets", default="all", show_default=True, help="all (default, Biderman et al.), attn, mlp, or module names.")
 @click.option("--lr", type=float, default=None, help="Default 2e-4 for LoRA, 2e-5 for full (LoRA ≈ 10× full, Biderman et al.).")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, data order and LoRA init.")
 @click.option("--eval-source", default=None, help="Source-domain data: its loss measures forgetting.")
-@click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1), help="Steps between evaluations of target and source loss.")
 @click.option("--device", default="auto", show_default=True, help="auto uses CUDA with bf16 autocast when present.")
 @click.option("--trace-every", default=50, show_default=True, type=click.IntRange(min=0),
               help="Measure ΔW's spectrum and subspaces every N steps while training (OUT/trace.jsonl); 0: off.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (adapter or model, logs).")
 def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch, seq_len, seed, eval_source, eval_every, device,
               trace_every, out_dir) -> None:
     """One reference fine-tune (LoRA through PEFT, or full), logged to OUT/train_log.jsonl.
@@ -64,18 +63,18 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
                      + f"; outputs in {out_dir}"), highlight=False)
 
 
-@click.command("sweep")
+@click.command("sweep", short_help="Several reference runs on one base, then diff and compare them.")
 @click.option("--base", required=True, help="Local Hugging Face causal-LM folder.")
 @click.option("--data", required=True, help="Target data (as for spectra train).")
 @click.option("--methods", default="lora,full", show_default=True, help="Comma-separated: lora, full.")
 @click.option("--ranks", default="8,64", show_default=True, help="Comma-separated LoRA ranks.")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one set of runs per seed.")
 @click.option("--eval-source", default=None, help="Source-domain data for the forgetting measure.")
-@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (adapter or model, logs).")
 def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir) -> None:
     """Several reference runs on one base and dataset, then diff each and compare LoRA with full
     fine-tuning and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
@@ -111,13 +110,13 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
     err.print(escape(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
 
 
-@click.command("demo")
+@click.command("demo", short_help="Offline end-to-end demo: tiny pretrain, fine-tunes, every analysis.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where the runs, analyses and summary go (default: reports/demo for the full demo; a new scratch "
                    "folder for --quick and --synthetic, so the committed example in reports/demo stays whole).")
 @click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run).")
 @click.option("--synthetic", is_flag=True, help="No training: diff a generated Llama-shaped pair with a planted update.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, data order and LoRA init.")
 def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     """Offline end-to-end demo: pretrain a tiny byte-level Llama on English prose, fine-tune it on
     Python code (full, LoRA r=8 and r=64, a second seed), then diff, compare and plot everything."""

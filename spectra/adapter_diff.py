@@ -12,20 +12,20 @@ refused: their B·A is not the update.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 import torch
 
 from spectra._version import __version__
 from spectra.config import DiffConfig
+from spectra.delta import oriented
 from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
-from spectra.delta import oriented
 from spectra.pairing import Skipped, oriented_shape
 from spectra.records import DiffEvent, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
@@ -148,7 +148,8 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         S[: min(p, s.numel())] = s.cpu().numpy()[:p]
         method = "factored"
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
-    note = f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "") + (", embedding" if mod.embedding else "")
+    note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
+            + (", embedding" if mod.embedding else ""))
     if spec.note:
         note += "; " + spec.note
     return ModuleResult(

@@ -181,7 +181,8 @@ class _Side:
         wt = oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
         dense, _, bad = form_delta(wb, wt, device)
         if bad:
-            what = "the difference of the weights overflows" if bad == ["overflow"] else f"the {' and '.join(bad)} weights contain NaN or Inf"
+            what = ("the difference of the weights overflows" if bad == ["overflow"]
+                    else f"the {' and '.join(bad)} weights contain NaN or Inf")
             return f"{what} ({pair.tuned.name} in {self.label})"
         return self._dense(dense, pair.tuned.name, need)
 

@@ -20,9 +20,9 @@ import hashlib
 import json
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from spectra.comparison import compare
 from spectra.config import CompareConfig, DiffConfig
@@ -62,7 +62,7 @@ class DemoConfig:
     lr_lora: float = 3e-3
 
     @classmethod
-    def make(cls, out: str = "reports/demo", *, quick: bool = False, seed: int = 0) -> "DemoConfig":
+    def make(cls, out: str = "reports/demo", *, quick: bool = False, seed: int = 0) -> DemoConfig:
         if quick:
             return cls(out=out, quick=True, seed=seed, hidden=64, layers=2, intermediate=160, heads=4,
                        pretrain_steps=60, finetune_steps=30, batch=8, seq_len=64)
@@ -257,7 +257,8 @@ def _summary_md(s: dict) -> str:
     for name, r in s["runs"].items():
         lines.append(f"| {name} | {r['target_loss']:.3f} | {r['source_loss']:.3f} | {r['median_energy_rank_0.9']:g} | "
                      f"{r['median_energy_rank_frac_0.9']:.3f} | {r['median_rel_norm']:.3g} |")
-    lines += ["", "| comparison | median φ(r_A, r_B) (right) | random | B's energy in A's subspaces | intruders A | intruders B |", "|---|---|---|---|---|---|"]
+    lines += ["", "| comparison | median φ(r_A, r_B) (right) | random | B's energy in A's subspaces | intruders A | intruders B |",
+              "|---|---|---|---|---|---|"]
     for name, c in s["comparisons"].items():
         lines.append(f"| {name} | {c['median_phi']:.3f} | {c['median_random_phi']:.3f} | {c['median_captured_b_in_a']:.3f} | "
                      f"{c['median_intruders_a']:g} | {c['median_intruders_b']:g} |")

@@ -78,7 +78,8 @@ class EsdConfig(SharedOptions):
         plot_include: regex; the eigenvalues of matching matrices are kept in the results and plotted
             on log-log axes. None: the matrices of the middle layer (at most 8).
         max_batch: most equally shaped matrices decomposed together on CUDA (the CPU takes them one by one).
-        max_batch_bytes: memory cap of a batch; default 256 MiB on the CPU, 70% of free CUDA memory.
+        max_batch_bytes: memory cap of a batch (and of the engine's chunks); default 70% of free CUDA
+            memory, 256 MiB on the CPU.
         prefetch: tensors read ahead while the engine works (at least 1).
     """
 

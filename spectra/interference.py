@@ -132,7 +132,7 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
     S_np = S.cpu().numpy()
-    keep = int(min(k, int((S > rel_tol * S[0]).sum()) if float(S[0]) > 0 else 0))
+    keep = int(min(k, int((rel_tol * S[0] < S).sum()) if float(S[0]) > 0 else 0))
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
@@ -414,8 +414,9 @@ def knots_basis(factors: Sequence[Factored], thresholds: Sequence[float] = (0.9,
     shared by every task and ``ΔW_t = U Σ V_tᵀ``. Task t's coordinates in the shared basis are
     ``Z_t = Σ V_tᵀ = UᵀΔW_t`` ``(R, in)``: row j says how task t uses the shared direction ``u_j``.
 
-    Alignment of two tasks in that basis: the linear CKA (Kornblith et al. 2019, "Similarity of neural network representations revisited", ICML; uncentred) of their
-    coordinates, with the input dimensions as samples and the R shared directions as features::
+    Alignment of two tasks in that basis: the linear CKA (Kornblith et al. 2019, "Similarity of neural
+    network representations revisited", ICML; uncentred) of their coordinates, with the input dimensions
+    as samples and the R shared directions as features::
 
         A[s, t] = ‖Z_s Z_tᵀ‖_F² / (‖Z_s Z_sᵀ‖_F ‖Z_t Z_tᵀ‖_F)   in [0, 1]
 

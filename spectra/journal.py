@@ -128,7 +128,12 @@ def append_record(path: Path, record: dict) -> None:
     """
     try:
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate in a name: escape it, the line stays valid JSON
+                line = json.dumps(record, ensure_ascii=True, allow_nan=False)
+            f.write(line + "\n")
     except OSError as exc:
         raise output_error(path, exc) from exc
 

@@ -6,8 +6,8 @@ Pure numpy on float64 arrays; no torch, no I/O. ``S`` is always the full spectru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
-    return int(np.sum(S > gavish_donoho_omega(beta) * np.median(S)))
+    return int(np.sum(gavish_donoho_omega(beta) * np.median(S) < S))
 
 
 def relative_norm(fro: float, base_fro: float) -> float | None:

@@ -631,7 +631,7 @@ def _blocks(names: Sequence[str], sizes: Sequence[int], total: int | None = None
     if total is not None and (sum(sizes) != total or min(sizes) <= 0):
         return (Part(""),), f"fused rows ({total}) do not match the config's q/k/v sizes {tuple(sizes)}; left unsplit"
     parts, start = [], 0
-    for n, s in zip(names, sizes):
+    for n, s in zip(names, sizes, strict=True):
         parts.append(Part(n, torch.arange(start, start + s)))
         start += s
     return tuple(parts), ""

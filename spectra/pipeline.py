@@ -126,7 +126,7 @@ def diff(
     Example:
         >>> res = diff("base.safetensors", "tuned.safetensors")   # doctest: +SKIP
         >>> res = diff("base/", "lora-adapter/")                  # doctest: +SKIP
-        >>> res.summary()[0]["energy_rank"]                       # doctest: +SKIP
+        >>> res.summary_records()[0]["energy_rank"]                       # doctest: +SKIP
     """
     config = config or DiffConfig()
     device = resolve_device(config.device)
@@ -170,6 +170,7 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
+    result.add_caveat_warnings()
     if all_zero(result):
         result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
     if writer:

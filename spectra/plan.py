@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class CostModel:
     precision: str = "float64"
 
     @classmethod
-    def default(cls, device: torch.device | str) -> "CostModel":
+    def default(cls, device: torch.device | str) -> CostModel:
         """The uncalibrated model of a device type (:data:`DEFAULT_RATES`): CUDA or CPU."""
         kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
         return cls(**DEFAULT_RATES[kind], device=f"default {kind}")

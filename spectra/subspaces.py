@@ -168,19 +168,15 @@ def _update_device(dW: Update) -> torch.device:
     # every public entry point taking an update calls this first, so the form is checked here
     if isinstance(dW, tuple) and len(dW) != 3:
         raise ValueError(f"dW must be an (out, in) tensor, a Factored or a (U, S, Vh) tuple. Got a tuple of {len(dW)} instead.")
-    if isinstance(dW, (Factored, TopSVD)):
-        return torch.as_tensor(dW.U).device
-    if isinstance(dW, tuple) and len(dW) == 3:
-        return torch.as_tensor(dW[0]).device
-    return torch.as_tensor(dW).device
+    first = dW.U if isinstance(dW, (Factored, TopSVD)) else (dW[0] if isinstance(dW, tuple) else dW)
+    return torch.as_tensor(first).device
 
 
 def _update_shape(dW: Update) -> tuple[int, int]:
-    if isinstance(dW, TopSVD):
+    if isinstance(dW, (Factored, TopSVD)):
         return dW.shape
-    if _is_factored(dW):
-        U, _, Vh = (dW.U, dW.S, dW.Vh) if isinstance(dW, Factored) else dW
-        return int(torch.as_tensor(U).shape[0]), int(torch.as_tensor(Vh).shape[-1])
+    if isinstance(dW, tuple):
+        return int(torch.as_tensor(dW[0]).shape[0]), int(torch.as_tensor(dW[2]).shape[-1])
     shape = tuple(torch.as_tensor(dW).shape)
     if len(shape) != 2:
         raise ValueError(f"dW must be a 2-D matrix. Got shape {shape} instead.")
@@ -665,8 +661,9 @@ def intruder_dimensions(
         and all p only when the top ones cannot decide a maximum
         (:meth:`spectra.singular_bases.WeightBasis.max_cosines`); angles within
         ``(n + c·p)·u·σ₁²/gap`` of the exact vectors (:mod:`spectra.singular_bases`): the cosines
-        agree with a float64 SVD's to about 1e-12 on Gaussian and fine-tuned weights. Half-precision inputs are upcast first: a bf16 decomposition would
-        blur the cosines it is meant to measure. The base's left singular vectors are the thin set
+        agree with a float64 SVD's to about 1e-12 on Gaussian and fine-tuned weights.
+        Half-precision inputs are upcast first: a bf16 decomposition would blur the cosines it is
+        meant to measure. The base's left singular vectors are the thin set
         (``p`` of them), as in PEFT's ``intruders.py``; when ``out > in`` a tuned vector outside
         the base's column space is an intruder, as it should be.
 

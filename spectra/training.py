@@ -18,15 +18,16 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from spectra.callbacks import SpectraTracker
-from spectra.errors import ConfigError, SpectraError
 from spectra.comparison import compare
+from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import atomic_write_text
 from spectra.pipeline import diff
 
@@ -265,12 +266,13 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.resolved_lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": config.target_modules(), "tokenizer_used": type(tok).__name__,
                "trainable_params": sum(p.numel() for p in params)}
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
-    log = open(out / "train_log.jsonl", "w", encoding="utf-8")
+    log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()
     first = None
     tokens = 0

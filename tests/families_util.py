@@ -237,8 +237,7 @@ FAMILY_NAMES = [n for n in FAMILIES if n not in FORWARD_ONLY_FAMILIES]
 
 def build_model(family: Family, *, bare: bool = False, untie: bool = False) -> torch.nn.Module:
     """The family's tiny random model (seeded), in eval mode, float32."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                              AutoModelForSeq2SeqLM)
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     kwargs = dict(family.config)
     if untie:

@@ -22,10 +22,10 @@ import scipy.linalg
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from spectra_cli.compare import compare_cmd
 
 from spectra import CompareConfig, CompareResult, compare
 from spectra.errors import ResultsFormatError
+from spectra_cli.compare import compare_cmd
 
 H, KV, FF = 24, 12, 40  # hidden, k/v rows, MLP width: square, wide and tall matrices
 SHAPES = {"self_attn.q_proj": (H, H), "self_attn.v_proj": (KV, H), "mlp.up_proj": (FF, H), "mlp.down_proj": (H, FF)}
@@ -302,6 +302,27 @@ def test_load_refuses_what_is_not_json(tmp_path):
     (tmp_path / "compare.json").write_text("{not json")
     with pytest.raises(ResultsFormatError, match="not valid JSON"):
         CompareResult.load(tmp_path)
+
+
+def test_report_section_findings_and_title(written):
+    """The report's compare section (spectra.report_compare) on a result with null measures: the
+    figures, the tables with their legend, the zero updates explained, findings in words."""
+    import matplotlib
+
+    from spectra import report_compare
+
+    doc = json.loads(written.read_text())
+    with matplotlib.rc_context({"svg.fonttype": "path"}):
+        html = report_compare.section_html(written, doc)
+    assert html.count("<img") == 5 and "Columns of this table" in html and "best r_A" in html
+    assert "zero_update" in html and "is exactly zero" in html and "Amplification" in html
+    found = report_compare.findings(written, doc)
+    assert [f.topic for f in found if f.warning] == ["zero"]
+    assert {"captured", "phi", "amplification", "intruders", "unmatched"} <= {f.topic for f in found}
+    assert report_compare.title(written, doc).startswith("compare: ")
+    doc["modules"][0]["fro_a"] = "big"
+    with pytest.raises(ResultsFormatError, match=r"modules\[0\].fro_a must be a number"):
+        report_compare.section_html(written, doc)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------

@@ -81,13 +81,13 @@ def test_results_contract(llama_result):
     again = DiffResult.load(out)
     assert [m.energy_rank for m in again.modules] == [m.energy_rank for m in result.modules]
     df = again.to_dataframe()
-    assert len(df) == len(result.modules) and "energy_rank_0.9" in df.columns
+    assert len(df) == len(result.modules) and "energy_rank_0_9" in df.columns
 
 
 def test_planted_structure_is_visible(llama_result):
     """The generator plants faster-decaying spectra in attention than in the MLP: ranks must say so."""
     result, _ = llama_result
-    summary = {r["module"]: r for r in result.summary(0.9)}
+    summary = {r["module"]: r for r in result.summary_records(0.9)}
     assert summary["q_proj"]["energy_rank_frac"] < summary["up_proj"]["energy_rank_frac"]
     assert all(r["energy_rank_frac"] < r["random_frac"] for r in summary.values())
 
@@ -126,7 +126,8 @@ def test_different_architectures_do_not_pair(tmp_path):
 
 def test_resized_vocabulary_analyses_shared_rows(tmp_path):
     g = torch.Generator().manual_seed(1)
-    base = {"model.embed_tokens.weight": torch.randn(100, 16, generator=g), "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g)}
+    base = {"model.embed_tokens.weight": torch.randn(100, 16, generator=g),
+            "model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g)}
     tuned = {"model.embed_tokens.weight": torch.cat([base["model.embed_tokens.weight"] + 0.01, torch.randn(4, 16, generator=g)]),
              "model.layers.0.self_attn.q_proj.weight": base["model.layers.0.self_attn.q_proj.weight"] * 1.01}
     save_file(base, str(tmp_path / "a.safetensors"))

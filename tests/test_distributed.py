@@ -126,7 +126,8 @@ def test_killed_rank_fails_clearly_and_resume_completes(pair, single, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     # rank 0 says what happened and what to do, in one line (torchrun adds its own summary)
-    assert re.search(r"\[rank 0\] (error: .*another rank of the distributed run failed or was killed|stopped by SIGTERM).*--resume", stderr), stderr[-3000:]
+    said = r"\[rank 0\] (error: .*another rank of the distributed run failed or was killed|stopped by SIGTERM).*--resume"
+    assert re.search(said, stderr), stderr[-3000:]
     n_before = len(journal.read_text().splitlines())
     total = len(_modules(single))
     assert 4 <= n_before < total

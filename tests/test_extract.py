@@ -24,8 +24,7 @@ import spectra
 from spectra.errors import CheckpointFormatError, ConfigError, IdenticalCheckpointsError, PairingError
 from spectra.extract import ExtractConfig, extract
 from spectra.io.adapter import open_adapter
-from spectra.lowrank import (allocate_budget, dense_triplets, energy_kept, energy_rank_top, factored_triplets, parse_budget,
-                             rank_levels, uniform_rank)
+from spectra.lowrank import allocate_budget, dense_triplets, energy_kept, energy_rank_top, factored_triplets, parse_budget, rank_levels, uniform_rank
 from spectra.metrics import energy_rank
 from spectra.recommend import recommend
 

@@ -13,23 +13,32 @@ import math
 import re
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from families_util import (
+    FAMILIES,
+    FAMILY_NAMES,
+    FORWARD_ONLY_FAMILIES,
+    GRANITE_STACK_SUFFIXES,
+    N_STACKED_EXPERTS,
+    STACKED_FAMILIES,
+    Family,
+    ModelZoo,
+    expected_expert,
+    reference_energy_rank,
+)
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 import spectra
-from families_util import (FAMILIES, FAMILY_NAMES, FORWARD_ONLY_FAMILIES, GRANITE_STACK_SUFFIXES, N_STACKED_EXPERTS,
-                            STACKED_FAMILIES, Family, ModelZoo, expected_expert,
-                            reference_energy_rank)
 from spectra.config import DiffConfig
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint
-from torch.overrides import TorchFunctionMode
 from spectra.pairing import pair_checkpoints
 from spectra_cli.main import main
 
@@ -266,7 +275,7 @@ def test_fused_split_rows_reproduce_the_models_own_split(zoo, case, layer):
     tensor = case.tensor.format(i=layer)
     spec = _specs(ckpt)[tensor]
     stored = ckpt.load(tensor).to(torch.float32)
-    weight = stored.T if spec.transpose else stored  # (out, in), SPEC.md
+    weight = stored.T if spec.transpose else stored  # (out, in), docs/definitions.md
     expected_rows = case.expected_rows()
 
     assert [p.suffix for p in spec.parts] == list(expected_rows)
@@ -411,7 +420,7 @@ def test_stacked_expert_parts_reproduce_the_models_own_forward(zoo, name, layer)
     assert sorted(io) == list(range(N_STACKED_EXPERTS))
     gu_stored, down_stored = ckpt.load(gate_up.name).float(), ckpt.load(down.name).float()
     for e, parts in io.items():
-        weights = {p.suffix: _oriented(gate_up, gu_stored[e])[p.rows] for p in gate_up.parts}  # (out, in), SPEC.md
+        weights = {p.suffix: _oriented(gate_up, gu_stored[e])[p.rows] for p in gate_up.parts}  # (out, in), docs/definitions.md
         weights["down"] = _oriented(down, down_stored[e])
         for part, (inp, reference) in parts.items():
             torch.testing.assert_close(inp @ weights[part].T, reference, rtol=FORWARD_RTOL, atol=FORWARD_ATOL,

@@ -290,6 +290,14 @@ def test_catastrophic_pattern_is_refused_quickly(tmp_path):
     assert str(folder / "adapter_config.json") in _one_line(exc.value)
 
 
+def test_pattern_matching_has_a_wall_clock_bound(tmp_path):
+    """Each match is bounded by the key's shape; their number by a time budget (here spent before the first)."""
+    folder = _adapter(tmp_path / "ad", _lora("model.layers.0.q_proj"), {"r": 2, "alpha_pattern": {r"layers\.\d+\..*": 4}})
+    assert open_adapter(folder).modules["model.layers.0.q_proj"].alpha == 4.0
+    with pytest.raises(CheckpointFormatError, match=r"matching 1 module names against the patterns of adapter_config.json took over"):
+        open_adapter(folder, match_budget_s=-1.0)
+
+
 @pytest.mark.parametrize("key", ["(a+)+b", "(a*)*b", "(ab|a)*c", "(a?)+b", "(.*a){5}x", r"(\w+\.)*x", "(a|b|ab)*c", r"(a)\1"])
 def test_dangerous_pattern_shapes_are_refused(tmp_path, key):
     with pytest.raises(CheckpointFormatError, match="rank_pattern key"):
@@ -348,6 +356,8 @@ HEADER_CASES = {
     "a string where an entry belongs": ('{"a": "x"}', 0),
     "F4 with an odd count": ('{"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}}', 2),
     "__metadata__ twice": ('{"__metadata__": {}, "__metadata__": {"a": "b"}, "a": %s}' % json.dumps(E4), 4),
+    "element count overflowing 64 bits before a 0": (json.dumps({"a": {"dtype": "F32", "shape": [2**31, 2**31, 4, 0],
+                                                                      "data_offsets": [0, 0]}}), 0),
     # accepted by both
     "__metadata__ null": (json.dumps({"__metadata__": None, "a": E4}), 4),
     "unknown extra field": (json.dumps({"a": {**E4, "zz": [1, {"q": None}]}}), 4),
@@ -362,6 +372,7 @@ HEADER_CASES = {
                                               "f": {"dtype": "F4", "shape": [2, 2], "data_offsets": [14, 16]},
                                               "s": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [16, 19]}}), 19),
     "empty header": ("{}", 0),
+    "element count 2^63 before a 0": (json.dumps({"a": {"dtype": "F32", "shape": [2**31, 2**31, 2, 0], "data_offsets": [0, 0]}}), 0),
     "big integer in an extra field": ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": 123456789012345678901234567890}}', 4),
 }
 

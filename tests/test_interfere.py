@@ -16,13 +16,13 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file
-from spectra_cli.interfere import interfere_cmd
-from spectra_cli.main import main
 
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
 from spectra.interfere import InterfereConfig, interfere
 from spectra.io.checkpoint import Checkpoint
 from spectra.report_interfere import findings, section_html
+from spectra_cli.interfere import interfere_cmd
+from spectra_cli.main import main
 from tests.test_interference import knots_reference, tsv_reference
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -84,7 +84,7 @@ def _svd_top(M: np.ndarray, k: int):
     """Top-k triplets, leaving out singular values below 1e-6·σ₁ as spectra does for dense updates
     (a rank-3 update stored in float32 has rounding-level singular values beyond the third)."""
     U, S, Vh = np.linalg.svd(M, full_matrices=False)
-    k = min(k, int(np.sum(S > 1e-6 * S[0])))
+    k = min(k, int(np.sum(1e-6 * S[0] < S)))
     return U[:, :k], S[:k], Vh[:k]
 
 

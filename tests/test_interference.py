@@ -62,7 +62,7 @@ def knots_reference(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Stoica et al. 2025: SVD of the concatenation along the input axis; CKA of Z_t = UᵀΔW_t."""
     C = np.hstack(mats)
     U, S, _ = np.linalg.svd(C, full_matrices=False)
-    R = int(np.sum(S > 1e-10 * S[0]))
+    R = int(np.sum(1e-10 * S[0] < S))
     U = U[:, :R]
     Z = [U.T @ M for M in mats]
     n = len(mats)

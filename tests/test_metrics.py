@@ -128,7 +128,7 @@ def test_random_energy_rank_matches_spec_reference(shape, expected_rank, expecte
 def test_random_energy_rank_matches_seeded_monte_carlo(shape):
     g = torch.Generator().manual_seed(11)
     p = min(shape)
-    for trial in range(2):
+    for _trial in range(2):
         S = singular_values(torch.randn(*shape, generator=g))
         for tau in (0.5, 0.9, 0.99):
             assert abs(energy_rank(S, tau) - random_energy_rank(shape, tau)) <= max(3, 0.01 * p)

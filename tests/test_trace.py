@@ -13,13 +13,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from spectra_cli.main import main
-from spectra_cli.trace import trace_cmd
 
 from spectra.errors import CheckpointNotFoundError, ConfigError, SpectraError
 from spectra.io.checkpoint import Checkpoint
 from spectra.report_trace import findings, section_html
 from spectra.trace import TraceConfig, find_checkpoints, load_trace, trace
+from spectra_cli.main import main
+from spectra_cli.trace import trace_cmd
 
 NAMES = {"model.layers.0.self_attn.q_proj.weight": (12, 12), "model.layers.1.self_attn.q_proj.weight": (12, 12),
          "model.layers.0.mlp.up_proj.weight": (20, 12), "model.layers.1.mlp.up_proj.weight": (20, 12)}

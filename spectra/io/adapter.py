@@ -431,17 +431,22 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                                                  "a vector, not a weight matrix; the weight update s·B·A is analysed"))
         else:
             stored.setdefault(module, {})[kind] = name
+    # every pattern match first, timed on its own (reading the factors below is not part of the bound)
+    matched: dict[str, tuple[str | None, int, float]] = {}
     started = time.monotonic()
-    for module, kinds in stored.items():
+    for module in stored:
         if time.monotonic() - started > match_budget_s:
             raise CheckpointFormatError(
                 f"matching {len(stored)} module names against the patterns of {ADAPTER_CONFIG} took over {match_budget_s:g} s",
                 path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
         reason = config.untargeted(module)
+        matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
+    for module, kinds in stored.items():
+        reason, r, alpha = matched[module]
         if reason:
             adapter.skipped.extend(Skipped(n, f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})") for n in kinds.values())
             continue
-        lora = _lora_module(ckpt, config, module, kinds, folder, weights)
+        lora = _lora_module(ckpt, config, module, kinds, (r, alpha), folder, weights)
         if lora is not None:
             adapter.modules[module] = lora
         if "lora_magnitude_vector" in kinds and not config.use_dora:
@@ -454,9 +459,10 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     return adapter
 
 
-def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: dict[str, str], folder: Path,
-                 weights: Path) -> LoraModule | None:
-    """One module's factors, checked; None for a module that holds only a DoRA magnitude PEFT ignores."""
+def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: dict[str, str], rank_alpha: tuple[int, float],
+                 folder: Path, weights: Path) -> LoraModule | None:
+    """One module's factors, checked against its ``(r, alpha)`` after the patterns; None for a module
+    that holds only a DoRA magnitude PEFT ignores."""
     embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
     a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
     if a_key not in kinds and b_key not in kinds and not config.use_dora:
@@ -469,7 +475,7 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
                                     path=weights, tensor=module)
-    r, alpha = config.rank_alpha(module)
+    r, alpha = rank_alpha
     if r != A.shape[0]:
         raise CheckpointFormatError(
             f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",
@@ -489,4 +495,5 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             raise CheckpointFormatError(
                 f"DoRA magnitude {mag_name} has shape {tuple(magnitude.shape)}; PEFT requires (out,) = ({B.shape[0]},)",
                 path=weights, tensor=mag_name, hint="PEFT refuses this file as well (size mismatch)")
-    return LoraModule(module, module + ".weight", A, B, r, alpha, config.scale(module), embedding, magnitude)
+    scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r  # as AdapterConfig.scale, without matching again
+    return LoraModule(module, module + ".weight", A, B, r, alpha, scale, embedding, magnitude)

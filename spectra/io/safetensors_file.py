@@ -113,7 +113,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     - a JSON object; ``__metadata__`` absent, null, or a map of strings to strings;
     - every other key a tensor: ``dtype`` one of the library's tags, ``shape`` a list of
       non-negative integers, ``data_offsets`` exactly ``[begin, end]`` (other fields are ignored);
-      ``shape × bits per element`` a whole number of bytes equal to ``end − begin``;
+      ``shape × bits per element`` a whole number of bytes equal to ``end − begin``, the product
+      taken in axis order and refused when it passes 2^64 (``[2**40, 2**40, 0]`` included);
     - sorted by offsets, the tensors tile the data region exactly: the first begins at 0, each
       begins where the previous ends (no gap, no overlap, no two names on the same bytes, except
       zero-length ones), and the last ends at the end of the file (no trailing bytes).
@@ -202,13 +203,16 @@ def _validate_entry(path: Path, name: str, info: object, data_start: int, data_s
         raise CheckpointFormatError(f"invalid data_offsets {_short(offsets)}", path=path, tensor=name)
     span = offsets[1] - offsets[0]
     bits = _DTYPES[dtype][1]
-    count = 0 if 0 in shape else 1
-    for d in shape if count else ():
+    count = 1
+    for d in shape:  # in order, as the library's checked product: [2**40, 2**40, 0] overflows before the 0
         count *= d
-        if count * bits > 8 * data_size:  # more than the whole file holds: stop multiplying
-            raise CheckpointFormatError(
-                f"{dtype} {_short(tuple(shape))} needs more bytes than the file's {data_size}-byte data region",
-                path=path, tensor=name, hint="the file is truncated or its header is corrupt")
+        if count >= 1 << 64:
+            raise CheckpointFormatError(f"the element count of shape {_short(shape)} overflows 64 bits", path=path,
+                                        tensor=name, hint="the header is corrupt or hostile")
+    if count * bits >= 1 << 64 or count * bits > 8 * data_size:
+        raise CheckpointFormatError(
+            f"{dtype} {_short(tuple(shape))} needs more bytes than the file's {data_size}-byte data region",
+            path=path, tensor=name, hint="the file is truncated or its header is corrupt")
     if count * bits % 8:
         raise CheckpointFormatError(f"{count} elements of {dtype} are not a whole number of bytes", path=path, tensor=name)
     nbytes = count * bits // 8
