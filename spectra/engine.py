@@ -27,6 +27,7 @@ Paths and their precision:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -68,12 +69,16 @@ CPU_BATCH_BYTES = 256 << 20
 #: (``DiffConfig.prefetch_bytes``), leaving room for the allocator and other processes.
 CUDA_BATCH_FRACTION = 0.45
 
-#: LAPACK driver of scipy's ``eigvalsh`` per size: ``(largest p, float64 driver, float32 driver)``,
-#: the first row whose p bound holds applies. Measured by ``bench/eigensolvers.py`` on this project's
-#: 2-core CPU (``bench/results/eigensolvers-cpu.md``) at p = 192, 576, 1024, 2048: for eigenvalues
-#: alone the three drivers run the same reduction (``sytrd``) and were within the machine's noise of
-#: each other, and of MKL's through torch at one thread; ``evd`` everywhere.
-EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((math.inf, "evd", "evd"),)
+#: Eigensolver of the CPU backend per size: ``(largest p, float64 solver, float32 solver)``, the
+#: first row whose p bound holds applies; a solver is a scipy ``eigvalsh`` driver (``"evd"``,
+#: ``"evr"``, ``"ev"``: scipy's OpenBLAS LAPACK) or ``"torch"`` (``torch.linalg.eigvalsh``: MKL's
+#: ``syevd``). Measured by ``bench/eigensolvers.py`` on this project's 2-core CPU, one matrix per
+#: worker thread (``bench/results/eigensolvers-cpu.md``): the scipy drivers were within noise of
+#: each other at every p; at p = 192 scipy's matched torch (float64) or beat it (float32), and from
+#: p = 576 up torch's, called from worker threads, was 1.3× (576) to 5× (1024) faster than any scipy
+#: driver. Called from the main thread with two OpenMP threads, the same torch call was 20-70× slower
+#: on the busy machine (its barriers wait on descheduled threads), so the backend never calls it there.
+EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((256, "evd", "ev"), (math.inf, "torch", "torch"))
 
 #: The CPU backend solves the matrices of a batch in this many threads at most, one BLAS thread each
 #: (None: ``torch.get_num_threads()``, the process's CPU budget).
@@ -276,6 +281,14 @@ def _as_numpy(m: torch.Tensor) -> np.ndarray:
     return m.numpy()
 
 
+def _eigvalsh(G: np.ndarray, solver: str) -> np.ndarray:
+    """Eigenvalues (descending, float64) of the matrix whose upper triangle ``G`` holds, by ``solver``
+    (:data:`EIG_DRIVERS`); ``G`` may be destroyed."""
+    if solver == "torch":
+        return torch.linalg.eigvalsh(torch.from_numpy(G), UPLO="U").numpy()[::-1].astype(np.float64)
+    return eigvalsh_upper(G, driver=solver, overwrite=True)
+
+
 def _lapack_one(M: np.ndarray, precision: str, check: dict) -> _Row:
     """Gram (``syrk``), eigensolve, and for ``"certified"`` the certificate and the float64 fallback."""
     t0 = time.perf_counter()
@@ -285,15 +298,15 @@ def _lapack_one(M: np.ndarray, precision: str, check: dict) -> _Row:
     failed: tuple[str, ...] = ()
     if precision == "certified":
         trace, fro = trace_and_fro(G)
-        lam = eigvalsh_upper(G.astype(np.float32, order="F"), driver=eig_driver(p, np.float32), overwrite=True)
+        lam = _eigvalsh(G.astype(np.float32, order="F"), eig_driver(p, np.float32))
         cert = certify_float32(lam, trace=trace, gram_fro=fro, **check)
         label = "float32-certified"
         if not cert.ok:
             failed, label = cert.failed, "float64"
-            lam = eigvalsh_upper(G, driver=eig_driver(p, np.float64), overwrite=True)
+            lam = _eigvalsh(G, eig_driver(p, np.float64))
     else:
         label = precision
-        lam = eigvalsh_upper(G, driver=eig_driver(p, G.dtype.type), overwrite=True)
+        lam = _eigvalsh(G, eig_driver(p, G.dtype.type))
     S = np.sqrt(np.maximum(lam, 0.0))
     return S, label, failed, t1 - t0, time.perf_counter() - t1
 
@@ -313,13 +326,12 @@ def _lapack_batch(mats: torch.Tensor | list[torch.Tensor], count: int, precision
     the call returns."""
     arrays = [_as_numpy(mats[i]) for i in range(count)]
     workers = max(1, min(workers, count))
-    if workers == 1 and min(arrays[0].shape) >= ALONE_THREADS_MIN_P:
-        return [_lapack_one(M, precision, check) for M in arrays]
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        if workers == 1:
-            return [_lapack_one(M, precision, check) for M in arrays]
-        with ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig") as pool:
-            return list(pool.map(lambda M: _lapack_one(M, precision, check), arrays))
+    with contextlib.ExitStack() as stack:
+        if workers > 1 or min(arrays[0].shape) < ALONE_THREADS_MIN_P:
+            stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
+        # always on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig"))
+        return list(pool.map(lambda M: _lapack_one(M, precision, check), arrays))
 
 
 # ---- torch backend: batched chunks on any device ------------------------------------------------------
@@ -480,7 +492,8 @@ def randomized_svd(
         return TruncatedSVD(U[..., :k].to(dtype), S[..., :k].cpu().numpy(), Vh[..., :k, :].to(dtype),
                             np.zeros(S[..., :k].shape), 0, p, exact=True)
     batch = M.shape[:-2]
-    omega = torch.randn(*batch, n, ell, generator=generator, device="cpu" if generator is None or generator.device.type == "cpu" else dev, dtype=dtype).to(dev)
+    gen_device = "cpu" if generator is None or generator.device.type == "cpu" else dev
+    omega = torch.randn(*batch, n, ell, generator=generator, device=gen_device, dtype=dtype).to(dev)
     Q = _orth(M @ omega)
     done_iter = 0
     iters = n_iter
@@ -603,7 +616,8 @@ def approx_energy_ranks(
 
 
 # ---- factored path ---------------------------------------------------------------------------------
-def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact thin SVD of ``ΔW = scale · B · A`` without forming the ``(out, in)`` product.
 
     Args:

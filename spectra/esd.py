@@ -183,7 +183,7 @@ def candidate_fits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     >>> a, d = candidate_fits(np.array([1.0, 2.0, 4.0]))
     >>> [round(float(v), 6) for v in a]
-    [2.442695, 3.885390]
+    [2.442695, 3.88539]
     """
     x = np.asarray(x, dtype=np.float64)
     N = x.size
@@ -462,16 +462,17 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def matrix_rank(S: np.ndarray, N: int) -> int:
+def matrix_rank(svals: np.ndarray, N: int) -> int:
     """``#{σᵢ > σ_max · N · ε}``, ε of float64 (``RMT_Util.matrix_rank``; numpy's ``matrix_rank`` default).
 
     Args:
-        S: ``(p,)`` singular values, any order; ``N``: the larger dimension.
+        svals: ``(p,)`` singular values, any order; ``N``: the larger dimension.
     """
-    S = np.asarray(S, dtype=np.float64)
-    if S.size == 0:
+    sv = np.asarray(svals, dtype=np.float64)
+    if sv.size == 0:
         return 0
-    return int(np.count_nonzero(S > np.max(S) * N * np.finfo(np.float64).eps))
+    tol = np.max(sv) * N * np.finfo(np.float64).eps
+    return int(np.count_nonzero(sv > tol))
 
 
 def spectral_entropy(evals: np.ndarray, N: int) -> float | None:

@@ -13,8 +13,9 @@ Everything here is pure: no file I/O, no torch kernels beyond building index ten
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -132,7 +133,7 @@ class ArchInfo:
     falcon_layout: str | None = None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]] | None = None) -> "ArchInfo":
+    def from_config(cls, config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]] | None = None) -> ArchInfo:
         """Build from a parsed ``config.json`` (may be None) and the checkpoint's tensor shapes.
 
         Without a config, GPT-2's ``(in, out)`` storage is recognised from its ``c_attn`` shape

@@ -132,7 +132,7 @@ def test_certify_rejects_a_wrong_length():
 def test_adversarial_thresholds_fall_back_to_float64(backend):
     """τ placed 5e-8·T from a cumulative energy, on either side: float32 cannot tell, so the matrix is
     recomputed in float64 and its ranks equal float64 numpy's."""
-    mats = [planted((120, 200), np.arange(1, 121) ** -0.5, seed=i) for i in range(4)]
+    mats = [planted((100, 160), np.arange(1, 101) ** -0.5, seed=i) for i in range(2)]
     for sign in (+1, -1):
         taus = near_threshold_taus(mats[0], [7, 60], sign * 5e-8)
         res = exact_spectra(mats, thresholds=taus, top_k=8, rtol=1e-3, device="cpu", backend=backend)
@@ -184,8 +184,7 @@ def test_low_rank_and_rank_deficient_updates_go_to_float64_and_stay_exact():
     lora = (torch.randn(96, 8, generator=g) @ torch.randn(8, 160, generator=g)) / 10  # a rank-8 update
     res = exact_spectra([lora, lora + 1e-7 * torch.randn(96, 160, generator=g)], device="cpu")
     assert res.precision == ("float64", "float64")
-    for M, S, label in zip([lora], res.S, res.precision, strict=True):
-        assert_matches_float64(M, S, label, THRESHOLDS, 1e-4, 64)
+    assert_matches_float64(lora, res.S[0], res.precision[0], THRESHOLDS, 1e-4, 64)
     assert spectrum_metrics(res.S[0], (96, 160), THRESHOLDS).energy_rank[0.99] <= 8
 
 

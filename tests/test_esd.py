@@ -16,8 +16,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
-from spectra_cli.esd import esd_cmd
-from spectra_cli.main import main
 
 from spectra.errors import ConfigError, ResultsFormatError
 from spectra.esd import (
@@ -34,6 +32,8 @@ from spectra.esd import (
 )
 from spectra.esd_results import EsdResult
 from spectra.esd_run import EsdConfig, esd
+from spectra_cli.esd import esd_cmd
+from spectra_cli.main import main
 
 #: The fields the issue asks to equal WeightWatcher's to 1e-6 relative, and the others compared too.
 PARITY = ("alpha", "D", "xmin", "sigma", "alpha_weighted", "log_alpha_norm")
@@ -277,7 +277,7 @@ def test_mp_fit_recovers_sigma2_and_spikes_of_spiked_wishart(seed):
     N, M, s2 = 1200, 600, 0.04
     W = rng.standard_normal((N, M)) * math.sqrt(s2)
     edge = s2 * (math.sqrt(N) + math.sqrt(M)) ** 2
-    for k, strength in enumerate((2.0, 3.0, 4.0, 6.0, 9.0)):  # well above the BBP threshold
+    for strength in (2.0, 3.0, 4.0, 6.0, 9.0):  # well above the BBP threshold
         u, v = rng.standard_normal(N), rng.standard_normal(M)
         W += math.sqrt(strength * edge) * np.outer(u / np.linalg.norm(u), v / np.linalg.norm(v))
     lam = np.linalg.svd(W, compute_uv=False) ** 2

@@ -29,8 +29,7 @@ from spectra.errors import SpectraError
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import open_checkpoint
 from spectra.io.jsonfile import MAX_JSON_DEPTH, json_depth, parse_json
-from spectra.io.patterns import (MAX_NAME_CHARS, PatternError, component_expression, component_match, full_match,
-                                 suffix_expression, suffix_match)
+from spectra.io.patterns import MAX_NAME_CHARS, PatternError, component_expression, component_match, full_match, suffix_expression, suffix_match
 from spectra.io.safetensors_file import MAX_DIM, read_header
 from spectra.pairing import pair_checkpoints
 

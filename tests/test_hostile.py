@@ -25,8 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import spectra
-from spectra.errors import (CheckpointFormatError, CheckpointNotFoundError, PairingError, SpectraError,
-                            UnsafeCheckpointError)
+from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, PairingError, SpectraError, UnsafeCheckpointError
 from spectra.io.adapter import AdapterConfig, open_adapter, pattern_key
 from spectra.io.checkpoint import open_checkpoint
 from spectra.io.jsonfile import MAX_JSON_DEPTH, json_depth, load_json, load_jsonl

@@ -36,8 +36,17 @@ from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.checkpoint import Checkpoint, tensor_infos
 from spectra.io.jsonfile import load_json
 from spectra.io.paths import allowed_roots, check_inside
-from spectra.io.patterns import (PatternError, check_component_key, check_full_key, check_layers_key, check_suffix_key,
-                                 component_match, full_match, layer_index, suffix_match)
+from spectra.io.patterns import (
+    PatternError,
+    check_component_key,
+    check_full_key,
+    check_layers_key,
+    check_suffix_key,
+    component_match,
+    full_match,
+    layer_index,
+    suffix_match,
+)
 from spectra.pairing import Skipped
 
 ADAPTER_CONFIG = "adapter_config.json"
