@@ -42,7 +42,7 @@ clean:
 RUNS ?= 100000
 fuzz: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[fuzz]"
-	@for t in safetensors index adapter; do \
+	@for t in safetensors index adapter config pickle; do \
 	  d=$$(mktemp -d); cp fuzz/corpus/$$t/* $$d/; \
 	  $(BIN)/python fuzz/atheris_fuzz.py $$t -runs=$(RUNS) $$d 2>&1 | grep -E "DONE|ERROR|Traceback|crash" || exit 1; \
 	  rm -rf $$d; done

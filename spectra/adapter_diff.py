@@ -113,6 +113,8 @@ def diff_adapter(
         result.skipped.append(asdict(Skipped(full_name, "stored whole (modules_to_save): a full update, not a LoRA; diff the merged model for it")))
     for copy in adapter.base_copies:
         result.skipped.append(asdict(Skipped(copy, "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
+    for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
+        result.skipped.append(asdict(skip))
     if writer:
         writer.start(result)
     total = len(units)

@@ -80,7 +80,7 @@ def test_sharded_single_and_bin_give_identical_results(tmp_path):
     assert [s["name"] for s in ref.skipped] == ["model.layers.0.input_layernorm.weight"]
     for label, res in runs.items():
         assert [m.name for m in res.modules] == [m.name for m in ref.modules], label
-        for a, b in zip(res.modules, ref.modules):
+        for a, b in zip(res.modules, ref.modules, strict=True):
             assert a.singular_values == b.singular_values, label
             assert a.energy_rank == b.energy_rank and a.rel_norm == b.rel_norm, label
 
