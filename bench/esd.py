@@ -16,7 +16,8 @@
    no SVD).
 
 Numbers are medians with every run listed; the CPU is shared, so the load average is recorded too.
-Run: ``python bench/esd.py [--repeats 3] [--inproc-repeats 1] [--workdir DIR] [--save esd-cpu]``.
+Run: ``python bench/esd.py [--repeats 3] [--inproc-repeats 1] [--workdir DIR] [--save esd-cpu]``;
+``--inproc-only`` repeats step 3 alone (``--inproc-repeats`` alternated runs) into ``<save>-inproc``.
 """
 
 from __future__ import annotations
@@ -106,27 +107,8 @@ def parity(esd_json: Path, ww_csv: Path) -> dict:
     return {"ww_rows": len(rows), "spectra_rows": len(ours), "worst_rel_diff": worst}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--inproc-repeats", type=int, default=1)
-    ap.add_argument("--workdir", default=None, help="Keep the models here (default: a temporary folder).")
-    ap.add_argument("--save", default="esd-cpu")
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-bench-esd-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model = build(work / "smollm2-135m-layout")
-    py = sys.executable
-    load0 = os.getloadavg()
-    times: dict[str, list[float]] = {"spectra esd (CLI, --no-plots)": [], "WeightWatcher analyze() (imports + load + analyze)": []}
-    for r in range(args.repeats):
-        print(f"round {r + 1}/{args.repeats}", flush=True)
-        times["spectra esd (CLI, --no-plots)"].append(run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out"), "--no-plots"]))
-        times["WeightWatcher analyze() (imports + load + analyze)"].append(run([py, "-c", WW_CMD, str(model), str(work / "ww.csv")]))
-        print({k: v[-1] for k, v in times.items()}, flush=True)
-    with_plots = run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out-plots")])
-    ww_compat = run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out-ww"), "--no-plots", "--ww-compatible"])
-    # in one process: the analysis alone, imports and the torch model already loaded
+def in_process(model: Path, repeats: int) -> dict[str, list[float]]:
+    """The analysis alone, in this process (imports and the torch model already loaded), alternated."""
     import logging
 
     import transformers
@@ -137,14 +119,71 @@ def main() -> None:
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     torch_model = transformers.AutoModelForCausalLM.from_pretrained(model)
     inproc: dict[str, list[float]] = {"spectra.esd_run.esd()": [], "WeightWatcher(model).analyze()": []}
-    for _ in range(args.inproc_repeats):
+    for r in range(repeats):
         t0 = time.perf_counter()
         esd(model, config=EsdConfig(device="cpu"), plots=False)
         inproc["spectra.esd_run.esd()"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         weightwatcher.WeightWatcher(model=torch_model).analyze()
         inproc["WeightWatcher(model).analyze()"].append(time.perf_counter() - t0)
-    del torch_model
+        print(f"in-process {r + 1}/{repeats}:", {k: v[-1] for k, v in inproc.items()}, flush=True)
+    return inproc
+
+
+def in_process_only(model: Path, repeats: int, name: str) -> None:
+    """``--inproc-only``: the in-process comparison alone, saved as ``bench/results/<name>.{md,json}``."""
+    load0 = os.getloadavg()
+    inproc = in_process(model, repeats)
+    load1 = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in inproc.items()}
+    speed = med["WeightWatcher(model).analyze()"] / med["spectra.esd_run.esd()"]
+    rows = [[k, f"{statistics.median(v):.1f}", ", ".join(f"{x:.1f}" for x in v)] for k, v in inproc.items()]
+    text = "\n".join([
+        f"# spectra esd vs WeightWatcher 0.7.7, analysis alone in one process — {machine()}; {cpu_name()}, {os.cpu_count()} cores",
+        "",
+        "Model: SmolLM2-135M layout, random init, bf16 (as bench/results/esd-cpu.md). Imports and the torch model loaded once; "
+        f"runs alternated. Load average {load0[0]:.1f} at the start, {load1[0]:.1f} at the end (shared CPU).",
+        "",
+        markdown_table(["what", "median s", "runs (s)"], rows),
+        "",
+        f"**Speed-up, analysis alone: {speed:.1f}×**",
+    ])
+    print(text)
+    print(save(name, text, {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_start": load0, "loadavg_end": load1,
+                            "in_process_s": inproc, "in_process_median_s": med, "speedup_in_process": speed}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--inproc-repeats", type=int, default=1)
+    ap.add_argument("--workdir", default=None, help="Keep the models here (default: a temporary folder).")
+    ap.add_argument("--save", default="esd-cpu")
+    ap.add_argument("--inproc-only", action="store_true",
+                    help="Only the in-process comparison (--inproc-repeats runs), saved as <save>-inproc.")
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-bench-esd-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model = build(work / "smollm2-135m-layout")
+    if args.inproc_only:
+        in_process_only(model, args.inproc_repeats, args.save + "-inproc")
+        return
+    py = sys.executable
+    load0 = os.getloadavg()
+    times: dict[str, list[float]] = {"spectra esd (CLI, --no-plots)": [], "WeightWatcher analyze() (imports + load + analyze)": []}
+    for r in range(args.repeats):
+        print(f"round {r + 1}/{args.repeats}", flush=True)
+        times["spectra esd (CLI, --no-plots)"].append(run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out"), "--no-plots"]))
+        times["WeightWatcher analyze() (imports + load + analyze)"].append(run([py, "-c", WW_CMD, str(model), str(work / "ww.csv")]))
+        print({k: v[-1] for k, v in times.items()}, flush=True)
+    with_plots = run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out-plots")])
+    ww_compat = run([py, "-c", SPECTRA_CMD, str(model), "--out", str(work / "out-ww"), "--no-plots", "--ww-compatible"])
+    inproc = in_process(model, args.inproc_repeats)
+    import transformers
+    import weightwatcher
+
+    from spectra.esd_run import EsdConfig, esd
+
     # rows WeightWatcher's max_N leaves out on a Llama-3-sized vocabulary (describe(): shapes only)
     big_vocab = build(work / "tiny-vocab128k", vocab=128256, hidden=64, layers=2, heads=4, kv=2, intermediate=172)
     desc = weightwatcher.WeightWatcher(model=transformers.AutoModelForCausalLM.from_pretrained(big_vocab)).describe()

@@ -257,10 +257,13 @@ def test_analyze_parity_and_skip_rules_on_tiny_gpt2(tmp_path):
 def test_alpha_recovered_from_pareto_spectra_within_sigma(alpha):
     z = []
     for seed in range(8):
-        fit = power_law_fit(_pareto(3000, alpha, np.random.default_rng(100 + seed), 0.01))
+        # distinct draws per α: with the same uniforms every α gives the same z (the fit is scale-free in log λ)
+        fit = power_law_fit(_pareto(3000, alpha, np.random.default_rng([int(alpha * 10), seed]), 0.01))
         assert abs(fit.alpha - alpha) < 3 * fit.sigma, (seed, fit)
-        z.append(abs(fit.alpha - alpha) / fit.sigma)
-    assert np.median(z) < 1.2, z  # about 0.67 for a Gaussian error of scale σ_α
+        z.append((fit.alpha - alpha) / fit.sigma)
+    # unbiased within its error; σ_α = (α − 1)/√n ignores the search over xmin, so the spread is wider
+    # than a Gaussian of scale σ_α (median |z| 0.67): measured 1.1–1.2 over these draws
+    assert abs(np.mean(z)) < 1.0 and np.median(np.abs(z)) < 1.6, z
 
 
 def test_alpha_recovered_through_the_whole_pipeline(tmp_path):
