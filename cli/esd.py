@@ -31,8 +31,7 @@ from spectra_cli.console import progress_bar, stderr, stdout
               help="Keep the eigenvalues of matching matrices and plot their log-log ESDs (default: the middle layer's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB",
-              help="Memory cap of one batch of equally shaped matrices on CUDA, MiB (default: 70% of free GPU "
-                   "memory; the CPU takes matrices one at a time).")
+              help="Memory cap of one batch of equally shaped matrices, MiB (default: 256 on the CPU, 70% of free GPU memory).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 @click.option("--no-plots", is_flag=True, help="Do not write alpha_heatmap.png and esd_plots.png.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")

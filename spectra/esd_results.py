@@ -3,11 +3,12 @@ README.md), ``esd.csv``, the α heatmap and the log-log ESD plots. Files are wri
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,8 @@ class EsdResult:
     fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # not dataclasses.asdict: it would deep-copy every record (and its eigenvalues) only to be replaced
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "matrices"}
         d["matrices"] = [m.to_dict() for m in self.matrices]
         return {"schema": SCHEMA, **d}
 
@@ -154,8 +156,12 @@ class EsdResult:
     def to_json(self, indent: int | None = 1) -> str:
         """``esd.json``'s text: valid JSON always (a non-finite number becomes null), UTF-8 when every
         name encodes, else with ``\\uXXXX`` escapes (a tensor name may hold a lone surrogate)."""
-        doc = _finite(self.to_dict())
-        text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
+        doc = self.to_dict()
+        try:
+            text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # a non-finite number somewhere (rare): write it as null
+            doc = _finite(doc)
+            text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:

@@ -25,7 +25,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,10 +77,12 @@ class EsdConfig(SharedOptions):
             absolute ``EVALS_THRESH``, 1e-5).
         plot_include: regex; the eigenvalues of matching matrices are kept in the results and plotted
             on log-log axes. None: the matrices of the middle layer (at most 8).
-        max_batch: most equally shaped matrices decomposed together on CUDA (the CPU takes them one by one).
+        max_batch: most equally shaped matrices decomposed together (on the CPU, in parallel threads with one
+            BLAS thread each; on CUDA, as one batched call).
         max_batch_bytes: memory cap of a batch (and of the engine's chunks); default 70% of free CUDA
             memory, 256 MiB on the CPU.
-        prefetch: tensors read ahead while the engine works (at least 1).
+        prefetch: tensors read ahead while the engine works (at least 1; default 32), and never more than
+            ``max_batch_bytes`` of them, so that the next batch is read while this one is decomposed.
     """
 
     xmin: XminMethod = "fit"
@@ -90,7 +92,7 @@ class EsdConfig(SharedOptions):
     plot_include: str | None = None
     max_batch: int = 32
     max_batch_bytes: int | None = None
-    prefetch: int = 1
+    prefetch: int = 32
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -185,22 +187,36 @@ def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor |
     return out
 
 
-def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int) -> Iterator[tuple[Unit, Task, torch.Tensor | None, str]]:
-    """Units in plan order while one thread reads up to ``depth`` tensors ahead (a reader's exception
-    is re-raised here, in order)."""
+def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int, max_bytes: int) -> Iterator[tuple[Unit, Task, torch.Tensor | None, str]]:
+    """Units in plan order while one thread reads up to ``depth`` tensors ahead, and no more than
+    ``max_bytes`` of them (their float32 units; one tensor always goes). A reader's exception is
+    re-raised here, in order."""
     todo = deque(tasks)
+
+    def cost(task: Task) -> int:
+        return sum(u.shape[0] * u.shape[1] for u in task.units) * (8 if task.pair.tuned_info.dtype == "float64" else 4)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-read") as pool:
         pending: deque = deque()
+        in_flight = 0
+
+        def fill() -> None:
+            nonlocal in_flight
+            while todo and len(pending) < depth and (not pending or in_flight + cost(todo[0]) <= max_bytes):
+                task = todo.popleft()
+                in_flight += cost(task)
+                pending.append((pool.submit(_read, task, ckpt), cost(task)))
+
         try:
-            while todo and len(pending) < depth:
-                pending.append(pool.submit(_read, todo.popleft(), ckpt))
+            fill()
             while pending:
-                items = pending.popleft().result()
-                if todo:
-                    pending.append(pool.submit(_read, todo.popleft(), ckpt))
+                fut, nbytes = pending.popleft()
+                items = fut.result()
+                in_flight -= nbytes
+                fill()
                 yield from items
         finally:
-            for fut in pending:
+            for fut, _ in pending:
                 fut.cancel()
 
 
@@ -294,29 +310,45 @@ def esd(
             callback(EsdEvent(state["done"], total, record, skipped))
 
     budget = batch_budget(device, config.max_batch_bytes)
-    # the CPU engine decomposes one matrix at a time whatever the batch (its BLAS already uses every
-    # core), so on the CPU a batch would only hold weights in memory: each matrix goes alone
-    max_count = config.max_batch if device.type == "cuda" else 1
     shapes = [u.shape for t in tasks for u in t.units]
     batch: list[tuple[Unit, Task, torch.Tensor]] = []
     size = 0
-    try:
-        for k, (unit, task, W, why) in enumerate(_stream(tasks, ckpt, config.prefetch)):
-            if W is None:
-                emit(None, {"name": unit.name, "reason": why})
-                continue
-            batch.append((unit, task, W))
-            size += W.numel() * W.element_size()
-            nxt = shapes[k + 1] if k + 1 < len(shapes) else None
-            if nxt != unit.shape or len(batch) >= max_count or size + nxt[0] * nxt[1] * 4 > budget:
-                for rec in _analyse(batch, config, device, budget, plotted):
-                    emit(rec, None)
-                batch, size = [], 0
-        if batch:
-            for rec in _analyse(batch, config, device, budget, plotted):
+    finished = False
+    # the fits of one batch run on a worker thread while the engine decomposes the next; records are
+    # emitted (journal, callback) from this thread, in order
+    fits: deque[Future] = deque()
+
+    def drain(wait: bool) -> None:
+        while fits and (wait or fits[0].done()):
+            for rec in fits.popleft().result():
                 emit(rec, None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-fit") as fitter:
+            def flush() -> None:
+                S_all, per = _decompose(batch, device, budget)
+                items = [(unit, task) for unit, task, _ in batch]
+                batch.clear()  # drop the weights now: the next tensors are being read
+                fits.append(fitter.submit(_fit, items, S_all, per, config, plotted))
+                drain(wait=False)
+
+            for k, (unit, task, W, why) in enumerate(_stream(tasks, ckpt, config.prefetch, budget)):
+                if W is None:
+                    drain(wait=True)  # keep the journal in plan order
+                    emit(None, {"name": unit.name, "reason": why})
+                    continue
+                batch.append((unit, task, W))
+                size += W.numel() * W.element_size()
+                nxt = shapes[k + 1] if k + 1 < len(shapes) else None
+                if nxt != unit.shape or len(batch) >= config.max_batch or size + nxt[0] * nxt[1] * 4 > budget:
+                    flush()
+                    size = 0
+            if batch:
+                flush()
+            drain(wait=True)
+        finished = True
     finally:
-        if journal is not None:  # an interrupted run leaves esd.json (complete: false) beside its journal
+        if journal is not None and not finished:  # an interrupted run leaves esd.json (complete: false) beside its journal
             result.save_json(Path(out_dir) / "esd.json")
     result.matrices.sort(key=lambda r: order.get(r.name, len(order)))
     failed = sum(m["alpha"] is None for m in result.matrices)
@@ -330,15 +362,19 @@ def esd(
     return result
 
 
-def _analyse(batch: list[tuple[Unit, Task, torch.Tensor]], config: EsdConfig, device: torch.device, budget: int,
-             plotted: set[str]) -> list[EsdRecord]:
-    """Exact spectra of one batch of equally shaped matrices, then the ESD metrics of each."""
+def _decompose(batch: list[tuple[Unit, Task, torch.Tensor]], device: torch.device, budget: int) -> tuple[np.ndarray, float]:
+    """Exact singular values of one batch of equally shaped matrices (float64 Gram + eigensolver),
+    ``(S (b, p) descending, seconds per matrix)``."""
     start = time.perf_counter()
     S_all = batch_singular_values([W for _, _, W in batch], device=device, method="gram", dtype=torch.float64,
                                   max_batch_bytes=budget)
-    per = (time.perf_counter() - start) / len(batch)
+    return S_all, (time.perf_counter() - start) / len(batch)
+
+
+def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, per: float, config: EsdConfig, plotted: set[str]) -> list[EsdRecord]:
+    """The ESD metrics of each matrix of a decomposed batch, as records (runs on the fit thread)."""
     out = []
-    for (unit, task, _), S in zip(batch, S_all):
+    for (unit, task), S in zip(items, S_all):
         t = time.perf_counter()
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
         metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh)
@@ -350,5 +386,4 @@ def _analyse(batch: list[tuple[Unit, Task, torch.Tensor]], config: EsdConfig, de
             metrics=metrics.to_dict(), seconds=per + time.perf_counter() - t,
             eigenvalues=[float(v) for v in lam] if unit.name in plotted else None,
         ))
-    batch.clear()  # drop the weights now: the next tensors are being read
     return out

@@ -381,7 +381,7 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
     memory, tested here on the CPU with the same function."""
     import threading
 
-    module = sys.modules["spectra.pipeline"]
+    module = sys.modules["spectra.stream"]  # where the reader threads call prepare()
     g = torch.Generator().manual_seed(0)
     shapes = [(64, 32)] * 6 + [(512, 32)] + [(64, 32)] * 6  # one pair 8× the others
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(*s, generator=g) for i, s in enumerate(shapes)}
@@ -391,10 +391,10 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
     reference = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(prefetch=0))
 
     lock, state = threading.Lock(), {"now": 0, "bytes": 0, "peak": 0, "peak_bytes": 0}
-    real = module._prepare
+    real = module.prepare
 
     def counting(task, base_ckpt, tuned_ckpt, *a, **k):
-        size = sum(module._pair_bytes(task, base_ckpt, tuned_ckpt))
+        size = sum(module.pair_bytes(task, base_ckpt, tuned_ckpt))
         with lock:
             state["now"] += 1
             state["bytes"] += size
@@ -408,7 +408,7 @@ def test_prefetch_is_capped_by_count_and_bytes(tmp_path, monkeypatch):
                 state["now"] -= 1
                 state["bytes"] -= size
 
-    monkeypatch.setattr(module, "_prepare", counting)
+    monkeypatch.setattr(module, "prepare", counting)
     small, big = 3 * (64 * 32 * 4), 3 * (512 * 32 * 4)  # a pair: both sides float32 and its ΔW
     # (prefetch, prefetch_bytes) -> most pairs and bytes in flight; the big pair goes alone
     for depth, cap, peak, peak_bytes in ((4, None, 4, None), (8, 2 * small, 2, big), (8, 1, 1, big)):
