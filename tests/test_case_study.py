@@ -158,3 +158,37 @@ def test_unpermute_rows_inverts_llama_cpp_permutation(n_head, head_dim):
     permuted = w.reshape(n_head, 2, head_dim // 2, 5).swapaxes(1, 2).reshape(w.shape)
     np.testing.assert_array_equal(make.unpermute_rows(permuted, n_head), w)
     assert not np.array_equal(permuted, w)
+
+
+@needs_results
+def test_esd_and_extract_numbers_recomputed_from_the_raw_files():
+    """Points 7 and 8 of the summary: α medians from the two esd.json files, the extracted adapters'
+    energy from their extract.json, the losses from eval.json, each recomputed here with plain code."""
+    doc = json.loads((STUDY / "study.json").read_text())
+    text = (STUDY / "summary.md").read_text(encoding="utf-8")
+    if "esd" not in doc:
+        pytest.skip("the committed study has no esd results")
+    roles = {"q", "k", "v", "o", "gate", "up", "down"}
+
+    def alphas(name: str) -> dict[str, float]:
+        d = json.loads((STUDY / f"esd_{name}" / "esd.json").read_text())
+        return {m["name"]: m["alpha"] for m in d["matrices"] if m["layer"] is not None and m["role"] in roles and m["alpha"] is not None}
+
+    base, full = alphas("base"), alphas("full")
+    names = set(base) & set(full)
+    assert doc["esd"]["matrices"] == len(names) == 210
+    assert doc["esd"]["median_alpha_base"] == round(statistics.median(base[n] for n in names), 2)
+    assert doc["esd"]["median_alpha_full"] == round(statistics.median(full[n] for n in names), 2)
+    assert doc["esd"]["alpha_moved_0_1"] == sum(abs(full[n] - base[n]) >= 0.1 for n in names)
+    assert f"the median α is {doc['esd']['median_alpha_base']:g} in the base" in text
+    ev = json.loads((STUDY / "extract_full" / "eval.json").read_text())
+    for key in ("budget", "rank8"):
+        ex = json.loads((STUDY / "extract_full" / key / "extract.json").read_text())
+        assert ex["totals"]["params"] <= ev["lora_params"]
+        # the share of ‖ΔW‖²_F kept, from the per-module fields: Σ E_i ‖ΔW_i‖² / Σ ‖ΔW_i‖²
+        mods = ex["modules"]
+        kept = sum(m["energy_kept"] * m["fro_norm"] ** 2 for m in mods) / sum(m["fro_norm"] ** 2 for m in mods)
+        assert doc["extract"][key]["energy_kept"] == round(kept, 3)
+    loss = ev["evals"]["python"]["loss"]
+    assert f"extracted (budget) {loss['extracted_budget']:.3f}" in text
+    assert doc["extract"]["budget"]["energy_kept"] >= doc["extract"]["rank8"]["energy_kept"]

