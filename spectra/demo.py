@@ -12,6 +12,10 @@
    ``interfere`` of the two tasks' adapters, the second seed and the full fine-tune: how fine-tunes
    on the same and on different data collide. Every fine-tune is traced while it trains
    (``trace.jsonl``, :class:`spectra.callbacks.SpectraTracker`).
+6. ``extract`` of the full fine-tune into LoRA adapters with the r = 8 run's parameter count (spread
+   by energy, and uniform rank 8), then held-out losses of both and of the trained r = 8 adapter on
+   unseen Python (learning) and on the prose probe (forgetting): is an extracted LoRA as good as one
+   trained at that size?
 """
 
 from __future__ import annotations
@@ -26,8 +30,13 @@ from pathlib import Path
 
 from spectra.comparison import compare
 from spectra.config import CompareConfig, DiffConfig
+from spectra.errors import ResultsFormatError
+from spectra.extract import extract
+from spectra.extract_eval import held_out_losses
+from spectra.extract_plan import ExtractConfig
 from spectra.interfere import interfere
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.pipeline import diff
 from spectra.plots import learning_forgetting_plot
 from spectra.report import write_report
@@ -89,6 +98,16 @@ def target_text(limit: int = 400_000) -> str:
                 if size >= limit:
                     return "\n".join(parts)[:limit]
     return "\n".join(parts)[:limit]
+
+
+#: standard-library modules outside :func:`target_text`'s corpus: held-out Python for evaluations
+HELD_OUT_MODULES = ("calendar.py", "difflib.py", "heapq.py", "pprint.py", "dataclasses.py")
+
+
+def held_out_python_text(limit: int = 80_000) -> str:
+    """Python code no demo or study run trains on (:data:`HELD_OUT_MODULES`), for held-out losses."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join((stdlib / m).read_text(encoding="utf-8", errors="replace") for m in HELD_OUT_MODULES if (stdlib / m).is_file())[:limit]
 
 
 def json_text(limit: int = 400_000) -> str:
@@ -188,7 +207,14 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     interference = interfere(str(base), [str(ck / n) for n in tasks], out_dir=out / "interfere")
     stages["interfere"] = time.perf_counter() - t
 
-    logs = {name: [json.loads(l) for l in (ck / name / "train_log.jsonl").read_text().splitlines()] for name in runs}
+    t = time.perf_counter()
+    (data / "python_eval.txt").write_text(held_out_python_text(), encoding="utf-8")
+    extraction = extract_at_lora_size(base, ck / "full", ck / "lora8", out, {"python": data / "python_eval.txt",
+                                      "prose": data / "source_eval.txt"}, seq_len=config.seq_len, log=log)
+    stages["extract"] = time.perf_counter() - t
+
+    logs = {name: load_jsonl(ck / name / "train_log.jsonl", what="train_log.jsonl", error=ResultsFormatError, skip_torn_tail=True)
+            for name in runs}
     for name in {**runs, **second}:  # the logs, configs and traces travel with the analyses (checkpoints/ is a cache)
         (out / "runs" / name).mkdir(parents=True, exist_ok=True)
         for f in ("train_log.jsonl", "train_config.json", "train_summary.json", "trace.jsonl"):
@@ -197,11 +223,37 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     learning_forgetting_plot(logs, out / "learning_vs_forgetting.png")
     summary = _summary(config, runs, logs, diffs, comparisons, stages)
     summary["interference"] = _interference_summary(interference.summary, tasks)
+    summary["extract"] = extraction
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out / "summary.md", _summary_md(summary))
     write_report([out / d for d in sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "checkpoints")],
                  out / "report.html", title="spectra demo: LoRA vs full fine-tuning of a tiny byte-level Llama")
     return summary
+
+
+def extract_at_lora_size(base: Path, full: Path, lora: Path, out: Path, texts: dict[str, Path], *, seq_len: int = 128,
+                         blocks: int = 16, log: Callable[[str], None] = print) -> dict:
+    """Extract ``full`` (a fine-tuned model folder) into LoRA adapters with ``lora``'s trainable parameter
+    count: ``out/extract_budget`` (ranks spread by energy) and ``out/extract_rank<r>`` (uniform, ``lora``'s
+    rank), then the held-out losses of base, full, both adapters and the trained ``lora`` on each text.
+
+    Returns:
+        ``{"lora_params", "rank", "energy_kept": {adapter: share of ‖ΔW‖²_F}, "loss": {text: {model: nats/token}},
+        "recovered": {text: {adapter: share of the full fine-tune's loss change}}, "tokens": {text: count}}``.
+    """
+    cfg = load_json(lora / "train_config.json", what="train_config.json", error=ResultsFormatError)
+    params, rank = int(cfg["trainable_params"]), int(cfg["rank"])
+    adapters = {"extracted_budget": out / "extract_budget", f"extracted_rank{rank}": out / f"extract_rank{rank}"}
+    result: dict = {"lora_params": params, "rank": rank, "energy_kept": {}, "loss": {}, "recovered": {}, "tokens": {}}
+    for (name, folder), config in zip(adapters.items(), (ExtractConfig(budget=str(params)), ExtractConfig(rank=rank))):
+        log(f"extracting the full fine-tune at LoRA r={rank}'s size: {name}")
+        res = extract(str(base), str(full), folder, config=config, force=True)
+        result["energy_kept"][name] = res.totals["energy_kept"]
+    for text_name, text in texts.items():
+        ev = held_out_losses(str(base), str(full), {**{k: str(v) for k, v in adapters.items()}, f"trained_lora{rank}": str(lora)},
+                             str(text), seq_len=seq_len, blocks=blocks)
+        result["loss"][text_name], result["recovered"][text_name], result["tokens"][text_name] = ev["loss"], ev["recovered"], ev["tokens"]
+    return result
 
 
 def _median(values: list[float]) -> float:
@@ -269,8 +321,25 @@ def _summary_md(s: dict) -> str:
               *([f"- Two LoRA r=8 fine-tunes on the same data (two seeds): median cosine {s['interference']['same_task_cosine']:.2f}, "
                  f"φ {s['interference']['same_task_phi']:.2f}; on Python code vs JSON records (other seeds too): cosine "
                  f"{s['interference']['two_tasks_cosine']:.2f}, φ {s['interference']['two_tasks_phi']:.2f} (`interfere/`)."]
-                if "interference" in s else []), "",
+                if "interference" in s else []),
+              *(_extract_lines(s["extract"]) if "extract" in s else []), "",
               "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items()), "",
               "Look at: `report.html` (everything in one page), `learning_vs_forgetting.png`, `diff_*/rank_heatmap.png`, "
               "`compare_*/phi_grids.png`, `compare_*/captured_heatmap.png`."]
     return "\n".join(lines) + "\n"
+
+
+def _extract_lines(x: dict) -> list[str]:
+    """Extracted vs trained LoRA at the same size, for summary.md."""
+    r = x["rank"]
+    names = ("extracted_budget", f"extracted_rank{r}", f"trained_lora{r}")
+    lines = [f"- The full fine-tune extracted into LoRA adapters of the r={r} run's size ({x['lora_params']:,} parameters; "
+             f"`extract_budget/`, `extract_rank{r}/`) keeps {x['energy_kept']['extracted_budget']:.3f} of ‖ΔW‖²_F spread by energy "
+             f"and {x['energy_kept'][f'extracted_rank{r}']:.3f} at uniform rank {r}. Held-out losses (nats/token) and the share of "
+             "the full fine-tune's change each reproduces:", "",
+             "| text | base | full | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for text, loss in x["loss"].items():
+        rec = x["recovered"][text]
+        cells = [f"{loss[n]:.3f} ({'n/a' if rec.get(n) is None else format(rec[n], '.2f')})" for n in names]
+        lines.append(f"| {text} | {loss['base']:.3f} | {loss['tuned']:.3f} | " + " | ".join(cells) + " |")
+    return lines + [""]

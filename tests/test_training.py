@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,29 @@ def test_quick_demo_end_to_end(tmp_path):
     assert runs["lora8"]["median_energy_rank_0.9"] <= 8  # a rank-8 update never needs more than 8
     assert runs["full"]["target_loss"] < summary["base"]["target_loss"]  # fine-tuning on the target learned it
     assert min(r["target_loss"] for r in runs.values()) < summary["base"]["target_loss"]
+    # the full fine-tune extracted at LoRA r=8's size: the budgeted adapter has that many parameters, keeps
+    # at least the uniform rank-8 one's energy (same count, best allocation), and its energy share equals a
+    # float64 numpy SVD of ΔW truncated to the ranks it chose
+    x = summary["extract"]
+    lora_cfg = json.loads((out / "runs" / "lora8" / "train_config.json").read_text())
+    assert x["lora_params"] == lora_cfg["trainable_params"] and x["rank"] == 8
+    assert x["energy_kept"]["extracted_budget"] >= x["energy_kept"]["extracted_rank8"] - 1e-9
+    doc = json.loads((out / "extract_budget" / "extract.json").read_text())
+    assert doc["totals"]["params"] <= x["lora_params"]
+    from safetensors.numpy import load_file
+
+    ck = out / "checkpoints"
+    base_dir = next(p for p in ck.iterdir() if p.name.startswith("base-"))
+    W0, W1 = load_file(str(base_dir / "model.safetensors")), load_file(str(ck / "full" / "model.safetensors"))
+    kept = total = 0.0
+    for m in doc["modules"]:
+        key = m["name"] if m["name"] in W0 else m["name"] + ".weight"
+        s = np.linalg.svd(W1[key].astype(np.float64) - W0[key].astype(np.float64), compute_uv=False)
+        kept, total = kept + float(np.sum(s[: m["rank"]] ** 2)), total + float(np.sum(s ** 2))
+    assert kept / total == pytest.approx(doc["totals"]["energy_kept"], rel=1e-6)
+    for text in ("python", "prose"):
+        assert set(x["loss"][text]) == {"base", "tuned", "extracted_budget", "extracted_rank8", "trained_lora8"}
+    assert "extracted_budget" in (out / "summary.md").read_text()
 
 
 def test_sweep_runs_and_analyses(setup, tmp_path):
