@@ -81,7 +81,6 @@ from spectra.lowrank import (
     round_up,
     spectrum_total,
 )
-from spectra.naming import describe_checkpoint
 from spectra.pairing import pair_checkpoints
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import batches, prefetch, run_settings
@@ -613,7 +612,7 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
 
     adapted = {t.module: r for i, t, r in chosen}
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
-    all_modules = [n[: -len(".weight")] for n in describe_checkpoint({n: i.shape for n, i in src.base.tensors.items()}, src.base.arch)
+    all_modules = [n[: -len(".weight")] for n in src.base.specs
                    if n.endswith(".weight")]
     task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from spectra.io.checkpoint import open_checkpoint
-from spectra.naming import ROLE_ORDER, describe_checkpoint
+from spectra.naming import ROLE_ORDER
 
 
 def inspect_checkpoint(path: str, *, include_non_matrices: bool = False) -> list[dict[str, Any]]:
@@ -22,7 +22,7 @@ def inspect_checkpoint(path: str, *, include_non_matrices: bool = False) -> list
         suffixes (``["q", "k", "v"]``) or ``[""]``.
     """
     ckpt = open_checkpoint(path)
-    specs = describe_checkpoint({n: t.shape for n, t in ckpt.tensors.items()}, ckpt.arch)
+    specs = ckpt.specs
     records = []
     for name, info in ckpt.tensors.items():
         spec = specs.get(name)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
-from spectra.naming import MatrixSpec, describe_checkpoint, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -173,8 +173,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
         PairingError: not a single matrix pairs (different architectures, or unrelated files).
     """
 
-    bspecs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
-    tspecs = describe_checkpoint({n: t.shape for n, t in tuned.tensors.items()}, tuned.arch)
+    bspecs = base.specs
+    tspecs = tuned.specs
     confirmed: dict[tuple[str, bool, int], bool] = {}  # (side, transpose, ndim) -> layout_confirmed
 
     def confirms(side: str, transpose: bool, ndim: int) -> bool:

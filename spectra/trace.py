@@ -58,7 +58,7 @@ from spectra.metrics import (
     spectrum_metrics,
     threshold_key,
 )
-from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
+from spectra.naming import MatrixSpec, role_sort_key
 from spectra.pairing import pair_checkpoints
 from spectra.results import rows_to_csv
 from spectra.selection import selector
@@ -589,7 +589,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
         elif "failed" in rec:
             refs[rec["failed"]["index"]].failed = rec["failed"]["reason"]
     finished = {m["name"] for m in result.matrices}
-    specs = describe_checkpoint({n: i.shape for n, i in base.tensors.items()}, base.arch)
+    specs = base.specs
     keep = selector(config.include, config.exclude, config.layers)
     names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
     todo = []

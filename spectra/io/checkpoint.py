@@ -37,6 +37,7 @@ Activation scales (``input_scale``) and KV-cache scales are not weights and are 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -53,7 +54,7 @@ from spectra.io.jsonfile import load_json
 from spectra.io.paths import allowed_roots, check_inside, file_kind, open_regular
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_tensor
 from spectra.io.torchfile import load_state_dict
-from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo
+from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 #: Stored dtypes whose values are codes to be multiplied by a companion scale when one exists.
@@ -144,10 +145,16 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, format={self.format!r}, tensors={len(self.tensors)})"
 
-    @property
+    # cached: a checkpoint's names, shapes and config do not change once opened
+    @functools.cached_property
     def arch(self) -> ArchInfo:
         """Head counts and layout from ``config.json`` (or inferred from shapes)."""
         return ArchInfo.from_config(self.config, {n: t.shape for n, t in self.tensors.items()})
+
+    @functools.cached_property
+    def specs(self) -> dict[str, MatrixSpec]:
+        """Every weight named by role, layer and module (:func:`spectra.naming.describe_checkpoint`)."""
+        return describe_checkpoint({n: t.shape for n, t in self.tensors.items()}, self.arch)
 
     @property
     def nbytes(self) -> int:
