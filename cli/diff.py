@@ -60,6 +60,9 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
 @click.option("--weight-spectra", is_flag=True, help="Also keep the top singular values of W_base and W_tuned (3× the work).")
+@click.option("--esd", is_flag=True,
+              help="Also fit WeightWatcher's power-law α (and its other ESD metrics) to W_base, W_tuned and ΔW of each "
+                   "matrix (implies --weight-spectra); the report shows whether fine-tuning moved α.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 @click.option("--approx", is_flag=True, help="Approximate energy ranks with guaranteed bounds for every matrix (randomized sketch).")
 @click.option("--approx-above", type=click.IntRange(min=0), default=16384, show_default=True,
@@ -69,9 +72,9 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="With --plan: the number of ranks to plan for (default: this launch's WORLD_SIZE, else 1).")
 @click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB",
-              help="Memory cap of one batch of matrices, MiB (default: 256 on the CPU, 45% of free GPU memory).")
+              help="Memory cap of one batch of matrices, MiB (default: 16 on the CPU, 45% of free GPU memory).")
 @click.option("--prefetch", type=click.IntRange(min=0), default=None,
-              help="Tensor pairs read ahead while the engine works (default: 1 on the CPU, 8 on CUDA; 0: none).")
+              help="Tensor pairs read ahead while the engine works (default: 32 on the CPU, at most 3 batches' bytes; 8 on CUDA; 0: none).")
 @click.option("--distributed/--no-distributed", default=None,
               help="Run as one rank of a torchrun job (default: on when launched by torchrun with WORLD_SIZE > 1).")
 @click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,
@@ -79,7 +82,7 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device, top_k, method, precision,
              no_split, as_json, no_plots, allow_identical, report=False, weight_spectra=False, resume=False,
              approx=False, approx_above=16384, plan_only=False, nproc=None, distributed=None,
-             batch_memory=None, prefetch=None) -> None:
+             batch_memory=None, prefetch=None, esd=False) -> None:
     """Spectrum of ΔW = TUNED − BASE for every paired matrix.
 
     BASE and TUNED are each a .safetensors file, a model folder (sharded or not), a .bin/.pt state
@@ -99,7 +102,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     config = DiffConfig(
         **({"thresholds": tuple(thresholds)} if thresholds else {}),
         include=include, exclude=exclude, layers=layers, device=device, top_k=top_k,
-        method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra,
+        method=method, precision=precision, split_fused=not no_split, weight_spectra=weight_spectra, esd=esd,
         approx=approx, approx_above=approx_above or None,
         max_batch_bytes=batch_memory << 20 if batch_memory else None, prefetch=prefetch,
     )

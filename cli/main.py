@@ -25,13 +25,70 @@ from spectra_cli import trace as trace_commands
 from spectra_cli import training as training_commands
 from spectra_cli.console import EXIT_ERROR, EXIT_IDENTICAL
 
+#: After a first SIGTERM or Ctrl-C the run has this many seconds to stop cleanly (flush results.json)
+#: before the process ends anyway: a thread blocked in ``open()`` of a FIFO, or a long native call,
+#: never reaches the code that would stop it. A second signal ends it at once.
+STOP_GRACE_S = 20.0
+
 
 class _Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run), handled as Ctrl-C."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise _Terminated()
+class _StopSignals:
+    """SIGTERM and Ctrl-C for one command: the first raises in the main thread (a clean stop: what was
+    computed is journaled, results.json is flushed); the second, or the grace period running out,
+    ends the process with ``os._exit`` (143 for SIGTERM, 130 for Ctrl-C), like SIGKILL, which the
+    journal survives. Signals are seen by a watcher thread through ``signal.set_wakeup_fd``: Python
+    runs handlers only in the main thread between bytecodes, so a main thread blocked in a join or
+    a long native call would never see the second one."""
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self.count = 0
+        self._raised = False
+        self._lock = threading.Lock()
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self._previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        threading.Thread(target=self._watch, name="spectra-stop", daemon=True).start()
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        if not self._raised:  # the first stops cleanly; a later one is the watcher's to act on
+            self._raised = True
+            raise _Terminated()
+
+    def _watch(self) -> None:
+        while data := os.read(self._read, 64):  # blocks without the GIL; empty once closed
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._seen(signum)
+        os.close(self._read)
+
+    def _seen(self, signum: int) -> None:
+        code = 143 if signum == signal.SIGTERM else 130
+        with self._lock:
+            self.count += 1
+            first = self.count == 1
+        if first:  # not cancelled on return: it also bounds a hang in the interpreter's exit
+            timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s"))
+            timer.daemon = True
+            timer.start()
+        else:
+            _hard_exit(code, "a second stop signal")
+
+    def close(self) -> None:
+        """Restore the previous handler and wakeup fd; the watcher ends."""
+        signal.set_wakeup_fd(self._previous_fd)
+        signal.signal(signal.SIGTERM, self._previous_term)
+        os.close(self._write)
+
+
+def _hard_exit(code: int, why: str) -> None:
+    os.write(2, f"stopped at once ({why}): results journaled so far are kept in the --out folder; "
+                "run the same command with --resume to finish\n".encode())
+    os._exit(code)
 
 
 def _rank_prefix() -> str:
@@ -46,7 +103,7 @@ class _Group(click.Group):
     SIGTERM into a clean stop: what was computed is already journaled (``diff --resume``)."""
 
     def invoke(self, ctx: click.Context):
-        previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() else None
+        stop = _StopSignals(STOP_GRACE_S) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except SpectraError as exc:
@@ -61,8 +118,8 @@ class _Group(click.Group):
                        "(results.jsonl); run the same command with --resume to finish", err=True)
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if stop is not None:
+                stop.close()
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

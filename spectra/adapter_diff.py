@@ -11,6 +11,7 @@ refused: their B·A is not the update.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,7 +28,7 @@ from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped, oriented_shape
-from spectra.records import DiffEvent, random_ranks, spectrum_fields
+from spectra.records import DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
 
@@ -119,17 +120,41 @@ def diff_adapter(
         writer.start(result)
     total = len(units)
     for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=1):
-        res = _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
-        result.modules.append(res)
+        res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
+        if isinstance(res, ModuleResult) and not (math.isfinite(res.fro_norm) and math.isfinite(res.spectral_norm)):
+            res = (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is undefined; "
+                   "check lora_alpha in adapter_config.json")
+        skip = None
+        if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
+            skip, res = Skipped(name, res), None
+            result.skipped.append(asdict(skip))
+            result.warnings.append(f"{name}: {skip.reason}")
+        else:
+            result.modules.append(res)
         if writer:
-            writer.add(result, res, None)
+            writer.add(result, res, skip)
         if callback:
-            callback(DiffEvent(done, total, res, None))
+            callback(DiffEvent(done, total, res, skip))
     return result
 
 
+def non_finite_factor(mod: LoraModule) -> str | None:
+    """Why ``mod``'s update is undefined — a factor (or DoRA magnitude) holding NaN or Inf, named as
+    stored in the adapter — or None when every factor is finite."""
+    factors = (("lora_embedding_A" if mod.embedding else "lora_A", mod.A), ("lora_embedding_B" if mod.embedding else "lora_B", mod.B))
+    if mod.magnitude is not None:
+        factors += (("lora_magnitude_vector", mod.magnitude),)
+    for what, t in factors:
+        if not bool(torch.isfinite(t).all()):
+            return f"{what} of {mod.module} contains NaN or Inf; ΔW is undefined"
+    return None
+
+
 def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, base_name: str | None, name: str,
-                   rows: torch.Tensor | None, module: str, config: DiffConfig, device: torch.device, dtype: torch.dtype) -> ModuleResult:
+                   rows: torch.Tensor | None, module: str, config: DiffConfig, device: torch.device,
+                   dtype: torch.dtype) -> ModuleResult | str:
+    """The result of one analysed part of a LoRA module, or why it has none (a DoRA update that is not
+    finite, from a base weight holding NaN or Inf)."""
     start = time.perf_counter()
     Bf, Af = mod.factors()
     full = oriented(base.load(base_name).to(torch.float32), spec.transpose, None) if base is not None else None
@@ -142,6 +167,8 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         delta = mod.dora_delta(full)
         if rows is not None:
             delta = delta[rows]
+        if not bool(torch.isfinite(delta).all()):
+            return f"the DoRA update of {mod.module} is not finite (NaN or Inf in the base weight {base_name}); ΔW is undefined"
         S = batch_singular_values(delta.unsqueeze(0).to(torch.float32), device=device, dtype=dtype)[0]
         method = "dora/dense"
     else:
@@ -150,6 +177,22 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         S[: min(p, s.numel())] = s.cpu().numpy()[:p]
         method = "factored"
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
+    base_sv = tuned_sv = esd = None
+    # a factored ΔW has at most r nonzero eigenvalues: too few for a power-law tail fit, so with --esd
+    # only DoRA's dense ΔW is fitted (and W_base, W_tuned when the base is given)
+    low_rank = f"ΔW = s·B·A has rank ≤ r = {mod.r}: too few eigenvalues for a power-law fit"
+    S_delta = S if mod.magnitude is not None else None
+    if config.weight_spectra and W is not None:  # W_tuned = W_base + ΔW, formed densely in float64
+        tuned = W.double() + (delta.double() if mod.magnitude is not None else mod.scale * (Bf.double() @ Af.double()))
+        if not bool(torch.isfinite(tuned).all()):
+            return f"W_base + ΔW of {mod.module} is not finite (NaN or Inf in the base weight {base_name}, or an overflowing update)"
+        S_b, S_t = batch_singular_values([W.double(), tuned], device=device, dtype=dtype)
+        del tuned
+        base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
+        if config.esd:
+            esd = esd_entry(shape, S_delta, S_b, S_t, note="" if S_delta is not None else low_rank)
+    elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
+        esd = esd_entry(shape, S_delta, note=f"no base checkpoint: W_base and W_tuned are unknown; {low_rank}")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
     if spec.note:
@@ -159,4 +202,5 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
         dtype="float32", method=method, seconds=time.perf_counter() - start, note=note,
         lora_r=mod.r, lora_alpha=mod.alpha, lora_scale=mod.scale,
+        base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
     )

@@ -23,6 +23,7 @@ from typing import Any
 
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
+from spectra.io.jsonfile import load_json
 from spectra.subspaces import Amplification, CapturedEnergy
 
 SCHEMA = "spectra.compare/1"
@@ -228,12 +229,7 @@ class CompareResult:
         path = Path(path)
         if path.is_dir():
             path = path / "compare.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ResultsFormatError(f"cannot read ({type(exc).__name__})", path=path) from None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ResultsFormatError(f"not valid JSON ({type(exc).__name__})", path=path) from None
+        doc = load_json(path, what="compare.json", error=ResultsFormatError, lone_surrogates=True)
         return cls.from_dict(doc, source=path)
 
 

@@ -83,6 +83,20 @@ __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 EXACT_MAX_P = 4096
 
 
+#: Largest |entry| (and smallest nonzero one) whose products the Gram-based measures form safely in float64
+SQUARING_LIMIT = 2.0**250
+
+
+def _beyond_squaring(M: torch.Tensor) -> str | None:
+    """Why the measures cannot be formed from ``M`` (float64 entries whose squares over- or underflow:
+    only float64 weights reach this), or None. ``spectra diff`` scales such matrices and measures them."""
+    amax = float(M.abs().max()) if M.numel() else 0.0
+    if amax > SQUARING_LIMIT or 0.0 < amax < 1.0 / SQUARING_LIMIT:
+        return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
+                "(spectra diff can: it scales before squaring)")
+    return None
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in ``t``. One float64 sum decides it almost always (NaN/Inf reach the sum; a sum of
     finite float32 values cannot overflow float64); only a non-finite sum is checked element by element
@@ -190,6 +204,9 @@ class _Side:
         if not _all_finite(dense):
             return f"the update of {name} in {self.label} contains NaN or Inf"
         dense = dense.to(torch.float64)  # once: every measure works in float64
+        why = _beyond_squaring(dense)
+        if why:
+            return f"the update of {name} in {self.label} {why}"
         p = min(dense.shape)
         k = min(max(self.config.top_k, need), p)
         if p <= EXACT_MAX_P:
@@ -232,6 +249,9 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         W = (W_stored.mT if spec.transpose else W_stored)[:out_dim].to(device=device, dtype=torch.float64).contiguous()
         if not _all_finite(W):
             return {"name": spec.name, "reason": f"the base weights of {spec.name} contain NaN or Inf"}
+        why = _beyond_squaring(W)
+        if why:
+            return {"name": spec.name, "reason": f"the base weights of {spec.name} {why}"}
     need = max(job.rank_a, job.rank_b)
     ua = A.update(job.key, W_stored, spec.transpose, device, need, job.base_name)
     ub = B.update(job.key, W_stored, spec.transpose, device, need, job.base_name)

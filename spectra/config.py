@@ -69,17 +69,25 @@ class DiffConfig(SharedOptions):
         seed: seed of the random sketches (approximate mode), so reruns give the same numbers.
         max_batch: most matrices decomposed together (equal shapes only).
         max_batch_bytes: memory cap of a batch; default 45% of the free CUDA memory (a quarter more goes to
-            reading ahead, see ``prefetch_bytes``), or 256 MiB on the CPU.
-        prefetch: tensor pairs read ahead while the engine works (0: none); default 1 on the CPU
-            (whose cores the engine already uses) and 8 on CUDA.
+            reading ahead, see ``prefetch_bytes``), or 16 MiB on the CPU (where the engine solves a batch
+            one matrix per worker thread: larger batches only delay reading the next one).
+        prefetch: tensor pairs read ahead while the engine works (0: none); default ``max_batch`` on the
+            CPU (read by one thread beside the engine's workers) and 8 on CUDA.
         prefetch_bytes: most bytes of tensor pairs in flight (stored tensors and their ΔW); default a
-            quarter of the free CUDA memory on a GPU (ΔW is formed there), no cap on the CPU (where
-            ``prefetch`` counts pairs). One pair is always read, however large.
+            quarter of the free CUDA memory on a GPU (ΔW is formed there), three times
+            ``max_batch_bytes`` on the CPU. One pair is always read, however large.
         weight_spectra: also keep the top singular values of W_base and W_tuned (two more exact
             decompositions per matrix), for spectra plots of the weights next to ΔW (Biderman et al.
             Fig. S7).
         read_workers: reader threads; default 1 on the CPU and up to 4 on CUDA, where reading and
             forming ΔW, not the GPU, is the bottleneck (``bench/results/``).
+        esd: also fit WeightWatcher's heavy-tailed metrics (:func:`spectra.esd.esd_metrics`: α, D, xmin,
+            σ_α, α-hat, norms, Marchenko–Pastur fit; λ = σ², WeightWatcher's default xmin fit) to the full
+            spectra of W_base, W_tuned and ΔW of each matrix, into each result's ``esd`` entry. Implies
+            ``weight_spectra`` (the spectra of W_base and W_tuned are needed), so it costs the same two extra
+            decompositions per matrix plus the fits. Not available in the approximate mode (the fit needs every
+            eigenvalue; the entry says so) nor for ΔW of a factored LoRA update (rank ≤ r: too few eigenvalues
+            for a tail fit; W_base and W_tuned are still fitted when the base is given).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
@@ -97,9 +105,12 @@ class DiffConfig(SharedOptions):
     prefetch_bytes: int | None = None
     read_workers: int | None = None
     weight_spectra: bool = False
+    esd: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.esd and not self.weight_spectra:  # the fits of W_base and W_tuned need their spectra
+            object.__setattr__(self, "weight_spectra", True)
         if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
             raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
         object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))

@@ -25,6 +25,10 @@ Where this module departs from WeightWatcher, deliberately:
 - ``xmin="mid"`` is not in WeightWatcher; it is TempBalance's ``fix_fingers="xmin_mid"`` (``xmin`` the
   median eigenvalue, Xiao et al. 2023, "Heavy-tailed regularization of weight matrices in deep neural
   networks").
+- :func:`esd_metrics` also drops eigenvalues at or below ``λ_max·M·ε`` (ε of float64), the rounding level of
+  the float64 eigensolver that computed them, from the fit: a rank-deficient matrix of large scale (weights
+  near 1e19 and beyond) would otherwise fit its rounding noise, which WeightWatcher's absolute threshold
+  lets through. Below ``λ_max ≈ 1e8`` the absolute threshold is the larger, and nothing changes.
 - The Marchenko–Pastur fit is this module's own (:func:`mp_bulk_fit`), not WeightWatcher's kernel
   density fit (``RMT_Util.fit_density_with_range``).
 """
@@ -503,10 +507,12 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
     Args:
         evals: the ``M = min(shape)`` eigenvalues ``λ = σ²`` of the matrix (not divided by N), any order.
         shape: ``(out, in)``.
-        xmin, thresh: see :func:`power_law_fit`.
+        xmin, thresh: see :func:`power_law_fit`. The fit drops eigenvalues at or below
+            ``max(thresh, λ_max·M·ε)``, ε the float64 machine epsilon: below ``λ_max·M·ε`` a float64
+            eigensolver returns rounding noise, not eigenvalues (it matters only for λ_max above ~1e8).
 
     Returns:
-        :class:`EsdMetrics`. Norm metrics use every eigenvalue; the fit only those above ``thresh``.
+        :class:`EsdMetrics`. Norm metrics use every eigenvalue; the fit only those above the threshold.
 
     Example:
         >>> W = np.random.default_rng(0).standard_normal((300, 100))
@@ -520,7 +526,10 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         raise ValueError(f"evals must hold min(shape) = {M} eigenvalues. Got {lam.size} instead.")
     if M == 0:
         raise ValueError(f"shape must have no zero dimension. Got {tuple(shape)} instead.")
-    fit = power_law_fit(lam, xmin=xmin, thresh=thresh)
+    # the rounding level of the eigensolver: a rank-deficient matrix of large scale has "eigenvalues" above
+    # the absolute threshold that are noise (a constant 16 × 8 matrix of 3e38 gave α = 1.01 on them)
+    floor = float(lam[-1]) * M * np.finfo(np.float64).eps if lam.size and math.isfinite(lam[-1]) else 0.0
+    fit = power_law_fit(lam, xmin=xmin, thresh=max(thresh, floor))
     S = np.sqrt(np.clip(lam, 0.0, None))
     norm = float(np.sum(lam))
     lam_max = float(lam[-1])
@@ -550,13 +559,13 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
     )
 
 
-def esd_fields(S_delta: np.ndarray, S_base: np.ndarray | None = None, S_tuned: np.ndarray | None = None, *,
+def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_tuned: np.ndarray | None = None, *,
                shape: tuple[int, int], xmin: XminMethod = "fit", thresh: float = EVALS_THRESH) -> dict:
     """The ``esd`` entry of one ``spectra diff --esd`` result: the metrics of ΔW, W_base and W_tuned.
 
     Args:
         S_delta: singular values of ΔW, descending (what the diff engine returns): all ``p = min(shape)``
-            of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros.
+            of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros; None: not fitted.
         S_base, S_tuned: full singular values of W_base and W_tuned, or None (not computed).
         shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`power_law_fit`.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field, fields
@@ -14,23 +13,13 @@ from typing import Any
 
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import finite_or_null, load_json
 from spectra.results import rows_to_csv
 
 SCHEMA = "spectra.esd/1"
 
 #: Identity fields of a record; every other key of a record is an :class:`spectra.esd.EsdMetrics` field.
 IDENTITY_FIELDS = ("name", "layer", "module", "role", "expert", "shape", "dtype", "note")
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Inf)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 @dataclass
@@ -147,10 +136,7 @@ class EsdResult:
         path = Path(path)
         if path.is_dir():
             path = path / "esd.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ResultsFormatError(f"cannot read esd results ({type(exc).__name__})", path=path) from None
+        doc = load_json(path, what="esd.json", error=ResultsFormatError, lone_surrogates=True)
         return cls.from_dict(doc, source=path)
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -160,7 +146,7 @@ class EsdResult:
         try:
             text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
         except ValueError:  # a non-finite number somewhere (rare): write it as null
-            doc = _finite(doc)
+            doc = finite_or_null(doc)
             text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
         try:
             text.encode("utf-8")

@@ -57,6 +57,10 @@ WW_MAX_N = 50000
 #: EsdConfig fields that change the numbers written (``--resume`` refuses a journal made with others).
 RESULT_FIELDS = ("include", "exclude", "layers", "xmin", "ww_compatible", "split_fused", "evals_thresh", "plot_include")
 
+#: ``‖W‖_F²`` at or above this is refused (skipped with the reason): the Gram matrix's entries and the
+#: eigenvalues λ = σ² would overflow float64 (max ≈ 1.8e308) in the decomposition.
+GRAM_LIMIT = 1e300
+
 #: ESD plots of at most this many matrices when ``plot_include`` is not given (the middle layer's).
 DEFAULT_PLOTTED = 8
 
@@ -182,6 +186,10 @@ def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor |
         m = m.to(torch.float64 if m.dtype == torch.float64 else torch.float32)
         if not bool(torch.isfinite(m).all()):
             out.append((unit, task, None, "NaN or Inf in the weights; the spectrum is undefined"))
+        elif m.dtype == torch.float64 and not float(torch.linalg.vector_norm(m)) ** 2 < GRAM_LIMIT:
+            # float32 squares cannot overflow float64; float64 weights near 1e154 make λ = σ² (and the Gram) overflow
+            out.append((unit, task, None, f"weights too large: ‖W‖_F² exceeds {GRAM_LIMIT:.0e}, so the eigenvalues "
+                                          "λ = σ² overflow float64; rescale the weights"))
         else:
             out.append((unit, task, m, ""))
     return out
@@ -337,6 +345,9 @@ def esd(
                     drain(wait=True)  # keep the journal in plan order
                     emit(None, {"name": unit.name, "reason": why})
                     continue
+                if batch and batch[0][0].shape != unit.shape:  # a skipped matrix ended the run of the batch's shape
+                    flush()
+                    size = 0
                 batch.append((unit, task, W))
                 size += W.numel() * W.element_size()
                 nxt = shapes[k + 1] if k + 1 < len(shapes) else None
@@ -359,6 +370,8 @@ def esd(
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
         result.save(out_dir, plots=plots)
+    if journal is not None:
+        journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
     return result
 
 

@@ -581,6 +581,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     result.elapsed_s = time.perf_counter() - t0
     result.save(out, plots=plots)
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
+    journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
     return result
 
 

@@ -87,6 +87,40 @@ def analysed(result: DiffResult) -> list[ModuleResult]:
     return [m for m in result.modules if m.p and m.fro_norm and "rounding_level" not in m.caveats]
 
 
+#: |Δα| over the fits' combined standard error above which fine-tuning counts as having moved α
+MOVED_Z = 2.0
+
+
+def esd_points(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per matrix of a ``spectra diff --esd`` result (its ``modules`` as dicts): name, layer,
+    module, role, α and σ_α of W_base and W_tuned, α of ΔW, Δα and its z, and the warnings of both sides."""
+    pts = []
+    for m in modules:
+        e = m.get("esd")
+        if not e:
+            continue
+        base, tuned, delta = e.get("base") or {}, e.get("tuned") or {}, e.get("delta") or {}
+        pts.append({"name": m["name"], "layer": m.get("layer"), "module": m["module"], "role": m.get("role"),
+                    "alpha_base": base.get("alpha"), "alpha_tuned": tuned.get("alpha"), "sigma_base": base.get("sigma"),
+                    "sigma_tuned": tuned.get("sigma"), "alpha_delta": delta.get("alpha"), "change": e.get("alpha_change"),
+                    "z": e.get("alpha_change_z"), "warning_base": base.get("warning", ""), "warning_tuned": tuned.get("warning", "")})
+    return pts
+
+
+def alpha_findings(modules: list[dict[str, Any]]) -> list[Finding]:
+    """What a ``spectra diff --esd`` result says about α, in words (empty without ESD entries): how many
+    matrices fine-tuning moved beyond :data:`MOVED_Z` standard errors, the median change, flags that changed."""
+    pts = [p for p in esd_points(modules) if p["change"] is not None]
+    if not pts:
+        return []
+    moved = [p for p in pts if p["z"] is not None and abs(p["z"]) > MOVED_Z]
+    med = statistics.median(p["change"] for p in pts)
+    flipped = sum(p["warning_base"] != p["warning_tuned"] for p in pts)
+    return [Finding("alpha", f"Fine-tuning moved α by more than {MOVED_Z:g} standard errors in {len(moved)} of {len(pts)} "
+                             f"matrices (median Δα {med:+.3f}); {flipped} changed their over/under-trained flag.",
+                    numbers={"moved": len(moved), "matrices": len(pts), "median_change": med, "flag_changed": flipped})]
+
+
 def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Finding]:
     """The findings of one diff, warnings first (see the module docstring).
 
@@ -125,6 +159,8 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
     size = _size_finding([m for m in result.modules if m.fro_norm])
     if size:
         out.append(size)
+    out += alpha_findings([{"name": m.name, "layer": m.layer, "module": m.module, "role": m.role, "esd": m.esd}
+                           for m in result.modules if m.esd])
     skipped = skipped_finding(result)
     if skipped:
         out.append(skipped)
@@ -338,5 +374,5 @@ def matrix_legend(tau: float) -> list[tuple[str, str]]:
     ]
 
 
-__all__ = ["NOT_LOW_RANK", "RANK_WORDS", "Finding", "analysed", "diff_findings", "matrix_legend", "rank_words",
-           "skipped_finding", "skipped_reasons", "summary_legend"]
+__all__ = ["MOVED_Z", "NOT_LOW_RANK", "RANK_WORDS", "Finding", "alpha_findings", "analysed", "diff_findings", "esd_points",
+           "matrix_legend", "rank_words", "skipped_finding", "skipped_reasons", "summary_legend"]

@@ -123,6 +123,8 @@ class _Task:
                 self.updates[base_name] = mod
             self.skipped += [{"name": n, "reason": f"{label}: stored whole (modules_to_save), not a LoRA update"}
                              for n in self.adapter.full]
+            # untargeted factors, LoRA biases, stray DoRA magnitudes: as `spectra diff ADAPTER` lists them
+            self.skipped += [{"name": k.name, "reason": f"{label}: {k.reason}"} for k in self.adapter.skipped]
         else:
             self.kind = "full"
             self.ckpt = open_checkpoint(label)

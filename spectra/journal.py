@@ -12,30 +12,58 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spectra.config import DiffConfig
-from spectra.errors import ConfigError, output_error
+from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
-from spectra.io.files import atomic_write_text
+from spectra.io.files import OutputLock, atomic_write_text
+from spectra.io.jsonfile import finite_or_null, load_json, load_jsonl
 from spectra.pairing import Skipped
 from spectra.results import DiffResult, ModuleResult
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 REWRITE_EVERY_S = 5.0
 
+#: The largest journal ``--resume`` reads (a million matrices' records are about 2 GB).
+JOURNAL_MAX_BYTES = 4 << 30
+
 
 #: DiffConfig fields that change the numbers a run writes (the others only change how it runs).
 RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method", "precision", "split_fused",
-                  "approx", "approx_above", "approx_tol", "seed", "weight_spectra")
+                  "approx", "approx_above", "approx_tol", "seed", "weight_spectra", "esd")
 
 
 def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> str:
-    """A hash of the inputs (tensor names, shapes, dtypes, offsets; file sizes and modification
-    times) and of the result-affecting options: a journal is resumed only under the same one."""
+    """A hash of the inputs (:func:`checkpoint_identity`: tensors, files, config.json, index) and of
+    the result-affecting options: a journal is resumed only under the same one."""
     h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in RESULT_FIELDS}, sort_keys=True, default=list).encode())
     for ckpt in (base, tuned):
-        files = sorted({str(t.file) for t in ckpt.tensors.values()})
-        h.update(json.dumps([ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
-                             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items())]).encode())
+        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
     return h.hexdigest()[:16]
+
+
+#: Small files beside the weights that decide results (head counts and layout, which shard holds a
+#: tensor, LoRA ranks and alphas): their content goes into the fingerprint.
+DECIDING_FILES = ("config.json", "adapter_config.json", "*.index.json")
+
+
+def checkpoint_identity(ckpt: Checkpoint) -> list:
+    """What identifies a checkpoint's results for ``--resume``: its label; each weight file's size and
+    modification time; each tensor's name, shape, dtype and offset; the parsed ``config.json``; and
+    the content digest of each :data:`DECIDING_FILES` file in its folder (or of the index passed)."""
+    files = sorted({str(t.file) for t in ckpt.tensors.values()})
+    root = Path(ckpt.root)
+    folder = root if root.is_dir() else root.parent
+    deciding = {q for pattern in DECIDING_FILES for q in folder.glob(pattern) if q.is_file()}
+    if root.is_file() and root.suffix == ".json":
+        deciding.add(root)
+    digests = []
+    for q in sorted(deciding):
+        try:
+            digests.append((q.name, hashlib.sha256(q.read_bytes()).hexdigest()))
+        except OSError:
+            digests.append((q.name, None))
+    return [ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+            sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
+            json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 
 
 class Journal:
@@ -45,6 +73,7 @@ class Journal:
         self.out_dir = out_dir
         self.journal = out_dir / "results.jsonl"
         self.last = 0.0
+        self.lock: OutputLock | None = None  # held from start() to finish() (or flush() on a stop)
 
     def start(self, result: DiffResult, *, resume: bool = False) -> list[dict]:
         """Begin a run; with ``resume``, return the journal's records of an earlier run with the same
@@ -52,25 +81,33 @@ class Journal:
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
+            OutputError: the folder cannot be written, or another run is writing into it.
         """
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(self.out_dir, exc) from exc
+        if self.lock is None:
+            self.lock = OutputLock.acquire(self.out_dir)
         done: list[dict] = []
         if resume:
             previous = self.out_dir / "results.json"
             if not (self.journal.is_file() and previous.is_file()):
                 raise ConfigError("nothing to resume: no results.jsonl and results.json", path=self.out_dir,
                                   hint="run without --resume first")
-            try:
-                old = json.loads(previous.read_text(encoding="utf-8")).get("fingerprint")
-            except (OSError, json.JSONDecodeError):
-                old = None
+            doc = load_json(previous, what="results.json", error=ResultsFormatError, lone_surrogates=True)
+            old = doc.get("fingerprint") if isinstance(doc, dict) else None
             if old != result.fingerprint:
                 raise ConfigError("the journal here comes from different inputs or options", path=self.out_dir,
                                   hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
             done = read_records(self.journal)
+            for i, rec in enumerate(done, 1):
+                entry = next((rec[k] for k in ("module", "skipped") if isinstance(rec, dict) and k in rec), None)
+                if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
+                    raise ResultsFormatError(
+                        f"record {i} must be {{\"module\": {{…}}}} or {{\"skipped\": {{…}}}} with a string name. "
+                        f"Got {str(rec)[:80]!r} instead", path=self.journal,
+                        hint="the journal was edited: run without --resume into a new folder")
         else:
             atomic_write_text(self.journal, "")
         result.save_json(self.out_dir / "results.json")
@@ -84,16 +121,29 @@ class Journal:
             self.last = time.monotonic()
 
     def flush(self, result: DiffResult) -> None:
-        """Write ``results.json`` now (``complete`` stays False on an interrupted run)."""
-        result.save_json(self.out_dir / "results.json")
+        """Write ``results.json`` now (``complete`` stays False on an interrupted run) and release the folder."""
+        try:
+            result.save_json(self.out_dir / "results.json")
+        finally:
+            self.release()
 
     def finish(self, result: DiffResult, *, plots: bool) -> None:
-        result.save(self.out_dir, plots=plots)
-        atomic_write_text(self.out_dir / "diff_config.json", json.dumps(result.config, indent=2, sort_keys=True) + "\n")
+        try:
+            result.save(self.out_dir, plots=plots)
+            atomic_write_text(self.out_dir / "diff_config.json", json.dumps(result.config, indent=2, sort_keys=True) + "\n")
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release the output folder's lock (the process's exit releases it too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def absorb(result: DiffResult, records: list[dict]) -> set[str]:
-    """Add journal records (``{"module": …}`` / ``{"skipped": …}``) to ``result``; their names."""
+    """Add journal records (``{"module": …}`` / ``{"skipped": …}``, as :meth:`Journal.start` checked
+    them) to ``result``; their names."""
     names = set()
     known = set(ModuleResult.__dataclass_fields__)
     for rec in records:
@@ -110,25 +160,27 @@ def read_records(path: Path) -> list[dict]:
     """The whole records of a JSON-lines journal, stopping at a line cut short by a kill (that item is
     recomputed); the file is rewritten with the whole records only, so the next append starts on a
     new line."""
-    done: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            done.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))
+    # bounded nesting and size, one-line errors; a line torn by a kill is the last one
+    done = load_jsonl(path, what=path.name, max_bytes=JOURNAL_MAX_BYTES, error=ResultsFormatError, skip_torn_tail=True,
+                      lone_surrogates=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=True) + "\n" for r in done))  # a name may hold a lone surrogate
     return done
 
 
 def append_record(path: Path, record: dict) -> None:
-    """Append one record as a JSON line (NaN/Inf refused: the journal must stay valid JSON).
+    """Append one record as a JSON line; NaN/Inf are written as null (the journal must stay valid JSON,
+    and ``results.json`` writes them as null with a warning in any case).
 
     Raises:
         OutputError: the file cannot be written; every line written before this one is kept.
     """
     try:
         with open(path, "a", encoding="utf-8") as f:
-            line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+            try:
+                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+            except ValueError:  # a non-finite number (an overflowing update): null, as in results.json
+                record = finite_or_null(record)
+                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
             try:
                 line.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate in a name: escape it, the line stays valid JSON
@@ -138,15 +190,13 @@ def append_record(path: Path, record: dict) -> None:
         raise output_error(path, exc) from exc
 
 
+
 def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
-    """A hash of checkpoints (tensor names, shapes, dtypes, offsets; file sizes and modification
-    times) and of the options that change the results: a journal is resumed only under the same one.
-    For commands other than ``diff`` (whose :func:`run_fingerprint` keeps its historical form)."""
+    """A hash of checkpoints (:func:`checkpoint_identity`) and of the options that change the
+    results: a journal is resumed only under the same one. For commands other than ``diff``."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True, default=list).encode())
     for ckpt in checkpoints:
-        files = sorted({str(t.file) for t in ckpt.tensors.values()})
-        h.update(json.dumps([ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
-                             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items())]).encode())
+        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
     return h.hexdigest()[:16]
 
 
@@ -167,6 +217,7 @@ class RecordJournal:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.lock: OutputLock | None = None  # the folder's lock, held while this journal lives
 
     def start(self, fingerprint: str, *, resume: bool) -> list[dict]:
         """Begin a run; with ``resume``, return the records of an earlier run with the same
@@ -174,12 +225,14 @@ class RecordJournal:
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
-            OutputError: the folder cannot be written.
+            OutputError: the folder cannot be written, or another run is writing into it.
         """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise output_error(self.path.parent, exc) from exc
+        if self.lock is None:
+            self.lock = OutputLock.acquire(self.path.parent)
         if not resume:
             atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
             return []
@@ -194,3 +247,9 @@ class RecordJournal:
     def add(self, record: dict) -> None:
         """Append one finished item."""
         append_record(self.path, record)
+
+    def release(self) -> None:
+        """Release the folder's lock (dropping the journal or the process's exit releases it too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None

@@ -6,6 +6,7 @@ Pure numpy on float64 arrays; no torch, no I/O. ``S`` is always the full spectru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +22,27 @@ def threshold_key(t: float) -> str:
     return str(float(t))
 
 
+def square_scale_exponent(S: np.ndarray) -> int:
+    """The power of two ``e`` to divide ``S`` by so that ``σ²`` neither overflows nor underflows: the
+    exponent of ``max(S)`` when it lies beyond 2**±256 (float64 updates near 1e200 or 1e-160), else 0
+    (ordinary spectra are not touched, so their metrics are bit-identical).
+
+    >>> square_scale_exponent(np.array([1e-160, 0.0])), square_scale_exponent(np.array([3.0]))
+    (-531, 0)
+    """
+    top = float(np.max(S)) if np.size(S) else 0.0
+    e = math.frexp(top)[1] if math.isfinite(top) and top > 0.0 else 0
+    return e if abs(e) > 256 else 0
+
+
+def fro_norm_of(S: np.ndarray) -> float:
+    """``sqrt(Σσᵢ²)``, the squares summed after scaling by :func:`square_scale_exponent` (exact: a
+    power of two), so that it is neither inf for σ near 1e200 nor 0 for σ near 1e-160."""
+    S = np.asarray(S, dtype=np.float64)
+    e = square_scale_exponent(S)
+    return float(np.ldexp(np.sqrt(np.sum(np.ldexp(S, -e) ** 2)), e))
+
+
 def energy_rank(S: np.ndarray, tau: float) -> int:
     """Smallest k with ``Σ_{i<=k} σᵢ² >= τ · Σ σᵢ²``; 0 for a zero matrix.
 
@@ -32,7 +54,8 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     """
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
-    energy = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    S = np.asarray(S, dtype=np.float64)
+    energy = np.cumsum(np.ldexp(S, -square_scale_exponent(S)) ** 2)  # ranks are scale-free
     if energy.size == 0 or energy[-1] == 0.0:
         return 0
     k = int(np.searchsorted(energy, tau * energy[-1], side="left")) + 1
@@ -42,6 +65,7 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
 def stable_rank(S: np.ndarray) -> float:
     """``Σσᵢ² / σ₁²``; 0 for a zero matrix."""
     S = np.asarray(S, dtype=np.float64)
+    S = np.ldexp(S, -square_scale_exponent(S))  # a ratio: scale-free
     if S.size == 0 or S[0] == 0.0:
         return 0.0
     return float(np.sum(S**2) / S[0] ** 2)
@@ -75,7 +99,10 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
 
 
 def relative_norm(fro: float, base_fro: float) -> float | None:
-    """``‖ΔW‖_F / ‖W_base‖_F``; 0 for a zero update, None (not NaN/inf) when only the base is zero."""
+    """``‖ΔW‖_F / ‖W_base‖_F``; 0 for a zero update, None (not NaN/inf, not a silent 0) when only the
+    base is zero or either norm is not finite (float64 weights whose norm overflowed)."""
+    if not (math.isfinite(fro) and math.isfinite(base_fro)):
+        return None
     if base_fro > 0:
         return fro / base_fro
     return 0.0 if fro == 0 else None
@@ -117,7 +144,7 @@ def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence
     ranks = {float(t): energy_rank(S, t) for t in thresholds}
     return SpectrumMetrics(
         p=p,
-        fro_norm=float(np.sqrt(np.sum(S**2))),
+        fro_norm=fro_norm_of(S),
         spectral_norm=float(S[0]) if p else 0.0,
         nuclear_norm=float(S.sum()),
         stable_rank=stable_rank(S),

@@ -139,14 +139,15 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         rest[top] = False
         rest_rows = torch.nonzero(rest).flatten()
         even = rest_rows[_sample_rows(rest_rows.numel(), max_rows - top.numel()).to(rest_rows.device)]
-        s_top = _pass(b2[top.to(b2.device)], t2[top.to(t2.device)], d2[top], eps, tiny_b, tiny_t, block)
-        s_even = _pass(b2[even.to(b2.device)], t2[even.to(t2.device)], d2[even], eps, tiny_b, tiny_t, block)
+        rows = torch.cat([top, even])
+        # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
-        s = {k: s_top[k] + scale * s_even[k] for k in s_top if k != "finite"}
-        s.update(finite=s_top["finite"] and s_even["finite"], delta_sq=float((energy**2).sum()))
+        weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
+        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], eps, tiny_b, tiny_t, block, weight=weight.to(d2.device))
+        s["delta_sq"] = float((energy**2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
             s[k] = int(round(s[k]))
-        rows = torch.cat([top, even]).to(b2.device)
+        rows = rows.to(b2.device)
         b2, t2 = b2[rows], t2[rows]  # the grid check samples from these
         where = f" (estimated from {rows.numel()} of {total_rows} rows: the {top.numel()} that changed most, and evenly spaced others)"
     if base_sq is not None:  # exact, from the caller's pass over every element
@@ -222,38 +223,45 @@ def _tiny_threshold(x: torch.Tensor, dtype: str) -> float | None:
 
 
 def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
-          tiny_b: float | None, tiny_t: float | None, block: int) -> dict:
-    """One O(elements) pass in row blocks; sums in float64, one host sync at the end."""
+          tiny_b: float | None, tiny_t: float | None, block: int, weight: torch.Tensor | None = None) -> dict:
+    """One O(elements) pass in row blocks; sums in float64, one host sync at the end. With ``weight``
+    (float64, one per row) every sum and count is weighted by row, and the counts come back as floats."""
     dev = d.device
     work = d.dtype if d.dtype.is_floating_point else torch.float32
     acc = {k: torch.zeros((), dtype=torch.float64, device=dev)
            for k in ("delta_sq", "base_sq", "tuned_sq", "ulp_sq", "sub_b_sq", "sub_t_sq")}
-    cnt = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("nonzero", "ulp", "sub_b", "sub_t")}
+    cnt = {k: torch.zeros((), dtype=torch.int64 if weight is None else torch.float64, device=dev)
+           for k in ("nonzero", "ulp", "sub_b", "sub_t")}
     finite = torch.ones((), dtype=torch.bool, device=dev)
     rows = max(1, block // max(1, d.shape[1]))
     for r in range(0, d.shape[0], rows):
         db = d[r : r + rows].to(work)
         bb = b[r : r + rows].to(dev).to(work).abs()
         tb = t[r : r + rows].to(dev).to(work).abs()
+        w = None if weight is None else weight[r : r + rows, None]
+
+        def total(x: torch.Tensor, w: torch.Tensor | None = w) -> torch.Tensor:  # w bound now: this block's weights
+            return x.sum() if w is None else (x * w).sum()
+
         finite &= torch.isfinite(db).all()
         d64 = db.double()
-        acc["delta_sq"] += (d64 * d64).sum()
-        acc["base_sq"] += (bb.double() ** 2).sum()
-        acc["tuned_sq"] += (tb.double() ** 2).sum()
+        acc["delta_sq"] += total(d64 * d64)
+        acc["base_sq"] += total(bb.double() ** 2)
+        acc["tuned_sq"] += total(tb.double() ** 2)
         nz = db != 0
-        cnt["nonzero"] += nz.sum()
+        cnt["nonzero"] += total(nz)
         if eps is not None:
             # one ulp at x is ε·2^floor(log2|x|) ≤ ε·|x|; the slack absorbs float32 rounding of the product
             small = nz & (db.abs() <= torch.maximum(bb, tb) * (eps * (1 + 1e-3)))
-            cnt["ulp"] += small.sum()
-            acc["ulp_sq"] += (d64 * d64 * small).sum()
+            cnt["ulp"] += total(small)
+            acc["ulp_sq"] += total(d64 * d64 * small)
         for side, x, tiny in (("sub_b", bb, tiny_b), ("sub_t", tb, tiny_t)):
             if tiny is not None:
                 sub = (x > 0) & (x < tiny)
-                cnt[side] += sub.sum()
-                acc[side + "_sq"] += (x.double() ** 2 * sub).sum()
+                cnt[side] += total(sub)
+                acc[side + "_sq"] += total(x.double() ** 2 * sub)
     out: dict = {k: float(v.item()) for k, v in acc.items()}
-    out.update({k: int(v.item()) for k, v in cnt.items()})
+    out.update({k: (int(v.item()) if weight is None else float(v.item())) for k, v in cnt.items()})
     out["finite"] = bool(finite.item())
     return out
 
@@ -264,32 +272,40 @@ def _sample_rows(n: int, k: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, k).round().long() if k > 1 else torch.zeros(k, dtype=torch.long)
 
 
+def _distinct(rows: torch.Tensor) -> torch.Tensor:
+    """Number of distinct values in each row of a 2-D finite tensor (one sort for all rows; -0.0 and
+    0.0 count once, as in :func:`torch.unique`)."""
+    s = torch.sort(rows, dim=1).values
+    return 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
+
+
 def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: str, sample_rows: int) -> NumericNote | None:
     """The ``quantisation_grid`` note, or None."""
-    rows = _sample_rows(b.shape[0], sample_rows)
     long_rows = b.shape[1] >= GRID_MIN_ROW
+    if not long_rows and base_dtype not in _QUANTISED_DTYPES and tuned_dtype not in _QUANTISED_DTYPES:
+        return None  # rows too short to judge by their values, and neither dtype is a grid
+    rows = _sample_rows(b.shape[0], sample_rows)
     sb = b[rows].to(torch.float64).cpu()
     st = t[rows].to(torch.float64).cpu()
-    levels_b = [torch.unique(r) for r in sb]
-    levels_t = [torch.unique(r) for r in st]
+    levels_b, levels_t = _distinct(sb), _distinct(st)
 
-    def looks(levels: list[torch.Tensor], dtype: str) -> str | None:
+    def looks(levels: torch.Tensor, dtype: str) -> str | None:
         if dtype in _QUANTISED_DTYPES:
             return f"stored as {dtype}"
-        if long_rows and levels and all(v.numel() <= GRID_MAX_LEVELS for v in levels):
-            return (f"≤ {max(v.numel() for v in levels)} distinct values in each of {len(levels)} sampled rows "
+        if long_rows and levels.numel() and bool((levels <= GRID_MAX_LEVELS).all()):
+            return (f"≤ {int(levels.max())} distinct values in each of {levels.numel()} sampled rows "
                     f"of {b.shape[1]}, as int8/int4-dequantised weights")
         return None
 
     qb, qt = looks(levels_b, base_dtype), looks(levels_t, tuned_dtype)
     if qb and qt:
-        ratios = [torch.unique(torch.cat([lb, lt])).numel() / max(lb.numel(), lt.numel(), 1)
-                  for lb, lt in zip(levels_b, levels_t)]
-        if max(ratios, default=0.0) <= GRID_UNION_RATIO:
+        ratios = _distinct(torch.cat([sb, st], dim=1)) / torch.clamp(torch.maximum(levels_b, levels_t), min=1)
+        ratio = float(ratios.max()) if ratios.numel() else 0.0
+        if ratio <= GRID_UNION_RATIO:
             return None  # same grid: ΔW is made of grid steps, the update as well as it can be stored
         return NumericNote("quantisation_grid", (
             f"base ({qb}) and tuned ({qt}) are quantised on different grids (a sampled row holds "
-            f"{max(ratios):.1f}x more distinct values over both sides than over one): ΔW includes the "
+            f"{ratio:.1f}x more distinct values over both sides than over one): ΔW includes the "
             f"quantisation error of both, which is near full rank"))
     if qb or qt:
         side, why, other = ("base", qb, "tuned") if qb else ("tuned", qt, "base")

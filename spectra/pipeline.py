@@ -12,6 +12,7 @@ loses at most one batch. Results come back in layer order whatever the work orde
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,7 +34,8 @@ from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import resolve_device
 from spectra.pairing import Skipped, pair_checkpoints
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
-from spectra.records import DiffEvent, approx_result, exact_result
+from spectra.plots.base import preload as preload_plots
+from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import Task, plan_units
 from spectra.stream import batches, prefetch, run_settings
@@ -63,6 +65,7 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
                                   dtype=dtype, max_batch_bytes=budget)
     seconds = (time.perf_counter() - start) / len(batch)
     weights: list[tuple[list[float] | None, list[float] | None]] = [(None, None)] * len(batch)
+    esds: list[dict | None] = [None] * len(batch)
     if config.weight_spectra:
         bases = [item.base for item in batch]
         S_b = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
@@ -71,8 +74,10 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
         S_t = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
         del bases
         weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
+        if config.esd:  # on the full spectra, before anything is truncated to top_k
+            esds = [esd_entry(item.unit.shape, S, sb, st) for item, S, sb, st in zip(batch, S_all, S_b, S_t)]
     _release(batch)
-    return [(exact_result(item, S, config, seconds, *w), None) for item, S, w in zip(batch, S_all, weights)]
+    return [(exact_result(item, S, config, seconds, *w, esd=e), None) for item, S, w, e in zip(batch, S_all, weights, esds)]
 
 
 def _release(batch: list[Prepared]) -> None:
@@ -150,6 +155,11 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     dtype = torch.float64 if config.precision == "float64" else torch.float32
     lead = ctx is None or ctx.rank == 0  # the rank that writes and reports
     writer = Journal(Path(out_dir)) if out_dir is not None and lead else None
+    # the heatmaps' imports (~0.5 s of matplotlib) run beside the engine, not after the run; from the
+    # first result on, once the largest tensor pair (the first read: the run's memory peak) is done
+    loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if writer and plots else None
+    if loader is not None:
+        callback = _starting(loader, callback)
     callback = callback if lead else None
     adapter_path = tuned if tuned is not None else base
     if not isinstance(adapter_path, Checkpoint) and is_adapter(adapter_path):
@@ -173,11 +183,25 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     result.add_caveat_warnings()
     if all_zero(result):
         result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
+    if loader is not None:
+        if loader.ident is None:  # no result came
+            loader.start()
+        loader.join()
     if writer:
         writer.finish(result, plots=plots)
     if not allow_identical:
         raise_if_identical(result, out_dir)
     return result
+
+
+def _starting(thread: threading.Thread, callback: Callable[[DiffEvent], None] | None) -> Callable[[DiffEvent], None]:
+    """``callback``, that also starts ``thread`` at its first call."""
+    def call(event: DiffEvent) -> None:
+        if thread.ident is None:
+            thread.start()
+        if callback is not None:
+            callback(event)
+    return call
 
 
 def all_zero(result: DiffResult) -> bool:
@@ -243,6 +267,10 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         left = [u for u in t.units if u.name not in names]
         if left:
             tasks.append(Task(t.pair, left))
+    # the largest matrices first (a stable sort: equal shapes stay together, for batching): each is read
+    # while little else is in memory, and its decomposition, often a batch of one, overlaps the reading
+    # of the others instead of ending the run alone on one core
+    tasks.sort(key=lambda t: -t.units[0].shape[0] * t.units[0].shape[1])
     done = len(names)
     total = done + sum(len(t.units) for t in tasks)
     rounds, ends = 0, []

@@ -1,6 +1,6 @@
 """Result records of a diff: the :class:`~spectra.results.ModuleResult` fields that follow from a
-spectrum (exact or approximate), the random-matrix baselines beside them, and the per-matrix event
-the runs report through their callback."""
+spectrum (exact or approximate), the random-matrix baselines beside them, the ``esd`` entry of
+``spectra diff --esd``, and the per-matrix event the runs report through their callback."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
 from spectra.engine import ApproxSpectrum
+from spectra.esd import esd_fields
 from spectra.metrics import relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
@@ -65,12 +66,42 @@ def random_ranks(shape: tuple[int, int], config: DiffConfig) -> dict[str, int]:
     return {threshold_key(tau): random_energy_rank(shape, tau) for tau in config.thresholds}
 
 
+def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.ndarray | None = None,
+              S_tuned: np.ndarray | None = None, *, note: str = "") -> dict:
+    """The ``esd`` entry of one ``spectra diff --esd`` result (:attr:`ModuleResult.esd`).
+
+    Args:
+        shape: ``(out, in)`` of the matrix.
+        S_delta: the full singular values of ΔW (descending, ``p = min(shape)`` of them; float64 numpy),
+            or None where ΔW is not fitted (``note`` says why).
+        S_base, S_tuned: the full singular values of W_base and W_tuned, or None (not available).
+        note: why a side is missing; ``""`` when all three are there.
+
+    Returns:
+        ``{"base", "tuned", "delta"}``, each the :meth:`spectra.esd.EsdMetrics.to_dict` of that matrix's
+        eigenvalues ``λ = σ²`` (WeightWatcher's default fit) or None, with ``alpha_change`` (α_tuned −
+        α_base), ``alpha_change_z`` (:func:`spectra.esd.alpha_change`) and ``note``.
+    """
+    fields = esd_fields(S_delta, S_base, S_tuned, shape=shape)
+    return {"base": fields["base"], "tuned": fields["tuned"], "delta": fields["delta"],
+            "alpha_change": fields["alpha_change"], "alpha_change_z": fields["alpha_change_z"], "note": note}
+
+
+#: The ``esd`` note of a result computed in the approximate mode.
+ESD_APPROX_NOTE = ("approximate mode: the power-law fit needs every eigenvalue, which the sketch does not compute "
+                   "(raise --approx-above to analyse this matrix exactly)")
+
+
 def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
-                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None) -> ModuleResult:
+                 base_sv: list[float] | None = None, tuned_sv: list[float] | None = None,
+                 esd: dict | None = None) -> ModuleResult:
+    """The result of one matrix from the full spectrum ``S`` of its ΔW (descending, length p); with
+    ``--weight-spectra`` the top singular values of W_base and W_tuned, with ``--esd`` its
+    :func:`esd_entry`."""
     return ModuleResult(
         **common_fields(item, config), **spectrum_fields(S, item.unit.shape, config, item.base_fro),
         method=f"{config.method}/{config.precision}", seconds=seconds,
-        base_singular_values=base_sv, tuned_singular_values=tuned_sv,
+        base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
     )
 
 
@@ -84,11 +115,12 @@ def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds
     return ModuleResult(
         **fields,
         fro_norm=a.fro_norm, rel_norm=relative_norm(a.fro_norm, item.base_fro), spectral_norm=sigma1,
-        stable_rank=(a.fro_norm**2 / sigma1**2) if sigma1 > 0 else 0.0, effective_rank=None, nuclear_norm=None,
+        stable_rank=(a.fro_norm / sigma1) ** 2 if sigma1 > 0 else 0.0, effective_rank=None, nuclear_norm=None,
         signal_rank=None,
         energy_rank={k: a.ranks[tau].estimate for k, tau in zip(keys, config.thresholds)},
         energy_rank_frac={k: a.ranks[tau].estimate / p for k, tau in zip(keys, config.thresholds)},
         energy_rank_bounds={k: [a.ranks[tau].lo, a.ranks[tau].hi] for k, tau in zip(keys, config.thresholds)},
         singular_values=[float(s) for s in a.top[: config.top_k]],
         method=f"approx/sketch{a.sketch}", seconds=seconds,
+        esd=esd_entry(item.unit.shape, None, note=ESD_APPROX_NOTE) if config.esd else None,
     )

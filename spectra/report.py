@@ -20,7 +20,6 @@ are defined in docs/definitions.md.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from spectra.display import safe_text
 from spectra.errors import ResultsFormatError, SpectraError
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
@@ -71,14 +71,11 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
         if f.name in JSONL_LOADERS:  # a document kept as JSON lines (e.g. a trace written during training)
             found.docs.append((f, JSONL_LOADERS[f.name](f)))
             continue
-        try:
-            text = f.read_text(encoding="utf-8")
-            if f.name.endswith(".jsonl"):
-                found.train_logs[f.parent.name] = _train_log(f, text)
-                continue
-            doc = json.loads(text)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ResultsFormatError(f"cannot read results ({exc.__class__.__name__})", path=f) from None
+        if f.name.endswith(".jsonl"):
+            found.train_logs[f.parent.name] = _train_log(f)
+            continue
+        # bounded size and nesting, one-line errors (spectra.io.jsonfile); names may hold lone surrogates
+        doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True)
         schema = doc.get("schema") if isinstance(doc, dict) else None
         if schema not in SECTIONS:
             raise ResultsFormatError(f"not a spectra result (schema {schema!r})", path=f,
@@ -92,17 +89,12 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
     return found
 
 
-def _train_log(path: Path, text: str) -> list[dict]:
+def _train_log(path: Path) -> list[dict]:
     """The records of a ``train_log.jsonl``, each checked: an object whose ``step`` is an integer and
-    whose losses are numbers or null."""
+    whose losses are numbers or null (a last line cut short by a killed run is dropped)."""
     records = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ResultsFormatError(f"line {i} is not JSON ({exc.__class__.__name__})", path=path) from None
+    for i, rec in enumerate(load_jsonl(path, what=TRAIN_LOG, error=ResultsFormatError, skip_torn_tail=True,
+                                       lone_surrogates=True), 1):
         if not isinstance(rec, dict):
             raise ResultsFormatError(f"line {i} must be a JSON object. Got {type(rec).__name__} instead", path=path)
         step = rec.get("step")

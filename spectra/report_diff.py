@@ -34,10 +34,11 @@ def title(path: Path, doc: dict) -> str:
 
 
 def findings(path: Path, doc: dict) -> list[Finding]:
-    """:func:`spectra.findings.diff_findings` of the result, plus the run's other warnings (tensors
-    skipped for NaN/Inf, non-finite values) as warning findings."""
+    """:func:`spectra.findings.diff_findings` of the result, with ``--esd`` whether fine-tuning moved α
+    (:func:`spectra.findings.alpha_findings`), plus the run's other warnings (tensors skipped for NaN/Inf,
+    non-finite values) as warning findings."""
     res = load(path, doc)
-    out = diff_findings(res)
+    out = diff_findings(res)  # with `diff --esd`, whether fine-tuning moved α too
     seen = {f.text for f in out}
     for w in res.warnings:
         if w.startswith(CAVEAT_PREFIX) or w.startswith("every analysed ΔW is exactly zero") or w in seen:

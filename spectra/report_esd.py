@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
-from spectra.findings import Finding
+from spectra.findings import MOVED_Z, Finding, esd_points
 from spectra.naming import role_sort_key
 from spectra.plots import esd as esd_plots
 from spectra.plots.base import svg_img
@@ -22,7 +22,6 @@ from spectra.report_html import esc, legend, note, table
 
 SCHEMA = "spectra.esd/1"
 #: ``|Δα| / sqrt(σ_base² + σ_tuned²)`` above this reads as "fine-tuning moved α".
-MOVED_Z = 2.0
 
 _BANDS = (f"Martin &amp; Mahoney's heavy-tailed self-regularisation theory reads the exponent α of the power-law tail "
           f"of a weight matrix's eigenvalue spectrum as how much correlation training has put into it: well-trained "
@@ -161,33 +160,8 @@ def _esd_section(path: Path, doc: dict[str, Any]) -> str:
 
 
 def diff_points(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per matrix of a ``spectra diff --esd`` result: name, layer, module, role, α and σ_α of
-    W_base and W_tuned, α of ΔW, Δα and its z, and the warnings of both sides."""
-    pts = []
-    for m in doc.get("modules", []):
-        e = m.get("esd")
-        if not e:
-            continue
-        base, tuned, delta = e.get("base") or {}, e.get("tuned") or {}, e.get("delta") or {}
-        pts.append({"name": m["name"], "layer": m.get("layer"), "module": m["module"], "role": m.get("role"),
-                    "alpha_base": base.get("alpha"), "alpha_tuned": tuned.get("alpha"), "sigma_base": base.get("sigma"),
-                    "sigma_tuned": tuned.get("sigma"), "alpha_delta": delta.get("alpha"), "change": e.get("alpha_change"),
-                    "z": e.get("alpha_change_z"), "warning_base": base.get("warning", ""), "warning_tuned": tuned.get("warning", "")})
-    return pts
-
-
-def diff_findings(path: Path, doc: dict) -> list[Finding]:
-    """What a ``spectra diff --esd`` result says about α, in words (empty without ESD entries): how many
-    matrices fine-tuning moved beyond twice the fits' error, the median change, flags that changed."""
-    pts = [p for p in diff_points(doc) if p["change"] is not None]
-    if not pts:
-        return []
-    moved = [p for p in pts if p["z"] is not None and abs(p["z"]) > MOVED_Z]
-    med = statistics.median(p["change"] for p in pts)
-    flipped = sum(p["warning_base"] != p["warning_tuned"] for p in pts)
-    return [Finding("alpha", f"Fine-tuning moved α by more than {MOVED_Z:g} standard errors in {len(moved)} of {len(pts)} "
-                             f"matrices (median Δα {med:+.3f}); {flipped} changed their over/under-trained flag.",
-                    numbers={"moved": len(moved), "matrices": len(pts), "median_change": med, "flag_changed": flipped})]
+    """:func:`spectra.findings.esd_points` of a results.json document."""
+    return esd_points(doc.get("modules", []))
 
 
 def _diff_section(path: Path, doc: dict[str, Any]) -> str:
@@ -203,8 +177,17 @@ def _diff_section(path: Path, doc: dict[str, Any]) -> str:
                         f"{MOVED_Z:g} combined standard errors (|z| &gt; {MOVED_Z:g}) is counted as moved. The spectrum of "
                         "ΔW itself is another matter: a low-rank update has few eigenvalues above the threshold and often no "
                         "fit (its α is then missing)."))
+        if any(p["layer"] is not None for p in both):
+            out.append(svg_img(esd_plots.alpha_change_heatmap(both), alt="change of alpha per layer and module"))
+            out.append(note("Each cell is Δα = α(W_tuned) − α(W_base) of one matrix (the median over the experts of an MoE "
+                            "layer), on a scale centred at 0: where fine-tuning moved the heavy tail, layer by layer."))
     else:
-        out.append("<p>α of W_base and W_tuned was not fitted here (an adapter analysed without its base has ΔW only).</p>")
+        out.append("<p>α of W_base and W_tuned was not fitted here (an adapter analysed without its base has neither, "
+                   "and the approximate mode fits nothing).</p>")
+    notes = sorted({m["esd"].get("note") for m in doc.get("modules", []) if m.get("esd") and m["esd"].get("note")})
+    if notes:  # why sides are missing (each matrix's entry has its own note)
+        more = f"; and {len(notes) - 5} other reasons" if len(notes) > 5 else ""
+        out.append(note("Not fitted: " + "; ".join(esc(n) for n in notes[:5]) + more + "."))
     groups: dict[str, list[dict]] = {}
     for p in pts:
         groups.setdefault(p["module"], []).append(p)

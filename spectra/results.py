@@ -24,6 +24,7 @@ from typing import Any
 from spectra.display import display_name
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import finite_or_null, load_json
 from spectra.metrics import threshold_key
 
 SCHEMA = "spectra.diff/1"
@@ -89,6 +90,11 @@ class ModuleResult:
             W_tuned, with ``--weight-spectra`` only (else None).
         lora_r, lora_alpha, lora_scale: for a LoRA update, the module's nominal rank, alpha and
             scale ``s`` (after rank/alpha patterns); None for full checkpoints.
+        esd: with ``--esd`` only (else None): ``{"base", "tuned", "delta"}``, each the heavy-tailed metrics
+            of that matrix (:class:`spectra.esd.EsdMetrics` as a dict: ``alpha``, ``D``, ``xmin``, ``sigma``…,
+            λ = σ², WeightWatcher's default fit) or None where not computed, plus ``alpha_change``
+            (α_tuned − α_base), ``alpha_change_z`` (that change in combined standard errors) and ``note``
+            (why a side is None; empty otherwise).
     """
 
     name: str
@@ -119,6 +125,7 @@ class ModuleResult:
     lora_scale: float | None = None
     base_singular_values: list[float] | None = None
     tuned_singular_values: list[float] | None = None
+    esd: dict[str, Any] | None = None
 
     @property
     def p(self) -> int:
@@ -208,7 +215,7 @@ class DiffResult:
         doc = self.to_dict()
         bad = _non_finite_paths(doc, "")
         if bad:
-            doc = _finite_or_null(doc)
+            doc = finite_or_null(doc)
             doc["warnings"] = [*doc["warnings"], non_finite_warning(bad)]
         text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
         try:
@@ -254,10 +261,7 @@ class DiffResult:
         path = Path(path)
         if path.is_dir():
             path = path / "results.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise ResultsFormatError(f"not valid JSON ({type(exc).__name__})", path=path) from None
+        doc = load_json(path, what="results.json", error=ResultsFormatError, lone_surrogates=True)
         return cls.from_dict(doc, source=path)
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
@@ -282,7 +286,8 @@ class DiffResult:
 
     def save(self, out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
         """Write ``results.json``, ``results.csv`` and, if ``plots``, the two heatmaps into ``out_dir``
-        (after :meth:`add_caveat_warnings`, so that results.json's ``warnings`` hold the caveats)."""
+        (after :meth:`add_caveat_warnings`, so that results.json's ``warnings`` hold the caveats); with
+        ``--esd`` results also ``alpha_base_tuned.png`` (α of W_tuned against W_base)."""
         self.add_caveat_warnings()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,12 @@ class DiffResult:
             files["rank_heatmap"] = diff_plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
             if any(m.rel_norm is not None for m in self.modules):
                 files["relnorm_heatmap"] = diff_plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
+        points = [{"module": m.module, "alpha_base": m.esd["base"]["alpha"], "alpha_tuned": m.esd["tuned"]["alpha"]}
+                  for m in self.modules if m.esd and m.esd.get("base") and m.esd.get("tuned")]
+        if plots and any(p["alpha_base"] is not None and p["alpha_tuned"] is not None for p in points):
+            from spectra.plots import esd as esd_plots
+
+            files["alpha_base_tuned"] = esd_plots.alpha_base_tuned(points, out / "alpha_base_tuned.png")
         return files
 
     @property
@@ -321,6 +332,9 @@ class DiffResult:
                 row[f"random_energy_rank_{k}"] = m.random_energy_rank.get(k)
             if m.lora_r is not None:
                 row.update({"lora_r": m.lora_r, "lora_alpha": m.lora_alpha, "lora_scale": m.lora_scale})
+            if m.esd is not None:  # --esd: α of each side (the rest is in results.json)
+                row.update({f"alpha_{side}": (m.esd.get(side) or {}).get("alpha") for side in ("base", "tuned", "delta")})
+                row["alpha_change"] = m.esd.get("alpha_change")
             row.update({"dtype": m.dtype, "method": m.method, "seconds": m.seconds, "note": m.note})
             rows.append(row)
         return rows
@@ -470,15 +484,6 @@ def _non_finite_paths(x: Any, where: str) -> list[str]:
     return []
 
 
-def _finite_or_null(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite_or_null(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_null(v) for v in x]
-    return x
-
 
 # ---- validation of a results.json document ----------------------------------------------------
 
@@ -492,6 +497,20 @@ def _is_num(x: Any) -> bool:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _esd_ok(v: Any) -> bool:
+    """Whether a module's ``esd`` entry has the types the report reads (``spectra diff --esd``)."""
+    if v is None:
+        return True
+    if not isinstance(v, dict) or not all(v.get(k) is None or _is_num(v[k]) for k in ("alpha_change", "alpha_change_z")):
+        return False
+    for side in ("base", "tuned", "delta"):
+        rec = v.get(side)
+        if rec is not None and not (isinstance(rec, dict)
+                                    and all(rec.get(k) is None or _is_num(rec[k]) for k in ("alpha", "sigma", "D", "xmin"))):
+            return False
+    return True
 
 
 def _check_document(d: Any, source: Any) -> None:
@@ -566,6 +585,8 @@ def _check_document(d: Any, source: Any) -> None:
             ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
             ("energy_rank_frac", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
             ("seconds", _is_num, "a number"),
+            ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
+                             'alpha, sigma, D, xmin) or null'),
         ):
             if key in m and not ok(m[key]):
                 fail(what, m[key], f"{at}.{key}")

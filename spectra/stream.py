@@ -5,6 +5,7 @@ matrices. Memory stays bounded by the pairs in flight plus one batch, whatever t
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -12,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from threadpoolctl import ThreadpoolController
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared, pair_bytes, prepare
-from spectra.engine import batch_budget
 from spectra.io.checkpoint import Checkpoint
 from spectra.selection import Task
 
@@ -30,17 +31,32 @@ class RunSettings:
     ahead_bytes: int | None  # cap of the pairs in flight (on CUDA: the ΔW formed on the device)
 
 
+#: Cap of a batch of ΔW collected on the CPU. The CPU engine solves a batch one matrix per worker
+#: thread, so a larger batch gains nothing there; it only made the engine wait, cores idle, while
+#: the whole next batch was read (batches stop at ``max_batch`` small matrices either way).
+CPU_COLLECT_BYTES = 16 << 20
+
+
 def run_settings(config: DiffConfig, device: torch.device) -> RunSettings:
-    """Resolve the memory and thread defaults: on CUDA, 45% of free memory for a batch and a quarter
-    for reading ahead (ΔW is formed on the GPU), 8 pairs ahead and up to 4 readers; on the CPU a
-    256 MiB batch, one pair ahead and one reader (the engine's BLAS already uses every core)."""
+    """Resolve the memory and thread defaults.
+
+    On CUDA: 45% of free memory for a batch and a quarter for reading ahead (ΔW is formed on the
+    GPU), 8 pairs ahead, up to 4 readers.
+
+    On the CPU: batches of :data:`CPU_COLLECT_BYTES` (or ``max_batch`` matrices) and one reader (the
+    engine's workers already use every core), which reads up to ``max_batch`` pairs ahead and no
+    more than three batches' worth of bytes (a pair counts as loaded plus formed until it is taken):
+    about one batch of ΔW is ready when the engine finishes the previous one. With 256 MiB batches
+    and one pair ahead, 7 of the 211 pairs of a 30-layer 135M-layout model were read while the
+    engine worked (the others while it waited); with these defaults, 174-195.
+    """
     cuda = device.type == "cuda"
     free = torch.cuda.mem_get_info(device)[0] if cuda else 0
-    batch = config.max_batch_bytes if config.max_batch_bytes is not None else (int(0.45 * free) if cuda else batch_budget(device))
-    ahead = config.prefetch_bytes if config.prefetch_bytes is not None else (int(0.25 * free) if cuda else None)
+    batch = config.max_batch_bytes if config.max_batch_bytes is not None else (int(0.45 * free) if cuda else CPU_COLLECT_BYTES)
+    ahead = config.prefetch_bytes if config.prefetch_bytes is not None else (int(0.25 * free) if cuda else 3 * batch)
     return RunSettings(
         batch_bytes=batch,
-        depth=config.prefetch if config.prefetch is not None else (8 if cuda else 1),
+        depth=config.prefetch if config.prefetch is not None else (8 if cuda else config.max_batch),
         workers=config.read_workers or (min(4, os.cpu_count() or 1) if cuda else 1),
         ahead_bytes=ahead,
     )
@@ -62,7 +78,7 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
             yield from prepare(task, base, tuned, device, keep_base)
         return
     todo = deque(tasks)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read", initializer=one_openmp_thread) as pool:
         pending: deque = deque()
         in_flight = 0
 
@@ -90,6 +106,26 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
         finally:
             for fut, _ in pending:
                 fut.cancel()
+
+
+@functools.cache
+def _openmp_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded OpenMP runtimes (torch's), built once (~20 ms)."""
+    return ThreadpoolController().select(user_api="openmp")
+
+
+def one_openmp_thread() -> None:
+    """Run torch's CPU kernels on one OpenMP thread in the calling thread only (a reader thread).
+
+    Why: the engine's workers already hold every core; a reader whose element-wise kernels fork
+    an OpenMP team oversubscribes them, and the team spin-waits at each barrier on cores the LAPACK
+    workers need: in a 135M-layout diff on a busy 2-core machine the reader thread alone spent
+    9-13 s of CPU with a two-thread team and 2.5-2.7 s with one. The OpenMP thread count is a
+    per-thread setting (an ICV), so the main thread and the engine keep theirs; it ends with the
+    thread.
+    """
+    torch.get_num_threads()  # torch sets a new thread's count on first use: set ours after it
+    _openmp_controller().limit(limits=1)
 
 
 def batches(prepared: Iterator[Prepared], shapes: list[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[Prepared]]:

@@ -555,6 +555,8 @@ def trace(
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
         result.save(out_dir, plots=plots)
+    if journal is not None:
+        journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
     return result
 
 

@@ -29,6 +29,7 @@ from spectra.callbacks import SpectraTracker
 from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import load_jsonl
 from spectra.pipeline import diff
 
 TARGET_SETS = {
@@ -126,13 +127,8 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         out = [("", f.read_text(encoding="utf-8", errors="replace")) for f in files]
     elif p.suffix == ".jsonl":
         out = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise SpectraError(f"line {i} is not JSON", path=p) from None
+        # bounded size and nesting, one-line errors naming the line (spectra.io.jsonfile)
+        for i, rec in enumerate(load_jsonl(p, what=p.name, error=ConfigError), start=1):
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 out.append(("", rec["text"]))
             elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):

@@ -318,6 +318,7 @@ def test_bad_arguments_of_the_math():
 def test_files_resume_and_layer_order(tiny_llama, tmp_path):
     path, _ = tiny_llama
     full = esd(path, out_dir=tmp_path / "a", config=EsdConfig(device="cpu"))
+    assert not (tmp_path / "a" / ".spectra.lock").exists()  # a finished run leaves no lock behind
     for f in ("esd.json", "esd.csv", "esd.jsonl", "esd_config.json", "alpha_heatmap.png", "esd_plots.png"):
         assert (tmp_path / "a" / f).is_file(), f
     doc = json.loads((tmp_path / "a" / "esd.json").read_text())
@@ -397,7 +398,8 @@ def test_non_finite_matrix_is_skipped(tmp_path):
 
 # ---- the report section ---------------------------------------------------------------------------------------
 def test_report_section_escapes_names_and_draws(tiny_llama, tmp_path):
-    from spectra.report_esd import diff_findings, findings, section_html, title
+    from spectra.findings import alpha_findings
+    from spectra.report_esd import findings, section_html, title
 
     path, _ = tiny_llama
     doc = esd(path, config=EsdConfig(device="cpu")).to_dict()
@@ -417,8 +419,13 @@ def test_report_section_escapes_names_and_draws(tiny_llama, tmp_path):
         mods.append({"name": f"layers.{i}.q", "layer": i, "module": "q_proj", "role": "q",
                      "esd": esd_fields(S * 1e-3, S, S * 1.02, shape=(64, 64))})
     diff_page = section_html(tmp_path / "results.json", {"schema": "spectra.diff/1", "base": "b", "tuned": "t", "modules": mods})
-    assert "Did fine-tuning move α?" in diff_page and diff_page.count("<img") == 1 and "median Δα" in diff_page
-    moved = diff_findings(tmp_path / "results.json", {"schema": "spectra.diff/1", "modules": mods})[0].numbers
+    # the α-vs-α scatter and the Δα heatmap (layers × modules)
+    assert "Did fine-tuning move α?" in diff_page and diff_page.count("<img") == 2 and "median Δα" in diff_page
+    mods[0]["name"], mods[1]["esd"]["note"] = "<script>x</script>", "<i>why</i>"
+    hostile = section_html(tmp_path / "results.json", {"schema": "spectra.diff/1", "base": "b", "tuned": "<t>", "modules": mods})
+    assert "<script>" not in hostile and "&lt;script&gt;" in hostile and "&lt;t&gt;" in hostile
+    assert "Not fitted: &lt;i&gt;why&lt;/i&gt;." in hostile
+    moved = alpha_findings(mods)[0].numbers
     assert moved["matrices"] == 3 and moved["moved"] == sum(abs(m["esd"]["alpha_change_z"]) > 2 for m in mods)
     assert section_html(tmp_path / "r.json", {"schema": "spectra.diff/1", "modules": [{"name": "x"}]}) == ""
     with pytest.raises(ValueError, match="schema must be"):
@@ -426,11 +433,9 @@ def test_report_section_escapes_names_and_draws(tiny_llama, tmp_path):
 
 
 def test_diff_esd_integration_when_wired(tmp_path):
-    """``spectra diff --esd`` (the pipeline calls :func:`esd_fields`); runs once ``DiffConfig`` has ``esd``."""
+    """``spectra diff --esd``: each side's α equals :func:`esd_fields` on float64 numpy SVDs of W_base, W_tuned, ΔW."""
     from spectra import DiffConfig, diff
 
-    if "esd" not in DiffConfig.__dataclass_fields__:
-        pytest.skip("spectra diff --esd is not wired into the pipeline yet")
     rng = np.random.default_rng(9)
     base = {f"model.layers.{i}.mlp.down_proj.weight": _planted((96, 64), _pareto(64, 3.0, rng, 0.01), rng) for i in range(2)}
     tuned = {k: v + 1e-2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) for k, v in base.items()}
@@ -444,3 +449,218 @@ def test_diff_esd_integration_when_wired(tmp_path):
         ref = esd_fields(S_d, S_b, S_t, shape=(96, 64))
         for side in ("base", "tuned", "delta"):
             assert m.esd[side]["alpha"] == pytest.approx(ref[side]["alpha"], rel=1e-6)
+
+
+# ---- spectra diff --esd --------------------------------------------------------------------------------------
+def _svals64(W: torch.Tensor) -> np.ndarray:
+    return np.linalg.svd(W.double().numpy(), compute_uv=False)
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tiny_llama, tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    """The tiny Llama and a fine-tune of it: every matrix moved by a dense update, two by a rank-2 one."""
+    path, model = tiny_llama
+    tuned = tmp_path_factory.mktemp("llama_tuned")
+    g = torch.Generator().manual_seed(5)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().clone()
+        if v.ndim == 2:
+            v += 0.3 * v.std() * torch.randn(v.shape, generator=g)
+            if "layers.1" in k:
+                v += torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g) * 0.05
+        state[k] = v.contiguous()
+    state.pop("lm_head.weight", None)  # tied: stored once, as save_pretrained does
+    save_file(state, tuned / "model.safetensors")
+    (tuned / "config.json").write_text((path / "config.json").read_text())
+    return path, tuned, model
+
+
+def test_diff_esd_equals_spectra_esd_weightwatcher_and_numpy(llama_pair, tmp_path):
+    """α, D, xmin, σ_α of W_base and W_tuned equal `spectra esd` on each checkpoint alone (the same spectra),
+    W_base's equal WeightWatcher's analyze() of the base model, and ΔW's equal esd_metrics on numpy's float64
+    SVD of ΔW."""
+    from safetensors.torch import load_file
+
+    from spectra import DiffConfig, diff
+
+    base, tuned, model = llama_pair
+    res = diff(base, tuned, config=DiffConfig(esd=True, device="cpu"))
+    assert res.config["esd"] and res.config["weight_spectra"]  # --esd implies the weight spectra
+    alone = {side: {m.name: m for m in esd(p, config=EsdConfig(device="cpu")).matrices} for side, p in (("base", base), ("tuned", tuned))}
+    ww = _ww_rows(model)
+    W_b = load_file(base / "model.safetensors")
+    W_t = load_file(tuned / "model.safetensors")
+    assert len(res.modules) == 15
+    for m in res.modules:
+        assert set(m.esd) == {"base", "tuned", "delta", "alpha_change", "alpha_change_z", "note"} and m.esd["note"] == ""
+        for side in ("base", "tuned"):
+            ref = alone[side][m.name]
+            for key in ("alpha", "D", "xmin", "sigma", "alpha_weighted", "log_alpha_norm", "num_pl_spikes", "mp_num_spikes"):
+                assert _rel(m.esd[side][key], ref[key]) < 1e-6, (m.name, side, key, m.esd[side][key], ref[key])
+        row = ww[m.name.removesuffix(".weight")]
+        for key in PARITY:
+            assert _rel(m.esd["base"][key], float(row[key])) < 1e-6, (m.name, key)
+        S_d = _svals64(W_t[m.name].double() - W_b[m.name].double())
+        ref_d = esd_metrics(S_d**2, tuple(m.shape))
+        for key in ("alpha", "D", "xmin", "sigma", "log_norm", "stable_rank"):
+            assert _rel(m.esd["delta"][key], getattr(ref_d, key)) < 1e-6, (m.name, key)
+        assert m.esd["alpha_change"] == pytest.approx(m.esd["tuned"]["alpha"] - m.esd["base"]["alpha"], rel=1e-12)
+    # the dense updates did move α: a test that could not tell base from tuned would pass with Δα = 0
+    assert sum(abs(m.esd["alpha_change"]) > 1e-3 for m in res.modules) >= 10
+
+
+def test_diff_esd_files_journal_resume_and_loader(llama_pair, tmp_path):
+    from spectra import DiffConfig, DiffResult, diff
+
+    base, tuned, _ = llama_pair
+    cfg = DiffConfig(esd=True, device="cpu", include="layers")
+    full = diff(base, tuned, config=cfg, out_dir=tmp_path / "a")
+    loaded = DiffResult.load(tmp_path / "a")
+    assert [m.esd for m in loaded.modules] == [m.esd for m in full.modules] and loaded.modules[0].esd["base"]["alpha"] > 1
+    header = (tmp_path / "a" / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"alpha_base", "alpha_tuned", "alpha_delta", "alpha_change"} <= set(header)
+    assert (tmp_path / "a" / "alpha_base_tuned.png").is_file()
+    lines = (tmp_path / "a" / "results.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["module"]["esd"]["tuned"]["alpha"] is not None for line in lines)
+    # an interrupted run: 5 whole records and a line cut short; --resume equals the uninterrupted run
+    (tmp_path / "b").mkdir()
+    for f in ("results.json",):
+        (tmp_path / "b" / f).write_text((tmp_path / "a" / f).read_text())
+    (tmp_path / "b" / "results.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])
+    resumed = diff(base, tuned, config=cfg, out_dir=tmp_path / "b", resume=True)
+    assert [(m.name, m.esd) for m in resumed.modules] == [(m.name, m.esd) for m in full.modules]
+    # a journal made without --esd (even with --weight-spectra, which --esd implies) is not resumed with it
+    diff(base, tuned, config=DiffConfig(weight_spectra=True, device="cpu", include="layers"), out_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="different inputs or options"):
+        diff(base, tuned, config=cfg, out_dir=tmp_path / "c", resume=True)
+    doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    doc["modules"][2]["esd"] = {"base": "3.1", "tuned": None, "delta": None}
+    with pytest.raises(ResultsFormatError, match=r"modules\[2\]\.esd must be null or an object"):
+        DiffResult.from_dict(doc, source="results.json")
+    doc["modules"][2]["esd"] = {"base": {"alpha": "3.1"}, "tuned": None, "delta": None}
+    with pytest.raises(ResultsFormatError, match=r"modules\[2\]\.esd must be"):
+        DiffResult.from_dict(doc, source="results.json")
+
+
+def test_diff_esd_approximate_mode_records_why(llama_pair):
+    from spectra import DiffConfig, diff
+
+    base, tuned, _ = llama_pair
+    res = diff(base, tuned, config=DiffConfig(esd=True, device="cpu", approx=True, include="layers.0.mlp"))
+    assert len(res.modules) == 3
+    for m in res.modules:
+        assert m.esd["base"] is None and m.esd["tuned"] is None and m.esd["delta"] is None
+        assert m.esd["note"].startswith("approximate mode: the power-law fit needs every eigenvalue")
+    assert DiffConfig().esd is False and DiffConfig(esd=False).weight_spectra is False
+
+
+def _lora_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(2)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():  # DoRA magnitudes start at the row norms; move them so the update is not trivial
+        for name, prm in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                prm.mul_(1 + 0.1 * torch.rand_like(prm))
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_diff_esd_of_a_lora_adapter(tiny_llama, tmp_path, dora):
+    """BASE + ADAPTER: W_base and W_tuned = W_base + ΔW are fitted (equal to esd_metrics on numpy SVDs of
+    W_base and of W_base + s·B·A, or DoRA's update); a factored ΔW (rank ≤ r) is not, with the reason.
+    The adapter alone: nothing but the reason."""
+    from safetensors.torch import load_file
+
+    from spectra import DiffConfig, diff
+    from spectra.io.adapter import open_adapter
+
+    base, _ = tiny_llama
+    adapter_dir = _lora_adapter(base, tmp_path / "adapter", r=4, lora_alpha=8, use_dora=dora, target_modules=["q_proj", "down_proj"])
+    res = diff(base, adapter_dir, config=DiffConfig(esd=True, device="cpu"))
+    W = load_file(base / "model.safetensors")
+    mods = open_adapter(adapter_dir).modules
+    assert len(res.modules) == 4
+    for m in res.modules:
+        mod = mods[m.name.removesuffix(".weight")]
+        Wb = W[m.name].double()
+        dW = mod.dora_delta(Wb) if dora else mod.dense_delta()
+        for side, M in (("base", Wb), ("tuned", Wb + dW)):
+            ref = esd_metrics(_svals64(M) ** 2, tuple(m.shape))
+            for key in ("alpha", "D", "xmin", "sigma"):
+                assert _rel(m.esd[side][key], getattr(ref, key)) < 1e-6, (m.name, side, key)
+        assert m.base_singular_values[0] == pytest.approx(_svals64(Wb)[0], rel=1e-9)
+        if dora:  # DoRA's ΔW is dense (full rank): fitted
+            assert m.esd["note"] == "" and _rel(m.esd["delta"]["alpha"], esd_metrics(_svals64(dW) ** 2, tuple(m.shape)).alpha) < 1e-5
+        else:
+            assert m.esd["delta"] is None and m.esd["note"] == "ΔW = s·B·A has rank ≤ r = 4: too few eigenvalues for a power-law fit"
+    from spectra.report_esd import section_html
+
+    page = section_html(tmp_path / "results.json", res.to_dict())
+    assert page.count("<img") == 2 and ("" if dora else "Not fitted: ΔW = s·B·A has rank ≤ r = 4") in page
+    if not dora:
+        alone = diff(adapter_dir, config=DiffConfig(esd=True, device="cpu"))
+        for m in alone.modules:
+            assert m.esd["base"] is None and m.esd["tuned"] is None and m.esd["delta"] is None
+            assert m.esd["note"].startswith("no base checkpoint: W_base and W_tuned are unknown; ΔW = s·B·A has rank ≤ r = 4")
+
+
+def test_cli_diff_esd_report(llama_pair, tmp_path):
+    from spectra_cli.diff import diff_cmd
+
+    base, tuned, _ = llama_pair
+    group = type(main)(commands={"diff": diff_cmd})
+    res = CliRunner().invoke(group, ["diff", str(base), str(tuned), "--esd", "--out", str(tmp_path / "o"), "--report",
+                                     "--device", "cpu", "--include", "mlp"])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "o" / "report.html").read_text()
+    assert "Did fine-tuning move α?" in page and "median α (base)" in page and "Fine-tuning moved α by more than 2" in page
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert doc["config"]["esd"] is True and all(m["esd"]["base"]["alpha"] is not None for m in doc["modules"])
+
+
+# ---- hostile inputs to spectra esd ---------------------------------------------------------------------------
+def test_esd_hostile_matrices(tmp_path):
+    """Zero, 1 × N and N × 1 matrices get a failed fit with its reason (no α); Inf and float64 weights whose
+    squares overflow are skipped with the reason; a rank-1 matrix of huge scale does not fit its rounding noise."""
+    W = {"layers.0.zero.weight": torch.zeros(32, 16), "layers.0.row.weight": torch.randn(1, 40),
+         "layers.0.col.weight": torch.randn(40, 1), "layers.0.inf.weight": torch.full((16, 8), float("inf")),
+         "layers.0.big.weight": torch.randn(16, 8, dtype=torch.float64) * 1e200,
+         "layers.0.huge.weight": torch.full((16, 8), 3e38), "layers.0.ok.weight": torch.randn(64, 32)}
+    save_file(W, tmp_path / "m.safetensors")
+    res = esd(tmp_path / "m.safetensors", config=EsdConfig(device="cpu"), out_dir=tmp_path / "o")
+    rec = {m.name: m for m in res.matrices}
+    assert rec["layers.0.ok.weight"]["status"] == "success"
+    for name, why in (("zero", "0 eigenvalue(s) above 1e-05"), ("row", "1 eigenvalue(s) above 1e-05"),
+                      ("col", "1 eigenvalue(s) above 1e-05"), ("huge", "1 eigenvalue(s) above 2.04")):
+        r = rec[f"layers.0.{name}.weight"]
+        assert r["alpha"] is None and r["status"] == "failed" and r["fit_note"].startswith(why), (name, r["fit_note"])
+        assert r["alpha_weighted"] is None and r["warning"] == ""
+    skipped = {s["name"]: s["reason"] for s in res.skipped}
+    assert skipped["layers.0.inf.weight"] == "NaN or Inf in the weights; the spectrum is undefined"
+    assert skipped["layers.0.big.weight"].startswith("weights too large: ‖W‖_F² exceeds 1e+300")
+    assert len(res.matrices) == 5 and "4 of 5 power-law fits failed" in res.warnings[0]
+    json.loads((tmp_path / "o" / "esd.json").read_text(), parse_constant=pytest.fail)  # no NaN/Infinity written
+
+
+def test_esd_interrupted_run_resumes_to_the_same_result(tiny_llama, tmp_path):
+    path, _ = tiny_llama
+    full = esd(path, config=EsdConfig(device="cpu"))
+
+    def stop(ev):
+        if ev.done == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        esd(path, out_dir=tmp_path, config=EsdConfig(device="cpu"), callback=stop)
+    doc = json.loads((tmp_path / "esd.json").read_text())
+    assert doc["complete"] is False and len(doc["matrices"]) == 6
+    seen = []
+    resumed = esd(path, out_dir=tmp_path, config=EsdConfig(device="cpu"), resume=True, callback=seen.append)
+    assert len(seen) == 9 and resumed.complete
+    strip = [{k: v for k, v in m.to_dict().items() if k != "seconds"} for m in resumed.matrices]
+    assert strip == [{k: v for k, v in m.to_dict().items() if k != "seconds"} for m in full.matrices]

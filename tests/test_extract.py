@@ -181,6 +181,7 @@ def test_extracting_a_merged_lora_recovers_it_at_rounding_level(tmp_path):
     res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "out", config=ExtractConfig(rank=4))
     base, tuned = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(str(tmp_path / "tuned" / "model.safetensors"))
     mods = open_adapter(tmp_path / "out").modules
+    assert not (tmp_path / "out" / ".spectra.lock").exists()  # a finished run leaves no lock behind
     assert len(mods) == len(res.modules) == 14
     for mod in mods.values():
         delta = tuned[mod.weight_name].double() - base[mod.weight_name].double()

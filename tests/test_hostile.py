@@ -703,3 +703,19 @@ def test_errors_never_print_terminal_controls(tmp_path):
     assert "\x1b" not in str(exc.value) and "\x07" not in str(exc.value)
     assert "\\x1b" in str(exc.value)
 
+
+
+def test_interfere_lists_what_each_adapter_leaves_out(tmp_path):
+    """A LoRA bias is not part of s·B·A: interfere skips it with the same reason `diff ADAPTER` gives."""
+    from safetensors.torch import save_file
+
+    from spectra.interfere import interfere
+
+    a, base = _peft_adapter(tmp_path / "a", r=2, lora_bias=True, target_modules=["q_proj"])
+    b, _ = _peft_adapter(tmp_path / "b", r=2, target_modules=["q_proj"])
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    res = interfere(str(tmp_path / "base.safetensors"), [str(a), str(b)])
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    (name,) = [n for n in reasons if n.endswith("q_proj.lora_B.bias")]
+    assert reasons[name].startswith(f"{a}: LoRA bias (lora_bias=True)")
+    assert not any(n.startswith(str(b)) for n in reasons.values())

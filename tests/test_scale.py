@@ -33,7 +33,7 @@ MiB = 1 << 20
 # ---- 1. bounded memory -----------------------------------------------------------------------------
 
 #: Data memory allowed to `spectra diff` above the tiny-pair baseline, bytes, with the CPU defaults
-#: (DiffConfig: max_batch 32, prefetch 1, max_batch_bytes 256 MiB). The widest matrix is 4096 × 64
+#: (CPU defaults: batches of 16 MiB or 32 matrices, up to 32 pairs / 48 MiB read ahead). The widest matrix is 4096 × 64
 #: float32 (1 MiB): one batch holds 32 ΔW (32 MiB; decomposed one by one from the list, no stacked
 #: copy) and one float64 upcast block, plus the prefetched pair and glibc heap slack. Measured on
 #: the 2-core dev box: baseline ≈ 259 MiB; data memory +73..79 MiB (76 layers), +81..87 MiB (152 layers).

@@ -60,6 +60,7 @@ def test_scaled_update_keeps_ranks_and_directions(tmp_path):
     assert [c["step"] for c in res.checkpoints] == [10, 20, 30, 40] and res.kind == "full"
     assert [c["loss"] for c in res.checkpoints] == pytest.approx([2.9, 2.8, 2.7, 2.6])
     assert len(res.matrices) == 4
+    assert not (tmp_path / "out" / ".spectra.lock").exists()  # a finished run leaves no lock behind
     for m in res.matrices:
         S_ref = np.linalg.svd(deltas[10][m["name"]].numpy(), compute_uv=False)
         W_fro = float(np.linalg.norm(load_base(base, m["name"])))

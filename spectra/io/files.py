@@ -1,13 +1,23 @@
 """Writing result files atomically: a temporary file in the same folder, then a rename, so that an
-interruption (Ctrl-C, SIGKILL, a full disk) never leaves a half-written file where a whole one was."""
+interruption (Ctrl-C, SIGKILL, a full disk) never leaves a half-written file where a whole one was;
+and locking an output folder so that two runs never write into it at once (:class:`OutputLock`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 
-from spectra.errors import output_error
+from spectra.errors import OutputError, output_error
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -43,3 +53,102 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             raise output_error(path, exc) from exc
         raise
     return path
+
+
+#: The lock file a run holds in its output folder (:class:`OutputLock`).
+LOCK_NAME = ".spectra.lock"
+
+
+class OutputLock:
+    """An exclusive lock on an output folder, so that two runs never write one folder at once (their
+    journals would interleave). It is an advisory ``flock`` on ``DIR/.spectra.lock``, which holds the
+    owner's pid, host and start time for the message a second run prints; the kernel releases it when
+    the owner exits, however it exits, so the lock of a dead process is simply taken over. Another
+    lock of this same process (an earlier run abandoned by an exception) does not block: a process
+    is trusted to order its own runs. Where the filesystem has no ``flock``, the run goes unlocked.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> lock = OutputLock.acquire(folder)
+        >>> (folder / LOCK_NAME).is_file()
+        True
+        >>> lock.release(); (folder / LOCK_NAME).exists()
+        False
+    """
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, folder: Path) -> OutputLock:
+        """Lock ``folder`` (which must exist) for this process.
+
+        Raises:
+            OutputError: another live process holds the folder (names its pid, host and start time),
+                or the lock file cannot be written.
+        """
+        path = Path(folder) / LOCK_NAME
+        if fcntl is None:  # pragma: no cover - not POSIX
+            return cls(path, None)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise output_error(path, exc) from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                    return cls(path, None)
+                raise OutputError(
+                    f"another spectra run is writing into this folder (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}, started {holder.get('started', '?')})", path=folder,
+                    hint="wait for it to finish or choose another --out; the lock is released when that process ends",
+                ) from None
+            except OSError:  # no flock on this filesystem (some network mounts): run unlocked
+                os.close(fd)
+                return cls(path, None)
+            try:  # the file may have been released and removed between open and flock: lock the one in place
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            info = {"pid": os.getpid(), "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            except OSError as exc:
+                os.close(fd)
+                raise output_error(path, exc) from exc
+            return cls(path, fd)
+
+    def release(self) -> None:
+        """Remove the lock file and release the lock (idempotent; exiting the process releases it too)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still locked while unlinking: a run that opened it re-checks the inode
+        os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _read_holder(fd: int) -> dict:
+    """The pid, host and start time a lock file holds ({} when unreadable)."""
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -19,6 +19,7 @@ Every untrusted JSON spectra reads (safetensors headers, index files, ``config.j
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -39,6 +40,23 @@ MAX_JSON_BYTES = 100_000_000
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _BRACKET_STEPS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def finite_or_null(x: Any) -> Any:
+    """``x`` with every NaN/Inf float replaced by None, through dicts, lists and tuples (JSON has no
+    NaN or Infinity; spectra's result files write an undefined number as null).
+
+    Example:
+        >>> finite_or_null({"a": [1.0, float("nan")], "b": float("inf"), "c": "x"})
+        {'a': [1.0, None], 'b': None, 'c': 'x'}
+    """
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_null(v) for v in x]
+    return x
 
 
 def json_depth(raw: bytes) -> int:

@@ -95,8 +95,9 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
         norm = Normalize(vmin=lo, vmax=hi)
         masked = np.ma.masked_invalid(grid)
     width = min(max(7.5, 3.5 + 0.95 * n_cols), 24)
-    fig = Figure(figsize=(width, min(4 + 0.22 * n_rows, 40)), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(width, min(4 + 0.22 * n_rows, 40)))  # laid out once by _lay_out, below
+    ax = fig.add_axes((0.1, 0.1, 0.6, 0.8))
+    cax = fig.add_axes((0.8, 0.1, 0.03, 0.8))
     im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ticks = [label(c) + (f"\n{col_notes[j]}" if col_notes and col_notes[j] else "") for j, c in enumerate(cols)]
     ax.set_xticks(range(n_cols), ticks, rotation=45 if n_cols > 4 or col_notes else 0, ha="right" if n_cols > 4 or col_notes else "center")
@@ -109,12 +110,12 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     ax.set_title(wrap(title, int(width * 11)), fontsize=10, parse_math=False)
-    cb = fig.colorbar(im, ax=ax)
+    cb = fig.colorbar(im, cax=cax)
     shown = [(v, t) for v, t in marks if norm.vmin <= v <= norm.vmax]
     off = [v for v, _ in marks if not norm.vmin <= v <= norm.vmax]
     for value, _ in shown:
         cb.ax.axhline(value, color="red", lw=1.5)
-    if shown:  # labelled on the colour bar's other side, where constrained layout makes room for them
+    if shown:  # labelled on the colour bar's other side, where _lay_out makes room for them
         side = cb.ax.secondary_yaxis("left")
         side.set_yticks([v for v, _ in shown], [t for _, t in shown], fontsize=7, color="red")
         for t in side.get_yticklabels():
@@ -123,17 +124,67 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
         where = "above" if all(v > norm.vmax for v in off) else "outside"
         cbar_label += f" (random baselines {', '.join(f'{v:.2g}' for v in off)} lie {where} this scale)"
     cb.set_label(wrap(cbar_label, int(4 + 0.22 * n_rows) * 9), fontsize=8, parse_math=False)
+    _lay_out(fig, ax, cax)
     if n_rows * n_cols <= 600:  # annotate while the numbers still fit in their cells
-        cmap_obj = im.get_cmap()
+        # added after the layout: they lie inside their cells and never move it
+        rgba = im.get_cmap()(norm(np.ma.masked_invalid(grid)))  # (rows, cols, 4)
         for i in range(n_rows):
             for j in range(n_cols):
                 v = grid[i, j]
                 text = cell_text[i, j] if cell_text is not None else (fmt(v) if fmt and np.isfinite(v) else "")
                 if not text or not np.isfinite(v) or (log and v <= 0):
                     continue
-                colour = text_color(cmap_obj(norm(v)))
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour, parse_math=False)
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=text_color(rgba[i, j]), parse_math=False)
     return fig
+
+
+def _lay_out(fig, ax, cax, *, pad: float = 0.08, gap: float = 0.15, bar: float = 0.3) -> None:
+    """Place a heatmap's axes ``ax`` and its colour bar ``cax`` (figure of fixed size, inches) so that
+    every label fits: the margins are the labels' measured overhangs, plus ``pad`` at the figure's
+    edges and ``gap`` between the two; the colour bar is ``bar`` wide.
+
+    What constrained layout does, in one measuring pass over the labels only: constrained layout
+    measured every text of the figure, cell annotations included, in two passes, and saving drew the
+    figure twice: a 30 × 7 annotated heatmap took ~0.7 s to build and save, ~0.45 s this way (CPU
+    time on a busy 2-core machine). The title is centred over the heatmap and moved sideways only as
+    far as needed to stay inside the figure.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    dpi = fig.dpi
+    W, H = fig.get_size_inches()
+
+    def overhang(a) -> tuple[float, float, float, float]:
+        """(left, right, bottom, top) inches of ``a``'s labels beyond its frame (its title counts
+        only in height: it is placed sideways below)."""
+        inner, outer = a.get_window_extent(renderer), a.get_tightbbox(renderer, for_layout_only=True)
+        return (max(0.0, inner.x0 - outer.x0) / dpi, max(0.0, outer.x1 - inner.x1) / dpi,
+                max(0.0, inner.y0 - outer.y0) / dpi, max(0.0, outer.y1 - inner.y1) / dpi)
+
+    left, right, bottom, top = overhang(ax)
+    c_left, c_right, c_bottom, c_top = overhang(cax)
+    x0, y0 = left + pad, max(bottom, c_bottom) + pad
+    y1 = H - max(top, c_top) - pad
+    bar_x1 = W - c_right - pad
+    bar_x0 = bar_x1 - bar
+    x1 = bar_x0 - c_left - gap - right
+    if x1 - x0 < 1.0 or y1 - y0 < 1.0:  # labels too large for the figure: keep the heatmap visible
+        x0, x1, y0, y1, bar_x0 = 0.15 * W, 0.75 * W, 0.15 * H, 0.85 * H, 0.8 * W
+    ax.set_position((x0 / W, y0 / H, (x1 - x0) / W, (y1 - y0) / H))
+    cax.set_position((bar_x0 / W, y0 / H, bar / W, (y1 - y0) / H))
+    if ax.get_title():
+        half = ax.title.get_window_extent(renderer).width / dpi / 2
+        centre = min(max((x0 + x1) / 2, half + pad), W - half - pad)
+        ax.title.set_x((centre - x0) / (x1 - x0))
+
+
+def preload() -> None:
+    """Import what drawing and saving a figure needs (matplotlib: ~0.5 s), so that a caller can do it
+    in a thread while it computes (:func:`spectra.diff` does, when it will write heatmaps)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.colors  # noqa: F401
+    import matplotlib.figure  # noqa: F401
 
 
 def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
@@ -142,7 +193,8 @@ def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     import io
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    # zlib level 3: a third less time than the default 6 for ~7% more bytes (a 1218 x 1272 heatmap: 51 ms, 243 kB)
+    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": 3})
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
@@ -162,4 +214,4 @@ def svg_img(fig, *, alt: str = "figure") -> str:
     return f'<img class="fig" alt="{html.escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
 
 
-__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "save_figure", "svg_img", "text_color", "wrap"]
+__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "preload", "save_figure", "svg_img", "text_color", "wrap"]

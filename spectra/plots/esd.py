@@ -1,5 +1,5 @@
 """Figures of ``spectra esd`` and ``spectra diff --esd``: the α heatmap (layers × modules), log-log ESDs with
-the fitted power-law tail, and α of W_base against W_tuned. Inputs are the flat records of ``esd.json``
+the fitted power-law tail, α of W_base against W_tuned and the heatmap of their difference Δα. Inputs are the flat records of ``esd.json``
 (or the ``esd`` entries of ``results.json``), so the report draws them from files. Functions return a
 Figure, or write a PNG and return its path when ``path`` is given."""
 
@@ -137,3 +137,16 @@ def alpha_base_tuned(points: list[dict[str, Any]], path: str | os.PathLike[str] 
     if modules:
         ax.legend(fontsize=7)
     return _written(fig, path)
+
+
+def alpha_change_heatmap(points: list[dict[str, Any]], path: str | os.PathLike[str] | None = None):
+    """Layers × modules heatmap of ``Δα = α(W_tuned) − α(W_base)`` (median over experts), on a diverging
+    scale centred at 0: blue where fine-tuning lowered α (a heavier tail), red where it raised it.
+    ``points``: dicts with ``layer``, ``module``, ``role`` and ``change`` (None where a fit failed)."""
+    grid, layers, modules = alpha_grid(points, key="change")
+    finite = grid[np.isfinite(grid)]
+    span = float(np.max(np.abs(finite))) if finite.size and np.max(np.abs(finite)) > 0 else 1.0
+    return _written(heatmap(
+        grid, layers, modules, cmap="RdBu_r", vmin=-span, vmax=span, fmt=lambda v: f"{v:+.2f}",
+        title="Did fine-tuning move α? Δα = α(W_tuned) − α(W_base) per layer and module (blue: lower α, a heavier tail)",
+        cbar_label="Δα (median over experts)"), path)

@@ -1,0 +1,98 @@
+"""Reading ahead on the CPU (spectra.stream) and the heatmap layout (spectra.plots.base._lay_out is
+checked through :func:`heatmap`): reader threads run torch on one OpenMP thread, the CPU defaults read
+a batch ahead, the largest matrices go first without changing any result, and every label of a
+heatmap lies inside its figure."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra.config import DiffConfig
+from spectra.stream import CPU_COLLECT_BYTES, one_openmp_thread, run_settings
+
+
+def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_theirs():
+    before = torch.get_num_threads()
+    seen = {}
+
+    def reader():
+        one_openmp_thread()
+        seen["reader"] = torch.get_num_threads()
+
+    def other():
+        seen["other"] = torch.get_num_threads()
+
+    for target in (reader, other):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    assert seen["reader"] == 1
+    assert torch.get_num_threads() == before  # the calling process's setting is untouched
+    assert seen["other"] == before  # and threads started later get the process's count
+
+
+def test_cpu_defaults_read_a_batch_ahead_and_options_override_them():
+    cpu = torch.device("cpu")
+    run = run_settings(DiffConfig(), cpu)
+    assert (run.batch_bytes, run.depth, run.ahead_bytes, run.workers) == (CPU_COLLECT_BYTES, DiffConfig().max_batch, 3 * CPU_COLLECT_BYTES, 1)
+    run = run_settings(DiffConfig(max_batch=8, max_batch_bytes=1 << 20, prefetch=2, prefetch_bytes=5), cpu)
+    assert (run.batch_bytes, run.depth, run.ahead_bytes) == (1 << 20, 2, 5)
+    assert run_settings(DiffConfig(max_batch=8), cpu).depth == 8
+
+
+def test_largest_matrices_are_computed_first_and_results_stay_the_same(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (24, 24), "model.layers.0.mlp.up_proj.weight": (64, 24),
+              "model.layers.1.self_attn.q_proj.weight": (24, 24), "model.embed_tokens.weight": (200, 24),
+              "model.layers.1.mlp.up_proj.weight": (64, 24)}
+    base = {k: torch.randn(*s, generator=g) for k, s in shapes.items()}
+    tuned = {k: v + 0.01 * torch.randn(*v.shape, generator=g) for k, v in base.items()}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(tuned, str(tmp_path / "b.safetensors"))
+    order = []
+    res = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device="cpu"),
+                       callback=lambda e: order.append(e.result.name))
+    sizes = [shapes[n][0] * shapes[n][1] for n in order]
+    assert sizes == sorted(sizes, reverse=True), order
+    serial = spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", config=DiffConfig(device="cpu", prefetch=0, max_batch=1))
+    assert [m.name for m in res.modules] == [m.name for m in serial.modules]  # layer order, whatever the work order
+    for m, s in zip(res.modules, serial.modules, strict=True):
+        assert m.energy_rank == s.energy_rank
+        np.testing.assert_allclose(m.singular_values, s.singular_values, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_rows, n_cols, long_names, marks",
+                         [(30, 7, False, True), (2, 2, False, False), (12, 12, True, True), (80, 9, False, False)])
+def test_every_heatmap_label_lies_inside_the_figure_and_off_the_cells(n_rows, n_cols, long_names, marks):
+    matplotlib = pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from spectra.plots.base import heatmap
+
+    name = "model.layers.{}.self_attn.q_proj.weight.with.a.long.tail" if long_names else "{}"
+    rows = [name.format(i) for i in range(n_rows)]
+    cols = [name.format(f"m{j}") for j in range(n_cols)]
+    grid = np.random.default_rng(0).random((n_rows, n_cols))
+    fig = heatmap(grid, rows, cols, title="a title long enough to be wrapped onto a second line " * 3,
+                  cbar_label="what the colours mean, with units", fmt=lambda v: f"{v:.2f}",
+                  marks=[(0.3, "random 4096×4096"), (0.6, "random 11008×4096, 4096×11008")] if marks else (),
+                  col_notes=[f"random 0.{j}" for j in range(n_cols)] if marks else None)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    page = fig.bbox
+    ax, cax = fig.axes[0], fig.axes[1]
+    frame = ax.get_window_extent(renderer)
+    texts = [t for a in (ax, cax) for t in a.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text()]
+    assert len(texts) > n_cols + 3  # tick labels, title, axis and colour bar labels (and cell annotations)
+    for t in texts:
+        box = t.get_window_extent(renderer)
+        assert page.x0 - 0.5 <= box.x0 and box.x1 <= page.x1 + 0.5 and page.y0 - 0.5 <= box.y0 and box.y1 <= page.y1 + 0.5, t.get_text()
+        if t not in ax.texts:  # labels never cover the heatmap's cells
+            assert not (box.x0 < frame.x1 - 0.5 and box.x1 > frame.x0 + 0.5 and box.y0 < frame.y1 - 0.5 and box.y1 > frame.y0 + 0.5), t.get_text()
+    assert cax.get_window_extent(renderer).x0 > frame.x1  # the colour bar stands right of the heatmap
