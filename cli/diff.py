@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -11,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import spectra
+from spectra import distributed as spectra_distributed
 from spectra.config import DiffConfig
 from spectra.display import display_name
 from spectra.errors import ConfigError
@@ -123,7 +123,7 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
              distributed: bool = False) -> None:
     """Run one diff with a progress bar, print the table (or JSON) and the closing lines; the body
     of ``spectra diff`` (also used by ``spectra demo --synthetic``)."""
-    lead = not distributed or os.environ.get("RANK", "0") == "0"
+    lead = not distributed or spectra_distributed.is_lead()
     err = stderr() if lead else Console(stderr=True, quiet=True)  # other ranks print only their errors
     progress = progress_bar(err)
     task_id = None

@@ -67,6 +67,16 @@ class DistContext:
     owns_group: bool
 
 
+def is_lead() -> bool:
+    """True for rank 0 of a launched run, or a process that is not one of several ranks (the one that
+    writes outputs and prints).
+
+    Raises:
+        ConfigError: ``RANK`` is set but is not an integer.
+    """
+    return _env_int("RANK", 0) == 0
+
+
 def launched() -> bool:
     """True when a launcher such as ``torchrun`` started this process as one of several ranks."""
     try:
