@@ -192,3 +192,22 @@ def test_esd_and_extract_numbers_recomputed_from_the_raw_files():
     loss = ev["evals"]["python"]["loss"]
     assert f"extracted (budget) {loss['extracted_budget']:.3f}" in text
     assert doc["extract"]["budget"]["energy_kept"] >= doc["extract"]["rank8"]["energy_kept"]
+
+
+@needs_results
+def test_trace_numbers_recomputed_from_the_raw_file():
+    """Point 9: per traced step, the median 90% energy rank over the per-layer matrices, from trace.jsonl."""
+    doc = json.loads((STUDY / "study.json").read_text())
+    if "trace" not in doc:
+        pytest.skip("the committed study has no trace")
+    roles = {"q", "k", "v", "o", "gate", "up", "down"}
+    by_step: dict[int, list[int]] = {}
+    for line in (STUDY / "trace_full" / "trace.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        m = rec.get("matrix")
+        if m and m["layer"] is not None and m["role"] in roles:
+            by_step.setdefault(rec["step"], []).append(rec["point"]["energy_rank"]["0.9"])
+    assert sorted(by_step) == [4, 8, 12, 16, 20, 24] and all(len(v) == 210 for v in by_step.values())
+    for step, ranks in by_step.items():
+        assert doc["trace"]["steps"][str(step)]["median_rank90"] == round(statistics.median(ranks), 1)
+    assert doc["trace"]["last_equals_diff"] == (round(statistics.median(by_step[24]), 1) == doc["runs"]["full"]["median_rank90"])

@@ -20,7 +20,8 @@ Stages, each cached under ``reports/smollm2_case_study/cache/`` (git-ignored):
    r = 64, and LoRA r = 8 with a second seed. Runs go in parallel worker processes (``--jobs``).
 4. **analyse**: ``spectra.diff`` of every run (with W spectra), ``spectra.compare`` of LoRA vs LoRA
    and LoRA vs full, the learning-vs-forgetting plot and ``report.html``.
-   Then ``spectra.esd`` of the base and of the fully fine-tuned model, and ``spectra.extract`` of the
+   Then the full fine-tune once more with ``SpectraTracker`` measuring ΔW every 4 steps (the trace),
+   ``spectra.esd`` of the base and of the fully fine-tuned model, and ``spectra.extract`` of the
    full fine-tune into LoRA adapters of the r = 8 run's size (budgeted, and uniform rank 8), with
    held-out losses of the extracted and the trained adapters.
 5. **summarise**: ``summary.md`` and ``study.json`` are generated from the committed result files
@@ -430,8 +431,11 @@ def analyse(cfg: StudyConfig, base: Path, timings: dict, *, layers: str | None =
     logs = {name: read_log(HERE / "runs" / name / "train_log.jsonl") for name in runs}
     learning_forgetting_plot(logs, HERE / "learning_vs_forgetting.png")
     esd_and_extract(cfg, base, timings, layers=layers)
+    if not layers:  # (a --layers check of the pipeline skips the extra training run)
+        traced_run(timings)
     folders = ([Path("runs")] + [Path(f"diff_{n}") for n in runs] + [Path(f"compare_{a}_vs_{b}") for a, b in cfg.comparisons()]
-               + [Path(f"esd_{n}") for n in ("base", "full")] + sorted(p for p in Path(EXTRACT_OUT).iterdir() if p.is_dir()))
+               + [Path(f"esd_{n}") for n in ("base", "full")] + sorted(p for p in Path(EXTRACT_OUT).iterdir() if p.is_dir())
+               + [Path(TRACE_OUT)])
     write_report(folders, Path("report.html"), title="spectra case study: LoRA vs full fine-tuning of SmolLM2-135M (real weights)")
     timings["plot + report"] = time.perf_counter() - t
 
@@ -444,6 +448,34 @@ def _up_to_date(result: Path, run_names: list[str], want: dict) -> bool:
     doc = json.loads(result.read_text())
     newer = all(result.stat().st_mtime > (CACHE / "runs" / n / "train_summary.json").stat().st_mtime for n in run_names)
     return doc.get("complete", True) and newer and all(doc.get("config", {}).get(k) == v for k, v in want.items())
+
+
+# ---- 4a. trace: the full fine-tune again, measured while it trains -------------------------------------
+TRACE_OUT = "trace_full"
+TRACE_EVERY = 4  # steps between measurements: 6 points over the 24 steps
+
+
+def traced_run(timings: dict) -> None:
+    """Full fine-tuning with the run ``full``'s settings and seed, with :class:`spectra.callbacks.SpectraTracker`
+    measuring ΔW's spectrum of every matrix every :data:`TRACE_EVERY` steps (``trace.jsonl``); the trace and
+    the training log are copied to ``trace_full/`` (``spectra trace``'s view of how the update grows)."""
+    from spectra.training import TrainConfig, train
+
+    out = CACHE / "runs" / "full_traced"
+    full = portable(json.loads((CACHE / "runs" / "full" / "train_config.json").read_text()))
+    kwargs = {k: full[k] for k in ("base", "data", "method", "rank", "lr", "steps", "batch", "seq_len", "seed",
+                                   "eval_source", "eval_every", "eval_batches", "device")}
+    kwargs.update(out=rel(out), trace_every=TRACE_EVERY)
+    saved = out / "train_config.json"
+    if not ((out / "trace.jsonl").is_file() and saved.is_file()
+            and portable(json.loads(saved.read_text())).items() >= kwargs.items()):
+        log(f"full fine-tuning again, traced every {TRACE_EVERY} steps")
+        t = time.perf_counter()
+        train(TrainConfig(**kwargs))
+        timings["train full, traced"] = time.perf_counter() - t
+    Path(TRACE_OUT).mkdir(exist_ok=True)
+    for f in ("trace.jsonl", "train_log.jsonl"):
+        shutil.copyfile(out / f, Path(TRACE_OUT) / f)
 
 
 # ---- 4b. esd and extract ---------------------------------------------------------------------------------

@@ -133,6 +133,8 @@ def summarise(folder: Path = HERE) -> tuple[str, dict]:
                                  json.loads((folder / "esd_full" / "esd.json").read_text()))
     if (folder / "extract_full" / "eval.json").is_file():
         doc["extract"] = extract_summary(folder / "extract_full")
+    if (folder / "trace_full" / "trace.jsonl").is_file():
+        doc["trace"] = trace_summary(folder / "trace_full" / "trace.jsonl", diffs[full])
     return _markdown(doc, cfgs, lora_s, lora_l, seed2, r_small, r_large), doc
 
 
@@ -160,6 +162,25 @@ def esd_summary(base: dict, full: dict) -> dict:
                 "alpha_moved_0_1": sum(abs(x) >= 0.1 for x in moves),
                 "median_sigma_alpha_base": _r(_median([b[n]["sigma"] for n in names]), 3)})
     return out
+
+
+def trace_summary(path: Path, final_diff: dict) -> dict:
+    """How the full update grew, from the traced run's ``trace.jsonl`` (one point per matrix every few steps):
+    per step the median 90% energy rank and ‖ΔW‖/‖W‖ over the per-layer linear matrices, and whether the
+    last point equals ``spectra diff`` of the untraced run (same seed and settings)."""
+    steps: dict[int, list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line) if line.strip() else {}
+        m = rec.get("matrix")
+        if m and rec.get("point") and m.get("layer") is not None and m.get("role") in ATTN + MLP:
+            steps.setdefault(int(rec["step"]), []).append(rec["point"])
+    rows = {str(k): {"matrices": len(v), "median_rank90": _r(_median([p["energy_rank"]["0.9"] for p in v]), 1),
+                     "median_rel_norm": _r(_median([p["rel_norm"] for p in v if p.get("rel_norm") is not None]), 5),
+                     "median_effective_rank": _r(_median([p["effective_rank"] for p in v]), 1)}
+            for k, v in sorted(steps.items())}
+    last = rows[str(max(steps))] if steps else None
+    final = _r(_median([m["energy_rank"]["0.9"] for m in _modules(final_diff)]), 1)
+    return {"steps": rows, "final_diff_rank90": final, "last_equals_diff": last is not None and last["median_rank90"] == final}
 
 
 def extract_summary(folder: Path) -> dict:
@@ -339,6 +360,17 @@ def _esd_and_extract_lines(d: dict, r_small: int) -> list[str]:
                       "A full fine-tune this short leaves α where pretraining put it: α describes the pretrained W, not "
                       "what fine-tuning added (ΔW's own spectra are in points 1–2).",
                       "The fine-tune moved α in many matrices."))]
+    if "trace" in d:
+        tr = d["trace"]
+        pts = "; ".join(f"step {k}: {v['median_rank90']:g} ({v['median_rel_norm']:.5f})" for k, v in tr["steps"].items())
+        L += ["", "**How the full update grows during training (`SpectraTracker`, `spectra trace`).**", "",
+              ("9. *Is the full update high-rank from the start?* The full fine-tune run again with the same seed and "
+               "settings, ΔW measured inside the training process: median 90% energy rank over the per-layer matrices "
+               f"(and median ‖ΔW‖/‖W‖) {pts}. "
+               + _yes(tr["last_equals_diff"], f"The last point equals `spectra diff` of the untraced run ({tr['final_diff_rank90']:g}).",
+                      f"`spectra diff` of the untraced run gives {tr['final_diff_rank90']:g} (the rerun is not bit-identical).")
+               + f" The rank needed {_trend(tr)}: Adam's first steps move every weight by about lr·sign(g), which is "
+               "high-rank, and in these 24 steps the update does not become low-rank.")]
     if "extract" in d:
         x = d["extract"]
         b, u = x["budget"], x[f"rank{r_small}"]
@@ -364,3 +396,12 @@ def _esd_and_extract_lines(d: dict, r_small: int) -> list[str]:
 
 def _share(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def _trend(tr: dict) -> str:
+    """How the median 90% rank moved from the first traced step to the last, in words."""
+    steps = list(tr["steps"].values())
+    first, last = steps[0]["median_rank90"], steps[-1]["median_rank90"]
+    if first == last:
+        return f"stayed at {first:g} from the first traced step to the last"
+    return f"{'fell' if last < first else 'rose'} from {first:g} at the first traced step to {last:g} at the last"
