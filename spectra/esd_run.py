@@ -45,6 +45,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units
+from spectra.stream import one_openmp_thread
 
 __all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", "esd", "ww_skip_reason"]
 
@@ -204,7 +205,7 @@ def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int, max_bytes: int) -> 
     def cost(task: Task) -> int:
         return sum(u.shape[0] * u.shape[1] for u in task.units) * (8 if task.pair.tuned_info.dtype == "float64" else 4)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-read") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-read", initializer=one_openmp_thread) as pool:
         pending: deque = deque()
         in_flight = 0
 
@@ -332,7 +333,7 @@ def esd(
                 emit(rec, None)
 
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-fit") as fitter:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-fit", initializer=one_openmp_thread) as fitter:
             def flush() -> None:
                 S_all, per = _decompose(batch, device, budget)
                 items = [(unit, task) for unit, task, _ in batch]
