@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+from pathlib import Path
 
 import click
 
@@ -45,6 +47,7 @@ class _StopSignals:
 
     def __init__(self, grace_s: float) -> None:
         self.grace_s = grace_s
+        self.timer: threading.Timer | None = None
         self.count = 0
         self._raised = False
         self._lock = threading.Lock()
@@ -71,18 +74,29 @@ class _StopSignals:
         with self._lock:
             self.count += 1
             first = self.count == 1
-        if first:  # not cancelled on return: it also bounds a hang in the interpreter's exit
-            timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s"))
-            timer.daemon = True
-            timer.start()
+        if first:  # kept after the command returns when this process is the command: it also bounds a hang in its exit
+            self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s"))
+            self.timer.daemon = True
+            self.timer.start()
         else:
             _hard_exit(code, "a second stop signal")
 
-    def close(self) -> None:
-        """Restore the previous handler and wakeup fd; the watcher ends."""
+    def close(self, *, owns_process: bool) -> None:
+        """Restore the previous handler and wakeup fd; the watcher ends. Inside another program (a
+        notebook, a test runner: ``owns_process`` False) a pending grace timer is cancelled, so that a
+        Ctrl-C that stopped the command cleanly does not end the program 20 s later."""
+        if self.timer is not None and not owns_process:
+            self.timer.cancel()
         signal.set_wakeup_fd(self._previous_fd)
         signal.signal(signal.SIGTERM, self._previous_term)
         os.close(self._write)
+
+
+def _owns_process() -> bool:
+    """True when this process is the ``spectra`` command itself (the console script, ``python -m spectra``
+    or torchrun's ``-m spectra``), not a program that called :func:`main`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return Path(sys.argv[0]).stem == "spectra" or (spec is not None and spec.name in ("spectra", "spectra.__main__"))
 
 
 def _hard_exit(code: int, why: str) -> None:
@@ -119,7 +133,7 @@ class _Group(click.Group):
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:
             if stop is not None:
-                stop.close()
+                stop.close(owns_process=_owns_process())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

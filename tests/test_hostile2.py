@@ -497,3 +497,30 @@ def test_compare_refuses_float64_updates_beyond_squaring_range_in_one_line(tmp_p
     assert not res.modules
     (skip,) = res.skipped
     assert "leave float64's range" in skip["reason"] and "spectra diff can" in skip["reason"]
+
+
+@pytest.mark.parametrize("owns_process, code", [(False, 0), (True, 130)])
+def test_grace_timer_outlives_the_command_only_when_the_process_is_the_command(owns_process, code):
+    """A Ctrl-C that stopped a command run inside another program (a notebook calling ``main``) must not
+    end that program when the grace period runs out; the ``spectra`` process itself keeps the bound on
+    its own exit. Run in a child process: the timer calls ``os._exit``."""
+    script = textwrap.dedent(f"""
+        import signal, time
+        from spectra_cli.main import _StopSignals
+        stop = _StopSignals(0.3)
+        stop._seen(signal.SIGINT)          # what the watcher does when Ctrl-C arrives
+        stop.close(owns_process={owns_process})
+        time.sleep(1.5)
+        print("still running")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == code, res.stderr
+    assert ("still running" in res.stdout) == (not owns_process)
+
+
+def test_the_command_line_owns_its_process():
+    """The console script and ``python -m spectra`` count as the command; a program importing it does not."""
+    for argv0, expected in (("/venv/bin/spectra", True), (sys.argv[0], False)):
+        script = f"import sys; sys.argv[0] = {argv0!r}; from spectra_cli.main import _owns_process; print(_owns_process())"
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout.strip()
+        assert out == str(expected)
