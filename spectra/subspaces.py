@@ -694,10 +694,5 @@ def intruder_dimensions(
         raise ValueError(f"base must be the decomposition of a {shape[0]}×{shape[1]} W_base. Got {tuple(base.W.shape)} instead.")
     U_tuned = top_left_singular_vectors(Wb + D, k)  # (out, k)
     max_cos = base.max_cosines(U_tuned).clamp(0.0, 1.0).cpu().numpy()  # (k,)
-    return Intruders(
-        k=k,
-        max_cos=max_cos,
-        counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
-        epsilon=float(epsilon),
-        count=int(np.sum(max_cos < epsilon)),
-    )
+    return Intruders(k=k, max_cos=max_cos, counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
+                     epsilon=float(epsilon), count=int(np.sum(max_cos < epsilon)))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,14 +38,13 @@ from spectra.config import SharedOptions, check_device_available
 from spectra.delta import form_delta, oriented
 from spectra.errors import (
     CheckpointFormatError,
-    CheckpointNotFoundError,
     ConfigError,
     ResultsFormatError,
     SpectraError,
 )
 from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.adapter import ADAPTER_CONFIG, is_adapter, open_adapter
+from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import load_json, parse_json
@@ -63,10 +61,10 @@ from spectra.pairing import pair_checkpoints
 from spectra.results import rows_to_csv
 from spectra.selection import selector
 from spectra.subspaces import Factored
+from spectra.trace_inputs import CheckpointRef, find_checkpoints, open_weights
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
-_CKPT_DIR = re.compile(r"^checkpoint-(\d+)$")
 #: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
 SIGMA_FLOOR = 1e-7
 
@@ -132,193 +130,6 @@ def matrix_meta(spec: MatrixSpec, shape: tuple[int, int], base_fro: float | None
     """The per-matrix fields of a trace (points are added beside them)."""
     return {"name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role,
             "shape": [int(shape[0]), int(shape[1])], "base_fro_norm": base_fro, "lora_r": lora_r, "note": spec.note}
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------
-@dataclass
-class CheckpointRef:
-    """One checkpoint of the trace, in step order.
-
-    Attributes:
-        path: the folder or file. step: training step. loss: training loss logged at that step
-            (None when the logs have none). kind: ``"lora"`` or ``"full"``. source: where the step
-            came from (``"trainer_state"``, ``"folder name"``, ``"position"``). note: caveats.
-        failed: why it stopped being readable during the run (its later points are skipped).
-    """
-
-    path: str
-    step: int
-    loss: float | None
-    kind: str
-    source: str
-    note: str = ""
-    failed: str = ""
-
-
-def _read_state(folder: Path) -> tuple[dict | None, str]:
-    """``trainer_state.json`` of a checkpoint folder (strict, bounded JSON), or None and why."""
-    f = folder / "trainer_state.json"
-    if not f.is_file():
-        return None, "no trainer_state.json"
-    try:
-        doc = load_json(f, what="trainer_state.json")
-    except SpectraError as exc:  # half written, or not JSON at all
-        return None, exc.message
-    return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")
-
-
-def _weights(ref_path: str | Path, kind: str | None = None) -> Checkpoint:
-    """The checkpoint holding a folder's tensors (an adapter's weights file), headers read and checked
-    against the file sizes, so a file still being written fails here.
-
-    Raises:
-        SpectraError: missing or truncated files, or no weights in an adapter folder.
-    """
-    path = Path(ref_path)
-    if kind == "lora" or (kind is None and is_adapter(path)):
-        weights = next((path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()), None)
-        if weights is None:
-            raise CheckpointNotFoundError("adapter folder has no adapter_model.safetensors or adapter_model.bin", path=path)
-        return open_checkpoint(weights)
-    return open_checkpoint(path)
-
-
-def _log_history(state: dict | None) -> list[dict[str, Any]]:
-    out = []
-    for rec in (state or {}).get("log_history") or []:
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-            entry = {"step": rec["step"]}
-            for key in ("loss", "eval_loss", "learning_rate"):
-                if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
-                    entry[key] = float(rec[key])
-            if len(entry) > 1:
-                out.append(entry)
-    return out
-
-
-def _train_log(folder: Path) -> list[dict[str, Any]]:
-    """``spectra train``'s ``train_log.jsonl`` as loss history (train, held-out target, source loss)."""
-    f = folder / "train_log.jsonl"
-    out = []
-    if f.is_file():
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = parse_json(line.encode("utf-8"), path=f, what="a train_log.jsonl line")
-            except SpectraError:
-                break  # a line being written
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                out.append({"step": rec["step"], **{k: rec[k] for k in ("train_loss", "target_loss", "source_loss")
-                                                     if isinstance(rec.get(k), (int, float))}})
-                if "train_loss" in out[-1]:
-                    out[-1]["loss"] = out[-1]["train_loss"]
-    return out
-
-
-@dataclass
-class Discovery:
-    """What :func:`find_checkpoints` found: usable checkpoints in step order, those left out with
-    the reason, the loss history of the run, and warnings."""
-
-    checkpoints: list[CheckpointRef]
-    skipped: list[dict[str, str]]
-    loss_history: list[dict[str, Any]]
-    run: str | None
-    warnings: list[str] = field(default_factory=list)
-
-
-def find_checkpoints(paths: list[str]) -> Discovery:
-    """The checkpoints to trace: ``[RUN_DIR]`` (its ``checkpoint-N`` folders) or a list of checkpoints.
-
-    In a run folder a checkpoint that cannot be read (missing or truncated weights) is left out with
-    the reason, and so is the newest one when it has no ``trainer_state.json`` yet (the Trainer
-    writes that file last, so the checkpoint is probably still being saved). Listed checkpoints must
-    all be readable. Steps come from ``trainer_state.json`` (``global_step``), else from a
-    ``checkpoint-N`` name, else from the position in the list; losses from the ``log_history``
-    (and ``train_log.jsonl`` of ``spectra train``).
-
-    Raises:
-        CheckpointNotFoundError: a path does not exist, or a run folder holds no checkpoint-N folder.
-        SpectraError: a listed checkpoint cannot be read; no checkpoint is usable; adapters and full
-            checkpoints are mixed.
-    """
-    skipped: list[dict[str, str]] = []
-    warnings: list[str] = []
-    run = None
-    for p in paths:
-        if not Path(p).exists():
-            raise CheckpointNotFoundError("no such file or folder", path=p)
-    single = Path(paths[0])
-    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if d.is_dir() and (m := _CKPT_DIR.match(d.name))),
-                   key=lambda x: x[0]) if len(paths) == 1 and single.is_dir() else []
-    if len(paths) == 1 and single.is_dir() and not found:
-        if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
-            raise ConfigError("one checkpoint is not a trace", path=single,
-                              hint="pass a run folder with checkpoint-N folders, or two or more checkpoints in order")
-        raise CheckpointNotFoundError("no checkpoint-N folders in this run folder", path=single,
-                                      hint="the Trainer writes them with save_strategy='steps' (or 'epoch'); "
-                                           "or pass the checkpoints themselves in order")
-    refs: list[CheckpointRef] = []
-    histories: list[list[dict[str, Any]]] = []
-    if found:
-        run = str(single)
-        histories.append(_train_log(single))
-        for i, (n, folder) in enumerate(found):
-            newest = i == len(found) - 1
-            state, why = _read_state(folder)
-            note = ""
-            if state is None:
-                if newest:
-                    skipped.append({"path": str(folder), "reason": f"{why}: the Trainer writes it last, so this newest "
-                                                                   "checkpoint is probably still being saved; trace it later"})
-                    continue
-                note = f"{why}: step from the folder name"
-            try:
-                _weights(folder)
-                kind = "lora" if is_adapter(folder) else "full"
-            except SpectraError as exc:
-                skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message}); left out"})
-                continue
-            if state is not None and state.get("global_step") not in (None, n):
-                note = f"trainer_state.json says global_step {state.get('global_step')}; the folder name's {n} is used"
-            histories.append(_log_history(state))
-            refs.append(CheckpointRef(str(folder), n, None, kind, "folder name" if state is None else "trainer_state", note))
-    else:
-        for i, p in enumerate(paths):
-            path = Path(p)
-            _weights(path)  # a listed checkpoint must be readable: errors propagate as one line
-            kind = "lora" if is_adapter(path) else "full"
-            folder = path if path.is_dir() else path.parent
-            state, _ = _read_state(folder)
-            m = _CKPT_DIR.match(folder.name)
-            if state is not None and isinstance(state.get("global_step"), int):
-                step, source = state["global_step"], "trainer_state"
-            elif m:
-                step, source = int(m.group(1)), "folder name"
-            else:
-                step, source = i + 1, "position"
-            histories.append(_log_history(state))
-            refs.append(CheckpointRef(str(p), step, None, kind, source))
-        order = sorted(range(len(refs)), key=lambda j: refs[j].step)
-        if order != list(range(len(refs))):
-            warnings.append("the checkpoints were given out of step order; they are traced in step order")
-        refs = [refs[j] for j in order]
-        if len({r.step for r in refs}) != len(refs):
-            warnings.append("two checkpoints have the same step; they keep the order given")
-    if not refs:
-        raise SpectraError("no checkpoint can be traced", path=run or ", ".join(paths),
-                           hint="; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in skipped)[:400] or None)
-    kinds = {r.kind for r in refs}
-    if len(kinds) > 1:
-        raise ConfigError("the checkpoints mix PEFT adapters and full models", path=run or ", ".join(paths),
-                          hint="trace the adapters and the full checkpoints separately")
-    history: dict[int, dict[str, Any]] = {}
-    for h in histories:  # later (newer) histories win: they are the most complete
-        for rec in h:
-            history.setdefault(rec["step"], {}).update(rec)
-    loss_history = [history[s] for s in sorted(history)]
-    for r in refs:
-        r.loss = history.get(r.step, {}).get("loss")
-    return Discovery(refs, skipped, loss_history, run, warnings)
 
 
 # ---- result ----------------------------------------------------------------------------------------------
@@ -533,7 +344,7 @@ def trace(
     result = TraceResult(base=str(base), run=found.run, kind=refs[0].kind, thresholds=list(config.thresholds),
                          config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
                          warnings=list(found.warnings), device=str(device))
-    weights = [_weights(r.path, r.kind) for r in refs]
+    weights = [open_weights(r.path, r.kind) for r in refs]
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
