@@ -45,7 +45,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units
-from spectra.stream import one_openmp_thread
+from spectra.stream import one_openmp_thread, read_ahead
 
 __all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", "esd", "ww_skip_reason"]
 
@@ -200,33 +200,11 @@ def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int, max_bytes: int) -> 
     """Units in plan order while one thread reads up to ``depth`` tensors ahead, and no more than
     ``max_bytes`` of them (their float32 units; one tensor always goes). A reader's exception is
     re-raised here, in order."""
-    todo = deque(tasks)
-
     def cost(task: Task) -> int:
         return sum(u.shape[0] * u.shape[1] for u in task.units) * (8 if task.pair.tuned_info.dtype == "float64" else 4)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-read", initializer=one_openmp_thread) as pool:
-        pending: deque = deque()
-        in_flight = 0
-
-        def fill() -> None:
-            nonlocal in_flight
-            while todo and len(pending) < depth and (not pending or in_flight + cost(todo[0]) <= max_bytes):
-                task = todo.popleft()
-                in_flight += cost(task)
-                pending.append((pool.submit(_read, task, ckpt), cost(task)))
-
-        try:
-            fill()
-            while pending:
-                fut, nbytes = pending.popleft()
-                items = fut.result()
-                in_flight -= nbytes
-                fill()
-                yield from items
-        finally:
-            for fut, _ in pending:
-                fut.cancel()
+    yield from read_ahead(tasks, lambda task: _read(task, ckpt), cost, depth=depth, workers=1, max_bytes=max_bytes,
+                          name="spectra-esd-read")
 
 
 def esd(

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from threadpoolctl import ThreadpoolController
@@ -19,6 +20,8 @@ from spectra.config import DiffConfig
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.io.checkpoint import Checkpoint
 from spectra.selection import Task
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,14 +80,24 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
         for task in tasks:
             yield from prepare(task, base, tuned, device, keep_base)
         return
+    def cost(task: Task) -> int:
+        loaded, formed = pair_bytes(task, base, tuned, keep_base)
+        return formed if device.type == "cuda" else loaded + formed
+
+    yield from read_ahead(tasks, lambda task: prepare(task, base, tuned, device, keep_base), cost, depth=depth,
+                          workers=workers, max_bytes=max_bytes, name="spectra-read")
+
+
+def read_ahead(tasks: list[Task], read: Callable[[Task], list[T]], cost: Callable[[Task], int], *, depth: int, workers: int,
+               max_bytes: int | None, name: str) -> Iterator[T]:
+    """``read(task)``'s items for every task, in order, while ``workers`` threads (one OpenMP thread
+    each) run up to ``depth`` tasks ahead and no more than ``max_bytes`` of ``cost`` (one task always
+    goes, however large). A reader's exception is re-raised here, in order; tasks not started when
+    the consumer stops are cancelled."""
     todo = deque(tasks)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="spectra-read", initializer=one_openmp_thread) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name, initializer=one_openmp_thread) as pool:
         pending: deque = deque()
         in_flight = 0
-
-        def cost(task: Task) -> int:
-            loaded, formed = pair_bytes(task, base, tuned, keep_base)
-            return formed if device.type == "cuda" else loaded + formed
 
         def fill() -> None:
             nonlocal in_flight
@@ -93,7 +106,7 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
                 if pending and max_bytes is not None and in_flight + nbytes > max_bytes:
                     return
                 in_flight += nbytes
-                pending.append((pool.submit(prepare, todo.popleft(), base, tuned, device, keep_base), nbytes))
+                pending.append((pool.submit(read, todo.popleft()), nbytes))
 
         try:
             fill()

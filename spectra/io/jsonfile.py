@@ -177,6 +177,18 @@ def parse_json(raw: bytes, *, path: str | os.PathLike[str], what: str, max_depth
     return value
 
 
+def _read_bounded(path: str | os.PathLike[str], what: str, max_bytes: int, error: type[SpectraError]) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a regular file (a FIFO or device is refused before it could block)."""
+    fd = open_regular(path)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} ({exc.strerror or type(exc).__name__})", path=path) from None
+    finally:
+        os.close(fd)
+
+
 def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_JSON_DEPTH,
               max_bytes: int = MAX_JSON_BYTES, error: type[SpectraError] = CheckpointFormatError,
               lone_surrogates: bool = False) -> Any:
@@ -192,14 +204,7 @@ def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_J
         >>> load_json("model/config.json", what="config.json")   # doctest: +SKIP
         {'model_type': 'llama', ...}
     """
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise error(f"cannot read {what} ({exc.strerror or type(exc).__name__})", path=path) from None
-    finally:
-        os.close(fd)
+    raw = _read_bounded(path, what, max_bytes, error)
     if len(raw) > max_bytes:
         size = os.stat(path).st_size
         raise error(f"{what} is {size} bytes; more than {max_bytes} is not a {what}", path=path,
@@ -220,14 +225,7 @@ def load_jsonl(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_
     Raises:
         error: as :func:`parse_json`, naming the line (``"<what> line 7 is not valid JSON …"``).
     """
-    fd = open_regular(path)
-    try:
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise error(f"cannot read {what} ({exc.strerror or type(exc).__name__})", path=path) from None
-    finally:
-        os.close(fd)
+    raw = _read_bounded(path, what, max_bytes, error)
     if len(raw) > max_bytes:
         raise error(f"{what} is larger than {max_bytes} bytes", path=path, hint="the file is corrupt or not what its name says")
     lines = raw.split(b"\n")
