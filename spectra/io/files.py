@@ -10,7 +10,9 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from spectra.errors import OutputError, output_error
 
@@ -33,6 +35,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         OutputError: the folder or file cannot be written (full disk, permissions); ``path`` is
             unchanged and no temporary file is left behind.
     """
+    with atomic_file(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary file in the same folder, fsynced and
+    renamed over ``path`` when the block ends; removed, with ``path`` unchanged, when it raises.
+
+    Raises:
+        OutputError: the folder or file cannot be written (full disk, permissions); no temporary
+            file is left behind. Other exceptions of the block propagate as they are.
+    """
     path = Path(path)
     tmp = None
     try:
@@ -42,7 +58,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,7 +68,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
         if isinstance(exc, OSError):
             raise output_error(path, exc) from exc
         raise
-    return path
 
 
 #: The lock file a run holds in its output folder (:class:`OutputLock`).

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_file, atomic_write_text
 
 _PREFIX = "base_model.model."
 #: ``config.json`` architecture suffix -> PEFT ``task_type`` (the PeftModel subclass it loads with).
@@ -109,11 +109,7 @@ def write_safetensors(path: str | Path, layout: Sequence[tuple[str, tuple[int, .
         ValueError: a tensor's shape differs from its layout entry, or the counts differ.
         OutputError: the file cannot be written; ``path`` is unchanged.
     """
-    import os
     import struct
-    import tempfile
-
-    from spectra.errors import output_error
 
     item = torch.empty(0, dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
@@ -124,31 +120,14 @@ def write_safetensors(path: str | Path, layout: Sequence[tuple[str, tuple[int, .
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format recommends
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for (name, shape), t in zip(layout, tensors, strict=True):
-                if tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"tensor {name} must have shape {tuple(shape)}. Got {tuple(t.shape)} instead.")
-                f.write(t.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; an adapter is an ordinary file
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise output_error(path, exc) from exc
-        raise
-    return path
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for (name, shape), t in zip(layout, tensors, strict=True):
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"tensor {name} must have shape {tuple(shape)}. Got {tuple(t.shape)} instead.")
+            f.write(t.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+    return Path(path)
 
 
 def target_modules(adapted: Sequence[str], all_modules: Iterable[str]) -> list[str]:
