@@ -309,7 +309,8 @@ def _one_blas_thread_each(workers: int) -> Iterator[int]:
     """Run ``workers`` modules at once with one BLAS/LAPACK thread each, then restore the settings.
 
     At these sizes (p <= a few thousand) one eigensolve barely uses two threads, while modules are
-    independent: one thread per module uses every core. Needs ``threadpoolctl`` to pin scipy's
+    independent: one thread per module uses every core (the eigensolvers release the GIL:
+    :mod:`spectra.lapack`, numpy). Needs ``threadpoolctl`` to pin numpy's and scipy's
     BLAS; without it (or with one worker) modules run one at a time with every thread. torch's
     thread count is process-wide, so it is set for the duration of the run and restored after.
     """

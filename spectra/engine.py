@@ -12,8 +12,8 @@ Paths and their precision:
   ``"certified"`` (the default) solves in float32 and keeps a matrix's float32 spectrum only when
   :func:`spectra.linalg.certify_float32` proves that every metric computed from it equals the float64
   one (energy and signal ranks exactly, the float metrics to ``rtol``), else recomputes that matrix in
-  float64; ``"float32"`` is plain float32. Two backends: on the CPU, LAPACK through scipy with the
-  matrices of a batch solved at once in worker threads, one BLAS thread each (a p ≤ 1024 eigensolve
+  float64; ``"float32"`` is plain float32. Two backends: on the CPU, numpy's BLAS and LAPACK (which
+  release the GIL) with the matrices of a batch solved at once in worker threads, one BLAS thread each (a p ≤ 1024 eigensolve
   barely uses a second core, and multithreaded BLAS collapses on a busy machine); elsewhere
   (CUDA, or ``backend="torch"``), batched torch chunks sized to the device and retried in smaller
   chunks on an allocation failure. :func:`batch_singular_values` returns just the values.
@@ -35,10 +35,10 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -56,12 +56,15 @@ from spectra.linalg import (
 )
 from spectra.metrics import DEFAULT_THRESHOLDS
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
 #: where a certificate proves it gives the float64 results, float64 elsewhere) or ``"float32"``.
 Precision = Literal["float64", "certified", "float32"]
 PRECISIONS: tuple[str, ...] = ("float64", "certified", "float32")
 
-#: Where the exact path runs: ``"lapack"`` (CPU: scipy's LAPACK, matrices in parallel threads),
+#: Where the exact path runs: ``"lapack"`` (CPU: numpy's LAPACK, matrices in parallel threads),
 #: ``"torch"`` (any device: batched ``torch.linalg``), ``"auto"`` (lapack on the CPU, else torch).
 Backend = Literal["auto", "lapack", "torch"]
 
@@ -73,16 +76,16 @@ CPU_BATCH_BYTES = 256 << 20
 #: (``DiffConfig.prefetch_bytes``), leaving room for the allocator and other processes.
 CUDA_BATCH_FRACTION = 0.45
 
-#: Eigensolver of the CPU backend per size: ``(largest p, float64 solver, float32 solver)``, the
-#: first row whose p bound holds applies; a solver is a scipy ``eigvalsh`` driver (``"evd"``,
-#: ``"evr"``, ``"ev"``: scipy's OpenBLAS LAPACK) or ``"torch"`` (``torch.linalg.eigvalsh``: MKL's
-#: ``syevd``). Measured by ``bench/eigensolvers.py`` on this project's 2-core CPU, one matrix per
-#: worker thread (``bench/results/eigensolvers-cpu.md``): the scipy drivers were within noise of
-#: each other at every p; at p = 192 scipy's matched torch (float64) or beat it (float32), and from
-#: p = 576 up torch's, called from worker threads, was 1.3× (576) to 5× (1024) faster than any scipy
-#: driver. Called from the main thread with two OpenMP threads, the same torch call was 20-70× slower
-#: on the busy machine (its barriers wait on descheduled threads), so the backend never calls it there.
-EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((256, "evd", "ev"), (math.inf, "torch", "torch"))
+#: Eigensolver of the CPU backend per size: ``(largest p, solver when matrices are solved in parallel
+#: threads, solver for a matrix solved alone with every BLAS thread)``, the first row whose p bound
+#: holds applies; a solver is ``"numpy"`` (``numpy.linalg.eigvalsh``: OpenBLAS's ``syevd``, GIL released)
+#: or ``"torch"`` (``torch.linalg.eigvalsh``, on a worker thread). scipy's drivers hold the GIL, so
+#: threads calling them run one at a time. Measured on this project's 2-core CPU
+#: (``bench/eigensolvers.py``, ``bench/results/eigensolvers-cpu.md``): two threads with one BLAS thread
+#: each solve numpy's 1.8× faster than one (576: 11.9 ms per matrix against 21.4) and faster than
+#: torch's (18.0 ms) at every p; a lone matrix on every thread is within noise of torch's up to
+#: p = 1024 and 1.3× slower at 2048 (530 ms against 415).
+EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((1536, "numpy", "numpy"), (math.inf, "numpy", "torch"))
 
 #: The CPU backend solves the matrices of a batch in this many threads at most, one BLAS thread each
 #: (None: ``torch.get_num_threads()``, the process's CPU budget).
@@ -131,12 +134,13 @@ class Spectra:
         return sum(1 for f in self.failed if f)
 
 
-def eig_driver(p: int, dtype: type[np.floating]) -> str:
-    """The LAPACK driver :data:`EIG_DRIVERS` picks for a ``p × p`` eigensolve in ``dtype``."""
-    for bound, d64, d32 in EIG_DRIVERS:
+def eig_driver(p: int, *, alone: bool = False) -> str:
+    """The solver :data:`EIG_DRIVERS` picks for a ``p × p`` eigensolve, for a matrix solved ``alone``
+    on every BLAS thread or (False) one of several solved in parallel threads."""
+    for bound, parallel, lone in EIG_DRIVERS:
         if p <= bound:
-            return d64 if np.dtype(dtype) == np.float64 else d32
-    return "evd"
+            return lone if alone else parallel
+    return "numpy"
 
 
 def estimate_batch_bytes(shape: tuple[int, int], dtype: torch.dtype, method: str) -> int:
@@ -315,7 +319,7 @@ def gram_scale_exponent(amax: float, gram_dtype: type[np.floating] | torch.dtype
     return e if abs(e) > GRAM_SCALE_LIMIT[dt] else 0
 
 
-def _lapack_one(M: np.ndarray, precision: str, check: dict) -> _Row:
+def _lapack_one(M: np.ndarray, precision: str, check: dict, alone: bool = False) -> _Row:
     """Gram (``syrk``), eigensolve, and for ``"certified"`` the certificate and the float64 fallback;
     a matrix outside :data:`GRAM_SCALE_LIMIT` is scaled by a power of two first (a max and a min pass, for
     float64 input or a float32 Gram only: about 3% of a 576 × 1536 Gram's time)."""
@@ -332,15 +336,15 @@ def _lapack_one(M: np.ndarray, precision: str, check: dict) -> _Row:
     failed: tuple[str, ...] = ()
     if precision == "certified":
         trace, fro = trace_and_fro(G)
-        lam = _eigvalsh(G.astype(np.float32, order="F"), eig_driver(p, np.float32))
+        lam = _eigvalsh(G.astype(np.float32, order="F"), eig_driver(p, alone=alone))
         cert = certify_float32(lam, trace=trace, gram_fro=fro, **check)
         label = "float32-certified"
         if not cert.ok:
             failed, label = cert.failed, "float64"
-            lam = _eigvalsh(G, eig_driver(p, np.float64))
+            lam = _eigvalsh(G, eig_driver(p, alone=alone))
     else:
         label = precision
-        lam = _eigvalsh(G, eig_driver(p, G.dtype.type))
+        lam = _eigvalsh(G, eig_driver(p, alone=alone))
     S = np.sqrt(np.maximum(lam, 0.0))
     if e:
         S = np.ldexp(S, e)
@@ -355,19 +359,34 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:
+    """``[fn(x) for x in items]``, up to ``workers`` at once in threads with one BLAS thread each.
+
+    For numpy's BLAS/LAPACK calls (which release the GIL) on independent small matrices: at p of a few
+    thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
+    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it is restored when
+    the call returns. ``workers`` None: ``torch.get_num_threads()``. Results come back in order; the
+    first exception is raised.
+    """
+    items = list(items)
+    workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
+        # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig"))
+        return list(pool.map(fn, items))
+
+
 def _lapack_batch(mats: torch.Tensor | list[torch.Tensor], count: int, precision: str, check: dict, workers: int) -> list[_Row]:
     """Every matrix on the CPU: with several matrices, up to ``workers`` at once with one BLAS thread
-    each; a lone matrix with one BLAS thread below :data:`ALONE_THREADS_MIN_P`, every thread above.
-    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it is restored when
-    the call returns."""
+    each (:func:`map_one_blas_thread`); a lone matrix with one BLAS thread below
+    :data:`ALONE_THREADS_MIN_P`, every thread above."""
     arrays = [_as_numpy(mats[i]) for i in range(count)]
     workers = max(1, min(workers, count))
-    with contextlib.ExitStack() as stack:
-        if workers > 1 or min(arrays[0].shape) < ALONE_THREADS_MIN_P:
-            stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
-        # always on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
-        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig"))
-        return list(pool.map(lambda M: _lapack_one(M, precision, check), arrays))
+    if workers == 1 and min(arrays[0].shape) >= ALONE_THREADS_MIN_P:
+        with ThreadPoolExecutor(1, thread_name_prefix="spectra-eig") as pool:
+            return list(pool.map(lambda M: _lapack_one(M, precision, check, True), arrays))
+    return map_one_blas_thread(lambda M: _lapack_one(M, precision, check), arrays, workers)
 
 
 # ---- torch backend: batched chunks on any device ------------------------------------------------------

@@ -45,7 +45,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units
-from spectra.stream import one_openmp_thread, read_ahead
+from spectra.stream import largest_first, one_openmp_thread, read_ahead
 
 __all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", "esd", "ww_skip_reason"]
 
@@ -278,7 +278,7 @@ def esd(
                 done_names.add(rec["skipped"]["name"])
         result.save_json(Path(out_dir) / "esd.json")
     tasks = [Task(t.pair, [u for u in t.units if u.name not in done_names]) for t in tasks]
-    tasks = [t for t in tasks if t.units]
+    tasks = largest_first([t for t in tasks if t.units])  # records are put back in plan order at the end
     total = len(done_names) + sum(len(t.units) for t in tasks)
     state = {"done": len(done_names), "saved": time.monotonic()}
 

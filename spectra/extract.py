@@ -39,7 +39,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared
-from spectra.engine import batch_singular_values
+from spectra.engine import batch_singular_values, map_one_blas_thread
 from spectra.errors import ConfigError, IdenticalCheckpointsError
 from spectra.extract_plan import (
     RESULT_FIELDS,
@@ -83,7 +83,7 @@ from spectra.lowrank import (
 )
 from spectra.pairing import pair_checkpoints
 from spectra.selection import Task, plan_units, selector
-from spectra.stream import batches, prefetch, run_settings
+from spectra.stream import batches, largest_first, prefetch, run_settings
 
 JOURNAL = "extract.jsonl"
 SCRATCH = ".extract-scratch"
@@ -328,10 +328,10 @@ def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torc
     settings = run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch), device)
     prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes)
     try:
-        # the CPU decomposes one matrix at a time (its BLAS already uses every core), so a batch of one
-        # keeps only the matrix being decomposed and the pairs read ahead in memory
-        yield from batches(prepared, [u.shape for t in tasks for u in t.units], 32 if device.type == "cuda" else 1,
-                           settings.batch_bytes)
+        # the CPU decomposes as many matrices at once as it has threads (one BLAS thread each), so a batch
+        # keeps only those and the pairs read ahead in memory
+        yield from batches(prepared, [u.shape for t in tasks for u in t.units],
+                           32 if device.type == "cuda" else torch.get_num_threads(), settings.batch_bytes)
     finally:
         prepared.close()
 
@@ -366,7 +366,7 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
         todo = {i for i in range(len(run.targets)) if i not in run.spectra or (not two and i not in run.factors)}
     else:
         todo = {i for i, k in want.items() if not run.has_factors(i, k)}
-    tasks = [t for t in src.tasks if run.index[t.units[0].order] in todo]
+    tasks = largest_first([t for t in src.tasks if run.index[t.units[0].order] in todo])
     for batch in _stream(src, tasks, config, device):
         cutoff = run.cutoff() if want is None and not two else 0.0
         exact = []
@@ -383,8 +383,8 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
             for (i, item), S in zip(exact, S_all):
                 run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note)
         else:
-            for i, item in exact:
-                eig = gram_eig(item.delta)
+            eigs = _gram_eigs([item.delta for _, item in exact], device)
+            for (i, item), eig in zip(exact, eigs):
                 if want is None:
                     k = run.keep_now(i, eig.S, eig.total, cutoff)
                     run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note)
@@ -392,9 +392,17 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
                     k = want[i]
                 B, A = eig_factors(item.delta, eig, k)
                 run.add_factors(i, B, A, stage=None if want is None else stage)
-                del eig
+            del eigs
         for item in batch:
             item.delta = None
+
+
+def _gram_eigs(deltas: list[torch.Tensor], device: torch.device) -> list:
+    """:func:`gram_eig` of each ΔW; on the CPU several at once, one BLAS thread each (numpy's eigensolver
+    barely uses two threads at these sizes, two matrices in two threads use both cores)."""
+    if device.type == "cpu" and len(deltas) > 1:
+        return map_one_blas_thread(gram_eig, deltas)
+    return [gram_eig(d) for d in deltas]
 
 
 def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:

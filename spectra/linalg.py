@@ -10,9 +10,9 @@ Two exact methods:
     Form the smaller Gram matrix ``G = M Mᵀ`` (out <= in) or ``Mᵀ M`` (p × p, p = min(out, in)) and
     take its eigenvalues with a symmetric eigensolver; ``σᵢ = sqrt(max(λᵢ, 0))``. Two kernels:
     :func:`gram` + ``torch.linalg.eigvalsh`` (any device, batched; the CUDA path), and
-    :func:`gram_upper` (BLAS ``syrk``: half the products of a general product) + :func:`eigvalsh_upper`
-    (LAPACK through scipy, driver chosen per size) on the CPU, where several matrices are solved at
-    once, one BLAS thread each (:mod:`spectra.engine`).
+    :func:`gram_upper` + :func:`eigvalsh_upper` (numpy's BLAS and LAPACK, which release the GIL) on
+    the CPU, where several matrices are solved at once in threads, one BLAS thread each
+    (:mod:`spectra.engine`).
 
     Precision: eigenvalues of G carry an absolute error of about ``p · eps · σ₁²``. In float64
     (eps ≈ 1.1e-16) singular values are accurate down to ≈ 1e-7·σ₁, so energy ranks, norms, stable
@@ -58,7 +58,6 @@ from typing import Literal
 
 import numpy as np
 import scipy.linalg
-import scipy.linalg.blas
 import torch
 
 from spectra.metrics import spectrum_metrics
@@ -154,65 +153,76 @@ def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
 
 # ---- the LAPACK route on the CPU: numpy arrays, one call per matrix ------------------------------
 def gram_upper(M: np.ndarray, *, dtype: type[np.floating] = np.float64, block_bytes: int = 32 << 20) -> np.ndarray:
-    """The smaller Gram matrix of ``M`` by BLAS ``syrk``, upper triangle only, accumulated in ``dtype``.
+    """The smaller Gram matrix of ``M``, accumulated in ``dtype``, by numpy's BLAS.
 
-    ``syrk`` computes one triangle of ``X Xᵀ``, half the multiply-adds of a general product. It runs
-    on the calling thread's BLAS (scipy's), so several calls can run at once in worker threads.
+    numpy releases the GIL around its BLAS calls (scipy's f2py BLAS/LAPACK wrappers hold it:
+    two threads calling ``scipy.linalg.blas.dsyrk`` or ``scipy.linalg.eigvalsh`` run one after the
+    other, measured in ``bench/eigensolvers.py``), so several calls run at once in worker threads.
+    ``X.T @ X`` on one buffer is dispatched to ``syrk`` by numpy (one triangle, mirrored).
 
     Args:
-        M: ``(out, in)`` float32 or float64 array (C-ordered arrays are read without a copy).
+        M: ``(out, in)`` float32 or float64 array.
         dtype: ``np.float64`` or ``np.float32``: precision of the products and the sum.
         block_bytes: the long dimension is converted to ``dtype`` and multiplied in blocks of at most
             this many bytes, so a float64 Gram of a float32 ``49152 × 576`` embedding never holds a
             float64 copy of the whole matrix.
 
     Returns:
-        Fortran-ordered ``(p, p)`` array, ``p = min(out, in)``, whose upper triangle holds ``M Mᵀ``
-        (``out <= in``) or ``Mᵀ M``; the strict lower triangle is not referenced (pass ``lower=False``
-        to LAPACK, as :func:`eigvalsh_upper` does).
+        Fortran-ordered symmetric ``(p, p)`` array, ``p = min(out, in)``: ``M Mᵀ`` (``out <= in``) or
+        ``Mᵀ M``. Both triangles are filled; the LAPACK callers read the upper one.
 
     Example:
         >>> G = gram_upper(np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0]]))
-        >>> np.triu(G).tolist()
-        [[5.0, 2.0], [0.0, 2.0]]
+        >>> G.tolist()
+        [[5.0, 2.0], [2.0, 2.0]]
     """
     if M.ndim != 2:
         raise ValueError(f"M must have shape (out, in). Got {M.shape} instead.")
     dtype = np.dtype(dtype).type
-    syrk = scipy.linalg.blas.dsyrk if dtype is np.float64 else scipy.linalg.blas.ssyrk
     wide = M.shape[0] <= M.shape[1]
     p, long = min(M.shape), max(M.shape)
     step = max(1, min(long, block_bytes // max(1, p * np.dtype(dtype).itemsize)))
     G = None
     for start in range(0, long, step):
-        if wide:  # G = Σ_b M[:, b] M[:, b]ᵀ; A = blockᵀ is (w, p) Fortran-ordered: G += AᵀA
-            A, trans = np.asarray(M[:, start : start + step], dtype=dtype, order="C").T, 1
-        else:  # G = Σ_b M[b]ᵀ M[b]; A = blockᵀ is (p, w) Fortran-ordered: G += AAᵀ
-            A, trans = np.asarray(M[start : start + step], dtype=dtype, order="C").T, 0
-        G = syrk(1.0, A, trans=trans, lower=0) if G is None else syrk(1.0, A, beta=1.0, c=G, trans=trans, lower=0, overwrite_c=1)
+        # A is (w, p) C-ordered, so A.T @ A is one syrk on one buffer
+        A = np.ascontiguousarray((M[:, start : start + step].T if wide else M[start : start + step]), dtype=dtype)
+        prod = A.T @ A
+        if G is None:
+            G = prod
+        else:
+            G += prod
     if G is None:  # long == 0: an empty product
-        G = np.zeros((p, p), dtype=dtype, order="F")
-    return G
+        G = np.zeros((p, p), dtype=dtype)
+    return G.T  # symmetric: the transpose is the same matrix, Fortran-ordered, without a copy
 
 
-def eigvalsh_upper(G: np.ndarray, *, driver: str = "evd", overwrite: bool = False) -> np.ndarray:
-    """Eigenvalues of the symmetric matrix whose upper triangle ``G`` holds, by LAPACK through scipy.
+#: ``eigvalsh_upper`` solvers: numpy's ``eigvalsh`` (LAPACK ``syevd``, the GIL released) and scipy's drivers.
+EIGVALSH_DRIVERS = ("numpy", "evd", "evr", "ev")
+
+
+def eigvalsh_upper(G: np.ndarray, *, driver: str = "numpy", overwrite: bool = False) -> np.ndarray:
+    """Eigenvalues of the symmetric matrix whose upper triangle ``G`` holds, by LAPACK.
 
     Args:
-        G: ``(p, p)`` float32 or float64 array (Fortran order avoids a copy); the strict lower
-            triangle is ignored.
-        driver: scipy's ``eigvalsh`` driver: ``"evd"`` (divide and conquer, ``syevd``), ``"evr"``
-            (MRRR, ``syevr``) or ``"ev"`` (QR iteration, ``syev``). All three are backward stable; which
-            is fastest depends on p and the machine (``bench/eigensolvers.py``).
-        overwrite: let LAPACK destroy ``G`` (saves a copy).
+        G: ``(p, p)`` float32 or float64 array; the strict lower triangle is ignored.
+        driver: ``"numpy"`` (default: ``numpy.linalg.eigvalsh``, divide and conquer ``syevd``, which
+            releases the GIL so that threads solve matrices in parallel), or scipy's ``eigvalsh``
+            driver ``"evd"``, ``"evr"`` (MRRR) or ``"ev"`` (QR iteration), which hold the GIL. All are
+            backward stable (``bench/eigensolvers.py`` times them).
+        overwrite: let scipy's LAPACK destroy ``G`` (saves a copy; numpy always works on a copy).
 
     Returns:
         float64 array ``(p,)``, descending, as the solver computed them (in G's precision; small
         negative values are kept: the certificate needs them raw).
     """
+    if driver not in EIGVALSH_DRIVERS:
+        raise ValueError(f"driver must be one of {EIGVALSH_DRIVERS}. Got {driver!r} instead.")
     if G.shape[0] == 0:
         return np.zeros(0, dtype=np.float64)
-    lam = scipy.linalg.eigvalsh(G, lower=False, driver=driver, overwrite_a=overwrite, check_finite=False)
+    if driver == "numpy":
+        lam = np.linalg.eigvalsh(G, UPLO="U")
+    else:
+        lam = scipy.linalg.eigvalsh(G, lower=False, driver=driver, overwrite_a=overwrite, check_finite=False)
     return lam[::-1].astype(np.float64)
 
 

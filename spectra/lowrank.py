@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd, randomized_svd
-from spectra.linalg import fro_norm, gram
+from spectra.linalg import fro_norm, gram, gram_upper
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
 #: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
@@ -390,18 +390,29 @@ class GramEig:
 
 def gram_eig(delta: torch.Tensor) -> GramEig:
     """All singular values of a dense ``(out, in)`` ΔW and the singular vectors of its smaller side,
-    from the float64 Gram matrix (:func:`spectra.linalg.gram`) and ``torch.linalg.eigh``, on ΔW's device.
+    from the float64 Gram matrix and a symmetric eigensolver, on ΔW's device: on the CPU numpy's
+    (:func:`spectra.linalg.gram_upper`, ``numpy.linalg.eigh``: they release the GIL, so matrices can be
+    solved in parallel threads, :func:`spectra.engine.map_one_blas_thread`), elsewhere torch's.
 
     Precision: the eigenvalues of G carry an absolute error of about ``p·eps·σ₁²`` (eps = 1.1e-16),
     so singular values and directions are exact down to ≈1e-7·σ₁ (the same as ``spectra diff``'s
     exact path); the components below that hold < 1e-14 of the energy.
     """
-    G = gram(delta)  # (p, p) float64
-    lam, Q = torch.linalg.eigh(G)  # ascending
+    if delta.device.type == "cpu":
+        lam_np, vecs = np.linalg.eigh(gram_upper(_numpy32(delta)), UPLO="U")  # ascending
+        lam, Q = torch.from_numpy(lam_np), torch.from_numpy(vecs)
+    else:
+        lam, Q = torch.linalg.eigh(gram(delta))  # ascending
     S = lam.flip(-1).clamp_min(0).sqrt().cpu().numpy()
     # the total as spectra diff sums it (Σσᵢ² of the clamped eigenvalues, equal to the trace up to
     # rounding), so that energy ranks agree with the diff's wherever the spectra do
     return GramEig(S, spectrum_total(S), Q.flip(-1))
+
+
+def _numpy32(M: torch.Tensor) -> np.ndarray:
+    """A CPU float32/float64 numpy view of ``M`` (a float32 copy for other dtypes)."""
+    M = M.detach()
+    return (M if M.dtype in (torch.float32, torch.float64) else M.float()).numpy()
 
 
 def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

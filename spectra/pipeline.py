@@ -38,7 +38,7 @@ from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import Task, plan_units
-from spectra.stream import batches, prefetch, run_settings
+from spectra.stream import batches, largest_first, prefetch, run_settings
 
 #: A distributed run exchanges results this many times at most (in a background thread, so ranks do
 #: not wait for each other; more rounds mean a finer journal on rank 0 after a lost rank).
@@ -267,10 +267,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         left = [u for u in t.units if u.name not in names]
         if left:
             tasks.append(Task(t.pair, left))
-    # the largest matrices first (a stable sort: equal shapes stay together, for batching): each is read
-    # while little else is in memory, and its decomposition, often a batch of one, overlaps the reading
-    # of the others instead of ending the run alone on one core
-    tasks.sort(key=lambda t: -t.units[0].shape[0] * t.units[0].shape[1])
+    tasks = largest_first(tasks)
     done = len(names)
     total = done + sum(len(t.units) for t in tasks)
     rounds, ends = 0, []

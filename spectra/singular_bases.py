@@ -29,9 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
 
+from spectra.lapack import top_eigh_upper
 from spectra.linalg import gram_upper
 
 
@@ -79,12 +79,14 @@ def gram_eigh(M: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torc
     if M.device.type == "cpu":
         G = gram_upper(M.detach().numpy(), dtype=np.float64)
         trace = float(np.trace(G))
-        if k == p:
-            lam, vecs = scipy.linalg.eigh(G, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+        # both release the GIL, so modules solved in parallel threads use every core: LAPACK's top-k MRRR
+        # (spectra.lapack) when few pairs are wanted, numpy's divide and conquer for all of them
+        if 2 * k <= p:
+            lam, vecs = top_eigh_upper(G, k)
         else:
-            lam, vecs = scipy.linalg.eigh(G, lower=False, driver="evr", subset_by_index=[p - k, p - 1],
-                                          overwrite_a=True, check_finite=False)
-        lam_t, vecs_t = torch.from_numpy(lam[::-1].copy()), torch.from_numpy(vecs[:, ::-1].copy())
+            lam_all, vecs_all = np.linalg.eigh(G, UPLO="U")
+            lam, vecs = lam_all[::-1][:k].copy(), vecs_all[:, ::-1][:, :k].copy()
+        lam_t, vecs_t = torch.from_numpy(lam), torch.from_numpy(vecs)
     else:
         M64 = M.to(torch.float64)
         G = M64 @ M64.mT if wide else M64.mT @ M64

@@ -141,6 +141,22 @@ def one_openmp_thread() -> None:
     _openmp_controller().limit(limits=1)
 
 
+def largest_first(tasks: list[Task]) -> list[Task]:
+    """``tasks`` with the largest matrices first and equal shapes next to each other (else plan order).
+
+    Largest first: each large tensor is read while little else is in memory (the run's peak), and its
+    decomposition overlaps the reading of the others instead of ending the run alone on one core.
+    Equal shapes together: a batch holds only equally shaped matrices, and ``(1536, 576)`` and
+    ``(576, 1536)`` (same size) interleaved in layer order would cut every batch to one or two matrices,
+    leaving CPU workers idle.
+    """
+    def key(t: Task) -> tuple[int, tuple[int, int]]:
+        shape = t.units[0].shape
+        return -shape[0] * shape[1], tuple(shape)
+
+    return sorted(tasks, key=key)
+
+
 def batches(prepared: Iterator[Prepared], shapes: list[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[Prepared]]:
     """Group consecutive equally shaped units; skipped units travel alone.
 

@@ -1,0 +1,87 @@
+"""spectra.lapack.top_eigh_upper (LAPACK dsyevr through scipy's Cython API) against float64 numpy."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from spectra import lapack
+from spectra.lapack import top_eigh_upper
+
+
+def _gram(rng: np.random.Generator, p: int, n: int, decay: float = 0.0) -> np.ndarray:
+    X = rng.standard_normal((n, p)) * (np.arange(1, p + 1) ** -decay)
+    return X.T @ X
+
+
+def _check(G: np.ndarray, k: int, lam: np.ndarray, vecs: np.ndarray) -> None:
+    ref_lam, ref_vecs = np.linalg.eigh(G)
+    ref_lam, ref_vecs = ref_lam[::-1][:k], ref_vecs[:, ::-1][:, :k]
+    scale = ref_lam[0]
+    assert lam.shape == (k,) and vecs.shape == (G.shape[0], k)
+    assert np.all(np.diff(lam) <= 0)  # descending
+    np.testing.assert_allclose(lam, ref_lam, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(vecs.T @ vecs, np.eye(k), atol=1e-12)
+    # each pair is an eigenpair of G: residual at rounding level
+    resid = np.linalg.norm(G @ vecs - vecs * lam, axis=0)
+    assert resid.max() < 1e-11 * scale
+    # and the same directions as numpy's where the eigenvalues are separated
+    gaps = np.abs(np.diff(np.concatenate([[np.inf], ref_lam, [np.linalg.eigvalsh(G)[::-1][k] if k < G.shape[0] else -np.inf]])))
+    sep = np.minimum(gaps[:-1], gaps[1:]) > 1e-6 * scale
+    cos = np.abs(np.sum(vecs * ref_vecs, axis=0))
+    np.testing.assert_allclose(cos[sep], 1.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("p,n,k,decay", [(1, 3, 1, 0.0), (7, 20, 3, 0.0), (64, 200, 10, 1.0), (192, 576, 64, 0.5),
+                                         (96, 300, 96, 0.0), (50, 30, 20, 0.0)])
+def test_top_eigenpairs_equal_numpy(p, n, k, decay):
+    G = _gram(np.random.default_rng(p + k), p, n, decay)
+    lam, vecs = top_eigh_upper(G, k)
+    _check(G, k, lam, vecs)
+
+
+def test_only_the_upper_triangle_is_read():
+    G = _gram(np.random.default_rng(3), 40, 90)
+    junk = np.triu(G) + np.tril(np.full_like(G, 1e9), -1)
+    lam, vecs = top_eigh_upper(junk, 5)
+    _check(G, 5, lam, vecs)
+
+
+def test_input_is_not_modified_and_any_order_works():
+    G = np.asfortranarray(_gram(np.random.default_rng(4), 30, 60))
+    before = G.copy()
+    a = top_eigh_upper(G, 4)
+    b = top_eigh_upper(np.ascontiguousarray(G), 4)
+    np.testing.assert_array_equal(G, before)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-14)
+
+
+def test_threads_give_the_same_results():
+    rng = np.random.default_rng(5)
+    Gs = [_gram(rng, 80, 160, 0.7) for _ in range(6)]
+    serial = [top_eigh_upper(G, 8) for G in Gs]
+    with ThreadPoolExecutor(3) as pool:
+        threaded = list(pool.map(lambda G: top_eigh_upper(G, 8), Gs))
+    for (l1, v1), (l2, v2) in zip(serial, threaded):
+        np.testing.assert_array_equal(l1, l2)
+        np.testing.assert_array_equal(v1, v2)
+
+
+def test_fallback_without_the_cython_api(monkeypatch):
+    G = _gram(np.random.default_rng(6), 48, 100, 0.5)
+    monkeypatch.setattr(lapack, "_dsyevr", lambda: None)
+    lam, vecs = top_eigh_upper(G, 6)
+    _check(G, 6, lam, vecs)
+
+
+@pytest.mark.parametrize("k", [0, 11])
+def test_k_out_of_range(k):
+    with pytest.raises(ValueError, match="k must be in"):
+        top_eigh_upper(np.eye(10), k)
+
+
+def test_not_square():
+    with pytest.raises(ValueError, match="square"):
+        top_eigh_upper(np.ones((3, 4)), 1)
