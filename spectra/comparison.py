@@ -229,7 +229,16 @@ class _Job:
     shape: tuple[int, int]
     rank_a: int
     rank_b: int
-    random_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    random_seed: int | None  # of the random bases of amplification's baseline (None: no base weights)
+
+
+def _random_bases(job: _Job, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The Haar-random ``(U (out, r), V (in, r))`` of amplification's random baseline for each side, drawn
+    from the module's own generator (``job.random_seed``): a's U, a's V, b's U, b's V."""
+    gen = torch.Generator().manual_seed(job.random_seed if job.random_seed is not None else 0)
+    out_dim, in_dim = job.shape
+    return {who: (random_orthonormal(out_dim, r, gen, device), random_orthonormal(in_dim, r, gen, device))
+            for who, r in (("a", job.rank_a), ("b", job.rank_b))}
 
 
 def _zero_reason(zero_a: bool, zero_b: bool) -> str:
@@ -291,12 +300,13 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         # as far as they need it: the top singular pairs, all of them only for an undecided cosine
         k = min(config.intruder_k, min(W.shape))
         basis = WeightBasis(W, m=max(ra, rb, 2 * k + 10))
+        random_bases = _random_bases(job, device)
         rec.amplification, rec.intruders = {}, {}
         for who, u, r, zero in (("a", ua, ra, zero_a), ("b", ub, rb, zero_b)):
             if zero:  # W + 0 = W: no update, no amplification factor, nothing to intrude
                 rec.amplification[who] = rec.intruders[who] = None
                 continue
-            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=job.random_bases[who])
+            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=random_bases[who])
             intr = intruder_dimensions(W, u.form, k=k, epsilons=config.epsilons, epsilon=config.epsilon, base=basis)
             rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
                                                  counts={str(float(e)): c for e, c in intr.counts.items()},
@@ -409,12 +419,12 @@ def compare(
     for k, spec in todo:
         shape = A.shape(k)
         ra, rb = A.rank(k, shape), B.rank(k, shape)
-        rnd = None
+        seed = None
         if base_ckpt is not None and base_keys.get(k) is not None:
-            # drawn in module order, a then b, as one thread would: the same numbers on any number of workers
-            rnd = {who: (random_orthonormal(shape[0], r, gen, device), random_orthonormal(shape[1], r, gen, device))
-                   for who, r in (("a", ra), ("b", rb))}
-        jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, rnd))
+            # one seed per module, drawn in module order: the same numbers on any number of workers, while
+            # the bases themselves are drawn by the worker (in parallel, and only for the modules in flight)
+            seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+        jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, seed))
     if workers is None:
         workers = torch.get_num_threads() if device.type == "cpu" else 1
     def measure(job: _Job):

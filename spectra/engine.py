@@ -373,7 +373,9 @@ def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: in
     with contextlib.ExitStack() as stack:
         stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
         # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
-        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig"))
+        # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig",
+                                                      initializer=torch.set_num_threads, initargs=(1,)))
         return list(pool.map(fn, items))
 
 

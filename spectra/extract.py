@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -383,26 +383,33 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
             for (i, item), S in zip(exact, S_all):
                 run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note)
         else:
-            eigs = _gram_eigs([item.delta for _, item in exact], device)
+            # spectra of the batch (in parallel), the ranks from them (in order), then the factors (in parallel)
+            deltas = [item.delta for _, item in exact]
+            eigs = _in_parallel(gram_eig, [(d,) for d in deltas], device)
+            ks = []
             for (i, item), eig in zip(exact, eigs):
                 if want is None:
-                    k = run.keep_now(i, eig.S, eig.total, cutoff)
+                    ks.append(run.keep_now(i, eig.S, eig.total, cutoff))
                     run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note)
                 else:
-                    k = want[i]
-                B, A = eig_factors(item.delta, eig, k)
-                run.add_factors(i, B, A, stage=None if want is None else stage)
+                    ks.append(want[i])
+            factors = _in_parallel(eig_factors, list(zip(deltas, eigs, ks)), device)
             del eigs
+            for (i, _), (B, A) in zip(exact, factors):
+                run.add_factors(i, B, A, stage=None if want is None else stage)
         for item in batch:
             item.delta = None
 
 
-def _gram_eigs(deltas: list[torch.Tensor], device: torch.device) -> list:
-    """:func:`gram_eig` of each ΔW; on the CPU several at once, one BLAS thread each (numpy's eigensolver
-    barely uses two threads at these sizes, two matrices in two threads use both cores)."""
-    if device.type == "cpu" and len(deltas) > 1:
-        return map_one_blas_thread(gram_eig, deltas)
-    return [gram_eig(d) for d in deltas]
+_R = TypeVar("_R")
+
+
+def _in_parallel(fn: Callable[..., _R], args: list[tuple], device: torch.device) -> list[_R]:
+    """``[fn(*a) for a in args]``; on the CPU several at once, one BLAS thread each (an eigensolve at these
+    sizes barely uses two threads, two matrices in two threads use both cores)."""
+    if device.type == "cpu" and len(args) > 1:
+        return map_one_blas_thread(lambda a: fn(*a), args)
+    return [fn(*a) for a in args]
 
 
 def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:

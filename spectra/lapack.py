@@ -22,22 +22,27 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
-__all__ = ["top_eigh_upper"]
+__all__ = ["Tridiagonal", "top_eigh_upper"]
 
 _P = ctypes.c_void_p
 
 
+#: Arguments of each routine used here (all by pointer, Fortran convention; ``int`` is 32-bit in scipy's API).
+_NARGS = {"dsyevr": 21, "dsytrd": 10, "dsterf": 4, "dstemr": 21, "dormtr": 13}
+
+
 @functools.cache
-def _dsyevr() -> Callable[..., None] | None:
-    """``dsyevr`` from ``scipy.linalg.cython_lapack`` as a ctypes function (GIL released), or None."""
+def _routine(name: str) -> Callable[..., None] | None:
+    """LAPACK ``name`` from ``scipy.linalg.cython_lapack`` as a ctypes function (GIL released), or None."""
     try:
         from scipy.linalg import cython_lapack
 
-        capsule = cython_lapack.__pyx_capi__["dsyevr"]
+        capsule = cython_lapack.__pyx_capi__[name]
         api = ctypes.pythonapi
         api.PyCapsule_GetName.restype = ctypes.c_char_p
         api.PyCapsule_GetName.argtypes = [ctypes.py_object]
@@ -48,10 +53,14 @@ def _dsyevr() -> Callable[..., None] | None:
         return None
     if not ptr:
         return None
+    return ctypes.CFUNCTYPE(None, *([_P] * _NARGS[name]))(ptr)
+
+
+def _dsyevr() -> Callable[..., None] | None:
     # void dsyevr(char *jobz, char *range, char *uplo, int *n, double *a, int *lda, double *vl, double *vu,
     #             int *il, int *iu, double *abstol, int *m, double *w, double *z, int *ldz, int *isuppz,
-    #             double *work, int *lwork, int *iwork, int *liwork, int *info): every argument by pointer
-    return ctypes.CFUNCTYPE(None, *([_P] * 21))(ptr)
+    #             double *work, int *lwork, int *iwork, int *liwork, int *info)
+    return _routine("dsyevr")
 
 
 def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,3 +109,97 @@ def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if info.value != 0 or m.value != k:
         raise np.linalg.LinAlgError(f"LAPACK dsyevr failed (info = {info.value}, {m.value} of {k} eigenpairs)")
     return w[:k][::-1].copy(), z[:, ::-1].copy()
+
+
+def _ptr(x: np.ndarray) -> ctypes.c_void_p:
+    return x.ctypes.data_as(_P)
+
+
+@dataclass
+class Tridiagonal:
+    """A symmetric float64 matrix reduced once to tridiagonal form (LAPACK ``dsytrd``, the GIL released):
+    all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors of any top k later
+    (``dstemr`` on the tridiagonal, O(p·k), then ``dormtr``, 2p²k flops), so that a caller can choose k
+    from the eigenvalues. One reduction serves both, where ``eigvalsh`` then a top-k ``eigh`` would reduce
+    twice and a full ``eigh`` computes all p vectors: at p = 576 the reduction is ~15 ms of the 43-57 ms of
+    ``numpy.linalg.eigh`` here. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable).
+
+    Build with :meth:`of`. Attributes: ``lam`` all eigenvalues, descending (float64, ``(p,)``); the
+    rest is the factorisation (``a``: the reflectors, ``d``, ``e``, ``tau``).
+    """
+
+    lam: np.ndarray
+    a: np.ndarray
+    d: np.ndarray
+    e: np.ndarray
+    tau: np.ndarray
+
+    @staticmethod
+    def available() -> bool:
+        """Whether scipy's Cython LAPACK API is reachable (else callers use a full ``eigh``)."""
+        return all(_routine(n) is not None for n in ("dsytrd", "dsterf", "dstemr", "dormtr"))
+
+    @classmethod
+    def of(cls, G: np.ndarray) -> Tridiagonal:
+        """Reduce the symmetric matrix whose upper triangle ``G`` ``(p, p)`` holds (copied, never modified)."""
+        if G.ndim != 2 or G.shape[0] != G.shape[1]:
+            raise ValueError(f"G must be a square matrix. Got shape {G.shape} instead.")
+        p = G.shape[0]
+        a = np.array(G, dtype=np.float64, order="F")
+        d, e, tau = np.empty(p), np.empty(max(p - 1, 1)), np.empty(max(p - 1, 1))
+        n, info, uplo, ref = ctypes.c_int(p), ctypes.c_int(0), ctypes.c_char(b"U"), ctypes.byref
+        sytrd = _routine("dsytrd")
+        if p:
+            q = np.empty(1)
+            sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau), _ptr(q), ref(ctypes.c_int(-1)), ref(info))
+            lwork = max(int(q[0]), p)
+            sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau), _ptr(np.empty(lwork)), ref(ctypes.c_int(lwork)),
+                  ref(info))
+            if info.value != 0:
+                raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info.value})")
+        lam, off = d.copy(), e[: max(p - 1, 0)].copy()
+        if p:
+            _routine("dsterf")(ref(n), _ptr(lam), _ptr(np.ascontiguousarray(off) if p > 1 else np.empty(1)), ref(info))
+            if info.value != 0:
+                raise np.linalg.LinAlgError(f"LAPACK dsterf did not converge (info = {info.value})")
+        return cls(lam[::-1].copy(), a, d, e[: max(p - 1, 0)], tau)
+
+    def top_vectors(self, k: int) -> np.ndarray:
+        """Orthonormal eigenvectors ``(p, k)`` float64 of the ``k`` largest eigenvalues, column i for ``lam[i]``."""
+        p = self.d.size
+        if not 0 <= k <= p:
+            raise ValueError(f"k must be in [0, {p}]. Got {k} instead.")
+        if k == 0:
+            return np.zeros((p, 0))
+        ref, c_int = ctypes.byref, ctypes.c_int
+        d, e = self.d.copy(), np.zeros(p)
+        e[: p - 1] = self.e  # dstemr: e has length p (its last entry is workspace)
+        w, z, isuppz = np.empty(p), np.empty((p, k), order="F"), np.empty(2 * k, dtype=np.intc)
+        n, il, iu, m, nzc, info = c_int(p), c_int(p - k + 1), c_int(p), c_int(0), c_int(k), c_int(0)
+        zero, tryrac = ctypes.c_double(0.0), c_int(1)  # tryrac: keep high relative accuracy where the matrix allows
+        jobz, rng = ctypes.c_char(b"V"), ctypes.c_char(b"I")
+        stemr = _routine("dstemr")
+
+        def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
+            stemr(ref(jobz), ref(rng), ref(n), _ptr(d), _ptr(e), ref(zero), ref(zero), ref(il), ref(iu), ref(m), _ptr(w),
+                  _ptr(z), ref(n), ref(nzc), _ptr(isuppz), ref(tryrac), _ptr(work), ref(c_int(lwork)), _ptr(iwork),
+                  ref(c_int(liwork)), ref(info))
+
+        work_q, iwork_q = np.empty(1), np.empty(1, dtype=np.intc)
+        call(work_q, -1, iwork_q, -1)
+        lwork, liwork = max(int(work_q[0]), 18 * p), max(int(iwork_q[0]), 10 * p)
+        call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+        if info.value != 0 or m.value != k:
+            raise np.linalg.LinAlgError(f"LAPACK dstemr failed (info = {info.value}, {m.value} of {k} eigenvectors)")
+        if p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
+            side, uplo, trans = ctypes.c_char(b"L"), ctypes.c_char(b"U"), ctypes.c_char(b"N")
+            ormtr = _routine("dormtr")
+            kk, q = c_int(k), np.empty(1)
+            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
+                  _ptr(q), ref(c_int(-1)), ref(info))
+            lwork = max(int(q[0]), k)
+            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
+                  _ptr(np.empty(lwork)), ref(c_int(lwork)), ref(info))
+            if info.value != 0:
+                raise np.linalg.LinAlgError(f"LAPACK dormtr failed (info = {info.value})")
+        return z[:, ::-1].copy()

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd, randomized_svd
+from spectra.lapack import Tridiagonal
 from spectra.linalg import fro_norm, gram, gram_upper
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
@@ -379,34 +380,50 @@ class GramEig:
     Attributes:
         S: all p singular values, descending, float64 numpy.
         total: ``‖ΔW‖²_F`` as ``Σσᵢ²`` (float64).
-        Q: ``(p, p)`` float64 eigenvectors, columns in the order of S: left singular vectors when
-            out ≤ in (``G = ΔWΔWᵀ``), else right ones (``G = ΔWᵀΔW``).
+        Q: ``(p, p)`` float64 eigenvectors, columns in the order of S (left singular vectors when
+            out ≤ in, ``G = ΔWΔWᵀ``, else right ones, ``G = ΔWᵀΔW``); None when ``tri`` holds the
+            reduced Gram matrix instead, whose top vectors :meth:`top` computes on request.
+        tri: the Gram matrix reduced to tridiagonal form (:class:`spectra.lapack.Tridiagonal`, the CPU path).
     """
 
     S: np.ndarray
     total: float
-    Q: torch.Tensor
+    Q: torch.Tensor | None
+    tri: Tridiagonal | None = None
+
+    def top(self, k: int) -> torch.Tensor:
+        """The eigenvectors of the k largest eigenvalues, ``(p, k)`` float64, in the order of S."""
+        if self.Q is not None:
+            return self.Q[:, :k]
+        return torch.from_numpy(self.tri.top_vectors(k))
 
 
 def gram_eig(delta: torch.Tensor) -> GramEig:
     """All singular values of a dense ``(out, in)`` ΔW and the singular vectors of its smaller side,
-    from the float64 Gram matrix and a symmetric eigensolver, on ΔW's device: on the CPU numpy's
-    (:func:`spectra.linalg.gram_upper`, ``numpy.linalg.eigh``: they release the GIL, so matrices can be
-    solved in parallel threads, :func:`spectra.engine.map_one_blas_thread`), elsewhere torch's.
+    from the float64 Gram matrix and a symmetric eigensolver, on ΔW's device. On the CPU the Gram
+    matrix (:func:`spectra.linalg.gram_upper`) is reduced once to tridiagonal form
+    (:class:`spectra.lapack.Tridiagonal`): every eigenvalue now, only the top vectors a caller asks for
+    later (:meth:`GramEig.top`); both release the GIL, so matrices can be solved in parallel threads
+    (:func:`spectra.engine.map_one_blas_thread`). Elsewhere ``torch.linalg.eigh``.
 
     Precision: the eigenvalues of G carry an absolute error of about ``p·eps·σ₁²`` (eps = 1.1e-16),
     so singular values and directions are exact down to ≈1e-7·σ₁ (the same as ``spectra diff``'s
     exact path); the components below that hold < 1e-14 of the energy.
     """
-    if delta.device.type == "cpu":
-        lam_np, vecs = np.linalg.eigh(gram_upper(_numpy32(delta)), UPLO="U")  # ascending
-        lam, Q = torch.from_numpy(lam_np), torch.from_numpy(vecs)
+    tri = None
+    if delta.device.type == "cpu" and Tridiagonal.available():
+        tri = Tridiagonal.of(gram_upper(_numpy32(delta)))
+        S, Q = np.sqrt(np.maximum(tri.lam, 0.0)), None
     else:
-        lam, Q = torch.linalg.eigh(gram(delta))  # ascending
-    S = lam.flip(-1).clamp_min(0).sqrt().cpu().numpy()
+        if delta.device.type == "cpu":  # scipy without its Cython LAPACK API: numpy's full eigh
+            lam_np, vecs = np.linalg.eigh(gram_upper(_numpy32(delta)), UPLO="U")  # ascending
+            lam, Q = torch.from_numpy(lam_np), torch.from_numpy(vecs)
+        else:
+            lam, Q = torch.linalg.eigh(gram(delta))  # ascending
+        S, Q = lam.flip(-1).clamp_min(0).sqrt().cpu().numpy(), Q.flip(-1)
     # the total as spectra diff sums it (Σσᵢ² of the clamped eigenvalues, equal to the trace up to
     # rounding), so that energy ranks agree with the diff's wherever the spectra do
-    return GramEig(S, spectrum_total(S), Q.flip(-1))
+    return GramEig(S, spectrum_total(S), Q, tri)
 
 
 def _numpy32(M: torch.Tensor) -> np.ndarray:
@@ -426,7 +443,7 @@ def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor
     if k == 0:
         return None, None
     out_dim, in_dim = delta.shape
-    Qk = eig.Q[:, :k]
+    Qk = eig.top(k)
     if out_dim <= in_dim:  # Q holds U; ΔWᵀU_k = V_k·diag(σ)
         W = _matmul64(delta, Qk, left_t=True)  # (in, k)
         sig = torch.linalg.vector_norm(W, dim=0)

@@ -168,15 +168,16 @@ def _check_module(m, W, DA, DB, ra, rb, random_bases):
 
 
 def _random_bases(res: CompareResult, seed: int = 0):
-    """The random U, V of every module's amplification, drawn as compare draws them: one generator,
-    modules in order, A then B, U then V."""
+    """The random U, V of every module's amplification, drawn as compare draws them: one seed per
+    module from one generator, modules in order; from each module's seed A then B, U then V."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for m in res.modules:
+        gm = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
         drawn = {}
         for who, r in (("a", m.rank_a), ("b", m.rank_b)):
-            Ur = torch.linalg.qr(torch.randn(m.out, r, generator=g, dtype=torch.float64)).Q.numpy()
-            Vr = torch.linalg.qr(torch.randn(m.in_, r, generator=g, dtype=torch.float64)).Q.numpy()
+            Ur = torch.linalg.qr(torch.randn(m.out, r, generator=gm, dtype=torch.float64)).Q.numpy()
+            Vr = torch.linalg.qr(torch.randn(m.in_, r, generator=gm, dtype=torch.float64)).Q.numpy()
             drawn[who] = (Ur, Vr)
         out.append(drawn)
     return out

@@ -394,9 +394,13 @@ def test_resume_finishes_an_interrupted_run(tmp_path):
     assert (tmp_path / "run" / "extract.jsonl").is_file() and not (tmp_path / "run" / "adapter_model.safetensors").exists()
     with pytest.raises(ConfigError, match="not empty"):
         extract(base_dir, tuned_dir, tmp_path / "run", config=config)
+    lines = (tmp_path / "run" / "extract.jsonl").read_text().splitlines()
+    factored = {json.loads(line)["factors"]["order"] for line in lines if '"factors"' in line}
+    # the 6th spectrum stopped the run: it and any other of its batch were journaled without their factors
+    assert len(seen) - 2 <= len(factored) <= 5
     done = []
     res = extract(base_dir, tuned_dir, tmp_path / "run", config=config, resume=True, callback=lambda ev: done.append(ev.name))
-    assert len(done) == len(res.modules) - 5  # the 6th was journaled without its factors: it is redone
+    assert len(done) == len(res.modules) - len(factored)  # a module without its factors is redone
     fresh = extract(base_dir, tuned_dir, tmp_path / "fresh", config=config)
     assert [m["rank"] for m in res.modules] == [m["rank"] for m in fresh.modules]
     a, b = load_file(str(tmp_path / "run" / "adapter_model.safetensors")), load_file(str(tmp_path / "fresh" / "adapter_model.safetensors"))
