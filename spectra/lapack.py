@@ -1,4 +1,5 @@
-"""A top-k symmetric eigensolver that releases the GIL: LAPACK's ``dsyevr`` through scipy's Cython API.
+"""Symmetric eigensolvers that release the GIL and compute only the vectors asked for: LAPACK through
+scipy's Cython API.
 
 scipy's Python LAPACK wrappers (``scipy.linalg.eigh``, ``scipy.linalg.lapack.*``) hold the GIL for
 the whole call, so threads calling them run one after the other (measured in ``bench/eigensolvers.py``);
@@ -7,14 +8,17 @@ numpy's ``linalg`` releases it but has no subset solver, and a full ``eigh`` com
 ``__pyx_capi__``, the route numba uses); called through ``ctypes`` the GIL is released during the call,
 so matrices solved in parallel threads use every core.
 
-``dsyevr`` (Dhillon-Parlett MRRR) with ``RANGE='I'`` computes only the wanted eigenpairs: the
-tridiagonal reduction of a full solve, then O(p·k) for the vectors and their back-transformation,
-instead of all p. On the project's 2-core CPU, ``p = 576``, one thread: the top 10 pairs in 13 ms and
-the top 64 in 32 ms against 43-57 ms for ``numpy.linalg.eigh`` (all 576); the results agree with it to
-rounding (``tests/test_lapack.py``).
+- :func:`top_eigh_upper`: the top k eigenpairs by ``dsyevr`` (Dhillon-Parlett MRRR, ``RANGE='I'``):
+  the tridiagonal reduction of a full solve, then O(p·k) for the vectors and their back-transformation.
+  On the project's 2-core CPU, ``p = 576``, one thread: the top 10 pairs in 13 ms and the top 64 in
+  32 ms against 43-57 ms for ``numpy.linalg.eigh`` (all 576).
+- :class:`Tridiagonal`: one reduction, every eigenvalue at once, and the top-k vectors later for a k
+  chosen from those eigenvalues (``spectra extract``).
 
-Where the Cython API cannot be reached (a scipy built without it), :func:`top_eigh_upper` falls back
-to ``scipy.linalg.eigh(..., driver="evr", subset_by_index=...)``: the same routine, holding the GIL.
+Both agree with ``numpy.linalg.eigh`` to rounding (``tests/test_lapack.py``). Where the Cython API
+cannot be reached (a scipy built without it), :func:`top_eigh_upper` falls back to
+``scipy.linalg.eigh(..., driver="evr", subset_by_index=...)`` (the same routine, holding the GIL) and
+callers of :class:`Tridiagonal` check :meth:`Tridiagonal.available` and use a full ``eigh``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ _P = ctypes.c_void_p
 
 
 #: Arguments of each routine used here (all by pointer, Fortran convention; ``int`` is 32-bit in scipy's API).
-_NARGS = {"dsyevr": 21, "dsytrd": 10, "dsterf": 4, "dstemr": 21, "dormtr": 13}
+_NARGS = {"dsyevr": 21, "dsytrd": 10, "dsterf": 4, "dstemr": 21, "dstedc": 11, "dormtr": 13}
 
 
 @functools.cache
@@ -119,10 +123,11 @@ def _ptr(x: np.ndarray) -> ctypes.c_void_p:
 class Tridiagonal:
     """A symmetric float64 matrix reduced once to tridiagonal form (LAPACK ``dsytrd``, the GIL released):
     all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors of any top k later
-    (``dstemr`` on the tridiagonal, O(p·k), then ``dormtr``, 2p²k flops), so that a caller can choose k
-    from the eigenvalues. One reduction serves both, where ``eigvalsh`` then a top-k ``eigh`` would reduce
-    twice and a full ``eigh`` computes all p vectors: at p = 576 the reduction is ~15 ms of the 43-57 ms of
-    ``numpy.linalg.eigh`` here. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable).
+    (``dstemr`` for a few, ``dstedc`` for more, then ``dormtr`` for those k only, 2p²k flops), so that a
+    caller can choose k from the eigenvalues. One reduction serves both, where ``eigvalsh`` then a top-k
+    ``eigh`` would reduce twice and a full ``eigh`` back-transforms all p vectors. At p = 576, one thread:
+    the reduction with every eigenvalue ~22 ms, then the top 10 vectors ~4 ms, the top 64 ~20 ms, against
+    43 ms for ``numpy.linalg.eigh``. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable).
 
     Build with :meth:`of`. Attributes: ``lam`` all eigenvalues, descending (float64, ``(p,)``); the
     rest is the factorisation (``a``: the reflectors, ``d``, ``e``, ``tau``).
@@ -137,7 +142,7 @@ class Tridiagonal:
     @staticmethod
     def available() -> bool:
         """Whether scipy's Cython LAPACK API is reachable (else callers use a full ``eigh``)."""
-        return all(_routine(n) is not None for n in ("dsytrd", "dsterf", "dstemr", "dormtr"))
+        return all(_routine(n) is not None for n in ("dsytrd", "dsterf", "dstemr", "dstedc", "dormtr"))
 
     @classmethod
     def of(cls, G: np.ndarray) -> Tridiagonal:
@@ -172,6 +177,45 @@ class Tridiagonal:
         if k == 0:
             return np.zeros((p, 0))
         ref, c_int = ctypes.byref, ctypes.c_int
+        # MRRR costs ~0.3 ms per vector at p = 576, divide and conquer ~20 ms for all: MRRR only for a few
+        z = self._tridiagonal_vectors(k) if 16 * k <= p else self._all_tridiagonal_vectors()[:, p - k:]
+        if p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
+            z = np.asfortranarray(z)
+            n, kk, info, q = c_int(p), c_int(k), c_int(0), np.empty(1)
+            side, uplo, trans = ctypes.c_char(b"L"), ctypes.c_char(b"U"), ctypes.c_char(b"N")
+            ormtr = _routine("dormtr")
+            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
+                  _ptr(q), ref(c_int(-1)), ref(info))
+            lwork = max(int(q[0]), k)
+            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
+                  _ptr(np.empty(lwork)), ref(c_int(lwork)), ref(info))
+            if info.value != 0:
+                raise np.linalg.LinAlgError(f"LAPACK dormtr failed (info = {info.value})")
+        return z[:, ::-1].copy()
+
+    def _all_tridiagonal_vectors(self) -> np.ndarray:
+        """Every eigenvector of the tridiagonal matrix, ascending, ``(p, p)``: divide and conquer (``dstedc``),
+        cheaper than MRRR vector by vector once more than about a sixteenth of them are wanted."""
+        p = self.d.size
+        ref, c_int = ctypes.byref, ctypes.c_int
+        d, e, z = self.d.copy(), np.zeros(max(p - 1, 1)), np.empty((p, p), order="F")
+        e[: p - 1] = self.e
+        n, info, compz = c_int(p), c_int(0), ctypes.c_char(b"I")
+        stedc = _routine("dstedc")
+        work_q, iwork_q = np.empty(1), np.empty(1, dtype=np.intc)
+        stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(work_q), ref(c_int(-1)), _ptr(iwork_q),
+              ref(c_int(-1)), ref(info))
+        lwork, liwork = max(int(work_q[0]), 1 + 4 * p + p * p), max(int(iwork_q[0]), 3 + 5 * p)
+        stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(np.empty(lwork)), ref(c_int(lwork)),
+              _ptr(np.empty(liwork, dtype=np.intc)), ref(c_int(liwork)), ref(info))
+        if info.value != 0:
+            raise np.linalg.LinAlgError(f"LAPACK dstedc failed (info = {info.value})")
+        return z
+
+    def _tridiagonal_vectors(self, k: int) -> np.ndarray:
+        """Eigenvectors of the tridiagonal matrix for its k largest eigenvalues, ascending, ``(p, k)``: MRRR (``dstemr``)."""
+        p = self.d.size
+        ref, c_int = ctypes.byref, ctypes.c_int
         d, e = self.d.copy(), np.zeros(p)
         e[: p - 1] = self.e  # dstemr: e has length p (its last entry is workspace)
         w, z, isuppz = np.empty(p), np.empty((p, k), order="F"), np.empty(2 * k, dtype=np.intc)
@@ -191,15 +235,4 @@ class Tridiagonal:
         call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
         if info.value != 0 or m.value != k:
             raise np.linalg.LinAlgError(f"LAPACK dstemr failed (info = {info.value}, {m.value} of {k} eigenvectors)")
-        if p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
-            side, uplo, trans = ctypes.c_char(b"L"), ctypes.c_char(b"U"), ctypes.c_char(b"N")
-            ormtr = _routine("dormtr")
-            kk, q = c_int(k), np.empty(1)
-            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
-                  _ptr(q), ref(c_int(-1)), ref(info))
-            lwork = max(int(q[0]), k)
-            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
-                  _ptr(np.empty(lwork)), ref(c_int(lwork)), ref(info))
-            if info.value != 0:
-                raise np.linalg.LinAlgError(f"LAPACK dormtr failed (info = {info.value})")
-        return z[:, ::-1].copy()
+        return z

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spectra import lapack
-from spectra.lapack import top_eigh_upper
+from spectra.lapack import Tridiagonal, top_eigh_upper
 
 
 def _gram(rng: np.random.Generator, p: int, n: int, decay: float = 0.0) -> np.ndarray:
@@ -85,3 +85,37 @@ def test_k_out_of_range(k):
 def test_not_square():
     with pytest.raises(ValueError, match="square"):
         top_eigh_upper(np.ones((3, 4)), 1)
+
+
+# ---- Tridiagonal: every eigenvalue, then the top vectors -----------------------------------------------
+@pytest.mark.parametrize("p,n,decay", [(1, 4, 0.0), (2, 5, 0.0), (9, 30, 0.5), (160, 400, 1.0), (64, 40, 0.0)])
+def test_tridiagonal_eigenvalues_and_top_vectors_equal_numpy(p, n, decay):
+    G = _gram(np.random.default_rng(10 + p), p, n, decay)
+    before = G.copy()
+    tri = Tridiagonal.of(G)
+    np.testing.assert_array_equal(G, before)
+    ref = np.linalg.eigvalsh(G)[::-1]
+    np.testing.assert_allclose(tri.lam, ref, rtol=0, atol=1e-12 * ref[0])
+    # a few (MRRR), a quarter, all (divide and conquer); each checked as top_eigh_upper's results are
+    for k in sorted({1, max(1, p // 16), max(1, p // 16 + 1), max(1, p // 4), p}):
+        _check(G, k, tri.lam[:k], tri.top_vectors(k))
+    assert tri.top_vectors(0).shape == (p, 0)
+    with pytest.raises(ValueError, match="k must be in"):
+        tri.top_vectors(p + 1)
+
+
+def test_gram_eig_without_the_cython_api_gives_the_same_factors(monkeypatch):
+    import torch
+
+    from spectra.lowrank import eig_factors, gram_eig
+
+    delta = torch.from_numpy(np.random.default_rng(11).standard_normal((90, 40)) * np.arange(1, 41) ** -1.0).float()
+    fast = gram_eig(delta)
+    assert fast.Q is None and fast.tri is not None
+    monkeypatch.setattr(Tridiagonal, "available", staticmethod(lambda: False))
+    slow = gram_eig(delta)
+    assert slow.Q is not None
+    np.testing.assert_allclose(fast.S, slow.S, rtol=1e-12)
+    for k in (3, 40):
+        (B1, A1), (B2, A2) = eig_factors(delta, fast, k), eig_factors(delta, slow, k)
+        torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=0, atol=1e-5 * float(delta.abs().max()))
