@@ -10,6 +10,7 @@ Two process-wide settings are made here, for the command line only (the library 
 - glibc's heap returns large freed blocks to the system (:func:`_release_large_blocks`).
 """
 
+import contextlib
 import ctypes
 import gc
 import os
@@ -27,10 +28,8 @@ def _release_large_blocks() -> None:
     """
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         ctypes.CDLL("libc.so.6").mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 _release_large_blocks()

@@ -45,7 +45,7 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, check_device_available
 from spectra.delta import form_delta, oriented
-from spectra.engine import randomized_svd
+from spectra.engine import one_openmp_thread, randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -432,7 +432,7 @@ def compare(
 
     # torch's OpenMP thread count is per thread: each worker sets its own to one
     with _one_blas_thread_each(max(1, min(workers, len(jobs)))) as n, \
-            ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            ThreadPoolExecutor(n, initializer=one_openmp_thread) as pool:
         outs = pool.map(measure, jobs) if n > 1 else map(measure, jobs)  # one worker: on this thread
         for done, out in enumerate(outs, start=1):
             if isinstance(out, dict):

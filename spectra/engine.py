@@ -359,6 +359,27 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+@functools.cache
+def _openmp_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded OpenMP runtimes (torch's), built once (~20 ms)."""
+    return ThreadpoolController().select(user_api="openmp")
+
+
+def one_openmp_thread() -> None:
+    """Run torch's CPU kernels on one OpenMP thread in the calling thread only (a reader or worker thread).
+
+    Why: the engine's workers already hold every core; a reader whose element-wise kernels fork
+    an OpenMP team oversubscribes them, and the team spin-waits at each barrier on cores the LAPACK
+    workers need: in a 135M-layout diff on a busy 2-core machine the reader thread alone spent
+    9-13 s of CPU with a two-thread team and 2.5-2.7 s with one. The OpenMP thread count is a
+    per-thread setting (an ICV), so the main thread and the engine keep theirs; it ends with the
+    thread. (``torch.set_num_threads`` would not do: torch also hands its last value to the next new
+    thread of the process, whichever it is.)
+    """
+    torch.get_num_threads()  # torch sets a new thread's count on first use: set ours after it
+    _openmp_controller().limit(limits=1)
+
+
 def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:
     """``[fn(x) for x in items]``, up to ``workers`` at once in threads with one BLAS thread each.
 
@@ -374,8 +395,7 @@ def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: in
         stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
         # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
         # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
-        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig",
-                                                      initializer=torch.set_num_threads, initargs=(1,)))
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=one_openmp_thread))
         return list(pool.map(fn, items))
 
 

@@ -5,7 +5,6 @@ matrices. Memory stays bounded by the pairs in flight plus one batch, whatever t
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -14,10 +13,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from threadpoolctl import ThreadpoolController
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared, pair_bytes, prepare
+from spectra.engine import one_openmp_thread
 from spectra.io.checkpoint import Checkpoint
 from spectra.selection import Task
 
@@ -119,26 +118,6 @@ def read_ahead(tasks: list[Task], read: Callable[[Task], list[T]], cost: Callabl
         finally:
             for fut, _ in pending:
                 fut.cancel()
-
-
-@functools.cache
-def _openmp_controller() -> ThreadpoolController:
-    """threadpoolctl's view of the loaded OpenMP runtimes (torch's), built once (~20 ms)."""
-    return ThreadpoolController().select(user_api="openmp")
-
-
-def one_openmp_thread() -> None:
-    """Run torch's CPU kernels on one OpenMP thread in the calling thread only (a reader thread).
-
-    Why: the engine's workers already hold every core; a reader whose element-wise kernels fork
-    an OpenMP team oversubscribes them, and the team spin-waits at each barrier on cores the LAPACK
-    workers need: in a 135M-layout diff on a busy 2-core machine the reader thread alone spent
-    9-13 s of CPU with a two-thread team and 2.5-2.7 s with one. The OpenMP thread count is a
-    per-thread setting (an ICV), so the main thread and the engine keep theirs; it ends with the
-    thread.
-    """
-    torch.get_num_threads()  # torch sets a new thread's count on first use: set ours after it
-    _openmp_controller().limit(limits=1)
 
 
 def largest_first(tasks: list[Task]) -> list[Task]:

@@ -258,3 +258,18 @@ def test_inspect_orders_layers_by_number(tmp_path):
     assert records[0]["name"] == "model.embed_tokens.weight" and records[-1]["name"] == "lm_head.weight"
     layered = [(r["layer"], r["module"]) for r in records if r["layer"] is not None]
     assert layered == [(i, m) for i in range(12) for m in ("q_proj", "v_proj")]
+
+
+def test_cli_import_pauses_the_collector_only_while_loading():
+    """Importing the command line freezes what torch and the library loaded and leaves the collector on;
+    a mmap threshold the user set stays theirs (the call is skipped, nothing fails)."""
+    code = ("import gc, spectra_cli\n"
+            "print(gc.isenabled(), gc.get_freeze_count() > 10000)\n")
+    for env in ({}, {"MALLOC_MMAP_THRESHOLD_": "131072"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, **env})
+        assert out.stdout.split() == ["True", "True"]
+    # a program that turned the collector off keeps it off
+    out = subprocess.run([sys.executable, "-c", "import gc; gc.disable(); import spectra_cli; print(gc.isenabled())"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
