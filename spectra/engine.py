@@ -82,9 +82,9 @@ CUDA_BATCH_FRACTION = 0.45
 #: or ``"torch"`` (``torch.linalg.eigvalsh``, on a worker thread). scipy's drivers hold the GIL, so
 #: threads calling them run one at a time. Measured on this project's 2-core CPU
 #: (``bench/eigensolvers.py``, ``bench/results/eigensolvers-cpu.md``): two threads with one BLAS thread
-#: each solve numpy's 1.8× faster than one (576: 11.9 ms per matrix against 21.4) and faster than
-#: torch's (18.0 ms) at every p; a lone matrix on every thread is within noise of torch's up to
-#: p = 1024 and 1.3× slower at 2048 (530 ms against 415).
+#: each solve numpy's 1.75× faster than one (576: 12.1 ms per matrix against 21.1; scipy's and torch's
+#: from two threads 22.9 and 23.2 ms) and at least as fast as any other at every p; a lone matrix on
+#: every thread is within noise of torch's up to p = 1024 and 1.2× slower at 2048 (470 ms against 393).
 EIG_DRIVERS: tuple[tuple[float, str, str], ...] = ((1536, "numpy", "numpy"), (math.inf, "numpy", "torch"))
 
 #: The CPU backend solves the matrices of a batch in this many threads at most, one BLAS thread each
