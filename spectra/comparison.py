@@ -45,7 +45,7 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, check_device_available
 from spectra.delta import form_delta, oriented
-from spectra.engine import one_openmp_thread, randomized_svd
+from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -75,6 +75,7 @@ from spectra.subspaces import (
     random_orthonormal,
     top_subspace,
 )
+from spectra.threads import one_openmp_thread
 
 __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 

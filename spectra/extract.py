@@ -39,7 +39,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared
-from spectra.engine import batch_singular_values, map_one_blas_thread
+from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError
 from spectra.extract_plan import (
     RESULT_FIELDS,
@@ -84,6 +84,7 @@ from spectra.lowrank import (
 from spectra.pairing import pair_checkpoints
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import batches, largest_first, prefetch, run_settings
+from spectra.threads import map_one_blas_thread
 
 JOURNAL = "extract.jsonl"
 SCRATCH = ".extract-scratch"

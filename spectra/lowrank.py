@@ -404,7 +404,7 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
     matrix (:func:`spectra.linalg.gram_upper`) is reduced once to tridiagonal form
     (:class:`spectra.lapack.Tridiagonal`): every eigenvalue now, only the top vectors a caller asks for
     later (:meth:`GramEig.top`); both release the GIL, so matrices can be solved in parallel threads
-    (:func:`spectra.engine.map_one_blas_thread`). Elsewhere ``torch.linalg.eigh``.
+    (:func:`spectra.threads.map_one_blas_thread`). Elsewhere ``torch.linalg.eigh``.
 
     Precision: the eigenvalues of G carry an absolute error of about ``p·eps·σ₁²`` (eps = 1.1e-16),
     so singular values and directions are exact down to ≈1e-7·σ₁ (the same as ``spectra diff``'s

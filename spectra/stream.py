@@ -16,9 +16,9 @@ import torch
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared, pair_bytes, prepare
-from spectra.engine import one_openmp_thread
 from spectra.io.checkpoint import Checkpoint
 from spectra.selection import Task
+from spectra.threads import one_openmp_thread
 
 T = TypeVar("T")
 

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import spectra
 from spectra.config import DiffConfig
-from spectra.stream import CPU_COLLECT_BYTES, one_openmp_thread, run_settings
+from spectra.stream import CPU_COLLECT_BYTES, run_settings
+from spectra.threads import one_openmp_thread
 
 
 def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_theirs():

@@ -1,0 +1,73 @@
+"""Threads for compute: several small decompositions at once, one BLAS and one OpenMP thread each.
+
+At p of a few thousand one eigensolve barely uses two threads, while two matrices in two threads use
+both cores; a reader thread whose torch kernels fork an OpenMP team oversubscribes the cores the
+engine's workers hold. The BLAS thread count is process-wide (OpenBLAS has no per-thread setting),
+set and restored around a call with threadpoolctl; the OpenMP count is per thread (an ICV).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy  # noqa: F401 - both OpenBLAS libraries are loaded before threadpoolctl first looks
+import scipy.linalg  # noqa: F401
+import torch
+from threadpoolctl import ThreadpoolController
+
+__all__ = ["map_one_blas_thread", "one_openmp_thread"]
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded BLAS libraries (scipy's and numpy's OpenBLAS), built once:
+    finding them costs ~20 ms, setting their thread count afterwards microseconds. Both libraries
+    are loaded when this module is imported (its imports), so the cached view is complete."""
+    return ThreadpoolController()
+
+
+@functools.cache
+def _openmp_controller() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded OpenMP runtimes (torch's), built once (~20 ms)."""
+    return ThreadpoolController().select(user_api="openmp")
+
+
+def one_openmp_thread() -> None:
+    """Run torch's CPU kernels on one OpenMP thread in the calling thread only (a reader or worker thread).
+
+    Why: the engine's workers already hold every core; a reader whose element-wise kernels fork
+    an OpenMP team oversubscribes them, and the team spin-waits at each barrier on cores the LAPACK
+    workers need: in a 135M-layout diff on a busy 2-core machine the reader thread alone spent
+    9-13 s of CPU with a two-thread team and 2.5-2.7 s with one. The OpenMP thread count is a
+    per-thread setting (an ICV), so the main thread and the engine keep theirs; it ends with the
+    thread. (``torch.set_num_threads`` would not do: torch also hands its last value to the next new
+    thread of the process, whichever it is.)
+    """
+    torch.get_num_threads()  # torch sets a new thread's count on first use: set ours after it
+    _openmp_controller().limit(limits=1)
+
+
+def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:
+    """``[fn(x) for x in items]``, up to ``workers`` at once in threads with one BLAS thread each.
+
+    For numpy's BLAS/LAPACK calls (which release the GIL) on independent small matrices: at p of a few
+    thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
+    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it is restored when
+    the call returns. ``workers`` None: ``torch.get_num_threads()``. Results come back in order; the
+    first exception is raised.
+    """
+    items = list(items)
+    workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
+        # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
+        # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
+        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=one_openmp_thread))
+        return list(pool.map(fn, items))
