@@ -44,6 +44,7 @@ import torch
 from spectra.linalg import (
     CERTIFY_RTOL,
     Method,
+    as_numpy,
     certify_float32,
     eigvalsh_upper,
     gram,
@@ -281,16 +282,6 @@ def batch_singular_values(
 _Row = tuple[np.ndarray, str, tuple[str, ...], float, float]  # S, precision, failed checks, gram s, eig s
 
 
-def _as_numpy(m: torch.Tensor) -> np.ndarray:
-    """A CPU float32/float64 numpy view of ``m`` (a copy only for other dtypes or devices)."""
-    m = m.detach()
-    if m.device.type != "cpu":
-        m = m.cpu()
-    if m.dtype not in (torch.float32, torch.float64):
-        m = m.float()
-    return m.numpy()
-
-
 def _eigvalsh(G: np.ndarray, solver: str) -> np.ndarray:
     """Eigenvalues (descending, float64) of the matrix whose upper triangle ``G`` holds, by ``solver``
     (:data:`EIG_DRIVERS`); ``G`` may be destroyed."""
@@ -350,7 +341,7 @@ def _lapack_batch(mats: torch.Tensor | list[torch.Tensor], count: int, precision
     """Every matrix on the CPU: with several matrices, up to ``workers`` at once with one BLAS thread
     each (:func:`map_one_blas_thread`); a lone matrix with one BLAS thread below
     :data:`ALONE_THREADS_MIN_P`, every thread above."""
-    arrays = [_as_numpy(mats[i]) for i in range(count)]
+    arrays = [as_numpy(mats[i]) for i in range(count)]
     workers = max(1, min(workers, count))
     if workers == 1 and min(arrays[0].shape) >= ALONE_THREADS_MIN_P:
         with ThreadPoolExecutor(1, thread_name_prefix="spectra-eig") as pool:

@@ -152,6 +152,16 @@ def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
 
 
 # ---- the LAPACK route on the CPU: numpy arrays, one call per matrix ------------------------------
+def as_numpy(m: torch.Tensor) -> np.ndarray:
+    """A CPU float32/float64 numpy view of ``m`` (a copy only for other dtypes, upcast to float32, or devices)."""
+    m = m.detach()
+    if m.device.type != "cpu":
+        m = m.cpu()
+    if m.dtype not in (torch.float32, torch.float64):
+        m = m.float()
+    return m.numpy()
+
+
 def gram_upper(M: np.ndarray, *, dtype: type[np.floating] = np.float64, block_bytes: int = 32 << 20) -> np.ndarray:
     """The smaller Gram matrix of ``M``, accumulated in ``dtype``, by numpy's BLAS.
 

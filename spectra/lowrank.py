@@ -32,7 +32,7 @@ import torch
 
 from spectra.engine import factored_svd, randomized_svd
 from spectra.lapack import Tridiagonal
-from spectra.linalg import fro_norm, gram, gram_upper
+from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
 #: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
@@ -412,11 +412,11 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
     """
     tri = None
     if delta.device.type == "cpu" and Tridiagonal.available():
-        tri = Tridiagonal.of(gram_upper(_numpy32(delta)))
+        tri = Tridiagonal.of(gram_upper(as_numpy(delta)))
         S, Q = np.sqrt(np.maximum(tri.lam, 0.0)), None
     else:
         if delta.device.type == "cpu":  # scipy without its Cython LAPACK API: numpy's full eigh
-            lam_np, vecs = np.linalg.eigh(gram_upper(_numpy32(delta)), UPLO="U")  # ascending
+            lam_np, vecs = np.linalg.eigh(gram_upper(as_numpy(delta)), UPLO="U")  # ascending
             lam, Q = torch.from_numpy(lam_np), torch.from_numpy(vecs)
         else:
             lam, Q = torch.linalg.eigh(gram(delta))  # ascending
@@ -424,12 +424,6 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
     # the total as spectra diff sums it (Σσᵢ² of the clamped eigenvalues, equal to the trace up to
     # rounding), so that energy ranks agree with the diff's wherever the spectra do
     return GramEig(S, spectrum_total(S), Q, tri)
-
-
-def _numpy32(M: torch.Tensor) -> np.ndarray:
-    """A CPU float32/float64 numpy view of ``M`` (a float32 copy for other dtypes)."""
-    M = M.detach()
-    return (M if M.dtype in (torch.float32, torch.float64) else M.float()).numpy()
 
 
 def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
