@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,7 +74,7 @@ from spectra.subspaces import (
     random_orthonormal,
     top_subspace,
 )
-from spectra.threads import one_openmp_thread
+from spectra.threads import imap_one_blas_thread
 
 __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 
@@ -315,33 +314,6 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     return rec, grids
 
 
-@contextlib.contextmanager
-def _one_blas_thread_each(workers: int) -> Iterator[int]:
-    """Run ``workers`` modules at once with one BLAS/LAPACK thread each, then restore the settings.
-
-    At these sizes (p <= a few thousand) one eigensolve barely uses two threads, while modules are
-    independent: one thread per module uses every core (the eigensolvers release the GIL:
-    :mod:`spectra.lapack`, numpy). Needs ``threadpoolctl`` to pin numpy's and scipy's
-    BLAS; without it (or with one worker) modules run one at a time with every thread. torch's
-    thread count is process-wide, so it is set for the duration of the run and restored after.
-    """
-    if workers <= 1:
-        yield 1
-        return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield 1
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1, user_api="blas"):
-            yield workers
-    finally:
-        torch.set_num_threads(before)
-
-
 def compare(
     a: str,
     b: str,
@@ -431,10 +403,10 @@ def compare(
     def measure(job: _Job):
         return _measure(job, A, B, base_ckpt, config, device)
 
-    # torch's OpenMP thread count is per thread: each worker sets its own to one
-    with _one_blas_thread_each(max(1, min(workers, len(jobs)))) as n, \
-            ThreadPoolExecutor(n, initializer=one_openmp_thread) as pool:
-        outs = pool.map(measure, jobs) if n > 1 else map(measure, jobs)  # one worker: on this thread
+    # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
+    n = max(1, min(workers, len(jobs)))
+    outs = imap_one_blas_thread(measure, jobs, n) if n > 1 else (measure(job) for job in jobs)
+    with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
         for done, out in enumerate(outs, start=1):
             if isinstance(out, dict):
                 result.skipped.append(out)

@@ -8,9 +8,8 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -19,7 +18,7 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["map_one_blas_thread", "one_openmp_thread"]
+__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -54,20 +53,25 @@ def one_openmp_thread() -> None:
     _openmp_controller().limit(limits=1)
 
 
-def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:
-    """``[fn(x) for x in items]``, up to ``workers`` at once in threads with one BLAS thread each.
+def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> Iterator[_R]:
+    """``fn(x)`` for each of ``items``, in order, computed up to ``workers`` at once in threads with one
+    BLAS thread each; results are yielded as they come, so a caller can report progress.
 
     For numpy's BLAS/LAPACK calls (which release the GIL) on independent small matrices: at p of a few
     thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
-    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it is restored when
-    the call returns. ``workers`` None: ``torch.get_num_threads()``. Results come back in order; the
-    first exception is raised.
+    The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it holds until the
+    iterator is exhausted or closed, then is restored. ``workers`` None: ``torch.get_num_threads()``.
+    The first exception is raised where its result would have come.
     """
     items = list(items)
     workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
-        # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine
-        # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
-        pool = stack.enter_context(ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=one_openmp_thread))
-        return list(pool.map(fn, items))
+    # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine;
+    # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
+    with _blas_controller().limit(limits=1, user_api="blas"), \
+            ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=one_openmp_thread) as pool:
+        yield from pool.map(fn, items)
+
+
+def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:
+    """``[fn(x) for x in items]`` by :func:`imap_one_blas_thread`."""
+    return list(imap_one_blas_thread(fn, items, workers))
