@@ -32,6 +32,21 @@ def svd64(M: torch.Tensor | np.ndarray) -> np.ndarray:
     return np.linalg.svd(A, compute_uv=False)
 
 
+def random_lora(model, seed: int, **lora_kwargs):
+    """``model`` wrapped by PEFT with a LoRA of random, non-zero factors (``init_lora_weights=False``) drawn
+    after ``torch.manual_seed(seed)``; DoRA magnitudes, which start at the weight's row norms, are moved
+    by up to 10% so that a DoRA update is not trivial either."""
+    import peft
+
+    torch.manual_seed(seed)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                prm.mul_(1 + 0.1 * torch.rand_like(prm))
+    return peft_model
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

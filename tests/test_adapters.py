@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import spectra
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import open_adapter, pattern_key
-from tests.conftest import svd64
+from tests.conftest import random_lora, svd64
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -34,12 +34,7 @@ def _make(tmp: Path, model_type: str, **lora_kwargs) -> tuple[Path, Path, dict[s
     """Save a tiny base model and a PEFT adapter with random (non-zero) factors; return the merged weights."""
     cfg, model = _tiny(model_type)
     model.save_pretrained(tmp / "base")
-    torch.manual_seed(1)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
-    with torch.no_grad():  # DoRA magnitudes start at the row norms; move them so the update is not trivial
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.1 * torch.rand_like(p))
+    peft_model = random_lora(model, 1, **lora_kwargs)
     peft_model.save_pretrained(tmp / "adapter")
     merged = peft_model.merge_and_unload().state_dict()
     return tmp / "base", tmp / "adapter", merged

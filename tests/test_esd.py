@@ -34,6 +34,7 @@ from spectra.esd_results import EsdResult
 from spectra.esd_run import EsdConfig, esd
 from spectra_cli.esd import esd_cmd
 from spectra_cli.main import main
+from tests.conftest import random_lora
 
 #: The fields the issue asks to equal WeightWatcher's to 1e-6 relative, and the others compared too.
 PARITY = ("alpha", "D", "xmin", "sigma", "alpha_weighted", "log_alpha_norm")
@@ -556,16 +557,10 @@ def test_diff_esd_approximate_mode_records_why(llama_pair):
 
 
 def _lora_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
-    torch.manual_seed(2)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora_kwargs))
-    with torch.no_grad():  # DoRA magnitudes start at the row norms; move them so the update is not trivial
-        for name, prm in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                prm.mul_(1 + 0.1 * torch.rand_like(prm))
-    peft_model.save_pretrained(out)
+    random_lora(model, 2, **lora_kwargs).save_pretrained(out)
     return out
 
 

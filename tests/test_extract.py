@@ -27,6 +27,7 @@ from spectra.io.adapter import open_adapter
 from spectra.lowrank import allocate_budget, dense_triplets, energy_kept, energy_rank_top, factored_triplets, parse_budget, rank_levels, uniform_rank
 from spectra.metrics import energy_rank
 from spectra.recommend import recommend
+from tests.conftest import random_lora
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -355,14 +356,7 @@ def test_resize_an_adapter(tmp_path, dora):
     merges the result to base + the rank-3 truncation of the adapter's update."""
     cls, model = _model("llama")
     model.save_pretrained(tmp_path / "base")
-    torch.manual_seed(4)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, use_dora=dora,
-                                                    target_modules=["q_proj", "v_proj", "down_proj"]))
-    if dora:
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_magnitude_vector" in n:
-                    p.mul_(1 + 0.1 * torch.rand_like(p))
+    pm = random_lora(model, 4, r=8, lora_alpha=16, use_dora=dora, target_modules=["q_proj", "v_proj", "down_proj"])
     pm.save_pretrained(tmp_path / "adapter")
     full = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
     res = extract(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", config=ExtractConfig(rank=3))

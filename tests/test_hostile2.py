@@ -9,6 +9,7 @@ reference (float64 numpy SVD, exact powers of two) or the one-line error / docum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -355,21 +357,27 @@ _BLOCKED = textwrap.dedent("""
 """)
 
 
-def _blocked_run(tmp_path: Path, grace: float, out: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def _blocked_run(tmp_path: Path, grace: float, out: Path) -> Iterator[subprocess.Popen]:
+    """A diff whose reader is blocked in open() of a FIFO; killed on the way out if a test left it running."""
     b, t, _ = _float64_pair(tmp_path, 1.0, 1.0)
     fifo = tmp_path / "fifo"
     if not fifo.exists():
         os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, "-c", _BLOCKED, str(fifo), str(grace), "diff", str(b), str(t), "--out", str(out),
                              "--prefetch", "2"], stderr=subprocess.PIPE, text=True)
-    assert proc.stderr.readline().strip() == "blocking"
-    return proc
+    try:
+        assert proc.stderr.readline().strip() == "blocking"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_second_sigterm_ends_a_run_blocked_on_a_fifo(tmp_path):
     out = tmp_path / "out"
-    proc = _blocked_run(tmp_path, 600.0, out)
-    try:
+    with _blocked_run(tmp_path, 600.0, out) as proc:
         # meanwhile a second run into the same folder is refused at once
         res = subprocess.run([sys.executable, "-m", "spectra", "diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"),
                               "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -380,25 +388,16 @@ def test_second_sigterm_ends_a_run_blocked_on_a_fifo(tmp_path):
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, err
     assert time.monotonic() - start < 10
     assert "stopped at once (a second stop signal)" in err and "Traceback" not in err
 
 
 def test_one_sigterm_ends_a_blocked_run_after_the_grace_period(tmp_path):
-    proc = _blocked_run(tmp_path, 1.0, tmp_path / "out")
-    try:
+    with _blocked_run(tmp_path, 1.0, tmp_path / "out") as proc:
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 143, err
     assert 0.9 <= time.monotonic() - start < 15
     assert "stopped at once (did not stop within 1 s)" in err
