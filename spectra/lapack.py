@@ -67,6 +67,20 @@ def _dsyevr() -> Callable[..., None] | None:
     return _routine("dsyevr")
 
 
+def _ptr(x: np.ndarray) -> ctypes.c_void_p:
+    return x.ctypes.data_as(_P)
+
+
+def _with_workspace(call: Callable[[np.ndarray, int, np.ndarray, int], None], min_work: int, min_iwork: int = 1) -> None:
+    """LAPACK's workspace query (``lwork = liwork = -1``: the sizes come back in ``work[0]``, ``iwork[0]``),
+    then ``call(work, lwork, iwork, liwork)`` itself with at least the documented minimum sizes.
+    A routine without ``iwork`` ignores those two arguments."""
+    work_q, iwork_q = np.zeros(1), np.zeros(1, dtype=np.intc)
+    call(work_q, -1, iwork_q, -1)
+    lwork, liwork = max(int(work_q[0]), min_work), max(int(iwork_q[0]), min_iwork)
+    call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+
+
 def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenpairs of the symmetric float64 matrix whose upper triangle ``G`` holds.
 
@@ -100,23 +114,14 @@ def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     jobz, rng, uplo = c_char(b"V"), c_char(b"I"), c_char(b"U")
 
     def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
-        lw, liw = c_int(lwork), c_int(liwork)
         ref = ctypes.byref
-        fn(ref(jobz), ref(rng), ref(uplo), ref(n), a.ctypes.data_as(_P), ref(n), ref(zero), ref(zero), ref(il), ref(iu),
-           ref(zero), ref(m), w.ctypes.data_as(_P), z.ctypes.data_as(_P), ref(n), isuppz.ctypes.data_as(_P),
-           work.ctypes.data_as(_P), ref(lw), iwork.ctypes.data_as(_P), ref(liw), ref(info))
+        fn(ref(jobz), ref(rng), ref(uplo), ref(n), _ptr(a), ref(n), ref(zero), ref(zero), ref(il), ref(iu), ref(zero), ref(m),
+           _ptr(w), _ptr(z), ref(n), _ptr(isuppz), _ptr(work), ref(c_int(lwork)), _ptr(iwork), ref(c_int(liwork)), ref(info))
 
-    work_q, iwork_q = np.empty(1), np.empty(1, dtype=np.intc)
-    call(work_q, -1, iwork_q, -1)  # workspace query
-    lwork, liwork = max(int(work_q[0]), 26 * p), max(int(iwork_q[0]), 10 * p)
-    call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+    _with_workspace(call, 26 * p, 10 * p)
     if info.value != 0 or m.value != k:
         raise np.linalg.LinAlgError(f"LAPACK dsyevr failed (info = {info.value}, {m.value} of {k} eigenpairs)")
     return w[:k][::-1].copy(), z[:, ::-1].copy()
-
-
-def _ptr(x: np.ndarray) -> ctypes.c_void_p:
-    return x.ctypes.data_as(_P)
 
 
 @dataclass
@@ -155,11 +160,8 @@ class Tridiagonal:
         n, info, uplo, ref = ctypes.c_int(p), ctypes.c_int(0), ctypes.c_char(b"U"), ctypes.byref
         sytrd = _routine("dsytrd")
         if p:
-            q = np.empty(1)
-            sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau), _ptr(q), ref(ctypes.c_int(-1)), ref(info))
-            lwork = max(int(q[0]), p)
-            sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau), _ptr(np.empty(lwork)), ref(ctypes.c_int(lwork)),
-                  ref(info))
+            _with_workspace(lambda work, lwork, *_: sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau),
+                                                          _ptr(work), ref(ctypes.c_int(lwork)), ref(info)), p)
             if info.value != 0:
                 raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info.value})")
         lam, off = d.copy(), e[: max(p - 1, 0)].copy()
@@ -181,14 +183,11 @@ class Tridiagonal:
         z = self._tridiagonal_vectors(k) if 16 * k <= p else self._all_tridiagonal_vectors()[:, p - k:]
         if p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
             z = np.asfortranarray(z)
-            n, kk, info, q = c_int(p), c_int(k), c_int(0), np.empty(1)
+            n, kk, info = c_int(p), c_int(k), c_int(0)
             side, uplo, trans = ctypes.c_char(b"L"), ctypes.c_char(b"U"), ctypes.c_char(b"N")
             ormtr = _routine("dormtr")
-            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
-                  _ptr(q), ref(c_int(-1)), ref(info))
-            lwork = max(int(q[0]), k)
-            ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n), _ptr(self.tau), _ptr(z), ref(n),
-                  _ptr(np.empty(lwork)), ref(c_int(lwork)), ref(info))
+            _with_workspace(lambda work, lwork, *_: ormtr(ref(side), ref(uplo), ref(trans), ref(n), ref(kk), _ptr(self.a), ref(n),
+                                                          _ptr(self.tau), _ptr(z), ref(n), _ptr(work), ref(c_int(lwork)), ref(info)), k)
             if info.value != 0:
                 raise np.linalg.LinAlgError(f"LAPACK dormtr failed (info = {info.value})")
         return z[:, ::-1].copy()
@@ -202,12 +201,9 @@ class Tridiagonal:
         e[: p - 1] = self.e
         n, info, compz = c_int(p), c_int(0), ctypes.c_char(b"I")
         stedc = _routine("dstedc")
-        work_q, iwork_q = np.empty(1), np.empty(1, dtype=np.intc)
-        stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(work_q), ref(c_int(-1)), _ptr(iwork_q),
-              ref(c_int(-1)), ref(info))
-        lwork, liwork = max(int(work_q[0]), 1 + 4 * p + p * p), max(int(iwork_q[0]), 3 + 5 * p)
-        stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(np.empty(lwork)), ref(c_int(lwork)),
-              _ptr(np.empty(liwork, dtype=np.intc)), ref(c_int(liwork)), ref(info))
+        _with_workspace(lambda work, lwork, iwork, liwork: stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(work),
+                                                                 ref(c_int(lwork)), _ptr(iwork), ref(c_int(liwork)), ref(info)),
+                        1 + 4 * p + p * p, 3 + 5 * p)
         if info.value != 0:
             raise np.linalg.LinAlgError(f"LAPACK dstedc failed (info = {info.value})")
         return z
@@ -229,10 +225,7 @@ class Tridiagonal:
                   _ptr(z), ref(n), ref(nzc), _ptr(isuppz), ref(tryrac), _ptr(work), ref(c_int(lwork)), _ptr(iwork),
                   ref(c_int(liwork)), ref(info))
 
-        work_q, iwork_q = np.empty(1), np.empty(1, dtype=np.intc)
-        call(work_q, -1, iwork_q, -1)
-        lwork, liwork = max(int(work_q[0]), 18 * p), max(int(iwork_q[0]), 10 * p)
-        call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+        _with_workspace(call, 18 * p, 10 * p)
         if info.value != 0 or m.value != k:
             raise np.linalg.LinAlgError(f"LAPACK dstemr failed (info = {info.value}, {m.value} of {k} eigenvectors)")
         return z
