@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Tridiagonal", "top_eigh_upper"]
+__all__ = ["Tridiagonal", "mrrr_is_cheaper", "top_eigh_upper"]
 
 _P = ctypes.c_void_p
 
@@ -124,15 +124,25 @@ def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return w[:k][::-1].copy(), z[:, ::-1].copy()
 
 
+def mrrr_is_cheaper(p: int, k: int) -> bool:
+    """Whether k eigenvectors of a p × p tridiagonal matrix cost less by MRRR (``dstemr``, roughly
+    linear in k) than all p by divide and conquer (``dstedc``, ~p^2.3 whatever k). Measured on the
+    project's 2-core CPU, one thread, Gram matrices of flat and decaying spectra
+    (``bench/tridiagonal_vectors.py``): MRRR is the cheaper up to k ≈ 16-30 at p = 192, 65-75 at 576,
+    300-340 at 1024 and ~430 at 2048; ``k ≤ max(p/16, min(p²/4800, p/5))`` stays on the safe side of each."""
+    return 16 * k <= p or (4800 * k <= p * p and 5 * k <= p)
+
+
 @dataclass
 class Tridiagonal:
     """A symmetric float64 matrix reduced once to tridiagonal form (LAPACK ``dsytrd``, the GIL released):
     all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors of any top k later
-    (``dstemr`` for a few, ``dstedc`` for more, then ``dormtr`` for those k only, 2p²k flops), so that a
-    caller can choose k from the eigenvalues. One reduction serves both, where ``eigvalsh`` then a top-k
-    ``eigh`` would reduce twice and a full ``eigh`` back-transforms all p vectors. At p = 576, one thread:
-    the reduction with every eigenvalue ~22 ms, then the top 10 vectors ~4 ms, the top 64 ~20 ms, against
-    43 ms for ``numpy.linalg.eigh``. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable).
+    (``dstemr`` for a few, ``dstedc`` for more, as :func:`mrrr_is_cheaper` decides; then ``dormtr`` for
+    those k only, 2p²k flops), so that a caller can choose k from the eigenvalues. One reduction serves
+    both, where ``eigvalsh`` then a top-k ``eigh`` would reduce twice and a full ``eigh`` back-transforms
+    all p vectors. At p = 576, one thread: the reduction with every eigenvalue ~18-22 ms, then the top 10
+    vectors ~3 ms, the top 64 ~18 ms, against 43 ms for ``numpy.linalg.eigh``. Accuracy is that of
+    ``eigvalsh`` and ``eigh`` (backward stable).
 
     Build with :meth:`of`. Attributes: ``lam`` all eigenvalues, descending (float64, ``(p,)``); the
     rest is the factorisation (``a``: the reflectors, ``d``, ``e``, ``tau``).
@@ -179,8 +189,7 @@ class Tridiagonal:
         if k == 0:
             return np.zeros((p, 0))
         ref, c_int = ctypes.byref, ctypes.c_int
-        # MRRR costs ~0.3 ms per vector at p = 576, divide and conquer ~20 ms for all: MRRR only for a few
-        z = self._tridiagonal_vectors(k) if 16 * k <= p else self._all_tridiagonal_vectors()[:, p - k:]
+        z = self._tridiagonal_vectors(k) if mrrr_is_cheaper(p, k) else self._all_tridiagonal_vectors()[:, p - k:]
         if p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
             z = np.asfortranarray(z)
             n, kk, info = c_int(p), c_int(k), c_int(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spectra import lapack
-from spectra.lapack import Tridiagonal, top_eigh_upper
+from spectra.lapack import Tridiagonal, mrrr_is_cheaper, top_eigh_upper
 
 
 def _gram(rng: np.random.Generator, p: int, n: int, decay: float = 0.0) -> np.ndarray:
@@ -88,7 +88,7 @@ def test_not_square():
 
 
 # ---- Tridiagonal: every eigenvalue, then the top vectors -----------------------------------------------
-@pytest.mark.parametrize("p,n,decay", [(1, 4, 0.0), (2, 5, 0.0), (9, 30, 0.5), (160, 400, 1.0), (64, 40, 0.0)])
+@pytest.mark.parametrize("p,n,decay", [(1, 4, 0.0), (2, 5, 0.0), (9, 30, 0.5), (160, 400, 1.0), (64, 40, 0.0), (400, 900, 0.5)])
 def test_tridiagonal_eigenvalues_and_top_vectors_equal_numpy(p, n, decay):
     G = _gram(np.random.default_rng(10 + p), p, n, decay)
     before = G.copy()
@@ -96,8 +96,11 @@ def test_tridiagonal_eigenvalues_and_top_vectors_equal_numpy(p, n, decay):
     np.testing.assert_array_equal(G, before)
     ref = np.linalg.eigvalsh(G)[::-1]
     np.testing.assert_allclose(tri.lam, ref, rtol=0, atol=1e-12 * ref[0])
-    # a few (MRRR), a quarter, all (divide and conquer); each checked as top_eigh_upper's results are
-    for k in sorted({1, max(1, p // 16), max(1, p // 16 + 1), max(1, p // 4), p}):
+    # a few and the most MRRR computes, one more (divide and conquer from there), a quarter, all; each
+    # checked as top_eigh_upper's results are
+    last = max((k for k in range(1, p + 1) if mrrr_is_cheaper(p, k)), default=0)
+    assert not mrrr_is_cheaper(p, last + 1)
+    for k in sorted({1, max(1, last), min(p, last + 1), max(1, p // 4), p}):
         _check(G, k, tri.lam[:k], tri.top_vectors(k))
     assert tri.top_vectors(0).shape == (p, 0)
     with pytest.raises(ValueError, match="k must be in"):
