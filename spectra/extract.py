@@ -25,6 +25,7 @@ of ``s·B·A``, never densified; DoRA from its dense update), stored in the tune
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -82,6 +83,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.pairing import pair_checkpoints
+from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import batches, largest_first, prefetch, run_settings
 from spectra.threads import map_one_blas_thread
@@ -571,6 +573,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # the matrices left out first: an embedding read whole for its norms is then freed before the
     # pass, which keeps the run's peak memory at the larger of the two, not their sum
     not_extracted = [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
+    # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
+    loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
+    if loader is not None:
+        loader.start()
     if src.kind == "full":
         _dense_pass(src, run, config, device, stage="spectra")
     else:
@@ -595,6 +601,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, callback)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
+    if loader is not None:
+        loader.join()
     result.save(out, plots=plots)
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
     journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)

@@ -292,19 +292,23 @@ class DiffResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         files = {"json": self.save_json(out / "results.json"), "csv": self.save_csv(out / "results.csv")}
-        if plots and any(m.layer is not None for m in self.modules):  # heatmaps need a layer stack
-            # matplotlib only when plotting
-            from spectra.plots import diff as diff_plots
+        if not plots:
+            return files
+        # matplotlib only when plotting; the figures are drawn two at a time (spectra.plots.base.run_split)
+        from spectra.plots import diff as diff_plots
+        from spectra.plots import esd as esd_plots
+        from spectra.plots.base import run_split
 
-            files["rank_heatmap"] = diff_plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
+        tasks = {}
+        if any(m.layer is not None for m in self.modules):  # heatmaps need a layer stack
+            tasks["rank_heatmap"] = lambda: diff_plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
             if any(m.rel_norm is not None for m in self.modules):
-                files["relnorm_heatmap"] = diff_plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
+                tasks["relnorm_heatmap"] = lambda: diff_plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
         points = [{"module": m.module, "alpha_base": m.esd["base"]["alpha"], "alpha_tuned": m.esd["tuned"]["alpha"]}
                   for m in self.modules if m.esd and m.esd.get("base") and m.esd.get("tuned")]
-        if plots and any(p["alpha_base"] is not None and p["alpha_tuned"] is not None for p in points):
-            from spectra.plots import esd as esd_plots
-
-            files["alpha_base_tuned"] = esd_plots.alpha_base_tuned(points, out / "alpha_base_tuned.png")
+        if any(p["alpha_base"] is not None and p["alpha_tuned"] is not None for p in points):
+            tasks["alpha_base_tuned"] = lambda: esd_plots.alpha_base_tuned(points, out / "alpha_base_tuned.png")
+        files.update(zip(tasks, run_split(list(tasks.values())), strict=True))
         return files
 
     @property

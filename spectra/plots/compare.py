@@ -22,7 +22,7 @@ import numpy as np
 
 from spectra.compare_records import ComparedModule, CompareResult
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, legend_label, save_figure, wrap
+from spectra.plots.base import heatmap, label, legend_label, save_figures, wrap
 
 #: At most this many module kinds get a φ panel (the first ones in the usual role order).
 MAX_PHI_PANELS = 8
@@ -170,20 +170,28 @@ def angles_figure(result: CompareResult):
     return fig
 
 
+def compare_builders(result: CompareResult) -> dict[str, Callable[[], object]]:
+    """name -> a callable drawing that figure of a compare result (None when it has nothing to show)."""
+    builders: dict[str, Callable[[], object]] = {
+        "captured_heatmap": lambda: captured_heatmap(result), "phi_grids": lambda: phi_grids_figure(result),
+        "principal_angles": lambda: angles_figure(result)}
+    if any(m.intruders is not None for m in result.modules):
+        builders["intruders_a"] = lambda: intruder_heatmap(result, "a")
+        builders["intruders_b"] = lambda: intruder_heatmap(result, "b")
+    return builders
+
+
 def compare_figures(result: CompareResult) -> dict:
     """Every figure of a compare result, name -> Figure (only those with something to show)."""
-    figs = {"captured_heatmap": captured_heatmap(result), "phi_grids": phi_grids_figure(result),
-            "principal_angles": angles_figure(result)}
-    if any(m.intruders is not None for m in result.modules):
-        figs["intruders_a"] = intruder_heatmap(result, "a")
-        figs["intruders_b"] = intruder_heatmap(result, "b")
+    figs = {name: build() for name, build in compare_builders(result).items()}
     return {k: v for k, v in figs.items() if v is not None}
 
 
 def compare_plots(result: CompareResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write :func:`compare_figures` as PNGs into ``out_dir``; returns name -> path."""
-    return {name: save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110) for name, fig in compare_figures(result).items()}
+    """Write the figures of :func:`compare_figures` as PNGs into ``out_dir`` (two at a time:
+    :func:`spectra.plots.base.save_figures`); returns name -> path."""
+    return save_figures(compare_builders(result), out_dir, dpi=110)
 
 
-__all__ = ["MAX_PHI_PANELS", "angles_figure", "captured_heatmap", "chosen_modules", "compare_figures", "compare_plots",
-           "intruder_heatmap", "layer_module_grid", "phi_grids_figure", "phi_side"]
+__all__ = ["MAX_PHI_PANELS", "angles_figure", "captured_heatmap", "chosen_modules", "compare_builders", "compare_figures",
+           "compare_plots", "intruder_heatmap", "layer_module_grid", "phi_grids_figure", "phi_side"]

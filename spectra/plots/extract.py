@@ -5,13 +5,14 @@ and the layers × modules map of the ranks chosen."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, save_figure
+from spectra.plots.base import heatmap, label, save_figures
 
 
 def energy_figure(doc: dict[str, Any]):
@@ -71,18 +72,22 @@ def rank_heatmap(doc: dict[str, Any]):
                    fmt=lambda v: f"{v:.0f}")
 
 
+def extract_builders(doc: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """name -> a callable drawing that figure: ``extract`` (energy and rank per module) and
+    ``extract_ranks`` (the map; None when there is no layer stack)."""
+    return {"extract": lambda: energy_figure(doc), "extract_ranks": lambda: rank_heatmap(doc)}
+
+
 def extract_figures(doc: dict[str, Any]) -> dict[str, Any]:
     """name -> Figure: ``extract`` (energy and rank per module) and ``extract_ranks`` (the map)."""
-    figs = {"extract": energy_figure(doc)}
-    ranks = rank_heatmap(doc)
-    if ranks is not None:
-        figs["extract_ranks"] = ranks
-    return figs
+    figs = {name: build() for name, build in extract_builders(doc).items()}
+    return {k: v for k, v in figs.items() if v is not None}
 
 
 def save_extract_plots(doc: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write :func:`extract_figures` as ``<name>.png`` into ``out_dir``; name -> path."""
-    return {name: save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110) for name, fig in extract_figures(doc).items()}
+    """Write :func:`extract_figures` as ``<name>.png`` into ``out_dir`` (two at a time:
+    :func:`spectra.plots.base.save_figures`); name -> path."""
+    return save_figures(extract_builders(doc), out_dir, dpi=110)
 
 
-__all__ = ["energy_figure", "extract_figures", "rank_heatmap", "save_extract_plots"]
+__all__ = ["energy_figure", "extract_builders", "extract_figures", "rank_heatmap", "save_extract_plots"]

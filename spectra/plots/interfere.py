@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, save_figure
+from spectra.plots.base import heatmap, save_figures
 
 #: measure key -> (title, colour-bar label, vmin, vmax, colour map)
 MEASURES: dict[str, tuple[str, str, float, float, str]] = {
@@ -55,5 +55,6 @@ def interfere_figures(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_interfere_plots(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write :func:`interfere_figures` as PNGs into ``out_dir``; returns name -> path."""
-    return {name: save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110) for name, fig in interfere_figures(doc).items()}
+    """Write :func:`interfere_figures` as PNGs into ``out_dir`` (two at a time:
+    :func:`spectra.plots.base.save_figures`); returns name -> path."""
+    return save_figures({name: (lambda fig=fig: fig) for name, fig in interfere_figures(doc).items()}, out_dir, dpi=110)

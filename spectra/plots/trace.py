@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, legend_label, save_figure
+from spectra.plots.base import heatmap, legend_label, save_figures
 
 
 def headline_key(doc: dict[str, Any]) -> str:
@@ -149,19 +149,22 @@ def loss_figure(doc: dict[str, Any]):
     return fig
 
 
+def trace_builders(doc: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """name -> a callable drawing that figure of a trace document (``trace.json`` as a dict; None when
+    it has nothing to show)."""
+    return {"trace_metrics": lambda: metrics_figure(doc),
+            "trace_heatmap_rank": lambda: layer_step_heatmap(doc, which="rank"),
+            "trace_heatmap_turn": lambda: layer_step_heatmap(doc, which="turn"),
+            "trace_loss": lambda: loss_figure(doc)}
+
+
 def trace_figures(doc: dict[str, Any]) -> dict[str, Any]:
     """Name -> Figure of a trace document (``trace.json`` as a dict)."""
-    figs = {"trace_metrics": metrics_figure(doc)}
-    for which in ("rank", "turn"):
-        fig = layer_step_heatmap(doc, which=which)
-        if fig is not None:
-            figs[f"trace_heatmap_{which}"] = fig
-    fig = loss_figure(doc)
-    if fig is not None:
-        figs["trace_loss"] = fig
-    return figs
+    figs = {name: build() for name, build in trace_builders(doc).items()}
+    return {k: v for k, v in figs.items() if v is not None}
 
 
 def save_trace_plots(doc: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write :func:`trace_figures` as PNGs into ``out_dir``; returns name -> path."""
-    return {name: save_figure(fig, Path(out_dir) / f"{name}.png", dpi=110) for name, fig in trace_figures(doc).items()}
+    """Write :func:`trace_figures` as PNGs into ``out_dir`` (two at a time:
+    :func:`spectra.plots.base.save_figures`); returns name -> path."""
+    return save_figures(trace_builders(doc), out_dir, dpi=110)
