@@ -34,6 +34,9 @@ import torch
 from spectra.lapack import top_eigh_upper
 from spectra.linalg import gram_upper
 
+#: Largest p = min(out, in) whose Gram matrix a :class:`WeightBasis` keeps (float64: 128 MiB at 4096).
+GRAM_KEEP_MAX_P = 4096
+
 
 @dataclass(frozen=True)
 class TopSVD:
@@ -71,29 +74,40 @@ def gram_eigh(M: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torc
         orthonormal eigenvectors (left singular vectors when ``out <= in``, right ones otherwise),
         both float64 on ``M``'s device, and ``trace(G) = ‖M‖_F²``.
     """
-    p = min(M.shape)
+    G = _gram64(M)
+    lam, vecs = _top_eigh(G, k)
+    return lam, vecs, float(G.trace())
+
+
+def _gram64(M: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of ``M`` (``M Mᵀ`` when ``out <= in``, else ``Mᵀ M``), float64 ``(p, p)``
+    on M's device, both triangles filled (on the CPU numpy's ``syrk``, which releases the GIL)."""
+    if M.device.type == "cpu":
+        return torch.from_numpy(gram_upper(M.detach().numpy(), dtype=np.float64))
+    M64 = M.to(torch.float64)
+    return M64 @ M64.mT if M.shape[0] <= M.shape[1] else M64.mT @ M64
+
+
+def _top_eigh(G: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k eigenpairs of the symmetric float64 ``G (p, p)`` (None: all p): eigenvalues descending,
+    clipped at 0, and orthonormal eigenvectors ``(p, k)``, on G's device."""
+    p = G.shape[0]
     k = p if k is None else k
     if not 1 <= k <= p:
         raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
-    wide = M.shape[0] <= M.shape[1]
-    if M.device.type == "cpu":
-        G = gram_upper(M.detach().numpy(), dtype=np.float64)
-        trace = float(np.trace(G))
+    if G.device.type == "cpu":
         # both release the GIL, so modules solved in parallel threads use every core: LAPACK's top-k MRRR
         # (spectra.lapack) when few pairs are wanted, numpy's divide and conquer for all of them
         if 2 * k <= p:
-            lam, vecs = top_eigh_upper(G, k)
+            lam, vecs = top_eigh_upper(G.numpy(), k)
         else:
-            lam_all, vecs_all = np.linalg.eigh(G, UPLO="U")
+            lam_all, vecs_all = np.linalg.eigh(G.numpy(), UPLO="U")
             lam, vecs = lam_all[::-1][:k].copy(), vecs_all[:, ::-1][:, :k].copy()
         lam_t, vecs_t = torch.from_numpy(lam), torch.from_numpy(vecs)
     else:
-        M64 = M.to(torch.float64)
-        G = M64 @ M64.mT if wide else M64.mT @ M64
-        trace = float(torch.trace(G))
         lam_all, vecs_all = torch.linalg.eigh(G)
         lam_t, vecs_t = lam_all.flip(0)[:k], vecs_all.flip(1)[:, :k]
-    return lam_t.clamp_min(0.0), vecs_t, trace
+    return lam_t.clamp_min(0.0), vecs_t
 
 
 def _other_side(M64: torch.Tensor, vecs: torch.Tensor, *, wide: bool, complete: bool) -> torch.Tensor:
@@ -105,7 +119,12 @@ def _other_side(M64: torch.Tensor, vecs: torch.Tensor, *, wide: bool, complete: 
     the columns are only normalised (callers that take |cosines| of all p columns, where a QR
     would cost as much as the eigensolve).
     """
-    Y = M64.mT @ vecs if wide else M64 @ vecs  # (d, k), columns σᵢ·(vector)
+    return _directions(M64.mT @ vecs if wide else M64 @ vecs, complete=complete)  # (d, k), columns σᵢ·(vector)
+
+
+def _directions(Y: torch.Tensor, *, complete: bool) -> torch.Tensor:
+    """The columns of ``Y`` ``(d, k)`` as unit vectors: orthonormalised by QR (each column's sign kept)
+    with ``complete``, else only normalised (:func:`_other_side`)."""
     if complete:
         Q, R = torch.linalg.qr(Y, mode="reduced")
         sign = torch.sign(torch.diagonal(R))
@@ -166,6 +185,8 @@ class WeightBasis:
         U: ``(out, m)`` float64 left singular vectors, by descending σ (all p once :meth:`complete` ran).
         S: ``(m,)`` float64 singular values, descending.
         energy: ``‖W‖_F²`` (trace of the float64 Gram matrix).
+        G: W's float64 Gram matrix ``(p, p)`` (``W Wᵀ`` or ``Wᵀ W``, the smaller) for
+            :meth:`top_left_of_update`; None above :data:`GRAM_KEEP_MAX_P`.
 
     Example:
         >>> b = WeightBasis(torch.diag(torch.tensor([3.0, 2.0, 1.0])), m=2)
@@ -177,7 +198,12 @@ class WeightBasis:
         self.W = W.to(torch.float64)
         p = min(W.shape)
         m = p if m is None else max(1, min(m, p))
-        lam, vecs, self.energy = gram_eigh(self.W, m)
+        G = _gram64(self.W)
+        self.energy = float(G.trace())
+        # kept for the Gram matrices of W + (low-rank update) (:meth:`top_left_of_update`) up to the size
+        # of W itself (p ≤ 4096: at most 128 MiB); larger ones are recomputed from W + ΔW
+        self.G = G if p <= GRAM_KEEP_MAX_P else None
+        lam, vecs = _top_eigh(G, m)
         self.S = lam.sqrt().to(W.device)
         self.U = self._left(vecs, complete=m < p)
 
@@ -194,9 +220,34 @@ class WeightBasis:
     def complete(self) -> None:
         """Compute all ``p`` left singular vectors and values (one full eigensolve)."""
         if not self.is_complete:
-            lam, vecs, _ = gram_eigh(self.W)
+            lam, vecs = _top_eigh(self.G, None) if self.G is not None else gram_eigh(self.W)[:2]
             self.S = lam.sqrt().to(self.W.device)
             self.U = self._left(vecs, complete=False)
+
+    def top_left_of_update(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> torch.Tensor:
+        """The top-k left singular vectors of ``W + U·diag(S)·Vh`` (a low-rank update, e.g. a LoRA's),
+        ``(out, k)`` float64 by descending σ, as :func:`top_left_singular_vectors` of the dense sum gives
+        them, without forming it or its Gram matrix: W's Gram matrix plus the update's terms,
+        ``G + C + Cᵀ + U S (Vh Vhᵀ) S Uᵀ`` with ``C = (W Vhᵀ) S Uᵀ`` (or ``Wᵀ U S Vh`` and
+        ``Vhᵀ S (UᵀU) S Vh`` on the input side when ``out > in``), O((out + in)·p·r) instead of
+        O(out·in·p). The same float64 rounding as forming the sum's Gram matrix directly (module
+        docstring).
+
+        Args:
+            U: ``(out, r)``, S: ``(r,)``, Vh: ``(r, in)`` float64 on W's device (any r; need not be orthonormal).
+            k: vectors wanted, ``1 <= k <= p``.
+        """
+        W, G = self.W, self.G
+        if G is None:
+            return top_left_singular_vectors(W + (U * S) @ Vh, k)
+        US = U * S
+        if W.shape[0] <= W.shape[1]:  # G = W Wᵀ (out × out)
+            C = (W @ Vh.mT) @ US.mT
+            _, vecs = _top_eigh(G + C + C.mT + US @ (Vh @ Vh.mT) @ US.mT, k)
+            return vecs
+        C = (W.mT @ US) @ Vh  # G = Wᵀ W (in × in)
+        _, vecs = _top_eigh(G + C + C.mT + Vh.mT @ (US.mT @ US) @ Vh, k)
+        return _directions(W @ vecs + US @ (Vh @ vecs), complete=True)  # (W + U S Vh)·v, orthonormalised
 
     def max_cosines(self, Q: torch.Tensor) -> torch.Tensor:
         """For each column q of ``Q (out, k)`` (unit vectors), ``max_j |⟨q, u_j⟩|`` over all p left
@@ -229,4 +280,4 @@ def top_left_singular_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
     return _other_side(M.to(torch.float64), vecs.to(M.device), wide=False, complete=True)
 
 
-__all__ = ["TopSVD", "WeightBasis", "gram_eigh", "left_singular_basis", "top_left_singular_vectors", "top_svd"]
+__all__ = ["GRAM_KEEP_MAX_P", "TopSVD", "WeightBasis", "gram_eigh", "left_singular_basis", "top_left_singular_vectors", "top_svd"]

@@ -657,7 +657,9 @@ def intruder_dimensions(
 
     Notes:
         No SVD: only the top-k vectors of the tuned weight, from a top-k eigensolve of its float64
-        Gram matrix, and the base's left singular vectors from its Gram matrix, the top ones first
+        Gram matrix (for a factored update, W_base's Gram matrix plus the update's low-rank terms:
+        :meth:`~spectra.singular_bases.WeightBasis.top_left_of_update`), and the base's left
+        singular vectors from its Gram matrix, the top ones first
         and all p only when the top ones cannot decide a maximum
         (:meth:`spectra.singular_bases.WeightBasis.max_cosines`); angles within
         ``(n + c·p)·u·σ₁²/gap`` of the exact vectors (:mod:`spectra.singular_bases`): the cosines
@@ -681,18 +683,16 @@ def intruder_dimensions(
     for e in (*epsilons, epsilon):
         if not 0.0 <= e <= 1.0:
             raise ValueError(f"epsilons must be in [0, 1]. Got {e!r} instead.")
-    if isinstance(dW, TopSVD):
-        D = _matrix(dW.dense, "dW", device)
-    elif _is_factored(dW):
-        U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
-        D = (U * S) @ Vh
-    else:
-        D = _matrix(dW, "dW", device)  # type: ignore[arg-type]
     if base is None:
         base = WeightBasis(Wb, m=min(p, 2 * k + 10))
     elif tuple(base.W.shape) != tuple(shape):
         raise ValueError(f"base must be the decomposition of a {shape[0]}×{shape[1]} W_base. Got {tuple(base.W.shape)} instead.")
-    U_tuned = top_left_singular_vectors(Wb + D, k)  # (out, k)
+    if _is_factored(dW):  # from W_base's Gram matrix and the update's low-rank terms: no dense sum
+        U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
+        U_tuned = base.top_left_of_update(U, S, Vh, k)
+    else:
+        D = _matrix(dW.dense if isinstance(dW, TopSVD) else dW, "dW", device)  # type: ignore[arg-type]
+        U_tuned = top_left_singular_vectors(Wb + D, k)  # (out, k)
     max_cos = base.max_cosines(U_tuned).clamp(0.0, 1.0).cpu().numpy()  # (k,)
     return Intruders(k=k, max_cos=max_cos, counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
                      epsilon=float(epsilon), count=int(np.sum(max_cos < epsilon)))

@@ -469,6 +469,36 @@ def test_shared_pieces_give_the_same_numbers_as_computing_them_here():
         intruder_dimensions(Wt, dWt, base=WeightBasis(Wt.mT))
 
 
+@pytest.mark.parametrize("shape", [(60, 100), (100, 60), (70, 70)])
+def test_intruders_of_a_factored_update_from_the_base_gram_equal_the_dense_sum(shape, monkeypatch):
+    """W + U·S·Vh's top vectors from W's Gram matrix plus the update's low-rank terms (no dense sum)
+    equal those of the dense sum's own Gram matrix and of a float64 SVD; so do the intruders, and
+    with the Gram matrix not kept (above GRAM_KEEP_MAX_P) the dense route gives them again."""
+    rng = np.random.default_rng(sum(shape))
+    out, inn = shape
+    W, _, _ = planted(rng, shape, 3.0 * np.arange(1, min(shape) + 1) ** -0.6)
+    B, A = rng.standard_normal((out, 6)), rng.standard_normal((6, inn))
+    Wt = torch.from_numpy(W)
+    lora = Factored.from_lora(torch.from_numpy(B), torch.from_numpy(A), 0.4)
+    U, S, Vh = lora.U.double(), lora.S.double(), lora.Vh.double()
+    dense = W + 0.4 * B @ A
+    U_ref = np.linalg.svd(dense, full_matrices=False)[0][:, :10]
+    basis = WeightBasis(Wt, m=30)
+    assert basis.G is not None
+    got = basis.top_left_of_update(U, S, Vh, 10).numpy()
+    assert _sign_free_error(got, U_ref) < 1e-10
+    np.testing.assert_allclose(got.T @ got, np.eye(10), atol=1e-12)
+    assert _sign_free_error(got, top_left_singular_vectors(torch.from_numpy(dense), 10).numpy()) < 1e-10
+    fact = intruder_dimensions(Wt, lora, k=10, base=basis)
+    ref = intruder_dimensions(Wt, torch.from_numpy(0.4 * B @ A), k=10)
+    np.testing.assert_allclose(fact.max_cos, ref.max_cos, atol=1e-10)
+    assert fact.counts == ref.counts and fact.count == ref.count
+    monkeypatch.setattr(singular_bases, "GRAM_KEEP_MAX_P", 10)
+    small = WeightBasis(Wt, m=30)
+    assert small.G is None
+    np.testing.assert_allclose(intruder_dimensions(Wt, lora, k=10, base=small).max_cos, ref.max_cos, atol=1e-10)
+
+
 def test_weight_basis_decides_cosines_from_the_top_vectors_or_computes_all():
     """max_cosines is the maximum over all p left singular vectors whether or not the top m decide
     it: a vector near the top is decided from them; a spread-out one (an intruder) is not, and the
