@@ -89,7 +89,10 @@ SQUARING_LIMIT = 2.0**250
 
 def _beyond_squaring(M: torch.Tensor) -> str | None:
     """Why the measures cannot be formed from ``M`` (float64 entries whose squares over- or underflow:
-    only float64 weights reach this), or None. ``spectra diff`` scales such matrices and measures them."""
+    only float64 weights reach this), or None. ``spectra diff`` scales such matrices and measures them.
+    Any other dtype is None at once: every float32 (or narrower) value squares within float64's range."""
+    if M.dtype != torch.float64:
+        return None
     amax = float(M.abs().max()) if M.numel() else 0.0
     if amax > SQUARING_LIMIT or 0.0 < amax < 1.0 / SQUARING_LIMIT:
         return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
@@ -203,8 +206,8 @@ class _Side:
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not _all_finite(dense):
             return f"the update of {name} in {self.label} contains NaN or Inf"
+        why = _beyond_squaring(dense)  # before the upcast: a float32 update is in range (no pass over it)
         dense = dense.to(torch.float64)  # once: every measure works in float64
-        why = _beyond_squaring(dense)
         if why:
             return f"the update of {name} in {self.label} {why}"
         p = min(dense.shape)
@@ -255,10 +258,11 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     W = None
     if W_stored is not None:
         # float64 once: every measure works in float64 (shared rows of a resized vocabulary)
-        W = (W_stored.mT if spec.transpose else W_stored)[:out_dim].to(device=device, dtype=torch.float64).contiguous()
+        oriented_W = (W_stored.mT if spec.transpose else W_stored)[:out_dim]
+        W = oriented_W.to(device=device, dtype=torch.float64).contiguous()
         if not _all_finite(W):
             return {"name": spec.name, "reason": f"the base weights of {spec.name} contain NaN or Inf"}
-        why = _beyond_squaring(W)
+        why = _beyond_squaring(oriented_W)  # as stored: float32 or narrower weights are in range (no pass over them)
         if why:
             return {"name": spec.name, "reason": f"the base weights of {spec.name} {why}"}
     need = max(job.rank_a, job.rank_b)
