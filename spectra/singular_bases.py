@@ -82,8 +82,8 @@ def gram_eigh(M: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torc
 def _gram64(M: torch.Tensor) -> torch.Tensor:
     """The smaller Gram matrix of ``M`` (``M Mᵀ`` when ``out <= in``, else ``Mᵀ M``), float64 ``(p, p)``
     on M's device, both triangles filled (on the CPU numpy's ``syrk``, which releases the GIL)."""
-    if M.device.type == "cpu":
-        return torch.from_numpy(gram_upper(M.detach().numpy(), dtype=np.float64))
+    if M.device.type == "cpu":  # symmetric: its transpose is the same matrix, in C order (no copy)
+        return torch.from_numpy(gram_upper(M.detach().numpy(), dtype=np.float64).T)
     M64 = M.to(torch.float64)
     return M64 @ M64.mT if M.shape[0] <= M.shape[1] else M64.mT @ M64
 
@@ -241,12 +241,17 @@ class WeightBasis:
         if G is None:
             return top_left_singular_vectors(W + (U * S) @ Vh, k)
         US = U * S
-        if W.shape[0] <= W.shape[1]:  # G = W Wᵀ (out × out)
-            C = (W @ Vh.mT) @ US.mT
-            _, vecs = _top_eigh(G + C + C.mT + US @ (Vh @ Vh.mT) @ US.mT, k)
+        wide = W.shape[0] <= W.shape[1]
+        # the three terms as one symmetric rank-2r product: X Rᵀ + R Xᵀ + R K Rᵀ = L Rᵀ + R Lᵀ with
+        # L = X + R K / 2 (K symmetric): one (p, 2r) × (2r, p) product and one addition
+        if wide:  # G = W Wᵀ (out × out): X = W Vhᵀ, R = U S, K = Vh Vhᵀ
+            X, R, K = W @ Vh.mT, US, Vh @ Vh.mT
+        else:  # G = Wᵀ W (in × in): X = Wᵀ U S, R = Vhᵀ, K = (U S)ᵀ (U S)
+            X, R, K = W.mT @ US, Vh.mT, US.mT @ US
+        L = X + R @ K / 2
+        _, vecs = _top_eigh(G + torch.cat([L, R], dim=1) @ torch.cat([R, L], dim=1).mT, k)
+        if wide:
             return vecs
-        C = (W.mT @ US) @ Vh  # G = Wᵀ W (in × in)
-        _, vecs = _top_eigh(G + C + C.mT + Vh.mT @ (US.mT @ US) @ Vh, k)
         return _directions(W @ vecs + US @ (Vh @ vecs), complete=True)  # (W + U S Vh)·v, orthonormalised
 
     def max_cosines(self, Q: torch.Tensor) -> torch.Tensor:
