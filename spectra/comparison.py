@@ -303,7 +303,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         # W's decomposition is computed once and shared by both sides' amplification and intruders,
         # as far as they need it: the top singular pairs, all of them only for an undecided cosine
         k = min(config.intruder_k, min(W.shape))
-        basis = WeightBasis(W, m=max(ra, rb, 2 * k + 10))
+        basis = WeightBasis(W, m=2 * k + 10, values=max(ra, rb))
         random_bases = _random_bases(job, device)
         rec.amplification, rec.intruders = {}, {}
         for who, u, r, zero in (("a", ua, ra, zero_a), ("b", ub, rb, zero_b)):

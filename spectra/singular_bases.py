@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from spectra.lapack import top_eigh_upper
+from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
 
 #: Largest p = min(out, in) whose Gram matrix a :class:`WeightBasis` keeps (float64: 128 MiB at 4096).
@@ -177,13 +177,14 @@ class WeightBasis:
     """A base weight's left singular vectors and values, computed once and shared by the measures of
     every update of it (intruders of both sides, amplification), and only as far as they need.
 
-    It starts from the top ``m`` left singular pairs (one top-m eigensolve of W's Gram matrix) and
-    computes all ``p`` vectors only when :meth:`max_cosines` cannot be decided from the top m.
+    It starts from the top ``m`` left singular vectors and the top ``values`` singular values (default
+    m) of W's Gram matrix and computes all ``p`` vectors only when :meth:`max_cosines` cannot be
+    decided from the top m.
 
     Attributes:
         W: ``(out, in)`` float64 weight.
         U: ``(out, m)`` float64 left singular vectors, by descending σ (all p once :meth:`complete` ran).
-        S: ``(m,)`` float64 singular values, descending.
+        S: ``(max(m, values),)`` float64 singular values, descending (all p once :meth:`complete` ran).
         energy: ``‖W‖_F²`` (trace of the float64 Gram matrix).
         G: W's float64 Gram matrix ``(p, p)`` (``W Wᵀ`` or ``Wᵀ W``, the smaller) for
             :meth:`top_left_of_update`; None above :data:`GRAM_KEEP_MAX_P`.
@@ -194,16 +195,25 @@ class WeightBasis:
         ([3.0, 2.0], 14.0, [1.0])
     """
 
-    def __init__(self, W: torch.Tensor, m: int | None = None) -> None:
+    def __init__(self, W: torch.Tensor, m: int | None = None, values: int | None = None) -> None:
         self.W = W.to(torch.float64)
         p = min(W.shape)
         m = p if m is None else max(1, min(m, p))
+        n_values = m if values is None else max(m, min(values, p))
         G = _gram64(self.W)
         self.energy = float(G.trace())
         # kept for the Gram matrices of W + (low-rank update) (:meth:`top_left_of_update`) up to the size
         # of W itself (p ≤ 4096: at most 128 MiB); larger ones are recomputed from W + ΔW
         self.G = G if p <= GRAM_KEEP_MAX_P else None
-        lam, vecs = _top_eigh(G, m)
+        # on the CPU one tridiagonal reduction gives every value now and any top vectors later (those of
+        # :meth:`complete` too, without a second reduction); elsewhere a top-k eigensolve
+        self._tri = Tridiagonal.of(G.numpy()) if G.device.type == "cpu" and Tridiagonal.available() else None
+        if self._tri is not None:
+            lam = torch.from_numpy(np.maximum(self._tri.lam[:n_values], 0.0))
+            vecs = torch.from_numpy(self._tri.top_vectors(m))
+        else:
+            lam, vecs = _top_eigh(G, n_values)
+            vecs = vecs[:, :m]
         self.S = lam.sqrt().to(W.device)
         self.U = self._left(vecs, complete=m < p)
 
@@ -220,7 +230,10 @@ class WeightBasis:
     def complete(self) -> None:
         """Compute all ``p`` left singular vectors and values (one full eigensolve)."""
         if not self.is_complete:
-            lam, vecs = _top_eigh(self.G, None) if self.G is not None else gram_eigh(self.W)[:2]
+            if self._tri is not None:
+                lam, vecs = torch.from_numpy(np.maximum(self._tri.lam, 0.0)), torch.from_numpy(self._tri.top_vectors(self._tri.lam.size))
+            else:
+                lam, vecs = _top_eigh(self.G, None) if self.G is not None else gram_eigh(self.W)[:2]
             self.S = lam.sqrt().to(self.W.device)
             self.U = self._left(vecs, complete=False)
 
