@@ -123,23 +123,36 @@ def phi_grids_figure(result: CompareResult):
     vmax = max(hi, rands[-1], 1e-6)
     cols = min(4, len(chosen))
     rows = -(-len(chosen) // cols)
-    fig = Figure(figsize=(4.2 * cols, 3.6 * rows + 0.8), layout="constrained")
+    suptitle = wrap(f"Normalised subspace similarity (Hu et al. 2021, Eq. 4); {rule}. Colour scale fitted to the grids "
+                    f"shown (0 to {vmax:.2g}).", 40 * cols)
+    # a fixed layout in inches (constrained layout measured every text twice: ~2× the drawing time):
+    # panels of 3.1 × 2.2 in, room for two title lines above and the axis labels and ticks around each,
+    # the figure title on top and the colour bar with its label on the right
+    panel_w, panel_h, left, gap_w, right = 3.1, 2.2, 0.75, 1.1, 1.3
+    top = 0.35 + 0.22 * (suptitle.count("\n") + 1) + 0.55
+    gap_h, bottom = 1.15, 0.6
+    W = left + cols * panel_w + (cols - 1) * gap_w + right
+    H = top + rows * panel_h + (rows - 1) * gap_h + bottom
+    fig = Figure(figsize=(W, H))
     im = None
     for idx, (m, g) in enumerate(zip(chosen, grids)):
-        ax = fig.add_subplot(rows, cols, idx + 1)
+        r, c = divmod(idx, cols)
+        x0, y1 = left + c * (panel_w + gap_w), H - top - r * (panel_h + gap_h)
+        ax = fig.add_axes(((x0) / W, (y1 - panel_h) / H, panel_w / W, panel_h / H))
         im = ax.imshow(g, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, cmap="viridis", interpolation="nearest",
                        extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
         ph = m.phi[side]
         ax.set_title(f"{label(m.module)} · layer {m.layer}\nφ = {ph.phi_full:.3f}, random {ph.random:.3f}", fontsize=9, parse_math=False)
         ax.set_xlabel(f"j: top-j of B (r_B = {m.rank_b})")
         ax.set_ylabel(f"i: top-i of A (r_A = {m.rank_a})")
-    cb = fig.colorbar(im, ax=fig.axes)
+    bar_x = left + cols * panel_w + (cols - 1) * gap_w + 0.25
+    cax = fig.add_axes((bar_x / W, bottom / H, 0.18 / W, (H - top - bottom) / H))
+    cb = fig.colorbar(im, cax=cax)
     for rand in rands:
         cb.ax.axhline(rand, color="red", lw=1.5)
-    cb.set_label(f"φ(A, B, i, j), {side} singular vectors; red: random φ(r_A, r_B) ({', '.join(f'{r:.2g}' for r in rands)})",
-                 fontsize=8)
-    fig.suptitle(wrap(f"Normalised subspace similarity (Hu et al. 2021, Eq. 4); {rule}. Colour scale fitted to the grids "
-                      f"shown (0 to {vmax:.2g}).", 40 * cols), fontsize=10)
+    cb.set_label(wrap(f"φ(A, B, i, j), {side} singular vectors; red: random φ(r_A, r_B) "
+                      f"({', '.join(f'{r:.2g}' for r in rands)})", max(30, int((H - top - bottom) * 10))), fontsize=8)
+    fig.suptitle(suptitle, fontsize=10, y=1 - 0.3 / H, va="top")
     return fig
 
 
@@ -172,12 +185,15 @@ def angles_figure(result: CompareResult):
 
 def compare_builders(result: CompareResult) -> dict[str, Callable[[], object]]:
     """name -> a callable drawing that figure of a compare result (None when it has nothing to show)."""
+    # in an order that shares the drawing evenly between the two processes of save_figures (this one
+    # draws the 1st, 3rd and 5th; measured on a 30-layer result: φ grids ~0.5 s, captured ~0.75 s,
+    # each intruder map ~0.4 s, angles ~0.2 s)
     builders: dict[str, Callable[[], object]] = {
-        "captured_heatmap": lambda: captured_heatmap(result), "phi_grids": lambda: phi_grids_figure(result),
-        "principal_angles": lambda: angles_figure(result)}
+        "phi_grids": lambda: phi_grids_figure(result), "captured_heatmap": lambda: captured_heatmap(result)}
     if any(m.intruders is not None for m in result.modules):
         builders["intruders_a"] = lambda: intruder_heatmap(result, "a")
         builders["intruders_b"] = lambda: intruder_heatmap(result, "b")
+    builders["principal_angles"] = lambda: angles_figure(result)
     return builders
 
 
