@@ -29,6 +29,23 @@ def test_results_in_order_and_half_of_them_from_a_child():
     assert len({pid for _, pid in out[1::2]}) == 1
 
 
+@fork_only
+def test_the_child_leaves_stop_signals_to_their_default_and_wakes_no_watcher():
+    import signal
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd)
+    try:
+        out = run_split([lambda: None, lambda: (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                                                signal.set_wakeup_fd(-1))])
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
+    assert out[1] == (signal.SIG_DFL, signal.SIG_DFL, -1)
+
+
 def test_one_task_or_no_fork_runs_here(monkeypatch):
     here = os.getpid()
     assert run_split([_pid(0)]) == [(0, here)]

@@ -226,6 +226,13 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
     if pid == 0:  # the child
         code = 1
         try:
+            # a stop signal ends the child at once (this process stops it too); and it must never wake the
+            # parent's stop-signal watcher (spectra_cli's set_wakeup_fd pipe, inherited), which would
+            # count one Ctrl-C twice
+            with contextlib.suppress(ValueError, OSError):
+                signal.set_wakeup_fd(-1)
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
             os.close(read_fd)
             data = pickle.dumps([tasks[i]() for i in theirs])
             with os.fdopen(write_fd, "wb") as pipe:
