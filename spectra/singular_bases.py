@@ -202,12 +202,13 @@ class WeightBasis:
         n_values = m if values is None else max(m, min(values, p))
         G = _gram64(self.W)
         self.energy = float(G.trace())
-        # kept for the Gram matrices of W + (low-rank update) (:meth:`top_left_of_update`) up to the size
-        # of W itself (p ≤ 4096: at most 128 MiB); larger ones are recomputed from W + ΔW
-        self.G = G if p <= GRAM_KEEP_MAX_P else None
-        # on the CPU one tridiagonal reduction gives every value now and any top vectors later (those of
-        # :meth:`complete` too, without a second reduction); elsewhere a top-k eigensolve
-        self._tri = Tridiagonal.of(G.numpy()) if G.device.type == "cpu" and Tridiagonal.available() else None
+        # kept for the Gram matrices of W + (low-rank update) (:meth:`top_left_of_update`), and on the CPU
+        # with its tridiagonal reduction (every value now, any top vectors later, those of :meth:`complete`
+        # too, without a second reduction), up to p = GRAM_KEEP_MAX_P (two p × p float64 arrays: 256 MiB
+        # at 4096); larger ones keep nothing p × p: a top-k eigensolve, recomputed from W + ΔW
+        keep = p <= GRAM_KEEP_MAX_P
+        self.G = G if keep else None
+        self._tri = Tridiagonal.of(G.numpy()) if keep and G.device.type == "cpu" and Tridiagonal.available() else None
         if self._tri is not None:
             lam = torch.from_numpy(np.maximum(self._tri.lam[:n_values], 0.0))
             vecs = torch.from_numpy(self._tri.top_vectors(m))
@@ -243,17 +244,19 @@ class WeightBasis:
         them, without forming it or its Gram matrix: W's Gram matrix plus the update's terms,
         ``G + C + Cᵀ + U S (Vh Vhᵀ) S Uᵀ`` with ``C = (W Vhᵀ) S Uᵀ`` (or ``Wᵀ U S Vh`` and
         ``Vhᵀ S (UᵀU) S Vh`` on the input side when ``out > in``), O((out + in)·p·r) instead of
-        O(out·in·p). The same float64 rounding as forming the sum's Gram matrix directly (module
-        docstring).
+        O(out·in·p). Its rounding error is that of G, about ``n·u·‖W‖²`` (module docstring), which is
+        the dense route's ``n·u·‖W + ΔW‖²`` within a factor 4 when ``‖ΔW‖_F ≤ ‖W‖_F / 2``; a larger
+        update (one that could cancel much of W) takes the dense route.
 
         Args:
             U: ``(out, r)``, S: ``(r,)``, Vh: ``(r, in)`` float64 on W's device (any r; need not be orthonormal).
             k: vectors wanted, ``1 <= k <= p``.
         """
         W, G = self.W, self.G
-        if G is None:
-            return top_left_singular_vectors(W + (U * S) @ Vh, k)
         US = U * S
+        update_sq = float(torch.sum((US.mT @ US) * (Vh @ Vh.mT)))  # ‖U S Vh‖_F² = tr(SUᵀUS · VhVhᵀ), r × r
+        if G is None or not update_sq <= self.energy / 4:
+            return top_left_singular_vectors(W + US @ Vh, k)
         wide = W.shape[0] <= W.shape[1]
         # the three terms as one symmetric rank-2r product: X Rᵀ + R Xᵀ + R K Rᵀ = L Rᵀ + R Lᵀ with
         # L = X + R K / 2 (K symmetric): one (p, 2r) × (2r, p) product and one addition

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spectra.plots import base
 from spectra.plots.base import heatmap, run_split, save_figures
 
 fork_only = pytest.mark.skipif(not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2,
@@ -43,7 +44,52 @@ def test_the_child_leaves_stop_signals_to_their_default_and_wakes_no_watcher():
         signal.set_wakeup_fd(previous)
         os.close(read_fd)
         os.close(write_fd)
-    assert out[1] == (signal.SIG_DFL, signal.SIG_DFL, -1)
+    # a stop raises KeyboardInterrupt in the child (its tasks clean up, it leaves); no wakeup fd inherited
+    assert out[1][0] is base._stop_here and out[1][1] is base._stop_here and out[1][2] == -1
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@fork_only
+def test_a_failed_fork_runs_everything_here_and_leaks_nothing(monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    before = _open_fds()
+    here = os.getpid()
+    assert run_split([_pid(i) for i in range(3)]) == [(i, here) for i in range(3)]
+    assert _open_fds() == before
+
+
+@fork_only
+def test_with_sigchld_ignored_the_results_still_come_back():
+    import signal
+
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the child: waitpid cannot
+    try:
+        before = _open_fds()
+        out = run_split([_pid(i) for i in range(4)])
+        assert [i for i, _ in out] == list(range(4))
+        assert _open_fds() == before
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+@fork_only
+def test_a_stopped_child_leaves_at_once():
+    """The parent's error stops the child with SIGTERM, which it turns into KeyboardInterrupt: it leaves
+    well before the SIGKILL that would follow 2 s later."""
+    def boom():
+        time.sleep(0.2)  # the child is inside its sleep by now
+        raise ValueError("here")
+
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="here"):
+        run_split([boom, lambda: time.sleep(30)])
+    assert time.perf_counter() - t < 1.5
 
 
 def test_one_task_or_no_fork_runs_here(monkeypatch):

@@ -478,10 +478,11 @@ def test_intruders_of_a_factored_update_from_the_base_gram_equal_the_dense_sum(s
     out, inn = shape
     W, _, _ = planted(rng, shape, 3.0 * np.arange(1, min(shape) + 1) ** -0.6)
     B, A = rng.standard_normal((out, 6)), rng.standard_normal((6, inn))
+    scale = 0.3 * np.linalg.norm(W) / np.linalg.norm(B @ A)  # a LoRA-sized update: ‖ΔW‖_F = 0.3 ‖W‖_F
     Wt = torch.from_numpy(W)
-    lora = Factored.from_lora(torch.from_numpy(B), torch.from_numpy(A), 0.4)
+    lora = Factored.from_lora(torch.from_numpy(B), torch.from_numpy(A), scale)
     U, S, Vh = lora.U.double(), lora.S.double(), lora.Vh.double()
-    dense = W + 0.4 * B @ A
+    dense = W + scale * B @ A
     U_ref = np.linalg.svd(dense, full_matrices=False)[0][:, :10]
     basis = WeightBasis(Wt, m=30)
     assert basis.G is not None
@@ -490,12 +491,23 @@ def test_intruders_of_a_factored_update_from_the_base_gram_equal_the_dense_sum(s
     np.testing.assert_allclose(got.T @ got, np.eye(10), atol=1e-12)
     assert _sign_free_error(got, top_left_singular_vectors(torch.from_numpy(dense), 10).numpy()) < 1e-10
     fact = intruder_dimensions(Wt, lora, k=10, base=basis)
-    ref = intruder_dimensions(Wt, torch.from_numpy(0.4 * B @ A), k=10)
+    ref = intruder_dimensions(Wt, torch.from_numpy(scale * B @ A), k=10)
     np.testing.assert_allclose(fact.max_cos, ref.max_cos, atol=1e-10)
     assert fact.counts == ref.counts and fact.count == ref.count
+    # an update that could cancel much of W (‖ΔW‖_F > ‖W‖_F / 2) takes the dense route: G's rounding,
+    # ~u·‖W‖², could be large against W + ΔW's own Gram matrix
+    dense_calls = []
+    real = singular_bases.top_left_singular_vectors
+    monkeypatch.setattr(singular_bases, "top_left_singular_vectors", lambda M, k: dense_calls.append(k) or real(M, k))
+    basis.top_left_of_update(U, S, Vh, 10)
+    assert dense_calls == []
+    Uw, Sw, Vhw = (torch.from_numpy(x) for x in np.linalg.svd(W, full_matrices=False))
+    near = basis.top_left_of_update(Uw, Sw * (1 - 1e-6), Vhw, 3)  # W + ΔW = 1e-6·W
+    assert dense_calls == [3]
+    assert _sign_free_error(near.numpy(), np.linalg.svd(W, full_matrices=False)[0][:, :3]) < 1e-8
     monkeypatch.setattr(singular_bases, "GRAM_KEEP_MAX_P", 10)
     small = WeightBasis(Wt, m=30)
-    assert small.G is None
+    assert small.G is None and small._tri is None  # nothing p × p kept above the cap
     np.testing.assert_allclose(intruder_dimensions(Wt, lora, k=10, base=small).max_cos, ref.max_cos, atol=1e-10)
 
 

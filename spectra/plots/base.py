@@ -11,16 +11,16 @@ parsed as mathtext (``$`` is legal in a tensor name) and are shortened for displ
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import pickle
 import signal
 import textwrap
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 
@@ -201,15 +201,19 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
     the rest: figures are built and rendered by Python code that holds the GIL, so threads would run
     them one after another, while at the end of a run the other cores are idle.
 
-    The child runs every second task, sends their (small, picklable) results back through a pipe and
-    leaves with ``os._exit`` (no atexit handlers, no flushing of this process's buffers); it uses only
-    what the tasks use (matplotlib, file writes). Whatever goes wrong in it (an error, a crash, no
-    answer within ``timeout_s``: it is then killed) makes this process run the child's tasks itself,
-    so an error surfaces here, as it would have without the child. Without ``os.fork`` (Windows), with
-    one task or one usable core, or with ``SPECTRA_NO_FORK`` set, the tasks run here, in order.
+    The child runs every second task and sends the results back through a pipe; the tasks should
+    return what they make (e.g. PNG bytes) rather than write files, so that a child stopped at any
+    point leaves nothing behind. The child uses only what the tasks use, leaves with ``os._exit`` (no
+    atexit handlers, no flushing of this process's buffers), dies with this process (Linux
+    ``PR_SET_PDEATHSIG``), and a stop signal (Ctrl-C, SIGTERM) ends it without waking this process's
+    own handlers (``spectra_cli``'s stop watcher would count one Ctrl-C twice). Whatever goes wrong
+    in it (an error, a crash, no answer within ``timeout_s``: it is then stopped) makes this process
+    run the child's tasks itself, so an error surfaces here, as it would have without the child.
+    Without ``os.fork`` (Windows), when a fork fails, with one task or one usable core, or with
+    ``SPECTRA_NO_FORK`` set, the tasks run here, in order.
 
     Args:
-        tasks: callables without arguments; each result must pickle to a few kB (e.g. a Path).
+        tasks: callables without arguments; their results must pickle.
         timeout_s: how long to wait for the child after this process's share is done, seconds.
 
     Returns:
@@ -219,99 +223,161 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
     if len(tasks) < 2 or cores < 2 or not hasattr(os, "fork") or os.environ.get("SPECTRA_NO_FORK"):
         return [task() for task in tasks]
     mine, theirs = list(range(0, len(tasks), 2)), list(range(1, len(tasks), 2))
-    read_fd, write_fd = os.pipe()
-    with warnings.catch_warnings():  # Python >= 3.12 warns about fork in a threaded process: see the docstring
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # the child
-        code = 1
-        try:
-            # a stop signal ends the child at once (this process stops it too); and it must never wake the
-            # parent's stop-signal watcher (spectra_cli's set_wakeup_fd pipe, inherited), which would
-            # count one Ctrl-C twice
-            with contextlib.suppress(ValueError, OSError):
-                signal.set_wakeup_fd(-1)
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(signum, signal.SIG_DFL)
-            os.close(read_fd)
-            data = pickle.dumps([tasks[i]() for i in theirs])
-            with os.fdopen(write_fd, "wb") as pipe:
-                pipe.write(data)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
+    child = _start_child([tasks[i] for i in theirs])
+    if child is None:  # no process to be had (a process limit, memory): all of them here
+        return [task() for task in tasks]
+    pid, read_fd = child
     results: dict[int, T] = {}
+    payload = None
     try:
         for i in mine:
             results[i] = tasks[i]()
-        theirs_results = _collect(pid, read_fd, timeout_s)
-        pid = 0
-    finally:
-        if pid:  # this process failed or was interrupted: the child goes too
-            _reap(pid, kill=True)
+        payload = _read_to_end(read_fd, timeout_s)
+    finally:  # the child is reaped here and only here, whether this process's share failed or not
+        status = _end_child(pid, stop=payload is None)
         os.close(read_fd)
-    if theirs_results is None or len(theirs_results) != len(theirs):
+    theirs_results = _unpack(payload, status, len(theirs))
+    if theirs_results is None:
         theirs_results = [tasks[i]() for i in theirs]
     results.update(zip(theirs, theirs_results, strict=True))
     return [results[i] for i in range(len(tasks))]
 
 
-def _collect(pid: int, read_fd: int, timeout_s: float) -> list | None:
-    """The child's results (None when it failed or took longer than ``timeout_s``), once it has exited."""
+_STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _start_child(tasks: list[Callable[[], object]]) -> tuple[int, int] | None:
+    """Fork a child running ``tasks`` (:func:`_child`); ``(pid, read end of its pipe)``, or None when
+    the fork failed. Stop signals are blocked across the fork, so that none reaches the child before
+    it has replaced this process's handlers."""
+    read_fd, write_fd = os.pipe()
+    parent = os.getpid()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        pid = os.fork()
+    except OSError:
+        pid = None
+    if pid == 0:
+        _child(tasks, read_fd, write_fd, parent, mask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(write_fd)
+    if pid is None:
+        os.close(read_fd)
+        return None
+    return pid, read_fd
+
+
+def _child(tasks: list[Callable[[], object]], read_fd: int, write_fd: int, parent: int, mask: set) -> NoReturn:
+    """The child's whole life: run ``tasks``, pickle their results into ``write_fd``, leave."""
+    code = 1
+    try:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)  # the parent's wakeup pipe (its stop watcher) is not the child's
+            for signum in _STOPS:  # a stop raises here; an ignored one stays ignored
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    signal.signal(signum, _stop_here)
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent's timeout still bounds it
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: die with the parent
+        if os.getppid() != parent:  # the parent died before that
+            return
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(read_fd)
+        data = pickle.dumps([task() for task in tasks])
+        with os.fdopen(write_fd, "wb") as pipe:
+            pipe.write(data)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _stop_here(signum: int, frame: object) -> None:
+    """The child's stop handler: KeyboardInterrupt once (the tasks' cleanup runs, the child leaves);
+    later stops are ignored, so that the parent's SIGTERM after a Ctrl-C cannot cut that cleanup short."""
+    for stop in _STOPS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _read_to_end(read_fd: int, timeout_s: float) -> bytes | None:
+    """Everything the child writes, once it has closed its end; None after ``timeout_s`` seconds."""
     os.set_blocking(read_fd, False)
     chunks, deadline = [], time.monotonic() + timeout_s
     while True:
         try:
             chunk = os.read(read_fd, 1 << 16)
         except BlockingIOError:
-            chunk = None
-        if chunk:
-            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.005)
             continue
-        if chunk == b"" or time.monotonic() > deadline:  # the child closed its end (it is leaving), or is stuck
-            break
-        time.sleep(0.005)
-    status = _reap(pid, kill=chunk != b"")
-    if status != 0:
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _end_child(pid: int, *, stop: bool) -> int | None:
+    """Reap child ``pid``, first stopping it with ``stop`` (SIGTERM, which lets it clean up, then
+    SIGKILL after 2 s). Its exit code; -1 when it was stopped; None when the system reaped it already
+    (SIGCHLD ignored)."""
+    try:
+        if stop:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 2.0
+            while os.waitpid(pid, os.WNOHANG)[0] == 0:
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+            return -1
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return None
+
+
+def _unpack(payload: bytes | None, status: int | None, count: int) -> list | None:
+    """The child's ``count`` results, or None when it did not deliver them all (the caller reruns them).
+    An unknown exit status (None) counts as success when the results are whole: the child writes them
+    only after its last task."""
+    if payload is None or status not in (0, None):
         return None
     try:
-        return pickle.loads(b"".join(chunks))  # noqa: S301 (our own child's output through our own pipe)
-    except (pickle.UnpicklingError, EOFError):
+        results = pickle.loads(payload)  # noqa: S301 (our own child's output through our own pipe)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
         return None
+    return results if isinstance(results, list) and len(results) == count else None
 
 
-def _reap(pid: int, *, kill: bool) -> int:
-    """Wait for child ``pid`` (killing it first with ``kill``); its exit status (-1: killed or crashed)."""
-    if kill:
-        with contextlib.suppress(ProcessLookupError):  # it has just left
-            os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) if not kill else -1
+def render_png(fig, *, dpi: int = 120) -> bytes:
+    """``fig`` rendered as PNG bytes (zlib level 3: a third less time than the default 6 for ~7% more
+    bytes; a 1218 x 1272 heatmap: 51 ms, 243 kB)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": 3})
+    return buf.getvalue()
 
 
 def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     """Render ``fig`` as PNG in memory and write it atomically (an interrupted or failed write never
     leaves a half image; a full disk raises :class:`spectra.errors.OutputError`)."""
-    import io
-
-    buf = io.BytesIO()
-    # zlib level 3: a third less time than the default 6 for ~7% more bytes (a 1218 x 1272 heatmap: 51 ms, 243 kB)
-    fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": 3})
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return atomic_write_bytes(Path(path), render_png(fig, dpi=dpi))
 
 
 def save_figures(builders: dict[str, Callable[[], object]], out_dir: str | os.PathLike[str], *, dpi: int = 110) -> dict[str, Path]:
     """Build each figure (``builders``: name -> a callable returning a Figure, or None for nothing to
-    show) and write it as ``<out_dir>/<name>.png`` (:func:`save_figure`), two at a time
-    (:func:`run_split`); name -> path of the figures written, in the order of ``builders``."""
-    def task(build: Callable[[], object], path: Path) -> Path | None:
+    show) and write it as ``<out_dir>/<name>.png`` (atomically, as :func:`save_figure`), drawn two at a
+    time (:func:`run_split`; this process writes every file); name -> path of the figures written, in
+    the order of ``builders``."""
+    def render(build: Callable[[], object]) -> bytes | None:
         fig = build()
-        return None if fig is None else save_figure(fig, path, dpi=dpi)
+        return None if fig is None else render_png(fig, dpi=dpi)
 
     names = list(builders)
-    paths = run_split([functools.partial(task, builders[n], Path(out_dir) / f"{n}.png") for n in names])
-    return {n: path for n, path in zip(names, paths, strict=True) if path is not None}
+    images = run_split([functools.partial(render, builders[n]) for n in names])
+    return {n: atomic_write_bytes(Path(out_dir) / f"{n}.png", png) for n, png in zip(names, images, strict=True) if png is not None}
 
 
 def svg_img(fig, *, alt: str = "figure") -> str:
@@ -330,4 +396,5 @@ def svg_img(fig, *, alt: str = "figure") -> str:
     return f'<img class="fig" alt="{html.escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
 
 
-__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "preload", "run_split", "save_figure", "save_figures", "svg_img", "text_color", "wrap"]
+__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "preload", "render_png", "run_split", "save_figure",
+           "save_figures", "svg_img", "text_color", "wrap"]
