@@ -210,7 +210,9 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
     in it (an error, a crash, no answer within ``timeout_s``: it is then stopped) makes this process
     run the child's tasks itself, so an error surfaces here, as it would have without the child.
     Without ``os.fork`` (Windows), when a fork fails, with one task or one usable core, or with
-    ``SPECTRA_NO_FORK`` set, the tasks run here, in order.
+    ``SPECTRA_NO_FORK`` set, the tasks run here, in order. Python ≥ 3.12 warns (a DeprecationWarning,
+    hidden by default) that a child forked from a threaded process may deadlock on a lock another
+    thread held: ``timeout_s`` bounds that case, and this process then does the work.
 
     Args:
         tasks: callables without arguments; their results must pickle.
