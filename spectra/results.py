@@ -294,21 +294,21 @@ class DiffResult:
         files = {"json": self.save_json(out / "results.json"), "csv": self.save_csv(out / "results.csv")}
         if not plots:
             return files
-        # matplotlib only when plotting; the figures are drawn two at a time (spectra.plots.base.run_split)
+        # matplotlib only when plotting; the figures are drawn two at a time (spectra.plots.base.save_figures)
         from spectra.plots import diff as diff_plots
         from spectra.plots import esd as esd_plots
-        from spectra.plots.base import run_split
+        from spectra.plots.base import save_figures
 
-        tasks = {}
+        builders = {}
         if any(m.layer is not None for m in self.modules):  # heatmaps need a layer stack
-            tasks["rank_heatmap"] = lambda: diff_plots.rank_heatmap(self, out / "rank_heatmap.png", threshold=self.headline_threshold)
+            builders["rank_heatmap"] = lambda: diff_plots.rank_heatmap(self, threshold=self.headline_threshold)
             if any(m.rel_norm is not None for m in self.modules):
-                tasks["relnorm_heatmap"] = lambda: diff_plots.relnorm_heatmap(self, out / "relnorm_heatmap.png")
+                builders["relnorm_heatmap"] = lambda: diff_plots.relnorm_heatmap(self)
         points = [{"module": m.module, "alpha_base": m.esd["base"]["alpha"], "alpha_tuned": m.esd["tuned"]["alpha"]}
                   for m in self.modules if m.esd and m.esd.get("base") and m.esd.get("tuned")]
         if any(p["alpha_base"] is not None and p["alpha_tuned"] is not None for p in points):
-            tasks["alpha_base_tuned"] = lambda: esd_plots.alpha_base_tuned(points, out / "alpha_base_tuned.png")
-        files.update(zip(tasks, run_split(list(tasks.values())), strict=True))
+            builders["alpha_base_tuned"] = lambda: esd_plots.alpha_base_tuned(points)
+        files.update(save_figures(builders, out, dpi=120))
         return files
 
     @property

@@ -34,7 +34,8 @@ import torch
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
 
-#: Largest p = min(out, in) whose Gram matrix a :class:`WeightBasis` keeps (float64: 128 MiB at 4096).
+#: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
+#: (two p × p float64 arrays: 256 MiB at 4096).
 GRAM_KEEP_MAX_P = 4096
 
 
