@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import click
@@ -113,8 +114,9 @@ def summary_table(doc: dict) -> Table:
         ranks = sorted(m["rank"] for m in ms)
         kept = sorted(m["energy_kept"] for m in ms)
         uni = sorted(m["uniform_energy_kept"] for m in ms if m.get("uniform_energy_kept") is not None)
-        table.add_row(escape(label), str(len(ms)), f"{ranks[len(ranks) // 2]}", f"{ranks[0]}–{ranks[-1]}",
-                      f"{kept[len(kept) // 2]:.3f}", f"{kept[0]:.3f}", f"{uni[len(uni) // 2]:.3f}" if uni else "–",
+        # the median as extract.json, diff and trace take it (the mean of the middle two of an even count)
+        table.add_row(escape(label), str(len(ms)), f"{statistics.median(ranks):g}", f"{ranks[0]}–{ranks[-1]}",
+                      f"{statistics.median(kept):.3f}", f"{kept[0]:.3f}", f"{statistics.median(uni):.3f}" if uni else "–",
                       f"{sum(m['params'] for m in ms):,}")
     return table
 

@@ -153,6 +153,10 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
+        if info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch"):
+            # a matrix whose base has another shape: not silently dropped, listed with the reason
+            left.append(((s.name, tuple(info.shape), None, _fro(base, base_by_key.get(s.name) or _same_key(base, s.name))),
+                         s.reason))
         if info is not None and len(info.shape) == 1 and info.dtype.startswith(("float", "bfloat")):
             bn = base_by_key.get(s.name) or _same_key(base, s.name)
             if bn is not None:
@@ -582,7 +586,12 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     else:
         _adapter_pass(src, run, device)
     ranks, alloc = final_ranks(src.targets, plan, config, run.spectra)
-    uniform = _uniform_rank(src.targets, ranks)
+    usable = [i for i in range(len(src.targets)) if not run.spectra[i].get("skipped")]
+    if not usable:
+        raise ConfigError(f"none of the {len(src.targets)} chosen matrices can be extracted: "
+                          f"{run.spectra[0]['note']} ({src.targets[0].name}){' and others' if len(src.targets) > 1 else ''}",
+                          path=f"{base_ckpt.label} vs {src.label}", hint="spectra diff lists the reason of each matrix")
+    uniform = _uniform_rank([src.targets[i] for i in usable], [ranks[i] for i in usable])  # skipped ones cost nothing
     if src.kind == "full" and config.resolved_strategy == "two-pass":
         want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
@@ -590,11 +599,11 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                              config.save_modules)
     result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted, not_lora)
     result.fingerprint, result.version = fingerprint, __version__
-    if all(float(run.spectra[i]["total"]) == 0.0 for i in range(len(src.targets))):
+    if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)
         raise IdenticalCheckpointsError(
-            f"every one of the {len(src.targets)} chosen matrices has ΔW = 0: there is nothing to extract",
+            f"every one of the {len(usable)} chosen matrices has ΔW = 0: there is nothing to extract",
             path=f"{base_ckpt.label} vs {src.label}", hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
     _write(out, src, run, ranks, config, dtype, not_lora, result)
     if config.eval_text:

@@ -89,7 +89,7 @@ def parse_budget(text: str) -> Budget:
     unit = m.group(3)
     if unit == "%":
         if not 0 < value <= 100:
-            raise ValueError(f"a budget percentage must be in (0, 100]. Got {text!r} instead")
+            raise ValueError(f"budget percentage must be in (0, 100]. Got {text!r} instead")
         return Budget("fraction", value / 100.0, t)
     if unit.lower().endswith("b"):
         key = unit.lower()

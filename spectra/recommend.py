@@ -102,10 +102,17 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         raise ConfigError(f"--energy τ must be in (0, 1]. Got {energy} instead", hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
     if max_rank is not None and max_rank < 1:
         raise ConfigError(f"--max-rank must be >= 1. Got {max_rank} instead")
+    if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
+        raise ConfigError(f"--alpha-ratio must be a finite number > 0. Got {alpha_ratio} instead",
+                          hint="lora_alpha = ratio × r; Biderman et al. use 2")
+    where = None if isinstance(results, dict) else Path(results)
     doc = results if isinstance(results, dict) else _load(Path(results))
     if doc.get("schema") != "spectra.diff/1":
-        raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})",
+        raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})", path=where,
                           hint="pass the results.json written by spectra diff --out DIR")
+    if doc.get("complete") is False:  # an interrupted run: a config from part of the model would mislead
+        raise ConfigError("these results are of a run that did not finish (complete: false)", path=where,
+                          hint="finish it first: spectra diff BASE TUNED --out DIR --resume")
     notes: list[str] = []
     whole: dict[str, dict] = {}  # module path -> {"shape": [out, in], "parts": [records]}
     for m in doc.get("modules", []):
@@ -137,6 +144,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
         except ValueError as exc:
             raise ConfigError(f"--{exc}") from None
+        if energy is None and sum(ranks[p] * cost[p] for p in paths) + min(cost.values()) <= n:
+            _beyond_kept(budget, n, doc, paths, whole, where)  # the ranks stop where the kept values do
         if sum(ranks[p] * cost[p] for p in paths) > n:
             gains, costs, owner = [], [], []
             for p, per in zip(paths, caps):
@@ -151,6 +160,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                 raise ConfigError(f"--budget {budget} is {n:,} parameters, below one component of the cheapest module ({min(costs):,})",
                                   hint="raise the budget")
             alloc = allocate_budget(gains, costs, n)
+            if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
+                _beyond_kept(budget, n, doc, paths, whole, where)
             ranks = dict.fromkeys(paths, 0)
             for p, r in zip(owner, alloc.ranks):
                 ranks[p] += r
@@ -168,10 +179,31 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         return alpha_ratio * (math.sqrt(r) if rslora else r)
 
     pattern = {p: r for p, r in sorted(adapted.items()) if r != r0}
+    # PEFT adapts every module whose name ends with a target: a short name (q_proj) would also reach the
+    # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
+    selection = doc.get("config") or {}
+    partial = any(selection.get(k) for k in ("include", "exclude", "layers"))
+    skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    targets = sorted(adapted) if partial else target_modules(list(adapted), paths + skipped)
+    if partial:
+        notes.append("the diff measured part of the model (--include/--exclude/--layers): target_modules names each "
+                     "measured module in full, so that PEFT adapts only those")
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
-              "target_modules": target_modules(list(adapted), paths), "rank_pattern": pattern,
+              "target_modules": targets, "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
     return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
+
+
+def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[str, dict], where: Path | None) -> None:
+    """Raise when a budget that could buy more components meets matrices whose spectra the results
+    keep only in part (``spectra diff --top-k``): the rest of each spectrum is unknown, so spending
+    less than the budget would be a guess. Nothing when every spectrum is kept whole."""
+    short = [p for p in paths for m in whole[p]["parts"]
+             if len(m.get("singular_values") or []) < min(int(x) for x in m["shape"]) and m["fro_norm"] > 0]
+    if short:
+        raise ConfigError(f"--budget {budget} ({n:,} parameters) needs more of the spectra than the results keep "
+                          f"(the top {(doc.get('config') or {}).get('top_k', '?')} singular values of each matrix, "
+                          f"e.g. {short[0]})", path=where, hint="rerun spectra diff with a larger --top-k, or give a smaller budget")
 
 
 def _load(path: Path) -> dict:

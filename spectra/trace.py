@@ -439,6 +439,10 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
             delta, base_fro, bad = form_delta(wb, wt, device)
             shape = (int(delta.shape[0]), int(delta.shape[1]))
+            if meta is not None and list(shape) != meta["shape"]:  # the rows it shares with the base differ
+                points.append(_skip_point(ref.step, f"its ΔW is {shape[0]}×{shape[1]}, not {meta['shape'][0]}×{meta['shape'][1]} "
+                                                    "as at the earlier steps: this checkpoint shares other rows with the base"))
+                continue
             meta = meta or matrix_meta(specs[name], shape, base_fro)
             if bad:
                 points.append(_skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))

@@ -10,7 +10,7 @@ Every untrusted JSON spectra reads (safetensors headers, index files, ``config.j
   128 levels;
 - a key repeated within one object (``json.loads`` silently keeps the last one, so a header could
   show one tensor to one reader and another to the next);
-- ``NaN``, ``Infinity``, numbers that overflow a float, and lone UTF-16 surrogates (``"\\ud800"``):
+- ``NaN``, ``Infinity``, numbers that overflow a float (integers too), and lone UTF-16 surrogates (``"\\ud800"``):
   none of them is JSON (RFC 8259), and the safetensors library refuses all of them;
 - files larger than ``max_bytes`` (read at most ``max_bytes + 1`` bytes) and files that are not
   regular files (:func:`spectra.io.paths.open_regular`: a FIFO would block).
@@ -102,7 +102,12 @@ def _parse_float(text: str) -> float:
 def _parse_int(text: str) -> int | float:
     # serde_json reads "-0" as the float -0.0, so the safetensors library refuses it as a dimension;
     # json.loads would give the int 0. Keep it a float so that integer checks refuse it too.
-    return -0.0 if text == "-0" else int(text)
+    if text == "-0":
+        return -0.0
+    value = int(text)
+    if abs(value) >= 2**1024:  # beyond every float: as _parse_float refuses, or a sum or ratio of it would overflow
+        raise ValueError(f"number {text[:40]}… is out of range")
+    return value
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
