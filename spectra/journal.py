@@ -45,10 +45,27 @@ def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> 
 DECIDING_FILES = ("config.json", "adapter_config.json", "*.index.json")
 
 
+def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: int = 4096) -> str | None:
+    """SHA-256 of ``samples`` chunks of ``chunk`` bytes spread evenly over the file (64 KiB read
+    whatever its size; None if it cannot be read): a file replaced by another of the same size with
+    its modification time kept (``cp -p``, ``rsync -a``, ``tar x``) is told apart, as its weights differ."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            for i in range(samples):
+                f.seek(max(0, size - chunk) * i // max(1, samples - 1))
+                h.update(f.read(chunk))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def checkpoint_identity(ckpt: Checkpoint) -> list:
-    """What identifies a checkpoint's results for ``--resume``: its label; each weight file's size and
-    modification time; each tensor's name, shape, dtype and offset; the parsed ``config.json``; and
-    the content digest of each :data:`DECIDING_FILES` file in its folder (or of the index passed)."""
+    """What identifies a checkpoint's results for ``--resume``: its label; each weight file's size,
+    modification time and a sample of its content (:func:`content_sample`); each tensor's name,
+    shape, dtype and offset; the parsed ``config.json``; and the content digest of each
+    :data:`DECIDING_FILES` file in its folder (or of the index passed)."""
     files = sorted({str(t.file) for t in ckpt.tensors.values()})
     root = Path(ckpt.root)
     folder = root if root.is_dir() else root.parent
@@ -61,7 +78,7 @@ def checkpoint_identity(ckpt: Checkpoint) -> list:
             digests.append((q.name, hashlib.sha256(q.read_bytes()).hexdigest()))
         except OSError:
             digests.append((q.name, None))
-    return [ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files],
+    return [ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns, content_sample(f)) for f in files],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 

@@ -155,3 +155,27 @@ def test_json_integers_beyond_float_range_are_refused(tmp_path):
         load_json(f, what="results.json")
     f.write_text('{"a": 18446744073709551615}')  # a u64 (safetensors offsets) still reads
     assert load_json(f, what="results.json") == {"a": 2**64 - 1}
+
+
+def test_esd_resume_refuses_a_weight_file_replaced_with_the_same_size_and_mtime(pair, tmp_path):
+    import os
+    import shutil
+
+    root, base, tuned, b, t = pair
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    shutil.copy2(b / "model.safetensors", src / "model.safetensors")
+    out = tmp_path / "es"
+    r = CliRunner().invoke(main, ["esd", str(src), "--out", str(out), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    lines = (out / "esd.jsonl").read_text().splitlines(keepends=True)
+    (out / "esd.jsonl").write_text("".join(lines[:6]))  # interrupted after a few matrices
+    doc = json.loads((out / "esd.json").read_text())
+    (out / "esd.json").write_text(json.dumps(dict(doc, complete=False)))
+    st = os.stat(src / "model.safetensors")
+    shutil.copyfile(t / "model.safetensors", src / "model.safetensors")  # same size: same names and shapes
+    os.utime(src / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(src / "model.safetensors").st_size == st.st_size
+    r = CliRunner().invoke(main, ["esd", str(src), "--out", str(out), "--no-plots", "--resume"])
+    assert r.exit_code != 0
+    assert len(r.output.strip().splitlines()) == 1 and "resume" in r.output.lower(), r.output
