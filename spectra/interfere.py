@@ -451,7 +451,9 @@ def interfere(
             continue
         todo.append((name, spec))
     if not todo:
-        raise PairingError("the fine-tunes update no matrix in common (after --include/--exclude/--layers)",
+        why = (f"; skipped, e.g. {result.skipped[0]['name']}: {result.skipped[0]['reason']}"
+               if result.skipped and isinstance(result.skipped[0], dict) and "reason" in result.skipped[0] else "")
+        raise PairingError(f"the fine-tunes update no matrix in common (after --include/--exclude/--layers){why}",
                            path=", ".join(labels), hint="are they fine-tunes of the same base model, with shared target modules?")
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
     for done, (name, spec) in enumerate(todo, start=1):

@@ -100,6 +100,8 @@ def parse_budget(text: str) -> Budget:
     else:
         value *= _PARAM_UNITS[unit.lower()]
         kind = "params"
+        if value != math.floor(value):  # a count is whole: "1.5" read as 1 parameter would be a silent guess
+            raise ValueError(f"budget: a parameter count must be a whole number. Got {text!r} ({value:g}) instead")
     if value < 1:
         raise ValueError(f"budget must be positive. Got {text!r} instead")
     return Budget(kind, float(math.floor(value)), t)

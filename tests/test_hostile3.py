@@ -179,3 +179,24 @@ def test_esd_resume_refuses_a_weight_file_replaced_with_the_same_size_and_mtime(
     r = CliRunner().invoke(main, ["esd", str(src), "--out", str(out), "--no-plots", "--resume"])
     assert r.exit_code != 0
     assert len(r.output.strip().splitlines()) == 1 and "resume" in r.output.lower(), r.output
+
+
+def test_budget_parameter_counts_are_whole_and_the_percentage_message_reads():
+    from spectra.lowrank import parse_budget
+
+    with pytest.raises(ValueError, match="a parameter count must be a whole number"):
+        parse_budget("1.5")
+    assert parse_budget("1.5k").params(0, 2) == 1500
+    with pytest.raises(ValueError, match=r"^budget percentage must be in \(0, 100\]"):
+        parse_budget("0%")
+
+
+def test_interfere_says_why_no_matrix_is_shared(pair, tmp_path):
+    from spectra.errors import PairingError
+    from spectra.interfere import interfere
+
+    root, base, tuned, b, t = pair
+    grown = {n: torch.cat([w, w[:4]]) for n, w in tuned.items()}  # every matrix has 4 rows more than the base's
+    g = _save(tmp_path / "grown", grown)
+    with pytest.raises(PairingError, match="skipped, e.g. .*rows differ from the base"):
+        interfere(str(b), [str(t), str(g)])
