@@ -70,8 +70,11 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
         err.print(f"[yellow]warning:[/] left out {escape(s['path'])}: {escape(s['reason'])}", highlight=False)
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    # a point (one matrix at one checkpoint) is skipped for NaN/Inf or a shape its base does not share
+    points = [pt for m in result.matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("skip")]
+    skipped_points = f", {len(points)} points (a matrix at one checkpoint) skipped: see 'skip' in trace.json" if points else ""
     err.print(f"{len(result.matrices)} matrices over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
-              f"on {result.device}; {len(result.skipped)} matrices skipped", highlight=False)
+              f"on {result.device}; {len(result.skipped)} matrices skipped{skipped_points}", highlight=False)
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'trace.json'))}", highlight=False)
     if report:

@@ -200,3 +200,15 @@ def test_interfere_says_why_no_matrix_is_shared(pair, tmp_path):
     g = _save(tmp_path / "grown", grown)
     with pytest.raises(PairingError, match="skipped, e.g. .*rows differ from the base"):
         interfere(str(b), [str(t), str(g)])
+
+
+def test_trace_says_how_many_points_it_skipped(pair, tmp_path):
+    root, base, tuned, b, t = pair
+    bad = dict(tuned)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    bad[q] = tuned[q].clone()
+    bad[q][1, 1] = float("inf")
+    s = _save(tmp_path / "tinf", bad)
+    r = CliRunner().invoke(main, ["trace", str(b), str(t), str(s), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "1 points (a matrix at one checkpoint) skipped" in r.output
