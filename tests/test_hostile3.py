@@ -52,13 +52,21 @@ def pair(tmp_path_factory):
     return root, base, tuned, _save(root / "base", base), _save(root / "tuned", tuned)
 
 
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _one_bad_value(tuned: dict[str, torch.Tensor], folder: Path, value: float, at: tuple[int, int]) -> Path:
+    """The tuned checkpoint with ``value`` (NaN, Inf) at ``at`` of layer 0's q_proj, saved in ``folder``."""
+    bad = dict(tuned)
+    bad[Q] = tuned[Q].clone()
+    bad[Q][at] = value
+    return _save(folder, bad)
+
+
 def test_extract_lists_a_nan_matrix_as_not_extracted_not_as_fully_kept(pair, tmp_path):
     root, base, tuned, b, _ = pair
-    bad = dict(tuned)
-    q = "model.layers.0.self_attn.q_proj.weight"
-    bad[q] = tuned[q].clone()
-    bad[q][0, 0] = float("nan")
-    t = _save(tmp_path / "tnan", bad)
+    q = Q
+    t = _one_bad_value(tuned, tmp_path / "tnan", float("nan"), (0, 0))
     res = extract(str(b), str(t), tmp_path / "out", config=ExtractConfig(rank=2), plots=False)
     assert q not in [m["name"] for m in res.modules]
     assert [(r["name"], "NaN" in r["reason"]) for r in res.not_extracted] == [(q, True)]
@@ -74,7 +82,7 @@ def test_extract_lists_a_nan_matrix_as_not_extracted_not_as_fully_kept(pair, tmp
 def test_extract_lists_a_matrix_whose_columns_differ(pair, tmp_path):
     root, base, tuned, b, _ = pair
     odd = dict(tuned)
-    q = "model.layers.0.self_attn.q_proj.weight"
+    q = Q
     odd[q] = torch.randn(H, H + 4)
     res = extract(str(b), str(_save(tmp_path / "tcols", odd)), tmp_path / "out", config=ExtractConfig(rank=2), plots=False)
     assert [(r["name"], r["shape"], r["reason"].startswith("shape mismatch")) for r in res.not_extracted] == [(q, [H, H + 4], True)]
@@ -140,7 +148,7 @@ def test_recommend_budget_beyond_the_kept_singular_values_is_refused(diffs):
 def test_trace_skips_a_checkpoint_sharing_other_rows_with_the_base(pair, tmp_path):
     root, base, tuned, b, t = pair
     short = dict(tuned)
-    q = "model.layers.0.self_attn.q_proj.weight"
+    q = Q
     short[q] = tuned[q][:8].clone()
     s = _save(tmp_path / "short", short)
     res = trace(str(b), [str(t), str(s)], out_dir=None)
@@ -204,11 +212,7 @@ def test_interfere_says_why_no_matrix_is_shared(pair, tmp_path):
 
 def test_trace_says_how_many_points_it_skipped(pair, tmp_path):
     root, base, tuned, b, t = pair
-    bad = dict(tuned)
-    q = "model.layers.0.self_attn.q_proj.weight"
-    bad[q] = tuned[q].clone()
-    bad[q][1, 1] = float("inf")
-    s = _save(tmp_path / "tinf", bad)
+    s = _one_bad_value(tuned, tmp_path / "tinf", float("inf"), (1, 1))
     r = CliRunner().invoke(main, ["trace", str(b), str(t), str(s), "--no-plots"])
     assert r.exit_code == 0, r.output
     assert "1 points (a matrix at one checkpoint) skipped" in r.output
