@@ -153,14 +153,15 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
-        if info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch"):
-            # a matrix whose base has another shape: not silently dropped, listed with the reason
-            left.append(((s.name, tuple(info.shape), None, _fro(base, base_by_key.get(s.name) or _same_key(base, s.name))),
-                         s.reason))
-        if info is not None and len(info.shape) == 1 and info.dtype.startswith(("float", "bfloat")):
-            bn = base_by_key.get(s.name) or _same_key(base, s.name)
-            if bn is not None:
-                one_d.append((s.name, bn))
+        mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
+        one_dim = info is not None and len(info.shape) == 1 and info.dtype.startswith(("float", "bfloat"))
+        if not (mismatched or one_dim):
+            continue
+        bn = base_by_key.get(s.name) or _same_key(base, s.name)
+        if mismatched:  # a matrix whose base has another shape: not silently dropped, listed with the reason
+            left.append(((s.name, tuple(info.shape), None, _fro(base, bn)), s.reason))
+        elif bn is not None:
+            one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label)

@@ -234,10 +234,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     run skipped (NaN/Inf, an overflowing ΔW: no spectrum) are listed in ``not_extracted`` with the
     reason, not among the modules, whose counts, medians and energy shares they would distort."""
     skipped = [i for i in range(len(src.targets)) if spectra[i].get("skipped")]
-    not_extracted = not_extracted + [
-        {"name": src.targets[i].name, "shape": list(src.targets[i].shape), "reason": spectra[i]["note"],
-         "fro_norm": None, "base_fro_norm": None, "rel_norm": None} for i in skipped]
-    keep = [i for i in range(len(src.targets)) if i not in set(skipped)]
+    left = [{"name": src.targets[i].name, "shape": list(src.targets[i].shape), "reason": spectra[i]["note"],
+             "fro_norm": None, "base_fro_norm": None, "rel_norm": None} for i in skipped]
+    not_extracted = not_extracted + left
+    keep = [i for i in range(len(src.targets)) if not spectra[i].get("skipped")]
     targets, ranks = [src.targets[i] for i in keep], [ranks[i] for i in keep]
     spectra = dict(enumerate(spectra[i] for i in keep))
     bytes_per = torch.empty(0, dtype=dtype).element_size()
@@ -292,10 +292,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
                  "max_rank": config.max_rank, "serving": config.serving}
     cfg = {k: v for k, v in asdict(config).items() if k != "parsed_budget"}
     warnings = []
-    if skipped:
-        first = src.targets[skipped[0]]
-        warnings.append(f"{len(skipped)} matrices could not be extracted (e.g. {first.name}: "
-                        f"{not_extracted[-len(skipped)]['reason']}); see not_extracted in extract.json")
+    if left:
+        warnings.append(f"{len(left)} matrices could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
+                        "see not_extracted in extract.json")
     if config.mode == "energy":
         short = [m["name"] for m in mods if m["energy_kept"] < config.energy - 1e-12]
         if short:

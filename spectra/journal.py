@@ -78,7 +78,8 @@ def checkpoint_identity(ckpt: Checkpoint) -> list:
             digests.append((q.name, hashlib.sha256(q.read_bytes()).hexdigest()))
         except OSError:
             digests.append((q.name, None))
-    return [ckpt.label, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns, content_sample(f)) for f in files],
+    stats = {f: os.stat(f) for f in files}
+    return [ckpt.label, [(f, stats[f].st_size, stats[f].st_mtime_ns, content_sample(f)) for f in files],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 

@@ -144,9 +144,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
         except ValueError as exc:
             raise ConfigError(f"--{exc}") from None
-        if energy is None and sum(ranks[p] * cost[p] for p in paths) + min(cost.values()) <= n:
+        spend = sum(ranks[p] * cost[p] for p in paths)
+        if energy is None and spend + min(cost.values()) <= n:
             _beyond_kept(budget, n, doc, paths, whole, where)  # the ranks stop where the kept values do
-        if sum(ranks[p] * cost[p] for p in paths) > n:
+        if spend > n:
             gains, costs, owner = [], [], []
             for p, per in zip(paths, caps):
                 for m, c in zip(whole[p]["parts"], per):
