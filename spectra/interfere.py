@@ -451,8 +451,7 @@ def interfere(
             continue
         todo.append((name, spec))
     if not todo:
-        why = (f"; skipped, e.g. {result.skipped[0]['name']}: {result.skipped[0]['reason']}"
-               if result.skipped and isinstance(result.skipped[0], dict) and "reason" in result.skipped[0] else "")
+        why = f"; skipped, e.g. {result.skipped[0]['name']}: {result.skipped[0]['reason']}" if result.skipped else ""
         raise PairingError(f"the fine-tunes update no matrix in common (after --include/--exclude/--layers){why}",
                            path=", ".join(labels), hint="are they fine-tunes of the same base model, with shared target modules?")
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
