@@ -77,6 +77,7 @@ from spectra.lowrank import (
     energy_rank_top,
     factored_triplets,
     gram_eig,
+    gram_top,
     randomized_triplets,
     reach_above,
     round_up,
@@ -393,14 +394,16 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
         else:
             # spectra of the batch (in parallel), the ranks from them (in order), then the factors (in parallel)
             deltas = [item.delta for _, item in exact]
-            eigs = _in_parallel(gram_eig, [(d,) for d in deltas], device)
-            ks = []
-            for (i, item), eig in zip(exact, eigs):
-                if want is None:
-                    ks.append(run.keep_now(i, eig.S, eig.total, cutoff))
+            if want is None and config.mode == "rank":
+                # k is the rank, known before the spectrum: only the values kept are computed, with the vectors
+                ks = [run.keep_now(i, np.zeros(0), 1.0, 0.0) for i, _ in exact]
+                eigs = _in_parallel(gram_top, [(d, max(k, run.n_values(i)), k) for d, (i, _), k in zip(deltas, exact, ks)], device)
+            else:
+                eigs = _in_parallel(gram_eig, [(d,) for d in deltas], device)
+                ks = [run.keep_now(i, eig.S, eig.total, cutoff) if want is None else want[i] for (i, _), eig in zip(exact, eigs)]
+            if want is None:
+                for (i, item), eig in zip(exact, eigs):
                     run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note)
-                else:
-                    ks.append(want[i])
             factors = _in_parallel(eig_factors, list(zip(deltas, eigs, ks)), device)
             del eigs
             for (i, _), (B, A) in zip(exact, factors):

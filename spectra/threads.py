@@ -9,8 +9,10 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 from __future__ import annotations
 
 import functools
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import numpy  # noqa: F401 - both OpenBLAS libraries are loaded before threadpoolctl first looks
@@ -53,6 +55,48 @@ def one_openmp_thread() -> None:
     _openmp_controller().limit(limits=1)
 
 
+class _Workers:
+    """The compute threads, kept for the life of the process and grown on demand.
+
+    Why kept: a new thread's first OpenMP call (its one-thread setting) costs 3-10 ms on the
+    project's CPU; a pool made per batch paid it for every worker of every batch (~1 s of a
+    135M-layout extract). The threads are idle between calls. A forked child starts with none
+    (``os.register_at_fork``). A worker that itself maps (nested use) computes its items in turn
+    rather than queueing behind itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._local = threading.local()
+
+    def executor(self, workers: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._size < workers:
+                old, self._size = self._pool, workers
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=self._init)
+                if old is not None:
+                    old.shutdown(wait=False)
+            return self._pool
+
+    def _init(self) -> None:
+        self._local.worker = True
+        one_openmp_thread()
+
+    def inside(self) -> bool:
+        return getattr(self._local, "worker", False)
+
+    def forget(self) -> None:  # in a forked child: the parent's threads do not exist there
+        self._lock = threading.Lock()
+        self._pool, self._size = None, 0
+
+
+_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKERS.forget)
+
+
 def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> Iterator[_R]:
     """``fn(x)`` for each of ``items``, in order, computed up to ``workers`` at once in threads with one
     BLAS thread each; results are yielded as they come, so a caller can report progress.
@@ -61,15 +105,32 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: i
     thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
     The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it holds until the
     iterator is exhausted or closed, then is restored. ``workers`` None: ``torch.get_num_threads()``.
-    The first exception is raised where its result would have come.
+    The threads are the process's compute workers (:class:`_Workers`), kept between calls; at most
+    ``workers`` items run at once. The first exception is raised where its result would have come.
     """
     items = list(items)
     workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
     # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine;
     # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
-    with _blas_controller().limit(limits=1, user_api="blas"), \
-            ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=one_openmp_thread) as pool:
-        yield from pool.map(fn, items)
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        if _WORKERS.inside():
+            yield from map(fn, items)
+            return
+        pool = _WORKERS.executor(workers)
+        window = threading.BoundedSemaphore(workers)  # a larger pool kept from an earlier call runs only `workers` at once
+
+        def one(x: _T) -> _R:
+            with window:
+                return fn(x)
+
+        futures = [pool.submit(one, x) for x in items]
+        try:
+            for f in futures:
+                yield f.result()
+        finally:  # stopped early (an error, a closed iterator): drop what has not started, finish the rest
+            for f in futures:
+                f.cancel()
+            wait(futures)
 
 
 def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:

@@ -105,6 +105,19 @@ def test_tridiagonal_eigenvalues_and_top_vectors_equal_numpy(p, n, decay):
     assert tri.top_vectors(0).shape == (p, 0)
     with pytest.raises(ValueError, match="k must be in"):
         tri.top_vectors(p + 1)
+    # without the pass for every value: the top n values come from the vector solver, on both of its routes
+    bare = Tridiagonal.of(G, values=False)
+    assert bare.lam is None
+    for n in sorted({1, max(1, last), min(p, last + 1), p}):
+        k = max(0, n - 1)
+        lam, vecs = bare.top_pairs(n, k)
+        np.testing.assert_allclose(lam, ref[:n], rtol=0, atol=1e-12 * ref[0])
+        if k:
+            _check(G, k, lam[:k], vecs)
+        else:
+            assert vecs.shape == (p, 0)
+    with pytest.raises(ValueError, match="k <= n"):
+        bare.top_pairs(1, 2)
 
 
 def test_gram_eig_without_the_cython_api_gives_the_same_factors(monkeypatch):
@@ -122,3 +135,32 @@ def test_gram_eig_without_the_cython_api_gives_the_same_factors(monkeypatch):
     for k in (3, 40):
         (B1, A1), (B2, A2) = eig_factors(delta, fast, k), eig_factors(delta, slow, k)
         torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=0, atol=1e-5 * float(delta.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(90, 40), (40, 90)])
+def test_gram_top_equals_gram_eig_cut_to_n(monkeypatch, shape):
+    """extract --rank's route (values from the vector solver, total from the trace) against the full one,
+    and both against a float64 numpy SVD; on the fallback route (no Cython API) too."""
+    import torch
+
+    from spectra.lowrank import eig_factors, gram_eig, gram_top
+
+    rng = np.random.default_rng(12)
+    delta = torch.from_numpy(rng.standard_normal(shape) @ np.diag(np.arange(1, 41) ** -0.7) if shape[1] == 40
+                             else np.diag(np.arange(1, 41) ** -0.7) @ rng.standard_normal(shape)).float()
+    ref = np.linalg.svd(delta.double().numpy(), compute_uv=False)
+    full = gram_eig(delta)
+    for route in ("lapack", "fallback"):
+        if route == "fallback":
+            monkeypatch.setattr(Tridiagonal, "available", staticmethod(lambda: False))
+        for n, k in ((5, 4), (11, 11), (40, 39), (40, 0)):
+            top = gram_top(delta, n, k)
+            assert top.S.shape == (n,)
+            np.testing.assert_allclose(top.S, ref[:n], rtol=1e-10, atol=1e-7 * ref[0])
+            np.testing.assert_allclose(top.S, full.S[:n], rtol=1e-10, atol=1e-7 * ref[0])
+            assert top.total == pytest.approx(float((ref**2).sum()), rel=1e-12)
+            if k:
+                (B1, A1), (B2, A2) = eig_factors(delta, top, k), eig_factors(delta, full, k)
+                torch.testing.assert_close(B1 @ A1, B2 @ A2, rtol=0, atol=1e-5 * float(delta.abs().max()))
+    with pytest.raises(ValueError, match="k <= n"):
+        gram_top(delta, 3, 4)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import spectra
 from spectra.config import DiffConfig
 from spectra.stream import CPU_COLLECT_BYTES, run_settings
-from spectra.threads import one_openmp_thread
+from spectra.threads import imap_one_blas_thread, map_one_blas_thread, one_openmp_thread
 
 
 def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_theirs():
@@ -36,6 +36,72 @@ def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_the
     assert seen["reader"] == 1
     assert torch.get_num_threads() == before  # the calling process's setting is untouched
     assert seen["other"] == before  # and threads started later get the process's count
+
+
+def test_compute_workers_are_kept_between_calls_and_run_on_one_thread_each():
+    """The compute threads outlive a call (a new thread's OpenMP setup cost 3-10 ms per batch); each runs
+    torch on one thread; results keep their order; at most `workers` run at once, even in a larger pool
+    kept from an earlier call; a worker that maps again computes in turn instead of waiting on itself."""
+    first = map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
+    again = map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
+    assert set(again) <= set(first) and threading.get_ident() not in first
+    assert map_one_blas_thread(lambda _: torch.get_num_threads(), range(2), workers=2) == [1, 1]
+    assert map_one_blas_thread(lambda x: x * x, range(50), workers=2) == [x * x for x in range(50)]
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def busy(_):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        threading.Event().wait(0.02)
+        with lock:
+            running[0] -= 1
+
+    map_one_blas_thread(busy, range(6), workers=3)  # grows the pool to three
+    peak[0] = 0
+    map_one_blas_thread(busy, range(6), workers=1)
+    assert peak[0] == 1
+    assert map_one_blas_thread(lambda x: map_one_blas_thread(lambda y: x * y, range(3)), range(3), workers=2) == \
+        [[x * y for y in range(3)] for x in range(3)]
+
+
+def test_a_stopped_compute_map_finishes_what_started_and_skips_the_rest():
+    started, done = [], []
+
+    def slow(x):
+        started.append(x)
+        threading.Event().wait(0.05)
+        done.append(x)
+        if x == 0:
+            raise ValueError("first fails")
+        return x
+
+    with pytest.raises(ValueError, match="first fails"):
+        list(imap_one_blas_thread(slow, range(20), workers=2))
+    assert sorted(done) == sorted(started) and len(started) < 20  # nothing left running, the rest never started
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_a_forked_child_gets_compute_workers_of_its_own():
+    import os
+
+    map_one_blas_thread(lambda x: x, range(2), workers=2)  # the parent's workers exist
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's threads are not here; a map must not wait on them
+        try:
+            os._exit(0 if map_one_blas_thread(lambda x: x + 1, range(4), workers=2) == [1, 2, 3, 4] else 1)
+        finally:
+            os._exit(2)
+    for _ in range(600):  # 30 s at most: a child waiting on threads it does not have would hang
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        threading.Event().wait(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's map hung")
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_cpu_defaults_read_a_batch_ahead_and_options_override_them():
