@@ -38,7 +38,8 @@ def energy_figure(doc: dict[str, Any]):
     ax1.legend(fontsize=8, loc="lower right")
     ax1.set_title(f"{doc.get('mode')} rule: {tot.get('params', 0):,} LoRA parameters "
                   f"({100 * tot.get('param_fraction', 0):.2f}% of the update's)", fontsize=10, parse_math=False)
-    ax2.bar(x, [m["rank"] for m in mods], width=0.9, label="extracted rank")
+    # one filled step outline, not one bar patch per module: a third of the figure's drawing time at 210 modules
+    ax2.stairs([m["rank"] for m in mods], np.arange(len(mods) + 1) - 0.5, fill=True, label="extracted rank")
     ax2.plot(x, [m["uniform_rank"] for m in mods], "-", color="tab:orange", lw=1, label="uniform rank")
     ax2.set_ylabel("rank r")
     ax2.legend(fontsize=8)
