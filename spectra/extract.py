@@ -47,6 +47,7 @@ from spectra.extract_plan import (
     ExtractConfig,
     RankPlan,
     Target,
+    final_ranks,
     plan_ranks,
     target_of,
     why_not_target,
@@ -325,7 +326,7 @@ class _Run:
         elif self.config.mode == "rank" or t.group:
             k = cap
         elif self.config.mode == "energy":
-            r = energy_rank_top(S, total, self.config.energy)
+            r = energy_rank_top(S, total, self.config.energy, t.p)
             k = cap if r is None else min(cap, round_up(r, levels))
         else:
             k = reach_above(np.asarray(S[:cap]) ** 2, t.cost, cutoff, levels)
@@ -357,7 +358,7 @@ def _randomized(run: _Run, i: int, delta: torch.Tensor) -> None:
         k = min(k, 64)
         while True:
             tr = randomized_triplets(delta, k, seed=config.seed)
-            if energy_rank_top(tr.S, tr.total, config.energy) is not None or k >= min(t.p, run.plan.caps[i]):
+            if energy_rank_top(tr.S, tr.total, config.energy, t.p) is not None or k >= min(t.p, run.plan.caps[i]):
                 break
             k = min(t.p, run.plan.caps[i], 2 * k)
     else:
@@ -447,57 +448,6 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
         run.add_factors(i, tr.B, tr.A)
 
 
-# ---- the allocation -------------------------------------------------------------------------------
-def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
-    """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
-    :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
-
-    Tied groups (per-expert matrices) take one rank: under ``energy`` the largest of their members'
-    ranks; under ``budget`` the group is one knapsack module whose k-th component costs the members'
-    summed ``out + in`` and gains their summed σ_k².
-    """
-    n = len(targets)
-    S = [np.asarray(spectra[i]["S"], dtype=np.float64) for i in range(n)]
-    total = [float(spectra[i]["total"]) for i in range(n)]
-    ranks = [0] * n
-    members = {i for g in plan.groups.values() for i in g}
-    if config.mode == "rank":
-        ranks = [plan.caps[i] if total[i] > 0 else 0 for i in range(n)]
-        return ranks, None
-    if config.mode == "energy":
-        for i in range(n):
-            r = energy_rank_top(S[i], total[i], config.energy)
-            ranks[i] = min(plan.caps[i], round_up(plan.caps[i] if r is None else r, plan.levels[i]))
-        for g in plan.groups.values():
-            cap = min(plan.caps[i] for i in g)
-            top = min(cap, max(ranks[i] for i in g))
-            for i in g:
-                ranks[i] = top if any(total[j] > 0 for j in g) else 0
-        return ranks, None
-    items, gains, costs, levels = [], [], [], []
-    for i in range(n):
-        if i not in members:
-            items.append([i])
-            gains.append(S[i][: plan.caps[i]] ** 2)
-            costs.append(targets[i].cost)
-            levels.append(plan.levels[i])
-    for g in plan.groups.values():
-        cap = min(plan.caps[i] for i in g)
-        summed = np.zeros(cap)
-        for i in g:
-            s = S[i][:cap] ** 2
-            summed[: s.size] += s
-        items.append(g)
-        gains.append(summed)
-        costs.append(sum(targets[i].cost for i in g))
-        levels.append([v for v in plan.levels[g[0]] if v <= cap])
-    alloc = allocate_budget(gains, costs, plan.budget, levels=levels)
-    for item, r in zip(items, alloc.ranks):
-        for i in item:
-            ranks[i] = r
-    return ranks, (alloc, items)
-
-
 # ---- the command ------------------------------------------------------------------------------------
 def _prepare_out(out: Path, resume: bool, force: bool) -> None:
     """Refuse a folder that holds anything unless resuming or forced; with ``force`` remove what a
@@ -515,6 +465,23 @@ def _prepare_out(out: Path, resume: bool, force: bool) -> None:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+
+
+def _refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
+    """An output folder that is an input's folder would be overwritten (``--force`` first deletes the
+    adapter files a run writes, which are an adapter input's own): refused before anything is touched."""
+    target = out.resolve()
+    for x in inputs:
+        where = Path(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else Path(x)
+        try:
+            where = where.resolve()
+        except OSError:
+            continue
+        folder = where if where.is_dir() else where.parent
+        if target == folder:
+            raise ConfigError(f"--out is the folder of the input {x.label if isinstance(x, Checkpoint) else x}: the run "
+                              "would overwrite (with --force: delete) its files", path=out,
+                              hint="choose another folder for --out: a resized adapter is written beside the one it comes from")
 
 
 def _out_dtype(config: ExtractConfig, stored: list[str]) -> torch.dtype:
@@ -559,12 +526,20 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     check_device_available(device)
     t0 = time.perf_counter()
     out = Path(out_dir)
+    _refuse_an_input_folder(out, base, tuned)
     _prepare_out(out, resume, force)
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     src = _open_source(base_ckpt, tuned, config)
     if not src.targets:
         raise ConfigError("no matrix to extract: the selection is empty", path=f"{base_ckpt.label} vs {src.label}",
                           hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)")
+    if src.kind == "lora" and config.mode == "rank":  # s·B·A has at most r nonzero singular values
+        low = min(src.targets, key=lambda t: src.mods[t.order].r)
+        r_low = src.mods[low.order].r
+        if min(config.rank, config.max_rank or config.rank) > r_low:
+            raise ConfigError(f"--rank {config.rank} is above the rank r = {r_low} of the adapter's {low.name}: its update "
+                              f"s·B·A has at most {r_low} nonzero singular values", path=src.label,
+                              hint=f"choose --rank <= {r_low} to resize the adapter down (--energy 1.0 keeps every module whole)")
     dtype = _out_dtype(config, [t.dtype for t in src.targets])
     plan = plan_ranks(src.targets, config, torch.empty(0, dtype=dtype).element_size())
     inputs = [base_ckpt] + ([src.tuned] if src.tuned is not None else [])
@@ -630,7 +605,7 @@ def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
 
 
 def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractConfig,
-                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
+                   not_lora: list[dict], dtype: torch.dtype) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
     ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
@@ -643,6 +618,7 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
     def tensors() -> Iterator[torch.Tensor]:
         for i, t, r in chosen:
             B, A = run.load(i, r)
+            _fits(t.name, B, A, dtype)
             # lora_bias is one flag for every adapted module: zeros where the bias did not change
             bias = (biases.get(t.module, torch.zeros(t.shape[0])) if biases else None)
             yield from (x for _, x in lora_tensors(LoraFactors(t.module, B, A, t.embedding, bias)))
@@ -660,9 +636,21 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
     return layout, tensors(), cfg
 
 
+def _fits(name: str, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse factors that the storage dtype cannot hold (float16 tops out at 65504: the factors of an
+    update with σ₁ above ~4e9 would be written as inf)."""
+    if not dtype.is_floating_point:
+        return
+    top = max(float(B.abs().max()) if B.numel() else 0.0, float(A.abs().max()) if A.numel() else 0.0)
+    if top > torch.finfo(dtype).max:
+        raise ConfigError(f"the LoRA factors of {name} reach {top:.3g}, beyond the largest {str(dtype).removeprefix('torch.')} "
+                          f"({torch.finfo(dtype).max:.3g}): they would be stored as inf",
+                          hint="write the adapter in float32: rerun with --dtype float32 --force")
+
+
 def _write(out: Path, src: _Source, run: _Run, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
            not_lora: list[dict], result: ExtractResult) -> None:
-    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora)
+    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora, dtype)
     files = write_adapter(out, layout, tensors, cfg, dtype)
     result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
                       "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
@@ -681,7 +669,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
                           hint="rerun with --force (the run keeps them when --eval is given from the start)")
-    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [])
+    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [], dtype)
     udir = out / f"uniform_r{uniform}"
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)

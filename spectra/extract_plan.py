@@ -19,9 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
-from spectra.lowrank import Budget, parse_budget, rank_levels, round_up
+from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
 
@@ -289,5 +291,55 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
     return RankPlan(levels, caps, groups, budget, uniform_bound)
 
 
-__all__ = ["EXPERTS_GROUP", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
+def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
+    """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
+    :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
+
+    Tied groups (per-expert matrices) take one rank: under ``energy`` the largest of their members'
+    ranks; under ``budget`` the group is one knapsack module whose k-th component costs the members'
+    summed ``out + in`` and gains their summed σ_k².
+    """
+    n = len(targets)
+    S = [np.asarray(spectra[i]["S"], dtype=np.float64) for i in range(n)]
+    total = [float(spectra[i]["total"]) for i in range(n)]
+    ranks = [0] * n
+    members = {i for g in plan.groups.values() for i in g}
+    if config.mode == "rank":
+        ranks = [plan.caps[i] if total[i] > 0 else 0 for i in range(n)]
+        return ranks, None
+    if config.mode == "energy":
+        for i in range(n):
+            r = energy_rank_top(S[i], total[i], config.energy, targets[i].p)
+            ranks[i] = min(plan.caps[i], round_up(plan.caps[i] if r is None else r, plan.levels[i]))
+        for g in plan.groups.values():
+            cap = min(plan.caps[i] for i in g)
+            top = min(cap, max(ranks[i] for i in g))
+            for i in g:
+                ranks[i] = top if any(total[j] > 0 for j in g) else 0
+        return ranks, None
+    items, gains, costs, levels = [], [], [], []
+    for i in range(n):
+        if i not in members:
+            items.append([i])
+            gains.append(S[i][: plan.caps[i]] ** 2)
+            costs.append(targets[i].cost)
+            levels.append(plan.levels[i])
+    for g in plan.groups.values():
+        cap = min(plan.caps[i] for i in g)
+        summed = np.zeros(cap)
+        for i in g:
+            s = S[i][:cap] ** 2
+            summed[: s.size] += s
+        items.append(g)
+        gains.append(summed)
+        costs.append(sum(targets[i].cost for i in g))
+        levels.append([v for v in plan.levels[g[0]] if v <= cap])
+    alloc = allocate_budget(gains, costs, plan.budget, levels=levels)
+    for item, r in zip(items, alloc.ranks):
+        for i in item:
+            ranks[i] = r
+    return ranks, (alloc, items)
+
+
+__all__ = ["EXPERTS_GROUP", "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "pair_target", "plan_ranks", "target_of", "why_not_target"]

@@ -223,7 +223,7 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "note": "; ".join(x for x in (t.note, spec.get("note") or "") if x),
     }
     if config.mode == "energy":
-        rec["energy_rank"] = energy_rank_top(S, total, config.energy)
+        rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
     return rec
 
 

@@ -468,6 +468,9 @@ def interfere(
         if rels and float(np.median(rels)) > 1.0:
             result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
                                    "base weights themselves: is it a fine-tune of this base?")
+        if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
+            result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
+                                   "interference to measure, and the totals hold the other tasks only")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:

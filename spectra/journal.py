@@ -84,6 +84,11 @@ def checkpoint_identity(ckpt: Checkpoint) -> list:
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 
 
+#: What ``spectra diff`` writes besides results.json/jsonl; removed when a new (not resumed) run starts.
+STALE_DIFF_FILES = ("results.csv", "diff_config.json", "rank_heatmap.png", "relnorm_heatmap.png", "alpha_base_tuned.png",
+                    "report.html")
+
+
 class Journal:
     """Journal each result to ``results.jsonl`` at once; fold into ``results.json`` periodically."""
 
@@ -127,6 +132,15 @@ class Journal:
                         f"Got {str(rec)[:80]!r} instead", path=self.journal,
                         hint="the journal was edited: run without --resume into a new folder")
         else:
+            # a new run replaces the folder's results: the files of an earlier diff that this run may not
+            # rewrite (its figures, its report) go, so none describes other inputs beside the new results.json
+            for name in STALE_DIFF_FILES:
+                stale = self.out_dir / name
+                if stale.is_file() and not stale.is_symlink():
+                    try:
+                        stale.unlink()
+                    except OSError as exc:
+                        raise output_error(stale, exc) from exc
             atomic_write_text(self.journal, "")
         result.save_json(self.out_dir / "results.json")
         self.last = time.monotonic()

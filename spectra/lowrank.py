@@ -33,6 +33,7 @@ import torch
 from spectra.engine import factored_svd, randomized_svd
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
+from spectra.metrics import numerical_rank
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
 #: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
@@ -132,10 +133,12 @@ def energy_kept(S: np.ndarray, total: float, r: int) -> float:
     return float(min(1.0, np.sum(top * top) / total))
 
 
-def energy_rank_top(S: np.ndarray, total: float, tau: float) -> int | None:
+def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = None) -> int | None:
     """Smallest k with ``Σ_{i≤k} σᵢ² ≥ τ·total`` from the top values ``S`` (descending) and the exact
     ``total``; 0 for a zero update; None when ``S`` is too short to reach it. With the whole spectrum
-    and ``total = Σσᵢ²`` this is :func:`spectra.metrics.energy_rank`.
+    and ``total = Σσᵢ²`` this is :func:`spectra.metrics.energy_rank`. At τ = 1 it is the numerical
+    rank (:func:`spectra.metrics.numerical_rank`); ``p``, the matrix's min(out, in), says whether ``S``
+    is the whole spectrum (None: it is).
 
     >>> energy_rank_top(np.array([3.0, 1.0, 1.0]), 11.0, 0.9), energy_rank_top(np.array([3.0]), 11.0, 0.9)
     (2, None)
@@ -144,6 +147,9 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float) -> int | None:
         raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
     if total <= 0:
         return 0
+    if tau == 1.0:  # the numerical rank (spectra.metrics.numerical_rank); unknown while S may go on above it
+        k = numerical_rank(S, p)
+        return k if k < len(S) or p is None or len(S) >= p else None
     cum = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
     k = int(np.searchsorted(cum, tau * total, side="left"))
     if k < cum.size:

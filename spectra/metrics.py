@@ -55,11 +55,29 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     if not 0.0 < tau <= 1.0:
         raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
     S = np.asarray(S, dtype=np.float64)
+    if tau == 1.0:
+        return numerical_rank(S)
     energy = np.cumsum(np.ldexp(S, -square_scale_exponent(S)) ** 2)  # ranks are scale-free
     if energy.size == 0 or energy[-1] == 0.0:
         return 0
     k = int(np.searchsorted(energy, tau * energy[-1], side="left")) + 1
     return min(k, energy.size)
+
+
+def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
+    """The energy rank at τ = 1: how many singular values stand above ``σ₁·√(p·ε)`` (ε = 2.2e-16, p =
+    ``len(S)`` unless given), the resolution of the exact float64 Gram route, below which a singular
+    value cannot be told from 0. (The cumulative-sum rule would stop wherever the σᵢ² too small to
+    change a float64 sum begin, a place set by rounding, not by the update.) 0 for a zero matrix.
+
+    >>> numerical_rank(np.array([3.0, 1.0, 1e-9])), numerical_rank(np.array([3.0, 1.0, 1e-6]))
+    (2, 3)
+    """
+    S = np.asarray(S, dtype=np.float64)
+    if S.size == 0 or not S.max() > 0:
+        return 0
+    tol = float(S.max()) * math.sqrt((p or S.size) * np.finfo(np.float64).eps)
+    return int(np.count_nonzero(tol < S))
 
 
 def stable_rank(S: np.ndarray) -> float:

@@ -166,6 +166,27 @@ def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
     return f"quantisation parameter ({kind}) of {weight}, which this checkpoint does not hold"
 
 
+def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], matched_b: set[str],
+               matched_t: set[str]) -> tuple[MatrixSpec, MatrixSpec] | None:
+    """A base that ties its output head to the input embedding stores no head, while a tuned copy saved
+    untied (``tie_word_embeddings: false``) stores both: the base's head *is* its embedding, so the tuned
+    head pairs with it. ``(base embedding spec, tuned head spec)``, or None when that is not the case
+    (the base stores a head, says it is untied, or has no single embedding of the head's shape)."""
+    heads = [tspecs[n] for n in tspecs if n not in matched_t and tspecs[n].role == "head"]
+    if len(heads) != 1 or any(sp.role == "head" for sp in bspecs.values()):
+        return None
+    if (base.config or {}).get("tie_word_embeddings") is False:
+        return None
+    embeds = [sp for sp in bspecs.values() if sp.role == "embed" and sp.layer is None]
+    if len(embeds) != 1 or embeds[0].name not in matched_b:  # the tuned side has the embedding too
+        return None
+    bi, ti = base.tensors[embeds[0].name], tuned.tensors[heads[0].name]
+    if oriented_shape(embeds[0], bi.shape) != oriented_shape(heads[0], ti.shape) or bi.dtype not in FLOAT_DTYPES \
+            or ti.dtype not in FLOAT_DTYPES:
+        return None
+    return embeds[0], heads[0]
+
+
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
     """Pair every matrix of ``tuned`` with its ``base`` counterpart.
 
@@ -237,6 +258,14 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
                (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales]
         note = "; ".join(x for x in (note, *deq) if x)
         result.pairs.append(MatrixPair(bs, ts, bi, ti, rows, note))
+    tied = _tied_head(base, tuned, bspecs, tspecs, matched_b, matched_t)
+    if tied is not None:
+        bs, ts = tied
+        matched_b.add(bs.name)
+        matched_t.add(ts.name)
+        result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
+                                       f"the base ties its output head to {bs.name} (it stores no {ts.name}): "
+                                       "the tuned head is compared with that embedding"))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
     if not result.pairs:

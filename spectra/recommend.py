@@ -63,7 +63,8 @@ def _part_rank(m: dict, tau: float) -> int:
     if key in ranks and ranks[key] is not None:
         return int(ranks[key])
     S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
-    r = energy_rank_top(S, float(m["fro_norm"]) ** 2, tau)
+    shape = m.get("shape")
+    r = energy_rank_top(S, float(m["fro_norm"]) ** 2, tau, min(shape) if isinstance(shape, list) and shape else None)
     if r is None:
         raise ConfigError(f"τ = {tau:g} is not among the results' thresholds ({', '.join(ranks) or 'none'}) and the "
                           f"{S.size} singular values kept for {m['name']} do not reach it",

@@ -607,5 +607,22 @@ def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_text(v) for k, v in r.items()} for r in rows)
     return buf.getvalue()
+
+
+#: First characters a spreadsheet reads as the start of a formula (OWASP, "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: Any) -> Any:
+    """A cell as written to a CSV file: text that a spreadsheet would evaluate as a formula (a tensor
+    name such as ``=HYPERLINK(...)``, read from an untrusted checkpoint) gets a leading ``'``, which
+    spreadsheets show as text; numbers and other text are unchanged.
+
+    >>> csv_text("=1+2"), csv_text("-2.weight"), csv_text(-2.5), csv_text("model.q_proj")
+    ("'=1+2", "'-2.weight", -2.5, 'model.q_proj')
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

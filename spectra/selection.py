@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spectra.config import parse_layers
+from spectra.errors import ConfigError
 from spectra.naming import MatrixSpec, Part
 from spectra.pairing import MatrixPair
 
@@ -40,24 +41,29 @@ def selector(include: str | None, exclude: str | None, layers: str | None) -> Ca
     exc = re.compile(exclude) if exclude else None
     layer_ok = parse_layers(layers) if layers else None
 
-    def keep(name: str, layer: int | None) -> bool:
+    def keep(name: str, layer: int | None, *others: str) -> bool:
+        """``others``: the same matrix's names on the other side (the base's, when its prefixes differ):
+        ``--include`` keeps it when any name matches, ``--exclude`` drops it when any does."""
         if layer_ok is not None and (layer is None or not layer_ok(layer)):
             return False  # outside the asked layers: not analysed, not worth a skipped entry
-        return not ((inc and not inc.search(name)) or (exc and exc.search(name)))
+        names = (name, *others)
+        return not ((inc and not any(inc.search(n) for n in names)) or (exc and any(exc.search(n) for n in names)))
 
     return keep
 
 
-def units_of(spec: MatrixSpec, keep: Callable[[str, int | None], bool], *, split_fused: bool = True,
-             expert: int | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
-    """``(result name, rows, module label)`` of each part of ``spec`` that ``keep`` keeps.
+def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool = True,
+             expert: int | None = None, other_name: str | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
+    """``(result name, rows, module label)`` of each part of ``spec`` that ``keep`` keeps (matched on
+    its name and, when given, on ``other_name``: the base's name of the same tensor).
 
     Experts of a stacked 3-D tensor are named ``<tensor>:e<k>``, parts ``<tensor>:q`` (docs/definitions.md).
     """
     out = []
     for part in (spec.parts if split_fused else (Part(""),)):
-        name = spec.name + (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
-        if keep(name, spec.layer):
+        suffix = (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
+        name = spec.name + suffix
+        if keep(name, spec.layer, *((other_name + suffix,) if other_name and other_name != spec.name else ())):
             out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
     return out
 
@@ -75,11 +81,18 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
         out_dim, in_dim = pair.out_in
         task = Task(pair)
         for e in (range(pair.tuned_info.shape[0]) if stacked else [None]):
-            for name, rows, module in units_of(spec, keep, split_fused=split_fused, expert=e):
+            for name, rows, module in units_of(spec, keep, split_fused=split_fused, expert=e, other_name=pair.base.name):
                 shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
                 task.units.append(Unit(order, name, e if stacked else spec.expert, rows, module, shape))
                 order += 1
         if task.units:
             tasks.append(task)
+    if pairs and not tasks and (include or exclude or layers):
+        given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
+        first = pairs[0]
+        names = first.tuned.name + (f" (base: {first.base.name})" if first.base.name != first.tuned.name else "")
+        raise ConfigError(f"no matrix is left by {given}: none of the {len(pairs)} paired matrices matches (names look "
+                          f"like {names})", hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude "
+                          "are regular expressions searched in the tuned and the base name")
     tasks.sort(key=lambda t: (t.units[0].shape, t.units[0].order))
     return tasks

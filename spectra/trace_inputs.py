@@ -147,12 +147,15 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     if found:
         run = str(single)
         histories.append(_train_log(single))
+        # the newest checkpoint without trainer_state.json is taken for one still being saved only when its
+        # elder ones have theirs (a folder of copied model files has none anywhere: nothing is being saved)
+        elders_have_state = any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
             state, why = _read_state(folder)
             note = ""
             if state is None:
-                if newest:
+                if newest and elders_have_state:
                     skipped.append({"path": str(folder), "reason": f"{why}: the Trainer writes it last, so this newest "
                                                                    "checkpoint is probably still being saved; trace it later"})
                     continue

@@ -42,9 +42,14 @@ def test_compute_workers_are_kept_between_calls_and_run_on_one_thread_each():
     """The compute threads outlive a call (a new thread's OpenMP setup cost 3-10 ms per batch); each runs
     torch on one thread; results keep their order; at most `workers` run at once, even in a larger pool
     kept from an earlier call; a worker that maps again computes in turn instead of waiting on itself."""
-    first = map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
-    again = map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
-    assert set(again) <= set(first) and threading.get_ident() not in first
+    def pool_threads() -> set[int]:
+        return {t.ident for t in threading.enumerate() if t.name.startswith("spectra-eig")}
+
+    map_one_blas_thread(lambda _: threading.Event().wait(0.01), range(4), workers=2)  # the pool exists now
+    before = pool_threads()
+    seen = map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
+    seen += map_one_blas_thread(lambda _: threading.get_ident(), range(4), workers=2)
+    assert pool_threads() == before and set(seen) <= before and threading.get_ident() not in seen
     assert map_one_blas_thread(lambda _: torch.get_num_threads(), range(2), workers=2) == [1, 1]
     assert map_one_blas_thread(lambda x: x * x, range(50), workers=2) == [x * x for x in range(50)]
     running, peak, lock = [0], [0], threading.Lock()

@@ -485,6 +485,12 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
         raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
                                     path=weights, tensor=module)
     r, alpha = rank_alpha
+    if r != A.shape[0] and config.target_parameters:  # per-parameter LoRA: r × experts rows
+        raise CheckpointFormatError(
+            f"{module} is adapted through PEFT's target_parameters ({', '.join(config.target_parameters)}): one LoRA per "
+            "parameter of a stacked tensor (MoE experts, r × experts rows), which spectra does not read",
+            path=folder, tensor=module,
+            hint="merge the adapter (merge_and_unload) and diff the merged model against the base")
     if r != A.shape[0]:
         raise CheckpointFormatError(
             f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",
