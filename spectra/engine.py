@@ -591,6 +591,15 @@ def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: floa
     """
     if total <= 0:
         return ApproxRank(0, 0, 0)
+    if tau == 1.0 and len(top):
+        # the numerical rank (spectra.metrics.numerical_rank): values above σ₁·√(p·ε). σ̂ᵢ <= σᵢ and
+        # σᵢ² <= σ̂ᵢ² + ‖R‖_F², so the sketch's values bound how many are above it from both sides
+        S2 = np.asarray(top, dtype=np.float64) ** 2
+        tol2 = float(S2[0]) * p * float(np.finfo(np.float64).eps)
+        lo = int(np.count_nonzero(tol2 < S2))
+        upper = int(np.count_nonzero(tol2 < S2 + max(residual, 0.0)))
+        hi = upper if upper < S2.size or residual <= tol2 else p
+        return ApproxRank(int(math.ceil((lo + hi) / 2)), lo, max(lo, hi))
     L = np.cumsum(np.asarray(top, dtype=np.float64) ** 2)
     target = tau * total
     lo_idx = int(np.searchsorted(L + max(residual, 0.0), target, side="left"))

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spectra.config import DiffConfig
-from spectra.errors import ConfigError, ResultsFormatError, output_error
+from spectra.errors import ConfigError, ResultsFormatError, SpectraError, output_error
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import OutputLock, atomic_write_text
 from spectra.io.jsonfile import finite_or_null, load_json, load_jsonl
@@ -89,6 +89,21 @@ STALE_DIFF_FILES = ("results.csv", "diff_config.json", "rank_heatmap.png", "reln
                     "report.html")
 
 
+def _holds_a_diff(folder: Path) -> bool:
+    """Whether ``folder/results.json`` is a ``spectra diff`` result (its schema), so that the other files
+    named as a diff's outputs there are that run's."""
+    from spectra.results import SCHEMA
+
+    f = folder / "results.json"
+    if not f.is_file():
+        return False
+    try:
+        doc = load_json(f, what="results.json", error=ResultsFormatError, lone_surrogates=True)
+    except (SpectraError, OSError):  # unreadable: not known to be a diff's
+        return False
+    return isinstance(doc, dict) and doc.get("schema") == SCHEMA
+
+
 class Journal:
     """Journal each result to ``results.jsonl`` at once; fold into ``results.json`` periodically."""
 
@@ -132,9 +147,10 @@ class Journal:
                         f"Got {str(rec)[:80]!r} instead", path=self.journal,
                         hint="the journal was edited: run without --resume into a new folder")
         else:
-            # a new run replaces the folder's results: the files of an earlier diff that this run may not
-            # rewrite (its figures, its report) go, so none describes other inputs beside the new results.json
-            for name in STALE_DIFF_FILES:
+            # a new run replaces the folder's results: when the folder holds an earlier diff, its files that
+            # this run may not rewrite (figures, report) go, so none describes other inputs beside the new
+            # results.json; a folder without one keeps every file (they are not a diff's)
+            for name in STALE_DIFF_FILES if _holds_a_diff(self.out_dir) else ():
                 stale = self.out_dir / name
                 if stale.is_file() and not stale.is_symlink():
                     try:

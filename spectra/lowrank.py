@@ -387,7 +387,7 @@ class GramEig:
 
     Attributes:
         S: all p singular values, descending, float64 numpy (:func:`gram_top`: the top n only).
-        total: ``‖ΔW‖²_F`` as ``Σσᵢ²`` (float64).
+        total: ``‖ΔW‖²_F`` as ``Σσᵢ²`` (float64; :func:`gram_top`: the Gram matrix's trace, equal up to rounding).
         Q: ``(p, p)`` float64 eigenvectors, columns in the order of S (left singular vectors when
             out ≤ in, ``G = ΔWΔWᵀ``, else right ones, ``G = ΔWᵀΔW``); None when ``tri`` holds the
             reduced Gram matrix instead, whose top vectors :meth:`top` computes on request.

@@ -44,7 +44,9 @@ def fro_norm_of(S: np.ndarray) -> float:
 
 
 def energy_rank(S: np.ndarray, tau: float) -> int:
-    """Smallest k with ``Σ_{i<=k} σᵢ² >= τ · Σ σᵢ²``; 0 for a zero matrix.
+    """Smallest k with ``Σ_{i<=k} σᵢ² >= τ · Σ σᵢ²``; 0 for a zero matrix. At τ = 1 the numerical rank
+    (:func:`numerical_rank`): the rule would count values too small to change a float64 sum, or not,
+    as rounding decides (so the rank at τ = 1 can be below that at τ = 1 − 1e-13).
 
     This is Biderman et al. 2024's "rank needed to explain τ of the spectrum" (Fig. 6): uncentred,
     on σ², like PCA's explained variance. The cumulative sum runs in float64.

@@ -187,8 +187,12 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     return embeds[0], heads[0]
 
 
-def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
+def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = False) -> Pairing:
     """Pair every matrix of ``tuned`` with its ``base`` counterpart.
+
+    With ``tied_head``, a tuned output head that a tied base does not store pairs with the base's
+    embedding (:func:`_tied_head`); only for callers that key their pairs by the tuned name (diff,
+    extract): that pair's base name is the embedding's, which the embedding's own pair also has.
 
     Raises:
         PairingError: not a single matrix pairs (different architectures, or unrelated files).
@@ -258,7 +262,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint) -> Pairing:
                (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales]
         note = "; ".join(x for x in (note, *deq) if x)
         result.pairs.append(MatrixPair(bs, ts, bi, ti, rows, note))
-    tied = _tied_head(base, tuned, bspecs, tspecs, matched_b, matched_t)
+    tied = _tied_head(base, tuned, bspecs, tspecs, matched_b, matched_t) if tied_head else None
     if tied is not None:
         bs, ts = tied
         matched_b.add(bs.name)

@@ -237,7 +237,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     segments of equal cost (:class:`spectra.distributed.Exchanger`), collecting the others' between
     batches; every rank returns the whole result, and only rank 0 has a ``writer``.
     """
-    pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
+    pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)
     planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     order = {u.name: u.order for t in planned for u in t.units}
     result = DiffResult(

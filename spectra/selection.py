@@ -81,7 +81,8 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
         out_dim, in_dim = pair.out_in
         task = Task(pair)
         for e in (range(pair.tuned_info.shape[0]) if stacked else [None]):
-            for name, rows, module in units_of(spec, keep, split_fused=split_fused, expert=e, other_name=pair.base.name):
+            for name, rows, module in units_of(spec, keep, split_fused=split_fused, expert=e,
+                                               other_name=pair.base.name if pair.base.role == spec.role else None):
                 shape = (int(rows.numel()) if rows is not None else int(out_dim), int(in_dim))
                 task.units.append(Unit(order, name, e if stacked else spec.expert, rows, module, shape))
                 order += 1

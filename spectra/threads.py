@@ -9,10 +9,12 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import numpy  # noqa: F401 - both OpenBLAS libraries are loaded before threadpoolctl first looks
@@ -55,29 +57,31 @@ def one_openmp_thread() -> None:
     _openmp_controller().limit(limits=1)
 
 
+#: Upper bound of the kept compute threads; they are made on demand (ThreadPoolExecutor starts a
+#: thread only when no idle one can take a task), so a run holds about as many as it asks for.
+_MAX_THREADS = 64
+
+
 class _Workers:
-    """The compute threads, kept for the life of the process and grown on demand.
+    """The compute threads, kept for the life of the process.
 
     Why kept: a new thread's first OpenMP call (its one-thread setting) costs 3-10 ms on the
     project's CPU; a pool made per batch paid it for every worker of every batch (~1 s of a
-    135M-layout extract). The threads are idle between calls. A forked child starts with none
-    (``os.register_at_fork``). A worker that itself maps (nested use) computes its items in turn
-    rather than queueing behind itself.
+    135M-layout extract). One executor, never replaced, so callers on different threads share it
+    safely; each caller keeps at most its ``workers`` tasks in flight (:func:`imap_one_blas_thread`).
+    A forked child starts with none (``os.register_at_fork``). A worker that itself maps (nested
+    use) computes its items in turn rather than queueing behind itself.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._size = 0
         self._local = threading.local()
 
-    def executor(self, workers: int) -> ThreadPoolExecutor:
+    def executor(self) -> ThreadPoolExecutor:
         with self._lock:
-            if self._pool is None or self._size < workers:
-                old, self._size = self._pool, workers
-                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="spectra-eig", initializer=self._init)
-                if old is not None:
-                    old.shutdown(wait=False)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="spectra-eig", initializer=self._init)
             return self._pool
 
     def _init(self) -> None:
@@ -89,7 +93,7 @@ class _Workers:
 
     def forget(self) -> None:  # in a forked child: the parent's threads do not exist there
         self._lock = threading.Lock()
-        self._pool, self._size = None, 0
+        self._pool = None
 
 
 _WORKERS = _Workers()
@@ -105,8 +109,10 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: i
     thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
     The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it holds until the
     iterator is exhausted or closed, then is restored. ``workers`` None: ``torch.get_num_threads()``.
-    The threads are the process's compute workers (:class:`_Workers`), kept between calls; at most
-    ``workers`` items run at once. The first exception is raised where its result would have come.
+    The threads are the process's compute workers (:class:`_Workers`), kept between calls; the caller
+    submits the next item as each result is taken, so at most ``workers`` run at once and an early
+    stop (the first exception, a closed iterator) leaves the rest unstarted. The first exception is
+    raised where its result would have come.
     """
     items = list(items)
     workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
@@ -116,21 +122,24 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: i
         if _WORKERS.inside():
             yield from map(fn, items)
             return
-        pool = _WORKERS.executor(workers)
-        window = threading.BoundedSemaphore(workers)  # a larger pool kept from an earlier call runs only `workers` at once
+        pool = _WORKERS.executor()
+        todo = iter(items)
+        running: deque[Future[_R]] = deque()
 
-        def one(x: _T) -> _R:
-            with window:
-                return fn(x)
+        def top_up() -> None:
+            for x in itertools.islice(todo, workers - len(running)):
+                running.append(pool.submit(fn, x))
 
-        futures = [pool.submit(one, x) for x in items]
+        top_up()
         try:
-            for f in futures:
-                yield f.result()
-        finally:  # stopped early (an error, a closed iterator): drop what has not started, finish the rest
-            for f in futures:
+            while running:
+                result = running.popleft().result()
+                top_up()  # the next item starts before this result is handed over
+                yield result
+        finally:  # stopped early (an error, a closed iterator): finish what started; the rest never starts
+            for f in running:
                 f.cancel()
-            wait(futures)
+            wait(running)
 
 
 def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:

@@ -149,7 +149,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         histories.append(_train_log(single))
         # the newest checkpoint without trainer_state.json is taken for one still being saved only when its
         # elder ones have theirs (a folder of copied model files has none anywhere: nothing is being saved)
-        elders_have_state = any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
+        elders_have_state = len(found) == 1 or any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
             state, why = _read_state(folder)

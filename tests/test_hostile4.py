@@ -68,9 +68,17 @@ def test_extract_refuses_to_write_into_the_adapter_it_reads(llama, tmp_path, thr
     assert res.exit_code != 0 and "--out is the folder of the input" in res.output
     assert "Traceback" not in res.output
     assert sorted(p.name for p in ad.iterdir()) == before  # nothing deleted
+    # the adapter folder given as a model folder's parent-free path, through the library too
     with pytest.raises(ConfigError, match="folder of the input"):
-        extract(str(root / "base"), str(root / "tuned"), root / "tuned", config=ExtractConfig(rank=1), force=True)
-    assert (root / "tuned" / "model.safetensors").is_file()
+        extract(str(root / "base"), str(ad), ad, config=ExtractConfig(rank=1), resume=True)
+    assert sorted(p.name for p in ad.iterdir()) == before
+    # a single-file input beside --out is not touched by the run (nothing of it has an output's name): allowed
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(root / "tuned" / "model.safetensors", single / "tuned.safetensors")
+    res = extract(str(root / "base"), str(single / "tuned.safetensors"), single, config=ExtractConfig(rank=1), force=True,
+                  plots=False)
+    assert res.complete and (single / "tuned.safetensors").is_file() and (single / "adapter_model.safetensors").is_file()
 
 
 # ---- 4. --rank above an adapter's rank: one line, before any work -------------------------------------
@@ -121,6 +129,18 @@ def test_energy_rank_at_tau_one_is_the_numerical_rank(rng):
     assert energy_rank(np.linalg.svd(rng.standard_normal((20, 30)), compute_uv=False), 1.0) == 20
 
 
+def test_the_approximate_route_bounds_the_numerical_rank_at_tau_one():
+    from spectra.engine import energy_rank_bounds
+
+    S = 10.0 ** (-np.arange(300) / 10)  # values down to 1e-30: the numerical rank is where they pass σ₁·√(p·ε)
+    exact = numerical_rank(S)
+    assert 0 < exact < 300
+    r = energy_rank_bounds(S[:120], float((S**2).sum()), float((S[120:] ** 2).sum()), 1.0, 300)
+    assert r.lo <= exact <= r.hi and r.lo == exact  # the sketch resolved values below the tolerance
+    short = energy_rank_bounds(S[:20], float((S**2).sum()), float((S[20:] ** 2).sum()), 1.0, 300)
+    assert short.lo <= exact <= short.hi  # the sketch ends above it: bounded, not claimed exact
+
+
 def test_diff_and_extract_agree_at_tau_one(llama, tmp_path):
     root, sd, tuned = llama
     res = CliRunner().invoke(main, ["diff", str(root / "base"), str(root / "tuned"), "-t", "1.0", "--out", str(tmp_path / "d"),
@@ -146,6 +166,12 @@ def test_a_new_diff_removes_the_earlier_runs_figures_and_report(llama, tmp_path)
     assert res.exit_code == 0, res.output
     assert not (out / "report.html").exists() and not (out / "rank_heatmap.png").exists()
     assert json.loads((out / "results.json").read_text())["tuned"].endswith("adapter")
+    # a folder that holds no earlier diff keeps its files, whatever their names
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.html").write_text("my notes")
+    assert CliRunner().invoke(main, ["diff", str(root / "base"), str(root / "tuned"), "--out", str(mine), "--no-plots"]).exit_code == 0
+    assert (mine / "report.html").read_text() == "my notes"
 
 
 # ---- 8. names that a spreadsheet would run as formulas ----------------------------------------------
@@ -184,10 +210,9 @@ def test_a_target_parameters_adapter_is_refused_by_name(tmp_path):
     pm.save_pretrained(tmp_path / "tp")
     from spectra.io.adapter import open_adapter
 
-    try:
+    with pytest.raises(CheckpointFormatError, match="target_parameters") as info:
         open_adapter(tmp_path / "tp")
-    except CheckpointFormatError as exc:
-        assert "target_parameters" in exc.message and "edited" not in exc.message
+    assert "edited" not in info.value.message
     res = CliRunner().invoke(main, ["diff", str(tmp_path / "base"), str(tmp_path / "tp")])
     assert "Traceback" not in res.output and "edited" not in res.output
 
@@ -209,17 +234,29 @@ def test_a_selection_that_matches_nothing_is_an_error_naming_the_filter(llama, t
 
 
 # ---- 2. a tied base against an untied tuned head -----------------------------------------------------
-def test_an_untied_tuned_head_pairs_with_the_tied_bases_embedding(tmp_path):
+def _tied_pair(root: Path, seed: int = 1, names: tuple[str, ...] = ("tuned",)) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A tied tiny Llama base (no lm_head stored) and untied tuned copies whose head and embedding both
+    moved; name -> (head update, embedding update)."""
     torch.manual_seed(0)
     c = transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 1, "tie_word_embeddings": True})
     m = transformers.LlamaForCausalLM(c)
-    m.save_pretrained(tmp_path / "base")
-    assert "lm_head.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    update = 0.05 * torch.randn(64, 1, generator=g) @ torch.randn(1, 32, generator=g)
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + update
-    _save(tmp_path / "tuned", sd, {**c.to_dict(), "tie_word_embeddings": False})
+    m.save_pretrained(root / "base")
+    assert "lm_head.weight" not in load_file(str(root / "base" / "model.safetensors"))
+    out = {}
+    for j, name in enumerate(names):
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        g = torch.Generator().manual_seed(seed + j)
+        head = 0.05 * torch.randn(64, 1, generator=g) @ torch.randn(1, 32, generator=g)
+        emb = 0.01 * torch.randn(64, 2, generator=g) @ torch.randn(2, 32, generator=g)
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + head
+        sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] + emb
+        _save(root / name, sd, {**c.to_dict(), "tie_word_embeddings": False})
+        out[name] = (head, emb)
+    return out
+
+
+def test_an_untied_tuned_head_pairs_with_the_tied_bases_embedding(tmp_path):
+    update, emb = _tied_pair(tmp_path)["tuned"]
     res = CliRunner().invoke(main, ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(tmp_path / "d"),
                                     "--no-plots"])
     assert res.exit_code == 0, res.output
@@ -229,6 +266,30 @@ def test_an_untied_tuned_head_pairs_with_the_tied_bases_embedding(tmp_path):
     assert head["fro_norm"] == pytest.approx(float(np.linalg.norm(s)), rel=1e-6)
     assert head["energy_rank"]["0.9"] == 1 and "ties its output head" in head["note"]
     assert "lm_head.weight" not in doc["unmatched"]["tuned_only"]
+    embed = next(m for m in doc["modules"] if m["name"] == "model.embed_tokens.weight")
+    assert embed["fro_norm"] == pytest.approx(float(torch.linalg.matrix_norm(emb.double())), rel=1e-6)
+    # --exclude on the embedding's name leaves the head (its base name is the embedding's, not its own)
+    res = CliRunner().invoke(main, ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--exclude", "embed_tokens",
+                                    "--out", str(tmp_path / "x"), "--no-plots"])
+    assert res.exit_code == 0, res.output
+    names = {m["name"] for m in json.loads((tmp_path / "x" / "results.json").read_text())["modules"]}
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" not in names
+
+
+def test_commands_keyed_by_base_name_keep_the_embedding_of_a_tied_base(tmp_path):
+    """compare, interfere and trace match modules across inputs by the base name: the tied head's pair
+    (whose base name is the embedding's) must not replace the embedding's own."""
+    from spectra.comparison import compare
+    from spectra.interfere import interfere
+
+    ups = _tied_pair(tmp_path, names=("a", "b"))
+    fro = {n: float(torch.linalg.matrix_norm(e.double())) for n, (_, e) in ups.items()}
+    inter = interfere(str(tmp_path / "base"), [str(tmp_path / "a"), str(tmp_path / "b")], plots=False)
+    emb = next(m for m in inter.modules if m["name"] == "model.embed_tokens.weight")
+    assert emb["fro"] == pytest.approx([fro["a"], fro["b"]], rel=1e-6)
+    cmp = compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False)
+    rec = next(m for m in cmp.modules if m.name == "model.embed_tokens.weight")
+    assert rec.fro_a == pytest.approx(fro["a"], rel=1e-6) and rec.fro_b == pytest.approx(fro["b"], rel=1e-6)
 
 
 # ---- minor: trace of copied checkpoints, task_type of ...LMHeadModel --------------------------------
@@ -251,6 +312,7 @@ def test_task_type_of_an_lm_head_model_is_causal_lm():
     from spectra.io.peft_writer import task_type_for
 
     assert task_type_for({"architectures": ["GPT2LMHeadModel"]}) == "CAUSAL_LM"
+    assert task_type_for({"architectures": ["T5WithLMHeadModel"]}) == "SEQ_2_SEQ_LM"  # the legacy T5 name
     assert task_type_for({"architectures": ["GPT2Model"]}) == "FEATURE_EXTRACTION"
 
 

@@ -38,7 +38,7 @@ _PREFIX = "base_model.model."
 TASK_TYPES: tuple[tuple[str, str], ...] = (
     ("ForCausalLM", "CAUSAL_LM"), ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
     ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"), ("LMHeadModel", "CAUSAL_LM"), ("Model", "FEATURE_EXTRACTION"),
+    ("ForQuestionAnswering", "QUESTION_ANS"), ("WithLMHeadModel", "SEQ_2_SEQ_LM"), ("LMHeadModel", "CAUSAL_LM"), ("Model", "FEATURE_EXTRACTION"),
 )
 
 
