@@ -581,7 +581,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         raise ConfigError(f"none of the {len(src.targets)} chosen matrices can be extracted: "
                           f"{run.spectra[0]['note']} ({src.targets[0].name}){' and others' if len(src.targets) > 1 else ''}",
                           path=f"{base_ckpt.label} vs {src.label}", hint="spectra diff lists the reason of each matrix")
-    for i in usable:  # |entries of B = U√σ and A = √σVᵀ| <= √σ₁: refused before anything is written
+    # every entry of B = U√σ and A = √σVᵀ (orthonormal U, V) is at most √σ₁: a module whose √σ₁ exceeds
+    # the storage dtype's range (fp16: 65504) is refused before anything is written, never stored as inf
+    for i in usable:
         S = run.spectra[i]["S"]
         if ranks[i] and S and dtype.is_floating_point and math.sqrt(float(S[0])) > torch.finfo(dtype).max:
             raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {math.sqrt(float(S[0])):.3g}, beyond "
@@ -622,7 +624,7 @@ def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
 
 
 def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractConfig,
-                   not_lora: list[dict], dtype: torch.dtype) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
+                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
     ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
@@ -635,7 +637,6 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
     def tensors() -> Iterator[torch.Tensor]:
         for i, t, r in chosen:
             B, A = run.load(i, r)
-            _fits(t.name, B, A, dtype)
             # lora_bias is one flag for every adapted module: zeros where the bias did not change
             bias = (biases.get(t.module, torch.zeros(t.shape[0])) if biases else None)
             yield from (x for _, x in lora_tensors(LoraFactors(t.module, B, A, t.embedding, bias)))
@@ -653,21 +654,9 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
     return layout, tensors(), cfg
 
 
-def _fits(name: str, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
-    """Refuse factors that the storage dtype cannot hold (float16 tops out at 65504: the factors of an
-    update with σ₁ above ~4e9 would be written as inf)."""
-    if not dtype.is_floating_point:
-        return
-    top = max(float(B.abs().max()) if B.numel() else 0.0, float(A.abs().max()) if A.numel() else 0.0)
-    if top > torch.finfo(dtype).max:
-        raise ConfigError(f"the LoRA factors of {name} reach {top:.3g}, beyond the largest {str(dtype).removeprefix('torch.')} "
-                          f"({torch.finfo(dtype).max:.3g}): they would be stored as inf",
-                          hint="write the adapter in float32: rerun with --dtype float32 --force")
-
-
 def _write(out: Path, src: _Source, run: _Run, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
            not_lora: list[dict], result: ExtractResult) -> None:
-    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora, dtype)
+    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora)
     files = write_adapter(out, layout, tensors, cfg, dtype)
     result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
                       "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
@@ -686,7 +675,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
                           hint="rerun with --force (the run keeps them when --eval is given from the start)")
-    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [], dtype)
+    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [])
     udir = out / f"uniform_r{uniform}"
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)
