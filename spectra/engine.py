@@ -52,7 +52,7 @@ from spectra.linalg import (
     resolve_device,
     trace_and_fro,
 )
-from spectra.metrics import DEFAULT_THRESHOLDS
+from spectra.metrics import DEFAULT_THRESHOLDS, rank_resolution
 from spectra.threads import map_one_blas_thread
 
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
@@ -595,7 +595,7 @@ def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: floa
         # the numerical rank (spectra.metrics.numerical_rank): values above σ₁·√(p·ε). σ̂ᵢ <= σᵢ and
         # σᵢ² <= σ̂ᵢ² + ‖R‖_F², so the sketch's values bound how many are above it from both sides
         S2 = np.asarray(top, dtype=np.float64) ** 2
-        tol2 = float(S2[0]) * p * float(np.finfo(np.float64).eps)
+        tol2 = rank_resolution(math.sqrt(float(S2[0])), p) ** 2
         lo = int(np.count_nonzero(tol2 < S2))
         upper = int(np.count_nonzero(tol2 < S2 + max(residual, 0.0)))
         hi = upper if upper < S2.size or residual <= tol2 else p

@@ -66,6 +66,12 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     return min(k, energy.size)
 
 
+def rank_resolution(sigma_max: float, p: int) -> float:
+    """``σ₁·√(p·ε)`` (ε = 2.2e-16): the smallest singular value the exact float64 Gram route tells from 0
+    in a matrix of ``p = min(out, in)`` whose largest is ``sigma_max``; the threshold of :func:`numerical_rank`."""
+    return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
+
+
 def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     """The energy rank at τ = 1: how many singular values stand above ``σ₁·√(p·ε)`` (ε = 2.2e-16, p =
     ``len(S)`` unless given), the resolution of the exact float64 Gram route, below which a singular
@@ -78,8 +84,7 @@ def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     S = np.asarray(S, dtype=np.float64)
     if S.size == 0 or not S.max() > 0:
         return 0
-    tol = float(S.max()) * math.sqrt((p or S.size) * np.finfo(np.float64).eps)
-    return int(np.count_nonzero(tol < S))
+    return int(np.count_nonzero(rank_resolution(float(S.max()), p or S.size) < S))
 
 
 def stable_rank(S: np.ndarray) -> float:
