@@ -12,7 +12,7 @@ from other processes hits them alike), medians of ``--repeats``:
   scipy's wrappers hold the GIL, so its "parallel" rows run one matrix at a time;
 - eigenpairs (float64): all of them (``numpy.linalg.eigh``), and the top 64 by LAPACK ``syevr``
   through scipy's Python wrapper (``scipy.linalg.eigh(subset_by_index=...)``, GIL held) and through
-  :func:`spectra.lapack.top_eigh_upper` (the same routine, GIL released), serial and parallel;
+  :func:`spectra.lapack.top_eigh_upper` (the same steps, GIL released), serial and parallel;
 - the Gram product of an ``(p, 3p)`` float32 matrix: ``spectra.linalg.gram`` (torch, upcast then
   ``X Xᵀ``), ``spectra.linalg.gram_upper`` (numpy, ``syrk``) and scipy's ``syrk`` wrapper, float64
   and float32, serial and parallel as above.

@@ -56,9 +56,9 @@ _PEAK_WRAPPER = (
     "atexit.register(_peak)\n"
     "mod, prog = sys.argv[1], sys.argv[2]\n"
     "sys.argv = [prog] + sys.argv[3:]\n"
-    "if mod == 'spectra_cli.extract':\n"
-    "    from spectra_cli.extract import extract_cmd\n"
-    "    extract_cmd(prog_name='spectra extract')\n"
+    "if mod == 'spectra_cli.main':  # the `spectra` console script itself\n"
+    "    from spectra_cli.main import run\n"
+    "    run()\n"
     "else:\n"
     "    runpy.run_module(mod, run_name='__main__')\n"
 )
@@ -147,7 +147,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"# extract on {machine()} in {work}", flush=True)
     base, tuned = (work / "base", work / "tuned") if (work / "tuned" / "model.safetensors").is_file() else generate(work, args.layers)
-    spectra_cmd = [sys.executable, "-c", _PEAK_WRAPPER, "spectra_cli.extract", "spectra extract", str(base), str(tuned),
+    spectra_cmd = [sys.executable, "-c", _PEAK_WRAPPER, "spectra_cli.main", "spectra", "extract", str(base), str(tuned),
                    "--no-plots", "--force"]
     mk_python = None
     if args.mergekit and Path(args.mergekit).is_file():

@@ -42,6 +42,9 @@ from spectra_cli.console import progress_bar, stderr, stdout
               help="one-pass: one read and one decomposition per matrix; two-pass: spectra first, then the vectors.")
 @click.option("--approx-above", type=click.IntRange(min=0), default=16384, show_default=True,
               help="Randomized SVD (certified residual) for matrices with min(out, in) above this; 0: never.")
+@click.option("--precision", type=click.Choice(["mixed", "float64"]), default="mixed", show_default=True,
+              help="--rank on the CPU: mixed finds each subspace in float32 and computes values and factors on it in "
+                   "float64 (energies as float64's to ~1e-8 of ‖ΔW‖²); float64: exact float64 vectors throughout.")
 @click.option("--task-type", default="auto", show_default=True, help="PEFT task_type of the adapter (auto: from config.json).")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="A text file: held-out loss of base, tuned, base + adapter and base + a uniform adapter of the same size.")
@@ -53,7 +56,7 @@ from spectra_cli.console import progress_bar, stderr, stdout
 @click.option("--json", "as_json", is_flag=True, help="Print extract.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write extract.png and extract_ranks.png.")
 def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, dtype, rslora, embeddings, save_modules,
-                include, exclude, layers, device, strategy, approx_above, task_type, eval_text, eval_seq_len, eval_blocks,
+                include, exclude, layers, device, strategy, approx_above, precision, task_type, eval_text, eval_seq_len, eval_blocks,
                 batch_memory, resume, force, as_json, no_plots) -> None:
     """Extract a PEFT LoRA adapter from TUNED − BASE that keeps the most of the update.
 
@@ -66,7 +69,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
 
     config = ExtractConfig(rank=rank, energy=energy, budget=budget, max_rank=max_rank, serving=serving, dtype=dtype,
                            rslora=rslora, embeddings=embeddings, save_modules=save_modules, include=include, exclude=exclude,
-                           layers=layers, device=device, strategy=strategy, approx_above=approx_above or None,
+                           layers=layers, device=device, strategy=strategy, approx_above=approx_above or None, precision=precision,
                            task_type=None if task_type == "none" else task_type, eval_text=eval_text,
                            eval_seq_len=eval_seq_len, eval_blocks=eval_blocks,
                            max_batch_bytes=batch_memory << 20 if batch_memory else None)

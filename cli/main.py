@@ -7,6 +7,7 @@ the traceback. Unknown exceptions propagate.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -149,5 +150,39 @@ for _command in (diff_commands.diff_cmd, compare_commands.compare_cmd, other_com
     main.add_command(_command)
 
 
+def run() -> None:
+    """The ``spectra`` console script: :func:`main`, then an exit without the interpreter's teardown.
+
+    Python's last step, clearing every module and freeing torch's ~300 000 objects one at a time,
+    took 0.13 s of each command here (0.25 s after a bare ``import torch``) and does nothing a
+    finished command needs. What it does that matters is done first, as the interpreter does it:
+    non-daemon threads joined (``threading._shutdown``, with the thread pools' own exit hooks),
+    ``atexit`` handlers (logging, multiprocessing children), stdout and stderr flushed; then
+    ``os._exit`` with the command's status. Every file spectra writes is closed by then. An unexpected
+    exception (a traceback) or a Python without ``threading._shutdown`` exits the ordinary way.
+    """
+    try:
+        main(prog_name="spectra")  # click's standalone mode: always ends in SystemExit
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None or threading.current_thread() is not threading.main_thread():  # pragma: no cover
+        sys.exit(code)
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as the interpreter does
+        print(code, file=sys.stderr)
+        code = 1
+    shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+            pass
+    os._exit(code & 0xFF)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

@@ -1,5 +1,5 @@
 """``python -m spectra``: the command line."""
 
-from spectra_cli.main import main
+from spectra_cli.main import run
 
-main()
+run()

@@ -75,6 +75,7 @@ from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.lowrank import (
     GramEig,
+    Triplets,
     allocate_budget,
     eig_factors,
     energy_rank_top,
@@ -83,6 +84,7 @@ from spectra.lowrank import (
     gram_top,
     randomized_triplets,
     reach_above,
+    refined_triplets,
     round_up,
     spectrum_total,
 )
@@ -90,7 +92,7 @@ from spectra.pairing import pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import batches, largest_first, prefetch, run_settings
-from spectra.threads import map_one_blas_thread
+from spectra.threads import map_one_blas_thread, one_openmp_thread, zip_results
 
 JOURNAL = "extract.jsonl"
 SCRATCH = ".extract-scratch"
@@ -227,8 +229,11 @@ class _Run:
     """Records of one run: per target its spectrum and the factors kept in the scratch shard."""
 
     def __init__(self, targets: list[Target], plan: RankPlan, config: ExtractConfig, out: Path, journal: RecordJournal,
-                 callback: Callable[[ExtractEvent], None] | None) -> None:
+                 callback: Callable[[ExtractEvent], None] | None, scratch_dtype: torch.dtype = torch.float32) -> None:
         self.targets, self.plan, self.config, self.out, self.journal = targets, plan, config, out, journal
+        # factors are kept in the adapter's dtype when it is 16-bit (the same bytes the adapter gets: float64
+        # → float32 → 16-bit either way), written by the compute threads; else in float32
+        self.scratch_dtype = scratch_dtype
         self.callback = callback
         self.index = {t.order: i for i, t in enumerate(targets)}
         self.spectra: dict[int, dict] = {}
@@ -270,12 +275,20 @@ class _Run:
         self.journal.add({"spectrum": rec})
         self._emit("spectra", t.name)
 
-    def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None) -> None:
+    def store_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None) -> None:
+        """Write target i's factors to its scratch file (none when k = 0); safe from any thread."""
+        if A is not None and A.shape[0]:
+            write_safetensors(self.scratch / f"{self.targets[i].order}.safetensors", [("B", tuple(B.shape)), ("A", tuple(A.shape))],
+                              [B.float(), A.float()], self.scratch_dtype)
+
+    def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None,
+                    stored: bool = False) -> None:
+        """Keep target i's factors (written here unless ``stored``: :meth:`store_factors` did) and journal them."""
         t = self.targets[i]
         k = 0 if A is None else int(A.shape[0])
         name = f"{t.order}.safetensors"
-        if k:
-            write_safetensors(self.scratch / name, [("B", tuple(B.shape)), ("A", tuple(A.shape))], [B, A], torch.float32)
+        if not stored:
+            self.store_factors(i, B, A)
         rec = {"order": t.order, "k": k, "file": name if k else ""}
         if not k:  # nothing to store: no file, but the record says so
             rec["file"] = ""
@@ -289,7 +302,7 @@ class _Run:
         return f is not None and f["k"] >= k and (k == 0 or (self.scratch / f["file"]).is_file())
 
     def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)`` float32."""
+        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype."""
         f = load_file(str(self.scratch / self.factors[i]["file"]))
         return f["B"][:, :r], f["A"][:r]
 
@@ -379,6 +392,9 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
     else:
         todo = {i for i, k in want.items() if not run.has_factors(i, k)}
     tasks = largest_first([t for t in src.tasks if run.index[t.units[0].order] in todo])
+    if want is None and not two and config.mode == "rank" and config.precision == "mixed" and device.type == "cpu":
+        _refined_pass(src, run, config, device, tasks)
+        return
     for batch in _stream(src, tasks, config, device):
         cutoff = run.cutoff() if want is None and not two else 0.0
         exact = []
@@ -415,6 +431,41 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
                 run.add_factors(i, B, A, stage=None if want is None else stage)
         for item in batch:
             item.delta = None
+
+
+def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
+    """``--rank`` (one pass) under ``precision="mixed"`` on the CPU: each matrix's subspace in float32,
+    its values and factors in float64 (:func:`spectra.lowrank.refined_triplets`).
+
+    k is known before any spectrum, so matrices need no batches: they flow through the compute
+    threads one at a time (a thread takes the next matrix as soon as it is done with one, where a
+    batch would wait for its slowest member and then for the main thread), and each thread writes
+    its own factors' scratch file; the main thread journals the results in order."""
+
+    def jobs() -> Iterator[tuple[int, Prepared, int | None]]:  # pulled by the main thread
+        for batch in _stream(src, tasks, config, device):
+            for item in batch:
+                i = run.index[item.unit.order]
+                exact = item.delta is not None and not _approx(config, run.targets[i])
+                yield i, item, run.keep_now(i, np.zeros(0), 1.0, 0.0) if exact else None
+
+    def work(job: tuple[int, Prepared, int | None]) -> Triplets | None:
+        i, item, k = job
+        if k is None:
+            return None
+        tr = refined_triplets(item.delta, max(k, run.n_values(i)), k)
+        run.store_factors(i, tr.B, tr.A)
+        return tr
+
+    for (i, item, _), tr in zip_results(jobs(), work):
+        if tr is not None:
+            run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note)
+            run.add_factors(i, tr.B, tr.A, stored=True)
+        elif item.delta is None:
+            run.skip(i, item.skip or "skipped")
+        else:
+            _randomized(run, i, item.delta)
+        item.delta = None
 
 
 _R = TypeVar("_R")
@@ -459,6 +510,44 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------------
+#: Left-out matrices (embeddings, the head) up to this many stored bytes have their norms computed on a
+#: thread beside the pass; above it, first and alone: each is read whole, and freeing it before the
+#: pass keeps the run's peak memory at the larger of the two, not their sum.
+LEFT_OUT_BESIDE_BYTES = 256 << 20
+
+
+def _left_out_records(src: _Source) -> Callable[[], list[dict]]:
+    """Start the records of the matrices not extracted (:func:`left_out_record`); the function returned
+    gives them, re-raising a read error. Small ones are computed on a thread while the pass runs (on
+    the 135M-layout pair, the 113 MB embedding pair: 0.1-0.25 s that had kept a core idle)."""
+    def records() -> list[dict]:
+        return [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
+
+    size = sum(what.pair.stored_bytes for what, _ in src.left_out if isinstance(what, Task))
+    if not src.left_out or size > LEFT_OUT_BESIDE_BYTES:
+        done = records()
+        return lambda: done
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        one_openmp_thread()  # beside the compute threads, not over them
+        try:
+            box["records"] = records()
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="spectra-left-out", daemon=True)
+    thread.start()
+
+    def result() -> list[dict]:
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["records"]
+
+    return result
+
+
 def _prepare_out(out: Path, resume: bool, force: bool) -> None:
     """Refuse a folder that holds anything unless resuming or forced; with ``force`` remove what a
     previous run wrote (only spectra's own files)."""
@@ -562,11 +651,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         options["adapter"] = [src.label, repr(src.adapter.config)]
     fingerprint = inputs_fingerprint(inputs, options)
     journal = RecordJournal(out / JOURNAL)
-    run = _Run(src.targets, plan, config, out, journal, callback)
+    run = _Run(src.targets, plan, config, out, journal, callback,
+               scratch_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
     run.absorb(journal.start(fingerprint, resume=resume))
-    # the matrices left out first: an embedding read whole for its norms is then freed before the
-    # pass, which keeps the run's peak memory at the larger of the two, not their sum
-    not_extracted = [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
+    not_extracted = _left_out_records(src)
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
     loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
     if loader is not None:
@@ -595,7 +683,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
     not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
                              config.save_modules)
-    result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted, not_lora)
+    result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
     result.fingerprint, result.version = fingerprint, __version__
     if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
         result.elapsed_s = time.perf_counter() - t0

@@ -8,17 +8,18 @@ numpy's ``linalg`` releases it but has no subset solver, and a full ``eigh`` com
 ``__pyx_capi__``, the route numba uses); called through ``ctypes`` the GIL is released during the call,
 so matrices solved in parallel threads use every core.
 
-- :func:`top_eigh_upper`: the top k eigenpairs by ``dsyevr`` (Dhillon-Parlett MRRR, ``RANGE='I'``):
-  the tridiagonal reduction of a full solve, then O(p·k) for the vectors and their back-transformation.
-  On the project's 2-core CPU, ``p = 576``, one thread: the top 10 pairs in 13 ms and the top 64 in
-  32 ms against 43-57 ms for ``numpy.linalg.eigh`` (all 576).
-- :class:`Tridiagonal`: one reduction, every eigenvalue at once, and the top-k vectors later for a k
-  chosen from those eigenvalues (``spectra extract``).
+- :class:`Tridiagonal`: one reduction to tridiagonal form (``sytrd``), every eigenvalue at once, and
+  the top-k vectors later (MRRR ``stemr`` or divide and conquer ``stedc``, then ``ormtr`` for those
+  k only) for a k chosen from those eigenvalues (``spectra extract``); in float64, or in float32 for
+  callers that refine in float64.
+- :func:`top_eigh_upper`: the top k eigenpairs, by the same steps (faster than LAPACK's ``dsyevr``,
+  which does them too: see its docstring). On the project's 2-core CPU, ``p = 576``, one thread: the
+  top 64 pairs in 17.5 ms against 43-57 ms for ``numpy.linalg.eigh`` (all 576).
 
 Both agree with ``numpy.linalg.eigh`` to rounding (``tests/test_lapack.py``). Where the Cython API
 cannot be reached (a scipy built without it), :func:`top_eigh_upper` falls back to
-``scipy.linalg.eigh(..., driver="evr", subset_by_index=...)`` (the same routine, holding the GIL) and
-callers of :class:`Tridiagonal` check :meth:`Tridiagonal.available` and use a full ``eigh``.
+``scipy.linalg.eigh(..., driver="evr", subset_by_index=...)`` (holding the GIL) and callers of
+:class:`Tridiagonal` check :meth:`Tridiagonal.available` and use a full ``eigh``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _P = ctypes.c_void_p
 
 
 #: Arguments of each routine used here (all by pointer, Fortran convention; ``int`` is 32-bit in scipy's API).
-_NARGS = {"dsyevr": 21, "dsytrd": 10, "dsterf": 4, "dstemr": 21, "dstedc": 11, "dormtr": 13}
+_NARGS = {"sytrd": 10, "sterf": 4, "stemr": 21, "stedc": 11, "ormtr": 13}
 
 
 @functools.cache
@@ -57,32 +58,41 @@ def _routine(name: str) -> Callable[..., None] | None:
         return None
     if not ptr:
         return None
-    return ctypes.CFUNCTYPE(None, *([_P] * _NARGS[name]))(ptr)
-
-
-def _dsyevr() -> Callable[..., None] | None:
-    # void dsyevr(char *jobz, char *range, char *uplo, int *n, double *a, int *lda, double *vl, double *vu,
-    #             int *il, int *iu, double *abstol, int *m, double *w, double *z, int *ldz, int *isuppz,
-    #             double *work, int *lwork, int *iwork, int *liwork, int *info)
-    return _routine("dsyevr")
+    return ctypes.CFUNCTYPE(None, *([_P] * _NARGS[name[1:]]))(ptr)
 
 
 def _ptr(x: np.ndarray) -> ctypes.c_void_p:
     return x.ctypes.data_as(_P)
 
 
-def _with_workspace(call: Callable[[np.ndarray, int, np.ndarray, int], None], min_work: int, min_iwork: int = 1) -> None:
+def _with_workspace(call: Callable[[np.ndarray, int, np.ndarray, int], None], min_work: int, min_iwork: int = 1,
+                    dtype: type[np.floating] = np.float64) -> None:
     """LAPACK's workspace query (``lwork = liwork = -1``: the sizes come back in ``work[0]``, ``iwork[0]``),
     then ``call(work, lwork, iwork, liwork)`` itself with at least the documented minimum sizes.
-    A routine without ``iwork`` ignores those two arguments."""
-    work_q, iwork_q = np.zeros(1), np.zeros(1, dtype=np.intc)
+    A routine without ``iwork`` ignores those two arguments; ``dtype`` is the routine's real type."""
+    work_q, iwork_q = np.zeros(1, dtype=dtype), np.zeros(1, dtype=np.intc)
     call(work_q, -1, iwork_q, -1)
     lwork, liwork = max(int(work_q[0]), min_work), max(int(iwork_q[0]), min_iwork)
-    call(np.empty(lwork), lwork, np.empty(liwork, dtype=np.intc), liwork)
+    call(np.empty(lwork, dtype=dtype), lwork, np.empty(liwork, dtype=np.intc), liwork)
+
+
+def _prefix(dtype: np.dtype | type) -> tuple[str, type[np.floating], type[ctypes.c_double] | type[ctypes.c_float]]:
+    """LAPACK's letter, numpy's type and ctypes' scalar of a real precision (float64 or float32)."""
+    if np.dtype(dtype) == np.float32:
+        return "s", np.float32, ctypes.c_float
+    if np.dtype(dtype) == np.float64:
+        return "d", np.float64, ctypes.c_double
+    raise ValueError(f"dtype must be float64 or float32. Got {np.dtype(dtype)} instead.")
 
 
 def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenpairs of the symmetric float64 matrix whose upper triangle ``G`` holds.
+
+    One reduction to tridiagonal form, then MRRR (or divide and conquer) for the k pairs and their
+    back-transformation (:class:`Tridiagonal`), the GIL released throughout. Where LAPACK's ``dsyevr``
+    does the same steps it asks its back-transformation for less workspace than the blocked code
+    needs and for high relative accuracy the reduction has already given up: at p = 576, one thread,
+    the top 64 pairs in 17.5 ms against its 21.5, the top 138 in 20.7 against 35.4 (``bench/eigensolvers.py``).
 
     Args:
         G: ``(p, p)`` array (any float dtype, converted to float64; the strict lower triangle is ignored).
@@ -90,7 +100,7 @@ def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(lam (k,), vecs (p, k))`` float64: eigenvalues descending and their orthonormal eigenvectors
-        (column i belongs to ``lam[i]``), as LAPACK ``dsyevr`` computes them (backward stable).
+        (column i belongs to ``lam[i]``), backward stable.
 
     Raises:
         ValueError: ``k`` out of range or ``G`` not square. numpy.linalg.LinAlgError: LAPACK's ``info`` != 0.
@@ -100,28 +110,16 @@ def top_eigh_upper(G: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     p = G.shape[0]
     if not 1 <= k <= p:
         raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
-    fn = _dsyevr()
-    if fn is None:
+    if not Tridiagonal.available():  # scipy without its Cython API: the same routines, holding the GIL
         lam, vecs = scipy.linalg.eigh(G, lower=False, driver="evr", subset_by_index=[p - k, p - 1], check_finite=False)
         return lam[::-1].copy(), vecs[:, ::-1].copy()
-    a = np.array(G, dtype=np.float64, order="F")  # destroyed by LAPACK
-    w = np.empty(p)
-    z = np.empty((p, k), order="F")
-    isuppz = np.empty(2 * k, dtype=np.intc)
-    c_int, c_double, c_char = ctypes.c_int, ctypes.c_double, ctypes.c_char
-    n, il, iu, m, info = c_int(p), c_int(p - k + 1), c_int(p), c_int(0), c_int(0)
-    zero = c_double(0.0)  # vl, vu (unused with RANGE='I') and abstol (0: LAPACK's default tolerance)
-    jobz, rng, uplo = c_char(b"V"), c_char(b"I"), c_char(b"U")
+    return Tridiagonal.of(G, values=False).top_pairs(k, k)
 
-    def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
-        ref = ctypes.byref
-        fn(ref(jobz), ref(rng), ref(uplo), ref(n), _ptr(a), ref(n), ref(zero), ref(zero), ref(il), ref(iu), ref(zero), ref(m),
-           _ptr(w), _ptr(z), ref(n), _ptr(isuppz), _ptr(work), ref(c_int(lwork)), _ptr(iwork), ref(c_int(liwork)), ref(info))
 
-    _with_workspace(call, 26 * p, 10 * p)
-    if info.value != 0 or m.value != k:
-        raise np.linalg.LinAlgError(f"LAPACK dsyevr failed (info = {info.value}, {m.value} of {k} eigenpairs)")
-    return w[:k][::-1].copy(), z[:, ::-1].copy()
+#: ``ormtr``'s workspace for its blocked code: its block size (64 at most) per column plus the block
+#: reflector's T (65 × 64). Its own workspace query asks for 32 per column only, with which the
+#: back-transformation of 65 vectors at p = 576 took 2.9 ms instead of 1.1.
+_ORMTR_BLOCK, _ORMTR_T = 64, 65 * 64
 
 
 def mrrr_is_cheaper(p: int, k: int) -> bool:
@@ -129,28 +127,32 @@ def mrrr_is_cheaper(p: int, k: int) -> bool:
     linear in k) than all p by divide and conquer (``dstedc``, ~p^2.3 whatever k). Measured on the
     project's 2-core CPU, one thread, Gram matrices of flat and decaying spectra
     (``bench/tridiagonal_vectors.py``): MRRR is the cheaper up to k ≈ 16-30 at p = 192, 65-75 at 576,
-    300-340 at 1024 and ~430 at 2048; ``k ≤ max(p/16, min(p²/4800, p/5))`` stays on the safe side of each."""
+    300-340 at 1024 and ~430 at 2048; ``k ≤ max(p/16, min(p²/4800, p/5))`` stays on the safe side of each.
+    In float32 the crossing is lower where the spectrum decays (divide and conquer deflates more: at
+    p = 576 all vectors in 4.7 ms against 5.3 for the top 65) and the same on flat ones; the rule is kept."""
     return 16 * k <= p or (4800 * k <= p * p and 5 * k <= p)
 
 
 @dataclass
 class Tridiagonal:
-    """A symmetric float64 matrix reduced once to tridiagonal form (LAPACK ``dsytrd``, the GIL released):
-    all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors of any top k later
-    (``dstemr`` for a few, ``dstedc`` for more, as :func:`mrrr_is_cheaper` decides; then ``dormtr`` for
-    those k only, 2p²k flops), so that a caller can choose k from the eigenvalues. One reduction serves
-    both, where ``eigvalsh`` then a top-k ``eigh`` would reduce twice and a full ``eigh`` back-transforms
-    all p vectors. At p = 576, one thread: the reduction with every eigenvalue ~18-22 ms, then the top 10
-    vectors ~3 ms, the top 64 ~18 ms, against 43 ms for ``numpy.linalg.eigh``. Accuracy is that of
-    ``eigvalsh`` and ``eigh`` (backward stable).
+    """A symmetric float64 (or float32) matrix reduced once to tridiagonal form (LAPACK ``dsytrd`` /
+    ``ssytrd``, the GIL released): all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors
+    of any top k later (``dstemr`` for a few, ``dstedc`` for more, as :func:`mrrr_is_cheaper` decides;
+    then ``dormtr`` for those k only, 2p²k flops), so that a caller can choose k from the eigenvalues.
+    One reduction serves both, where ``eigvalsh`` then a top-k ``eigh`` would reduce twice and a full
+    ``eigh`` back-transforms all p vectors. At p = 576, one thread: the reduction with every eigenvalue
+    ~18-22 ms, then the top 10 vectors ~3 ms, the top 64 ~18 ms, against 43 ms for
+    ``numpy.linalg.eigh``. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable) in the
+    matrix's precision; float32 (the ``s`` routines) takes about half the time and is for callers that
+    refine the vectors in float64 (:func:`spectra.lowrank.refined_top`).
 
     When k is known before the eigenvalues (``spectra extract --rank``), ``of(G, values=False)`` skips
     ``dsterf`` and :meth:`top_pairs` returns the top eigenvalues the vector solver computes anyway
     (MRRR's or divide and conquer's): ~4 ms less per matrix at p = 576.
 
-    Build with :meth:`of`. Attributes: ``lam`` all eigenvalues, descending (float64, ``(p,)``; None
-    when built with ``values=False``); the rest is the factorisation (``a``: the reflectors, ``d``,
-    ``e``, ``tau``).
+    Build with :meth:`of`. Attributes: ``lam`` all eigenvalues, descending (``(p,)`` in the matrix's
+    dtype; None when built with ``values=False``); the rest is the factorisation (``a``: the reflectors,
+    ``d``, ``e``, ``tau``), in that dtype too.
     """
 
     lam: np.ndarray | None
@@ -160,101 +162,114 @@ class Tridiagonal:
     tau: np.ndarray
 
     @staticmethod
-    def available() -> bool:
-        """Whether scipy's Cython LAPACK API is reachable (else callers use a full ``eigh``)."""
-        return all(_routine(n) is not None for n in ("dsytrd", "dsterf", "dstemr", "dstedc", "dormtr"))
+    def available(dtype: type[np.floating] = np.float64) -> bool:
+        """Whether scipy's Cython LAPACK API is reachable for ``dtype`` (else callers use a full ``eigh``)."""
+        x = _prefix(dtype)[0]
+        return all(_routine(x + n) is not None for n in ("sytrd", "sterf", "stemr", "stedc", "ormtr"))
+
+    @property
+    def _lapack(self) -> tuple[str, type[np.floating], type[ctypes.c_double] | type[ctypes.c_float]]:
+        return _prefix(self.d.dtype)
 
     @classmethod
-    def of(cls, G: np.ndarray, *, values: bool = True) -> Tridiagonal:
-        """Reduce the symmetric matrix whose upper triangle ``G`` ``(p, p)`` holds (copied, never modified);
-        with ``values`` also compute every eigenvalue (``lam``)."""
+    def of(cls, G: np.ndarray, *, values: bool = True, dtype: type[np.floating] = np.float64) -> Tridiagonal:
+        """Reduce the symmetric matrix whose upper triangle ``G`` ``(p, p)`` holds (copied into ``dtype``,
+        float64 or float32, never modified); with ``values`` also compute every eigenvalue (``lam``)."""
         if G.ndim != 2 or G.shape[0] != G.shape[1]:
             raise ValueError(f"G must be a square matrix. Got shape {G.shape} instead.")
+        x, real, _ = _prefix(dtype)
         p = G.shape[0]
-        a = np.array(G, dtype=np.float64, order="F")
-        d, e, tau = np.empty(p), np.empty(max(p - 1, 1)), np.empty(max(p - 1, 1))
+        a = np.array(G, dtype=real, order="F")
+        d, e, tau = np.empty(p, dtype=real), np.empty(max(p - 1, 1), dtype=real), np.empty(max(p - 1, 1), dtype=real)
         n, info, uplo, ref = ctypes.c_int(p), ctypes.c_int(0), ctypes.c_char(b"U"), ctypes.byref
-        sytrd = _routine("dsytrd")
+        sytrd = _routine(x + "sytrd")
         if p:
             _with_workspace(lambda work, lwork, *_: sytrd(ref(uplo), ref(n), _ptr(a), ref(n), _ptr(d), _ptr(e), _ptr(tau),
-                                                          _ptr(work), ref(ctypes.c_int(lwork)), ref(info)), p)
+                                                          _ptr(work), ref(ctypes.c_int(lwork)), ref(info)), p, dtype=real)
             if info.value != 0:
-                raise np.linalg.LinAlgError(f"LAPACK dsytrd failed (info = {info.value})")
+                raise np.linalg.LinAlgError(f"LAPACK {x}sytrd failed (info = {info.value})")
         if not values:
             return cls(None, a, d, e[: max(p - 1, 0)], tau)
         lam, off = d.copy(), e[: max(p - 1, 0)].copy()
         if p:
-            _routine("dsterf")(ref(n), _ptr(lam), _ptr(np.ascontiguousarray(off) if p > 1 else np.empty(1)), ref(info))
+            _routine(x + "sterf")(ref(n), _ptr(lam), _ptr(np.ascontiguousarray(off) if p > 1 else np.empty(1, dtype=real)), ref(info))
             if info.value != 0:
-                raise np.linalg.LinAlgError(f"LAPACK dsterf did not converge (info = {info.value})")
+                raise np.linalg.LinAlgError(f"LAPACK {x}sterf did not converge (info = {info.value})")
         return cls(lam[::-1].copy(), a, d, e[: max(p - 1, 0)], tau)
 
     def top_vectors(self, k: int) -> np.ndarray:
-        """Orthonormal eigenvectors ``(p, k)`` float64 of the ``k`` largest eigenvalues, column i for ``lam[i]``."""
+        """Orthonormal eigenvectors ``(p, k)`` of the ``k`` largest eigenvalues, column i for ``lam[i]``."""
         if not 0 <= k <= self.d.size:
             raise ValueError(f"k must be in [0, {self.d.size}]. Got {k} instead.")
         return self.top_pairs(k, k)[1]
 
     def top_pairs(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``n`` largest eigenvalues, descending ``(n,)``, and the orthonormal eigenvectors ``(p, k)`` of
-        the ``k <= n`` largest (column i for value i), both float64; the values need no ``lam``."""
+        the ``k <= n`` largest (column i for value i), in the matrix's dtype; the values need no ``lam``."""
         p = self.d.size
+        x, real, _ = self._lapack
         if not 0 <= k <= n <= p:
             raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
         if n == 0:
-            return np.zeros(0), np.zeros((p, 0))
+            return np.zeros(0, dtype=real), np.zeros((p, 0), dtype=real)
         if mrrr_is_cheaper(p, n):
             w, z = self._tridiagonal_vectors(n)
         else:
             w, z = self._all_tridiagonal_vectors()
             w, z = w[p - n:], z[:, p - n:]
         z = z[:, n - k:]  # ascending: the top k are the last columns
-        if k and p > 1:  # Z := Q·Z, Q the reflectors of dsytrd
+        if k and p > 1:  # Z := Q·Z, Q the reflectors of sytrd
             ref, c_int = ctypes.byref, ctypes.c_int
             z = np.asfortranarray(z)
             nn, kk, info = c_int(p), c_int(k), c_int(0)
             side, uplo, trans = ctypes.c_char(b"L"), ctypes.c_char(b"U"), ctypes.c_char(b"N")
-            ormtr = _routine("dormtr")
+            ormtr = _routine(x + "ormtr")
             _with_workspace(lambda work, lwork, *_: ormtr(ref(side), ref(uplo), ref(trans), ref(nn), ref(kk), _ptr(self.a), ref(nn),
-                                                          _ptr(self.tau), _ptr(z), ref(nn), _ptr(work), ref(c_int(lwork)), ref(info)), k)
+                                                          _ptr(self.tau), _ptr(z), ref(nn), _ptr(work), ref(c_int(lwork)), ref(info)),
+                            _ORMTR_BLOCK * k + _ORMTR_T, dtype=real)
             if info.value != 0:
-                raise np.linalg.LinAlgError(f"LAPACK dormtr failed (info = {info.value})")
+                raise np.linalg.LinAlgError(f"LAPACK {x}ormtr failed (info = {info.value})")
         return w[::-1].copy(), z[:, ::-1].copy()
 
     def _all_tridiagonal_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every eigenvalue ``(p,)`` and eigenvector ``(p, p)`` of the tridiagonal matrix, ascending: divide and
-        conquer (``dstedc``), cheaper than MRRR vector by vector once more than about a sixteenth of them are wanted."""
+        conquer (``stedc``), cheaper than MRRR vector by vector once more than about a sixteenth of them are wanted."""
         p = self.d.size
+        x, real, _ = self._lapack
         ref, c_int = ctypes.byref, ctypes.c_int
-        d, e, z = self.d.copy(), np.zeros(max(p - 1, 1)), np.empty((p, p), order="F")
+        d, e, z = self.d.copy(), np.zeros(max(p - 1, 1), dtype=real), np.empty((p, p), dtype=real, order="F")
         e[: p - 1] = self.e
         n, info, compz = c_int(p), c_int(0), ctypes.c_char(b"I")
-        stedc = _routine("dstedc")
+        stedc = _routine(x + "stedc")
         _with_workspace(lambda work, lwork, iwork, liwork: stedc(ref(compz), ref(n), _ptr(d), _ptr(e), _ptr(z), ref(n), _ptr(work),
                                                                  ref(c_int(lwork)), _ptr(iwork), ref(c_int(liwork)), ref(info)),
-                        1 + 4 * p + p * p, 3 + 5 * p)
+                        1 + 4 * p + p * p, 3 + 5 * p, dtype=real)
         if info.value != 0:
-            raise np.linalg.LinAlgError(f"LAPACK dstedc failed (info = {info.value})")
+            raise np.linalg.LinAlgError(f"LAPACK {x}stedc failed (info = {info.value})")
         return d, z
 
     def _tridiagonal_vectors(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The k largest eigenvalues ``(k,)`` of the tridiagonal matrix and their eigenvectors ``(p, k)``, ascending: MRRR (``dstemr``)."""
+        """The k largest eigenvalues ``(k,)`` of the tridiagonal matrix and their eigenvectors ``(p, k)``, ascending: MRRR (``stemr``)."""
         p = self.d.size
+        x, real, c_real = self._lapack
         ref, c_int = ctypes.byref, ctypes.c_int
-        d, e = self.d.copy(), np.zeros(p)
-        e[: p - 1] = self.e  # dstemr: e has length p (its last entry is workspace)
-        w, z, isuppz = np.empty(p), np.empty((p, k), order="F"), np.empty(2 * k, dtype=np.intc)
+        d, e = self.d.copy(), np.zeros(p, dtype=real)
+        e[: p - 1] = self.e  # stemr: e has length p (its last entry is workspace)
+        w, z, isuppz = np.empty(p, dtype=real), np.empty((p, k), dtype=real, order="F"), np.empty(2 * k, dtype=np.intc)
         n, il, iu, m, nzc, info = c_int(p), c_int(p - k + 1), c_int(p), c_int(0), c_int(k), c_int(0)
-        zero, tryrac = ctypes.c_double(0.0), c_int(1)  # tryrac: keep high relative accuracy where the matrix allows
+        # tryrac = 0 (dsyevr's choice for a tolerance above 2p·eps): no attempt at high relative accuracy; the
+        # reduction to tridiagonal form already rounded every eigenvalue to ~eps·‖G‖ absolute, and the
+        # attempt cost ~20% of this routine at p = 576
+        zero, tryrac = c_real(0.0), c_int(0)
         jobz, rng = ctypes.c_char(b"V"), ctypes.c_char(b"I")
-        stemr = _routine("dstemr")
+        stemr = _routine(x + "stemr")
 
         def call(work: np.ndarray, lwork: int, iwork: np.ndarray, liwork: int) -> None:
             stemr(ref(jobz), ref(rng), ref(n), _ptr(d), _ptr(e), ref(zero), ref(zero), ref(il), ref(iu), ref(m), _ptr(w),
                   _ptr(z), ref(n), ref(nzc), _ptr(isuppz), ref(tryrac), _ptr(work), ref(c_int(lwork)), _ptr(iwork),
                   ref(c_int(liwork)), ref(info))
 
-        _with_workspace(call, 18 * p, 10 * p)
+        _with_workspace(call, 18 * p, 10 * p, dtype=real)
         if info.value != 0 or m.value != k:
-            raise np.linalg.LinAlgError(f"LAPACK dstemr failed (info = {info.value}, {m.value} of {k} eigenvectors)")
+            raise np.linalg.LinAlgError(f"LAPACK {x}stemr failed (info = {info.value}, {m.value} of {k} eigenvectors)")
         return w[:k].copy(), z

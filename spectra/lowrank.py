@@ -503,6 +503,79 @@ def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) ->
     return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64")
 
 
+def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
+    """Top singular triplets of a dense ``(out, in)`` ΔW whose subspace is found in float32 and whose
+    values and factors are computed in float64 (Rayleigh-Ritz): about 0.8× the time of
+    :func:`gram_top` then :func:`eig_factors` on the CPU at p = 576 (one thread: 18 ms against 23 for a
+    576², 22 against 26 for a 1536 × 576 ΔW, 65 vectors), for the same energies to ~1e-8 of ‖ΔW‖²_F
+    (measured worst 3e-9; typically 1e-12) and values to ~1e-7·σ₁ (the values at the subspace's edge,
+    of slowly decaying spectra, converge the slowest; values inside a gap agree to ~1e-12·σ₁).
+
+    1. The smaller Gram matrix in float32 and its top ``n`` eigenvectors Z (``ssytrd``, MRRR or
+       divide and conquer, ``sormtr``: :class:`spectra.lapack.Tridiagonal` in float32). Z spans the
+       top-n singular subspace of ΔW to float32's accuracy (its angle to the exact one is about
+       ``p·eps₃₂·σ₁²`` over the gap below σₙ²).
+    2. In float64: Z made orthonormal (Cholesky QR), ``Y = ΔW·Z`` (or ``ΔWᵀZ``), and the SVD of the
+       projection ``Y·Zᵀ`` from the eigendecomposition of the n × n matrix ``YᵀY``. The values are
+       the Ritz values of ΔW on span(Z): each is at most the true σᵢ and equal to it up to the square
+       of the subspace's angle (second order), and ``B·A`` is exactly the projection of ΔW onto the
+       k-dimensional subspace kept, so its energy ``Σσᵢ²`` (i ≤ k) is that of the factors returned, a
+       lower bound of the optimum and equal to it to rounding wherever the float32 subspace is close.
+    3. The residual ``‖ΔW vᵢ − σᵢuᵢ‖`` of every triplet (the other side holds exactly, by
+       construction) in float64: ``residual`` is the largest over √2, relative to σ₁, as
+       :func:`randomized_triplets` reports it.
+
+    Args:
+        delta: ``(out, in)`` float32 (or float64) ΔW on the CPU; elsewhere :func:`gram_top` and
+            :func:`eig_factors` in float64 are used (same result, exact vectors).
+        n: top singular values returned (``k <= n <= min(out, in)``).
+        k: components returned as LoRA factors (float32, ``B (out, k)``, ``A (k, in)``).
+
+    Returns:
+        :class:`Triplets` with ``S`` the n Ritz values (float64, descending), ``total`` the exact
+        ``‖ΔW‖²_F`` (float64), the factors, ``method`` ``"gram-eigh/float32+ritz/float64"`` and the residual.
+    """
+    p = min(delta.shape)
+    if not 0 <= k <= n <= p:
+        raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
+    if delta.device.type != "cpu" or not Tridiagonal.available(np.float32) or n == 0:
+        eig = gram_top(delta, n, k)
+        B, A = eig_factors(delta, eig, k)
+        return Triplets(eig.S, fro_norm(delta) ** 2, B, A, "gram-eigh/float64")
+    wide = delta.shape[0] <= delta.shape[1]  # the Gram matrix is ΔWΔWᵀ and Z holds left vectors
+    M = as_numpy(delta)
+    _, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32).top_pairs(n, n)
+    # ΔW in float64 once for the total and both products (blocks instead for a matrix above 64 MiB of it)
+    D = delta.double() if delta.numel() <= 1 << 23 else None
+    total = float(torch.dot(D.reshape(-1), D.reshape(-1))) if D is not None else fro_norm(delta) ** 2
+
+    def times(X: torch.Tensor, left_t: bool) -> torch.Tensor:  # ΔW·X, or ΔWᵀX
+        if D is None:
+            return _matmul64(delta, X, left_t=left_t)
+        return D.mT @ X if left_t else D @ X
+
+    Z = torch.from_numpy(Z32).double()
+    # Cholesky QR: Z is orthonormal to float32's accuracy, so ZᵀZ is near I and this is as good as Householder
+    L = torch.linalg.cholesky(Z.mT @ Z)
+    Z = torch.linalg.solve_triangular(L, Z.mT, upper=False).mT
+    Y = times(Z, wide)  # (in, n) = ΔWᵀZ, or (out, n) = ΔW·Z
+    theta, R = torch.linalg.eigh(Y.mT @ Y)  # ascending
+    theta, R = theta.flip(0).clamp_min(0), R.flip(1)
+    sig = theta.sqrt()
+    Z, Y = Z @ R, Y @ R
+    other = Y / torch.where(sig > 0, sig, 1.0)  # unit columns (zero where σ = 0)
+    # the side not built from Z: ΔW·vᵢ − σᵢuᵢ (or ΔWᵀuᵢ − σᵢvᵢ)
+    resid = times(other, not wide) - Z * sig
+    res_max = float(torch.linalg.vector_norm(resid, dim=0).max()) / math.sqrt(2)
+    U, Vh = (Z, other.mT) if wide else (other, Z.mT)
+    S = sig.numpy().copy()
+    residual = res_max / S[0] if S[0] > 0 else 0.0
+    if k == 0:
+        return Triplets(S, total, None, None, "gram-eigh/float32+ritz/float64", residual)
+    B, A = split_factors(U[:, :k], sig[:k], Vh[:k])
+    return Triplets(S, total, B.float(), A.float(), "gram-eigh/float32+ritz/float64", residual)
+
+
 def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: float = 1e-3) -> Triplets:
     """Top-k triplets of a large ΔW by :func:`spectra.engine.randomized_svd` (power iterations grown
     until every value's certified residual is within ``tol`` of it), with the exact ``‖ΔW‖²_F``.
@@ -544,6 +617,7 @@ __all__ = [
     "gram_top",
     "parse_budget",
     "randomized_triplets",
+    "refined_triplets",
     "rank_levels",
     "reach_above",
     "round_up",

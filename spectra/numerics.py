@@ -127,7 +127,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     total_rows = d2.shape[0]
     where = ""
     if max_rows is None or total_rows <= max_rows:
-        s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block)
+        s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block, norms=base_sq is None)
     else:
         # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
         # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
@@ -143,7 +143,8 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
-        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], eps, tiny_b, tiny_t, block, weight=weight.to(d2.device))
+        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], eps, tiny_b, tiny_t, block, weight=weight.to(d2.device),
+                  norms=base_sq is None, delta_sq=False)
         s["delta_sq"] = float((energy**2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
             s[k] = int(round(s[k]))
@@ -223,9 +224,12 @@ def _tiny_threshold(x: torch.Tensor, dtype: str) -> float | None:
 
 
 def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
-          tiny_b: float | None, tiny_t: float | None, block: int, weight: torch.Tensor | None = None) -> dict:
+          tiny_b: float | None, tiny_t: float | None, block: int, weight: torch.Tensor | None = None,
+          norms: bool = True, delta_sq: bool = True) -> dict:
     """One O(elements) pass in row blocks; sums in float64, one host sync at the end. With ``weight``
-    (float64, one per row) every sum and count is weighted by row, and the counts come back as floats."""
+    (float64, one per row) every sum and count is weighted by row, and the counts come back as floats.
+    ``norms``/``delta_sq`` False: the caller has ``‖W‖²``/``‖ΔW‖²`` already; those sums stay 0 (each is a
+    few small kernels per block, and at these sizes the kernels' overhead is the pass's cost)."""
     dev = d.device
     work = d.dtype if d.dtype.is_floating_point else torch.float32
     acc = {k: torch.zeros((), dtype=torch.float64, device=dev)
@@ -245,9 +249,11 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
 
         finite &= torch.isfinite(db).all()
         d64 = db.double()
-        acc["delta_sq"] += total(d64 * d64)
-        acc["base_sq"] += total(bb.double() ** 2)
-        acc["tuned_sq"] += total(tb.double() ** 2)
+        if delta_sq:
+            acc["delta_sq"] += total(d64 * d64)
+        if norms:
+            acc["base_sq"] += total(bb.double() ** 2)
+            acc["tuned_sq"] += total(tb.double() ** 2)
         nz = db != 0
         cnt["nonzero"] += total(nz)
         if eps is not None:
@@ -260,9 +266,11 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
                 sub = (x > 0) & (x < tiny)
                 cnt[side] += total(sub)
                 acc[side + "_sq"] += total(x.double() ** 2 * sub)
-    out: dict = {k: float(v.item()) for k, v in acc.items()}
-    out.update({k: (int(v.item()) if weight is None else float(v.item())) for k, v in cnt.items()})
-    out["finite"] = bool(finite.item())
+    # one host sync for every sum (each .item() is one)
+    values = torch.stack([*acc.values(), *(c.double() for c in cnt.values()), finite.double()]).tolist()
+    out: dict = dict(zip(acc, values[: len(acc)]))
+    out.update({k: (int(v) if weight is None else v) for k, v in zip(cnt, values[len(acc) : -1])})
+    out["finite"] = bool(values[-1])
     return out
 
 

@@ -97,13 +97,9 @@ def _top_eigh(G: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tenso
     if not 1 <= k <= p:
         raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
     if G.device.type == "cpu":
-        # both release the GIL, so modules solved in parallel threads use every core: LAPACK's top-k MRRR
-        # (spectra.lapack) when few pairs are wanted, numpy's divide and conquer for all of them
-        if 2 * k <= p:
-            lam, vecs = top_eigh_upper(G.numpy(), k)
-        else:
-            lam_all, vecs_all = np.linalg.eigh(G.numpy(), UPLO="U")
-            lam, vecs = lam_all[::-1][:k].copy(), vecs_all[:, ::-1][:, :k].copy()
+        # the GIL released, so modules solved in parallel threads use every core; only k vectors are
+        # back-transformed, which beats numpy's full eigh at every k (p = 576: 26 against 28 ms for all)
+        lam, vecs = top_eigh_upper(G.numpy(), k)
         lam_t, vecs_t = torch.from_numpy(lam), torch.from_numpy(vecs)
     else:
         lam_all, vecs_all = torch.linalg.eigh(G)

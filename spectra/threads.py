@@ -13,7 +13,7 @@ import itertools
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
@@ -22,7 +22,7 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread"]
+__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "zip_results"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -101,7 +101,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKERS.forget)
 
 
-def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> Iterator[_R]:
+def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None) -> Iterator[_R]:
     """``fn(x)`` for each of ``items``, in order, computed up to ``workers`` at once in threads with one
     BLAS thread each; results are yielded as they come, so a caller can report progress.
 
@@ -114,8 +114,9 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: i
     stop (the first exception, a closed iterator) leaves the rest unstarted. The first exception is
     raised where its result would have come.
     """
-    items = list(items)
-    workers = max(1, min(torch.get_num_threads() if workers is None else workers, len(items) or 1))
+    workers = max(1, torch.get_num_threads() if workers is None else workers)
+    if isinstance(items, Sized):
+        workers = min(workers, len(items) or 1)
     # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine;
     # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
     with _blas_controller().limit(limits=1, user_api="blas"):
@@ -140,6 +141,13 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: i
             for f in running:
                 f.cancel()
             wait(running)
+
+
+def zip_results(items: Iterable[_T], fn: Callable[[_T], _R], workers: int | None = None) -> Iterator[tuple[_T, _R]]:
+    """``(x, fn(x))`` for each of ``items``, in order, by :func:`imap_one_blas_thread`; ``items`` may be a
+    lazy iterator (a stream that reads as it goes): the next item is taken, on the caller's thread, only
+    when a worker is free, so at most ``workers`` items are held beyond the stream's own read-ahead."""
+    return imap_one_blas_thread(lambda x: (x, fn(x)), items, workers)
 
 
 def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:

@@ -285,6 +285,37 @@ def test_energy_ranks_equal_diff_energy_rank(tmp_path):
     assert compared >= 30
 
 
+def test_rank_mixed_precision_equals_float64(tmp_path):
+    """--rank's default route (subspace in float32, values and factors in float64) against
+    --precision float64 and a float64 numpy SVD: the same energies (to 1e-8 of ‖ΔW‖²), values never
+    above the exact ones, B·A the truncation; from the command line too."""
+    from click.testing import CliRunner
+
+    from spectra_cli.extract import extract_cmd
+
+    base_dir, tuned_dir = make_pair(tmp_path, "llama", one_d=False)
+    mixed = extract(base_dir, tuned_dir, tmp_path / "m", config=ExtractConfig(rank=3))
+    exact = extract(base_dir, tuned_dir, tmp_path / "x", config=ExtractConfig(rank=3, precision="float64"))
+    base, tuned = load_file(str(base_dir / "model.safetensors")), load_file(str(tuned_dir / "model.safetensors"))
+    merged = {m.module: m for m in open_adapter(tmp_path / "m").modules.values()}
+    for mm, mx in zip(mixed.modules, exact.modules, strict=True):
+        assert mm["name"] == mx["name"] and mm["rank"] == mx["rank"] == 3
+        assert mm["method"] == "gram-eigh/float32+ritz/float64" and mx["method"] == "gram-eigh/float64"
+        assert mm["energy_kept"] == pytest.approx(mx["energy_kept"], abs=1e-8)
+        assert mm["residual"] is not None and mm["residual"] < 1e-4
+        delta = tuned[mm["name"]].double() - base[mm["name"]].double()
+        S = np.linalg.svd(delta.numpy(), compute_uv=False)
+        assert mm["spectral_error"] == pytest.approx(S[3] / S[0], abs=1e-6)
+        torch.testing.assert_close(merged[mm["module"]].dense_delta().double(), truncated(delta, 3), rtol=0,
+                                   atol=2e-6 * float(delta.abs().max()))
+    r = CliRunner().invoke(extract_cmd, [str(base_dir), str(tuned_dir), "--out", str(tmp_path / "c"), "--rank", "3",
+                                         "--precision", "float64", "--no-plots", "--json"])
+    assert r.exit_code == 0, r.output
+    assert {m["method"] for m in json.loads((tmp_path / "c" / "extract.json").read_text())["modules"]} == {"gram-eigh/float64"}
+    with pytest.raises(ConfigError, match="--precision"):
+        ExtractConfig(rank=3, precision="float16")
+
+
 def test_serving_vllm_rounds_ranks_and_reports_the_cost(tmp_path):
     _, model = _model("llama")
     cfg = transformers.AutoConfig.for_model("llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -373,9 +404,10 @@ def test_resize_an_adapter(tmp_path, dora):
 
 
 # ---- resume, outputs --------------------------------------------------------------------------------
-def test_resume_finishes_an_interrupted_run(tmp_path):
+@pytest.mark.parametrize("rule", ["budget", "rank"])  # rank: the streamed mixed-precision pass, factors written by workers
+def test_resume_finishes_an_interrupted_run(tmp_path, rule):
     base_dir, tuned_dir = make_pair(tmp_path, "llama")
-    config = ExtractConfig(budget="5%", save_modules=True)
+    config = ExtractConfig(budget="5%", save_modules=True) if rule == "budget" else ExtractConfig(rank=3, save_modules=True)
     seen = []
 
     def stop(ev):

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import spectra
 from spectra.config import DiffConfig
 from spectra.stream import CPU_COLLECT_BYTES, run_settings
-from spectra.threads import imap_one_blas_thread, map_one_blas_thread, one_openmp_thread
+from spectra.threads import imap_one_blas_thread, map_one_blas_thread, one_openmp_thread, zip_results
 
 
 def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_theirs():
@@ -101,6 +101,41 @@ def test_a_stopped_compute_map_finishes_what_started_and_skips_the_rest():
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
+def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
+    """extract's streamed pass: items come from a generator that reads as it goes; each is taken only when
+    a worker is free (never more than `workers` ahead of what the caller has consumed), results come in
+    order, and an error stops the stream where it happened, the generator closed."""
+    pulled, closed = [], []
+
+    def stream(n):
+        try:
+            for i in range(n):
+                pulled.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    taken = []
+    for x, y in zip_results(stream(12), lambda i: (threading.Event().wait(0.002), i * i)[1], workers=3):
+        taken.append((x, y))
+        assert len(pulled) <= len(taken) + 3
+    assert taken == [(i, i * i) for i in range(12)] and closed
+
+    pulled.clear()
+    closed.clear()
+
+    def boom(i):
+        if i == 4:
+            raise ValueError("bad matrix 4")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad matrix 4"):
+        for x, _ in zip_results(stream(100), boom, workers=2):
+            got.append(x)
+    assert got == [0, 1, 2, 3] and len(pulled) <= 7 and closed
+
+
 def test_a_forked_child_gets_compute_workers_of_its_own():
     import os
 
