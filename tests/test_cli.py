@@ -102,6 +102,36 @@ def test_console_script_and_module_entry_points(pair):
     assert probe.stdout.strip() == "None"
 
 
+def test_console_script_exit_keeps_status_output_and_exit_hooks(pair, tmp_path):
+    """`spectra` ends with os._exit after the command (no interpreter teardown): the command's status,
+    everything printed (a large --json on a pipe), atexit hooks and non-daemon threads are kept."""
+    base, tuned = pair
+    hook = tmp_path / "hook.txt"
+    script = (
+        "import atexit, sys, threading, time\n"
+        f"atexit.register(lambda: open({str(hook)!r}, 'a').write('atexit\\n'))\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(hook)!r}, 'a').write('thread\\n'))).start()\n"
+        "from spectra_cli.main import run\n"
+        "sys.argv = ['spectra'] + sys.argv[1:]\n"
+        "run()\n"
+    )
+
+    def spectra(*args):
+        hook.unlink(missing_ok=True)
+        return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+
+    out = spectra("diff", str(base), str(tuned), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["modules"]  # the whole document reached the pipe
+    assert hook.read_text().splitlines() == ["thread", "atexit"]  # the thread joined first, as the interpreter does
+    out = spectra("diff", str(base), str(base))
+    assert out.returncode == 3 and "error:" in out.stderr and hook.read_text().endswith("atexit\n")
+    out = spectra("diff", str(base), str(tmp_path / "missing.safetensors"))
+    assert out.returncode in (1, 2) and hook.read_text().endswith("atexit\n")
+    out = spectra("--no-such-option")
+    assert out.returncode == 2 and "No such option" in out.stderr
+
+
 def test_debug_env_shows_traceback(pair, monkeypatch):
     monkeypatch.setenv("SPECTRA_DEBUG", "1")
     res = CliRunner().invoke(main, ["diff", str(pair[0].parent / "missing.safetensors"), str(pair[1])])
