@@ -510,20 +510,23 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------------
-#: Left-out matrices (embeddings, the head) up to this many stored bytes have their norms computed on a
-#: thread beside the pass; above it, first and alone: each is read whole, and freeing it before the
-#: pass keeps the run's peak memory at the larger of the two, not their sum.
+#: Left-out matrices (embeddings, the head) have their norms computed on a thread beside the pass, a
+#: block of rows at a time; one that can only be read whole (a ``.bin`` file, a quantised tensor) and
+#: whose pair is above this many stored bytes goes first and alone instead, so that the run's peak
+#: memory is the larger of the two, not their sum.
 LEFT_OUT_BESIDE_BYTES = 256 << 20
 
 
 def _left_out_records(src: _Source) -> Callable[[], list[dict]]:
     """Start the records of the matrices not extracted (:func:`left_out_record`); the function returned
-    gives them, re-raising a read error. Small ones are computed on a thread while the pass runs (on
-    the 135M-layout pair, the 113 MB embedding pair: 0.1-0.25 s that had kept a core idle)."""
+    gives them, re-raising a read error. They are computed on a thread while the pass runs, reading
+    blocks of rows (on the 135M-layout pair, the 113 MB embedding pair: 0.1-0.25 s that had kept a core
+    idle); a large one that can only be read whole goes first, alone (:data:`LEFT_OUT_BESIDE_BYTES`)."""
     def records() -> list[dict]:
         return [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
 
-    size = sum(what.pair.stored_bytes for what, _ in src.left_out if isinstance(what, Task))
+    size = sum(what.pair.stored_bytes for what, _ in src.left_out if isinstance(what, Task)
+               and not (src.base.reads_rows(what.pair.base.name) and src.tuned.reads_rows(what.pair.tuned.name)))
     if not src.left_out or size > LEFT_OUT_BESIDE_BYTES:
         done = records()
         return lambda: done

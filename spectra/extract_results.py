@@ -121,6 +121,28 @@ def _fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None
     return math.sqrt(d2), math.sqrt(b2)
 
 
+def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: str, rows: int | None,
+               block: int = 1 << 20) -> tuple[float, float]:
+    """``(‖W_tuned − W_base‖_F, ‖W_base‖_F)`` of two stored tensors (their first ``rows`` rows when given),
+    float32 differences with norms accumulated in float64, read a block of ``block`` elements at a time where both
+    files allow it (2-D safetensors tensors with as many columns): an embedding left out of the
+    extraction is never held whole (which kept up to both sides of it in memory beside the pass)."""
+    bi, ti = base.tensors[base_name], tuned.tensors[tuned_name]
+    n = ti.shape[0] if rows is None else rows
+    blocked = (len(bi.shape) == len(ti.shape) == 2 and bi.shape[1] == ti.shape[1] and n <= min(bi.shape[0], ti.shape[0])
+               and base.reads_rows(base_name) and tuned.reads_rows(tuned_name))
+    if not blocked:
+        return _fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
+    step = max(1, block // max(1, ti.shape[1]))
+    d2 = b2 = 0.0
+    for r in range(0, n, step):
+        tb = tuned.load_rows(tuned_name, r, min(n, r + step)).float()
+        bb = base.load_rows(base_name, r, min(n, r + step)).float()
+        d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
+        b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
+    return math.sqrt(d2), math.sqrt(b2)
+
+
 def _rel(fro: float | None, base_fro: float | None) -> float | None:
     if fro is None or base_fro is None or (isinstance(fro, float) and math.isnan(fro)):
         return None
@@ -132,8 +154,8 @@ def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reaso
     (``‖ΔW‖_F`` and ``‖ΔW‖_F / ‖W_base‖_F``, read and summed block by block)."""
     if isinstance(what, Task):
         pair = what.pair
-        fro, base_fro = _fro_blocks(base.load(pair.base.name), tuned.load(pair.tuned.name),
-                                    None if pair.rows is None or pair.tuned.transpose else pair.rows)
+        rows = None if pair.rows is None or pair.tuned.transpose else pair.rows
+        fro, base_fro = pair_norms(base, pair.base.name, tuned, pair.tuned.name, rows)
         name, shape = pair.tuned.name, list(pair.tuned_info.shape)
     else:
         name, shape, fro, base_fro = what
@@ -309,4 +331,4 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     )
 
 
-__all__ = ["SCHEMA", "ExtractResult", "build_result", "left_out_record", "module_record", "one_d_changes"]
+__all__ = ["SCHEMA", "ExtractResult", "build_result", "left_out_record", "module_record", "one_d_changes", "pair_norms"]

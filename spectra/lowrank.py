@@ -503,6 +503,15 @@ def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) ->
     return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64")
 
 
+#: :func:`refined_triplets` takes the float64 route when the n-th float32 eigenvalue of the Gram matrix is
+#: below this many times √p·eps₃₂·λ₁ (√p·eps₃₂·λ₁ is the typical rounding error of a float32 Gram
+#: eigensolve: 2.9e-6·λ₁ at p = 576, so the floor is 2.9e-5·λ₁ there). Measured at p = 576, 65 values, an
+#: update one direction of which dominates the rest: with the others at λ ratio 9e-6 their values came
+#: within 2.4e-5 (relative) of float64's and the energy within 6e-9 of ‖ΔW‖²; at 1e-6 within 6e-3 and
+#: 8e-8. Smoothly decaying spectra stay accurate far lower (λ ratio 5e-6: 1e-5 and 6e-10).
+REFINED_FLOOR = 10.0
+
+
 def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     """Top singular triplets of a dense ``(out, in)`` ΔW whose subspace is found in float32 and whose
     values and factors are computed in float64 (Rayleigh-Ritz): about 0.8× the time of
@@ -525,6 +534,11 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
        construction) in float64: ``residual`` is the largest over √2, relative to σ₁, as
        :func:`randomized_triplets` reports it.
 
+    Where float32 cannot resolve what is asked, the float64 route (:func:`gram_top`, :func:`eig_factors`)
+    is taken instead: when the n-th float32 eigenvalue is below :data:`REFINED_FLOOR`·√p·eps₃₂·λ₁ (an
+    update dominated by a few directions, whose other components float32 rounds away, or an update
+    of lower rank than n). A ΔW whose squares would leave float32's range is scaled by a power of two first.
+
     Args:
         delta: ``(out, in)`` float32 (or float64) ΔW on the CPU; elsewhere :func:`gram_top` and
             :func:`eig_factors` in float64 are used (same result, exact vectors).
@@ -533,18 +547,29 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
 
     Returns:
         :class:`Triplets` with ``S`` the n Ritz values (float64, descending), ``total`` the exact
-        ``‖ΔW‖²_F`` (float64), the factors, ``method`` ``"gram-eigh/float32+ritz/float64"`` and the residual.
+        ``‖ΔW‖²_F`` (float64), the factors, ``method`` ``"gram-eigh/float32+ritz/float64"`` and the residual
+        (the float64 route: ``"gram-eigh/float64"``, its top n values, no residual).
     """
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
-    if delta.device.type != "cpu" or not Tridiagonal.available(np.float32) or n == 0:
+    def exact() -> Triplets:
         eig = gram_top(delta, n, k)
         B, A = eig_factors(delta, eig, k)
         return Triplets(eig.S, fro_norm(delta) ** 2, B, A, "gram-eigh/float64")
+
+    if delta.device.type != "cpu" or not Tridiagonal.available(np.float32) or n == 0:
+        return exact()
     wide = delta.shape[0] <= delta.shape[1]  # the Gram matrix is ΔWΔWᵀ and Z holds left vectors
     M = as_numpy(delta)
-    _, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32).top_pairs(n, n)
+    amax = float(np.abs(M).max()) if M.size else 0.0
+    if amax > 0 and not 2.0**-40 <= amax <= 2.0**40:  # its squares would leave float32's range: scale by a power of 2 (exact)
+        M = M * np.float32(2.0 ** -math.frexp(amax)[1])
+    lam32, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32).top_pairs(n, n)
+    if not lam32[0] > 0 or lam32[-1] < REFINED_FLOOR * math.sqrt(min(delta.shape)) * float(np.finfo(np.float32).eps) * lam32[0]:
+        # a component asked for lies at float32's rounding level of the Gram matrix (an update dominated
+        # by a few directions, or of low rank): float32 cannot see its direction, float64 can
+        return exact()
     # ΔW in float64 once for the total and both products (blocks instead for a matrix above 64 MiB of it)
     D = delta.double() if delta.numel() <= 1 << 23 else None
     total = float(torch.dot(D.reshape(-1), D.reshape(-1))) if D is not None else fro_norm(delta) ** 2
@@ -617,6 +642,7 @@ __all__ = [
     "gram_top",
     "parse_budget",
     "randomized_triplets",
+    "REFINED_FLOOR",
     "refined_triplets",
     "rank_levels",
     "reach_above",

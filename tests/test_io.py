@@ -264,3 +264,32 @@ def test_lfs_pointer_and_unreadable_files(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(CheckpointNotFoundError, match="not a valid revision"):
         open_checkpoint("acme/tiny@../../etc")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_rows_read_a_block_at_a_time_equal_the_whole_tensor(tmp_path, dtype):
+    """Checkpoint.load_rows (one positioned read per block of rows) against load(): every block, the
+    empty one and the ends; refused for a range outside the tensor, a .bin tensor or a boolean one;
+    a file truncated after it was opened is one CheckpointFormatError naming the tensor."""
+    g = torch.Generator().manual_seed(0)
+    t = {"emb": torch.randn(37, 5, generator=g).to(dtype), "cube": torch.randn(4, 3, 2, generator=g).to(dtype),
+         "flag": torch.ones(3, dtype=torch.bool)}
+    save_file(t, str(tmp_path / "m.safetensors"))
+    ck = open_checkpoint(tmp_path / "m.safetensors")
+    whole = ck.load("emb")
+    for step in (1, 5, 36, 37):
+        parts = [ck.load_rows("emb", r, min(37, r + step)) for r in range(0, 37, step)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert ck.load_rows("emb", 7, 7).shape == (0, 5)
+    assert torch.equal(ck.load_rows("cube", 1, 3), ck.load("cube")[1:3])
+    assert not ck.reads_rows("flag")
+    with pytest.raises(ValueError):
+        ck.load_rows("emb", 30, 38)
+    torch.save(t, tmp_path / "m.bin")
+    assert not open_checkpoint(tmp_path / "m.bin").reads_rows("emb")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointFormatError, match="emb|cube|flag"):
+        for r in range(37):
+            ck.load_rows("emb", r, r + 1)
+            ck.load_rows("cube", 0, 4)

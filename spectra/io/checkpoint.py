@@ -52,7 +52,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
 from spectra.io.paths import allowed_roots, check_inside, file_kind, open_regular
-from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_tensor
+from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.torchfile import load_state_dict
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
@@ -190,6 +190,25 @@ class Checkpoint:
         except KeyError:
             raise CheckpointFormatError("tensor vanished from the file since it was opened", path=info.file, tensor=name) from None
         return tensor.clone()  # copy out of the mapped file so the map can be dropped
+
+    def reads_rows(self, name: str) -> bool:
+        """Whether :meth:`load_rows` can read ``name`` a block of rows at a time (a safetensors tensor with
+        at least one axis, neither quantised nor boolean); else only :meth:`load` reads it, whole."""
+        info = self.tensors[name]
+        return info.entry is not None and name not in self.scales and info.entry.dtype != "BOOL" and len(info.shape) >= 1
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` of ``name`` (first axis), as stored, by one positioned read
+        (:meth:`reads_rows` must hold): a large tensor, an embedding, read block by block.
+
+        Raises:
+            KeyError: ``name`` is not in this checkpoint. ValueError: it cannot be read by rows.
+            CheckpointFormatError: the data cannot be read.
+        """
+        if not self.reads_rows(name):
+            raise ValueError(f"{name} cannot be read a block of rows at a time")
+        info = self.tensors[name]
+        return read_rows(info.file, info.entry, start, stop)
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in the order given (default: file order)."""

@@ -248,6 +248,46 @@ def _check_tiling(path: Path, entries: list[TensorEntry], data_start: int, data_
         )
 
 
+def _read_into(path: str | Path, entry: TensorEntry, buf: torch.Tensor, offset: int) -> None:
+    """Fill the uint8 tensor ``buf`` with the bytes of ``entry`` from ``offset`` on (positioned reads)."""
+    view = memoryview(buf.numpy())
+    got, size = 0, buf.numel()
+    fd = open_regular(path, tensor=entry.name)  # replaced by a FIFO since it was opened: refused, never blocks
+    try:
+        while got < size:
+            n = os.preadv(fd, [view[got:]], entry.start + offset + got)
+            if n == 0:
+                raise CheckpointFormatError(
+                    f"file ended after {offset + got} of {entry.nbytes} bytes of this tensor",
+                    path=path, tensor=entry.name,
+                    hint="the file was truncated or is being written; download it again",
+                )
+            got += n
+    finally:
+        os.close(fd)
+
+
+def read_rows(path: str | Path, entry: TensorEntry, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` (the first axis) of a tensor, by one positioned read, in its stored dtype:
+    a large tensor read block by block never holds more than a block (``stop - start`` rows).
+
+    Raises:
+        ValueError: the tensor has no axis, is boolean, or the range is outside ``[0, shape[0]]``.
+        CheckpointFormatError: as :func:`read_tensor`.
+    """
+    if not entry.shape or entry.dtype == "BOOL" or not 0 <= start <= stop <= entry.shape[0]:
+        raise ValueError(f"rows [{start}, {stop}) of {entry.name} {entry.shape} ({entry.dtype}) cannot be read")
+    tdtype = _DTYPES[entry.dtype][0]
+    if tdtype is None:
+        raise CheckpointFormatError(f"dtype {entry.dtype} is not supported by this torch {torch.__version__}",
+                                    path=path, tensor=entry.name, hint="upgrade torch")
+    row = entry.nbytes // entry.shape[0] if entry.shape[0] else 0
+    buf = torch.empty((stop - start) * row, dtype=torch.uint8)
+    if buf.numel():
+        _read_into(path, entry, buf, start * row)
+    return buf.view(tdtype).reshape((stop - start, *entry.shape[1:]))
+
+
 def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
     """Read one tensor with a positioned read (no mmap), in its stored dtype, on the CPU.
 
@@ -271,21 +311,7 @@ def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=tdtype)
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    got = 0
-    fd = open_regular(path, tensor=entry.name)  # replaced by a FIFO since it was opened: refused, never blocks
-    try:
-        while got < entry.nbytes:
-            n = os.preadv(fd, [view[got:]], entry.start + got)
-            if n == 0:
-                raise CheckpointFormatError(
-                    f"file ended after {got} of {entry.nbytes} bytes of this tensor",
-                    path=path, tensor=entry.name,
-                    hint="the file was truncated or is being written; download it again",
-                )
-            got += n
-    finally:
-        os.close(fd)
+    _read_into(path, entry, buf, 0)
     if entry.dtype == "BOOL":
         return buf.to(torch.bool).reshape(entry.shape)
     return buf.view(tdtype).reshape(entry.shape)
