@@ -44,7 +44,7 @@ from spectra_cli.console import progress_bar, stderr, stdout
               help="Randomized SVD (certified residual) for matrices with min(out, in) above this; 0: never.")
 @click.option("--precision", type=click.Choice(["mixed", "float64"]), default="mixed", show_default=True,
               help="--rank on the CPU: mixed finds each subspace in float32 and computes values and factors on it in "
-                   "float64 (energies as float64's to ~1e-8 of ‖ΔW‖²); float64: exact float64 vectors throughout.")
+                   "float64 (energies within ~1e-8 of ‖ΔW‖² of float64's, measured); float64: exact float64 vectors throughout.")
 @click.option("--task-type", default="auto", show_default=True, help="PEFT task_type of the adapter (auto: from config.json).")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="A text file: held-out loss of base, tuned, base + adapter and base + a uniform adapter of the same size.")

@@ -8,6 +8,8 @@ the traceback. Unknown exceptions propagate.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -157,7 +159,7 @@ def run() -> None:
     took 0.13 s of each command here (0.25 s after a bare ``import torch``) and does nothing a
     finished command needs. What it does that matters is done first, as the interpreter does it:
     non-daemon threads joined (``threading._shutdown``, with the thread pools' own exit hooks),
-    ``atexit`` handlers (logging, multiprocessing children), stdout and stderr flushed; then
+    ``atexit`` handlers (logging, multiprocessing children), stdout and stderr flushed (Python's and C's); then
     ``os._exit`` with the command's status. Every file spectra writes is closed by then. An unexpected
     exception (a traceback) or a Python without ``threading._shutdown`` exits the ordinary way.
     """
@@ -177,10 +179,10 @@ def run() -> None:
     shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
-            pass
+    with contextlib.suppress(OSError, AttributeError):  # C's stdio buffers too (native libraries' messages)
+        ctypes.CDLL(None).fflush(None)
     os._exit(code & 0xFF)
 
 

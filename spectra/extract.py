@@ -24,6 +24,7 @@ of ``s·B·A``, never densified; DoRA from its dense update), stored in the tune
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import threading
@@ -56,8 +57,10 @@ from spectra.extract_plan import (
 from spectra.extract_results import (
     ExtractResult,
     build_result,
+    compared_rows,
     left_out_record,
     one_d_changes,
+    reads_pair_by_rows,
 )
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -438,9 +441,13 @@ def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.
     its values and factors in float64 (:func:`spectra.lowrank.refined_triplets`).
 
     k is known before any spectrum, so matrices need no batches: they flow through the compute
-    threads one at a time (a thread takes the next matrix as soon as it is done with one, where a
-    batch would wait for its slowest member and then for the main thread), and each thread writes
-    its own factors' scratch file; the main thread journals the results in order."""
+    threads (a free thread takes the next matrix when the main thread takes the oldest result, where a
+    batch waited for its slowest member and then for the main thread) while the matrices computed at
+    once hold at most one batch's memory (``--batch-memory``; one matrix always, however large), and
+    each thread writes its own factors' scratch file; the main thread journals the results in order.
+    A matrix above ``approx_above`` (the randomized path) is computed by the main thread in its turn."""
+    batch_bytes = run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch),
+                               device).batch_bytes
 
     def jobs() -> Iterator[tuple[int, Prepared, int | None]]:  # pulled by the main thread
         for batch in _stream(src, tasks, config, device):
@@ -448,6 +455,9 @@ def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.
                 i = run.index[item.unit.order]
                 exact = item.delta is not None and not _approx(config, run.targets[i])
                 yield i, item, run.keep_now(i, np.zeros(0), 1.0, 0.0) if exact else None
+
+    def cost(job: tuple[int, Prepared, int | None]) -> int:  # bytes of ΔW, as a batch counts them
+        return 0 if job[2] is None else job[1].delta.numel() * job[1].delta.element_size()
 
     def work(job: tuple[int, Prepared, int | None]) -> Triplets | None:
         i, item, k = job
@@ -457,15 +467,16 @@ def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.
         run.store_factors(i, tr.B, tr.A)
         return tr
 
-    for (i, item, _), tr in zip_results(jobs(), work):
-        if tr is not None:
-            run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note)
-            run.add_factors(i, tr.B, tr.A, stored=True)
-        elif item.delta is None:
-            run.skip(i, item.skip or "skipped")
-        else:
-            _randomized(run, i, item.delta)
-        item.delta = None
+    with contextlib.closing(zip_results(jobs(), work, cost=cost, max_cost=batch_bytes)) as results:
+        for (i, item, _), tr in results:
+            if tr is not None:
+                run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note)
+                run.add_factors(i, tr.B, tr.A, stored=True)
+            elif item.delta is None:
+                run.skip(i, item.skip or "skipped")
+            else:
+                _randomized(run, i, item.delta)
+            item.delta = None
 
 
 _R = TypeVar("_R")
@@ -526,7 +537,7 @@ def _left_out_records(src: _Source) -> Callable[[], list[dict]]:
         return [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
 
     size = sum(what.pair.stored_bytes for what, _ in src.left_out if isinstance(what, Task)
-               and not (src.base.reads_rows(what.pair.base.name) and src.tuned.reads_rows(what.pair.tuned.name)))
+               and not reads_pair_by_rows(src.base, what.pair.base.name, src.tuned, what.pair.tuned.name, compared_rows(what)))
     if not src.left_out or size > LEFT_OUT_BESIDE_BYTES:
         done = records()
         return lambda: done

@@ -64,7 +64,7 @@ class ExtractConfig(SharedOptions):
         seed: seed of the randomized sketches.
         precision: how ``--rank``'s singular vectors are computed on the CPU. ``"mixed"``: the subspace
             from a float32 Gram eigensolve, then the values and factors in float64 by Rayleigh-Ritz on
-            ΔW (:func:`spectra.lowrank.refined_triplets`: energies equal to float64's to ~1e-8 of
+            ΔW (:func:`spectra.lowrank.refined_triplets`: energies within ~1e-8 (measured) of float64's, in
             ‖ΔW‖²_F, each value at most the exact one, the residual reported; ~20% less time per
             576-wide matrix);
             ``"float64"``: the exact float64 eigenvectors. ``--energy`` and ``--budget`` need every
@@ -151,7 +151,7 @@ class ExtractConfig(SharedOptions):
 
 #: ExtractConfig fields that change what a run computes (a journal is resumed only under the same ones).
 RESULT_FIELDS = ("include", "exclude", "layers", "rank", "energy", "budget", "max_rank", "serving", "dtype", "rslora",
-                 "embeddings", "save_modules", "strategy", "approx_above", "seed", "top_values", "eval_text")
+                 "embeddings", "save_modules", "strategy", "approx_above", "precision", "seed", "top_values", "eval_text")
 
 
 @dataclass(frozen=True)

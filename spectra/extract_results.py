@@ -121,19 +121,31 @@ def _fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None
     return math.sqrt(d2), math.sqrt(b2)
 
 
+def compared_rows(task: Task) -> int | None:
+    """The rows :func:`left_out_record` compares of a left-out pair: the shared ones of a resized
+    vocabulary, or None for all (and for a transposed layout, whose rows are not the vocabulary)."""
+    return None if task.pair.rows is None or task.pair.tuned.transpose else task.pair.rows
+
+
+def reads_pair_by_rows(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: str, rows: int | None) -> bool:
+    """Whether :func:`pair_norms` reads this pair a block of rows at a time (2-D safetensors tensors with
+    as many columns, both holding the rows compared), or must load both whole."""
+    bi, ti = base.tensors[base_name], tuned.tensors[tuned_name]
+    n = ti.shape[0] if rows is None else rows
+    return (len(bi.shape) == len(ti.shape) == 2 and bi.shape[1] == ti.shape[1] and n <= min(bi.shape[0], ti.shape[0])
+            and base.reads_rows(base_name) and tuned.reads_rows(tuned_name))
+
+
 def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: str, rows: int | None,
                block: int = 1 << 20) -> tuple[float, float]:
     """``(‖W_tuned − W_base‖_F, ‖W_base‖_F)`` of two stored tensors (their first ``rows`` rows when given),
     float32 differences with norms accumulated in float64, read a block of ``block`` elements at a time where both
     files allow it (2-D safetensors tensors with as many columns): an embedding left out of the
     extraction is never held whole (which kept up to both sides of it in memory beside the pass)."""
-    bi, ti = base.tensors[base_name], tuned.tensors[tuned_name]
-    n = ti.shape[0] if rows is None else rows
-    blocked = (len(bi.shape) == len(ti.shape) == 2 and bi.shape[1] == ti.shape[1] and n <= min(bi.shape[0], ti.shape[0])
-               and base.reads_rows(base_name) and tuned.reads_rows(tuned_name))
-    if not blocked:
+    if not reads_pair_by_rows(base, base_name, tuned, tuned_name, rows):
         return _fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
-    step = max(1, block // max(1, ti.shape[1]))
+    n = tuned.tensors[tuned_name].shape[0] if rows is None else rows
+    step = max(1, block // max(1, tuned.tensors[tuned_name].shape[1]))
     d2 = b2 = 0.0
     for r in range(0, n, step):
         tb = tuned.load_rows(tuned_name, r, min(n, r + step)).float()
@@ -154,7 +166,7 @@ def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reaso
     (``‖ΔW‖_F`` and ``‖ΔW‖_F / ‖W_base‖_F``, read and summed block by block)."""
     if isinstance(what, Task):
         pair = what.pair
-        rows = None if pair.rows is None or pair.tuned.transpose else pair.rows
+        rows = compared_rows(what)
         fro, base_fro = pair_norms(base, pair.base.name, tuned, pair.tuned.name, rows)
         name, shape = pair.tuned.name, list(pair.tuned_info.shape)
     else:
@@ -331,4 +343,14 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     )
 
 
-__all__ = ["SCHEMA", "ExtractResult", "build_result", "left_out_record", "module_record", "one_d_changes", "pair_norms"]
+__all__ = [
+    "SCHEMA",
+    "ExtractResult",
+    "build_result",
+    "compared_rows",
+    "left_out_record",
+    "module_record",
+    "one_d_changes",
+    "pair_norms",
+    "reads_pair_by_rows",
+]

@@ -516,7 +516,7 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     """Top singular triplets of a dense ``(out, in)`` ΔW whose subspace is found in float32 and whose
     values and factors are computed in float64 (Rayleigh-Ritz): about 0.8× the time of
     :func:`gram_top` then :func:`eig_factors` on the CPU at p = 576 (one thread: 18 ms against 23 for a
-    576², 22 against 26 for a 1536 × 576 ΔW, 65 vectors), for the same energies to ~1e-8 of ‖ΔW‖²_F
+    576², 22 against 26 for a 1536 × 576 ΔW, 65 vectors), for the same energies to ~1e-8 of ‖ΔW‖²_F wherever measured
     (measured worst 3e-9; typically 1e-12) and values to ~1e-7·σ₁ (the values at the subspace's edge,
     of slowly decaying spectra, converge the slowest; values inside a gap agree to ~1e-12·σ₁).
 

@@ -9,7 +9,6 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import threading
 from collections import deque
@@ -101,7 +100,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKERS.forget)
 
 
-def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None) -> Iterator[_R]:
+def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None, *,
+                         cost: Callable[[_T], int] | None = None, max_cost: int | None = None) -> Iterator[_R]:
     """``fn(x)`` for each of ``items``, in order, computed up to ``workers`` at once in threads with one
     BLAS thread each; results are yielded as they come, so a caller can report progress.
 
@@ -112,7 +112,10 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
     The threads are the process's compute workers (:class:`_Workers`), kept between calls; the caller
     submits the next item as each result is taken, so at most ``workers`` run at once and an early
     stop (the first exception, a closed iterator) leaves the rest unstarted. The first exception is
-    raised where its result would have come.
+    raised where its result would have come. ``items`` may be a lazy iterator (a stream that reads as
+    it goes): an item is taken from it only when it can start, and a generator is closed when the map
+    ends. With ``cost``, the items running at once also cost at most ``max_cost`` together (one always
+    runs, whatever its cost): memory stays bounded when items are large matrices.
     """
     workers = max(1, torch.get_num_threads() if workers is None else workers)
     if isinstance(items, Sized):
@@ -125,29 +128,48 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
             return
         pool = _WORKERS.executor()
         todo = iter(items)
-        running: deque[Future[_R]] = deque()
+        running: deque[tuple[Future[_R], int]] = deque()
+        waiting: list[_T] = []  # an item taken from todo that did not fit yet
+        in_flight = 0
 
         def top_up() -> None:
-            for x in itertools.islice(todo, workers - len(running)):
-                running.append(pool.submit(fn, x))
+            nonlocal in_flight
+            while len(running) < workers:
+                if not waiting:
+                    try:
+                        waiting.append(next(todo))
+                    except StopIteration:
+                        return
+                c = cost(waiting[0]) if cost is not None else 0
+                if running and max_cost is not None and in_flight + c > max_cost:
+                    return
+                running.append((pool.submit(fn, waiting.pop()), c))
+                in_flight += c
 
-        top_up()
         try:
+            top_up()
             while running:
-                result = running.popleft().result()
+                future, c = running.popleft()
+                result = future.result()
+                in_flight -= c
                 top_up()  # the next item starts before this result is handed over
                 yield result
         finally:  # stopped early (an error, a closed iterator): finish what started; the rest never starts
-            for f in running:
+            for f, _ in running:
                 f.cancel()
-            wait(running)
+            wait([f for f, _ in running])
+            waiting.clear()
+            close = getattr(todo, "close", None)
+            if close is not None:  # a stream: its readers stop and its buffers go now, not with a traceback
+                close()
 
 
-def zip_results(items: Iterable[_T], fn: Callable[[_T], _R], workers: int | None = None) -> Iterator[tuple[_T, _R]]:
-    """``(x, fn(x))`` for each of ``items``, in order, by :func:`imap_one_blas_thread`; ``items`` may be a
-    lazy iterator (a stream that reads as it goes): the next item is taken, on the caller's thread, only
-    when a worker is free, so at most ``workers`` items are held beyond the stream's own read-ahead."""
-    return imap_one_blas_thread(lambda x: (x, fn(x)), items, workers)
+def zip_results(items: Iterable[_T], fn: Callable[[_T], _R], workers: int | None = None, *,
+                cost: Callable[[_T], int] | None = None, max_cost: int | None = None) -> Iterator[tuple[_T, _R]]:
+    """``(x, fn(x))`` for each of ``items``, in order, by :func:`imap_one_blas_thread` (``cost`` and
+    ``max_cost`` as there); ``items`` may be a lazy iterator (a stream that reads as it goes): the next
+    item is taken, on the caller's thread, only when a worker is free and its cost fits."""
+    return imap_one_blas_thread(lambda x: (x, fn(x)), items, workers, cost=cost, max_cost=max_cost)
 
 
 def map_one_blas_thread(fn: Callable[[_T], _R], items: Sequence[_T], workers: int | None = None) -> list[_R]:

@@ -136,6 +136,50 @@ def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
     assert got == [0, 1, 2, 3] and len(pulled) <= 7 and closed
 
 
+def test_zip_results_keeps_what_runs_at_once_within_its_cost():
+    """extract's bound on memory: items whose costs do not fit together run one after the other (one always
+    runs, however large), small ones together; a stream that fails while the first items are being taken
+    is closed, and what had started is finished before the error is raised."""
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def work(c):
+        with lock:
+            now[0] += c
+            peak[0] = max(peak[0], now[0])
+        threading.Event().wait(0.01)
+        with lock:
+            now[0] -= c
+        return c
+
+    costs = [8, 8, 3, 3, 3, 20, 1, 1]
+    got = [y for _, y in zip_results(iter(costs), work, workers=3, cost=lambda c: c, max_cost=10)]
+    assert got == costs and peak[0] <= 20  # 20 alone; the rest never above 10 together
+    peak[0] = 0
+    list(zip_results(iter([3, 3, 3, 3]), work, workers=3, cost=lambda c: c, max_cost=10))
+    assert peak[0] == 9  # three small ones at once
+
+    started, closed = [], []
+
+    def failing():
+        try:
+            yield 1
+            raise OSError("the checkpoint vanished")
+        finally:
+            closed.append(True)
+
+    def slow(x):
+        threading.Event().wait(0.05)
+        started.append(x)
+        return x
+
+    with pytest.raises(OSError, match="vanished"):
+        list(zip_results(failing(), slow, workers=2))
+    after = list(started)
+    threading.Event().wait(0.15)
+    # the stream was closed; the first item was cancelled or had finished: nothing runs on after the error
+    assert closed and after in ([], [1]) and started == after
+
+
 def test_a_forked_child_gets_compute_workers_of_its_own():
     import os
 
