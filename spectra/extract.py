@@ -17,9 +17,12 @@ engine's exact batched path), allocates, and reads again for the vectors of the 
 ``bench/extract.py`` measures both.
 
 Factors: ``B = U_r·diag(√σ)``, ``A = diag(√σ)·V_rᵀ`` with ``lora_alpha = r`` per module (scale 1;
-rsLoRA ``alpha = √r``) from the exact top-r singular vectors (float64 Gram eigendecomposition; the
+rsLoRA ``alpha = √r``) from the top-r singular vectors (float64 Gram eigendecomposition; under
+``--rank`` on the CPU the subspace from float32 and the values and factors on it in float64,
+:func:`spectra.lowrank.refined_triplets`, matrices streamed through the compute threads; the
 randomized SVD with its certified residual above ``approx_above``; for an adapter, the factored SVD
 of ``s·B·A``, never densified; DoRA from its dense update), stored in the tuned checkpoint's dtype.
+The output folder's checks and the inputs' norms live in :mod:`spectra.extract_io`.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError
+from spectra.extract_io import (
+    JOURNAL,
+    OUTPUT_FILES,
+    SCRATCH,
+    adapter_dtype,
+    left_out_records,
+    lora_fro,
+    out_dtype,
+    prepare_out,
+    refuse_an_input_folder,
+    tensor_fro,
+)
 from spectra.extract_plan import (
     RESULT_FIELDS,
     ExtractConfig,
@@ -57,10 +72,7 @@ from spectra.extract_plan import (
 from spectra.extract_results import (
     ExtractResult,
     build_result,
-    compared_rows,
-    left_out_record,
     one_d_changes,
-    reads_pair_by_rows,
 )
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -95,13 +107,7 @@ from spectra.pairing import pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import batches, largest_first, prefetch, run_settings
-from spectra.threads import map_one_blas_thread, one_openmp_thread, zip_results
-
-JOURNAL = "extract.jsonl"
-SCRATCH = ".extract-scratch"
-#: Files a run writes; a folder holding anything else (or a finished run) is refused without ``force``.
-OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "extract.json", "extract.csv", "extract.png",
-                "extract_ranks.png", JOURNAL, SCRATCH)
+from spectra.threads import map_one_blas_thread, zip_results
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             continue
         bn = base_by_key.get(s.name) or _same_key(base, s.name)
         if mismatched:  # a matrix whose base has another shape: not silently dropped, listed with the reason
-            left.append(((s.name, tuple(info.shape), None, _fro(base, bn)), s.reason))
+            left.append(((s.name, tuple(info.shape), None, tensor_fro(base, bn)), s.reason))
         elif bn is not None:
             one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
@@ -195,36 +201,16 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         if not keep(spec.name, spec.layer):
             continue
         if mod.embedding and not config.embeddings:
-            left.append(((spec.name, tuple(mod.shape), _lora_fro(mod), _fro(base, base_name)),
+            left.append(((spec.name, tuple(mod.shape), lora_fro(mod), tensor_fro(base, base_name)),
                          "embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)"))
             continue
         t = target_of(order, spec, mod.module, tuple(mod.shape), base_name=base_name, dtype="float32", note=spec.note)
-        targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": _adapter_dtype(adapter)}))
+        targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": adapter_dtype(adapter)}))
         mods[order] = mod
     for s in adapter.skipped:
         left.append(((s.name, (), None, None), s.reason))
     return _Source("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path))
-
-
-def _adapter_dtype(adapter: Adapter) -> str:
-    from spectra.io.checkpoint import tensor_infos
-
-    f = next(adapter.path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (adapter.path / n).is_file())
-    dtypes = [i.dtype for i in tensor_infos(f).values()]
-    return max(set(dtypes), key=dtypes.count) if dtypes else "float32"
-
-
-def _lora_fro(mod) -> float:
-    """‖s·B·A‖_F from the factors (QR and an r × r SVD; the product is never formed)."""
-    Bf, Af = mod.factors()
-    return factored_triplets(Bf, Af, mod.scale, 0).total ** 0.5
-
-
-def _fro(ckpt: Checkpoint, name: str | None) -> float | None:
-    if name is None or name not in ckpt.tensors:
-        return None
-    return float(torch.linalg.vector_norm(ckpt.load(name).double()).item())
 
 
 # ---- the run state: spectra, factors on disk, the journal -------------------------------------------
@@ -502,7 +488,7 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
         if i in run.spectra and i in run.factors:
             continue
         mod = src.mods[t.order]
-        base_fro = _fro(src.base, t.base_name)
+        base_fro = tensor_fro(src.base, t.base_name)
         if mod.magnitude is not None:  # DoRA: ΔW depends on the base; dense
             W = src.base.load(t.base_name).to(torch.float32)
             W = W.mT if t.conv1d else W
@@ -521,90 +507,6 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------------
-#: Left-out matrices (embeddings, the head) have their norms computed on a thread beside the pass, a
-#: block of rows at a time; one that can only be read whole (a ``.bin`` file, a quantised tensor) and
-#: whose pair is above this many stored bytes goes first and alone instead, so that the run's peak
-#: memory is the larger of the two, not their sum.
-LEFT_OUT_BESIDE_BYTES = 256 << 20
-
-
-def _left_out_records(src: _Source) -> Callable[[], list[dict]]:
-    """Start the records of the matrices not extracted (:func:`left_out_record`); the function returned
-    gives them, re-raising a read error. They are computed on a thread while the pass runs, reading
-    blocks of rows (on the 135M-layout pair, the 113 MB embedding pair: 0.1-0.25 s that had kept a core
-    idle); a large one that can only be read whole goes first, alone (:data:`LEFT_OUT_BESIDE_BYTES`)."""
-    def records() -> list[dict]:
-        return [left_out_record(src.base, src.tuned, what, why) for what, why in src.left_out]
-
-    size = sum(what.pair.stored_bytes for what, _ in src.left_out if isinstance(what, Task)
-               and not reads_pair_by_rows(src.base, what.pair.base.name, src.tuned, what.pair.tuned.name, compared_rows(what)))
-    if not src.left_out or size > LEFT_OUT_BESIDE_BYTES:
-        done = records()
-        return lambda: done
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        one_openmp_thread()  # beside the compute threads, not over them
-        try:
-            box["records"] = records()
-        except BaseException as exc:  # handed to the caller
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="spectra-left-out", daemon=True)
-    thread.start()
-
-    def result() -> list[dict]:
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["records"]
-
-    return result
-
-
-def _prepare_out(out: Path, resume: bool, force: bool) -> None:
-    """Refuse a folder that holds anything unless resuming or forced; with ``force`` remove what a
-    previous run wrote (only spectra's own files)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError("the output path exists and is not a folder", path=out, hint="choose a folder for --out")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if present and not resume and not force:
-        raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
-                          path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")
-    if force and not resume:
-        for name in [*OUTPUT_FILES, *(p.name for p in out.glob("uniform_r*") if p.is_dir())]:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-
-
-def _refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
-    """An output folder that is an input's folder would be overwritten (``--force`` first deletes the
-    adapter files a run writes, which are an adapter input's own): refused before anything is touched."""
-    target = out.resolve()
-    for x in inputs:
-        where = Path(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else Path(x)
-        try:
-            where = where.resolve()
-        except OSError:
-            continue
-        # a folder input (a model, an adapter) holds files the run writes; a lone file only if it has such a name
-        folder = where if where.is_dir() else where.parent
-        if target == folder and (where.is_dir() or where.name in OUTPUT_FILES):
-            raise ConfigError(f"--out is the folder of the input {x.label if isinstance(x, Checkpoint) else x}: the run "
-                              "would overwrite (with --force: delete) its files", path=out,
-                              hint="choose another folder for --out: a resized adapter is written beside the one it comes from")
-
-
-def _out_dtype(config: ExtractConfig, stored: list[str]) -> torch.dtype:
-    if config.dtype != "auto":
-        return getattr(torch, config.dtype)
-    common = max(set(stored), key=stored.count) if stored else "float32"
-    return getattr(torch, common) if common in ("float64", "float32", "float16", "bfloat16") else torch.bfloat16
-
-
 def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path, *, config: ExtractConfig | None = None,
             resume: bool = False, force: bool = False, plots: bool = True,
             callback: Callable[[ExtractEvent], None] | None = None) -> ExtractResult:
@@ -640,7 +542,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     check_device_available(device)
     t0 = time.perf_counter()
     out = Path(out_dir)
-    _refuse_an_input_folder(out, base, tuned)
+    refuse_an_input_folder(out, base, tuned)
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     src = _open_source(base_ckpt, tuned, config)
     if not src.targets:
@@ -653,8 +555,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             raise ConfigError(f"--rank {config.rank} is above the rank r = {r_low} of the adapter's {low.name}: its update "
                               f"s·B·A has at most {r_low} nonzero singular values", path=src.label,
                               hint=f"choose --rank <= {r_low} to resize the adapter down (--energy 1.0 keeps every module whole)")
-    _prepare_out(out, resume, force)  # after every check of the inputs: a refused run deletes nothing
-    dtype = _out_dtype(config, [t.dtype for t in src.targets])
+    prepare_out(out, resume, force)  # after every check of the inputs: a refused run deletes nothing
+    dtype = out_dtype(config, [t.dtype for t in src.targets])
     plan = plan_ranks(src.targets, config, torch.empty(0, dtype=dtype).element_size())
     inputs = [base_ckpt] + ([src.tuned] if src.tuned is not None else [])
     options = {k: getattr(config, k) for k in RESULT_FIELDS}
@@ -668,7 +570,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     run = _Run(src.targets, plan, config, out, journal, callback,
                scratch_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
     run.absorb(journal.start(fingerprint, resume=resume))
-    not_extracted = _left_out_records(src)
+    not_extracted = left_out_records(src.base, src.tuned, src.left_out)
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
     loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
     if loader is not None:
