@@ -516,9 +516,9 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     """Top singular triplets of a dense ``(out, in)`` ΔW whose subspace is found in float32 and whose
     values and factors are computed in float64 (Rayleigh-Ritz): about 0.8× the time of
     :func:`gram_top` then :func:`eig_factors` on the CPU at p = 576 (one thread: 18 ms against 23 for a
-    576², 22 against 26 for a 1536 × 576 ΔW, 65 vectors), for the same energies to ~1e-8 of ‖ΔW‖²_F wherever measured
-    (measured worst 3e-9; typically 1e-12) and values to ~1e-7·σ₁ (the values at the subspace's edge,
-    of slowly decaying spectra, converge the slowest; values inside a gap agree to ~1e-12·σ₁).
+    576², 22 against 26 for a 1536 × 576 ΔW, 65 vectors), for the same energies to ~1e-8 of ‖ΔW‖²_F
+    wherever measured (3e-9 at worst; typically 1e-12) and values to ~1e-7·σ₁ (the values at the
+    subspace's edge, of slowly decaying spectra, converge the slowest; inside a gap, to ~1e-12·σ₁).
 
     1. The smaller Gram matrix in float32 and its top ``n`` eigenvectors Z (``ssytrd``, MRRR or
        divide and conquer, ``sormtr``: :class:`spectra.lapack.Tridiagonal` in float32). Z spans the
@@ -553,6 +553,7 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
+
     def exact() -> Triplets:
         eig = gram_top(delta, n, k)
         B, A = eig_factors(delta, eig, k)
@@ -566,7 +567,7 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     if amax > 0 and not 2.0**-40 <= amax <= 2.0**40:  # its squares would leave float32's range: scale by a power of 2 (exact)
         M = M * np.float32(2.0 ** -math.frexp(amax)[1])
     lam32, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32).top_pairs(n, n)
-    if not lam32[0] > 0 or lam32[-1] < REFINED_FLOOR * math.sqrt(min(delta.shape)) * float(np.finfo(np.float32).eps) * lam32[0]:
+    if not lam32[0] > 0 or lam32[-1] < REFINED_FLOOR * math.sqrt(p) * float(np.finfo(np.float32).eps) * lam32[0]:
         # a component asked for lies at float32's rounding level of the Gram matrix (an update dominated
         # by a few directions, or of low rank): float32 cannot see its direction, float64 can
         return exact()
@@ -627,6 +628,7 @@ def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) 
 
 
 __all__ = [
+    "REFINED_FLOOR",
     "VLLM_RANKS",
     "Allocation",
     "Budget",
@@ -642,7 +644,6 @@ __all__ = [
     "gram_top",
     "parse_budget",
     "randomized_triplets",
-    "REFINED_FLOOR",
     "refined_triplets",
     "rank_levels",
     "reach_above",
