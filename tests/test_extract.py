@@ -127,16 +127,22 @@ def merged_weight(name: str, merged: dict[str, torch.Tensor], key: str) -> torch
     return merged[key]
 
 
+@pytest.mark.parametrize("rule", ["budget", "rank"])  # rank: the float32 subspace with float64 factors
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_peft_loads_and_merges_to_the_truncation(tmp_path, name):
+def test_peft_loads_and_merges_to_the_truncation(tmp_path, name, rule):
     """Every family: PEFT loads the adapter with no missing/unexpected key, and base + merged adapter
     equals base + the rank-r truncation of each module's ΔW (r as the adapter says) to float32 rounding."""
     base_dir, tuned_dir = make_pair(tmp_path, name)
     budget = 4 * sum(t.shape[0] + t.shape[1] for n, t in load_file(str(base_dir / "model.safetensors")).items()
                      if t.ndim == 2 and not _is_embedding(n))  # a mean rank of 4 of the planted 6: it binds
-    res = extract(base_dir, tuned_dir, tmp_path / "out", config=ExtractConfig(budget=str(budget), save_modules=True))
+    config = (ExtractConfig(budget=str(budget), save_modules=True) if rule == "budget"
+              else ExtractConfig(rank=3, top_values=5, save_modules=True))  # 6 values, all of the planted part
+    res = extract(base_dir, tuned_dir, tmp_path / "out", config=config)
     ranks = module_ranks(tmp_path / "out")
-    assert len(set(ranks.values())) > 1 or name == "mixtral"  # the budget spreads ranks unevenly
+    if rule == "budget":
+        assert len(set(ranks.values())) > 1 or name == "mixtral"  # the budget spreads ranks unevenly
+    else:
+        assert set(ranks.values()) == {3} and {m["method"] for m in res.modules} == {"gram-eigh/float32+ritz/float64"}
     merged = peft_merge(name, base_dir, tmp_path / "out")
     base, tuned = load_file(str(base_dir / "model.safetensors")), load_file(str(tuned_dir / "model.safetensors"))
     conv1d = name == "gpt2"
