@@ -181,7 +181,7 @@ def run() -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
             stream.flush()
-    with contextlib.suppress(OSError, AttributeError):  # C's stdio buffers too (native libraries' messages)
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # C's stdio buffers too (not on Windows: no CDLL(None))
         ctypes.CDLL(None).fflush(None)
     os._exit(code & 0xFF)
 
