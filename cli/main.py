@@ -132,7 +132,7 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
             click.echo(f"{_rank_prefix()}stopped by {what}: results finished so far are kept in the --out folder "
-                       "(results.jsonl); run the same command with --resume to finish", err=True)
+                       "(in its journal, *.jsonl); run the same command with --resume to finish", err=True)
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:
             if stop is not None:
