@@ -106,7 +106,7 @@ from spectra.lowrank import (
 from spectra.pairing import pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
-from spectra.stream import batches, largest_first, prefetch, run_settings
+from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
 from spectra.threads import map_one_blas_thread, zip_results
 
 
@@ -268,7 +268,7 @@ class _Run:
         """Write target i's factors to its scratch file (none when k = 0); safe from any thread."""
         if A is not None and A.shape[0]:
             write_safetensors(self.scratch / f"{self.targets[i].order}.safetensors", [("B", tuple(B.shape)), ("A", tuple(A.shape))],
-                              [B.float(), A.float()], self.scratch_dtype)
+                              [B, A], self.scratch_dtype)
 
     def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None,
                     stored: bool = False) -> None:
@@ -338,8 +338,13 @@ class _Run:
 
 
 # ---- passes -----------------------------------------------------------------------------------------
+def _settings(config: ExtractConfig, device: torch.device) -> RunSettings:
+    """Batch memory, read-ahead and readers, as ``spectra diff`` resolves them."""
+    return run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch), device)
+
+
 def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
-    settings = run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch), device)
+    settings = _settings(config, device)
     prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes)
     try:
         # the CPU decomposes as many matrices at once as it has threads (one BLAS thread each), so a batch
@@ -432,8 +437,7 @@ def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.
     once hold at most one batch's memory (``--batch-memory``; one matrix always, however large), and
     each thread writes its own factors' scratch file; the main thread journals the results in order.
     A matrix above ``approx_above`` (the randomized path) is computed by the main thread in its turn."""
-    batch_bytes = run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch),
-                               device).batch_bytes
+    batch_bytes = _settings(config, device).batch_bytes
 
     def jobs() -> Iterator[tuple[int, Prepared, int | None]]:  # pulled by the main thread
         for batch in _stream(src, tasks, config, device):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,16 @@ def _fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None
     if rows is not None:
         t, b = t[:rows], (None if b is None else b[:rows])
     step = max(1, block // max(1, t.shape[1]))
+    return _norms_of_blocks((t[r : r + step], None if b is None else b[r : r + step]) for r in range(0, t.shape[0], step))
+
+
+def _norms_of_blocks(blocks: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float]:
+    """``(‖t − b‖_F, ‖b‖_F)`` summed over ``(t, b)`` blocks (b None: zeros): float32 differences (exact for
+    bf16/fp16 inputs up to one float32 rounding), norms accumulated in float64."""
     d2 = b2 = 0.0
-    for r in range(0, t.shape[0], step):
-        tb = t[r : r + step].float()
-        bb = b[r : r + step].float() if b is not None else torch.zeros_like(tb)
+    for t_block, b_block in blocks:
+        tb = t_block.float()
+        bb = b_block.float() if b_block is not None else torch.zeros_like(tb)
         d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
         b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
     return math.sqrt(d2), math.sqrt(b2)
@@ -146,13 +153,8 @@ def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: 
         return _fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
     n = tuned.tensors[tuned_name].shape[0] if rows is None else rows
     step = max(1, block // max(1, tuned.tensors[tuned_name].shape[1]))
-    d2 = b2 = 0.0
-    for r in range(0, n, step):
-        tb = tuned.load_rows(tuned_name, r, min(n, r + step)).float()
-        bb = base.load_rows(base_name, r, min(n, r + step)).float()
-        d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
-        b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
-    return math.sqrt(d2), math.sqrt(b2)
+    return _norms_of_blocks((tuned.load_rows(tuned_name, r, min(n, r + step)), base.load_rows(base_name, r, min(n, r + step)))
+                            for r in range(0, n, step))
 
 
 def _rel(fro: float | None, base_fro: float | None) -> float | None:
