@@ -420,7 +420,7 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
     """
     tri = None
     if delta.device.type == "cpu" and Tridiagonal.available():
-        tri = Tridiagonal.of(gram_upper(as_numpy(delta)))
+        tri = Tridiagonal.of(gram_upper(as_numpy(delta)), overwrite=True)
         S, Q = np.sqrt(np.maximum(tri.lam, 0.0)), None
     else:
         if delta.device.type == "cpu":  # scipy without its Cython LAPACK API: numpy's full eigh
@@ -452,7 +452,7 @@ def gram_top(delta: torch.Tensor, n: int, k: int) -> GramEig:
         return GramEig(eig.S[:n], eig.total, eig.top(k) if k else None, None)
     G = gram_upper(as_numpy(delta))
     total = float(np.trace(G))
-    lam, vecs = Tridiagonal.of(G, values=False).top_pairs(n, k)
+    lam, vecs = Tridiagonal.of(G, values=False, overwrite=True).top_pairs(n, k)
     return GramEig(np.sqrt(np.maximum(lam, 0.0)), total, torch.from_numpy(vecs), None)
 
 
@@ -566,7 +566,8 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     amax = float(np.abs(M).max()) if M.size else 0.0
     if amax > 0 and not 2.0**-40 <= amax <= 2.0**40:  # its squares would leave float32's range: scale by a power of 2 (exact)
         M = M * np.float32(2.0 ** -math.frexp(amax)[1])
-    lam32, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32).top_pairs(n, n)
+    lam32, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32,
+                                 overwrite=True).top_pairs(n, n)
     if not lam32[0] > 0 or lam32[-1] < REFINED_FLOOR * math.sqrt(p) * float(np.finfo(np.float32).eps) * lam32[0]:
         # a component asked for lies at float32's rounding level of the Gram matrix (an update dominated
         # by a few directions, or of low rank): float32 cannot see its direction, float64 can

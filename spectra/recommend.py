@@ -27,6 +27,7 @@ from spectra.io.jsonfile import load_json
 from spectra.io.peft_writer import target_modules
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import threshold_key
+from spectra.results import SCHEMA as DIFF_SCHEMA
 
 #: Bytes per parameter assumed for a budget given as a size (``50MB``): a bf16 adapter.
 BUDGET_BYTES_PER_PARAM = 2
@@ -108,7 +109,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
     where = None if isinstance(results, dict) else Path(results)
     doc = results if isinstance(results, dict) else _load(Path(results))
-    if doc.get("schema") != "spectra.diff/1":
+    if doc.get("schema") != DIFF_SCHEMA:
         raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})", path=where,
                           hint="pass the results.json written by spectra diff --out DIR")
     if doc.get("complete") is False:  # an interrupted run: a config from part of the model would mislead

@@ -12,9 +12,7 @@ from spectra.findings import Finding, diff_findings, matrix_legend, skipped_reas
 from spectra.plots import diff as diff_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
-from spectra.results import CAVEAT_PREFIX, DiffResult
-
-SCHEMA = "spectra.diff/1"
+from spectra.results import CAVEAT_PREFIX, SCHEMA, DiffResult
 
 
 def load(path: Path, doc: dict) -> DiffResult:

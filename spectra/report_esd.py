@@ -19,6 +19,7 @@ from spectra.naming import role_sort_key
 from spectra.plots import esd as esd_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
+from spectra.results import SCHEMA as DIFF_SCHEMA
 
 SCHEMA = "spectra.esd/1"
 #: ``|Δα| / sqrt(σ_base² + σ_tuned²)`` above this reads as "fine-tuning moved α".
@@ -108,9 +109,9 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
     schema = doc.get("schema")
     if schema == SCHEMA:
         return _esd_section(path, doc)
-    if schema == "spectra.diff/1":
+    if schema == DIFF_SCHEMA:
         return _diff_section(path, doc)
-    raise ValueError(f"schema must be {SCHEMA!r} or 'spectra.diff/1'. Got {schema!r} instead.")
+    raise ValueError(f"schema must be {SCHEMA!r} or {DIFF_SCHEMA!r}. Got {schema!r} instead.")
 
 
 def _esd_section(path: Path, doc: dict[str, Any]) -> str:

@@ -76,8 +76,9 @@ def gram_eigh(M: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torc
         both float64 on ``M``'s device, and ``trace(G) = ‖M‖_F²``.
     """
     G = _gram64(M)
-    lam, vecs = _top_eigh(G, k)
-    return lam, vecs, float(G.trace())
+    trace = float(G.trace())
+    lam, vecs = _top_eigh(G, k, scratch=True)
+    return lam, vecs, trace
 
 
 def _gram64(M: torch.Tensor) -> torch.Tensor:
@@ -89,9 +90,10 @@ def _gram64(M: torch.Tensor) -> torch.Tensor:
     return M64 @ M64.mT if M.shape[0] <= M.shape[1] else M64.mT @ M64
 
 
-def _top_eigh(G: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _top_eigh(G: torch.Tensor, k: int | None, *, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k eigenpairs of the symmetric float64 ``G (p, p)`` (None: all p): eigenvalues descending,
-    clipped at 0, and orthonormal eigenvectors ``(p, k)``, on G's device."""
+    clipped at 0, and orthonormal eigenvectors ``(p, k)``, on G's device. ``scratch``: G is a
+    temporary with both triangles filled, which the CPU solver may reduce in place (no p × p copy)."""
     p = G.shape[0]
     k = p if k is None else k
     if not 1 <= k <= p:
@@ -99,7 +101,9 @@ def _top_eigh(G: torch.Tensor, k: int | None) -> tuple[torch.Tensor, torch.Tenso
     if G.device.type == "cpu":
         # the GIL released, so modules solved in parallel threads use every core; only k vectors are
         # back-transformed, which beats numpy's full eigh at every k (p = 576: 26 against 28 ms for all)
-        lam, vecs = top_eigh_upper(G.numpy(), k)
+        A = G.numpy()
+        # a C-ordered symmetric array is its own transpose: the Fortran-ordered view LAPACK can work in
+        lam, vecs = top_eigh_upper(A.T if scratch and A.flags.c_contiguous else A, k, overwrite=scratch)
         lam_t, vecs_t = torch.from_numpy(lam), torch.from_numpy(vecs)
     else:
         lam_all, vecs_all = torch.linalg.eigh(G)
@@ -262,7 +266,7 @@ class WeightBasis:
         else:  # G = Wᵀ W (in × in): X = Wᵀ U S, R = Vhᵀ, K = (U S)ᵀ (U S)
             X, R, K = W.mT @ US, Vh.mT, US.mT @ US
         L = X + R @ K / 2
-        _, vecs = _top_eigh(G + torch.cat([L, R], dim=1) @ torch.cat([R, L], dim=1).mT, k)
+        _, vecs = _top_eigh(G + torch.cat([L, R], dim=1) @ torch.cat([R, L], dim=1).mT, k, scratch=True)
         if wide:
             return vecs
         return _directions(W @ vecs + US @ (Vh @ vecs), complete=True)  # (W + U S Vh)·v, orthonormalised

@@ -57,6 +57,29 @@ def test_input_is_not_modified_and_any_order_works():
     np.testing.assert_allclose(a[0], b[0], rtol=1e-14)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_overwrite_reduces_a_fortran_array_in_place_with_the_same_results(dtype):
+    G = np.asfortranarray(_gram(np.random.default_rng(5), 48, 100), dtype=dtype)
+    kept = Tridiagonal.of(G, dtype=dtype)
+    work = G.copy(order="F")
+    tri = Tridiagonal.of(work, dtype=dtype, overwrite=True)
+    assert np.shares_memory(tri.a, work)  # no p × p copy: the reduction lives in the caller's array
+    np.testing.assert_array_equal(tri.lam, kept.lam)
+    np.testing.assert_array_equal(tri.top_vectors(6), kept.top_vectors(6))
+    assert not np.array_equal(work, G)  # it was used as the workspace
+
+
+def test_overwrite_copies_what_lapack_cannot_work_in():
+    G = _gram(np.random.default_rng(6), 30, 70)  # C-ordered float64: not LAPACK's layout
+    for arr, dtype in ((G, np.float64), (np.asfortranarray(G), np.float32)):
+        before = arr.copy()
+        tri = Tridiagonal.of(arr, dtype=dtype, overwrite=True)
+        assert not np.shares_memory(tri.a, arr)
+        np.testing.assert_array_equal(arr, before)
+    lam, vecs = top_eigh_upper(np.asfortranarray(G), 5, overwrite=True)
+    _check(G, 5, lam, vecs)
+
+
 def test_threads_give_the_same_results():
     rng = np.random.default_rng(5)
     Gs = [_gram(rng, 80, 160, 0.7) for _ in range(6)]
