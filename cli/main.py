@@ -48,8 +48,9 @@ class _StopSignals:
     runs handlers only in the main thread between bytecodes, so a main thread blocked in a join or
     a long native call would never see the second one."""
 
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, kept: str = "") -> None:
         self.grace_s = grace_s
+        self.kept = kept  # what the stop leaves behind, for the message of a hard exit
         self.timer: threading.Timer | None = None
         self.count = 0
         self._raised = False
@@ -78,11 +79,11 @@ class _StopSignals:
             self.count += 1
             first = self.count == 1
         if first:  # kept after the command returns when this process is the command: it also bounds a hang in its exit
-            self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s"))
+            self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s", self.kept))
             self.timer.daemon = True
             self.timer.start()
         else:
-            _hard_exit(code, "a second stop signal")
+            _hard_exit(code, "a second stop signal", self.kept)
 
     def close(self, *, owns_process: bool) -> None:
         """Restore the previous handler and wakeup fd; the watcher ends. Inside another program (a
@@ -102,10 +103,30 @@ def _owns_process() -> bool:
     return Path(sys.argv[0]).stem == "spectra" or (spec is not None and spec.name in ("spectra", "spectra.__main__"))
 
 
-def _hard_exit(code: int, why: str) -> None:
-    os.write(2, f"stopped at once ({why}): results journaled so far are kept in the --out folder; "
-                "run the same command with --resume to finish\n".encode())
+def _hard_exit(code: int, why: str, kept: str) -> None:
+    os.write(2, f"stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
+
+
+def kept_on_stop(group: click.Group, ctx: click.Context) -> str:
+    """What a stop leaves of the command ``ctx``'s arguments name, in words: the journal of a command that
+    can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
+    The subcommand's options are read with click's resilient parsing (no errors, no callbacks)."""
+    try:
+        name, cmd, rest = group.resolve_command(ctx, list(ctx.meta.get("spectra.args", ())))
+        if cmd is None:
+            return ""
+        with cmd.make_context(name, rest, parent=ctx, resilient_parsing=True) as sub:
+            params = dict(sub.params)
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, IndexError, ValueError, TypeError):
+        return ""
+    out = params.get("out_dir")
+    if out and "resume" in params:
+        return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
+                "with --resume to finish")
+    if out:
+        return f"{name} writes {out} when it finishes: nothing was kept; run the command again"
+    return "nothing was written (no --out)" if "out_dir" in params else ""
 
 
 def _rank_prefix() -> str:
@@ -119,8 +140,13 @@ class _Group(click.Group):
     """Turns :class:`SpectraError` into one line on stderr and a non-zero exit, and Ctrl-C or
     SIGTERM into a clean stop: what was computed is already journaled (``diff --resume``)."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["spectra.args"] = list(args)  # the subcommand's tokens, for the stop message (kept_on_stop)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
-        stop = _StopSignals(STOP_GRACE_S) if threading.current_thread() is threading.main_thread() else None
+        kept = kept_on_stop(self, ctx)
+        stop = _StopSignals(STOP_GRACE_S, kept) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except SpectraError as exc:
@@ -131,8 +157,7 @@ class _Group(click.Group):
             ctx.exit(code)
         except KeyboardInterrupt as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
-            click.echo(f"{_rank_prefix()}stopped by {what}: results finished so far are kept in the --out folder "
-                       "(in its journal, *.jsonl); run the same command with --resume to finish", err=True)
+            click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:
             if stop is not None:

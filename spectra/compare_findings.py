@@ -90,10 +90,20 @@ def compare_findings(result: CompareResult) -> list[Finding]:
     if intr:
         out.append(intr)
     if result.a_only or result.b_only:
-        out.append(Finding("unmatched", f"{len(result.a_only)} modules are updated only by A and {len(result.b_only)} only "
-                           "by B (after the filters); they are listed in compare.json (a_only, b_only), not compared.",
+        out.append(Finding("unmatched", f"{unmatched_text(result)} (after the filters); "
+                           "they are listed in compare.json (a_only, b_only), not compared.",
                            numbers={"a_only": len(result.a_only), "b_only": len(result.b_only)}))
     return out
+
+
+def unmatched_text(result: CompareResult) -> str:
+    """How many modules one input has and the other lacks, in words true of both kinds: an adapter
+    lists what it updates, a full checkpoint every matrix, changed or not (frozen ones included)."""
+    def part(who: str, names: list[str]) -> str:
+        if result.kinds.get(who.lower()) == "lora":
+            return f"{len(names)} modules are updated only by {who}"
+        return f"{len(names)} matrices of {who} (a full checkpoint: changed or not) have no counterpart in the other input"
+    return f"{part('A', result.a_only)} and {part('B', result.b_only)}"
 
 
 def _warnings(result: CompareResult) -> list[Finding]:
@@ -207,4 +217,5 @@ def table_legend(side: str, *, with_base: bool) -> list[tuple[str, str]]:
     return items
 
 
-__all__ = ["PHI_STRONG", "PHI_WORDS", "compare_findings", "headline_side", "phi_words", "random_two_sided", "table_legend"]
+__all__ = ["PHI_STRONG", "PHI_WORDS", "compare_findings", "headline_side", "phi_words", "random_two_sided", "table_legend",
+           "unmatched_text"]

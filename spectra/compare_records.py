@@ -23,7 +23,7 @@ from typing import Any
 
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
-from spectra.io.jsonfile import load_json
+from spectra.io.jsonfile import finite_or_null, load_json
 from spectra.subspaces import Amplification, CapturedEnergy
 
 SCHEMA = "spectra.compare/1"
@@ -90,7 +90,8 @@ class ComparedModule:
         name, layer, module, role: the base tensor's name, layer (None outside the stack), module
             label and role.
         out, in_: ``(out, in)`` of the update (``in`` in JSON).
-        rank_a, rank_b: subspace ranks (LoRA r, or ``top_k`` of a full update).
+        rank_a, rank_b: subspace ranks compared (LoRA r, or ``top_k`` of a full update; an update's
+            numerical rank where it is lower: see ``note``).
         fro_a, fro_b: ``‖ΔW_A‖_F``, ``‖ΔW_B‖_F``.
         phi, angles: side (``left``/``right``) -> :class:`PhiSummary` / :class:`AngleSummary`.
         captured: ``b_in_a`` (B's energy in A's subspaces) and ``a_in_b`` -> :class:`CapturedEnergy`.
@@ -98,6 +99,7 @@ class ComparedModule:
         intruders: ``a``/``b`` -> :class:`IntruderSummary`; None when no base was given.
         status: ``"ok"`` or ``"zero_update"`` (one or both updates exactly zero).
         reason: why measures are null; None when status is ok.
+        note: why a rank is below the asked one (an update of fewer resolved directions), else None.
     """
 
     name: str
@@ -117,6 +119,7 @@ class ComparedModule:
     intruders: dict[str, IntruderSummary | None] | None = None
     status: str = "ok"
     reason: str | None = None
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The module's ``compare.json`` record (``amplification``/``intruders`` only with a base)."""
@@ -129,6 +132,7 @@ class ComparedModule:
                 d[key] = {k: None if v is None else _finite(asdict(v)) for k, v in value.items()}
         d["status"] = self.status
         d["reason"] = self.reason
+        d["note"] = self.note
         return d
 
     def __getitem__(self, key: str) -> Any:
@@ -151,7 +155,8 @@ class CompareResult:
         kinds: ``{"a": "lora"|"full", "b": ...}``.
         config: the options (:class:`spectra.config.CompareConfig` as a dict; ``device`` as asked).
         modules: one :class:`ComparedModule` per module both update (after the filters).
-        a_only, b_only: modules (base tensor names) only one side updates, after the filters.
+        a_only, b_only: modules (base tensor names) of one side only, after the filters: those an
+            adapter updates, or every paired matrix of a full checkpoint (changed or not).
         phi_grids: module name -> side -> φ grid (rows i = 1..r_A, columns j = 1..r_B); absent for
             modules whose φ is null.
         skipped: ``{"name", "reason"}`` for modules left out (NaN/Inf in a factor or a weight).
@@ -189,7 +194,7 @@ class CompareResult:
 
     def to_json(self, *, indent: int | None = 1) -> str:
         """:meth:`to_dict` as strict JSON (no NaN/Infinity: undefined values are null)."""
-        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+        return json.dumps(finite_or_null(self.to_dict()), indent=indent, ensure_ascii=False, allow_nan=False)
 
     def rows(self) -> list[dict[str, Any]]:
         """Flat per-module records for CSV/DataFrames (None where a measure is undefined)."""
@@ -210,6 +215,7 @@ class CompareResult:
             for who, intr in (m.intruders or {}).items():
                 row[f"intruders_{who}"] = None if intr is None else intr.count
             row["status"] = m.status
+            row["note"] = m.note
             out.append(row)
         return out
 
@@ -317,6 +323,7 @@ class _Reader:
             "fro_a": g(m, "fro_a", at, _is_num, "a number"), "fro_b": g(m, "fro_b", at, _is_num, "a number"),
             "status": g(m, "status", at, lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}", required=False, default="ok"),
             "reason": g(m, "reason", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
+            "note": g(m, "note", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
         }
         phi = self.measures(m, "phi", SIDES, PhiSummary, at, required=True)
         if not phi:

@@ -50,6 +50,7 @@ from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.linalg import resolve_device
+from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
     MatrixSpec,
     describe_checkpoint,
@@ -83,10 +84,6 @@ __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 EXACT_MAX_P = 4096
 
 
-#: Largest |entry| (and smallest nonzero one) whose products the Gram-based measures form safely in float64
-SQUARING_LIMIT = 2.0**250
-
-
 def _beyond_squaring(M: torch.Tensor) -> str | None:
     """Why the measures cannot be formed from ``M`` (float64 entries whose squares over- or underflow:
     only float64 weights reach this), or None. ``spectra diff`` scales such matrices and measures them.
@@ -94,7 +91,7 @@ def _beyond_squaring(M: torch.Tensor) -> str | None:
     if M.dtype != torch.float64:
         return None
     amax = float(M.abs().max()) if M.numel() else 0.0
-    if amax > SQUARING_LIMIT or 0.0 < amax < 1.0 / SQUARING_LIMIT:
+    if outside_squaring_range(amax):
         return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
                 "(spectra diff can: it scales before squaring)")
     return None
@@ -191,6 +188,10 @@ class _Side:
             f = Factored.from_lora(Bf.to(device), Af.to(device), mod.scale)
             if not bool(torch.isfinite(f.S).all()):
                 return f"the update s·B·A of {mod.module} in {self.label} overflows float64 (scale {mod.scale:g})"
+            top = float(f.S.max()) if f.S.numel() else 0.0
+            if outside_squaring_range(top):  # its energy would be inf or 0: measured as exactly zero before
+                return (f"the update s·B·A of {mod.module} in {self.label} has σ₁ = {top:.3g}, whose square leaves "
+                        "float64's range: compare cannot measure it (spectra diff can: it scales before squaring)")
             return _Update(f, float((f.S.double() ** 2).sum()))
         pair = self.pairs[key]
         stored = W if W is not None and base_name == pair.base.name else self.base.load(pair.base.name)
@@ -274,11 +275,17 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     for who, u in (("A", ua), ("B", ub)):
         if u.form.shape != (out_dim, in_dim):
             return {"name": spec.name, "reason": f"{who}'s update is {u.form.shape[0]}×{u.form.shape[1]}, not {out_dim}×{in_dim}"}
-    ra, rb = job.rank_a, job.rank_b
     zero_a, zero_b = ua.energy == 0.0, ub.energy == 0.0
+    # a subspace of more directions than the update resolves would be filled with arbitrary ones
+    # (a LoRA whose B has zero columns, a full update of a few rows): its resolved rank is used
+    ra, rb = (r if zero else min(r, numerical_rank(u.form.S.cpu().numpy(), min(out_dim, in_dim)))
+              for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
+    fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}, fewer than its rank {asked}"
+             for who, r, asked in (("A", ra, job.rank_a), ("B", rb, job.rank_b)) if r < asked]
     sides = ("left", "right") if config.side == "both" else (config.side,)
     rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
-                         rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5)
+                         rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5,
+                         note=f"{'; '.join(fewer)}: subspaces of the resolved rank are compared" if fewer else None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b:
         rec.status, rec.reason = "zero_update", _zero_reason(zero_a, zero_b)
@@ -310,7 +317,8 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
             if zero:  # W + 0 = W: no update, no amplification factor, nothing to intrude
                 rec.amplification[who] = rec.intruders[who] = None
                 continue
-            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=random_bases[who])
+            Ur, Vr = random_bases[who]  # drawn at the asked rank: the first r columns are as Haar-random
+            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=(Ur[:, :r], Vr[:, :r]))
             intr = intruder_dimensions(W, u.form, k=k, epsilons=config.epsilons, epsilon=config.epsilon, base=basis)
             rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
                                                  counts={str(float(e)): c for e, c in intr.counts.items()},

@@ -52,7 +52,7 @@ from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.linalg import resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.results import rows_to_csv
@@ -282,7 +282,13 @@ def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---- one module ----------------------------------------------------------------------------------------
 class _SkipModule(Exception):
-    """A task's update of this module is undefined (NaN/Inf): the module is skipped with the reason."""
+    """A task's update of this module is undefined (NaN/Inf) or out of float64's squaring range: the
+    module is skipped with the reason."""
+
+
+def _out_of_range(who: str, top: float) -> str:
+    return (f"{who} holds values of magnitude {top:.3g} here, whose squares leave float64's range: interfere cannot "
+            "measure it (spectra diff can: it scales before squaring)")
 
 
 def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkpoint, config: InterfereConfig,
@@ -297,6 +303,12 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     dense_tasks = [t for t in range(n) if tasks[t].needs_dense(name)]
     exact = {t: tasks[t].exact(name, device) for t in range(n) if t not in dense_tasks}
     W = base.load(name) if dense_tasks else None  # read once per module
+    # the measures square entries unscaled (norms, inner products, Gram matrices): float64 values near
+    # 1e±200 would give inf or 0 (an update reported as zero), so such a module is skipped with the reason
+    for who, top in [(tasks[t].label, float(f.S.max()) if f.S.numel() else 0.0) for t, f in exact.items()] + (
+            [("the base", float(W.abs().max()))] if W is not None and W.dtype == torch.float64 and W.numel() else []):
+        if outside_squaring_range(top):
+            raise _SkipModule(_out_of_range(who, top))
     factors: dict[int, Factored] = {t: truncate(f, k) for t, f in exact.items()}
     spectra_: dict[int, np.ndarray] = {t: f.S.cpu().numpy() for t, f in exact.items()}
     rel_norms: list[float | None] = [None] * n
@@ -312,6 +324,9 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             raise _SkipModule(why)
         if t not in seen:  # first read: spectrum, top-k triplets, running sum
             seen.add(t)
+            top = float(delta.abs().max()) if delta.dtype == torch.float64 and delta.numel() else 0.0
+            if outside_squaring_range(top):
+                raise _SkipModule(_out_of_range(tasks[t].label, top))
             spectra_[t], factors[t] = spectrum_and_top(delta, k)
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
             if total is None:

@@ -48,7 +48,7 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import gram
-from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
+from spectra.metrics import effective_rank, energy_rank, square_scale_exponent, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi
 
 Update = torch.Tensor | np.ndarray | Factored
@@ -111,7 +111,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     eigenvectors are the singular vectors of that side; the other side's top-k vectors are
     ``Xᵀ q_i / σ_i``, re-orthonormalised by a QR (only their span is used downstream). Singular
     values are exact to ≈1e-7·σ₁ (float64 Gram, the definitions' precision statement); vectors are
-    kept only for ``σ_i > rel_tol · σ₁``, below which the Gram route cannot resolve them.
+    kept only for ``σ_i > rel_tol · σ₁``, below which the Gram route cannot resolve them. A float64
+    update whose squares would leave float64's range (entries near 1e±200) is scaled by a power of two
+    first (exact; :func:`spectra.metrics.square_scale_exponent`), as ``spectra diff`` does.
 
     Args:
         delta: ``(out, in)`` float tensor on any device.
@@ -128,10 +130,14 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
         raise ValueError(f"k must be >= 1. Got {k} instead.")
     out, inn = delta.shape
     wide = out <= inn
+    # float32 and narrower entries square within float64's range: only float64 ones are looked at
+    e = square_scale_exponent(np.array([float(delta.abs().max())])) if delta.dtype == torch.float64 and delta.numel() else 0
+    if e:  # two exact power-of-two factors: one, 2**-e, can itself leave float64's range
+        delta = delta * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
     lam, Q = torch.linalg.eigh(gram(delta, dtype=torch.float64))  # ascending
     lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
-    S_np = S.cpu().numpy()
+    S_np = np.ldexp(S.cpu().numpy(), e)
     keep = int(min(k, int((rel_tol * S[0] < S).sum()) if float(S[0]) > 0 else 0))
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
@@ -142,7 +148,7 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     other, R = torch.linalg.qr(Y, mode="reduced")
     other = other * torch.sign(torch.diagonal(R))  # undo the QR's sign flips: U diag(S) Vh stays the truncation
     U, Vh = (Qk, other.mT) if wide else (other, Qk.mT)
-    return S_np, Factored(U, Sk, Vh)
+    return S_np, Factored(U, torch.from_numpy(S_np[:keep].copy()).to(Sk.device), Vh)
 
 
 # ---- pairs -------------------------------------------------------------------------------------------

@@ -35,6 +35,21 @@ def square_scale_exponent(S: np.ndarray) -> int:
     return e if abs(e) > 256 else 0
 
 
+#: Largest magnitude (and smallest nonzero one) whose squares, and sums of a few million of them,
+#: stay inside float64's range: the limit of measures that form Gram matrices or inner products unscaled.
+SQUARING_LIMIT = 2.0**250
+
+
+def outside_squaring_range(amax: float) -> bool:
+    """Whether values of largest magnitude ``amax`` (a matrix's max |entry|, or its σ₁) square outside
+    float64's range (:data:`SQUARING_LIMIT`): above ~1e75 or, nonzero, below ~1e-75.
+
+    >>> outside_squaring_range(1e200), outside_squaring_range(1e-200), outside_squaring_range(0.0), outside_squaring_range(3.0)
+    (True, True, False, False)
+    """
+    return amax > SQUARING_LIMIT or 0.0 < amax < 1.0 / SQUARING_LIMIT
+
+
 def fro_norm_of(S: np.ndarray) -> float:
     """``sqrt(Σσᵢ²)``, the squares summed after scaling by :func:`square_scale_exponent` (exact: a
     power of two), so that it is neither inf for σ near 1e200 nor 0 for σ near 1e-160."""

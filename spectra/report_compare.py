@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spectra.compare_findings import compare_findings, headline_side, table_legend
+from spectra.compare_findings import compare_findings, headline_side, table_legend, unmatched_text
 from spectra.compare_records import SCHEMA, CompareResult
 from spectra.findings import Finding
 from spectra.plots import compare as compare_plots
@@ -108,7 +108,7 @@ def section_html(path: Path, doc: dict) -> str:
         out.append(f"<h3>Skipped ({len(res.skipped)})</h3>")
         out.append(table(["module", "reason"], [[s["name"], s["reason"]] for s in res.skipped]))
     if res.a_only or res.b_only:
-        out.append(f"<h3>Not compared</h3><p>{len(res.a_only)} modules are updated only by A and {len(res.b_only)} only by B "
+        out.append(f"<h3>Not compared</h3><p>{esc(unmatched_text(res))} "
                    "(after the filters; listed in compare.json, \"a_only\" and \"b_only\").</p>")
     return "\n".join(out)
 

@@ -21,7 +21,11 @@ forming G costs an error ``‖δG‖₂ <= n·u·σ₁²``, and the eigensolver 
   ``gapᵢ > 1e-6·σ₁²``; a float64 SVD's own bound is ``u·σ₁ / gap(σ)``.
 
 Within a cluster of singular values closer than that, individual vectors are not determined by the
-matrix (only the cluster's span is), for an SVD as for this route.
+matrix (only the cluster's span is), for an SVD as for this route. Below the resolution
+``σ₁·√(p·u)`` (:func:`spectra.metrics.rank_resolution`) a value is zero within this precision and its
+vector is an arbitrary direction of the unresolved subspace: the measures here use only the
+resolved vectors (the numerical rank, :func:`spectra.metrics.numerical_rank`), so a rank-deficient
+matrix (a zero base, an update of fewer directions than asked) never contributes arbitrary ones.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
+from spectra.metrics import numerical_rank
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
 #: (two p × p float64 arrays: 256 MiB at 4096).
@@ -186,6 +191,8 @@ class WeightBasis:
         W: ``(out, in)`` float64 weight.
         U: ``(out, m)`` float64 left singular vectors, by descending σ (all p once :meth:`complete` ran).
         S: ``(max(m, values),)`` float64 singular values, descending (all p once :meth:`complete` ran).
+        rank: W's numerical rank (:func:`spectra.metrics.numerical_rank`: the values above σ₁·√(p·u)),
+            or None while only values above the resolution are known (at least ``len(S)`` then).
         energy: ``‖W‖_F²`` (trace of the float64 Gram matrix).
         G: W's float64 Gram matrix ``(p, p)`` (``W Wᵀ`` or ``Wᵀ W``, the smaller) for
             :meth:`top_left_of_update`; None above :data:`GRAM_KEEP_MAX_P`.
@@ -213,9 +220,12 @@ class WeightBasis:
         if self._tri is not None:
             lam = torch.from_numpy(np.maximum(self._tri.lam[:n_values], 0.0))
             vecs = torch.from_numpy(self._tri.top_vectors(m))
+            self.rank: int | None = numerical_rank(np.sqrt(np.maximum(self._tri.lam, 0.0)), p)
         else:
             lam, vecs = _top_eigh(G, n_values)
             vecs = vecs[:, :m]
+            r = numerical_rank(lam.sqrt().cpu().numpy(), p)
+            self.rank = r if r < n_values or n_values == p else None
         self.S = lam.sqrt().to(W.device)
         self.U = self._left(vecs, complete=m < p)
 
@@ -238,11 +248,17 @@ class WeightBasis:
                 lam, vecs = _top_eigh(self.G, None) if self.G is not None else gram_eigh(self.W)[:2]
             self.S = lam.sqrt().to(self.W.device)
             self.U = self._left(vecs, complete=False)
+            self.rank = numerical_rank(self.S.cpu().numpy(), min(self.W.shape))
 
     def top_left_of_update(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int) -> torch.Tensor:
+        """The vectors of :meth:`top_left_pairs_of_update`, ``(out, k)``."""
+        return self.top_left_pairs_of_update(U, S, Vh, k)[0]
+
+    def top_left_pairs_of_update(self, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k left singular vectors of ``W + U·diag(S)·Vh`` (a low-rank update, e.g. a LoRA's),
-        ``(out, k)`` float64 by descending σ, as :func:`top_left_singular_vectors` of the dense sum gives
-        them, without forming it or its Gram matrix: W's Gram matrix plus the update's terms,
+        ``(out, k)`` float64 by descending σ, and their singular values ``(k,)``, as
+        :func:`top_left_singular_pairs` of the dense sum gives them, without forming it or its Gram matrix: W's Gram matrix plus the update's terms,
         ``G + C + Cᵀ + U S (Vh Vhᵀ) S Uᵀ`` with ``C = (W Vhᵀ) S Uᵀ`` (or ``Wᵀ U S Vh`` and
         ``Vhᵀ S (UᵀU) S Vh`` on the input side when ``out > in``), O((out + in)·p·r) instead of
         O(out·in·p). Its rounding error is that of G, about ``n·u·‖W‖²`` (module docstring), which is
@@ -257,7 +273,7 @@ class WeightBasis:
         US = U * S
         update_sq = float(torch.sum((US.mT @ US) * (Vh @ Vh.mT)))  # ‖U S Vh‖_F² = tr(SUᵀUS · VhVhᵀ), r × r
         if G is None or not update_sq <= self.energy / 4:
-            return top_left_singular_vectors(W + US @ Vh, k)
+            return top_left_singular_pairs(W + US @ Vh, k)
         wide = W.shape[0] <= W.shape[1]
         # the three terms as one symmetric rank-2r product: X Rᵀ + R Xᵀ + R K Rᵀ = L Rᵀ + R Lᵀ with
         # L = X + R K / 2 (K symmetric): one (p, 2r) × (2r, p) product and one addition
@@ -266,25 +282,29 @@ class WeightBasis:
         else:  # G = Wᵀ W (in × in): X = Wᵀ U S, R = Vhᵀ, K = (U S)ᵀ (U S)
             X, R, K = W.mT @ US, Vh.mT, US.mT @ US
         L = X + R @ K / 2
-        _, vecs = _top_eigh(G + torch.cat([L, R], dim=1) @ torch.cat([R, L], dim=1).mT, k, scratch=True)
+        lam, vecs = _top_eigh(G + torch.cat([L, R], dim=1) @ torch.cat([R, L], dim=1).mT, k, scratch=True)
         if wide:
-            return vecs
-        return _directions(W @ vecs + US @ (Vh @ vecs), complete=True)  # (W + U S Vh)·v, orthonormalised
+            return vecs, lam.sqrt()
+        return _directions(W @ vecs + US @ (Vh @ vecs), complete=True), lam.sqrt()  # (W + U S Vh)·v, orthonormalised
 
     def max_cosines(self, Q: torch.Tensor) -> torch.Tensor:
-        """For each column q of ``Q (out, k)`` (unit vectors), ``max_j |⟨q, u_j⟩|`` over all p left
-        singular vectors u_j of W, float64 ``(k,)``.
+        """For each column q of ``Q (out, k)`` (unit vectors), ``max_j |⟨q, u_j⟩|`` over W's resolved
+        left singular vectors u_j (the first :attr:`rank`: those of values below the resolution are
+        arbitrary directions; 0 for a zero W), float64 ``(k,)``.
 
         From the top m alone when that decides it: the vectors beyond m hold at most
         ``ρ = 1 − Σ_{j<=m} ⟨q, u_j⟩²`` of q's squared norm (the u_j are orthonormal), so no cosine
         among them exceeds ``√ρ``; when the largest of the top-m cosines is above ``√ρ`` (with a
         1e-9 margin for rounding) it is the maximum. Otherwise all p vectors are computed
         (:meth:`complete`) and the maximum taken over them. Either way the result is the maximum
-        over all p vectors, to the precision of the vectors (module docstring).
+        over those vectors, to the precision of the vectors (module docstring).
         """
-        C = (Q.mT.to(torch.float64) @ self.U).abs()  # (k, m)
-        if self.is_complete:
-            return C.amax(dim=1)
+        Q64 = Q.mT.to(torch.float64)
+        if self.rank is not None and self.rank <= self.U.shape[1]:  # every resolved vector is at hand
+            if self.rank == 0:
+                return torch.zeros(Q.shape[1], dtype=torch.float64, device=self.U.device)
+            return (Q64 @ self.U[:, : self.rank]).abs().amax(dim=1)
+        C = (Q64 @ self.U).abs()  # (k, m), every column resolved (rank >= m)
         top = C.amax(dim=1)
         rest = (1.0 - (C**2).sum(dim=1)).clamp_min(0.0).sqrt()
         if bool((top >= rest + 1e-9).all()):
@@ -295,11 +315,19 @@ class WeightBasis:
 
 def top_left_singular_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
     """The top-k left singular vectors of ``M (out, in)``, ``(out, k)`` float64, by descending σ."""
+    return top_left_singular_pairs(M, k)[0]
+
+
+def top_left_singular_pairs(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k left singular vectors of ``M (out, in)``, ``(out, k)`` float64 by descending σ, and
+    their singular values ``(k,)`` float64, on M's device."""
     wide = M.shape[0] <= M.shape[1]
-    _, vecs, _ = gram_eigh(M, k)
+    lam, vecs, _ = gram_eigh(M, k)
+    S = lam.sqrt().to(M.device)
     if wide:
-        return vecs.to(M.device)
-    return _other_side(M.to(torch.float64), vecs.to(M.device), wide=False, complete=True)
+        return vecs.to(M.device), S
+    return _other_side(M.to(torch.float64), vecs.to(M.device), wide=False, complete=True), S
 
 
-__all__ = ["GRAM_KEEP_MAX_P", "TopSVD", "WeightBasis", "gram_eigh", "left_singular_basis", "top_left_singular_vectors", "top_svd"]
+__all__ = ["GRAM_KEEP_MAX_P", "TopSVD", "WeightBasis", "gram_eigh", "left_singular_basis", "top_left_singular_pairs",
+           "top_left_singular_vectors", "top_svd"]

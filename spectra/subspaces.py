@@ -31,12 +31,8 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import singular_values
-from spectra.singular_bases import (
-    TopSVD,
-    WeightBasis,
-    top_left_singular_vectors,
-    top_svd,
-)
+from spectra.metrics import numerical_rank
+from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 
 Tensor = torch.Tensor | np.ndarray
 Side = Literal["left", "right"]
@@ -638,7 +634,9 @@ def intruder_dimensions(
 
     Take the top ``k`` left singular vectors of ``W_tuned = W_base + ΔW``; one is an intruder when
     its largest absolute cosine with all ``p = min(out, in)`` left singular vectors of ``W_base`` is
-    below ε.
+    below ε. Only resolved vectors count (values above σ₁·√(p·u), :func:`spectra.metrics.numerical_rank`):
+    a tuned weight of rank below k examines that many (``Intruders.k``), and the base's arbitrary
+    null-space vectors are never matched (a direction outside a rank-deficient base is an intruder).
 
     Args:
         W_base: ``(out, in)`` base weight.
@@ -689,10 +687,11 @@ def intruder_dimensions(
         raise ValueError(f"base must be the decomposition of a {shape[0]}×{shape[1]} W_base. Got {tuple(base.W.shape)} instead.")
     if _is_factored(dW):  # from W_base's Gram matrix and the update's low-rank terms: no dense sum
         U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
-        U_tuned = base.top_left_of_update(U, S, Vh, k)
+        U_tuned, S_tuned = base.top_left_pairs_of_update(U, S, Vh, k)
     else:
         D = _matrix(dW.dense if isinstance(dW, TopSVD) else dW, "dW", device)  # type: ignore[arg-type]
-        U_tuned = top_left_singular_vectors(Wb + D, k)  # (out, k)
-    max_cos = base.max_cosines(U_tuned).clamp(0.0, 1.0).cpu().numpy()  # (k,)
+        U_tuned, S_tuned = top_left_singular_pairs(Wb + D, k)  # (out, k), (k,)
+    k = numerical_rank(S_tuned.cpu().numpy(), p)  # beyond it the vectors are arbitrary
+    max_cos = base.max_cosines(U_tuned[:, :k]).clamp(0.0, 1.0).cpu().numpy()  # (k,)
     return Intruders(k=k, max_cos=max_cos, counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
                      epsilon=float(epsilon), count=int(np.sum(max_cos < epsilon)))

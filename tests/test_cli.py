@@ -303,3 +303,24 @@ def test_cli_import_pauses_the_collector_only_while_loading():
     out = subprocess.run([sys.executable, "-c", "import gc; gc.disable(); import spectra_cli; print(gc.isenabled())"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("args, said", [
+    (["diff", "B", "T", "--out", "D"], "results finished so far are kept in D (in its journal, *.jsonl); run the same command with --resume"),
+    (["extract", "B", "T", "-r", "4", "--out", "D"], "kept in D (in its journal"),
+    (["compare", "A", "B", "--out", "C"], "compare writes C when it finishes: nothing was kept; run the command again"),
+    (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "interfere writes C when it finishes: nothing was kept"),
+    (["diff", "B", "T"], "nothing was written (no --out)"),
+    (["compare", "A", "B"], "nothing was written (no --out)"),
+    (["inspect", "B"], ""),
+])
+def test_the_stop_message_says_what_this_command_keeps(args, said):
+    """A stop names what it leaves: a journal to resume only where the command has --resume and an
+    --out folder (it said "kept in the --out folder ... --resume" for compare, which has neither)."""
+    from spectra_cli.main import kept_on_stop, main
+
+    ctx = main.make_context("spectra", list(args))
+    kept = kept_on_stop(main, ctx)
+    assert (said in kept) if said else kept == ""
+    if "--resume" not in kept:
+        assert "resume" not in kept

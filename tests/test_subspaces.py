@@ -497,8 +497,8 @@ def test_intruders_of_a_factored_update_from_the_base_gram_equal_the_dense_sum(s
     # an update that could cancel much of W (‖ΔW‖_F > ‖W‖_F / 2) takes the dense route: G's rounding,
     # ~u·‖W‖², could be large against W + ΔW's own Gram matrix
     dense_calls = []
-    real = singular_bases.top_left_singular_vectors
-    monkeypatch.setattr(singular_bases, "top_left_singular_vectors", lambda M, k: dense_calls.append(k) or real(M, k))
+    real = singular_bases.top_left_singular_pairs
+    monkeypatch.setattr(singular_bases, "top_left_singular_pairs", lambda M, k: dense_calls.append(k) or real(M, k))
     basis.top_left_of_update(U, S, Vh, 10)
     assert dense_calls == []
     Uw, Sw, Vhw = (torch.from_numpy(x) for x in np.linalg.svd(W, full_matrices=False))
