@@ -20,7 +20,7 @@ from collections import Counter
 
 from spectra.compare_records import ComparedModule, CompareResult
 from spectra.display import display_name
-from spectra.findings import Finding
+from spectra.findings import Finding, percent
 
 #: How a median φ ÷ its random baseline is put in words (upper bounds, checked in order).
 PHI_WORDS: tuple[tuple[float, str], ...] = (
@@ -41,11 +41,6 @@ def phi_words(ratio: float) -> str:
         if ratio < bound:
             return words
     return PHI_STRONG
-
-
-def _pct(x: float) -> str:
-    """A share as a percentage with two significant digits: 0.1325 -> '13%', 0.0042 -> '0.42%'."""
-    return f"{x * 100:.2g}%" if x < 1 else f"{x * 100:.0f}%"
 
 
 def _median(xs: list[float]) -> float:
@@ -132,10 +127,10 @@ def _captured_finding(ms: list[ComparedModule]) -> Finding:
     rand = _median([random_two_sided(m.rank_a, m.out, m.in_) for m in ms])
     back = _median([m.captured["a_in_b"].two_sided for m in ms if m.captured.get("a_in_b") is not None])
     of_best = got / best if best > 0 else 0.0
-    times = f"{got / rand:.3g}× what random subspaces of the same rank hold ({_pct(rand)})" if rand > 0 else ""
-    text = (f"A's top subspaces hold {_pct(got)} of B's update energy (median over {len(ms)} modules, two-sided); "
-            f"the best any subspace of that rank could hold is {_pct(best)}, so A reaches {_pct(of_best)} of what was "
-            f"possible, and {times}. B's top subspaces hold {_pct(back)} of A's.")
+    times = f"{got / rand:.3g}× what random subspaces of the same rank hold ({percent(rand)})" if rand > 0 else ""
+    text = (f"A's top subspaces hold {percent(got)} of B's update energy (median over {len(ms)} modules, two-sided); "
+            f"the best any subspace of that rank could hold is {percent(best)}, so A reaches {percent(of_best)} of what was "
+            f"possible, and {times}. B's top subspaces hold {percent(back)} of A's.")
     return Finding("captured", text, numbers={"modules": len(ms), "median_b_in_a": got, "median_best": best,
                                               "median_random": rand, "share_of_best": of_best, "median_a_in_b": back})
 

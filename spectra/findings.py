@@ -76,9 +76,15 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if 0.01 <= abs(x) < 100 else f"{x:.2g}"
 
 
-def _pct(x: float) -> str:
-    """A share as a percentage with two significant digits: 0.1325 -> '13%', 0.0042 -> '0.42%'."""
-    return f"{x * 100:.2g}%" if x < 1 else f"{x * 100:.0f}%"
+def percent(x: float) -> str:
+    """A share as a percentage, two significant digits below 10%, whole percents above (never an
+    exponent: 0.9999 gave '1e+02%').
+
+    >>> percent(0.1325), percent(0.0042), percent(0.9999), percent(1.5)
+    ('13%', '0.42%', '100%', '150%')
+    """
+    v = x * 100
+    return f"{v:.2g}%" if abs(v) < 10 else f"{v:.0f}%"
 
 
 def analysed(result: DiffResult) -> list[ModuleResult]:
@@ -299,7 +305,7 @@ def _size_finding(ms: list[ModuleResult]) -> Finding | None:
     for m in rel:
         kinds.setdefault(m.module, []).append(m.rel_norm)
     big = max(kinds, key=lambda x: _median(kinds[x]))
-    text = (f"Size: the update moved the weights by a median {_pct(_median(vals))} of their norm (‖ΔW‖_F / ‖W_base‖_F "
+    text = (f"Size: the update moved the weights by a median {percent(_median(vals))} of their norm (‖ΔW‖_F / ‖W_base‖_F "
             f"{_fmt(_median(vals))}, from {_fmt(min(vals))} to {_fmt(max(vals))}); largest in {where} ({_fmt(top.rel_norm)})"
             + (f"; by median the largest kind is {display_name(big, 40)} ({_fmt(_median(kinds[big]))})."
                if len(kinds) > 1 and big != top.module else "."))
@@ -375,4 +381,4 @@ def matrix_legend(tau: float) -> list[tuple[str, str]]:
 
 
 __all__ = ["MOVED_Z", "NOT_LOW_RANK", "RANK_WORDS", "Finding", "alpha_findings", "analysed", "diff_findings", "esd_points",
-           "matrix_legend", "rank_words", "skipped_finding", "skipped_reasons", "summary_legend"]
+           "matrix_legend", "percent", "rank_words", "skipped_finding", "skipped_reasons", "summary_legend"]
