@@ -102,6 +102,12 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
     for f in found:
         if f.warning:
             err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
+    if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
+        from spectra.errors import PairingError
+
+        first = result.skipped[0]
+        raise PairingError(f"no module could be compared: all {len(result.skipped)} were skipped, e.g. {first['name']}: "
+                           f"{first['reason']}", hint="the reasons are listed in compare.json (skipped)" if out_dir else None)
 
 
 def short_legend(result) -> str:

@@ -78,6 +78,12 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         from spectra.report import write_report
 
         err.print(escape(f"report: {write_report([Path(out_dir) / 'interfere.json'], Path(out_dir) / 'report.html')}"), highlight=False)
+    if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
+        from spectra.errors import PairingError
+
+        first = result.skipped[0]
+        raise PairingError(f"no matrix could be compared: all {len(result.skipped)} were skipped, e.g. {first['name']}: "
+                           f"{first['reason']}", hint="the reasons are listed in interfere.json (skipped)" if out_dir else None)
 
 
 def _pair_table(doc: dict, key: str, label: str) -> Table:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from spectra import CompareConfig, compare
@@ -17,6 +18,7 @@ from spectra.compare_records import ComparedModule, CompareResult
 from spectra.interfere import InterfereConfig, interfere
 from spectra.subspaces import intruder_dimensions
 from spectra.trace import trace
+from spectra_cli.main import main
 
 SHAPES = {"self_attn.q_proj": (24, 24), "mlp.up_proj": (40, 24), "mlp.down_proj": (24, 40)}
 
@@ -155,6 +157,10 @@ def test_compare_skips_a_lora_update_beyond_the_squaring_range(rank_two_lora, tm
     assert not res.modules and len(res.skipped) == len(SHAPES)
     assert all("leaves float64's range" in s["reason"] for s in res.skipped)
     assert json.loads((tmp_path / "out" / "compare.json").read_text())["skipped"]
+    # nothing compared is not a success: one line and status 1 (it ended with status 0)
+    ran = CliRunner().invoke(main, ["compare", str(tmp_path / "huge"), str(root / "lora"), "--no-plots"])
+    assert ran.exit_code == 1 and "error: no module could be compared: all 3 were skipped" in ran.output
+    assert "Traceback" not in ran.output
 
 
 def test_compare_json_writes_an_undefined_number_as_null():
