@@ -95,9 +95,9 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
     if out_dir:
         err.print(f"results: {escape(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
     if report:
-        from spectra.report import write_report
+        from spectra.report import folder_results, write_report
 
-        written = write_report([Path(out_dir) / "compare.json"], Path(out_dir) / "report.html")
+        written = write_report(folder_results(out_dir, "compare.json"), Path(out_dir) / "report.html")
         err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
     for f in found:
         if f.warning:

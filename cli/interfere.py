@@ -75,9 +75,10 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
     if report:
-        from spectra.report import write_report
+        from spectra.report import folder_results, write_report
 
-        err.print(escape(f"report: {write_report([Path(out_dir) / 'interfere.json'], Path(out_dir) / 'report.html')}"), highlight=False)
+        written = write_report(folder_results(out_dir, "interfere.json"), Path(out_dir) / "report.html")
+        err.print(escape(f"report: {written}"), highlight=False)
     if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
         from spectra.errors import PairingError
 

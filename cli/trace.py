@@ -78,9 +78,9 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'trace.json'))}", highlight=False)
     if report:
-        from spectra.report import write_report
+        from spectra.report import folder_results, write_report
 
-        err.print(escape(f"report: {write_report([Path(out_dir) / 'trace.json'], Path(out_dir) / 'report.html')}"), highlight=False)
+        err.print(escape(f"report: {write_report(folder_results(out_dir, 'trace.json'), Path(out_dir) / 'report.html')}"), highlight=False)
 
 
 def _summary_table(result) -> Table:

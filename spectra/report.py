@@ -155,6 +155,14 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
     return safe_text(text)
 
 
+def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:
+    """The result files a command's ``--report`` covers: its own (``own``, e.g. ``compare.json``) and
+    every other of :data:`RESULT_FILES` directly in ``out_dir``, so that a second command's report into
+    the same folder shows both runs instead of replacing the first's."""
+    folder = Path(out_dir)
+    return [folder / own] + [folder / n for n in RESULT_FILES if n != own and (folder / n).is_file()]
+
+
 def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str = "spectra report") -> Path:
     """Build the report and write it atomically to ``out``."""
     return atomic_write_text(Path(out), build_report(paths, title=title))

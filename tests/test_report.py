@@ -219,3 +219,14 @@ def test_findings_and_warnings_are_on_the_first_screen_in_chromium(tmp_path, cas
     if case == "bf16_rounding":
         assert screen["warnings"], "the rounding-level warning is missing"
     assert all(w["top"] >= 0 and w["bottom"] <= screen["vh"] for w in screen["warnings"])
+
+
+def test_a_second_commands_report_in_the_same_folder_shows_both_runs(evil_diff, tmp_path):
+    """compare --report into a diff's --out folder replaced the diff's report.html with its own."""
+    out = tmp_path / "o"
+    shutil.copytree(evil_diff.parent, out)
+    base, tuned = evil_diff.parent.parent / "a.safetensors", evil_diff.parent.parent / "b.safetensors"
+    res = CliRunner().invoke(main, ["compare", str(tuned), str(tuned), "--base", str(base), "--out", str(out), "--report", "--no-plots"])
+    assert res.exit_code == 0, res.output
+    text = (out / "report.html").read_text()
+    assert "Subspaces:" in text and "ΔW spectra:" in text
