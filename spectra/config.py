@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from spectra.errors import ConfigError
+from spectra.io.patterns import MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, pattern_risk
 from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
 
@@ -159,14 +160,84 @@ class CompareConfig(SharedOptions):
             raise ConfigError(f"epsilon must be in (0, 1). Got {self.epsilon} instead")
 
 
+#: Worst-case matching steps allowed for one name against an ``--include``/``--exclude`` pattern: a pattern
+#: with u unbounded repetitions (the search's scan over start positions counted as one) takes up to about
+#: ``L**u`` steps on a name of L characters, so names are matched up to ``FILTER_STEPS**(1/u)`` characters
+#: (256 for u = 3, the most :func:`spectra.io.patterns.pattern_risk` accepts; 0.05 s at worst).
+FILTER_STEPS = MAX_NAME_CHARS**3
+
+
+@dataclass(frozen=True)
+class SearchPattern:
+    """A checked ``--include``/``--exclude``/``--plot-include`` regex, searched (``re.search``) in names
+    without catastrophic backtracking: the same guard as adapter-config patterns (:mod:`spectra.io.patterns`).
+
+    Attributes:
+        option: the option it came from, for messages (``"--include"``).
+        pattern: the regex as given; ``rx`` compiled.
+        max_name: longest name it is matched against (:data:`FILTER_STEPS`).
+    """
+
+    option: str
+    pattern: str
+    rx: re.Pattern
+    max_name: int
+
+    def search(self, name: str) -> bool:
+        """``re.search(pattern, name) is not None``.
+
+        Raises:
+            ConfigError: ``name`` is longer than :attr:`max_name` (a hostile tensor name could make the
+                match run for hours).
+        """
+        if len(name) > self.max_name:
+            raise ConfigError(f"tensor name {name[:60]!r}… has {len(name)} characters; {self.option} {self.pattern[:80]!r} "
+                              f"has repetitions and is matched against names up to {self.max_name} characters",
+                              hint=f"give {self.option} a pattern with fewer repetitions (*, +, {{m,}}), e.g. a literal part "
+                                   "of the names")
+        return self.rx.search(name) is not None
+
+
+def search_pattern(option: str, pattern: str) -> SearchPattern:
+    r"""Check and compile one name filter (``option`` such as ``"--include"``, for messages).
+
+    A search is the pattern preceded by an implicit scan over start positions, which counts as one
+    unbounded repetition (:func:`spectra.io.patterns.pattern_risk`): nested repetition such as
+    ``(a+)+b``, backreferences and more than two unbounded repetitions of its own are refused.
+
+    >>> search_pattern("--include", r"layers\.\d+").max_name
+    4096
+    >>> search_pattern("--include", "q_proj").search("model.layers.0.self_attn.q_proj.weight")
+    True
+
+    Raises:
+        ConfigError: not a valid regex, longer than 512 characters, or a pattern that could backtrack
+            catastrophically; one line echoing the pattern.
+    """
+    try:
+        rx = re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigError(f"{option} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ConfigError(f"{option} is {len(pattern)} characters long; at most {MAX_PATTERN_CHARS} are matched",
+                          hint="name the matrices with a shorter pattern")
+    reason, unbounded = pattern_risk(pattern)
+    unbounded += 1  # the search's scan over start positions: as a leading ".*" (not prefixed: "(?i)" must lead)
+    if reason is None and unbounded > MAX_UNBOUNDED:
+        reason = (f"has {unbounded - 1} unbounded repetitions where at most {MAX_UNBOUNDED - 1} are searched (each one "
+                  "multiplies the matching time by the name's length)")
+    if reason:
+        raise ConfigError(f"{option} {pattern[:80]!r} {reason}",
+                          hint=f"{option} is searched anywhere in the name, so a leading or trailing '.*' is not needed; "
+                               "write it with fewer repetitions and no repeated group (e.g. '(a+)+b' as 'a+b')")
+    return SearchPattern(option, pattern, rx, int(FILTER_STEPS ** (1.0 / unbounded) + 1e-9))
+
+
 def validate_filters(include: str | None, exclude: str | None) -> None:
-    """Raise :class:`ConfigError` unless both are valid regular expressions (or None)."""
+    """Raise :class:`ConfigError` unless both are None or name filters :func:`search_pattern` accepts."""
     for name, pattern in (("include", include), ("exclude", exclude)):
         if pattern is not None:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"--{name} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+            search_pattern(f"--{name}", pattern)
 
 
 def validate_device(device: str) -> None:

@@ -42,6 +42,7 @@ from typing import Literal
 
 import numpy as np
 
+from spectra.metrics import rank_resolution
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -411,7 +412,8 @@ class EsdMetrics:
         alpha_weighted: ``α · log10 λ_max`` ("α-hat", Martin & Mahoney 2021).
         log_alpha_norm: ``log10 Σ λᵢ^α`` over all M eigenvalues.
         stable_rank: ``Σλ / λ_max``.
-        matrix_rank: ``#{σᵢ > σ_max · N · ε}`` (``RMT_Util.matrix_rank``, numpy's default tolerance).
+        matrix_rank: ``#{σᵢ > σ_max · N · ε}`` (``RMT_Util.matrix_rank``, numpy's default tolerance), on
+            singular values resolved that far (:func:`matrix_rank`).
         entropy: WeightWatcher's spectral entropy ``−Σ pᵢ ln pᵢ / ln(rank)``, ``pᵢ = λᵢ/Σλ + 1e-10``,
             ``rank = matrix_rank + 1e-10`` (``RMT_Util.matrix_entropy``; 1 for a flat spectrum).
         sv_max, sv_min: largest and smallest singular value.
@@ -468,24 +470,37 @@ def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def matrix_rank(svals: np.ndarray, N: int) -> int:
-    """``#{σᵢ > σ_max · N · ε}``, ε of float64 (``RMT_Util.matrix_rank``; numpy's ``matrix_rank`` default).
+def matrix_rank(svals: np.ndarray, N: int, *, resolution: float = 0.0) -> int:
+    """``#{σᵢ > max(σ_max · N · ε, resolution)}``, ε of float64 (``RMT_Util.matrix_rank``; numpy's
+    ``matrix_rank`` default tolerance).
 
     Args:
-        svals: ``(p,)`` singular values, any order; ``N``: the larger dimension.
+        svals: ``(p,)`` singular values, float64, any order; ``N``: the larger dimension.
+        resolution: the smallest singular value the solver that computed ``svals`` tells from 0. An exact
+            SVD (WeightWatcher's) resolves down to the numpy tolerance (0 here); the float64 Gram route
+            only down to ``σ₁·√(p·ε)`` (:func:`spectra.metrics.rank_resolution`): below that its values
+            are rounding noise, which the numpy tolerance would count (an all-ones 96 × 64 matrix got 21).
+
+    >>> matrix_rank(np.array([3.0, 1.0, 1e-9]), 3), matrix_rank(np.array([3.0, 1.0, 1e-9]), 3, resolution=1e-7)
+    (3, 2)
     """
     sv = np.asarray(svals, dtype=np.float64)
     if sv.size == 0:
         return 0
-    tol = np.max(sv) * N * np.finfo(np.float64).eps
+    tol = max(float(np.max(sv)) * N * np.finfo(np.float64).eps, float(resolution))
     return int(np.count_nonzero(sv > tol))
 
 
-def spectral_entropy(evals: np.ndarray, N: int) -> float | None:
+def spectral_entropy(evals: np.ndarray, N: int, *, resolution: float = 0.0) -> float | None:
     """WeightWatcher's matrix entropy (``RMT_Util.matrix_entropy``): ``−Σ pᵢ ln pᵢ / ln(r)`` with
     ``pᵢ = λᵢ / Σλ + 1e-10`` over all eigenvalues and ``r = matrix_rank + 1e-10``. None for a zero
     matrix. A flat spectrum of full rank gives ≈ 1; a rank-1 matrix divides by ``ln(1 + 1e-10)``, as
     WeightWatcher does.
+
+    ``resolution`` (a singular value; see :func:`matrix_rank`): eigenvalues ``λ ≤ resolution²`` are
+    unresolved rounding noise and enter as 0, as the exact zeros they stand for. Either way such a λ is at
+    most ``p·ε`` of Σλ, far below the 1e-10 added to every pᵢ, so this changes the sum by rounding only;
+    what matters is that ``r`` counts them as 0.
 
     >>> round(spectral_entropy(np.ones(8), 8), 6)
     1.0
@@ -494,13 +509,16 @@ def spectral_entropy(evals: np.ndarray, N: int) -> float | None:
     total = float(np.sum(lam))
     if lam.size == 0 or total <= 0.0:
         return None
-    rank = matrix_rank(np.sqrt(lam), N) + ENTROPY_EPSILON
+    if resolution > 0.0:
+        lam = np.where(lam > resolution * resolution, lam, 0.0)
+        total = float(np.sum(lam))
+    rank = matrix_rank(np.sqrt(lam), N, resolution=resolution) + ENTROPY_EPSILON
     p = lam / total + ENTROPY_EPSILON
     return _finite(float(-np.sum(p * np.log(p)) / np.log(rank)))
 
 
 def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, xmin: XminMethod = "fit",
-                thresh: float = EVALS_THRESH) -> EsdMetrics:
+                thresh: float = EVALS_THRESH, resolution: float = 0.0) -> EsdMetrics:
     """All ESD metrics of one matrix from its eigenvalues (``WeightWatcher.apply_esd``,
     ``apply_powerlaw`` and ``apply_norm_metrics`` on one layer).
 
@@ -510,6 +528,10 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         xmin, thresh: see :func:`power_law_fit`. The fit drops eigenvalues at or below
             ``max(thresh, λ_max·M·ε)``, ε the float64 machine epsilon: below ``λ_max·M·ε`` a float64
             eigensolver returns rounding noise, not eigenvalues (it matters only for λ_max above ~1e8).
+        resolution: the smallest singular value the solver of ``evals`` resolves (:func:`matrix_rank`):
+            0 for an exact SVD, :func:`spectra.metrics.rank_resolution` for eigenvalues of a float64 Gram
+            matrix. ``matrix_rank``, ``rank_loss``, ``weak_rank_loss`` and ``entropy`` count the
+            singular values at or below it as 0.
 
     Returns:
         :class:`EsdMetrics`. Norm metrics use every eigenvalue; the fit only those above the threshold.
@@ -534,7 +556,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
     norm = float(np.sum(lam))
     lam_max = float(lam[-1])
     log_spec = _log10(lam_max)
-    rank = matrix_rank(S, N)
+    rank = matrix_rank(S, N, resolution=resolution)
     alpha_weighted = log_alpha_norm = None
     if fit.ok:
         alpha_weighted = fit.alpha * log_spec if log_spec is not None else None
@@ -550,9 +572,9 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         norm=norm, log_norm=_log10(norm), spectral_norm=lam_max, log_spectral_norm=log_spec, lambda_max=lam_max,
         alpha_weighted=alpha_weighted, log_alpha_norm=log_alpha_norm,
         stable_rank=norm / lam_max if lam_max > 0 else None,
-        matrix_rank=rank, entropy=spectral_entropy(lam, N),
+        matrix_rank=rank, entropy=spectral_entropy(lam, N, resolution=resolution),
         sv_max=float(S[-1]), sv_min=float(S[0]), rank_loss=M - rank,
-        weak_rank_loss=int(np.count_nonzero(lam < WEAK_RANK_LOSS_TOLERANCE)),
+        weak_rank_loss=int(np.count_nonzero((lam < WEAK_RANK_LOSS_TOLERANCE) | np.less_equal(S, resolution))),
         mp_sigma2=mp.sigma2 if mp else None, mp_bulk_min=mp.bulk_min if mp else None,
         mp_bulk_max=mp.bulk_max if mp else None, mp_spike_threshold=mp.spike_threshold if mp else None,
         mp_num_spikes=mp.num_spikes if mp else None, mp_softrank=mp.softrank if mp else None,
@@ -567,6 +589,8 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
         S_delta: singular values of ΔW, descending (what the diff engine returns): all ``p = min(shape)``
             of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros; None: not fitted.
         S_base, S_tuned: full singular values of W_base and W_tuned, or None (not computed).
+            All three come from the float64 Gram route, so ranks count only singular values above its
+            resolution :func:`spectra.metrics.rank_resolution` (:func:`matrix_rank`).
         shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`power_law_fit`.
 
     Returns:
@@ -589,7 +613,9 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
         if S.size > p:
             raise ValueError(f"a {shape[0]}×{shape[1]} matrix has {p} singular values. Got {S.size} instead.")
         lam = np.concatenate([S**2, np.zeros(p - S.size)])  # the zeros a factored update leaves implicit
-        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh).to_dict()
+        # the diff engine's spectra come from a float64 Gram matrix: below σ₁·√(p·ε) its values are noise
+        res = rank_resolution(float(S.max()), p) if S.size and math.isfinite(float(S.max())) else 0.0
+        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh, resolution=res).to_dict()
 
     base, tuned = one(S_base), one(S_tuned)
     change = alpha_change(base, tuned) if base and tuned else (None, None)

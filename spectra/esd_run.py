@@ -21,7 +21,6 @@ Differences from ``WeightWatcher(model).analyze()`` (0.7.7) in what is analysed,
 
 from __future__ import annotations
 
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.config import SharedOptions, check_device_available
+from spectra.config import SharedOptions, check_device_available, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError
@@ -43,6 +42,7 @@ from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
+from spectra.metrics import numerical_rank, rank_resolution
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
@@ -108,11 +108,8 @@ class EsdConfig(SharedOptions):
                               "gives rows WeightWatcher does not have", hint="drop --split or --ww-compatible")
         if not (self.evals_thresh >= 0.0):
             raise ConfigError(f"evals_thresh must be >= 0. Got {self.evals_thresh!r} instead")
-        if self.plot_include is not None:
-            try:
-                re.compile(self.plot_include)
-            except re.error as exc:
-                raise ConfigError(f"plot_include must be a valid regular expression. Got {self.plot_include!r} instead ({exc})") from None
+        if self.plot_include is not None:  # guarded against catastrophic backtracking, as --include
+            search_pattern("--plot-include", self.plot_include)
         if self.max_batch < 1 or self.prefetch < 1:
             raise ConfigError(f"max_batch and prefetch must be >= 1. Got {self.max_batch}, {self.prefetch} instead")
         if self.max_batch_bytes is not None and self.max_batch_bytes < 1:
@@ -164,7 +161,7 @@ def _plotted(tasks: list[Task], pattern: str | None) -> set[str]:
     first :data:`DEFAULT_PLOTTED` units (plan order, so a resumed run keeps the same ones)."""
     units = sorted((u for t in tasks for u in t.units), key=lambda u: u.order)
     if pattern is not None:
-        rx = re.compile(pattern)
+        rx = search_pattern("--plot-include", pattern)
         return {u.name for u in units if rx.search(u.name)}
     layer_of = {u.name: t.pair.tuned.layer for t in tasks for u in t.units}
     layers = sorted({layer_of[u.name] for u in units if layer_of[u.name] is not None})
@@ -254,6 +251,7 @@ def esd(
                        split_fused=config.split_fused)
     result = EsdResult(model=ckpt.label, skipped=[asdict(s) for s in pairing.skipped], config=asdict(config),
                        device=str(device), version=__version__)
+    result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     if config.ww_compatible:
         kept = []
         for t in tasks:
@@ -313,10 +311,10 @@ def esd(
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-fit", initializer=one_openmp_thread) as fitter:
             def flush() -> None:
-                S_all, per = _decompose(batch, device, budget)
+                S_all, res, per = _decompose(batch, device, budget)
                 items = [(unit, task) for unit, task, _ in batch]
                 batch.clear()  # drop the weights now: the next tensors are being read
-                fits.append(fitter.submit(_fit, items, S_all, per, config, plotted))
+                fits.append(fitter.submit(_fit, items, S_all, res, per, config, plotted))
                 drain(wait=False)
 
             for k, (unit, task, W, why) in enumerate(_stream(tasks, ckpt, config.prefetch, budget)):
@@ -354,22 +352,45 @@ def esd(
     return result
 
 
-def _decompose(batch: list[tuple[Unit, Task, torch.Tensor]], device: torch.device, budget: int) -> tuple[np.ndarray, float]:
+#: The largest matrix (elements) whose Gram spectrum, when it leaves singular values unresolved, is
+#: recomputed by an SVD in float64 (512 MiB of float64); a larger one keeps the Gram values and counts the
+#: unresolved ones as 0 (:func:`spectra.esd.matrix_rank`'s ``resolution``).
+REFINE_MAX_ELEMENTS = 1 << 26
+
+
+def _decompose(batch: list[tuple[Unit, Task, torch.Tensor]], device: torch.device,
+               budget: int) -> tuple[np.ndarray, list[float], float]:
     """Exact singular values of one batch of equally shaped matrices (float64 Gram + eigensolver),
-    ``(S (b, p) descending, seconds per matrix)``."""
+    ``(S (b, p) float64 descending, resolution (b,) of each row, seconds per matrix)``.
+
+    The Gram route tells a singular value from 0 only down to ``σ₁·√(p·ε)`` (:func:`rank_resolution`);
+    WeightWatcher's rank and entropy count down to ``σ₁·N·ε`` on an SVD. A matrix with values below the
+    Gram resolution (rank-deficient, or rank-deficient up to float32 rounding) is solved again by an SVD
+    in float64 (resolution 0), up to :data:`REFINE_MAX_ELEMENTS`; a full-rank one (nearly all) is not."""
     start = time.perf_counter()
     S_all = batch_singular_values([W for _, _, W in batch], device=device, method="gram", dtype=torch.float64,
                                   max_batch_bytes=budget)
-    return S_all, (time.perf_counter() - start) / len(batch)
+    p = S_all.shape[1]
+    res = [0.0] * len(batch)
+    for i, (_, _, W) in enumerate(batch):
+        if numerical_rank(S_all[i], p) == p:
+            continue  # every value resolved: the Gram spectrum is WeightWatcher's to rounding
+        if W.numel() <= REFINE_MAX_ELEMENTS:
+            S_all[i] = torch.linalg.svdvals(W.to(device="cpu", dtype=torch.float64)).numpy()
+        else:
+            res[i] = rank_resolution(float(S_all[i].max()), p)
+    return S_all, res, (time.perf_counter() - start) / len(batch)
 
 
-def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, per: float, config: EsdConfig, plotted: set[str]) -> list[EsdRecord]:
-    """The ESD metrics of each matrix of a decomposed batch, as records (runs on the fit thread)."""
+def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, res: list[float], per: float, config: EsdConfig,
+         plotted: set[str]) -> list[EsdRecord]:
+    """The ESD metrics of each matrix of a decomposed batch, as records (runs on the fit thread);
+    ``res``: the resolution of each row of ``S_all`` (:func:`_decompose`)."""
     out = []
-    for (unit, task), S in zip(items, S_all):
+    for (unit, task), S, r in zip(items, S_all, res):
         t = time.perf_counter()
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
-        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh)
+        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r)
         pair = task.pair
         out.append(EsdRecord(
             name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,

@@ -62,11 +62,14 @@ def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: in
 
 
 def checkpoint_identity(ckpt: Checkpoint) -> list:
-    """What identifies a checkpoint's results for ``--resume``: its label; each weight file's size,
-    modification time and a sample of its content (:func:`content_sample`); each tensor's name,
-    shape, dtype and offset; the parsed ``config.json``; and the content digest of each
-    :data:`DECIDING_FILES` file in its folder (or of the index passed)."""
-    files = sorted({str(t.file) for t in ckpt.tensors.values()})
+    """What identifies a checkpoint's results for ``--resume``: its format; each weight file's resolved
+    path, size, modification time and a sample of its content (:func:`content_sample`); each tensor's
+    name, shape, dtype and offset; the parsed ``config.json``; and the content digest of each
+    :data:`DECIDING_FILES` file in its folder (or of the index passed).
+
+    Not the label: the same files named another way (``./m``, an absolute path, a symlink, the folder
+    or its ``model.safetensors``) are the same inputs; paths are compared resolved (``realpath``)."""
+    files = sorted({os.path.realpath(t.file) for t in ckpt.tensors.values()})
     root = Path(ckpt.root)
     folder = root if root.is_dir() else root.parent
     deciding = {q for pattern in DECIDING_FILES for q in folder.glob(pattern) if q.is_file()}
@@ -79,7 +82,7 @@ def checkpoint_identity(ckpt: Checkpoint) -> list:
         except OSError:
             digests.append((q.name, None))
     stats = {f: os.stat(f) for f in files}
-    return [ckpt.label, [(f, stats[f].st_size, stats[f].st_mtime_ns, content_sample(f)) for f in files],
+    return [ckpt.format, [(f, stats[f].st_size, stats[f].st_mtime_ns, content_sample(f)) for f in files],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 

@@ -79,6 +79,8 @@ class Pairing:
     skipped: list[Skipped] = field(default_factory=list)
     base_only: list[str] = field(default_factory=list)
     tuned_only: list[str] = field(default_factory=list)
+    #: how the checkpoints were read (:attr:`spectra.io.checkpoint.Checkpoint.notes`), for the result's warnings
+    notes: list[str] = field(default_factory=list)
 
 
 def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -187,6 +189,47 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     return embeds[0], heads[0]
 
 
+def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
+    """Why tensors were skipped, one phrase: the reasons grouped by their text before any ``:`` (which
+    drops per-tensor details such as two shapes), most frequent first, each with a count and an example,
+    e.g. ``"12 × dtype int8 is not a float weight (…) (e.g. l.0.q_proj.weight); 3 × shape mismatch (e.g. l.1.o.weight:
+    base (4, 8) vs tuned (8, 4))"``.
+
+    >>> skip_summary([Skipped("a", "shape mismatch: base (2, 3) vs tuned (3, 2)"), Skipped("b", "empty")])
+    '1 × empty (e.g. b); 1 × shape mismatch (e.g. a: base (2, 3) vs tuned (3, 2))'
+    """
+    groups: dict[str, list[Skipped]] = {}
+    for s in skipped:
+        groups.setdefault(s.reason.split(":")[0].strip() or "no reason given", []).append(s)
+    ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    parts = [f"{len(v)} × {reason} (e.g. {v[0].name}" + (f": {v[0].reason.split(':', 1)[1].strip()})" if ":" in v[0].reason
+                                                         else ")") for reason, v in ranked[:limit]]
+    return "; ".join(parts) + ("; …" if len(ranked) > limit else "")
+
+
+def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> None:
+    """The one-line error when no matrix pairs: every one skipped (with why), or nothing to pair."""
+    single = base is tuned
+    path = base.label if single else f"{base.label} vs {tuned.label}"
+    if skipped:
+        what = "tensor" if single else "tensor pair"
+        raise PairingError(
+            f"every {what} was skipped, none is analysed: {skip_summary(skipped)}", path=path,
+            hint="only float weight matrices (2-D, or 3-D expert stacks) are analysed; `spectra inspect` shows how each "
+                 "tensor is understood" + ("" if single else "; are both checkpoints of the same architecture?"))
+
+    def sample(names: list[str]) -> str:
+        return ", ".join(names[:2]) or "no tensors"
+    if single:
+        raise PairingError(f"no weight matrix found (it holds e.g. {sample(list(base.tensors))})", path=path,
+                           hint="`spectra inspect` shows how each tensor is understood")
+    raise PairingError(
+        f"no weight matrix of the base pairs with the tuned checkpoint (base has e.g. {sample(list(base.tensors))}; "
+        f"tuned has e.g. {sample(list(tuned.tensors))})", path=path,
+        hint="are both checkpoints of the same architecture? `spectra inspect` shows how each is understood",
+    )
+
+
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = False) -> Pairing:
     """Pair every matrix of ``tuned`` with its ``base`` counterpart.
 
@@ -194,9 +237,14 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     embedding (:func:`_tied_head`); only for callers that key their pairs by the tuned name (diff,
     extract): that pair's base name is the embedding's, which the embedding's own pair also has.
 
+    ``pair_checkpoints(ckpt, ckpt)`` (the same object twice) pairs one checkpoint with itself, as
+    ``spectra esd`` does: skip reasons and errors then name no base or tuned side.
+
     Raises:
-        PairingError: not a single matrix pairs (different architectures, or unrelated files).
+        PairingError: not a single matrix pairs (different architectures, or unrelated files), or every
+            matrix was skipped (the message counts the reasons, :func:`skip_summary`).
     """
+    single = base is tuned
 
     bspecs = base.specs
     tspecs = tuned.specs
@@ -208,7 +256,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             confirmed[(side, transpose, ndim)] = layout_confirmed(ckpt, specs, transpose=transpose, ndim=ndim)
         return confirmed[(side, transpose, ndim)]
 
-    result = Pairing()
+    result = Pairing(notes=list(base.notes) + ([] if single else list(tuned.notes)))
     matched_b: set[str] = set()
     matched_t: set[str] = set()
     for bn, tn in _match_names(list(base.tensors), list(tuned.tensors)):
@@ -230,6 +278,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             continue
         bad = [f"{side} dtype {i.dtype}" for side, i, n, c in (("base", bi, bn, base), ("tuned", ti, tn, tuned))
                if i.dtype not in FLOAT_DTYPES and n not in c.scales]
+        if single and bad:  # one checkpoint analysed alone (esd): it has no base and tuned side
+            bad = [f"dtype {ti.dtype}"]
         if bad:
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
             continue
@@ -273,13 +323,6 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
     if not result.pairs:
-        def sample(names: list[str]) -> str:
-            return ", ".join(names[:2]) or "no tensors"
-        raise PairingError(
-            f"no weight matrix of the base pairs with the tuned checkpoint (base has e.g. {sample(list(base.tensors))}; "
-            f"tuned has e.g. {sample(list(tuned.tensors))})",
-            path=f"{base.label} vs {tuned.label}",
-            hint="are both checkpoints of the same architecture? `spectra inspect` shows how each is understood",
-        )
+        _raise_nothing_paired(base, tuned, result.skipped)
     result.pairs.sort(key=lambda p: p.sort_key)
     return result

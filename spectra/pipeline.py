@@ -246,6 +246,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
         config=asdict(config), device=str(device), version=__version__,
     )
+    result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
     if ctx is None:
         finished = writer.start(result, resume=resume) if writer else []

@@ -4,13 +4,12 @@ equally shaped units are adjacent (the engine batches them)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from spectra.config import parse_layers
+from spectra.config import parse_layers, search_pattern
 from spectra.errors import ConfigError
 from spectra.naming import MatrixSpec, Part
 from spectra.pairing import MatrixPair
@@ -36,9 +35,14 @@ class Task:
 
 def selector(include: str | None, exclude: str | None, layers: str | None) -> Callable[[str, int | None], bool]:
     """``keep(name, layer)`` for the ``--include``/``--exclude`` regexes and the ``--layers`` selection
-    (which leaves out matrices outside the layer stack). Compiled once per run."""
-    inc = re.compile(include) if include else None
-    exc = re.compile(exclude) if exclude else None
+    (which leaves out matrices outside the layer stack). Compiled once per run.
+
+    Raises:
+        ConfigError: a regex that could backtrack catastrophically, or a name too long to match against
+            it (:func:`spectra.config.search_pattern`)."""
+    # guarded against catastrophic backtracking, as adapter-config patterns are (spectra.io.patterns)
+    inc = search_pattern("--include", include) if include else None
+    exc = search_pattern("--exclude", exclude) if exclude else None
     layer_ok = parse_layers(layers) if layers else None
 
     def keep(name: str, layer: int | None, *others: str) -> bool:

@@ -363,7 +363,7 @@ def test_cli_table_json_and_files(tiny_llama, tmp_path):
     (["{d}/missing"], 1, "error: "),
     (["{m}", "--ww-compatible", "--split"], 1, "drop --split or --ww-compatible"),
     (["{m}", "--include", "("], 1, "--include must be a valid regular expression"),
-    (["{m}", "--plot-include", "("], 1, "plot_include must be a valid regular expression"),
+    (["{m}", "--plot-include", "("], 1, "--plot-include must be a valid regular expression"),
     (["{m}", "--device", "tpu"], 1, "device must be auto, cpu, cuda or cuda:N"),
     (["{m}", "--out", "{d}/fresh", "--resume"], 1, "nothing to resume"),
     (["{m}", "--out", " "], 1, "--out must name a folder"),

@@ -313,7 +313,8 @@ def test_nesting_depth(depth, kinds, payload, where):
             run = lambda: open_checkpoint(path)  # noqa: E731
         elif where == "index":
             (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": "model.safetensors"}, "x": %s}' % value)
-            run = lambda: open_checkpoint(folder)  # noqa: E731
+            # the index itself: the folder reads model.safetensors first, as transformers does
+            run = lambda: open_checkpoint(folder / "model.safetensors.index.json")  # noqa: E731
         elif where == "config":
             (folder / "config.json").write_text('{"model_type": "llama", "x": %s}' % value)
             run = lambda: open_checkpoint(folder)  # noqa: E731

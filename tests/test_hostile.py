@@ -89,7 +89,7 @@ def test_deeply_nested_json_is_refused_before_parsing(tmp_path, where):
     elif where == "index":
         bad = folder / "model.safetensors.index.json"
         bad.write_text('{"weight_map": {"w": "model.safetensors"}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
-        target, opener = folder, open_checkpoint
+        target, opener = bad, open_checkpoint  # the folder itself reads model.safetensors first, as transformers
     elif where == "config":
         bad = folder / "config.json"
         bad.write_text("[" * 100_000 + "]" * 100_000)

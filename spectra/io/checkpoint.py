@@ -3,9 +3,11 @@
 Accepted inputs (:func:`open_checkpoint`):
 
 - a ``.safetensors`` file;
-- a model folder: ``model.safetensors.index.json`` (the index decides the shards; we never glob),
-  else ``model.safetensors``, else ``pytorch_model.bin.index.json`` / ``pytorch_model.bin``, else a
-  folder holding exactly one ``.safetensors`` file;
+- a model folder: the first of ``model.safetensors``, ``model.safetensors.index.json`` (the index decides
+  the shards; we never glob), ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` — transformers'
+  ``from_pretrained`` order (:data:`FOLDER_WEIGHTS`), so a stale second set beside the first is ignored as
+  transformers ignores it (with a note in :attr:`Checkpoint.notes`) — else a folder holding exactly one
+  ``.safetensors`` file;
 - an index file (``*.safetensors.index.json`` / ``*.bin.index.json``) directly;
 - a PyTorch ``.bin`` / ``.pt`` / ``.pth`` state dict, read with ``torch.load(weights_only=True)``
   only: a file that needs pickle code execution is refused, never run (:mod:`spectra.io.torchfile`);
@@ -141,6 +143,9 @@ class Checkpoint:
         self.tensors = tensors
         self.config = config
         self.scales = find_weight_scales(tensors, config)
+        #: caveats of how the checkpoint was read (e.g. which of several weight sets in a folder), for a
+        #: result's warnings; each starts with :data:`READ_NOTE_PREFIX`
+        self.notes: list[str] = []
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, format={self.format!r}, tensors={len(self.tensors)})"
@@ -426,15 +431,26 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     return _open_file(label, path, allowed_roots(path.parent))
 
 
+#: Every :attr:`Checkpoint.notes` line starts with this, so that a command can tell them among a result's warnings.
+READ_NOTE_PREFIX = "reading "
+
+#: The weight files of a model folder, in the order transformers' ``PreTrainedModel.from_pretrained``
+#: (``_get_resolved_checkpoint_files``, transformers 4.x/5.x) tries them: the first present is the model.
+FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def _open_folder(label: str, folder: Path) -> Checkpoint:
     roots = allowed_roots(folder)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (folder / index_name).exists():
-            return _open_index(label, folder / index_name, roots)
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).exists() or (folder / single).is_symlink():
-            check_inside(folder / single, roots)
-            return _open_file(label, folder / single, roots)
+    # a symlink counts even when broken or pointing outside: it is refused below, never skipped silently
+    present = [n for n in FOLDER_WEIGHTS if (folder / n).exists() or (folder / n).is_symlink()]
+    if present:
+        chosen = folder / present[0]
+        check_inside(chosen, roots)
+        ckpt = _open_index(label, chosen, roots) if present[0].endswith(".index.json") else _open_file(label, chosen, roots)
+        if len(present) > 1:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
+            ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present)} weight sets; read {present[0]} "
+                              f"(transformers' order) and ignored {', '.join(present[1:])}")
+        return ckpt
     if (folder / "adapter_config.json").is_file():
         raise CheckpointFormatError(
             "this folder is a PEFT adapter (adapter_config.json), not a full checkpoint",
@@ -453,7 +469,7 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
             path=folder, hint="pass one file, or add the index that says which shards form the model",
         )
     raise CheckpointFormatError(
-        "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or index in this folder",
+        "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this folder",
         path=folder, hint="pass a checkpoint file or a Hugging Face model folder",
     )
 
