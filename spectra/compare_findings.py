@@ -102,7 +102,7 @@ def unmatched_text(result: CompareResult) -> str:
 
 
 def _warnings(result: CompareResult) -> list[Finding]:
-    out = []
+    out = [Finding("read", w, warning=True) for w in result.warnings]
     zero = [m for m in result.modules if m.status == "zero_update"]
     if zero:
         which = Counter("A and B" if m.fro_a == 0 and m.fro_b == 0 else ("A" if m.fro_a == 0 else "B") for m in zero)

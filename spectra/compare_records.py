@@ -160,6 +160,7 @@ class CompareResult:
         phi_grids: module name -> side -> φ grid (rows i = 1..r_A, columns j = 1..r_B); absent for
             modules whose φ is null.
         skipped: ``{"name", "reason"}`` for modules left out (NaN/Inf in a factor or a weight).
+        warnings: how the inputs were read, where it needs saying (a folder of several weight sets).
         device: the device the run used (``cpu``, ``cuda:0``), resolved from ``config["device"]``.
         elapsed_s: wall seconds of the run.
         version: spectra's version.
@@ -175,6 +176,7 @@ class CompareResult:
     b_only: list[str] = field(default_factory=list)
     phi_grids: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     device: str | None = None
     elapsed_s: float = 0.0
     version: str = __version__
@@ -364,6 +366,7 @@ class _Reader:
             a_only=g(d, "a_only", at, names, "an array of strings", required=False, default=[]),
             b_only=g(d, "b_only", at, names, "an array of strings", required=False, default=[]),
             phi_grids=grids, skipped=skipped,
+            warnings=g(d, "warnings", at, names, "an array of strings", required=False, default=[]),
             device=g(d, "device", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
             elapsed_s=g(d, "elapsed_s", at, _is_num, "a number", required=False, default=0.0),
             version=g(d, "version", at, is_str, "a string", required=False, default=__version__),

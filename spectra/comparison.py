@@ -369,6 +369,8 @@ def compare(
     B = _Side(str(b), base_ckpt, config)
     result = CompareResult(str(a), str(b), None if base is None else str(base), {"a": A.kind, "b": B.kind}, asdict(config),
                            device=str(device))
+    # how each folder was read (several weight sets in one: the one transformers reads), once each
+    result.warnings = list(dict.fromkeys(n for c in (base_ckpt, A.tuned, B.tuned) if c is not None for n in c.notes))
     shared = [k for k in A.names if k in B.names]
     if not shared:
         raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",

@@ -445,6 +445,8 @@ def interfere(
                              config=asdict(config), device=str(device))
     for t in tasks:
         result.skipped += t.skipped
+    # how each folder was read (several weight sets in one: the one transformers reads), once each
+    result.warnings += list(dict.fromkeys(n for c in (base_ckpt, *(t.ckpt for t in tasks if t.kind == "full")) for n in c.notes))
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))

@@ -345,6 +345,8 @@ def trace(
                          config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
                          warnings=list(found.warnings), device=str(device))
     weights = [open_weights(r.path, r.kind) for r in refs]
+    # how each folder was read (several weight sets in one: the one transformers reads), once each
+    result.warnings += list(dict.fromkeys(n for c in (base_ckpt, *weights) for n in c.notes))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None

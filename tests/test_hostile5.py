@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import spectra.esd_run as esd_run
+from spectra.compare_findings import compare_findings
 from spectra.config import CompareConfig, DiffConfig, search_pattern
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError
@@ -185,6 +186,24 @@ def test_stale_bin_index_beside_model_safetensors_reaches_the_result(tmp_path):
     assert "read model.safetensors" in " ".join(out.split()) and "ignored pytorch_model.bin.index.json" in " ".join(out.split())
     res = esd(tmp_path / "tuned", config=EsdConfig(device="cpu"))
     assert any("ignored pytorch_model.bin.index.json" in w for w in res.warnings)
+
+
+def test_compare_trace_and_interfere_say_which_weight_set_they_read(tmp_path):
+    """The notes reached diff's and esd's warnings only; compare, trace and interfere read silently."""
+    from spectra.comparison import compare
+    from spectra.interfere import interfere
+    from spectra.trace import trace
+
+    _weight_sets(tmp_path / "base", ("model.safetensors",))
+    for i in (1, 2):
+        _weight_sets(tmp_path / f"t{i}", ("pytorch_model.bin.index.json",))
+        save_file({NAME: torch.full((8, 6), 1.0) + i * torch.eye(8, 6)}, str(tmp_path / f"t{i}" / "model.safetensors"))
+    said = "ignored pytorch_model.bin.index.json"
+    base, t1, t2 = (str(tmp_path / n) for n in ("base", "t1", "t2"))
+    res = compare(t1, t2, base=base, plots=False)
+    assert sum(said in w for w in res.warnings) == 2 and any(said in f.text for f in compare_findings(res) if f.warning)
+    assert sum(said in w for w in trace(base, [t1, t2], plots=False).warnings) == 2
+    assert sum(said in w for w in interfere(base, [t1, t2], config=InterfereConfig(), plots=False).warnings) == 2
 
 
 LONG = "model.layers.2." + "a" * 5000 + ".weight"

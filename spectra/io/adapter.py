@@ -314,8 +314,8 @@ class LoraModule:
     Attributes:
         module: module path without PEFT's ``base_model.model.`` prefix.
         weight_name: the base tensor this updates (``module + ".weight"``).
-        A: ``lora_A`` ``(r, in)`` (embedding: ``lora_embedding_A`` ``(r, vocab)``), float32.
-        B: ``lora_B`` ``(out, r)`` (embedding: ``lora_embedding_B`` ``(dim, r)``), float32.
+        A: ``lora_A`` ``(r, in)`` (embedding: ``lora_embedding_A`` ``(r, vocab)``), float32 (float64 when stored so).
+        B: ``lora_B`` ``(out, r)`` (embedding: ``lora_embedding_B`` ``(dim, r)``), float32 (float64 when stored so).
         r, alpha, scale: after the patterns.
         embedding: an embedding LoRA (ΔW = s·(B·A)ᵀ).
         magnitude: DoRA magnitude ``(out,)``, or None.
@@ -468,6 +468,12 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     return adapter
 
 
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """A stored factor in float32, or float64 when stored so (a float64 adapter rounded to float32 lost
+    ~1e-8 of its update's norm: its numbers no longer matched its own merge)."""
+    return t if t.dtype == torch.float64 else t.to(torch.float32)
+
+
 def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: dict[str, str], rank_alpha: tuple[int, float],
                  folder: Path, weights: Path) -> LoraModule | None:
     """One module's factors, checked against its ``(r, alpha)`` after the patterns; None for a module
@@ -480,7 +486,7 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
         missing = b_key if a_key in kinds else a_key
         raise CheckpointFormatError(f"LoRA module {module} has no {missing}", path=weights, tensor=module,
                                     hint="the adapter file is incomplete")
-    A, B = ckpt.load(kinds[a_key]).to(torch.float32), ckpt.load(kinds[b_key]).to(torch.float32)
+    A, B = _float(ckpt.load(kinds[a_key])), _float(ckpt.load(kinds[b_key]))
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
                                     path=weights, tensor=module)
@@ -505,7 +511,7 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector",
                                         path=weights, tensor=module,
                                         hint="without it the update is not s·B·A; the adapter file is incomplete")
-        magnitude = ckpt.load(mag_name).to(torch.float32)
+        magnitude = _float(ckpt.load(mag_name))
         if tuple(magnitude.shape) != (B.shape[0],):
             raise CheckpointFormatError(
                 f"DoRA magnitude {mag_name} has shape {tuple(magnitude.shape)}; PEFT requires (out,) = ({B.shape[0]},)",
