@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import sys
 
 
 def _release_large_blocks() -> None:
@@ -47,6 +48,13 @@ try:
     import rich.console  # noqa: F401
 
     import spectra  # noqa: F401
+except KeyboardInterrupt:
+    # Ctrl-C during the command's ~1 s of imports printed a traceback through torch's import machinery;
+    # the command has done nothing yet. Inside another program the interrupt is that program's to handle.
+    if os.path.basename(sys.argv[0]) == "spectra":
+        os.write(2, b"stopped by Ctrl-C while starting: nothing was written\n")
+        os._exit(130)
+    raise
 finally:
     gc.freeze()
     if _collector_was_on:

@@ -324,3 +324,22 @@ def test_the_stop_message_says_what_this_command_keeps(args, said):
     assert (said in kept) if said else kept == ""
     if "--resume" not in kept:
         assert "resume" not in kept
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line():
+    """A stop during the ~1 s of imports printed a KeyboardInterrupt traceback from inside torch."""
+    import shutil
+    import signal
+    import time
+
+    exe = shutil.which("spectra", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("the spectra console script is not installed beside this interpreter")
+    proc = subprocess.Popen([exe, "--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)  # inside the imports (they take ~1 s on this project's CPU)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the command finished before the signal arrived")
+    assert proc.returncode in (130, -signal.SIGINT), err  # -SIGINT: before Python installed its handler
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
