@@ -103,6 +103,12 @@ def unmatched_text(result: CompareResult) -> str:
 
 def _warnings(result: CompareResult) -> list[Finding]:
     out = [Finding("read", w, warning=True) for w in result.warnings]
+    fewer = [m for m in result.modules if m.note]
+    if fewer:
+        out.append(Finding("rank", f"{len(fewer)} of {len(result.modules)} modules have an update of fewer directions than its "
+                           f"rank (e.g. {display_name(fewer[0].name, 60)}: {fewer[0].note}); their subspaces have the "
+                           "resolved rank, not arbitrary extra directions (rank_a, rank_b in compare.json).", warning=True,
+                           numbers={"fewer_directions": len(fewer)}))
     zero = [m for m in result.modules if m.status == "zero_update"]
     if zero:
         which = Counter("A and B" if m.fro_a == 0 and m.fro_b == 0 else ("A" if m.fro_a == 0 else "B") for m in zero)

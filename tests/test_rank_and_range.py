@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from spectra import CompareConfig, compare
+from spectra.compare_findings import compare_findings
 from spectra.compare_records import ComparedModule, CompareResult
 from spectra.interfere import InterfereConfig, interfere
 from spectra.subspaces import intruder_dimensions
@@ -78,6 +79,8 @@ def test_an_update_of_fewer_directions_than_its_rank_is_compared_at_its_resolved
         assert m.amplification["a"].factor == pytest.approx(ref, rel=1e-9)
         assert m.amplification["b"].factor == pytest.approx(ref, rel=1e-9)
     assert "note" in res.rows()[0] and json.loads(res.to_json())["modules"][0]["note"]
+    said = [f.text for f in compare_findings(res) if f.warning]
+    assert any(t.startswith(f"{len(SHAPES)} of {len(SHAPES)} modules have an update of fewer directions") for t in said)
 
 
 def test_intruders_against_a_zero_or_rank_deficient_base_use_its_resolved_vectors():
