@@ -28,7 +28,6 @@ The output folder's checks and the inputs' norms live in :mod:`spectra.extract_i
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import threading
 import time
@@ -39,7 +38,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
@@ -51,6 +49,8 @@ from spectra.extract_io import (
     JOURNAL,
     OUTPUT_FILES,
     SCRATCH,
+    ExtractEvent,
+    ExtractRun,
     adapter_dtype,
     left_out_records,
     lora_fro,
@@ -62,7 +62,6 @@ from spectra.extract_io import (
 from spectra.extract_plan import (
     RESULT_FIELDS,
     ExtractConfig,
-    RankPlan,
     Target,
     final_ranks,
     plan_ranks,
@@ -72,7 +71,11 @@ from spectra.extract_plan import (
 from spectra.extract_results import (
     ExtractResult,
     build_result,
+    note_storage,
     one_d_changes,
+    pair_norms,
+    root_sigma1,
+    tied_embedding_warning,
 )
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -84,47 +87,27 @@ from spectra.io.peft_writer import (
     saved_name,
     task_type_for,
     write_adapter,
-    write_safetensors,
 )
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.lowrank import (
     GramEig,
     Triplets,
-    allocate_budget,
     eig_factors,
     energy_rank_top,
     factored_triplets,
     gram_eig,
     gram_top,
     randomized_triplets,
-    reach_above,
     refined_triplets,
-    round_up,
     spectrum_total,
 )
+from spectra.metrics import square_scale_exponent
 from spectra.pairing import pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
 from spectra.threads import map_one_blas_thread, zip_results
-
-
-@dataclass(frozen=True)
-class ExtractEvent:
-    """Reported to the callback after each module of a stage.
-
-    Attributes:
-        stage: ``"spectra"`` (decomposition; one-pass also keeps the vectors), ``"vectors"`` (the
-            second pass), ``"eval"``.
-        done, total: modules of this stage finished and planned.
-        name: the module just finished.
-    """
-
-    stage: str
-    done: int
-    total: int
-    name: str
 
 
 # ---- inputs ---------------------------------------------------------------------------------------
@@ -169,13 +152,20 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
-        one_dim = info is not None and len(info.shape) == 1 and info.dtype.startswith(("float", "bfloat"))
-        if not (mismatched or one_dim):
+        floating = info is not None and info.dtype.startswith(("float", "bfloat"))
+        one_dim = floating and len(info.shape) == 1
+        other = floating and len(info.shape) not in (1, 2) and not mismatched  # 0-D, a conv's 4-D…
+        if not (mismatched or one_dim or other):
             continue
         bn = base_by_key.get(s.name) or _same_key(base, s.name)
         if mismatched:  # a matrix whose base has another shape: not silently dropped, listed with the reason
             left.append(((s.name, tuple(info.shape), None, tensor_fro(base, bn)), s.reason))
-        elif bn is not None:
+        elif other and bn is not None and tuple(base.tensors[bn].shape) == tuple(info.shape):
+            # listed (as spectra diff lists it) when fine-tuning changed it: LoRA cannot hold it
+            fro, base_fro = pair_norms(base, bn, tuned_ckpt, s.name, None)
+            if fro != 0.0:
+                left.append(((s.name, tuple(info.shape), fro, base_fro), f"{s.reason}: LoRA adapts 2-D weights only"))
+        elif one_dim and bn is not None:
             one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
@@ -213,130 +203,6 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path))
 
 
-# ---- the run state: spectra, factors on disk, the journal -------------------------------------------
-class _Run:
-    """Records of one run: per target its spectrum and the factors kept in the scratch shard."""
-
-    def __init__(self, targets: list[Target], plan: RankPlan, config: ExtractConfig, out: Path, journal: RecordJournal,
-                 callback: Callable[[ExtractEvent], None] | None, scratch_dtype: torch.dtype = torch.float32) -> None:
-        self.targets, self.plan, self.config, self.out, self.journal = targets, plan, config, out, journal
-        # factors are kept in the adapter's dtype when it is 16-bit (the same bytes the adapter gets: float64
-        # → float32 → 16-bit either way), written by the compute threads; else in float32
-        self.scratch_dtype = scratch_dtype
-        self.callback = callback
-        self.index = {t.order: i for i, t in enumerate(targets)}
-        self.spectra: dict[int, dict] = {}
-        self.factors: dict[int, dict] = {}
-        self.scratch = out / SCRATCH
-        self.done = 0
-        self._cut, self._cut_at = 0.0, 0  # the last budget cut-off and how many modules it saw
-
-    def absorb(self, records: list[dict]) -> None:
-        """Records of an interrupted run (factors only where their shard file is there)."""
-        for rec in records:
-            if "spectrum" in rec and rec["spectrum"]["order"] in self.index:
-                self.spectra[self.index[rec["spectrum"]["order"]]] = rec["spectrum"]
-            elif "factors" in rec and rec["factors"]["order"] in self.index and (self.scratch / rec["factors"]["file"]).is_file():
-                self.factors[self.index[rec["factors"]["order"]]] = rec["factors"]
-
-    def n_values(self, i: int) -> int:
-        """Singular values journaled for target i: enough for every rank it may take, the uniform
-        comparison and ``top_values`` (all of them under ``energy``, whose rank is the spectrum's)."""
-        t = self.targets[i]
-        if self.config.mode == "energy":
-            return t.p
-        return min(t.p, max(self.plan.caps[i], self.plan.uniform_bound, self.config.top_values) + 1)
-
-    def add_spectrum(self, i: int, S: np.ndarray, total: float, method: str, *, residual: float | None = None,
-                     base_fro: float | None = None, note: str = "", stage: str = "spectra") -> None:
-        t = self.targets[i]
-        rec = {"order": t.order, "S": [float(x) for x in np.asarray(S)[: self.n_values(i)]], "total": float(total),
-               "method": method, "residual": residual, "base_fro": base_fro, "note": note}
-        self.spectra[i] = rec
-        self.journal.add({"spectrum": rec})
-        self._emit(stage, t.name)
-
-    def skip(self, i: int, reason: str) -> None:
-        t = self.targets[i]
-        rec = {"order": t.order, "S": [], "total": 0.0, "method": "skipped", "residual": None, "base_fro": None,
-               "note": reason, "skipped": True}
-        self.spectra[i] = rec
-        self.journal.add({"spectrum": rec})
-        self._emit("spectra", t.name)
-
-    def store_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None) -> None:
-        """Write target i's factors to its scratch file (none when k = 0); safe from any thread."""
-        if A is not None and A.shape[0]:
-            write_safetensors(self.scratch / f"{self.targets[i].order}.safetensors", [("B", tuple(B.shape)), ("A", tuple(A.shape))],
-                              [B, A], self.scratch_dtype)
-
-    def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None,
-                    stored: bool = False) -> None:
-        """Keep target i's factors (written here unless ``stored``: :meth:`store_factors` did) and journal them."""
-        t = self.targets[i]
-        k = 0 if A is None else int(A.shape[0])
-        name = f"{t.order}.safetensors"
-        if not stored:
-            self.store_factors(i, B, A)
-        rec = {"order": t.order, "k": k, "file": name if k else ""}
-        if not k:  # nothing to store: no file, but the record says so
-            rec["file"] = ""
-        self.factors[i] = rec
-        self.journal.add({"factors": rec})
-        if stage:
-            self._emit(stage, t.name)
-
-    def has_factors(self, i: int, k: int) -> bool:
-        f = self.factors.get(i)
-        return f is not None and f["k"] >= k and (k == 0 or (self.scratch / f["file"]).is_file())
-
-    def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype."""
-        f = load_file(str(self.scratch / self.factors[i]["file"]))
-        return f["B"][:, :r], f["A"][:r]
-
-    def _emit(self, stage: str, name: str) -> None:
-        self.done += 1
-        if self.callback:
-            self.callback(ExtractEvent(stage, self.done, len(self.targets), name))
-
-    # ---- how many components a module keeps now (one pass) ----------------------------------------
-    def cutoff(self) -> float:
-        """Under ``budget``: the critical value per parameter of the greedy over untied modules seen
-        so far; a component below it can never be chosen (0 while they all fit in the budget).
-
-        Any subset of the modules gives a valid cut-off (more modules only raise it), so it is
-        recomputed only when the modules seen have grown by a tenth since the last time: O(log n)
-        sorts instead of one per matrix, at the price of keeping a few more components in between.
-        """
-        if self.config.mode != "budget":
-            return 0.0
-        idx = [i for i, rec in self.spectra.items() if not self.targets[i].group and not rec.get("skipped")]
-        if len(idx) < 1.1 * self._cut_at + 1:
-            return self._cut
-        need = sum(self.plan.caps[i] * self.targets[i].cost for i in idx)
-        if need > self.plan.budget:  # before that every seen component fits: the cut-off is 0
-            gains = [np.asarray(self.spectra[i]["S"][: self.plan.caps[i]]) ** 2 for i in idx]
-            self._cut = allocate_budget(gains, [self.targets[i].cost for i in idx], self.plan.budget,
-                                        levels=[self.plan.levels[i] for i in idx]).ratio
-            self._cut_at = len(idx)
-        return self._cut
-
-    def keep_now(self, i: int, S: np.ndarray, total: float, cutoff: float) -> int:
-        """Components of target i to keep in the first pass: every one it may still be given."""
-        t, cap, levels = self.targets[i], self.plan.caps[i], self.plan.levels[i]
-        if total <= 0 or cap == 0:
-            k = 0
-        elif self.config.mode == "rank" or t.group:
-            k = cap
-        elif self.config.mode == "energy":
-            r = energy_rank_top(S, total, self.config.energy, t.p)
-            k = cap if r is None else min(cap, round_up(r, levels))
-        else:
-            k = reach_above(np.asarray(S[:cap]) ** 2, t.cost, cutoff, levels)
-        return min(t.p, max(k, min(t.p, self.plan.uniform_bound)))
-
-
 # ---- passes -----------------------------------------------------------------------------------------
 def _settings(config: ExtractConfig, device: torch.device) -> RunSettings:
     """Batch memory, read-ahead and readers, as ``spectra diff`` resolves them."""
@@ -359,7 +225,7 @@ def _approx(config: ExtractConfig, t: Target) -> bool:
     return config.approx_above is not None and t.p > config.approx_above
 
 
-def _randomized(run: _Run, i: int, delta: torch.Tensor) -> None:
+def _randomized(run: ExtractRun, i: int, delta: torch.Tensor) -> None:
     """Top triplets of a matrix above ``approx_above`` (both strategies keep its factors at once)."""
     t, config = run.targets[i], run.config
     k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
@@ -372,11 +238,11 @@ def _randomized(run: _Run, i: int, delta: torch.Tensor) -> None:
             k = min(t.p, run.plan.caps[i], 2 * k)
     else:
         tr = randomized_triplets(delta, k, seed=config.seed)
-    run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=None)
+    run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=None, exp=tr.exp)
     run.add_factors(i, tr.B, tr.A)
 
 
-def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.device, *, stage: str,
+def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: torch.device, *, stage: str,
                 want: dict[int, int] | None = None) -> None:
     """Stream the pairs of the targets still to do. ``want`` None: the first pass (spectra; with the
     one-pass strategy also the factors); else the second: target -> components to factor."""
@@ -403,7 +269,9 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
         if want is None and two and exact:  # values only, the engine's exact batched path
             S_all = batch_singular_values([it.delta for _, it in exact], device=device, max_batch_bytes=config.max_batch_bytes)
             for (i, item), S in zip(exact, S_all):
-                run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note)
+                e = square_scale_exponent(S)  # σ² beyond float64's range: journaled as S·2**-e (ExtractRun)
+                S = np.ldexp(S, -e) if e else S
+                run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note, exp=e)
         else:
             # spectra of the batch (in parallel), the ranks from them (in order), then the factors (in parallel)
             deltas = [item.delta for _, item in exact]
@@ -415,10 +283,10 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
                 eigs = _in_parallel(_rank_eig, [(d, max(k, run.n_values(i)), k) for d, (i, _), k in zip(deltas, exact, ks)], device)
             else:
                 eigs = _in_parallel(gram_eig, [(d,) for d in deltas], device)
-                ks = [run.keep_now(i, eig.S, eig.total, cutoff) if want is None else want[i] for (i, _), eig in zip(exact, eigs)]
+                ks = [run.keep_now(i, eig.S, eig.total, cutoff, eig.exp) if want is None else want[i] for (i, _), eig in zip(exact, eigs)]
             if want is None:
                 for (i, item), eig in zip(exact, eigs):
-                    run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note)
+                    run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note, exp=eig.exp)
             factors = _in_parallel(eig_factors, list(zip(deltas, eigs, ks)), device)
             del eigs
             for (i, _), (B, A) in zip(exact, factors):
@@ -427,7 +295,7 @@ def _dense_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.de
             item.delta = None
 
 
-def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
+def _refined_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
     """``--rank`` (one pass) under ``precision="mixed"`` on the CPU: each matrix's subspace in float32,
     its values and factors in float64 (:func:`spectra.lowrank.refined_triplets`).
 
@@ -460,7 +328,8 @@ def _refined_pass(src: _Source, run: _Run, config: ExtractConfig, device: torch.
     with contextlib.closing(zip_results(jobs(), work, cost=cost, max_cost=batch_bytes)) as results:
         for (i, item, _), tr in results:
             if tr is not None:
-                run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note)
+                run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note,
+                                 exp=tr.exp)
                 run.add_factors(i, tr.B, tr.A, stored=True)
             elif item.delta is None:
                 run.skip(i, item.skip or "skipped")
@@ -486,7 +355,7 @@ def _in_parallel(fn: Callable[..., _R], args: list[tuple], device: torch.device)
     return [fn(*a) for a in args]
 
 
-def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
+def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
     """Each LoRA module of the adapter: its exact factored SVD (DoRA: the dense update's)."""
     for i, t in enumerate(run.targets):
         if i in run.spectra and i in run.factors:
@@ -499,7 +368,7 @@ def _adapter_pass(src: _Source, run: _Run, device: torch.device) -> None:
             delta = mod.dora_delta(W).to(device)
             eig = gram_eig(delta)
             k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
-            run.add_spectrum(i, eig.S, eig.total, "dora/gram-eigh/float64", base_fro=base_fro, note=t.note)
+            run.add_spectrum(i, eig.S, eig.total, "dora/gram-eigh/float64", base_fro=base_fro, note=t.note, exp=eig.exp)
             run.add_factors(i, *eig_factors(delta, eig, k))
             continue
         Bf, Af = mod.factors()
@@ -571,9 +440,13 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         options["adapter"] = [src.label, repr(src.adapter.config)]
     fingerprint = inputs_fingerprint(inputs, options)
     journal = RecordJournal(out / JOURNAL)
-    run = _Run(src.targets, plan, config, out, journal, callback,
-               scratch_dtype=dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
-    run.absorb(journal.start(fingerprint, resume=resume))
+    # factors are kept in the adapter's dtype (float64 factors of a float64 ΔW stay float64 in a float64 adapter)
+    run = ExtractRun(src.targets, plan, config, out, journal, callback, scratch_dtype=dtype)
+    try:
+        run.absorb(journal.start(fingerprint, resume=resume))
+    except BaseException:  # a refused resume (other inputs) leaves no lock behind
+        journal.release()
+        raise
     not_extracted = left_out_records(src.base, src.tuned, src.left_out)
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
     loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
@@ -592,11 +465,12 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # every entry of B = U√σ and A = √σVᵀ (orthonormal U, V) is at most √σ₁: a module whose √σ₁ exceeds
     # the storage dtype's range (fp16: 65504) is refused before anything is written, never stored as inf
     for i in usable:
-        S = run.spectra[i]["S"]
-        if ranks[i] and S and dtype.is_floating_point and math.sqrt(float(S[0])) > torch.finfo(dtype).max:
-            raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {math.sqrt(float(S[0])):.3g}, beyond "
+        root = root_sigma1(run.spectra[i])  # of ΔW itself, not of the journaled ΔW·2**-exp
+        if ranks[i] and dtype.is_floating_point and root > torch.finfo(dtype).max:
+            wider = "float32" if dtype == torch.float16 and root <= torch.finfo(torch.float32).max else "float64"
+            raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {root:.3g}, beyond "
                               f"the largest {str(dtype).removeprefix('torch.')} ({torch.finfo(dtype).max:.3g}): they would be "
-                              "stored as inf", path=out, hint="write the adapter in float32: rerun with --dtype float32 --force")
+                              "stored as inf", path=out, hint=f"write the adapter in {wider}: rerun with --dtype {wider} --force")
     uniform = _uniform_rank([src.targets[i] for i in usable], [ranks[i] for i in usable])  # skipped ones cost nothing
     if src.kind == "full" and config.resolved_strategy == "two-pass":
         want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
@@ -605,6 +479,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                              config.save_modules)
     result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
     result.fingerprint, result.version = fingerprint, __version__
+    # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
+    note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
+    result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
     if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)
@@ -631,7 +508,7 @@ def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
     return uniform_rank([t.cost for t in targets], [t.p for t in targets], params)
 
 
-def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractConfig,
+def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig,
                    not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
@@ -662,7 +539,7 @@ def _adapter_files(src: _Source, run: _Run, ranks: list[int], config: ExtractCon
     return layout, tensors(), cfg
 
 
-def _write(out: Path, src: _Source, run: _Run, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
+def _write(out: Path, src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
            not_lora: list[dict], result: ExtractResult) -> None:
     layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora)
     files = write_adapter(out, layout, tensors, cfg, dtype)
@@ -673,7 +550,7 @@ def _write(out: Path, src: _Source, run: _Run, ranks: list[int], config: Extract
                       "tensors": len(layout)}
 
 
-def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: _Run, uniform: int,
+def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: ExtractRun, uniform: int,
           config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, callback) -> None:
     """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
     from spectra.extract_eval import held_out_losses

@@ -1,23 +1,31 @@
-"""The files around an extraction (``spectra extract``): the output folder (refused when it is an
-input's, prepared for a run), the adapter's storage dtype, and norms read from the inputs, among them
-those of the matrices left out, computed beside the pass."""
+"""The files around an extraction (``spectra extract``): the run's state (:class:`ExtractRun`: the journaled
+spectra and the factors in the scratch shard, with what the adapter's dtype does to them), the output
+folder (refused when it is an input's, prepared for a run), the adapter's storage dtype, and norms read
+from the inputs, among them those of the matrices left out, computed beside the pass."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from spectra.errors import ConfigError
-from spectra.extract_plan import ExtractConfig
+from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, energies
 from spectra.extract_results import compared_rows, left_out_record, reads_pair_by_rows
 from spectra.io.adapter import Adapter
 from spectra.io.checkpoint import Checkpoint, tensor_infos
-from spectra.lowrank import factored_triplets
+from spectra.io.files import LOCK_NAME
+from spectra.io.peft_writer import write_safetensors
+from spectra.journal import RecordJournal
+from spectra.lowrank import allocate_budget, energy_rank_top, factored_triplets, reach_above, round_up
 from spectra.selection import Task
 from spectra.threads import one_openmp_thread
 
@@ -28,12 +36,209 @@ OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "extract.jso
                 "extract_ranks.png", JOURNAL, SCRATCH)
 
 
+@dataclass(frozen=True)
+class ExtractEvent:
+    """Reported to the callback after each module of a stage.
+
+    Attributes:
+        stage: ``"spectra"`` (decomposition; one-pass also keeps the vectors), ``"vectors"`` (the
+            second pass), ``"eval"``.
+        done, total: modules of this stage finished and planned.
+        name: the module just finished.
+    """
+
+    stage: str
+    done: int
+    total: int
+    name: str
+
+
+def rounding_error(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """For each r = 1 … k, a bound of ``‖B̃Ã − BA‖_F / ‖BA‖_F``, where B̃, Ã are the top-r factors
+    (:func:`spectra.lowrank.split_factors`: orthogonal columns of B and rows of A, ``‖Bᵢ‖ = ‖Aᵢ‖ = √σᵢ``)
+    rounded to ``dtype``. As ``AAᵀ`` and ``BᵀB`` are diagonal, ``‖δB·A‖² = Σ σᵢ‖δBᵢ‖²`` exactly, likewise
+    ``‖B·δA‖``; the rest by the triangle inequality over the rank-one terms, the smallest of
+    ``‖δB·A‖ + ‖B·δA‖ + Σ‖δBᵢ‖‖δAᵢ‖``, ``‖δB·A‖ + Σ‖B̃ᵢ‖‖δAᵢ‖`` and ``‖B·δA‖ + Σ‖δBᵢ‖‖Ãᵢ‖``: O(k·(out + in)).
+    Ordinary rounding gives ~1e-3 (bf16 ~5e-3, float32 ~1e-7); factors flushed to zero or to subnormals by
+    a narrow dtype, up to 1 (or a little more). Returns ``(k,)`` float64 (``B (out, k)``, ``A (k, in)``)."""
+    def norms(X: torch.Tensor) -> torch.Tensor:  # column norms, scaled by each column's max (no underflow)
+        m = X.abs().amax(dim=0)
+        m = torch.where(m > 0, m, 1.0)
+        return torch.linalg.vector_norm(X / m, dim=0) * m
+
+    Bd, Ad = B.double(), A.double().mT
+    Bt, At = B.to(dtype).double(), A.to(dtype).double().mT
+    nb, na = norms(Bd), norms(Ad)
+    nb, na = torch.where(nb > 0, nb, 1.0), torch.where(na > 0, na, 1.0)
+    rb, ra = norms(Bt - Bd) / nb, norms(At - Ad) / na  # ‖δBᵢ‖/‖Bᵢ‖, ‖δAᵢ‖/‖Aᵢ‖
+    tb, ta = norms(Bt) / nb, norms(At) / na  # ‖B̃ᵢ‖/‖Bᵢ‖, ‖Ãᵢ‖/‖Aᵢ‖
+    s = (nb / nb[0]) * (na / na[0])  # σᵢ/σ₁
+    db, da = torch.cumsum(s * s * rb * rb, 0).sqrt(), torch.cumsum(s * s * ra * ra, 0).sqrt()  # ‖δB·A‖, ‖B·δA‖ (/σ₁)
+    err = torch.minimum(db + da + torch.cumsum(s * rb * ra, 0),
+                        torch.minimum(db + torch.cumsum(s * tb * ra, 0), da + torch.cumsum(s * rb * ta, 0)))
+    return (err / torch.cumsum(s * s, 0).sqrt()).numpy()
+
+
+# ---- the run state: spectra, factors on disk, the journal -------------------------------------------
+class ExtractRun:
+    """Records of one run: per target its spectrum and the factors kept in the scratch shard.
+
+    A spectrum record holds ``S`` and ``total`` of ``ΔW·2**-exp`` (``"exp"``, written only when nonzero:
+    a float64 ΔW beyond the squaring range, :mod:`spectra.lowrank`); energies, ratios, are read from it
+    as they are, absolute values (norms, σ, a budget's gains across modules) through the exponent."""
+
+    def __init__(self, targets: list[Target], plan: RankPlan, config: ExtractConfig, out: Path, journal: RecordJournal,
+                 callback: Callable[[ExtractEvent], None] | None, scratch_dtype: torch.dtype = torch.float32) -> None:
+        self.targets, self.plan, self.config, self.out, self.journal = targets, plan, config, out, journal
+        # factors are kept in the adapter's dtype (the same bytes the adapter gets), written by the compute
+        # threads, with how much that rounding moves their product (rounding_error)
+        self.scratch_dtype = scratch_dtype
+        self.callback = callback
+        self.index = {t.order: i for i, t in enumerate(targets)}
+        self.spectra: dict[int, dict] = {}
+        self.factors: dict[int, dict] = {}
+        self.scratch = out / SCRATCH
+        self.done = 0
+        self._rounding: dict[int, list[float]] = {}  # store_factors (any thread) -> add_factors
+        self._cut, self._cut_at, self._cut_exp = 0.0, 0, 0  # the last budget cut-off, modules it saw, its unit 4**e
+
+    def absorb(self, records: list[dict]) -> None:
+        """Records of an interrupted run (factors only where their shard file is there)."""
+        for rec in records:
+            if "spectrum" in rec and rec["spectrum"]["order"] in self.index:
+                self.spectra[self.index[rec["spectrum"]["order"]]] = rec["spectrum"]
+            elif "factors" in rec and rec["factors"]["order"] in self.index and (self.scratch / rec["factors"]["file"]).is_file():
+                self.factors[self.index[rec["factors"]["order"]]] = rec["factors"]
+
+    def n_values(self, i: int) -> int:
+        """Singular values journaled for target i: enough for every rank it may take, the uniform
+        comparison and ``top_values`` (all of them under ``energy``, whose rank is the spectrum's)."""
+        t = self.targets[i]
+        if self.config.mode == "energy":
+            return t.p
+        return min(t.p, max(self.plan.caps[i], self.plan.uniform_bound, self.config.top_values) + 1)
+
+    def add_spectrum(self, i: int, S: np.ndarray, total: float, method: str, *, residual: float | None = None,
+                     base_fro: float | None = None, note: str = "", stage: str = "spectra", exp: int = 0) -> None:
+        """Journal target i's top values ``S`` and ``total`` = ‖ΔW‖²_F, both of ``ΔW·2**-exp``."""
+        t = self.targets[i]
+        rec = {"order": t.order, "S": [float(x) for x in np.asarray(S)[: self.n_values(i)]], "total": float(total),
+               "method": method, "residual": residual, "base_fro": base_fro, "note": note}
+        if exp:
+            rec["exp"] = int(exp)
+        self.spectra[i] = rec
+        self.journal.add({"spectrum": rec})
+        self._emit(stage, t.name)
+
+    def skip(self, i: int, reason: str) -> None:
+        t = self.targets[i]
+        rec = {"order": t.order, "S": [], "total": 0.0, "method": "skipped", "residual": None, "base_fro": None,
+               "note": reason, "skipped": True}
+        self.spectra[i] = rec
+        self.journal.add({"spectrum": rec})
+        self._emit("spectra", t.name)
+
+    def store_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None) -> None:
+        """Write target i's factors to its scratch file (none when k = 0); safe from any thread. Where the
+        adapter's dtype is narrower than the factors', what its rounding does to each rank's product too."""
+        if A is not None and A.shape[0]:
+            if torch.finfo(self.scratch_dtype).bits < torch.finfo(B.dtype).bits:
+                self._rounding[i] = [float(x) for x in rounding_error(B, A, self.scratch_dtype)]
+            write_safetensors(self.scratch / f"{self.targets[i].order}.safetensors", [("B", tuple(B.shape)), ("A", tuple(A.shape))],
+                              [B, A], self.scratch_dtype)
+
+    def add_factors(self, i: int, B: torch.Tensor | None, A: torch.Tensor | None, *, stage: str | None = None,
+                    stored: bool = False) -> None:
+        """Keep target i's factors (written here unless ``stored``: :meth:`store_factors` did) and journal them."""
+        t = self.targets[i]
+        k = 0 if A is None else int(A.shape[0])
+        name = f"{t.order}.safetensors"
+        if not stored:
+            self.store_factors(i, B, A)
+        rec = {"order": t.order, "k": k, "file": name if k else ""}
+        if not k:  # nothing to store: no file, but the record says so
+            rec["file"] = ""
+        if i in self._rounding:
+            rec["rounding"] = self._rounding.pop(i)
+        self.factors[i] = rec
+        self.journal.add({"factors": rec})
+        if stage:
+            self._emit(stage, t.name)
+
+    def has_factors(self, i: int, k: int) -> bool:
+        f = self.factors.get(i)
+        return f is not None and f["k"] >= k and (k == 0 or (self.scratch / f["file"]).is_file())
+
+    def storage_error(self, i: int, r: int) -> float | None:
+        """:func:`rounding_error` of target i's rank-r factors as stored; None where nothing was rounded
+        (or a run journaled before it was measured)."""
+        rounding = (self.factors.get(i) or {}).get("rounding")
+        return float(rounding[r - 1]) if rounding and 0 < r <= len(rounding) else None
+
+    def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype."""
+        f = load_file(str(self.scratch / self.factors[i]["file"]))
+        return f["B"][:, :r], f["A"][:r]
+
+    def _emit(self, stage: str, name: str) -> None:
+        self.done += 1
+        if self.callback:
+            self.callback(ExtractEvent(stage, self.done, len(self.targets), name))
+
+    # ---- how many components a module keeps now (one pass) ----------------------------------------
+    def cutoff(self) -> float:
+        """Under ``budget``: the critical value per parameter of the greedy over untied modules seen
+        so far, in units of ``4**self._cut_exp`` (:func:`~spectra.extract_plan.common_exp`); a component
+        below it can never be chosen (0 while they all fit in the budget).
+
+        Any subset of the modules gives a valid cut-off (more modules only raise it), so it is
+        recomputed only when the modules seen have grown by a tenth since the last time: O(log n)
+        sorts instead of one per matrix, at the price of keeping a few more components in between.
+        """
+        if self.config.mode != "budget":
+            return 0.0
+        idx = [i for i, rec in self.spectra.items() if not self.targets[i].group and not rec.get("skipped")]
+        if len(idx) < 1.1 * self._cut_at + 1:
+            return self._cut
+        need = sum(self.plan.caps[i] * self.targets[i].cost for i in idx)
+        if need > self.plan.budget:  # before that every seen component fits: the cut-off is 0
+            ref = common_exp(self.spectra[i] for i in idx)
+            gains = [energies(self.spectra[i], ref, self.plan.caps[i]) for i in idx]
+            self._cut = allocate_budget(gains, [self.targets[i].cost for i in idx], self.plan.budget,
+                                        levels=[self.plan.levels[i] for i in idx]).ratio
+            self._cut_at, self._cut_exp = len(idx), ref
+        return self._cut
+
+    def keep_now(self, i: int, S: np.ndarray, total: float, cutoff: float, exp: int = 0) -> int:
+        """Components of target i to keep in the first pass: every one it may still be given (``S``,
+        ``total`` of ``ΔW·2**-exp``; ``cutoff`` from :meth:`cutoff`)."""
+        t, cap, levels = self.targets[i], self.plan.caps[i], self.plan.levels[i]
+        if total <= 0 or cap == 0:
+            k = 0
+        elif self.config.mode == "rank" or t.group:
+            k = cap
+        elif self.config.mode == "energy":
+            r = energy_rank_top(S, total, self.config.energy, t.p)
+            k = cap if r is None else min(cap, round_up(r, levels))
+        else:
+            try:  # the cut-off in this module's units (0 when it underflows: keep all; inf: none can be chosen)
+                cut = math.ldexp(cutoff, 2 * (self._cut_exp - exp)) if cutoff else 0.0
+            except OverflowError:
+                cut = math.inf
+            k = reach_above(np.asarray(S[:cap]) ** 2, t.cost, cut, levels)
+        return min(t.p, max(k, min(t.p, self.plan.uniform_bound)))
+
+
 def prepare_out(out: Path, resume: bool, force: bool) -> None:
     """Refuse a folder that holds anything unless resuming or forced; with ``force`` remove what a
-    previous run wrote (only spectra's own files)."""
+    previous run wrote (only spectra's own files). A resume with no journal is refused before anything is
+    created. The lock file of a run that has ended (its process exited, however) is not content: a live
+    run's lock is refused when the journal takes it (:class:`spectra.io.files.OutputLock`)."""
     if out.exists() and not out.is_dir():
         raise ConfigError("the output path exists and is not a folder", path=out, hint="choose a folder for --out")
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if resume and not (out / JOURNAL).is_file():
+        raise ConfigError(f"nothing to resume: no {JOURNAL}", path=out, hint="run without --resume first")
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
     if present and not resume and not force:
         raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
                           path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")
@@ -134,5 +339,5 @@ def left_out_records(base: Checkpoint, tuned: Checkpoint | None, left_out: list[
     return result
 
 
-__all__ = ["JOURNAL", "LEFT_OUT_BESIDE_BYTES", "OUTPUT_FILES", "SCRATCH", "adapter_dtype", "left_out_records", "lora_fro",
-           "out_dtype", "prepare_out", "refuse_an_input_folder", "tensor_fro"]
+__all__ = ["JOURNAL", "LEFT_OUT_BESIDE_BYTES", "OUTPUT_FILES", "SCRATCH", "ExtractEvent", "ExtractRun", "adapter_dtype",
+           "left_out_records", "lora_fro", "out_dtype", "prepare_out", "refuse_an_input_folder", "rounding_error", "tensor_fro"]

@@ -16,6 +16,7 @@ load and PEFT converts such an adapter only when they all have its global ``r``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -301,6 +302,19 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
     return RankPlan(levels, caps, groups, budget, uniform_bound)
 
 
+def common_exp(spectra: Iterable[dict]) -> int:
+    """The largest ``exp`` of the journaled spectra with energy (:class:`spectra.extract_io.ExtractRun`: S
+    and total are of ``ΔW·2**-exp``): the unit ``4**exp`` in which modules' energies are compared."""
+    return max((int(s.get("exp", 0)) for s in spectra if not s.get("skipped") and float(s["total"]) > 0), default=0)
+
+
+def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
+    """The first ``n`` σᵢ² of a journaled spectrum in units of ``4**ref`` (exact powers of two; those of a
+    module far below the unit underflow to 0, as its energy is nothing beside the others'), float64."""
+    S = np.asarray(spec["S"][:n], dtype=np.float64)
+    return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
+
+
 def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
     """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
     :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
@@ -328,17 +342,18 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
                 ranks[i] = top if any(total[j] > 0 for j in g) else 0
         return ranks, None
     items, gains, costs, levels = [], [], [], []
+    ref = common_exp(spectra[i] for i in range(n))  # one unit for every module's σ² (most: 1)
     for i in range(n):
         if i not in members:
             items.append([i])
-            gains.append(S[i][: plan.caps[i]] ** 2)
+            gains.append(energies(spectra[i], ref, plan.caps[i]))
             costs.append(targets[i].cost)
             levels.append(plan.levels[i])
     for g in plan.groups.values():
         cap = min(plan.caps[i] for i in g)
         summed = np.zeros(cap)
         for i in g:
-            s = S[i][:cap] ** 2
+            s = energies(spectra[i], ref, cap)
             summed[: s.size] += s
         items.append(g)
         gains.append(summed)
@@ -351,5 +366,6 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     return ranks, (alloc, items)
 
 
-__all__ = ["EXPERTS_GROUP", "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
+__all__ = ["EXPERTS_GROUP", "common_exp", "energies",
+           "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "pair_target", "plan_ranks", "target_of", "why_not_target"]

@@ -4,7 +4,8 @@ the figures; and the part of an update a LoRA cannot hold (changed norms and bia
 Per module: the rank kept, its parameters ``r·(out + in)``, the energy kept ``E = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``,
 the relative Frobenius error of the truncation ``‖ΔW − B·A‖_F / ‖ΔW‖_F = √(1 − E)`` (Eckart–Young), the
 spectral error ``σ_{r+1} / σ₁`` (``‖ΔW − B·A‖₂ / ‖ΔW‖₂``), and beside them what a uniform rank with the
-same total parameter count would keep, computed from the same spectra at no extra cost.
+same total parameter count would keep, computed from the same spectra at no extra cost. ``storage_error``
+bounds what storing the factors in the adapter's dtype does to their product (:func:`note_storage`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.extract_plan import ExtractConfig, RankPlan, Target
+from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.lowrank import (
@@ -90,7 +91,7 @@ class ExtractResult:
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per module (``extract.csv``)."""
         keys = ("name", "module", "layer", "role", "expert", "out", "in", "rank", "params", "energy_kept", "rel_fro_error",
-                "spectral_error", "fro_norm", "rel_norm", "uniform_rank", "uniform_energy_kept", "method")
+                "spectral_error", "fro_norm", "rel_norm", "uniform_rank", "uniform_energy_kept", "method", "storage_error")
         return [{k: (m["shape"][0] if k == "out" else m["shape"][1] if k == "in" else m.get(k)) for k in keys} for m in self.modules]
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
@@ -138,8 +139,10 @@ def reads_pair_by_rows(base: Checkpoint, base_name: str, tuned: Checkpoint, tune
     """Whether :func:`pair_norms` reads this pair a block of rows at a time (2-D safetensors tensors with
     as many columns, both holding the rows compared), or must load both whole."""
     bi, ti = base.tensors[base_name], tuned.tensors[tuned_name]
+    if not len(bi.shape) == len(ti.shape) == 2:  # a 0-D or 4-D tensor (listed as not extracted) is read whole
+        return False
     n = ti.shape[0] if rows is None else rows
-    return (len(bi.shape) == len(ti.shape) == 2 and bi.shape[1] == ti.shape[1] and n <= min(bi.shape[0], ti.shape[0])
+    return (bi.shape[1] == ti.shape[1] and n <= min(bi.shape[0], ti.shape[0])
             and base.reads_rows(base_name) and tuned.reads_rows(tuned_name))
 
 
@@ -237,9 +240,12 @@ def _median(xs: list[float]) -> float | None:
 
 
 def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractConfig) -> dict[str, Any]:
-    """One module's line of ``extract.json`` from its journaled spectrum and rank."""
+    """One module's line of ``extract.json`` from its journaled spectrum and rank (S and total of
+    ``ΔW·2**-exp``: the ratios as they are, ‖ΔW‖_F and the σᵢ scaled back)."""
     S = np.asarray(spec["S"], dtype=np.float64)
     total = float(spec["total"])
+    e = int(spec.get("exp", 0))
+    fro = math.ldexp(math.sqrt(total), e)
     E = energy_kept(S, total, r)
     ur = min(uniform, t.p)
     spectral = None
@@ -252,15 +258,67 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "name": t.name, "module": t.module, "label": t.label, "layer": t.layer, "role": t.role, "expert": t.expert,
         "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "rank": r, "params": r * t.cost,
         "energy_kept": E, "rel_fro_error": math.sqrt(max(0.0, 1.0 - E)), "spectral_error": spectral,
-        "fro_norm": math.sqrt(total), "base_fro_norm": base_fro, "rel_norm": _rel(math.sqrt(total), base_fro),
+        "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro),
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
-        "singular_values": [float(x) for x in S[: config.top_values]],
+        "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
         "note": "; ".join(x for x in (t.note, spec.get("note") or "") if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
     return rec
+
+
+def root_sigma1(spec: dict) -> float:
+    """``√σ₁`` of a journaled spectrum (of ΔW, not ΔW·2**-exp): the largest |entry| its LoRA factors reach.
+    0 for none; inf where float64 cannot hold it."""
+    S, e = spec.get("S") or [0.0], int(spec.get("exp", 0))
+    try:
+        return math.ldexp(math.sqrt(math.ldexp(float(S[0]), e % 2)), e // 2)
+    except OverflowError:
+        return math.inf
+
+
+#: :func:`note_storage` warns about a module whose stored factors' product is further than this (relative)
+#: from the rank-r truncation they hold: rounding alone gives ~1e-3 (bf16 ~5e-3, float32 ~1e-7); factors
+#: flushed to zero or to subnormals (a --dtype float16 adapter of an update near 1e-12) give 0.1 to 1.
+STORAGE_WARN = 0.01
+
+
+def note_storage(result: ExtractResult, errors: dict[str, float | None], dtype: torch.dtype) -> None:
+    """Each module's ``storage_error`` (:func:`spectra.extract_io.rounding_error` of its rank-r factors as
+    stored in ``dtype``; None where the dtype holds them unrounded), and a warning naming the worst module
+    above :data:`STORAGE_WARN`: ``energy_kept`` and ``rel_fro_error`` describe the exact factors, not those."""
+    bad = []
+    for m in result.modules:
+        err = errors.get(m["name"])
+        m["storage_error"] = err if err is None or math.isfinite(err) else None
+        if m["storage_error"] is not None and err > STORAGE_WARN:
+            bad.append((err, m["name"]))
+    if not bad:
+        return
+    err, name = max(bad)
+    d = str(dtype).removeprefix("torch.")
+    fix = "float32 (or bfloat16, whose range is float32's)" if dtype == torch.float16 else (
+        "float64" if dtype == torch.float32 else "float32 (float64 for an update beyond float32's range)")
+    result.warnings.append(
+        f"{len(bad)} modules' LoRA factors may lose more than {STORAGE_WARN:.0%} of their product to rounding in {d} (worst "
+        f"{name}: up to {err:.1%}; entries below {d}'s smallest normal {torch.finfo(dtype).tiny:.3g} flush towards zero): their "
+        f"adapter is further from ΔW than energy_kept says (storage_error in extract.json); rerun with --dtype {fix} --force")
+
+
+def tied_embedding_warning(base: Checkpoint, targets: list[Target], ranks: list[int]) -> list[str]:
+    """A warning for an adapted embedding of a base that ties its output head to it (it stores no head and
+    its config does not say ``tie_word_embeddings: false``): PEFT's embedding LoRA acts on the input lookup
+    only, so the adapter reproduces the update only once merged (the merged weight is the head's too)."""
+    cfg = base.config or {}
+    # the token embedding (a position embedding is not tied): the one with vocab_size rows where the config says
+    emb = [t for t, r in zip(targets, ranks) if r and t.embedding and cfg.get("vocab_size") in (None, t.shape[0])]
+    if not emb or cfg.get("tie_word_embeddings") is False or any(sp.role == "head" for sp in base.specs.values()):
+        return []
+    return [f"{emb[0].name} is tied to the output head (tie_word_embeddings): PEFT's embedding LoRA changes the input "
+            "embedding only, so served unmerged the adapter leaves the tied lm_head as the base's and does not reproduce "
+            "the update; merge it first (merge_and_unload), which changes the shared weight and so both"]
 
 
 def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tuple[Allocation, list[list[int]]] | None,
@@ -278,7 +336,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     spectra = dict(enumerate(spectra[i] for i in keep))
     bytes_per = torch.empty(0, dtype=dtype).element_size()
     mods = [module_record(t, spectra[i], ranks[i], uniform, config) for i, t in enumerate(targets)]
-    totals_e = [float(spectra[i]["total"]) for i in range(len(targets))]
+    # ‖ΔW‖²_F of each module in one unit, 4**ref, the allocation's too (final_ranks): most modules' exp is 0
+    ref = common_exp(spectra.values())
+    totals_e = [math.ldexp(float(spectra[i]["total"]), 2 * (int(spectra[i].get("exp", 0)) - ref)) for i in range(len(targets))]
     energy = sum(totals_e)
 
     def share(key: str) -> float | None:
@@ -347,12 +407,16 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
 
 __all__ = [
     "SCHEMA",
+    "STORAGE_WARN",
     "ExtractResult",
     "build_result",
     "compared_rows",
     "left_out_record",
     "module_record",
+    "note_storage",
     "one_d_changes",
     "pair_norms",
     "reads_pair_by_rows",
+    "root_sigma1",
+    "tied_embedding_warning",
 ]

@@ -16,7 +16,8 @@ Two halves, both pure (no I/O, no printing):
   :mod:`spectra.linalg`; each is split evenly, ``B = U_r·diag(√σ)``, ``A = diag(√σ)·V_rᵀ``, so that
   ``B·A`` is the rank-r truncation with a PEFT scale of 1 (:func:`split_factors`).
 
-Orientation is always ``(out, in)``; B is ``(out, r)``, A ``(r, in)``.
+Orientation is always ``(out, in)``; B is ``(out, r)``, A ``(r, in)``. A float64 ΔW beyond 2**±256 is divided
+by 2**e first, as ``spectra diff`` does: ``S``, ``total`` are then ``ΔW·2**-e``'s (``exp`` = e), the factors ΔW's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spectra.engine import factored_svd, randomized_svd
+from spectra.engine import factored_svd, gram_scale_exponent, randomized_svd
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
 from spectra.metrics import numerical_rank
@@ -339,6 +340,7 @@ class Triplets:
         method: how it was computed (``"gram-eigh/float64"``, ``"randomized"``, ``"factored"``).
         residual: randomized path: the largest certified ``‖ΔW vᵢ − σᵢuᵢ‖/√2`` relative to σ₁
             (:class:`spectra.engine.TruncatedSVD`); None for the exact paths.
+        exp: S and total are those of ``ΔW·2**-exp`` (0 unless ΔW is beyond the squaring range); B, A are ΔW's.
     """
 
     S: np.ndarray
@@ -347,6 +349,33 @@ class Triplets:
     A: torch.Tensor | None
     method: str
     residual: float | None = None
+    exp: int = 0
+
+
+def scale_pow2(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x·2**n``, exact (barring a subnormal result), in steps of 2**±100 (each factor within float32's range)."""
+    first = True
+    while n:
+        step = max(-100, min(100, n))
+        x, first, n = (x * math.ldexp(1.0, step) if first else x.mul_(math.ldexp(1.0, step))), False, n - step
+    return x
+
+
+def squaring_exponent(delta: torch.Tensor, gram_dtype: type[np.floating] = np.float64) -> int:
+    """The power of two to divide ``delta`` by before squaring it in ``gram_dtype`` (:func:`spectra.engine.gram_scale_exponent`)."""
+    if not delta.numel() or (delta.dtype != torch.float64 and gram_dtype is np.float64):
+        return 0
+    lo, hi = torch.aminmax(delta)
+    return gram_scale_exponent(max(float(hi), -float(lo)), gram_dtype)
+
+
+def factors_out(B: torch.Tensor, A: torch.Tensor, exp: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors of ``ΔW·2**-exp`` as ΔW's (``2**⌊exp/2⌋`` on B, the rest on A; exact), on the CPU, float64 for a
+    float64 ΔW (those of a ΔW near 1e-170 are near 1e-85: zero in float32), else float32."""
+    out = torch.float64 if dtype == torch.float64 else torch.float32
+    if exp:
+        B, A = scale_pow2(B.double(), exp // 2), scale_pow2(A.double(), exp - exp // 2)
+    return B.to(out).cpu(), A.to(out).cpu()
 
 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,8 +393,7 @@ def _sign(M: torch.Tensor) -> torch.Tensor:
     """+1/−1 per column making its largest-magnitude entry positive (sklearn's ``svd_flip``)."""
     if M.shape[-1] == 0:
         return torch.ones(0, dtype=M.dtype, device=M.device)
-    idx = M.abs().argmax(dim=0)
-    s = torch.sign(M[idx, torch.arange(M.shape[1], device=M.device)])
+    s = torch.sign(M[M.abs().argmax(dim=0), torch.arange(M.shape[1], device=M.device)])
     return torch.where(s == 0, torch.ones_like(s), s)
 
 
@@ -392,12 +420,14 @@ class GramEig:
             out ≤ in, ``G = ΔWΔWᵀ``, else right ones, ``G = ΔWᵀΔW``); None when ``tri`` holds the
             reduced Gram matrix instead, whose top vectors :meth:`top` computes on request.
         tri: the Gram matrix reduced to tridiagonal form (:class:`spectra.lapack.Tridiagonal`, the CPU path).
+        exp: as :class:`Triplets`'.
     """
 
     S: np.ndarray
     total: float
     Q: torch.Tensor | None
     tri: Tridiagonal | None = None
+    exp: int = 0
 
     def top(self, k: int) -> torch.Tensor:
         """The eigenvectors of the k largest eigenvalues, ``(p, k)`` float64, in the order of S."""
@@ -416,8 +446,11 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
 
     Precision: the eigenvalues of G carry an absolute error of about ``p·eps·σ₁²`` (eps = 1.1e-16),
     so singular values and directions are exact down to ≈1e-7·σ₁ (the same as ``spectra diff``'s
-    exact path); the components below that hold < 1e-14 of the energy.
+    exact path); the components below that hold < 1e-14 of the energy. A float64 ΔW beyond the
+    squaring range is scaled first (``exp``).
     """
+    e = squaring_exponent(delta)
+    delta = scale_pow2(delta, -e) if e else delta
     tri = None
     if delta.device.type == "cpu" and Tridiagonal.available():
         tri = Tridiagonal.of(gram_upper(as_numpy(delta)), overwrite=True)
@@ -431,7 +464,7 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
         S, Q = lam.flip(-1).clamp_min(0).sqrt().cpu().numpy(), Q.flip(-1)
     # the total as spectra diff sums it (Σσᵢ² of the clamped eigenvalues, equal to the trace up to
     # rounding), so that energy ranks agree with the diff's wherever the spectra do
-    return GramEig(S, spectrum_total(S), Q, tri)
+    return GramEig(S, spectrum_total(S), Q, tri, e)
 
 
 def gram_top(delta: torch.Tensor, n: int, k: int) -> GramEig:
@@ -439,25 +472,25 @@ def gram_top(delta: torch.Tensor, n: int, k: int) -> GramEig:
     largest, for a caller that knows k before seeing the spectrum (``spectra extract --rank``).
 
     On the CPU (:class:`spectra.lapack.Tridiagonal`) the values come from the vector solver itself
-    (:meth:`~spectra.lapack.Tridiagonal.top_pairs`): no pass for all p eigenvalues, whose ``dsterf``
-    is ~4 ms of a 576² matrix's ~50. Elsewhere :func:`gram_eig`, cut to n values. ``S`` holds the top n
-    values only (float64, descending); ``total`` is ``‖ΔW‖²_F``, the trace of the Gram matrix (equal to
-    the sum of all its eigenvalues up to rounding). Precision as :func:`gram_eig`.
-    """
+    (:meth:`~spectra.lapack.Tridiagonal.top_pairs`): no pass for all p eigenvalues (``dsterf``: ~4 ms of a
+    576² matrix's ~50). Elsewhere :func:`gram_eig`, cut. ``S``: the top n values (float64, descending); ``total``:
+    ``‖ΔW‖²_F``, the Gram matrix's trace (Σ of its eigenvalues up to rounding). Precision, ``exp`` as :func:`gram_eig`."""
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
     if delta.device.type != "cpu" or not Tridiagonal.available():
         eig = gram_eig(delta)
-        return GramEig(eig.S[:n], eig.total, eig.top(k) if k else None, None)
-    G = gram_upper(as_numpy(delta))
+        return GramEig(eig.S[:n], eig.total, eig.top(k) if k else None, None, eig.exp)
+    e = squaring_exponent(delta)
+    G = gram_upper(as_numpy(scale_pow2(delta, -e) if e else delta))
     total = float(np.trace(G))
     lam, vecs = Tridiagonal.of(G, values=False, overwrite=True).top_pairs(n, k)
-    return GramEig(np.sqrt(np.maximum(lam, 0.0)), total, torch.from_numpy(vecs), None)
+    return GramEig(np.sqrt(np.maximum(lam, 0.0)), total, torch.from_numpy(vecs), None, e)
 
 
 def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """LoRA factors ``B (out, k)``, ``A (k, in)`` (float32, CPU) of the top-k components of ΔW.
+    """LoRA factors ``B (out, k)``, ``A (k, in)`` (CPU; float64 for a float64 ΔW, else float32) of the
+    top-k components of ΔW (computed on ``ΔW·2**-eig.exp`` and scaled back, :func:`factors_out`).
 
     The other side's vectors are formed in float64 as ``ΔWᵀU_k`` (or ``ΔW·V_k``), whose column norms
     are the σᵢ, so ``B·A = U_kU_kᵀΔW`` (or ``ΔW·V_kV_kᵀ``) is exactly the projection of ΔW onto the
@@ -466,6 +499,8 @@ def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor
     """
     if k == 0:
         return None, None
+    dtype = delta.dtype
+    delta = scale_pow2(delta, -eig.exp) if eig.exp else delta
     out_dim, in_dim = delta.shape
     Qk = eig.top(k)
     if out_dim <= in_dim:  # Q holds U; ΔWᵀU_k = V_k·diag(σ)
@@ -476,8 +511,7 @@ def eig_factors(delta: torch.Tensor, eig: GramEig, k: int) -> tuple[torch.Tensor
         W = _matmul64(delta, Qk)  # (out, k)
         sig = torch.linalg.vector_norm(W, dim=0)
         U, Vh = W / torch.where(sig > 0, sig, 1.0), Qk.mT
-    B, A = split_factors(U, sig, Vh)
-    return B.float().cpu(), A.float().cpu()
+    return factors_out(*split_factors(U, sig, Vh), eig.exp, dtype)
 
 
 def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) -> Triplets:
@@ -500,7 +534,7 @@ def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) ->
     eig = gram_eig(delta)
     B, A = eig_factors(delta, eig, k)
     n = min(p, values if values is not None else k + 1)
-    return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64")
+    return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64", exp=eig.exp)
 
 
 #: :func:`refined_triplets` takes the float64 route when the n-th float32 eigenvalue of the Gram matrix is
@@ -537,22 +571,27 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     Where float32 cannot resolve what is asked, the float64 route (:func:`gram_top`, :func:`eig_factors`)
     is taken instead: when the n-th float32 eigenvalue is below :data:`REFINED_FLOOR`·√p·eps₃₂·λ₁ (an
     update dominated by a few directions, whose other components float32 rounds away, or an update
-    of lower rank than n). A ΔW whose squares would leave float32's range is scaled by a power of two first.
+    of lower rank than n). A ΔW whose squares would leave float32's (float64's) range is scaled by a power
+    of two first (for float64's, the returned ``exp``).
 
-    Args:
-        delta: ``(out, in)`` float32 (or float64) ΔW on the CPU; elsewhere :func:`gram_top` and
-            :func:`eig_factors` in float64 are used (same result, exact vectors).
-        n: top singular values returned (``k <= n <= min(out, in)``).
-        k: components returned as LoRA factors (float32, ``B (out, k)``, ``A (k, in)``).
-
-    Returns:
-        :class:`Triplets` with ``S`` the n Ritz values (float64, descending), ``total`` the exact
-        ``‖ΔW‖²_F`` (float64), the factors, ``method`` ``"gram-eigh/float32+ritz/float64"`` and the residual
-        (the float64 route: ``"gram-eigh/float64"``, its top n values, no residual).
+    Args: ``delta`` ``(out, in)`` float32 (or float64) on the CPU (elsewhere :func:`gram_top` and
+    :func:`eig_factors`); ``n`` values returned (``k <= n <= min(out, in)``); ``k`` components as factors
+    (:func:`factors_out`). Returns: :class:`Triplets`: ``S`` the n Ritz values, ``total`` the exact ``‖ΔW‖²_F``,
+    method ``"gram-eigh/float32+ritz/float64"`` with the residual (float64 route: ``"gram-eigh/float64"``, none).
     """
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
+    # a float64 ΔW beyond float64's squaring range: all of it on ΔW·2**-e, the factors scaled back
+    e, dtype = squaring_exponent(delta), delta.dtype
+    tr = _refined(scale_pow2(delta, -e) if e else delta, n, k)
+    B, A = (None, None) if tr.B is None else factors_out(tr.B, tr.A, e, dtype)
+    return Triplets(tr.S, tr.total, B, A, tr.method, tr.residual, e)
+
+
+def _refined(delta: torch.Tensor, n: int, k: int) -> Triplets:
+    """:func:`refined_triplets` of a ΔW whose squares stay within float64's range (factors in float64)."""
+    p = min(delta.shape)
 
     def exact() -> Triplets:
         eig = gram_top(delta, n, k)
@@ -563,9 +602,9 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
         return exact()
     wide = delta.shape[0] <= delta.shape[1]  # the Gram matrix is ΔWΔWᵀ and Z holds left vectors
     M = as_numpy(delta)
-    amax = float(np.abs(M).max()) if M.size else 0.0
-    if amax > 0 and not 2.0**-40 <= amax <= 2.0**40:  # its squares would leave float32's range: scale by a power of 2 (exact)
-        M = M * np.float32(2.0 ** -math.frexp(amax)[1])
+    e32 = gram_scale_exponent(float(np.abs(M).max()) if M.size else 0.0, np.float32)
+    if e32:  # its squares would leave float32's range: scale by a power of 2 (np.ldexp: exact, any exponent)
+        M = np.ldexp(M, -e32)
     lam32, Z32 = Tridiagonal.of(gram_upper(M, dtype=np.float32), values=False, dtype=np.float32,
                                  overwrite=True).top_pairs(n, n)
     if not lam32[0] > 0 or lam32[-1] < REFINED_FLOOR * math.sqrt(p) * float(np.finfo(np.float32).eps) * lam32[0]:
@@ -600,22 +639,25 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     if k == 0:
         return Triplets(S, total, None, None, "gram-eigh/float32+ritz/float64", residual)
     B, A = split_factors(U[:, :k], sig[:k], Vh[:k])
-    return Triplets(S, total, B.float(), A.float(), "gram-eigh/float32+ritz/float64", residual)
+    return Triplets(S, total, B, A, "gram-eigh/float32+ritz/float64", residual)
 
 
 def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: float = 1e-3) -> Triplets:
     """Top-k triplets of a large ΔW by :func:`spectra.engine.randomized_svd` (power iterations grown
     until every value's certified residual is within ``tol`` of it), with the exact ``‖ΔW‖²_F``.
     The energy kept, ``Σ σ̂ᵢ²``, is exactly that of the returned factors' product (the projection of
-    ΔW on the sketch's top singular subspace), and a lower bound of the optimal rank-k energy."""
+    ΔW on the sketch's top singular subspace), and a lower bound of the optimal rank-k energy. The sketch
+    runs in float32: a ΔW whose squares would leave float32's range is scaled first (``exp``)."""
+    e, dtype = squaring_exponent(delta, np.float32), delta.dtype
+    delta = scale_pow2(delta, -e) if e else delta
     total = fro_norm(delta) ** 2
     if k == 0:
-        return Triplets(np.zeros(0), total, None, None, "randomized")
+        return Triplets(np.zeros(0), total, None, None, "randomized", exp=e)
     t = randomized_svd(delta, k, tol=tol, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
     B, A = split_factors(t.U.double(), torch.as_tensor(t.S, device=t.U.device), t.Vh.double())
     res = float(np.max(t.residual) / t.S[0]) if t.S.size and t.S[0] > 0 else 0.0
-    return Triplets(np.asarray(t.S, dtype=np.float64), total, B.float().cpu(), A.float().cpu(),
-                    "exact-svd/float64" if t.exact else "randomized", None if t.exact else res)
+    return Triplets(np.asarray(t.S, dtype=np.float64), total, *factors_out(B, A, e, dtype),
+                    "exact-svd/float64" if t.exact else "randomized", None if t.exact else res, e)
 
 
 def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) -> Triplets:
@@ -641,6 +683,7 @@ __all__ = [
     "energy_kept",
     "energy_rank_top",
     "factored_triplets",
+    "factors_out",
     "gram_eig",
     "gram_top",
     "parse_budget",
@@ -649,7 +692,9 @@ __all__ = [
     "rank_levels",
     "reach_above",
     "round_up",
+    "scale_pow2",
     "spectrum_total",
     "split_factors",
+    "squaring_exponent",
     "uniform_rank",
 ]
