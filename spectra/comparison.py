@@ -46,6 +46,7 @@ from spectra.config import CompareConfig, check_device_available
 from spectra.delta import form_delta, oriented
 from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
+from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_write_text
@@ -95,6 +96,18 @@ def _beyond_squaring(M: torch.Tensor) -> str | None:
         return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
                 "(spectra diff can: it scales before squaring)")
     return None
+
+
+def _resolved_rank(form: Factored | TopSVD, p: int) -> int:
+    """How many directions an update's singular values resolve: a dense update's (the float64 Gram
+    route's top values) down to σ₁·√(p·u) (:func:`spectra.metrics.numerical_rank`); a factored one's
+    (a LoRA's s·B·A, an SVD of its exact factors, accurate to ~u·σ₁) down to
+    :data:`spectra.interference.RANK_TOL`·σ₁, as ``spectra interfere`` counts them: a LoRA direction at
+    1e-9·σ₁ is a direction, which the Gram route's 1e-7·σ₁ would drop."""
+    S = form.S.detach().cpu().numpy()
+    if isinstance(form, TopSVD):
+        return numerical_rank(S, p)
+    return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size else 0
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -278,7 +291,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     zero_a, zero_b = ua.energy == 0.0, ub.energy == 0.0
     # a subspace of more directions than the update resolves would be filled with arbitrary ones
     # (a LoRA whose B has zero columns, a full update of a few rows): its resolved rank is used
-    ra, rb = (r if zero else min(r, numerical_rank(u.form.S.cpu().numpy(), min(out_dim, in_dim)))
+    ra, rb = (r if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim)))
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}, fewer than its rank {asked}"
              for who, r, asked in (("A", ra, job.rank_a), ("B", rb, job.rank_b)) if r < asked]

@@ -353,9 +353,10 @@ def esd(
 
 
 #: The largest matrix (elements) whose Gram spectrum, when it leaves singular values unresolved, is
-#: recomputed by an SVD in float64 (512 MiB of float64); a larger one keeps the Gram values and counts the
-#: unresolved ones as 0 (:func:`spectra.esd.matrix_rank`'s ``resolution``).
-REFINE_MAX_ELEMENTS = 1 << 26
+#: recomputed by an SVD in float64 (32 MiB; ~1-2 s at 2048², where 8192² took over 7 minutes on the project's
+#: 2-core CPU: a hostile file of such matrices would run for hours); a larger one keeps the Gram values and
+#: counts the unresolved ones as 0 (:func:`spectra.esd.matrix_rank`'s ``resolution``).
+REFINE_MAX_ELEMENTS = 1 << 22
 
 
 def _decompose(batch: list[tuple[Unit, Task, torch.Tensor]], device: torch.device,

@@ -185,3 +185,21 @@ def test_a_float64_adapter_is_read_in_float64(tmp_path):
         assert mod.B.dtype == torch.float64 and torch.equal(mod.B, B) and torch.equal(mod.A, A)
         S = np.linalg.svd(2.0 * B.numpy() @ A.numpy(), compute_uv=False)[:4]
         np.testing.assert_allclose(np.linalg.svd(mod.dense_delta().numpy(), compute_uv=False)[:4], S, rtol=1e-13)
+
+
+def test_a_lora_direction_far_below_the_gram_resolution_is_still_a_direction(rank_two_lora, tmp_path):
+    """A LoRA's values come from an SVD of its exact factors: 1e-9·σ₁ is resolved, and its subspace
+    keeps it (the Gram route's σ₁·√(p·u) cut dropped it: φ ≈ 0 against an adapter made of it)."""
+    root, _, _ = rank_two_lora
+    g = torch.Generator().manual_seed(9)
+    small, only = {}, {}
+    for mod, (o, i) in SHAPES.items():
+        B, A = torch.randn(o, 4, generator=g, dtype=torch.float64), torch.randn(4, i, generator=g, dtype=torch.float64)
+        small[_name(mod)] = (torch.cat([B[:, :2], 1e-9 * B[:, 2:]], 1), A)
+        only[_name(mod)] = (torch.cat([0 * B[:, :2], B[:, 2:]], 1), A)
+    _adapter(tmp_path / "small", small, 4, 4.0)
+    _adapter(tmp_path / "only", only, 4, 4.0)
+    res = compare(str(tmp_path / "small"), str(tmp_path / "only"), config=CompareConfig(side="right"))
+    for m in res.modules:
+        assert (m.rank_a, m.rank_b) == (4, 2)
+        assert m.phi["right"].phi_full == pytest.approx(1.0, abs=1e-9)
