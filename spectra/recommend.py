@@ -28,6 +28,7 @@ from spectra.io.peft_writer import target_modules
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import threshold_key
 from spectra.results import SCHEMA as DIFF_SCHEMA
+from spectra.results import DiffResult
 
 #: Bytes per parameter assumed for a budget given as a size (``50MB``): a bf16 adapter.
 BUDGET_BYTES_PER_PARAM = 2
@@ -112,6 +113,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if doc.get("schema") != DIFF_SCHEMA:
         raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})", path=where,
                           hint="pass the results.json written by spectra diff --out DIR")
+    DiffResult.from_dict(doc, source=where)  # every key it reads, typed: an edited file is one line, not a traceback
     if doc.get("complete") is False:  # an interrupted run: a config from part of the model would mislead
         raise ConfigError("these results are of a run that did not finish (complete: false)", path=where,
                           hint="finish it first: spectra diff BASE TUNED --out DIR --resume")

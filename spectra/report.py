@@ -77,7 +77,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
         # bounded size and nesting, one-line errors (spectra.io.jsonfile); names may hold lone surrogates
         doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True)
         schema = doc.get("schema") if isinstance(doc, dict) else None
-        if schema not in SECTIONS:
+        if not isinstance(schema, str) or schema not in SECTIONS:
             raise ResultsFormatError(f"not a spectra result (schema {schema!r})", path=f,
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))
@@ -115,7 +115,7 @@ def _guarded(schema: str, path: Path, fn: Callable, doc: dict):
         return fn(path, doc)
     except SpectraError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise ResultsFormatError(f"cannot build the report from this {schema} file ({type(exc).__name__}: "
                                  f"{safe_text(str(exc))[:200]})", path=path,
                                  hint="a key is missing or of the wrong type, often after a hand edit: rerun the command "

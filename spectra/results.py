@@ -11,6 +11,7 @@ UTF-8 cannot encode (a lone surrogate) is written with JSON's ``\\u`` escapes. R
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -241,11 +242,15 @@ class DiffResult:
         d.pop("schema")
         known = set(ModuleResult.__dataclass_fields__)
         modules = []
-        for m in d.get("modules", []):
+        required = {n for n, f in ModuleResult.__dataclass_fields__.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        for i, m in enumerate(d.get("modules", [])):
             m = {k: v for k, v in m.items() if k in known}
             if not m.get("energy_rank_frac"):  # older or hand-made files: derive it
                 p = min(m["shape"])
                 m["energy_rank_frac"] = {k: (v / p if p else 0.0) for k, v in m["energy_rank"].items()}
+            if missing := sorted(required - set(m)):  # a hand-edited file: one line, not a TypeError
+                raise ResultsFormatError(f"modules[{i}]: missing key {missing[0]!r}", path=source, hint="rerun spectra diff --out")
             modules.append(ModuleResult(**m))
         d["modules"] = modules
         fields = set(cls.__dataclass_fields__)

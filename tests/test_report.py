@@ -148,6 +148,8 @@ def test_findings_and_warnings_open_the_report_and_tables_have_legends(tmp_path,
     (lambda d: d.update(thresholds=[]), "thresholds must be a non-empty array of numbers in (0, 1]"),
     (lambda d: d.pop("modules"), "missing key 'modules'"),
     (lambda d: d["modules"][0].update(energy_rank="9"), "modules[0].energy_rank must be an object"),
+    (lambda d: d["modules"][0].pop("layer"), "modules[0]: missing key 'layer'"),
+    (lambda d: d.update(schema=["spectra.diff/1"]), "not a spectra result (schema ['spectra.diff/1'])"),
 ])
 def test_report_refuses_malformed_results_with_one_line(evil_diff, tmp_path, edit, message):
     doc = json.loads(evil_diff.read_text(encoding="utf-8"))
@@ -230,3 +232,33 @@ def test_a_second_commands_report_in_the_same_folder_shows_both_runs(evil_diff, 
     assert res.exit_code == 0, res.output
     text = (out / "report.html").read_text()
     assert "Subspaces:" in text and "ΔW spectra:" in text
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["modules"][0].update(name=None), "modules[0].name must be a string"),
+    (lambda d: d["modules"][0].pop("layer"), "modules[0]: missing key 'layer'"),
+    (lambda d: d["modules"][0].update(shape=[4]), "modules[0].shape must be an array of two non-negative integers"),
+    (lambda d: d.update(config=[]), "config must be an object"),
+])
+def test_recommend_refuses_an_edited_results_file_with_one_line(evil_diff, tmp_path, edit, message):
+    """It read the document unchecked: AttributeError/TypeError tracebacks on hand-edited files."""
+    doc = json.loads(evil_diff.read_text(encoding="utf-8"))
+    edit(doc)
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps(doc), encoding="utf-8")
+    res = CliRunner().invoke(main, ["recommend", str(bad), "--energy", "0.9"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert message in res.stderr and str(bad) in res.stderr, res.stderr
+
+
+def test_report_of_a_diff_of_float64_weights_near_1e200(tmp_path):
+    """The energy curve squared σ ~1e200: an OverflowError for results spectra diff itself wrote."""
+    g = torch.Generator().manual_seed(2)
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 24, generator=g, dtype=torch.float64) * 1e200}
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file({k: v * 1.01 + 1e198 * torch.randn(16, 24, generator=g, dtype=torch.float64) for k, v in base.items()},
+              str(tmp_path / "b.safetensors"))
+    spectra.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", out_dir=tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["modules"][0]["fro_norm"] > 1e199
+    text = build_report([tmp_path / "out" / "results.json"])
+    assert "ΔW spectra:" in text

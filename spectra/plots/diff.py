@@ -145,7 +145,7 @@ def cumulative_energy(m: ModuleResult, thresholds: list[float]) -> tuple[np.ndar
         return e, e, e, e
     s = np.asarray(m.singular_values, dtype=np.float64)
     k = np.arange(1, len(s) + 1)
-    energy = np.cumsum(s**2) / m.fro_norm**2
+    energy = np.cumsum((s / m.fro_norm) ** 2)  # as ratios: σ near 1e200 (float64 weights) squares past float64
     more = sorted((m.energy_rank[threshold_key(t)], float(t)) for t in thresholds
                   if threshold_key(t) in m.energy_rank and m.energy_rank[threshold_key(t)] > len(s))
     k_more = np.array([r for r, _ in more], dtype=float)
