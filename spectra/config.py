@@ -198,6 +198,41 @@ class SearchPattern:
         return self.rx.search(name) is not None
 
 
+#: Most choice points (``|``, an optional ``?``, the extra repetitions of ``{m,n}``) a name filter may
+#: hold: each can double the ways a failing match is retried, and written-out copies that no repetition
+#: guard sees ('(?:.|.)' 26 times: 51 s on one name) add up exponentially. 16 bounds that to ~65 000.
+MAX_CHOICES = 16
+
+
+def choice_points(pattern: str) -> int:
+    r"""How many choices ``pattern`` leaves the matcher: ``|``, ``?`` quantifiers that make something
+    optional (not ``(?…)`` nor a lazy ``*?``), and the ``n − m`` extra repetitions of each ``{m,n}``;
+    escapes and character classes hold none.
+
+    >>> choice_points(r"layers\.(1|2)\..*mlp"), choice_points(r"(?i)q_proj?"), choice_points(r"\d{1,3}[|?]")
+    (1, 1, 2)
+    """
+    count, i, n = 0, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a class: skip to its closing bracket (a leading ']' or '^]' is literal)
+            j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+            j += pattern[j : j + 1] == "]"
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c == "|" or (c == "?" and i > 0 and pattern[i - 1] not in "(*+?}"):
+            count += 1
+        elif c == "{" and (m := re.match(r"\{(\d*),(\d+)\}", pattern[i:])) is not None:
+            count += max(0, int(m.group(2)) - int(m.group(1) or 0))
+        i += 1
+    return count
+
+
 def search_pattern(option: str, pattern: str) -> SearchPattern:
     r"""Check and compile one name filter (``option`` such as ``"--include"``, for messages).
 
@@ -226,6 +261,9 @@ def search_pattern(option: str, pattern: str) -> SearchPattern:
     if reason is None and unbounded > MAX_UNBOUNDED:
         reason = (f"has {unbounded - 1} unbounded repetitions where at most {MAX_UNBOUNDED - 1} are searched (each one "
                   "multiplies the matching time by the name's length)")
+    if reason is None and (choices := choice_points(pattern)) > MAX_CHOICES:
+        reason = (f"has {choices} alternatives and optional parts where at most {MAX_CHOICES} are searched (written out, "
+                  "as in '(?:.|.)(?:.|.)…', their combinations take exponential time)")
     if reason:
         raise ConfigError(f"{option} {pattern[:80]!r} {reason}",
                           hint=f"{option} is searched anywhere in the name, so a leading or trailing '.*' is not needed; "

@@ -270,3 +270,16 @@ def test_resume_accepts_the_same_files_spelled_differently(tmp_path, monkeypatch
     swapped = (["diff", "./b.safetensors", "t2/t.safetensors"] if command == "diff" else ["esd", "t2/t.safetensors"])
     code, text = _cli(*swapped, "--out", out, "--no-plots", "--resume")
     assert code != 0 and "different inputs" in " ".join(text.split()), text
+
+
+@pytest.mark.parametrize("pattern", ["(?:.|.)" * 26 + "z", ".?" * 30 + "Z", "a{0,40}" + "a{0,40}b"])
+def test_a_filter_of_written_out_choices_is_refused_at_once(pattern):
+    """No repetition guard sees '(?:.|.)' written out 26 times: it took 51 s on one ordinary name."""
+    with pytest.raises(ConfigError, match="alternatives and optional parts"):
+        search_pattern("--include", pattern)
+
+
+@pytest.mark.parametrize("pattern", [r"layers\.(1|2)\..*mlp", r"(q|k|v|o|gate|up|down)_proj", r"\d{1,3}",
+                                     r"layers\.(0|1|2|3|4|5|6|7|8|9|10|11)\.", r"(?i)q_proj?"])
+def test_ordinary_filters_with_choices_are_accepted(pattern):
+    assert search_pattern("--include", pattern).search("model.layers.1.mlp.up_proj.weight") is not None
