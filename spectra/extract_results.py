@@ -299,12 +299,14 @@ def note_storage(result: ExtractResult, errors: dict[str, float | None], dtype: 
         return
     err, name = max(bad)
     d = str(dtype).removeprefix("torch.")
-    fix = "float32 (or bfloat16, whose range is float32's)" if dtype == torch.float16 else (
-        "float64" if dtype == torch.float32 else "float32 (float64 for an update beyond float32's range)")
+    tiny32 = torch.finfo(torch.float32).tiny
+    fix = (f"float32 (or bfloat16, whose range is float32's; float64 where the factors are below {tiny32:.2g} too)"
+           if dtype in (torch.float16, torch.bfloat16) else "float64")
+    lost = "loses most of its product" if err >= 0.5 else f"may lose more than {STORAGE_WARN:.0%} of its product"
     result.warnings.append(
-        f"{len(bad)} modules' LoRA factors may lose more than {STORAGE_WARN:.0%} of their product to rounding in {d} (worst "
-        f"{name}: up to {err:.1%}; entries below {d}'s smallest normal {torch.finfo(dtype).tiny:.3g} flush towards zero): their "
-        f"adapter is further from ΔW than energy_kept says (storage_error in extract.json); rerun with --dtype {fix} --force")
+        f"{len(bad)} modules' LoRA factors are rounded in {d} by more than {STORAGE_WARN:.0%} of their product; the worst, "
+        f"{name}, {lost} (storage_error up to {err:.1%}: entries below {d}'s smallest normal {torch.finfo(dtype).tiny:.3g} "
+        f"flush towards zero), so the adapter is further from ΔW than energy_kept says; rerun with --dtype {fix} --force")
 
 
 def tied_embedding_warning(base: Checkpoint, targets: list[Target], ranks: list[int]) -> list[str]:
