@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import click
@@ -108,10 +109,12 @@ def _hard_exit(code: int, why: str, kept: str) -> None:
     os._exit(code)
 
 
-def kept_on_stop(group: click.Group, ctx: click.Context) -> str:
+def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = None) -> str:
     """What a stop leaves of the command ``ctx``'s arguments name, in words: the journal of a command that
     can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
-    The subcommand's options are read with click's resilient parsing (no errors, no callbacks)."""
+    The subcommand's options are read with click's resilient parsing (no errors, no callbacks). With
+    ``since`` (the command's start, ``time.time()``), results a command without ``--resume`` wrote
+    into ``--out`` after it (a stop while figures are drawn) are named as kept."""
     try:
         name, cmd, rest = group.resolve_command(ctx, list(ctx.meta.get("spectra.args", ())))
         if cmd is None:
@@ -125,6 +128,11 @@ def kept_on_stop(group: click.Group, ctx: click.Context) -> str:
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")
     if out:
+        from spectra.report import RESULT_FILES
+
+        written = [f for f in RESULT_FILES if since is not None and (Path(out) / f).is_file() and (Path(out) / f).stat().st_mtime >= since]
+        if written:
+            return f"{', '.join(written)} in {out} were written before the stop; figures or the report may be missing"
         return f"{name} writes {out} when it finishes: nothing was kept; run the command again"
     return "nothing was written (no --out)" if "out_dir" in params else ""
 
@@ -145,6 +153,7 @@ class _Group(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
+        started = time.time()
         kept = kept_on_stop(self, ctx)
         stop = _StopSignals(STOP_GRACE_S, kept) if threading.current_thread() is threading.main_thread() else None
         try:
@@ -157,6 +166,7 @@ class _Group(click.Group):
             ctx.exit(code)
         except KeyboardInterrupt as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+            kept = kept_on_stop(self, ctx, since=started) or kept  # what the files say now
             click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
             ctx.exit(143 if isinstance(exc, _Terminated) else 130)
         finally:

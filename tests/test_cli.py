@@ -343,3 +343,18 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
         pytest.skip("the command finished before the signal arrived")
     assert proc.returncode in (130, -signal.SIGINT), err  # -SIGINT: before Python installed its handler
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_the_stop_message_names_results_a_command_without_resume_already_wrote(tmp_path):
+    """A stop while compare drew its figures said "nothing was kept" beside a finished compare.json."""
+    import time
+
+    from spectra_cli.main import kept_on_stop, main
+
+    ctx = main.make_context("spectra", ["compare", "A", "B", "--out", str(tmp_path)])
+    since = time.time() - 1
+    assert "nothing was kept" in kept_on_stop(main, ctx, since=since)
+    (tmp_path / "compare.json").write_text("{}")
+    said = kept_on_stop(main, ctx, since=since)
+    assert said.startswith(f"compare.json in {tmp_path} were written before the stop"), said
+    assert "nothing was kept" in kept_on_stop(main, ctx, since=time.time() + 60)  # an older file is not this run's
