@@ -64,3 +64,7 @@ def inspect_cmd(path, show_all, as_json) -> None:
         )
     stdout().print(table)
     stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
+    from spectra.io.checkpoint import open_checkpoint
+
+    for note in open_checkpoint(path).notes:  # which weight set of a folder was read (headers only: cheap)
+        stderr().print(f"[yellow]warning:[/] {escape(note)}", highlight=False)

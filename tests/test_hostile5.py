@@ -283,3 +283,9 @@ def test_a_filter_of_written_out_choices_is_refused_at_once(pattern):
                                      r"layers\.(0|1|2|3|4|5|6|7|8|9|10|11)\.", r"(?i)q_proj?"])
 def test_ordinary_filters_with_choices_are_accepted(pattern):
     assert search_pattern("--include", pattern).search("model.layers.1.mlp.up_proj.weight") is not None
+
+
+def test_inspect_says_which_weight_set_it_read(tmp_path):
+    _weight_sets(tmp_path / "m", ("model.safetensors", "pytorch_model.bin"))
+    code, out = _cli("inspect", str(tmp_path / "m"))
+    assert code == 0 and "ignored pytorch_model.bin" in " ".join(out.split())
