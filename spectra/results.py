@@ -254,6 +254,10 @@ class DiffResult:
             modules.append(ModuleResult(**m))
         d["modules"] = modules
         fields = set(cls.__dataclass_fields__)
+        top = {n for n, f in cls.__dataclass_fields__.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if missing := sorted(top - set(d)):  # a hand-edited file: one line, not a TypeError
+            raise ResultsFormatError(f"missing key {missing[0]!r}", path=source, hint="rerun spectra diff --out")
         return cls(**{k: v for k, v in d.items() if k in fields})
 
     @classmethod

@@ -239,6 +239,7 @@ def test_a_second_commands_report_in_the_same_folder_shows_both_runs(evil_diff, 
     (lambda d: d["modules"][0].pop("layer"), "modules[0]: missing key 'layer'"),
     (lambda d: d["modules"][0].update(shape=[4]), "modules[0].shape must be an array of two non-negative integers"),
     (lambda d: d.update(config=[]), "config must be an object"),
+    (lambda d: d.pop("base"), "missing key 'base'"),
 ])
 def test_recommend_refuses_an_edited_results_file_with_one_line(evil_diff, tmp_path, edit, message):
     """It read the document unchecked: AttributeError/TypeError tracebacks on hand-edited files."""
