@@ -168,9 +168,9 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
     if out_dir:
         err.print(f"results: {escape(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)
     if report:
-        from spectra.report import write_report
+        from spectra.report import folder_results, write_report
 
-        written = write_report([Path(out_dir) / "results.json"], Path(out_dir) / "report.html")
+        written = write_report(folder_results(out_dir, "results.json"), Path(out_dir) / "report.html")
         err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
     for f in found:
         if f.warning:

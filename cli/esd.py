@@ -86,9 +86,9 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'esd.json'))}", highlight=False)
     if report:
-        from spectra.report import write_report
+        from spectra.report import folder_results, write_report
 
-        err.print(escape(f"report: {write_report([Path(out_dir) / 'esd.json'], Path(out_dir) / 'report.html')}"), highlight=False)
+        err.print(escape(f"report: {write_report(folder_results(out_dir, 'esd.json'), Path(out_dir) / 'report.html')}"), highlight=False)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:

@@ -48,7 +48,8 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import gram
-from spectra.metrics import effective_rank, energy_rank, square_scale_exponent, stable_rank, threshold_key
+from spectra.lowrank import scale_pow2, squaring_exponent
+from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi
 
 Update = torch.Tensor | np.ndarray | Factored
@@ -113,7 +114,7 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     values are exact to ≈1e-7·σ₁ (float64 Gram, the definitions' precision statement); vectors are
     kept only for ``σ_i > rel_tol · σ₁``, below which the Gram route cannot resolve them. A float64
     update whose squares would leave float64's range (entries near 1e±200) is scaled by a power of two
-    first (exact; :func:`spectra.metrics.square_scale_exponent`), as ``spectra diff`` does.
+    first (exact; :func:`spectra.lowrank.squaring_exponent`), as ``spectra diff`` does.
 
     Args:
         delta: ``(out, in)`` float tensor on any device.
@@ -130,10 +131,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
         raise ValueError(f"k must be >= 1. Got {k} instead.")
     out, inn = delta.shape
     wide = out <= inn
-    # float32 and narrower entries square within float64's range: only float64 ones are looked at
-    e = square_scale_exponent(np.array([float(delta.abs().max())])) if delta.dtype == torch.float64 and delta.numel() else 0
-    if e:  # two exact power-of-two factors: one, 2**-e, can itself leave float64's range
-        delta = delta * 2.0 ** (-e // 2) * 2.0 ** (-e - (-e // 2))
+    e = squaring_exponent(delta)  # 0 unless float64 (narrower entries square within float64's range)
+    if e:
+        delta = scale_pow2(delta, -e)
     lam, Q = torch.linalg.eigh(gram(delta, dtype=torch.float64))  # ascending
     lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
