@@ -48,7 +48,7 @@ from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
@@ -383,7 +383,7 @@ def compare(
     result = CompareResult(str(a), str(b), None if base is None else str(base), {"a": A.kind, "b": B.kind}, asdict(config),
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
-    result.warnings = list(dict.fromkeys(n for c in (base_ckpt, A.tuned, B.tuned) if c is not None for n in c.notes))
+    result.warnings = read_notes((base_ckpt, A.tuned, B.tuned))
     shared = [k for k in A.names if k in B.names]
     if not shared:
         raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",

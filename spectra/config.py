@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 
 from spectra.errors import ConfigError
-from spectra.io.patterns import MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, pattern_risk
+from spectra.io.patterns import MAX_CHOICES, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, choice_points, pattern_risk
 from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
 
@@ -196,41 +196,6 @@ class SearchPattern:
                               hint=f"give {self.option} a pattern with fewer repetitions (*, +, {{m,}}), e.g. a literal part "
                                    "of the names")
         return self.rx.search(name) is not None
-
-
-#: Most choice points (``|``, an optional ``?``, the extra repetitions of ``{m,n}``) a name filter may
-#: hold: each can double the ways a failing match is retried, and written-out copies that no repetition
-#: guard sees ('(?:.|.)' 26 times: 51 s on one name) add up exponentially. 16 bounds that to ~65 000.
-MAX_CHOICES = 16
-
-
-def choice_points(pattern: str) -> int:
-    r"""How many choices ``pattern`` leaves the matcher: ``|``, ``?`` quantifiers that make something
-    optional (not ``(?…)`` nor a lazy ``*?``), and the ``n − m`` extra repetitions of each ``{m,n}``;
-    escapes and character classes hold none.
-
-    >>> choice_points(r"layers\.(1|2)\..*mlp"), choice_points(r"(?i)q_proj?"), choice_points(r"\d{1,3}[|?]")
-    (1, 1, 2)
-    """
-    count, i, n = 0, 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "[":  # a class: skip to its closing bracket (a leading ']' or '^]' is literal)
-            j = i + 1 + (pattern[i + 1 : i + 2] == "^")
-            j += pattern[j : j + 1] == "]"
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            i = j + 1
-            continue
-        if c == "|" or (c == "?" and i > 0 and pattern[i - 1] not in "(*+?}"):
-            count += 1
-        elif c == "{" and (m := re.match(r"\{(\d*),(\d+)\}", pattern[i:])) is not None:
-            count += max(0, int(m.group(2)) - int(m.group(1) or 0))
-        i += 1
-    return count
 
 
 def search_pattern(option: str, pattern: str) -> SearchPattern:

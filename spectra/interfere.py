@@ -49,7 +49,7 @@ from spectra.interference import (
     tsv_pair_matrix,
 )
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
@@ -446,7 +446,7 @@ def interfere(
     for t in tasks:
         result.skipped += t.skipped
     # how each folder was read (several weight sets in one: the one transformers reads), once each
-    result.warnings += list(dict.fromkeys(n for c in (base_ckpt, *(t.ckpt for t in tasks if t.kind == "full")) for n in c.notes))
+    result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks)))
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spectra.errors import PairingError
-from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import MatrixSpec, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
 
 
@@ -256,7 +256,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             confirmed[(side, transpose, ndim)] = layout_confirmed(ckpt, specs, transpose=transpose, ndim=ndim)
         return confirmed[(side, transpose, ndim)]
 
-    result = Pairing(notes=list(base.notes) + ([] if single else list(tuned.notes)))
+    result = Pairing(notes=read_notes((base, None if single else tuned)))
     matched_b: set[str] = set()
     matched_t: set[str] = set()
     for bn, tn in _match_names(list(base.tensors), list(tuned.tensors)):

@@ -45,7 +45,7 @@ from spectra.errors import (
 from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import open_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.journal import RecordJournal, inputs_fingerprint
@@ -346,7 +346,7 @@ def trace(
                          warnings=list(found.warnings), device=str(device))
     weights = [open_weights(r.path, r.kind) for r in refs]
     # how each folder was read (several weight sets in one: the one transformers reads), once each
-    result.warnings += list(dict.fromkeys(n for c in (base_ckpt, *weights) for n in c.notes))
+    result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None

@@ -44,7 +44,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -433,6 +433,12 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
 
 #: Every :attr:`Checkpoint.notes` line starts with this, so that a command can tell them among a result's warnings.
 READ_NOTE_PREFIX = "reading "
+
+
+def read_notes(checkpoints: Iterable[Checkpoint | None]) -> list[str]:
+    """How the given checkpoints were read (:attr:`Checkpoint.notes`: the weight set a folder of several
+    was read from), each note once, in order; None entries are passed over. For a result's warnings."""
+    return list(dict.fromkeys(n for c in checkpoints if c is not None for n in c.notes))
 
 #: The weight files of a model folder, in the order transformers' ``PreTrainedModel.from_pretrained``
 #: (``_get_resolved_checkpoint_files``, transformers 4.x/5.x) tries them: the first present is the model.

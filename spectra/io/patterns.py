@@ -78,6 +78,15 @@ def _group_prefix_end(pattern: str, i: int) -> int:
     return j
 
 
+def _class_end(pattern: str, i: int) -> int:
+    """Index just after the character class opening at ``i`` (a leading ``]`` or ``^]`` is literal)."""
+    j = i + 1 + (pattern[i + 1 : i + 2] == "^")
+    j += pattern[j : j + 1] == "]"
+    while j < len(pattern) and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
 def _quantifier(pattern: str, i: int) -> tuple[int | None, int] | None:
     """``(max repeats or None for unbounded, length)`` of a quantifier at ``i``, or None (a literal ``{``)."""
     c = pattern[i]
@@ -92,6 +101,41 @@ def _quantifier(pattern: str, i: int) -> tuple[int | None, int] | None:
     if not comma:
         return int(lo or 0), m.end() - i
     return (int(hi) if hi else None), m.end() - i
+
+
+#: Most choice points (``|``, an optional ``?``, the extra repetitions of ``{m,n}``) a name filter may
+#: hold: each can double the ways a failing match is retried, and written-out copies that no repetition
+#: guard sees ('(?:.|.)' 26 times: 51 s on one name) add up exponentially. 16 bounds that to ~65 000.
+MAX_CHOICES = 16
+
+
+def choice_points(pattern: str) -> int:
+    r"""How many choices ``pattern`` leaves the matcher: ``|``, ``?`` quantifiers that make something
+    optional (not ``(?…)`` nor a lazy ``*?``), and the ``n − m`` extra repetitions of each ``{m,n}``;
+    escapes and character classes hold none. Read with :func:`pattern_risk`'s tokens.
+
+    >>> choice_points(r"layers\.(1|2)\..*mlp"), choice_points(r"(?i)q_proj?"), choice_points(r"\d{1,3}[|?]")
+    (1, 1, 2)
+    """
+    count, i, n = 0, 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+        elif c == "[":
+            i = _class_end(pattern, i)
+        elif c == "(":
+            i = _group_prefix_end(pattern, i)  # its "(?…" prefix holds no quantifier
+        elif c in "*+?{" and (q := _quantifier(pattern, i)) is not None and q[1] > 0:
+            m = _BRACES.match(pattern, i) if c == "{" else None
+            count += 1 if c == "?" else (max(0, int(m.group(3)) - int(m.group(1) or 0)) if m and m.group(2) and m.group(3) else 0)
+            i += q[1]
+            if i < n and pattern[i] in "?+":  # lazy or possessive form of the same quantifier
+                i += 1
+        else:
+            count += c == "|"
+            i += 1
+    return count
 
 
 def pattern_risk(expression: str) -> tuple[str | None, int]:
@@ -124,11 +168,7 @@ def pattern_risk(expression: str) -> tuple[str | None, int]:
                 return "uses a backreference, which regular expressions cannot match in bounded time", unbounded
             i += 2
         elif c == "[":
-            j = i + 1 + (expression[i + 1 : i + 2] == "^")
-            j += expression[j : j + 1] == "]"
-            while j < n and expression[j] != "]":
-                j += 2 if expression[j] == "\\" else 1
-            i = j + 1
+            i = _class_end(expression, i)
         elif c == "(":
             if expression.startswith(("(?P=", "(?("), i):
                 return "uses a backreference or a conditional group, which cannot be matched in bounded time", unbounded
