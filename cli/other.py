@@ -46,8 +46,10 @@ def inspect_cmd(path, show_all, as_json) -> None:
     the rest.
     """
     from spectra.inspection import inspect_checkpoint
+    from spectra.io.checkpoint import open_checkpoint
 
-    records = inspect_checkpoint(path, include_non_matrices=show_all)
+    ckpt = open_checkpoint(path)
+    records = inspect_checkpoint(ckpt, include_non_matrices=show_all)
     if as_json:
         echo_json(json.dumps(records, indent=1, ensure_ascii=False))
         return
@@ -64,7 +66,5 @@ def inspect_cmd(path, show_all, as_json) -> None:
         )
     stdout().print(table)
     stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
-    from spectra.io.checkpoint import open_checkpoint
-
-    for note in open_checkpoint(path).notes:  # which weight set of a folder was read (headers only: cheap)
+    for note in ckpt.notes:  # which weight set of a folder was read
         stderr().print(f"[yellow]warning:[/] {escape(note)}", highlight=False)

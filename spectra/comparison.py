@@ -147,10 +147,10 @@ class _Side:
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
+            self.tuned = open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"
             if base is None:
                 raise ConfigError(f"{label} is a full checkpoint: its update needs the base model",
                                   hint="pass --base BASE")
-            self.tuned = open_checkpoint(label)
             self.kind = "full"
             # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
             # matrices, shared rows of a resized vocabulary

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from spectra.io.checkpoint import open_checkpoint
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.naming import ROLE_ORDER
 
 
-def inspect_checkpoint(path: str, *, include_non_matrices: bool = False) -> list[dict[str, Any]]:
+def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = False) -> list[dict[str, Any]]:
     """One record per tensor: name, layer, expert, module, role, stored shape, dtype, parts, note.
 
     Args:
-        path: anything :func:`spectra.open_checkpoint` accepts.
+        path: anything :func:`spectra.open_checkpoint` accepts, or a checkpoint it opened.
         include_non_matrices: also list 1-D/0-D tensors (module and role are None for them).
 
     Returns:
@@ -21,7 +21,7 @@ def inspect_checkpoint(path: str, *, include_non_matrices: bool = False) -> list
         each in role order q, k, v, o, gate, up, down, then the rest); ``parts`` lists the split
         suffixes (``["q", "k", "v"]``) or ``[""]``.
     """
-    ckpt = open_checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     specs = ckpt.specs
     records = []
     for name, info in ckpt.tensors.items():

@@ -35,7 +35,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.checkpoint import Checkpoint, tensor_infos
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import allowed_roots, check_inside
+from spectra.io.paths import allowed_roots, check_inside, missing_text
 from spectra.io.patterns import (
     PatternError,
     check_component_key,
@@ -397,7 +397,7 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     """
     folder = Path(path)
     if not folder.exists():
-        raise CheckpointNotFoundError("no such file or folder", path=folder)
+        raise CheckpointNotFoundError(missing_text(folder), path=folder)
     if not folder.is_dir():
         raise CheckpointFormatError("a PEFT adapter is a folder (adapter_config.json and its weights)", path=folder)
     roots = allowed_roots(folder)

@@ -53,7 +53,7 @@ import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import allowed_roots, check_inside, file_kind, open_regular
+from spectra.io.paths import allowed_roots, check_inside, file_kind, missing_text, open_regular, unreadable_hint
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.torchfile import load_state_dict
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
@@ -420,9 +420,10 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     except FileNotFoundError:
         if _HUB_ID.match(label) and not label.startswith((".", "/")):
             return _open_folder(label, resolve_hub_cache(label))
-        raise CheckpointNotFoundError("no such file or folder", path=label) from None
+        raise CheckpointNotFoundError(missing_text(path), path=label) from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        raise CheckpointNotFoundError(f"cannot read it ({getattr(exc, 'strerror', None) or exc})", path=label) from None
+        raise CheckpointNotFoundError(f"cannot read it ({getattr(exc, 'strerror', None) or exc})", path=label,
+                                      hint=unreadable_hint(exc)) from None
     if stat.S_ISDIR(mode):
         return _open_folder(label, path)
     if not stat.S_ISREG(mode):

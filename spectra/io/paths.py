@@ -18,6 +18,7 @@ links. What the files themselves name is not.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -33,6 +34,26 @@ def file_kind(mode: int) -> str:
     return next((kind for test, kind in _KINDS if test(mode)), "not a file")
 
 
+def missing_text(path: str | os.PathLike[str], missing: str = "no such file or folder") -> str:
+    """Why nothing is at ``path``, in words: ``missing``, or that it is a symbolic link whose target
+    does not exist (the link itself is there, so "no such file" alone would puzzle the user)."""
+    try:
+        if os.path.islink(path):
+            return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    except (OSError, ValueError):
+        pass
+    return missing
+
+
+def unreadable_hint(exc: BaseException) -> str:
+    """What to do about an ``OSError`` from stat/open of a path the user named, by its errno."""
+    if getattr(exc, "errno", None) == errno.ELOOP:
+        return "the path is a loop of symbolic links: point it at the real file or folder"
+    if getattr(exc, "errno", None) in (errno.EACCES, errno.EPERM):
+        return "check the file's permissions"
+    return "check the path"
+
+
 def regular_file(path: str | os.PathLike[str], *, tensor: str | None = None) -> os.stat_result:
     """``os.stat`` of ``path`` (symlinks followed), refusing anything but a regular file.
 
@@ -43,10 +64,10 @@ def regular_file(path: str | os.PathLike[str], *, tensor: str | None = None) -> 
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise CheckpointNotFoundError("no such file", path=path, tensor=tensor) from None
+        raise CheckpointNotFoundError(missing_text(path, "no such file"), path=path, tensor=tensor) from None
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise CheckpointNotFoundError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})", path=path,
-                                      tensor=tensor, hint="check the file's permissions") from None
+                                      tensor=tensor, hint=unreadable_hint(exc)) from None
     if not stat.S_ISREG(st.st_mode):
         raise CheckpointFormatError(f"is {file_kind(st.st_mode)}, not a regular file", path=path, tensor=tensor,
                                     hint="spectra reads checkpoints from regular files only")
@@ -68,7 +89,7 @@ def open_regular(path: str | os.PathLike[str], *, tensor: str | None = None) -> 
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or type(exc).__name__})", path=path,
-                                      tensor=tensor, hint="check the file's permissions") from None
+                                      tensor=tensor, hint=unreadable_hint(exc)) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
