@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -36,11 +36,24 @@ from spectra.selection import selector, units_of
 def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
     """Each LoRA module with the spec of the matrix it updates and its base tensor name (None without base).
 
+    A LoRA on the output head of a base that ties it to the input embedding (and so stores no head)
+    updates that embedding's matrix: its spec keeps the head's name, its base tensor is the embedding.
+
     Raises:
         PairingError: a module the adapter updates is not in the base (names it).
-        CheckpointFormatError: the adapter's update shape differs from the base matrix's.
+        CheckpointFormatError: the adapter's update shape differs from the base matrix's; an adapter
+            built with ``layer_replication`` (its layers are not the base's layers of the same number).
     """
     if base is not None:
+        replicated = adapter.config.replicated_layers()
+        if replicated is not None:
+            raise CheckpointFormatError(
+                f"this adapter was made with layer_replication {[list(r) for r in adapter.config.layer_replication or ()]}: "
+                f"its layers run on base layers {replicated[:12]}{' …' if len(replicated) > 12 else ''}, not on the base layers "
+                "of the same number, which is how spectra pairs them", path=adapter.path,
+                hint="a DoRA update depends on the base weight of each replicated layer, which spectra does not map"
+                if adapter.config.use_dora else "analyse the adapter alone (spectra diff ADAPTER, no base): its s·B·A per layer "
+                "needs no base")
         specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
         lookup = unique_pairing_keys(list(base.tensors))
     else:
@@ -52,6 +65,10 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
             continue
         name = mod.weight_name if mod.weight_name in base.tensors else lookup.get(pairing_key(mod.weight_name))
         if name is None or name not in specs:
+            tied = _tied_head_of(mod, base, specs)
+            if tied is not None:
+                out.append(tied)
+                continue
             raise PairingError(
                 f"the adapter updates {mod.module}, which the base checkpoint does not have",
                 path=f"{adapter.path} vs {base.label}", tensor=mod.weight_name,
@@ -66,6 +83,24 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
             )
         out.append((mod, spec, name))
     return out
+
+
+def _tied_head_of(mod: LoraModule, base: Checkpoint,
+                  specs: dict[str, MatrixSpec]) -> tuple[LoraModule, MatrixSpec, str] | None:
+    """``(mod, spec, embedding name)`` when ``mod`` is a LoRA on the output head of a base that ties the
+    head to its input embedding (no head stored, ``tie_word_embeddings`` not false, one embedding
+    of the head's shape): PEFT's lm_head then computes with that matrix. Else None."""
+    own = describe_checkpoint({mod.weight_name: tuple(mod.shape)}, base.arch).get(mod.weight_name)
+    if own is None or own.role != "head" or any(sp.role == "head" for sp in specs.values()):
+        return None
+    if (base.config or {}).get("tie_word_embeddings") is False:
+        return None
+    embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None]
+    if len(embeds) != 1 or oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape)) != tuple(mod.shape):
+        return None
+    note = (f"the base ties its output head to {embeds[0].name} (it stores no {mod.weight_name}): "
+            "the update is measured against that embedding")
+    return mod, replace(own, transpose=embeds[0].transpose, note="; ".join(x for x in (own.note, note) if x)), embeds[0].name
 
 
 def diff_adapter(

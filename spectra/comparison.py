@@ -139,11 +139,16 @@ class _Side:
         self.tuned: Checkpoint | None = None
         self.mods: dict[str, LoraModule] = {}
         self.pairs: dict[str, MatrixPair] = {}
+        self.tied = {}
         if is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
+            # every adapted module exists in the base, same shape; a head tied to the base's embedding
+            # is measured against that embedding (its spec and base tensor kept for the jobs)
+            self.tied: dict[str, tuple[MatrixSpec, str]] = {}
             if base is not None:
-                adapter_updates(self.adapter, base)  # every adapted module exists in the base, same shape
+                self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
+                             if n is not None and sp.name != n and pairing_key(n) != pairing_key(m.weight_name)}
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
@@ -394,6 +399,9 @@ def compare(
         base_specs = describe_checkpoint({n: t.shape for n, t in base_ckpt.tensors.items()}, base_ckpt.arch)
         base_keys = unique_pairing_keys(list(base_specs))
         specs = {k: base_specs[n] for k, n in base_keys.items()}
+        for k, (spec, name) in {**A.tied, **B.tied}.items():  # adapters' heads on a tied embedding
+            if k not in specs:
+                specs[k], base_keys[k] = spec, name
     else:
         specs = {**B.own_specs(), **A.own_specs()}
 

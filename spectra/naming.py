@@ -151,13 +151,18 @@ class ArchInfo:
             head_dim = hidden // heads
         falcon_layout = None
         if model_type in ("falcon", "RefinedWeb", "RefinedWebModel"):
-            if config.get("new_decoder_architecture"):
+            # Falcon-40B's own RefinedWeb code reads n_head_kv and groups q heads per kv head
+            # ("new" layout) without a new_decoder_architecture flag, which transformers' config adds
+            rw_kv = _first_int(config, "n_head_kv") if model_type == "RefinedWeb" else None
+            if config.get("new_decoder_architecture") or rw_kv:
                 falcon_layout = "new"
-                kv = kv or _first_int(config, "num_kv_heads")
+                kv = kv or rw_kv or _first_int(config, "num_kv_heads")
             elif config.get("multi_query", True):
                 falcon_layout, kv = "multi_query", 1
             else:
                 falcon_layout = "interleaved"
+        if kv is None and model_type == "gpt_bigcode":  # configs older than num_key_value_heads: MQA by default
+            kv = 1 if config.get("multi_query", True) else heads
         if kv is None:
             kv = heads
         if model_type is not None:
@@ -590,13 +595,25 @@ def _split(p: _Parsed, role: str | None, out_dim: int, in_dim: int, arch: ArchIn
         return (Part(""),), ""
     hd, heads, kv = arch.head_dim, arch.num_heads, arch.num_kv_heads
     if leaf == "c_attn":
-        if arch.conv1d:  # GPT-2: c_attn(x).split(d, dim=2) -> q, k, v, equal blocks
-            if out_dim % 3:
-                return (Part(""),), "c_attn rows are not a multiple of 3; left unsplit"
-            return _blocks(("q", "k", "v"), (out_dim // 3,) * 3)
-        if hd and heads and kv:  # GPT-BigCode (MQA/GQA): q rows, then k and v blocks
+        cross = "crossattention" in p.rel_path.lower().split(".")
+        if arch.conv1d:
+            if cross:  # GPT-2 cross-attention: q from q_attn, c_attn(enc).split(d, dim=2) -> k, v
+                if out_dim != 2 * in_dim:
+                    return (Part(""),), f"cross-attention c_attn has {out_dim} rows, not 2x{in_dim} (k, v); left unsplit"
+                return _blocks(("k", "v"), (in_dim, in_dim))
+            if out_dim != 3 * in_dim:  # GPT-2: c_attn(x).split(d, dim=2) -> q, k, v, equal blocks of d rows
+                return (Part(""),), f"c_attn has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"
+            return _blocks(("q", "k", "v"), (in_dim,) * 3)
+        if cross:
+            return (Part(""),), "cross-attention c_attn (k, v of the encoder states) is left unsplit"
+        if arch.model_type == "gpt_bigcode" and hd and heads and kv == heads and out_dim == 3 * heads * hd:
+            # GPT-BigCode without multi-query: c_attn(x).view(heads, 3·head_dim): q, k, v per head
+            idx = torch.arange(out_dim).view(heads, 3, hd)
+            return tuple(Part(s, idx[:, i].reshape(-1)) for i, s in enumerate("qkv")), ""
+        if hd and heads and kv:  # GPT-BigCode multi-query, Qwen-1: q rows, then k and v blocks
             return _blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
-        return (Part(""),), "c_attn of a non-GPT-2 model needs config.json head counts to split; left unsplit"
+        return (Part(""),), ("c_attn is split with config.json (GPT-2's Conv1D layout, or head counts); "
+                             "none was read; left unsplit")
     if leaf == "query_key_value":
         layout = arch.falcon_layout or "interleaved"
         if layout == "multi_query" and hd:

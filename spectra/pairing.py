@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
-from spectra.naming import MatrixSpec, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, Part, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,10 @@ def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The stored ``shape`` in ``(…, out, in)`` orientation (``spec.transpose`` swaps the last two)."""
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
 
+
+#: Roles of tables indexed by token (or position): when the two sides' row counts differ (a resized
+#: vocabulary) the leading rows both have are the same tokens and are paired.
+VOCAB_ROLES = frozenset({"embed", "pos_embed", "head"})
 
 #: Roles whose matrix reads the model width (input = hidden size) or writes it (output = hidden size).
 _READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up"})
@@ -187,6 +193,23 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
             or ti.dtype not in FLOAT_DTYPES:
         return None
     return embeds[0], heads[0]
+
+
+def _same_parts(a: tuple[Part, ...], b: tuple[Part, ...]) -> bool:
+    """Whether two splits of a fused matrix take the same rows for the same parts."""
+    return len(a) == len(b) and all(x.suffix == y.suffix and (x.rows is None) == (y.rows is None)
+                                    and (x.rows is None or torch.equal(x.rows, y.rows)) for x, y in zip(a, b))
+
+
+def _parts_text(parts: tuple[Part, ...]) -> str:
+    """``"q (rows 0-15), k (rows 16-31, …)"``: each part and where its rows start, in words."""
+    def rows(p: Part) -> str:
+        if p.rows is None or p.rows.numel() == 0:
+            return "all rows"
+        r = p.rows.tolist()
+        contiguous = r == list(range(r[0], r[0] + len(r)))
+        return f"rows {r[0]}-{r[-1]}" if contiguous else f"rows {', '.join(map(str, r[:3]))}, … ({len(r)} rows)"
+    return ", ".join(f"{p.suffix} ({rows(p)})" for p in parts)
 
 
 def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
@@ -300,14 +323,25 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                     f"as its shapes confirm, and compared as (out, in)")
         bshape, tshape = oriented_shape(bs, bi.shape), oriented_shape(ts, ti.shape)
         if bshape != tshape:
-            if bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
+            # only a vocabulary (or position) table keeps its leading rows' meaning when resized; a
+            # fused or resized projection's leading rows are other rows (a kv-head count, an MLP width)
+            vocab = {bs.role, ts.role} <= VOCAB_ROLES and len(bs.parts) == len(ts.parts) == 1
+            if vocab and bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
                 rows = min(bshape[-2], tshape[-2])
                 rows_note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
                              f"the {rows} leading rows both have are analysed")
                 note = "; ".join(x for x in (note, rows_note) if x)
             else:
-                result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"))
+                result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"
+                                              + ("" if vocab or len(bshape) != 2 or bshape[-1] != tshape[-1] else
+                                                 " (only embedding and output-head rows are paired across a resize)")))
                 continue
+        if len(bs.parts) > 1 and len(ts.parts) > 1 and not _same_parts(bs.parts, ts.parts):
+            # each side's config splits it differently (GPT-2's q, k, v blocks against GPT-BigCode's per-head
+            # interleave): row i is not the same row on both sides, so neither the whole nor a part pairs
+            result.skipped.append(Skipped(tn, "fused rows laid out differently: base splits them as "
+                                          f"{_parts_text(bs.parts)} but tuned as {_parts_text(ts.parts)}"))
+            continue
         deq = [f"{side} {c.scales[n].describe(i.dtype)}" for side, i, n, c in
                (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales]
         note = "; ".join(x for x in (note, *deq) if x)

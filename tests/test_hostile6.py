@@ -4,8 +4,10 @@ float64 numpy)."""
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -49,3 +51,232 @@ def test_unreadable_file_hint_is_permissions(tmp_path):
     f.chmod(0)
     res = _run("diff", str(f), str(f))
     assert res.exit_code == 1 and "permissions" in res.output, res.output
+
+
+# ---- fused matrices split as the model computes them ----------------------------------------------
+def _pair(tmp_path, model, name: str, seed: int = 1):
+    """Save ``model`` as base, perturb every matrix, save as tuned; float64 state dicts of both."""
+    base, tuned = tmp_path / f"{name}_b", tmp_path / f"{name}_t"
+    model.save_pretrained(base)
+    b = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.ndim == 2:
+                prm.add_(0.01 * torch.randn(prm.shape, generator=g))
+    model.save_pretrained(tuned)
+    t = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    return base, tuned, b, t
+
+
+def _fro_by_name(base, tuned) -> dict[str, float]:
+    import spectra
+
+    return {m.name: m.fro_norm for m in spectra.diff(str(base), str(tuned)).modules}
+
+
+def test_gpt2_cross_attention_c_attn_is_k_and_v(tmp_path):
+    """GPT-2 cross-attention's c_attn is Conv1D(2d): k and v of the encoder states (q is q_attn); it was
+    cut in thirds as q, k, v whenever 2d was a multiple of 3."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=48, n_head=4, n_layer=1, vocab_size=64, n_positions=16,
+                                           add_cross_attention=True))
+    base, tuned, b, t = _pair(tmp_path, model, "gpt2x")
+    fro = _fro_by_name(base, tuned)
+    name = "transformer.h.0.crossattention.c_attn.weight"
+    D = (t[name] - b[name]).T.numpy()  # Conv1D stores (in, out)
+    assert fro[f"{name}:k"] == pytest.approx(np.linalg.norm(D[:48]), rel=1e-6)
+    assert fro[f"{name}:v"] == pytest.approx(np.linalg.norm(D[48:]), rel=1e-6)
+    assert f"{name}:q" not in fro
+    self_attn = "transformer.h.0.attn.c_attn.weight"
+    Ds = (t[self_attn] - b[self_attn]).T.numpy()
+    for i, part in enumerate("qkv"):
+        assert fro[f"{self_attn}:{part}"] == pytest.approx(np.linalg.norm(Ds[48 * i:48 * (i + 1)]), rel=1e-6)
+
+
+@pytest.mark.parametrize("multi_query", [False, True])
+def test_gpt_bigcode_c_attn_split_as_transformers_views_it(tmp_path, multi_query):
+    """GPT-BigCode without multi-query views c_attn's output as (heads, 3·head_dim): q, k, v per head; it
+    was split as three row blocks. With multi-query: q rows, then one k and one v head."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(n_embd=64, n_head=4, n_layer=1, vocab_size=64, n_positions=16,
+                                                       multi_query=multi_query))
+    base, tuned, b, t = _pair(tmp_path, model, "bigcode")
+    fro = _fro_by_name(base, tuned)
+    name = "transformer.h.0.attn.c_attn.weight"
+    D = (t[name] - b[name]).numpy()
+    if multi_query:
+        ref = {"q": D[:64], "k": D[64:80], "v": D[80:96]}
+    else:
+        per_head = D.reshape(4, 3, 16, 64)
+        ref = {s: per_head[:, i].reshape(64, 64) for i, s in enumerate("qkv")}
+    for part, M in ref.items():
+        assert fro[f"{name}:{part}"] == pytest.approx(np.linalg.norm(M), rel=1e-6), part
+
+
+def test_arch_of_old_configs():
+    """A GPT-BigCode config older than num_key_value_heads is multi-query unless it says otherwise;
+    Falcon-40B's RefinedWeb config gives n_head_kv and uses the grouped layout without the flag
+    transformers' converted config adds."""
+    from spectra.naming import ArchInfo, describe_checkpoint
+
+    assert ArchInfo.from_config({"model_type": "gpt_bigcode", "n_head": 4, "n_embd": 64}).num_kv_heads == 1
+    assert ArchInfo.from_config({"model_type": "gpt_bigcode", "n_head": 4, "n_embd": 64,
+                                 "multi_query": False}).num_kv_heads == 4
+    rw = ArchInfo.from_config({"model_type": "RefinedWeb", "n_head": 4, "n_head_kv": 2, "hidden_size": 256})
+    assert (rw.falcon_layout, rw.num_kv_heads, rw.head_dim) == ("new", 2, 64)
+    name = "transformer.h.0.self_attention.query_key_value.weight"
+    spec = describe_checkpoint({name: (512, 256)}, rw)[name]
+    idx = torch.arange(512).view(2, 4, 64)  # per kv head: 2 q heads, then k, then v
+    got = {p.suffix: p.rows for p in spec.parts}
+    assert torch.equal(got["q"], idx[:, :2].reshape(-1)) and torch.equal(got["k"], idx[:, 2].reshape(-1))
+    assert torch.equal(got["v"], idx[:, 3].reshape(-1))
+    assert ArchInfo.from_config({"model_type": "RefinedWebModel", "n_head": 4, "hidden_size": 256}).falcon_layout == "multi_query"
+
+
+def test_c_attn_without_config_note_names_what_is_missing():
+    from spectra.naming import describe_checkpoint
+
+    spec = describe_checkpoint({"transformer.h.0.attn.c_attn.weight": (96, 32)})["transformer.h.0.attn.c_attn.weight"]
+    assert len(spec.parts) == 1 and "non-GPT-2" not in spec.note and "config.json" in spec.note
+
+
+# ---- rows of a resized matrix ---------------------------------------------------------------------
+def test_resized_rows_pair_only_vocabulary_tables(tmp_path):
+    """Phi-3 with 2 kv heads against 4 (and MLP 128 against 96): the leading rows of qkv_proj/gate_up_proj
+    were subtracted as if a resized vocabulary (a traceback one way, k minus part of q the other); now
+    such matrices are skipped as a shape mismatch, while a resized embedding still pairs its rows."""
+    import transformers as T
+
+    def phi(kv, inter=128, vocab=100):
+        return T.Phi3Config(hidden_size=64, intermediate_size=inter, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=64, pad_token_id=0)
+
+    torch.manual_seed(0)
+    for name, cfg in (("kv2", phi(2)), ("kv4", phi(4)), ("i96", phi(2, 96)), ("v120", phi(2, vocab=120))):
+        T.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / name)
+    for b, t, skipped in (("kv2", "kv4", "qkv_proj"), ("kv4", "kv2", "qkv_proj"), ("kv2", "i96", "gate_up_proj")):
+        res = _run("diff", str(tmp_path / b), str(tmp_path / t), "--json", "--allow-identical")
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+        out = json.loads(res.stdout)
+        assert not any(skipped in m["name"] for m in out["modules"]), (b, t)
+        assert any(skipped in s["name"] and "shape mismatch" in s["reason"] for s in out["skipped"]), (b, t)
+    from safetensors.torch import load_file
+
+    import spectra
+
+    res = spectra.diff(str(tmp_path / "kv2"), str(tmp_path / "v120"))
+    emb = next(m for m in res.modules if "embed_tokens" in m.name)
+    wb = load_file(str(tmp_path / "kv2" / "model.safetensors"))["model.embed_tokens.weight"].double()
+    wt = load_file(str(tmp_path / "v120" / "model.safetensors"))["model.embed_tokens.weight"].double()
+    assert emb.fro_norm == pytest.approx(float(torch.linalg.norm(wt[:100] - wb)), rel=1e-6)
+
+
+# ---- PEFT adapters whose modules are not the base's modules of the same name ----------------------
+def _llama(layers: int = 2, tie: bool = False):
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=60,
+                                            tie_word_embeddings=tie))
+
+
+def test_layer_replication_adapter_is_refused_against_a_base(tmp_path):
+    """PEFT's layer_replication stacks base layers [0, 1, 1, 2] into a 4-layer model: adapter layer i
+    was paired with base layer i (wrong base weights for rel_norm, a wrong DoRA ΔW)."""
+    from tests.conftest import random_lora
+
+    model = _llama(layers=4)
+    model.save_pretrained(tmp_path / "base")
+    random_lora(model, 0, r=4, lora_alpha=8, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 3]]).save_pretrained(
+        tmp_path / "ad")
+    res = _run("diff", str(tmp_path / "base"), str(tmp_path / "ad"))
+    assert res.exit_code == 1 and "layer_replication" in res.output and "[0, 1, 1, 2]" in res.output, res.output
+    assert "Traceback" not in res.output
+    res = _run("compare", str(tmp_path / "ad"), str(tmp_path / "ad"), "--base", str(tmp_path / "base"))
+    assert res.exit_code == 1 and "layer_replication" in res.output, res.output
+    alone = _run("diff", str(tmp_path / "ad"), "--json")  # s·B·A of each of the model's layers needs no base
+    assert alone.exit_code == 0, alone.output
+    assert len(json.loads(alone.stdout)["modules"]) == 4
+
+
+def test_lora_on_a_tied_head_is_measured_against_the_embedding(tmp_path):
+    """A LoRA on lm_head of a base that ties it to embed_tokens (and stores no lm_head) was refused as
+    "for another model"; the head computes with the embedding matrix, as the full diff pairs it."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import random_lora
+
+    model = _llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "base" / "model.safetensors"))
+    random_lora(model, 1, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"]).save_pretrained(tmp_path / "ad")
+    res = _run("diff", str(tmp_path / "base"), str(tmp_path / "ad"), "--json")
+    assert res.exit_code == 0, res.output
+    head = next(m for m in json.loads(res.stdout)["modules"] if m["name"].startswith("lm_head"))
+    f = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    A = next(v for k, v in f.items() if "lm_head.lora_A" in k).double()
+    B = next(v for k, v in f.items() if "lm_head.lora_B" in k).double()
+    W = load_file(str(tmp_path / "base" / "model.safetensors"))["model.embed_tokens.weight"].double()
+    D = (8 / 4) * B @ A
+    assert head["fro_norm"] == pytest.approx(float(torch.linalg.norm(D)), rel=1e-9)
+    assert head["rel_norm"] == pytest.approx(float(torch.linalg.norm(D) / torch.linalg.norm(W)), rel=1e-6)
+    assert "ties its output head" in head["note"]
+    res = _run("compare", str(tmp_path / "ad"), str(tmp_path / "ad"), "--base", str(tmp_path / "base"),
+               "--out", str(tmp_path / "c"), "--no-plots")
+    assert res.exit_code == 0, res.output
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    head = next(m for m in cmp["modules"] if m["name"].startswith("lm_head"))
+    assert head["amplification"]["a"]["w_fro"] == pytest.approx(float(torch.linalg.norm(W)), rel=1e-6)
+
+
+# ---- sharded folders read as transformers reads them ---------------------------------------------
+def _sharded(folder, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str]) -> None:
+    folder.mkdir()
+    for fname, tensors in shards.items():
+        save_file(tensors, str(folder / fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_shard_tensors_missing_from_the_index_are_read(tmp_path):
+    """transformers loads every tensor of every listed shard (the index only lists files); a tensor left
+    out of weight_map was invisible to spectra, which then called a changed pair "identical"."""
+    g = torch.Generator().manual_seed(0)
+    w = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(16, 8, generator=g) for i in range(2)}
+    tuned = {k: v.clone() for k, v in w.items()}
+    tuned["model.layers.1.mlp.up_proj.weight"] += 0.5
+    for name, sd in (("b", w), ("t", tuned)):
+        _sharded(tmp_path / name, {"s-1.safetensors": {"model.layers.0.mlp.up_proj.weight": sd["model.layers.0.mlp.up_proj.weight"]},
+                                   "s-2.safetensors": {"model.layers.1.mlp.up_proj.weight": sd["model.layers.1.mlp.up_proj.weight"]}},
+                 {"model.layers.0.mlp.up_proj.weight": "s-1.safetensors"})  # layer 1 left out; its shard still listed
+        (tmp_path / name / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "model.layers.0.mlp.up_proj.weight": "s-1.safetensors", "model.layers.0.mlp.x.weight": "s-2.safetensors"}}))
+        save_file({"model.layers.1.mlp.up_proj.weight": sd["model.layers.1.mlp.up_proj.weight"],
+                   "model.layers.0.mlp.x.weight": torch.ones(2, 2)}, str(tmp_path / name / "s-2.safetensors"))
+    res = _run("diff", str(tmp_path / "b"), str(tmp_path / "t"), "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    by = {m["name"]: m for m in out["modules"]}
+    assert by["model.layers.1.mlp.up_proj.weight"]["fro_norm"] == pytest.approx(0.5 * np.sqrt(16 * 8), rel=1e-6)
+    assert any("not in model.safetensors.index.json" in x for x in out["warnings"]), out["warnings"]
+
+
+def test_a_tensor_in_two_shards_is_read_from_the_last_as_transformers_does(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    old, new = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    name = "model.layers.0.mlp.up_proj.weight"
+    _sharded(tmp_path / "m", {"a.safetensors": {name: old}, "b.safetensors": {name: new, "other.weight": old}},
+             {name: "a.safetensors", "other.weight": "b.safetensors"})
+    from spectra.io.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(str(tmp_path / "m"))
+    assert torch.equal(ckpt.load(name), new)
+    assert any("more than one shard" in n and "b.safetensors" in n for n in ckpt.notes), ckpt.notes
+    _sharded(tmp_path / "gone", {"a.safetensors": {"x.weight": old}}, {name: "a.safetensors"})
+    res = _run("diff", str(tmp_path / "gone"), str(tmp_path / "gone"))
+    assert res.exit_code == 1 and "no listed shard holds it" in res.output, res.output

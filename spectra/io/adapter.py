@@ -114,6 +114,8 @@ class AdapterConfig:
             ``target_modules`` only).
         lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
+        layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the
+            adapted model (its layer i runs on base layer :meth:`replicated_layers` ``[i]``).
         source: the file this was read from, for messages.
     """
 
@@ -133,6 +135,7 @@ class AdapterConfig:
     layers_pattern: tuple[str, ...] | None = None
     lora_bias: bool = False
     target_parameters: tuple[str, ...] | None = None
+    layer_replication: tuple[tuple[int, int], ...] | None = None
     source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -188,6 +191,12 @@ class AdapterConfig:
         if isinstance(target_modules, str) and (layers or layers_pattern):  # peft.LoraConfig.__post_init__ refuses this
             raise CheckpointFormatError("layers_to_transform and layers_pattern cannot be used when target_modules is a string",
                                         path=path, hint="PEFT refuses this config as well")
+        replication = raw.get("layer_replication")
+        if replication is not None and not (isinstance(replication, list) and all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in r)
+                and r[0] < r[1] for r in replication)):
+            raise CheckpointFormatError(f"layer_replication must be a list of [start, end] layer ranges. Got {_short(replication)} "
+                                        "instead", path=path)
         base = raw.get("base_model_name_or_path")
         return cls(
             r=r, lora_alpha=float(alpha), use_rslora=_flag(raw, "use_rslora", path),
@@ -202,6 +211,7 @@ class AdapterConfig:
             layers_pattern=tuple(layers_pattern) if layers_pattern else None,
             lora_bias=_flag(raw, "lora_bias", path),
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
+            layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             source=path,
         )
 
@@ -256,6 +266,13 @@ class AdapterConfig:
             if idx is None or idx not in self.layers_to_transform:
                 return f"the layer of {module} ({idx}) is not in layers_to_transform {list(self.layers_to_transform)[:8]}"
         return None
+
+    def replicated_layers(self) -> list[int] | None:
+        """The base layer each layer of the adapted model runs on (PEFT's ``layer_replication``:
+        ``[[0, 2], [1, 3]]`` gives ``[0, 1, 1, 2]``), or None without replication."""
+        if not self.layer_replication:
+            return None
+        return [i for a, b in self.layer_replication for i in range(a, b)]
 
     @property
     def base_changing_init(self) -> str | None:

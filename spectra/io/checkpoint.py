@@ -537,16 +537,32 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     fmt = "safetensors" if all(s.endswith(".safetensors") for s in shards) else "bin"
     per_shard = {s: tensor_infos(p) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
                  for s, p in shards.items()}
+    # transformers reads every tensor of every listed shard, shard files in sorted order, a later one
+    # replacing an earlier one of the same name: the index only lists the files. So does spectra, and
+    # says where that differs from what the index maps.
     tensors: dict[str, TensorInfo] = {}
-    for name, shard in weight_map.items():
-        info = per_shard[shard].get(name)
-        if info is None:
-            raise CheckpointFormatError(
-                f"the index says this tensor is in {shard}, but that shard does not hold it",
-                path=index_path, tensor=name, hint="the index and shards are from different versions",
-            )
-        tensors[name] = info
-    return Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots))
+    source: dict[str, str] = {}
+    for shard in sorted(per_shard):
+        for name, info in per_shard[shard].items():
+            tensors[name], source[name] = info, shard
+    absent = next((n for n in weight_map if n not in tensors), None)
+    if absent is not None:
+        raise CheckpointFormatError(
+            f"the index says this tensor is in {weight_map[absent]}, but no listed shard holds it",
+            path=index_path, tensor=absent, hint="the index and shards are from different versions",
+        )
+    unlisted = [n for n in tensors if n not in weight_map]
+    moved = [n for n, shard in weight_map.items() if source[n] != shard]
+    notes = []
+    if unlisted:
+        notes.append(f"{READ_NOTE_PREFIX}{label}: {len(unlisted)} tensor(s) in the shards are not in {index_path.name} (e.g. {unlisted[0]}): "
+                     "read, as transformers reads every tensor of every listed shard")
+    if moved:
+        notes.append(f"{READ_NOTE_PREFIX}{label}: {len(moved)} tensor(s) are in more than one shard (e.g. {moved[0]}, mapped to "
+                     f"{weight_map[moved[0]]}): read from {source[moved[0]]}, the last in file-name order, as transformers does")
+    ckpt = Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots))
+    ckpt.notes.extend(notes)
+    return ckpt
 
 
 def _unknown_shard(index_path: Path, shard: str) -> dict[str, TensorInfo]:
