@@ -65,6 +65,10 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
 
     if report and not out_dir:
         raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    from spectra.io.files import folder_lock
+
+    # the whole command, results and --report alike: a second run into the same folder is refused at its start
+    click.get_current_context().with_resource(folder_lock(out_dir))
     config = CompareConfig(side=side, top_k=top_k, include=include, exclude=exclude, layers=layers, device=device)
     err = stderr()
     progress = progress_bar(err)

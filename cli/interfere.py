@@ -45,6 +45,10 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         raise click.UsageError("give two or more fine-tunes: spectra interfere --base BASE T1 T2 [T3 ...]")
     if report and not out_dir:
         raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    from spectra.io.files import folder_lock
+
+    # the whole command, results and --report alike: a second run into the same folder is refused at its start
+    click.get_current_context().with_resource(folder_lock(out_dir))
     config = InterfereConfig(top_k=top_k, side=side, include=include, exclude=exclude, layers=layers, device=device,
                              max_dense_bytes=dense_memory << 20)
     err = stderr()

@@ -211,6 +211,8 @@ def run() -> None:
     elif not isinstance(code, int):  # sys.exit("message"): printed, status 1, as the interpreter does
         print(code, file=sys.stderr)
         code = 1
+    if "spectra.threads" in sys.modules:  # its compute threads end now (a stop may have left one unregistered)
+        sys.modules["spectra.threads"].release_workers()
     shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

@@ -49,7 +49,7 @@ from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_write_text, folder_lock
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
@@ -461,11 +461,11 @@ def compare(
 def save_result(result: CompareResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``compare.json``, ``compare.csv`` and (with ``plots``) the figures into ``out_dir``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {
-        "json": atomic_write_text(out / "compare.json", result.to_json() + "\n"),
-        "csv": atomic_write_text(out / "compare.csv", rows_to_csv(result.rows())),
-    }
-    if plots and result.modules:  # (matplotlib is imported only when a figure is drawn)
-        files.update(compare_plots(result, out))
+    with folder_lock(out):  # another run writing here is refused, not interleaved with these files
+        files = {
+            "json": atomic_write_text(out / "compare.json", result.to_json() + "\n"),
+            "csv": atomic_write_text(out / "compare.csv", rows_to_csv(result.rows())),
+        }
+        if plots and result.modules:  # (matplotlib is imported only when a figure is drawn)
+            files.update(compare_plots(result, out))
     return files

@@ -52,7 +52,7 @@ from spectra.linalg import (
     resolve_device,
     trace_and_fro,
 )
-from spectra.metrics import DEFAULT_THRESHOLDS, rank_resolution
+from spectra.metrics import DEFAULT_THRESHOLDS, energy_rank, rank_resolution
 from spectra.threads import map_one_blas_thread
 
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
@@ -580,14 +580,17 @@ class ApproxSpectrum:
     sketch: int
 
 
-def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: float, p: int) -> ApproxRank:
+def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: float, p: int,
+                       slack: float = 0.0) -> ApproxRank:
     """Bounds on the energy rank at τ from a sketch.
 
     With ``M = QQᵀM + (I − QQᵀ)M`` the two parts have orthogonal column spaces, so
     ``MᵀM = AᵀA + RᵀR`` and, by Ky Fan's inequality, for every k
     ``L_k = Σ_{i≤k} σ̂ᵢ² <= E_k = Σ_{i≤k} σᵢ² <= L_k + ‖R‖_F² = U_k``. Hence the true rank lies
     between the first k with ``U_k >= τ·total`` and the first k with ``L_k >= τ·total`` (p if the
-    sketch never gets there).
+    sketch never gets there). ``slack``: the rounding error of the computed ``L_k`` (an energy, as
+    ``total``), which widens both sides: ``L_k − slack`` and ``U_k + slack`` (values computed in
+    float32 land just below a tie at τ, e.g. an identity block, and would exclude the exact rank).
     """
     if total <= 0:
         return ApproxRank(0, 0, 0)
@@ -602,9 +605,9 @@ def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: floa
         return ApproxRank(int(math.ceil((lo + hi) / 2)), lo, max(lo, hi))
     L = np.cumsum(np.asarray(top, dtype=np.float64) ** 2)
     target = tau * total
-    lo_idx = int(np.searchsorted(L + max(residual, 0.0), target, side="left"))
+    lo_idx = int(np.searchsorted(L + (max(residual, 0.0) + slack), target, side="left"))
     lo = lo_idx + 1 if lo_idx < L.size else L.size + 1
-    hi_idx = int(np.searchsorted(L, target, side="left"))
+    hi_idx = int(np.searchsorted(L - slack, target, side="left"))
     hi = hi_idx + 1 if hi_idx < L.size else p
     lo = min(lo, hi)
     return ApproxRank(int(math.ceil((lo + hi) / 2)), int(lo), int(hi))
@@ -646,12 +649,16 @@ def approx_energy_ranks(
         tsvd = randomized_svd(M, min(ell, p), oversample=0, n_iter=n_iter, generator=generator)
         if tsvd.exact:  # the sketch got as wide as p/2: the exact spectrum costs no more, use all of it
             top = batch_singular_values(M.unsqueeze(0), device=dev)[0]
-            ranks = {float(t): energy_rank_bounds(top, total, 0.0, float(t), p) for t in thresholds}
+            # the exact route's rule on the same values (its own total): the same rank, also at a tie
+            ranks = {float(t): ApproxRank(r, r, r) for t in thresholds for r in [energy_rank(top, float(t))]}
             return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p)
         top = tsvd.S
         captured = float(np.sum(top.astype(np.float64) ** 2))
         residual = max(total - captured, 0.0)
-        ranks = {float(t): energy_rank_bounds(top, total, residual, float(t), p) for t in thresholds}
+        # σ̂ are computed in the sketch's float32 (backward stable: each σ̂ᵢ² within a few u·σ̂₁²), so the
+        # sum of the first k is off by up to about 2·k·u·σ̂₁² (k <= len(top))
+        slack = 2.0 * len(top) * float(np.finfo(np.float32).eps) * float(top[0]) ** 2 if len(top) else 0.0
+        ranks = {float(t): energy_rank_bounds(top, total, residual, float(t), p, slack) for t in thresholds}
         wide = any(r.hi - r.lo > rank_tol * p for r in ranks.values())
         if not wide or tsvd.exact or ell >= max_fraction * p:
             return ApproxSpectrum(math.sqrt(total), top, residual, ranks, int(tsvd.sketch))

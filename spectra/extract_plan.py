@@ -121,6 +121,9 @@ class ExtractConfig(SharedOptions):
                 raise ConfigError(f"--{exc}") from None
         if self.max_rank is not None and self.max_rank < 1:
             raise ConfigError(f"--max-rank must be >= 1. Got {self.max_rank} instead")
+        if self.rank is not None and self.max_rank is not None and self.rank > self.max_rank:  # one would be ignored
+            raise ConfigError(f"--rank {self.rank} is above --max-rank {self.max_rank}: every module would get "
+                              f"{self.max_rank}, not the rank asked for", hint="give --rank alone (or a --rank within --max-rank)")
         if self.serving not in ("none", "vllm"):
             raise ConfigError(f"--serving must be none or vllm. Got {self.serving!r} instead")
         if self.dtype != "auto" and self.dtype not in OUT_DTYPES:

@@ -50,7 +50,7 @@ from spectra.interference import (
 )
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_write_text, folder_lock
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
@@ -217,14 +217,15 @@ class InterfereResult:
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write ``interfere.json``, ``interfere.csv`` and (``plots``) the heatmaps into ``out_dir``."""
         out = Path(out_dir)
-        files = {"json": atomic_write_text(out / "interfere.json",
-                                           json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
-                 "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}
-        if plots and self.modules:
-            # matplotlib only when plotting
-            from spectra.plots.interfere import save_interfere_plots
+        with folder_lock(out):  # another run writing here is refused, not interleaved with these files
+            files = {"json": atomic_write_text(out / "interfere.json",
+                                               json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
+                     "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}
+            if plots and self.modules:
+                # matplotlib only when plotting
+                from spectra.plots.interfere import save_interfere_plots
 
-            files.update(save_interfere_plots(self.to_dict(), out))
+                files.update(save_interfere_plots(self.to_dict(), out))
         return files
 
 

@@ -87,7 +87,7 @@ def parse_budget(text: str) -> Budget:
     if not m:
         raise ValueError(f"budget must be a parameter count (1200000, 1.2M), a percentage (10%) or a size (50MB, 1GiB). "
                          f"Got {text!r} instead")
-    value = float(m.group(1)) * (10.0 ** int(m.group(2)) if m.group(2) else 1.0)
+    value = float(m.group(1) + (f"e{m.group(2)}" if m.group(2) else ""))  # 1e400 reads as inf: refused below
     unit = m.group(3)
     if unit == "%":
         if not 0 < value <= 100:
@@ -102,10 +102,10 @@ def parse_budget(text: str) -> Budget:
     else:
         value *= _PARAM_UNITS[unit.lower()]
         kind = "params"
-        if value != math.floor(value):  # a count is whole: "1.5" read as 1 parameter would be a silent guess
-            raise ValueError(f"budget: a parameter count must be a whole number. Got {text!r} ({value:g}) instead")
-    if value < 1:
-        raise ValueError(f"budget must be positive. Got {text!r} instead")
+    if not 1 <= value < 2.0**63:  # positive, and a count int64 holds (beyond it: inf, floor overflows)
+        raise ValueError(f"budget must be at least 1 and below 2^63 (parameters or bytes). Got {text!r} instead")
+    if kind == "params" and value != math.floor(value):  # "1.5" read as 1 parameter would be a silent guess
+        raise ValueError(f"budget: a parameter count must be a whole number. Got {text!r} ({value:g}) instead")
     return Budget(kind, float(math.floor(value)), t)
 
 

@@ -184,6 +184,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         return alpha_ratio * (math.sqrt(r) if rslora else r)
 
     pattern = {p: r for p, r in sorted(adapted.items()) if r != r0}
+    if not all(math.isfinite(alpha(r)) for r in (r0, *pattern.values())):  # JSON has no Infinity; PEFT would get inf
+        raise ConfigError(f"--alpha-ratio {alpha_ratio:g} × r overflows: lora_alpha would be infinite",
+                          hint="lora_alpha = ratio × r; Biderman et al. use 2")
     # PEFT adapts every module whose name ends with a target: a short name (q_proj) would also reach the
     # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
     selection = doc.get("config") or {}

@@ -29,7 +29,7 @@ from spectra import report_compare, report_diff, report_esd, report_extract, rep
 from spectra.display import safe_text
 from spectra.errors import ResultsFormatError, SpectraError
 from spectra.findings import Finding
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_write_text, refuse_input_as_output
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
@@ -50,6 +50,24 @@ class ReportInputs:
     train_logs: dict[str, list[dict]] = field(default_factory=dict)
 
 
+def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
+    """The files a report reads from ``paths``: each file as given, and in each folder (recursively)
+    every result file (:data:`RESULT_FILES`), training log and JSON-lines document.
+
+    Raises:
+        SpectraError: a path does not exist.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise SpectraError("no such file or folder", path=p)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.name in (*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS) and q.is_file())
+        else:
+            files.append(p)
+    return files
+
+
 def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
     """Find and read the results among ``paths`` (files or folders).
 
@@ -59,15 +77,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             not a record of numbers.
     """
     found = ReportInputs()
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise SpectraError("no such file or folder", path=p)
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.name in (*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS) and q.is_file())
-        else:
-            files.append(p)
-    for f in files:
+    for f in input_files(paths):
         if f.name in JSONL_LOADERS:  # a document kept as JSON lines (e.g. a trace written during training)
             found.docs.append((f, JSONL_LOADERS[f.name](f)))
             continue
@@ -164,7 +174,12 @@ def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:
 
 
 def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str = "spectra report") -> Path:
-    """Build the report and write it atomically to ``out``."""
+    """Build the report and write it atomically to ``out``.
+
+    Raises:
+        ConfigError: ``out`` is one of the files read (it would replace them).
+    """
+    refuse_input_as_output(out, input_files(paths))
     return atomic_write_text(Path(out), build_report(paths, title=title))
 
 

@@ -21,7 +21,7 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "zip_results"]
+__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -94,10 +94,26 @@ class _Workers:
         self._lock = threading.Lock()
         self._pool = None
 
+    def shutdown(self) -> None:
+        """End the threads without waiting: queued work is cancelled, idle threads exit, a running item
+        finishes first. A later map starts a new pool."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
 
 _WORKERS = _Workers()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKERS.forget)
+
+
+def release_workers() -> None:
+    """End the process's compute threads (:class:`_Workers`) at once, before the interpreter joins
+    its threads on exit. Why: a Ctrl-C that lands while the pool starts a thread (after the thread
+    starts, before the pool registers it) leaves a thread the pool's own exit hook never wakes, and
+    the exit waits on it; ``shutdown`` wakes every thread reading the pool's queue, registered or not."""
+    _WORKERS.shutdown()
 
 
 def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None, *,

@@ -280,3 +280,142 @@ def test_a_tensor_in_two_shards_is_read_from_the_last_as_transformers_does(tmp_p
     _sharded(tmp_path / "gone", {"a.safetensors": {"x.weight": old}}, {name: "a.safetensors"})
     res = _run("diff", str(tmp_path / "gone"), str(tmp_path / "gone"))
     assert res.exit_code == 1 and "no listed shard holds it" in res.output, res.output
+
+
+# ---- options and outputs (second probe of this round) ----------------------------------------------
+@pytest.fixture
+def tiny_pair(tmp_path):
+    """A base and a tuned safetensors file of four Llama-named matrices (ΔW of rank 3 plus noise)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.{m}.weight": torch.randn(24, 16, generator=g) for i in range(2) for m in ("q_proj", "v_proj")}
+    tuned = {k: v + 0.1 * torch.randn(24, 3, generator=g) @ torch.randn(3, 16, generator=g) + 1e-3 * torch.randn(24, 16, generator=g)
+             for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+
+
+def test_approx_bounds_hold_the_exact_rank_at_ties(tmp_path):
+    """ΔW = a k×k identity block: every nonzero σ equal, the energy lands exactly on τ. --approx's
+    "guaranteed" bounds were one above the exact rank (float32 values against a float64 total)."""
+    import spectra
+    from spectra.config import DiffConfig
+
+    base, tuned = {}, {}
+    for p in (2, 16, 40, 100, 256):
+        for k in (2, 10, 40):
+            if k <= p:
+                name = f"model.layers.{p}.n{k}.up_proj.weight"
+                base[name] = torch.zeros(p, p)
+                tuned[name] = torch.zeros(p, p)
+                tuned[name][range(k), range(k)] = 1.0
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"),
+                       config=DiffConfig(thresholds=(0.5, 0.9), approx=True))
+    for m in res.modules:
+        k = int(m.name.split(".n")[1].split(".")[0])
+        for tau in (0.5, 0.9):
+            exact = int(np.ceil(tau * k - 1e-9))  # k equal values: the first j with j/k >= τ
+            lo, hi = m.energy_rank_bounds[str(tau)]
+            assert lo <= exact <= hi, (m.name, tau, exact, (lo, hi))
+
+
+def test_report_and_recommend_refuse_to_overwrite_their_input(tmp_path, tiny_pair):
+    base, tuned = tiny_pair
+    out = tmp_path / "d"
+    assert _run("diff", str(base), str(tuned), "--out", str(out), "--no-plots").exit_code == 0
+    before = (out / "results.json").read_bytes()
+    for args in (("report", str(out / "results.json"), "--out", str(out / "results.json")),
+                 ("report", str(out), "--out", str(out / "results.json")),
+                 ("recommend", str(out / "results.json"), "--out", str(out / "results.json")),
+                 ("recommend", str(out), "--out", str(out / "." / "results.json"))):
+        res = _run(*args)
+        assert res.exit_code == 1 and "would replace the results it was made from" in res.output, (args, res.output)
+    assert (out / "results.json").read_bytes() == before
+    assert _run("report", str(out), "--out", str(out / "report.html")).exit_code == 0
+
+
+def test_compare_and_interfere_lock_their_out_folder(tmp_path, tiny_pair):
+    """Two compare (or interfere) runs into one --out interleaved their files, and one's --report showed
+    the other's numbers: now a second run is refused while the first holds the folder."""
+    from spectra.io.files import LOCK_NAME, OutputLock
+
+    base, tuned = tiny_pair
+    out = tmp_path / "c"
+    out.mkdir()
+    import subprocess
+    import sys
+    import time
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib\n"
+                               "from spectra.io.files import OutputLock\n"
+                               f"l = OutputLock.acquire(pathlib.Path({str(out)!r})); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for args in (("compare", str(tuned), str(tuned), "--base", str(base), "--out", str(out)),
+                     ("interfere", "--base", str(base), str(tuned), str(tuned), "--out", str(out))):
+            res = _run(*args)
+            assert res.exit_code == 1 and "another spectra run is writing into this folder" in res.output, res.output
+        assert not (out / "compare.json").exists() and not (out / "interfere.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    res = _run("compare", str(tuned), str(tuned), "--base", str(base), "--out", str(out), "--no-plots")
+    assert res.exit_code == 0, res.output
+    assert (out / "compare.json").is_file() and not (out / LOCK_NAME).exists()
+    assert OutputLock  # the class the runs take
+    gone = tmp_path / "never"
+    assert _run("compare", str(tmp_path / "nothing"), str(tuned), "--base", str(base), "--out", str(gone)).exit_code == 1
+    assert not gone.exists()  # a run refused before writing leaves no folder
+
+
+@pytest.mark.parametrize("budget", ["1e400", "1e309", "1e308MB", "1e300GiB", "0"])
+def test_budget_beyond_range_is_one_line(budget):
+    from spectra.lowrank import parse_budget
+
+    with pytest.raises(ValueError, match="at least 1 and below 2\\^63"):
+        parse_budget(budget)
+
+
+def test_recommend_alpha_ratio_overflow_is_refused(tmp_path, tiny_pair):
+    base, tuned = tiny_pair
+    out = tmp_path / "d"
+    assert _run("diff", str(base), str(tuned), "--out", str(out), "--no-plots").exit_code == 0
+    res = _run("recommend", str(out), "--alpha-ratio", "1e308")
+    assert res.exit_code == 1 and "overflows" in res.output and "Infinity" not in res.output, res.output
+
+
+def test_release_workers_wakes_a_thread_the_pool_never_registered():
+    """A Ctrl-C between a pool thread's start and its registration left a thread the exit hook never
+    woke (the exit then waited 20 s for the stop watchdog). release_workers wakes every reader of the
+    pool's queue: here a worker started by hand on that queue, as the interrupted start leaves it."""
+    import concurrent.futures.thread as cft
+    import threading
+    import weakref
+
+    from spectra.threads import imap_one_blas_thread, release_workers
+
+    assert list(imap_one_blas_thread(lambda x: x + 1, [1, 2, 3], 2)) == [2, 3, 4]
+    # a pool thread's own (executor reference, work queue): a second reader of that queue, unregistered
+    worker = next(t for t in threading.enumerate() if t.name.startswith("spectra-eig"))
+    pool_ref, queue = worker._args[0], worker._args[1]
+    assert isinstance(pool_ref, weakref.ref) and pool_ref() is not None
+    stray = threading.Thread(target=cft._worker, args=(pool_ref, queue, None, ()), daemon=False)
+    stray.start()
+    release_workers()
+    stray.join(timeout=5)
+    assert not stray.is_alive()
+    assert list(imap_one_blas_thread(lambda x: 2 * x, [1, 2], 2)) == [2, 4]  # a new pool after the release
+
+
+def test_extract_rank_above_max_rank_is_refused():
+    """--rank 32 --max-rank 8 wrote rank 8 everywhere while extract.json said rank 32."""
+    from spectra.errors import ConfigError
+    from spectra.extract_plan import ExtractConfig
+
+    with pytest.raises(ConfigError, match="--rank 32 is above --max-rank 8"):
+        ExtractConfig(rank=32, max_rank=8)
+    assert ExtractConfig(rank=8, max_rank=8).rank == 8

@@ -23,6 +23,26 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
+def refuse_input_as_output(out: str | os.PathLike[str], inputs: list[Path], *, option: str = "--out") -> None:
+    """Refuse to write ``out`` when it is one of the files a command read (``inputs``), through any
+    spelling or link: writing would replace the results it was made from.
+
+    Raises:
+        ConfigError: ``out`` is the same file as one of ``inputs``.
+    """
+    from spectra.errors import ConfigError
+
+    target = Path(out)
+    for f in inputs:
+        try:
+            same = target.exists() and os.path.samefile(target, f)
+        except OSError:
+            same = False
+        if same:
+            raise ConfigError(f"{option} {target} is the input {f}: writing it would replace the results it was made from",
+                              hint=f"choose another file for {option}")
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and a rename."""
     return atomic_write_bytes(path, text.encode("utf-8"))
@@ -176,6 +196,35 @@ class OutputLock:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str] | None) -> Iterator[OutputLock | None]:
+    """Hold :class:`OutputLock` on ``folder`` (created if missing) for the ``with`` block, so that a
+    second run into it is refused at its start instead of interleaving its files with this run's;
+    nothing for None. A folder this call created and left empty is removed again (a run refused
+    before writing leaves nothing behind).
+
+    Raises:
+        OutputError: another live process holds the folder, or it cannot be created.
+    """
+    if folder is None:
+        yield None
+        return
+    out = Path(folder)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(out, exc) from exc
+    lock = OutputLock.acquire(out)
+    try:
+        yield lock
+    finally:
+        lock.release()
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only succeeds when empty
 
 
 def _read_holder(fd: int) -> dict:
