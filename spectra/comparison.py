@@ -139,16 +139,15 @@ class _Side:
         self.tuned: Checkpoint | None = None
         self.mods: dict[str, LoraModule] = {}
         self.pairs: dict[str, MatrixPair] = {}
-        self.tied = {}
+        # adapter modules measured against a base tensor of another name (a head tied to the embedding):
+        # pairing key -> (the module's spec, the base tensor)
+        self.tied: dict[str, tuple[MatrixSpec, str]] = {}
         if is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
-            # every adapted module exists in the base, same shape; a head tied to the base's embedding
-            # is measured against that embedding (its spec and base tensor kept for the jobs)
-            self.tied: dict[str, tuple[MatrixSpec, str]] = {}
-            if base is not None:
+            if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
-                             if n is not None and sp.name != n and pairing_key(n) != pairing_key(m.weight_name)}
+                             if n is not None and pairing_key(n) != pairing_key(m.weight_name)}
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
