@@ -279,8 +279,9 @@ def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]
 
 def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
     """``spectra/<module>/<metric>`` -> median over that module kind's matrices, for the loggers:
-    energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (LoRA: / r), and
-    φ with the previous and the first measurement (right singular vectors)."""
+    energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (and, for LoRA,
+    ``effective_rank_over_r``: that ÷ r), and φ with the previous and the first measurement (right
+    singular vectors). Each key carries the quantity its name says, as ``trace.jsonl`` names it."""
     groups: dict[str, dict[str, list[float]]] = {}
     for rec in records:
         pt, kind = rec["point"], rec["matrix"]["module"]
@@ -289,7 +290,8 @@ def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
         values = {
             f"energy_rank_{key}": ranks.get(key) if key else None,
             "rel_norm": pt.get("rel_norm"),
-            "effective_rank": pt.get("effective_rank_over_r", pt.get("effective_rank")),
+            "effective_rank": pt.get("effective_rank"),
+            "effective_rank_over_r": pt.get("effective_rank_over_r"),
             "phi_prev": ((pt.get("turn_prev") or {}).get("right") or {}).get("phi"),
             "phi_first": ((pt.get("turn_first") or {}).get("right") or {}).get("phi"),
         }

@@ -59,7 +59,7 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise ConfigError("--eval needs transformers and peft", hint="pip install 'spectra[train]'") from None
-    from spectra.training import load_tokenizer, read_examples, token_blocks
+    from spectra.training import check_vocabulary, load_tokenizer, read_examples, token_blocks
 
     device = torch.device(device)
     for folder in (base, tuned):
@@ -68,6 +68,7 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
                               path=folder, hint="pass model folders as BASE and TUNED, or drop --eval")
     tok = load_tokenizer(base)
     ids, labels = token_blocks(read_examples(text), tok, seq_len)
+    check_vocabulary(base, tok, ids)
     ids, labels = ids[:blocks], labels[:blocks]
 
     def load_base():

@@ -163,6 +163,30 @@ def load_tokenizer(base: str | Path, kind: str = "auto"):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
 
 
+def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
+    """Refuse token ids the model cannot embed: ``ids`` ``(n, seq_len)`` int64 against ``config.json``'s
+    ``vocab_size`` (or its ``text_config``'s). The byte fallback (no tokenizer files in the folder)
+    needs a vocabulary of at least 256.
+
+    Raises:
+        SpectraError: a token id at or above the vocabulary size.
+    """
+    try:
+        cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config when it loads the model
+    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+    if vocab is None and isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
+        vocab = cfg["text_config"].get("vocab_size")
+    top = int(ids.max()) if ids.numel() else -1
+    if isinstance(vocab, int) and top >= vocab:
+        how = ("the folder has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json), so the text is read "
+               "as UTF-8 bytes, ids 0-255" if isinstance(tok, ByteTokenizer) else f"its tokenizer ({type(tok).__name__})")
+        raise SpectraError(f"token id {top} is outside the model's vocabulary of {vocab} (config.json vocab_size): {how}",
+                           path=base, hint="put the model's tokenizer files in its folder, or use a model whose vocabulary "
+                                           "holds the tokens")
+
+
 def _encode(tok, text: str) -> list[int]:
     if isinstance(tok, ByteTokenizer):
         return tok.encode(text)
@@ -234,13 +258,13 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         raise SpectraError("not a Hugging Face model folder (no config.json)", path=base,
                            hint="pass a local causal-LM folder; spectra never downloads models")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
     target = token_blocks(read_examples(config.data), tok, config.seq_len)
+    check_vocabulary(base, tok, target[0])  # before anything is written: an embedding lookup would fail mid-run
     # The held-out split does not depend on the run's seed, so runs with different seeds are
     # evaluated on the same held-out blocks.
     perm = torch.randperm(len(target[0]), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
@@ -249,6 +273,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
     train_ids, train_labels = target[0][perm[n_hold:]], target[1][perm[n_hold:]]
     source = token_blocks(read_examples(config.eval_source), tok, config.seq_len) if config.eval_source else None
+    if source is not None:
+        check_vocabulary(base, tok, source[0])
+    out.mkdir(parents=True, exist_ok=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False, local_files_only=True)
     if config.method == "lora":
         import peft

@@ -115,7 +115,9 @@ def test_lora_model_and_skips(tmp_path):
     S_ref = np.linalg.svd((s * B @ A).detach().numpy(), compute_uv=False)
     logs = tracker.measure(3)
     q = S_ref[:2] / S_ref[:2].sum()
-    assert logs["spectra/q_proj/effective_rank"] == pytest.approx(math.exp(-np.sum(q * np.log(q))) / 2, rel=1e-6)
+    # each key carries what its name says (the rank itself was logged as the ratio to r)
+    assert logs["spectra/q_proj/effective_rank"] == pytest.approx(math.exp(-np.sum(q * np.log(q))), rel=1e-6)
+    assert logs["spectra/q_proj/effective_rank_over_r"] == pytest.approx(math.exp(-np.sum(q * np.log(q))) / 2, rel=1e-6)
     dora = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True))
     t = SpectraTracker(dora, every=1)
     assert not t.matrices and "DoRA" in t.skipped[0]["reason"]

@@ -419,3 +419,18 @@ def test_extract_rank_above_max_rank_is_refused():
     with pytest.raises(ConfigError, match="--rank 32 is above --max-rank 8"):
         ExtractConfig(rank=32, max_rank=8)
     assert ExtractConfig(rank=8, max_rank=8).rank == 8
+
+
+# ---- found by the new-user walkthrough ---------------------------------------------------------------
+def test_train_refuses_byte_tokens_beyond_a_small_vocabulary(tmp_path):
+    """A model folder without tokenizer files is trained on UTF-8 bytes (ids 0-255); with a vocabulary
+    of 100 the embedding lookup failed mid-run with an IndexError traceback and a half-made --out."""
+    pytest.importorskip("peft")
+    _llama().save_pretrained(tmp_path / "base")  # vocab_size 60, no tokenizer files
+    (tmp_path / "code.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    out = tmp_path / "run"
+    res = _run("train", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "code.txt"), "--method", "lora",
+               "--rank", "2", "--steps", "2", "--out", str(out))
+    assert res.exit_code == 1 and "outside the model's vocabulary of 60" in res.output, res.output
+    assert "UTF-8 bytes" in res.output and "Traceback" not in res.output
+    assert not out.exists()
