@@ -19,8 +19,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 venv: $(VENV)/.installed
 
+# out/demo (not tracked); reports/demo is the committed copy of a full run's outputs
 demo: $(VENV)/.installed
-	$(BIN)/spectra demo --out reports/demo
+	$(BIN)/spectra demo --out out/demo
 
 # The report test renders HTML in headless Chromium; install Debian's when it is missing (as root),
 # else that one test is skipped and says why.

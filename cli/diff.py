@@ -109,6 +109,8 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     )
     from spectra.distributed import launched, world_size
 
+    if nproc is not None and not plan_only:  # it plans; a run's ranks come from the launcher (torchrun)
+        raise click.UsageError("--nproc goes with --plan (a run's ranks are torchrun's --nproc-per-node)")
     if plan_only:
         if tuned is None:
             raise click.UsageError("--plan needs BASE and TUNED checkpoints")
@@ -163,7 +165,8 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if result.skipped:
         reasons = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in skipped_reasons(result)[:3])
-        where = f"results.json \"skipped\" in {display_name(out_dir)}" if out_dir else "--out DIR or --json"
+        where = (f"results.json \"skipped\" in {display_name(out_dir)}" if out_dir else
+                 "\"skipped\" in the JSON on stdout" if as_json else "--out DIR or --json")
         err.print(escape(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)
     if out_dir:
         err.print(f"results: {escape(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)

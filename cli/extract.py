@@ -48,8 +48,10 @@ from spectra_cli.console import progress_bar, stderr, stdout
 @click.option("--task-type", default="auto", show_default=True, help="PEFT task_type of the adapter (auto: from config.json).")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="A text file: held-out loss of base, tuned, base + adapter and base + a uniform adapter of the same size.")
-@click.option("--eval-seq-len", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--eval-blocks", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--eval-seq-len", type=click.IntRange(min=2), default=128, show_default=True,
+              help="--eval: tokens per block of the text.")
+@click.option("--eval-blocks", type=click.IntRange(min=1), default=32, show_default=True,
+              help="--eval: at most this many blocks of the text are scored.")
 @click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB", help="Memory cap of one batch, MiB.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out (same inputs and options).")
 @click.option("--force", is_flag=True, help="Overwrite the earlier outputs of spectra extract in --out.")

@@ -37,7 +37,7 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
     Per matrix every task updates: for each pair, the cosine of the flattened updates, φ of their
     top-k subspaces, the energy one update holds in the other's subspaces, the Task Singular Vectors
     interference and the KnOTS alignment; over all n, the TSV interference, the KnOTS shared basis
-    and the spectrum of the summed update against the parts. Definitions: README, "Interference".
+    and the spectrum of the summed update against the parts. Definitions: README, "Several fine-tunes".
     """
     from spectra.interfere import InterfereConfig, interfere
 

@@ -12,14 +12,15 @@ from spectra.display import display_name
 from spectra_cli.console import echo_json, stderr, stdout
 
 
-@click.command("report", short_help="One self-contained HTML page from results.json, compare.json and train_log.jsonl files.")
+@click.command("report", short_help="One self-contained HTML page from the results of any command (or folders of them).")
 @click.argument("results", nargs=-1, required=True)
 @click.option("--out", "-o", "out_path", default="report.html", show_default=True, type=click.Path(dir_okay=False),
               help="The HTML file to write.")
 @click.option("--title", default="spectra report", show_default=True, help="The page's title and heading.")
 def report_cmd(results, out_path, title) -> None:
-    """One self-contained HTML report (no network) from results.json, compare.json,
-    train_log.jsonl files, or folders holding them (e.g. reports/demo).
+    """One self-contained HTML report (no network) from the results of any command: results.json
+    (diff), compare.json, esd.json, extract.json, interfere.json, trace.json or a tracker's
+    trace.jsonl, train_log.jsonl; or folders holding them (e.g. reports/demo).
 
     It opens with the warnings that change how the numbers read and the findings of each input in
     words, then an overview, then each input's figures and tables with legends. A file that is not

@@ -40,7 +40,8 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
     """One reference fine-tune (LoRA through PEFT, or full), logged to OUT/train_log.jsonl.
 
     A LoRA run writes a standard PEFT adapter, a full run a safetensors model folder; both can be
-    analysed with `spectra diff BASE OUT`.
+    analysed with `spectra diff BASE OUT`. Tokens come from BASE's tokenizer files; a folder without
+    them is read as UTF-8 bytes (ids 0-255; train_config.json says which).
     """
     from spectra.training import TrainConfig, train
 
@@ -74,7 +75,8 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (adapter or model, logs).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder: one subfolder per run (adapter or model, logs), their diffs and compares, sweep.json.")
 def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir) -> None:
     """Several reference runs on one base and dataset, then diff each and compare LoRA with full
     fine-tuning and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
@@ -112,17 +114,19 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
 
 @click.command("demo", short_help="Offline end-to-end demo: tiny pretrain, fine-tunes, every analysis.")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
-              help="Where the runs, analyses and summary go (default: reports/demo for the full demo; a new scratch "
-                   "folder for --quick and --synthetic, so the committed example in reports/demo stays whole).")
+              help="Where the runs, analyses and summary go (default: out/demo for the full demo; a new scratch "
+                   "folder for --quick and --synthetic). reports/demo holds a committed copy of a full demo's outputs.")
 @click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run).")
 @click.option("--synthetic", is_flag=True, help="No training: diff a generated Llama-shaped pair with a planted update.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation, data order and LoRA init.")
 def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     """Offline end-to-end demo: pretrain a tiny byte-level Llama on English prose, fine-tune it on
-    Python code (full, LoRA r=8 and r=64, a second seed), then diff, compare and plot everything."""
+    Python code (full, LoRA r=8 and r=64, a second seed) and on JSON records (LoRA r=8), then diff,
+    compare, extract (the full fine-tune at LoRA r=8's size), interfere (the two tasks) and plot
+    everything, with an HTML report."""
     err = stderr()
     if out_dir is None:
-        out_dir = tempfile.mkdtemp(prefix="spectra-demo-") if (quick or synthetic) else "reports/demo"
+        out_dir = tempfile.mkdtemp(prefix="spectra-demo-") if (quick or synthetic) else "out/demo"
     elif quick and Path(out_dir).resolve() == (Path("reports") / "demo").resolve() and (Path(out_dir) / "summary.json").exists():
         raise click.UsageError("--quick would overwrite the full example in reports/demo: pass another --out (or none for a scratch folder)")
     out = Path(out_dir)

@@ -46,7 +46,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
     """
     if base is not None:
         replicated = adapter.config.replicated_layers()
-        if replicated is not None:
+        if replicated is not None and replicated != list(range(len(replicated))):  # [[0, n]] maps each layer to itself
             raise CheckpointFormatError(
                 f"this adapter was made with layer_replication {[list(r) for r in adapter.config.layer_replication or ()]}: "
                 f"its layers run on base layers {replicated[:12]}{' …' if len(replicated) > 12 else ''}, not on the base layers "

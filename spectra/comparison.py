@@ -27,7 +27,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +157,15 @@ class _Side:
                                   hint="pass --base BASE")
             self.kind = "full"
             # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
-            # matrices, shared rows of a resized vocabulary
-            pairing = pair_checkpoints(base, self.tuned)
-            self.pairs = {pairing_key(p.base.name): p for p in pairing.pairs if len(p.tuned_info.shape) == 2}
+            # matrices, shared rows of a resized vocabulary, a tuned head on a base that ties it (keyed by
+            # the head's name: the embedding keeps its own key)
+            pairing = pair_checkpoints(base, self.tuned, tied_head=True)
+            for p in (p for p in pairing.pairs if len(p.tuned_info.shape) == 2):
+                tied = p.tuned.role == "head" and p.base.role == "embed"
+                key = pairing_key(p.tuned.name if tied else p.base.name)
+                self.pairs[key] = p
+                if tied:
+                    self.tied[key] = (replace(p.tuned, transpose=p.base.transpose, note=p.note), p.base.name)
             self.names = {k: p.tuned.name for k, p in self.pairs.items()}
 
     def own_specs(self) -> dict[str, MatrixSpec]:

@@ -56,7 +56,7 @@ class DemoConfig:
         lr_full, lr_lora: learning rates (LoRA ≈ 10× full, Biderman et al. 2024).
     """
 
-    out: str = "reports/demo"
+    out: str = "out/demo"
     quick: bool = False
     seed: int = 0
     hidden: int = 192
@@ -71,7 +71,7 @@ class DemoConfig:
     lr_lora: float = 3e-3
 
     @classmethod
-    def make(cls, out: str = "reports/demo", *, quick: bool = False, seed: int = 0) -> DemoConfig:
+    def make(cls, out: str = "out/demo", *, quick: bool = False, seed: int = 0) -> DemoConfig:
         if quick:
             return cls(out=out, quick=True, seed=seed, hidden=64, layers=2, intermediate=160, heads=4,
                        pretrain_steps=60, finetune_steps=30, batch=8, seq_len=64)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,6 +193,12 @@ def _warnings(result: DiffResult) -> list[Finding]:
         out.append(Finding("zero", f"{len(zero)} of {len(nonempty)} matrices were not changed at all (ΔW = 0: "
                            f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
                            numbers={"matrices": len(zero)}))
+    rels = [m.rel_norm for m in nonempty if m.rel_norm is not None and math.isfinite(m.rel_norm)]
+    if rels and statistics.median(rels) > 1.0:  # a fine-tune moves weights by a fraction of their norm
+        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {statistics.median(rels):.2f}: the update is "
+                           "larger than the base weights themselves. Was the fine-tune started from this base? (Two "
+                           "independent initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
+                           numbers={"median_rel_norm": statistics.median(rels)}))
     bad = result.non_finite()
     if bad:
         out.append(Finding("nonfinite", f"{len(bad)} value(s) are NaN or infinite ({', '.join(bad[:3])}"

@@ -119,7 +119,11 @@ class _Task:
                 raise CheckpointFormatError(
                     f"this adapter was initialised with {init}, which changes the base weights: s·B·A alone is not the update",
                     path=label, hint="merge it (merge_and_unload) and pass the merged model instead")
-            for mod, _spec, base_name in adapter_updates(self.adapter, base):
+            for mod, spec, base_name in adapter_updates(self.adapter, base):
+                if spec.name != base_name:  # a head tied to the embedding: keyed by base tensor it would mix with it
+                    self.skipped.append({"name": spec.name, "reason": f"{label}: a LoRA on an output head the base ties to "
+                                         f"{base_name}: not measured here (spectra diff BASE ADAPTER measures it)"})
+                    continue
                 self.updates[base_name] = mod
             self.skipped += [{"name": n, "reason": f"{label}: stored whole (modules_to_save), not a LoRA update"}
                              for n in self.adapter.full]

@@ -134,7 +134,7 @@ class Journal:
         if resume:
             previous = self.out_dir / "results.json"
             if not (self.journal.is_file() and previous.is_file()):
-                raise ConfigError("nothing to resume: no results.jsonl and results.json", path=self.out_dir,
+                raise ConfigError("nothing to resume: results.jsonl or results.json is missing", path=self.out_dir,
                                   hint="run without --resume first")
             doc = load_json(previous, what="results.json", error=ResultsFormatError, lone_surrogates=True)
             old = doc.get("fingerprint") if isinstance(doc, dict) else None

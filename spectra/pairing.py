@@ -195,6 +195,15 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     return embeds[0], heads[0]
 
 
+def _vocabulary_rows(ckpt: Checkpoint, specs: dict[str, MatrixSpec]) -> int | None:
+    """Rows of the checkpoint's one input embedding (role ``embed`` outside the layers): its vocabulary
+    size; None when it has no single such matrix."""
+    embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None and len(ckpt.tensors[sp.name].shape) == 2]
+    if len(embeds) != 1:
+        return None
+    return int(oriented_shape(embeds[0], tuple(ckpt.tensors[embeds[0].name].shape))[-2])
+
+
 def _same_parts(a: tuple[Part, ...], b: tuple[Part, ...]) -> bool:
     """Whether two splits of a fused matrix take the same rows for the same parts."""
     return len(a) == len(b) and all(x.suffix == y.suffix and (x.rows is None) == (y.rows is None)
@@ -271,6 +280,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
 
     bspecs = base.specs
     tspecs = tuned.specs
+    vocab_rows = (_vocabulary_rows(base, bspecs), _vocabulary_rows(tuned, tspecs))
     confirmed: dict[tuple[str, bool, int], bool] = {}  # (side, transpose, ndim) -> layout_confirmed
 
     def confirms(side: str, transpose: bool, ndim: int) -> bool:
@@ -325,7 +335,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         if bshape != tshape:
             # only a vocabulary (or position) table keeps its leading rows' meaning when resized; a
             # fused or resized projection's leading rows are other rows (a kv-head count, an MLP width)
-            vocab = {bs.role, ts.role} <= VOCAB_ROLES and len(bs.parts) == len(ts.parts) == 1
+            # by role, or by rows: a matrix with as many rows as its side's embedding is indexed by token
+            # too (BERT's cls.predictions.decoder, RoBERTa's lm_head.decoder, ELECTRA's generator head)
+            vocab = len(bs.parts) == len(ts.parts) == 1 and ({bs.role, ts.role} <= VOCAB_ROLES or (
+                None not in vocab_rows and (bshape[-2], tshape[-2]) == vocab_rows))
             if vocab and bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
                 rows = min(bshape[-2], tshape[-2])
                 rows_note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "

@@ -503,7 +503,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             used = sorted(ci for ci, pt in pts.items() if "skip" not in pt and pt.get("fro_norm"))
             for ci, into in ((used[0], first), (used[-1], prev)) if used else ():
                 if ci not in cache:
-                    cache[ci] = {spec.name: s for mod, spec, shape in _adapter_modules(refs[ci], base, keep)
+                    cache[ci] = {spec.name: s for mod, spec, _shape, _base in _adapter_modules(refs[ci], base, keep)
                                  if (s := _lora_subspaces(mod, config, device)) is not None}
                 if name in cache[ci]:
                     into[name] = cache[ci][name]
@@ -518,10 +518,10 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
                 journal.add({"checkpoint": ci, "failed": ref.failed, "points": {}, "meta": {}})
             continue
         new_points, new_meta = {}, {}
-        for mod, spec, shape in modules:
+        for mod, spec, shape, base_name in modules:
             name = spec.name
-            if name not in base_fro:  # the one read of this base tensor
-                base_fro[name] = float(torch.linalg.vector_norm(base.load(name).double()))
+            if name not in base_fro:  # the one read of this base tensor (a tied head's: the embedding)
+                base_fro[name] = float(torch.linalg.vector_norm(base.load(base_name).double()))
             f = Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale)
             now = Subspaces.of(truncate(f, config.top_k))
             new_meta[name] = metas[name] = metas.get(name) or matrix_meta(spec, shape, base_fro[name], mod.r)
@@ -547,9 +547,10 @@ def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subs
     return Subspaces.of(truncate(Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale), config.top_k))
 
 
-def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable) -> list[tuple[Any, MatrixSpec, tuple[int, int]]]:
-    """``(LoraModule, base spec, (out, in))`` of each kept module of an adapter checkpoint (the spec's
-    name is the base tensor's).
+def _adapter_modules(ref: CheckpointRef, base: Checkpoint,
+                     keep: Callable) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
+    """``(LoraModule, spec, (out, in), base tensor name)`` of each kept module of an adapter checkpoint
+    (the spec names the updated matrix; its base tensor differs for a head tied to the embedding).
 
     Raises:
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
@@ -563,7 +564,7 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable) -> li
         raise CheckpointFormatError(f"this adapter was initialised with {adapter.config.base_changing_init}, which changes "
                                     "the base weights: s·B·A alone is not the update", path=ref.path)
     out = []
-    for mod, spec, _name in adapter_updates(adapter, base):
+    for mod, spec, base_name in adapter_updates(adapter, base):
         if keep(spec.name, spec.layer):
-            out.append((mod, spec, (int(mod.shape[0]), int(mod.shape[1]))))
+            out.append((mod, spec, (int(mod.shape[0]), int(mod.shape[1])), base_name or spec.name))
     return out

@@ -434,3 +434,81 @@ def test_train_refuses_byte_tokens_beyond_a_small_vocabulary(tmp_path):
     assert res.exit_code == 1 and "outside the model's vocabulary of 60" in res.output, res.output
     assert "UTF-8 bytes" in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+# ---- found by the review of this round's change ------------------------------------------------------
+def test_tied_head_lora_in_trace_interfere_and_compare_with_a_full_side(tmp_path):
+    """After the tied-head pairing: trace read the head's name from the base (KeyError traceback), interfere
+    keyed the head by the embedding's name (one task's update replaced the other's, silently), and compare
+    left an untied full fine-tune's head "only in B"."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import random_lora
+
+    model = _llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    W = load_file(str(tmp_path / "base" / "model.safetensors"))["model.embed_tokens.weight"].double()
+    for i in (1, 2):
+        random_lora(_llama(tie=True), i, r=4, lora_alpha=8, target_modules=["lm_head", "q_proj", "embed_tokens"]).save_pretrained(
+            tmp_path / f"ad{i}")
+    res = _run("trace", str(tmp_path / "base"), str(tmp_path / "ad1"), str(tmp_path / "ad2"), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    head = next(m for m in json.loads(res.stdout)["matrices"] if m["name"].startswith("lm_head"))
+    f = load_file(str(tmp_path / "ad2" / "adapter_model.safetensors"))
+    D = 2.0 * next(v for k, v in f.items() if "lm_head.lora_B" in k).double() @ next(v for k, v in f.items() if "lm_head.lora_A" in k).double()
+    assert head["points"][-1]["rel_norm"] == pytest.approx(float(torch.linalg.norm(D) / torch.linalg.norm(W)), rel=1e-6)
+    res = _run("interfere", "--base", str(tmp_path / "base"), str(tmp_path / "ad1"), str(tmp_path / "ad2"), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    emb = next(m for m in out["modules"] if "embed_tokens" in m["name"])
+    E = {i: load_file(str(tmp_path / f"ad{i}" / "adapter_model.safetensors")) for i in (1, 2)}
+    dE = [2.0 * (next(v for k, v in E[i].items() if "embed_tokens.lora_embedding_A" in k).double().T
+                 @ next(v for k, v in E[i].items() if "embed_tokens.lora_embedding_B" in k).double().T) for i in (1, 2)]
+    cos = float((dE[0] * dE[1]).sum() / (torch.linalg.norm(dE[0]) * torch.linalg.norm(dE[1])))
+    assert emb["cosine"][0][1] == pytest.approx(cos, abs=1e-9)  # the embedding's own updates, not the heads'
+    assert sum("output head the base ties" in s["reason"] for s in out["skipped"]) == 2
+    # a full fine-tune saved untied (its own lm_head) against a LoRA on the tied head: paired in compare
+    full = _llama(tie=True)
+    with torch.no_grad():
+        full.model.embed_tokens.weight.add_(0.01)
+    full.config.tie_word_embeddings = False
+    full.lm_head.weight = torch.nn.Parameter(full.model.embed_tokens.weight.detach().clone() + 0.02)
+    full.save_pretrained(tmp_path / "full")
+    res = _run("compare", str(tmp_path / "ad1"), str(tmp_path / "full"), "--base", str(tmp_path / "base"), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert "lm_head.weight" not in out["b_only"] and "lm_head.weight" not in out["a_only"]
+    head = next(m for m in out["modules"] if m["name"].startswith("lm_head"))
+    Wt = load_file(str(tmp_path / "full" / "model.safetensors"))["lm_head.weight"].double()
+    assert head["fro_b"] == pytest.approx(float(torch.linalg.norm(Wt - W)), rel=1e-6)
+
+
+def test_resized_mlm_decoder_pairs_its_rows_like_the_embedding(tmp_path):
+    """BERT's cls.predictions.decoder (role unknown by name) holds the vocabulary's rows: with a resized
+    vocabulary it pairs its leading rows, as the embedding does (the role-only rule skipped it)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"bert.embeddings.word_embeddings.weight": torch.randn(100, 16, generator=g),
+            "cls.predictions.decoder.weight": torch.randn(100, 16, generator=g),
+            "bert.encoder.layer.0.attention.self.query.weight": torch.randn(16, 16, generator=g)}
+    tuned = {k: torch.cat([v, torch.randn(10, 16, generator=g)]) if v.shape[0] == 100 else v + 0.1 for k, v in base.items()}
+    tuned = {k: v + 0.01 for k, v in tuned.items()}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    import spectra
+
+    res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"))
+    dec = next(m for m in res.modules if "decoder" in m.name)
+    ref = tuned["cls.predictions.decoder.weight"][:100].double() - base["cls.predictions.decoder.weight"].double()
+    assert dec.fro_norm == pytest.approx(float(torch.linalg.norm(ref)), rel=1e-6)
+
+
+def test_identity_layer_replication_is_accepted_and_a_failed_run_leaves_no_folders(tmp_path):
+    from tests.conftest import random_lora
+
+    model = _llama(layers=2)
+    model.save_pretrained(tmp_path / "base")
+    random_lora(model, 0, r=2, lora_alpha=4, target_modules=["q_proj"], layer_replication=[[0, 2]]).save_pretrained(tmp_path / "ad")
+    assert _run("diff", str(tmp_path / "base"), str(tmp_path / "ad")).exit_code == 0
+    res = _run("compare", str(tmp_path / "ad"), str(tmp_path / "missing"), "--base", str(tmp_path / "base"),
+               "--out", str(tmp_path / "n1" / "n2" / "n3"))
+    assert res.exit_code == 1 and not (tmp_path / "n1").exists(), res.output

@@ -212,7 +212,11 @@ def folder_lock(folder: str | os.PathLike[str] | None) -> Iterator[OutputLock | 
         yield None
         return
     out = Path(folder)
-    created = not out.exists()
+    created = []  # the folders this call makes, deepest first (a/b/c of a missing a/b/c)
+    p = out
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -222,9 +226,11 @@ def folder_lock(folder: str | os.PathLike[str] | None) -> Iterator[OutputLock | 
         yield lock
     finally:
         lock.release()
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only succeeds when empty
+        for d in created:
+            try:
+                d.rmdir()  # only succeeds when empty
+            except OSError:
+                break
 
 
 def _read_holder(fd: int) -> dict:
