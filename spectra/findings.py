@@ -194,11 +194,12 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
                            numbers={"matrices": len(zero)}))
     rels = [m.rel_norm for m in nonempty if m.rel_norm is not None and math.isfinite(m.rel_norm)]
-    if rels and statistics.median(rels) > 1.0:  # a fine-tune moves weights by a fraction of their norm
-        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {statistics.median(rels):.2f}: the update is "
-                           "larger than the base weights themselves. Was the fine-tune started from this base? (Two "
-                           "independent initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
-                           numbers={"median_rel_norm": statistics.median(rels)}))
+    median_rel = statistics.median(rels) if rels else 0.0
+    if median_rel > 1.0:  # a fine-tune moves weights by a fraction of their norm
+        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {median_rel:.2f}: the update is larger than "
+                           "the base weights themselves. Was the fine-tune started from this base? (Two independent "
+                           "initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
+                           numbers={"median_rel_norm": median_rel}))
     bad = result.non_finite()
     if bad:
         out.append(Finding("nonfinite", f"{len(bad)} value(s) are NaN or infinite ({', '.join(bad[:3])}"

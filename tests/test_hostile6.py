@@ -512,3 +512,18 @@ def test_identity_layer_replication_is_accepted_and_a_failed_run_leaves_no_folde
     res = _run("compare", str(tmp_path / "ad"), str(tmp_path / "missing"), "--base", str(tmp_path / "base"),
                "--out", str(tmp_path / "n1" / "n2" / "n3"))
     assert res.exit_code == 1 and not (tmp_path / "n1").exists(), res.output
+
+
+def test_diff_warns_about_unrelated_checkpoints_and_nproc_without_plan(tmp_path, tiny_pair):
+    g = torch.Generator().manual_seed(3)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(32, 16, generator=g) for i in range(3)}
+    other = {k: torch.randn(32, 16, generator=g) for k in base}  # an independent initialisation: ‖ΔW‖/‖W‖ ≈ √2
+    save_file(base, str(tmp_path / "a.safetensors"))
+    save_file(other, str(tmp_path / "b.safetensors"))
+    res = _run("diff", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"))
+    assert res.exit_code == 0 and "larger than the base weights themselves" in res.output, res.output
+    b, t = tiny_pair  # a genuine small update: no such warning
+    res = _run("diff", str(b), str(t))
+    assert res.exit_code == 0 and "larger than the base weights" not in res.output, res.output
+    res = _run("diff", str(b), str(t), "--nproc", "2")
+    assert res.exit_code == 2 and "--nproc goes with --plan" in res.output, res.output
