@@ -15,6 +15,7 @@ from spectra.errors import CheckpointNotFoundError, ConfigError, SpectraError
 from spectra.io.adapter import ADAPTER_CONFIG, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
+from spectra.io.paths import missing_text
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -131,10 +132,11 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     run = None
     for p in paths:
         if not Path(p).exists():
-            raise CheckpointNotFoundError("no such file or folder", path=p)
+            raise CheckpointNotFoundError(missing_text(p), path=p)
     single = Path(paths[0])
-    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if d.is_dir() and (m := CHECKPOINT_DIR.match(d.name))),
-                   key=lambda x: x[0]) if len(paths) == 1 and single.is_dir() else []
+    # a checkpoint-N link to nothing counts too: it is listed as skipped with why, never dropped unsaid
+    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (d.is_dir() or d.is_symlink())
+                    and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: x[0]) if len(paths) == 1 and single.is_dir() else []
     if len(paths) == 1 and single.is_dir() and not found:
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
             raise ConfigError("one checkpoint is not a trace", path=single,
@@ -152,6 +154,9 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         elders_have_state = len(found) == 1 or any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
+            if not folder.is_dir():
+                skipped.append({"path": str(folder), "reason": f"{missing_text(folder)}; left out"})
+                continue
             state, why = _read_state(folder)
             note = ""
             if state is None:
@@ -166,10 +171,14 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             except SpectraError as exc:
                 skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message}); left out"})
                 continue
-            if state is not None and state.get("global_step") not in (None, n):
-                note = f"trainer_state.json says global_step {state.get('global_step')}; the folder name's {n} is used"
+            step, source = n, "folder name"
+            if state is not None and isinstance(state.get("global_step"), int):  # as for listed checkpoints
+                step, source = state["global_step"], "trainer_state"
+                if step != n:
+                    note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
+                    warnings.append(f"{folder.name}: {note}")
             histories.append(_log_history(state))
-            refs.append(CheckpointRef(str(folder), n, None, kind, "folder name" if state is None else "trainer_state", note))
+            refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
     else:
         for i, p in enumerate(paths):
             path = Path(p)
@@ -186,12 +195,13 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 step, source = i + 1, "position"
             histories.append(_log_history(state))
             refs.append(CheckpointRef(str(p), step, None, kind, source))
-        order = sorted(range(len(refs)), key=lambda j: refs[j].step)
-        if order != list(range(len(refs))):
-            warnings.append("the checkpoints were given out of step order; they are traced in step order")
-        refs = [refs[j] for j in order]
-        if len({r.step for r in refs}) != len(refs):
-            warnings.append("two checkpoints have the same step; they keep the order given")
+    order = sorted(range(len(refs)), key=lambda j: refs[j].step)
+    if order != list(range(len(refs))):
+        warnings.append("the checkpoints were given out of step order; they are traced in step order" if not found else
+                        "the checkpoint folders' names are out of their global_step order; they are traced in step order")
+    refs = [refs[j] for j in order]
+    if len({r.step for r in refs}) != len(refs):
+        warnings.append("two checkpoints have the same step; they keep the order given")
     if not refs:
         raise SpectraError("no checkpoint can be traced", path=run or ", ".join(paths),
                            hint="; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in skipped)[:400] or None)

@@ -527,3 +527,54 @@ def test_diff_warns_about_unrelated_checkpoints_and_nproc_without_plan(tmp_path,
     assert res.exit_code == 0 and "larger than the base weights" not in res.output, res.output
     res = _run("diff", str(b), str(t), "--nproc", "2")
     assert res.exit_code == 2 and "--nproc goes with --plan" in res.output, res.output
+
+
+# ---- third probe of this round: run folders, long --layers lists ---------------------------------------
+def test_trace_run_folder_takes_the_step_from_trainer_state_and_lists_dangling_links(tmp_path):
+    """In a run folder the folder name's step was used over trainer_state.json's global_step (a copied
+    checkpoint got another step's loss, with no warning), unlike listed checkpoints; a checkpoint-N link
+    to nothing was dropped without a word."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    run = tmp_path / "run"
+    history = [{"step": s, "loss": 3.0 - s / 1000} for s in (10, 20, 30)]
+    for name, step in (("checkpoint-10", 10), ("checkpoint-010", 20), ("checkpoint-30", 30)):
+        d = run / name
+        d.mkdir(parents=True)
+        save_file({k: v + 0.01 * step for k, v in base.items()}, str(d / "model.safetensors"))
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": history[: step // 10]}))
+    (run / "checkpoint-40").symlink_to(tmp_path / "nowhere")
+    res = _run("trace", str(tmp_path / "base.safetensors"), str(run), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert [(c["step"], c["loss"]) for c in out["checkpoints"]] == [(10, 2.99), (20, 2.98), (30, 2.97)]
+    assert any("global_step 20 is used" in w for w in out["warnings"]), out["warnings"]
+    (skip,) = out["skipped_checkpoints"]
+    assert skip["path"].endswith("checkpoint-40") and "symbolic link" in skip["reason"]
+
+
+def test_layers_filter_equals_the_plain_rule_and_scales():
+    import random
+
+    from spectra.config import parse_layers
+
+    def plain(spec: str, i: int) -> bool:
+        for part in spec.split(","):
+            lo, dash, hi = part.partition("-")
+            if int(lo) <= i and (not dash or not hi or i <= int(hi)) and (dash or i == int(lo)):
+                return True
+        return False
+
+    rnd = random.Random(0)
+    for _ in range(500):
+        parts = []
+        for _ in range(rnd.randint(1, 6)):
+            lo = rnd.randint(0, 30)
+            kind = rnd.random()
+            parts.append(str(lo) if kind < 0.4 else f"{lo}-" if kind < 0.5 else f"{lo}-{lo + rnd.randint(0, 10)}")
+        spec = ",".join(parts)
+        keep = parse_layers(spec)
+        assert [i for i in range(50) if keep(i)] == [i for i in range(50) if plain(spec, i)], spec
+    keep = parse_layers(",".join(str(i) for i in range(0, 20000, 2)))  # a 10,000-layer list (was linear per test)
+    assert sum(keep(i) for i in range(20000)) == 10000
