@@ -578,3 +578,17 @@ def test_layers_filter_equals_the_plain_rule_and_scales():
         assert [i for i in range(50) if keep(i)] == [i for i in range(50) if plain(spec, i)], spec
     keep = parse_layers(",".join(str(i) for i in range(0, 20000, 2)))  # a 10,000-layer list (was linear per test)
     assert sum(keep(i) for i in range(20000)) == 10000
+
+
+def test_inspect_prints_plain_lines_for_very_many_tensors(tmp_path, monkeypatch, tiny_pair):
+    """A boxed table of 100k MoE tensors took a minute to lay out: above PLAIN_ROWS rows the listing is
+    tab-separated, one line per tensor, the same columns."""
+    import spectra_cli.other as other
+
+    base, _ = tiny_pair
+    monkeypatch.setattr(other, "PLAIN_ROWS", 2)
+    res = _run("inspect", str(base))
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stdout.splitlines() if ln]
+    assert lines[0].split("\t") == ["name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note"]
+    assert len(lines) == 5 and lines[1].split("\t")[:2] == ["model.layers.0.self_attn.q_proj.weight", "0"]
