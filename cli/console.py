@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import click
 from rich.console import Console
@@ -91,4 +92,27 @@ def progress_bar(console: Console) -> Progress:
         TextColumn("{task.fields[current]}", style="dim", markup=False,
                    table_column=Column(overflow="ellipsis", ratio=1, max_width=PROGRESS_NAME)),
     ]
-    return Progress(*columns, console=console, transient=False)
+    if console.is_terminal:
+        return Progress(*columns, console=console, transient=False)
+    return _LogProgress(*columns, console=console, transient=False)
+
+
+#: Seconds between the progress lines written to a log (stderr not a terminal).
+LOG_EVERY_S = 30.0
+
+
+class _LogProgress(Progress):
+    """Progress for a log file or pipe: rich draws a live display only on a terminal (elsewhere it
+    prints the final state at the end, so a long run's log stayed empty for its whole length); this
+    also prints the tasks' current line at most every :data:`LOG_EVERY_S` seconds."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._logged = time.monotonic()
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        now = time.monotonic()
+        if now - self._logged >= LOG_EVERY_S and self.live.is_started:
+            self._logged = now
+            self.console.print(self.make_tasks_table(self.tasks), highlight=False)

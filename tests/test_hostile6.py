@@ -592,3 +592,17 @@ def test_inspect_prints_plain_lines_for_very_many_tensors(tmp_path, monkeypatch,
     lines = [ln for ln in res.stdout.splitlines() if ln]
     assert lines[0].split("\t") == ["name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note"]
     assert len(lines) == 5 and lines[1].split("\t")[:2] == ["model.layers.0.self_attn.q_proj.weight", "0"]
+
+
+def test_progress_in_a_log_prints_lines_as_it_goes(monkeypatch, tiny_pair):
+    """On a log (stderr not a terminal) rich prints a progress display only when it stops, so a long
+    run's log stayed empty for its whole length (the demo's 10-minute pretraining under load): the
+    progress now also prints its line every LOG_EVERY_S seconds there."""
+    import spectra_cli.console as console
+
+    base, tuned = tiny_pair
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.0)
+    res = _run("diff", str(base), str(tuned), "--no-plots")
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("ΔW spectra")]
+    assert len(lines) >= 3 and "1/4" in lines[0], lines  # one per update, then the final state
