@@ -29,7 +29,7 @@ from spectra.callbacks import SpectraTracker
 from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import load_jsonl
+from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.pipeline import diff
 
 TARGET_SETS = {
@@ -152,10 +152,14 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
 
+#: The files that make a model folder's tokenizer (without any of them, text is read as UTF-8 bytes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(base: str | Path, kind: str = "auto"):
     """The model folder's tokenizer (``kind="auto"`` and tokenizer files present), else bytes."""
     folder = Path(base)
-    has_files = any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    has_files = any((folder / n).exists() for n in TOKENIZER_FILES)
     if kind == "bytes" or (kind == "auto" and not has_files):
         return ByteTokenizer()
     from transformers import AutoTokenizer
@@ -171,16 +175,16 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
     Raises:
         SpectraError: a token id at or above the vocabulary size.
     """
-    try:
-        cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # the bounded reader every untrusted config goes through (size, nesting, not a FIFO)
+        cfg = load_json(Path(base) / "config.json", what="config.json")
+    except SpectraError:
         return  # transformers reports an unreadable config when it loads the model
     vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
     if vocab is None and isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
         vocab = cfg["text_config"].get("vocab_size")
     top = int(ids.max()) if ids.numel() else -1
     if isinstance(vocab, int) and top >= vocab:
-        how = ("the folder has no tokenizer files (tokenizer.json, tokenizer.model, vocab.json), so the text is read "
+        how = (f"the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}), so the text is read "
                "as UTF-8 bytes, ids 0-255" if isinstance(tok, ByteTokenizer) else f"its tokenizer ({type(tok).__name__})")
         raise SpectraError(f"token id {top} is outside the model's vocabulary of {vocab} (config.json vocab_size): {how}",
                            path=base, hint="put the model's tokenizer files in its folder, or use a model whose vocabulary "
