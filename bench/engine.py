@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, save, timed  # noqa: E402
 
-from spectra.engine import approx_energy_ranks, batch_singular_values, truncated_singular_values  # noqa: E402
+from spectra.engine import batch_singular_values  # noqa: E402
 from spectra.metrics import energy_rank  # noqa: E402
+from spectra.sketch import approx_energy_ranks, truncated_singular_values  # noqa: E402
 
 SHAPES = [(1024, 1024), (1024, 2816), (2048, 2048), (2048, 5632)]
 FULL = [(4096, 4096), (4096, 11008)]

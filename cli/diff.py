@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -56,7 +58,7 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Precision of the decomposition; float32 is faster but loses small singular values.")
 @click.option("--no-split", is_flag=True, help="Analyse fused q/k/v and gate/up matrices whole.")
-@click.option("--json", "as_json", is_flag=True, help="Print results.json to stdout instead of the table.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json (with --plan: the plan) to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
 @click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
@@ -115,7 +117,12 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         if tuned is None:
             raise click.UsageError("--plan needs BASE and TUNED checkpoints")
         world = nproc or world_size()
-        _print_plan(spectra.diff_plan(base, tuned, config, world_size=world), stdout())
+        plan = spectra.diff_plan(base, tuned, config, world_size=world)
+        if as_json:  # the plan's fields; shapes as [out, in, count] rows (JSON has no tuple keys)
+            doc = {**asdict(plan), "shapes": [[*shape, n] for shape, n in plan.shapes.items()], "seconds": plan.seconds}
+            echo_json(json.dumps(doc, indent=1))
+        else:
+            _print_plan(plan, stdout())
         return
     run_diff(base, tuned, config, out_dir=out_dir, as_json=as_json, plots=not no_plots, allow_identical=allow_identical,
              report=report, resume=resume, distributed=launched() if distributed is None else distributed)

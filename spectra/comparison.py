@@ -44,7 +44,6 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, check_device_available
 from spectra.delta import form_delta, oriented
-from spectra.engine import randomized_svd
 from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
@@ -64,6 +63,7 @@ from spectra.plots.compare import compare_plots
 from spectra.results import rows_to_csv
 from spectra.selection import selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
+from spectra.sketch import randomized_svd
 from spectra.subspaces import (
     Factored,
     amplification,

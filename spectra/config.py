@@ -63,7 +63,7 @@ class DiffConfig(SharedOptions):
             ``gate_up_proj``) into their logical parts (docs/definitions.md); False analyses them whole.
         approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each
             estimate comes with guaranteed bounds (``energy_rank_bounds``), see
-            :func:`spectra.engine.approx_energy_ranks`.
+            :func:`spectra.sketch.approx_energy_ranks`.
         approx_above: use the approximate mode automatically for matrices with ``p = min(out, in)``
             above this; None never does. The default, 16384, keeps every matrix of today's open
             models up to 405B exact (their largest p is 16384) and stops the exact path's p³ cost

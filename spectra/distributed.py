@@ -175,8 +175,10 @@ def broadcast(ctx: DistContext, obj: Any, *, where: str) -> Any:
     try:
         dist.broadcast_object_list(box, src=0)
     except Exception as exc:
-        raise DistributedError(f"rank {ctx.rank}: rank 0 failed or was killed while {where}",
-                               hint="rerun the same command with --resume to finish") from exc
+        who = "another rank" if ctx.rank == 0 else "rank 0 (or another rank)"
+        raise DistributedError(f"rank {ctx.rank}: {who} failed or was killed while {where}",
+                               hint="see that rank's error; rerun the same command (with --resume if results were "
+                                    "journaled)") from exc
     return box[0]
 
 

@@ -1,5 +1,5 @@
-"""The spectral engine: batched exact spectra (float64, or certified float32), truncated
-(randomized) SVD, approximate energy ranks with guaranteed bounds, and the factored SVD of LoRA updates.
+"""The spectral engine: batched exact spectra (float64, or certified float32) and the factored SVD of
+LoRA updates; the truncated (randomized) SVD and approximate energy ranks are in :mod:`spectra.sketch`.
 
 Every function here is pure tensor code with a ``device`` argument (or works on the device of its
 input) and runs on the CPU in the tests. Conventions: matrices are ``(out, in)``; a batch is
@@ -17,11 +17,6 @@ Paths and their precision:
   barely uses a second core, and multithreaded BLAS collapses on a busy machine); elsewhere
   (CUDA, or ``backend="torch"``), batched torch chunks sized to the device and retried in smaller
   chunks on an allocation failure. :func:`batch_singular_values` returns just the values.
-- :func:`randomized_svd` — top-k triplets by a randomized range finder with re-orthonormalised power
-  iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4/5.1); each value comes with an a-posteriori
-  residual bound (see :class:`TruncatedSVD`).
-- :func:`approx_energy_ranks` — energy ranks from an adaptively grown sketch, each with a lower and
-  upper bound that hold deterministically (Ky Fan; see the function).
 - :func:`factored_svd` — exact SVD of ``s·B·A`` from QR of the factors, O((out + in)·r²).
 
 A matrix whose entries would overflow or underflow when squared (float64 weights near 1e200 or
@@ -52,7 +47,7 @@ from spectra.linalg import (
     resolve_device,
     trace_and_fro,
 )
-from spectra.metrics import DEFAULT_THRESHOLDS, energy_rank, rank_resolution
+from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.threads import map_one_blas_thread
 
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
@@ -305,6 +300,21 @@ def gram_scale_exponent(amax: float, gram_dtype: type[np.floating] | torch.dtype
     return e if abs(e) > GRAM_SCALE_LIMIT[dt] else 0
 
 
+def float32_exponent(trace: float) -> int:
+    """The power of two ``f`` to divide a float64 Gram matrix by before rounding it to float32 (0: none
+    needed), from its trace (the largest entry is at most the trace): outside ``[2⁻⁶⁰, 2⁶⁰]`` its entries
+    would overflow or become subnormal (absolute, not relative, rounding), which the certificate's
+    relative bound does not cover. Eigenvalues are then multiplied by ``2**f``.
+
+    >>> float32_exponent(3.0), float32_exponent(1e-40)
+    (0, -132)
+    """
+    if not math.isfinite(trace) or trace <= 0.0:
+        return 0
+    f = math.frexp(trace)[1]
+    return f if abs(f) > 60 else 0
+
+
 def _lapack_one(M: np.ndarray, precision: str, check: dict, alone: bool = False) -> _Row:
     """Gram (``syrk``), eigensolve, and for ``"certified"`` the certificate and the float64 fallback;
     a matrix outside :data:`GRAM_SCALE_LIMIT` is scaled by a power of two first (a max and a min pass, for
@@ -322,7 +332,9 @@ def _lapack_one(M: np.ndarray, precision: str, check: dict, alone: bool = False)
     failed: tuple[str, ...] = ()
     if precision == "certified":
         trace, fro = trace_and_fro(G)
-        lam = _eigvalsh(G.astype(np.float32, order="F"), eig_driver(p, alone=alone))
+        f = float32_exponent(trace)  # in float32's normal range: the certificate's bound is relative
+        G32 = (G * 2.0**-f if f else G).astype(np.float32, order="F")
+        lam = np.ldexp(_eigvalsh(G32, eig_driver(p, alone=alone)), f)
         cert = certify_float32(lam, trace=trace, gram_fro=fro, **check)
         label = "float32-certified"
         if not cert.ok:
@@ -398,8 +410,13 @@ def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) 
     n = batch.shape[0]
     t0 = time.perf_counter()
     if method == "svd":
+        ex = np.zeros(n, dtype=int)
+        if batch.dtype == torch.float64 and precision == "float32":  # float64 beyond float32's range: scale first
+            amax = torch.maximum(batch.amax(dim=(-2, -1)), -batch.amin(dim=(-2, -1))).cpu().tolist()
+            ex = np.array([gram_scale_exponent(a, torch.float32) for a in amax])
+            batch = torch.ldexp(batch, torch.as_tensor(-ex, device=batch.device).reshape(-1, 1, 1)) if ex.any() else batch
         S = torch.linalg.svdvals(batch.to(torch.float32 if precision == "float32" else torch.float64))
-        S = S.double().cpu().numpy()
+        S = np.ldexp(S.double().cpu().numpy(), ex.reshape(-1, 1))
         sec = (time.perf_counter() - t0) / n
         return [(S[j], precision, (), 0.0, sec) for j in range(n)]
     gram_dtype = torch.float32 if precision == "float32" else torch.float64
@@ -416,8 +433,10 @@ def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) 
     failed: list[tuple[str, ...]] = [()] * n
     labels = [precision] * n
     if precision == "certified":
-        lam = torch.linalg.eigvalsh(G.float()).flip(-1).double().cpu().numpy()
         traces = G.diagonal(dim1=-2, dim2=-1).sum(-1).cpu().numpy()
+        fs = np.array([float32_exponent(float(t)) for t in traces])  # as the CPU backend: float32's normal range
+        G32 = torch.ldexp(G, torch.as_tensor(-fs, device=G.device).reshape(-1, 1, 1)).float() if fs.any() else G.float()
+        lam = np.ldexp(torch.linalg.eigvalsh(G32).flip(-1).double().cpu().numpy(), fs.reshape(-1, 1))
         fros = torch.linalg.matrix_norm(G).cpu().numpy()
         certs = [certify_float32(lam[j], trace=float(traces[j]), gram_fro=float(fros[j]), **check) for j in range(n)]
         labels = ["float32-certified" if c.ok else "float64" for c in certs]
@@ -432,237 +451,6 @@ def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) 
         S = np.ldexp(S, np.array(exps).reshape(-1, 1))
     t2 = time.perf_counter()
     return [(S[j], labels[j], failed[j], (t1 - t0) / n, (t2 - t1) / n) for j in range(n)]
-
-
-# ---- truncated path -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TruncatedSVD:
-    """Top-k singular triplets of ``M`` (``(out, in)``, or batched ``(b, out, in)``).
-
-    Attributes:
-        U: ``(…, out, k)`` left singular vectors.
-        S: ``(…, k)`` singular values, descending, float64 numpy.
-        Vh: ``(…, k, in)`` right singular vectors, transposed.
-        residual: ``(…, k)`` float64: ``‖M vᵢ − σᵢ uᵢ‖ / √2``. Some true singular value of M lies
-            within this distance of ``S[i]`` (Bauer–Fike on the Hermitian dilation), and
-            ``S[i] <= σᵢ(M)`` (Ritz values from a subspace underestimate). Relative error estimates
-            are ``residual / S``.
-        n_iter: power iterations used; ``sketch``: sketch width l = k + oversampling.
-        exact: True when the exact path was used instead (k too close to p).
-    """
-
-    U: torch.Tensor
-    S: np.ndarray
-    Vh: torch.Tensor
-    residual: np.ndarray
-    n_iter: int
-    sketch: int
-    exact: bool = False
-
-    @property
-    def rel_error(self) -> np.ndarray:
-        """``residual / S`` (inf where S is 0)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(self.S > 0, self.residual / self.S, np.where(self.residual > 0, np.inf, 0.0))
-
-
-def _orth(Y: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(Y, mode="reduced").Q
-
-
-def randomized_svd(
-    M: torch.Tensor,
-    k: int,
-    *,
-    oversample: int | None = None,
-    n_iter: int = 4,
-    tol: float | None = None,
-    max_iter: int = 16,
-    generator: torch.Generator | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> TruncatedSVD:
-    """Top-k singular triplets by a randomized range finder with power iterations.
-
-    Args:
-        M: ``(out, in)`` or ``(b, out, in)`` float tensor.
-        k: number of triplets (1 <= k <= p).
-        oversample: extra sketch columns; default ``max(10, k)`` (l = 2k suits slowly decaying
-            fine-tuning spectra; see the benchmark).
-        n_iter: power iterations, each followed by re-orthonormalisation (QR) against round-off.
-        tol: if given, keep doubling the iterations (up to ``max_iter``) until every returned value's
-            ``residual / S <= tol``.
-        generator: randomness (seeded for reproducible sketches); device generator if on CUDA.
-        device: where to compute; default the device of ``M``.
-        dtype: working precision of the sketch.
-
-    Returns:
-        :class:`TruncatedSVD`; when ``l = k + oversample >= p / 2`` the exact path is used instead
-        (a sketch that wide costs as much as the exact route and is less accurate).
-
-    Example:
-        >>> M = torch.diag(torch.arange(10.0, 0.0, -1.0))
-        >>> randomized_svd(M, 3, generator=torch.Generator().manual_seed(0)).S.round(4).tolist()
-        [10.0, 9.0, 8.0]
-    """
-    dev = resolve_device(device) if device is not None else M.device
-    M = M.to(dev, dtype)
-    m, n = M.shape[-2], M.shape[-1]
-    p = min(m, n)
-    if not 1 <= k <= p:
-        raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
-    ell = min(p, k + (oversample if oversample is not None else max(10, k)))
-    if 2 * ell >= p:
-        U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
-        return TruncatedSVD(U[..., :k].to(dtype), S[..., :k].cpu().numpy(), Vh[..., :k, :].to(dtype),
-                            np.zeros(S[..., :k].shape), 0, p, exact=True)
-    batch = M.shape[:-2]
-    gen_device = "cpu" if generator is None or generator.device.type == "cpu" else dev
-    omega = torch.randn(*batch, n, ell, generator=generator, device=gen_device, dtype=dtype).to(dev)
-    Q = _orth(M @ omega)
-    done_iter = 0
-    iters = n_iter
-    while True:
-        while done_iter < iters:
-            Q = _orth(M @ _orth(M.mT @ Q))
-            done_iter += 1
-        Bm = Q.mT @ M  # (…, l, n)
-        Ub, S, Vh = torch.linalg.svd(Bm.double(), full_matrices=False)
-        U = Q.double() @ Ub[..., :k]
-        S, Vh = S[..., :k], Vh[..., :k, :]
-        # M vᵢ − σᵢ uᵢ = (I − QQᵀ) M vᵢ; the right residual Mᵀuᵢ − σᵢvᵢ is 0 by construction.
-        MV = M.double() @ Vh.mT
-        residual = torch.linalg.vector_norm(MV - U * S.unsqueeze(-2), dim=-2) / math.sqrt(2)
-        res = TruncatedSVD(U.to(dtype), S.cpu().numpy(), Vh.to(dtype), residual.cpu().numpy(), done_iter, ell)
-        if tol is None or bool(np.all(res.rel_error <= tol)) or iters >= max_iter:
-            return res
-        iters = min(max_iter, max(1, iters) * 2)
-
-
-def truncated_singular_values(M: torch.Tensor, k: int, *, tol: float = 1e-3, **kwargs) -> TruncatedSVD:
-    """Top-k singular values with ``residual / σ <= tol`` (iterations grown until met)."""
-    return randomized_svd(M, k, tol=tol, **kwargs)
-
-
-# ---- approximate energy ranks --------------------------------------------------------------------
-@dataclass(frozen=True)
-class ApproxRank:
-    """An energy rank known to lie in ``[lo, hi]``; ``estimate`` is the midpoint rounded up.
-
-    ``exact`` is True when lo == hi (then the rank is exact, not an estimate).
-    """
-
-    estimate: int
-    lo: int
-    hi: int
-
-    @property
-    def exact(self) -> bool:
-        return self.lo == self.hi
-
-
-@dataclass(frozen=True)
-class ApproxSpectrum:
-    """What the approximate mode knows about one matrix.
-
-    Attributes:
-        fro_norm: exact ``‖M‖_F`` (float64 accumulation).
-        top: the sketch's singular values (lower bounds of the true ones), descending.
-        residual_energy: ``‖M‖_F² − ‖QᵀM‖_F²``: energy outside the sketch (exact up to rounding).
-        ranks: threshold -> :class:`ApproxRank`.
-        sketch: final sketch width.
-    """
-
-    fro_norm: float
-    top: np.ndarray
-    residual_energy: float
-    ranks: dict[float, ApproxRank]
-    sketch: int
-
-
-def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: float, p: int,
-                       slack: float = 0.0) -> ApproxRank:
-    """Bounds on the energy rank at τ from a sketch.
-
-    With ``M = QQᵀM + (I − QQᵀ)M`` the two parts have orthogonal column spaces, so
-    ``MᵀM = AᵀA + RᵀR`` and, by Ky Fan's inequality, for every k
-    ``L_k = Σ_{i≤k} σ̂ᵢ² <= E_k = Σ_{i≤k} σᵢ² <= L_k + ‖R‖_F² = U_k``. Hence the true rank lies
-    between the first k with ``U_k >= τ·total`` and the first k with ``L_k >= τ·total`` (p if the
-    sketch never gets there). ``slack``: the rounding error of the computed ``L_k`` (an energy, as
-    ``total``), which widens both sides: ``L_k − slack`` and ``U_k + slack`` (values computed in
-    float32 land just below a tie at τ, e.g. an identity block, and would exclude the exact rank).
-    """
-    if total <= 0:
-        return ApproxRank(0, 0, 0)
-    if tau == 1.0 and len(top):
-        # the numerical rank (spectra.metrics.numerical_rank): values above σ₁·√(p·ε). σ̂ᵢ <= σᵢ and
-        # σᵢ² <= σ̂ᵢ² + ‖R‖_F², so the sketch's values bound how many are above it from both sides
-        S2 = np.asarray(top, dtype=np.float64) ** 2
-        tol2 = rank_resolution(math.sqrt(float(S2[0])), p) ** 2
-        lo = int(np.count_nonzero(tol2 < S2))
-        upper = int(np.count_nonzero(tol2 < S2 + max(residual, 0.0)))
-        hi = upper if upper < S2.size or residual <= tol2 else p
-        return ApproxRank(int(math.ceil((lo + hi) / 2)), lo, max(lo, hi))
-    L = np.cumsum(np.asarray(top, dtype=np.float64) ** 2)
-    target = tau * total
-    lo_idx = int(np.searchsorted(L + (max(residual, 0.0) + slack), target, side="left"))
-    lo = lo_idx + 1 if lo_idx < L.size else L.size + 1
-    hi_idx = int(np.searchsorted(L - slack, target, side="left"))
-    hi = hi_idx + 1 if hi_idx < L.size else p
-    lo = min(lo, hi)
-    return ApproxRank(int(math.ceil((lo + hi) / 2)), int(lo), int(hi))
-
-
-def approx_energy_ranks(
-    M: torch.Tensor,
-    thresholds: Sequence[float],
-    *,
-    rank_tol: float = 0.01,
-    start: int = 64,
-    max_fraction: float = 0.5,
-    n_iter: int = 2,
-    generator: torch.Generator | None = None,
-    device: str | torch.device | None = None,
-) -> ApproxSpectrum:
-    """Energy ranks of a large ``(out, in)`` matrix without a full decomposition, with bounds.
-
-    The sketch width doubles from ``start`` until, for every threshold, ``hi − lo <= rank_tol·p``
-    (bounds from :func:`energy_rank_bounds`), or until it reaches ``max_fraction·p``; the bounds hold
-    whatever the sketch, so a stopped run still returns true bounds, only wider. Cost per round:
-    ``(2·n_iter + 2)`` products of M with an ``(in, l)`` block, no p×p decomposition.
-    """
-    dev = resolve_device(device) if device is not None else M.device
-    # the sketch runs in float32: a float64 matrix beyond 2**±32 is scaled by a power of two first
-    # (ranks are scale-free; norms and values are scaled back), else it would overflow or vanish
-    e = gram_scale_exponent(max(float(M.max()), -float(M.min())), torch.float32) if M.numel() else 0
-    M = torch.ldexp(M.to(dev), torch.tensor(-e, device=dev)).to(torch.float32) if e else M.to(dev, torch.float32)
-    p = min(M.shape)
-    total = float(torch.linalg.vector_norm(M.double()).item() ** 2)
-    if e:
-        res = approx_energy_ranks(M, thresholds, rank_tol=rank_tol, start=start, max_fraction=max_fraction, n_iter=n_iter,
-                                  generator=generator, device=dev)
-        with np.errstate(over="ignore"):  # an energy (σ²) of such a matrix may not be representable: inf
-            residual = float(np.ldexp(res.residual_energy, 2 * e))
-        return ApproxSpectrum(float(np.ldexp(res.fro_norm, e)), np.ldexp(res.top, e), residual, res.ranks, res.sketch)
-    ell = min(start, p)
-    while True:
-        tsvd = randomized_svd(M, min(ell, p), oversample=0, n_iter=n_iter, generator=generator)
-        if tsvd.exact:  # the sketch got as wide as p/2: the exact spectrum costs no more, use all of it
-            top = batch_singular_values(M.unsqueeze(0), device=dev)[0]
-            # the exact route's rule on the same values (its own total): the same rank, also at a tie
-            ranks = {float(t): ApproxRank(r, r, r) for t in thresholds for r in [energy_rank(top, float(t))]}
-            return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p)
-        top = tsvd.S
-        captured = float(np.sum(top.astype(np.float64) ** 2))
-        residual = max(total - captured, 0.0)
-        # σ̂ are computed in the sketch's float32 (backward stable: each σ̂ᵢ² within a few u·σ̂₁²), so the
-        # sum of the first k is off by up to about 2·k·u·σ̂₁² (k <= len(top))
-        slack = 2.0 * len(top) * float(np.finfo(np.float32).eps) * float(top[0]) ** 2 if len(top) else 0.0
-        ranks = {float(t): energy_rank_bounds(top, total, residual, float(t), p, slack) for t in thresholds}
-        wide = any(r.hi - r.lo > rank_tol * p for r in ranks.values())
-        if not wide or tsvd.exact or ell >= max_fraction * p:
-            return ApproxSpectrum(math.sqrt(total), top, residual, ranks, int(tsvd.sketch))
-        ell = min(p, ell * 2)
 
 
 # ---- factored path ---------------------------------------------------------------------------------

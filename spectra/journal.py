@@ -31,12 +31,14 @@ RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method"
                   "approx", "approx_above", "approx_tol", "seed", "weight_spectra", "esd")
 
 
-def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> str:
+def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig, *, portable: bool = False) -> str:
     """A hash of the inputs (:func:`checkpoint_identity`: tensors, files, config.json, index) and of
-    the result-affecting options: a journal is resumed only under the same one."""
+    the result-affecting options: a journal is resumed only under the same one. ``portable``: the
+    files by name, size and content only (not path or modification time), the same for copies of
+    the same files on other machines: what the ranks of a distributed run compare."""
     h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in RESULT_FIELDS}, sort_keys=True, default=list).encode())
     for ckpt in (base, tuned):
-        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
+        h.update(json.dumps(checkpoint_identity(ckpt, portable=portable)).encode())
     return h.hexdigest()[:16]
 
 
@@ -61,7 +63,7 @@ def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: in
     return h.hexdigest()
 
 
-def checkpoint_identity(ckpt: Checkpoint) -> list:
+def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
     """What identifies a checkpoint's results for ``--resume``: its format; each weight file's resolved
     path, size, modification time and a sample of its content (:func:`content_sample`); each tensor's
     name, shape, dtype and offset; the parsed ``config.json``; and the content digest of each
@@ -82,7 +84,8 @@ def checkpoint_identity(ckpt: Checkpoint) -> list:
         except OSError:
             digests.append((q.name, None))
     stats = {f: os.stat(f) for f in files}
-    return [ckpt.format, [(f, stats[f].st_size, stats[f].st_mtime_ns, content_sample(f)) for f in files],
+    where = [(os.path.basename(f),) if portable else (f, stats[f].st_mtime_ns) for f in files]
+    return [ckpt.format, [(*w, stats[f].st_size, content_sample(f)) for w, f in zip(where, files)],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
 
@@ -195,15 +198,24 @@ class Journal:
 def absorb(result: DiffResult, records: list[dict]) -> set[str]:
     """Add journal records (``{"module": …}`` / ``{"skipped": …}``, as :meth:`Journal.start` checked
     them) to ``result``; their names."""
-    names = set()
+    names: set[str] = set()
     known = set(ModuleResult.__dataclass_fields__)
+    repeated = 0
     for rec in records:
+        entry = rec.get("module", rec.get("skipped"))
+        if entry is None:
+            continue
+        if entry["name"] in names:  # an edited or concatenated journal: one result per name, the first
+            repeated += 1
+            continue
+        names.add(entry["name"])
         if "module" in rec:
-            result.modules.append(ModuleResult(**{k: v for k, v in rec["module"].items() if k in known}))
-            names.add(rec["module"]["name"])
-        elif "skipped" in rec:
-            result.skipped.append(rec["skipped"])
-            names.add(rec["skipped"]["name"])
+            result.modules.append(ModuleResult(**{k: v for k, v in entry.items() if k in known}))
+        else:
+            result.skipped.append(entry)
+    if repeated:
+        result.warnings.append(f"the journal held {repeated} repeated record(s) of a matrix already recorded; "
+                               "the first of each was kept")
     return names
 
 

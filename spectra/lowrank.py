@@ -31,10 +31,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spectra.engine import factored_svd, gram_scale_exponent, randomized_svd
+from spectra.engine import factored_svd, gram_scale_exponent
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
 from spectra.metrics import numerical_rank
+from spectra.sketch import randomized_svd
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
 #: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
@@ -339,7 +340,7 @@ class Triplets:
         A: ``(k, in)`` float32, ``diag(√σ)·V_kᵀ``; None when k = 0.
         method: how it was computed (``"gram-eigh/float64"``, ``"randomized"``, ``"factored"``).
         residual: randomized path: the largest certified ``‖ΔW vᵢ − σᵢuᵢ‖/√2`` relative to σ₁
-            (:class:`spectra.engine.TruncatedSVD`); None for the exact paths.
+            (:class:`spectra.sketch.TruncatedSVD`); None for the exact paths.
         exp: S and total are those of ``ΔW·2**-exp`` (0 unless ΔW is beyond the squaring range); B, A are ΔW's.
     """
 
@@ -636,14 +637,12 @@ def _refined(delta: torch.Tensor, n: int, k: int) -> Triplets:
     U, Vh = (Z, other.mT) if wide else (other, Z.mT)
     S = sig.numpy().copy()
     residual = res_max / S[0] if S[0] > 0 else 0.0
-    if k == 0:
-        return Triplets(S, total, None, None, "gram-eigh/float32+ritz/float64", residual)
-    B, A = split_factors(U[:, :k], sig[:k], Vh[:k])
+    B, A = split_factors(U[:, :k], sig[:k], Vh[:k]) if k else (None, None)
     return Triplets(S, total, B, A, "gram-eigh/float32+ritz/float64", residual)
 
 
 def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: float = 1e-3) -> Triplets:
-    """Top-k triplets of a large ΔW by :func:`spectra.engine.randomized_svd` (power iterations grown
+    """Top-k triplets of a large ΔW by :func:`spectra.sketch.randomized_svd` (power iterations grown
     until every value's certified residual is within ``tol`` of it), with the exact ``‖ΔW‖²_F``.
     The energy kept, ``Σ σ̂ᵢ²``, is exactly that of the returned factors' product (the projection of
     ΔW on the sketch's top singular subspace), and a lower bound of the optimal rank-k energy. The sketch

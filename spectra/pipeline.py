@@ -26,7 +26,7 @@ from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.distributed import DistContext
-from spectra.engine import approx_energy_ranks, batch_singular_values
+from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.io.adapter import is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -38,6 +38,7 @@ from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import Task, plan_units
+from spectra.sketch import approx_energy_ranks
 from spectra.stream import batches, largest_first, prefetch, run_settings
 
 #: A distributed run exchanges results this many times at most (in a background thread, so ranks do
@@ -251,6 +252,14 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     if ctx is None:
         finished = writer.start(result, resume=resume) if writer else []
     else:  # only rank 0 reads the journal; the others learn what is done, or why it was refused
+        # every rank must analyse the same pairs with the same options, or the merged results mix them
+        prints = distributed.exchange(ctx, run_fingerprint(base_ckpt, tuned_ckpt, config, portable=True),
+                                      where="comparing the ranks' inputs")
+        odd = [r for r, f in enumerate(prints) if f != prints[0]]
+        if odd:
+            raise ConfigError(f"rank(s) {', '.join(map(str, odd))} of the distributed run were given other inputs or "
+                              "options than rank 0 (checkpoint files, config.json, or options that change results)",
+                              hint="start every rank with the same command on identical copies of BASE and TUNED")
         refused = None
         try:
             mine = ("ok", writer.start(result, resume=resume) if writer else [])
@@ -363,7 +372,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     check_device_available(device)
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-    pairing = pair_checkpoints(base_ckpt, tuned_ckpt)
+    pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)  # as the run pairs them
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     cost = CostModel.default(device)
     if calibrate_cost:

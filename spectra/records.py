@@ -10,12 +10,12 @@ import numpy as np
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
-from spectra.engine import ApproxSpectrum
 from spectra.esd import esd_fields
 from spectra.metrics import relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
+from spectra.sketch import ApproxSpectrum
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,19 @@ def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: flo
     )
 
 
+#: Why an approximated matrix has no ``base_singular_values``/``tuned_singular_values`` under ``--weight-spectra``.
+WEIGHTS_APPROX_NOTE = ("weight spectra not computed in the approximate mode (each needs a full decomposition of "
+                       "W_base and W_tuned): drop --approx, or raise --approx-above past this matrix's size")
+
+
 def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds: float) -> ModuleResult:
     p = min(item.unit.shape)
     keys = [threshold_key(tau) for tau in config.thresholds]
     sigma1 = float(a.top[0]) if a.top.size else 0.0
     fields = common_fields(item, config)
     fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds; "
-                                           "nuclear norm, effective and signal rank need the full spectrum") if n)
+                                           "nuclear norm, effective and signal rank need the full spectrum",
+                                           WEIGHTS_APPROX_NOTE if config.weight_spectra else "") if n)
     return ModuleResult(
         **fields,
         fro_norm=a.fro_norm, rel_norm=relative_norm(a.fro_norm, item.base_fro), spectral_norm=sigma1,

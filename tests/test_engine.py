@@ -10,15 +10,9 @@ import torch
 
 import spectra
 from spectra.config import DiffConfig
-from spectra.engine import (
-    approx_energy_ranks,
-    batch_singular_values,
-    energy_rank_bounds,
-    factored_svd,
-    randomized_svd,
-    truncated_singular_values,
-)
+from spectra.engine import batch_singular_values, factored_svd
 from spectra.metrics import energy_rank
+from spectra.sketch import approx_energy_ranks, energy_rank_bounds, randomized_svd, truncated_singular_values
 from tests.conftest import svd64
 
 

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import spectra
 from spectra.config import DiffConfig
-from spectra.engine import GRAM_SCALE_LIMIT, approx_energy_ranks, exact_spectra, gram_scale_exponent
+from spectra.engine import GRAM_SCALE_LIMIT, exact_spectra, gram_scale_exponent
 from spectra.errors import ConfigError, OutputError, ResultsFormatError, SpectraError
 from spectra.io.checkpoint import open_checkpoint
 from spectra.io.files import LOCK_NAME, OutputLock
@@ -37,6 +37,7 @@ from spectra.metrics import energy_rank, fro_norm_of, spectrum_metrics, stable_r
 from spectra.pipeline import all_zero
 from spectra.report import collect
 from spectra.results import DiffResult
+from spectra.sketch import approx_energy_ranks
 from spectra_cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]

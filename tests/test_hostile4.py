@@ -130,7 +130,7 @@ def test_energy_rank_at_tau_one_is_the_numerical_rank(rng):
 
 
 def test_the_approximate_route_bounds_the_numerical_rank_at_tau_one():
-    from spectra.engine import energy_rank_bounds
+    from spectra.sketch import energy_rank_bounds
 
     S = 10.0 ** (-np.arange(300) / 10)  # values down to 1e-30: the numerical rank is where they pass σ₁·√(p·ε)
     exact = numerical_rank(S)

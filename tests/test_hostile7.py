@@ -1,0 +1,229 @@
+"""Hostile and odd inputs found by the seventh outside probe (engine paths called with a device, the
+distributed run, esd and extract numbers, training and reports): each test reproduces a finding and
+checks the fix, numbers against float64 numpy or WeightWatcher's rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from spectra.distributed import DistContext, broadcast
+from spectra.engine import exact_spectra
+from spectra.errors import DistributedError
+from spectra.metrics import energy_rank, numerical_rank
+from spectra.sketch import approx_energy_ranks, randomized_svd
+from spectra.synthetic import LlamaShape, make_llama_pair
+from spectra_cli.main import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _planted(m: int, n: int, s: np.ndarray, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((m, len(s))))
+    V, _ = np.linalg.qr(rng.standard_normal((n, len(s))))
+    return torch.from_numpy((U * s) @ V.T).to(dtype)
+
+
+# ---- approximate mode at τ = 1 --------------------------------------------------------------------
+def test_approx_numerical_rank_bounds_hold_when_the_tail_is_below_float32_rounding():
+    """The energy outside the sketch is ‖M‖² minus the sketch's Σσ̂² (float32 values): a tail below that
+    difference's rounding came out as 0 and the bounds at τ = 1 closed on the sketch's width ([64, 64]
+    for a true 264; [256, 256] for 400) while claiming to be exact."""
+    s = 1.0 / np.arange(1, 1001) ** 2.0  # smallest 1e-6, the float64 resolution 4.7e-7: numerical rank 1000
+    M = _planted(1000, 1400, s).float()
+    ref = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    truth = numerical_rank(ref, 1000)
+    assert truth == 1000
+    a = approx_energy_ranks(M, (0.9, 1.0), generator=torch.Generator().manual_seed(0))
+    r = a.ranks[1.0]
+    assert r.lo <= truth <= r.hi, r
+    r9 = a.ranks[0.9]
+    assert r9.lo <= energy_rank(ref, 0.9) <= r9.hi
+
+
+def test_approx_cli_at_tau_one_is_not_marked_exact_wrongly(tmp_path):
+    """The CLI case: 64 values of 0.05 and 200 of 5e-6 (all above the resolution) in float64."""
+    s = np.r_[np.full(64, 0.05), np.full(200, 5e-6)]
+    dW = _planted(600, 800, s, seed=3)
+    base = torch.from_numpy(np.random.default_rng(1).standard_normal((600, 800)))
+    save_file({"model.layers.0.mlp.down_proj.weight": base}, str(tmp_path / "b.safetensors"))
+    save_file({"model.layers.0.mlp.down_proj.weight": base + dW}, str(tmp_path / "t.safetensors"))
+    res = _run("diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--approx", "-t", "1.0",
+               "--out", str(tmp_path / "d"), "--no-plots")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "d" / "results.json").read_text())["modules"][0]
+    truth = numerical_rank(np.linalg.svd((base + dW - base).numpy(), compute_uv=False), 600)
+    lo, hi = m["energy_rank_bounds"]["1.0"]
+    assert truth == 264 and lo <= truth <= hi, m["energy_rank_bounds"]
+
+
+# ---- precisions and methods outside float32's range ----------------------------------------------
+@pytest.mark.parametrize("backend", ["lapack", "torch"])
+@pytest.mark.parametrize("scale", [3e-22, 1e20])
+def test_certified_path_scales_a_gram_outside_float32s_normal_range(backend, scale):
+    """The certified path rounds the float64 Gram matrix to float32: at σ ≈ 3e-22 its entries were
+    subnormal (absolute rounding, which the relative certificate does not cover: energy rank 35 for 36,
+    values off by 0.9%, certified); at σ ≈ 1e20 they overflowed (LinAlgError)."""
+    s = np.linspace(1.0, 0.8, 40) * scale  # a flat spectrum: the energy ranks are sensitive to each value
+    M = _planted(40, 60, s, seed=2, dtype=torch.float32)
+    ref = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    out = exact_spectra(M.unsqueeze(0), precision="certified", backend=backend)
+    S = out.S[0]
+    np.testing.assert_allclose(S, ref, rtol=1e-4)
+    for tau in (0.5, 0.9, 0.99):
+        assert energy_rank(S, tau) == energy_rank(ref, tau)
+
+
+@pytest.mark.parametrize("scale", [1e40, 1e-50])
+def test_svd_method_in_float32_scales_float64_input(scale):
+    """--method svd --precision float32 cast float64 weights to float32: at 1e40 inf (energy ranks 1, MKL
+    errors on stdout), at 1e-50 zero (every ΔW "identical")."""
+    s = np.geomspace(1.0, 1e-3, 30) * scale
+    M = _planted(30, 50, s, seed=4)
+    out = exact_spectra(M.unsqueeze(0), precision="float32", method="svd")
+    S = out.S[0]
+    np.testing.assert_allclose(S, np.linalg.svd(M.numpy(), compute_uv=False), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e40, 1e-50])
+def test_randomized_svd_scales_float64_input(scale):
+    s = np.geomspace(1.0, 1e-12, 300) * scale  # fast decay: the sketch is accurate, only the range is in question
+    M = _planted(300, 400, s, seed=5)
+    t = randomized_svd(M, 5, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(t.S, s[:5], rtol=1e-4)
+    assert np.all(np.isfinite(t.residual)) and np.all(t.residual <= 1e-3 * t.S)
+
+
+def test_approx_weight_spectra_say_why_they_are_missing(tmp_path):
+    """--approx --weight-spectra gave null base/tuned singular values with no word."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 96, generator=g)
+    save_file({"model.layers.0.self_attn.q_proj.weight": W}, str(tmp_path / "b.safetensors"))
+    save_file({"model.layers.0.self_attn.q_proj.weight": W + 0.01 * torch.randn(64, 96, generator=g)},
+              str(tmp_path / "t.safetensors"))
+    res = _run("diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--approx", "--weight-spectra",
+               "--out", str(tmp_path / "d"), "--no-plots")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "d" / "results.json").read_text())["modules"][0]
+    assert m["base_singular_values"] is None and "weight spectra not computed in the approximate mode" in m["note"]
+
+
+# ---- the distributed run ---------------------------------------------------------------------------
+def test_broadcast_failure_on_rank_0_blames_another_rank():
+    """Rank 0 said "rank 0 failed or was killed" when another rank had failed (here: no group at all)."""
+    with pytest.raises(DistributedError) as info:
+        broadcast(DistContext(0, 2, 0, "gloo", False), ["x"], where="reading the journal")
+    assert "another rank failed" in str(info.value) and "rank 0 failed" not in str(info.value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def small_pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pairs")
+    shape = LlamaShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=128)
+    a = make_llama_pair(root / "a", shape=shape, seed=1)
+    b = make_llama_pair(root / "b", shape=shape, seed=1, rel_update=0.05)
+    return a, b
+
+
+def _two_ranks(args0: list[str], args1: list[str], out) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "spectra", "diff", *args, "--out", str(out), "--no-plots", "--distributed"],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r, args in enumerate((args0, args1))]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=300), *p.communicate()) for p in procs]
+
+
+@pytest.mark.parametrize("case", ["tuned", "options"])
+def test_ranks_given_other_inputs_are_refused(small_pairs, tmp_path, case):
+    """A rank given another TUNED (a stale copy on one node) had its results merged silently (exit 0,
+    22 of 44 matrices from the other pair); other options crashed with KeyError or left duplicates."""
+    (base, tuned), (_, other) = small_pairs
+    args0 = [str(base), str(tuned)]
+    args1 = [str(base), str(other)] if case == "tuned" else [str(base), str(tuned), "-t", "0.8"]
+    done = _two_ranks(args0, args1, tmp_path / "d")
+    for p in done:
+        assert p.returncode != 0, p.stderr[-2000:]
+        assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "rank(s) 1 of the distributed run were given other inputs or options" in done[0].stderr, done[0].stderr[-2000:]
+    assert not (tmp_path / "d" / "results.json").exists() or not json.loads((tmp_path / "d" / "results.json").read_text())["modules"]
+
+
+def test_ranks_with_copies_of_the_same_files_agree(small_pairs, tmp_path):
+    """The check compares content, not paths: rank 1 reading its own copy (another path, another
+    modification time) runs, and the results equal one process's."""
+    (base, tuned), _ = small_pairs
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tuned, copy)
+    os.utime(copy / "model.safetensors", (1, 1))
+    done = _two_ranks([str(base), str(tuned)], [str(base), str(copy)], tmp_path / "d")
+    assert all(p.returncode == 0 for p in done), [p.stderr[-2000:] for p in done]
+    res = _run("diff", str(base), str(tuned), "--out", str(tmp_path / "one"), "--no-plots")
+    assert res.exit_code == 0
+    strip = lambda f: sorted((m["name"], m["energy_rank"], m["fro_norm"]) for m in json.loads(f.read_text())["modules"])  # noqa: E731
+    assert strip(tmp_path / "d" / "results.json") == strip(tmp_path / "one" / "results.json")
+
+
+def test_resume_keeps_one_record_per_matrix(small_pairs, tmp_path):
+    """A journal with a repeated line (edited, or concatenated) gave results.json and results.csv the
+    same matrix twice."""
+    (base, tuned), _ = small_pairs
+    out = tmp_path / "d"
+    assert _run("diff", str(base), str(tuned), "--out", str(out), "--no-plots").exit_code == 0
+    journal = out / "results.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    record = next(line for line in lines if '"module"' in line)
+    journal.write_text("".join(lines) + record)
+    res = _run("diff", str(base), str(tuned), "--out", str(out), "--no-plots", "--resume")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in doc["modules"]]
+    assert len(names) == len(set(names))
+    assert any("repeated record" in w for w in doc["warnings"])
+    rows = (out / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == len(names)
+
+
+def test_plan_counts_the_tied_head_pair(tmp_path):
+    """--plan paired without the tied-head rule and left out the largest pair (the head against a tied
+    base's embedding), which the run analyses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=300)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=True))
+    base.save_pretrained(tmp_path / "base")
+    tuned = LlamaForCausalLM(LlamaConfig(**kw, tie_word_embeddings=False))
+    sd = {k: v + 0.01 * torch.randn_like(v) if v.ndim == 2 else v for k, v in base.state_dict().items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"] + 0.01 * torch.randn_like(sd["model.embed_tokens.weight"])
+    tuned.load_state_dict(sd)
+    tuned.save_pretrained(tmp_path / "tuned")
+    res = _run("diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(tmp_path / "d"), "--no-plots", "--json")
+    assert res.exit_code == 0, res.output
+    analysed = len(json.loads((tmp_path / "d" / "results.json").read_text())["modules"])
+    plan = _run("diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--plan", "--json")
+    assert plan.exit_code == 0, plan.output
+    doc = json.loads(plan.output)
+    counted = doc["matrices"]
+    assert counted == analysed == 16, (counted, analysed, plan.output[:500])
