@@ -159,6 +159,8 @@ def _ks_distances(x: np.ndarray, alphas: np.ndarray, rows: np.ndarray) -> np.nda
                 inv_n = 1.0 / (N - i).astype(np.float64)
                 E = np.subtract.outer(-logx[i], -logx[i0:])  # (b, T): ln x_j − ln x_i
                 E *= (1.0 - a)[:, None]
+                if np.isinf(a).any():  # a tail of equal values (α = ∞): (x_j/x_i)^(−∞) is 1 at a tie, as WWFit's
+                    E[np.isnan(E)] = 0.0  # power gives, not NaN (a NaN D would win np.argmin)
                 np.exp(E, out=E)  # (x_j / x_i)^(1 − α): the fitted CCDF, so 1 − E is the fitted CDF
                 # 1 − E − (j − i)/n, with (j − i)/n = (j − i0)/n − (i − i0)/n
                 np.subtract((1.0 + (i - i0) * inv_n)[:, None], E, out=E)
@@ -209,7 +211,8 @@ def _small_n_fit(x: np.ndarray) -> PowerLawFit | None:
 
     The tail estimate is bias-corrected, ``α = 1 + (n − 1) / Σ ln(x_j / x_i)``; candidates with a tail
     shorter than :data:`SMALL_N_MIN_TAIL` or a degenerate one keep ``α = 0, D = 1``; when none is left the
-    whole sample is fitted as one tail. Returns None where WeightWatcher's fit fails (N < 2).
+    whole sample is fitted as one tail. Returns None where WeightWatcher's fit fails (N < 2) and where
+    every eigenvalue is equal (WeightWatcher's α = 0 there would flag the matrix over-trained).
     """
     N = x.size
     if N < 2:
@@ -237,9 +240,10 @@ def _small_n_fit(x: np.ndarray) -> PowerLawFit | None:
         any_candidate = True
     if not any_candidate:  # fit_powerlaw_smallN's fallback: the whole sample as the tail
         s = float(np.sum(logx) - N * logx[0])
-        if s > 1e-12:
-            alphas[0] = 1.0 + (N - 1.0) / s
-            Ds[0] = ks(0, alphas[0])
+        if s <= 1e-12:  # every eigenvalue equal: no tail (WWFit's α = 0 here would read as over-trained)
+            return None
+        alphas[0] = 1.0 + (N - 1.0) / s
+        Ds[0] = ks(0, alphas[0])
     i = int(np.argmin(Ds))
     n_tail = N - i
     alpha = float(alphas[i])
@@ -302,9 +306,7 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
         return _failed(xmin, N, f"{N} eigenvalue(s) above {thresh:g}; a power-law fit needs at least 2", xmax)
     if xmin == "fit" and N < SMALL_N_CUTOFF:
         fit = _small_n_fit(x)
-        if fit is None:  # pragma: no cover - N >= 2 here
-            return _failed(xmin, N, "small-sample fit failed", xmax)
-        if not math.isfinite(fit.alpha):
+        if fit is None or not math.isfinite(fit.alpha):  # N >= 2 here: every eigenvalue equal
             return _failed(xmin, N, "α is not finite (equal eigenvalues in the tail)", xmax)
         return fit
     if xmin == "mid":
@@ -354,7 +356,7 @@ class MPFit:
     softrank: float
 
 
-def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int]) -> MPFit | None:
+def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, zero_at: float = 0.0) -> MPFit | None:
     """Fit the Marchenko–Pastur law to the bulk of an ESD and count the spikes above it.
 
     If ``W`` (N × M, N ≥ M) had i.i.d. entries of variance s², the eigenvalues of ``WᵀW`` would fill
@@ -373,13 +375,16 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int]) -> 
     Args:
         evals: all ``M = min(shape)`` eigenvalues ``λ = σ²`` (zeros included), any order.
         shape: ``(out, in)`` of the matrix.
+        zero_at: eigenvalues at or below this are zero (the solver's rounding level).
 
     Returns:
-        An :class:`MPFit`, or None when ``min(shape) < 2`` or every eigenvalue is 0.
+        An :class:`MPFit`, or None when ``min(shape) < 2`` or the median eigenvalue is 0: a matrix of rank
+        at most M/2 has no noise bulk to fit (its "median" would be rounding noise, and every
+        eigenvalue above it a spike).
     """
     lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
     N, M = max(shape), min(shape)
-    if M < 2 or lam.size == 0 or lam[-1] <= 0.0:
+    if M < 2 or lam.size == 0 or not float(np.median(lam)) > zero_at:
         return None
     mu = mp_median(M / N)
     n1 = max(N - 1, 1)
@@ -562,7 +567,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         alpha_weighted = fit.alpha * log_spec if log_spec is not None else None
         with np.errstate(over="ignore", divide="ignore"):
             log_alpha_norm = _log10(float(np.sum(np.power(lam, fit.alpha))))
-    mp = mp_bulk_fit(lam, shape)
+    mp = mp_bulk_fit(lam, shape, zero_at=max(floor, resolution**2))
     return EsdMetrics(
         N=N, M=M, num_evals=M, num_fit_evals=fit.n_fit,
         alpha=fit.alpha, D=fit.D, xmin=fit.xmin, xmax=fit.xmax, sigma=fit.sigma,

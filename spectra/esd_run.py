@@ -188,6 +188,11 @@ def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor |
             # float32 squares cannot overflow float64; float64 weights near 1e154 make λ = σ² (and the Gram) overflow
             out.append((unit, task, None, f"weights too large: ‖W‖_F² exceeds {GRAM_LIMIT:.0e}, so the eigenvalues "
                                           "λ = σ² overflow float64; rescale the weights"))
+        elif m.dtype == torch.float64 and 0.0 < float(m.abs().max()) * m.numel() ** 0.5 < GRAM_LIMIT**-0.5:
+            # and near 1e-154 they underflow: λ = σ² rounds to subnormals or 0 (a full-rank matrix read as zero;
+            # torch's vector_norm squares unscaled, so the bound is from the largest entry: ‖W‖_F <= max·√n)
+            out.append((unit, task, None, f"weights too small: ‖W‖_F² is below {1.0 / GRAM_LIMIT:.0e}, so the eigenvalues "
+                                          "λ = σ² underflow float64; rescale the weights"))
         else:
             out.append((unit, task, m, ""))
     return out
@@ -246,6 +251,11 @@ def esd(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
+    factors = [n for n in ckpt.tensors if ".lora_A." in n or ".lora_B." in n or ".lora_embedding_" in n]
+    if factors and len(factors) * 2 >= len(ckpt.tensors):  # an adapter's weights file given alone
+        raise ConfigError(f"holds LoRA factors ({factors[0]}, …): esd fits full weight matrices, and a rank-r "
+                          "factor's spectrum says nothing of the model's", path=ckpt.root,
+                          hint="merge the adapter into its base first, or use `spectra diff BASE ADAPTER_FOLDER --esd`")
     pairing = pair_checkpoints(ckpt, ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
                        split_fused=config.split_fused)

@@ -28,6 +28,7 @@ The output folder's checks and the inputs' norms live in :mod:`spectra.extract_i
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import threading
 import time
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates
+from spectra.adapter_diff import adapter_updates, non_finite_factor
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
@@ -91,6 +92,7 @@ from spectra.io.peft_writer import (
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.lowrank import (
+    VLLM_RANKS,
     GramEig,
     Triplets,
     eig_factors,
@@ -361,11 +363,21 @@ def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
         if i in run.spectra and i in run.factors:
             continue
         mod = src.mods[t.order]
+        why = non_finite_factor(mod)
+        if why:  # as spectra diff skips it: no adapter can hold an undefined update
+            run.skip(i, why)
+            continue
         base_fro = tensor_fro(src.base, t.base_name)
+        if base_fro is not None and not math.isfinite(base_fro):  # a LoRA's update does not need the base
+            base_fro = None
         if mod.magnitude is not None:  # DoRA: ΔW depends on the base; dense
             W = src.base.load(t.base_name).to(torch.float32)
             W = W.mT if t.conv1d else W
             delta = mod.dora_delta(W).to(device)
+            if not bool(torch.isfinite(delta).all()):
+                run.skip(i, f"the DoRA update of {mod.module} is not finite (its base weight {t.base_name} holds NaN or "
+                            "Inf, or the update overflows float32)")
+                continue
             eig = gram_eig(delta)
             k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
             run.add_spectrum(i, eig.S, eig.total, "dora/gram-eigh/float64", base_fro=base_fro, note=t.note, exp=eig.exp)
@@ -373,6 +385,10 @@ def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
             continue
         Bf, Af = mod.factors()
         tr = factored_triplets(Bf.to(device), Af.to(device), mod.scale, k=t.p)
+        if not (math.isfinite(tr.total) and np.isfinite(tr.S).all()):
+            run.skip(i, f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r); "
+                        "check lora_alpha in adapter_config.json")
+            continue
         S = np.zeros(t.p)
         S[: min(t.p, tr.S.size)] = tr.S[: t.p]
         run.add_spectrum(i, S, tr.total, "factored", base_fro=base_fro, note=f"LoRA r={mod.r}, scale={mod.scale:g}")
@@ -482,6 +498,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
     result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
+    asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
+    if config.serving == "vllm" and asked is not None and any(ranks[i] != asked for i in usable):
+        result.warnings.append(f"--rank {asked} rounded up to {max(ranks[i] for i in usable)}: the ranks vLLM accepts are "
+                               f"{', '.join(map(str, VLLM_RANKS))} (drop --serving vllm to keep {asked})")
     if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)

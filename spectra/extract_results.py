@@ -24,6 +24,7 @@ import torch
 from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
+from spectra.io.jsonfile import finite_or_null
 from spectra.lowrank import (
     VLLM_RANKS,
     Allocation,
@@ -97,7 +98,14 @@ class ExtractResult:
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write ``extract.json``, ``extract.csv`` and (``plots``) the figures, each atomically."""
         out = Path(out_dir)
-        files = {"json": atomic_write_text(out / "extract.json", json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
+        doc = self.to_dict()
+        try:
+            text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # an undefined number (a base norm of a weight holding Inf): null, said once
+            doc = finite_or_null(doc)
+            doc["warnings"].append("some numbers were not finite (NaN or Inf in an input) and are written as null")
+            text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+        files = {"json": atomic_write_text(out / "extract.json", text + "\n"),
                  "csv": atomic_write_text(out / "extract.csv", rows_to_csv(self.rows()))}
         if plots and self.modules:
             from spectra.plots.extract import save_extract_plots

@@ -227,3 +227,154 @@ def test_plan_counts_the_tied_head_pair(tmp_path):
     doc = json.loads(plan.output)
     counted = doc["matrices"]
     assert counted == analysed == 16, (counted, analysed, plan.output[:500])
+
+
+# ---- esd: ties, equal spectra, tiny weights, rank-deficient bulks -----------------------------------
+def _wwfit(lam: np.ndarray):
+    import contextlib
+    import io
+
+    ww = pytest.importorskip("weightwatcher")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return ww.WW_powerlaw.WWFit(np.sort(lam))
+
+
+def _esd(tmp_path, tensors: dict, *args: str) -> dict:
+    f = tmp_path / "w.safetensors"
+    save_file({k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in tensors.items()}, str(f))
+    res = _run("esd", str(f), "--json", "--no-plots", *args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def test_esd_fit_with_tied_top_eigenvalues_matches_weightwatcher(tmp_path):
+    """A tail of equal eigenvalues has α = ∞; its KS distance came out NaN (exp(−∞·0)), NaN won np.argmin,
+    and every matrix whose top eigenvalues tie (σ₁ = σ₂, kron(I, D), circulant matrices) got α = null.
+    WWFit's power gives 1 at a tie (D = (n−1)/n) and a finite α wins."""
+    rng = np.random.default_rng(1)
+    s = np.sort(np.sqrt((1 - rng.random(100)) ** (-1 / 1.5)))[::-1]
+    d = s.copy()
+    d[1] = d[0]
+    mats = {"l.0.tie.weight": np.diag(d), "l.1.kron.weight": np.kron(np.eye(2), np.diag(s[:50]))}
+    doc = _esd(tmp_path, mats)
+    for m in doc["matrices"]:
+        lam = np.linalg.svd(mats[m["name"]], compute_uv=False) ** 2
+        ref = _wwfit(lam[lam > 1e-5])
+        assert m["alpha"] is not None, m
+        assert m["alpha"] == pytest.approx(ref.alpha, rel=1e-9) and m["D"] == pytest.approx(ref.D, rel=1e-9)
+
+
+def test_esd_small_all_equal_spectrum_is_not_flagged_over_trained(tmp_path):
+    """Fewer than 20 equal eigenvalues: the small-sample fit had no candidate and returned α = 0, "success",
+    warning over-trained (the −1/0 flag the docs say spectra does not give); with 20 or more it was null."""
+    doc = _esd(tmp_path, {"l.0.a.weight": np.eye(8, dtype=np.float32), "l.0.b.weight": 3 * np.eye(16, dtype=np.float32)})
+    for m in doc["matrices"]:
+        assert m["alpha"] is None and m["status"] == "failed" and m["warning"] != "over-trained", m
+        assert "equal eigenvalues" in m["fit_note"]
+
+
+def test_esd_float64_weights_whose_squares_underflow_are_skipped(tmp_path):
+    """float64 weights near 2^-600: λ = σ² underflowed and the matrix was reported as zero (rank 0, σ_max 0),
+    with no word (torch's vector_norm squares unscaled, so the existing check saw ‖W‖ = 0)."""
+    W = np.random.default_rng(2).standard_normal((200, 100)) * 2.0**-600
+    doc = _esd(tmp_path, {"l.0.tiny.weight": W, "l.0.ok.weight": np.random.default_rng(3).standard_normal((50, 40))})
+    assert [m["name"] for m in doc["matrices"]] == ["l.0.ok.weight"]
+    (skip,) = doc["skipped"]
+    assert skip["name"] == "l.0.tiny.weight" and "weights too small" in skip["reason"]
+
+
+def test_esd_mp_bulk_of_a_low_rank_matrix_is_not_fitted_to_rounding_noise(tmp_path):
+    """A rank-4 64 × 48 float64 matrix: the Marchenko–Pastur fit took the median eigenvalue (rounding
+    noise, 3e-31) as the bulk and counted 15 "spikes" for 4 nonzero eigenvalues."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((64, 4)) @ rng.standard_normal((4, 48))
+    (m,) = _esd(tmp_path, {"l.0.low.weight": W})["matrices"]
+    assert m["matrix_rank"] == np.linalg.matrix_rank(W) == 4
+    assert m["mp_num_spikes"] is None and m["mp_sigma2"] is None
+    # a full-rank noise matrix keeps its fit (0 spikes above the Tracy–Widom edge)
+    (m,) = _esd(tmp_path, {"l.0.noise.weight": rng.standard_normal((300, 100))})["matrices"]
+    assert m["mp_num_spikes"] == 0 and m["mp_sigma2"] == pytest.approx(1.0, rel=0.15)
+
+
+def test_esd_refuses_an_adapter_weights_file(tmp_path):
+    """The adapter folder was refused, its adapter_model.safetensors given alone was fitted as if its
+    r-row factors were weight matrices (7 of 12 flagged over-trained)."""
+    g = torch.Generator().manual_seed(0)
+    f = tmp_path / "adapter_model.safetensors"
+    pre = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{pre}.lora_A.weight": torch.randn(4, 32, generator=g), f"{pre}.lora_B.weight": torch.randn(32, 4, generator=g)},
+              str(f))
+    res = _run("esd", str(f), "--no-plots")
+    assert res.exit_code == 1 and "holds LoRA factors" in res.output and "Traceback" not in res.output, res.output
+
+
+# ---- extract from an adapter: undefined updates -----------------------------------------------------
+def _lora(tmp_path, name: str, *, nan: bool = False, alpha: float = 16.0, base_inf: bool = False, dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=300)
+    base = tmp_path / f"{name}_base"
+    model = LlamaForCausalLM(cfg)
+    if base_inf:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=dora))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ad = tmp_path / f"{name}_ad"
+    peft.save_pretrained(ad)
+    if nan:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ad / "adapter_model.safetensors"))
+        key = next(k for k in sd if "layers.0.self_attn.q_proj.lora_B" in k)
+        sd[key][0, 0] = float("nan")
+        save_file(sd, str(ad / "adapter_model.safetensors"))
+    if alpha != 16.0:
+        c = json.loads((ad / "adapter_config.json").read_text())
+        c["lora_alpha"] = alpha
+        (ad / "adapter_config.json").write_text(json.dumps(c))
+    return base, ad
+
+
+@pytest.mark.parametrize("case", ["nan_factor", "nan_dora", "inf_base", "alpha_overflow"])
+def test_extract_from_an_adapter_skips_undefined_updates(tmp_path, case):
+    """NaN in lora_B: linalg.svd traceback; NaN in a DoRA factor: "dsterf did not converge"; an Inf in the
+    base beside a healthy LoRA: extract.json lost (Inf not JSON) after the adapter was written; lora_alpha
+    1e308 with --dtype float64 --force: 12 of 12 factors written as inf, then the same crash."""
+    base, ad = _lora(tmp_path, case, nan=case.startswith("nan"), dora=case == "nan_dora", base_inf=case == "inf_base",
+                     alpha=1e308 if case == "alpha_overflow" else 16.0)
+    out = tmp_path / "x"
+    res = _run("extract", str(base), str(ad), "-r", "2", "--dtype", "float64", "-o", str(out), "--no-plots")
+    assert "Traceback" not in res.output, res.output
+    if case == "alpha_overflow":  # every module overflows: nothing to extract, one line
+        assert res.exit_code == 1 and "overflows float64" in res.output, res.output
+        assert not (out / "adapter_model.safetensors").exists()
+        return
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "extract.json").read_text())
+    if case == "inf_base":
+        assert len(doc["modules"]) == 4 and all(m["rel_norm"] is None for m in doc["modules"] if m["name"].startswith(
+            "model.layers.0.self_attn.q_proj"))
+    else:
+        assert [m["name"] for m in doc["not_extracted"]] == ["model.layers.0.self_attn.q_proj.weight"], doc["not_extracted"]
+        assert len(doc["modules"]) == 3
+    from safetensors.torch import load_file
+
+    assert all(bool(torch.isfinite(v).all()) for v in load_file(str(out / "adapter_model.safetensors")).values())
+
+
+def test_extract_serving_vllm_says_it_rounded_the_rank(small_pairs, tmp_path):
+    """--serving vllm -r 3 wrote r = 8 (vLLM's smallest) with no word; extract.json's config still said 3."""
+    (base, tuned), _ = small_pairs
+    res = _run("extract", str(base), str(tuned), "-r", "3", "--serving", "vllm", "-o", str(tmp_path / "x"), "--no-plots")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "x" / "extract.json").read_text())
+    assert {m["rank"] for m in doc["modules"]} == {8}
+    assert any("--rank 3 rounded up to 8" in w for w in doc["warnings"]), doc["warnings"]
