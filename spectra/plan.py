@@ -129,6 +129,30 @@ def segment_ends(costs: Sequence[float], rounds: int) -> list[int]:
     return ends
 
 
+def _cpu_rates(M: torch.Tensor, precision: str) -> tuple[float, float]:
+    """``(gram_rate, eig_rate)`` of the CPU run's own route: a batch of copies of ``M`` (``(p, 4p)``)
+    through :func:`spectra.engine.exact_spectra` (LAPACK in worker threads, one BLAS thread each), as
+    many as it runs at once, so the rates are wall-clock rates with the workers' parallelism in
+    them. The wall time is shared between Gram and eigensolve as the workers' own timings are (a
+    multithreaded torch eigensolve timed alone, the earlier probe, is another solver: estimates 1-8x off)."""
+    from spectra.engine import exact_spectra
+
+    p, n = M.shape
+    k = max(2, torch.get_num_threads())  # the engine's workers (one per torch thread)
+    mats = M.unsqueeze(0).expand(k, p, n).contiguous()
+    prec = precision if precision in ("float64", "float32", "certified") else "float64"
+    exact_spectra(mats[:1], precision=prec, device="cpu", metrics=False)  # warm-up (libraries, thread pool)
+    walls, shares = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        out = exact_spectra(mats, precision=prec, device="cpu", metrics=False)
+        walls.append(time.perf_counter() - start)
+        g, e = float(np.sum(out.gram_seconds)), float(np.sum(out.eig_seconds))
+        shares.append(g / max(g + e, 1e-12))
+    wall, share = float(np.median(walls)), float(np.median(shares))
+    return k * n * p * p / max(wall * share, 1e-9), k * p**3 / max(wall * (1.0 - share), 1e-9)
+
+
 def _median_time(fn, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -154,6 +178,13 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     p = size or (4096 if device.type == "cuda" else 512)
     g = torch.Generator(device="cpu").manual_seed(0)
     M = torch.randn(p, 4 * p, generator=g, dtype=torch.float32).to(device)
+    if device.type == "cpu":
+        gram_rate, eig_rate = _cpu_rates(M, precision)
+        io_rate = CostModel.default(device).io_rate
+        if io_probe is not None:
+            read, nbytes = io_probe
+            io_rate = nbytes / max(_median_time(read, repeats=2), 1e-6)
+        return CostModel(gram_rate=gram_rate, eig_rate=eig_rate, io_rate=io_rate, device=str(device), precision=precision)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -378,3 +378,27 @@ def test_extract_serving_vllm_says_it_rounded_the_rank(small_pairs, tmp_path):
     doc = json.loads((tmp_path / "x" / "extract.json").read_text())
     assert {m["rank"] for m in doc["modules"]} == {8}
     assert any("--rank 3 rounded up to 8" in w for w in doc["warnings"]), doc["warnings"]
+
+
+def test_plan_calibrates_the_cpu_run_on_its_own_route(monkeypatch):
+    """--plan timed torch's multithreaded eigvalsh alone while the CPU run solves with LAPACK in worker
+    threads (estimates 11 s for a 7 s decomposition here, 1-8x off under load): it now times the run's
+    own route, exact_spectra on a batch of as many matrices as it solves at once."""
+    import spectra.engine
+    from spectra.plan import calibrate
+
+    calls = []
+    real = spectra.engine.exact_spectra
+
+    def spy(mats, **kw):
+        calls.append((len(mats), kw.get("precision")))
+        return real(mats, **kw)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the CPU run does not use torch.linalg.eigvalsh")
+
+    monkeypatch.setattr(spectra.engine, "exact_spectra", spy)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", forbidden)
+    cost = calibrate(torch.device("cpu"), "float64", size=64)
+    assert calls and all(p == "float64" for _, p in calls) and max(n for n, _ in calls) >= 2
+    assert np.isfinite([cost.gram_rate, cost.eig_rate]).all() and min(cost.gram_rate, cost.eig_rate) > 0
