@@ -644,9 +644,10 @@ def _refined(delta: torch.Tensor, n: int, k: int) -> Triplets:
 def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: float = 1e-3) -> Triplets:
     """Top-k triplets of a large ΔW by :func:`spectra.sketch.randomized_svd` (power iterations grown
     until every value's certified residual is within ``tol`` of it), with the exact ``‖ΔW‖²_F``.
-    The energy kept, ``Σ σ̂ᵢ²``, is exactly that of the returned factors' product (the projection of
-    ΔW on the sketch's top singular subspace), and a lower bound of the optimal rank-k energy. The sketch
-    runs in float32: a ΔW whose squares would leave float32's range is scaled first (``exp``)."""
+    The energy kept, ``Σ σ̂ᵢ²``, is that of the returned factors' product (the projection of ΔW on the
+    sketch's top singular subspace) and a lower bound of the optimal rank-k energy, both up to the float32
+    sketch's rounding (measured ~1e-8 relative above the optimum on a 600 × 500 ΔW). The sketch runs in
+    float32: a ΔW whose squares would leave float32's range is scaled first (``exp``)."""
     e, dtype = squaring_exponent(delta, np.float32), delta.dtype
     delta = scale_pow2(delta, -e) if e else delta
     total = fro_norm(delta) ** 2
