@@ -5,11 +5,15 @@ within a parameter budget, written as ``r``, ``rank_pattern``, ``alpha_pattern``
 From each module's record: ``energy_rank[τ]`` when the diff computed that threshold, else the rank
 read off its top singular values and ``fro_norm`` (when they reach τ). Fused matrices the diff split
 (``qkv_proj:q``…) are trained whole by PEFT: the whole module gets the sum of its parts' ranks (a
-rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in). With a budget,
-components are spread by :func:`spectra.lowrank.allocate_budget` over the singular values the results
-hold (``--top-k`` of the diff), each module capped at its τ rank; a part's component costs its whole
-module's ``out + in``. Alphas follow ``alpha = alpha_ratio · r`` (Biderman et al. 2024 train with
-``alpha = 2r``); rsLoRA on request.
+rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in) and ``--max-rank``.
+With a budget, components are spread by :func:`spectra.lowrank.allocate_budget` over the singular values
+the results hold (``--top-k`` of the diff), each module capped at its τ rank and ``--max-rank``; a fused
+module's parts pool their values (a component of any part costs the whole module's ``out + in``).
+Matrices whose update is at the rounding level of their storage dtype (the rule of spectra diff's
+findings, :func:`spectra.findings.analysed`) get no components: their spectrum is rounding noise.
+Sums of σ² are scaled by a power of two (:func:`spectra.metrics.square_scale_exponent`), so that
+float64 updates near 1e200 do not overflow. Alphas follow ``alpha = alpha_ratio · r`` (Biderman et
+al. 2024 train with ``alpha = 2r``); rsLoRA on request.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from typing import Any
 import numpy as np
 
 from spectra.errors import ConfigError
+from spectra.findings import analysed
 from spectra.io.jsonfile import load_json
 from spectra.io.peft_writer import target_modules
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
-from spectra.metrics import threshold_key
+from spectra.metrics import square_scale_exponent, threshold_key
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
 
@@ -66,7 +71,10 @@ def _part_rank(m: dict, tau: float) -> int:
         return int(ranks[key])
     S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
     shape = m.get("shape")
-    r = energy_rank_top(S, float(m["fro_norm"]) ** 2, tau, min(shape) if isinstance(shape, list) and shape else None)
+    fro = float(m["fro_norm"])
+    e = square_scale_exponent(np.append(S, fro))  # ranks are scale-free; σ² of a 1e200 update is inf
+    r = energy_rank_top(np.ldexp(S, -e), float(np.ldexp(fro, -e)) ** 2, tau,
+                        min(shape) if isinstance(shape, list) and shape else None)
     if r is None:
         raise ConfigError(f"τ = {tau:g} is not among the results' thresholds ({', '.join(ranks) or 'none'}) and the "
                           f"{S.size} singular values kept for {m['name']} do not reach it",
@@ -113,11 +121,14 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if doc.get("schema") != DIFF_SCHEMA:
         raise ConfigError(f"not the results of spectra diff (schema {doc.get('schema')!r})", path=where,
                           hint="pass the results.json written by spectra diff --out DIR")
-    DiffResult.from_dict(doc, source=where)  # every key it reads, typed: an edited file is one line, not a traceback
+    res = DiffResult.from_dict(doc, source=where)  # every key it reads, typed: an edited file is one line, not a traceback
     if doc.get("complete") is False:  # an interrupted run: a config from part of the model would mislead
         raise ConfigError("these results are of a run that did not finish (complete: false)", path=where,
                           hint="finish it first: spectra diff BASE TUNED --out DIR --resume")
     notes: list[str] = []
+    # rounding noise, decided as diff's findings decide it: a nonzero update that is not "analysed"
+    kept_names = {m.name for m in analysed(res)}
+    noise = {m.name for m in res.modules if m.fro_norm and m.name not in kept_names}
     whole: dict[str, dict] = {}  # module path -> {"shape": [out, in], "parts": [records]}
     for m in doc.get("modules", []):
         name = m["name"]
@@ -137,9 +148,19 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         e = whole[path]
         per = []
         for m in e["parts"]:
-            r = _part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or [])
-            per.append(0 if m["fro_norm"] == 0 else r)
+            if m["fro_norm"] == 0 or m["name"] in noise:
+                per.append(0)
+                continue
+            per.append(_part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or []))
         caps.append(per)
+    noisy = [p for p in paths if any(m["name"] in noise for m in whole[p]["parts"])]
+    if noisy:
+        left = [p for p, per in zip(paths, caps) if p in noisy and not any(per)]
+        shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+        count = sum(m["name"] in noise for p in noisy for m in whole[p]["parts"])
+        notes.append(f"{count} matrices are at the rounding level of their storage dtype (rounding noise, not a "
+                     "learned update; spectra diff warns of them) and get no rank"
+                     + (f": {len(left)} modules left out of target_modules ({shown})" if left else ""))
     cost = {p: whole[p]["out"] + whole[p]["in"] for p in paths}
     full = sum(whole[p]["out"] * whole[p]["in"] for p in paths)
     ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
@@ -150,15 +171,18 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             raise ConfigError(f"--{exc}") from None
         spend = sum(ranks[p] * cost[p] for p in paths)
         if energy is None and spend + min(cost.values()) <= n:
-            _beyond_kept(budget, n, doc, paths, whole, where)  # the ranks stop where the kept values do
+            _beyond_kept(budget, n, doc, paths, whole, where, noise)  # the ranks stop where the kept values do
         if spend > n:
-            gains, costs, owner = [], [], []
+            # one power of two for every module (the greedy compares their σ² with each other)
+            e = square_scale_exponent(np.array([float(m["fro_norm"]) for p in paths for m in whole[p]["parts"]]))
+            gains, costs = [], []
             for p, per in zip(paths, caps):
-                for m, c in zip(whole[p]["parts"], per):
-                    S = np.asarray(m.get("singular_values") or [], dtype=np.float64)[: min(c, max_rank or c)]
-                    gains.append(S**2)
-                    costs.append(cost[p])
-                    owner.append(p)
+                # PEFT trains a fused module whole: its parts' components pool into one descending list,
+                # cut at the module's rank (so that --max-rank and min(out, in) bound the sum, not each part)
+                pooled = np.concatenate([np.ldexp(np.asarray(m.get("singular_values") or [], dtype=np.float64)[:c], -e)
+                                         for m, c in zip(whole[p]["parts"], per)])
+                gains.append(np.sort(pooled**2)[::-1][: ranks[p]])
+                costs.append(cost[p])
                 if any(len(m.get("singular_values") or []) < c for m, c in zip(whole[p]["parts"], per)):
                     notes.append(f"{p}: the results keep fewer singular values than its τ rank; the budget is spread over those kept")
             if n < min(costs):
@@ -166,16 +190,18 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                                   hint="raise the budget")
             alloc = allocate_budget(gains, costs, n)
             if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
-                _beyond_kept(budget, n, doc, paths, whole, where)
-            ranks = dict.fromkeys(paths, 0)
-            for p, r in zip(owner, alloc.ranks):
-                ranks[p] += r
-            ranks = {p: min(r, whole[p]["out"], whole[p]["in"]) for p, r in ranks.items()}
-            energy_all = sum(float(m["fro_norm"]) ** 2 for e in whole.values() for m in e["parts"]) or 1.0
+                _beyond_kept(budget, n, doc, paths, whole, where, noise)
+            ranks = dict(zip(paths, alloc.ranks))
+            energy_all = sum(float(np.ldexp(float(m["fro_norm"]), -e)) ** 2 for p in paths for m in whole[p]["parts"]
+                             if m["name"] not in noise) or 1.0
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
                          f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if not adapted:
+        if noise:
+            raise ConfigError("every updated matrix is at the rounding level of its storage dtype (rounding noise, not a "
+                              "learned update): there is nothing to adapt", path=where,
+                              hint="spectra diff's warning lists them; compare checkpoints that differ by more than rounding")
         raise ConfigError("every recommended rank is 0 (the updates are zero)")
     counts = Counter(adapted.values())
     r0 = max(counts, key=lambda r: (counts[r], r))
@@ -202,12 +228,15 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
 
 
-def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[str, dict], where: Path | None) -> None:
+def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[str, dict], where: Path | None,
+                 noise: set[str]) -> None:
     """Raise when a budget that could buy more components meets matrices whose spectra the results
     keep only in part (``spectra diff --top-k``): the rest of each spectrum is unknown, so spending
-    less than the budget would be a guess. Nothing when every spectrum is kept whole."""
+    less than the budget would be a guess. Nothing when every spectrum is kept whole (rounding noise,
+    ``noise``, takes no components, so its spectrum does not matter)."""
     short = [p for p in paths for m in whole[p]["parts"]
-             if len(m.get("singular_values") or []) < min(int(x) for x in m["shape"]) and m["fro_norm"] > 0]
+             if len(m.get("singular_values") or []) < min(int(x) for x in m["shape"]) and m["fro_norm"] > 0
+             and m["name"] not in noise]
     if short:
         raise ConfigError(f"--budget {budget} ({n:,} parameters) needs more of the spectra than the results keep "
                           f"(the top {(doc.get('config') or {}).get('top_k', '?')} singular values of each matrix, "

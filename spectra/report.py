@@ -27,7 +27,7 @@ from pathlib import Path
 
 from spectra import report_compare, report_diff, report_esd, report_extract, report_interfere, report_trace
 from spectra.display import safe_text
-from spectra.errors import ResultsFormatError, SpectraError
+from spectra.errors import OutputError, ResultsFormatError, SpectraError
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output
 from spectra.io.jsonfile import load_json, load_jsonl
@@ -44,7 +44,7 @@ TRAIN_LOG = "train_log.jsonl"
 @dataclass
 class ReportInputs:
     """What was found among the inputs: ``(path, doc)`` of each results JSON, in the order found,
-    and the training logs by run name."""
+    and the training logs by run label (:func:`run_labels`: unique, so that no run hides another)."""
 
     docs: list[tuple[Path, dict]] = field(default_factory=list)
     train_logs: dict[str, list[dict]] = field(default_factory=dict)
@@ -52,7 +52,8 @@ class ReportInputs:
 
 def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
     """The files a report reads from ``paths``: each file as given, and in each folder (recursively)
-    every result file (:data:`RESULT_FILES`), training log and JSON-lines document.
+    every result file (:data:`RESULT_FILES`), training log and JSON-lines document; each file once
+    (``X`` and ``X/results.json`` name one file: counting it twice would show one run as two).
 
     Raises:
         SpectraError: a path does not exist.
@@ -65,7 +66,29 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
             files += sorted(q for q in p.rglob("*") if q.name in (*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS) and q.is_file())
         else:
             files.append(p)
-    return files
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
+
+
+def run_labels(paths: list[Path]) -> list[str]:
+    """A label per training run: the shortest trailing part of its path that no other run shares
+    (``expA/run`` and ``expB/run`` for two sweeps that both name a run ``run``; just ``run`` when
+    alone), so that runs of different sweeps never replace each other in the report. ``paths`` are
+    the runs' folders (or log files without their suffix); the same path twice gets ``(2)``, ``(3)``…"""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    labels = []
+    for ps in parts:
+        n = 1
+        while n < len(ps) and any(q != ps and q[-n:] == ps[-n:] for q in parts):
+            n += 1
+        labels.append(str(Path(*ps[-n:])))
+    return [f"{lbl} ({k + 1})" if (k := labels[:i].count(lbl)) else lbl for i, lbl in enumerate(labels)]
 
 
 def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
@@ -77,12 +100,13 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             not a record of numbers.
     """
     found = ReportInputs()
+    logs: list[tuple[Path, list[dict]]] = []
     for f in input_files(paths):
         if f.name in JSONL_LOADERS:  # a document kept as JSON lines (e.g. a trace written during training)
             found.docs.append((f, JSONL_LOADERS[f.name](f)))
             continue
-        if f.name.endswith(".jsonl"):
-            found.train_logs[f.parent.name] = _train_log(f)
+        if f.name.endswith(".jsonl"):  # a run is its folder; a log of another name, that file
+            logs.append((f.parent if f.name == TRAIN_LOG else f.with_suffix(""), _train_log(f)))
             continue
         # bounded size and nesting, one-line errors (spectra.io.jsonfile); names may hold lone surrogates
         doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True)
@@ -91,6 +115,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             raise ResultsFormatError(f"not a spectra result (schema {schema!r})", path=f,
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))
+    found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
     order = list(SECTIONS)  # diffs first, then compares, …; the order found within each kind
     found.docs.sort(key=lambda item: order.index(item[1]["schema"]))
     if not (found.docs or found.train_logs):
@@ -178,9 +203,22 @@ def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str
 
     Raises:
         ConfigError: ``out`` is one of the files read (it would replace them).
+        OutputError: ``out`` cannot be written (a parent is a file, no permission, a full disk).
     """
     refuse_input_as_output(out, input_files(paths))
-    return atomic_write_text(Path(out), build_report(paths, title=title))
+    for parent in Path(out).parents:  # checked first: the OS says only "File exists" or "Not a directory"
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                what = "a file, not a folder" if parent.is_file() else "not a folder (a broken link?)"
+                raise OutputError(f"cannot write the report: {parent} is {what}", path=out,
+                                  hint="choose an --out whose folder is a folder, or move that file")
+            break
+    text = build_report(paths, title=title)
+    try:
+        return atomic_write_text(Path(out), text)
+    except OutputError as exc:  # its hint speaks of diff --resume; a report is rebuilt by running it again
+        raise OutputError(exc.message, path=out, hint="free disk space or fix the folder's permissions, or choose "
+                                                      "another --out; the inputs are unchanged") from None
 
 
 def _num(x: object) -> float | None:

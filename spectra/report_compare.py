@@ -100,9 +100,10 @@ def section_html(path: Path, doc: dict) -> str:
                 out.append(svg_img(figs[key], alt=key.replace("_", " ")))
         rows = [[m.name, *(_v((m.intruders or {}).get(w), "count") for w in ("a", "b"))] for m in res.modules]
         out.append(table(["module", "intruders in A", "intruders in B"], rows, sortable=True))
-        out.append(note(f"An intruder is one of the top-{res.config.get('intruder_k', 10)} singular directions of the tuned "
+        # config values are read from the file: escaped like names (a hand-edited compare.json is untrusted)
+        out.append(note(f"An intruder is one of the top-{esc(res.config.get('intruder_k', 10))} singular directions of the tuned "
                         "weight W + ΔW whose largest |cosine| with every singular direction of the base weight is below "
-                        f"ε = {res.config.get('epsilon', 0.5)}: a direction the base did not have. LoRA tends to create them; "
+                        f"ε = {esc(res.config.get('epsilon', 0.5))}: a direction the base did not have. LoRA tends to create them; "
                         "full fine-tuning rarely."))
     if res.skipped:
         out.append(f"<h3>Skipped ({len(res.skipped)})</h3>")

@@ -97,8 +97,9 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
         rows.append(["fractional bound (no allocation keeps more)", a["budget_params"], None, a["fractional_bound"], None, None])
     out.append(table(["adapter", "LoRA params", "share of the full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"], rows))
     if s.get("max_lora_rank"):
-        out.append(f"<p>Serving with vLLM: max_lora_rank {s['max_lora_rank']} for {s['modules']} modules, "
-                   f"{s['params']:,} parameters allocated per adapter slot.</p>")
+        # every value read from the file is escaped, numbers too: a hand-edited extract.json is untrusted
+        out.append(f"<p>Serving with vLLM: max_lora_rank {esc(s['max_lora_rank'])} for {esc(s['modules'])} modules, "
+                   f"{esc(format(s['params'], ','))} parameters allocated per adapter slot.</p>")
     out.append(note("Energy kept is the share of ‖ΔW‖²_F (summed over the modules) that the adapter's B·A reproduces; "
                     "the truncation's relative error is √(1 − energy kept). The uniform row spends the same number of "
                     "parameters on one rank for every module: the difference is what choosing ranks per module buys."))
@@ -108,7 +109,7 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
         out.append("<h3>Held-out loss</h3>")
         out.append(table(["model", "loss (nats/token)", "share of the fine-tune's loss change"],
                          [[k, v, rec.get(k) if k not in ("base", "tuned") else (0.0 if k == "base" else 1.0)] for k, v in ev["loss"].items()]))
-        out.append(note(f"Mean token cross-entropy on the first {ev['blocks']} blocks of {ev['seq_len']} tokens of "
+        out.append(note(f"Mean token cross-entropy on the first {esc(ev['blocks'])} blocks of {esc(ev['seq_len'])} tokens of "
                         f"{esc(ev['text'])}; the share is (base − model) / (base − tuned)."))
     out.append(svg_img(energy_figure(doc), alt="energy kept and rank per module"))
     heat = rank_heatmap(doc)
