@@ -140,6 +140,12 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
         entry["parts"].append(m)
         entry["out"] += int(m["shape"][0])
+    undefined = sorted(p for p, e in whole.items() if any(m.get("fro_norm") is None for m in e["parts"]))
+    if undefined:  # null: an update that was not finite (diff writes NaN/Inf as null); no rank can be read off it
+        notes.append(f"{len(undefined)} modules have no finite update (fro_norm null) and are left out: {', '.join(undefined[:5])}"
+                     + (f" and {len(undefined) - 5} more" if len(undefined) > 5 else ""))
+        for p in undefined:
+            del whole[p]
     if not whole:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
     paths = sorted(whole)

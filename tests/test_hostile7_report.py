@@ -273,3 +273,20 @@ def test_report_counts_a_file_named_twice_once(tmp_path):
     assert input_files([folder, folder / "extract.json", folder / "." / "extract.json"]) == [folder / "extract.json"]
     text = build_report([folder, folder / "extract.json"])
     assert text.count("<h2>LoRA extraction:") == 1
+
+
+@pytest.mark.parametrize("kw", [{}, {"energy": 0.8}, {"energy": None, "budget": "30%"}])
+def test_recommend_leaves_a_module_with_a_null_norm_out(tmp_path, kw):
+    """A results.json whose fro_norm is null (diff writes a non-finite norm as null): TypeError traceback
+    for a τ read off singular values and for a budget; the module is now left out with a note."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.0.self_attn.{m}_proj.weight" for m in ("q", "v")]
+    base = {n: torch.randn(64, 64, generator=g) for n in names}
+    b = _save(tmp_path / "b", base)
+    t = _save(tmp_path / "t", {n: w + 0.01 * torch.randn(64, 64, generator=g) for n, w in base.items()})
+    assert CliRunner().invoke(main, ["diff", str(b), str(t), "--out", str(tmp_path / "d"), "--no-plots"]).exit_code == 0
+    doc = json.loads((tmp_path / "d" / "results.json").read_text())
+    doc["modules"][0]["fro_norm"] = None
+    rec = recommend(doc, **kw)
+    assert set(rec.ranks) == {names[1][: -len(".weight")]}
+    assert any("fro_norm null" in n for n in rec.notes), rec.notes
