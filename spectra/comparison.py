@@ -142,6 +142,7 @@ class _Side:
         # adapter modules measured against a base tensor of another name (a head tied to the embedding):
         # pairing key -> (the module's spec, the base tensor)
         self.tied: dict[str, tuple[MatrixSpec, str]] = {}
+        self.skipped: dict[str, str] = {}  # pairing key -> why its pairing left this matrix out (a full side)
         if is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
@@ -167,6 +168,7 @@ class _Side:
                 if tied:
                     self.tied[key] = (replace(p.tuned, transpose=p.base.transpose, note=p.note), p.base.name)
             self.names = {k: p.tuned.name for k, p in self.pairs.items()}
+            self.skipped = {pairing_key(x.name): x.reason for x in pairing.skipped}
 
     def own_specs(self) -> dict[str, MatrixSpec]:
         """Pairing key -> spec of each updated matrix, from this side's names alone (no base)."""
@@ -341,7 +343,10 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
                 rec.amplification[who] = rec.intruders[who] = None
                 continue
             Ur, Vr = random_bases[who]  # drawn at the asked rank: the first r columns are as Haar-random
-            rec.amplification[who] = amplification(u.form, W, r, base=basis, random_bases=(Ur[:, :r], Vr[:, :r]))
+            rec.amplification[who] = amp = amplification(u.form, W, r, base=basis, random_bases=(Ur[:, :r], Vr[:, :r]))
+            if amp.proj_delta == 0.0:  # written as null: say why
+                rec.note = "; ".join(x for x in (rec.note, f"{who.upper()}'s top directions lie outside W's (projection at "
+                                                 "rounding level): amplification factor unbounded, null") if x)
             intr = intruder_dimensions(W, u.form, k=k, epsilons=config.epsilons, epsilon=config.epsilon, base=basis)
             rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
                                                  counts={str(float(e)): c for e, c in intr.counts.items()},
@@ -415,6 +420,10 @@ def compare(
         own = side.own_specs()
         for k in side.names:
             if k not in other.names:
+                if k in other.skipped:  # not one-sided: the other side holds it but cannot pair it (another shape…)
+                    who = "B" if other is B else "A"
+                    result.skipped.append({"name": side.names[k], "reason": f"{who} ({other.label}): {other.skipped[k]}"})
+                    continue
                 spec = specs.get(k) or own.get(k)
                 if spec is None or keep(spec.name, spec.layer):
                     names.append(side.names[k] if spec is None else spec.name)

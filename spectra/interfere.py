@@ -135,6 +135,9 @@ class _Task:
             pairing = pair_checkpoints(base, self.ckpt)
             for p in pairing.pairs:
                 self.updates[p.base.name] = p
+            # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"
+            self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
+                             if x.reason.startswith(("shape mismatch", "fused rows"))]
 
     def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, str]:
         """Dense ``ΔW`` of base matrix ``spec`` on ``device`` (full checkpoints and DoRA), ‖W_base‖_F,

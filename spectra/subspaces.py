@@ -31,7 +31,7 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import singular_values
-from spectra.metrics import numerical_rank
+from spectra.metrics import numerical_rank, rank_resolution
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 
 Tensor = torch.Tensor | np.ndarray
@@ -591,7 +591,8 @@ def amplification(
         r=r,
         delta_fro=delta_fro,
         w_fro=w_fro,
-        proj_delta=proj_delta,
+        # a projection at W's rounding level (σ₁(W)·√(p·ε)) is 0: ΔW's directions lie outside W's, factor ∞ (null)
+        proj_delta=(proj_delta := proj_delta if proj_delta > rank_resolution(float(np.max(S_W, initial=0.0)), min(shape)) else 0.0),
         factor=amplification_factor(delta_fro, proj_delta),
         proj_own=float(np.sqrt(np.sum(S_W[:r] ** 2))),
         proj_random=float(torch.linalg.matrix_norm(Ur.mT @ W64 @ Vr)),

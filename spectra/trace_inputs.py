@@ -194,7 +194,14 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             else:
                 step, source = i + 1, "position"
             histories.append(_log_history(state))
-            refs.append(CheckpointRef(str(p), step, None, kind, source))
+            refs.append(CheckpointRef(str(p), step, None, kind, source, "step from the position in the list"
+                                      if source == "position" else ""))
+        placed = [r for r in refs if r.source == "position"]
+        if placed and len(placed) < len(refs):  # a position is no step: sorted among real steps it would mislead
+            raise ConfigError(f"{len(placed)} of the {len(refs)} checkpoints have no step (no trainer_state.json, no "
+                              f"checkpoint-N name: {', '.join(Path(r.path).name for r in placed[:3])}) while the others have one",
+                              hint="give every checkpoint its step (its trainer_state.json, or a checkpoint-N folder name), "
+                                   "or none (they are then traced in the order given)")
     order = sorted(range(len(refs)), key=lambda j: refs[j].step)
     if order != list(range(len(refs))):
         warnings.append("the checkpoints were given out of step order; they are traced in step order" if not found else

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -402,3 +403,85 @@ def test_plan_calibrates_the_cpu_run_on_its_own_route(monkeypatch):
     cost = calibrate(torch.device("cpu"), "float64", size=64)
     assert calls and all(p == "float64" for _, p in calls) and max(n for n, _ in calls) >= 2
     assert np.isfinite([cost.gram_rate, cost.eig_rate]).all() and min(cost.gram_rate, cost.eig_rate) > 0
+
+
+# ---- trace, interfere, compare ------------------------------------------------------------------
+def test_trace_refuses_checkpoints_of_which_only_some_have_a_step(tmp_path):
+    """Listed checkpoints: one with trainer_state.json (global_step 300), two without a step: these took their
+    position (2, 3), were sorted before 300 and traced out of the order given, with a warning that the
+    user's order was wrong and φ against the wrong first checkpoint."""
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    W = torch.randn(16, 16, generator=g)
+    save_file({name: W}, str(tmp_path / "base.safetensors"))
+    for i, folder in enumerate(("first", "second", "third")):
+        (tmp_path / folder).mkdir()
+        save_file({name: W + (i + 1) * 0.01 * torch.randn(16, 16, generator=g)}, str(tmp_path / folder / "model.safetensors"))
+    (tmp_path / "first" / "trainer_state.json").write_text(json.dumps({"global_step": 300, "log_history": []}))
+    res = _run("trace", str(tmp_path / "base.safetensors"), *(str(tmp_path / f) for f in ("first", "second", "third")))
+    assert res.exit_code == 1 and "have no step" in res.output and "Traceback" not in res.output, res.output
+    # none with a step: traced in the order given, each noted
+    (tmp_path / "first" / "trainer_state.json").unlink()
+    res = _run("trace", str(tmp_path / "base.safetensors"), *(str(tmp_path / f) for f in ("first", "second", "third")), "--json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [Path(c["path"]).name for c in doc["checkpoints"]] == ["first", "second", "third"]
+    assert all("position" in c["note"] for c in doc["checkpoints"])
+
+
+def test_tsv_interference_ignores_a_task_that_changed_nothing():
+    """Three identical tasks: relative = relative_fro = 1; adding a copy of the base (ΔW = 0) gave 4/9 and
+    0.594: the zero task counted in (n − 1)² and in the Frobenius bound's pairs."""
+    from spectra.interference import singular_task_interference
+    from spectra.subspaces import Factored
+
+    rng = np.random.default_rng(0)
+    U, _ = np.linalg.qr(rng.standard_normal((20, 3)))
+    V, _ = np.linalg.qr(rng.standard_normal((30, 3)))
+    f = Factored(torch.from_numpy(U), torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), torch.from_numpy(V.T))
+    zero = Factored(torch.zeros(20, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), torch.zeros(0, 30, dtype=torch.float64))
+    three = singular_task_interference([f, f, f])
+    four = singular_task_interference([f, f, f, zero])
+    assert three.relative == pytest.approx(1.0) and three.relative_fro == pytest.approx(1.0)
+    assert four.sti == pytest.approx(three.sti) and four.relative == pytest.approx(1.0) and four.relative_fro == pytest.approx(1.0)
+    assert four.ranks == [3, 3, 3, 0]
+
+
+def test_amplification_of_directions_outside_w_is_unbounded_not_rounding_noise():
+    """ΔW = c·u vᵀ with u orthogonal to W's column space: ‖UᵀWV‖ is 0 in exact arithmetic; its rounding
+    (1.8e-17) gave a factor of 2.1e17 in the table and findings."""
+    from spectra.subspaces import amplification
+
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    W = torch.from_numpy(Q[:, :32] @ np.diag(np.linspace(2.0, 1.0, 32)) @ np.linalg.qr(rng.standard_normal((32, 32)))[0])
+    dW = torch.from_numpy(6.0 * np.outer(Q[:, 40], np.eye(32)[0]))  # left direction outside W's columns
+    a = amplification(dW, W, 1, generator=torch.Generator().manual_seed(0))
+    assert a.proj_delta == 0.0 and a.factor == float("inf")
+    # a direction W does use keeps its finite factor: along W's bottom singular pair, 6 / σ_min
+    Uw, Sw, Vwh = np.linalg.svd(W.numpy(), full_matrices=False)
+    a = amplification(torch.from_numpy(6.0 * np.outer(Uw[:, Sw.size - 1], Vwh[-1])), W, 1, generator=torch.Generator().manual_seed(0))
+    assert a.factor == pytest.approx(6.0 / Sw[-1], rel=1e-9)
+
+
+def test_compare_and_interfere_name_a_checkpoint_of_other_shapes(tmp_path):
+    """A checkpoint with twice the rows in q_proj: compare listed it as updated by A only ("a_only"),
+    interfere as "partial", with no reason; now skipped with the shape mismatch."""
+    g = torch.Generator().manual_seed(0)
+    q, v = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"
+    base = {q: torch.randn(32, 32, generator=g), v: torch.randn(32, 32, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: w + 0.01 * torch.randn(32, 32, generator=g) for k, w in base.items()}, str(tmp_path / "a.safetensors"))
+    save_file({q: torch.randn(64, 32, generator=g), v: base[v] + 0.01 * torch.randn(32, 32, generator=g)},
+              str(tmp_path / "other.safetensors"))
+    res = _run("compare", str(tmp_path / "a.safetensors"), str(tmp_path / "other.safetensors"), "--base",
+               str(tmp_path / "base.safetensors"), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["a_only"] == [] and [s["name"] for s in doc["skipped"]] == [q]
+    assert "shape mismatch" in doc["skipped"][0]["reason"]
+    res = _run("interfere", "--base", str(tmp_path / "base.safetensors"), str(tmp_path / "a.safetensors"),
+               str(tmp_path / "other.safetensors"), "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert any(s["name"] == q and "shape mismatch" in s["reason"] for s in doc["skipped"]), doc["skipped"]
