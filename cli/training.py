@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +15,38 @@ from spectra.config import DiffConfig
 from spectra_cli.console import progress_bar, quiet_transformers, stderr, stdout
 from spectra_cli.diff import run_diff
 
+#: Largest seed (spectra.training_inputs.MAX_SEED: torch seeds are 64-bit); written out so that the
+#: CLI's option table does not import torch.
+MAX_SEED = 2**63 - 1
+#: The files a training run writes before it finishes (the adapter or model comes last).
+_PARTIAL_FILES = ("train_config.json", "train_log.jsonl", "trace.jsonl", "trace_first.npz")
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A float option that must be finite and > 0 when given (click's FloatRange lets NaN through)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0. Got {value} instead")
+    return value
+
+
+def _stopped(exc: KeyboardInterrupt, what: str) -> None:
+    """Say what a stop (Ctrl-C or SIGTERM) left, then exit 130 / 143 as the other commands do."""
+    signal_name = "Ctrl-C" if type(exc) is KeyboardInterrupt else "SIGTERM"  # SIGTERM raises a subclass (spectra_cli.main)
+    click.echo(f"stopped by {signal_name}: {what}", err=True)
+    click.get_current_context().exit(130 if signal_name == "Ctrl-C" else 143)
+
+
+def _written_since(out: Path, names: tuple[str, ...], since: float) -> list[str]:
+    """The files of ``names`` in ``out`` written at or after ``since`` (``time.time()``)."""
+    found = []
+    for n in names:
+        try:
+            if (out / n).stat().st_mtime >= since:
+                found.append(n)
+        except OSError:
+            continue
+    return found
+
 
 @click.command("train", short_help="One reference fine-tune (LoRA via PEFT, or full), logged.")
 @click.option("--base", required=True, help="Local Hugging Face causal-LM folder (never downloaded).")
@@ -21,31 +54,41 @@ from spectra_cli.diff import run_diff
 @click.option("--method", type=click.Choice(["full", "lora"]), default="lora", show_default=True,
               help="LoRA through PEFT, or full fine-tuning.")
 @click.option("--rank", default=16, show_default=True, type=click.IntRange(min=1), help="LoRA rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default 2·r, as Biderman et al. advise).")
+@click.option("--alpha", type=float, default=None, callback=_positive, help="LoRA alpha, > 0 (default 2·r, as Biderman et al. advise).")
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r).")
-@click.option("--targets", default="all", show_default=True, help="all (default, Biderman et al.), attn, mlp, or module names.")
-@click.option("--lr", type=float, default=None, help="Default 2e-4 for LoRA, 2e-5 for full (LoRA ≈ 10× full, Biderman et al.).")
+@click.option("--targets", default="all", show_default=True,
+              help="all (default, Biderman et al.), attn, mlp (those of them the model has), all-linear (PEFT: every linear "
+                   "layer but the output head), or comma-separated module names (each must exist in the model).")
+@click.option("--lr", type=float, default=None, callback=_positive,
+              help="Learning rate, > 0. Default 2e-4 for LoRA, 2e-5 for full (LoRA ≈ 10× full, Biderman et al.).")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, data order and LoRA init.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED),
+              help="Seed of initialisation, data order and LoRA init.")
 @click.option("--eval-source", default=None, help="Source-domain data: its loss measures forgetting.")
 @click.option("--eval-every", default=50, show_default=True, type=click.IntRange(min=1), help="Steps between evaluations of target and source loss.")
-@click.option("--device", default="auto", show_default=True, help="auto uses CUDA with bf16 autocast when present.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (CUDA with bf16 autocast when present), cpu, cuda, cuda:N or mps.")
 @click.option("--trace-every", default=50, show_default=True, type=click.IntRange(min=0),
               help="Measure ΔW's spectrum and subspaces every N steps while training (OUT/trace.jsonl); 0: off.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder (adapter or model, logs).")
+@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (adapter or model, logs): new or empty, never BASE; see --force.")
+@click.option("--force", is_flag=True, help="Write into a used --out, first deleting the files an earlier run wrote there.")
 def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch, seq_len, seed, eval_source, eval_every, device,
-              trace_every, out_dir) -> None:
+              trace_every, out_dir, force) -> None:
     """One reference fine-tune (LoRA through PEFT, or full), logged to OUT/train_log.jsonl.
 
     A LoRA run writes a standard PEFT adapter, a full run a safetensors model folder; both can be
     analysed with `spectra diff BASE OUT`. Tokens come from BASE's tokenizer files; a folder without
-    them is read as UTF-8 bytes (ids 0-255; train_config.json says which).
+    them is read as UTF-8 bytes (ids 0-255; train_config.json says which). Data must be UTF-8 text
+    (a file more than 1% undecodable is refused). OUT must be new or empty (--force: first delete an
+    earlier run's files there); it is locked while the run writes it.
     """
     from spectra.training import TrainConfig, train
 
     quiet_transformers()
+    started = time.time()
     config = TrainConfig(base=base, data=data, out=out_dir, method=method, rank=rank, alpha=alpha, rslora=rslora,
                          targets=targets, lr=lr, steps=steps, batch=batch, seq_len=seq_len, seed=seed,
                          eval_source=eval_source, eval_every=eval_every, device=device, trace_every=trace_every)
@@ -57,8 +100,15 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
         src = "" if rec["source_loss"] is None else f" source {rec['source_loss']:.3f}"
         progress.update(task_id, completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
 
-    with progress:
-        summary = train(config, callback=on_record)
+    try:
+        with progress:
+            summary = train(config, callback=on_record, force=force)
+    except KeyboardInterrupt as exc:  # the log so far is kept: say so, rather than "nothing was kept"
+        partial = _written_since(Path(out_dir), _PARTIAL_FILES, started)
+        _stopped(exc, f"no {'adapter' if method == 'lora' else 'model'} was saved; "
+                      + (f"{', '.join(partial)} in {out_dir} hold the run up to the stop (rerun with --force to start again)"
+                         if partial else f"nothing was written into {out_dir}"))
+        return
     err.print(escape(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
                      + ("" if summary.source_loss is None else f", source loss {summary.source_loss:.3f}")
                      + f"; outputs in {out_dir}"), highlight=False)
@@ -68,8 +118,8 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 @click.option("--base", required=True, help="Local Hugging Face causal-LM folder.")
 @click.option("--data", required=True, help="Target data (as for spectra train).")
 @click.option("--methods", default="lora,full", show_default=True, help="Comma-separated: lora, full.")
-@click.option("--ranks", default="8,64", show_default=True, help="Comma-separated LoRA ranks.")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds: one set of runs per seed.")
+@click.option("--ranks", default="8,64", show_default=True, help="Comma-separated LoRA ranks (each >= 1, listed once).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds (each listed once): one set of runs per seed.")
 @click.option("--eval-source", default=None, help="Source-domain data for the forgetting measure.")
 @click.option("--steps", default=200, show_default=True, type=click.IntRange(min=1), help="Optimizer steps.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
@@ -77,10 +127,12 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder: one subfolder per run (adapter or model, logs), their diffs and compares, sweep.json.")
-def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir) -> None:
-    """Several reference runs on one base and dataset, then diff each and compare LoRA with full
-    fine-tuning and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
-    from spectra.training import sweep
+@click.option("--force", is_flag=True, help="Write into a used --out, first deleting what an earlier sweep wrote there.")
+def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir, force) -> None:
+    """Several reference runs on one base and dataset, then diff each and, within each seed, compare
+    every LoRA run with the full run and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
+    from spectra.errors import ConfigError
+    from spectra.training import check_sweep, sweep
 
     quiet_transformers()
     try:
@@ -89,8 +141,10 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
         seed_list = [int(x) for x in seeds.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter("--ranks and --seeds must be comma-separated integers") from None
-    if not method_list or any(m not in ("lora", "full") for m in method_list):
-        raise click.BadParameter(f"--methods must list lora and/or full. Got {methods!r} instead")
+    try:  # a rank < 1, a repeated rank or seed, an empty list: usage errors, before anything runs
+        check_sweep(method_list, rank_list if "lora" in method_list else [], seed_list)
+    except ConfigError as exc:
+        raise click.UsageError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
     err = stderr()
     progress = progress_bar(err)
     tasks: dict[str, int] = {}
@@ -100,9 +154,15 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
             tasks[name] = progress.add_task(f"train {name}", total=steps, current="")
         progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}")
 
-    with progress:
-        doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
-                    callback=on_record, steps=steps, batch=batch, seq_len=seq_len, device=device)
+    try:
+        with progress:
+            doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
+                        callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device)
+    except KeyboardInterrupt as exc:
+        done = [n for n in tasks if (Path(out_dir) / n / "train_summary.json").is_file()]
+        _stopped(exc, (f"the finished runs ({', '.join(done)}) are in {out_dir}; " if done else "")
+                 + "sweep.json and the analyses were not written (rerun with --force to start again)")
+        return
     table = Table(title="sweep", title_justify="left")
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")
@@ -116,9 +176,11 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="Where the runs, analyses and summary go (default: out/demo for the full demo; a new scratch "
                    "folder for --quick and --synthetic). reports/demo holds a committed copy of a full demo's outputs.")
-@click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run).")
+@click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run); "
+                                            "with --synthetic, a smaller generated pair.")
 @click.option("--synthetic", is_flag=True, help="No training: diff a generated Llama-shaped pair with a planted update.")
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation, data order and LoRA init.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, MAX_SEED - 2),
+              help="Seed of initialisation, data order and LoRA init (the demo's runs use seed, seed+1 and seed+2).")
 def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     """Offline end-to-end demo: pretrain a tiny byte-level Llama on English prose, fine-tune it on
     Python code (full, LoRA r=8 and r=64, a second seed) and on JSON records (LoRA r=8), then diff,
@@ -130,11 +192,16 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     elif quick and Path(out_dir).resolve() == (Path("reports") / "demo").resolve() and (Path(out_dir) / "summary.json").exists():
         raise click.UsageError("--quick would overwrite the full example in reports/demo: pass another --out (or none for a scratch folder)")
     out = Path(out_dir)
+    from spectra.training_inputs import refuse_file_in_path
+
+    refuse_file_in_path(out)  # before anything is generated or trained
     if synthetic:
         from spectra.synthetic import LlamaShape, make_llama_pair
 
         t0 = time.perf_counter()
-        base, tuned = make_llama_pair(out / "checkpoints", shape=LlamaShape(), seed=seed)
+        # --quick: a quarter of the default width, half its depth (the same layout, seconds less to diff)
+        shape = LlamaShape(layers=2, hidden=128, intermediate=344, heads=4, kv_heads=2, vocab=512) if quick else LlamaShape()
+        base, tuned = make_llama_pair(out / "checkpoints", shape=shape, seed=seed)
         err.print(escape(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
         run_diff(str(base), str(tuned), DiffConfig(), out_dir=str(out), allow_identical=False)
         return

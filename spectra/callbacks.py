@@ -14,6 +14,11 @@ metrics ``spectra trace`` computes from checkpoints (:func:`spectra.trace.point_
   decomposed exactly through the float64 Gram matrix (:func:`spectra.interference.spectrum_and_top`).
   Memory: the copy plus per matrix two top-k subspaces.
 
+A run resumed from a checkpoint (``resume_from_checkpoint``) continues its trace: the records up to
+the resumed step stay, and φ to the first measurement is measured from the same first step (its
+subspaces are kept in ``out_dir/trace_first.npz``). A matrix holding NaN or inf (a diverged
+run) is not measured; a warning in the trace says so.
+
 Each measurement appends one JSON line per matrix to ``out_dir/trace.jsonl`` (``{"kind", "step",
 "loss", "matrix": {...}, "point": {...}}``, readable by :func:`spectra.trace.load_trace` and
 ``spectra report``) and returns a few medians per module kind (``spectra/<module>/<metric>``) that a
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -43,7 +49,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
 from spectra.selection import selector
@@ -57,6 +63,8 @@ from spectra.trace import (
 
 #: Metrics sent to the loggers, as medians per module kind (the full detail goes to trace.jsonl).
 LOG_METRICS = ("energy_rank", "rel_norm", "effective_rank", "turn_prev", "turn_first")
+#: Beside ``trace.jsonl``: the first measured subspaces, which a resumed run measures φ from.
+FIRST_FILE = "trace_first.npz"  # numpy, not .safetensors: a folder's one .safetensors file is its model
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -89,6 +97,9 @@ class SpectraTracker:
         initial: where the copy of the initial weights lives for full fine-tuning (``"cpu"`` or
             ``"device"``; see the module docstring for the memory).
         is_main: this process writes and measures (False on the other ranks of a distributed run).
+        resume_step: the optimiser step a resumed run restarts from (its checkpoint's); > 0 continues
+            an existing ``trace.jsonl``: records up to that step are kept, later ones dropped, and φ to
+            the first measurement is taken from ``trace_first.npz`` (0: a fresh trace).
 
     Example:
         >>> tracker = SpectraTracker(model, every=50, out_dir="runs/lora8")   # doctest: +SKIP
@@ -98,7 +109,8 @@ class SpectraTracker:
     """
 
     def __init__(self, model: torch.nn.Module, *, every: int = 50, out_dir: str | Path | None = None,
-                 config: TraceConfig | None = None, initial: Literal["cpu", "device"] = "cpu", is_main: bool = True) -> None:
+                 config: TraceConfig | None = None, initial: Literal["cpu", "device"] = "cpu", is_main: bool = True,
+                 resume_step: int = 0) -> None:
         if every < 0:
             raise ConfigError(f"every must be >= 0. Got {every} instead")
         if initial not in ("cpu", "device"):
@@ -113,14 +125,51 @@ class SpectraTracker:
         self.skipped: list[dict[str, str]] = []
         self.matrices: list[_Tracked] = []
         self.warnings: list[str] = []
+        self._first_saved = True  # trace_first.npz holds every reference set so far
         if is_main:
             self._discover(model)
-            if self.path is not None:  # a fresh trace per run: its header, then what is not traced
+            if self.path is not None and resume_step > 0 and self.path.is_file():
+                self._resume(int(resume_step))
+            elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
                 atomic_write_text(self.path, "")
+                self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
                 self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
                                         "config": asdict(self.config)}})
                 for s in self.skipped:
                     self._write({"skipped": s})
+
+    @property
+    def first_path(self) -> Path:
+        """``trace_first.npz`` beside ``trace.jsonl``: each matrix's first measured subspaces
+        (``<name>.U`` ``(out, k)``, ``<name>.V`` ``(in, k)``), so that a resumed run measures φ from the
+        same first step (:meth:`_resume`)."""
+        return (self.path or Path("trace.jsonl")).with_name(FIRST_FILE)
+
+    def _resume(self, step: int) -> None:
+        """Continue the trace of a run resumed from its checkpoint at ``step``: keep the records up to
+        ``step``, drop the later ones (the interrupted run measured them after the checkpoint; they are
+        measured again), reload the first subspaces and take the previous ones from the weights now."""
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                break  # the torn last line of a run that was killed
+            at = rec.get("step") if isinstance(rec, dict) and "matrix" in rec else \
+                (rec.get("log") or {}).get("step") if isinstance(rec, dict) and isinstance(rec.get("log"), dict) else None
+            if isinstance(at, int) and at > step:
+                dropped += 1
+                continue
+            kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
+        refs = _load_first(self.first_path)
+        for tr in self.matrices:
+            tr.first = refs.get(tr.name)
+            tr.prev = Subspaces.of(self._now(tr)[1]) if tr.module is not None else None  # full: ΔW from here is zero
+        self.warn(f"training resumed at step {step}: the trace continues from there"
+                  + (f" ({dropped} records measured after step {step} by the interrupted run were dropped)" if dropped else "")
+                  + ("" if refs else f"; no {FIRST_FILE}, so turn_first after the resume is measured from the first "
+                                     "measurement after it"))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -213,30 +262,56 @@ class SpectraTracker:
             records = self._records(step, loss)
         for rec in records:
             self._write(rec)
+        self._save_first()
         self.seconds += time.perf_counter() - t0
         self.measurements += 1
         return log_medians(records)
 
+    def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None]:
+        """``(singular values, top-k factors)`` of one matrix's update now; ``(None, None)`` when it
+        holds NaN or inf (a diverged run: no SVD of it is defined)."""
+        if tr.module is not None:
+            factors = [_factors(tr.module, a) for a in tr.adapters]
+            B = torch.cat([s * b for b, _, s in factors], dim=1)
+            A = torch.cat([a for _, a, _ in factors], dim=0)
+            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+                return None, None
+            f = Factored.from_lora(B, A, 1.0)
+            return f.S.cpu().numpy(), truncate(f, self.config.top_k)
+        delta = tr.param.detach().float() - tr.initial.to(tr.param.device).float()
+        if not bool(torch.isfinite(delta).all()):
+            return None, None
+        return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k)
+
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
-        records = []
+        records, diverged = [], []
         for tr in self.matrices:
-            if tr.module is not None:
-                factors = [_factors(tr.module, a) for a in tr.adapters]
-                B = torch.cat([s * b for b, _, s in factors], dim=1)
-                A = torch.cat([a for _, a, _ in factors], dim=0)
-                f = Factored.from_lora(B, A, 1.0)
-                S, top = f.S.cpu().numpy(), truncate(f, self.config.top_k)
-            else:
-                delta = tr.param.detach().float() - tr.initial.to(tr.param.device).float()
-                S, top = spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k)
+            S, top = self._now(tr)
+            if S is None:
+                diverged.append(tr.name)
+                continue
             now = Subspaces.of(top)
             point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"]),
                      "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
             if now is not None:
                 tr.prev = now
-                tr.first = tr.first or now
+                if tr.first is None:
+                    tr.first, self._first_saved = now, False
             records.append({"kind": self.kind, "step": int(step), "loss": loss, "matrix": tr.meta, "point": jsonable(point)})
+        if diverged:
+            self.warn(f"step {step}: {len(diverged)} matrices hold NaN or inf (the training diverged), not measured: "
+                      + ", ".join(diverged[:3]) + ("…" if len(diverged) > 3 else ""))
         return records
+
+    def _save_first(self) -> None:
+        """Write every matrix's first subspaces to :attr:`first_path` (float64 ``.npz``, no pickles)."""
+        if self.path is None or self._first_saved:
+            return
+        arrays = {f"{tr.name}.{side}": t.detach().to("cpu", torch.float64).numpy()
+                  for tr in self.matrices if tr.first is not None for side, t in (("U", tr.first.U), ("V", tr.first.V))}
+        with atomic_file(self.first_path) as f:
+            np.savez(f, **arrays)
+        self._first_saved = True
 
     def close(self) -> None:
         """Drop the copies and subspaces (the trace stays on disk)."""
@@ -265,6 +340,19 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _load_first(path: Path) -> dict[str, Subspaces]:
+    """The first subspaces :meth:`SpectraTracker._save_first` wrote, by matrix name ({} when none or unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: torch.from_numpy(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError):
+        return {}
+    names = {k.rsplit(".", 1)[0] for k in arrays}
+    return {n: Subspaces(arrays[f"{n}.U"], arrays[f"{n}.V"]) for n in names if f"{n}.U" in arrays and f"{n}.V" in arrays}
 
 
 def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -327,8 +415,10 @@ class _CallbackHooks:
         self._pending: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # resume_from_checkpoint: the Trainer has restored global_step; the trace up to it is kept and continued
         self.tracker = SpectraTracker(model, every=self.every, out_dir=self.out_dir or args.output_dir,
-                                      config=self.config, initial=self.initial, is_main=state.is_world_process_zero)
+                                      config=self.config, initial=self.initial, is_main=state.is_world_process_zero,
+                                      resume_step=state.global_step)
         if state.global_step > 0 and self.tracker.kind == "full" and state.is_world_process_zero:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
                               "with, not from the base")

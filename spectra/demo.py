@@ -30,7 +30,7 @@ from pathlib import Path
 
 from spectra.comparison import compare
 from spectra.config import CompareConfig, DiffConfig
-from spectra.errors import ResultsFormatError
+from spectra.errors import ConfigError, ResultsFormatError
 from spectra.extract import extract
 from spectra.extract_eval import held_out_losses
 from spectra.extract_plan import ExtractConfig
@@ -41,6 +41,7 @@ from spectra.pipeline import diff
 from spectra.plots import learning_forgetting_plot
 from spectra.report import write_report
 from spectra.training import TrainConfig, train
+from spectra.training_inputs import MAX_SEED, refuse_file_in_path
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class DemoConfig:
     seq_len: int = 128
     lr_full: float = 3e-4
     lr_lora: float = 3e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED - 2:
+            raise ConfigError(f"the demo's seed must be an integer from 0 to 2**63-3 (its runs use seed, seed+1 and "
+                              f"seed+2). Got {self.seed!r} instead")
 
     @classmethod
     def make(cls, out: str = "out/demo", *, quick: bool = False, seed: int = 0) -> DemoConfig:
@@ -136,8 +142,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     import torch
     import transformers
 
-
     out = Path(config.out)
+    refuse_file_in_path(out)
     ck = out / "checkpoints"
     data = ck / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -169,7 +175,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
                           lr=1e-3 if not config.quick else 3e-3, steps=config.pretrain_steps, batch=config.batch,
                           seq_len=config.seq_len, seed=config.seed, eval_every=max(1, config.pretrain_steps // 4),
                           device="cpu" if config.quick else "auto"),
-              callback=(lambda r: on_train("base", r)) if on_train else None)
+              callback=(lambda r: on_train("base", r)) if on_train else None,
+              force=True)  # checkpoints/ is the demo's own cache: an interrupted pretraining's files are replaced
     else:
         log(f"using the cached base model {base}")
     stages["pretrain"] = time.perf_counter() - t
@@ -189,7 +196,8 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
                           eval_source=str(data / "source_eval.txt"), eval_every=max(1, config.finetune_steps // 5),
                           trace_every=max(1, config.finetune_steps // 10),
                           device="cpu" if config.quick else "auto"),
-              callback=(lambda r, n=name: on_train(n, r)) if on_train else None)
+              callback=(lambda r, n=name: on_train(n, r)) if on_train else None,
+              force=True)  # a rerun of the demo replaces its own earlier fine-tunes
         stages[f"train {name}"] = time.perf_counter() - t
 
     t = time.perf_counter()

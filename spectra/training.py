@@ -10,13 +10,20 @@ Needs the ``train`` extra (transformers, peft). Data: a text file, a folder of t
 JSONL with a ``text`` field or ``prompt``/``response`` pairs (loss on the response only).
 Tokenisation: the model folder's tokenizer when it has one, else UTF-8 bytes (ids 0–255), which is
 what the built-in demo's byte-level models use.
+
+Every input is checked before the output folder is made (:mod:`spectra.training_inputs`); the folder
+must be new or empty (``force`` deletes an earlier run's files first, nothing else), is never the
+base model's, and is locked while a run writes it, so two runs never mix their files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,17 +35,37 @@ import torch
 from spectra.callbacks import SpectraTracker
 from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
-from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import load_json, load_jsonl
+from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock
+from spectra.io.jsonfile import finite_or_null
 from spectra.pipeline import diff
+from spectra.training_inputs import (
+    TOKENIZER_FILES,
+    ByteTokenizer,
+    check_out,
+    check_positions,
+    check_positive,
+    check_seed,
+    check_targets,
+    check_vocabulary,
+    clear_run_outputs,
+    first_line,
+    load_model,
+    load_tokenizer,
+    model_config,
+    read_examples,
+    refuse_file_in_path,
+    resolve_device,
+    token_blocks,
+)
 
 TARGET_SETS = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
 }
 TARGET_SETS["all"] = TARGET_SETS["attn"] + TARGET_SETS["mlp"]
+#: ``--targets all-linear``: PEFT's own choice of every linear layer but the output head
+ALL_LINEAR = "all-linear"
 HOLDOUT_SEED = 1234  # fixed: every run on the same data holds out the same blocks
-_TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml"}
 
 
 @dataclass(frozen=True)
@@ -51,17 +78,19 @@ class TrainConfig:
         out: output folder (the adapter or model, ``train_log.jsonl``, ``train_config.json``).
         method: ``"lora"`` (PEFT adapter) or ``"full"`` (every weight).
         rank: LoRA rank r.
-        alpha: LoRA alpha; default ``2 * rank`` (Biderman et al.).
+        alpha: LoRA alpha (finite, > 0); default ``2 * rank`` (Biderman et al.).
         rslora: scale by ``alpha / sqrt(r)``.
-        targets: ``"all"`` (default, Biderman et al.), ``"attn"``, ``"mlp"`` or comma-separated module names.
-        lr: learning rate; default 2e-4 for LoRA and 2e-5 for full fine-tuning (≈ 10×, Biderman et al.).
+        targets: ``"all"`` (default, Biderman et al.), ``"attn"``, ``"mlp"`` (those of them the model has),
+            ``"all-linear"`` (PEFT: every linear layer but the output head) or comma-separated module
+            names (each must name a module of the model).
+        lr: learning rate (finite, > 0); default 2e-4 for LoRA and 2e-5 for full fine-tuning (≈ 10×, Biderman et al.).
         steps: optimiser steps; batch: sequences per step; seq_len: tokens per sequence.
-        seed: seeds data order, initialisation and dropout; same seed, same run on the CPU.
+        seed: seeds data order, initialisation and dropout (0 to 2**63-1); same seed, same run on the CPU.
         eval_source: source-domain data for the forgetting measure (optional).
         eval_every: steps between evaluations (also at the start and the end).
         eval_batches: batches per evaluation.
         holdout: fraction of the target data held out for the held-out target loss.
-        device: ``auto`` (CUDA with bf16 autocast when present), ``cpu`` or ``cuda``.
+        device: ``auto`` (CUDA with bf16 autocast when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         trace_every: every this many steps, measure ΔW's spectrum and subspaces in the training
             process (:class:`spectra.callbacks.SpectraTracker`, ``trace.jsonl`` in ``out``; 0: off).
             50 costs about 0.3% (LoRA) and 1.2% (full) of the demo's training time
@@ -99,6 +128,13 @@ class TrainConfig:
             raise ConfigError(f"trace_every must be >= 0. Got {self.trace_every} instead")
         if not 0 < self.holdout < 1:
             raise ConfigError(f"holdout must be in (0, 1). Got {self.holdout} instead")
+        check_seed(self.seed)
+        for name in ("lr", "alpha"):  # NaN, inf or 0 would train nothing or diverge with a misleading message
+            if getattr(self, name) is not None:
+                check_positive(getattr(self, name), name)
+        if not self.target_modules():
+            raise ConfigError(f"targets names no module. Got {self.targets!r} instead",
+                              hint="all, attn, mlp, all-linear or comma-separated module names")
 
     @property
     def resolved_alpha(self) -> float:
@@ -109,108 +145,8 @@ class TrainConfig:
         return float(self.lr) if self.lr is not None else (2e-4 if self.method == "lora" else 2e-5)
 
     def target_modules(self) -> list[str]:
+        """The module names ``targets`` stands for (``["all-linear"]`` for PEFT's own choice)."""
         return TARGET_SETS.get(self.targets) or [t.strip() for t in self.targets.split(",") if t.strip()]
-
-
-# ---- data -------------------------------------------------------------------------------------------
-def read_examples(path: str | Path) -> list[tuple[str, str]]:
-    """``(prompt, text)`` pairs: prompt is "" for plain text (loss on everything).
-
-    Raises:
-        SpectraError: no such path, no text in it, or JSONL lines without ``text`` or ``prompt``/``response``.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise SpectraError("no such file or folder", path=p)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)
-        out = [("", f.read_text(encoding="utf-8", errors="replace")) for f in files]
-    elif p.suffix == ".jsonl":
-        out = []
-        # bounded size and nesting, one-line errors naming the line (spectra.io.jsonfile)
-        for i, rec in enumerate(load_jsonl(p, what=p.name, error=ConfigError), start=1):
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                out.append(("", rec["text"]))
-            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-                out.append((rec["prompt"], rec["response"]))
-            else:
-                raise SpectraError(f"line {i} has neither a text field nor prompt/response fields", path=p)
-    else:
-        out = [("", p.read_text(encoding="utf-8", errors="replace"))]
-    out = [(a, b) for a, b in out if b.strip()]
-    if not out:
-        raise SpectraError("no text found", path=p, hint="pass a text file, a folder of text/code files or JSONL")
-    return out
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0–255 (the demo's models have a 256-token vocabulary)."""
-
-    vocab_size = 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-#: The files that make a model folder's tokenizer (without any of them, text is read as UTF-8 bytes).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def load_tokenizer(base: str | Path, kind: str = "auto"):
-    """The model folder's tokenizer (``kind="auto"`` and tokenizer files present), else bytes."""
-    folder = Path(base)
-    has_files = any((folder / n).exists() for n in TOKENIZER_FILES)
-    if kind == "bytes" or (kind == "auto" and not has_files):
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-
-
-def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
-    """Refuse token ids the model cannot embed: ``ids`` ``(n, seq_len)`` int64 against ``config.json``'s
-    ``vocab_size`` (or its ``text_config``'s). The byte fallback (no tokenizer files in the folder)
-    needs a vocabulary of at least 256.
-
-    Raises:
-        SpectraError: a token id at or above the vocabulary size.
-    """
-    try:  # the bounded reader every untrusted config goes through (size, nesting, not a FIFO)
-        cfg = load_json(Path(base) / "config.json", what="config.json")
-    except SpectraError:
-        return  # transformers reports an unreadable config when it loads the model
-    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
-    if vocab is None and isinstance(cfg, dict) and isinstance(cfg.get("text_config"), dict):
-        vocab = cfg["text_config"].get("vocab_size")
-    top = int(ids.max()) if ids.numel() else -1
-    if isinstance(vocab, int) and top >= vocab:
-        how = (f"the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}), so the text is read "
-               "as UTF-8 bytes, ids 0-255" if isinstance(tok, ByteTokenizer) else f"its tokenizer ({type(tok).__name__})")
-        raise SpectraError(f"token id {top} is outside the model's vocabulary of {vocab} (config.json vocab_size): {how}",
-                           path=base, hint="put the model's tokenizer files in its folder, or use a model whose vocabulary "
-                                           "holds the tokens")
-
-
-def _encode(tok, text: str) -> list[int]:
-    if isinstance(tok, ByteTokenizer):
-        return tok.encode(text)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def token_blocks(examples: list[tuple[str, str]], tok, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate examples and cut ``(n, seq_len)`` blocks of ids and of labels (-100 on prompts)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for prompt, text in examples:
-        p = _encode(tok, prompt) if prompt else []
-        t = _encode(tok, text + "\n")
-        ids += p + t
-        labels += [-100] * len(p) + t
-    n = len(ids) // seq_len
-    if n < 2:
-        raise SpectraError(f"the data holds {len(ids)} tokens, fewer than two blocks of {seq_len}",
-                           hint="give more data or a smaller --seq-len")
-    return (torch.tensor(ids[: n * seq_len]).view(n, seq_len), torch.tensor(labels[: n * seq_len]).view(n, seq_len))
 
 
 # ---- the run ------------------------------------------------------------------------------------------
@@ -243,28 +179,37 @@ def _evaluate(model, blocks: tuple[torch.Tensor, torch.Tensor], batches: int, ba
     return sum(losses) / len(losses)
 
 
-def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None) -> TrainSummary:
+def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None, force: bool = False) -> TrainSummary:
     """Run one reference fine-tune and write its outputs into ``config.out``.
+
+    Everything is checked before the folder is created or touched: the model folder, tokenizer,
+    data, device, sequence length and LoRA targets, and the folder itself (not the base model's, not
+    holding an earlier run's files unless ``force``). The folder is locked while the run writes it
+    (:func:`spectra.io.files.folder_lock`).
 
     Args:
         config: the run.
         callback: called with each log record (a dict) as it is written.
+        force: write into a folder that is not empty, first deleting the files an earlier run wrote
+            there (:data:`spectra.training_inputs.RUN_FILES`; nothing else).
 
     Returns:
         The :class:`TrainSummary` of the run.
+
+    Raises:
+        SpectraError: bad input (one line naming the file or option), or the run diverged.
+        OutputError: another run is writing into ``config.out``.
     """
     try:
-        import transformers
+        import transformers  # noqa: F401 - the extra's presence, checked first
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise SpectraError("training needs the train extra", hint="pip install 'spectra[train]'") from exc
-    base = Path(config.base)
-    if not (base / "config.json").is_file():
-        raise SpectraError("not a Hugging Face model folder (no config.json)", path=base,
-                           hint="pass a local causal-LM folder; spectra never downloads models")
-    out = Path(config.out)
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
+    base, out = Path(config.base), Path(config.out)
+    model_cfg = model_config(base)
+    device = resolve_device(config.device)
+    check_positions(base, model_cfg, config.seq_len)
+    inputs = [config.data, *([config.eval_source] if config.eval_source else [])]
+    check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
     target = token_blocks(read_examples(config.data), tok, config.seq_len)
@@ -272,22 +217,52 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     # The held-out split does not depend on the run's seed, so runs with different seeds are
     # evaluated on the same held-out blocks.
     perm = torch.randperm(len(target[0]), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
-    g = torch.Generator().manual_seed(config.seed)
     n_hold = max(1, int(len(perm) * config.holdout))
     held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
-    train_ids, train_labels = target[0][perm[n_hold:]], target[1][perm[n_hold:]]
+    blocks = (target[0][perm[n_hold:]], target[1][perm[n_hold:]])
     source = token_blocks(read_examples(config.eval_source), tok, config.seq_len) if config.eval_source else None
     if source is not None:
         check_vocabulary(base, tok, source[0])
-    out.mkdir(parents=True, exist_ok=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False, local_files_only=True)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = load_model(base)
+    targets = None
     if config.method == "lora":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=config.rank, lora_alpha=config.resolved_alpha, use_rslora=config.rslora,
-            target_modules=config.target_modules(), lora_dropout=0.0))
+        model, targets = _add_lora(model, config)
     model.to(device).train()
+    # the folder is made only now, every input checked; a second run into it is refused, not interleaved
+    with folder_lock(out):
+        check_out(out, base=base, inputs=inputs, force=force)  # again under the lock: another run may have written
+        if force:
+            clear_run_outputs(out)
+        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback)
+
+
+def _add_lora(model, config: TrainConfig):
+    """``(PEFT model, the module names adapted)``: ``--targets`` checked against the model first."""
+    import peft
+
+    if config.targets == ALL_LINEAR:
+        modules: str | list[str] = ALL_LINEAR
+    else:
+        modules = check_targets(model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
+    try:
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=config.rank, lora_alpha=config.resolved_alpha, use_rslora=config.rslora, target_modules=modules, lora_dropout=0.0))
+    except (ValueError, TypeError, KeyError) as exc:  # PEFT refuses a module kind it cannot adapt
+        raise ConfigError(f"PEFT cannot adapt --targets {config.targets}: {first_line(exc)}",
+                          hint="name linear layers (see the model's module names), or pass --targets all-linear") from None
+    adapted = model.peft_config["default"].target_modules
+    # all-linear: PEFT resolves full module names; the short names, as the presets record them
+    return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules)
+
+
+def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
+         targets: list[str] | None, callback: Callable[[dict], None] | None) -> TrainSummary:
+    """The optimisation loop and the outputs, in the locked, checked ``config.out``."""
+    out = Path(config.out)
+    train_ids, train_labels = blocks
+    g = torch.Generator().manual_seed(config.seed)
     # started before the first step: a full fine-tune's ΔW is measured from these weights
     tracker = SpectraTracker(model, every=config.trace_every, out_dir=out) if config.trace_every else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -296,8 +271,8 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine decay to zero
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
-               "target_modules": config.target_modules(), "tokenizer_used": type(tok).__name__,
-               "trainable_params": sum(p.numel() for p in params)}
+               "target_modules": targets if targets is not None else config.target_modules(),
+               "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params)}
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()
@@ -309,8 +284,12 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                "target_loss": _evaluate(model, held, config.eval_batches, config.batch, device, autocast),
                "source_loss": _evaluate(model, source, config.eval_batches, config.batch, device, autocast) if source else None,
                "lr": sched.get_last_lr()[0], "tokens": tokens, "seconds": time.perf_counter() - t0}
-        log.write(json.dumps(rec) + "\n")
+        log.write(json.dumps(finite_or_null(rec)) + "\n")  # JSON has no NaN: an undefined loss is null
         log.flush()
+        bad = next((k for k in ("target_loss", "source_loss") if rec[k] is not None and not math.isfinite(rec[k])), None)
+        if bad is not None:  # weights too large to evaluate: no model is saved with a loss nobody can read
+            raise SpectraError(f"the held-out {bad.replace('_', ' ')} became {rec[bad]} at step {step}", path=out,
+                               hint="lower --lr" if step else "the base model's loss is not finite on this data")
         if callback:
             callback(rec)
         return rec
@@ -335,6 +314,8 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                 tracker.step(model, step, loss=value)
             if step % config.eval_every == 0 or step == config.steps:
                 last = record(step, value)
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step can diverge after its loss was taken
+            raise SpectraError(f"the weights became infinite or NaN by step {config.steps}", path=out, hint="lower --lr")
     finally:
         log.close()
         if tracker is not None:
@@ -345,54 +326,122 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         model.save_pretrained(str(out), safe_serialization=True)
     if hasattr(tok, "save_pretrained"):
         tok.save_pretrained(str(out))
-    summary = TrainSummary(str(out), config.method, config.steps, time.perf_counter() - t0, first or float("nan"),
-                           last["target_loss"], last["source_loss"], cfg_doc["trainable_params"])
-    atomic_write_text(out / "train_summary.json", json.dumps(asdict(summary), indent=2, sort_keys=True) + "\n")
+    summary = TrainSummary(str(out), config.method, config.steps, time.perf_counter() - t0,
+                           first if first is not None else float("nan"), last["target_loss"], last["source_loss"],
+                           cfg_doc["trainable_params"])
+    atomic_write_text(out / "train_summary.json", json.dumps(finite_or_null(asdict(summary)), indent=2, sort_keys=True) + "\n")
     return summary
 
 
+#: The run folders a sweep makes: ``full``, ``lora<r>``, with ``_seed<s>`` when it has several seeds.
+RUN_NAME = re.compile(r"(full|lora\d+)(_seed\d+)?")
+
+
+def check_sweep(methods: list[str], ranks: list[int], seeds: list[int]) -> None:
+    """Refuse a sweep that would train nothing, train one run twice into one folder, or name a run
+    for a rank it does not train.
+
+    Raises:
+        ConfigError: methods other than lora/full or repeated; with lora, no rank, a rank < 1 or a
+            repeated one; no seed, a repeated seed or one out of range.
+    """
+    if not methods or any(m not in ("lora", "full") for m in methods) or len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods must list lora and/or full, once each. Got {','.join(map(str, methods))!r} instead")
+    if "lora" in methods:
+        if not ranks:
+            raise ConfigError("--ranks lists no rank", hint="give comma-separated LoRA ranks, e.g. 8,64")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+            raise ConfigError(f"--ranks must be integers >= 1. Got {','.join(map(str, ranks))} instead")
+        if len(set(ranks)) != len(ranks):
+            raise ConfigError(f"--ranks repeats a rank ({','.join(map(str, ranks))}): both runs would go to one folder",
+                              hint="list each rank once")
+    if not seeds:
+        raise ConfigError("--seeds lists no seed", hint="give comma-separated seeds, e.g. 0,1")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds repeats a seed ({','.join(map(str, seeds))}): both runs would go to one folder",
+                          hint="list each seed once")
+
+
+def clear_sweep_outputs(root: Path) -> None:
+    """Delete what an earlier sweep wrote in ``root``: ``sweep.json``, the ``analysis/diff_*`` and
+    ``analysis/compare_*`` folders and the run files of its run folders (``full``, ``lora<r>``...);
+    nothing else (a folder left empty goes too)."""
+    (root / "sweep.json").unlink(missing_ok=True)
+    analysis = root / "analysis"
+    folders = [d for d in sorted(root.iterdir()) if RUN_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()]
+    for d in sorted(analysis.iterdir()) if analysis.is_dir() and not analysis.is_symlink() else []:
+        if d.is_dir() and not d.is_symlink() and d.name.startswith(("diff_", "compare_")):
+            shutil.rmtree(d)  # spectra diff / compare output folders, named by the sweep
+    for d in folders:
+        clear_run_outputs(d)
+    for d in [*folders, analysis]:
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only when nothing else is in it
+
+
 def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int], seeds: list[int] | None = None,
-          eval_source: str | None = None, callback: Callable[[str, dict], None] | None = None, **train_kwargs) -> dict:
-    """Several reference runs on one base and dataset, then ``spectra diff`` of each and ``compare``
-    of every LoRA run with the full run (if any) and of consecutive LoRA ranks.
+          eval_source: str | None = None, callback: Callable[[str, dict], None] | None = None, force: bool = False,
+          **train_kwargs) -> dict:
+    """Several reference runs on one base and dataset, then ``spectra diff`` of each and, within each
+    seed, ``compare`` of every LoRA run with the full run (if any) and of consecutive LoRA ranks
+    (ascending).
 
     Args:
         base, data, out, eval_source: as :class:`TrainConfig`; runs go to ``out/<name>``.
-        methods: ``["lora", "full"]`` or a subset; ranks: LoRA ranks; seeds: one run per seed (default [0]).
+        methods: ``["lora", "full"]`` or a subset; ranks: LoRA ranks (>= 1, each once); seeds: one
+            run per method and rank per seed (default [0]; each once).
         callback: ``callback(run_name, log_record)`` as runs progress.
+        force: write into a folder that is not empty, first deleting what an earlier sweep wrote
+            (:func:`clear_sweep_outputs`).
         train_kwargs: any other :class:`TrainConfig` field (steps, lr, batch, seq_len…), for every run.
 
     Returns:
         ``{"runs": {name: TrainSummary dict}, "diffs": {name: folder}, "compares": {name: folder}}``;
         also written to ``out/sweep.json``.
+
+    Raises:
+        ConfigError: as :func:`check_sweep`, or ``out`` not empty without ``force``.
     """
     root = Path(out)
-    seeds = seeds or [0]
+    seeds = [0] if seeds is None else seeds
+    check_sweep(methods, ranks if "lora" in methods else [], seeds)
+    refuse_file_in_path(root)
+    if root.is_dir() and not force and any(p.name != LOCK_NAME for p in root.iterdir()):
+        raise ConfigError("the output folder is not empty", path=root,
+                          hint="choose an empty or new folder, or pass --force to delete what an earlier sweep wrote there")
     runs: dict[str, dict] = {}
-    names: list[tuple[str, str, int]] = []
-    for seed in seeds:
-        suffix = f"_seed{seed}" if len(seeds) > 1 else ""
-        this_seed = ([(f"full{suffix}", "full", 0)] if "full" in methods else []) + \
-            ([(f"lora{r}{suffix}", "lora", r) for r in ranks] if "lora" in methods else [])
-        for name, method, rank in this_seed:
-            summary = train(TrainConfig(base=base, data=data, out=str(root / name), method=method, rank=max(rank, 1),
-                                        seed=seed, eval_source=eval_source, **train_kwargs),
-                            callback=(lambda r, n=name: callback(n, r)) if callback else None)
-            runs[name] = asdict(summary)
-        names += this_seed
-    diffs = {}
-    for name in runs:
-        diff(base, str(root / name), out_dir=root / "analysis" / f"diff_{name}")
-        diffs[name] = str(root / "analysis" / f"diff_{name}")
-    compares = {}
-    loras = [n for n, m, _ in names if m == "lora"]
-    fulls = [n for n, m, _ in names if m == "full"]
-    pairs = [(l, fulls[0]) for l in loras[:1]] if fulls else []
-    pairs += list(zip(loras, loras[1:]))
-    for a, b in pairs:
-        folder = root / "analysis" / f"compare_{a}_vs_{b}"
-        compare(str(root / a), str(root / b), base=base, out_dir=folder)
-        compares[f"{a}_vs_{b}"] = str(folder)
-    doc = {"runs": runs, "diffs": diffs, "compares": compares}
-    atomic_write_text(root / "sweep.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    pairs: list[tuple[str, str]] = []
+    with folder_lock(root):
+        if force:
+            clear_sweep_outputs(root)
+        for seed in seeds:
+            suffix = f"_seed{seed}" if len(seeds) > 1 else ""
+            full = [(f"full{suffix}", "full", 1)] if "full" in methods else []
+            loras = [(f"lora{r}{suffix}", "lora", r) for r in sorted(ranks)] if "lora" in methods else []
+            for name, method, rank in full + loras:
+                summary = train(TrainConfig(base=base, data=data, out=str(root / name), method=method, rank=rank,
+                                            seed=seed, eval_source=eval_source, **train_kwargs),
+                                callback=(lambda r, n=name: callback(n, r)) if callback else None, force=force)
+                runs[name] = asdict(summary)
+            # within one seed: every LoRA run against the full run, then consecutive ranks
+            pairs += [(a, full[0][0]) for a, _, _ in loras] if full else []
+            pairs += [(a[0], b[0]) for a, b in zip(loras, loras[1:])]
+        diffs = {}
+        for name in runs:
+            diff(base, str(root / name), out_dir=root / "analysis" / f"diff_{name}")
+            diffs[name] = str(root / "analysis" / f"diff_{name}")
+        compares = {}
+        for a, b in pairs:
+            folder = root / "analysis" / f"compare_{a}_vs_{b}"
+            compare(str(root / a), str(root / b), base=base, out_dir=folder)
+            compares[f"{a}_vs_{b}"] = str(folder)
+        doc = {"runs": runs, "diffs": diffs, "compares": compares}
+        atomic_write_text(root / "sweep.json", json.dumps(finite_or_null(doc), indent=2, sort_keys=True) + "\n")
     return doc
+
+
+__all__ = ["ALL_LINEAR", "HOLDOUT_SEED", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer", "TrainConfig",
+           "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "load_tokenizer", "read_examples",
+           "sweep", "token_blocks", "train"]

@@ -152,7 +152,7 @@ def test_sweep_runs_and_analyses(setup, tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert set(doc["runs"]) == {"full", "lora2", "lora4"}
-    assert set(doc["compares"]) == {"lora2_vs_full", "lora2_vs_lora4"}
+    assert set(doc["compares"]) == {"lora2_vs_full", "lora4_vs_full", "lora2_vs_lora4"}
     for folder in doc["diffs"].values():
         assert (Path(folder) / "results.json").is_file()
     bad = CliRunner().invoke(main, ["sweep", "--base", "x", "--data", "y", "--methods", "dpo", "--out", str(tmp_path / "b")])

@@ -1,0 +1,422 @@
+"""What a reference training run (:mod:`spectra.training`) reads and where it writes, checked before
+anything is written: the data (regular UTF-8 text files, JSONL), the tokenizer, the model folder
+(``config.json``, weights, vocabulary, positions), the device, the seed, the LoRA target modules and
+the output folder (never the base, never a previous run's folder without ``--force``).
+
+Every refusal is a one-line :class:`spectra.errors.SpectraError` naming the file or option and what
+to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectra.errors import ConfigError, SpectraError
+from spectra.io.files import LOCK_NAME
+from spectra.io.jsonfile import load_json, load_jsonl
+from spectra.io.paths import file_kind, open_regular
+
+_TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml"}
+
+#: Largest share of a data file's characters that may be undecodable UTF-8 (read as U+FFFD): above
+#: it the file is binary or in another encoding, and training on it would learn replacement marks.
+MAX_UNDECODABLE = 0.01
+
+#: The files that make a model folder's tokenizer (without any of them, text is read as UTF-8 bytes).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+#: Weight files transformers loads a model folder from (one of them must be there).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+#: Every file a training run writes into its folder (the adapter or model, its tokenizer, the logs,
+#: the in-training trace): what ``--force`` removes before a new run, and what makes a folder "used".
+RUN_FILES = ("train_config.json", "train_log.jsonl", "train_summary.json", "trace.jsonl", "trace_first.npz",
+             "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md",
+             "config.json", "generation_config.json", *WEIGHT_FILES,
+             "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+             "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+#: ... and the shards of a large full fine-tune.
+RUN_GLOBS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+#: Seeds run from 0 to this (torch seeds are 64-bit; larger Python ints overflow deep inside torch).
+MAX_SEED = 2**63 - 1
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a regular file; up to :data:`MAX_UNDECODABLE` of it may be undecodable
+    (read as U+FFFD).
+
+    Raises:
+        SpectraError: not a regular file (a FIFO would block the read forever), unreadable, or
+            binary / not UTF-8.
+    """
+    try:
+        fd = open_regular(path)  # O_NONBLOCK + fstat: a FIFO or device is refused, never waited on
+    except SpectraError as exc:
+        raise SpectraError(exc.message, path=path, hint="--data and --eval-source read regular text files, "
+                                                        "folders of them, or JSONL") from None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacement marks the file did not hold itself
+    if text and bad / len(text) > MAX_UNDECODABLE:
+        raise SpectraError(f"is not UTF-8 text: {bad / len(text):.0%} of its characters do not decode (a binary "
+                           "file, or text in another encoding)", path=path,
+                           hint=f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out; up to "
+                                f"{MAX_UNDECODABLE:.0%} undecodable bytes are read as U+FFFD")
+    return text
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str]]:
+    """``(prompt, text)`` pairs: prompt is "" for plain text (loss on everything).
+
+    Raises:
+        SpectraError: no such path, not a regular file or folder, not UTF-8 text, no text in it, or
+            JSONL lines without ``text`` or ``prompt``/``response``.
+    """
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise SpectraError("no such file or folder", path=p) from None
+    except OSError as exc:
+        raise SpectraError(f"cannot read it ({exc.strerror or type(exc).__name__})", path=p) from None
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise SpectraError(f"is {file_kind(st.st_mode)}, not a regular file or folder", path=p,
+                           hint="pass a text file, a folder of text/code files or JSONL")
+    if stat.S_ISDIR(st.st_mode):
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)  # is_file: FIFOs skipped
+        out = [("", read_text(f)) for f in files]
+    elif p.suffix == ".jsonl":
+        out = []
+        # bounded size and nesting, one-line errors naming the line (spectra.io.jsonfile)
+        for i, rec in enumerate(load_jsonl(p, what=p.name, error=ConfigError), start=1):
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                out.append(("", rec["text"]))
+            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+                out.append((rec["prompt"], rec["response"]))
+            else:
+                raise SpectraError(f"line {i} has neither a text field nor prompt/response fields", path=p)
+    else:
+        out = [("", read_text(p))]
+    out = [(a, b) for a, b in out if b.strip()]
+    if not out:
+        raise SpectraError("no text found", path=p, hint="pass a text file, a folder of text/code files or JSONL")
+    return out
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0–255 (the demo's models have a 256-token vocabulary)."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def load_tokenizer(base: str | Path, kind: str = "auto"):
+    """The model folder's tokenizer (``kind="auto"`` and tokenizer files present), else bytes.
+
+    Raises:
+        SpectraError: the folder's tokenizer files cannot be loaded.
+    """
+    folder = Path(base)
+    has_files = any((folder / n).exists() for n in TOKENIZER_FILES)
+    if kind == "bytes" or (kind == "auto" and not has_files):
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exception on a corrupt file; any failure here is the files'
+        raise SpectraError(f"cannot load the tokenizer: {first_line(exc)}", path=folder,
+                           hint=f"fix or remove its tokenizer files ({', '.join(TOKENIZER_FILES)}); without them "
+                                "the text is read as UTF-8 bytes") from None
+
+
+def _encode(tok, text: str) -> list[int]:
+    if isinstance(tok, ByteTokenizer):
+        return tok.encode(text)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def token_blocks(examples: list[tuple[str, str]], tok, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate examples and cut ``(n, seq_len)`` blocks of ids and of labels (-100 on prompts).
+
+    Blocks without a single target token (all prompt: the causal loss, which never predicts a block's
+    first token, would be 0/0 = NaN on them) are left out.
+
+    Raises:
+        SpectraError: fewer than two blocks with target tokens.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for prompt, text in examples:
+        p = _encode(tok, prompt) if prompt else []
+        t = _encode(tok, text + "\n")
+        ids += p + t
+        labels += [-100] * len(p) + t
+    n = len(ids) // seq_len
+    if n < 2:
+        raise SpectraError(f"the data holds {len(ids)} tokens, fewer than two blocks of {seq_len}",
+                           hint="give more data or a smaller --seq-len")
+    id_blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    label_blocks = torch.tensor(labels[: n * seq_len]).view(n, seq_len)
+    keep = (label_blocks[:, 1:] != -100).any(dim=1)
+    if int(keep.sum()) < 2:
+        raise SpectraError(f"only {int(keep.sum())} of the data's {n} blocks of {seq_len} tokens hold a response token: "
+                           "the rest are all prompt, which is not trained on", hint="give longer responses or shorter "
+                           "prompts, or a larger --seq-len")
+    return id_blocks[keep], label_blocks[keep]
+
+
+# ---- the model folder ----------------------------------------------------------------------------------
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (third-party messages run over many lines)."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def model_config(base: str | Path) -> dict[str, Any]:
+    """``config.json`` of a local causal-LM folder, checked as transformers needs it: a JSON object
+    naming its ``model_type``, beside a weights file (:data:`WEIGHT_FILES`).
+
+    Raises:
+        SpectraError: not a folder with config.json, config.json unreadable or without model_type,
+            or no weights file.
+    """
+    folder = Path(base)
+    if not (folder / "config.json").is_file():
+        raise SpectraError("not a Hugging Face model folder (no config.json)", path=folder,
+                           hint="pass a local causal-LM folder; spectra never downloads models")
+    cfg = load_json(folder / "config.json", what="config.json", error=ConfigError)  # bounded, one-line errors
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_type"), str):
+        raise ConfigError("config.json names no model_type, so transformers cannot tell the architecture",
+                          path=folder / "config.json", hint='add the model\'s "model_type" (e.g. "llama"), as '
+                                                            "save_pretrained writes it")
+    if not any((folder / n).is_file() for n in WEIGHT_FILES):
+        raise ConfigError(f"no weights file ({', '.join(WEIGHT_FILES)})", path=folder,
+                          hint="pass a model folder written by save_pretrained, weights included")
+    return cfg
+
+
+def _setting(cfg: dict[str, Any], *keys: str) -> tuple[str, int] | None:
+    for c in (cfg, cfg.get("text_config")):
+        if isinstance(c, dict):
+            for k in keys:
+                if isinstance(c.get(k), int) and not isinstance(c.get(k), bool):
+                    return k, int(c[k])
+    return None
+
+
+def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
+    """Refuse token ids the model cannot embed: ``ids`` ``(n, seq_len)`` int64 against ``config.json``'s
+    ``vocab_size`` (or its ``text_config``'s). The byte fallback (no tokenizer files in the folder)
+    needs a vocabulary of at least 256.
+
+    Raises:
+        SpectraError: a token id at or above the vocabulary size.
+    """
+    try:  # the bounded reader every untrusted config goes through (size, nesting, not a FIFO)
+        cfg = load_json(Path(base) / "config.json", what="config.json")
+    except SpectraError:
+        return  # transformers reports an unreadable config when it loads the model
+    found = _setting(cfg, "vocab_size") if isinstance(cfg, dict) else None
+    top = int(ids.max()) if ids.numel() else -1
+    if found is not None and top >= found[1]:
+        vocab = found[1]
+        how = (f"the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}), so the text is read "
+               "as UTF-8 bytes, ids 0-255" if isinstance(tok, ByteTokenizer) else f"its tokenizer ({type(tok).__name__})")
+        raise SpectraError(f"token id {top} is outside the model's vocabulary of {vocab} (config.json vocab_size): {how}",
+                           path=base, hint="put the model's tokenizer files in its folder, or use a model whose vocabulary "
+                                           "holds the tokens")
+
+
+def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int) -> None:
+    """Refuse sequences longer than the model's positions (``max_position_embeddings`` or GPT-2's
+    ``n_positions``): a learned position table has no row for them (an IndexError mid-run).
+
+    Raises:
+        SpectraError: ``seq_len`` above the model's positions.
+    """
+    found = _setting(cfg, "max_position_embeddings", "n_positions", "n_ctx")
+    if found is not None and seq_len > found[1]:
+        raise SpectraError(f"--seq-len {seq_len} is longer than the model's {found[1]} positions (config.json {found[0]})",
+                           path=base, hint=f"pass --seq-len {found[1]} or less")
+
+
+def load_model(base: str | Path):
+    """``AutoModelForCausalLM`` of a checked folder (:func:`model_config`), offline, no remote code.
+
+    Raises:
+        SpectraError: transformers cannot load it (unknown architecture, corrupt weights...).
+    """
+    import transformers
+
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # transformers' ways of saying "not loadable"
+        raise SpectraError(f"transformers cannot load the model: {first_line(exc)}", path=base,
+                           hint="pass a local causal-LM folder written by save_pretrained") from None
+
+
+def adaptable_modules(model: torch.nn.Module) -> list[str]:
+    """Last parts of the names of the model's modules LoRA can adapt (linear, GPT-2's Conv1D,
+    embeddings), sorted: what ``--targets`` may name."""
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if n and (isinstance(m, kinds) or type(m).__name__ == "Conv1D")})
+
+
+def check_targets(model: torch.nn.Module, targets: list[str], *, preset: str | None = None) -> list[str]:
+    """The ``targets`` the model has (a name matches a module named so, or ending in ``.name``, as
+    PEFT matches). A preset (``all``, ``attn``, ``mlp``) keeps the names the model has; names the
+    user typed must all be there.
+
+    Raises:
+        ConfigError: a typed name matches no module, or a preset none.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    have = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    known = ", ".join(adaptable_modules(model)) or "none"
+    if preset is not None and not have:
+        raise ConfigError(f"--targets {preset} adapts {', '.join(targets)}, none of which this model has; the modules LoRA can "
+                          f"adapt in it are: {known}", hint="pass --targets with some of those names, or --targets all-linear")
+    missing = [t for t in targets if t not in have]
+    if preset is None and missing:
+        raise ConfigError(f"--targets names modules this model does not have: {', '.join(missing)}; the modules LoRA can adapt "
+                          f"in it are: {known}", hint="correct the names, or pass --targets all-linear (every linear layer but the output head)")
+    return have
+
+
+# ---- options --------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked
+    against what this torch can use.
+
+    Raises:
+        ConfigError: not a device name, or a device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device", hint="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available to this torch ({torch.__version__})",
+                              hint="use --device auto or cpu, or install a CUDA build of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+                              hint=f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return dev
+    raise ConfigError(f"--device {name}: spectra train runs on cpu or cuda (or mps where available)",
+                      hint="use auto, cpu, cuda or cuda:N")
+
+
+def check_seed(seed: object, option: str = "seed") -> None:
+    """Refuse a seed outside 0 … :data:`MAX_SEED` (torch cannot take it).
+
+    Raises:
+        ConfigError: not an integer in range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{option} must be an integer from 0 to 2**63-1. Got {seed!r} instead")
+
+
+def check_positive(value: object, name: str) -> None:
+    """Refuse a number that is not finite and > 0 (a learning rate, a LoRA alpha).
+
+    Raises:
+        ConfigError: NaN, infinite, zero or negative.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0. Got {value!r} instead")
+
+
+# ---- the output folder ---------------------------------------------------------------------------------
+def refuse_file_in_path(out: str | Path, option: str = "--out") -> None:
+    """Refuse an output folder that is a file, or lies inside one (creating it would fail).
+
+    Raises:
+        ConfigError: ``out`` or one of its parents is not a folder.
+    """
+    p = Path(out)
+    for q in (p, *p.parents):
+        if q.exists() or q.is_symlink():
+            if not q.is_dir():
+                what = f"{q} is not a folder" if q != p else "it exists and is not a folder"
+                raise ConfigError(f"{option} cannot be made a folder: {what}", path=p, hint=f"choose a folder for {option}")
+            return
+
+
+def run_outputs(out: Path) -> list[Path]:
+    """The files of :data:`RUN_FILES` / :data:`RUN_GLOBS` present in ``out``."""
+    if not out.is_dir():
+        return []
+    found = [out / n for n in RUN_FILES if (out / n).is_file() or (out / n).is_symlink()]
+    return found + sorted(p for g in RUN_GLOBS for p in out.glob(g))
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_out(out: str | Path, *, base: str | Path, inputs: list[str | Path], force: bool) -> None:
+    """Refuse an output folder a run must not write: inside a file, the base model's folder (its
+    weights would be replaced), the folder of ``inputs`` (the data), an input among the files a run
+    writes, or a folder that is not empty unless ``force`` (a new run beside an old one's files
+    would mix them: an old adapter beside a new full model is what ``spectra diff`` would read).
+
+    Raises:
+        ConfigError: any of these.
+    """
+    p = Path(out)
+    refuse_file_in_path(p)
+    if _same(p, Path(base)):
+        raise ConfigError("--out is the base model's folder: the run would overwrite the model it starts from",
+                          path=p, hint="choose another folder for --out")
+    for src in map(Path, inputs):
+        if src.is_dir() and _same(p, src):  # the run's .json files would be read as data by the next run
+            raise ConfigError(f"--out is the data folder {src}: the run's files would mix with the data", path=p,
+                              hint="choose another folder for --out")
+    written = [Path(base) / n for n in RUN_FILES] + [Path(i) for i in inputs]
+    clash = [f for f in run_outputs(p) if any(_same(f, w) for w in written)]
+    if clash:  # a link or a hard link to an input (another spelling of the base folder)
+        raise ConfigError(f"--out holds {clash[0].name}, which is the input {next(w for w in written if _same(clash[0], w))}",
+                          path=p, hint="choose another folder for --out")
+    present = sorted(q.name for q in p.iterdir() if q.name != LOCK_NAME) if p.is_dir() else []
+    if present and not force:
+        listed = ", ".join(present[:3]) + ("…" if len(present) > 3 else "")
+        raise ConfigError(f"the output folder is not empty ({listed})", path=p,
+                          hint="choose an empty or new folder, or pass --force to delete the files an earlier run wrote there")
+
+
+def clear_run_outputs(out: Path) -> list[str]:
+    """Delete the files an earlier run wrote in ``out`` (:func:`run_outputs`; nothing else); returns their names."""
+    gone = []
+    for f in run_outputs(out):
+        f.unlink()
+        gone.append(f.name)
+    return gone
+
+
+__all__ = ["MAX_SEED", "MAX_UNDECODABLE", "RUN_FILES", "RUN_GLOBS", "TOKENIZER_FILES", "WEIGHT_FILES", "ByteTokenizer",
+           "adaptable_modules", "check_out", "check_positions", "check_positive", "check_seed", "check_targets",
+           "check_vocabulary", "clear_run_outputs", "first_line", "load_model", "load_tokenizer", "model_config",
+           "read_examples", "read_text", "refuse_file_in_path", "resolve_device", "run_outputs", "token_blocks"]
