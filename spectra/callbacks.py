@@ -165,7 +165,8 @@ class SpectraTracker:
         refs = _load_first(self.first_path)
         for tr in self.matrices:
             tr.first = refs.get(tr.name)
-            tr.prev = Subspaces.of(self._now(tr)[1]) if tr.module is not None else None  # full: ΔW from here is zero
+            top = self._now(tr)[1] if tr.module is not None else None  # full: ΔW from here is zero
+            tr.prev = Subspaces.of(top) if top is not None else None  # None too for factors holding NaN/Inf
         self.warn(f"training resumed at step {step}: the trace continues from there"
                   + (f" ({dropped} records measured after step {step} by the interrupted run were dropped)" if dropped else "")
                   + ("" if refs else f"; no {FIRST_FILE}, so turn_first after the resume is measured from the first "

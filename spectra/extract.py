@@ -499,8 +499,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
     result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
-    if config.serving == "vllm" and asked is not None and any(ranks[i] != asked for i in usable):
-        result.warnings.append(f"--rank {asked} rounded up to {max(ranks[i] for i in usable)}: the ranks vLLM accepts are "
+    served = next((v for v in VLLM_RANKS if asked is not None and v >= asked), asked)
+    if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
+        result.warnings.append(f"--rank {asked} rounded up to {served}: the ranks vLLM accepts are "
                                f"{', '.join(map(str, VLLM_RANKS))} (drop --serving vllm to keep {asked})")
     if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
         result.elapsed_s = time.perf_counter() - t0

@@ -71,7 +71,9 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
 
     Not the label: the same files named another way (``./m``, an absolute path, a symlink, the folder
     or its ``model.safetensors``) are the same inputs; paths are compared resolved (``realpath``)."""
-    files = sorted({os.path.realpath(t.file) for t in ckpt.tensors.values()})
+    # portable: each file by the name its folder gives it (a hub snapshot links model.safetensors to blobs/<sha>)
+    named = {os.path.realpath(t.file): os.path.basename(t.file) for t in ckpt.tensors.values()}
+    files = sorted(named)
     root = Path(ckpt.root)
     folder = root if root.is_dir() else root.parent
     deciding = {q for pattern in DECIDING_FILES for q in folder.glob(pattern) if q.is_file()}
@@ -84,7 +86,7 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
         except OSError:
             digests.append((q.name, None))
     stats = {f: os.stat(f) for f in files}
-    where = [(os.path.basename(f),) if portable else (f, stats[f].st_mtime_ns) for f in files]
+    where = [(named[f],) if portable else (f, stats[f].st_mtime_ns) for f in files]
     return [ckpt.format, [(*w, stats[f].st_size, content_sample(f)) for w, f in zip(where, files)],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]

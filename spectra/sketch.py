@@ -105,7 +105,8 @@ def randomized_svd(
     if M.dtype == torch.float64 and dtype != torch.float64 and M.numel():
         # float64 beyond float32's range would overflow or flush to zero in the sketch: a power of two
         # per matrix first (exact), values and residuals multiplied back
-        amax = torch.maximum(M.amax(dim=(-2, -1)), -M.amin(dim=(-2, -1))).reshape(-1).tolist()
+        lo, hi = torch.aminmax(M.reshape(*M.shape[:-2], -1), dim=-1)  # one pass
+        amax = torch.maximum(hi, -lo).reshape(-1).tolist()
         exps = np.array([gram_scale_exponent(a, torch.float32) for a in amax]).reshape(M.shape[:-2])
         if exps.any():
             t = randomized_svd(torch.ldexp(M, torch.as_tensor(-exps, device=M.device)[..., None, None]), k, oversample=oversample,

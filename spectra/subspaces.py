@@ -587,12 +587,13 @@ def amplification(
         Ur, Vr = (_basis(Q, name, device) for Q, name in zip(random_bases, ("U", "V")))
         if Ur.shape != (out, r) or Vr.shape != (inn, r):
             raise ValueError(f"random_bases must be U ({out}, {r}) and V ({inn}, {r}). Got {tuple(Ur.shape)}, {tuple(Vr.shape)} instead.")
+    # a projection at W's rounding level (σ₁(W)·√(p·ε)) is 0: ΔW's directions lie outside W's, factor ∞ (null)
+    proj_delta = proj_delta if proj_delta > rank_resolution(float(np.max(S_W, initial=0.0)), min(shape)) else 0.0
     return Amplification(
         r=r,
         delta_fro=delta_fro,
         w_fro=w_fro,
-        # a projection at W's rounding level (σ₁(W)·√(p·ε)) is 0: ΔW's directions lie outside W's, factor ∞ (null)
-        proj_delta=(proj_delta := proj_delta if proj_delta > rank_resolution(float(np.max(S_W, initial=0.0)), min(shape)) else 0.0),
+        proj_delta=proj_delta,
         factor=amplification_factor(delta_fro, proj_delta),
         proj_own=float(np.sqrt(np.sum(S_W[:r] ** 2))),
         proj_random=float(torch.linalg.matrix_norm(Ur.mT @ W64 @ Vr)),

@@ -240,13 +240,17 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
 
 
 def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int) -> None:
-    """Refuse sequences longer than the model's positions (``max_position_embeddings`` or GPT-2's
-    ``n_positions``): a learned position table has no row for them (an IndexError mid-run).
+    """Refuse sequences longer than a learned position table (GPT-2's ``n_positions``, or
+    ``max_position_embeddings`` of a model without rotary/ALiBi positions, e.g. OPT, BERT): it has no
+    row for them (an IndexError mid-run). Rotary models (Llama, Mistral, Qwen2…) run longer sequences.
 
     Raises:
         SpectraError: ``seq_len`` above the model's positions.
     """
-    found = _setting(cfg, "max_position_embeddings", "n_positions", "n_ctx")
+    # rotary or ALiBi positions have no table: a longer --seq-len runs (a context-extension fine-tune)
+    relative = any(k in cfg for k in ("rope_theta", "rope_scaling", "rope_parameters", "rotary_dim", "rotary_pct",
+                                      "rotary_emb_base", "alibi")) or cfg.get("position_embedding_type") == "rotary"
+    found = _setting(cfg, "n_positions", "n_ctx") or (None if relative else _setting(cfg, "max_position_embeddings"))
     if found is not None and seq_len > found[1]:
         raise SpectraError(f"--seq-len {seq_len} is longer than the model's {found[1]} positions (config.json {found[0]})",
                            path=base, hint=f"pass --seq-len {found[1]} or less")

@@ -485,3 +485,48 @@ def test_compare_and_interfere_name_a_checkpoint_of_other_shapes(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert any(s["name"] == q and "shape mismatch" in s["reason"] for s in doc["skipped"]), doc["skipped"]
+
+
+def test_vllm_warning_only_when_the_asked_rank_is_rounded(small_pairs, tmp_path):
+    """The warning fired whenever any module's rank differed from --rank (a module smaller than it) and
+    named the largest module rank: `--rank 16 rounded up to 16`."""
+    (base, tuned), _ = small_pairs
+    res = _run("extract", str(base), str(tuned), "-r", "16", "--serving", "vllm", "-o", str(tmp_path / "x"), "--no-plots")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "x" / "extract.json").read_text())
+    assert not any("rounded up" in w for w in doc["warnings"]), doc["warnings"]
+
+
+def test_positions_refused_only_for_learned_tables(tmp_path):
+    """--seq-len above max_position_embeddings was refused for every model; rotary models (Llama) run
+    longer sequences (a context-extension fine-tune), only learned tables (GPT-2, OPT) cannot."""
+    from transformers import GPT2Config, LlamaConfig, OPTConfig
+
+    from spectra.errors import SpectraError
+    from spectra.training_inputs import check_positions
+
+    check_positions(tmp_path, LlamaConfig(max_position_embeddings=64).to_dict(), 128)
+    for cfg in (GPT2Config(n_positions=64).to_dict(), OPTConfig(max_position_embeddings=64).to_dict()):
+        with pytest.raises(SpectraError, match="longer than the model's 64 positions"):
+            check_positions(tmp_path, cfg, 128)
+
+
+def test_portable_fingerprint_reads_the_folder_names_not_the_link_targets(tmp_path):
+    """A rank reading a hub snapshot (model.safetensors -> blobs/<sha>) and one reading a plain copy of the
+    same files were refused as "other inputs": the portable fingerprint took the link target's name."""
+    import shutil
+
+    from spectra.config import DiffConfig
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.journal import run_fingerprint
+
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4)}, str(tmp_path / "w.safetensors"))
+    (tmp_path / "snap" / "blobs").mkdir(parents=True)  # spectra reads links only inside the folder given
+    shutil.copy(tmp_path / "w.safetensors", tmp_path / "snap" / "blobs" / "0123abcd")
+    (tmp_path / "snap" / "model.safetensors").symlink_to("blobs/0123abcd")
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "w.safetensors", tmp_path / "copy" / "model.safetensors")
+    cfg = DiffConfig()
+    a, b = open_checkpoint(str(tmp_path / "snap")), open_checkpoint(str(tmp_path / "copy"))
+    assert run_fingerprint(a, a, cfg, portable=True) == run_fingerprint(b, b, cfg, portable=True)
+    assert run_fingerprint(a, a, cfg) != run_fingerprint(b, b, cfg)  # --resume still tells the paths apart
