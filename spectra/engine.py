@@ -404,6 +404,16 @@ def _sync(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
 
 
+def _scaled(batch: torch.Tensor, target: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """``batch`` ``(n, out, in)`` with each matrix divided by its :func:`gram_scale_exponent` for ``target``
+    (a power of two: exact; none for ordinary matrices), and the ``(n,)`` exponents to multiply values back by."""
+    amax = torch.maximum(batch.amax(dim=(-2, -1)), -batch.amin(dim=(-2, -1))).double().cpu().tolist()
+    ex = np.array([gram_scale_exponent(a, target) for a in amax], dtype=int)
+    if ex.any():
+        batch = torch.ldexp(batch, torch.as_tensor(-ex, device=batch.device).reshape(-1, 1, 1)).to(batch.dtype)
+    return batch, ex
+
+
 def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) -> list[_Row]:
     """One stacked chunk ``(n, out, in)``: float64/float32 as asked, or certified float32 with a
     float64 recompute of the matrices whose certificate fails (from the same float64 Gram)."""
@@ -412,21 +422,16 @@ def _torch_chunk(batch: torch.Tensor, precision: str, method: str, check: dict) 
     if method == "svd":
         ex = np.zeros(n, dtype=int)
         if batch.dtype == torch.float64 and precision == "float32":  # float64 beyond float32's range: scale first
-            amax = torch.maximum(batch.amax(dim=(-2, -1)), -batch.amin(dim=(-2, -1))).cpu().tolist()
-            ex = np.array([gram_scale_exponent(a, torch.float32) for a in amax])
-            batch = torch.ldexp(batch, torch.as_tensor(-ex, device=batch.device).reshape(-1, 1, 1)) if ex.any() else batch
+            batch, ex = _scaled(batch, torch.float32)
         S = torch.linalg.svdvals(batch.to(torch.float32 if precision == "float32" else torch.float64))
         S = np.ldexp(S.double().cpu().numpy(), ex.reshape(-1, 1))
         sec = (time.perf_counter() - t0) / n
         return [(S[j], precision, (), 0.0, sec) for j in range(n)]
     gram_dtype = torch.float32 if precision == "float32" else torch.float64
     # per matrix, a power of two that keeps its Gram matrix in range (GRAM_SCALE_LIMIT; usually 0)
-    exps = [0] * n  # float32/bf16 entries always square within float64's range: only the others are checked
+    exps = np.zeros(n, dtype=int)  # float32/bf16 entries always square within float64's range: only the others are checked
     if batch.dtype == torch.float64 or gram_dtype == torch.float32:
-        amax = torch.maximum(batch.amax(dim=(-2, -1)), -batch.amin(dim=(-2, -1))).double().cpu().tolist()
-        exps = [gram_scale_exponent(a, gram_dtype) for a in amax]
-    if any(exps):
-        batch = torch.ldexp(batch, -torch.tensor(exps, device=batch.device).reshape(-1, 1, 1)).to(batch.dtype)
+        batch, exps = _scaled(batch, gram_dtype)
     G = gram(batch, dtype=gram_dtype)
     _sync(G)
     t1 = time.perf_counter()
