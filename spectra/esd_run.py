@@ -188,7 +188,7 @@ def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor |
             # float32 squares cannot overflow float64; float64 weights near 1e154 make λ = σ² (and the Gram) overflow
             out.append((unit, task, None, f"weights too large: ‖W‖_F² exceeds {GRAM_LIMIT:.0e}, so the eigenvalues "
                                           "λ = σ² overflow float64; rescale the weights"))
-        elif m.dtype == torch.float64 and 0.0 < float(m.abs().max()) * m.numel() ** 0.5 < GRAM_LIMIT**-0.5:
+        elif m.dtype == torch.float64 and 0.0 < max(float(m.max()), -float(m.min())) * m.numel() ** 0.5 < GRAM_LIMIT**-0.5:
             # and near 1e-154 they underflow: λ = σ² rounds to subnormals or 0 (a full-rank matrix read as zero;
             # torch's vector_norm squares unscaled, so the bound is from the largest entry: ‖W‖_F <= max·√n)
             out.append((unit, task, None, f"weights too small: ‖W‖_F² is below {1.0 / GRAM_LIMIT:.0e}, so the eigenvalues "

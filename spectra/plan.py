@@ -178,12 +178,12 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     p = size or (4096 if device.type == "cuda" else 512)
     g = torch.Generator(device="cpu").manual_seed(0)
     M = torch.randn(p, 4 * p, generator=g, dtype=torch.float32).to(device)
+    io_rate = CostModel.default(device).io_rate
+    if io_probe is not None:
+        read, nbytes = io_probe
+        io_rate = nbytes / max(_median_time(read, repeats=2), 1e-6)
     if device.type == "cpu":
         gram_rate, eig_rate = _cpu_rates(M, precision)
-        io_rate = CostModel.default(device).io_rate
-        if io_probe is not None:
-            read, nbytes = io_probe
-            io_rate = nbytes / max(_median_time(read, repeats=2), 1e-6)
         return CostModel(gram_rate=gram_rate, eig_rate=eig_rate, io_rate=io_rate, device=str(device), precision=precision)
 
     def sync() -> None:
@@ -203,11 +203,6 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     run_gram(), run_eig()  # warm-up (library loading, kernels)
     t_gram = _median_time(run_gram)
     t_eig = _median_time(run_eig)
-    io_rate = CostModel.default(device).io_rate
-    if io_probe is not None:
-        read, nbytes = io_probe
-        t_io = _median_time(read, repeats=2)
-        io_rate = nbytes / max(t_io, 1e-6)
     return CostModel(gram_rate=p * 4 * p * p / t_gram, eig_rate=p**3 / t_eig, io_rate=io_rate,
                      device=str(device), precision=precision)
 
