@@ -142,8 +142,9 @@ class SpectraTracker:
     def first_path(self) -> Path:
         """``trace_first.npz`` beside ``trace.jsonl``: each matrix's first measured subspaces
         (``<name>.U`` ``(out, k)``, ``<name>.V`` ``(in, k)``), so that a resumed run measures φ from the
-        same first step (:meth:`_resume`)."""
-        return (self.path or Path("trace.jsonl")).with_name(FIRST_FILE)
+        same first step (:meth:`_resume`). Only for a tracker that writes (``path`` set)."""
+        assert self.path is not None  # every caller checks path first
+        return self.path.with_name(FIRST_FILE)
 
     def _resume(self, step: int) -> None:
         """Continue the trace of a run resumed from its checkpoint at ``step``: keep the records up to
