@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -49,9 +50,11 @@ class _StopSignals:
     runs handlers only in the main thread between bytecodes, so a main thread blocked in a join or
     a long native call would never see the second one."""
 
-    def __init__(self, grace_s: float, kept: str = "") -> None:
+    def __init__(self, grace_s: float, kept: str | Callable[[], str] = "") -> None:
         self.grace_s = grace_s
-        self.kept = kept  # what the stop leaves behind, for the message of a hard exit
+        # what the stop leaves behind, for the message of a hard exit: a callable is asked then (the
+        # files written by that time), its answer at the start standing in should it fail
+        self.kept = kept
         self.timer: threading.Timer | None = None
         self.count = 0
         self._raised = False
@@ -104,7 +107,12 @@ def _owns_process() -> bool:
     return Path(sys.argv[0]).stem == "spectra" or (spec is not None and spec.name in ("spectra", "spectra.__main__"))
 
 
-def _hard_exit(code: int, why: str, kept: str) -> None:
+def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
+    if callable(kept):
+        try:
+            kept = kept()
+        except Exception:  # the message must never stop the exit
+            kept = ""
     os.write(2, f"stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
 
@@ -114,7 +122,9 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
     can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
     The subcommand's options are read with click's resilient parsing (no errors, no callbacks). With
     ``since`` (the command's start, ``time.time()``), results a command without ``--resume`` wrote
-    into ``--out`` after it (a stop while figures are drawn) are named as kept."""
+    into ``--out`` after it (a stop while figures are drawn) are named as kept. A command with a
+    ``stop_note(params, since) -> str`` attribute (``spectra train``, ``sweep``: partial logs, finished
+    runs) words it itself."""
     try:
         name, cmd, rest = group.resolve_command(ctx, list(ctx.meta.get("spectra.args", ())))
         if cmd is None:
@@ -123,6 +133,9 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
             params = dict(sub.params)
     except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, IndexError, ValueError, TypeError):
         return ""
+    note = getattr(cmd, "stop_note", None)
+    if callable(note):
+        return str(note(params, since))
     out = params.get("out_dir")
     if out and "resume" in params:
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
@@ -155,7 +168,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         started = time.time()
         kept = kept_on_stop(self, ctx)
-        stop = _StopSignals(STOP_GRACE_S, kept) if threading.current_thread() is threading.main_thread() else None
+
+        def kept_now() -> str:  # asked at a hard exit: the files written by then
+            return kept_on_stop(self, ctx, since=started) or kept
+
+        stop = _StopSignals(STOP_GRACE_S, kept_now) if threading.current_thread() is threading.main_thread() else None
         try:
             return super().invoke(ctx)
         except SpectraError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -29,23 +30,40 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
     return value
 
 
-def _stopped(exc: KeyboardInterrupt, what: str) -> None:
-    """Say what a stop (Ctrl-C or SIGTERM) left, then exit 130 / 143 as the other commands do."""
-    signal_name = "Ctrl-C" if type(exc) is KeyboardInterrupt else "SIGTERM"  # SIGTERM raises a subclass (spectra_cli.main)
-    click.echo(f"stopped by {signal_name}: {what}", err=True)
-    click.get_current_context().exit(130 if signal_name == "Ctrl-C" else 143)
-
-
-def _written_since(out: Path, names: tuple[str, ...], since: float) -> list[str]:
-    """The files of ``names`` in ``out`` written at or after ``since`` (``time.time()``)."""
+def _written_since(out: Path, names: tuple[str, ...], since: float | None) -> list[str]:
+    """The files of ``names`` in ``out`` written at or after ``since`` (``time.time()``; None: none)."""
     found = []
     for n in names:
         try:
-            if (out / n).stat().st_mtime >= since:
+            if since is not None and (out / n).stat().st_mtime >= since:
                 found.append(n)
         except OSError:
             continue
     return found
+
+
+def _train_stop_note(params: dict, since: float | None) -> str:
+    """What a stopped ``spectra train`` leaves (spectra_cli.main.kept_on_stop): the log so far, not
+    "nothing was kept"."""
+    out = Path(params.get("out_dir") or ".")
+    partial = _written_since(out, _PARTIAL_FILES, since)
+    return (f"no {'adapter' if params.get('method', 'lora') == 'lora' else 'model'} was saved; "
+            + (f"{', '.join(partial)} in {out} hold the run up to the stop (rerun with --force to start again)"
+               if partial else f"nothing was written into {out}"))
+
+
+def _sweep_stop_note(params: dict, since: float | None) -> str:
+    """What a stopped ``spectra sweep`` leaves: the runs it finished, in the order they ran."""
+    out = Path(params.get("out_dir") or ".")
+    finished = []
+    for f in out.glob("*/train_summary.json"):
+        with contextlib.suppress(OSError):
+            mtime = f.stat().st_mtime
+            if since is not None and mtime >= since:
+                finished.append((mtime, f.parent.name))
+    done = [name for _, name in sorted(finished)]
+    return ((f"the finished runs ({', '.join(done)}) are in {out}; " if done else "")
+            + "sweep.json and the analyses were not written (rerun with --force to start again)")
 
 
 @click.command("train", short_help="One reference fine-tune (LoRA via PEFT, or full), logged.")
@@ -88,7 +106,6 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
     from spectra.training import TrainConfig, train
 
     quiet_transformers()
-    started = time.time()
     config = TrainConfig(base=base, data=data, out=out_dir, method=method, rank=rank, alpha=alpha, rslora=rslora,
                          targets=targets, lr=lr, steps=steps, batch=batch, seq_len=seq_len, seed=seed,
                          eval_source=eval_source, eval_every=eval_every, device=device, trace_every=trace_every)
@@ -100,15 +117,8 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
         src = "" if rec["source_loss"] is None else f" source {rec['source_loss']:.3f}"
         progress.update(task_id, completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
 
-    try:
-        with progress:
-            summary = train(config, callback=on_record, force=force)
-    except KeyboardInterrupt as exc:  # the log so far is kept: say so, rather than "nothing was kept"
-        partial = _written_since(Path(out_dir), _PARTIAL_FILES, started)
-        _stopped(exc, f"no {'adapter' if method == 'lora' else 'model'} was saved; "
-                      + (f"{', '.join(partial)} in {out_dir} hold the run up to the stop (rerun with --force to start again)"
-                         if partial else f"nothing was written into {out_dir}"))
-        return
+    with progress:  # a stop is worded by _train_stop_note (spectra_cli.main.kept_on_stop)
+        summary = train(config, callback=on_record, force=force)
     err.print(escape(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
                      + ("" if summary.source_loss is None else f", source loss {summary.source_loss:.3f}")
                      + f"; outputs in {out_dir}"), highlight=False)
@@ -154,15 +164,9 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
             tasks[name] = progress.add_task(f"train {name}", total=steps, current="")
         progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}")
 
-    try:
-        with progress:
-            doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
-                        callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device)
-    except KeyboardInterrupt as exc:
-        done = [n for n in tasks if (Path(out_dir) / n / "train_summary.json").is_file()]
-        _stopped(exc, (f"the finished runs ({', '.join(done)}) are in {out_dir}; " if done else "")
-                 + "sweep.json and the analyses were not written (rerun with --force to start again)")
-        return
+    with progress:  # a stop is worded by _sweep_stop_note
+        doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
+                    callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device)
     table = Table(title="sweep", title_justify="left")
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")
@@ -225,3 +229,7 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     stdout().print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     err.print(escape(f"demo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}/"), highlight=False)
 
+
+#: read by spectra_cli.main.kept_on_stop, for a clean stop and a hard exit alike
+train_cmd.stop_note = _train_stop_note
+sweep_cmd.stop_note = _sweep_stop_note

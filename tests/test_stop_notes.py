@@ -1,0 +1,77 @@
+"""What a stop says was kept: one wording for a clean stop and a hard exit (spectra_cli.main.kept_on_stop,
+the ``stop_note`` of ``spectra train`` and ``sweep``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import click
+
+from spectra_cli.main import kept_on_stop, main
+
+
+def _kept(args: list[str], since: float | None) -> str:
+    ctx = click.Context(main)
+    ctx.meta["spectra.args"] = args
+    return kept_on_stop(main, ctx, since=since)
+
+
+def test_train_stop_note_names_the_partial_log(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    started = time.time() - 1
+    assert _kept(["train", "--base", "b", "--data", "d", "--out", str(out)], started) == f"no adapter was saved; nothing was written into {out}"
+    (out / "train_log.jsonl").write_text("{}\n")
+    (out / "train_config.json").write_text("{}")
+    note = _kept(["train", "--base", "b", "--data", "d", "--method", "full", "-o", str(out)], started)
+    assert note.startswith("no model was saved; train_config.json, train_log.jsonl in ") and "rerun with --force" in note
+    assert "nothing was kept" not in note
+    # files older than the run are an earlier run's, not this one's
+    os.utime(out / "train_log.jsonl", (started - 100, started - 100))
+    os.utime(out / "train_config.json", (started - 100, started - 100))
+    assert "nothing was written" in _kept(["train", "--base", "b", "--data", "d", "-o", str(out)], started)
+
+
+def test_sweep_stop_note_lists_finished_runs_in_run_order(tmp_path):
+    out = tmp_path / "sweep"
+    started = time.time() - 10
+    for i, name in enumerate(["full_s0", "lora8_s0"]):
+        (out / name).mkdir(parents=True)
+        (out / name / "train_summary.json").write_text("{}")
+        os.utime(out / name / "train_summary.json", (started + 5 - i, started + 5 - i))  # lora8 first
+    (out / "lora64_s0").mkdir()  # started, not finished
+    note = _kept(["sweep", "--base", "b", "--data", "d", "--out", str(out)], started)
+    assert note.startswith(f"the finished runs (lora8_s0, full_s0) are in {out}; sweep.json and the analyses were not written")
+
+
+def test_other_commands_keep_their_wording(tmp_path):
+    assert "run the same command with --resume" in _kept(["diff", "a", "b", "--out", str(tmp_path / "o")], None)
+
+
+def test_a_hard_exit_words_what_exists_at_that_moment(tmp_path):
+    """The message of a second signal is asked when it comes (the log written meanwhile), not at the start."""
+    out = tmp_path / "run"
+    out.mkdir()
+    script = textwrap.dedent(f"""
+        import pathlib, signal, time
+        import click
+        from spectra_cli.main import _StopSignals, kept_on_stop, main
+        ctx = click.Context(main)
+        ctx.meta["spectra.args"] = ["train", "--base", "b", "--data", "d", "--out", {str(out)!r}]
+        started = time.time() - 1
+        stop = _StopSignals(30.0, lambda: kept_on_stop(main, ctx, since=started))
+        pathlib.Path({str(out / "train_log.jsonl")!r}).write_text("{{}}\\n")  # written after the start
+        stop._seen(signal.SIGTERM)
+        stop._seen(signal.SIGTERM)  # the second: ends the process at once
+        print("not reached")
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 143, res.stderr
+    assert "not reached" not in res.stdout
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("stopped at once (a second stop signal): no adapter was saved; train_log.jsonl in ")
+    assert "nothing was kept" not in line
