@@ -191,6 +191,10 @@ class _Side:
             return min(mod.r, p) if mod.magnitude is None else min(mod.r, self.config.top_k, p)
         return min(self.config.top_k, p)
 
+    def is_dora(self, key: str) -> bool:
+        """Whether the module ``key`` is a DoRA module (a dense update of more than r directions)."""
+        return self.kind == "lora" and self.mods[key].magnitude is not None
+
     def update(self, key: str, W: torch.Tensor | None, transpose: bool, device: torch.device, need: int,
                base_name: str | None = None) -> _Update | str:
         """The update, or why it cannot be measured (NaN/Inf, overflow) as one line.
@@ -270,6 +274,13 @@ def _random_bases(job: _Job, device: torch.device) -> dict[str, tuple[torch.Tens
             for who, r in (("a", job.rank_a), ("b", job.rank_b))}
 
 
+def _top_share(form: Factored | TopSVD, r: int) -> float:
+    """The share of a dense update's energy in its top r singular values (1 for a factored one)."""
+    if not isinstance(form, TopSVD) or form.energy <= 0:
+        return 1.0
+    return min(1.0, float((form.S[:r] ** 2).sum()) / form.energy)
+
+
 def _zero_reason(zero_a: bool, zero_b: bool) -> str:
     who = "A and B" if zero_a and zero_b else ("A" if zero_a else "B")
     return (f"ΔW of {who} is exactly zero (a frozen module, or a LoRA saved at initialisation with B = 0): "
@@ -307,10 +318,14 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}, fewer than its rank {asked}"
              for who, r, asked in (("A", ra, job.rank_a), ("B", rb, job.rank_b)) if r < asked]
+    # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
+    dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
+            for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
     sides = ("left", "right") if config.side == "both" else (config.side,)
     rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
                          rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5,
-                         note=f"{'; '.join(fewer)}: subspaces of the resolved rank are compared" if fewer else None)
+                         note="; ".join([*([f"{'; '.join(fewer)}: subspaces of the resolved rank are compared"] if fewer else []),
+                                         *dora]) or None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b:
         rec.status, rec.reason = "zero_update", _zero_reason(zero_a, zero_b)

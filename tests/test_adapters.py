@@ -145,3 +145,24 @@ def test_adapter_errors(tmp_path):
     (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointFormatError, match="r must be a positive integer. Got 0 instead"):
         open_adapter(adapter_dir)
+
+
+def test_compare_says_a_dora_update_is_measured_through_its_top_r(tmp_path):
+    """A DoRA update is dense (more than r directions): compare measures its top r and says which share
+    of its energy they hold (numpy's SVD of PEFT's merged update)."""
+    base_dir, dora_dir, merged = _make(tmp_path, **CASES["dora"])
+    res = spectra.compare(str(dora_dir), str(dora_dir), base=str(base_dir), plots=False)
+    base = load_file(str(base_dir / "model.safetensors"))
+    checked = 0
+    for m in res.modules:
+        if m.status != "ok":
+            continue
+        name = f"{m.name}.weight" if not m.name.endswith(".weight") else m.name
+        dW = merged[name].double().numpy() - base[name].double().numpy()
+        s = np.linalg.svd(dW, compute_uv=False)
+        share = float((s[: m.rank_a] ** 2).sum() / (s**2).sum())
+        assert share < 1 - 1e-6  # the update has more directions than r
+        assert f"A's DoRA update is dense: its top {m.rank_a} directions, {share:.1%} of its energy, are compared" in m.note
+        assert "B's DoRA update is dense" in m.note
+        checked += 1
+    assert checked >= 2
