@@ -137,6 +137,7 @@ def diff_adapter(
                                     hint="pass the base model: spectra diff BASE ADAPTER")
     result = DiffResult(base=label_base, tuned=label_tuned or str(adapter.path), thresholds=list(config.thresholds),
                         config=asdict(config), device=str(device), version=__version__)
+    result.warnings.extend(adapter.notes)  # which of a folder's inputs was read (an adapter beside a full model)
     result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
                       "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}

@@ -138,7 +138,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         rest = torch.ones(total_rows, dtype=torch.bool, device=energy.device)
         rest[top] = False
         rest_rows = torch.nonzero(rest).flatten()
-        even = rest_rows[_sample_rows(rest_rows.numel(), max_rows - top.numel()).to(rest_rows.device)]
+        even = rest_rows[even_rows(rest_rows.numel(), max_rows - top.numel()).to(rest_rows.device)]
         rows = torch.cat([top, even])
         # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
@@ -216,7 +216,7 @@ def _tiny_threshold(x: torch.Tensor, dtype: str) -> float | None:
     if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
         return None
     if x.dtype != tdtype:
-        rows = _sample_rows(x.shape[0], 16)
+        rows = even_rows(x.shape[0], 16)
         sample = x[rows]
         if not torch.equal(sample.to(tdtype).to(sample.dtype), sample):
             return None  # not representable as stored: scaled (dequantised) values
@@ -274,10 +274,17 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     return out
 
 
-def _sample_rows(n: int, k: int) -> torch.Tensor:
-    """``min(n, k)`` evenly spaced row indices, first and last included (deterministic)."""
+def even_rows(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` evenly spaced row indices, first and last included (deterministic): ``i·(n−1)/(k−1)``
+    rounded half to even, in exact integer arithmetic (a float32 linspace loses integers past 2^24 rows
+    and indexed past the end)."""
     k = min(n, k)
-    return torch.linspace(0, n - 1, k).round().long() if k > 1 else torch.zeros(k, dtype=torch.long)
+    if k <= 1:
+        return torch.zeros(max(k, 0), dtype=torch.long)
+    num = torch.arange(k, dtype=torch.long) * (n - 1)  # ≤ 2^31 · k: far inside int64
+    q, r = num // (k - 1), num % (k - 1)
+    up = (2 * r > k - 1) | ((2 * r == k - 1) & (q % 2 == 1))
+    return q + up.long()
 
 
 def _distinct(rows: torch.Tensor) -> torch.Tensor:
@@ -292,7 +299,7 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     long_rows = b.shape[1] >= GRID_MIN_ROW
     if not long_rows and base_dtype not in _QUANTISED_DTYPES and tuned_dtype not in _QUANTISED_DTYPES:
         return None  # rows too short to judge by their values, and neither dtype is a grid
-    rows = _sample_rows(b.shape[0], sample_rows)
+    rows = even_rows(b.shape[0], sample_rows)
     sb = b[rows].to(torch.float64).cpu()
     st = t[rows].to(torch.float64).cpu()
     levels_b, levels_t = _distinct(sb), _distinct(st)
@@ -323,4 +330,4 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-__all__ = ["NumericNote", "numeric_flags", "numeric_notes"]
+__all__ = ["NumericNote", "even_rows", "numeric_flags", "numeric_notes"]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
-from spectra.io.checkpoint import Checkpoint, tensor_infos
+from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, tensor_infos
 from spectra.io.jsonfile import load_json
 from spectra.io.paths import allowed_roots, check_inside, missing_text
 from spectra.io.patterns import (
@@ -47,14 +47,16 @@ from spectra.io.patterns import (
     layer_index,
     suffix_match,
 )
+from spectra.io.torchfile import StateDictCache
 from spectra.pairing import Skipped
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.default)?(?:\.(?P<leaf>weight|bias))?$")
-#: init_lora_weights values that change the base weights, so B·A alone is not the update.
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+#: init_lora_weights values that change the base weights, so B·A alone is not the update (peft 0.21 spells
+#: LoRA-GA "lora_ga": its init subtracts s·B₀·A₀ from W, as PiSSA does).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 #: ``peft.LoraConfig``'s defaults for the fields that decide ΔW or which modules are adapted (peft
 #: 0.13 – 0.21; tests/test_hostile.py checks them against the installed peft). PEFT does *not*
 #: default lora_alpha to r.
@@ -276,7 +278,7 @@ class AdapterConfig:
 
     @property
     def base_changing_init(self) -> str | None:
-        """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ), or None."""
+        """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), or None."""
         init = str(self.init_lora_weights).lower()
         return next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None)
 
@@ -388,6 +390,8 @@ class Adapter:
         skipped: stored tensors not analysed, each with its reason: factors of modules PEFT would
             not adapt under the config (``target_modules`` ...), LoRA biases, DoRA magnitudes of an
             adapter whose config does not say ``use_dora``.
+        notes: caveats of how it was read, for a result's warnings (each starts with
+            :data:`spectra.io.checkpoint.READ_NOTE_PREFIX`): a full model beside it in the folder, not read.
     """
 
     path: Path
@@ -396,6 +400,7 @@ class Adapter:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     base_copies: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
@@ -426,10 +431,16 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     if weights is None:
         raise CheckpointNotFoundError("adapter folder has no adapter_model.safetensors or adapter_model.bin", path=folder)
     check_inside(weights, roots)
-    ckpt = Checkpoint(str(weights), weights, "safetensors" if weights.suffix == ".safetensors" else "bin", tensor_infos(weights), None)
+    states = StateDictCache()  # an adapter .bin is loaded once, not once per factor
+    ckpt = Checkpoint(str(weights), weights, "safetensors" if weights.suffix == ".safetensors" else "bin",
+                      tensor_infos(weights, states), None, states)
     stored: dict[str, dict[str, str]] = {}  # module -> kind -> stored tensor name
     seen: dict[tuple[str, ...], str] = {}  # what a stored name normalises to -> that name
     adapter = Adapter(folder, config, {})
+    full = next((n for n in FOLDER_WEIGHTS if (folder / n).exists() and not (folder / n).is_dir()), None)
+    if full is not None:  # `spectra inspect FOLDER` lists that model: say which of the two this read
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds a PEFT adapter and a full model ({full}); "
+                             f"read the adapter ({weights.name}); pass {folder / full} to analyse the full model")
     for name in ckpt.tensors:
         short = name.removeprefix(_PREFIX)
         m = _LORA_KEY.match(short)

@@ -18,8 +18,11 @@ shard, ``config.json``) must resolve inside it, symlinks followed (:mod:`spectra
 JSON file is read by :func:`spectra.io.jsonfile.load_json` (bounded size and nesting, strict).
 
 Memory stays bounded by the tensor being read: safetensors are read with positioned reads (see
-:mod:`spectra.io.safetensors_file`), ``.bin`` files are mapped, the one tensor copied out and the
-map dropped.
+:mod:`spectra.io.safetensors_file`); the state dict of the last ``.bin`` file read is kept per checkpoint
+(:class:`spectra.io.torchfile.StateDictCache`: mapped for the zip format, whole for the legacy one), so
+each file is loaded once, and each tensor is copied out of it. Every read checks that the file is still
+the one whose header was read (device, inode, size, mtime): a file replaced or rewritten during a run is
+an error, never a mix of two checkpoints.
 
 Quantised weights (fp8 ``float8_e4m3fn`` / ``float8_e5m2``, or ``int8``) stored with a companion
 scale are dequantised on load (:meth:`Checkpoint.load`, :func:`dequantize`): the stored codes alone
@@ -45,7 +48,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -53,9 +56,18 @@ import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import allowed_roots, check_inside, file_kind, missing_text, open_regular, unreadable_hint
+from spectra.io.paths import (
+    FileStamp,
+    allowed_roots,
+    check_inside,
+    file_kind,
+    hub_cache_hint,
+    missing_text,
+    open_regular,
+    unreadable_hint,
+)
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
-from spectra.io.torchfile import load_state_dict
+from spectra.io.torchfile import StateDictCache
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
@@ -77,6 +89,8 @@ class TensorInfo:
         dtype: torch dtype name (``"bfloat16"``, ``"float32"``...).
         file: the file holding it.
         entry: its safetensors header entry, or None for ``.bin`` files.
+        stamp: for a ``.bin`` file, its :data:`~spectra.io.paths.FileStamp` when it was listed (a
+            safetensors entry carries its own); reads refuse a file changed since.
     """
 
     name: str
@@ -84,6 +98,7 @@ class TensorInfo:
     dtype: str
     file: Path
     entry: TensorEntry | None = None
+    stamp: FileStamp | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -136,7 +151,8 @@ class Checkpoint:
             before anything is read).
     """
 
-    def __init__(self, label: str, root: Path, fmt: str, tensors: dict[str, TensorInfo], config: dict[str, Any] | None):
+    def __init__(self, label: str, root: Path, fmt: str, tensors: dict[str, TensorInfo], config: dict[str, Any] | None,
+                 states: StateDictCache | None = None):
         self.label = label
         self.root = root
         self.format = fmt
@@ -146,6 +162,8 @@ class Checkpoint:
         #: caveats of how the checkpoint was read (e.g. which of several weight sets in a folder), for a
         #: result's warnings; each starts with :data:`READ_NOTE_PREFIX`
         self.notes: list[str] = []
+        #: the last ``.bin`` file's state dict, so a file is loaded once, not once per tensor
+        self._states = states if states is not None else StateDictCache()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, format={self.format!r}, tensors={len(self.tensors)})"
@@ -189,12 +207,12 @@ class Checkpoint:
         info = self.tensors[name]
         if info.entry is not None:
             return read_tensor(info.file, info.entry)
-        state = load_state_dict(info.file)
+        state = self._states.get(info.file, info.stamp, tensor=name).tensors
         try:
             tensor = state[name]
         except KeyError:
             raise CheckpointFormatError("tensor vanished from the file since it was opened", path=info.file, tensor=name) from None
-        return tensor.clone()  # copy out of the mapped file so the map can be dropped
+        return tensor.clone()  # the cached state dict is shared (and mapped): callers get their own copy
 
     def reads_rows(self, name: str) -> bool:
         """Whether :meth:`load_rows` can read ``name`` a block of rows at a time (a safetensors tensor with
@@ -436,9 +454,10 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
 READ_NOTE_PREFIX = "reading "
 
 
-def read_notes(checkpoints: Iterable[Checkpoint | None]) -> list[str]:
-    """How the given checkpoints were read (:attr:`Checkpoint.notes`: the weight set a folder of several
-    was read from), each note once, in order; None entries are passed over. For a result's warnings."""
+def read_notes(checkpoints: Iterable[Any]) -> list[str]:
+    """How the given checkpoints (or adapters: anything with ``notes``) were read (:attr:`Checkpoint.notes`:
+    the weight set a folder of several was read from), each note once, in order; None entries are passed
+    over. For a result's warnings."""
     return list(dict.fromkeys(n for c in checkpoints if c is not None for n in c.notes))
 
 #: The weight files of a model folder, in the order transformers' ``PreTrainedModel.from_pretrained``
@@ -446,10 +465,15 @@ def read_notes(checkpoints: Iterable[Checkpoint | None]) -> list[str]:
 FOLDER_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def _is_entry(path: Path) -> bool:
+    """Whether something is at ``path``: a symlink counts even when broken or pointing outside (it is refused
+    when opened, never skipped silently), and so does a FIFO or a folder under a weight file's name."""
+    return path.exists() or path.is_symlink()
+
+
 def _open_folder(label: str, folder: Path) -> Checkpoint:
     roots = allowed_roots(folder)
-    # a symlink counts even when broken or pointing outside: it is refused below, never skipped silently
-    present = [n for n in FOLDER_WEIGHTS if (folder / n).exists() or (folder / n).is_symlink()]
+    present = [n for n in FOLDER_WEIGHTS if _is_entry(folder / n)]
     if present:
         chosen = folder / present[0]
         check_inside(chosen, roots)
@@ -457,6 +481,10 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         if len(present) > 1:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
             ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present)} weight sets; read {present[0]} "
                               f"(transformers' order) and ignored {', '.join(present[1:])}")
+        if _is_entry(folder / "adapter_config.json"):  # commands that take adapters read the adapter instead
+            ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds a full model and a PEFT adapter "
+                              f"(adapter_config.json); read the full model {present[0]} here, while diff, compare, esd and "
+                              f"trace read the adapter; pass {folder / present[0]} to read the full model everywhere")
         return ckpt
     if (folder / "adapter_config.json").is_file():
         raise CheckpointFormatError(
@@ -464,7 +492,8 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
             path=folder, hint="an adapter goes second: `spectra diff BASE ADAPTER`, or alone: `spectra diff ADAPTER`",
         )
     try:
-        candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors")
+        # found by suffix, not named: a sub-folder called x.safetensors is no candidate (a named one is refused above)
+        candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and not p.is_dir())
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot list the folder ({exc.strerror or exc.__class__.__name__})", path=folder) from None
     if len(candidates) == 1:
@@ -475,9 +504,11 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
             f"{len(candidates)} .safetensors files but no model.safetensors.index.json",
             path=folder, hint="pass one file, or add the index that says which shards form the model",
         )
+    hub = hub_cache_hint(folder)  # a hub cache (or one of its entries) passed where its snapshot was meant
     raise CheckpointFormatError(
-        "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this folder",
-        path=folder, hint="pass a checkpoint file or a Hugging Face model folder",
+        "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this folder"
+        + (f": {hub[0]}" if hub else ""),
+        path=folder, hint=hub[1] if hub else "pass a checkpoint file or a Hugging Face model folder",
     )
 
 
@@ -491,14 +522,29 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
             f"unknown checkpoint file type {path.suffix!r}",
             path=path, hint="expected .safetensors, .bin, .pt, .pth or an .index.json",
         )
-    infos = tensor_infos(path)
-    return Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
-                      _read_config(path.parent, roots))
+    states = StateDictCache()
+    infos = tensor_infos(path, states)
+    ckpt = Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
+                      _read_config(path.parent, roots), states)
+    ckpt.notes.extend(unwrap_notes(label, states))
+    return ckpt
 
 
-def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+def unwrap_notes(label: str, states: StateDictCache) -> list[str]:
+    """A :attr:`Checkpoint.notes` line for each ``.bin`` file whose state dict was found inside a training
+    checkpoint (``{"model": {...}, "epoch": ...}``) and read from there."""
+    return [f"{READ_NOTE_PREFIX}{label}: {p.name} is a training checkpoint; read the state dict under its {key!r} key"
+            for p, key in states.unwrapped.items()]
+
+
+def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, TensorInfo]:
     """Every tensor of one ``.safetensors`` or ``.bin`` / ``.pt`` / ``.pth`` file, headers only for
     safetensors (a ``.bin`` is loaded, memory-mapped when its format allows, to learn its shapes).
+
+    Args:
+        path: the file.
+        states: the checkpoint's cache of loaded ``.bin`` files, so that listing a file also loads it for
+            its first reads; None for a one-off load.
 
     Raises:
         CheckpointNotFoundError, CheckpointFormatError, UnsafeCheckpointError: as :func:`open_checkpoint`.
@@ -506,8 +552,9 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     if path.suffix == ".safetensors":
         entries, _ = read_header(path)
         return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
-    state = load_state_dict(path)
-    return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path) for n, t in state.items()}
+    loaded = (states if states is not None else StateDictCache()).get(path)
+    return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path, stamp=loaded.stamp)
+            for n, t in loaded.tensors.items()}
 
 
 def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkpoint:
@@ -524,6 +571,7 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
                 f"index points outside its folder: {shard!r}", path=index_path, tensor=str(name),
                 hint="shard paths must be plain file names relative to the index",
             )
+        shard = weight_map[name] = _shard_key(shard)  # `./a.bin` and `a.bin` are one shard, listed and read once
         if shard not in shards:  # through a symlink (a folder `r -> /`, a shard linking out): refused before any open
             check_inside(folder / shard, roots, what=shard)
             shards[shard] = folder / shard
@@ -535,7 +583,8 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
             path=folder, hint="the download is incomplete; fetch the missing shards (a partial model is never analysed)",
         )
     fmt = "safetensors" if all(s.endswith(".safetensors") for s in shards) else "bin"
-    per_shard = {s: tensor_infos(p) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
+    states = StateDictCache()
+    per_shard = {s: tensor_infos(p, states) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
                  for s, p in shards.items()}
     # transformers reads every tensor of every listed shard, shard files in sorted order, a later one
     # replacing an earlier one of the same name: the index only lists the files. So does spectra, and
@@ -560,14 +609,19 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     if moved:
         notes.append(f"{READ_NOTE_PREFIX}{label}: {len(moved)} tensor(s) are in more than one shard (e.g. {moved[0]}, mapped to "
                      f"{weight_map[moved[0]]}): read from {source[moved[0]]}, the last in file-name order, as transformers does")
-    ckpt = Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots))
-    ckpt.notes.extend(notes)
+    ckpt = Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots), states)
+    ckpt.notes.extend(notes + unwrap_notes(label, states))
     return ckpt
 
 
 def _unknown_shard(index_path: Path, shard: str) -> dict[str, TensorInfo]:
     raise CheckpointFormatError(f"index lists {shard!r}, which is not a .safetensors or .bin file", path=index_path,
                                 hint="shards must be .safetensors, .bin, .pt or .pth files")
+
+
+def _shard_key(shard: str) -> str:
+    """A shard path in one spelling: ``./a.bin`` -> ``a.bin``, ``sub//a.bin`` -> ``sub/a.bin``."""
+    return str(PurePosixPath(shard))
 
 
 def _safe_relative(shard: str) -> bool:

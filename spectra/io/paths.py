@@ -101,11 +101,12 @@ def open_regular(path: str | os.PathLike[str], *, tensor: str | None = None) -> 
 def allowed_roots(folder: str | os.PathLike[str]) -> tuple[Path, ...]:
     """The real folders files found in ``folder`` may resolve into: ``folder`` itself, and for a hub
     cache snapshot (``…/models--org--name/snapshots/<commit>``) also that repository's ``blobs/``,
-    where the hub cache keeps the files the snapshot links to."""
+    where the hub cache keeps the files the snapshot links to, itself resolved: a cache whose ``blobs/``
+    links to another disk keeps its files there."""
     real = Path(os.path.realpath(folder))
     roots = [real]
     if real.parent.name == "snapshots" and real.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
-        roots.append(real.parent.parent / "blobs")
+        roots.append(Path(os.path.realpath(real.parent.parent / "blobs")))
     return tuple(roots)
 
 
@@ -126,3 +127,74 @@ def check_inside(path: str | os.PathLike[str], roots: tuple[Path, ...], *, what:
         return real
     raise error(f"{what or Path(path).name} resolves outside the checkpoint folder (to {real})", path=roots[0],
                 hint="spectra reads only files inside the folder it is given; copy the file into the folder")
+
+
+#: What identifies the bytes of a file: ``(st_dev, st_ino, st_size, st_mtime_ns)``. A file replaced
+#: (a new inode) or rewritten in place (new size or mtime) since its header was read no longer matches.
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    """The :data:`FileStamp` of a ``stat`` / ``fstat`` result."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_unchanged(path: str | os.PathLike[str], stamp: FileStamp | None, now: os.stat_result | FileStamp, *,
+                    tensor: str | None = None) -> None:
+    """Refuse to read on when the file at ``path`` (now ``now``, a stat result or stamp) is not the one
+    whose header gave ``stamp``: offsets from the old header would read the new bytes, mixing two
+    checkpoints into silently wrong numbers.
+
+    Raises:
+        CheckpointFormatError: the file was replaced or rewritten since it was opened (None: nothing to check).
+    """
+    now = file_stamp(now) if isinstance(now, os.stat_result) else now  # a stat_result is a tuple too
+    if stamp is None or now == stamp:
+        return
+    # a shorter file is usually a truncation (or a writer that truncates first): say how short
+    shrunk = f"file ended after {now[2]} of the {stamp[2]} bytes it had when opened: " if now[2] < stamp[2] else ""
+    raise CheckpointFormatError(f"{shrunk}file changed since it was opened", path=path, tensor=tensor,
+                                hint="rerun when it is no longer being written; if it was truncated, download it again")
+
+
+_HUB_ENTRY = ("models--", "datasets--", "spaces--")
+
+
+def _snapshot_of(entry: Path) -> str | None:
+    """The snapshot (commit folder) of a hub cache entry that ``refs/main`` names, else its only one."""
+    try:
+        ref, commit = entry / "refs" / "main", ""
+        if ref.is_file():  # a regular file (never a FIFO); a commit hash is 40 characters
+            with open(ref, "rb") as f:
+                commit = f.read(200).decode("utf-8", errors="replace").strip()
+        if commit and "/" not in commit and (entry / "snapshots" / commit).is_dir():
+            return commit
+        snaps = [p.name for p in (entry / "snapshots").iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    return snaps[0] if len(snaps) == 1 else None
+
+
+def hub_cache_hint(folder: Path) -> tuple[str, str] | None:
+    """``(what the folder is, what to pass instead)`` when ``folder`` is a Hugging Face hub cache, one of
+    its entries (``models--org--name``) or an entry's ``snapshots/``, which hold no weights themselves;
+    None for any other folder."""
+    name, parent = folder.name, folder.parent
+    if name == "snapshots" and parent.name.startswith(_HUB_ENTRY):
+        folder, name = parent, parent.name
+    if name.startswith(_HUB_ENTRY) and (folder / "snapshots").is_dir():
+        repo = name.split("--", 1)[1].replace("--", "/", 1)
+        rev = _snapshot_of(folder)
+        where = folder / "snapshots" / (rev or "<revision>")
+        return ("it is a Hugging Face hub cache entry; its weights are in a snapshot folder inside it",
+                f"pass {where} or the repo id {repo}" + ("" if rev else f"; its revisions are the folders in {folder / 'snapshots'}"))
+    try:
+        entries = sorted(p.name for p in folder.iterdir() if p.name.startswith("models--") and p.is_dir())
+    except OSError:
+        return None
+    if not entries:
+        return None
+    repo = entries[0].split("--", 1)[1].replace("--", "/", 1)
+    return (f"it is a Hugging Face hub cache ({len(entries)} models)",
+            f"pass a repo id such as {repo}, with HF_HUB_CACHE={folder} if it is not the default cache, "
+            f"or a snapshot folder such as {folder / entries[0] / 'snapshots' / '<revision>'}")

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from spectra.errors import CheckpointFormatError
 from spectra.io.jsonfile import parse_json
-from spectra.io.paths import open_regular
+from spectra.io.paths import FileStamp, check_unchanged, file_stamp, open_regular
 
 #: safetensors dtype tag -> (torch dtype, or None when torch cannot hold it, bits per element). Every
 #: tag the safetensors library (0.8) knows, so that a header it reads is a header we read; tensors of
@@ -82,6 +82,8 @@ class TensorEntry:
         shape: shape as stored (for a Linear weight ``(out, in)``).
         start: absolute byte offset of the data in the file.
         nbytes: size of the data in bytes.
+        stamp: the file's :data:`~spectra.io.paths.FileStamp` when the header was read: every later
+            read checks it, so bytes of a file replaced or rewritten since are never read at old offsets.
     """
 
     name: str
@@ -89,6 +91,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     nbytes: int
+    stamp: FileStamp | None = field(default=None, compare=False)
 
 
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
@@ -137,7 +140,8 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
     path = Path(path)
     fd = open_regular(path)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)  # of the descriptor the header is read through: the stamp is of those bytes
+        size, stamp = st.st_size, file_stamp(st)
         head = _pread_exact(fd, 8, 0)
         if len(head) < 8:
             raise CheckpointFormatError(
@@ -168,7 +172,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
         metadata = {}
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointFormatError(f"__metadata__ must map strings to strings. Got {_short(metadata)} instead", path=path)
-    entries = {name: _validate_entry(path, name, info, data_start, data_size) for name, info in header.items()}
+    entries = {name: _validate_entry(path, name, info, data_start, data_size, stamp) for name, info in header.items()}
     _check_tiling(path, list(entries.values()), data_start, data_size)
     return entries, metadata
 
@@ -182,7 +186,8 @@ def _is_count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _validate_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
+def _validate_entry(path: Path, name: str, info: object, data_start: int, data_size: int,
+                    stamp: FileStamp | None = None) -> TensorEntry:
     if not isinstance(info, dict):
         raise CheckpointFormatError("header entry is not an object", path=path, tensor=name)
     dtype = info.get("dtype")
@@ -219,7 +224,7 @@ def _validate_entry(path: Path, name: str, info: object, data_start: int, data_s
     if span != nbytes:
         raise CheckpointFormatError(f"data_offsets span {span} bytes but {dtype} {_short(tuple(shape))} needs {nbytes}",
                                     path=path, tensor=name, hint="the file is corrupt")
-    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
+    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes, stamp)
 
 
 def _check_tiling(path: Path, entries: list[TensorEntry], data_start: int, data_size: int) -> None:
@@ -249,11 +254,13 @@ def _check_tiling(path: Path, entries: list[TensorEntry], data_start: int, data_
 
 
 def _read_into(path: str | Path, entry: TensorEntry, buf: torch.Tensor, offset: int) -> None:
-    """Fill the uint8 tensor ``buf`` with the bytes of ``entry`` from ``offset`` on (positioned reads)."""
+    """Fill the uint8 tensor ``buf`` with the bytes of ``entry`` from ``offset`` on (positioned reads),
+    refusing a file that is no longer the one the header was read from (checked before and after)."""
     view = memoryview(buf.numpy())
     got, size = 0, buf.numel()
     fd = open_regular(path, tensor=entry.name)  # replaced by a FIFO since it was opened: refused, never blocks
     try:
+        check_unchanged(path, entry.stamp, os.fstat(fd), tensor=entry.name)
         while got < size:
             n = os.preadv(fd, [view[got:]], entry.start + offset + got)
             if n == 0:
@@ -263,6 +270,8 @@ def _read_into(path: str | Path, entry: TensorEntry, buf: torch.Tensor, offset: 
                     hint="the file was truncated or is being written; download it again",
                 )
             got += n
+        # rewritten in place while we read (same inode): what was read may mix the old and new files
+        check_unchanged(path, entry.stamp, os.fstat(fd), tensor=entry.name)
     finally:
         os.close(fd)
 
@@ -300,7 +309,8 @@ def read_tensor(path: str | Path, entry: TensorEntry) -> torch.Tensor:
 
     Raises:
         CheckpointFormatError: the file became shorter than its header says (truncated after it
-            was opened), or this torch has no such dtype (fp8 needs torch >= 2.1).
+            was opened), was replaced or rewritten since its header was read, or this torch has no
+            such dtype (fp8 needs torch >= 2.1).
     """
     tdtype, _ = _DTYPES[entry.dtype]
     if tdtype is None:

@@ -9,7 +9,13 @@ file that is not a pickle at all its message suggests code execution. So, around
 - when the load fails, the callables the pickle would import are read from its opcodes with
   :mod:`pickletools` (nothing is executed): a non-torch one makes it an
   :class:`~spectra.errors.UnsafeCheckpointError` naming it, anything else a corrupt file;
-- tensors come back plain: ``nn.Parameter`` detached, sparse, meta and quantized tensors refused.
+- a TorchScript archive is named as such (it holds a program, not a state dict);
+- tensors come back plain: ``nn.Parameter`` detached, sparse, meta and quantized tensors refused, and so
+  are views whose strides repeat or overlap elements (an expanded 4-byte storage can claim terabytes);
+- a training checkpoint's ``{"model": state_dict, "epoch": ...}`` is unwrapped one level (:data:`WRAPPER_KEYS`).
+
+:class:`StateDictCache` keeps the last file's state dict, so a ``.bin`` read tensor by tensor is
+loaded once, not once per tensor, and checks that the file has not changed since it was opened.
 """
 
 from __future__ import annotations
@@ -19,22 +25,63 @@ import os
 import pickletools
 import re
 import struct
+import threading
 import warnings
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
-from spectra.io.paths import open_regular
+from spectra.io.paths import FileStamp, check_unchanged, file_stamp, open_regular, regular_file
 from spectra.io.safetensors_file import MAX_DIM
 
 #: What torch.save writes first: a zip archive (since torch 1.6), or a pickle protocol-2 PROTO opcode.
 _ZIP_MAGIC = b"PK\x03\x04"
 #: Pickle opcodes whose argument is a string that a later STACK_GLOBAL may import.
 _STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"})
-#: Globals torch's weights-only unpickler allows by default: a file that fails with only these is corrupt, not unsafe.
-_PLAIN_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset",
-                  "builtins.bytearray", "builtins.slice", "builtins.complex")
+#: Globals a state dict's pickle uses (what torch's weights-only unpickler allows by default): a file that
+#: fails with only these is corrupt, not unsafe. Listed one by one: ``torch.hub.load`` or ``torch.load`` in a
+#: pickle is code execution, not a corrupt file.
+_PLAIN_GLOBALS = frozenset({
+    "collections.OrderedDict", "collections.Counter", "_codecs.encode", "torch.Size", "torch.device", "torch.Tensor",
+    "torch.nn.parameter.Parameter", "torch.serialization._get_layout", "torch.storage.TypedStorage",
+    "torch.storage.UntypedStorage", "torch._tensor._rebuild_from_type_v2",
+    *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in ("set", "frozenset", "bytearray", "slice", "complex")),
+    # dtypes, layouts and quantisation schemes are pickled as torch.<name>
+    *(f"torch.{n}" for n, v in vars(torch).items() if isinstance(v, (torch.dtype, torch.layout, torch.qscheme))),
+})
+#: Storage and legacy tensor classes (torch.FloatStorage, torch.cuda.HalfStorage...) and torch's tensor rebuilders.
+_PLAIN_PATTERN = re.compile(r"torch\.(?:cuda\.)?(?:sparse\.)?[A-Z][A-Za-z0-9]*(?:Storage|Tensor)|torch\._utils\._rebuild_[a-z0-9_]+")
+#: Keys a training script saves the model's state dict under (Lightning ``state_dict``, DeepSpeed ``module``,
+#: many loops ``model``), beside ``epoch`` or ``optimizer``: unwrapped one level when exactly one holds one.
+WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+def _plain_global(name: str) -> bool:
+    """Whether a pickle global is one a plain state dict uses (no code runs through it)."""
+    return name in _PLAIN_GLOBALS or _PLAIN_PATTERN.fullmatch(name) is not None
+
+
+def _clip(text: str, limit: int) -> str:
+    """The first sentence of ``text``, cut at a word boundary to at most ``limit`` characters."""
+    text = " ".join(text.split())
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if len(first) <= limit:
+        return first.rstrip(".")
+    return first[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Whether a zip file is a TorchScript archive (``torch.jit.save``: ``constants.pkl`` and ``code/``)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
 def _sniff(head: bytes, size: int, suffix: str) -> tuple[str, str] | None:
@@ -85,7 +132,7 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
             calls = _pickle_globals(os.pread(fd, 1 << 20, 0))
         finally:
             os.close(fd)
-    unsafe = [c for c in calls if not c.startswith(_PLAIN_GLOBALS)]
+    unsafe = [c for c in calls if not _plain_global(c)]
     if unsafe:
         return UnsafeCheckpointError(
             f"refused: loading this file would need pickle code execution (it calls {unsafe[0]}; weights_only=True refused it)",
@@ -96,15 +143,43 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
             f"not a PyTorch checkpoint (it starts with {head[:12]!r}; torch.save writes a zip archive or a pickle starting with 0x80)",
             path=path, hint="the file is corrupt or not what its name says",
         )
-    refused = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    why = f"the weights-only unpickler refuses it: {refused.group(1).strip()[:120]}" if refused else \
-        f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
+    if zipped and _is_torchscript(path):
+        return CheckpointFormatError("is a TorchScript archive (torch.jit.save), not a state dict", path=path,
+                                     hint="save model.state_dict() with torch.save or safetensors")
+    refused = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
+    why = f"the weights-only unpickler refuses it: {_clip(refused.group(1), 160)}" if refused else \
+        f"{type(exc).__name__}: {_clip(text, 160)}"
     return CheckpointFormatError(f"cannot read this PyTorch file ({why})", path=path,
                                  hint="the file is truncated or corrupt; download it again")
 
 
+def _layout_problem(value: torch.Tensor) -> str | None:
+    """Why a strided tensor cannot be copied out as the weight it claims to be, or None.
+
+    A pickle sets each tensor's shape and strides over its storage. Strides of 0 (an expanded view)
+    or strides that revisit elements let a few stored bytes claim any shape (4 bytes as a 2^31 × 2^31
+    matrix): copying it out would allocate what the shape implies, not what the file holds.
+    """
+    dims = sorted((st, sz) for sz, st in zip(value.shape, value.stride(), strict=True) if sz > 1)
+    if value.numel() == 0:
+        return None
+    reach = 0  # the largest offset the smaller-stride axes reach: a larger stride must go past it
+    for st, sz in dims:
+        if st == 0:
+            return f"stride 0 (an expanded view of fewer stored elements) in shape {tuple(value.shape)}"
+        if st <= reach:
+            return f"strides {tuple(value.stride())} make elements of shape {tuple(value.shape)} overlap"
+        reach += st * (sz - 1)
+    need = (value.storage_offset() + reach + 1) * value.element_size()
+    have = value.untyped_storage().nbytes()
+    if need > have:
+        return f"shape {tuple(value.shape)} with strides {tuple(value.stride())} needs {need} bytes of a {have}-byte storage"
+    return None
+
+
 def _plain_tensor(path: Path, name: str, value: torch.Tensor) -> torch.Tensor:
-    """A dense, CPU, autograd-free view of a loaded tensor; sparse, meta and quantized ones refused."""
+    """A dense, CPU, autograd-free view of a loaded tensor; sparse, meta and quantized ones refused, and
+    views whose shape claims more elements than their storage holds."""
     if value.layout != torch.strided:
         raise CheckpointFormatError(f"sparse tensor ({str(value.layout).removeprefix('torch.')}), not a dense weight",
                                     path=path, tensor=name, hint="save it dense (tensor.to_dense()) or as safetensors")
@@ -118,34 +193,78 @@ def _plain_tensor(path: Path, name: str, value: torch.Tensor) -> torch.Tensor:
     if too_big is not None:
         raise CheckpointFormatError(f"dimension {too_big} of shape {tuple(value.shape)} is larger than {MAX_DIM} (2^31)",
                                     path=path, tensor=name, hint="the file is corrupt or hostile")
+    problem = _layout_problem(value)
+    if problem is not None:
+        raise CheckpointFormatError(f"{problem}: it is not a stored weight", path=path, tensor=name,
+                                    hint="save tensor.contiguous() instead; a file that does this on purpose is hostile")
     return value.detach()  # an nn.Parameter (state_dict(keep_vars=True), named_parameters()) is an ordinary tensor
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _is_state(obj: object) -> bool:
+    """Whether ``obj`` is a mapping of string names to tensors."""
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _unwrap(path: Path, obj: object) -> tuple[object, str | None]:
+    """``(state dict, the key it was under)`` for a training checkpoint (:data:`WRAPPER_KEYS`), else ``(obj, None)``.
+
+    Raises:
+        CheckpointFormatError: two wrapper keys each hold a state dict (which one is the model is ambiguous).
+    """
+    if not isinstance(obj, dict) or _is_state(obj):
+        return obj, None
+    found = [k for k in WRAPPER_KEYS if k in obj and obj[k] and _is_state(obj[k])]
+    if len(found) > 1:
+        raise CheckpointFormatError(f"holds a state dict under both {found[0]!r} and {found[1]!r}: which one is the model is ambiguous",
+                                    path=path, hint="save the one you mean: torch.save(model.state_dict(), ...)")
+    return (obj[found[0]], found[0]) if found else (obj, None)
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """A ``.bin`` state dict as loaded.
+
+    Attributes:
+        tensors: name -> dense CPU tensor (views of the mapped file for the zip format: copy before changing one).
+        stamp: the file's :data:`~spectra.io.paths.FileStamp` the tensors were loaded from.
+        wrapper: the key of a training checkpoint the state dict was found under (``"model"``...), or None.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    stamp: FileStamp
+    wrapper: str | None = None
+
+
+def read_state_dict(path: Path) -> LoadedState:
     """Load a PyTorch state dict safely: ``torch.load(weights_only=True)``, memory-mapped when the
     file allows (the zip format; the legacy format is read whole).
 
     Args:
-        path: a ``.bin`` / ``.pt`` / ``.pth`` file (a ``{"state_dict": {...}}`` wrapper is unwrapped).
+        path: a ``.bin`` / ``.pt`` / ``.pth`` file (a training checkpoint's ``{"model": {...}, "epoch": ...}``
+            is unwrapped one level, :data:`WRAPPER_KEYS`).
 
     Returns:
-        name -> dense CPU tensor, detached (``nn.Parameter`` objects become plain tensors).
+        The tensors (detached: ``nn.Parameter`` objects become plain tensors), the file's stamp, and
+        the wrapper key if one was unwrapped.
 
     Raises:
         CheckpointNotFoundError: no such file, a Git LFS pointer, or unreadable.
         CheckpointFormatError: not a regular file; not a ``torch.save`` checkpoint (said what it
-            looks like instead); corrupt; not a mapping of names to tensors; a sparse, meta or
-            quantized tensor, or an axis over :data:`spectra.io.safetensors_file.MAX_DIM`.
+            looks like instead, a TorchScript archive included); corrupt; not a mapping of names to
+            tensors; a sparse, meta or quantized tensor, an axis over
+            :data:`spectra.io.safetensors_file.MAX_DIM`, or strides that claim more than the storage
+            holds; the file changed while it was loaded.
         UnsafeCheckpointError: loading it would need pickle code execution (names what it calls).
     """
     fd = open_regular(path)  # a FIFO would block torch.load forever
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
         head = os.pread(fd, 64, 0)
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot read the file ({exc.strerror or exc.__class__.__name__})", path=path) from None
     finally:
         os.close(fd)
+    size, stamp = st.st_size, file_stamp(st)
     if head.startswith(b"version https://git-lfs"):
         raise CheckpointNotFoundError("this is a Git LFS pointer, not the weights", path=path,
                                       hint="fetch the real file (git lfs pull) or download it again")
@@ -159,12 +278,75 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             # the legacy (pre-zip) format cannot be mapped: that one is read whole
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except Exception as exc:  # noqa: BLE001 - torch's unpickler raises anything (KeyError, IndexError...) on corrupt bytes
+        check_unchanged(path, stamp, regular_file(path))  # a file rewritten under the load: say that, not "corrupt"
         raise _load_error(path, head, zipped, exc) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+    check_unchanged(path, stamp, regular_file(path))  # torch opened it by name: the same file as stamped?
+    obj, wrapper = _unwrap(path, obj)
+    if not _is_state(obj):
+        keys = ", ".join(repr(k)[:40] for k in list(obj)[:6]) if isinstance(obj, dict) else None
         raise CheckpointFormatError(
-            "not a state dict (a mapping of names to tensors)", path=path,
-            hint="save the model with model.state_dict() or safetensors",
+            "not a state dict (a mapping of names to tensors)" + (f"; its top-level keys are {keys}" if keys else ""),
+            path=path, hint="save the model with model.state_dict() or safetensors",
         )
-    return {k: _plain_tensor(path, k, v) for k, v in obj.items()}
+    return LoadedState({k: _plain_tensor(path, k, v) for k, v in obj.items()}, stamp, wrapper)
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`read_state_dict` (name -> dense CPU tensor); raises as it does."""
+    return read_state_dict(path).tensors
+
+
+class StateDictCache:
+    """The state dicts of the last ``max_files`` ``.bin`` files loaded, so that reading a file tensor by
+    tensor loads it once (a 500-tensor file loaded per tensor took minutes), and memory stays bounded:
+    a zip-format file is memory-mapped (its pages are the page cache's, reclaimable), a legacy-format
+    one is held whole until another file replaces it. Thread-safe: reader threads share one.
+
+    Every :meth:`get` checks the file against the stamp its tensors were listed from, so a file
+    replaced or rewritten during a run is an error, never a mix of two checkpoints.
+    """
+
+    def __init__(self, max_files: int = 1) -> None:
+        self.max_files = max(1, max_files)
+        self._entries: OrderedDict[str, LoadedState] = OrderedDict()
+        self._lock = threading.Lock()
+        #: file -> the wrapper key its state dict was found under, for every file loaded that had one
+        self.unwrapped: dict[Path, str] = {}
+
+    def __getstate__(self) -> dict:
+        # a copy (pickled, deep-copied) starts empty: a lock and mapped files do not travel
+        return {"max_files": self.max_files, "unwrapped": dict(self.unwrapped)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_files"])
+        self.unwrapped = state["unwrapped"]
+
+    def get(self, path: Path, stamp: FileStamp | None = None, *, tensor: str | None = None) -> LoadedState:
+        """The state dict of ``path``, loaded on first use.
+
+        Args:
+            path: the ``.bin`` file.
+            stamp: the file's stamp when its tensors were listed; None to accept the file as it is now.
+            tensor: the tensor wanted, for messages.
+
+        Raises:
+            CheckpointFormatError: the file changed since ``stamp``; or as :func:`read_state_dict`.
+            CheckpointNotFoundError, UnsafeCheckpointError: as :func:`read_state_dict`.
+        """
+        key = str(path)
+        with self._lock:  # held while loading: a second reader waits for this load instead of repeating it
+            now = file_stamp(regular_file(path, tensor=tensor))
+            check_unchanged(path, stamp, now, tensor=tensor)
+            hit = self._entries.get(key)
+            if hit is not None and hit.stamp == now:
+                self._entries.move_to_end(key)
+                return hit
+            self._entries.pop(key, None)
+            loaded = read_state_dict(path)
+            check_unchanged(path, stamp, loaded.stamp, tensor=tensor)  # replaced between the check and the load
+            self._entries[key] = loaded
+            while len(self._entries) > self.max_files:
+                self._entries.popitem(last=False)  # drops the tensors (and the map) of the oldest file
+            if loaded.wrapper is not None:
+                self.unwrapped[Path(path)] = loaded.wrapper
+            return loaded
