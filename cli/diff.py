@@ -18,6 +18,7 @@ from spectra.display import display_name
 from spectra.errors import ConfigError
 from spectra.findings import diff_findings, skipped_reasons, summary_legend
 from spectra.io.checkpoint import READ_NOTE_PREFIX
+from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
 from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
@@ -186,7 +187,7 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         if f.warning:
             err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
     for w in result.warnings:  # how a checkpoint was read (which of a folder's weight sets): explains an all-zero ΔW
-        if w.startswith(READ_NOTE_PREFIX):
+        if w.startswith((READ_NOTE_PREFIX, PAIRING_NOTE_PREFIX)):
             err.print(f"[yellow]warning:[/] {escape(display_name(w, 400))}", highlight=False)
     if all_zero(result) and not allow_identical:
         raise_if_identical(result, out_dir)

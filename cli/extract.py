@@ -129,7 +129,10 @@ def summary_table(doc: dict) -> Table:
 def totals_table(doc: dict) -> Table:
     """The adapter against the uniform rank of the same parameter count, and the serving cost."""
     t, u, s = doc["totals"], doc["uniform"], doc["serving"]
-    table = Table(title="totals (energy kept: share of all of ΔW's energy)", title_justify="left", show_header=True)
+    outside = t.get("not_extracted_energy_share") or 0.0
+    title = ("totals (energy kept: share of the extracted matrices' ΔW energy; the matrices not extracted hold "
+             f"{outside:.1%} of all of it)" if outside >= 0.0005 else "totals (energy kept: share of all of ΔW's energy)")
+    table = Table(title=title, title_justify="left", show_header=True)
     for col in ("", "params", "share of full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"):
         table.add_column(col, justify="left" if not col else "right")
 

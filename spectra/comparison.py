@@ -143,6 +143,7 @@ class _Side:
         # pairing key -> (the module's spec, the base tensor)
         self.tied: dict[str, tuple[MatrixSpec, str]] = {}
         self.skipped: dict[str, str] = {}  # pairing key -> why its pairing left this matrix out (a full side)
+        self.stacks: dict[str, MatrixSpec] = {}  # pairing key -> spec of a paired 3-D expert stack (a full side)
         if is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
@@ -161,6 +162,7 @@ class _Side:
             # matrices, shared rows of a resized vocabulary, a tuned head on a base that ties it (keyed by
             # the head's name: the embedding keeps its own key)
             pairing = pair_checkpoints(base, self.tuned, tied_head=True)
+            self.stacks = {pairing_key(p.tuned.name): p.tuned for p in pairing.pairs if len(p.tuned_info.shape) != 2}
             for p in (p for p in pairing.pairs if len(p.tuned_info.shape) == 2):
                 tied = p.tuned.role == "head" and p.base.role == "embed"
                 key = pairing_key(p.tuned.name if tied else p.base.name)
@@ -413,7 +415,7 @@ def compare(
     result = CompareResult(str(a), str(b), None if base is None else str(base), {"a": A.kind, "b": B.kind}, asdict(config),
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
-    result.warnings = read_notes((base_ckpt, A.tuned, B.tuned))
+    result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
     shared = [k for k in A.names if k in B.names]
     if not shared:
         raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",
@@ -443,6 +445,10 @@ def compare(
                 if spec is None or keep(spec.name, spec.layer):
                     names.append(side.names[k] if spec is None else spec.name)
         names.sort()
+    # a 3-D expert stack has no single subspace per module: listed, not dropped without a word
+    result.skipped += [{"name": sp.name, "reason": "3-D expert stack: compare measures 2-D matrices only "
+                        "(spectra diff analyses each expert)"}
+                       for _, sp in sorted({**A.stacks, **B.stacks}.items()) if keep(sp.name, sp.layer)]
     todo = []
     for k in shared:
         spec = specs.get(k)

@@ -45,7 +45,8 @@ from spectra.adapter_diff import adapter_updates, non_finite_factor
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
-from spectra.errors import ConfigError, IdenticalCheckpointsError
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
+from spectra.extract_eval import EvalData
 from spectra.extract_io import (
     JOURNAL,
     OUTPUT_FILES,
@@ -106,6 +107,7 @@ from spectra.lowrank import (
 )
 from spectra.metrics import square_scale_exponent
 from spectra.pairing import pair_checkpoints
+from spectra.peft_moe import peft_moe_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
@@ -138,9 +140,13 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
     targets, kept, left = [], [], []
+    # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts)
+    moe = any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs)
+    rules = peft_moe_rules(base.arch.model_type or tuned_ckpt.arch.model_type) if moe else None
     for task in tasks:
         spec = task.pair.tuned
-        why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None)
+        why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None,
+                             rules=rules)
         if why:
             left.append((task, why))
             continue
@@ -444,6 +450,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             raise ConfigError(f"--rank {config.rank} is above the rank r = {r_low} of the adapter's {low.name}: its update "
                               f"s·B·A has at most {r_low} nonzero singular values", path=src.label,
                               hint=f"choose --rank <= {r_low} to resize the adapter down (--energy 1.0 keeps every module whole)")
+    # --eval's inputs (models, tokenizer, text, positions) are checked before anything is extracted
+    evaluation = _eval_inputs(base_ckpt, tuned, config) if config.eval_text else None
     prepare_out(out, resume, force)  # after every check of the inputs: a refused run deletes nothing
     dtype = out_dtype(config, [t.dtype for t in src.targets])
     plan = plan_ranks(src.targets, config, torch.empty(0, dtype=dtype).element_size())
@@ -510,8 +518,13 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             f"every one of the {len(usable)} chosen matrices has ΔW = 0: there is nothing to extract",
             path=f"{base_ckpt.label} vs {src.label}", hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
     _write(out, src, run, ranks, config, dtype, not_lora, result)
-    if config.eval_text:
-        _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, callback)
+    failed = None
+    if evaluation is not None:
+        try:
+            _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, evaluation)
+        except Exception as exc:  # noqa: BLE001 - the adapter is written: its extract.json is saved, then exc raised
+            failed, result.eval = exc, None
+            result.warnings.append(f"--eval failed, so extract.json holds no held-out losses: {exc}")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if loader is not None:
@@ -519,6 +532,12 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     result.save(out, plots=plots)
     shutil.rmtree(out / SCRATCH, ignore_errors=True)
     journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
+    if isinstance(failed, SpectraError):
+        raise type(failed)(failed.message, path=failed.path, tensor=failed.tensor,
+                           hint=f"{failed.hint + '; ' if failed.hint else ''}the adapter and extract.json (without the "
+                                f"held-out losses) were written to {out}")
+    if failed is not None:
+        raise failed
     return result
 
 
@@ -571,8 +590,16 @@ def _write(out: Path, src: _Source, run: ExtractRun, ranks: list[int], config: E
                       "tensors": len(layout)}
 
 
+def _eval_inputs(base_ckpt: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> EvalData:
+    """``--eval``'s inputs, checked and tokenised (:func:`spectra.extract_eval.prepare_eval`)."""
+    from spectra.extract_eval import prepare_eval
+
+    tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)
+    return prepare_eval(base_ckpt.label, tuned_label, config.eval_text, seq_len=config.eval_seq_len, blocks=config.eval_blocks)
+
+
 def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: ExtractRun, uniform: int,
-          config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, callback) -> None:
+          config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, data: EvalData) -> None:
     """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
     from spectra.extract_eval import held_out_losses
 
@@ -586,10 +613,11 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)
     losses = held_out_losses(base_ckpt.label, tuned_label, {"extracted": out, "uniform": udir}, config.eval_text,
-                             seq_len=config.eval_seq_len, blocks=config.eval_blocks, device=device)
+                             seq_len=config.eval_seq_len, blocks=config.eval_blocks, device=device, data=data)
     losses["uniform_adapter"] = str(udir)
     losses["uniform_rank"] = uniform
     result.eval = losses
+    result.warnings += losses["notes"]  # which tokenizer read the text, when not the base's own
 
 
 __all__ = ["JOURNAL", "OUTPUT_FILES", "SCRATCH", "ExtractConfig", "ExtractEvent", "ExtractResult", "extract", "final_ranks"]

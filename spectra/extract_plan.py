@@ -11,7 +11,9 @@ unless asked for (``embeddings``), 3-D expert stacks (PEFT adapts them through `
 MoE routers (plain parameters in transformers ≥ 5, which PEFT cannot wrap), matrices whose rows
 differ between base and tuned (a resized vocabulary), and tensors that are not a module's ``weight``.
 Per-expert 2-D matrices (Mixtral's ``experts.N.w1``) share one rank: transformers ≥ 5 fuses them on
-load and PEFT converts such an adapter only when they all have its global ``r``.
+load and PEFT converts such an adapter only when they all have its global ``r``. Modules PEFT would
+drop on load (:mod:`spectra.peft_moe`: per-expert LoRAs of a model type PEFT does not convert,
+dense MLPs named like the experts of one it does) are not targets either.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from spectra.errors import ConfigError
 from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
+from spectra.peft_moe import PeftMoeRules
 
 #: The storage dtypes an adapter can be written in.
 OUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -209,8 +212,12 @@ def is_embedding(spec: MatrixSpec) -> bool:
 
 
 def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: ExtractConfig, *,
-                   rows_differ: bool = False) -> str | None:
-    """Why a paired matrix is not extracted as a LoRA module, or None when it is (module docstring)."""
+                   rows_differ: bool = False, rules: PeftMoeRules | None = None) -> str | None:
+    """Why a paired matrix is not extracted as a LoRA module, or None when it is (module docstring).
+
+    ``rules``: what PEFT drops on a model of the base's type (:func:`spectra.peft_moe.peft_moe_rules`);
+    a module PEFT would drop on load is not extracted, so that no number claims what the adapter
+    does not hold once loaded."""
     if len(stored_shape) == 3:
         return "3-D expert stack: PEFT adapts it through target_parameters, which spectra extract does not write"
     if not spec.name.endswith(".weight"):
@@ -222,6 +229,8 @@ def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: Extr
     if (is_embedding(spec) or spec.role == "head") and not config.embeddings:
         what = "output head" if spec.role == "head" else "embedding"
         return f"{what}: pass --embeddings to extract it (as PEFT's {'embedding ' if what == 'embedding' else ''}LoRA)"
+    if rules is not None:
+        return rules.why_dropped(spec.name[: -len(".weight")], spec.expert)
     return None
 
 
@@ -234,10 +243,12 @@ def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int],
                   base_name=base_name, dtype=dtype, note=note)
 
 
-def pair_target(order: int, pair: MatrixPair, config: ExtractConfig) -> tuple[Target | None, str | None]:
-    """``(target, None)`` for a pair extracted as a LoRA module, ``(None, reason)`` otherwise."""
+def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,
+                rules: PeftMoeRules | None = None) -> tuple[Target | None, str | None]:
+    """``(target, None)`` for a pair extracted as a LoRA module, ``(None, reason)`` otherwise
+    (``rules``: :func:`why_not_target`)."""
     spec = pair.tuned
-    why = why_not_target(spec, tuple(pair.tuned_info.shape), config, rows_differ=pair.rows is not None)
+    why = why_not_target(spec, tuple(pair.tuned_info.shape), config, rows_differ=pair.rows is not None, rules=rules)
     if why:
         return None, why
     notes = "; ".join(x for x in (spec.note, pair.note) if x)

@@ -49,10 +49,12 @@ class ExtractResult:
         dtype: the adapter's storage dtype; ``strategy``: ``"one-pass"`` or ``"two-pass"``.
         config: the options (:class:`ExtractConfig` as a dict).
         modules: one record per chosen matrix, in layer order (see the module docstring and README).
-        totals: sums over the modules (parameters, energy kept over all of ΔW's energy, …).
+        totals: sums over the modules (parameters; ``energy_kept``: the share of the extracted
+            matrices' ‖ΔW‖²_F the adapter keeps; ``energy_kept_all``: the same over every matrix,
+            those in ``not_extracted`` included, whose share is ``not_extracted_energy_share``; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
         allocation: the budget's greedy: budget, parameters used, the fractional bound and the gap
-            to it (as shares of all of ΔW's energy), the first component that did not fit.
+            to it (as shares of the extracted matrices' energy), the first component that did not fit.
         serving: vLLM's cost: ``max_lora_rank`` (the largest rank rounded up to an accepted one) × the
             adapted modules' ``out + in``.
         adapter: what was written (path, r, lora_alpha, target_modules, bytes...).
@@ -360,10 +362,18 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     params = sum(m["params"] for m in mods)
     full = sum(t.shape[0] * t.shape[1] for t in targets)
     kept = share("energy_kept")
+    # the matrices not extracted (3-D stacks, routers, embeddings, modules PEFT would drop) hold energy
+    # too: energy_kept is of the extracted matrices, energy_kept_all of every matrix listed
+    outside = sum(math.ldexp(float(r["fro_norm"]), -ref) ** 2 for r in not_extracted
+                  if isinstance(r.get("fro_norm"), (int, float)) and math.isfinite(r["fro_norm"]))
+    whole = energy + outside
+    outside_share = outside / whole if whole > 0 else 0.0
     adapted = [m for m in mods if m["rank"]]
     totals = {
         "modules": len(mods), "adapted": len(adapted), "params": params, "full_params": full,
         "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
+        "not_extracted_energy_share": outside_share,
+        "energy_kept_all": kept * (1.0 - outside_share) if kept is not None else None,
         "rel_fro_error": math.sqrt(max(0.0, 1.0 - kept)) if kept is not None else None,
         "median_energy_kept": _median([m["energy_kept"] for m in mods]), "min_energy_kept": min(m["energy_kept"] for m in mods),
         "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in mods), "max_rank": max(ranks), "min_rank": min(ranks),
@@ -401,6 +411,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     if left:
         warnings.append(f"{len(left)} matrices could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
                         "see not_extracted in extract.json")
+    if outside_share >= 0.01 and kept is not None:
+        warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "
+                        f"{totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
+                        "matrices; see not_extracted in extract.json)")
     if config.mode == "energy":
         short = [m["name"] for m in mods if m["energy_kept"] < config.energy - 1e-12]
         if short:

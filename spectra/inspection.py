@@ -49,7 +49,9 @@ def natural_key(name: str) -> tuple:
     >>> sorted(["h.10.w", "h.2.w", "h.1.w"], key=natural_key)
     ['h.1.w', 'h.2.w', 'h.10.w']
     """
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+    # ASCII digits only, compared by length then text: int() of a 5000-digit run raises
+    return tuple((0, len(p.lstrip("0")), p.lstrip("0")) if p.isdigit() else (1, 0, p)
+                 for p in re.split(r"([0-9]+)", name) if p)
 
 
 def model_order(record: dict[str, Any]) -> tuple:

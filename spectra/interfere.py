@@ -454,7 +454,7 @@ def interfere(
     for t in tasks:
         result.skipped += t.skipped
     # how each folder was read (several weight sets in one: the one transformers reads), once each
-    result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks)))
+    result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks), *(t.adapter for t in tasks)))
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))

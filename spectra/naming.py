@@ -80,7 +80,7 @@ EXPERTS_OUT_IN = frozenset({
     "mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe",
     "qwen3_5_moe_text", "qwen3_omni_moe", "olmoe", "flex_olmo", "deepseek_v2", "deepseek_v3", "deepseek_v32",
     "glm4_moe", "glm4v_moe", "dots1", "ernie4_5_moe", "hunyuan_v1_moe", "phimoe", "jamba", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone_moe", "longcat_flash", "lfm2_moe", "afmoe",
+    "granitemoeshared", "granitemoehybrid", "exaone_moe", "longcat_flash", "lfm2_moe", "afmoe", "jetmoe",
 })
 
 #: Stored leaf names of the two stacked expert matrices, by model type where they differ.
@@ -94,8 +94,12 @@ _STACKED_LEAVES: Mapping[str, Mapping[str, str]] = {
 #: ``(E, hidden, I)``; transformers renames them to ``experts.gate_up_proj`` / ``experts.down_proj``
 #: on load (``conversion_mapping.py``) and runs
 #: ``gate, up = F.linear(x, gate_up_proj[e]).chunk(2, dim=-1)``: ``(out, in)``, gate rows first.
+#: JetMoE (``jetmoe``) stores its MLP experts as ``mlp.input_linear.weight`` ``(E, 2·I, hidden)`` and
+#: ``mlp.output_linear.weight`` ``(E, hidden, I)`` (``JetMoeParallelExperts``: ``F.linear(x, weight[e])``,
+#: then ``chunk(2, dim=-1)``, gate first): the same layout; only 3-D tensors of these names are stacks.
 _STACKED_MODULES: Mapping[tuple[str, str], str] = {
     ("block_sparse_moe", "input_linear"): "gate_up", ("block_sparse_moe", "output_linear"): "down",
+    ("mlp", "input_linear"): "gate_up", ("mlp", "output_linear"): "down",
 }
 
 #: ``config.json`` model types whose stored router is ``(in, out)``: transformers transposes it on
@@ -320,6 +324,12 @@ def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
     return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
+def _index(comp: str | None) -> bool:
+    """Whether a name component is a layer or expert index: ASCII digits only (``str.isdigit`` also
+    accepts ``"²"``, which ``int`` refuses), and short enough to be one (``int`` refuses > 4300 digits)."""
+    return comp is not None and comp.isascii() and comp.isdigit() and len(comp) <= 18
+
+
 def _parse(name: str) -> _Parsed:
     key = pairing_key(name)
     comps = key.split(".")
@@ -329,7 +339,7 @@ def _parse(name: str) -> _Parsed:
     while i < len(comps):
         c = comps[i]
         nxt = comps[i + 1] if i + 1 < len(comps) else None
-        if nxt is not None and nxt.isdigit():
+        if _index(nxt):
             if layer is None and c in LAYER_CONTAINERS:
                 layer = int(nxt)
                 i += 2
@@ -342,7 +352,7 @@ def _parse(name: str) -> _Parsed:
             if c in LAYER_CONTAINERS:  # T5's sub-layer index inside a block: not part of the identity
                 i += 2
                 continue
-        if not c.isdigit():
+        if not _index(c):
             rel.append(c)
         i += 1
     leaf = rel[-1] if rel else key
@@ -356,7 +366,7 @@ _MLP_PARENTS = frozenset({"mlp", "feed_forward", "densereludense", "ffn", "inter
 
 #: Roles that need the parent's name too: ``(parent, leaf)`` -> role.
 _PARENT_LEAF_ROLES = {
-    **_STACKED_MODULES,
+    ("block_sparse_moe", "input_linear"): "gate_up", ("block_sparse_moe", "output_linear"): "down",
     # Granite-MoE-shared/hybrid's dense shared MLP: input_linear(x).chunk(2, dim=-1) -> gate, up
     ("shared_mlp", "input_linear"): "gate_up", ("shared_mlp", "output_linear"): "down",
     ("router", "layer"): "router",  # Granite-MoE's block_sparse_moe.router.layer.weight
@@ -457,6 +467,8 @@ def describe_checkpoint(
     for n, p in parsed.items():
         if len(shapes[n]) == 3 and p.leaf.lower() in stacked_roles:
             roles[n] = stacked_roles[p.leaf.lower()]
+        elif len(shapes[n]) == 3 and (p.parent.lower(), p.leaf.lower()) in _STACKED_MODULES:
+            roles[n] = _STACKED_MODULES[(p.parent.lower(), p.leaf.lower())]
     # (layer, module path without the leaf) -> role -> stored shape, of 3-D expert stacks: a
     # gate_up stack is oriented by its down_proj sibling when config.json gives no hidden size.
     siblings: dict[tuple[int | None, str], dict[str | None, tuple[int, ...]]] = {}
@@ -464,6 +476,9 @@ def describe_checkpoint(
         if len(shapes[n]) == 3:
             siblings.setdefault((p.layer, p.rel_path.rpartition(".")[0]), {})[roles[n]] = tuple(shapes[n])
     hidden = arch.hidden_size or (_hidden_from_shapes(shapes, parsed, roles) if siblings else None)
+    # gpt-oss stores gate_up_proj_bias beside a gate_up stack whose gate and up columns alternate; a
+    # model with the same names (OpenAI's privacy filter) halves them: only config.json tells which
+    unknown_fused = arch.model_type is None and any(n.rpartition(".")[2] == "gate_up_proj_bias" for n in shapes)
     specs: dict[str, MatrixSpec] = {}
     for name, p in parsed.items():
         shape = tuple(shapes[name])
@@ -472,7 +487,8 @@ def describe_checkpoint(
         if len(shape) == 3:
             transpose, orient_note = _stacked_in_out(
                 p, role, shape, arch, hidden, siblings[(p.layer, p.rel_path.rpartition(".")[0])])
-            interleaved = transpose and EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
+            # gpt-oss interleaves gate and up along the fused 2·I axis, however the stack is stored
+            interleaved = EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
         else:
             transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
             if role == "router" and (p.parent, p.leaf) in ROUTERS_IN_OUT.get(arch.model_type or "", ()):
@@ -480,6 +496,9 @@ def describe_checkpoint(
         out_dim = shape[-1] if transpose else shape[-2]
         in_dim = shape[-2] if transpose else shape[-1]
         parts, note = _split(p, role, out_dim, in_dim, arch, interleaved=interleaved)
+        if len(shape) == 3 and role == "gate_up" and len(parts) > 1 and unknown_fused:
+            parts, note = (Part(""),), ("gate and up left unsplit: without config.json the layout of a stack with "
+                                        "gate_up_proj_bias is unknown (gpt-oss interleaves them, others halve)")
         specs[name] = MatrixSpec(
             name=name, key=p.key, layer=p.layer, expert=p.expert, module=labels[p.rel_path], role=role,
             transpose=transpose, parts=parts, note="; ".join(x for x in (orient_note, note) if x),
@@ -498,18 +517,16 @@ def _stacked_in_out(
     """Whether a 3-D expert stack is stored ``(experts, in, out)`` (transpose it), and a note when
     that was judged from shapes or could not be judged.
 
-    In order: the model type's known layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`); then
-    shapes: the model width (``hidden``) is the input of gate/up and the output of down; without
-    it, a ``gate_up`` stack is oriented by its ``down`` sibling (out, in: ``(2I, H)`` beside
-    ``(H, I)``; in, out: ``(H, 2I)`` beside ``(I, H)``); then Llama-4's names; else ``(out, in)``,
-    as ``nn.Linear`` stores it. Square stacks (gpt-oss: hidden = I = 2880) need the model type.
+    In order: shapes, when they tell: the model width (``hidden``) is the input of gate/up and the
+    output of down; without it, a ``gate_up`` stack is oriented by its ``down`` sibling (out, in:
+    ``(2I, H)`` beside ``(H, I)``; in, out: ``(H, 2I)`` beside ``(I, H)``). Shapes come first because
+    one model type is saved both ways: Qwen3-VL-MoE's release files hold ``(E, H, 2I)``, while
+    transformers 5 saves the ``(E, 2I, H)`` it holds after loading. Then the model type's known
+    layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`: square stacks, gpt-oss's hidden = I =
+    2880, need it); then Llama-4's names; else ``(out, in)``, as ``nn.Linear`` stores it.
     """
     mt = arch.model_type
     if role not in _EXPERT_ROLES:
-        return False, ""
-    if mt in EXPERTS_IN_OUT:
-        return True, ""
-    if mt in EXPERTS_OUT_IN:
         return False, ""
     a, b = shape[-2], shape[-1]
     in_out: bool | None = None
@@ -527,6 +544,16 @@ def _stacked_in_out(
         as_in_out = gu[-2] == dn[-1] and gu[-1] == 2 * dn[-2]
         if as_out_in != as_in_out:
             in_out, how = as_in_out, "shapes: gate_up beside down_proj"
+    known = True if mt in EXPERTS_IN_OUT else False if mt in EXPERTS_OUT_IN else None
+    if in_out is not None and known is not None:
+        if in_out == known:
+            return in_out, ""
+        stored = "(experts, in, out)" if in_out else "(experts, out, in)"
+        usual = "(experts, in, out)" if known else "(experts, out, in)"
+        return in_out, (f"stacked experts stored {stored}, judged from {how}, where model_type {mt!r} is usually "
+                        f"stored {usual}" + ("; transposed" if in_out else ""))
+    if in_out is None and known is not None:
+        return known, ""
     if in_out is None and p.rel_path.endswith(("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")):
         in_out, how = True, "Llama-4's names (feed_forward.experts)"
     kind = f"config.json model_type {mt!r} has no known expert layout" if mt else "no config.json model_type"

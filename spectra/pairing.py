@@ -85,6 +85,10 @@ class Pairing:
     notes: list[str] = field(default_factory=list)
 
 
+#: The start of a warning about how the two checkpoints paired (printed by the CLI beside the read notes).
+PAIRING_NOTE_PREFIX = "pairing: "
+
+
 def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The stored ``shape`` in ``(…, out, in)`` orientation (``spec.transpose`` swaps the last two)."""
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
@@ -172,6 +176,25 @@ def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
     if weight in ckpt.tensors:
         return f"quantisation parameter ({kind}) of {weight}, which is stored as {ckpt.tensors[weight].dtype}, not fp8/int8; not applied"
     return f"quantisation parameter ({kind}) of {weight}, which this checkpoint does not hold"
+
+
+def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: dict[str, MatrixSpec],
+                           tspecs: dict[str, MatrixSpec], base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """A warning when one side stores its experts one matrix per expert (``experts.N.w1``) and the
+    other as 3-D stacks (``experts.gate_up_proj``, transformers ≥ 5): the two layouts share no name, so
+    every expert is unpaired; said once, with what to do, instead of leaving them in the unmatched lists."""
+    def kinds(names: list[str], specs: dict[str, MatrixSpec], ckpt: Checkpoint) -> tuple[int, int]:
+        per = sum(1 for n in names if n in specs and specs[n].expert is not None and len(ckpt.tensors[n].shape) == 2)
+        stacked = sum(1 for n in names if n in specs and len(ckpt.tensors[n].shape) == 3)
+        return per, stacked
+
+    (bp, bs), (tp, ts) = kinds(base_only, bspecs, base), kinds(tuned_only, tspecs, tuned)
+    if (bp and ts) or (bs and tp):
+        per_side, stack_side = ("base", "tuned") if bp else ("tuned", "base")
+        return (f"{PAIRING_NOTE_PREFIX}the experts are stored one matrix per expert in {per_side} ({bp or tp} matrices) but as 3-D stacks in "
+                f"{stack_side} ({bs or ts} tensors): they pair with nothing and are not compared. Save both with the same "
+                "transformers version (load and save_pretrained the older one) to compare them")
+    return None
 
 
 def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], matched_b: set[str],
@@ -369,6 +392,9 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                                        "the tuned head is compared with that embedding"))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
+    note = _expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned)
+    if note:
+        result.notes.append(note)
     if not result.pairs:
         _raise_nothing_paired(base, tuned, result.skipped)
     result.pairs.sort(key=lambda p: p.sort_key)

@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, SpectraError
 from spectra.findings import analysed
 from spectra.io.jsonfile import load_json
 from spectra.io.peft_writer import target_modules
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
+from spectra.peft_moe import PeftMoeRules, peft_moe_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
 
@@ -130,16 +131,31 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     kept_names = {m.name for m in analysed(res)}
     noise = {m.name for m in res.modules if m.fro_norm and m.name not in kept_names}
     whole: dict[str, dict] = {}  # module path -> {"shape": [out, in], "parts": [records]}
+    rules = _moe_rules(doc, where, notes)
+    left_out: dict[str, list[str]] = {}  # why -> module names left out of the config
     for m in doc.get("modules", []):
         name = m["name"]
-        if ":e" in name.split(".")[-1] or m.get("role") == "router" or (_is_embedding(m) and not embeddings):
-            continue
         base = name.split(":")[0]
+        why = None
+        if ":e" in name.split(".")[-1]:
+            why = "3-D expert stacks (PEFT reaches them through target_parameters, which a LoraConfig from here does not write)"
+        elif m.get("role") == "router":
+            why = "MoE routers (plain parameters in transformers >= 5, which PEFT cannot wrap)"
+        elif rules is not None and base.endswith(".weight"):
+            why = rules.why_dropped(base[: -len(".weight")], m.get("expert"))
+        if why:
+            left_out.setdefault(why, []).append(base)
+            continue
+        if _is_embedding(m) and not embeddings:
+            continue
         if not base.endswith(".weight"):
             continue
         entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
         entry["parts"].append(m)
         entry["out"] += int(m["shape"][0])
+    for why, names in left_out.items():
+        uniq = sorted(set(names))
+        notes.append(f"{len(uniq)} matrices are not in the config, nor in its parameter counts ({why}); e.g. {uniq[0]}")
     undefined = sorted(p for p, e in whole.items() if any(m.get("fro_norm") is None for m in e["parts"]))
     if undefined:  # null: an update that was not finite (diff writes NaN/Inf as null); no rank can be read off it
         notes.append(f"{len(undefined)} modules have no finite update (fro_norm null) and are left out: {', '.join(undefined[:5])}"
@@ -203,6 +219,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
                          f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
     adapted = {p: r for p, r in ranks.items() if r > 0}
+    experts = sorted(p for p in adapted if any(m.get("expert") is not None for m in whole[p]["parts"]))
+    tied = max((adapted[p] for p in experts), default=None)
+    if experts and any(adapted[p] != tied for p in experts):
+        # transformers >= 5 fuses per-expert modules on load; PEFT converts their LoRA at the global r only
+        # (rank_pattern entries of single experts are ignored): every expert takes one rank, the largest
+        for p in experts:
+            adapted[p] = tied
+        notes.append(f"the {len(experts)} per-expert modules take one rank, r = {tied} (the largest of theirs): PEFT "
+                     "loads per-expert LoRAs into transformers >= 5's fused experts at the global r only"
+                     + (f"; the budget {budget} is exceeded by that" if budget is not None else ""))
     if not adapted:
         if noise:
             raise ConfigError("every updated matrix is at the rounding level of its storage dtype (rounding noise, not a "
@@ -210,7 +236,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                               hint="spectra diff's warning lists them; compare checkpoints that differ by more than rounding")
         raise ConfigError("every recommended rank is 0 (the updates are zero)")
     counts = Counter(adapted.values())
-    r0 = max(counts, key=lambda r: (counts[r], r))
+    r0 = tied if experts else max(counts, key=lambda r: (counts[r], r))
 
     def alpha(r: int) -> float:
         return alpha_ratio * (math.sqrt(r) if rslora else r)
@@ -247,6 +273,29 @@ def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[s
         raise ConfigError(f"--budget {budget} ({n:,} parameters) needs more of the spectra than the results keep "
                           f"(the top {(doc.get('config') or {}).get('top_k', '?')} singular values of each matrix, "
                           f"e.g. {short[0]})", path=where, hint="rerun spectra diff with a larger --top-k, or give a smaller budget")
+
+
+def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules | None:
+    """What PEFT drops on the diff's base model (:mod:`spectra.peft_moe`), read off the base's
+    ``config.json`` when it is still where the diff found it; None for a model without experts."""
+    mods = doc.get("modules", [])
+    if not any(isinstance(m, dict) and (m.get("expert") is not None or m.get("role") == "router") for m in mods):
+        return None
+    base = doc.get("base")
+    model_type = None
+    if isinstance(base, str):
+        folder = Path(base) if Path(base).is_dir() else Path(base).parent
+        try:
+            cfg = load_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None
+        except SpectraError:  # an unreadable config: judged as unknown below
+            cfg = None
+        mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+        model_type = mt if isinstance(mt, str) else None
+    if model_type is None:
+        notes.append("an MoE model whose base config.json was not found (where the diff read the base): whether PEFT "
+                     "loads LoRAs on its experts and on MLPs named like them was not checked")
+        return None
+    return peft_moe_rules(model_type)
 
 
 def _load(path: Path) -> dict:

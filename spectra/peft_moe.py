@@ -1,0 +1,127 @@
+"""Which LoRA modules of a mixture-of-experts model PEFT actually applies when it loads an adapter
+into a transformers ≥ 5 model.
+
+transformers ≥ 5 fuses the per-expert ``nn.Linear`` weights some MoE checkpoints store
+(``experts.N.gate_proj``…) into 3-D stacks on load. An adapter written for the per-expert modules
+then loads only if PEFT converts it, which PEFT (0.21) does for two families of model types (the
+Mixtral pattern and the Qwen2-MoE pattern of transformers' ``conversion_mapping``) and only when
+every expert has the adapter's global ``r``. Two silent losses follow, both checked against PEFT's
+own loading (``PeftModel.from_pretrained`` then ``merge_and_unload``):
+
+- a model type whose experts transformers fuses but PEFT does not convert (``qwen2_moe`` itself,
+  ``phimoe``, ``jamba``…): the per-expert LoRA weights are dropped on load;
+- a model type PEFT does convert: every target whose name ends in one of the expert projections'
+  names (``gate_proj``, ``up_proj``, ``down_proj`` for the Qwen2-MoE pattern) is retargeted to the
+  fused expert parameters, so a LoRA on a dense MLP (DeepSeek-V3's first layers) or a shared
+  expert of those names is dropped too.
+
+The rules are read from the installed transformers and PEFT when they are there (the layouts
+change between releases), else from the tables below (transformers 5.24, PEFT 0.21).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+#: PEFT's target-name conversions, by pattern: an expert projection's old name -> the fused name.
+#: The router (``gate``) maps to its own weight and is not a loss.
+_PEFT_MOE_TARGETS: dict[str, dict[str, str]] = {
+    "mixtral": {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"},
+    "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+                  "down_proj": "down_proj"},
+}
+#: Model types whose experts transformers 5.24 fuses on load, and PEFT 0.21's pattern for each
+#: (None: PEFT does not convert them).
+_FUSED: dict[str, str | None] = {
+    **dict.fromkeys(("mixtral", "minimax", "minimax_m2"), "mixtral"),
+    **dict.fromkeys((
+        "afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe",
+        "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe",
+        "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text",
+        "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open"), "qwen2_moe"),
+    **dict.fromkeys((
+        "qwen2_moe", "phimoe", "jamba", "lfm2_moe", "kimi_linear", "nemotron_h", "ernie4_5_vl_moe", "deepseek_v4",
+        "qwen3_5_moe_text", "sarvam_moe", "mimo_v2_flash", "bailing_hybrid"), None),
+}
+
+
+@dataclass(frozen=True)
+class PeftMoeRules:
+    """What PEFT drops of a LoRA adapter on a model of one type (see the module docstring).
+
+    Attributes:
+        model_type: ``config.json``'s ``model_type``, or None when unknown.
+        experts_dropped: per-expert 2-D LoRA modules are dropped on load.
+        retargeted: last name components PEFT retargets to the fused experts: a non-expert module
+            with one of these names is dropped on load.
+        source: where the rules came from (``"transformers 5.24.0, peft 0.21.2"`` or the tables).
+    """
+
+    model_type: str | None
+    experts_dropped: bool = False
+    retargeted: frozenset[str] = frozenset()
+    source: str = ""
+
+    def why_dropped(self, module: str, expert: int | None) -> str | None:
+        """Why PEFT would drop a LoRA on ``module`` (a module path; ``expert``: its expert index,
+        None outside the experts), or None when it applies it."""
+        if expert is not None and self.experts_dropped:
+            return (f"per-expert LoRA: transformers >= 5 fuses the experts of a {self.model_type} model on load and PEFT "
+                    f"does not convert per-expert adapters for it, so it would drop this module ({self.source})")
+        if expert is None and module.rpartition(".")[2] in self.retargeted:
+            return (f"PEFT retargets every {module.rpartition('.')[2]} of a {self.model_type} model to the fused experts "
+                    f"on load, so a LoRA on this non-expert module would be dropped ({self.source})")
+        return None
+
+
+def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
+    """The :class:`PeftMoeRules` of a model type, from the installed transformers and PEFT when they
+    are installed (transformers < 5 fuses nothing: no rule), else from this module's tables."""
+    if not model_type:
+        return PeftMoeRules(None)
+    if importlib.util.find_spec("transformers") is None:  # rules for where the adapter will likely be loaded
+        return _from_tables(model_type, "transformers is not installed here")
+    import transformers
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # transformers < 5 keeps per-expert modules: PEFT applies every LoRA module
+        return PeftMoeRules(model_type, source=f"transformers {transformers.__version__}")
+    fused = _fuses_experts(conversion_mapping, model_type)
+    patterns = dict(getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", {}))
+    targets = _PEFT_MOE_TARGETS
+    version = f"transformers {transformers.__version__}"
+    try:
+        import peft
+        from peft.utils import transformers_weight_conversion as conv
+        patterns = dict(getattr(conv, "_MODEL_TO_CONVERSION_PATTERN", {**patterns, "mixtral": "mixtral"}))
+        targets = dict(getattr(conv, "_MOE_TARGET_MODULE_MAPPING", targets))
+        version += f", peft {peft.__version__}"
+    except ImportError:
+        patterns.setdefault("mixtral", "mixtral")
+    pattern = patterns.get(model_type)
+    converts = pattern in targets
+    retargeted = frozenset(targets[pattern]) - {"gate"} if converts else frozenset()
+    return PeftMoeRules(model_type, experts_dropped=fused and not converts, retargeted=retargeted, source=version)
+
+
+def _fuses_experts(conversion_mapping, model_type: str) -> bool:
+    """Whether transformers' load-time conversion of ``model_type`` merges per-expert weights."""
+    try:
+        convs = conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []
+    except Exception:  # a transformers whose helper changed: fall back to the table's answer
+        return model_type in _FUSED
+    return any("experts.*" in p for c in convs for p in getattr(c, "source_patterns", []) or [])
+
+
+def _from_tables(model_type: str, why: str) -> PeftMoeRules:
+    if model_type not in _FUSED:
+        return PeftMoeRules(model_type)
+    pattern = _FUSED[model_type]
+    source = "tables of transformers 5.24 and PEFT 0.21" + (f"; {why}" if why else "")
+    if pattern is None:
+        return PeftMoeRules(model_type, experts_dropped=True, source=source)
+    return PeftMoeRules(model_type, retargeted=frozenset(_PEFT_MOE_TARGETS[pattern]) - {"gate"}, source=source)
+
+
+__all__ = ["PeftMoeRules", "peft_moe_rules"]
