@@ -93,8 +93,9 @@ def _summary_table(result) -> Table:
 
     key = headline_key(result.to_dict())
     steps = [c["step"] for c in result.checkpoints]
-    table = Table(title=f"ΔW from step {steps[0]} to step {steps[-1]} ({len(steps)} checkpoints), median per module",
-                  title_justify="left")
+    span = (f"at step {steps[0]} (a single checkpoint)" if len(steps) == 1 else
+            f"from step {steps[0]} to step {steps[-1]} ({len(steps)} checkpoints)")
+    table = Table(title=f"ΔW {span}, median per module", title_justify="left")
     for col in ("module", "n", f"rank[{key}] first", "last", "‖ΔW‖/‖W‖ first", "last", "φ with first (last ckpt)"):
         table.add_column(col, justify="left" if col == "module" else "right")
     kinds: dict[str, list[dict]] = {}

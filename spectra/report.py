@@ -34,6 +34,7 @@ from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
+from spectra.results import newer_schema_error
 
 #: File names looked for in folders: results JSON documents (dispatched by their ``schema``), and the
 #: JSON-lines files read by a loader of :data:`JSONL_LOADERS` (``train_log.jsonl`` is read here).
@@ -112,6 +113,9 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
         doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True)
         schema = doc.get("schema") if isinstance(doc, dict) else None
         if not isinstance(schema, str) or schema not in SECTIONS:
+            newer = newer_schema_error(schema, SECTIONS, f)
+            if newer is not None:
+                raise newer
             raise ResultsFormatError(f"not a spectra result (schema {schema!r})", path=f,
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))

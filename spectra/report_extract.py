@@ -9,6 +9,7 @@ inline SVG. The lead wires :func:`section_html`, :func:`findings` and :func:`tit
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from spectra.findings import Finding
 from spectra.plots.base import svg_img
 from spectra.plots.extract import energy_figure, rank_heatmap
 from spectra.report_html import esc, legend, note, table
+from spectra.results import impossible
 
 SCHEMA = "spectra.extract/1"
 
@@ -31,14 +33,84 @@ COLUMNS = (
 )
 
 
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+#: Float rounding allowed above 1 in a share (an energy summed in float64 can end at 1 + 1e-16).
+_SHARE_SLACK = 1e-9
+
+
+def check(path: Path, doc: dict[str, Any]) -> None:
+    """Refuse an ``extract.json`` holding values no extraction can produce (a rank outside
+    0 … min(shape), a share of energy outside [0, 1], a negative norm or count, an empty shape, a loss
+    that is not a finite number ≥ 0): the report would show them as facts. Types the report reads
+    but this does not check fail later, in :func:`spectra.report._guarded`.
+
+    Raises:
+        ResultsFormatError: one line naming the file, the record and the field.
+    """
+    def bad(where: str, value: Any, why: str) -> None:
+        impossible(where, value, why, path, rerun="spectra extract --force")
+
+    # ranges of numbers only: a value of another type is shown escaped, or fails in the section's code
+    def share(where: str, v: Any) -> None:
+        if _num(v) and not 0 <= v <= 1 + _SHARE_SLACK:
+            bad(where, v, "a share lies from 0 to 1")
+
+    def count(where: str, v: Any) -> None:
+        if _num(v) and not v >= 0:
+            bad(where, v, "a count, size or norm is not negative")
+
+    t, u = doc.get("totals"), doc.get("uniform")
+    for name, rec in (("totals", t), ("uniform", u)):
+        if isinstance(rec, dict):
+            for key in ("energy_kept", "rel_fro_error", "median_energy_kept", "min_energy_kept", "param_fraction"):
+                (share if key != "param_fraction" else count)(f"{name}.{key}", rec.get(key))
+            for key in ("params", "full_params", "modules", "modules_at_90", "rank", "min_rank", "max_rank", "bytes"):
+                count(f"{name}.{key}", rec.get(key))
+    if isinstance(t, dict) and _num(t.get("modules_at_90")) and _num(t.get("modules")) and t["modules_at_90"] > t["modules"]:
+        bad("totals.modules_at_90", t["modules_at_90"], f"more than the {t['modules']} modules")
+    for i, m in enumerate(doc.get("modules") or []):
+        if not isinstance(m, dict):
+            continue
+        at = f"modules[{i}] ({str(m.get('name'))[:80]})"
+        shape = m.get("shape")
+        if isinstance(shape, list) and all(_num(x) for x in shape):
+            if not (len(shape) == 2 and all(_int(x) and x >= 1 for x in shape)):
+                bad(f"{at}.shape", shape, "a matrix has two sides of at least 1")
+            for key in ("rank", "uniform_rank"):
+                if _num(m.get(key)) and not (_int(m[key]) and 0 <= m[key] <= min(shape)):
+                    bad(f"{at}.{key}", m[key], f"a rank lies from 0 to min(shape) = {min(shape)}")
+        for key in ("energy_kept", "rel_fro_error", "spectral_error", "uniform_energy_kept"):
+            share(f"{at}.{key}", m.get(key))
+        for key in ("params", "fro_norm", "base_fro_norm", "rel_norm"):
+            count(f"{at}.{key}", m.get(key))
+    ev = doc.get("eval")
+    if isinstance(ev, dict):
+        loss = ev.get("loss")
+        for name, v in (loss.items() if isinstance(loss, dict) else ()):
+            if _num(v) and not (math.isfinite(v) and v >= 0):
+                bad(f"eval.loss.{name}", v, "a mean cross-entropy is a finite number of at least 0")
+        for key in ("blocks", "seq_len", "tokens"):
+            if _num(ev.get(key)) and not ev[key] >= 1:
+                bad(f"eval.{key}", ev[key], "at least one block of at least one token is scored")
+
+
 def title(path: Path, doc: dict[str, Any]) -> str:
-    """How the findings and warnings name this input."""
+    """How the findings and warnings name this input (after :func:`check`: the report calls this first)."""
+    check(path, doc)
     return f"extract ({doc.get('mode')}): {doc.get('tuned')} − {doc.get('base')}"
 
 
 def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
     """The adapter in words: energy kept against the uniform rank, the spread of ranks, the budget's gap,
     the held-out losses; warnings for what the adapter does not hold."""
+    check(path, doc)
     t, u = doc["totals"], doc["uniform"]
     out = []
     if t.get("energy_kept") is not None:
@@ -82,6 +154,7 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
 
 def section_html(path: Path, doc: dict[str, Any]) -> str:
     """The report section of one ``extract.json``."""
+    check(path, doc)
     t, u, s = doc["totals"], doc["uniform"], doc.get("serving") or {}
     sel = doc.get("selection") or {}
     rule = {"rank": f"--rank {sel.get('rank')}", "energy": f"--energy {sel.get('energy')}",
@@ -110,7 +183,7 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
         out.append(table(["model", "loss (nats/token)", "share of the fine-tune's loss change"],
                          [[k, v, rec.get(k) if k not in ("base", "tuned") else (0.0 if k == "base" else 1.0)] for k, v in ev["loss"].items()]))
         out.append(note(f"Mean token cross-entropy on the first {esc(ev['blocks'])} blocks of {esc(ev['seq_len'])} tokens of "
-                        f"{esc(ev['text'])}; the share is (base − model) / (base − tuned)."))
+                        f"{esc(ev['text'])}; the share is (base − model) / (base − tuned).{_eval_how(ev)}"))
     out.append(svg_img(energy_figure(doc), alt="energy kept and rank per module"))
     heat = rank_heatmap(doc)
     if heat is not None:
@@ -134,4 +207,17 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["COLUMNS", "SCHEMA", "findings", "section_html", "title"]
+def _eval_how(ev: dict[str, Any]) -> str:
+    """How the text was read and the adapters scored (older extract.json files lack these keys)."""
+    tok, scored = ev.get("tokenizer"), ev.get("scored")
+    out = ""
+    if isinstance(tok, dict):
+        where = {"base": "the base folder's tokenizer", "tuned": "the tuned folder's tokenizer (the base has none)",
+                 "bytes": "UTF-8 bytes (no tokenizer files)"}.get(tok.get("source"), tok.get("source"))
+        out += f" Text read with {esc(where)}."
+    if isinstance(scored, dict):
+        out += " Adapters scored " + esc(", ".join(f"{k}: {v}" for k, v in scored.items() if k != "base")) + "."
+    return out
+
+
+__all__ = ["COLUMNS", "SCHEMA", "check", "findings", "section_html", "title"]

@@ -62,7 +62,11 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     out: list[Finding] = []
     names = d["names"]
     cos, phi = _pairs(d, "cosine"), (s.get("phi") or [])
-    if cos:
+    if len(cos) == 1:  # two fine-tunes: one pair, neither "most" nor "least" alike
+        (v, a, b), = cos
+        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi[a][b]:.2f}, over "
+                                      f"{s.get('modules')} matrices.", numbers={"cosine": [v, v]}))
+    elif cos:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
         out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi[c][e]:.2f}); "
                                       f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi[a][b]:.2f}), over "

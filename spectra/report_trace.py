@@ -74,8 +74,13 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     n0, n1 = (_at(res, i, lambda p: p.get("rel_norm")) for i in (0, -1))
     if r0 is not None and r1 is not None:
         size = f"; ‖ΔW‖/‖W_base‖ from {n0:.3g} to {n1:.3g}" if n0 is not None and n1 is not None else ""
-        out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {float(key):.0%} of its "
-                                   f"energy went from {r0:g} to {r1:g}{size}.", numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
+        if len(res.checkpoints) == 1:  # one checkpoint: a state, not a change
+            size = f"; ‖ΔW‖/‖W_base‖ is {n1:.3g}" if n1 is not None else ""
+            out.append(Finding("rank", f"At step {last} (the only checkpoint) the median rank ΔW needs for {float(key):.0%} "
+                                       f"of its energy is {r1:g}{size}.", numbers={"rank": [r1, r1], "rel_norm": [n1, n1]}))
+        else:
+            out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {float(key):.0%} of "
+                                       f"its energy went from {r0:g} to {r1:g}{size}.", numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
     turned = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi"))
     if turned is not None and len(res.checkpoints) > 1:
         words = "barely turned" if turned > 0.9 else ("turned part of the way" if turned > 0.5 else "turned away")
@@ -85,8 +90,9 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if res.kind == "lora":
         u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (0, -1))
         if u0 is not None and u1 is not None:
-            out.append(Finding("adapter", f"LoRA's effective rank is {u1:.0%} of r at step {last} (median over modules), "
-                                          f"{u0:.0%} at step {first}.", numbers={"effective_rank_over_r": [u0, u1]}))
+            since = f", {u0:.0%} at step {first}" if len(res.checkpoints) > 1 else ""
+            out.append(Finding("adapter", f"LoRA's effective rank is {u1:.0%} of r at step {last} (median over modules){since}.",
+                               numbers={"effective_rank_over_r": [u0, u1]}))
     for s in res.skipped_checkpoints:
         out.append(Finding("skipped", f"checkpoint {Path(s['path']).name} left out: {s['reason']}", warning=True))
     for w in res.warnings:

@@ -536,8 +536,8 @@ def _check_document(d: Any, source: Any) -> None:
     if not isinstance(d, dict):
         fail("a JSON object", d, "results.json")
     if d.get("schema") != SCHEMA:
-        raise ResultsFormatError(f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead", path=source,
-                                 hint="pass a results.json written by spectra diff")
+        raise newer_schema_error(d.get("schema"), [SCHEMA], source) or ResultsFormatError(
+            f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead", path=source, hint="pass a results.json written by spectra diff")
     for key in ("tuned", "thresholds", "modules"):
         if key not in d:
             raise ResultsFormatError(f"missing key {key!r}", path=source, hint="rerun spectra diff --out")
@@ -603,6 +603,56 @@ def _check_document(d: Any, source: Any) -> None:
         ):
             if key in m and not ok(m[key]):
                 fail(what, m[key], f"{at}.{key}")
+        _check_module_values(m, f"{at} ({m['name'][:80]})", source)
+
+
+def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
+    """Refuse values no ΔW can have (a hand edit, a corruption): the report would show them as numbers.
+    ``m`` has passed the type checks of :func:`_check_document`."""
+    p = min(m["shape"])
+    if p < 1:  # spectra diff skips empty matrices: none is ever in ``modules``
+        impossible(f"{at}.shape", m["shape"], "a matrix has at least one row and one column", source)
+    for key in ("energy_rank", "random_energy_rank", "signal_rank"):
+        ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}
+        for k, v in ranks.items():
+            if _is_int(v) and not 0 <= v <= p:
+                impossible(f"{at}.{key}{f'[{k}]' if k else ''}", v, f"a rank lies from 0 to min(shape) = {p}", source)
+    for k, v in (m.get("energy_rank_frac") or {}).items():
+        if _is_num(v) and not 0 <= v <= 1:
+            impossible(f"{at}.energy_rank_frac[{k}]", v, "a share of min(shape) lies from 0 to 1", source)
+    for key in ("fro_norm", "spectral_norm", "nuclear_norm", "base_fro_norm", "rel_norm", "stable_rank", "effective_rank"):
+        v = m.get(key)
+        if _is_num(v) and not v >= 0:
+            impossible(f"{at}.{key}", v, "norms and ranks are not negative", source)
+    if any(_is_num(x) and x < 0 for x in m["singular_values"]):
+        impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if _is_num(x)),
+                   "singular values are not negative", source)
+
+
+def impossible(where: str, value: Any, why: str, source: Any, rerun: str = "spectra diff --out") -> None:
+    """Raise the one-line error for a value a results file cannot hold (naming the file, the record and the field).
+
+    Raises:
+        ResultsFormatError: always.
+    """
+    raise ResultsFormatError(f"{where} is {value!r}, which is impossible: {why}", path=source,
+                             hint=f"the file was edited or damaged; rerun {rerun} to rewrite it")
+
+
+def newer_schema_error(schema: Any, known: Iterable[str], source: Any) -> ResultsFormatError | None:
+    """The error for a results file of a newer version of a known schema (``spectra.diff/2`` where this
+    spectra reads ``spectra.diff/1``), or None when ``schema`` is not that."""
+    from spectra._version import __version__
+
+    if not isinstance(schema, str) or "/" not in schema:
+        return None
+    kind, _, version = schema.rpartition("/")
+    for k in known:
+        own, _, mine = k.rpartition("/")
+        if own == kind and version.isdigit() and mine.isdigit() and int(version) > int(mine):
+            return ResultsFormatError(f"written by a newer spectra (schema {schema}); this spectra {__version__} reads "
+                                      f"{k}", path=source, hint="upgrade spectra (pip install -U spectra) to read it")
+    return None
 
 
 def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:

@@ -41,6 +41,7 @@ from spectra.pipeline import diff
 from spectra.training_inputs import (
     TOKENIZER_FILES,
     ByteTokenizer,
+    check_causal_lm,
     check_out,
     check_positions,
     check_positive,
@@ -206,6 +207,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         raise SpectraError("training needs the train extra", hint="pip install 'spectra[train]'") from exc
     base, out = Path(config.base), Path(config.out)
     model_cfg = model_config(base)
+    check_causal_lm(base, model_cfg)  # an encoder's loss would peek at the token it predicts
     device = resolve_device(config.device)
     check_positions(base, model_cfg, config.seq_len)
     inputs = [config.data, *([config.eval_source] if config.eval_source else [])]

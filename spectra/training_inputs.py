@@ -57,21 +57,36 @@ def read_text(path: Path) -> str:
         SpectraError: not a regular file (a FIFO would block the read forever), unreadable, or
             binary / not UTF-8.
     """
+    return read_text_prefix(path, None)[0]
+
+
+def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool]:
+    """``(text, whole)``: the UTF-8 text of the first ``max_bytes`` bytes of a regular file (all of
+    it when None) and whether that is the whole file. A character cut by the limit is left out, not
+    read as U+FFFD; the undecodable share is checked as :func:`read_text` does.
+
+    Raises:
+        SpectraError: as :func:`read_text`.
+    """
+    import codecs
+
     try:
         fd = open_regular(path)  # O_NONBLOCK + fstat: a FIFO or device is refused, never waited on
     except SpectraError as exc:
-        raise SpectraError(exc.message, path=path, hint="--data and --eval-source read regular text files, "
+        raise SpectraError(exc.message, path=path, hint="--data, --eval-source and --eval read regular text files, "
                                                         "folders of them, or JSONL") from None
     with os.fdopen(fd, "rb") as f:
-        data = f.read()
-    text = data.decode("utf-8", errors="replace")
+        data = f.read() if max_bytes is None else f.read(max_bytes)
+        whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
+    # an incremental decoder keeps a multi-byte character cut at the limit pending instead of marking it
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=whole)
     bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacement marks the file did not hold itself
     if text and bad / len(text) > MAX_UNDECODABLE:
         raise SpectraError(f"is not UTF-8 text: {bad / len(text):.0%} of its characters do not decode (a binary "
                            "file, or text in another encoding)", path=path,
                            hint=f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out; up to "
                                 f"{MAX_UNDECODABLE:.0%} undecodable bytes are read as U+FFFD")
-    return text
+    return text, whole
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
@@ -141,7 +156,8 @@ def load_tokenizer(base: str | Path, kind: str = "auto"):
                                 "the text is read as UTF-8 bytes") from None
 
 
-def _encode(tok, text: str) -> list[int]:
+def encode_text(tok, text: str) -> list[int]:
+    """Token ids of ``text`` (no special tokens added), by a transformers tokenizer or :class:`ByteTokenizer`."""
     if isinstance(tok, ByteTokenizer):
         return tok.encode(text)
     return tok(text, add_special_tokens=False)["input_ids"]
@@ -159,8 +175,8 @@ def token_blocks(examples: list[tuple[str, str]], tok, seq_len: int) -> tuple[to
     ids: list[int] = []
     labels: list[int] = []
     for prompt, text in examples:
-        p = _encode(tok, prompt) if prompt else []
-        t = _encode(tok, text + "\n")
+        p = encode_text(tok, prompt) if prompt else []
+        t = encode_text(tok, text + "\n")
         ids += p + t
         labels += [-100] * len(p) + t
     n = len(ids) // seq_len
@@ -216,6 +232,12 @@ def _setting(cfg: dict[str, Any], *keys: str) -> tuple[str, int] | None:
     return None
 
 
+def config_int(cfg: dict[str, Any], key: str) -> int | None:
+    """An integer setting of config.json (``vocab_size``…), or of its ``text_config``; None when absent."""
+    found = _setting(cfg, key)
+    return None if found is None else found[1]
+
+
 def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
     """Refuse token ids the model cannot embed: ``ids`` ``(n, seq_len)`` int64 against ``config.json``'s
     ``vocab_size`` (or its ``text_config``'s). The byte fallback (no tokenizer files in the folder)
@@ -239,7 +261,7 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
                                            "holds the tokens")
 
 
-def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int) -> None:
+def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int, option: str = "--seq-len") -> None:
     """Refuse sequences longer than a learned position table (GPT-2's ``n_positions``, or
     ``max_position_embeddings`` of a model without rotary/ALiBi positions, e.g. OPT, BERT): it has no
     row for them (an IndexError mid-run). Rotary models (Llama, Mistral, Qwen2…) run longer sequences.
@@ -252,8 +274,32 @@ def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int) -> None
                                       "rotary_emb_base", "alibi")) or cfg.get("position_embedding_type") == "rotary"
     found = _setting(cfg, "n_positions", "n_ctx") or (None if relative else _setting(cfg, "max_position_embeddings"))
     if found is not None and seq_len > found[1]:
-        raise SpectraError(f"--seq-len {seq_len} is longer than the model's {found[1]} positions (config.json {found[0]})",
-                           path=base, hint=f"pass --seq-len {found[1]} or less")
+        raise SpectraError(f"{option} {seq_len} is longer than the model's {found[1]} positions (config.json {found[0]})",
+                           path=base, hint=f"pass {option} {found[1]} or less")
+
+
+def check_causal_lm(base: str | Path, cfg: dict[str, Any], use: str = "spectra train") -> None:
+    """Refuse a model that is not a decoder-only causal LM, whose next-token loss would mean nothing:
+    an encoder-decoder (T5, BART) or a type transformers has no causal-LM class for, and an encoder
+    (BERT, RoBERTa… without ``is_decoder``), whose bidirectional attention sees the very token it is
+    asked to predict (its causal-LM class loads, but the loss "peeks").
+
+    Raises:
+        ConfigError: any of these (one line naming config.json and the model type).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = cfg.get("model_type")
+    where = Path(base) / "config.json"
+    if cfg.get("is_encoder_decoder") or kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        what = "an encoder-decoder model" if cfg.get("is_encoder_decoder") else "not a causal LM transformers knows"
+        raise ConfigError(f"{use} needs a decoder-only causal LM; this {kind} model is {what}", path=where,
+                          hint="pass a causal-LM folder (Llama, GPT-2, Qwen…)")
+    # an encoder with a causal-LM class (BertLMHeadModel…) is causal only when built as a decoder
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not cfg.get("is_decoder"):
+        raise ConfigError(f"{use} needs a causal LM; this {kind} model is an encoder (config.json is_decoder is not true): "
+                          "its bidirectional attention sees the next token, so its next-token loss would be meaningless",
+                          path=where, hint="pass a decoder-only causal LM (Llama, GPT-2, Qwen…)")
 
 
 def load_model(base: str | Path):
@@ -421,6 +467,6 @@ def clear_run_outputs(out: Path) -> list[str]:
 
 
 __all__ = ["MAX_SEED", "MAX_UNDECODABLE", "RUN_FILES", "RUN_GLOBS", "TOKENIZER_FILES", "WEIGHT_FILES", "ByteTokenizer",
-           "adaptable_modules", "check_out", "check_positions", "check_positive", "check_seed", "check_targets",
-           "check_vocabulary", "clear_run_outputs", "first_line", "load_model", "load_tokenizer", "model_config",
-           "read_examples", "read_text", "refuse_file_in_path", "resolve_device", "run_outputs", "token_blocks"]
+           "adaptable_modules", "check_causal_lm", "check_out", "check_positions", "check_positive", "check_seed", "check_targets",
+           "check_vocabulary", "clear_run_outputs", "config_int", "first_line", "load_model", "load_tokenizer", "model_config",
+           "encode_text", "read_examples", "read_text", "read_text_prefix", "refuse_file_in_path", "resolve_device", "run_outputs", "token_blocks"]
