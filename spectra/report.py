@@ -116,7 +116,8 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             newer = newer_schema_error(schema, SECTIONS, f)
             if newer is not None:
                 raise newer
-            raise ResultsFormatError(f"not a spectra result (schema {schema!r})", path=f,
+            shown = schema[:80] + "…" if isinstance(schema, str) and len(schema) > 80 else schema  # one readable line
+            raise ResultsFormatError(f"not a spectra result (schema {shown!r})", path=f,
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))

@@ -649,7 +649,9 @@ def newer_schema_error(schema: Any, known: Iterable[str], source: Any) -> Result
     kind, _, version = schema.rpartition("/")
     for k in known:
         own, _, mine = k.rpartition("/")
-        if own == kind and version.isdigit() and mine.isdigit() and int(version) > int(mine):
+        # ASCII digits, bounded: int() refuses '²' (which isdigit accepts) and runs over 4300 digits
+        if own == kind and all(v.isascii() and v.isdigit() and len(v) < 10 for v in (version, mine)) \
+                and int(version) > int(mine):
             return ResultsFormatError(f"written by a newer spectra (schema {schema}); this spectra {__version__} reads "
                                       f"{k}", path=source, hint="upgrade spectra (pip install -U spectra) to read it")
     return None

@@ -283,6 +283,17 @@ def test_e9_newer_schema_says_upgrade(results, tmp_path, kind, schema):
             DiffResult.load(path)
 
 
+@pytest.mark.parametrize("version", ["²", "9" * 5000])
+def test_e9_odd_schema_versions_are_one_line_errors(results, tmp_path, version):
+    """'²' passes str.isdigit and 5000 digits pass too, but int() refuses both: a ValueError traceback."""
+    path = _edited(results / "d" / "results.json", tmp_path / "in", lambda d: d.update(schema=f"spectra.diff/{version}"))
+    with pytest.raises(ResultsFormatError, match=r"not a spectra result \(schema ") as exc:
+        write_report([path.parent], tmp_path / "r.html")
+    assert len(str(exc.value)) < 400
+    with pytest.raises(ResultsFormatError, match="schema must be"):
+        DiffResult.load(path)
+
+
 # ---- E10: one pair, one checkpoint ------------------------------------------------------------------------
 def test_e10_interfere_with_two_tasks_names_the_one_pair(env, tmp_path):
     from spectra.interfere import interfere
