@@ -538,16 +538,21 @@ def _stacked_in_out(
             in_out = True if (a == hidden and b != hidden) else False if (b == hidden and a != hidden) else None
         how = f"shapes: model width {hidden}"
     down = siblings.get("down")
-    if in_out is None and role in ("gate_up", "down") and "gate_up" in siblings and down is not None:
+    by_pair = None  # the gate_up stack beside its down_proj: a layout of this very module, not of the model
+    if role in ("gate_up", "down") and "gate_up" in siblings and down is not None:
         gu, dn = siblings["gate_up"], down
         as_out_in = gu[-1] == dn[-2] and gu[-2] == 2 * dn[-1]
         as_in_out = gu[-2] == dn[-1] and gu[-1] == 2 * dn[-2]
         if as_out_in != as_in_out:
-            in_out, how = as_in_out, "shapes: gate_up beside down_proj"
+            by_pair = as_in_out
+    if in_out is None and by_pair is not None:
+        in_out, how = by_pair, "shapes: gate_up beside down_proj"
     known = True if mt in EXPERTS_IN_OUT else False if mt in EXPERTS_OUT_IN else None
     if in_out is not None and known is not None:
-        if in_out == known:
-            return in_out, ""
+        # one model width for the whole checkpoint can be another sub-model's (Qwen3-Omni's thinker and
+        # talker): the known layout gives way only when this module's own pair of stacks agrees
+        if in_out == known or by_pair != in_out:
+            return known, ""
         stored = "(experts, in, out)" if in_out else "(experts, out, in)"
         usual = "(experts, in, out)" if known else "(experts, out, in)"
         return in_out, (f"stacked experts stored {stored}, judged from {how}, where model_type {mt!r} is usually "

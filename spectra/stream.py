@@ -146,6 +146,9 @@ def batches(prepared: Iterator[Prepared], shapes: list[tuple[int, int]], max_cou
     size = 0
     for i, item in enumerate(prepared):
         if item.delta is None:
+            if batch:  # the open batch expected this unit: closed here, or a unit of another shape would join it
+                yield batch
+                batch, size = [], 0
             yield [item]
             continue
         batch.append(item)

@@ -302,3 +302,24 @@ def test_pairing_of_expert_layouts_does_not_raise_on_dense_models(tmp_path):
     from spectra import open_checkpoint
 
     assert pair_checkpoints(open_checkpoint(str(b)), open_checkpoint(str(t))).notes == []
+
+
+def test_one_model_width_does_not_flip_another_sub_models_stacks():
+    """Qwen3-Omni keeps a thinker and a talker of different widths and no top-level hidden_size: the
+    width read off the first router (the talker's 1024) matched the thinker's 2·I = 1024 on the wrong
+    axis and transposed its gate_up against the model type's known layout, while its down_proj was
+    not: one expert oriented two ways. The known layout gives way only to the module's own pair."""
+    from spectra.naming import ArchInfo
+
+    shapes = {"talker.model.layers.0.mlp.gate.weight": (4, 1024),
+              "talker.model.layers.0.mlp.experts.gate_up_proj": (4, 768, 1024),
+              "talker.model.layers.0.mlp.experts.down_proj": (4, 1024, 384),
+              "thinker.model.layers.0.mlp.gate.weight": (4, 2048),
+              "thinker.model.layers.0.mlp.experts.gate_up_proj": (4, 1024, 2048),
+              "thinker.model.layers.0.mlp.experts.down_proj": (4, 2048, 512)}
+    arch = ArchInfo.from_config({"model_type": "qwen3_omni_moe", "thinker_config": {}, "talker_config": {}}, shapes)
+    specs = describe_checkpoint(shapes, arch)
+    stacks = {n: s for n, s in specs.items() if ".experts." in n}
+    assert len(stacks) == 4 and not any(s.transpose for s in stacks.values())
+    gate_up = specs["thinker.model.layers.0.mlp.experts.gate_up_proj"]
+    assert [len(p.rows) for p in gate_up.parts] == [512, 512]

@@ -261,3 +261,23 @@ def test_every_heatmap_label_lies_inside_the_figure_and_off_the_cells(n_rows, n_
         if t not in ax.texts:  # labels never cover the heatmap's cells
             assert not (box.x0 < frame.x1 - 0.5 and box.x1 > frame.x0 + 0.5 and box.y0 < frame.y1 - 0.5 and box.y1 > frame.y0 + 0.5), t.get_text()
     assert cax.get_window_extent(renderer).x0 > frame.x1  # the colour bar stands right of the heatmap
+
+
+def test_a_skipped_unit_closes_the_batch_waiting_for_it(tmp_path):
+    """k_proj (8×8) waited for v_proj (8×8); v_proj had an Inf and travelled alone, and down_proj (64×1)
+    then joined k_proj's batch: `ValueError: mats must be equally shaped` (a traceback, no results)."""
+    g = torch.Generator().manual_seed(0)
+    b = {"model.layers.0.mlp.down_proj.weight": torch.randn(64, 1, generator=g),
+         "model.layers.0.self_attn.k_proj.weight": torch.randn(8, 8, generator=g),
+         "model.layers.0.self_attn.v_proj.weight": torch.randn(8, 8, generator=g)}
+    t = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in b.items()}
+    t["model.layers.0.self_attn.v_proj.weight"][0, 0] = float("inf")
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file(t, str(tmp_path / "t.safetensors"))
+    res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), plots=False)
+    assert [s["name"] for s in res.skipped] == ["model.layers.0.self_attn.v_proj.weight"]
+    for m in res.modules:
+        d = (t[m.name] - b[m.name]).double().numpy()
+        s = np.linalg.svd(d, compute_uv=False)
+        assert m.fro_norm == pytest.approx(float(np.sqrt((s**2).sum())), rel=1e-5)
+        assert m.energy_rank["0.9"] == int(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.9 - 1e-12) + 1)

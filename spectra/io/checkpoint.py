@@ -552,7 +552,12 @@ def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, 
     if path.suffix == ".safetensors":
         entries, _ = read_header(path)
         return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
-    loaded = (states if states is not None else StateDictCache()).get(path)
+    states = states if states is not None else StateDictCache()
+    loaded = states.get(path)
+    if not loaded.mapped:
+        # a legacy-format file is held whole: not kept past its listing, so that opening many checkpoints
+        # (trace, interfere) holds none of them; its first read loads it again
+        states.forget(path)
     return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path, stamp=loaded.stamp)
             for n, t in loaded.tensors.items()}
 

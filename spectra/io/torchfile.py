@@ -153,27 +153,31 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
                                  hint="the file is truncated or corrupt; download it again")
 
 
+#: Bytes a view with repeated elements (stride 0, overlapping strides) may claim beyond its storage:
+#: an expanded buffer (``position_ids``, a mask) is kept; 4 bytes claiming a 2^31 × 2^31 matrix is not.
+_REPEAT_SLACK = 1 << 20
+
+
 def _layout_problem(value: torch.Tensor) -> str | None:
     """Why a strided tensor cannot be copied out as the weight it claims to be, or None.
 
     A pickle sets each tensor's shape and strides over its storage. Strides of 0 (an expanded view)
     or strides that revisit elements let a few stored bytes claim any shape (4 bytes as a 2^31 × 2^31
-    matrix): copying it out would allocate what the shape implies, not what the file holds.
+    matrix): copying it out would allocate what the shape implies, not what the file holds. A view
+    whose elements are distinct claims at most its storage, so a shape that claims more than 4× the
+    storage and :data:`_REPEAT_SLACK` repeats elements on purpose; one reaching past the storage is corrupt.
     """
-    dims = sorted((st, sz) for sz, st in zip(value.shape, value.stride(), strict=True) if sz > 1)
     if value.numel() == 0:
         return None
-    reach = 0  # the largest offset the smaller-stride axes reach: a larger stride must go past it
-    for st, sz in dims:
-        if st == 0:
-            return f"stride 0 (an expanded view of fewer stored elements) in shape {tuple(value.shape)}"
-        if st <= reach:
-            return f"strides {tuple(value.stride())} make elements of shape {tuple(value.shape)} overlap"
-        reach += st * (sz - 1)
+    reach = sum(st * (sz - 1) for sz, st in zip(value.shape, value.stride(), strict=True) if sz > 1)
     need = (value.storage_offset() + reach + 1) * value.element_size()
     have = value.untyped_storage().nbytes()
     if need > have:
         return f"shape {tuple(value.shape)} with strides {tuple(value.stride())} needs {need} bytes of a {have}-byte storage"
+    claimed = value.numel() * value.element_size()
+    if claimed > 4 * have + _REPEAT_SLACK:
+        return (f"shape {tuple(value.shape)} with strides {tuple(value.stride())} claims {claimed} bytes from a "
+                f"{have}-byte storage (repeated elements: an expanded view)")
     return None
 
 
@@ -214,6 +218,8 @@ def _unwrap(path: Path, obj: object) -> tuple[object, str | None]:
     if not isinstance(obj, dict) or _is_state(obj):
         return obj, None
     found = [k for k in WRAPPER_KEYS if k in obj and obj[k] and _is_state(obj[k])]
+    if "state_dict" in found:  # read first since spectra's first release: a file it read keeps reading the same
+        found = ["state_dict"]
     if len(found) > 1:
         raise CheckpointFormatError(f"holds a state dict under both {found[0]!r} and {found[1]!r}: which one is the model is ambiguous",
                                     path=path, hint="save the one you mean: torch.save(model.state_dict(), ...)")
@@ -233,6 +239,7 @@ class LoadedState:
     tensors: dict[str, torch.Tensor]
     stamp: FileStamp
     wrapper: str | None = None
+    mapped: bool = False
 
 
 def read_state_dict(path: Path) -> LoadedState:
@@ -288,7 +295,7 @@ def read_state_dict(path: Path) -> LoadedState:
             "not a state dict (a mapping of names to tensors)" + (f"; its top-level keys are {keys}" if keys else ""),
             path=path, hint="save the model with model.state_dict() or safetensors",
         )
-    return LoadedState({k: _plain_tensor(path, k, v) for k, v in obj.items()}, stamp, wrapper)
+    return LoadedState({k: _plain_tensor(path, k, v) for k, v in obj.items()}, stamp, wrapper, mapped=zipped)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -320,6 +327,11 @@ class StateDictCache:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_files"])
         self.unwrapped = state["unwrapped"]
+
+    def forget(self, path: Path) -> None:
+        """Drop ``path``'s state dict (a no-op when it is not held)."""
+        with self._lock:
+            self._entries.pop(str(path), None)
 
     def get(self, path: Path, stamp: FileStamp | None = None, *, tensor: str | None = None) -> LoadedState:
         """The state dict of ``path``, loaded on first use.
