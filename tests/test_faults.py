@@ -129,7 +129,10 @@ def test_out_path_that_is_a_file_is_one_line(pair, tmp_path):
 def test_interrupt_stops_cleanly_and_resumes(pair, reference, tmp_path, sig, code, word):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "spectra", "diff", str(pair[0]), str(pair[1]), "--out", str(out), "--method", "svd", "--no-plots"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a test run started in the background by a shell without job control ignores SIGINT, and the child
+    # would inherit that: the command gets the dispositions a terminal gives it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     journal = out / "results.jsonl"
     wait_for_journal(proc, journal)
     proc.send_signal(sig)
