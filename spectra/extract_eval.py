@@ -274,7 +274,7 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
                               hint="pass an adapter of BASE, or drop --eval") from None
         try:  # merged, as deployed merged: a tied head then follows an embedding LoRA, as it does in the tuned model
             return model.merge_and_unload(), "merged"
-        except _LOAD_ERRORS + (NotImplementedError,) as exc:
+        except _LOAD_ERRORS as exc:  # RuntimeError covers PEFT's NotImplemented merges
             return model, f"unmerged (PEFT cannot merge it: {first_line(exc)})"
 
     model = load(base)

@@ -517,13 +517,11 @@ def _stacked_in_out(
     """Whether a 3-D expert stack is stored ``(experts, in, out)`` (transpose it), and a note when
     that was judged from shapes or could not be judged.
 
-    In order: shapes, when they tell: the model width (``hidden``) is the input of gate/up and the
-    output of down; without it, a ``gate_up`` stack is oriented by its ``down`` sibling (out, in:
-    ``(2I, H)`` beside ``(H, I)``; in, out: ``(H, 2I)`` beside ``(I, H)``). Shapes come first because
-    one model type is saved both ways: Qwen3-VL-MoE's release files hold ``(E, H, 2I)``, while
-    transformers 5 saves the ``(E, 2I, H)`` it holds after loading. Then the model type's known
-    layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`: square stacks, gpt-oss's hidden = I =
-    2880, need it); then Llama-4's names; else ``(out, in)``, as ``nn.Linear`` stores it.
+    Shapes first: the model width (``hidden``) is the input of gate/up and the output of down, and a
+    ``gate_up`` stack beside its ``down`` is ``(2I, H)``/``(H, I)`` as (out, in). A model type's known
+    layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`) gives way only to the module's own pair:
+    Qwen3-VL-MoE ships ``(E, H, 2I)`` but transformers 5 saves ``(E, 2I, H)``. Then Llama-4's names;
+    else ``(out, in)``, as ``nn.Linear`` stores it. Square stacks (gpt-oss) need the model type.
     """
     mt = arch.model_type
     if role not in _EXPERT_ROLES:
