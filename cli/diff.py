@@ -191,6 +191,12 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
             err.print(f"[yellow]warning:[/] {escape(display_name(w, 400))}", highlight=False)
     if all_zero(result) and not allow_identical:
         raise_if_identical(result, out_dir)
+    if not result.modules and result.skipped:  # nothing analysed: not a success, whatever was written
+        from spectra.errors import PairingError
+
+        first = next((s for s in result.skipped if not s["reason"].startswith("1-D")), result.skipped[0])
+        raise PairingError(f"no matrix could be analysed: all {len(result.skipped)} tensors were skipped, e.g. {first['name']}: "
+                           f"{first['reason']}", hint="the reasons are listed in results.json (skipped)" if out_dir else None)
 
 
 def _short_legend(tau: float, lora: bool) -> str:

@@ -89,6 +89,12 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
         from spectra.report import folder_results, write_report
 
         err.print(escape(f"report: {write_report(folder_results(out_dir, 'esd.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+    if not result.matrices and result.skipped:  # nothing analysed: not a success, whatever was written
+        from spectra.errors import PairingError
+
+        first = next((s for s in result.skipped if not s["reason"].startswith("1-D")), result.skipped[0])
+        raise PairingError(f"no matrix could be analysed: all {len(result.skipped)} tensors were skipped, e.g. {first['name']}: "
+                           f"{first['reason']}", hint="the reasons are listed in esd.json (skipped)" if out_dir else None)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:

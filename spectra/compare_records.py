@@ -91,7 +91,7 @@ class ComparedModule:
             label and role.
         out, in_: ``(out, in)`` of the update (``in`` in JSON).
         rank_a, rank_b: subspace ranks compared (LoRA r, or ``top_k`` of a full update; an update's
-            numerical rank where it is lower: see ``note``).
+            numerical rank where it is lower: see ``note``; 0 for an exactly zero update).
         fro_a, fro_b: ``‖ΔW_A‖_F``, ``‖ΔW_B‖_F``.
         phi, angles: side (``left``/``right``) -> :class:`PhiSummary` / :class:`AngleSummary`.
         captured: ``b_in_a`` (B's energy in A's subspaces) and ``a_in_b`` -> :class:`CapturedEnergy`.
@@ -271,7 +271,8 @@ class _Reader:
         self.source = source
 
     def fail(self, key: str, what: str, got: Any) -> None:
-        raise ResultsFormatError(f"{key} must be {what}. Got {_type_name(got)} instead", path=self.source,
+        shown = _type_name(got) if isinstance(got, (dict, list)) and len(str(got)) > 80 else repr(got)[:80]
+        raise ResultsFormatError(f"{key} must be {what}. Got {shown} instead", path=self.source,
                                  hint="this file was not written by spectra compare or was edited; rerun spectra compare --out")
 
     def get(self, d: dict, key: str, at: str, ok, what: str, *, required: bool = True, default: Any = None) -> Any:

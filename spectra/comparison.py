@@ -131,8 +131,9 @@ class _Update:
 class _Side:
     """One input of a comparison: per base tensor (pairing key), where its update comes from."""
 
-    def __init__(self, label: str, base: Checkpoint | None, config: CompareConfig):
-        self.label = label
+    def __init__(self, source: str | Checkpoint, base: Checkpoint | None, config: CompareConfig):
+        opened = source if isinstance(source, Checkpoint) else None
+        self.label = label = opened.label if opened is not None else str(source)
         self.base = base
         self.config = config
         self.adapter: Adapter | None = None
@@ -144,7 +145,7 @@ class _Side:
         self.tied: dict[str, tuple[MatrixSpec, str]] = {}
         self.skipped: dict[str, str] = {}  # pairing key -> why its pairing left this matrix out (a full side)
         self.stacks: dict[str, MatrixSpec] = {}  # pairing key -> spec of a paired 3-D expert stack (a full side)
-        if is_adapter(label):
+        if opened is None and is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
@@ -153,7 +154,7 @@ class _Side:
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
-            self.tuned = open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"
+            self.tuned = opened or open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"
             if base is None:
                 raise ConfigError(f"{label} is a full checkpoint: its update needs the base model",
                                   hint="pass --base BASE")
@@ -316,10 +317,10 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     zero_a, zero_b = ua.energy == 0.0, ub.energy == 0.0
     # a subspace of more directions than the update resolves would be filled with arbitrary ones
     # (a LoRA whose B has zero columns, a full update of a few rows): its resolved rank is used
-    ra, rb = (r if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim)))
+    ra, rb = (0 if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim)))  # a zero update has no direction
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}, fewer than its rank {asked}"
-             for who, r, asked in (("A", ra, job.rank_a), ("B", rb, job.rank_b)) if r < asked]
+             for who, r, asked, zero in (("A", ra, job.rank_a, zero_a), ("B", rb, job.rank_b, zero_b)) if r < asked and not zero]
     # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
@@ -372,10 +373,10 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
 
 
 def compare(
-    a: str,
-    b: str,
+    a: str | Checkpoint,
+    b: str | Checkpoint,
     *,
-    base: str | None = None,
+    base: str | Checkpoint | None = None,
     config: CompareConfig | None = None,
     out_dir: str | Path | None = None,
     callback: Callable[[int, int, str], None] | None = None,
@@ -385,7 +386,8 @@ def compare(
     """Compare the updates of ``a`` and ``b`` (each a LoRA adapter or, with ``base``, a full checkpoint).
 
     Args:
-        a, b: adapter folders or checkpoints (anything :func:`spectra.open_checkpoint` accepts).
+        a, b: adapter folders or checkpoints (anything :func:`spectra.open_checkpoint` accepts, or a
+            :class:`~spectra.io.checkpoint.Checkpoint` it opened).
         base: the base both were fine-tuned from; needed for full checkpoints, DoRA, amplification
             and intruder dimensions.
         config: options (:class:`CompareConfig`).
@@ -409,10 +411,10 @@ def compare(
     check_device_available(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    base_ckpt = open_checkpoint(base) if base is not None else None
-    A = _Side(str(a), base_ckpt, config)
-    B = _Side(str(b), base_ckpt, config)
-    result = CompareResult(str(a), str(b), None if base is None else str(base), {"a": A.kind, "b": B.kind}, asdict(config),
+    base_ckpt = base if isinstance(base, Checkpoint) or base is None else open_checkpoint(base)
+    A = _Side(a, base_ckpt, config)
+    B = _Side(b, base_ckpt, config)
+    result = CompareResult(A.label, B.label, None if base_ckpt is None else base_ckpt.label, {"a": A.kind, "b": B.kind}, asdict(config),
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
@@ -453,7 +455,8 @@ def compare(
     for k in shared:
         spec = specs.get(k)
         if spec is None:
-            raise PairingError(f"the base checkpoint has no matrix {A.names[k]}", path=str(base), tensor=A.names[k])
+            raise PairingError(f"the base checkpoint has no matrix {A.names[k]}",
+                               path=base_ckpt.label if base_ckpt is not None else None, tensor=A.names[k])
         if keep(spec.name, spec.layer):
             todo.append((k, spec))
     todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))

@@ -6,12 +6,16 @@ is validated in ``__post_init__`` with a :class:`~spectra.errors.ConfigError` th
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from spectra.errors import ConfigError
@@ -39,6 +43,7 @@ class SharedOptions:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         validate_filters(self.include, self.exclude)
         if self.layers is not None:
             parse_layers(self.layers)
@@ -127,8 +132,11 @@ class DiffConfig(SharedOptions):
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
         if self.prefetch_bytes is not None and self.prefetch_bytes < 1:
             raise ConfigError(f"prefetch_bytes must be >= 1. Got {self.prefetch_bytes} instead")
-        if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0) or (self.read_workers is not None and self.read_workers < 1):
+        if self.max_batch < 1 or (self.prefetch is not None and self.prefetch < 0):
             raise ConfigError(f"max_batch must be >= 1 and prefetch >= 0. Got {self.max_batch}, {self.prefetch} instead")
+        for name in ("read_workers", "max_batch_bytes", "approx_above"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (or None). Got {getattr(self, name)} instead")
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,58 @@ class CompareConfig(SharedOptions):
             raise ConfigError(f"top_k and intruder_k must be >= 1. Got {self.top_k}, {self.intruder_k} instead")
         if not 0 < self.epsilon < 1:
             raise ConfigError(f"epsilon must be in (0, 1). Got {self.epsilon} instead")
+        if not self.epsilons or not all(0 < e < 1 for e in self.epsilons):
+            raise ConfigError(f"epsilons must each be in (0, 1). Got {list(self.epsilons)} instead")
+
+
+def check_field_types(cfg: object) -> None:
+    """ConfigError naming the first field of the dataclass ``cfg`` whose value does not fit its annotation
+    (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``; each config checks its
+    ``Literal`` choices itself): a ``top_k`` of
+    2.5 or a ``split_fused`` of ``"no"`` (truthy) must not run. Annotations it cannot judge pass."""
+    try:
+        hints = typing.get_type_hints(type(cfg))
+    except (NameError, TypeError):  # an annotation that does not resolve at run time: nothing to judge by
+        return
+    for f in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value, hint = getattr(cfg, f.name), hints.get(f.name)
+        if hint is not None and not _fits(value, hint):
+            raise ConfigError(f"{f.name} must be {_describe(hint)}. Got {value!r} instead")
+
+
+def _fits(value: object, hint: object) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:  # each config names its choices in its own words (CLI options), after this check
+        return True
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return not args or (len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args)))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(hint: object) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {_describe(args[0])}" if args else "a tuple"
+    names = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))  # type: ignore[call-overload]
 
 
 #: Worst-case matching steps allowed for one name against an ``--include``/``--exclude`` pattern: a pattern

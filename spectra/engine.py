@@ -44,6 +44,7 @@ from spectra.linalg import (
     eigvalsh_upper,
     gram,
     gram_upper,
+    real_tensor,
     resolve_device,
     trace_and_fro,
 )
@@ -218,12 +219,13 @@ def exact_spectra(
         raise ValueError(f"method must be 'gram' or 'svd'. Got {method!r} instead.")
     if backend not in ("auto", "lapack", "torch"):
         raise ValueError(f"backend must be 'auto', 'lapack' or 'torch'. Got {backend!r} instead.")
-    if isinstance(mats, torch.Tensor):
+    if isinstance(mats, (torch.Tensor, np.ndarray)):
+        mats = real_tensor(mats, "mats")
         if mats.ndim != 3:
             raise ValueError(f"mats must have shape (b, out, in). Got {tuple(mats.shape)} instead.")
         count, shape = int(mats.shape[0]), (int(mats.shape[1]), int(mats.shape[2]))
     else:
-        mats = list(mats)
+        mats = [real_tensor(m, "each matrix") for m in mats]
         if not mats or any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
             raise ValueError(f"mats must be equally shaped (out, in) matrices. Got {[tuple(m.shape) for m in mats]} instead.")
         count, shape = len(mats), (int(mats[0].shape[0]), int(mats[0].shape[1]))
@@ -474,8 +476,9 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
         Cost O((out + in)·r²): QR of B and of Aᵀ, then the SVD of the r × r core
         ``scale · R_B R_Aᵀ``.
     """
-    B = B.to(dtype)
-    A = A.to(dtype)
+    B, A = real_tensor(B, "B").to(dtype), real_tensor(A, "A").to(dtype)
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B must be (out, r) and A (r, in) with one r. Got B {tuple(B.shape)}, A {tuple(A.shape)} instead.")
     Qb, Rb = torch.linalg.qr(B, mode="reduced")      # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A.mT, mode="reduced")   # (in, r), (r, r)
     Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT), full_matrices=False)

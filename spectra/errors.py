@@ -8,6 +8,7 @@ the line, drive the terminal with escape sequences, or fail to encode.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from spectra.naming import display_name
@@ -86,6 +87,10 @@ class OutputError(SpectraError):
 def output_error(path: str | Path, exc: OSError) -> OutputError:
     """The :class:`OutputError` for an ``OSError`` raised while writing ``path``."""
     why = exc.strerror or type(exc).__name__
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    fix = ("free disk space" if full else "fix the folder's permissions (or its immutable flag)" if denied
+           else "free disk space or fix the folder's permissions")
     return OutputError(f"cannot write results: {why}", path=path,
-                       hint="free disk space or fix the folder's permissions, or choose another --out; "
-                            "files written earlier are intact, and diff --resume continues an interrupted run")
+                       hint=f"{fix}, or choose another --out; files written earlier are intact (diff, esd, extract and "
+                            "trace continue an interrupted run with --resume)")

@@ -70,6 +70,43 @@ class EsdRecord:
         return cls(**ident, metrics=metrics, seconds=d.get("seconds", 0.0), eigenvalues=d.get("eigenvalues"))
 
 
+#: Metrics of an ``esd`` record that are text; every other one is a number or null.
+TEXT_FIELDS = frozenset({"name", "module", "role", "dtype", "note", "xmin_method", "fit_branch", "status", "fit_note", "warning"})
+
+
+def check_record(m: Any, at: str, source: Any) -> None:
+    """Refuse an ``esd.json`` matrix record (or a journal's) whose keys have other types than spectra
+    writes: a name, a module, a shape of two positive integers, text for :data:`TEXT_FIELDS`, numbers
+    or null for the rest (a report or ``--resume`` would otherwise crash on them or show them).
+
+    Raises:
+        ResultsFormatError: one line naming ``source``, the record and the key.
+    """
+    def bad(key: str, what: str) -> ResultsFormatError:
+        return ResultsFormatError(f"{at}.{key} must be {what}. Got {str(m.get(key))[:60]!r} instead", path=source,
+                                  hint="the file was edited or damaged; rerun spectra esd --out to rewrite it")
+
+    if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)):
+        raise ResultsFormatError(f"{at} must be an object with a string name and module", path=source)
+    shape = m.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                                for x in shape)):
+        raise bad("shape", "[out, in], two positive integers")
+    for key, v in m.items():
+        if key in TEXT_FIELDS:
+            if v is not None and not isinstance(v, str):
+                raise bad(key, "text or null")
+        elif key == "eigenvalues":
+            if v is not None and not (isinstance(v, list) and all(_number(x) for x in v)):
+                raise bad(key, "an array of numbers or null")
+        elif key != "shape" and v is not None and not _number(v):
+            raise bad(key, "a number or null")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @dataclass
 class EsdResult:
     """Everything ``spectra esd`` computed for one checkpoint; ``esd.json`` holds it.
@@ -117,10 +154,7 @@ class EsdResult:
         if not isinstance(mats, list):
             raise ResultsFormatError("matrices must be a list", path=source)
         for i, m in enumerate(mats):
-            ok = (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)
-                  and isinstance(m.get("shape"), list) and len(m["shape"]) == 2)
-            if not ok:
-                raise ResultsFormatError(f"matrices[{i}] must be an object with a name, a module and a shape [out, in]", path=source)
+            check_record(m, f"matrices[{i}]", source)
         fields = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in fields}
         kw["matrices"] = [EsdRecord.from_dict(m) for m in mats]

@@ -35,9 +35,9 @@ from spectra._version import __version__
 from spectra.config import SharedOptions, check_device_available, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, ResultsFormatError
 from spectra.esd import EVALS_THRESH, XMIN_METHODS, XminMethod, esd_metrics
-from spectra.esd_results import EsdRecord, EsdResult
+from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
@@ -277,7 +277,21 @@ def esd(
     journal = RecordJournal(Path(out_dir) / "esd.jsonl") if out_dir is not None else None
     done_names: set[str] = set()
     if journal is not None:
-        for rec in journal.start(result.fingerprint, resume=resume):
+        records = journal.start(result.fingerprint, resume=resume)
+        for i, rec in enumerate(records, 1):  # checked before esd.json is rewritten: a refusal loses nothing
+            entry = rec.get("matrix", rec.get("skipped")) if isinstance(rec, dict) else None
+            if isinstance(rec, dict) and "matrix" in rec:
+                check_record(entry, f"record {i}", journal.path)
+            elif not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("reason"), str)):
+                raise ResultsFormatError(f"record {i} must be {{\"matrix\": {{…}}}} or {{\"skipped\": {{\"name\", \"reason\"}}}}. "
+                                         f"Got {str(rec)[:80]!r} instead", path=journal.path,
+                                         hint="the journal was edited: run without --resume into a new folder")
+            name = entry["name"]
+            if name not in order and not any(s["name"] == name for s in result.skipped):
+                raise ResultsFormatError(f"record {i} is of {str(name)[:120]!r}, which this run does not analyse (another "
+                                         "model's journal, or an edited one)", path=journal.path,
+                                         hint="run without --resume into a new folder")
+        for rec in records:
             if "matrix" in rec:
                 result.matrices.append(EsdRecord.from_dict(rec["matrix"]))
                 done_names.add(rec["matrix"]["name"])

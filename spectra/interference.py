@@ -64,13 +64,23 @@ def as_factored64(f: Factored) -> Factored:
     """``f`` in float64 with its triplets sorted by descending singular value, and the triplets with
     ``σ <= RANK_TOL · σ₁`` dropped: zero or rounding-level values carry no direction (a rank-2
     update's third singular vector from a float64 SVD is noise), so they never enter a subspace."""
-    U = torch.as_tensor(f.U).to(torch.float64)
-    S = torch.as_tensor(f.S).to(device=U.device, dtype=torch.float64)
-    Vh = torch.as_tensor(f.Vh).to(device=U.device, dtype=torch.float64)
+    U = _real64(f.U, "U")
+    S = _real64(f.S, "S").to(U.device)
+    Vh = _real64(f.Vh, "Vh").to(U.device)
+    if not bool((S >= 0).all()):  # a negative or NaN value would be dropped below as "no direction"
+        raise ValueError(f"S must be non-negative singular values. Got {S.tolist()[:8]} instead.")
     order = torch.argsort(S, descending=True)
     floor = RANK_TOL * float(S[order[0]]) if S.numel() else 0.0
     keep = order[S[order] > floor]
     return Factored(U[:, keep], S[keep], Vh[keep])
+
+
+def _real64(x: object, name: str) -> torch.Tensor:
+    """``x`` as a detached float64 tensor; complex input is refused (a cast would drop its imaginary part)."""
+    t = torch.as_tensor(x).detach()
+    if t.is_complex():
+        raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
+    return t.to(torch.float64)
 
 
 def truncate(f: Factored, k: int) -> Factored:
@@ -85,10 +95,10 @@ def _dense64(x: Update) -> torch.Tensor:
     if isinstance(x, Factored):
         g = as_factored64(x)
         return (g.U * g.S) @ g.Vh
-    t = torch.as_tensor(x)
+    t = _real64(x, "an update")
     if t.ndim != 2:
         raise ValueError(f"an update must be a 2-D (out, in) matrix. Got shape {tuple(t.shape)} instead.")
-    return t.to(torch.float64)
+    return t
 
 
 def _shape(x: Update) -> tuple[int, int]:
@@ -206,7 +216,19 @@ def cosine_matrix(updates: Sequence[Update]) -> np.ndarray:
     >>> cosine_matrix([e, 2 * e, torch.tensor([[0., 1.], [1., 0.]])]).round(6).tolist()
     [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     """
-    return cosine_from_gram(gram_matrix(updates))
+    return cosine_from_gram(gram_matrix([_unit_scaled(u) for u in updates]))
+
+
+def _unit_scaled(x: Update) -> Update:
+    """``x`` divided by a power of two (exact) when its values would square out of float64's range
+    (near 1e±160): cosines are scale-free, and such an inner product is inf or 0."""
+    if isinstance(x, Factored):
+        g = as_factored64(x)
+        e = squaring_exponent(g.S)
+        return Factored(g.U, scale_pow2(g.S, -e), g.Vh) if e else g
+    d = _dense64(x)
+    e = squaring_exponent(d)
+    return scale_pow2(d, -e) if e else d
 
 
 def subspace(f: Factored, side: str) -> torch.Tensor:

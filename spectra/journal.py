@@ -18,6 +18,7 @@ from spectra.io.files import OutputLock, atomic_write_text
 from spectra.io.jsonfile import finite_or_null, load_json, load_jsonl
 from spectra.pairing import Skipped
 from spectra.results import DiffResult, ModuleResult
+from spectra.results_check import check_journal_records
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 REWRITE_EVERY_S = 5.0
@@ -121,9 +122,11 @@ class Journal:
         self.last = 0.0
         self.lock: OutputLock | None = None  # held from start() to finish() (or flush() on a stop)
 
-    def start(self, result: DiffResult, *, resume: bool = False) -> list[dict]:
+    def start(self, result: DiffResult, *, resume: bool = False, known: set[str] | None = None) -> list[dict]:
         """Begin a run; with ``resume``, return the journal's records of an earlier run with the same
-        fingerprint (inputs and result-affecting options) and append to it, else start afresh.
+        fingerprint (inputs and result-affecting options) and append to it, else start afresh. The
+        records are checked as ``results.json`` is (:func:`spectra.results_check.check_journal_records`;
+        ``known``: the names the run analyses) before anything is written.
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
@@ -154,6 +157,7 @@ class Journal:
                         f"record {i} must be {{\"module\": {{…}}}} or {{\"skipped\": {{…}}}} with a string name. "
                         f"Got {str(rec)[:80]!r} instead", path=self.journal,
                         hint="the journal was edited: run without --resume into a new folder")
+            check_journal_records(done, result.thresholds, known, self.journal)
         else:
             # a new run replaces the folder's results: when the folder holds an earlier diff, its files that
             # this run may not rewrite (figures, report) go, so none describes other inputs beside the new

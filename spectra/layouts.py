@@ -75,7 +75,7 @@ class ArchInfo:
         if kv is None:
             kv = heads
         if model_type is not None:
-            conv1d = model_type in ("gpt2", "openai-gpt", "imagegpt")
+            conv1d = model_type in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
         else:
             conv1d = False
             for name, shape in (shapes or {}).items():
@@ -131,7 +131,8 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
         if interleaved:
             return (Part("gate", torch.arange(0, out_dim, 2)), Part("up", torch.arange(1, out_dim, 2))), ""
         half = out_dim // 2  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1); Llama-4, Mixtral (3-D) alike
-        return (Part("gate", torch.arange(0, half)), Part("up", torch.arange(half, out_dim))), ""
+        first, second = ("up", "gate") if set(rel_path.split(".")) & _UP_FIRST.get(arch.model_type or "", set()) else ("gate", "up")
+        return (Part(first, torch.arange(0, half)), Part(second, torch.arange(half, out_dim))), ""
     if role != "qkv":
         return (Part(""),), ""
     hd, heads, kv = arch.head_dim, arch.num_heads, arch.num_kv_heads
@@ -202,6 +203,10 @@ def blocks(names: Sequence[str], sizes: Sequence[int], total: int | None = None)
         start += s
     return tuple(parts), ""
 
+
+#: ``config.json`` model types with modules whose ``gate_up_proj`` holds up first: Phi-4-multimodal's
+#: audio conformer (``up_states, gate = gate_up_proj(x).chunk(2)``; its language model is gate first).
+_UP_FIRST: Mapping[str, frozenset[str]] = {"phi4_multimodal": frozenset({"feed_forward_in", "feed_forward_out"})}
 
 #: ``config.json`` model types whose ``qkv_proj`` is three row blocks q, k, v (Phi-3's
 #: ``qkv[..., :q_pos]``, ``qkv[..., q_pos:q_pos + kv]``, ``qkv[..., q_pos + kv:]``).

@@ -60,7 +60,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from spectra.metrics import spectrum_metrics
+from spectra.metrics import outside_squaring_range, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -126,10 +126,16 @@ def singular_values(
         >>> singular_values(M).round(6).tolist()
         [3.0, 2.0, 1.0]
     """
+    M = real_tensor(M, "M")
     if M.ndim not in (2, 3):
         raise ValueError(f"M must have shape (out, in) or (batch, out, in). Got {tuple(M.shape)} instead.")
     if min(M.shape[-2:]) == 0:
         return np.zeros(M.shape[:-2] + (0,), dtype=np.float64)
+    e = 0
+    if M.dtype == torch.float64 and M.numel():  # values beyond 2**±250 square out of range: a power of two first
+        amax = float(torch.linalg.vector_norm(M, ord=math.inf))
+        e = math.frexp(amax)[1] if math.isfinite(amax) and amax > 0 and outside_squaring_range(amax) else 0
+        M = torch.ldexp(M, torch.tensor(-e, device=M.device)) if e else M
     if method == "gram":
         lam = torch.linalg.eigvalsh(gram(M, dtype=dtype))  # ascending
         s = lam.clamp_min_(0).sqrt_().flip(-1)
@@ -137,18 +143,35 @@ def singular_values(
         s = torch.linalg.svdvals(M.to(dtype))
     else:
         raise ValueError(f"method must be 'gram' or 'svd'. Got {method!r} instead.")
-    return s.double().cpu().numpy()
+    return np.ldexp(s.double().cpu().numpy(), e)
+
+
+def real_tensor(M: object, name: str) -> torch.Tensor:
+    """``M`` (a tensor or numpy array) detached, as a tensor; complex input is refused (a cast to a
+    real dtype would drop its imaginary part)."""
+    t = torch.as_tensor(M).detach()
+    if t.is_complex():
+        raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
+    return t
 
 
 def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
     """Frobenius norm of ``M``, accumulated in float64 over blocks of ``block`` elements (no full
     float64 copy of a large matrix)."""
-    flat = M.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.numel(), block):
-        chunk = flat[start : start + block].double()
-        total += float(torch.dot(chunk, chunk).item())
-    return total**0.5
+    flat, scale = real_tensor(M, "M").reshape(-1), 1.0
+    for _ in range(2):
+        total = 0.0
+        for start in range(0, flat.numel(), block):
+            chunk = flat[start : start + block].double() * scale
+            total += float(torch.dot(chunk, chunk).item())
+        if scale != 1.0 or (math.isfinite(total) and (total >= 2.0**-500 or total == 0.0 and not bool(flat.any()))):
+            return total**0.5 / scale
+        # squares out of float64's range (values near 1e±160, or a sum that overflowed): again, scaled
+        amax = float(torch.linalg.vector_norm(flat, ord=math.inf))
+        if not (math.isfinite(amax) and amax > 0):
+            return amax
+        scale = math.ldexp(1.0, -math.frexp(amax)[1])
+    return total**0.5 / scale
 
 
 # ---- the LAPACK route on the CPU: numpy arrays, one call per matrix ------------------------------

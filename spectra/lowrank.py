@@ -34,7 +34,7 @@ import torch
 from spectra.engine import factored_svd, gram_scale_exponent
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
-from spectra.metrics import numerical_rank
+from spectra.metrics import check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
@@ -129,6 +129,9 @@ def energy_kept(S: np.ndarray, total: float, r: int) -> float:
     >>> energy_kept(np.array([3.0, 1.0]), 10.0, 1)
     0.9
     """
+    check_rank(r, "r")
+    if not math.isfinite(total):  # an energy beyond float64 (σ near 1e200) or NaN: no ratio to report
+        raise ValueError(f"total must be a finite energy (scale S by a power of two first). Got {total!r} instead.")
     if total <= 0:
         return 1.0
     top = np.asarray(S, dtype=np.float64)[:r]
@@ -145,8 +148,7 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = Non
     >>> energy_rank_top(np.array([3.0, 1.0, 1.0]), 11.0, 0.9), energy_rank_top(np.array([3.0]), 11.0, 0.9)
     (2, None)
     """
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
+    tau = check_tau(tau)
     if total <= 0:
         return 0
     if tau == 1.0:  # the numerical rank (spectra.metrics.numerical_rank); unknown while S may go on above it
@@ -665,36 +667,13 @@ def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) 
     :func:`spectra.engine.factored_svd`; the ``(out, in)`` product is never formed). Exact."""
     U, S, Vh = factored_svd(Bf, Af, scale)
     total = float((S.double() ** 2).sum().item())
-    k = min(k, int(S.numel()))
+    k = min(check_rank(k, "k"), int(S.numel()))
     B, A = split_factors(U[:, :k], S[:k], Vh[:k])
     return Triplets(S.double().cpu().numpy(), total, B.float().cpu() if k else None, A.float().cpu() if k else None, "factored")
 
 
-__all__ = [
-    "REFINED_FLOOR",
-    "VLLM_RANKS",
-    "Allocation",
-    "Budget",
-    "GramEig",
-    "Triplets",
-    "allocate_budget",
-    "dense_triplets",
-    "eig_factors",
-    "energy_kept",
-    "energy_rank_top",
-    "factored_triplets",
-    "factors_out",
-    "gram_eig",
-    "gram_top",
-    "parse_budget",
-    "randomized_triplets",
-    "refined_triplets",
-    "rank_levels",
-    "reach_above",
-    "round_up",
-    "scale_pow2",
-    "spectrum_total",
-    "split_factors",
-    "squaring_exponent",
-    "uniform_rank",
-]
+__all__ = ["REFINED_FLOOR", "VLLM_RANKS", "Allocation", "Budget", "GramEig", "Triplets", "allocate_budget",
+           "dense_triplets", "eig_factors", "energy_kept", "energy_rank_top", "factored_triplets", "factors_out",
+           "gram_eig", "gram_top", "parse_budget", "randomized_triplets", "refined_triplets", "rank_levels",
+           "reach_above", "round_up", "scale_pow2", "spectrum_total", "split_factors", "squaring_exponent",
+           "uniform_rank"]

@@ -50,12 +50,40 @@ def outside_squaring_range(amax: float) -> bool:
     return amax > SQUARING_LIMIT or 0.0 < amax < 1.0 / SQUARING_LIMIT
 
 
+def check_energy_range(energy: float, nonzero: bool, name: str) -> None:
+    """ValueError when ``energy`` (a sum of squares, e.g. ``‖M‖_F²``) left float64's range: inf or NaN,
+    or below ``SQUARING_LIMIT**-2`` (0 included) although ``nonzero`` says the matrix is not zero.
+    Measures built on such sums would read 0, inf or NaN (values near 1e±160)."""
+    if math.isfinite(energy) and (energy >= SQUARING_LIMIT ** -2 or (energy == 0.0 and not nonzero)):
+        return
+    raise ValueError(f"{name}'s squared values fall outside float64's range (|values| beyond 2**±250, "
+                     f"sum of squares {energy!r}): divide it by a power of two first")
+
+
 def fro_norm_of(S: np.ndarray) -> float:
     """``sqrt(Σσᵢ²)``, the squares summed after scaling by :func:`square_scale_exponent` (exact: a
     power of two), so that it is neither inf for σ near 1e200 nor 0 for σ near 1e-160."""
     S = np.asarray(S, dtype=np.float64)
     e = square_scale_exponent(S)
     return float(np.ldexp(np.sqrt(np.sum(np.ldexp(S, -e) ** 2)), e))
+
+
+def check_tau(tau: float, name: str = "tau") -> float:
+    """``tau`` as a float when it lies in (0, 1] (an energy share), else ValueError naming it.
+
+    >>> check_tau(0.9)
+    0.9
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)) or not 0.0 < tau <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1]. Got {tau!r} instead.")
+    return float(tau)
+
+
+def check_rank(r: int, name: str = "rank") -> int:
+    """``r`` when it is a non-negative integer (a count of singular directions), else ValueError naming it."""
+    if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+        raise ValueError(f"{name} must be a non-negative integer. Got {r!r} instead.")
+    return int(r)
 
 
 def energy_rank(S: np.ndarray, tau: float) -> int:
@@ -69,8 +97,7 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     >>> energy_rank(np.array([3.0, 1.0, 1.0]), 0.9)
     2
     """
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1]. Got {tau!r} instead.")
+    tau = check_tau(tau)
     S = np.asarray(S, dtype=np.float64)
     if tau == 1.0:
         return numerical_rank(S)
@@ -118,6 +145,7 @@ def effective_rank(S: np.ndarray) -> float:
     5.0
     """
     S = np.asarray(S, dtype=np.float64)
+    S = np.ldexp(S, -square_scale_exponent(S))  # q is scale-free; σ near 1e308 would overflow the sum
     total = S.sum()
     if total == 0.0:
         return 0.0

@@ -26,7 +26,7 @@ WRAPPER_PREFIXES = frozenset({
 })
 
 #: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).
-LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block"})
+LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block", "attentions", "ffns"})
 
 #: Column order of tables and heatmaps, by role; unknown roles come after, alphabetically.
 ROLE_ORDER = (
@@ -240,7 +240,10 @@ def _index(comp: str | None) -> bool:
     return comp is not None and comp.isascii() and comp.isdigit() and len(comp) <= 18
 
 
-def _parse(name: str) -> _Parsed:
+def _parse(name: str, keep_indices: bool = False) -> _Parsed:
+    """Layer, expert and module path of ``name``. Other indices are dropped from the path (a module's
+    identity across layers), or kept with ``keep_indices`` when two matrices of one layer would
+    otherwise share a path (CTRL's ``ffn.0``/``ffn.2``, Swin's blocks inside a stage)."""
     key = pairing_key(name)
     comps = key.split(".")
     layer = expert = None
@@ -259,15 +262,29 @@ def _parse(name: str) -> _Parsed:
                 rel.append(c)
                 i += 2
                 continue
-            if c in LAYER_CONTAINERS:  # T5's sub-layer index inside a block: not part of the identity
+            if c in LAYER_CONTAINERS and not keep_indices:  # T5's sub-layer index inside a block
                 i += 2
                 continue
-        if not _index(c):
+        if keep_indices or not _index(c):
             rel.append(c)
         i += 1
-    leaf = rel[-1] if rel else key
-    parent = rel[-2] if len(rel) > 1 else ""
+    words = [c for c in rel if not _index(c)]  # leaf and parent name a module, never an index
+    leaf = words[-1] if words else key
+    parent = words[-2] if len(words) > 1 else ""
     return _Parsed(key, layer, expert, ".".join(rel), leaf, parent)
+
+
+def _parse_all(names: Sequence[str]) -> dict[str, _Parsed]:
+    """:func:`_parse` of each name, with indices kept for the names whose (layer, expert, path) would
+    otherwise be another matrix's: two matrices under one label would be pooled into one heatmap cell."""
+    parsed = {n: _parse(n) for n in names}
+    seen: dict[tuple[int | None, int | None, str], list[str]] = {}
+    for n, p in parsed.items():
+        seen.setdefault((p.layer, p.expert, p.rel_path), []).append(n)
+    for group in seen.values():
+        if len(group) > 1:
+            parsed.update({n: _parse(n, keep_indices=True) for n in group})
+    return parsed
 
 
 _ATTN_PARENTS = frozenset({"attn", "self_attn", "attention", "self_attention", "selfattention", "mixer"})
@@ -348,8 +365,8 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
         first = 2 if comps[-1] in _VAGUE_LEAVES and len(comps) > 1 else 1
         for n in range(first, len(comps) + 1):
             suffix = comps[-n:]
-            if not any(q != p and split[q][-n:] == suffix for q in paths):
-                break
+            if not _index(suffix[0]) and not any(q != p and split[q][-n:] == suffix for q in paths):
+                break  # (a label starting with an index, "2.weight_x", names nothing: one more component)
         out[p] = ".".join(comps[-n:])
     return out
 
@@ -370,7 +387,7 @@ def describe_checkpoint(
         them as skipped).
     """
     arch = arch or ArchInfo.from_config(None, shapes)
-    parsed = {n: _parse(n) for n, s in shapes.items() if _is_matrix(n, s)}
+    parsed = _parse_all([n for n, s in shapes.items() if _is_matrix(n, s)])
     labels = module_labels([p.rel_path for p in parsed.values()])
     roles = {n: _role(p) for n, p in parsed.items()}
     stacked_roles = _STACKED_LEAVES.get(arch.model_type or "", {})
@@ -406,6 +423,10 @@ def describe_checkpoint(
         out_dim = shape[-1] if transpose else shape[-2]
         in_dim = shape[-2] if transpose else shape[-1]
         parts, note = split_fused(p.leaf, p.rel_path, role, out_dim, in_dim, arch, interleaved=interleaved)
+        if arch.model_type == "dbrx" and len(shape) == 2 and p.parent == "mlp" and p.leaf in ("w1", "v1", "w2"):
+            # DBRX stores its experts' matrices stacked along the rows of one 2-D tensor per kind
+            role, note = None, ("DBRX's experts stacked along the rows ((experts x ffn, d)): analysed as one matrix, "
+                                "not per expert")
         if len(shape) == 3 and role == "gate_up" and len(parts) > 1 and unknown_fused:
             parts, note = (Part(""),), ("gate and up left unsplit: without config.json the layout of a stack with "
                                         "gate_up_proj_bias is unknown (gpt-oss interleaves them, others halve)")

@@ -197,6 +197,21 @@ def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: 
     return None
 
 
+def _head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec],
+                             tuned: Checkpoint) -> str | None:
+    """A warning when the base stores an output head that the tuned checkpoint does not (it ties the head
+    to its embedding): the head's update, tuned embedding minus base head, is not measured, and an
+    otherwise unchanged pair would read "identical"."""
+    heads = [n for n in base_only if n in bspecs and bspecs[n].role == "head"]
+    if len(heads) != 1 or any(sp.role == "head" for sp in tspecs.values()) or (tuned.config or {}).get("tie_word_embeddings") is False:
+        return None
+    embeds = [sp.name for sp in tspecs.values() if sp.role == "embed" and sp.layer is None]
+    tied_to = f"tied to {embeds[0]}" if len(embeds) == 1 else "tied to its embedding"
+    return (f"{PAIRING_NOTE_PREFIX}the base stores an output head, {heads[0]}, the tuned checkpoint none (a head {tied_to}, "
+            "or a model saved without its head): the head's update is not measured. Save the tuned model untied "
+            "(tie_word_embeddings: false) to compare its head")
+
+
 def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], matched_b: set[str],
                matched_t: set[str]) -> tuple[MatrixSpec, MatrixSpec] | None:
     """A base that ties its output head to the input embedding stores no head, while a tuned copy saved
@@ -392,9 +407,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                                        "the tuned head is compared with that embedding"))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
-    note = _expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned)
-    if note:
-        result.notes.append(note)
+    for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
+                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned)):
+        if note:
+            result.notes.append(note)
     if not result.pairs:
         _raise_nothing_paired(base, tuned, result.skipped)
     result.pairs.sort(key=lambda p: p.sort_key)

@@ -250,7 +250,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
     if ctx is None:
-        finished = writer.start(result, resume=resume) if writer else []
+        finished = writer.start(result, resume=resume, known=set(order)) if writer else []
     else:  # only rank 0 reads the journal; the others learn what is done, or why it was refused
         # every rank must analyse the same pairs with the same options, or the merged results mix them
         prints = distributed.exchange(ctx, run_fingerprint(base_ckpt, tuned_ckpt, config, portable=True),
@@ -262,7 +262,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
                               hint="start every rank with the same command on identical copies of BASE and TUNED")
         refused = None
         try:
-            mine = ("ok", writer.start(result, resume=resume) if writer else [])
+            mine = ("ok", writer.start(result, resume=resume, known=set(order)) if writer else [])
         except SpectraError as exc:
             refused, mine = exc, ("error", str(exc))
         status, payload = distributed.broadcast(ctx, mine, where="reading the journal")

@@ -41,6 +41,10 @@ def _mp_tables(beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def mp_energy_fraction(beta: float, tau: float) -> float:
     """Fraction of p that the top eigenvalues of Marchenko–Pastur(β) need to hold τ of the energy."""
+    if not 0.0 < tau <= 1.0:  # np.interp would clamp a τ outside (0, 1] to an end of the table
+        raise ValueError(f"tau must be a number in (0, 1]. Got {tau!r} instead.")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"beta = min(shape) / max(shape) must be in (0, 1]. Got {beta!r} instead.")
     _, mass, energy = _mp_tables(float(beta))
     return float(np.interp(tau, energy, mass))
 
@@ -53,6 +57,7 @@ def random_energy_rank(shape: tuple[int, int], tau: float) -> int:
     """
     p, n = min(shape), max(shape)
     if p == 0:
+        mp_energy_fraction(1.0, tau)  # τ is still checked
         return 0
     return max(1, min(p, math.ceil(mp_energy_fraction(p / n, tau) * p)))
 

@@ -34,7 +34,7 @@ from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
-from spectra.results import newer_schema_error
+from spectra.results_check import newer_schema_error
 
 #: File names looked for in folders: results JSON documents (dispatched by their ``schema``), and the
 #: JSON-lines files read by a loader of :data:`JSONL_LOADERS` (``train_log.jsonl`` is read here).

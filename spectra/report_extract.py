@@ -17,7 +17,7 @@ from spectra.findings import Finding
 from spectra.plots.base import svg_img
 from spectra.plots.extract import energy_figure, rank_heatmap
 from spectra.report_html import esc, legend, note, table
-from spectra.results import impossible
+from spectra.results_check import impossible
 
 SCHEMA = "spectra.extract/1"
 

@@ -17,6 +17,7 @@ from spectra.plots import trace as trace_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
 from spectra.trace import SCHEMA, TraceResult, load_trace
+from spectra.trace_inputs import check_trace_matrix
 
 __all__ = ["SCHEMA", "doc_from_jsonl", "findings", "load", "section_html", "title"]
 
@@ -29,6 +30,8 @@ def load(path: Path, doc: dict) -> TraceResult:
         raise ResultsFormatError(f"not a readable {SCHEMA} document ({exc})", path=path) from None
     if not isinstance(res.matrices, list) or not isinstance(res.checkpoints, list):
         raise ResultsFormatError("a trace needs lists of matrices and checkpoints", path=path)
+    for i, m in enumerate(res.matrices):
+        check_trace_matrix(m, f"matrices[{i}]", path)
     return res
 
 

@@ -27,8 +27,7 @@ from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, load_json
 from spectra.metrics import threshold_key
-
-SCHEMA = "spectra.diff/1"
+from spectra.results_check import SCHEMA, check_document
 
 #: The numerical caveats of :mod:`spectra.numerics`, recognised in a result's ``note`` (which holds
 #: their messages): code -> (pattern, what it is, what it means for the numbers).
@@ -237,7 +236,7 @@ class DiffResult:
             ResultsFormatError: another schema, a missing key or a value of the wrong type (one line
                 naming the key, e.g. ``modules[3].energy_rank must be an object``).
         """
-        _check_document(d, source)
+        check_document(d, source)
         d = dict(d)
         d.pop("schema")
         known = set(ModuleResult.__dataclass_fields__)
@@ -500,163 +499,6 @@ def _non_finite_paths(x: Any, where: str) -> list[str]:
 
 # ---- validation of a results.json document ----------------------------------------------------
 
-def _type(x: Any) -> str:
-    return "null" if x is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(x), type(x).__name__)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _esd_ok(v: Any) -> bool:
-    """Whether a module's ``esd`` entry has the types the report reads (``spectra diff --esd``)."""
-    if v is None:
-        return True
-    if not isinstance(v, dict) or not all(v.get(k) is None or _is_num(v[k]) for k in ("alpha_change", "alpha_change_z")):
-        return False
-    for side in ("base", "tuned", "delta"):
-        rec = v.get(side)
-        if rec is not None and not (isinstance(rec, dict)
-                                    and all(rec.get(k) is None or _is_num(rec[k]) for k in ("alpha", "sigma", "D", "xmin"))):
-            return False
-    return True
-
-
-def _check_document(d: Any, source: Any) -> None:
-    """Raise :class:`ResultsFormatError` unless ``d`` is a ``spectra.diff/1`` document whose keys
-    have the types :meth:`DiffResult.from_dict` and the report use."""
-    def fail(what: str, got: Any, key: str) -> None:
-        raise ResultsFormatError(f"{key} must be {what}. Got {_type(got)} instead", path=source,
-                                 hint="this file was not written by spectra diff or was edited; rerun spectra diff --out")
-
-    if not isinstance(d, dict):
-        fail("a JSON object", d, "results.json")
-    if d.get("schema") != SCHEMA:
-        raise newer_schema_error(d.get("schema"), [SCHEMA], source) or ResultsFormatError(
-            f"schema must be {SCHEMA!r}. Got {d.get('schema')!r} instead", path=source, hint="pass a results.json written by spectra diff")
-    for key in ("tuned", "thresholds", "modules"):
-        if key not in d:
-            raise ResultsFormatError(f"missing key {key!r}", path=source, hint="rerun spectra diff --out")
-    if not isinstance(d["tuned"], str):
-        fail("a string", d["tuned"], "tuned")
-    if d.get("base") is not None and not isinstance(d["base"], str):
-        fail("a string or null", d["base"], "base")
-    th = d["thresholds"]
-    if not isinstance(th, list) or not th or not all(_is_num(t) and 0 < t <= 1 for t in th):
-        fail("a non-empty array of numbers in (0, 1]", th, "thresholds")
-    keys = [threshold_key(t) for t in th]
-    if not isinstance(d["modules"], list):
-        fail("an array of objects", d["modules"], "modules")
-    for key, kind in (("skipped", list), ("warnings", list), ("config", dict), ("unmatched", dict)):
-        if key in d and not isinstance(d[key], kind):
-            fail("an array" if kind is list else "an object", d[key], key)
-    for i, s in enumerate(d.get("skipped", [])):
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str)):
-            fail('an object with string "name" and "reason"', s, f"skipped[{i}]")
-    if not all(isinstance(w, str) for w in d.get("warnings", [])):
-        fail("an array of strings", d["warnings"], "warnings")
-    for side, names in (d.get("unmatched") or {}).items():
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            fail("an array of strings", names, f"unmatched.{side}")
-    for key in ("elapsed_s",):
-        if key in d and not _is_num(d[key]):
-            fail("a number", d[key], key)
-    for i, m in enumerate(d["modules"]):
-        at = f"modules[{i}]"
-        if not isinstance(m, dict):
-            fail("an object", m, at)
-        for key, ok, what in (
-            ("name", lambda v: isinstance(v, str), "a string"),
-            ("module", lambda v: isinstance(v, str), "a string"),
-            ("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v),
-             "an array of two non-negative integers"),
-            ("fro_norm", lambda v: _is_num(v) or v is None, "a number"),
-            ("spectral_norm", lambda v: _is_num(v) or v is None, "a number"),
-            ("stable_rank", lambda v: _is_num(v) or v is None, "a number"),
-            ("energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
-             f"an object with an integer for each threshold ({', '.join(keys)})"),
-            ("random_energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
-             f"an object with an integer for each threshold ({', '.join(keys)})"),
-            ("singular_values", lambda v: isinstance(v, list) and all(_is_num(x) or x is None for x in v), "an array of numbers"),
-        ):
-            if key not in m:
-                raise ResultsFormatError(f"{at}: missing key {key!r}", path=source, hint="rerun spectra diff --out")
-            if not ok(m[key]):
-                fail(what, m[key], f"{at}.{key}")
-        for key, ok, what in (
-            ("layer", lambda v: v is None or _is_int(v), "an integer or null"),
-            ("expert", lambda v: v is None or _is_int(v), "an integer or null"),
-            ("rel_norm", lambda v: v is None or _is_num(v), "a number or null"),
-            ("base_fro_norm", lambda v: v is None or _is_num(v), "a number or null"),
-            ("effective_rank", lambda v: v is None or _is_num(v), "a number or null"),
-            ("lora_r", lambda v: v is None or _is_int(v), "an integer or null"),
-            ("note", lambda v: isinstance(v, str), "a string"),
-            ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
-            ("energy_rank_frac", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
-            ("seconds", _is_num, "a number"),
-            ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
-                             'alpha, sigma, D, xmin) or null'),
-        ):
-            if key in m and not ok(m[key]):
-                fail(what, m[key], f"{at}.{key}")
-        _check_module_values(m, f"{at} ({m['name'][:80]})", source)
-
-
-def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
-    """Refuse values no ΔW can have (a hand edit, a corruption): the report would show them as numbers.
-    ``m`` has passed the type checks of :func:`_check_document`."""
-    p = min(m["shape"])
-    if p < 1:  # spectra diff skips empty matrices: none is ever in ``modules``
-        impossible(f"{at}.shape", m["shape"], "a matrix has at least one row and one column", source)
-    for key in ("energy_rank", "random_energy_rank", "signal_rank"):
-        ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}
-        for k, v in ranks.items():
-            if _is_int(v) and not 0 <= v <= p:
-                impossible(f"{at}.{key}{f'[{k}]' if k else ''}", v, f"a rank lies from 0 to min(shape) = {p}", source)
-    for k, v in (m.get("energy_rank_frac") or {}).items():
-        if _is_num(v) and not 0 <= v <= 1:
-            impossible(f"{at}.energy_rank_frac[{k}]", v, "a share of min(shape) lies from 0 to 1", source)
-    for key in ("fro_norm", "spectral_norm", "nuclear_norm", "base_fro_norm", "rel_norm", "stable_rank", "effective_rank"):
-        v = m.get(key)
-        if _is_num(v) and not v >= 0:
-            impossible(f"{at}.{key}", v, "norms and ranks are not negative", source)
-    if any(_is_num(x) and x < 0 for x in m["singular_values"]):
-        impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if _is_num(x)),
-                   "singular values are not negative", source)
-
-
-def impossible(where: str, value: Any, why: str, source: Any, rerun: str = "spectra diff --out") -> None:
-    """Raise the one-line error for a value a results file cannot hold (naming the file, the record and the field).
-
-    Raises:
-        ResultsFormatError: always.
-    """
-    raise ResultsFormatError(f"{where} is {value!r}, which is impossible: {why}", path=source,
-                             hint=f"the file was edited or damaged; rerun {rerun} to rewrite it")
-
-
-def newer_schema_error(schema: Any, known: Iterable[str], source: Any) -> ResultsFormatError | None:
-    """The error for a results file of a newer version of a known schema (``spectra.diff/2`` where this
-    spectra reads ``spectra.diff/1``), or None when ``schema`` is not that."""
-    from spectra._version import __version__
-
-    if not isinstance(schema, str) or "/" not in schema:
-        return None
-    kind, _, version = schema.rpartition("/")
-    for k in known:
-        own, _, mine = k.rpartition("/")
-        # ASCII digits, bounded: int() refuses '²' (which isdigit accepts) and runs over 4300 digits
-        if own == kind and all(v.isascii() and v.isdigit() and len(v) < 10 for v in (version, mine)) \
-                and int(version) > int(mine):
-            return ResultsFormatError(f"written by a newer spectra (schema {schema}); this spectra {__version__} reads "
-                                      f"{k}", path=source, hint="upgrade spectra (pip install -U spectra) to read it")
-    return None
-
-
 def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
     """CSV text of records with the union of their keys as header, in first-seen order."""
     import io
@@ -672,18 +514,23 @@ def rows_to_csv(rows: Iterable[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-#: First characters a spreadsheet reads as the start of a formula (OWASP, "CSV injection").
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: First characters a spreadsheet reads as the start of a formula (OWASP, "CSV injection"), and the
+#: quote that marks a cell so prefixed (a name that starts with it gets one too, so that one leading
+#: ``'`` is always the mark: strip it to read the name back).
+_FORMULA_START = ("=", "+", "-", "@", "'")
 
 
 def csv_text(value: Any) -> Any:
-    """A cell as written to a CSV file: text that a spreadsheet would evaluate as a formula (a tensor
-    name such as ``=HYPERLINK(...)``, read from an untrusted checkpoint) gets a leading ``'``, which
-    spreadsheets show as text; numbers and other text are unchanged.
+    r"""A cell as written to a CSV file. Text (tensor names, read from untrusted checkpoints) has its
+    control, line-breaking and bidirectional characters escaped as :func:`spectra.display.display_name`
+    writes them (a bare CR would split the row for Python's csv reader and pandas; an ANSI sequence
+    would drive a terminal that prints the file), then a leading ``'`` when it would start a formula,
+    which spreadsheets show as text. JSON files keep every name exactly as stored.
 
-    >>> csv_text("=1+2"), csv_text("-2.weight"), csv_text(-2.5), csv_text("model.q_proj")
-    ("'=1+2", "'-2.weight", -2.5, 'model.q_proj')
+    >>> csv_text("=1+2"), csv_text("-2.weight"), csv_text(-2.5), csv_text("model.q_proj"), csv_text("a\rb"), csv_text("'x")
+    ("'=1+2", "'-2.weight", -2.5, 'model.q_proj', 'a\\rb', "''x")
     """
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    text = display_name(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text

@@ -37,7 +37,7 @@ import torch
 
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
-from spectra.metrics import numerical_rank
+from spectra.metrics import check_energy_range, numerical_rank
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
 #: (two p × p float64 arrays: 256 MiB at 4096).
@@ -82,6 +82,7 @@ def gram_eigh(M: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torc
     """
     G = _gram64(M)
     trace = float(G.trace())
+    check_energy_range(trace, trace != 0.0 or bool(M.any()), "M")  # squares near 1e±320: values 0 or inf
     lam, vecs = _top_eigh(G, k, scratch=True)
     return lam, vecs, trace
 

@@ -24,7 +24,7 @@ import torch
 
 from spectra.engine import batch_singular_values, gram_scale_exponent
 from spectra.linalg import resolve_device
-from spectra.metrics import energy_rank, rank_resolution
+from spectra.metrics import check_tau, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",
            "truncated_singular_values"]
@@ -60,6 +60,17 @@ class TruncatedSVD:
         """``residual / S`` (inf where S is 0)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(self.S > 0, self.residual / self.S, np.where(self.residual > 0, np.inf, 0.0))
+
+
+def _float_input(M: torch.Tensor, name: str) -> torch.Tensor:
+    """``M`` detached, as a real floating tensor (numpy arrays accepted); complex input is refused, not cast."""
+    M = torch.as_tensor(M).detach()
+    if M.is_complex() or not (M.is_floating_point() or M.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
+                                                                     torch.uint8, torch.bool)):
+        raise ValueError(f"{name} must be a real matrix. Got dtype {M.dtype} instead.")
+    if M.ndim < 2:
+        raise ValueError(f"{name} must have shape (out, in) or (b, out, in). Got {tuple(M.shape)} instead.")
+    return M if M.is_floating_point() else M.double()
 
 
 def _orth(Y: torch.Tensor) -> torch.Tensor:
@@ -101,13 +112,21 @@ def randomized_svd(
         >>> randomized_svd(M, 3, generator=torch.Generator().manual_seed(0)).S.round(4).tolist()
         [10.0, 9.0, 8.0]
     """
+    M = _float_input(M, "M")
     dev = resolve_device(device) if device is not None else M.device
-    if M.dtype == torch.float64 and dtype != torch.float64 and M.numel():
-        # float64 beyond float32's range would overflow or flush to zero in the sketch: a power of two
-        # per matrix first (exact), values and residuals multiplied back
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer. Got {k!r} instead.")
+    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
+        raise ValueError(f"oversample must be a non-negative integer or None. Got {oversample!r} instead.")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be a non-negative integer. Got {n_iter!r} instead.")
+    if M.numel():
+        # values beyond the working dtype's squaring range would overflow, or flush to zero and certify a
+        # residual of 0 (float64 near 1e-300): a power of two per matrix first (exact), values and
+        # residuals multiplied back
         lo, hi = torch.aminmax(M.reshape(*M.shape[:-2], -1), dim=-1)  # one pass
         amax = torch.maximum(hi, -lo).reshape(-1).tolist()
-        exps = np.array([gram_scale_exponent(a, torch.float32) for a in amax]).reshape(M.shape[:-2])
+        exps = np.array([gram_scale_exponent(a, dtype) for a in amax]).reshape(M.shape[:-2])
         if exps.any():
             t = randomized_svd(torch.ldexp(M, torch.as_tensor(-exps, device=M.device)[..., None, None]), k, oversample=oversample,
                                n_iter=n_iter, tol=tol, max_iter=max_iter, generator=generator, device=device, dtype=dtype)
@@ -198,6 +217,9 @@ def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: floa
     ``total``), which widens both sides: ``L_k − slack`` and ``U_k + slack`` (values computed in
     float32 land just below a tie at τ, e.g. an identity block, and would exclude the exact rank).
     """
+    tau = check_tau(tau)
+    if not math.isfinite(total) or not math.isfinite(residual):
+        raise ValueError(f"total and residual must be finite energies. Got {total!r} and {residual!r} instead.")
     if total <= 0:
         return ApproxRank(0, 0, 0)
     if tau == 1.0 and len(top):
@@ -241,6 +263,9 @@ def approx_energy_ranks(
     whatever the sketch, so a stopped run still returns true bounds, only wider. Cost per round:
     ``(2·n_iter + 2)`` products of M with an ``(in, l)`` block, no p×p decomposition.
     """
+    thresholds = [check_tau(float(t) if isinstance(t, (int, float, np.floating)) and not isinstance(t, bool) else t,
+                            "each threshold") for t in thresholds]
+    M = _float_input(M, "M")
     dev = resolve_device(device) if device is not None else M.device
     # the sketch runs in float32: a float64 matrix beyond 2**±32 is scaled by a power of two first
     # (ranks are scale-free; norms and values are scaled back), else it would overflow or vanish

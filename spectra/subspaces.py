@@ -31,7 +31,7 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import singular_values
-from spectra.metrics import numerical_rank, rank_resolution
+from spectra.metrics import check_energy_range, numerical_rank, rank_resolution
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 
 Tensor = torch.Tensor | np.ndarray
@@ -90,7 +90,9 @@ def _device_of(x: Tensor) -> torch.device:
 
 
 def _to64(x: Tensor, device: torch.device | None) -> torch.Tensor:
-    t = torch.as_tensor(x)
+    t = torch.as_tensor(x).detach()
+    if t.is_complex():  # a cast to float64 would drop the imaginary part
+        raise ValueError(f"expected a real matrix or vector. Got dtype {t.dtype} instead.")
     return t.to(device=t.device if device is None else device, dtype=torch.float64)
 
 
@@ -444,15 +446,11 @@ def captured_energy(dW: Update, U_L: Tensor, V_L: Tensor) -> CapturedEnergy:
         left_core, right_core, two = UtD, D @ VL, UtD @ VL
         S2 = torch.from_numpy(singular_values(D)).to(device) ** 2
     total = float(S2.sum()) if total is None else total
+    check_energy_range(total, bool(left_core.any() or right_core.any() or S2.any()), "dW")
     if total == 0.0:
         return CapturedEnergy(r, 0.0, 0.0, 0.0, 0.0)
-    return CapturedEnergy(
-        r=r,
-        two_sided=float((two**2).sum()) / total,
-        left=float((left_core**2).sum()) / total,
-        right=float((right_core**2).sum()) / total,
-        best_rank_r=min(1.0, float(S2[:r].sum()) / total),
-    )
+    return CapturedEnergy(r=r, two_sided=min(1.0, float((two**2).sum()) / total), left=min(1.0, float((left_core**2).sum()) / total),
+                          right=min(1.0, float((right_core**2).sum()) / total), best_rank_r=min(1.0, float(S2[:r].sum()) / total))
 
 
 # ---- amplification ----------------------------------------------------------------------------------
@@ -572,6 +570,7 @@ def amplification(
         delta_fro = float(torch.sqrt((S**2).sum()))
     if not 1 <= r <= S.shape[0]:
         raise ValueError(f"r must be in [1, {S.shape[0]}]. Got {r} instead.")
+    check_energy_range(delta_fro**2, bool(S.any()), "dW")
     proj_delta = float(torch.linalg.matrix_norm(U[:, :r].mT @ W64 @ Vh[:r].mT)) if delta_fro > 0 else 0.0
     if base is None:
         S_W = singular_values(W64)
@@ -580,6 +579,7 @@ def amplification(
         if base.S.numel() < r:
             base.complete()
         S_W, w_fro = base.S.cpu().numpy(), math.sqrt(base.energy)
+    check_energy_range(w_fro**2, bool(np.any(S_W)), "W")
     if random_bases is None:
         Ur = random_orthonormal(out, r, generator, device)
         Vr = random_orthonormal(inn, r, generator, device)

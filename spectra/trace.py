@@ -61,7 +61,7 @@ from spectra.pairing import pair_checkpoints
 from spectra.results import rows_to_csv
 from spectra.selection import selector
 from spectra.subspaces import Factored
-from spectra.trace_inputs import CheckpointRef, find_checkpoints, open_weights
+from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
@@ -398,11 +398,18 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     if all(ref.failed for ref in refs):
         raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
                                     hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")
-    for rec in done:  # a resumed run: finished matrices and checkpoints that failed earlier
+    for i, rec in enumerate(done, 1):  # a resumed run: finished matrices and checkpoints that failed earlier
         if "matrix" in rec:
+            check_trace_matrix(rec["matrix"], f"record {i}", journal.path if journal else None)
             result.matrices.append(rec["matrix"])
         elif "failed" in rec:
-            refs[rec["failed"]["index"]].failed = rec["failed"]["reason"]
+            f = rec["failed"]
+            if not (isinstance(f, dict) and isinstance(f.get("index"), int) and 0 <= f["index"] < len(refs)
+                    and isinstance(f.get("reason"), str)):
+                raise ResultsFormatError(f"record {i}: a failed checkpoint must have an index below {len(refs)} and a "
+                                         "reason", path=journal.path if journal else None,
+                                         hint="the journal was edited: run without --resume into a new folder")
+            refs[f["index"]].failed = f["reason"]
     finished = {m["name"] for m in result.matrices}
     specs = base.specs
     keep = selector(config.include, config.exclude, config.layers)
@@ -489,8 +496,15 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     points: dict[str, dict[int, dict[str, Any]]] = {}
     first: dict[str, Subspaces] = {}
     prev: dict[str, Subspaces] = {}
-    for rec in done:  # a resumed run: the journal holds a prefix of the checkpoints
+    for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
         if "checkpoint" in rec:
+            if not (isinstance(rec["checkpoint"], int) and 0 <= rec["checkpoint"] < len(refs)
+                    and isinstance(rec.get("points", {}), dict)):
+                raise ResultsFormatError(f"record {i}: checkpoint must be an index below {len(refs)}, with points by "
+                                         "matrix", path=journal.path if journal else None,
+                                         hint="the journal was edited: run without --resume into a new folder")
+            for name, pt in rec.get("points", {}).items():
+                check_trace_point(pt, f"record {i}.points[{str(name)[:80]!r}]", journal.path if journal else None)
             if rec.get("failed"):
                 refs[rec["checkpoint"]].failed = rec["failed"]
             metas.update(rec.get("meta", {}))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spectra.errors import CheckpointNotFoundError, ConfigError, SpectraError
+from spectra.errors import CheckpointNotFoundError, ConfigError, ResultsFormatError, SpectraError
 from spectra.io.adapter import ADAPTER_CONFIG, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
@@ -224,3 +224,39 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     for r in refs:
         r.loss = history.get(r.step, {}).get("loss")
     return Discovery(refs, skipped, loss_history, run, warnings)
+
+
+def check_trace_point(pt: Any, at: str, source: Any) -> None:
+    """Refuse a trace point (one matrix at one checkpoint, as ``trace.json`` and the journal hold it)
+    whose keys have other types than spectra writes: ``step`` an integer or null, every other value a
+    number, text, null, or an object of numbers (``energy_rank``). A figure or report would otherwise
+    fail on it, or show it.
+
+    Raises:
+        ResultsFormatError: one line naming ``source``, the record and the key.
+    """
+    def num(v: Any) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(pt, dict):
+        raise ResultsFormatError(f"{at} must be an object. Got {str(pt)[:60]!r} instead", path=source)
+    step = pt.get("step")
+    if step is not None and not (isinstance(step, int) and not isinstance(step, bool)):
+        raise ResultsFormatError(f"{at}.step must be an integer or null. Got {str(step)[:60]!r} instead", path=source,
+                                 hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+    for key, v in pt.items():
+        ok = num(v) or isinstance(v, str) or (isinstance(v, dict) and all(num(x) for x in v.values()))
+        if not ok:
+            raise ResultsFormatError(f"{at}.{key} must be a number, text or an object of numbers. Got {str(v)[:60]!r} "
+                                     "instead", path=source, hint="the file was edited or damaged; rerun spectra trace --out")
+
+
+def check_trace_matrix(m: Any, at: str, source: Any) -> None:
+    """Refuse a ``trace.json`` matrix record without a string name and module, or with a point that
+    :func:`check_trace_point` refuses."""
+    if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)
+            and isinstance(m.get("points"), list)):
+        raise ResultsFormatError(f"{at} must be an object with a string name and module and a list of points", path=source,
+                                 hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+    for j, pt in enumerate(m["points"]):
+        check_trace_point(pt, f"{at}.points[{j}]", source)

@@ -85,7 +85,7 @@ def test_failed_rewrite_leaves_previous_file(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
-    with pytest.raises(OutputError, match=r"results.json: cannot write results: Permission denied \(free disk space or fix"):
+    with pytest.raises(OutputError, match=r"results.json: cannot write results: Permission denied \(fix the folder"):
         atomic_write_text(target, '{"new": true}\n')
     assert target.read_text() == '{"old": true}\n'
     monkeypatch.undo()

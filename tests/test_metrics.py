@@ -25,7 +25,7 @@ def test_energy_rank_closed_forms():
             assert energy_rank(np.ones(p), tau) == math.ceil(tau * p - 1e-12)
     # exactly on the threshold counts (≥): σ² = (3, 1) -> 0.75 of the energy in the first value
     assert energy_rank(np.sqrt([3.0, 1.0]), 0.75) == 1
-    with pytest.raises(ValueError, match="tau must be in"):
+    with pytest.raises(ValueError, match="tau must be a number in"):
         energy_rank(np.ones(3), 0.0)
 
 

@@ -101,13 +101,15 @@ def esd_loglog(records: list[dict[str, Any]], path: str | os.PathLike[str] | Non
     "Log-Log ESD" plot)."""
     from matplotlib.figure import Figure
 
-    chosen = [r for r in records if r.get("eigenvalues")][:max_panels]
+    kept = [r for r in records if r.get("eigenvalues")]
+    chosen = kept[:max_panels]
     cols = min(4, max(1, len(chosen)))
     rows = max(1, -(-len(chosen) // cols))
     fig = Figure(figsize=(3.6 * cols, 3.0 * rows), layout="constrained")
     for k, rec in enumerate(chosen):
         _loglog_panel(fig.add_subplot(rows, cols, k + 1), rec)
-    fig.suptitle("Empirical spectral densities (log-log) with the fitted power-law tail", fontsize=10)
+    more = f" (the first {len(chosen)} of {len(kept)} matrices with kept eigenvalues)" if len(kept) > len(chosen) else ""
+    fig.suptitle(f"Empirical spectral densities (log-log) with the fitted power-law tail{more}", fontsize=10)
     return _written(fig, path)
 
 
