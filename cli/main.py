@@ -204,6 +204,15 @@ for _command in (diff_commands.diff_cmd, compare_commands.compare_cmd, other_com
     main.add_command(_command)
 
 
+def _escape_unencodable_output() -> None:
+    """On a terminal or pipe whose encoding lacks spectra's symbols (Δ, σ, τ, ‖: an ASCII locale, a
+    Windows cp1252 console), print them as backslash escapes instead of failing with
+    UnicodeEncodeError after the results were computed."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (getattr(stream, "encoding", "") or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run() -> None:
     """The ``spectra`` console script: :func:`main`, then an exit without the interpreter's teardown.
 
@@ -215,6 +224,7 @@ def run() -> None:
     ``os._exit`` with the command's status. Every file spectra writes is closed by then. An unexpected
     exception (a traceback) or a Python without ``threading._shutdown`` exits the ordinary way.
     """
+    _escape_unencodable_output()
     try:
         main(prog_name="spectra")  # click's standalone mode: always ends in SystemExit
         code: object = 0

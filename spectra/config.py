@@ -201,10 +201,11 @@ def _fits(value: object, hint: object) -> bool:
         return not args or (len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args)))
     if hint is type(None):
         return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if hint is bool:  # numpy's bools and 0/1 are fine; a string ("no" is truthy) is not
+        return isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1))
+    if hint is int:  # a whole float (max_batch_bytes=2e9) is a count too
+        return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
+            isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer())
     if hint is float:
         return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if hint is str:

@@ -87,7 +87,7 @@ def check_record(m: Any, at: str, source: Any) -> None:
                                   hint="the file was edited or damaged; rerun spectra esd --out to rewrite it")
 
     if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)):
-        raise ResultsFormatError(f"{at} must be an object with a string name and module", path=source)
+        raise ResultsFormatError(f"{at} must be an object with a name, a module and a shape [out, in]", path=source)
     shape = m.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
                                                                 for x in shape)):

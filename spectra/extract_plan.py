@@ -85,7 +85,7 @@ class ExtractConfig(SharedOptions):
 
     rank: int | None = None
     energy: float | None = None
-    budget: str | None = None
+    budget: str | int | None = None
     max_rank: int | None = None
     serving: Literal["none", "vllm"] = "none"
     dtype: str = "auto"

@@ -116,9 +116,9 @@ def randomized_svd(
     dev = resolve_device(device) if device is not None else M.device
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an integer. Got {k!r} instead.")
-    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
+    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0):
         raise ValueError(f"oversample must be a non-negative integer or None. Got {oversample!r} instead.")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+    if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer. Got {n_iter!r} instead.")
     if M.numel():
         # values beyond the working dtype's squaring range would overflow, or flush to zero and certify a

@@ -229,7 +229,8 @@ def find_checkpoints(paths: list[str]) -> Discovery:
 def check_trace_point(pt: Any, at: str, source: Any) -> None:
     """Refuse a trace point (one matrix at one checkpoint, as ``trace.json`` and the journal hold it)
     whose keys have other types than spectra writes: ``step`` an integer or null, every other value a
-    number, text, null, or an object of numbers (``energy_rank``). A figure or report would otherwise
+    number, text, null, or arrays and objects of numbers (``energy_rank``, ``singular_values``,
+    ``turn_prev``). A figure or report would otherwise
     fail on it, or show it.
 
     Raises:
@@ -244,11 +245,16 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
     if step is not None and not (isinstance(step, int) and not isinstance(step, bool)):
         raise ResultsFormatError(f"{at}.step must be an integer or null. Got {str(step)[:60]!r} instead", path=source,
                                  hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+    def numbers(v: Any, depth: int = 0) -> bool:  # a number or null, or arrays / objects of them (turn_prev nests)
+        if isinstance(v, (list, dict)):
+            return depth < 4 and all(numbers(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+        return num(v)
+
     for key, v in pt.items():
-        ok = num(v) or isinstance(v, str) or (isinstance(v, dict) and all(num(x) for x in v.values()))
-        if not ok:
-            raise ResultsFormatError(f"{at}.{key} must be a number, text or an object of numbers. Got {str(v)[:60]!r} "
-                                     "instead", path=source, hint="the file was edited or damaged; rerun spectra trace --out")
+        if not (isinstance(v, str) or numbers(v)):
+            raise ResultsFormatError(f"{at}.{key} must be a number, text, or arrays and objects of numbers. Got "
+                                     f"{str(v)[:60]!r} instead", path=source,
+                                     hint="the file was edited or damaged; rerun spectra trace --out")
 
 
 def check_trace_matrix(m: Any, at: str, source: Any) -> None:

@@ -508,3 +508,51 @@ def test_esd_figure_says_how_many_panels_it_shows():
            "mp_bulk_max": 10.0}
     fig = esd_loglog([dict(rec, name=f"m{i}") for i in range(21)])
     assert "12 of 21" in fig._suptitle.get_text()
+
+
+def test_an_ascii_terminal_gets_escapes_not_a_traceback(tmp_path):
+    """With stdout in ASCII (a C locale with PYTHONIOENCODING=ascii; Windows cp1252 consoles lack Δ too)
+    the table's ΔW and ‖ raised UnicodeEncodeError after the run: exit 1 with a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    b, t = _tiny_pair(tmp_path, [f"model.layers.0.self_attn.{m}_proj.weight" for m in "qv"])
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    proc = subprocess.run([sys.executable, "-m", "spectra", "diff", b, t], capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")[-2000:]
+    assert b"\\u0394W" in proc.stdout and b"Traceback" not in proc.stderr
+
+
+def test_real_trace_results_pass_their_own_checks(tmp_path):
+    """The trace-point check of this round refused every real trace (singular_values is a list,
+    turn_prev nests objects): report, --report and --resume all failed. The shipped demo run and a
+    fresh trace both load."""
+    from pathlib import Path
+
+    from spectra.report_trace import doc_from_jsonl
+
+    doc = doc_from_jsonl(Path(__file__).resolve().parent.parent / "reports" / "demo" / "runs" / "full" / "trace.jsonl")
+    assert doc["matrices"] and all("singular_values" in p for p in doc["matrices"][0]["points"])
+
+
+def test_energy_rank_at_tau_one_may_sit_below_a_rank_near_one():
+    """At τ = 1 the rank is the numerical rank, which can be below the cumulative-sum rank at
+    τ = 1 − 1e-12: a genuine result with both was refused as "ranks fall as τ rises"."""
+    from spectra.results_check import check_document
+
+    m = {"name": "w", "module": "w", "shape": [8, 8], "fro_norm": 1.0, "spectral_norm": 1.0, "stable_rank": 1.0,
+         "energy_rank": {"0.999999999999": 3, "1.0": 1}, "random_energy_rank": {"0.999999999999": 8, "1.0": 8},
+         "singular_values": [1.0, 1e-9, 1e-9]}
+    check_document({"schema": "spectra.diff/1", "tuned": "t", "thresholds": [0.999999999999, 1.0], "modules": [m]}, None)
+
+
+def test_config_accepts_what_the_api_took_before():
+    """Whole floats for counts, numpy bools, 0/1, and an integer --budget were refused by the new type check."""
+    import numpy as np
+
+    import spectra
+    from spectra.extract_plan import ExtractConfig
+
+    spectra.DiffConfig(max_batch_bytes=2e9, split_fused=np.True_, approx=0)
+    ExtractConfig(budget=1200000)

@@ -100,15 +100,14 @@ def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None,
                          else f"random {col.min():.2f}–{col.max():.2f}")
         cells = np.isfinite(grid) & np.isfinite(rand)
         below = int(np.sum(grid[cells] < rand[cells]))
-        zero, _, _, _ = layer_grid(result, lambda m: 1.0 if m.fro_norm == 0 else 0.0)
-        n_zero = int(np.sum(zero[cells] > 0))  # rank 0 of an unchanged matrix is not "below random": it is nothing
+        n_zero = int(np.sum(grid[cells] == 0))  # rank 0 (ΔW = 0) is not "below random": nothing changed there
         flagged, _, _, _ = layer_grid(result, lambda m: 1.0 if m.caveats else 0.0)
         text = np.where(np.isfinite(grid), np.char.add(np.char.mod("%.2f", np.nan_to_num(grid)),
                                                         np.where(flagged > 0, "*", "")), "")
         title = (f"Rank needed for {threshold:.0%} of ΔW's energy, as a fraction of p = min(out, in)\n"
                  f"under each module: the same for a Gaussian random matrix of its shape (a dense update); "
                  f"{below - n_zero} of {int(cells.sum()) - n_zero} cells lie below it"
-                 + (f" ({n_zero} cells are unchanged matrices, ΔW = 0)" if n_zero else "")
+                 + (f" ({n_zero} cells at 0: ΔW = 0)" if n_zero else "")
                  + ("\n* a numerical caveat (rounding level, precision, quantisation): see the warnings"
                     if np.nansum(flagged) else ""))
         marks = random_baselines(result, k)
