@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import gram
+from spectra.linalg import gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi
@@ -64,23 +64,15 @@ def as_factored64(f: Factored) -> Factored:
     """``f`` in float64 with its triplets sorted by descending singular value, and the triplets with
     ``σ <= RANK_TOL · σ₁`` dropped: zero or rounding-level values carry no direction (a rank-2
     update's third singular vector from a float64 SVD is noise), so they never enter a subspace."""
-    U = _real64(f.U, "U")
-    S = _real64(f.S, "S").to(U.device)
-    Vh = _real64(f.Vh, "Vh").to(U.device)
+    U = real_tensor(f.U, "U").to(torch.float64)
+    S = real_tensor(f.S, "S").to(U.device, torch.float64)
+    Vh = real_tensor(f.Vh, "Vh").to(U.device, torch.float64)
     if not bool((S >= 0).all()):  # a negative or NaN value would be dropped below as "no direction"
         raise ValueError(f"S must be non-negative singular values. Got {S.tolist()[:8]} instead.")
     order = torch.argsort(S, descending=True)
     floor = RANK_TOL * float(S[order[0]]) if S.numel() else 0.0
     keep = order[S[order] > floor]
     return Factored(U[:, keep], S[keep], Vh[keep])
-
-
-def _real64(x: object, name: str) -> torch.Tensor:
-    """``x`` as a detached float64 tensor; complex input is refused (a cast would drop its imaginary part)."""
-    t = torch.as_tensor(x).detach()
-    if t.is_complex():
-        raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
-    return t.to(torch.float64)
 
 
 def truncate(f: Factored, k: int) -> Factored:
@@ -95,7 +87,7 @@ def _dense64(x: Update) -> torch.Tensor:
     if isinstance(x, Factored):
         g = as_factored64(x)
         return (g.U * g.S) @ g.Vh
-    t = _real64(x, "an update")
+    t = real_tensor(x, "an update").to(torch.float64)
     if t.ndim != 2:
         raise ValueError(f"an update must be a 2-D (out, in) matrix. Got shape {tuple(t.shape)} instead.")
     return t

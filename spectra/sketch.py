@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spectra.engine import batch_singular_values, gram_scale_exponent
-from spectra.linalg import resolve_device
+from spectra.linalg import real_tensor, resolve_device
 from spectra.metrics import check_tau, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",
@@ -64,10 +64,7 @@ class TruncatedSVD:
 
 def _float_input(M: torch.Tensor, name: str) -> torch.Tensor:
     """``M`` detached, as a real floating tensor (numpy arrays accepted); complex input is refused, not cast."""
-    M = torch.as_tensor(M).detach()
-    if M.is_complex() or not (M.is_floating_point() or M.dtype in (torch.int8, torch.int16, torch.int32, torch.int64,
-                                                                     torch.uint8, torch.bool)):
-        raise ValueError(f"{name} must be a real matrix. Got dtype {M.dtype} instead.")
+    M = real_tensor(M, name)
     if M.ndim < 2:
         raise ValueError(f"{name} must have shape (out, in) or (b, out, in). Got {tuple(M.shape)} instead.")
     return M if M.is_floating_point() else M.double()

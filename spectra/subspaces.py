@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import singular_values
+from spectra.linalg import real_tensor, singular_values
 from spectra.metrics import check_energy_range, numerical_rank, rank_resolution
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 
@@ -90,9 +90,7 @@ def _device_of(x: Tensor) -> torch.device:
 
 
 def _to64(x: Tensor, device: torch.device | None) -> torch.Tensor:
-    t = torch.as_tensor(x).detach()
-    if t.is_complex():  # a cast to float64 would drop the imaginary part
-        raise ValueError(f"expected a real matrix or vector. Got dtype {t.dtype} instead.")
+    t = real_tensor(x, "a matrix or vector")
     return t.to(device=t.device if device is None else device, dtype=torch.float64)
 
 
