@@ -267,11 +267,15 @@ def approx_energy_ranks(
     # the sketch runs in float32: a float64 matrix beyond 2**±32 is scaled by a power of two first
     # (ranks are scale-free; norms and values are scaled back), else it would overflow or vanish
     e = gram_scale_exponent(max(float(M.max()), -float(M.min())), torch.float32) if M.numel() else 0
-    M = torch.ldexp(M.to(dev), torch.tensor(-e, device=dev)).to(torch.float32) if e else M.to(dev, torch.float32)
+    src = torch.ldexp(M.to(dev), torch.tensor(-e, device=dev)) if e else M.to(dev)  # exact: a power of two
+    M = src.to(torch.float32)
     p = min(M.shape)
-    total = float(torch.linalg.vector_norm(M.double()).item() ** 2)
+    total = float(torch.linalg.vector_norm(src.double()).item() ** 2)  # of the matrix given, not its float32 copy
+    # a float64 matrix rounded to float32 for the sketch (|δ| <= u|m| per entry) moves each partial energy by at
+    # most about 2u·total: the bounds widen by that, or a rank whose energy lies within 1e-8 of τ is excluded
+    cast_slack = 2.5 * float(np.finfo(np.float32).eps) * total if src.dtype == torch.float64 else 0.0
     if e:
-        res = approx_energy_ranks(M, thresholds, rank_tol=rank_tol, start=start, max_fraction=max_fraction, n_iter=n_iter,
+        res = approx_energy_ranks(src, thresholds, rank_tol=rank_tol, start=start, max_fraction=max_fraction, n_iter=n_iter,
                                   generator=generator, device=dev)
         with np.errstate(over="ignore"):  # an energy (σ²) of such a matrix may not be representable: inf
             residual = float(np.ldexp(res.residual_energy, 2 * e))
@@ -280,7 +284,7 @@ def approx_energy_ranks(
     while True:
         tsvd = randomized_svd(M, min(ell, p), oversample=0, n_iter=n_iter, generator=generator)
         if tsvd.exact:  # the sketch got as wide as p/2: the exact spectrum costs no more, use all of it
-            top = batch_singular_values(M.unsqueeze(0), device=dev)[0]
+            top = batch_singular_values(src.unsqueeze(0), device=dev)[0]  # in the given precision: the diff's values
             # the exact route's rule on the same values (its own total): the same rank, also at a tie
             ranks = {float(t): ApproxRank(r, r, r) for t in thresholds for r in [energy_rank(top, float(t))]}
             return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p)
@@ -289,7 +293,7 @@ def approx_energy_ranks(
         residual = max(total - captured, 0.0)
         # σ̂ are computed in the sketch's float32 (backward stable: each σ̂ᵢ² within a few u·σ̂₁²), so the
         # sum of the first k is off by up to about 2·k·u·σ̂₁² (k <= len(top))
-        slack = 2.0 * len(top) * float(np.finfo(np.float32).eps) * float(top[0]) ** 2 if len(top) else 0.0
+        slack = cast_slack + (2.0 * len(top) * float(np.finfo(np.float32).eps) * float(top[0]) ** 2 if len(top) else 0.0)
         ranks = {float(t): energy_rank_bounds(top, total, residual, float(t), p, slack) for t in thresholds}
         wide = any(r.hi - r.lo > rank_tol * p for r in ranks.values())
         if not wide or tsvd.exact or ell >= max_fraction * p:

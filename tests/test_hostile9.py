@@ -556,3 +556,27 @@ def test_config_accepts_what_the_api_took_before():
 
     spectra.DiffConfig(max_batch_bytes=2e9, split_fused=np.True_, approx=0)
     ExtractConfig(budget=1200000)
+
+
+@pytest.mark.parametrize("delta", [3e-9, -3e-9, 3e-10, -3e-10])
+def test_approx_bounds_hold_for_float64_updates_near_tau(delta):
+    """--approx rounded a float64 ΔW to float32 before its sketch and its exact fallback, then claimed
+    [23, 23] where the rank is 22 (energy 3e-9 of τ·total past the threshold): 35 of 120 planted cases
+    excluded the truth. The exact fallback now uses the matrix as given and the bounds widen by the cast."""
+    import math
+
+    from spectra.metrics import energy_rank
+    from spectra.sketch import approx_energy_ranks
+
+    tau, t, k = 0.5, 0.5 * (1 + delta), 23
+    s = np.concatenate([np.linspace(1.0, 0.8, k), np.linspace(0.74, 0.56, 64 - k)])  # a gap after the k-th value
+    Ek, R = math.fsum(s[:k] ** 2), math.fsum(s[k:] ** 2)
+    s[k:] *= math.sqrt(Ek * (1 - t) / (t * R))  # the tail scaled so that E_k − τ·T = δ·τ·T (δ ≫ 1e-16)
+    assert s[k] < s[k - 1]
+    truth = k if delta > 0 else k + 1
+    assert energy_rank(np.sort(s)[::-1], tau) == truth
+    for shape in ((64, 64), (64, 4096)):
+        M = torch.zeros(shape, dtype=torch.float64)
+        M[range(64), range(64)] = torch.from_numpy(s)
+        r = approx_energy_ranks(M, [tau], generator=torch.Generator().manual_seed(0)).ranks[tau]
+        assert r.lo <= truth <= r.hi, (shape, r)
