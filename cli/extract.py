@@ -168,19 +168,20 @@ def totals_table(doc: dict) -> Table:
 def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embeddings, task_type, out_path) -> None:
     """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the
     results.json of `spectra diff` alone. The config goes to stdout as JSON: LoraConfig(**json.load(f))."""
-    from spectra.io.files import atomic_write_text, refuse_input_as_output
+    from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
     from spectra.recommend import recommend
 
     if out_path:  # before anything: -o results.json would replace the diff it reads
         refuse_input_as_output(out_path, [Path(results) / "results.json" if Path(results).is_dir() else Path(results)])
+        refuse_replacing(out_path, (".json",), option="-o")
     if energy is None and budget is None:
         energy = 0.9
     rec = recommend(results, energy=energy, budget=budget, alpha_ratio=alpha_ratio, rslora=rslora, max_rank=max_rank,
                     embeddings=embeddings, task_type=None if task_type == "none" else task_type)
     text = json.dumps(rec.config, indent=2, sort_keys=True)
-    click.echo(text)
-    if out_path:
+    if out_path:  # first: a closed or broken stdout must not cost the file
         atomic_write_text(Path(out_path), text + "\n")
+    click.echo(text)
     err = stderr()
     for n in rec.notes:
         err.print(f"note: {escape(n)}", highlight=False)

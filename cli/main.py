@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import os
 import signal
 import sys
@@ -181,6 +182,14 @@ class _Group(click.Group):
             code = EXIT_IDENTICAL if isinstance(exc, IdenticalCheckpointsError) else EXIT_ERROR
             click.echo(f"{_rank_prefix()}error: {exc}", err=True)
             ctx.exit(code)
+        except OSError as exc:
+            # standard output closed, full (>/dev/full) or a pipe whose reader left (| head): files written
+            # before are on disk; one line instead of a traceback. Any other OSError is unexpected: raised.
+            if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF) or os.environ.get("SPECTRA_DEBUG") == "1":
+                raise
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                click.echo(f"{_rank_prefix()}error: cannot write the output: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
             kept = kept_on_stop(self, ctx, since=started) or kept  # what the files say now
@@ -243,7 +252,7 @@ def run() -> None:
     shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing left to deliver
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed pipe or stream (None when closed at start)
             stream.flush()
     with contextlib.suppress(OSError, AttributeError, TypeError):  # C's stdio buffers too (not on Windows: no CDLL(None))
         ctypes.CDLL(None).fflush(None)

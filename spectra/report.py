@@ -29,7 +29,7 @@ from spectra import report_compare, report_diff, report_esd, report_extract, rep
 from spectra.display import safe_text
 from spectra.errors import OutputError, ResultsFormatError, SpectraError
 from spectra.findings import Finding
-from spectra.io.files import atomic_write_text, refuse_input_as_output
+from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
@@ -211,6 +211,7 @@ def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str
         OutputError: ``out`` cannot be written (a parent is a file, no permission, a full disk).
     """
     refuse_input_as_output(out, input_files(paths))
+    refuse_replacing(out, (".html", ".htm"), option="-o")
     for parent in Path(out).parents:  # checked first: the OS says only "File exists" or "Not a directory"
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():

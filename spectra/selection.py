@@ -59,7 +59,9 @@ def selector(include: str | None, exclude: str | None, layers: str | None) -> Ca
 def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool = True,
              expert: int | None = None, other_name: str | None = None) -> list[tuple[str, torch.Tensor | None, str]]:
     """``(result name, rows, module label)`` of each part of ``spec`` that ``keep`` keeps (matched on
-    its name and, when given, on ``other_name``: the base's name of the same tensor).
+    its name, on the stored tensor's name for a part or an expert (``--include 'weight$'`` keeps a
+    fused matrix's parts, ``--exclude 'qkv_proj\\.weight$'`` drops them all), and, when given, on
+    ``other_name``: the base's name of the same tensor).
 
     Experts of a stacked 3-D tensor are named ``<tensor>:e<k>``, parts ``<tensor>:q`` (docs/definitions.md).
     """
@@ -67,7 +69,10 @@ def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool =
     for part in (spec.parts if split_fused else (Part(""),)):
         suffix = (f":e{expert}" if expert is not None else "") + (f":{part.suffix}" if part.suffix else "")
         name = spec.name + suffix
-        if keep(name, spec.layer, *((other_name + suffix,) if other_name and other_name != spec.name else ())):
+        others = [other_name + suffix] if other_name and other_name != spec.name else []
+        if suffix:  # a part or an expert also answers to its tensor's stored name (what `spectra inspect` lists)
+            others += [spec.name] + ([other_name] if other_name and other_name != spec.name else [])
+        if keep(name, spec.layer, *others):
             out.append((name, part.rows, spec.module + (f":{part.suffix}" if part.suffix else "")))
     return out
 

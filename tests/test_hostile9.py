@@ -580,3 +580,67 @@ def test_approx_bounds_hold_for_float64_updates_near_tau(delta):
         M[range(64), range(64)] = torch.from_numpy(s)
         r = approx_energy_ranks(M, [tau], generator=torch.Generator().manual_seed(0)).ranks[tau]
         assert r.lo <= truth <= r.hi, (shape, r)
+
+
+# ---- the command line's options and outputs ----------------------------------------------------------
+def _fused_pair(tmp_path):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    b = {"model.layers.0.self_attn.qkv_proj.weight": torch.randn(48, 16, generator=g),
+         "model.layers.0.self_attn.o_proj.weight": torch.randn(16, 16, generator=g)}
+    t = {k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in b.items()}
+    (tmp_path / "config.json").write_text('{"model_type": "phi3", "num_attention_heads": 4, "hidden_size": 16}')
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file(t, str(tmp_path / "t.safetensors"))
+    return str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors")
+
+
+def test_filters_match_a_fused_matrix_by_its_stored_name(tmp_path):
+    """--include 'weight$' dropped every q/k/v part silently (their names end in ':q'); the stored name
+    `spectra inspect` lists ('qkv_proj\\.weight$') matched nothing, and --exclude of it excluded nothing."""
+    import spectra
+
+    b, t = _fused_pair(tmp_path)
+    names = lambda **kw: sorted(m.name.rsplit(".", 1)[-1] for m in spectra.diff(b, t, config=spectra.DiffConfig(**kw)).modules)  # noqa: E731
+    assert names(include="weight$") == ["weight", "weight:k", "weight:q", "weight:v"]
+    assert names(include=r"qkv_proj\.weight$") == ["weight:k", "weight:q", "weight:v"]
+    assert names(exclude=r"qkv_proj\.weight$") == ["weight"]
+    assert names(include=r"weight:q$") == ["weight:q"]
+
+
+def test_single_file_outputs_never_replace_other_files(tmp_path):
+    """report -o model.safetensors replaced the weights with HTML (exit 0); report -o results.jsonl
+    replaced a journal; recommend -o could replace any file, and printed before writing (a closed
+    stdout cost the file)."""
+    b, t = _fused_pair(tmp_path)
+    assert _cli("diff", b, t, "--out", tmp_path / "d", "--no-plots").exit_code == 0
+    weights = (tmp_path / "b.safetensors").read_bytes()
+    for target in (tmp_path / "b.safetensors", tmp_path / "d" / "results.jsonl", tmp_path / "d" / "results.csv"):
+        before = target.read_bytes()
+        r = _cli("report", tmp_path / "d", "-o", target)
+        assert r.exit_code == 1 and "exists and is not a file this command writes" in r.output, r.output
+        assert target.read_bytes() == before
+    r = _cli("recommend", tmp_path / "d", "-o", tmp_path / "d" / "diff_config.json")
+    assert r.exit_code == 1 and "exists" in r.output
+    assert (tmp_path / "b.safetensors").read_bytes() == weights
+    assert _cli("report", tmp_path / "d", "-o", tmp_path / "r.html").exit_code == 0
+    assert _cli("report", tmp_path / "d", "-o", tmp_path / "r.html").exit_code == 0  # its own kind: replaced
+    assert _cli("recommend", tmp_path / "d", "-o", tmp_path / "cfg.json").exit_code == 0
+
+
+def test_a_full_stdout_is_one_line_not_a_traceback(tmp_path):
+    """>/dev/full gave an OSError traceback; `spectra --version >&-` an AttributeError."""
+    import os
+    import subprocess
+    import sys
+
+    b, t = _fused_pair(tmp_path)
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "spectra", "diff", b, t], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=300)
+        assert proc.returncode == 1 and "cannot write the output" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "spectra", "--version"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, timeout=120, close_fds=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr

@@ -43,6 +43,33 @@ def refuse_input_as_output(out: str | os.PathLike[str], inputs: list[Path], *, o
                               hint=f"choose another file for {option}")
 
 
+#: Files a single-file output (``report -o``, ``recommend -o``) never replaces: spectra's own results,
+#: journals and configs, and a model's or adapter's files, whatever their suffix.
+PROTECTED_NAMES = frozenset({
+    "results.json", "results.jsonl", "results.csv", "diff_config.json", "compare.json", "compare.csv", "esd.json",
+    "esd.jsonl", "esd.csv", "extract.json", "extract.jsonl", "extract.csv", "trace.json", "trace.jsonl",
+    "trace_journal.jsonl", "trace.csv", "interfere.json", "interfere.csv", "sweep.json", "config.json",
+    "adapter_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+})
+
+
+def refuse_replacing(out: str | os.PathLike[str], suffixes: tuple[str, ...], *, option: str = "--out") -> None:
+    """Refuse to write ``out`` over an existing file that is not of the kind written (its suffix not in
+    ``suffixes``: a model's ``.safetensors``, a ``.png``) or is one of :data:`PROTECTED_NAMES` (a run's
+    results or journal, a model's config): a report or a config would replace it without a word.
+
+    Raises:
+        ConfigError: such a file exists at ``out``.
+    """
+    from spectra.errors import ConfigError
+
+    target = Path(out)
+    if target.is_file() and (target.suffix.lower() not in suffixes or target.name.lower() in PROTECTED_NAMES):
+        raise ConfigError(f"{option} {target} exists and is not a file this command writes (it would be replaced)",
+                          hint=f"choose a new file name ending in {' or '.join(suffixes)} for {option}")
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and a rename."""
     return atomic_write_bytes(path, text.encode("utf-8"))
