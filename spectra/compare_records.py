@@ -24,6 +24,7 @@ from typing import Any
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
 from spectra.io.jsonfile import finite_or_null, load_json
+from spectra.results_check import is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy
 
 SCHEMA = "spectra.compare/1"
@@ -248,14 +249,6 @@ def _finite(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- validation ---------------------------------------------------------------------------------
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _type_name(x: Any) -> str:
     if x is None:
         return "null"
@@ -293,15 +286,15 @@ class _Reader:
         values = {}
         for f in fields(cls):
             if f.name in ("cosines", "max_cos"):
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, list) and all(_is_num(x) for x in v),
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, list) and all(is_num(x) for x in v),
                                           "an array of numbers")
             elif f.name == "counts":
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, dict) and all(_is_int(x) for x in v.values()),
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, dict) and all(is_int(x) for x in v.values()),
                                           "an object of integers")
             elif f.name in ("r", "d", "count"):
-                values[f.name] = self.get(d, f.name, at + ".", _is_int, "an integer")
+                values[f.name] = self.get(d, f.name, at + ".", is_int, "an integer")
             else:  # null: not finite (see _finite)
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: v is None or _is_num(v), "a number or null")
+                values[f.name] = self.get(d, f.name, at + ".", lambda v: v is None or is_num(v), "a number or null")
         return cls(**values)
 
     def measures(self, m: dict, key: str, names: tuple[str, ...], cls: type, at: str, *, required: bool) -> Any:
@@ -318,12 +311,12 @@ class _Reader:
         g = self.get
         base = {
             "name": g(m, "name", at, lambda v: isinstance(v, str), "a string"),
-            "layer": g(m, "layer", at, lambda v: v is None or _is_int(v), "an integer or null"),
+            "layer": g(m, "layer", at, lambda v: v is None or is_int(v), "an integer or null"),
             "module": g(m, "module", at, lambda v: isinstance(v, str), "a string"),
             "role": g(m, "role", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            "out": g(m, "out", at, _is_int, "an integer"), "in_": g(m, "in", at, _is_int, "an integer"),
-            "rank_a": g(m, "rank_a", at, _is_int, "an integer"), "rank_b": g(m, "rank_b", at, _is_int, "an integer"),
-            "fro_a": g(m, "fro_a", at, _is_num, "a number"), "fro_b": g(m, "fro_b", at, _is_num, "a number"),
+            "out": g(m, "out", at, is_int, "an integer"), "in_": g(m, "in", at, is_int, "an integer"),
+            "rank_a": g(m, "rank_a", at, is_int, "an integer"), "rank_b": g(m, "rank_b", at, is_int, "an integer"),
+            "fro_a": g(m, "fro_a", at, is_num, "a number"), "fro_b": g(m, "fro_b", at, is_num, "a number"),
             "status": g(m, "status", at, lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}", required=False, default="ok"),
             "reason": g(m, "reason", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
             "note": g(m, "note", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
@@ -353,7 +346,7 @@ class _Reader:
         grids = g(d, "phi_grids", at, lambda v: isinstance(v, dict), "an object", required=False, default={})
         for name, by_side in grids.items():
             if not (isinstance(by_side, dict) and all(
-                    isinstance(grid, list) and all(isinstance(row, list) and all(_is_num(x) for x in row) for row in grid)
+                    isinstance(grid, list) and all(isinstance(row, list) and all(is_num(x) for x in row) for row in grid)
                     for grid in by_side.values())):
                 self.fail(f"phi_grids[{name!r}]", "an object of number grids", by_side)
         skipped = g(d, "skipped", at, lambda v: isinstance(v, list) and all(
@@ -369,7 +362,7 @@ class _Reader:
             phi_grids=grids, skipped=skipped,
             warnings=g(d, "warnings", at, names, "an array of strings", required=False, default=[]),
             device=g(d, "device", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            elapsed_s=g(d, "elapsed_s", at, _is_num, "a number", required=False, default=0.0),
+            elapsed_s=g(d, "elapsed_s", at, is_num, "a number", required=False, default=0.0),
             version=g(d, "version", at, is_str, "a string", required=False, default=__version__),
         )
 

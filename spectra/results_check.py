@@ -20,11 +20,13 @@ def _type(x: Any) -> str:
     return "null" if x is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(x), type(x).__name__)
 
 
-def _is_num(x: Any) -> bool:
+def is_num(x: Any) -> bool:
+    """Whether a JSON value is a number (``true``/``false`` are not)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _is_int(x: Any) -> bool:
+def is_int(x: Any) -> bool:
+    """Whether a JSON value is an integer (``true``/``false`` are not)."""
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -32,12 +34,12 @@ def _esd_ok(v: Any) -> bool:
     """Whether a module's ``esd`` entry has the types the report reads (``spectra diff --esd``)."""
     if v is None:
         return True
-    if not isinstance(v, dict) or not all(v.get(k) is None or _is_num(v[k]) for k in ("alpha_change", "alpha_change_z")):
+    if not isinstance(v, dict) or not all(v.get(k) is None or is_num(v[k]) for k in ("alpha_change", "alpha_change_z")):
         return False
     for side in ("base", "tuned", "delta"):
         rec = v.get(side)
         if rec is not None and not (isinstance(rec, dict)
-                                    and all(rec.get(k) is None or _is_num(rec[k]) for k in ("alpha", "sigma", "D", "xmin"))):
+                                    and all(rec.get(k) is None or is_num(rec[k]) for k in ("alpha", "sigma", "D", "xmin"))):
             return False
     return True
 
@@ -62,7 +64,7 @@ def check_document(d: Any, source: Any) -> None:
     if d.get("base") is not None and not isinstance(d["base"], str):
         fail("a string or null", d["base"], "base")
     th = d["thresholds"]
-    if not isinstance(th, list) or not th or not all(_is_num(t) and 0 < t <= 1 for t in th):
+    if not isinstance(th, list) or not th or not all(is_num(t) and 0 < t <= 1 for t in th):
         fail("a non-empty array of numbers in (0, 1]", th, "thresholds")
     keys = [threshold_key(t) for t in th]
     if not isinstance(d["modules"], list):
@@ -79,7 +81,7 @@ def check_document(d: Any, source: Any) -> None:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             fail("an array of strings", names, f"unmatched.{side}")
     for key in ("elapsed_s",):
-        if key in d and not _is_num(d[key]):
+        if key in d and not is_num(d[key]):
             fail("a number", d[key], key)
     for i, m in enumerate(d["modules"]):
         at = f"modules[{i}]"
@@ -88,32 +90,32 @@ def check_document(d: Any, source: Any) -> None:
         for key, ok, what in (
             ("name", lambda v: isinstance(v, str), "a string"),
             ("module", lambda v: isinstance(v, str), "a string"),
-            ("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v),
+            ("shape", lambda v: isinstance(v, list) and len(v) == 2 and all(is_int(x) and x >= 0 for x in v),
              "an array of two non-negative integers"),
-            ("fro_norm", lambda v: _is_num(v) or v is None, "a number"),
-            ("spectral_norm", lambda v: _is_num(v) or v is None, "a number"),
-            ("stable_rank", lambda v: _is_num(v) or v is None, "a number"),
-            ("energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
+            ("fro_norm", lambda v: is_num(v) or v is None, "a number"),
+            ("spectral_norm", lambda v: is_num(v) or v is None, "a number"),
+            ("stable_rank", lambda v: is_num(v) or v is None, "a number"),
+            ("energy_rank", lambda v: isinstance(v, dict) and all(k in v and is_int(v[k]) for k in keys),
              f"an object with an integer for each threshold ({', '.join(keys)})"),
-            ("random_energy_rank", lambda v: isinstance(v, dict) and all(k in v and _is_int(v[k]) for k in keys),
+            ("random_energy_rank", lambda v: isinstance(v, dict) and all(k in v and is_int(v[k]) for k in keys),
              f"an object with an integer for each threshold ({', '.join(keys)})"),
-            ("singular_values", lambda v: isinstance(v, list) and all(_is_num(x) or x is None for x in v), "an array of numbers"),
+            ("singular_values", lambda v: isinstance(v, list) and all(is_num(x) or x is None for x in v), "an array of numbers"),
         ):
             if key not in m:
                 raise ResultsFormatError(f"{at}: missing key {key!r}", path=source, hint="rerun spectra diff --out")
             if not ok(m[key]):
                 fail(what, m[key], f"{at}.{key}")
         for key, ok, what in (
-            ("layer", lambda v: v is None or _is_int(v), "an integer or null"),
-            ("expert", lambda v: v is None or _is_int(v), "an integer or null"),
-            ("rel_norm", lambda v: v is None or _is_num(v), "a number or null"),
-            ("base_fro_norm", lambda v: v is None or _is_num(v), "a number or null"),
-            ("effective_rank", lambda v: v is None or _is_num(v), "a number or null"),
-            ("lora_r", lambda v: v is None or _is_int(v), "an integer or null"),
+            ("layer", lambda v: v is None or is_int(v), "an integer or null"),
+            ("expert", lambda v: v is None or is_int(v), "an integer or null"),
+            ("rel_norm", lambda v: v is None or is_num(v), "a number or null"),
+            ("base_fro_norm", lambda v: v is None or is_num(v), "a number or null"),
+            ("effective_rank", lambda v: v is None or is_num(v), "a number or null"),
+            ("lora_r", lambda v: v is None or is_int(v), "an integer or null"),
             ("note", lambda v: isinstance(v, str), "a string"),
             ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
-            ("energy_rank_frac", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()), "an object of numbers"),
-            ("seconds", _is_num, "a number"),
+            ("energy_rank_frac", lambda v: isinstance(v, dict) and all(is_num(x) for x in v.values()), "an object of numbers"),
+            ("seconds", is_num, "a number"),
             ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
                              'alpha, sigma, D, xmin) or null'),
         ):
@@ -131,30 +133,30 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     for key in ("energy_rank", "random_energy_rank", "signal_rank"):
         ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}
         for k, v in ranks.items():
-            if _is_int(v) and not 0 <= v <= p:
+            if is_int(v) and not 0 <= v <= p:
                 impossible(f"{at}.{key}{f'[{k}]' if k else ''}", v, f"a rank lies from 0 to min(shape) = {p}", source)
     for k, v in (m.get("energy_rank_frac") or {}).items():
-        if _is_num(v) and not 0 <= v <= 1:
+        if is_num(v) and not 0 <= v <= 1:
             impossible(f"{at}.energy_rank_frac[{k}]", v, "a share of min(shape) lies from 0 to 1", source)
     for key in ("fro_norm", "spectral_norm", "nuclear_norm", "base_fro_norm", "rel_norm", "stable_rank", "effective_rank"):
         v = m.get(key)
-        if _is_num(v) and not v >= 0:
+        if is_num(v) and not v >= 0:
             impossible(f"{at}.{key}", v, "norms and ranks are not negative", source)
     # τ = 1 is the numerical rank, which may be below the cumulative-sum rank at τ = 1 − 1e-13: left out
-    ranks = sorted(((float(k), v) for k, v in m["energy_rank"].items() if _is_int(v) and float(k) < 1.0), key=lambda kv: kv[0])
+    ranks = sorted(((float(k), v) for k, v in m["energy_rank"].items() if is_int(v) and float(k) < 1.0), key=lambda kv: kv[0])
     if any(b[1] < a[1] for a, b in zip(ranks, ranks[1:])):
         impossible(f"{at}.energy_rank", m["energy_rank"], "energy ranks do not fall as τ rises", source)
     fro, top, base, rel = m.get("fro_norm"), m.get("spectral_norm"), m.get("base_fro_norm"), m.get("rel_norm")
-    if _is_num(fro) and _is_num(top) and top > fro * (1 + 1e-3) + 1e-300:  # float32-certified values: ~p·u off
+    if is_num(fro) and is_num(top) and top > fro * (1 + 1e-3) + 1e-300:  # float32-certified values: ~p·u off
         impossible(f"{at}.spectral_norm", top, f"σ₁ is at most ‖ΔW‖_F ({fro})", source)
-    if _is_num(fro) and all(_is_num(x) for x in m["singular_values"]) and math.isfinite(fro) \
+    if is_num(fro) and all(is_num(x) for x in m["singular_values"]) and math.isfinite(fro) \
             and math.fsum(float(x) * float(x) for x in m["singular_values"]) > fro * fro * (1 + 1e-3) + 1e-300:
         impossible(f"{at}.singular_values", "…", f"their squares sum to more than ‖ΔW‖_F² ({fro}²)", source)
-    if _is_num(fro) and _is_num(base) and _is_num(rel) and base > 0 and math.isfinite(fro / base) \
+    if is_num(fro) and is_num(base) and is_num(rel) and base > 0 and math.isfinite(fro / base) \
             and not math.isclose(rel, fro / base, rel_tol=1e-6, abs_tol=1e-300):
         impossible(f"{at}.rel_norm", rel, f"it is fro_norm / base_fro_norm = {fro / base:.6g}", source)
-    if any(_is_num(x) and x < 0 for x in m["singular_values"]):
-        impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if _is_num(x)),
+    if any(is_num(x) and x < 0 for x in m["singular_values"]):
+        impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if is_num(x)),
                    "singular values are not negative", source)
 
 
@@ -204,4 +206,4 @@ def newer_schema_error(schema: Any, known: Iterable[str], source: Any) -> Result
     return None
 
 
-__all__ = ["SCHEMA", "check_document", "check_journal_records", "impossible", "newer_schema_error"]
+__all__ = ["SCHEMA", "check_document", "check_journal_records", "impossible", "is_int", "is_num", "newer_schema_error"]

@@ -324,3 +324,26 @@ def reference_energy_rank(delta: np.ndarray, tau: float) -> tuple[int, bool]:
     k = int(np.argmax(energy >= tau * total)) + 1
     clear = bool(np.min(np.abs(energy / total - tau)) > 1e-6)
     return k, clear
+
+
+def save_perturbed_pair(tmp_path: Path, model: torch.nn.Module, name: str, seed: int = 1):
+    """Save ``model`` as base (``<name>_b``), add 0.01·N(0, 1) to every 2-D parameter, save as tuned
+    (``<name>_t``); returns both folders and float64 copies of both state dicts."""
+    base, tuned = tmp_path / f"{name}_b", tmp_path / f"{name}_t"
+    model.save_pretrained(base)
+    b = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.ndim == 2:
+                prm.add_(0.01 * torch.randn(prm.shape, generator=g))
+    model.save_pretrained(tuned)
+    t = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    return base, tuned, b, t
+
+
+def fro_by_name(base: Path, tuned: Path) -> dict[str, float]:
+    """``spectra.diff(base, tuned)``'s ‖ΔW‖_F per result name."""
+    import spectra
+
+    return {m.name: m.fro_norm for m in spectra.diff(str(base), str(tuned)).modules}

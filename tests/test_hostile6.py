@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from families_util import fro_by_name, save_perturbed_pair
 from safetensors.torch import save_file
 
 from spectra_cli.main import main
@@ -54,27 +55,6 @@ def test_unreadable_file_hint_is_permissions(tmp_path):
 
 
 # ---- fused matrices split as the model computes them ----------------------------------------------
-def _pair(tmp_path, model, name: str, seed: int = 1):
-    """Save ``model`` as base, perturb every matrix, save as tuned; float64 state dicts of both."""
-    base, tuned = tmp_path / f"{name}_b", tmp_path / f"{name}_t"
-    model.save_pretrained(base)
-    b = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for prm in model.parameters():
-            if prm.ndim == 2:
-                prm.add_(0.01 * torch.randn(prm.shape, generator=g))
-    model.save_pretrained(tuned)
-    t = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
-    return base, tuned, b, t
-
-
-def _fro_by_name(base, tuned) -> dict[str, float]:
-    import spectra
-
-    return {m.name: m.fro_norm for m in spectra.diff(str(base), str(tuned)).modules}
-
-
 def test_gpt2_cross_attention_c_attn_is_k_and_v(tmp_path):
     """GPT-2 cross-attention's c_attn is Conv1D(2d): k and v of the encoder states (q is q_attn); it was
     cut in thirds as q, k, v whenever 2d was a multiple of 3."""
@@ -83,8 +63,8 @@ def test_gpt2_cross_attention_c_attn_is_k_and_v(tmp_path):
     torch.manual_seed(0)
     model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=48, n_head=4, n_layer=1, vocab_size=64, n_positions=16,
                                            add_cross_attention=True))
-    base, tuned, b, t = _pair(tmp_path, model, "gpt2x")
-    fro = _fro_by_name(base, tuned)
+    base, tuned, b, t = save_perturbed_pair(tmp_path, model, "gpt2x")
+    fro = fro_by_name(base, tuned)
     name = "transformer.h.0.crossattention.c_attn.weight"
     D = (t[name] - b[name]).T.numpy()  # Conv1D stores (in, out)
     assert fro[f"{name}:k"] == pytest.approx(np.linalg.norm(D[:48]), rel=1e-6)
@@ -105,8 +85,8 @@ def test_gpt_bigcode_c_attn_split_as_transformers_views_it(tmp_path, multi_query
     torch.manual_seed(0)
     model = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(n_embd=64, n_head=4, n_layer=1, vocab_size=64, n_positions=16,
                                                        multi_query=multi_query))
-    base, tuned, b, t = _pair(tmp_path, model, "bigcode")
-    fro = _fro_by_name(base, tuned)
+    base, tuned, b, t = save_perturbed_pair(tmp_path, model, "bigcode")
+    fro = fro_by_name(base, tuned)
     name = "transformer.h.0.attn.c_attn.weight"
     D = (t[name] - b[name]).numpy()
     if multi_query:

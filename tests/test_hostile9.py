@@ -11,27 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-
-
-def _pair(tmp_path, model, tag: str, seed: int = 1):
-    """Save ``model`` as base, perturb every 2-D parameter, save as tuned; float64 state dicts of both."""
-    base, tuned = tmp_path / f"{tag}_base", tmp_path / f"{tag}_tuned"
-    model.save_pretrained(base)
-    b = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for prm in model.parameters():
-            if prm.ndim == 2:
-                prm.add_(0.01 * torch.randn(prm.shape, generator=g))
-    model.save_pretrained(tuned)
-    t = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
-    return base, tuned, b, t
-
-
-def _fro_by_name(base, tuned) -> dict[str, float]:
-    import spectra
-
-    return {m.name: m.fro_norm for m in spectra.diff(str(base), str(tuned)).modules}
+from families_util import fro_by_name, save_perturbed_pair
 
 
 def test_codegen_qkv_proj_is_four_blocks_of_q_v_k(tmp_path):
@@ -43,8 +23,8 @@ def test_codegen_qkv_proj_is_four_blocks_of_q_v_k(tmp_path):
     torch.manual_seed(0)
     model = T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=64, n_positions=32, n_ctx=32, n_embd=64, n_layer=1,
                                                  n_head=4, rotary_dim=8))
-    base, tuned, b, t = _pair(tmp_path, model, "codegen")
-    fro = _fro_by_name(base, tuned)
+    base, tuned, b, t = save_perturbed_pair(tmp_path, model, "codegen")
+    fro = fro_by_name(base, tuned)
     name = "transformer.h.0.attn.qkv_proj.weight"
     blocks = (t[name] - b[name]).numpy().reshape(4, 3, 16, 64)  # (mp_num, [q, v, k], local, in)
     ref = {"q": blocks[:, 0], "v": blocks[:, 1], "k": blocks[:, 2]}
@@ -83,8 +63,8 @@ def test_minimax_linear_attention_qkv_proj_is_per_head(tmp_path):
                           num_key_value_heads=2, head_dim=16, vocab_size=64, num_local_experts=2,
                           num_experts_per_tok=1, max_position_embeddings=32)
     model = T.MiniMaxForCausalLM(cfg)
-    base, tuned, b, t = _pair(tmp_path, model, "minimax")
-    fro = _fro_by_name(base, tuned)
+    base, tuned, b, t = save_perturbed_pair(tmp_path, model, "minimax")
+    fro = fro_by_name(base, tuned)
     layer = cfg.layer_types.index("linear_attention")
     name = f"model.layers.{layer}.self_attn.qkv_proj.weight"
     per_head = (t[name] - b[name]).numpy().reshape(4, 3, 16, 64)
