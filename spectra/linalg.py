@@ -60,7 +60,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from spectra.metrics import outside_squaring_range, spectrum_metrics
+from spectra.metrics import SQUARING_LIMIT, outside_squaring_range, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -166,7 +166,7 @@ def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
             if scale != 1.0:  # the rescaled pass only (a multiply on every pass cost ~2x); not in place:
                 chunk = chunk * scale  # .double() of float64 input is the input itself
             total += float(torch.dot(chunk, chunk).item())
-        if scale != 1.0 or (math.isfinite(total) and (total >= 2.0**-500 or total == 0.0 and not bool(flat.any()))):
+        if scale != 1.0 or (math.isfinite(total) and (total >= SQUARING_LIMIT**-2 or total == 0.0 and not bool(flat.any()))):
             return total**0.5 / scale
         # squares out of float64's range (values near 1e±160, or a sum that overflowed): again, scaled
         amax = float(torch.linalg.vector_norm(flat, ord=math.inf))
