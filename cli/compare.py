@@ -10,7 +10,7 @@ from rich.table import Table
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
-from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import echo_json, print_explanation, print_table, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -21,13 +21,9 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     """``--explain``: print the legend of the table's columns and stop (no input needed)."""
     if not value or ctx.resilient_parsing:
         return
-    console = stdout()
-    console.print("Columns of the table spectra compare prints (one row per module both A and B update):")
-    for name, text in table_legend("right", with_base=True):
-        console.print(f"  {escape(name):<15} {escape(text)}", highlight=False)
-    console.print("With --side left, φ is computed on the left (output-space) singular vectors instead.")
-    console.print(EXPLAIN_EPILOG)
-    ctx.exit(0)
+    print_explanation(ctx, "Columns of the table spectra compare prints (one row per module both A and B update):",
+                      table_legend("right", with_base=True),
+                      ["With --side left, φ is computed on the left (output-space) singular vectors instead.", EXPLAIN_EPILOG])
 
 
 @click.command("compare", short_help="How two updates of one base relate: φ, angles, captured energy, amplification, intruders.")
@@ -87,7 +83,7 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
         echo_json(result.to_json())
     else:
         out = stdout()
-        out.print(compare_table(result))
+        print_table(out, compare_table(result))
         out.print(short_legend(result), style="dim", highlight=False)
         plain = [f for f in found if not f.warning]
         if plain:

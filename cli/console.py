@@ -10,8 +10,10 @@ import time
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Column
+from rich.table import Column, Table
+from rich.text import Text
 
 from spectra.display import display_name
 
@@ -50,6 +52,79 @@ def echo_json(text: str) -> None:
     if _RAW_UNSAFE.search(text):
         text = json.dumps(json.loads(text), indent=1, ensure_ascii=True)
     click.echo(text)
+
+
+#: Narrowest a name column may fold to before a table is printed as one block per row instead.
+NAME_MIN = 10
+#: Longest cell of a column taken for numbers (kept whole); longer ones, or with spaces, fold as text.
+NUMBER_MAX = 16
+
+
+def _cell_len(console: Console, cell) -> int:
+    return (console.render_str(cell) if isinstance(cell, str) else cell).cell_len if cell is not None else 0
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a results table whose numbers are never cut: rich shrinks every column of a table wider
+    than the terminal, and "0.87" became "0.…" at 80 columns. Numbers (right-justified columns) keep
+    their full width and names fold onto more lines: in a boxed table, else with headers folded at
+    their spaces, else without borders; when even that does not fit, each row is printed as a block
+    of ``column: value`` lines, which fits any width."""
+    cols = table.columns
+    # a number: a right-justified cell of one short word ("0.512", "2–8", "–"); --plan's right column is prose
+    numeric = [c.justify == "right" and all(len(t) <= NUMBER_MAX and " " not in t.strip() for t in (_plain(console, x) for x in c.cells))
+               for c in cols]
+    natural = [max([_cell_len(console, x) for x in c.cells] + [0]) for c in cols]
+    headers = [str(c.header) for c in cols]
+    for boxed, fold in ((True, False), (True, True), (False, False), (False, True)):
+        # a header folds at its spaces: then its longest word is the least its column needs
+        head = [max([len(w) for w in h.split()] + [0]) if fold else len(h) for h in headers]
+        need = [max(h, n if num else min(n, NAME_MIN)) for h, n, num in zip(head, natural, numeric)]
+        # boxed: a space each side of a cell, separators and edges; plain: one space between columns
+        frame = 3 * len(cols) + 1 if boxed else len(cols)
+        if sum(need) + frame > console.width:
+            continue
+        spare = (console.width - frame - sum(need)) // max(1, numeric.count(False))
+        for i, c in enumerate(cols):  # fixed widths: rich shrinks nothing, names share what numbers leave
+            c.width = need[i] if numeric[i] else min(max(natural[i], head[i]), need[i] + spare)
+            c.overflow = "fold"
+        if not boxed:
+            table.box, table.padding, table.pad_edge = None, (0, 1, 0, 0), False
+        console.print(table)
+        return
+    if table.title:
+        console.print(table.title, highlight=False)
+    labels = [" ".join(h.split()) for h in headers]
+    columns = [list(c.cells) for c in cols]
+    for r in range(table.row_count):
+        cells = [col[r] for col in columns]
+        console.print(Text(" ".join(_plain(console, x) for x, num in zip(cells, numeric) if not num), style="bold"),
+                      overflow="fold")
+        for label, x, num in zip(labels, cells, numeric):
+            if num:
+                console.print(Text(f"  {label + ': ' if label else ''}{_plain(console, x)}"), overflow="fold")
+
+
+def _plain(console: Console, cell) -> str:
+    return "" if cell is None else (console.render_str(cell) if isinstance(cell, str) else cell).plain
+
+
+def print_explanation(ctx: click.Context, title: str, columns: list[tuple[str, str]], notes: list[str]) -> None:
+    """``--explain``: what each column of a command's table means (``title``, then one line per
+    ``(column, meaning)``, then ``notes``), as text or, with ``--json``, as a JSON object; then exit 0.
+    ``--explain`` is eager (it needs no input), so ``--json`` is looked for in the command's tokens,
+    which ``spectra``'s group keeps in ``ctx.meta`` before any option is read."""
+    if "--json" in ctx.meta.get("spectra.args", ()):
+        echo_json(json.dumps({"title": title, "columns": dict(columns), "notes": notes}, indent=1, ensure_ascii=False))
+        ctx.exit(0)
+    console = stdout()
+    console.print(escape(title), highlight=False)
+    width = max((len(name) for name, _ in columns), default=0) + 2
+    for name, text in columns:
+        console.print(f"  {escape(name):<{width}} {escape(text)}", highlight=False)
+    for note in notes:
+        console.print(escape(note), highlight=False)
+    ctx.exit(0)
 
 
 def quiet_transformers() -> None:

@@ -14,14 +14,14 @@ from rich.table import Table
 import spectra
 from spectra import distributed as spectra_distributed
 from spectra.config import DiffConfig
-from spectra.display import display_name
+from spectra.display import display_name, range_text, tau_percent
 from spectra.errors import ConfigError
 from spectra.findings import diff_findings, skipped_reasons, summary_legend
 from spectra.io.checkpoint import READ_NOTE_PREFIX
 from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
-from spectra_cli.console import echo_json, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import echo_json, print_explanation, print_table, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra diff --explain`` (and, shortened, under the table).
 EXPLAIN_EPILOG = ("Definitions of every metric, with formulas and sources: docs/definitions.md in the spectra "
@@ -32,13 +32,10 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     """``--explain``: print the legend of the table's columns and stop (no checkpoint needed)."""
     if not value or ctx.resilient_parsing:
         return
-    console = stdout()
-    console.print("Columns of the table spectra diff prints (one row per module kind, medians over its matrices):")
-    for name, text in summary_legend(0.9, lora=True):
-        console.print(f"  {escape(name):<12} {escape(text)}", highlight=False)
-    console.print("For a LoRA adapter, rank[0.9] out of LoRA r is how much of the adapter's rank the update uses.")
-    console.print(EXPLAIN_EPILOG)
-    ctx.exit(0)
+    print_explanation(ctx, "Columns of the table spectra diff prints (one row per module kind, medians over its matrices):",
+                      summary_legend(0.9, lora=True),
+                      ["For a LoRA adapter, rank[0.9] out of LoRA r is how much of the adapter's rank the update uses.",
+                       EXPLAIN_EPILOG])
 
 
 @click.command("diff", short_help="Spectrum of ΔW = TUNED − BASE for every paired matrix: rank needed, norms, baselines.")
@@ -160,7 +157,7 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         echo_json(result.to_json())
     else:
         out = stdout()
-        out.print(_summary_table(result))
+        print_table(out, _summary_table(result))
         lora = any(m.lora_r is not None for m in result.modules)
         out.print(_short_legend(result.headline_threshold, lora), style="dim", highlight=False)
         plain = [f for f in found if not f.warning and f.topic != "skipped"]  # skips: the stderr line below
@@ -203,7 +200,7 @@ def _short_legend(tau: float, lora: bool) -> str:
     """Two lines under the table: p, the rank needed and the baselines (``--explain`` says more)."""
     k = str(float(tau))
     return (f"p = min(out, in), the most directions a matrix can have; rank[{k}] = fewest singular directions holding "
-            f"{tau:.0%} of ΔW's energy; / p = that ÷ p; random / p = the same for a Gaussian random matrix of the shape "
+            f"{tau_percent(tau)} of ΔW's energy; / p = that ÷ p; random / p = the same for a Gaussian random matrix of the shape "
             f"(a dense update); ‖ΔW‖/‖W‖ = relative size{'; LoRA r = the adapter rank (rank[' + k + '] of r is used)' if lora else ''}. "
             "spectra diff --explain defines each column; docs/definitions.md each metric.")
 
@@ -237,7 +234,7 @@ def _print_plan(plan: spectra.plan.Plan, console: Console) -> None:
         table.add_row("estimated peak memory, GPU", fmt_bytes(plan.device_bytes))
     table.add_row("calibration", f"{c.device}, {c.precision}: Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, "
                                  f"eigensolve {c.eig_rate / 1e9:.2f} G p³/s, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
-    console.print(table)
+    print_table(console, table)
     shapes = Table(title="matrices by shape (out × in)", title_justify="left")
     for col in ("shape", "count", "est. s / matrix"):
         shapes.add_column(col, justify="right")
@@ -253,7 +250,7 @@ def _summary_table(result: spectra.DiffResult) -> Table:
     the relative norm (:meth:`spectra.DiffResult.summary_records`)."""
     tau = result.headline_threshold
     key = str(float(tau))
-    table = Table(title=f"Rank needed for {tau:.0%} of ΔW's energy, median per module kind", title_justify="left")
+    table = Table(title=f"Rank needed for {tau_percent(tau)} of ΔW's energy, median per module kind", title_justify="left")
     lora = any(m.lora_r is not None for m in result.modules)
     for col, just in (("module", "left"), ("n", "right"), ("p", "right"), *((("LoRA r", "right"),) if lora else ()),
                       (f"rank[{key}]", "right"), ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
@@ -261,7 +258,7 @@ def _summary_table(result: spectra.DiffResult) -> Table:
     for r in result.summary_records(tau):
         table.add_row(
             escape(display_name(r["module"], 40)), str(r["count"]), str(r["p"]),
-            *(("–" if r["lora_r"] is None else f"{r['lora_r']:g}",) if lora else ()),
+            *((range_text(r["lora_r_range"]),) if lora else ()),
             f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
         )

@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import progress_bar, stderr, stdout
+from spectra_cli.console import print_table, progress_bar, stderr, stdout
 
 
 @click.command("esd")
@@ -76,7 +76,7 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
     if as_json:
         click.echo(result.to_json())
     else:
-        stdout().print(_summary_table(result))
+        print_table(stdout(), _summary_table(result))
     over = sum(m["warning"] == "over-trained" for m in result.matrices)
     under = sum(m["warning"] == "under-trained" for m in result.matrices)
     err.print(f"{len(result.matrices)} matrices in {result.elapsed_s:.1f} s on {result.device}; {over} over-trained "
@@ -102,6 +102,7 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def _summary_table(result) -> Table:
+    from spectra.esd import alpha_text  # the digits that keep α on its side of 2 and 6, as its flag
     from spectra.naming import role_sort_key
 
     table = Table(title=escape(f"Power-law exponent α per module: {result.model} (xmin: {result.config.get('xmin')})"),
@@ -110,6 +111,7 @@ def _summary_table(result) -> Table:
         table.add_column(col, justify="left" if col == "module" else "right")
     rows = sorted(result.summary(), key=lambda r: role_sort_key(r["role"], r["module"]))
     for r in rows:
-        table.add_row(escape(r["module"]), str(r["count"]), str(r["fitted"]), _fmt(r["alpha_median"]), _fmt(r["alpha_min"]),
-                      _fmt(r["alpha_max"]), _fmt(r["D_median"], ".3f"), str(r["over_trained"]), str(r["under_trained"]))
+        table.add_row(escape(r["module"]), str(r["count"]), str(r["fitted"]), alpha_text(r["alpha_median"]),
+                      alpha_text(r["alpha_min"]), alpha_text(r["alpha_max"]), _fmt(r["D_median"], ".3f"), str(r["over_trained"]),
+                      str(r["under_trained"]))
     return table

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import progress_bar, stderr, stdout
+from spectra_cli.console import print_table, progress_bar, stderr, stdout
 
 
 @click.command("extract")
@@ -90,8 +90,8 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
     else:
         out = stdout()
-        out.print(summary_table(result.to_dict()))
-        out.print(totals_table(result.to_dict()))
+        print_table(out, summary_table(result.to_dict()))
+        print_table(out, totals_table(result.to_dict()))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     held = [r for r in result.not_lora if r["held"] is None]

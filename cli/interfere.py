@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import progress_bar, stderr, stdout
+from spectra_cli.console import print_table, progress_bar, stderr, stdout
 
 
 @click.command("interfere", short_help="Interference between several fine-tunes of one base (adapters or full).")
@@ -70,8 +70,8 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         out = stdout()
         for key, label in (("cosine", "cosine of the flattened updates"), ("phi", f"φ of the top-k subspaces ({side})"),
                            ("tsv", "TSV interference, bounded form (1: identical)")):
-            out.print(_pair_table(doc, key, label))
-        out.print(_module_table(doc))
+            print_table(out, _pair_table(doc, key, label))
+        print_table(out, _module_table(doc))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     err.print(f"{len(result.modules)} matrices compared in {result.elapsed_s:.1f} s on {result.device}; "

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 import spectra
-from spectra.errors import IdenticalCheckpointsError, SpectraError
+from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory
 from spectra_cli import compare as compare_commands
 from spectra_cli import diff as diff_commands
 from spectra_cli import esd as esd_commands
@@ -37,6 +37,9 @@ from spectra_cli.console import EXIT_ERROR, EXIT_IDENTICAL
 #: before the process ends anyway: a thread blocked in ``open()`` of a FIFO, or a long native call,
 #: never reaches the code that would stop it. A second signal ends it at once.
 STOP_GRACE_S = 20.0
+#: A second signal of the same kind this soon after the first is the same stop delivered twice
+#: (coreutils ``timeout`` signals the command and then its process group), not a request to hurry.
+DUPLICATE_S = 0.25
 
 
 class _Terminated(KeyboardInterrupt):
@@ -58,6 +61,7 @@ class _StopSignals:
         self.kept = kept
         self.timer: threading.Timer | None = None
         self.count = 0
+        self._first = (0, 0.0)  # signal number and time of the first stop
         self._raised = False
         self._lock = threading.Lock()
         self._read, self._write = os.pipe()
@@ -80,9 +84,14 @@ class _StopSignals:
 
     def _seen(self, signum: int) -> None:
         code = 143 if signum == signal.SIGTERM else 130
+        now = time.monotonic()
         with self._lock:
+            if self.count and signum == self._first[0] and now - self._first[1] < DUPLICATE_S:
+                return  # the same stop delivered twice (timeout signals the command, then its group)
             self.count += 1
             first = self.count == 1
+            if first:
+                self._first = (signum, now)
         if first:  # kept after the command returns when this process is the command: it also bounds a hang in its exit
             self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s", self.kept))
             self.timer.daemon = True
@@ -189,6 +198,16 @@ class _Group(click.Group):
                 raise
             with contextlib.suppress(OSError, ValueError, AttributeError):
                 click.echo(f"{_rank_prefix()}error: cannot write the output: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except (MemoryError, RuntimeError) as exc:
+            # a matrix larger than the memory left: one line (the journal holds what was finished), not a traceback
+            oom = out_of_memory(exc)
+            if oom is None or os.environ.get("SPECTRA_DEBUG") == "1":
+                raise
+            kept = kept_on_stop(self, ctx, since=started) or kept
+            plan = "; `spectra diff --plan` says what a run needs" if ctx.invoked_subcommand == "diff" else ""
+            click.echo(f"{_rank_prefix()}error: {oom} (free memory or use a machine with more{plan})"
+                       f"{'; ' + kept if kept else ''}", err=True)
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt as exc:
             what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"

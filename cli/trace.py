@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import progress_bar, stderr, stdout
+from spectra_cli.console import print_table, progress_bar, stderr, stdout
 
 
 @click.command("trace")
@@ -65,7 +65,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     if as_json:
         click.echo(json.dumps(jsonable(result.to_dict()), indent=1, ensure_ascii=False))
     else:
-        stdout().print(_summary_table(result))
+        print_table(stdout(), _summary_table(result))
     for s in result.skipped_checkpoints:
         err.print(f"[yellow]warning:[/] left out {escape(s['path'])}: {escape(s['reason'])}", highlight=False)
     for w in result.warnings:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from spectra.config import DiffConfig
-from spectra_cli.console import progress_bar, quiet_transformers, stderr, stdout
+from spectra_cli.console import print_table, progress_bar, quiet_transformers, stderr, stdout
 from spectra_cli.diff import run_diff
 
 #: Largest seed (spectra.training_inputs.MAX_SEED: torch seeds are 64-bit); written out so that the
@@ -62,8 +62,13 @@ def _sweep_stop_note(params: dict, since: float | None) -> str:
             if since is not None and mtime >= since:
                 finished.append((mtime, f.parent.name))
     done = [name for _, name in sorted(finished)]
+    analyses = sorted(f.parent.name for pattern in ("diff_*/results.json", "compare_*/compare.json")
+                      for f in (out / "analysis").glob(pattern) if f.name in _written_since(f.parent, (f.name,), since))
+    if _written_since(out, ("sweep.json",), since):  # stopped after its last write: everything is there
+        return f"sweep.json and every run and analysis were written to {out} before the stop"
     return ((f"the finished runs ({', '.join(done)}) are in {out}; " if done else "")
-            + "sweep.json and the analyses were not written (rerun with --force to start again)")
+            + (f"the finished analyses ({', '.join(analyses)}) are in {out / 'analysis'}; " if analyses else "")
+            + f"sweep.json{' was' if analyses else ' and the analyses were'} not written (rerun with --force to start again)")
 
 
 @click.command("train", short_help="One reference fine-tune (LoRA via PEFT, or full), logged.")
@@ -172,7 +177,7 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
         table.add_column(c, justify="left" if c == "run" else "right")
     for name, r in doc["runs"].items():
         table.add_row(escape(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.0f}")
-    stdout().print(table)
+    print_table(stdout(), table)
     err.print(escape(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
 
 

@@ -26,9 +26,9 @@ from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
-from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
 from spectra.pairing import Skipped, oriented_shape
-from spectra.records import DiffEvent, esd_entry, random_ranks, spectrum_fields
+from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
 
@@ -82,6 +82,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
                 path=adapter.path, tensor=name, hint="the adapter was trained on a different base model",
             )
         out.append((mod, spec, name))
+    out.sort(key=lambda t: spec_order(t[1]))  # the file's key order put layer 10 before layer 2
     return out
 
 
@@ -233,6 +234,8 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
             + (", embedding" if mod.embedding else ""))
     if spec.note:
         note += "; " + spec.note
+    if base_fro == 0:
+        note += "; " + ZERO_BASE_NOTE
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
         base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),

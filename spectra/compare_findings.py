@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
-from spectra.compare_records import ComparedModule, CompareResult
+from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.display import display_name
 from spectra.findings import Finding, percent
 
@@ -51,15 +51,6 @@ def headline_side(result: CompareResult) -> str:
     """The side the findings and the table talk about: the run's, ``right`` when it compared both."""
     side = result.config.get("side", "right")
     return "right" if side == "both" else side
-
-
-def random_two_sided(r: int, out: int, in_: int) -> float:
-    """Expected two-sided captured energy of random rank-r subspaces: ``r² / (out·in)``.
-
-    >>> random_two_sided(8, 64, 128)
-    0.0078125
-    """
-    return r * r / (out * in_)
 
 
 def compare_findings(result: CompareResult) -> list[Finding]:
@@ -132,23 +123,29 @@ def _captured_finding(ms: list[ComparedModule]) -> Finding:
     best = _median([m.captured["b_in_a"].best_rank_r for m in ms])
     rand = _median([random_two_sided(m.rank_a, m.out, m.in_) for m in ms])
     back = _median([m.captured["a_in_b"].two_sided for m in ms if m.captured.get("a_in_b") is not None])
-    of_best = got / best if best > 0 else 0.0
-    times = f"{got / rand:.3g}× what random subspaces of the same rank hold ({percent(rand)})" if rand > 0 else ""
+    # ratios per module, then their median: a ratio of medians mixes shapes whose baselines differ 4×
+    fits = [c.two_sided / c.best_rank_r for m in ms if (c := m.captured["b_in_a"]).best_rank_r > 0]
+    of_best = _median(fits) if fits else 0.0
+    over = [m.captured["b_in_a"].two_sided / r for m in ms if (r := random_two_sided(m.rank_a, m.out, m.in_)) > 0]
+    times = (f"{_median(over):.3g}× what random subspaces of the same ranks hold (median of each module's ratio; "
+             f"random holds a median {percent(rand)})") if over else ""
     text = (f"A's top subspaces hold {percent(got)} of B's update energy (median over {len(ms)} modules, two-sided); "
             f"the best any subspace of that rank could hold is {percent(best)}, so A reaches {percent(of_best)} of what was "
             f"possible, and {times}. B's top subspaces hold {percent(back)} of A's.")
     return Finding("captured", text, numbers={"modules": len(ms), "median_b_in_a": got, "median_best": best,
-                                              "median_random": rand, "share_of_best": of_best, "median_a_in_b": back})
+                                              "median_random": rand, "share_of_best": of_best, "median_a_in_b": back,
+                                              "median_ratio_to_random": _median(over) if over else None})
 
 
 def _phi_finding(ms: list[ComparedModule], side: str) -> Finding:
     phi = _median([m.phi[side].phi_full for m in ms])
     rand = _median([m.phi[side].random for m in ms])
     above = sum(m.phi[side].phi_full > 2 * m.phi[side].random for m in ms)
-    ratio = phi / rand if rand > 0 else float("inf")
+    over = [m.phi[side].phi_full / m.phi[side].random for m in ms if m.phi[side].random > 0]
+    ratio = _median(over) if over else float("inf")  # each module against its own baseline
     vectors = "input (right" if side == "right" else "output (left"
     text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {phi:.3g} against its random baseline {rand:.3g} "
-            f"({ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio)}; φ exceeds twice its baseline in "
+            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio)}; φ exceeds twice its baseline in "
             f"{above} of {len(ms)} modules.")
     return Finding("phi", text, numbers={"side": side, "median_phi": phi, "median_random": rand, "ratio": ratio,
                                          "above_twice_random": above, "modules": len(ms)})

@@ -242,6 +242,16 @@ class CompareResult:
         return cls.from_dict(doc, source=path)
 
 
+def random_two_sided(r: int, out: int, in_: int) -> float:
+    """Expected two-sided captured energy of random rank-r subspaces: ``r² / (out·in)`` (the
+    baseline of ``captured.b_in_a.two_sided``, one per module shape).
+
+    >>> random_two_sided(8, 64, 128)
+    0.0078125
+    """
+    return r * r / (out * in_)
+
+
 def _finite(d: dict[str, Any]) -> dict[str, Any]:
     """A measure's fields with non-finite numbers as None (JSON has no Infinity: an amplification
     factor is infinite when ΔW has no component in W's directions at all)."""
@@ -367,4 +377,5 @@ class _Reader:
         )
 
 
-__all__ = ["SCHEMA", "STATUSES", "AngleSummary", "CompareResult", "ComparedModule", "IntruderSummary", "PhiSummary"]
+__all__ = ["SCHEMA", "STATUSES", "AngleSummary", "CompareResult", "ComparedModule", "IntruderSummary", "PhiSummary",
+           "random_two_sided"]

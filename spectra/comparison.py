@@ -48,7 +48,7 @@ from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, folder_lock
+from spectra.io.files import atomic_write_text, folder_lock, same_file
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
@@ -61,7 +61,7 @@ from spectra.naming import (
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.plots.compare import compare_plots
 from spectra.results import rows_to_csv
-from spectra.selection import selector
+from spectra.selection import refuse_empty_selection, selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
 from spectra.sketch import randomized_svd
 from spectra.subspaces import (
@@ -418,6 +418,8 @@ def compare(
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
+    if same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b))):
+        result.warnings.append(f"A and B are the same checkpoint ({A.label}): every measure compares an update with itself")
     shared = [k for k in A.names if k in B.names]
     if not shared:
         raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",
@@ -459,6 +461,9 @@ def compare(
                                path=base_ckpt.label if base_ckpt is not None else None, tensor=A.names[k])
         if keep(spec.name, spec.layer):
             todo.append((k, spec))
+    if not todo and not (result.skipped or result.a_only or result.b_only):  # those the command reports
+        refuse_empty_selection(len(shared), A.names[shared[0]], include=config.include, exclude=config.exclude,
+                               layers=config.layers, what="modules both inputs update")
     todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))
     gen = torch.Generator().manual_seed(config.seed)
     jobs = []

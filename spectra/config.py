@@ -119,9 +119,7 @@ class DiffConfig(SharedOptions):
         super().__post_init__()
         if self.esd and not self.weight_spectra:  # the fits of W_base and W_tuned need their spectra
             object.__setattr__(self, "weight_spectra", True)
-        if not self.thresholds or any(not (0.0 < float(t) <= 1.0) for t in self.thresholds):
-            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
-        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        object.__setattr__(self, "thresholds", check_thresholds(self.thresholds))
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0. Got {self.top_k} instead")
         if self.method not in ("gram", "svd"):
@@ -306,10 +304,24 @@ def validate_filters(include: str | None, exclude: str | None) -> None:
             search_pattern(f"--{name}", pattern)
 
 
+def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
+    """The energy thresholds τ (``--threshold``/``-t``), sorted and each once.
+
+    Raises:
+        ConfigError: none given, or one outside (0, 1] (a value below ~1e-308, as typed, reads as 0).
+    """
+    bad = [t for t in thresholds if not 0.0 < float(t) <= 1.0]
+    if not thresholds or bad:
+        shown = ", ".join(f"{float(t):g}" + (" (below ~1e-308 a number reads as 0)" if float(t) == 0 else "") for t in bad)
+        raise ConfigError(f"thresholds must each be in (0, 1] (--threshold/-t). Got {shown or 'none'} instead",
+                          hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
+    return tuple(sorted({float(t) for t in thresholds}))
+
+
 def validate_device(device: str) -> None:
     """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N."""
     if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
 
 
 def check_device_available(device: torch.device) -> None:

@@ -80,3 +80,25 @@ def safe_text(text: str) -> str:
 
 
 __all__ = ["MAX_NAME", "display_name", "printable", "safe_text", "shorten"]
+
+
+def tau_percent(tau: float | str) -> str:
+    """An energy threshold τ as a percentage with every digit it has (``0.995`` → ``"99.5%"``,
+    ``0.9`` → ``"90%"``): a whole-percent format showed τ = 0.995 as "100%", a different rank.
+
+    >>> tau_percent(0.995), tau_percent("0.9"), tau_percent(0.899), tau_percent(0.9999999)
+    ('99.5%', '90%', '89.9%', '99.99999%')
+    """
+    return f"{round(float(tau) * 100, 10):.12g}%"
+
+
+def range_text(bounds: tuple[float, float] | None) -> str:
+    """``(lowest, highest)`` as ``"2–8"``, one value as ``"8"``, None as ``"–"`` (a LoRA r over layers
+    with ``rank_pattern``: its median, 5 for ranks 2 and 8, is a rank no matrix has).
+
+    >>> range_text((2, 8)), range_text((8, 8)), range_text(None)
+    ('2–8', '8', '–')
+    """
+    if bounds is None:
+        return "–"
+    return "–".join(dict.fromkeys(f"{x:g}" for x in bounds))

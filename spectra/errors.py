@@ -94,3 +94,38 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     return OutputError(f"cannot write results: {why}", path=path,
                        hint=f"{fix}, or choose another --out; files written earlier are intact (diff, esd, extract and "
                             "trace continue an interrupted run with --resume)")
+
+
+#: Words of the errors torch raises when an allocation fails (CPU allocator, CUDA caching allocator, MPS).
+_OOM_WORDS = ("can't allocate memory", "out of memory", "defaultcpuallocator")
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line saying that ``exc`` is an allocation that failed (``MemoryError``, torch's CPU allocator
+    or ``torch.cuda.OutOfMemoryError``), with the bytes it asked for when torch said; None for any
+    other error (which should propagate).
+
+    >>> out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
+    ...                            "memory: you tried to allocate 576000000 bytes. Error code 12"))
+    'out of memory: an allocation of 549 MiB failed'
+    >>> out_of_memory(ValueError("bad"))
+    """
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(w in text.lower() for w in _OOM_WORDS))):
+        return None
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", text)
+    size = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]i?B)", text)
+    what = (f"an allocation of {_size(int(asked.group(1)))} failed" if asked else
+            f"an allocation of {size.group(1)} failed" if size else "an allocation failed")
+    return f"out of memory: {what}"
+
+
+def _size(n: int) -> str:
+    """Bytes as people read them: ``549 MiB``, ``12 KiB``, ``300 bytes``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    return f"{n} bytes"
+

@@ -70,6 +70,23 @@ PEAK_BINS = 100
 #: above the Marchenko–Pastur edge beyond which an eigenvalue counts as a spike.
 TW1_Q99 = 2.0234
 
+
+def alpha_text(alpha: float | None, decimals: int = 2) -> str:
+    """α with ``decimals`` decimals, more when rounding would put it on the other side of a band edge
+    (α = 1.997, flagged over-trained, read "2.00"); "–" for None.
+
+    >>> alpha_text(3.14159), alpha_text(1.99697), alpha_text(6.0004), alpha_text(None)
+    ('3.14', '1.997', '6.0004', '–')
+    """
+    if alpha is None:
+        return "–"
+    for d in range(decimals, 10):
+        text = f"{alpha:.{d}f}"
+        if all((float(text) < edge) == (alpha < edge) and (float(text) > edge) == (alpha > edge)
+               for edge in (OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA)):
+            return text
+    return f"{alpha!r}"
+
 #: Elements of one block of the KS-distance computation (candidates × tail); bounds its memory (~16 MiB
 #: per temporary) whatever the matrix size.
 _KS_BLOCK = 1 << 21

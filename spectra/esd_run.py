@@ -258,7 +258,7 @@ def esd(
                           hint="merge the adapter into its base first, or use `spectra diff BASE ADAPTER_FOLDER --esd`")
     pairing = pair_checkpoints(ckpt, ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
-                       split_fused=config.split_fused)
+                       split_fused=config.split_fused, what="matrices")
     result = EsdResult(model=ckpt.label, skipped=[asdict(s) for s in pairing.skipped], config=asdict(config),
                        device=str(device), version=__version__)
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read

@@ -28,6 +28,7 @@ The output folder's checks and the inputs' norms live in :mod:`spectra.extract_i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import shutil
 import threading
@@ -462,6 +463,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                        if (src.adapter.path / n).is_file())
         inputs.append(open_checkpoint(weights))
         options["adapter"] = [src.label, repr(src.adapter.config)]
+    # journal records name targets by position: the same names in the same order, or no resume (an adapter's
+    # modules are in layer order since the tenth round; a journal of the file's key order must not be resumed)
+    options["targets"] = hashlib.sha256("\n".join(t.name for t in src.targets).encode()).hexdigest()[:16]
     fingerprint = inputs_fingerprint(inputs, options)
     journal = RecordJournal(out / JOURNAL)
     # factors are kept in the adapter's dtype (float64 factors of a float64 ΔW stay float64 in a float64 adapter)

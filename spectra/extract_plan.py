@@ -26,6 +26,7 @@ import numpy as np
 
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
+from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
@@ -33,8 +34,6 @@ from spectra.peft_moe import PeftMoeRules
 
 #: The storage dtypes an adapter can be written in.
 OUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
-#: PEFT's ``TaskType`` values (the PeftModel subclass an adapter loads as).
-PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 #: The tied group of per-expert matrices (one rank for all, see the module docstring).
 EXPERTS_GROUP = "experts"
 
@@ -136,8 +135,7 @@ class ExtractConfig(SharedOptions):
         if self.top_values < 0 or self.eval_seq_len < 2 or self.eval_blocks < 1:
             raise ConfigError(f"top_values must be >= 0, eval_seq_len >= 2 and eval_blocks >= 1. "
                               f"Got {self.top_values}, {self.eval_seq_len}, {self.eval_blocks} instead")
-        if self.task_type not in (None, "auto", *PEFT_TASK_TYPES):
-            raise ConfigError(f"task_type must be auto, none or one of {', '.join(PEFT_TASK_TYPES)}. Got {self.task_type!r} instead")
+        check_task_type(self.task_type, also=("auto",))
         if self.precision not in ("mixed", "float64"):
             raise ConfigError(f"--precision must be mixed or float64. Got {self.precision!r} instead")
         if self.approx_above is not None and self.approx_above < 1:

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.display import display_name
+from spectra.display import display_name, tau_percent
 from spectra.metrics import threshold_key
 from spectra.naming import role_sort_key
 from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
@@ -218,7 +218,7 @@ def _rank_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     rnd_text = f"{_fmt(lo)}" if abs(hi - lo) < 0.005 else f"{_fmt(lo)}–{_fmt(hi)} (by shape)"
     times = f", {1 / ratio:.1f}× fewer directions than noise" if 0 < ratio < 0.9 else ""
     text = (f"The update is {words}: the median matrix needs {med_rank:g} of its p = {med_p:g} directions "
-            f"({_fmt(_median(fr))} of p) for {tau:.0%} of ΔW's energy, where a random matrix of the same shape "
+            f"({_fmt(_median(fr))} of p) for {tau_percent(tau)} of ΔW's energy, where a random matrix of the same shape "
             f"needs {rnd_text} of p{times}.")
     return Finding("rank", text, numbers={"median_rank": med_rank, "median_p": med_p, "median_frac": _median(fr),
                                           "random_frac_min": lo, "random_frac_max": hi, "median_ratio_to_random": ratio,
@@ -281,7 +281,7 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     if len(rs) == 1:
         r = rs[0]
         text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {len(ms)} matrices; from {min(used)} to "
-                f"{max(used)}) for {tau:.0%} of each update's energy"
+                f"{max(used)}) for {tau_percent(tau)} of each update's energy"
                 + (f"; effective rank {_fmt(_median(eff))} of {r}." if eff else "."))
     else:
         per = []
@@ -290,9 +290,9 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
             per.append(f"r = {r}: {_median(u):g} of {r} used ({len(u)} matrices)")
         share = _median([m.energy_rank[k] / m.lora_r for m in ms])
         text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {share:.0%} of their r for "
-                f"{tau:.0%} of their energy; " + "; ".join(per) + ".")
+                f"{tau_percent(tau)} of their energy; " + "; ".join(per) + ".")
     if max(used) < min(rs):
-        text += f" No matrix needs all of its r for {tau:.0%} of its energy."
+        text += f" No matrix needs all of its r for {tau_percent(tau)} of its energy."
     return Finding("adapter", text, numbers={"r": rs, "median_used": _median(used), "min_used": min(used), "max_used": max(used),
                                              "median_share_of_r": _median([m.energy_rank[k] / m.lora_r for m in ms])})
 
@@ -353,9 +353,10 @@ def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
               "shape can have (median over the n matrices)")),
     ]
     if lora:
-        items.append(("LoRA r", "the adapter's rank r for this module (after rank_pattern): its update has at most r directions"))
+        items.append(("LoRA r", "the adapter's rank r for this module (after rank_pattern): its update has at most r directions; "
+                                "lowest–highest when its layers differ"))
     items += [
-        (f"rank[{k}]", (f"rank needed: the fewest singular directions of ΔW that hold {tau:.0%} of its energy "
+        (f"rank[{k}]", (f"rank needed: the fewest singular directions of ΔW that hold {tau_percent(tau)} of its energy "
                        f"‖ΔW‖²_F = Σσᵢ² (energy_rank[{k}]), median over the n matrices")),
         ("/ p", "rank needed ÷ p: near 0, a few directions carry the update; 1, every direction is needed"),
         ("random / p", ("the same fraction for a Gaussian random matrix of the same shape (Marchenko–Pastur law): "
@@ -374,7 +375,7 @@ def matrix_legend(tau: float) -> list[tuple[str, str]]:
         ("expert", "MoE expert index; – for dense matrices"),
         ("module", "module label (shortest unique suffix of the name)"),
         ("shape", "out × in of the analysed matrix, as torch.nn.Linear stores it; p = min(out, in)"),
-        (f"energy rank [{k}]", f"the fewest singular directions of ΔW holding {tau:.0%} of Σσᵢ² (rank needed)"),
+        (f"energy rank [{k}]", f"the fewest singular directions of ΔW holding {tau_percent(tau)} of Σσᵢ² (rank needed)"),
         ("/ p", "energy rank ÷ p"),
         ("random / p", "energy rank ÷ p of a Gaussian random matrix of the same shape (Marchenko–Pastur)"),
         ("‖ΔW‖/‖W‖", "‖ΔW‖_F / ‖W_base‖_F"),

@@ -32,7 +32,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
-from spectra.config import SharedOptions, check_device_available
+from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
 from spectra.interference import (
@@ -93,9 +93,7 @@ class InterfereConfig(SharedOptions):
             raise ConfigError(f"top_k must be >= 1. Got {self.top_k} instead")
         if self.side not in ("left", "right"):
             raise ConfigError(f"side must be left or right. Got {self.side!r} instead")
-        if not self.thresholds or any(not 0.0 < float(t) <= 1.0 for t in self.thresholds):
-            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
-        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        object.__setattr__(self, "thresholds", check_thresholds(self.thresholds))
         if self.max_dense_bytes < 1 or self.keep_singular < 0:
             raise ConfigError(f"max_dense_bytes must be >= 1 and keep_singular >= 0. Got {self.max_dense_bytes}, "
                               f"{self.keep_singular} instead")

@@ -22,6 +22,8 @@ from spectra.results_check import check_journal_records
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 REWRITE_EVERY_S = 5.0
+#: ... and no more often than this many times the last rewrite took (at most ~1/8 of a run rewriting).
+REWRITE_COST_FACTOR = 8.0
 
 #: The largest journal ``--resume`` reads (a million matrices' records are about 2 GB).
 JOURNAL_MAX_BYTES = 4 << 30
@@ -120,6 +122,7 @@ class Journal:
         self.out_dir = out_dir
         self.journal = out_dir / "results.jsonl"
         self.last = 0.0
+        self.save_s = 0.0  # how long the last rewrite of results.json took
         self.lock: OutputLock | None = None  # held from start() to finish() (or flush() on a stop)
 
     def start(self, result: DiffResult, *, resume: bool = False, known: set[str] | None = None) -> list[dict]:
@@ -176,9 +179,13 @@ class Journal:
 
     def add(self, result: DiffResult, module: ModuleResult | None, skipped: Skipped | None) -> None:
         append_record(self.journal, {"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)})
-        if time.monotonic() - self.last >= REWRITE_EVERY_S:
+        # each rewrite serialises every record so far: spaced by a multiple of its own cost, so that on
+        # 16k matrices (5 s a save) the run is not mostly rewriting (the journal holds every result anyway)
+        if time.monotonic() - self.last >= max(REWRITE_EVERY_S, REWRITE_COST_FACTOR * self.save_s):
+            start = time.monotonic()
             result.save_json(self.out_dir / "results.json")
             self.last = time.monotonic()
+            self.save_s = self.last - start
 
     def flush(self, result: DiffResult) -> None:
         """Write ``results.json`` now (``complete`` stays False on an interrupted run) and release the folder."""

@@ -13,6 +13,7 @@ Everything here is pure: no file I/O, no torch kernels beyond building index ten
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -358,6 +359,9 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
     """
     paths = sorted(set(rel_paths))
     split = {p: p.split(".") for p in paths}
+    # how many paths end in each suffix: one count per (path, length), so the labels of 10k module
+    # paths take linear time (a scan of every other path per suffix took minutes)
+    ends = Counter(tuple(c[-n:]) for c in split.values() for n in range(1, len(c) + 1))
     out: dict[str, str] = {}
     for p in paths:
         comps = split[p]
@@ -365,7 +369,7 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
         first = 2 if comps[-1] in _VAGUE_LEAVES and len(comps) > 1 else 1
         for n in range(first, len(comps) + 1):
             suffix = comps[-n:]
-            if not _index(suffix[0]) and not any(q != p and split[q][-n:] == suffix for q in paths):
+            if not _index(suffix[0]) and ends[tuple(suffix)] == 1:
                 break  # (a label starting with an index, "2.weight_x", names nothing: one more component)
         out[p] = ".".join(comps[-n:])
     return out
@@ -546,7 +550,16 @@ def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
         return (len(ROLE_ORDER), module)
 
 
+def spec_order(spec: MatrixSpec) -> tuple:
+    """Sort key of results: embeddings first, then layers in numeric order (layer 2 before 10),
+    experts, module roles (:data:`ROLE_ORDER`), then matrices outside the stack (the head)."""
+    band = 0 if spec.role in ("embed", "pos_embed") else (1 if spec.layer is not None else 2)
+    return (band, spec.layer if spec.layer is not None else -1, spec.expert if spec.expert is not None else -1,
+            role_sort_key(spec.role, spec.module), spec.name)
+
+
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
     "describe_checkpoint", "display_name", "is_bias", "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
+    "spec_order",
 ]

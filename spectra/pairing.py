@@ -22,7 +22,7 @@ import torch
 
 from spectra.errors import PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
-from spectra.naming import MatrixSpec, Part, is_bias, quant_param_of, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, Part, is_bias, quant_param_of, spec_order, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,8 @@ class MatrixPair:
 
     @property
     def sort_key(self) -> tuple:
-        """Embeddings first, then layers in order, then matrices outside the stack (head)."""
-        s = self.tuned
-        band = 0 if s.role in ("embed", "pos_embed") else (1 if s.layer is not None else 2)
-        return (band, s.layer if s.layer is not None else -1, s.expert if s.expert is not None else -1,
-                role_sort_key(s.role, s.module), s.name)
+        """Embeddings first, then layers in order, then matrices outside the stack (head): :func:`spec_order`."""
+        return spec_order(self.tuned)
 
 
 @dataclass

@@ -87,10 +87,10 @@ def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
         from transformers import conversion_mapping
     except ImportError:  # transformers < 5 keeps per-expert modules: PEFT applies every LoRA module
         return PeftMoeRules(model_type, source=f"transformers {transformers.__version__}")
-    fused = _fuses_experts(conversion_mapping, model_type)
+    fused, fallback = _fuses_experts(conversion_mapping, model_type)
     patterns = dict(getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", {}))
     targets = _PEFT_MOE_TARGETS
-    version = f"transformers {transformers.__version__}"
+    version = f"transformers {transformers.__version__}" + (f" ({fallback})" if fallback else "")
     try:
         import peft
         from peft.utils import transformers_weight_conversion as conv
@@ -105,13 +105,15 @@ def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
     return PeftMoeRules(model_type, experts_dropped=fused and not converts, retargeted=retargeted, source=version)
 
 
-def _fuses_experts(conversion_mapping, model_type: str) -> bool:
-    """Whether transformers' load-time conversion of ``model_type`` merges per-expert weights."""
+def _fuses_experts(conversion_mapping, model_type: str) -> tuple[bool, str]:
+    """Whether transformers' load-time conversion of ``model_type`` merges per-expert weights, and
+    "" or, when its helper failed, that the answer is this module's table's (said in the rules' source)."""
     try:
         convs = conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []
-    except Exception:  # a transformers whose helper changed: fall back to the table's answer
-        return model_type in _FUSED
-    return any("experts.*" in p for c in convs for p in getattr(c, "source_patterns", []) or [])
+    except Exception as exc:  # noqa: BLE001 - a transformers whose helper changed: the table's answer, said so
+        return model_type in _FUSED, (f"its get_checkpoint_conversion_mapping raised {type(exc).__name__}: "
+                                      "whether it fuses experts is from the tables of transformers 5.24")
+    return any("experts.*" in p for c in convs for p in getattr(c, "source_patterns", []) or []), ""
 
 
 def _from_tables(model_type: str, why: str) -> PeftMoeRules:

@@ -29,7 +29,7 @@ import numpy as np
 from spectra.errors import ConfigError, SpectraError
 from spectra.findings import analysed
 from spectra.io.jsonfile import load_json
-from spectra.io.peft_writer import target_modules
+from spectra.io.peft_writer import check_task_type, target_modules
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
@@ -117,6 +117,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise ConfigError(f"--alpha-ratio must be a finite number > 0. Got {alpha_ratio} instead",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
+    check_task_type(task_type, "--task-type")  # PEFT's LoraConfig refuses any other
     where = None if isinstance(results, dict) else Path(results)
     doc = results if isinstance(results, dict) else _load(Path(results))
     if doc.get("schema") != DIFF_SCHEMA:

@@ -35,6 +35,10 @@ class DiffEvent:
     skipped: Skipped | None = None
 
 
+#: A base matrix of zeros (a newly added layer saved as zeros) has no scale to relate ΔW to.
+ZERO_BASE_NOTE = "W_base is all zero: ‖ΔW‖/‖W_base‖ is undefined (null)"
+
+
 def common_fields(item: Prepared, config: DiffConfig) -> dict:
     """The fields every result has, whichever path computed it."""
     pair, unit = item.task.pair, item.unit
@@ -42,7 +46,7 @@ def common_fields(item: Prepared, config: DiffConfig) -> dict:
         name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
         shape=list(unit.shape), base_fro_norm=item.base_fro, random_energy_rank=random_ranks(unit.shape, config),
         dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
-        note="; ".join(n for n in (pair.note, pair.tuned.note, item.note) if n),
+        note="; ".join(n for n in (pair.note, pair.tuned.note, item.note, ZERO_BASE_NOTE if item.base_fro == 0 else "") if n),
     )
 
 

@@ -64,7 +64,7 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         if not p.exists():
             raise SpectraError("no such file or folder", path=p)
         if p.is_dir():
-            files += sorted(q for q in p.rglob("*") if q.name in (*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS) and q.is_file())
+            files += _files_named(p, {*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS})
         else:
             files.append(p)
     seen: set[Path] = set()
@@ -75,6 +75,24 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
             seen.add(key)
             unique.append(f)
     return unique
+
+
+def _files_named(root: Path, names: set[str]) -> list[Path]:
+    """The files under ``root`` (any depth, links to folders not followed) whose name is one of
+    ``names``, sorted. A loop over a stack: ``Path.rglob`` recursed once per level and raised
+    RecursionError on a folder ~1000 levels deep."""
+    found, stack = [], [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:  # unreadable: skipped, as rglob skipped it
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+            elif e.name in names and e.is_file():
+                found.append(Path(e.path))
+    return sorted(found)
 
 
 def run_labels(paths: list[Path]) -> list[str]:
@@ -236,10 +254,11 @@ def _overview(found: ReportInputs) -> str:
     own ``elapsed_s``, the number its command printed) and device."""
     rows = []
     for path, d in found.docs:
-        mods = d.get("modules")
+        mods = d.get("modules", d.get("matrices"))  # esd.json: "matrices" of one "model"
         config = d.get("config") if isinstance(d.get("config"), dict) else {}
         unmatched = d.get("unmatched") if isinstance(d.get("unmatched"), dict) else {}
-        first = d.get("base", d.get("a"))
+        # compare.json also names its base: the columns are A and B there
+        first = d["a"] if "a" in d else d.get("base", d.get("model"))
         second = d.get("tuned", d.get("b"))
         skipped = d.get("skipped")
         rows.append([d["schema"].split("/")[0].removeprefix("spectra."), str(path.parent),
@@ -284,7 +303,7 @@ def _learning_section(train_logs: dict[str, list[dict]]) -> str:
 SECTIONS: dict[str, tuple[Callable[[Path, dict], str], ...]] = {
     report_diff.SCHEMA: (report_diff.section_html, report_esd.section_html),  # ESD: only with `diff --esd` entries
     report_compare.SCHEMA: (report_compare.section_html,),
-    "spectra.esd/1": (report_esd.section_html,),
+    report_esd.SCHEMA: (report_esd.section_html,),
     report_extract.SCHEMA: (report_extract.section_html,),
     report_interfere.SCHEMA: (report_interfere.section_html,),
     report_trace.SCHEMA: (report_trace.section_html,),
@@ -294,6 +313,7 @@ SECTIONS: dict[str, tuple[Callable[[Path, dict], str], ...]] = {
 FINDINGS: dict[str, Callable[[Path, dict], list[Finding]]] = {
     report_diff.SCHEMA: report_diff.findings,
     report_compare.SCHEMA: report_compare.findings,
+    report_esd.SCHEMA: report_esd.findings,
     report_extract.SCHEMA: report_extract.findings,
     report_interfere.SCHEMA: report_interfere.findings,
     report_trace.SCHEMA: report_trace.findings,
@@ -302,6 +322,7 @@ FINDINGS: dict[str, Callable[[Path, dict], list[Finding]]] = {
 TITLES: dict[str, Callable[[Path, dict], str]] = {
     report_diff.SCHEMA: report_diff.title,
     report_compare.SCHEMA: report_compare.title,
+    report_esd.SCHEMA: report_esd.title,
     report_extract.SCHEMA: report_extract.title,
     report_interfere.SCHEMA: report_interfere.title,
     report_trace.SCHEMA: report_trace.title,

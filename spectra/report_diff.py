@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spectra.display import range_text, tau_percent
 from spectra.findings import Finding, diff_findings, matrix_legend, skipped_reasons, summary_legend
 from spectra.plots import diff as diff_plots
 from spectra.plots.base import svg_img
@@ -57,11 +58,11 @@ def section_html(path: Path, doc: dict) -> str:
     if any(m.layer is not None for m in res.modules):
         out.append(svg_img(diff_plots.rank_heatmap(res, None, threshold=tau), alt="rank needed per layer and module"))
         if diff_plots.is_adapter(res):
-            out.append(note(f"Each cell is the number of directions the LoRA update needs for {tau:.0%} of its energy, out "
+            out.append(note(f"Each cell is the number of directions the LoRA update needs for {tau_percent(tau)} of its energy, out "
                             "of the adapter's rank r (\"6/8\": 6 of 8). Cells well below 1 mean the adapter did not use "
                             "all of its rank; 1 means every rank it has is needed (Biderman et al. 2024, Fig. 6)."))
         else:
-            out.append(note(f"Each cell is the number of singular directions needed to hold {tau:.0%} of the update's "
+            out.append(note(f"Each cell is the number of singular directions needed to hold {tau_percent(tau)} of the update's "
                             "energy, as a fraction of the most there could be (p = min(out, in)). Under each module is the "
                             "same number for a random Gaussian matrix of that shape (red marks on the colour bar when they "
                             "fall within its range): a dense, unstructured update. Cells well below it mean the fine-tune "
@@ -77,7 +78,7 @@ def section_html(path: Path, doc: dict) -> str:
         out.append("<h3>Spectra of ΔW, every layer</h3>" + svg_img(fig, alt="spectra of every layer"))
         out.append(note(f"Top row: the singular values of each update divided by its largest, one line per layer (colour: "
                         f"depth). Bottom row: the share of the update's energy held by its top k directions; where a curve "
-                        f"crosses the dashed line is the rank needed for {tau:.0%}. Solid lines come from the singular values "
+                        f"crosses the dashed line is the rank needed for {tau_percent(tau)}. Solid lines come from the singular values "
                         "the results keep (--top-k); dotted segments join the energy ranks at each threshold (exact points "
                         "of the curve, with values in between not stored)."))
     figw = diff_plots.weight_spectra_figure(res)
@@ -86,7 +87,7 @@ def section_html(path: Path, doc: dict) -> str:
         out.append(note("The weights' spectra barely move while ΔW has a spectrum of its own: a fine-tune is a small "
                         "update whose shape (how many directions it needs) is what the rank-needed numbers measure."))
     out.append("<h3>Per module kind (the table spectra diff prints)</h3>")
-    rows = [[r["module"], r["count"], r["p"], *((r["lora_r"],) if lora else ()), r["energy_rank"], r["energy_rank_frac"],
+    rows = [[r["module"], r["count"], r["p"], *((range_text(r["lora_r_range"]),) if lora else ()), r["energy_rank"], r["energy_rank_frac"],
              r["random_frac"], r["rel_norm"]] for r in res.summary_records(tau)]
     out.append(table(["module", "n", "p", *(("LoRA r",) if lora else ()), f"rank[{key}]", "/ p", "random / p", "‖ΔW‖/‖W‖"],
                      rows, sortable=True))

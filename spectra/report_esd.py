@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
+from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
 from spectra.findings import MOVED_Z, Finding, esd_points
 from spectra.naming import role_sort_key
 from spectra.plots import esd as esd_plots
@@ -59,6 +59,11 @@ def _verdict(alpha: float) -> str:
     return f"within [{OVER_TRAINED_ALPHA:g}, {UNDER_TRAINED_ALPHA:g}], the range of well-trained layers"
 
 
+def _alpha(a: float | None) -> str | None:
+    """α as :func:`spectra.esd.alpha_text` shows it (on its flag's side of 2 and 6); None stays None."""
+    return None if a is None else alpha_text(a)
+
+
 def title(path: Path, doc: dict) -> str:
     """How the report names an ``esd.json``: ``esd: MODEL``."""
     return f"esd: {doc.get('model')}"
@@ -73,16 +78,16 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if fitted:
         alphas = [r["alpha"] for r in fitted]
         med = statistics.median(alphas)
-        out.append(Finding("alpha", f"Median α over {len(fitted)} matrices is {med:.2f} (range {min(alphas):.2f}–"
-                                    f"{max(alphas):.2f}): {_verdict(med)}.",
+        out.append(Finding("alpha", f"Median α over {len(fitted)} matrices is {alpha_text(med)} (range {alpha_text(min(alphas))}–"
+                                    f"{alpha_text(max(alphas))}): {_verdict(med)}.",
                            numbers={"median": med, "min": min(alphas), "max": max(alphas), "n": len(fitted)}))
         by_module: dict[str, list[float]] = {}
         for r in fitted:
             by_module.setdefault(r["module"], []).append(r["alpha"])
         if len(by_module) > 1:
             meds = sorted((statistics.median(v), k) for k, v in by_module.items())
-            out.append(Finding("modules", f"Lowest median α: {meds[0][1]} ({meds[0][0]:.2f}); highest: {meds[-1][1]} "
-                                          f"({meds[-1][0]:.2f}).", numbers={k: m for m, k in meds}))
+            out.append(Finding("modules", f"Lowest median α: {meds[0][1]} ({alpha_text(meds[0][0])}); highest: {meds[-1][1]} "
+                                          f"({alpha_text(meds[-1][0])}).", numbers={k: m for m, k in meds}))
         over = sum(r.get("warning") == "over-trained" for r in recs)
         under = sum(r.get("warning") == "under-trained" for r in recs)
         out.append(Finding("flags", f"{over} matrices have α < {OVER_TRAINED_ALPHA:g} (over-trained) and {under} have "
@@ -138,7 +143,7 @@ def _esd_section(path: Path, doc: dict[str, Any]) -> str:
     for module in sorted(groups, key=lambda m: role_sort_key(groups[m][0].get("role"), m)):
         rs = groups[module]
         al = [r["alpha"] for r in rs if r.get("alpha") is not None]
-        rows.append([module, len(rs), _median(al), min(al) if al else None, max(al) if al else None,
+        rows.append([module, len(rs), _alpha(_median(al)), _alpha(min(al) if al else None), _alpha(max(al) if al else None),
                      _median([r["D"] for r in rs if r.get("D") is not None]),
                      _median([r["alpha_weighted"] for r in rs if r.get("alpha_weighted") is not None]),
                      sum(r.get("warning") == "over-trained" for r in rs), sum(r.get("warning") == "under-trained" for r in rs),
@@ -149,7 +154,7 @@ def _esd_section(path: Path, doc: dict[str, Any]) -> str:
     out.append("<h3>Every matrix (click a column to sort)</h3>")
     out.append(table(["name", "layer", "module", "shape", "α", "σ_α", "D", "xmin", "tail size", "α-hat", "log₁₀ Σλ^α",
                       "log₁₀ λ_max", "log₁₀ ‖W‖²_F", "stable rank", "entropy", "MP σ²", "MP spikes", "warning", "note"],
-                     [[r["name"], r.get("layer"), r["module"], "×".join(map(str, r["shape"])), r.get("alpha"), r.get("sigma"),
+                     [[r["name"], r.get("layer"), r["module"], "×".join(map(str, r["shape"])), _alpha(r.get("alpha")), r.get("sigma"),
                        r.get("D"), r.get("xmin"), r.get("num_pl_spikes"), r.get("alpha_weighted"), r.get("log_alpha_norm"),
                        r.get("log_spectral_norm"), r.get("log_norm"), r.get("stable_rank"), r.get("entropy"), r.get("mp_sigma2"),
                        r.get("mp_num_spikes"), r.get("warning") or r.get("fit_note"), r.get("note")] for r in recs],
@@ -195,8 +200,8 @@ def _diff_section(path: Path, doc: dict[str, Any]) -> str:
     rows = []
     for module in sorted(groups, key=lambda k: role_sort_key(groups[k][0].get("role"), k)):
         ps = groups[module]
-        rows.append([module, len(ps), _median([p["alpha_base"] for p in ps if p["alpha_base"] is not None]),
-                     _median([p["alpha_tuned"] for p in ps if p["alpha_tuned"] is not None]),
+        rows.append([module, len(ps), _alpha(_median([p["alpha_base"] for p in ps if p["alpha_base"] is not None])),
+                     _alpha(_median([p["alpha_tuned"] for p in ps if p["alpha_tuned"] is not None])),
                      _median([p["change"] for p in ps if p["change"] is not None]),
                      sum(p["z"] is not None and abs(p["z"]) > MOVED_Z for p in ps),
                      sum(p["warning_base"] != p["warning_tuned"] for p in ps),
@@ -207,6 +212,6 @@ def _diff_section(path: Path, doc: dict[str, Any]) -> str:
     out.append("<h3>α of every matrix (click a column to sort)</h3>")
     out.append(table(["name", "layer", "module", "α base", "σ base", "α tuned", "σ tuned", "Δα", "z", "α of ΔW",
                       "warning base", "warning tuned"],
-                     [[p["name"], p["layer"], p["module"], p["alpha_base"], p["sigma_base"], p["alpha_tuned"], p["sigma_tuned"],
+                     [[p["name"], p["layer"], p["module"], _alpha(p["alpha_base"]), p["sigma_base"], _alpha(p["alpha_tuned"]), p["sigma_tuned"],
                        p["change"], p["z"], p["alpha_delta"], p["warning_base"], p["warning_tuned"]] for p in pts], sortable=True))
     return "\n".join(out)

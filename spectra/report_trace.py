@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra.display import tau_percent
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
 from spectra.naming import role_sort_key
@@ -79,10 +80,10 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         size = f"; ‖ΔW‖/‖W_base‖ from {n0:.3g} to {n1:.3g}" if n0 is not None and n1 is not None else ""
         if len(res.checkpoints) == 1:  # one checkpoint: a state, not a change
             size = f"; ‖ΔW‖/‖W_base‖ is {n1:.3g}" if n1 is not None else ""
-            out.append(Finding("rank", f"At step {last} (the only checkpoint) the median rank ΔW needs for {float(key):.0%} "
+            out.append(Finding("rank", f"At step {last} (the only checkpoint) the median rank ΔW needs for {tau_percent(key)} "
                                        f"of its energy is {r1:g}{size}.", numbers={"rank": [r1, r1], "rel_norm": [n1, n1]}))
         else:
-            out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {float(key):.0%} of "
+            out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {tau_percent(key)} of "
                                        f"its energy went from {r0:g} to {r1:g}{size}.", numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
     turned = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi"))
     if turned is not None and len(res.checkpoints) > 1:

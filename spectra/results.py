@@ -374,7 +374,8 @@ class DiffResult:
         ``role``, ``count`` (matrices), ``p`` (median ``min(out, in)``), and medians of
         ``energy_rank`` (at τ = ``threshold``, default :attr:`headline_threshold`), of
         ``energy_rank_frac`` (÷ p), of ``random_frac`` (a Gaussian matrix's energy rank ÷ p), of
-        ``rel_norm`` (None when no base), and ``lora_r`` (the median LoRA r; None for full checkpoints).
+        ``rel_norm`` (None when no base), ``lora_r`` (the median LoRA r; None for full checkpoints) and
+        ``lora_r_range`` (its smallest and largest: ranks differ under ``rank_pattern``).
         """
         from spectra.naming import role_sort_key
 
@@ -397,6 +398,7 @@ class DiffResult:
                 "random_frac": statistics.median(m.random_frac(k) for m in ms),
                 "rel_norm": statistics.median(rel) if rel else None,
                 "lora_r": statistics.median(lora) if lora else None,
+                "lora_r_range": (min(lora), max(lora)) if lora else None,  # a median of 2s and 8s is a 5 no matrix has
             })
         return sorted(out, key=lambda r: role_sort_key(r["role"], r["module"]))
 
@@ -416,7 +418,7 @@ class DiffResult:
         except ImportError:
             return records
         df = pd.DataFrame(records, columns=["module", "role", "count", "p", "energy_rank", "energy_rank_frac",
-                                            "random_frac", "rel_norm", "lora_r"])
+                                            "random_frac", "rel_norm", "lora_r", "lora_r_range"])
         df["lora_r"] = df["lora_r"].astype("Float64") if df["lora_r"].notna().any() else df["lora_r"].astype("Int64")
         return df.set_index("module")
 

@@ -77,10 +77,31 @@ def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool =
     return out
 
 
+def refuse_empty_selection(count: int, example: str, *, include: str | None, exclude: str | None,
+                           layers: str | None, what: str = "paired matrices") -> None:
+    """Refuse a run whose ``--include``/``--exclude``/``--layers`` left none of ``count`` candidates
+    (``example``: one of their names, shown so the user sees what the filters are matched against).
+    Every command refuses alike: an empty table with exit code 0 reads as "nothing changed".
+
+    Raises:
+        ConfigError: when a filter was given (without one, an empty run has another cause, told by its caller).
+    """
+    if not count or not (include or exclude or layers):
+        return
+    given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
+    raise ConfigError(f"no matrix is left by {given}: none of the {count} {what} matches (names look like {example})",
+                      hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude are regular expressions "
+                      "searched in the tuned and the base name")
+
+
 def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,
-               layers: str | None = None, split_fused: bool = True) -> list[Task]:
+               layers: str | None = None, split_fused: bool = True, what: str = "paired matrices") -> list[Task]:
     """Expand pairs into units (parts × experts), apply the filters, and order the work so that
-    equally shaped units are adjacent (they are batched together)."""
+    equally shaped units are adjacent (they are batched together). ``what`` names the pairs in the
+    refusal of filters that leave none (``"matrices"`` for a single checkpoint).
+
+    Raises:
+        ConfigError: the filters leave no unit (:func:`refuse_empty_selection`)."""
     tasks: list[Task] = []
     order = 0
     keep = selector(include, exclude, layers)
@@ -97,12 +118,10 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
                 order += 1
         if task.units:
             tasks.append(task)
-    if pairs and not tasks and (include or exclude or layers):
-        given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
+    if pairs and not tasks:
         first = pairs[0]
-        names = first.tuned.name + (f" (base: {first.base.name})" if first.base.name != first.tuned.name else "")
-        raise ConfigError(f"no matrix is left by {given}: none of the {len(pairs)} paired matrices matches (names look "
-                          f"like {names})", hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude "
-                          "are regular expressions searched in the tuned and the base name")
+        refuse_empty_selection(len(pairs), first.tuned.name + (f" (base: {first.base.name})" if first.base.name != first.tuned.name
+                                                                 else ""), include=include, exclude=exclude, layers=layers,
+                               what=what)
     tasks.sort(key=lambda t: (t.units[0].shape, t.units[0].order))
     return tasks

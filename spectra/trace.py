@@ -34,7 +34,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
-from spectra.config import SharedOptions, check_device_available
+from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented
 from spectra.errors import (
     CheckpointFormatError,
@@ -59,7 +59,7 @@ from spectra.metrics import (
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.pairing import pair_checkpoints
 from spectra.results import rows_to_csv
-from spectra.selection import selector
+from spectra.selection import refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
 
@@ -93,9 +93,7 @@ class TraceConfig(SharedOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.thresholds or any(not 0.0 < float(t) <= 1.0 for t in self.thresholds):
-            raise ConfigError(f"thresholds must each be in (0, 1]. Got {list(self.thresholds)} instead")
-        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds})))
+        object.__setattr__(self, "thresholds", check_thresholds(self.thresholds))
         if self.top_k < 1 or self.keep_singular < 0:
             raise ConfigError(f"top_k must be >= 1 and keep_singular >= 0. Got {self.top_k}, {self.keep_singular} instead")
 
@@ -422,6 +420,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             result.skipped.append({"name": name, "reason": "3-D expert stack: trace follows 2-D matrices only"})
         elif name not in finished:
             todo.append(name)
+    if not todo and not finished and not result.skipped:
+        refuse_empty_selection(len(names), names[0] if names else "", include=config.include, exclude=config.exclude,
+                               layers=config.layers, what="matrices the checkpoints update")
     total = len(todo) + len(finished)
     for count, name in enumerate(todo, start=len(finished) + 1):
         W = base.load(name)  # the one read of this base tensor
@@ -552,6 +553,10 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     for name, meta in metas.items():
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
         result.matrices.append({**meta, "points": pts})
+    if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
+        every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
+        refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,
+                               layers=config.layers, what="modules the first adapter updates")
     if not result.matrices:
         raise CheckpointFormatError("no adapter checkpoint could be used", path=result.run or refs[0].path,
                                     hint="; ".join(r.failed for r in refs if r.failed)[:400] or None)

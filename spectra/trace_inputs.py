@@ -180,9 +180,15 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             histories.append(_log_history(state))
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
     else:
+        seen: dict[tuple[int, int], str] = {}
         for i, p in enumerate(paths):
             path = Path(p)
             open_weights(path)  # a listed checkpoint must be readable: errors propagate as one line
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in seen:  # any spelling or link: a step that did not happen, a turn of 0
+                raise ConfigError(f"{p} is listed twice (also as {seen[st.st_dev, st.st_ino]})",
+                                  hint="list each checkpoint once")
+            seen[st.st_dev, st.st_ino] = str(p)
             kind = "lora" if is_adapter(path) else "full"
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)

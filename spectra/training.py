@@ -66,6 +66,8 @@ TARGET_SETS = {
 TARGET_SETS["all"] = TARGET_SETS["attn"] + TARGET_SETS["mlp"]
 #: ``--targets all-linear``: PEFT's own choice of every linear layer but the output head
 ALL_LINEAR = "all-linear"
+#: Most tokens one optimiser step may take (batch × seq_len): far above any machine's memory, below int32/64 overflow.
+MAX_STEP_TOKENS = 2**31
 HOLDOUT_SEED = 1234  # fixed: every run on the same data holds out the same blocks
 
 
@@ -222,6 +224,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     n_hold = max(1, int(len(perm) * config.holdout))
     held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
     blocks = (target[0][perm[n_hold:]], target[1][perm[n_hold:]])
+    if config.batch * config.seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed in torch.randint (blocks are drawn with replacement)
+        raise ConfigError(f"--batch {config.batch} × --seq-len {config.seq_len} is more tokens per step than {MAX_STEP_TOKENS:,} "
+                          f"(the data holds {len(blocks[0])} training blocks)", hint="use a smaller --batch")
     source = token_blocks(read_examples(config.eval_source), tok, config.seq_len) if config.eval_source else None
     if source is not None:
         check_vocabulary(base, tok, source[0])
@@ -248,6 +253,7 @@ def _add_lora(model, config: TrainConfig):
         modules: str | list[str] = ALL_LINEAR
     else:
         modules = check_targets(model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
+    check_rank(model, modules, config.rank)
     try:
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=config.rank, lora_alpha=config.resolved_alpha, use_rslora=config.rslora, target_modules=modules, lora_dropout=0.0))
@@ -257,6 +263,42 @@ def _add_lora(model, config: TrainConfig):
     adapted = model.peft_config["default"].target_modules
     # all-linear: PEFT resolves full module names; the short names, as the presets record them
     return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules)
+
+
+def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int) -> None:
+    """Refuse a LoRA rank above ``min(out, in)`` of every matrix it would adapt: such factors add
+    parameters and no direction (and a rank like 2^63 overflowed inside PEFT with a traceback).
+
+    Args:
+        modules: :data:`ALL_LINEAR` or the module names to adapt, matched as PEFT matches them (a module
+            named so, or whose path ends in ``.name``).
+
+    Raises:
+        ConfigError: ``rank`` above the largest ``min(out, in)`` among the adapted modules.
+    """
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    dims = [min(m.weight.shape[-2:]) for n, m in model.named_modules()
+            if (isinstance(m, kinds) or type(m).__name__ == "Conv1D") and getattr(m, "weight", None) is not None
+            and m.weight.dim() == 2 and (modules == ALL_LINEAR or any(n == t or n.endswith("." + t) for t in modules))]
+    if dims and rank > max(dims):
+        raise ConfigError(f"--rank {rank} is above min(out, in) of every matrix it adapts (at most {max(dims)} here): "
+                          "the factors would add parameters and no direction", hint=f"use --rank {max(dims)} or less")
+
+
+def _check_rank_early(config: TrainConfig) -> None:
+    """:func:`check_rank` on the model built without weights (meta device: no memory, no reading);
+    a model this cannot build is left to :func:`train`, which says why."""
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(config.base), local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception:  # noqa: BLE001 - any failure here is train()'s to report, with its own message
+        return
+    modules = ALL_LINEAR if config.targets == ALL_LINEAR else check_targets(
+        model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
+    check_rank(model, modules, config.rank)
 
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
@@ -290,8 +332,14 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         log.flush()
         bad = next((k for k in ("target_loss", "source_loss") if rec[k] is not None and not math.isfinite(rec[k])), None)
         if bad is not None:  # weights too large to evaluate: no model is saved with a loss nobody can read
-            raise SpectraError(f"the held-out {bad.replace('_', ' ')} became {rec[bad]} at step {step}", path=out,
-                               hint="lower --lr" if step else "the base model's loss is not finite on this data")
+            hint = "lower --lr" if step else "the base model's loss is not finite on this data"
+            if not step and targets is not None:  # B = 0: the adapter adds nothing unless its scale overflows
+                with model.disable_adapter():
+                    if math.isfinite(_evaluate(model, held if bad == "target_loss" else source, config.eval_batches, config.batch,
+                                               device, autocast)):
+                        hint = (f"the LoRA scale ({config.resolved_alpha:g} / {'√' if config.rslora else ''}r) overflows "
+                                "in the adapter's forward pass; the base model's loss is finite: lower --alpha")
+            raise SpectraError(f"the held-out {bad.replace('_', ' ')} became {rec[bad]} at step {step}", path=out, hint=hint)
         if callback:
             callback(rec)
         return rec
@@ -413,6 +461,9 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     if root.is_dir() and not force and any(p.name != LOCK_NAME for p in root.iterdir()):
         raise ConfigError("the output folder is not empty", path=root,
                           hint="choose an empty or new folder, or pass --force to delete what an earlier sweep wrote there")
+    if "lora" in methods and ranks:  # before the first run: a rank no matrix can hold fails now, not runs later
+        _check_rank_early(TrainConfig(base=base, data=data, out=str(root / "lora"), method="lora", rank=max(ranks),
+                                      **train_kwargs))
     runs: dict[str, dict] = {}
     pairs: list[tuple[str, str]] = []
     with folder_lock(root):

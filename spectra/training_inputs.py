@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.io.files import LOCK_NAME
+from spectra.io.files import LOCK_NAME, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular
 
@@ -75,6 +75,8 @@ def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool
     except SpectraError as exc:
         raise SpectraError(exc.message, path=path, hint="--data, --eval-source and --eval read regular text files, "
                                                         "folders of them, or JSONL") from None
+    if max_bytes is not None:  # a limit from huge options (--eval-blocks 1e20): no more than the file holds
+        max_bytes = min(max_bytes, os.fstat(fd).st_size + 1)
     with os.fdopen(fd, "rb") as f:
         data = f.read() if max_bytes is None else f.read(max_bytes)
         whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
@@ -90,11 +92,13 @@ def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool
 
 
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
-    """``(prompt, text)`` pairs: prompt is "" for plain text (loss on everything).
+    """``(prompt, text)`` pairs: prompt is "" for plain text (loss on everything). A folder gives its
+    text/code files (by suffix) and its JSONL files, read as a JSONL file is.
 
     Raises:
-        SpectraError: no such path, not a regular file or folder, not UTF-8 text, no text in it, or
-            JSONL lines without ``text`` or ``prompt``/``response``.
+        SpectraError: no such path, not a regular file or folder, a model folder (its config and
+            tokenizer JSON are not data), not UTF-8 text, no text in it, or JSONL lines without
+            ``text`` or ``prompt``/``response``.
     """
     p = Path(path)
     try:
@@ -107,23 +111,33 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         raise SpectraError(f"is {file_kind(st.st_mode)}, not a regular file or folder", path=p,
                            hint="pass a text file, a folder of text/code files or JSONL")
     if stat.S_ISDIR(st.st_mode):
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES)  # is_file: FIFOs skipped
-        out = [("", read_text(f)) for f in files]
+        weights = [f.name for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")][:3]
+        if (p / "config.json").is_file() and weights:  # its config and tokenizer JSON would be read as text
+            raise SpectraError(f"is a model folder ({', '.join(sorted(weights))}), not data", path=p,
+                               hint="pass a text file, a folder of text/code files or JSONL")
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (*_TEXT_SUFFIXES, ".jsonl"))  # is_file: FIFOs skipped
+        out = [pair for f in files for pair in (_jsonl_examples(f) if f.suffix == ".jsonl" else [("", read_text(f))])]
     elif p.suffix == ".jsonl":
-        out = []
-        # bounded size and nesting, one-line errors naming the line (spectra.io.jsonfile)
-        for i, rec in enumerate(load_jsonl(p, what=p.name, error=ConfigError), start=1):
-            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-                out.append(("", rec["text"]))
-            elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-                out.append((rec["prompt"], rec["response"]))
-            else:
-                raise SpectraError(f"line {i} has neither a text field nor prompt/response fields", path=p)
+        out = _jsonl_examples(p)
     else:
         out = [("", read_text(p))]
     out = [(a, b) for a, b in out if b.strip()]
     if not out:
         raise SpectraError("no text found", path=p, hint="pass a text file, a folder of text/code files or JSONL")
+    return out
+
+
+def _jsonl_examples(p: Path) -> list[tuple[str, str]]:
+    """``(prompt, text)`` of each line of a JSONL file: ``text``, or ``prompt`` and ``response``."""
+    out = []
+    # bounded size and nesting, one-line errors naming the line (spectra.io.jsonfile)
+    for i, rec in enumerate(load_jsonl(p, what=p.name, error=ConfigError), start=1):
+        if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+            out.append(("", rec["text"]))
+        elif isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+            out.append((rec["prompt"], rec["response"]))
+        else:
+            raise SpectraError(f"line {i} has neither a text field nor prompt/response fields", path=p)
     return out
 
 
@@ -420,13 +434,6 @@ def run_outputs(out: Path) -> list[Path]:
     return found + sorted(p for g in RUN_GLOBS for p in out.glob(g))
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_out(out: str | Path, *, base: str | Path, inputs: list[str | Path], force: bool) -> None:
     """Refuse an output folder a run must not write: inside a file, the base model's folder (its
     weights would be replaced), the folder of ``inputs`` (the data), an input among the files a run
@@ -438,17 +445,17 @@ def check_out(out: str | Path, *, base: str | Path, inputs: list[str | Path], fo
     """
     p = Path(out)
     refuse_file_in_path(p)
-    if _same(p, Path(base)):
+    if same_file(p, Path(base)):
         raise ConfigError("--out is the base model's folder: the run would overwrite the model it starts from",
                           path=p, hint="choose another folder for --out")
     for src in map(Path, inputs):
-        if src.is_dir() and _same(p, src):  # the run's .json files would be read as data by the next run
+        if src.is_dir() and same_file(p, src):  # the run's .json files would be read as data by the next run
             raise ConfigError(f"--out is the data folder {src}: the run's files would mix with the data", path=p,
                               hint="choose another folder for --out")
     written = [Path(base) / n for n in RUN_FILES] + [Path(i) for i in inputs]
-    clash = [f for f in run_outputs(p) if any(_same(f, w) for w in written)]
+    clash = [f for f in run_outputs(p) if any(same_file(f, w) for w in written)]
     if clash:  # a link or a hard link to an input (another spelling of the base folder)
-        raise ConfigError(f"--out holds {clash[0].name}, which is the input {next(w for w in written if _same(clash[0], w))}",
+        raise ConfigError(f"--out holds {clash[0].name}, which is the input {next(w for w in written if same_file(clash[0], w))}",
                           path=p, hint="choose another folder for --out")
     present = sorted(q.name for q in p.iterdir() if q.name != LOCK_NAME) if p.is_dir() else []
     if present and not force:

@@ -66,6 +66,7 @@ def test_a_hard_exit_words_what_exists_at_that_moment(tmp_path):
         stop = _StopSignals(30.0, lambda: kept_on_stop(main, ctx, since=started))
         pathlib.Path({str(out / "train_log.jsonl")!r}).write_text("{{}}\\n")  # written after the start
         stop._seen(signal.SIGTERM)
+        time.sleep(0.5)  # later than a copy of the same stop (spectra_cli.main.DUPLICATE_S)
         stop._seen(signal.SIGTERM)  # the second: ends the process at once
         print("not reached")
     """)

@@ -23,6 +23,15 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one existing file or folder, through any spelling or link (False
+    when either is missing or unreadable)."""
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):  # not a path (an opened checkpoint, a NUL in the name)
+        return False
+
+
 def refuse_input_as_output(out: str | os.PathLike[str], inputs: list[Path], *, option: str = "--out") -> None:
     """Refuse to write ``out`` when it is one of the files a command read (``inputs``), through any
     spelling or link: writing would replace the results it was made from.
@@ -34,11 +43,7 @@ def refuse_input_as_output(out: str | os.PathLike[str], inputs: list[Path], *, o
 
     target = Path(out)
     for f in inputs:
-        try:
-            same = target.exists() and os.path.samefile(target, f)
-        except OSError:
-            same = False
-        if same:
+        if same_file(target, f):
             raise ConfigError(f"{option} {target} is the input {f}: writing it would replace the results it was made from",
                               hint=f"choose another file for {option}")
 

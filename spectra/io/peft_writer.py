@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from spectra.errors import ConfigError
 from spectra.io.files import atomic_file, atomic_write_text
 
 _PREFIX = "base_model.model."
@@ -40,6 +41,21 @@ TASK_TYPES: tuple[tuple[str, str], ...] = (
     ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
     ("ForQuestionAnswering", "QUESTION_ANS"), ("WithLMHeadModel", "SEQ_2_SEQ_LM"), ("LMHeadModel", "CAUSAL_LM"), ("Model", "FEATURE_EXTRACTION"),
 )
+
+#: Every ``task_type`` PEFT's ``LoraConfig`` takes (its ``TaskType`` enum).
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def check_task_type(task_type: str | None, option: str = "task_type", *, also: tuple[str, ...] = ()) -> None:
+    """Refuse a ``task_type`` PEFT would not load (``LoraConfig`` raises on it): None, one of
+    :data:`PEFT_TASK_TYPES`, or one of ``also`` (e.g. ``"auto"``).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if task_type is not None and task_type not in (*also, *PEFT_TASK_TYPES):
+        raise ConfigError(f"{option} must be {', '.join((*also, 'none'))} or one of {', '.join(PEFT_TASK_TYPES)}. "
+                          f"Got {task_type!r} instead")
 
 
 @dataclass
@@ -232,5 +248,5 @@ def write_adapter(out_dir: str | Path, layout: Sequence[tuple[str, tuple[int, ..
     return [weights, cfg]
 
 
-__all__ = ["TASK_TYPES", "LoraFactors", "adapter_config", "lora_layout", "lora_tensors", "saved_name", "target_modules", "task_type_for",
-           "write_adapter", "write_safetensors"]
+__all__ = ["PEFT_TASK_TYPES", "TASK_TYPES", "LoraFactors", "adapter_config", "check_task_type", "lora_layout", "lora_tensors",
+           "saved_name", "target_modules", "task_type_for", "write_adapter", "write_safetensors"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spectra.compare_records import ComparedModule, CompareResult
+from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, legend_label, save_figures, wrap
 
@@ -81,14 +81,22 @@ def captured_heatmap(result: CompareResult):
     for (i, j), v in np.ndenumerate(grid):
         if np.isfinite(v):
             text[i, j] = f"{v:.2g}/{best[i, j]:.2g}"
-    # E[two-sided] for random subspaces of ranks r_A: r_A² / (out·in) (definitions document)
-    rand = [m.rank_a**2 / (m.out * m.in_) for m in mods if m.captured.get("b_in_a")]
+    # E[two-sided] for random subspaces of ranks r_A: r_A² / (out·in) (definitions document), per module kind:
+    # one mark for all would put every cell of a narrow kind above "random" and of a wide one below it
+    by_kind: dict[str, list[float]] = {}
+    for m in mods:
+        if m.captured.get("b_in_a"):
+            by_kind.setdefault(m.module, []).append(random_two_sided(m.rank_a, m.out, m.in_))
+    rand = {k: statistics.median(v) for k, v in by_kind.items()}
     a_lbl, b_lbl = f"A ({result.kinds['a']})", f"B ({result.kinds['b']})"
     title = (f"Share of {b_lbl}'s update energy inside {a_lbl}'s top-r subspaces (two-sided). Cells: captured/best, "
-             f"the best any rank-r_A subspace pair can hold; median best {statistics.median(best[np.isfinite(best)]):.2g}. "
-             f"Colour scale fitted to the data (max {np.nanmax(grid):.2g}).")
+             f"the best any rank-r_A subspace pair can hold; median best {statistics.median(best[np.isfinite(best)]):.2g}; "
+             f"under each module, what random subspaces of its ranks hold. Colour scale fitted to the data "
+             f"(max {np.nanmax(grid):.2g}).")
+    marks = sorted({f"{v:.2g}": v for v in rand.values()}.items(), key=lambda kv: kv[1])
     return heatmap(grid, layers, kinds, title=title, cbar_label="‖U_Aᵀ ΔW_B V_A‖²_F / ‖ΔW_B‖²_F", cell_text=text,
-                   vmin=0.0, marks=[(statistics.median(rand), "random subspaces")])
+                   vmin=0.0, marks=[(v, f"random {t}") for t, v in marks][:6],
+                   col_notes=[f"random {rand[k]:.2g}" if k in rand else "" for k in kinds])
 
 
 def intruder_heatmap(result: CompareResult, who: str):

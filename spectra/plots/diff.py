@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spectra.display import tau_percent
 from spectra.metrics import threshold_key
 from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, save_figure, wrap
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
 #: At most this many lines per panel of the spectra figure (layers beyond it are evenly subsampled).
 MAX_LINES = 64
+#: Most module kinds the spectra figure shows (two panels each): those with the most matrices.
+MAX_KINDS = 20
 
 
 def layer_grid(result: DiffResult, value: Callable[[ModuleResult], float | None]) -> tuple[np.ndarray, list[int], list[str], bool]:
@@ -86,7 +89,7 @@ def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None,
         r, _, _, _ = layer_grid(result, lambda m: m.lora_r)
         text = np.where(np.isfinite(grid), np.char.add(np.char.add(np.nan_to_num(used).round().astype(int).astype(str), "/"),
                                                          np.nan_to_num(r).round().astype(int).astype(str)), "")
-        title = (f"LoRA: ranks used for {threshold:.0%} of the update's energy, out of the adapter's r\n"
+        title = (f"LoRA: ranks used for {tau_percent(threshold)} of the update's energy, out of the adapter's r\n"
                  f"(cells: energy_rank[{k}] / r; 1 = every rank of the adapter is needed)")
         fig = heatmap(grid, layers, modules, title=title + ("   (experts: median)" if moe else ""),
                       cbar_label=f"energy_rank[{k}] / r", cell_text=text, vmin=0.0, vmax=1.0, cmap="viridis")
@@ -104,7 +107,7 @@ def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None,
         flagged, _, _, _ = layer_grid(result, lambda m: 1.0 if m.caveats else 0.0)
         text = np.where(np.isfinite(grid), np.char.add(np.char.mod("%.2f", np.nan_to_num(grid)),
                                                         np.where(flagged > 0, "*", "")), "")
-        title = (f"Rank needed for {threshold:.0%} of ΔW's energy, as a fraction of p = min(out, in)\n"
+        title = (f"Rank needed for {tau_percent(threshold)} of ΔW's energy, as a fraction of p = min(out, in)\n"
                  f"under each module: the same for a Gaussian random matrix of its shape (a dense update); "
                  f"{below - n_zero} of {int(cells.sum()) - n_zero} cells lie below it"
                  + (f" ({n_zero} cells at 0: ΔW = 0)" if n_zero else "")
@@ -186,6 +189,11 @@ def spectra_figure(result: DiffResult, *, threshold: float | None = None):
     kinds = _kinds(result)
     if not kinds:
         return None
+    shown = ""
+    if len(kinds) > MAX_KINDS:  # two panels a kind: 512 one-expert kinds drew for minutes into 16 MB of SVG
+        chosen = {k for k, _ in sorted(kinds, key=lambda kv: -len(kv[1]))[:MAX_KINDS]}
+        shown = f"; the {MAX_KINDS} of {len(kinds)} module kinds with the most matrices"
+        kinds = [(k, ms) for k, ms in kinds if k in chosen]
     tau = result.headline_threshold if threshold is None else threshold
     top = max(result.thresholds)
     layers = sorted({m.layer for _, ms in kinds for m in ms if m.layer is not None})
@@ -239,9 +247,9 @@ def spectra_figure(result: DiffResult, *, threshold: float | None = None):
         cb.ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     note = (f"solid: the stored top {stored} singular values; dotted: through the energy ranks at τ = "
             + ", ".join(f"{t:g}" for t in sorted(result.thresholds)) + " (values between them are not stored)"
-            if extrapolated else "every curve drawn from stored singular values")
-    fig.suptitle(wrap(f"Spectra of ΔW, every layer: singular values (top) and cumulative energy up to the {top:.0%} rank "
-                      f"(bottom; dashed line: {tau:.0%})", int(width * 12)) + "\n" + wrap(note, int(width * 12)),
+            if extrapolated else "every curve drawn from stored singular values") + shown
+    fig.suptitle(wrap(f"Spectra of ΔW, every layer: singular values (top) and cumulative energy up to the {tau_percent(top)} rank "
+                      f"(bottom; dashed line: {tau_percent(tau)})", int(width * 12)) + "\n" + wrap(note, int(width * 12)),
                  fontsize=10, y=1 - 0.08 / height, va="top")
     return fig
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA
+from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
 from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, legend_label, save_figure
 
@@ -48,7 +48,7 @@ def alpha_heatmap(records: list[dict[str, Any]], path: str | os.PathLike[str] | 
     grid, layers, modules = alpha_grid(records, key)
     if key == "alpha":
         return _written(heatmap(
-            grid, layers, modules, cmap="RdYlBu", vmin=1.0, vmax=8.0, fmt=lambda v: f"{v:.2f}",
+            grid, layers, modules, cmap="RdYlBu", vmin=1.0, vmax=8.0, fmt=alpha_text,
             title=title or "Power-law exponent α of each matrix's eigenvalue spectrum (WeightWatcher's fit; colours clipped "
                            f"to [1, 8]): α < {OVER_TRAINED_ALPHA:g} over-trained, α > {UNDER_TRAINED_ALPHA:g} under-trained",
             cbar_label="α (median over experts)",
@@ -80,7 +80,7 @@ def _loglog_panel(ax, rec: dict[str, Any]) -> None:
         n_tail = rec.get("num_pl_spikes") or 0
         # p(λ) = (α−1)/xmin · (λ/xmin)^(−α) on the tail, weighted by the tail's share of the plotted eigenvalues
         ax.plot(x, (n_tail / lam.size) * (alpha - 1) / xmin * (x / xmin) ** (-alpha), "r--", lw=1.5,
-                label=f"fit α = {alpha:.2f}")
+                label=f"fit α = {alpha_text(alpha)}")
         ax.axvline(xmin, color="red", lw=0.8, ls=":", label="xmin")
     if rec.get("mp_bulk_max"):
         ax.axvline(rec["mp_bulk_max"], color="grey", lw=0.8, ls="-.", label="MP bulk edge")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra.display import tau_percent
 from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, legend_label, save_figures
 
@@ -109,7 +110,7 @@ def layer_step_heatmap(doc: dict[str, Any], *, which: str = "rank"):
         grid[i, j] = float(np.median(vs))
     if which == "rank":
         unit = "r" if doc.get("kind") == "lora" else "p = min(out, in)"
-        title, cbar = f"Rank needed for {float(key):.0%} of ΔW's energy, as a fraction of {unit}", f"energy_rank[{key}] / {unit.split()[0]}"
+        title, cbar = f"Rank needed for {tau_percent(key)} of ΔW's energy, as a fraction of {unit}", f"energy_rank[{key}] / {unit.split()[0]}"
     else:
         title, cbar = "φ between each checkpoint's top-k subspace and the first one's (1: unturned)", "φ (right singular vectors)"
     return heatmap(grid, layers, steps, title=title + " (median over the layer's matrices)", cbar_label=cbar,
