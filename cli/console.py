@@ -9,6 +9,7 @@ import re
 import time
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -60,21 +61,17 @@ NAME_MIN = 10
 NUMBER_MAX = 16
 
 
-def _cell_len(console: Console, cell) -> int:
-    return (console.render_str(cell) if isinstance(cell, str) else cell).cell_len if cell is not None else 0
-
-
 def print_table(console: Console, table: Table) -> None:
     """Print a results table whose numbers are never cut: rich shrinks every column of a table wider
-    than the terminal, and "0.87" became "0.…" at 80 columns. Numbers (right-justified columns) keep
-    their full width and names fold onto more lines: in a boxed table, else with headers folded at
-    their spaces, else without borders; when even that does not fit, each row is printed as a block
-    of ``column: value`` lines, which fits any width."""
+    than the terminal, and "0.87" became "0.…" at 80 columns. Numbers (right-justified columns of
+    short one-word cells) keep their full width and names fold onto more lines: in a boxed table,
+    else with headers folded at their spaces, else without borders; when even that does not fit, each
+    row is printed as a block of ``column: value`` lines, which fits any width."""
     cols = table.columns
+    texts = [["" if x is None else (console.render_str(x) if isinstance(x, str) else x).plain for x in c.cells] for c in cols]
     # a number: a right-justified cell of one short word ("0.512", "2–8", "–"); --plan's right column is prose
-    numeric = [c.justify == "right" and all(len(t) <= NUMBER_MAX and " " not in t.strip() for t in (_plain(console, x) for x in c.cells))
-               for c in cols]
-    natural = [max([_cell_len(console, x) for x in c.cells] + [0]) for c in cols]
+    numeric = [c.justify == "right" and all(len(t) <= NUMBER_MAX and " " not in t.strip() for t in ts) for c, ts in zip(cols, texts)]
+    natural = [max([cell_len(t) for t in ts] + [0]) for ts in texts]
     headers = [str(c.header) for c in cols]
     for boxed, fold in ((True, False), (True, True), (False, False), (False, True)):
         # a header folds at its spaces: then its longest word is the least its column needs
@@ -95,18 +92,12 @@ def print_table(console: Console, table: Table) -> None:
     if table.title:
         console.print(table.title, highlight=False)
     labels = [" ".join(h.split()) for h in headers]
-    columns = [list(c.cells) for c in cols]
     for r in range(table.row_count):
-        cells = [col[r] for col in columns]
-        console.print(Text(" ".join(_plain(console, x) for x, num in zip(cells, numeric) if not num), style="bold"),
-                      overflow="fold")
-        for label, x, num in zip(labels, cells, numeric):
+        row = [ts[r] for ts in texts]
+        console.print(Text(" ".join(t for t, num in zip(row, numeric) if not num), style="bold"), overflow="fold")
+        for label, t, num in zip(labels, row, numeric):
             if num:
-                console.print(Text(f"  {label + ': ' if label else ''}{_plain(console, x)}"), overflow="fold")
-
-
-def _plain(console: Console, cell) -> str:
-    return "" if cell is None else (console.render_str(cell) if isinstance(cell, str) else cell).plain
+                console.print(Text(f"  {label + ': ' if label else ''}{t}"), overflow="fold")
 
 
 def print_explanation(ctx: click.Context, title: str, columns: list[tuple[str, str]], notes: list[str]) -> None:

@@ -14,7 +14,7 @@ from rich.table import Table
 import spectra
 from spectra import distributed as spectra_distributed
 from spectra.config import DiffConfig
-from spectra.display import display_name, range_text, tau_percent
+from spectra.display import display_name, fmt_bytes, range_text, tau_percent
 from spectra.errors import ConfigError
 from spectra.findings import diff_findings, skipped_reasons, summary_legend
 from spectra.io.checkpoint import READ_NOTE_PREFIX
@@ -203,14 +203,6 @@ def _short_legend(tau: float, lora: bool) -> str:
             f"{tau_percent(tau)} of ΔW's energy; / p = that ÷ p; random / p = the same for a Gaussian random matrix of the shape "
             f"(a dense update); ‖ΔW‖/‖W‖ = relative size{'; LoRA r = the adapter rank (rank[' + k + '] of r is used)' if lora else ''}. "
             "spectra diff --explain defines each column; docs/definitions.md each metric.")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def fmt_seconds(s: float) -> str:

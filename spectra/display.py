@@ -102,3 +102,17 @@ def range_text(bounds: tuple[float, float] | None) -> str:
     if bounds is None:
         return "–"
     return "–".join(dict.fromkeys(f"{x:g}" for x in bounds))
+
+
+def fmt_bytes(n: float) -> str:
+    """A size in bytes as people read it.
+
+    >>> fmt_bytes(300), fmt_bytes(576_000_000), fmt_bytes(3 << 40)
+    ('300 B', '549.3 MiB', '3.0 TiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+from spectra.display import fmt_bytes
 from spectra.naming import display_name
 
 
@@ -107,7 +108,7 @@ def out_of_memory(exc: BaseException) -> str | None:
 
     >>> out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't allocate "
     ...                            "memory: you tried to allocate 576000000 bytes. Error code 12"))
-    'out of memory: an allocation of 549 MiB failed'
+    'out of memory: an allocation of 549.3 MiB failed'
     >>> out_of_memory(ValueError("bad"))
     """
     text = str(exc)
@@ -117,15 +118,6 @@ def out_of_memory(exc: BaseException) -> str | None:
 
     asked = re.search(r"allocate (\d+) bytes", text)
     size = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]i?B)", text)
-    what = (f"an allocation of {_size(int(asked.group(1)))} failed" if asked else
+    what = (f"an allocation of {fmt_bytes(int(asked.group(1)))} failed" if asked else
             f"an allocation of {size.group(1)} failed" if size else "an allocation failed")
     return f"out of memory: {what}"
-
-
-def _size(n: int) -> str:
-    """Bytes as people read them: ``549 MiB``, ``12 KiB``, ``300 bytes``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.3g} {unit}"
-    return f"{n} bytes"
-

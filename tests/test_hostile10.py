@@ -513,12 +513,12 @@ def test_out_of_memory_is_one_line_that_keeps_the_journal(tmp_path, monkeypatch)
     monkeypatch.setattr(spectra, "diff", no_memory)
     res = _cli("diff", b, t, "-o", tmp_path / "o")
     assert res.exit_code == 1 and "Traceback" not in res.output
-    assert "error: out of memory: an allocation of 549 MiB failed" in _last_line(res)
+    assert "error: out of memory: an allocation of 549.3 MiB failed" in _last_line(res)
     assert out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == \
         "out of memory: an allocation of 2.00 GiB failed"
     assert out_of_memory(RuntimeError("shape mismatch")) is None and out_of_memory(MemoryError()) is not None
     assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 300 bytes")) == \
-        "out of memory: an allocation of 300 bytes failed"
+        "out of memory: an allocation of 300 B failed"
 
 
 def test_report_reads_a_folder_of_any_depth(tmp_path):
