@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +27,9 @@ from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
+from spectra.io.files import same_file
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
-from spectra.pairing import Skipped, oriented_shape
+from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
@@ -86,6 +88,30 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
     return out
 
 
+def recorded_base_warning(adapter: Adapter, base: Checkpoint) -> str | None:
+    """A warning when ``adapter_config.json`` records, as ``base_model_name_or_path``, a file or folder
+    that exists here and is not ``base`` (nor its folder): an adapter of another base of the same
+    architecture passes every shape check, and its amplification, intruders, ``rel_norm`` (and a DoRA
+    update itself) would be measured against weights it was not trained on. A hub name, or a recorded
+    path that does not exist from here, is not judged (None)."""
+    recorded = adapter.config.base_model_name_or_path
+    try:
+        where = Path(recorded) if recorded else None
+        if where is None or not where.exists():
+            return None
+    except (OSError, ValueError):  # not a path on this system (a NUL, a name too long)
+        return None
+    root = Path(base.root)
+    # a model is a folder or a file in it: either spelling on either side names the same model
+    mine = [where, where.parent] if where.is_file() else [where]
+    given = [root, root.parent] if root.is_file() else [root]
+    if any(same_file(a, b) for a in mine for b in given):
+        return None
+    return (f"{PAIRING_NOTE_PREFIX}{adapter.path}: its adapter_config.json records the base {recorded!r}, which is another file or folder "
+            f"than the base given ({base.label}): unless they hold the same weights, the update is measured against "
+            "a base it was not trained on")
+
+
 def _tied_head_of(mod: LoraModule, base: Checkpoint,
                   specs: dict[str, MatrixSpec]) -> tuple[LoraModule, MatrixSpec, str] | None:
     """``(mod, spec, embedding name)`` when ``mod`` is a LoRA on the output head of a base that ties the
@@ -139,6 +165,8 @@ def diff_adapter(
     result = DiffResult(base=label_base, tuned=label_tuned or str(adapter.path), thresholds=list(config.thresholds),
                         config=asdict(config), device=str(device), version=__version__)
     result.warnings.extend(adapter.notes)  # which of a folder's inputs was read (an adapter beside a full model)
+    if base is not None and (other := recorded_base_warning(adapter, base)):
+        result.warnings.append(other)
     result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
                       "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}

@@ -94,12 +94,21 @@ def unmatched_text(result: CompareResult) -> str:
 
 def _warnings(result: CompareResult) -> list[Finding]:
     out = [Finding("read", w, warning=True) for w in result.warnings]
-    fewer = [m for m in result.modules if m.note]
+    # a note holds several parts ("; "): each finding quotes only its own kind (numerical caveats are warnings already)
+    def part(m: ComparedModule, marker: str) -> str:
+        return "; ".join(x for x in (m.note or "").split("; ") if marker in x)
+
+    fewer = [m for m in result.modules if part(m, "fewer than its rank")]
     if fewer:
         out.append(Finding("rank", f"{len(fewer)} of {len(result.modules)} modules have an update of fewer directions than its "
-                           f"rank (e.g. {display_name(fewer[0].name, 60)}: {fewer[0].note}); their subspaces have the "
-                           "resolved rank, not arbitrary extra directions (rank_a, rank_b in compare.json).", warning=True,
-                           numbers={"fewer_directions": len(fewer)}))
+                           f"rank (e.g. {display_name(fewer[0].name, 60)}: {part(fewer[0], 'fewer than its rank')}); their "
+                           "subspaces have the resolved rank, not arbitrary extra directions (rank_a, rank_b in compare.json).",
+                           warning=True, numbers={"fewer_directions": len(fewer)}))
+    dora = [m for m in result.modules if part(m, "DoRA update is dense")]
+    if dora:
+        out.append(Finding("rank", f"{len(dora)} of {len(result.modules)} modules have a DoRA update, which is dense (more "
+                           f"directions than its rank): their top-r subspaces are compared (e.g. {display_name(dora[0].name, 60)}: "
+                           f"{part(dora[0], 'DoRA update is dense')}).", warning=True, numbers={"dora": len(dora)}))
     zero = [m for m in result.modules if m.status == "zero_update"]
     if zero:
         which = Counter("A and B" if m.fro_a == 0 and m.fro_b == 0 else ("A" if m.fro_a == 0 else "B") for m in zero)

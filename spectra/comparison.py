@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates
+from spectra.adapter_diff import adapter_updates, recorded_base_warning
 from spectra.compare_records import (
     SCHEMA,
     AngleSummary,
@@ -43,7 +44,7 @@ from spectra.compare_records import (
     PhiSummary,
 )
 from spectra.config import CompareConfig, check_device_available
-from spectra.delta import form_delta, oriented
+from spectra.delta import form_delta, oriented, pair_notes
 from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
@@ -59,8 +60,9 @@ from spectra.naming import (
     unique_pairing_keys,
 )
 from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
-from spectra.results import rows_to_csv
+from spectra.results import note_caveat_warnings, rows_to_csv
 from spectra.selection import refuse_empty_selection, selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
 from spectra.sketch import randomized_svd
@@ -126,6 +128,7 @@ class _Update:
 
     form: Factored | TopSVD
     energy: float
+    notes: tuple[str, ...] = ()  # numerical caveats of a dense ΔW (spectra.numerics: rounding level…)
 
 
 class _Side:
@@ -229,12 +232,14 @@ class _Side:
         stored = W if W is not None and base_name == pair.base.name else self.base.load(pair.base.name)
         wb = oriented(stored, pair.base.transpose, pair.rows)
         wt = oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
-        dense, _, bad = form_delta(wb, wt, device)
+        dense, base_fro, bad = form_delta(wb, wt, device)
         if bad:
             what = ("the difference of the weights overflows" if bad == ["overflow"]
                     else f"the {' and '.join(bad)} weights contain NaN or Inf")
             return f"{what} ({pair.tuned.name} in {self.label})"
-        return self._dense(dense, pair.tuned.name, need)
+        u = self._dense(dense, pair.tuned.name, need)
+        # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
+        return u if isinstance(u, str) else replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)))
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not _all_finite(dense):
@@ -325,10 +330,11 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
     sides = ("left", "right") if config.side == "both" else (config.side,)
+    numeric = [f"{who}: {n}" for who, u in (("A", ua), ("B", ub)) for n in u.notes]
     rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
                          rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5,
                          note="; ".join([*([f"{'; '.join(fewer)}: subspaces of the resolved rank are compared"] if fewer else []),
-                                         *dora]) or None)
+                                         *dora, *numeric]) or None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b:
         rec.status, rec.reason = "zero_update", _zero_reason(zero_a, zero_b)
@@ -418,6 +424,8 @@ def compare(
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
+    if base_ckpt is not None:  # an adapter of another base of the same shapes: said, since no check can fail
+        result.warnings += [w for s in (A, B) if s.adapter is not None and (w := recorded_base_warning(s.adapter, base_ckpt))]
     if same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b))):
         result.warnings.append(f"A and B are the same checkpoint ({A.label}): every measure compares an update with itself")
     shared = [k for k in A.names if k in B.names]
@@ -441,13 +449,14 @@ def compare(
         own = side.own_specs()
         for k in side.names:
             if k not in other.names:
+                spec = specs.get(k) or own.get(k)
+                if spec is not None and not keep(spec.name, spec.layer):
+                    continue
                 if k in other.skipped:  # not one-sided: the other side holds it but cannot pair it (another shape…)
                     who = "B" if other is B else "A"
                     result.skipped.append({"name": side.names[k], "reason": f"{who} ({other.label}): {other.skipped[k]}"})
                     continue
-                spec = specs.get(k) or own.get(k)
-                if spec is None or keep(spec.name, spec.layer):
-                    names.append(side.names[k] if spec is None else spec.name)
+                names.append(side.names[k] if spec is None else spec.name)
         names.sort()
     # a 3-D expert stack has no single subspace per module: listed, not dropped without a word
     result.skipped += [{"name": sp.name, "reason": "3-D expert stack: compare measures 2-D matrices only "
@@ -481,6 +490,10 @@ def compare(
     def measure(job: _Job):
         return _measure(job, A, B, base_ckpt, config, device)
 
+    # the figures' imports (~0.5 s of matplotlib) run beside the measures, not after them
+    loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if out_dir is not None and plots else None
+    if loader is not None:
+        loader.start()
     # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
     n = max(1, min(workers, len(jobs)))
     outs = imap_one_blas_thread(measure, jobs, n) if n > 1 else (measure(job) for job in jobs)
@@ -495,7 +508,12 @@ def compare(
                     result.phi_grids[rec.name] = grids
             if callback:
                 callback(done, len(jobs), jobs[done - 1].spec.name)
+    for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
+        notes = [(m.name, "; ".join(x for x in (m.note or "").split("; ") if x.startswith(f"{who}: "))) for m in result.modules]
+        result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
     result.elapsed_s = time.perf_counter() - t0
+    if loader is not None:
+        loader.join()
     if out_dir is not None:
         save_result(result, out_dir, plots=plots)
     return result

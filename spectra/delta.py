@@ -15,6 +15,7 @@ import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
 from spectra.numerics import numeric_notes
+from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
 
 
@@ -63,6 +64,14 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
                                  note="; ".join(notes)))
     return out
+
+
+def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torch.Tensor, base_fro: float) -> list[str]:
+    """The numerical caveats (:func:`spectra.numerics.numeric_notes`) of the ΔW that :func:`form_delta`
+    formed from the oriented stored tensors ``wb``, ``wt`` of ``pair`` (their stored dtypes decide ε);
+    for the commands that form ΔW one pair at a time (compare, trace, interfere)."""
+    return numeric_notes(wb, wt, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
+                         base_sq=base_fro * base_fro)
 
 
 def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:

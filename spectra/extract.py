@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -93,6 +93,7 @@ from spectra.io.peft_writer import (
 )
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
+from spectra.load_names import load_renames
 from spectra.lowrank import (
     VLLM_RANKS,
     GramEig,
@@ -132,6 +133,7 @@ class _Source:
     one_d: list[tuple[str, str]] | None = None  # (tuned name, base name) of paired 1-D tensors
     unmatched: dict[str, list[str]] | None = None
     label: str = ""
+    renames: dict[str, str] = field(default_factory=dict)  # module path as stored -> as transformers loads it
 
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> _Source:
@@ -476,6 +478,13 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         journal.release()
         raise
     not_extracted = left_out_records(src.base, src.tuned, src.left_out)
+    # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
+    # model (seconds) run beside the decompositions
+    loaded: dict[str, Any] = {}
+    renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source"), load_renames(
+        src.base.config, [n[: -len(".weight")] for n in src.base.tensors if n.endswith(".weight")]))),
+        name="spectra-load-names", daemon=True)
+    renamer.start()
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
     loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
     if loader is not None:
@@ -505,11 +514,18 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
     not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
                              config.save_modules)
+    renamer.join()
+    src.renames = loaded.get("renames") or {}
+    src.targets = [replace(t, module=src.renames.get(t.module, t.module)) for t in src.targets]
     result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
     result.fingerprint, result.version = fingerprint, __version__
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
     result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
+    if src.renames:  # GPT-NeoX's embed_out is lm_head once loaded; LLaVA's layers move under model.language_model
+        first = next(iter(src.renames.items()))
+        result.warnings.append(f"{loaded['source']}: the adapter names its modules as loaded, as PEFT matches them "
+                               f"({len(src.renames)} renamed, e.g. {first[0]} → {first[1]})")
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
     served = next((v for v in VLLM_RANKS if asked is not None and v >= asked), asked)
     if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
@@ -557,8 +573,12 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
     ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
-    biases = {r["module"]: r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
-    full = {n: v for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
+    def loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
+        return src.renames.get(module, module)
+
+    biases = {loaded(r["module"]): r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
+    full = {f"{loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
+            for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
     chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r]
     layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
     layout += [(saved_name(n), tuple(v.shape)) for n, v in full.items()]
@@ -573,12 +593,12 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
 
     adapted = {t.module: r for i, t, r in chosen}
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
-    all_modules = [n[: -len(".weight")] for n in src.base.specs
-                   if n.endswith(".weight")]
+    # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
+    all_modules = [loaded(n[: -len(".weight")]) for n in src.base.tensors if n.endswith(".weight")]
     task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
-                         modules_to_save=sorted({r["module"] for r in not_lora if r.get("held") == "modules_to_save"}),
+                         modules_to_save=sorted({loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None)
     return layout, tensors(), cfg
 

@@ -202,11 +202,54 @@ class Target:
         return self.shape[0] + self.shape[1]
 
 
+#: Module names given to ``nn.Embedding`` layers in transformers' modeling code that neither a role nor
+#: "emb" in the name gives away (a scan of ``self.<name> = nn.Embedding(`` in transformers 5.24, names
+#: other modules also use left out): T5's relative position buckets, SAM-style learned tokens. PEFT
+#: wraps them as embedding LoRAs and ignores a linear LoRA's ``lora_A``/``lora_B`` for them on load.
+EMBEDDING_LEAVES = frozenset({
+    "relative_attention_bias", "global_relative_attention_bias", "shared", "wte", "wpe", "mask_tokens", "iou_token",
+    "obj_score_token", "hq_token", "presence_token", "audio_bos_eos_token", "bias_values", "codebook", "prompt_ctx",
+    "queries_features", "query_feat", "query_768_resolution", "query_1024_resolution", "recycle_disto",
+})
+#: Module names with "emb" in them that transformers gives only to ``nn.Linear`` / ``nn.Conv*`` layers (the same
+#: scan, for ``nn.Linear``, ``nn.Conv1d/2d/3d`` and GPT-2's ``Conv1D``): ALBERT's
+#: ``embedding_hidden_mapping_in``, ``embedding_projection``, ``patch_embed``... PEFT wraps them as linear
+#: LoRAs, so writing them as embedding LoRAs would be dropped on load.
+LINEAR_EMB_LEAVES = frozenset(x.lower() for x in (
+    "box_linear_embeddings", "class_embed", "decoder_embed", "decoder_embeddings", "embed_out", "embed_proj",
+    "embedding_convPxP", "embedding_hidden_mapping_in", "embedding_proj_layer", "embedding_projection",
+    "embedding_transformation", "embeddings_project", "entity_embedding_dense", "inner2emb", "inputs_embeds_projector",
+    "patch_embed", "patch_embedding", "patch_embedding_projection", "patch_embeddings", "predictor_embeddings",
+    "relative_pos_embeddings", "speaker_embeds_layer", "token_embedding_projection", "unembedding_projection",
+    "vision_embed_tokens", "xpath_unitseq2_embeddings"))
+
+
+def is_embedding_name(name: str, role: str | None) -> bool:
+    """Whether the stored weight ``name`` (``<module>.weight``) of cross-architecture ``role`` is an
+    ``nn.Embedding``'s: token/position embeddings by role; one of :data:`EMBEDDING_LEAVES` or CTRL's token
+    table ``transformer.w``; otherwise a module named ``…emb…`` (BERT's ``token_type_embeddings``,
+    GPT-NeoX's ``embed_in``, ``rel_pos_emb``) unless transformers names only linear layers so
+    (:data:`LINEAR_EMB_LEAVES`), and never the output head.
+
+    >>> is_embedding_name("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", None)
+    True
+    >>> is_embedding_name("transformer.w.weight", None), is_embedding_name("transformer.h.0.ffn.0.weight", None)
+    (True, False)
+    >>> is_embedding_name("albert.encoder.embedding_hidden_mapping_in.weight", None)
+    False
+    """
+    module = name[: -len(".weight")] if name.endswith(".weight") else name
+    leaf = module.rpartition(".")[2].lower()
+    if role in ("embed", "pos_embed"):
+        return True
+    if role == "head" or leaf in LINEAR_EMB_LEAVES:
+        return False
+    return leaf in EMBEDDING_LEAVES or module.lower() == "transformer.w" or "emb" in leaf
+
+
 def is_embedding(spec: MatrixSpec) -> bool:
-    """An ``nn.Embedding`` weight: token/position embeddings by role, or any module named ``…embed…``
-    that is not the output head (BERT's ``token_type_embeddings``, GPT-NeoX's ``embed_in``)."""
-    leaf = spec.name.rsplit(".", 2)[-2] if spec.name.count(".") else spec.name
-    return spec.role in ("embed", "pos_embed") or ("embed" in leaf.lower() and spec.role != "head")
+    """An ``nn.Embedding`` weight (:func:`is_embedding_name`)."""
+    return is_embedding_name(spec.name, spec.role)
 
 
 def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: ExtractConfig, *,
@@ -380,4 +423,5 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
 
 __all__ = ["EXPERTS_GROUP", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
+           "is_embedding_name",
            "pair_target", "plan_ranks", "target_of", "why_not_target"]

@@ -161,7 +161,9 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
         if depth:
             out.append(depth)
         lora = [m for m in ms if m.lora_r]
-        if lora:
+        if lora and (result.adapter or {}).get("use_dora"):
+            out.append(_dora_finding(lora, k, tau))
+        elif lora:
             out.append(_adapter_finding(lora, k, tau))
     size = _size_finding([m for m in result.modules if m.fro_norm])
     if size:
@@ -217,9 +219,12 @@ def _rank_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     lo, hi = min(rnd), max(rnd)
     rnd_text = f"{_fmt(lo)}" if abs(hi - lo) < 0.005 else f"{_fmt(lo)}–{_fmt(hi)} (by shape)"
     times = f", {1 / ratio:.1f}× fewer directions than noise" if 0 < ratio < 0.9 else ""
+    caveated = sum(bool(m.caveats) for m in ms)  # e.g. bf16 against fp32: their ranks at high τ measure the rounding
     text = (f"The update is {words}: the median matrix needs {med_rank:g} of its p = {med_p:g} directions "
             f"({_fmt(_median(fr))} of p) for {tau_percent(tau)} of ΔW's energy, where a random matrix of the same shape "
-            f"needs {rnd_text} of p{times}.")
+            f"needs {rnd_text} of p{times}"
+            + (f" ({'all' if caveated == len(ms) else caveated} of these {len(ms)} matrices carry a numerical caveat: see "
+               "the warnings)." if caveated else "."))
     return Finding("rank", text, numbers={"median_rank": med_rank, "median_p": med_p, "median_frac": _median(fr),
                                           "random_frac_min": lo, "random_frac_max": hi, "median_ratio_to_random": ratio,
                                           "matrices": len(ms)})
@@ -272,6 +277,17 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
                 f"{_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}; highest in layer {hi} "
                 f"({_fmt(med[hi])}), lowest in layer {lo} ({_fmt(med[lo])}).")
     return Finding("depth", text, numbers={"per_layer": med, "thirds": thirds, "highest_layer": hi, "lowest_layer": lo})
+
+
+def _dora_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
+    """A DoRA update, m ⊙ column-normalised (W + sBA) − W, is dense: "k of r ranks used" would read it
+    against a bound it does not have."""
+    rs = sorted({m.lora_r for m in ms})
+    used = _median([m.energy_rank[k] for m in ms])
+    r = str(rs[0]) if len(rs) == 1 else f"{rs[0]}–{rs[-1]}"
+    return Finding("adapter", f"DoRA (r = {r}): each update is dense (the magnitude vector rescales every column of W), so its "
+                   f"rank is not bounded by r: a median {used:g} ranks for {tau_percent(tau)} of its energy, of which s·B·A "
+                   "spans at most r.", numbers={"r": rs, "median_used": used})
 
 
 def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates
+from spectra.adapter_diff import adapter_updates, recorded_base_warning
 from spectra.config import SharedOptions, check_device_available, check_thresholds
-from spectra.delta import form_delta, oriented
+from spectra.delta import form_delta, oriented, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
 from spectra.interference import (
     accumulation,
@@ -55,7 +55,7 @@ from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.pairing import MatrixPair, pair_checkpoints
-from spectra.results import rows_to_csv
+from spectra.results import note_caveat_warnings, rows_to_csv
 from spectra.selection import selector
 from spectra.subspaces import Factored
 
@@ -137,19 +137,20 @@ class _Task:
             self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
                              if x.reason.startswith(("shape mismatch", "fused rows"))]
 
-    def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, str]:
+    def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, str, list[str]]:
         """Dense ``ΔW`` of base matrix ``spec`` on ``device`` (full checkpoints and DoRA), ‖W_base‖_F,
-        and why it is undefined ("" when it is fine). ``W`` is the base tensor as stored."""
+        why it is undefined ("" when it is fine) and its numerical caveats (:func:`spectra.delta.pair_notes`:
+        a bf16 update at the rounding level…). ``W`` is the base tensor as stored."""
         u = self.updates[spec.name]
         if isinstance(u, LoraModule):  # DoRA: the update depends on the base weight
             Wo = (W.mT if spec.transpose else W).to(torch.float32)
-            return u.dora_delta(Wo).to(device), float(torch.linalg.vector_norm(Wo.double())), ""
+            return u.dora_delta(Wo).to(device), float(torch.linalg.vector_norm(Wo.double())), "", []
         wb = oriented(W, u.base.transpose, u.rows)
         wt = oriented(self.ckpt.load(u.tuned.name), u.tuned.transpose, u.rows)
         delta, base_fro, bad = form_delta(wb, wt, device)
         if bad:
-            return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)"
-        return delta, base_fro, ""
+            return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", []
+        return delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro)
 
     def needs_dense(self, name: str) -> bool:
         u = self.updates[name]
@@ -322,14 +323,16 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     C = np.full((n, n), np.nan)
     total = None  # dense float64 running sum when any update is dense
     seen: set[int] = set()
+    numeric: list[str] = []  # "<task>: <caveat>" of each dense update
 
     def load(t: int) -> torch.Tensor:
         nonlocal total
-        delta, base_fro, why = tasks[t].dense(spec, W, device)
+        delta, base_fro, why, notes = tasks[t].dense(spec, W, device)
         if delta is None:
             raise _SkipModule(why)
         if t not in seen:  # first read: spectrum, top-k triplets, running sum
             seen.add(t)
+            numeric.extend(f"{tasks[t].label}: {msg}" for msg in notes)
             top = float(delta.abs().max()) if delta.dtype == torch.float64 and delta.numel() else 0.0
             if outside_squaring_range(top):
                 raise _SkipModule(_out_of_range(tasks[t].label, top))
@@ -390,7 +393,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
         "tsv": {"sti": tsv.sti, "relative": tsv.relative, "relative_fro": tsv.relative_fro, "pairs": tsv_pair_matrix(fs)},
         "knots": {"alignment": knots.alignment, "rank": knots.rank, "energy_rank": knots.energy_rank,
                   "task_energy_rank": knots.task_energy_rank},
-        "sum": asdict(acc), "note": spec.note,
+        "sum": asdict(acc), "note": "; ".join(x for x in (spec.note, *numeric) if x),
     })
 
 
@@ -453,6 +456,7 @@ def interfere(
         result.skipped += t.skipped
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks), *(t.adapter for t in tasks)))
+    result.warnings += [w for t in tasks if t.adapter is not None and (w := recorded_base_warning(t.adapter, base_ckpt))]
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))
@@ -491,6 +495,9 @@ def interfere(
         if rels and float(np.median(rels)) > 1.0:
             result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
                                    "base weights themselves: is it a fine-tune of this base?")
+        own = [(m["name"], "; ".join(x for x in (m.get("note") or "").split("; ") if x.startswith(f"{t.label}: ")))
+               for m in result.modules]
+        result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
         if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
             result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
                                    "interference to measure, and the totals hold the other tasks only")

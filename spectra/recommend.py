@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
 from spectra.io.jsonfile import load_json
-from spectra.io.peft_writer import check_task_type, target_modules
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
+from spectra.load_names import load_renames
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
@@ -60,8 +62,8 @@ class Recommendation:
 
 
 def _is_embedding(m: dict) -> bool:
-    leaf = m["name"].split(":")[0].rsplit(".", 2)[-2] if "." in m["name"] else m["name"]
-    return m.get("role") in ("embed", "pos_embed", "head") or "embed" in leaf.lower()
+    """An embedding or the output head (the matrices LoRA adapts only when asked)."""
+    return m.get("role") == "head" or is_embedding_name(m["name"].split(":")[0], m.get("role"))
 
 
 def _part_rank(m: dict, tau: float) -> int:
@@ -242,7 +244,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     def alpha(r: int) -> float:
         return alpha_ratio * (math.sqrt(r) if rslora else r)
 
-    pattern = {p: r for p, r in sorted(adapted.items()) if r != r0}
+    # the names transformers >= 5 loads the modules under (GPT-NeoX's embed_out is lm_head, LLaVA's layers move):
+    # PEFT matches those, so the LoraConfig names them so
+    skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    loaded, how = load_renames(_base_config(doc), paths + skipped)
+    if loaded:
+        first = next(iter(loaded.items()))
+        notes.append(f"{how}: the LoraConfig names them as loaded ({len(loaded)} renamed, e.g. {first[0]} → {first[1]})")
+    named = {loaded.get(p, p): r for p, r in adapted.items()}
+    every = [loaded.get(p, p) for p in paths + skipped]
+    pattern = {pattern_key(p): named[p] for p in rank_pattern_keys(named, r0)}  # PEFT's first match wins
     if not all(math.isfinite(alpha(r)) for r in (r0, *pattern.values())):  # JSON has no Infinity; PEFT would get inf
         raise ConfigError(f"--alpha-ratio {alpha_ratio:g} × r overflows: lora_alpha would be infinite",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
@@ -250,15 +261,28 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
     selection = doc.get("config") or {}
     partial = any(selection.get(k) for k in ("include", "exclude", "layers"))
-    skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    targets = sorted(adapted) if partial else target_modules(list(adapted), paths + skipped)
+    targets = sorted(named) if partial else target_modules(list(named), every)
     if partial:
         notes.append("the diff measured part of the model (--include/--exclude/--layers): target_modules names each "
                      "measured module in full, so that PEFT adapts only those")
+    excluded = exclude_modules(list(named), every, targets)
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
-              "target_modules": targets, "rank_pattern": pattern,
+              "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
     return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
+
+
+def _base_config(doc: dict) -> dict | None:
+    """The ``config.json`` beside the diff's base (a folder, or a file in one), when it is still there."""
+    base = doc.get("base")
+    if not isinstance(base, str) or not base:
+        return None
+    try:
+        folder = Path(base) if Path(base).is_dir() else Path(base).parent
+        cfg = load_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None
+    except (OSError, ValueError, SpectraError):  # unreadable: the stored names, as without it
+        return None
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[str, dict], where: Path | None,

@@ -469,9 +469,25 @@ def caveat_groups(modules: list[ModuleResult]) -> list[tuple[str, list[ModuleRes
 
 def caveat_sentence(code: str, hit: list[ModuleResult], total: int) -> str:
     """What caveat ``code`` means, for how many of ``total`` matrices, naming a few of ``hit``."""
-    names = ", ".join(display_name(m.name, 60) for m in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
+    return _caveat_text(code, [m.name for m in hit], total)
+
+
+def _caveat_text(code: str, hit: list[str], total: int, of: str = "") -> str:
+    names = ", ".join(display_name(n, 60) for n in hit[:3]) + (f" and {len(hit) - 3} more" if len(hit) > 3 else "")
     _, what, meaning = CAVEATS[code]
-    return f"{what} in {len(hit)} of {total} matrices ({names}): {meaning} (each matrix's note says more)"
+    return f"{what} in {len(hit)} of {total} matrices{of} ({names}): {meaning} (each matrix's note says more)"
+
+
+def note_caveat_warnings(notes: list[tuple[str, str]], total: int, of: str = "") -> list[str]:
+    """:func:`caveat_warnings` for commands that keep a name and a note per matrix (compare, trace,
+    interfere): ``notes`` holds ``(name, the note's part about one input)`` for each matrix, ``total`` the
+    matrices measured, ``of`` which input (``" of B (tuned/)"``)."""
+    out = []
+    for code, (pattern, _, _) in CAVEATS.items():
+        hit = [name for name, note in notes if pattern.search(note or "")]
+        if hit:
+            out.append(f"{CAVEAT_PREFIX}({code}): {_caveat_text(code, hit, total, of)}")
+    return out
 
 
 def caveat_warnings(modules: list[ModuleResult]) -> list[str]:

@@ -44,9 +44,10 @@ def _esd_ok(v: Any) -> bool:
     return True
 
 
-def check_document(d: Any, source: Any) -> None:
+def check_document(d: Any, source: Any, *, unique: bool = True) -> None:
     """Raise :class:`ResultsFormatError` unless ``d`` is a ``spectra.diff/1`` document whose keys
-    have the types :meth:`DiffResult.from_dict` and the report use."""
+    have the types :meth:`DiffResult.from_dict` and the report use; with ``unique``, each matrix once
+    (a journal may repeat a record: the resume keeps one and says so)."""
     def fail(what: str, got: Any, key: str) -> None:
         raise ResultsFormatError(f"{key} must be {what}. Got {_type(got)} instead", path=source,
                                  hint="this file was not written by spectra diff or was edited; rerun spectra diff --out")
@@ -81,8 +82,11 @@ def check_document(d: Any, source: Any) -> None:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             fail("an array of strings", names, f"unmatched.{side}")
     for key in ("elapsed_s",):
-        if key in d and not is_num(d[key]):
-            fail("a number", d[key], key)
+        if key in d and not (is_num(d[key]) and d[key] >= 0):
+            fail("a non-negative number", d[key], key)
+    if "complete" in d and not isinstance(d["complete"], bool):  # "no" would read as a finished run
+        fail("true or false", d["complete"], "complete")
+    seen: set[str] = set()
     for i, m in enumerate(d["modules"]):
         at = f"modules[{i}]"
         if not isinstance(m, dict):
@@ -106,22 +110,25 @@ def check_document(d: Any, source: Any) -> None:
             if not ok(m[key]):
                 fail(what, m[key], f"{at}.{key}")
         for key, ok, what in (
-            ("layer", lambda v: v is None or is_int(v), "an integer or null"),
-            ("expert", lambda v: v is None or is_int(v), "an integer or null"),
+            ("layer", lambda v: v is None or (is_int(v) and v >= 0), "a non-negative integer or null"),
+            ("expert", lambda v: v is None or (is_int(v) and v >= 0), "a non-negative integer or null"),
             ("rel_norm", lambda v: v is None or is_num(v), "a number or null"),
             ("base_fro_norm", lambda v: v is None or is_num(v), "a number or null"),
             ("effective_rank", lambda v: v is None or is_num(v), "a number or null"),
-            ("lora_r", lambda v: v is None or is_int(v), "an integer or null"),
+            ("lora_r", lambda v: v is None or (is_int(v) and v >= 1), "a positive integer or null"),
             ("note", lambda v: isinstance(v, str), "a string"),
             ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
             ("energy_rank_frac", lambda v: isinstance(v, dict) and all(is_num(x) for x in v.values()), "an object of numbers"),
-            ("seconds", is_num, "a number"),
+            ("seconds", lambda v: is_num(v) and v >= 0, "a non-negative number"),
             ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
                              'alpha, sigma, D, xmin) or null'),
         ):
             if key in m and not ok(m[key]):
                 fail(what, m[key], f"{at}.{key}")
         _check_module_values(m, f"{at} ({m['name'][:80]})", source)
+        if unique and m["name"] in seen:  # counted twice in every total and figure
+            impossible(f"{at}.name", m["name"][:80], "each matrix has one record; this name came before", source)
+        seen.add(m["name"])
 
 
 def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
@@ -138,6 +145,18 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     for k, v in (m.get("energy_rank_frac") or {}).items():
         if is_num(v) and not 0 <= v <= 1:
             impossible(f"{at}.energy_rank_frac[{k}]", v, "a share of min(shape) lies from 0 to 1", source)
+    for key in ("stable_rank", "effective_rank"):  # ‖ΔW‖_F²/σ₁² and exp(entropy) are at most p
+        v = m.get(key)
+        if is_num(v) and v > p * (1 + 1e-9):
+            impossible(f"{at}.{key}", v, f"it is at most min(shape) = {p}", source)
+    values = [float(x) for x in m["singular_values"] if is_num(x)]
+    if len(m["singular_values"]) > p:
+        impossible(f"{at}.singular_values", f"{len(m['singular_values'])} values", f"a matrix has min(shape) = {p}", source)
+    if any(b > a for a, b in zip(values, values[1:])):
+        impossible(f"{at}.singular_values", "…", "they are listed largest first", source)
+    top, nuc = m.get("spectral_norm"), m.get("nuclear_norm")
+    if is_num(top) and is_num(nuc) and nuc < top * (1 - 1e-6):
+        impossible(f"{at}.nuclear_norm", nuc, f"the sum of the singular values is at least σ₁ ({top})", source)
     for key in ("fro_norm", "spectral_norm", "nuclear_norm", "base_fro_norm", "rel_norm", "stable_rank", "effective_rank"):
         v = m.get(key)
         if is_num(v) and not v >= 0:
@@ -158,6 +177,10 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     if any(is_num(x) and x < 0 for x in m["singular_values"]):
         impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if is_num(x)),
                    "singular values are not negative", source)
+    for k, v in (m.get("energy_rank_frac") or {}).items():  # after the ranks' own checks, which say more
+        rank = m["energy_rank"].get(k)
+        if is_num(v) and is_int(rank) and not math.isclose(v, rank / p, rel_tol=1e-9, abs_tol=1e-12):
+            impossible(f"{at}.energy_rank_frac[{k}]", v, f"it is energy_rank / min(shape) = {rank}/{p}", source)
 
 
 def check_journal_records(records: list[dict], thresholds: list[float], known: set[str] | None, source: Any) -> None:
@@ -170,7 +193,8 @@ def check_journal_records(records: list[dict], thresholds: list[float], known: s
     """
     modules = [r["module"] for r in records if "module" in r]
     skipped = [r["skipped"] for r in records if "skipped" in r]
-    check_document({"schema": SCHEMA, "tuned": "", "thresholds": thresholds, "modules": modules, "skipped": skipped}, source)
+    check_document({"schema": SCHEMA, "tuned": "", "thresholds": thresholds, "modules": modules, "skipped": skipped}, source,
+                   unique=False)
     for entry in (*modules, *skipped):
         if known is not None and entry["name"] not in known:
             raise ResultsFormatError(f"the journal holds a record of {entry['name'][:120]!r}, which this run does not "

@@ -35,7 +35,7 @@ import torch
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
 from spectra.config import SharedOptions, check_device_available, check_thresholds
-from spectra.delta import form_delta, oriented
+from spectra.delta import form_delta, oriented, pair_notes
 from spectra.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -58,7 +58,7 @@ from spectra.metrics import (
 )
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.pairing import pair_checkpoints
-from spectra.results import rows_to_csv
+from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
@@ -121,6 +121,7 @@ def point_metrics(S: np.ndarray, shape: tuple[int, int], base_fro: float | None,
     }
     if lora_r:
         point["effective_rank_over_r"] = m.effective_rank / lora_r
+        point["lora_r"] = int(lora_r)  # this checkpoint's r: the ratio's denominator, which a mixed list can change
     return point
 
 
@@ -358,10 +359,19 @@ def trace(
         if r.failed:
             result.warnings.append(f"{r.path}: {r.failed}")
     result.matrices.sort(key=_order)
-    rels = [m["points"][-1].get("rel_norm") for m in result.matrices if m["points"] and m["points"][-1].get("rel_norm") is not None]
-    if rels and float(np.median(rels)) > 1.0:
-        result.warnings.append(f"at the last checkpoint the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger "
-                               "than the base weights themselves: was this run started from this base?")
+    # any checkpoint, not only the last: one from another run (another base) stands out wherever it is listed
+    above = []
+    for i, r in enumerate(refs):
+        rels = [m["points"][i].get("rel_norm") for m in result.matrices
+                if len(m["points"]) > i and m["points"][i].get("rel_norm") is not None]
+        if rels and float(np.median(rels)) > 1.0:
+            above.append(f"{'the last checkpoint' if i == len(refs) - 1 else Path(r.path).name} "
+                         f"({float(np.median(rels)):.2f})")
+    if above:
+        result.warnings.append(f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: "
+                               "was this run started from this base?")
+    result.warnings += note_caveat_warnings([(m["name"], m.get("note") or "") for m in result.matrices], len(result.matrices),
+                                            " at one checkpoint or more")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
@@ -430,6 +440,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
         meta = None
         points = []
         base_alpha = None
+        caveats: dict[str, tuple[list[int | None], str]] = {}  # code -> (steps, the first message)
         for ci, (ref, pairs) in enumerate(zip(refs, pairings)):
             if ref.failed:
                 points.append(_skip_point(ref.step, ref.failed))
@@ -457,6 +468,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             if bad:
                 points.append(_skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))
                 continue
+            for msg in pair_notes(pair, wb, wt, delta, base_fro):  # rounding level, precision mismatch…
+                code = (caveat_codes(msg) or [msg])[0]
+                caveats.setdefault(code, ([], msg))[0].append(ref.step)
             S, top = spectrum_and_top(delta, config.top_k)
             del delta
             now = Subspaces.of(top)
@@ -477,6 +491,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             rec["base_alpha"], rec["base_alpha_sigma"] = base_alpha
         if pairs_note := "; ".join(sorted({p[name].note for p in pairings if name in p and p[name].note})):
             rec["note"] = "; ".join(x for x in (rec["note"], pairs_note) if x)
+        for steps, msg in caveats.values():
+            at = ", ".join("?" if st is None else str(st) for st in steps)
+            rec["note"] = "; ".join(x for x in (rec["note"], f"at step{'s' * (len(steps) > 1)} {at}: {msg}") if x)
         result.matrices.append(jsonable(rec))
         if journal:
             journal.add({"matrix": result.matrices[-1]})
@@ -550,9 +567,16 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta})
         if callback:
             callback(ci + 1, len(refs), Path(ref.path).name)
+    changed: list[tuple[str, list[str]]] = []  # (module, its r at each checkpoint)
     for name, meta in metas.items():
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
         result.matrices.append({**meta, "points": pts})
+        if len({p["lora_r"] for p in pts if p.get("lora_r")}) > 1:
+            changed.append((name, [str(p.get("lora_r") or "–") for p in pts]))
+    if changed:  # one run keeps its r: adapters of several runs (or a resized one) listed together
+        result.warnings.append(f"the LoRA rank r differs between checkpoints for {len(changed)} of {len(metas)} modules (e.g. "
+                               f"{changed[0][0]}: r = {', '.join(changed[0][1])}): are they checkpoints of one run? Each "
+                               "point's effective_rank_over_r uses its own lora_r")
     if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
         every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
         refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,

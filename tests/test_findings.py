@@ -218,7 +218,7 @@ def test_lone_surrogate_name_gives_valid_utf8_json_that_reads_back(planted, tmp_
     (lambda d: d.pop("modules"), "missing key 'modules'"),
     (lambda d: d["modules"][0]["energy_rank"].pop("0.9"), "modules[0].energy_rank must be an object with an integer"),
     (lambda d: d["modules"][0].update(shape=[64]), "modules[0].shape must be an array of two"),
-    (lambda d: d["modules"][1].update(layer="3"), "modules[1].layer must be an integer or null. Got string"),
+    (lambda d: d["modules"][1].update(layer="3"), "modules[1].layer must be a non-negative integer or null. Got string"),
     (lambda d: d.update(skipped=[{"name": 1}]), "skipped[0] must be an object"),
     (lambda d: d.update(schema="spectra.diff/0"), "schema must be 'spectra.diff/1'"),
 ])

@@ -146,26 +146,86 @@ def write_safetensors(path: str | Path, layout: Sequence[tuple[str, tuple[int, .
     return Path(path)
 
 
-def target_modules(adapted: Sequence[str], all_modules: Iterable[str]) -> list[str]:
-    """``target_modules`` for PEFT: a module's last name component (``q_proj``) when every module
-    of the model with that last component is adapted, else the full paths of the adapted ones.
+def _module_tree(modules: Iterable[str]) -> set[str]:
+    """Every module path of a model given the paths of its matrix-holding modules: those and their
+    ancestors (``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``), which PEFT's name matching meets too."""
+    tree: set[str] = set()
+    for m in modules:
+        parts = m.split(".")
+        tree.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return tree
 
-    PEFT adapts a module whose name equals an entry or ends with ``"." + entry``; short entries are
-    what people and serving engines expect, but one that also named a module left out (a layer
-    excluded with ``--layers``) would give PEFT a LoRA layer with no weights in the file.
+
+def target_modules(adapted: Sequence[str], all_modules: Iterable[str]) -> list[str]:
+    """``target_modules`` for PEFT: for each adapted module its last name (``q_proj``; for an
+    ``nn.Sequential`` child such as ``ffn.0`` the shortest ending that starts with a name) when that
+    names only adapted modules, else its full path.
+
+    PEFT adapts a module whose name equals an entry or ends with ``"." + entry``, containers included:
+    a short entry that also named a module left out (a layer excluded with ``--layers``) would give PEFT
+    a LoRA layer with no weights in the file, and CTRL's ``ffn.0`` written as ``0`` named every decoder
+    layer ``h.0`` (PEFT refuses to wrap a container). A full path that still ends another module's path
+    is fenced off by :func:`exclude_modules`.
 
     >>> target_modules(["a.0.q", "a.1.q", "a.0.k"], ["a.0.q", "a.1.q", "a.0.k", "a.1.k"])
     ['a.0.k', 'q']
+    >>> target_modules(["h.0.ffn.0", "h.1.ffn.0"], ["h.0.ffn.0", "h.1.ffn.0", "h.0.ffn.2", "h.1.ffn.2"])
+    ['ffn.0']
     """
     adapted_set = set(adapted)
-    by_leaf: dict[str, set[str]] = {}
-    for m in set(all_modules) | adapted_set:
-        by_leaf.setdefault(m.rpartition(".")[2], set()).add(m)
+    by_ending: dict[str, set[str]] = {}
+    for m in _module_tree([*all_modules, *adapted_set]):
+        parts = m.split(".")
+        for i in range(len(parts)):
+            by_ending.setdefault(".".join(parts[i:]), set()).add(m)
     out: set[str] = set()
     for m in adapted_set:
-        leaf = m.rpartition(".")[2]
-        out.add(leaf if by_leaf[leaf] <= adapted_set else m)
+        parts = m.split(".")
+        # the last name (``q_proj``); for an ``nn.Sequential`` child (``ffn.0``) the shortest ending that
+        # starts with a name; else the full path, as people and serving engines expect
+        endings = ([".".join(parts[-k:]) for k in range(2, len(parts)) if not parts[-k].isdigit()][:1]
+                   if parts[-1].isdigit() else parts[-1:])
+        out.add(next((e for e in endings if by_ending[e] <= adapted_set), m))
     return sorted(out)
+
+
+def exclude_modules(adapted: Sequence[str], all_modules: Iterable[str], targets: Sequence[str]) -> list[str]:
+    """The modules (containers included) a ``targets`` entry names that are not adapted: only a full
+    path that ends another module's path (``layers.0.fc`` and ``vision.layers.0.fc``) does; PEFT's
+    ``exclude_modules`` (exact names or endings, like ``target_modules``) keeps them out.
+
+    >>> exclude_modules(["layers.0.fc"], ["layers.0.fc", "vision.layers.0.fc"], ["layers.0.fc"])
+    ['vision.layers.0.fc']
+    """
+    adapted_set = set(adapted)
+    return sorted(m for m in _module_tree([*all_modules, *adapted_set]) - adapted_set
+                  if any(m == t or m.endswith("." + t) for t in targets))
+
+
+def rank_pattern_keys(ranks: Mapping[str, int], shared_rank: int) -> list[str]:
+    r"""The modules ``rank_pattern`` / ``alpha_pattern`` must name, in the order to write them.
+
+    PEFT gives a module the rank of the *first* key ``k`` with ``re.match(rf"(.*\.)?({k})$", module)``:
+    so a module whose path ends with another key (``vision.layers.0.fc`` after ``layers.0.fc``) gets its
+    own key even at the shared rank, keys with more path components come first, and a key's regular-
+    expression characters other than ``.`` are escaped (:func:`pattern_key`).
+
+    >>> rank_pattern_keys({"layers.0.fc": 1, "vision.layers.0.fc": 2, "x.fc": 2}, 2)
+    ['vision.layers.0.fc', 'layers.0.fc']
+    """
+    keys = {m for m, r in ranks.items() if r != shared_rank}
+    keys |= {m for m in ranks if any(m.endswith("." + k) for k in keys)}
+    return sorted(keys, key=lambda m: (-m.count("."), m))
+
+
+def pattern_key(module: str) -> str:
+    r"""``module`` as a ``rank_pattern`` key: PEFT reads keys as regular expressions, so every
+    metacharacter but ``.`` (which then matches itself among others) is escaped.
+
+    >>> pattern_key("layers.0.a+b")
+    'layers.0.a\\+b'
+    """
+    return "".join("\\" + c if c in "^$*+?{}[]\\|()" else c for c in module)
 
 
 def task_type_for(config: Mapping[str, Any] | None) -> str | None:
@@ -211,7 +271,8 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
     def alpha(r: int) -> float | int:
         return math.sqrt(r) if rslora else r
 
-    pattern = {m: r for m, r in sorted(ranks.items()) if r != shared_rank}
+    pattern = {pattern_key(m): ranks[m] for m in rank_pattern_keys(ranks, shared_rank)}
+    targets = target_modules(list(ranks), all_modules)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -219,7 +280,8 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
         "r": int(shared_rank),
         "lora_alpha": alpha(shared_rank),
         "use_rslora": bool(rslora),
-        "target_modules": target_modules(list(ranks), all_modules),
+        "target_modules": targets,
+        "exclude_modules": exclude_modules(list(ranks), all_modules, targets) or None,
         "rank_pattern": pattern,
         "alpha_pattern": {m: alpha(r) for m, r in pattern.items()},
         "fan_in_fan_out": bool(fan_in_fan_out),
@@ -244,9 +306,10 @@ def write_adapter(out_dir: str | Path, layout: Sequence[tuple[str, tuple[int, ..
     """
     folder = Path(out_dir)
     weights = write_safetensors(folder / "adapter_model.safetensors", layout, tensors, dtype)
-    cfg = atomic_write_text(folder / "adapter_config.json", json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    cfg = atomic_write_text(folder / "adapter_config.json", json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     return [weights, cfg]
 
 
 __all__ = ["PEFT_TASK_TYPES", "TASK_TYPES", "LoraFactors", "adapter_config", "check_task_type", "lora_layout", "lora_tensors",
-           "saved_name", "target_modules", "task_type_for", "write_adapter", "write_safetensors"]
+           "saved_name", "target_modules", "exclude_modules", "rank_pattern_keys", "pattern_key", "task_type_for", "write_adapter",
+           "write_safetensors"]

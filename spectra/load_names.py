@@ -1,0 +1,75 @@
+"""The names transformers ≥ 5 gives a checkpoint's modules when it loads them.
+
+transformers 5 renames some stored keys on load (``conversion_mapping``'s ``WeightRenaming`` rules for the
+model and each of its sub-models, and a ``base_model_prefix`` added or stripped): GPT-NeoX's ``embed_out``
+becomes ``lm_head``; LLaVA's ``language_model.model.layers…`` and Qwen2-VL's ``model.layers…`` move under
+``model.language_model``, their vision towers under ``model.…``. PEFT matches an adapter's keys and
+``target_modules`` against the loaded model's names, so an adapter written with the stored names loads
+with those modules missing (PEFT warns and leaves their LoRA at zero): the whole adapter, for Qwen2-VL.
+
+:func:`load_renames` asks the installed transformers, as its loader does: the model of ``config.json``'s
+first ``architectures`` entry is built on the meta device (no memory, no weights read), and each key goes
+through ``get_model_conversion_mapping`` and ``rename_source_key``. Without transformers, or for a model it
+cannot build (custom code), nothing is renamed: the stored names are what a transformers < 5 loads. Keys that
+a ``WeightConverter`` fuses (per-expert MoE weights) are left to :mod:`spectra.peft_moe`: PEFT converts those
+adapters itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+
+def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
+    """``{module path: its path in the loaded model}`` for the modules transformers renames on load,
+    and a phrase saying where that came from (None when nothing is renamed).
+
+    Args:
+        config: the base model's ``config.json`` (``architectures``, ``model_type``…), or None.
+        modules: module paths as stored (``embed_out``, ``model.layers.0.self_attn.q_proj``).
+
+    A module ``m`` goes where its weight ``m.weight`` goes; a renamed weight that is not one of the
+    model's own parameters (transformers would not load it there either) leaves ``m`` as stored.
+    """
+    archs = (config or {}).get("architectures") or []
+    model_type = (config or {}).get("model_type")
+    if not (archs and isinstance(archs[0], str) and isinstance(model_type, str)):
+        return {}, None
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        quiet = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # a tiny config's token-id complaints are not the user's business here
+        try:
+            cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+            with torch.device("meta"):
+                model = getattr(transformers, archs[0])(cfg)
+        finally:
+            transformers.logging.set_verbosity(quiet)
+        mapping = get_model_conversion_mapping(model)
+        renamings = [e for e in mapping if isinstance(e, WeightRenaming)]
+        converters = [e for e in mapping if isinstance(e, WeightConverter)]
+        own = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None) or None
+    except Exception:  # noqa: BLE001 - no transformers, another API, a model it cannot build: names as stored
+        return {}, None
+    out: dict[str, str] = {}
+    for m in modules:
+        key = f"{m}.weight"
+        try:
+            new, fused = rename_source_key(key, renamings, converters, prefix, own)
+            if new not in own and key in own:  # transformers' own fallback: no rename, only the prefix
+                new, fused = rename_source_key(key, [], [], prefix, own)
+        except Exception:  # noqa: BLE001 - a rule this key breaks: the stored name
+            continue
+        if fused is None and new != key and new in own and new.endswith(".weight"):
+            out[m] = new[: -len(".weight")]
+    return out, (f"transformers {transformers.__version__} loads {archs[0]} with these modules renamed" if out else None)
+
+
+__all__ = ["load_renames"]
