@@ -241,6 +241,41 @@ def _escape_unencodable_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+class _DiagnosticStream:
+    """``sys.stderr`` that never fails the run: progress, warnings and hints are diagnostics, so a full
+    disk under a stderr log, ``2>/dev/full`` or a reader that left (``2>&1 | head``) must not stop a
+    computation or lose its results (stdout and the output files still say everything). The first failed
+    write (EPIPE, ENOSPC, EBADF, EIO) ends the writes to it; everything else is the wrapped stream's."""
+
+    _FAILED = (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO)
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                if exc.errno not in self._FAILED:
+                    raise
+                self._broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                if exc.errno not in self._FAILED:
+                    raise
+                self._broken = True
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def run() -> None:
     """The ``spectra`` console script: :func:`main`, then an exit without the interpreter's teardown.
 
@@ -253,6 +288,8 @@ def run() -> None:
     exception (a traceback) or a Python without ``threading._shutdown`` exits the ordinary way.
     """
     _escape_unencodable_output()
+    if sys.stderr is not None:
+        sys.stderr = _DiagnosticStream(sys.stderr)
     try:
         main(prog_name="spectra")  # click's standalone mode: always ends in SystemExit
         code: object = 0

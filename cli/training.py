@@ -52,6 +52,15 @@ def _train_stop_note(params: dict, since: float | None) -> str:
                if partial else f"nothing was written into {out}"))
 
 
+def _demo_stop_note(params: dict, since: float | None) -> str:
+    """What a stopped ``spectra demo`` leaves: its folder (a scratch one, made for --quick / --synthetic, named)."""
+    ctx = click.get_current_context(silent=True)
+    out = params.get("out_dir") or (ctx.find_root().meta.get("spectra.demo_out") if ctx is not None else None)
+    if out and Path(out).is_dir() and any(Path(out).iterdir()):
+        return f"what the demo made so far is in {out}/" + ("" if params.get("out_dir") else " (a scratch folder: delete it when done)")
+    return "nothing was written"
+
+
 def _sweep_stop_note(params: dict, since: float | None) -> str:
     """What a stopped ``spectra sweep`` leaves: the runs it finished, in the order they ran."""
     out = Path(params.get("out_dir") or ".")
@@ -198,6 +207,8 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     err = stderr()
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="spectra-demo-") if (quick or synthetic) else "out/demo"
+        # a stop names it (_demo_stop_note): not "nothing was written", which would leave it unseen in /tmp
+        click.get_current_context().find_root().meta["spectra.demo_out"] = out_dir
     elif quick and Path(out_dir).resolve() == (Path("reports") / "demo").resolve() and (Path(out_dir) / "summary.json").exists():
         raise click.UsageError("--quick would overwrite the full example in reports/demo: pass another --out (or none for a scratch folder)")
     out = Path(out_dir)
@@ -238,3 +249,4 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
 #: read by spectra_cli.main.kept_on_stop, for a clean stop and a hard exit alike
 train_cmd.stop_note = _train_stop_note
 sweep_cmd.stop_note = _sweep_stop_note
+demo_cmd.stop_note = _demo_stop_note

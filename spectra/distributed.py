@@ -15,6 +15,7 @@ so a run that loses a rank keeps whatever was exchanged and ``--resume`` complet
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -131,7 +132,11 @@ def init(device: torch.device, timeout_s: float | None = None) -> DistContext:
         try:
             timeout_s = float(os.environ.get("SPECTRA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         except ValueError:
-            raise ConfigError(f"SPECTRA_DIST_TIMEOUT={os.environ['SPECTRA_DIST_TIMEOUT']!r} is not a number of seconds") from None
+            timeout_s = math.nan
+        # nan, inf, 1e400 or 0 would reach timedelta or the rendezvous and be blamed on the network
+        if not (math.isfinite(timeout_s) and 0 < timeout_s <= 10**8):
+            raise ConfigError(f"SPECTRA_DIST_TIMEOUT={os.environ['SPECTRA_DIST_TIMEOUT']!r} is not a positive, finite number of "
+                              "seconds", hint=f"unset it for the default ({DEFAULT_TIMEOUT_S:g} s) or give e.g. 3600")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -90,8 +90,16 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     why = exc.strerror or type(exc).__name__
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    # a path of the wrong kind is no matter of disk space: say what is there instead
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+        why = f"{why}: it is not a folder (a file, a device, or a symbolic link to a missing folder)"
+    elif exc.errno == errno.EISDIR:
+        why = f"{why}: a folder stands where spectra writes a file"
+    elif exc.errno == errno.ELOOP:
+        why = f"{why}: a symbolic link stands where spectra writes a file of its own"
+    odd = exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
     fix = ("free disk space" if full else "fix the folder's permissions (or its immutable flag)" if denied
-           else "free disk space or fix the folder's permissions")
+           else "remove or rename what is in the way" if odd else "free disk space or fix the folder's permissions")
     return OutputError(f"cannot write results: {why}", path=path,
                        hint=f"{fix}, or choose another --out; files written earlier are intact (diff, esd, extract and "
                             "trace continue an interrupted run with --resume)")

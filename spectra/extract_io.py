@@ -22,7 +22,7 @@ from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, en
 from spectra.extract_results import compared_rows, left_out_record, reads_pair_by_rows
 from spectra.io.adapter import Adapter
 from spectra.io.checkpoint import Checkpoint, tensor_infos
-from spectra.io.files import LOCK_NAME
+from spectra.io.files import LOCK_NAME, refuse_if_held
 from spectra.io.peft_writer import write_safetensors
 from spectra.journal import RecordJournal
 from spectra.lowrank import allocate_budget, energy_rank_top, factored_triplets, reach_above, round_up
@@ -239,6 +239,8 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
     if resume and not (out / JOURNAL).is_file():
         raise ConfigError(f"nothing to resume: no {JOURNAL}", path=out, hint="run without --resume first")
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if present:
+        refuse_if_held(out)  # a live run's folder: not "pass --force", which would delete its files
     if present and not resume and not force:
         raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
                           path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")

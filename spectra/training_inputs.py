@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.io.files import LOCK_NAME, same_file
+from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular
 
@@ -458,6 +458,8 @@ def check_out(out: str | Path, *, base: str | Path, inputs: list[str | Path], fo
         raise ConfigError(f"--out holds {clash[0].name}, which is the input {next(w for w in written if same_file(clash[0], w))}",
                           path=p, hint="choose another folder for --out")
     present = sorted(q.name for q in p.iterdir() if q.name != LOCK_NAME) if p.is_dir() else []
+    if present:
+        refuse_if_held(p)  # a live run's folder: not "pass --force", which would delete its files
     if present and not force:
         listed = ", ".join(present[:3]) + ("…" if len(present) > 3 else "")
         raise ConfigError(f"the output folder is not empty ({listed})", path=p,

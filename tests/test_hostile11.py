@@ -404,3 +404,102 @@ def test_the_rank_finding_says_when_its_matrices_carry_a_caveat(tmp_path):
     found = diff_findings(DiffResult.load(tmp_path / "d" / "results.json"))
     rank = next(f for f in found if f.topic == "rank" and f.text.startswith("The update is"))
     assert rank.text.endswith("(all of these 4 matrices carry a numerical caveat: see the warnings)."), rank.text
+
+
+# ---- the environment: stderr, locks, odd --out, variables -------------------------------------------------
+def test_a_failing_stderr_does_not_stop_the_run(tmp_path):
+    """`spectra diff … 2>/dev/full` (or progress under `2>&1 | head`) exited 1 with no output and, mid-run,
+    results.json incomplete: a failed diagnostic write was taken for a failed output."""
+    import subprocess
+    import sys
+
+    b, t, _ = _pairs(tmp_path)
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "spectra", "diff", str(b), str(t), "--json", "-o", str(tmp_path / "d")],
+                              stdout=subprocess.PIPE, stderr=full, text=True, timeout=300)
+    assert proc.returncode == 0
+    assert len(json.loads(proc.stdout)["modules"]) == 4
+    assert json.loads((tmp_path / "d" / "results.json").read_text())["complete"] is True
+
+
+def test_a_lock_file_that_is_a_link_is_never_followed(tmp_path):
+    """A planted `.spectra.lock -> ../victim` was opened through the link and truncated to the lock's JSON."""
+    b, t, _ = _pairs(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / ".spectra.lock").symlink_to(victim)
+    res = _cli("diff", b, t, "-o", tmp_path / "o")
+    assert res.exit_code == 1 and "a symbolic link stands where spectra writes a file of its own" in _last_line(res)
+    assert victim.read_text() == "precious\n"
+
+
+def test_an_out_that_is_not_a_folder_is_not_blamed_on_disk_space(tmp_path):
+    b, t, _ = _pairs(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "dir")
+    for out in (tmp_path / "dangling", "/dev/null"):
+        res = _cli("diff", b, t, "-o", out)
+        assert res.exit_code == 1 and "it is not a folder" in _last_line(res) and "free disk space" not in _last_line(res), res.output
+
+
+def test_an_unknown_user_in_the_hub_cache_variable_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", "~no_such_user_here/x")
+    res = _cli("diff", "acme/x", "acme/y")
+    assert res.exit_code == 1 and "HF_HUB_CACHE='~no_such_user_here/x': its ~ cannot be expanded" in _last_line(res)
+    assert "Traceback" not in res.output
+
+
+def test_a_distributed_timeout_that_is_not_a_positive_number_is_named(monkeypatch):
+    """nan, inf, 1e400, 0, -1 reached timedelta or the rendezvous and were blamed on MASTER_ADDR/MASTER_PORT."""
+    import pytest
+
+    from spectra.distributed import init
+    from spectra.errors import ConfigError
+
+    for var, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(var, value)
+    for bad in ("nan", "inf", "1e400", "0", "-1", "abc"):
+        monkeypatch.setenv("SPECTRA_DIST_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="is not a positive, finite number of seconds"):
+            init(torch.device("cpu"))
+
+
+def test_a_live_run_is_named_before_the_folder_is_called_not_empty(tmp_path):
+    """A second `train --out` (or `extract -o`) into a folder a live run writes was told to pass --force,
+    which would delete that run's files."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    from spectra.errors import OutputError
+    from spectra.extract_io import prepare_out
+    from spectra.training_inputs import check_out
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train_log.jsonl").write_text("{}\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from spectra.io.files import OutputLock; l = OutputLock.acquire(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(OutputError, match="another spectra run is writing into this folder"):
+            check_out(out, base=tmp_path / "base", inputs=[], force=False)
+        with pytest.raises(OutputError, match="another spectra run is writing into this folder"):
+            prepare_out(out, resume=False, force=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(Exception, match="not empty"):  # the holder gone: the folder is only not empty
+        check_out(out, base=tmp_path / "base", inputs=[], force=False)
+
+
+def test_a_stopped_demo_names_its_scratch_folder(tmp_path):
+    """Ctrl-C during `spectra demo --quick` said "nothing was written (no --out)" and left its scratch folder unseen."""
+    from spectra_cli.training import demo_cmd
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "checkpoints").mkdir()
+    assert demo_cmd.stop_note({"out_dir": str(tmp_path / "d")}, None) == f"what the demo made so far is in {tmp_path / 'd'}/"
+    assert demo_cmd.stop_note({"out_dir": str(tmp_path / "empty")}, None) == "nothing was written"

@@ -644,12 +644,14 @@ def _read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None
 
 
 def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, as ``huggingface_hub`` resolves it (env vars first)."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    """The hub cache folder as ``huggingface_hub`` resolves it (env vars first); an unknown ``~user``: one line."""
+    var = next((v for v in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME") if os.environ.get(v)), "XDG_CACHE_HOME")
+    raw = os.environ[var] if var != "XDG_CACHE_HOME" else os.path.join(os.environ.get(var, "~/.cache"), "huggingface")
+    try:
+        where = Path(raw).expanduser()
+    except RuntimeError:  # "~nouser/…", or no home directory to expand "~" to
+        raise CheckpointNotFoundError(f"{var}={raw!r}: its ~ cannot be expanded", hint=f"set {var} to a full path") from None
+    return where if var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE") else where / "hub"
 
 
 #: A snapshot folder name: the hub writes 40-hex commit hashes; any single plain path component is accepted.

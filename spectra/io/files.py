@@ -178,8 +178,8 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover - not POSIX
             return cls(path, None)
         while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a link: a planted .spectra.lock -> ../precious would be truncated
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             except OSError as exc:
                 raise output_error(path, exc) from exc
             try:
@@ -189,11 +189,7 @@ class OutputLock:
                 os.close(fd)
                 if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
                     return cls(path, None)
-                raise OutputError(
-                    f"another spectra run is writing into this folder (pid {holder.get('pid', '?')} on "
-                    f"{holder.get('host', '?')}, started {holder.get('started', '?')})", path=folder,
-                    hint="wait for it to finish or choose another --out; the lock is released when that process ends",
-                ) from None
+                raise _held(folder, holder) from None
             except OSError:  # no flock on this filesystem (some network mounts): run unlocked
                 os.close(fd)
                 return cls(path, None)
@@ -263,6 +259,36 @@ def folder_lock(folder: str | os.PathLike[str] | None) -> Iterator[OutputLock | 
                 d.rmdir()  # only succeeds when empty
             except OSError:
                 break
+
+
+def _held(folder: Path, holder: dict) -> OutputError:
+    return OutputError(f"another spectra run is writing into this folder (pid {holder.get('pid', '?')} on "
+                       f"{holder.get('host', '?')}, started {holder.get('started', '?')})", path=folder,
+                       hint="wait for it to finish or choose another --out; the lock is released when that process ends")
+
+
+def refuse_if_held(folder: str | os.PathLike[str]) -> None:
+    """Raise the :class:`OutputLock` refusal when a live run of another process holds ``folder`` (checked
+    before "the output folder is not empty", whose hint, --force, would delete that run's files); nothing
+    when the folder has no lock, or one whose run has ended, or this process holds it."""
+    path = Path(folder) / LOCK_NAME
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:  # no lock file (or not one of ours): nothing holds the folder
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts only with a live holder's exclusive lock
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        if not (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
+            raise _held(Path(folder), holder) from None
+    except OSError:  # no flock here (some network mounts): runs are not locked there
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_holder(fd: int) -> dict:
