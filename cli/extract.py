@@ -178,7 +178,8 @@ def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embedd
         energy = 0.9
     rec = recommend(results, energy=energy, budget=budget, alpha_ratio=alpha_ratio, rslora=rslora, max_rank=max_rank,
                     embeddings=embeddings, task_type=None if task_type == "none" else task_type)
-    text = json.dumps(rec.config, indent=2, sort_keys=True)
+    # top-level keys sorted, not the patterns: PEFT takes the first rank_pattern key that matches (longest first)
+    text = json.dumps(dict(sorted(rec.config.items())), indent=2)
     if out_path:  # first: a closed or broken stdout must not cost the file
         atomic_write_text(Path(out_path), text + "\n")
     click.echo(text)

@@ -247,7 +247,7 @@ class _DiagnosticStream:
     computation or lose its results (stdout and the output files still say everything). The first failed
     write (EPIPE, ENOSPC, EBADF, EIO) ends the writes to it; everything else is the wrapped stream's."""
 
-    _FAILED = (errno.EPIPE, errno.ENOSPC, errno.EBADF, errno.EIO)
+    _FAILED = (errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EBADF, errno.EIO)
 
     def __init__(self, stream) -> None:
         self._stream = stream

@@ -55,9 +55,10 @@ def _train_stop_note(params: dict, since: float | None) -> str:
 def _demo_stop_note(params: dict, since: float | None) -> str:
     """What a stopped ``spectra demo`` leaves: its folder (a scratch one, made for --quick / --synthetic, named)."""
     ctx = click.get_current_context(silent=True)
-    out = params.get("out_dir") or (ctx.find_root().meta.get("spectra.demo_out") if ctx is not None else None)
-    if out and Path(out).is_dir() and any(Path(out).iterdir()):
-        return f"what the demo made so far is in {out}/" + ("" if params.get("out_dir") else " (a scratch folder: delete it when done)")
+    scratch = ctx.find_root().meta.get("spectra.demo_out") if ctx is not None else None
+    out = params.get("out_dir") or scratch or "out/demo"
+    if Path(out).is_dir() and any(Path(out).iterdir()):
+        return f"what the demo made so far is in {out}/" + (" (a scratch folder: delete it when done)" if out == scratch else "")
     return "nothing was written"
 
 
@@ -207,8 +208,8 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     err = stderr()
     if out_dir is None:
         out_dir = tempfile.mkdtemp(prefix="spectra-demo-") if (quick or synthetic) else "out/demo"
-        # a stop names it (_demo_stop_note): not "nothing was written", which would leave it unseen in /tmp
-        click.get_current_context().find_root().meta["spectra.demo_out"] = out_dir
+        if quick or synthetic:  # a stop names it (_demo_stop_note): not "nothing was written", leaving it unseen in /tmp
+            click.get_current_context().find_root().meta["spectra.demo_out"] = out_dir
     elif quick and Path(out_dir).resolve() == (Path("reports") / "demo").resolve() and (Path(out_dir) / "summary.json").exists():
         raise click.UsageError("--quick would overwrite the full example in reports/demo: pass another --out (or none for a scratch folder)")
     out = Path(out_dir)

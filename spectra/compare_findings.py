@@ -21,6 +21,7 @@ from collections import Counter
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.display import display_name
 from spectra.findings import Finding, percent
+from spectra.results import note_part
 
 #: How a median φ ÷ its random baseline is put in words (upper bounds, checked in order).
 PHI_WORDS: tuple[tuple[float, str], ...] = (
@@ -96,7 +97,7 @@ def _warnings(result: CompareResult) -> list[Finding]:
     out = [Finding("read", w, warning=True) for w in result.warnings]
     # a note holds several parts ("; "): each finding quotes only its own kind (numerical caveats are warnings already)
     def part(m: ComparedModule, marker: str) -> str:
-        return "; ".join(x for x in (m.note or "").split("; ") if marker in x)
+        return note_part(m.note, marker, prefix=False)
 
     fewer = [m for m in result.modules if part(m, "fewer than its rank")]
     if fewer:

@@ -62,7 +62,7 @@ from spectra.naming import (
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
-from spectra.results import note_caveat_warnings, rows_to_csv
+from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import refuse_empty_selection, selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
 from spectra.sketch import randomized_svd
@@ -509,7 +509,7 @@ def compare(
             if callback:
                 callback(done, len(jobs), jobs[done - 1].spec.name)
     for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
-        notes = [(m.name, "; ".join(x for x in (m.note or "").split("; ") if x.startswith(f"{who}: "))) for m in result.modules]
+        notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
         result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
     result.elapsed_s = time.perf_counter() - t0
     if loader is not None:

@@ -93,7 +93,7 @@ from spectra.io.peft_writer import (
 )
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
-from spectra.load_names import load_renames
+from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import (
     VLLM_RANKS,
     GramEig,
@@ -134,6 +134,10 @@ class _Source:
     unmatched: dict[str, list[str]] | None = None
     label: str = ""
     renames: dict[str, str] = field(default_factory=dict)  # module path as stored -> as transformers loads it
+
+
+#: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
+RENAME_WAIT_S = 120.0
 
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> _Source:
@@ -514,8 +518,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
     not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
                              config.save_modules)
-    renamer.join()
-    src.renames = loaded.get("renames") or {}
+    renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
+    src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
     src.targets = [replace(t, module=src.renames.get(t.module, t.module)) for t in src.targets]
     result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
     result.fingerprint, result.version = fingerprint, __version__
@@ -523,9 +527,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
     result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
     if src.renames:  # GPT-NeoX's embed_out is lm_head once loaded; LLaVA's layers move under model.language_model
-        first = next(iter(src.renames.items()))
-        result.warnings.append(f"{loaded['source']}: the adapter names its modules as loaded, as PEFT matches them "
-                               f"({len(src.renames)} renamed, e.g. {first[0]} → {first[1]})")
+        result.warnings.append(renames_text(src.renames, loaded["source"], "the adapter"))
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
     served = next((v for v in VLLM_RANKS if asked is not None and v >= asked), asked)
     if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's

@@ -273,9 +273,10 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
         span = [f"{p[0]}–{p[-1]}" for p in parts]
         trend = ("rises with depth" if thirds[2] > 1.15 * thirds[0] else
                  "falls with depth" if thirds[2] < thirds[0] / 1.15 else "is about the same at every depth")
+        extremes = (f"the same in every layer ({_fmt(med[hi])})" if med[hi] == med[lo]  # not "highest in 0, lowest in 0"
+                    else f"highest in layer {hi} ({_fmt(med[hi])}), lowest in layer {lo} ({_fmt(med[lo])})")
         text = (f"Along the depth, the rank needed {trend}: {_fmt(thirds[0])} of p in layers {span[0]}, "
-                f"{_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}; highest in layer {hi} "
-                f"({_fmt(med[hi])}), lowest in layer {lo} ({_fmt(med[lo])}).")
+                f"{_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}; {extremes}.")
     return Finding("depth", text, numbers={"per_layer": med, "thirds": thirds, "highest_layer": hi, "lowest_layer": lo})
 
 

@@ -55,7 +55,7 @@ from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.pairing import MatrixPair, pair_checkpoints
-from spectra.results import note_caveat_warnings, rows_to_csv
+from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import selector
 from spectra.subspaces import Factored
 
@@ -137,7 +137,8 @@ class _Task:
             self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
                              if x.reason.startswith(("shape mismatch", "fused rows"))]
 
-    def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device) -> tuple[torch.Tensor | None, float, str, list[str]]:
+    def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device, *,
+              notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str]]:
         """Dense ``ΔW`` of base matrix ``spec`` on ``device`` (full checkpoints and DoRA), ‖W_base‖_F,
         why it is undefined ("" when it is fine) and its numerical caveats (:func:`spectra.delta.pair_notes`:
         a bf16 update at the rounding level…). ``W`` is the base tensor as stored."""
@@ -150,7 +151,7 @@ class _Task:
         delta, base_fro, bad = form_delta(wb, wt, device)
         if bad:
             return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", []
-        return delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro)
+        return delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro) if notes else []
 
     def needs_dense(self, name: str) -> bool:
         u = self.updates[name]
@@ -327,7 +328,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
 
     def load(t: int) -> torch.Tensor:
         nonlocal total
-        delta, base_fro, why, notes = tasks[t].dense(spec, W, device)
+        delta, base_fro, why, notes = tasks[t].dense(spec, W, device, notes=t not in seen)  # re-reads: said once
         if delta is None:
             raise _SkipModule(why)
         if t not in seen:  # first read: spectrum, top-k triplets, running sum
@@ -495,8 +496,7 @@ def interfere(
         if rels and float(np.median(rels)) > 1.0:
             result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
                                    "base weights themselves: is it a fine-tune of this base?")
-        own = [(m["name"], "; ".join(x for x in (m.get("note") or "").split("; ") if x.startswith(f"{t.label}: ")))
-               for m in result.modules]
+        own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
         result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
         if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
             result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "

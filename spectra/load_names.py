@@ -36,8 +36,8 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
     """
     archs = (config or {}).get("architectures") or []
     model_type = (config or {}).get("model_type")
-    if not (archs and isinstance(archs[0], str) and isinstance(model_type, str)):
-        return {}, None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str) and isinstance(model_type, str)):
+        return {}, None  # a hand-written config.json ("architectures": 5) names no class to ask
     try:
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -46,7 +46,9 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
         quiet = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # a tiny config's token-id complaints are not the user's business here
         try:
-            cfg = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+            # never a download: a DETR-style config would fetch its pretrained backbone when built
+            cfg = transformers.AutoConfig.for_model(model_type, **{**{k: v for k, v in config.items() if k != "model_type"},
+                                                                   "use_pretrained_backbone": False})
             with torch.device("meta"):
                 model = getattr(transformers, archs[0])(cfg)
         finally:
@@ -72,4 +74,15 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
     return out, (f"transformers {transformers.__version__} loads {archs[0]} with these modules renamed" if out else None)
 
 
-__all__ = ["load_renames"]
+def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> str:
+    """One line for a warning or note: where the renames come from, that ``what`` names the modules as
+    loaded, how many, and one example.
+
+    >>> renames_text({"embed_out": "lm_head"}, "transformers renames them", "the adapter")
+    'transformers renames them: the adapter names them as loaded, as PEFT matches them (1 renamed, e.g. embed_out → lm_head)'
+    """
+    old, new = next(iter(renames.items()))
+    return f"{source}: {what} names them as loaded, as PEFT matches them ({len(renames)} renamed, e.g. {old} → {new})"
+
+
+__all__ = ["load_renames", "renames_text"]

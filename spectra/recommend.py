@@ -31,7 +31,7 @@ from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
 from spectra.io.jsonfile import load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
-from spectra.load_names import load_renames
+from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
@@ -249,8 +249,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
     loaded, how = load_renames(_base_config(doc), paths + skipped)
     if loaded:
-        first = next(iter(loaded.items()))
-        notes.append(f"{how}: the LoraConfig names them as loaded ({len(loaded)} renamed, e.g. {first[0]} → {first[1]})")
+        notes.append(renames_text(loaded, how, "the LoraConfig"))
     named = {loaded.get(p, p): r for p, r in adapted.items()}
     every = [loaded.get(p, p) for p in paths + skipped]
     pattern = {pattern_key(p): named[p] for p in rank_pattern_keys(named, r0)}  # PEFT's first match wins

@@ -478,6 +478,16 @@ def _caveat_text(code: str, hit: list[str], total: int, of: str = "") -> str:
     return f"{what} in {len(hit)} of {total} matrices{of} ({names}): {meaning} (each matrix's note says more)"
 
 
+def note_part(note: str | None, keep: str, *, prefix: bool = True) -> str:
+    """The parts of a ``"; "``-joined note that start with ``keep`` (``prefix``) or contain it: one input's
+    caveats (``"B: "``, ``"tuned/: "``) or one kind of remark, for a warning or a finding about that alone.
+
+    >>> note_part("A: x; B: y; B: z", "B: ")
+    'B: y; B: z'
+    """
+    return "; ".join(x for x in (note or "").split("; ") if (x.startswith(keep) if prefix else keep in x))
+
+
 def note_caveat_warnings(notes: list[tuple[str, str]], total: int, of: str = "") -> list[str]:
     """:func:`caveat_warnings` for commands that keep a name and a note per matrix (compare, trace,
     interfere): ``notes`` holds ``(name, the note's part about one input)`` for each matrix, ``total`` the

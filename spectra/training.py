@@ -35,7 +35,7 @@ import torch
 from spectra.callbacks import SpectraTracker
 from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
-from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock
+from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
 from spectra.pipeline import diff
 from spectra.training_inputs import (
@@ -458,6 +458,8 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     seeds = [0] if seeds is None else seeds
     check_sweep(methods, ranks if "lora" in methods else [], seeds)
     refuse_file_in_path(root)
+    if root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()):
+        refuse_if_held(root)  # a live sweep's folder: not "pass --force", which would delete its files
     if root.is_dir() and not force and any(p.name != LOCK_NAME for p in root.iterdir()):
         raise ConfigError("the output folder is not empty", path=root,
                           hint="choose an empty or new folder, or pass --force to delete what an earlier sweep wrote there")

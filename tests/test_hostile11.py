@@ -503,3 +503,89 @@ def test_a_stopped_demo_names_its_scratch_folder(tmp_path):
     (tmp_path / "d" / "checkpoints").mkdir()
     assert demo_cmd.stop_note({"out_dir": str(tmp_path / "d")}, None) == f"what the demo made so far is in {tmp_path / 'd'}/"
     assert demo_cmd.stop_note({"out_dir": str(tmp_path / "empty")}, None) == "nothing was written"
+
+
+def test_the_depth_finding_of_equal_layers_does_not_name_one_as_both_extremes(tmp_path):
+    """"highest in layer 0 (0.06), lowest in layer 0 (0.06)" on a model whose layers need the same rank."""
+    from safetensors.torch import save_file
+
+    from spectra.findings import diff_findings
+    from spectra.results import DiffResult
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(16, 16, generator=g) for i in range(6)}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({n: w + 0.1 * torch.eye(16) for n, w in base.items()}, str(tmp_path / "t.safetensors"))
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "-o", tmp_path / "d", "--no-plots").exit_code == 0
+    depth = next(f for f in diff_findings(DiffResult.load(tmp_path / "d" / "results.json")) if f.topic == "depth")
+    assert "the same in every layer" in depth.text and "lowest in layer" not in depth.text, depth.text
+
+
+# ---- the review's points -------------------------------------------------------------------------------------
+def test_recommend_prints_and_writes_the_pattern_in_peft_order(tmp_path):
+    """recommend's JSON was dumped with sort_keys=True, which sorted rank_pattern again: layers.0.fc before
+    vision.layers.0.fc, so PEFT gave the vision module layers.0.fc's rank."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    ranks = {"layers.0.fc": 1, "vision.layers.0.fc": 3, **{f"{p}layers.{i}.fc": 2 for p in ("", "vision.") for i in (1, 2, 3)}}
+    base = {f"{m}.weight": torch.randn(24, 24, generator=g) for m in ranks}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(24, r, generator=g) @ torch.randn(r, 24, generator=g)
+               for (k, v), r in zip(base.items(), ranks.values(), strict=True)}, str(tmp_path / "t.safetensors"))
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "-o", tmp_path / "d", "--no-plots").exit_code == 0
+    res = _cli("recommend", tmp_path / "d", "--energy", "0.99999", "-o", tmp_path / "lora.json")
+    assert res.exit_code == 0, res.output
+    for doc in (_json(res), json.loads((tmp_path / "lora.json").read_text())):
+        assert list(doc["rank_pattern"]) == ["vision.layers.0.fc", "layers.0.fc"], doc["rank_pattern"]
+
+
+def test_a_lock_file_that_is_a_fifo_or_a_hard_link_is_refused(tmp_path):
+    """O_NOFOLLOW stops a symbolic link only: a hard-linked .spectra.lock was truncated like the link was,
+    and a FIFO there would block the open forever."""
+    import os
+
+    b, t, _ = _pairs(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "h").mkdir()
+    os.link(victim, tmp_path / "h" / ".spectra.lock")
+    res = _cli("diff", b, t, "-o", tmp_path / "h")
+    assert res.exit_code == 1 and "the lock file is not spectra's" in _last_line(res)
+    assert victim.read_text() == "precious\n"
+    (tmp_path / "f").mkdir()
+    os.mkfifo(tmp_path / "f" / ".spectra.lock")
+    res = _cli("diff", b, t, "-o", tmp_path / "f")
+    assert res.exit_code == 1 and "the lock file is not spectra's" in _last_line(res)
+
+
+def test_load_renames_of_a_hand_written_config_is_no_rename():
+    from spectra.load_names import load_renames
+
+    for cfg in ({"architectures": 5, "model_type": "llama"}, {"architectures": {}, "model_type": "llama"},
+                {"architectures": ["NoSuchModel"], "model_type": "llama"}, {"architectures": ["LlamaForCausalLM"]}, None):
+        assert load_renames(cfg, ["model.layers.0.self_attn.q_proj"]) == ({}, None)
+    from spectra.io.peft_writer import task_type_for
+
+    assert task_type_for({"architectures": 5}) is None
+
+
+def test_an_approximate_runs_stable_rank_is_not_judged_against_p(tmp_path):
+    """The sketch's σ₁ is a lower bound: a flat spectrum's stable rank can exceed p in an approximate run."""
+    b, t, _ = _pairs(tmp_path)
+    assert _cli("diff", b, t, "-o", tmp_path / "d", "--no-plots").exit_code == 0
+    doc = json.loads((tmp_path / "d" / "results.json").read_text())
+    doc["modules"][0].update(method="approx/sketch32", stable_rank=16.5)
+    (tmp_path / "d" / "results.json").write_text(json.dumps(doc))
+    assert _cli("report", tmp_path / "d", "-o", tmp_path / "r.html").exit_code == 0
+    doc["modules"][0].update(method="exact/float64")
+    (tmp_path / "d" / "results.json").write_text(json.dumps(doc))
+    assert _cli("report", tmp_path / "d", "-o", tmp_path / "r2.html").exit_code == 1
+
+
+def test_a_stopped_full_demo_is_not_called_a_scratch_folder(tmp_path, monkeypatch):
+    from spectra_cli.training import demo_cmd
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "demo" / "runs").mkdir(parents=True)
+    assert demo_cmd.stop_note({"out_dir": None}, None) == "what the demo made so far is in out/demo/"

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -179,9 +180,14 @@ class OutputLock:
             return cls(path, None)
         while True:
             try:  # never through a link: a planted .spectra.lock -> ../precious would be truncated
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
             except OSError as exc:
                 raise output_error(path, exc) from exc
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO, or a hard link to another file: not ours
+                os.close(fd)
+                raise OutputError("the lock file is not spectra's (a FIFO, a device or a hard link to another file)",
+                                  path=path, hint="remove it, or choose another --out")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -275,7 +281,7 @@ def refuse_if_held(folder: str | os.PathLike[str]) -> None:
     if fcntl is None:  # pragma: no cover - not POSIX
         return
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
     except OSError:  # no lock file (or not one of ours): nothing holds the folder
         return
     try:
