@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[None]:
+    """``folder`` locked by another live process (a child holding an ``OutputLock``) while the block runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from spectra.io.files import OutputLock; lock = OutputLock.acquire(Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def reference_energy_rank(S: np.ndarray, tau: float) -> tuple[int, bool]:

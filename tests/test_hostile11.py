@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from spectra.results import caveat_codes
 from spectra_cli.main import main
-from tests.conftest import random_lora
+from tests.conftest import lock_held_elsewhere, random_lora
 
 NAMES = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")]
 
@@ -467,8 +467,6 @@ def test_a_distributed_timeout_that_is_not_a_positive_number_is_named(monkeypatc
 def test_a_live_run_is_named_before_the_folder_is_called_not_empty(tmp_path):
     """A second `train --out` (or `extract -o`) into a folder a live run writes was told to pass --force,
     which would delete that run's files."""
-    import subprocess
-    import sys
 
     import pytest
 
@@ -479,18 +477,11 @@ def test_a_live_run_is_named_before_the_folder_is_called_not_empty(tmp_path):
     out = tmp_path / "o"
     out.mkdir()
     (out / "train_log.jsonl").write_text("{}\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from spectra.io.files import OutputLock; l = OutputLock.acquire(Path(sys.argv[1])); "
-                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(out):
         with pytest.raises(OutputError, match="another spectra run is writing into this folder"):
             check_out(out, base=tmp_path / "base", inputs=[], force=False)
         with pytest.raises(OutputError, match="another spectra run is writing into this folder"):
             prepare_out(out, resume=False, force=False)
-    finally:
-        holder.kill()
-        holder.wait()
     with pytest.raises(Exception, match="not empty"):  # the holder gone: the folder is only not empty
         check_out(out, base=tmp_path / "base", inputs=[], force=False)
 

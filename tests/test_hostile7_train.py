@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from spectra.callbacks import SpectraTracker, attach  # noqa: E402
 from spectra.errors import ConfigError, OutputError, SpectraError  # noqa: E402
 from spectra.training import ByteTokenizer, TrainConfig, read_examples, sweep, token_blocks, train  # noqa: E402
 from spectra_cli.main import main  # noqa: E402
+from tests.conftest import lock_held_elsewhere
 
 
 def _run(*args: str):
@@ -127,16 +126,8 @@ def test_out_equal_to_base_is_refused_and_the_base_kept(env, tmp_path):
 def test_a_second_run_into_a_locked_folder_is_refused(env, tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from spectra.io.files import OutputLock; lock = OutputLock.acquire(Path(sys.argv[1])); "
-                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(OutputError, match="another spectra run is writing into this folder"):
-            train(_cfg(env, out))
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_elsewhere(out), pytest.raises(OutputError, match="another spectra run is writing into this folder"):
+        train(_cfg(env, out))
     assert sorted(p.name for p in out.iterdir()) == [".spectra.lock"]  # nothing of the refused run
 
 
