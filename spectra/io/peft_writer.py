@@ -275,7 +275,9 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
         return math.sqrt(r) if rslora else r
 
     pattern = {pattern_key(m): ranks[m] for m in rank_pattern_keys(ranks, shared_rank)}
+    all_modules = list(all_modules)
     targets = target_modules(list(ranks), all_modules)
+    excluded = exclude_modules(list(ranks), all_modules, targets)
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -284,7 +286,7 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
         "lora_alpha": alpha(shared_rank),
         "use_rslora": bool(rslora),
         "target_modules": targets,
-        "exclude_modules": exclude_modules(list(ranks), all_modules, targets) or None,
+        **({"exclude_modules": excluded} if excluded else {}),  # only when needed: PEFT < 0.14 has no such field
         "rank_pattern": pattern,
         "alpha_pattern": {m: alpha(r) for m, r in pattern.items()},
         "fan_in_fan_out": bool(fan_in_fan_out),
