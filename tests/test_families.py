@@ -222,10 +222,20 @@ def _neox_qkv(model, i, out):
 def _falcon_qkv(model, i, out):
     attn = model.transformer.h[i].self_attention
     b, s = out.shape[:2]
-    q, k, v = attn._split_heads(out)  # transformers' own split, (b, s, heads, head_dim)
-    if attn.new_decoder_architecture:  # k and v come back broadcast to q's heads: one per kv group
-        group = attn.num_heads // attn.num_kv_heads
-        k, v = k[:, :, ::group], v[:, :, ::group]
+    if hasattr(attn, "_split_heads"):  # transformers <= 5.24: its own split, (b, s, heads, head_dim)
+        q, k, v = attn._split_heads(out)
+        if attn.new_decoder_architecture:  # k and v come back broadcast to q's heads: one per kv group
+            group = attn.num_heads // attn.num_kv_heads
+            k, v = k[:, :, ::group], v[:, :, ::group]
+    else:  # transformers >= 5.25 split inline in FalconAttention.forward; these lines are its lines
+        fused = out.view(b, s, -1, attn.head_dim)
+        if attn.new_decoder_architecture:  # [..., kv heads, queries per group + 2, head_dim]
+            grouped = fused.view(b, s, attn.num_kv_heads, -1, attn.head_dim)
+            q, k, v = grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+        elif attn.multi_query:
+            q, k, v = fused.split([attn.num_heads, 1, 1], dim=-2)
+        else:  # query, key and value interleaved per head
+            q, k, v = fused.unflatten(-2, (attn.num_heads, 3)).unbind(-2)
     return {x: t.reshape(b, s, -1) for x, t in zip("qkv", (q, k, v))}
 
 
