@@ -575,11 +575,11 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
     ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
-    def loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
+    def as_loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
         return src.renames.get(module, module)
 
-    biases = {loaded(r["module"]): r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
-    full = {f"{loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
+    biases = {as_loaded(r["module"]): r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
+    full = {f"{as_loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
             for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
     chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r]
     layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
@@ -596,11 +596,11 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
     adapted = {t.module: r for i, t, r in chosen}
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
     # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
-    all_modules = [loaded(n[: -len(".weight")]) for n in src.base.tensors if n.endswith(".weight")]
+    all_modules = [as_loaded(n[: -len(".weight")]) for n in src.base.tensors if n.endswith(".weight")]
     task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
-                         modules_to_save=sorted({loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
+                         modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None)
     return layout, tensors(), cfg
 
