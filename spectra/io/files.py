@@ -145,6 +145,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 LOCK_NAME = ".spectra.lock"
 
 
+#: How the lock file is opened, besides read/write: never through a symbolic link (a planted
+#: ``.spectra.lock -> ../precious`` would be truncated) and never blocking (a FIFO there).
+_LOCK_OPEN = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
 class OutputLock:
     """An exclusive lock on an output folder, so that two runs never write one folder at once (their
     journals would interleave). It is an advisory ``flock`` on ``DIR/.spectra.lock``, which holds the
@@ -179,8 +184,8 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover - not POSIX
             return cls(path, None)
         while True:
-            try:  # never through a link: a planted .spectra.lock -> ../precious would be truncated
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | _LOCK_OPEN, 0o644)
             except OSError as exc:
                 raise output_error(path, exc) from exc
             st = os.fstat(fd)
@@ -193,7 +198,7 @@ class OutputLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                if _ours(holder):
                     return cls(path, None)
                 raise _held(folder, holder) from None
             except OSError:  # no flock on this filesystem (some network mounts): run unlocked
@@ -267,6 +272,11 @@ def folder_lock(folder: str | os.PathLike[str] | None) -> Iterator[OutputLock | 
                 break
 
 
+def _ours(holder: dict) -> bool:
+    """Whether a lock file's holder is this process (a command that locks a folder it already holds)."""
+    return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+
 def _held(folder: Path, holder: dict) -> OutputError:
     return OutputError(f"another spectra run is writing into this folder (pid {holder.get('pid', '?')} on "
                        f"{holder.get('host', '?')}, started {holder.get('started', '?')})", path=folder,
@@ -281,7 +291,7 @@ def refuse_if_held(folder: str | os.PathLike[str]) -> None:
     if fcntl is None:  # pragma: no cover - not POSIX
         return
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
+        fd = os.open(path, os.O_RDONLY | _LOCK_OPEN)
     except OSError:  # no lock file (or not one of ours): nothing holds the folder
         return
     try:
@@ -289,7 +299,7 @@ def refuse_if_held(folder: str | os.PathLike[str]) -> None:
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
         holder = _read_holder(fd)
-        if not (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
+        if not _ours(holder):
             raise _held(Path(folder), holder) from None
     except OSError:  # no flock here (some network mounts): runs are not locked there
         pass
