@@ -59,8 +59,7 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
         elif bad:
             out.append(Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
         else:
-            notes = numeric_notes(b, t, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
-                                  base_sq=base_fro * base_fro)  # inf, not OverflowError, past 1e154
+            notes = pair_notes(pair, b, t, delta, base_fro)  # base_fro²: inf, not OverflowError, past 1e154
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
                                  note="; ".join(notes)))
     return out
@@ -68,8 +67,8 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
 
 def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torch.Tensor, base_fro: float) -> list[str]:
     """The numerical caveats (:func:`spectra.numerics.numeric_notes`) of the ΔW that :func:`form_delta`
-    formed from the oriented stored tensors ``wb``, ``wt`` of ``pair`` (their stored dtypes decide ε);
-    for the commands that form ΔW one pair at a time (compare, trace, interfere)."""
+    formed from the oriented stored tensors ``wb``, ``wt`` of ``pair`` (their stored dtypes decide ε), for
+    every command that forms ΔW (diff's :func:`prepare`, compare, trace, interfere)."""
     return numeric_notes(wb, wt, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
                          base_sq=base_fro * base_fro)
 

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.display import display_name, tau_percent
+from spectra.display import display_name, range_text, tau_percent
 from spectra.metrics import threshold_key
 from spectra.naming import role_sort_key
 from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
@@ -285,10 +285,9 @@ def _dora_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     against a bound it does not have."""
     rs = sorted({m.lora_r for m in ms})
     used = _median([m.energy_rank[k] for m in ms])
-    r = str(rs[0]) if len(rs) == 1 else f"{rs[0]}–{rs[-1]}"
-    return Finding("adapter", f"DoRA (r = {r}): each update is dense (the magnitude vector rescales every column of W), so its "
-                   f"rank is not bounded by r: a median {used:g} ranks for {tau_percent(tau)} of its energy, of which s·B·A "
-                   "spans at most r.", numbers={"r": rs, "median_used": used})
+    return Finding("adapter", f"DoRA (r = {range_text((rs[0], rs[-1]))}): each update is dense (the magnitude vector rescales "
+                   f"every column of W), so its rank is not bounded by r: a median {used:g} ranks for {tau_percent(tau)} of its "
+                   "energy, of which s·B·A spans at most r.", numbers={"r": rs, "median_used": used})
 
 
 def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
