@@ -29,6 +29,7 @@ import numpy as np
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
+from spectra.io.checkpoint import read_config
 from spectra.io.jsonfile import load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.load_names import load_renames, renames_text
@@ -278,10 +279,9 @@ def _base_config(doc: dict) -> dict | None:
         return None
     try:
         folder = Path(base) if Path(base).is_dir() else Path(base).parent
-        cfg = load_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None
+        return read_config(folder, (folder,))  # as open_checkpoint reads it (a link out of the folder refused)
     except (OSError, ValueError, SpectraError):  # unreadable: the stored names, as without it
         return None
-    return cfg if isinstance(cfg, dict) else None
 
 
 def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[str, dict], where: Path | None,

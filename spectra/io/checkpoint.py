@@ -56,16 +56,7 @@ import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import (
-    FileStamp,
-    allowed_roots,
-    check_inside,
-    file_kind,
-    hub_cache_hint,
-    missing_text,
-    open_regular,
-    unreadable_hint,
-)
+from spectra.io.paths import FileStamp, allowed_roots, check_inside, file_kind, hub_cache_hint, missing_text, open_regular, unreadable_hint
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.torchfile import StateDictCache
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
@@ -525,7 +516,7 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     states = StateDictCache()
     infos = tensor_infos(path, states)
     ckpt = Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
-                      _read_config(path.parent, roots), states)
+                      read_config(path.parent, roots), states)
     ckpt.notes.extend(unwrap_notes(label, states))
     return ckpt
 
@@ -614,7 +605,7 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     if moved:
         notes.append(f"{READ_NOTE_PREFIX}{label}: {len(moved)} tensor(s) are in more than one shard (e.g. {moved[0]}, mapped to "
                      f"{weight_map[moved[0]]}): read from {source[moved[0]]}, the last in file-name order, as transformers does")
-    ckpt = Checkpoint(label, folder, fmt, tensors, _read_config(folder, roots), states)
+    ckpt = Checkpoint(label, folder, fmt, tensors, read_config(folder, roots), states)
     ckpt.notes.extend(notes + unwrap_notes(label, states))
     return ckpt
 
@@ -634,7 +625,8 @@ def _safe_relative(shard: str) -> bool:
     return bool(shard) and not p.is_absolute() and ".." not in p.parts and ":" not in shard and "\0" not in shard
 
 
-def _read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None:
+def read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None:
+    """``folder``'s config.json as a dict (None: none, or not an object), kept inside ``roots``."""
     path = folder / "config.json"
     if not (path.exists() or path.is_symlink()):
         return None
