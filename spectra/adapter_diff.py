@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +22,14 @@ import torch
 
 from spectra._version import __version__
 from spectra.config import DiffConfig
-from spectra.delta import oriented
+from spectra.delta import form_delta, oriented
 from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import same_file
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
+from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
@@ -115,19 +116,100 @@ def recorded_base_warning(adapter: Adapter, base: Checkpoint) -> str | None:
 def _tied_head_of(mod: LoraModule, base: Checkpoint,
                   specs: dict[str, MatrixSpec]) -> tuple[LoraModule, MatrixSpec, str] | None:
     """``(mod, spec, embedding name)`` when ``mod`` is a LoRA on the output head of a base that ties the
-    head to its input embedding (no head stored, ``tie_word_embeddings`` not false, one embedding
-    of the head's shape): PEFT's lm_head then computes with that matrix. Else None."""
-    own = describe_checkpoint({mod.weight_name: tuple(mod.shape)}, base.arch).get(mod.weight_name)
+    head to its input embedding (:func:`_tied_head_spec`). Else None."""
+    tied = _tied_head_spec(mod.weight_name, tuple(mod.shape), base, specs)
+    return None if tied is None else (mod, *tied)
+
+
+def _tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint,
+                    specs: dict[str, MatrixSpec]) -> tuple[MatrixSpec, str] | None:
+    """``(spec, embedding name)`` when ``weight_name`` (its ``(out, in)`` ``shape``, as nn.Linear stores it) is the output
+    head of a base that ties the head to its input embedding (no head stored, ``tie_word_embeddings``
+    not false, one embedding of the head's shape): PEFT's lm_head then computes with that matrix. Else None."""
+    own = describe_checkpoint({weight_name: shape}, base.arch).get(weight_name)
     if own is None or own.role != "head" or any(sp.role == "head" for sp in specs.values()):
         return None
     if (base.config or {}).get("tie_word_embeddings") is False:
         return None
     embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None]
-    if len(embeds) != 1 or oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape)) != tuple(mod.shape):
+    if len(embeds) != 1 or oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape)) != tuple(shape):
         return None
-    note = (f"the base ties its output head to {embeds[0].name} (it stores no {mod.weight_name}): "
+    note = (f"the base ties its output head to {embeds[0].name} (it stores no {weight_name}): "
             "the update is measured against that embedding")
-    return mod, replace(own, transpose=embeds[0].transpose, note="; ".join(x for x in (own.note, note) if x)), embeds[0].name
+    return replace(own, transpose=embeds[0].transpose, note="; ".join(x for x in (own.note, note) if x)), embeds[0].name
+
+
+@dataclass(frozen=True)
+class SavedModule:
+    """A matrix an adapter stores whole (``modules_to_save``: trained in full beside the LoRAs), paired
+    with its base matrix: its update is the saved tensor minus the base's, dense.
+
+    Attributes:
+        tensor: the saved tensor as stored in the adapter.
+        spec: the matrix's spec (the base's, or the head's when it is tied to the base's embedding).
+        base_name: the base tensor it is measured against.
+        rows: when the two have different numbers of rows (a vocabulary resized for new tokens), the
+            leading rows both have, which are analysed; else None.
+        note: a caveat for its results (a tied head, resized rows); empty when none.
+    """
+
+    tensor: torch.Tensor
+    spec: MatrixSpec
+    base_name: str
+    rows: int | None = None
+    note: str = ""
+
+
+#: Why a tensor an adapter stores whole is not measured, by case.
+SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minus the base's; "
+                 "pass the base (spectra diff BASE ADAPTER) to measure it")
+SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
+             "(e.g. a new classification head), which has no update to measure")
+SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
+
+
+def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, SavedModule], list[Skipped]]:
+    """The matrices ``adapter`` stores whole (``modules_to_save``) paired with the base's, by the
+    saved tensor's name in the base model; and those that cannot be measured, each with its reason
+    (no base given; a module the base does not have; a vector; a shape the base's matrix does not
+    share). Rows of an embedding or output head resized for new tokens are paired as a full diff
+    pairs them: the leading rows both have."""
+    if not adapter.full:
+        return {}, []
+    if base is None:
+        return {}, [Skipped(n, SAVED_NO_BASE) for n in adapter.full]
+    specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
+    lookup = unique_pairing_keys(list(base.tensors))
+    saved: dict[str, SavedModule] = {}
+    skipped: list[Skipped] = []
+    for name, t in adapter.full.items():
+        if t.ndim < 2:
+            skipped.append(Skipped(name, SAVED_VECTOR))
+            continue
+        base_name = name if name in base.tensors else lookup.get(pairing_key(name))
+        spec, note = (specs.get(base_name) if base_name else None), ""
+        if spec is None and base_name is None:
+            tied = _tied_head_spec(name, tuple(t.shape), base, specs)
+            if tied is None:
+                skipped.append(Skipped(name, SAVED_NEW))
+                continue
+            spec, base_name = tied
+        if spec is None or len(spec_shape := oriented_shape(spec, tuple(t.shape))) != 2:
+            skipped.append(Skipped(name, f"stored whole (modules_to_save); the base's {base_name} is not a weight matrix "
+                                         "spectra analyses"))
+            continue
+        base_shape = oriented_shape(spec, tuple(base.tensors[base_name].shape))
+        rows = None
+        if tuple(spec_shape) != tuple(base_shape):
+            if spec.role not in ("embed", "head") or spec_shape[1] != base_shape[1]:
+                skipped.append(Skipped(name, f"stored whole (modules_to_save) as {spec_shape[0]}×{spec_shape[1]}, but the base's "
+                                             f"{base_name} is {base_shape[0]}×{base_shape[1]}: not the same matrix"))
+                continue
+            rows = min(spec_shape[0], base_shape[0])
+            note = (f"rows differ (base {base_shape[0]}, adapter {spec_shape[0]}, e.g. a vocabulary resized for new tokens): "
+                    f"the {rows} leading rows both have are analysed")
+        saved[name] = SavedModule(t, spec, base_name, rows, note)
+    return saved, skipped
 
 
 def diff_adapter(
@@ -170,13 +252,18 @@ def diff_adapter(
     result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
                       "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}
-    units = []
+    units: list[tuple[LoraModule | SavedModule, MatrixSpec, str | None, str, torch.Tensor | None, str]] = []
     keep = selector(config.include, config.exclude, config.layers)
     for mod, spec, base_name in adapter_updates(adapter, base):
         for name, part_rows, module in units_of(spec, keep, split_fused=config.split_fused):
             units.append((mod, spec, base_name, name, part_rows, module))
-    for full_name in adapter.full:
-        result.skipped.append(asdict(Skipped(full_name, "stored whole (modules_to_save): a full update, not a LoRA; diff the merged model for it")))
+    saved, not_saved = saved_modules(adapter, base)
+    for sv in saved.values():
+        for name, part_rows, module in units_of(sv.spec, keep, split_fused=config.split_fused):
+            units.append((sv, sv.spec, sv.base_name, name, part_rows, module))
+    units.sort(key=lambda u: spec_order(u[1]))  # a saved embedding or head among the LoRA modules, in model order
+    for skip in not_saved:
+        result.skipped.append(asdict(skip))
     for copy in adapter.base_copies:
         result.skipped.append(asdict(Skipped(copy, "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
@@ -185,10 +272,13 @@ def diff_adapter(
         writer.start(result)
     total = len(units)
     for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=1):
-        res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
-        if isinstance(res, ModuleResult) and not (math.isfinite(res.fro_norm) and math.isfinite(res.spectral_norm)):
-            res = (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is undefined; "
-                   "check lora_alpha in adapter_config.json")
+        if isinstance(mod, SavedModule):
+            res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
+        else:
+            res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
+            if isinstance(res, ModuleResult) and not (math.isfinite(res.fro_norm) and math.isfinite(res.spectral_norm)):
+                res = (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is "
+                       "undefined; check lora_alpha in adapter_config.json")
         skip = None
         if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
             skip, res = Skipped(name, res), None
@@ -201,6 +291,41 @@ def diff_adapter(
         if callback:
             callback(DiffEvent(done, total, res, skip))
     return result
+
+
+def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch.Tensor | None, module: str,
+                  config: DiffConfig, device: torch.device, dtype: torch.dtype) -> ModuleResult | str:
+    """The result of one analysed part of a matrix the adapter stores whole (:class:`SavedModule`): the
+    dense update ``saved − base``, decomposed as a full diff decomposes it; or why it has none (NaN/Inf)."""
+    start = time.perf_counter()
+    spec = sv.spec
+    wb = oriented(base.load(sv.base_name), spec.transpose, sv.rows)
+    wt = oriented(sv.tensor, spec.transpose, sv.rows)
+    if part_rows is not None:
+        wb, wt = wb[part_rows], wt[part_rows]
+    delta, base_fro, bad = form_delta(wb, wt, device)
+    if bad:
+        what = "the difference of the weights overflows" if bad == ["overflow"] else f"the {' and '.join(bad)} weights contain NaN or Inf"
+        return f"{what} (modules_to_save: {name} stored whole in the adapter); ΔW is undefined"
+    notes = numeric_notes(wb, wt, delta, base_dtype=base.tensors[sv.base_name].dtype,
+                          tuned_dtype=str(sv.tensor.dtype).removeprefix("torch."), base_sq=base_fro * base_fro)
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    S = batch_singular_values(delta.unsqueeze(0), device=device, dtype=dtype)[0]
+    base_sv = tuned_sv = esd = None
+    if config.weight_spectra or config.esd:
+        S_b, S_t = batch_singular_values([wb.double(), wt.double()], device=device, dtype=dtype)
+        if config.weight_spectra:
+            base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
+        if config.esd:
+            esd = esd_entry(shape, S, S_b, S_t)
+    note = "; ".join(x for x in ("trained whole (modules_to_save): ΔW = the saved matrix − the base's, dense", sv.note, spec.note,
+                                 *notes, ZERO_BASE_NOTE if base_fro == 0 else "") if x)
+    return ModuleResult(
+        name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
+        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
+        dtype=f"{base.tensors[sv.base_name].dtype}/{str(sv.tensor.dtype).removeprefix('torch.')}", method="modules_to_save/dense",
+        seconds=time.perf_counter() - start, note=note, base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
+    )
 
 
 def non_finite_factor(mod: LoraModule) -> str | None:

@@ -80,3 +80,13 @@ def wait_for_journal(proc: subprocess.Popen, journal: Path, lines: int = 3, time
         time.sleep(0.02)
     out = proc.communicate()[1] if proc.poll() is not None else ""
     pytest.fail(f"the run ended (or stalled) before it could be interrupted; make the test pair larger. {str(out)[-2000:]}")
+
+
+def tiny_llama(*, tie: bool = False, vocab: int = 64, layers: int = 2, seed: int = 0):
+    """A random tiny ``LlamaForCausalLM`` (hidden 32, MLP 64, 4 heads / 2 kv heads), float32, seeded."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tie)
+    return T.LlamaForCausalLM(cfg).float()

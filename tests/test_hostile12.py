@@ -1,0 +1,112 @@
+"""The twelfth round: what the eleventh left found but not mended, and what the twelfth probe found.
+
+Each test fails on the code before the round (7ae82ac) and passes now (docs/bad_inputs.md, "twelfth round").
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from click.testing import CliRunner
+
+from spectra_cli.main import main
+from tests.conftest import random_lora, reference_energy_rank, svd64, tiny_llama
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _saved_adapter(tmp_path, *, tie: bool = False, resize: int = 0, extra_save: tuple[str, ...] = ()):
+    """A base tiny Llama and a PEFT LoRA (q_proj) whose ``modules_to_save`` (lm_head or embed_tokens,
+    the usual pair when tokens are added) were moved by a planted update; returns (base dir, adapter dir,
+    {saved name: its weight after training})."""
+    from safetensors.torch import load_file
+
+    model = tiny_llama(tie=tie)
+    model.save_pretrained(tmp_path / "base")
+    if resize:
+        model.resize_token_embeddings(model.config.vocab_size + resize)
+    saved = ("embed_tokens",) if tie else ("lm_head", "embed_tokens")
+    peft_model = random_lora(model, 1, r=2, target_modules=["q_proj"], modules_to_save=[*saved, *extra_save])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, prm in peft_model.named_parameters():
+            if "modules_to_save" in name:  # a rank-3 update of 5% of the weight's norm
+                U, V = torch.randn(prm.shape[0], 3, generator=g), torch.randn(3, prm.shape[1], generator=g)
+                prm.add_(0.05 * prm.norm() * (U @ V) / (U @ V).norm())
+    peft_model.save_pretrained(tmp_path / "lora")
+    stored = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    after = {k.removeprefix("base_model.model.").replace(".modules_to_save.default", ""): v
+             for k, v in stored.items() if "lora_" not in k}
+    return tmp_path / "base", tmp_path / "lora", after
+
+
+def test_modules_to_save_matrices_are_diffed_against_the_base(tmp_path):
+    """An adapter's modules_to_save (here lm_head and embed_tokens) were listed as skipped, "diff the
+    merged model for it": their updates, often the largest of a fine-tune that adds tokens, were not
+    measured. Now ΔW = saved − base, exact against numpy's float64 SVD."""
+    from safetensors.torch import load_file
+
+    base, lora, after = _saved_adapter(tmp_path)
+    res = _cli("diff", base, lora, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    rows = {m["name"]: m for m in doc["modules"]}
+    W0 = load_file(str(base / "model.safetensors"))
+    for name in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert name in rows, (name, [s["name"] for s in doc["skipped"]])
+        m = rows[name]
+        S = svd64(after[name].double() - W0[name].double())
+        k, clear = reference_energy_rank(S, 0.9)
+        assert clear and m["energy_rank"]["0.9"] == k == 3
+        np.testing.assert_allclose(m["singular_values"][:3], S[:3], rtol=1e-6)
+        assert m["rel_norm"] == pytest_approx(float(np.linalg.norm(S) / W0[name].double().norm()))
+        assert "modules_to_save" in m["note"] and m["lora_r"] is None
+    assert sum(m["lora_r"] == 2 for m in doc["modules"]) == 2  # the q_proj LoRAs as before
+    names = [m["name"] for m in doc["modules"]]
+    assert names.index("model.embed_tokens.weight") == 0 and names[-1] == "lm_head.weight"  # in model order
+    alone = _cli("diff", lora, "--out", tmp_path / "o2")  # without the base: said why, not measured
+    assert alone.exit_code == 0, alone.output
+    skipped = {s["name"]: s["reason"] for s in json.loads((tmp_path / "o2" / "results.json").read_text())["skipped"]}
+    assert "pass the base" in skipped["lm_head.weight"]
+
+
+def pytest_approx(x: float):
+    import pytest
+
+    return pytest.approx(x, rel=1e-6)
+
+
+def test_modules_to_save_of_a_resized_vocabulary_and_a_tied_head(tmp_path):
+    """Tokens added (vocabulary 64 -> 72): the saved embedding's 64 leading rows are paired with the
+    base's, as a full diff pairs a resized vocabulary; a base that ties its head: a saved embedding is
+    measured; a new classification-style module the base lacks is skipped with its reason."""
+    from safetensors.torch import load_file, save_file
+
+    base, lora, after = _saved_adapter(tmp_path / "a", resize=8)
+    res = _cli("diff", base, lora, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    rows = {m["name"]: m for m in json.loads((tmp_path / "o" / "results.json").read_text())["modules"]}
+    W0 = load_file(str(base / "model.safetensors"))
+    m = rows["model.embed_tokens.weight"]
+    S = svd64(after["model.embed_tokens.weight"][:64].double() - W0["model.embed_tokens.weight"].double())
+    np.testing.assert_allclose(m["singular_values"][:3], S[:3], rtol=1e-6)
+    assert m["shape"] == [64, 32] and "64 leading rows" in m["note"]
+
+    base, lora, after = _saved_adapter(tmp_path / "b", tie=True, extra_save=("lm_head",))
+    stored = load_file(str(lora / "adapter_model.safetensors"))  # and a module the base does not have
+    stored["base_model.model.score.modules_to_save.default.weight"] = torch.randn(3, 32)
+    save_file(stored, str(lora / "adapter_model.safetensors"))
+    res = _cli("diff", base, lora, "--out", tmp_path / "o3")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o3" / "results.json").read_text())
+    rows = {m["name"]: m for m in doc["modules"]}
+    W0 = load_file(str(base / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the head's base is the tied embedding
+        S = svd64(after[name].double() - W0["model.embed_tokens.weight"].double())
+        np.testing.assert_allclose(rows[name]["singular_values"][:3], S[:3], rtol=1e-6)
+    assert "ties its output head" in rows["lm_head.weight"]["note"]
+    assert "not in the base" in {s["name"]: s["reason"] for s in doc["skipped"]}["score.weight"]
