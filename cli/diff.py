@@ -14,7 +14,7 @@ from rich.table import Table
 import spectra
 from spectra import distributed as spectra_distributed
 from spectra.config import DiffConfig
-from spectra.display import display_name, fmt_bytes, range_text, tau_percent
+from spectra.display import display_name, fmt_bytes, matrices, range_text, tau_percent
 from spectra.errors import ConfigError
 from spectra.findings import diff_findings, skipped_reasons, summary_legend
 from spectra.io.checkpoint import READ_NOTE_PREFIX
@@ -165,7 +165,7 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
             out.print("[bold]Findings[/]")
             for f in plain:
                 out.print(f"  • {escape(f.text)}", highlight=False)
-    err.print(f"{len(result.modules)} matrices in {result.elapsed_s:.1f} s on {escape(result.device)}; "
+    err.print(f"{matrices(len(result.modules))} in {result.elapsed_s:.1f} s on {escape(result.device)}; "
               f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if result.skipped:

@@ -67,6 +67,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
     OUT/extract.json says, per module, the rank, the energy kept, the errors, and what a uniform rank
     of the same size would keep.
     """
+    from spectra.display import matrices
     from spectra.extract import ExtractConfig, ExtractEvent, extract
 
     config = ExtractConfig(rank=rank, energy=energy, budget=budget, max_rank=max_rank, serving=serving, dtype=dtype,
@@ -99,7 +100,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         err.print(f"{len(held)} changed norms/biases are not in the adapter (see not_lora in extract.json"
                   f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
     if result.not_extracted:
-        err.print(f"{len(result.not_extracted)} matrices not extracted (see not_extracted in extract.json)", highlight=False)
+        err.print(f"{matrices(len(result.not_extracted))} not extracted (see not_extracted in extract.json)", highlight=False)
     err.print(escape(f"adapter: {Path(out_dir)} ({result.adapter['bytes']:,} bytes, {result.dtype}) in {result.elapsed_s:.1f} s; "
                      f"load it with peft.PeftModel.from_pretrained(base_model, {str(out_dir)!r})"), highlight=False)
 

@@ -41,6 +41,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     effective rank (LoRA: against r), and how far the top-k singular subspaces turned since the
     previous and the first checkpoint. A checkpoint still being written is left out with the reason.
     """
+    from spectra.display import matrices
     from spectra.trace import TraceConfig, jsonable, trace
 
     if report and not out_dir:
@@ -73,8 +74,8 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     # a point (one matrix at one checkpoint) is skipped for NaN/Inf or a shape its base does not share
     points = [pt for m in result.matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("skip")]
     skipped_points = f", {len(points)} points (a matrix at one checkpoint) skipped: see 'skip' in trace.json" if points else ""
-    err.print(f"{len(result.matrices)} matrices over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
-              f"on {result.device}; {len(result.skipped)} matrices skipped{skipped_points}", highlight=False)
+    err.print(f"{matrices(len(result.matrices))} over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
+              f"on {result.device}; {matrices(len(result.skipped))} skipped{skipped_points}", highlight=False)
     if out_dir:
         err.print(f"results: {escape(str(Path(out_dir) / 'trace.json'))}", highlight=False)
     if report:

@@ -116,3 +116,12 @@ def fmt_bytes(n: float) -> str:
         n /= 1024
     return f"{n:.1f} TiB"
 
+
+
+def matrices(n: int) -> str:
+    """``"1 matrix"``, ``"3 matrices"``: a count of matrices in words.
+
+    >>> matrices(1), matrices(0)
+    ('1 matrix', '0 matrices')
+    """
+    return f"{n} {'matrix' if n == 1 else 'matrices'}"

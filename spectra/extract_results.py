@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.display import matrices
 from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
@@ -409,7 +410,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     cfg = {k: v for k, v in asdict(config).items() if k != "parsed_budget"}
     warnings = []
     if left:
-        warnings.append(f"{len(left)} matrices could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
+        warnings.append(f"{matrices(len(left))} could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
                         "see not_extracted in extract.json")
     if outside_share >= 0.01 and kept is not None:
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.display import display_name, range_text, tau_percent
+from spectra.display import display_name, matrices, range_text, tau_percent
 from spectra.metrics import threshold_key
 from spectra.naming import role_sort_key
 from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
@@ -150,7 +150,7 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
                            "its storage dtype, so its spectrum is rounding noise (see the warning).",
                            numbers={"matrices": 0, "rounding_level": len(noise)}))
     elif noise:
-        out.append(Finding("rank", f"The statements on rank below leave out the {len(noise)} matrices at the rounding "
+        out.append(Finding("rank", f"The statements on rank below leave out the {matrices(len(noise))} at the rounding "
                            "level (see the warning).", numbers={"rounding_level": len(noise)}))
     if ms:
         out.append(_rank_finding(ms, k, tau))
@@ -179,8 +179,11 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
 def _warnings(result: DiffResult) -> list[Finding]:
     out = []
     if not result.complete:
+        n = len(result.modules)
+        # results.json is rewritten every few seconds; the journal beside it (results.jsonl) holds every result
         out.append(Finding("incomplete", "This run did not finish (complete: false): the numbers cover only the "
-                           f"{len(result.modules)} matrices finished; diff --resume completes it.", warning=True))
+                           f"{n} {'matrix' if n == 1 else 'matrices'} results.json held when it was last saved (results.jsonl "
+                           "beside it journals every one finished); spectra diff … --resume completes it.", warning=True))
     for code, hit in caveat_groups(result.modules):
         out.append(Finding("caveat", caveat_sentence(code, hit, len(result.modules)) + ".", warning=True,
                            numbers={"code": code, "matrices": len(hit)}))
@@ -296,14 +299,14 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     eff = [m.effective_rank for m in ms if m.effective_rank is not None]
     if len(rs) == 1:
         r = rs[0]
-        text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {len(ms)} matrices; from {min(used)} to "
+        text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {matrices(len(ms))}; from {min(used)} to "
                 f"{max(used)}) for {tau_percent(tau)} of each update's energy"
                 + (f"; effective rank {_fmt(_median(eff))} of {r}." if eff else "."))
     else:
         per = []
         for r in rs:
             u = [m.energy_rank[k] for m in ms if m.lora_r == r]
-            per.append(f"r = {r}: {_median(u):g} of {r} used ({len(u)} matrices)")
+            per.append(f"r = {r}: {_median(u):g} of {r} used ({matrices(len(u))})")
         share = _median([m.energy_rank[k] / m.lora_r for m in ms])
         text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {share:.0%} of their r for "
                 f"{tau_percent(tau)} of their energy; " + "; ".join(per) + ".")

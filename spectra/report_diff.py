@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spectra.display import range_text, tau_percent
+from spectra.display import matrices, range_text, tau_percent
 from spectra.findings import Finding, diff_findings, matrix_legend, skipped_reasons, summary_legend
 from spectra.plots import diff as diff_plots
 from spectra.plots.base import svg_img
@@ -53,7 +53,7 @@ def section_html(path: Path, doc: dict) -> str:
     key = str(float(tau))
     lora = any(m.lora_r is not None for m in res.modules)
     out = [f"<h2>ΔW spectra: {esc(res.tuned)}</h2>",
-           f"<p>base: {esc(res.base or '(none: adapter alone)')} · results: {esc(path)} · {len(res.modules)} matrices in "
+           f"<p>base: {esc(res.base or '(none: adapter alone)')} · results: {esc(path)} · {matrices(len(res.modules))} in "
            f"{res.elapsed_s:.1f} s on {esc(res.device or '?')}</p>"]
     if any(m.layer is not None for m in res.modules):
         out.append(svg_img(diff_plots.rank_heatmap(res, None, threshold=tau), alt="rank needed per layer and module"))

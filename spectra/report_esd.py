@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from spectra.display import matrices
 from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
 from spectra.findings import MOVED_Z, Finding, esd_points
 from spectra.naming import role_sort_key
@@ -78,7 +79,7 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if fitted:
         alphas = [r["alpha"] for r in fitted]
         med = statistics.median(alphas)
-        out.append(Finding("alpha", f"Median α over {len(fitted)} matrices is {alpha_text(med)} (range {alpha_text(min(alphas))}–"
+        out.append(Finding("alpha", f"Median α over {matrices(len(fitted))} is {alpha_text(med)} (range {alpha_text(min(alphas))}–"
                                     f"{alpha_text(max(alphas))}): {_verdict(med)}.",
                            numbers={"median": med, "min": min(alphas), "max": max(alphas), "n": len(fitted)}))
         by_module: dict[str, list[float]] = {}
@@ -125,7 +126,7 @@ def _esd_section(path: Path, doc: dict[str, Any]) -> str:
     cfg = doc.get("config", {})
     compat = " · WeightWatcher-compatible rows" if cfg.get("ww_compatible") else ""
     out = [f"<h2>Heavy-tailed spectra (ESD): {esc(doc.get('model'))}</h2>",
-           (f"<p>results: {esc(path)} · xmin: {esc(cfg.get('xmin', 'fit'))}{compat} · {len(recs)} matrices in "
+           (f"<p>results: {esc(path)} · xmin: {esc(cfg.get('xmin', 'fit'))}{compat} · {matrices(len(recs))} in "
             f"{float(doc.get('elapsed_s') or 0.0):.1f} s on {esc(doc.get('device') or '?')}</p>")]
     if any(r.get("layer") is not None for r in fitted):
         out.append(svg_img(esd_plots.alpha_heatmap(recs), alt="alpha per layer and module"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spectra.display import matrices
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
 from spectra.interfere import PAIR_MEASURES, SCHEMA
@@ -78,7 +79,7 @@ def findings(path: Path, doc: dict) -> list[Finding]:
                                    f"{s['fro_sq_ratio']:.2f}× the sum of the parts'.",
                            numbers={"spectral_over_max": s["spectral_over_max"], "fro_sq_ratio": s["fro_sq_ratio"]}))
     if d.get("skipped"):
-        out.append(Finding("skipped", f"{len(d['skipped'])} matrices were not compared (see the section).", warning=True))
+        out.append(Finding("skipped", f"{matrices(len(d['skipped']))} were not compared (see the section).", warning=True))
     for w in d.get("warnings") or []:
         out.append(Finding("caveat", w, warning=True))
     return out
@@ -90,7 +91,7 @@ def section_html(path: Path, doc: dict) -> str:
     names, n = d["names"], len(d["names"])
     s = d.get("summary") or {}
     out = [f"<h2>Interference between {n} fine-tunes: {esc(', '.join(names))}</h2>",
-           (f"<p>base: {esc(d.get('base'))} · {len(d['modules'])} matrices every task updates · top-k = "
+           (f"<p>base: {esc(d.get('base'))} · {matrices(len(d['modules']))} every task updates · top-k = "
            f"{esc((d.get('config') or {}).get('top_k'))} · results: {esc(path)}</p>"),
            table(["#", "name", "kind", "path"], [[i, names[i], d["kinds"][i], d["tasks"][i]] for i in range(n)])]
     figs = interfere_plots.interfere_figures(d)

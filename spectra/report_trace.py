@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra.display import tau_percent
+from spectra.display import matrices, tau_percent
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
 from spectra.naming import role_sort_key
@@ -126,7 +126,7 @@ def section_html(path: Path, doc: dict) -> str:
     steps = [c["step"] for c in res.checkpoints]
     out = [f"<h2>Trace: {esc(res.run or res.base or path.parent)}</h2>",
            (f"<p>base: {esc(res.base or '(the run’s own start)')} · {len(res.checkpoints)} checkpoints "
-           f"(steps {esc(steps[0] if steps else '–')}–{esc(steps[-1] if steps else '–')}) · {len(res.matrices)} matrices · "
+           f"(steps {esc(steps[0] if steps else '–')}–{esc(steps[-1] if steps else '–')}) · {matrices(len(res.matrices))} · "
            f"{esc(res.kind)} · from {esc(res.source)} · results: {esc(path)}</p>")]
     figs = trace_plots.trace_figures(d) if res.matrices else {}
     if "trace_loss" in figs:

@@ -110,3 +110,22 @@ def test_modules_to_save_of_a_resized_vocabulary_and_a_tied_head(tmp_path):
         np.testing.assert_allclose(rows[name]["singular_values"][:3], S[:3], rtol=1e-6)
     assert "ties its output head" in rows["lm_head.weight"]["note"]
     assert "not in the base" in {s["name"]: s["reason"] for s in doc["skipped"]}["score.weight"]
+
+
+def test_an_interrupted_runs_finding_counts_what_results_json_held(tmp_path):
+    """A run killed between two rewrites of results.json: the report said "the numbers cover only the
+    1 matrices finished" while the journal held 13. Now: "1 matrix", and that the journal holds every one."""
+    from safetensors.torch import save_file
+
+    from spectra.findings import diff_findings
+    from spectra.results import DiffResult
+
+    g = torch.Generator().manual_seed(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "o").exit_code == 0
+    res = DiffResult.load(tmp_path / "o" / "results.json")
+    res.modules, res.complete = res.modules[:1], False
+    text = next(f.text for f in diff_findings(res) if f.topic == "incomplete")
+    assert "1 matrix results.json held" in text and "results.jsonl" in text and "--resume" in text
