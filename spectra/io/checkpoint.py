@@ -49,7 +49,7 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
 from spectra.io.paths import FileStamp, allowed_roots, check_inside, file_kind, hub_cache_hint, missing_text, open_regular, unreadable_hint
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
+from spectra.io.shard_index import read_order, safe_relative, shard_key
 from spectra.io.torchfile import StateDictCache
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
@@ -561,13 +562,14 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError("index has no weight_map", path=index_path)
     shards: dict[str, Path] = {}
+    spellings = sorted(set(weight_map.values()), key=str)  # as listed: transformers orders the shards by these
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or shard not in shards and not _safe_relative(shard):
+        if not isinstance(shard, str) or shard not in shards and not safe_relative(shard):
             raise CheckpointFormatError(
                 f"index points outside its folder: {shard!r}", path=index_path, tensor=str(name),
                 hint="shard paths must be plain file names relative to the index",
             )
-        shard = weight_map[name] = _shard_key(shard)  # `./a.bin` and `a.bin` are one shard, listed and read once
+        shard = weight_map[name] = shard_key(shard)  # `./a.bin` and `a.bin` are one shard, listed and read once
         if shard not in shards:  # through a symlink (a folder `r -> /`, a shard linking out): refused before any open
             check_inside(folder / shard, roots, what=shard)
             shards[shard] = folder / shard
@@ -582,29 +584,15 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     states = StateDictCache()
     per_shard = {s: tensor_infos(p, states) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
                  for s, p in shards.items()}
-    # transformers reads every tensor of every listed shard, shard files in sorted order, a later one
-    # replacing an earlier one of the same name: the index only lists the files. So does spectra, and
-    # says where that differs from what the index maps.
-    tensors: dict[str, TensorInfo] = {}
-    source: dict[str, str] = {}
-    for shard in sorted(per_shard):
-        for name, info in per_shard[shard].items():
-            tensors[name], source[name] = info, shard
+    # every tensor of every listed shard, in transformers' order (spectra.io.shard_index)
+    tensors, _, texts = read_order(spellings, weight_map, per_shard, index_path.name)
     absent = next((n for n in weight_map if n not in tensors), None)
     if absent is not None:
         raise CheckpointFormatError(
             f"the index says this tensor is in {weight_map[absent]}, but no listed shard holds it",
             path=index_path, tensor=absent, hint="the index and shards are from different versions",
         )
-    unlisted = [n for n in tensors if n not in weight_map]
-    moved = [n for n, shard in weight_map.items() if source[n] != shard]
-    notes = []
-    if unlisted:
-        notes.append(f"{READ_NOTE_PREFIX}{label}: {len(unlisted)} tensor(s) in the shards are not in {index_path.name} (e.g. {unlisted[0]}): "
-                     "read, as transformers reads every tensor of every listed shard")
-    if moved:
-        notes.append(f"{READ_NOTE_PREFIX}{label}: {len(moved)} tensor(s) are in more than one shard (e.g. {moved[0]}, mapped to "
-                     f"{weight_map[moved[0]]}): read from {source[moved[0]]}, the last in file-name order, as transformers does")
+    notes = [f"{READ_NOTE_PREFIX}{label}: {t}" for t in texts]
     ckpt = Checkpoint(label, folder, fmt, tensors, read_config(folder, roots), states)
     ckpt.notes.extend(notes + unwrap_notes(label, states))
     return ckpt
@@ -613,16 +601,6 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
 def _unknown_shard(index_path: Path, shard: str) -> dict[str, TensorInfo]:
     raise CheckpointFormatError(f"index lists {shard!r}, which is not a .safetensors or .bin file", path=index_path,
                                 hint="shards must be .safetensors, .bin, .pt or .pth files")
-
-
-def _shard_key(shard: str) -> str:
-    """A shard path in one spelling: ``./a.bin`` -> ``a.bin``, ``sub//a.bin`` -> ``sub/a.bin``."""
-    return str(PurePosixPath(shard))
-
-
-def _safe_relative(shard: str) -> bool:
-    p = PurePosixPath(shard.replace("\\", "/"))
-    return bool(shard) and not p.is_absolute() and ".." not in p.parts and ":" not in shard and "\0" not in shard
 
 
 def read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None:
