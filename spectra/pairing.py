@@ -16,11 +16,12 @@ says so; otherwise it is an error, never ``W_t − W_bᵀ`` in silence.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
 import torch
 
-from spectra.errors import PairingError
+from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import MatrixSpec, Part, is_bias, quant_param_of, spec_order, unique_pairing_keys
 
@@ -230,6 +231,45 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     return embeds[0], heads[0]
 
 
+def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str]) -> None:
+    """Refuse a full checkpoint that is the state dict of an unmerged PEFT model (``X.base_layer.weight``
+    beside ``X.lora_A.<adapter>.weight``): its weights are the base's, its update is in factors that
+    a full diff does not read, so every paired matrix would read as unchanged."""
+    parts = [set(n.split(".")) for n in alone]
+    if any("base_layer" in p for p in parts) and any({"lora_A", "lora_B"} & p for p in parts):
+        example = next(n for n, p in zip(alone, parts) if {"lora_A", "lora_B"} & p)
+        raise CheckpointFormatError(
+            "this is the state dict of an unmerged PEFT model (base_layer weights beside lora_A/lora_B factors, e.g. "
+            f"{example}): its LoRA updates are not in its weights", path=ckpt.label,
+            hint="pass the adapter folder (PeftModel.save_pretrained) as TUNED, or merge it (merge_and_unload()) and save the model")
+
+
+def spelling_key(name: str) -> str:
+    """``name`` with its spelling normalised: Unicode NFC, case folded, spaces dropped, ``/`` read as
+    ``.``, repeated or outer dots removed (two names with one key differ only in how they are written)."""
+    text = unicodedata.normalize("NFC", name).casefold().replace("/", ".")
+    return ".".join(part.strip() for part in text.split(".") if part.strip())
+
+
+def _spelling_differs(base_only: list[str], tuned_only: list[str], base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """A warning when tensors on one side only have a counterpart of the same shape on the other whose
+    name differs only in spelling (:func:`spelling_key`: case, Unicode form, spaces, separators): they are
+    not paired, as a model loading one side by the other's names would not find them either; or None."""
+    if not base_only or not tuned_only:
+        return None
+    keys: dict[str, str] = {}
+    for n in base_only:
+        keys.setdefault(spelling_key(n), n)
+    near = [(keys[k], n) for n in tuned_only if (k := spelling_key(n)) in keys
+            and tuple(base.tensors[keys[k]].shape) == tuple(tuned.tensors[n].shape)]
+    if not near:
+        return None
+    b, t = near[0]
+    return (f"{PAIRING_NOTE_PREFIX}{len(near)} tensor(s) of tuned have a name that differs from a base tensor's only in its "
+            f"spelling (e.g. base {b!r}, tuned {t!r}: case, Unicode form, spaces or separators), with the same shape: not "
+            "paired (names are matched exactly, as a model loads them); rename them on one side to compare them")
+
+
 def _vocabulary_rows(ckpt: Checkpoint, specs: dict[str, MatrixSpec]) -> int | None:
     """Rows of the checkpoint's one input embedding (role ``embed`` outside the layers): its vocabulary
     size; None when it has no single such matrix."""
@@ -404,8 +444,11 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                                        "the tuned head is compared with that embedding"))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
+    for ckpt, alone in ((tuned, result.tuned_only), (base, result.base_only)):
+        _refuse_unmerged_peft(ckpt, alone)
     for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
-                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned)):
+                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned),
+                 _spelling_differs(result.base_only, result.tuned_only, base, tuned)):
         if note:
             result.notes.append(note)
     if not result.pairs:

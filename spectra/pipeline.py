@@ -25,6 +25,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared, pair_bytes, prepare
+from spectra.display import matrices
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -183,7 +184,10 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     result.elapsed_s = time.perf_counter() - t0
     result.add_caveat_warnings()
     if all_zero(result):
-        result.warnings.append("every analysed ΔW is exactly zero: base and tuned hold the same weights")
+        alone = sum(len(v) for v in (result.unmatched or {}).values())
+        result.warnings.append("every analysed ΔW is exactly zero: " + (
+            f"{alone} tensor(s) on one side only were not paired and are not compared" if alone
+            else "base and tuned hold the same weights"))
     if loader is not None:
         if loader.ident is None:  # no result came
             loader.start()
@@ -213,11 +217,18 @@ def all_zero(result: DiffResult) -> bool:
 def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) -> None:
     """Raise :class:`IdenticalCheckpointsError` when every analysed ΔW is exactly zero."""
     if all_zero(result):
+        written = f"; results were still written to {out_dir}" if out_dir else ""
+        alone = {k: v for k, v in (result.unmatched or {}).items() if v}
+        if alone:  # "the same weights" would be false: what changed may be what did not pair
+            sides = " and ".join(f"{len(v)} {k.replace('_only', '')}-only (e.g. {v[0]})" for k, v in alone.items())
+            raise IdenticalCheckpointsError(
+                f"every one of the {matrices(len(result.modules))} paired has ΔW = 0, but {sides} tensor(s) were not paired "
+                "and are not compared", path=f"{result.base} vs {result.tuned}",
+                hint="see the pairing warnings (a tensor renamed on one side?); --allow-identical accepts this" + written)
         raise IdenticalCheckpointsError(
             f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
             path=f"{result.base} vs {result.tuned}",
-            hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this"
-            + (f"; results were still written to {out_dir}" if out_dir else ""),
+            hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this" + written,
         )
 
 

@@ -129,3 +129,78 @@ def test_an_interrupted_runs_finding_counts_what_results_json_held(tmp_path):
     res.modules, res.complete = res.modules[:1], False
     text = next(f.text for f in diff_findings(res) if f.topic == "incomplete")
     assert "1 matrix results.json held" in text and "results.jsonl" in text and "--resume" in text
+
+
+def test_index_shards_are_read_in_the_order_of_their_spellings(tmp_path):
+    """A tensor in two shards, listed as `a.safetensors` and `./b.safetensors`: transformers sorts the
+    spellings (`./b…` first) and keeps a's copy; spectra sorted the normalised names and read b's (a
+    silent wrong number, under a note saying it read as transformers does)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    x, y = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    W = {x: torch.randn(8, 8, generator=g), y: torch.randn(8, 8, generator=g)}
+    save_file(W, str(tmp_path / "base.safetensors"))
+    (tmp_path / "t").mkdir()
+    a_copy, b_copy = W[x] + 1.0, W[x] + 0.01
+    save_file({x: a_copy, y: W[y]}, str(tmp_path / "t" / "a.safetensors"))
+    save_file({x: b_copy}, str(tmp_path / "t" / "b.safetensors"))
+    (tmp_path / "t" / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {y: "a.safetensors", x: "./b.safetensors"}}))
+    res = _cli("diff", tmp_path / "base.safetensors", tmp_path / "t", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    fro = {m["name"]: m["fro_norm"] for m in doc["modules"]}[x]
+    assert abs(fro - float((a_copy - W[x]).double().norm())) < 1e-5  # a's copy, as transformers reads it
+    assert any("more than one shard" in w and "read from a.safetensors" in w for w in doc["warnings"])
+
+
+def test_a_changed_matrix_renamed_in_spelling_is_named_not_called_identical(tmp_path):
+    """Tuned stores down_proj as `Down_proj` (or with a trailing space, NFD accents, `/` separators):
+    it did not pair, and the run said "base and tuned hold the same weights" (exit 3). Now the near
+    miss is named and the verdict says what was not compared."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    q, d = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    b = {q: torch.randn(16, 16, generator=g), d: torch.randn(16, 32, generator=g)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    for tag, name in (("case", d.replace("down", "Down")), ("space", d + " "), ("slash", d.replace(".", "/"))):
+        save_file({q: b[q].clone(), name: b[d] + 0.1}, str(tmp_path / f"{tag}.safetensors"))
+        res = _cli("diff", tmp_path / "b.safetensors", tmp_path / f"{tag}.safetensors", "--out", tmp_path / f"o_{tag}")
+        assert res.exit_code == 3, res.output
+        assert "same weights" not in res.output and "not paired" in res.output, res.output
+        doc = json.loads((tmp_path / f"o_{tag}" / "results.json").read_text())
+        assert any("only in its spelling" in w and repr(name) in w for w in doc["warnings"]), doc["warnings"]
+
+
+def test_an_unmerged_peft_models_state_dict_is_refused(tmp_path):
+    """torch.save(peft_model.state_dict()) as TUNED: q_proj.base_layer.weight and lora_A/B did not
+    pair, every paired matrix was unchanged, and diff said "base and tuned hold the same weights"."""
+    import peft
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    (tmp_path / "t").mkdir()
+    torch.save({k: v.contiguous() for k, v in pm.state_dict().items()}, tmp_path / "t" / "pytorch_model.bin")
+    (tmp_path / "t" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    res = _cli("diff", tmp_path / "base", tmp_path / "t")
+    assert res.exit_code not in (0, 3) and "unmerged PEFT model" in res.output and "merge_and_unload" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_adapter_factors_without_peft_prefix_are_said_not_to_load(tmp_path):
+    """Factors stored as `model.layers.0…lora_A.weight` (no base_model.model.): PEFT loads none of them
+    (merging changes nothing), spectra reported the update with no word."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    random_lora(model, 1, r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / "lora")
+    f = tmp_path / "lora" / "adapter_model.safetensors"
+    save_file({k.removeprefix("base_model.model."): v for k, v in load_file(str(f)).items()}, str(f))
+    res = _cli("diff", tmp_path / "base", tmp_path / "lora", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    warnings = json.loads((tmp_path / "o" / "results.json").read_text())["warnings"]
+    assert any("without the 'base_model.model.' prefix" in w and "loads none of them" in w for w in warnings), warnings

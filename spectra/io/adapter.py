@@ -493,6 +493,13 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     if not adapter.modules:
         why = f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else ""
         raise CheckpointFormatError(f"adapter holds no LoRA factors (lora_A/lora_B){why}", path=weights)
+    # PEFT saves every key under base_model.model. and loads only those: a file written otherwise (by
+    # another tool, or edited) is read here by its module names, but PeftModel would load none of it
+    bare = [n for kinds in stored.values() for n in kinds.values() if not n.startswith(_PREFIX)]
+    if bare:
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{weights}: {len(bare)} LoRA factor(s) are stored without the {_PREFIX!r} prefix "
+                             f"PEFT saves them under (e.g. {bare[0]}): PeftModel.from_pretrained loads none of them (it warns "
+                             "of missing adapter keys); spectra reads them as the factors of the modules they name")
     return adapter
 
 
