@@ -204,3 +204,25 @@ def test_adapter_factors_without_peft_prefix_are_said_not_to_load(tmp_path):
     assert res.exit_code == 0, res.output
     warnings = json.loads((tmp_path / "o" / "results.json").read_text())["warnings"]
     assert any("without the 'base_model.model.' prefix" in w and "loads none of them" in w for w in warnings), warnings
+
+
+def test_relnorm_heatmap_on_a_log_scale_draws_an_unchanged_matrix(tmp_path):
+    """rel_norm 0, 0.00095 and 0.093: the log colour scale masked the 0 and wrote no text, so the
+    unchanged matrix drew as a blank cell, as a matrix that does not exist does."""
+    from safetensors.torch import save_file
+
+    from spectra.plots.diff import relnorm_heatmap
+    from spectra.results import DiffResult
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    b = {n: torch.randn(8, 8, generator=g) for n in names}
+    t = {n: b[n] + s * b[n].norm() / 8 * torch.randn(8, 8, generator=g) for n, s in zip(names, (0.0, 0.001, 0.1))}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file(t, str(tmp_path / "t.safetensors"))
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "o").exit_code == 0
+    fig = relnorm_heatmap(DiffResult.load(tmp_path / "o" / "results.json"))
+    ax = fig.axes[0]
+    assert "1 cell at 0" in ax.get_title()
+    assert "0" in [t.get_text() for t in ax.texts]  # the unchanged matrix's cell is written
+    assert len(ax.images) == 2  # the values and the grey layer of cells off the log scale

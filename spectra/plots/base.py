@@ -77,7 +77,7 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
         fmt: text of a cell's value; cells are annotated while the grid has at most 600 cells.
         cell_text: the text of each cell instead of ``fmt`` (same shape as ``grid``; "" for none).
         vmin, vmax: colour range; by default fitted to the data (from 0 when every value is ≥ 0).
-        log: logarithmic colour scale (positive values only).
+        log: logarithmic colour scale (positive values; cells at or below 0 are drawn grey, with their text).
         cmap: a matplotlib colour map name.
         marks: reference values ``(value, label)`` drawn as red lines across the colour bar (e.g.
             the random-matrix baseline of each shape); the colour bar's label says when some lie
@@ -108,6 +108,10 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
     ax = fig.add_axes((0.1, 0.1, 0.6, 0.8))
     cax = fig.add_axes((0.8, 0.1, 0.03, 0.8))
     im = ax.imshow(masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    zeros = log & np.isfinite(grid) & (grid <= 0)
+    if zeros.any():  # off a log scale, but not missing: grey, not blank (a blank cell is a matrix that is not there)
+        ax.imshow(np.ma.masked_where(~zeros, np.ones_like(grid)), aspect="auto", cmap="Greys", vmin=0.0, vmax=4.0,
+                  interpolation="nearest")
     ticks = [label(c) + (f"\n{col_notes[j]}" if col_notes and col_notes[j] else "") for j, c in enumerate(cols)]
     ax.set_xticks(range(n_cols), ticks, rotation=45 if n_cols > 4 or col_notes else 0, ha="right" if n_cols > 4 or col_notes else "center")
     for t in ax.get_xticklabels():
@@ -141,9 +145,10 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
             for j in range(n_cols):
                 v = grid[i, j]
                 text = cell_text[i, j] if cell_text is not None else (fmt(v) if fmt and np.isfinite(v) else "")
-                if not text or not np.isfinite(v) or (log and v <= 0):
+                if not text or not np.isfinite(v):
                     continue
-                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=text_color(rgba[i, j]), parse_math=False)
+                colour = "black" if zeros[i, j] else text_color(rgba[i, j])
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour, parse_math=False)
     return fig
 
 

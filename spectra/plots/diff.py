@@ -110,7 +110,7 @@ def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None,
         title = (f"Rank needed for {tau_percent(threshold)} of ΔW's energy, as a fraction of p = min(out, in)\n"
                  f"under each module: the same for a Gaussian random matrix of its shape (a dense update); "
                  f"{below - n_zero} of {int(cells.sum()) - n_zero} cells lie below it"
-                 + (f" ({n_zero} cells at 0: ΔW = 0)" if n_zero else "")
+                 + (f" ({n_zero} cell{'s' * (n_zero != 1)} at 0: ΔW = 0)" if n_zero else "")
                  + ("\n* a numerical caveat (rounding level, precision, quantisation): see the warnings"
                     if np.nansum(flagged) else ""))
         marks = random_baselines(result, k)
@@ -129,7 +129,9 @@ def relnorm_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = No
     grid, layers, modules, moe = layer_grid(result, lambda m: m.rel_norm)
     pos = grid[np.isfinite(grid) & (grid > 0)]
     log = bool(pos.size) and pos.max() / pos.min() > 10
+    n_zero = int(np.sum(grid == 0))
     title = ("Relative size of the update ‖ΔW‖_F / ‖W_base‖_F (0.01 = the weights moved by 1% of their norm)"
+             + (f"; {n_zero} cell{'s' * (n_zero != 1)} at 0 (ΔW = 0){', grey: off the log scale' if log else ''}" if n_zero else "")
              + ("   (experts: median)" if moe else ""))
     fig = heatmap(grid, layers, modules, title=title, cbar_label="‖ΔW‖_F / ‖W_base‖_F" + (" (log scale)" if log else ""),
                   fmt=lambda v: f"{v:.2g}", log=log, cmap="magma")
