@@ -88,9 +88,13 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     turned = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi"))
     if turned is not None and len(res.checkpoints) > 1:
         words = "barely turned" if turned > 0.9 else ("turned part of the way" if turned > 0.5 else "turned away")
-        out.append(Finding("rank", f"The top-{res.config.get('top_k', 'k')} input directions of the updates {words} since the "
-                                   f"first checkpoint: median φ = {turned:.2f} (1: the same subspace, 0: orthogonal).",
-                           numbers={"phi_first_last": turned}))
+        # φ compares the directions both updates resolve (k = the fewer of the two), which can be below top_k
+        k = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("k"))
+        top_k = res.config.get("top_k")
+        fewer = f" (median {k:g} resolved of the {top_k} asked)" if k is not None and isinstance(top_k, int) and k < top_k else ""
+        out.append(Finding("rank", f"The top-{top_k if top_k is not None else 'k'} input directions{fewer} of the updates {words} "
+                                   f"since the first checkpoint: median φ = {turned:.2f} (1: the same subspace, or the "
+                                   "smaller one within the larger; 0: orthogonal).", numbers={"phi_first_last": turned, "k": k}))
     if res.kind == "lora":
         u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (0, -1))
         if u0 is not None and u1 is not None:

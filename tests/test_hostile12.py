@@ -226,3 +226,27 @@ def test_relnorm_heatmap_on_a_log_scale_draws_an_unchanged_matrix(tmp_path):
     assert "1 cell at 0" in ax.get_title()
     assert "0" in [t.get_text() for t in ax.texts]  # the unchanged matrix's cell is written
     assert len(ax.images) == 2  # the values and the grey layer of cells off the log scale
+
+
+def test_trace_finding_says_how_many_directions_were_compared(tmp_path):
+    """Updates of rank 2 traced with top_k 8: the finding read "The top-8 input directions … barely
+    turned: median φ = 1.00" while φ compared 2 directions of each (all the updates resolve)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)]
+    b = {n: torch.randn(24, 16, generator=g, dtype=torch.float64) for n in names}
+    save_file(b, str(tmp_path / "base.safetensors"))
+    D = {n: torch.randn(24, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 16, generator=g, dtype=torch.float64)
+         for n in names}
+    for step, s in ((10, 0.01), (20, 0.03)):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({n: b[n] + s * D[n] for n in names}, str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    res = _cli("trace", tmp_path / "base.safetensors", tmp_path / "run", "--top-k", "8", "--out", tmp_path / "tr",
+               "--no-plots")
+    assert res.exit_code == 0, res.output
+    from spectra.report_trace import findings
+
+    doc = json.loads((tmp_path / "tr" / "trace.json").read_text())
+    text = next(f.text for f in findings(tmp_path / "tr" / "trace.json", doc) if "input directions" in f.text)
+    assert "median 2 resolved of the 8 asked" in text, text
