@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -47,11 +48,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from spectra.delta import fro_norm
 from spectra.errors import ConfigError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
+from spectra.numerics import rounding_floor
 from spectra.selection import selector
 from spectra.subspaces import Factored
 from spectra.trace import (
@@ -283,7 +286,11 @@ class SpectraTracker:
         delta = tr.param.detach().float() - tr.initial.to(tr.param.device).float()
         if not bool(torch.isfinite(delta).all()):
             return None, None
-        return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k)
+        # directions at the rounding level of the weights as held (bf16 training…) are not directions
+        n = max(1, tr.param.numel())
+        floor = rounding_floor(tuple(delta.shape), fro_norm(tr.initial) / math.sqrt(n), fro_norm(tr.param.detach()) / math.sqrt(n),
+                               str(tr.initial.dtype).removeprefix("torch."), str(tr.param.dtype).removeprefix("torch."))
+        return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
         records, diverged = [], []

@@ -28,8 +28,9 @@ from spectra.results_check import is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy
 
 SCHEMA = "spectra.compare/1"
-#: ``ComparedModule.status`` values: every measure computed; one or both updates exactly zero.
-STATUSES = ("ok", "zero_update")
+#: ``ComparedModule.status`` values: every measure computed; one or both updates exactly zero; one or both
+#: updates all rounding noise of their stored weights (no resolved direction).
+STATUSES = ("ok", "zero_update", "unresolved")
 SIDES = ("left", "right")
 
 
@@ -98,7 +99,8 @@ class ComparedModule:
         captured: ``b_in_a`` (B's energy in A's subspaces) and ``a_in_b`` -> :class:`CapturedEnergy`.
         amplification: ``a``/``b`` -> :class:`Amplification`; None when no base was given.
         intruders: ``a``/``b`` -> :class:`IntruderSummary`; None when no base was given.
-        status: ``"ok"`` or ``"zero_update"`` (one or both updates exactly zero).
+        status: ``"ok"``, ``"zero_update"`` (one or both updates exactly zero) or ``"unresolved"`` (every
+            singular value of a dense update at the rounding level of its stored weights: no direction).
         reason: why measures are null; None when status is ok.
         note: why a rank is below the asked one (an update of fewer resolved directions), else None.
     """

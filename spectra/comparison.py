@@ -44,7 +44,7 @@ from spectra.compare_records import (
     PhiSummary,
 )
 from spectra.config import CompareConfig, check_device_available
-from spectra.delta import form_delta, oriented, pair_notes
+from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
@@ -100,15 +100,16 @@ def _beyond_squaring(M: torch.Tensor) -> str | None:
     return None
 
 
-def _resolved_rank(form: Factored | TopSVD, p: int) -> int:
+def _resolved_rank(form: Factored | TopSVD, p: int, floor: float = 0.0) -> int:
     """How many directions an update's singular values resolve: a dense update's (the float64 Gram
-    route's top values) down to σ₁·√(p·u) (:func:`spectra.metrics.numerical_rank`); a factored one's
+    route's top values) down to σ₁·√(p·u) (:func:`spectra.metrics.numerical_rank`) and above ``floor``,
+    the rounding floor of the weights it was formed from (:func:`spectra.delta.pair_floor`); a factored one's
     (a LoRA's s·B·A, an SVD of its exact factors, accurate to ~u·σ₁) down to
     :data:`spectra.interference.RANK_TOL`·σ₁, as ``spectra interfere`` counts them: a LoRA direction at
     1e-9·σ₁ is a direction, which the Gram route's 1e-7·σ₁ would drop."""
     S = form.S.detach().cpu().numpy()
     if isinstance(form, TopSVD):
-        return numerical_rank(S, p)
+        return min(numerical_rank(S, p), int(np.count_nonzero(floor < S)))
     return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size else 0
 
 
@@ -129,6 +130,8 @@ class _Update:
     form: Factored | TopSVD
     energy: float
     notes: tuple[str, ...] = ()  # numerical caveats of a dense ΔW (spectra.numerics: rounding level…)
+    floor: float = 0.0  # a dense ΔW's storage rounding floor (spectra.numerics.rounding_floor); 0: none
+    stored: str = ""  # the stored dtype(s) that floor comes from, for the notes ("float32", "float32/bfloat16")
 
 
 class _Side:
@@ -239,7 +242,11 @@ class _Side:
             return f"{what} ({pair.tuned.name} in {self.label})"
         u = self._dense(dense, pair.tuned.name, need)
         # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
-        return u if isinstance(u, str) else replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)))
+        if isinstance(u, str):
+            return u
+        dtypes = dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype))  # one name when both sides share it
+        return replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt, base_fro),
+                       stored="/".join(dtypes))
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not _all_finite(dense):
@@ -295,6 +302,19 @@ def _zero_reason(zero_a: bool, zero_b: bool) -> str:
             "it has no singular subspace, so φ, the angles and the captured energies are undefined")
 
 
+def _floor_cuts(form: Factored | TopSVD, floor: float, r: int) -> bool:
+    """Whether the rounding floor, not the float64 resolution, ended a dense update's resolved directions at ``r``."""
+    return r < form.S.numel() and float(form.S[r]) <= floor
+
+
+def _unresolved_reason(a: bool, b: bool, ua: _Update, ub: _Update) -> str:
+    who = "A and B" if a and b else ("A" if a else "B")
+    stored = "/".join(dict.fromkeys(u.stored for u, x in ((ua, a), (ub, b)) if x))
+    return (f"every singular value of {who}'s update is at the rounding level of its {stored} weights: the update is "
+            "rounding noise of the stored weights, with no resolved direction, so φ, the angles and the captured "
+            "energies are undefined")
+
+
 def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
              device: torch.device) -> tuple[ComparedModule, dict[str, list[list[float]]]] | dict[str, str]:
     """The measures of one module (pure given its inputs; runs on a worker thread), or a skip record."""
@@ -322,10 +342,16 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     zero_a, zero_b = ua.energy == 0.0, ub.energy == 0.0
     # a subspace of more directions than the update resolves would be filled with arbitrary ones
     # (a LoRA whose B has zero columns, a full update of a few rows): its resolved rank is used
-    ra, rb = (0 if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim)))  # a zero update has no direction
+    # (a dense update's directions at or below the rounding floor of its stored weights are rounding noise)
+    ra, rb = (0 if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim), u.floor))  # a zero update has no direction
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
-    fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}, fewer than its rank {asked}"
-             for who, r, asked, zero in (("A", ra, job.rank_a, zero_a), ("B", rb, job.rank_b, zero_b)) if r < asked and not zero]
+    fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}"
+             f"{f' above the rounding level of its {u.stored} weights' if u.floor > 0 and _floor_cuts(u.form, u.floor, r) else ''}"
+             f", fewer than its rank {asked}"
+             for who, u, r, asked, zero in (("A", ua, ra, job.rank_a, zero_a), ("B", ub, rb, job.rank_b, zero_b))
+             if r < asked and not zero]
+    # a side whose every direction is rounding noise has no subspace: its measures are null, as for a zero update
+    unresolved_a, unresolved_b = (r == 0 and not zero for r, zero in ((ra, zero_a), (rb, zero_b)))
     # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
@@ -336,8 +362,9 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
                          note="; ".join([*([f"{'; '.join(fewer)}: subspaces of the resolved rank are compared"] if fewer else []),
                                          *dora, *numeric]) or None)
     grids: dict[str, list[list[float]]] = {}
-    if zero_a or zero_b:
-        rec.status, rec.reason = "zero_update", _zero_reason(zero_a, zero_b)
+    if zero_a or zero_b or unresolved_a or unresolved_b:
+        rec.status, rec.reason = (("zero_update", _zero_reason(zero_a, zero_b)) if zero_a or zero_b
+                                  else ("unresolved", _unresolved_reason(unresolved_a, unresolved_b, ua, ub)))
         rec.phi = dict.fromkeys(sides)
         rec.angles = dict.fromkeys(sides)
         rec.captured = {"b_in_a": None, "a_in_b": None}
@@ -363,7 +390,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         random_bases = _random_bases(job, device)
         rec.amplification, rec.intruders = {}, {}
         for who, u, r, zero in (("a", ua, ra, zero_a), ("b", ub, rb, zero_b)):
-            if zero:  # W + 0 = W: no update, no amplification factor, nothing to intrude
+            if zero or r == 0:  # W + 0 = W (or only rounding noise): no amplification factor, nothing to intrude
                 rec.amplification[who] = rec.intruders[who] = None
                 continue
             Ur, Vr = random_bases[who]  # drawn at the asked rank: the first r columns are as Haar-random

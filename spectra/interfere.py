@@ -33,7 +33,7 @@ import torch
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning
 from spectra.config import SharedOptions, check_device_available, check_thresholds
-from spectra.delta import form_delta, oriented, pair_notes
+from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
 from spectra.interference import (
     accumulation,
@@ -138,20 +138,22 @@ class _Task:
                              if x.reason.startswith(("shape mismatch", "fused rows"))]
 
     def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device, *,
-              notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str]]:
+              notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str], float]:
         """Dense ``ΔW`` of base matrix ``spec`` on ``device`` (full checkpoints and DoRA), ‖W_base‖_F,
-        why it is undefined ("" when it is fine) and its numerical caveats (:func:`spectra.delta.pair_notes`:
-        a bf16 update at the rounding level…). ``W`` is the base tensor as stored."""
+        why it is undefined ("" when it is fine), its numerical caveats (:func:`spectra.delta.pair_notes`:
+        a bf16 update at the rounding level…) and the rounding floor of its stored weights
+        (:func:`spectra.delta.pair_floor`; 0 for DoRA, formed from its factors). ``W`` is the base tensor as stored."""
         u = self.updates[spec.name]
         if isinstance(u, LoraModule):  # DoRA: the update depends on the base weight
             Wo = (W.mT if spec.transpose else W).to(torch.float32)
-            return u.dora_delta(Wo).to(device), float(torch.linalg.vector_norm(Wo.double())), "", []
+            return u.dora_delta(Wo).to(device), float(torch.linalg.vector_norm(Wo.double())), "", [], 0.0
         wb = oriented(W, u.base.transpose, u.rows)
         wt = oriented(self.ckpt.load(u.tuned.name), u.tuned.transpose, u.rows)
         delta, base_fro, bad = form_delta(wb, wt, device)
         if bad:
-            return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", []
-        return delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro) if notes else []
+            return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", [], 0.0
+        return (delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro) if notes else [],
+                pair_floor(u, wb, wt, base_fro) if notes else 0.0)
 
     def needs_dense(self, name: str) -> bool:
         u = self.updates[name]
@@ -328,7 +330,8 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
 
     def load(t: int) -> torch.Tensor:
         nonlocal total
-        delta, base_fro, why, notes = tasks[t].dense(spec, W, device, notes=t not in seen)  # re-reads: said once
+        # re-reads: said once (the floor is only needed at the first read, which decomposes ΔW)
+        delta, base_fro, why, notes, floor = tasks[t].dense(spec, W, device, notes=t not in seen)
         if delta is None:
             raise _SkipModule(why)
         if t not in seen:  # first read: spectrum, top-k triplets, running sum
@@ -337,7 +340,8 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             top = float(delta.abs().max()) if delta.dtype == torch.float64 and delta.numel() else 0.0
             if outside_squaring_range(top):
                 raise _SkipModule(_out_of_range(tasks[t].label, top))
-            spectra_[t], factors[t] = spectrum_and_top(delta, k)
+            # directions at the rounding level of the stored weights are not directions of the update
+            spectra_[t], factors[t] = spectrum_and_top(delta, k, floor=floor)
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
             if total is None:
                 total = torch.zeros(delta.shape, dtype=torch.float64, device=device)

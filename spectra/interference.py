@@ -106,7 +106,8 @@ def _check_shapes(updates: Sequence[Update]) -> tuple[int, int]:
     return next(iter(shapes))  # type: ignore[return-value]
 
 
-def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> tuple[np.ndarray, Factored]:
+def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
+                     floor: float = 0.0) -> tuple[np.ndarray, Factored]:
     """Every singular value of a dense update and its top-k triplets, from one float64 eigensolve.
 
     The smaller Gram matrix ``G = X Xᵀ`` (``X`` = ΔW, or ΔWᵀ when out > in; :func:`spectra.linalg.gram`)
@@ -114,7 +115,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     eigenvectors are the singular vectors of that side; the other side's top-k vectors are
     ``Xᵀ q_i / σ_i``, re-orthonormalised by a QR (only their span is used downstream). Singular
     values are exact to ≈1e-7·σ₁ (float64 Gram, the definitions' precision statement); vectors are
-    kept only for ``σ_i > rel_tol · σ₁``, below which the Gram route cannot resolve them. A float64
+    kept only for ``σ_i > max(rel_tol · σ₁, floor)``: below ``rel_tol · σ₁`` the Gram route cannot
+    resolve them, and at or below ``floor`` (the storage rounding floor of the weights ΔW was formed
+    from, :func:`spectra.delta.pair_floor`) they are rounding noise of the stored weights. A float64
     update whose squares would leave float64's range (entries near 1e±200) is scaled by a power of two
     first (exact; :func:`spectra.lowrank.squaring_exponent`), as ``spectra diff`` does.
 
@@ -122,6 +125,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
         delta: ``(out, in)`` float tensor on any device.
         k: most triplets kept (``>= 1``).
         rel_tol: relative floor of the kept singular values.
+        floor: absolute floor of the kept singular values, in ΔW's units (0: none). The spectrum
+            ``S`` is returned whole either way.
 
     Returns:
         ``(S, top)``: float64 ``(p,)`` descending and a float64 :class:`Factored` with at most k
@@ -140,7 +145,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6) -> t
     lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
     S_np = np.ldexp(S.cpu().numpy(), e)
-    keep = int(min(k, int((rel_tol * S[0] < S).sum()) if float(S[0]) > 0 else 0))
+    # the floor in the scaled units (ldexp: exact)
+    cut = max(rel_tol * float(S[0]), math.ldexp(floor, -e) if floor > 0 else 0.0)
+    keep = int(min(k, int((cut < S).sum()) if float(S[0]) > 0 else 0))
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))

@@ -31,6 +31,7 @@ of rows: results are deterministic.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,51 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     if grid is not None:
         notes.append(grid)
     return notes
+
+
+#: The rounding floor's margin above the expected top singular value of the storage rounding noise
+#: (the Marchenko–Pastur edge): finite matrices' top values fluctuate above the edge by a few percent.
+FLOOR_MARGIN = 1.5
+
+
+def rounding_floor(shape: tuple[int, int], base_rms: float, tuned_rms: float, base_dtype: str, tuned_dtype: str) -> float:
+    """The largest singular value that rounding the stored weights to their dtypes can put into ΔW.
+
+    Each stored element ``x`` was rounded with an error of at most ``u·|x|`` (``u`` the unit roundoff of
+    the stored dtype: ``torch.finfo(dtype).eps / 2``; float64 2⁻⁵³, float32 2⁻²⁴, float16 2⁻¹¹, bfloat16
+    2⁻⁸, float8_e4m3fn 2⁻⁴, float8_e5m2 2⁻³, for fp8 weights dequantised with a scale too: the error is
+    relative to each value). The error is uniform within that bound, so ``ΔW = W_tuned − W_base`` holds
+    a random full-rank matrix of entries with standard deviation at most
+    ``σ_e = sqrt(((u_b·rms(W_b))² + (u_t·rms(W_t))²) / 3)``, whose singular values reach about
+    ``(√out + √in)·σ_e`` (the Marchenko–Pastur edge). The floor is that edge times
+    :data:`FLOOR_MARGIN` = 1.5, a margin above the noise's expected top singular value:
+
+        ``floor = 1.5 · (√out + √in) · sqrt(((u_b·rms(W_b))² + (u_t·rms(W_t))²) / 3)``
+
+    in the weights' units (as ΔW's singular values). A side of an integer or unknown dtype (an int8
+    grid, whose error depends on a scale that its values do not carry) adds nothing: its quantisation
+    is said by the ``quantisation_grid`` caveat instead. An empty shape has floor 0.
+
+    Args:
+        shape: ``(out, in)`` of ΔW.
+        base_rms, tuned_rms: ``sqrt(mean(W²))`` over all entries of each side as stored.
+        base_dtype, tuned_dtype: the stored dtype names (``"float32"``, ``"bfloat16"``…).
+
+    Example:
+        >>> round(rounding_floor((4096, 4096), 0.02, 0.02, "bfloat16", "bfloat16"), 6)
+        0.012247
+        >>> rounding_floor((64, 64), 1.0, 1.0, "int8", "int8")
+        0.0
+    """
+    out, inn = shape
+    if min(out, inn) <= 0:
+        return 0.0
+    var = 0.0
+    for rms, dtype in ((base_rms, base_dtype), (tuned_rms, tuned_dtype)):
+        eps = _eps(dtype)
+        if eps is not None and math.isfinite(rms):
+            var += (eps / 2 * rms) ** 2
+    return FLOOR_MARGIN * (math.sqrt(out) + math.sqrt(inn)) * math.sqrt(var / 3)
 
 
 def _eps(dtype: str) -> float | None:

@@ -75,7 +75,8 @@ def section_html(path: Path, doc: dict) -> str:
                       "status"], rows, sortable=True))
     items = [*table_legend(side, with_base=False),
              ("Grassmann", "geodesic distance ‖θ‖₂ between the two top subspaces, radians (θ: the principal angles)"),
-             ("status", "ok, or zero_update: one update is exactly zero and the measures that need its subspace are null")]
+             ("status", "ok, or zero_update: one update is exactly zero, or unresolved: one update is all rounding noise of "
+              "its stored weights; the measures that need its subspace are null")]
     out.append(legend(items, title="Columns of this table"))
     zero = [m for m in res.modules if m.status != "ok"]
     if zero:

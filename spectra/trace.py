@@ -35,7 +35,7 @@ import torch
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates
 from spectra.config import SharedOptions, check_device_available, check_thresholds
-from spectra.delta import form_delta, oriented, pair_notes
+from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
     CheckpointFormatError,
     ConfigError,
@@ -471,7 +471,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             for msg in pair_notes(pair, wb, wt, delta, base_fro):  # rounding level, precision mismatch…
                 code = (caveat_codes(msg) or [msg])[0]
                 caveats.setdefault(code, ([], msg))[0].append(ref.step)
-            S, top = spectrum_and_top(delta, config.top_k)
+            # directions at the rounding level of the stored weights are not directions of the update
+            S, top = spectrum_and_top(delta, config.top_k, floor=pair_floor(pair, wb, wt, base_fro))
             del delta
             now = Subspaces.of(top)
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
