@@ -235,6 +235,10 @@ def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
     return {k: v[0] for k, v in seen.items() if len(v) == 1}
 
 
+#: An expert module named by its index (``experts.expert_3``: Switch Transformers, NLLB-MoE).
+_NAMED_EXPERT = re.compile(r"expert_([0-9]{1,18})")
+
+
 def _index(comp: str | None) -> bool:
     """Whether a name component is a layer or expert index: ASCII digits only (``str.isdigit`` also
     accepts ``"²"``, which ``int`` refuses), and short enough to be one (``int`` refuses > 4300 digits)."""
@@ -266,6 +270,11 @@ def _parse(name: str, keep_indices: bool = False) -> _Parsed:
             if c in LAYER_CONTAINERS and not keep_indices:  # T5's sub-layer index inside a block
                 i += 2
                 continue
+        if c == "experts" and expert is None and nxt is not None and (m := _NAMED_EXPERT.fullmatch(nxt)):
+            expert = int(m.group(1))  # Switch Transformers' and NLLB-MoE's experts.expert_N: expert N
+            rel.append(c)
+            i += 2
+            continue
         if keep_indices or not _index(c):
             rel.append(c)
         i += 1

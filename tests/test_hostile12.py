@@ -250,3 +250,26 @@ def test_trace_finding_says_how_many_directions_were_compared(tmp_path):
     doc = json.loads((tmp_path / "tr" / "trace.json").read_text())
     text = next(f.text for f in findings(tmp_path / "tr" / "trace.json", doc) if "input directions" in f.text)
     assert "median 2 resolved of the 8 asked" in text, text
+
+
+def test_switch_and_nllb_experts_named_expert_n_are_experts():
+    """Switch Transformers and NLLB-MoE name experts `experts.expert_3`: each expert was its own module
+    kind ("expert_3.wi": 8 kinds per matrix in tables and heatmaps) with no expert index."""
+    import transformers as T
+
+    from spectra.naming import describe_checkpoint
+
+    for cfg, cls in ((T.SwitchTransformersConfig(d_model=16, d_ff=32, d_kv=4, num_heads=2, num_layers=2, num_decoder_layers=2,
+                                                 num_experts=4, vocab_size=32, encoder_sparse_step=1, decoder_sparse_step=1),
+                      T.SwitchTransformersForConditionalGeneration),
+                     (T.NllbMoeConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, num_experts=4, vocab_size=32,
+                                      encoder_sparse_step=1, decoder_sparse_step=1), T.NllbMoeForConditionalGeneration)):
+        with torch.device("meta"):
+            model = cls(cfg)
+        specs = describe_checkpoint({n: tuple(p.shape) for n, p in model.state_dict().items()})
+        experts = {n: s for n, s in specs.items() if ".expert_" in n}
+        assert experts, list(specs)[:20]
+        for n, s in experts.items():
+            assert s.expert == int(n.split(".expert_")[1].split(".")[0]) and "expert_" not in s.module, (n, s)
+        assert len({s.module for s in experts.values()}) <= 4, {s.module for s in experts.values()}  # wi/wo or fc1/fc2 per stack
