@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -48,7 +47,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from spectra.delta import fro_norm
 from spectra.errors import ConfigError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.files import atomic_file, atomic_write_text
@@ -287,9 +285,7 @@ class SpectraTracker:
         if not bool(torch.isfinite(delta).all()):
             return None, None
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
-        n = max(1, tr.param.numel())
-        floor = rounding_floor(tuple(delta.shape), fro_norm(tr.initial) / math.sqrt(n), fro_norm(tr.param.detach()) / math.sqrt(n),
-                               str(tr.initial.dtype).removeprefix("torch."), str(tr.param.dtype).removeprefix("torch."))
+        floor = rounding_floor(tr.param.detach(), str(tr.param.dtype).removeprefix("torch."), tr.initial.to(tr.param.device))
         return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:

@@ -245,7 +245,7 @@ class _Side:
         if isinstance(u, str):
             return u
         dtypes = dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype))  # one name when both sides share it
-        return replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt, base_fro),
+        return replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt),
                        stored="/".join(dtypes))
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:

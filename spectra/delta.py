@@ -73,29 +73,12 @@ def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torc
                          base_sq=base_fro * base_fro)
 
 
-def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, base_fro: float) -> float:
-    """The storage rounding floor (:func:`spectra.numerics.rounding_floor`) of the ΔW that
-    :func:`form_delta` formed from the oriented stored tensors ``wb``, ``wt`` of ``pair`` (``base_fro``:
-    ‖wb‖_F as it returned): singular values of ΔW at or below it are rounding of the stored weights,
-    not directions of the update. Used by every command that decomposes a dense update into
-    directions (compare, trace, interfere)."""
-    n = wb.numel()
-    if n == 0:
-        return 0.0
-    return rounding_floor(tuple(wb.shape), base_fro / math.sqrt(n), fro_norm(wt) / math.sqrt(n),
-                          pair.base_info.dtype, pair.tuned_info.dtype)
-
-
-def fro_norm(t: torch.Tensor, block: int = 1 << 22) -> float:
-    """‖t‖_F accumulated in float64, in row blocks of ``block`` elements (no float64 copy of ``t``;
-    fp8 blocks are upcast first, as the CPU has no arithmetic on them)."""
-    if t.ndim == 0 or t.numel() == 0:
-        return float(t.double().abs().sum()) if t.numel() else 0.0
-    rows = max(1, block // max(1, t[0].numel()))
-    work = torch.float64 if t.dtype == torch.float64 else torch.float32
-    sq = sum(float(torch.linalg.vector_norm(t[r : r + rows].to(work), dtype=torch.float64)) ** 2
-             for r in range(0, t.shape[0], rows))
-    return math.sqrt(sq)
+def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor) -> float:
+    """The storage rounding floor (:func:`spectra.numerics.rounding_floor`) of a ΔW formed from the
+    oriented stored tensors ``wb``, ``wt`` of ``pair``: singular values of ΔW at or below it are rounding
+    of the stored weights, not directions of the update. Used by every command that decomposes a
+    dense update into directions (compare, trace, interfere)."""
+    return rounding_floor(wt, pair.tuned_info.dtype, wb)
 
 
 def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:

@@ -202,49 +202,63 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     return notes
 
 
-#: The rounding floor's margin above the expected top singular value of the storage rounding noise
-#: (the Marchenko–Pastur edge): finite matrices' top values fluctuate above the edge by a few percent.
+#: The rounding floor's margin above the expected top singular value of the storage rounding noise:
+#: a finite matrix's top value fluctuates above its expectation by a few percent.
 FLOOR_MARGIN = 1.5
 
 
-def rounding_floor(shape: tuple[int, int], base_rms: float, tuned_rms: float, base_dtype: str, tuned_dtype: str) -> float:
-    """The largest singular value that rounding the stored weights to their dtypes can put into ΔW.
+def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor | None = None, *,
+                   block: int = 1 << 22) -> float:
+    """The largest singular value that rounding the tuned weights to their stored dtype can put into ΔW.
 
-    Each stored element ``x`` was rounded with an error of at most ``u·|x|`` (``u`` the unit roundoff of
-    the stored dtype: ``torch.finfo(dtype).eps / 2``; float64 2⁻⁵³, float32 2⁻²⁴, float16 2⁻¹¹, bfloat16
-    2⁻⁸, float8_e4m3fn 2⁻⁴, float8_e5m2 2⁻³, for fp8 weights dequantised with a scale too: the error is
-    relative to each value). The error is uniform within that bound, so ``ΔW = W_tuned − W_base`` holds
-    a random full-rank matrix of entries with standard deviation at most
-    ``σ_e = sqrt(((u_b·rms(W_b))² + (u_t·rms(W_t))²) / 3)``, whose singular values reach about
-    ``(√out + √in)·σ_e`` (the Marchenko–Pastur edge). The floor is that edge times
-    :data:`FLOOR_MARGIN` = 1.5, a margin above the noise's expected top singular value:
+    Each stored element ``x`` of ``W_tuned`` was rounded with an error of at most ``u·|x|`` (``u`` the
+    unit roundoff of the stored dtype, ``torch.finfo(dtype).eps / 2``: float64 2⁻⁵³, float32 2⁻²⁴,
+    float16 2⁻¹¹, bfloat16 2⁻⁸, float8_e4m3fn 2⁻⁴, float8_e5m2 2⁻³; relative to each value, so fp8
+    dequantised with a scale too), uniform within that bound: ΔW holds a random full-rank matrix of
+    independent entries of standard deviation at most ``u·|x|/√3``, on the entries the fine-tune
+    changed only (an entry stored equal on both sides is exactly 0 in ΔW: the unchanged rows of an
+    embedding, a frozen outlier channel add no noise). Such a matrix's largest singular
+    value is at most about the largest row norm plus the largest column norm of those deviations
+    (Latała; Bandeira and van Handel): ``(√out + √in)·σ`` for entries of one scale σ (the
+    Marchenko–Pastur edge), and the outlier rows or columns of real LLM weights where they dominate.
+    The floor is that bound times :data:`FLOOR_MARGIN`:
 
-        ``floor = 1.5 · (√out + √in) · sqrt(((u_b·rms(W_b))² + (u_t·rms(W_t))²) / 3)``
+        ``floor = 1.5 · u/√3 · (max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂)``,  ``X = W_tuned`` where it differs from ``W_base``, else 0
 
-    in the weights' units (as ΔW's singular values). A side of an integer or unknown dtype (an int8
-    grid, whose error depends on a scale that its values do not carry) adds nothing: its quantisation
-    is said by the ``quantisation_grid`` caveat instead. An empty shape has floor 0.
+    in the weights' units (as ΔW's singular values). Only the tuned side is counted: the base as
+    stored is where the fine-tune started (a base stored in another precision than training started
+    from is the ``precision_mismatch`` caveat). An integer or unknown dtype (an int8 grid, whose error
+    depends on a scale its values do not carry) has floor 0: its quantisation is the
+    ``quantisation_grid`` caveat. An empty matrix has floor 0.
 
     Args:
-        shape: ``(out, in)`` of ΔW.
-        base_rms, tuned_rms: ``sqrt(mean(W²))`` over all entries of each side as stored.
-        base_dtype, tuned_dtype: the stored dtype names (``"float32"``, ``"bfloat16"``…).
+        W_tuned: ``(out, in)`` tuned weights as analysed (any float dtype, any device; oriented either way).
+        tuned_dtype: the stored dtype name (``"float32"``, ``"bfloat16"``…).
+        W_base: the base weights, same shape and orientation; None: every entry counts as changed.
+        block: elements per float64 block (no full float64 copy).
 
     Example:
-        >>> round(rounding_floor((4096, 4096), 0.02, 0.02, "bfloat16", "bfloat16"), 6)
-        0.012247
-        >>> rounding_floor((64, 64), 1.0, 1.0, "int8", "int8")
+        >>> W = torch.full((4096, 4096), 0.02)
+        >>> round(rounding_floor(W, "bfloat16"), 6)   # 1.5 · 2⁻⁸/√3 · 2 · 0.02 · √4096
+        0.00866
+        >>> rounding_floor(W, "bfloat16", W.clone())   # nothing changed: no rounding in ΔW
+        0.0
+        >>> rounding_floor(W, "int8")
         0.0
     """
-    out, inn = shape
-    if min(out, inn) <= 0:
+    eps = _eps(tuned_dtype)
+    if eps is None or W_tuned.ndim != 2 or W_tuned.numel() == 0:
         return 0.0
-    var = 0.0
-    for rms, dtype in ((base_rms, base_dtype), (tuned_rms, tuned_dtype)):
-        eps = _eps(dtype)
-        if eps is not None and math.isfinite(rms):
-            var += (eps / 2 * rms) ** 2
-    return FLOOR_MARGIN * (math.sqrt(out) + math.sqrt(inn)) * math.sqrt(var / 3)
+    rows = max(1, block // W_tuned.shape[1])
+    row_sq = 0.0
+    col_sq = torch.zeros(W_tuned.shape[1], dtype=torch.float64, device=W_tuned.device)
+    for r in range(0, W_tuned.shape[0], rows):
+        x = W_tuned[r : r + rows].to(torch.float64)
+        sq = x**2 if W_base is None else torch.where(x == W_base[r : r + rows].to(torch.float64), 0.0, x**2)
+        row_sq = max(row_sq, float(sq.sum(dim=1).max()))
+        col_sq += sq.sum(dim=0)
+    bound = math.sqrt(row_sq) + math.sqrt(float(col_sq.max()))
+    return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
 def _eps(dtype: str) -> float | None:

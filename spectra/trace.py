@@ -472,7 +472,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 code = (caveat_codes(msg) or [msg])[0]
                 caveats.setdefault(code, ([], msg))[0].append(ref.step)
             # directions at the rounding level of the stored weights are not directions of the update
-            S, top = spectrum_and_top(delta, config.top_k, floor=pair_floor(pair, wb, wt, base_fro))
+            S, top = spectrum_and_top(delta, config.top_k, floor=pair_floor(pair, wb, wt))
             del delta
             now = Subspaces.of(top)
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
