@@ -34,7 +34,6 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)  # '\x1b', '\ud800'
 
 
-
 def shorten(text: str, limit: int = MAX_NAME) -> str:
     """``text`` cut to at most ``limit`` characters, keeping its start and its end (the end of a
     tensor name says which matrix it is) around ``…``.
@@ -115,7 +114,6 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
 
 
 def matrices(n: int) -> str:

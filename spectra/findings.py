@@ -182,7 +182,7 @@ def _warnings(result: DiffResult) -> list[Finding]:
         n = len(result.modules)
         # results.json is rewritten every few seconds; the journal beside it (results.jsonl) holds every result
         out.append(Finding("incomplete", "This run did not finish (complete: false): the numbers cover only the "
-                           f"{n} {'matrix' if n == 1 else 'matrices'} results.json held when it was last saved (results.jsonl "
+                           f"{matrices(n)} results.json held when it was last saved (results.jsonl "
                            "beside it journals every one finished); spectra diff … --resume completes it.", warning=True))
     for code, hit in caveat_groups(result.modules):
         out.append(Finding("caveat", caveat_sentence(code, hit, len(result.modules)) + ".", warning=True,

@@ -245,8 +245,9 @@ def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str]) -> None:
 
 
 def spelling_key(name: str) -> str:
-    """``name`` with its spelling normalised: Unicode NFC, case folded, spaces dropped, ``/`` read as
-    ``.``, repeated or outer dots removed (two names with one key differ only in how they are written)."""
+    """``name`` with its spelling normalised: Unicode NFC, case folded, ``/`` read as ``.``, spaces around
+    each dotted part and repeated or outer dots removed (two names with one key differ only in how they
+    are written)."""
     text = unicodedata.normalize("NFC", name).casefold().replace("/", ".")
     return ".".join(part.strip() for part in text.split(".") if part.strip())
 

@@ -25,7 +25,6 @@ from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, check_device_available
 from spectra.delta import Prepared, pair_bytes, prepare
-from spectra.display import matrices
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -222,7 +221,7 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
         if alone:  # "the same weights" would be false: what changed may be what did not pair
             sides = " and ".join(f"{len(v)} {k.replace('_only', '')}-only (e.g. {v[0]})" for k, v in alone.items())
             raise IdenticalCheckpointsError(
-                f"every one of the {matrices(len(result.modules))} paired has ΔW = 0, but {sides} tensor(s) were not paired "
+                f"every paired matrix ({len(result.modules)}) has ΔW = 0, but {sides} tensor(s) were not paired "
                 "and are not compared", path=f"{result.base} vs {result.tuned}",
                 hint="see the pairing warnings (a tensor renamed on one side?); --allow-identical accepts this" + written)
         raise IdenticalCheckpointsError(

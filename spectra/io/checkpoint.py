@@ -562,13 +562,14 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError("index has no weight_map", path=index_path)
     shards: dict[str, Path] = {}
-    spellings = sorted(set(weight_map.values()), key=str)  # as listed: transformers orders the shards by these
+    spellings: set[str] = set()  # as listed: transformers orders the shards by these
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or shard not in shards and not safe_relative(shard):
             raise CheckpointFormatError(
                 f"index points outside its folder: {shard!r}", path=index_path, tensor=str(name),
                 hint="shard paths must be plain file names relative to the index",
             )
+        spellings.add(shard)
         shard = weight_map[name] = shard_key(shard)  # `./a.bin` and `a.bin` are one shard, listed and read once
         if shard not in shards:  # through a symlink (a folder `r -> /`, a shard linking out): refused before any open
             check_inside(folder / shard, roots, what=shard)
@@ -585,7 +586,7 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
     per_shard = {s: tensor_infos(p, states) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
                  for s, p in shards.items()}
     # every tensor of every listed shard, in transformers' order (spectra.io.shard_index)
-    tensors, _, texts = read_order(spellings, weight_map, per_shard, index_path.name)
+    tensors, _, texts = read_order(sorted(spellings), weight_map, per_shard, index_path.name)
     absent = next((n for n in weight_map if n not in tensors), None)
     if absent is not None:
         raise CheckpointFormatError(

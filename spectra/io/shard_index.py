@@ -30,14 +30,12 @@ def safe_relative(shard: str) -> bool:
     return bool(shard) and not p.is_absolute() and ".." not in p.parts and ":" not in shard and "\0" not in shard
 
 
-
-
 def read_order(spellings: list[str], weight_map: Mapping[str, str], per_shard: Mapping[str, Mapping[str, _I]],
                index_name: str) -> tuple[dict[str, _I], dict[str, str], list[str]]:
     """The tensors read from the shards, the shard each one's copy comes from, and notes.
 
     Args:
-        spellings: the shard paths as the index spells them (each distinct one once).
+        spellings: the shard paths as the index spells them, each distinct one once, sorted.
         weight_map: tensor name -> its shard's key (:func:`shard_key`).
         per_shard: shard key -> tensor name -> its info, for every listed shard.
         index_name: the index file's name, for the notes.
@@ -55,7 +53,7 @@ def read_order(spellings: list[str], weight_map: Mapping[str, str], per_shard: M
     tensors: dict[str, _I] = {}
     source: dict[str, str] = {}
     # a shard spelled two ways is read at each spelling, as transformers reads it: its last one decides
-    for spelling in sorted(spellings):
+    for spelling in spellings:
         shard = shard_key(spelling)
         for name, info in per_shard[shard].items():
             tensors[name], source[name] = info, shard
