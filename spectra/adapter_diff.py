@@ -26,8 +26,9 @@ from spectra.delta import form_delta, oriented
 from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import Adapter, LoraModule
-from spectra.io.checkpoint import Checkpoint
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
+from spectra.journal import absorb, run_fingerprint
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
@@ -121,18 +122,22 @@ def _tied_head_of(mod: LoraModule, base: Checkpoint,
     return None if tied is None else (mod, *tied)
 
 
-def _tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint,
-                    specs: dict[str, MatrixSpec]) -> tuple[MatrixSpec, str] | None:
+def _tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,
+                    rows_may_differ: bool = False) -> tuple[MatrixSpec, str] | None:
     """``(spec, embedding name)`` when ``weight_name`` (its ``(out, in)`` ``shape``, as nn.Linear stores it) is the output
     head of a base that ties the head to its input embedding (no head stored, ``tie_word_embeddings``
-    not false, one embedding of the head's shape): PEFT's lm_head then computes with that matrix. Else None."""
+    not false, one embedding of the head's shape, or of its width with ``rows_may_differ``: a vocabulary
+    resized since): PEFT's lm_head then computes with that matrix. Else None."""
     own = describe_checkpoint({weight_name: shape}, base.arch).get(weight_name)
     if own is None or own.role != "head" or any(sp.role == "head" for sp in specs.values()):
         return None
     if (base.config or {}).get("tie_word_embeddings") is False:
         return None
     embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None]
-    if len(embeds) != 1 or oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape)) != tuple(shape):
+    if len(embeds) != 1:
+        return None
+    embed_shape = oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape))
+    if (embed_shape[1:] != tuple(shape)[1:]) if rows_may_differ else (embed_shape != tuple(shape)):
         return None
     note = (f"the base ties its output head to {embeds[0].name} (it stores no {weight_name}): "
             "the update is measured against that embedding")
@@ -166,6 +171,20 @@ SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minu
 SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
              "(e.g. a new classification head), which has no update to measure")
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
+SAVED_COPY = ("PEFT's internal copy of a module it wraps (original_module / modules_to_save), saved beside the "
+              "module's own weight: not a separate update")
+SAVED_TOKENS = ("trainable token rows (trainable_token_indices): new values of a few rows of the embedding, not a "
+                "whole matrix; not measured")
+
+
+def _saved_kind_reason(name: str) -> str | None:
+    """Why a tensor an adapter stores outside its LoRA factors is not a module saved whole, or None."""
+    parts = name.split(".")
+    if "trainable_tokens_delta" in parts or "token_adapter" in parts:
+        return SAVED_TOKENS
+    if "original_module" in parts or "modules_to_save" in parts:
+        return SAVED_COPY
+    return None
 
 
 def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, SavedModule], list[Skipped]]:
@@ -183,13 +202,14 @@ def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, 
     saved: dict[str, SavedModule] = {}
     skipped: list[Skipped] = []
     for name, t in adapter.full.items():
-        if t.ndim < 2:
-            skipped.append(Skipped(name, SAVED_VECTOR))
+        why = _saved_kind_reason(name) or (SAVED_VECTOR if t.ndim < 2 else None)
+        if why:
+            skipped.append(Skipped(name, why))
             continue
         base_name = name if name in base.tensors else lookup.get(pairing_key(name))
         spec, note = (specs.get(base_name) if base_name else None), ""
         if spec is None and base_name is None:
-            tied = _tied_head_spec(name, tuple(t.shape), base, specs)
+            tied = _tied_head_spec(name, tuple(t.shape), base, specs, rows_may_differ=True)  # tokens added: rows differ
             if tied is None:
                 skipped.append(Skipped(name, SAVED_NEW))
                 continue
@@ -223,6 +243,7 @@ def diff_adapter(
     writer=None,
     label_base: str | None = None,
     label_tuned: str | None = None,
+    resume: bool = False,
 ) -> DiffResult:
     """Spectrum metrics of every LoRA update of ``adapter`` (see the module docstring).
 
@@ -233,6 +254,8 @@ def diff_adapter(
         device, dtype: where and in what precision to decompose.
         callback: called with a ``DiffEvent`` per module.
         writer: the run's results writer (journal), or None.
+        resume: continue the journal of an interrupted run of the same adapter, base and options in
+            ``writer``'s folder (its finished matrices are kept, the rest computed).
     """
     init = adapter.config.base_changing_init
     if init:
@@ -268,10 +291,13 @@ def diff_adapter(
         result.skipped.append(asdict(Skipped(copy, "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
         result.skipped.append(asdict(skip))
+    finished: set[str] = set()
     if writer:
-        writer.start(result)
-    total = len(units)
-    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=1):
+        result.fingerprint = _adapter_fingerprint(adapter, base, config)
+        finished = absorb(result, writer.start(result, resume=resume, known={u[3] for u in units}))
+    units = [u for u in units if u[3] not in finished]
+    total = len(finished) + len(units)
+    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=len(finished) + 1):
         if isinstance(mod, SavedModule):
             res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
         else:
@@ -291,6 +317,15 @@ def diff_adapter(
         if callback:
             callback(DiffEvent(done, total, res, skip))
     return result
+
+
+def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: DiffConfig) -> str:
+    """What a journal of this adapter diff is resumed under: the adapter's weights file with its
+    adapter_config.json (:func:`spectra.journal.run_fingerprint`), the base's, and the options."""
+    weights = next(p for p in (adapter.path / "adapter_model.safetensors", adapter.path / "adapter_model.bin")
+                   if p.exists() or p.is_symlink())
+    files = open_checkpoint(str(weights))
+    return run_fingerprint(base if base is not None else files, files, config)
 
 
 def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch.Tensor | None, module: str,

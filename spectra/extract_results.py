@@ -52,7 +52,8 @@ class ExtractResult:
         modules: one record per chosen matrix, in layer order (see the module docstring and README).
         totals: sums over the modules (parameters; ``energy_kept``: the share of the extracted
             matrices' ‖ΔW‖²_F the adapter keeps; ``energy_kept_all``: the same over every matrix,
-            those in ``not_extracted`` included, whose share is ``not_extracted_energy_share``; …).
+            those in ``not_extracted`` and an adapter's ``modules_to_save`` matrices included (kept whole
+            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
         allocation: the budget's greedy: budget, parameters used, the fractional bound and the gap
             to it (as shares of the extracted matrices' energy), the first component that did not fit.
@@ -365,16 +366,23 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     kept = share("energy_kept")
     # the matrices not extracted (3-D stacks, routers, embeddings, modules PEFT would drop) hold energy
     # too: energy_kept is of the extracted matrices, energy_kept_all of every matrix listed
-    outside = sum(math.ldexp(float(r["fro_norm"]), -ref) ** 2 for r in not_extracted
-                  if isinstance(r.get("fro_norm"), (int, float)) and math.isfinite(r["fro_norm"]))
-    whole = energy + outside
+    def sq(records: list[dict]) -> float:
+        return sum(math.ldexp(float(r["fro_norm"]), -ref) ** 2 for r in records
+                   if isinstance(r.get("fro_norm"), (int, float)) and math.isfinite(r["fro_norm"]))
+
+    # an adapter's matrices stored whole (modules_to_save: an embedding, a head) are part of its update
+    # too: kept exactly with --save-modules, else not extracted
+    saved = [r for r in not_lora if r.get("kind") == "modules_to_save of the adapter" and len(r.get("shape") or ()) == 2]
+    held = sq([r for r in saved if r.get("held")])
+    outside = sq(not_extracted) + sq([r for r in saved if not r.get("held")])
+    whole = energy + outside + held
     outside_share = outside / whole if whole > 0 else 0.0
     adapted = [m for m in mods if m["rank"]]
     totals = {
         "modules": len(mods), "adapted": len(adapted), "params": params, "full_params": full,
         "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
         "not_extracted_energy_share": outside_share,
-        "energy_kept_all": kept * (1.0 - outside_share) if kept is not None else None,
+        "energy_kept_all": (kept * energy + held) / whole if kept is not None and whole > 0 else kept,
         "rel_fro_error": math.sqrt(max(0.0, 1.0 - kept)) if kept is not None else None,
         "median_energy_kept": _median([m["energy_kept"] for m in mods]), "min_energy_kept": min(m["energy_kept"] for m in mods),
         "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in mods), "max_rank": max(ranks), "min_rank": min(ranks),
@@ -415,7 +423,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     if outside_share >= 0.01 and kept is not None:
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "
                         f"{totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
-                        "matrices; see not_extracted in extract.json)")
+                        "matrices; see not_extracted and not_lora in extract.json)")
     if config.mode == "energy":
         short = [m["name"] for m in mods if m["energy_kept"] < config.energy - 1e-12]
         if short:

@@ -23,7 +23,7 @@ import torch
 
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
-from spectra.naming import MatrixSpec, Part, is_bias, quant_param_of, spec_order, unique_pairing_keys
+from spectra.naming import MatrixSpec, Part, is_bias, pairing_key, quant_param_of, spec_order, unique_pairing_keys
 
 
 @dataclass(frozen=True)
@@ -231,17 +231,22 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     return embeds[0], heads[0]
 
 
-def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str]) -> None:
-    """Refuse a full checkpoint that is the state dict of an unmerged PEFT model (``X.base_layer.weight``
-    beside ``X.lora_A.<adapter>.weight``): its weights are the base's, its update is in factors that
-    a full diff does not read, so every paired matrix would read as unchanged."""
-    parts = [set(n.split(".")) for n in alone]
-    if any("base_layer" in p for p in parts) and any({"lora_A", "lora_B"} & p for p in parts):
-        example = next(n for n, p in zip(alone, parts) if {"lora_A", "lora_B"} & p)
-        raise CheckpointFormatError(
-            "this is the state dict of an unmerged PEFT model (base_layer weights beside lora_A/lora_B factors, e.g. "
-            f"{example}): its LoRA updates are not in its weights", path=ckpt.label,
-            hint="pass the adapter folder (PeftModel.save_pretrained) as TUNED, or merge it (merge_and_unload()) and save the model")
+def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[str], side: str) -> None:
+    """Refuse a checkpoint that holds a module as an unmerged PEFT layer (``X.base_layer.weight``
+    beside ``X.lora_A.<adapter>.weight``) where the other input holds it as a plain ``X.weight``: that
+    side's weights are the base's and its update sits in factors a full diff does not read, so the
+    matrix would read as unchanged. (A model that ships such layers on both sides, as Phi-4-multimodal
+    does, pairs them tensor by tensor.)"""
+    plain = {pairing_key(n) for n in other_alone}
+    lora = {n.split(".lora_")[0] for n in alone if ".lora_A." in n or ".lora_B." in n}
+    for n in alone:
+        module = pairing_key(n).removesuffix(".base_layer") if n.endswith(".base_layer.weight") else None
+        if module is not None and module in plain and n.removesuffix(".base_layer.weight") in lora:
+            fix = ("pass the adapter folder (PeftModel.save_pretrained) as TUNED, or merge it (merge_and_unload()) and save the model"
+                   if side == "tuned" else "merge it (merge_and_unload()) and save the model, or pass the model it was made from as BASE")
+            raise CheckpointFormatError(
+                f"{side} is the state dict of an unmerged PEFT model ({n} beside its lora_A/lora_B factors, where the other "
+                "input stores the plain weight): its LoRA updates are not in its weights", path=ckpt.label, hint=fix)
 
 
 def spelling_key(name: str) -> str:
@@ -445,8 +450,9 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                                        "the tuned head is compared with that embedding"))
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
-    for ckpt, alone in ((tuned, result.tuned_only), (base, result.base_only)):
-        _refuse_unmerged_peft(ckpt, alone)
+    if not single:
+        _refuse_unmerged_peft(tuned, result.tuned_only, result.base_only, "tuned")
+        _refuse_unmerged_peft(base, result.base_only, result.tuned_only, "base")
     for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
                  _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned),
                  _spelling_differs(result.base_only, result.tuned_only, base, tuned)):

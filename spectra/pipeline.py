@@ -162,6 +162,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     if loader is not None:
         callback = _starting(loader, callback)
     callback = callback if lead else None
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     adapter_path = tuned if tuned is not None else base
     if not isinstance(adapter_path, Checkpoint) and is_adapter(adapter_path):
         base_ckpt = None
@@ -169,15 +171,13 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
-                              label_tuned=str(adapter_path))
+                              label_tuned=str(adapter_path), resume=resume)
     elif tuned is None:
         raise ConfigError(f"{base} is not a PEFT adapter folder; a single input must be an adapter",
                           hint="pass BASE and TUNED to diff two checkpoints")
     else:
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-        if resume and out_dir is None:
-            raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
         result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0

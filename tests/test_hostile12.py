@@ -273,3 +273,112 @@ def test_switch_and_nllb_experts_named_expert_n_are_experts():
         for n, s in experts.items():
             assert s.expert == int(n.split(".expert_")[1].split(".")[0]) and "expert_" not in s.module, (n, s)
         assert len({s.module for s in experts.values()}) <= 4, {s.module for s in experts.values()}  # wi/wo or fc1/fc2 per stack
+
+
+# ---- found by the review of this round's change ------------------------------------------------------
+def test_an_index_whose_weight_map_holds_a_list_is_one_line(tmp_path):
+    """The shard order read the weight map's values before checking them: a list gave a TypeError traceback."""
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": ["m-1.safetensors"]}}))
+    res = _cli("inspect", tmp_path)
+    assert res.exit_code == 1 and "index points outside its folder" in res.output and "Traceback" not in res.output
+
+
+def test_a_saved_head_of_a_tied_base_with_added_tokens_is_measured(tmp_path):
+    """Tokens added to a base that ties its head, lm_head in modules_to_save: the 72-row head was skipped
+    as "not in the base: a module trained from scratch"; its 64 shared rows are measured against the embedding."""
+    from safetensors.torch import load_file
+
+    base, lora, after = _saved_adapter(tmp_path, tie=True, resize=8, extra_save=("lm_head",))
+    res = _cli("diff", base, lora, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    rows = {m["name"]: m for m in json.loads((tmp_path / "o" / "results.json").read_text())["modules"]}
+    E = load_file(str(base / "model.safetensors"))["model.embed_tokens.weight"].double()
+    S = svd64(after["lm_head.weight"][:64].double() - E)
+    np.testing.assert_allclose(rows["lm_head.weight"]["singular_values"][:3], S[:3], rtol=1e-6)
+    assert rows["lm_head.weight"]["shape"] == [64, 32] and "64 leading rows" in rows["lm_head.weight"]["note"]
+
+
+def test_unmerged_peft_layers_are_refused_only_against_a_plain_weight(tmp_path):
+    """A base that ships its own unmerged LoRA layers (as Phi-4-multimodal does) against a merged tuned
+    model was told to "pass the adapter folder as TUNED"; both sides with such layers pair tensor by tensor."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    q, d = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj.weight"
+    lora = {f"{q}.base_layer.weight": torch.randn(8, 8, generator=g), f"{q}.lora_A.speech.weight": torch.randn(2, 8, generator=g),
+            f"{q}.lora_B.speech.weight": torch.randn(8, 2, generator=g), d: torch.randn(8, 16, generator=g)}
+    save_file(lora, str(tmp_path / "b.safetensors"))
+    save_file({f"{q}.weight": lora[f"{q}.base_layer.weight"] + 0.1, d: lora[d] + 0.1}, str(tmp_path / "merged.safetensors"))
+    res = _cli("diff", tmp_path / "b.safetensors", tmp_path / "merged.safetensors")
+    assert res.exit_code == 1 and "base is the state dict of an unmerged PEFT model" in res.output
+    assert "as TUNED" not in res.output and "Traceback" not in res.output
+    save_file({k: v + 0.1 for k, v in lora.items()}, str(tmp_path / "t.safetensors"))  # both sides ship the layers
+    res = _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+
+
+def test_peft_internal_copies_and_trainable_tokens_get_their_own_reasons(tmp_path):
+    """PEFT's `original_module` / `modules_to_save` copies and a `trainable_tokens_delta` were skipped
+    as "not in the base: a module trained from scratch (e.g. a new classification head)"."""
+    from safetensors.torch import load_file, save_file
+
+    base, lora, _ = _saved_adapter(tmp_path)
+    f = lora / "adapter_model.safetensors"
+    stored = load_file(str(f))
+    stored["base_model.model.lm_head.original_module.weight"] = torch.randn(64, 32)
+    stored["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"] = torch.randn(3, 32)
+    save_file(stored, str(f))
+    res = _cli("diff", base, lora, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    why = {s["name"]: s["reason"] for s in json.loads((tmp_path / "o" / "results.json").read_text())["skipped"]}
+    assert "internal copy" in why["lm_head.original_module.weight"]
+    assert "trainable token rows" in why["model.embed_tokens.token_adapter.trainable_tokens_delta"]
+
+
+def test_resume_of_an_adapter_diff_keeps_what_was_done(tmp_path):
+    """`--resume` was ignored for adapter diffs: the journal was emptied and every matrix computed again
+    (now that saved embeddings and heads are dense decompositions, the costly part)."""
+    base, lora, _ = _saved_adapter(tmp_path)
+    out = tmp_path / "o"
+    assert _cli("diff", base, lora, "--out", out).exit_code == 0
+    first = json.loads((out / "results.json").read_text())
+    journal = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(journal[:2]) + "\n")  # a run stopped after two matrices
+    kept = [json.loads(x)["module"]["name"] for x in journal[:2]]
+    res = _cli("diff", base, lora, "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "results.json").read_text())
+    assert sorted(m["name"] for m in again["modules"]) == sorted(m["name"] for m in first["modules"])
+    by = {m["name"]: m for m in again["modules"]}
+    for m in first["modules"]:
+        assert by[m["name"]]["singular_values"] == m["singular_values"]
+    assert [json.loads(x)["module"]["name"] for x in (out / "results.jsonl").read_text().splitlines()][:2] == kept
+    other, _, _ = _saved_adapter(tmp_path / "other")  # another base: the journal is not this run's
+    res = _cli("diff", other, lora, "--out", out, "--resume")
+    assert res.exit_code != 0 and "different inputs or options" in res.output
+
+
+def test_extract_of_an_adapter_counts_its_saved_matrices_in_the_totals(tmp_path):
+    """extract BASE ADAPTER of an adapter with modules_to_save (lm_head, embed_tokens): energy_kept_all
+    1.0 and not_extracted_energy_share 0 while the saved matrices were left out of the adapter written
+    (PEFT's merge reproduced 0.81 of ‖ΔW‖²). Now they count: not held unless --save-modules."""
+    from safetensors.torch import load_file
+
+    base, lora, after = _saved_adapter(tmp_path)
+    res = _cli("extract", base, lora, "-o", tmp_path / "x", "--energy", "0.999")
+    assert res.exit_code == 0, res.output
+    totals = json.loads((tmp_path / "x" / "extract.json").read_text())["totals"]
+    W0 = load_file(str(base / "model.safetensors"))
+    saved = sum(float((after[n].double() - W0[n].double()).pow(2).sum()) for n in ("lm_head.weight", "model.embed_tokens.weight"))
+    lora_e = totals["energy_kept"]  # of the LoRA modules, whose own energy is below
+    from spectra.io.adapter import open_adapter
+
+    ad = open_adapter(lora)
+    lora_total = sum(float((m.scale * m.B.double() @ m.A.double()).pow(2).sum()) for m in ad.modules.values())
+    assert totals["not_extracted_energy_share"] == pytest_approx(saved / (saved + lora_total))
+    assert totals["energy_kept_all"] == pytest_approx(lora_e * lora_total / (saved + lora_total))
+    res = _cli("extract", base, lora, "-o", tmp_path / "y", "--energy", "0.999", "--save-modules")
+    assert res.exit_code == 0, res.output
+    kept = json.loads((tmp_path / "y" / "extract.json").read_text())["totals"]
+    assert kept["not_extracted_energy_share"] == 0.0
+    assert kept["energy_kept_all"] == pytest_approx((lora_e * lora_total + saved) / (saved + lora_total))
