@@ -148,6 +148,9 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
         return str(note(params, since))
     out = params.get("out_dir")
     if out and "resume" in params:
+        journals = list(Path(out).glob("*.jsonl")) if Path(out).is_dir() else []
+        if not any(j.stat().st_size for j in journals if j.is_file()):  # stopped while the inputs were opened
+            return f"stopped before any result was written to {out}: run the command again (without --resume)"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")
     if out:

@@ -13,7 +13,7 @@ from typing import Any
 
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
 from spectra.results import rows_to_csv
 
 SCHEMA = "spectra.esd/1"
@@ -170,7 +170,7 @@ class EsdResult:
         path = Path(path)
         if path.is_dir():
             path = path / "esd.json"
-        doc = load_json(path, what="esd.json", error=ResultsFormatError, lone_surrogates=True)
+        doc = load_json(path, what="esd.json", error=ResultsFormatError, lone_surrogates=True, max_bytes=RESULTS_MAX_BYTES)
         return cls.from_dict(doc, source=path)
 
     def to_json(self, indent: int | None = 1) -> str:

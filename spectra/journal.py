@@ -15,7 +15,7 @@ from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError, SpectraError, output_error
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import OutputLock, atomic_write_text
-from spectra.io.jsonfile import finite_or_null, load_json, load_jsonl
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl
 from spectra.pairing import Skipped
 from spectra.results import DiffResult, ModuleResult
 from spectra.results_check import check_journal_records
@@ -109,7 +109,7 @@ def _holds_a_diff(folder: Path) -> bool:
     if not f.is_file():
         return False
     try:
-        doc = load_json(f, what="results.json", error=ResultsFormatError, lone_surrogates=True)
+        doc = load_json(f, what="results.json", error=ResultsFormatError, lone_surrogates=True, max_bytes=RESULTS_MAX_BYTES)
     except (SpectraError, OSError):  # unreadable: not known to be a diff's
         return False
     return isinstance(doc, dict) and doc.get("schema") == SCHEMA
@@ -147,7 +147,8 @@ class Journal:
             if not (self.journal.is_file() and previous.is_file()):
                 raise ConfigError("nothing to resume: results.jsonl or results.json is missing", path=self.out_dir,
                                   hint="run without --resume first")
-            doc = load_json(previous, what="results.json", error=ResultsFormatError, lone_surrogates=True)
+            doc = load_json(previous, what="results.json", error=ResultsFormatError, lone_surrogates=True,
+                            max_bytes=RESULTS_MAX_BYTES)
             old = doc.get("fingerprint") if isinstance(doc, dict) else None
             if old != result.fingerprint:
                 raise ConfigError("the journal here comes from different inputs or options", path=self.out_dir,

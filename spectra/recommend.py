@@ -30,7 +30,7 @@ from spectra.errors import ConfigError, SpectraError
 from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
 from spectra.io.checkpoint import read_config
-from spectra.io.jsonfile import load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
@@ -325,7 +325,7 @@ def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules 
 def _load(path: Path) -> dict:
     if path.is_dir():
         path = path / "results.json"
-    doc = load_json(path, what="diff results")
+    doc = load_json(path, what="diff results", max_bytes=RESULTS_MAX_BYTES)
     if not isinstance(doc, dict):
         raise ConfigError("not a JSON object", path=path)
     return doc

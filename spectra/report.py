@@ -30,7 +30,7 @@ from spectra.display import safe_text
 from spectra.errors import OutputError, ResultsFormatError, SpectraError
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
-from spectra.io.jsonfile import load_json, load_jsonl
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, load_jsonl
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
@@ -128,7 +128,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             logs.append((f.parent if f.name == TRAIN_LOG else f.with_suffix(""), _train_log(f)))
             continue
         # bounded size and nesting, one-line errors (spectra.io.jsonfile); names may hold lone surrogates
-        doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True)
+        doc = load_json(f, what=f.name, error=ResultsFormatError, lone_surrogates=True, max_bytes=RESULTS_MAX_BYTES)
         schema = doc.get("schema") if isinstance(doc, dict) else None
         if not isinstance(schema, str) or schema not in SECTIONS:
             newer = newer_schema_error(schema, SECTIONS, f)

@@ -25,7 +25,7 @@ from typing import Any
 from spectra.display import display_name
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
 from spectra.metrics import threshold_key
 from spectra.results_check import SCHEMA, check_document
 
@@ -269,7 +269,7 @@ class DiffResult:
         path = Path(path)
         if path.is_dir():
             path = path / "results.json"
-        doc = load_json(path, what="results.json", error=ResultsFormatError, lone_surrogates=True)
+        doc = load_json(path, what="results.json", error=ResultsFormatError, lone_surrogates=True, max_bytes=RESULTS_MAX_BYTES)
         return cls.from_dict(doc, source=path)
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:

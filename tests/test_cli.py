@@ -306,8 +306,8 @@ def test_cli_import_pauses_the_collector_only_while_loading():
 
 
 @pytest.mark.parametrize("args, said", [
-    (["diff", "B", "T", "--out", "D"], "results finished so far are kept in D (in its journal, *.jsonl); run the same command with --resume"),
-    (["extract", "B", "T", "-r", "4", "--out", "D"], "kept in D (in its journal"),
+    (["diff", "B", "T", "--out", "D"], "stopped before any result was written to D: run the command again (without --resume)"),
+    (["extract", "B", "T", "-r", "4", "--out", "D"], "stopped before any result was written to D"),
     (["compare", "A", "B", "--out", "C"], "compare writes C when it finishes: nothing was kept; run the command again"),
     (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "interfere writes C when it finishes: nothing was kept"),
     (["diff", "B", "T"], "nothing was written (no --out)"),

@@ -382,3 +382,80 @@ def test_extract_of_an_adapter_counts_its_saved_matrices_in_the_totals(tmp_path)
     kept = json.loads((tmp_path / "y" / "extract.json").read_text())["totals"]
     assert kept["not_extracted_energy_share"] == 0.0
     assert kept["energy_kept_all"] == pytest_approx((lora_e * lora_total + saved) / (saved + lora_total))
+
+
+# ---- found by the hang/leak probe ------------------------------------------------------------------------
+def test_results_json_above_the_generic_json_cap_is_read_back(tmp_path):
+    """A 20,000-matrix run with --weight-spectra wrote a 113 MB results.json that report, recommend,
+    DiffResult.load and --resume refused ("more than 100000000 is not a results.json … corrupt"): the
+    generic cap on JSON files read whole. spectra's own results files are read up to the journal's bound."""
+    from safetensors.torch import save_file
+
+    from spectra.io.jsonfile import MAX_JSON_BYTES
+    from spectra.results import DiffResult
+
+    g = torch.Generator().manual_seed(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    out = tmp_path / "o"
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out).exit_code == 0
+    with open(out / "results.json", "a") as f:  # as large as a big run's, and still valid JSON
+        f.write(" " * (MAX_JSON_BYTES + 1))
+    assert len(DiffResult.load(out / "results.json").modules) == 2
+    res = _cli("report", out, "-o", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    res = _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+
+
+def test_a_killed_rewrites_temporary_file_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL during a rewrite of results.json left `.results.json.XXXXXXXX.tmp` (as large as the
+    results) that neither --resume nor a fresh run removed. The next run holding the folder's lock
+    removes such files beside its outputs, and nothing else."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    out = tmp_path / "o"
+    assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out).exit_code == 0
+    stale, other = out / ".results.json.k9x_2ab7.tmp", out / ".notes.txt.k9x_2ab7.tmp"
+    stale.write_text("{")
+    other.write_text("a user's file beside no output of that name")
+    res = _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out, "--resume")
+    assert res.exit_code == 0, res.output
+    assert not stale.exists() and other.exists()
+
+
+def test_a_stop_before_any_result_does_not_promise_a_resume(tmp_path, monkeypatch):
+    """SIGTERM while a 500k-entry header was still being read: "results finished so far are kept in
+    out (in its journal); run the same command with --resume", for a folder never created (--resume
+    then said "nothing to resume")."""
+    from spectra_cli.main import kept_on_stop, main
+
+    monkeypatch.chdir(tmp_path)
+    ctx = main.make_context("spectra", ["diff", "B", "T", "--out", "D"])
+    assert "stopped before any result was written to D" in kept_on_stop(main, ctx)
+    (tmp_path / "D").mkdir()
+    (tmp_path / "D" / "results.jsonl").write_text('{"module": {"name": "x"}}\n')
+    assert "kept in D (in its journal" in kept_on_stop(main, ctx)
+
+
+def test_adapters_saved_in_sub_folders_are_named(tmp_path):
+    """PEFT saves an adapter of another name than "default" in a sub-folder of that name: `diff BASE
+    FOLDER` said "no model.safetensors … (pass a checkpoint file or a Hugging Face model folder)", and a
+    folder holding the default adapter and another one read the first without a word on the second."""
+    import shutil
+
+    base, lora, _ = _saved_adapter(tmp_path)
+    (tmp_path / "only").mkdir()
+    shutil.copytree(lora, tmp_path / "only" / "speech")
+    res = _cli("diff", base, tmp_path / "only")
+    assert res.exit_code == 1 and "PEFT adapters in sub-folders (speech)" in res.output, res.output
+    shutil.copytree(lora, lora / "second")
+    res = _cli("diff", base, lora, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    warnings = json.loads((tmp_path / "o" / "results.json").read_text())["warnings"]
+    assert any("also holds PEFT adapters in sub-folders (second), not read" in w for w in warnings), warnings

@@ -49,6 +49,8 @@ def test_sweep_stop_note_lists_finished_runs_in_run_order(tmp_path):
 
 
 def test_other_commands_keep_their_wording(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "results.jsonl").write_text('{"module": {"name": "x"}}\n')  # a result was journaled
     assert "run the same command with --resume" in _kept(["diff", "a", "b", "--out", str(tmp_path / "o")], None)
 
 

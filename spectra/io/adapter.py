@@ -441,6 +441,10 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     if full is not None:  # `spectra inspect FOLDER` lists that model: say which of the two this read
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds a PEFT adapter and a full model ({full}); "
                              f"read the adapter ({weights.name}); pass {folder / full} to analyse the full model")
+    others = sorted(q.name for q in folder.iterdir() if q.is_dir() and (q / ADAPTER_CONFIG).is_file())
+    if others:  # PEFT saves each adapter of another name than "default" in a sub-folder of that name
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder also holds PEFT adapters in sub-folders "
+                             f"({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), not read; pass one to analyse it")
     for name in ckpt.tensors:
         short = name.removeprefix(_PREFIX)
         m = _LORA_KEY.match(short)

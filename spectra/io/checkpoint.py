@@ -497,10 +497,13 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
             path=folder, hint="pass one file, or add the index that says which shards form the model",
         )
     hub = hub_cache_hint(folder)  # a hub cache (or one of its entries) passed where its snapshot was meant
+    # PEFT saves an adapter of another name than "default" in a sub-folder of that name
+    adapters = sorted(q.name for q in folder.iterdir() if (q / "adapter_config.json").is_file())[:3] if not hub else []
     raise CheckpointFormatError(
         "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this folder"
-        + (f": {hub[0]}" if hub else ""),
-        path=folder, hint=hub[1] if hub else "pass a checkpoint file or a Hugging Face model folder",
+        + (f": {hub[0]}" if hub else f"; it holds PEFT adapters in sub-folders ({', '.join(adapters)})" if adapters else ""),
+        path=folder, hint=hub[1] if hub else (f"pass one of them, e.g. {folder / adapters[0]}" if adapters
+                                              else "pass a checkpoint file or a Hugging Face model folder"),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import stat
 import tempfile
@@ -111,6 +112,22 @@ def _umask() -> int:
         mask = os.umask(0)
         os.umask(mask)
     return mask
+
+
+#: A temporary file :func:`atomic_file` writes beside ``X`` (``tempfile.mkstemp``'s 8 random characters).
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary files a killed run left beside its outputs (``.results.json.ab12cd34.tmp``:
+    a SIGKILL or an out-of-memory kill during a rewrite), once this process holds the folder's lock, so
+    no live spectra run is writing them. Only those beside an existing output of the same name."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(folder):
+            m = _TEMP_NAME.fullmatch(entry.name)
+            if m and entry.is_file(follow_symlinks=False) and (folder / m.group("target")).is_file():
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 @contextlib.contextmanager
@@ -219,6 +236,7 @@ class OutputLock:
             except OSError as exc:
                 os.close(fd)
                 raise output_error(path, exc) from exc
+            _remove_stale_temps(Path(folder))
             return cls(path, fd)
 
     def release(self) -> None:

@@ -35,6 +35,10 @@ from spectra.io.paths import open_regular
 MAX_JSON_DEPTH = 127
 #: Largest JSON file read whole by default (the safetensors library's bound on a header).
 MAX_JSON_BYTES = 100_000_000
+#: Largest results file spectra reads back (results.json, compare.json, …): what its own runs write,
+#: ~3 KB a matrix at the default --top-k and more with --weight-spectra, so a run of 45k expert
+#: matrices passes 100 MB; bounded as the journal it is rebuilt from is.
+RESULTS_MAX_BYTES = 4 << 30
 
 # Bytes other than brackets, deleted before counting depth; brackets mapped to +1 / -1 (as int8).
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
