@@ -119,7 +119,8 @@ def short_legend(result) -> str:
             "any rank-r_A subspace could hold, A in B = the reverse")
     if with_base:
         text += "; amp = amplification ‖ΔW‖/‖U_rᵀWV_r‖; intr = intruder dimensions of W + ΔW"
-    return text + "; – = undefined (an update that is exactly zero). spectra compare --explain defines each column."
+    return text + ("; – = undefined (an update that is exactly zero, or entirely at the rounding level of its stored "
+                   "weights). spectra compare --explain defines each column.")
 
 
 def _f(x: float | None, spec: str) -> str:

@@ -71,6 +71,10 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         for key, label in (("cosine", "cosine of the flattened updates"), ("phi", f"φ of the top-k subspaces ({side})"),
                            ("tsv", "TSV interference, bounded form (1: identical)")):
             print_table(out, _pair_table(doc, key, label))
+            if not (doc.get("summary") or {}).get(key) and doc["modules"]:  # an empty grid says why, not nothing
+                out.print(f"({escape(label)}: undefined in every matrix: no two tasks have it there; an update that is "
+                          "exactly zero, or entirely at the rounding level of its stored weights, has no direction: see "
+                          "the warnings)", highlight=False)
         print_table(out, _module_table(doc))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)

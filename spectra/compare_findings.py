@@ -8,7 +8,8 @@ Pure functions of a :class:`~spectra.compare_records.CompareResult` (no I/O, no 
 - whether Hu et al.'s φ is above chance (its random baseline ``max(r_A, r_B)/d``);
 - the amplification factor of each side (Hu et al. 2021, Table 7), in one sentence;
 - the intruder dimensions of each side (Shuttleworth et al. 2024), in one sentence;
-- warnings: modules with an update that is exactly zero (null measures), skipped modules (NaN/Inf).
+- warnings: modules with an update that is exactly zero or entirely at the rounding level of its stored
+  weights (null measures), skipped modules (NaN/Inf, tensors an adapter stores whole).
 
 Medians are over the modules whose measure is defined. Definitions: docs/definitions.md.
 """
@@ -119,6 +120,17 @@ def _warnings(result: CompareResult) -> list[Finding]:
                            "or a LoRA saved at initialisation (B = 0). Their φ, angles and captured energies are null, "
                            "not numbers from an arbitrary basis.", warning=True,
                            numbers={"zero_update": len(zero), "by_side": dict(which)}))
+    unresolved = [m for m in result.modules if m.status == "unresolved"]
+    if unresolved:
+        # which side: the reason names it ("every singular value of A's update…", "…of A's and B's updates…")
+        which = Counter("A and B" if "A's and B's" in (m.reason or "") else ("A" if "of A's" in (m.reason or "") else "B")
+                        for m in unresolved)
+        names = ", ".join(display_name(m.name, 60) for m in unresolved[:3]) + (", …" if len(unresolved) > 3 else "")
+        out.append(Finding("unresolved", f"{len(unresolved)} of {len(result.modules)} modules have a non-zero update that is "
+                           f"entirely at the rounding level of its stored weights ({', '.join(f'{n} in {w}' for w, n in sorted(which.items()))}; "
+                           f"e.g. {names}): no singular value stands above the rounding floor, so it has no resolved direction "
+                           "(status unresolved). Their φ, angles and captured energies are null, not numbers measured on "
+                           "rounding noise.", warning=True, numbers={"unresolved": len(unresolved), "by_side": dict(which)}))
     if result.skipped:
         reasons = Counter(s["reason"] for s in result.skipped)
         listed = "; ".join(display_name(r, 120) for r in list(reasons)[:3]) + ("; …" if len(reasons) > 3 else "")
@@ -221,7 +233,8 @@ def table_legend(side: str, *, with_base: bool) -> list[tuple[str, str]]:
             ("intr A, intr B", ("intruder dimensions: how many of the top-k singular vectors of W + ΔW have |cos| below ε "
                                 "with every singular vector of W (Shuttleworth et al. 2024)")),
         ]
-    items.append(("–", "a measure that is undefined for the module: an update that is exactly zero has no subspace"))
+    items.append(("–", "a measure that is undefined for the module: an update that is exactly zero, or entirely at the "
+                        "rounding level of its stored weights (status unresolved), has no subspace"))
     return items
 
 

@@ -17,8 +17,10 @@ each ``W + ΔW`` come from float64 Gram eigensolves that compute only the vector
 CPU, one BLAS thread each; the numbers do not depend on it.
 
 Undefined measures are null, never numbers from an arbitrary basis: an update that is exactly zero
-(a frozen module, a LoRA saved at initialisation with B = 0) has no singular subspace. A module with
-NaN/Inf in a LoRA factor, a weight or the update is skipped with its reason.
+(a frozen module, a LoRA saved at initialisation with B = 0) has no singular subspace, nor has a non-zero
+dense one entirely at the rounding level of its stored weights (status ``unresolved``). A module with
+NaN/Inf in a LoRA factor, a weight or the update is skipped with its reason, as is a tensor an adapter
+stores whole (``modules_to_save``: not a LoRA update; ``spectra diff BASE ADAPTER`` measures it).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, recorded_base_warning
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_modules
 from spectra.compare_records import (
     SCHEMA,
     AngleSummary,
@@ -85,6 +87,9 @@ __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 #: Above this p a full update's top-k comes from the randomized SVD (relative tolerance 1e-3 on the
 #: singular values) instead of the exact float64 Gram eigensolve of :func:`spectra.singular_bases.top_svd`.
 EXACT_MAX_P = 4096
+#: Why a matrix an adapter stores whole (``modules_to_save``) is listed as skipped (as ``spectra interfere`` lists it).
+SAVED_WHOLE = ("stored whole (modules_to_save), not a LoRA update: compare measures s·B·A "
+               "(spectra diff BASE ADAPTER measures it)")
 
 
 def _beyond_squaring(M: torch.Tensor) -> str | None:
@@ -151,6 +156,8 @@ class _Side:
         self.tied: dict[str, tuple[MatrixSpec, str]] = {}
         self.skipped: dict[str, str] = {}  # pairing key -> why its pairing left this matrix out (a full side)
         self.stacks: dict[str, MatrixSpec] = {}  # pairing key -> spec of a paired 3-D expert stack (a full side)
+        # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
+        self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
             self.adapter = open_adapter(label)
             self.kind = "lora"
@@ -158,6 +165,11 @@ class _Side:
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
                              if n is not None and pairing_key(n) != pairing_key(m.weight_name)}
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
+            whole, unmeasured = saved_modules(self.adapter, base)
+            specs = base.specs if base is not None and unmeasured else {}
+            self.saved = {pairing_key(n): (n, SAVED_WHOLE, sm.spec.layer) for n, sm in whole.items()}
+            self.saved.update({pairing_key(x.name): (x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None)
+                               for x in unmeasured})
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
             self.tuned = opened or open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"
@@ -308,11 +320,15 @@ def _floor_cuts(form: Factored | TopSVD, floor: float, r: int) -> bool:
 
 
 def _unresolved_reason(a: bool, b: bool, ua: _Update, ub: _Update) -> str:
-    who = "A and B" if a and b else ("A" if a else "B")
+    """The ``reason`` of a module whose non-zero dense update on side A (``a``), B (``b``) or both has no
+    singular value above the rounding floor of its stored weights (``ua.stored``, ``ub.stored`` name
+    their dtypes): status ``unresolved``, with null subspace measures."""
+    both = a and b
+    whose = "A's and B's updates" if both else f"{'A' if a else 'B'}'s update"
     stored = "/".join(dict.fromkeys(u.stored for u, x in ((ua, a), (ub, b)) if x))
-    return (f"every singular value of {who}'s update is at the rounding level of its {stored} weights: the update is "
-            "rounding noise of the stored weights, with no resolved direction, so φ, the angles and the captured "
-            "energies are undefined")
+    return (f"every singular value of {whose} is at the rounding level of "
+            f"{'their' if both else 'its'} {stored} weights: {'each' if both else 'the'} update is rounding noise of "
+            "the stored weights, with no resolved direction, so φ, the angles and the captured energies are undefined")
 
 
 def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
@@ -349,7 +365,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
              f"{f' above the rounding level of its {u.stored} weights' if u.floor > 0 and _floor_cuts(u.form, u.floor, r) else ''}"
              f", fewer than its rank {asked}"
              for who, u, r, asked, zero in (("A", ua, ra, job.rank_a, zero_a), ("B", ub, rb, job.rank_b, zero_b))
-             if r < asked and not zero]
+             if 0 < r < asked]  # r = 0 (zero, or all rounding noise): no subspace at all, which status and reason say
     # a side whose every direction is rounding noise has no subspace: its measures are null, as for a zero update
     unresolved_a, unresolved_b = (r == 0 and not zero for r, zero in ((ra, zero_a), (rb, zero_b)))
     # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
@@ -431,9 +447,9 @@ def compare(
             count); 1 runs them one by one with every thread. Results do not depend on it.
 
     Returns:
-        :class:`CompareResult`. A module whose update is exactly zero on either side gets null
-        measures and its reason; one with NaN/Inf in a factor, a weight or the update is listed in
-        ``skipped``.
+        :class:`CompareResult`. A module whose update is exactly zero (or entirely at the rounding level
+        of its stored weights) on either side gets null measures and its reason; one with NaN/Inf in a
+        factor, a weight or the update, and a tensor an adapter stores whole, is listed in ``skipped``.
 
     Example:
         >>> res = compare("lora-r8/", "lora-r64/", base="base/")   # doctest: +SKIP
@@ -479,12 +495,17 @@ def compare(
                 spec = specs.get(k) or own.get(k)
                 if spec is not None and not keep(spec.name, spec.layer):
                     continue
+                if k in other.saved:  # not one-sided: the other adapter stores it whole (listed as skipped below)
+                    continue
                 if k in other.skipped:  # not one-sided: the other side holds it but cannot pair it (another shape…)
                     who = "B" if other is B else "A"
                     result.skipped.append({"name": side.names[k], "reason": f"{who} ({other.label}): {other.skipped[k]}"})
                     continue
                 names.append(side.names[k] if spec is None else spec.name)
         names.sort()
+    # an adapter's tensors stored whole are no LoRA update: listed with the reason, not dropped or called one-sided
+    result.skipped += [{"name": name, "reason": f"{who} ({side.label}): {why}"} for who, side in (("A", A), ("B", B))
+                       for name, why, layer in side.saved.values() if keep(name, layer)]
     # a 3-D expert stack has no single subspace per module: listed, not dropped without a word
     result.skipped += [{"name": sp.name, "reason": "3-D expert stack: compare measures 2-D matrices only "
                         "(spectra diff analyses each expert)"}

@@ -385,6 +385,10 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                     del du
             del held
     fs = [factors[t] for t in range(n)]
+    # a non-zero dense update with no triplet above its rounding floor: all of it is rounding of the stored
+    # weights, so its subspace measures are null; said per task (as compare's status "unresolved")
+    unresolved = [t for t in sorted(seen) if fs[t].S.numel() == 0 and G[t, t] > 0]
+    numeric += [f"{tasks[t].label}: {unresolved_text(tasks[t].updates[name])}" for t in unresolved]
     S_sum = singular_values(total) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds)
@@ -393,13 +397,21 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     return _clean({
         "name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role, "out": out_dim, "in": in_dim,
         "ranks": [int(f.S.numel()) for f in fs], "fro": [math.sqrt(max(G[t, t], 0.0)) for t in range(n)],
-        "rel_norm": rel_norms,
+        "rel_norm": rel_norms, "unresolved": unresolved,
         "cosine": cosine_from_gram(G), "phi": phi_matrix(fs, config.side), "captured": C,
         "tsv": {"sti": tsv.sti, "relative": tsv.relative, "relative_fro": tsv.relative_fro, "pairs": tsv_pair_matrix(fs)},
         "knots": {"alignment": knots.alignment, "rank": knots.rank, "energy_rank": knots.energy_rank,
                   "task_energy_rank": knots.task_energy_rank},
         "sum": asdict(acc), "note": "; ".join(x for x in (spec.note, *numeric) if x),
     })
+
+
+def unresolved_text(pair: MatrixPair) -> str:
+    """Why a task's non-zero dense update of ``pair`` has no triplet: every singular value is at or below
+    the rounding floor of its stored weights (:func:`spectra.delta.pair_floor`)."""
+    stored = "/".join(dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype)))
+    return (f"every singular value of its update is at the rounding level of its {stored} weights: no resolved "
+            "direction, so its φ, captured energy, TSV and KnOTS entries are null")
 
 
 def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:
@@ -433,8 +445,10 @@ def interfere(
         ``fro`` (‖ΔW_t‖_F), ``rel_norm`` (‖ΔW_t‖_F/‖W_base‖_F for dense updates, else None), the n × n
         matrices ``cosine``, ``phi``, ``captured`` (row s: whose subspaces, column t: whose energy),
         ``tsv.pairs`` and ``knots.alignment``, the n-way ``tsv`` (``sti``, ``relative``) and ``knots``
-        (``rank``, ``energy_rank``, ``task_energy_rank``), and ``sum`` (:class:`spectra.interference.Accumulation`).
-        Undefined values (a zero update has no cosine or subspace) are None.
+        (``rank``, ``energy_rank``, ``task_energy_rank``), ``sum`` (:class:`spectra.interference.Accumulation`),
+        and ``unresolved`` (the tasks whose non-zero dense update is entirely at the rounding level of its
+        stored weights: no direction). Undefined values (a zero update has no cosine or subspace; a
+        rounding-level one no subspace; the n-way TSV with fewer than two tasks of directions) are None.
 
     Raises:
         ConfigError: fewer than two tasks.
@@ -502,6 +516,11 @@ def interfere(
                                    "base weights themselves: is it a fine-tune of this base?")
         own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
         result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
+        noise = [m["name"] for m in result.modules if i in m.get("unresolved", ())]
+        if noise:
+            result.warnings.append(f"{t.label}: ΔW of {len(noise)} of {len(result.modules)} compared matrices (e.g. {noise[0]}) "
+                                   "is entirely at the rounding level of its stored weights: no resolved direction, so "
+                                   "its φ, captured energy, TSV and KnOTS entries there are null (not 0)")
         if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
             result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
                                    "interference to measure, and the totals hold the other tasks only")

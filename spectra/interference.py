@@ -319,11 +319,16 @@ class TSVInterference:
             ``‖M_st‖_F <= b_st`` and the ratio lies in [0, 1]: 0 for orthogonal tasks, 1 for
             identical updates with equal spectra, unchanged by rotations that keep Σ.
         ranks: the ``k_t`` of each task (non-zero triplets used).
+
+    ``sti``, ``relative`` and ``relative_fro`` are None when fewer than two tasks have a direction (a
+    zero update, or a dense one entirely at the rounding level of its stored weights): there is no
+    pair of tasks to interfere and the normalisers are 0, so 0 ("no interference") would be a claim
+    the data cannot make.
     """
 
-    sti: float
-    relative: float
-    relative_fro: float
+    sti: float | None
+    relative: float | None
+    relative_fro: float | None
     ranks: list[int]
 
 
@@ -354,7 +359,7 @@ def singular_task_interference(factors: Sequence[Factored]) -> TSVInterference:
             dropped, so a zero update contributes nothing.
 
     Returns:
-        :class:`TSVInterference`.
+        :class:`TSVInterference` (its measures None when fewer than two tasks have a triplet).
 
     Example:
         >>> e = torch.eye(3, dtype=torch.float64)
@@ -372,8 +377,8 @@ def singular_task_interference(factors: Sequence[Factored]) -> TSVInterference:
     # (counted, three identical tasks and a copy of the base gave relative 4/9 and relative_fro 0.59, not 1)
     fs = [f for f, k in zip(fs, ranks) if k > 0]
     n = len(fs)
-    if n < 2:
-        return TSVInterference(0.0, 0.0, 0.0, ranks)
+    if n < 2:  # nothing to interfere with: undefined, not "no interference" (TSVInterference)
+        return TSVInterference(None, None, None, ranks)
     dev = fs[0].U.device
     U = torch.cat([f.U.to(dev) for f in fs], dim=1)  # (out, K): tasks side by side
     V = torch.cat([f.Vh.to(dev).mT for f in fs], dim=1)  # (in, K)
@@ -387,14 +392,15 @@ def singular_task_interference(factors: Sequence[Factored]) -> TSVInterference:
     b[np.diag_indices(n)] = norms.sum() - norms  # Σ_{r ≠ s}
     bound = float(np.sqrt(np.sum(b**2)))
     fro = float(torch.linalg.matrix_norm(M))
-    return TSVInterference(sti, sti / scale if scale > 0 else 0.0, min(1.0, fro / bound) if bound > 0 else 0.0, ranks)
+    return TSVInterference(sti, sti / scale if scale > 0 else None, min(1.0, fro / bound) if bound > 0 else None, ranks)
 
 
 def tsv_pair_matrix(factors: Sequence[Factored]) -> np.ndarray:
     """``R[s, t]`` = :attr:`TSVInterference.relative_fro` of the pair (s, t) alone: in [0, 1], 0 for
     orthogonal, 1 for identical updates (for n = 2 it is ``sqrt(‖A Σ_t Bᵀ‖_F² + ‖Aᵀ Σ_s B‖_F²) /
     sqrt(‖Σ_s‖_F² + ‖Σ_t‖_F²)`` with ``A = U_sᵀU_t``, ``B = V_sᵀV_t``); 0 on the diagonal by
-    convention, NaN where an update is zero."""
+    convention, NaN where an update has no direction (zero, or a dense one at the rounding level of its
+    stored weights)."""
     fs = [as_factored64(f) for f in factors]
     n = len(fs)
     R = np.zeros((n, n))

@@ -30,6 +30,8 @@ LEGEND = [
     ("‖sum‖² / Σ‖·‖²", "‖Σ_t ΔW_t‖_F² / Σ_t ‖ΔW_t‖_F²: 1 orthogonal, n identical, below 1 when the updates cancel"),
     ("nuclear sum / Σ", ("‖Σ_t ΔW_t‖_* / Σ_t ‖ΔW_t‖_*: 1 for identical or fully orthogonal updates, below 1 when "
                          "their directions overlap without coinciding, or cancel")),
+    ("–", ("undefined: an update that is exactly zero, or entirely at the rounding level of its stored weights, has no "
+           "direction (no φ, captured energy, TSV or KnOTS entry); the n-way TSV needs two tasks with directions")),
 ]
 
 
@@ -63,14 +65,20 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     out: list[Finding] = []
     names = d["names"]
     cos, phi = _pairs(d, "cosine"), (s.get("phi") or [])
+
+    def phi_of(a: int, b: int) -> str:
+        # φ is null where a task has no resolved direction (zero, or rounding-level updates), the cosine is not
+        v = phi[a][b] if a < len(phi) and b < len(phi[a]) else None
+        return "undefined (no resolved direction)" if v is None else f"{v:.2f}"
+
     if len(cos) == 1:  # two fine-tunes: one pair, neither "most" nor "least" alike
         (v, a, b), = cos
-        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi[a][b]:.2f}, over "
+        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_of(a, b)}, over "
                                       f"{s.get('modules')} matrices.", numbers={"cosine": [v, v]}))
     elif cos:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
-        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi[c][e]:.2f}); "
-                                      f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi[a][b]:.2f}), over "
+        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_of(c, e)}); "
+                                      f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_of(a, b)}), over "
                                       f"{s.get('modules')} matrices.", numbers={"cosine": [lo, hi]}))
     if s.get("spectral_over_max") is not None:
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) makes the strongest direction "
@@ -119,6 +127,10 @@ def section_html(path: Path, doc: dict) -> str:
     out.append(table(["TSV (ℓ1)", "TSV (bounded)", "σ₁ sum / max", "‖sum‖² / Σ‖·‖²", "nuclear sum / Σ"],
                      [[s.get("tsv_relative"), s.get("tsv_relative_fro"), s.get("spectral_over_max"), s.get("fro_sq_ratio"),
                        s.get("nuclear_ratio")]]))
+    if s.get("modules") and s.get("tsv_relative") is None:
+        out.append(note("TSV is undefined (–) in every matrix: no two tasks have a resolved direction there (an update "
+                        "that is exactly zero, or entirely at the rounding level of its stored weights; the warnings name "
+                        "the tasks)."))
     out.append(note("Over-accumulation: when tasks share directions, adding their updates (task arithmetic) makes those "
                     "directions grow faster than the rest; the merged update's spectrum is dominated by a few components "
                     "(Marczak et al. 2025). σ₁ sum / max near n says the top direction was shared by all."))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates
+from spectra.adapter_diff import adapter_updates, saved_modules
 from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
@@ -65,6 +65,9 @@ from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
+#: Why a matrix an adapter stores whole (``modules_to_save``) is listed as skipped by a trace of adapters.
+SAVED_WHOLE = ("stored whole (modules_to_save), not a LoRA update: an adapter trace follows s·B·A "
+               "(spectra diff BASE ADAPTER measures it)")
 #: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
 SIGMA_FLOOR = 1e-7
 
@@ -144,7 +147,8 @@ class TraceResult:
         loss_history: ``{"step", "loss", …}`` from the run's logs, for the report.
         matrices: one record per matrix: ``name, layer, module, role, shape, base_fro_norm, lora_r,
             note`` and ``points``, one per checkpoint in the same order (``step`` and the metrics of
-            :func:`point_metrics` plus ``turn_prev``/``turn_first`` from :func:`spectra.interference.subspace_turn`, or ``skip``).
+            :func:`point_metrics` plus ``turn_prev``/``turn_first`` from :func:`spectra.interference.subspace_turn`, or ``skip``;
+            ``turn_note`` says why the turns are null when ΔW is non-zero but entirely at the rounding level of its stored weights).
         skipped: ``{"name", "reason"}`` for matrices not traced.
     """
 
@@ -183,7 +187,8 @@ class TraceResult:
         for m in self.matrices:
             for i, pt in enumerate(m["points"]):
                 row = {k: m[k] for k in ("name", "layer", "module", "role", "lora_r")}
-                row.update({"step": pt.get("step"), "loss": steps.get(i, {}).get("loss"), "skip": pt.get("skip", "")})
+                row.update({"step": pt.get("step"), "loss": steps.get(i, {}).get("loss"), "skip": pt.get("skip", ""),
+                            "turn_note": pt.get("turn_note", "")})
                 for k, v in pt.items():
                     if k in ("step", "skip", "singular_values"):
                         continue
@@ -372,6 +377,8 @@ def trace(
                                "was this run started from this base?")
     result.warnings += note_caveat_warnings([(m["name"], m.get("note") or "") for m in result.matrices], len(result.matrices),
                                             " at one checkpoint or more")
+    if w := unresolved_warning(result.matrices):
+        result.warnings.append(w)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
@@ -379,6 +386,19 @@ def trace(
     if journal is not None:
         journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
     return result
+
+
+def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
+    """The run warning for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the
+    rounding level of its stored weights (their ``turn_note``), or None when there are none."""
+    hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("turn_note")]
+    if not hit:
+        return None
+    name, step = hit[0]
+    one = len(hit) == 1
+    return (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
+            f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
+            "turn_prev and turn_first are null there (turn_note in trace.json)")
 
 
 def _alpha(w: torch.Tensor, device: torch.device) -> tuple[float | None, float | None]:
@@ -477,6 +497,10 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             now = Subspaces.of(top)
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
+            if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
+                stored = "/".join(dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype)))
+                pt["turn_note"] = (f"every singular value of ΔW is at the rounding level of its {stored} weights: no resolved "
+                                   "direction, so turn_prev and turn_first are null")
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
                 pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)
@@ -515,6 +539,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     points: dict[str, dict[int, dict[str, Any]]] = {}
     first: dict[str, Subspaces] = {}
     prev: dict[str, Subspaces] = {}
+    saved: dict[str, str] = {}  # tensor an adapter stores whole (modules_to_save) -> why it is not traced
     for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
         if "checkpoint" in rec:
             if not (isinstance(rec["checkpoint"], int) and 0 <= rec["checkpoint"] < len(refs)
@@ -527,6 +552,8 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             if rec.get("failed"):
                 refs[rec["checkpoint"]].failed = rec["failed"]
             metas.update(rec.get("meta", {}))
+            if isinstance(rec.get("saved"), dict):  # tensors stored whole (modules_to_save), listed as skipped
+                saved.update({str(k): str(v) for k, v in rec["saved"].items()})
             for name, pt in rec.get("points", {}).items():
                 points.setdefault(name, {})[rec["checkpoint"]] = pt
     finished = {rec["checkpoint"] for rec in done if "checkpoint" in rec}
@@ -544,7 +571,9 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
         if ci in finished:
             continue
         try:
-            modules = _adapter_modules(ref, base, keep)
+            new_saved: dict[str, str] = {}
+            modules = _adapter_modules(ref, base, keep, new_saved)
+            saved.update(new_saved)
         except (SpectraError, OSError) as exc:  # unreadable now, or made for another base
             ref.failed = f"cannot be used ({getattr(exc, 'message', exc)})"
             if journal:
@@ -565,9 +594,11 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
                 prev[name] = now
                 first.setdefault(name, now)
         if journal:
-            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta})
+            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta, "saved": new_saved})
         if callback:
             callback(ci + 1, len(refs), Path(ref.path).name)
+    # not a LoRA update: listed with the reason, never left out without a word (interfere lists them likewise)
+    result.skipped += [{"name": n, "reason": r} for n, r in sorted(saved.items())]
     changed: list[tuple[str, list[str]]] = []  # (module, its r at each checkpoint)
     for name, meta in metas.items():
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
@@ -591,10 +622,12 @@ def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subs
     return Subspaces.of(truncate(Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale), config.top_k))
 
 
-def _adapter_modules(ref: CheckpointRef, base: Checkpoint,
-                     keep: Callable) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
+def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
+                     saved: dict[str, str] | None = None) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
     """``(LoraModule, spec, (out, in), base tensor name)`` of each kept module of an adapter checkpoint
     (the spec names the updated matrix; its base tensor differs for a head tied to the embedding).
+    ``saved``, when given, receives each kept tensor the adapter stores whole (``modules_to_save``) with
+    why it is not traced (:func:`spectra.adapter_diff.saved_modules` pairs them; ``spectra diff`` measures them).
 
     Raises:
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
@@ -607,6 +640,11 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint,
     if adapter.config.base_changing_init:
         raise CheckpointFormatError(f"this adapter was initialised with {adapter.config.base_changing_init}, which changes "
                                     "the base weights: s·B·A alone is not the update", path=ref.path)
+    if saved is not None:
+        whole, unmeasured = saved_modules(adapter, base)
+        saved.update({n: SAVED_WHOLE for n, sm in whole.items() if keep(sm.spec.name, sm.spec.layer)})
+        specs = base.specs if unmeasured else {}  # (describes every base tensor: once)
+        saved.update({x.name: x.reason for x in unmeasured if keep(x.name, sp.layer if (sp := specs.get(x.name)) else None)})
     out = []
     for mod, spec, base_name in adapter_updates(adapter, base):
         if keep(spec.name, spec.layer):

@@ -9,7 +9,8 @@
   stated in the title (:func:`chosen_modules`: per module kind, the layer with that kind's median
   φ), on a colour scale fitted to the grids shown, the random baseline marked.
 
-Modules whose measures are null (an update that is exactly zero) are blank cells.
+Modules whose measures are null (an update that is exactly zero, or entirely at the rounding level of its
+stored weights: status ``unresolved``) are blank cells.
 """
 
 from __future__ import annotations
