@@ -23,7 +23,7 @@ from typing import Any
 
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
-from spectra.io.jsonfile import finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
 from spectra.results_check import is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy
 
@@ -240,7 +240,8 @@ class CompareResult:
         path = Path(path)
         if path.is_dir():
             path = path / "compare.json"
-        doc = load_json(path, what="compare.json", error=ResultsFormatError, lone_surrogates=True)
+        doc = load_json(path, what="compare.json", error=ResultsFormatError, lone_surrogates=True,
+                        max_bytes=RESULTS_MAX_BYTES)
         return cls.from_dict(doc, source=path)
 
 

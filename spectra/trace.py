@@ -47,7 +47,7 @@ from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, tru
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import load_json, parse_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import (
@@ -278,7 +278,7 @@ def load_trace(path: str | Path) -> TraceResult:
     if p.is_dir():
         p = next((p / n for n in ("trace.json", "trace.jsonl") if (p / n).is_file()), p / "trace.json")
     if p.suffix != ".jsonl":
-        doc = load_json(p, what="trace.json", error=ResultsFormatError)
+        doc = load_json(p, what="trace.json", error=ResultsFormatError, max_bytes=RESULTS_MAX_BYTES)
         try:
             return TraceResult.from_dict(doc if isinstance(doc, dict) else {})
         except (TypeError, ValueError) as exc:
