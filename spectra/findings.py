@@ -45,7 +45,8 @@ class Finding:
         topic: ``"rank"`` (against random), ``"modules"`` (per module kind), ``"depth"`` (along the
             layers), ``"size"`` (relative norm), ``"adapter"`` (use of the LoRA rank r), ``"caveat"``
             (a numerical caveat), ``"zero"`` (updates that are exactly zero), ``"skipped"``,
-            ``"nonfinite"``, ``"incomplete"``.
+            ``"nonfinite"``, ``"incomplete"``; compare's findings add ``"unresolved"`` (updates all at the
+            rounding level of their stored weights) among their own.
         text: one or two sentences in words, with the numbers.
         warning: True for caveats: shown as warnings (CLI ``warning:`` lines, the report's first screen).
         numbers: the numbers behind ``text`` (medians, ranges, counts), for scripts and tests.
