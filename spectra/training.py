@@ -50,6 +50,7 @@ from spectra.training_inputs import (
     check_vocabulary,
     clear_run_outputs,
     first_line,
+    leading_blocks,
     load_model,
     load_tokenizer,
     model_config,
@@ -182,6 +183,20 @@ def _evaluate(model, blocks: tuple[torch.Tensor, torch.Tensor], batches: int, ba
     return sum(losses) / len(losses)
 
 
+#: A --data text file is read as far as a pool of this many times the blocks a run draws (steps × batch),
+#: plus its held-out share: a sample of the corpus large enough that draws with replacement rarely repeat.
+DATA_POOL_FACTOR = 64
+
+
+def data_blocks(config: TrainConfig) -> int:
+    """Blocks of ``config.seq_len`` tokens a run reads from a large ``--data`` text file: enough for
+    :data:`DATA_POOL_FACTOR` × the blocks it draws in its training share, and for ``eval_batches``
+    batches in its held-out share."""
+    draws = config.steps * config.batch
+    return max(math.ceil(DATA_POOL_FACTOR * draws / (1 - config.holdout)),
+               math.ceil(config.eval_batches * config.batch / config.holdout), 2)
+
+
 def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None, force: bool = False) -> TrainSummary:
     """Run one reference fine-tune and write its outputs into ``config.out``.
 
@@ -216,7 +231,11 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
-    target = token_blocks(read_examples(config.data), tok, config.seq_len)
+    # a text file larger than the run can use is read only as far as a pool of blocks many times what
+    # the run draws (a 1 GB corpus held as token lists took ~50 GB); a smaller one, or a folder, whole
+    pool = data_blocks(config)
+    ids, labels, whole = leading_blocks(config.data, tok, config.seq_len, pool)
+    target = (ids, labels)
     check_vocabulary(base, tok, target[0])  # before anything is written: an embedding lookup would fail mid-run
     # The held-out split does not depend on the run's seed, so runs with different seeds are
     # evaluated on the same held-out blocks.
@@ -227,7 +246,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     if config.batch * config.seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed in torch.randint (blocks are drawn with replacement)
         raise ConfigError(f"--batch {config.batch} × --seq-len {config.seq_len} is more tokens per step than {MAX_STEP_TOKENS:,} "
                           f"(the data holds {len(blocks[0])} training blocks)", hint="use a smaller --batch")
-    source = token_blocks(read_examples(config.eval_source), tok, config.seq_len) if config.eval_source else None
+    # only the first eval_batches × batch blocks of the source are ever scored (_evaluate): read as far as they need
+    source = (leading_blocks(config.eval_source, tok, config.seq_len, config.eval_batches * config.batch)[:2]
+              if config.eval_source else None)
     if source is not None:
         check_vocabulary(base, tok, source[0])
     random.seed(config.seed)
@@ -242,7 +263,10 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         check_out(out, base=base, inputs=inputs, force=force)  # again under the lock: another run may have written
         if force:
             clear_run_outputs(out)
-        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback)
+        read = None if whole else {"blocks": len(ids), "tokens": len(ids) * config.seq_len,
+                                   "note": f"{config.data} holds more than the run can use: its first {len(ids)} blocks of "
+                                           f"{config.seq_len} tokens were read ({DATA_POOL_FACTOR}× the blocks the run draws)"}
+        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read)
 
 
 def _add_lora(model, config: TrainConfig):
@@ -302,7 +326,7 @@ def _check_rank_early(config: TrainConfig) -> None:
 
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
-         targets: list[str] | None, callback: Callable[[dict], None] | None) -> TrainSummary:
+         targets: list[str] | None, callback: Callable[[dict], None] | None, read: dict | None = None) -> TrainSummary:
     """The optimisation loop and the outputs, in the locked, checked ``config.out``."""
     out = Path(config.out)
     train_ids, train_labels = blocks
@@ -316,7 +340,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": targets if targets is not None else config.target_modules(),
-               "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params)}
+               "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
+               "data_read": read or "whole"}
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()

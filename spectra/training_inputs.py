@@ -9,6 +9,7 @@ to do.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -205,6 +206,32 @@ def token_blocks(examples: list[tuple[str, str]], tok, seq_len: int) -> tuple[to
                            "the rest are all prompt, which is not trained on", hint="give longer responses or shorter "
                            "prompts, or a larger --seq-len")
     return id_blocks[keep], label_blocks[keep]
+
+
+def leading_blocks(path: str | Path, tok, seq_len: int, blocks: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The first ``blocks`` blocks of :func:`token_blocks` of the data at ``path`` (None: all of them),
+    and whether the whole data was read. A text file is read only as far as they need (a prefix grown
+    while the tokenizer needs more, one block past them so that a token merged across the cut is not
+    among them): the blocks are those of the whole file. A folder or JSONL is read whole.
+
+    Raises:
+        SpectraError: as :func:`read_examples` and :func:`token_blocks`.
+    """
+    p = Path(path)
+    if blocks is None or p.is_dir() or p.suffix == ".jsonl":
+        ids, labels = token_blocks(read_examples(p), tok, seq_len)
+        return (ids, labels, True) if blocks is None else (ids[:blocks], labels[:blocks], len(ids) <= blocks)
+    size = max(1 << 16, 8 * seq_len * (blocks + 1))
+    while True:
+        body, whole = read_text_prefix(p, size)
+        if whole:  # as read_examples reads a whole file
+            ids, labels = token_blocks(read_examples(p) if not body.strip() else [("", body)], tok, seq_len)
+            return ids[:blocks], labels[:blocks], len(ids) <= blocks
+        with contextlib.suppress(SpectraError):  # too few blocks in this prefix: read more
+            ids, labels = token_blocks([("", body)], tok, seq_len)
+            if len(ids) > blocks:
+                return ids[:blocks], labels[:blocks], False
+        size *= 4
 
 
 # ---- the model folder ----------------------------------------------------------------------------------

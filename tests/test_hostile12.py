@@ -459,3 +459,34 @@ def test_adapters_saved_in_sub_folders_are_named(tmp_path):
     assert res.exit_code == 0, res.output
     warnings = json.loads((tmp_path / "o" / "results.json").read_text())["warnings"]
     assert any("also holds PEFT adapters in sub-folders (second), not read" in w for w in warnings), warnings
+
+
+def test_train_reads_a_large_corpus_only_as_far_as_the_run_needs(tmp_path):
+    """`train --data 27MB.txt --steps 2 --batch 2 --seq-len 16` held the whole corpus as token lists
+    (1.8 GB for 64 tokens drawn; ~50× the file); --eval-source likewise. A text file is read as far as
+    a pool of 64× the blocks the run draws (the eval source: the blocks it scores), said in
+    train_config.json; its blocks are the whole file's leading ones."""
+    import pydoc_data.topics as topics
+
+    from spectra.training import TrainConfig, data_blocks
+    from spectra.training_inputs import ByteTokenizer, leading_blocks, read_examples, token_blocks
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    big = tmp_path / "big.txt"
+    big.write_text(text * 3, encoding="utf-8")  # ~2 MB: more than the first 64 KiB read
+    tok = ByteTokenizer()
+    whole_ids, whole_labels = token_blocks(read_examples(big), tok, 64)
+    ids, labels, whole = leading_blocks(big, tok, 64, 5000)
+    assert not whole and torch.equal(ids, whole_ids[:5000]) and torch.equal(labels, whole_labels[:5000])
+    ids, _, whole = leading_blocks(big, tok, 64, 10**9)  # more than the file holds: all of it
+    assert whole and torch.equal(ids, whole_ids)
+
+    model = tiny_llama(vocab=256)
+    model.save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(base=str(tmp_path / "base"), data=str(big), out=str(tmp_path / "run"), steps=2, batch=2, seq_len=16,
+                      device="cpu", trace_every=0)
+    res = _cli("train", "--base", tmp_path / "base", "--data", big, "--eval-source", big, "--steps", "2", "--batch", "2",
+               "--seq-len", "16", "--device", "cpu", "--trace-every", "0", "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    read = json.loads((tmp_path / "run" / "train_config.json").read_text())["data_read"]
+    assert read["blocks"] == data_blocks(cfg) and "holds more than the run can use" in read["note"]
