@@ -265,7 +265,8 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
             clear_run_outputs(out)
         read = None if whole else {"blocks": len(ids), "tokens": len(ids) * config.seq_len,
                                    "note": f"{config.data} holds more than the run can use: its first {len(ids)} blocks of "
-                                           f"{config.seq_len} tokens were read ({DATA_POOL_FACTOR}× the blocks the run draws)"}
+                                           f"{config.seq_len} tokens are used ({DATA_POOL_FACTOR}× the blocks the run draws; "
+                                           "a text file is read no further)"}
         return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read)
 
 
