@@ -171,6 +171,8 @@ SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minu
 SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
              "(e.g. a new classification head), which has no update to measure")
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
+#: Why a command that measures LoRA updates (compare, trace, interfere) lists a matrix an adapter stores whole.
+SAVED_NOT_LORA = "stored whole (modules_to_save), not a LoRA update (spectra diff BASE ADAPTER measures it)"
 SAVED_COPY = ("PEFT's internal copy of a module it wraps (original_module / modules_to_save), saved beside the "
               "module's own weight: not a separate update")
 SAVED_TOKENS = ("trainable token rows (trainable_token_indices): new values of a few rows of the embedding, not a "

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_modules
+from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, recorded_base_warning, saved_modules
 from spectra.compare_records import (
     SCHEMA,
     AngleSummary,
@@ -87,9 +87,6 @@ __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 #: Above this p a full update's top-k comes from the randomized SVD (relative tolerance 1e-3 on the
 #: singular values) instead of the exact float64 Gram eigensolve of :func:`spectra.singular_bases.top_svd`.
 EXACT_MAX_P = 4096
-#: Why a matrix an adapter stores whole (``modules_to_save``) is listed as skipped (as ``spectra interfere`` lists it).
-SAVED_WHOLE = ("stored whole (modules_to_save), not a LoRA update: compare measures s·B·A "
-               "(spectra diff BASE ADAPTER measures it)")
 
 
 def _beyond_squaring(M: torch.Tensor) -> str | None:
@@ -167,7 +164,7 @@ class _Side:
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
             whole, unmeasured = saved_modules(self.adapter, base)
             specs = base.specs if base is not None and unmeasured else {}
-            self.saved = {pairing_key(n): (n, SAVED_WHOLE, sm.spec.layer) for n, sm in whole.items()}
+            self.saved = {pairing_key(n): (n, SAVED_NOT_LORA, sm.spec.layer) for n, sm in whole.items()}
             self.saved.update({pairing_key(x.name): (x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None)
                                for x in unmeasured})
             self.names = {k: m.weight_name for k, m in self.mods.items()}
@@ -256,9 +253,8 @@ class _Side:
         # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
         if isinstance(u, str):
             return u
-        dtypes = dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype))  # one name when both sides share it
         return replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt),
-                       stored="/".join(dtypes))
+                       stored=pair.tuned_info.dtype)  # the floor's dtype: the tuned side's rounding
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not _all_finite(dense):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, recorded_base_warning
+from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, recorded_base_warning
 from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
@@ -123,7 +123,7 @@ class _Task:
                                          f"{base_name}: not measured here (spectra diff BASE ADAPTER measures it)"})
                     continue
                 self.updates[base_name] = mod
-            self.skipped += [{"name": n, "reason": f"{label}: stored whole (modules_to_save), not a LoRA update"}
+            self.skipped += [{"name": n, "reason": f"{label}: {SAVED_NOT_LORA}"}
                              for n in self.adapter.full]
             # untargeted factors, LoRA biases, stray DoRA magnitudes: as `spectra diff ADAPTER` lists them
             self.skipped += [{"name": k.name, "reason": f"{label}: {k.reason}"} for k in self.adapter.skipped]
@@ -409,8 +409,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
 def unresolved_text(pair: MatrixPair) -> str:
     """Why a task's non-zero dense update of ``pair`` has no triplet: every singular value is at or below
     the rounding floor of its stored weights (:func:`spectra.delta.pair_floor`)."""
-    stored = "/".join(dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype)))
-    return (f"every singular value of its update is at the rounding level of its {stored} weights: no resolved "
+    return (f"every singular value of its update is at the rounding level of its {pair.tuned_info.dtype} weights: no resolved "
             "direction, so its φ, captured energy, TSV and KnOTS entries are null")
 
 

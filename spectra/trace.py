@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, saved_modules
+from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, saved_modules
 from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
@@ -65,9 +65,6 @@ from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
-#: Why a matrix an adapter stores whole (``modules_to_save``) is listed as skipped by a trace of adapters.
-SAVED_WHOLE = ("stored whole (modules_to_save), not a LoRA update: an adapter trace follows s·B·A "
-               "(spectra diff BASE ADAPTER measures it)")
 #: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
 SIGMA_FLOOR = 1e-7
 
@@ -498,8 +495,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
-                stored = "/".join(dict.fromkeys((pair.base_info.dtype, pair.tuned_info.dtype)))
-                pt["turn_note"] = (f"every singular value of ΔW is at the rounding level of its {stored} weights: no resolved "
+                pt["turn_note"] = (f"every singular value of ΔW is at the rounding level of its {pair.tuned_info.dtype} weights: no resolved "
                                    "direction, so turn_prev and turn_first are null")
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
@@ -642,7 +638,7 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
                                     "the base weights: s·B·A alone is not the update", path=ref.path)
     if saved is not None:
         whole, unmeasured = saved_modules(adapter, base)
-        saved.update({n: SAVED_WHOLE for n, sm in whole.items() if keep(sm.spec.name, sm.spec.layer)})
+        saved.update({n: SAVED_NOT_LORA for n, sm in whole.items() if keep(sm.spec.name, sm.spec.layer)})
         specs = base.specs if unmeasured else {}  # (describes every base tensor: once)
         saved.update({x.name: x.reason for x in unmeasured if keep(x.name, sp.layer if (sp := specs.get(x.name)) else None)})
     out = []
