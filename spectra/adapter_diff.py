@@ -344,8 +344,8 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
     if bad:
         what = "the difference of the weights overflows" if bad == ["overflow"] else f"the {' and '.join(bad)} weights contain NaN or Inf"
         return f"{what} (modules_to_save: {name} stored whole in the adapter); ΔW is undefined"
-    notes = numeric_notes(wb, wt, delta, base_dtype=base.tensors[sv.base_name].dtype,
-                          tuned_dtype=str(sv.tensor.dtype).removeprefix("torch."), base_sq=base_fro * base_fro)
+    base_dtype, tuned_dtype = base.tensors[sv.base_name].dtype, str(sv.tensor.dtype).removeprefix("torch.")
+    notes = numeric_notes(wb, wt, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype, base_sq=base_fro * base_fro)
     shape = (int(delta.shape[0]), int(delta.shape[1]))
     S = batch_singular_values(delta.unsqueeze(0), device=device, dtype=dtype)[0]
     base_sv = tuned_sv = esd = None
@@ -360,7 +360,7 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
         base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
-        dtype=f"{base.tensors[sv.base_name].dtype}/{str(sv.tensor.dtype).removeprefix('torch.')}", method="modules_to_save/dense",
+        dtype=f"{base_dtype}/{tuned_dtype}", method="modules_to_save/dense",
         seconds=time.perf_counter() - start, note=note, base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
     )
 
