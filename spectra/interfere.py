@@ -340,8 +340,10 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             top = float(delta.abs().max()) if delta.dtype == torch.float64 and delta.numel() else 0.0
             if outside_squaring_range(top):
                 raise _SkipModule(_out_of_range(tasks[t].label, top))
-            # directions at the rounding level of the stored weights are not directions of the update
-            spectra_[t], factors[t] = spectrum_and_top(delta, k, floor=floor)
+            # directions at the rounding level of the stored weights are not directions of the update; a DoRA
+            # update (dense) is represented by its top r directions, as compare represents it
+            u = tasks[t].updates[name]
+            spectra_[t], factors[t] = spectrum_and_top(delta, min(k, u.r) if isinstance(u, LoraModule) else k, floor=floor)
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
             if total is None:
                 total = torch.zeros(delta.shape, dtype=torch.float64, device=device)

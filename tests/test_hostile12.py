@@ -490,3 +490,20 @@ def test_train_reads_a_large_corpus_only_as_far_as_the_run_needs(tmp_path):
     assert res.exit_code == 0, res.output
     read = json.loads((tmp_path / "run" / "train_config.json").read_text())["data_read"]
     assert read["blocks"] == data_blocks(cfg) and "holds more than the run can use" in read["note"]
+
+
+def test_interfere_represents_a_dora_update_by_its_top_r_directions_as_compare_does(tmp_path):
+    """A DoRA update is dense: compare compares its top r directions, interfere took its top_k (16 of
+    a rank-2 adapter), so one pair of adapters had two sets of ranks and φ."""
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    random_lora(tiny_llama(), 1, r=2, use_dora=True, target_modules=["q_proj"]).save_pretrained(tmp_path / "dora")
+    random_lora(tiny_llama(), 2, r=4, target_modules=["q_proj"]).save_pretrained(tmp_path / "lora")
+    res = _cli("interfere", tmp_path / "dora", tmp_path / "lora", "--base", tmp_path / "base", "--json", "--no-plots")
+    assert res.exit_code == 0, res.output
+    doc = json.JSONDecoder().raw_decode(res.output[res.output.index("{"):])[0]
+    assert [m["ranks"] for m in doc["modules"]] == [[2, 4], [2, 4]]
+    res = _cli("compare", tmp_path / "dora", tmp_path / "lora", "--base", tmp_path / "base", "--json")
+    assert res.exit_code == 0, res.output
+    cmp = json.JSONDecoder().raw_decode(res.output[res.output.index("{"):])[0]
+    assert [(m["rank_a"], m["rank_b"]) for m in cmp["modules"]] == [(2, 4), (2, 4)]
