@@ -19,6 +19,16 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def _tiny_pair(tmp_path):
+    """``b.safetensors`` and ``t.safetensors`` in ``tmp_path``: two 8 × 8 up_proj matrices and a small update of each."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+
+
 def _saved_adapter(tmp_path, *, tie: bool = False, resize: int = 0, extra_save: tuple[str, ...] = ()):
     """A base tiny Llama and a PEFT LoRA (q_proj) whose ``modules_to_save`` (lm_head or embed_tokens,
     the usual pair when tokens are added) were moved by a planted update; returns (base dir, adapter dir,
@@ -115,15 +125,11 @@ def test_modules_to_save_of_a_resized_vocabulary_and_a_tied_head(tmp_path):
 def test_an_interrupted_runs_finding_counts_what_results_json_held(tmp_path):
     """A run killed between two rewrites of results.json: the report said "the numbers cover only the
     1 matrices finished" while the journal held 13. Now: "1 matrix", and that the journal holds every one."""
-    from safetensors.torch import save_file
 
     from spectra.findings import diff_findings
     from spectra.results import DiffResult
 
-    g = torch.Generator().manual_seed(0)
-    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
-    save_file(b, str(tmp_path / "b.safetensors"))
-    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    _tiny_pair(tmp_path)
     assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "o").exit_code == 0
     res = DiffResult.load(tmp_path / "o" / "results.json")
     res.modules, res.complete = res.modules[:1], False
@@ -389,15 +395,11 @@ def test_results_json_above_the_generic_json_cap_is_read_back(tmp_path):
     """A 20,000-matrix run with --weight-spectra wrote a 113 MB results.json that report, recommend,
     DiffResult.load and --resume refused ("more than 100000000 is not a results.json … corrupt"): the
     generic cap on JSON files read whole. spectra's own results files are read up to the journal's bound."""
-    from safetensors.torch import save_file
 
     from spectra.io.jsonfile import MAX_JSON_BYTES
     from spectra.results import DiffResult
 
-    g = torch.Generator().manual_seed(0)
-    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
-    save_file(b, str(tmp_path / "b.safetensors"))
-    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    _tiny_pair(tmp_path)
     out = tmp_path / "o"
     assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out).exit_code == 0
     with open(out / "results.json", "a") as f:  # as large as a big run's, and still valid JSON
@@ -413,12 +415,8 @@ def test_a_killed_rewrites_temporary_file_is_removed_by_the_next_run(tmp_path):
     """SIGKILL during a rewrite of results.json left `.results.json.XXXXXXXX.tmp` (as large as the
     results) that neither --resume nor a fresh run removed. The next run holding the folder's lock
     removes such files beside its outputs, and nothing else."""
-    from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(0)
-    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 8, generator=g) for i in range(2)}
-    save_file(b, str(tmp_path / "b.safetensors"))
-    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(tmp_path / "t.safetensors"))
+    _tiny_pair(tmp_path)
     out = tmp_path / "o"
     assert _cli("diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", out).exit_code == 0
     stale, other = out / ".results.json.k9x_2ab7.tmp", out / ".notes.txt.k9x_2ab7.tmp"
