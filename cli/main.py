@@ -127,6 +127,16 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
     os._exit(code)
 
 
+def _journaled(out: Path) -> bool:
+    """Whether ``out`` holds a non-empty journal (``*.jsonl``); False when it cannot be looked at (a
+    name too long, a folder not entered): the stop message is asked before and during any run."""
+    try:
+        with os.scandir(out) as entries:
+            return any(e.name.endswith(".jsonl") and e.is_file() and e.stat().st_size > 0 for e in entries)
+    except OSError:
+        return False
+
+
 def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = None) -> str:
     """What a stop leaves of the command ``ctx``'s arguments name, in words: the journal of a command that
     can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
@@ -148,8 +158,7 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
         return str(note(params, since))
     out = params.get("out_dir")
     if out and "resume" in params:
-        journals = list(Path(out).glob("*.jsonl")) if Path(out).is_dir() else []
-        if not any(j.stat().st_size for j in journals if j.is_file()):  # stopped while the inputs were opened
+        if not _journaled(Path(out)):  # stopped while the inputs were opened
             return f"stopped before any result was written to {out}: run the command again (without --resume)"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")

@@ -330,6 +330,17 @@ def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: Diff
     return run_fingerprint(base if base is not None else files, files, config)
 
 
+def saved_skips(adapter: Adapter, base: Checkpoint | None) -> list[tuple[str, str, int | None]]:
+    """``(name, reason, layer)`` of each tensor ``adapter`` stores outside its LoRA factors, for the
+    commands that measure LoRA updates only (compare, trace, interfere): a matrix saved whole
+    (:func:`saved_modules`) with :data:`SAVED_NOT_LORA`, anything else with its own reason (a vector,
+    PEFT's internal copies, trainable token rows, no base); ``layer`` for the ``--layers`` filter."""
+    whole, unmeasured = saved_modules(adapter, base)
+    specs = base.specs if base is not None and unmeasured else {}  # (describes every base tensor: once)
+    return ([(n, SAVED_NOT_LORA, sm.spec.layer) for n, sm in whole.items()]
+            + [(x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None) for x in unmeasured])
+
+
 def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch.Tensor | None, module: str,
                   config: DiffConfig, device: torch.device, dtype: torch.dtype) -> ModuleResult | str:
     """The result of one analysed part of a matrix the adapter stores whole (:class:`SavedModule`): the

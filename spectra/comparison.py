@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, recorded_base_warning, saved_modules
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.compare_records import (
     SCHEMA,
     AngleSummary,
@@ -162,11 +162,7 @@ class _Side:
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
                              if n is not None and pairing_key(n) != pairing_key(m.weight_name)}
             self.mods = {pairing_key(m.weight_name): m for m in self.adapter.modules.values()}
-            whole, unmeasured = saved_modules(self.adapter, base)
-            specs = base.specs if base is not None and unmeasured else {}
-            self.saved = {pairing_key(n): (n, SAVED_NOT_LORA, sm.spec.layer) for n, sm in whole.items()}
-            self.saved.update({pairing_key(x.name): (x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None)
-                               for x in unmeasured})
+            self.saved = {pairing_key(n): (n, why, layer) for n, why, layer in saved_skips(self.adapter, base)}
             self.names = {k: m.weight_name for k, m in self.mods.items()}
         else:
             self.tuned = opened or open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, recorded_base_warning
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
@@ -123,8 +123,7 @@ class _Task:
                                          f"{base_name}: not measured here (spectra diff BASE ADAPTER measures it)"})
                     continue
                 self.updates[base_name] = mod
-            self.skipped += [{"name": n, "reason": f"{label}: {SAVED_NOT_LORA}"}
-                             for n in self.adapter.full]
+            self.skipped += [{"name": n, "reason": f"{label}: {why}"} for n, why, _ in saved_skips(self.adapter, base)]
             # untargeted factors, LoRA biases, stray DoRA magnitudes: as `spectra diff ADAPTER` lists them
             self.skipped += [{"name": k.name, "reason": f"{label}: {k.reason}"} for k in self.adapter.skipped]
         else:

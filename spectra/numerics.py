@@ -215,15 +215,18 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     unit roundoff of the stored dtype, ``torch.finfo(dtype).eps / 2``: float64 2⁻⁵³, float32 2⁻²⁴,
     float16 2⁻¹¹, bfloat16 2⁻⁸, float8_e4m3fn 2⁻⁴, float8_e5m2 2⁻³; relative to each value, so fp8
     dequantised with a scale too), uniform within that bound: ΔW holds a random full-rank matrix of
-    independent entries of standard deviation at most ``u·|x|/√3``, on the entries the fine-tune
-    changed only (an entry stored equal on both sides is exactly 0 in ΔW: the unchanged rows of an
-    embedding, a frozen outlier channel add no noise). Such a matrix's largest singular
+    independent entries of standard deviation at most ``u·|x|/√3``, in the rows and columns the
+    fine-tune changed: a row or column stored equal on both sides is exactly 0 in ΔW (the untouched
+    rows of an embedding, a frozen outlier channel add no noise), while an unchanged entry of a
+    changed row may hold an update rounded away (up to half a unit in the last place, which a small
+    learning rate leaves on most entries). Such a matrix's largest singular
     value is at most about the largest row norm plus the largest column norm of those deviations
     (Latała; Bandeira and van Handel): ``(√out + √in)·σ`` for entries of one scale σ (the
     Marchenko–Pastur edge), and the outlier rows or columns of real LLM weights where they dominate.
     The floor is that bound times :data:`FLOOR_MARGIN`:
 
-        ``floor = 1.5 · u/√3 · (max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂)``,  ``X = W_tuned`` where it differs from ``W_base``, else 0
+        ``floor = 1.5 · u/√3 · (max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂)``,  ``X = W_tuned`` where its row and
+        its column each hold an entry that differs from ``W_base``, else 0
 
     in the weights' units (as ΔW's singular values). Only the tuned side is counted: the base as
     stored is where the fine-tune started (a base stored in another precision than training started
@@ -234,7 +237,7 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     Args:
         W_tuned: ``(out, in)`` tuned weights as analysed (any float dtype, any device; oriented either way).
         tuned_dtype: the stored dtype name (``"float32"``, ``"bfloat16"``…).
-        W_base: the base weights, same shape and orientation; None: every entry counts as changed.
+        W_base: the base weights, same shape and orientation; None: every row and column counts as changed.
         block: elements per float64 block (no full float64 copy).
 
     Example:
@@ -243,28 +246,47 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
         0.00866
         >>> rounding_floor(W, "bfloat16", W.clone())   # nothing changed: no rounding in ΔW
         0.0
+        >>> T = W.clone(); T[0, 0] += 1
+        >>> round(rounding_floor(T, "bfloat16", W), 6)   # one entry changed: 1.5 · 2⁻⁸/√3 · 2 · 1.02
+        0.006901
         >>> rounding_floor(W, "int8")
         0.0
     """
     eps = _eps(tuned_dtype)
     if eps is None or W_tuned.ndim != 2 or W_tuned.numel() == 0:
         return 0.0
-    # float32 work and sums for narrower weights (a bound with a 1.5 margin needs no more; squares
-    # beyond float32's range give an infinite bound: no floor): a fifth of the time of a float64 pass,
-    # the floor being asked of every dense update
-    work = torch.float64 if torch.float64 in (W_tuned.dtype, getattr(W_base, "dtype", None)) else torch.float32
+    # float32 work and sums for narrower weights (a bound with a 1.5 margin needs no more): a fifth of the
+    # time of a float64 pass, the floor being asked of every dense update; squares out of float32's range
+    # (weights beyond ~1e17 or below ~1e-19) give an infinite or zero bound: then again in float64
+    wide = torch.float64 in (W_tuned.dtype, getattr(W_base, "dtype", None))
+    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block)
+    if not wide and not 0.0 < bound < math.inf:
+        bound = _norm_bound(W_tuned, W_base, torch.float64, block)
+    return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
+
+
+def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int) -> float:
+    """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X``, in ``work`` precision."""
     rows = max(1, block // W_tuned.shape[1])
+    out_dim, in_dim = W_tuned.shape
+    row_on = torch.ones(out_dim, dtype=torch.bool, device=W_tuned.device)
+    col_on = torch.ones(in_dim, dtype=torch.bool, device=W_tuned.device)
+    if W_base is not None:  # which rows and columns the fine-tune changed (a first, comparing pass)
+        col_on.zero_()
+        for r in range(0, out_dim, rows):
+            changed = W_tuned[r : r + rows].to(work) != W_base[r : r + rows].to(work)
+            row_on[r : r + rows] = changed.any(dim=1)
+            col_on |= changed.any(dim=0)
     row_sq = torch.zeros((), dtype=work, device=W_tuned.device)
-    col_sq = torch.zeros(W_tuned.shape[1], dtype=work, device=W_tuned.device)
-    for r in range(0, W_tuned.shape[0], rows):
+    col_sq = torch.zeros(in_dim, dtype=work, device=W_tuned.device)
+    for r in range(0, out_dim, rows):
         x = W_tuned[r : r + rows].to(work)
         if W_base is not None:
-            x = torch.where(x != W_base[r : r + rows].to(work), x, 0.0)
+            x = torch.where(row_on[r : r + rows, None] & col_on[None, :], x, 0.0)
         sq = x * x
         row_sq = torch.maximum(row_sq, sq.sum(dim=1).max())
         col_sq += sq.sum(dim=0)
-    bound = math.sqrt(float(row_sq)) + math.sqrt(float(col_sq.max()))
-    return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
+    return math.sqrt(float(row_sq)) + math.sqrt(float(col_sq.max()))
 
 
 def _eps(dtype: str) -> float | None:

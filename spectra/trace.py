@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import SAVED_NOT_LORA, adapter_updates, saved_modules
+from spectra.adapter_diff import adapter_updates, saved_skips
 from spectra.config import SharedOptions, check_device_available, check_thresholds
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
@@ -637,10 +637,7 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
         raise CheckpointFormatError(f"this adapter was initialised with {adapter.config.base_changing_init}, which changes "
                                     "the base weights: s·B·A alone is not the update", path=ref.path)
     if saved is not None:
-        whole, unmeasured = saved_modules(adapter, base)
-        saved.update({n: SAVED_NOT_LORA for n, sm in whole.items() if keep(sm.spec.name, sm.spec.layer)})
-        specs = base.specs if unmeasured else {}  # (describes every base tensor: once)
-        saved.update({x.name: x.reason for x in unmeasured if keep(x.name, sp.layer if (sp := specs.get(x.name)) else None)})
+        saved.update({n: why for n, why, layer in saved_skips(adapter, base) if keep(n, layer)})
     out = []
     for mod, spec, base_name in adapter_updates(adapter, base):
         if keep(spec.name, spec.layer):

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
-from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, tensor_infos
+from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, named_adapters, tensor_infos
 from spectra.io.jsonfile import load_json
 from spectra.io.paths import allowed_roots, check_inside, missing_text
 from spectra.io.patterns import (
@@ -441,8 +441,10 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     if full is not None:  # `spectra inspect FOLDER` lists that model: say which of the two this read
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds a PEFT adapter and a full model ({full}); "
                              f"read the adapter ({weights.name}); pass {folder / full} to analyse the full model")
-    others = sorted(q.name for q in folder.iterdir() if q.is_dir() and (q / ADAPTER_CONFIG).is_file())
-    if others:  # PEFT saves each adapter of another name than "default" in a sub-folder of that name
+    # PEFT saves each adapter of another name than "default" in a sub-folder of that name (a Trainer's
+    # checkpoint-N sub-folders are a training run's, which spectra trace reads)
+    others = named_adapters(folder)
+    if others:
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder also holds PEFT adapters in sub-folders "
                              f"({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), not read; pass one to analyse it")
     for name in ckpt.tensors:

@@ -498,10 +498,11 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         )
     hub = hub_cache_hint(folder)  # a hub cache (or one of its entries) passed where its snapshot was meant
     # PEFT saves an adapter of another name than "default" in a sub-folder of that name
-    adapters = sorted(q.name for q in folder.iterdir() if (q / "adapter_config.json").is_file())[:3] if not hub else []
+    adapters = named_adapters(folder) if not hub else []
+    listed = ", ".join(adapters[:3]) + (" …" if len(adapters) > 3 else "")
     raise CheckpointFormatError(
         "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json in this folder"
-        + (f": {hub[0]}" if hub else f"; it holds PEFT adapters in sub-folders ({', '.join(adapters)})" if adapters else ""),
+        + (f": {hub[0]}" if hub else f"; it holds PEFT adapters in sub-folders ({listed})" if adapters else ""),
         path=folder, hint=hub[1] if hub else (f"pass one of them, e.g. {folder / adapters[0]}" if adapters
                                               else "pass a checkpoint file or a Hugging Face model folder"),
     )
@@ -605,6 +606,16 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
 def _unknown_shard(index_path: Path, shard: str) -> dict[str, TensorInfo]:
     raise CheckpointFormatError(f"index lists {shard!r}, which is not a .safetensors or .bin file", path=index_path,
                                 hint="shards must be .safetensors, .bin, .pt or .pth files")
+
+
+def named_adapters(folder: Path) -> list[str]:
+    """The sub-folders of ``folder`` that hold a PEFT adapter saved under a name (``folder/speech/``),
+    sorted; a Hugging Face Trainer's ``checkpoint-N`` folders are left out (a run, not named adapters)."""
+    try:
+        return sorted(q.name for q in folder.iterdir() if q.is_dir() and (q / "adapter_config.json").is_file()
+                      and not re.fullmatch(r"checkpoint-\d+", q.name))
+    except OSError:
+        return []
 
 
 def read_config(folder: Path, roots: tuple[Path, ...]) -> dict[str, Any] | None:

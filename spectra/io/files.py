@@ -116,16 +116,22 @@ def _umask() -> int:
 
 #: A temporary file :func:`atomic_file` writes beside ``X`` (``tempfile.mkstemp``'s 8 random characters).
 _TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+#: The results a run rewrites while it holds its folder's lock (a killed rewrite leaves a temporary
+#: file beside one of them); a report, written without the lock, is not among them.
+LOCKED_OUTPUTS = frozenset({"results.json", "results.csv", "diff_config.json", "compare.json", "compare.csv", "esd.json",
+                            "esd.csv", "extract.json", "extract.csv", "trace.json", "trace.csv", "interfere.json",
+                            "interfere.csv", "sweep.json", "train_config.json", "train_summary.json"})
 
 
 def _remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary files a killed run left beside its outputs (``.results.json.ab12cd34.tmp``:
+    """Remove the temporary files a killed run left beside its results (``.results.json.ab12cd34.tmp``:
     a SIGKILL or an out-of-memory kill during a rewrite), once this process holds the folder's lock, so
-    no live spectra run is writing them. Only those beside an existing output of the same name."""
+    no live spectra run is writing them: only those of :data:`LOCKED_OUTPUTS`, beside that output."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             m = _TEMP_NAME.fullmatch(entry.name)
-            if m and entry.is_file(follow_symlinks=False) and (folder / m.group("target")).is_file():
+            if (m and m.group("target") in LOCKED_OUTPUTS and entry.is_file(follow_symlinks=False)
+                    and (folder / m.group("target")).is_file()):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 
