@@ -209,18 +209,19 @@ def token_blocks(examples: list[tuple[str, str]], tok, seq_len: int) -> tuple[to
 
 
 def leading_blocks(path: str | Path, tok, seq_len: int, blocks: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The first ``blocks`` blocks of :func:`token_blocks` of the data at ``path`` (None: all of them),
-    and whether the whole data was read. A text file is read only as far as they need (a prefix grown
-    while the tokenizer needs more, one block past them so that a token merged across the cut is not
-    among them): the blocks are those of the whole file. A folder or JSONL is read whole.
+    """The first ``blocks`` blocks of :func:`token_blocks` of a text file at ``path`` (None: all of them),
+    and whether the whole data was read. The file is read only as far as they need (a prefix grown while
+    the tokenizer needs more, one block past them so that a token merged across the cut is not among
+    them): the blocks are those of the whole file. A folder or JSONL is read whole, and all its blocks
+    are returned.
 
     Raises:
         SpectraError: as :func:`read_examples` and :func:`token_blocks`.
     """
     p = Path(path)
-    if blocks is None or p.is_dir() or p.suffix == ".jsonl":
+    if blocks is None or p.is_dir() or p.suffix == ".jsonl":  # read whole: every block is kept (nothing to save)
         ids, labels = token_blocks(read_examples(p), tok, seq_len)
-        return (ids, labels, True) if blocks is None else (ids[:blocks], labels[:blocks], len(ids) <= blocks)
+        return ids, labels, True
     size = max(1 << 16, 8 * seq_len * (blocks + 1))
     while True:
         body, whole = read_text_prefix(p, size)

@@ -483,6 +483,10 @@ def test_train_reads_a_large_corpus_only_as_far_as_the_run_needs(tmp_path):
     assert not whole and torch.equal(ids, whole_ids[:5000]) and torch.equal(labels, whole_labels[:5000])
     ids, _, whole = leading_blocks(big, tok, 64, 10**9)  # more than the file holds: all of it
     assert whole and torch.equal(ids, whole_ids)
+    (tmp_path / "folder").mkdir()  # a folder is read whole, and all of it used (review: it was cut to the pool)
+    (tmp_path / "folder" / "a.txt").write_text(text, encoding="utf-8")
+    ids, _, whole = leading_blocks(tmp_path / "folder", tok, 64, 10)
+    assert whole and len(ids) == len(token_blocks(read_examples(tmp_path / "folder"), tok, 64)[0]) > 10
 
     model = tiny_llama(vocab=256)
     model.save_pretrained(tmp_path / "base")
