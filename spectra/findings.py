@@ -190,7 +190,7 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            numbers={"code": code, "matrices": len(hit)}))
     nonempty = [m for m in result.modules if m.p]  # an empty (p = 0) matrix has no update to speak of
     zero = [m for m in nonempty if m.fro_norm == 0]
-    alone = sum(len(v) for v in (result.unmatched or {}).values())
+    alone = result.unpaired
     if zero and len(zero) == len(nonempty) and alone:  # what changed may be what did not pair
         out.append(Finding("zero", f"Every one of the {len(zero)} paired ΔW is exactly zero, but {alone} tensor(s) on one side "
                            "only were not paired and are not compared (see the pairing warnings): the change, if any, is "

@@ -183,9 +183,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     result.elapsed_s = time.perf_counter() - t0
     result.add_caveat_warnings()
     if all_zero(result):
-        alone = sum(len(v) for v in (result.unmatched or {}).values())
         result.warnings.append("every analysed ΔW is exactly zero: " + (
-            f"{alone} tensor(s) on one side only were not paired and are not compared" if alone
+            f"{result.unpaired} tensor(s) on one side only were not paired and are not compared" if result.unpaired
             else "base and tuned hold the same weights"))
     if loader is not None:
         if loader.ident is None:  # no result came

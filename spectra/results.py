@@ -200,6 +200,11 @@ class DiffResult:
         d = {"schema": SCHEMA, **d}
         return d
 
+    @property
+    def unpaired(self) -> int:
+        """Tensors on one side only (``unmatched``), which the results do not compare."""
+        return sum(len(v) for v in (self.unmatched or {}).values())
+
     def non_finite(self) -> list[str]:
         """Where the results hold NaN or ±Inf (``"modules[3].stable_rank"``…): JSON cannot store
         them, so :meth:`to_json` writes null there and says so in ``warnings``."""
