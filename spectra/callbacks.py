@@ -281,11 +281,12 @@ class SpectraTracker:
                 return None, None
             f = Factored.from_lora(B, A, 1.0)
             return f.S.cpu().numpy(), truncate(f, self.config.top_k)
-        delta = tr.param.detach().float() - tr.initial.to(tr.param.device).float()
+        initial = tr.initial.to(tr.param.device)  # once: ΔW and the floor both read it (a copy on a GPU)
+        delta = tr.param.detach().float() - initial.float()
         if not bool(torch.isfinite(delta).all()):
             return None, None
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
-        floor = rounding_floor(tr.param.detach(), str(tr.param.dtype).removeprefix("torch."), tr.initial.to(tr.param.device))
+        floor = rounding_floor(tr.param.detach(), str(tr.param.dtype).removeprefix("torch."), initial)
         return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
