@@ -122,8 +122,8 @@ def _warnings(result: CompareResult) -> list[Finding]:
                            numbers={"zero_update": len(zero), "by_side": dict(which)}))
     unresolved = [m for m in result.modules if m.status == "unresolved"]
     if unresolved:
-        # which side: the reason names it ("every singular value of A's update…", "…of A's and B's updates…")
-        which = Counter("A and B" if "A's and B's" in (m.reason or "") else ("A" if "of A's" in (m.reason or "") else "B")
+        # which side: the one that resolves no direction (neither is zero under this status)
+        which = Counter("A and B" if m.rank_a == 0 and m.rank_b == 0 else ("A" if m.rank_a == 0 else "B")
                         for m in unresolved)
         names = ", ".join(display_name(m.name, 60) for m in unresolved[:3]) + (", …" if len(unresolved) > 3 else "")
         out.append(Finding("unresolved", f"{len(unresolved)} of {len(result.modules)} modules have a non-zero update that is "

@@ -61,6 +61,7 @@ from spectra.naming import (
     role_sort_key,
     unique_pairing_keys,
 )
+from spectra.numerics import unresolved_text
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
@@ -314,13 +315,13 @@ def _floor_cuts(form: Factored | TopSVD, floor: float, r: int) -> bool:
 def _unresolved_reason(a: bool, b: bool, ua: _Update, ub: _Update) -> str:
     """The ``reason`` of a module whose non-zero dense update on side A (``a``), B (``b``) or both has no
     singular value above the rounding floor of its stored weights (``ua.stored``, ``ub.stored`` name
-    their dtypes): status ``unresolved``, with null subspace measures."""
+    their dtypes): status ``unresolved``, with null subspace measures (also appended to a
+    ``zero_update`` reason when the other side is exactly zero)."""
     both = a and b
     whose = "A's and B's updates" if both else f"{'A' if a else 'B'}'s update"
     stored = "/".join(dict.fromkeys(u.stored for u, x in ((ua, a), (ub, b)) if x))
-    return (f"every singular value of {whose} is at the rounding level of "
-            f"{'their' if both else 'its'} {stored} weights: {'each' if both else 'the'} update is rounding noise of "
-            "the stored weights, with no resolved direction, so φ, the angles and the captured energies are undefined")
+    return (f"{unresolved_text(whose, stored, plural=both)}: {'each' if both else 'the'} update is rounding noise of "
+            "the stored weights, so φ, the angles and the captured energies are undefined")
 
 
 def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
@@ -371,8 +372,13 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
                                          *dora, *numeric]) or None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b or unresolved_a or unresolved_b:
-        rec.status, rec.reason = (("zero_update", _zero_reason(zero_a, zero_b)) if zero_a or zero_b
-                                  else ("unresolved", _unresolved_reason(unresolved_a, unresolved_b, ua, ub)))
+        if zero_a or zero_b:
+            # the other side may be all rounding noise: said too, or its update would read as measured
+            rec.status, rec.reason = "zero_update", "; ".join(
+                [_zero_reason(zero_a, zero_b)]
+                + ([_unresolved_reason(unresolved_a, unresolved_b, ua, ub)] if unresolved_a or unresolved_b else []))
+        else:
+            rec.status, rec.reason = "unresolved", _unresolved_reason(unresolved_a, unresolved_b, ua, ub)
         rec.phi = dict.fromkeys(sides)
         rec.angles = dict.fromkeys(sides)
         rec.captured = {"b_in_a": None, "a_in_b": None}

@@ -54,6 +54,7 @@ from spectra.io.files import atomic_write_text, folder_lock
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
+from spectra.numerics import unresolved_text
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import selector
@@ -389,7 +390,8 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     # a non-zero dense update with no triplet above its rounding floor: all of it is rounding of the stored
     # weights, so its subspace measures are null; said per task (as compare's status "unresolved")
     unresolved = [t for t in sorted(seen) if fs[t].S.numel() == 0 and G[t, t] > 0]
-    numeric += [f"{tasks[t].label}: {unresolved_text(tasks[t].updates[name])}" for t in unresolved]
+    numeric += [f"{tasks[t].label}: {unresolved_text('its update', tasks[t].updates[name].tuned_info.dtype)}, so its φ, "
+                "captured energy, TSV and KnOTS entries are null" for t in unresolved]
     S_sum = singular_values(total) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds)
@@ -405,13 +407,6 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                   "task_energy_rank": knots.task_energy_rank},
         "sum": asdict(acc), "note": "; ".join(x for x in (spec.note, *numeric) if x),
     })
-
-
-def unresolved_text(pair: MatrixPair) -> str:
-    """Why a task's non-zero dense update of ``pair`` has no triplet: every singular value is at or below
-    the rounding floor of its stored weights (:func:`spectra.delta.pair_floor`)."""
-    return (f"every singular value of its update is at the rounding level of its {pair.tuned_info.dtype} weights: no resolved "
-            "direction, so its φ, captured energy, TSV and KnOTS entries are null")
 
 
 def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:

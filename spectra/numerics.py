@@ -265,6 +265,19 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
+def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
+    """The one wording, in every command, of a non-zero update with no singular value above the rounding
+    floor of its stored weights (:func:`rounding_floor`): ``whose`` names the update(s) ("ΔW", "A's
+    update"), ``dtypes`` their stored dtype(s), ``plural`` when ``whose`` names several updates.
+
+    Example:
+        >>> unresolved_text("ΔW", "bfloat16")
+        'every singular value of ΔW is at the rounding level of its bfloat16 weights: no resolved direction'
+    """
+    return (f"every singular value of {whose} is at the rounding level of {'their' if plural else 'its'} {dtypes} weights: "
+            f"no resolved direction{'s' if plural else ''}")
+
+
 def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int) -> float:
     """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X``, in ``work`` precision."""
     rows = max(1, block // W_tuned.shape[1])

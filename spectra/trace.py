@@ -57,6 +57,7 @@ from spectra.metrics import (
     threshold_key,
 )
 from spectra.naming import MatrixSpec, role_sort_key
+from spectra.numerics import unresolved_text
 from spectra.pairing import pair_checkpoints
 from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import refuse_empty_selection, selector
@@ -495,8 +496,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
-                pt["turn_note"] = (f"every singular value of ΔW is at the rounding level of its {pair.tuned_info.dtype} weights: no resolved "
-                                   "direction, so turn_prev and turn_first are null")
+                pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
                 pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)

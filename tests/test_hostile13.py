@@ -1,0 +1,63 @@
+"""Thirteenth round of hostile inputs (docs/bad_inputs.md, "thirteenth round"): each case failed, or
+said less than the truth, on the code before it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from spectra_cli.main import main
+
+NAME = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _json(output: str) -> dict:
+    return json.JSONDecoder().raw_decode(output[output.index("{"):])[0]
+
+
+def _run(args: list[str]):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _folders(root: Path, weights: dict[str, torch.Tensor]) -> dict[str, Path]:
+    """Each float64 weight saved as float32 ``NAME`` in ``root/<who>/model.safetensors``."""
+    out = {}
+    for who, w in weights.items():
+        (root / who).mkdir(parents=True)
+        save_file({NAME: w.float()}, root / who / "model.safetensors")
+        out[who] = root / who
+    return out
+
+
+# ---- compare: one side zero, the other rounding noise --------------------------------------------------------
+def test_compare_zero_and_rounding_noise_says_both(tmp_path):
+    """A is an exact copy of the base (ΔW = 0), B only rounding noise: the reason said only that A is
+    zero, as if B's update had been measured."""
+    g = torch.Generator().manual_seed(3)
+    W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    noise = W + 1e-9 * W.abs().max() * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    f = _folders(tmp_path, {"base": W, "same": W, "noise": noise})
+    d = _json(_run(["compare", str(f["same"]), str(f["noise"]), "--base", str(f["base"]), "--json"]).output)
+    (m,) = d["modules"]
+    assert m["status"] == "zero_update" and m["fro_b"] > 0
+    assert "ΔW of A is exactly zero" in m["reason"]
+    assert "every singular value of B's update is at the rounding level of its float32 weights" in m["reason"]
+
+
+def test_compare_finding_side_comes_from_the_ranks_not_the_reason_text():
+    """The unresolved finding counted sides by searching the reason for "of A's": a record whose reason
+    is worded otherwise (or absent, in a results.json of another version) was counted as B's."""
+    from spectra.compare_findings import compare_findings
+    from spectra.compare_records import CompareResult, ComparedModule
+
+    mod = ComparedModule(name=NAME, layer=0, module="q_proj", role="attn", out=64, in_=64, rank_a=0, rank_b=3,
+                         fro_a=1e-9, fro_b=1.0, status="unresolved", reason=None)
+    res = CompareResult(a="a", b="b", base="base", kinds={"a": "full", "b": "full"}, config={"side": "right"}, modules=[mod])
+    (found,) = [x for x in compare_findings(res) if x.topic == "unresolved"]
+    assert found.numbers["by_side"] == {"A": 1}
