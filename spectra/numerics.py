@@ -51,6 +51,8 @@ GRID_MAX_LEVELS = 256
 #: Two quantised sides are on different grids when a sampled row's union of values exceeds this
 #: many times the larger side's own count (same grid: the union stays within the grid's levels).
 GRID_UNION_RATIO = 1.5
+#: Columns of each sampled row the grid check reads (evenly spaced; every column of a shorter row).
+GRID_SAMPLE_COLS = 1 << 16
 #: Mean of (rounding error / x)² under round-to-nearest, in units of ε², for x log-uniform in a
 #: binade: (1/12)·E[(2^e/x)²] = (1/12)·(3/8)/ln 2 ≈ 0.0451.
 _ROUND_ENERGY_PER_EPS2 = 0.375 / (12 * 0.6931471805599453)
@@ -338,11 +340,14 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     cnt = {k: torch.zeros((), dtype=torch.int64 if weight is None else torch.float64, device=dev)
            for k in ("nonzero", "ulp", "sub_b", "sub_t")}
     finite = torch.ones((), dtype=torch.bool, device=dev)
-    rows = max(1, block // max(1, d.shape[1]))
-    for r in range(0, d.shape[0], rows):
-        db = d[r : r + rows].to(work)
-        bb = b[r : r + rows].to(dev).to(work).abs()
-        tb = t[r : r + rows].to(dev).to(work).abs()
+    # blocks of whole rows, or of a row's columns when one row is longer than a block (a 1×N matrix:
+    # the temporaries below, a few times a block each, would otherwise be a few times the row)
+    step = max(1, min(d.shape[1], block))
+    rows = max(1, block // step)
+    for r, c in ((r, c) for r in range(0, d.shape[0], rows) for c in range(0, d.shape[1], step)):
+        db = d[r : r + rows, c : c + step].to(work)
+        bb = b[r : r + rows, c : c + step].to(dev).to(work).abs()
+        tb = t[r : r + rows, c : c + step].to(dev).to(work).abs()
         w = None if weight is None else weight[r : r + rows, None]
 
         def total(x: torch.Tensor, w: torch.Tensor | None = w) -> torch.Tensor:  # w bound now: this block's weights
@@ -401,8 +406,11 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     if not long_rows and base_dtype not in _QUANTISED_DTYPES and tuned_dtype not in _QUANTISED_DTYPES:
         return None  # rows too short to judge by their values, and neither dtype is a grid
     rows = even_rows(b.shape[0], sample_rows)
-    sb = b[rows].to(torch.float64).cpu()
-    st = t[rows].to(torch.float64).cpu()
+    # at most GRID_SAMPLE_COLS evenly spaced columns, the same on both sides: a grid's few levels show in
+    # any such sample, and the sorts below stay small for rows of millions of entries
+    cols = even_rows(b.shape[1], GRID_SAMPLE_COLS)
+    sb = b[rows.to(b.device)[:, None], cols.to(b.device)[None, :]].to(torch.float64).cpu()
+    st = t[rows.to(t.device)[:, None], cols.to(t.device)[None, :]].to(torch.float64).cpu()
     levels_b, levels_t = _distinct(sb), _distinct(st)
 
     def looks(levels: torch.Tensor, dtype: str) -> str | None:

@@ -54,10 +54,46 @@ def test_compare_finding_side_comes_from_the_ranks_not_the_reason_text():
     """The unresolved finding counted sides by searching the reason for "of A's": a record whose reason
     is worded otherwise (or absent, in a results.json of another version) was counted as B's."""
     from spectra.compare_findings import compare_findings
-    from spectra.compare_records import CompareResult, ComparedModule
+    from spectra.compare_records import ComparedModule, CompareResult
 
     mod = ComparedModule(name=NAME, layer=0, module="q_proj", role="attn", out=64, in_=64, rank_a=0, rank_b=3,
                          fro_a=1e-9, fro_b=1.0, status="unresolved", reason=None)
     res = CompareResult(a="a", b="b", base="base", kinds={"a": "full", "b": "full"}, config={"side": "right"}, modules=[mod])
     (found,) = [x for x in compare_findings(res) if x.topic == "unresolved"]
     assert found.numbers["by_side"] == {"A": 1}
+
+
+# ---- numeric checks of one very long row -----------------------------------------------------------------------
+_LONG_ROW = """
+import resource, torch
+from spectra.numerics import numeric_flags
+n = 1 << 23
+b = torch.randn(1, n); t = b + 1e-3 * torch.randn(1, n); d = t - b
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert numeric_flags(b, t, d, base_dtype="float32", tuned_dtype="float32", block=1 << 20) == []
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_numeric_checks_of_one_long_row_stay_within_blocks():
+    """A 1×8M float32 update (32 MiB a side): the quantisation-grid check sorted whole sampled rows in
+    float64 with their indices and the pass went a row at a time, ~15x the row's size; now blocks of
+    columns and a column sample bound the temporaries."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LONG_ROW], capture_output=True, text=True, timeout=300, check=True).stdout
+    assert int(out.split()[-1]) < 3 * (1 << 23) * 4
+
+
+def test_grid_check_on_a_column_sample_sees_a_dequantised_grid():
+    """Rows longer than the column sample still read as quantised (int8 codes × scale) on one side."""
+    from spectra.numerics import GRID_SAMPLE_COLS, numeric_flags
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * GRID_SAMPLE_COLS + 7
+    base = torch.randn(2, n, generator=g)
+    tuned = torch.randint(-127, 128, (2, n), generator=g).float() * 0.01
+    (note,) = [x for x in numeric_flags(base, tuned, tuned - base, base_dtype="float32", tuned_dtype="float32")
+               if x.code == "quantisation_grid"]
+    assert "tuned appears quantised" in note.message
