@@ -231,6 +231,10 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
+    if config.batch * config.seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed torch.randint
+        # refused before any data is read; the data's size has no part in it (blocks are drawn with replacement)
+        raise ConfigError(f"--batch {config.batch} × --seq-len {config.seq_len} is more tokens per step than {MAX_STEP_TOKENS:,}",
+                          hint="use a smaller --batch or --seq-len")
     # a text file larger than the run can use is read only as far as a pool of blocks many times what
     # the run draws (a 1 GB corpus held as token lists took ~50 GB); a smaller one, or a folder, whole
     pool = data_blocks(config)
@@ -243,9 +247,6 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     n_hold = max(1, int(len(perm) * config.holdout))
     held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
     blocks = (target[0][perm[n_hold:]], target[1][perm[n_hold:]])
-    if config.batch * config.seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed in torch.randint (blocks are drawn with replacement)
-        raise ConfigError(f"--batch {config.batch} × --seq-len {config.seq_len} is more tokens per step than {MAX_STEP_TOKENS:,} "
-                          f"(the data holds {len(blocks[0])} training blocks)", hint="use a smaller --batch")
     # only the first eval_batches × batch blocks of the source are ever scored (_evaluate): read as far as they need
     source = (leading_blocks(config.eval_source, tok, config.seq_len, config.eval_batches * config.batch)[:2]
               if config.eval_source else None)

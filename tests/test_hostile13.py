@@ -97,3 +97,21 @@ def test_grid_check_on_a_column_sample_sees_a_dequantised_grid():
     (note,) = [x for x in numeric_flags(base, tuned, tuned - base, base_dtype="float32", tuned_dtype="float32")
                if x.code == "quantisation_grid"]
     assert "tuned appears quantised" in note.message
+
+
+# ---- train: a step beyond reason is refused before the data is read ------------------------------------------
+def test_train_step_size_refusal_comes_before_the_data(tmp_path):
+    """--batch 1e20 was refused after the data was read and tokenised, with "(the data holds N training
+    blocks)" counting only the pool read so far; a data file too short for one block was blamed first."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    (tmp_path / "data.txt").write_text("x", encoding="utf-8")
+    r = CliRunner().invoke(main, ["train", "--base", str(tmp_path / "base"), "--data", str(tmp_path / "data.txt"), "--steps", "1",
+                                  "--batch", "100000000000000000000", "--seq-len", "16", "--device", "cpu", "-o", str(tmp_path / "run")])
+    assert r.exit_code == 1, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "more tokens per step than 2,147,483,648" in " ".join(r.output.split()) and "training blocks" not in r.output, last
