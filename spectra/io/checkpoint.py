@@ -67,7 +67,7 @@ FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e
 QUANTISED_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "int8"})
 #: DeepSeek-V3's block size, used for ``weight_scale_inv`` when config.json does not give one.
 DEFAULT_SCALE_BLOCK = (128, 128)
-_BIN_SUFFIXES = (".bin", ".pt", ".pth")
+_BIN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # .ckpt: PyTorch Lightning's torch.save checkpoint
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -516,7 +516,7 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     if path.suffix not in (".safetensors", *_BIN_SUFFIXES):
         raise CheckpointFormatError(
             f"unknown checkpoint file type {path.suffix!r}",
-            path=path, hint="expected .safetensors, .bin, .pt, .pth or an .index.json",
+            path=path, hint="expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json",
         )
     states = StateDictCache()
     infos = tensor_infos(path, states)
@@ -528,9 +528,14 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
 
 def unwrap_notes(label: str, states: StateDictCache) -> list[str]:
     """A :attr:`Checkpoint.notes` line for each ``.bin`` file whose state dict was found inside a training
-    checkpoint (``{"model": {...}, "epoch": ...}``) and read from there."""
-    return [f"{READ_NOTE_PREFIX}{label}: {p.name} is a training checkpoint; read the state dict under its {key!r} key"
-            for p, key in states.unwrapped.items()]
+    checkpoint (``{"model": {...}, "epoch": ...}``) and read from there, or read with caveats (skipped extra
+    state, an EMA weight set beside it: :attr:`spectra.io.torchfile.LoadedState.notes`)."""
+    notes = []
+    for p in dict.fromkeys([*states.unwrapped, *states.file_notes]):
+        key, rest = states.unwrapped.get(p), "; ".join(states.file_notes.get(p, ()))
+        head = f"{p.name} is a training checkpoint; read the state dict under its {key!r} key" if key else p.name
+        notes.append(f"{READ_NOTE_PREFIX}{label}: {head}" + (("; " if key else ": ") + rest if rest else ""))
+    return notes
 
 
 def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, TensorInfo]:

@@ -12,7 +12,8 @@ file that is not a pickle at all its message suggests code execution. So, around
 - a TorchScript archive is named as such (it holds a program, not a state dict);
 - tensors come back plain: ``nn.Parameter`` detached, sparse, meta and quantized tensors refused, and so
   are views whose strides repeat or overlap elements (an expanded 4-byte storage can claim terabytes);
-- a training checkpoint's ``{"model": state_dict, "epoch": ...}`` is unwrapped one level (:data:`WRAPPER_KEYS`).
+- a training checkpoint's ``{"model": state_dict, "epoch": ...}`` is unwrapped one level, its modules' non-tensor
+  extra state skipped (:mod:`spectra.io.train_state`).
 
 :class:`StateDictCache` keeps the last file's state dict, so a ``.bin`` read tensor by tensor is
 loaded once, not once per tensor, and checks that the file has not changed since it was opened.
@@ -37,6 +38,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from spectra.io.paths import FileStamp, check_unchanged, file_stamp, open_regular, regular_file
 from spectra.io.safetensors_file import MAX_DIM
+from spectra.io.train_state import find_state
 
 #: What torch.save writes first: a zip archive (since torch 1.6), or a pickle protocol-2 PROTO opcode.
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -55,9 +57,6 @@ _PLAIN_GLOBALS = frozenset({
 })
 #: Storage and legacy tensor classes (torch.FloatStorage, torch.cuda.HalfStorage...) and torch's tensor rebuilders.
 _PLAIN_PATTERN = re.compile(r"torch\.(?:cuda\.)?(?:sparse\.)?[A-Z][A-Za-z0-9]*(?:Storage|Tensor)|torch\._utils\._rebuild_[a-z0-9_]+")
-#: Keys a training script saves the model's state dict under (Lightning ``state_dict``, DeepSpeed ``module``,
-#: many loops ``model``), beside ``epoch`` or ``optimizer``: unwrapped one level when exactly one holds one.
-WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 def _plain_global(name: str) -> bool:
@@ -204,28 +203,6 @@ def _plain_tensor(path: Path, name: str, value: torch.Tensor) -> torch.Tensor:
     return value.detach()  # an nn.Parameter (state_dict(keep_vars=True), named_parameters()) is an ordinary tensor
 
 
-def _is_state(obj: object) -> bool:
-    """Whether ``obj`` is a mapping of string names to tensors."""
-    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
-
-
-def _unwrap(path: Path, obj: object) -> tuple[object, str | None]:
-    """``(state dict, the key it was under)`` for a training checkpoint (:data:`WRAPPER_KEYS`), else ``(obj, None)``.
-
-    Raises:
-        CheckpointFormatError: two wrapper keys each hold a state dict (which one is the model is ambiguous).
-    """
-    if not isinstance(obj, dict) or _is_state(obj):
-        return obj, None
-    found = [k for k in WRAPPER_KEYS if k in obj and obj[k] and _is_state(obj[k])]
-    if "state_dict" in found:  # read first since spectra's first release: a file it read keeps reading the same
-        found = ["state_dict"]
-    if len(found) > 1:
-        raise CheckpointFormatError(f"holds a state dict under both {found[0]!r} and {found[1]!r}: which one is the model is ambiguous",
-                                    path=path, hint="save the one you mean: torch.save(model.state_dict(), ...)")
-    return (obj[found[0]], found[0]) if found else (obj, None)
-
-
 @dataclass(frozen=True)
 class LoadedState:
     """A ``.bin`` state dict as loaded.
@@ -234,12 +211,15 @@ class LoadedState:
         tensors: name -> dense CPU tensor (views of the mapped file for the zip format: copy before changing one).
         stamp: the file's :data:`~spectra.io.paths.FileStamp` the tensors were loaded from.
         wrapper: the key of a training checkpoint the state dict was found under (``"model"``...), or None.
+        mapped: whether the tensors are views of the memory-mapped file.
+        notes: how the file was read beyond the wrapper (skipped extra state, another weight set beside it).
     """
 
     tensors: dict[str, torch.Tensor]
     stamp: FileStamp
     wrapper: str | None = None
     mapped: bool = False
+    notes: tuple[str, ...] = ()
 
 
 def read_state_dict(path: Path) -> LoadedState:
@@ -248,7 +228,7 @@ def read_state_dict(path: Path) -> LoadedState:
 
     Args:
         path: a ``.bin`` / ``.pt`` / ``.pth`` file (a training checkpoint's ``{"model": {...}, "epoch": ...}``
-            is unwrapped one level, :data:`WRAPPER_KEYS`).
+            is unwrapped one level, :func:`spectra.io.train_state.find_state`).
 
     Returns:
         The tensors (detached: ``nn.Parameter`` objects become plain tensors), the file's stamp, and
@@ -288,14 +268,9 @@ def read_state_dict(path: Path) -> LoadedState:
         check_unchanged(path, stamp, regular_file(path))  # a file rewritten under the load: say that, not "corrupt"
         raise _load_error(path, head, zipped, exc) from None
     check_unchanged(path, stamp, regular_file(path))  # torch opened it by name: the same file as stamped?
-    obj, wrapper = _unwrap(path, obj)
-    if not _is_state(obj):
-        keys = ", ".join(repr(k)[:40] for k in list(obj)[:6]) if isinstance(obj, dict) else None
-        raise CheckpointFormatError(
-            "not a state dict (a mapping of names to tensors)" + (f"; its top-level keys are {keys}" if keys else ""),
-            path=path, hint="save the model with model.state_dict() or safetensors",
-        )
-    return LoadedState({k: _plain_tensor(path, k, v) for k, v in obj.items()}, stamp, wrapper, mapped=zipped)
+    found = find_state(path, obj)
+    return LoadedState({k: _plain_tensor(path, k, v) for k, v in found.tensors.items()}, stamp, found.wrapper,
+                       mapped=zipped, notes=found.notes)
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -319,14 +294,17 @@ class StateDictCache:
         self._lock = threading.Lock()
         #: file -> the wrapper key its state dict was found under, for every file loaded that had one
         self.unwrapped: dict[Path, str] = {}
+        #: file -> how it was read beyond the wrapper (:attr:`LoadedState.notes`), for every file that has some
+        self.file_notes: dict[Path, tuple[str, ...]] = {}
 
     def __getstate__(self) -> dict:
         # a copy (pickled, deep-copied) starts empty: a lock and mapped files do not travel
-        return {"max_files": self.max_files, "unwrapped": dict(self.unwrapped)}
+        return {"max_files": self.max_files, "unwrapped": dict(self.unwrapped), "file_notes": dict(self.file_notes)}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["max_files"])
         self.unwrapped = state["unwrapped"]
+        self.file_notes = state.get("file_notes", {})
 
     def forget(self, path: Path) -> None:
         """Drop ``path``'s state dict (a no-op when it is not held)."""
@@ -361,4 +339,6 @@ class StateDictCache:
                 self._entries.popitem(last=False)  # drops the tensors (and the map) of the oldest file
             if loaded.wrapper is not None:
                 self.unwrapped[Path(path)] = loaded.wrapper
+            if loaded.notes:
+                self.file_notes[Path(path)] = loaded.notes
             return loaded

