@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,65 @@ def test_ema_state_dict_beside_state_dict_is_named(tmp_path):
     _same(ckpt, state)
     note = next(n for n in ckpt.notes if "state_dict_ema" in n)
     assert "moving average" in note and "not read" in note and "torch.save(ckpt['state_dict_ema']" in note
+
+
+# 5: DeepSpeed, DCP, FSDP ------------------------------------------------------------------------------------------
+
+
+def _ds_states(module: dict[str, torch.Tensor], stage: int) -> dict:
+    """What ``DeepSpeedEngine.save_checkpoint`` writes to ``*_model_states.pt``."""
+    return {"module": module, "buffer_names": [], "optimizer": None, "param_shapes": [{k: v.shape for k, v in module.items()}],
+            "global_steps": 10, "dp_world_size": 2, "ds_config": {"zero_optimization": {"stage": stage}}, "ds_version": "0.15.0"}
+
+
+@pytest.mark.parametrize("threshold", [0, 300])  # every matrix partitioned; the small ones kept whole (persistent)
+def test_zero3_placeholders_are_refused_naming_zero_to_fp32(tmp_path, threshold):
+    state = _state(8)
+    module = {k: (torch.empty(0) if v.ndim == 2 and v.numel() > threshold else v) for k, v in state.items()}
+    torch.save(_ds_states(module, 3), tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointFormatError) as err:
+        open_checkpoint(tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    text = str(err.value)
+    assert "ZeRO-3" in text and "zero_to_fp32.py" in text and "placeholders" in text, text
+
+
+def test_zero2_model_states_are_read(tmp_path):
+    state = _state(9)
+    torch.save(_ds_states(state, 2), tmp_path / "mp_rank_00_model_states.pt")
+    _same(open_checkpoint(tmp_path / "mp_rank_00_model_states.pt"), state)
+
+
+def test_deepspeed_folders_name_zero_to_fp32(tmp_path):
+    root = tmp_path / "ds"
+    (root / "global_step10").mkdir(parents=True)
+    (root / "latest").write_text("global_step10")
+    torch.save(_ds_states(_state(), 2), root / "global_step10" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2}, "ds_version": "0.15.0"},
+               root / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    for where in (root, root / "global_step10"):
+        with pytest.raises(CheckpointFormatError) as err:
+            open_checkpoint(where)
+        text = str(err.value)
+        assert "DeepSpeed" in text and "zero_to_fp32.py" in text and "mp_rank_00_model_states.pt" in text, text
+    with pytest.raises(CheckpointFormatError, match="DeepSpeed checkpoint file without model weights.*zero_to_fp32"):
+        open_checkpoint(root / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    # ZeRO-3: no model-states file holds whole weights, so none is offered
+    (root / "global_step10" / "mp_rank_00_model_states.pt").rename(root / "global_step10" / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointFormatError) as err:
+        open_checkpoint(root)
+    assert "ZeRO-3" in str(err.value) and "or pass" not in str(err.value)
+
+
+def test_dcp_and_fsdp_folders_name_dcp_to_torch(tmp_path):
+    dcp = tmp_path / "dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"\x80\x04metadata")
+    (dcp / "__0_0.distcp").write_bytes(b"\x00" * 64)
+    for where in (dcp, dcp / "__0_0.distcp", dcp / ".metadata"):
+        with pytest.raises(CheckpointFormatError) as err:
+            open_checkpoint(where)
+        assert "torch.distributed.checkpoint" in str(err.value) and "dcp_to_torch" in str(err.value), str(err.value)
+    run = tmp_path / "run"
+    shutil.copytree(dcp, run / "pytorch_model_fsdp_0")
+    with pytest.raises(CheckpointFormatError, match="FSDP.*dcp_to_torch .*pytorch_model_fsdp_0"):
+        open_checkpoint(run)

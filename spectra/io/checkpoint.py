@@ -60,6 +60,7 @@ from spectra.io.paths import FileStamp, allowed_roots, check_inside, file_kind, 
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.shard_index import read_order, safe_relative, shard_key
 from spectra.io.torchfile import StateDictCache
+from spectra.io.training_folders import describe_file, describe_folder
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
@@ -496,7 +497,7 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
             f"{len(candidates)} .safetensors files but no model.safetensors.index.json",
             path=folder, hint="pass one file, or add the index that says which shards form the model",
         )
-    hub = hub_cache_hint(folder)  # a hub cache (or one of its entries) passed where its snapshot was meant
+    hub = hub_cache_hint(folder) or describe_folder(folder)  # a hub cache passed for its snapshot, a DeepSpeed folder…
     # PEFT saves an adapter of another name than "default" in a sub-folder of that name
     adapters = named_adapters(folder) if not hub else []
     listed = ", ".join(adapters[:3]) + (" …" if len(adapters) > 3 else "")
@@ -514,10 +515,9 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     if path.name.endswith(".index.json"):
         return _open_index(label, path, roots)
     if path.suffix not in (".safetensors", *_BIN_SUFFIXES):
-        raise CheckpointFormatError(
-            f"unknown checkpoint file type {path.suffix!r}",
-            path=path, hint="expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json",
-        )
+        what, hint = describe_file(path) or (f"unknown checkpoint file type {path.suffix!r}",
+                                             "expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json")
+        raise CheckpointFormatError(what, path=path, hint=hint)
     states = StateDictCache()
     infos = tensor_infos(path, states)
     ckpt = Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,

@@ -8,11 +8,14 @@ many loops' ``{"model": ...}``. :func:`find_state` unwraps one level (:data:`WRA
 - entries named ``*_extra_state`` that are not tensors (a module's ``get_extra_state()``: TransformerEngine's
   FP8 metadata, ``None``) are no weights: skipped, with a note;
 - another state dict beside the one read (``state_dict_ema``: an EMA copy of the weights) is named in a note;
+- a DeepSpeed ZeRO-3 file, whose partitioned parameters are empty placeholders, is refused: its weights
+  are in the optimizer shards and only DeepSpeed's ``zero_to_fp32.py`` puts them together;
 - a mapping that is no state dict is refused naming the entry that is not a tensor.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,12 @@ from spectra.errors import CheckpointFormatError
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 #: A module's extra state (``nn.Module.get_extra_state``) is saved under this suffix, as any Python object.
 EXTRA_STATE = "_extra_state"
+#: Top-level keys only DeepSpeed's engine writes (``DeepSpeedEngine._save_checkpoint``).
+_DEEPSPEED_KEYS = ("ds_version", "param_shapes", "ds_config")
+_DEEPSPEED_FILE = re.compile(r"(zero_pp_rank_\d+_)?mp_rank_\d+_model_states\.pt")
+#: What to do with a DeepSpeed checkpoint: its own script writes the whole model as one state dict.
+ZERO_TO_FP32 = ("consolidate it with DeepSpeed's zero_to_fp32.py, which DeepSpeed writes into the checkpoint folder: "
+                "python zero_to_fp32.py CHECKPOINT_DIR OUTPUT, then pass OUTPUT")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,19 @@ def _type_name(value: object) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def _refuse_zero3(path: Path, top: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a DeepSpeed ZeRO-3 model-states file: its partitioned parameters are saved as empty 1-D
+    placeholders (their values live in the ``*_optim_states.pt`` shards), so reading it would analyse
+    the few small parameters kept whole and call every other matrix a shape mismatch, or drop it."""
+    deepspeed = any(k in top for k in _DEEPSPEED_KEYS) or _DEEPSPEED_FILE.fullmatch(path.name) is not None
+    empty = [k for k, v in tensors.items() if v.ndim == 1 and v.numel() == 0]
+    if deepspeed and empty:
+        raise CheckpointFormatError(
+            f"DeepSpeed ZeRO-3 model states: {len(empty)} of {len(tensors)} parameters (e.g. {empty[0]}) are empty "
+            "placeholders, their values are partitioned across the optimizer shards; a partial model is never analysed",
+            path=path, hint=ZERO_TO_FP32)
+
+
 def _also_notes(top: dict, key: str) -> list[str]:
     """A note for each other state dict in ``top`` beside the one read from ``key`` (an EMA copy...)."""
     notes = []
@@ -87,7 +109,8 @@ def find_state(path: Path, obj: object) -> FoundState:
 
     Raises:
         CheckpointFormatError: no state dict (naming the entry that is not a tensor, inside the wrapper when
-            there is one); two wrapper keys each holding one (which is the model is ambiguous).
+            there is one); two wrapper keys each holding one (which is the model is ambiguous); a DeepSpeed
+            ZeRO-3 file of empty placeholders.
     """
     hint = "save the model with model.state_dict() or safetensors"
     if not isinstance(obj, dict):
@@ -109,6 +132,7 @@ def find_state(path: Path, obj: object) -> FoundState:
         key = found[0]
         inner = obj[key]
     tensors, extra = _strip_extra(inner)
+    _refuse_zero3(path, obj, tensors)
     notes = []
     if extra:
         notes.append(f"skipped {len(extra)} non-tensor module extra state entr{'y' if len(extra) == 1 else 'ies'} "
@@ -128,5 +152,8 @@ def _not_state(path: Path, obj: dict, hint: str) -> CheckpointFormatError:
             return CheckpointFormatError(f"not a state dict (a mapping of names to tensors): {where}{_stray(inner)}",
                                          path=path, hint=hint)
     keys = ", ".join(repr(k)[:40] for k in list(obj)[:6])
+    if any(k in obj for k in _DEEPSPEED_KEYS):  # e.g. *_optim_states.pt: optimizer partitions, no model
+        return CheckpointFormatError(f"DeepSpeed checkpoint file without model weights (its top-level keys are {keys})",
+                                     path=path, hint=ZERO_TO_FP32)
     return CheckpointFormatError("not a state dict (a mapping of names to tensors)" + (f"; its top-level keys are {keys}" if keys else ""),
                                  path=path, hint=hint)

@@ -1,0 +1,86 @@
+"""Naming the sharded checkpoints of distributed training, which spectra does not read, and their converter.
+
+DeepSpeed (a root with ``latest`` and ``global_stepN/``, holding ``*_model_states.pt`` and ``*_optim_states.pt``),
+``torch.distributed.checkpoint`` (DCP: ``.metadata`` and ``*.distcp`` shards) and Accelerate's FSDP
+(``pytorch_model_fsdp_0/``, a DCP folder) split the weights across files that only their own tools put back
+together. Passed where a model was meant, they would read as "no model.safetensors in this folder": instead
+:func:`describe_folder` and :func:`describe_file` say what they are and which command consolidates them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from spectra.io.train_state import ZERO_TO_FP32
+
+DCP_TO_TORCH = "python -m torch.distributed.checkpoint.format_utils dcp_to_torch"
+_STEP = re.compile(r"global_step\d+")
+
+
+def _names(folder: Path) -> list[str]:
+    """The entries of ``folder``, sorted; empty when it cannot be listed."""
+    try:
+        return sorted(os.listdir(folder))
+    except OSError:
+        return []
+
+
+def _deepspeed_tag(folder: Path, names: list[str]) -> str | None:
+    """The sub-folder of a DeepSpeed checkpoint root that holds the latest step (``latest`` names it;
+    else the last ``global_stepN``), or None when ``folder`` is no such root."""
+    latest = folder / "latest"
+    if "latest" in names and latest.is_file():
+        try:
+            with open(latest, "rb") as f:  # a tag is a short name: never read a huge file whole
+                tag = f.read(200).decode("utf-8", errors="replace").strip()
+        except OSError:
+            tag = ""
+        if tag and "/" not in tag and (folder / tag).is_dir() and _holds_model_states(_names(folder / tag)):
+            return tag
+    steps = [n for n in names if _STEP.fullmatch(n) and (folder / n).is_dir()]
+    return max(steps, key=lambda n: int(n[len("global_step"):])) if steps else None
+
+
+def _holds_model_states(names: list[str]) -> bool:
+    return any(n.endswith(("_model_states.pt", "_optim_states.pt")) for n in names)
+
+
+def _deepspeed_step(step: Path, root: bool) -> tuple[str, str]:
+    """``(what, hint)`` for a DeepSpeed checkpoint whose step folder is ``step`` (``root``: reached from the
+    checkpoint root through ``latest``)."""
+    names = _names(step)
+    whole = [n for n in names if re.fullmatch(r"mp_rank_\d+_model_states\.pt", n)]
+    zero3 = any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names)
+    hint = ZERO_TO_FP32
+    if whole and not zero3:  # ZeRO-1/2 keep every weight whole in the model-states file
+        hint += f", or pass {step / whole[0]}, which holds the whole weights under ZeRO-1/2"
+    where = f"its latest step is {step.name}/" if root else "model and optimizer states"
+    return f"this is a DeepSpeed {'ZeRO-3 ' if zero3 else ''}checkpoint folder ({where}), not a model folder", hint
+
+
+def describe_folder(folder: Path) -> tuple[str, str] | None:
+    """``(what the folder is, what to do)`` for a distributed-training checkpoint folder, else None."""
+    names = _names(folder)
+    tag = _deepspeed_tag(folder, names)
+    if tag is not None:
+        return _deepspeed_step(folder / tag, True)
+    if _holds_model_states(names):
+        return _deepspeed_step(folder, False)
+    if ".metadata" in names and any(n.endswith(".distcp") for n in names):
+        return ("this is a torch.distributed.checkpoint (DCP) folder of sharded tensors (.distcp), not a model folder",
+                f"convert it to one file: {DCP_TO_TORCH} {folder} model.pt, then pass model.pt")
+    fsdp = [n for n in names if re.fullmatch(r"pytorch_model_fsdp_\d+", n) and (folder / n).is_dir()]
+    if fsdp:
+        return (f"this is an Accelerate FSDP sharded checkpoint ({fsdp[0]}/ holds DCP shards), not a model folder",
+                f"convert it to one file: {DCP_TO_TORCH} {folder / fsdp[0]} model.pt, then pass model.pt")
+    return None
+
+
+def describe_file(path: Path) -> tuple[str, str] | None:
+    """``(what the file is, what to do)`` for a file of a sharded checkpoint, else None."""
+    if path.suffix == ".distcp" or path.name == ".metadata":
+        return ("this is one file of a torch.distributed.checkpoint (DCP) folder, not a whole checkpoint",
+                f"convert the folder to one file: {DCP_TO_TORCH} {path.parent} model.pt, then pass model.pt")
+    return None
