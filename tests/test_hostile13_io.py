@@ -186,3 +186,14 @@ def test_dcp_and_fsdp_folders_name_dcp_to_torch(tmp_path):
     shutil.copytree(dcp, run / "pytorch_model_fsdp_0")
     with pytest.raises(CheckpointFormatError, match="FSDP.*dcp_to_torch .*pytorch_model_fsdp_0"):
         open_checkpoint(run)
+
+
+# 6: a NumPy archive under a PyTorch name ---------------------------------------------------------------------------
+
+
+def test_npz_renamed_pt_is_named_a_numpy_archive(tmp_path):
+    np.savez(tmp_path / "weights.npz", **{k: v.numpy() for k, v in _state().items()})
+    shutil.copy(tmp_path / "weights.npz", tmp_path / "weights.pt")
+    for name in ("weights.pt", "weights.npz"):
+        with pytest.raises(CheckpointFormatError, match="NumPy archive"):
+            open_checkpoint(tmp_path / name)

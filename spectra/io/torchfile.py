@@ -13,7 +13,8 @@ file that is not a pickle at all its message suggests code execution. So, around
 - tensors come back plain: ``nn.Parameter`` detached, sparse, meta and quantized tensors refused, and so
   are views whose strides repeat or overlap elements (an expanded 4-byte storage can claim terabytes);
 - a training checkpoint's ``{"model": state_dict, "epoch": ...}`` is unwrapped one level, its modules' non-tensor
-  extra state skipped (:mod:`spectra.io.train_state`).
+  extra state skipped and a DeepSpeed ZeRO-3 file of placeholders refused (:mod:`spectra.io.train_state`);
+- a NumPy archive (``np.savez``) under a PyTorch name is named as such.
 
 :class:`StateDictCache` keeps the last file's state dict, so a ``.bin`` read tensor by tensor is
 loaded once, not once per tensor, and checks that the file has not changed since it was opened.
@@ -73,14 +74,23 @@ def _clip(text: str, limit: int) -> str:
     return first[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def _is_torchscript(path: Path) -> bool:
-    """Whether a zip file is a TorchScript archive (``torch.jit.save``: ``constants.pkl`` and ``code/``)."""
+def _zip_names(path: Path) -> list[str]:
+    """The member names of a zip file; empty when it cannot be listed."""
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+            return z.namelist()
     except (OSError, zipfile.BadZipFile, ValueError):
-        return False
+        return []
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    """Whether a zip's members are a TorchScript archive's (``torch.jit.save``: ``constants.pkl`` and ``code/``)."""
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
+
+
+def _is_numpy_archive(names: list[str]) -> bool:
+    """Whether a zip's members are ``np.savez``'s: ``.npy`` arrays, and no ``data.pkl`` as torch.save writes."""
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def _sniff(head: bytes, size: int, suffix: str) -> tuple[str, str] | None:
@@ -142,9 +152,14 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
             f"not a PyTorch checkpoint (it starts with {head[:12]!r}; torch.save writes a zip archive or a pickle starting with 0x80)",
             path=path, hint="the file is corrupt or not what its name says",
         )
-    if zipped and _is_torchscript(path):
+    members = _zip_names(path) if zipped else []
+    if _is_torchscript(members):
         return CheckpointFormatError("is a TorchScript archive (torch.jit.save), not a state dict", path=path,
                                      hint="save model.state_dict() with torch.save or safetensors")
+    if _is_numpy_archive(members):
+        return CheckpointFormatError(f"this is a NumPy archive (np.savez: {len(members)} .npy arrays), not a PyTorch checkpoint",
+                                     path=path, hint="save the arrays as safetensors (safetensors.numpy.save_file) or "
+                                                     "with torch.save of torch tensors")
     refused = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
     why = f"the weights-only unpickler refuses it: {_clip(refused.group(1), 160)}" if refused else \
         f"{type(exc).__name__}: {_clip(text, 160)}"

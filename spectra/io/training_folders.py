@@ -79,8 +79,11 @@ def describe_folder(folder: Path) -> tuple[str, str] | None:
 
 
 def describe_file(path: Path) -> tuple[str, str] | None:
-    """``(what the file is, what to do)`` for a file of a sharded checkpoint, else None."""
+    """``(what the file is, what to do)`` for a file of a sharded checkpoint or a NumPy archive, else None."""
     if path.suffix == ".distcp" or path.name == ".metadata":
         return ("this is one file of a torch.distributed.checkpoint (DCP) folder, not a whole checkpoint",
                 f"convert the folder to one file: {DCP_TO_TORCH} {path.parent} model.pt, then pass model.pt")
+    if path.suffix == ".npz":
+        return ("this is a NumPy archive (np.savez), not a checkpoint spectra reads",
+                "save the arrays as safetensors (safetensors.numpy.save_file) and pass that file")
     return None
