@@ -177,6 +177,11 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
     return out
 
 
+#: The share of what was left out (skipped weight matrices and unpaired tensors) from which a warning says
+#: the findings cover only the analysed matrices (a single matrix with NaN is one warning line already).
+COVERAGE_SHARE = 0.1
+
+
 def _warnings(result: DiffResult) -> list[Finding]:
     out = []
     if not result.complete:
@@ -190,11 +195,12 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            numbers={"code": code, "matrices": len(hit)}))
     nonempty = [m for m in result.modules if m.p]  # an empty (p = 0) matrix has no update to speak of
     zero = [m for m in nonempty if m.fro_norm == 0]
-    alone = result.unpaired
-    if zero and len(zero) == len(nonempty) and alone:  # what changed may be what did not pair
-        out.append(Finding("zero", f"Every one of the {len(zero)} paired ΔW is exactly zero, but {alone} tensor(s) on one side "
-                           "only were not paired and are not compared (see the pairing warnings): the change, if any, is "
-                           "not in these results.", warning=True, numbers={"matrices": len(zero), "unpaired": alone}))
+    left_out = result.not_compared()
+    if zero and len(zero) == len(nonempty) and left_out:  # what changed may be what was not compared
+        out.append(Finding("zero", f"Every one of the {len(zero)} analysed ΔW is exactly zero, but {left_out}, and are not "
+                           "compared (see the warnings): the change, if any, is not in these results.", warning=True,
+                           numbers={"matrices": len(zero), "unpaired": result.unpaired,
+                                    "skipped_matrices": len(result.skipped_matrices())}))
     elif zero and len(zero) == len(nonempty):
         out.append(Finding("zero", f"Every one of the {len(zero)} analysed ΔW is exactly zero: base and tuned hold the "
                            "same weights (check that the fine-tuned checkpoint was passed).", warning=True,
@@ -204,6 +210,14 @@ def _warnings(result: DiffResult) -> list[Finding]:
         out.append(Finding("zero", f"{len(zero)} of {len(nonempty)} matrices were not changed at all (ΔW = 0: "
                            f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
                            numbers={"matrices": len(zero)}))
+    n_out = len(result.skipped_matrices()) + result.unpaired
+    if (n_out and not (zero and len(zero) == len(nonempty)) and n_out >= COVERAGE_SHARE * (n_out + len(result.modules))
+            and (left_out := result.not_compared())):
+        # statements about "the update" from a few matrices while most were left out (a quantised checkpoint)
+        out.append(Finding("coverage", f"{left_out}, and are not compared: the findings cover the "
+                           f"{matrices(len(result.modules))} analysed only.", warning=True,
+                           numbers={"skipped_matrices": len(result.skipped_matrices()), "unpaired": result.unpaired,
+                                    "analysed": len(result.modules)}))
     rels = [m.rel_norm for m in nonempty if m.rel_norm is not None and math.isfinite(m.rel_norm)]
     median_rel = statistics.median(rels) if rels else 0.0
     if median_rel > 1.0:  # a fine-tune moves weights by a fraction of their norm

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from spectra.layouts import ArchInfo, Part, split_fused
@@ -46,6 +46,15 @@ QUANT_PARAM_LEAVES = frozenset({
     "weight_scale", "weight_scale_inv", "weight_zero_point", "weight_global_scale",
     "input_scale", "input_zero_point", "input_global_scale", "output_scale", "k_scale", "v_scale",
 })
+
+#: Tensors of quantisation formats whose packed weights spectra does not dequantise, by the last name
+#: component(s): GPTQ/AWQ (``X.qweight`` int32 with ``X.qzeros``, ``X.scales``, ``X.g_idx``), MLX
+#: (``X.weight`` packed uint32 with ``X.scales`` and ``X.biases``), bitsandbytes 4-bit
+#: (``X.weight.absmax``, ``X.weight.quant_map``, ``X.weight.nested_*``, ``X.weight.quant_state.*``) and
+#: int8 (``X.SCB``, ``X.weight_format``). ``scales``/``biases`` count only beside a weight of their
+#: module: a float ``scales`` matrix alone would be analysed.
+FOREIGN_QUANT_LEAVES = frozenset({"qzeros", "g_idx", "SCB", "weight_format", "absmax", "quant_map", "nested_absmax",
+                                  "nested_quant_map"})
 
 #: The quantisation parameters that dequantise the weight beside them (``X.<leaf>`` -> ``X.weight``).
 WEIGHT_QUANT_LEAVES = ("weight_scale", "weight_scale_inv", "weight_zero_point")
@@ -194,17 +203,28 @@ def display_name(name: str, *, max_chars: int | None = None) -> str:
     return text
 
 
+#: Name components that PyTorch's wrappers insert anywhere in a parameter's path and strip from a
+#: state dict by their own hooks (activation checkpointing, FSDP, per-block ``torch.compile``): a
+#: checkpoint saved from ``named_parameters()`` keeps them, and pairing ignores them.
+INNER_WRAPPERS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"})
+
+
 def pairing_key(name: str) -> str:
-    """The name without leading wrapper components and without a trailing ``.weight``.
+    """The name without wrapper components (leading ones, and :data:`INNER_WRAPPERS` anywhere) and
+    without a trailing ``.weight``.
 
     >>> pairing_key("model.layers.0.self_attn.q_proj.weight")
     'layers.0.self_attn.q_proj'
     >>> pairing_key("bert.encoder.layer.0.attention.self.query.weight")
     'encoder.layer.0.attention.self.query'
+    >>> pairing_key("model.layers.0._checkpoint_wrapped_module.self_attn.q_proj.weight")
+    'layers.0.self_attn.q_proj'
     """
     comps = name.split(".")
     if comps and comps[-1] in _WEIGHT_SUFFIXES and len(comps) > 1:
         comps = comps[:-1]
+    if len(comps) > 1 and INNER_WRAPPERS.intersection(comps[:-1]):
+        comps = [c for c in comps[:-1] if c not in INNER_WRAPPERS] + comps[-1:]
     while len(comps) > 1 and comps[0] in WRAPPER_PREFIXES:
         comps = comps[1:]
     return ".".join(comps)
@@ -225,6 +245,33 @@ def quant_param_of(name: str) -> tuple[str, str] | None:
     if leaf not in QUANT_PARAM_LEAVES:
         return None
     return (f"{prefix}.weight" if prefix else "weight"), leaf
+
+
+def foreign_quant_of(name: str, names: Container[str]) -> str | None:
+    """The module ``X`` when ``name`` is a parameter of a quantisation format spectra does not read
+    (:data:`FOREIGN_QUANT_LEAVES`; ``X.scales`` beside ``X.qweight`` or ``X.weight``, ``X.biases`` beside
+    ``X.scales``), looking at the other tensor ``names`` of its checkpoint; else None.
+
+    >>> foreign_quant_of("l.0.q_proj.scales", {"l.0.q_proj.qweight", "l.0.q_proj.scales"})
+    'l.0.q_proj'
+    >>> foreign_quant_of("l.0.q_proj.weight.quant_state.bitsandbytes__nf4", ())
+    'l.0.q_proj'
+    >>> foreign_quant_of("l.0.norm.scales", {"l.0.norm.scales"}) is None
+    True
+    """
+    comps = name.split(".")
+    if "quant_state" in comps[:-1] and comps.index("quant_state") >= 1:  # X.weight.quant_state.<format>
+        i = comps.index("quant_state")
+        return ".".join(comps[: i - 1] if comps[i - 1] == "weight" else comps[:i]) or None
+    prefix, _, leaf = name.rpartition(".")
+    if leaf in FOREIGN_QUANT_LEAVES:
+        module, _, parent = prefix.rpartition(".")
+        return (module if parent == "weight" else prefix) or None
+    if leaf == "scales" and prefix and (f"{prefix}.qweight" in names or f"{prefix}.weight" in names):
+        return prefix
+    if leaf == "biases" and prefix and f"{prefix}.scales" in names:
+        return prefix
+    return None
 
 
 def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
@@ -400,7 +447,7 @@ def describe_checkpoint(
         them as skipped).
     """
     arch = arch or ArchInfo.from_config(None, shapes)
-    parsed = _parse_all([n for n, s in shapes.items() if _is_matrix(n, s)])
+    parsed = _parse_all([n for n, s in shapes.items() if _is_matrix(n, s, shapes)])
     labels = module_labels([p.rel_path for p in parsed.values()])
     roles = {n: _role(p) for n, p in parsed.items()}
     stacked_roles = _STACKED_LEAVES.get(arch.model_type or "", {})
@@ -534,11 +581,13 @@ def is_bias(name: str) -> bool:
     """Whether ``name`` is a bias (``X.bias``, or gpt-oss's per-expert ``experts.down_proj_bias``),
     whatever its rank: never a weight matrix, even 2-D ``(experts, out)``."""
     leaf = name.rpartition(".")[2]
-    return leaf == "bias" or leaf.endswith("_bias")
+    return leaf in ("bias", "biases") or leaf.endswith("_bias")
 
 
-def _is_matrix(name: str, shape: Sequence[int]) -> bool:
+def _is_matrix(name: str, shape: Sequence[int], names: Container[str] = ()) -> bool:
     if quant_param_of(name) is not None:  # a 2-D block scale is not a weight matrix
+        return False
+    if foreign_quant_of(name, names) is not None:  # GPTQ's or MLX's 2-D scales are no weight either
         return False
     if is_bias(name):
         return False
@@ -569,6 +618,6 @@ def spec_order(spec: MatrixSpec) -> tuple:
 
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
-    "describe_checkpoint", "display_name", "is_bias", "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER",
-    "spec_order",
+    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "display_name", "foreign_quant_of", "is_bias", "module_labels",
+    "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
 ]

@@ -23,7 +23,16 @@ import torch
 
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
-from spectra.naming import MatrixSpec, Part, is_bias, pairing_key, quant_param_of, spec_order, unique_pairing_keys
+from spectra.naming import (
+    MatrixSpec,
+    Part,
+    foreign_quant_of,
+    is_bias,
+    pairing_key,
+    quant_param_of,
+    spec_order,
+    unique_pairing_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -160,8 +169,34 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     return matches
 
 
+#: What to do with a checkpoint of a quantisation format spectra does not dequantise.
+DEQUANTISE_HINT = ("dequantise it first (load it with transformers, call model.dequantize() where the format has it, and "
+                   "save_pretrained), or compare the float checkpoint it was quantised from")
+
+
+def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
+    """The quantisation format (``"GPTQ/AWQ"``, ``"bitsandbytes 4-bit"``, ``"bitsandbytes int8"``, ``"MLX"``)
+    of module ``module`` in ``ckpt``, from the parameters stored beside its weight, or None."""
+    names = ckpt.tensors
+    if f"{module}.qweight" in names:
+        return "GPTQ/AWQ"
+    if any(f"{module}.weight.{x}" in names for x in ("absmax", "quant_map")) or any(
+            n.startswith(f"{module}.weight.quant_state.") for n in names):
+        return "bitsandbytes 4-bit"
+    if f"{module}.SCB" in names:
+        return "bitsandbytes int8"
+    if f"{module}.scales" in names and f"{module}.weight" in names:
+        return "MLX"
+    return None
+
+
 def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
     """Why a quantisation parameter is not analysed, or None when ``name`` is not one."""
+    module = foreign_quant_of(name, ckpt.tensors)
+    if module is not None:
+        fmt = foreign_format(module, ckpt) or "packed"
+        return (f"quantisation parameter ({name[len(module) + 1:]}) of {module}'s {fmt} weight, which spectra does not "
+                f"dequantise: {DEQUANTISE_HINT}")
     found = quant_param_of(name)
     if found is None:
         return None
@@ -395,7 +430,11 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         if single and bad:  # one checkpoint analysed alone (esd): it has no base and tuned side
             bad = [f"dtype {ti.dtype}"]
         if bad:
-            result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight (quantised checkpoints are not supported)"))
+            fmt = next((f"{side} packed by {f} quantisation" for side, n, c in (("base", bn, base), ("tuned", tn, tuned))
+                        if (f := foreign_format(n.removesuffix(".qweight").removesuffix(".weight"), c))), None)
+            result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight" + (
+                f" ({fmt}, which spectra does not dequantise: {DEQUANTISE_HINT})" if fmt
+                else " (quantised checkpoints are not supported)")))
             continue
         empty = next((tuple(i.shape) for i in (ti, bi) if 0 in i.shape), None)
         if empty is not None:  # before any loop over its axes: a (2**30, 0) tensor must cost nothing

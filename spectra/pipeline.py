@@ -183,9 +183,9 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     result.elapsed_s = time.perf_counter() - t0
     result.add_caveat_warnings()
     if all_zero(result):
+        left_out = result.not_compared()
         result.warnings.append("every analysed ΔW is exactly zero: " + (
-            f"{result.unpaired} tensor(s) on one side only were not paired and are not compared" if result.unpaired
-            else "base and tuned hold the same weights"))
+            f"{left_out}, and are not compared" if left_out else "base and tuned hold the same weights"))
     if loader is not None:
         if loader.ident is None:  # no result came
             loader.start()
@@ -216,13 +216,14 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
     """Raise :class:`IdenticalCheckpointsError` when every analysed ΔW is exactly zero."""
     if all_zero(result):
         written = f"; results were still written to {out_dir}" if out_dir else ""
-        alone = {k: v for k, v in (result.unmatched or {}).items() if v}
-        if alone:  # "the same weights" would be false: what changed may be what did not pair
-            sides = " and ".join(f"{len(v)} {k.replace('_only', '')}-only (e.g. {v[0]})" for k, v in alone.items())
+        left_out = result.not_compared()
+        if left_out:  # "the same weights" would be false: what changed may be what was not compared
             raise IdenticalCheckpointsError(
-                f"every paired matrix ({len(result.modules)}) has ΔW = 0, but {sides} tensor(s) were not paired "
-                "and are not compared", path=f"{result.base} vs {result.tuned}",
-                hint="see the pairing warnings (a tensor renamed on one side?); --allow-identical accepts this" + written)
+                f"every analysed matrix ({len(result.modules)}) has ΔW = 0, but {left_out}, and are not compared",
+                path=f"{result.base} vs {result.tuned}",
+                hint=("see the pairing warnings (a tensor renamed on one side?); " if result.unpaired else "")
+                + ("`spectra inspect` shows why each tensor was skipped; " if result.skipped_matrices() else "")
+                + "--allow-identical accepts this" + written)
         raise IdenticalCheckpointsError(
             f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
             path=f"{result.base} vs {result.tuned}",

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spectra.display import display_name
+from spectra.display import display_name, matrices
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
@@ -148,6 +148,23 @@ class ModuleResult:
                 f"shape={self.shape}, energy_rank={er}, rel_norm={rel})")
 
 
+#: Skip reasons of tensors that are not weight matrices, as spectra.pairing words them: norms and
+#: biases ("…, not a weight matrix"), empty tensors, quantisation parameters and activation scales.
+_NOT_A_MATRIX = re.compile(r"not a weight matrix$|^empty tensor|^quantisation |^activation/cache quantisation")
+
+
+def is_matrix_skip(reason: str) -> bool:
+    """Whether a ``skipped`` reason is about a weight matrix left out (its change, if any, is not in the
+    results) rather than a tensor that is no weight matrix.
+
+    >>> is_matrix_skip("tuned dtype uint8 is not a float weight (quantised checkpoints are not supported)")
+    True
+    >>> is_matrix_skip("1-D tensor (norm or bias), not a weight matrix")
+    False
+    """
+    return not _NOT_A_MATRIX.search(reason)
+
+
 @dataclass
 class DiffResult:
     """Everything ``spectra diff`` computed; serialises to ``results.json`` (docs/definitions.md,
@@ -204,6 +221,26 @@ class DiffResult:
     def unpaired(self) -> int:
         """Tensors on one side only (``unmatched``), which the results do not compare."""
         return sum(len(v) for v in (self.unmatched or {}).values())
+
+    def skipped_matrices(self) -> list[dict[str, str]]:
+        """The ``skipped`` records of weight matrices (a dtype that is not a float weight, a shape
+        mismatch, NaN/Inf…), not of tensors that are no weight matrix (:func:`is_matrix_skip`)."""
+        return [s for s in self.skipped if is_matrix_skip(s.get("reason", ""))]
+
+    def not_compared(self) -> str | None:
+        """What the results leave out that may hold a change — tensors on one side only and skipped weight
+        matrices — in words (``"3 base-only (e.g. x) tensor(s) were not paired; 14 weight matrices were
+        skipped (e.g. y: why)"``), or None: with every analysed ΔW zero, "the same weights" is only true
+        when this is None."""
+        alone = {k: v for k, v in (self.unmatched or {}).items() if v}
+        parts = []
+        if alone:
+            parts.append(" and ".join(f"{len(v)} {k.replace('_only', '')}-only (e.g. {v[0]})" for k, v in alone.items())
+                         + " tensor(s) were not paired")
+        if skipped := self.skipped_matrices():
+            parts.append(f"{matrices(len(skipped))} {'was' if len(skipped) == 1 else 'were'} skipped "
+                         f"(e.g. {skipped[0]['name']}: {skipped[0]['reason']})")
+        return "; ".join(parts) or None
 
     def non_finite(self) -> list[str]:
         """Where the results hold NaN or ±Inf (``"modules[3].stable_rank"``…): JSON cannot store
