@@ -75,11 +75,39 @@ def as_factored64(f: Factored) -> Factored:
     return Factored(U[:, keep], S[keep], Vh[keep])
 
 
+#: Singular values closer than this fraction of σ₁ (or than the rounding floor) are tied: the Gram route
+#: resolves values to about 1e-7·σ₁, and a top-k cut between tied values picks an arbitrary subspace.
+TIE_REL = 1e-6
+
+
+def tie_cut(S: np.ndarray | torch.Tensor, k: int, available: int, floor: float = 0.0) -> int:
+    """``k``, widened past every singular value tied with the k-th (``S`` descending): the top-k subspace is
+    only defined when ``σ_k − σ_{k+1}`` exceeds the values' resolution, ``max(floor, TIE_REL·σ₁)``; cut inside
+    a cluster of equal values it is an arbitrary part of the cluster's span (two checkpoints of one update,
+    decomposed separately, would "turn"). At most ``available`` (the triplets that may be kept).
+
+    >>> tie_cut(np.array([3.0, 2.0, 2.0, 2.0, 1.0]), 2, 5)
+    4
+    >>> tie_cut(np.array([3.0, 2.0, 1.0]), 2, 3)
+    2
+    """
+    k, available = int(k), int(available)
+    if k < 1 or k >= available:
+        return min(k, available)
+    vals = S.detach().cpu().numpy() if isinstance(S, torch.Tensor) else np.asarray(S)
+    tol = max(float(floor), TIE_REL * float(vals[0]))
+    while k < available and float(vals[k - 1]) - float(vals[k]) <= tol:
+        k += 1
+    return k
+
+
 def truncate(f: Factored, k: int) -> Factored:
-    """The top-``k`` triplets of ``f`` (all of them when it has fewer), float64, descending."""
+    """The top-``k`` triplets of ``f`` (all of them when it has fewer), float64, descending; ``k`` is
+    widened past singular values tied with the k-th (:func:`tie_cut`)."""
     if k < 1:
         raise ValueError(f"k must be >= 1. Got {k} instead.")
     g = as_factored64(f)
+    k = tie_cut(g.S, k, g.S.numel())
     return Factored(g.U[:, :k], g.S[:k], g.Vh[:k])
 
 
@@ -123,14 +151,14 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
 
     Args:
         delta: ``(out, in)`` float tensor on any device.
-        k: most triplets kept (``>= 1``).
+        k: triplets kept (``>= 1``), more when the k-th value ties the next (:func:`tie_cut`).
         rel_tol: relative floor of the kept singular values.
         floor: absolute floor of the kept singular values, in ΔW's units (0: none). The spectrum
             ``S`` is returned whole either way.
 
     Returns:
         ``(S, top)``: float64 ``(p,)`` descending and a float64 :class:`Factored` with at most k
-        triplets (none for a zero update).
+        triplets, more when the k-th ties the next (none for a zero update).
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be a 2-D (out, in) matrix. Got shape {tuple(delta.shape)} instead.")
@@ -147,7 +175,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     S_np = np.ldexp(S.cpu().numpy(), e)
     # the floor in the scaled units (ldexp: exact)
     cut = max(rel_tol * float(S[0]), math.ldexp(floor, -e) if floor > 0 else 0.0)
-    keep = int(min(k, int((cut < S).sum()) if float(S[0]) > 0 else 0))
+    above = int((cut < S).sum()) if float(S[0]) > 0 else 0
+    keep = tie_cut(S, min(k, above), above, math.ldexp(floor, -e) if floor > 0 else 0.0)  # a cut inside a tie widens
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))

@@ -146,7 +146,8 @@ class TraceResult:
         matrices: one record per matrix: ``name, layer, module, role, shape, base_fro_norm, lora_r,
             note`` and ``points``, one per checkpoint in the same order (``step`` and the metrics of
             :func:`point_metrics` plus ``turn_prev``/``turn_first`` from :func:`spectra.interference.subspace_turn`, or ``skip``;
-            ``turn_note`` says why the turns are null when ΔW is non-zero but entirely at the rounding level of its stored weights).
+            ``turn_note`` says why the turns are null when ΔW is non-zero but entirely at the rounding level of its stored weights,
+            or which step ``turn_prev`` is from when the checkpoint before has no subspace for this matrix).
         skipped: ``{"name", "reason"}`` for matrices not traced.
     """
 
@@ -389,7 +390,9 @@ def trace(
 def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
     """The run warning for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the
     rounding level of its stored weights (their ``turn_note``), or None when there are none."""
-    hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("turn_note")]
+    # (a turn_note beside measured turns says which checkpoint turn_prev is from instead)
+    hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
+           if isinstance(pt, dict) and pt.get("turn_note") and pt.get("turn_first") is None]
     if not hit:
         return None
     name, step = hit[0]
@@ -455,6 +458,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     for count, name in enumerate(todo, start=len(finished) + 1):
         W = base.load(name)  # the one read of this base tensor
         first = prev = None
+        prev_at = None  # index of the checkpoint prev is from
         meta = None
         points = []
         base_alpha = None
@@ -497,13 +501,16 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
                 pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"
+            elif now is not None and prev is not None and prev_at != ci - 1:  # "previous" skipped a checkpoint: say so
+                pt["turn_note"] = (f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a "
+                                   f"subspace (step {refs[ci - 1].step} has none: see its point)")
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
                 pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)
             del wt
             points.append(pt)
             if now is not None:
-                prev, first = now, first or now
+                prev, first, prev_at = now, first or now, ci
         if meta is None:
             result.skipped.append({"name": name, "reason": "no checkpoint could be read for it"})
             continue
