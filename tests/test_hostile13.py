@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
@@ -115,3 +116,179 @@ def test_train_step_size_refusal_comes_before_the_data(tmp_path):
     assert r.exit_code == 1, r.output
     last = r.output.strip().splitlines()[-1]
     assert "more tokens per step than 2,147,483,648" in " ".join(r.output.split()) and "training blocks" not in r.output, last
+
+
+# ---- quantised checkpoints of formats spectra does not dequantise ---------------------------------------------
+def _tiny_weights(seed: int = 0, layers: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = {"model.embed_tokens.weight": torch.randn(64, 32, generator=g), "lm_head.weight": torch.randn(64, 32, generator=g)}
+    for i in range(layers):
+        for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj"):
+            w[f"model.layers.{i}.{m}.weight"] = torch.randn(32, 32, generator=g)
+    return w
+
+
+def _gptq(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in w.items():
+        if ".layers." in k:
+            p = k.removesuffix(".weight")
+            out[p + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (4, 32), dtype=torch.int32, generator=g)
+            out[p + ".qzeros"] = torch.randint(-2**31, 2**31 - 1, (1, 4), dtype=torch.int32, generator=g)
+            out[p + ".scales"] = (torch.rand(1, 32, generator=g) * 0.01).half()
+            out[p + ".g_idx"] = torch.zeros(32, dtype=torch.int32)
+        else:
+            out[k] = v
+    return out
+
+
+def _mlx(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in w.items():
+        if ".layers." in k:
+            p = k.removesuffix(".weight")
+            out[k] = torch.randint(0, 2**31 - 1, (32, 4), dtype=torch.int32, generator=g)
+            out[p + ".scales"] = (torch.rand(32, 1, generator=g) * 0.01).half()
+            out[p + ".biases"] = (torch.rand(32, 1, generator=g) * 0.01).half()
+        else:
+            out[k] = v
+    return out
+
+
+def _save(folder: Path, w: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in w.items()}, folder / "model.safetensors")
+    return folder
+
+
+def test_gptq_and_mlx_scales_are_not_analysed_as_weight_matrices(tmp_path):
+    """GPTQ/AWQ's fp16 ``X.scales`` and MLX's ``X.scales``/``X.biases`` were diffed as weight matrices
+    (table rows, findings, esd α) with exit 0; now each is a quantisation parameter of X's packed weight,
+    the packed weights are skipped naming the format, and a warning says what the findings cover."""
+    w = _tiny_weights()
+    tuned = {k: v + 0.01 for k, v in w.items()}
+    for name, quantise in (("gptq", _gptq), ("mlx", _mlx)):
+        base = _save(tmp_path / f"{name}_b", quantise(w, torch.Generator().manual_seed(1)))
+        tun = _save(tmp_path / f"{name}_t", quantise(tuned, torch.Generator().manual_seed(2)))
+        r = CliRunner().invoke(main, ["diff", str(base), str(tun), "--out", str(tmp_path / f"o_{name}"), "--no-plots"])
+        assert r.exit_code == 0, r.output
+        d = json.loads((tmp_path / f"o_{name}" / "results.json").read_text())
+        assert sorted(m["name"] for m in d["modules"]) == ["lm_head.weight", "model.embed_tokens.weight"]
+        reasons = {s["name"]: s["reason"] for s in d["skipped"]}
+        fmt = "GPTQ/AWQ" if name == "gptq" else "MLX"
+        assert f"model.layers.0.self_attn.q_proj's {fmt} weight" in reasons["model.layers.0.self_attn.q_proj.scales"]
+        packed = "model.layers.0.self_attn.q_proj." + ("qweight" if name == "gptq" else "weight")
+        assert f"packed by {fmt} quantisation" in reasons[packed] and "dequantise it first" in reasons[packed]
+        assert "6 matrices were skipped" in " ".join(r.output.split()) and "findings cover the 2 matrices analysed only" in " ".join(r.output.split())
+        e = CliRunner().invoke(main, ["esd", str(tun), "--json"])
+        assert not any(x["name"].endswith((".scales", ".biases")) for x in _json(e.output)["matrices"]), e.output
+
+
+def test_bnb4_both_sides_is_not_called_the_same_weights(tmp_path):
+    """Two bitsandbytes-4bit checkpoints whose packed codes differ, embeddings frozen: exit 3 "base and
+    tuned hold the same weights" (the 14 quantised matrices skipped for their dtype decided nothing)."""
+    w = _tiny_weights()
+
+    def bnb4(seed: int) -> dict[str, torch.Tensor]:
+        g, out = torch.Generator().manual_seed(seed), {}
+        for k, v in w.items():
+            if ".layers." in k:
+                out[k] = torch.randint(0, 255, (v.numel() // 2, 1), dtype=torch.uint8, generator=g)
+                out[k + ".absmax"] = torch.rand(v.numel() // 64, generator=g)
+                out[k + ".quant_map"] = torch.linspace(-1, 1, 16)
+                out[k + ".quant_state.bitsandbytes__nf4"] = torch.randint(0, 255, (120,), dtype=torch.uint8, generator=g)
+            else:
+                out[k] = v
+        return out
+
+    base, tun = _save(tmp_path / "b", bnb4(1)), _save(tmp_path / "t", bnb4(2))
+    r = CliRunner().invoke(main, ["diff", str(base), str(tun), "--out", str(tmp_path / "o"), "--no-plots"])
+    flat = " ".join(r.output.split())
+    assert r.exit_code == 3 and "same weights" not in flat, r.output
+    assert "6 matrices were skipped" in flat and "bitsandbytes 4-bit" in flat
+    d = json.loads((tmp_path / "o" / "results.json").read_text())
+    reasons = {s["name"]: s["reason"] for s in d["skipped"]}
+    assert "bitsandbytes 4-bit weight" in reasons["model.layers.0.mlp.up_proj.weight.absmax"]
+
+
+def test_wrapper_components_inside_names_pair(tmp_path):
+    """Activation checkpointing / FSDP / per-block torch.compile put ``_checkpoint_wrapped_module``,
+    ``_fsdp_wrapped_module``, ``_orig_mod`` inside names (``named_parameters()``): only the embedding
+    and head paired, exit 0 with findings about "the update" and no warning."""
+    w = _tiny_weights()
+    g = torch.Generator().manual_seed(5)
+    tuned = {}
+    for k, v in w.items():
+        k2 = k.replace("model.layers.0.", "model.layers.0._checkpoint_wrapped_module.").replace(
+            "model.layers.1.", "_fsdp_wrapped_module.model.layers.1._orig_mod.")
+        tuned[k2] = v + 0.01 * torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g)
+    base, tun = _save(tmp_path / "b", w), _save(tmp_path / "t", tuned)
+    r = CliRunner().invoke(main, ["diff", str(base), str(tun), "--out", str(tmp_path / "o"), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert len(d["modules"]) == 8 and not any(d["unmatched"].values())
+    for m in d["modules"]:
+        if "layers" in m["name"]:
+            assert m["energy_rank"]["0.9"] <= 2 and m["layer"] in (0, 1)
+
+
+def test_matrix_skip_reasons_are_classified_as_pairing_words_them():
+    """results.is_matrix_skip reads pairing's reasons: each non-matrix reason must stay one."""
+    from spectra.results import is_matrix_skip
+
+    assert not is_matrix_skip("1-D tensor (norm or bias), not a weight matrix")
+    assert not is_matrix_skip("empty tensor (shape (0, 16)): nothing to analyse")
+    assert not is_matrix_skip("quantisation scale of x.weight; applied to it")
+    assert not is_matrix_skip("activation/cache quantisation scale (input_scale), not a weight")
+    assert not is_matrix_skip("quantisation parameter (scales) of x's GPTQ/AWQ weight, which spectra does not dequantise: …")
+    assert is_matrix_skip("shape mismatch: base (4, 4) vs tuned (4, 5)")
+    assert is_matrix_skip("tuned dtype int8 is not a float weight (quantised checkpoints are not supported)")
+    assert is_matrix_skip("tuned weights contain NaN or Inf; ΔW is undefined")
+
+
+# ---- a top-k cut inside tied singular values -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_trace_turn_of_a_rescaled_update_with_a_tie_at_the_cut_is_none(tmp_path, dtype):
+    """Checkpoint 2's update is 1.5x checkpoint 1's, σ = 2 (x5), 1 (x6): --top-k 8 cut the tie, each
+    checkpoint's top-8 was an arbitrary part of the tied span and trace reported a turn (φ 0.81, 83°)."""
+    g = torch.Generator().manual_seed(11)
+    W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(64, 11, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(64, 11, generator=g, dtype=torch.float64))[0]
+    D = 0.01 * (U * torch.tensor([2.0] * 5 + [1.0] * 6, dtype=torch.float64)) @ V.T
+    for who, w in {"base": W, "run/checkpoint-1": W + D, "run/checkpoint-2": W + 1.5 * D}.items():
+        (tmp_path / who).mkdir(parents=True)
+        save_file({NAME: w.to(dtype)}, tmp_path / who / "model.safetensors")
+    for step in (1, 2):
+        (tmp_path / f"run/checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    _run(["trace", str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--no-plots"])
+    (tm,) = json.loads((tmp_path / "t" / "trace.json").read_text())["matrices"]
+    turn = tm["points"][1]["turn_prev"]
+    for side in ("left", "right"):
+        assert turn[side]["phi"] > 1 - 1e-6, turn
+
+
+def test_trace_turn_across_a_missing_checkpoint_says_which_step(tmp_path):
+    """The matrix is missing from checkpoint 20: point 30's turn_prev was measured against step 10 with
+    nothing saying "previous" was two checkpoints back."""
+    g = torch.Generator().manual_seed(12)
+    other = "model.layers.0.self_attn.k_proj.weight"
+    W = {NAME: 0.02 * torch.randn(32, 32, generator=g), other: 0.02 * torch.randn(32, 32, generator=g)}
+    U, V = torch.randn(32, 2, generator=g), torch.randn(2, 32, generator=g)
+    ckpts = {10: {k: w + 0.01 * U @ V for k, w in W.items()}, 20: {other: W[other] + 0.02 * U @ V},
+             30: {k: w + 0.03 * U @ V for k, w in W.items()}}
+    (tmp_path / "base").mkdir()
+    save_file(W, tmp_path / "base" / "model.safetensors")
+    for step, sd in ckpts.items():
+        d = tmp_path / "run" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        save_file(sd, d / "model.safetensors")
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    r = CliRunner().invoke(main, ["trace", str(tmp_path / "base"), str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    tm = {m["name"]: m for m in json.loads((tmp_path / "t" / "trace.json").read_text())["matrices"]}
+    p10, p20, p30 = tm[NAME]["points"]
+    assert "skip" in p20 and p30["turn_prev"] is not None
+    assert p30["turn_note"].startswith("turn_prev is from step 10") and "step 20 has none" in p30["turn_note"]
+    assert all("turn_note" not in p for p in tm[other]["points"])
+    assert "rounding level" not in r.output
