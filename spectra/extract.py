@@ -67,6 +67,7 @@ from spectra.extract_plan import (
     ExtractConfig,
     Target,
     final_ranks,
+    module_of,
     plan_ranks,
     target_of,
     why_not_target,
@@ -158,7 +159,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             left.append((task, why))
             continue
         unit = task.units[0]
-        targets.append(target_of(unit.order, spec, spec.name[: -len(".weight")], unit.shape, base_name=task.pair.base.name,
+        # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
+        targets.append(target_of(unit.order, spec, module_of(task.pair), unit.shape, base_name=task.pair.base.name,
                                  dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x)))
         kept.append(task)

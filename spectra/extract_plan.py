@@ -284,6 +284,15 @@ def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int],
                   base_name=base_name, dtype=dtype, note=note)
 
 
+def module_of(pair: MatrixPair) -> str:
+    """The module path a LoRA extracted from ``pair`` adapts, in the base checkpoint's names: the adapter is
+    loaded onto the base model, so the prefix of a tuned copy saved through a wrapper (DDP's ``module.``,
+    a LightningModule's ``model.``) must not reach it. A tuned head paired with a tied base's embedding
+    keeps its own name (the base model has that head, tied)."""
+    spec = pair.base if pair.base.role == pair.tuned.role and pair.base.name.endswith(".weight") else pair.tuned
+    return spec.name[: -len(".weight")]
+
+
 def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,
                 rules: PeftMoeRules | None = None) -> tuple[Target | None, str | None]:
     """``(target, None)`` for a pair extracted as a LoRA module, ``(None, reason)`` otherwise
@@ -293,7 +302,7 @@ def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,
     if why:
         return None, why
     notes = "; ".join(x for x in (spec.note, pair.note) if x)
-    return target_of(order, spec, spec.name[: -len(".weight")], pair.out_in, base_name=pair.base.name,
+    return target_of(order, spec, module_of(pair), pair.out_in, base_name=pair.base.name,
                      dtype=pair.tuned_info.dtype, note=notes), None
 
 
@@ -424,4 +433,4 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
 __all__ = ["EXPERTS_GROUP", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name",
-           "pair_target", "plan_ranks", "target_of", "why_not_target"]
+           "module_of", "pair_target", "plan_ranks", "target_of", "why_not_target"]

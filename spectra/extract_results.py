@@ -223,10 +223,11 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
         if t.shape != b.shape or torch.equal(t, b):
             continue
         fro, bf = _fro_blocks(b, t)
-        owner = tn.rpartition(".")[0]
+        # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
+        tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0]
         rec = {"name": tn, "kind": "bias" if is_bias(tn) else "1-D (norm or scale)", "shape": list(t.shape), "fro_norm": fro,
                "rel_norm": _rel(fro, bf), "module": owner, "held": None, "reason": ""}
-        inside = descendants(owner)
+        inside = descendants(tuned_owner)
         only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
         if owner in targets:
             if not biased:
@@ -240,7 +241,7 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
             rec["reason"] = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
         elif save_modules:
             rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save",
-                       tensors={c: tuned.load(c) for c in inside})
+                       tensors={owner + c[len(tuned_owner):]: tuned.load(c) for c in inside})
         else:
             rec["reason"] = "pass --save-modules to keep it as PEFT modules_to_save"
         out.append(rec)

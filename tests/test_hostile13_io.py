@@ -11,14 +11,21 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from spectra.errors import CheckpointFormatError
 from spectra.io.checkpoint import open_checkpoint
+from spectra_cli.main import main
+from tests.conftest import tiny_llama
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -197,3 +204,63 @@ def test_npz_renamed_pt_is_named_a_numpy_archive(tmp_path):
     for name in ("weights.pt", "weights.npz"):
         with pytest.raises(CheckpointFormatError, match="NumPy archive"):
             open_checkpoint(tmp_path / name)
+
+
+# 7: extract from a tuned checkpoint saved through a wrapper ---------------------------------------------------------
+
+
+def _tuned_pair(tmp: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A tiny Llama base folder and tuned weights = base + a rank-3 update per matrix and a changed norm."""
+    model = tiny_llama(seed=0)
+    base_dir = tmp / "base"
+    model.save_pretrained(base_dir)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    tuned = {k: (v + 0.01 * torch.randn(v.shape[0], 3, generator=g) @ torch.randn(3, v.shape[1], generator=g)
+                 if v.ndim == 2 else v.clone()) for k, v in base.items()}
+    tuned["model.norm.weight"] = tuned["model.norm.weight"] + 0.1
+    return base_dir, base, tuned
+
+
+def _merged_against_svd(base_dir: Path, out: Path, base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], r: int) -> int:
+    """Load the adapter with PEFT onto the base, merge, and compare each changed matrix with base + the rank-r
+    truncated float64 SVD of ΔW; returns the number of matrices it changed."""
+    peft = pytest.importorskip("peft")
+    import transformers as T
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = peft.PeftModel.from_pretrained(T.LlamaForCausalLM.from_pretrained(base_dir), out).merge_and_unload().state_dict()
+    changed = 0
+    for k, w in merged.items():
+        if w.ndim != 2 or torch.equal(w, base[k]):
+            continue
+        changed += 1
+        D = (tuned[k].double() - base[k].double()).numpy()
+        U, S, Vt = np.linalg.svd(D, full_matrices=False)
+        ref = base[k].double().numpy() + (U[:, :r] * S[:r]) @ Vt[:r]
+        assert np.abs(w.double().numpy() - ref).max() <= 1e-5 * np.abs(D).max(), k
+    return changed
+
+
+@pytest.mark.parametrize("layout", ["ddp", "lightning"])
+def test_extract_names_modules_as_the_base_does(tmp_path, layout):
+    base_dir, base, tuned = _tuned_pair(tmp_path)
+    if layout == "ddp":  # DistributedDataParallel's state dict: every name under "module."
+        where = tmp_path / "tuned_ddp"
+        where.mkdir()
+        save_file({"module." + k: v.contiguous() for k, v in tuned.items()}, str(where / "model.safetensors"))
+        shutil.copy(base_dir / "config.json", where / "config.json")
+    else:  # a LightningModule holding the HF model as self.model: "model.model.layers…"
+        where = tmp_path / "last.ckpt"
+        torch.save(_lightning(tuned), where)
+    out = tmp_path / "ex"
+    res = CliRunner().invoke(main, ["extract", str(base_dir), str(where), "-o", str(out), "-r", "2", "--save-modules", "--no-plots"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    names = list(load_file(str(out / "adapter_model.safetensors")))
+    assert all(n.startswith(("base_model.model.model.layers.", "base_model.model.model.norm.")) for n in names), names[:3]
+    assert cfg["modules_to_save"] == ["model.norm"] and "base_model.model.model.norm.weight" in names, (cfg, names)
+    assert all(not m.startswith(("module.", "model.model.")) for m in cfg["target_modules"]), cfg["target_modules"]
+    assert cfg["task_type"] == "CAUSAL_LM"  # the base folder's config names LlamaForCausalLM
+    assert _merged_against_svd(base_dir, out, base, tuned, 2) == 14
