@@ -174,7 +174,8 @@ def check_field_types(cfg: object) -> None:
     """ConfigError naming the first field of the dataclass ``cfg`` whose value does not fit its annotation
     (``int``, ``float``, ``bool``, ``str``, ``X | None``, ``tuple[X, ...]``; each config checks its
     ``Literal`` choices itself): a ``top_k`` of
-    2.5 or a ``split_fused`` of ``"no"`` (truthy) must not run. Annotations it cannot judge pass."""
+    2.5 or a ``split_fused`` of ``"no"`` (truthy) must not run. Annotations it cannot judge pass. A value
+    that fits is stored as the plain Python type (:func:`_plain`): ``np.int64(5)`` as 5."""
     try:
         hints = typing.get_type_hints(type(cfg))
     except (NameError, TypeError):  # an annotation that does not resolve at run time: nothing to judge by
@@ -183,6 +184,36 @@ def check_field_types(cfg: object) -> None:
         value, hint = getattr(cfg, f.name), hints.get(f.name)
         if hint is not None and not _fits(value, hint):
             raise ConfigError(f"{f.name} must be {_describe(hint)}. Got {value!r} instead")
+        if hint is not None:
+            # numpy scalars and whole floats fit, but slices, seeds and JSON want plain ints, floats and bools
+            plain = _plain(value, hint)
+            if plain is not value:
+                object.__setattr__(cfg, f.name, plain)  # (frozen dataclasses too)
+
+
+def _plain(value: object, hint: object) -> object:
+    """``value`` (which fits ``hint``) as the plain Python type ``hint`` names: ``np.int64(5)`` or ``5.0``
+    for an int -> 5, ``np.bool_`` -> bool, ``np.str_`` -> str, a list for a tuple -> tuple; a float32 keeps
+    its shortest decimal (``np.float32(0.9)`` -> 0.9, not 0.8999999761581421: a τ names a column)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        fit = next((a for a in args if _fits(value, a)), None)
+        return value if fit is None else _plain(value, fit)
+    if origin is tuple and isinstance(value, (tuple, list)):
+        items = [_plain(v, args[0] if len(args) == 2 and args[1] is Ellipsis else (args[i] if i < len(args) else object))
+                 for i, v in enumerate(value)]
+        return value if isinstance(value, tuple) and all(a is b for a, b in zip(items, value)) else tuple(items)
+    if hint is bool and not isinstance(value, bool):
+        return bool(value)
+    if hint is int and type(value) is not int:
+        return int(value)  # type: ignore[call-overload]
+    if hint is float and type(value) is not float:
+        if isinstance(value, np.floating) and np.finfo(value.dtype).bits < 64:
+            return float(str(value))
+        return float(value)  # type: ignore[arg-type]
+    if hint is str and type(value) is not str:
+        return str(value)
+    return value
 
 
 def _fits(value: object, hint: object) -> bool:
