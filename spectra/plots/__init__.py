@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from spectra.plots.base import heatmap, legend_label, save_figure, svg_img
+from spectra.plots.base import heatmap, legend_label, plain_text, save_figure, svg_img
 from spectra.plots.compare import compare_figures, compare_plots
 from spectra.plots.diff import (
     rank_heatmap,
@@ -18,6 +18,7 @@ from spectra.plots.diff import (
 )
 
 
+@plain_text
 def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLike[str] | None = None):
     """Target loss (learning) against source loss (forgetting) along each run, start to end."""
     from matplotlib.figure import Figure

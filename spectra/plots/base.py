@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +63,22 @@ def text_color(rgba: Sequence[float]) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
 
 
+def plain_text(build: Callable[..., T]) -> Callable[..., T]:
+    """``build`` (a function making a figure) run with ``text.usetex`` off: a user's
+    ``rcParams["text.usetex"] = True`` (their own figures typeset by LaTeX) would make spectra's fail
+    after the run where no LaTeX is installed (text is measured while a figure is laid out), and
+    spectra's labels (tensor names with ``_``) are not LaTeX. Each text keeps the setting it was
+    made with, so the figures render as built."""
+    @functools.wraps(build)
+    def run(*args: object, **kwargs: object) -> T:
+        import matplotlib
+
+        with matplotlib.rc_context({"text.usetex": False}):
+            return build(*args, **kwargs)
+    return run
+
+
+@plain_text
 def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *, title: str, cbar_label: str,
             fmt: Callable[[float], str] | None = None, cell_text: np.ndarray | None = None,
             vmin: float | None = None, vmax: float | None = None, log: bool = False, cmap: str = "viridis",
@@ -214,8 +231,9 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
     own handlers (``spectra_cli``'s stop watcher would count one Ctrl-C twice). Whatever goes wrong
     in it (an error, a crash, no answer within ``timeout_s``: it is then stopped) makes this process
     run the child's tasks itself, so an error surfaces here, as it would have without the child.
-    Without ``os.fork`` (Windows), when a fork fails, with one task or one usable core, or with
-    ``SPECTRA_NO_FORK`` set, the tasks run here, in order. Python ≥ 3.12 warns (a DeprecationWarning,
+    Without ``os.fork`` (Windows), when a fork fails, with one task or one usable core, with
+    ``SPECTRA_NO_FORK`` set, or while a thread not spectra's own is alive (:func:`foreign_threads`: it may
+    hold a lock the child would wait on), the tasks run here, in order. Python ≥ 3.12 warns (a DeprecationWarning,
     hidden by default) that a child forked from a threaded process may deadlock on a lock another
     thread held: ``timeout_s`` bounds that case, and this process then does the work.
 
@@ -227,7 +245,8 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
         The tasks' results, in the order of ``tasks``.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if len(tasks) < 2 or cores < 2 or not hasattr(os, "fork") or os.environ.get("SPECTRA_NO_FORK"):
+    if (len(tasks) < 2 or cores < 2 or not hasattr(os, "fork") or os.environ.get("SPECTRA_NO_FORK")
+            or foreign_threads()):
         return [task() for task in tasks]
     mine, theirs = list(range(0, len(tasks), 2)), list(range(1, len(tasks), 2))
     child = _start_child([tasks[i] for i in theirs])
@@ -251,6 +270,15 @@ def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> 
 
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+def foreign_threads() -> list[str]:
+    """Names of the live threads other than this one and spectra's own (named ``spectra-…``): a user's
+    thread drawing a figure, or another spectra call in a notebook's thread pool, may hold one of
+    matplotlib's locks (``Figure._render_lock``) at the fork, and the child would wait on it forever;
+    with any such thread the figures are drawn here."""
+    me = threading.current_thread()
+    return [t.name for t in threading.enumerate() if t is not me and not t.name.startswith("spectra-")]
 
 
 def _start_child(tasks: list[Callable[[], object]]) -> tuple[int, int] | None:
@@ -367,6 +395,7 @@ def render_png(fig, *, dpi: int = 120) -> bytes:
     return buf.getvalue()
 
 
+
 def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     """Render ``fig`` as PNG in memory and write it atomically (an interrupted or failed write never
     leaves a half image; a full disk raises :class:`spectra.errors.OutputError`)."""
@@ -403,5 +432,5 @@ def svg_img(fig, *, alt: str = "figure") -> str:
     return f'<img class="fig" alt="{html.escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
 
 
-__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "preload", "render_png", "run_split", "save_figure",
+__all__ = ["LABEL_CHARS", "heatmap", "label", "legend_label", "plain_text", "preload", "render_png", "run_split", "save_figure",
            "save_figures", "svg_img", "text_color", "wrap"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, legend_label, save_figures, wrap
+from spectra.plots.base import heatmap, label, legend_label, plain_text, save_figures, wrap
 
 #: At most this many module kinds get a φ panel (the first ones in the usual role order).
 MAX_PHI_PANELS = 8
@@ -118,6 +118,7 @@ def intruder_heatmap(result: CompareResult, who: str):
                    vmin=0.0, vmax=max(1.0, top), cmap="Reds")
 
 
+@plain_text
 def phi_grids_figure(result: CompareResult):
     """φ(i, j) grids of :func:`chosen_modules` (None when no module has one)."""
     from matplotlib.figure import Figure
@@ -165,6 +166,7 @@ def phi_grids_figure(result: CompareResult):
     return fig
 
 
+@plain_text
 def angles_figure(result: CompareResult):
     """Principal angles of :func:`chosen_modules`, with the angle random subspaces would give."""
     from matplotlib.figure import Figure

@@ -17,7 +17,7 @@ import numpy as np
 from spectra.display import tau_percent
 from spectra.metrics import threshold_key
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, save_figure, wrap
+from spectra.plots.base import heatmap, label, plain_text, save_figure, wrap
 
 if TYPE_CHECKING:
     from spectra.results import DiffResult, ModuleResult
@@ -175,6 +175,7 @@ def _kinds(result: DiffResult) -> list[tuple[str, list[ModuleResult]]]:
     return [(k, groups[k]) for k in sorted(groups, key=lambda k: order[k])]
 
 
+@plain_text
 def spectra_figure(result: DiffResult, *, threshold: float | None = None):
     """The spectrum of ΔW for every layer: for each module kind, the normalised singular values
     ``σᵢ / σ₁`` (top row) and the cumulative energy ``Σ_{j≤k} σⱼ² / ‖ΔW‖²_F`` (bottom row), one line
@@ -256,6 +257,7 @@ def spectra_figure(result: DiffResult, *, threshold: float | None = None):
     return fig
 
 
+@plain_text
 def weight_spectra_figure(result: DiffResult, *, max_panels: int = 3):
     """Top singular values of W_base, W_tuned and ΔW for up to ``max_panels`` matrices of the middle
     layer that have them (``--weight-spectra``; Biderman et al. 2024, Fig. S7 style); None when no

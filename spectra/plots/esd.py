@@ -12,7 +12,7 @@ import numpy as np
 
 from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, legend_label, save_figure
+from spectra.plots.base import heatmap, label, legend_label, plain_text, save_figure
 
 
 def alpha_grid(records: list[dict[str, Any]], key: str = "alpha") -> tuple[np.ndarray, list[int], list[str]]:
@@ -95,6 +95,7 @@ def _loglog_panel(ax, rec: dict[str, Any]) -> None:
     ax.legend(fontsize=6)
 
 
+@plain_text
 def esd_loglog(records: list[dict[str, Any]], path: str | os.PathLike[str] | None = None, *, max_panels: int = 12):
     """Log-log ESDs of the records that carry ``eigenvalues`` (at most ``max_panels``), each with its
     fitted tail ``p(λ) ∝ λ^(−α)`` from xmin and the Marchenko–Pastur bulk edge (WeightWatcher's
@@ -113,6 +114,7 @@ def esd_loglog(records: list[dict[str, Any]], path: str | os.PathLike[str] | Non
     return _written(fig, path)
 
 
+@plain_text
 def alpha_base_tuned(points: list[dict[str, Any]], path: str | os.PathLike[str] | None = None):
     """α of W_tuned against α of W_base, one point per matrix, coloured by module, with the diagonal
     (no change) and the [2, 6] band. ``points``: dicts with ``module``, ``alpha_base``, ``alpha_tuned``."""

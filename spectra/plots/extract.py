@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, label, save_figures
+from spectra.plots.base import heatmap, label, plain_text, save_figures
 
 
+@plain_text
 def energy_figure(doc: dict[str, Any]):
     """Two panels over the modules in layer order: the share of each module's ‖ΔW‖² the adapter keeps
     (and what a uniform rank with the same total parameter count keeps), and the rank each got."""

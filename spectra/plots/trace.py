@@ -11,7 +11,7 @@ import numpy as np
 
 from spectra.display import tau_percent
 from spectra.naming import role_sort_key
-from spectra.plots.base import heatmap, legend_label, save_figures
+from spectra.plots.base import heatmap, legend_label, plain_text, save_figures
 
 
 def headline_key(doc: dict[str, Any]) -> str:
@@ -59,6 +59,7 @@ def _series(doc: dict[str, Any], value: Callable[[dict, dict], float | None]) ->
     return out
 
 
+@plain_text
 def metrics_figure(doc: dict[str, Any]):
     """2 × 2 panels of metrics against the step, one line per module kind (median over layers)."""
     from matplotlib.figure import Figure
@@ -118,6 +119,7 @@ def layer_step_heatmap(doc: dict[str, Any], *, which: str = "rank"):
                    row_label="layer", col_label="training step")
 
 
+@plain_text
 def loss_figure(doc: dict[str, Any]):
     """The training loss against the step with the median energy rank of ΔW on a second axis;
     None when the run logged no loss."""
