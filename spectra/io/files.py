@@ -178,8 +178,9 @@ class OutputLock:
     journals would interleave). It is an advisory ``flock`` on ``DIR/.spectra.lock``, which holds the
     owner's pid, host and start time for the message a second run prints; the kernel releases it when
     the owner exits, however it exits, so the lock of a dead process is simply taken over. Another
-    lock of this same process (an earlier run abandoned by an exception) does not block: a process
-    is trusted to order its own runs. Where the filesystem has no ``flock``, the run goes unlocked.
+    lock of this same process taken by this thread, or by a thread that has ended (an earlier run
+    abandoned by an exception), does not block: a process orders its own runs; a live run of another
+    thread of this process does (:func:`_refuse_other_thread`). Where the filesystem has no ``flock``, the run goes unlocked.
 
     Example:
         >>> import tempfile, pathlib
@@ -222,6 +223,7 @@ class OutputLock:
                 holder = _read_holder(fd)
                 os.close(fd)
                 if _ours(holder):
+                    _refuse_other_thread(Path(folder))
                     return cls(path, None)
                 raise _held(folder, holder) from None
             except OSError:  # no flock on this filesystem (some network mounts): run unlocked
@@ -243,12 +245,16 @@ class OutputLock:
                 os.close(fd)
                 raise output_error(path, exc) from exc
             _remove_stale_temps(Path(folder))
+            with _THREADS_LOCK:
+                _HOLDING_THREAD[_folder_key(Path(folder))] = threading.get_ident()
             return cls(path, fd)
 
     def release(self) -> None:
         """Remove the lock file and release the lock (idempotent; exiting the process releases it too)."""
         if self._fd is None:
             return
+        with _THREADS_LOCK:
+            _HOLDING_THREAD.pop(_folder_key(self.path.parent), None)
         with contextlib.suppress(OSError):
             os.unlink(self.path)  # still locked while unlinking: a run that opened it re-checks the inode
         os.close(self._fd)
@@ -301,6 +307,27 @@ def _ours(holder: dict) -> bool:
     return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
+#: folder -> the thread whose run holds its lock in this process. flock tells processes apart, not
+#: threads: a second run from another thread of this process (a notebook's thread pool) would be taken
+#: for this run locking a folder it already holds, and the two journals would interleave.
+_HOLDING_THREAD: dict[str, int] = {}
+_THREADS_LOCK = threading.Lock()
+
+
+def _folder_key(folder: Path) -> str:
+    return os.path.realpath(folder)
+
+
+def _refuse_other_thread(folder: Path) -> None:
+    """Raise when another live thread of this process holds ``folder``'s lock (a run of this thread, or
+    of a thread that has ended, does not block: the process orders its own runs)."""
+    with _THREADS_LOCK:
+        owner = _HOLDING_THREAD.get(_folder_key(folder))
+    if owner is not None and owner != threading.get_ident() and any(t.ident == owner for t in threading.enumerate()):
+        raise OutputError("another spectra run of this process (in another thread) is writing into this folder", path=folder,
+                          hint="give each concurrent run its own out_dir, or wait for that one to finish")
+
+
 def _held(folder: Path, holder: dict) -> OutputError:
     return OutputError(f"another spectra run is writing into this folder (pid {holder.get('pid', '?')} on "
                        f"{holder.get('host', '?')}, started {holder.get('started', '?')})", path=folder,
@@ -325,6 +352,7 @@ def refuse_if_held(folder: str | os.PathLike[str]) -> None:
         holder = _read_holder(fd)
         if not _ours(holder):
             raise _held(Path(folder), holder) from None
+        _refuse_other_thread(Path(folder))
     except OSError:  # no flock here (some network mounts): runs are not locked there
         pass
     finally:
