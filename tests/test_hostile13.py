@@ -292,3 +292,96 @@ def test_trace_turn_across_a_missing_checkpoint_says_which_step(tmp_path):
     assert p30["turn_note"].startswith("turn_prev is from step 10") and "step 20 has none" in p30["turn_note"]
     assert all("turn_note" not in p for p in tm[other]["points"])
     assert "rounding level" not in r.output
+
+
+# ---- the Python API in a notebook's process ------------------------------------------------------------------
+def test_config_numpy_scalars_become_plain_values():
+    """np.int64 top_k / seed, np.bool_ split_fused passed the type check and then failed (a JSON
+    fingerprint, a slice, manual_seed); a float32 τ became 0.8999999761581421 (a column named so)."""
+    import numpy as np
+
+    from spectra.config import CompareConfig, DiffConfig
+
+    c = DiffConfig(top_k=np.int64(5), seed=np.int64(0), split_fused=np.bool_(True), max_batch=np.int64(4),
+                   thresholds=(np.float32(0.9),))
+    assert (type(c.top_k), type(c.seed), type(c.split_fused), type(c.max_batch)) == (int, int, bool, int)
+    assert c.thresholds == (0.9,)
+    json.dumps(vars(c))
+    cc = CompareConfig(seed=1.0, intruder_k=10.0, top_k=np.uint8(10))
+    assert (cc.seed, cc.intruder_k, cc.top_k) == (1, 10, 10) and type(cc.top_k) is int
+
+
+def _small_pair(root: Path) -> tuple[Path, Path]:
+    w = _tiny_weights()
+    g = torch.Generator().manual_seed(8)
+    t = {k: v + 0.01 * torch.randn(v.shape[0], 2, generator=g) @ torch.randn(2, v.shape[1], generator=g) for k, v in w.items()}
+    return _save(root / "b", w), _save(root / "t", t)
+
+
+def test_figures_ignore_a_users_usetex(tmp_path, monkeypatch):
+    """rcParams["text.usetex"] = True without LaTeX: diff computed everything, then raised "latex could
+    not be found" (no result object, diff_config.json missing)."""
+    import matplotlib
+
+    import spectra
+
+    b, t = _small_pair(tmp_path)
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-latex-here"))
+    res = spectra.diff(str(b), str(t), out_dir=tmp_path / "o")
+    assert res.complete and (tmp_path / "o" / "rank_heatmap.png").is_file() and (tmp_path / "o" / "diff_config.json").is_file()
+    assert matplotlib.rcParams["text.usetex"] is True
+
+
+def test_a_second_thread_of_one_process_cannot_write_the_same_folder(tmp_path):
+    """Two threads diffing into one out_dir: flock tells processes apart, not threads, so both ran and
+    interleaved their journals; a later resume returned the other run's numbers."""
+    import threading
+
+    from spectra.errors import OutputError
+    from spectra.io.files import OutputLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    held, done, errors = threading.Event(), threading.Event(), []
+
+    def holder() -> None:
+        lock = OutputLock.acquire(out)
+        held.set()
+        done.wait(30)
+        lock.release()
+
+    th = threading.Thread(target=holder)
+    th.start()
+    held.wait(30)
+    try:
+        OutputLock.acquire(out)
+    except OutputError as exc:
+        errors.append(str(exc))
+    finally:
+        done.set()
+        th.join()
+    assert errors and "another spectra run of this process" in errors[0]
+    OutputLock.acquire(out).release()  # the holder has finished: free again
+    again = OutputLock.acquire(out)  # this thread's own nested lock still passes
+    OutputLock.acquire(out).release()
+    again.release()
+
+
+def test_figures_are_not_forked_while_a_users_thread_runs():
+    """A user's thread drawing with matplotlib at the fork left the child waiting on its lock; the parent
+    gave up after 300 s per figure set. With a thread not spectra's own alive, run_split works in-process."""
+    import os
+    import threading
+
+    from spectra.plots.base import foreign_threads, run_split
+
+    stop = threading.Event()
+    th = threading.Thread(target=stop.wait, name="user-plotting")
+    th.start()
+    try:
+        assert "user-plotting" in foreign_threads()
+        assert run_split([os.getpid, os.getpid]) == [os.getpid()] * 2  # both here, none in a child
+    finally:
+        stop.set()
+        th.join()
