@@ -45,7 +45,7 @@ from spectra.compare_records import (
     IntruderSummary,
     PhiSummary,
 )
-from spectra.config import CompareConfig, check_device_available
+from spectra.config import CompareConfig, check_device_available, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
@@ -419,6 +419,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     return rec, grids
 
 
+@cpu_by_default
 def compare(
     a: str | Checkpoint,
     b: str | Checkpoint,

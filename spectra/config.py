@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import math
 import re
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from spectra.errors import ConfigError
 from spectra.io.patterns import MAX_CHOICES, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, choice_points, pattern_risk
 from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
+
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True)
@@ -353,6 +356,23 @@ def validate_device(device: str) -> None:
     """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N."""
     if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
+
+
+def cpu_by_default(entry: Callable[..., _R]) -> Callable[..., _R]:
+    """``entry`` (a public entry point) run with torch's default device the CPU, whatever the caller set:
+    spectra makes its own tensors where it means them (``device=`` from its options) and takes an
+    unplaced one to be on the CPU, so a notebook's ``torch.set_default_device("meta")`` failed every
+    command with "Cannot copy out of meta tensor" (and "cuda" would have moved its scratch there). The
+    setting is per thread; the CPU default is entered only where another one is set (a device context
+    costs a Python call per torch operation)."""
+    @functools.wraps(entry)
+    def run(*args: object, **kwargs: object) -> _R:
+        current = getattr(torch, "get_default_device", lambda: torch.device("cpu"))()
+        if current.type == "cpu":
+            return entry(*args, **kwargs)
+        with torch.device("cpu"):
+            return entry(*args, **kwargs)
+    return run
 
 
 def check_device_available(device: torch.device) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.config import SharedOptions, check_device_available, search_pattern
+from spectra.config import SharedOptions, check_device_available, cpu_by_default, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
@@ -209,6 +209,7 @@ def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int, max_bytes: int) -> 
                           name="spectra-esd-read")
 
 
+@cpu_by_default
 def esd(
     model: str | Checkpoint,
     *,

@@ -43,7 +43,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
-from spectra.config import DiffConfig, check_device_available
+from spectra.config import DiffConfig, check_device_available, cpu_by_default
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -411,6 +411,7 @@ def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
 
 
 # ---- the command ------------------------------------------------------------------------------------
+@cpu_by_default
 def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path, *, config: ExtractConfig | None = None,
             resume: bool = False, force: bool = False, plots: bool = True,
             callback: Callable[[ExtractEvent], None] | None = None) -> ExtractResult:

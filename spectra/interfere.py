@@ -32,7 +32,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
-from spectra.config import SharedOptions, check_device_available, check_thresholds
+from spectra.config import SharedOptions, check_device_available, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError
 from spectra.interference import (
@@ -416,6 +416,7 @@ def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
+@cpu_by_default
 def interfere(
     base: str,
     tuned_list: list[str],

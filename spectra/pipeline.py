@@ -23,7 +23,7 @@ import torch
 from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
-from spectra.config import DiffConfig, check_device_available
+from spectra.config import DiffConfig, check_device_available, cpu_by_default
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values
@@ -89,6 +89,7 @@ def _release(batch: list[Prepared]) -> None:
         item.base = None
 
 
+@cpu_by_default
 def diff(
     base: str | Checkpoint,
     tuned: str | Checkpoint | None = None,
@@ -354,6 +355,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     return result
 
 
+@cpu_by_default
 def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig | None = None, *,
              world_size: int = 1, calibrate_cost: bool = True) -> Plan:
     """What ``diff(base, tuned, config)`` will do and cost, before doing it (``spectra diff --plan``).

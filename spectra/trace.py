@@ -34,7 +34,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, saved_skips
-from spectra.config import SharedOptions, check_device_available, check_thresholds
+from spectra.config import SharedOptions, check_device_available, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
     CheckpointFormatError,
@@ -302,6 +302,7 @@ def _order(meta: dict[str, Any]) -> tuple:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
+@cpu_by_default
 def trace(
     base: str,
     paths: list[str],

@@ -385,3 +385,28 @@ def test_figures_are_not_forked_while_a_users_thread_runs():
     finally:
         stop.set()
         th.join()
+
+
+_META = """
+import sys, torch
+torch.set_default_device("meta")
+import spectra
+from spectra.esd_run import esd
+r = spectra.diff(sys.argv[1], sys.argv[2])
+c = spectra.compare(sys.argv[2], sys.argv[2], base=sys.argv[1])
+e = esd(sys.argv[2])
+print(r.modules[0].fro_norm, len(c.modules), len(e.matrices), torch.get_default_device())
+"""
+
+
+def test_a_meta_default_device_does_not_reach_spectras_tensors(tmp_path):
+    """torch.set_default_device("meta") in a notebook: every command failed with "Cannot copy out of meta
+    tensor"; now each entry point makes its unplaced tensors on the CPU, and the caller's setting stays."""
+    import subprocess
+    import sys
+
+    b, t = _small_pair(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _META, str(b), str(t)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fro, n_cmp, n_esd, dev = out.stdout.split()
+    assert float(fro) > 0 and int(n_cmp) == 8 and int(n_esd) == 8 and dev == "meta"
