@@ -15,7 +15,9 @@ Where this module departs from WeightWatcher, deliberately:
 - A failed fit gives ``None`` (JSON ``null``), not WeightWatcher's sentinel ``-1`` (whose ``-1 < 2`` makes
   WeightWatcher flag every failed layer "over-trained"); no warning is given for a failed fit.
 - A fit whose α is not finite (a tail of equal eigenvalues, where WeightWatcher's MLE divides by 0)
-  is reported as failed, not as ``inf``.
+  is reported as failed, not as ``inf``; so is one with α above :data:`ALPHA_TIE` (10⁶): its tail's
+  eigenvalues are equal within a millionth (ten equal values stored in float32 differ by its
+  rounding, ~1e-8, and WeightWatcher gives α = 2e8 and "under-trained" where an exact tie fails).
 - ``xmin="peak"``: WeightWatcher 0.7.7's ``fix_fingers="xmin_peak"`` fails on every layer (with its
   default ``pl_package="ww"``, ``WWFit`` receives the ``(lo, hi)`` range as one xmin and raises a
   broadcasting error; with ``pl_package="powerlaw"``, powerlaw 2.x refuses the ``distribution``
@@ -285,6 +287,13 @@ def peak_xmin_range(x: np.ndarray) -> tuple[float, float]:
     return float(np.log10(0.95 * peak)), float(1.5 * peak)
 
 
+
+#: α above this is a tail of eigenvalues equal within about 1/α (a tie split by rounding), not a power
+#: law: reported as a failed fit, as an exact tie is (heavy-tailed fits of trained weights give α < 10).
+ALPHA_TIE = 1e6
+_TIE_REASON = (f"α above {ALPHA_TIE:.0e}: the tail's eigenvalues are equal within a millionth (a tie split by "
+               "rounding), not a power law")
+
 def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fit",
                   thresh: float = EVALS_THRESH) -> PowerLawFit:
     """Fit ``p(λ) ∝ λ^(−α)`` to the upper tail of an ESD.
@@ -325,6 +334,8 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
         fit = _small_n_fit(x)
         if fit is None or not math.isfinite(fit.alpha):  # N >= 2 here: every eigenvalue equal
             return _failed(xmin, N, "α is not finite (equal eigenvalues in the tail)", xmax)
+        if fit.alpha > ALPHA_TIE:
+            return _failed(xmin, N, _TIE_REASON, xmax)
         return fit
     if xmin == "mid":
         i = min(N // 2, N - 2)
@@ -347,6 +358,8 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
     i, alpha = int(rows[best]), float(alphas[best])
     if not math.isfinite(alpha) or alpha <= 1.0:
         return _failed(xmin, N, "α is not finite (equal eigenvalues in the tail)", xmax)
+    if alpha > ALPHA_TIE:
+        return _failed(xmin, N, _TIE_REASON, xmax)
     n_tail = N - i
     return PowerLawFit(alpha, float(Ds[best]), float(x[i]), xmax, (alpha - 1.0) / math.sqrt(n_tail), N, n_tail,
                        xmin, "standard")

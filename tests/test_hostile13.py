@@ -410,3 +410,20 @@ def test_a_meta_default_device_does_not_reach_spectras_tensors(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     fro, n_cmp, n_esd, dev = out.stdout.split()
     assert float(fro) > 0 and int(n_cmp) == 8 and int(n_esd) == 8 and dev == "meta"
+
+
+def test_esd_tail_tied_up_to_float32_rounding_is_not_a_power_law():
+    """Eigenvalues 8, 4, 2, 1 (ten each) stored in float32 differ by ~1e-8 in the top ten: α = 2.2e8,
+    status "success", "under-trained" (an exact tie fails the fit instead); now failed with the reason."""
+    import numpy as np
+
+    from spectra.esd import esd_metrics
+
+    rng = np.random.default_rng(11)
+    U = np.linalg.qr(rng.standard_normal((80, 40)))[0]
+    V = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    W = ((U * np.sqrt(np.repeat([8.0, 4.0, 2.0, 1.0], 10))) @ V.T).astype(np.float32).astype(np.float64)
+    lam = np.linalg.svd(W, compute_uv=False) ** 2
+    assert lam.max() / lam[:10].min() - 1 > 0  # the stored tie is split
+    m = esd_metrics(lam, W.shape)
+    assert m.alpha is None and m.status == "failed" and "equal within a millionth" in m.fit_note
