@@ -48,7 +48,7 @@ from spectra.compare_records import (
 from spectra.config import CompareConfig, check_device_available, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError
-from spectra.interference import RANK_TOL
+from spectra.interference import RANK_TOL, tie_cut
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, same_file
@@ -114,6 +114,20 @@ def _resolved_rank(form: Factored | TopSVD, p: int, floor: float = 0.0) -> int:
     if isinstance(form, TopSVD):
         return min(numerical_rank(S, p), int(np.count_nonzero(floor < S)))
     return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size else 0
+
+
+def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, bool]:
+    """``(u, r, widened)``: a dense update's rank ``r`` widened past singular values tied with the r-th
+    (:func:`spectra.interference.tie_cut`), its triplets recomputed when the tie reaches past the ones
+    computed; a factored (LoRA) update, an approximate one (p above :data:`EXACT_MAX_P`) or r = 0 as is."""
+    if isinstance(u, str) or not isinstance(u.form, TopSVD) or r == 0 or p > EXACT_MAX_P:
+        return u, r, False
+    form = u.form
+    wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor)
+    if wide >= form.S.numel() - 1 and form.S.numel() < p:  # the tie may go on past the triplets computed
+        form = top_svd(form.dense.to(torch.float64), min(p, r + max(r, 8) + 2))
+        wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor)
+    return (replace(u, form=form), wide, True) if wide > r else (u, r, False)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -261,7 +275,7 @@ class _Side:
         if why:
             return f"the update of {name} in {self.label} {why}"
         p = min(dense.shape)
-        k = min(max(self.config.top_k, need), p)
+        k = min(max(self.config.top_k, need) + 1, p)  # one more: whether the cut lies in a tie (_tie_widened)
         if p <= EXACT_MAX_P:
             top = top_svd(dense, k)
         else:
@@ -354,6 +368,8 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     # (a dense update's directions at or below the rounding floor of its stored weights are rounding noise)
     ra, rb = (0 if zero else min(r, _resolved_rank(u.form, min(out_dim, in_dim), u.floor))  # a zero update has no direction
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
+    # a cut inside tied singular values is widened to the whole tie (as trace and interfere do)
+    (ua, ra, tie_a), (ub, rb, tie_b) = (_tie_widened(u, r, min(out_dim, in_dim)) for u, r in ((ua, ra), (ub, rb)))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}"
              f"{f' above the rounding level of its {u.stored} weights' if u.floor > 0 and _floor_cuts(u.form, u.floor, r) else ''}"
              f", fewer than its rank {asked}"
@@ -364,6 +380,8 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
+    dora += [f"{who}'s rank {asked} cut through tied singular values: its top {r}, the whole tie, are compared"
+             for who, r, asked, tie in (("A", ra, job.rank_a, tie_a), ("B", rb, job.rank_b, tie_b)) if tie]
     sides = ("left", "right") if config.side == "both" else (config.side,)
     numeric = [f"{who}: {n}" for who, u in (("A", ua), ("B", ub)) for n in u.notes]
     rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
@@ -408,6 +426,10 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
                 rec.amplification[who] = rec.intruders[who] = None
                 continue
             Ur, Vr = random_bases[who]  # drawn at the asked rank: the first r columns are as Haar-random
+            if r > Ur.shape[1]:  # widened at a tie: more Haar-random columns, the first ones kept
+                gen = torch.Generator().manual_seed((job.random_seed or 0) + 1 + (who == "b"))
+                Ur, Vr = (torch.linalg.qr(torch.cat([Q, random_orthonormal(Q.shape[0], r - Q.shape[1], gen, device)], 1)).Q
+                          for Q in (Ur, Vr))
             rec.amplification[who] = amp = amplification(u.form, W, r, base=basis, random_bases=(Ur[:, :r], Vr[:, :r]))
             if amp.proj_delta == 0.0:  # written as null: say why
                 rec.note = "; ".join(x for x in (rec.note, f"{who.upper()}'s top directions lie outside W's (projection at "

@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
 
 _R = TypeVar("_R")
+_P = ParamSpec("_P")
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def validate_device(device: str) -> None:
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
 
 
-def cpu_by_default(entry: Callable[..., _R]) -> Callable[..., _R]:
+def cpu_by_default(entry: Callable[_P, _R]) -> Callable[_P, _R]:
     """``entry`` (a public entry point) run with torch's default device the CPU, whatever the caller set:
     spectra makes its own tensors where it means them (``device=`` from its options) and takes an
     unplaced one to be on the CPU, so a notebook's ``torch.set_default_device("meta")`` failed every
@@ -366,7 +367,7 @@ def cpu_by_default(entry: Callable[..., _R]) -> Callable[..., _R]:
     setting is per thread; the CPU default is entered only where another one is set (a device context
     costs a Python call per torch operation)."""
     @functools.wraps(entry)
-    def run(*args: object, **kwargs: object) -> _R:
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         current = getattr(torch, "get_default_device", lambda: torch.device("cpu"))()
         if current.type == "cpu":
             return entry(*args, **kwargs)

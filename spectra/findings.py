@@ -210,7 +210,7 @@ def _warnings(result: DiffResult) -> list[Finding]:
         out.append(Finding("zero", f"{len(zero)} of {len(nonempty)} matrices were not changed at all (ΔW = 0: "
                            f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
                            numbers={"matrices": len(zero)}))
-    n_out = len(result.skipped_matrices()) + result.unpaired
+    n_out = len(result.skipped_matrices()) + result.unpaired_weights()
     if (n_out and not (zero and len(zero) == len(nonempty)) and n_out >= COVERAGE_SHARE * (n_out + len(result.modules))
             and (left_out := result.not_compared())):
         # statements about "the update" from a few matrices while most were left out (a quantised checkpoint)

@@ -49,7 +49,7 @@ QUANT_PARAM_LEAVES = frozenset({
 
 #: Tensors of quantisation formats whose packed weights spectra does not dequantise, by the last name
 #: component(s): GPTQ/AWQ (``X.qweight`` int32 with ``X.qzeros``, ``X.scales``, ``X.g_idx``), MLX
-#: (``X.weight`` packed uint32 with ``X.scales`` and ``X.biases``), bitsandbytes 4-bit
+#: (``X.weight`` packed uint32 with ``X.scales`` and ``X.biases``; transformers' metal format ``X.qbiases``), bitsandbytes 4-bit
 #: (``X.weight.absmax``, ``X.weight.quant_map``, ``X.weight.nested_*``, ``X.weight.quant_state.*``) and
 #: int8 (``X.SCB``, ``X.weight_format``). ``scales``/``biases`` count only beside a weight of their
 #: module: a float ``scales`` matrix alone would be analysed.
@@ -250,7 +250,7 @@ def quant_param_of(name: str) -> tuple[str, str] | None:
 def foreign_quant_of(name: str, names: Container[str]) -> str | None:
     """The module ``X`` when ``name`` is a parameter of a quantisation format spectra does not read
     (:data:`FOREIGN_QUANT_LEAVES`; ``X.scales`` beside ``X.qweight`` or ``X.weight``, ``X.biases`` beside
-    ``X.scales``), looking at the other tensor ``names`` of its checkpoint; else None.
+    ``X.scales``, and ``X.qbiases``), looking at the other tensor ``names`` of its checkpoint; else None.
 
     >>> foreign_quant_of("l.0.q_proj.scales", {"l.0.q_proj.qweight", "l.0.q_proj.scales"})
     'l.0.q_proj'
@@ -269,7 +269,7 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
         return (module if parent == "weight" else prefix) or None
     if leaf == "scales" and prefix and (f"{prefix}.qweight" in names or f"{prefix}.weight" in names):
         return prefix
-    if leaf == "biases" and prefix and f"{prefix}.scales" in names:
+    if leaf in ("biases", "qbiases") and prefix and f"{prefix}.scales" in names:  # MLX; transformers' metal format
         return prefix
     return None
 

@@ -175,7 +175,7 @@ DEQUANTISE_HINT = ("dequantise it first (load it with transformers, call model.d
 
 
 def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
-    """The quantisation format (``"GPTQ/AWQ"``, ``"bitsandbytes 4-bit"``, ``"bitsandbytes int8"``, ``"MLX"``)
+    """The quantisation format (``"GPTQ/AWQ"``, ``"bitsandbytes 4-bit"``, ``"bitsandbytes int8"``, ``"MLX"``, ``"metal"``)
     of module ``module`` in ``ckpt``, from the parameters stored beside its weight, or None."""
     names = ckpt.tensors
     if f"{module}.qweight" in names:
@@ -185,9 +185,11 @@ def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
         return "bitsandbytes 4-bit"
     if f"{module}.SCB" in names:
         return "bitsandbytes int8"
-    if f"{module}.scales" in names and f"{module}.weight" in names:
+    if f"{module}.scales" in names and f"{module}.biases" in names:
         return "MLX"
-    return None
+    if f"{module}.scales" in names and f"{module}.qbiases" in names:
+        return "metal"
+    return None  # (scales beside a packed weight alone: HIGGS, others; said "packed")
 
 
 def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:

@@ -148,9 +148,11 @@ class ModuleResult:
                 f"shape={self.shape}, energy_rank={er}, rel_norm={rel})")
 
 
-#: Skip reasons of tensors that are not weight matrices, as spectra.pairing words them: norms and
-#: biases ("…, not a weight matrix"), empty tensors, quantisation parameters and activation scales.
-_NOT_A_MATRIX = re.compile(r"not a weight matrix$|^empty tensor|^quantisation |^activation/cache quantisation")
+#: Skip reasons of weight matrices left out, as spectra.pairing and spectra.delta word them: a dtype that
+#: is not a float weight (quantised), a shape or fused layout that differs, weights or a difference that
+#: is not finite. Listed, not excluded: a reason not named here (a norm, a bias, a quantisation
+#: parameter, an adapter's vector) never counts as a matrix left out.
+_MATRIX_SKIP = re.compile(r"^shape mismatch|is not a float weight|^fused rows laid out differently|NaN or Inf|overflows")
 
 
 def is_matrix_skip(reason: str) -> bool:
@@ -162,7 +164,7 @@ def is_matrix_skip(reason: str) -> bool:
     >>> is_matrix_skip("1-D tensor (norm or bias), not a weight matrix")
     False
     """
-    return not _NOT_A_MATRIX.search(reason)
+    return bool(_MATRIX_SKIP.search(reason))
 
 
 @dataclass
@@ -226,6 +228,11 @@ class DiffResult:
         """The ``skipped`` records of weight matrices (a dtype that is not a float weight, a shape
         mismatch, NaN/Inf…), not of tensors that are no weight matrix (:func:`is_matrix_skip`)."""
         return [s for s in self.skipped if is_matrix_skip(s.get("reason", ""))]
+
+    def unpaired_weights(self) -> int:
+        """Tensors on one side only that hold a layer's weights (named ``….weight`` or ``….qweight``), not
+        buffers such as ``rotary_emb.inv_freq`` that one checkpoint keeps and the other drops."""
+        return sum(1 for v in (self.unmatched or {}).values() for n in v if n.rpartition(".")[2] in ("weight", "qweight"))
 
     def not_compared(self) -> str | None:
         """What the results leave out that may hold a change — tensors on one side only and skipped weight

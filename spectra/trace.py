@@ -388,6 +388,15 @@ def trace(
     return result
 
 
+def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | None:
+    """The ``turn_note`` of checkpoint ``ci`` when its ``turn_prev`` is measured from an earlier checkpoint
+    than the one before (``prev_at``, the last with a subspace for the matrix), else None."""
+    if prev_at is None or prev_at == ci - 1:
+        return None
+    return (f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
+            f"(step {refs[ci - 1].step} has none: see its point)")
+
+
 def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
     """The run warning for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the
     rounding level of its stored weights (their ``turn_note``), or None when there are none."""
@@ -502,9 +511,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
                 pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"
-            elif now is not None and prev is not None and prev_at != ci - 1:  # "previous" skipped a checkpoint: say so
-                pt["turn_note"] = (f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a "
-                                   f"subspace (step {refs[ci - 1].step} has none: see its point)")
+            elif now is not None and prev is not None and (gap := gap_note(refs, prev_at, ci)):
+                pt["turn_note"] = gap  # "previous" skipped a checkpoint: said
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
                 pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)
@@ -543,6 +551,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     points: dict[str, dict[int, dict[str, Any]]] = {}
     first: dict[str, Subspaces] = {}
     prev: dict[str, Subspaces] = {}
+    prev_at: dict[str, int] = {}  # the checkpoint each prev is from (trace.gap_note)
     saved: dict[str, str] = {}  # tensor an adapter stores whole (modules_to_save) -> why it is not traced
     for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
         if "checkpoint" in rec:
@@ -565,6 +574,8 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
         cache: dict[int, dict[str, Subspaces]] = {}
         for name, pts in points.items():
             used = sorted(ci for ci, pt in pts.items() if "skip" not in pt and pt.get("fro_norm"))
+            if used:
+                prev_at[name] = used[-1]
             for ci, into in ((used[0], first), (used[-1], prev)) if used else ():
                 if ci not in cache:
                     cache[ci] = {spec.name: s for mod, spec, _shape, _base in _adapter_modules(refs[ci], base, keep)
@@ -593,9 +604,11 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             new_meta[name] = metas[name] = metas.get(name) or matrix_meta(spec, shape, base_fro[name], mod.r)
             pt = {"step": ref.step, **point_metrics(f.S.cpu().numpy(), shape, base_fro[name], config, mod.r),
                   "turn_prev": subspace_turn(prev.get(name), now), "turn_first": subspace_turn(first.get(name), now)}
+            if now is not None and name in prev and (gap := gap_note(refs, prev_at.get(name), ci)):
+                pt["turn_note"] = gap
             new_points[name] = points.setdefault(name, {})[ci] = jsonable(pt)
             if now is not None:
-                prev[name] = now
+                prev[name], prev_at[name] = now, ci
                 first.setdefault(name, now)
         if journal:
             journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta, "saved": new_saved})

@@ -167,7 +167,10 @@ def test_gptq_and_mlx_scales_are_not_analysed_as_weight_matrices(tmp_path):
     the packed weights are skipped naming the format, and a warning says what the findings cover."""
     w = _tiny_weights()
     tuned = {k: v + 0.01 for k, v in w.items()}
-    for name, quantise in (("gptq", _gptq), ("mlx", _mlx)):
+    def metal(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:  # transformers' metal format
+        return {k.replace(".biases", ".qbiases"): v for k, v in _mlx(w, g).items()}
+
+    for name, quantise in (("gptq", _gptq), ("mlx", _mlx), ("metal", metal)):
         base = _save(tmp_path / f"{name}_b", quantise(w, torch.Generator().manual_seed(1)))
         tun = _save(tmp_path / f"{name}_t", quantise(tuned, torch.Generator().manual_seed(2)))
         r = CliRunner().invoke(main, ["diff", str(base), str(tun), "--out", str(tmp_path / f"o_{name}"), "--no-plots"])
@@ -175,7 +178,7 @@ def test_gptq_and_mlx_scales_are_not_analysed_as_weight_matrices(tmp_path):
         d = json.loads((tmp_path / f"o_{name}" / "results.json").read_text())
         assert sorted(m["name"] for m in d["modules"]) == ["lm_head.weight", "model.embed_tokens.weight"]
         reasons = {s["name"]: s["reason"] for s in d["skipped"]}
-        fmt = "GPTQ/AWQ" if name == "gptq" else "MLX"
+        fmt = {"gptq": "GPTQ/AWQ", "mlx": "MLX", "metal": "metal"}[name]
         assert f"model.layers.0.self_attn.q_proj's {fmt} weight" in reasons["model.layers.0.self_attn.q_proj.scales"]
         packed = "model.layers.0.self_attn.q_proj." + ("qweight" if name == "gptq" else "weight")
         assert f"packed by {fmt} quantisation" in reasons[packed] and "dequantise it first" in reasons[packed]
@@ -244,6 +247,23 @@ def test_matrix_skip_reasons_are_classified_as_pairing_words_them():
     assert is_matrix_skip("shape mismatch: base (4, 4) vs tuned (4, 5)")
     assert is_matrix_skip("tuned dtype int8 is not a float weight (quantised checkpoints are not supported)")
     assert is_matrix_skip("tuned weights contain NaN or Inf; ΔW is undefined")
+    # an adapter's own reasons (review): none is a matrix left out
+    assert not is_matrix_skip("lora_B.bias of x: a vector, not a weight matrix; the weight update s·B·A is analysed")
+    assert not is_matrix_skip("copy of the base layer saved by PEFT beside an embedding LoRA, not an update")
+    assert not is_matrix_skip("DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it")
+
+
+def test_buffers_on_one_side_do_not_make_a_coverage_warning(tmp_path):
+    """A base with rotary ``inv_freq`` buffers (original Llama-2 files) against a tuned model without them:
+    "2 base-only tensors were not paired … the findings cover the 8 matrices analysed only" (review)."""
+    w = _tiny_weights()
+    g = torch.Generator().manual_seed(4)
+    t = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in w.items()}
+    w.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(2)})
+    b, tt = _save(tmp_path / "b", w), _save(tmp_path / "t", t)
+    r = CliRunner().invoke(main, ["diff", str(b), str(tt), "--out", str(tmp_path / "o"), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    assert "findings cover" not in " ".join(r.output.split())
 
 
 # ---- a top-k cut inside tied singular values -------------------------------------------------------------------
@@ -427,3 +447,59 @@ def test_esd_tail_tied_up_to_float32_rounding_is_not_a_power_law():
     assert lam.max() / lam[:10].min() - 1 > 0  # the stored tie is split
     m = esd_metrics(lam, W.shape)
     assert m.alpha is None and m.status == "failed" and "equal within a millionth" in m.fit_note
+
+
+def test_compare_widens_a_cut_inside_a_tie_as_trace_does(tmp_path):
+    """compare of an update and its 1.5x rescaling, σ = 2 (x5), 1 (x6), --top-k 8: φ 0.84 and cosines
+    down to 0.32 (two arbitrary parts of the tied span) where trace, on the same pair, says φ = 1."""
+    g = torch.Generator().manual_seed(0)
+    W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(64, 11, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(64, 11, generator=g, dtype=torch.float64))[0]
+    D = 0.01 * (U * torch.tensor([2.0] * 5 + [1.0] * 6, dtype=torch.float64)) @ V.T
+    f = _folders(tmp_path, {"base": W, "a": W + D, "b": W + 1.5 * D})
+    d = _json(_run(["compare", str(f["a"]), str(f["b"]), "--base", str(f["base"]), "--top-k", "8", "--side", "both",
+                    "--json"]).output)
+    (m,) = d["modules"]
+    assert m["rank_a"] == m["rank_b"] == 11 and "cut through tied singular values" in m["note"]
+    for side in ("left", "right"):
+        assert m["phi"][side]["phi_full"] > 1 - 1e-6 and min(m["angles"][side]["cosines"]) > 1 - 1e-6
+    assert m["amplification"]["a"]["r"] == 11
+
+
+def test_rich_progress_refresher_does_not_stop_forked_figures():
+    """The CLI's progress bar runs rich's refresh thread in every command: taken for a user's thread, it
+    turned the parallel figure drawing off in every CLI run (review of this round)."""
+    from rich.progress import Progress
+
+    from spectra.plots.base import foreign_threads
+
+    with Progress(auto_refresh=True, transient=True) as bar:
+        bar.add_task("x", total=1)
+        assert foreign_threads() == []
+
+
+def test_trace_of_adapters_says_which_step_turn_prev_is_from(tmp_path):
+    """Three LoRA adapters, v_proj missing from the middle one: step 3's turn_prev was measured against
+    step 1 with no word (the full-checkpoint path said so; review of this round)."""
+    import transformers as T
+    from peft import LoraConfig, get_peft_model
+
+    cfg = T.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=4, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    for step, targets in ((1, ["q_proj", "v_proj"]), (2, ["q_proj"]), (3, ["q_proj", "v_proj"])):
+        torch.manual_seed(step)
+        p = get_peft_model(T.LlamaForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(r=4, target_modules=targets))
+        with torch.no_grad():
+            for n, t in p.named_parameters():
+                if "lora_B" in n:
+                    t.normal_(0, 0.01)
+        p.save_pretrained(tmp_path / f"step{step}")
+    d = _json(_run(["trace", str(tmp_path / "base"), *(str(tmp_path / f"step{s}") for s in (1, 2, 3)), "--json",
+                    "--device", "cpu"]).output)
+    (v,) = [m for m in d["matrices"] if "v_proj" in m["name"]]
+    assert v["points"][2]["turn_note"].startswith("turn_prev is from step 1")
+    (q,) = [m for m in d["matrices"] if "q_proj" in m["name"]]
+    assert all("turn_note" not in p for p in q["points"])

@@ -246,7 +246,7 @@ class OutputLock:
                 raise output_error(path, exc) from exc
             _remove_stale_temps(Path(folder))
             with _THREADS_LOCK:
-                _HOLDING_THREAD[_folder_key(Path(folder))] = threading.get_ident()
+                _HOLDING_THREAD[_folder_key(Path(folder))] = threading.current_thread()
             return cls(path, fd)
 
     def release(self) -> None:
@@ -310,11 +310,12 @@ def _ours(holder: dict) -> bool:
 #: folder -> the thread whose run holds its lock in this process. flock tells processes apart, not
 #: threads: a second run from another thread of this process (a notebook's thread pool) would be taken
 #: for this run locking a folder it already holds, and the two journals would interleave.
-_HOLDING_THREAD: dict[str, int] = {}
+_HOLDING_THREAD: dict[str, threading.Thread] = {}
 _THREADS_LOCK = threading.Lock()
 
 
 def _folder_key(folder: Path) -> str:
+    """The folder's real path: one key however it is spelled (links, ``..``)."""
     return os.path.realpath(folder)
 
 
@@ -323,7 +324,7 @@ def _refuse_other_thread(folder: Path) -> None:
     of a thread that has ended, does not block: the process orders its own runs)."""
     with _THREADS_LOCK:
         owner = _HOLDING_THREAD.get(_folder_key(folder))
-    if owner is not None and owner != threading.get_ident() and any(t.ident == owner for t in threading.enumerate()):
+    if owner is not None and owner is not threading.current_thread() and owner.is_alive():  # (thread ids are reused)
         raise OutputError("another spectra run of this process (in another thread) is writing into this folder", path=folder,
                           hint="give each concurrent run its own out_dir, or wait for that one to finish")
 

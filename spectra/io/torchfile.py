@@ -145,7 +145,11 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
     if unsafe:
         return UnsafeCheckpointError(
             f"refused: loading this file would need pickle code execution (it calls {unsafe[0]}; weights_only=True refused it)",
-            path=path, hint="convert it to safetensors with a tool you trust; spectra never runs code from checkpoints",
+            path=path, hint=("a Lightning checkpoint's hyper_parameters often hold such objects (a Namespace, a path): if you "
+                             "trust the file, save its weights alone, torch.save(torch.load(p, weights_only=False)['state_dict'], "
+                             "'weights.pt'), and pass that; spectra never runs code from checkpoints"
+                             if Path(path).suffix == ".ckpt" else
+                             "convert it to safetensors with a tool you trust; spectra never runs code from checkpoints"),
         )
     if not zipped and not head.startswith(b"\x80"):
         return CheckpointFormatError(

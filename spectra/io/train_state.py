@@ -57,9 +57,9 @@ def _stray(obj: dict) -> str | None:
     string, a value that is not a tensor and not a module's extra state), or None."""
     for k, v in obj.items():
         if not isinstance(k, str):
-            return f"name {repr(k)[:80]} is a {_type_name(k)}, not a string"
+            return f"name {repr(k)[:80]} is {_type_name(k)}, not a string"
         if not isinstance(v, torch.Tensor) and not k.endswith(EXTRA_STATE):
-            return f"entry {k[:80]!r} is a {_type_name(v)}, not a tensor"
+            return f"entry {k[:80]!r} is {_type_name(v)}, not a tensor"
     return None
 
 
@@ -75,7 +75,11 @@ def _strip_extra(obj: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 
 def _type_name(value: object) -> str:
-    return "None" if value is None else type(value).__name__
+    """``value``'s type for a message, with its article ("an int", "a dict", "None")."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _refuse_zero3(path: Path, top: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -97,6 +101,10 @@ def _also_notes(top: dict, key: str) -> list[str]:
     for other, value in top.items():
         if other == key or not isinstance(other, str) or not _state_like(value):
             continue
+        if other == "frozen_param_fragments":  # DeepSpeed: the frozen part of this same model, not another one
+            notes.append(f"its {other!r} (parameters DeepSpeed saved apart as frozen) were not read: zero_to_fp32.py "
+                         "puts them back into one state dict")
+            continue
         what = " (an exponential moving average of the weights)" if "ema" in other.lower() else ""
         notes.append(f"it also holds a state dict under {other!r}{what}, which was not read; to analyse that one, "
                      f"save it alone (torch.save(ckpt[{other!r}], 'weights.pt')) and pass that file")
@@ -114,7 +122,7 @@ def find_state(path: Path, obj: object) -> FoundState:
     """
     hint = "save the model with model.state_dict() or safetensors"
     if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"not a state dict (a mapping of names to tensors); it holds a {_type_name(obj)}",
+        raise CheckpointFormatError(f"not a state dict (a mapping of names to tensors); it holds {_type_name(obj)}",
                                     path=path, hint=hint)
     key: str | None = None
     if not obj or _state_like(obj):  # an empty mapping is refused later, as holding no tensors

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NoReturn, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from spectra.display import display_name
 from spectra.io.files import atomic_write_bytes
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: Longest tick or legend label drawn (characters); longer names keep their start and end.
 LABEL_CHARS = 32
@@ -63,14 +64,14 @@ def text_color(rgba: Sequence[float]) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "white"
 
 
-def plain_text(build: Callable[..., T]) -> Callable[..., T]:
+def plain_text(build: Callable[P, T]) -> Callable[P, T]:
     """``build`` (a function making a figure) run with ``text.usetex`` off: a user's
     ``rcParams["text.usetex"] = True`` (their own figures typeset by LaTeX) would make spectra's fail
     after the run where no LaTeX is installed (text is measured while a figure is laid out), and
     spectra's labels (tensor names with ``_``) are not LaTeX. Each text keeps the setting it was
     made with, so the figures render as built."""
     @functools.wraps(build)
-    def run(*args: object, **kwargs: object) -> T:
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
         import matplotlib
 
         with matplotlib.rc_context({"text.usetex": False}):
@@ -273,12 +274,20 @@ _STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 def foreign_threads() -> list[str]:
-    """Names of the live threads other than this one and spectra's own (named ``spectra-…``): a user's
+    """Names of the live threads other than this one, spectra's own (named ``spectra-…``) and progress
+    bars' (:data:`_SAFE_THREADS`): a user's
     thread drawing a figure, or another spectra call in a notebook's thread pool, may hold one of
     matplotlib's locks (``Figure._render_lock``) at the fork, and the child would wait on it forever;
     with any such thread the figures are drawn here."""
     me = threading.current_thread()
-    return [t.name for t in threading.enumerate() if t is not me and not t.name.startswith("spectra-")]
+    return [t.name for t in threading.enumerate()
+            if t is not me and not t.name.startswith("spectra-") and type(t).__name__ not in _SAFE_THREADS]
+
+
+#: Thread classes known to touch no lock a figure needs: rich's progress-bar refresher (every CLI run has
+#: one) and tqdm's monitor (started by transformers' and PEFT's progress bars): only their own locks,
+#: which the child never takes.
+_SAFE_THREADS = frozenset({"_RefreshThread", "TMonitor"})
 
 
 def _start_child(tasks: list[Callable[[], object]]) -> tuple[int, int] | None:
@@ -393,7 +402,6 @@ def render_png(fig, *, dpi: int = 120) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, pil_kwargs={"compress_level": 3})
     return buf.getvalue()
-
 
 
 def save_figure(fig, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
