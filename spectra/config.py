@@ -66,8 +66,10 @@ class DiffConfig(SharedOptions):
         method: ``"gram"`` (eigenvalues of the smaller Gram matrix; fast) or ``"svd"``
             (``torch.linalg.svdvals``); both exact, see :mod:`spectra.linalg`.
         precision: dtype of the decomposition. ``"float64"`` (default) keeps every singular value
-            down to ~1e-7·σ₁; ``"float32"`` is ~2× faster on CPU and keeps energy ranks and norms but
-            not the small singular values (nuclear norm, effective rank of low-rank updates).
+            down to ~1e-7·σ₁; ``"float32"`` solves in float32 and keeps a matrix's spectrum only where
+            :func:`spectra.linalg.certify_float32` proves its ranks equal float64's and its other metrics
+            agree within 1e-4, else
+            solves it again in float64 (``method`` names what solved each matrix).
         split_fused: split fused matrices (``qkv_proj``, ``c_attn``, ``query_key_value``,
             ``gate_up_proj``) into their logical parts (docs/definitions.md); False analyses them whole.
         approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each

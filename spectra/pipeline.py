@@ -26,7 +26,7 @@ from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, check_device_available, cpu_by_default
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.distributed import DistContext
-from spectra.engine import batch_singular_values
+from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.io.adapter import is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -62,8 +62,16 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
         seconds = (time.perf_counter() - start) / len(batch)
         _release(batch)
         return [(approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
-    S_all = batch_singular_values([item.delta for item in batch], device=device, method=config.method,
-                                  dtype=dtype, max_batch_bytes=budget)
+    solved: tuple[str, ...] = (config.precision,) * len(batch)
+    if config.precision == "float32":
+        # float32, certified: a matrix whose float32 spectrum cannot be proven to give the float64 energy
+        # ranks and metrics is solved again in float64 (plain float32 moved ranks with a small tail)
+        spectra = exact_spectra([item.delta for item in batch], precision="certified", thresholds=config.thresholds,
+                                top_k=config.top_k, device=device, method=config.method, max_batch_bytes=budget)
+        S_all, solved = spectra.S, spectra.precision
+    else:
+        S_all = batch_singular_values([item.delta for item in batch], device=device, method=config.method,
+                                      dtype=dtype, max_batch_bytes=budget)
     seconds = (time.perf_counter() - start) / len(batch)
     weights: list[tuple[list[float] | None, list[float] | None]] = [(None, None)] * len(batch)
     esds: list[dict | None] = [None] * len(batch)
@@ -78,7 +86,8 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
         if config.esd:  # on the full spectra, before anything is truncated to top_k
             esds = [esd_entry(item.unit.shape, S, sb, st) for item, S, sb, st in zip(batch, S_all, S_b, S_t)]
     _release(batch)
-    return [(exact_result(item, S, config, seconds, *w, esd=e), None) for item, S, w, e in zip(batch, S_all, weights, esds)]
+    return [(exact_result(item, S, config, seconds, *w, esd=e, precision=pr), None)
+            for item, S, w, e, pr in zip(batch, S_all, weights, esds, solved)]
 
 
 def _release(batch: list[Prepared]) -> None:

@@ -98,13 +98,14 @@ ESD_APPROX_NOTE = ("approximate mode: the power-law fit needs every eigenvalue, 
 
 def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: float,
                  base_sv: list[float] | None = None, tuned_sv: list[float] | None = None,
-                 esd: dict | None = None) -> ModuleResult:
+                 esd: dict | None = None, precision: str | None = None) -> ModuleResult:
     """The result of one matrix from the full spectrum ``S`` of its ΔW (descending, length p); with
     ``--weight-spectra`` the top singular values of W_base and W_tuned, with ``--esd`` its
-    :func:`esd_entry`."""
+    :func:`esd_entry`; ``precision``: what solved it (``"float32-certified"``, ``"float64"``…), default
+    the configured one."""
     return ModuleResult(
         **common_fields(item, config), **spectrum_fields(S, item.unit.shape, config, item.base_fro),
-        method=f"{config.method}/{config.precision}", seconds=seconds,
+        method=f"{config.method}/{precision or config.precision}", seconds=seconds,
         base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
     )
 

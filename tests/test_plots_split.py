@@ -21,6 +21,13 @@ def _pid(i: int):
     return lambda: (i, os.getpid())
 
 
+@pytest.fixture(autouse=True)
+def _no_foreign_threads(monkeypatch):
+    """These tests are about the fork itself: threads other tests of the session left alive (an idle pool,
+    a progress monitor) must not turn it off (run_split draws in-process beside them; tested in test_hostile13)."""
+    monkeypatch.setattr(base, "foreign_threads", lambda: [])
+
+
 @fork_only
 def test_results_in_order_and_half_of_them_from_a_child():
     out = run_split([_pid(i) for i in range(5)])
