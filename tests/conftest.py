@@ -90,3 +90,16 @@ def tiny_llama(*, tie: bool = False, vocab: int = 64, layers: int = 2, seed: int
     cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tie)
     return T.LlamaForCausalLM(cfg).float()
+
+
+def weight_folders(root: Path, weights: dict[str, torch.Tensor], name: str) -> dict[str, Path]:
+    """Each float64 weight of ``weights`` (who -> tensor) saved as float32 ``name`` in
+    ``root/<who>/model.safetensors``; who -> its folder."""
+    from safetensors.torch import save_file
+
+    out = {}
+    for who, w in weights.items():
+        (root / who).mkdir(parents=True)
+        save_file({name: w.float()}, root / who / "model.safetensors")
+        out[who] = root / who
+    return out

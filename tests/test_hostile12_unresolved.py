@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from spectra_cli.main import main
-from tests.conftest import tiny_llama
+from tests.conftest import tiny_llama, weight_folders
 
 NAME = "model.layers.0.self_attn.q_proj.weight"
 
@@ -41,13 +40,7 @@ def _orth(n: int, k: int, g: torch.Generator) -> torch.Tensor:
 
 
 def _folders(root: Path, weights: dict[str, torch.Tensor]) -> dict[str, Path]:
-    """Each float64 weight saved as float32 ``NAME`` in ``root/<who>/model.safetensors``."""
-    out = {}
-    for who, w in weights.items():
-        (root / who).mkdir(parents=True)
-        save_file({NAME: w.float()}, root / who / "model.safetensors")
-        out[who] = root / who
-    return out
+    return weight_folders(root, weights, NAME)
 
 
 def _noise_case(root: Path) -> dict[str, Path]:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from spectra_cli.main import main
+from tests.conftest import weight_folders
 
 NAME = "model.layers.0.self_attn.q_proj.weight"
 
@@ -27,13 +28,7 @@ def _run(args: list[str]):
 
 
 def _folders(root: Path, weights: dict[str, torch.Tensor]) -> dict[str, Path]:
-    """Each float64 weight saved as float32 ``NAME`` in ``root/<who>/model.safetensors``."""
-    out = {}
-    for who, w in weights.items():
-        (root / who).mkdir(parents=True)
-        save_file({NAME: w.float()}, root / who / "model.safetensors")
-        out[who] = root / who
-    return out
+    return weight_folders(root, weights, NAME)
 
 
 # ---- compare: one side zero, the other rounding noise --------------------------------------------------------
@@ -128,30 +123,25 @@ def _tiny_weights(seed: int = 0, layers: int = 2) -> dict[str, torch.Tensor]:
     return w
 
 
-def _gptq(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+def _packed(w: dict[str, torch.Tensor], g: torch.Generator, fmt: str) -> dict[str, torch.Tensor]:
+    """``w`` with each layer matrix (32×32) replaced by a ``fmt`` export of random codes: ``"gptq"`` (int32
+    ``qweight``, ``qzeros``, fp16 ``scales``, ``g_idx``) or ``"mlx"`` (packed ``weight``, fp16 ``scales`` and
+    ``biases``); embeddings and head kept."""
+    def codes(shape: tuple[int, int]) -> torch.Tensor:
+        return torch.randint(0, 2**31 - 1, shape, dtype=torch.int32, generator=g)
+
     out = {}
     for k, v in w.items():
-        if ".layers." in k:
-            p = k.removesuffix(".weight")
-            out[p + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (4, 32), dtype=torch.int32, generator=g)
-            out[p + ".qzeros"] = torch.randint(-2**31, 2**31 - 1, (1, 4), dtype=torch.int32, generator=g)
-            out[p + ".scales"] = (torch.rand(1, 32, generator=g) * 0.01).half()
-            out[p + ".g_idx"] = torch.zeros(32, dtype=torch.int32)
-        else:
+        if ".layers." not in k:
             out[k] = v
-    return out
-
-
-def _mlx(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in w.items():
-        if ".layers." in k:
-            p = k.removesuffix(".weight")
-            out[k] = torch.randint(0, 2**31 - 1, (32, 4), dtype=torch.int32, generator=g)
-            out[p + ".scales"] = (torch.rand(32, 1, generator=g) * 0.01).half()
-            out[p + ".biases"] = (torch.rand(32, 1, generator=g) * 0.01).half()
+            continue
+        p = k.removesuffix(".weight")
+        if fmt == "gptq":
+            out.update({p + ".qweight": codes((4, 32)), p + ".qzeros": codes((1, 4)),
+                        p + ".scales": (torch.rand(1, 32, generator=g) * 0.01).half(), p + ".g_idx": torch.zeros(32, dtype=torch.int32)})
         else:
-            out[k] = v
+            out.update({k: codes((32, 4)), p + ".scales": (torch.rand(32, 1, generator=g) * 0.01).half(),
+                        p + ".biases": (torch.rand(32, 1, generator=g) * 0.01).half()})
     return out
 
 
@@ -167,12 +157,13 @@ def test_gptq_and_mlx_scales_are_not_analysed_as_weight_matrices(tmp_path):
     the packed weights are skipped naming the format, and a warning says what the findings cover."""
     w = _tiny_weights()
     tuned = {k: v + 0.01 for k, v in w.items()}
-    def metal(w: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:  # transformers' metal format
-        return {k.replace(".biases", ".qbiases"): v for k, v in _mlx(w, g).items()}
+    def quantise(w: dict[str, torch.Tensor], g: torch.Generator, fmt: str) -> dict[str, torch.Tensor]:
+        out = _packed(w, g, "gptq" if fmt == "gptq" else "mlx")
+        return {k.replace(".biases", ".qbiases"): v for k, v in out.items()} if fmt == "metal" else out  # transformers' metal
 
-    for name, quantise in (("gptq", _gptq), ("mlx", _mlx), ("metal", metal)):
-        base = _save(tmp_path / f"{name}_b", quantise(w, torch.Generator().manual_seed(1)))
-        tun = _save(tmp_path / f"{name}_t", quantise(tuned, torch.Generator().manual_seed(2)))
+    for name in ("gptq", "mlx", "metal"):
+        base = _save(tmp_path / f"{name}_b", quantise(w, torch.Generator().manual_seed(1), name))
+        tun = _save(tmp_path / f"{name}_t", quantise(tuned, torch.Generator().manual_seed(2), name))
         r = CliRunner().invoke(main, ["diff", str(base), str(tun), "--out", str(tmp_path / f"o_{name}"), "--no-plots"])
         assert r.exit_code == 0, r.output
         d = json.loads((tmp_path / f"o_{name}" / "results.json").read_text())
