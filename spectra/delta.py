@@ -81,16 +81,19 @@ def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor) -> float:
     return rounding_floor(wt, pair.tuned_info.dtype, wb)
 
 
-def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22) -> tuple[torch.Tensor, float, list[str]]:
+def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22,
+               work: torch.dtype | None = None) -> tuple[torch.Tensor, float, list[str]]:
     """ΔW = t − b on ``device`` (docs/definitions.md: upcast, then subtract), ‖b‖_F in float64, and which sides
     hold NaN/Inf.
 
     ΔW is float32, or float64 when either side is stored in float64 (a float32 subtraction would
-    round away updates below float32 resolution). Works through row blocks of ``block`` elements:
+    round away updates below float32 resolution) or when the float32 difference of finite weights
+    overflows (entries near ±3e38 of opposite signs: the float64 difference is finite; ``work`` forces
+    the dtype). Works through row blocks of ``block`` elements:
     a bf16 pair never has both float32 upcasts in memory at once (peak: the stored pair plus ΔW),
     and on a GPU only the stored bytes cross the bus.
     """
-    work = torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32
+    work = work or (torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32)
     delta = torch.empty(b.shape, dtype=work, device=device)
     rows = max(1, block // max(1, b.shape[-1]))
     sq = torch.zeros((), dtype=torch.float64, device=device)
@@ -112,10 +115,15 @@ def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: in
     bad = [] if base_ok else ["base"]
     if not sums_ok:  # rare: tuned or base is not finite, or a sum overflowed; look closely
         # (fp8 has no isfinite on the CPU: upcast each block)
-        if not all(bool(torch.isfinite(t[r : r + rows].float()).all()) for r in range(0, t.shape[0], rows)):
+        wide = (torch.float32, torch.float64)  # (a float64 weight above 3.4e38 is finite: never narrowed to float32)
+        if not all(bool(torch.isfinite(tb if (tb := t[r : r + rows]).dtype in wide else tb.float()).all())
+                   for r in range(0, t.shape[0], rows)):
             bad.append("tuned")
         elif base_ok and not all(bool(torch.isfinite(delta[r : r + rows]).all()) for r in range(0, delta.shape[0], rows)):
-            bad.append("overflow")  # both sides finite, their difference is not
+            if work == torch.float32:  # both sides finite, their float32 difference is not: float64 holds it
+                del delta
+                return form_delta(b, t, device, block, work=torch.float64)
+            bad.append("overflow")  # (float64 weights near 1.8e308 of opposite signs)
     base_fro = float(sq.item()) ** 0.5
     if base_ok and work == torch.float64 and not 1e-150 < base_fro < 1e150:
         # float64 weights whose squares over- or underflow: the norm of the scaled matrix, scaled back

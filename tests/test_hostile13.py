@@ -523,3 +523,24 @@ def test_float32_precision_keeps_the_float64_energy_ranks(tmp_path):
                        config=DiffConfig(precision="float32", thresholds=taus))
     (m,) = res.modules
     assert m.energy_rank == want, (m.energy_rank, want, m.method)
+
+
+def test_a_float32_difference_beyond_float32s_range_is_formed_in_float64(tmp_path):
+    """One entry of float32 (or bf16) weights going from -3e38 to +3e38: ΔW "overflows float32 … its
+    spectrum is undefined", skipped (exit 1 when alone), though its float64 difference is finite."""
+    import numpy as np
+
+    import spectra
+
+    rng = np.random.default_rng(3)
+    b = rng.uniform(-1, 1, (32, 24)) * 1e37
+    t = b.copy()
+    t[0, 0], b[0, 0] = 3e38, -3e38
+    for dt in (torch.float32, torch.bfloat16):
+        bb, tt = torch.from_numpy(b).to(dt), torch.from_numpy(t).to(dt)
+        save_file({NAME: bb}, tmp_path / "b.safetensors")
+        save_file({NAME: tt}, tmp_path / "t.safetensors")
+        res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"))
+        (m,) = res.modules
+        sv = np.linalg.svd(tt.double().numpy() - bb.double().numpy(), compute_uv=False)
+        assert not res.skipped and abs(m.fro_norm / np.linalg.norm(sv) - 1) < 1e-12 and abs(m.spectral_norm / sv[0] - 1) < 1e-12

@@ -468,7 +468,12 @@ def test_delta_flags_nan_inf_and_overflow_on_every_storage_dtype():
     nan8 = torch.zeros(4, 4)
     nan8[1, 1] = float("nan")
     assert _delta(torch.zeros(4, 4).to(torch.float8_e4m3fn), nan8.to(torch.float8_e4m3fn), cpu)[2] == ["tuned"]
-    assert _delta(torch.full((4, 4), 3e38), torch.full((4, 4), -3e38), cpu)[2] == ["overflow"]
+    # a float32 difference beyond float32's range is formed in float64 (13th round); float64 weights near
+    # float64's largest value of opposite signs still overflow
+    delta, _, bad = _delta(torch.full((4, 4), 3e38), torch.full((4, 4), -3e38), cpu)
+    assert bad == [] and delta.dtype == torch.float64 and float(delta[0, 0]) == pytest.approx(-6e38, rel=1e-7)
+    huge = torch.full((4, 4), 1.7e308, dtype=torch.float64)
+    assert _delta(huge, -huge, cpu)[2] == ["overflow"]
     big = torch.full((4, 4), 1e200, dtype=torch.float64)
     delta, norm, bad = _delta(big, big + 1e190, cpu)
     assert bad == [] and torch.isfinite(delta).all() and norm == pytest.approx(4e200, rel=1e-12)  # ‖W‖² overflows: scaled first
