@@ -380,14 +380,14 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     # a DoRA update (m ⊙ column-normalised W + sBA, minus W) is dense: its top r directions stand for it
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
-    dora += [f"{who}'s rank {asked} cut through tied singular values: its top {r}, the whole tie, are compared"
-             for who, r, asked, tie in (("A", ra, job.rank_a, tie_a), ("B", rb, job.rank_b, tie_b)) if tie]
+    tied = [f"{who}'s rank {asked} cut through tied singular values: its top {r}, the whole tie, are compared"
+            for who, r, asked, tie in (("A", ra, job.rank_a, tie_a), ("B", rb, job.rank_b, tie_b)) if tie]
     sides = ("left", "right") if config.side == "both" else (config.side,)
     numeric = [f"{who}: {n}" for who, u in (("A", ua), ("B", ub)) for n in u.notes]
     rec = ComparedModule(name=spec.name, layer=spec.layer, module=spec.module, role=spec.role, out=out_dim, in_=in_dim,
                          rank_a=ra, rank_b=rb, fro_a=ua.energy ** 0.5, fro_b=ub.energy ** 0.5,
                          note="; ".join([*([f"{'; '.join(fewer)}: subspaces of the resolved rank are compared"] if fewer else []),
-                                         *dora, *numeric]) or None)
+                                         *dora, *tied, *numeric]) or None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b or unresolved_a or unresolved_b:
         if zero_a or zero_b:
