@@ -130,6 +130,13 @@ def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, 
     return (replace(u, form=form), wide, True) if wide > r else (u, r, False)
 
 
+def _holding(u: _Update, n: int, p: int) -> _Update:
+    """``u`` with a dense form of at least ``min(n, p)`` triplets (recomputed when it holds fewer)."""
+    if not isinstance(u.form, TopSVD) or u.form.S.numel() >= min(n, p):
+        return u
+    return replace(u, form=top_svd(u.form.dense.to(torch.float64), min(n, p)))
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in ``t``. One float64 sum decides it almost always (NaN/Inf reach the sum; a sum of
     finite float32 values cannot overflow float64); only a non-finite sum is checked element by element
@@ -370,6 +377,8 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
     # a cut inside tied singular values is widened to the whole tie (as trace and interfere do)
     (ua, ra, tie_a), (ub, rb, tie_b) = (_tie_widened(u, r, min(out_dim, in_dim)) for u, r in ((ua, ra), (ub, rb)))
+    if tie_a or tie_b:  # the other side's best rank-r energy needs as many of its values as the widened rank
+        ua, ub = (_holding(u, max(ra, rb), min(out_dim, in_dim)) for u in (ua, ub))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}"
              f"{f' above the rounding level of its {u.stored} weights' if u.floor > 0 and _floor_cuts(u.form, u.floor, r) else ''}"
              f", fewer than its rank {asked}"

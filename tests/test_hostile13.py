@@ -544,3 +544,21 @@ def test_a_float32_difference_beyond_float32s_range_is_formed_in_float64(tmp_pat
         (m,) = res.modules
         sv = np.linalg.svd(tt.double().numpy() - bb.double().numpy(), compute_uv=False)
         assert not res.skipped and abs(m.fro_norm / np.linalg.norm(sv) - 1) < 1e-12 and abs(m.spectral_norm / sv[0] - 1) < 1e-12
+
+
+def test_compare_widened_on_one_side_only(tmp_path):
+    """A's cut lies inside a tie of 12 values (widened to 16), B's smooth spectrum has 9 triplets computed:
+    captured_energy raised "dW must hold at least r = 16 singular values" (probe of this round's fix)."""
+    g = torch.Generator().manual_seed(1)
+    W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+
+    def planted(s: list[float]) -> torch.Tensor:
+        U = torch.linalg.qr(torch.randn(64, len(s), generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(64, len(s), generator=g, dtype=torch.float64))[0]
+        return (U * torch.tensor(s, dtype=torch.float64)) @ V.T
+
+    f = _folders(tmp_path, {"base": W, "a": W + 0.01 * planted([2.0] * 4 + [1.0] * 12),
+                            "b": W + 0.01 * planted(torch.linspace(2, 0.5, 20).tolist())})
+    d = _json(_run(["compare", str(f["a"]), str(f["b"]), "--base", str(f["base"]), "--top-k", "8", "--json"]).output)
+    (m,) = d["modules"]
+    assert (m["rank_a"], m["rank_b"]) == (16, 8) and 0 < m["captured"]["b_in_a"]["two_sided"] <= 1
