@@ -135,6 +135,7 @@ class _Source:
     unmatched: dict[str, list[str]] | None = None
     label: str = ""
     renames: dict[str, str] = field(default_factory=dict)  # module path as stored -> as transformers loads it
+    notes: list[str] = field(default_factory=list)  # how the targets were chosen, for the warnings
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -151,6 +152,9 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts)
     moe = any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs)
     rules = peft_moe_rules(base.arch.model_type or tuned_ckpt.arch.model_type) if moe else None
+    # the wrapper prefix of the tuned names (DDP's module., a LightningModule's model.), from a module both name
+    prefix = next((p.tuned.name[: -len(p.base.name)] for p in pairing.pairs
+                   if p.base.role == p.tuned.role and p.tuned.name.endswith("." + p.base.name)), "")
     for task in tasks:
         spec = task.pair.tuned
         why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None,
@@ -160,10 +164,11 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             continue
         unit = task.units[0]
         # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
-        targets.append(target_of(unit.order, spec, module_of(task.pair), unit.shape, base_name=task.pair.base.name,
+        targets.append(target_of(unit.order, spec, module_of(task.pair, prefix), unit.shape, base_name=task.pair.base.name,
                                  dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x)))
         kept.append(task)
+    notes = _one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
     one_d = []
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
@@ -186,7 +191,39 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
-                   label=tuned_ckpt.label)
+                   label=tuned_ckpt.label, notes=notes)
+
+
+def _one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list[tuple[Any, str]], base: Checkpoint,
+                              tuned: Checkpoint) -> list[str]:
+    """Keep one LoRA per weight of a base that ties its output head to its embedding (it stores no head, so
+    a tuned head pairs with the embedding, or its config says ``tie_word_embeddings: true``): an embedding
+    LoRA beside a head LoRA would both be merged into the one shared tensor (PEFT's merge_and_unload: twice
+    the update). The head's target is dropped (in place) when the tuned head equals the tuned embedding
+    (its update is the embedding's, held once), else listed as not extracted (a tied base holds one of the
+    two). Returns the warnings."""
+    embedding = {t.base_name: t for t in targets if t.embedding}
+    token = next((t for t in embedding.values() if t.role == "embed"), None)
+    ties = (base.config or {}).get("tie_word_embeddings") is True and token is not None
+
+    def tied_to(t: Target) -> Target | None:
+        if t.embedding:
+            return None
+        return embedding.get(t.base_name) or (token if ties and t.role == "head" and t.shape == token.shape else None)
+
+    heads = [i for i, t in enumerate(targets) if tied_to(t) is not None]
+    notes = []
+    for i in reversed(heads):  # targets and kept are in step (one target per kept task)
+        emb = tied_to(targets[i])
+        head, task = targets.pop(i), kept.pop(i)
+        if torch.equal(tuned.load(task.pair.tuned.name), tuned.load(emb.name)):
+            notes.append(f"{head.name} is tied to {emb.base_name} in the base and equals {emb.name} in the tuned checkpoint: "
+                         f"one LoRA (on {emb.module}) holds their shared update; a second on {head.module} would be "
+                         "merged into the same tensor twice")
+        else:
+            left.append((task, f"the base ties it to {emb.base_name}, whose LoRA is written: a tied base holds one matrix "
+                               "for both, and this head's own update differs from the embedding's"))
+    return notes
 
 
 def _same_key(ckpt: Checkpoint, name: str) -> str | None:
@@ -528,7 +565,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     result.fingerprint, result.version = fingerprint, __version__
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
-    result.warnings += tied_embedding_warning(src.base, src.targets, ranks)
+    result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks)
     if src.renames:  # GPT-NeoX's embed_out is lm_head once loaded; LLaVA's layers move under model.language_model
         result.warnings.append(renames_text(src.renames, loaded["source"], "the adapter"))
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None

@@ -284,13 +284,15 @@ def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int],
                   base_name=base_name, dtype=dtype, note=note)
 
 
-def module_of(pair: MatrixPair) -> str:
+def module_of(pair: MatrixPair, prefix: str = "") -> str:
     """The module path a LoRA extracted from ``pair`` adapts, in the base checkpoint's names: the adapter is
     loaded onto the base model, so the prefix of a tuned copy saved through a wrapper (DDP's ``module.``,
     a LightningModule's ``model.``) must not reach it. A tuned head paired with a tied base's embedding
-    keeps its own name (the base model has that head, tied)."""
-    spec = pair.base if pair.base.role == pair.tuned.role and pair.base.name.endswith(".weight") else pair.tuned
-    return spec.name[: -len(".weight")]
+    keeps its own name (the base model has that head, tied), less ``prefix``, the tuned names' wrapper
+    prefix (found from the modules both sides name)."""
+    if pair.base.role == pair.tuned.role and pair.base.name.endswith(".weight"):
+        return pair.base.name[: -len(".weight")]
+    return pair.tuned.name.removeprefix(prefix)[: -len(".weight")]
 
 
 def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,

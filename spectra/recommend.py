@@ -29,12 +29,13 @@ import numpy as np
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
-from spectra.io.checkpoint import read_config
+from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
+from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
@@ -168,6 +169,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             del whole[p]
     if not whole:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
+    whole = _as_base_names(doc, whole)
     paths = sorted(whole)
     caps: list[list[int]] = []  # per module, per part: the most components it may take
     for path in paths:
@@ -270,6 +272,25 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
               "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
     return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
+
+
+def _as_base_names(doc: dict, whole: dict[str, dict]) -> dict[str, dict]:
+    """``whole`` keyed by the diff's base checkpoint's module paths where they differ from the results' (a
+    tuned copy saved through a wrapper, DDP's ``module.`` or a LightningModule's ``model.``: the config is
+    applied to the base model, whose names those are); as is when the base cannot be read or a name is
+    not matched one to one."""
+    base = doc.get("base")
+    if not isinstance(base, str) or not base:
+        return whole
+    try:
+        names = list(open_checkpoint(base).tensors)  # the header only
+    except (OSError, ValueError, SpectraError):
+        return whole
+    by_key = unique_pairing_keys(names)
+    renamed = {p: (by_key.get(pairing_key(p + ".weight")) or p + ".weight")[: -len(".weight")] for p in whole}
+    if len(set(renamed.values())) != len(renamed):  # two results paths on one base module: leave them
+        return whole
+    return {renamed[p]: e for p, e in whole.items()}
 
 
 def _base_config(doc: dict) -> dict | None:

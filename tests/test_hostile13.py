@@ -562,3 +562,62 @@ def test_compare_widened_on_one_side_only(tmp_path):
     d = _json(_run(["compare", str(f["a"]), str(f["b"]), "--base", str(f["base"]), "--top-k", "8", "--json"]).output)
     (m,) = d["modules"]
     assert (m["rank_a"], m["rank_b"]) == (16, 8) and 0 < m["captured"]["b_in_a"]["two_sided"] <= 1
+
+
+# ---- extract: one LoRA per weight a tied base shares ---------------------------------------------------------
+@pytest.mark.parametrize("base_as", ["folder", "bin"])
+def test_extract_writes_one_lora_for_a_tied_embedding_and_head(tmp_path, base_as):
+    """A tied base, the tuned copy saved with torch.save(model.state_dict()) (it keeps lm_head.weight):
+    extract --embeddings wrote an embedding LoRA and a head LoRA, and PEFT's merge put both into the one
+    shared tensor (twice the update: error 1.0 where extract.json said 0.06). A base saved as a full .bin
+    (head stored, config tied) did the same without a word."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(tie=True)
+    model.save_pretrained(tmp_path / "base")
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if base_as == "bin":
+        torch.save(base_sd, tmp_path / "base" / "pytorch_model.bin")
+        (tmp_path / "base" / "model.safetensors").unlink()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb += 0.01 * torch.randn(emb.shape[0], 3, generator=g) @ torch.randn(3, emb.shape[1], generator=g)
+    torch.save(model.state_dict(), tmp_path / "tuned.pt")  # lm_head.weight kept: the same tensor as the embedding
+    out = tmp_path / "ex"
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned.pt"), "-o", str(out), "-r", "3",
+                                  "--embeddings", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "extract.json").read_text())
+    assert not any(m["name"] == "lm_head.weight" for m in doc["modules"]) and "one LoRA" in " ".join(doc["warnings"])
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), out).merge_and_unload()
+    got = merged.model.embed_tokens.weight.double()
+    assert torch.allclose(got, emb.double(), atol=1e-6), float((got - emb.double()).abs().max())  # rank 3 of a rank-3 update
+
+
+def test_recommend_names_modules_as_the_base_does(tmp_path):
+    """diff of a tuned copy saved through DDP (``module.`` names), then recommend: rank_pattern keys
+    ``module.model.layers…``, which PEFT ignored ("did not match any targeted module"), every module at the
+    global r (extract already named modules by the base; recommend did not)."""
+    import spectra
+    from spectra.recommend import recommend
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(2)
+    tuned = {}
+    for k, v in model.state_dict().items():
+        if v.ndim == 2 and "layers" in k:
+            r = 1 + len(tuned) % 3  # ranks 1, 2, 3: a pattern to keep
+            v = v + 0.01 * torch.randn(v.shape[0], r, generator=g) @ torch.randn(r, v.shape[1], generator=g)
+        tuned["module." + k] = v.contiguous()
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    spectra.diff(str(tmp_path / "base"), str(tmp_path / "tuned.safetensors"), out_dir=tmp_path / "d", plots=False)
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.999)
+    keys = [*rec.config["rank_pattern"], *rec.config["target_modules"]]
+    assert keys and not any(k.startswith("module.") for k in keys), keys
+    assert len(set(rec.config["rank_pattern"].values())) > 1
