@@ -48,7 +48,7 @@ from spectra.compare_records import (
 from spectra.config import CompareConfig, check_device_available, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError
-from spectra.interference import RANK_TOL, tie_cut
+from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, same_file
@@ -82,6 +82,7 @@ from spectra.subspaces import (
     top_subspace,
 )
 from spectra.threads import imap_one_blas_thread
+from spectra.ties import cut_in_tie, tie_cut
 
 __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 
@@ -116,18 +117,22 @@ def _resolved_rank(form: Factored | TopSVD, p: int, floor: float = 0.0) -> int:
     return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size else 0
 
 
-def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, bool]:
-    """``(u, r, widened)``: a dense update's rank ``r`` widened past singular values tied with the r-th
-    (:func:`spectra.interference.tie_cut`), its triplets recomputed when the tie reaches past the ones
-    computed; a factored (LoRA) update, an approximate one (p above :data:`EXACT_MAX_P`) or r = 0 as is."""
+def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, str]:
+    """``(u, r, tie)``: a dense update's rank ``r`` widened past singular values tied with the r-th
+    (:func:`spectra.ties.tie_cut`), its triplets recomputed when the tie reaches past the ones
+    computed; ``tie`` is ``"widened"``, ``"undetermined"`` (a cluster too wide to widen: the top-r
+    subspace is not determined) or ``""``. A factored (LoRA) update, an approximate one (p above
+    :data:`EXACT_MAX_P`) or r = 0 is as is."""
     if isinstance(u, str) or not isinstance(u.form, TopSVD) or r == 0 or p > EXACT_MAX_P:
-        return u, r, False
+        return u, r, ""
     form = u.form
-    wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor)
-    if wide >= form.S.numel() - 1 and form.S.numel() < p:  # the tie may go on past the triplets computed
+    wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor, p)
+    if wide > r and wide >= form.S.numel() and form.S.numel() < p:  # the tie may go on past the triplets computed
         form = top_svd(form.dense.to(torch.float64), min(p, r + max(r, 8) + 2))
-        wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor)
-    return (replace(u, form=form), wide, True) if wide > r else (u, r, False)
+        wide = tie_cut(form.S, r, _resolved_rank(form, p, u.floor), u.floor, p)
+    if wide > r:
+        return replace(u, form=form), wide, "widened"
+    return u, r, "undetermined" if cut_in_tie(form.S, r, _resolved_rank(form, p, u.floor), u.floor, p) else ""
 
 
 def _holding(u: _Update, n: int, p: int) -> _Update:
@@ -377,7 +382,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
               for r, u, zero in ((job.rank_a, ua, zero_a), (job.rank_b, ub, zero_b)))
     # a cut inside tied singular values is widened to the whole tie (as trace and interfere do)
     (ua, ra, tie_a), (ub, rb, tie_b) = (_tie_widened(u, r, min(out_dim, in_dim)) for u, r in ((ua, ra), (ub, rb)))
-    if tie_a or tie_b:  # the other side's best rank-r energy needs as many of its values as the widened rank
+    if "widened" in (tie_a, tie_b):  # the other side's best rank-r energy needs as many of its values as the widened rank
         ua, ub = (_holding(u, max(ra, rb), min(out_dim, in_dim)) for u in (ua, ub))
     fewer = [f"{who}'s update resolves {r} direction{'s' * (r != 1)}"
              f"{f' above the rounding level of its {u.stored} weights' if u.floor > 0 and _floor_cuts(u.form, u.floor, r) else ''}"
@@ -390,6 +395,9 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     dora = [f"{who}'s DoRA update is dense: its top {r} directions, {_top_share(u.form, r):.1%} of its energy, are compared"
             for who, s, u, r, zero in (("A", A, ua, ra, zero_a), ("B", B, ub, rb, zero_b)) if s.is_dora(job.key) and not zero]
     tied = [f"{who}'s rank {asked} cut through tied singular values: its top {r}, the whole tie, are compared"
+            if tie == "widened" else
+            f"{who}'s rank {asked} cuts a cluster of tied singular values too wide to widen (past {asked + max(asked, 8)}): "
+            "its top-r subspace is not determined, and the measures depend on the solver's choice within the cluster"
             for who, r, asked, tie in (("A", ra, job.rank_a, tie_a), ("B", rb, job.rank_b, tie_b)) if tie]
     sides = ("left", "right") if config.side == "both" else (config.side,)
     numeric = [f"{who}: {n}" for who, u in (("A", ua), ("B", ub)) for n in u.notes]

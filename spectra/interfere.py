@@ -59,6 +59,7 @@ from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import selector
 from spectra.subspaces import Factored
+from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
 
 SCHEMA = "spectra.interfere/1"
 #: The pairwise measures, each an n × n matrix per module (and their medians in ``summary``).
@@ -327,6 +328,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     total = None  # dense float64 running sum when any update is dense
     seen: set[int] = set()
     numeric: list[str] = []  # "<task>: <caveat>" of each dense update
+    numeric += [f"{tasks[t].label}: {UNDETERMINED_TEXT}" for t, f in exact.items() if undetermined_cut(f.S, factors[t].S.numel())]
 
     def load(t: int) -> torch.Tensor:
         nonlocal total
@@ -344,6 +346,8 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             # update (dense) is represented by its top r directions, as compare represents it
             u = tasks[t].updates[name]
             spectra_[t], factors[t] = spectrum_and_top(delta, min(k, u.r) if isinstance(u, LoraModule) else k, floor=floor)
+            if undetermined_cut(spectra_[t], factors[t].S.numel(), floor):
+                numeric.append(f"{tasks[t].label}: {UNDETERMINED_TEXT}")
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
             if total is None:
                 total = torch.zeros(delta.shape, dtype=torch.float64, device=device)

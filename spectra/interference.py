@@ -51,6 +51,7 @@ from spectra.linalg import gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi
+from spectra.ties import tie_cut
 
 Update = torch.Tensor | np.ndarray | Factored
 
@@ -73,38 +74,6 @@ def as_factored64(f: Factored) -> Factored:
     floor = RANK_TOL * float(S[order[0]]) if S.numel() else 0.0
     keep = order[S[order] > floor]
     return Factored(U[:, keep], S[keep], Vh[keep])
-
-
-#: Singular values closer than this fraction of σ₁ are tied: the Gram route resolves values to about
-#: 1e-7·σ₁, and a top-k cut between tied values picks an arbitrary part of their span.
-TIE_REL = 1e-6
-
-
-def tie_cut(S: np.ndarray | torch.Tensor, k: int, available: int, floor: float = 0.0) -> int:
-    """``k``, widened to the last singular value tied with the k-th (``S`` descending): the top-k subspace
-    is only defined when ``σ_k − σ_{k+1}`` exceeds the values' resolution; cut inside a cluster of equal
-    values it is an arbitrary part of the cluster's span (two checkpoints of one update, decomposed
-    separately, would "turn"). Tied means within ``max(TIE_REL·σ₁, 4·floor/√p)`` of σ_k itself, not
-    of a neighbour (a smooth spectrum would chain): the rounding floor (the spectral norm of all the
-    storage noise) moves the values of a cluster of c directions by about ``floor·√(c/p)``, p = len(S),
-    so a tie of up to 16 values split by rounding is caught. A cluster reaching past ``k + max(k, 8)``
-    (a flat spectrum) is left cut at k: its top-k subspace is not determined, and widening it would
-    cost up to every direction. At most ``available`` (the triplets that may be kept).
-
-    >>> tie_cut(np.array([3.0, 2.0, 2.0, 2.0, 1.0]), 2, 5)
-    4
-    >>> tie_cut(np.array([3.0, 2.0, 1.0]), 2, 3)
-    2
-    >>> tie_cut(np.ones(100), 4, 100)   # flat: not determined, left at k
-    4
-    """
-    k, available = int(k), int(available)
-    if k < 1 or k >= available:
-        return min(k, available)
-    vals = S.detach().cpu().numpy() if isinstance(S, torch.Tensor) else np.asarray(S)
-    tol = max(TIE_REL * float(vals[0]), 4.0 * float(floor) / math.sqrt(max(len(vals), 1)))
-    end = k + int(np.count_nonzero(float(vals[k - 1]) - vals[k:available] <= tol))  # descending: a prefix
-    return k if end > k + max(k, 8) else end
 
 
 def truncate(f: Factored, k: int) -> Factored:

@@ -609,5 +609,5 @@ def csv_text(value: Any) -> Any:
     """
     if not isinstance(value, str):
         return value
-    text = display_name(value)
+    text = display_name(value, None)  # every character: a CSV is data (a note or a long name is not cut)
     return "'" + text if text.startswith(_FORMULA_START) else text

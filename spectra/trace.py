@@ -62,6 +62,7 @@ from spectra.pairing import pair_checkpoints
 from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import refuse_empty_selection, selector
 from spectra.subspaces import Factored
+from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
 from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
 
 SCHEMA = "spectra.trace/1"
@@ -400,9 +401,10 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
 def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
     """The run warning for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the
     rounding level of its stored weights (their ``turn_note``), or None when there are none."""
-    # (a turn_note beside measured turns says which checkpoint turn_prev is from instead)
+    # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
+    unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
     hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
-           if isinstance(pt, dict) and pt.get("turn_note") and pt.get("turn_first") is None]
+           if isinstance(pt, dict) and str(pt.get("turn_note", "")).startswith(unresolved)]
     if not hit:
         return None
     name, step = hit[0]
@@ -504,15 +506,19 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 code = (caveat_codes(msg) or [msg])[0]
                 caveats.setdefault(code, ([], msg))[0].append(ref.step)
             # directions at the rounding level of the stored weights are not directions of the update
-            S, top = spectrum_and_top(delta, config.top_k, floor=pair_floor(pair, wb, wt))
+            floor = pair_floor(pair, wb, wt)
+            S, top = spectrum_and_top(delta, config.top_k, floor=floor)
             del delta
             now = Subspaces.of(top)
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
                 pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"
-            elif now is not None and prev is not None and (gap := gap_note(refs, prev_at, ci)):
-                pt["turn_note"] = gap  # "previous" skipped a checkpoint: said
+            else:  # "previous" skipped a checkpoint; a cut inside a tie too wide to widen: said
+                said = [gap_note(refs, prev_at, ci) if prev is not None else None,
+                        f"ΔW: {UNDETERMINED_TEXT}" if now is not None and undetermined_cut(S, top.S.numel(), floor) else None]
+                if any(said):
+                    pt["turn_note"] = "; ".join(x for x in said if x)
             if config.alpha:
                 base_alpha = base_alpha or _alpha(wb, device)
                 pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)

@@ -621,3 +621,45 @@ def test_recommend_names_modules_as_the_base_does(tmp_path):
     keys = [*rec.config["rank_pattern"], *rec.config["target_modules"]]
     assert keys and not any(k.startswith("module.") for k in keys), keys
     assert len(set(rec.config["rank_pattern"].values())) > 1
+
+
+def test_compare_tie_tolerance_counts_every_direction_as_interfere_does(tmp_path):
+    """float32 256², σ₈ − σ₉ = 2.5e-8 (2.6e-6·σ₁: not tied by trace's or interfere's rule): compare took the
+    floor's share over the 9 triplets it had, not over p = 256, and called the cut a tie (ranks 9)."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    d = 256
+    W = 0.02 * rng.standard_normal((d, d))
+    s = np.array([0.01 - 0.0006 * i for i in range(8)] + [0.01 - 0.0042 - 2.5e-8 * j for j in range(1, 4)] + [0.003, 0.002])
+    U = np.linalg.qr(rng.standard_normal((d, len(s))))[0]
+    V = np.linalg.qr(rng.standard_normal((d, len(s))))[0]
+    D = (U * s) @ V.T
+    f = _folders(tmp_path, {"base": torch.from_numpy(W), "a": torch.from_numpy(W + D), "b": torch.from_numpy(W + 1.5 * D)})
+    d_ = _json(_run(["compare", str(f["a"]), str(f["b"]), "--base", str(f["base"]), "--top-k", "8", "--json"]).output)
+    (m,) = d_["modules"]
+    assert (m["rank_a"], m["rank_b"]) == (8, 8) and "tied" not in (m["note"] or "")
+
+
+def test_a_flat_spectrum_cut_is_said_to_be_undetermined(tmp_path):
+    """c·orthogonal updates (every σ equal) at --top-k 8: the cluster is too wide to widen, so the top-8
+    subspace is arbitrary; compare, interfere and trace reported φ ≈ 0.1 as a measured turn, with no word."""
+    g = torch.Generator().manual_seed(6)
+    W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
+    Q = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    f = _folders(tmp_path, {"base": W, "a": W + 0.01 * Q, "b": W + 0.015 * Q})
+    d = _json(_run(["compare", str(f["a"]), str(f["b"]), "--base", str(f["base"]), "--top-k", "8", "--json"]).output)
+    (m,) = d["modules"]
+    assert "too wide to widen" in m["note"]
+    d = _json(_run(["interfere", "--base", str(f["base"]), str(f["a"]), str(f["b"]), "--top-k", "8", "--json", "--no-plots"]).output)
+    (m,) = d["modules"]
+    assert "not determined" in m["note"]
+
+
+def test_csv_text_cells_are_not_shortened():
+    """CSV cells went through the console's 120-character shortening: a compare note lost its middle
+    ("…t through tied singular values: its top 11…") and a long tensor name would too."""
+    from spectra.results import csv_text
+
+    note = "A's rank 8 cut through tied singular values: its top 11, the whole tie, are compared; " * 3
+    assert csv_text(note) == note and csv_text("x" * 500) == "x" * 500
