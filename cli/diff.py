@@ -54,7 +54,7 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--method", type=click.Choice(["gram", "svd"]), default="gram", show_default=True,
               help="Exact spectrum via the Gram matrix's eigenvalues (fast) or an SVD.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Precision of the decomposition; float32 is faster, certified per matrix (recomputed in float64 where it cannot be).")
+              help="Precision of the decomposition; float32: energy ranks certified per matrix (else float64), other metrics float32's.")
 @click.option("--no-split", is_flag=True, help="Analyse fused q/k/v and gate/up matrices whole.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json (with --plan: the plan) to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")

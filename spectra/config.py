@@ -67,9 +67,9 @@ class DiffConfig(SharedOptions):
             (``torch.linalg.svdvals``); both exact, see :mod:`spectra.linalg`.
         precision: dtype of the decomposition. ``"float64"`` (default) keeps every singular value
             down to ~1e-7·σ₁; ``"float32"`` solves in float32 and keeps a matrix's spectrum only where
-            :func:`spectra.linalg.certify_float32` proves its ranks equal float64's and its other metrics
-            agree within 1e-4, else
-            solves it again in float64 (``method`` names what solved each matrix).
+            :func:`spectra.linalg.certify_float32` proves its energy ranks equal float64's, else solves it
+            again in float64 (``method`` names what solved each matrix); the other metrics of a certified
+            matrix are float32's (small singular values lost: nuclear norm, effective rank).
         split_fused: split fused matrices (``qkv_proj``, ``c_attn``, ``query_key_value``,
             ``gate_up_proj``) into their logical parts (docs/definitions.md); False analyses them whole.
         approx: estimate energy ranks from a randomized sketch instead of the exact spectrum; each

@@ -68,6 +68,7 @@ from spectra.extract_plan import (
     Target,
     final_ranks,
     module_of,
+    one_lora_per_tied_weight,
     plan_ranks,
     target_of,
     why_not_target,
@@ -168,7 +169,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
                                  dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x)))
         kept.append(task)
-    notes = _one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
+    notes = one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
     one_d = []
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
@@ -192,38 +193,6 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label, notes=notes)
-
-
-def _one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list[tuple[Any, str]], base: Checkpoint,
-                              tuned: Checkpoint) -> list[str]:
-    """Keep one LoRA per weight of a base that ties its output head to its embedding (it stores no head, so
-    a tuned head pairs with the embedding, or its config says ``tie_word_embeddings: true``): an embedding
-    LoRA beside a head LoRA would both be merged into the one shared tensor (PEFT's merge_and_unload: twice
-    the update). The head's target is dropped (in place) when the tuned head equals the tuned embedding
-    (its update is the embedding's, held once), else listed as not extracted (a tied base holds one of the
-    two). Returns the warnings."""
-    embedding = {t.base_name: t for t in targets if t.embedding}
-    token = next((t for t in embedding.values() if t.role == "embed"), None)
-    ties = (base.config or {}).get("tie_word_embeddings") is True and token is not None
-
-    def tied_to(t: Target) -> Target | None:
-        if t.embedding:
-            return None
-        return embedding.get(t.base_name) or (token if ties and t.role == "head" and t.shape == token.shape else None)
-
-    heads = [i for i, t in enumerate(targets) if tied_to(t) is not None]
-    notes = []
-    for i in reversed(heads):  # targets and kept are in step (one target per kept task)
-        emb = tied_to(targets[i])
-        head, task = targets.pop(i), kept.pop(i)
-        if torch.equal(tuned.load(task.pair.tuned.name), tuned.load(emb.name)):
-            notes.append(f"{head.name} is tied to {emb.base_name} in the base and equals {emb.name} in the tuned checkpoint: "
-                         f"one LoRA (on {emb.module}) holds their shared update; a second on {head.module} would be "
-                         "merged into the same tensor twice")
-        else:
-            left.append((task, f"the base ties it to {emb.base_name}, whose LoRA is written: a tied base holds one matrix "
-                               "for both, and this head's own update differs from the embedding's"))
-    return notes
 
 
 def _same_key(ckpt: Checkpoint, name: str) -> str | None:

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
+from spectra.io.checkpoint import Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
 from spectra.peft_moe import PeftMoeRules
+from spectra.selection import Task
 
 #: The storage dtypes an adapter can be written in.
 OUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
@@ -432,7 +435,62 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     return ranks, (alloc, items)
 
 
+
+def default_tie(base: Checkpoint) -> bool | None:
+    """``tie_word_embeddings`` of the base's model type as transformers defaults it (GPT-2, Gemma, T5: True;
+    Llama, Qwen2: False), for a config.json that leaves it out; None without a model type or transformers."""
+    model_type = base.arch.model_type
+    if not model_type:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.for_model(model_type).tie_word_embeddings)
+    except (ImportError, ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list[tuple[Any, str]], base: Checkpoint,
+                              tuned: Checkpoint) -> list[str]:
+    """Keep one LoRA per weight of a base that ties its output head to its embedding (it stores no head, so
+    a tuned head pairs with the embedding; or its config ties them, in words or by its model type's default
+    when the key is absent, as GPT-2's configs leave it out: :func:`default_tie`): an embedding
+    LoRA beside a head LoRA would both be merged into the one shared tensor (PEFT's merge_and_unload: twice
+    the update). The head's target is dropped (in place) when the tuned head equals the tuned embedding
+    (its update is the embedding's, held once), else listed as not extracted (a tied base holds one of the
+    two). Returns the warnings."""
+    embedding = {t.base_name: t for t in targets if t.embedding}
+    token = next((t for t in embedding.values() if t.role == "embed"), None)
+    says = (base.config or {}).get("tie_word_embeddings")
+
+    def ties(head: Target) -> bool:  # config.json's word, else its class's default (GPT-2's configs leave it out)
+        if token is None or head.role != "head" or head.shape != token.shape:
+            return False
+        tied = says if isinstance(says, bool) else default_tie(base)
+        if tied is None:  # no word, no transformers to ask: equal stored weights are taken as one tied weight
+            return torch.equal(base.load(head.base_name), base.load(token.base_name))
+        return tied
+
+    def tied_to(t: Target) -> Target | None:
+        if t.embedding:
+            return None
+        return embedding.get(t.base_name) or (token if ties(t) else None)
+
+    heads = [i for i, t in enumerate(targets) if tied_to(t) is not None]
+    notes = []
+    for i in reversed(heads):  # targets and kept are in step (one target per kept task)
+        emb = tied_to(targets[i])
+        head, task = targets.pop(i), kept.pop(i)
+        if torch.equal(tuned.load(task.pair.tuned.name), tuned.load(emb.name)):
+            notes.append(f"{head.name} is tied to {emb.base_name} in the base and equals {emb.name} in the tuned checkpoint: "
+                         f"one LoRA (on {emb.module}) holds their shared update; a second on {head.module} would be "
+                         "merged into the same tensor twice")
+        else:
+            left.append((task, f"the base ties it to {emb.base_name}, whose LoRA is written: a tied base holds one matrix "
+                               "for both, and this head's own update differs from the embedding's"))
+    return notes
+
 __all__ = ["EXPERTS_GROUP", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name",
-           "module_of", "pair_target", "plan_ranks", "target_of", "why_not_target"]
+           "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "why_not_target"]

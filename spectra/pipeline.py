@@ -64,10 +64,12 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
         return [(approx_result(item, a, config, seconds), None) for item, a in zip(batch, approx)]
     solved: tuple[str, ...] = (config.precision,) * len(batch)
     if config.precision == "float32":
-        # float32, certified: a matrix whose float32 spectrum cannot be proven to give the float64 energy
-        # ranks and metrics is solved again in float64 (plain float32 moved ranks with a small tail)
+        # float32 with its energy ranks certified: a matrix whose float32 spectrum cannot be proven to give
+        # the float64 ranks is solved again in float64 (plain float32 moved ranks with a small tail). The other
+        # metrics and the kept values stay float32's (certifying them too sent almost every matrix to float64)
         spectra = exact_spectra([item.delta for item in batch], precision="certified", thresholds=config.thresholds,
-                                top_k=config.top_k, device=device, method=config.method, max_batch_bytes=budget)
+                                top_k=0, metrics=False, device=device, method=config.method,
+                                max_batch_bytes=budget)
         S_all, solved = spectra.S, spectra.precision
     else:
         S_all = batch_singular_values([item.delta for item in batch], device=device, method=config.method,

@@ -169,7 +169,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             del whole[p]
     if not whole:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
-    whole = _as_base_names(doc, whole)
+    whole, unread = _as_base_names(doc, whole)
+    if unread:  # the names stay the results' (the tuned checkpoint's): say so, a wrapper prefix would not match
+        notes.append(f"the diff's base ({unread}) cannot be read now: module names are as the results store them, the tuned "
+                     "checkpoint's; if it was saved through a wrapper (module., model.), rename them to the base model's")
     paths = sorted(whole)
     caps: list[list[int]] = []  # per module, per part: the most components it may take
     for path in paths:
@@ -274,23 +277,23 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
 
 
-def _as_base_names(doc: dict, whole: dict[str, dict]) -> dict[str, dict]:
-    """``whole`` keyed by the diff's base checkpoint's module paths where they differ from the results' (a
-    tuned copy saved through a wrapper, DDP's ``module.`` or a LightningModule's ``model.``: the config is
-    applied to the base model, whose names those are); as is when the base cannot be read or a name is
-    not matched one to one."""
+def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:
+    """``(whole, unread)``: ``whole`` keyed by the diff's base checkpoint's module paths where they differ
+    from the results' (a tuned copy saved through a wrapper, DDP's ``module.`` or a LightningModule's
+    ``model.``: the config is applied to the base model, whose names those are); as is when a name is not
+    matched one to one, or when the base cannot be read (``unread`` then names it)."""
     base = doc.get("base")
     if not isinstance(base, str) or not base:
-        return whole
+        return whole, None
     try:
         names = list(open_checkpoint(base).tensors)  # the header only
     except (OSError, ValueError, SpectraError):
-        return whole
+        return whole, base
     by_key = unique_pairing_keys(names)
     renamed = {p: (by_key.get(pairing_key(p + ".weight")) or p + ".weight")[: -len(".weight")] for p in whole}
     if len(set(renamed.values())) != len(renamed):  # two results paths on one base module: leave them
-        return whole
-    return {renamed[p]: e for p, e in whole.items()}
+        return whole, None
+    return {renamed[p]: e for p, e in whole.items()}, None
 
 
 def _base_config(doc: dict) -> dict | None:

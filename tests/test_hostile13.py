@@ -621,6 +621,8 @@ def test_recommend_names_modules_as_the_base_does(tmp_path):
     keys = [*rec.config["rank_pattern"], *rec.config["target_modules"]]
     assert keys and not any(k.startswith("module.") for k in keys), keys
     assert len(set(rec.config["rank_pattern"].values())) > 1
+    (tmp_path / "base").rename(tmp_path / "moved")  # no base to read the names from: said, not silent (review)
+    assert any("cannot be read now" in n for n in recommend(tmp_path / "d" / "results.json", energy=0.999).notes)
 
 
 def test_compare_tie_tolerance_counts_every_direction_as_interfere_does(tmp_path):
@@ -663,3 +665,31 @@ def test_csv_text_cells_are_not_shortened():
 
     note = "A's rank 8 cut through tied singular values: its top 11, the whole tie, are compared; " * 3
     assert csv_text(note) == note and csv_text("x" * 500) == "x" * 500
+
+
+def test_extract_tied_gpt2_whose_config_leaves_the_tie_out(tmp_path):
+    """GPT-2's config.json leaves tie_word_embeddings out (its class defaults to True): a base saved as a
+    full .bin (head stored) against a tuned .pt still got two LoRAs, merged twice (review)."""
+    import transformers as T
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=32))
+    model.save_pretrained(tmp_path / "base")
+    torch.save(model.state_dict(), tmp_path / "base" / "pytorch_model.bin")
+    (tmp_path / "base" / "model.safetensors").unlink()
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte += 0.01 * torch.randn(wte.shape[0], 3, generator=g) @ torch.randn(3, wte.shape[1], generator=g)
+    torch.save(model.state_dict(), tmp_path / "tuned.pt")
+    out = tmp_path / "ex"
+    r = CliRunner().invoke(main, ["extract", str(tmp_path / "base"), str(tmp_path / "tuned.pt"), "-o", str(out), "-r", "3",
+                                  "--embeddings", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    merged = PeftModel.from_pretrained(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"), out).merge_and_unload()
+    got = merged.transformer.wte.weight.detach().double()
+    assert torch.allclose(got, wte.detach().double(), atol=1e-6), float((got - wte.detach().double()).abs().max())
