@@ -110,6 +110,22 @@ class _StopSignals:
         os.close(self._write)
 
 
+def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM that ``exc`` is, or that it was raised while handling. An interrupt raised
+    inside ``threading.Condition.wait`` (a future's result, a join) leaves its lock released, and the
+    ``with`` block around it then raises "cannot release un-acquired lock" with the interrupt as its
+    context: that is still the stop, not a crash."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        if isinstance(exc, click.exceptions.Exit):
+            return None  # the command's own exit, even one made while handling a stop
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _owns_process() -> bool:
     """True when this process is the ``spectra`` command itself (the console script, ``python -m spectra``
     or torchrun's ``-m spectra``), not a program that called :func:`main`."""
@@ -196,36 +212,40 @@ class _Group(click.Group):
 
         stop = _StopSignals(STOP_GRACE_S, kept_now) if threading.current_thread() is threading.main_thread() else None
         try:
-            return super().invoke(ctx)
-        except SpectraError as exc:
-            if os.environ.get("SPECTRA_DEBUG") == "1":
+            try:
+                return super().invoke(ctx)
+            except SpectraError as exc:
+                if os.environ.get("SPECTRA_DEBUG") == "1":
+                    raise
+                code = EXIT_IDENTICAL if isinstance(exc, IdenticalCheckpointsError) else EXIT_ERROR
+                click.echo(f"{_rank_prefix()}error: {exc}", err=True)
+                ctx.exit(code)
+            except OSError as exc:
+                # standard output closed, full (>/dev/full) or a pipe whose reader left (| head): files written
+                # before are on disk; one line instead of a traceback. Any other OSError is unexpected: raised.
+                if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF) or os.environ.get("SPECTRA_DEBUG") == "1":
+                    raise
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    click.echo(f"{_rank_prefix()}error: cannot write the output: {exc.strerror or exc}", err=True)
+                ctx.exit(EXIT_ERROR)
+            except (MemoryError, RuntimeError) as exc:
+                # a matrix larger than the memory left: one line (the journal holds what was finished), not a traceback
+                oom = out_of_memory(exc)
+                if oom is None or os.environ.get("SPECTRA_DEBUG") == "1":
+                    raise
+                kept = kept_on_stop(self, ctx, since=started) or kept
+                plan = "; `spectra diff --plan` says what a run needs" if ctx.invoked_subcommand == "diff" else ""
+                click.echo(f"{_rank_prefix()}error: {oom} (free memory or use a machine with more{plan})"
+                           f"{'; ' + kept if kept else ''}", err=True)
+                ctx.exit(EXIT_ERROR)
+        except BaseException as exc:
+            interrupt = _interrupt_behind(exc)
+            if interrupt is None:
                 raise
-            code = EXIT_IDENTICAL if isinstance(exc, IdenticalCheckpointsError) else EXIT_ERROR
-            click.echo(f"{_rank_prefix()}error: {exc}", err=True)
-            ctx.exit(code)
-        except OSError as exc:
-            # standard output closed, full (>/dev/full) or a pipe whose reader left (| head): files written
-            # before are on disk; one line instead of a traceback. Any other OSError is unexpected: raised.
-            if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF) or os.environ.get("SPECTRA_DEBUG") == "1":
-                raise
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                click.echo(f"{_rank_prefix()}error: cannot write the output: {exc.strerror or exc}", err=True)
-            ctx.exit(EXIT_ERROR)
-        except (MemoryError, RuntimeError) as exc:
-            # a matrix larger than the memory left: one line (the journal holds what was finished), not a traceback
-            oom = out_of_memory(exc)
-            if oom is None or os.environ.get("SPECTRA_DEBUG") == "1":
-                raise
-            kept = kept_on_stop(self, ctx, since=started) or kept
-            plan = "; `spectra diff --plan` says what a run needs" if ctx.invoked_subcommand == "diff" else ""
-            click.echo(f"{_rank_prefix()}error: {oom} (free memory or use a machine with more{plan})"
-                       f"{'; ' + kept if kept else ''}", err=True)
-            ctx.exit(EXIT_ERROR)
-        except KeyboardInterrupt as exc:
-            what = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+            what = "SIGTERM" if isinstance(interrupt, _Terminated) else "Ctrl-C"
             kept = kept_on_stop(self, ctx, since=started) or kept  # what the files say now
             click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
-            ctx.exit(143 if isinstance(exc, _Terminated) else 130)
+            ctx.exit(143 if isinstance(interrupt, _Terminated) else 130)
         finally:
             if stop is not None:
                 stop.close(owns_process=_owns_process())

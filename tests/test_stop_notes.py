@@ -78,3 +78,38 @@ def test_a_hard_exit_words_what_exists_at_that_moment(tmp_path):
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("stopped at once (a second stop signal): no adapter was saved; train_log.jsonl in ")
     assert "nothing was kept" not in line
+
+
+def _raise_behind(interrupt: BaseException | None):
+    def fake_diff(*args, **kwargs):
+        # what threading.Condition.wait leaves when the stop is raised inside it: the lock released,
+        # the `with` around it failing on the way out, the stop as that error's context
+        try:
+            if interrupt is not None:
+                raise interrupt
+            raise ValueError("not a stop")
+        except BaseException:
+            raise RuntimeError("cannot release un-acquired lock")  # noqa: B904
+    return fake_diff
+
+
+def test_a_stop_raised_inside_a_wait_is_still_the_stop(tmp_path, monkeypatch):
+    """CI once saw a SIGTERM under coreutils timeout end in a traceback and exit 1: the handler's
+    exception was raised inside a future's wait and came out as a RuntimeError carrying it."""
+    from click.testing import CliRunner
+
+    import spectra
+    from spectra_cli.main import _Terminated
+
+    for f in ("b.safetensors", "t.safetensors"):
+        (tmp_path / f).write_bytes(b"")
+    args = ["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "o"), "--no-plots"]
+    for interrupt, code, said in ((_Terminated(), 143, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "stopped by Ctrl-C")):
+        monkeypatch.setattr(spectra, "diff", _raise_behind(interrupt))
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == code, result.output
+        assert said in result.output and "Traceback" not in result.output
+    # the same error with no stop behind it is a crash, shown as one
+    monkeypatch.setattr(spectra, "diff", _raise_behind(None))
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, RuntimeError) and "un-acquired" in str(result.exception)
