@@ -42,7 +42,7 @@ STOP_GRACE_S = 20.0
 DUPLICATE_S = 0.25
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run), handled as Ctrl-C."""
 
 
@@ -73,7 +73,7 @@ class _StopSignals:
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if not self._raised:  # the first stops cleanly; a later one is the watcher's to act on
             self._raised = True
-            raise _Terminated()
+            raise Terminated()
 
     def _watch(self) -> None:
         while data := os.read(self._read, 64):  # blocks without the GIL; empty once closed
@@ -242,10 +242,10 @@ class _Group(click.Group):
             interrupt = _interrupt_behind(exc)
             if interrupt is None:
                 raise
-            what = "SIGTERM" if isinstance(interrupt, _Terminated) else "Ctrl-C"
+            what = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
             kept = kept_on_stop(self, ctx, since=started) or kept  # what the files say now
             click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
-            ctx.exit(143 if isinstance(interrupt, _Terminated) else 130)
+            ctx.exit(143 if isinstance(interrupt, Terminated) else 130)
         finally:
             if stop is not None:
                 stop.close(owns_process=_owns_process())

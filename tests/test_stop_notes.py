@@ -99,12 +99,12 @@ def test_a_stop_raised_inside_a_wait_is_still_the_stop(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     import spectra
-    from spectra_cli.main import _Terminated
+    from spectra_cli.main import Terminated
 
     for f in ("b.safetensors", "t.safetensors"):
         (tmp_path / f).write_bytes(b"")
     args = ["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "o"), "--no-plots"]
-    for interrupt, code, said in ((_Terminated(), 143, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "stopped by Ctrl-C")):
+    for interrupt, code, said in ((Terminated(), 143, "stopped by SIGTERM"), (KeyboardInterrupt(), 130, "stopped by Ctrl-C")):
         monkeypatch.setattr(spectra, "diff", _raise_behind(interrupt))
         result = CliRunner().invoke(main, args)
         assert result.exit_code == code, result.output
