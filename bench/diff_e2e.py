@@ -109,10 +109,11 @@ def read_parallel(base: Path, tuned: Path, workers: int) -> float:
 
     b, t = open_checkpoint(base), open_checkpoint(tuned)
     names = [n for n, i in t.tensors.items() if len(i.shape) == 2]
-    t0 = time.perf_counter()
+
     def read(n: str) -> None:
         b.load(n), t.load(n)
 
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(read, names))
     return time.perf_counter() - t0

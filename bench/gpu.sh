@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs the CUDA tests, the eigensolver, engine and end-to-end benchmarks on a CUDA machine in one call (≤ 9.5 minutes;
-# `e2e` leaves out the engine benchmark: ≤ 9.5 minutes with the machine's start) and
-# writes their tables to bench/results/ (and to $OUT when set, for the device tool).
-# Usage: bash bench/gpu.sh [tag] [all|e2e|diff]  (diff: the tests and the end-to-end run only)   e.g. tag=h200 -> bench/results/engine-h200.md, diff-e2e-llama7b-h200.md
+# Runs the CUDA tests, the eigensolver, engine and end-to-end benchmarks on a CUDA machine in one call (≤ 9.5 minutes)
+# and writes their tables to bench/results/ (and to $OUT when set, for the device tool).
+# Usage: bash bench/gpu.sh [tag] [all|e2e|diff]  (e2e: all but the engine benchmark; diff: the tests and the
+# end-to-end run, ~4 minutes on an H200)   e.g. tag=h200 -> bench/results/engine-h200.md, diff-e2e-llama7b-h200.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-$(python3 -c "import re, torch; m = re.search(r'[ABHL]\d{2,3}S?', torch.cuda.get_device_name(0)); print(m.group(0).lower() if m else 'gpu')" 2>/dev/null || echo gpu)}
