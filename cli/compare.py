@@ -10,7 +10,7 @@ from rich.table import Table
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
-from spectra_cli.console import echo_json, print_explanation, print_table, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, join_patterns, print_explanation, print_table, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -31,14 +31,16 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.argument("b")
 @click.option("--base", default=None,
               help="The base model both were tuned from (needed for full checkpoints, DoRA, amplification and intruders).")
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "-o", "out_dir", type=OutPath(file_okay=False), default=None,
               help="Folder for compare.json, compare.csv and the plots (default: no files).")
 @click.option("--side", type=click.Choice(["left", "right", "both"]), default="right", show_default=True,
               help="Singular vectors compared: right (input space; Hu et al. used the right ones of LoRA's A), left, or both.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
               help="Subspace rank taken from a full (non-LoRA) update.")
-@click.option("--include", default=None, help="Regex: compare only modules whose base tensor name matches.")
-@click.option("--exclude", default=None, help="Regex: leave out modules whose base tensor name matches.")
+@click.option("--include", multiple=True, callback=join_patterns,
+              help="Regex: compare only modules whose base tensor name matches (repeat for any of several).")
+@click.option("--exclude", multiple=True, callback=join_patterns,
+              help="Regex: leave out modules whose base tensor name matches (repeat for any of several).")
 @click.option("--layers", default=None,
               help="Layer selection such as '0-3,7,10-' (drops embeddings and head, also from the only-in-A/B lists).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")

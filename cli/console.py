@@ -5,6 +5,7 @@ level: each command makes its consoles when it runs."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 
@@ -182,3 +183,25 @@ class _LogProgress(Progress):
         if now - self._logged >= LOG_EVERY_S and self.live.is_started:
             self._logged = now
             self.console.print(self.make_tasks_table(self.tasks), highlight=False)
+
+
+class OutPath(click.Path):
+    """A path a command writes to (``--out``): ``~`` expanded as in input paths (a quoted ``'~/res'`` made a
+    folder named ``~`` here, which a later ``rm -rf ~`` would not forgive); ``-`` refused, as spectra
+    writes files there, not to standard output."""
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        if isinstance(value, str):
+            if value.strip() == "-":
+                self.fail("'-' is not standard output here: spectra writes files, so name a folder or file", param, ctx)
+            value = os.path.expanduser(value)
+        return super().convert(value, param, ctx)
+
+
+def join_patterns(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """``--include``/``--exclude`` given several times: one regex matching any of them (the last one alone
+    was kept before, the others dropped without a word); None when not given."""
+    if not value:
+        return None
+    return value[0] if len(value) == 1 else "|".join(f"(?:{v})" for v in value)
+

@@ -8,12 +8,12 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
 
 
 @click.command("esd")
 @click.argument("model")
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "-o", "out_dir", type=OutPath(file_okay=False), default=None,
               help="Folder for esd.json, esd.csv, esd.jsonl (journal) and the plots (default: no files).")
 @click.option("--json", "as_json", is_flag=True, help="Print esd.json to stdout instead of the table.")
 @click.option("--xmin", type=click.Choice(["fit", "peak", "mid"]), default="fit", show_default=True,
@@ -24,8 +24,10 @@ from spectra_cli.console import print_table, progress_bar, stderr, stdout
                    "8 <= min(shape) <= 15000 and max(shape) <= 50000), so rows compare one to one.")
 @click.option("--split", "split_fused", is_flag=True,
               help="Split fused matrices (qkv_proj, c_attn, gate_up_proj…) into their parts (default: whole, as WeightWatcher).")
-@click.option("--include", default=None, help="Regex: analyse only matrices whose name matches.")
-@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
+@click.option("--include", multiple=True, callback=join_patterns,
+              help="Regex: analyse only matrices whose name matches (repeat for any of several).")
+@click.option("--exclude", multiple=True, callback=join_patterns,
+              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head') (repeat for any of several).")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
 @click.option("--plot-include", default=None, metavar="REGEX",
               help="Keep the eigenvalues of matching matrices and plot their log-log ESDs (default: the middle layer's).")

@@ -11,13 +11,13 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
 
 
 @click.command("extract")
 @click.argument("base")
 @click.argument("tuned")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="The adapter folder to write (must be empty or new; see --force, --resume).")
 @click.option("--rank", "-r", type=click.IntRange(min=1), default=None, help="Every module keeps R components (uniform).")
 @click.option("--energy", "-e", type=float, default=None,
@@ -34,8 +34,10 @@ from spectra_cli.console import print_table, progress_bar, stderr, stdout
 @click.option("--embeddings", is_flag=True, help="Also extract embeddings (PEFT's embedding LoRA) and the output head.")
 @click.option("--save-modules", is_flag=True,
               help="Keep changed norms as PEFT modules_to_save and biases of adapted modules as lora_B.bias.")
-@click.option("--include", default=None, help="Regex: extract only matrices whose name matches.")
-@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches.")
+@click.option("--include", multiple=True, callback=join_patterns,
+              help="Regex: extract only matrices whose name matches (repeat for any of several).")
+@click.option("--exclude", multiple=True, callback=join_patterns,
+              help="Regex: leave out matrices whose name matches (repeat for any of several).")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--strategy", type=click.Choice(["auto", "one-pass", "two-pass"]), default="auto", show_default=True,
@@ -165,7 +167,7 @@ def totals_table(doc: dict) -> Table:
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap every rank.")
 @click.option("--embeddings", is_flag=True, help="Also recommend LoRA for embeddings and the head.")
 @click.option("--task-type", default="CAUSAL_LM", show_default=True, help="PEFT task_type of the config ('none' for none).")
-@click.option("--out", "-o", "out_path", type=click.Path(dir_okay=False), default=None, help="Write the config JSON here too.")
+@click.option("--out", "-o", "out_path", type=OutPath(dir_okay=False), default=None, help="Write the config JSON here too.")
 def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embeddings, task_type, out_path) -> None:
     """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the
     results.json of `spectra diff` alone. The config goes to stdout as JSON: LoraConfig(**json.load(f))."""

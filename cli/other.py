@@ -9,12 +9,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from spectra.display import display_name
-from spectra_cli.console import echo_json, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, stderr, stdout
 
 
 @click.command("report", short_help="One self-contained HTML page from the results of any command (or folders of them).")
 @click.argument("results", nargs=-1, required=True)
-@click.option("--out", "-o", "out_path", default="report.html", show_default=True, type=click.Path(dir_okay=False),
+@click.option("--out", "-o", "out_path", default="report.html", show_default=True, type=OutPath(dir_okay=False),
               help="The HTML file to write.")
 @click.option("--title", default="spectra report", show_default=True, help="The page's title and heading.")
 def report_cmd(results, out_path, title) -> None:

@@ -9,13 +9,13 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
 
 
 @click.command("trace")
 @click.argument("base")
 @click.argument("checkpoints", nargs=-1, required=True)
-@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out", "-o", "out_dir", type=OutPath(file_okay=False), default=None,
               help="Folder for trace.json, trace.csv, the journal and the plots (default: no files).")
 @click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
               help="Energy-rank threshold τ in (0, 1]; repeatable. Default: 0.5 0.9 0.99.")
@@ -23,8 +23,10 @@ from spectra_cli.console import print_table, progress_bar, stderr, stdout
               help="Rank of the subspaces compared between checkpoints (a LoRA of smaller rank is compared whole).")
 @click.option("--alpha", is_flag=True,
               help="Also fit WeightWatcher's power-law α to each checkpoint's weights (full checkpoints; slower).")
-@click.option("--include", default=None, help="Regex: trace only matrices whose name matches.")
-@click.option("--exclude", default=None, help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
+@click.option("--include", multiple=True, callback=join_patterns,
+              help="Regex: trace only matrices whose name matches (repeat for any of several).")
+@click.option("--exclude", multiple=True, callback=join_patterns,
+              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head') (repeat for any of several).")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted trace in --out from its journal (same inputs and options).")

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from spectra.config import DiffConfig
-from spectra_cli.console import print_table, progress_bar, quiet_transformers, stderr, stdout
+from spectra_cli.console import OutPath, print_table, progress_bar, quiet_transformers, stderr, stdout
 from spectra_cli.diff import run_diff
 
 #: Largest seed (spectra.training_inputs.MAX_SEED: torch seeds are 64-bit); written out so that the
@@ -105,7 +105,7 @@ def _sweep_stop_note(params: dict, since: float | None) -> str:
               help="auto (CUDA with bf16 autocast when present), cpu, cuda, cuda:N or mps.")
 @click.option("--trace-every", default=50, show_default=True, type=click.IntRange(min=0),
               help="Measure ΔW's spectrum and subspaces every N steps while training (OUT/trace.jsonl); 0: off.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="Output folder (adapter or model, logs): new or empty, never BASE; see --force.")
 @click.option("--force", is_flag=True, help="Write into a used --out, first deleting the files an earlier run wrote there.")
 def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch, seq_len, seed, eval_source, eval_every, device,
@@ -139,6 +139,14 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
                      + f"; outputs in {out_dir}"), highlight=False)
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    """A comma-separated list of integers (``--ranks``, ``--seeds``); a usage error naming ``option`` otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers. Got {text!r}", param_hint=option) from None
+
+
 @click.command("sweep", short_help="Several reference runs on one base, then diff and compare them.")
 @click.option("--base", required=True, help="Local Hugging Face causal-LM folder.")
 @click.option("--data", required=True, help="Target data (as for spectra train).")
@@ -150,7 +158,7 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="Output folder: one subfolder per run (adapter or model, logs), their diffs and compares, sweep.json.")
 @click.option("--force", is_flag=True, help="Write into a used --out, first deleting what an earlier sweep wrote there.")
 def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir, force) -> None:
@@ -160,12 +168,8 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
     from spectra.training import check_sweep, sweep
 
     quiet_transformers()
-    try:
-        method_list = [m.strip() for m in methods.split(",") if m.strip()]
-        rank_list = [int(r) for r in ranks.split(",") if r.strip()]
-        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter("--ranks and --seeds must be comma-separated integers") from None
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    rank_list, seed_list = _int_list(ranks, "--ranks"), _int_list(seeds, "--seeds")
     try:  # a rank < 1, a repeated rank or seed, an empty list: usage errors, before anything runs
         check_sweep(method_list, rank_list if "lora" in method_list else [], seed_list)
     except ConfigError as exc:
@@ -192,7 +196,7 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
 
 
 @click.command("demo", short_help="Offline end-to-end demo: tiny pretrain, fine-tunes, every analysis.")
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default=None, type=OutPath(file_okay=False),
               help="Where the runs, analyses and summary go (default: out/demo for the full demo; a new scratch "
                    "folder for --quick and --synthetic). reports/demo holds a committed copy of a full demo's outputs.")
 @click.option("--quick", is_flag=True, help="A tiny model and few steps (≤ 2 minutes; what the tests run); "
@@ -213,9 +217,9 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     elif quick and Path(out_dir).resolve() == (Path("reports") / "demo").resolve() and (Path(out_dir) / "summary.json").exists():
         raise click.UsageError("--quick would overwrite the full example in reports/demo: pass another --out (or none for a scratch folder)")
     out = Path(out_dir)
-    from spectra.training_inputs import refuse_file_in_path
+    from spectra.training_inputs import claim_demo_folder
 
-    refuse_file_in_path(out)  # before anything is generated or trained
+    claim_demo_folder(out)  # before anything is generated or trained
     if synthetic:
         from spectra.synthetic import LlamaShape, make_llama_pair
 

@@ -66,7 +66,7 @@ from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
-from spectra.selection import refuse_empty_selection, selector
+from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
 from spectra.sketch import randomized_svd
 from spectra.subspaces import (
@@ -560,6 +560,8 @@ def compare(
         refuse_empty_selection(len(shared), A.names[shared[0]], include=config.include, exclude=config.exclude,
                                layers=config.layers, what="modules both inputs update")
     todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))
+    if w := fused_whole_warning((spec for _, spec in todo), "compare"):
+        result.warnings.append(w)
     gen = torch.Generator().manual_seed(config.seed)
     jobs = []
     for k, spec in todo:

@@ -133,6 +133,9 @@ class DiffConfig(SharedOptions):
             raise ConfigError(f"method must be 'gram' or 'svd'. Got {self.method!r} instead")
         if self.precision not in ("float64", "float32"):
             raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
+        if self.approx and self.method != "gram":  # every matrix is sketched: the method was recorded, never used
+            raise ConfigError(f"method {self.method!r} does not apply with approx (every matrix is sketched)",
+                              hint="drop --method, or --approx for the exact spectra")
         if not 0 < self.approx_tol < 1:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
         if self.prefetch_bytes is not None and self.prefetch_bytes < 1:
@@ -350,7 +353,7 @@ def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
     """
     bad = [t for t in thresholds if not 0.0 < float(t) <= 1.0]
     if not thresholds or bad:
-        shown = ", ".join(f"{float(t):g}" + (" (below ~1e-308 a number reads as 0)" if float(t) == 0 else "") for t in bad)
+        shown = ", ".join(repr(float(t)) + (" (below ~1e-308 a number reads as 0)" if float(t) == 0 else "") for t in bad)
         raise ConfigError(f"thresholds must each be in (0, 1] (--threshold/-t). Got {shown or 'none'} instead",
                           hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
     return tuple(sorted({float(t) for t in thresholds}))

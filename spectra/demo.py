@@ -41,7 +41,7 @@ from spectra.pipeline import diff
 from spectra.plots import learning_forgetting_plot
 from spectra.report import write_report
 from spectra.training import TrainConfig, train
-from spectra.training_inputs import MAX_SEED, refuse_file_in_path
+from spectra.training_inputs import MAX_SEED, claim_demo_folder
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def run_demo(config: DemoConfig, *, log: Callable[[str], None] = print, on_train
     import transformers
 
     out = Path(config.out)
-    refuse_file_in_path(out)
+    claim_demo_folder(out)
     ck = out / "checkpoints"
     data = ck / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -50,14 +50,14 @@ from spectra.interference import (
 )
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, folder_lock
+from spectra.io.files import atomic_write_text, folder_lock, same_file
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
-from spectra.selection import selector
+from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
 
@@ -476,6 +476,10 @@ def interfere(
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks), *(t.adapter for t in tasks)))
     result.warnings += [w for t in tasks if t.adapter is not None and (w := recorded_base_warning(t.adapter, base_ckpt))]
+    # as compare says of A and B: a task given twice makes its pairs an update measured against itself
+    result.warnings += [f"tasks {result.names[i]} and {result.names[j]} are the same checkpoint ({labels[i]}): their pair "
+                        "compares an update with itself"
+                        for i in range(len(labels)) for j in range(i + 1, len(labels)) if same_file(labels[i], labels[j])]
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))
@@ -501,6 +505,8 @@ def interfere(
         raise PairingError(f"the fine-tunes update no matrix in common (after --include/--exclude/--layers){why}",
                            path=", ".join(labels), hint="are they fine-tunes of the same base model, with shared target modules?")
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
+    if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
+        result.warnings.append(w)
     for done, (name, spec) in enumerate(todo, start=1):
         try:
             result.modules.append(measure_module(name, spec, tasks, base_ckpt, config, device))

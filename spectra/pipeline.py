@@ -30,6 +30,7 @@ from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.io.adapter import is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import resolve_device
 from spectra.pairing import Skipped, pair_checkpoints
@@ -236,8 +237,10 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
                 hint=("see the pairing warnings (a tensor renamed on one side?); " if result.unpaired else "")
                 + ("`spectra inspect` shows why each tensor was skipped; " if result.skipped_matrices() else "")
                 + "--allow-identical accepts this" + written)
+        twice = result.base and result.tuned and same_file(result.base, result.tuned)
         raise IdenticalCheckpointsError(
-            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights",
+            f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights"
+            + (" (the same path was given as both)" if twice else ""),
             path=f"{result.base} vs {result.tuned}",
             hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this" + written,
         )

@@ -4,12 +4,13 @@ equally shaped units are adjacent (the engine batches them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from spectra.config import parse_layers, search_pattern
+from spectra.display import display_name
 from spectra.errors import ConfigError
 from spectra.naming import MatrixSpec, Part
 from spectra.pairing import MatrixPair
@@ -77,6 +78,18 @@ def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool =
     return out
 
 
+def fused_whole_warning(specs: Iterable[MatrixSpec], command: str) -> str | None:
+    """The warning of a command that analyses fused matrices whole (``command``: compare, trace, interfere)
+    where ``spectra diff`` splits them into parts (docs/definitions.md), so that rows of the two do not
+    silently disagree on "the same" module; None when no matrix in ``specs`` is fused."""
+    fused = [s for s in specs if len(s.parts) > 1]
+    if not fused:
+        return None
+    parts = ", ".join(p.suffix for p in fused[0].parts)
+    return (f"{len(fused)} fused matrices (e.g. {display_name(fused[0].name)}) are analysed whole by {command}; "
+            f"`spectra diff` splits each into its parts ({parts}), so its rows for them are not these")
+
+
 def refuse_empty_selection(count: int, example: str, *, include: str | None, exclude: str | None,
                            layers: str | None, what: str = "paired matrices") -> None:
     """Refuse a run whose ``--include``/``--exclude``/``--layers`` left none of ``count`` candidates
@@ -91,7 +104,7 @@ def refuse_empty_selection(count: int, example: str, *, include: str | None, exc
     given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
     raise ConfigError(f"no matrix is left by {given}: none of the {count} {what} matches (names look like {example})",
                       hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude are regular expressions "
-                      "searched in the tuned and the base name")
+                      + ("searched in each name" if what == "matrices" else "searched in the tuned and the base name"))
 
 
 def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,

@@ -46,7 +46,7 @@ from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text
+from spectra.io.files import atomic_write_text, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device, singular_values
@@ -60,10 +60,10 @@ from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import pair_checkpoints
 from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
-from spectra.selection import refuse_empty_selection, selector
+from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
-from spectra.trace_inputs import CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
+from spectra.trace_inputs import CHECKPOINT_DIR, CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
@@ -344,6 +344,10 @@ def trace(
     device = resolve_device(config.device)
     check_device_available(device)
     found = find_checkpoints([str(p) for p in paths])
+    if out_dir is not None and found.run and CHECKPOINT_DIR.match(Path(out_dir).name) and same_file(Path(out_dir).parent, found.run):
+        # every later trace of the run (this one's --resume too) would list it as an unreadable checkpoint
+        raise ConfigError("--out is a checkpoint-N folder inside the run folder being traced", path=out_dir,
+                          hint="write the trace outside the run folder (or under another name)")
     base_ckpt = open_checkpoint(base)
     refs = found.checkpoints
     result = TraceResult(base=str(base), run=found.run, kind=refs[0].kind, thresholds=list(config.thresholds),
@@ -466,6 +470,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     if not todo and not finished and not result.skipped:
         refuse_empty_selection(len(names), names[0] if names else "", include=config.include, exclude=config.exclude,
                                layers=config.layers, what="matrices the checkpoints update")
+    if w := fused_whole_warning((specs[n] for n in sorted(set(todo) | finished) if n in specs), "trace"):
+        result.warnings.append(w)
     total = len(todo) + len(finished)
     for count, name in enumerate(todo, start=len(finished) + 1):
         W = base.load(name)  # the one read of this base tensor

@@ -155,7 +155,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
             if not folder.is_dir():
-                skipped.append({"path": str(folder), "reason": f"{missing_text(folder)}; left out"})
+                skipped.append({"path": str(folder), "reason": missing_text(folder)})
                 continue
             state, why = _read_state(folder)
             note = ""
@@ -169,7 +169,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 open_weights(folder)
                 kind = "lora" if is_adapter(folder) else "full"
             except SpectraError as exc:
-                skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message}); left out"})
+                skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message})"})
                 continue
             step, source = n, "folder name"
             if state is not None and isinstance(state.get("global_step"), int):  # as for listed checkpoints

@@ -439,6 +439,28 @@ def check_positive(value: object, name: str) -> None:
 
 
 # ---- the output folder ---------------------------------------------------------------------------------
+#: Marks a folder as ``spectra demo``'s own: its reruns replace the checkpoints, data and results there.
+DEMO_MARK = ".spectra-demo"
+
+
+def claim_demo_folder(out: str | Path) -> None:
+    """Make ``out`` the demo's folder, refusing one that holds files the demo did not write: the demo
+    replaces its own checkpoints and results in place (a user's model copied to ``out/checkpoints/full``
+    was overwritten without a word). A folder with the mark, or with a demo's ``summary.json`` (made
+    before the mark existed), is the demo's.
+
+    Raises:
+        ConfigError: ``out`` is a non-empty folder that is not the demo's.
+    """
+    p = Path(out)
+    refuse_file_in_path(p)
+    if p.is_dir() and any(p.iterdir()) and not (p / DEMO_MARK).is_file() and not (p / "summary.json").is_file():
+        raise ConfigError("the folder holds files that spectra demo did not write, and the demo replaces what it "
+                          "writes there", path=p, hint="pass a new or empty folder to --out")
+    p.mkdir(parents=True, exist_ok=True)
+    (p / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n", encoding="utf-8")
+
+
 def refuse_file_in_path(out: str | Path, option: str = "--out") -> None:
     """Refuse an output folder that is a file, or lies inside one (creating it would fail).
 

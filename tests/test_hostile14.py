@@ -1,0 +1,160 @@
+"""Fourteenth round of the outside probe (docs/bad_inputs.md, "fourteenth round")."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra.interfere import interfere
+from spectra.trace import trace
+
+
+def _phi3_folders(root: Path) -> dict[str, Path]:
+    """base, a, b folders of a one-layer Phi-3 layout (fused qkv_proj 48×16 with 4 heads, o_proj)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.self_attn.qkv_proj.weight": torch.randn(48, 16, generator=g),
+            "model.layers.0.self_attn.o_proj.weight": torch.randn(16, 16, generator=g)}
+    out = {}
+    for who, scale in (("base", 0.0), ("a", 0.1), ("b", 0.2)):
+        (root / who).mkdir()
+        (root / who / "config.json").write_text(json.dumps({"model_type": "phi3", "num_attention_heads": 4,
+                                                            "num_key_value_heads": 4, "hidden_size": 16}))
+        save_file({k: v + scale * torch.randn(*v.shape, generator=g) for k, v in base.items()},
+                  str(root / who / "model.safetensors"))
+        out[who] = root / who
+    return out
+
+
+def test_commands_that_keep_fused_matrices_whole_say_so(tmp_path):
+    """diff splits Phi-3's qkv_proj into q, k, v; trace and interfere analysed it whole without a word, so a
+    user lining up their qkv_proj row with diff's q/k/v rows read different numbers for "the same" module."""
+    f = _phi3_folders(tmp_path)
+    diff = spectra.diff(str(f["base"]), str(f["a"]))
+    assert sorted(m.name.rsplit(":", 1)[-1] for m in diff.modules if "qkv" in m.name) == ["k", "q", "v"]
+    tr = trace(str(f["base"]), [str(f["a"]), str(f["b"])], plots=False)
+    warned = {
+        "trace": tr.warnings,
+        "interfere": interfere(str(f["base"]), [str(f["a"]), str(f["b"])], plots=False).warnings,
+        "compare": spectra.compare(str(f["a"]), str(f["b"]), base=str(f["base"]), plots=False).warnings,
+    }
+    for command, warnings in warned.items():
+        said = [w for w in warnings if "fused" in w]
+        assert len(said) == 1, (command, warnings)
+        assert f"analysed whole by {command}" in said[0] and "qkv_proj" in said[0] and "(q, k, v)" in said[0]
+    # the whole matrix's spectrum is what trace reports: float64 reference on the stored tensors
+    from safetensors.torch import load_file
+
+    W0 = load_file(str(f["base"] / "model.safetensors"))["model.layers.0.self_attn.qkv_proj.weight"].double()
+    W1 = load_file(str(f["a"] / "model.safetensors"))["model.layers.0.self_attn.qkv_proj.weight"].double()
+    ref = np.linalg.svd((W1 - W0).numpy(), compute_uv=False)
+    (m,) = [m for m in tr.matrices if m["name"].endswith("qkv_proj.weight")]
+    assert np.isclose(m["points"][0]["fro_norm"], np.sqrt(np.sum(ref**2)), rtol=1e-6)
+    assert np.isclose(m["points"][0]["spectral_norm"], ref[0], rtol=1e-6)
+
+
+def test_no_fused_warning_without_fused_matrices(tmp_path):
+    f = _phi3_folders(tmp_path)
+    from spectra.interfere import InterfereConfig
+
+    cfg = InterfereConfig(include="o_proj")
+    assert not [w for w in interfere(str(f["base"]), [str(f["a"]), str(f["b"])], config=cfg, plots=False).warnings if "fused" in w]
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+def _run(*args: str):
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def _qkv_pair(root: Path) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "k_proj", "v_proj")]
+    b = {n: torch.randn(8, 8, generator=g) for n in names}
+    save_file(b, str(root / "b.safetensors"))
+    save_file({n: v + 0.1 * torch.randn(8, 8, generator=g) for n, v in b.items()}, str(root / "t.safetensors"))
+    return str(root / "b.safetensors"), str(root / "t.safetensors")
+
+
+def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path):
+    """spectra demo --out DIR replaced a user's model copied to DIR/checkpoints/full, exit 0, no word."""
+    from spectra.training_inputs import DEMO_MARK, claim_demo_folder
+
+    mine = tmp_path / "mine" / "checkpoints" / "full"
+    mine.mkdir(parents=True)
+    (mine / "model.safetensors").write_bytes(b"user's weights")
+    res = _run("demo", "--synthetic", "--quick", "--out", str(tmp_path / "mine"))
+    assert res.exit_code == 1 and "did not write" in res.output and "Traceback" not in res.output
+    assert (mine / "model.safetensors").read_bytes() == b"user's weights"
+    assert not (tmp_path / "mine" / DEMO_MARK).exists()
+    for ok in ("empty", "marked", "old_demo"):  # an empty folder, the demo's own (marked, or made before the mark)
+        (tmp_path / ok).mkdir()
+    (tmp_path / "marked" / DEMO_MARK).write_text("")
+    (tmp_path / "marked" / "results.json").write_text("{}")
+    (tmp_path / "old_demo" / "summary.json").write_text("{}")
+    for ok in ("new", "empty", "marked", "old_demo"):
+        claim_demo_folder(tmp_path / ok)
+        assert (tmp_path / ok / DEMO_MARK).is_file()
+
+
+def test_output_paths_expand_the_home_folder_and_refuse_a_dash(tmp_path, monkeypatch):
+    """A quoted '~/res' made a folder named '~' in the current folder (inputs expanded it); '--out -' made a
+    folder named '-' and `report -o -` an HTML file named '-'."""
+    b, t = _qkv_pair(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    res = _run("diff", b, t, "--out", "~/res", "--no-plots")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "home" / "res" / "results.json").is_file() and not (tmp_path / "~").exists()
+    for args in (("diff", b, t, "--out", "-"), ("report", str(tmp_path / "home" / "res"), "-o", "-")):
+        res = _run(*args)
+        assert res.exit_code == 2 and "not standard output" in res.output
+    assert not (tmp_path / "-").exists()
+
+
+def test_option_values_are_shown_and_combined_as_given(tmp_path):
+    b, t = _qkv_pair(tmp_path)
+    res = _run("diff", b, t, "-t", "1.0000001")  # was "Got 1 instead": a value inside the range it refused
+    assert res.exit_code == 1 and "Got 1.0000001 instead" in res.output
+    res = _run("diff", b, t, "--nproc", "10000000", "--plan")  # 44 s and 1.7 GiB to plan
+    assert res.exit_code == 2 and "--nproc" in res.output
+    res = _run("diff", b, t, "--approx", "--method", "svd")  # every matrix was sketched; config said svd
+    assert res.exit_code == 1 and "does not apply with approx" in res.output
+    res = _run("diff", b, t, "--plan", "--out", str(tmp_path / "p"), "--report")
+    assert res.exit_code == 0 and "--plan runs nothing and writes nothing; --out, --report apply to the run" in res.output
+    # --include twice: the first pattern was dropped without a word
+    res = _run("diff", b, t, "--include", "q_proj", "--include", "k_proj", "--json", "--no-plots")
+    doc = json.loads(res.stdout)
+    assert sorted({m["name"].split(".")[-2] for m in doc["modules"]}) == ["k_proj", "q_proj"]
+    res = _run("sweep", "--base", b, "--data", b, "--out", str(tmp_path / "s"), "--ranks", "8,x")
+    assert res.exit_code == 2 and "--ranks" in res.output and "--seeds" not in res.output
+
+
+def test_the_same_path_given_twice_is_named(tmp_path):
+    b, _ = _qkv_pair(tmp_path)
+    res = _run("diff", b, b)
+    assert res.exit_code == 3 and "the same path was given as both" in res.output
+    (tmp_path / "phi").mkdir()
+    f = _phi3_folders(tmp_path / "phi")
+    r = interfere(str(f["base"]), [str(f["a"]), str(f["a"]), str(f["b"])], plots=False)
+    assert sum("are the same checkpoint" in w for w in r.warnings) == 1
+
+
+def test_trace_refuses_to_write_a_checkpoint_folder_into_the_run_it_traces(tmp_path):
+    """-o runs/checkpoint-3 was accepted; every later trace of runs (its own --resume too) listed it as an
+    unreadable checkpoint."""
+    f = _phi3_folders(tmp_path)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for step, who in ((1, "a"), (2, "b")):
+        (runs / f"checkpoint-{step}").symlink_to(f[who], target_is_directory=True)
+    res = _run("trace", str(f["base"]), str(runs), "-o", str(runs / "checkpoint-3"), "--no-plots")
+    assert res.exit_code == 1 and "inside the run folder" in res.output and not (runs / "checkpoint-3").exists()
+    assert _run("trace", str(f["base"]), str(runs), "-o", str(tmp_path / "tr"), "--no-plots").exit_code == 0
