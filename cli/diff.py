@@ -83,7 +83,7 @@ MAX_PLAN_RANKS = 1 << 16
               help="Memory cap of one batch of matrices, MiB (default: 16 on the CPU, 45% of free GPU memory).")
 @click.option("--prefetch", type=click.IntRange(min=0), default=None,
               help="Tensor pairs read ahead while the engine works (default: 32 on the CPU, at most 3 batches' bytes; "
-                   "40 on CUDA; 0: none).")
+                   "8 on CUDA; 0: none).")
 @click.option("--distributed/--no-distributed", default=None,
               help="Run as one rank of a torchrun job (default: on when launched by torchrun with WORLD_SIZE > 1).")
 @click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,

@@ -86,8 +86,7 @@ class DiffConfig(SharedOptions):
             reading ahead, see ``prefetch_bytes``), or 16 MiB on the CPU (where the engine solves a batch
             one matrix per worker thread: larger batches only delay reading the next one).
         prefetch: tensor pairs read ahead while the engine works (0: none); default ``max_batch`` on the
-            CPU (read by one thread beside the engine's workers) and ``max_batch + 8`` on CUDA (the next
-            batch is read while the engine solves the current one).
+            CPU (read by one thread beside the engine's workers) and 8 on CUDA.
         prefetch_bytes: most bytes of tensor pairs in flight (stored tensors and their ΔW); default a
             quarter of the free CUDA memory on a GPU (ΔW is formed there), three times
             ``max_batch_bytes`` on the CPU. One pair is always read, however large.

@@ -43,9 +43,9 @@ def run_settings(config: DiffConfig, device: torch.device) -> RunSettings:
     """Resolve the memory and thread defaults.
 
     On CUDA: 45% of free memory for a batch and a quarter for reading ahead (ΔW is formed on the
-    GPU), ``max_batch + 8`` pairs ahead (the whole next batch is read while the engine solves this
-    one: with 8 ahead, a batch of 32 Llama-2-7B matrices started only after 24 more reads following the previous
-    batch's eigensolves, ~3 s there), up to 4 readers.
+    GPU), 8 pairs ahead, up to 4 readers. Reading the whole next batch ahead (``max_batch + 8`` = 40
+    pairs) gained nothing on an H200 (Llama-2-7B: 43.3 s against 43.1 s, bench/results/prefetch-ab-llama7b-h200.md):
+    the eigensolves, not the reads, set the pace there.
 
     On the CPU: batches of :data:`CPU_COLLECT_BYTES` (or ``max_batch`` matrices) and one reader (the
     engine's workers already use every core), which reads up to ``max_batch`` pairs ahead and no
@@ -60,7 +60,7 @@ def run_settings(config: DiffConfig, device: torch.device) -> RunSettings:
     ahead = config.prefetch_bytes if config.prefetch_bytes is not None else (int(0.25 * free) if cuda else 3 * batch)
     return RunSettings(
         batch_bytes=batch,
-        depth=config.prefetch if config.prefetch is not None else (config.max_batch + 8 if cuda else config.max_batch),
+        depth=config.prefetch if config.prefetch is not None else (8 if cuda else config.max_batch),
         workers=config.read_workers or (min(4, os.cpu_count() or 1) if cuda else 1),
         ahead_bytes=ahead,
     )
