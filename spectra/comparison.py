@@ -51,7 +51,7 @@ from spectra.errors import ConfigError, PairingError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, folder_lock, same_file
+from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
@@ -607,10 +607,16 @@ def compare(
     return result
 
 
+#: What compare writes into its folder (removed first when an earlier compare wrote there).
+COMPARE_FILES = ("compare.json", "compare.csv", "captured_heatmap.png", "intruders_a.png", "intruders_b.png", "phi_grids.png",
+                 "principal_angles.png", "report.html")
+
+
 def save_result(result: CompareResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
     """Write ``compare.json``, ``compare.csv`` and (with ``plots``) the figures into ``out_dir``."""
     out = Path(out_dir)
     with folder_lock(out):  # another run writing here is refused, not interleaved with these files
+        remove_earlier_outputs(out, "compare.json", COMPARE_FILES)
         files = {
             "json": atomic_write_text(out / "compare.json", result.to_json() + "\n"),
             "csv": atomic_write_text(out / "compare.csv", rows_to_csv(result.rows())),

@@ -98,6 +98,9 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     elif exc.errno == errno.ELOOP:
         why = f"{why}: a symbolic link stands where spectra writes a file of its own"
     odd = exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
+    if exc.errno == errno.ENOENT:  # the output folder went away mid-run (rm -rf): with it the journal, so no --resume
+        return OutputError(f"cannot write results: {why}: the output folder (or a part of its path) was removed "
+                           "during the run", path=path, hint="run the command again; what it had written went with the folder")
     fix = ("free disk space" if full else "fix the folder's permissions (or its immutable flag)" if denied
            else "remove or rename what is in the way" if odd else "free disk space or fix the folder's permissions")
     return OutputError(f"cannot write results: {why}", path=path,

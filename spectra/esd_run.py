@@ -40,6 +40,7 @@ from spectra.esd import EVALS_THRESH, XMIN_METHODS, XminMethod, esd_metrics
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.files import remove_earlier_outputs
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, rank_resolution
@@ -278,7 +279,10 @@ def esd(
     journal = RecordJournal(Path(out_dir) / "esd.jsonl") if out_dir is not None else None
     done_names: set[str] = set()
     if journal is not None:
-        records = journal.start(result.fingerprint, resume=resume)
+        records = journal.start(result.fingerprint, resume=resume)  # takes the folder's lock
+        if not resume:  # an earlier esd's files here describe another run: gone before this one's first write
+            remove_earlier_outputs(Path(out_dir), "esd.json", ("esd.json", "esd.csv", "esd_config.json", "alpha_heatmap.png",
+                                                               "esd_plots.png", "report.html"))
         for i, rec in enumerate(records, 1):  # checked before esd.json is rewritten: a refusal loses nothing
             entry = rec.get("matrix", rec.get("skipped")) if isinstance(rec, dict) else None
             if isinstance(rec, dict) and "matrix" in rec:

@@ -50,7 +50,7 @@ from spectra.interference import (
 )
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, folder_lock, same_file
+from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
@@ -228,6 +228,7 @@ class InterfereResult:
         """Write ``interfere.json``, ``interfere.csv`` and (``plots``) the heatmaps into ``out_dir``."""
         out = Path(out_dir)
         with folder_lock(out):  # another run writing here is refused, not interleaved with these files
+            remove_earlier_outputs(out, "interfere.json", ("interfere.json", "interfere.csv", "report.html"), ("interfere_*.png",))
             files = {"json": atomic_write_text(out / "interfere.json",
                                                json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
                      "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}

@@ -158,3 +158,56 @@ def test_trace_refuses_to_write_a_checkpoint_folder_into_the_run_it_traces(tmp_p
     res = _run("trace", str(f["base"]), str(runs), "-o", str(runs / "checkpoint-3"), "--no-plots")
     assert res.exit_code == 1 and "inside the run folder" in res.output and not (runs / "checkpoint-3").exists()
     assert _run("trace", str(f["base"]), str(runs), "-o", str(tmp_path / "tr"), "--no-plots").exit_code == 0
+
+
+# ---- stops and earlier runs' files --------------------------------------------------------------------
+def test_a_new_run_removes_an_earlier_runs_outputs_before_writing_its_own(tmp_path):
+    """A compare, interfere or esd stopped while writing, in a folder an earlier run of it had filled, left the
+    new JSON beside the earlier run's CSV and figures (of other inputs)."""
+    from spectra.io.files import remove_earlier_outputs
+
+    out = tmp_path / "o"
+    out.mkdir()
+    for name in ("compare.json", "compare.csv", "phi_grids.png", "report.html", "mine.png", "interfere_cosine.png"):
+        (out / name).write_text("earlier")
+    (out / "linked.csv").symlink_to(out / "mine.png")
+    remove_earlier_outputs(out, "interfere.json", ("compare.csv",), ("*.png",))  # not an interfere folder: nothing goes
+    assert len(list(out.iterdir())) == 7
+    remove_earlier_outputs(out, "compare.json", ("compare.json", "compare.csv", "phi_grids.png", "report.html", "linked.csv"),
+                           ("interfere_*.png",))
+    assert sorted(p.name for p in out.iterdir()) == ["linked.csv", "mine.png"]  # the user's file and a link stay
+
+
+def test_commands_clear_their_earlier_outputs(tmp_path, monkeypatch):
+    """The three commands call the clearing before their first write; their files all go when asked to."""
+    f = _phi3_folders(tmp_path)
+    from spectra.esd_run import esd
+    from spectra.io import files
+
+    seen = []
+
+    def spy(out, marker, *args):
+        seen.append(marker)
+        files.remove_earlier_outputs(out, marker, *args)
+
+    for module in ("spectra.comparison", "spectra.interfere", "spectra.esd_run"):
+        monkeypatch.setattr(f"{module}.remove_earlier_outputs", spy)
+    for name, run in (("compare", lambda o: spectra.compare(str(f["a"]), str(f["b"]), base=str(f["base"]), out_dir=o)),
+                      ("interfere", lambda o: interfere(str(f["base"]), [str(f["a"]), str(f["b"])], out_dir=o)),
+                      ("esd", lambda o: esd(str(f["a"]), out_dir=o))):
+        o = tmp_path / f"out_{name}"
+        run(o)
+        stale = o / "report.html"
+        stale.write_text("an earlier run's report")
+        run(o)
+        assert not stale.exists(), name
+    assert seen == ["compare.json", "compare.json", "interfere.json", "interfere.json", "esd.json", "esd.json"]
+
+
+def test_an_output_folder_removed_mid_run_is_not_sent_to_resume(tmp_path):
+    import errno
+
+    from spectra.errors import output_error
+
+    err = output_error(tmp_path / "gone" / "results.jsonl", OSError(errno.ENOENT, "No such file or directory"))
+    assert "removed during the run" in str(err) and "--resume" not in str(err) and "disk space" not in str(err)

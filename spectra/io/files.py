@@ -367,3 +367,27 @@ def _read_holder(fd: int) -> dict:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def remove_earlier_outputs(out: Path, marker: str, names: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> None:
+    """Before a new run writes its files into ``out``: when ``out/marker`` shows that an earlier run of the
+    same command wrote there, remove that run's ``names`` and files matching ``patterns`` (globs), so that
+    a run stopped part way leaves fewer files, never some of another run's (a new compare.json beside an
+    earlier run's figures of other inputs). A folder without ``marker`` keeps every file (they are not that
+    command's); links and folders are left alone.
+
+    Raises:
+        OutputError: a file cannot be removed.
+    """
+    if not (out / marker).is_file():
+        return
+    found = [out / n for n in names] + [f for pattern in patterns for f in sorted(out.glob(pattern))]
+    for f in found:
+        if f.is_file() and not f.is_symlink():
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise output_error(f, exc) from exc
+
