@@ -10,7 +10,7 @@ from rich.table import Table
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
-from spectra_cli.console import OutPath, echo_json, join_patterns, print_explanation, print_table, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -37,10 +37,10 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
               help="Singular vectors compared: right (input space; Hu et al. used the right ones of LoRA's A), left, or both.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
               help="Subspace rank taken from a full (non-LoRA) update.")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex: compare only modules whose base tensor name matches (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex: leave out modules whose base tensor name matches (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex: compare only modules whose base tensor name matches.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex: leave out modules whose base tensor name matches.")
 @click.option("--layers", default=None,
               help="Layer selection such as '0-3,7,10-' (drops embeddings and head, also from the only-in-A/B lists).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")

@@ -198,10 +198,11 @@ class OutPath(click.Path):
         return super().convert(value, param, ctx)
 
 
-def join_patterns(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
-    """``--include``/``--exclude`` given several times: one regex matching any of them (the last one alone
-    was kept before, the others dropped without a word); None when not given."""
-    if not value:
-        return None
-    return value[0] if len(value) == 1 else "|".join(f"(?:{v})" for v in value)
-
+def one_pattern(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
+    """``--include``/``--exclude`` given once (None when not given); given again, a usage error: the last one
+    alone was kept before, the others dropped without a word, and joining them into one regex would
+    change what each means (a leading ``(?i)``, the backtracking guard counted over all of them)."""
+    if len(value) > 1:
+        raise click.BadParameter(f"given {len(value)} times ({', '.join(repr(v) for v in value)}); pass one regex, e.g. "
+                                 f"{'|'.join(value[:2])!r} for either", ctx, param)
+    return value[0] if value else None

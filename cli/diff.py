@@ -21,7 +21,7 @@ from spectra.io.checkpoint import READ_NOTE_PREFIX
 from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
-from spectra_cli.console import OutPath, echo_json, join_patterns, print_explanation, print_table, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, stderr, stdout
 
 #: Shown by ``spectra diff --explain`` (and, shortened, under the table).
 EXPLAIN_EPILOG = ("Definitions of every metric, with formulas and sources: docs/definitions.md in the spectra "
@@ -49,10 +49,10 @@ MAX_PLAN_RANKS = 1 << 16
               help="Folder for results.json, results.csv and the heatmaps (default: no files).")
 @click.option("--threshold", "-t", "thresholds", type=float, multiple=True,
               help="Energy-rank threshold τ in (0, 1]; repeatable. Default: 0.5 0.9 0.99.")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex: analyse only matrices whose name matches (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head') (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex: analyse only matrices whose name matches.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=0),

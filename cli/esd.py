@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
 
 
 @click.command("esd")
@@ -24,12 +24,12 @@ from spectra_cli.console import OutPath, join_patterns, print_table, progress_ba
                    "8 <= min(shape) <= 15000 and max(shape) <= 50000), so rows compare one to one.")
 @click.option("--split", "split_fused", is_flag=True,
               help="Split fused matrices (qkv_proj, c_attn, gate_up_proj…) into their parts (default: whole, as WeightWatcher).")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex: analyse only matrices whose name matches (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head') (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex: analyse only matrices whose name matches.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
-@click.option("--plot-include", default=None, metavar="REGEX",
+@click.option("--plot-include", multiple=True, callback=one_pattern, metavar="REGEX",
               help="Keep the eigenvalues of matching matrices and plot their log-log ESDs (default: the middle layer's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-memory", type=click.IntRange(min=1), default=None, metavar="MIB",

@@ -11,7 +11,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
 
 
 @click.command("extract")
@@ -34,10 +34,10 @@ from spectra_cli.console import OutPath, join_patterns, print_table, progress_ba
 @click.option("--embeddings", is_flag=True, help="Also extract embeddings (PEFT's embedding LoRA) and the output head.")
 @click.option("--save-modules", is_flag=True,
               help="Keep changed norms as PEFT modules_to_save and biases of adapted modules as lora_B.bias.")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex: extract only matrices whose name matches (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex: leave out matrices whose name matches (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex: extract only matrices whose name matches.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex: leave out matrices whose name matches.")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--strategy", type=click.Choice(["auto", "one-pass", "two-pass"]), default="auto", show_default=True,

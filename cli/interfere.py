@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
 
 
 @click.command("interfere", short_help="Interference between several fine-tunes of one base (adapters or full).")
@@ -21,10 +21,10 @@ from spectra_cli.console import OutPath, join_patterns, print_table, progress_ba
               help="Singular triplets per update for φ, captured energy, TSV and KnOTS (a LoRA of smaller rank is used whole).")
 @click.option("--side", type=click.Choice(["left", "right"]), default="right", show_default=True,
               help="Singular vectors φ compares (Hu et al. compared the right ones).")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex on base matrix names to keep (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex on base matrix names to leave out (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex on base matrix names to keep.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex on base matrix names to leave out.")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7'.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dense-memory", type=click.IntRange(min=1), default=1024, show_default=True, metavar="MIB",

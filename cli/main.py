@@ -111,18 +111,16 @@ class _StopSignals:
 
 
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C or SIGTERM that ``exc`` is, or that it was raised while handling. An interrupt raised
-    inside ``threading.Condition.wait`` (a future's result, a join) leaves its lock released, and the
-    ``with`` block around it then raises "cannot release un-acquired lock" with the interrupt as its
-    context: that is still the stop, not a crash."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, KeyboardInterrupt):
-            return exc
-        if isinstance(exc, click.exceptions.Exit):
-            return None  # the command's own exit, even one made while handling a stop
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    """The Ctrl-C or SIGTERM that ``exc`` is, or the one behind a lock left released by it: an interrupt
+    raised inside ``threading.Condition.wait`` (a future's result, a join) releases the lock, and the
+    ``with`` around the wait then raises "cannot release un-acquired lock" with the interrupt as its
+    context. That is still the stop; any other error raised while stopping is an error, shown as one."""
+    if isinstance(exc, KeyboardInterrupt):
+        return exc
+    context = exc.__context__
+    if (isinstance(exc, RuntimeError) and isinstance(context, KeyboardInterrupt)
+            and any(words in str(exc) for words in ("un-acquired lock", "release unlocked lock"))):
+        return context
     return None
 
 

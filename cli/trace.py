@@ -9,7 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, join_patterns, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
 
 
 @click.command("trace")
@@ -23,10 +23,10 @@ from spectra_cli.console import OutPath, join_patterns, print_table, progress_ba
               help="Rank of the subspaces compared between checkpoints (a LoRA of smaller rank is compared whole).")
 @click.option("--alpha", is_flag=True,
               help="Also fit WeightWatcher's power-law α to each checkpoint's weights (full checkpoints; slower).")
-@click.option("--include", multiple=True, callback=join_patterns,
-              help="Regex: trace only matrices whose name matches (repeat for any of several).")
-@click.option("--exclude", multiple=True, callback=join_patterns,
-              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head') (repeat for any of several).")
+@click.option("--include", multiple=True, callback=one_pattern,
+              help="Regex: trace only matrices whose name matches.")
+@click.option("--exclude", multiple=True, callback=one_pattern,
+              help="Regex: leave out matrices whose name matches (e.g. 'embed|lm_head').")
 @click.option("--layers", default=None, help="Layer selection such as '0-3,7,10-' (drops embeddings and head).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted trace in --out from its journal (same inputs and options).")

@@ -57,7 +57,9 @@ def _demo_stop_note(params: dict, since: float | None) -> str:
     ctx = click.get_current_context(silent=True)
     scratch = ctx.find_root().meta.get("spectra.demo_out") if ctx is not None else None
     out = params.get("out_dir") or scratch or "out/demo"
-    if Path(out).is_dir() and any(Path(out).iterdir()):
+    from spectra.training_inputs import DEMO_MARK
+
+    if Path(out).is_dir() and any(f.name != DEMO_MARK for f in Path(out).iterdir()):  # the mark alone is no work done
         return f"what the demo made so far is in {out}/" + (" (a scratch folder: delete it when done)" if out == scratch else "")
     return "nothing was written"
 

@@ -616,7 +616,7 @@ def save_result(result: CompareResult, out_dir: str | Path, *, plots: bool = Tru
     """Write ``compare.json``, ``compare.csv`` and (with ``plots``) the figures into ``out_dir``."""
     out = Path(out_dir)
     with folder_lock(out):  # another run writing here is refused, not interleaved with these files
-        remove_earlier_outputs(out, "compare.json", COMPARE_FILES)
+        remove_earlier_outputs(out, "compare.json", SCHEMA, COMPARE_FILES)
         files = {
             "json": atomic_write_text(out / "compare.json", result.to_json() + "\n"),
             "csv": atomic_write_text(out / "compare.csv", rows_to_csv(result.rows())),

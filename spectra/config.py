@@ -134,7 +134,7 @@ class DiffConfig(SharedOptions):
             raise ConfigError(f"precision must be 'float64' or 'float32'. Got {self.precision!r} instead")
         if self.approx and self.method != "gram":  # every matrix is sketched: the method was recorded, never used
             raise ConfigError(f"method {self.method!r} does not apply with approx (every matrix is sketched)",
-                              hint="drop --method, or --approx for the exact spectra")
+                              hint="drop --method svd (the approximate mode sketches every matrix), or drop --approx for exact spectra")
         if not 0 < self.approx_tol < 1:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
         if self.prefetch_bytes is not None and self.prefetch_bytes < 1:

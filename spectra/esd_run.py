@@ -37,6 +37,7 @@ from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
 from spectra.esd import EVALS_THRESH, XMIN_METHODS, XminMethod, esd_metrics
+from spectra.esd_results import SCHEMA as ESD_SCHEMA
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -55,6 +56,9 @@ __all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", 
 WW_MIN_EVALS = 8
 WW_MAX_EVALS = 15000
 WW_MAX_N = 50000
+
+#: What esd writes into its folder besides its journal (removed first when an earlier esd wrote there).
+ESD_FILES = ("esd.json", "esd.csv", "esd_config.json", "alpha_heatmap.png", "esd_plots.png", "report.html")
 
 #: EsdConfig fields that change the numbers written (``--resume`` refuses a journal made with others).
 RESULT_FIELDS = ("include", "exclude", "layers", "xmin", "ww_compatible", "split_fused", "evals_thresh", "plot_include")
@@ -281,8 +285,7 @@ def esd(
     if journal is not None:
         records = journal.start(result.fingerprint, resume=resume)  # takes the folder's lock
         if not resume:  # an earlier esd's files here describe another run: gone before this one's first write
-            remove_earlier_outputs(Path(out_dir), "esd.json", ("esd.json", "esd.csv", "esd_config.json", "alpha_heatmap.png",
-                                                               "esd_plots.png", "report.html"))
+            remove_earlier_outputs(Path(out_dir), "esd.json", ESD_SCHEMA, ESD_FILES)
         for i, rec in enumerate(records, 1):  # checked before esd.json is rewritten: a refusal loses nothing
             entry = rec.get("matrix", rec.get("skipped")) if isinstance(rec, dict) else None
             if isinstance(rec, dict) and "matrix" in rec:

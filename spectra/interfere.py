@@ -62,6 +62,9 @@ from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
 
 SCHEMA = "spectra.interfere/1"
+
+#: What interfere writes besides its heatmaps (``interfere_*.png``); removed first when an earlier interfere wrote there.
+INTERFERE_FILES = ("interfere.json", "interfere.csv", "report.html")
 #: The pairwise measures, each an n × n matrix per module (and their medians in ``summary``).
 PAIR_MEASURES = ("cosine", "phi", "captured", "tsv", "knots")
 
@@ -228,7 +231,7 @@ class InterfereResult:
         """Write ``interfere.json``, ``interfere.csv`` and (``plots``) the heatmaps into ``out_dir``."""
         out = Path(out_dir)
         with folder_lock(out):  # another run writing here is refused, not interleaved with these files
-            remove_earlier_outputs(out, "interfere.json", ("interfere.json", "interfere.csv", "report.html"), ("interfere_*.png",))
+            remove_earlier_outputs(out, "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
             files = {"json": atomic_write_text(out / "interfere.json",
                                                json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
                      "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}

@@ -12,12 +12,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from spectra.config import DiffConfig
-from spectra.errors import ConfigError, ResultsFormatError, SpectraError, output_error
+from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
-from spectra.io.files import OutputLock, atomic_write_text
+from spectra.io.files import OutputLock, atomic_write_text, remove_earlier_outputs
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl
 from spectra.pairing import Skipped
-from spectra.results import DiffResult, ModuleResult
+from spectra.results import SCHEMA, DiffResult, ModuleResult
 from spectra.results_check import check_journal_records
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
@@ -100,21 +100,6 @@ STALE_DIFF_FILES = ("results.csv", "diff_config.json", "rank_heatmap.png", "reln
                     "report.html")
 
 
-def _holds_a_diff(folder: Path) -> bool:
-    """Whether ``folder/results.json`` is a ``spectra diff`` result (its schema), so that the other files
-    named as a diff's outputs there are that run's."""
-    from spectra.results import SCHEMA
-
-    f = folder / "results.json"
-    if not f.is_file():
-        return False
-    try:
-        doc = load_json(f, what="results.json", error=ResultsFormatError, lone_surrogates=True, max_bytes=RESULTS_MAX_BYTES)
-    except (SpectraError, OSError):  # unreadable: not known to be a diff's
-        return False
-    return isinstance(doc, dict) and doc.get("schema") == SCHEMA
-
-
 class Journal:
     """Journal each result to ``results.jsonl`` at once; fold into ``results.json`` periodically."""
 
@@ -166,13 +151,7 @@ class Journal:
             # a new run replaces the folder's results: when the folder holds an earlier diff, its files that
             # this run may not rewrite (figures, report) go, so none describes other inputs beside the new
             # results.json; a folder without one keeps every file (they are not a diff's)
-            for name in STALE_DIFF_FILES if _holds_a_diff(self.out_dir) else ():
-                stale = self.out_dir / name
-                if stale.is_file() and not stale.is_symlink():
-                    try:
-                        stale.unlink()
-                    except OSError as exc:
-                        raise output_error(stale, exc) from exc
+            remove_earlier_outputs(self.out_dir, "results.json", SCHEMA, STALE_DIFF_FILES)
             atomic_write_text(self.journal, "")
         result.save_json(self.out_dir / "results.json")
         self.last = time.monotonic()

@@ -86,8 +86,9 @@ def fused_whole_warning(specs: Iterable[MatrixSpec], command: str) -> str | None
     if not fused:
         return None
     parts = ", ".join(p.suffix for p in fused[0].parts)
-    return (f"{len(fused)} fused matrices (e.g. {display_name(fused[0].name)}) are analysed whole by {command}; "
-            f"`spectra diff` splits each into its parts ({parts}), so its rows for them are not these")
+    count = f"{len(fused)} fused matri{'ces' if len(fused) > 1 else 'x'} (e.g. {display_name(fused[0].name)})"
+    return (f"{count} analysed whole by {command}; `spectra diff` splits each into parts ({parts}), so its per-part "
+            "rows do not line up with these")
 
 
 def refuse_empty_selection(count: int, example: str, *, include: str | None, exclude: str | None,

@@ -344,7 +344,8 @@ def trace(
     device = resolve_device(config.device)
     check_device_available(device)
     found = find_checkpoints([str(p) for p in paths])
-    if out_dir is not None and found.run and CHECKPOINT_DIR.match(Path(out_dir).name) and same_file(Path(out_dir).parent, found.run):
+    where = Path(out_dir).resolve() if out_dir is not None else None  # through links, as the run folder is listed
+    if where is not None and found.run and CHECKPOINT_DIR.match(where.name) and same_file(where.parent, found.run):
         # every later trace of the run (this one's --resume too) would list it as an unreadable checkpoint
         raise ConfigError("--out is a checkpoint-N folder inside the run folder being traced", path=out_dir,
                           hint="write the trace outside the run folder (or under another name)")
@@ -628,6 +629,8 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             callback(ci + 1, len(refs), Path(ref.path).name)
     # not a LoRA update: listed with the reason, never left out without a word (interfere lists them likewise)
     result.skipped += [{"name": n, "reason": r} for n, r in sorted(saved.items())]
+    if w := fused_whole_warning((base.specs[n] for n in sorted(metas) if n in base.specs), "trace"):
+        result.warnings.append(w)
     changed: list[tuple[str, list[str]]] = []  # (module, its r at each checkpoint)
     for name, meta in metas.items():
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from spectra.errors import ConfigError, SpectraError
+from spectra.errors import ConfigError, SpectraError, output_error
 from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular
@@ -446,19 +446,24 @@ DEMO_MARK = ".spectra-demo"
 def claim_demo_folder(out: str | Path) -> None:
     """Make ``out`` the demo's folder, refusing one that holds files the demo did not write: the demo
     replaces its own checkpoints and results in place (a user's model copied to ``out/checkpoints/full``
-    was overwritten without a word). A folder with the mark, or with a demo's ``summary.json`` (made
-    before the mark existed), is the demo's.
+    was overwritten without a word). A folder with the mark, or with the training text every full demo
+    writes first (``checkpoints/data/source_train.txt``: a demo made before the mark existed), is the demo's.
 
     Raises:
         ConfigError: ``out`` is a non-empty folder that is not the demo's.
+        OutputError: the folder or its mark cannot be written.
     """
     p = Path(out)
     refuse_file_in_path(p)
-    if p.is_dir() and any(p.iterdir()) and not (p / DEMO_MARK).is_file() and not (p / "summary.json").is_file():
+    ours = (p / DEMO_MARK).is_file() or (p / "checkpoints" / "data" / "source_train.txt").is_file()
+    if p.is_dir() and any(p.iterdir()) and not ours:
         raise ConfigError("the folder holds files that spectra demo did not write, and the demo replaces what it "
                           "writes there", path=p, hint="pass a new or empty folder to --out")
-    p.mkdir(parents=True, exist_ok=True)
-    (p / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n", encoding="utf-8")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        (p / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n", encoding="utf-8")
+    except OSError as exc:
+        raise output_error(p, exc) from exc
 
 
 def refuse_file_in_path(out: str | Path, option: str = "--out") -> None:

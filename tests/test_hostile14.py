@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -85,6 +86,7 @@ def _qkv_pair(root: Path) -> tuple[str, str]:
 
 def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path):
     """spectra demo --out DIR replaced a user's model copied to DIR/checkpoints/full, exit 0, no word."""
+    from spectra.errors import ConfigError
     from spectra.training_inputs import DEMO_MARK, claim_demo_folder
 
     mine = tmp_path / "mine" / "checkpoints" / "full"
@@ -98,7 +100,12 @@ def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path):
         (tmp_path / ok).mkdir()
     (tmp_path / "marked" / DEMO_MARK).write_text("")
     (tmp_path / "marked" / "results.json").write_text("{}")
-    (tmp_path / "old_demo" / "summary.json").write_text("{}")
+    (tmp_path / "old_demo" / "checkpoints" / "data").mkdir(parents=True)
+    (tmp_path / "old_demo" / "checkpoints" / "data" / "source_train.txt").write_text("prose")
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "summary.json").write_text("{}")  # a common name: not the demo's sign
+    with pytest.raises(ConfigError, match="did not write"):
+        claim_demo_folder(tmp_path / "users")
     for ok in ("new", "empty", "marked", "old_demo"):
         claim_demo_folder(tmp_path / ok)
         assert (tmp_path / ok / DEMO_MARK).is_file()
@@ -129,10 +136,9 @@ def test_option_values_are_shown_and_combined_as_given(tmp_path):
     assert res.exit_code == 1 and "does not apply with approx" in res.output
     res = _run("diff", b, t, "--plan", "--out", str(tmp_path / "p"), "--report")
     assert res.exit_code == 0 and "--plan runs nothing and writes nothing; --out, --report apply to the run" in res.output
-    # --include twice: the first pattern was dropped without a word
+    # --include twice: the first pattern was dropped without a word; one regex must say "either"
     res = _run("diff", b, t, "--include", "q_proj", "--include", "k_proj", "--json", "--no-plots")
-    doc = json.loads(res.stdout)
-    assert sorted({m["name"].split(".")[-2] for m in doc["modules"]}) == ["k_proj", "q_proj"]
+    assert res.exit_code == 2 and "given 2 times" in res.output and "'q_proj|k_proj'" in res.output
     res = _run("sweep", "--base", b, "--data", b, "--out", str(tmp_path / "s"), "--ranks", "8,x")
     assert res.exit_code == 2 and "--ranks" in res.output and "--seeds" not in res.output
 
@@ -171,10 +177,12 @@ def test_a_new_run_removes_an_earlier_runs_outputs_before_writing_its_own(tmp_pa
     for name in ("compare.json", "compare.csv", "phi_grids.png", "report.html", "mine.png", "interfere_cosine.png"):
         (out / name).write_text("earlier")
     (out / "linked.csv").symlink_to(out / "mine.png")
-    remove_earlier_outputs(out, "interfere.json", ("compare.csv",), ("*.png",))  # not an interfere folder: nothing goes
+    names = ("compare.json", "compare.csv", "phi_grids.png", "report.html", "linked.csv")
+    remove_earlier_outputs(out, "interfere.json", "spectra.interfere/1", ("compare.csv",), ("*.png",))  # no interfere here
+    remove_earlier_outputs(out, "compare.json", "spectra.compare/1", names, ("interfere_*.png",))  # not spectra's compare.json
     assert len(list(out.iterdir())) == 7
-    remove_earlier_outputs(out, "compare.json", ("compare.json", "compare.csv", "phi_grids.png", "report.html", "linked.csv"),
-                           ("interfere_*.png",))
+    (out / "compare.json").write_text('{\n "schema": "spectra.compare/1",\n "a": "x"}')
+    remove_earlier_outputs(out, "compare.json", "spectra.compare/1", names, ("interfere_*.png",))
     assert sorted(p.name for p in out.iterdir()) == ["linked.csv", "mine.png"]  # the user's file and a link stay
 
 
@@ -211,3 +219,20 @@ def test_an_output_folder_removed_mid_run_is_not_sent_to_resume(tmp_path):
 
     err = output_error(tmp_path / "gone" / "results.jsonl", OSError(errno.ENOENT, "No such file or directory"))
     assert "removed during the run" in str(err) and "--resume" not in str(err) and "disk space" not in str(err)
+
+
+def test_trace_of_lora_checkpoints_on_a_fused_matrix_says_so(tmp_path):
+    """The warning above was given for full checkpoints only; a run of LoRA checkpoints on qkv_proj said nothing."""
+    f = _phi3_folders(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    run = tmp_path / "run"
+    for step in (10, 20):
+        ck = run / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        (ck / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                            "target_modules": ["qkv_proj"], "base_model_name_or_path": str(f["base"])}))
+        prefix = "base_model.model.model.layers.0.self_attn.qkv_proj"
+        save_file({f"{prefix}.lora_A.weight": torch.randn(2, 16, generator=g), f"{prefix}.lora_B.weight": torch.randn(48, 2, generator=g)},
+                  str(ck / "adapter_model.safetensors"))
+    res = trace(str(f["base"]), [str(run)], plots=False)
+    assert res.matrices and [w for w in res.warnings if "1 fused matrix (e.g." in w and "analysed whole by trace" in w]

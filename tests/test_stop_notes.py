@@ -113,3 +113,23 @@ def test_a_stop_raised_inside_a_wait_is_still_the_stop(tmp_path, monkeypatch):
     monkeypatch.setattr(spectra, "diff", _raise_behind(None))
     result = CliRunner().invoke(main, args)
     assert isinstance(result.exception, RuntimeError) and "un-acquired" in str(result.exception)
+
+
+def test_an_error_raised_while_stopping_is_not_hidden_as_the_stop(tmp_path, monkeypatch):
+    """Only the released-lock error carries the stop; a bug in cleanup during a stop stays an error."""
+    from click.testing import CliRunner
+
+    import spectra
+    from spectra_cli.main import Terminated
+
+    def fake_diff(*args, **kwargs):
+        try:
+            raise Terminated()
+        finally:
+            {}["journal"]  # noqa: B018 - a cleanup that fails while the stop is on its way
+
+    for f in ("b.safetensors", "t.safetensors"):
+        (tmp_path / f).write_bytes(b"")
+    monkeypatch.setattr(spectra, "diff", fake_diff)
+    result = CliRunner().invoke(main, ["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--no-plots"])
+    assert isinstance(result.exception, KeyError) and "stopped by" not in result.output

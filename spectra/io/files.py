@@ -369,20 +369,26 @@ def _read_holder(fd: int) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def remove_earlier_outputs(out: Path, marker: str, names: tuple[str, ...] = (), patterns: tuple[str, ...] = ()) -> None:
-    """Before a new run writes its files into ``out``: when ``out/marker`` shows that an earlier run of the
-    same command wrote there, remove that run's ``names`` and files matching ``patterns`` (globs), so that
-    a run stopped part way leaves fewer files, never some of another run's (a new compare.json beside an
-    earlier run's figures of other inputs). A folder without ``marker`` keeps every file (they are not that
-    command's); links and folders are left alone.
+def remove_earlier_outputs(out: Path, marker: str, schema: str, names: tuple[str, ...] = (),
+                           patterns: tuple[str, ...] = ()) -> None:
+    """Before a new run writes its files into ``out``: when ``out/marker`` is an earlier result of the same
+    command (its JSON opens with ``"schema": schema``), remove that run's ``names`` and the files matching
+    ``patterns`` (globs), the marker last, so that a run stopped part way leaves fewer files, never some of
+    another run's (a new compare.json beside an earlier run's figures of other inputs). A folder without
+    such a marker keeps every file (they are not that command's); links and folders are left alone.
 
     Raises:
         OutputError: a file cannot be removed.
     """
-    if not (out / marker).is_file():
+    try:
+        with open(out / marker, "rb") as f:  # the schema is the first key spectra writes: no need to parse it all
+            head = f.read(256).decode("utf-8", "replace")
+    except OSError:
         return
-    found = [out / n for n in names] + [f for pattern in patterns for f in sorted(out.glob(pattern))]
-    for f in found:
+    if re.match(r'\s*\{\s*"schema"\s*:\s*"' + re.escape(schema) + '"', head) is None:
+        return
+    found = [out / n for n in names if n != marker] + [f for pattern in patterns for f in sorted(out.glob(pattern))]
+    for f in [*found, out / marker]:
         if f.is_file() and not f.is_symlink():
             try:
                 f.unlink()
@@ -390,4 +396,3 @@ def remove_earlier_outputs(out: Path, marker: str, names: tuple[str, ...] = (), 
                 pass
             except OSError as exc:
                 raise output_error(f, exc) from exc
-
