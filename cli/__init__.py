@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import signal
 import sys
 
 
@@ -40,23 +41,36 @@ def _release_large_blocks() -> None:
             libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
+class _TermWhileStarting(KeyboardInterrupt):
+    """SIGTERM during the imports, handled as Ctrl-C there (the command's own handler comes later)."""
+
+
+def _term_while_starting(signum: int, frame: object) -> None:
+    raise _TermWhileStarting()
+
+
 _release_large_blocks()
 _collector_was_on = gc.isenabled()
+_is_command = os.path.basename(sys.argv[0]) == "spectra"  # inside another program, signals are that program's
+_term_before = signal.signal(signal.SIGTERM, _term_while_starting) if _is_command else None
 gc.disable()
 try:
     import click  # noqa: F401
     import rich.console  # noqa: F401
 
     import spectra  # noqa: F401
-except KeyboardInterrupt:
-    # Ctrl-C during the command's ~1 s of imports printed a traceback through torch's import machinery;
-    # the command has done nothing yet. Inside another program the interrupt is that program's to handle.
-    if os.path.basename(sys.argv[0]) == "spectra":
-        os.write(2, b"stopped by Ctrl-C while starting: nothing was written\n")
-        os._exit(130)
+except KeyboardInterrupt as _stop:
+    # Ctrl-C (or SIGTERM) during the command's ~1 s of imports printed a traceback through torch's import
+    # machinery, or ended the process without a word; the command has done nothing yet.
+    if _is_command:
+        term = isinstance(_stop, _TermWhileStarting)
+        os.write(2, b"stopped by " + (b"SIGTERM" if term else b"Ctrl-C") + b" while starting: nothing was written\n")
+        os._exit(143 if term else 130)
     raise
 finally:
     gc.freeze()
     if _collector_was_on:
         gc.enable()
+    if _term_before is not None:
+        signal.signal(signal.SIGTERM, _term_before)
 del _collector_was_on

@@ -133,3 +133,22 @@ def test_an_error_raised_while_stopping_is_not_hidden_as_the_stop(tmp_path, monk
     monkeypatch.setattr(spectra, "diff", fake_diff)
     result = CliRunner().invoke(main, ["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--no-plots"])
     assert isinstance(result.exception, KeyError) and "stopped by" not in result.output
+
+
+def test_sigterm_while_the_command_starts_says_nothing_was_written():
+    """SIGTERM during the imports (before the command's handler) ended the process without a word."""
+    code = textwrap.dedent("""
+        import os, signal, sys
+        sys.argv = ["spectra"]
+        class SignalAtClick:  # the signal arrives while the command imports its libraries
+            def find_spec(self, name, path, target=None):
+                if name == "click":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return None
+        sys.meta_path.insert(0, SignalAtClick())
+        import spectra_cli
+        print("imported")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143 and proc.stderr.strip() == "stopped by SIGTERM while starting: nothing was written", proc.stderr
+    assert "imported" not in proc.stdout
