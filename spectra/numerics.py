@@ -8,16 +8,19 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     ≥ 1 % (:data:`SUBNORMAL_EFFECT`) if flushed. spectra upcasts and keeps them, but hardware that
     flushes denormals to zero (FTZ/DAZ, common on GPUs for fp16/fp8) trained on different numbers.
 ``rounding_level``
-    Most of ΔW's energy sits in entries that changed by at most one rounding step of the (coarser)
-    stored dtype, ``|ΔW_ij| ≤ ε · max(|W_base,ij|, |W_tuned,ij|)`` with ε = ``torch.finfo(dtype).eps``
+    Most of ΔW's energy sits in entries that changed by at most one rounding step of the tuned
+    weights' stored dtype (the rounding made when they were saved; a base stored coarser, such as a
+    bf16 release fine-tuned and saved in float32, is exact as it stands),
+    ``|ΔW_ij| ≤ ε · max(|W_base,ij|, |W_tuned,ij|)`` with ε = ``torch.finfo(dtype).eps``
     (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3). A 1e-8 relative update stored
     in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is that of rounding noise.
     The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
     criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
 ``precision_mismatch``
     The two sides are stored at different precisions (fp32 base, bf16 tuned): ΔW includes rounding W
-    to the coarser dtype, ≈ 0.045·ε²·‖W‖_F² of energy (round-to-nearest error, ulp²/12, averaged over
-    a binade), spread over all directions. Flagged when that is ≥ 1 % of ‖ΔW‖_F² (it then moves
+    to the coarser dtype (for a base stored coarser, only if TUNED was made from a finer original of
+    it), ≈ 0.045·ε²·‖W‖_F² of energy (round-to-nearest error, ulp²/12, averaged over a binade), spread
+    over all directions. Flagged when that is ≥ 1 % of ‖ΔW‖_F² (it then moves
     ``energy_rank[0.99]``).
 ``quantisation_grid``
     One side is quantised (stored as fp8/int8, or every sampled row of ≥ 1024 entries holds ≤ 256
@@ -124,7 +127,11 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     cols = delta.shape[-1] if delta.ndim else 1
     b2, t2, d2 = (x.reshape(-1, cols) for x in (base, tuned, delta))
     eps_b, eps_t = _eps(base_dtype), _eps(tuned_dtype)
-    eps = max((e for e in (eps_b, eps_t) if e is not None), default=None)
+    # (2)'s ε is the rounding of the tuned weights when they were stored (as rounding_floor's): a base stored
+    # coarser (a bf16 release fine-tuned and saved in float32) is exact as it stands, and changes below its
+    # step are the update, not rounding (they were called noise, and recommend refused); the base's own
+    # rounding, when TUNED was made from a finer original, is (5)'s caveat
+    eps = eps_t if eps_t is not None else eps_b
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
@@ -162,19 +169,21 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     fro = s["delta_sq"] ** 0.5
     n = total_rows * cols
 
-    # (1) subnormals: flushing them changes ΔW by at most |b| + |t| on those entries.
-    effect = (s["sub_b_sq"] ** 0.5 + s["sub_t_sq"] ** 0.5) / fro
+    # (1) subnormals: flushing them to zero changes ΔW_ij by b_ij where the base's is subnormal and by −t_ij where
+    # the tuned's is: exactly that, summed (a bound of ‖b_sub‖ + ‖t_sub‖ said 15% where flushing moved 0.02%,
+    # as both sides' subnormals of one entry mostly cancel)
+    effect = s["flush_sq"] ** 0.5 / fro
     if (s["sub_b"] or s["sub_t"]) and effect >= SUBNORMAL_EFFECT:
         sides = ", ".join(f"{side} {k} ({k / n:.2%}, below {tiny:.3g} in {dt})"
                           for side, k, tiny, dt in (("base", s["sub_b"], tiny_b, base_dtype), ("tuned", s["sub_t"], tiny_t, tuned_dtype)) if k)
         notes.append(NumericNote("subnormal", (
             f"subnormal values: {sides}{where}; spectra computes in float64 and keeps them, but hardware that flushes "
-            f"denormals to zero would see a ΔW different by up to {effect:.1%} of ‖ΔW‖_F")))
+            f"denormals to zero would see a ΔW different by {effect:.1%} of ‖ΔW‖_F")))
 
     # (2) rounding level: ≤ 1-ulp changes carry most of ‖ΔW‖².
     rounding = False
     if eps is not None and s["nonzero"]:
-        coarse = base_dtype if eps == eps_b else tuned_dtype
+        coarse = tuned_dtype if eps_t is not None else base_dtype
         share = s["ulp_sq"] / s["delta_sq"]
         if share >= ROUNDING_ENERGY:
             rounding = True
@@ -191,13 +200,17 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     # (5) mixed precisions: the rounding of W into the coarser dtype is part of ΔW.
     if not rounding and grid is None and eps_b is not None and eps_t is not None and eps_b != eps_t:
         fine_sq = s["base_sq"] if eps_b < eps_t else s["tuned_sq"]
-        est = _ROUND_ENERGY_PER_EPS2 * eps**2 * fine_sq
+        coarse_eps = max(eps_b, eps_t)
+        est = _ROUND_ENERGY_PER_EPS2 * coarse_eps**2 * fine_sq
         share = est / s["delta_sq"]
         if share >= MISMATCH_ENERGY:
             fine, coarse = (base_dtype, tuned_dtype) if eps_b < eps_t else (tuned_dtype, base_dtype)
+            # a tuned side stored coarser was rounded when saved: certain; a base stored coarser was rounded
+            # only if TUNED came from a finer original of it (not when it was tuned from these weights)
+            when = "" if eps_b < eps_t else f"if TUNED was made from a {fine} original of this base rather than from its {coarse} weights, "
             notes.append(NumericNote("precision_mismatch", (
-                f"base is {base_dtype} and tuned {tuned_dtype}: ΔW includes rounding W from {fine} to {coarse}, "
-                f"≈ {min(share, 1.0):.1%} of ‖ΔW‖_F² (0.045·ε²·‖W‖_F², ε = {eps:.3g}), spread over all directions; "
+                f"base is {base_dtype} and tuned {tuned_dtype}: {when}ΔW includes rounding W from {fine} to {coarse}, "
+                f"≈ {min(share, 1.0):.1%} of ‖ΔW‖_F² (0.045·ε²·‖W‖_F², ε = {coarse_eps:.3g}), spread over all directions; "
                 f"energy ranks at τ ≥ {max(0.0, 1 - share):.3g} measure that rounding, not the update")))
     if grid is not None:
         notes.append(grid)
@@ -336,7 +349,7 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     dev = d.device
     work = d.dtype if d.dtype.is_floating_point else torch.float32
     acc = {k: torch.zeros((), dtype=torch.float64, device=dev)
-           for k in ("delta_sq", "base_sq", "tuned_sq", "ulp_sq", "sub_b_sq", "sub_t_sq")}
+           for k in ("delta_sq", "base_sq", "tuned_sq", "ulp_sq", "flush_sq")}
     cnt = {k: torch.zeros((), dtype=torch.int64 if weight is None else torch.float64, device=dev)
            for k in ("nonzero", "ulp", "sub_b", "sub_t")}
     finite = torch.ones((), dtype=torch.bool, device=dev)
@@ -346,8 +359,9 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     rows = max(1, block // step)
     for r, c in ((r, c) for r in range(0, d.shape[0], rows) for c in range(0, d.shape[1], step)):
         db = d[r : r + rows, c : c + step].to(work)
-        bb = b[r : r + rows, c : c + step].to(dev).to(work).abs()
-        tb = t[r : r + rows, c : c + step].to(dev).to(work).abs()
+        bs = b[r : r + rows, c : c + step].to(dev).to(work)
+        ts = t[r : r + rows, c : c + step].to(dev).to(work)
+        bb, tb = bs.abs(), ts.abs()
         w = None if weight is None else weight[r : r + rows, None]
 
         def total(x: torch.Tensor, w: torch.Tensor | None = w) -> torch.Tensor:  # w bound now: this block's weights
@@ -367,11 +381,15 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
             small = nz & (db.abs() <= torch.maximum(bb, tb) * (eps * (1 + 1e-3)))
             cnt["ulp"] += total(small)
             acc["ulp_sq"] += total(d64 * d64 * small)
-        for side, x, tiny in (("sub_b", bb, tiny_b), ("sub_t", tb, tiny_t)):
+        flushed = None  # what flushing the subnormals to zero changes ΔW by: b on base's, −t on tuned's
+        for side, x, signed, sign, tiny in (("sub_b", bb, bs, 1.0, tiny_b), ("sub_t", tb, ts, -1.0, tiny_t)):
             if tiny is not None:
                 sub = (x > 0) & (x < tiny)
                 cnt[side] += total(sub)
-                acc[side + "_sq"] += total(x.double() ** 2 * sub)
+                part = sign * signed.double() * sub
+                flushed = part if flushed is None else flushed + part
+        if flushed is not None:
+            acc["flush_sq"] += total(flushed * flushed)
     # one host sync for every sum (each .item() is one)
     values = torch.stack([*acc.values(), *(c.double() for c in cnt.values()), finite.double()]).tolist()
     out: dict = dict(zip(acc, values[: len(acc)]))

@@ -302,7 +302,9 @@ def _base_config(doc: dict) -> dict | None:
     if not isinstance(base, str) or not base:
         return None
     try:
-        folder = Path(base) if Path(base).is_dir() else Path(base).parent
+        # resolved: the config's own path is resolved when checked against its folder, so a relative folder
+        # (a diff run as `spectra diff base/ tuned/`) put every config.json "outside" it, and the renames went unused
+        folder = (Path(base) if Path(base).is_dir() else Path(base).parent).resolve()
         return read_config(folder, (folder,))  # as open_checkpoint reads it (a link out of the folder refused)
     except (OSError, ValueError, SpectraError):  # unreadable: the stored names, as without it
         return None

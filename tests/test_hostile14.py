@@ -236,3 +236,76 @@ def test_trace_of_lora_checkpoints_on_a_fused_matrix_says_so(tmp_path):
                   str(ck / "adapter_model.safetensors"))
     res = trace(str(f["base"]), [str(run)], plots=False)
     assert res.matrices and [w for w in res.warnings if "1 fused matrix (e.g." in w and "analysed whole by trace" in w]
+
+
+# ---- tied heads, storage precisions, renamed modules (probe of round 14, second part) ---------------------
+def test_recommend_finds_the_renames_of_a_base_given_by_a_relative_path(tmp_path, monkeypatch):
+    """A diff run as `spectra diff llava_base llava_tuned` (relative paths, the usual way) made recommend read
+    no config.json (its resolved path was "outside" the unresolved folder): rank_pattern keys in the stored
+    names, which PEFT ignored under transformers 5's renamed modules."""
+    import transformers as T
+
+    monkeypatch.chdir(tmp_path)
+    for tag, seed in (("base", None), ("tuned", 1)):
+        torch.manual_seed(0)
+        vc = T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=16, patch_size=8)
+        tc = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64)
+        m = T.LlavaForConditionalGeneration(T.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=63))
+        if seed:
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in m.parameters():
+                    if p.ndim == 2:
+                        p.add_(1e-2 * torch.randn(p.shape[0], 4, generator=g) @ torch.randn(4, p.shape[1], generator=g))
+        m.save_pretrained(f"llava_{tag}")
+    assert _run("diff", "llava_base", "llava_tuned", "-o", "d", "--no-plots").exit_code == 0
+    res = _run("recommend", "d/results.json", "-e", "0.5")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)
+    keys = list(cfg["rank_pattern"]) + list(cfg.get("alpha_pattern", {}))
+    assert keys and all(not k.startswith("language_model.") for k in keys), keys
+    assert any(k.startswith("model.language_model.") for k in keys), keys
+
+
+def test_a_bf16_base_tuned_and_saved_in_float32_is_an_update_not_rounding_noise(tmp_path):
+    """Changes below one bf16 step of a bf16 base, saved in float32 (fp32 master weights), are the update:
+    they were called rounding noise, and recommend refused ("nothing to adapt")."""
+    from spectra.numerics import numeric_flags
+
+    g = torch.Generator().manual_seed(0)
+    W = (0.02 * torch.randn(128, 96, generator=g)).bfloat16()
+    update = 1e-5 * torch.randn(128, 4, generator=g) @ torch.randn(4, 96, generator=g)
+    tuned = W.float() + update
+    codes = [n.code for n in numeric_flags(W, tuned, tuned - W.float(), base_dtype="bfloat16", tuned_dtype="float32")]
+    assert "rounding_level" not in codes
+    (note,) = [n for n in numeric_flags(W, tuned, tuned - W.float(), base_dtype="bfloat16", tuned_dtype="float32")
+               if n.code == "precision_mismatch"] or [None]
+    assert note is None or "if TUNED was made from a float32 original" in note.message
+    # the other way round, the tuned side was rounded when saved: still rounding noise
+    base32 = W.float() + 1e-3 * torch.randn(128, 96, generator=g) * W.float().abs()  # off the bf16 grid
+    t16 = base32.bfloat16()
+    codes = [n.code for n in numeric_flags(base32, t16, t16.float() - base32, base_dtype="float32", tuned_dtype="bfloat16")]
+    assert "rounding_level" in codes
+
+
+def test_the_subnormal_note_gives_the_flush_effect_itself(tmp_path):
+    """fp16 weights with 0.2% subnormals, half the entries moved 2 ulps: the note said flushing would change
+    ΔW by 'up to 15%' where it changes it by 0.02% (both sides' subnormals of an entry mostly cancel)."""
+    from spectra.numerics import SUBNORMAL_EFFECT, numeric_flags
+
+    g = torch.Generator().manual_seed(1)
+    b = (0.02 * torch.randn(256, 128, generator=g)).half()
+    move = (torch.rand(256, 128, generator=g) < 0.5)
+    t = torch.where(move, torch.nextafter(torch.nextafter(b, b * 0), b * 0), b)  # two steps towards zero
+    d = t.double() - b.double()
+    tiny = torch.finfo(torch.float16).tiny
+    ftz = lambda x: torch.where(x.double().abs() < tiny, 0.0, x.double())  # noqa: E731
+    exact = float(torch.linalg.norm((ftz(t) - ftz(b)) - d) / torch.linalg.norm(d))
+    notes = [n for n in numeric_flags(b, t, d.float(), base_dtype="float16", tuned_dtype="float16") if n.code == "subnormal"]
+    if exact >= SUBNORMAL_EFFECT:
+        (note,) = notes
+        assert f"{exact:.1%}" in note.message
+    else:
+        assert not notes, (exact, notes[0].message)
