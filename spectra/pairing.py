@@ -233,13 +233,15 @@ def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: 
 
 
 def _head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec],
-                             tuned: Checkpoint) -> str | None:
+                             tuned: Checkpoint, base: Checkpoint) -> str | None:
     """A warning when the base stores an output head that the tuned checkpoint does not (it ties the head
     to its embedding): the head's update, tuned embedding minus base head, is not measured, and an
     otherwise unchanged pair would read "identical"."""
     heads = [n for n in base_only if n in bspecs and bspecs[n].role == "head"]
     if len(heads) != 1 or any(sp.role == "head" for sp in tspecs.values()) or (tuned.config or {}).get("tie_word_embeddings") is False:
         return None
+    if (base.config or {}).get("tie_word_embeddings") is True:
+        return None  # the base's stored head is its embedding when loaded: the head's update is the embedding's, measured
     embeds = [sp.name for sp in tspecs.values() if sp.role == "embed" and sp.layer is None]
     tied_to = f"tied to {embeds[0]}" if len(embeds) == 1 else "tied to its embedding"
     return (f"{PAIRING_NOTE_PREFIX}the base stores an output head, {heads[0]}, the tuned checkpoint none (a head {tied_to}, "
@@ -266,6 +268,29 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
             or ti.dtype not in FLOAT_DTYPES:
         return None
     return embeds[0], heads[0]
+
+
+def drop_tied_heads(pairing: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
+    """For a diff: the pair of an output head that the models tie to their embedding (the tuned config says
+    ``tie_word_embeddings: true``, and the base's does too or the base stores no head) is the embedding's
+    update a second time, as transformers loads the embedding as the head, whatever head is stored: it
+    moves to ``skipped`` with why, instead of a second row of the same numbers that ``recommend`` then
+    budgeted twice. Only where one embedding of the head's shape pairs. In place."""
+    if base is tuned or (tuned.config or {}).get("tie_word_embeddings") is not True:
+        return
+    if any(sp.role == "head" for sp in base.specs.values()) and (base.config or {}).get("tie_word_embeddings") is not True:
+        return  # an untied base stores its own head: tuned embedding minus that head is a real update
+    embeds = [p for p in pairing.pairs if p.tuned.role == "embed" and p.tuned.layer is None]
+    if len(embeds) != 1:
+        return
+    kept = []
+    for p in pairing.pairs:
+        if p.tuned.role == "head" and p.tuned.layer is None and p.out_in == embeds[0].out_in:
+            pairing.skipped.append(Skipped(p.tuned.name, f"tied to {embeds[0].tuned.name} (tie_word_embeddings: true): "
+                                                         "the model's head is that embedding, whose update is measured there"))
+        else:
+            kept.append(p)
+    pairing.pairs[:] = kept
 
 
 def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[str], side: str) -> None:
@@ -495,7 +520,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         _refuse_unmerged_peft(tuned, result.tuned_only, result.base_only, "tuned")
         _refuse_unmerged_peft(base, result.base_only, result.tuned_only, "base")
     for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
-                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned),
+                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
                  _spelling_differs(result.base_only, result.tuned_only, base, tuned)):
         if note:
             result.notes.append(note)

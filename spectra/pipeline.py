@@ -33,7 +33,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import resolve_device
-from spectra.pairing import Skipped, pair_checkpoints
+from spectra.pairing import Skipped, drop_tied_heads, pair_checkpoints
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
@@ -264,6 +264,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     batches; every rank returns the whole result, and only rank 0 has a ``writer``.
     """
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)
+    drop_tied_heads(pairing, base_ckpt, tuned_ckpt)  # a tied head's row would repeat the embedding's
     planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     order = {u.name: u.order for t in planned for u in t.units}
     result = DiffResult(
@@ -399,6 +400,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)  # as the run pairs them
+    drop_tied_heads(pairing, base_ckpt, tuned_ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     cost = CostModel.default(device)
     if calibrate_cost:

@@ -309,3 +309,34 @@ def test_the_subnormal_note_gives_the_flush_effect_itself(tmp_path):
         assert f"{exact:.1%}" in note.message
     else:
         assert not notes, (exact, notes[0].message)
+
+
+def test_a_tied_head_stored_under_its_own_name_is_not_a_second_row(tmp_path):
+    """A tied model saved with lm_head.weight stored too (torch.save of its state dict) gave the embedding's
+    update twice in diff (two rows, one update) and recommend budgeted it twice; a base that stores its
+    tied head was told its head's update "is not measured"."""
+    from conftest import tiny_llama
+    from safetensors.torch import load_file
+
+    base = tiny_llama(tie=True)
+    base.save_pretrained(tmp_path / "base")  # tied: no lm_head.weight stored
+    sd = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert "lm_head.weight" not in sd
+    g = torch.Generator().manual_seed(2)
+    tuned = {k: v + 1e-2 * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in sd.items()}
+    tuned["lm_head.weight"] = tuned["model.embed_tokens.weight"].clone()
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, str(tmp_path / "tuned" / "model.safetensors"))
+    (tmp_path / "tuned" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    res = spectra.diff(str(tmp_path / "base"), str(tmp_path / "tuned"))
+    names = [m.name for m in res.modules]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    (skip,) = [s for s in res.skipped if s["name"] == "lm_head.weight"]
+    assert "tied to model.embed_tokens.weight" in skip["reason"]
+    (emb,) = [m for m in res.modules if m.name == "model.embed_tokens.weight"]
+    d = tuned["model.embed_tokens.weight"].double() - sd["model.embed_tokens.weight"].double()
+    assert np.isclose(emb.fro_norm, float(torch.linalg.norm(d)), rtol=1e-6)
+    # the other way round: the base stores its tied head, the tuned does not: nothing is unmeasured
+    back = spectra.diff(str(tmp_path / "tuned"), str(tmp_path / "base"))
+    assert not [w for w in back.warnings if "is not measured" in w]
+    assert [m.name for m in back.modules if m.role == "embed"] == ["model.embed_tokens.weight"]
