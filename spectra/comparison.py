@@ -276,7 +276,9 @@ class _Side:
         # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
         if isinstance(u, str):
             return u
-        return replace(u, notes=tuple(pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt),
+        # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
+        resized = [pair.note] if pair.rows is not None and pair.note else []
+        return replace(u, notes=(*resized, *pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt),
                        stored=pair.tuned_info.dtype)  # the floor's dtype: the tuned side's rounding
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:

@@ -340,3 +340,25 @@ def test_a_tied_head_stored_under_its_own_name_is_not_a_second_row(tmp_path):
     back = spectra.diff(str(tmp_path / "tuned"), str(tmp_path / "base"))
     assert not [w for w in back.warnings if "is not measured" in w]
     assert [m.name for m in back.modules if m.role == "embed"] == ["model.embed_tokens.weight"]
+
+
+def test_compare_of_a_resized_vocabulary_says_which_rows_it_compares(tmp_path):
+    """compare of fine-tunes that added tokens compared the 64 shared rows (right numbers) without the note
+    spectra diff gives."""
+    from conftest import tiny_llama
+
+    base = tiny_llama(vocab=64)
+    base.save_pretrained(tmp_path / "base")
+    for who, seed in (("a", 1), ("b", 2)):
+        m = tiny_llama(vocab=64)
+        m.resize_token_embeddings(72)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim == 2:
+                    p.add_(1e-2 * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / who)
+    res = spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False)
+    (emb,) = [m for m in res.modules if m.name == "model.embed_tokens.weight"]
+    assert emb.out == 64 and "rows differ (base 64, tuned 72" in (emb.note or "")
+    assert all("rows differ" not in (m.note or "") for m in res.modules if m.role not in ("embed", "head"))
