@@ -54,6 +54,12 @@ FAMILIES = {
 }
 
 
+def family_shape(family: str, layers: int | None = None) -> LlamaShape:
+    """The :data:`FAMILIES` shape ``family``, with ``layers`` layers when given."""
+    shape = FAMILIES[family]
+    return LlamaShape(**{**shape.__dict__, "layers": layers}) if layers else shape
+
+
 def generate(shape: LlamaShape, out: Path, gen_device: torch.device, seed: int = 0) -> tuple[Path, Path]:
     """Write base/ and tuned/ model folders (bf16, one safetensors file each, plus config.json)."""
     g = torch.Generator(device=gen_device).manual_seed(seed)
@@ -131,9 +137,7 @@ def main() -> None:
     ap.add_argument("--save", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
-    shape = FAMILIES[args.shape]
-    if args.layers:
-        shape = LlamaShape(**{**shape.__dict__, "layers": args.layers})
+    shape = family_shape(args.shape, args.layers)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-bench-"))
     print(f"# diff end-to-end on {machine()}: {args.shape} ({shape.layers} layers) in {work}", flush=True)
     t0 = time.perf_counter()

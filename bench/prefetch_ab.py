@@ -19,10 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, save  # noqa: E402
-from diff_e2e import _PEAK_WRAPPER, FAMILIES, generate, warm  # noqa: E402
+from diff_e2e import _PEAK_WRAPPER, FAMILIES, family_shape, generate, warm  # noqa: E402
 
 from spectra.io.checkpoint import open_checkpoint  # noqa: E402
-from spectra.synthetic import LlamaShape  # noqa: E402
 
 
 def main() -> None:
@@ -35,9 +34,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--save", default=None)
     args = ap.parse_args()
-    shape = FAMILIES[args.shape]
-    if args.layers:
-        shape = LlamaShape(**{**shape.__dict__, "layers": args.layers})
+    shape = family_shape(args.shape, args.layers)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-ab-"))
     print(f"# read-ahead depths on {machine()}: {args.shape} in {work}", flush=True)
     t0 = time.perf_counter()
