@@ -134,6 +134,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         else:
             _print_plan(plan, stdout())
         return
+    world_size()  # a malformed WORLD_SIZE is an error here, not a run of one process beside the launcher's others
     run_diff(base, tuned, config, out_dir=out_dir, as_json=as_json, plots=not no_plots, allow_identical=allow_identical,
              report=report, resume=resume, distributed=launched() if distributed is None else distributed)
 

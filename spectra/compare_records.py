@@ -40,14 +40,15 @@ class PhiSummary:
 
     Attributes:
         phi_full: φ(A, B, r_A, r_B), all columns of both bases.
-        phi_11: φ(A, B, 1, 1), the two top directions.
-        mean: mean of the φ(i, j) grid.
+        phi_11: φ(A, B, 1, 1), the two top directions; None when σ₁ of either update is tied (its top
+            direction is then an arbitrary one of the tie).
+        mean: mean of the φ(i, j) grid's determined entries (those at no cut inside a tie).
         random: ``max(r_A, r_B) / d``, φ's expectation for independent random subspaces.
         d: dimension of the space (``out`` for left, ``in`` for right singular vectors).
     """
 
     phi_full: float
-    phi_11: float
+    phi_11: float | None
     mean: float
     random: float
     d: int
@@ -160,8 +161,8 @@ class CompareResult:
         modules: one :class:`ComparedModule` per module both update (after the filters).
         a_only, b_only: modules (base tensor names) of one side only, after the filters: those an
             adapter updates, or every paired matrix of a full checkpoint (changed or not).
-        phi_grids: module name -> side -> φ grid (rows i = 1..r_A, columns j = 1..r_B); absent for
-            modules whose φ is null.
+        phi_grids: module name -> side -> φ grid (rows i = 1..r_A, columns j = 1..r_B), null at a cut
+            inside tied singular values (not determined); absent for modules whose φ is null.
         skipped: ``{"name", "reason"}`` for modules left out (NaN/Inf in a factor or a weight).
         warnings: how the inputs were read, where it needs saying (a folder of several weight sets).
         device: the device the run used (``cpu``, ``cuda:0``), resolved from ``config["device"]``.
@@ -177,7 +178,7 @@ class CompareResult:
     modules: list[ComparedModule] = field(default_factory=list)
     a_only: list[str] = field(default_factory=list)
     b_only: list[str] = field(default_factory=list)
-    phi_grids: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    phi_grids: dict[str, dict[str, list[list[float | None]]]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     device: str | None = None
@@ -359,9 +360,9 @@ class _Reader:
         grids = g(d, "phi_grids", at, lambda v: isinstance(v, dict), "an object", required=False, default={})
         for name, by_side in grids.items():
             if not (isinstance(by_side, dict) and all(
-                    isinstance(grid, list) and all(isinstance(row, list) and all(is_num(x) for x in row) for row in grid)
+                    isinstance(grid, list) and all(isinstance(row, list) and all(x is None or is_num(x) for x in row) for row in grid)
                     for grid in by_side.values())):
-                self.fail(f"phi_grids[{name!r}]", "an object of number grids", by_side)
+                self.fail(f"phi_grids[{name!r}]", "an object of number grids (null at a tie)", by_side)
         skipped = g(d, "skipped", at, lambda v: isinstance(v, list) and all(
             isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str) for s in v),
             'an array of {"name", "reason"} strings', required=False, default=[])

@@ -82,7 +82,7 @@ from spectra.subspaces import (
     top_subspace,
 )
 from spectra.threads import imap_one_blas_thread
-from spectra.ties import cut_in_tie, tie_cut
+from spectra.ties import cut_in_tie, tie_cut, tied_cuts
 
 __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 
@@ -421,13 +421,22 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         rec.captured = {"b_in_a": None, "a_in_b": None}
     else:
         fa, fb = ua.form, ub.form
+        # φ(i, j) at a cut i (or j) between tied values compares an arbitrary part of the tie: not determined
+        p = min(out_dim, in_dim)
+        cuts_a, cuts_b = tied_cuts(fa.S, ra, ua.floor, p), tied_cuts(fb.S, rb, ub.floor, p)
+        undefined = cuts_a[:, None] | cuts_b[None, :]
+        if undefined.any():
+            whose = "A's and B's" if cuts_a.any() and cuts_b.any() else ("A's" if cuts_a.any() else "B's")
+            rec.note = "; ".join(x for x in (rec.note, f"{whose} top directions hold tied singular values: φ(i, j) at a cut "
+                                              "inside a tie depends on the solver's choice, so those φ grid entries are null "
+                                              "(φ₁₁ too when σ₁ is tied) and the grid's mean is over the others") if x)
         for side in sides:
             QA, QB = top_subspace(fa, ra, side), top_subspace(fb, rb, side)
             d = QA.shape[0]
-            grid = phi_grid(QA, QB)
-            grids[side] = grid.round(6).tolist()
-            rec.phi[side] = PhiSummary(phi_full=float(grid[-1, -1]), phi_11=float(grid[0, 0]), mean=float(grid.mean()),
-                                       random=phi_random_baseline(ra, rb, d), d=d)
+            grid = np.where(undefined, np.nan, phi_grid(QA, QB))
+            grids[side] = [[None if math.isnan(x) else x for x in row] for row in grid.round(6).tolist()]
+            rec.phi[side] = PhiSummary(phi_full=float(grid[-1, -1]), phi_11=None if undefined[0, 0] else float(grid[0, 0]),
+                                       mean=float(np.nanmean(grid)), random=phi_random_baseline(ra, rb, d), d=d)
             ang = principal_angles(QA, QB)
             rec.angles[side] = AngleSummary(cosines=np.cos(ang).round(8).tolist(), grassmann=grassmann_distance(QA, QB))
         UA, VA = top_subspace(fa, ra, "left"), top_subspace(fa, ra, "right")
@@ -457,6 +466,10 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
             rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
                                                  counts={str(float(e)): c for e, c in intr.counts.items()},
                                                  max_cos=np.asarray(intr.max_cos).round(6).tolist())
+            if intr.tied:
+                rec.note = "; ".join(x for x in (rec.note, f"{who.upper()}'s tuned weight W + ΔW has tied singular values "
+                                                  f"among its top {k}: those vectors, their cosines with W's and so the "
+                                                  "intruder count are the solver's choice within the tie") if x)
     return rec, grids
 
 

@@ -45,8 +45,17 @@ def _env_int(name: str, default: int) -> int:
 
 
 def world_size() -> int:
-    """``WORLD_SIZE`` set by the launcher, else 1."""
-    return max(1, _env_int("WORLD_SIZE", 1))
+    """``WORLD_SIZE`` set by the launcher, else 1.
+
+    Raises:
+        ConfigError: ``WORLD_SIZE`` is set but is not a positive integer (a launcher never sets that:
+            a stale or mistyped variable, which a run must not read as "one process").
+    """
+    n = _env_int("WORLD_SIZE", 1)
+    if n < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not a positive integer",
+                          hint="start the run with torchrun, which sets it, or unset WORLD_SIZE")
+    return n
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from spectra.lowrank import (
 from spectra.naming import is_bias
 from spectra.results import rows_to_csv
 from spectra.selection import Task
+from spectra.ties import cut_in_tie
 
 SCHEMA = "spectra.extract/1"
 
@@ -275,11 +276,19 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
         "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
-        "note": "; ".join(x for x in (t.note, spec.get("note") or "") if x),
+        "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p)) if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
     return rec
+
+
+def _tie_note(S: np.ndarray, r: int, p: int) -> str:
+    """What a module's note says when its rank cuts between tied singular values (:func:`spectra.ties.cut_in_tie`)."""
+    if not cut_in_tie(S, r, S.size, 0.0, p):
+        return ""
+    return (f"rank {r} cuts through tied singular values (σ_{r} = σ_{r + 1} within 1e-6·σ₁): the adapter holds one of the "
+            f"equally good choices of {r} directions within the tie, with the same energy kept")
 
 
 def root_sigma1(spec: dict) -> float:

@@ -59,7 +59,7 @@ from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
-from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
+from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut
 
 SCHEMA = "spectra.interfere/1"
 
@@ -331,6 +331,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     C = np.full((n, n), np.nan)
     total = None  # dense float64 running sum when any update is dense
     seen: set[int] = set()
+    floors: dict[int, float] = {}  # each dense update's rounding floor (its ties are judged at that resolution)
     numeric: list[str] = []  # "<task>: <caveat>" of each dense update
     numeric += [f"{tasks[t].label}: {UNDETERMINED_TEXT}" for t, f in exact.items() if undetermined_cut(f.S, factors[t].S.numel())]
 
@@ -350,6 +351,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             # update (dense) is represented by its top r directions, as compare represents it
             u = tasks[t].updates[name]
             spectra_[t], factors[t] = spectrum_and_top(delta, min(k, u.r) if isinstance(u, LoraModule) else k, floor=floor)
+            floors[t] = floor
             if undetermined_cut(spectra_[t], factors[t].S.numel(), floor):
                 numeric.append(f"{tasks[t].label}: {UNDETERMINED_TEXT}")
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
@@ -400,6 +402,11 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     unresolved = [t for t in sorted(seen) if fs[t].S.numel() == 0 and G[t, t] > 0]
     numeric += [f"{tasks[t].label}: {unresolved_text('its update', tasks[t].updates[name].tuned_info.dtype)}, so its φ, "
                 "captured energy, TSV and KnOTS entries are null" for t in unresolved]
+    # TSV's entrywise score reads single triplets, which inside a tie (widened at the cut, or within) are the solver's choice
+    p = min(spec_shape(spec, base))
+    numeric += [f"{tasks[t].label}: its top directions hold tied singular values: the TSV score of single triplets depends on "
+                "the solver's choice within the tie (φ, captured energy and KnOTS do not)"
+                for t in range(n) if fs[t].S.numel() > 1 and tied_cuts(fs[t].S, fs[t].S.numel(), floors.get(t, 0.0), p).any()]
     S_sum = singular_values(total) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds)

@@ -50,7 +50,7 @@ from spectra.engine import factored_svd
 from spectra.linalg import gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
-from spectra.subspaces import Factored, phi
+from spectra.subspaces import Factored, phi, principal_angles
 from spectra.ties import tie_cut
 
 Update = torch.Tensor | np.ndarray | Factored
@@ -623,11 +623,11 @@ def subspace_turn(before: Subspaces | None, now: Subspaces | None) -> dict[str, 
     """How far the subspaces turned from ``before`` to ``now``, per side (``"left"``, ``"right"``).
 
     With ``M = Q_beforeᵀ Q_now`` (``k × k'``): ``phi = ‖M‖_F² / min(k, k')`` (Hu et al. 2021, Eq. 4:
-    1 unturned, 0 orthogonal), the principal angles ``θ_l = arccos σ_l(M)`` (the definitions
-    document; cosines clipped to [0, 1]), ``max_angle_deg`` the largest in degrees, ``grassmann`` =
-    ‖θ‖₂ in radians, and ``k = min(k, k')``. Only the small ``k × k'`` matrix is decomposed (this
-    runs inside training loops); angles below ~1e-8 rad read as 0, which is all a trace needs.
-    None when either update is zero.
+    1 unturned, 0 orthogonal), the principal angles ``θ_l`` with ``cos θ_l = σ_l(M)``
+    (:func:`spectra.subspaces.principal_angles`: small angles from their sines, so an unturned
+    subspace reads 1e-15 rad, not arccos's 1.5e-8), ``max_angle_deg`` the largest in degrees,
+    ``grassmann`` = ‖θ‖₂ in radians, and ``k = min(k, k')``. Only ``d × k`` blocks are multiplied and
+    ``k × k`` ones decomposed (this runs inside training loops). None when either update is zero.
     """
     if before is None or now is None:
         return None
@@ -635,8 +635,7 @@ def subspace_turn(before: Subspaces | None, now: Subspaces | None) -> dict[str, 
     for side, a, b in (("left", before.U, now.U), ("right", before.V, now.V)):
         M = a.to(torch.float64).mT @ b.to(device=a.device, dtype=torch.float64)
         k = int(min(M.shape))
-        cos = torch.linalg.svdvals(M).clamp(0.0, 1.0)
-        theta = torch.arccos(cos).cpu().numpy()
+        theta = principal_angles(a, b)  # checks orthonormality at the bases' own precision (float32 ones too)
         out[side] = {"phi": min(1.0, float((M**2).sum()) / k), "max_angle_deg": float(np.degrees(theta.max())),
                      "grassmann": float(np.linalg.norm(theta)), "k": k}
     return out

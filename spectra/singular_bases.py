@@ -38,6 +38,7 @@ import torch
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
 from spectra.metrics import check_energy_range, numerical_rank
+from spectra.ties import TIE_REL
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
 #: (two p × p float64 arrays: 256 MiB at 4096).
@@ -291,23 +292,41 @@ class WeightBasis:
     def max_cosines(self, Q: torch.Tensor) -> torch.Tensor:
         """For each column q of ``Q (out, k)`` (unit vectors), ``max_j |⟨q, u_j⟩|`` over W's resolved
         left singular vectors u_j (the first :attr:`rank`: those of values below the resolution are
-        arbitrary directions; 0 for a zero W), float64 ``(k,)``.
+        arbitrary directions; 0 for a zero W), float64 ``(k,)``. Where W's singular values are tied
+        (within :data:`spectra.ties.TIE_REL`·σ₁ of the first of a run) its vectors there are any
+        orthonormal basis of the tie's span, so the tie counts as one direction of W: the norm of q's
+        projection on that span, ``√Σ_{j in tie} ⟨q, u_j⟩²``, the largest cosine any choice of the
+        vectors gives (an orthogonal W, all values tied, holds every q: cosine 1).
 
-        From the top m alone when that decides it: the vectors beyond m hold at most
-        ``ρ = 1 − Σ_{j<=m} ⟨q, u_j⟩²`` of q's squared norm (the u_j are orthonormal), so no cosine
+        From the top m alone when that decides it: the vectors beyond the ties complete within m hold
+        at most ``ρ = 1 − Σ ⟨q, u_j⟩²`` of q's squared norm (the u_j are orthonormal), so no cosine
         among them exceeds ``√ρ``; when the largest of the top-m cosines is above ``√ρ`` (with a
         1e-9 margin for rounding) it is the maximum. Otherwise all p vectors are computed
         (:meth:`complete`) and the maximum taken over them. Either way the result is the maximum
         over those vectors, to the precision of the vectors (module docstring).
         """
         Q64 = Q.mT.to(torch.float64)
-        if self.rank is not None and self.rank <= self.U.shape[1]:  # every resolved vector is at hand
-            if self.rank == 0:
-                return torch.zeros(Q.shape[1], dtype=torch.float64, device=self.U.device)
-            return (Q64 @ self.U[:, : self.rank]).abs().amax(dim=1)
-        C = (Q64 @ self.U).abs()  # (k, m), every column resolved (rank >= m)
-        top = C.amax(dim=1)
-        rest = (1.0 - (C**2).sum(dim=1)).clamp_min(0.0).sqrt()
+        every = self.rank is not None and self.rank <= self.U.shape[1]  # every resolved vector is at hand
+        if every and self.rank == 0:
+            return torch.zeros(Q.shape[1], dtype=torch.float64, device=self.U.device)
+        n = self.rank if every else self.U.shape[1]
+        C2 = (Q64 @ self.U[:, :n]) ** 2  # (k, n), every column resolved
+        S = self.S.cpu().numpy()
+        tol = TIE_REL * float(S[0])
+        starts = [0]  # first index of each run of values tied with its first one
+        for j in range(1, n):
+            if S[starts[-1]] - S[j] > tol:
+                starts.append(j)
+        ends = starts[1:] + [n]
+        if not every and (S.size <= n or S[starts[-1]] - S[n] <= tol):  # the last run may go on past n: not complete
+            starts, ends = starts[:-1], ends[:-1]
+        if not starts:
+            self.complete()
+            return self.max_cosines(Q)
+        top = torch.stack([C2[:, a:b].sum(dim=1) for a, b in zip(starts, ends)], dim=1).amax(dim=1).sqrt()
+        if every:
+            return top
+        rest = (1.0 - C2[:, : ends[-1]].sum(dim=1)).clamp_min(0.0).sqrt()
         if bool((top >= rest + 1e-9).all()):
             return top
         self.complete()

@@ -33,6 +33,7 @@ from spectra.engine import factored_svd
 from spectra.linalg import real_tensor, singular_values
 from spectra.metrics import check_energy_range, numerical_rank, rank_resolution
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
+from spectra.ties import tied_cuts
 
 Tensor = torch.Tensor | np.ndarray
 Side = Literal["left", "right"]
@@ -606,11 +607,12 @@ class Intruders:
 
     Attributes:
         k: top singular vectors of ``W_base + ΔW`` examined.
-        max_cos: float64 ``(k,)``: for each, in order of descending singular value, its largest
-            ``|cos|`` with any left singular vector of ``W_base``.
+        max_cos: float64 ``(k,)``: for each, by descending σ, its largest ``|cos|`` with W_base's left singular vectors.
         counts: ε -> number of the k with ``max_cos < ε`` (non-decreasing in ε).
         epsilon: the ε of ``count``.
         count: intruders at ``epsilon`` (default 0.5, the paper's).
+        tied: whether W_base + ΔW's top k hold, or end inside, tied singular values: those vectors are
+            then the solver's choice within the tie, and so are their cosines and the counts.
     """
 
     k: int
@@ -618,6 +620,7 @@ class Intruders:
     counts: dict[float, int]
     epsilon: float
     count: int
+    tied: bool = False
 
 
 def intruder_dimensions(
@@ -654,18 +657,16 @@ def intruder_dimensions(
         :class:`Intruders`.
 
     Notes:
-        No SVD: only the top-k vectors of the tuned weight, from a top-k eigensolve of its float64
-        Gram matrix (for a factored update, W_base's Gram matrix plus the update's low-rank terms:
-        :meth:`~spectra.singular_bases.WeightBasis.top_left_of_update`), and the base's left
-        singular vectors from its Gram matrix, the top ones first
-        and all p only when the top ones cannot decide a maximum
-        (:meth:`spectra.singular_bases.WeightBasis.max_cosines`); angles within
-        ``(n + c·p)·u·σ₁²/gap`` of the exact vectors (:mod:`spectra.singular_bases`): the cosines
-        agree with a float64 SVD's to about 1e-12 on Gaussian and fine-tuned weights.
-        Half-precision inputs are upcast first: a bf16 decomposition would blur the cosines it is
-        meant to measure. The base's left singular vectors are the thin set
-        (``p`` of them), as in PEFT's ``intruders.py``; when ``out > in`` a tuned vector outside
-        the base's column space is an intruder, as it should be.
+        No SVD: the top-k vectors of the tuned weight from a top-k eigensolve of its float64 Gram
+        matrix (for a factored update, W_base's Gram matrix plus the update's low-rank terms:
+        :meth:`~spectra.singular_bases.WeightBasis.top_left_of_update`), and the base's left singular
+        vectors from its Gram matrix, all p only when the top ones cannot decide a maximum; a tie of
+        the base's values counts as one direction (:meth:`~spectra.singular_bases.WeightBasis.max_cosines`).
+        Angles within ``(n + c·p)·u·σ₁²/gap`` of the exact vectors (:mod:`spectra.singular_bases`):
+        the cosines agree with a float64 SVD's to about 1e-12 on Gaussian and fine-tuned weights.
+        Half-precision inputs are upcast first (a bf16 decomposition would blur the cosines). The
+        base's vectors are the thin set (``p``), as in PEFT's ``intruders.py``: when ``out > in`` a
+        tuned vector outside the base's column space is an intruder, as it should be.
 
     Example:
         >>> Wb = torch.diag(torch.arange(6.0, 0.0, -1.0))   # singular vectors: the axes
@@ -682,16 +683,18 @@ def intruder_dimensions(
         if not 0.0 <= e <= 1.0:
             raise ValueError(f"epsilons must be in [0, 1]. Got {e!r} instead.")
     if base is None:
-        base = WeightBasis(Wb, m=min(p, 2 * k + 10))
+        base = WeightBasis(Wb, m=min(p, 2 * k + 10), values=min(p, 2 * k + 11))
     elif tuple(base.W.shape) != tuple(shape):
         raise ValueError(f"base must be the decomposition of a {shape[0]}×{shape[1]} W_base. Got {tuple(base.W.shape)} instead.")
+    kk = min(k + 1, p)  # one value more: whether the k-th is tied with the next
     if _is_factored(dW):  # from W_base's Gram matrix and the update's low-rank terms: no dense sum
         U, S, Vh = _factors64(dW, "dW", device)  # type: ignore[arg-type]
-        U_tuned, S_tuned = base.top_left_pairs_of_update(U, S, Vh, k)
+        U_tuned, S_tuned = base.top_left_pairs_of_update(U, S, Vh, kk)
     else:
         D = _matrix(dW.dense if isinstance(dW, TopSVD) else dW, "dW", device)  # type: ignore[arg-type]
-        U_tuned, S_tuned = top_left_singular_pairs(Wb + D, k)  # (out, k), (k,)
-    k = numerical_rank(S_tuned.cpu().numpy(), p)  # beyond it the vectors are arbitrary
+        U_tuned, S_tuned = top_left_singular_pairs(Wb + D, kk)  # (out, kk), (kk,)
+    k = min(k, numerical_rank(S_tuned.cpu().numpy(), p))  # beyond it the vectors are arbitrary
+    tied = bool(k and tied_cuts(S_tuned, min(k + 1, kk), 0.0, p)[:k].any())
     max_cos = base.max_cosines(U_tuned[:, :k]).clamp(0.0, 1.0).cpu().numpy()  # (k,)
     return Intruders(k=k, max_cos=max_cos, counts={float(e): int(np.sum(max_cos < e)) for e in epsilons},
-                     epsilon=float(epsilon), count=int(np.sum(max_cos < epsilon)))
+                     epsilon=float(epsilon), count=int(np.sum(max_cos < epsilon)), tied=tied)

@@ -35,6 +35,18 @@ def cut_in_tie(S: np.ndarray | torch.Tensor, k: int, available: int, floor: floa
     return float(vals[k - 1]) - float(vals[k]) <= _tie_tol(vals, floor, p)
 
 
+def tied_cuts(S: np.ndarray | torch.Tensor, r: int, floor: float = 0.0, p: int | None = None) -> np.ndarray:
+    """For each i = 1 … r, whether a top-i cut of ``S`` (descending) falls between tied values
+    (:func:`cut_in_tie` with the top ``r`` available), bool ``(r,)``; the last entry is always False (the
+    cut at r itself is :func:`tie_cut`'s). A measure of the top-i directions (φ(i, j) of a grid) is
+    not determined where it is True.
+
+    >>> tied_cuts(np.array([3.0, 2.0, 2.0, 1.0]), 4).tolist()
+    [False, True, False, False]
+    """
+    return np.array([cut_in_tie(S, i, r, floor, p) for i in range(1, int(r) + 1)], dtype=bool)
+
+
 #: What a subspace measure's note says when its top-k cut lies in a tie too wide to widen (:func:`undetermined_cut`).
 UNDETERMINED_TEXT = ("its top-k cut lies inside a cluster of tied singular values too wide to widen (past k + max(k, 8)): "
                      "the subspace is not determined, and its measures depend on the solver's choice within the cluster")
@@ -78,4 +90,4 @@ def tie_cut(S: np.ndarray | torch.Tensor, k: int, available: int, floor: float =
     return k if end > k + max(k, 8) else end
 
 
-__all__ = ["TIE_REL", "UNDETERMINED_TEXT", "cut_in_tie", "tie_cut", "undetermined_cut"]
+__all__ = ["TIE_REL", "UNDETERMINED_TEXT", "cut_in_tie", "tie_cut", "tied_cuts", "undetermined_cut"]

@@ -121,6 +121,7 @@ def intruder_heatmap(result: CompareResult, who: str):
 @plain_text
 def phi_grids_figure(result: CompareResult):
     """φ(i, j) grids of :func:`chosen_modules` (None when no module has one)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     side = phi_side(result)
@@ -128,7 +129,7 @@ def phi_grids_figure(result: CompareResult):
     if not chosen:
         return None
     grids = [np.asarray(result.phi_grids[m.name][side], dtype=float) for m in chosen]
-    hi = max(float(g.max()) for g in grids)
+    hi = max(float(np.nanmax(g)) for g in grids)  # null (NaN): a cut inside tied values, drawn grey
     rands = sorted({m.phi[side].random for m in chosen})
     vmax = max(hi, rands[-1], 1e-6)
     cols = min(4, len(chosen))
@@ -144,12 +145,13 @@ def phi_grids_figure(result: CompareResult):
     W = left + cols * panel_w + (cols - 1) * gap_w + right
     H = top + rows * panel_h + (rows - 1) * gap_h + bottom
     fig = Figure(figsize=(W, H))
+    cmap = colormaps["viridis"].with_extremes(bad="0.85")
     im = None
     for idx, (m, g) in enumerate(zip(chosen, grids)):
         r, c = divmod(idx, cols)
         x0, y1 = left + c * (panel_w + gap_w), H - top - r * (panel_h + gap_h)
         ax = fig.add_axes(((x0) / W, (y1 - panel_h) / H, panel_w / W, panel_h / H))
-        im = ax.imshow(g, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, cmap="viridis", interpolation="nearest",
+        im = ax.imshow(g, aspect="auto", origin="lower", vmin=0.0, vmax=vmax, cmap=cmap, interpolation="nearest",
                        extent=(0.5, g.shape[1] + 0.5, 0.5, g.shape[0] + 0.5))
         ph = m.phi[side]
         ax.set_title(f"{label(m.module)} · layer {m.layer}\nφ = {ph.phi_full:.3f}, random {ph.random:.3f}", fontsize=9, parse_math=False)

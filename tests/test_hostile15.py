@@ -1,0 +1,174 @@
+"""Fifteenth round of the outside probe (docs/bad_inputs.md, "fifteenth round")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra.extract import extract
+from spectra.extract_plan import ExtractConfig
+from spectra.interfere import interfere
+from spectra.trace import TraceConfig, trace
+
+
+def _run(*args: str, env: dict[str, str] | None = None):
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def _pair(root: Path) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(0)
+    W = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(2)}
+    save_file(W, str(root / "base.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(root / "tuned.safetensors"))
+    return str(root / "base.safetensors"), str(root / "tuned.safetensors")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3"])
+def test_a_malformed_world_size_is_an_error_not_a_single_process_run(tmp_path, value):
+    """WORLD_SIZE=abc (or 0, -3: a launcher never sets those) ran the whole diff as one process: beside a
+    broken launcher's other processes, each would have run it all into the same folder."""
+    base, tuned = _pair(tmp_path)
+    res = _run("diff", base, tuned, "--out", str(tmp_path / "out"), "--no-plots", env={"WORLD_SIZE": value})
+    assert res.exit_code == 1, res.output
+    assert f"WORLD_SIZE={value!r}" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+# ---- ties: measures that read single directions inside a tie ----------------------------------------
+_Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def _planted(rng: np.random.Generator, m: int, n: int, sig: list[float]) -> np.ndarray:
+    U, _ = np.linalg.qr(rng.standard_normal((m, len(sig))))
+    V, _ = np.linalg.qr(rng.standard_normal((n, len(sig))))
+    return (U * np.array(sig)) @ V.T
+
+
+def _save(path: Path, W: np.ndarray) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({_Q: torch.from_numpy(np.ascontiguousarray(W))}, str(path / "model.safetensors"))
+    return str(path)
+
+
+def _tied_trio(root: Path, transform) -> tuple[str, str, str]:
+    """base, A, B of one 24×24 float64 matrix: ΔA's σ = 1 (×6), 0.5, 0.4; ΔB generic plus half of ΔA;
+    ``transform`` applied to all three (a change of coordinates, which no subspace measure may see)."""
+    rng = np.random.default_rng(11)
+    W = rng.standard_normal((24, 24))
+    dA = _planted(rng, 24, 24, [1.0] * 6 + [0.5, 0.4])
+    dB = _planted(rng, 24, 24, [0.9, 0.7, 0.5, 0.3, 0.2]) + 0.5 * dA
+    return tuple(_save(root / n, transform(M)) for n, M in (("base", W), ("a", W + dA), ("b", W + dB)))
+
+
+def test_phi_grid_entries_inside_a_tie_are_null_not_a_solver_choice(tmp_path):
+    """φ(i, j) at a cut i inside A's six tied values compares an arbitrary part of the tie: phi_11, the grid and
+    its mean changed (0.10 against 0.20) when the same matrices were given in permuted coordinates."""
+    perm_r, perm_c = np.random.default_rng(1).permutation(24), np.random.default_rng(2).permutation(24)
+    cfg = spectra.CompareConfig(top_k=3, side="both")
+    runs = []
+    for tag, f in (("id", lambda M: M), ("perm", lambda M: M[perm_r][:, perm_c])):
+        base, a, b = _tied_trio(tmp_path / tag, f)
+        runs.append(spectra.compare(a, b, base=base, config=cfg, plots=False))
+    recs = [next(m for m in r.modules if m.name == _Q) for r in runs]
+    for rec, res in zip(recs, runs):
+        assert rec.rank_a == 6 and "φ grid entries are null" in rec.note
+        grid = np.array(res.phi_grids[_Q]["right"], dtype=float)
+        assert grid.shape == (6, 3) and np.isnan(grid[:5]).all() and np.isfinite(grid[5]).all()
+        assert rec.phi["right"].phi_11 is None
+    # the determined entries (row 6: A's whole tie) against float64 numpy, and equal in both coordinates
+    from safetensors.numpy import load_file
+
+    base, a, b = (load_file(str(tmp_path / "id" / n / "model.safetensors"))[_Q] for n in ("base", "a", "b"))
+    VA = np.linalg.svd(a - base)[2][:6].T
+    VB = np.linalg.svd(b - base)[2][:3].T
+    ref = [np.sum((VA.T @ VB[:, :j]) ** 2) / min(6, j) for j in (1, 2, 3)]
+    for res, rec in zip(runs, recs):
+        assert np.allclose(np.array(res.phi_grids[_Q]["right"], dtype=float)[5], ref, atol=2e-6)
+        assert np.isclose(rec.phi["right"].mean, np.mean(ref), atol=2e-6)
+    for side in ("left", "right"):
+        (x, y) = (r.phi[side] for r in recs)
+        assert x.phi_11 is y.phi_11 is None and np.allclose([x.phi_full, x.mean], [y.phi_full, y.mean], atol=1e-12)
+
+
+def test_intruders_treat_a_tie_of_the_base_as_one_direction(tmp_path):
+    """An orthogonal base (every σ tied) has no preferred vectors: intruders A were 8, 5 or 7 depending on the
+    coordinates the same matrices were given in; the projection on the tie's span (1 here) is the basis-free max."""
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.standard_normal((24, 24)))
+    R, _ = np.linalg.qr(rng.standard_normal((24, 24)))
+    W = 0.2 * Q
+    dA = _planted(rng, 24, 24, [0.3, 0.25, 0.1])
+    counts = []
+    for tag, f in (("id", lambda M: M), ("rot", lambda M: R @ M)):
+        base, a = _save(tmp_path / tag / "base", f(W)), _save(tmp_path / tag / "a", f(W + dA))
+        res = spectra.compare(a, a, base=base, config=spectra.CompareConfig(top_k=3), plots=False)
+        rec = next(m for m in res.modules if m.name == _Q)
+        assert rec.intruders["a"].max_cos == [1.0] * 10
+        assert "tied singular values among its top 10" in rec.note  # W + ΔW keeps 21 of Q's tied values
+        counts.append(rec.intruders["a"].count)
+    assert counts == [0, 0]
+
+
+def test_intruder_cosines_with_a_partly_tied_base_match_the_span_projection():
+    """A base with σ = 5, 3, 3, 3, 1, … : the tuned vectors' largest cosine with the tied three is the norm of
+    their projection on the tie's span (float64 numpy reference), whatever vectors the solver returned."""
+    from spectra.subspaces import intruder_dimensions
+
+    rng = np.random.default_rng(8)
+    sig = [5.0, 3.0, 3.0, 3.0] + list(np.linspace(1.0, 0.1, 16))
+    W = _planted(rng, 20, 20, sig)
+    dW = _planted(rng, 20, 20, [4.0, 2.0])
+    res = intruder_dimensions(torch.from_numpy(W), torch.from_numpy(dW), k=4)
+    Ub = np.linalg.svd(W)[0]
+    Ut = np.linalg.svd(W + dW)[0][:, :4]
+    C2 = (Ut.T @ Ub) ** 2
+    runs = [C2[:, :1], C2[:, 1:4].sum(axis=1, keepdims=True), C2[:, 4:]]
+    ref = np.sqrt(np.concatenate(runs, axis=1).max(axis=1))
+    assert np.allclose(res.max_cos, ref, atol=1e-9)
+
+
+def test_interfere_says_when_tsv_reads_directions_inside_a_tie(tmp_path):
+    base, a, b = _tied_trio(tmp_path, lambda M: M)
+    from spectra.interfere import InterfereConfig
+
+    res = interfere(base, [a, b], config=InterfereConfig(top_k=3), plots=False)
+    (m,) = [m for m in res.modules if m["name"] == _Q]
+    assert m["ranks"] == [6, 3]
+    assert "TSV score of single triplets depends on the solver's choice within the tie" in m["note"]
+    assert m["note"].count("tied singular values") == 1  # A only: B's values are distinct
+
+
+def test_trace_turn_of_a_rescaled_update_is_zero_not_arccos_rounding(tmp_path):
+    """A checkpoint whose update is 3× the previous one's has not turned: the turn read 1.49e-8 rad (arccos of a
+    cosine one ulp below 1), which plots and findings took for a turn; the sines give ~1e-15."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((24, 24))
+    dW = _planted(rng, 24, 24, [1.0, 0.7, 0.4, 0.2])
+    base = _save(tmp_path / "base", W)
+    paths = [_save(tmp_path / f"c{i}", W + f * dW) for i, f in enumerate((1.0, 3.0))]
+    tr = trace(base, paths, config=TraceConfig(top_k=3), plots=False)
+    (m,) = [m for m in tr.matrices if m["name"] == _Q]
+    turn = m["points"][1]["turn_prev"]
+    for side in ("left", "right"):
+        assert turn[side]["grassmann"] < 1e-12 and turn[side]["max_angle_deg"] < 1e-10
+        assert turn[side]["phi"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_extract_says_when_its_rank_cuts_a_tie(tmp_path):
+    """--rank 3 of an update whose σ are six equal values kept an arbitrary 3 of the 6 without a word."""
+    base, a, _ = _tied_trio(tmp_path / "m", lambda M: M)
+    res = extract(base, a, tmp_path / "out", config=ExtractConfig(rank=3), plots=False)
+    (m,) = [m for m in res.modules if m["name"] == _Q]
+    assert m["rank"] == 3 and m["energy_kept"] == pytest.approx(3.0 / (6 + 0.25 + 0.16), rel=1e-9)
+    assert "rank 3 cuts through tied singular values" in m["note"]
+    res6 = extract(base, a, tmp_path / "out6", config=ExtractConfig(rank=6), plots=False)
+    assert not [m for m in res6.modules if "tied" in (m["note"] or "")]
