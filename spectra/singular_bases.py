@@ -185,14 +185,14 @@ class WeightBasis:
     """A base weight's left singular vectors and values, computed once and shared by the measures of
     every update of it (intruders of both sides, amplification), and only as far as they need.
 
-    It starts from the top ``m`` left singular vectors and the top ``values`` singular values (default
-    m) of W's Gram matrix and computes all ``p`` vectors only when :meth:`max_cosines` cannot be
+    It starts from the top ``m`` left singular vectors and the top ``values`` singular values (at least
+    m + 1) of W's Gram matrix and computes all ``p`` vectors only when :meth:`max_cosines` cannot be
     decided from the top m.
 
     Attributes:
         W: ``(out, in)`` float64 weight.
         U: ``(out, m)`` float64 left singular vectors, by descending σ (all p once :meth:`complete` ran).
-        S: ``(max(m, values),)`` float64 singular values, descending (all p once :meth:`complete` ran).
+        S: ``(min(p, max(m + 1, values)),)`` float64 singular values, descending (all p once :meth:`complete` ran).
         rank: W's numerical rank (:func:`spectra.metrics.numerical_rank`: the values above σ₁·√(p·u)),
             or None while only values above the resolution are known (at least ``len(S)`` then).
         energy: ``‖W‖_F²`` (trace of the float64 Gram matrix).
@@ -202,14 +202,15 @@ class WeightBasis:
     Example:
         >>> b = WeightBasis(torch.diag(torch.tensor([3.0, 2.0, 1.0])), m=2)
         >>> b.S.tolist(), b.energy, b.max_cosines(torch.eye(3, dtype=torch.float64)[:, 2:]).tolist()
-        ([3.0, 2.0], 14.0, [1.0])
+        ([3.0, 2.0, 1.0], 14.0, [1.0])
     """
 
     def __init__(self, W: torch.Tensor, m: int | None = None, values: int | None = None) -> None:
         self.W = W.to(torch.float64)
         p = min(W.shape)
         m = p if m is None else max(1, min(m, p))
-        n_values = m if values is None else max(m, min(values, p))
+        # one value past the m vectors: whether the m-th is tied with the next (:meth:`max_cosines`)
+        n_values = min(p, max(m + 1, m if values is None else min(values, p)))
         G = _gram64(self.W)
         self.energy = float(G.trace())
         # kept for the Gram matrices of W + (low-rank update) (:meth:`top_left_of_update`), and on the CPU
@@ -313,17 +314,24 @@ class WeightBasis:
         C2 = (Q64 @ self.U[:, :n]) ** 2  # (k, n), every column resolved
         S = self.S.cpu().numpy()
         tol = TIE_REL * float(S[0])
-        starts = [0]  # first index of each run of values tied with its first one
-        for j in range(1, n):
-            if S[starts[-1]] - S[j] > tol:
-                starts.append(j)
+        if np.any(S[: n - 1] - S[1:n] <= tol):  # runs of values tied with the first of each (not chained)
+            starts = [0]
+            for j in range(1, n):
+                if S[starts[-1]] - S[j] > tol:
+                    starts.append(j)
+        else:  # no tie (almost always): every value is its own run
+            starts = list(range(n))
         ends = starts[1:] + [n]
         if not every and (S.size <= n or S[starts[-1]] - S[n] <= tol):  # the last run may go on past n: not complete
             starts, ends = starts[:-1], ends[:-1]
         if not starts:
             self.complete()
             return self.max_cosines(Q)
-        top = torch.stack([C2[:, a:b].sum(dim=1) for a, b in zip(starts, ends)], dim=1).amax(dim=1).sqrt()
+        if len(starts) == ends[-1]:  # single values: the largest cosine itself
+            top = C2[:, : ends[-1]].amax(dim=1).sqrt()
+        else:
+            cum = torch.nn.functional.pad(C2.cumsum(dim=1), (1, 0))  # (k, n + 1): the runs' sums as differences
+            top = (cum[:, ends] - cum[:, starts]).amax(dim=1).clamp_min(0.0).sqrt()
         if every:
             return top
         rest = (1.0 - C2[:, : ends[-1]].sum(dim=1)).clamp_min(0.0).sqrt()
