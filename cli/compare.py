@@ -129,25 +129,54 @@ def _f(x: float | None, spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+#: Above this many modules the table gives each module kind's medians (every module's row is in compare.csv):
+#: a row per module of a 70B model (560) would bury the findings, and at 50 000 took a minute to print.
+MAX_MODULE_ROWS = 64
+
+
+def _values(m, side: str, with_base: bool) -> list[float | None]:
+    """One module's numbers in the table's column order after the name and layer."""
+    ph, b_in_a, a_in_b = m.phi.get(side), m.captured.get("b_in_a"), m.captured.get("a_in_b")
+    row = [m.rank_a, m.rank_b, ph and ph.phi_full, ph and ph.random, b_in_a and b_in_a.two_sided,
+           b_in_a and b_in_a.best_rank_r, a_in_b and a_in_b.two_sided]
+    if with_base:
+        amp, intr = m.amplification or {}, m.intruders or {}
+        row += [amp.get(w) and amp[w].factor for w in ("a", "b")] + [intr.get(w) and intr[w].count for w in ("a", "b")]
+    return [None if v is None else float(v) for v in row]
+
+
 def compare_table(result) -> Table:
-    """One row per compared module (measures that are undefined shown as –)."""
+    """One row per compared module (measures that are undefined shown as –), or, above
+    :data:`MAX_MODULE_ROWS` modules, one per module kind with the medians of its modules' defined values."""
+    import statistics
+
+    from spectra.naming import role_sort_key
+
     side = headline_side(result)
-    title = f"A = {display_name(result.a)} ({result.kinds['a']}), B = {display_name(result.b)} ({result.kinds['b']})"
-    table = Table(title=escape(title), title_justify="left")
-    cols = ["module", "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
     with_base = any(m.amplification is not None for m in result.modules)
+    per_kind = len(result.modules) > MAX_MODULE_ROWS
+    title = f"A = {display_name(result.a)} ({result.kinds['a']}), B = {display_name(result.b)} ({result.kinds['b']})"
+    if per_kind:
+        title += f"; median per module kind over {len(result.modules)} modules (each module: compare.csv)"
+    table = Table(title=escape(title), title_justify="left")
+    cols = ["module", "n" if per_kind else "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
     if with_base:
         cols += ["amp A", "amp B", "intr A", "intr B"]
     for c in cols:
         table.add_column(c, justify="left" if c == "module" else "right")
-    for m in result.modules:
-        ph, b_in_a, a_in_b = m.phi.get(side), m.captured.get("b_in_a"), m.captured.get("a_in_b")
-        row = [escape(display_name(m.module, 40)), "" if m.layer is None else str(m.layer), str(m.rank_a), str(m.rank_b),
-               _f(ph and ph.phi_full, ".3f"), _f(ph and ph.random, ".3f"), _f(b_in_a and b_in_a.two_sided, ".3f"),
-               _f(b_in_a and b_in_a.best_rank_r, ".3f"), _f(a_in_b and a_in_b.two_sided, ".3f")]
-        if with_base:
-            amp, intr = m.amplification or {}, m.intruders or {}
-            row += [_f(amp.get(w) and amp[w].factor, ".2f") for w in ("a", "b")]
-            row += [_f(intr.get(w) and intr[w].count, "d") for w in ("a", "b")]
-        table.add_row(*row)
+    specs = [".0f", ".0f", ".3f", ".3f", ".3f", ".3f", ".3f"] + ([".2f", ".2f", ".0f", ".0f"] if with_base else [])
+    if not per_kind:
+        rows = [(m.module, "" if m.layer is None else str(m.layer), _values(m, side, with_base)) for m in result.modules]
+    else:
+        kinds: dict[str, list] = {}
+        for m in result.modules:
+            kinds.setdefault(m.module, []).append(m)
+        order = sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].role, k))
+        rows = []
+        for kind in order:
+            cells = list(zip(*(_values(m, side, with_base) for m in kinds[kind])))
+            rows.append((kind, str(len(kinds[kind])), [statistics.median(d) if (d := [v for v in c if v is not None]) else None
+                                                        for c in cells]))
+    for name, second, values in rows:
+        table.add_row(escape(display_name(name, 40)), second, *(_f(v, spec) for v, spec in zip(values, specs)))
     return table

@@ -189,9 +189,15 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
     found = collect(paths)
     warn: list[tuple[str, str]] = []
     groups: list[str] = []
-    for path, doc in found.docs:
+    # two results of the same inputs (another --layers, --top-k, a rerun) got the same titles and headings:
+    # those say where each came from, by the shortest trailing part of its folder that no other shares
+    where = dict(zip((path for path, _ in found.docs), run_labels([path.parent for path, _ in found.docs])))
+    titles = [_guarded(d["schema"], p, TITLES[d["schema"]], d) if d["schema"] in TITLES else f"{d['schema']}: {p.parent}"
+              for p, d in found.docs]
+    for (path, doc), name in zip(found.docs, titles):
         schema = doc["schema"]
-        name = _guarded(schema, path, TITLES[schema], doc) if schema in TITLES else f"{schema}: {path.parent}"
+        if titles.count(name) > 1:
+            name = f"{name} ({where[path]})"
         items = _guarded(schema, path, FINDINGS[schema], doc) if schema in FINDINGS else []
         warn += [(name, f.text) for f in items if f.warning]
         plain = [f.text for f in items if not f.warning]
@@ -203,14 +209,25 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
                      f'<p class="small">Every number is defined, with its formula and source, in {DEFINITIONS} of the '
                      "spectra repository; the tables below have legends.</p></section>")
     parts.append(_overview(found))
-    for path, doc in found.docs:
-        parts += [_guarded(doc["schema"], path, section, doc) for section in SECTIONS[doc["schema"]]]
+    sections = [[_guarded(doc["schema"], path, section, doc) for section in SECTIONS[doc["schema"]]] for path, doc in found.docs]
+    heads = [_heading(own[0]) if own else None for own in sections]
+    for (path, _doc), own, head in zip(found.docs, sections, heads):
+        if head is not None and heads.count(head) > 1:
+            own[0] = own[0].replace("</h2>", f" ({esc(where[path])})</h2>", 1)
+        parts += own
     if found.train_logs:
         parts.append(_learning_section(found.train_logs))
     body = "\n".join(p for p in parts if p)
     text = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}<script>{SORT_JS}</script></body></html>\n")
     return safe_text(text)
+
+
+def _heading(html: str) -> str | None:
+    """The text of the first ``<h2>`` of a section's HTML (None without one)."""
+    start = html.find("<h2>")
+    end = html.find("</h2>", start)
+    return html[start + 4:end] if start >= 0 and end > start else None
 
 
 def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:

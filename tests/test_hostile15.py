@@ -172,3 +172,59 @@ def test_extract_says_when_its_rank_cuts_a_tie(tmp_path):
     assert "rank 3 cuts through tied singular values" in m["note"]
     res6 = extract(base, a, tmp_path / "out6", config=ExtractConfig(rank=6), plots=False)
     assert not [m for m in res6.modules if "tied" in (m["note"] or "")]
+
+
+# ---- many modules, many results, odd links ------------------------------------------------------------
+def test_compare_of_many_modules_prints_medians_per_kind_not_a_row_each(tmp_path):
+    """A row per module (50 000 of them took over a minute to print, and 560 for a 70B model bury the findings):
+    above 64 modules the table gives each kind's medians; every module stays in compare.csv."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.{m}.weight" for i in range(40) for m in ("up_proj", "down_proj")]
+    base = {n: torch.randn(6, 6, generator=g) for n in names}
+    for who, scale in (("base", 0.0), ("a", 0.1), ("b", 0.2)):
+        save_file({n: v + scale * torch.randn(6, 6, generator=g) for n, v in base.items()}, str(tmp_path / f"{who}.safetensors"))
+    res = _run("compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--base",
+               str(tmp_path / "base.safetensors"), "--top-k", "2", "--out", str(tmp_path / "out"), "--no-plots",
+               env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "median per module kind over 80 modules" in " ".join(res.output.split())
+    rows = [line for line in res.output.splitlines() if line.startswith("│")]
+    assert len(rows) == 2 and all(" 40 " in r for r in rows)
+    assert len((tmp_path / "out" / "compare.csv").read_text().splitlines()) == 81
+    # the medians are the medians of the per-module values (φ: compare.json)
+    import json
+    import statistics
+
+    doc = json.loads((tmp_path / "out" / "compare.json").read_text())
+    phi_up = statistics.median(m["phi"]["right"]["phi_full"] for m in doc["modules"] if m["module"] == "up_proj")
+    (up,) = [r for r in rows if "up_proj" in r]
+    assert f"{phi_up:.3f}" in up
+
+
+def test_report_of_two_results_of_the_same_inputs_tells_their_sections_apart(tmp_path):
+    """Two diffs of one pair (--layers 0 and 1) gave two sections headed "ΔW spectra: tuned" and two findings
+    blocks "diff: tuned vs base": only the overview said which was which."""
+    g = torch.Generator().manual_seed(0)
+    W = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(2)}
+    save_file(W, str(tmp_path / "base.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(tmp_path / "tuned.safetensors"))
+    for layer in ("0", "1"):
+        res = _run("diff", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--layers", layer,
+                   "--out", str(tmp_path / "runs" / f"layer{layer}"), "--no-plots")
+        assert res.exit_code == 0, res.output
+    res = _run("report", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"))
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text()
+    for layer in ("0", "1"):
+        assert f"ΔW spectra: {tmp_path / 'tuned.safetensors'} (layer{layer})</h2>" in html
+        assert f"diff: tuned.safetensors vs base.safetensors (layer{layer})" in html
+
+
+def test_a_checkpoint_link_to_itself_is_called_a_loop(tmp_path):
+    """trace left out run/checkpoint-3 -> checkpoint-3 as "a link to 'checkpoint-3', which does not exist"."""
+    from spectra.io.paths import missing_text
+
+    (tmp_path / "checkpoint-3").symlink_to("checkpoint-3")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    assert "a loop of symbolic links" in missing_text(tmp_path / "checkpoint-3")
+    assert missing_text(tmp_path / "dangling") == "is a symbolic link to 'nowhere', which does not exist"

@@ -39,6 +39,11 @@ def missing_text(path: str | os.PathLike[str], missing: str = "no such file or f
     does not exist (the link itself is there, so "no such file" alone would puzzle the user)."""
     try:
         if os.path.islink(path):
+            try:
+                os.stat(path)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # the link leads back to itself: its target "exists", as a loop
+                    return f"is a symbolic link to {os.readlink(path)!r}, a loop of symbolic links (it leads back to itself)"
             return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
     except (OSError, ValueError):
         pass
