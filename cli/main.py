@@ -23,6 +23,7 @@ import click
 
 import spectra
 from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory
+from spectra.io.files import held_locks, release_locks
 from spectra_cli import compare as compare_commands
 from spectra_cli import diff as diff_commands
 from spectra_cli import esd as esd_commands
@@ -209,6 +210,7 @@ class _Group(click.Group):
             return kept_on_stop(self, ctx, since=started) or kept
 
         stop = _StopSignals(STOP_GRACE_S, kept_now) if threading.current_thread() is threading.main_thread() else None
+        held_before = held_locks()
         try:
             try:
                 return super().invoke(ctx)
@@ -247,6 +249,7 @@ class _Group(click.Group):
         finally:
             if stop is not None:
                 stop.close(owns_process=_owns_process())
+            release_locks(keep=held_before)  # a stopped or failed run's lock file goes with it (its journal stays)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -228,3 +228,37 @@ def test_a_checkpoint_link_to_itself_is_called_a_loop(tmp_path):
     (tmp_path / "dangling").symlink_to("nowhere")
     assert "a loop of symbolic links" in missing_text(tmp_path / "checkpoint-3")
     assert missing_text(tmp_path / "dangling") == "is a symbolic link to 'nowhere', which does not exist"
+
+
+def test_a_stopped_run_leaves_no_lock_file_behind(tmp_path, monkeypatch):
+    """esd, trace and extract stopped by Ctrl-C (or failing) kept their .spectra.lock in the folder beside the
+    journal: released by the process's exit, but a file a user sees and wonders about. The command line now
+    removes the locks its run took as it ends; the journal stays for --resume."""
+    import spectra.esd_run as esd_run
+
+    g = torch.Generator().manual_seed(0)
+    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(3)},
+              str(tmp_path / "m.safetensors"))
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(esd_run, "_decompose", stop)
+    res = _run("esd", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "out"), "--no-plots")
+    assert res.exit_code == 130, res.output
+    assert (tmp_path / "out" / "esd.jsonl").is_file() and not (tmp_path / "out" / ".spectra.lock").exists()
+
+
+def test_release_locks_keeps_the_locks_held_before():
+    import tempfile
+
+    from spectra.io.files import LOCK_NAME, OutputLock, held_locks, release_locks
+
+    a, b = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+    first = OutputLock.acquire(a)
+    before = held_locks()
+    OutputLock.acquire(b)
+    release_locks(keep=before)
+    assert (a / LOCK_NAME).exists() and not (b / LOCK_NAME).exists()
+    first.release()
+    assert not (a / LOCK_NAME).exists() and first not in held_locks()

@@ -245,9 +245,11 @@ class OutputLock:
                 os.close(fd)
                 raise output_error(path, exc) from exc
             _remove_stale_temps(Path(folder))
+            lock = cls(path, fd)
             with _THREADS_LOCK:
                 _HOLDING_THREAD[_folder_key(Path(folder))] = threading.current_thread()
-            return cls(path, fd)
+                _HELD.add(lock)
+            return lock
 
     def release(self) -> None:
         """Remove the lock file and release the lock (idempotent; exiting the process releases it too)."""
@@ -255,6 +257,7 @@ class OutputLock:
             return
         with _THREADS_LOCK:
             _HOLDING_THREAD.pop(_folder_key(self.path.parent), None)
+            _HELD.discard(self)
         with contextlib.suppress(OSError):
             os.unlink(self.path)  # still locked while unlinking: a run that opened it re-checks the inode
         os.close(self._fd)
@@ -265,6 +268,24 @@ class OutputLock:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+#: The locks this process holds (a run that stopped or failed keeps its lock until the process ends;
+#: :func:`held_locks` and :func:`release_locks` let the command line remove their files as it ends).
+_HELD: set[OutputLock] = set()
+
+
+def held_locks() -> frozenset[OutputLock]:
+    """The output locks this process holds now."""
+    with _THREADS_LOCK:
+        return frozenset(_HELD)
+
+
+def release_locks(keep: frozenset[OutputLock] = frozenset()) -> None:
+    """Release every lock this process holds except ``keep`` (removing their files): what a command that
+    stopped or failed took, as it ends, so that no ``.spectra.lock`` stays behind in its folder."""
+    for lock in held_locks() - keep:
+        lock.release()
 
 
 @contextlib.contextmanager
