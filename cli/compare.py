@@ -47,9 +47,10 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the figures (captured energy, φ grids, angles, intruders).")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 @click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,
               help="Print what each column of the table means, and exit.")
-def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report) -> None:
+def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report, resume) -> None:
     """How two updates of one base relate: φ grids, principal angles, captured energy,
     amplification and intruder dimensions (definitions: docs/definitions.md, "Subspaces").
 
@@ -63,6 +64,8 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
 
     if report and not out_dir:
         raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    if resume and not out_dir:
+        raise click.UsageError("--resume finishes the run journaled in --out DIR: give --out DIR as well")
     from spectra.io.files import folder_lock
 
     # the whole command, results and --report alike: a second run into the same folder is refused at its start
@@ -79,7 +82,7 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
         progress.update(task_id, completed=done, current=short_name(name))
 
     with progress:
-        result = compare(a, b, base=base, config=config, out_dir=out_dir, callback=on_module, plots=not no_plots)
+        result = compare(a, b, base=base, config=config, out_dir=out_dir, callback=on_module, plots=not no_plots, resume=resume)
     found = compare_findings(result)
     if as_json:
         echo_json(result.to_json())

@@ -381,5 +381,35 @@ class _Reader:
         )
 
 
+def journal_record(index: int, out: tuple[ComparedModule, dict] | dict[str, str]) -> dict[str, Any]:
+    """One line of compare's journal: the module at ``index`` of the run's plan, measured
+    (``{"i", "module", "grids"}``) or skipped (``{"i", "skipped"}``); strict JSON (undefined values null)."""
+    if isinstance(out, dict):
+        return {"i": index, "skipped": out}
+    rec, grids = out
+    return finite_or_null({"i": index, "module": rec.to_dict(), "grids": grids})
+
+
+def from_journal_record(d: Any, source: str | os.PathLike[str], line: int) -> tuple[int, tuple[ComparedModule, dict] | dict[str, str]]:
+    """Inverse of :func:`journal_record`: ``(index, out)``, every key checked as :meth:`CompareResult.load` checks it.
+
+    Raises:
+        ResultsFormatError: the record is not one compare wrote (names the line of ``source``).
+    """
+    reader, at = _Reader(source), f"record {line}: "
+    if not isinstance(d, dict) or not is_int(d.get("i")) or ("module" in d) == ("skipped" in d):
+        reader.fail(f"record {line}", 'an object {"i", "module", "grids"} or {"i", "skipped"}', d)
+    if "skipped" in d:
+        s = d["skipped"]
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str)):
+            reader.fail(f"{at}skipped", 'an object {"name", "reason"}', s)
+        return d["i"], {"name": s["name"], "reason": s["reason"]}
+    grids = d.get("grids")
+    if not (isinstance(grids, dict) and all(isinstance(g, list) and all(
+            isinstance(row, list) and all(x is None or is_num(x) for x in row) for row in g) for g in grids.values())):
+        reader.fail(f"{at}grids", "an object of number grids (null at a tie)", grids)
+    return d["i"], (reader.module(d["module"], d["i"]), grids)
+
+
 __all__ = ["SCHEMA", "STATUSES", "AngleSummary", "CompareResult", "ComparedModule", "IntruderSummary", "PhiSummary",
-           "random_two_sided"]
+           "from_journal_record", "journal_record", "random_two_sided"]

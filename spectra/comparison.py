@@ -44,14 +44,17 @@ from spectra.compare_records import (
     CompareResult,
     IntruderSummary,
     PhiSummary,
+    from_journal_record,
+    journal_record,
 )
 from spectra.config import CompareConfig, check_device_available, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.errors import ConfigError, PairingError
+from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
+from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
@@ -83,6 +86,7 @@ from spectra.subspaces import (
 )
 from spectra.threads import imap_one_blas_thread
 from spectra.ties import cut_in_tie, tie_cut, tied_cuts
+from spectra.trace_inputs import open_weights
 
 __all__ = ["SCHEMA", "CompareResult", "ComparedModule", "compare"]
 
@@ -484,6 +488,7 @@ def compare(
     callback: Callable[[int, int, str], None] | None = None,
     plots: bool = True,
     workers: int | None = None,
+    resume: bool = False,
 ) -> CompareResult:
     """Compare the updates of ``a`` and ``b`` (each a LoRA adapter or, with ``base``, a full checkpoint).
 
@@ -493,11 +498,13 @@ def compare(
         base: the base both were fine-tuned from; needed for full checkpoints, DoRA, amplification
             and intruder dimensions.
         config: options (:class:`CompareConfig`).
-        out_dir: where ``compare.json``, ``compare.csv`` and the plots go.
+        out_dir: where ``compare.json``, ``compare.csv`` and the plots go; each module's measures are
+            journaled to ``compare.jsonl`` there as they are computed.
         callback: ``callback(done, total, name)`` after each module, in order.
         plots: write the figures with the results.
         workers: modules measured at once on the CPU, one BLAS thread each (default: torch's thread
             count); 1 runs them one by one with every thread. Results do not depend on it.
+        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options).
 
     Returns:
         :class:`CompareResult`. A module whose update is exactly zero (or entirely at the rounding level
@@ -508,6 +515,8 @@ def compare(
         >>> res = compare("lora-r8/", "lora-r64/", base="base/")   # doctest: +SKIP
     """
     config = config or CompareConfig()
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     t0 = time.perf_counter()
     device = resolve_device(config.device)
     check_device_available(device)
@@ -588,6 +597,7 @@ def compare(
             # the bases themselves are drawn by the worker (in parallel, and only for the modules in flight)
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, seed))
+    journal, done = _journaled(jobs, A, B, base_ckpt, config, out_dir, resume)
     if workers is None:
         workers = torch.get_num_threads() if device.type == "cpu" else 1
     def measure(job: _Job):
@@ -598,10 +608,15 @@ def compare(
     if loader is not None:
         loader.start()
     # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
-    n = max(1, min(workers, len(jobs)))
-    outs = imap_one_blas_thread(measure, jobs, n) if n > 1 else (measure(job) for job in jobs)
+    pending = [job for i, job in enumerate(jobs) if i not in done]
+    n = max(1, min(workers, len(pending)))
+    outs = imap_one_blas_thread(measure, pending, n) if n > 1 else (measure(job) for job in pending)
     with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
-        for done, out in enumerate(outs, start=1):
+        computed = iter(outs)
+        for i, job in enumerate(jobs):
+            out = done[i] if i in done else next(computed)
+            if journal is not None and i not in done:
+                journal.add(journal_record(i, out))
             if isinstance(out, dict):
                 result.skipped.append(out)
             else:
@@ -610,7 +625,7 @@ def compare(
                 if grids:
                     result.phi_grids[rec.name] = grids
             if callback:
-                callback(done, len(jobs), jobs[done - 1].spec.name)
+                callback(i + 1, len(jobs), job.spec.name)
     for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
         notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
         result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
@@ -619,8 +634,45 @@ def compare(
         loader.join()
     if out_dir is not None:
         save_result(result, out_dir, plots=plots)
+        journal.release()  # finished: no lock left in the folder
     return result
 
+
+def _journaled(jobs: list[_Job], A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
+               out_dir: str | Path | None, resume: bool) -> tuple[RecordJournal | None, dict[int, _Out]]:
+    """The journal of a run into ``out_dir``, started (the folder locked; an earlier compare's files
+    removed unless resuming), and with ``resume`` the measures it holds, by plan index; ``(None, {})``
+    without ``out_dir``.
+
+    Raises:
+        ConfigError: ``resume`` without a journal, or a journal of other inputs or options.
+        ResultsFormatError: a journal record compare did not write, or of a module this run does not compare.
+    """
+    if out_dir is None:
+        return None, {}
+    sides = [s.tuned if s.adapter is None else open_weights(s.adapter.path, "lora") for s in (A, B)]
+    options = {k: v for k, v in asdict(config).items() if k != "device"}  # the numbers do not depend on the device
+    fingerprint = inputs_fingerprint([c for c in (base, *sides) if c is not None], options)
+    journal = RecordJournal(Path(out_dir) / JOURNAL)
+    records = journal.start(fingerprint, resume=resume)
+    if not resume:  # an earlier compare's files here describe another run: gone before this one's first write
+        remove_earlier_outputs(Path(out_dir), "compare.json", SCHEMA, COMPARE_FILES)
+    done: dict[int, _Out] = {}
+    for line, rec in enumerate(records, start=2):
+        i, out = from_journal_record(rec, journal.path, line)
+        name = out["name"] if isinstance(out, dict) else out[0].name
+        if not 0 <= i < len(jobs) or jobs[i].spec.name != name:
+            raise ResultsFormatError(f"record {line} is of {name[:120]!r}, which this run does not compare at {i} (an edited "
+                                     "journal)", path=journal.path, hint="run without --resume into a new folder")
+        done[i] = out
+    return journal, done
+
+
+#: One module's outcome: its record and φ grids, or a skip record ``{"name", "reason"}``.
+_Out = tuple[ComparedModule, dict] | dict[str, str]
+
+#: compare's journal in its folder: one line per module as it is measured (``--resume``).
+JOURNAL = "compare.jsonl"
 
 #: What compare writes into its folder (removed first when an earlier compare wrote there).
 COMPARE_FILES = ("compare.json", "compare.csv", "captured_heatmap.png", "intruders_a.png", "intruders_b.png", "phi_grids.png",
