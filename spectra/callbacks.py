@@ -15,8 +15,13 @@ metrics ``spectra trace`` computes from checkpoints (:func:`spectra.trace.point_
   Memory: the copy plus per matrix two top-k subspaces.
 
 A run resumed from a checkpoint (``resume_from_checkpoint``) continues its trace: the records up to
-the resumed step stay, and φ to the first measurement is measured from the same first step (its
-subspaces are kept in ``out_dir/trace_first.npz``). A matrix holding NaN or inf (a diverged
+the resumed step stay; a LoRA's φ to the first measurement is measured from the same first step (its
+subspaces are kept in ``out_dir/trace_first.npz``), while a full fine-tune's ΔW is then measured from
+the resumed weights, so its φ to the first restarts; the first turn after the resume is null (the
+previous subspaces are not kept). A second ``trainer.train()`` of one callback keeps the earlier
+trace as ``trace.1.jsonl``. PiSSA, OLoRA, CorDA and LoRA-GA inits move ``s·B₀·A₀`` out of W: their
+update is ``s·(B·A − B₀·A₀)``, traced from the factors at the start (not after a resume; LoftQ not at
+all). Other PEFT tuners (LoHa, IA3, OFT, VeRA…) are refused. A matrix holding NaN or inf (a diverged
 run) is not measured; a warning in the trace says so.
 
 Each measurement appends one JSON line per matrix to ``out_dir/trace.jsonl`` (``{"kind", "step",
@@ -49,6 +54,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
+from spectra.io.adapter import BASE_CHANGING_INITS
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
@@ -78,6 +84,7 @@ class _Tracked:
     transpose: bool
     module: Any = None  # LoRA: the PEFT layer
     adapters: tuple[str, ...] = ()
+    start: tuple[torch.Tensor, torch.Tensor] | None = None  # (s·B₀, A₀) of an init that moved them out of W (PiSSA…)
     param: torch.Tensor | None = None  # full fine-tuning: the trained weight
     initial: torch.Tensor | None = None  # ... and its copy from the start
     first: Subspaces | None = None
@@ -128,7 +135,7 @@ class SpectraTracker:
         self.warnings: list[str] = []
         self._first_saved = True  # trace_first.npz holds every reference set so far
         if is_main:
-            self._discover(model)
+            self._discover(model, int(resume_step))
             if self.path is not None and resume_step > 0 and self.path.is_file():
                 self._resume(int(resume_step))
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
@@ -150,8 +157,13 @@ class SpectraTracker:
     def _resume(self, step: int) -> None:
         """Continue the trace of a run resumed from its checkpoint at ``step``: keep the records up to
         ``step``, drop the later ones (the interrupted run measured them after the checkpoint; they are
-        measured again), reload the first subspaces and take the previous ones from the weights now."""
-        kept, dropped = [], 0
+        measured again), and reload the first subspaces of the matrices whose first measurement was kept
+        (a LoRA's: its update is s·B·A whatever the resume; a full fine-tune's ΔW is measured from the
+        resumed weights, another update, so its φ to the first restarts). The previous measurement's
+        subspaces are not kept on disk: a LoRA measured at ``step`` itself takes them from its factors
+        now (the checkpoint's, the same update); otherwise the first turn_prev after the resume is null,
+        not a turn from the checkpoint's weights, which no record holds."""
+        kept, dropped, measured, at_step = [], 0, set(), set()
         for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
@@ -162,17 +174,25 @@ class SpectraTracker:
             if isinstance(at, int) and at > step:
                 dropped += 1
                 continue
+            if isinstance(rec, dict) and isinstance(rec.get("matrix"), dict):
+                measured.add(rec["matrix"].get("name"))
+                if at == step:
+                    at_step.add(rec["matrix"].get("name"))
             kept.append(line + "\n")
         atomic_write_text(self.path, "".join(kept))
-        refs = _load_first(self.first_path)
+        refs = _load_first(self.first_path) if self.kind == "lora" else {}
         for tr in self.matrices:
-            tr.first = refs.get(tr.name)
-            top = self._now(tr)[1] if tr.module is not None else None  # full: ΔW from here is zero
+            tr.first = refs.get(tr.name) if tr.name in measured else None
+            top = self._now(tr)[1] if tr.module is not None and tr.name in at_step else None
             tr.prev = Subspaces.of(top) if top is not None else None  # None too for factors holding NaN/Inf
+        self._first_saved = not any(tr.first is None for tr in self.matrices)
         self.warn(f"training resumed at step {step}: the trace continues from there"
                   + (f" ({dropped} records measured after step {step} by the interrupted run were dropped)" if dropped else "")
-                  + ("" if refs else f"; no {FIRST_FILE}, so turn_first after the resume is measured from the first "
-                                     "measurement after it"))
+                  + ("" if self.kind == "lora" and at_step else
+                     f"; turn_prev at the first measurement after it is null (step {step} was not measured)")
+                  + ("" if self.kind == "lora" and refs else
+                     "; turn_first after it is measured from the first measurement after it"
+                     + ("" if self.kind == "full" else f" (no {FIRST_FILE})")))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -195,8 +215,9 @@ class SpectraTracker:
         return "lora" if any(t.module is not None for t in self.matrices) else "full"
 
     # ---- discovery --------------------------------------------------------------------------------
-    def _discover(self, model: torch.nn.Module) -> None:
+    def _discover(self, model: torch.nn.Module, resume_step: int) -> None:
         keep = selector(self.config.include, self.config.exclude, self.config.layers)
+        inits = _peft_inits(model)
         lora = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")]
         found: list[tuple[str, tuple[int, ...], dict[str, Any]]] = []
         if lora:
@@ -204,27 +225,43 @@ class SpectraTracker:
                 base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else getattr(mod, "base_layer", None)
                 weight = getattr(base, "weight", None)
                 active = tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
-                name = mod_name.removeprefix(_PEFT_PREFIX) + ".weight"
+                name = _stored_name(mod_name).removeprefix(_PEFT_PREFIX) + ".weight"
                 if weight is None or weight.ndim != 2 or not active:
                     continue
                 if any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
                     self.skipped.append({"name": name, "reason": "DoRA: its update depends on the base weight; not traced"})
                     continue
+                moved = [inits[a] for a in active if inits.get(a)]
+                # PiSSA, OLoRA, CorDA, LoRA-GA subtract s·B₀·A₀ from W: the update is s·(B·A − B₀·A₀), exact from the
+                # factors at the start; LoftQ replaces W by a quantised residual (no exact update), and a resumed run
+                # no longer knows B₀, A₀
+                if moved and (resume_step > 0 or "loftq" in moved or len(active) > 1):
+                    why = ("LoftQ replaces the base weight by a quantised residual" if "loftq" in moved else
+                           "the run resumed, so the factors it started from (s·B₀·A₀, moved out of W) are unknown"
+                           if resume_step > 0 else "several adapters, one with a base-changing init")
+                    self.skipped.append({"name": name, "reason": f"initialised with {moved[0]}: {why}; not traced"})
+                    continue
                 if any(a in mod.lora_A and mod.lora_A[a].weight.ndim != 2 for a in active):
                     self.skipped.append({"name": name, "reason": "convolution LoRA: not a matrix"})
                     continue
-                B, A, _ = _factors(mod, active[0])
+                B, A, scale = _factors(mod, active[0])
                 out_in = (int(B.shape[0]), int(A.shape[1]))  # ΔW's (out, in) as the factors give it
                 # a quantised base (QLoRA's packed 4-bit weight) has another shape: no relative norm then
                 dense_base = weight.is_floating_point() and tuple(weight.shape) in (out_in, out_in[::-1])
+                start = (scale * B.double(), A.double()) if moved else None  # copies: training changes B and A in place
                 found.append((name, tuple(weight.shape) if dense_base else out_in,
-                              {"module": mod, "adapters": active, "weight": weight if dense_base else None, "out_in": out_in}))
-            self.skipped += [{"name": n, "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
+                              {"module": mod, "adapters": active, "weight": weight if dense_base else None, "out_in": out_in,
+                               "start": start}))
+            self.skipped += [{"name": _stored_name(n), "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
                              for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and "lora_" not in n]
+        elif tuners := sorted({t for t in _peft_types(model) if t != "LORA"}):
+            raise ConfigError(f"the model holds PEFT {', '.join(tuners)} adapters: the tracker traces LoRA updates (s·B·A) and "
+                              "full fine-tuning, and reading these factors as weights would give wrong numbers",
+                              hint="trace a LoRA or a full fine-tune")
         else:
             for name, p in model.named_parameters():
                 if p.ndim == 2 and p.requires_grad and p.is_floating_point():
-                    found.append((name, tuple(p.shape), {"param": p}))
+                    found.append((_stored_name(name), tuple(p.shape), {"param": p}))
         if any(len(s) != 2 or 0 in s for _, s, _ in found):
             raise ConfigError("some trained weights are empty or not 2-D on this process (sharded by FSDP or ZeRO-3?)",
                               hint="trace from saved checkpoints with `spectra trace` instead")
@@ -241,12 +278,26 @@ class SpectraTracker:
                 base_fro = float(torch.linalg.vector_norm(init.double()))
                 self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, param=p, initial=init))
             else:
-                mod = parts["module"]
+                mod, start = parts["module"], parts["start"]
                 r = sum(_factors(mod, a)[0].shape[1] for a in parts["adapters"])
                 w = parts["weight"]
-                base_fro = float(torch.linalg.vector_norm(w.detach().double())) if w is not None else None
+                base_fro = None
+                if w is not None:  # the base the update is of: W, or W + s·B₀·A₀ where the init moved that out of W
+                    w64 = w.detach().double()
+                    w64 = w64.mT if getattr(mod, "fan_in_fan_out", False) or tuple(w64.shape) != out_in else w64
+                    sq = float(torch.sum(w64 * w64))
+                    if start is not None:
+                        sB0, A0 = (t.to(w64.device) for t in start)
+                        sq += 2.0 * float(torch.trace(sB0.mT @ w64 @ A0.mT)) + float(torch.sum((sB0.mT @ sB0) * (A0 @ A0.mT)))
+                    base_fro = max(sq, 0.0) ** 0.5
                 self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro, r), False,
-                                              module=mod, adapters=parts["adapters"]))
+                                              module=mod, adapters=parts["adapters"], start=start))
+        if not self.matrices:
+            said = "; ".join(f"{x['name']}: {x['reason']}" for x in self.skipped[:2])
+            raise ConfigError("the tracker found no matrix to trace" + (f" ({said})" if said else
+                              " (no trained 2-D weight, or none that include/exclude/layers keep)"),
+                              hint="check the filters against the weight names as a checkpoint stores them "
+                                   "(model.layers.0.self_attn.q_proj.weight), or that the model has trainable weights")
 
     # ---- measuring ----------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module | None, step: int, *, loss: float | None = None) -> dict[str, float] | None:
@@ -277,6 +328,10 @@ class SpectraTracker:
             factors = [_factors(tr.module, a) for a in tr.adapters]
             B = torch.cat([s * b for b, _, s in factors], dim=1)
             A = torch.cat([a for _, a, _ in factors], dim=0)
+            if tr.start is not None:  # s·B·A − s·B₀·A₀ as one factored product [s·B, −s·B₀]·[A; A₀]
+                sB0, A0 = tr.start
+                B = torch.cat([B.double(), -sB0.to(B.device)], dim=1)
+                A = torch.cat([A.double(), A0.to(A.device)], dim=0)
             if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
                 return None, None
             f = Factored.from_lora(B, A, 1.0)
@@ -346,6 +401,48 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _set_aside(out: Path) -> str | None:
+    """Rename ``trace.jsonl`` (and ``trace_first.npz``) in ``out`` to the first free ``trace.N.jsonl``
+    (``trace_first.N.npz``); the new name, or None when there was no trace."""
+    trace = out / "trace.jsonl"
+    if not trace.is_file():
+        return None
+    n = 1
+    while (out / f"trace.{n}.jsonl").exists():
+        n += 1
+    trace.rename(out / f"trace.{n}.jsonl")
+    if (out / FIRST_FILE).is_file():
+        (out / FIRST_FILE).rename(out / f"trace_first.{n}.npz")
+    return f"trace.{n}.jsonl"
+
+
+def _stored_name(name: str) -> str:
+    """A parameter's name as a checkpoint stores it: without torch.compile's ``_orig_mod.`` wrapper segments."""
+    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+
+
+def _peft_configs(model: torch.nn.Module) -> dict[str, Any]:
+    """``peft_config`` of a PEFT model (also under torch.compile's wrapper), adapter name -> its config; {} otherwise."""
+    configs = getattr(model, "peft_config", None) or getattr(getattr(model, "_orig_mod", None), "peft_config", None)
+    return configs if isinstance(configs, dict) else {}
+
+
+def _peft_types(model: torch.nn.Module) -> set[str]:
+    """The PEFT tuner types of a model's adapters (``"LORA"``, ``"LOHA"``, ``"IA3"``…)."""
+    return {str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", ""))).upper() for c in _peft_configs(model).values()}
+
+
+def _peft_inits(model: torch.nn.Module) -> dict[str, str]:
+    """Adapter name -> the base-changing ``init_lora_weights`` it was made with
+    (:data:`spectra.io.adapter.BASE_CHANGING_INITS`: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); others absent."""
+    out = {}
+    for name, c in _peft_configs(model).items():
+        init = str(getattr(c, "init_lora_weights", "")).lower()
+        if m := next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None):
+            out[name] = m
+    return out
 
 
 def _load_first(path: Path) -> dict[str, Subspaces]:
@@ -422,9 +519,14 @@ class _CallbackHooks:
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # resume_from_checkpoint: the Trainer has restored global_step; the trace up to it is kept and continued
-        self.tracker = SpectraTracker(model, every=self.every, out_dir=self.out_dir or args.output_dir,
-                                      config=self.config, initial=self.initial, is_main=state.is_world_process_zero,
-                                      resume_step=state.global_step)
+        out = Path(self.out_dir or args.output_dir)
+        # a second trainer.train() of this callback (a curriculum's next phase) starts a trace of its own: the
+        # earlier one is kept beside it, not overwritten
+        earlier = _set_aside(out) if self.tracker is not None and state.global_step == 0 and state.is_world_process_zero else None
+        self.tracker = SpectraTracker(model, every=self.every, out_dir=out, config=self.config, initial=self.initial,
+                                      is_main=state.is_world_process_zero, resume_step=state.global_step)
+        if earlier:
+            self.tracker.warn(f"a new training began with this callback: the earlier training's trace is kept as {earlier}")
         if state.global_step > 0 and self.tracker.kind == "full" and state.is_world_process_zero:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
                               "with, not from the base")

@@ -258,7 +258,7 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     heads = [tspecs[n] for n in tspecs if n not in matched_t and tspecs[n].role == "head"]
     if len(heads) != 1 or any(sp.role == "head" for sp in bspecs.values()):
         return None
-    if (base.config or {}).get("tie_word_embeddings") is False:
+    if (base.config or {}).get("tie_word_embeddings") is False or _tie_unknown(base, tuned):
         return None
     embeds = [sp for sp in bspecs.values() if sp.role == "embed" and sp.layer is None]
     if len(embeds) != 1 or embeds[0].name not in matched_b:  # the tuned side has the embedding too
@@ -268,6 +268,42 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
             or ti.dtype not in FLOAT_DTYPES:
         return None
     return embeds[0], heads[0]
+
+
+def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """Where layer matrices of tuned are stored as exact transposes of the base's (``flipped``: name, base
+    and tuned shapes; (32, 96) against (96, 32)) and no non-square layer matrix pairs as stored, tuned was
+    saved in the other layout (GPT-2's Conv1D weights re-saved as nn.Linear by a conversion script, its
+    config unchanged): its square layer matrices cannot show it, and paired as stored they would give
+    Wᵀ − W. They move to ``skipped`` with why. In place."""
+    layer = [p for p in result.pairs if p.tuned.layer is not None and len(p.base_info.shape) == 2]
+    if not flipped or any(p.base_info.shape[0] != p.base_info.shape[1] for p in layer):
+        return
+    square = [p for p in layer if p.base_info.shape[0] == p.base_info.shape[1]]
+    name, b, t = flipped[0]
+    why = (f"square, while the other layer matrices of tuned are stored transposed against the base (e.g. {name}: base "
+           f"{b} vs tuned {t}): tuned was saved in another layout, which a square matrix cannot show, so its rows "
+           "cannot be lined up with the base's")
+    result.skipped += [Skipped(p.tuned.name, why) for p in square]
+    result.pairs[:] = [p for p in result.pairs if p not in square]
+
+
+def _tie_unknown(base: Checkpoint, tuned: Checkpoint) -> bool:
+    """Whether nothing says that a base storing no head ties it to its embedding while the tuned config says
+    its own is untied: the base may as well be a backbone without a head (a ``LlamaModel`` saved as one
+    file), and the tuned head minus the base embedding would be no update at all."""
+    return "tie_word_embeddings" not in (base.config or {}) and (tuned.config or {}).get("tie_word_embeddings") is False
+
+
+def _head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: dict[str, MatrixSpec], base: Checkpoint,
+                           tuned: Checkpoint) -> str | None:
+    """The note for a tuned head left unpaired by :func:`_tie_unknown`."""
+    heads = [n for n in tuned_only if n in tspecs and tspecs[n].role == "head" and tspecs[n].layer is None]
+    if len(heads) != 1 or not _tie_unknown(base, tuned) or any(sp.role == "head" for sp in base.specs.values()):
+        return None
+    return (f"{PAIRING_NOTE_PREFIX}the base stores no output head and no config.json of it says whether it ties the head to its embedding "
+            f"(the tuned config says tie_word_embeddings: false): {heads[0]} is not compared; if the base ties them, "
+            "give the base's folder with its config.json")
 
 
 def drop_tied_heads(pairing: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
@@ -435,6 +471,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     result = Pairing(notes=read_notes((base, None if single else tuned)))
     matched_b: set[str] = set()
     matched_t: set[str] = set()
+    flipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # layer matrices stored transposed on one side
     for bn, tn in _match_names(list(base.tensors), list(tuned.tensors)):
         matched_b.add(bn)
         matched_t.add(tn)
@@ -492,6 +529,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                              f"the {rows} leading rows both have are analysed")
                 note = "; ".join(x for x in (note, rows_note) if x)
             else:
+                if len(bshape) == 2 and bshape == tshape[::-1] and ts.layer is not None:
+                    flipped.append((tn, tuple(bi.shape), tuple(ti.shape)))
                 result.skipped.append(Skipped(tn, f"shape mismatch: base {tuple(bi.shape)} vs tuned {tuple(ti.shape)}"
                                               + ("" if vocab or len(bshape) != 2 or bshape[-1] != tshape[-1] else
                                                  " (only embedding and output-head rows are paired across a resize)")))
@@ -514,6 +553,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
                                        f"the base ties its output head to {bs.name} (it stores no {ts.name}): "
                                        "the tuned head is compared with that embedding"))
+    if not single:
+        _square_beside_transposes(result, flipped)
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
     if not single:
@@ -521,6 +562,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         _refuse_unmerged_peft(base, result.base_only, result.tuned_only, "base")
     for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
                  _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
+                 _head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
                  _spelling_differs(result.base_only, result.tuned_only, base, tuned)):
         if note:
             result.notes.append(note)

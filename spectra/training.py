@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -174,13 +175,25 @@ def _loss(model, ids: torch.Tensor, labels: torch.Tensor, device: torch.device, 
 
 
 @torch.no_grad()
-def _evaluate(model, blocks: tuple[torch.Tensor, torch.Tensor], batches: int, batch: int, device, autocast) -> float:
+def held_out_loss(model, blocks: tuple[torch.Tensor, torch.Tensor], batches: int, batch: int, device: torch.device,
+                  autocast: bool) -> float:
+    """Mean next-token cross-entropy (nats per token) of ``model`` over the first ``batches × batch``
+    blocks: ``blocks`` is ``(ids, labels)``, each ``(n, seq_len)`` int64 (labels -100 where not scored);
+    the mean over every scored token, so a last, partial batch weighs as its tokens do. NaN when no
+    token is scored. The model is left in training mode."""
     model.eval()
     ids, labels = blocks
     n = min(len(ids), batches * batch)
-    losses = [float(_loss(model, ids[i : i + batch], labels[i : i + batch], device, autocast)) for i in range(0, n, batch)]
+    total = count = 0.0
+    for i in range(0, n, batch):
+        # a batch's loss is the mean over its predicted tokens (labels shifted by one, -100 left out): weighted by
+        # their count, so that a last, partial batch weighs as its tokens do (the mean over every held-out token)
+        tokens = float((labels[i : i + batch, 1:] != -100).sum())
+        if tokens:
+            total += float(_loss(model, ids[i : i + batch], labels[i : i + batch], device, autocast)) * tokens
+            count += tokens
     model.train()
-    return sum(losses) / len(losses)
+    return total / count if count else math.nan
 
 
 #: A --data text file is read as far as a pool of this many times the blocks a run draws (steps × batch),
@@ -247,7 +260,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     n_hold = max(1, int(len(perm) * config.holdout))
     held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
     blocks = (target[0][perm[n_hold:]], target[1][perm[n_hold:]])
-    # only the first eval_batches × batch blocks of the source are ever scored (_evaluate): read as far as they need
+    # only the first eval_batches × batch blocks of the source are ever scored (held_out_loss): read as far as they need
     source = (leading_blocks(config.eval_source, tok, config.seq_len, config.eval_batches * config.batch)[:2]
               if config.eval_source else None)
     if source is not None:
@@ -352,8 +365,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
 
     def record(step: int, train_loss: float | None) -> dict:
         rec = {"step": step, "train_loss": train_loss,
-               "target_loss": _evaluate(model, held, config.eval_batches, config.batch, device, autocast),
-               "source_loss": _evaluate(model, source, config.eval_batches, config.batch, device, autocast) if source else None,
+               "target_loss": held_out_loss(model, held, config.eval_batches, config.batch, device, autocast),
+               "source_loss": held_out_loss(model, source, config.eval_batches, config.batch, device, autocast) if source else None,
                "lr": sched.get_last_lr()[0], "tokens": tokens, "seconds": time.perf_counter() - t0}
         log.write(json.dumps(finite_or_null(rec)) + "\n")  # JSON has no NaN: an undefined loss is null
         log.flush()
@@ -362,7 +375,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
             hint = "lower --lr" if step else "the base model's loss is not finite on this data"
             if not step and targets is not None:  # B = 0: the adapter adds nothing unless its scale overflows
                 with model.disable_adapter():
-                    if math.isfinite(_evaluate(model, held if bad == "target_loss" else source, config.eval_batches, config.batch,
+                    if math.isfinite(held_out_loss(model, held if bad == "target_loss" else source, config.eval_batches, config.batch,
                                                device, autocast)):
                         hint = (f"the LoRA scale ({config.resolved_alpha:g} / {'√' if config.rslora else ''}r) overflows "
                                 "in the adapter's forward pass; the base model's loss is finite: lower --alpha")
@@ -458,6 +471,22 @@ def clear_sweep_outputs(root: Path) -> None:
             d.rmdir()  # only when nothing else is in it
 
 
+def _refuse_inputs_in_sweep_folders(root: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse ``--force`` when an input lies in a folder of ``root`` that :func:`clear_sweep_outputs`
+    clears or a run writes (``full``, ``lora<r>``…, ``analysis``): re-sweeping from an earlier sweep's
+    full run (``--base runs/full --out runs``) deleted that model before any run could refuse it."""
+    folders = [d for d in root.iterdir() if (RUN_NAME.fullmatch(d.name) or d.name == "analysis") and d.is_dir()]
+    for option, src in inputs.items():
+        if src is None:
+            continue
+        where = Path(os.path.realpath(src))
+        for d in folders:
+            real = Path(os.path.realpath(d))
+            if where == real or real in where.parents:
+                raise ConfigError(f"{option} {src} lies in {d}, a folder of an earlier sweep that --force would clear",
+                                  path=root, hint=f"move {src} out of {root}, or choose another --out")
+
+
 def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int], seeds: list[int] | None = None,
           eval_source: str | None = None, callback: Callable[[str, dict], None] | None = None, force: bool = False,
           **train_kwargs) -> dict:
@@ -497,6 +526,7 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     pairs: list[tuple[str, str]] = []
     with folder_lock(root):
         if force:
+            _refuse_inputs_in_sweep_folders(root, {"--base": base, "--data": data, "--eval-source": eval_source})
             clear_sweep_outputs(root)
         for seed in seeds:
             suffix = f"_seed{seed}" if len(seeds) > 1 else ""
@@ -525,5 +555,5 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
 
 
 __all__ = ["ALL_LINEAR", "HOLDOUT_SEED", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer", "TrainConfig",
-           "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "load_tokenizer", "read_examples",
+           "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_loss", "load_tokenizer", "read_examples",
            "sweep", "token_blocks", "train"]

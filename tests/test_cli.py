@@ -308,7 +308,7 @@ def test_cli_import_pauses_the_collector_only_while_loading():
 @pytest.mark.parametrize("args, said", [
     (["diff", "B", "T", "--out", "D"], "stopped before any result was written to D: run the command again (without --resume)"),
     (["extract", "B", "T", "-r", "4", "--out", "D"], "stopped before any result was written to D"),
-    (["compare", "A", "B", "--out", "C"], "compare writes C when it finishes: nothing was kept; run the command again"),
+    (["compare", "A", "B", "--out", "C"], "stopped before any result was written to C"),  # journaled: --resume
     (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "interfere writes C when it finishes: nothing was kept"),
     (["diff", "B", "T"], "nothing was written (no --out)"),
     (["compare", "A", "B"], "nothing was written (no --out)"),
@@ -346,15 +346,15 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
 
 
 def test_the_stop_message_names_results_a_command_without_resume_already_wrote(tmp_path):
-    """A stop while compare drew its figures said "nothing was kept" beside a finished compare.json."""
+    """A stop while interfere drew its figures said "nothing was kept" beside a finished interfere.json."""
     import time
 
     from spectra_cli.main import kept_on_stop, main
 
-    ctx = main.make_context("spectra", ["compare", "A", "B", "--out", str(tmp_path)])
+    ctx = main.make_context("spectra", ["interfere", "T1", "T2", "--base", "B", "--out", str(tmp_path)])
     since = time.time() - 1
     assert "nothing was kept" in kept_on_stop(main, ctx, since=since)
-    (tmp_path / "compare.json").write_text("{}")
+    (tmp_path / "interfere.json").write_text("{}")
     said = kept_on_stop(main, ctx, since=since)
-    assert said.startswith(f"compare.json in {tmp_path} were written before the stop"), said
+    assert said.startswith(f"interfere.json in {tmp_path} were written before the stop"), said
     assert "nothing was kept" in kept_on_stop(main, ctx, since=time.time() + 60)  # an older file is not this run's
