@@ -32,8 +32,9 @@ from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar,
 @click.option("--json", "as_json", is_flag=True, help="Print interfere.json to stdout instead of the tables.")
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, device, dense_memory, as_json, no_plots,
-                  report) -> None:
+                  report, resume) -> None:
     """Interference between fine-tunes T1 T2 … Tn of BASE (PEFT LoRA adapters or full checkpoints).
 
     Per matrix every task updates: for each pair, the cosine of the flattened updates, φ of their
@@ -47,6 +48,8 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         raise click.UsageError("give two or more fine-tunes: spectra interfere --base BASE T1 T2 [T3 ...]")
     if report and not out_dir:
         raise click.UsageError("--report writes OUT/report.html: give --out DIR as well")
+    if resume and not out_dir:
+        raise click.UsageError("--resume finishes the run journaled in --out DIR: give --out DIR as well")
     from spectra.io.files import folder_lock
 
     # the whole command, results and --report alike: a second run into the same folder is refused at its start
@@ -64,7 +67,8 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         progress.update(task_id, completed=done, current=name[-60:])
 
     with progress:
-        result = interfere(base, list(tuned), config=config, out_dir=out_dir, callback=on_module, plots=not no_plots)
+        result = interfere(base, list(tuned), config=config, out_dir=out_dir, callback=on_module, plots=not no_plots,
+                           resume=resume)
     doc = result.to_dict()
     if as_json:
         click.echo(json.dumps(doc, indent=1, ensure_ascii=False))

@@ -155,11 +155,9 @@ def _journaled(out: Path) -> bool:
 def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = None) -> str:
     """What a stop leaves of the command ``ctx``'s arguments name, in words: the journal of a command that
     can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
-    The subcommand's options are read with click's resilient parsing (no errors, no callbacks). With
-    ``since`` (the command's start, ``time.time()``), results a command without ``--resume`` wrote
-    into ``--out`` after it (a stop while figures are drawn) are named as kept. A command with a
-    ``stop_note(params, since) -> str`` attribute (``spectra train``, ``sweep``: partial logs, finished
-    runs) words it itself."""
+    The subcommand's options are read with click's resilient parsing (no errors, no callbacks). A
+    command with a ``stop_note(params, since) -> str`` attribute (``spectra train``, ``sweep``: partial
+    logs, finished runs; ``since`` is the command's start, ``time.time()``) words it itself."""
     try:
         name, cmd, rest = group.resolve_command(ctx, list(ctx.meta.get("spectra.args", ())))
         if cmd is None:
@@ -177,12 +175,7 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
             return f"stopped before any result was written to {out}: run the command again (without --resume)"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")
-    if out:
-        from spectra.report import RESULT_FILES
-
-        written = [f for f in RESULT_FILES if since is not None and (Path(out) / f).is_file() and (Path(out) / f).stat().st_mtime >= since]
-        if written:
-            return f"{', '.join(written)} in {out} were written before the stop; figures or the report may be missing"
+    if out:  # a command that writes --out only as it finishes (every one that writes results journals them now)
         return f"{name} writes {out} when it finishes: nothing was kept; run the command again"
     return "nothing was written (no --out)" if "out_dir" in params else ""
 

@@ -34,7 +34,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_device_available, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.errors import CheckpointFormatError, ConfigError, PairingError
+from spectra.errors import CheckpointFormatError, ConfigError, PairingError, ResultsFormatError
 from spectra.interference import (
     accumulation,
     captured_two_sided,
@@ -51,6 +51,7 @@ from spectra.interference import (
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
+from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
@@ -60,6 +61,7 @@ from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut
+from spectra.trace_inputs import open_weights
 
 SCHEMA = "spectra.interfere/1"
 
@@ -440,6 +442,7 @@ def interfere(
     out_dir: str | Path | None = None,
     callback: Callable[[int, int, str], None] | None = None,
     plots: bool = True,
+    resume: bool = False,
 ) -> InterfereResult:
     """Interference between n fine-tunes of one base, per matrix (see the module docstring).
 
@@ -447,9 +450,11 @@ def interfere(
         base: the base checkpoint every task was tuned from.
         tuned_list: n >= 2 PEFT LoRA adapter folders or full checkpoints (mixing is allowed).
         config: options (:class:`InterfereConfig`).
-        out_dir: where ``interfere.json``, ``interfere.csv`` and the heatmaps go.
+        out_dir: where ``interfere.json``, ``interfere.csv`` and the heatmaps go; each matrix's measures
+            are journaled to ``interfere.jsonl`` there as they are computed.
         callback: ``callback(done, total, name)`` after each matrix.
         plots: write the heatmaps into ``out_dir``.
+        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options).
 
     Returns:
         :class:`InterfereResult`. Each module record holds ``ranks`` (triplets used per task),
@@ -471,6 +476,8 @@ def interfere(
         >>> res.summary["cosine"]                                                   # doctest: +SKIP
     """
     config = config or InterfereConfig()
+    if resume and out_dir is None:
+        raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     t0 = time.perf_counter()
     labels = [str(t) for t in tuned_list]
     if len(labels) < 2:
@@ -518,13 +525,23 @@ def interfere(
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
     if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
         result.warnings.append(w)
-    for done, (name, spec) in enumerate(todo, start=1):
-        try:
-            result.modules.append(measure_module(name, spec, tasks, base_ckpt, config, device))
-        except _SkipModule as exc:
-            result.skipped.append({"name": name, "reason": str(exc)})
+    journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume)
+    for i, (name, spec) in enumerate(todo):
+        if i in done:
+            rec = done[i]
+        else:
+            try:
+                rec = {"module": measure_module(name, spec, tasks, base_ckpt, config, device)}
+            except _SkipModule as exc:
+                rec = {"skipped": {"name": name, "reason": str(exc)}}
+            if journal is not None:
+                journal.add({"i": i, **rec})
+        if "module" in rec:
+            result.modules.append(rec["module"])
+        else:
+            result.skipped.append(rec["skipped"])
         if callback:
-            callback(done, len(todo), name)
+            callback(i + 1, len(todo), name)
     result.summary = summarise(result.modules)
     for i, t in enumerate(tasks):
         rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
@@ -545,4 +562,48 @@ def interfere(
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
         result.save(out_dir, plots=plots)
+        journal.release()  # finished: no lock left in the folder
     return result
+
+
+#: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).
+JOURNAL = "interfere.jsonl"
+#: The keys of a module record that the summary and the outputs read, and their shapes: per task (n) or n × n.
+_PER_TASK, _PER_PAIR = ("ranks", "fro", "rel_norm"), ("cosine", "phi", "captured")
+
+
+def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Checkpoint, config: InterfereConfig,
+               out_dir: str | Path | None, resume: bool) -> tuple[RecordJournal | None, dict[int, dict[str, Any]]]:
+    """The journal of a run into ``out_dir``, started (the folder locked; an earlier interfere's files
+    removed unless resuming), and with ``resume`` the records it holds by plan index (``{"module": …}`` or
+    ``{"skipped": …}``); ``(None, {})`` without ``out_dir``.
+
+    Raises:
+        ConfigError: ``resume`` without a journal, or a journal of other inputs or options.
+        ResultsFormatError: a record interfere did not write, or of a matrix this run does not measure at its place.
+    """
+    if out_dir is None:
+        return None, {}
+    weights = [t.ckpt if t.adapter is None else open_weights(t.adapter.path, "lora") for t in tasks]
+    options = {k: v for k, v in asdict(config).items() if k not in ("device", "max_dense_bytes")}  # neither moves a number
+    journal = RecordJournal(Path(out_dir) / JOURNAL)
+    records = journal.start(inputs_fingerprint([base, *weights], {**options, "tasks": [t.label for t in tasks]}), resume=resume)
+    if not resume:  # an earlier interfere's files here describe another run: gone before this one's first write
+        remove_earlier_outputs(Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
+    n, done = len(tasks), {}
+    for line, rec in enumerate(records, start=2):
+        body = rec.get("module", rec.get("skipped")) if isinstance(rec, dict) else None
+        i = rec.get("i") if isinstance(rec, dict) else None
+        ok = (isinstance(body, dict) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(todo)
+              and body.get("name") == todo[i][0])
+        if ok and "module" in rec:
+            ok = (all(isinstance(body.get(k), list) and len(body[k]) == n for k in _PER_TASK + _PER_PAIR)
+                  and all(isinstance(row, list) and len(row) == n for k in _PER_PAIR for row in body[k])
+                  and all(isinstance(body.get(k), dict) for k in ("tsv", "knots", "sum")))
+        elif ok:
+            ok = isinstance(body.get("reason"), str)
+        if not ok:
+            raise ResultsFormatError(f"record {line} is not one this run wrote for its matrix at that place (an edited "
+                                     "journal, or another run's)", path=journal.path, hint="run without --resume into a new folder")
+        done[i] = {"module" if "module" in rec else "skipped": body}
+    return journal, done

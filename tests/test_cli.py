@@ -309,7 +309,7 @@ def test_cli_import_pauses_the_collector_only_while_loading():
     (["diff", "B", "T", "--out", "D"], "stopped before any result was written to D: run the command again (without --resume)"),
     (["extract", "B", "T", "-r", "4", "--out", "D"], "stopped before any result was written to D"),
     (["compare", "A", "B", "--out", "C"], "stopped before any result was written to C"),  # journaled: --resume
-    (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "interfere writes C when it finishes: nothing was kept"),
+    (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "stopped before any result was written to C"),
     (["diff", "B", "T"], "nothing was written (no --out)"),
     (["compare", "A", "B"], "nothing was written (no --out)"),
     (["inspect", "B"], ""),
@@ -343,18 +343,3 @@ def test_ctrl_c_while_the_command_starts_is_one_line():
         pytest.skip("the command finished before the signal arrived")
     assert proc.returncode in (130, -signal.SIGINT), err  # -SIGINT: before Python installed its handler
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-
-
-def test_the_stop_message_names_results_a_command_without_resume_already_wrote(tmp_path):
-    """A stop while interfere drew its figures said "nothing was kept" beside a finished interfere.json."""
-    import time
-
-    from spectra_cli.main import kept_on_stop, main
-
-    ctx = main.make_context("spectra", ["interfere", "T1", "T2", "--base", "B", "--out", str(tmp_path)])
-    since = time.time() - 1
-    assert "nothing was kept" in kept_on_stop(main, ctx, since=since)
-    (tmp_path / "interfere.json").write_text("{}")
-    said = kept_on_stop(main, ctx, since=since)
-    assert said.startswith(f"interfere.json in {tmp_path} were written before the stop"), said
-    assert "nothing was kept" in kept_on_stop(main, ctx, since=time.time() + 60)  # an older file is not this run's

@@ -209,8 +209,8 @@ def test_commands_clear_their_earlier_outputs(tmp_path, monkeypatch):
         stale.write_text("an earlier run's report")
         run(o)
         assert not stale.exists(), name
-    # compare clears as its journal starts and again as it saves (save_result is public: a result saved alone)
-    assert seen == ["compare.json"] * 4 + ["interfere.json", "interfere.json", "esd.json", "esd.json"]
+    # compare and interfere clear as their journal starts and again as they save (saving is public: a result saved alone)
+    assert seen == ["compare.json"] * 4 + ["interfere.json"] * 4 + ["esd.json", "esd.json"]
 
 
 def test_an_output_folder_removed_mid_run_is_not_sent_to_resume(tmp_path):

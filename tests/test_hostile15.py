@@ -323,3 +323,34 @@ def test_compare_resume_refusals(tmp_path):
     journal.write_text("\n".join([lines[0], lines[1].replace('{"i": 0,', '{"i": 1,', 1), *lines[2:]]) + "\n")  # another index
     res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
     assert res.exit_code == 1 and "record 2" in res.output and "an edited journal" in res.output
+
+
+def test_a_stopped_interfere_resumes_from_its_journal_to_the_same_numbers(tmp_path):
+    """interfere kept nothing when stopped, like compare: now each matrix is journaled and --resume finishes."""
+    import json
+
+    from spectra.interfere import InterfereConfig
+
+    base, a, b = _compare_trio(tmp_path)
+    cfg = InterfereConfig(top_k=3)
+    interfere(base, [a, b], config=cfg, out_dir=tmp_path / "whole", plots=False)
+
+    def stop_at_2(done, total, name):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        interfere(base, [a, b], config=cfg, out_dir=tmp_path / "cut", plots=False, callback=stop_at_2)
+    assert len((tmp_path / "cut" / "interfere.jsonl").read_text().splitlines()) == 1 + 2
+    interfere(base, [a, b], config=cfg, out_dir=tmp_path / "cut", plots=False, resume=True)
+    one, two = (json.loads((tmp_path / d / "interfere.json").read_text()) for d in ("whole", "cut"))
+    for doc in (one, two):
+        doc.pop("elapsed_s")
+    assert one == two
+    with pytest.raises(ConfigError, match="different inputs or options"):  # the tasks in another order
+        interfere(base, [b, a], config=cfg, out_dir=tmp_path / "cut", plots=False, resume=True)
+    journal = tmp_path / "cut" / "interfere.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([lines[0], lines[1].replace('"cosine"', '"cosin"', 1), *lines[2:]]) + "\n")
+    res = _run("interfere", "--base", base, a, b, "--top-k", "3", "--out", str(tmp_path / "cut"), "--resume", "--no-plots")
+    assert res.exit_code == 1 and "record 2 is not one this run wrote" in res.output, res.output
