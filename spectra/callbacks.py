@@ -15,10 +15,11 @@ metrics ``spectra trace`` computes from checkpoints (:func:`spectra.trace.point_
   Memory: the copy plus per matrix two top-k subspaces.
 
 A run resumed from a checkpoint (``resume_from_checkpoint``) continues its trace: the records up to
-the resumed step stay; a LoRA's φ to the first measurement is measured from the same first step (its
-subspaces are kept in ``out_dir/trace_first.npz``), while a full fine-tune's ΔW is then measured from
-the resumed weights, so its φ to the first restarts; the first turn after the resume is null (the
-previous subspaces are not kept). A second ``trainer.train()`` of one callback keeps the earlier
+the resumed step stay; a full fine-tune's base is read again from the folder the model was loaded
+from (``name_or_path``; without one, ΔW is measured from the resumed weights and its φ to the first
+restarts, as a warning says); φ to the first measurement is measured from the same first step (its
+subspaces are kept in ``out_dir/trace_first.npz``); the first turn after a resume at an unmeasured
+step is null (the previous subspaces are not kept). A second ``trainer.train()`` of one callback keeps the earlier
 trace as ``trace.1.jsonl``. PiSSA, OLoRA, CorDA and LoRA-GA inits move ``s·B₀·A₀`` out of W: their
 update is ``s·(B·A − B₀·A₀)``, traced from the factors at the start (not after a resume; LoftQ not at
 all). Other PEFT tuners (LoHa, IA3, OFT, VeRA…) are refused. A matrix holding NaN or inf (a diverged
@@ -52,9 +53,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, SpectraError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import BASE_CHANGING_INITS
+from spectra.io.checkpoint import open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
@@ -134,6 +136,9 @@ class SpectraTracker:
         self.matrices: list[_Tracked] = []
         self.warnings: list[str] = []
         self._first_saved = True  # trace_first.npz holds every reference set so far
+        #: whether ΔW is measured from the weights training started from (False: a resumed full fine-tune whose
+        #: base could not be read again, measured from the weights it resumed with)
+        self.from_base = True
         if is_main:
             self._discover(model, int(resume_step))
             if self.path is not None and resume_step > 0 and self.path.is_file():
@@ -180,19 +185,20 @@ class SpectraTracker:
                     at_step.add(rec["matrix"].get("name"))
             kept.append(line + "\n")
         atomic_write_text(self.path, "".join(kept))
-        refs = _load_first(self.first_path) if self.kind == "lora" else {}
+        exact = self.kind == "lora" or self.from_base  # the update the first measurement was of, measured again
+        refs = _load_first(self.first_path) if exact else {}
         for tr in self.matrices:
             tr.first = refs.get(tr.name) if tr.name in measured else None
-            top = self._now(tr)[1] if tr.module is not None and tr.name in at_step else None
+            top = self._now(tr)[1] if exact and tr.name in at_step else None
             tr.prev = Subspaces.of(top) if top is not None else None  # None too for factors holding NaN/Inf
         self._first_saved = not any(tr.first is None for tr in self.matrices)
         self.warn(f"training resumed at step {step}: the trace continues from there"
                   + (f" ({dropped} records measured after step {step} by the interrupted run were dropped)" if dropped else "")
-                  + ("" if self.kind == "lora" and at_step else
-                     f"; turn_prev at the first measurement after it is null (step {step} was not measured)")
-                  + ("" if self.kind == "lora" and refs else
+                  + ("" if exact and at_step else f"; turn_prev at the first measurement after it is null (step {step} "
+                                                     f"{'was not measured' if exact else 'is where ΔW is measured from'})")
+                  + ("" if exact and refs else
                      "; turn_first after it is measured from the first measurement after it"
-                     + ("" if self.kind == "full" else f" (no {FIRST_FILE})")))
+                     + ("" if not exact else f" (no {FIRST_FILE})")))
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
@@ -265,6 +271,10 @@ class SpectraTracker:
         if any(len(s) != 2 or 0 in s for _, s, _ in found):
             raise ConfigError("some trained weights are empty or not 2-D on this process (sharded by FSDP or ZeRO-3?)",
                               hint="trace from saved checkpoints with `spectra trace` instead")
+        params = {n: parts["param"] for n, _, parts in found if "param" in parts}
+        # a resumed full fine-tune: its base, read again from the folder the model was loaded from, is what ΔW is of
+        originals = _original_weights(model, params) if resume_step > 0 and params else {}
+        self.from_base = not params or resume_step == 0 or bool(originals)
         specs = describe_checkpoint({n: s for n, s, _ in found})
         for name, shape, parts in found:
             spec = specs.get(name)
@@ -274,7 +284,7 @@ class SpectraTracker:
             if "param" in parts:
                 p = parts["param"]
                 dev = p.device if self.initial == "device" else torch.device("cpu")
-                init = p.detach().to(dev, copy=True)
+                init = originals.get(name, p.detach()).to(device=dev, dtype=p.dtype, copy=True)
                 base_fro = float(torch.linalg.vector_norm(init.double()))
                 self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, param=p, initial=init))
             else:
@@ -403,6 +413,26 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights ``params`` (stored name -> the trained parameter) as the folder the model was loaded
+    from (``name_or_path``, a local folder) stores them: what a resumed full fine-tune's ΔW is of. {} when
+    there is no such folder, or it lacks any of them or holds another shape (then ΔW is measured from the
+    resumed weights, as said)."""
+    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not path or not Path(path).is_dir():
+        return {}
+    try:
+        ckpt = open_checkpoint(path)
+        out = {}
+        for name, p in params.items():
+            if name not in ckpt.tensors or tuple(ckpt.tensors[name].shape) != tuple(p.shape):
+                return {}
+            out[name] = ckpt.load(name)
+        return out
+    except (SpectraError, OSError):
+        return {}
+
+
 def _set_aside(out: Path) -> str | None:
     """Rename ``trace.jsonl`` (and ``trace_first.npz``) in ``out`` to the first free ``trace.N.jsonl``
     (``trace_first.N.npz``); the new name, or None when there was no trace."""
@@ -527,9 +557,9 @@ class _CallbackHooks:
                                       is_main=state.is_world_process_zero, resume_step=state.global_step)
         if earlier:
             self.tracker.warn(f"a new training began with this callback: the earlier training's trace is kept as {earlier}")
-        if state.global_step > 0 and self.tracker.kind == "full" and state.is_world_process_zero:
+        if state.global_step > 0 and not self.tracker.from_base and state.is_world_process_zero:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
-                              "with, not from the base")
+                              "with, not from the base (the folder the model was loaded from could not be read again)")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.tracker is None:

@@ -90,8 +90,13 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def _trainer(out: Path, steps: int, *, stop_at: int | None = None, every: int = 2, save_steps: int = 3):
-    model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+def _trainer(out: Path, steps: int, *, stop_at: int | None = None, every: int = 2, save_steps: int = 3, full: Path | None = None):
+    if full is not None:  # a full fine-tune of the model saved in that folder (its name_or_path)
+        if not (full / "config.json").is_file():
+            _tiny().save_pretrained(full)
+        model = transformers.LlamaForCausalLM.from_pretrained(full)
+    else:
+        model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
                                           save_steps=save_steps, logging_steps=1, report_to=[], learning_rate=1e-2,
                                           use_cpu=True, disable_tqdm=True, seed=0)
@@ -107,17 +112,20 @@ def _trainer(out: Path, steps: int, *, stop_at: int | None = None, every: int = 
     return tr
 
 
-def test_callback_resumed_between_measurements_leaves_that_turn_null(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_callback_resumed_between_measurements_leaves_that_turn_null(tmp_path, method):
     """Resumed from checkpoint-3 with every=2: turn_prev at step 4 was measured from step 3's weights, which no
     record holds (φ 0.997 where the run measured 0.989 from step 2); now null, and every other number as in an
-    uninterrupted run."""
+    uninterrupted run. A full fine-tune's ΔW was measured from the resumed weights (fro 0.165 against 0.760):
+    its base is read again from the folder the model was loaded from."""
+    full = tmp_path / "base" if method == "full" else None
     torch.manual_seed(0)
-    _trainer(tmp_path / "whole", 8).train()
+    _trainer(tmp_path / "whole", 8, full=full).train()
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        _trainer(tmp_path / "cut", 8, stop_at=5).train()
+        _trainer(tmp_path / "cut", 8, stop_at=5, full=full).train()
     torch.manual_seed(0)
-    _trainer(tmp_path / "cut", 8).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
+    _trainer(tmp_path / "cut", 8, full=full).train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
     whole, cut = _points(tmp_path / "whole"), _points(tmp_path / "cut")
     assert sorted(whole) == sorted(cut)
     for key in whole:
@@ -127,7 +135,8 @@ def test_callback_resumed_between_measurements_leaves_that_turn_null(tmp_path):
             assert cut[key]["turn_prev"] is None and whole[key]["turn_prev"] is not None
         elif whole[key]["turn_prev"] is not None:
             assert cut[key]["turn_prev"]["right"]["phi"] == pytest.approx(whole[key]["turn_prev"]["right"]["phi"], abs=1e-9)
-    assert "step 3 was not measured" in (tmp_path / "cut" / "trace.jsonl").read_text()
+    text = (tmp_path / "cut" / "trace.jsonl").read_text()
+    assert "step 3 was not measured" in text and "measured from the weights it resumed with" not in text
 
 
 def test_a_second_train_keeps_the_first_trace(tmp_path):
