@@ -11,7 +11,6 @@ refused: their B·A is not the update.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -304,9 +303,6 @@ def diff_adapter(
             res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
         else:
             res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
-            if isinstance(res, ModuleResult) and not (math.isfinite(res.fro_norm) and math.isfinite(res.spectral_norm)):
-                res = (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is "
-                       "undefined; check lora_alpha in adapter_config.json")
         skip = None
         if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
             skip, res = Skipped(name, res), None
@@ -431,6 +427,9 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
             esd = esd_entry(shape, S_delta, S_b, S_t, note="" if S_delta is not None else low_rank)
     elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
         esd = esd_entry(shape, S_delta, note=f"no base checkpoint: W_base and W_tuned are unknown; {low_rank}")
+    if not np.isfinite(S).all():
+        return (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is "
+                "undefined; check lora_alpha in adapter_config.json")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
     if spec.note:

@@ -47,7 +47,7 @@ from spectra.compare_records import (
     from_journal_record,
     journal_record,
 )
-from spectra.config import CompareConfig, check_device_available, cpu_by_default
+from spectra.config import CompareConfig, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.interference import RANK_TOL
@@ -55,7 +55,7 @@ from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.journal import RecordJournal, inputs_fingerprint
-from spectra.linalg import resolve_device
+from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
     MatrixSpec,

@@ -381,16 +381,6 @@ def cpu_by_default(entry: Callable[_P, _R]) -> Callable[_P, _R]:
     return run
 
 
-def check_device_available(device: torch.device) -> None:
-    """Raise :class:`ConfigError` when a CUDA device is asked for that this machine does not have."""
-    if device.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0 or (device.index is not None and device.index >= count):
-        raise ConfigError(f"--device {device} was asked for but this machine has {count} CUDA device(s)",
-                          hint="use --device cpu, auto or an existing cuda:N")
-
-
 def parse_layers(spec: str) -> Callable[[int], bool]:
     """Parse ``"0-3,7,10-"`` into a predicate on layer indices.
 

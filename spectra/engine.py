@@ -41,6 +41,7 @@ from spectra.linalg import (
     Method,
     as_numpy,
     certify_float32,
+    check_device_available,
     eigvalsh_upper,
     gram,
     gram_upper,
@@ -230,6 +231,7 @@ def exact_spectra(
             raise ValueError(f"mats must be equally shaped (out, in) matrices. Got {[tuple(m.shape) for m in mats]} instead.")
         count, shape = len(mats), (int(mats[0].shape[0]), int(mats[0].shape[1]))
     dev = resolve_device(device)
+    check_device_available(dev)
     if backend == "auto":
         backend = "lapack" if dev.type == "cpu" and method == "gram" else "torch"
     if backend == "lapack" and (dev.type != "cpu" or method != "gram"):

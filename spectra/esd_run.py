@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.config import SharedOptions, check_device_available, cpu_by_default, search_pattern
+from spectra.config import SharedOptions, cpu_by_default, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
@@ -43,7 +43,7 @@ from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import remove_earlier_outputs
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
-from spectra.linalg import resolve_device
+from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import numerical_rank, rank_resolution
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units

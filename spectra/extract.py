@@ -43,7 +43,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
-from spectra.config import DiffConfig, check_device_available, cpu_by_default
+from spectra.config import DiffConfig, cpu_by_default
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -94,7 +94,7 @@ from spectra.io.peft_writer import (
     write_adapter,
 )
 from spectra.journal import RecordJournal, inputs_fingerprint
-from spectra.linalg import resolve_device
+from spectra.linalg import check_device_available, resolve_device
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import (
     VLLM_RANKS,

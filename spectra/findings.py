@@ -117,15 +117,19 @@ def esd_points(modules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def alpha_findings(modules: list[dict[str, Any]]) -> list[Finding]:
     """What a ``spectra diff --esd`` result says about α, in words (empty without ESD entries): how many
-    matrices fine-tuning moved beyond :data:`MOVED_Z` standard errors, the median change, flags that changed."""
-    pts = [p for p in esd_points(modules) if p["change"] is not None]
+    matrices fine-tuning moved beyond :data:`MOVED_Z` standard errors, the median change, flags that changed;
+    over the matrices it changed (an unchanged one's Δα is 0 by construction: counted, it would pull the median
+    to 0 while the findings above leave those matrices out)."""
+    unchanged = {m["name"] for m in modules if m.get("fro_norm") == 0}
+    pts = [p for p in esd_points(modules) if p["change"] is not None and p["name"] not in unchanged]
     if not pts:
         return []
     moved = [p for p in pts if p["z"] is not None and abs(p["z"]) > MOVED_Z]
     med = statistics.median(p["change"] for p in pts)
     flipped = sum(p["warning_base"] != p["warning_tuned"] for p in pts)
     return [Finding("alpha", f"Fine-tuning moved α by more than {MOVED_Z:g} standard errors in {len(moved)} of {len(pts)} "
-                             f"matrices (median Δα {med:+.3f}); {flipped} changed their over/under-trained flag.",
+                             f"{'changed ' if unchanged else ''}matrices (median Δα {med:+.3f}); {flipped} "
+                             "changed their over/under-trained flag.",
                     numbers={"moved": len(moved), "matrices": len(pts), "median_change": med, "flag_changed": flipped})]
 
 

@@ -32,7 +32,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
-from spectra.config import SharedOptions, check_device_available, check_thresholds, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError, ResultsFormatError
 from spectra.interference import (
@@ -52,8 +52,8 @@ from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.journal import RecordJournal, inputs_fingerprint
-from spectra.linalg import resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range
+from spectra.linalg import check_device_available, resolve_device, singular_values
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import MatrixPair, pair_checkpoints
@@ -409,10 +409,13 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     numeric += [f"{tasks[t].label}: its top directions hold tied singular values: the TSV score of single triplets depends on "
                 "the solver's choice within the tie (φ, captured energy and KnOTS do not)"
                 for t in range(n) if fs[t].S.numel() > 1 and tied_cuts(fs[t].S, fs[t].S.numel(), floors.get(t, 0.0), p).any()]
-    S_sum = singular_values(total) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
+    # the Gram route's values below its resolution are rounding, not directions (nor nuclear norm)
+    S_sum = _resolved(singular_values(total)) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
     tsv = singular_task_interference(fs)
-    knots = knots_basis(fs, config.thresholds)
-    acc = accumulation(S_sum, [spectra_[t] for t in range(n)], thresholds=config.thresholds, keep=config.keep_singular)
+    knots = knots_basis(fs, config.thresholds, floor=max(floors.values(), default=0.0))
+    # the dense updates' spectra (Gram route too) as the sum's: otherwise its nuclear ratio reads 0.99999995 for a lone task
+    acc = accumulation(S_sum, [_resolved(spectra_[t]) if t in seen else spectra_[t] for t in range(n)],
+                       thresholds=config.thresholds, keep=config.keep_singular)
     out_dim, in_dim = spec_shape(spec, base)
     return _clean({
         "name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role, "out": out_dim, "in": in_dim,
@@ -424,6 +427,11 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                   "task_energy_rank": knots.task_energy_rank},
         "sum": asdict(acc), "note": "; ".join(x for x in (spec.note, *numeric) if x),
     })
+
+
+def _resolved(S: np.ndarray) -> np.ndarray:
+    """A Gram-route spectrum with the values below its resolution (:func:`spectra.metrics.rank_resolution`) set to 0."""
+    return np.where(rank_resolution(float(S[0]), S.size) < S, S, 0.0) if S.size else S
 
 
 def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:

@@ -445,7 +445,7 @@ class SharedBasis:
         return int(self.S.size)
 
 
-def knots_basis(factors: Sequence[Factored], thresholds: Sequence[float] = (0.9,)) -> SharedBasis:
+def knots_basis(factors: Sequence[Factored], thresholds: Sequence[float] = (0.9,), *, floor: float = 0.0) -> SharedBasis:
     """KnOTS's shared basis (Stoica et al. 2025, "Model merging with SVD to tie the KnOTS", ICLR) and
     how aligned the tasks are in it.
 
@@ -474,6 +474,10 @@ def knots_basis(factors: Sequence[Factored], thresholds: Sequence[float] = (0.9,
     Args:
         factors: one (truncated) thin SVD per task, same shape (for a LoRA update, exact).
         thresholds: energy-rank thresholds for :attr:`SharedBasis.energy_rank`.
+        floor: the largest rounding floor of the tasks' dense updates (:func:`spectra.delta.pair_floor`; 0
+            for exact factors): each task's subspace is resolved to about it, so two tasks of one update
+            stored in float32 differ there, and directions of C at or below 2·floor are rounding, not
+            shared directions (they are not counted in the rank).
 
     Returns:
         :class:`SharedBasis`.
@@ -488,7 +492,7 @@ def knots_basis(factors: Sequence[Factored], thresholds: Sequence[float] = (0.9,
         keys = [threshold_key(t) for t in thresholds]
         return SharedBasis(np.zeros(0), np.full((n, n), np.nan), {k: 0 for k in keys}, {k: 0 for k in keys})
     Uc, Sc, _ = torch.linalg.svd(M, full_matrices=False)
-    keep = Sc > RANK_TOL * Sc[0] if float(Sc[0]) > 0 else torch.zeros_like(Sc, dtype=torch.bool)
+    keep = Sc > max(RANK_TOL * float(Sc[0]), 2.0 * floor) if float(Sc[0]) > 0 else torch.zeros_like(Sc, dtype=torch.bool)
     Uc, Sc = Uc[:, keep], Sc[keep]
     P = [Uc.mT @ b for b in blocks]  # Z_t = P_t Vh_t, (R, k_t)
     A = np.full((n, n), np.nan)
@@ -562,6 +566,10 @@ class Accumulation:
     singular_values: list[float]
 
 
+def _at_most_1(x: float | None) -> float | None:
+    return None if x is None else min(1.0, x)
+
+
 def accumulation(S_sum: np.ndarray, S_tasks: Sequence[np.ndarray], *, thresholds: Sequence[float] = (0.9,),
                  keep: int = 32) -> Accumulation:
     """:class:`Accumulation` from the singular values of the sum and of each update.
@@ -592,8 +600,9 @@ def accumulation(S_sum: np.ndarray, S_tasks: Sequence[np.ndarray], *, thresholds
     return Accumulation(
         fro_sq_ratio=ratio(fro_sq, sum(float(np.sum(t**2)) for t in Ts)),
         spectral_over_max=ratio(spectral, max(tops) if tops else 0.0),
-        spectral_ratio=ratio(spectral, sum(tops)),
-        nuclear_ratio=ratio(nuclear, sum(float(t.sum()) for t in Ts)),
+        # at most 1 by the triangle inequality; a sum and its parts decomposed apart can pass it by rounding
+        spectral_ratio=_at_most_1(ratio(spectral, sum(tops))),
+        nuclear_ratio=_at_most_1(ratio(nuclear, sum(float(t.sum()) for t in Ts))),
         fro=math.sqrt(fro_sq), spectral=spectral, nuclear=nuclear,
         stable_rank=stable_rank(S), effective_rank=effective_rank(S),
         task_stable_rank=[stable_rank(t) for t in Ts], task_effective_rank=[effective_rank(t) for t in Ts],

@@ -60,6 +60,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from spectra.errors import ConfigError
 from spectra.metrics import SQUARING_LIMIT, outside_squaring_range, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
@@ -73,6 +74,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device_available(device: torch.device) -> None:
+    """Raise :class:`~spectra.errors.ConfigError` when a CUDA device is asked for that this machine does not have."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise ConfigError(f"--device {device} was asked for but this machine has {count} CUDA device(s)",
+                          hint="use --device cpu, auto or an existing cuda:N")
 
 
 def gram(M: torch.Tensor, *, dtype: torch.dtype = torch.float64, block_bytes: int = 64 << 20) -> torch.Tensor:
@@ -131,11 +142,16 @@ def singular_values(
         raise ValueError(f"M must have shape (out, in) or (batch, out, in). Got {tuple(M.shape)} instead.")
     if min(M.shape[-2:]) == 0:
         return np.zeros(M.shape[:-2] + (0,), dtype=np.float64)
-    e = 0
-    if M.dtype == torch.float64 and M.numel():  # values beyond 2**±250 square out of range: a power of two first
-        amax = float(torch.linalg.vector_norm(M, ord=math.inf))
-        e = math.frexp(amax)[1] if math.isfinite(amax) and amax > 0 and outside_squaring_range(amax) else 0
-        M = torch.ldexp(M, torch.tensor(-e, device=M.device)) if e else M
+    if not M.is_floating_point():  # integers and booleans: exact in the decomposition's dtype
+        M = M.to(dtype)
+    amax = float(torch.linalg.vector_norm(M, ord=math.inf))
+    if not math.isfinite(amax):
+        raise ValueError("M holds NaN or Inf: its singular values are undefined.")
+    # values whose squares leave the decomposition's range (beyond 2**±250 in float64, 2**±40 in float32, where
+    # 1e-30 squared underflows to 0) are scaled by a power of two first: exact, and undone on the values
+    far = outside_squaring_range(amax) if dtype == torch.float64 else not 2.0**-40 <= amax <= 2.0**40
+    e = math.frexp(amax)[1] if amax > 0 and far else 0
+    M = torch.ldexp(M.to(torch.promote_types(M.dtype, dtype)), torch.tensor(-e, device=M.device)) if e else M
     if method == "gram":
         lam = torch.linalg.eigvalsh(gram(M, dtype=dtype))  # ascending
         s = lam.clamp_min_(0).sqrt_().flip(-1)

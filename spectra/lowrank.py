@@ -34,7 +34,7 @@ import torch
 from spectra.engine import factored_svd, gram_scale_exponent
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
-from spectra.metrics import check_rank, check_tau, numerical_rank
+from spectra.metrics import as_spectrum, check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
 #: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
@@ -154,7 +154,7 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = Non
     if tau == 1.0:  # the numerical rank (spectra.metrics.numerical_rank); unknown while S may go on above it
         k = numerical_rank(S, p)
         return k if k < len(S) or p is None or len(S) >= p else None
-    cum = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    cum = np.cumsum(as_spectrum(S) ** 2)
     k = int(np.searchsorted(cum, tau * total, side="left"))
     if k < cum.size:
         return k + 1

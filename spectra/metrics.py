@@ -60,10 +60,29 @@ def check_energy_range(energy: float, nonzero: bool, name: str) -> None:
                      f"sum of squares {energy!r}): divide it by a power of two first")
 
 
+def as_spectrum(S: np.ndarray, name: str = "S") -> np.ndarray:
+    """``S`` as a float64 1-D array of singular values in descending order (sorted when given otherwise,
+    e.g. ``sqrt(eigvalsh(G))``, which ascends); ValueError for what no spectrum is: complex, not 1-D,
+    NaN or Inf, or negative values (whose metrics would be numbers of something else).
+
+    >>> as_spectrum([1.0, 3.0, 2.0]).tolist()
+    [3.0, 2.0, 1.0]
+    """
+    if np.iscomplexobj(S):
+        raise ValueError(f"{name} must hold real singular values. Got a complex array instead.")
+    S = np.asarray(S, dtype=np.float64)
+    if S.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of singular values. Got shape {S.shape} instead.")
+    if S.size and not (np.isfinite(S).all() and S.min() >= 0.0):
+        bad = "NaN or Inf" if not np.isfinite(S).all() else "negative values"
+        raise ValueError(f"{name} must hold finite, non-negative singular values. Got {bad} instead.")
+    return S if S.size < 2 or bool(np.all(S[:-1] >= S[1:])) else np.sort(S)[::-1].copy()
+
+
 def fro_norm_of(S: np.ndarray) -> float:
     """``sqrt(Σσᵢ²)``, the squares summed after scaling by :func:`square_scale_exponent` (exact: a
     power of two), so that it is neither inf for σ near 1e200 nor 0 for σ near 1e-160."""
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     e = square_scale_exponent(S)
     return float(np.ldexp(np.sqrt(np.sum(np.ldexp(S, -e) ** 2)), e))
 
@@ -98,7 +117,7 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     2
     """
     tau = check_tau(tau)
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     if tau == 1.0:
         return numerical_rank(S)
     energy = np.cumsum(np.ldexp(S, -square_scale_exponent(S)) ** 2)  # ranks are scale-free
@@ -123,7 +142,7 @@ def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     >>> numerical_rank(np.array([3.0, 1.0, 1e-9])), numerical_rank(np.array([3.0, 1.0, 1e-6]))
     (2, 3)
     """
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     if S.size == 0 or not S.max() > 0:
         return 0
     return int(np.count_nonzero(rank_resolution(float(S.max()), p or S.size) < S))
@@ -131,7 +150,7 @@ def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
 
 def stable_rank(S: np.ndarray) -> float:
     """``Σσᵢ² / σ₁²``; 0 for a zero matrix."""
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     S = np.ldexp(S, -square_scale_exponent(S))  # a ratio: scale-free
     if S.size == 0 or S[0] == 0.0:
         return 0.0
@@ -144,7 +163,7 @@ def effective_rank(S: np.ndarray) -> float:
     >>> round(effective_rank(np.ones(5)), 12)
     5.0
     """
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     S = np.ldexp(S, -square_scale_exponent(S))  # q is scale-free; σ near 1e308 would overflow the sum
     total = S.sum()
     if total == 0.0:
@@ -159,7 +178,7 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     ``β = p / max(out, in)``. A Gaussian-noise matrix gives about 0; a rank-r signal well above the
     noise gives r.
     """
-    S = np.asarray(S, dtype=np.float64)
+    S = as_spectrum(S)
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
@@ -204,8 +223,8 @@ class SpectrumMetrics:
 
 
 def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> SpectrumMetrics:
-    """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (descending, length p)."""
-    S = np.asarray(S, dtype=np.float64)
+    """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (length p, any order)."""
+    S = as_spectrum(S)
     p = min(shape)
     if S.shape != (p,):
         raise ValueError(f"S must have shape ({p},) for a {shape} matrix. Got {S.shape} instead.")

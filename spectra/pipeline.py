@@ -23,7 +23,7 @@ import torch
 from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
-from spectra.config import DiffConfig, check_device_available, cpu_by_default
+from spectra.config import DiffConfig, cpu_by_default
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
@@ -32,7 +32,7 @@ from spectra.io.adapter import is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
-from spectra.linalg import resolve_device
+from spectra.linalg import check_device_available, resolve_device
 from spectra.pairing import Skipped, drop_tied_heads, pair_checkpoints
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from spectra.engine import batch_singular_values, gram_scale_exponent
-from spectra.linalg import real_tensor, resolve_device
+from spectra.linalg import check_device_available, real_tensor, resolve_device
 from spectra.metrics import check_tau, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",
@@ -111,6 +111,7 @@ def randomized_svd(
     """
     M = _float_input(M, "M")
     dev = resolve_device(device) if device is not None else M.device
+    check_device_available(dev)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise ValueError(f"k must be an integer. Got {k!r} instead.")
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0):
@@ -264,6 +265,7 @@ def approx_energy_ranks(
                             "each threshold") for t in thresholds]
     M = _float_input(M, "M")
     dev = resolve_device(device) if device is not None else M.device
+    check_device_available(dev)
     # the sketch runs in float32: a float64 matrix beyond 2**±32 is scaled by a power of two first
     # (ranks are scale-free; norms and values are scaled back), else it would overflow or vanish
     e = gram_scale_exponent(max(float(M.max()), -float(M.min())), torch.float32) if M.numel() else 0

@@ -56,6 +56,34 @@ def one_openmp_thread() -> None:
     _openmp_controller().limit(limits=1)
 
 
+class _OneBlasThread:
+    """The process-wide BLAS limit of one thread, held by any number of overlapping calls: the first to
+    enter sets it, the last to leave restores the count from before the first. (A limit per call would
+    save and restore out of order when two threads overlap: the second saves the first's 1 and restores
+    it after the first restored the original, leaving the process on one BLAS thread for good.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._limiter = None
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._holders == 0:
+                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
+            self._holders += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._holders -= 1
+            if self._holders == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_ONE_BLAS_THREAD = _OneBlasThread()
+
+
 #: Upper bound of the kept compute threads; they are made on demand (ThreadPoolExecutor starts a
 #: thread only when no idle one can take a task), so a run holds about as many as it asks for.
 _MAX_THREADS = 64
@@ -138,7 +166,7 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
         workers = min(workers, len(items) or 1)
     # on pool threads, even one: torch's eigensolver stalls on the main thread of a busy machine;
     # torch's OpenMP thread count is per thread: each worker sets its own to one (for torch ops in fn)
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _ONE_BLAS_THREAD:
         if _WORKERS.inside():
             yield from map(fn, items)
             return

@@ -34,7 +34,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, saved_skips
-from spectra.config import SharedOptions, check_device_available, check_thresholds, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import (
     CheckpointFormatError,
@@ -49,7 +49,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
 from spectra.journal import RecordJournal, inputs_fingerprint
-from spectra.linalg import resolve_device, singular_values
+from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import (
     DEFAULT_THRESHOLDS,
     relative_norm,

@@ -354,3 +354,126 @@ def test_a_stopped_interfere_resumes_from_its_journal_to_the_same_numbers(tmp_pa
     journal.write_text("\n".join([lines[0], lines[1].replace('"cosine"', '"cosin"', 1), *lines[2:]]) + "\n")
     res = _run("interfere", "--base", base, a, b, "--top-k", "3", "--out", str(tmp_path / "cut"), "--resume", "--no-plots")
     assert res.exit_code == 1 and "record 2 is not one this run wrote" in res.output, res.output
+
+
+# ---- the Python API: inputs a notebook passes -------------------------------------------------------------
+def test_half_precision_bases_are_checked_for_orthonormality_too():
+    """bf16's 100·eps·√d tolerance (12.5 at d = 256) let 3·Q pass as a basis: φ 0.280 where the truth is 0.031."""
+    from spectra.subspaces import phi, principal_angles
+
+    g = torch.Generator().manual_seed(0)
+    QA = torch.linalg.qr(torch.randn(256, 8, generator=g, dtype=torch.float64)).Q
+    QB = torch.linalg.qr(torch.randn(256, 5, generator=g, dtype=torch.float64)).Q
+    with pytest.raises(ValueError, match="orthonormal columns"):
+        phi((3 * QA).bfloat16(), QB.bfloat16(), 8, 5)
+    with pytest.raises(ValueError, match="orthonormal columns"):
+        principal_angles(torch.randn(256, 4, generator=g).half(), QB.half())
+    # a bf16 rounding of an orthonormal basis still passes, and its φ is the float64 one to bf16's precision
+    assert phi(QA.bfloat16(), QB.bfloat16(), 8, 5) == pytest.approx(phi(QA, QB, 8, 5), abs=2e-3)
+
+
+def test_singular_values_in_float32_of_tiny_and_huge_matrices():
+    """dtype=float32 squared 1e-30 entries to 0 (every σ read 0) and 1e30 ones to inf; NaN gave an eigh error."""
+    from spectra.linalg import singular_values
+
+    M = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = np.linalg.svd(M.numpy(), compute_uv=False)
+    for scale in (1e-30, 1e30):
+        for dtype in (torch.float32, torch.float64):
+            got = singular_values(M * scale, dtype=dtype)
+            assert np.allclose(got / scale, ref, rtol=1e-5), (scale, dtype)
+    bad = M.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        singular_values(bad)
+
+
+def test_spectrum_metrics_take_any_order_and_refuse_what_no_spectrum_is():
+    """sqrt(eigvalsh(G)) ascends: spectral_norm read 1 (not 3) and stable_rank 14 (not 1.56); NaN gave ranks."""
+    from spectra.lowrank import energy_rank_top
+    from spectra.metrics import energy_rank, spectrum_metrics, stable_rank
+
+    up, down = spectrum_metrics(np.array([1.0, 2.0, 3.0]), (3, 3)), spectrum_metrics(np.array([3.0, 2.0, 1.0]), (3, 3))
+    assert up == down and up.spectral_norm == 3.0 and up.stable_rank == pytest.approx(14 / 9)
+    assert energy_rank_top(np.array([1.0, 3.0]), 10.0, 0.9) == energy_rank_top(np.array([3.0, 1.0]), 10.0, 0.9) == 1
+    for S in (np.array([3.0, np.nan, 1.0]), np.array([3.0, -1.0]), np.array([3 + 4j, 1.0]), np.ones((2, 2))):
+        with pytest.raises(ValueError, match="singular values"):
+            energy_rank(S, 0.9)
+        with pytest.raises(ValueError, match="singular values"):
+            stable_rank(S)
+
+
+def test_overlapping_calls_restore_the_blas_thread_count():
+    """Two overlapping calls each saved and restored the process's BLAS thread count: the second saved the
+    first's 1 and restored it after the first had restored 2, leaving every later numpy call on one thread."""
+    from threadpoolctl import threadpool_info
+
+    from spectra.threads import imap_one_blas_thread
+
+    def blas() -> list[int]:
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    before = blas()
+    a, b = imap_one_blas_thread(abs, [-1, -2], 1), imap_one_blas_thread(abs, [-3, -4], 1)
+    assert next(a) == 1 and next(b) == 3  # a holds the limit, then b
+    assert set(blas()) == {1}
+    a.close()  # a leaves first: b still holds it
+    assert set(blas()) == {1}
+    b.close()
+    assert blas() == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has the device")
+def test_the_engine_entry_points_refuse_a_missing_cuda_device():
+    from spectra.engine import exact_spectra
+    from spectra.sketch import randomized_svd
+
+    M = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="0 CUDA device"):
+        exact_spectra([M], device="cuda")
+    with pytest.raises(ConfigError, match="0 CUDA device"):
+        randomized_svd(M, 2, device="cuda")
+
+
+# ---- interfere and diff --esd: numbers and what is said of them --------------------------------------------
+def test_knots_rank_does_not_count_float32_rounding_as_shared_directions(tmp_path):
+    """The same rank-3 update stored twice in float32 (once ×2.5): knots.rank read 6 while ranks, φ and cosine
+    all said one 3-dimensional update."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((24, 24)).astype(np.float32)
+    dW = _planted(rng, 24, 24, [1.0, 0.7, 0.4])
+    paths = [_save(tmp_path / n, (W + f * dW).astype(np.float32)) for n, f in (("base", 0.0), ("t1", 1.0), ("t2", 2.5))]
+    from spectra.interfere import InterfereConfig
+
+    res = interfere(paths[0], paths[1:], config=InterfereConfig(top_k=4), plots=False)
+    (m,) = [m for m in res.modules if m["name"] == _Q]
+    assert m["ranks"] == [3, 3] and m["knots"]["rank"] == 3
+    assert m["cosine"][0][1] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_summed_updates_nuclear_ratio_is_not_above_one(tmp_path):
+    """One task non-zero, the other zero: the sum's Gram-route values below its resolution (~1e-8·σ₁ each) made
+    the nuclear ratio 1.00000004, outside its documented [0, 1]."""
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((40, 40))
+    paths = [_save(tmp_path / "base", W), _save(tmp_path / "a", W + _planted(rng, 40, 40, [2.0, 1.0])), _save(tmp_path / "b", W)]
+    res = interfere(paths[0], paths[1:], plots=False)
+    (m,) = [m for m in res.modules if m["name"] == _Q]
+    assert m["sum"]["nuclear_ratio"] == pytest.approx(1.0, abs=1e-12) and m["sum"]["nuclear_ratio"] <= 1.0
+    assert m["sum"]["effective_rank"] == pytest.approx(m["sum"]["task_effective_rank"][0], rel=1e-9)
+
+
+def test_the_alpha_finding_speaks_of_the_changed_matrices():
+    """13 of 16 matrices unchanged (Δα 0 by construction) pulled the median Δα to +0.000 beside a warning that
+    said those matrices were left out; every changed one had lost 0.2-1.7."""
+    from spectra.findings import alpha_findings
+
+    def mod(name, fro, change, z):
+        return {"name": name, "module": "q_proj", "fro_norm": fro,
+                "esd": {"base": {"alpha": 3.0}, "tuned": {"alpha": 3.0 + change}, "alpha_change": change, "alpha_change_z": z}}
+
+    mods = [mod(f"m{i}", 0.0, 0.0, 0.0) for i in range(13)] + [mod("a", 1.0, -0.85, -2.0), mod("b", 1.0, -0.22, -1.0),
+                                                              mod("c", 1.0, -1.69, -2.9)]
+    (f,) = alpha_findings(mods)
+    assert "in 1 of 3 changed matrices (median Δα -0.850)" in f.text
+    assert f.numbers["matrices"] == 3 and f.numbers["median_change"] == pytest.approx(-0.85)
