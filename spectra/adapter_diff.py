@@ -410,6 +410,9 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         S = np.zeros(p)
         S[: min(p, s.numel())] = s.cpu().numpy()[:p]
         method = "factored"
+    if not np.isfinite(S).all():  # before any other work on it (the dense W + ΔW of --weight-spectra, the fits)
+        return (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is "
+                "undefined; check lora_alpha in adapter_config.json")
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
     base_sv = tuned_sv = esd = None
     # a factored ΔW has at most r nonzero eigenvalues: too few for a power-law tail fit, so with --esd
@@ -427,9 +430,6 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
             esd = esd_entry(shape, S_delta, S_b, S_t, note="" if S_delta is not None else low_rank)
     elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
         esd = esd_entry(shape, S_delta, note=f"no base checkpoint: W_base and W_tuned are unknown; {low_rank}")
-    if not np.isfinite(S).all():
-        return (f"the update s·B·A of {mod.module} overflows float64 (scale {mod.scale:g} = lora_alpha / r): the spectrum is "
-                "undefined; check lora_alpha in adapter_config.json")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
     if spec.note:

@@ -21,8 +21,8 @@ restarts, as a warning says); φ to the first measurement is measured from the s
 subspaces are kept in ``out_dir/trace_first.npz``); the first turn after a resume at an unmeasured
 step is null (the previous subspaces are not kept). A second ``trainer.train()`` of one callback keeps the earlier
 trace as ``trace.1.jsonl``. PiSSA, OLoRA, CorDA and LoRA-GA inits move ``s·B₀·A₀`` out of W: their
-update is ``s·(B·A − B₀·A₀)``, traced from the factors at the start (not after a resume; LoftQ not at
-all). Other PEFT tuners (LoHa, IA3, OFT, VeRA…) are refused. A matrix holding NaN or inf (a diverged
+update is ``s·(B·A − B₀·A₀)``, traced from the factors at the start (LoftQ not at all; resumed, such a
+run trains on untraced, as its trace says). Other PEFT tuners (LoHa, IA3, OFT, VeRA…) are refused. A matrix holding NaN or inf (a diverged
 run) is not measured; a warning in the trace says so.
 
 Each measurement appends one JSON line per matrix to ``out_dir/trace.jsonl`` (``{"kind", "step",
@@ -55,8 +55,8 @@ import torch
 
 from spectra.errors import ConfigError, SpectraError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.adapter import BASE_CHANGING_INITS
-from spectra.io.checkpoint import open_checkpoint
+from spectra.io.adapter import base_changing_init
+from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
@@ -273,8 +273,8 @@ class SpectraTracker:
                               hint="trace from saved checkpoints with `spectra trace` instead")
         params = {n: parts["param"] for n, _, parts in found if "param" in parts}
         # a resumed full fine-tune: its base, read again from the folder the model was loaded from, is what ΔW is of
-        originals = _original_weights(model, params) if resume_step > 0 and params else {}
-        self.from_base = not params or resume_step == 0 or bool(originals)
+        originals = _original_weights(model, params) if resume_step > 0 and params else None
+        self.from_base = not params or resume_step == 0 or originals is not None
         specs = describe_checkpoint({n: s for n, s, _ in found})
         for name, shape, parts in found:
             spec = specs.get(name)
@@ -284,7 +284,7 @@ class SpectraTracker:
             if "param" in parts:
                 p = parts["param"]
                 dev = p.device if self.initial == "device" else torch.device("cpu")
-                init = originals.get(name, p.detach()).to(device=dev, dtype=p.dtype, copy=True)
+                init = (originals.load(name) if originals is not None else p.detach()).to(device=dev, dtype=p.dtype, copy=True)
                 base_fro = float(torch.linalg.vector_norm(init.double()))
                 self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, param=p, initial=init))
             else:
@@ -413,24 +413,20 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights ``params`` (stored name -> the trained parameter) as the folder the model was loaded
-    from (``name_or_path``, a local folder) stores them: what a resumed full fine-tune's ΔW is of. {} when
-    there is no such folder, or it lacks any of them or holds another shape (then ΔW is measured from the
-    resumed weights, as said)."""
+def _original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Checkpoint | None:
+    """The folder the model was loaded from (``name_or_path``, a local folder), opened, when it stores every
+    one of ``params`` (stored name -> the trained parameter) in its shape: what a resumed full fine-tune's
+    ΔW is of (each is read when its copy is made). None otherwise (then ΔW is measured from the resumed
+    weights, as said)."""
     path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path or not Path(path).is_dir():
-        return {}
+        return None
     try:
         ckpt = open_checkpoint(path)
-        out = {}
-        for name, p in params.items():
-            if name not in ckpt.tensors or tuple(ckpt.tensors[name].shape) != tuple(p.shape):
-                return {}
-            out[name] = ckpt.load(name)
-        return out
     except (SpectraError, OSError):
-        return {}
+        return None
+    ok = all(name in ckpt.tensors and tuple(ckpt.tensors[name].shape) == tuple(p.shape) for name, p in params.items())
+    return ckpt if ok else None
 
 
 def _set_aside(out: Path) -> str | None:
@@ -467,12 +463,7 @@ def _peft_types(model: torch.nn.Module) -> set[str]:
 def _peft_inits(model: torch.nn.Module) -> dict[str, str]:
     """Adapter name -> the base-changing ``init_lora_weights`` it was made with
     (:data:`spectra.io.adapter.BASE_CHANGING_INITS`: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); others absent."""
-    out = {}
-    for name, c in _peft_configs(model).items():
-        init = str(getattr(c, "init_lora_weights", "")).lower()
-        if m := next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None):
-            out[name] = m
-    return out
+    return {name: m for name, c in _peft_configs(model).items() if (m := base_changing_init(getattr(c, "init_lora_weights", "")))}
 
 
 def _load_first(path: Path) -> dict[str, Subspaces]:
@@ -553,8 +544,18 @@ class _CallbackHooks:
         # a second trainer.train() of this callback (a curriculum's next phase) starts a trace of its own: the
         # earlier one is kept beside it, not overwritten
         earlier = _set_aside(out) if self.tracker is not None and state.global_step == 0 and state.is_world_process_zero else None
-        self.tracker = SpectraTracker(model, every=self.every, out_dir=out, config=self.config, initial=self.initial,
-                                      is_main=state.is_world_process_zero, resume_step=state.global_step)
+        try:
+            self.tracker = SpectraTracker(model, every=self.every, out_dir=out, config=self.config, initial=self.initial,
+                                          is_main=state.is_world_process_zero, resume_step=state.global_step)
+        except ConfigError as exc:
+            if state.global_step == 0:  # a run that cannot be traced is said before it trains
+                raise
+            # a resumed run the tracker cannot follow (a PiSSA init's B₀, A₀ are gone): it trains on, untraced, as said
+            self.tracker = None
+            if state.is_world_process_zero and (out / "trace.jsonl").is_file():
+                append_record(out / "trace.jsonl", {"warning": f"training resumed at step {state.global_step}: not traced "
+                                                               f"from there ({exc.message})"})
+            return control
         if earlier:
             self.tracker.warn(f"a new training began with this callback: the earlier training's trace is kept as {earlier}")
         if state.global_step > 0 and not self.tracker.from_base and state.is_world_process_zero:

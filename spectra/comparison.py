@@ -607,34 +607,36 @@ def compare(
     loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if out_dir is not None and plots else None
     if loader is not None:
         loader.start()
-    # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
-    pending = [job for i, job in enumerate(jobs) if i not in done]
-    n = max(1, min(workers, len(pending)))
-    outs = imap_one_blas_thread(measure, pending, n) if n > 1 else (measure(job) for job in pending)
-    with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
-        computed = iter(outs)
-        for i, job in enumerate(jobs):
-            out = done[i] if i in done else next(computed)
-            if journal is not None and i not in done:
-                journal.add(journal_record(i, out))
-            if isinstance(out, dict):
-                result.skipped.append(out)
-            else:
-                rec, grids = out
-                result.modules.append(rec)
-                if grids:
-                    result.phi_grids[rec.name] = grids
-            if callback:
-                callback(i + 1, len(jobs), job.spec.name)
-    for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
-        notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
-        result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
-    result.elapsed_s = time.perf_counter() - t0
-    if loader is not None:
-        loader.join()
-    if out_dir is not None:
-        save_result(result, out_dir, plots=plots)
-        journal.release()  # finished: no lock left in the folder
+    with contextlib.ExitStack() as held:
+        if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
+            held.callback(journal.release)
+        # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
+        pending = [job for i, job in enumerate(jobs) if i not in done]
+        n = max(1, min(workers, len(pending)))
+        outs = imap_one_blas_thread(measure, pending, n) if n > 1 else (measure(job) for job in pending)
+        with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
+            computed = iter(outs)
+            for i, job in enumerate(jobs):
+                out = done[i] if i in done else next(computed)
+                if journal is not None and i not in done:
+                    journal.add(journal_record(i, out))
+                if isinstance(out, dict):
+                    result.skipped.append(out)
+                else:
+                    rec, grids = out
+                    result.modules.append(rec)
+                    if grids:
+                        result.phi_grids[rec.name] = grids
+                if callback:
+                    callback(i + 1, len(jobs), job.spec.name)
+        for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
+            notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
+            result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
+        result.elapsed_s = time.perf_counter() - t0
+        if loader is not None:
+            loader.join()
+        if out_dir is not None:
+            save_result(result, out_dir, plots=plots)
     return result
 
 

@@ -369,7 +369,10 @@ def esd(
         finished = True
     finally:
         if journal is not None and not finished:  # an interrupted run leaves esd.json (complete: false) beside its journal
-            result.save_json(Path(out_dir) / "esd.json")
+            try:
+                result.save_json(Path(out_dir) / "esd.json")
+            finally:
+                journal.release()  # and no lock in the folder
     result.matrices.sort(key=lambda r: order.get(r.name, len(order)))
     failed = sum(m["alpha"] is None for m in result.matrices)
     if failed:
@@ -380,7 +383,7 @@ def esd(
     if out_dir is not None:
         result.save(out_dir, plots=plots)
     if journal is not None:
-        journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
+        journal.release()  # finished: no lock left in the folder
     return result
 
 

@@ -173,8 +173,8 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
     size = _size_finding([m for m in result.modules if m.fro_norm])
     if size:
         out.append(size)
-    out += alpha_findings([{"name": m.name, "layer": m.layer, "module": m.module, "role": m.role, "esd": m.esd}
-                           for m in result.modules if m.esd])
+    out += alpha_findings([{"name": m.name, "layer": m.layer, "module": m.module, "role": m.role, "esd": m.esd,
+                            "fro_norm": m.fro_norm} for m in result.modules if m.esd])
     skipped = skipped_finding(result)
     if skipped:
         out.append(skipped)

@@ -19,6 +19,7 @@ checkpoint is read once when they fit, which the default 1 GiB allows for n·out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -534,43 +535,45 @@ def interfere(
     if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
         result.warnings.append(w)
     journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume)
-    for i, (name, spec) in enumerate(todo):
-        if i in done:
-            rec = done[i]
-        else:
-            try:
-                rec = {"module": measure_module(name, spec, tasks, base_ckpt, config, device)}
-            except _SkipModule as exc:
-                rec = {"skipped": {"name": name, "reason": str(exc)}}
-            if journal is not None:
-                journal.add({"i": i, **rec})
-        if "module" in rec:
-            result.modules.append(rec["module"])
-        else:
-            result.skipped.append(rec["skipped"])
-        if callback:
-            callback(i + 1, len(todo), name)
-    result.summary = summarise(result.modules)
-    for i, t in enumerate(tasks):
-        rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
-        if rels and float(np.median(rels)) > 1.0:
-            result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
-                                   "base weights themselves: is it a fine-tune of this base?")
-        own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
-        result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
-        noise = [m["name"] for m in result.modules if i in m.get("unresolved", ())]
-        if noise:
-            result.warnings.append(f"{t.label}: ΔW of {len(noise)} of {len(result.modules)} compared matrices (e.g. {noise[0]}) "
-                                   "is entirely at the rounding level of its stored weights: no resolved direction, so "
-                                   "its φ, captured energy, TSV and KnOTS entries there are null (not 0)")
-        if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
-            result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
-                                   "interference to measure, and the totals hold the other tasks only")
-    result.complete = True
-    result.elapsed_s = time.perf_counter() - t0
-    if out_dir is not None:
-        result.save(out_dir, plots=plots)
-        journal.release()  # finished: no lock left in the folder
+    with contextlib.ExitStack() as held:
+        if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
+            held.callback(journal.release)
+        for i, (name, spec) in enumerate(todo):
+            if i in done:
+                rec = done[i]
+            else:
+                try:
+                    rec = {"module": measure_module(name, spec, tasks, base_ckpt, config, device)}
+                except _SkipModule as exc:
+                    rec = {"skipped": {"name": name, "reason": str(exc)}}
+                if journal is not None:
+                    journal.add({"i": i, **rec})
+            if "module" in rec:
+                result.modules.append(rec["module"])
+            else:
+                result.skipped.append(rec["skipped"])
+            if callback:
+                callback(i + 1, len(todo), name)
+        result.summary = summarise(result.modules)
+        for i, t in enumerate(tasks):
+            rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
+            if rels and float(np.median(rels)) > 1.0:
+                result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
+                                       "base weights themselves: is it a fine-tune of this base?")
+            own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
+            result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
+            noise = [m["name"] for m in result.modules if i in m.get("unresolved", ())]
+            if noise:
+                result.warnings.append(f"{t.label}: ΔW of {len(noise)} of {len(result.modules)} compared matrices (e.g. {noise[0]}) "
+                                       "is entirely at the rounding level of its stored weights: no resolved direction, so "
+                                       "its φ, captured energy, TSV and KnOTS entries there are null (not 0)")
+            if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
+                result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
+                                       "interference to measure, and the totals hold the other tasks only")
+        result.complete = True
+        result.elapsed_s = time.perf_counter() - t0
+        if out_dir is not None:
+            result.save(out_dir, plots=plots)
     return result
 
 
@@ -595,7 +598,7 @@ def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Che
     weights = [t.ckpt if t.adapter is None else open_weights(t.adapter.path, "lora") for t in tasks]
     options = {k: v for k, v in asdict(config).items() if k not in ("device", "max_dense_bytes")}  # neither moves a number
     journal = RecordJournal(Path(out_dir) / JOURNAL)
-    records = journal.start(inputs_fingerprint([base, *weights], {**options, "tasks": [t.label for t in tasks]}), resume=resume)
+    records = journal.start(inputs_fingerprint([base, *weights], options), resume=resume)  # the identities fix the tasks' order
     if not resume:  # an earlier interfere's files here describe another run: gone before this one's first write
         remove_earlier_outputs(Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
     n, done = len(tasks), {}

@@ -567,7 +567,8 @@ class Accumulation:
 
 
 def _at_most_1(x: float | None) -> float | None:
-    return None if x is None else min(1.0, x)
+    """A ratio bounded by 1 in exact arithmetic, rounding above it taken back to 1 (a larger excess is kept: an error shows)."""
+    return 1.0 if x is not None and 1.0 < x <= 1.0 + 1e-9 else x
 
 
 def accumulation(S_sum: np.ndarray, S_tasks: Sequence[np.ndarray], *, thresholds: Sequence[float] = (0.9,),
@@ -635,8 +636,9 @@ def subspace_turn(before: Subspaces | None, now: Subspaces | None) -> dict[str, 
     1 unturned, 0 orthogonal), the principal angles ``θ_l`` with ``cos θ_l = σ_l(M)``
     (:func:`spectra.subspaces.principal_angles`: small angles from their sines, so an unturned
     subspace reads 1e-15 rad, not arccos's 1.5e-8), ``max_angle_deg`` the largest in degrees,
-    ``grassmann`` = ‖θ‖₂ in radians, and ``k = min(k, k')``. Only ``d × k`` blocks are multiplied and
-    ``k × k`` ones decomposed (this runs inside training loops). None when either update is zero.
+    ``grassmann`` = ‖θ‖₂ in radians, and ``k = min(k, k')``. O(d·k²) per side (products, the bases'
+    orthonormality check and the SVD of a ``d × k`` residual; this runs inside training loops, where the
+    update's own spectrum costs far more). None when either update is zero.
     """
     if before is None or now is None:
         return None

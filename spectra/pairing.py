@@ -289,10 +289,11 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
 
 
 def _tie_unknown(base: Checkpoint, tuned: Checkpoint) -> bool:
-    """Whether nothing says that a base storing no head ties it to its embedding while the tuned config says
-    its own is untied: the base may as well be a backbone without a head (a ``LlamaModel`` saved as one
-    file), and the tuned head minus the base embedding would be no update at all."""
-    return "tie_word_embeddings" not in (base.config or {}) and (tuned.config or {}).get("tie_word_embeddings") is False
+    """Whether a base storing no head has no config.json at all (one that leaves ``tie_word_embeddings`` out
+    means its model type's default, True for GPT-2's) while the tuned config says its own head is untied:
+    the base may as well be a backbone without a head (a ``LlamaModel`` saved as one file), and the tuned
+    head minus the base embedding would be no update at all."""
+    return not base.config and (tuned.config or {}).get("tie_word_embeddings") is False
 
 
 def _head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: dict[str, MatrixSpec], base: Checkpoint,
@@ -301,7 +302,7 @@ def _head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: 
     heads = [n for n in tuned_only if n in tspecs and tspecs[n].role == "head" and tspecs[n].layer is None]
     if len(heads) != 1 or not _tie_unknown(base, tuned) or any(sp.role == "head" for sp in base.specs.values()):
         return None
-    return (f"{PAIRING_NOTE_PREFIX}the base stores no output head and no config.json of it says whether it ties the head to its embedding "
+    return (f"{PAIRING_NOTE_PREFIX}the base stores no output head and has no config.json to say whether it ties the head to its embedding "
             f"(the tuned config says tie_word_embeddings: false): {heads[0]} is not compared; if the base ties them, "
             "give the base's folder with its config.json")
 

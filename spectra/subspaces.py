@@ -682,7 +682,7 @@ def intruder_dimensions(
         if not 0.0 <= e <= 1.0:
             raise ValueError(f"epsilons must be in [0, 1]. Got {e!r} instead.")
     if base is None:
-        base = WeightBasis(Wb, m=min(p, 2 * k + 10), values=min(p, 2 * k + 11))
+        base = WeightBasis(Wb, m=min(p, 2 * k + 10))
     elif tuple(base.W.shape) != tuple(shape):
         raise ValueError(f"base must be the decomposition of a {shape[0]}×{shape[1]} W_base. Got {tuple(base.W.shape)} instead.")
     kk = min(k + 1, p)  # one value more: whether the k-th is tied with the next

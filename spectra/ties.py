@@ -44,7 +44,12 @@ def tied_cuts(S: np.ndarray | torch.Tensor, r: int, floor: float = 0.0, p: int |
     >>> tied_cuts(np.array([3.0, 2.0, 2.0, 1.0]), 4).tolist()
     [False, True, False, False]
     """
-    return np.array([cut_in_tie(S, i, r, floor, p) for i in range(1, int(r) + 1)], dtype=bool)
+    r = int(r)
+    vals = _values(S)
+    if r < 2 or vals.size < r:
+        return np.zeros(max(r, 0), dtype=bool)
+    tol = _tie_tol(vals, floor, p)  # cut_in_tie at each i < r, at once
+    return np.append(vals[: r - 1] - vals[1:r] <= tol, False)
 
 
 #: What a subspace measure's note says when its top-k cut lies in a tie too wide to widen (:func:`undetermined_cut`).

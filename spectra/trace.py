@@ -361,10 +361,15 @@ def trace(
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     done = journal.start(result.fingerprint, resume=resume) if journal else []
-    if result.kind == "lora":
-        _trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)
-    else:
-        _trace_full(result, refs, weights, base_ckpt, config, device, journal, done, callback)
+    try:
+        if result.kind == "lora":
+            _trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)
+        else:
+            _trace_full(result, refs, weights, base_ckpt, config, device, journal, done, callback)
+    except BaseException:
+        if journal is not None:  # failed or stopped: no lock left in the folder (the journal stays for --resume)
+            journal.release()
+        raise
     result.checkpoints = [asdict(r) for r in refs]
     for r in refs:
         if r.failed:
@@ -390,7 +395,7 @@ def trace(
     if out_dir is not None:
         result.save(out_dir, plots=plots)
     if journal is not None:
-        journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
+        journal.release()  # finished: no lock left in the folder
     return result
 
 

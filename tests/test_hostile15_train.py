@@ -139,6 +139,36 @@ def test_callback_resumed_between_measurements_leaves_that_turn_null(tmp_path, m
     assert "step 3 was not measured" in text and "measured from the weights it resumed with" not in text
 
 
+def test_a_resumed_pissa_run_trains_on_untraced_with_a_word(tmp_path):
+    """Resumed, a PiSSA run's B₀, A₀ are gone: the tracker cannot follow it, and raising at train begin killed the
+    resume the user asked for. It trains on; the trace says from where it is not followed."""
+    def pissa_trainer(steps: int, stop_at: int | None = None):
+        model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                              save_steps=2, logging_steps=1, report_to=[], learning_rate=1e-3, use_cpu=True,
+                                              disable_tqdm=True, seed=0)
+        tr = transformers.Trainer(model=model, args=args, train_dataset=_Blocks())
+        attach(tr, every=1)
+        if stop_at is not None:
+            class Stop(transformers.TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    if state.global_step == stop_at:
+                        raise KeyboardInterrupt
+
+            tr.add_callback(Stop())
+        return tr
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        pissa_trainer(4, stop_at=3).train()
+    torch.manual_seed(0)
+    tr = pissa_trainer(4)
+    tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert tr.state.global_step == 4
+    text = (tmp_path / "trace.jsonl").read_text()
+    assert "training resumed at step 2: not traced from there" in text and "initialised with pissa" in text
+
+
 def test_a_second_train_keeps_the_first_trace(tmp_path):
     """A curriculum's second trainer.train() with the same callback truncated trace.jsonl: phase 1 was lost."""
     tr = _trainer(tmp_path, 4, every=2, save_steps=100)
@@ -195,12 +225,17 @@ def test_a_headless_base_without_config_is_not_taken_for_a_tied_one(tmp_path):
     res = spectra.diff(str(tmp_path / "backbone.safetensors"), str(tmp_path / "tuned"))
     assert "lm_head.weight" not in {m.name for m in res.modules}
     assert res.unmatched["tuned_only"] == ["lm_head.weight"]
-    assert any("no config.json of it says whether it ties" in w for w in res.warnings)
-    # a base whose config says it ties them is still compared with the tuned head
+    assert any("has no config.json to say whether it ties" in w for w in res.warnings)
+    # a base whose config says it ties them is still compared with the tuned head; so is one whose config leaves
+    # the key out (its model type's default: transformers 4 wrote GPT-2's configs so)
     model2 = _tiny(tie_word_embeddings=True)
     model2.save_pretrained(tmp_path / "tied")
     res = spectra.diff(str(tmp_path / "tied"), str(tmp_path / "tuned"))
     assert "lm_head.weight" in {m.name for m in res.modules}
+    cfg = json.loads((tmp_path / "tied" / "config.json").read_text())
+    cfg.pop("tie_word_embeddings")
+    (tmp_path / "tied" / "config.json").write_text(json.dumps(cfg))
+    assert "lm_head.weight" in {m.name for m in spectra.diff(str(tmp_path / "tied"), str(tmp_path / "tuned")).modules}
 
 
 def test_square_matrices_beside_transposed_ones_are_not_paired_as_stored(tmp_path):

@@ -279,8 +279,14 @@ class AdapterConfig:
     @property
     def base_changing_init(self) -> str | None:
         """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), or None."""
-        init = str(self.init_lora_weights).lower()
-        return next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None)
+        return base_changing_init(self.init_lora_weights)
+
+
+def base_changing_init(init_lora_weights: object) -> str | None:
+    """Which of :data:`BASE_CHANGING_INITS` a LoraConfig's ``init_lora_weights`` value is (``"pissa_niter_4"``
+    -> ``"pissa"``), or None: an init that moves ``s·B₀·A₀`` out of W (or, LoftQ, replaces W)."""
+    init = str(init_lora_weights).lower()
+    return next((m for m in BASE_CHANGING_INITS if init.startswith(m)), None)
 
 
 def _short(value: object, limit: int = 120) -> str:

@@ -195,6 +195,7 @@ class OutputLock:
     def __init__(self, path: Path, fd: int | None) -> None:
         self.path = path
         self._fd = fd
+        self.owner = threading.current_thread()  # the thread that took it (release_locks frees its own only)
 
     @classmethod
     def acquire(cls, folder: Path) -> OutputLock:
@@ -282,10 +283,13 @@ def held_locks() -> frozenset[OutputLock]:
 
 
 def release_locks(keep: frozenset[OutputLock] = frozenset()) -> None:
-    """Release every lock this process holds except ``keep`` (removing their files): what a command that
-    stopped or failed took, as it ends, so that no ``.spectra.lock`` stays behind in its folder."""
+    """Release the locks this thread (or a thread that has ended) took, except ``keep``, removing their
+    files: what a command that stopped or failed took, as it ends, so that no ``.spectra.lock`` stays
+    behind in its folder. Another live thread's run keeps its lock."""
+    me = threading.current_thread()
     for lock in held_locks() - keep:
-        lock.release()
+        if lock.owner is me or not lock.owner.is_alive():
+            lock.release()
 
 
 @contextlib.contextmanager
