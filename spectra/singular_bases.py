@@ -38,7 +38,7 @@ import torch
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import gram_upper
 from spectra.metrics import check_energy_range, numerical_rank
-from spectra.ties import TIE_REL
+from spectra.ties import TIE_REL, tie_runs
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
 #: (two p × p float64 arrays: 256 MiB at 4096).
@@ -313,16 +313,9 @@ class WeightBasis:
         n = self.rank if every else self.U.shape[1]
         C2 = (Q64 @ self.U[:, :n]) ** 2  # (k, n), every column resolved
         S = self.S.cpu().numpy()
-        tol = TIE_REL * float(S[0])
-        if np.any(S[: n - 1] - S[1:n] <= tol):  # runs of values tied with the first of each (not chained)
-            starts = [0]
-            for j in range(1, n):
-                if S[starts[-1]] - S[j] > tol:
-                    starts.append(j)
-        else:  # no tie (almost always): every value is its own run
-            starts = list(range(n))
+        starts = tie_runs(S, n)
         ends = starts[1:] + [n]
-        if not every and (S.size <= n or S[starts[-1]] - S[n] <= tol):  # the last run may go on past n: not complete
+        if not every and (S.size <= n or S[starts[-1]] - S[n] <= TIE_REL * float(S[0])):  # the last run may go on past n
             starts, ends = starts[:-1], ends[:-1]
         if not starts:
             self.complete()

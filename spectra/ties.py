@@ -52,6 +52,26 @@ def tied_cuts(S: np.ndarray | torch.Tensor, r: int, floor: float = 0.0, p: int |
     return np.append(vals[: r - 1] - vals[1:r] <= tol, False)
 
 
+def tie_runs(S: np.ndarray | torch.Tensor, n: int, floor: float = 0.0, p: int | None = None) -> list[int]:
+    """The first index of each run of tied values among the first ``n`` of ``S`` (descending): a run holds the
+    values within the resolution of :func:`tie_cut` of its first one (not chained through neighbours, which
+    a smooth spectrum would make one run); with no tie, every value is its own run.
+
+    >>> tie_runs(np.array([5.0, 3.0, 3.0, 3.0, 1.0]), 5)
+    [0, 1, 4]
+    """
+    vals = _values(S)
+    n = min(int(n), vals.size)
+    tol = _tie_tol(vals, floor, p) if n else 0.0
+    if not np.any(vals[: n - 1] - vals[1:n] <= tol):  # almost always: no tie
+        return list(range(n))
+    starts = [0]
+    for j in range(1, n):
+        if vals[starts[-1]] - vals[j] > tol:
+            starts.append(j)
+    return starts
+
+
 #: What a subspace measure's note says when its top-k cut lies in a tie too wide to widen (:func:`undetermined_cut`).
 UNDETERMINED_TEXT = ("its top-k cut lies inside a cluster of tied singular values too wide to widen (past k + max(k, 8)): "
                      "the subspace is not determined, and its measures depend on the solver's choice within the cluster")
@@ -95,4 +115,4 @@ def tie_cut(S: np.ndarray | torch.Tensor, k: int, available: int, floor: float =
     return k if end > k + max(k, 8) else end
 
 
-__all__ = ["TIE_REL", "UNDETERMINED_TEXT", "cut_in_tie", "tie_cut", "tied_cuts", "undetermined_cut"]
+__all__ = ["TIE_REL", "UNDETERMINED_TEXT", "cut_in_tie", "tie_cut", "tie_runs", "tied_cuts", "undetermined_cut"]
