@@ -619,7 +619,7 @@ def compare(
             for i, job in enumerate(jobs):
                 out = done[i] if i in done else next(computed)
                 if journal is not None and i not in done:
-                    journal.add(journal_record(i, out))
+                    journal.add(journal.sealed(journal_record(i, out)))
                 if isinstance(out, dict):
                     result.skipped.append(out)
                 else:
@@ -654,14 +654,19 @@ def _journaled(jobs: list[_Job], A: _Side, B: _Side, base: Checkpoint | None, co
         return None, {}
     sides = [s.tuned if s.adapter is None else open_weights(s.adapter.path, "lora") for s in (A, B)]
     options = {k: v for k, v in asdict(config).items() if k != "device"}  # the numbers do not depend on the device
-    fingerprint = inputs_fingerprint([c for c in (base, *sides) if c is not None], options)
+    # the labels as typed too: the records' skip reasons name them (another spelling would mix two in one result)
+    fingerprint = inputs_fingerprint([c for c in (base, *sides) if c is not None], {**options, "labels": [A.label, B.label]})
     journal = RecordJournal(Path(out_dir) / JOURNAL)
     records = journal.start(fingerprint, resume=resume)
     if not resume:  # an earlier compare's files here describe another run: gone before this one's first write
         remove_earlier_outputs(Path(out_dir), "compare.json", SCHEMA, COMPARE_FILES)
     done: dict[int, _Out] = {}
     for line, rec in enumerate(records, start=2):
-        i, out = from_journal_record(rec, journal.path, line)
+        body = journal.unsealed(rec)
+        if body is None:
+            raise ResultsFormatError(f"record {line} was changed after compare wrote it (its seal does not match), or is not "
+                                     "one compare wrote", path=journal.path, hint="run without --resume into a new folder")
+        i, out = from_journal_record(body, journal.path, line)
         name = out["name"] if isinstance(out, dict) else out[0].name
         if not 0 <= i < len(jobs) or jobs[i].spec.name != name:
             raise ResultsFormatError(f"record {line} is of {name[:120]!r}, which this run does not compare at {i} (an edited "

@@ -547,7 +547,7 @@ def interfere(
                 except _SkipModule as exc:
                     rec = {"skipped": {"name": name, "reason": str(exc)}}
                 if journal is not None:
-                    journal.add({"i": i, **rec})
+                    journal.add(journal.sealed({"i": i, **rec}))
             if "module" in rec:
                 result.modules.append(rec["module"])
             else:
@@ -598,11 +598,13 @@ def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Che
     weights = [t.ckpt if t.adapter is None else open_weights(t.adapter.path, "lora") for t in tasks]
     options = {k: v for k, v in asdict(config).items() if k not in ("device", "max_dense_bytes")}  # neither moves a number
     journal = RecordJournal(Path(out_dir) / JOURNAL)
-    records = journal.start(inputs_fingerprint([base, *weights], options), resume=resume)  # the identities fix the tasks' order
+    # the labels as typed too: the records' notes name them (another spelling would mix two in one result)
+    records = journal.start(inputs_fingerprint([base, *weights], {**options, "tasks": [t.label for t in tasks]}), resume=resume)
     if not resume:  # an earlier interfere's files here describe another run: gone before this one's first write
         remove_earlier_outputs(Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
     n, done = len(tasks), {}
-    for line, rec in enumerate(records, start=2):
+    for line, sealed in enumerate(records, start=2):
+        rec = journal.unsealed(sealed)  # None: changed after it was written, or not one of interfere's records
         body = rec.get("module", rec.get("skipped")) if isinstance(rec, dict) else None
         i = rec.get("i") if isinstance(rec, dict) else None
         ok = (isinstance(body, dict) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(todo)

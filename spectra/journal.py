@@ -4,6 +4,8 @@ into ``results.json`` every few seconds, and read back by ``--resume`` under the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -34,12 +36,27 @@ RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method"
                   "approx", "approx_above", "approx_tol", "seed", "weight_spectra", "esd")
 
 
+@functools.cache
+def code_identity() -> str:
+    """A hash of the running spectra's source (every ``.py`` file of the package, by path and content; ~5 ms,
+    once): a journal written by other code (an upgrade, a ``git pull`` between a stop and its resume) is not
+    resumed, where its records and the new code's would be mixed in one result."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0")
+        with contextlib.suppress(OSError):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig, *, portable: bool = False) -> str:
     """A hash of the inputs (:func:`checkpoint_identity`: tensors, files, config.json, index) and of
     the result-affecting options: a journal is resumed only under the same one. ``portable``: the
     files by name, size and content only (not path or modification time), the same for copies of
     the same files on other machines: what the ranks of a distributed run compare."""
     h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in RESULT_FIELDS}, sort_keys=True, default=list).encode())
+    h.update(code_identity().encode())
     for ckpt in (base, tuned):
         h.update(json.dumps(checkpoint_identity(ckpt, portable=portable)).encode())
     return h.hexdigest()[:16]
@@ -136,7 +153,7 @@ class Journal:
                             max_bytes=RESULTS_MAX_BYTES)
             old = doc.get("fingerprint") if isinstance(doc, dict) else None
             if old != result.fingerprint:
-                raise ConfigError("the journal here comes from different inputs or options", path=self.out_dir,
+                raise ConfigError("the journal here comes from different inputs or options (or another version of spectra)", path=self.out_dir,
                                   hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
             done = read_records(self.journal)
             for i, rec in enumerate(done, 1):
@@ -251,6 +268,7 @@ def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
     """A hash of checkpoints (:func:`checkpoint_identity`) and of the options that change the
     results: a journal is resumed only under the same one. For commands other than ``diff``."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True, default=list).encode())
+    h.update(code_identity().encode())
     for ckpt in checkpoints:
         h.update(json.dumps(checkpoint_identity(ckpt)).encode())
     return h.hexdigest()[:16]
@@ -274,6 +292,7 @@ class RecordJournal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.lock: OutputLock | None = None  # the folder's lock, held while this journal lives
+        self.fingerprint = ""  # the run's, once started (records are sealed with it)
 
     def start(self, fingerprint: str, *, resume: bool) -> list[dict]:
         """Begin a run; with ``resume``, return the records of an earlier run with the same
@@ -291,18 +310,40 @@ class RecordJournal:
             self.lock = OutputLock.acquire(self.path.parent)
         if not resume:
             atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+            self.fingerprint = fingerprint
             return []
         if not self.path.is_file():
             raise ConfigError(f"nothing to resume: no {self.path.name}", path=self.path.parent, hint="run without --resume first")
         records = read_records(self.path)
-        if not records or records[0].get("fingerprint") != fingerprint:
-            raise ConfigError("the journal here comes from different inputs or options", path=self.path,
+        if not records or not isinstance(records[0], dict) or "fingerprint" not in records[0]:
+            raise ResultsFormatError("the journal does not open with its run's fingerprint (an edited journal)", path=self.path,
+                                     hint="run without --resume into a new folder")
+        if records[0].get("fingerprint") != fingerprint:
+            raise ConfigError("the journal here comes from different inputs or options (or another version of spectra)", path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
+        self.fingerprint = fingerprint
         return records[1:]
 
     def add(self, record: dict) -> None:
         """Append one finished item."""
         append_record(self.path, record)
+
+    def sealed(self, record: dict) -> dict:
+        """``record`` with a ``seal``: a hash of its content and of the run's fingerprint, which
+        :meth:`unsealed` checks on resume, so that an edited record is refused rather than written into
+        the results (a record is checked for its shape, a seal for its every value)."""
+        return {**record, "seal": self._seal(record)}
+
+    def unsealed(self, record: object) -> dict | None:
+        """A record :meth:`sealed` wrote, without its seal; None when it is not one or was changed since."""
+        if not isinstance(record, dict) or not isinstance(record.get("seal"), str):
+            return None
+        body = {k: v for k, v in record.items() if k != "seal"}
+        return body if record["seal"] == self._seal(body) else None
+
+    def _seal(self, record: dict) -> str:
+        text = json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+        return hashlib.sha256((self.fingerprint + "\n" + text).encode()).hexdigest()[:16]
 
     def release(self) -> None:
         """Release the folder's lock (dropping the journal or the process's exit releases it too)."""

@@ -338,7 +338,16 @@ def test_compare_resume_refusals(tmp_path):
     assert lines[1].startswith('{"i": 0,')
     journal.write_text("\n".join([lines[0], lines[1].replace('{"i": 0,', '{"i": 1,', 1), *lines[2:]]) + "\n")  # another index
     res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
-    assert res.exit_code == 1 and "record 2" in res.output and "an edited journal" in res.output
+    assert res.exit_code == 1 and "record 2 was changed after compare wrote it" in res.output, res.output
+    # a value changed (a φ of 5, which every type check passes) is refused the same way: records are sealed
+    journal.write_text("\n".join([lines[0], lines[1].replace('"phi_full": ', '"phi_full": 5.0, "x": ', 1), *lines[2:]]) + "\n")
+    res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
+    assert res.exit_code == 1 and "record 2 was changed" in res.output, res.output
+    # a first line that is no fingerprint: one line, not a traceback
+    journal.write_text("[1, 2]\n" + "\n".join(lines[1:]) + "\n")
+    res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
+    assert res.exit_code == 1 and "does not open with its run's fingerprint" in res.output, res.output
+
 
 
 def test_a_stopped_interfere_resumes_from_its_journal_to_the_same_numbers(tmp_path):
@@ -366,6 +375,10 @@ def test_a_stopped_interfere_resumes_from_its_journal_to_the_same_numbers(tmp_pa
     assert one == two
     with pytest.raises(ConfigError, match="different inputs or options"):  # the tasks in another order
         interfere(base, [b, a], config=cfg, out_dir=tmp_path / "cut", plots=False, resume=True)
+    # a task spelled another way: its records' notes name it as first spelled, so not resumed into one result
+    respelled = f"{Path(b).parent}/./{Path(b).name}"
+    with pytest.raises(ConfigError, match="different inputs or options"):
+        interfere(base, [a, respelled], config=cfg, out_dir=tmp_path / "cut", plots=False, resume=True)
     journal = tmp_path / "cut" / "interfere.jsonl"
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join([lines[0], lines[1].replace('"cosine"', '"cosin"', 1), *lines[2:]]) + "\n")
