@@ -90,15 +90,16 @@ class _Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.x[i], "labels": self.x[i]}
 
 
-def _trainer(out: Path, steps: int, *, stop_at: int | None = None, every: int = 2, save_steps: int = 3, full: Path | None = None):
+def _trainer(out: Path, steps: int, *, stop_at: int | None = None, every: int = 2, save_steps: int = 3, full: Path | None = None,
+             init: str | bool = True, lr: float = 1e-2):
     if full is not None:  # a full fine-tune of the model saved in that folder (its name_or_path)
         if not (full / "config.json").is_file():
             _tiny().save_pretrained(full)
         model = transformers.LlamaForCausalLM.from_pretrained(full)
     else:
-        model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+        model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=init))
     args = transformers.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-                                          save_steps=save_steps, logging_steps=1, report_to=[], learning_rate=1e-2,
+                                          save_steps=save_steps, logging_steps=1, report_to=[], learning_rate=lr,
                                           use_cpu=True, disable_tqdm=True, seed=0)
     tr = transformers.Trainer(model=model, args=args, train_dataset=_Blocks())
     attach(tr, every=every)
@@ -142,27 +143,11 @@ def test_callback_resumed_between_measurements_leaves_that_turn_null(tmp_path, m
 def test_a_resumed_pissa_run_trains_on_untraced_with_a_word(tmp_path):
     """Resumed, a PiSSA run's B₀, A₀ are gone: the tracker cannot follow it, and raising at train begin killed the
     resume the user asked for. It trains on; the trace says from where it is not followed."""
-    def pissa_trainer(steps: int, stop_at: int | None = None):
-        model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="pissa"))
-        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
-                                              save_steps=2, logging_steps=1, report_to=[], learning_rate=1e-3, use_cpu=True,
-                                              disable_tqdm=True, seed=0)
-        tr = transformers.Trainer(model=model, args=args, train_dataset=_Blocks())
-        attach(tr, every=1)
-        if stop_at is not None:
-            class Stop(transformers.TrainerCallback):
-                def on_step_end(self, args, state, control, **kw):
-                    if state.global_step == stop_at:
-                        raise KeyboardInterrupt
-
-            tr.add_callback(Stop())
-        return tr
-
     torch.manual_seed(0)
     with pytest.raises(KeyboardInterrupt):
-        pissa_trainer(4, stop_at=3).train()
+        _trainer(tmp_path, 4, stop_at=3, every=1, save_steps=2, init="pissa", lr=1e-3).train()
     torch.manual_seed(0)
-    tr = pissa_trainer(4)
+    tr = _trainer(tmp_path, 4, every=1, save_steps=2, init="pissa", lr=1e-3)
     tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert tr.state.global_step == 4
     text = (tmp_path / "trace.jsonl").read_text()
