@@ -44,6 +44,7 @@ from spectra.linalg import (
     check_device_available,
     eigvalsh_upper,
     gram,
+    gram_scale_exponent,
     gram_upper,
     real_tensor,
     resolve_device,
@@ -89,12 +90,6 @@ DEFAULT_WORKERS: int | None = None
 #: (``bench/results/eigensolvers-cpu.md``).
 ALONE_THREADS_MIN_P = 1024
 
-#: A matrix whose largest |entry| lies outside ``[2**-L, 2**L]`` is scaled by a power of two before
-#: its Gram matrix is formed, L by the Gram's dtype: squaring doubles the exponent, so float64 weights
-#: near 1e200 overflow the Gram (inf) and updates near 1e-160 underflow it (reported as zero). A
-#: power of two scales exactly, and inside the range nothing is scaled, so ordinary inputs give
-#: bit-identical spectra. At L the Gram's entries stay below 2**(2L) times the long dimension.
-GRAM_SCALE_LIMIT = {np.dtype(np.float64): 256, np.dtype(np.float32): 32}
 
 
 class BatchTooLarge(RuntimeError):
@@ -287,21 +282,6 @@ def _eigvalsh(G: np.ndarray, solver: str) -> np.ndarray:
     if solver == "torch":
         return torch.linalg.eigvalsh(torch.from_numpy(G), UPLO="U").numpy()[::-1].astype(np.float64)
     return eigvalsh_upper(G, driver=solver, overwrite=True)
-
-
-def gram_scale_exponent(amax: float, gram_dtype: type[np.floating] | torch.dtype) -> int:
-    """The power of two ``e`` to divide a matrix by before forming its Gram matrix in ``gram_dtype``
-    (0: none needed), from its largest ``|entry|`` ``amax``; singular values are then multiplied by
-    ``2**e``. Nonzero only outside :data:`GRAM_SCALE_LIMIT` (NaN, Inf and 0 give 0).
-
-    >>> gram_scale_exponent(1e-160, np.float64), gram_scale_exponent(3.0, np.float64)
-    (-531, 0)
-    """
-    dt = np.dtype(np.float32 if gram_dtype in (torch.float32, np.float32) else np.float64)
-    if not math.isfinite(amax) or amax == 0.0:
-        return 0
-    e = math.frexp(amax)[1]
-    return e if abs(e) > GRAM_SCALE_LIMIT[dt] else 0
 
 
 def float32_exponent(trace: float) -> int:

@@ -61,7 +61,7 @@ import scipy.linalg
 import torch
 
 from spectra.errors import ConfigError
-from spectra.metrics import SQUARING_LIMIT, outside_squaring_range, spectrum_metrics
+from spectra.metrics import SQUARING_LIMIT, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -74,6 +74,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+#: A matrix whose largest |entry| lies outside ``[2**-L, 2**L]`` is scaled by a power of two before
+#: its Gram matrix is formed, L by the Gram's dtype: squaring doubles the exponent, so float64 weights
+#: near 1e200 overflow the Gram (inf) and updates near 1e-160 underflow it (reported as zero). A
+#: power of two scales exactly, and inside the range nothing is scaled, so ordinary inputs give
+#: bit-identical spectra. At L the Gram's entries stay below 2**(2L) times the long dimension.
+GRAM_SCALE_LIMIT = {np.dtype(np.float64): 256, np.dtype(np.float32): 32}
+
+
+def gram_scale_exponent(amax: float, gram_dtype: type[np.floating] | torch.dtype) -> int:
+    """The power of two ``e`` to divide a matrix by before forming its Gram matrix in ``gram_dtype``
+    (0: none needed), from its largest ``|entry|`` ``amax``; singular values are then multiplied by
+    ``2**e``. Nonzero only outside :data:`GRAM_SCALE_LIMIT` (NaN, Inf and 0 give 0).
+
+    >>> gram_scale_exponent(1e-160, np.float64), gram_scale_exponent(3.0, np.float64)
+    (-531, 0)
+    """
+    dt = np.dtype(np.float32 if gram_dtype in (torch.float32, np.float32) else np.float64)
+    if not math.isfinite(amax) or amax == 0.0:
+        return 0
+    e = math.frexp(amax)[1]
+    return e if abs(e) > GRAM_SCALE_LIMIT[dt] else 0
 
 
 def check_device_available(device: torch.device) -> None:
@@ -147,10 +170,9 @@ def singular_values(
     amax = float(torch.linalg.vector_norm(M, ord=math.inf))
     if not math.isfinite(amax):
         raise ValueError("M holds NaN or Inf: its singular values are undefined.")
-    # values whose squares leave the decomposition's range (beyond 2**±250 in float64, 2**±40 in float32, where
-    # 1e-30 squared underflows to 0) are scaled by a power of two first: exact, and undone on the values
-    far = outside_squaring_range(amax) if dtype == torch.float64 else not 2.0**-40 <= amax <= 2.0**40
-    e = math.frexp(amax)[1] if amax > 0 and far else 0
+    # values whose squares leave the decomposition's range (in float32, 1e-30 squared underflows to 0) are
+    # scaled by a power of two first: exact, and undone on the values
+    e = gram_scale_exponent(amax, dtype)
     M = torch.ldexp(M.to(torch.promote_types(M.dtype, dtype)), torch.tensor(-e, device=M.device)) if e else M
     if method == "gram":
         lam = torch.linalg.eigvalsh(gram(M, dtype=dtype))  # ascending

@@ -31,9 +31,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from spectra.engine import factored_svd, gram_scale_exponent
+from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
-from spectra.linalg import as_numpy, fro_norm, gram, gram_upper
+from spectra.linalg import as_numpy, fro_norm, gram, gram_scale_exponent, gram_upper
 from spectra.metrics import as_spectrum, check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
@@ -365,7 +365,7 @@ def scale_pow2(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def squaring_exponent(delta: torch.Tensor, gram_dtype: type[np.floating] = np.float64) -> int:
-    """The power of two to divide ``delta`` by before squaring it in ``gram_dtype`` (:func:`spectra.engine.gram_scale_exponent`)."""
+    """The power of two to divide ``delta`` by before squaring it in ``gram_dtype`` (:func:`spectra.linalg.gram_scale_exponent`)."""
     if not delta.numel() or (delta.dtype != torch.float64 and gram_dtype is np.float64):
         return 0
     lo, hi = torch.aminmax(delta)

@@ -8,7 +8,7 @@ energy ranks from an adaptively grown sketch with bounds that hold deterministic
   see :func:`energy_rank_bounds`).
 
 Both work in float32 by default; a float64 matrix outside float32's range is divided by a power of two
-first and its values multiplied back (:func:`spectra.engine.gram_scale_exponent`), so neither
+first and its values multiplied back (:func:`spectra.linalg.gram_scale_exponent`), so neither
 overflows nor flushes to zero. Conventions as :mod:`spectra.engine`: ``(out, in)`` matrices, spectra
 as float64 numpy.
 """
@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from spectra.engine import batch_singular_values, gram_scale_exponent
-from spectra.linalg import check_device_available, real_tensor, resolve_device
+from spectra.engine import batch_singular_values
+from spectra.linalg import check_device_available, gram_scale_exponent, real_tensor, resolve_device
 from spectra.metrics import check_tau, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",

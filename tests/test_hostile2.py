@@ -28,11 +28,12 @@ from safetensors.torch import save_file
 
 import spectra
 from spectra.config import DiffConfig
-from spectra.engine import GRAM_SCALE_LIMIT, exact_spectra, gram_scale_exponent
+from spectra.engine import exact_spectra
 from spectra.errors import ConfigError, OutputError, ResultsFormatError, SpectraError
 from spectra.io.checkpoint import open_checkpoint
 from spectra.io.files import LOCK_NAME, OutputLock
 from spectra.journal import Journal, run_fingerprint
+from spectra.linalg import GRAM_SCALE_LIMIT, gram_scale_exponent
 from spectra.metrics import energy_rank, fro_norm_of, spectrum_metrics, stable_rank
 from spectra.pipeline import all_zero
 from spectra.report import collect
