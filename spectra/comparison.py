@@ -54,7 +54,7 @@ from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
-from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
@@ -655,17 +655,11 @@ def _journaled(jobs: list[_Job], A: _Side, B: _Side, base: Checkpoint | None, co
     sides = [s.tuned if s.adapter is None else open_weights(s.adapter.path, "lora") for s in (A, B)]
     options = {k: v for k, v in asdict(config).items() if k != "device"}  # the numbers do not depend on the device
     # the labels as typed too: the records' skip reasons name them (another spelling would mix two in one result)
-    fingerprint = inputs_fingerprint([c for c in (base, *sides) if c is not None], {**options, "labels": [A.label, B.label]})
-    journal = RecordJournal(Path(out_dir) / JOURNAL)
-    records = journal.start(fingerprint, resume=resume)
-    if not resume:  # an earlier compare's files here describe another run: gone before this one's first write
-        remove_earlier_outputs(Path(out_dir), "compare.json", SCHEMA, COMPARE_FILES)
+    journal, records = start_sealed(Path(out_dir) / JOURNAL, [c for c in (base, *sides) if c is not None],
+                                    {**options, "labels": [A.label, B.label]}, resume=resume,
+                                    clear=lambda: remove_earlier_outputs(Path(out_dir), "compare.json", SCHEMA, COMPARE_FILES))
     done: dict[int, _Out] = {}
-    for line, rec in enumerate(records, start=2):
-        body = journal.unsealed(rec)
-        if body is None:
-            raise ResultsFormatError(f"record {line} was changed after compare wrote it (its seal does not match), or is not "
-                                     "one compare wrote", path=journal.path, hint="run without --resume into a new folder")
+    for line, body in records:
         i, out = from_journal_record(body, journal.path, line)
         name = out["name"] if isinstance(out, dict) else out[0].name
         if not 0 <= i < len(jobs) or jobs[i].spec.name != name:

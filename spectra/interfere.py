@@ -52,7 +52,7 @@ from spectra.interference import (
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
-from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
@@ -597,16 +597,14 @@ def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Che
         return None, {}
     weights = [t.ckpt if t.adapter is None else open_weights(t.adapter.path, "lora") for t in tasks]
     options = {k: v for k, v in asdict(config).items() if k not in ("device", "max_dense_bytes")}  # neither moves a number
-    journal = RecordJournal(Path(out_dir) / JOURNAL)
     # the labels as typed too: the records' notes name them (another spelling would mix two in one result)
-    records = journal.start(inputs_fingerprint([base, *weights], {**options, "tasks": [t.label for t in tasks]}), resume=resume)
-    if not resume:  # an earlier interfere's files here describe another run: gone before this one's first write
-        remove_earlier_outputs(Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
+    journal, records = start_sealed(Path(out_dir) / JOURNAL, [base, *weights], {**options, "tasks": [t.label for t in tasks]},
+                                    resume=resume, clear=lambda: remove_earlier_outputs(
+                                        Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",)))
     n, done = len(tasks), {}
-    for line, sealed in enumerate(records, start=2):
-        rec = journal.unsealed(sealed)  # None: changed after it was written, or not one of interfere's records
-        body = rec.get("module", rec.get("skipped")) if isinstance(rec, dict) else None
-        i = rec.get("i") if isinstance(rec, dict) else None
+    for line, rec in records:
+        body = rec.get("module", rec.get("skipped"))
+        i = rec.get("i")
         ok = (isinstance(body, dict) and isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(todo)
               and body.get("name") == todo[i][0])
         if ok and "module" in rec:

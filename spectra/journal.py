@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -272,6 +273,31 @@ def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
     for ckpt in checkpoints:
         h.update(json.dumps(checkpoint_identity(ckpt)).encode())
     return h.hexdigest()[:16]
+
+
+def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,
+                 clear: Callable[[], None]) -> tuple[RecordJournal, list[tuple[int, dict]]]:
+    """Start the sealed journal at ``path`` of a run over ``checkpoints`` with ``options``
+    (:func:`inputs_fingerprint`; the folder locked): with ``resume``, the records it holds, unsealed
+    (:meth:`RecordJournal.unsealed`), each with its line number; without, ``clear()`` first removes an
+    earlier run's result files and the journal starts afresh.
+
+    Raises:
+        ConfigError: ``resume`` without a journal, or a journal of other inputs, options or code.
+        ResultsFormatError: a record changed after it was written, or not one of this journal's.
+    """
+    journal = RecordJournal(path)
+    records = journal.start(inputs_fingerprint(checkpoints, options), resume=resume)
+    if not resume:  # an earlier run's files here describe another run: gone before this one's first write
+        clear()
+    out = []
+    for line, rec in enumerate(records, start=2):
+        body = journal.unsealed(rec)
+        if body is None:
+            raise ResultsFormatError(f"record {line} was changed after it was written (its seal does not match), or is "
+                                     "not one this command wrote", path=journal.path, hint="run without --resume into a new folder")
+        out.append((line, body))
+    return journal, out
 
 
 class RecordJournal:

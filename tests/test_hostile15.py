@@ -338,7 +338,7 @@ def test_compare_resume_refusals(tmp_path):
     assert lines[1].startswith('{"i": 0,')
     journal.write_text("\n".join([lines[0], lines[1].replace('{"i": 0,', '{"i": 1,', 1), *lines[2:]]) + "\n")  # another index
     res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
-    assert res.exit_code == 1 and "record 2 was changed after compare wrote it" in res.output, res.output
+    assert res.exit_code == 1 and "record 2 was changed after it was written" in res.output, res.output
     # a value changed (a φ of 5, which every type check passes) is refused the same way: records are sealed
     journal.write_text("\n".join([lines[0], lines[1].replace('"phi_full": ', '"phi_full": 5.0, "x": ', 1), *lines[2:]]) + "\n")
     res = _run("compare", a, b, "--base", base, "--top-k", "3", "--out", str(tmp_path / "edited"), "--resume", "--no-plots")
@@ -383,7 +383,7 @@ def test_a_stopped_interfere_resumes_from_its_journal_to_the_same_numbers(tmp_pa
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join([lines[0], lines[1].replace('"cosine"', '"cosin"', 1), *lines[2:]]) + "\n")
     res = _run("interfere", "--base", base, a, b, "--top-k", "3", "--out", str(tmp_path / "cut"), "--resume", "--no-plots")
-    assert res.exit_code == 1 and "record 2 is not one this run wrote" in res.output, res.output
+    assert res.exit_code == 1 and "record 2 was changed after it was written" in res.output, res.output
 
 
 # ---- the Python API: inputs a notebook passes -------------------------------------------------------------
