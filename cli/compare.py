@@ -181,5 +181,7 @@ def compare_table(result) -> Table:
             rows.append((kind, str(len(kinds[kind])), [statistics.median(d) if (d := [v for v in c if v is not None]) else None
                                                         for c in cells]))
     for name, second, values in rows:
-        table.add_row(escape(display_name(name, 40)), second, *(_f(v, spec) for v, spec in zip(values, specs)))
+        # a median of counts can fall between two (2.5): shown as it is, not rounded to an even neighbour
+        cells = [_f(v, ".1f" if spec == ".0f" and v is not None and v % 1 else spec) for v, spec in zip(values, specs)]
+        table.add_row(escape(display_name(name, 40)), second, *cells)
     return table

@@ -632,6 +632,9 @@ def compare(
         for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
             notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
+        if tied := [m.name for m in result.modules if "tied singular values" in (m.note or "")]:
+            result.warnings.append(f"{len(tied)} of {len(result.modules)} modules (e.g. {tied[0]}) hold tied singular values at or "
+                                   "inside a rank: what that leaves undetermined is null or said in each one's note (compare.json)")
         result.elapsed_s = time.perf_counter() - t0
         if loader is not None:
             loader.join()

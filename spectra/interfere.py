@@ -555,6 +555,10 @@ def interfere(
             if callback:
                 callback(i + 1, len(todo), name)
         result.summary = summarise(result.modules)
+        if tied := [m["name"] for m in result.modules if "tied singular values" in (m.get("note") or "")]:
+            result.warnings.append(f"{len(tied)} of {len(result.modules)} matrices (e.g. {tied[0]}) hold tied singular values in a "
+                                   "task's kept triplets: its TSV entries there are a solver's choice (each one's note in "
+                                   "interfere.json)")
         for i, t in enumerate(tasks):
             rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
             if rels and float(np.median(rels)) > 1.0:

@@ -49,6 +49,7 @@ class ReportInputs:
 
     docs: list[tuple[Path, dict]] = field(default_factory=list)
     train_logs: dict[str, list[dict]] = field(default_factory=dict)
+    unfinished: list[str] = field(default_factory=list)  # folders holding a stopped run's journal and no result
 
 
 def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
@@ -139,12 +140,24 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
+    found.unfinished = [f"{j.parent}: an unfinished {command} (its journal {j.name}, no {result}): finish it with the same "
+                        "command and --resume" for p in map(Path, paths) if p.is_dir()
+                        for j in _files_named(p, set(JOURNALS)) for command, result in [JOURNALS[j.name]]
+                        if not (j.parent / result).is_file()]
     order = list(SECTIONS)  # diffs first, then compares, …; the order found within each kind
     found.docs.sort(key=lambda item: order.index(item[1]["schema"]))
     if not (found.docs or found.train_logs):
-        raise SpectraError("no spectra results found", path=", ".join(map(str, paths)),
+        raise SpectraError("no spectra results found" + (f" ({found.unfinished[0]})" if found.unfinished else ""),
+                           path=", ".join(map(str, paths)),
                            hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
     return found
+
+
+#: Each command's journal -> (the command, the result it writes when it finishes): a folder holding the
+#: journal without the result is a stopped run, which the report names.
+JOURNALS = {"results.jsonl": ("diff", "results.json"), "compare.jsonl": ("compare", "compare.json"),
+            "interfere.jsonl": ("interfere", "interfere.json"), "esd.jsonl": ("esd", "esd.json"),
+            "extract.jsonl": ("extract", "extract.json"), "trace_journal.jsonl": ("trace", "trace.json")}
 
 
 def _train_log(path: Path) -> list[dict]:
@@ -155,6 +168,10 @@ def _train_log(path: Path) -> list[dict]:
                                        lone_surrogates=True), 1):
         if not isinstance(rec, dict):
             raise ResultsFormatError(f"line {i} must be a JSON object. Got {type(rec).__name__} instead", path=path)
+        if i == 1 and "fingerprint" in rec:  # compare.jsonl, extract.jsonl…: what a run keeps for --resume
+            raise ResultsFormatError("this is a run's journal, not a result or a training log", path=path,
+                                     hint="pass the folder's result (compare.json, extract.json…); a stopped run: "
+                                          "finish it with the same command and --resume")
         step = rec.get("step")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
             raise ResultsFormatError(f"line {i}: step must be an integer. Got {step!r} instead", path=path)
@@ -203,6 +220,7 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
         plain = [f.text for f in items if not f.warning]
         if plain:
             groups.append(findings_list(name, plain))
+    warn += [("unfinished run", text) for text in found.unfinished]
     parts = [f"<h1>{esc(title)}</h1>", warnings_box(warn)]
     if groups:
         parts.append(f'<section id="findings"><h2>Findings</h2>{"".join(groups)}'

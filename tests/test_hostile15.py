@@ -524,3 +524,45 @@ def test_the_alpha_finding_speaks_of_the_changed_matrices():
     (f,) = alpha_findings(mods)
     assert "in 1 of 3 changed matrices (median Δα -0.850)" in f.text
     assert f.numbers["matrices"] == 3 and f.numbers["median_change"] == pytest.approx(-0.85)
+
+
+# ---- reports of the new outputs ------------------------------------------------------------------------------
+def test_report_refuses_a_journal_and_names_a_stopped_run(tmp_path):
+    """`report compare.jsonl` drew the journal as a training run ("7 log records"); a folder holding only a stopped
+    run's journal vanished from a report without a word."""
+    base, a, b = _compare_trio(tmp_path)
+    spectra.compare(a, b, base=base, config=spectra.CompareConfig(top_k=3), out_dir=tmp_path / "runs" / "done", plots=False)
+
+    def stop(done, total, name):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        spectra.compare(a, b, base=base, config=spectra.CompareConfig(top_k=3), out_dir=tmp_path / "runs" / "stopped",
+                        plots=False, callback=stop)
+    res = _run("report", str(tmp_path / "runs" / "done" / "compare.jsonl"), "-o", str(tmp_path / "j.html"))
+    assert res.exit_code == 1 and "a run's journal, not a result" in res.output
+    res = _run("report", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"))
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "r.html").read_text()
+    assert "an unfinished compare (its journal compare.jsonl, no compare.json)" in html and "--resume" in html
+    res = _run("report", str(tmp_path / "runs" / "stopped"), "-o", str(tmp_path / "s.html"))
+    assert res.exit_code == 1 and "an unfinished compare" in res.output
+
+
+def test_compare_table_medians_of_counts_are_not_rounded_to_even(tmp_path):
+    """Ranks 0 ×5 and 5 ×5 printed a median of 2 (2.5 rounded half to even by .0f); here 0 ×35 and 1 ×35."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(70)]
+    W = {n: torch.randn(8, 8, generator=g, dtype=torch.float64) for n in names}
+    lo = {n: _planted(np.random.default_rng(i), 8, 8, [1.0, 0.5]) for i, n in enumerate(names)}
+    save_file(W, str(tmp_path / "base.safetensors"))
+    save_file({n: v + torch.from_numpy(lo[n]) for n, v in W.items()}, str(tmp_path / "a.safetensors"))
+    # B: half the modules unchanged (rank 0), half updated along one direction (rank 1): the median rank is 0.5
+    one = {n: _planted(np.random.default_rng(100 + i), 8, 8, [1.0]) for i, n in enumerate(names)}
+    save_file({n: v + (torch.from_numpy(one[n]) if i % 2 else 0) for i, (n, v) in enumerate(W.items())}, str(tmp_path / "b.safetensors"))
+    res = _run("compare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--base", str(tmp_path / "base.safetensors"),
+               "--top-k", "2", "--no-plots")
+    assert res.exit_code == 0, res.output
+    (row,) = [line for line in res.output.splitlines() if "up_proj" in line and line.startswith("│")]
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[1] == "70" and cells[3] == "0.5"  # r_B: 35 zeros and 35 ones (was printed 0)
