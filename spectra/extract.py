@@ -110,7 +110,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
-from spectra.pairing import pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.peft_moe import peft_moe_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
@@ -169,7 +169,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
                                  dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x)))
         kept.append(task)
-    notes = one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
+    # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
+    notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)] + one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
     one_d = []
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
@@ -457,8 +458,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     src = _open_source(base_ckpt, tuned, config)
     if not src.targets:
-        raise ConfigError("no matrix to extract: the selection is empty", path=f"{base_ckpt.label} vs {src.label}",
-                          hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)")
+        why = next((n.removeprefix(PAIRING_NOTE_PREFIX) for n in src.notes if n.startswith(PAIRING_NOTE_PREFIX)), None)
+        raise ConfigError(f"no matrix to extract: {why or 'the selection is empty'}", path=f"{base_ckpt.label} vs {src.label}",
+                          hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)" if why is None
+                          else "give a tuned checkpoint stored as its base is")
     if src.kind == "lora" and config.mode == "rank":  # s·B·A has at most r nonzero singular values
         low = min(src.targets, key=lambda t: src.mods[t.order].r)
         r_low = src.mods[low.order].r

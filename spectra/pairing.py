@@ -286,6 +286,9 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
            "cannot be lined up with the base's")
     result.skipped += [Skipped(p.tuned.name, why) for p in square]
     result.pairs[:] = [p for p in result.pairs if p not in square]
+    result.notes.append(f"{PAIRING_NOTE_PREFIX}tuned stores its layer matrices transposed against the base ({len(flipped)} "
+                        f"of them, e.g. {name}: base {b} vs tuned {t}), as a re-save in another layout with the config "
+                        f"unchanged would; none of its {len(flipped) + len(square)} layer matrices is compared")
 
 
 def _tie_unknown(base: Checkpoint, tuned: Checkpoint) -> bool:

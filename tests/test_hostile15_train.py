@@ -238,6 +238,12 @@ def test_square_matrices_beside_transposed_ones_are_not_paired_as_stored(tmp_pat
     assert not [m for m in res.modules if "c_proj" in m.name or "c_attn" in m.name or "c_fc" in m.name]
     square = [s for s in res.skipped if s["name"].endswith("attn.c_proj.weight")]
     assert len(square) == 2 and all("stored transposed against the base" in s["reason"] for s in square)
+    assert any("tuned stores its layer matrices transposed against the base" in w for w in res.warnings)  # said, not only skipped
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    with pytest.raises(ConfigError, match="no matrix to extract: tuned stores its layer matrices transposed"):  # not "check --include"
+        extract(str(tmp_path / "base"), str(tmp_path / "tuned"), tmp_path / "ex", config=ExtractConfig(rank=2), plots=False)
     # the same update in GPT-2's own layout pairs every matrix, c_proj included
     shutil.copytree(tmp_path / "base", tmp_path / "same")
     save_file({k: v.T.contiguous() if k.endswith(conv) else v for k, v in sd.items()}, str(tmp_path / "same" / "model.safetensors"),
