@@ -538,6 +538,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
     result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks)
+    if cut := [m["name"] for m in result.modules if "cuts through tied singular values" in (m.get("note") or "")]:
+        result.warnings.append(f"{len(cut)} of {len(result.modules)} modules (e.g. {cut[0]}) have a rank that cuts through tied "
+                               "singular values: their adapter holds one of equally good choices (each one's note in extract.json)")
     if src.renames:  # GPT-NeoX's embed_out is lm_head once loaded; LLaVA's layers move under model.language_model
         result.warnings.append(renames_text(src.renames, loaded["source"], "the adapter"))
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None

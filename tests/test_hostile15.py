@@ -171,6 +171,7 @@ def test_extract_says_when_its_rank_cuts_a_tie(tmp_path):
     (m,) = [m for m in res.modules if m["name"] == _Q]
     assert m["rank"] == 3 and m["energy_kept"] == pytest.approx(3.0 / (6 + 0.25 + 0.16), rel=1e-9)
     assert "rank 3 cuts through tied singular values" in m["note"]
+    assert any("have a rank that cuts through tied singular values" in w for w in res.warnings)  # printed, not only in the JSON
     res6 = extract(base, a, tmp_path / "out6", config=ExtractConfig(rank=6), plots=False)
     assert not [m for m in res6.modules if "tied" in (m["note"] or "")]
 
