@@ -248,7 +248,6 @@ class OutputLock:
             _remove_stale_temps(Path(folder))
             lock = cls(path, fd)
             with _THREADS_LOCK:
-                _HOLDING_THREAD[_folder_key(Path(folder))] = threading.current_thread()
                 _HELD.add(lock)
             return lock
 
@@ -257,7 +256,6 @@ class OutputLock:
         if self._fd is None:
             return
         with _THREADS_LOCK:
-            _HOLDING_THREAD.pop(_folder_key(self.path.parent), None)
             _HELD.discard(self)
         with contextlib.suppress(OSError):
             os.unlink(self.path)  # still locked while unlinking: a run that opened it re-checks the inode
@@ -271,9 +269,10 @@ class OutputLock:
                 os.close(fd)
 
 
-#: The locks this process holds (a run that stopped or failed keeps its lock until the process ends;
-#: :func:`held_locks` and :func:`release_locks` let the command line remove their files as it ends).
+#: The locks this process holds, each with the thread that took it (:func:`_refuse_other_thread`); a run that
+#: stopped or failed keeps its lock until the process ends, or until :func:`release_locks`.
 _HELD: set[OutputLock] = set()
+_THREADS_LOCK = threading.Lock()  # guards _HELD
 
 
 def held_locks() -> frozenset[OutputLock]:
@@ -332,13 +331,6 @@ def _ours(holder: dict) -> bool:
     return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
 
 
-#: folder -> the thread whose run holds its lock in this process. flock tells processes apart, not
-#: threads: a second run from another thread of this process (a notebook's thread pool) would be taken
-#: for this run locking a folder it already holds, and the two journals would interleave.
-_HOLDING_THREAD: dict[str, threading.Thread] = {}
-_THREADS_LOCK = threading.Lock()
-
-
 def _folder_key(folder: Path) -> str:
     """The folder's real path: one key however it is spelled (links, ``..``)."""
     return os.path.realpath(folder)
@@ -347,8 +339,11 @@ def _folder_key(folder: Path) -> str:
 def _refuse_other_thread(folder: Path) -> None:
     """Raise when another live thread of this process holds ``folder``'s lock (a run of this thread, or
     of a thread that has ended, does not block: the process orders its own runs)."""
+    # flock tells processes apart, not threads: a run from another thread of this process (a notebook's thread
+    # pool) would be taken for this one locking a folder it already holds, and the two journals would interleave
+    key = _folder_key(folder)
     with _THREADS_LOCK:
-        owner = _HOLDING_THREAD.get(_folder_key(folder))
+        owner = next((lock.owner for lock in _HELD if _folder_key(lock.path.parent) == key), None)
     if owner is not None and owner is not threading.current_thread() and owner.is_alive():  # (thread ids are reused)
         raise OutputError("another spectra run of this process (in another thread) is writing into this folder", path=folder,
                           hint="give each concurrent run its own out_dir, or wait for that one to finish")
