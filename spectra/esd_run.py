@@ -57,6 +57,8 @@ WW_MIN_EVALS = 8
 WW_MAX_EVALS = 15000
 WW_MAX_N = 50000
 
+#: esd's journal in its folder: one line per matrix as it is fitted (``--resume``).
+JOURNAL = "esd.jsonl"
 #: What esd writes into its folder besides its journal (removed first when an earlier esd wrote there).
 ESD_FILES = ("esd.json", "esd.csv", "esd_config.json", "alpha_heatmap.png", "esd_plots.png", "report.html")
 
@@ -280,7 +282,7 @@ def esd(
     order = {u.name: u.order for t in tasks for u in t.units}
     plotted = _plotted(tasks, config.plot_include)
     result.fingerprint = inputs_fingerprint([ckpt], {k: getattr(config, k) for k in RESULT_FIELDS})
-    journal = RecordJournal(Path(out_dir) / "esd.jsonl") if out_dir is not None else None
+    journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     done_names: set[str] = set()
     if journal is not None:
         records = journal.start(result.fingerprint, resume=resume)  # takes the folder's lock

@@ -37,6 +37,10 @@ RESULT_FIELDS = ("thresholds", "include", "exclude", "layers", "top_k", "method"
                   "approx", "approx_above", "approx_tol", "seed", "weight_spectra", "esd")
 
 
+#: diff's journal in its folder: one line per matrix as it is analysed (``--resume``).
+JOURNAL = "results.jsonl"
+
+
 @functools.cache
 def code_identity() -> str:
     """A hash of the running spectra's source (every ``.py`` file of the package, by path and content; ~5 ms,
@@ -123,7 +127,7 @@ class Journal:
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
-        self.journal = out_dir / "results.jsonl"
+        self.journal = out_dir / JOURNAL
         self.last = 0.0
         self.save_s = 0.0  # how long the last rewrite of results.json took
         self.lock: OutputLock | None = None  # held from start() to finish() (or flush() on a stop)

@@ -25,7 +25,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spectra import report_compare, report_diff, report_esd, report_extract, report_interfere, report_trace
+from spectra import (
+    comparison,
+    esd_run,
+    extract_io,
+    interfere,
+    journal,
+    report_compare,
+    report_diff,
+    report_esd,
+    report_extract,
+    report_interfere,
+    report_trace,
+    trace,
+)
 from spectra.display import safe_text
 from spectra.errors import OutputError, ResultsFormatError, SpectraError
 from spectra.findings import Finding
@@ -155,9 +168,9 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
 
 #: Each command's journal -> (the command, the result it writes when it finishes): a folder holding the
 #: journal without the result is a stopped run, which the report names.
-JOURNALS = {"results.jsonl": ("diff", "results.json"), "compare.jsonl": ("compare", "compare.json"),
-            "interfere.jsonl": ("interfere", "interfere.json"), "esd.jsonl": ("esd", "esd.json"),
-            "extract.jsonl": ("extract", "extract.json"), "trace_journal.jsonl": ("trace", "trace.json")}
+JOURNALS = {journal.JOURNAL: ("diff", "results.json"), comparison.JOURNAL: ("compare", "compare.json"),
+            interfere.JOURNAL: ("interfere", "interfere.json"), esd_run.JOURNAL: ("esd", "esd.json"),
+            extract_io.JOURNAL: ("extract", "extract.json"), trace.JOURNAL: ("trace", "trace.json")}
 
 
 def _train_log(path: Path) -> list[dict]:
