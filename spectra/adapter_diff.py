@@ -80,9 +80,12 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
         spec = specs[name]
         out_in = oriented_shape(spec, tuple(base.tensors[name].shape))
         if tuple(mod.shape) != out_in:
+            transposed = tuple(mod.shape) == out_in[::-1]  # each factor stored transposed: B·A is the update's transpose
             raise CheckpointFormatError(
                 f"the adapter's update of {mod.module} is {tuple(mod.shape)} but the base matrix is {out_in}",
-                path=adapter.path, tensor=name, hint="the adapter was trained on a different base model",
+                path=adapter.path, tensor=name,
+                hint=(f"its factors look transposed: PEFT stores lora_A as (r, in) = (r, {out_in[1]}) and lora_B as "
+                      f"(out, r) = ({out_in[0]}, r)") if transposed else "the adapter was trained on a different base model",
             )
         out.append((mod, spec, name))
     out.sort(key=lambda t: spec_order(t[1]))  # the file's key order put layer 10 before layer 2

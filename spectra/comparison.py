@@ -54,6 +54,7 @@ from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
+from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
@@ -172,7 +173,7 @@ class _Side:
 
     def __init__(self, source: str | Checkpoint, base: Checkpoint | None, config: CompareConfig):
         opened = source if isinstance(source, Checkpoint) else None
-        self.label = label = opened.label if opened is not None else str(source)
+        self.label = label = opened.label if opened is not None else str(checkpoint_location(source))
         self.base = base
         self.config = config
         self.adapter: Adapter | None = None

@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import rank_resolution
+from spectra.metrics import host_array, rank_resolution
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -288,6 +288,32 @@ def peak_xmin_range(x: np.ndarray) -> tuple[float, float]:
 
 
 
+def as_eigenvalues(evals: np.ndarray | Sequence[float], name: str = "evals") -> np.ndarray:
+    """``evals`` (eigenvalues ``λ = σ²`` of ``WᵀW``, any order; a numpy array, a sequence or a tensor) as a
+    float64 1-D array, ascending, validated: ValueError for complex, NaN or Inf values, and for negative
+    ones beyond rounding. A symmetric eigensolver's rounding of ``WᵀW`` (``np.linalg.eigvalsh``) leaves
+    the zero eigenvalues of a rank-deficient W at about ``±p·ε·λ_max``: those are clipped to 0, what they
+    stand for (a square root of them would be NaN, and a negative λ is no eigenvalue of a Gram matrix).
+
+    >>> as_eigenvalues([4.0, -1e-17, 1.0]).tolist()
+    [0.0, 1.0, 4.0]
+    """
+    lam = host_array(evals, name)
+    if np.iscomplexobj(lam):
+        raise ValueError(f"{name} must be real eigenvalues of WᵀW. Got a complex array instead.")
+    lam = np.sort(np.asarray(lam, dtype=np.float64).ravel())
+    if lam.size and not np.isfinite(lam).all():
+        raise ValueError(f"{name} must be finite. Got NaN or Inf instead.")
+    if lam.size and lam[0] < 0.0:
+        # the rounding of a float64 eigensolver of a p × p Gram matrix: a few p·ε·λ_max (64× as margin)
+        tol = 64.0 * lam.size * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0)
+        if lam[0] < -tol:
+            raise ValueError(f"{name} must be eigenvalues of WᵀW (non-negative, or negative only by rounding, "
+                             f"above -{tol:.1e}). Got {lam[0]:.6g} instead.")
+        lam = np.clip(lam, 0.0, None)
+    return lam
+
+
 #: α above this is a tail of eigenvalues equal within about 1/α (a tie split by rounding), not a power
 #: law: reported as a failed fit, as an exact tie is (heavy-tailed fits of trained weights give α < 10).
 ALPHA_TIE = 1e6
@@ -324,7 +350,7 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
     """
     if xmin not in XMIN_METHODS:
         raise ValueError(f"xmin must be one of {XMIN_METHODS}. Got {xmin!r} instead.")
-    lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
+    lam = as_eigenvalues(evals)
     x = lam[lam > thresh]
     N = x.size
     xmax = float(x[-1]) if N else None
@@ -412,7 +438,7 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         at most M/2 has no noise bulk to fit (its "median" would be rounding noise, and every
         eigenvalue above it a spike).
     """
-    lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
+    lam = as_eigenvalues(evals)
     N, M = max(shape), min(shape)
     if M < 2 or lam.size == 0 or not float(np.median(lam)) > zero_at:
         return None
@@ -540,7 +566,7 @@ def spectral_entropy(evals: np.ndarray, N: int, *, resolution: float = 0.0) -> f
     >>> round(spectral_entropy(np.ones(8), 8), 6)
     1.0
     """
-    lam = np.asarray(evals, dtype=np.float64)
+    lam = as_eigenvalues(evals)
     total = float(np.sum(lam))
     if lam.size == 0 or total <= 0.0:
         return None
@@ -577,7 +603,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         >>> m.status, m.N, m.M, m.mp_num_spikes
         ('success', 300, 100, 0)
     """
-    lam = np.sort(np.asarray(evals, dtype=np.float64).ravel())
+    lam = as_eigenvalues(evals)
     N, M = max(shape), min(shape)
     if lam.size != M:
         raise ValueError(f"evals must hold min(shape) = {M} eigenvalues. Got {lam.size} instead.")

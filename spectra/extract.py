@@ -84,6 +84,7 @@ from spectra.extract_results import (
 )
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import (
     LoraFactors,
     adapter_config,
@@ -454,6 +455,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     check_device_available(device)
     t0 = time.perf_counter()
     out = Path(out_dir)
+    for x in (base, tuned):
+        if not isinstance(x, Checkpoint):
+            checkpoint_location(x)
     refuse_an_input_folder(out, base, tuned)
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     src = _open_source(base_ckpt, tuned, config)

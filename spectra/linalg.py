@@ -190,6 +190,8 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     t = torch.as_tensor(M).detach()
     if t.is_complex():
         raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
+    if t.is_meta:  # shapes without values: any measure of it would be a meta tensor or fail deep inside torch
+        raise ValueError(f"{name} is on the meta device (shapes only, no values): load its weights first.")
     return t
 
 

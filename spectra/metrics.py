@@ -60,6 +60,20 @@ def check_energy_range(energy: float, nonzero: bool, name: str) -> None:
                      f"sum of squares {energy!r}): divide it by a power of two first")
 
 
+def host_array(x: object, name: str) -> object:
+    """``x`` as numpy can read it: a torch tensor (no torch import here: duck-typed) detached, on the CPU,
+    bfloat16/float16 widened to float64 (numpy has no bfloat16); anything else unchanged. A tensor on
+    the meta device (shapes, no values) is refused, naming ``name``."""
+    if not (hasattr(x, "detach") and hasattr(x, "is_meta")):
+        return x
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (shapes only, no values): load its weights first.")
+    t = x.detach().cpu()
+    if t.is_complex():
+        return t.resolve_conj().numpy()
+    return (t.double() if t.is_floating_point() and t.element_size() < 4 else t).numpy()
+
+
 def as_spectrum(S: np.ndarray, name: str = "S") -> np.ndarray:
     """``S`` as a float64 1-D array of singular values in descending order (sorted when given otherwise,
     e.g. ``sqrt(eigvalsh(G))``, which ascends); ValueError for what no spectrum is: complex, not 1-D,
@@ -68,6 +82,7 @@ def as_spectrum(S: np.ndarray, name: str = "S") -> np.ndarray:
     >>> as_spectrum([1.0, 3.0, 2.0]).tolist()
     [3.0, 2.0, 1.0]
     """
+    S = host_array(S, name)
     if np.iscomplexobj(S):
         raise ValueError(f"{name} must hold real singular values. Got a complex array instead.")
     S = np.asarray(S, dtype=np.float64)

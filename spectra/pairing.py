@@ -500,8 +500,11 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         if bad:
             fmt = next((f"{side} packed by {f} quantisation" for side, n, c in (("base", bn, base), ("tuned", tn, tuned))
                         if (f := foreign_format(n.removesuffix(".qweight").removesuffix(".weight"), c))), None)
+            # a complex (or bool) tensor is no quantised weight either: say what it is instead
+            odd = all(b.rpartition(" ")[2].startswith(("complex", "bool")) for b in bad)
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight" + (
                 f" ({fmt}, which spectra does not dequantise: {DEQUANTISE_HINT})" if fmt
+                else " (not a real-valued weight matrix)" if odd
                 else " (quantised checkpoints are not supported)")))
             continue
         empty = next((tuple(i.shape) for i in (ti, bi) if 0 in i.shape), None)

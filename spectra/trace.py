@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
+from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import (
@@ -343,7 +345,12 @@ def trace(
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     device = resolve_device(config.device)
     check_device_available(device)
-    found = find_checkpoints([str(p) for p in paths])
+    if isinstance(paths, (str, os.PathLike)):  # one run folder given bare: its characters are no checkpoints
+        paths = [paths]
+    elif not isinstance(paths, (list, tuple)):
+        checkpoint_location(paths)  # a state dict or model: says to save it
+    checkpoint_location(base)
+    found = find_checkpoints([str(checkpoint_location(p)) for p in paths])
     where = Path(out_dir).resolve() if out_dir is not None else None  # through links, as the run folder is listed
     if where is not None and found.run and CHECKPOINT_DIR.match(where.name) and same_file(where.parent, found.run):
         # every later trace of the run (this one's --resume too) would list it as an unreadable checkpoint

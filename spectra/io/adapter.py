@@ -35,7 +35,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, named_adapters, tensor_infos
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import allowed_roots, check_inside, missing_text
+from spectra.io.paths import allowed_roots, check_inside, checkpoint_location, missing_text
 from spectra.io.patterns import (
     PatternError,
     check_component_key,
@@ -74,7 +74,7 @@ MATCH_BUDGET_S = 10.0
 
 def is_adapter(path: str | Path) -> bool:
     """True when ``path`` is a folder holding ``adapter_config.json``."""
-    p = Path(path)
+    p = Path(checkpoint_location(path))
     config = p / ADAPTER_CONFIG
     # exists(), not is_file(): a FIFO or folder by that name is an adapter's, and open_adapter says what is wrong with it
     return p.is_dir() and (config.exists() or config.is_symlink())
@@ -544,6 +544,11 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             "parameter of a stacked tensor (MoE experts, r × experts rows), which spectra does not read",
             path=folder, tensor=module,
             hint="merge the adapter (merge_and_unload) and diff the merged model against the base")
+    if r != A.shape[0] and A.shape[1] == r == B.shape[0]:  # lora_A is (x, r), lora_B (r, y): stored under each other's key
+        raise CheckpointFormatError(
+            f"{module}'s {a_key} is {tuple(A.shape)} and {b_key} {tuple(B.shape)} for rank {r}: the two look exchanged",
+            path=weights, tensor=module,
+            hint=f"PEFT stores {a_key} as (r, in) and {b_key} as (out, r); save them under each other's key")
     if r != A.shape[0]:
         raise CheckpointFormatError(
             f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",

@@ -56,7 +56,17 @@ import torch
 
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.jsonfile import load_json
-from spectra.io.paths import FileStamp, allowed_roots, check_inside, file_kind, hub_cache_hint, missing_text, open_regular, unreadable_hint
+from spectra.io.paths import (
+    FileStamp,
+    allowed_roots,
+    check_inside,
+    checkpoint_location,
+    file_kind,
+    hub_cache_hint,
+    missing_text,
+    open_regular,
+    unreadable_hint,
+)
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.shard_index import read_order, safe_relative, shard_key
 from spectra.io.torchfile import StateDictCache
@@ -424,7 +434,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         >>> ckpt = open_checkpoint("path/to/model")            # doctest: +SKIP
         >>> w = ckpt.load("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
     """
-    label = str(spec)
+    label = str(checkpoint_location(spec))
     path = Path(os.path.expanduser(label))
     try:
         mode = path.stat().st_mode

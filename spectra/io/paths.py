@@ -23,10 +23,27 @@ import os
 import stat
 from pathlib import Path
 
-from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, SpectraError
+from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, ConfigError, SpectraError
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def checkpoint_location(x: object) -> str | os.PathLike[str]:
+    """``x`` when it names a checkpoint on disk (a ``str`` or path-like); otherwise ConfigError saying how to
+    save what was given. spectra streams checkpoints from their files (bounded memory, resumable runs,
+    fingerprints of the inputs), so an in-memory state dict, module or tensor is saved first."""
+    if isinstance(x, (str, os.PathLike)):
+        return x
+    kind = type(x).__name__
+    if isinstance(x, dict):
+        hint = ("a state dict? save it first: safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, "
+                "'tuned.safetensors'), and pass the file's path")
+    elif hasattr(x, "state_dict") and hasattr(x, "parameters"):
+        hint = "a model? save it first (model.save_pretrained(folder), or safetensors of its state_dict()) and pass the path"
+    else:
+        hint = "pass a .safetensors/.bin file, a model or adapter folder, an index file or a hub cache id"
+    raise ConfigError(f"a checkpoint is given by its path, not as a {kind}", hint=hint)
 
 
 def file_kind(mode: int) -> str:
