@@ -16,7 +16,7 @@ from spectra import distributed as spectra_distributed
 from spectra.config import DiffConfig
 from spectra.display import display_name, fmt_bytes, matrices, range_text, tau_percent
 from spectra.errors import ConfigError
-from spectra.findings import diff_findings, skipped_reasons, summary_legend
+from spectra.findings import count_text, diff_findings, skipped_reasons, summary_legend
 from spectra.io.checkpoint import READ_NOTE_PREFIX
 from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
@@ -262,7 +262,7 @@ def _summary_table(result: spectra.DiffResult) -> Table:
         table.add_column(col, justify=just)
     for r in result.summary_records(tau):
         table.add_row(
-            escape(display_name(r["module"], 40)), str(r["count"]), str(r["p"]),
+            escape(display_name(r["module"], 40)), count_text(r), f"{r['p']:g}",
             *((range_text(r["lora_r_range"]),) if lora else ()),
             f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",

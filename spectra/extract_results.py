@@ -412,8 +412,8 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
             members = items[a.critical[0]]
             crit = {"module": targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
                     "rank": a.critical[1]}
-        allocation = {"method": "greedy on σ²/(out+in)", "budget": config.budget, "budget_params": plan.budget,
-                      "used_params": a.params, "kept": a.kept / energy if energy > 0 else 1.0,
+        allocation = {"method": "greedy on σ²/(out+in), then the rest filled", "budget": config.budget, "budget_params": plan.budget,
+                      "used_params": a.params, "filled_params": a.filled, "kept": a.kept / energy if energy > 0 else 1.0,
                       "fractional_bound": a.bound / energy if energy > 0 else 1.0,
                       "gap": a.gap / energy if energy > 0 else 0.0, "critical": crit}
     top = max(ranks)

@@ -222,7 +222,8 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            f"{matrices(len(result.modules))} analysed only.", warning=True,
                            numbers={"skipped_matrices": len(result.skipped_matrices()), "unpaired": result.unpaired,
                                     "analysed": len(result.modules)}))
-    rels = [m.rel_norm for m in nonempty if m.rel_norm is not None and math.isfinite(m.rel_norm)]
+    # over the changed matrices, as the size finding's median: frozen layers (ΔW = 0) must not hide it
+    rels = [m.rel_norm for m in nonempty if m.fro_norm and m.rel_norm is not None and math.isfinite(m.rel_norm)]
     median_rel = statistics.median(rels) if rels else 0.0
     if median_rel > 1.0:  # a fine-tune moves weights by a fraction of their norm
         out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {median_rel:.2f}: the update is larger than "
@@ -247,8 +248,13 @@ def _rank_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     rnd_text = f"{_fmt(lo)}" if abs(hi - lo) < 0.005 else f"{_fmt(lo)}–{_fmt(hi)} (by shape)"
     times = f", {1 / ratio:.1f}× fewer directions than noise" if 0 < ratio < 0.9 else ""
     caveated = sum(bool(m.caveats) for m in ms)  # e.g. bf16 against fp32: their ranks at high τ measure the rounding
-    text = (f"The update is {words}: the median matrix needs {med_rank:g} of its p = {med_p:g} directions "
-            f"({_fmt(_median(fr))} of p) for {tau_percent(tau)} of ΔW's energy, where a random matrix of the same shape "
+    ps = {m.p for m in ms}
+    # one p: the median rank and its fraction of p describe the same matrix; several: the three medians are of
+    # different matrices, so the fraction leads and the rank and p are said as ranges' medians
+    needs = (f"the median matrix needs {med_rank:g} of its p = {med_p:g} directions ({_fmt(_median(fr))} of p)" if len(ps) == 1
+             else f"the matrices need a median {_fmt(_median(fr))} of their p directions (median rank {med_rank:g}; "
+                  f"p from {min(ps)} to {max(ps)})")
+    text = (f"The update is {words}: {needs} for {tau_percent(tau)} of ΔW's energy, where a random matrix of the same shape "
             f"needs {rnd_text} of p{times}"
             + (f" ({'all' if caveated == len(ms) else caveated} of these {len(ms)} matrices carry a numerical caveat: see "
                "the warnings)." if caveated else "."))
@@ -385,13 +391,21 @@ def skipped_finding(result: DiffResult) -> Finding | None:
                    numbers={"skipped": len(result.skipped), "reasons": dict(reasons)})
 
 
+def count_text(record: dict) -> str:
+    """The ``n`` cell of a :meth:`~spectra.DiffResult.summary_records` row: ``"5"``, or ``"2 of 5"`` when only
+    2 of the 5 matrices changed (the row's medians are over those 2)."""
+    n, c = record["count"], record.get("changed", record["count"])
+    return f"{c} of {n}" if 0 < c < n else str(n)
+
+
 def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
     """``(column, definition)`` for the per-module summary table (``spectra diff``'s table)."""
     k = threshold_key(tau)
     items = [
         ("module", ("the module label: the shortest suffix of the tensor name that is unique in the checkpoint "
                    "(q_proj, mlp.down_proj…); one row per label")),
-        ("n", "how many matrices have this label (layers × experts × parts of split fused matrices)"),
+        ("n", ("how many matrices have this label (layers × experts × parts of split fused matrices); \"c of n\" when only "
+               "c of them changed (ΔW ≠ 0): the medians of the row are over those c, as the findings' are")),
         ("p", ("min(out, in) of the matrix: the most singular values, i.e. independent directions, a matrix of that "
               "shape can have (median over the n matrices)")),
     ]

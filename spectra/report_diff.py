@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from spectra.display import matrices, range_text, tau_percent
-from spectra.findings import Finding, diff_findings, matrix_legend, skipped_reasons, summary_legend
+from spectra.findings import Finding, count_text, diff_findings, matrix_legend, skipped_reasons, summary_legend
 from spectra.plots import diff as diff_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
@@ -87,7 +87,7 @@ def section_html(path: Path, doc: dict) -> str:
         out.append(note("The weights' spectra barely move while ΔW has a spectrum of its own: a fine-tune is a small "
                         "update whose shape (how many directions it needs) is what the rank-needed numbers measure."))
     out.append("<h3>Per module kind (the table spectra diff prints)</h3>")
-    rows = [[r["module"], r["count"], r["p"], *((range_text(r["lora_r_range"]),) if lora else ()), r["energy_rank"], r["energy_rank_frac"],
+    rows = [[r["module"], count_text(r), r["p"], *((range_text(r["lora_r_range"]),) if lora else ()), r["energy_rank"], r["energy_rank_frac"],
              r["random_frac"], r["rel_norm"]] for r in res.summary_records(tau)]
     out.append(table(["module", "n", "p", *(("LoRA r",) if lora else ()), f"rank[{key}]", "/ p", "random / p", "‖ΔW‖/‖W‖"],
                      rows, sortable=True))

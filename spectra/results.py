@@ -420,11 +420,15 @@ class DiffResult:
 
     def summary_records(self, threshold: float | None = None) -> list[dict[str, Any]]:
         """Per module label, in layer-stack column order (q, k, v, o, gate, up, down…): ``module``,
-        ``role``, ``count`` (matrices), ``p`` (median ``min(out, in)``), and medians of
-        ``energy_rank`` (at τ = ``threshold``, default :attr:`headline_threshold`), of
+        ``role``, ``count`` (matrices), ``changed`` (those with ΔW ≠ 0), ``p`` (median ``min(out, in)``),
+        and medians of ``energy_rank`` (at τ = ``threshold``, default :attr:`headline_threshold`), of
         ``energy_rank_frac`` (÷ p), of ``random_frac`` (a Gaussian matrix's energy rank ÷ p), of
         ``rel_norm`` (None when no base), ``lora_r`` (the median LoRA r; None for full checkpoints) and
         ``lora_r_range`` (its smallest and largest: ranks differ under ``rank_pattern``).
+
+        The medians are over the changed matrices, as the findings' are (three frozen layers of five
+        would otherwise make a kind whose other two moved by 300% read rank 0, size 0); over all of
+        them when none changed. A median of an even count keeps its half (p of 64 and 1: 32.5).
         """
         from spectra.naming import role_sort_key
 
@@ -434,14 +438,17 @@ class DiffResult:
         for m in self.modules:
             groups.setdefault(m.module, []).append(m)
         out = []
-        for module, ms in groups.items():
+        for module, every in groups.items():
+            ms = [m for m in every if m.fro_norm] or every
             rel = [m.rel_norm for m in ms if m.rel_norm is not None]
             lora = [m.lora_r for m in ms if m.lora_r is not None]
+            p = statistics.median(m.p for m in ms)
             out.append({
                 "module": module,
                 "role": ms[0].role,
-                "count": len(ms),
-                "p": int(statistics.median(m.p for m in ms)),
+                "count": len(every),
+                "changed": sum(bool(m.fro_norm) for m in every),
+                "p": int(p) if float(p).is_integer() else p,
                 "energy_rank": statistics.median(m.energy_rank[k] for m in ms),
                 "energy_rank_frac": statistics.median(m.energy_rank_frac.get(k, 0.0) for m in ms),
                 "random_frac": statistics.median(m.random_frac(k) for m in ms),
