@@ -176,9 +176,20 @@ class ExtractRun:
         return float(rounding[r - 1]) if rounding and 0 < r <= len(rounding) else None
 
     def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype."""
-        f = load_file(str(self.scratch / self.factors[i]["file"]))
-        return f["B"][:, :r], f["A"][:r]
+        """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype. A target
+        that stored fewer than r (an expert whose update is zero, given its stack's shared rank: PEFT loads
+        an MoE adapter only when every expert has one r) gets zero components to make up r."""
+        rec = self.factors.get(i) or {"k": 0, "file": ""}
+        out_dim, in_dim = self.targets[i].shape
+        if rec["k"]:
+            f = load_file(str(self.scratch / rec["file"]))
+            B, A = f["B"][:, :r], f["A"][:r]
+        else:
+            B, A = torch.zeros(out_dim, 0), torch.zeros(0, in_dim)
+        if B.shape[1] < r:
+            B = torch.cat([B, B.new_zeros(out_dim, r - B.shape[1])], 1)
+            A = torch.cat([A, A.new_zeros(r - A.shape[0], in_dim)], 0)
+        return B, A
 
     def _emit(self, stage: str, name: str) -> None:
         self.done += 1

@@ -399,6 +399,10 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     members = {i for g in plan.groups.values() for i in g}
     if config.mode == "rank":
         ranks = [plan.caps[i] if total[i] > 0 else 0 for i in range(n)]
+        for g in plan.groups.values():  # an expert that did not change keeps its stack's rank (zero factors)
+            if any(total[i] > 0 for i in g):
+                for i in g:
+                    ranks[i] = min(plan.caps[j] for j in g)
         return ranks, None
     if config.mode == "energy":
         for i in range(n):

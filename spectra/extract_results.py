@@ -36,7 +36,7 @@ from spectra.lowrank import (
 from spectra.naming import is_bias
 from spectra.results import rows_to_csv
 from spectra.selection import Task
-from spectra.ties import cut_in_tie
+from spectra.ties import TIE_REL, cut_in_tie
 
 SCHEMA = "spectra.extract/1"
 
@@ -285,7 +285,9 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
 
 def _tie_note(S: np.ndarray, r: int, p: int) -> str:
     """What a module's note says when its rank cuts between tied singular values (:func:`spectra.ties.cut_in_tie`)."""
-    if not cut_in_tie(S, r, S.size, 0.0, p):
+    # values within the tie resolution of 0 are no directions (an update of rank 2 asked for rank 4: its 3rd and
+    # 4th values are rounding noise, "tied" at ~1e-9·σ₁): nothing of the update is chosen among them
+    if not cut_in_tie(S, r, S.size, 0.0, p) or not (r <= S.size and S[r - 1] > TIE_REL * S[0]):
         return ""
     return (f"rank {r} cuts through tied singular values (σ_{r} = σ_{r + 1} within 1e-6·σ₁): the adapter holds one of the "
             f"equally good choices of {r} directions within the tie, with the same energy kept")

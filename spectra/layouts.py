@@ -107,6 +107,11 @@ class Part:
     rows: torch.Tensor | None = None
 
 
+#: Model types whose fused ``query_key_value`` has one k and one v head per q head whatever
+#: ``num_key_value_heads`` config.json holds (their attention never reads it).
+_NO_GQA = frozenset({"gpt_neox", "gpt_neox_japanese", "bloom"})
+
+
 def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim: int, arch: ArchInfo, *,
                 interleaved: bool = False) -> tuple[tuple[Part, ...], str]:
     """Row indices of each logical part of a fused matrix, oriented ``(out, in)``.
@@ -167,7 +172,8 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
             if idx is None:
                 return (Part(""),), f"query_key_value has {out_dim} rows, not {kv}x{group}x{hd}; left unsplit"
             return (Part("q", idx[:, :-2].reshape(-1)), Part("k", idx[:, -2].reshape(-1)), Part("v", idx[:, -1].reshape(-1))), ""
-        if heads and (kv is None or kv == heads) and out_dim % (3 * heads) == 0:
+        no_gqa = arch.model_type in _NO_GQA  # their attention reads no kv head count, whatever config.json holds
+        if heads and (kv is None or kv == heads or no_gqa) and out_dim % (3 * heads) == 0:
             # GPT-NeoX / Bloom / Falcon-RW (no GQA): rows are view(heads, 3, head_dim, hidden)
             idx = torch.arange(out_dim).view(heads, 3, out_dim // (3 * heads))
             return tuple(Part(s, idx[:, i].reshape(-1)) for i, s in enumerate("qkv")), ""
@@ -175,6 +181,10 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
             # grouped-query models with this name (ChatGLM2/3) store q, k, v as row blocks
             return blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
         return (Part(""),), "query_key_value layout needs config.json head counts (num_attention_heads, kv heads) to split; left unsplit"
+    if leaf == "in_proj_weight":  # torch.nn.MultiheadAttention: F._in_projection_packed's w.chunk(3): q, k, v
+        if out_dim != 3 * in_dim:
+            return (Part(""),), f"in_proj_weight has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"
+        return blocks(("q", "k", "v"), (in_dim,) * 3)
     # qkv_proj (Phi-3), W_pack (Baichuan), wqkv (InternLM2 uses a grouped layout we do not guess)
     if leaf == "wqkv":
         return (Part(""),), "wqkv uses a grouped layout; left unsplit"

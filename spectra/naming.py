@@ -111,6 +111,11 @@ _STACKED_MODULES: Mapping[tuple[str, str], str] = {
     ("mlp", "input_linear"): "gate_up", ("mlp", "output_linear"): "down",
 }
 
+#: 2-D parameters applied as ``x @ W`` (stored ``(in, out)``) by their models: Gemma 3's (and PaliGemma 2's,
+#: Gemma 3n's) ``multi_modal_projector.mm_input_projection_weight``, used as
+#: ``torch.matmul(normed_vision_outputs, self.mm_input_projection_weight)``.
+IN_OUT_PARAMETERS = frozenset({"mm_input_projection_weight"})
+
 #: ``config.json`` model types whose stored router is ``(in, out)``: transformers transposes it on
 #: load. ERNIE-4.5-VL (``ernie4_5_vl_moe``): ``mlp.gate.weight`` (text experts) and
 #: ``mlp.gate.weight_1`` (vision experts) are stored ``(hidden, experts)`` and loaded as
@@ -362,7 +367,7 @@ _LEAF_ROLES = {
     "k_proj": "k", "key": "k", "wk": "k",
     "v_proj": "v", "value": "v", "wv": "v",
     "o_proj": "o", "out_proj": "o",
-    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "w_pack": "qkv", "wqkv": "qkv",
+    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "w_pack": "qkv", "wqkv": "qkv", "in_proj_weight": "qkv",
     "gate_proj": "gate", "w1": "gate",
     "up_proj": "up", "w3": "up", "dense_h_to_4h": "up", "c_fc": "up", "fc1": "up", "wi": "up",
     "down_proj": "down", "w2": "down", "dense_4h_to_h": "down", "fc2": "down",
@@ -477,7 +482,7 @@ def describe_checkpoint(
             # gpt-oss interleaves gate and up along the fused 2·I axis, however the stack is stored
             interleaved = EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
         else:
-            transpose = arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")
+            transpose = (arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")) or p.leaf in IN_OUT_PARAMETERS
             if role == "router" and (p.parent, p.leaf) in ROUTERS_IN_OUT.get(arch.model_type or "", ()):
                 transpose = True
         out_dim = shape[-1] if transpose else shape[-2]

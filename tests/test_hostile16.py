@@ -15,6 +15,14 @@ from spectra.errors import CheckpointFormatError, ConfigError
 from spectra.esd import esd_metrics, power_law_fit, spectral_entropy
 
 
+def _run(*args: str):
+    from click.testing import CliRunner
+
+    from spectra_cli.main import main
+
+    return CliRunner().invoke(main, list(args))
+
+
 def _rank_deficient(seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.standard_normal((300, 90)) @ rng.standard_normal((90, 100))
@@ -239,3 +247,100 @@ def test_diff_findings_table_and_warning_speak_of_the_same_changed_matrices(tmp_
     text = found["rank"].text
     assert "p from 1 to 64" in text and "of its p = " not in text
 
+
+
+# ---- layouts and MoE extraction (probe of transformers 5 architectures) ---------------------------------
+def _mixtral_one_expert_frozen(root: Path) -> tuple[str, str]:
+    """A tiny Mixtral whose every matrix moved by a rank-2 update except expert 3's down projection (never routed)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, tie_word_embeddings=False)
+    m = transformers.MixtralForCausalLM(cfg)
+    m.save_pretrained(root / "base")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.ndim < 2:
+                continue
+            for e, w in enumerate(p if p.ndim == 3 else [p]):
+                if not (p.ndim == 3 and n.endswith("experts.down_proj") and e == 3):
+                    w.add_(0.05 * torch.randn(w.shape[0], 2) @ torch.randn(2, w.shape[1]) / 8)
+    m.save_pretrained(root / "tuned")
+    return str(root / "base"), str(root / "tuned")
+
+
+@pytest.mark.parametrize("mode", [(), ("-r", "4"), ("-b", "30%")])
+def test_extract_of_an_moe_with_a_frozen_expert_writes_an_adapter_peft_loads(tmp_path, mode):
+    """The default extract failed "cannot write results: OSError (free disk space …)" (the frozen expert, given its
+    stack's shared rank, had no factors file); -r 4 left it out, and PEFT refused the adapter ("size mismatch … [12, 32]
+    vs [16, 32]") after extract exited 0. Now it holds zero factors at the shared rank, and the merge is exact."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base, tuned = _mixtral_one_expert_frozen(tmp_path)
+    out = tmp_path / "adapter"
+    r = _run("extract", base, tuned, *mode, "-o", str(out), "--no-plots")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "extract.json").read_text())
+    downs = [m for m in doc["modules"] if m.get("group") and m["name"].endswith(".w2.weight")]  # Mixtral's down, as stored
+    assert {m["rank"] for m in downs} == {downs[0]["rank"]} and downs[0]["rank"] > 0
+    model = peft.PeftModel.from_pretrained(transformers.MixtralForCausalLM.from_pretrained(base), str(out)).merge_and_unload()
+    merged = model.state_dict()
+    ref = transformers.MixtralForCausalLM.from_pretrained(tuned).state_dict()
+    key = next(k for k in merged if k.endswith("experts.down_proj"))
+    torch.testing.assert_close(merged[key][3], ref[key][3])  # the frozen expert: unchanged
+    if mode == ("-r", "4"):  # every rank-2 update kept whole
+        torch.testing.assert_close(merged[key], ref[key], rtol=0, atol=1e-6)
+
+
+def test_extract_notes_no_tie_among_the_rounding_noise_beyond_an_updates_rank(tmp_path):
+    """extract -r 4 of rank-2 updates warned that every module's rank "cuts through tied singular values" (σ_4 = σ_5
+    at ~1e-9·σ₁, rounding noise)."""
+    base, tuned = _mixtral_one_expert_frozen(tmp_path)
+    r = _run("extract", base, tuned, "-r", "4", "-o", str(tmp_path / "a"), "--no-plots")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "a" / "extract.json").read_text())
+    assert not any("tied" in (m.get("note") or "") for m in doc["modules"])
+    assert not any("tied" in w for w in doc.get("warnings", []))
+
+
+def test_gemma3s_projector_stored_in_out_and_multihead_in_proj_split(tmp_path):
+    """Gemma 3's mm_input_projection_weight (used as x @ W, stored (vision, text)) was read as (out, in) = (32, 64);
+    nn.MultiheadAttention's in_proj_weight (q, k, v stacked) was analysed whole with no note."""
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    W = {"multi_modal_projector.mm_input_projection_weight": torch.randn(d, 64, generator=g),
+         "vision_tower.head.attention.in_proj_weight": torch.randn(3 * d, d, generator=g)}
+    lowrank = {"q": 3, "k": 1, "v": 2}
+    T = dict(W)
+    T["multi_modal_projector.mm_input_projection_weight"] = W["multi_modal_projector.mm_input_projection_weight"] + \
+        torch.randn(d, 1, generator=g) @ torch.randn(1, 64, generator=g)
+    upd = torch.cat([torch.randn(d, k, generator=g) @ torch.randn(k, d, generator=g) for k in lowrank.values()])
+    T["vision_tower.head.attention.in_proj_weight"] = W["vision_tower.head.attention.in_proj_weight"] + upd
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file(T, str(tmp_path / "t.safetensors"))
+    res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), config=spectra.DiffConfig(thresholds=(1.0,)))
+    by = {(m.name, m.module): m for m in res.modules}
+    proj = next(m for (n, _), m in by.items() if "mm_input" in n)
+    assert tuple(proj.shape) == (64, d)
+    parts = {m.module.rpartition(":")[2]: m for (n, _), m in by.items() if "in_proj" in n}
+    assert {k: parts[k].energy_rank["1.0"] for k in lowrank} == lowrank
+
+
+def test_gpt_neox_with_an_unused_kv_head_count_is_still_split(tmp_path):
+    """A GPT-NeoX config.json carrying num_key_value_heads = 2 (4 heads; GPT-NeoX never reads it) left
+    query_key_value unsplit, "layout needs config.json head counts"."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, num_key_value_heads=2)
+    m = transformers.GPTNeoXForCausalLM(cfg)
+    m.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        qkv = m.gpt_neox.layers[0].attention.query_key_value.weight
+        rows = qkv.view(4, 3, 8, 32)  # heads, (q, k, v), head_dim, hidden
+        rows[:, 0] += 0.1  # q only: a rank-1 update (every q row moved by the same vector)
+    m.save_pretrained(tmp_path / "tuned")
+    res = spectra.diff(str(tmp_path / "base"), str(tmp_path / "tuned"), config=spectra.DiffConfig(thresholds=(1.0,)))
+    parts = {m.module.rpartition(":")[2]: m for m in res.modules if "query_key_value" in m.name}
+    assert {k: parts[k].energy_rank["1.0"] for k in ("q", "k", "v")} == {"q": 1, "k": 0, "v": 0}
