@@ -147,7 +147,7 @@ def _blocks(text: str | Path, tok: Any, tok_info: dict[str, Any], seq_len: int, 
     how = "UTF-8 bytes" if tok_info["source"] == "bytes" else f"the {tok_info['source']} folder's tokenizer"
     short_hint = (f"give a longer text, or a smaller --eval-seq-len (--eval needs 2 blocks of it at least, and scores up "
                   f"to --eval-blocks {blocks})")
-    if p.is_dir() or p.suffix == ".jsonl":
+    if p.is_dir() or p.suffix.lower() == ".jsonl":
         try:
             ids, labels = token_blocks(read_examples(p), tok, seq_len)
         except SpectraError as exc:

@@ -228,6 +228,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
                          f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
     adapted = {p: r for p, r in ranks.items() if r > 0}
+    if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
+        # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
+        notes.append(f"{len(fused)} fused module(s) (e.g. {fused[0]}) get the sum of their parts' ranks, an upper bound of what "
+                     "the whole matrix needs: spectra diff --no-split measures them whole, and recommend on that gives "
+                     "their own rank")
     experts = sorted(p for p in adapted if any(m.get("expert") is not None for m in whole[p]["parts"]))
     tied = max((adapted[p] for p in experts), default=None)
     if experts and any(adapted[p] != tied for p in experts):

@@ -63,6 +63,7 @@ class ReportInputs:
     docs: list[tuple[Path, dict]] = field(default_factory=list)
     train_logs: dict[str, list[dict]] = field(default_factory=dict)
     unfinished: list[str] = field(default_factory=list)  # folders holding a stopped run's journal and no result
+    training: list[str] = field(default_factory=list)  # what makes the training runs' losses incomparable or partial
 
 
 def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
@@ -153,6 +154,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
+    found.training = _training_warnings(logs)
     found.unfinished = [f"{j.parent}: an unfinished {command} (its journal {j.name}, no {result}): finish it with the same "
                         "command and --resume" for p in map(Path, paths) if p.is_dir()
                         for j in _files_named(p, set(JOURNALS)) for command, result in [JOURNALS[j.name]]
@@ -171,6 +173,33 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
 JOURNALS = {journal.JOURNAL: ("diff", "results.json"), comparison.JOURNAL: ("compare", "compare.json"),
             interfere.JOURNAL: ("interfere", "interfere.json"), esd_run.JOURNAL: ("esd", "esd.json"),
             extract_io.JOURNAL: ("extract", "extract.json"), trace.JOURNAL: ("trace", "trace.json")}
+
+
+def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:
+    """What the report says of the training runs it shows: a run folder with ``train_config.json`` but no
+    ``train_summary.json`` was stopped (its table row would read as a run of that many steps); runs whose
+    held-out losses score other blocks (``held_out_digest``: other data, --seq-len, --batch…) are not
+    comparable by value."""
+    out, digests = [], {}
+    for folder, recs in logs:
+        cfg_path = folder / "train_config.json"
+        try:
+            cfg = load_json(cfg_path, what=cfg_path.name, error=ResultsFormatError) if cfg_path.is_file() else None
+        except SpectraError:
+            cfg = None
+        if not isinstance(cfg, dict):
+            continue
+        if not (folder / "train_summary.json").is_file():
+            last = recs[-1].get("step") if recs else None
+            out.append(f"{folder}: a stopped spectra train (its log ends at step {last} of {cfg.get('steps')}; no "
+                       "train_summary.json, no saved model): its row is not a finished run")
+        if isinstance(cfg.get("held_out_digest"), str):
+            digests.setdefault(cfg["held_out_digest"], []).append(folder.name)
+    if len(digests) > 1:
+        groups = "; ".join(", ".join(v) for v in digests.values())
+        out.append(f"the training runs' held-out losses score different blocks (other data, --seq-len, --batch or "
+                   f"--eval-batches): {groups}; compare each run's change, not the values across these groups")
+    return out
 
 
 def _train_log(path: Path) -> list[dict]:
@@ -234,6 +263,7 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
         if plain:
             groups.append(findings_list(name, plain))
     warn += [("unfinished run", text) for text in found.unfinished]
+    warn += [("training runs", text) for text in found.training]
     parts = [f"<h1>{esc(title)}</h1>", warnings_box(warn)]
     if groups:
         parts.append(f'<section id="findings"><h2>Findings</h2>{"".join(groups)}'

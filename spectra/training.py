@@ -201,13 +201,42 @@ def held_out_loss(model, blocks: tuple[torch.Tensor, torch.Tensor], batches: int
 DATA_POOL_FACTOR = 64
 
 
+#: The held-out blocks are drawn from the first this many blocks of the data (all of them when it holds
+#: fewer), whatever a run's --steps and --batch: runs of other lengths on one file hold out the same
+#: blocks, and none trains on another's held-out ones.
+HOLDOUT_POOL = 2048
+
+
 def data_blocks(config: TrainConfig) -> int:
     """Blocks of ``config.seq_len`` tokens a run reads from a large ``--data`` text file: enough for
-    :data:`DATA_POOL_FACTOR` × the blocks it draws in its training share, and for ``eval_batches``
-    batches in its held-out share."""
+    :data:`DATA_POOL_FACTOR` × the blocks it draws in its training share, for ``eval_batches``
+    batches in its held-out share, and at least :data:`HOLDOUT_POOL` (the hold-out's pool)."""
     draws = config.steps * config.batch
     return max(math.ceil(DATA_POOL_FACTOR * draws / (1 - config.holdout)),
-               math.ceil(config.eval_batches * config.batch / config.holdout), 2)
+               math.ceil(config.eval_batches * config.batch / config.holdout), HOLDOUT_POOL, 2)
+
+
+def holdout_split(n: int, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(held, train)`` block indices of ``n`` blocks: the held-out share drawn (:data:`HOLDOUT_SEED`) from
+    the first ``min(n, HOLDOUT_POOL)``, the rest of those and every later block for training. Independent
+    of the run's seed, steps and batch, so that runs on the same data hold out the same blocks."""
+    pool = min(n, HOLDOUT_POOL)
+    perm = torch.randperm(pool, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    n_hold = max(1, int(pool * holdout))
+    return perm[:n_hold], torch.cat([perm[n_hold:], torch.arange(pool, n)])
+
+
+def held_out_digest(*blocks: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+    """A short hash of the token ids and labels that held-out losses score (:func:`held_out_loss`'s blocks):
+    two runs' losses are comparable only where it is the same (``spectra report`` checks it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in blocks:
+        for t in (b or ()):
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None, force: bool = False) -> TrainSummary:
@@ -254,12 +283,10 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     ids, labels, whole = leading_blocks(config.data, tok, config.seq_len, pool)
     target = (ids, labels)
     check_vocabulary(base, tok, target[0])  # before anything is written: an embedding lookup would fail mid-run
-    # The held-out split does not depend on the run's seed, so runs with different seeds are
-    # evaluated on the same held-out blocks.
-    perm = torch.randperm(len(target[0]), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
-    n_hold = max(1, int(len(perm) * config.holdout))
-    held = (target[0][perm[:n_hold]], target[1][perm[:n_hold]])
-    blocks = (target[0][perm[n_hold:]], target[1][perm[n_hold:]])
+    # the held-out split depends on neither the run's seed nor its length (holdout_split)
+    hold_idx, train_idx = holdout_split(len(target[0]), config.holdout)
+    held = (target[0][hold_idx], target[1][hold_idx])
+    blocks = (target[0][train_idx], target[1][train_idx])
     # only the first eval_batches × batch blocks of the source are ever scored (held_out_loss): read as far as they need
     source = (leading_blocks(config.eval_source, tok, config.seq_len, config.eval_batches * config.batch)[:2]
               if config.eval_source else None)
@@ -356,7 +383,10 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": targets if targets is not None else config.target_modules(),
                "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
-               "data_read": read or "whole"}
+               "data_read": read or "whole",
+               # what the held-out losses score: runs whose digests differ are scored on other blocks
+               "held_out_digest": held_out_digest(*(tuple(t[: config.eval_batches * config.batch] for t in b) if b else None
+                                                    for b in (held, source)))}
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()
@@ -554,6 +584,6 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     return doc
 
 
-__all__ = ["ALL_LINEAR", "HOLDOUT_SEED", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer", "TrainConfig",
-           "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_loss", "load_tokenizer", "read_examples",
-           "sweep", "token_blocks", "train"]
+__all__ = ["ALL_LINEAR", "HOLDOUT_POOL", "HOLDOUT_SEED", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer",
+           "TrainConfig", "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_digest",
+           "held_out_loss", "holdout_split", "load_tokenizer", "read_examples", "sweep", "token_blocks", "train"]

@@ -81,8 +81,16 @@ def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool
     with os.fdopen(fd, "rb") as f:
         data = f.read() if max_bytes is None else f.read(max_bytes)
         whole = max_bytes is None or len(data) < max_bytes or not f.read(1)
+    for bom, enc in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+                     (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):  # every other byte NUL: its few undecodable bytes passed the share below
+            raise SpectraError(f"is {enc} text (byte order mark {bom.hex(' ').upper()}), not UTF-8", path=path,
+                               hint=f"convert it to UTF-8 (e.g. iconv -f {enc.lower()} -t utf-8)")
     # an incremental decoder keeps a multi-byte character cut at the limit pending instead of marking it
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=whole)
+    text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace").decode(data, final=whole)
+    if text and text.count("\0") / len(text) > MAX_UNDECODABLE:  # text holds no NUL: UTF-16/32 without a mark, or binary
+        raise SpectraError(f"is not UTF-8 text: {text.count(chr(0)) / len(text):.0%} of its characters are NUL (a binary "
+                           "file, or UTF-16/32 text)", path=path, hint="convert it to UTF-8 or leave it out")
     bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacement marks the file did not hold itself
     if text and bad / len(text) > MAX_UNDECODABLE:
         raise SpectraError(f"is not UTF-8 text: {bad / len(text):.0%} of its characters do not decode (a binary "
@@ -116,9 +124,15 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         if (p / "config.json").is_file() and weights:  # its config and tokenizer JSON would be read as text
             raise SpectraError(f"is a model folder ({', '.join(sorted(weights))}), not data", path=p,
                                hint="pass a text file, a folder of text/code files or JSONL")
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (*_TEXT_SUFFIXES, ".jsonl"))  # is_file: FIFOs skipped
-        out = [pair for f in files for pair in (_jsonl_examples(f) if f.suffix == ".jsonl" else [("", read_text(f))])]
-    elif p.suffix == ".jsonl":
+        found = sorted(f for f in p.rglob("*") if f.is_file())  # is_file: FIFOs skipped
+        files = [f for f in found if f.suffix.lower() in (*_TEXT_SUFFIXES, ".jsonl")]  # b.TXT is text too
+        out = [pair for f in files for pair in (_jsonl_examples(f) if f.suffix.lower() == ".jsonl" else [("", read_text(f))])]
+        if not any(b.strip() for _, b in out):
+            others = [f.name for f in found if f not in files]
+            raise SpectraError("no text found" + (f": {len(others)} file(s) of other suffixes left out (e.g. {', '.join(others[:3])})"
+                                                   if others else ""), path=p,
+                               hint=f"a folder's text is read from {', '.join(sorted(_TEXT_SUFFIXES))} and .jsonl files")
+    elif p.suffix.lower() == ".jsonl":
         out = _jsonl_examples(p)
     else:
         out = [("", read_text(p))]
@@ -216,10 +230,19 @@ def leading_blocks(path: str | Path, tok, seq_len: int, blocks: int | None) -> t
     are returned.
 
     Raises:
-        SpectraError: as :func:`read_examples` and :func:`token_blocks`.
+        SpectraError: as :func:`read_examples` and :func:`token_blocks`, naming ``path`` (``--data`` and
+            ``--eval-source`` would otherwise read alike).
     """
-    p = Path(path)
-    if blocks is None or p.is_dir() or p.suffix == ".jsonl":  # read whole: every block is kept (nothing to save)
+    try:
+        return _leading_blocks(Path(path), tok, seq_len, blocks)
+    except SpectraError as exc:
+        if exc.path is not None:
+            raise
+        raise SpectraError(exc.message, path=path, tensor=exc.tensor, hint=exc.hint) from None
+
+
+def _leading_blocks(p: Path, tok, seq_len: int, blocks: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    if blocks is None or p.is_dir() or p.suffix.lower() == ".jsonl":  # read whole: every block is kept (nothing to save)
         ids, labels = token_blocks(read_examples(p), tok, seq_len)
         return ids, labels, True
     size = max(1 << 16, 8 * seq_len * (blocks + 1))

@@ -344,3 +344,115 @@ def test_gpt_neox_with_an_unused_kv_head_count_is_still_split(tmp_path):
     res = spectra.diff(str(tmp_path / "base"), str(tmp_path / "tuned"), config=spectra.DiffConfig(thresholds=(1.0,)))
     parts = {m.module.rpartition(":")[2]: m for m in res.modules if "query_key_value" in m.name}
     assert {k: parts[k].energy_rank["1.0"] for k in ("q", "k", "v")} == {"q": 1, "k": 0, "v": 0}
+
+
+# ---- training data, held-out losses and the report of training runs ------------------------------------
+def test_the_held_out_blocks_do_not_depend_on_how_far_a_run_reads():
+    """A run read a large file as far as 64 × steps × batch blocks and drew its hold-out over that count: a 1-step
+    run's 8 held-out blocks were all in a 40-step run's training set."""
+    from spectra.training import HOLDOUT_POOL, TrainConfig, data_blocks, holdout_split
+
+    short = holdout_split(data_blocks(TrainConfig(base="b", data="d", out="o", steps=1, batch=2)), 0.1)
+    long = holdout_split(data_blocks(TrainConfig(base="b", data="d", out="o", steps=400, batch=8)), 0.1)
+    assert torch.equal(short[0], long[0])
+    assert not set(short[0].tolist()) & set(long[1].tolist())
+    held, train = holdout_split(10 * HOLDOUT_POOL, 0.1)
+    assert sorted(held.tolist() + train.tolist()) == list(range(10 * HOLDOUT_POOL))
+    # a file smaller than the pool: the split over its blocks, as before the pool
+    small = holdout_split(300, 0.1)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(1234))
+    assert torch.equal(small[0], perm[:30]) and torch.equal(small[1], perm[30:])
+
+
+@pytest.mark.parametrize("body, match", [
+    (("some prose here\n" * 50).encode("utf-16"), "UTF-16 text"),
+    (("some prose here\n" * 50).encode("utf-32"), "UTF-32 text"),
+    (("some prose here\n" * 50).encode("utf-16-le"), "are NUL"),
+    (bytes(20000), "are NUL"),
+], ids=["utf16", "utf32", "utf16-no-bom", "nul"])
+def test_utf16_utf32_and_nul_files_are_not_read_as_utf8_text(tmp_path, body, match):
+    """A UTF-16 file (every other character NUL, only its BOM undecodable) and 20,000 NUL bytes were trained on."""
+    from spectra.errors import SpectraError
+    from spectra.training_inputs import read_examples
+
+    f = tmp_path / "data.txt"
+    f.write_bytes(body)
+    with pytest.raises(SpectraError, match=match):
+        read_examples(f)
+
+
+def test_a_utf8_byte_order_mark_is_not_trained_on(tmp_path):
+    from spectra.training_inputs import read_examples
+
+    f = tmp_path / "data.txt"
+    f.write_bytes("\ufeffdef f(x):\n    return x\n".encode())
+    assert read_examples(f) == [("", "def f(x):\n    return x\n")]
+
+
+def test_data_suffixes_are_matched_in_any_case_and_left_out_files_are_named(tmp_path):
+    """A folder's b.TXT was left out (data_read still "whole"); d.JSONL was read as one plain-text example (its JSON
+    trained on); a folder of data.csv said only "no text found"."""
+    from spectra.errors import SpectraError
+    from spectra.training_inputs import read_examples
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "a.txt").write_text("alpha text\n")
+    (tmp_path / "f" / "b.TXT").write_text("beta text\n")
+    assert sorted(t for _, t in read_examples(tmp_path / "f")) == ["alpha text\n", "beta text\n"]
+    (tmp_path / "d.JSONL").write_text('{"prompt": "Q: ", "response": "an answer"}\n')
+    assert read_examples(tmp_path / "d.JSONL") == [("Q: ", "an answer")]
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "data.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SpectraError, match=r"1 file\(s\) of other suffixes left out \(e.g. data.csv\)"):
+        read_examples(tmp_path / "g")
+
+
+def test_a_too_short_eval_source_is_named(tmp_path):
+    from spectra.errors import SpectraError
+    from spectra.training_inputs import ByteTokenizer, leading_blocks
+
+    f = tmp_path / "tiny.txt"
+    f.write_text("short prose here\n")
+    with pytest.raises(SpectraError, match="fewer than two blocks") as err:
+        leading_blocks(f, ByteTokenizer(), 32, 8)
+    assert err.value.path == str(f)
+
+
+def _run_folder(root: Path, name: str, *, steps: int, last: int, digest: str, finished: bool) -> Path:
+    d = root / name
+    d.mkdir()
+    (d / "train_config.json").write_text(json.dumps({"steps": steps, "held_out_digest": digest}))
+    (d / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "train_loss": 1.0, "target_loss": 2.0 - s / 1000,
+                                                           "source_loss": 3.0}) + "\n" for s in range(0, last + 1, 10)))
+    if finished:
+        (d / "train_summary.json").write_text("{}")
+    return d
+
+
+def test_report_names_a_stopped_training_run_and_incomparable_held_out_losses(tmp_path):
+    """A sweep stopped mid-run showed its third run in "Learning vs forgetting" as "lora4 | 0 steps", a train stopped
+    at 240 of 400 as a 240-step run; runs scored on other held-out blocks sat side by side without a word."""
+    from spectra.report import build_report
+
+    a = _run_folder(tmp_path, "lora2", steps=100, last=100, digest="aaaa", finished=True)
+    b = _run_folder(tmp_path, "lora4", steps=400, last=240, digest="aaaa", finished=False)
+    html = build_report([str(a), str(b)])
+    assert "a stopped spectra train (its log ends at step 240 of 400" in html and "different blocks" not in html
+    c = _run_folder(tmp_path, "full", steps=100, last=100, digest="bbbb", finished=True)
+    html = build_report([str(a), str(c)])
+    assert "held-out losses score different blocks" in html and "stopped spectra train" not in html
+
+
+def test_recommend_says_a_fused_modules_rank_is_the_sum_of_its_parts(tmp_path):
+    """GPT-2's c_attn got 64 (27 + 25 + 14 of its q, k, v) where the whole matrix needs 35, with no note."""
+    from spectra.recommend import recommend
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 48, generator=g)  # GPT-2 Conv1D layout: (in, 3·in)
+    save_file({"h.0.attn.c_attn.weight": W}, str(tmp_path / "b.safetensors"))
+    save_file({"h.0.attn.c_attn.weight": W + 0.1 * torch.randn(16, 48, generator=g)}, str(tmp_path / "t.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 16, "n_head": 2}))
+    res = spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), out_dir=str(tmp_path / "d"), plots=False)
+    assert len(res.modules) == 3  # split into q, k, v
+    rec = recommend(tmp_path / "d")
+    assert any("sum of their parts' ranks" in n and "--no-split" in n for n in rec.notes)

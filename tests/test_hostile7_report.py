@@ -38,14 +38,14 @@ def _energy_rank(S: np.ndarray, tau: float) -> int:
 
 
 def _greedy(gains: dict[str, np.ndarray], cost: dict[str, int], budget: int) -> dict[str, int]:
-    """Reference: components in decreasing σ²/cost (ties: module, then rank) until the first that does not fit."""
+    """Reference: components in decreasing σ²/cost (ties: module, then rank) until the first that does not fit, then
+    the rest of that order once more, taking each that still fits and continues its module's rank."""
     items = sorted(((-g / cost[p], p, k) for p, gs in gains.items() for k, g in enumerate(gs)), key=lambda x: (x[0], x[1], x[2]))
     ranks, used = dict.fromkeys(gains, 0), 0
-    for _, p, _k in items:
-        if used + cost[p] > budget:
-            break
-        used += cost[p]
-        ranks[p] += 1
+    for _, p, k in items:
+        if used + cost[p] <= budget and ranks[p] == k:
+            used += cost[p]
+            ranks[p] += 1
     return ranks
 
 
@@ -188,9 +188,11 @@ def test_recommend_on_weights_near_1e200_matches_numpy_on_a_scaled_copy(huge, kw
         assert rec.ranks == caps
         return
     want = _greedy({p: s[: caps[p]] ** 2 for p, s in S.items()}, cost, n)
-    assert rec.ranks == {p: r for p, r in want.items() if r}
     energy = sum(float(np.sum(s**2)) for s in S.values())
     kept = sum(float(np.sum(S[p][:r] ** 2)) for p, r in rec.ranks.items())
+    if rec.ranks != {p: r for p, r in want.items() if r}:  # two layers' components equal up to rounding: either is the choice
+        assert kept == pytest.approx(sum(float(np.sum(S[p][:r] ** 2)) for p, r in want.items()), rel=1e-9)
+        assert sum(r * cost[p] for p, r in rec.ranks.items()) == sum(r * cost[p] for p, r in want.items())
     line = next(x for x in rec.notes if "binds" in x)
     assert float(re.search(r"keeps ([0-9.]+) of", line).group(1)) == pytest.approx(kept / energy, abs=6e-4)
 
