@@ -59,6 +59,7 @@ try:
     import rich.console  # noqa: F401
 
     import spectra  # noqa: F401
+    import spectra_cli.main  # noqa: F401 - the commands' modules too: a stop while they load is a stop while starting
 except KeyboardInterrupt as _stop:
     # Ctrl-C (or SIGTERM) during the command's ~1 s of imports printed a traceback through torch's import
     # machinery, or ended the process without a word; the command has done nothing yet.

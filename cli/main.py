@@ -100,15 +100,35 @@ class _StopSignals:
         else:
             _hard_exit(code, "a second stop signal", self.kept)
 
+    @property
+    def stopped_by(self) -> int | None:
+        """The signal of the first stop seen (SIGINT or SIGTERM), None when none came."""
+        return self._first[0] if self.count else None
+
     def close(self, *, owns_process: bool) -> None:
         """Restore the previous handler and wakeup fd; the watcher ends. Inside another program (a
         notebook, a test runner: ``owns_process`` False) a pending grace timer is cancelled, so that a
-        Ctrl-C that stopped the command cleanly does not end the program 20 s later."""
+        Ctrl-C that stopped the command cleanly does not end the program 20 s later. When this process
+        is the command, what is left is its exit (:func:`run`): a stop then is answered by
+        :func:`_after_command`, not by a KeyboardInterrupt traceback from the interpreter's exit hooks."""
         if self.timer is not None and not owns_process:
             self.timer.cancel()
         signal.set_wakeup_fd(self._previous_fd)
-        signal.signal(signal.SIGTERM, self._previous_term)
+        signal.signal(signal.SIGTERM, _after_command if owns_process else self._previous_term)
+        if owns_process:
+            signal.signal(signal.SIGINT, _after_command)
         os.close(self._write)
+
+
+_STOPS_AFTER: list[int] = []  # stops that came after the command ended (this process is the command)
+
+
+def _after_command(signum: int, frame: object) -> None:
+    """A stop once the command has ended and written everything: the first is let pass (the exit is under
+    way, its status the command's); a second ends the process at once, should that exit hang."""
+    _STOPS_AFTER.append(signum)
+    if len(_STOPS_AFTER) > 1:
+        os._exit(128 + signum)
 
 
 def _interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
@@ -206,7 +226,12 @@ class _Group(click.Group):
         held_before = held_locks()
         try:
             try:
-                return super().invoke(ctx)
+                result = super().invoke(ctx)
+                if stop is not None and stop.stopped_by is not None:
+                    # a stop raised where Python swallows exceptions (a weakref callback while a figure is
+                    # drawn: "Exception ignored in …") let the command run on: honoured now
+                    raise Terminated() if stop.stopped_by == signal.SIGTERM else KeyboardInterrupt()
+                return result
             except SpectraError as exc:
                 if os.environ.get("SPECTRA_DEBUG") == "1":
                     raise
@@ -316,6 +341,13 @@ def run() -> None:
     _escape_unencodable_output()
     if sys.stderr is not None:
         sys.stderr = _DiagnosticStream(sys.stderr)
+    default_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:  # a stop swallowed in a callback is honoured after the command (_Group.invoke)
+        if not (isinstance(info.exc_type, type) and issubclass(info.exc_type, KeyboardInterrupt)):
+            default_hook(info)
+
+    sys.unraisablehook = unraisable
     try:
         main(prog_name="spectra")  # click's standalone mode: always ends in SystemExit
         code: object = 0

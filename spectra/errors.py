@@ -103,9 +103,12 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
                            "during the run", path=path, hint="run the command again; what it had written went with the folder")
     fix = ("free disk space" if full else "fix the folder's permissions (or its immutable flag)" if denied
            else "remove or rename what is in the way" if odd else "free disk space or fix the folder's permissions")
+    # the lock file is the first thing a run writes: nothing before it to be intact or to resume
+    first = Path(path).name == ".spectra.lock"
     return OutputError(f"cannot write results: {why}", path=path,
-                       hint=f"{fix}, or choose another --out; files written earlier are intact (diff, esd, extract and "
-                            "trace continue an interrupted run with --resume)")
+                       hint=f"{fix}, or choose another --out" + ("" if first else
+                            "; files written earlier are intact (diff, esd, compare, interfere, extract and trace continue "
+                            "an interrupted run with --resume)"))
 
 
 #: Words of the errors torch raises when an allocation fails (CPU allocator, CUDA caching allocator, MPS).

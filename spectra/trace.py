@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, same_file
+from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, inputs_fingerprint
@@ -69,6 +69,8 @@ from spectra.trace_inputs import CHECKPOINT_DIR, CheckpointRef, check_trace_matr
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
+#: A trace's own files (with its ``trace_*.png`` figures), removed before a new, not resumed, trace writes there.
+TRACE_FILES = ("trace.json", "trace.csv", "report.html")
 #: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
 SIGMA_FLOOR = 1e-7
 
@@ -347,7 +349,7 @@ def trace(
     check_device_available(device)
     if isinstance(paths, (str, os.PathLike)):  # one run folder given bare: its characters are no checkpoints
         paths = [paths]
-    elif not isinstance(paths, (list, tuple)):
+    elif isinstance(paths, Mapping) or not isinstance(paths, Iterable):
         checkpoint_location(paths)  # a state dict or model: says to save it
     checkpoint_location(base)
     found = find_checkpoints([str(checkpoint_location(p)) for p in paths])
@@ -368,6 +370,8 @@ def trace(
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     done = journal.start(result.fingerprint, resume=resume) if journal else []
+    if journal is not None and not resume:  # an earlier trace's figures and report describe another run
+        remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))
     try:
         if result.kind == "lora":
             _trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)

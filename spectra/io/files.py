@@ -123,15 +123,22 @@ LOCKED_OUTPUTS = frozenset({"results.json", "results.csv", "diff_config.json", "
                             "interfere.csv", "sweep.json", "train_config.json", "train_summary.json"})
 
 
+#: Suffixes of the other files spectra writes through :func:`atomic_file` (figures, reports, tables).
+_TEMP_TARGETS = (".png", ".svg", ".pdf", ".html", ".csv", ".json", ".md")
+
+
 def _remove_stale_temps(folder: Path) -> None:
     """Remove the temporary files a killed run left beside its results (``.results.json.ab12cd34.tmp``:
     a SIGKILL or an out-of-memory kill during a rewrite), once this process holds the folder's lock, so
-    no live spectra run is writing them: only those of :data:`LOCKED_OUTPUTS`, beside that output."""
+    no live spectra run is writing them: those of :data:`LOCKED_OUTPUTS` and of the figures, reports and
+    tables spectra writes (:data:`_TEMP_TARGETS`; a SIGKILL during a figure's first write left
+    ``.esd_plots.png.baympvsc.tmp`` for good)."""
     with contextlib.suppress(OSError):
         for entry in os.scandir(folder):
             m = _TEMP_NAME.fullmatch(entry.name)
-            if (m and m.group("target") in LOCKED_OUTPUTS and entry.is_file(follow_symlinks=False)
-                    and (folder / m.group("target")).is_file()):
+            target = m.group("target") if m else ""
+            if ((target in LOCKED_OUTPUTS or target.endswith(_TEMP_TARGETS))
+                    and entry.is_file(follow_symlinks=False)):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
 

@@ -336,10 +336,16 @@ def _child(tasks: list[Callable[[], object]], read_fd: int, write_fd: int, paren
 
 def _stop_here(signum: int, frame: object) -> None:
     """The child's stop handler: KeyboardInterrupt once (the tasks' cleanup runs, the child leaves);
-    later stops are ignored, so that the parent's SIGTERM after a Ctrl-C cannot cut that cleanup short."""
+    later stops are ignored, so that the parent's SIGTERM after a Ctrl-C cannot cut that cleanup short. They
+    get a handler that does nothing, not SIG_IGN: a signal already tripped when the handler changes would be
+    dispatched to SIG_IGN, which Python reports as "Signal 15 ignored due to race condition"."""
     for stop in _STOPS:
-        signal.signal(stop, signal.SIG_IGN)
+        signal.signal(stop, _ignore)
     raise KeyboardInterrupt
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A stop after the first, in the plotting child: nothing to do."""
 
 
 def _read_to_end(read_fd: int, timeout_s: float) -> bytes | None:
