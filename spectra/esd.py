@@ -301,12 +301,15 @@ def as_eigenvalues(evals: np.ndarray | Sequence[float], name: str = "evals") -> 
     lam = host_array(evals, name)
     if np.iscomplexobj(lam):
         raise ValueError(f"{name} must be real eigenvalues of WᵀW. Got a complex array instead.")
-    lam = np.sort(np.asarray(lam, dtype=np.float64).ravel())
+    given = np.asarray(lam)
+    # the precision the eigenvalues were computed in (float32 eigvalsh rounds at ~1e-7·λ_max, not 1e-16)
+    eps = float(np.finfo(given.dtype).eps) if given.dtype.kind == "f" else float(np.finfo(np.float64).eps)
+    lam = np.sort(given.astype(np.float64).ravel())
     if lam.size and not np.isfinite(lam).all():
         raise ValueError(f"{name} must be finite. Got NaN or Inf instead.")
     if lam.size and lam[0] < 0.0:
-        # the rounding of a float64 eigensolver of a p × p Gram matrix: a few p·ε·λ_max (64× as margin)
-        tol = 64.0 * lam.size * np.finfo(np.float64).eps * max(float(lam[-1]), 0.0)
+        # the rounding of an eigensolver of a p × p Gram matrix: a few p·ε·λ_max (64× as margin)
+        tol = 64.0 * lam.size * eps * max(float(lam[-1]), 0.0)
         if lam[0] < -tol:
             raise ValueError(f"{name} must be eigenvalues of WᵀW (non-negative, or negative only by rounding, "
                              f"above -{tol:.1e}). Got {lam[0]:.6g} instead.")

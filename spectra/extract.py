@@ -532,6 +532,13 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     if src.kind == "full" and config.resolved_strategy == "two-pass":
         want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
+    elif src.kind == "full":
+        # one pass kept each module's components above the greedy prefix's cut-off; the budget's fill step
+        # (lowrank.allocate_budget) may give a module more, below it: those modules are factored again
+        short = {i: r for i, r in enumerate(ranks) if r and float(run.spectra[i].get("total") or 0) > 0
+                 and not run.has_factors(i, r)}
+        if short:
+            _dense_pass(src, run, config, device, stage="vectors", want=short)
     not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
                              config.save_modules)
     renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it

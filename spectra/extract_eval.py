@@ -141,13 +141,13 @@ def _tokenizer(base: str | Path, tuned: str | Path, vocab: int | None) -> tuple[
 def _blocks(text: str | Path, tok: Any, tok_info: dict[str, Any], seq_len: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``blocks`` blocks of ``seq_len`` tokens of the text. A text file is read only as far
     as they need (a bounded prefix, grown while the tokenizer needs more); a folder or JSONL whole."""
-    from spectra.training_inputs import encode_text, read_examples, read_text_prefix, token_blocks
+    from spectra.training_inputs import encode_text, is_jsonl, read_examples, read_text_prefix, token_blocks
 
     p = Path(text)
     how = "UTF-8 bytes" if tok_info["source"] == "bytes" else f"the {tok_info['source']} folder's tokenizer"
     short_hint = (f"give a longer text, or a smaller --eval-seq-len (--eval needs 2 blocks of it at least, and scores up "
                   f"to --eval-blocks {blocks})")
-    if p.is_dir() or p.suffix.lower() == ".jsonl":
+    if p.is_dir() or is_jsonl(p):
         try:
             ids, labels = token_blocks(read_examples(p), tok, seq_len)
         except SpectraError as exc:

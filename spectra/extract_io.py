@@ -187,6 +187,8 @@ class ExtractRun:
         else:
             B, A = torch.zeros(out_dim, 0), torch.zeros(0, in_dim)
         if B.shape[1] < r:
+            if float((self.spectra.get(i) or {}).get("total") or 0) > 0:  # a changed module must have its components
+                raise RuntimeError(f"{self.targets[i].name}: {B.shape[1]} components stored, rank {r} asked")
             B = torch.cat([B, B.new_zeros(out_dim, r - B.shape[1])], 1)
             A = torch.cat([A, A.new_zeros(r - A.shape[0], in_dim)], 0)
         return B, A
@@ -200,7 +202,9 @@ class ExtractRun:
     def cutoff(self) -> float:
         """Under ``budget``: the critical value per parameter of the greedy over untied modules seen
         so far, in units of ``4**self._cut_exp`` (:func:`~spectra.extract_plan.common_exp`); a component
-        below it can never be chosen (0 while they all fit in the budget).
+        below it is not in the greedy's prefix (0 while they all fit in the budget). The fill step after
+        the prefix may still give a module such components: :func:`spectra.extract.extract` factors
+        those modules again.
 
         Any subset of the modules gives a valid cut-off (more modules only raise it), so it is
         recomputed only when the modules seen have grown by a tenth since the last time: O(log n)

@@ -56,8 +56,9 @@ class ExtractResult:
             those in ``not_extracted`` and an adapter's ``modules_to_save`` matrices included (kept whole
             with ``--save-modules``), the share not held being ``not_extracted_energy_share``; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
-        allocation: the budget's greedy: budget, parameters used, the fractional bound and the gap
-            to it (as shares of the extracted matrices' energy), the first component that did not fit.
+        allocation: the budget's greedy: budget, parameters used (``filled_params`` of them spent after
+            the prefix, :func:`spectra.lowrank.allocate_budget`), the fractional bound and the gap to it
+            (as shares of the extracted matrices' energy), the first component that did not fit.
         serving: vLLM's cost: ``max_lora_rank`` (the largest rank rounded up to an accepted one) × the
             adapted modules' ``out + in``.
         adapter: what was written (path, r, lora_alpha, target_modules, bytes...).

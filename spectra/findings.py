@@ -407,14 +407,14 @@ def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
         ("n", ("how many matrices have this label (layers × experts × parts of split fused matrices); \"c of n\" when only "
                "c of them changed (ΔW ≠ 0): the medians of the row are over those c, as the findings' are")),
         ("p", ("min(out, in) of the matrix: the most singular values, i.e. independent directions, a matrix of that "
-              "shape can have (median over the n matrices)")),
+              "shape can have (median over the changed matrices)")),
     ]
     if lora:
         items.append(("LoRA r", "the adapter's rank r for this module (after rank_pattern): its update has at most r directions; "
                                 "lowest–highest when its layers differ"))
     items += [
         (f"rank[{k}]", (f"rank needed: the fewest singular directions of ΔW that hold {tau_percent(tau)} of its energy "
-                       f"‖ΔW‖²_F = Σσᵢ² (energy_rank[{k}]), median over the n matrices")),
+                       f"‖ΔW‖²_F = Σσᵢ² (energy_rank[{k}]), median over the changed matrices")),
         ("/ p", "rank needed ÷ p: near 0, a few directions carry the update; 1, every direction is needed"),
         ("random / p", ("the same fraction for a Gaussian random matrix of the same shape (Marchenko–Pastur law): "
                        "what a dense, unstructured update would need; well below it means a low-rank update")),

@@ -61,7 +61,7 @@ import scipy.linalg
 import torch
 
 from spectra.errors import ConfigError
-from spectra.metrics import SQUARING_LIMIT, spectrum_metrics
+from spectra.metrics import SQUARING_LIMIT, refuse_meta, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -190,8 +190,7 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     t = torch.as_tensor(M).detach()
     if t.is_complex():
         raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
-    if t.is_meta:  # shapes without values: any measure of it would be a meta tensor or fail deep inside torch
-        raise ValueError(f"{name} is on the meta device (shapes only, no values): load its weights first.")
+    refuse_meta(t, name)
     return t
 
 

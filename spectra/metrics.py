@@ -60,14 +60,20 @@ def check_energy_range(energy: float, nonzero: bool, name: str) -> None:
                      f"sum of squares {energy!r}): divide it by a power of two first")
 
 
+def refuse_meta(x: object, name: str) -> None:
+    """ValueError naming ``name`` when ``x`` is a tensor on the meta device (shapes, no values): any measure of
+    it would be a meta tensor, or fail deep inside torch."""
+    if getattr(x, "is_meta", False):
+        raise ValueError(f"{name} is on the meta device (shapes only, no values): load its weights first.")
+
+
 def host_array(x: object, name: str) -> object:
     """``x`` as numpy can read it: a torch tensor (no torch import here: duck-typed) detached, on the CPU,
     bfloat16/float16 widened to float64 (numpy has no bfloat16); anything else unchanged. A tensor on
     the meta device (shapes, no values) is refused, naming ``name``."""
     if not (hasattr(x, "detach") and hasattr(x, "is_meta")):
         return x
-    if x.is_meta:
-        raise ValueError(f"{name} is on the meta device (shapes only, no values): load its weights first.")
+    refuse_meta(x, name)
     t = x.detach().cpu()
     if t.is_complex():
         return t.resolve_conj().numpy()

@@ -180,7 +180,8 @@ def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:
     ``train_summary.json`` was stopped (its table row would read as a run of that many steps); runs whose
     held-out losses score other blocks (``held_out_digest``: other data, --seq-len, --batch…) are not
     comparable by value."""
-    out, digests = [], {}
+    out, digests = [], {"held_out_digest": {}, "source_digest": {}}
+    names = dict(zip([f for f, _ in logs], run_labels([f for f, _ in logs])))  # as the table names the runs
     for folder, recs in logs:
         cfg_path = folder / "train_config.json"
         try:
@@ -193,12 +194,14 @@ def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:
             last = recs[-1].get("step") if recs else None
             out.append(f"{folder}: a stopped spectra train (its log ends at step {last} of {cfg.get('steps')}; no "
                        "train_summary.json, no saved model): its row is not a finished run")
-        if isinstance(cfg.get("held_out_digest"), str):
-            digests.setdefault(cfg["held_out_digest"], []).append(folder.name)
-    if len(digests) > 1:
-        groups = "; ".join(", ".join(v) for v in digests.values())
-        out.append(f"the training runs' held-out losses score different blocks (other data, --seq-len, --batch or "
-                   f"--eval-batches): {groups}; compare each run's change, not the values across these groups")
+        for key, seen in digests.items():
+            if isinstance(cfg.get(key), str):
+                seen.setdefault(cfg[key], []).append(names[folder])
+    for seen, what in zip(digests.values(), ("target", "source (--eval-source)")):
+        if len(seen) > 1:
+            groups = "; ".join(", ".join(v) for v in seen.values())
+            out.append(f"the training runs' held-out {what} losses score different blocks (other data, --seq-len or "
+                       f"--batch): {groups}; compare each run's change, not the values across these groups")
     return out
 
 

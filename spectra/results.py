@@ -464,7 +464,7 @@ class DiffResult:
 
         Example:
             >>> res.summary()                      # doctest: +SKIP
-                      role  count    p  energy_rank  energy_rank_frac  random_frac  rel_norm  lora_r
+                      role  count  changed    p  energy_rank  energy_rank_frac  random_frac  rel_norm  lora_r
             module
             q_proj       q     30  576         26.0             0.045        0.512     0.013    <NA>
         """
@@ -473,7 +473,7 @@ class DiffResult:
             import pandas as pd
         except ImportError:
             return records
-        df = pd.DataFrame(records, columns=["module", "role", "count", "p", "energy_rank", "energy_rank_frac",
+        df = pd.DataFrame(records, columns=["module", "role", "count", "changed", "p", "energy_rank", "energy_rank_frac",
                                             "random_frac", "rel_norm", "lora_r", "lora_r_range"])
         df["lora_r"] = df["lora_r"].astype("Float64") if df["lora_r"].notna().any() else df["lora_r"].astype("Int64")
         return df.set_index("module")

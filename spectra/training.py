@@ -210,32 +210,33 @@ HOLDOUT_POOL = 2048
 def data_blocks(config: TrainConfig) -> int:
     """Blocks of ``config.seq_len`` tokens a run reads from a large ``--data`` text file: enough for
     :data:`DATA_POOL_FACTOR` × the blocks it draws in its training share, for ``eval_batches``
-    batches in its held-out share, and at least :data:`HOLDOUT_POOL` (the hold-out's pool)."""
+    batches in its held-out share (:func:`holdout_split`), and at least :data:`HOLDOUT_POOL`."""
     draws = config.steps * config.batch
     return max(math.ceil(DATA_POOL_FACTOR * draws / (1 - config.holdout)),
                math.ceil(config.eval_batches * config.batch / config.holdout), HOLDOUT_POOL, 2)
 
 
-def holdout_split(n: int, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
+def holdout_split(n: int, holdout: float, scored: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(held, train)`` block indices of ``n`` blocks: the held-out share drawn (:data:`HOLDOUT_SEED`) from
     the first ``min(n, HOLDOUT_POOL)``, the rest of those and every later block for training. Independent
-    of the run's seed, steps and batch, so that runs on the same data hold out the same blocks."""
-    pool = min(n, HOLDOUT_POOL)
+    of the run's seed and steps, so that runs on the same data hold out the same blocks; the pool grows
+    only where its share would hold fewer than the ``scored`` blocks an evaluation reads (``eval_batches ×
+    batch``: above ~200 with the defaults)."""
+    pool = min(n, max(HOLDOUT_POOL, math.ceil(scored / holdout)))
     perm = torch.randperm(pool, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
     n_hold = max(1, int(pool * holdout))
     return perm[:n_hold], torch.cat([perm[n_hold:], torch.arange(pool, n)])
 
 
-def held_out_digest(*blocks: tuple[torch.Tensor, torch.Tensor] | None) -> str:
-    """A short hash of the token ids and labels that held-out losses score (:func:`held_out_loss`'s blocks):
-    two runs' losses are comparable only where it is the same (``spectra report`` checks it)."""
+def held_out_digest(blocks: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """A short hash of the token ids and labels a held-out loss scores (:func:`held_out_loss`'s blocks): two
+    runs' losses are comparable only where it is the same (``spectra report`` checks it)."""
     import hashlib
 
     h = hashlib.sha256()
-    for b in blocks:
-        for t in (b or ()):
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    for t in blocks:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -284,7 +285,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     target = (ids, labels)
     check_vocabulary(base, tok, target[0])  # before anything is written: an embedding lookup would fail mid-run
     # the held-out split depends on neither the run's seed nor its length (holdout_split)
-    hold_idx, train_idx = holdout_split(len(target[0]), config.holdout)
+    hold_idx, train_idx = holdout_split(len(target[0]), config.holdout, config.eval_batches * config.batch)
     held = (target[0][hold_idx], target[1][hold_idx])
     blocks = (target[0][train_idx], target[1][train_idx])
     # only the first eval_batches × batch blocks of the source are ever scored (held_out_loss): read as far as they need
@@ -385,8 +386,9 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
                "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
                "data_read": read or "whole",
                # what the held-out losses score: runs whose digests differ are scored on other blocks
-               "held_out_digest": held_out_digest(*(tuple(t[: config.eval_batches * config.batch] for t in b) if b else None
-                                                    for b in (held, source)))}
+               "held_out_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in held)),
+               "source_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in source))
+               if source else None}
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()

@@ -28,6 +28,8 @@ _TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts
 #: Largest share of a data file's characters that may be undecodable UTF-8 (read as U+FFFD): above
 #: it the file is binary or in another encoding, and training on it would learn replacement marks.
 MAX_UNDECODABLE = 0.01
+#: Share of NUL characters above which a file is refused: UTF-16/32 text is ~50-75% NUL; a stray NUL in prose is not.
+MAX_NUL = 0.1
 
 #: The files that make a model folder's tokenizer (without any of them, text is read as UTF-8 bytes).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -61,6 +63,11 @@ def read_text(path: Path) -> str:
     return read_text_prefix(path, None)[0]
 
 
+def is_jsonl(path: Path) -> bool:
+    """Whether a data file is read as JSON lines (``.jsonl`` in any case: ``d.JSONL`` too)."""
+    return path.suffix.lower() == ".jsonl"
+
+
 def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool]:
     """``(text, whole)``: the UTF-8 text of the first ``max_bytes`` bytes of a regular file (all of
     it when None) and whether that is the whole file. A character cut by the limit is left out, not
@@ -88,7 +95,7 @@ def read_text_prefix(path: str | Path, max_bytes: int | None) -> tuple[str, bool
                                hint=f"convert it to UTF-8 (e.g. iconv -f {enc.lower()} -t utf-8)")
     # an incremental decoder keeps a multi-byte character cut at the limit pending instead of marking it
     text = codecs.getincrementaldecoder("utf-8-sig")(errors="replace").decode(data, final=whole)
-    if text and text.count("\0") / len(text) > MAX_UNDECODABLE:  # text holds no NUL: UTF-16/32 without a mark, or binary
+    if text and text.count("\0") / len(text) > MAX_NUL:  # UTF-16/32 without a mark (~50-75% NUL), or binary
         raise SpectraError(f"is not UTF-8 text: {text.count(chr(0)) / len(text):.0%} of its characters are NUL (a binary "
                            "file, or UTF-16/32 text)", path=path, hint="convert it to UTF-8 or leave it out")
     bad = text.count("\ufffd") - data.count("\ufffd".encode())  # replacement marks the file did not hold itself
@@ -126,13 +133,13 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
                                hint="pass a text file, a folder of text/code files or JSONL")
         found = sorted(f for f in p.rglob("*") if f.is_file())  # is_file: FIFOs skipped
         files = [f for f in found if f.suffix.lower() in (*_TEXT_SUFFIXES, ".jsonl")]  # b.TXT is text too
-        out = [pair for f in files for pair in (_jsonl_examples(f) if f.suffix.lower() == ".jsonl" else [("", read_text(f))])]
+        out = [pair for f in files for pair in (_jsonl_examples(f) if is_jsonl(f) else [("", read_text(f))])]
         if not any(b.strip() for _, b in out):
             others = [f.name for f in found if f not in files]
             raise SpectraError("no text found" + (f": {len(others)} file(s) of other suffixes left out (e.g. {', '.join(others[:3])})"
                                                    if others else ""), path=p,
                                hint=f"a folder's text is read from {', '.join(sorted(_TEXT_SUFFIXES))} and .jsonl files")
-    elif p.suffix.lower() == ".jsonl":
+    elif is_jsonl(p):
         out = _jsonl_examples(p)
     else:
         out = [("", read_text(p))]
@@ -238,11 +245,11 @@ def leading_blocks(path: str | Path, tok, seq_len: int, blocks: int | None) -> t
     except SpectraError as exc:
         if exc.path is not None:
             raise
-        raise SpectraError(exc.message, path=path, tensor=exc.tensor, hint=exc.hint) from None
+        raise type(exc)(exc.message, path=path, tensor=exc.tensor, hint=exc.hint) from None
 
 
 def _leading_blocks(p: Path, tok, seq_len: int, blocks: int | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    if blocks is None or p.is_dir() or p.suffix.lower() == ".jsonl":  # read whole: every block is kept (nothing to save)
+    if blocks is None or p.is_dir() or is_jsonl(p):  # read whole: every block is kept (nothing to save)
         ids, labels = token_blocks(read_examples(p), tok, seq_len)
         return ids, labels, True
     size = max(1 << 16, 8 * seq_len * (blocks + 1))
