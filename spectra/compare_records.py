@@ -14,7 +14,6 @@ undefined, not the values an arbitrary basis would give.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +22,7 @@ from typing import Any
 
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
-from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results_check import is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy
 
@@ -200,7 +199,7 @@ class CompareResult:
 
     def to_json(self, *, indent: int | None = 1) -> str:
         """:meth:`to_dict` as strict JSON (no NaN/Infinity: undefined values are null)."""
-        return json.dumps(finite_or_null(self.to_dict()), indent=indent, ensure_ascii=False, allow_nan=False)
+        return result_json(finite_or_null(self.to_dict()), indent=indent)
 
     def rows(self) -> list[dict[str, Any]]:
         """Flat per-module records for CSV/DataFrames (None where a measure is undefined)."""

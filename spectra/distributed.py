@@ -135,8 +135,15 @@ def init(device: torch.device, timeout_s: float | None = None) -> DistContext:
         return _context(owns_group=False)
     missing = [v for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing or not dist.is_available():
-        raise ConfigError(f"--distributed needs a launcher: {', '.join(missing) or 'torch.distributed'} not set",
-                          hint="start it with `torchrun --nproc-per-node N -m spectra diff ...`")
+        # a WORLD_SIZE above 1 alone starts a distributed run: say where it came from (a stale export)
+        why = (f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set in the environment, which runs one rank of a distributed diff, "
+               if "WORLD_SIZE" in os.environ else "--distributed needs a launcher: ")
+        raise ConfigError(f"{why}but {', '.join(missing) or 'torch.distributed'} {'is' if len(missing) < 2 else 'are'} not set",
+                          hint="unset WORLD_SIZE for a single-process run, or start it with `torchrun --nproc-per-node N -m "
+                               "spectra diff ...`")
+    rank, size = _env_int("RANK", 0), world_size()
+    if not 0 <= rank < size:  # the rendezvous would wait out its timeout for ranks that never come
+        raise ConfigError(f"RANK={rank} is not a rank of WORLD_SIZE={size}", hint="unset the stale launcher variables or fix them")
     if timeout_s is None:
         try:
             timeout_s = float(os.environ.get("SPECTRA_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))

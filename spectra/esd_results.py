@@ -13,7 +13,7 @@ from typing import Any
 
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results import rows_to_csv
 
 SCHEMA = "spectra.esd/1"
@@ -178,15 +178,9 @@ class EsdResult:
         name encodes, else with ``\\uXXXX`` escapes (a tensor name may hold a lone surrogate)."""
         doc = self.to_dict()
         try:
-            text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
+            return result_json(doc, indent=indent)
         except ValueError:  # a non-finite number somewhere (rare): write it as null
-            doc = finite_or_null(doc)
-            text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = json.dumps(doc, indent=indent, ensure_ascii=True, allow_nan=False)
-        return text
+            return result_json(finite_or_null(doc), indent=indent)
 
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         return atomic_write_text(Path(path), self.to_json() + "\n")

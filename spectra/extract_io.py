@@ -6,6 +6,7 @@ from the inputs, among them those of the matrices left out, computed beside the 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -251,6 +252,11 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
     run's lock is refused when the journal takes it (:class:`spectra.io.files.OutputLock`)."""
     if out.exists() and not out.is_dir():
         raise ConfigError("the output path exists and is not a folder", path=out, hint="choose a folder for --out")
+    try:  # safetensors (the factors' scratch files) takes UTF-8 paths only: refused before anything is written
+        os.fsencode(out.absolute()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("the output folder's path is not valid UTF-8, and safetensors writes only to UTF-8 paths",
+                          path=out, hint="choose an --out whose path is UTF-8") from None
     if resume and not (out / JOURNAL).is_file():
         raise ConfigError(f"nothing to resume: no {JOURNAL}", path=out, hint="run without --resume first")
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []

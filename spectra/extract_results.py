@@ -10,7 +10,6 @@ bounds what storing the factors in the adapter's dtype does to their product (:f
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable
@@ -25,7 +24,7 @@ from spectra.display import matrices
 from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import finite_or_null
+from spectra.io.jsonfile import finite_or_null, result_json
 from spectra.lowrank import (
     VLLM_RANKS,
     Allocation,
@@ -106,11 +105,11 @@ class ExtractResult:
         out = Path(out_dir)
         doc = self.to_dict()
         try:
-            text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+            text = result_json(doc)
         except ValueError:  # an undefined number (a base norm of a weight holding Inf): null, said once
             doc = finite_or_null(doc)
             doc["warnings"].append("some numbers were not finite (NaN or Inf in an input) and are written as null")
-            text = json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+            text = result_json(doc)
         files = {"json": atomic_write_text(out / "extract.json", text + "\n"),
                  "csv": atomic_write_text(out / "extract.csv", rows_to_csv(self.rows()))}
         if plots and self.modules:

@@ -20,7 +20,6 @@ checkpoint is read once when they fit, which the default 1 GiB allows for n·out
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from spectra.interference import (
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
+from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
@@ -236,7 +236,7 @@ class InterfereResult:
         with folder_lock(out):  # another run writing here is refused, not interleaved with these files
             remove_earlier_outputs(out, "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",))
             files = {"json": atomic_write_text(out / "interfere.json",
-                                               json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"),
+                                               result_json(self.to_dict()) + "\n"),
                      "csv": atomic_write_text(out / "interfere.csv", rows_to_csv(self.rows()))}
             if plots and self.modules:
                 # matplotlib only when plotting

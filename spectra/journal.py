@@ -18,7 +18,7 @@ from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import OutputLock, atomic_write_text, remove_earlier_outputs
-from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl, result_json
 from spectra.pairing import Skipped
 from spectra.results import SCHEMA, DiffResult, ModuleResult
 from spectra.results_check import check_journal_records
@@ -255,14 +255,9 @@ def append_record(path: Path, record: dict) -> None:
     try:
         with open(path, "a", encoding="utf-8") as f:
             try:
-                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+                line = result_json(record, indent=None)
             except ValueError:  # a non-finite number (an overflowing update): null, as in results.json
-                record = finite_or_null(record)
-                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError:  # a lone surrogate in a name: escape it, the line stays valid JSON
-                line = json.dumps(record, ensure_ascii=True, allow_nan=False)
+                line = result_json(finite_or_null(record), indent=None)
             f.write(line + "\n")
     except OSError as exc:
         raise output_error(path, exc) from exc

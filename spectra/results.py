@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from typing import Any
 from spectra.display import display_name, matrices
 from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
-from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.metrics import threshold_key
 from spectra.results_check import SCHEMA, check_document
 
@@ -266,12 +265,7 @@ class DiffResult:
         if bad:
             doc = finite_or_null(doc)
             doc["warnings"] = [*doc["warnings"], non_finite_warning(bad)]
-        text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = json.dumps(doc, indent=indent, ensure_ascii=True, allow_nan=False)
-        return text
+        return result_json(doc, indent=indent)
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str | os.PathLike[str] | None = None) -> DiffResult:

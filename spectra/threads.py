@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -65,20 +66,40 @@ class _OneBlasThread:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._holders = 0
-        self._limiter = None
+        self._saved: list[tuple[object, int]] = []  # (BLAS library, its thread count before the first holder)
 
     def __enter__(self) -> None:
         with self._lock:
             if self._holders == 0:
-                self._limiter = _blas_controller().limit(limits=1, user_api="blas")
+                libs = _blas_controller().select(user_api="blas").lib_controllers
+                self._saved = [(lib, lib.get_num_threads()) for lib in libs]
+                for lib, _ in self._saved:
+                    lib.set_num_threads(1)
             self._holders += 1
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._holders -= 1
-            if self._holders == 0 and self._limiter is not None:
-                self._limiter.restore_original_limits()
-                self._limiter = None
+            if self._holders == 0:
+                _restore_blas(self._saved)
+                self._saved = []
+
+
+#: Tries (2 ms apart) at giving a BLAS library its thread count back. OpenBLAS may ignore a new count
+#: while another thread of the process is inside one of its calls (a notebook's own numpy, a second
+#: spectra call outside the limit): read back and set again, rather than leave the process on one thread.
+_RESTORE_TRIES = 50
+
+
+def _restore_blas(saved: list[tuple[object, int]]) -> None:
+    for attempt in range(_RESTORE_TRIES):
+        wrong = [(lib, n) for lib, n in saved if lib.get_num_threads() != n]
+        if not wrong:
+            return
+        if attempt:
+            time.sleep(0.002)
+        for lib, n in wrong:
+            lib.set_num_threads(n)
 
 
 _ONE_BLAS_THREAD = _OneBlasThread()

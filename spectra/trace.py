@@ -21,7 +21,6 @@ The same per-matrix metrics are computed inside a training process by
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -48,7 +47,7 @@ from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, tru
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
-from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json
+from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device, singular_values
@@ -210,8 +209,7 @@ class TraceResult:
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write ``trace.json``, ``trace.csv`` and (``plots``) the figures into ``out_dir``."""
         out = Path(out_dir)
-        files = {"json": atomic_write_text(out / "trace.json", json.dumps(jsonable(self.to_dict()), indent=1,
-                                                                           ensure_ascii=False, allow_nan=False) + "\n"),
+        files = {"json": atomic_write_text(out / "trace.json", result_json(jsonable(self.to_dict())) + "\n"),
                  "csv": atomic_write_text(out / "trace.csv", rows_to_csv(self.rows()))}
         if plots and self.matrices:
             from spectra.plots.trace import (

@@ -650,3 +650,104 @@ def test_the_held_out_warning_names_runs_as_the_table_does_and_ignores_the_eval_
     cfg = json.loads((two / "train_config.json").read_text())
     (two / "train_config.json").write_text(json.dumps({**cfg, "held_out_digest": "aaaa", "source_digest": "cccc"}))
     assert "score different blocks" not in build_report([str(one), str(two)])
+
+
+# ---- a hostile environment -----------------------------------------------------------------------------------
+def _latin1_folder(root: Path) -> str:
+    """A folder named with a byte that is not UTF-8 (café in Latin-1, from an old zip), as Python spells it."""
+    import os
+
+    raw = os.fsencode(str(root)) + b"/caf\xe9"
+    os.makedirs(raw)
+    return os.fsdecode(raw)
+
+
+def test_results_of_inputs_at_non_utf8_paths_are_written(tmp_path):
+    """compare, extract and interfere computed everything, then failed "UnicodeEncodeError: … surrogates not allowed"
+    writing their JSON (compare kept only its journal; extract wrote the adapter but no extract.json)."""
+    from spectra.extract import ExtractConfig, extract
+    from spectra.interfere import interfere
+
+    base_dir = _latin1_folder(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    W = {"model.layers.0.mlp.up_proj.weight": torch.randn(12, 8, generator=g)}
+    save_file(W, base_dir + "/model.safetensors")
+    for name in ("t1", "t2"):
+        save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(tmp_path / f"{name}.safetensors"))
+    t1, t2 = str(tmp_path / "t1.safetensors"), str(tmp_path / "t2.safetensors")
+    spectra.compare(t1, t2, base=base_dir, out_dir=tmp_path / "cmp")
+    extract(base_dir, t1, tmp_path / "ext", config=ExtractConfig(rank=2), plots=False)
+    interfere(base_dir, [t1, t2], out_dir=tmp_path / "itf")
+    for f in ("cmp/compare.json", "ext/extract.json", "itf/interfere.json"):
+        text = (tmp_path / f).read_text(encoding="utf-8")  # valid UTF-8: the byte written as a \u escape
+        assert "caf\\udce9" in text and json.loads(text)
+
+
+def test_extract_to_a_non_utf8_folder_is_refused_before_anything_is_written(tmp_path):
+    """safetensors refused the scratch path with a Rust traceback, leaving .extract-scratch and a journal."""
+    from spectra.extract import ExtractConfig, extract
+
+    base, tuned = _pair16(tmp_path)
+    out = _latin1_folder(tmp_path) + "/out"
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        extract(base, tuned, out, config=ExtractConfig(rank=2), plots=False)
+    assert not Path(out).exists()
+
+
+def _pair16(root: Path) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(0)
+    W = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(2)}
+    save_file(W, str(root / "base.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(root / "tuned.safetensors"))
+    return str(root / "base.safetensors"), str(root / "tuned.safetensors")
+
+
+def test_concurrent_api_calls_give_blas_its_thread_count_back(tmp_path):
+    """Four spectra.diff calls from threads left OpenBLAS on one thread for the rest of the process (3 runs in 4):
+    OpenBLAS ignored the restored count while another thread was in one of its calls."""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    g = torch.Generator().manual_seed(0)
+    W = {f"layers.{i}.mlp.w.weight": torch.randn(64, 64, generator=g) for i in range(8)}
+    base, tuned = str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors")
+    save_file(W, base)
+    save_file({k: v + 0.01 * torch.randn(64, 64, generator=g) for k, v in W.items()}, tuned)
+    blas = lambda: [d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]  # noqa: E731
+    before = blas()
+    for _ in range(3):
+        ts = [threading.Thread(target=lambda: spectra.diff(base, tuned)) for _ in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert blas() == before
+
+
+def test_an_mplbackend_matplotlib_refuses_is_dropped_with_a_warning():
+    """MPLBACKEND='Agg ' (a trailing space) failed every figure and report after the numbers were computed."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import spectra.plots, matplotlib, os; print(matplotlib.get_backend().lower(), os.environ.get('MPLBACKEND'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "MPLBACKEND": "Agg "})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["agg", "None"] and "is not a matplotlib backend" in r.stderr
+
+
+def test_a_stale_world_size_is_named_and_an_impossible_rank_refused(tmp_path):
+    """A leftover WORLD_SIZE=2 read "--distributed needs a launcher" (never passed); RANK=5 of 2 waited out the
+    rendezvous timeout (30 min by default) before 40 lines of C++ frames."""
+    import os
+    import subprocess
+    import sys
+
+    base, tuned = _pair16(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
+    r = subprocess.run([sys.executable, "-m", "spectra", "diff", base, tuned], capture_output=True, text=True,
+                       env={**env, "WORLD_SIZE": "2"}, timeout=120)
+    assert r.returncode == 1 and "WORLD_SIZE=2 is set in the environment" in r.stderr and "unset WORLD_SIZE" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "spectra", "diff", base, tuned], capture_output=True, text=True, timeout=120,
+                       env={**env, "WORLD_SIZE": "2", "RANK": "5", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"})
+    assert r.returncode == 1 and "RANK=5 is not a rank of WORLD_SIZE=2" in r.stderr and "Traceback" not in r.stderr

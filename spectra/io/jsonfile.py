@@ -64,6 +64,19 @@ def finite_or_null(x: Any) -> Any:
     return x
 
 
+def result_json(doc: Any, *, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """Strict JSON text of a result (no NaN or Infinity: ValueError, callers write null), its non-ASCII
+    characters as themselves; a lone surrogate (a path of bytes that are not UTF-8, as os.fsdecode reads
+    it) cannot be written as UTF-8, so such a document is written with ``\\uXXXX`` escapes, which read back
+    to the same string (:func:`load_json` with ``lone_surrogates``)."""
+    text = json.dumps(doc, indent=indent, ensure_ascii=False, allow_nan=False, sort_keys=sort_keys)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(doc, indent=indent, ensure_ascii=True, allow_nan=False, sort_keys=sort_keys)
+    return text
+
+
 def json_depth(raw: bytes) -> int:
     """The deepest nesting of arrays and objects in ``raw``, not counting brackets inside strings.
 

@@ -7,6 +7,28 @@ figures of a compare; this module re-exports them and holds the training figure.
 from __future__ import annotations
 
 import os
+import sys
+import warnings
+
+
+def _import_matplotlib_despite_mplbackend() -> None:
+    """Import matplotlib when ``MPLBACKEND`` is set to what it refuses (``'Agg '``, a typo): its import raised
+    "Key backend: … is not a valid value" and every figure and report failed after the numbers were computed.
+    spectra draws on Agg canvases and needs no backend: the variable is dropped, with a warning."""
+    try:
+        import matplotlib  # noqa: F401
+    except ValueError as exc:
+        if "backend" not in str(exc):
+            raise
+        for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+            del sys.modules[name]  # the failed import's half-made modules
+        bad = os.environ.pop("MPLBACKEND")
+        warnings.warn(f"MPLBACKEND={bad!r} is not a matplotlib backend: ignored (spectra draws with Agg)", stacklevel=2)
+        import matplotlib  # noqa: F401
+
+
+if os.environ.get("MPLBACKEND") is not None and "matplotlib" not in sys.modules:  # rare: checked here, once
+    _import_matplotlib_despite_mplbackend()
 
 from spectra.plots.base import heatmap, legend_label, plain_text, save_figure, svg_img
 from spectra.plots.compare import compare_figures, compare_plots
