@@ -296,6 +296,11 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = load_model(base)
+    # transformers loads a checkpoint in its config's dtype (bf16 for most published models): AdamW stepping
+    # bf16 weights loses every step below half a bf16 step (a 4-step full run changed 6% of q_proj's entries),
+    # while PEFT keeps LoRA factors in float32. Both methods train float32 weights; the full model is saved so.
+    base_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model = model.float()
     targets = None
     if config.method == "lora":
         model, targets = _add_lora(model, config)
@@ -309,7 +314,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                                    "note": f"{config.data} holds more than the run can use: its first {len(ids)} blocks of "
                                            f"{config.seq_len} tokens are used ({DATA_POOL_FACTOR}× the blocks the run draws; "
                                            "a text file is read no further)"}
-        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read)
+        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype)
 
 
 def _add_lora(model, config: TrainConfig):
@@ -369,8 +374,10 @@ def _check_rank_early(config: TrainConfig) -> None:
 
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
-         targets: list[str] | None, callback: Callable[[dict], None] | None, read: dict | None = None) -> TrainSummary:
-    """The optimisation loop and the outputs, in the locked, checked ``config.out``."""
+         targets: list[str] | None, callback: Callable[[dict], None] | None, read: dict | None = None,
+         base_dtype: str = "float32") -> TrainSummary:
+    """The optimisation loop and the outputs, in the locked, checked ``config.out`` (``base_dtype``: the base's
+    stored dtype, recorded beside the float32 the run trains and saves)."""
     out = Path(config.out)
     train_ids, train_labels = blocks
     g = torch.Generator().manual_seed(config.seed)
@@ -384,7 +391,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": targets if targets is not None else config.target_modules(),
                "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
-               "data_read": read or "whole",
+               "data_read": read or "whole", "base_dtype": base_dtype, "trained_dtype": "float32",
                # what the held-out losses score: runs whose digests differ are scored on other blocks
                "held_out_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in held)),
                "source_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in source))
