@@ -95,6 +95,8 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         out = stdout()
         print_table(out, summary_table(result.to_dict()))
         print_table(out, totals_table(result.to_dict()))
+        if (losses := eval_table(result.to_dict())) is not None:
+            print_table(out, losses)
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     held = [r for r in result.not_lora if r["held"] is None]
@@ -151,10 +153,19 @@ def totals_table(doc: dict) -> Table:
         table.add_row("fractional bound", f"{a['budget_params']:,}", "", f(a["fractional_bound"]), "", "")
     if s.get("max_lora_rank"):
         table.add_row(f"vLLM serving (max_lora_rank {s['max_lora_rank']})", f"{s['params']:,}", "", "", "", "")
-    if doc.get("eval"):
-        ev = doc["eval"]
-        for name, loss in ev["loss"].items():
-            table.add_row(f"held-out loss: {name}", "", "", f"{loss:.4f}", "", "")
+    return table
+
+
+def eval_table(doc: dict) -> Table | None:
+    """``--eval``'s held-out losses (nats per token), a table of their own: in the totals table they stood
+    under its "energy kept" header."""
+    if not doc.get("eval"):
+        return None
+    table = Table(title="held-out loss (--eval, nats per token)", title_justify="left")
+    table.add_column("model")
+    table.add_column("loss", justify="right")
+    for name, loss in doc["eval"]["loss"].items():
+        table.add_row(escape(name), "–" if loss is None else f"{loss:.4f}")
     return table
 
 

@@ -781,3 +781,18 @@ def test_a_full_fine_tune_of_a_bf16_base_trains_float32_weights(tmp_path):
     assert tuned.dtype == torch.float32
     assert float((tuned.double() - w.double()).ne(0).double().mean()) > 0.9  # every entry moved, not 6%
     shutil.rmtree(tmp_path / "syn")
+
+
+def test_extract_evals_losses_are_not_printed_under_energy_kept():
+    """`extract --eval` printed its four held-out losses (2.6616 …) in the totals table's "energy kept" column."""
+    from spectra_cli.extract import eval_table, totals_table
+
+    doc = {"totals": {"params": 10, "param_fraction": 0.1, "energy_kept": 0.9, "rel_fro_error": 0.3, "modules_at_90": 1,
+                      "modules": 1, "full_params": 100, "not_extracted_energy_share": 0.0},
+           "uniform": {"rank": 1, "params": 10, "energy_kept": 0.8, "rel_fro_error": 0.4, "modules_at_90": 0},
+           "serving": {}, "eval": {"loss": {"base": 2.6616, "tuned": 2.5, "adapter": 2.55, "uniform": 2.58}}}
+    totals = totals_table(doc)
+    assert not any("held-out" in str(c) for c in totals.columns[0]._cells)
+    losses = eval_table(doc)
+    assert [c.header for c in losses.columns] == ["model", "loss"] and losses.columns[1]._cells[0] == "2.6616"
+    assert eval_table({**doc, "eval": None}) is None
