@@ -171,7 +171,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
     whole, unread = _as_base_names(doc, whole)
     if unread:  # the names stay the results' (the tuned checkpoint's): say so, a wrapper prefix would not match
-        notes.append(f"the diff's base ({unread}) cannot be read now: module names are as the results store them, the tuned "
+        # a relative base path is the diff's working folder's: run from another one, it names nothing here
+        rel = "" if Path(unread).is_absolute() else " (a relative path, read from this folder: run recommend where spectra diff ran)"
+        notes.append(f"the diff's base ({unread}) cannot be read now{rel}: module names are as the results store them, the tuned "
                      "checkpoint's; if it was saved through a wrapper (module., model.), rename them to the base model's")
     paths = sorted(whole)
     caps: list[list[int]] = []  # per module, per part: the most components it may take

@@ -796,3 +796,16 @@ def test_extract_evals_losses_are_not_printed_under_energy_kept():
     losses = eval_table(doc)
     assert [c.header for c in losses.columns] == ["model", "loss"] and losses.columns[1]._cells[0] == "2.6616"
     assert eval_table({**doc, "eval": None}) is None
+
+
+def test_recommend_says_a_relative_base_path_is_the_diffs_folders(tmp_path, monkeypatch):
+    """Run from another folder, recommend said "the diff's base (out/…) cannot be read now" of a folder that exists."""
+    from spectra.recommend import recommend
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    base, tuned = _pair16(tmp_path / "work")
+    spectra.diff("base.safetensors", "tuned.safetensors", out_dir="d", plots=False)
+    monkeypatch.chdir(tmp_path)
+    notes = recommend(tmp_path / "work" / "d").notes
+    assert any("cannot be read now (a relative path, read from this folder: run recommend where spectra diff ran)" in n for n in notes)
