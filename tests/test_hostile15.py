@@ -15,6 +15,7 @@ from spectra.extract import extract
 from spectra.extract_plan import ExtractConfig
 from spectra.interfere import interfere
 from spectra.trace import TraceConfig, trace
+from tests.pair_util import small_pair
 
 
 def _run(*args: str, env: dict[str, str] | None = None):
@@ -25,19 +26,11 @@ def _run(*args: str, env: dict[str, str] | None = None):
     return CliRunner().invoke(main, list(args), env=env)
 
 
-def _pair(root: Path) -> tuple[str, str]:
-    g = torch.Generator().manual_seed(0)
-    W = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(2)}
-    save_file(W, str(root / "base.safetensors"))
-    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(root / "tuned.safetensors"))
-    return str(root / "base.safetensors"), str(root / "tuned.safetensors")
-
-
 @pytest.mark.parametrize("value", ["abc", "0", "-3"])
 def test_a_malformed_world_size_is_an_error_not_a_single_process_run(tmp_path, value):
     """WORLD_SIZE=abc (or 0, -3: a launcher never sets those) ran the whole diff as one process: beside a
     broken launcher's other processes, each would have run it all into the same folder."""
-    base, tuned = _pair(tmp_path)
+    base, tuned = small_pair(tmp_path)
     res = _run("diff", base, tuned, "--out", str(tmp_path / "out"), "--no-plots", env={"WORLD_SIZE": value})
     assert res.exit_code == 1, res.output
     assert f"WORLD_SIZE={value!r}" in res.output and "Traceback" not in res.output

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 import spectra
 from spectra.errors import CheckpointFormatError, ConfigError
 from spectra.esd import esd_metrics, power_law_fit, spectral_entropy
+from tests.pair_util import small_pair
 
 
 def _run(*args: str):
@@ -687,19 +688,11 @@ def test_extract_to_a_non_utf8_folder_is_refused_before_anything_is_written(tmp_
     """safetensors refused the scratch path with a Rust traceback, leaving .extract-scratch and a journal."""
     from spectra.extract import ExtractConfig, extract
 
-    base, tuned = _pair16(tmp_path)
+    base, tuned = small_pair(tmp_path)
     out = _latin1_folder(tmp_path) + "/out"
     with pytest.raises(ConfigError, match="not valid UTF-8"):
         extract(base, tuned, out, config=ExtractConfig(rank=2), plots=False)
     assert not Path(out).exists()
-
-
-def _pair16(root: Path) -> tuple[str, str]:
-    g = torch.Generator().manual_seed(0)
-    W = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(12, 8, generator=g) for i in range(2)}
-    save_file(W, str(root / "base.safetensors"))
-    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(root / "tuned.safetensors"))
-    return str(root / "base.safetensors"), str(root / "tuned.safetensors")
 
 
 def test_concurrent_api_calls_give_blas_its_thread_count_back(tmp_path):
@@ -743,7 +736,7 @@ def test_a_stale_world_size_is_named_and_an_impossible_rank_refused(tmp_path):
     import subprocess
     import sys
 
-    base, tuned = _pair16(tmp_path)
+    base, tuned = small_pair(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_ADDR", "MASTER_PORT")}
     r = subprocess.run([sys.executable, "-m", "spectra", "diff", base, tuned], capture_output=True, text=True,
                        env={**env, "WORLD_SIZE": "2"}, timeout=120)
@@ -804,7 +797,7 @@ def test_recommend_says_a_relative_base_path_is_the_diffs_folders(tmp_path, monk
 
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
-    base, tuned = _pair16(tmp_path / "work")
+    base, tuned = small_pair(tmp_path / "work")
     spectra.diff("base.safetensors", "tuned.safetensors", out_dir="d", plots=False)
     monkeypatch.chdir(tmp_path)
     notes = recommend(tmp_path / "work" / "d").notes
