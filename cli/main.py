@@ -327,6 +327,16 @@ class _DiagnosticStream:
         return getattr(self._stream, name)
 
 
+class _ResultsStream(_DiagnosticStream):
+    """``sys.stdout`` whose reader may leave: ``spectra diff … | head`` reads a few lines and closes the
+    pipe. The printed table is a view of results the command writes to files, so a reader that leaves
+    ends what is printed, not the run (rich's console raised SystemExit(1) at its next line, click's echo
+    a BrokenPipeError: the command stopped wherever it was printing, before its later files). A full disk
+    or a closed descriptor under stdout stays an error: results meant for a file did not reach it."""
+
+    _FAILED = (errno.EPIPE,)
+
+
 def run() -> None:
     """The ``spectra`` console script: :func:`main`, then an exit without the interpreter's teardown.
 
@@ -341,6 +351,8 @@ def run() -> None:
     _escape_unencodable_output()
     if sys.stderr is not None:
         sys.stderr = _DiagnosticStream(sys.stderr)
+    if sys.stdout is not None:
+        sys.stdout = _ResultsStream(sys.stdout)
     default_hook = sys.unraisablehook
 
     def unraisable(info) -> None:  # a stop swallowed in a callback is honoured after the command (_Group.invoke)

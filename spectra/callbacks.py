@@ -174,8 +174,9 @@ class SpectraTracker:
                 rec = json.loads(line)
             except ValueError:
                 break  # the torn last line of a run that was killed
+            tagged = next((rec[k] for k in ("log", "timing") if isinstance(rec.get(k), dict)), None) if isinstance(rec, dict) else None
             at = rec.get("step") if isinstance(rec, dict) and "matrix" in rec else \
-                (rec.get("log") or {}).get("step") if isinstance(rec, dict) and isinstance(rec.get("log"), dict) else None
+                tagged.get("step") if tagged is not None else None
             if isinstance(at, int) and at > step:
                 dropped += 1
                 continue
@@ -327,9 +328,17 @@ class SpectraTracker:
         for rec in records:
             self._write(rec)
         self._save_first()
-        self.seconds += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        # the report's overview shows what the measurements cost and where they ran, as for a command
+        self._write({"timing": {"step": int(step), "seconds": round(took, 4), "device": self._device()}})
+        self.seconds += took
         self.measurements += 1
         return log_medians(records)
+
+    def _device(self) -> str:
+        """The device the traced weights are on (``"cpu"``, ``"cuda:0"``), where they are measured."""
+        tr = self.matrices[0]
+        return str((tr.param if tr.param is not None else tr.module.get_base_layer().weight).device)
 
     def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None]:
         """``(singular values, top-k factors)`` of one matrix's update now; ``(None, None)`` when it

@@ -346,12 +346,17 @@ def _overview(found: ReportInputs) -> str:
                      "(adapter alone)" if first is None and "tuned" in d else first, second,
                      len(mods) if isinstance(mods, list) else None, len(skipped) if isinstance(skipped, list) else None,
                      _count(unmatched.get("base_only", d.get("a_only"))), _count(unmatched.get("tuned_only", d.get("b_only"))),
-                     _seconds(d.get("elapsed_s")), d.get("device") or config.get("device")])
+                     _seconds(d.get("elapsed_s")), d.get("device") or _resolved(config.get("device"))])
     for name, recs in found.train_logs.items():
         rows.append(["train", name, "", "", len(recs), "", "", "", _seconds(recs[-1].get("seconds")) if recs else None, ""])
     return "<h2>Overview</h2>" + table(
         ["kind", "where", "base / A", "tuned / B", "matrices / modules / log records", "skipped", "base-only / A-only",
          "tuned-only / B-only", "seconds", "device"], rows)
+
+
+def _resolved(device: object) -> object:
+    """A configured device that names one; ``"auto"`` (the run's choice, not recorded) names none."""
+    return None if device == "auto" else device
 
 
 def _seconds(x: object) -> str | None:

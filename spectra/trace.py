@@ -261,6 +261,10 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
                       loss_history=[history[s] for s in sorted(history)],
                       skipped=[r["skipped"] for r in records if isinstance(r, dict) and isinstance(r.get("skipped"), dict)],
                       warnings=[r["warning"] for r in records if isinstance(r, dict) and isinstance(r.get("warning"), str)])
+    # seconds spent measuring and where (0 s and no device from a trace.jsonl written before these records)
+    timings = [r["timing"] for r in records if isinstance(r, dict) and isinstance(r.get("timing"), dict)]
+    res.elapsed_s = float(sum(t["seconds"] for t in timings if isinstance(t.get("seconds"), (int, float))))
+    res.device = next((t["device"] for t in reversed(timings) if isinstance(t.get("device"), str)), "")
     if not res.thresholds:
         res.thresholds = sorted({float(t) for r in recs for t in r["point"].get("energy_rank", {})})
     for name in sorted(metas, key=lambda n: _order(metas[n])):

@@ -360,17 +360,6 @@ def _esd_and_extract_lines(d: dict, r_small: int) -> list[str]:
                       "A full fine-tune this short leaves α where pretraining put it: α describes the pretrained W, not "
                       "what fine-tuning added (ΔW's own spectra are in points 1–2).",
                       "The fine-tune moved α in many matrices."))]
-    if "trace" in d:
-        tr = d["trace"]
-        pts = "; ".join(f"step {k}: {v['median_rank90']:g} ({v['median_rel_norm']:.5f})" for k, v in tr["steps"].items())
-        L += ["", "**How the full update grows during training (`SpectraTracker`, `spectra trace`).**", "",
-              ("9. *Is the full update high-rank from the start?* The full fine-tune run again with the same seed and "
-               "settings, ΔW measured inside the training process: median 90% energy rank over the per-layer matrices "
-               f"(and median ‖ΔW‖/‖W‖) {pts}. "
-               + _yes(tr["last_equals_diff"], f"The last point equals `spectra diff` of the untraced run ({tr['final_diff_rank90']:g}).",
-                      f"`spectra diff` of the untraced run gives {tr['final_diff_rank90']:g} (the rerun is not bit-identical).")
-               + f" The rank needed {_trend(tr)}: Adam's first steps move every weight by about lr·sign(g), which is "
-               "high-rank, and in these 24 steps the update does not become low-rank.")]
     if "extract" in d:
         x = d["extract"]
         b, u = x["budget"], x[f"rank{r_small}"]
@@ -391,6 +380,17 @@ def _esd_and_extract_lines(d: dict, r_small: int) -> list[str]:
                f"{_share(rs['extracted_budget'])}, {_share(rs[f'extracted_rank{r_small}'])}, {_share(rs[f'trained_lora{r_small}'])})."
                " The full update is high-rank (point 1), so an adapter this size keeps a small part of its energy; "
                "the losses say how much of its effect that part carries.")]
+    if "trace" in d:
+        tr = d["trace"]
+        pts = "; ".join(f"step {k}: {v['median_rank90']:g} ({v['median_rel_norm']:.5f})" for k, v in tr["steps"].items())
+        L += ["", "**How the full update grows during training (`SpectraTracker`, `spectra trace`).**", "",
+              ("9. *Is the full update high-rank from the start?* The full fine-tune run again with the same seed and "
+               "settings, ΔW measured inside the training process: median 90% energy rank over the per-layer matrices "
+               f"(and median ‖ΔW‖/‖W‖) {pts}. "
+               + _yes(tr["last_equals_diff"], f"The last point equals `spectra diff` of the untraced run ({tr['final_diff_rank90']:g}).",
+                      f"`spectra diff` of the untraced run gives {tr['final_diff_rank90']:g} (the rerun is not bit-identical).")
+               + f" The rank needed {_trend(tr)}: Adam's first steps move every weight by about lr·sign(g), which is "
+               "high-rank, and in these 24 steps the update does not become low-rank.")]
     return L
 
 

@@ -240,8 +240,8 @@ def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_J
 def load_jsonl(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_JSON_DEPTH,
                max_bytes: int = MAX_JSON_BYTES, error: type[SpectraError] = CheckpointFormatError,
                skip_torn_tail: bool = False, lone_surrogates: bool = False) -> list[Any]:
-    """Read a JSON-lines file (one value per line; blank lines ignored) with the checks of
-    :func:`load_json` applied to the file and to every line.
+    """Read a JSON-lines file (one value per line; blank lines and a leading UTF-8 byte order mark
+    ignored) with the checks of :func:`load_json` applied to the file and to every line.
 
     Args:
         skip_torn_tail: drop a last line that has no newline and does not parse (a writer killed
@@ -253,7 +253,8 @@ def load_jsonl(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_
     raw = _read_bounded(path, what, max_bytes, error)
     if len(raw) > max_bytes:
         raise error(f"{what} is larger than {max_bytes} bytes", path=path, hint="the file is corrupt or not what its name says")
-    lines = raw.split(b"\n")
+    # a UTF-8 byte order mark (Windows editors write one) is not part of the first value
+    lines = raw.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     values = []
     for i, line in enumerate(lines, start=1):
         if not line.strip():
