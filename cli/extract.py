@@ -110,7 +110,8 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
 
 
 def summary_table(doc: dict) -> Table:
-    """Per module label: matrices, rank (median and range), energy kept (median, min) and parameters."""
+    """Per module label: matrices (changed/all where some are unchanged), rank (median and range) and energy
+    kept (median, min) of the changed ones, and parameters."""
     from spectra.naming import role_sort_key
 
     groups: dict[str, list[dict]] = {}
@@ -120,14 +121,19 @@ def summary_table(doc: dict) -> Table:
     for col in ("module", "n", "rank (median)", "range", "energy kept (median)", "min", "uniform (median)", "params"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for label in sorted(groups, key=lambda k: role_sort_key(groups[k][0].get("role"), k)):
-        ms = groups[label]
+        # the medians are of the changed modules (an unchanged one keeps "1.000" at rank 0), n counts all
+        n, ms = len(groups[label]), [m for m in groups[label] if m.get("changed", True)]
+        params = f"{sum(m['params'] for m in groups[label]):,}"  # an unchanged expert of a stack holds some
+        if not ms:
+            table.add_row(escape(label), f"0/{n}", "–", "–", "–", "–", "–", params)
+            continue
         ranks = sorted(m["rank"] for m in ms)
         kept = sorted(m["energy_kept"] for m in ms)
         uni = sorted(m["uniform_energy_kept"] for m in ms if m.get("uniform_energy_kept") is not None)
         # the median as extract.json, diff and trace take it (the mean of the middle two of an even count)
-        table.add_row(escape(label), str(len(ms)), f"{statistics.median(ranks):g}", f"{ranks[0]}–{ranks[-1]}",
-                      f"{statistics.median(kept):.3f}", f"{kept[0]:.3f}", f"{statistics.median(uni):.3f}" if uni else "–",
-                      f"{sum(m['params'] for m in ms):,}")
+        table.add_row(escape(label), str(n) if n == len(ms) else f"{len(ms)}/{n}", f"{statistics.median(ranks):g}",
+                      f"{ranks[0]}–{ranks[-1]}", f"{statistics.median(kept):.3f}", f"{kept[0]:.3f}",
+                      f"{statistics.median(uni):.3f}" if uni else "–", params)
     return table
 
 
@@ -138,16 +144,17 @@ def totals_table(doc: dict) -> Table:
     title = ("totals (energy kept: share of the extracted matrices' ΔW energy; the matrices not extracted hold "
              f"{outside:.1%} of all of it)" if outside >= 0.0005 else "totals (energy kept: share of all of ΔW's energy)")
     table = Table(title=title, title_justify="left", show_header=True)
-    for col in ("", "params", "share of full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"):
+    changed = t.get("changed", t["modules"])  # the modules with an update (extract.json before: all of them)
+    for col in ("", "params", "share of full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "changed modules ≥ 90%"):
         table.add_column(col, justify="left" if not col else "right")
 
     def f(x, spec=".4f"):
         return "–" if x is None else format(x, spec)
 
     table.add_row("extracted", f"{t['params']:,}", f(t["param_fraction"]), f(t["energy_kept"]), f(t["rel_fro_error"]),
-                  f"{t['modules_at_90']} / {t['modules']}")
+                  f"{t['modules_at_90']} / {changed}")
     table.add_row(f"uniform r = {u['rank']}", f"{u['params']:,}", f(u["params"] / t["full_params"] if t["full_params"] else None),
-                  f(u["energy_kept"]), f(u["rel_fro_error"]), f"{u['modules_at_90']} / {t['modules']}")
+                  f(u["energy_kept"]), f(u["rel_fro_error"]), f"{u['modules_at_90']} / {changed}")
     if doc.get("allocation"):
         a = doc["allocation"]
         table.add_row("fractional bound", f"{a['budget_params']:,}", "", f(a["fractional_bound"]), "", "")

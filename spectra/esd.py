@@ -282,10 +282,12 @@ def peak_xmin_range(x: np.ndarray) -> tuple[float, float]:
     Args:
         x: ``(N,)`` positive eigenvalues, float64, ascending.
     """
-    counts, edges = np.histogram(np.log10(x), bins=PEAK_BINS)
-    peak = 10.0 ** edges[int(np.argmax(counts))]
+    try:
+        counts, edges = np.histogram(logs := np.log10(x), bins=PEAK_BINS)
+        peak = 10.0 ** edges[int(np.argmax(counts))]
+    except ValueError:  # values equal but for rounding (an orthogonal W): too narrow for 100 distinct edges, one bin
+        peak = 10.0 ** float(logs.min())
     return float(np.log10(0.95 * peak)), float(1.5 * peak)
-
 
 
 def as_eigenvalues(evals: np.ndarray | Sequence[float], name: str = "evals") -> np.ndarray:

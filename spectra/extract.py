@@ -66,6 +66,7 @@ from spectra.extract_plan import (
     RESULT_FIELDS,
     ExtractConfig,
     Target,
+    extractable,
     final_ranks,
     module_of,
     one_lora_per_tied_weight,
@@ -528,7 +529,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {root:.3g}, beyond "
                               f"the largest {str(dtype).removeprefix('torch.')} ({torch.finfo(dtype).max:.3g}): they would be "
                               "stored as inf", path=out, hint=f"write the adapter in {wider}: rerun with --dtype {wider} --force")
-    uniform = _uniform_rank([src.targets[i] for i in usable], [ranks[i] for i in usable])  # skipped ones cost nothing
+    # the uniform baseline spreads the same parameters over the updates there are (skipped, unchanged and
+    # rounding-level matrices get none, as in the extracted adapter)
+    live = [i for i in usable if extractable(run.spectra[i])]
+    uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
     if src.kind == "full" and config.resolved_strategy == "two-pass":
         want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
@@ -655,7 +659,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
     from spectra.extract_eval import held_out_losses
 
-    ranks_u = [min(uniform, t.p) if float(run.spectra[i]["total"]) > 0 else 0 for i, t in enumerate(src.targets)]
+    ranks_u = [min(uniform, t.p) if extractable(run.spectra[i]) else 0 for i, t in enumerate(src.targets)]
     missing = [t.name for i, (t, r) in enumerate(zip(src.targets, ranks_u)) if r and not run.has_factors(i, r)]
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",

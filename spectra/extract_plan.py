@@ -33,6 +33,7 @@ from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budg
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
 from spectra.peft_moe import PeftMoeRules
+from spectra.results import caveat_codes
 from spectra.selection import Task
 
 #: The storage dtypes an adapter can be written in.
@@ -384,6 +385,13 @@ def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
 
 
+def extractable(spec: dict) -> bool:
+    """Whether a journaled spectrum is an update worth factors: nonzero, and not rounding noise of the stored
+    weights (the ``rounding_level`` caveat in its note: ``spectra diff`` makes no rank statement about such a
+    matrix and ``recommend`` gives it none; an adapter of it would spend parameters on rounding)."""
+    return float(spec["total"]) > 0 and "rounding_level" not in caveat_codes(spec.get("note") or "")
+
+
 def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
     """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
     :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
@@ -394,7 +402,8 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     """
     n = len(targets)
     S = [np.asarray(spectra[i]["S"], dtype=np.float64) for i in range(n)]
-    total = [float(spectra[i]["total"]) for i in range(n)]
+    # an update at the rounding level counts as none: rank 0 (its module's note and a warning say so)
+    total = [float(spectra[i]["total"]) if extractable(spectra[i]) else 0.0 for i in range(n)]
     ranks = [0] * n
     members = {i for g in plan.groups.values() for i in g}
     if config.mode == "rank":
@@ -405,7 +414,7 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
                     ranks[i] = min(plan.caps[j] for j in g)
         return ranks, None
     if config.mode == "energy":
-        for i in range(n):
+        for i in (i for i in range(n) if total[i] > 0):
             r = energy_rank_top(S[i], total[i], config.energy, targets[i].p)
             ranks[i] = min(plan.caps[i], round_up(plan.caps[i] if r is None else r, plan.levels[i]))
         for g in plan.groups.values():
@@ -419,13 +428,13 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     for i in range(n):
         if i not in members:
             items.append([i])
-            gains.append(energies(spectra[i], ref, plan.caps[i]))
+            gains.append(energies(spectra[i], ref, plan.caps[i]) if total[i] > 0 else np.zeros(0))
             costs.append(targets[i].cost)
             levels.append(plan.levels[i])
     for g in plan.groups.values():
         cap = min(plan.caps[i] for i in g)
         summed = np.zeros(cap)
-        for i in g:
+        for i in (i for i in g if total[i] > 0):
             s = energies(spectra[i], ref, cap)
             summed[: s.size] += s
         items.append(g)

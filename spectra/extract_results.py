@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from spectra.display import matrices
-from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp
+from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, extractable
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, result_json
@@ -33,7 +33,7 @@ from spectra.lowrank import (
     round_up,
 )
 from spectra.naming import is_bias
-from spectra.results import rows_to_csv
+from spectra.results import note_caveat_warnings, rows_to_csv
 from spectra.selection import Task
 from spectra.ties import TIE_REL, cut_in_tie
 
@@ -261,7 +261,8 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
     e = int(spec.get("exp", 0))
     fro = math.ldexp(math.sqrt(total), e)
     E = energy_kept(S, total, r)
-    ur = min(uniform, t.p)
+    noise = total > 0 and not extractable(spec)
+    ur = min(uniform, t.p) if extractable(spec) else 0  # the uniform baseline spends nothing on no update
     spectral = None
     if total <= 0 or r >= t.p:
         spectral = 0.0
@@ -270,13 +271,15 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
     base_fro = spec.get("base_fro")
     rec = {
         "name": t.name, "module": t.module, "label": t.label, "layer": t.layer, "role": t.role, "expert": t.expert,
-        "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "rank": r, "params": r * t.cost,
+        "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "changed": extractable(spec), "rank": r,
+        "params": r * t.cost,
         "energy_kept": E, "rel_fro_error": math.sqrt(max(0.0, 1.0 - E)), "spectral_error": spectral,
         "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro),
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
         "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
-        "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p)) if x),
+        "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p),
+                                      "rank 0: rounding noise is not extracted" if noise else "") if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
@@ -374,7 +377,11 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         return sum(v * e for v, e in zip(vals, totals_e)) / energy if energy > 0 else 1.0
 
     params = sum(m["params"] for m in mods)
-    full = sum(t.shape[0] * t.shape[1] for t in targets)
+    # the counts, medians and the dense update's size are of the updates there are: an unchanged matrix
+    # (energy kept 1.0 at rank 0) or one at the rounding level would pass for a module the adapter holds
+    live = [m["changed"] for m in mods]
+    changed = [m for m, ok in zip(mods, live) if ok] or mods
+    full = sum(t.shape[0] * t.shape[1] for t, ok in zip(targets, live) if ok)
     kept = share("energy_kept")
     # the matrices not extracted (3-D stacks, routers, embeddings, modules PEFT would drop) hold energy
     # too: energy_kept is of the extracted matrices, energy_kept_all of every matrix listed
@@ -396,16 +403,17 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         "not_extracted_energy_share": outside_share,
         "energy_kept_all": (kept * energy + held) / whole if kept is not None and whole > 0 else kept,
         "rel_fro_error": math.sqrt(max(0.0, 1.0 - kept)) if kept is not None else None,
-        "median_energy_kept": _median([m["energy_kept"] for m in mods]), "min_energy_kept": min(m["energy_kept"] for m in mods),
-        "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in mods), "max_rank": max(ranks), "min_rank": min(ranks),
-        "median_rank": _median([float(r) for r in ranks]),
+        "changed": sum(live), "median_energy_kept": _median([m["energy_kept"] for m in changed]),
+        "min_energy_kept": min(m["energy_kept"] for m in changed), "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in changed),
+        "max_rank": max(m["rank"] for m in changed), "min_rank": min(m["rank"] for m in changed),
+        "median_rank": _median([float(m["rank"]) for m in changed]),
     }
     u_kept = share("uniform_energy_kept")
     u_params = sum(m["uniform_rank"] * t.cost for m, t in zip(mods, targets))
     uni = {"rank": uniform, "params": u_params, "energy_kept": u_kept,
            "rel_fro_error": math.sqrt(max(0.0, 1.0 - u_kept)) if u_kept is not None else None,
-           "median_energy_kept": _median([m["uniform_energy_kept"] for m in mods if m["uniform_energy_kept"] is not None]),
-           "modules_at_90": sum((m["uniform_energy_kept"] or 0) >= 0.9 for m in mods)}
+           "median_energy_kept": _median([m["uniform_energy_kept"] for m in changed if m["uniform_energy_kept"] is not None]),
+           "modules_at_90": sum((m["uniform_energy_kept"] or 0) >= 0.9 for m in changed)}
     allocation = None
     if alloc is not None:
         a, items = alloc
@@ -436,8 +444,14 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "
                         f"{totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
                         "matrices; see not_extracted and not_lora in extract.json)")
+    warnings += note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))
+    noise = [m["name"] for m, ok in zip(mods, live) if not ok and m["fro_norm"]]
+    if noise:
+        warnings.append(f"{len(noise)} of the {len(mods)} modules changed only at the rounding level of their stored "
+                        f"weights (e.g. {noise[0]}): given rank 0, as spectra diff gives them no rank; the counts and "
+                        "medians of the totals are over the other changed modules")
     if config.mode == "energy":
-        short = [m["name"] for m in mods if m["energy_kept"] < config.energy - 1e-12]
+        short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12]
         if short:
             warnings.append(f"{len(short)} modules keep less than τ = {config.energy:g} of their energy because "
                             f"--max-rank or --serving caps their rank (e.g. {short[0]})")

@@ -31,8 +31,8 @@ def _mp_tables(beta: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     x = a + (b - a) * (1 - np.cos(phi)) / 2
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(x > 0, ((b - a) / 2) ** 2 * np.sin(phi) ** 2 / (2 * math.pi * beta * x), 0.0)
-    if beta == 1.0:  # exact limit at x = 0: sin²φ / (π (1 − cos φ)) -> (1 + cos φ)/π = 0 at φ = 0
-        w[x == 0] = 0.0
+    if beta == 1.0:  # a = 0: sin²φ / (π (1 − cos φ)) = (1 + cos φ)/π, 2/π at x = 0 (φ = 0), without 0/0
+        w = (1 + np.cos(phi)) / math.pi
     dphi = math.pi / (_GRID - 1)
     mass = np.concatenate([[0.0], np.cumsum((w[1:] + w[:-1]) / 2 * dphi)])
     energy = np.concatenate([[0.0], np.cumsum((w[1:] * x[1:] + w[:-1] * x[:-1]) / 2 * dphi)])

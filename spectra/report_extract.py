@@ -71,7 +71,7 @@ def check(path: Path, doc: dict[str, Any]) -> None:
         if isinstance(rec, dict):
             for key in ("energy_kept", "rel_fro_error", "median_energy_kept", "min_energy_kept", "param_fraction"):
                 (share if key != "param_fraction" else count)(f"{name}.{key}", rec.get(key))
-            for key in ("params", "full_params", "modules", "modules_at_90", "rank", "min_rank", "max_rank", "bytes"):
+            for key in ("params", "full_params", "modules", "changed", "modules_at_90", "rank", "min_rank", "max_rank", "bytes"):
                 count(f"{name}.{key}", rec.get(key))
     if isinstance(t, dict) and _num(t.get("modules_at_90")) and _num(t.get("modules")) and t["modules_at_90"] > t["modules"]:
         bad("totals.modules_at_90", t["modules_at_90"], f"more than the {t['modules']} modules")
@@ -119,8 +119,10 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
         if u.get("energy_kept") is not None:
             text += f"; a uniform rank {u['rank']} with the same parameters would keep {u['energy_kept']:.1%}"
         out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept")}))
-    out.append(Finding("modules", f"{t['modules_at_90']} of {t['modules']} modules keep at least 90% of their energy "
-                                  f"(median module {t['median_energy_kept']:.1%}, lowest {t['min_energy_kept']:.1%}).",
+    changed = t.get("changed", t["modules"])  # extract.json before the count: every module counted
+    rest = f"; {t['modules'] - changed} unchanged or at the rounding level, rank 0" if changed < t["modules"] else ""
+    out.append(Finding("modules", f"{t['modules_at_90']} of the {changed} changed modules keep at least 90% of their energy "
+                                  f"(median module {t['median_energy_kept']:.1%}, lowest {t['min_energy_kept']:.1%}{rest}).",
                        numbers={"modules_at_90": t["modules_at_90"]}))
     a = doc.get("allocation")
     if a:
@@ -162,13 +164,15 @@ def section_html(path: Path, doc: dict[str, Any]) -> str:
     out = [f"<h2>LoRA extraction: {esc(doc.get('tuned'))} − {esc(doc.get('base'))}</h2>",
            f"<p>results: {esc(path)} · rule: {esc(rule)} · adapter dtype {esc(doc.get('dtype'))} · "
            f"{esc(doc.get('strategy'))} · {doc.get('elapsed_s', 0):.1f} s on {esc(doc.get('device'))}</p>"]
-    rows = [["extracted", t["params"], t["param_fraction"], t["energy_kept"], t["rel_fro_error"], f"{t['modules_at_90']} / {t['modules']}"],
+    changed = t.get("changed", t["modules"])
+    rows = [["extracted", t["params"], t["param_fraction"], t["energy_kept"], t["rel_fro_error"], f"{t['modules_at_90']} / {changed}"],
             [f"uniform r = {u['rank']}", u["params"], u["params"] / t["full_params"] if t.get("full_params") else None,
-             u["energy_kept"], u["rel_fro_error"], f"{u['modules_at_90']} / {t['modules']}"]]
+             u["energy_kept"], u["rel_fro_error"], f"{u['modules_at_90']} / {changed}"]]
     a = doc.get("allocation")
     if a:
         rows.append(["fractional bound (no allocation keeps more)", a["budget_params"], None, a["fractional_bound"], None, None])
-    out.append(table(["adapter", "LoRA params", "share of the full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "modules ≥ 90%"], rows))
+    out.append(table(["adapter", "LoRA params", "share of the full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "changed modules ≥ 90%"],
+                     rows))
     if s.get("max_lora_rank"):
         # every value read from the file is escaped, numbers too: a hand-edited extract.json is untrusted
         out.append(f"<p>Serving with vLLM: max_lora_rank {esc(s['max_lora_rank'])} for {esc(s['modules'])} modules, "

@@ -37,7 +37,8 @@ CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
         ("their spectra are those of rounding noise, not of a learned update, so a rank needed near the random "
         "baseline says nothing about the fine-tune")),
     "precision_mismatch": (
-        re.compile(r"base is \S+ and tuned \S+: ΔW includes rounding W from "),
+        # a base stored coarser: the rounding is part of ΔW only if TUNED came from a finer original (said first)
+        re.compile(r"base is \S+ and tuned \S+: (?:if TUNED was made from [^;]*?, )?ΔW includes rounding W from "),
         "base and tuned are stored at different precisions",
         ("ΔW includes the rounding of W to the coarser dtype, spread over all directions, so energy ranks at high τ "
         "measure that rounding")),

@@ -112,12 +112,36 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
 
 
+def _holds_weights(folder: Path) -> list[Path]:
+    """The weight files (or adapter config) directly in ``folder``, as a checkpoint holds them."""
+    found = [folder / ADAPTER_CONFIG] if (folder / ADAPTER_CONFIG).is_file() else []
+    return found + sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+
+
+def _models_beside_checkpoints(run: Path) -> list[dict[str, str]]:
+    """Models in a run folder that are not ``checkpoint-N`` folders (Trainer.save_model's final model at the
+    run folder itself; ``checkpoint-final``, ``step_0007``, ``epoch-1``), listed as left out with the way
+    to trace them: their step is not known the way a checkpoint's is (a model saved at the end may be the
+    best checkpoint's weights, load_best_model_at_end, not the last step's), and a run that seemed to end
+    at its last checkpoint-N without a word would mislead."""
+    out = []
+    how = "pass the checkpoints themselves, in order, to include it"
+    if (files := _holds_weights(run)):
+        out.append({"path": str(files[0]), "reason": f"the run folder's own model ({', '.join(f.name for f in files[:2])}), "
+                                                    f"not a checkpoint-N folder: its step is not known; {how}"})
+    for d in sorted(run.iterdir()):
+        if d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".") and _holds_weights(d):
+            out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: its step is not known; {how}"})
+    return out
+
+
 def find_checkpoints(paths: list[str]) -> Discovery:
     """The checkpoints to trace: ``[RUN_DIR]`` (its ``checkpoint-N`` folders) or a list of checkpoints.
 
     In a run folder a checkpoint that cannot be read (missing or truncated weights) is left out with
     the reason, and so is the newest one when it has no ``trainer_state.json`` yet (the Trainer
-    writes that file last, so the checkpoint is probably still being saved). Listed checkpoints must
+    writes that file last, so the checkpoint is probably still being saved); models beside the
+    ``checkpoint-N`` folders (the run folder's own, ``checkpoint-final``) are listed as left out. Listed checkpoints must
     all be readable. Steps come from ``trainer_state.json`` (``global_step``), else from a
     ``checkpoint-N`` name, else from the position in the list; losses from the ``log_history``
     (and ``train_log.jsonl`` of ``spectra train``).
@@ -179,6 +203,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                     warnings.append(f"{folder.name}: {note}")
             histories.append(_log_history(state))
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
+        skipped += _models_beside_checkpoints(single)
     else:
         seen: dict[tuple[int, int], str] = {}
         for i, p in enumerate(paths):

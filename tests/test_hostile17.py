@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+import spectra
 from spectra.callbacks import SpectraTracker
+from spectra.esd import esd_metrics
+from spectra.randmat import mp_median
 from spectra.report import build_report
 from spectra.trace import load_trace
 from spectra.training_inputs import read_examples
@@ -80,3 +86,109 @@ def test_an_in_training_trace_records_its_seconds_and_device_for_the_report(tmp_
     SpectraTracker(model, every=1, out_dir=tmp_path, resume_step=1)
     kept = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert [r["timing"]["step"] for r in kept if "timing" in r] == [1]
+
+
+def _llama_like(root: Path, changed: dict[str, torch.Tensor], *, base_dtype=torch.float32) -> tuple[str, str]:
+    """``(base, tuned)`` of four 16 × 16 q/k/v/o matrices in two layers; ``changed`` adds to the named ones."""
+    g = torch.Generator().manual_seed(3)
+    W = {f"model.layers.{i}.self_attn.{m}_proj.weight": torch.randn(16, 16, generator=g) / 4
+         for i in range(2) for m in "qkvo"}
+    save_file({k: v.to(base_dtype) for k, v in W.items()}, str(root / "base.safetensors"))
+    save_file({k: v + changed.get(k, 0) for k, v in W.items()}, str(root / "tuned.safetensors"))
+    return str(root / "base.safetensors"), str(root / "tuned.safetensors")
+
+
+def test_a_base_stored_coarser_than_the_tuned_model_raises_the_precision_caveat(tmp_path):
+    """bf16 base, float32 tuned (made from a float32 original): each note said ΔW includes rounding W to bf16,
+    but its wording ("if TUNED was made from …") did not match the caveat's pattern: no warning, and the
+    findings read the rounding as an update about as spread out as noise."""
+    g = torch.Generator().manual_seed(0)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base, tuned = _llama_like(tmp_path, {key: 0.01 * torch.randn(16, 1, generator=g) @ torch.randn(1, 16, generator=g)},
+                              base_dtype=torch.bfloat16)
+    res = spectra.diff(base, tuned)
+    assert any(w.startswith("caveat (precision_mismatch)") for w in res.warnings), res.warnings
+    assert all("precision_mismatch" in m.caveats for m in res.modules if m.name != key)
+
+
+def test_esd_xmin_peak_of_equal_eigenvalues_is_a_failed_fit_not_a_traceback():
+    """An orthogonal float64 W: its eigenvalues span ~1e-16 in log10, too narrow for 100 histogram bins
+    (numpy: "Too many bins for data range"); `spectra esd --xmin peak` died on the whole model."""
+    W = 4 * np.linalg.qr(np.random.default_rng(0).standard_normal((24, 24)))[0]
+    lam = np.linalg.svd(W, compute_uv=False) ** 2
+    assert np.ptp(np.log10(lam)) < 1e-14
+    for xmin in ("peak", "fit"):
+        m = esd_metrics(lam, (24, 24), xmin=xmin)
+        assert m.alpha is None
+
+
+def test_marchenko_pastur_median_of_a_square_matrix_is_the_closed_form():
+    """β = 1 dropped the end node of the quadrature ((1 + cos φ)/π is 2/π at x = 0, not 0): the median was
+    1.06e-5 too large, and with it every MP field of every square matrix and the ω(1) of signal_rank."""
+    from scipy.optimize import brentq
+
+    # quarter-circle law of σ/√n: P(u ≤ s) = (s·√(4 − s²)/2 + 2·asin(s/2))/π; the median of λ = σ² is u²
+    u = brentq(lambda s: (s * math.sqrt(4 - s * s) / 2 + 2 * math.asin(s / 2)) / math.pi - 0.5, 0, 2, xtol=1e-15)
+    assert mp_median(1.0) == pytest.approx(u * u, rel=1e-8)
+    assert mp_median(0.25) == pytest.approx(mp_median(0.25 + 1e-12), rel=1e-6)  # other shapes were right
+
+
+def test_extract_counts_and_medians_are_over_the_changed_modules_and_rounding_noise_gets_no_rank(tmp_path):
+    """Frozen layers counted as "energy kept 1.000 at rank 0" (modules ≥ 90%: 10 / 14 where every changed
+    module kept < 55%), and a module moved by one float32 ulp got rank 22 of rounding noise, 65% of the
+    adapter, without a warning; the uniform baseline spread its rank over unchanged modules too."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    g = torch.Generator().manual_seed(1)
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"
+    o = "model.layers.0.self_attn.o_proj.weight"
+    upd = {n: 0.05 * torch.randn(16, 3, generator=g) @ torch.randn(3, 16, generator=g) for n in (q, k)}
+    base, _ = _llama_like(tmp_path, {})
+    from safetensors.torch import load_file
+
+    W = load_file(base)
+    tuned_sd = {n: w + upd.get(n, 0) for n, w in W.items()}
+    tuned_sd[o] = torch.nextafter(W[o], torch.full_like(W[o], math.inf))  # one ulp up: rounding level
+    save_file(tuned_sd, str(tmp_path / "t.safetensors"))
+    for config in (ExtractConfig(rank=1), ExtractConfig(energy=0.9), ExtractConfig(budget="2000")):
+        out = tmp_path / f"x_{config.mode}"
+        res = extract(base, str(tmp_path / "t.safetensors"), out, config=config, plots=False)
+        by = {m["name"]: m for m in res.modules}
+        assert by[o]["rank"] == 0 and not by[o]["changed"] and "rounding noise is not extracted" in by[o]["note"]
+        assert [n for n, m in by.items() if m["changed"]] == [q, k]
+        t = res.totals
+        assert t["changed"] == 2 and t["full_params"] == 2 * 16 * 16
+        # float64 reference: Σ_{i≤r}σᵢ² / Σσᵢ² of each stored update at the chosen rank
+        kept = []
+        for n in (q, k):
+            S = np.linalg.svd(upd[n].double().numpy(), compute_uv=False)
+            kept.append(float(np.sum(S[: by[n]["rank"]] ** 2) / np.sum(S**2)))
+        # (--rank finds the subspace in float32 and refines it in float64: within 1e-7 of the optimum, README)
+        assert t["median_energy_kept"] == pytest.approx(float(np.median(kept)), abs=1e-7)
+        assert t["min_energy_kept"] == pytest.approx(min(kept), abs=1e-7)
+        assert t["modules_at_90"] == sum(x >= 0.9 for x in kept)
+        assert t["min_rank"] == min(by[n]["rank"] for n in (q, k)) > 0
+        assert res.uniform["params"] <= t["params"] and res.uniform["params"] == 2 * res.uniform["rank"] * 32
+        assert any("rounding level of their stored weights" in w and "given rank 0" in w for w in res.warnings)
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert "model.layers.0.self_attn.o_proj" not in json.dumps(cfg.get("rank_pattern") or {})
+
+
+def test_trace_of_a_run_folder_lists_the_models_beside_its_checkpoints(tmp_path):
+    """Trainer.save_model's final model at the run folder and a checkpoint-final folder were dropped without
+    a word: the trace read as if the run ended at its last checkpoint-N."""
+    from spectra.trace import TraceConfig, trace
+
+    base, tuned = small_pair(tmp_path)
+    run = tmp_path / "run"
+    for name in ("checkpoint-5", "checkpoint-10", "checkpoint-final", "step_0007"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(Path(tuned).read_bytes())
+    (run / "model.safetensors").write_bytes(Path(tuned).read_bytes())
+    (run / "logs").mkdir()  # no weights: not a model
+    res = trace(base, [str(run)], config=TraceConfig(), plots=False)
+    assert [c["step"] for c in res.checkpoints] == [5, 10]
+    left = {Path(s["path"]).name: s["reason"] for s in res.skipped_checkpoints}
+    assert set(left) == {"model.safetensors", "checkpoint-final", "step_0007"}
+    assert all("pass the checkpoints themselves, in order" in r for r in left.values())
