@@ -88,11 +88,12 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
 
 def _summary_table(result) -> Table:
     """Per module kind: the median energy rank, relative norm and φ with the first checkpoint, at the
-    first and the last checkpoint."""
+    first and the last checkpoint, over the kind's matrices that changed there (n counts all)."""
     from spectra.naming import role_sort_key
     from spectra.plots.trace import (
         headline_key,  # a pure helper; matplotlib is imported only when plotting
     )
+    from spectra.trace_inputs import moved
 
     key = headline_key(result.to_dict())
     steps = [c["step"] for c in result.checkpoints]
@@ -106,7 +107,7 @@ def _summary_table(result) -> Table:
         kinds.setdefault(m["module"], []).append(m)
 
     def med(ms: list[dict], i: int, value) -> str:
-        vals = sorted(v for m in ms if m["points"] and "skip" not in m["points"][i] and (v := value(m["points"][i])) is not None)
+        vals = sorted(v for m in ms if m["points"] and moved(m["points"][i]) and (v := value(m["points"][i])) is not None)
         if not vals:
             return "–"
         mid = len(vals) // 2

@@ -18,7 +18,7 @@ from spectra.plots import trace as trace_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
 from spectra.trace import SCHEMA, TraceResult, load_trace
-from spectra.trace_inputs import check_trace_matrix
+from spectra.trace_inputs import check_trace_matrix, moved
 
 __all__ = ["SCHEMA", "doc_from_jsonl", "findings", "load", "section_html", "title"]
 
@@ -53,11 +53,12 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def _at(res: TraceResult, index: int, value) -> float | None:
-    """Median over matrices of ``value(point)`` at checkpoint ``index`` (skipped points left out)."""
+    """Median over matrices of ``value(point)`` at checkpoint ``index`` (skipped points and unchanged matrices
+    left out: :func:`spectra.trace_inputs.moved`)."""
     vals = []
     for m in res.matrices:
         pts = m.get("points") or []
-        if -len(pts) <= index < len(pts) and "skip" not in pts[index]:
+        if -len(pts) <= index < len(pts) and moved(pts[index]):
             vals.append(value(pts[index]))
     return _median(vals)
 

@@ -64,7 +64,7 @@ from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
-from spectra.trace_inputs import CHECKPOINT_DIR, CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, open_weights
+from spectra.trace_inputs import CHECKPOINT_DIR, CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, moved, open_weights
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
@@ -392,7 +392,7 @@ def trace(
     above = []
     for i, r in enumerate(refs):
         rels = [m["points"][i].get("rel_norm") for m in result.matrices
-                if len(m["points"]) > i and m["points"][i].get("rel_norm") is not None]
+                if len(m["points"]) > i and moved(m["points"][i]) and m["points"][i].get("rel_norm") is not None]
         if rels and float(np.median(rels)) > 1.0:
             above.append(f"{'the last checkpoint' if i == len(refs) - 1 else Path(r.path).name} "
                          f"({float(np.median(rels)):.2f})")

@@ -257,6 +257,13 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     return Discovery(refs, skipped, loss_history, run, warnings)
 
 
+def moved(pt: dict[str, Any]) -> bool:
+    """Whether a trace point (one matrix at one checkpoint) is an update there is: measured, not skipped,
+    and ΔW ≠ 0. The medians of trace's table, findings, figures and warnings are over these, as diff's
+    statements are over the matrices that changed: a frozen layer's zero says nothing of how the update grew."""
+    return isinstance(pt, dict) and "skip" not in pt and bool(pt.get("fro_norm"))
+
+
 def check_trace_point(pt: Any, at: str, source: Any) -> None:
     """Refuse a trace point (one matrix at one checkpoint, as ``trace.json`` and the journal hold it)
     whose keys have other types than spectra writes: ``step`` an integer or null, every other value a

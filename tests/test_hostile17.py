@@ -192,3 +192,33 @@ def test_trace_of_a_run_folder_lists_the_models_beside_its_checkpoints(tmp_path)
     left = {Path(s["path"]).name: s["reason"] for s in res.skipped_checkpoints}
     assert set(left) == {"model.safetensors", "checkpoint-final", "step_0007"}
     assert all("pass the checkpoints themselves, in order" in r for r in left.values())
+
+
+def test_trace_medians_are_over_the_matrices_that_changed(tmp_path):
+    """A run that trained q and k only: trace's findings said the median rank went "from 0 to 0" and
+    ‖ΔW‖/‖W‖ "from 0 to 0" (medians over 16 matrices, 12 of them unchanged), and the larger-than-the-base
+    warning diff gives on the same last checkpoint was missing."""
+    from safetensors.torch import load_file
+
+    from spectra.findings import diff_findings
+    from spectra.report_trace import findings
+    from spectra.trace import trace
+
+    g = torch.Generator().manual_seed(5)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"]
+    upd = {n: 2.0 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n in names}
+    base, _ = _llama_like(tmp_path, {})
+    W = load_file(base)
+    ckpts = []
+    for i, f in enumerate((0.5, 1.0)):
+        path = tmp_path / f"c{i}.safetensors"
+        save_file({n: w + f * upd.get(n, 0) for n, w in W.items()}, str(path))
+        ckpts.append(str(path))
+    res = trace(base, ckpts, plots=False)
+    last = spectra.diff(base, ckpts[-1])
+    rel = [float(np.linalg.norm(f * upd[n].double().numpy()) / np.linalg.norm(W[n].double().numpy())) for f in (0.5, 1.0)
+           for n in names]
+    text = " ".join(f.text for f in findings(tmp_path / "trace.json", res.to_dict()))
+    assert "went from 2 to 2" in text and f"from {np.median(rel[:2]):.3g} to {np.median(rel[2:]):.3g}" in text
+    assert any("larger than the base weights themselves" in w for w in res.warnings)
+    assert any("the base weights themselves" in f.text for f in diff_findings(last) if f.warning)  # diff says it too

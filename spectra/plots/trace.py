@@ -12,6 +12,7 @@ import numpy as np
 from spectra.display import tau_percent
 from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, legend_label, plain_text, save_figures
+from spectra.trace_inputs import moved
 
 
 def headline_key(doc: dict[str, Any]) -> str:
@@ -39,7 +40,7 @@ def metric_getters(doc: dict[str, Any]) -> dict[str, tuple[str, Callable[[dict, 
 
 
 def _series(doc: dict[str, Any], value: Callable[[dict, dict], float | None]) -> dict[str, tuple[list[int], list[float]]]:
-    """Module kind -> (steps, median over that kind's matrices) of ``value``."""
+    """Module kind -> (steps, median over that kind's changed matrices, :func:`spectra.trace_inputs.moved`) of ``value``."""
     steps = [c["step"] for c in doc.get("checkpoints", [])]
     kinds: dict[str, list[list[float]]] = {}
     order: dict[str, tuple] = {}
@@ -47,7 +48,7 @@ def _series(doc: dict[str, Any], value: Callable[[dict, dict], float | None]) ->
         order.setdefault(m["module"], role_sort_key(m.get("role"), m["module"]))
         row = []
         for p in m["points"]:
-            v = None if "skip" in p else value(m, p)
+            v = value(m, p) if moved(p) else None  # an unchanged matrix is no point of the update's growth
             row.append(np.nan if v is None else float(v))
         kinds.setdefault(m["module"], []).append(row)
     out = {}
@@ -100,7 +101,7 @@ def layer_step_heatmap(doc: dict[str, Any], *, which: str = "rank"):
     for m in mats:
         denom = m.get("lora_r") or min(m["shape"])
         for j, p in enumerate(m["points"]):
-            if "skip" in p:
+            if not moved(p):
                 continue
             v = (p.get("energy_rank") or {}).get(key)
             v = v / denom if which == "rank" and v is not None else (_turn(p, "turn_first") if which == "turn" else None)
