@@ -102,9 +102,11 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
 
 
 def _pair_table(doc: dict, key: str, label: str) -> Table:
+    from spectra.interfere import over_matrices
+
     names = doc["names"]
     m = (doc.get("summary") or {}).get(key) or []
-    table = Table(title=f"{label}, median over {doc['summary'].get('modules', 0)} matrices", title_justify="left")
+    table = Table(title=f"{label}, {over_matrices(doc['summary'])}", title_justify="left")
     table.add_column("")
     for n in names:
         table.add_column(escape(n), justify="right")

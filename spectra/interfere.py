@@ -23,7 +23,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -281,6 +281,17 @@ def _scalar_median(values: list[Any]) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
+def over_matrices(summary: dict[str, Any]) -> str:
+    """What a pair table's medians are over: ``"median over 16 matrices"``, or, where a task left matrices
+    unchanged, the range of the per-pair counts (``pair_modules``: the matrices both tasks changed)."""
+    n, counts = summary.get("modules", 0), summary.get("pair_modules") or []
+    off = [c for i, row in enumerate(counts) for j, c in enumerate(row) if i != j]
+    if not off or min(off) == max(off) == n:
+        return f"median over {n} matrices"
+    lo, hi = min(off), max(off)
+    return f"median per pair over the matrices both changed ({lo}{'' if lo == hi else f'–{hi}'} of {n})"
+
+
 def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
     """Element-wise medians over modules of every pairwise measure, and medians of the n-way scalars."""
     if not modules:
@@ -295,6 +306,8 @@ def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
         "fro_sq_ratio": _scalar_median([m["sum"]["fro_sq_ratio"] for m in modules]),
         "nuclear_ratio": _scalar_median([m["sum"]["nuclear_ratio"] for m in modules]),
         "modules": len(modules),
+        # per pair, the matrices its medians are over: those both tasks changed (a zero update has no cosine)
+        "pair_modules": np.sum([[[v is not None for v in row] for row in m["cosine"]] for m in modules], axis=0).tolist(),
     }
 
 
@@ -412,11 +425,20 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                 for t in range(n) if fs[t].S.numel() > 1 and tied_cuts(fs[t].S, fs[t].S.numel(), floors.get(t, 0.0), p).any()]
     # the Gram route's values below its resolution are rounding, not directions (nor nuclear norm)
     S_sum = _resolved(singular_values(total)) if total is not None else sum_factored([exact[t] for t in range(n)]).S.cpu().numpy()
+    # updates that cancel: the sum holds only each dense update's storage rounding (the top value of a sum of
+    # noises is at most the sum of their floors), whose energy ranks would read as a spread-out update
+    floor_sum = sum(floors.values())
+    cancel = 0 < floor_sum < math.inf and any(f.S.numel() for f in fs) and (not S_sum.size or S_sum[0] <= floor_sum)
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds, floor=max(floors.values(), default=0.0))
     # the dense updates' spectra (Gram route too) as the sum's: otherwise its nuclear ratio reads 0.99999995 for a lone task
     acc = accumulation(S_sum, [_resolved(spectra_[t]) if t in seen else spectra_[t] for t in range(n)],
                        thresholds=config.thresholds, keep=config.keep_singular)
+    if cancel:
+        acc = replace(acc, energy_rank={k: 0 for k in acc.energy_rank})
+        numeric.append("the updates cancel: their sum is at the rounding level of the stored weights (σ₁ "
+                       f"{float(S_sum[0]) if S_sum.size else 0.0:.3g} against a floor of {floor_sum:.3g}), so its energy "
+                       "ranks are 0 (no direction above rounding); its ratios say how far it cancelled")
     out_dim, in_dim = spec_shape(spec, base)
     return _clean({
         "name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role, "out": out_dim, "in": in_dim,
@@ -571,9 +593,13 @@ def interfere(
                 result.warnings.append(f"{t.label}: ΔW of {len(noise)} of {len(result.modules)} compared matrices (e.g. {noise[0]}) "
                                        "is entirely at the rounding level of its stored weights: no resolved direction, so "
                                        "its φ, captured energy, TSV and KnOTS entries there are null (not 0)")
-            if result.modules and not any(m["fro"][i] for m in result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
+            zero = sum(not m["fro"][i] for m in result.modules)
+            if result.modules and zero == len(result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
                 result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
                                        "interference to measure, and the totals hold the other tasks only")
+            elif zero * 2 > len(result.modules):  # its pairs' medians rest on the few matrices it changed
+                result.warnings.append(f"{t.label}: ΔW = 0 on {zero} of the {len(result.modules)} compared matrices: its pairs' "
+                                       f"medians are over the {len(result.modules) - zero} it changed (pair_modules in the summary)")
         result.complete = True
         result.elapsed_s = time.perf_counter() - t0
         if out_dir is not None:

@@ -71,15 +71,21 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         v = phi[a][b] if a < len(phi) and b < len(phi[a]) else None
         return "undefined (no resolved direction)" if v is None else f"{v:.2f}"
 
+    counts = s.get("pair_modules")  # interfere.json before the per-pair counts: every pair over all modules
+
+    def over(a: int, b: int) -> str:
+        k = counts[a][b] if counts else s.get("modules")
+        return f"over {matrices(k)}" + (f" of {s.get('modules')}" if counts and k != s.get("modules") else "")
+
     if len(cos) == 1:  # two fine-tunes: one pair, neither "most" nor "least" alike
         (v, a, b), = cos
-        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_of(a, b)}, over "
-                                      f"{s.get('modules')} matrices.", numbers={"cosine": [v, v]}))
+        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_of(a, b)}, "
+                                      f"{over(a, b)}.", numbers={"cosine": [v, v]}))
     elif cos:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
-        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_of(c, e)}); "
-                                      f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_of(a, b)}), over "
-                                      f"{s.get('modules')} matrices.", numbers={"cosine": [lo, hi]}))
+        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_of(c, e)}, "
+                                      f"{over(c, e)}); least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_of(a, b)}, "
+                                      f"{over(a, b)}).", numbers={"cosine": [lo, hi]}))
     if s.get("spectral_over_max") is not None:
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) makes the strongest direction "
                                    f"{s['spectral_over_max']:.2f}× the strongest single update's (median; {len(names)} if "

@@ -222,3 +222,37 @@ def test_trace_medians_are_over_the_matrices_that_changed(tmp_path):
     assert "went from 2 to 2" in text and f"from {np.median(rel[:2]):.3g} to {np.median(rel[2:]):.3g}" in text
     assert any("larger than the base weights themselves" in w for w in res.warnings)
     assert any("the base weights themselves" in f.text for f in diff_findings(last) if f.warning)  # diff says it too
+
+
+def test_interfere_medians_say_how_many_matrices_each_pair_rests_on(tmp_path):
+    """One task changed 1 of the 8 matrices: "most alike … over 8 matrices" rested on one matrix, without a
+    word; a sum of exactly opposite updates reported energy ranks of the rounding noise left (12 against the
+    tasks' 2, 2) with no note."""
+    from safetensors.torch import load_file
+
+    from spectra.interfere import interfere, over_matrices
+    from spectra.report_interfere import findings
+
+    g = torch.Generator().manual_seed(2)
+    base, _ = _llama_like(tmp_path, {})
+    W = load_file(base)
+    D = {n: 1e-2 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n in W}
+    one = "model.layers.0.self_attn.q_proj.weight"
+    for name, f in (("a", lambda n: D[n]), ("h", lambda n: D[n] if n == one else 0 * D[n]), ("c", lambda n: -D[n])):
+        save_file({n: w + f(n) for n, w in W.items()}, str(tmp_path / f"{name}.safetensors"))
+    res = interfere(base, [str(tmp_path / "a.safetensors"), str(tmp_path / "h.safetensors")], out_dir=tmp_path / "i", plots=False)
+    s = res.summary
+    assert s["modules"] == 8 and s["pair_modules"] == [[8, 1], [1, 1]]
+    assert over_matrices(s) == "median per pair over the matrices both changed (1 of 8)"
+    text = " ".join(f.text for f in findings(tmp_path / "i" / "interfere.json", res.to_dict()))
+    assert "over 1 matrix of 8" in text
+    assert any("ΔW = 0 on 7 of the 8 compared matrices" in w for w in res.warnings)
+
+    res = interfere(base, [str(tmp_path / "a.safetensors"), str(tmp_path / "c.safetensors")], plots=False)
+    for m in res.modules:
+        # float64 reference: the stored updates sum to rounding (a + c − 2·base is float32 rounding of ±D)
+        total = (load_file(str(tmp_path / "a.safetensors"))[m["name"]].double() + load_file(str(tmp_path / "c.safetensors"))[m["name"]].double()
+                 - 2 * W[m["name"]].double())
+        assert float(torch.linalg.matrix_norm(total, 2)) < 1e-6 * float(torch.linalg.matrix_norm(D[m["name"]].double(), 2))
+        assert set(m["sum"]["energy_rank"].values()) == {0} and "the updates cancel" in m["note"]
+        assert m["sum"]["spectral_over_max"] < 1e-5
