@@ -418,10 +418,9 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
                 "undefined; check lora_alpha in adapter_config.json")
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
     base_sv = tuned_sv = esd = None
-    # a factored ΔW has at most r nonzero eigenvalues: too few for a power-law tail fit, so with --esd
-    # only DoRA's dense ΔW is fitted (and W_base, W_tuned when the base is given)
-    low_rank = f"ΔW = s·B·A has rank ≤ r = {mod.r}: too few eigenvalues for a power-law fit"
-    S_delta = S if mod.magnitude is not None else None
+    # a factored ΔW has at most r nonzero eigenvalues: fitted by the rule a merged model's dense ΔW of that
+    # rank meets (spectra.records.delta_fit_refusal), so both forms of one update get one answer
+    S_delta = S
     if config.weight_spectra and W is not None:  # W_tuned = W_base + ΔW, formed densely in float64
         tuned = W.double() + (delta.double() if mod.magnitude is not None else mod.scale * (Bf.double() @ Af.double()))
         if not bool(torch.isfinite(tuned).all()):
@@ -430,9 +429,9 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         del tuned
         base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
         if config.esd:
-            esd = esd_entry(shape, S_delta, S_b, S_t, note="" if S_delta is not None else low_rank)
+            esd = esd_entry(shape, S_delta, S_b, S_t)
     elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
-        esd = esd_entry(shape, S_delta, note=f"no base checkpoint: W_base and W_tuned are unknown; {low_rank}")
+        esd = esd_entry(shape, S_delta, note="no base checkpoint: W_base and W_tuned are unknown")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
     if spec.note:

@@ -66,7 +66,7 @@ from spectra.naming import (
     unique_pairing_keys,
 )
 from spectra.numerics import unresolved_text
-from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -100,13 +100,9 @@ def _beyond_squaring(M: torch.Tensor) -> str | None:
     """Why the measures cannot be formed from ``M`` (float64 entries whose squares over- or underflow:
     only float64 weights reach this), or None. ``spectra diff`` scales such matrices and measures them.
     Any other dtype is None at once: every float32 (or narrower) value squares within float64's range."""
-    if M.dtype != torch.float64:
-        return None
-    amax = float(M.abs().max()) if M.numel() else 0.0
-    if outside_squaring_range(amax):
-        return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
-                "(spectra diff can: it scales before squaring)")
-    return None
+    amax = float(M.abs().max()) if M.numel() and M.dtype == torch.float64 else 0.0
+    return (f"has entries of magnitude {amax:.3g}, whose squares leave float64's range: compare cannot measure it "
+            "(spectra diff can: it scales before squaring)") if outside_squaring_range(amax) else None
 
 
 def _resolved_rank(form: Factored | TopSVD, p: int, floor: float = 0.0) -> int:
@@ -142,9 +138,8 @@ def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, 
 
 def _holding(u: _Update, n: int, p: int) -> _Update:
     """``u`` with a dense form of at least ``min(n, p)`` triplets (recomputed when it holds fewer)."""
-    if not isinstance(u.form, TopSVD) or u.form.S.numel() >= min(n, p):
-        return u
-    return replace(u, form=top_svd(u.form.dense.to(torch.float64), min(n, p)))
+    fewer = isinstance(u.form, TopSVD) and u.form.S.numel() < min(n, p)
+    return replace(u, form=top_svd(u.form.dense.to(torch.float64), min(n, p))) if fewer else u
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -185,6 +180,7 @@ class _Side:
         self.tied: dict[str, tuple[MatrixSpec, str]] = {}
         self.skipped: dict[str, str] = {}  # pairing key -> why its pairing left this matrix out (a full side)
         self.stacks: dict[str, MatrixSpec] = {}  # pairing key -> spec of a paired 3-D expert stack (a full side)
+        self.pair_notes: list[str] = []  # what pairing said (names that differ only in spelling…), as diff warns it
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
@@ -207,9 +203,13 @@ class _Side:
             # the head's name: the embedding keeps its own key)
             pairing = pair_checkpoints(base, self.tuned, tied_head=True)
             self.stacks = {pairing_key(p.tuned.name): p.tuned for p in pairing.pairs if len(p.tuned_info.shape) != 2}
+            self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
             for p in (p for p in pairing.pairs if len(p.tuned_info.shape) == 2):
                 tied = p.tuned.role == "head" and p.base.role == "embed"
                 key = pairing_key(p.tuned.name if tied else p.base.name)
+                if key in self.pairs:  # model.layers.0.x and layers.0.x in one base: one key, two matrices
+                    raise ConfigError(f"the base holds {self.pairs[key].base.name} and {p.base.name}, which compare keys "
+                                      "alike (a wrapper prefix apart)", hint="spectra diff and interfere measure each by its name")
                 self.pairs[key] = p
                 if tied:
                     self.tied[key] = (replace(p.tuned, transpose=p.base.transpose, note=p.note), p.base.name)
@@ -633,6 +633,7 @@ def compare(
         for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
             notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
+            result.warnings += [f"{who} ({side.label}): {n}" for n in side.pair_notes]
         if tied := [m.name for m in result.modules if "tied singular values" in (m.note or "")]:
             result.warnings.append(f"{len(tied)} of {len(result.modules)} modules (e.g. {tied[0]}) hold tied singular values at or "
                                    "inside a rank: what that leaves undetermined is null or said in each one's note (compare.json)")

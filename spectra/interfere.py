@@ -57,7 +57,7 @@ from spectra.linalg import check_device_available, resolve_device, singular_valu
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import MatrixPair, pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
@@ -117,6 +117,7 @@ class _Task:
         self.ckpt: Checkpoint | None = None
         self.skipped: list[dict[str, str]] = []
         self.updates: dict[str, LoraModule | MatrixPair] = {}  # base tensor name -> what updates it
+        self.pair_notes: list[str] = []  # what pairing said (names that differ only in spelling…), as diff warns it
         if is_adapter(label):
             self.kind = "lora"
             self.adapter = open_adapter(label)
@@ -138,6 +139,7 @@ class _Task:
             self.kind = "full"
             self.ckpt = open_checkpoint(label)
             pairing = pair_checkpoints(base, self.ckpt)
+            self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
             for p in pairing.pairs:
                 self.updates[p.base.name] = p
             # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"
@@ -586,6 +588,7 @@ def interfere(
             if rels and float(np.median(rels)) > 1.0:
                 result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
                                        "base weights themselves: is it a fine-tune of this base?")
+            result.warnings += [f"{t.label}: {note}" for note in t.pair_notes]
             own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")
             noise = [m["name"] for m in result.modules if i in m.get("unresolved", ())]

@@ -11,7 +11,7 @@ import numpy as np
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
 from spectra.esd import esd_fields
-from spectra.metrics import relative_norm, spectrum_metrics, threshold_key
+from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
@@ -70,6 +70,25 @@ def random_ranks(shape: tuple[int, int], config: DiffConfig) -> dict[str, int]:
     return {threshold_key(tau): random_energy_rank(shape, tau) for tau in config.thresholds}
 
 
+#: A rank-deficient ΔW (a LoRA's s·B·A, a low-rank full update) is fitted only when at least this many of its
+#: eigenvalues are above the spectrum's resolution: below it WeightWatcher's fit is its small-sample one, and on
+#: the few nonzero values of a low-rank update it reads an α out of a handful of numbers.
+MIN_DELTA_FIT_RANK = 20
+
+
+def delta_fit_refusal(S_delta: np.ndarray, shape: tuple[int, int], what: str = "ΔW") -> str | None:
+    """Why ΔW's eigenvalues are not fitted (its rank, counted above the float64 Gram route's resolution, is
+    below ``p`` and below :data:`MIN_DELTA_FIT_RANK`), or None: the same rule for an adapter's factored
+    update and for the merged model's dense one, so both forms of one update get the same answer."""
+    S = np.asarray(S_delta, dtype=np.float64).ravel()
+    p = min(shape)
+    top = float(S.max()) if S.size else 0.0
+    k = int(np.count_nonzero(rank_resolution(top, p) < S)) if top > 0 and np.isfinite(top) else 0
+    if k < p and k < MIN_DELTA_FIT_RANK:
+        return f"{what} has rank {k}: too few eigenvalues for a power-law fit (needs {MIN_DELTA_FIT_RANK}, or a full rank)"
+    return None
+
+
 def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.ndarray | None = None,
               S_tuned: np.ndarray | None = None, *, note: str = "") -> dict:
     """The ``esd`` entry of one ``spectra diff --esd`` result (:attr:`ModuleResult.esd`).
@@ -77,7 +96,8 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
     Args:
         shape: ``(out, in)`` of the matrix.
         S_delta: the full singular values of ΔW (descending, ``p = min(shape)`` of them; float64 numpy),
-            or None where ΔW is not fitted (``note`` says why).
+            or None where ΔW is not fitted (``note`` says why); a rank-deficient one of too low a rank is
+            not fitted either (:func:`delta_fit_refusal` adds why to the note).
         S_base, S_tuned: the full singular values of W_base and W_tuned, or None (not available).
         note: why a side is missing; ``""`` when all three are there.
 
@@ -86,6 +106,8 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
         eigenvalues ``λ = σ²`` (WeightWatcher's default fit) or None, with ``alpha_change`` (α_tuned −
         α_base), ``alpha_change_z`` (:func:`spectra.esd.alpha_change`) and ``note``.
     """
+    if S_delta is not None and (why := delta_fit_refusal(S_delta, shape)) is not None:
+        S_delta, note = None, "; ".join(x for x in (note, why) if x)
     fields = esd_fields(S_delta, S_base, S_tuned, shape=shape)
     return {"base": fields["base"], "tuned": fields["tuned"], "delta": fields["delta"],
             "alpha_change": fields["alpha_change"], "alpha_change_z": fields["alpha_change_z"], "note": note}

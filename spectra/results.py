@@ -603,13 +603,17 @@ def csv_text(value: Any) -> Any:
     r"""A cell as written to a CSV file. Text (tensor names, read from untrusted checkpoints) has its
     control, line-breaking and bidirectional characters escaped as :func:`spectra.display.display_name`
     writes them (a bare CR would split the row for Python's csv reader and pandas; an ANSI sequence
-    would drive a terminal that prints the file), then a leading ``'`` when it would start a formula,
-    which spreadsheets show as text. JSON files keep every name exactly as stored.
+    would drive a terminal that prints the file), a literal backslash doubled (``a\nb`` as typed and ``a``,
+    newline, ``b`` stay two names), then a leading ``'`` when it would start a formula, which spreadsheets
+    show as text. JSON files keep every name exactly as stored.
 
     >>> csv_text("=1+2"), csv_text("-2.weight"), csv_text(-2.5), csv_text("model.q_proj"), csv_text("a\rb"), csv_text("'x")
     ("'=1+2", "'-2.weight", -2.5, 'model.q_proj', 'a\\rb', "''x")
+    >>> csv_text("a\\nb") != csv_text("a\nb")
+    True
     """
     if not isinstance(value, str):
         return value
-    text = display_name(value, None)  # every character: a CSV is data (a note or a long name is not cut)
+    # every character: a CSV is data (a note or a long name is not cut); escapes read back one way only
+    text = display_name(value.replace("\\", "\\\\"), None)
     return "'" + text if text.startswith(_FORMULA_START) else text

@@ -59,7 +59,7 @@ from spectra.metrics import (
 )
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
@@ -114,8 +114,7 @@ def point_metrics(S: np.ndarray, shape: tuple[int, int], base_fro: float | None,
     precision and the ratio would be a number made of rounding."""
     p = min(shape)
     S = np.sort(np.asarray(S, dtype=np.float64))[::-1][:p]
-    full = np.zeros(p)
-    full[: S.size] = S
+    full = np.pad(S, (0, p - S.size))
     m = spectrum_metrics(full, shape, config.thresholds)
     point = {
         "fro_norm": m.fro_norm, "rel_norm": relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
@@ -192,9 +191,7 @@ class TraceResult:
                 row = {k: m[k] for k in ("name", "layer", "module", "role", "lora_r")}
                 row.update({"step": pt.get("step"), "loss": steps.get(i, {}).get("loss"), "skip": pt.get("skip", ""),
                             "turn_note": pt.get("turn_note", "")})
-                for k, v in pt.items():
-                    if k in ("step", "skip", "singular_values"):
-                        continue
+                for k, v in ((k, v) for k, v in pt.items() if k not in ("step", "skip", "singular_values")):
                     if k == "energy_rank":
                         row.update({f"energy_rank_{t}": r for t, r in v.items()})
                     elif k in ("turn_prev", "turn_first"):
@@ -415,10 +412,9 @@ def trace(
 def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | None:
     """The ``turn_note`` of checkpoint ``ci`` when its ``turn_prev`` is measured from an earlier checkpoint
     than the one before (``prev_at``, the last with a subspace for the matrix), else None."""
-    if prev_at is None or prev_at == ci - 1:
-        return None
-    return (f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
-            f"(step {refs[ci - 1].step} has none: see its point)")
+    return None if prev_at is None or prev_at == ci - 1 else (
+        f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
+        f"(step {refs[ci - 1].step} has none: see its point)")
 
 
 def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
@@ -452,13 +448,17 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 config: TraceConfig, device: torch.device, journal: RecordJournal | None, done: list[dict],
                 callback: Callable[[int, int, str], None] | None) -> None:
     """Matrix by matrix: the base tensor once, then the same tensor of every checkpoint."""
-    pairings = []
+    pairings, said = [], {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
     for ref, ck in zip(refs, ckpts):
         try:
-            pairings.append({p.base.name: p for p in pair_checkpoints(base, ck).pairs})
+            pairing = pair_checkpoints(base, ck)
+            pairings.append({p.base.name: p for p in pairing.pairs})
+            for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
+                said.setdefault(note, []).append(Path(ref.path).name)
         except SpectraError as exc:
             ref.failed = f"does not pair with the base ({exc.message})"
             pairings.append({})
+    result.warnings += [f"{', '.join(names[:3])}{' …' * (len(names) > 3)}: {note}" for note, names in said.items()]
     if all(ref.failed for ref in refs):
         raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
                                     hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")

@@ -256,3 +256,91 @@ def test_interfere_medians_say_how_many_matrices_each_pair_rests_on(tmp_path):
         assert float(torch.linalg.matrix_norm(total, 2)) < 1e-6 * float(torch.linalg.matrix_norm(D[m["name"]].double(), 2))
         assert set(m["sum"]["energy_rank"].values()) == {0} and "the updates cancel" in m["note"]
         assert m["sum"]["spectral_over_max"] < 1e-5
+
+
+def test_compare_interfere_and_trace_pass_on_what_pairing_said(tmp_path):
+    """A tuned file that stores a changed matrix under the NFD spelling of the base's NFC name: diff warned
+    ("differs only in its spelling"); interfere called the task "a copy of the base?", compare said B's
+    update was exactly zero, trace said nothing."""
+    import unicodedata
+
+    from spectra.comparison import compare
+    from spectra.interfere import interfere
+    from spectra.trace import trace
+
+    g = torch.Generator().manual_seed(0)
+    nfc = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.caf\u00e9.weight"]
+    base = {n: torch.randn(8, 8, generator=g) for n in nfc}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({n: w + 0.1 * torch.randn(8, 8, generator=g) for n, w in base.items()}, str(tmp_path / "a.safetensors"))
+    save_file({unicodedata.normalize("NFD", n): w + (0.1 if "caf" in n else 0.0) * torch.randn(8, 8, generator=g)
+               for n, w in base.items()}, str(tmp_path / "c.safetensors"))
+    b, a, c = (str(tmp_path / f"{x}.safetensors") for x in ("base", "a", "c"))
+    spelling = "differs from a base tensor's only in its spelling"
+    assert any(spelling in w for w in spectra.diff(b, c).warnings)
+    assert any(w.startswith("B (") and spelling in w for w in compare(a, c, base=b, plots=False).warnings)
+    assert any(w.startswith(f"{c}: ") and spelling in w for w in interfere(b, [a, c], plots=False).warnings)
+    assert any(w.startswith("c.safetensors: ") and spelling in w for w in trace(b, [a, c], plots=False).warnings)
+
+
+def test_compare_names_two_base_matrices_it_would_key_alike(tmp_path):
+    """`model.layers.0.q_proj.weight` and `layers.0.q_proj.weight` in one base: compare said the base had
+    no matrix model.layers.0.self_attn.q_proj.weight, which it holds."""
+    from spectra.comparison import compare
+    from spectra.errors import ConfigError
+
+    g = torch.Generator().manual_seed(0)
+    names = ["model.layers.0.self_attn.q_proj.weight", "layers.0.self_attn.q_proj.weight"]
+    W = {n: torch.randn(8, 8, generator=g) for n in names}
+    save_file(W, str(tmp_path / "base.safetensors"))
+    for f in ("a", "b"):
+        save_file({n: w + 0.1 * torch.randn(8, 8, generator=g) for n, w in W.items()}, str(tmp_path / f"{f}.safetensors"))
+    with pytest.raises(ConfigError, match=r"the base holds (model\.)?layers\.0\.self_attn\.q_proj\.weight and .*keys alike"):
+        compare(str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), base=str(tmp_path / "base.safetensors"),
+                plots=False)
+
+
+def test_quantised_format_lookup_does_not_scan_every_tensor_name():
+    """foreign_format scanned all names for `X.weight.quant_state.` once per int8 weight: 16,000 matrices
+    took 100 s to pair (quadratic). It looks names up now; a names container that refuses iteration shows it."""
+    from types import SimpleNamespace
+
+    from spectra.pairing import foreign_format
+
+    class NoScan(dict):
+        def __iter__(self):
+            raise AssertionError("scanned every name")
+
+    names = NoScan({"l.0.q.weight": 0, "l.0.q.weight.quant_state.bitsandbytes__nf4": 0, "l.1.q.weight": 0, "l.1.q.SCB": 0,
+                    "l.2.q.weight": 0})
+    ckpt = SimpleNamespace(tensors=names)
+    assert foreign_format("l.0.q", ckpt) == "bitsandbytes 4-bit"
+    assert foreign_format("l.1.q", ckpt) == "bitsandbytes int8"
+    assert foreign_format("l.2.q", ckpt) is None
+
+
+def test_csv_names_read_back_one_way():
+    """A newline was written as \\n and a backslash as itself: `a<LF>b` and `a\\nb` (typed) were one CSV name."""
+    from spectra.results import csv_text
+
+    assert csv_text("layers.0.a\nb.weight") == "layers.0.a\\nb.weight"
+    assert csv_text("layers.0.a\\nb.weight") == "layers.0.a\\\\nb.weight"
+
+
+def test_esd_of_an_update_fits_its_factored_and_merged_forms_alike():
+    """A rank-3 ΔW: its adapter (factored) was not fitted ("rank ≤ r") while the same update merged got α from
+    3 eigenvalues (one flagged over-trained). One rule now: a rank-deficient ΔW needs 20 eigenvalues."""
+    from spectra.records import MIN_DELTA_FIT_RANK, delta_fit_refusal, esd_entry
+
+    rng = np.random.default_rng(0)
+    for k in (3, MIN_DELTA_FIT_RANK - 1, MIN_DELTA_FIT_RANK):
+        dense = rng.standard_normal((96, k)) @ rng.standard_normal((k, 64))
+        S_dense = np.linalg.svd(dense, compute_uv=False)  # 64 values, 64 − k of them rounding
+        S_factored = np.concatenate([S_dense[:k], np.zeros(64 - k)])
+        for S in (S_dense, S_factored):
+            entry = esd_entry((96, 64), S)
+            if k < MIN_DELTA_FIT_RANK:
+                assert entry["delta"] is None and entry["note"].startswith(f"ΔW has rank {k}: too few eigenvalues")
+            else:
+                assert entry["delta"] is not None and delta_fit_refusal(S, (96, 64)) is None
+    assert delta_fit_refusal(rng.standard_normal(8) ** 2 + 1, (8, 8)) is None  # full rank: fitted, however small
