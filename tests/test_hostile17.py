@@ -26,6 +26,11 @@ from tests.pair_util import small_pair
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env() -> dict[str, str]:
+    """The environment of a CLI child: this checkout's spectra first, the rest of PYTHONPATH kept."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
+
+
 def test_a_jsonl_data_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
     """Windows editors start JSONL with EF BB BF: "line 1 is not valid JSON (Unexpected UTF-8 BOM)" while a
     .txt with the same mark was read."""
@@ -44,7 +49,7 @@ def test_a_reader_that_leaves_stdout_ends_the_printing_not_the_run(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", "diff", base, tuned,
                                "--out", str(out)], stdout=write, stderr=subprocess.PIPE, text=True, timeout=240,
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              cwd=ROOT, env=_env())
     finally:
         os.close(write)
     assert proc.returncode == 0, proc.stderr
@@ -62,7 +67,7 @@ def test_a_full_disk_under_stdout_is_still_an_error(tmp_path):
     with open("/dev/full", "w") as full:
         proc = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", "diff", base, tuned,
                                "--out", str(tmp_path / "o"), "--no-plots"], stdout=full, stderr=subprocess.PIPE, text=True,
-                              timeout=240, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              timeout=240, cwd=ROOT, env=_env())
     assert proc.returncode == 1 and "cannot write the output: No space left on device" in proc.stderr
 
 
