@@ -531,7 +531,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                               "stored as inf", path=out, hint=f"write the adapter in {wider}: rerun with --dtype {wider} --force")
     # the uniform baseline spreads the same parameters over the updates there are (skipped, unchanged and
     # rounding-level matrices get none, as in the extracted adapter)
-    live = [i for i in usable if extractable(run.spectra[i])]
+    # (an unchanged expert of a stack keeps the stack's rank, as PEFT needs: its zero factors count)
+    live = [i for i in usable if extractable(run.spectra[i]) or ranks[i]]
     uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
     if src.kind == "full" and config.resolved_strategy == "two-pass":
         want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
@@ -563,12 +564,15 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
         result.warnings.append(f"--rank {asked} rounded up to {served}: the ranks vLLM accepts are "
                                f"{', '.join(map(str, VLLM_RANKS))} (drop --serving vllm to keep {asked})")
-    if all(float(run.spectra[i]["total"]) == 0.0 for i in usable):
+    if not any(extractable(run.spectra[i]) for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)
-        raise IdenticalCheckpointsError(
-            f"every one of the {len(usable)} chosen matrices has ΔW = 0: there is nothing to extract",
-            path=f"{base_ckpt.label} vs {src.label}", hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
+        zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
+        what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
+        error = IdenticalCheckpointsError if zero else ConfigError
+        raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
+                    path=f"{base_ckpt.label} vs {src.label}",
+                    hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
     _write(out, src, run, ranks, config, dtype, not_lora, result)
     failed = None
     if evaluation is not None:
@@ -659,7 +663,8 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
     from spectra.extract_eval import held_out_losses
 
-    ranks_u = [min(uniform, t.p) if extractable(run.spectra[i]) else 0 for i, t in enumerate(src.targets)]
+    held = {m["name"]: m["rank"] for m in result.modules}  # an unchanged expert of a stack holds the stack's rank
+    ranks_u = [min(uniform, t.p) if extractable(run.spectra[i]) or held.get(t.name) else 0 for i, t in enumerate(src.targets)]
     missing = [t.name for i, (t, r) in enumerate(zip(src.targets, ranks_u)) if r and not run.has_factors(i, r)]
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",

@@ -33,7 +33,7 @@ from spectra.lowrank import (
     round_up,
 )
 from spectra.naming import is_bias
-from spectra.results import note_caveat_warnings, rows_to_csv
+from spectra.results import CAVEAT_PREFIX, note_caveat_warnings, rows_to_csv
 from spectra.selection import Task
 from spectra.ties import TIE_REL, cut_in_tie
 
@@ -262,7 +262,8 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
     fro = math.ldexp(math.sqrt(total), e)
     E = energy_kept(S, total, r)
     noise = total > 0 and not extractable(spec)
-    ur = min(uniform, t.p) if extractable(spec) else 0  # the uniform baseline spends nothing on no update
+    # the uniform baseline spends nothing on no update, but an unchanged expert of a stack keeps its rank
+    ur = min(uniform, t.p) if extractable(spec) or r else 0
     spectral = None
     if total <= 0 or r >= t.p:
         spectral = 0.0
@@ -279,7 +280,8 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "method": spec["method"], "residual": spec.get("residual"),
         "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
         "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p),
-                                      "rank 0: rounding noise is not extracted" if noise else "") if x),
+                                      ("rank 0: rounding noise is not extracted" if not r else "rounding noise, held at its expert "
+                                       "stack's rank (one rank per stack)") if noise else "") if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
@@ -381,7 +383,8 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     # (energy kept 1.0 at rank 0) or one at the rounding level would pass for a module the adapter holds
     live = [m["changed"] for m in mods]
     changed = [m for m, ok in zip(mods, live) if ok] or mods
-    full = sum(t.shape[0] * t.shape[1] for t, ok in zip(targets, live) if ok)
+    # the dense update's size: the matrices the adapter carries factors for (an unchanged expert of a stack too)
+    full = sum(t.shape[0] * t.shape[1] for t, m in zip(targets, mods) if m["changed"] or m["rank"])
     kept = share("energy_kept")
     # the matrices not extracted (3-D stacks, routers, embeddings, modules PEFT would drop) hold energy
     # too: energy_kept is of the extracted matrices, energy_kept_all of every matrix listed
@@ -444,11 +447,15 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "
                         f"{totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
                         "matrices; see not_extracted and not_lora in extract.json)")
-    warnings += note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))
-    noise = [m["name"] for m, ok in zip(mods, live) if not ok and m["fro_norm"]]
+    # the caveats of the notes (precision mismatch…) as diff warns them; rounding_level's is said just below
+    warnings += [w for w in note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))
+                 if not w.startswith(f"{CAVEAT_PREFIX}(rounding_level)")]
+    noise = [m for m, ok in zip(mods, live) if not ok and m["fro_norm"]]
     if noise:
-        warnings.append(f"{len(noise)} of the {len(mods)} modules changed only at the rounding level of their stored "
-                        f"weights (e.g. {noise[0]}): given rank 0, as spectra diff gives them no rank; the counts and "
+        held = sum(1 for m in noise if m["rank"])
+        warnings.append(f"{len(noise)} of the {len(mods)} modules changed only at the rounding level of their stored weights "
+                        f"(e.g. {noise[0]['name']}): {len(noise) - held} get rank 0 (spectra diff gives such matrices no rank)"
+                        f"{f', {held} keep their expert stack rank (one rank per stack)' if held else ''}; the counts and "
                         "medians of the totals are over the other changed modules")
     if config.mode == "energy":
         short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12]

@@ -10,7 +10,7 @@ import numpy as np
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
-from spectra.esd import esd_fields
+from spectra.esd import EVALS_THRESH, esd_fields
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
@@ -77,15 +77,20 @@ MIN_DELTA_FIT_RANK = 20
 
 
 def delta_fit_refusal(S_delta: np.ndarray, shape: tuple[int, int], what: str = "ΔW") -> str | None:
-    """Why ΔW's eigenvalues are not fitted (its rank, counted above the float64 Gram route's resolution, is
-    below ``p`` and below :data:`MIN_DELTA_FIT_RANK`), or None: the same rule for an adapter's factored
-    update and for the merged model's dense one, so both forms of one update get the same answer."""
+    """Why ΔW's eigenvalues are not fitted (the eigenvalues a fit keeps, above the float64 Gram route's
+    resolution and above :data:`spectra.esd.EVALS_THRESH`, are fewer than ``p`` and than
+    :data:`MIN_DELTA_FIT_RANK`), or None: the same rule for an adapter's factored update and for the merged
+    model's dense one (float32 rounding of its stored weights included), so both forms get one answer."""
     S = np.asarray(S_delta, dtype=np.float64).ravel()
     p = min(shape)
     top = float(S.max()) if S.size else 0.0
-    k = int(np.count_nonzero(rank_resolution(top, p) < S)) if top > 0 and np.isfinite(top) else 0
+    # the eigenvalues the fit would keep: above the resolution and above its absolute threshold (a merged
+    # model's stored rounding sits below that threshold unless the weights are large; an adapter's zeros do)
+    kept = (rank_resolution(top, p) < S) & (EVALS_THRESH < S * S) if top > 0 and np.isfinite(top) else np.zeros(0, bool)
+    k = int(np.count_nonzero(kept))
     if k < p and k < MIN_DELTA_FIT_RANK:
-        return f"{what} has rank {k}: too few eigenvalues for a power-law fit (needs {MIN_DELTA_FIT_RANK}, or a full rank)"
+        return (f"{what} has only {k} eigenvalues a fit keeps (above {EVALS_THRESH:g} and the resolution of its spectrum): "
+                f"too few for a power-law fit (needs {MIN_DELTA_FIT_RANK}, or all p)")
     return None
 
 

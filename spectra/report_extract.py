@@ -120,7 +120,7 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
             text += f"; a uniform rank {u['rank']} with the same parameters would keep {u['energy_kept']:.1%}"
         out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept")}))
     changed = t.get("changed", t["modules"])  # extract.json before the count: every module counted
-    rest = f"; {t['modules'] - changed} unchanged or at the rounding level, rank 0" if changed < t["modules"] else ""
+    rest = f"; {t['modules'] - changed} unchanged or at the rounding level" if changed < t["modules"] else ""
     out.append(Finding("modules", f"{t['modules_at_90']} of the {changed} changed modules keep at least 90% of their energy "
                                   f"(median module {t['median_energy_kept']:.1%}, lowest {t['min_energy_kept']:.1%}{rest}).",
                        numbers={"modules_at_90": t["modules_at_90"]}))

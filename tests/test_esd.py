@@ -565,7 +565,8 @@ def _lora_adapter(base_dir: Path, out: Path, **lora_kwargs) -> Path:
 
 
 #: diff --esd's reason for a rank-4 update (spectra.records.delta_fit_refusal, the merged model's too)
-NOT_FITTED = "ΔW has rank 4: too few eigenvalues for a power-law fit (needs 20, or a full rank)"
+NOT_FITTED = ("ΔW has only 4 eigenvalues a fit keeps (above 1e-05 and the resolution of its spectrum): too few for a power-law "
+              "fit (needs 20, or all p)")
 
 
 @pytest.mark.parametrize("dora", [False, True])
