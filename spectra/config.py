@@ -100,8 +100,9 @@ class DiffConfig(SharedOptions):
             spectra of W_base, W_tuned and ΔW of each matrix, into each result's ``esd`` entry. Implies
             ``weight_spectra`` (the spectra of W_base and W_tuned are needed), so it costs the same two extra
             decompositions per matrix plus the fits. Not available in the approximate mode (the fit needs every
-            eigenvalue; the entry says so) nor for ΔW of a factored LoRA update (rank ≤ r: too few eigenvalues
-            for a tail fit; W_base and W_tuned are still fitted when the base is given).
+            eigenvalue; the entry says so) nor for a ΔW with fewer than
+            :data:`spectra.records.MIN_DELTA_FIT_RANK` eigenvalues a fit keeps that is not full rank (a LoRA
+            update, factored or merged; W_base and W_tuned are still fitted when the base is given).
     """
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS

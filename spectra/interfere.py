@@ -430,7 +430,9 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     # updates that cancel: the sum holds only each dense update's storage rounding (the top value of a sum of
     # noises is at most the sum of their floors), whose energy ranks would read as a spread-out update
     floor_sum = sum(floors.values())
-    cancel = 0 < floor_sum < math.inf and any(f.S.numel() for f in fs) and (not S_sum.size or S_sum[0] <= floor_sum)
+    # (and well below the largest task's σ₁: tasks that are themselves at the rounding level do not cancel)
+    top_task = max((float(f.S[0]) for f in fs if f.S.numel()), default=0.0)
+    cancel = 0 < floor_sum < math.inf and top_task > 0 and (not S_sum.size or S_sum[0] <= min(floor_sum, 0.5 * top_task))
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds, floor=max(floors.values(), default=0.0))
     # the dense updates' spectra (Gram route too) as the sum's: otherwise its nuclear ratio reads 0.99999995 for a lone task

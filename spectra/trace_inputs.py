@@ -13,7 +13,7 @@ from typing import Any
 
 from spectra.errors import CheckpointNotFoundError, ConfigError, ResultsFormatError, SpectraError
 from spectra.io.adapter import ADAPTER_CONFIG, is_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 
@@ -113,25 +113,41 @@ class Discovery:
 
 
 def _holds_weights(folder: Path) -> list[Path]:
-    """The weight files (or adapter config) directly in ``folder``, as a checkpoint holds them."""
-    found = [folder / ADAPTER_CONFIG] if (folder / ADAPTER_CONFIG).is_file() else []
-    return found + sorted(f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    """The model files directly in ``folder`` as ``from_pretrained`` looks for them (an adapter config, or
+    :data:`~spectra.io.checkpoint.FOLDER_WEIGHTS`; not any ``*.bin``: ``training_args.bin`` is no model),
+    or none when the folder cannot be listed."""
+    try:
+        found = [folder / ADAPTER_CONFIG] if (folder / ADAPTER_CONFIG).is_file() else []
+        return found + [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()]
+    except OSError:
+        return []
 
 
-def _models_beside_checkpoints(run: Path) -> list[dict[str, str]]:
+def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, str]]:
     """Models in a run folder that are not ``checkpoint-N`` folders (Trainer.save_model's final model at the
     run folder itself; ``checkpoint-final``, ``step_0007``, ``epoch-1``), listed as left out with the way
     to trace them: their step is not known the way a checkpoint's is (a model saved at the end may be the
     best checkpoint's weights, load_best_model_at_end, not the last step's), and a run that seemed to end
-    at its last checkpoint-N without a word would mislead."""
+    at its last checkpoint-N without a word would mislead. A link to a found checkpoint (``last``,
+    ``best``) is that checkpoint: not listed."""
     out = []
-    how = "pass the checkpoints themselves, in order, to include it"
+    how = ("to trace it, name it checkpoint-<step> or give it a trainer_state.json with its global_step "
+           "and list it with the checkpoints")
     if (files := _holds_weights(run)):
         out.append({"path": str(files[0]), "reason": f"the run folder's own model ({', '.join(f.name for f in files[:2])}), "
                                                     f"not a checkpoint-N folder: its step is not known; {how}"})
-    for d in sorted(run.iterdir()):
-        if d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".") and _holds_weights(d):
-            out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: its step is not known; {how}"})
+    try:
+        entries = sorted(run.iterdir())
+        known = {d.resolve() for d in found}
+    except OSError:
+        return out
+    for d in entries:
+        try:
+            if (d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".")
+                    and d.resolve() not in known and _holds_weights(d)):
+                out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: its step is not known; {how}"})
+        except OSError:  # a link loop or a folder that cannot be read: not a model spectra can name
+            continue
     return out
 
 
@@ -203,7 +219,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                     warnings.append(f"{folder.name}: {note}")
             histories.append(_log_history(state))
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
-        skipped += _models_beside_checkpoints(single)
+        skipped += _models_beside_checkpoints(single, [d for _, d in found])
     else:
         seen: dict[tuple[int, int], str] = {}
         for i, p in enumerate(paths):

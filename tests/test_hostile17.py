@@ -196,11 +196,19 @@ def test_trace_of_a_run_folder_lists_the_models_beside_its_checkpoints(tmp_path)
         (run / name / "model.safetensors").write_bytes(Path(tuned).read_bytes())
     (run / "model.safetensors").write_bytes(Path(tuned).read_bytes())
     (run / "logs").mkdir()  # no weights: not a model
+    (run / "logs" / "training_args.bin").write_bytes(b"not a model")  # a Trainer file, not weights
+    (run / "last").symlink_to(run / "checkpoint-10", target_is_directory=True)  # that checkpoint: not listed
     res = trace(base, [str(run)], config=TraceConfig(), plots=False)
     assert [c["step"] for c in res.checkpoints] == [5, 10]
     left = {Path(s["path"]).name: s["reason"] for s in res.skipped_checkpoints}
     assert set(left) == {"model.safetensors", "checkpoint-final", "step_0007"}
-    assert all("pass the checkpoints themselves, in order" in r for r in left.values())
+    assert all("name it checkpoint-<step> or give it a trainer_state.json" in r for r in left.values())
+    # what the hint says works: checkpoint-final with its trainer_state.json, listed with the others
+    (run / "checkpoint-final" / "trainer_state.json").write_text(json.dumps({"global_step": 12, "log_history": []}))
+    for n in (5, 10):
+        (run / f"checkpoint-{n}" / "trainer_state.json").write_text(json.dumps({"global_step": n, "log_history": []}))
+    listed = trace(base, [str(run / d) for d in ("checkpoint-5", "checkpoint-10", "checkpoint-final")], plots=False)
+    assert [c["step"] for c in listed.checkpoints] == [5, 10, 12]
 
 
 def test_trace_medians_are_over_the_matrices_that_changed(tmp_path):
@@ -265,6 +273,12 @@ def test_interfere_medians_say_how_many_matrices_each_pair_rests_on(tmp_path):
         assert float(torch.linalg.matrix_norm(total, 2)) < 1e-6 * float(torch.linalg.matrix_norm(D[m["name"]].double(), 2))
         assert set(m["sum"]["energy_rank"].values()) == {0} and "the updates cancel" in m["note"]
         assert m["sum"]["spectral_over_max"] < 1e-5
+    # two tasks that are themselves one ulp up (rounding level, same sign): their sum does not cancel
+    for name in ("u1", "u2"):
+        save_file({n: torch.nextafter(w, torch.full_like(w, math.inf)) if n == one else w for n, w in W.items()},
+                  str(tmp_path / f"{name}.safetensors"))
+    res = interfere(base, [str(tmp_path / "u1.safetensors"), str(tmp_path / "u2.safetensors")], plots=False)
+    assert not any("the updates cancel" in (m.get("note") or "") for m in res.modules)
 
 
 def test_compare_interfere_and_trace_pass_on_what_pairing_said(tmp_path):
@@ -392,3 +406,30 @@ def test_esd_of_a_merged_low_rank_update_as_stored_is_not_fitted(tmp_path, dtype
         assert e["delta"] is None and e["note"].startswith("ΔW has only 3 eigenvalues a fit keeps"), e
     else:  # bf16 rounding of unit weights is above the threshold: the stored ΔW is full rank and fitted as stored
         assert e["delta"] is not None and e["delta"]["num_evals"] == 64 and e["note"] == "", e
+
+
+def test_extract_holds_an_unchanged_expert_at_its_stack_rank_and_counts_it(tmp_path):
+    """One expert of a stack moved by rounding only: PEFT needs one rank per stack, so it keeps the stack's
+    rank (zero factors), but the uniform baseline and the dense size left it out: the baseline had fewer
+    parameters than the adapter it was said to match (review of this round)."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    g = torch.Generator().manual_seed(3)
+    experts = [f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight" for e in range(3)]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    W = {n: torch.randn(16, 16, generator=g) / 4 for n in [q, *experts]}
+    T = {n: w + 0.1 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in W.items()}
+    T[experts[2]] = torch.nextafter(W[experts[2]], torch.full_like(W[experts[2]], math.inf))
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file(T, str(tmp_path / "t.safetensors"))
+    res = extract(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), tmp_path / "o",
+                  config=ExtractConfig(rank=2), plots=False)
+    by = {m["name"]: m for m in res.modules}
+    assert [by[n]["rank"] for n in [q, *experts]] == [2, 2, 2, 2]
+    assert not by[experts[2]]["changed"] and "held at its expert stack's rank" in by[experts[2]]["note"]
+    assert any("0 get rank 0" in w and "1 keep their expert stack rank" in w for w in res.warnings)
+    t = res.totals
+    assert t["params"] == 4 * 2 * 32 and t["changed"] == 3
+    assert res.uniform["rank"] == 2 and res.uniform["params"] == t["params"]  # the held expert counted in both
+    assert t["full_params"] == 4 * 16 * 16
