@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
-from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, shown, stderr, stdout
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -94,19 +93,19 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
         if plain:
             out.print("[bold]Findings[/]")
             for f in plain:
-                out.print(f"  • {escape(f.text)}", highlight=False)
-    err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s on {escape(result.device or '?')}; "
+                out.print(f"  • {shown(f.text)}", highlight=False)
+    err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s on {shown(result.device or '?')}; "
               f"{len(result.skipped)} skipped, {len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
     if out_dir:
-        err.print(f"results: {escape(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
+        err.print(f"results: {shown(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
     if report:
         from spectra.report import folder_results, write_report
 
         written = write_report(folder_results(out_dir, "compare.json"), Path(out_dir) / "report.html")
-        err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
+        err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
     for f in found:
         if f.warning:
-            err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
+            err.print(f"[yellow]warning:[/] {shown(f.text)}", highlight=False)
     if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
         from spectra.errors import PairingError
 
@@ -161,7 +160,7 @@ def compare_table(result) -> Table:
     title = f"A = {display_name(result.a)} ({result.kinds['a']}), B = {display_name(result.b)} ({result.kinds['b']})"
     if per_kind:
         title += f"; median per module kind over {len(result.modules)} modules (each module: compare.csv)"
-    table = Table(title=escape(title), title_justify="left")
+    table = Table(title=shown(title), title_justify="left")
     cols = ["module", "n" if per_kind else "layer", "r_A", "r_B", f"φ({side})", "random", "B in A", "best r_A", "A in B"]
     if with_base:
         cols += ["amp A", "amp B", "intr A", "intr B"]
@@ -183,5 +182,5 @@ def compare_table(result) -> Table:
     for name, second, values in rows:
         # a median of counts can fall between two (2.5): shown as it is, not rounded to an even neighbour
         cells = [_f(v, ".1f" if spec == ".0f" and v is not None and v % 1 else spec) for v, spec in zip(values, specs)]
-        table.add_row(escape(display_name(name, 40)), second, *cells)
+        table.add_row(shown(display_name(name, 40)), second, *cells)
     return table

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 from rich.text import Text
 
-from spectra.display import display_name
+from spectra.display import display_name, printable
 
 #: Longest tensor name shown on a progress line (its start and end kept around "…").
 PROGRESS_NAME = 36
@@ -25,6 +25,13 @@ PROGRESS_NAME = 36
 EXIT_ERROR = 1
 EXIT_IDENTICAL = 3
 
+
+
+def shown(text: object) -> str:
+    """``text`` fit for a rich markup string: control characters (a hostile tensor name's or path's ESC, BEL,
+    OSC 8 link…) written as escapes, line breaks kept, rich markup escaped. Every line the CLI prints that
+    holds a name, a path or a library message goes through it."""
+    return escape("\n".join(printable(line) for line in str(text).split("\n")))
 
 def stderr() -> Console:
     """Console for progress, warnings and errors; when redirected to a log, wide enough that a
@@ -110,12 +117,12 @@ def print_explanation(ctx: click.Context, title: str, columns: list[tuple[str, s
         echo_json(json.dumps({"title": title, "columns": dict(columns), "notes": notes}, indent=1, ensure_ascii=False))
         ctx.exit(0)
     console = stdout()
-    console.print(escape(title), highlight=False)
+    console.print(shown(title), highlight=False)
     width = max((len(name) for name, _ in columns), default=0) + 2
     for name, text in columns:
-        console.print(f"  {escape(name):<{width}} {escape(text)}", highlight=False)
+        console.print(f"  {shown(name):<{width}} {shown(text)}", highlight=False)
     for note in notes:
-        console.print(escape(note), highlight=False)
+        console.print(shown(note), highlight=False)
     ctx.exit(0)
 
 

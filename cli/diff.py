@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 import spectra
@@ -21,7 +20,7 @@ from spectra.io.checkpoint import READ_NOTE_PREFIX
 from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
-from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, shown, stderr, stdout
 
 #: Shown by ``spectra diff --explain`` (and, shortened, under the table).
 EXPLAIN_EPILOG = ("Definitions of every metric, with formulas and sources: docs/definitions.md in the spectra "
@@ -124,7 +123,7 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
             raise click.UsageError("--plan needs BASE and TUNED checkpoints")
         ran = [o for o, given in (("--out", out_dir), ("--resume", resume), ("--report", report)) if given]
         if ran:  # the same command line with --plan added: these belong to the run, which a plan does not start
-            stderr().print(escape(f"note: --plan runs nothing and writes nothing; {', '.join(ran)} apply to the run itself"),
+            stderr().print(shown(f"note: --plan runs nothing and writes nothing; {', '.join(ran)} apply to the run itself"),
                            highlight=False)
         world = nproc or world_size()
         plan = spectra.diff_plan(base, tuned, config, world_size=world)
@@ -156,8 +155,8 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         current = ev.result.name if ev.result else ev.skipped.name
         progress.update(task_id, completed=ev.done, current=short_name(current))
         if ev.skipped is not None:
-            progress.console.print(f"[yellow]warning:[/] {escape(display_name(ev.skipped.name))}: "
-                                   f"{escape(display_name(ev.skipped.reason, 400))}", highlight=False)
+            progress.console.print(f"[yellow]warning:[/] {shown(display_name(ev.skipped.name))}: "
+                                   f"{shown(display_name(ev.skipped.reason, 400))}", highlight=False)
 
     with progress:
         result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
@@ -177,28 +176,28 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         if plain:
             out.print("[bold]Findings[/]")
             for f in plain:
-                out.print(f"  • {escape(f.text)}", highlight=False)
-    err.print(f"{matrices(len(result.modules))} in {result.elapsed_s:.1f} s on {escape(result.device)}; "
+                out.print(f"  • {shown(f.text)}", highlight=False)
+    err.print(f"{matrices(len(result.modules))} in {result.elapsed_s:.1f} s on {shown(result.device)}; "
               f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if result.skipped:
         reasons = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in skipped_reasons(result)[:3])
         where = (f"results.json \"skipped\" in {display_name(out_dir)}" if out_dir else
                  "\"skipped\" in the JSON on stdout" if as_json else "--out DIR or --json")
-        err.print(escape(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)
+        err.print(shown(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)
     if out_dir:
-        err.print(f"results: {escape(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)
+        err.print(f"results: {shown(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)
     if report:
         from spectra.report import folder_results, write_report
 
         written = write_report(folder_results(out_dir, "results.json"), Path(out_dir) / "report.html")
-        err.print(escape(f"report: {display_name(str(written), None)}"), highlight=False)
+        err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
     for f in found:
         if f.warning:
-            err.print(f"[yellow]warning:[/] {escape(f.text)}", highlight=False)
+            err.print(f"[yellow]warning:[/] {shown(f.text)}", highlight=False)
     for w in result.warnings:  # how a checkpoint was read (which of a folder's weight sets): explains an all-zero ΔW
         if w.startswith((READ_NOTE_PREFIX, PAIRING_NOTE_PREFIX)):
-            err.print(f"[yellow]warning:[/] {escape(display_name(w, 400))}", highlight=False)
+            err.print(f"[yellow]warning:[/] {shown(display_name(w, 400))}", highlight=False)
     if all_zero(result) and not allow_identical:
         raise_if_identical(result, out_dir)
     if not result.modules and result.skipped:  # nothing analysed: not a success, whatever was written
@@ -247,7 +246,7 @@ def _print_plan(plan: spectra.plan.Plan, console: Console) -> None:
         shapes.add_row(f"{shape[0]}×{shape[1]}", str(n), f"{c.matrix_seconds(shape):.3g}")
     console.print(shapes)
     for note in plan.notes:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {shown(note)}")
 
 
 def _summary_table(result: spectra.DiffResult) -> Table:
@@ -262,7 +261,7 @@ def _summary_table(result: spectra.DiffResult) -> Table:
         table.add_column(col, justify=just)
     for r in result.summary_records(tau):
         table.add_row(
-            escape(display_name(r["module"], 40)), count_text(r), f"{r['p']:g}",
+            shown(display_name(r["module"], 40)), count_text(r), f"{r['p']:g}",
             *((range_text(r["lora_r_range"]),) if lora else ()),
             f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",

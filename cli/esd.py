@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("esd")
@@ -69,9 +68,9 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
         if task_id is None:
             task_id = progress.add_task("ESD fits", total=ev.total, current="")
         current = ev.record.name if ev.record else ev.skipped["name"]
-        progress.update(task_id, completed=ev.done, current=current[-60:])
+        progress.update(task_id, completed=ev.done, current=short_name(current))
         if ev.skipped is not None:
-            progress.console.print(f"[yellow]warning:[/] {escape(ev.skipped['name'])}: {escape(ev.skipped['reason'])}", highlight=False)
+            progress.console.print(f"[yellow]warning:[/] {shown(ev.skipped['name'])}: {shown(ev.skipped['reason'])}", highlight=False)
 
     with progress:
         result = esd(model, config=config, out_dir=out_dir, callback=on_event, resume=resume, plots=not no_plots)
@@ -84,13 +83,13 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
     err.print(f"{len(result.matrices)} matrices in {result.elapsed_s:.1f} s on {result.device}; {over} over-trained "
               f"(α < 2), {under} under-trained (α > 6); {len(result.skipped)} tensors skipped", highlight=False)
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     if out_dir:
-        err.print(f"results: {escape(str(Path(out_dir) / 'esd.json'))}", highlight=False)
+        err.print(f"results: {shown(str(Path(out_dir) / 'esd.json'))}", highlight=False)
     if report:
         from spectra.report import folder_results, write_report
 
-        err.print(escape(f"report: {write_report(folder_results(out_dir, 'esd.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+        err.print(shown(f"report: {write_report(folder_results(out_dir, 'esd.json'), Path(out_dir) / 'report.html')}"), highlight=False)
     if not result.matrices and result.skipped:  # nothing analysed: not a success, whatever was written
         from spectra.errors import PairingError
 
@@ -107,13 +106,13 @@ def _summary_table(result) -> Table:
     from spectra.esd import alpha_text  # the digits that keep α on its side of 2 and 6, as its flag
     from spectra.naming import role_sort_key
 
-    table = Table(title=escape(f"Power-law exponent α per module: {result.model} (xmin: {result.config.get('xmin')})"),
+    table = Table(title=shown(f"Power-law exponent α per module: {result.model} (xmin: {result.config.get('xmin')})"),
                   title_justify="left")
     for col in ("module", "n", "fitted", "α median", "α min", "α max", "D median", "α<2", "α>6"):
         table.add_column(col, justify="left" if col == "module" else "right")
     rows = sorted(result.summary(), key=lambda r: role_sort_key(r["role"], r["module"]))
     for r in rows:
-        table.add_row(escape(r["module"]), str(r["count"]), str(r["fitted"]), alpha_text(r["alpha_median"]),
+        table.add_row(shown(r["module"]), str(r["count"]), str(r["fitted"]), alpha_text(r["alpha_median"]),
                       alpha_text(r["alpha_min"]), alpha_text(r["alpha_max"]), _fmt(r["D_median"], ".3f"), str(r["over_trained"]),
                       str(r["under_trained"]))
     return table

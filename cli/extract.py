@@ -8,10 +8,9 @@ import statistics
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("extract")
@@ -85,7 +84,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
     def on_event(ev: ExtractEvent) -> None:
         if ev.stage not in tasks:
             tasks[ev.stage] = progress.add_task(ev.stage, total=ev.total, current="")
-        progress.update(tasks[ev.stage], completed=min(ev.done, ev.total), current=ev.name[-60:])
+        progress.update(tasks[ev.stage], completed=min(ev.done, ev.total), current=short_name(ev.name))
 
     with progress:
         result = extract(base, tuned, out_dir, config=config, resume=resume, force=force, plots=not no_plots, callback=on_event)
@@ -98,14 +97,17 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         if (losses := eval_table(result.to_dict())) is not None:
             print_table(out, losses)
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     held = [r for r in result.not_lora if r["held"] is None]
     if held:
         err.print(f"{len(held)} changed norms/biases are not in the adapter (see not_lora in extract.json"
                   f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
-    if result.not_extracted:
-        err.print(f"{matrices(len(result.not_extracted))} not extracted (see not_extracted in extract.json)", highlight=False)
-    err.print(escape(f"adapter: {Path(out_dir)} ({result.adapter['bytes']:,} bytes, {result.dtype}) in {result.elapsed_s:.1f} s; "
+    moved = [r for r in result.not_extracted if r.get("fro_norm") != 0]  # an unchanged matrix leaves nothing behind
+    if moved:
+        still = len(result.not_extracted) - len(moved)
+        err.print(f"{matrices(len(moved))} that changed not extracted{f' ({still} unchanged besides)' if still else ''} "
+                  "(see not_extracted in extract.json)", highlight=False)
+    err.print(shown(f"adapter: {Path(out_dir)} ({result.adapter['bytes']:,} bytes, {result.dtype}) in {result.elapsed_s:.1f} s; "
                      f"load it with peft.PeftModel.from_pretrained(base_model, {str(out_dir)!r})"), highlight=False)
 
 
@@ -117,7 +119,7 @@ def summary_table(doc: dict) -> Table:
     groups: dict[str, list[dict]] = {}
     for m in doc["modules"]:
         groups.setdefault(m["label"], []).append(m)
-    table = Table(title=escape(f"spectra extract ({doc['mode']}): {doc['tuned']} − {doc['base']}"), title_justify="left")
+    table = Table(title=shown(f"spectra extract ({doc['mode']}): {doc['tuned']} − {doc['base']}"), title_justify="left")
     for col in ("module", "n", "rank (median)", "range", "energy kept (median)", "min", "uniform (median)", "params"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for label in sorted(groups, key=lambda k: role_sort_key(groups[k][0].get("role"), k)):
@@ -125,13 +127,13 @@ def summary_table(doc: dict) -> Table:
         n, ms = len(groups[label]), [m for m in groups[label] if m.get("changed", True)]
         params = f"{sum(m['params'] for m in groups[label]):,}"  # an unchanged expert of a stack holds some
         if not ms:
-            table.add_row(escape(label), f"0/{n}", "–", "–", "–", "–", "–", params)
+            table.add_row(shown(label), f"0/{n}", "–", "–", "–", "–", "–", params)
             continue
         ranks = sorted(m["rank"] for m in ms)
         kept = sorted(m["energy_kept"] for m in ms)
         uni = sorted(m["uniform_energy_kept"] for m in ms if m.get("uniform_energy_kept") is not None)
         # the median as extract.json, diff and trace take it (the mean of the middle two of an even count)
-        table.add_row(escape(label), str(n) if n == len(ms) else f"{len(ms)}/{n}", f"{statistics.median(ranks):g}",
+        table.add_row(shown(label), str(n) if n == len(ms) else f"{len(ms)}/{n}", f"{statistics.median(ranks):g}",
                       f"{ranks[0]}–{ranks[-1]}", f"{statistics.median(kept):.3f}", f"{kept[0]:.3f}",
                       f"{statistics.median(uni):.3f}" if uni else "–", params)
     return table
@@ -172,7 +174,7 @@ def eval_table(doc: dict) -> Table | None:
     table.add_column("model")
     table.add_column("loss", justify="right")
     for name, loss in doc["eval"]["loss"].items():
-        table.add_row(escape(name), "–" if loss is None else f"{loss:.4f}")
+        table.add_row(shown(name), "–" if loss is None else f"{loss:.4f}")
     return table
 
 
@@ -206,6 +208,6 @@ def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embedd
     click.echo(text)
     err = stderr()
     for n in rec.notes:
-        err.print(f"note: {escape(n)}", highlight=False)
+        err.print(f"note: {shown(n)}", highlight=False)
     err.print(f"{len(rec.ranks)} modules, {rec.params:,} LoRA parameters "
               f"({rec.params / rec.full_params:.2%} of the full update's {rec.full_params:,})", highlight=False)

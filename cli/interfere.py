@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("interfere", short_help="Interference between several fine-tunes of one base (adapters or full).")
@@ -64,7 +63,7 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         nonlocal task_id
         if task_id is None:
             task_id = progress.add_task("interference", total=total, current="")
-        progress.update(task_id, completed=done, current=name[-60:])
+        progress.update(task_id, completed=done, current=short_name(name))
 
     with progress:
         result = interfere(base, list(tuned), config=config, out_dir=out_dir, callback=on_module, plots=not no_plots,
@@ -78,21 +77,21 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
                            ("tsv", "TSV interference, bounded form (1: identical)")):
             print_table(out, _pair_table(doc, key, label))
             if not (doc.get("summary") or {}).get(key) and doc["modules"]:  # an empty grid says why, not nothing
-                out.print(f"({escape(label)}: undefined in every matrix: no two tasks have it there; an update that is "
+                out.print(f"({shown(label)}: undefined in every matrix: no two tasks have it there; an update that is "
                           "exactly zero, or entirely at the rounding level of its stored weights, has no direction: see "
                           "the warnings)", highlight=False)
         print_table(out, _module_table(doc))
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     err.print(f"{len(result.modules)} matrices compared in {result.elapsed_s:.1f} s on {result.device}; "
               f"{len(result.partial)} updated by some tasks only, {len(result.skipped)} skipped", highlight=False)
     if out_dir:
-        err.print(f"results: {escape(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
+        err.print(f"results: {shown(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
     if report:
         from spectra.report import folder_results, write_report
 
         written = write_report(folder_results(out_dir, "interfere.json"), Path(out_dir) / "report.html")
-        err.print(escape(f"report: {written}"), highlight=False)
+        err.print(shown(f"report: {written}"), highlight=False)
     if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
         from spectra.errors import PairingError
 
@@ -109,9 +108,9 @@ def _pair_table(doc: dict, key: str, label: str) -> Table:
     table = Table(title=f"{label}, {over_matrices(doc['summary'])}", title_justify="left")
     table.add_column("")
     for n in names:
-        table.add_column(escape(n), justify="right")
+        table.add_column(shown(n), justify="right")
     for i, row in enumerate(m):
-        table.add_row(escape(names[i]), *("–" if v is None else f"{v:.3f}" for v in row))
+        table.add_row(shown(names[i]), *("–" if v is None else f"{v:.3f}" for v in row))
     return table
 
 
@@ -134,7 +133,7 @@ def _module_table(doc: dict) -> Table:
 
     for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
         ms = kinds[kind]
-        table.add_row(escape(kind), str(len(ms)), med([m["tsv"]["relative"] for m in ms]),
+        table.add_row(shown(kind), str(len(ms)), med([m["tsv"]["relative"] for m in ms]),
                       med([m["tsv"].get("relative_fro") for m in ms]), med([m["sum"]["spectral_over_max"] for m in ms]),
                       med([m["sum"]["fro_sq_ratio"] for m in ms]), med([m["sum"]["nuclear_ratio"] for m in ms]))
     return table

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from spectra.display import display_name
-from spectra_cli.console import OutPath, echo_json, stderr, stdout
+from spectra_cli.console import OutPath, echo_json, shown, stderr, stdout
 
 
 @click.command("report", short_help="One self-contained HTML page from the results of any command (or folders of them).")
@@ -31,7 +30,7 @@ def report_cmd(results, out_path, title) -> None:
     if not out_path.strip():
         raise click.BadParameter("must name a file", param_hint="--out")
     path = write_report(list(results), out_path, title=title)
-    stderr().print(escape(f"report: {display_name(str(path), None)}"), highlight=False)
+    stderr().print(shown(f"report: {display_name(str(path), None)}"), highlight=False)
 
 
 #: Above this many rows `spectra inspect` prints tab-separated lines instead of a boxed table.
@@ -68,12 +67,12 @@ def inspect_cmd(path, show_all, as_json) -> None:
         click.echo("\t".join(cols))
         click.echo("\n".join("\t".join(row) for row in rows))
     else:
-        table = Table(title=escape(display_name(str(path), None)), title_justify="left")
+        table = Table(title=shown(display_name(str(path), None)), title_justify="left")
         for col in cols:
             table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(*map(escape, row))
+            table.add_row(*map(shown, row))
         stdout().print(table)
     stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
     for note in ckpt.notes:  # which weight set of a folder was read
-        stderr().print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
+        stderr().print(f"[yellow]warning:[/] {shown(note)}", highlight=False)

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, stderr, stdout
+from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("trace")
@@ -60,7 +59,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
         nonlocal task_id
         if task_id is None:
             task_id = progress.add_task("trace", total=total, current="")
-        progress.update(task_id, completed=done, current=what[-60:])
+        progress.update(task_id, completed=done, current=short_name(what))
 
     with progress:
         result = trace(base, list(checkpoints), config=config, out_dir=out_dir, callback=on_progress, resume=resume,
@@ -70,20 +69,20 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     else:
         print_table(stdout(), _summary_table(result))
     for s in result.skipped_checkpoints:
-        err.print(f"[yellow]warning:[/] left out {escape(s['path'])}: {escape(s['reason'])}", highlight=False)
+        err.print(f"[yellow]warning:[/] left out {shown(s['path'])}: {shown(s['reason'])}", highlight=False)
     for w in result.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     # a point (one matrix at one checkpoint) is skipped for NaN/Inf or a shape its base does not share
     points = [pt for m in result.matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("skip")]
     skipped_points = f", {len(points)} points (a matrix at one checkpoint) skipped: see 'skip' in trace.json" if points else ""
     err.print(f"{matrices(len(result.matrices))} over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
               f"on {result.device}; {matrices(len(result.skipped))} skipped{skipped_points}", highlight=False)
     if out_dir:
-        err.print(f"results: {escape(str(Path(out_dir) / 'trace.json'))}", highlight=False)
+        err.print(f"results: {shown(str(Path(out_dir) / 'trace.json'))}", highlight=False)
     if report:
         from spectra.report import folder_results, write_report
 
-        err.print(escape(f"report: {write_report(folder_results(out_dir, 'trace.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+        err.print(shown(f"report: {write_report(folder_results(out_dir, 'trace.json'), Path(out_dir) / 'report.html')}"), highlight=False)
 
 
 def _summary_table(result) -> Table:
@@ -116,7 +115,7 @@ def _summary_table(result) -> Table:
 
     for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
         ms = kinds[kind]
-        table.add_row(escape(kind), str(len(ms)),
+        table.add_row(shown(kind), str(len(ms)),
                       med(ms, 0, lambda p: (p.get("energy_rank") or {}).get(key)), med(ms, -1, lambda p: (p.get("energy_rank") or {}).get(key)),
                       med(ms, 0, lambda p: p.get("rel_norm")), med(ms, -1, lambda p: p.get("rel_norm")),
                       med(ms, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi")))

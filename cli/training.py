@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import click
-from rich.markup import escape
 from rich.table import Table
 
 from spectra.config import DiffConfig
-from spectra_cli.console import OutPath, print_table, progress_bar, quiet_transformers, stderr, stdout
+from spectra_cli.console import OutPath, print_table, progress_bar, quiet_transformers, shown, stderr, stdout
 from spectra_cli.diff import run_diff
 
 #: Largest seed (spectra.training_inputs.MAX_SEED: torch seeds are 64-bit); written out so that the
@@ -136,7 +135,7 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 
     with progress:  # a stop is worded by _train_stop_note (spectra_cli.main.kept_on_stop)
         summary = train(config, callback=on_record, force=force)
-    err.print(escape(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
+    err.print(shown(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
                      + ("" if summary.source_loss is None else f", source loss {summary.source_loss:.3f}")
                      + f"; outputs in {out_dir}"), highlight=False)
 
@@ -192,9 +191,9 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")
     for name, r in doc["runs"].items():
-        table.add_row(escape(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.0f}")
+        table.add_row(shown(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.0f}")
     print_table(stdout(), table)
-    err.print(escape(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
+    err.print(shown(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
 
 
 @click.command("demo", short_help="Offline end-to-end demo: tiny pretrain, fine-tunes, every analysis.")
@@ -229,7 +228,7 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
         # --quick: a quarter of the default width, half its depth (the same layout, seconds less to diff)
         shape = LlamaShape(layers=2, hidden=128, intermediate=344, heads=4, kv_heads=2, vocab=512) if quick else LlamaShape()
         base, tuned = make_llama_pair(out / "checkpoints", shape=shape, seed=seed)
-        err.print(escape(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
+        err.print(shown(f"generated {base} and {tuned} in {time.perf_counter() - t0:.1f} s"), highlight=False)
         run_diff(str(base), str(tuned), DiffConfig(), out_dir=str(out), allow_identical=False)
         return
     from spectra.demo import DemoConfig, run_demo
@@ -248,9 +247,9 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
         progress.update(tasks[name], completed=rec["step"], current=f"target {rec['target_loss']:.3f}{src}")
 
     with progress:
-        run_demo(config, log=lambda m: progress.console.print(escape(m), highlight=False), on_train=on_train)
+        run_demo(config, log=lambda m: progress.console.print(shown(m), highlight=False), on_train=on_train)
     stdout().print((out / "summary.md").read_text(encoding="utf-8"), markup=False, highlight=False)
-    err.print(escape(f"demo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}/"), highlight=False)
+    err.print(shown(f"demo finished in {time.perf_counter() - t0:.0f} s; everything is in {out}/"), highlight=False)
 
 
 #: read by spectra_cli.main.kept_on_stop, for a clean stop and a hard exit alike

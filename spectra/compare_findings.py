@@ -16,6 +16,7 @@ Medians are over the modules whose measure is defined. Definitions: docs/definit
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 
@@ -240,3 +241,25 @@ def table_legend(side: str, *, with_base: bool) -> list[tuple[str, str]]:
 
 __all__ = ["PHI_STRONG", "PHI_WORDS", "compare_findings", "headline_side", "phi_words", "random_two_sided", "table_legend",
            "unmatched_text"]
+
+
+def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[str]:
+    """Warnings about what was compared, from the records alone: a side whose median ‖ΔW‖_F/‖W_base‖_F is
+    above 1 (its update larger than the base weights: not a fine-tune of the base given, as ``diff``,
+    ``trace`` and ``interfere`` warn), and two sides whose updates have the same norm (12 digits) on every
+    module (two copies of one fine-tune under different paths: every measure compares an update with
+    itself; not said when ``same_path``, which the caller says). Needs ``amplification`` (a base given) for
+    the first."""
+    out = []
+    labels = {"a": result.a, "b": result.b}
+    for who in ("a", "b"):
+        rels = [getattr(m, f"fro_{who}") / amp.w_fro for m in result.modules
+                if (amp := (m.amplification or {}).get(who)) is not None and amp.w_fro > 0]
+        if rels and (med := _median(rels)) > 1.0:
+            out.append(f"{who.upper()} ({labels[who]}): the median ‖ΔW‖/‖W_base‖ is {med:.2f}, larger than the base "
+                       "weights themselves: is it a fine-tune of this base?")
+    live = [m for m in result.modules if m.fro_a > 0 or m.fro_b > 0]
+    if live and all(math.isclose(m.fro_a, m.fro_b, rel_tol=1e-12) for m in live) and not same_path:
+        out.append(f"A and B have updates of the same norm, to 12 digits, on every one of the {len(live)} compared "
+                   "modules: copies of one fine-tune? every measure would compare an update with itself")
+    return out

@@ -5,9 +5,8 @@ checkpoint (ΔW = W_tuned − W_base, which needs ``base``). For every module bo
 measures are computed on the top singular subspaces: Hu et al.'s φ grid with its random baseline,
 principal angles and the Grassmann distance, the energy of each update captured by the other's
 subspaces next to the best any subspace of that rank can capture, and, with the base, Hu et al.'s
-amplification factor and Shuttleworth et al.'s intruder dimensions for each side.
-
-Matrices are compared whole: fused matrices (``qkv_proj``, ``c_attn``) are not split here.
+amplification factor and Shuttleworth et al.'s intruder dimensions for each side. Matrices are compared
+whole: fused matrices (``qkv_proj``, ``c_attn``) are not split here.
 
 Cost: no SVD of a dense matrix. A LoRA update is decomposed from its factors; a dense update's
 top-k triplets, the base weight's left singular basis (computed once per module and shared by the
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
+from spectra.compare_findings import input_warnings
 from spectra.compare_records import (
     SCHEMA,
     AngleSummary,
@@ -532,7 +532,7 @@ def compare(
     result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
     if base_ckpt is not None:  # an adapter of another base of the same shapes: said, since no check can fail
         result.warnings += [w for s in (A, B) if s.adapter is not None and (w := recorded_base_warning(s.adapter, base_ckpt))]
-    if same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b))):
+    if not (a_b_differ := not same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b)))):
         result.warnings.append(f"A and B are the same checkpoint ({A.label}): every measure compares an update with itself")
     shared = [k for k in A.names if k in B.names]
     if not shared:
@@ -634,6 +634,7 @@ def compare(
             notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
             result.warnings += [f"{who} ({side.label}): {n}" for n in side.pair_notes]
+        result.warnings += input_warnings(result, same_path=not a_b_differ)
         if tied := [m.name for m in result.modules if "tied singular values" in (m.note or "")]:
             result.warnings.append(f"{len(tied)} of {len(result.modules)} modules (e.g. {tied[0]}) hold tied singular values at or "
                                    "inside a rank: what that leaves undetermined is null or said in each one's note (compare.json)")

@@ -44,6 +44,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import remove_earlier_outputs
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device
+from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, plan_units
@@ -272,8 +273,11 @@ def esd(
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     if config.ww_compatible:
         kept = []
+        # the modules WeightWatcher walks are those of the model the installed transformers builds (>= 5: MoE
+        # experts stacked, routers not Linear); without config.json or transformers, the name rules alone
+        unseen = ww_unseen(ckpt.config, [t.pair.tuned.name for t in tasks]) or {}
         for t in tasks:
-            why = ww_skip_reason(t.pair)
+            why = ww_skip_reason(t.pair) or unseen.get(t.pair.tuned.name)
             if why is None:
                 kept.append(t)
             else:

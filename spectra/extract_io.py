@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import threading
 from collections.abc import Callable
@@ -266,7 +267,7 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
         raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
                           path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")
     if force and not resume:
-        for name in [*OUTPUT_FILES, *(p.name for p in out.glob("uniform_r*") if p.is_dir())]:
+        for name in [*OUTPUT_FILES, *(p.name for p in out.iterdir() if uniform_folder(p))]:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -274,9 +275,21 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
                 p.unlink()
 
 
+def uniform_folder(path: Path) -> bool:
+    """Whether ``path`` is a uniform-rank adapter an earlier ``--eval`` wrote: a folder named
+    ``uniform_r<rank>`` holding only the files of a PEFT adapter (a user's ``uniform_runs/`` or a folder
+    with other files is not spectra's, and ``--force`` leaves it)."""
+    try:
+        return (re.fullmatch(r"uniform_r\d+", path.name) is not None and path.is_dir() and not path.is_symlink()
+                and {p.name for p in path.iterdir()} <= {"adapter_config.json", "adapter_model.safetensors"})
+    except OSError:
+        return False
+
+
 def refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
     """An output folder that is an input's folder would be overwritten (``--force`` first deletes the
-    adapter files a run writes, which are an adapter input's own): refused before anything is touched."""
+    adapter files a run writes, which are an adapter input's own), and so would an input inside the
+    ``uniform_r<rank>`` folder ``--eval`` writes and ``--force`` deletes: refused before anything is touched."""
     target = out.resolve()
     for x in inputs:
         where = Path(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else Path(x)
@@ -284,6 +297,11 @@ def refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
             where = where.resolve()
         except OSError:
             continue
+        inside = where.relative_to(target).parts if where.is_relative_to(target) else ()
+        if inside and re.fullmatch(r"uniform_r\d+", inside[0]):
+            raise ConfigError(f"the input {x.label if isinstance(x, Checkpoint) else x} lies in {target / inside[0]}, the "
+                              "folder where --eval writes its uniform-rank adapter (and --force deletes it)", path=out,
+                              hint="choose another folder for --out, or move the input out of it")
         # a folder input (a model, an adapter) holds files the run writes; a lone file only if it has such a name
         folder = where if where.is_dir() else where.parent
         if target == folder and (where.is_dir() or where.name in OUTPUT_FILES):

@@ -190,6 +190,8 @@ def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reaso
     else:
         name, shape, fro, base_fro = what
         shape = list(shape)
+    if fro == 0:  # nothing of the update is left behind: not the rule's advice ("pass --embeddings")
+        reason = "unchanged (ΔW = 0): nothing to extract"
     return {"name": name, "shape": shape, "reason": reason, "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro)}
 
 

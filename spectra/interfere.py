@@ -585,6 +585,12 @@ def interfere(
             result.warnings.append(f"{len(tied)} of {len(result.modules)} matrices (e.g. {tied[0]}) hold tied singular values in a "
                                    "task's kept triplets: its TSV entries there are a solver's choice (each one's note in "
                                    "interfere.json)")
+        # copies under two paths: norms equal to 12 digits on every matrix (a path given twice is said above)
+        result.warnings += [f"tasks {result.names[i]} and {result.names[j]} have updates of the same norm, to 12 digits, on "
+                            f"every one of the {len(live)} matrices: copies of one fine-tune? their pair compares an update with itself"
+                            for i in range(len(tasks)) for j in range(i + 1, len(tasks)) if not same_file(labels[i], labels[j])
+                            and (live := [m for m in result.modules if m["fro"][i] or m["fro"][j]])
+                            and all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) for m in live)]
         for i, t in enumerate(tasks):
             rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
             if rels and float(np.median(rels)) > 1.0:

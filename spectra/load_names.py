@@ -23,25 +23,18 @@ from typing import Any
 import torch
 
 
-def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
-    """``{module path: its path in the loaded model}`` for the modules transformers renames on load,
-    and a phrase saying where that came from (None when nothing is renamed).
-
-    Args:
-        config: the base model's ``config.json`` (``architectures``, ``model_type``…), or None.
-        modules: module paths as stored (``embed_out``, ``model.layers.0.self_attn.q_proj``).
-
-    A module ``m`` goes where its weight ``m.weight`` goes; a renamed weight that is not one of the
-    model's own parameters (transformers would not load it there either) leaves ``m`` as stored.
-    """
+def _loaded_model(config: Mapping[str, Any] | None) -> tuple[Any, Any, list, list, dict, str | None] | None:
+    """``(transformers, model on the meta device, renamings, converters, its state dict, base_model_prefix)``
+    for ``config.json``'s first ``architectures`` entry as the installed transformers builds it, or None (no
+    transformers, another API, a model it cannot build, a config naming no class)."""
     archs = (config or {}).get("architectures") or []
     model_type = (config or {}).get("model_type")
     if not (isinstance(archs, list) and archs and isinstance(archs[0], str) and isinstance(model_type, str)):
-        return {}, None  # a hand-written config.json ("architectures": 5) names no class to ask
+        return None  # a hand-written config.json ("architectures": 5) names no class to ask
     try:
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         quiet = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # a tiny config's token-id complaints are not the user's business here
@@ -56,22 +49,86 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
         mapping = get_model_conversion_mapping(model)
         renamings = [e for e in mapping if isinstance(e, WeightRenaming)]
         converters = [e for e in mapping if isinstance(e, WeightConverter)]
-        own = model.state_dict()
-        prefix = getattr(model, "base_model_prefix", None) or None
+        return transformers, model, renamings, converters, model.state_dict(), getattr(model, "base_model_prefix", None) or None
     except Exception:  # noqa: BLE001 - no transformers, another API, a model it cannot build: names as stored
+        return None
+
+
+def _loaded_key(key: str, built: tuple[Any, Any, list, list, dict, str | None]) -> tuple[str, Any]:
+    """``(the name transformers loads a stored key under, the converter that fuses it or None)``."""
+    from transformers.core_model_loading import rename_source_key
+
+    _, _, renamings, converters, own, prefix = built
+    new, fused = rename_source_key(key, renamings, converters, prefix, own)
+    if new not in own and key in own:  # transformers' own fallback: no rename, only the prefix
+        new, fused = rename_source_key(key, [], [], prefix, own)
+    return new, fused
+
+
+def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
+    """``{module path: its path in the loaded model}`` for the modules transformers renames on load,
+    and a phrase saying where that came from (None when nothing is renamed).
+
+    Args:
+        config: the base model's ``config.json`` (``architectures``, ``model_type``…), or None.
+        modules: module paths as stored (``embed_out``, ``model.layers.0.self_attn.q_proj``).
+
+    A module ``m`` goes where its weight ``m.weight`` goes; a renamed weight that is not one of the
+    model's own parameters (transformers would not load it there either) leaves ``m`` as stored.
+    """
+    built = _loaded_model(config)
+    if built is None:
         return {}, None
+    transformers, model, *_, own, _ = built
     out: dict[str, str] = {}
     for m in modules:
         key = f"{m}.weight"
         try:
-            new, fused = rename_source_key(key, renamings, converters, prefix, own)
-            if new not in own and key in own:  # transformers' own fallback: no rename, only the prefix
-                new, fused = rename_source_key(key, [], [], prefix, own)
+            new, fused = _loaded_key(key, built)
         except Exception:  # noqa: BLE001 - a rule this key breaks: the stored name
             continue
         if fused is None and new != key and new in own and new.endswith(".weight"):
             out[m] = new[: -len(".weight")]
-    return out, (f"transformers {transformers.__version__} loads {archs[0]} with these modules renamed" if out else None)
+    return out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None)
+
+
+#: What WeightWatcher 0.7.7 calls a layer it analyses (``PyTorchLayer.layer_type``): the lowercased
+#: ``str(type(module))`` holding one of these words (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding``…).
+WW_LAYER_WORDS = ("linear", "conv1d", "conv2d", "embedding")
+
+
+def ww_unseen(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str] | None:
+    """``{stored key: why WeightWatcher does not see it}`` for the keys whose loaded parameter is not the
+    ``weight`` of a module WeightWatcher analyses, in the model the installed transformers builds from
+    ``config.json`` (transformers ≥ 5 loads per-expert MoE weights into one stacked parameter of an
+    ``…Experts`` module, and builds Mixtral's and Qwen2-MoE's routers as ``…TopKRouter`` modules, neither a
+    Linear); or None when that model cannot be built (the caller keeps its name rules). A key the model does
+    not hold (a tied head, a key of another model) is not judged."""
+    built = _loaded_model(config)
+    if built is None:
+        return None
+    transformers, model, *_, own, _ = built
+    version = f"transformers {transformers.__version__}"
+    out: dict[str, str] = {}
+    for key in keys:
+        try:
+            new, fused = _loaded_key(key, built)
+        except Exception:  # noqa: BLE001 - a rule this key breaks: not judged
+            continue
+        if fused is not None:
+            out[key] = f"{version} loads it into a stacked parameter ({new}): WeightWatcher does not see it (--ww-compatible)"
+            continue
+        if new not in own or not new.endswith(".weight"):
+            continue
+        path = new[: -len(".weight")]
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if not any(w in str(type(module)).lower() for w in WW_LAYER_WORDS):
+            out[key] = (f"{version} builds {path} as {type(module).__name__}, not a Linear, Conv or Embedding: "
+                        "WeightWatcher does not see it (--ww-compatible)")
+    return out
 
 
 def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> str:

@@ -1,0 +1,201 @@
+"""Eighteenth round of the outside probe (docs/bad_inputs.md, "eighteenth round")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import spectra
+
+
+def _llama_like(root: Path, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.self_attn.{m}.weight": torch.randn(16, 16, generator=g) / 4
+            for i in range(2) for m in ("q_proj", "v_proj")}
+
+
+def test_compare_warns_of_an_update_larger_than_the_base_given(tmp_path):
+    """Two fine-tunes of one base compared against another base of the same shapes: diff, trace and
+    interfere warn that ‖ΔW‖/‖W_base‖ is above 1 ("is it a fine-tune of this base?"); compare said nothing
+    and reported amplification and intruders against weights the checkpoints were never tuned from."""
+    W, other = _llama_like(tmp_path, 0), _llama_like(tmp_path, 1)
+    g = torch.Generator().manual_seed(2)
+    for name in ("a", "b"):
+        save_file({n: w + 0.02 * torch.randn(16, 16, generator=g) for n, w in W.items()}, str(tmp_path / f"{name}.safetensors"))
+    save_file(W, str(tmp_path / "base.safetensors"))
+    save_file(other, str(tmp_path / "other.safetensors"))
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    wrong = spectra.compare(a, b, base=str(tmp_path / "other.safetensors"))
+    rels = {who: float(np.median([
+        float(torch.linalg.vector_norm(tuned[n].double() - other[n].double()) / torch.linalg.vector_norm(other[n].double()))
+        for n in W])) for who, tuned in (("A", load_file(a)), ("B", load_file(b)))}
+    assert min(rels.values()) > 1
+    for who, rel in rels.items():
+        assert any(w.startswith(f"{who} (") and f"median ‖ΔW‖/‖W_base‖ is {rel:.2f}" in w for w in wrong.warnings), wrong.warnings
+    right = spectra.compare(a, b, base=str(tmp_path / "base.safetensors"))
+    assert not any("larger than the base" in w for w in right.warnings)
+
+
+def test_compare_of_two_copies_of_one_fine_tune_says_so(tmp_path):
+    """`compare la la` warned "A and B are the same checkpoint"; `compare la la_copy` (cp -r) said nothing and
+    its findings read as two runs that agree perfectly (φ = 1 everywhere)."""
+    W = _llama_like(tmp_path, 0)
+    g = torch.Generator().manual_seed(3)
+    save_file(W, str(tmp_path / "base.safetensors"))
+    (tmp_path / "a").mkdir()
+    save_file({n: w + 0.05 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in W.items()},
+              str(tmp_path / "a" / "model.safetensors"))
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    res = spectra.compare(str(tmp_path / "a"), str(tmp_path / "a_copy"), base=str(tmp_path / "base.safetensors"))
+    assert any("same norm, to 12 digits, on every one of the 4 compared modules" in w for w in res.warnings)
+    same = spectra.compare(str(tmp_path / "a"), str(tmp_path / "a"), base=str(tmp_path / "base.safetensors"))
+    assert sum("same checkpoint" in w or "same norm" in w for w in same.warnings) == 1  # said once
+    (tmp_path / "b").mkdir()
+    save_file({n: w + 0.05 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in W.items()},
+              str(tmp_path / "b" / "model.safetensors"))
+    other = spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base.safetensors"))
+    assert not any("same norm" in w for w in other.warnings)
+
+
+def test_interfere_of_two_copies_of_one_fine_tune_says_so(tmp_path):
+    """interfere warned of a task path given twice, not of the same fine-tune copied to a second folder."""
+    from spectra.interfere import interfere
+
+    W = _llama_like(tmp_path, 0)
+    g = torch.Generator().manual_seed(4)
+    save_file(W, str(tmp_path / "base.safetensors"))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        save_file({n: w + 0.05 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in W.items()},
+                  str(tmp_path / name / "model.safetensors"))
+    shutil.copytree(tmp_path / "a", tmp_path / "a_copy")
+    tasks = [str(tmp_path / d) for d in ("a", "b", "a_copy")]
+    res = interfere(str(tmp_path / "base.safetensors"), tasks, plots=False)
+    copies = [w for w in res.warnings if "same norm, to 12 digits" in w]
+    assert len(copies) == 1 and "every one of the 4 matrices" in copies[0], res.warnings
+    names = res.names
+    assert copies[0].startswith(f"tasks {names[0]} and {names[2]} ")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_ww_compatible_rows_are_weightwatchers_on_moe_models(tmp_path, arch):
+    """transformers >= 5 loads per-expert weights into one stacked parameter and builds the routers as
+    ...TopKRouter modules: WeightWatcher sees neither, while --ww-compatible kept them (48 experts and 2 routers,
+    60 rows against WeightWatcher's 10 in the probe), so "the rows compare one to one" was false on MoE models."""
+    from tests.test_esd import _compare_rows, _ww_rows
+
+    transformers = pytest.importorskip("transformers")
+    from spectra.esd_run import EsdConfig, esd
+
+    small = dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    if arch == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**small, num_local_experts=8))
+    else:
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **small, num_experts=8, moe_intermediate_size=16, shared_expert_intermediate_size=32))
+    model.save_pretrained(tmp_path)
+    rows = _ww_rows(model)
+    res = esd(tmp_path, config=EsdConfig(ww_compatible=True, device="cpu"))
+    assert {m.name for m in res.matrices} == {k + ".weight" for k in rows}
+    _compare_rows(rows, res, {})
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    experts = [n for n in reasons if ".experts." in n]
+    assert len(experts) == 2 * 8 * 3 and all("stacked parameter" in reasons[n] for n in experts)
+    router = "model.layers.0.block_sparse_moe.gate.weight" if arch == "mixtral" else "model.layers.0.mlp.gate.weight"
+    assert "not a Linear, Conv or Embedding: WeightWatcher does not see it" in reasons[router]
+    # without --ww-compatible every matrix is analysed
+    assert len(esd(tmp_path, config=EsdConfig(device="cpu")).matrices) > len(res.matrices) + 48
+
+
+def test_cli_lines_never_carry_a_names_terminal_controls(tmp_path):
+    """`spectra esd` printed tensor names and paths raw (diff escaped them): a name holding ESC [2J cleared
+    the user's screen, an OSC 8 sequence made a link; now every CLI line goes through one helper."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)}
+    g = torch.Generator().manual_seed(5)
+    evil = "model.layers.0.x\x1b[2J\x1b[31mRED\x1b]8;;http://evil\x1b\\.weight"
+    W = {evil: torch.randn(30, 20, generator=g), "model.layers.0.y\x1b[31m.weight": torch.full((30, 20), float("nan")),
+         "model.layers.0.ok.weight": torch.randn(30, 20, generator=g)}
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file({n: w + 0.1 * torch.randn(30, 2, generator=g) @ torch.randn(2, 20, generator=g) for n, w in W.items()},
+              str(tmp_path / "t.safetensors"))
+    out = tmp_path / "o\x1b[32mx"
+    for args in (["esd", str(tmp_path / "b.safetensors"), "--out", str(out / "esd")],
+                 ["extract", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "-r", "2", "--out",
+                  str(out / "extract"), "--no-plots"],
+                 ["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(out / "diff"),
+                  "--no-plots"]):
+        proc = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
+                              text=True, timeout=240, cwd=root, env={**env, "COLUMNS": "200"})
+        text = proc.stdout + proc.stderr
+        assert "Traceback" not in text, text
+        assert "\x1b" not in text and "\\x1b[2J" in text, (args[0], text)
+
+
+def _tiny_pair(root: Path) -> tuple[str, str]:
+    g = torch.Generator().manual_seed(6)
+    W = _llama_like(root, 0)
+    save_file(W, str(root / "b.safetensors"))
+    T = {n: w + 0.1 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in W.items()}
+    save_file(T, str(root / "t.safetensors"))
+    return str(root / "b.safetensors"), str(root / "t.safetensors")
+
+
+def test_extract_force_deletes_only_its_own_uniform_adapters(tmp_path):
+    """--force removed every folder in --out whose name began with uniform_r (a user's uniform_runs_notes/),
+    and an input inside such a folder was deleted before it was read (a StopIteration traceback)."""
+    from spectra.errors import ConfigError
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    base, tuned = _tiny_pair(tmp_path)
+    out = tmp_path / "out"
+    (out / "uniform_runs_notes").mkdir(parents=True)
+    (out / "uniform_runs_notes" / "a.txt").write_text("keep")
+    (out / "uniform_r7").mkdir()
+    (out / "uniform_r7" / "notes.txt").write_text("keep")  # not an adapter spectra wrote
+    (out / "uniform_r2").mkdir()
+    for n in ("adapter_config.json", "adapter_model.safetensors"):  # what --eval writes: removed
+        (out / "uniform_r2" / n).write_text("{}")
+    extract(base, tuned, out, config=ExtractConfig(rank=2), plots=False, force=True)
+    assert (out / "uniform_runs_notes" / "a.txt").read_text() == "keep"
+    assert (out / "uniform_r7" / "notes.txt").read_text() == "keep"
+    assert not (out / "uniform_r2").exists() and (out / "adapter_model.safetensors").is_file()
+    inner = out / "uniform_r3"
+    inner.mkdir()
+    moved = inner / "t.safetensors"
+    moved.write_bytes(Path(tuned).read_bytes())
+    with pytest.raises(ConfigError, match="lies in .*uniform_r3, the folder where --eval writes"):
+        extract(base, str(moved), out, config=ExtractConfig(rank=2), plots=False, force=True)
+    assert moved.is_file()
+
+
+def test_extract_says_an_unchanged_embedding_is_unchanged(tmp_path):
+    """An unchanged embedding was listed as not extracted with "embedding: pass --embeddings to extract it",
+    as if part of the update were left behind."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    base, tuned = _tiny_pair(tmp_path)
+    W, T = load_file(base), load_file(tuned)
+    emb = torch.randn(40, 16, generator=torch.Generator().manual_seed(7))
+    W["model.embed_tokens.weight"] = T["model.embed_tokens.weight"] = emb
+    W["model.embed_tokens2.weight"] = emb.clone()
+    T["model.embed_tokens2.weight"] = emb + 0.01
+    save_file(W, base)
+    save_file(T, tuned)
+    res = extract(base, tuned, tmp_path / "o", config=ExtractConfig(rank=2), plots=False)
+    reasons = {r["name"]: r["reason"] for r in res.not_extracted}
+    assert reasons["model.embed_tokens.weight"] == "unchanged (ΔW = 0): nothing to extract"
+    assert "--embeddings" in reasons["model.embed_tokens2.weight"], reasons  # a changed one keeps the advice
