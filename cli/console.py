@@ -33,21 +33,30 @@ def shown(text: object) -> str:
     holds a name, a path or a library message goes through it."""
     return escape("\n".join(printable(line) for line in str(text).split("\n")))
 
+
+#: Narrowest width the consoles draw at: a terminal that reports less (COLUMNS=0 made rich print
+#: nothing at all, COLUMNS=1 one character per line) is drawn at 80 columns, which it wraps.
+MIN_WIDTH = 20
+
+
+def _console(stderr: bool) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:  # a log or a pipe: wide enough that a message stays on one (greppable) line
+        return Console(stderr=stderr, highlight=False, width=200)
+    if console.width < MIN_WIDTH:
+        return Console(stderr=stderr, highlight=False, width=80)
+    return console
+
+
 def stderr() -> Console:
     """Console for progress, warnings and errors; when redirected to a log, wide enough that a
     message stays on one line (greppable) instead of folding at 80 columns."""
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:
-        console = Console(stderr=True, highlight=False, width=200)
-    return console
+    return _console(True)
 
 
 def stdout() -> Console:
     """Console for results; when piped to a file, wide enough that tensor names do not fold."""
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console = Console(highlight=False, width=200)
-    return console
+    return _console(False)
 
 
 #: Characters JSON may leave raw (ensure_ascii=False) that a terminal would act on or cannot encode:

@@ -192,11 +192,11 @@ def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embedd
     """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the
     results.json of `spectra diff` alone. The config goes to stdout as JSON: LoraConfig(**json.load(f))."""
     from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
-    from spectra.recommend import recommend
+    from spectra.recommend import is_recommended_config, recommend
 
     if out_path:  # before anything: -o results.json would replace the diff it reads
         refuse_input_as_output(out_path, [Path(results) / "results.json" if Path(results).is_dir() else Path(results)])
-        refuse_replacing(out_path, (".json",), option="-o")
+        refuse_replacing(out_path, (".json",), option="-o", owned=is_recommended_config)
     if energy is None and budget is None:
         energy = 0.9
     rec = recommend(results, energy=energy, budget=budget, alpha_ratio=alpha_ratio, rslora=rslora, max_rank=max_rank,

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 import spectra
+from spectra.display import display_name
 from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory
 from spectra.io.files import held_locks, release_locks
 from spectra_cli import compare as compare_commands
@@ -241,13 +242,25 @@ class _Group(click.Group):
             except OSError as exc:
                 # standard output closed, full (>/dev/full) or a pipe whose reader left (| head): files written
                 # before are on disk; one line instead of a traceback. Any other OSError is unexpected: raised.
-                if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF) or os.environ.get("SPECTRA_DEBUG") == "1":
+                if os.environ.get("SPECTRA_DEBUG") == "1":
+                    raise
+                if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path given: a name over 255 bytes, a link loop
+                    what = "a name in it is longer than the file system allows" if exc.errno == errno.ENAMETOOLONG else \
+                        "it goes through a loop of symbolic links"
+                    click.echo(f"{_rank_prefix()}error: {display_name(exc.filename if exc.filename is not None else '?', 200)}: "
+                               f"{what} (choose another path)", err=True)
+                    ctx.exit(EXIT_ERROR)
+                if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF):
                     raise
                 with contextlib.suppress(OSError, ValueError, AttributeError):
                     click.echo(f"{_rank_prefix()}error: cannot write the output: {exc.strerror or exc}", err=True)
                 ctx.exit(EXIT_ERROR)
             except (MemoryError, RuntimeError) as exc:
                 # a matrix larger than the memory left: one line (the journal holds what was finished), not a traceback
+                if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop from") and \
+                        os.environ.get("SPECTRA_DEBUG") != "1":  # pathlib's resolve(strict=False) on a link loop
+                    click.echo(f"{_rank_prefix()}error: {display_name(str(exc), 300)} (choose another path)", err=True)
+                    ctx.exit(EXIT_ERROR)
                 oom = out_of_memory(exc)
                 if oom is None or os.environ.get("SPECTRA_DEBUG") == "1":
                     raise

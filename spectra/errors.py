@@ -98,6 +98,9 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     elif exc.errno == errno.ELOOP:
         why = f"{why}: a symbolic link stands where spectra writes a file of its own"
     odd = exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
+    if exc.errno == errno.ENAMETOOLONG:  # the path itself: nothing was written under it
+        return OutputError(f"cannot write results: {why}: a name in the path is longer than the file system allows "
+                           "(255 bytes on most)", path=path, hint="choose a shorter --out")
     if exc.errno == errno.ENOENT:  # the output folder went away mid-run (rm -rf): with it the journal, so no --resume
         return OutputError(f"cannot write results: {why}: the output folder (or a part of its path) was removed "
                            "during the run", path=path, hint="run the command again; what it had written went with the folder")

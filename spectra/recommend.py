@@ -18,6 +18,7 @@ al. 2024 train with ``alpha = 2r``); rsLoRA on request.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -365,3 +366,15 @@ def _load(path: Path) -> dict:
 
 
 __all__ = ["BUDGET_BYTES_PER_PARAM", "Recommendation", "recommend"]
+
+
+def is_recommended_config(path: Path) -> bool:
+    """Whether the file at ``path`` is a LoRA config as :func:`recommend` writes it (a JSON object with
+    ``"peft_type": "LORA"`` and ``r``, under 16 MiB): what ``spectra recommend -o`` may replace."""
+    try:
+        if path.stat().st_size > 16 << 20:
+            return False
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("peft_type") == "LORA" and "r" in doc

@@ -242,6 +242,10 @@ def _guarded(schema: str, path: Path, fn: Callable, doc: dict):
                                       "that wrote it; if it was not edited, this is a bug (SPECTRA_DEBUG=1 shows where)") from exc
 
 
+#: How every report spectra writes begins: an existing ``-o`` file that does not is not replaced.
+HTML_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+
+
 def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra report") -> str:
     """The report's HTML text (see the module docstring for the inputs and the order of sections).
 
@@ -282,7 +286,7 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
     if found.train_logs:
         parts.append(_learning_section(found.train_logs))
     body = "\n".join(p for p in parts if p)
-    text = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
+    text = (f'{HTML_HEAD}<meta name="viewport" content="width=device-width">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{body}<script>{SORT_JS}</script></body></html>\n")
     return safe_text(text)
 
@@ -302,6 +306,15 @@ def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:
     return [folder / own] + [folder / n for n in RESULT_FILES if n != own and (folder / n).is_file()]
 
 
+def is_report(path: Path) -> bool:
+    """Whether the file at ``path`` is a report spectra wrote (it begins with :data:`HTML_HEAD`)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HTML_HEAD.encode())) == HTML_HEAD.encode()
+    except OSError:
+        return False
+
+
 def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str = "spectra report") -> Path:
     """Build the report and write it atomically to ``out``.
 
@@ -310,7 +323,7 @@ def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str
         OutputError: ``out`` cannot be written (a parent is a file, no permission, a full disk).
     """
     refuse_input_as_output(out, input_files(paths))
-    refuse_replacing(out, (".html", ".htm"), option="-o")
+    refuse_replacing(out, (".html", ".htm"), option="-o", owned=is_report)
     for parent in Path(out).parents:  # checked first: the OS says only "File exists" or "Not a directory"
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():

@@ -51,6 +51,7 @@ from spectra.training_inputs import (
     check_vocabulary,
     clear_run_outputs,
     first_line,
+    foreign_outputs,
     leading_blocks,
     load_model,
     load_tokenizer,
@@ -501,7 +502,8 @@ def clear_sweep_outputs(root: Path) -> None:
     analysis = root / "analysis"
     folders = [d for d in sorted(root.iterdir()) if RUN_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()]
     for d in sorted(analysis.iterdir()) if analysis.is_dir() and not analysis.is_symlink() else []:
-        if d.is_dir() and not d.is_symlink() and d.name.startswith(("diff_", "compare_")):
+        if (d.is_dir() and not d.is_symlink() and d.name.startswith(("diff_", "compare_"))
+                and any((d / n).is_file() for n in ("results.json", "compare.json", "results.jsonl", "compare.jsonl"))):
             shutil.rmtree(d)  # spectra diff / compare output folders, named by the sweep
     for d in folders:
         clear_run_outputs(d)
@@ -515,6 +517,11 @@ def _refuse_inputs_in_sweep_folders(root: Path, inputs: dict[str, str | None]) -
     clears or a run writes (``full``, ``lora<r>``…, ``analysis``): re-sweeping from an earlier sweep's
     full run (``--base runs/full --out runs``) deleted that model before any run could refuse it."""
     folders = [d for d in root.iterdir() if (RUN_NAME.fullmatch(d.name) or d.name == "analysis") and d.is_dir()]
+    for d in folders:  # a run folder no sweep wrote (a model or adapter copied there): not cleared as a run's
+        if d.name != "analysis" and (foreign := foreign_outputs(d)):
+            raise ConfigError(f"{d} holds {foreign[0].name}, which no spectra train run wrote (no train_config.json): "
+                              "--force deletes only an earlier sweep's files", path=root,
+                              hint=f"move {d.name} out of {root}, or choose another --out")
     for option, src in inputs.items():
         if src is None:
             continue

@@ -545,10 +545,21 @@ def check_out(out: str | Path, *, base: str | Path, inputs: list[str | Path], fo
     present = sorted(q.name for q in p.iterdir() if q.name != LOCK_NAME) if p.is_dir() else []
     if present:
         refuse_if_held(p)  # a live run's folder: not "pass --force", which would delete its files
+    if force and (foreign := foreign_outputs(p)):
+        raise ConfigError(f"--out holds {foreign[0].name}, which no spectra train run wrote (no train_config.json): "
+                          "--force deletes only an earlier run's files", path=p, hint="choose another folder for --out")
     if present and not force:
         listed = ", ".join(present[:3]) + ("…" if len(present) > 3 else "")
         raise ConfigError(f"the output folder is not empty ({listed})", path=p,
                           hint="choose an empty or new folder, or pass --force to delete the files an earlier run wrote there")
+
+
+def foreign_outputs(out: Path) -> list[Path]:
+    """Files of :func:`run_outputs` in a folder no spectra train run wrote (no ``train_config.json``, which
+    a run writes before its first step): a downloaded model's ``model.safetensors`` or an adapter, which
+    ``--force`` must not delete as if an earlier run's."""
+    found = run_outputs(out)
+    return [] if not found or (out / "train_config.json").is_file() else found
 
 
 def clear_run_outputs(out: Path) -> list[str]:
@@ -562,5 +573,5 @@ def clear_run_outputs(out: Path) -> list[str]:
 
 __all__ = ["MAX_SEED", "MAX_UNDECODABLE", "RUN_FILES", "RUN_GLOBS", "TOKENIZER_FILES", "WEIGHT_FILES", "ByteTokenizer",
            "adaptable_modules", "check_causal_lm", "check_out", "check_positions", "check_positive", "check_seed", "check_targets",
-           "check_vocabulary", "clear_run_outputs", "config_int", "first_line", "load_model", "load_tokenizer", "model_config",
+           "check_vocabulary", "clear_run_outputs", "foreign_outputs", "config_int", "first_line", "load_model", "load_tokenizer", "model_config",
            "encode_text", "read_examples", "read_text", "read_text_prefix", "refuse_file_in_path", "resolve_device", "run_outputs", "token_blocks"]

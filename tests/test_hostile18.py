@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spectra
+from tests.pair_util import small_pair
 
 
 def _llama_like(root: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -117,9 +121,6 @@ def test_ww_compatible_rows_are_weightwatchers_on_moe_models(tmp_path, arch):
 def test_cli_lines_never_carry_a_names_terminal_controls(tmp_path):
     """`spectra esd` printed tensor names and paths raw (diff escaped them): a name holding ESC [2J cleared
     the user's screen, an OSC 8 sequence made a link; now every CLI line goes through one helper."""
-    import os
-    import subprocess
-    import sys
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)}
@@ -199,3 +200,106 @@ def test_extract_says_an_unchanged_embedding_is_unchanged(tmp_path):
     reasons = {r["name"]: r["reason"] for r in res.not_extracted}
     assert reasons["model.embed_tokens.weight"] == "unchanged (ΔW = 0): nothing to extract"
     assert "--embeddings" in reasons["model.embed_tokens2.weight"], reasons  # a changed one keeps the advice
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x), **kw.pop("env", {})}
+    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
+                          text=True, timeout=240, cwd=root, env=env, **kw)
+
+
+def test_single_file_outputs_replace_only_their_own_regular_files(tmp_path):
+    """`report -o` and `recommend -o` renamed a new file over a FIFO, a symbolic link or a device node (as
+    root, `-o /dev/full` replaced the machine's /dev/full) and over model files the protected list missed
+    (special_tokens_map.json, preprocessor_config.json), exit 0."""
+
+    from spectra.errors import ConfigError
+    from spectra.io.files import refuse_replacing
+    from spectra.recommend import is_recommended_config
+    from spectra.report import is_report, write_report
+
+    base, tuned = small_pair(tmp_path)
+    res = tmp_path / "res"
+    spectra.diff(base, tuned, out_dir=res, plots=False)
+    os.mkfifo(tmp_path / "fifo.html")
+    (tmp_path / "real.html").write_text("<p>mine</p>")
+    (tmp_path / "link.html").symlink_to(tmp_path / "real.html")
+    for target in ("fifo.html", "link.html"):
+        with pytest.raises(ConfigError, match="is a (FIFO|symbolic link): spectra writes a new file"):
+            write_report([str(res)], tmp_path / target)
+    assert (tmp_path / "fifo.html").is_fifo() and (tmp_path / "link.html").is_symlink()
+    with pytest.raises(ConfigError, match="is a device"):
+        refuse_replacing("/dev/null", (".json",), option="-o")
+    with pytest.raises(ConfigError, match="exists and is not a file this command writes"):
+        write_report([str(res)], tmp_path / "real.html")  # an .html spectra did not write
+    assert (tmp_path / "real.html").read_text() == "<p>mine</p>"
+    ours = write_report([str(res)], tmp_path / "r.html")
+    assert is_report(ours) and write_report([str(res)], ours) == ours  # its own report: replaced
+    for name in ("special_tokens_map.json", "preprocessor_config.json", "notes.json"):
+        (tmp_path / name).write_text('{"pad_token": "<pad>"}')
+        proc = _cli(["recommend", str(res), "-o", str(tmp_path / name)])
+        assert proc.returncode != 0 and "is not a file this command writes" in proc.stderr and "Traceback" not in proc.stderr
+        assert (tmp_path / name).read_text() == '{"pad_token": "<pad>"}'
+    assert _cli(["recommend", str(res), "-o", str(tmp_path / "lora.json")]).returncode == 0
+    assert is_recommended_config(tmp_path / "lora.json")
+    assert _cli(["recommend", str(res), "-o", str(tmp_path / "lora.json")]).returncode == 0  # its own: replaced
+
+
+def test_paths_too_long_or_looping_are_one_line(tmp_path):
+    """A path component over 255 bytes (OSError ENAMETOOLONG) and an --out that is a symbolic link loop
+    (pathlib's RuntimeError) ended in tracebacks."""
+    base, tuned = small_pair(tmp_path)
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    long = str(tmp_path / ("y" * 300))
+    for args in (["diff", base, long], ["report", str(tmp_path), "-o", long + ".html"],
+                 ["extract", base, tuned, "-r", "1", "-o", str(tmp_path / "loop1")]):
+        proc = _cli(args)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and ("longer than the file system allows" in lines[0] or "loop" in lines[0].lower()), proc.stderr
+
+
+def test_train_force_never_deletes_a_model_no_run_wrote(tmp_path):
+    """`train --force` into a folder holding a downloaded model (config.json, model.safetensors, no
+    train_config.json) replaced its weights: --force is for an earlier run's files."""
+    from spectra.errors import ConfigError
+    from spectra.training_inputs import check_out
+
+    base, tuned = small_pair(tmp_path)
+    out = tmp_path / "downloaded"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(Path(tuned).read_bytes())
+    (out / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds .*which no spectra train run wrote"):
+        check_out(out, base=tmp_path / "base_folder", inputs=[], force=True)
+    (out / "train_config.json").write_text("{}")  # an earlier run's folder: --force may clear it
+    check_out(out, base=tmp_path / "base_folder", inputs=[], force=True)
+
+
+def test_a_terminal_reporting_zero_columns_still_gets_the_results(tmp_path):
+    """COLUMNS=0 on a terminal: rich printed nothing (no table, no findings, no warnings), exit 0."""
+
+    base, tuned = small_pair(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "COLUMNS": "0", "TERM": "xterm",
+           "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x)}
+    master, slave = os.openpty()  # stdout and stderr a terminal, as a user's
+    proc = subprocess.Popen([sys.executable, "-c", "from spectra_cli.main import run; run()", "diff", base, tuned, "--no-plots"],
+                            stdout=slave, stderr=slave, cwd=root, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=240) == 0
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert "Rank needed for" in text and "2 matrices in" in text, text

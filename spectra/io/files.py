@@ -13,7 +13,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -57,24 +57,40 @@ PROTECTED_NAMES = frozenset({
     "esd.jsonl", "esd.csv", "extract.json", "extract.jsonl", "extract.csv", "trace.json", "trace.jsonl",
     "trace_journal.jsonl", "trace.csv", "interfere.json", "interfere.csv", "sweep.json", "config.json",
     "adapter_config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "trainer_state.json",
-    "model.safetensors.index.json", "pytorch_model.bin.index.json",
+    "model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_model.safetensors.index.json",
+    "special_tokens_map.json", "preprocessor_config.json", "processor_config.json", "vocab.json", "added_tokens.json",
+    "chat_template.json", "train_config.json", "train_summary.json",
 })
 
 
-def refuse_replacing(out: str | os.PathLike[str], suffixes: tuple[str, ...], *, option: str = "--out") -> None:
-    """Refuse to write ``out`` over an existing file that is not of the kind written (its suffix not in
-    ``suffixes``: a model's ``.safetensors``, a ``.png``) or is one of :data:`PROTECTED_NAMES` (a run's
-    results or journal, a model's config): a report or a config would replace it without a word.
+def refuse_replacing(out: str | os.PathLike[str], suffixes: tuple[str, ...], *, option: str = "--out",
+                     owned: Callable[[Path], bool] | None = None) -> None:
+    """Refuse to write ``out`` over anything but a file this command wrote before: an existing path that is
+    not a regular file (a device such as ``/dev/null``, a FIFO, a socket, a folder or a symbolic link: the
+    atomic write renames a new file over it, and as root that replaced ``/dev/full``), a file not of the kind
+    written (its suffix not in ``suffixes``: a model's ``.safetensors``, a ``.png``), one of
+    :data:`PROTECTED_NAMES` (a run's results or journal, a model's config), or one ``owned`` says is not
+    this command's own (a ``special_tokens_map.json`` is ``.json`` too).
 
     Raises:
-        ConfigError: such a file exists at ``out``.
+        ConfigError: such a path exists at ``out``.
     """
     from spectra.errors import ConfigError
 
     target = Path(out)
-    if target.is_file() and (target.suffix.lower() not in suffixes or target.name.lower() in PROTECTED_NAMES):
-        raise ConfigError(f"{option} {target} exists and is not a file this command writes (it would be replaced)",
-                          hint=f"choose a new file name ending in {' or '.join(suffixes)} for {option}")
+    hint = f"choose a new file name ending in {' or '.join(suffixes)} for {option}"
+    try:
+        st = os.lstat(target)
+    except OSError:  # nothing there (or a path the write will name in its own error)
+        return
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a folder" if stat.S_ISDIR(st.st_mode) else
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise ConfigError(f"{option} {target} is {what}: spectra writes a new file and renames it into place, which "
+                          "would replace it", hint=f"{hint} (the link's own target, for a link)")
+    if target.suffix.lower() not in suffixes or target.name.lower() in PROTECTED_NAMES or (owned is not None and not owned(target)):
+        raise ConfigError(f"{option} {target} exists and is not a file this command writes (it would be replaced)", hint=hint)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
