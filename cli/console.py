@@ -210,6 +210,8 @@ class OutPath(click.Path):
         if isinstance(value, str):
             if value.strip() == "-":
                 self.fail("'-' is not standard output here: spectra writes files, so name a folder or file", param, ctx)
+            if not value.strip():  # "" was taken for "not given" by `if out:` (recommend -o "" wrote nothing, exit 0)
+                self.fail("an empty path: name a folder or file", param, ctx)
             value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
 

@@ -303,3 +303,11 @@ def test_a_terminal_reporting_zero_columns_still_gets_the_results(tmp_path):
     assert proc.wait(timeout=240) == 0
     text = b"".join(chunks).decode("utf-8", "replace")
     assert "Rank needed for" in text and "2 matrices in" in text, text
+
+
+def test_an_empty_output_path_is_a_usage_error(tmp_path):
+    """`recommend -o ""` took the empty path for "not given": exit 0, nothing written where asked."""
+    base, tuned = small_pair(tmp_path)
+    spectra.diff(base, tuned, out_dir=tmp_path / "res", plots=False)
+    proc = _cli(["recommend", str(tmp_path / "res"), "-o", ""])
+    assert proc.returncode == 2 and "an empty path" in proc.stderr and "Traceback" not in proc.stderr
