@@ -211,7 +211,13 @@ class OutPath(click.Path):
             if value.strip() == "-":
                 self.fail("'-' is not standard output here: spectra writes files, so name a folder or file", param, ctx)
             if not value.strip():  # "" was taken for "not given" by `if out:` (recommend -o "" wrote nothing, exit 0)
-                self.fail("an empty path: name a folder or file", param, ctx)
+                from spectra.errors import ConfigError
+
+                opt = max((o for o in getattr(param, "opts", ()) if o.startswith("--")), key=len, default="--out")
+                what = "folder" if not self.file_okay else "file" if not self.dir_okay else "folder or file"
+                raise ConfigError(f"{opt} must name a {what}. Got {value!r} instead",
+                                  hint=f"pass {opt} {'DIR' if what == 'folder' else 'FILE'}"
+                                       f"{'; --out . writes into the current folder' if what == 'folder' else ''}")
             value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
 

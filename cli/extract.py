@@ -70,6 +70,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
     """
     from spectra.display import matrices
     from spectra.extract import ExtractConfig, ExtractEvent, extract
+    from spectra.extract_results import UNCHANGED
 
     config = ExtractConfig(rank=rank, energy=energy, budget=budget, max_rank=max_rank, serving=serving, dtype=dtype,
                            rslora=rslora, embeddings=embeddings, save_modules=save_modules, include=include, exclude=exclude,
@@ -102,7 +103,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
     if held:
         err.print(f"{len(held)} changed norms/biases are not in the adapter (see not_lora in extract.json"
                   f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
-    moved = [r for r in result.not_extracted if r.get("fro_norm") != 0]  # an unchanged matrix leaves nothing behind
+    moved = [r for r in result.not_extracted if r.get("reason") != UNCHANGED]  # an unchanged matrix leaves nothing behind
     if moved:
         still = len(result.not_extracted) - len(moved)
         err.print(f"{matrices(len(moved))} that changed not extracted{f' ({still} unchanged besides)' if still else ''} "

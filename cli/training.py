@@ -105,7 +105,7 @@ def _sweep_stop_note(params: dict, since: float | None) -> str:
 @click.option("--device", default="auto", show_default=True,
               help="auto (CUDA with bf16 autocast when present), cpu, cuda, cuda:N or mps.")
 @click.option("--trace-every", default=50, show_default=True, type=click.IntRange(min=0),
-              help="Measure ΔW's spectrum and subspaces every N steps while training (OUT/trace.jsonl); 0: off.")
+              help="Measure ΔW's spectrum and subspaces every N steps while training and at the last (OUT/trace.jsonl); 0: off.")
 @click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="Output folder (adapter or model, logs): new or empty, never BASE; see --force.")
 @click.option("--force", is_flag=True, help="Write into a used --out, first deleting the files an earlier run wrote there.")
@@ -159,10 +159,12 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Sequences per step.")
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8), help="Tokens per sequence.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--trace-every", default=50, show_default=True, type=click.IntRange(min=0),
+              help="Measure each run's ΔW every N steps and at its last (RUN/trace.jsonl); 0: off.")
 @click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="Output folder: one subfolder per run (adapter or model, logs), their diffs and compares, sweep.json.")
 @click.option("--force", is_flag=True, help="Write into a used --out, first deleting what an earlier sweep wrote there.")
-def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, out_dir, force) -> None:
+def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, trace_every, out_dir, force) -> None:
     """Several reference runs on one base and dataset, then diff each and, within each seed, compare
     every LoRA run with the full run and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
     from spectra.errors import ConfigError
@@ -186,7 +188,8 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
 
     with progress:  # a stop is worded by _sweep_stop_note
         doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
-                    callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device)
+                    callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device,
+                    trace_every=trace_every)
     table = Table(title="sweep", title_justify="left")
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")

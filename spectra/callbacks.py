@@ -453,14 +453,24 @@ def _set_aside(out: Path) -> str | None:
     return f"trace.{n}.jsonl"
 
 
+#: Segments wrappers add to parameter names that a saved checkpoint does not hold: torch.compile's,
+#: FSDP's and activation checkpointing's (anywhere), DistributedDataParallel's ``module.`` (in front).
+_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def _stored_name(name: str) -> str:
-    """A parameter's name as a checkpoint stores it: without torch.compile's ``_orig_mod.`` wrapper segments."""
-    return name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+    """A parameter's name as a checkpoint stores it: without the segments of :data:`_WRAPPER_SEGMENTS` and a
+    leading ``module.`` (a tracker given the DDP-wrapped model named every matrix ``module.model.…``, so its
+    filters matched nothing and its names differed from ``spectra trace`` of the same run's checkpoints)."""
+    for seg in _WRAPPER_SEGMENTS:
+        name = name.replace("." + seg, ".").removeprefix(seg)
+    return name.removeprefix("module.")
 
 
 def _peft_configs(model: torch.nn.Module) -> dict[str, Any]:
-    """``peft_config`` of a PEFT model (also under torch.compile's wrapper), adapter name -> its config; {} otherwise."""
-    configs = getattr(model, "peft_config", None) or getattr(getattr(model, "_orig_mod", None), "peft_config", None)
+    """``peft_config`` of a PEFT model (also under torch.compile's or DDP's wrapper), adapter name -> its config; {} otherwise."""
+    configs = getattr(model, "peft_config", None) or next(
+        (c for w in ("_orig_mod", "module") if (c := getattr(getattr(model, w, None), "peft_config", None))), None)
     return configs if isinstance(configs, dict) else {}
 
 

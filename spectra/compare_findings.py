@@ -261,5 +261,6 @@ def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[st
     live = [m for m in result.modules if m.fro_a > 0 or m.fro_b > 0]
     if live and all(math.isclose(m.fro_a, m.fro_b, rel_tol=1e-12) for m in live) and not same_path:
         out.append(f"A and B have updates of the same norm, to 12 digits, on every one of the {len(live)} compared "
-                   "modules: copies of one fine-tune? every measure would compare an update with itself")
+                   "modules: copies of one fine-tune (or one the negation of the other)? every measure, blind to sign, "
+                   "would then compare an update with itself")
     return out

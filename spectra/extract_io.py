@@ -267,7 +267,7 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
         raise ConfigError(f"the output folder is not empty ({', '.join(present[:3])}{'…' if len(present) > 3 else ''})",
                           path=out, hint="choose an empty or new folder, pass --force to overwrite, or --resume to finish an interrupted run")
     if force and not resume:
-        for name in [*OUTPUT_FILES, *(p.name for p in out.iterdir() if uniform_folder(p))]:
+        for name in [*OUTPUT_FILES, *(p.name for p in (out.iterdir() if out.is_dir() else ()) if uniform_folder(p))]:
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)

@@ -142,6 +142,10 @@ def _norms_of_blocks(blocks: Iterable[tuple[torch.Tensor, torch.Tensor | None]])
     return math.sqrt(d2), math.sqrt(b2)
 
 
+#: The reason of a left-out matrix equal in base and tuned, whole: nothing of the update is left behind.
+UNCHANGED = "unchanged (ΔW = 0): nothing to extract"
+
+
 def compared_rows(task: Task) -> int | None:
     """The rows :func:`left_out_record` compares of a left-out pair: the shared ones of a resized
     vocabulary, or None for all (and for a transposed layout, whose rows are not the vocabulary)."""
@@ -182,16 +186,18 @@ def _rel(fro: float | None, base_fro: float | None) -> float | None:
 def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reason: str) -> dict[str, Any]:
     """A matrix not extracted: its name, shape, reason and how much fine-tuning changed it
     (``‖ΔW‖_F`` and ``‖ΔW‖_F / ‖W_base‖_F``, read and summed block by block)."""
+    whole = True  # the norms cover the whole tensor (not the rows a resized vocabulary shares)
     if isinstance(what, Task):
         pair = what.pair
         rows = compared_rows(what)
+        whole = rows is None and tuple(pair.base_info.shape) == tuple(pair.tuned_info.shape)
         fro, base_fro = pair_norms(base, pair.base.name, tuned, pair.tuned.name, rows)
         name, shape = pair.tuned.name, list(pair.tuned_info.shape)
     else:
         name, shape, fro, base_fro = what
         shape = list(shape)
-    if fro == 0:  # nothing of the update is left behind: not the rule's advice ("pass --embeddings")
-        reason = "unchanged (ΔW = 0): nothing to extract"
+    if fro == 0 and whole:  # nothing of the update is left behind: not the rule's advice ("pass --embeddings")
+        reason = UNCHANGED
     return {"name": name, "shape": shape, "reason": reason, "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro)}
 
 

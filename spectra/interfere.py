@@ -590,7 +590,9 @@ def interfere(
                             f"every one of the {len(live)} matrices: copies of one fine-tune? their pair compares an update with itself"
                             for i in range(len(tasks)) for j in range(i + 1, len(tasks)) if not same_file(labels[i], labels[j])
                             and (live := [m for m in result.modules if m["fro"][i] or m["fro"][j]])
-                            and all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) for m in live)]
+                            and all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) for m in live)
+                            # and pointing the same way: an update and its negation (task negation) have one norm
+                            and all(m["cosine"][i][j] is not None and m["cosine"][i][j] > 1 - 1e-9 for m in live)]
         for i, t in enumerate(tasks):
             rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
             if rels and float(np.median(rels)) > 1.0:

@@ -17,6 +17,7 @@ adapters itself.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -97,6 +98,10 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
 WW_LAYER_WORDS = ("linear", "conv1d", "conv2d", "embedding")
 
 
+def _ww_layer(module: Any) -> bool:
+    return any(w in str(type(module)).lower() for w in WW_LAYER_WORDS)
+
+
 def ww_unseen(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str] | None:
     """``{stored key: why WeightWatcher does not see it}`` for the keys whose loaded parameter is not the
     ``weight`` of a module WeightWatcher analyses, in the model the installed transformers builds from
@@ -115,17 +120,16 @@ def ww_unseen(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str
             new, fused = _loaded_key(key, built)
         except Exception:  # noqa: BLE001 - a rule this key breaks: not judged
             continue
-        if fused is not None:
+        # a converter that stacks experts loads the key into a bare parameter (…experts.gate_up_proj); one
+        # that chunks a fused Wqkv into Linear q/k/v (nomic-bert, GTE) or only transposes does not hide it
+        module = None
+        if new in own and new.endswith(".weight"):
+            with contextlib.suppress(AttributeError):
+                module = model.get_submodule(new[: -len(".weight")])
+        if fused is not None and (module is None or not _ww_layer(module)):
             out[key] = f"{version} loads it into a stacked parameter ({new}): WeightWatcher does not see it (--ww-compatible)"
-            continue
-        if new not in own or not new.endswith(".weight"):
-            continue
-        path = new[: -len(".weight")]
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if not any(w in str(type(module)).lower() for w in WW_LAYER_WORDS):
+        elif module is not None and not _ww_layer(module):
+            path = new[: -len(".weight")]
             out[key] = (f"{version} builds {path} as {type(module).__name__}, not a Linear, Conv or Embedding: "
                         "WeightWatcher does not see it (--ww-compatible)")
     return out

@@ -130,8 +130,9 @@ def section_html(path: Path, doc: dict) -> str:
     key = _key(res)
     steps = [c["step"] for c in res.checkpoints]
     out = [f"<h2>Trace: {esc(res.run or res.base or path.parent)}</h2>",
-           (f"<p>base: {esc(res.base or '(the run’s own start)')} · {len(res.checkpoints)} checkpoints "
-           f"(steps {esc(steps[0] if steps else '–')}–{esc(steps[-1] if steps else '–')}) · {matrices(len(res.matrices))} · "
+           (f"<p>base: {esc(res.base or '(the run’s own start)')} · {len(res.checkpoints)} checkpoint{'s' * (len(steps) != 1)} "
+           f"({f'step {esc(steps[0])}' if len(steps) == 1 else f'steps {esc(steps[0])}–{esc(steps[-1])}' if steps else 'none'})"
+           f" · {matrices(len(res.matrices))} · "
            f"{esc(res.kind)} · from {esc(res.source)} · results: {esc(path)}</p>")]
     figs = trace_plots.trace_figures(d) if res.matrices else {}
     if "trace_loss" in figs:

@@ -232,10 +232,9 @@ def jsonable(x: Any) -> Any:
 
 def result_from_records(records: list[dict[str, Any]], *, base: str | None = None, run: str | None = None,
                         source: str = "spectra.callbacks") -> TraceResult:
-    """A :class:`TraceResult` from the lines of a ``trace.jsonl`` written by
-    :class:`spectra.callbacks.SpectraTracker`: ``{"header": {...}}``, ``{"skipped": {...}}``,
-    ``{"warning": "..."}``, ``{"log": {"step", "loss", ...}}`` and one ``{"kind", "step", "loss",
-    "matrix": meta, "point": point}`` per matrix and measurement."""
+    """A :class:`TraceResult` from the lines of a ``trace.jsonl`` written by :class:`spectra.callbacks.SpectraTracker`:
+    ``{"header": {...}}``, ``{"skipped": {...}}``, ``{"warning": "..."}``, ``{"log": {"step", "loss", ...}}`` and
+    one ``{"kind", "step", "loss", "matrix": meta, "point": point}`` per matrix and measurement."""
     recs = [r for r in records if isinstance(r, dict) and "matrix" in r and "point" in r]
     header = next((r["header"] for r in records if isinstance(r, dict) and isinstance(r.get("header"), dict)), {})
     logs = [r["log"] for r in records if isinstance(r, dict) and isinstance(r.get("log"), dict) and isinstance(r["log"].get("step"), int)]
@@ -254,7 +253,8 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     kind = recs[0].get("kind", "full") if recs else header.get("kind", "full")
     config = header.get("config", {})
     res = TraceResult(base=base, run=run, kind=kind, thresholds=list(config.get("thresholds", [])), config=config, source=source,
-                      checkpoints=[asdict(CheckpointRef(f"step {s}", s, losses.get(s), kind, "in training")) for s in steps],
+                      checkpoints=[asdict(CheckpointRef(f"step {s}", s, (history.get(s) or {}).get("loss"), kind, "in training"))
+                                   for s in steps],  # the loss the Trainer logged at that step (records carry none)
                       loss_history=[history[s] for s in sorted(history)],
                       skipped=[r["skipped"] for r in records if isinstance(r, dict) and isinstance(r.get("skipped"), dict)],
                       warnings=[r["warning"] for r in records if isinstance(r, dict) and isinstance(r.get("warning"), str)])
@@ -381,6 +381,7 @@ def trace(
             journal.release()
         raise
     result.checkpoints = [asdict(r) for r in refs]
+    result.loss_history = found.merged_history(r.path for r in refs if r.failed)  # a failed one's log is not this run's
     for r in refs:
         if r.failed:
             result.warnings.append(f"{r.path}: {r.failed}")

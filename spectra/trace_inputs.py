@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,58 @@ class Discovery:
     loss_history: list[dict[str, Any]]
     run: str | None
     warnings: list[str] = field(default_factory=list)
+    #: each checkpoint's own ``log_history`` (by path) and the run folder's ``train_log.jsonl``, oldest first
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    run_log: list[dict[str, Any]] = field(default_factory=list)
+
+    def merged_history(self, exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """The loss curve: the run log and every checkpoint's history but those of ``exclude`` (checkpoints
+        that failed: another model's log is not this run's), a newer checkpoint's record winning at a step."""
+        left = set(exclude)
+        return _merge([self.run_log, *(h for p, h in self.histories.items() if p not in left)])
+
+
+def _merge(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    history: dict[int, dict[str, Any]] = {}
+    for h in histories:  # later (newer) histories win: they are the most complete
+        for rec in h:
+            history.setdefault(rec["step"], {}).update(rec)
+    return [history[s] for s in sorted(history)]
+
+
+def _assign_losses(refs: list[CheckpointRef], own: dict[str, list[dict[str, Any]]], run_log: list[dict[str, Any]],
+                   warnings: list[str]) -> None:
+    """Each checkpoint's training loss at its step: from its own ``trainer_state.json``, else the run's
+    ``train_log.jsonl``, else the newest other checkpoint whose history agrees with its own wherever both
+    log a loss (one run). Two histories logging different losses at one step are two runs written into one
+    folder (an ``output_dir`` reused): said, and no checkpoint takes the other run's loss."""
+    def losses(h: list[dict[str, Any]]) -> dict[int, float]:
+        return {rec["step"]: rec["loss"] for rec in h if "loss" in rec}
+
+    by = {r.path: losses(own.get(r.path, [])) for r in refs}
+    clash = None
+    for i, a in enumerate(refs):
+        for b in refs[i + 1:]:
+            common = [s for s in by[a.path] if s in by[b.path] and not math.isclose(by[a.path][s], by[b.path][s], rel_tol=1e-9)]
+            if common and clash is None:
+                s = common[0]
+                clash = (f"{Path(a.path).name} and {Path(b.path).name} log different training losses at step {s} "
+                         f"({by[a.path][s]:.4g} and {by[b.path][s]:.4g}): more than one run wrote into this folder? each "
+                         "checkpoint's loss is the one its own trainer_state.json logs")
+    if clash:
+        warnings.append(clash)
+    log = losses(run_log)
+    for r in refs:
+        mine = by[r.path]
+        loss = mine.get(r.step, log.get(r.step))
+        if loss is None:  # the newest other history of the same run (no clash with this checkpoint's own)
+            for other in reversed(refs):
+                theirs = by[other.path]
+                if other is not r and r.step in theirs and all(
+                        math.isclose(theirs[s], v, rel_tol=1e-9) for s, v in mine.items() if s in theirs):
+                    loss = theirs[r.step]
+                    break
+        r.loss = loss
 
 
 def _holds_weights(folder: Path) -> list[Path]:
@@ -185,10 +238,11 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                                       hint="the Trainer writes them with save_strategy='steps' (or 'epoch'); "
                                            "or pass the checkpoints themselves in order")
     refs: list[CheckpointRef] = []
-    histories: list[list[dict[str, Any]]] = []
+    own: dict[str, list[dict[str, Any]]] = {}  # each checkpoint's log_history, oldest checkpoint first
+    run_log: list[dict[str, Any]] = []
     if found:
         run = str(single)
-        histories.append(_train_log(single))
+        run_log = _train_log(single)
         # the newest checkpoint without trainer_state.json is taken for one still being saved only when its
         # elder ones have theirs (a folder of copied model files has none anywhere: nothing is being saved)
         elders_have_state = len(found) == 1 or any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
@@ -217,7 +271,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 if step != n:
                     note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
                     warnings.append(f"{folder.name}: {note}")
-            histories.append(_log_history(state))
+            own[str(folder)] = _log_history(state)
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
         skipped += _models_beside_checkpoints(single, [d for _, d in found])
     else:
@@ -240,7 +294,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 step, source = int(m.group(1)), "folder name"
             else:
                 step, source = i + 1, "position"
-            histories.append(_log_history(state))
+            own[str(p)] = _log_history(state)
             refs.append(CheckpointRef(str(p), step, None, kind, source, "step from the position in the list"
                                       if source == "position" else ""))
         placed = [r for r in refs if r.source == "position"]
@@ -263,14 +317,10 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     if len(kinds) > 1:
         raise ConfigError("the checkpoints mix PEFT adapters and full models", path=run or ", ".join(paths),
                           hint="trace the adapters and the full checkpoints separately")
-    history: dict[int, dict[str, Any]] = {}
-    for h in histories:  # later (newer) histories win: they are the most complete
-        for rec in h:
-            history.setdefault(rec["step"], {}).update(rec)
-    loss_history = [history[s] for s in sorted(history)]
-    for r in refs:
-        r.loss = history.get(r.step, {}).get("loss")
-    return Discovery(refs, skipped, loss_history, run, warnings)
+    _assign_losses(refs, own, run_log, warnings)
+    found_ = Discovery(refs, skipped, [], run, warnings, own, run_log)
+    found_.loss_history = found_.merged_history()
+    return found_
 
 
 def moved(pt: dict[str, Any]) -> bool:

@@ -441,7 +441,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
             tokens += int(train_ids[idx].numel())
             if tracker is not None:
                 tracker.log_loss(step, loss=value)
-                tracker.step(model, step, loss=value)
+                if tracker.step(model, step, loss=value) is None and step == config.steps:
+                    tracker.measure(step, loss=value)  # the saved model is the last step's: the trace ends there too
             if step % config.eval_every == 0 or step == config.steps:
                 last = record(step, value)
         if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step can diverge after its loss was taken
@@ -517,11 +518,6 @@ def _refuse_inputs_in_sweep_folders(root: Path, inputs: dict[str, str | None]) -
     clears or a run writes (``full``, ``lora<r>``…, ``analysis``): re-sweeping from an earlier sweep's
     full run (``--base runs/full --out runs``) deleted that model before any run could refuse it."""
     folders = [d for d in root.iterdir() if (RUN_NAME.fullmatch(d.name) or d.name == "analysis") and d.is_dir()]
-    for d in folders:  # a run folder no sweep wrote (a model or adapter copied there): not cleared as a run's
-        if d.name != "analysis" and (foreign := foreign_outputs(d)):
-            raise ConfigError(f"{d} holds {foreign[0].name}, which no spectra train run wrote (no train_config.json): "
-                              "--force deletes only an earlier sweep's files", path=root,
-                              hint=f"move {d.name} out of {root}, or choose another --out")
     for option, src in inputs.items():
         if src is None:
             continue
@@ -531,6 +527,11 @@ def _refuse_inputs_in_sweep_folders(root: Path, inputs: dict[str, str | None]) -
             if where == real or real in where.parents:
                 raise ConfigError(f"{option} {src} lies in {d}, a folder of an earlier sweep that --force would clear",
                                   path=root, hint=f"move {src} out of {root}, or choose another --out")
+    for d in folders:  # a run folder no sweep wrote (a model or adapter copied there): not cleared as a run's
+        if d.name != "analysis" and (foreign := foreign_outputs(d)):
+            raise ConfigError(f"{d} holds {foreign[0].name}, which no spectra train run wrote (no train_config.json): "
+                              "--force deletes only an earlier sweep's files", path=root,
+                              hint=f"move {d.name} out of {root}, or choose another --out")
 
 
 def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int], seeds: list[int] | None = None,

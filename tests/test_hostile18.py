@@ -180,6 +180,9 @@ def test_extract_force_deletes_only_its_own_uniform_adapters(tmp_path):
     with pytest.raises(ConfigError, match="lies in .*uniform_r3, the folder where --eval writes"):
         extract(base, str(moved), out, config=ExtractConfig(rank=2), plots=False, force=True)
     assert moved.is_file()
+    # --force into a folder that does not exist yet (the demo does it): nothing to delete (review of this round)
+    extract(base, tuned, tmp_path / "fresh", config=ExtractConfig(rank=2), plots=False, force=True)
+    assert (tmp_path / "fresh" / "adapter_model.safetensors").is_file()
 
 
 def test_extract_says_an_unchanged_embedding_is_unchanged(tmp_path):
@@ -187,6 +190,7 @@ def test_extract_says_an_unchanged_embedding_is_unchanged(tmp_path):
     as if part of the update were left behind."""
     from spectra.extract import extract
     from spectra.extract_plan import ExtractConfig
+    from spectra.extract_results import UNCHANGED
 
     base, tuned = _tiny_pair(tmp_path)
     W, T = load_file(base), load_file(tuned)
@@ -194,12 +198,16 @@ def test_extract_says_an_unchanged_embedding_is_unchanged(tmp_path):
     W["model.embed_tokens.weight"] = T["model.embed_tokens.weight"] = emb
     W["model.embed_tokens2.weight"] = emb.clone()
     T["model.embed_tokens2.weight"] = emb + 0.01
+    W["lm_head.weight"] = emb.clone()  # a resized vocabulary: 4 rows added, the shared rows unchanged
+    T["lm_head.weight"] = torch.cat([emb, torch.ones(4, 16)])
     save_file(W, base)
     save_file(T, tuned)
     res = extract(base, tuned, tmp_path / "o", config=ExtractConfig(rank=2), plots=False)
     reasons = {r["name"]: r["reason"] for r in res.not_extracted}
-    assert reasons["model.embed_tokens.weight"] == "unchanged (ΔW = 0): nothing to extract"
+    assert reasons["model.embed_tokens.weight"] == UNCHANGED == "unchanged (ΔW = 0): nothing to extract"
     assert "--embeddings" in reasons["model.embed_tokens2.weight"], reasons  # a changed one keeps the advice
+    # equal over the rows both share, yet not unchanged: a LoRA cannot add the new rows (review of this round)
+    assert reasons["lm_head.weight"] != UNCHANGED and "rows" in reasons["lm_head.weight"], reasons
 
 
 def _cli(args: list[str], **kw) -> subprocess.CompletedProcess[str]:
@@ -277,6 +285,16 @@ def test_train_force_never_deletes_a_model_no_run_wrote(tmp_path):
         check_out(out, base=tmp_path / "base_folder", inputs=[], force=True)
     (out / "train_config.json").write_text("{}")  # an earlier run's folder: --force may clear it
     check_out(out, base=tmp_path / "base_folder", inputs=[], force=True)
+    # sweep --force over a folder whose full/ holds a copied model: refused before anything is deleted
+    from spectra.training import sweep
+
+    runs = tmp_path / "runs"
+    (runs / "full").mkdir(parents=True)
+    (runs / "full" / "model.safetensors").write_bytes(Path(tuned).read_bytes())
+    (tmp_path / "data.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    with pytest.raises(ConfigError, match="full holds model.safetensors, which no spectra train run wrote"):
+        sweep(str(tmp_path / "base_folder"), str(tmp_path / "data.txt"), str(runs), methods=["full"], ranks=[], force=True, steps=1)
+    assert (runs / "full" / "model.safetensors").read_bytes() == Path(tuned).read_bytes()
 
 
 def test_a_terminal_reporting_zero_columns_still_gets_the_results(tmp_path):
@@ -310,4 +328,139 @@ def test_an_empty_output_path_is_a_usage_error(tmp_path):
     base, tuned = small_pair(tmp_path)
     spectra.diff(base, tuned, out_dir=tmp_path / "res", plots=False)
     proc = _cli(["recommend", str(tmp_path / "res"), "-o", ""])
-    assert proc.returncode == 2 and "an empty path" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 1 and "error: --out must name a file. Got '' instead" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ww_compatible_keeps_a_fused_matrix_transformers_chunks_into_linears(tmp_path):
+    """nomic-bert's stored Wqkv is chunked on load into Linear q/k/v, which WeightWatcher sees: the first
+    --ww-compatible mend took every converter for a stacked parameter and dropped it (review of this round)."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from spectra.esd_run import EsdConfig, esd
+
+    cfg = transformers.AutoConfig.for_model("nomic_bert", num_hidden_layers=1, hidden_size=64, num_attention_heads=2,
+                                            intermediate_size=128, vocab_size=100).to_dict()
+    cfg["architectures"] = ["NomicBertModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(0)
+    save_file({"encoder.layers.0.attn.Wqkv.weight": torch.randn(192, 64, generator=g),
+               "encoder.layers.0.attn.out_proj.weight": torch.randn(64, 64, generator=g),
+               "encoder.layers.0.mlp.fc11.weight": torch.randn(128, 64, generator=g),
+               "encoder.layers.0.mlp.fc2.weight": torch.randn(64, 128, generator=g)}, str(tmp_path / "model.safetensors"))
+    res = esd(tmp_path, config=EsdConfig(ww_compatible=True, device="cpu"))
+    assert "encoder.layers.0.attn.Wqkv.weight" in {m.name for m in res.matrices}, res.skipped
+    assert not any("WeightWatcher does not see it" in s["reason"] for s in res.skipped)
+
+
+def test_an_update_and_its_negation_are_not_called_copies(tmp_path):
+    """Task negation (B's update = −A's, exactly) has A's norm on every matrix: interfere called the two
+    "copies of one fine-tune" while it measured cosine −1 (review of this round)."""
+    from spectra.interfere import interfere
+
+    g = torch.Generator().manual_seed(8)
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    W = {n: torch.randint(-8, 8, (16, 16), generator=g).float() for n in names}  # exact ± in float32
+    D = {n: (torch.randint(-2, 3, (16, 2), generator=g) @ torch.randint(-2, 3, (2, 16), generator=g)).float() / 4 for n in names}
+    save_file(W, str(tmp_path / "base.safetensors"))
+    for name, sign in (("a", 1), ("neg", -1)):
+        save_file({n: W[n] + sign * D[n] for n in names}, str(tmp_path / f"{name}.safetensors"))
+    res = interfere(str(tmp_path / "base.safetensors"), [str(tmp_path / "a.safetensors"), str(tmp_path / "neg.safetensors")],
+                    plots=False)
+    assert all(m["fro"][0] == m["fro"][1] and m["cosine"][0][1] == pytest.approx(-1) for m in res.modules)
+    assert not any("copies of one fine-tune" in w for w in res.warnings), res.warnings
+    both = spectra.compare(str(tmp_path / "a.safetensors"), str(tmp_path / "neg.safetensors"),
+                           base=str(tmp_path / "base.safetensors"))
+    said = [w for w in both.warnings if "same norm" in w]
+    assert len(said) == 1 and "or one the negation of the other" in said[0]  # compare's measures are blind to sign
+
+
+def test_trace_takes_each_checkpoints_loss_from_its_own_state(tmp_path):
+    """Two runs written into one output_dir: every checkpoint's loss was looked up in the histories merged
+    newest-first, so checkpoint-2 and -4 got the second run's losses (5.39, 4.96 for their own 5.46, 5.31),
+    without a word; a checkpoint of another model that failed still supplied its log."""
+    import json
+
+    from spectra.trace import TraceConfig, trace
+
+    base, tuned = small_pair(tmp_path)
+    run = tmp_path / "run"
+
+    def ckpt(step: int, history: list[tuple[int, float]]) -> None:
+        d = run / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(Path(tuned).read_bytes())
+        (d / "trainer_state.json").write_text(json.dumps(
+            {"global_step": step, "log_history": [{"step": s, "loss": v} for s, v in history]}))
+
+    ckpt(2, [(2, 5.4604)])
+    ckpt(4, [(2, 5.4604), (4, 5.3081)])
+    ckpt(6, [(2, 5.3926), (4, 4.9623), (6, 4.5)])  # a second run into the same folder
+    res = trace(base, [str(run)], config=TraceConfig(), plots=False)
+    assert [(c["step"], c["loss"]) for c in res.checkpoints] == [(2, 5.4604), (4, 5.3081), (6, 4.5)]
+    assert any("log different training losses at step 2 (5.46 and 5.393)" in w for w in res.warnings), res.warnings
+
+
+def test_tracker_names_matrices_as_a_checkpoint_stores_them_under_ddp(tmp_path):
+    """A tracker given the DDP-wrapped model named every matrix `module.model.…`: a filter written against the
+    stored names matched nothing ("found no matrix"), and its names differed from `spectra trace` of the run."""
+    transformers = pytest.importorskip("transformers")
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import TraceConfig
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=32, max_position_embeddings=16,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg)
+
+    class Wrapped(torch.nn.Module):  # what DistributedDataParallel puts around it: the model as `module`
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+    tracker = SpectraTracker(Wrapped(model), every=1, out_dir=None, config=TraceConfig(include=r"^model\.layers\.1\.self_attn\.q"))
+    assert [t.name for t in tracker.matrices] == ["model.layers.1.self_attn.q_proj.weight"]
+
+
+def test_spectra_train_traces_the_step_it_saves(tmp_path):
+    """`spectra train --steps 7 --trace-every 5` measured step 5 only while the saved adapter is step 7: the
+    report said "At step 5 (the only checkpoint)" and "1 checkpoints (steps 5–5)"."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    import pydoc_data.topics as topics
+
+    from spectra.report_trace import section_html
+    from spectra.trace import load_trace
+    from spectra.training import TrainConfig, train
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    (tmp_path / "data.txt").write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:20_000])
+    train(TrainConfig(base=str(tmp_path / "base"), data=str(tmp_path / "data.txt"), out=str(tmp_path / "run"), method="lora",
+                      rank=2, steps=7, batch=2, seq_len=32, eval_every=7, eval_batches=1, trace_every=5, device="cpu"))
+    res = load_trace(tmp_path / "run" / "trace.jsonl")
+    assert [c["step"] for c in res.checkpoints] == [5, 7]
+    logged = {json.loads(line)["step"]: json.loads(line)["train_loss"]
+              for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines() if "train_loss" in line}
+    assert res.checkpoints[-1]["loss"] == pytest.approx(logged[7])  # the loss the run logged at that step
+    page = section_html(tmp_path / "run" / "trace.jsonl", res.to_dict())
+    assert "2 checkpoints (steps 5–7)" in page
+
+
+def test_a_trainer_callback_trace_shows_the_logged_loss_at_each_checkpoint():
+    """The Trainer callback writes its matrix records with loss null (on_step_end has none) and the Trainer's
+    logs as {"log": …} lines: the report's checkpoint table showed "–" at every step."""
+    from spectra.trace import result_from_records
+
+    point = {"energy_rank": {"0.9": 1}, "fro_norm": 1.0}
+    records = [{"header": {"kind": "full", "config": {"thresholds": [0.9]}}},
+               {"log": {"step": 2, "loss": 5.535}}, {"log": {"step": 4, "loss": 5.1}},
+               *({"kind": "full", "step": s, "loss": None, "matrix": {"name": "q.weight", "shape": [4, 4]}, "point": point}
+                 for s in (2, 4))]
+    res = result_from_records(records)
+    assert [(c["step"], c["loss"]) for c in res.checkpoints] == [(2, 5.535), (4, 5.1)]
