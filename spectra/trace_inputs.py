@@ -130,6 +130,20 @@ def _merge(histories: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return [history[s] for s in sorted(history)]
 
 
+def _first_clash(refs: list[CheckpointRef], by: dict[str, dict[int, float]]) -> str | None:
+    """The first step two checkpoints' histories log different losses at, in words (None: they agree)."""
+    first: dict[int, tuple[float, str]] = {}  # step -> the first loss logged there, and by which checkpoint
+    for r in refs:  # one pass over every record: a long run's hundred checkpoints hold thousands each
+        for s, v in by[r.path].items():
+            if s not in first:
+                first[s] = (v, r.path)
+            elif not math.isclose(first[s][0], v, rel_tol=1e-9):
+                return (f"{Path(first[s][1]).name} and {Path(r.path).name} log different training losses at step {s} "
+                        f"({first[s][0]:.4g} and {v:.4g}): more than one run wrote into this folder? each "
+                        "checkpoint's loss is the one its own trainer_state.json logs")
+    return None
+
+
 def _assign_losses(refs: list[CheckpointRef], own: dict[str, list[dict[str, Any]]], run_log: list[dict[str, Any]],
                    warnings: list[str]) -> None:
     """Each checkpoint's training loss at its step: from its own ``trainer_state.json``, else the run's
@@ -140,16 +154,7 @@ def _assign_losses(refs: list[CheckpointRef], own: dict[str, list[dict[str, Any]
         return {rec["step"]: rec["loss"] for rec in h if "loss" in rec}
 
     by = {r.path: losses(own.get(r.path, [])) for r in refs}
-    clash = None
-    for i, a in enumerate(refs):
-        for b in refs[i + 1:]:
-            common = [s for s in by[a.path] if s in by[b.path] and not math.isclose(by[a.path][s], by[b.path][s], rel_tol=1e-9)]
-            if common and clash is None:
-                s = common[0]
-                clash = (f"{Path(a.path).name} and {Path(b.path).name} log different training losses at step {s} "
-                         f"({by[a.path][s]:.4g} and {by[b.path][s]:.4g}): more than one run wrote into this folder? each "
-                         "checkpoint's loss is the one its own trainer_state.json logs")
-    if clash:
+    if clash := _first_clash(refs, by):
         warnings.append(clash)
     log = losses(run_log)
     for r in refs:
@@ -192,14 +197,14 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
     try:
         entries = sorted(run.iterdir())
         known = {d.resolve() for d in found}
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: pathlib's resolve() on a link loop (Python < 3.13)
         return out
     for d in entries:
         try:
             if (d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".")
                     and d.resolve() not in known and _holds_weights(d)):
                 out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: its step is not known; {how}"})
-        except OSError:  # a link loop or a folder that cannot be read: not a model spectra can name
+        except (OSError, RuntimeError):  # a link loop or a folder that cannot be read: not a model spectra can name
             continue
     return out
 
