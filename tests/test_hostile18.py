@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import spectra
 from tests.pair_util import small_pair
+from tests.train_util import tiny_llama
 
 
 def _llama_like(root: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -404,15 +405,11 @@ def test_trace_takes_each_checkpoints_loss_from_its_own_state(tmp_path):
 def test_tracker_names_matrices_as_a_checkpoint_stores_them_under_ddp(tmp_path):
     """A tracker given the DDP-wrapped model named every matrix `module.model.…`: a filter written against the
     stored names matched nothing ("found no matrix"), and its names differed from `spectra trace` of the run."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from spectra.callbacks import SpectraTracker
     from spectra.trace import TraceConfig
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=32, max_position_embeddings=16,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama()
 
     class Wrapped(torch.nn.Module):  # what DistributedDataParallel puts around it: the model as `module`
         def __init__(self, inner: torch.nn.Module) -> None:
@@ -428,18 +425,14 @@ def test_spectra_train_traces_the_step_it_saves(tmp_path):
     report said "At step 5 (the only checkpoint)" and "1 checkpoints (steps 5–5)"."""
     import json
 
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import pydoc_data.topics as topics
 
     from spectra.report_trace import section_html
     from spectra.trace import load_trace
     from spectra.training import TrainConfig, train
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tiny_llama().save_pretrained(tmp_path / "base")
     (tmp_path / "data.txt").write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:20_000])
     train(TrainConfig(base=str(tmp_path / "base"), data=str(tmp_path / "data.txt"), out=str(tmp_path / "run"), method="lora",
                       rank=2, steps=7, batch=2, seq_len=32, eval_every=7, eval_batches=1, trace_every=5, device="cpu"))
