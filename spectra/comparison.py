@@ -532,7 +532,7 @@ def compare(
     result.warnings = read_notes((base_ckpt, A.tuned, B.tuned, A.adapter, B.adapter))
     if base_ckpt is not None:  # an adapter of another base of the same shapes: said, since no check can fail
         result.warnings += [w for s in (A, B) if s.adapter is not None and (w := recorded_base_warning(s.adapter, base_ckpt))]
-    if not (a_b_differ := not same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b)))):
+    if same_path := same_file(*(str(getattr(x, "root", None) or x.label) if isinstance(x, Checkpoint) else x for x in (a, b))):
         result.warnings.append(f"A and B are the same checkpoint ({A.label}): every measure compares an update with itself")
     shared = [k for k in A.names if k in B.names]
     if not shared:
@@ -634,7 +634,7 @@ def compare(
             notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")
             result.warnings += [f"{who} ({side.label}): {n}" for n in side.pair_notes]
-        result.warnings += input_warnings(result, same_path=not a_b_differ)
+        result.warnings += input_warnings(result, same_path=same_path)
         if tied := [m.name for m in result.modules if "tied singular values" in (m.note or "")]:
             result.warnings.append(f"{len(tied)} of {len(result.modules)} modules (e.g. {tied[0]}) hold tied singular values at or "
                                    "inside a rank: what that leaves undetermined is null or said in each one's note (compare.json)")

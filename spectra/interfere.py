@@ -585,14 +585,11 @@ def interfere(
             result.warnings.append(f"{len(tied)} of {len(result.modules)} matrices (e.g. {tied[0]}) hold tied singular values in a "
                                    "task's kept triplets: its TSV entries there are a solver's choice (each one's note in "
                                    "interfere.json)")
-        # copies under two paths: norms equal to 12 digits on every matrix (a path given twice is said above)
+        # copies under two paths (a path given twice is said above)
         result.warnings += [f"tasks {result.names[i]} and {result.names[j]} have updates of the same norm, to 12 digits, on "
-                            f"every one of the {len(live)} matrices: copies of one fine-tune? their pair compares an update with itself"
-                            for i in range(len(tasks)) for j in range(i + 1, len(tasks)) if not same_file(labels[i], labels[j])
-                            and (live := [m for m in result.modules if m["fro"][i] or m["fro"][j]])
-                            and all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) for m in live)
-                            # and pointing the same way: an update and its negation (task negation) have one norm
-                            and all(m["cosine"][i][j] is not None and m["cosine"][i][j] > 1 - 1e-9 for m in live)]
+                            f"every one of the {k} matrices: copies of one fine-tune? their pair compares an update with itself"
+                            for i in range(len(tasks)) for j in range(i + 1, len(tasks))
+                            if not same_file(labels[i], labels[j]) and (k := _copies(result.modules, i, j))]
         for i, t in enumerate(tasks):
             rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
             if rels and float(np.median(rels)) > 1.0:
@@ -623,6 +620,15 @@ def interfere(
 #: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).
 JOURNAL = "interfere.jsonl"
 #: The keys of a module record that the summary and the outputs read, and their shapes: per task (n) or n × n.
+def _copies(modules: list[dict[str, Any]], i: int, j: int) -> int:
+    """How many matrices tasks ``i`` and ``j`` changed when their updates look one on every one of them (norms
+    equal to 12 digits and cosine +1: an update and its negation, task negation, share a norm), else 0."""
+    live = [m for m in modules if m["fro"][i] or m["fro"][j]]
+    same = all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) and m["cosine"][i][j] is not None
+               and m["cosine"][i][j] > 1 - 1e-9 for m in live)
+    return len(live) if same else 0
+
+
 _PER_TASK, _PER_PAIR = ("ranks", "fro", "rel_norm"), ("cosine", "phi", "captured")
 
 
