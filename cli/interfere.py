@@ -84,7 +84,7 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     err.print(f"{len(result.modules)} matrices compared in {result.elapsed_s:.1f} s on {result.device}; "
-              f"{len(result.partial)} updated by some tasks only, {len(result.skipped)} skipped", highlight=False)
+              f"{len(result.partial)} held by some tasks only, {len(result.skipped)} skipped", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
     if report:

@@ -192,7 +192,8 @@ class InterfereResult:
         modules: one record per matrix every task updates (see :func:`interfere`).
         summary: per pairwise measure the element-wise median over modules (``n × n``), and medians
             of the n-way scalars.
-        partial: matrices only some tasks update, with those tasks' indices.
+        partial: matrices only some tasks hold, with those tasks' indices (a full checkpoint holds every
+            matrix, changed or not; an adapter only the modules it adapts).
         skipped: ``{"name", "reason"}`` for matrices not analysed.
         warnings: one-line caveats.
     """

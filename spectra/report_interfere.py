@@ -152,7 +152,7 @@ def section_html(path: Path, doc: dict) -> str:
                      rows, sortable=True))
     out.append(legend(LEGEND, title="Measures"))
     if d.get("partial"):
-        out.append(f"<h3>Updated by some tasks only ({len(d['partial'])})</h3>")
+        out.append(f"<h3>Held by some tasks only ({len(d['partial'])})</h3>")
         out.append(table(["name", "tasks"], [[p["name"], ", ".join(names[i] for i in p["tasks"])] for p in d["partial"]]))
     if d.get("skipped"):
         out.append(f"<h3>Not compared ({len(d['skipped'])})</h3>")
