@@ -418,9 +418,6 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
                 "undefined; check lora_alpha in adapter_config.json")
     base_fro = float(torch.linalg.vector_norm(W.double()).item()) if W is not None else None
     base_sv = tuned_sv = esd = None
-    # a factored ΔW has at most r nonzero eigenvalues: fitted by the rule a merged model's dense ΔW of that
-    # rank meets (spectra.records.delta_fit_refusal), so both forms of one update get one answer
-    S_delta = S
     if config.weight_spectra and W is not None:  # W_tuned = W_base + ΔW, formed densely in float64
         tuned = W.double() + (delta.double() if mod.magnitude is not None else mod.scale * (Bf.double() @ Af.double()))
         if not bool(torch.isfinite(tuned).all()):
@@ -429,9 +426,11 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         del tuned
         base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
         if config.esd:
-            esd = esd_entry(shape, S_delta, S_b, S_t)
+            # a factored ΔW has at most r nonzero eigenvalues: fitted by the rule a merged model's dense ΔW
+            # meets (spectra.records.delta_fit_refusal), so both forms of one update get one answer
+            esd = esd_entry(shape, S, S_b, S_t)
     elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
-        esd = esd_entry(shape, S_delta, note="no base checkpoint: W_base and W_tuned are unknown")
+        esd = esd_entry(shape, S, note="no base checkpoint: W_base and W_tuned are unknown")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
     if spec.note:

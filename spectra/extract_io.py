@@ -275,12 +275,16 @@ def prepare_out(out: Path, resume: bool, force: bool) -> None:
                 p.unlink()
 
 
+#: The folder ``--eval`` writes the uniform-rank adapter to (``uniform_r<rank>``), beside the extracted one.
+UNIFORM_DIR = re.compile(r"uniform_r\d+")
+
+
 def uniform_folder(path: Path) -> bool:
     """Whether ``path`` is a uniform-rank adapter an earlier ``--eval`` wrote: a folder named
     ``uniform_r<rank>`` holding only the files of a PEFT adapter (a user's ``uniform_runs/`` or a folder
     with other files is not spectra's, and ``--force`` leaves it)."""
     try:
-        return (re.fullmatch(r"uniform_r\d+", path.name) is not None and path.is_dir() and not path.is_symlink()
+        return (UNIFORM_DIR.fullmatch(path.name) is not None and path.is_dir() and not path.is_symlink()
                 and {p.name for p in path.iterdir()} <= {"adapter_config.json", "adapter_model.safetensors"})
     except OSError:
         return False
@@ -298,7 +302,7 @@ def refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
         except OSError:
             continue
         inside = where.relative_to(target).parts if where.is_relative_to(target) else ()
-        if inside and re.fullmatch(r"uniform_r\d+", inside[0]):
+        if inside and UNIFORM_DIR.fullmatch(inside[0]):
             raise ConfigError(f"the input {x.label if isinstance(x, Checkpoint) else x} lies in {target / inside[0]}, the "
                               "folder where --eval writes its uniform-rank adapter (and --force deletes it)", path=out,
                               hint="choose another folder for --out, or move the input out of it")
