@@ -31,7 +31,14 @@ def shown(text: object) -> str:
     """``text`` fit for a rich markup string: control characters (a hostile tensor name's or path's ESC, BEL,
     OSC 8 link…) written as escapes, line breaks kept, rich markup escaped. Every line the CLI prints that
     holds a name, a path or a library message goes through it."""
-    return escape("\n".join(printable(line) for line in str(text).split("\n")))
+    safe = "\n".join(printable(line) for line in str(text).split("\n"))
+    body = safe.rstrip("\\")
+    n = len(safe) - len(body)
+    if not n:
+        return escape(safe)
+    # trailing backslashes: rich's escape doubles one (lest it escape a following tag), which then shows
+    # doubled unless a tag follows; ending on an empty tag makes the doubled run render as the n written
+    return escape(body) + "\\" * (2 * n) + "[dim][/dim]"
 
 
 #: Narrowest width the consoles draw at: a terminal that reports less (COLUMNS=0 made rich print

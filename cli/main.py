@@ -193,7 +193,7 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
     out = params.get("out_dir")
     if out and "resume" in params:
         if not _journaled(Path(out)):  # stopped while the inputs were opened
-            return f"stopped before any result was written to {out}: run the command again (without --resume)"
+            return f"stopped before any result was written to {out}: run the command again"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")
     if out:  # a command that writes --out only as it finishes (every one that writes results journals them now)

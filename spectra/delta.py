@@ -30,6 +30,7 @@ class Prepared:
     skip: str | None = None
     base: torch.Tensor | None = None  # W_base upcast, only with DiffConfig.weight_spectra
     note: str = ""  # numerical caveats of this ΔW (spectra.numerics)
+    floor: float = 0.0  # storage rounding floor of ΔW's singular values (pair_floor), only when asked for
 
 
 def oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor:
@@ -42,8 +43,10 @@ def oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor
     return w
 
 
-def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False) -> list[Prepared]:
-    """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread)."""
+def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False,
+            floors: bool = False) -> list[Prepared]:
+    """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread);
+    with ``floors`` also each ΔW's storage rounding floor (:func:`pair_floor`, one more pass over the pair)."""
     pair = task.pair
     wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
     wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
@@ -61,7 +64,7 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
         else:
             notes = pair_notes(pair, b, t, delta, base_fro)  # base_fro²: inf, not OverflowError, past 1e154
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
-                                 note="; ".join(notes)))
+                                 note="; ".join(notes), floor=pair_floor(pair, b, t) if floors else 0.0))
     return out
 
 

@@ -139,6 +139,7 @@ class _Source:
     label: str = ""
     renames: dict[str, str] = field(default_factory=dict)  # module path as stored -> as transformers loads it
     notes: list[str] = field(default_factory=list)  # how the targets were chosen, for the warnings
+    base_prefix: str = ""  # a wrapper prefix of the base names the modules drop (they take the tuned names then)
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -158,6 +159,12 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     # the wrapper prefix of the tuned names (DDP's module., a LightningModule's model.), from a module both name
     prefix = next((p.tuned.name[: -len(p.base.name)] for p in pairing.pairs
                    if p.base.role == p.tuned.role and p.tuned.name.endswith("." + p.base.name)), "")
+    # and of the base names, when the base has no config.json to be loaded by (a LightningModule's state dict
+    # saved bare, model.model.layers…, beside a plain tuned model): the model a user loads has the tuned names,
+    # and an adapter named model.model.… loads onto it as a silent no-op
+    base_prefix = "" if base.config is not None else next(
+        (p.base.name[: -len(p.tuned.name)] for p in pairing.pairs
+         if p.base.role == p.tuned.role and p.base.name.endswith("." + p.tuned.name)), "")
     for task in tasks:
         spec = task.pair.tuned
         why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None,
@@ -167,7 +174,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             continue
         unit = task.units[0]
         # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
-        targets.append(target_of(unit.order, spec, module_of(task.pair, prefix), unit.shape, base_name=task.pair.base.name,
+        targets.append(target_of(unit.order, spec, module_of(task.pair, prefix).removeprefix(base_prefix), unit.shape,
+                                 base_name=task.pair.base.name,
                                  dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x)))
         kept.append(task)
@@ -195,7 +203,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
-                   label=tuned_ckpt.label, notes=notes)
+                   label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix)
 
 
 def _same_key(ckpt: Checkpoint, name: str) -> str | None:
@@ -237,7 +245,9 @@ def _settings(config: ExtractConfig, device: torch.device) -> RunSettings:
 
 def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
     settings = _settings(config, device)
-    prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes)
+    # a budget's gains stop at the rounding floor: components of stored-weight rounding are no part of the update
+    prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes,
+                        floors=config.mode == "budget")
     try:
         # the CPU decomposes as many matrices at once as it has threads (one BLAS thread each), so a batch
         # keeps only those and the pairs read ahead in memory
@@ -251,7 +261,7 @@ def _approx(config: ExtractConfig, t: Target) -> bool:
     return config.approx_above is not None and t.p > config.approx_above
 
 
-def _randomized(run: ExtractRun, i: int, delta: torch.Tensor) -> None:
+def _randomized(run: ExtractRun, i: int, delta: torch.Tensor, floor: float = 0.0) -> None:
     """Top triplets of a matrix above ``approx_above`` (both strategies keep its factors at once)."""
     t, config = run.targets[i], run.config
     k = min(t.p, max(run.plan.caps[i], run.plan.uniform_bound))
@@ -264,7 +274,7 @@ def _randomized(run: ExtractRun, i: int, delta: torch.Tensor) -> None:
             k = min(t.p, run.plan.caps[i], 2 * k)
     else:
         tr = randomized_triplets(delta, k, seed=config.seed)
-    run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=None, exp=tr.exp)
+    run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=None, exp=tr.exp, floor=floor)
     run.add_factors(i, tr.B, tr.A)
 
 
@@ -289,7 +299,7 @@ def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: to
             if item.delta is None:
                 run.skip(i, item.skip or "skipped")
             elif _approx(config, run.targets[i]):
-                _randomized(run, i, item.delta)
+                _randomized(run, i, item.delta, item.floor)
             else:
                 exact.append((i, item))
         if want is None and two and exact:  # values only, the engine's exact batched path
@@ -297,7 +307,8 @@ def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: to
             for (i, item), S in zip(exact, S_all):
                 e = square_scale_exponent(S)  # σ² beyond float64's range: journaled as S·2**-e (ExtractRun)
                 S = np.ldexp(S, -e) if e else S
-                run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note, exp=e)
+                run.add_spectrum(i, S, spectrum_total(S), "gram-eigvalsh/float64", base_fro=item.base_fro, note=item.note, exp=e,
+                                 floor=item.floor)
         else:
             # spectra of the batch (in parallel), the ranks from them (in order), then the factors (in parallel)
             deltas = [item.delta for _, item in exact]
@@ -312,7 +323,8 @@ def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: to
                 ks = [run.keep_now(i, eig.S, eig.total, cutoff, eig.exp) if want is None else want[i] for (i, _), eig in zip(exact, eigs)]
             if want is None:
                 for (i, item), eig in zip(exact, eigs):
-                    run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note, exp=eig.exp)
+                    run.add_spectrum(i, eig.S, eig.total, "gram-eigh/float64", base_fro=item.base_fro, note=item.note, exp=eig.exp,
+                                     floor=item.floor)
             factors = _in_parallel(eig_factors, list(zip(deltas, eigs, ks)), device)
             del eigs
             for (i, _), (B, A) in zip(exact, factors):
@@ -503,7 +515,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # model (seconds) run beside the decompositions
     loaded: dict[str, Any] = {}
     renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source"), load_renames(
-        src.base.config, [n[: -len(".weight")] for n in src.base.tensors if n.endswith(".weight")]))),
+        src.base.config or (src.tuned.config if src.base_prefix else None),
+        [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")]))),
         name="spectra-load-names", daemon=True)
     renamer.start()
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
@@ -545,7 +558,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         if short:
             _dense_pass(src, run, config, device, stage="vectors", want=short)
     not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
-                             config.save_modules)
+                             config.save_modules, src.base_prefix)
     renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
     src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
     src.targets = [replace(t, module=src.renames.get(t.module, t.module)) for t in src.targets]
@@ -630,7 +643,7 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
     adapted = {t.module: r for i, t, r in chosen}
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
     # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
-    all_modules = [as_loaded(n[: -len(".weight")]) for n in src.base.tensors if n.endswith(".weight")]
+    all_modules = [as_loaded(n[: -len(".weight")].removeprefix(src.base_prefix)) for n in src.base.tensors if n.endswith(".weight")]
     task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),

@@ -121,13 +121,17 @@ class ExtractRun:
         return min(t.p, max(self.plan.caps[i], self.plan.uniform_bound, self.config.top_values) + 1)
 
     def add_spectrum(self, i: int, S: np.ndarray, total: float, method: str, *, residual: float | None = None,
-                     base_fro: float | None = None, note: str = "", stage: str = "spectra", exp: int = 0) -> None:
-        """Journal target i's top values ``S`` and ``total`` = ‖ΔW‖²_F, both of ``ΔW·2**-exp``."""
+                     base_fro: float | None = None, note: str = "", stage: str = "spectra", exp: int = 0,
+                     floor: float = 0.0) -> None:
+        """Journal target i's top values ``S`` and ``total`` = ‖ΔW‖²_F, both of ``ΔW·2**-exp``, and ``floor``, the
+        storage rounding floor of ΔW's singular values (:func:`spectra.delta.pair_floor`, in ΔW's units; 0: none known)."""
         t = self.targets[i]
         rec = {"order": t.order, "S": [float(x) for x in np.asarray(S)[: self.n_values(i)]], "total": float(total),
                "method": method, "residual": residual, "base_fro": base_fro, "note": note}
         if exp:
             rec["exp"] = int(exp)
+        if floor > 0:
+            rec["floor"] = math.ldexp(floor, -int(exp))
         self.spectra[i] = rec
         self.journal.add({"spectrum": rec})
         self._emit(stage, t.name)

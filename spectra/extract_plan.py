@@ -380,8 +380,11 @@ def common_exp(spectra: Iterable[dict]) -> int:
 
 def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
     """The first ``n`` σᵢ² of a journaled spectrum in units of ``4**ref`` (exact powers of two; those of a
-    module far below the unit underflow to 0, as its energy is nothing beside the others'), float64."""
+    module far below the unit underflow to 0, as its energy is nothing beside the others'), float64. Values
+    at or below the spectrum's rounding floor (``floor``, journaled under a budget) gain 0: a budget is never
+    spent on the rounding of the stored weights (:func:`spectra.lowrank.allocate_budget` takes no zero gain)."""
     S = np.asarray(spec["S"][:n], dtype=np.float64)
+    S = np.where(float(spec.get("floor", 0.0)) < S, S, 0.0)
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
 
 

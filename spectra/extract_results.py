@@ -202,7 +202,7 @@ def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reaso
 
 
 def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[str, str]], adapted: list[Target],
-                  adapter: Any, save_modules: bool) -> list[dict[str, Any]]:
+                  adapter: Any, save_modules: bool, base_prefix: str = "") -> list[dict[str, Any]]:
     """Changed 1-D tensors (norms, biases) and, for an adapter, its ``modules_to_save``: what LoRA
     cannot hold. With ``save_modules`` each is kept where PEFT can: the bias of an adapted module as
     ``lora_B.bias`` (PEFT's ``lora_bias`` is one flag for every adapted module, so only when each
@@ -233,7 +233,8 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
             continue
         fro, bf = _fro_blocks(b, t)
         # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
-        tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0]
+        # (less a wrapper prefix of the base names that the modules drop: extract._open_source)
+        tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
         rec = {"name": tn, "kind": "bias" if is_bias(tn) else "1-D (norm or scale)", "shape": list(t.shape), "fro_norm": fro,
                "rel_norm": _rel(fro, bf), "module": owner, "held": None, "reason": ""}
         inside = descendants(tuned_owner)
@@ -360,6 +361,17 @@ def tied_embedding_warning(base: Checkpoint, targets: list[Target], ranks: list[
             "the update; merge it first (merge_and_unload), which changes the shared weight and so both"]
 
 
+def _floored(spectra: dict[int, dict], targets: list, ranks: list[int], left: int) -> list[str]:
+    """Modules whose next component would fit in the ``left`` parameters of a budget but is at or below its
+    spectrum's rounding floor (``floor``, :func:`spectra.extract_plan.energies`), by name."""
+    out = []
+    for i, t in enumerate(targets):
+        S, floor = spectra[i].get("S") or [], float(spectra[i].get("floor", 0.0))
+        if floor > 0 and t.cost <= left and ranks[i] < len(S) and 0 < S[ranks[i]] <= floor:
+            out.append(t.name)
+    return out
+
+
 def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tuple[Allocation, list[list[int]]] | None,
                  plan: RankPlan, config: ExtractConfig, dtype: torch.dtype, device: torch.device, uniform: int,
                  not_extracted: list[dict], not_lora: list[dict]) -> ExtractResult:
@@ -465,6 +477,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
                         f"(e.g. {noise[0]['name']}): {len(noise) - held} get rank 0 (spectra diff gives such matrices no rank)"
                         f"{f', {held} keep their expert stack rank (one rank per stack)' if held else ''}; the counts and "
                         "medians of the totals are over the other changed modules")
+    if allocation is not None and (floored := _floored(spectra, targets, ranks, plan.budget - allocation["used_params"])):
+        warnings.append(f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent: the next components of "
+                        f"{len(floored)} modules (e.g. {floored[0]}) are at the rounding level of their stored weights "
+                        "(rounding noise, not the update), which a budget is never spent on")
     if config.mode == "energy":
         short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12]
         if short:

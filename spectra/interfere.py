@@ -57,7 +57,7 @@ from spectra.linalg import check_device_available, resolve_device, singular_valu
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
@@ -138,13 +138,13 @@ class _Task:
         else:
             self.kind = "full"
             self.ckpt = open_checkpoint(label)
-            pairing = pair_checkpoints(base, self.ckpt)
+            pairing = pair_by_base_names(base, self.ckpt)
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
             for p in pairing.pairs:
                 self.updates[p.base.name] = p
             # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"
             self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
-                             if x.reason.startswith(("shape mismatch", "fused rows"))]
+                             if x.reason.startswith(("shape mismatch", "fused rows", "an output head"))]
 
     def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device, *,
               notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str], float]:

@@ -17,6 +17,10 @@ from typing import Any
 
 import torch
 
+#: Module names (last part) that GPT-2-style ``Conv1D`` layers carry, stored ``(in, out)`` when
+#: :attr:`ArchInfo.conv1d`; PEFT adapts them with ``fan_in_fan_out``.
+CONV1D_LEAVES = ("c_attn", "c_proj", "c_fc", "q_attn")
+
 
 @dataclass(frozen=True)
 class ArchInfo:

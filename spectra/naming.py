@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from spectra.layouts import ArchInfo, Part, split_fused
+from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
 
 #: Leading name components that only wrap a model (``model.``, ``transformer.``, ``bert.``...): two
 #: checkpoints of one model saved through different heads differ by these, and pairing ignores them.
@@ -199,7 +199,11 @@ def display_name(name: str, *, max_chars: int | None = None) -> str:
     'model.layers.0.q_proj\\x1b[2J'
     >>> display_name("x" * 50, max_chars=12)
     'xxxxxxx…xxxx (50 characters)'
+    >>> display_name("")
+    '""'
     """
+    if not name:  # an empty tensor name (legal in safetensors) would label nothing
+        return '""'
     text = _UNSAFE_CHARS.sub(_escape_char, name) if _UNSAFE_CHARS.search(name) else name
     if max_chars is not None and len(text) > max_chars:
         keep = max(max_chars - 1, 2)
@@ -346,7 +350,22 @@ def _parse_all(names: Sequence[str]) -> dict[str, _Parsed]:
     for group in seen.values():
         if len(group) > 1:
             parsed.update({n: _parse(n, keep_indices=True) for n in group})
+            again: dict[tuple[int | None, int | None, str], list[str]] = {}
+            for n in group:
+                again.setdefault((parsed[n].layer, parsed[n].expert, parsed[n].rel_path), []).append(n)
+            for same in again.values():  # one stack under two wrapper prefixes (model.layers.0.… beside layers.0.…)
+                if len(same) > 1:
+                    parsed.update({n: _with_prefix(n, parsed[n]) for n in same})
     return parsed
+
+
+def _with_prefix(name: str, p: _Parsed) -> _Parsed:
+    """``p`` with the leading wrapper components :func:`pairing_key` dropped from ``name`` put back in
+    its path, so that two copies of one matrix under different wrappers keep two labels."""
+    comps, key_comps = name.split("."), p.key.split(".")
+    lead = next((i for i in range(len(comps)) if comps[i:i + len(key_comps)] == key_comps), 0)
+    prefix = ".".join(comps[:lead])
+    return _Parsed(p.key, p.layer, p.expert, f"{prefix}.{p.rel_path}" if prefix else p.rel_path, p.leaf, p.parent)
 
 
 _ATTN_PARENTS = frozenset({"attn", "self_attn", "attention", "self_attention", "selfattention", "mixer"})
@@ -482,7 +501,7 @@ def describe_checkpoint(
             # gpt-oss interleaves gate and up along the fused 2·I axis, however the stack is stored
             interleaved = EXPERTS_IN_OUT.get(arch.model_type or "") == "interleaved"
         else:
-            transpose = (arch.conv1d and p.leaf in ("c_attn", "c_proj", "c_fc", "q_attn")) or p.leaf in IN_OUT_PARAMETERS
+            transpose = (arch.conv1d and p.leaf in CONV1D_LEAVES) or p.leaf in IN_OUT_PARAMETERS
             if role == "router" and (p.parent, p.leaf) in ROUTERS_IN_OUT.get(arch.model_type or "", ()):
                 transpose = True
         out_dim = shape[-1] if transpose else shape[-2]

@@ -12,7 +12,8 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     weights' stored dtype (the rounding made when they were saved; a base stored coarser, such as a
     bf16 release fine-tuned and saved in float32, is exact as it stands),
     ``|ΔW_ij| ≤ ε · max(|W_base,ij|, |W_tuned,ij|)`` with ε = ``torch.finfo(dtype).eps``
-    (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3). A 1e-8 relative update stored
+    (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3); ``ε/2`` where the base is stored
+    finer than the tuned weights (its ΔW holds only the tuned side's round-to-nearest, at most half an ulp). A 1e-8 relative update stored
     in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is that of rounding noise.
     The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
     criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
@@ -132,12 +133,17 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     # step are the update, not rounding (they were called noise, and recommend refused); the base's own
     # rounding, when TUNED was made from a finer original, is (5)'s caveat
     eps = eps_t if eps_t is not None else eps_b
+    # a rounding step of ΔW: one ulp (≤ ε·|x|) where both sides are on one grid (a 1-ulp flip), but half of one
+    # (the unit roundoff) where the base is stored finer, since then ΔW's rounding is only the tuned side's
+    # round-to-nearest; a full ulp there called a bf16-saved update of 3e-3·‖W‖ rounding noise (77% of it learned)
+    finer_base = eps_b is not None and eps_t is not None and eps_b < eps_t
+    step = None if eps is None else eps / 2 if finer_base else eps
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
     where = ""
     if max_rows is None or total_rows <= max_rows:
-        s = _pass(b2, t2, d2, eps, tiny_b, tiny_t, block, norms=base_sq is None)
+        s = _pass(b2, t2, d2, step, tiny_b, tiny_t, block, norms=base_sq is None)
     else:
         # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
         # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
@@ -153,7 +159,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
-        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], eps, tiny_b, tiny_t, block, weight=weight.to(d2.device),
+        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], step, tiny_b, tiny_t, block, weight=weight.to(d2.device),
                   norms=base_sq is None, delta_sq=False)
         s["delta_sq"] = float((energy**2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
@@ -182,17 +188,17 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
 
     # (2) rounding level: ≤ 1-ulp changes carry most of ‖ΔW‖².
     rounding = False
-    if eps is not None and s["nonzero"]:
+    if step is not None and s["nonzero"]:
         coarse = tuned_dtype if eps_t is not None else base_dtype
-        share = s["ulp_sq"] / s["delta_sq"]
+        share = min(s["ulp_sq"] / s["delta_sq"], 1.0)  # sampled rows scaled up can estimate above the exact total
         if share >= ROUNDING_ENERGY:
             rounding = True
             rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
             mixed = f" (base {base_dtype}, tuned {tuned_dtype})" if base_dtype != tuned_dtype else ""
             notes.append(NumericNote("rounding_level", (
-                f"ΔW is at the rounding level of {coarse}{mixed}: {s['ulp'] / s['nonzero']:.0%} of its "
+                f"ΔW is at the rounding level of {coarse}{mixed}: {min(s['ulp'] / s['nonzero'], 1.0):.0%} of its "
                 f"{s['nonzero']} nonzero entries{where}, carrying {share:.0%} of ‖ΔW‖_F², changed by at most one rounding "
-                f"step (|ΔW_ij| ≤ ε·|W_ij|, ε = {eps:.3g}); ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit roundoff of "
+                f"step (|ΔW_ij| ≤ {'ε/2' if finer_base else 'ε'}·|W_ij|, ε = {eps:.3g}); ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit roundoff of "
                 f"{eps / 2:.3g}: its spectrum is that of rounding noise, not of a learned update")))
 
     # (3) quantisation grids (sampled rows).

@@ -311,6 +311,22 @@ def _head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: 
             "give the base's folder with its config.json")
 
 
+def pair_by_base_names(base: Checkpoint, tuned: Checkpoint) -> Pairing:
+    """:func:`pair_checkpoints` for callers that key each pair by the base's tensor name (``trace``,
+    ``interfere``): a tuned output head that a tied base can only pair with its embedding would be keyed as
+    that embedding, so it is left out, as without ``tied_head``, but said (a pairing note, and ``skipped``):
+    unpaired, it had gone unmentioned while the head changed."""
+    pairing = pair_checkpoints(base, tuned, tied_head=True)
+    tied = [p for p in pairing.pairs if p.base.role != p.tuned.role and p.tuned.role == "head"]
+    for p in tied:
+        why = (f"an output head the base ties to its embedding {p.base.name} (the base stores no head): not followed "
+               "here, where matrices are the base's; spectra diff BASE TUNED measures it against that embedding")
+        pairing.skipped.append(Skipped(p.tuned.name, why))
+        pairing.notes.append(f"{PAIRING_NOTE_PREFIX}{p.tuned.name} is {why}")
+    pairing.pairs[:] = [p for p in pairing.pairs if p not in tied]
+    return pairing
+
+
 def drop_tied_heads(pairing: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     """For a diff: the pair of an output head that the models tie to their embedding (the tuned config says
     ``tie_word_embeddings: true``, and the base's does too or the base stores no head) is the embedding's

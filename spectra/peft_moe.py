@@ -55,6 +55,9 @@ class PeftMoeRules:
         experts_dropped: per-expert 2-D LoRA modules are dropped on load.
         retargeted: last name components PEFT retargets to the fused experts: a non-expert module
             with one of these names is dropped on load.
+        fused: those of :attr:`retargeted` that PEFT fuses into one parameter (Mixtral's ``w1`` and ``w3``
+            into ``gate_up_proj``), whose LoRA it builds at rank ``r`` times their number over their stacked
+            outputs (a block-diagonal B: ``2r·(in + out_w1 + out_w3)`` parameters per expert for two).
         source: where the rules came from (``"transformers 5.24.0, peft 0.21.2"`` or the tables).
     """
 
@@ -62,6 +65,7 @@ class PeftMoeRules:
     experts_dropped: bool = False
     retargeted: frozenset[str] = frozenset()
     source: str = ""
+    fused: frozenset[str] = frozenset()
 
     def why_dropped(self, module: str, expert: int | None) -> str | None:
         """Why PEFT would drop a LoRA on ``module`` (a module path; ``expert``: its expert index,
@@ -102,7 +106,14 @@ def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
     pattern = patterns.get(model_type)
     converts = pattern in targets
     retargeted = frozenset(targets[pattern]) - {"gate"} if converts else frozenset()
-    return PeftMoeRules(model_type, experts_dropped=fused and not converts, retargeted=retargeted, source=version)
+    return PeftMoeRules(model_type, experts_dropped=fused and not converts, retargeted=retargeted, source=version,
+                        fused=_fused_names(targets[pattern]) if converts else frozenset())
+
+
+def _fused_names(mapping: dict[str, str]) -> frozenset[str]:
+    """The old names of a PEFT target mapping that share their new name with another (w1, w3 -> gate_up_proj)."""
+    new = [v for k, v in mapping.items() if k != "gate"]
+    return frozenset(k for k, v in mapping.items() if k != "gate" and new.count(v) > 1)
 
 
 def _fuses_experts(conversion_mapping, model_type: str) -> tuple[bool, str]:
@@ -123,7 +134,8 @@ def _from_tables(model_type: str, why: str) -> PeftMoeRules:
     source = "tables of transformers 5.24 and PEFT 0.21" + (f"; {why}" if why else "")
     if pattern is None:
         return PeftMoeRules(model_type, experts_dropped=True, source=source)
-    return PeftMoeRules(model_type, retargeted=frozenset(_PEFT_MOE_TARGETS[pattern]) - {"gate"}, source=source)
+    return PeftMoeRules(model_type, retargeted=frozenset(_PEFT_MOE_TARGETS[pattern]) - {"gate"}, source=source,
+                        fused=_fused_names(_PEFT_MOE_TARGETS[pattern]))
 
 
 __all__ = ["PeftMoeRules", "peft_moe_rules"]

@@ -33,6 +33,7 @@ from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
+from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
@@ -198,34 +199,47 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     cost = {p: whole[p]["out"] + whole[p]["in"] for p in paths}
     full = sum(whole[p]["out"] * whole[p]["in"] for p in paths)
     ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
+    budget_n: int | None = None
     if budget is not None:
         try:
-            n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
+            n = budget_n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
         except ValueError as exc:
             raise ConfigError(f"--{exc}") from None
-        spend = sum(ranks[p] * cost[p] for p in paths)
+        # the expert modules take one rank (PEFT's global r on transformers >= 5's fused experts): one knapsack item
+        # whose k-th component costs every expert's out + in (and the block-diagonal half of a fused pair's B)
+        group = [p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"])]
+        fused_leaves = rules.fused if rules is not None and rules.retargeted else frozenset()
+        group_cost = sum(cost[p] + (whole[p]["out"] if p.rpartition(".")[2] in fused_leaves else 0) for p in group)
+        solo = [p for p in paths if p not in group]
+        spend = sum(ranks[p] * cost[p] for p in solo) + max((ranks[p] for p in group), default=0) * group_cost
         if energy is None and spend + min(cost.values()) <= n:
             _beyond_kept(budget, n, doc, paths, whole, where, noise)  # the ranks stop where the kept values do
         if spend > n:
             # one power of two for every module (the greedy compares their σ² with each other)
             e = square_scale_exponent(np.array([float(m["fro_norm"]) for p in paths for m in whole[p]["parts"]]))
-            gains, costs = [], []
+            own: dict[str, np.ndarray] = {}
             for p, per in zip(paths, caps):
                 # PEFT trains a fused module whole: its parts' components pool into one descending list,
                 # cut at the module's rank (so that --max-rank and min(out, in) bound the sum, not each part)
                 pooled = np.concatenate([np.ldexp(np.asarray(m.get("singular_values") or [], dtype=np.float64)[:c], -e)
                                          for m, c in zip(whole[p]["parts"], per)])
-                gains.append(np.sort(pooled**2)[::-1][: ranks[p]])
-                costs.append(cost[p])
+                own[p] = np.sort(pooled**2)[::-1][: ranks[p]]
                 if any(len(m.get("singular_values") or []) < c for m, c in zip(whole[p]["parts"], per)):
                     notes.append(f"{p}: the results keep fewer singular values than its τ rank; the budget is spread over those kept")
+            gains, costs = [own[p] for p in solo], [cost[p] for p in solo]
+            if group:  # the k-th component of the stack: every expert's k-th σ², summed
+                summed = np.zeros(max(own[p].size for p in group))
+                for p in group:
+                    summed[: own[p].size] += own[p]
+                gains.append(summed)
+                costs.append(group_cost)
             if n < min(costs):
                 raise ConfigError(f"--budget {budget} is {n:,} parameters, below one component of the cheapest module ({min(costs):,})",
                                   hint="raise the budget")
             alloc = allocate_budget(gains, costs, n)
             if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
                 _beyond_kept(budget, n, doc, paths, whole, where, noise)
-            ranks = dict(zip(paths, alloc.ranks))
+            ranks = {**dict(zip(solo, alloc.ranks)), **dict.fromkeys(group, alloc.ranks[-1] if group else 0)}
             energy_all = sum(float(np.ldexp(float(m["fro_norm"]), -e)) ** 2 for p in paths for m in whole[p]["parts"]
                              if m["name"] not in noise) or 1.0
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
@@ -238,6 +252,20 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                      "their own rank")
     experts = sorted(p for p in adapted if any(m.get("expert") is not None for m in whole[p]["parts"]))
     tied = max((adapted[p] for p in experts), default=None)
+    extra = 0  # parameters PEFT builds beyond r·(out + in) per module (a fused expert pair's block-diagonal B)
+    if experts and rules is not None and rules.retargeted:
+        # PEFT converts per-expert LoRAs to target_parameters on the fused experts: every expert of every stack at
+        # the global r, and a fused pair (w1, w3 -> gate_up_proj) at rank 2r over both outputs; counted as built
+        every = sorted(p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"]))
+        added = [p for p in every if p not in adapted]
+        adapted.update(dict.fromkeys(every, tied))
+        experts = every
+        extra = sum(tied * whole[p]["out"] for p in every if p.rpartition(".")[2] in rules.fused)
+        notes.append(f"PEFT builds its LoRA on the fused experts ({rules.source}): every expert of each stack at r = {tied}"
+                     + (f" ({len(added)} more than the ranks pick, e.g. {added[0]})" if added else "")
+                     + (f", and {' and '.join(sorted(rules.fused))} fused at rank {tied * len(rules.fused)} over their "
+                        f"stacked outputs (+{extra:,} parameters)" if extra else "")
+                     + "; the parameter count is of the LoRA it builds")
     if experts and any(adapted[p] != tied for p in experts):
         # transformers >= 5 fuses per-expert modules on load; PEFT converts their LoRA at the global r only
         # (rank_pattern entries of single experts are ignored): every expert takes one rank, the largest
@@ -245,7 +273,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             adapted[p] = tied
         notes.append(f"the {len(experts)} per-expert modules take one rank, r = {tied} (the largest of theirs): PEFT "
                      "loads per-expert LoRAs into transformers >= 5's fused experts at the global r only"
-                     + (f"; the budget {budget} is exceeded by that" if budget is not None else ""))
+                     )
     if not adapted:
         if noise:
             raise ConfigError("every updated matrix is at the rounding level of its storage dtype (rounding noise, not a "
@@ -261,7 +289,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # the names transformers >= 5 loads the modules under (GPT-NeoX's embed_out is lm_head, LLaVA's layers move):
     # PEFT matches those, so the LoraConfig names them so
     skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    loaded, how = load_renames(_base_config(doc), paths + skipped)
+    base_config = _base_config(doc)
+    loaded, how = load_renames(base_config, paths + skipped)
     if loaded:
         notes.append(renames_text(loaded, how, "the LoraConfig"))
     named = {loaded.get(p, p): r for p, r in adapted.items()}
@@ -282,14 +311,23 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
               "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
-    return Recommendation(config, adapted, sum(r * cost[p] for p, r in adapted.items()), full, notes)
+    if ArchInfo.from_config(base_config).conv1d and any(p.rsplit(".", 1)[-1] in CONV1D_LEAVES for p in named):
+        config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out): without it PEFT warns and sets it itself
+    params = sum(r * cost[p] for p, r in adapted.items()) + extra
+    if budget_n is not None and params > budget_n:  # the experts' one rank (and PEFT's fused pairs) cost more than chosen
+        notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
+                     "one rank per stack, as PEFT builds them, costs more than the greedy spent on them")
+    return Recommendation(config, adapted, params, full, notes)
 
 
 def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:
     """``(whole, unread)``: ``whole`` keyed by the diff's base checkpoint's module paths where they differ
     from the results' (a tuned copy saved through a wrapper, DDP's ``module.`` or a LightningModule's
     ``model.``: the config is applied to the base model, whose names those are); as is when a name is not
-    matched one to one, or when the base cannot be read (``unread`` then names it)."""
+    matched one to one, or when the base cannot be read (``unread`` then names it). A base name that only adds
+    leading wrapper components to the results' (a LightningModule's state dict saved bare, ``model.model.…``,
+    against a plain tuned model) is not taken: PEFT matches names by suffix, and the wrapper is not in the
+    model it loads."""
     base = doc.get("base")
     if not isinstance(base, str) or not base:
         return whole, None
@@ -299,6 +337,7 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
         return whole, base
     by_key = unique_pairing_keys(names)
     renamed = {p: (by_key.get(pairing_key(p + ".weight")) or p + ".weight")[: -len(".weight")] for p in whole}
+    renamed = {p: p if b.endswith("." + p) else b for p, b in renamed.items()}
     if len(set(renamed.values())) != len(renamed):  # two results paths on one base module: leave them
         return whole, None
     return {renamed[p]: e for p, e in whole.items()}, None

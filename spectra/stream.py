@@ -67,7 +67,8 @@ def run_settings(config: DiffConfig, device: torch.device) -> RunSettings:
 
 
 def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int, workers: int,
-              device: torch.device, keep_base: bool = False, max_bytes: int | None = None) -> Iterator[Prepared]:
+              device: torch.device, keep_base: bool = False, max_bytes: int | None = None,
+              floors: bool = False) -> Iterator[Prepared]:
     """Yield prepared units in plan order while ``workers`` threads read up to ``depth`` tensor
     pairs ahead, and no more than ``max_bytes`` of them (:func:`pair_bytes`: what the pair formed
     on the GPU, or everything it holds on the CPU; one pair always goes).
@@ -75,17 +76,17 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
     Reading (positioned reads release the GIL) and forming ΔW overlap with the decomposition of the
     previous batch; the two caps bound the memory this takes, whatever the model: on a GPU, where ΔW
     is formed on the device, a 405B model's embedding pair alone is 17 GB. A reader's exception is
-    re-raised here, in order.
+    re-raised here, in order. ``floors``: each ΔW's storage rounding floor too (:func:`spectra.delta.prepare`).
     """
     if depth <= 0:
         for task in tasks:
-            yield from prepare(task, base, tuned, device, keep_base)
+            yield from prepare(task, base, tuned, device, keep_base, floors)
         return
     def cost(task: Task) -> int:
         loaded, formed = pair_bytes(task, base, tuned, keep_base)
         return formed if device.type == "cuda" else loaded + formed
 
-    yield from read_ahead(tasks, lambda task: prepare(task, base, tuned, device, keep_base), cost, depth=depth,
+    yield from read_ahead(tasks, lambda task: prepare(task, base, tuned, device, keep_base, floors), cost, depth=depth,
                           workers=workers, max_bytes=max_bytes, name="spectra-read")
 
 

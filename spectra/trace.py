@@ -59,7 +59,7 @@ from spectra.metrics import (
 )
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names
 from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
@@ -452,7 +452,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     pairings, said = [], {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
     for ref, ck in zip(refs, ckpts):
         try:
-            pairing = pair_checkpoints(base, ck)
+            pairing = pair_by_base_names(base, ck)
             pairings.append({p.base.name: p for p in pairing.pairs})
             for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
                 said.setdefault(note, []).append(Path(ref.path).name)
@@ -500,7 +500,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
         meta = None
         points = []
         base_alpha = None
-        caveats: dict[str, tuple[list[int | None], str]] = {}  # code -> (steps, the first message)
+        caveats: dict[str, list[tuple[int | None, str]]] = {}  # code -> (step, its message) at each checkpoint
         for ci, (ref, pairs) in enumerate(zip(refs, pairings)):
             if ref.failed:
                 points.append(_skip_point(ref.step, ref.failed))
@@ -530,7 +530,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 continue
             for msg in pair_notes(pair, wb, wt, delta, base_fro):  # rounding level, precision mismatch…
                 code = (caveat_codes(msg) or [msg])[0]
-                caveats.setdefault(code, ([], msg))[0].append(ref.step)
+                caveats.setdefault(code, []).append((ref.step, msg))
             # directions at the rounding level of the stored weights are not directions of the update
             floor = pair_floor(pair, wb, wt)
             S, top = spectrum_and_top(delta, config.top_k, floor=floor)
@@ -560,8 +560,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             rec["base_alpha"], rec["base_alpha_sigma"] = base_alpha
         if pairs_note := "; ".join(sorted({p[name].note for p in pairings if name in p and p[name].note})):
             rec["note"] = "; ".join(x for x in (rec["note"], pairs_note) if x)
-        for steps, msg in caveats.values():
-            at = ", ".join("?" if st is None else str(st) for st in steps)
+        for msg, steps in ((m, [st for st, x in said if x == m]) for said in caveats.values() for m in dict.fromkeys(x for _, x in said)):
+            at = ", ".join("?" if st is None else str(st) for st in steps)  # the steps that said it (its numbers are theirs)
             rec["note"] = "; ".join(x for x in (rec["note"], f"at step{'s' * (len(steps) > 1)} {at}: {msg}") if x)
         result.matrices.append(jsonable(rec))
         if journal:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import CheckpointNotFoundError, ConfigError, ResultsFormatError, SpectraError
-from spectra.io.adapter import ADAPTER_CONFIG, is_adapter
+from spectra.io.adapter import ADAPTER_CONFIG, is_adapter, open_adapter
 from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
@@ -209,6 +209,14 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
     return out
 
 
+def _is_dora(path: str) -> bool:
+    """Whether the adapter at ``path`` is a DoRA one (False when it cannot be read: that is said where it is used)."""
+    try:
+        return bool(open_adapter(path).config.use_dora)
+    except (SpectraError, OSError):
+        return False
+
+
 def find_checkpoints(paths: list[str]) -> Discovery:
     """The checkpoints to trace: ``[RUN_DIR]`` (its ``checkpoint-N`` folders) or a list of checkpoints.
 
@@ -234,7 +242,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     single = Path(paths[0])
     # a checkpoint-N link to nothing counts too: it is listed as skipped with why, never dropped unsaid
     found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (d.is_dir() or d.is_symlink())
-                    and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: x[0]) if len(paths) == 1 and single.is_dir() else []
+                    and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
     if len(paths) == 1 and single.is_dir() and not found:
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
             raise ConfigError("one checkpoint is not a trace", path=single,
@@ -267,8 +275,9 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             try:
                 open_weights(folder)
                 kind = "lora" if is_adapter(folder) else "full"
-            except SpectraError as exc:
-                skipped.append({"path": str(folder), "reason": f"cannot be read ({exc.message})"})
+            except SpectraError as exc:  # which shard, when it is one file of several
+                where = f"{Path(exc.path).name}: " if exc.path and Path(exc.path) != folder else ""
+                skipped.append({"path": str(folder), "reason": f"cannot be read ({where}{exc.message})"})
                 continue
             step, source = n, "folder name"
             if state is not None and isinstance(state.get("global_step"), int):  # as for listed checkpoints
@@ -313,8 +322,11 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         warnings.append("the checkpoints were given out of step order; they are traced in step order" if not found else
                         "the checkpoint folders' names are out of their global_step order; they are traced in step order")
     refs = [refs[j] for j in order]
-    if len({r.step for r in refs}) != len(refs):
-        warnings.append("two checkpoints have the same step; they keep the order given")
+    if len({r.step for r in refs}) != len(refs):  # (a run folder's by name: its listing's order is the filesystem's)
+        same = [r for r in refs if sum(s.step == r.step for s in refs) > 1]
+        warnings.append(f"{', '.join(Path(r.path).name for r in same[:4])}{' …' if len(same) > 4 else ''} have the same step; "
+                        f"they are traced in {'the order of their folder names' if found else 'the order given'}, and a turn "
+                        "between two of them is not a step of training")
     if not refs:
         raise SpectraError("no checkpoint can be traced", path=run or ", ".join(paths),
                            hint="; ".join(f"{Path(s['path']).name}: {s['reason']}" for s in skipped)[:400] or None)
@@ -322,6 +334,10 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     if len(kinds) > 1:
         raise ConfigError("the checkpoints mix PEFT adapters and full models", path=run or ", ".join(paths),
                           hint="trace the adapters and the full checkpoints separately")
+    for r in refs:  # one DoRA checkpoint among LoRA ones was a failed last point, exit 0: refused as an all-DoRA run is
+        if r.kind == "lora" and _is_dora(r.path):
+            raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
+                              path=r.path, hint="trace merged checkpoints instead (merge_and_unload)")
     _assign_losses(refs, own, run_log, warnings)
     found_ = Discovery(refs, skipped, [], run, warnings, own, run_log)
     found_.loss_history = found_.merged_history()

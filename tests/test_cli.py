@@ -306,7 +306,7 @@ def test_cli_import_pauses_the_collector_only_while_loading():
 
 
 @pytest.mark.parametrize("args, said", [
-    (["diff", "B", "T", "--out", "D"], "stopped before any result was written to D: run the command again (without --resume)"),
+    (["diff", "B", "T", "--out", "D"], "stopped before any result was written to D: run the command again"),
     (["extract", "B", "T", "-r", "4", "--out", "D"], "stopped before any result was written to D"),
     (["compare", "A", "B", "--out", "C"], "stopped before any result was written to C"),  # journaled: --resume
     (["interfere", "T1", "T2", "--base", "B", "--out", "C"], "stopped before any result was written to C"),
