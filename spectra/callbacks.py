@@ -340,9 +340,10 @@ class SpectraTracker:
         tr = self.matrices[0]
         return str((tr.param if tr.param is not None else tr.module.get_base_layer().weight).device)
 
-    def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None]:
-        """``(singular values, top-k factors)`` of one matrix's update now; ``(None, None)`` when it
-        holds NaN or inf (a diverged run: no SVD of it is defined)."""
+    def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None, float]:
+        """``(singular values, top-k factors, rounding floor)`` of one matrix's update now (the floor 0 for a
+        LoRA, formed from its factors); ``(None, None, 0.0)`` when it holds NaN or inf (a diverged run: no SVD
+        of it is defined)."""
         if tr.module is not None:
             factors = [_factors(tr.module, a) for a in tr.adapters]
             B = torch.cat([s * b for b, _, s in factors], dim=1)
@@ -352,26 +353,26 @@ class SpectraTracker:
                 B = torch.cat([B.double(), -sB0.to(B.device)], dim=1)
                 A = torch.cat([A.double(), A0.to(A.device)], dim=0)
             if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-                return None, None
+                return None, None, 0.0
             f = Factored.from_lora(B, A, 1.0)
-            return f.S.cpu().numpy(), truncate(f, self.config.top_k)
+            return f.S.cpu().numpy(), truncate(f, self.config.top_k), 0.0
         initial = tr.initial.to(tr.param.device)  # once: ΔW and the floor both read it (a copy on a GPU)
         delta = tr.param.detach().float() - initial.float()
         if not bool(torch.isfinite(delta).all()):
-            return None, None
+            return None, None, 0.0
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
         floor = rounding_floor(tr.param.detach(), str(tr.param.dtype).removeprefix("torch."), initial)
-        return spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor)
+        return (*spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor), floor)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
         records, diverged = [], []
         for tr in self.matrices:
-            S, top = self._now(tr)
+            S, top, floor = self._now(tr)
             if S is None:
                 diverged.append(tr.name)
                 continue
             now = Subspaces.of(top)
-            point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"]),
+            point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"], floor),
                      "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
             if now is not None:
                 tr.prev = now

@@ -184,8 +184,8 @@ class _Side:
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
-            self.adapter = open_adapter(label)
-            self.kind = "lora"
+            self.adapter, self.kind = open_adapter(label), "lora"
+            self.pair_notes = list(self.adapter.notes)  # how its folder was read (a full model beside it, clashing keys…)
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
                              if n is not None and pairing_key(n) != pairing_key(m.weight_name)}
@@ -581,9 +581,9 @@ def compare(
                                path=base_ckpt.label if base_ckpt is not None else None, tensor=A.names[k])
         if keep(spec.name, spec.layer):
             todo.append((k, spec))
-    if not todo and not (result.skipped or result.a_only or result.b_only):  # those the command reports
+    if not todo and not result.skipped:  # skipped ones are reported; matrices only one input holds are no comparison
         refuse_empty_selection(len(shared), A.names[shared[0]], include=config.include, exclude=config.exclude,
-                               layers=config.layers, what="modules both inputs update")
+                               layers=config.layers, what="modules both inputs update", one_sided={"A": result.a_only, "B": result.b_only})
     todo.sort(key=lambda t: (t[1].layer if t[1].layer is not None else -1, role_sort_key(t[1].role, t[1].module)))
     if w := fused_whole_warning((spec for _, spec in todo), "compare"):
         result.warnings.append(w)

@@ -178,6 +178,8 @@ class CompareConfig(SharedOptions):
             raise ConfigError(f"epsilon must be in (0, 1). Got {self.epsilon} instead")
         if not self.epsilons or not all(0 < e < 1 for e in self.epsilons):
             raise ConfigError(f"epsilons must each be in (0, 1). Got {list(self.epsilons)} instead")
+        # sorted, each once, as thresholds are: a repeated ε folded two entries into one key of the per-module counts
+        object.__setattr__(self, "epsilons", tuple(sorted(set(self.epsilons))))
 
 
 def check_field_types(cfg: object) -> None:

@@ -54,12 +54,10 @@ def display_name(name: object, limit: int | None = MAX_NAME) -> str:
     """A name fit to print: :func:`printable`, then :func:`shorten` to ``limit`` characters (None:
     any length). Escaping for HTML or terminal markup is still the caller's job.
 
-    >>> display_name("a\\x07b"), display_name("")
-    ('a\\\\x07b', '""')
+    >>> display_name("a\\x07b")
+    'a\\\\x07b'
     """
     text = str(name)
-    if not text:  # an empty tensor name (legal in safetensors) would print as nothing: a column or list with a hole
-        return '""'
     if limit is not None and len(text) > 4 * limit:  # do not scan 200,000 characters to show 120
         text = text[: 2 * limit] + text[-2 * limit :]
     text = printable(text)

@@ -577,11 +577,13 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
         result.warnings.append(f"--rank {asked} rounded up to {served}: the ranks vLLM accepts are "
                                f"{', '.join(map(str, VLLM_RANKS))} (drop --serving vllm to keep {asked})")
-    if not any(extractable(run.spectra[i]) for i in usable):
+    if not any(extractable(run.spectra[i]) for i in usable) or not any(ranks[i] for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)
         zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
         what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
+        if any(extractable(run.spectra[i]) for i in usable):  # a budget's components, all at or below the rounding floor
+            what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
         error = IdenticalCheckpointsError if zero else ConfigError
         raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
                     path=f"{base_ckpt.label} vs {src.label}",

@@ -199,11 +199,7 @@ def display_name(name: str, *, max_chars: int | None = None) -> str:
     'model.layers.0.q_proj\\x1b[2J'
     >>> display_name("x" * 50, max_chars=12)
     'xxxxxxx…xxxx (50 characters)'
-    >>> display_name("")
-    '""'
     """
-    if not name:  # an empty tensor name (legal in safetensors) would label nothing
-        return '""'
     text = _UNSAFE_CHARS.sub(_escape_char, name) if _UNSAFE_CHARS.search(name) else name
     if max_chars is not None and len(text) > max_chars:
         keep = max(max_chars - 1, 2)
@@ -451,7 +447,8 @@ def module_labels(rel_paths: Sequence[str]) -> dict[str, str]:
             suffix = comps[-n:]
             if not _index(suffix[0]) and ends[tuple(suffix)] == 1:
                 break  # (a label starting with an index, "2.weight_x", names nothing: one more component)
-        out[p] = ".".join(comps[-n:])
+        # an empty tensor name (legal in safetensors) labelled nothing: a blank table cell, "largest in  (0.10)"
+        out[p] = ".".join(comps[-n:]) or '""'
     return out
 
 

@@ -135,15 +135,23 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     eps = eps_t if eps_t is not None else eps_b
     # a rounding step of ΔW: one ulp (≤ ε·|x|) where both sides are on one grid (a 1-ulp flip), but half of one
     # (the unit roundoff) where the base is stored finer, since then ΔW's rounding is only the tuned side's
-    # round-to-nearest; a full ulp there called a bf16-saved update of 3e-3·‖W‖ rounding noise (77% of it learned)
-    finer_base = eps_b is not None and eps_t is not None and eps_b < eps_t
-    step = None if eps is None else eps / 2 if finer_base else eps
+    # round-to-nearest; a full ulp there called a bf16-saved update of 3e-3·‖W‖ rounding noise (77% of it learned).
+    # Finer by its values, not only its dtype: a bf16 release saved in float32 is on the bf16 grid (the rows read
+    # are checked), and its fine-tune's one-ulp flips are rounding noise as on one grid
+    finer_dtype = eps_b is not None and eps_t is not None and eps_b < eps_t
+    finer_base = False
+
+    def step_for(rows_b: torch.Tensor) -> float | None:
+        nonlocal finer_base
+        finer_base = finer_dtype and not _on_grid(rows_b, tuned_dtype, block)
+        return None if eps is None else eps / 2 if finer_base else eps
+
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
     where = ""
     if max_rows is None or total_rows <= max_rows:
-        s = _pass(b2, t2, d2, step, tiny_b, tiny_t, block, norms=base_sq is None)
+        s = _pass(b2, t2, d2, step_for(b2), tiny_b, tiny_t, block, norms=base_sq is None)
     else:
         # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
         # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
@@ -159,7 +167,8 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
-        s = _pass(b2[rows.to(b2.device)], t2[rows.to(t2.device)], d2[rows], step, tiny_b, tiny_t, block, weight=weight.to(d2.device),
+        b_rows = b2[rows.to(b2.device)]
+        s = _pass(b_rows, t2[rows.to(t2.device)], d2[rows], step_for(b_rows), tiny_b, tiny_t, block, weight=weight.to(d2.device),
                   norms=base_sq is None, delta_sq=False)
         s["delta_sq"] = float((energy**2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
@@ -188,7 +197,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
 
     # (2) rounding level: ≤ 1-ulp changes carry most of ‖ΔW‖².
     rounding = False
-    if step is not None and s["nonzero"]:
+    if eps is not None and s["nonzero"]:
         coarse = tuned_dtype if eps_t is not None else base_dtype
         share = min(s["ulp_sq"] / s["delta_sq"], 1.0)  # sampled rows scaled up can estimate above the exact total
         if share >= ROUNDING_ENERGY:
@@ -204,7 +213,8 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     # (3) quantisation grids (sampled rows).
     grid = _grid_note(b2, t2, base_dtype, tuned_dtype, sample_rows)
     # (5) mixed precisions: the rounding of W into the coarser dtype is part of ΔW.
-    if not rounding and grid is None and eps_b is not None and eps_t is not None and eps_b != eps_t:
+    # (a base stored finer whose values are on the tuned grid needs no rounding: nothing to say)
+    if not rounding and grid is None and eps_b is not None and eps_t is not None and eps_b != eps_t and (finer_base or not finer_dtype):
         fine_sq = s["base_sq"] if eps_b < eps_t else s["tuned_sq"]
         coarse_eps = max(eps_b, eps_t)
         est = _ROUND_ENERGY_PER_EPS2 * coarse_eps**2 * fine_sq
@@ -402,6 +412,16 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     out.update({k: (int(v) if weight is None else v) for k, v in zip(cnt, values[len(acc) : -1])})
     out["finite"] = bool(values[-1])
     return out
+
+
+def _on_grid(b: torch.Tensor, dtype: str, block: int) -> bool:
+    """Whether every value of ``b`` (2-D, rows as read) is exactly representable in the stored dtype ``dtype``
+    (a float32 copy of bf16 weights is); False for a dtype torch does not know. Row blocks of ``block`` elements."""
+    tdt = getattr(torch, dtype, None)
+    if not isinstance(tdt, torch.dtype) or not tdt.is_floating_point or b.numel() == 0:
+        return False
+    rows = max(1, block // max(1, b.shape[1]))
+    return all(bool((x.to(tdt).to(x.dtype) == x).all()) for x in (b[r : r + rows] for r in range(0, b.shape[0], rows)))
 
 
 def even_rows(n: int, k: int) -> torch.Tensor:

@@ -116,6 +116,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     """
     if energy is None and budget is None:
         raise ConfigError("give --energy τ, --budget N or both")
+    # a notebook's values: 2.5 or True for a rank wrote r = 2.5 into the config, True for τ read as 1.0
+    energy = None if energy is None else _number(energy, "--energy", whole=False)
+    max_rank = None if max_rank is None else int(_number(max_rank, "--max-rank", whole=True))
+    alpha_ratio = _number(alpha_ratio, "--alpha-ratio", whole=False)
     if energy is not None and not 0.0 < float(energy) <= 1.0:
         raise ConfigError(f"--energy τ must be in (0, 1]. Got {energy} instead", hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
     if max_rank is not None and max_rank < 1:
@@ -318,6 +322,15 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the greedy spent on them")
     return Recommendation(config, adapted, params, full, notes)
+
+
+def _number(value: object, name: str, *, whole: bool) -> float:
+    """``value`` as a float (a plain one: numpy scalars too), refused when not a real number (a bool, a string)
+    or, with ``whole``, not a whole one."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or (whole and not (math.isfinite(float(value)) and float(value).is_integer())):
+        raise ConfigError(f"{name} must be {'a whole number' if whole else 'a number'}. Got {value!r} instead")
+    return float(value)
 
 
 def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:

@@ -92,10 +92,12 @@ def fused_whole_warning(specs: Iterable[MatrixSpec], command: str) -> str | None
 
 
 def refuse_empty_selection(count: int, example: str, *, include: str | None, exclude: str | None,
-                           layers: str | None, what: str = "paired matrices") -> None:
+                           layers: str | None, what: str = "paired matrices", one_sided: dict[str, list[str]] | None = None) -> None:
     """Refuse a run whose ``--include``/``--exclude``/``--layers`` left none of ``count`` candidates
     (``example``: one of their names, shown so the user sees what the filters are matched against).
     Every command refuses alike: an empty table with exit code 0 reads as "nothing changed".
+    ``one_sided``: what the filters left that only one input holds (compare: ``{"A": names, "B": names}``),
+    said instead when there is some (the filters left matrices, none of them comparable).
 
     Raises:
         ConfigError: when a filter was given (without one, an empty run has another cause, told by its caller).
@@ -103,7 +105,13 @@ def refuse_empty_selection(count: int, example: str, *, include: str | None, exc
     if not count or not (include or exclude or layers):
         return
     given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
-    raise ConfigError(f"no matrix is left by {given}: none of the {count} {what} matches (names look like {example})",
+    if one_sided and any(one_sided.values()):
+        side, names = next((s, n) for s, n in one_sided.items() if n)
+        held = ", ".join(f"{len(n)} only in {s}" for s, n in one_sided.items() if n)
+        raise ConfigError(f"{given} leaves none of the {count} {what}, only matrices one input holds ({held}; e.g. {names[0]} "
+                          f"in {side})", hint="widen the filter to modules both inputs update")
+    # (said of every filter alike: an --exclude that matches all of them leaves none, as an --include that matches none)
+    raise ConfigError(f"no matrix is left by {given}: none of the {count} {what} passes (names look like {example})",
                       hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude are regular expressions "
                       + ("searched in each name" if what == "matrices" else "searched in the tuned and the base name"))
 

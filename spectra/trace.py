@@ -105,20 +105,19 @@ class TraceConfig(SharedOptions):
 
 # ---- per-point metrics (shared with spectra.callbacks) -------------------------------------------------
 def point_metrics(S: np.ndarray, shape: tuple[int, int], base_fro: float | None, config: TraceConfig,
-                  lora_r: int | None = None) -> dict[str, Any]:
-    """The spectrum fields of one (matrix, step) point from ΔW's singular values ``S`` (any length
-    holding every non-zero value; padded with zeros to ``p``).
-
-    ``sigma_ratio`` (σ₁/σ₂) is None when σ₂ is at most ``SIGMA_FLOOR · σ₁``: the exact spectrum holds
-    every singular value to about that (float64 Gram route), so a smaller σ₂ is zero within its
-    precision and the ratio would be a number made of rounding."""
+                  lora_r: int | None = None, floor: float = 0.0) -> dict[str, Any]:
+    """The spectrum fields of one (matrix, step) point from ΔW's singular values ``S`` (any length holding every non-zero
+    value; padded with zeros to ``p``). ``sigma_ratio`` (σ₁/σ₂) is None when σ₂ is at most ``SIGMA_FLOOR · σ₁`` (the float64
+    Gram route's precision) or ``floor``, the stored weights' rounding floor (:func:`spectra.delta.pair_floor`): a ratio of
+    a σ₂ that is zero within either is made of rounding (5.75e6 for a rank-1 float32 update)."""
     p = min(shape)
     S = np.sort(np.asarray(S, dtype=np.float64))[::-1][:p]
     full = np.pad(S, (0, p - S.size))
     m = spectrum_metrics(full, shape, config.thresholds)
     point = {
         "fro_norm": m.fro_norm, "rel_norm": relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
-        "spectral_norm": m.spectral_norm, "sigma_ratio": float(full[0] / full[1]) if p > 1 and full[1] > SIGMA_FLOOR * full[0] else None,
+        "spectral_norm": m.spectral_norm,
+        "sigma_ratio": float(full[0] / full[1]) if p > 1 and full[1] > max(SIGMA_FLOOR * full[0], floor) else None,
         "stable_rank": m.stable_rank, "effective_rank": m.effective_rank,
         "energy_rank": {threshold_key(t): m.energy_rank[t] for t in config.thresholds},
         "singular_values": [float(x) for x in full[: config.keep_singular]],
@@ -536,7 +535,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             S, top = spectrum_and_top(delta, config.top_k, floor=floor)
             del delta
             now = Subspaces.of(top)
-            pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config),
+            pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config, floor=floor),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
             if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
                 pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"

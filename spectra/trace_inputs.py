@@ -236,6 +236,8 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     skipped: list[dict[str, str]] = []
     warnings: list[str] = []
     run = None
+    if not paths:  # (the command line needs one; the library raised an IndexError)
+        raise ConfigError("no checkpoint given", hint="pass a run folder with checkpoint-N folders, or checkpoints in order")
     for p in paths:
         if not Path(p).exists():
             raise CheckpointNotFoundError(missing_text(p), path=p)

@@ -327,9 +327,12 @@ def _add_lora(model, config: TrainConfig):
     else:
         modules = check_targets(model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
     check_rank(model, modules, config.rank)
+    # GPT-2's Conv1D layers store (in, out): said in the config, else PEFT warns and sets it itself, module by module
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     try:
         model = peft.get_peft_model(model, peft.LoraConfig(
-            r=config.rank, lora_alpha=config.resolved_alpha, use_rslora=config.rslora, target_modules=modules, lora_dropout=0.0))
+            r=config.rank, lora_alpha=config.resolved_alpha, use_rslora=config.rslora, target_modules=modules, lora_dropout=0.0,
+            fan_in_fan_out=conv1d))
     except (ValueError, TypeError, KeyError) as exc:  # PEFT refuses a module kind it cannot adapt
         raise ConfigError(f"PEFT cannot adapt --targets {config.targets}: {first_line(exc)}",
                           hint="name linear layers (see the model's module names), or pass --targets all-linear") from None

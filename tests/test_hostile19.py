@@ -349,3 +349,156 @@ def test_trace_names_the_truncated_shard(tmp_path):
     doc = json.loads((tmp_path / "t" / "trace.json").read_text())
     reasons = [s["reason"] for s in doc["skipped_checkpoints"]]
     assert any(shard.name in r and "data ends" in r for r in reasons), reasons
+
+
+# ---- review of the round and the twentieth probes ----------------------------------------------------------
+def test_one_ulp_flips_of_a_bf16_release_saved_in_float32_are_still_rounding_noise():
+    """Review: the ε/2 step went by the dtype name, so a bf16 release saved in float32 (values on the bf16 grid) and
+    its bf16 fine-tune's one-ulp flips (100% rounding, float64) were called a learned update, with a
+    precision_mismatch of "27.7%" where the base needs no rounding at all; recommend then wrote r = 130."""
+    from spectra.numerics import numeric_flags
+
+    g = torch.Generator().manual_seed(4)
+    b16 = (torch.randn(256, 256, generator=g) * 0.02).to(torch.bfloat16)
+    bits = b16.view(torch.int16).clone()
+    flip = torch.rand(256, 256, generator=g) < 0.3
+    bits[flip] += torch.where(torch.rand(256, 256, generator=g) < 0.5, 1, -1).to(torch.int16)[flip]
+    t = bits.view(torch.bfloat16)
+    b = b16.float()  # exactly the bf16 values, stored as float32
+    assert torch.equal(b.to(torch.bfloat16).float(), b)
+    codes = [f.code for f in numeric_flags(b, t, t.float() - b, base_dtype="float32", tuned_dtype="bfloat16")]
+    assert codes == ["rounding_level"], codes
+    # a float32 base off the bf16 grid keeps the half step (this round's mend)
+    b2, t2, truth = _bf16_saved(3e-3, 0)
+    assert "rounding_level" not in [f.code for f in numeric_flags(b2, t2, t2.float() - b2, base_dtype="float32",
+                                                                    tuned_dtype="bfloat16")]
+
+
+def test_a_budget_that_buys_only_rounding_noise_is_one_line(tmp_path):
+    """Review: every component at or below the rounding floor left every rank 0 and PEFT's writer raised
+    "ranks must name at least one adapted module" (a traceback)."""
+    g = torch.Generator().manual_seed(5)
+    W = {f"model.layers.{i}.self_attn.q_proj.weight": torch.randn(256, 256, generator=g) * 0.02 for i in range(2)}
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file({n: (w + 3e-3 * 0.02 * torch.randn(256, 256, generator=g)).to(torch.bfloat16) for n, w in W.items()},
+              str(tmp_path / "t.safetensors"))
+    proc = _cli(["extract", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--budget", "20%",
+                 "--out", str(tmp_path / "x"), "--no-plots"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "at or below the rounding floor" in proc.stderr and (tmp_path / "x" / "extract.json").is_file(), proc.stderr
+
+
+def _two_adapters(root: Path) -> tuple[Path, Path, Path]:
+    T = pytest.importorskip("transformers")
+    from tests.conftest import random_lora
+
+    base, _ = _llama_pair(root)
+    random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=2, target_modules=["q_proj", "v_proj"]).save_pretrained(root / "c")
+    random_lora(T.LlamaForCausalLM.from_pretrained(base), 2, r=2, target_modules=["q_proj", "v_proj", "gate_proj"]
+                ).save_pretrained(root / "d")
+    return base, root / "c", root / "d"
+
+
+def test_compare_refuses_a_filter_that_leaves_only_one_sided_modules(tmp_path):
+    """--include gate over two adapters of which only one adapts gate_proj: an empty table, exit 0 (a filter that
+    leaves nothing is refused everywhere else)."""
+    base, c, d = _two_adapters(tmp_path)
+    proc = _cli(["compare", str(c), str(d), "--base", str(base), "--include", "gate", "--out", str(tmp_path / "o")])
+    assert proc.returncode == 1 and "--include 'gate' leaves none of the" in proc.stderr, (proc.returncode, proc.stderr)
+    assert "only in B" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_exclude_that_takes_everything_is_worded_as_such(tmp_path):
+    """"none of the 4 paired matrices matches" for an --exclude all 4 matched."""
+    from spectra.config import DiffConfig
+    from spectra.errors import ConfigError
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    with pytest.raises(ConfigError, match="passes"):
+        spectra.diff(base, tuned, config=DiffConfig(exclude="."))
+
+
+def test_pattern_keys_that_clash_on_a_module_are_said(tmp_path):
+    """Two alpha_pattern keys matching one module with different values: PEFT trains with the first in its order but
+    save_pretrained sorts the keys, so the saved file may apply the other; nothing said so. A rank_pattern clash that
+    leaves the factors' rank unmatched was blamed on an edited config."""
+    T = pytest.importorskip("transformers")
+    from tests.conftest import random_lora
+
+    base, _ = _llama_pair(tmp_path)
+    random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                alpha_pattern={"q_proj": 3, "layers.0.self_attn.q_proj": 20}).save_pretrained(tmp_path / "a")
+    proc = _cli(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--base", str(base), "--json"])
+    assert "several alpha_pattern keys" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr
+    random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=8, target_modules=["q_proj"],
+                rank_pattern={"q_proj": 5, "layers.0.self_attn.q_proj": 2}).save_pretrained(tmp_path / "r")
+    proc = _cli(["diff", str(base), str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
+    assert proc.returncode == 1 and "several rank_pattern keys" in proc.stderr and "sorts the keys" in proc.stderr, proc.stderr
+
+
+def test_trace_gives_no_sigma_ratio_over_a_rounding_level_second_value(tmp_path):
+    """A rank-1 float32 update: σ₂ is float32 rounding (2.6e-7, under the 7.5e-7 rounding floor) and trace reported
+    σ₁/σ₂ = 5.75e6."""
+    from spectra.numerics import rounding_floor
+    from spectra.trace import TraceConfig, trace
+
+    g = torch.Generator().manual_seed(0)
+    W = {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 24, generator=g)}
+    T1 = {n: w + 0.05 * torch.randn(32, 1, generator=g) @ torch.randn(1, 24, generator=g) for n, w in W.items()}
+    T2 = {n: w + 0.05 * torch.randn(32, 24, generator=g) for n, w in W.items()}
+    for name, sd in (("b", W), ("t1", T1), ("t2", T2)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    n = "model.layers.0.self_attn.q_proj.weight"
+    S = np.linalg.svd(T1[n].double().numpy() - W[n].double().numpy(), compute_uv=False)
+    assert S[1] <= rounding_floor(T1[n], "float32", W[n])  # the float64 reference: σ₂ is rounding
+    res = trace(str(tmp_path / "b.safetensors"), [str(tmp_path / "t1.safetensors"), str(tmp_path / "t2.safetensors")],
+                config=TraceConfig(device="cpu"))
+    pts = res.matrices[0]["points"]
+    assert pts[0]["sigma_ratio"] is None and pts[1]["sigma_ratio"] is not None, pts
+
+
+def test_an_html_report_leaves_empty_fields_blank(tmp_path):
+    """This round's empty-name label went through the display helper every HTML cell uses: 166 empty notes and
+    fields of the demo's report showed "" (as if they held the empty string)."""
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    spectra.diff(base, tuned, out_dir=tmp_path / "d")
+    proc = _cli(["report", str(tmp_path / "d"), "-o", str(tmp_path / "r.html")])
+    assert proc.returncode == 0, proc.stderr
+    assert "&quot;&quot;" not in (tmp_path / "r.html").read_text(), "an empty field shown as \"\""
+
+
+@pytest.mark.parametrize("kw", [{"max_rank": 2.5}, {"max_rank": True}, {"energy": True}, {"alpha_ratio": "2"}])
+def test_recommend_refuses_values_no_lora_config_can_hold(tmp_path, kw):
+    """recommend(max_rank=2.5) wrote r = 2.5 into the config; True was a rank (and energy=True τ = 1)."""
+    from spectra.errors import ConfigError
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    spectra.diff(base, tuned, out_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match="must be"):
+        recommend(tmp_path / "d" / "results.json", **{"energy": 0.9, **kw})
+    assert recommend(tmp_path / "d" / "results.json", energy=0.9, max_rank=np.int64(2)).config["r"] == 2
+
+
+def test_library_calls_with_no_checkpoint_or_one_path_are_one_line(tmp_path):
+    """trace(base, []) raised an IndexError; interfere(base, "t.safetensors") took each character for a task."""
+    from spectra.errors import ConfigError
+    from spectra.interfere import interfere
+    from spectra.trace import TraceConfig, trace
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    with pytest.raises(ConfigError, match="no checkpoint given"):
+        trace(base, [], config=TraceConfig(device="cpu"))
+    with pytest.raises(ConfigError, match="a list of fine-tunes"):
+        interfere(base, tuned)
+
+
+def test_repeated_epsilons_are_kept_once():
+    """CompareConfig(epsilons=(0.5, 0.1, 0.5)) was saved as given while the per-module counts folded the two 0.5s."""
+    from spectra.config import CompareConfig
+
+    assert CompareConfig(epsilons=(0.5, 0.1, 0.5)).epsilons == (0.1, 0.5)

@@ -294,6 +294,25 @@ def _short(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
+#: :func:`_clashing_keys` looks at patterns of at most this many keys (every key is matched against every module).
+CLASH_CHECK_MAX_KEYS = 256
+
+
+def _clashing_keys(patterns: Mapping[str, Any], module: str) -> str | None:
+    """The keys of ``patterns`` matching ``module`` with their values, as text, when they give it different
+    values (which one applies then depends on the keys' order); None otherwise, or for over
+    :data:`CLASH_CHECK_MAX_KEYS` keys. A key that cannot be matched safely is left to :func:`pattern_key`."""
+    if len(patterns) < 2 or len(patterns) > CLASH_CHECK_MAX_KEYS:
+        return None
+    try:
+        hits = {k: v for k, v in patterns.items() if suffix_match(k, module)}
+    except PatternError:
+        return None
+    if len(set(hits.values())) < 2:
+        return None
+    return ", ".join(f"{k!r}: {v:g}" for k, v in hits.items())
+
+
 def _guard(path: Path | None, field_name: str, fn, *args):
     """``fn(*args)``, a :class:`PatternError` turned into the config file's one-line error."""
     try:
@@ -482,6 +501,7 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
             stored.setdefault(module, {})[kind] = name
     # every pattern match first, timed on its own (reading the factors below is not part of the bound)
     matched: dict[str, tuple[str | None, int, float]] = {}
+    clashes: dict[str, dict[str, str]] = {}  # pattern field -> module -> its matching keys with their values
     started = time.monotonic()
     for module in stored:
         if time.monotonic() - started > match_budget_s:
@@ -490,12 +510,30 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                 path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
         reason = config.untargeted(module)
         matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
+        if reason is None:
+            for field_name in ("rank_pattern", "alpha_pattern"):
+                if (keys := _clashing_keys(getattr(config, field_name), module)) is not None:
+                    clashes.setdefault(field_name, {})[module] = keys
+    for field_name, mods in clashes.items():  # PEFT's first matching key wins, and save_pretrained sorts the keys
+        module, keys = next(iter(mods.items()))
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: {len(mods)} module(s) (e.g. {module}) match several {field_name} keys "
+                             f"with different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained "
+                             "applies it, but PEFT's save_pretrained sorts the keys, so the run that trained it may have used "
+                             "another (its update then differs from this file's)")
     for module, kinds in stored.items():
         reason, r, alpha = matched[module]
         if reason:
             adapter.skipped.extend(Skipped(n, f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})") for n in kinds.values())
             continue
-        lora = _lora_module(ckpt, config, module, kinds, (r, alpha), folder, weights)
+        try:
+            lora = _lora_module(ckpt, config, module, kinds, (r, alpha), folder, weights)
+        except CheckpointFormatError as exc:  # the likelier cause, where several keys match: PEFT re-sorted them
+            if module not in clashes.get("rank_pattern", {}) or "rank" not in exc.message:
+                raise
+            raise CheckpointFormatError(exc.message, path=folder, tensor=module,
+                                        hint=f"{module} matches several rank_pattern keys ({clashes['rank_pattern'][module]}); PEFT "
+                                             "trained with the first of them in its config's order, and save_pretrained "
+                                             "sorts the keys: put that key first again") from None
         if lora is not None:
             adapter.modules[module] = lora
         if "lora_magnitude_vector" in kinds and not config.use_dora:
