@@ -184,8 +184,8 @@ class _Side:
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
-            self.adapter, self.kind = open_adapter(label), "lora"
-            self.pair_notes = list(self.adapter.notes)  # how its folder was read (a full model beside it, clashing keys…)
+            self.adapter = open_adapter(label)
+            self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
                              if n is not None and pairing_key(n) != pairing_key(m.weight_name)}

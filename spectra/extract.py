@@ -570,8 +570,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     if cut := [m["name"] for m in result.modules if "cuts through tied singular values" in (m.get("note") or "")]:
         result.warnings.append(f"{len(cut)} of {len(result.modules)} modules (e.g. {cut[0]}) have a rank that cuts through tied "
                                "singular values: their adapter holds one of equally good choices (each one's note in extract.json)")
-    if src.renames:  # GPT-NeoX's embed_out is lm_head once loaded; LLaVA's layers move under model.language_model
-        result.warnings.append(renames_text(src.renames, loaded["source"], "the adapter"))
+    written = {t.module for t, r in zip(src.targets, ranks) if r} | {src.renames.get(x["module"], x["module"]) for x in not_lora if x.get("held")}
+    if used := {k: v for k, v in src.renames.items() if v in written}:  # GPT-NeoX's embed_out is lm_head once loaded…
+        result.warnings.append(renames_text(used, loaded["source"], "the adapter"))
     asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
     served = next((v for v in VLLM_RANKS if asked is not None and v >= asked), asked)
     if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
@@ -646,7 +647,7 @@ def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extr
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
     # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
     all_modules = [as_loaded(n[: -len(".weight")].removeprefix(src.base_prefix)) for n in src.base.tensors if n.endswith(".weight")]
-    task = task_type_for(src.base.config) if config.task_type == "auto" else config.task_type
+    task = task_type_for(src.base.config or (src.tuned.config if src.base_prefix else None)) if config.task_type == "auto" else config.task_type
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
                          modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),

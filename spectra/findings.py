@@ -393,9 +393,10 @@ def skipped_finding(result: DiffResult) -> Finding | None:
 
 def count_text(record: dict) -> str:
     """The ``n`` cell of a :meth:`~spectra.DiffResult.summary_records` row: ``"5"``, or ``"2 of 5"`` when only
-    2 of the 5 matrices changed (the row's medians are over those 2)."""
+    2 of the 5 matrices changed (the row's medians are over those 2), ``"0 of 1"`` when none did (a plain ``1``
+    beside a rank of 0 read as "needs no direction", not "unchanged")."""
     n, c = record["count"], record.get("changed", record["count"])
-    return f"{c} of {n}" if 0 < c < n else str(n)
+    return f"{c} of {n}" if c < n else str(n)
 
 
 def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
@@ -405,7 +406,8 @@ def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
         ("module", ("the module label: the shortest suffix of the tensor name that is unique in the checkpoint "
                    "(q_proj, mlp.down_proj…); one row per label")),
         ("n", ("how many matrices have this label (layers × experts × parts of split fused matrices); \"c of n\" when only "
-               "c of them changed (ΔW ≠ 0): the medians of the row are over those c, as the findings' are")),
+               "c of them changed (ΔW ≠ 0): the medians of the row are over those c, as the findings' are; \"0 of n\": none "
+               "changed, and the row's values are those of ΔW = 0")),
         ("p", ("min(out, in) of the matrix: the most singular values, i.e. independent directions, a matrix of that "
               "shape can have (median over the changed matrices)")),
     ]

@@ -122,7 +122,6 @@ class _Task:
         if is_adapter(label):
             self.kind = "lora"
             self.adapter = open_adapter(label)
-            self.pair_notes = list(self.adapter.notes)  # how its folder was read (a full model beside it, clashing keys…)
             init = self.adapter.config.base_changing_init
             if init:
                 raise CheckpointFormatError(
@@ -517,7 +516,7 @@ def interfere(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     t0 = time.perf_counter()
-    if isinstance(tuned_list, (str, os.PathLike)):  # one path: its characters were taken for the tasks ("t: no such file")
+    if isinstance(tuned_list, (str, bytes, os.PathLike)):  # one path: its characters were taken for the tasks ("t: no such file")
         raise ConfigError(f"interfere takes a list of fine-tunes. Got one path, {str(tuned_list)!r}, instead",
                           hint="pass [T1, T2, ...]: at least two fine-tunes of the base")
     labels = [str(t) for t in tuned_list]

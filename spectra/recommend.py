@@ -158,6 +158,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             left_out.setdefault(why, []).append(base)
             continue
         if _is_embedding(m) and not embeddings:
+            if m.get("fro_norm"):  # changed: said, as the other matrices left out are (unchanged ones need no word)
+                left_out.setdefault("embeddings and the output head: pass --embeddings to adapt them", []).append(base)
             continue
         if not base.endswith(".weight"):
             continue
@@ -276,8 +278,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         for p in experts:
             adapted[p] = tied
         notes.append(f"the {len(experts)} per-expert modules take one rank, r = {tied} (the largest of theirs): PEFT "
-                     "loads per-expert LoRAs into transformers >= 5's fused experts at the global r only"
-                     )
+                     "loads per-expert LoRAs into transformers >= 5's fused experts at the global r only")
     if not adapted:
         if noise:
             raise ConfigError("every updated matrix is at the rounding level of its storage dtype (rounding noise, not a "
@@ -295,8 +296,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
     base_config = _base_config(doc)
     loaded, how = load_renames(base_config, paths + skipped)
-    if loaded:
-        notes.append(renames_text(loaded, how, "the LoraConfig"))
+    if used := {k: v for k, v in loaded.items() if k in adapted}:  # of the modules the config adapts
+        notes.append(renames_text(used, how, "the LoraConfig"))
     named = {loaded.get(p, p): r for p, r in adapted.items()}
     every = [loaded.get(p, p) for p in paths + skipped]
     pattern = {pattern_key(p): named[p] for p in rank_pattern_keys(named, r0)}  # PEFT's first match wins
@@ -325,12 +326,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:
-    """``value`` as a float (a plain one: numpy scalars too), refused when not a real number (a bool, a string)
-    or, with ``whole``, not a whole one."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not ok or (whole and not (math.isfinite(float(value)) and float(value).is_integer())):
-        raise ConfigError(f"{name} must be {'a whole number' if whole else 'a number'}. Got {value!r} instead")
-    return float(value)
+    """``value`` as a plain float (numpy scalars, a 0-d tensor, a Fraction or Decimal too), refused when it is
+    no number (a bool, a string), beyond a float's range, or, with ``whole``, not a whole one."""
+    try:
+        f = None if isinstance(value, (bool, np.bool_, str, bytes)) else float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        f = None
+    if f is None or (whole and not (math.isfinite(f) and f.is_integer())):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "…"
+        raise ConfigError(f"{name} must be {'a whole number' if whole else 'a number'}. Got {shown} instead")
+    return f
 
 
 def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:

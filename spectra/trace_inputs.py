@@ -247,8 +247,11 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                     and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
     if len(paths) == 1 and single.is_dir() and not found:
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
+            # a `spectra train` folder holds its run's trace already (trace.jsonl), and no checkpoints
+            held = (f"; its trace.jsonl (spectra train --trace-every) is shown by spectra report {single}"
+                    if (single / "trace.jsonl").is_file() else "")
             raise ConfigError("one checkpoint is not a trace", path=single,
-                              hint="pass a run folder with checkpoint-N folders, or two or more checkpoints in order")
+                              hint=f"pass a run folder with checkpoint-N folders, or two or more checkpoints in order{held}")
         raise CheckpointNotFoundError("no checkpoint-N folders in this run folder", path=single,
                                       hint="the Trainer writes them with save_strategy='steps' (or 'epoch'); "
                                            "or pass the checkpoints themselves in order")

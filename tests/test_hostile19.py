@@ -502,3 +502,110 @@ def test_repeated_epsilons_are_kept_once():
     from spectra.config import CompareConfig
 
     assert CompareConfig(epsilons=(0.5, 0.1, 0.5)).epsilons == (0.1, 0.5)
+
+
+# ---- review of the second batch and a new user's walk through the README ----------------------------------
+def test_an_adapters_read_notes_are_said_once(tmp_path):
+    """Review: the second batch passed each adapter's notes to compare and interfere again, beside read_notes: every
+    note twice ("reading ad3: the folder holds a PEFT adapter and a full model" four times for two adapters)."""
+    import shutil
+
+    T = pytest.importorskip("transformers")
+    from tests.conftest import random_lora
+
+    base, _ = _llama_pair(tmp_path)
+    for i, name in enumerate(("a", "b")):
+        random_lora(T.LlamaForCausalLM.from_pretrained(base), i, r=2, target_modules=["q_proj"]).save_pretrained(tmp_path / name)
+        shutil.copy(base / "model.safetensors", tmp_path / name / "model.safetensors")
+    proc = _cli(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(base), "--json"])
+    assert proc.returncode == 0, proc.stderr
+    said = [w for w in json.loads(proc.stdout)["warnings"] if "holds a PEFT adapter and a full model" in w]
+    assert len(said) == 2, said
+
+
+def test_recommend_takes_any_real_number_and_refuses_the_rest_in_one_line(tmp_path):
+    """Review: Fraction, Decimal and 0-d tensors worked before the type check and not after; 10**400 was an
+    OverflowError traceback."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from spectra.errors import ConfigError
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    spectra.diff(base, tuned, out_dir=tmp_path / "d")
+    res = tmp_path / "d" / "results.json"
+    ranks = recommend(res, energy=0.9).ranks
+    for tau in (Fraction(9, 10), Decimal("0.9"), np.float32(0.9)):
+        assert recommend(res, energy=tau).ranks == ranks
+    with pytest.raises(ConfigError, match="whole number"):
+        recommend(res, energy=0.9, max_rank=10**400)
+    from spectra.errors import ConfigError as CE
+    from spectra.interfere import interfere
+    with pytest.raises(CE, match="a list of fine-tunes"):
+        interfere(base, tuned.encode())
+
+
+def test_clashing_keys_are_found_in_a_long_pattern(tmp_path):
+    """Review: the clash check stopped at 256 keys, while recommend writes ~560 for an 80-layer model."""
+    T = pytest.importorskip("transformers")
+    from tests.conftest import random_lora
+
+    base, _ = _llama_pair(tmp_path)
+    filler = {f"layers.{i}.nothing_{j}": 4 for i in range(30) for j in range(10)}
+    random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=4, lora_alpha=8, target_modules=["q_proj"],
+                alpha_pattern={**filler, "q_proj": 3, "layers.0.self_attn.q_proj": 20}).save_pretrained(tmp_path / "a")
+    proc = _cli(["diff", str(base), str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--no-plots"])
+    assert proc.returncode == 0, proc.stderr
+    said = [w for w in json.loads((tmp_path / "o" / "results.json").read_text())["warnings"] if "several alpha_pattern keys" in w]
+    assert len(said) == 1 and "'q_proj': 3" in said[0] and "sorts the keys" in said[0], said
+
+
+def _neox(root: Path) -> tuple[Path, Path]:
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=64))
+    m.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.add_(0.02 * torch.randn(p.shape[0], 3) @ torch.randn(3, p.shape[1]))
+    m.save_pretrained(root / "tuned")
+    return root / "base", root / "tuned"
+
+
+def test_rename_warnings_speak_of_what_is_written(tmp_path):
+    """extract on GPT-NeoX without --embeddings warned "the adapter names them as loaded (… embed_out → lm_head)" while
+    embed_out was not extracted; recommend said nothing of a changed head it left out (and counted the full update
+    without it)."""
+    base, tuned = _neox(tmp_path)
+    proc = _cli(["extract", str(base), str(tuned), "--rank", "2", "-o", str(tmp_path / "x"), "--no-plots"])
+    assert proc.returncode == 0 and "embed_out → lm_head" not in proc.stderr, proc.stderr
+    proc = _cli(["extract", str(base), str(tuned), "--rank", "2", "--embeddings", "-o", str(tmp_path / "y"), "--no-plots"])
+    assert proc.returncode == 0 and "embed_out → lm_head" in proc.stderr, proc.stderr
+    spectra.diff(str(base), str(tuned), out_dir=tmp_path / "d")
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    assert any("pass --embeddings" in n and "embed_out" in n for n in rec.notes), rec.notes
+    assert not any("embed_out → lm_head" in n for n in rec.notes), rec.notes
+
+
+def test_trace_of_a_spectra_train_folder_points_to_its_trace(tmp_path):
+    """README: `spectra trace base/ runs/lora8`, the folder `spectra train` writes, which holds no checkpoints: "one
+    checkpoint is not a trace" without a word of the trace.jsonl it holds."""
+    import shutil
+
+    base, tuned = _llama_pair(tmp_path)
+    shutil.copytree(tuned, tmp_path / "run")
+    (tmp_path / "run" / "trace.jsonl").write_text("")
+    proc = _cli(["trace", str(base), str(tmp_path / "run"), "-o", str(tmp_path / "t")])
+    assert proc.returncode == 1 and "spectra report" in proc.stderr and "trace.jsonl" in proc.stderr, proc.stderr
+
+
+def test_a_module_kind_with_no_changed_matrix_says_so(tmp_path):
+    """The diff table printed an unchanged kind as "n = 1, rank 0" (read: needs no direction); its legend says
+    "c of n" when only c changed."""
+    from spectra.findings import count_text
+
+    assert count_text({"count": 1, "changed": 0}) == "0 of 1"
+    assert count_text({"count": 5, "changed": 5}) == "5" and count_text({"count": 5, "changed": 2}) == "2 of 5"

@@ -294,15 +294,16 @@ def _short(value: object, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
-#: :func:`_clashing_keys` looks at patterns of at most this many keys (every key is matched against every module).
-CLASH_CHECK_MAX_KEYS = 256
+#: Seconds :func:`open_adapter` spends looking for pattern keys that clash on a module (a best effort: every key
+#: is matched against every module; a recommend config of an 80-layer model has ~560 keys).
+CLASH_CHECK_S = 2.0
 
 
 def _clashing_keys(patterns: Mapping[str, Any], module: str) -> str | None:
     """The keys of ``patterns`` matching ``module`` with their values, as text, when they give it different
-    values (which one applies then depends on the keys' order); None otherwise, or for over
-    :data:`CLASH_CHECK_MAX_KEYS` keys. A key that cannot be matched safely is left to :func:`pattern_key`."""
-    if len(patterns) < 2 or len(patterns) > CLASH_CHECK_MAX_KEYS:
+    values (which one applies then depends on the keys' order); None otherwise. A key that cannot be matched
+    safely is left to :func:`pattern_key`."""
+    if len(patterns) < 2:
         return None
     try:
         hits = {k: v for k, v in patterns.items() if suffix_match(k, module)}
@@ -510,10 +511,13 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                 path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
         reason = config.untargeted(module)
         matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
-        if reason is None:
-            for field_name in ("rank_pattern", "alpha_pattern"):
-                if (keys := _clashing_keys(getattr(config, field_name), module)) is not None:
-                    clashes.setdefault(field_name, {})[module] = keys
+    started = time.monotonic()  # which modules match clashing keys: every key against every module, given up past CLASH_CHECK_S
+    for module in (m for m, (reason, _, _) in matched.items() if reason is None):
+        if time.monotonic() - started > CLASH_CHECK_S:
+            break
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            if (keys := _clashing_keys(getattr(config, field_name), module)) is not None:
+                clashes.setdefault(field_name, {})[module] = keys
     for field_name, mods in clashes.items():  # PEFT's first matching key wins, and save_pretrained sorts the keys
         module, keys = next(iter(mods.items()))
         adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: {len(mods)} module(s) (e.g. {module}) match several {field_name} keys "
