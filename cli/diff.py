@@ -259,11 +259,14 @@ def _summary_table(result: spectra.DiffResult) -> Table:
     for col, just in (("module", "left"), ("n", "right"), ("p", "right"), *((("LoRA r", "right"),) if lora else ()),
                       (f"rank[{key}]", "right"), ("/ p", "right"), ("random / p", "right"), ("‖ΔW‖/‖W‖", "right")):
         table.add_column(col, justify=just)
+    # a kind holding a sketched matrix (approximate mode): its rank is an estimate, marked so (the warning says more)
+    approx = {m.module for m in result.modules if m.method.startswith("approx")}
     for r in result.summary_records(tau):
+        est = "≈" if r["module"] in approx else ""
         table.add_row(
             shown(display_name(r["module"], 40)), count_text(r), f"{r['p']:g}",
             *((range_text(r["lora_r_range"]),) if lora else ()),
-            f"{r['energy_rank']:g}", f"{r['energy_rank_frac']:.3f}",
+            f"{est}{r['energy_rank']:g}", f"{est}{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",
         )
     return table

@@ -46,7 +46,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +60,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.naming import describe_checkpoint
-from spectra.numerics import rounding_floor
+from spectra.numerics import numeric_notes, rounding_floor, unresolved_text
 from spectra.selection import selector
 from spectra.subspaces import Factored
 from spectra.trace import (
@@ -91,6 +91,8 @@ class _Tracked:
     initial: torch.Tensor | None = None  # ... and its copy from the start
     first: Subspaces | None = None
     prev: Subspaces | None = None
+    caveats: dict[str, list[int]] = field(default_factory=dict)  # numerical caveat message -> the steps it was said at
+    note0: str | None = None  # the matrix's own note (naming, pairing), before any caveat was added to it
 
 
 class SpectraTracker:
@@ -121,8 +123,9 @@ class SpectraTracker:
     def __init__(self, model: torch.nn.Module, *, every: int = 50, out_dir: str | Path | None = None,
                  config: TraceConfig | None = None, initial: Literal["cpu", "device"] = "cpu", is_main: bool = True,
                  resume_step: int = 0) -> None:
-        if every < 0:
-            raise ConfigError(f"every must be >= 0. Got {every} instead")
+        if isinstance(every, (bool, np.bool_)) or not isinstance(every, (int, np.integer)) or every < 0:  # 1.5, True: no cadence
+            raise ConfigError(f"every must be a whole number >= 0. Got {every!r} instead")
+        every = int(every)
         if initial not in ("cpu", "device"):
             raise ConfigError(f"initial must be 'cpu' or 'device'. Got {initial!r} instead")
         self.every = every
@@ -136,6 +139,7 @@ class SpectraTracker:
         self.matrices: list[_Tracked] = []
         self.warnings: list[str] = []
         self._first_saved = True  # trace_first.npz holds every reference set so far
+        self._measured_to: int | None = None  # the last step measured (steps must increase)
         #: whether ΔW is measured from the weights training started from (False: a resumed full fine-tune whose
         #: base could not be read again, measured from the weights it resumed with)
         self.from_base = True
@@ -143,6 +147,7 @@ class SpectraTracker:
             self._discover(model, int(resume_step))
             if self.path is not None and resume_step > 0 and self.path.is_file():
                 self._resume(int(resume_step))
+                self._measured_to = int(resume_step)  # kept up to there; the resumed run measures the later steps
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
                 atomic_write_text(self.path, "")
                 self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
@@ -150,6 +155,11 @@ class SpectraTracker:
                                         "config": asdict(self.config)}})
                 for s in self.skipped:
                     self._write({"skipped": s})
+                if wide := [tr for tr in self.matrices if tr.meta.get("lora_r") and tr.meta["lora_r"] > min(tr.meta["shape"])]:
+                    tr = wide[0]  # factors wider than the matrix: directions they cannot hold, a ratio that cannot reach 1
+                    self.warn(f"LoRA r = {tr.meta['lora_r']} is above min(out, in) of {len(wide)} adapted matrices (e.g. {tr.name}: "
+                              f"{min(tr.meta['shape'])}): they hold at most that many directions, so their effective_rank_over_r "
+                              f"stays below {min(tr.meta['shape']) / tr.meta['lora_r']:.2g}")
 
     @property
     def first_path(self) -> Path:
@@ -231,7 +241,7 @@ class SpectraTracker:
             for mod_name, mod in lora:
                 base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else getattr(mod, "base_layer", None)
                 weight = getattr(base, "weight", None)
-                active = tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
+                active = _active(mod)
                 name = _stored_name(mod_name).removeprefix(_PEFT_PREFIX) + ".weight"
                 if weight is None or weight.ndim != 2 or not active:
                     continue
@@ -322,6 +332,12 @@ class SpectraTracker:
     @torch.no_grad()
     def measure(self, step: int, *, loss: float | None = None) -> dict[str, float]:
         """Measure every tracked matrix now; append to ``trace.jsonl``; return the logger medians."""
+        # a step measured again (or an earlier one) would repeat records, or turn against a later point
+        if self._measured_to is not None and step <= self._measured_to:
+            if not any("not after the last step measured" in w for w in self.warnings):
+                self.warn(f"step {step} is not after the last step measured ({self._measured_to}): not measured (steps must increase)")
+            return {}
+        self._measured_to = int(step)
         t0 = time.perf_counter()
         with _few_threads(self.matrices):
             records = self._records(step, loss)
@@ -340,10 +356,11 @@ class SpectraTracker:
         tr = self.matrices[0]
         return str((tr.param if tr.param is not None else tr.module.get_base_layer().weight).device)
 
-    def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None, float]:
-        """``(singular values, top-k factors, rounding floor)`` of one matrix's update now (the floor 0 for a
-        LoRA, formed from its factors); ``(None, None, 0.0)`` when it holds NaN or inf (a diverged run: no SVD
-        of it is defined)."""
+    def _now(self, tr: _Tracked) -> tuple[np.ndarray | None, Factored | None, float, list[str]]:
+        """``(singular values, top-k factors, rounding floor, numerical caveats)`` of one matrix's update now (the
+        floor 0 and no caveats for a LoRA, formed from its factors; :func:`spectra.numerics.numeric_notes` of a
+        full update, as ``spectra trace`` says them); ``(None, None, 0.0, [])`` when it holds NaN or inf (a diverged
+        run: no SVD of it is defined)."""
         if tr.module is not None:
             factors = [_factors(tr.module, a) for a in tr.adapters]
             B = torch.cat([s * b for b, _, s in factors], dim=1)
@@ -353,32 +370,50 @@ class SpectraTracker:
                 B = torch.cat([B.double(), -sB0.to(B.device)], dim=1)
                 A = torch.cat([A.double(), A0.to(A.device)], dim=0)
             if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
-                return None, None, 0.0
+                return None, None, 0.0, []
             f = Factored.from_lora(B, A, 1.0)
-            return f.S.cpu().numpy(), truncate(f, self.config.top_k), 0.0
+            return f.S.cpu().numpy(), truncate(f, self.config.top_k), 0.0, []
         initial = tr.initial.to(tr.param.device)  # once: ΔW and the floor both read it (a copy on a GPU)
         delta = tr.param.detach().float() - initial.float()
         if not bool(torch.isfinite(delta).all()):
-            return None, None, 0.0
+            return None, None, 0.0, []
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
-        floor = rounding_floor(tr.param.detach(), str(tr.param.dtype).removeprefix("torch."), initial)
-        return (*spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor), floor)
+        dtype = str(tr.param.dtype).removeprefix("torch.")
+        floor = rounding_floor(tr.param.detach(), dtype, initial)
+        notes = numeric_notes(initial, tr.param.detach(), delta, base_dtype=dtype, tuned_dtype=dtype)
+        return (*spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor), floor, notes)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
-        records, diverged = [], []
+        records, diverged, switched = [], [], []
         for tr in self.matrices:
-            S, top, floor = self._now(tr)
+            if tr.module is not None and _active(tr.module) != tr.adapters:  # set_adapter() since: not what is trained
+                switched.append(tr.name)
+                continue
+            S, top, floor, caveats = self._now(tr)
             if S is None:
                 diverged.append(tr.name)
                 continue
             now = Subspaces.of(top)
             point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"], floor),
                      "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
+            # what `spectra trace` says of the same weights: the caveats in the matrix's note (each step's own
+            # message, steps grouped where the text is the same), and why the turns of an unresolved update are null
+            if now is None and point["fro_norm"] > 0:
+                point["turn_note"] = f"{unresolved_text('ΔW', str(tr.param.dtype).removeprefix('torch.'))}, so turn_prev and turn_first are null"
+            for msg in caveats:
+                tr.caveats.setdefault(msg, []).append(int(step))
+            if caveats:
+                tr.note0 = tr.meta.get("note") or "" if tr.note0 is None else tr.note0
+                said = (f"at step{'s' * (len(st) > 1)} {', '.join(map(str, st))}: {m}" for m, st in tr.caveats.items())
+                tr.meta = {**tr.meta, "note": "; ".join(x for x in (tr.note0, *said) if x)}
             if now is not None:
                 tr.prev = now
                 if tr.first is None:
                     tr.first, self._first_saved = now, False
             records.append({"kind": self.kind, "step": int(step), "loss": loss, "matrix": tr.meta, "point": jsonable(point)})
+        if switched and not any("set_adapter() since?" in w for w in self.warnings):  # said once
+            self.warn(f"from step {step}: the active LoRA adapters of {len(switched)} modules (e.g. {switched[0]}) are no longer "
+                      "those the tracker was made for (set_adapter() since?): not measured; make the tracker after set_adapter()")
         if diverged:
             self.warn(f"step {step}: {len(diverged)} matrices hold NaN or inf (the training diverged), not measured: "
                       + ", ".join(diverged[:3]) + ("…" if len(diverged) > 3 else ""))
@@ -497,6 +532,11 @@ def _load_first(path: Path) -> dict[str, Subspaces]:
         return {}
     names = {k.rsplit(".", 1)[0] for k in arrays}
     return {n: Subspaces(arrays[f"{n}.U"], arrays[f"{n}.V"]) for n in names if f"{n}.U" in arrays and f"{n}.V" in arrays}
+
+
+def _active(mod: Any) -> tuple[str, ...]:
+    """The adapters a PEFT LoRA layer applies now (its active ones that hold LoRA factors)."""
+    return tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
 
 
 def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -136,6 +136,9 @@ class DiffConfig(SharedOptions):
         if self.approx and self.method != "gram":  # every matrix is sketched: the method was recorded, never used
             raise ConfigError(f"method {self.method!r} does not apply with approx (every matrix is sketched)",
                               hint="drop --method svd (the approximate mode sketches every matrix), or drop --approx for exact spectra")
+        if self.approx and self.precision != "float64":  # likewise: recorded, never used (and the run took twice as long)
+            raise ConfigError(f"precision {self.precision!r} does not apply with approx (every matrix is sketched, in float32, "
+                              "with bounds)", hint="drop --precision (or --approx for exact spectra)")
         if not 0 < self.approx_tol < 1:
             raise ConfigError(f"approx_tol must be in (0, 1). Got {self.approx_tol} instead")
         if self.prefetch_bytes is not None and self.prefetch_bytes < 1:

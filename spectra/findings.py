@@ -407,7 +407,7 @@ def summary_legend(tau: float, *, lora: bool = False) -> list[tuple[str, str]]:
                    "(q_proj, mlp.down_proj…); one row per label")),
         ("n", ("how many matrices have this label (layers × experts × parts of split fused matrices); \"c of n\" when only "
                "c of them changed (ΔW ≠ 0): the medians of the row are over those c, as the findings' are; \"0 of n\": none "
-               "changed, and the row's values are those of ΔW = 0")),
+               "changed, and the row's ranks and size are those of ΔW = 0 (random / p stays the shape's baseline)")),
         ("p", ("min(out, in) of the matrix: the most singular values, i.e. independent directions, a matrix of that "
               "shape can have (median over the changed matrices)")),
     ]

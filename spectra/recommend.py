@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_plan import is_embedding_name
@@ -158,7 +161,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             left_out.setdefault(why, []).append(base)
             continue
         if _is_embedding(m) and not embeddings:
-            if m.get("fro_norm"):  # changed: said, as the other matrices left out are (unchanged ones need no word)
+            # changed: said, as the other matrices left out are (unchanged ones, and rounding noise, need no word)
+            if m.get("fro_norm") is None:
+                left_out.setdefault("embeddings and the output head whose update is not finite (fro_norm null)", []).append(base)
+            elif m["fro_norm"] and name not in noise:
                 left_out.setdefault("embeddings and the output head: pass --embeddings to adapt them", []).append(base)
             continue
         if not base.endswith(".weight"):
@@ -326,10 +332,17 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:
-    """``value`` as a plain float (numpy scalars, a 0-d tensor, a Fraction or Decimal too), refused when it is
-    no number (a bool, a string), beyond a float's range, or, with ``whole``, not a whole one."""
+    """``value`` as a plain float: a real number (int, float, Fraction, Decimal; a numpy scalar or 0-d array or
+    tensor of an integer or float dtype), refused when it is anything else (a bool, a string, a complex, a
+    1-element array, a timedelta), beyond a float's range, or, with ``whole``, not a whole one."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:  # numpy and torch: 0-d, integer or floating point (not bool, complex, dates)
+        real = getattr(value, "ndim", 1) == 0 and (getattr(dtype, "kind", None) in ("i", "u", "f") if isinstance(dtype, np.dtype)
+                                                   else not (dtype.is_complex or dtype == torch.bool))
+    else:
+        real = isinstance(value, (numbers.Real, Decimal)) and not isinstance(value, bool)
     try:
-        f = None if isinstance(value, (bool, np.bool_, str, bytes)) else float(value)  # type: ignore[arg-type]
+        f = float(value) if real else None  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         f = None
     if f is None or (whole and not (math.isfinite(f) and f.is_integer())):

@@ -145,7 +145,9 @@ WEIGHTS_APPROX_NOTE = ("weight spectra not computed in the approximate mode (eac
 def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds: float) -> ModuleResult:
     p = min(item.unit.shape)
     keys = [threshold_key(tau) for tau in config.thresholds]
-    sigma1 = float(a.top[0]) if a.top.size else 0.0
+    # the sketch's values are float32's: σ̂₁ can exceed ‖ΔW‖_F by its rounding (a stable rank below 1); never above it
+    top = np.minimum(a.top, a.fro_norm)
+    sigma1 = float(top[0]) if top.size else 0.0
     fields = common_fields(item, config)
     fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds; "
                                            "nuclear norm, effective and signal rank need the full spectrum",
@@ -158,7 +160,7 @@ def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds
         energy_rank={k: a.ranks[tau].estimate for k, tau in zip(keys, config.thresholds)},
         energy_rank_frac={k: a.ranks[tau].estimate / p for k, tau in zip(keys, config.thresholds)},
         energy_rank_bounds={k: [a.ranks[tau].lo, a.ranks[tau].hi] for k, tau in zip(keys, config.thresholds)},
-        singular_values=[float(s) for s in a.top[: config.top_k]],
+        singular_values=[float(s) for s in top[: config.top_k]],
         method=f"approx/sketch{a.sketch}", seconds=seconds,
         esd=esd_entry(item.unit.shape, None, note=ESD_APPROX_NOTE) if config.esd else None,
     )

@@ -40,12 +40,20 @@ CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
         # a base stored coarser: the rounding is part of ΔW only if TUNED came from a finer original (said first)
         re.compile(r"base is \S+ and tuned \S+: (?:if TUNED was made from [^;]*?, )?ΔW includes rounding W from "),
         "base and tuned are stored at different precisions",
-        ("ΔW includes the rounding of W to the coarser dtype, spread over all directions, so energy ranks at high τ "
-        "measure that rounding")),
+        # (a base stored coarser: only if TUNED came from a finer original of it, as its note says; spectra train's own
+        # fine-tune of a bf16 base, trained from those very values, holds none of it)
+        ("ΔW includes the rounding of W to the coarser dtype where the tuned side is the coarser one, or where TUNED was "
+         "made from a finer original of a base stored coarser; that rounding is spread over all directions, so energy "
+         "ranks at high τ measure it")),
     "quantisation_grid": (
         re.compile(r"appears quantised \(|are quantised on different grids"),
         "one side is on a quantisation grid and the other is not (or the grids differ)",
         "ΔW includes quantisation error, which is near full rank and inflates energy ranks"),
+    "approximate": (  # not a caveat of the weights but of the numbers: said beside them as the others are
+        re.compile(r"approximate: energy ranks lie within energy_rank_bounds"),
+        "energy ranks are estimates from a randomized sketch (approximate mode, p above --approx-above)",
+        ("each lies within its guaranteed bounds in results.json (energy_rank_bounds); the table's medians and the "
+         "findings use the estimates (a larger --approx-above computes them exactly)")),
     "subnormal": (
         re.compile(r"subnormal values: "),
         "subnormal values carry part of ΔW",
@@ -81,7 +89,8 @@ class ModuleResult:
         energy_rank_bounds: approximate mode only: threshold key -> ``[lo, hi]``, guaranteed
             bounds of the energy rank (the exact path leaves this None). In approximate mode
             ``nuclear_norm``, ``effective_rank`` and ``signal_rank`` are None (they need every
-            singular value) and ``stable_rank`` uses the sketch's σ₁ (a lower bound of σ₁).
+            singular value) and ``stable_rank`` uses the sketch's σ₁ (a lower bound of σ₁ up to float32 rounding,
+            never above ``fro_norm``).
         singular_values: the top ``top_k`` singular values of ΔW, descending.
         method: how the spectrum was computed (``"gram/float64"``...).
         seconds: wall time of the decomposition.

@@ -190,7 +190,8 @@ class ApproxSpectrum:
 
     Attributes:
         fro_norm: exact ``‖M‖_F`` (float64 accumulation).
-        top: the sketch's singular values (lower bounds of the true ones), descending.
+        top: the sketch's singular values (lower bounds of the true ones, up to the sketch's float32
+            rounding: σ̂₁ of a rank-1 matrix can exceed σ₁ by ~1e-7 relative), descending.
         residual_energy: ``‖M‖_F² − ‖QᵀM‖_F²``: energy outside the sketch (exact up to rounding).
         ranks: threshold -> :class:`ApproxRank`.
         sketch: final sketch width.

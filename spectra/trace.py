@@ -243,7 +243,7 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     points: dict[str, dict[int, dict[str, Any]]] = {}
     for r in recs:
         losses.setdefault(int(r["step"]), r.get("loss"))
-        metas.setdefault(r["matrix"]["name"], r["matrix"])
+        metas[r["matrix"]["name"]] = r["matrix"]  # the latest: its note holds every step's caveats so far
         points.setdefault(r["matrix"]["name"], {})[int(r["step"])] = {"step": int(r["step"]), **r["point"]}
     history = {h["step"]: h for h in logs}
     for s, loss in losses.items():
@@ -265,6 +265,7 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
         res.thresholds = sorted({float(t) for r in recs for t in r["point"].get("energy_rank", {})})
     for name in sorted(metas, key=lambda n: _order(metas[n])):
         res.matrices.append({**metas[name], "points": [points[name].get(s, {"step": s, "skip": "not measured"}) for s in steps]})
+    res.warnings += run_warnings(res.matrices)
     res.complete = True
     return res
 
@@ -396,10 +397,7 @@ def trace(
     if above:
         result.warnings.append(f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: "
                                "was this run started from this base?")
-    result.warnings += note_caveat_warnings([(m["name"], m.get("note") or "") for m in result.matrices], len(result.matrices),
-                                            " at one checkpoint or more")
-    if w := unresolved_warning(result.matrices):
-        result.warnings.append(w)
+    result.warnings += run_warnings(result.matrices)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:
@@ -417,20 +415,21 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
         f"(step {refs[ci - 1].step} has none: see its point)")
 
 
-def unresolved_warning(matrices: list[dict[str, Any]]) -> str | None:
-    """The run warning for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the
-    rounding level of its stored weights (their ``turn_note``), or None when there are none."""
+def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
+    """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, and one
+    for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
+    out = note_caveat_warnings([(m["name"], m.get("note") or "") for m in matrices], len(matrices), " at one checkpoint or more")
     # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
     unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
     hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
            if isinstance(pt, dict) and str(pt.get("turn_note", "")).startswith(unresolved)]
     if not hit:
-        return None
+        return out
     name, step = hit[0]
     one = len(hit) == 1
-    return (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
-            f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
-            "turn_prev and turn_first are null there (turn_note in trace.json)")
+    return [*out, (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
+                   f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
+                   "turn_prev and turn_first are null there (turn_note in trace.json)")]
 
 
 def _alpha(w: torch.Tensor, device: torch.device) -> tuple[float | None, float | None]:

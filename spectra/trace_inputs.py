@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     if len(paths) == 1 and single.is_dir() and not found:
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
             # a `spectra train` folder holds its run's trace already (trace.jsonl), and no checkpoints
-            held = (f"; its trace.jsonl (spectra train --trace-every) is shown by spectra report {single}"
+            held = (f"; its trace.jsonl (spectra train --trace-every) is shown by spectra report {shlex.quote(str(single))}"
                     if (single / "trace.jsonl").is_file() else "")
             raise ConfigError("one checkpoint is not a trace", path=single,
                               hint=f"pass a run folder with checkpoint-N folders, or two or more checkpoints in order{held}")

@@ -272,6 +272,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     device = resolve_device(config.device)
     check_positions(base, model_cfg, config.seq_len)
     inputs = [config.data, *([config.eval_source] if config.eval_source else [])]
+    if config.eval_source and _same_file(config.eval_source, config.data):  # a "forgetting" score of the training text
+        raise ConfigError("--eval-source is --data: the forgetting measure would score the text the run trains on",
+                          hint="give --eval-source text of the base model's own domain (e.g. general prose), or leave it out")
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
@@ -316,6 +319,14 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                                            f"{config.seq_len} tokens are used ({DATA_POOL_FACTOR}× the blocks the run draws; "
                                            "a text file is read no further)"}
         return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file or folder (any spelling or link); False when either cannot be read."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _add_lora(model, config: TrainConfig):

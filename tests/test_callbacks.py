@@ -121,7 +121,7 @@ def test_lora_model_and_skips(tmp_path):
     dora = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ConfigError, match="found no matrix to trace .*DoRA"):  # nothing left to trace: said at once
         SpectraTracker(dora, every=1)
-    with pytest.raises(ConfigError, match="every must be >= 0"):
+    with pytest.raises(ConfigError, match="every must be a whole number >= 0"):
         SpectraTracker(_tiny(), every=-1)
     with pytest.raises(ConfigError, match="initial must be"):
         SpectraTracker(_tiny(), initial="gpu")

@@ -609,3 +609,174 @@ def test_a_module_kind_with_no_changed_matrix_says_so(tmp_path):
 
     assert count_text({"count": 1, "changed": 0}) == "0 of 1"
     assert count_text({"count": 5, "changed": 5}) == "5" and count_text({"count": 5, "changed": 2}) == "2 of 5"
+
+
+# ---- third review and the option probes ------------------------------------------------------------------
+def _long_adapter(root: Path, layers: int = 80) -> Path:
+    """A recommend-style adapter of ``layers`` × 7 modules whose rank_pattern and alpha_pattern name every
+    module in full (~560 keys each), with one clash planted on the last layer."""
+    mods = [f"model.layers.{i}.{m}" for i in range(layers) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    g = torch.Generator().manual_seed(0)
+    root.mkdir()
+    save_file({f"base_model.model.{m}.lora_{x}.weight": torch.randn(*s, generator=g) for m in mods
+               for x, s in (("A", (2, 8)), ("B", (8, 2)))}, str(root / "adapter_model.safetensors"))
+    alpha = {m: 4 for m in mods}
+    alpha[f"layers.{layers - 1}.mlp.down_proj"] = 99
+    (root / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                      "up_proj", "down_proj"],
+        "rank_pattern": {m: 2 for m in mods}, "alpha_pattern": alpha}))
+    return root
+
+
+def test_a_long_pattern_is_matched_in_time_and_its_clash_found(tmp_path):
+    """Review: each key with a dot was checked for backtracking again for every module (560 × 1,120 matches: 70 s),
+    so the clash check gave up after 2 s without a word, and the match of the config itself took 10 s (spectra
+    nearly refused its own recommend output for an 80-layer model). Keys are checked once and compiled once now."""
+    from spectra.io.adapter import open_adapter
+
+    adapter = open_adapter(_long_adapter(tmp_path / "a"))
+    said = [n for n in adapter.notes if "several alpha_pattern keys" in n]
+    assert len(said) == 1 and "model.layers.79.mlp.down_proj" in said[0], adapter.notes
+    assert not any("checked for" in n for n in adapter.notes), adapter.notes
+
+
+@pytest.mark.parametrize("value", [torch.tensor(True), np.array(True), np.complex128(0.9 + 0.5j), bytearray(b"0.9"),
+                                   torch.tensor([0.9]), np.timedelta64(4)])
+def test_recommend_refuses_what_only_looks_like_a_number(tmp_path, value):
+    """Review: float() took a 0-d bool tensor (τ = 1), a complex (its real part), bytes-like objects and 1-element tensors."""
+    from spectra.errors import ConfigError
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    spectra.diff(base, tuned, out_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match="must be a number"):
+        recommend(tmp_path / "d" / "results.json", energy=value)
+
+
+def test_approximate_ranks_are_marked_and_sigma1_never_exceeds_the_norm(tmp_path):
+    """--approx printed the sketch's rank estimates as the table's ranks and the findings' with no word of it (the
+    bounds only in results.json); the float32 sketch's σ̂₁ of a rank-1 update exceeded ‖ΔW‖_F (stable rank
+    0.9999998); --approx --precision float32 was accepted, recorded and ignored."""
+    from spectra.config import DiffConfig
+    from spectra.errors import ConfigError
+
+    g = torch.Generator().manual_seed(7)
+    W = {"model.layers.0.mlp.big.weight": torch.randn(300, 200, generator=g, dtype=torch.float64)}
+    T = {n: w + torch.randn(300, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 200, generator=g, dtype=torch.float64)
+         + 1e-4 * torch.randn(300, 200, generator=g, dtype=torch.float64) for n, w in W.items()}
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file(T, str(tmp_path / "t.safetensors"))
+    proc = _cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--approx", "--out",
+                 str(tmp_path / "o"), "--no-plots"])
+    assert proc.returncode == 0, proc.stderr
+    assert "≈" in proc.stdout and "estimates from a randomized sketch" in proc.stderr, proc.stdout + proc.stderr
+    m = json.loads((tmp_path / "o" / "results.json").read_text())["modules"][0]
+    assert m["method"].startswith("approx") and m["spectral_norm"] <= m["fro_norm"] and m["stable_rank"] >= 1.0, m
+    with pytest.raises(ConfigError, match="does not apply with approx"):
+        DiffConfig(approx=True, precision="float32")
+
+
+def test_recommend_says_nothing_of_rounding_noise_embeddings_left_out(tmp_path):
+    """Review: embeddings changed only by rounding were told "pass --embeddings to adapt them"."""
+    g = torch.Generator().manual_seed(8)
+    W = {"model.embed_tokens.weight": torch.randn(64, 16, generator=g), "model.layers.0.self_attn.q_proj.weight":
+         torch.randn(16, 16, generator=g)}
+    T = {"model.embed_tokens.weight": W["model.embed_tokens.weight"] * (1 + 1e-9),
+         "model.layers.0.self_attn.q_proj.weight": W["model.layers.0.self_attn.q_proj.weight"]
+         + 0.1 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g)}
+    T["model.embed_tokens.weight"][0, 0] = torch.nextafter(W["model.embed_tokens.weight"][0, 0], torch.tensor(10.0))
+    save_file(W, str(tmp_path / "b.safetensors"))
+    save_file(T, str(tmp_path / "t.safetensors"))
+    spectra.diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), out_dir=tmp_path / "d")
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    assert not any("pass --embeddings" in n for n in rec.notes), rec.notes
+
+
+# ---- the tracker and training probe --------------------------------------------------------------------------
+def _tiny_step(model, seed: int, lr: float) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (2, 16), generator=g)
+    model(input_ids=x, labels=x).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.add_(-lr * p.grad)
+                p.grad = None
+
+
+def test_the_tracker_says_what_trace_says_of_rounding_level_updates(tmp_path):
+    """A bf16 model stepped by SGD at a small learning rate: spectra trace of its weights warned of rounding-level
+    updates and nulled their turns with a turn_note; the in-training tracker measured the same updates (σ₁ 11-18×
+    below the rounding floor) as if learned, with no note, no turn_note and no warning."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+    from tests.train_util import tiny_llama
+
+    model = tiny_llama(0).to(torch.bfloat16)
+    tracker = SpectraTracker(model, every=1, out_dir=tmp_path / "t")
+    for step in (1, 2):
+        _tiny_step(model, step, 1e-3)
+        tracker.step(model, step)
+    tracker.close()
+    res = load_trace(tmp_path / "t")
+    assert any(w.startswith("caveat (rounding_level)") for w in res.warnings), res.warnings
+    noted = [m for m in res.matrices if "at step" in (m.get("note") or "") and "rounding level" in m["note"]]
+    assert noted, [m.get("note") for m in res.matrices]
+    nulls = [pt for m in res.matrices for pt in m["points"] if pt.get("turn_note", "").startswith("every singular value")]
+    assert all(pt["turn_prev"] is None for pt in nulls)
+
+
+def test_the_tracker_does_not_measure_adapters_switched_after_it(tmp_path):
+    """A tracker made before set_adapter('second') measured the first adapter, untrained: fro_norm 0.0 at every
+    step, no warning."""
+    peft = pytest.importorskip("peft")
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+    from tests.train_util import tiny_llama
+
+    model = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj"]), adapter_name="first")
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    tracker = SpectraTracker(model, every=1, out_dir=tmp_path / "t")
+    model.set_adapter("second")
+    tracker.step(model, 1)
+    tracker.close()
+    res = load_trace(tmp_path / "t")
+    assert any("set_adapter() since?" in w for w in res.warnings), res.warnings
+    assert not any(pt.get("fro_norm") == 0.0 for m in res.matrices for pt in m["points"]), res.matrices
+
+
+def test_the_tracker_refuses_odd_cadences_and_repeated_steps(tmp_path):
+    """every=1.5 and every=True were taken; a step given twice wrote its records twice (32 for 16 matrices), and
+    steps out of order measured turn_prev against a later step."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.errors import ConfigError
+    from tests.train_util import tiny_llama
+
+    model = tiny_llama(0)
+    for every in (1.5, True):
+        with pytest.raises(ConfigError, match="whole number"):
+            SpectraTracker(model, every=every)
+    tracker = SpectraTracker(model, every=1, out_dir=tmp_path / "t")
+    for step in (1, 1, 3, 2):
+        _tiny_step(model, step, 1e-2)
+        tracker.step(model, step)
+    tracker.close()
+    lines = [json.loads(x) for x in (tmp_path / "t" / "trace.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "point" in r]
+    assert sorted(set(steps)) == [1, 3] and len(steps) == 2 * len(tracker.matrices), steps
+    assert any("not after the last step measured" in (r.get("warning") or "") for r in lines)
+
+
+def test_train_refuses_an_eval_source_that_is_its_data(tmp_path):
+    """--eval-source equal to --data scored the training text as the "forgetting" of the source domain."""
+    from spectra.errors import ConfigError
+    from spectra.training import TrainConfig, train
+    from tests.train_util import tiny_llama
+
+    tiny_llama(0).save_pretrained(tmp_path / "base")
+    (tmp_path / "d.txt").write_text("some text " * 200)
+    with pytest.raises(ConfigError, match="--eval-source is --data"):
+        train(TrainConfig(base=str(tmp_path / "base"), data=str(tmp_path / "d.txt"), out=str(tmp_path / "o"),
+                          eval_source=str(tmp_path / "." / "d.txt"), steps=1))

@@ -295,8 +295,9 @@ def _short(value: object, limit: int = 120) -> str:
 
 
 #: Seconds :func:`open_adapter` spends looking for pattern keys that clash on a module (a best effort: every key
-#: is matched against every module; a recommend config of an 80-layer model has ~560 keys).
-CLASH_CHECK_S = 2.0
+#: is matched against every module; a recommend config of an 80-layer model has ~560 keys, ~1 s with the
+#: compiled keys cached).
+CLASH_CHECK_S = 10.0
 
 
 def _clashing_keys(patterns: Mapping[str, Any], module: str) -> str | None:
@@ -511,9 +512,12 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                 path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
         reason = config.untargeted(module)
         matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
-    started = time.monotonic()  # which modules match clashing keys: every key against every module, given up past CLASH_CHECK_S
-    for module in (m for m, (reason, _, _) in matched.items() if reason is None):
-        if time.monotonic() - started > CLASH_CHECK_S:
+    started = time.monotonic()  # which modules match clashing keys: every key against every module
+    targeted = [m for m, (reason, _, _) in matched.items() if reason is None]
+    for checked, module in enumerate(targeted):
+        if time.monotonic() - started > CLASH_CHECK_S:  # given up, and said
+            adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: whether several rank_pattern / alpha_pattern keys match one "
+                                 f"module was checked for {checked} of its {len(targeted)} modules only (over {CLASH_CHECK_S:g} s)")
             break
         for field_name in ("rank_pattern", "alpha_pattern"):
             if (keys := _clashing_keys(getattr(config, field_name), module)) is not None:
