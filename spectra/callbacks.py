@@ -46,7 +46,7 @@ import json
 import statistics
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,8 +91,6 @@ class _Tracked:
     initial: torch.Tensor | None = None  # ... and its copy from the start
     first: Subspaces | None = None
     prev: Subspaces | None = None
-    caveats: dict[str, list[int]] = field(default_factory=dict)  # numerical caveat message -> the steps it was said at
-    note0: str | None = None  # the matrix's own note (naming, pairing), before any caveat was added to it
 
 
 class SpectraTracker:
@@ -396,16 +394,12 @@ class SpectraTracker:
             now = Subspaces.of(top)
             point = {**point_metrics(S, tuple(tr.meta["shape"]), tr.meta["base_fro_norm"], self.config, tr.meta["lora_r"], floor),
                      "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
-            # what `spectra trace` says of the same weights: the caveats in the matrix's note (each step's own
-            # message, steps grouped where the text is the same), and why the turns of an unresolved update are null
+            # what `spectra trace` says of the same weights: this step's caveats, kept with its point (constant size
+            # per record; the loader gathers them per matrix), and why the turns of an unresolved update are null
             if now is None and point["fro_norm"] > 0:
                 point["turn_note"] = f"{unresolved_text('ΔW', str(tr.param.dtype).removeprefix('torch.'))}, so turn_prev and turn_first are null"
-            for msg in caveats:
-                tr.caveats.setdefault(msg, []).append(int(step))
             if caveats:
-                tr.note0 = tr.meta.get("note") or "" if tr.note0 is None else tr.note0
-                said = (f"at step{'s' * (len(st) > 1)} {', '.join(map(str, st))}: {m}" for m, st in tr.caveats.items())
-                tr.meta = {**tr.meta, "note": "; ".join(x for x in (tr.note0, *said) if x)}
+                point["note"] = "; ".join(caveats)
             if now is not None:
                 tr.prev = now
                 if tr.first is None:

@@ -143,8 +143,9 @@ class ModuleResult:
 
     @property
     def caveats(self) -> list[str]:
-        """Codes of the numerical caveats in ``note`` (see :data:`CAVEATS`); empty when none."""
-        return caveat_codes(self.note)
+        """Codes of the numerical caveats of the weights in ``note`` (see :data:`CAVEATS`); empty when none. The
+        approximate mode's is not one (a sketch of exact weights): its warning comes from :func:`caveat_groups`."""
+        return [c for c in caveat_codes(self.note) if c != "approximate"]
 
     def random_frac(self, key: str) -> float:
         """``random_energy_rank[key] / p`` (0 for an empty matrix, p = 0)."""
@@ -521,7 +522,7 @@ def caveat_groups(modules: list[ModuleResult]) -> list[tuple[str, list[ModuleRes
     """``(code, matrices)`` for each numerical caveat (:data:`CAVEATS` order) that some of ``modules`` carry."""
     out = []
     for code in CAVEATS:
-        hit = [m for m in modules if code in m.caveats]
+        hit = [m for m in modules if code in caveat_codes(m.note)]
         if hit:
             out.append((code, hit))
     return out
@@ -558,6 +559,22 @@ def note_caveat_warnings(notes: list[tuple[str, str]], total: int, of: str = "")
         if hit:
             out.append(f"{CAVEAT_PREFIX}({code}): {_caveat_text(code, hit, total, of)}")
     return out
+
+
+def points_caveat_note(points: list[Any]) -> str:
+    """A traced matrix's caveats gathered from its points' notes (the in-training tracker keeps each step's with its
+    point): one part per caveat, the steps it was said at and what it is; each point's note keeps its numbers.
+
+    >>> points_caveat_note([{"step": 5, "note": "ΔW is at the rounding level of bfloat16: 90% …"}, {"step": 10}])
+    "at step 5: ΔW is at the rounding level of its storage dtype (each point's note has its numbers)"
+    """
+    parts = []
+    for pattern, what, _ in CAVEATS.values():
+        steps = [str(pt.get("step")) for pt in points if isinstance(pt, dict) and pattern.search(str(pt.get("note") or ""))]
+        if steps:
+            at = ", ".join(steps[:6]) + (f" … ({len(steps)} steps)" if len(steps) > 6 else "")
+            parts.append(f"at step{'s' * (len(steps) > 1)} {at}: {what} (each point's note has its numbers)")
+    return "; ".join(parts)
 
 
 def caveat_warnings(modules: list[ModuleResult]) -> list[str]:

@@ -60,7 +60,7 @@ from spectra.metrics import (
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names
-from spectra.results import caveat_codes, note_caveat_warnings, rows_to_csv
+from spectra.results import caveat_codes, note_caveat_warnings, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
@@ -243,7 +243,7 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     points: dict[str, dict[int, dict[str, Any]]] = {}
     for r in recs:
         losses.setdefault(int(r["step"]), r.get("loss"))
-        metas[r["matrix"]["name"]] = r["matrix"]  # the latest: its note holds every step's caveats so far
+        metas.setdefault(r["matrix"]["name"], r["matrix"])
         points.setdefault(r["matrix"]["name"], {})[int(r["step"])] = {"step": int(r["step"]), **r["point"]}
     history = {h["step"]: h for h in logs}
     for s, loss in losses.items():
@@ -264,7 +264,8 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     if not res.thresholds:
         res.thresholds = sorted({float(t) for r in recs for t in r["point"].get("energy_rank", {})})
     for name in sorted(metas, key=lambda n: _order(metas[n])):
-        res.matrices.append({**metas[name], "points": [points[name].get(s, {"step": s, "skip": "not measured"}) for s in steps]})
+        pts = [points[name].get(s, {"step": s, "skip": "not measured"}) for s in steps]  # caveats: each point's own note
+        res.matrices.append({**metas[name], "note": "; ".join(x for x in (metas[name].get("note"), points_caveat_note(pts)) if x), "points": pts})
     res.warnings += run_warnings(res.matrices)
     res.complete = True
     return res
@@ -418,7 +419,8 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
 def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
     """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, and one
     for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
-    out = note_caveat_warnings([(m["name"], m.get("note") or "") for m in matrices], len(matrices), " at one checkpoint or more")
+    out = note_caveat_warnings([(m["name"], "; ".join([m.get("note") or "", *(pt.get("note") or "" for pt in m["points"] if isinstance(pt, dict))]))
+                                for m in matrices], len(matrices), " at one checkpoint or more")
     # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
     unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
     hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]

@@ -672,6 +672,7 @@ def test_approximate_ranks_are_marked_and_sigma1_never_exceeds_the_norm(tmp_path
                  str(tmp_path / "o"), "--no-plots"])
     assert proc.returncode == 0, proc.stderr
     assert "≈" in proc.stdout and "estimates from a randomized sketch" in proc.stderr, proc.stdout + proc.stderr
+    assert "numerical caveat" not in proc.stdout  # a sketch of exact weights is no caveat of the weights (review)
     m = json.loads((tmp_path / "o" / "results.json").read_text())["modules"][0]
     assert m["method"].startswith("approx") and m["spectral_norm"] <= m["fro_norm"] and m["stable_rank"] >= 1.0, m
     with pytest.raises(ConfigError, match="does not apply with approx"):
@@ -780,3 +781,37 @@ def test_train_refuses_an_eval_source_that_is_its_data(tmp_path):
     with pytest.raises(ConfigError, match="--eval-source is --data"):
         train(TrainConfig(base=str(tmp_path / "base"), data=str(tmp_path / "d.txt"), out=str(tmp_path / "o"),
                           eval_source=str(tmp_path / "." / "d.txt"), steps=1))
+
+
+def test_a_long_tracked_run_keeps_each_steps_caveats_with_its_point(tmp_path):
+    """Review: the tracker rewrote a growing note (every step's caveat message so far) into every record: trace.jsonl
+    grew with the square of the steps (135 MB at 400 steps of four 128² layers, 1.8 MB before). Each point now keeps
+    its own step's caveats, and loading gathers them per matrix; a resumed tracker keeps the earlier ones."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False) for _ in range(2)]).to(torch.bfloat16)
+    w0 = [p.detach().clone() for p in m.parameters()]
+
+    def flip(step: int) -> None:
+        g = torch.Generator().manual_seed(step)
+        for p, w in zip(m.parameters(), w0):
+            p.data = torch.where(torch.rand(w.shape, generator=g) < 0.2, torch.nextafter(w, torch.full_like(w, 1e9)), w)
+
+    tracker = SpectraTracker(m, every=1, out_dir=tmp_path / "t")
+    for step in range(1, 41):
+        flip(step)
+        tracker.step(m, step)
+    tracker.close()
+    recs = [json.loads(x) for x in (tmp_path / "t" / "trace.jsonl").read_text().splitlines()]
+    mats = [r for r in recs if "matrix" in r]
+    assert {len(json.dumps(r["matrix"])) for r in mats} == {len(json.dumps(mats[0]["matrix"]))}  # no growing note
+    assert all("rounding level" in r["point"].get("note", "") for r in mats)
+    resumed = SpectraTracker(m, every=1, out_dir=tmp_path / "t", resume_step=40)
+    flip(41)
+    resumed.step(m, 41)
+    resumed.close()
+    res = load_trace(tmp_path / "t")
+    assert any(w.startswith("caveat (rounding_level)") for w in res.warnings), res.warnings
+    assert all("(41 steps)" in mt["note"] for mt in res.matrices), [mt["note"] for mt in res.matrices]
