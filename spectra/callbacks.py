@@ -396,7 +396,7 @@ class SpectraTracker:
                      "turn_prev": subspace_turn(tr.prev, now), "turn_first": subspace_turn(tr.first, now)}
             # what `spectra trace` says of the same weights: this step's caveats, kept with its point (constant size
             # per record; the loader gathers them per matrix), and why the turns of an unresolved update are null
-            if now is None and point["fro_norm"] > 0:
+            if now is None and point["fro_norm"] > 0 and tr.param is not None:  # (a LoRA's floor is 0: always resolved)
                 point["turn_note"] = f"{unresolved_text('ΔW', str(tr.param.dtype).removeprefix('torch.'))}, so turn_prev and turn_first are null"
             if caveats:
                 point["note"] = "; ".join(caveats)

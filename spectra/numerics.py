@@ -139,19 +139,13 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     # Finer by its values, not only its dtype: a bf16 release saved in float32 is on the bf16 grid (the rows read
     # are checked), and its fine-tune's one-ulp flips are rounding noise as on one grid
     finer_dtype = eps_b is not None and eps_t is not None and eps_b < eps_t
-    finer_base = False
-
-    def step_for(rows_b: torch.Tensor) -> float | None:
-        nonlocal finer_base
-        finer_base = finer_dtype and not _on_grid(rows_b, tuned_dtype, block)
-        return None if eps is None else eps / 2 if finer_base else eps
-
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
     where = ""
     if max_rows is None or total_rows <= max_rows:
-        s = _pass(b2, t2, d2, step_for(b2), tiny_b, tiny_t, block, norms=base_sq is None)
+        finer_base = finer_dtype and not _on_grid(b2, tuned_dtype, block)
+        s = _pass(b2, t2, d2, eps / 2 if finer_base else eps, tiny_b, tiny_t, block, norms=base_sq is None)
     else:
         # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
         # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
@@ -168,8 +162,9 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         scale = rest_rows.numel() / max(1, even.numel())
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
         b_rows = b2[rows.to(b2.device)]
-        s = _pass(b_rows, t2[rows.to(t2.device)], d2[rows], step_for(b_rows), tiny_b, tiny_t, block, weight=weight.to(d2.device),
-                  norms=base_sq is None, delta_sq=False)
+        finer_base = finer_dtype and not _on_grid(b_rows, tuned_dtype, block)
+        s = _pass(b_rows, t2[rows.to(t2.device)], d2[rows], eps / 2 if finer_base else eps, tiny_b, tiny_t, block,
+                  weight=weight.to(d2.device), norms=base_sq is None, delta_sq=False)
         s["delta_sq"] = float((energy**2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
             s[k] = int(round(s[k]))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import CheckpointNotFoundError, ConfigError, ResultsFormatError, SpectraError
-from spectra.io.adapter import ADAPTER_CONFIG, is_adapter, open_adapter
+from spectra.io.adapter import ADAPTER_CONFIG, AdapterConfig, is_adapter
 from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
@@ -211,9 +211,10 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
 
 
 def _is_dora(path: str) -> bool:
-    """Whether the adapter at ``path`` is a DoRA one (False when it cannot be read: that is said where it is used)."""
+    """Whether the adapter at ``path`` is a DoRA one, from its config alone (the factors are read once, when traced);
+    False when it cannot be read: that is said where it is used."""
     try:
-        return bool(open_adapter(path).config.use_dora)
+        return bool(AdapterConfig.from_file(Path(path) / ADAPTER_CONFIG).use_dora)
     except (SpectraError, OSError):
         return False
 
