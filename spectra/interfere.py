@@ -624,7 +624,8 @@ def interfere(
 
 #: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).
 JOURNAL = "interfere.jsonl"
-#: The keys of a module record that the summary and the outputs read, and their shapes: per task (n) or n × n.
+
+
 def _copies(modules: list[dict[str, Any]], i: int, j: int) -> int:
     """How many matrices tasks ``i`` and ``j`` changed when their updates look one on every one of them (norms
     equal to 12 digits and cosine +1: an update and its negation, task negation, share a norm), else 0."""
@@ -634,6 +635,7 @@ def _copies(modules: list[dict[str, Any]], i: int, j: int) -> int:
     return len(live) if same else 0
 
 
+#: The keys of a module record that the summary and the outputs read, and their shapes: per task (n) or n × n.
 _PER_TASK, _PER_PAIR = ("ranks", "fro", "rel_norm"), ("cosine", "phi", "captured")
 
 

@@ -209,6 +209,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                      "learned update; spectra diff warns of them) and get no rank"
                      + (f": {len(left)} modules left out of target_modules ({shown})" if left else ""))
     cost = {p: whole[p]["out"] + whole[p]["in"] for p in paths}
+    # the per-expert modules (one rank for all: PEFT's global r on transformers >= 5's fused experts), and those of
+    # them PEFT fuses in pairs (w1, w3 -> gate_up_proj at rank 2r over both outputs) when it converts them
+    stack = [p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"])]
+    fused_leaves = rules.fused if rules is not None and rules.retargeted else frozenset()
     full = sum(whole[p]["out"] * whole[p]["in"] for p in paths)
     ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
     budget_n: int | None = None
@@ -217,10 +221,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             n = budget_n = parse_budget(budget).params(full, BUDGET_BYTES_PER_PARAM)
         except ValueError as exc:
             raise ConfigError(f"--{exc}") from None
-        # the expert modules take one rank (PEFT's global r on transformers >= 5's fused experts): one knapsack item
-        # whose k-th component costs every expert's out + in (and the block-diagonal half of a fused pair's B)
-        group = [p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"])]
-        fused_leaves = rules.fused if rules is not None and rules.retargeted else frozenset()
+        # the expert modules take one rank: one knapsack item whose k-th component costs every expert's out + in
+        # (and the block-diagonal half of a fused pair's B)
+        group = stack
         group_cost = sum(cost[p] + (whole[p]["out"] if p.rpartition(".")[2] in fused_leaves else 0) for p in group)
         solo = [p for p in paths if p not in group]
         spend = sum(ranks[p] * cost[p] for p in solo) + max((ranks[p] for p in group), default=0) * group_cost
@@ -262,17 +265,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"{len(fused)} fused module(s) (e.g. {fused[0]}) get the sum of their parts' ranks, an upper bound of what "
                      "the whole matrix needs: spectra diff --no-split measures them whole, and recommend on that gives "
                      "their own rank")
-    experts = sorted(p for p in adapted if any(m.get("expert") is not None for m in whole[p]["parts"]))
+    experts = [p for p in stack if p in adapted]
     tied = max((adapted[p] for p in experts), default=None)
     extra = 0  # parameters PEFT builds beyond r·(out + in) per module (a fused expert pair's block-diagonal B)
     if experts and rules is not None and rules.retargeted:
         # PEFT converts per-expert LoRAs to target_parameters on the fused experts: every expert of every stack at
         # the global r, and a fused pair (w1, w3 -> gate_up_proj) at rank 2r over both outputs; counted as built
-        every = sorted(p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"]))
-        added = [p for p in every if p not in adapted]
-        adapted.update(dict.fromkeys(every, tied))
-        experts = every
-        extra = sum(tied * whole[p]["out"] for p in every if p.rpartition(".")[2] in rules.fused)
+        added = [p for p in stack if p not in adapted]
+        adapted.update(dict.fromkeys(stack, tied))
+        experts = stack
+        extra = sum(tied * whole[p]["out"] for p in stack if p.rpartition(".")[2] in fused_leaves)
         notes.append(f"PEFT builds its LoRA on the fused experts ({rules.source}): every expert of each stack at r = {tied}"
                      + (f" ({len(added)} more than the ranks pick, e.g. {added[0]})" if added else "")
                      + (f", and {' and '.join(sorted(rules.fused))} fused at rank {tied * len(rules.fused)} over their "
