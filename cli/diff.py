@@ -181,7 +181,8 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
               f"{len(result.skipped)} skipped, {len(result.unmatched['base_only'])} base-only, "
               f"{len(result.unmatched['tuned_only'])} tuned-only tensors", highlight=False)
     if result.skipped:
-        reasons = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in skipped_reasons(result)[:3])
+        counted = skipped_reasons(result)
+        reasons = "; ".join(f"{n} × {display_name(r, 100)}" for r, n in counted[:3]) + ("; …" if len(counted) > 3 else "")
         where = (f"results.json \"skipped\" in {display_name(out_dir)}" if out_dir else
                  "\"skipped\" in the JSON on stdout" if as_json else "--out DIR or --json")
         err.print(shown(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)

@@ -56,6 +56,8 @@ def inspect_cmd(path, show_all, as_json) -> None:
     records = inspect_checkpoint(ckpt, include_non_matrices=show_all)
     if as_json:
         echo_json(json.dumps(records, indent=1, ensure_ascii=False))
+        for note in ckpt.notes:  # stdout stays pure JSON; how the checkpoint was read still goes to stderr
+            stderr().print(f"[yellow]warning:[/] {shown(note)}", highlight=False)
         return
     cols = ("name", "layer", "expert", "module", "role", "shape", "dtype", "parts", "note")
     rows = [(display_name(r["name"], 200), "" if r["layer"] is None else str(r["layer"]),

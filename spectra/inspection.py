@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.naming import ROLE_ORDER
 
 
@@ -14,7 +14,9 @@ def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = F
 
     Args:
         path: anything :func:`spectra.open_checkpoint` accepts, or a checkpoint it opened.
-        include_non_matrices: also list 1-D/0-D tensors (module and role are None for them).
+        include_non_matrices: also list 1-D/0-D tensors and matrices of a dtype that is not a float weight
+            (int, bool, complex without a dequantisation scale, which every command skips); module and role
+            are None for them.
 
     Returns:
         Records in model order (:func:`model_order`: embeddings, then layer 0, 1, 2 … 10 by number,
@@ -26,6 +28,8 @@ def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = F
     records = []
     for name, info in ckpt.tensors.items():
         spec = specs.get(name)
+        if spec is not None and info.dtype not in FLOAT_DTYPES and name not in ckpt.scales:
+            spec = None  # an int/bool/complex matrix with no scale is skipped by every command: not listed as one
         if spec is None and not include_non_matrices:
             continue
         records.append({
@@ -38,7 +42,8 @@ def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = F
             "dtype": info.dtype,
             "parts": [p.suffix for p in spec.parts] if spec else [],
             "transpose": bool(spec and spec.transpose),
-            "note": spec.note if spec else "",
+            "note": spec.note if spec else ("" if info.dtype in FLOAT_DTYPES or len(info.shape) < 2
+                                             else f"dtype {info.dtype} is not a float weight: not analysed"),
         })
     return sorted(records, key=model_order)
 

@@ -15,8 +15,17 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3); ``ε/2`` where the base is stored
     finer than the tuned weights (its ΔW holds only the tuned side's round-to-nearest, at most half an ulp). A 1e-8 relative update stored
     in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is that of rounding noise.
+    Not said when power iteration shows a top singular value that such noise cannot reach (``rounding_steps``).
     The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
     criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
+``rounding_steps``
+    As ``rounding_level`` entry by entry, but ΔW's largest singular value is certified (power iteration, a
+    lower bound) above :data:`RESOLVED_MARGIN` times ``max_i ‖ΔW[i, :]‖₂ + max_j ‖ΔW[:, j]‖₂``, more than
+    independent rounding noise of those very entries reaches (Latała; Bandeira and van Handel): a learned
+    update of sub-ulp size rounded entry by entry (a small learning rate on bf16 weights). Round-to-nearest of
+    ``w + δ`` at weights spread over their grid cells flips ``w`` by one step with a probability of about
+    ``|δ|/ulp``, so the flips average to the update and its top directions show; the rest of the spectrum is
+    that rounding, and energy ranks at high τ count it.
 ``precision_mismatch``
     The two sides are stored at different precisions (fp32 base, bf16 tuned): ΔW includes rounding W
     to the coarser dtype (for a base stored coarser, only if TUNED was made from a finer original of
@@ -46,6 +55,12 @@ from spectra.io.checkpoint import QUANTISED_DTYPES
 SUBNORMAL_EFFECT = 0.01
 #: ``rounding_level`` fires when at least this fraction of ‖ΔW‖_F² is in ≤ 1-ulp entries.
 ROUNDING_ENERGY = 0.5
+#: ``rounding_steps`` replaces ``rounding_level`` when σ₁(ΔW) is certified above this many times the largest
+#: row norm plus the largest column norm of ΔW (independent noise stays within about 1× of it; a rank-1 pattern
+#: of one-step flips of a d×d matrix is √d/2 times it).
+RESOLVED_MARGIN = 1.5
+#: Power-iteration steps of that certificate (a top value at 1.5× a noise bulk is within 1% after ~6).
+RESOLVED_STEPS = 12
 #: ``precision_mismatch`` fires when the estimated rounding energy is this fraction of ‖ΔW‖_F².
 MISMATCH_ENERGY = 0.01
 #: A sampled row of at least GRID_MIN_ROW entries with at most GRID_MAX_LEVELS distinct values
@@ -70,7 +85,7 @@ class NumericNote:
     """One caveat about a matrix pair.
 
     Attributes:
-        code: ``"subnormal"``, ``"rounding_level"``, ``"precision_mismatch"`` or
+        code: ``"subnormal"``, ``"rounding_level"``, ``"rounding_steps"``, ``"precision_mismatch"`` or
             ``"quantisation_grid"`` (see the module docstring).
         message: one explained sentence for users (no trailing period), fit to join with ``"; "``.
     """
@@ -196,14 +211,25 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         coarse = tuned_dtype if eps_t is not None else base_dtype
         share = min(s["ulp_sq"] / s["delta_sq"], 1.0)  # sampled rows scaled up can estimate above the exact total
         if share >= ROUNDING_ENERGY:
-            rounding = True
-            rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
+            rounding = True  # either way, (5)'s mixed-precision rounding is said by this note
             mixed = f" (base {base_dtype}, tuned {tuned_dtype})" if base_dtype != tuned_dtype else ""
-            notes.append(NumericNote("rounding_level", (
-                f"ΔW is at the rounding level of {coarse}{mixed}: {min(s['ulp'] / s['nonzero'], 1.0):.0%} of its "
-                f"{s['nonzero']} nonzero entries{where}, carrying {share:.0%} of ‖ΔW‖_F², changed by at most one rounding "
-                f"step (|ΔW_ij| ≤ {'ε/2' if finer_base else 'ε'}·|W_ij|, ε = {eps:.3g}); ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit roundoff of "
-                f"{eps / 2:.3g}: its spectrum is that of rounding noise, not of a learned update")))
+            steps = (f"{min(s['ulp'] / s['nonzero'], 1.0):.0%} of its {s['nonzero']} nonzero entries{where}, carrying "
+                     f"{share:.0%} of ‖ΔW‖_F², changed by at most one rounding step (|ΔW_ij| ≤ "
+                     f"{'ε/2' if finer_base else 'ε'}·|W_ij|, ε = {eps:.3g})")
+            # entries of one step are not enough: a sub-ulp learned update rounds to flips that average to it
+            # (a rank-1 pattern of them was called noise), so the spectrum's top is asked too
+            sigma, edge = _top_singular_lower(d2)
+            if sigma > RESOLVED_MARGIN * edge:
+                notes.append(NumericNote("rounding_steps", (
+                    f"ΔW moved its entries by at most one rounding step of {coarse}{mixed}: {steps}; yet its top singular "
+                    f"value is at least {sigma:.3g}, {sigma / edge:.1f}× the {edge:.3g} (largest row norm + largest column "
+                    f"norm of ΔW) under which independent rounding noise of those entries stays: its top directions are a "
+                    f"learned update rounded entry by entry, and energy ranks also count that rounding, spread over all directions")))
+            else:
+                rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
+                notes.append(NumericNote("rounding_level", (
+                    f"ΔW is at the rounding level of {coarse}{mixed}: {steps}; ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit "
+                    f"roundoff of {eps / 2:.3g}: its spectrum is that of rounding noise, not of a learned update")))
 
     # (3) quantisation grids (sampled rows).
     grid = _grid_note(b2, t2, base_dtype, tuned_dtype, sample_rows)
@@ -409,6 +435,27 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     return out
 
 
+def _top_singular_lower(d: torch.Tensor) -> tuple[float, float]:
+    """``(σ, edge)`` of a 2-D ΔW: ``σ ≤ σ₁(d)`` from :data:`RESOLVED_STEPS` power-iteration steps (``‖d v‖`` for a
+    unit ``v`` never exceeds σ₁; stops once above ``RESOLVED_MARGIN·edge``), and ``edge = max_i ‖d[i, :]‖₂ +
+    max_j ‖d[:, j]‖₂``, in d's units. Float32 work (float64 for float64 input): the margin dwarfs its rounding."""
+    x = d if d.dtype in (torch.float32, torch.float64) else d.float()
+    rows = torch.linalg.vector_norm(x, dim=1)
+    edge = float(rows.max()) + float(torch.linalg.vector_norm(x, dim=0).max())
+    v = x[int(rows.argmax())].clone()  # the largest row: a rank-1 update's right vector at once
+    sigma = 0.0
+    for _ in range(RESOLVED_STEPS):
+        norm = float(torch.linalg.vector_norm(v))
+        if not 0.0 < norm < math.inf:
+            break
+        y = x @ (v / norm)
+        sigma = max(sigma, float(torch.linalg.vector_norm(y)))
+        if sigma > RESOLVED_MARGIN * edge:
+            break
+        v = x.T @ y
+    return sigma, edge
+
+
 def _on_grid(b: torch.Tensor, dtype: str, block: int) -> bool:
     """Whether every value of ``b`` (2-D, rows as read) is exactly representable in the stored dtype ``dtype``
     (a float32 copy of bf16 weights is); False for a dtype torch does not know. Row blocks of ``block`` elements."""
@@ -461,6 +508,9 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
         return None
 
     qb, qt = looks(levels_b, base_dtype), looks(levels_t, tuned_dtype)
+    fp8 = base_dtype == tuned_dtype and base_dtype in _QUANTISED_DTYPES and _eps(base_dtype) is not None
+    if fp8 and _on_grid(sb, base_dtype, sb.numel()) and _on_grid(st, tuned_dtype, st.numel()):
+        return None  # two unscaled fp8 sides: one number format, as bf16 and bf16 (its steps are (2)'s to judge)
     if qb and qt:
         ratios = _distinct(torch.cat([sb, st], dim=1)) / torch.clamp(torch.maximum(levels_b, levels_t), min=1)
         ratio = float(ratios.max()) if ratios.numel() else 0.0

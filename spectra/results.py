@@ -36,6 +36,11 @@ CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
         "ΔW is at the rounding level of its storage dtype",
         ("their spectra are those of rounding noise, not of a learned update, so a rank needed near the random "
         "baseline says nothing about the fine-tune")),
+    "rounding_steps": (
+        re.compile(r"ΔW moved its entries by at most one rounding step of "),
+        "ΔW is made of single rounding steps of its storage dtype, with top directions above rounding noise",
+        ("a learned update smaller than one step, rounded entry by entry: its top directions are resolved, but the "
+         "rounding is spread over all directions, so energy ranks at high τ count it")),
     "precision_mismatch": (
         # a base stored coarser: the rounding is part of ΔW only if TUNED came from a finer original (said first)
         re.compile(r"base is \S+ and tuned \S+: (?:if TUNED was made from [^;]*?, )?ΔW includes rounding W from "),

@@ -352,13 +352,14 @@ def _add_lora(model, config: TrainConfig):
     return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules)
 
 
-def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int) -> None:
+def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int, option: str = "--rank") -> None:
     """Refuse a LoRA rank above ``min(out, in)`` of every matrix it would adapt: such factors add
     parameters and no direction (and a rank like 2^63 overflowed inside PEFT with a traceback).
 
     Args:
         modules: :data:`ALL_LINEAR` or the module names to adapt, matched as PEFT matches them (a module
             named so, or whose path ends in ``.name``).
+        option: the command-line option that gave ``rank``, for the message (``spectra sweep``'s ``--ranks``).
 
     Raises:
         ConfigError: ``rank`` above the largest ``min(out, in)`` among the adapted modules.
@@ -368,11 +369,11 @@ def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int) -> N
             if (isinstance(m, kinds) or type(m).__name__ == "Conv1D") and getattr(m, "weight", None) is not None
             and m.weight.dim() == 2 and (modules == ALL_LINEAR or any(n == t or n.endswith("." + t) for t in modules))]
     if dims and rank > max(dims):
-        raise ConfigError(f"--rank {rank} is above min(out, in) of every matrix it adapts (at most {max(dims)} here): "
-                          "the factors would add parameters and no direction", hint=f"use --rank {max(dims)} or less")
+        raise ConfigError(f"{option} {rank} is above min(out, in) of every matrix it adapts (at most {max(dims)} here): "
+                          "the factors would add parameters and no direction", hint=f"use {option} {max(dims)} or less")
 
 
-def _check_rank_early(config: TrainConfig) -> None:
+def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
     """:func:`check_rank` on the model built without weights (meta device: no memory, no reading);
     a model this cannot build is left to :func:`train`, which says why."""
     import transformers
@@ -385,7 +386,7 @@ def _check_rank_early(config: TrainConfig) -> None:
         return
     modules = ALL_LINEAR if config.targets == ALL_LINEAR else check_targets(
         model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
-    check_rank(model, modules, config.rank)
+    check_rank(model, modules, config.rank, option)
 
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
@@ -582,7 +583,7 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
                           hint="choose an empty or new folder, or pass --force to delete what an earlier sweep wrote there")
     if "lora" in methods and ranks:  # before the first run: a rank no matrix can hold fails now, not runs later
         _check_rank_early(TrainConfig(base=base, data=data, out=str(root / "lora"), method="lora", rank=max(ranks),
-                                      **train_kwargs))
+                                      **train_kwargs), "--ranks")
     runs: dict[str, dict] = {}
     pairs: list[tuple[str, str]] = []
     with folder_lock(root):

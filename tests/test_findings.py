@@ -150,6 +150,9 @@ def _caveat_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor, str, str]]:
     sub_b[:, :4], sub_t[:, :4] = torch.tensor(3e-39).bfloat16(), torch.tensor(1e-39).bfloat16()
     return {
         "rounding_level": (b16, (b16.float() * (1 + 3e-3 * torch.randn(64, 1024, generator=g))).bfloat16(), "bfloat16", "bfloat16"),
+        # a sub-ulp rank-1 update rounded entry by entry: one-step flips whose top direction stands above noise
+        "rounding_steps": (b16, (b16.float() + 4e-3 * b16.float().abs() * torch.sign(lr[:, :1] * lr[:1, :])).bfloat16(),
+                           "bfloat16", "bfloat16"),
         "precision_mismatch": (w, (w + 2e-4 * lr).bfloat16(), "float32", "bfloat16"),
         "quantisation_grid": (b16, _int8_rows(w + 1e-3 * lr).bfloat16(), "bfloat16", "bfloat16"),
         "subnormal": (sub_b, sub_t, "bfloat16", "bfloat16"),

@@ -59,7 +59,9 @@ def read_order(spellings: list[str], weight_map: Mapping[str, str], per_shard: M
             tensors[name], source[name] = info, shard
     unlisted = [n for n in tensors if n not in weight_map]
     moved = [n for n, shard in weight_map.items() if n in source and source[n] != shard]
-    copies = [n for n in moved if holders[n] > 1]
+    # every name held twice, also one the map puts in the shard read last: the other copy, with other values
+    # maybe, is left out, and that is worth a line whichever shard the map names
+    copies = [n for n in tensors if holders[n] > 1]
     elsewhere = [n for n in moved if holders[n] == 1]
     notes = []
     if unlisted:

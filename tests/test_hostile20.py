@@ -1,0 +1,196 @@
+"""Twentieth round: sub-ulp learned updates, inspect, shards, fp8 grids (docs/bad_inputs.md, "twentieth round")."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra.findings import diff_findings
+from spectra.numerics import numeric_flags
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x),
+           "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *map(str, args)],
+                          capture_output=True, text=True, timeout=240, cwd=root, env=env)
+
+
+def _edge(d: np.ndarray) -> float:
+    """Largest row norm + largest column norm: independent noise's top singular value stays about under it."""
+    return float(np.sqrt((d**2).sum(1)).max() + np.sqrt((d**2).sum(0)).max())
+
+
+# ---- a learned update below one bf16 step, rounded entry by entry ------------------------------------------
+
+@pytest.fixture(scope="module")
+def sub_ulp_run(tmp_path_factory):
+    """Five AdamW steps at lr 1e-5 from a bf16 release (float32 master weights on the bf16 grid), saved in bf16:
+    each weight moves by less than one bf16 step, so ΔW is made of ±1-step flips, yet it is a learned update."""
+    from tests.train_util import corpus_tokens, tiny_llama, train
+
+    root = tmp_path_factory.mktemp("subulp")
+    model = tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, corpus_tokens(), steps=5, lr=1e-5, seed=0)
+    tuned = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file({k: v.bfloat16().contiguous() for k, v in base.items()}, root / "base.safetensors")
+    save_file({k: v.bfloat16().contiguous() for k, v in tuned.items()}, root / "tuned.safetensors")
+    return root, base, tuned
+
+
+def test_a_sub_ulp_learned_update_saved_in_bf16_is_not_called_rounding_noise(sub_ulp_run):
+    """Every matrix was called "at the rounding level … its spectrum is that of rounding noise, not of a learned
+    update" and left out of the rank findings, though its top singular vectors are the unrounded update's
+    (|cos| ≈ 0.99, float64 numpy): round-to-nearest of w + δ flips w with a probability of about |δ|/ulp, so the
+    flips average to the update."""
+    root, base, tuned = sub_ulp_run
+    res = spectra.diff(str(root / "base.safetensors"), str(root / "tuned.safetensors"))
+    mats = [m for m in res.modules if m.role != "embed" and "embed" not in m.name]
+    assert len(mats) >= 14
+    for m in mats:
+        name = m.name
+        rounded = tuned[name].bfloat16().double().numpy() - base[name].double().numpy()
+        true = tuned[name].double().numpy() - base[name].double().numpy()
+        assert np.mean(np.abs(true) <= np.abs(base[name].double().numpy()) * 2**-7) > 0.7  # sub-ulp mostly: the case
+        U, s, _ = np.linalg.svd(rounded)
+        Ut = np.linalg.svd(true)[0]
+        assert abs(U[:, 0] @ Ut[:, 0]) > 0.9  # the top direction is the learned one
+        assert s[0] > 1.5 * _edge(rounded)
+        assert "rounding_steps" in m.caveats and "rounding_level" not in m.caveats, m.note
+        bound = float(re.search(r"top singular value is at least ([0-9.e+-]+)", m.note).group(1))
+        assert bound <= s[0] * (1 + 1e-3)  # a lower bound, as it says
+    texts = " ".join(f.text for f in diff_findings(res))
+    assert "No statement on rank" not in texts and "directions" in texts
+
+
+def test_independent_one_step_flips_stay_rounding_noise():
+    """The guard of that change: one-step flips of independent signs (and fp32 → bf16 rounding) have no direction
+    above max row norm + max column norm, and are still called rounding noise."""
+    g = torch.Generator().manual_seed(3)
+    for m, n in ((64, 64), (576, 192), (2048, 64), (1, 300)):
+        for density in (1.0, 0.3, 0.01):
+            b = (torch.randn(m, n, generator=g) * 0.02).bfloat16()
+            flips = (torch.rand(m, n, generator=g) < density) * torch.sign(torch.randn(m, n, generator=g))
+            t = (b.float() * (1 + flips * 2**-8 * 1.2)).bfloat16()  # 0.6 to 1.2 steps: rounded to one
+            d = t.double() - b.double()
+            if not d.any():
+                continue
+            assert float(torch.linalg.matrix_norm(d, 2)) < 1.5 * _edge(d.numpy())
+            codes = [f.code for f in numeric_flags(b, t, d.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")]
+            assert "rounding_level" in codes and "rounding_steps" not in codes, (m, n, density)
+    w = torch.randn(300, 200, generator=g) * 0.02
+    codes = [f.code for f in numeric_flags(w, w.bfloat16(), w.bfloat16().float() - w, base_dtype="float32", tuned_dtype="bfloat16")]
+    assert codes == ["rounding_level"]
+
+
+# ---- fp8 ------------------------------------------------------------------------------------------------------
+
+def test_two_unscaled_fp8_sides_are_one_grid():
+    """Two plain float8_e4m3fn checkpoints were "quantised on different grids" (the union of values grew because
+    the values changed); sides dequantised with different scales still are."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(16, 8, generator=g).to(torch.float8_e4m3fn)
+    t = (b.float() + 0.3 * torch.randn(16, 8, generator=g)).to(torch.float8_e4m3fn)
+    codes = [f.code for f in numeric_flags(b, t, t.float() - b.float(), base_dtype="float8_e4m3fn", tuned_dtype="float8_e4m3fn")]
+    assert "quantisation_grid" not in codes
+    bs, ts = b.float() * 0.013, t.float() * 0.021
+    codes = [f.code for f in numeric_flags(bs, ts, ts - bs, base_dtype="float8_e4m3fn", tuned_dtype="float8_e4m3fn")]
+    assert "quantisation_grid" in codes
+
+
+# ---- inspect ----------------------------------------------------------------------------------------------
+
+def _sharded(root: Path, *, lie: bool, mapped_last: bool = False) -> Path:
+    root.mkdir()
+    g = torch.Generator().manual_seed(1)
+    t = {n: torch.randn(8, 8, generator=g) for n in ("up", "down", "o", "q")}
+    one, two = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": t["up"], "model.layers.0.self_attn.q_proj.weight": t["q"]}, root / one)
+    save_file({"model.layers.0.mlp.down_proj.weight": t["down"], "model.layers.0.self_attn.o_proj.weight": t["o"],
+               **({"model.layers.0.self_attn.q_proj.weight": t["q"] + 1} if mapped_last else {})}, root / two)
+    wm = {"model.layers.0.mlp.up_proj.weight": one, "model.layers.0.self_attn.o_proj.weight": two,
+          "model.layers.0.self_attn.q_proj.weight": two if mapped_last else one,
+          "model.layers.0.mlp.down_proj.weight": one if lie else two}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return root
+
+
+def test_inspect_json_still_warns_how_the_checkpoint_was_read(tmp_path):
+    """--json printed the records and returned before the reading notes: a lying index, a tensor in two shards,
+    a folder with a model and an adapter went unsaid (the table mode says them)."""
+    folder = _sharded(tmp_path / "lie", lie=True)
+    res = _cli(["inspect", folder, "--json"])
+    assert res.returncode == 0, res.stderr
+    assert len(json.loads(res.stdout)) == 4  # stdout stays pure JSON
+    assert "warning:" in res.stderr and "not in the shard the index maps them to" in res.stderr
+
+
+def test_a_tensor_in_two_shards_is_said_when_the_index_maps_it_to_the_last(tmp_path):
+    """Only a copy the index mapped to another shard than the one read was said; mapped to the shard read
+    last, the other copy (other values) was left out silently."""
+    folder = _sharded(tmp_path / "dup", lie=False, mapped_last=True)
+    res = _cli(["inspect", folder])
+    assert res.returncode == 0, res.stderr
+    assert "1 tensor(s) are in more than one shard" in res.stderr
+
+
+def test_inspect_lists_int_bool_complex_matrices_only_with_all(tmp_path):
+    """int64, bool and complex 2-D tensors were listed as matrices with a module, though every command skips
+    them; --help says --all adds non-float tensors."""
+    g = torch.Generator().manual_seed(2)
+    f = tmp_path / "odd.safetensors"
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.randn(6, 6, generator=g),
+               "model.layers.0.self_attn.k_proj.weight": torch.randint(0, 9, (6, 6), generator=g),
+               "model.layers.0.self_attn.v_proj.weight": torch.ones(4, 4, dtype=torch.bool),
+               "model.layers.0.self_attn.o_proj.weight": torch.randn(6, 6, generator=g, dtype=torch.complex64)}, f)
+    plain = json.loads(_cli(["inspect", f, "--json"]).stdout)
+    assert [r["name"] for r in plain] == ["model.layers.0.self_attn.q_proj.weight"]
+    every = {r["name"]: r for r in json.loads(_cli(["inspect", f, "--json", "--all"]).stdout)}
+    assert len(every) == 4
+    for kind in ("k", "v", "o"):
+        r = every[f"model.layers.0.self_attn.{kind}_proj.weight"]
+        assert r["module"] is None and "is not a float weight: not analysed" in r["note"]
+
+
+def test_diff_says_when_the_skip_reasons_are_cut(tmp_path):
+    """The skipped: line listed 3 reasons of 5 skips with no sign that more were left out."""
+    g = torch.Generator().manual_seed(4)
+    base = {"w.weight": torch.randn(6, 6, generator=g), "n0": torch.tensor(1.0), "n1.weight": torch.randn(6, generator=g),
+            "i.weight": torch.randint(0, 5, (6, 6), generator=g), "c.weight": torch.randn(6, 6, generator=g, dtype=torch.complex64),
+            "b.weight": torch.ones(6, 6, dtype=torch.bool)}
+    tuned = {k: (v + 1 if v.dtype.is_floating_point else v) for k, v in base.items()}
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(tuned, tmp_path / "t.safetensors")
+    res = _cli(["diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--no-plots"])
+    line = next(x for x in res.stderr.splitlines() if x.startswith("skipped:"))
+    assert "5 skipped" in res.stderr and line.count(" × ") == 3 and "; …" in line
+
+
+def test_sweep_rank_error_names_its_own_option(tmp_path):
+    """sweep --ranks 1000 answered "--rank 1000 is above … (use --rank 32 or less)": train's option, not sweep's."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        vocab_size=256, max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    (tmp_path / "data.txt").write_text("some text to learn from. " * 50, encoding="utf-8")
+    res = _cli(["sweep", "--base", tmp_path / "base", "--data", tmp_path / "data.txt", "--methods", "lora", "--ranks", "8,1000",
+                "--steps", "1", "--batch", "1", "--seq-len", "16", "--device", "cpu", "-o", tmp_path / "sw"])
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "--ranks 1000 is above min(out, in)" in res.stderr and "use --ranks 32 or less" in res.stderr
