@@ -26,7 +26,8 @@ from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar,
                    "components go where they keep the most energy.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="No module keeps more components than this.")
 @click.option("--serving", type=click.Choice(["none", "vllm"]), default="none", show_default=True,
-              help="vllm: ranks from those vLLM accepts (8 … 512); the serving cost is reported either way.")
+              help="vllm: ranks up to 512, the largest max_lora_rank vLLM serves; the serving cost (max_lora_rank × "
+                   "modules, as vLLM pads every module) is reported either way.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "float64"]), default="auto", show_default=True,
               help="Storage dtype of the adapter (auto: the tuned checkpoint's).")
 @click.option("--rslora", is_flag=True, help="Write an rsLoRA adapter (alpha = √r; still scale 1).")

@@ -53,12 +53,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from spectra.config import config_of
 from spectra.errors import ConfigError, SpectraError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import base_changing_init
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
+from spectra.metrics import refuse_meta
 from spectra.naming import describe_checkpoint
 from spectra.numerics import numeric_notes, rounding_floor, unresolved_text
 from spectra.selection import selector
@@ -127,7 +129,7 @@ class SpectraTracker:
         if initial not in ("cpu", "device"):
             raise ConfigError(f"initial must be 'cpu' or 'device'. Got {initial!r} instead")
         self.every = every
-        self.config = config or TraceConfig()
+        self.config = config_of(config, TraceConfig)
         self.path = Path(out_dir) / "trace.jsonl" if out_dir is not None else None
         self.is_main = is_main
         self.initial = initial
@@ -222,7 +224,7 @@ class SpectraTracker:
         """Record the training loss (or any of ``loss``, ``eval_loss``, ``target_loss``…) at ``step``
         for the report's loss curve (the measurements themselves are sparser)."""
         if self.is_main:
-            self._write({"log": {"step": int(step), **{k: v for k, v in values.items() if v is not None}}})
+            self._write({"log": {"step": int(step), **{k: x for k, v in values.items() if (x := _number(v, k)) is not None}}})
 
     @property
     def kind(self) -> str:
@@ -277,6 +279,9 @@ class SpectraTracker:
             for name, p in model.named_parameters():
                 if p.ndim == 2 and p.requires_grad and p.is_floating_point():
                     found.append((_stored_name(name), tuple(p.shape), {"param": p}))
+        for name, _, parts in found:  # a model on the meta device: shapes, no values ("Cannot copy out of meta tensor" below)
+            for t in (parts.get("param"), parts.get("weight"), *(t for a in parts.get("adapters", ()) for t in _factors(parts["module"], a)[:2])):
+                refuse_meta(t, f"weight {name}")
         if any(len(s) != 2 or 0 in s for _, s, _ in found):
             raise ConfigError("some trained weights are empty or not 2-D on this process (sharded by FSDP or ZeRO-3?)",
                               hint="trace from saved checkpoints with `spectra trace` instead")
@@ -330,17 +335,18 @@ class SpectraTracker:
     @torch.no_grad()
     def measure(self, step: int, *, loss: float | None = None) -> dict[str, float]:
         """Measure every tracked matrix now; append to ``trace.jsonl``; return the logger medians."""
+        loss = _number(loss, "loss")  # before anything is measured: a refused loss leaves the step to measure again
         # a step measured again (or an earlier one) would repeat records, or turn against a later point
         if self._measured_to is not None and step <= self._measured_to:
             if not any("not after the last step measured" in w for w in self.warnings):
                 self.warn(f"step {step} is not after the last step measured ({self._measured_to}): not measured (steps must increase)")
             return {}
-        self._measured_to = int(step)
         t0 = time.perf_counter()
         with _few_threads(self.matrices):
             records = self._records(step, loss)
         for rec in records:
             self._write(rec)
+        self._measured_to = int(step)  # once its records are written: a step that failed before can be measured again
         self._save_first()
         took = time.perf_counter() - t0
         # the report's overview shows what the measurements cost and where they ran, as for a command
@@ -486,6 +492,18 @@ def _set_aside(out: Path) -> str | None:
 #: Segments wrappers add to parameter names that a saved checkpoint does not hold: torch.compile's,
 #: FSDP's and activation checkpointing's (anywhere), DistributedDataParallel's ``module.`` (in front).
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _number(value: Any, name: str) -> float | None:
+    """A loss as a JSON number: a one-element tensor (the loop's own loss, detached) or numpy scalar as a float, None as
+    None; anything else refused (a tensor failed json.dumps after the step was marked measured, a string was written as is)."""
+    one = value.size == 1 if isinstance(value, np.ndarray) else isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
+    if one:
+        value = (value.detach() if isinstance(value, torch.Tensor) else value).reshape(()).item()
+    if value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))):
+        return None if value is None else float(value)
+    raise ConfigError(f"{name} must be a number, a one-element tensor or None. Got {type(value).__name__} instead",
+                      hint="pass the loss tensor itself or loss.item()")
 
 
 def _stored_name(name: str) -> str:

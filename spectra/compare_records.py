@@ -3,8 +3,9 @@
 :class:`CompareResult` holds one :class:`ComparedModule` per module both inputs update. Every
 measure is a small frozen record whose fields are the JSON keys (the measures' own dataclasses from
 :mod:`spectra.subspaces` where they exist). :meth:`CompareResult.from_dict` checks every key it
-reads and raises a one-line :class:`~spectra.errors.ResultsFormatError` naming it: people edit and
-merge these files.
+reads, and every value's range and agreement (φ and shares in [0, 1], captured energy at most
+best_rank_r, ranks within min(out, in), intruders at most those examined, each module once), and raises
+a one-line :class:`~spectra.errors.ResultsFormatError` naming it: people edit and merge these files.
 
 A measure is ``None`` (JSON ``null``) when it is undefined for the module, with ``status`` and
 ``reason`` saying why: an update that is exactly zero has no singular subspace, so φ, the angles,
@@ -23,7 +24,7 @@ from typing import Any
 from spectra._version import __version__
 from spectra.errors import ResultsFormatError
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
-from spectra.results_check import is_int, is_num
+from spectra.results_check import impossible, is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy
 
 SCHEMA = "spectra.compare/1"
@@ -226,11 +227,12 @@ class CompareResult:
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str | os.PathLike[str] | None = None) -> CompareResult:
-        """Inverse of :meth:`to_dict`, checking the type of every key it reads.
+        """Inverse of :meth:`to_dict`, checking the type and range of every key it reads.
 
         Raises:
-            ResultsFormatError: another schema, a missing key or a value of the wrong type, in one
-                line naming the key (e.g. ``modules[3].phi.right.phi_full must be a number``).
+            ResultsFormatError: another schema, a missing key, a value of the wrong type or one no
+                comparison gives (out of range, above what its record allows, a module twice), in one
+                line naming the key (e.g. ``modules[3].phi.right.phi_full must be a number or null, from 0 to 1``).
         """
         return _Reader(source).result(d)
 
@@ -270,6 +272,48 @@ def _type_name(x: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}.get(type(x), type(x).__name__)
 
 
+#: Rounding allowed above 1 in a share or φ (the writer clips most at 1; a float64 sum can end 1e-16 above).
+_SLACK = 1e-9
+#: How far captured energy may pass best_rank_r: the two come by different routes (projections, singular values).
+_CAPTURED_SLACK = 1e-6
+_GRIDS = "an object of number grids, from 0 to 1 (null at a tie)"
+
+
+def _positive(v: Any) -> bool:
+    return is_int(v) and v >= 1
+
+
+def _count(v: Any) -> bool:
+    return is_int(v) and v >= 0
+
+
+def _norm(v: Any) -> bool:
+    return is_num(v) and v >= 0
+
+
+def _unit(v: Any) -> bool:
+    return is_num(v) and 0 <= v <= 1 + _SLACK
+
+
+#: A measure record's field -> (check, what it must be); the other fields are shares (φ, captured energy: in
+#: [0, 1]) or norms and ratios (≥ 0), null where undefined (not finite, see _finite).
+_FIELD_RULES: dict[str, tuple[Any, str]] = {
+    "cosines": (lambda v: isinstance(v, list) and all(_unit(x) for x in v), "an array of numbers from 0 to 1 (cosines)"),
+    "max_cos": (lambda v: isinstance(v, list) and all(_unit(x) for x in v), "an array of numbers from 0 to 1 (cosines)"),
+    "counts": (lambda v: isinstance(v, dict) and all(_count(x) for x in v.values()), "an object of integers, not negative"),
+    "r": (_count, "an integer, not negative"), "count": (_count, "an integer, not negative"), "d": (_positive, "a positive integer"),
+}
+_SHARE = (lambda v: v is None or _unit(v), "a number or null, from 0 to 1")
+_NON_NEGATIVE = (lambda v: v is None or _norm(v), "a number or null, not negative")
+
+
+def _grids_ok(by_side: Any) -> bool:
+    """Whether φ grids (side -> rows) hold numbers from 0 to 1, null at a tie."""
+    return isinstance(by_side, dict) and all(
+        isinstance(grid, list) and all(isinstance(row, list) and all(x is None or _unit(x) for x in row) for row in grid)
+        for grid in by_side.values())
+
+
 class _Reader:
     """Builds a :class:`CompareResult` from a parsed document, failing on the first bad key."""
 
@@ -291,23 +335,15 @@ class _Reader:
         return d[key]
 
     def record(self, cls: type, d: Any, at: str) -> Any:
-        """A frozen measure record whose fields are all numbers, except lists/dicts named below."""
+        """A frozen measure record: each field of its type and in its range (:data:`_FIELD_RULES`)."""
         if d is None:
             return None
         if not isinstance(d, dict):
             self.fail(at, "an object or null", d)
         values = {}
         for f in fields(cls):
-            if f.name in ("cosines", "max_cos"):
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, list) and all(is_num(x) for x in v),
-                                          "an array of numbers")
-            elif f.name == "counts":
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: isinstance(v, dict) and all(is_int(x) for x in v.values()),
-                                          "an object of integers")
-            elif f.name in ("r", "d", "count"):
-                values[f.name] = self.get(d, f.name, at + ".", is_int, "an integer")
-            else:  # null: not finite (see _finite)
-                values[f.name] = self.get(d, f.name, at + ".", lambda v: v is None or is_num(v), "a number or null")
+            ok, what = _FIELD_RULES.get(f.name) or (_SHARE if cls in (PhiSummary, CapturedEnergy) else _NON_NEGATIVE)
+            values[f.name] = self.get(d, f.name, at + ".", ok, what)
         return cls(**values)
 
     def measures(self, m: dict, key: str, names: tuple[str, ...], cls: type, at: str, *, required: bool) -> Any:
@@ -324,12 +360,13 @@ class _Reader:
         g = self.get
         base = {
             "name": g(m, "name", at, lambda v: isinstance(v, str), "a string"),
-            "layer": g(m, "layer", at, lambda v: v is None or is_int(v), "an integer or null"),
+            "layer": g(m, "layer", at, lambda v: v is None or (is_int(v) and v >= 0), "an integer or null, not negative"),
             "module": g(m, "module", at, lambda v: isinstance(v, str), "a string"),
             "role": g(m, "role", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            "out": g(m, "out", at, is_int, "an integer"), "in_": g(m, "in", at, is_int, "an integer"),
-            "rank_a": g(m, "rank_a", at, is_int, "an integer"), "rank_b": g(m, "rank_b", at, is_int, "an integer"),
-            "fro_a": g(m, "fro_a", at, is_num, "a number"), "fro_b": g(m, "fro_b", at, is_num, "a number"),
+            "out": g(m, "out", at, _positive, "a positive integer"), "in_": g(m, "in", at, _positive, "a positive integer"),
+            "rank_a": g(m, "rank_a", at, _count, "an integer, not negative"),
+            "rank_b": g(m, "rank_b", at, _count, "an integer, not negative"),
+            "fro_a": g(m, "fro_a", at, _norm, "a number, not negative"), "fro_b": g(m, "fro_b", at, _norm, "a number, not negative"),
             "status": g(m, "status", at, lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}", required=False, default="ok"),
             "reason": g(m, "reason", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
             "note": g(m, "note", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
@@ -337,12 +374,49 @@ class _Reader:
         phi = self.measures(m, "phi", SIDES, PhiSummary, at, required=True)
         if not phi:
             self.fail(f"{at}phi", "an object with a left or right entry", m["phi"])
-        return ComparedModule(
+        rec = ComparedModule(
             **base, phi=phi, angles=self.measures(m, "angles", SIDES, AngleSummary, at, required=True),
             captured=self.measures(m, "captured", ("b_in_a", "a_in_b"), CapturedEnergy, at, required=True),
             amplification=self.measures(m, "amplification", ("a", "b"), Amplification, at, required=False),
             intruders=self.measures(m, "intruders", ("a", "b"), IntruderSummary, at, required=False),
         )
+        self.consistent(rec, at)
+        return rec
+
+    def consistent(self, m: ComparedModule, at: str) -> None:
+        """Refuse values of the right types that no comparison gives (a hand edit): the findings would state them."""
+        def bad(key: str, value: Any, why: str) -> None:
+            impossible(f"{at}{key}", value, why, self.source, rerun="spectra compare --out")
+
+        p = min(m.out, m.in_)
+        for key in ("rank_a", "rank_b"):
+            rank = getattr(m, key)
+            if rank > p:
+                bad(key, rank, f"a rank is at most min(out, in) = {p}")
+            if rank == 0 and m.status == "ok":  # 0 only for an update with no direction (status says which)
+                bad(key, rank, 'a rank is at least 1 where status is "ok"')
+        for side, ph in m.phi.items():
+            d = m.out if side == "left" else m.in_
+            if ph is not None and ph.d != d:
+                bad(f"phi.{side}.d", ph.d, f"the {side} singular vectors have {'out' if side == 'left' else 'in'} = {d} entries")
+        for who, ce in m.captured.items():
+            for key in ("two_sided", "left", "right"):
+                v = getattr(ce, key) if ce is not None else None
+                if v is not None and ce.best_rank_r is not None and v > ce.best_rank_r + _CAPTURED_SLACK:
+                    bad(f"captured.{who}.{key}", v, f"no rank-{ce.r} subspaces hold more than best_rank_r = {ce.best_rank_r} "
+                                                    "(Eckart–Young)")
+        for who, amp in (m.amplification or {}).items():
+            if amp is not None and amp.factor is not None and amp.proj_delta is not None and amp.delta_fro is not None:
+                want = amp.delta_fro / amp.proj_delta if amp.proj_delta > 0 else 0.0  # 0 for ΔW = 0 (null when unbounded)
+                if not math.isclose(amp.factor, want, rel_tol=1e-6, abs_tol=1e-300):
+                    bad(f"amplification.{who}.factor", amp.factor, f"it is delta_fro / proj_delta = {want:.6g}")
+        for who, intr in (m.intruders or {}).items():
+            if intr is None:
+                continue
+            k = len(intr.max_cos)
+            for key, count in [("count", intr.count), *((f"counts[{e!r}]", c) for e, c in intr.counts.items())]:
+                if count > k:
+                    bad(f"intruders.{who}.{key}", count, f"at most the {k} top directions examined (max_cos) are intruders")
 
     def result(self, d: Any) -> CompareResult:
         if not isinstance(d, dict):
@@ -358,24 +432,29 @@ class _Reader:
         modules = g(d, "modules", at, lambda v: isinstance(v, list), "an array of objects")
         grids = g(d, "phi_grids", at, lambda v: isinstance(v, dict), "an object", required=False, default={})
         for name, by_side in grids.items():
-            if not (isinstance(by_side, dict) and all(
-                    isinstance(grid, list) and all(isinstance(row, list) and all(x is None or is_num(x) for x in row) for row in grid)
-                    for grid in by_side.values())):
-                self.fail(f"phi_grids[{name!r}]", "an object of number grids (null at a tie)", by_side)
+            if not _grids_ok(by_side):
+                self.fail(f"phi_grids[{name!r}]", _GRIDS, by_side)
         skipped = g(d, "skipped", at, lambda v: isinstance(v, list) and all(
             isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str) for s in v),
             'an array of {"name", "reason"} strings', required=False, default=[])
+        records = [self.module(m, i) for i, m in enumerate(modules)]
+        seen: set[str] = set()
+        for i, m in enumerate(records):
+            if m.name in seen:  # counted twice in every median and count of the findings
+                impossible(f"modules[{i}].name", m.name[:80], "each module has one record; this name came before", self.source,
+                           rerun="spectra compare --out")
+            seen.add(m.name)
         return CompareResult(
             a=g(d, "a", at, is_str, "a string"), b=g(d, "b", at, is_str, "a string"),
             base=g(d, "base", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
             kinds=kinds, config=g(d, "config", at, lambda v: isinstance(v, dict), "an object", required=False, default={}),
-            modules=[self.module(m, i) for i, m in enumerate(modules)],
+            modules=records,
             a_only=g(d, "a_only", at, names, "an array of strings", required=False, default=[]),
             b_only=g(d, "b_only", at, names, "an array of strings", required=False, default=[]),
             phi_grids=grids, skipped=skipped,
             warnings=g(d, "warnings", at, names, "an array of strings", required=False, default=[]),
             device=g(d, "device", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            elapsed_s=g(d, "elapsed_s", at, is_num, "a number", required=False, default=0.0),
+            elapsed_s=g(d, "elapsed_s", at, _norm, "a number, not negative", required=False, default=0.0),
             version=g(d, "version", at, is_str, "a string", required=False, default=__version__),
         )
 
@@ -404,9 +483,8 @@ def from_journal_record(d: Any, source: str | os.PathLike[str], line: int) -> tu
             reader.fail(f"{at}skipped", 'an object {"name", "reason"}', s)
         return d["i"], {"name": s["name"], "reason": s["reason"]}
     grids = d.get("grids")
-    if not (isinstance(grids, dict) and all(isinstance(g, list) and all(
-            isinstance(row, list) and all(x is None or is_num(x) for x in row) for row in g) for g in grids.values())):
-        reader.fail(f"{at}grids", "an object of number grids (null at a tie)", grids)
+    if not _grids_ok(grids):
+        reader.fail(f"{at}grids", _GRIDS, grids)
     return d["i"], (reader.module(d["module"], d["i"]), grids)
 
 

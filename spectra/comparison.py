@@ -47,7 +47,7 @@ from spectra.compare_records import (
     from_journal_record,
     journal_record,
 )
-from spectra.config import CompareConfig, cpu_by_default
+from spectra.config import CompareConfig, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.interference import RANK_TOL
@@ -515,7 +515,7 @@ def compare(
     Example:
         >>> res = compare("lora-r8/", "lora-r64/", base="base/")   # doctest: +SKIP
     """
-    config = config or CompareConfig()
+    config = config_of(config, CompareConfig)
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     t0 = time.perf_counter()

@@ -23,9 +23,11 @@ from spectra.errors import ConfigError
 from spectra.io.patterns import MAX_CHOICES, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, choice_points, pattern_risk
 from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
+from spectra.training_inputs import check_seed
 
 _R = TypeVar("_R")
 _P = ParamSpec("_P")
+_C = TypeVar("_C")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class SharedOptions:
 
     def __post_init__(self) -> None:
         check_field_types(self)
+        if "seed" in self.__dataclass_fields__:  # every command's seed: 2**70 failed in torch ("Overflow when unpacking long long")
+            check_seed(self.seed)  # type: ignore[attr-defined]
         validate_filters(self.include, self.exclude)
         if self.layers is not None:
             parse_layers(self.layers)
@@ -183,6 +187,17 @@ class CompareConfig(SharedOptions):
             raise ConfigError(f"epsilons must each be in (0, 1). Got {list(self.epsilons)} instead")
         # sorted, each once, as thresholds are: a repeated ε folded two entries into one key of the per-module counts
         object.__setattr__(self, "epsilons", tuple(sorted(set(self.epsilons))))
+
+
+def config_of(config: object, cls: type[_C]) -> _C:
+    """``config``, or ``cls()`` for None, at a command's entry point; ConfigError for anything else (a dict, or another
+    command's config, failed with an AttributeError deep in the run; an empty dict was taken for the defaults)."""
+    if config is None:
+        return cls()
+    if not isinstance(config, cls):
+        raise ConfigError(f"config must be a {cls.__name__} (got {type(config).__name__})",
+                          hint=f"pass a {cls.__module__}.{cls.__name__}(...), or None for the defaults")
+    return config
 
 
 def check_field_types(cfg: object) -> None:

@@ -43,6 +43,7 @@ from spectra.linalg import (
     certify_float32,
     check_device_available,
     eigvalsh_upper,
+    finite_tensor,
     gram,
     gram_scale_exponent,
     gram_upper,
@@ -458,10 +459,14 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
         Cost O((out + in)·r²): QR of B and of Aᵀ, then the SVD of the r × r core
         ``scale · R_B R_Aᵀ``.
     """
-    B, A = real_tensor(B, "B").to(dtype), real_tensor(A, "A").to(dtype)
+    B, A = finite_tensor(B, "B").to(dtype), finite_tensor(A, "A").to(dtype)
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"B must be (out, r) and A (r, in) with one r. Got B {tuple(B.shape)}, A {tuple(A.shape)} instead.")
+    one = isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex() and scale.dtype != torch.bool
+    scale = float(scale.detach().reshape(())) if one else scale  # type: ignore[union-attr]
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (lora_alpha / r; 0 and negative ones are fine). Got {scale!r} instead.")
     Qb, Rb = torch.linalg.qr(B, mode="reduced")      # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A.mT, mode="reduced")   # (in, r), (r, r)
-    Uc, S, Vch = torch.linalg.svd(scale * (Rb @ Ra.mT), full_matrices=False)
+    Uc, S, Vch = torch.linalg.svd(float(scale) * (Rb @ Ra.mT), full_matrices=False)
     return Qb @ Uc, S, Vch @ Qa.mT

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.config import SharedOptions, cpu_by_default, search_pattern
+from spectra.config import SharedOptions, config_of, cpu_by_default, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
@@ -250,7 +250,7 @@ def esd(
         >>> res = esd("model/", out_dir="esd-out")          # doctest: +SKIP
         >>> res.summary()[0]["alpha_median"]                # doctest: +SKIP
     """
-    config = config or EsdConfig()
+    config = config_of(config, EsdConfig)
     device = resolve_device(config.device)
     check_device_available(device)
     t0 = time.perf_counter()

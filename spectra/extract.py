@@ -43,7 +43,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
-from spectra.config import DiffConfig, cpu_by_default
+from spectra.config import DiffConfig, config_of, cpu_by_default
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -99,7 +99,6 @@ from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import (
-    VLLM_RANKS,
     GramEig,
     Triplets,
     eig_factors,
@@ -175,9 +174,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         unit = task.units[0]
         # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
         targets.append(target_of(unit.order, spec, module_of(task.pair, prefix).removeprefix(base_prefix), unit.shape,
-                                 base_name=task.pair.base.name,
-                                 dtype=task.pair.tuned_info.dtype,
-                                 note="; ".join(x for x in (spec.note, task.pair.note) if x)))
+                                 base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
+                                 note="; ".join(x for x in (spec.note, task.pair.note) if x), rules=rules))
         kept.append(task)
     # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
     notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)] + one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
@@ -463,7 +461,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         >>> res = extract("base/", "tuned/", "adapter/", config=ExtractConfig(budget="10%"))  # doctest: +SKIP
         >>> res.totals["energy_kept"], res.uniform["energy_kept"]                             # doctest: +SKIP
     """
-    config = config or ExtractConfig()
+    config = config_of(config, ExtractConfig)
     device = resolve_device(config.device)
     check_device_available(device)
     t0 = time.perf_counter()
@@ -573,11 +571,6 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     written = {t.module for t, r in zip(src.targets, ranks) if r} | {src.renames.get(x["module"], x["module"]) for x in not_lora if x.get("held")}
     if used := {k: v for k, v in src.renames.items() if v in written}:  # GPT-NeoX's embed_out is lm_head once loaded…
         result.warnings.append(renames_text(used, loaded["source"], "the adapter"))
-    asked = min(config.rank, config.max_rank or config.rank) if config.mode == "rank" else None
-    served = next((v for v in VLLM_RANKS if asked is not None and v >= asked), asked)
-    if config.serving == "vllm" and served != asked:  # what vLLM's padding made of the asked rank, not any module's
-        result.warnings.append(f"--rank {asked} rounded up to {served}: the ranks vLLM accepts are "
-                               f"{', '.join(map(str, VLLM_RANKS))} (drop --serving vllm to keep {asked})")
     if not any(extractable(run.spectra[i]) for i in usable) or not any(ranks[i] for i in usable):
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)

@@ -25,11 +25,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from spectra.allocation import allocate_tied
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
-from spectra.lowrank import Budget, allocate_budget, energy_rank_top, parse_budget, rank_levels, round_up
+from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec
 from spectra.pairing import MatrixPair
 from spectra.peft_moe import PeftMoeRules
@@ -54,8 +55,8 @@ class ExtractConfig(SharedOptions):
             full update's parameter count (``10%``) or a size in the output dtype (``50MB``); rank-1
             components are spread over the modules to keep the most energy (:func:`spectra.lowrank.allocate_budget`).
         max_rank: no module keeps more components than this.
-        serving: ``"vllm"``: ranks are taken from those vLLM accepts (8 … 512) and the serving cost
-            (max rank × modules) is reported; ``"none"``: any rank.
+        serving: ``"vllm"``: ranks up to 512, the largest ``max_lora_rank`` vLLM serves (every rank at most that loads;
+            vLLM pads each module to it); ``"none"``: any rank. The serving cost (max_lora_rank × modules) is reported either way.
         dtype: storage dtype of the adapter; ``"auto"``: the tuned checkpoint's (bfloat16 for fp8/int8).
         rslora: write an rsLoRA adapter (``alpha = √r``; still scale 1) instead of ``alpha = r``.
         embeddings: also extract embeddings (PEFT's embedding LoRA) and the output head.
@@ -179,6 +180,9 @@ class Target:
         base_name: the base checkpoint's tensor name.
         dtype: the tuned side's stored dtype.
         note: caveats from naming and pairing.
+        fused_out: ``out`` again for an expert matrix PEFT fuses with another (Mixtral's ``w1`` and ``w3`` into
+            ``gate_up_proj``, :attr:`spectra.peft_moe.PeftMoeRules.fused`): it builds their LoRA at rank 2r over both
+            outputs, a block-diagonal B holding ``r·out`` more parameters per member; else 0.
     """
 
     order: int
@@ -195,6 +199,7 @@ class Target:
     base_name: str | None
     dtype: str
     note: str = ""
+    fused_out: int = 0
 
     @property
     def p(self) -> int:
@@ -202,8 +207,9 @@ class Target:
 
     @property
     def cost(self) -> int:
-        """LoRA parameters per component: one column of B and one row of A, ``out + in``."""
-        return self.shape[0] + self.shape[1]
+        """LoRA parameters per component, as PEFT builds them: one column of B and one row of A, ``out + in``
+        (plus :attr:`fused_out`)."""
+        return self.shape[0] + self.shape[1] + self.fused_out
 
 
 #: Module names given to ``nn.Embedding`` layers in transformers' modeling code that neither a role nor
@@ -280,12 +286,13 @@ def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: Extr
 
 
 def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int], *, base_name: str | None,
-              dtype: str, note: str = "") -> Target:
-    """The :class:`Target` of a chosen matrix."""
+              dtype: str, note: str = "", rules: PeftMoeRules | None = None) -> Target:
+    """The :class:`Target` of a chosen matrix (``rules``: the base's :class:`PeftMoeRules`, for PEFT's fused experts)."""
+    fused = rules is not None and bool(rules.retargeted) and spec.expert is not None and module.rpartition(".")[2] in rules.fused
     return Target(order=order, name=spec.name, module=module, label=spec.module, layer=spec.layer, role=spec.role,
                   expert=spec.expert, shape=(int(shape[0]), int(shape[1])), embedding=is_embedding(spec),
                   conv1d=spec.transpose, group=EXPERTS_GROUP if spec.expert is not None else None,
-                  base_name=base_name, dtype=dtype, note=note)
+                  base_name=base_name, dtype=dtype, note=note, fused_out=int(shape[0]) if fused else 0)
 
 
 def module_of(pair: MatrixPair, prefix: str = "") -> str:
@@ -309,7 +316,7 @@ def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,
         return None, why
     notes = "; ".join(x for x in (spec.note, pair.note) if x)
     return target_of(order, spec, module_of(pair), pair.out_in, base_name=pair.base.name,
-                     dtype=pair.tuned_info.dtype, note=notes), None
+                     dtype=pair.tuned_info.dtype, note=notes, rules=rules), None
 
 
 @dataclass
@@ -350,11 +357,14 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
     if config.mode == "rank":
         want = min(config.rank, config.max_rank) if config.max_rank else config.rank
         small = min(targets, key=lambda t: t.p)
+        if config.serving == "vllm" and want > VLLM_RANKS[-1]:
+            raise ConfigError(f"--rank {want} is above {VLLM_RANKS[-1]}, the largest max_lora_rank vLLM serves",
+                              hint=f"choose --rank <= {VLLM_RANKS[-1]}, or drop --serving vllm")
         if want > small.p:
             raise ConfigError(
                 f"--rank {config.rank} is above min(out, in) = {small.p} of {small.name} ({small.shape[0]}×{small.shape[1]})",
                 hint=f"choose --rank <= {small.p}, or leave such modules out with --exclude")
-        levels = [[round_up(want, lv)] for lv in levels]  # with --serving vllm: the accepted rank at or above R
+        levels = [[want] for _ in levels]
         uniform_bound = want if config.eval_text else 0
     elif config.mode == "budget":
         full = sum(t.shape[0] * t.shape[1] for t in targets)
@@ -444,7 +454,8 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
         gains.append(summed)
         costs.append(sum(targets[i].cost for i in g))
         levels.append([v for v in plan.levels[g[0]] if v <= cap])
-    alloc = allocate_budget(gains, costs, plan.budget, levels=levels)
+    # each rank of the experts' one item tried (the greedy left them at r = 1 where r = 2 kept far more)
+    alloc = allocate_tied(gains, costs, plan.budget, levels=levels, tied=len(items) - 1 if plan.groups else None)
     for item, r in zip(items, alloc.ranks):
         for i in item:
             ranks[i] = r

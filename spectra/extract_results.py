@@ -282,7 +282,7 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
     rec = {
         "name": t.name, "module": t.module, "label": t.label, "layer": t.layer, "role": t.role, "expert": t.expert,
         "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "changed": extractable(spec), "rank": r,
-        "params": r * t.cost,
+        "params": r * t.cost, "params_per_rank": t.cost,
         "energy_kept": E, "rel_fro_error": math.sqrt(max(0.0, 1.0 - E)), "spectral_error": spectral,
         "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro),
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,

@@ -160,6 +160,8 @@ def singular_values(
         >>> singular_values(M).round(6).tolist()
         [3.0, 2.0, 1.0]
     """
+    if dtype not in (torch.float32, torch.float64):  # float16 has no eigensolver, and would lose the spectrum
+        raise ValueError(f"dtype must be torch.float32 or torch.float64. Got {dtype!r} instead.")
     M = real_tensor(M, "M")
     if M.ndim not in (2, 3):
         raise ValueError(f"M must have shape (out, in) or (batch, out, in). Got {tuple(M.shape)} instead.")
@@ -194,25 +196,35 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     return t
 
 
+def finite_tensor(M: object, name: str) -> torch.Tensor:
+    """:func:`real_tensor`, refused with a one-line ValueError naming ``name`` when it holds NaN or Inf (LAPACK
+    would fail to converge, or an SVD return vectors of the finite part as if nothing were wrong)."""
+    t = real_tensor(M, name)
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} holds NaN or Inf: its measures are undefined (check the weights, or the run that made them).")
+    return t
+
+
 def fro_norm(M: torch.Tensor, *, block: int = 1 << 23) -> float:
     """Frobenius norm of ``M``, accumulated in float64 over blocks of ``block`` elements (no full
     float64 copy of a large matrix)."""
-    flat, scale = real_tensor(M, "M").reshape(-1), 1.0
+    flat, e, halves = real_tensor(M, "M").reshape(-1), None, (1.0, 1.0)
     for _ in range(2):
         total = 0.0
         for start in range(0, flat.numel(), block):
             chunk = flat[start : start + block].double()
-            if scale != 1.0:  # the rescaled pass only (a multiply on every pass cost ~2x); not in place:
-                chunk = chunk * scale  # .double() of float64 input is the input itself
+            if e is not None:  # the rescaled pass only (a multiply on every pass cost ~2x); not in place:
+                chunk = chunk * halves[0] * halves[1]  # .double() of float64 input is the input itself
             total += float(torch.dot(chunk, chunk).item())
-        if scale != 1.0 or (math.isfinite(total) and (total >= SQUARING_LIMIT**-2 or total == 0.0 and not bool(flat.any()))):
-            return total**0.5 / scale
-        # squares out of float64's range (values near 1e±160, or a sum that overflowed): again, scaled
+        if e is not None or (math.isfinite(total) and (total >= SQUARING_LIMIT**-2 or total == 0.0 and not bool(flat.any()))):
+            return total**0.5 / halves[0] / halves[1]  # inf where the norm itself overflows
+        # squares out of float64's range (values near 1e±160, or a sum that overflowed): again, scaled by 2**-e
         amax = float(torch.linalg.vector_norm(flat, ord=math.inf))
         if not (math.isfinite(amax) and amax > 0):
             return amax
-        scale = math.ldexp(1.0, -math.frexp(amax)[1])
-    return total**0.5 / scale
+        e = math.frexp(amax)[1]  # down to -1073 for subnormals: 2**1073 overflows, so it is applied in two halves
+        halves = (math.ldexp(1.0, -(e // 2)), math.ldexp(1.0, e // 2 - e))
+    return total**0.5 / halves[0] / halves[1]
 
 
 # ---- the LAPACK route on the CPU: numpy arrays, one call per matrix ------------------------------

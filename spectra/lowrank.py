@@ -37,9 +37,11 @@ from spectra.linalg import as_numpy, fro_norm, gram, gram_scale_exponent, gram_u
 from spectra.metrics import as_spectrum, check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
-#: The LoRA ranks vLLM accepts as ``max_lora_rank`` (vllm/config/lora.py). vLLM pads every adapted
-#: module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever each one's r.
-VLLM_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
+#: The values vLLM accepts for its server's ``max_lora_rank`` (``MaxLoRARanks`` in vllm/config/lora.py). An
+#: adapter loads when its every rank is at most that (PEFTHelper.validate_legal), so any r ≤ 512 serves; vLLM
+#: pads every adapted module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever
+#: each one's r.
+VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 _PARAM_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
 _BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -167,19 +169,17 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = Non
 def rank_levels(p: int, max_rank: int | None = None, serving: str | None = None) -> list[int]:
     """The ranks a module of ``p = min(out, in)`` may take, ascending (0 is always allowed).
 
-    Without serving constraints every rank 1 … min(p, max_rank). With ``serving="vllm"`` only the
-    ranks vLLM accepts (:data:`VLLM_RANKS`) up to that cap; a module too small for the smallest
-    (p < 8) keeps ranks up to its p (vLLM pads it to ``max_lora_rank`` like every module).
+    Every rank 1 … min(p, max_rank); with ``serving="vllm"`` also at most 512, the largest ``max_lora_rank``
+    vLLM serves (:data:`VLLM_RANKS` are the values of that server setting, not of an adapter's ranks: a grid of
+    8, 16, 32 … per module bought nothing, as vLLM pads every module to ``max_lora_rank`` anyway, and left a
+    budget's modules at 0 where ranks 1 … 7 kept twice the energy).
 
-    >>> rank_levels(5, 3), rank_levels(100, serving="vllm"), rank_levels(4, serving="vllm")
-    ([1, 2, 3], [8, 16, 32, 64], [1, 2, 3, 4])
+    >>> rank_levels(5, 3), rank_levels(4, serving="vllm"), len(rank_levels(4096, serving="vllm"))
+    ([1, 2, 3], [1, 2, 3, 4], 512)
     """
     cap = min(p, max_rank) if max_rank is not None else p
     if serving == "vllm":
-        levels = [v for v in VLLM_RANKS if v <= cap]
-        if levels:
-            return levels
-        cap = min(cap, VLLM_RANKS[0])
+        cap = min(cap, VLLM_RANKS[-1])
     return list(range(1, cap + 1))
 
 

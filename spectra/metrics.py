@@ -7,6 +7,7 @@ Pure numpy on float64 arrays; no torch, no I/O. ``S`` is always the full spectru
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ def check_energy_range(energy: float, nonzero: bool, name: str) -> None:
     Measures built on such sums would read 0, inf or NaN (values near 1e±160)."""
     if math.isfinite(energy) and (energy >= SQUARING_LIMIT ** -2 or (energy == 0.0 and not nonzero)):
         return
+    if math.isnan(energy):  # NaN in the matrix, not a range problem: no power of two fixes it
+        raise ValueError(f"{name} holds NaN: its measures are undefined.")
     raise ValueError(f"{name}'s squared values fall outside float64's range (|values| beyond 2**±250, "
                      f"sum of squares {energy!r}): divide it by a power of two first")
 
@@ -126,6 +129,32 @@ def check_rank(r: int, name: str = "rank") -> int:
     return int(r)
 
 
+def check_index(value: object, name: str, lo: int, hi: int, what: str = "") -> int:
+    """``value`` as an int when it is a whole number in ``[lo, hi]`` (a whole float such as 2.0 counts, as the
+    configs take it; a bool does not), else one-line ValueError naming ``name`` (``what``: words after the range).
+
+    >>> check_index(2.0, "k", 1, 4)
+    2
+    """
+    try:  # ints, numpy and torch integers; whole floats below (a slice needs an int, so 2.0 failed deep inside)
+        whole = None if isinstance(value, (bool, np.bool_)) else operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        ok = isinstance(value, (float, np.floating)) and float(value).is_integer()
+        whole = int(value) if ok else None  # type: ignore[arg-type]
+    if whole is not None and lo <= whole <= hi:
+        return whole
+    raise ValueError(f"{name} must be {'in' if whole is not None else 'a whole number in'} [{lo}, {hi}]{what}. Got {value!r} instead.")
+
+
+def check_shape(shape: object) -> tuple[int, int]:
+    """``shape`` as ``(out, in)``, two whole numbers >= 0 (``(4.0, 4.0)`` is ``(4, 4)``), else ValueError."""
+    try:
+        out, inn = (check_index(d, "shape", 0, 2**62) for d in shape)  # type: ignore[union-attr]
+    except (TypeError, ValueError):  # not iterable, not two items, or not whole numbers >= 0
+        raise ValueError(f"shape must be (out, in), two whole numbers >= 0. Got {shape!r} instead.") from None
+    return out, inn
+
+
 def energy_rank(S: np.ndarray, tau: float) -> int:
     """Smallest k with ``Σ_{i<=k} σᵢ² >= τ · Σ σᵢ²``; 0 for a zero matrix. At τ = 1 the numerical rank
     (:func:`numerical_rank`): the rule would count values too small to change a float64 sum, or not,
@@ -164,9 +193,10 @@ def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     (2, 3)
     """
     S = as_spectrum(S)
-    if S.size == 0 or not S.max() > 0:
+    if S.size == 0:
         return 0
-    return int(np.count_nonzero(rank_resolution(float(S.max()), p or S.size) < S))
+    p = S.size if p is None else check_index(p, "p", S.size, 2**62, " (min(out, in), at least len(S))")
+    return int(np.count_nonzero(rank_resolution(float(S.max()), p) < S)) if S.max() > 0 else 0
 
 
 def stable_rank(S: np.ndarray) -> float:
@@ -200,6 +230,9 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     noise gives r.
     """
     S = as_spectrum(S)
+    shape = check_shape(shape)
+    if S.size > min(shape):  # (0, 0) divided by zero below
+        raise ValueError(f"S holds {S.size} values, more than min(out, in) of shape {shape}: pass the matrix's shape.")
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
@@ -246,6 +279,7 @@ class SpectrumMetrics:
 def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> SpectrumMetrics:
     """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (length p, any order)."""
     S = as_spectrum(S)
+    shape = check_shape(shape)
     p = min(shape)
     if S.shape != (p,):
         raise ValueError(f"S must have shape ({p},) for a {shape} matrix. Got {S.shape} instead.")

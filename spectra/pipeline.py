@@ -23,7 +23,7 @@ import torch
 from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
-from spectra.config import DiffConfig, cpu_by_default
+from spectra.config import DiffConfig, config_of, cpu_by_default
 from spectra.delta import Prepared, pair_bytes, prepare
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
@@ -147,7 +147,7 @@ def diff(
         >>> res = diff("base/", "lora-adapter/")                  # doctest: +SKIP
         >>> res.summary_records()[0]["energy_rank"]                       # doctest: +SKIP
     """
-    config = config or DiffConfig()
+    config = config_of(config, DiffConfig)
     device = resolve_device(config.device)
     ctx = None
     if distributed_run:
@@ -391,7 +391,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         A :class:`spectra.plan.Plan`. Memory is the data's (tensors in flight, the batch, the
         decomposition workspace) on top of ``baseline_bytes``, the process as it is now.
     """
-    config = config or DiffConfig()
+    config = config_of(config, DiffConfig)
     if any(not isinstance(x, Checkpoint) and is_adapter(x) for x in (base, tuned)):
         raise ConfigError("--plan prices checkpoint pairs; a PEFT adapter is analysed from its factors in seconds",
                           hint="run without --plan")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_plan import is_embedding_name
 from spectra.findings import analysed
@@ -38,7 +39,7 @@ from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import load_renames, renames_text
-from spectra.lowrank import allocate_budget, energy_rank_top, parse_budget
+from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
@@ -251,7 +252,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if n < min(costs):
                 raise ConfigError(f"--budget {budget} is {n:,} parameters, below one component of the cheapest module ({min(costs):,})",
                                   hint="raise the budget")
-            alloc = allocate_budget(gains, costs, n)
+            alloc = allocate_tied(gains, costs, n, tied=len(gains) - 1 if group else None)  # every rank of the experts tried
             if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
                 _beyond_kept(budget, n, doc, paths, whole, where, noise)
             ranks = {**dict(zip(solo, alloc.ranks)), **dict.fromkeys(group, alloc.ranks[-1] if group else 0)}

@@ -155,10 +155,8 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
     found.training = _training_warnings(logs)
-    found.unfinished = [f"{j.parent}: an unfinished {command} (its journal {j.name}, no {result}): finish it with the same "
-                        "command and --resume" for p in map(Path, paths) if p.is_dir()
-                        for j in _files_named(p, set(JOURNALS)) for command, result in [JOURNALS[j.name]]
-                        if not (j.parent / result).is_file()]
+    found.unfinished = [_unfinished(j) for p in map(Path, paths) if p.is_dir() for j in _files_named(p, set(JOURNALS))
+                        if not (j.parent / JOURNALS[j.name][1]).is_file()]
     order = list(SECTIONS)  # diffs first, then compares, …; the order found within each kind
     found.docs.sort(key=lambda item: order.index(item[1]["schema"]))
     if not (found.docs or found.train_logs):
@@ -173,6 +171,35 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
 JOURNALS = {journal.JOURNAL: ("diff", "results.json"), comparison.JOURNAL: ("compare", "compare.json"),
             interfere.JOURNAL: ("interfere", "interfere.json"), esd_run.JOURNAL: ("esd", "esd.json"),
             extract_io.JOURNAL: ("extract", "extract.json"), trace.JOURNAL: ("trace", "trace.json")}
+
+
+def _unfinished(journal: Path) -> str:
+    """What the report says of a folder holding a run's journal and not its result: a run to finish with
+    --resume, or, when the journal holds no record (the run stopped, or was refused, before it finished
+    anything), one to run again: resuming it would redo the same start."""
+    command, result = JOURNALS[journal.name]
+    if _journal_has_records(journal):
+        return f"{journal.parent}: an unfinished {command} (its journal {journal.name}, no {result}): finish it with the same command and --resume"
+    return (f"{journal.parent}: a {command} that stopped before it finished anything (its journal {journal.name} holds no "
+            f"record, no {result}): nothing to resume; run the command again")
+
+
+#: How much of a journal is read to tell whether it holds a record after its fingerprint line.
+_JOURNAL_HEAD = 1 << 16
+
+
+def _journal_has_records(journal: Path) -> bool:
+    """Whether a journal holds a line besides its opening ``{"fingerprint": …}`` (diff's journal has no such line).
+    A head too long to tell, or an unreadable file, counts as holding records (said as before)."""
+    try:
+        with open(journal, "rb") as f:
+            head = f.read(_JOURNAL_HEAD)
+    except OSError:
+        return True
+    lines = head.splitlines()
+    if lines and lines[0].lstrip().startswith(b'{"fingerprint"'):
+        lines = lines[1:]
+    return len(head) == _JOURNAL_HEAD or any(line.strip() for line in lines)
 
 
 def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:

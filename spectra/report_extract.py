@@ -24,7 +24,8 @@ SCHEMA = "spectra.extract/1"
 #: Column definitions of the per-module table (shown as its legend).
 COLUMNS = (
     ("rank", "LoRA rank r kept for the module (B is out × r, A is r × in)."),
-    ("params", "r · (out + in): the module's LoRA parameters."),
+    ("params", "r · (out + in): the module's LoRA parameters as PEFT builds them (r · (2·out + in) for an expert matrix PEFT "
+               "fuses with another: Mixtral's w1 and w3 become gate_up_proj, at rank 2r over both outputs)."),
     ("energy kept", "Σ_{i≤r} σᵢ² / ‖ΔW‖²_F: the share of the update's squared Frobenius norm the rank-r truncation keeps."),
     ("‖ΔW − BA‖/‖ΔW‖", "Relative Frobenius error of the truncation, √(1 − energy kept) (Eckart–Young)."),
     ("σ_{r+1}/σ₁", "Relative spectral-norm error of the truncation, ‖ΔW − BA‖₂ / ‖ΔW‖₂."),
@@ -75,21 +76,32 @@ def check(path: Path, doc: dict[str, Any]) -> None:
                 count(f"{name}.{key}", rec.get(key))
     if isinstance(t, dict) and _num(t.get("modules_at_90")) and _num(t.get("modules")) and t["modules_at_90"] > t["modules"]:
         bad("totals.modules_at_90", t["modules_at_90"], f"more than the {t['modules']} modules")
+    seen: set[str] = set()
     for i, m in enumerate(doc.get("modules") or []):
         if not isinstance(m, dict):
             continue
         at = f"modules[{i}] ({str(m.get('name'))[:80]})"
+        if str(m.get("name")) in seen:  # counted twice in the table, and against the totals
+            bad(f"{at}.name", str(m["name"])[:80], "each module has one record; this name came before")
+        seen.add(str(m.get("name")))
         shape = m.get("shape")
-        if isinstance(shape, list) and all(_num(x) for x in shape):
-            if not (len(shape) == 2 and all(_int(x) and x >= 1 for x in shape)):
-                bad(f"{at}.shape", shape, "a matrix has two sides of at least 1")
-            for key in ("rank", "uniform_rank"):
-                if _num(m.get(key)) and not (_int(m[key]) and 0 <= m[key] <= min(shape)):
-                    bad(f"{at}.{key}", m[key], f"a rank lies from 0 to min(shape) = {min(shape)}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_int(x) and x >= 1 for x in shape)):
+            bad(f"{at}.shape", shape, "a matrix has two sides of at least 1: [out, in]")
+        for key in ("rank", "uniform_rank"):
+            if key in m and not (_int(m[key]) and 0 <= m[key] <= min(shape)):
+                bad(f"{at}.{key}", m[key], f"a rank lies from 0 to min(shape) = {min(shape)}, a whole number")
+        per = _per_rank(m)
+        if per is None:
+            bad(f"{at}.params_per_rank", m.get("params_per_rank"), f"out + in = {sum(shape)} (or 2·out + in for an expert PEFT fuses)")
+        if _int(m.get("rank")) and _num(m.get("params")) and m["params"] != m["rank"] * per:
+            bad(f"{at}.params", m["params"], f"a rank-{m['rank']} LoRA of {shape[0]}×{shape[1]} has "
+                                             f"r·({'out + in' if per == sum(shape) else '2·out + in'}) = {m['rank'] * per} parameters")
         for key in ("energy_kept", "rel_fro_error", "spectral_error", "uniform_energy_kept"):
             share(f"{at}.{key}", m.get(key))
         for key in ("params", "fro_norm", "base_fro_norm", "rel_norm"):
             count(f"{at}.{key}", m.get(key))
+    if isinstance(t, dict) and isinstance(doc.get("modules"), list) and all(isinstance(m, dict) for m in doc["modules"]):
+        _check_totals(doc["modules"], t, u if isinstance(u, dict) else {}, bad)
     ev = doc.get("eval")
     if isinstance(ev, dict):
         loss = ev.get("loss")
@@ -99,6 +111,41 @@ def check(path: Path, doc: dict[str, Any]) -> None:
         for key in ("blocks", "seq_len", "tokens"):
             if _num(ev.get(key)) and not ev[key] >= 1:
                 bad(f"eval.{key}", ev[key], "at least one block of at least one token is scored")
+
+
+def _per_rank(m: dict[str, Any]) -> int | None:
+    """A checked module's LoRA parameters per rank: ``params_per_rank`` (an older file: out + in), which is out + in, or
+    2·out + in for an expert matrix PEFT fuses with another (:attr:`spectra.extract_plan.Target.fused_out`); else None."""
+    out, inn = m["shape"]
+    per = m.get("params_per_rank", out + inn)
+    return per if per == out + inn or (m.get("expert") is not None and per == 2 * out + inn) else None
+
+
+def _check_totals(mods: list[dict[str, Any]], t: dict[str, Any], u: dict[str, Any], bad) -> None:
+    """The totals are sums and counts over the listed modules (extract_results.build_result): one that is not
+    is stated as the adapter's. Keys an older extract.json lacks are not checked."""
+    def same(where: str, value: Any, want: Any, why: str) -> None:
+        if _num(value) and want is not None and not math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-12):
+            bad(where, value, f"{why} ({want:,})" if _int(want) else f"{why} ({want:.6g})")
+
+    def total(key: str) -> int | None:
+        vals = [m.get(key) for m in mods]
+        return sum(vals) if all(_num(v) for v in vals) else None
+
+    same("totals.modules", t.get("modules"), len(mods), "it is the number of modules listed")
+    same("totals.params", t.get("params"), total("params"), "it is the sum of the modules' params")
+    if all(_int(m.get("uniform_rank")) for m in mods):
+        same("uniform.params", u.get("params"), sum(m["uniform_rank"] * (_per_rank(m) or 0) for m in mods),
+             "it is the sum of the modules' uniform_rank · params_per_rank")
+    if all(_int(m.get("rank")) for m in mods):
+        same("totals.adapted", t.get("adapted"), sum(m["rank"] > 0 for m in mods), "it is the number of modules of rank above 0")
+    if all(isinstance(m.get("changed"), bool) for m in mods):
+        same("totals.changed", t.get("changed"), sum(m["changed"] for m in mods), "it is the number of modules marked changed")
+        if all(_int(m.get("rank")) for m in mods):  # the dense update's size: the matrices the adapter carries factors for
+            full = sum(m["shape"][0] * m["shape"][1] for m in mods if m["changed"] or m["rank"])
+            same("totals.full_params", t.get("full_params"), full, "it is out · in summed over the modules changed or adapted")
+    if _num(t.get("params")) and _num(t.get("full_params")) and t["full_params"] > 0:
+        same("totals.param_fraction", t.get("param_fraction"), t["params"] / t["full_params"], "it is params / full_params")
 
 
 def title(path: Path, doc: dict[str, Any]) -> str:

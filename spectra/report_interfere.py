@@ -4,18 +4,20 @@ of one base overlap, pair by pair and all together. Definitions: README, "Interf
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from spectra.display import matrices
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
-from spectra.interfere import PAIR_MEASURES, SCHEMA
+from spectra.interfere import PAIR_MEASURES, SCHEMA, summarise
 from spectra.plots import interfere as interfere_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
+from spectra.results_check import impossible, is_int, is_num
 
-__all__ = ["SCHEMA", "findings", "section_html", "title"]
+__all__ = ["SCHEMA", "check", "findings", "section_html", "title"]
 
 LEGEND = [
     ("cosine", "⟨ΔW_s, ΔW_t⟩_F / (‖ΔW_s‖_F ‖ΔW_t‖_F): the updates as flat vectors (Ilharco et al. 2023)"),
@@ -42,7 +44,195 @@ def load(path: Path, doc: dict) -> dict:
     n = len(doc.get("tasks") or [])
     if n < 2 or len(doc.get("names") or []) != n or not isinstance(doc.get("modules"), list):
         raise ResultsFormatError("an interfere result needs two or more tasks, their names and a list of modules", path=path)
+    check(path, doc)
     return doc
+
+
+#: Rounding allowed past a bound: a share or cosine summed in float64 ends ~1e-16 off; the n-way ratios
+#: divide spectra of a sum and of its parts decomposed apart (the writer takes back only 1e-9 past 1).
+_SLACK, _RATIO_SLACK = 1e-9, 1e-6
+#: Pairwise measures (n × n): bounds and whether s, t and t, s are one number.
+_PAIR = {"cosine": (-1.0, 1.0, True), "phi": (0.0, 1.0, True), "captured": (0.0, 1.0, False),
+         "tsv": (0.0, 1.0, True), "knots": (0.0, 1.0, True)}
+
+
+def check(path: Path, doc: dict[str, Any]) -> None:
+    """Refuse an ``interfere.json`` the report would state as facts though no run writes it: a value of
+    the wrong type or outside its range (a cosine past ±1, a share or φ outside [0, 1], a negative norm or
+    rank), a pair matrix that is not n × n or not symmetric, a matrix listed twice, or a summary that is
+    not the medians of the listed matrices (:func:`spectra.interfere.summarise`).
+
+    Raises:
+        ResultsFormatError: one line naming the file, the record and the field.
+    """
+    def typed(where: str, what: str, got: Any) -> None:
+        shown = type(got).__name__ if isinstance(got, (dict, list)) and len(str(got)) > 80 else repr(got)[:80]
+        raise ResultsFormatError(f"{where} must be {what}. Got {shown} instead", path=path,
+                                 hint="this file was not written by spectra interfere or was edited; rerun spectra interfere --out")
+
+    def bad(where: str, value: Any, why: str) -> None:
+        impossible(where, value, why, path, rerun="spectra interfere --out")
+
+    def number(where: str, v: Any, lo: float, hi: float, slack: float = _SLACK) -> None:
+        if v is None:  # undefined (a task with no direction, NaN written as null)
+            return
+        if not is_num(v):
+            typed(where, "a number or null", v)
+        if not lo - slack <= v <= hi * (1 + slack) + slack:
+            bad(where, v, "it is not negative" if hi == math.inf else f"it lies from {lo:g} to {hi:g}")
+
+    def listed(where: str, v: Any, size: int | None = None) -> list:
+        if not isinstance(v, list) or (size is not None and len(v) != size):
+            typed(where, "an array" + (f" of {size} (one per task)" if size is not None else ""), v)
+        return v
+
+    def ints(where: str, v: Any, hi: float = math.inf) -> None:
+        if not (is_int(v) and 0 <= v <= hi):
+            typed(where, "a non-negative integer" + (f" of at most {hi}" if hi < math.inf else ""), v)
+
+    def pairs(where: str, v: Any, lo: float, hi: float, symmetric: bool, *, null: bool = False) -> None:
+        if v is None and null:  # a summary matrix with no defined entry
+            return
+        for s, row in enumerate(listed(where, v, n)):
+            for t, x in enumerate(listed(f"{where}[{s}]", row, n)):
+                number(f"{where}[{s}][{t}]", x, lo, hi)
+        for s in range(n):
+            for t in range(s + 1, n) if symmetric else ():
+                a, b = v[s][t], v[t][s]
+                if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)):
+                    bad(f"{where}[{s}][{t}]", a, f"the measure is symmetric: [{t}][{s}] is {b!r}")
+
+    def strings(where: str, v: Any) -> None:
+        if not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            typed(where, "an array of strings", v)
+
+    n = len(doc["tasks"])
+    for key in ("tasks", "names"):
+        strings(key, doc[key])
+    if len(set(doc["names"])) < n:  # the writer makes them unique: a pair "a and a" names nothing
+        bad("names", doc["names"], "each task has its own name")
+    if not (isinstance(doc.get("kinds"), list) and len(doc["kinds"]) == n and all(k in ("lora", "full") for k in doc["kinds"])):
+        typed("kinds", f'an array of {n} of "lora" or "full"', doc.get("kinds"))
+    strings("warnings", doc.get("warnings") or [])
+    for key, fields_ in (("skipped", ("name", "reason")), ("partial", ("name",))):
+        for i, x in enumerate(listed(key, doc.get(key) or [])):
+            if not (isinstance(x, dict) and all(isinstance(x.get(f), str) for f in fields_)):
+                typed(f"{key}[{i}]", "an object with string " + " and ".join(f'"{f}"' for f in fields_), x)
+            if key == "partial":
+                for j, t in enumerate(listed(f"partial[{i}].tasks", x.get("tasks"))):
+                    ints(f"partial[{i}].tasks[{j}]", t, n - 1)
+    if "elapsed_s" in doc and not (is_num(doc["elapsed_s"]) and doc["elapsed_s"] >= 0):
+        typed("elapsed_s", "a non-negative number", doc["elapsed_s"])
+    seen: set[str] = set()
+    for i, m in enumerate(doc["modules"]):
+        if not isinstance(m, dict):
+            typed(f"modules[{i}]", "an object", m)
+        if not isinstance(m.get("name"), str):
+            typed(f"modules[{i}].name", "a string", m.get("name"))
+        at = f"modules[{i}] ({m['name'][:80]})"
+        if m["name"] in seen:  # counted twice in every median and count
+            bad(f"{at}.name", m["name"][:80], "each matrix has one record; this name came before")
+        seen.add(m["name"])
+        _check_module(m, at, n, typed=typed, bad=bad, number=number, listed=listed, ints=ints, pairs=pairs)
+    _check_summary(doc, n, typed=typed, bad=bad, number=number, ints=ints, pairs=pairs)
+
+
+def _check_module(m: dict[str, Any], at: str, n: int, *, typed, bad, number, listed, ints, pairs) -> None:
+    """One record of ``modules`` (see :func:`check`)."""
+    if m.get("layer") is not None:
+        ints(f"{at}.layer", m["layer"])
+    for key in ("module", "note"):
+        if key in m and not isinstance(m[key], str):
+            typed(f"{at}.{key}", "a string", m[key])
+    for key in ("out", "in"):
+        if key in m and not (is_int(m[key]) and m[key] >= 1):
+            typed(f"{at}.{key}", "a positive integer", m[key])
+    p = min(m.get("out", math.inf), m.get("in", math.inf))
+    for t, r in enumerate(listed(f"{at}.ranks", m.get("ranks"), n)):
+        ints(f"{at}.ranks[{t}]", r, p)
+    for key in ("fro", "rel_norm"):
+        for t, v in enumerate(listed(f"{at}.{key}", m.get(key), n)):
+            number(f"{at}.{key}[{t}]", v, 0.0, math.inf)
+    for j, t in enumerate(listed(f"{at}.unresolved", m.get("unresolved", []))):
+        ints(f"{at}.unresolved[{j}]", t, n - 1)
+    for key in ("cosine", "phi", "captured"):
+        lo, hi, symmetric = _PAIR[key]
+        pairs(f"{at}.{key}", m.get(key), lo, hi, symmetric)
+    tsv, knots, acc = (m.get(k) for k in ("tsv", "knots", "sum"))
+    for key, v in (("tsv", tsv), ("knots", knots), ("sum", acc)):
+        if not isinstance(v, dict):
+            typed(f"{at}.{key}", "an object", v)
+    pairs(f"{at}.tsv.pairs", tsv.get("pairs"), 0.0, 1.0, True)
+    number(f"{at}.tsv.sti", tsv.get("sti"), 0.0, math.inf)
+    number(f"{at}.tsv.relative", tsv.get("relative"), 0.0, math.inf)  # the ℓ1 form can pass 1
+    number(f"{at}.tsv.relative_fro", tsv.get("relative_fro"), 0.0, 1.0)
+    pairs(f"{at}.knots.alignment", knots.get("alignment"), 0.0, 1.0, True)
+    ints(f"{at}.knots.rank", knots.get("rank"))
+    for key in ("energy_rank", "task_energy_rank"):
+        for k, v in _object(f"{at}.knots.{key}", knots.get(key, {}), typed).items():
+            ints(f"{at}.knots.{key}[{k!r}]", v)
+    for key, hi in (("fro_sq_ratio", n), ("spectral_over_max", n), ("spectral_ratio", 1), ("nuclear_ratio", 1)):
+        number(f"{at}.sum.{key}", acc.get(key), 0.0, hi, _RATIO_SLACK)  # ‖Σ‖ ≤ Σ‖·‖ ≤ n max‖·‖
+    for key in ("fro", "spectral", "nuclear", "stable_rank", "effective_rank"):
+        number(f"{at}.sum.{key}", acc.get(key), 0.0, math.inf)
+    for key in ("task_stable_rank", "task_effective_rank", "singular_values"):
+        for t, v in enumerate(listed(f"{at}.sum.{key}", acc.get(key, []), None if key == "singular_values" else n)):
+            number(f"{at}.sum.{key}[{t}]", v, 0.0, math.inf)
+    for k, v in _object(f"{at}.sum.energy_rank", acc.get("energy_rank", {}), typed).items():
+        ints(f"{at}.sum.energy_rank[{k!r}]", v, p)
+    for k, v in _object(f"{at}.sum.task_energy_rank", acc.get("task_energy_rank", {}), typed).items():
+        for t, r in enumerate(listed(f"{at}.sum.task_energy_rank[{k!r}]", v, n)):
+            ints(f"{at}.sum.task_energy_rank[{k!r}][{t}]", r, p)
+
+
+def _check_summary(doc: dict[str, Any], n: int, *, typed, bad, number, ints, pairs) -> None:
+    """``summary``: in range, and the medians :func:`spectra.interfere.summarise` takes of ``modules``
+    (the findings state it: a summary over matrices the file does not hold reads as theirs)."""
+    s = doc.get("summary")
+    if s is None:
+        s = {}
+    if not isinstance(s, dict):
+        typed("summary", "an object", s)
+    count = len(doc["modules"])
+    if "modules" in s:
+        ints("summary.modules", s["modules"])
+        if s["modules"] != count:
+            bad("summary.modules", s["modules"], f"the file lists {count} matrices in modules")
+    for key, (lo, hi, symmetric) in _PAIR.items():
+        if key in s:
+            pairs(f"summary.{key}", s[key], lo, hi, symmetric, null=True)
+    if s.get("pair_modules") is not None:
+        pairs("summary.pair_modules", s["pair_modules"], 0, count, True)
+        for i, row in enumerate(s["pair_modules"]):
+            for j, v in enumerate(row):
+                ints(f"summary.pair_modules[{i}][{j}]", v, count)
+    for key, hi, slack in (("tsv_relative", math.inf, _SLACK), ("tsv_relative_fro", 1, _SLACK), ("spectral_over_max", n, _RATIO_SLACK),
+                           ("fro_sq_ratio", n, _RATIO_SLACK), ("nuclear_ratio", 1, _RATIO_SLACK)):
+        number(f"summary.{key}", s.get(key), 0.0, hi, slack)
+    if not count and s:  # the writer's summary of no matrices is {}: these medians are of matrices not listed
+        bad("summary", "…", "the file lists no matrices in modules to take medians over")
+    if count and not s:
+        return  # no summary written: the findings say nothing of one
+    want = summarise(doc["modules"])
+    for key, value in s.items():
+        if key not in want:
+            continue
+        for where, got, exp in _cells(f"summary.{key}", value, want[key]):
+            if (got is None) != (exp is None) or (got is not None and not math.isclose(got, exp, rel_tol=1e-9, abs_tol=1e-12)):
+                bad(where, got, f"it is the median over the {count} listed matrices ({'null' if exp is None else f'{exp:.6g}'})")
+
+
+def _cells(where: str, got: Any, want: Any) -> list[tuple[str, Any, Any]]:
+    """``(where, got, want)`` of each number of a summary entry and of its recomputed value, element by element."""
+    if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+        return [c for i, (g, w) in enumerate(zip(got, want)) for c in _cells(f"{where}[{i}]", g, w)]
+    return [(where, got, want)]
+
+
+def _object(where: str, v: Any, typed) -> dict:
+    if not isinstance(v, dict):
+        typed(where, "an object", v)
+    return v
 
 
 def title(path: Path, doc: dict) -> str:

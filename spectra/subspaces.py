@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import real_tensor, singular_values
-from spectra.metrics import check_energy_range, numerical_rank, rank_resolution
+from spectra.linalg import finite_tensor, singular_values
+from spectra.metrics import check_energy_range, check_index, numerical_rank, rank_resolution
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 from spectra.ties import tied_cuts
 
@@ -90,8 +90,8 @@ def _device_of(x: Tensor) -> torch.device:
     return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
 
 
-def _to64(x: Tensor, device: torch.device | None) -> torch.Tensor:
-    t = real_tensor(x, "a matrix or vector")
+def _to64(x: Tensor, device: torch.device | None, name: str) -> torch.Tensor:
+    t = finite_tensor(x, name)  # NaN/Inf named here: an SVD of [[inf, 0], [0, 1]] returned e₂ without a word
     return t.to(device=t.device if device is None else device, dtype=torch.float64)
 
 
@@ -101,7 +101,7 @@ def _eps(x: Tensor) -> float:
 
 
 def _matrix(x: Tensor, name: str, device: torch.device | None) -> torch.Tensor:
-    t = _to64(x, device)
+    t = _to64(x, device, name)
     if t.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix. Got shape {tuple(t.shape)} instead.")
     return t
@@ -138,7 +138,7 @@ def _factors64(dW: Factored | tuple, name: str, device: torch.device | None) -> 
         raise ValueError(f"{name} must be an (out, in) tensor, a Factored or a (U, S, Vh) tuple. Got {type(dW).__name__} instead.")
     if device is None:
         device = torch.as_tensor(U).device
-    S64 = _to64(S, device)
+    S64 = _to64(S, device, f"{name}'s S")
     if S64.ndim != 1:
         raise ValueError(f"{name}'s S must have shape (q,). Got {tuple(S64.shape)} instead.")
     q = S64.shape[0]
@@ -222,9 +222,7 @@ def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
         U, _, Vh = _factors64(M, "M", None)  # type: ignore[arg-type]
     else:
         U, _, Vh = torch.linalg.svd(_matrix(M, "M", None), full_matrices=False)  # type: ignore[arg-type]
-    p = U.shape[1]
-    if not 1 <= k <= p:
-        raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
+    k = check_index(k, "k", 1, U.shape[1])
     return U[:, :k] if side == "left" else Vh[:k].mT
 
 
@@ -298,7 +296,7 @@ def phi(QA: Tensor, QB: Tensor, i: int, j: int) -> float:
         >>> phi(e[:, :2], e[:, 1:3], 2, 2)
         0.5
     """
-    return float(phi_grid(QA, QB, i, j)[i - 1, j - 1])
+    return float(phi_grid(QA, QB, i, j)[-1, -1])  # the grid ends at (i, j)
 
 
 def phi_grid(QA: Tensor, QB: Tensor, i_max: int | None = None, j_max: int | None = None) -> np.ndarray:
@@ -323,12 +321,8 @@ def phi_grid(QA: Tensor, QB: Tensor, i_max: int | None = None, j_max: int | None
     B = _basis(QB, "QB", device)
     if A.shape[0] != B.shape[0]:
         raise ValueError(f"QA and QB must have the same number of rows d. Got {A.shape[0]} and {B.shape[0]} instead.")
-    i_max = A.shape[1] if i_max is None else i_max
-    j_max = B.shape[1] if j_max is None else j_max
-    if not 1 <= i_max <= A.shape[1]:
-        raise ValueError(f"i must be in [1, {A.shape[1]}] (columns of QA). Got {i_max} instead.")
-    if not 1 <= j_max <= B.shape[1]:
-        raise ValueError(f"j must be in [1, {B.shape[1]}] (columns of QB). Got {j_max} instead.")
+    i_max = A.shape[1] if i_max is None else check_index(i_max, "i", 1, A.shape[1], " (columns of QA)")
+    j_max = B.shape[1] if j_max is None else check_index(j_max, "j", 1, B.shape[1], " (columns of QB)")
     M = A[:, :i_max].mT @ B[:, :j_max]  # (i_max, j_max)
     energy = torch.cumsum(torch.cumsum(M**2, dim=0), dim=1)
     i = torch.arange(1, i_max + 1, device=M.device, dtype=torch.float64)[:, None]
@@ -344,15 +338,14 @@ def phi_random_baseline(i: int, j: int, d: int) -> float:
     >>> phi_random_baseline(8, 64, 4096)
     0.015625
     """
-    if not (1 <= i <= d and 1 <= j <= d):
-        raise ValueError(f"i and j must be in [1, d = {d}]. Got i = {i}, j = {j} instead.")
-    return max(i, j) / d
+    d = check_index(d, "d", 1, 2**62)
+    return max(check_index(i, "i", 1, d, " (d)"), check_index(j, "j", 1, d, " (d)")) / d
 
 
 def phi_random_baseline_grid(i_max: int, j_max: int, d: int) -> np.ndarray:
     """:func:`phi_random_baseline` for every ``(i, j)``, float64 ``(i_max, j_max)``, laid out as :func:`phi_grid`."""
-    if not (1 <= i_max <= d and 1 <= j_max <= d):
-        raise ValueError(f"i_max and j_max must be in [1, d = {d}]. Got i_max = {i_max}, j_max = {j_max} instead.")
+    d = check_index(d, "d", 1, 2**62)
+    i_max, j_max = check_index(i_max, "i_max", 1, d, " (d)"), check_index(j_max, "j_max", 1, d, " (d)")
     i = np.arange(1, i_max + 1, dtype=np.float64)[:, None]
     j = np.arange(1, j_max + 1, dtype=np.float64)[None, :]
     return np.maximum(i, j) / d
@@ -528,7 +521,8 @@ def amplification(
             top-r factors are used, nothing is densified), or a
             :class:`~spectra.singular_bases.TopSVD` holding at least r triplets.
         W: ``(out, in)`` base weight.
-        r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``).
+        r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``, or a dense
+            ``dW``'s numerical rank, :func:`spectra.metrics.numerical_rank`, when it is lower).
         generator: randomness of ``proj_random`` (seed it for reproducible numbers; None draws from, and advances, torch's global one).
         base: W's decomposition when already computed (:class:`spectra.singular_bases.WeightBasis`
             of this W, shared with the intruders); its top-r singular values and energy are used.
@@ -555,19 +549,20 @@ def amplification(
     """
     device, W64, shape = _weight_for_update(W, dW, "W")
     out, inn = shape
+    r = check_index(r, "r", 1, min(shape))
     if not isinstance(dW, (TopSVD, Factored, tuple)):
-        p = min(shape)
-        if not 1 <= r <= p:
-            raise ValueError(f"r must be in [1, {p}]. Got {r} instead.")
         dW = top_svd(_matrix(dW, "dW", device), r)  # type: ignore[arg-type]
+        # as a factored ΔW holds q directions, a dense one holds its numerical rank: beyond, rounding noise
+        rank = numerical_rank(dW.S.cpu().numpy(), min(shape))
+        if 0 < rank < r:
+            raise ValueError(f"r must be in [1, {rank}] (dW's numerical rank: its other directions are rounding noise). Got {r} instead.")
     if isinstance(dW, TopSVD):
         U, S, Vh = (x.to(device=device, dtype=torch.float64) for x in (dW.U, dW.S, dW.Vh))
         delta_fro = math.sqrt(dW.energy)
     else:
         U, S, Vh = _factors64(dW, "dW", device)
         delta_fro = float(torch.sqrt((S**2).sum()))
-    if not 1 <= r <= S.shape[0]:
-        raise ValueError(f"r must be in [1, {S.shape[0]}]. Got {r} instead.")
+    r = check_index(r, "r", 1, S.shape[0])
     check_energy_range(delta_fro**2, bool(S.any()), "dW")
     proj_delta = float(torch.linalg.matrix_norm(U[:, :r].mT @ W64 @ Vh[:r].mT)) if delta_fro > 0 else 0.0
     if base is None:
@@ -676,11 +671,10 @@ def intruder_dimensions(
     """
     device, Wb, shape = _weight_for_update(W_base, dW, "W_base")
     p = min(shape)
-    if not 1 <= k <= p:
-        raise ValueError(f"k must be in [1, {p}]. Got {k} instead.")
-    for e in (*epsilons, epsilon):
-        if not 0.0 <= e <= 1.0:
-            raise ValueError(f"epsilons must be in [0, 1]. Got {e!r} instead.")
+    k = check_index(k, "k", 1, p)
+    for name, e in (*(("epsilons", x) for x in epsilons), ("epsilon", epsilon)):  # "0.5" failed inside the comparison
+        if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) or not 0.0 <= e <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]. Got {e!r} instead.")
     if base is None:
         base = WeightBasis(Wb, m=min(p, 2 * k + 10))
     elif tuple(base.W.shape) != tuple(shape):

@@ -36,12 +36,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, saved_skips
 from spectra.config import SharedOptions, check_thresholds, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.errors import (
-    CheckpointFormatError,
-    ConfigError,
-    ResultsFormatError,
-    SpectraError,
-)
+from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
 from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import open_adapter
@@ -51,12 +46,7 @@ from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import (
-    DEFAULT_THRESHOLDS,
-    relative_norm,
-    spectrum_metrics,
-    threshold_key,
-)
+from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names
@@ -64,7 +54,16 @@ from spectra.results import caveat_codes, note_caveat_warnings, points_caveat_no
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
-from spectra.trace_inputs import CHECKPOINT_DIR, CheckpointRef, check_trace_matrix, check_trace_point, find_checkpoints, moved, open_weights
+from spectra.trace_inputs import (
+    CHECKPOINT_DIR,
+    CheckpointRef,
+    check_trace_matrix,
+    check_trace_point,
+    find_checkpoints,
+    moved,
+    open_weights,
+    refuse_empty_plan,
+)
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
@@ -360,6 +359,7 @@ def trace(
                           hint="write the trace outside the run folder (or under another name)")
     base_ckpt = open_checkpoint(base)
     refs = found.checkpoints
+    refuse_empty_plan(base_ckpt, refs, config.include, config.exclude, config.layers)  # before any journal is written
     result = TraceResult(base=str(base), run=found.run, kind=refs[0].kind, thresholds=list(config.thresholds),
                          config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
                          warnings=list(found.warnings), device=str(device))

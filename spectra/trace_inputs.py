@@ -398,3 +398,32 @@ def check_trace_matrix(m: Any, at: str, source: Any) -> None:
                                  hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
     for j, pt in enumerate(m["points"]):
         check_trace_point(pt, f"{at}.points[{j}]", source)
+
+
+def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str | None, exclude: str | None,
+                      layers: str | None) -> None:
+    """Refuse filters that leave no matrix to trace, before the run's journal is written: a journal left
+    by a refused run would read as a run to finish with --resume, which fails alike. A full run's matrices
+    are base tensors; an adapter run's the modules its first checkpoint updates (a head tied to the
+    embedding keeps its own name). What cannot be read here is left to the run, which says it.
+
+    Raises:
+        ConfigError: :func:`spectra.selection.refuse_empty_selection`'s.
+    """
+    from spectra.adapter_diff import adapter_updates  # the adapter readers only for this check
+    from spectra.io.adapter import open_adapter
+    from spectra.selection import refuse_empty_selection, selector
+
+    keep = selector(include, exclude, layers)
+    if refs[0].kind == "lora":
+        try:
+            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter(refs[0].path), base)]
+        except (SpectraError, OSError):
+            return
+        what = "modules the first adapter updates"
+    else:
+        specs = [spec for name, spec in base.specs.items() if len(base.tensors[name].shape) >= 2]
+        what = "matrices of the base"
+    if specs and not any(keep(spec.name, spec.layer) for spec in specs):
+        names = sorted(spec.name for spec in specs)
+        refuse_empty_selection(len(names), names[0], include=include, exclude=exclude, layers=layers, what=what)

@@ -371,14 +371,15 @@ def test_extract_from_an_adapter_skips_undefined_updates(tmp_path, case):
     assert all(bool(torch.isfinite(v).all()) for v in load_file(str(out / "adapter_model.safetensors")).values())
 
 
-def test_extract_serving_vllm_says_it_rounded_the_rank(small_pairs, tmp_path):
-    """--serving vllm -r 3 wrote r = 8 (vLLM's smallest) with no word; extract.json's config still said 3."""
+def test_extract_serving_vllm_keeps_the_asked_rank(small_pairs, tmp_path):
+    """--serving vllm -r 3 wrote r = 8 with no word (later with a warning), though vLLM serves r = 3 with
+    max_lora_rank 8 (an adapter's ranks need only be at most that setting): r = 3 now, served at 8."""
     (base, tuned), _ = small_pairs
     res = _run("extract", str(base), str(tuned), "-r", "3", "--serving", "vllm", "-o", str(tmp_path / "x"), "--no-plots")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "x" / "extract.json").read_text())
-    assert {m["rank"] for m in doc["modules"]} == {8}
-    assert any("--rank 3 rounded up to 8" in w for w in doc["warnings"]), doc["warnings"]
+    assert {m["rank"] for m in doc["modules"]} == {3} and doc["serving"]["max_lora_rank"] == 8
+    assert not any("rounded up" in w for w in doc["warnings"]), doc["warnings"]
 
 
 def test_plan_calibrates_the_cpu_run_on_its_own_route(monkeypatch):

@@ -68,7 +68,8 @@ def read_order(spellings: list[str], weight_map: Mapping[str, str], per_shard: M
         notes.append(f"{len(unlisted)} tensor(s) in the shards are not in {index_name} (e.g. {unlisted[0]}): read, as "
                      "transformers reads every tensor of every listed shard")
     if copies:
-        notes.append(f"{len(copies)} tensor(s) are in more than one shard (e.g. {copies[0]}, mapped to {weight_map[copies[0]]}): "
+        mapped = f"mapped to {weight_map[copies[0]]}" if copies[0] in weight_map else f"not in {index_name}"
+        notes.append(f"{len(copies)} tensor(s) are in more than one shard (e.g. {copies[0]}, {mapped}): "
                      f"read from {source[copies[0]]}, the last in the order of the index's file names, as transformers does")
     if elsewhere:
         notes.append(f"{len(elsewhere)} tensor(s) are not in the shard the index maps them to (e.g. {elsewhere[0]}, mapped to "
