@@ -33,7 +33,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
-from spectra.config import SharedOptions, check_thresholds, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError, ResultsFormatError
 from spectra.interference import (
@@ -512,7 +512,7 @@ def interfere(
         >>> res = interfere("base/", ["lora-code/", "lora-json/"], out_dir="ifr")   # doctest: +SKIP
         >>> res.summary["cosine"]                                                   # doctest: +SKIP
     """
-    config = config or InterfereConfig()
+    config = config_of(config, InterfereConfig)
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, saved_skips
-from spectra.config import SharedOptions, check_thresholds, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
 from spectra.esd import power_law_fit
@@ -340,7 +340,7 @@ def trace(
         >>> res = trace("base/", ["runs/lora8"], out_dir="trace")    # doctest: +SKIP
         >>> res.matrices[0]["points"][-1]["energy_rank"]["0.9"]      # doctest: +SKIP
     """
-    config = config or TraceConfig()
+    config = config_of(config, TraceConfig)
     t0 = time.perf_counter()
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")

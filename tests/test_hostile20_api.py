@@ -246,3 +246,15 @@ def test_singular_values_dtype(dtype):
     with pytest.raises(ValueError, match=r"^dtype must be torch.float32 or torch.float64"):
         linalg.singular_values(M, dtype=dtype)
     np.testing.assert_allclose(linalg.singular_values(M, dtype=torch.float64), np.linalg.svd(M.numpy(), compute_uv=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("command", ["interfere", "trace"])
+def test_interfere_and_trace_refuse_a_config_of_another_type(command, tmp_path):
+    """Their entry points took `config or XConfig()`: a dict failed with an AttributeError deep in the run."""
+    from spectra.errors import ConfigError
+    from spectra.interfere import interfere
+    from spectra.trace import trace
+
+    fn = {"interfere": interfere, "trace": trace}[command]
+    with pytest.raises(ConfigError, match=r"config must be a (Interfere|Trace)Config \(got dict\)"):
+        fn(str(tmp_path / "a"), [str(tmp_path / "b"), str(tmp_path / "c")], config={"top_k": 3})
