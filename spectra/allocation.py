@@ -25,8 +25,8 @@ def allocate_tied(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int
     A tied item (every expert of an MoE at one rank) is one wide, costly block per component: once one does not fit,
     the greedy's prefix stops buying it and the budget goes to components far below it (a Mixtral budget kept 0.73 of
     the energy, with the experts at r = 1, where the experts at r = 2 and the rest kept 0.82). Exact in the tied item's
-    rank (up to :data:`TIED_TRIES` of them, within the budget); the others are the greedy's. ``bound`` stays the whole
-    problem's fractional optimum.
+    rank when at most :data:`TIED_TRIES` of them fit the budget (else that many: evenly spaced, and those within 8 of
+    the greedy's); the others are the greedy's. ``bound`` stays the whole problem's fractional optimum.
 
     Example:
         >>> g = [np.array([3.0, 3.0]), np.array([1.0]), np.array([1.0])]
@@ -38,8 +38,10 @@ def allocate_tied(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int
         return plain
     steps = [0, *(levels[tied] if levels is not None else range(1, len(gains[tied]) + 1))]
     steps = [r for r in steps if r <= len(gains[tied]) and r * int(costs[tied]) <= budget]
-    if len(steps) > TIED_TRIES:
-        return plain
+    if len(steps) > TIED_TRIES:  # evenly spaced ranks, and those around the greedy's (never worse than it)
+        near = {r for r in steps if abs(r - plain.ranks[tied]) <= 8}
+        spaced = {steps[round(k * (len(steps) - 1) / (TIED_TRIES - len(near) - 1))] for k in range(TIED_TRIES - len(near))}
+        steps = sorted(near | spaced)
     others = [i for i in range(len(gains)) if i != tied]
     best = plain
     for r in steps:

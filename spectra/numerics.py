@@ -217,13 +217,19 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
                      f"{share:.0%} of ‖ΔW‖_F², changed by at most one rounding step (|ΔW_ij| ≤ "
                      f"{'ε/2' if finer_base else 'ε'}·|W_ij|, ε = {eps:.3g})")
             # entries of one step are not enough: a sub-ulp learned update rounds to flips that average to it
-            # (a rank-1 pattern of them was called noise), so the spectrum's top is asked too
-            sigma, edge = _top_singular_lower(d2)
+            # (a rank-1 pattern of them was called noise), so the spectrum's top is asked too; of the change on the
+            # tuned grid only (TUNED − BASE rounded to it): converting a finer base's repeated values rounds them
+            # alike, a low-rank error that is no update (a constant matrix's bf16 copy was called learned)
+            moved = d2 if not finer_base else (
+                tuned.reshape(-1, cols).to(d2.dtype) - base.reshape(-1, cols).to(getattr(torch, tuned_dtype)).to(d2.dtype))
+            sigma, edge = _top_singular_lower(moved)
             if sigma > RESOLVED_MARGIN * edge:
+                what = "its top singular value" if not finer_base else (
+                    f"the top singular value of the change beyond rounding the base to {coarse} (TUNED − BASE rounded)")
                 notes.append(NumericNote("rounding_steps", (
-                    f"ΔW moved its entries by at most one rounding step of {coarse}{mixed}: {steps}; yet its top singular "
-                    f"value is at least {sigma:.3g}, {sigma / edge:.1f}× the {edge:.3g} (largest row norm + largest column "
-                    f"norm of ΔW) under which independent rounding noise of those entries stays: its top directions are a "
+                    f"ΔW moved its entries by at most one rounding step of {coarse}{mixed}: {steps}; yet {what} "
+                    f"is at least {_down3(sigma)}, {sigma / edge:.1f}× the {edge:.3g} (largest row norm + largest column "
+                    f"norm) under which independent rounding noise of those entries stays: its top directions are a "
                     f"learned update rounded entry by entry, and energy ranks also count that rounding, spread over all directions")))
             else:
                 rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
@@ -433,6 +439,16 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
     out.update({k: (int(v) if weight is None else v) for k, v in zip(cnt, values[len(acc) : -1])})
     out["finite"] = bool(values[-1])
     return out
+
+
+def _down3(x: float) -> str:
+    """``x`` to three significant digits rounded down, with a relative 1e-5 off first (float32 products can pass σ₁ by
+    ~2e-7): a lower bound printed as one. ``_down3(1.2356) == "1.23"``."""
+    x *= 1 - 1e-5
+    if not 0 < x < math.inf:
+        return f"{max(x, 0.0):.3g}"
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    return f"{math.floor(x / step) * step:.3g}"
 
 
 def _top_singular_lower(d: torch.Tensor) -> tuple[float, float]:
