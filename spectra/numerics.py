@@ -19,8 +19,10 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
     criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
 ``rounding_steps``
-    As ``rounding_level`` entry by entry, but ΔW's largest singular value is certified (power iteration, a
-    lower bound) above :data:`RESOLVED_MARGIN` times ``max_i ‖ΔW[i, :]‖₂ + max_j ‖ΔW[:, j]‖₂``, more than
+    As ``rounding_level`` entry by entry, but the largest singular value of the change on the tuned grid (ΔW on
+    one grid; ``TUNED − BASE`` rounded to the tuned dtype where the base is finer: its repeated values round
+    alike, a low-rank error that is no update) is certified (power iteration, a lower bound) above
+    :data:`RESOLVED_MARGIN` times its ``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂``, more than
     independent rounding noise of those very entries reaches (Latała; Bandeira and van Handel): a learned
     update of sub-ulp size rounded entry by entry (a small learning rate on bf16 weights). Round-to-nearest of
     ``w + δ`` at weights spread over their grid cells flips ``w`` by one step with a probability of about
