@@ -62,7 +62,7 @@ from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.metrics import refuse_meta
 from spectra.naming import describe_checkpoint
-from spectra.numerics import numeric_notes, rounding_floor, unresolved_text
+from spectra.numerics import certified_floor, numeric_notes, rounding_floor, unresolved_text
 from spectra.selection import selector
 from spectra.subspaces import Factored
 from spectra.trace import (
@@ -383,8 +383,8 @@ class SpectraTracker:
             return None, None, 0.0, []
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
         dtype = str(tr.param.dtype).removeprefix("torch.")
-        floor = rounding_floor(tr.param.detach(), dtype, initial)
         notes = numeric_notes(initial, tr.param.detach(), delta, base_dtype=dtype, tuned_dtype=dtype)
+        floor = certified_floor(rounding_floor(tr.param.detach(), dtype, initial), notes, tr.param.detach(), initial)
         return (*spectrum_and_top(delta.mT if tr.transpose else delta, self.config.top_k, floor=floor), floor, notes)
 
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:

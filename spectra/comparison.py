@@ -283,8 +283,8 @@ class _Side:
             return u
         # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
         resized = [pair.note] if pair.rows is not None and pair.note else []
-        return replace(u, notes=(*resized, *pair_notes(pair, wb, wt, dense, base_fro)), floor=pair_floor(pair, wb, wt),
-                       stored=pair.tuned_info.dtype)  # the floor's dtype: the tuned side's rounding
+        notes = pair_notes(pair, wb, wt, dense, base_fro)  # the floor's dtype: the tuned side's rounding
+        return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes), stored=pair.tuned_info.dtype)
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not _all_finite(dense):

@@ -9,12 +9,13 @@ forms it here, so how ΔW is formed has one home.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
-from spectra.numerics import numeric_notes, rounding_floor
+from spectra.numerics import certified_floor, numeric_notes, rounding_floor
 from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
 
@@ -64,7 +65,7 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
         else:
             notes = pair_notes(pair, b, t, delta, base_fro)  # base_fro²: inf, not OverflowError, past 1e154
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
-                                 note="; ".join(notes), floor=pair_floor(pair, b, t) if floors else 0.0))
+                                 note="; ".join(notes), floor=pair_floor(pair, b, t, notes) if floors else 0.0))
     return out
 
 
@@ -76,12 +77,13 @@ def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torc
                          base_sq=base_fro * base_fro)
 
 
-def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor) -> float:
+def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequence[str] = ()) -> float:
     """The storage rounding floor (:func:`spectra.numerics.rounding_floor`) of a ΔW formed from the
     oriented stored tensors ``wb``, ``wt`` of ``pair``: singular values of ΔW at or below it are rounding
     of the stored weights, not directions of the update. Used by every command that decomposes a
-    dense update into directions (compare, trace, interfere)."""
-    return rounding_floor(wt, pair.tuned_info.dtype, wb)
+    dense update into directions (compare, trace, interfere). ``notes``: the pair's :func:`pair_notes`, whose
+    certified one-step update lowers it (:func:`spectra.numerics.certified_floor`)."""
+    return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb), notes, wt, wb)
 
 
 def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22,

@@ -47,6 +47,7 @@ of rows: results are deterministic.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,10 @@ ROUNDING_ENERGY = 0.5
 #: row norm plus the largest column norm of ΔW (independent noise stays within about 1× of it; a rank-1 pattern
 #: of one-step flips of a d×d matrix is √d/2 times it).
 RESOLVED_MARGIN = 1.5
+#: How a ``rounding_steps`` note starts (the caveat's pattern in :data:`spectra.results.CAVEATS` reads it).
+STEPS_START = "ΔW moved its entries by at most one rounding step of "
+#: How a ``rounding_steps`` note on one grid names its certificate (:func:`certified_floor` reads it back).
+ONE_GRID_TOP = "its top singular value"
 #: Power-iteration steps of that certificate (a top value at 1.5× a noise bulk is within 1% after ~6).
 RESOLVED_STEPS = 12
 #: ``precision_mismatch`` fires when the estimated rounding energy is this fraction of ‖ΔW‖_F².
@@ -226,10 +231,10 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
                 tuned.reshape(-1, cols).to(d2.dtype) - base.reshape(-1, cols).to(getattr(torch, tuned_dtype)).to(d2.dtype))
             sigma, edge = _top_singular_lower(moved)
             if sigma > RESOLVED_MARGIN * edge:
-                what = "its top singular value" if not finer_base else (
+                what = ONE_GRID_TOP if not finer_base else (
                     f"the top singular value of the change beyond rounding the base to {coarse} (TUNED − BASE rounded)")
                 notes.append(NumericNote("rounding_steps", (
-                    f"ΔW moved its entries by at most one rounding step of {coarse}{mixed}: {steps}; yet {what} "
+                    f"{STEPS_START}{coarse}{mixed}: {steps}; yet {what} "
                     f"is at least {_down3(sigma)}, {sigma / edge:.1f}× the {edge:.3g} (largest row norm + largest column "
                     f"norm) under which independent rounding noise of those entries stays: its top directions are a "
                     f"learned update rounded entry by entry, and energy ranks also count that rounding, spread over all directions")))
@@ -323,6 +328,26 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     if not wide and not 0.0 < bound < math.inf:
         bound = _norm_bound(W_tuned, W_base, torch.float64, block)
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
+
+
+def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W_base: torch.Tensor) -> float:
+    """``floor`` (:func:`rounding_floor`), lowered for a ΔW whose ``rounding_steps`` certificate fired on one grid
+    (``notes``: :func:`numeric_notes` of the pair) to :data:`RESOLVED_MARGIN` × (largest row norm + largest column norm
+    of ΔW), the ceiling of independent one-step noise of its entries that the certificate rests on.
+
+    The ``u·|x|`` floor assumes every entry carries a rounding error of up to half a step; a sub-step update of
+    weights already on the grid moves a few entries by one step, with an error far smaller, so that floor sat 20×
+    above the certified top value and trace, extract and compare called a learned direction unresolved while diff
+    called it resolved. A finer base's note certifies the change beyond its conversion, which the floor still covers.
+
+    Args:
+        W_tuned, W_base: ``(out, in)`` as analysed (any float dtype, one device).
+    """
+    if not any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes):
+        return floor
+    d = W_tuned.float() - W_base.float()
+    edge = float(torch.linalg.vector_norm(d, dim=1).max()) + float(torch.linalg.vector_norm(d, dim=0).max())
+    return min(floor, RESOLVED_MARGIN * edge) if math.isfinite(edge) else floor
 
 
 def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
@@ -546,4 +571,4 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-__all__ = ["NumericNote", "even_rows", "numeric_flags", "numeric_notes"]
+__all__ = ["NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes"]

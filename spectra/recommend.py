@@ -209,6 +209,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"{count} matrices are at the rounding level of their storage dtype (rounding noise, not a "
                      "learned update; spectra diff warns of them) and get no rank"
                      + (f": {len(left)} modules left out of target_modules ({shown})" if left else ""))
+    # a learned update below one storage step: its τ ranks count the rounding too (diff's rounding_steps caveat)
+    if steps := [m.name for m in res.modules if "rounding_steps" in m.caveats and m.name not in noise]:
+        notes.append(f"{len(steps)} matrices (e.g. {steps[0]}) are a learned update smaller than one step of their storage dtype, "
+                     "rounded entry by entry: their top directions are resolved, but their energy ranks also count that rounding "
+                     "(spread over all directions), so their ranks here are above what the update itself needs")
     cost = {p: whole[p]["out"] + whole[p]["in"] for p in paths}
     # the per-expert modules (one rank for all: PEFT's global r on transformers >= 5's fused experts), and those of
     # them PEFT fuses in pairs (w1, w3 -> gate_up_proj at rank 2r over both outputs) when it converts them

@@ -528,11 +528,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             if bad:
                 points.append(_skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))
                 continue
-            for msg in pair_notes(pair, wb, wt, delta, base_fro):  # rounding level, precision mismatch…
-                code = (caveat_codes(msg) or [msg])[0]
-                caveats.setdefault(code, []).append((ref.step, msg))
-            # directions at the rounding level of the stored weights are not directions of the update
-            floor = pair_floor(pair, wb, wt)
+            for msg in (notes := pair_notes(pair, wb, wt, delta, base_fro)):  # rounding level, precision mismatch…
+                caveats.setdefault((caveat_codes(msg) or [msg])[0], []).append((ref.step, msg))
+            floor = pair_floor(pair, wb, wt, notes)  # directions at the rounding level of the stored weights: not the update's
             S, top = spectrum_and_top(delta, config.top_k, floor=floor)
             del delta
             now = Subspaces.of(top)

@@ -120,6 +120,34 @@ def test_a_finer_bases_repeated_values_rounded_alike_are_no_learned_update():
     assert 0 < bound <= np.linalg.norm(moved, 2)
 
 
+def test_a_certified_one_step_update_is_resolved_in_every_command(tmp_path):
+    """diff called a sub-step update of bf16 weights "resolved" (rounding_steps) while the u·|x| storage floor sat far
+    above its σ₁: trace nulled its turns, extract --budget refused the pair as rounding noise (second probe of the
+    round). The floor of a certified one-grid update is the certificate's own noise ceiling now."""
+    from spectra.numerics import certified_floor, numeric_notes, rounding_floor
+
+    g = torch.Generator().manual_seed(0)
+    base = (torch.randn(1024, 1024, generator=g) * 0.02).bfloat16()
+    u, v = torch.randn(1024, 1, generator=g), torch.randn(1, 1024, generator=g)
+    tuned = (base.float() + 8e-6 * u @ v).bfloat16()
+    d = tuned.double() - base.double()
+    notes = numeric_notes(base, tuned, d.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")
+    U, S, _ = np.linalg.svd(d.numpy())
+    assert abs(U[:, 0] @ u[:, 0].numpy()) / float(u.norm()) > 0.9  # the learned direction, float64
+    old = rounding_floor(tuned, "bfloat16", base)
+    assert any(n.startswith("ΔW moved its entries by at most one rounding step") for n in notes) and S[0] < old
+    assert S[1] < certified_floor(old, notes, tuned, base) < S[0]  # the top resolved, the rest rounding
+    save_file({"model.layers.0.mlp.down_proj.weight": base}, tmp_path / "b.safetensors")
+    save_file({"model.layers.0.mlp.down_proj.weight": tuned}, tmp_path / "t.safetensors")
+    res = _cli(["extract", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--budget", "20000", "-o", tmp_path / "x", "--no-plots"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "x" / "extract.json").read_text())["modules"][0]["rank"] >= 1
+    # recommend says that such a matrix's τ ranks count the rounding (they were stated as the update's)
+    assert _cli(["diff", tmp_path / "b.safetensors", tmp_path / "t.safetensors", "--out", tmp_path / "d", "--no-plots"]).returncode == 0
+    rec = _cli(["recommend", tmp_path / "d" / "results.json"])
+    assert rec.returncode == 0 and "smaller than one step of their storage dtype" in rec.stderr, rec.stderr
+
+
 # ---- fp8 ------------------------------------------------------------------------------------------------------
 
 def test_two_unscaled_fp8_sides_are_one_grid():

@@ -88,7 +88,7 @@ def refuse_replacing(out: str | os.PathLike[str], suffixes: tuple[str, ...], *, 
                 "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
                 else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
         raise ConfigError(f"{option} {target} is {what}: spectra writes a new file and renames it into place, which "
-                          "would replace it", hint=f"{hint} (the link's own target, for a link)")
+                          "would replace it", hint=hint + (" (the link's own target, for a link)" if stat.S_ISLNK(st.st_mode) else ""))
     if target.suffix.lower() not in suffixes or target.name.lower() in PROTECTED_NAMES or (owned is not None and not owned(target)):
         raise ConfigError(f"{option} {target} exists and is not a file this command writes (it would be replaced)", hint=hint)
 
