@@ -324,9 +324,10 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     # time of a float64 pass, the floor being asked of every dense update; squares out of float32's range
     # (weights beyond ~1e17 or below ~1e-19) give an infinite or zero bound: then again in float64
     wide = torch.float64 in (W_tuned.dtype, getattr(W_base, "dtype", None))
-    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block)
+    tiny = _tiny_threshold(W_tuned, tuned_dtype) or 0.0  # a subnormal's rounding is u·tiny, not u·|x| (None: scaled values)
+    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block, tiny)
     if not wide and not 0.0 < bound < math.inf:
-        bound = _norm_bound(W_tuned, W_base, torch.float64, block)
+        bound = _norm_bound(W_tuned, W_base, torch.float64, block, tiny)
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
@@ -363,8 +364,9 @@ def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
             f"no resolved direction{'s' if plural else ''}")
 
 
-def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int) -> float:
-    """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X``, in ``work`` precision."""
+def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int, tiny: float = 0.0) -> float:
+    """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X`` (each ``|x|`` taken at least ``tiny``,
+    the smallest normal, below which the rounding step stops shrinking), in ``work`` precision."""
     rows = max(1, block // W_tuned.shape[1])
     out_dim, in_dim = W_tuned.shape
     row_on = torch.ones(out_dim, dtype=torch.bool, device=W_tuned.device)
@@ -379,6 +381,8 @@ def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.
     col_sq = torch.zeros(in_dim, dtype=work, device=W_tuned.device)
     for r in range(0, out_dim, rows):
         x = W_tuned[r : r + rows].to(work)
+        if tiny > 0.0:
+            x = torch.clamp(x.abs(), min=tiny)
         if W_base is not None:
             x = torch.where(row_on[r : r + rows, None] & col_on[None, :], x, 0.0)
         sq = x * x
@@ -448,7 +452,10 @@ def _pass(b: torch.Tensor, t: torch.Tensor, d: torch.Tensor, eps: float | None,
         cnt["nonzero"] += total(nz)
         if eps is not None:
             # one ulp at x is ε·2^floor(log2|x|) ≤ ε·|x|; the slack absorbs float32 rounding of the product
-            small = nz & (db.abs() <= torch.maximum(bb, tb) * (eps * (1 + 1e-3)))
+            # a subnormal's step is the format's smallest one, ε·tiny, not ε·|x| (fp16 weights of 1e-6 flipped by
+            # one bit read as an update of many steps): the magnitude is taken at least the smallest normal
+            mag = torch.maximum(bb, tb) if tiny_t is None else torch.clamp(torch.maximum(bb, tb), min=tiny_t)
+            small = nz & (db.abs() <= mag * (eps * (1 + 1e-3)))
             cnt["ulp"] += total(small)
             acc["ulp_sq"] += total(d64 * d64 * small)
         flushed = None  # what flushing the subnormals to zero changes ΔW by: b on base's, −t on tuned's

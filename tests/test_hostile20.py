@@ -148,6 +148,25 @@ def test_a_certified_one_step_update_is_resolved_in_every_command(tmp_path):
     assert rec.returncode == 0 and "smaller than one step of their storage dtype" in rec.stderr, rec.stderr
 
 
+def test_a_subnormals_step_is_the_formats_smallest():
+    """fp16 weights of 1e-6 (98% subnormal) flipped by one bit on 30% of entries had no rounding note (a subnormal's
+    step was taken as ε·|x|, far below its real one, ε·tiny); fp8 e4m3 one-bit flips were "55% … changed by at most
+    one step" (all were) and stood above the floor."""
+    from spectra.numerics import rounding_floor
+
+    g = torch.Generator().manual_seed(0)
+    for w, name, bits in (((torch.randn(256, 256, generator=g) * 1e-6).half(), "float16", torch.int16),
+                          ((torch.randn(256, 256, generator=g) * 0.02).to(torch.float8_e4m3fn), "float8_e4m3fn", torch.uint8)):
+        code = w.view(bits)
+        flip = (torch.rand(w.shape, generator=g) < 0.3) & ((code.to(torch.int32) & 0x7F) > 0) & ((code.to(torch.int32) & 0x7F) < 0x7E)
+        t = torch.where(flip, code + 1, code).view(w.dtype)
+        d = t.double() - w.double()
+        flags = {f.code: f.message for f in numeric_flags(w, t, d.float(), base_dtype=name, tuned_dtype=name)}
+        assert "rounding_level" in flags and "100% of its" in flags["rounding_level"], flags
+        if name.startswith("float8"):
+            assert float(torch.linalg.matrix_norm(d, 2)) <= rounding_floor(t, name, w)
+
+
 # ---- fp8 ------------------------------------------------------------------------------------------------------
 
 def test_two_unscaled_fp8_sides_are_one_grid():
