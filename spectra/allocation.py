@@ -13,7 +13,7 @@ import numpy as np
 
 from spectra.lowrank import Allocation, allocate_budget
 
-#: Most ranks of a tied item :func:`allocate_budget` tries one by one (each a greedy over the rest).
+#: Most ranks of a tied item :func:`allocate_tied` tries one by one (each a greedy over the rest).
 TIED_TRIES = 64
 
 
