@@ -378,3 +378,11 @@ def test_vllm_budget_is_not_held_to_a_rank_grid(tmp_path):
     assert v["totals"]["energy_kept"] >= v["uniform"]["energy_kept"] and v["allocation"]["fractional_bound"] >= v["totals"]["energy_kept"]
     assert [m["rank"] for m in v["modules"]] == [m["rank"] for m in docs["none"]["modules"]]  # any rank up to 512 serves
     assert any(0 < m["rank"] < 8 for m in v["modules"]) and v["serving"]["max_lora_rank"] in (1, 8, 16)
+
+
+def test_esd_entropy_of_a_single_eigenvalue_is_null():
+    """A 1 × N matrix's entropy was −1.0000000001 (≈ 0 / ln(1 + 1e-10)): a normalised entropy below 0."""
+    from spectra.esd import spectral_entropy
+
+    assert spectral_entropy(np.array([4.0]), 64) is None
+    assert round(spectral_entropy(np.ones(8), 8), 6) == 1.0  # the flat spectrum of full rank, unchanged
