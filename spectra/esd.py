@@ -561,8 +561,7 @@ def spectral_entropy(evals: np.ndarray, N: int, *, resolution: float = 0.0) -> f
     """WeightWatcher's matrix entropy (``RMT_Util.matrix_entropy``): ``−Σ pᵢ ln pᵢ / ln(r)`` with
     ``pᵢ = λᵢ / Σλ + 1e-10`` over all eigenvalues and ``r = matrix_rank + 1e-10``. None for a zero
     matrix. A flat spectrum of full rank gives ≈ 1; a rank-1 matrix divides by ``ln(1 + 1e-10)``, as
-    WeightWatcher does. None for a single eigenvalue (a 1 × N matrix: ``≈ 0 / ln(1 + 1e-10)`` came out −1.0, a
-    "normalised" entropy below 0; WeightWatcher never fits such a matrix).
+    WeightWatcher does. None for a single eigenvalue (a 1 × N matrix: ``≈ 0 / ln(1 + 1e-10)`` gave −1.0).
 
     ``resolution`` (a singular value; see :func:`matrix_rank`): eigenvalues ``λ ≤ resolution²`` are
     unresolved rounding noise and enter as 0, as the exact zeros they stand for. Either way such a λ is at
