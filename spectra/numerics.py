@@ -25,8 +25,9 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     :data:`RESOLVED_MARGIN` times its ``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂``, more than
     independent rounding noise of those very entries reaches (Latała; Bandeira and van Handel): a learned
     update of sub-ulp size rounded entry by entry (a small learning rate on bf16 weights). Round-to-nearest of
-    ``w + δ`` at weights spread over their grid cells flips ``w`` by one step with a probability of about
-    ``|δ|/ulp``, so the flips average to the update and its top directions show; the rest of the spectrum is
+    ``w + δ`` flips ``w`` by one step where δ passes the distance to the next rounding boundary (half a step for
+    weights on the grid; a probability of about ``|δ|/ulp`` for weights spread over their cells, as a float32
+    master copy is), so the flips follow the update and its top directions show; the rest of the spectrum is
     that rounding, and energy ranks at high τ count it.
 ``precision_mismatch``
     The two sides are stored at different precisions (fp32 base, bf16 tuned): ΔW includes rounding W
@@ -346,8 +347,7 @@ def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W
     """
     if not any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes):
         return floor
-    d = W_tuned.float() - W_base.float()
-    edge = float(torch.linalg.vector_norm(d, dim=1).max()) + float(torch.linalg.vector_norm(d, dim=0).max())
+    edge = _edge(W_tuned.float() - W_base.float())
     return min(floor, RESOLVED_MARGIN * edge) if math.isfinite(edge) else floor
 
 
@@ -485,14 +485,19 @@ def _down3(x: float) -> str:
     return f"{math.floor(x / step) * step:.3g}"
 
 
+def _edge(x: torch.Tensor) -> float:
+    """``max_i ‖x[i, :]‖₂ + max_j ‖x[:, j]‖₂``: about the largest singular value independent noise of these entries
+    reaches (the certificate's and :func:`certified_floor`'s one measure)."""
+    return float(torch.linalg.vector_norm(x, dim=1).max()) + float(torch.linalg.vector_norm(x, dim=0).max())
+
+
 def _top_singular_lower(d: torch.Tensor) -> tuple[float, float]:
     """``(σ, edge)`` of a 2-D ΔW: ``σ ≤ σ₁(d)`` from :data:`RESOLVED_STEPS` power-iteration steps (``‖d v‖`` for a
     unit ``v`` never exceeds σ₁; stops once above ``RESOLVED_MARGIN·edge``), and ``edge = max_i ‖d[i, :]‖₂ +
     max_j ‖d[:, j]‖₂``, in d's units. Float32 work (float64 for float64 input): the margin dwarfs its rounding."""
     x = d if d.dtype in (torch.float32, torch.float64) else d.float()
-    rows = torch.linalg.vector_norm(x, dim=1)
-    edge = float(rows.max()) + float(torch.linalg.vector_norm(x, dim=0).max())
-    v = x[int(rows.argmax())].clone()  # the largest row: a rank-1 update's right vector at once
+    edge = _edge(x)
+    v = x[int(torch.linalg.vector_norm(x, dim=1).argmax())].clone()  # the largest row: a rank-1 update's right vector at once
     sigma = 0.0
     for _ in range(RESOLVED_STEPS):
         norm = float(torch.linalg.vector_norm(v))

@@ -17,7 +17,7 @@ from spectra.findings import Finding
 from spectra.plots.base import svg_img
 from spectra.plots.extract import energy_figure, rank_heatmap
 from spectra.report_html import esc, legend, note, table
-from spectra.results_check import impossible
+from spectra.results_check import impossible, is_int, is_num
 
 SCHEMA = "spectra.extract/1"
 
@@ -32,14 +32,6 @@ COLUMNS = (
     ("uniform", "Energy kept by the uniform rank with the same total parameter count, from the same spectrum."),
     ("‖ΔW‖/‖W‖", "Size of the update against the base weight."),
 )
-
-
-def _num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 #: Float rounding allowed above 1 in a share (an energy summed in float64 can end at 1 + 1e-16).
@@ -60,11 +52,11 @@ def check(path: Path, doc: dict[str, Any]) -> None:
 
     # ranges of numbers only: a value of another type is shown escaped, or fails in the section's code
     def share(where: str, v: Any) -> None:
-        if _num(v) and not 0 <= v <= 1 + _SHARE_SLACK:
+        if is_num(v) and not 0 <= v <= 1 + _SHARE_SLACK:
             bad(where, v, "a share lies from 0 to 1")
 
     def count(where: str, v: Any) -> None:
-        if _num(v) and not v >= 0:
+        if is_num(v) and not v >= 0:
             bad(where, v, "a count, size or norm is not negative")
 
     t, u = doc.get("totals"), doc.get("uniform")
@@ -74,7 +66,7 @@ def check(path: Path, doc: dict[str, Any]) -> None:
                 (share if key != "param_fraction" else count)(f"{name}.{key}", rec.get(key))
             for key in ("params", "full_params", "modules", "changed", "modules_at_90", "rank", "min_rank", "max_rank", "bytes"):
                 count(f"{name}.{key}", rec.get(key))
-    if isinstance(t, dict) and _num(t.get("modules_at_90")) and _num(t.get("modules")) and t["modules_at_90"] > t["modules"]:
+    if isinstance(t, dict) and is_num(t.get("modules_at_90")) and is_num(t.get("modules")) and t["modules_at_90"] > t["modules"]:
         bad("totals.modules_at_90", t["modules_at_90"], f"more than the {t['modules']} modules")
     seen: set[str] = set()
     for i, m in enumerate(doc.get("modules") or []):
@@ -85,15 +77,15 @@ def check(path: Path, doc: dict[str, Any]) -> None:
             bad(f"{at}.name", str(m["name"])[:80], "each module has one record; this name came before")
         seen.add(str(m.get("name")))
         shape = m.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_int(x) and x >= 1 for x in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(x) and x >= 1 for x in shape)):
             bad(f"{at}.shape", shape, "a matrix has two sides of at least 1: [out, in]")
         for key in ("rank", "uniform_rank"):
-            if key in m and not (_int(m[key]) and 0 <= m[key] <= min(shape)):
+            if key in m and not (is_int(m[key]) and 0 <= m[key] <= min(shape)):
                 bad(f"{at}.{key}", m[key], f"a rank lies from 0 to min(shape) = {min(shape)}, a whole number")
         per = _per_rank(m)
         if per is None:
             bad(f"{at}.params_per_rank", m.get("params_per_rank"), f"out + in = {sum(shape)} (or 2·out + in for an expert PEFT fuses)")
-        if _int(m.get("rank")) and _num(m.get("params")) and m["params"] != m["rank"] * per:
+        if is_int(m.get("rank")) and is_num(m.get("params")) and m["params"] != m["rank"] * per:
             bad(f"{at}.params", m["params"], f"a rank-{m['rank']} LoRA of {shape[0]}×{shape[1]} has "
                                              f"r·({'out + in' if per == sum(shape) else '2·out + in'}) = {m['rank'] * per} parameters")
         for key in ("energy_kept", "rel_fro_error", "spectral_error", "uniform_energy_kept"):
@@ -106,10 +98,10 @@ def check(path: Path, doc: dict[str, Any]) -> None:
     if isinstance(ev, dict):
         loss = ev.get("loss")
         for name, v in (loss.items() if isinstance(loss, dict) else ()):
-            if _num(v) and not (math.isfinite(v) and v >= 0):
+            if is_num(v) and not (math.isfinite(v) and v >= 0):
                 bad(f"eval.loss.{name}", v, "a mean cross-entropy is a finite number of at least 0")
         for key in ("blocks", "seq_len", "tokens"):
-            if _num(ev.get(key)) and not ev[key] >= 1:
+            if is_num(ev.get(key)) and not ev[key] >= 1:
                 bad(f"eval.{key}", ev[key], "at least one block of at least one token is scored")
 
 
@@ -125,26 +117,26 @@ def _check_totals(mods: list[dict[str, Any]], t: dict[str, Any], u: dict[str, An
     """The totals are sums and counts over the listed modules (extract_results.build_result): one that is not
     is stated as the adapter's. Keys an older extract.json lacks are not checked."""
     def same(where: str, value: Any, want: Any, why: str) -> None:
-        if _num(value) and want is not None and not math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-12):
-            bad(where, value, f"{why} ({want:,})" if _int(want) else f"{why} ({want:.6g})")
+        if is_num(value) and want is not None and not math.isclose(value, want, rel_tol=1e-9, abs_tol=1e-12):
+            bad(where, value, f"{why} ({want:,})" if is_int(want) else f"{why} ({want:.6g})")
 
     def total(key: str) -> int | None:
         vals = [m.get(key) for m in mods]
-        return sum(vals) if all(_num(v) for v in vals) else None
+        return sum(vals) if all(is_num(v) for v in vals) else None
 
     same("totals.modules", t.get("modules"), len(mods), "it is the number of modules listed")
     same("totals.params", t.get("params"), total("params"), "it is the sum of the modules' params")
-    if all(_int(m.get("uniform_rank")) for m in mods):
+    if all(is_int(m.get("uniform_rank")) for m in mods):
         same("uniform.params", u.get("params"), sum(m["uniform_rank"] * (_per_rank(m) or 0) for m in mods),
              "it is the sum of the modules' uniform_rank · params_per_rank")
-    if all(_int(m.get("rank")) for m in mods):
+    if all(is_int(m.get("rank")) for m in mods):
         same("totals.adapted", t.get("adapted"), sum(m["rank"] > 0 for m in mods), "it is the number of modules of rank above 0")
     if all(isinstance(m.get("changed"), bool) for m in mods):
         same("totals.changed", t.get("changed"), sum(m["changed"] for m in mods), "it is the number of modules marked changed")
-        if all(_int(m.get("rank")) for m in mods):  # the dense update's size: the matrices the adapter carries factors for
+        if all(is_int(m.get("rank")) for m in mods):  # the dense update's size: the matrices the adapter carries factors for
             full = sum(m["shape"][0] * m["shape"][1] for m in mods if m["changed"] or m["rank"])
             same("totals.full_params", t.get("full_params"), full, "it is out · in summed over the modules changed or adapted")
-    if _num(t.get("params")) and _num(t.get("full_params")) and t["full_params"] > 0:
+    if is_num(t.get("params")) and is_num(t.get("full_params")) and t["full_params"] > 0:
         same("totals.param_fraction", t.get("param_fraction"), t["params"] / t["full_params"], "it is params / full_params")
 
 
