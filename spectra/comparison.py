@@ -56,7 +56,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, start_sealed
-from spectra.linalg import check_device_available, resolve_device
+from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import numerical_rank, outside_squaring_range
 from spectra.naming import (
     MatrixSpec,
@@ -140,15 +140,6 @@ def _holding(u: _Update, n: int, p: int) -> _Update:
     """``u`` with a dense form of at least ``min(n, p)`` triplets (recomputed when it holds fewer)."""
     fewer = isinstance(u.form, TopSVD) and u.form.S.numel() < min(n, p)
     return replace(u, form=top_svd(u.form.dense.to(torch.float64), min(n, p))) if fewer else u
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t``. One float64 sum decides it almost always (NaN/Inf reach the sum; a sum of
-    finite float32 values cannot overflow float64); only a non-finite sum is checked element by element
-    (finite float64 values near 1e308 can overflow it)."""
-    if math.isfinite(float(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 @dataclass(frozen=True)
@@ -253,7 +244,7 @@ class _Side:
             mod = self.mods[key]
             Bf, Af = mod.factors()
             for what, t in (("lora_B", Bf), ("lora_A", Af)) + ((("magnitude", mod.magnitude),) if mod.magnitude is not None else ()):
-                if not _all_finite(t):
+                if not all_finite(t):
                     return f"{what} of {mod.module} in {self.label} contains NaN or Inf"
             if mod.magnitude is not None:  # DoRA: dense, needs the base
                 if W is None:
@@ -287,7 +278,7 @@ class _Side:
         return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes), stored=pair.tuned_info.dtype)
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
-        if not _all_finite(dense):
+        if not all_finite(dense):
             return f"the update of {name} in {self.label} contains NaN or Inf"
         why = _beyond_squaring(dense)  # before the upcast: a float32 update is in range (no pass over it)
         dense = dense.to(torch.float64)  # once: every measure works in float64
@@ -367,7 +358,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         # float64 once: every measure works in float64 (shared rows of a resized vocabulary)
         oriented_W = (W_stored.mT if spec.transpose else W_stored)[:out_dim]
         W = oriented_W.to(device=device, dtype=torch.float64).contiguous()
-        if not _all_finite(W):
+        if not all_finite(W):
             return {"name": spec.name, "reason": f"the base weights of {spec.name} contain NaN or Inf"}
         why = _beyond_squaring(oriented_W)  # as stored: float32 or narrower weights are in range (no pass over them)
         if why:

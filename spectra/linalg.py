@@ -196,11 +196,26 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     return t
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether the tensor ``t`` (any shape and dtype, fp8 included) holds no NaN or Inf (always for integer
+    and bool tensors).
+
+    A finite sum proves every entry finite (NaN and ±inf never sum to a finite value) at about 1/15 the
+    cost of ``isfinite`` over every entry (0.15 against 2.5 ms for 1536 × 576 float64 here); entries are
+    checked one by one only when the sum is not finite (NaN, Inf, or finite values whose sum overflows)."""
+    if not t.is_floating_point():
+        return True
+    wide = t.dtype in (torch.float32, torch.float64)
+    if bool((t.sum() if wide else t.sum(dtype=torch.float32)).isfinite()):  # fp8 and half sums in float32
+        return True
+    return bool(torch.isfinite(t if wide else t.float()).all())  # fp8 has no isfinite: upcast
+
+
 def finite_tensor(M: object, name: str) -> torch.Tensor:
     """:func:`real_tensor`, refused with a one-line ValueError naming ``name`` when it holds NaN or Inf (LAPACK
     would fail to converge, or an SVD return vectors of the finite part as if nothing were wrong)."""
     t = real_tensor(M, name)
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} holds NaN or Inf: its measures are undefined (check the weights, or the run that made them).")
     return t
 

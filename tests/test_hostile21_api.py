@@ -1,0 +1,78 @@
+"""Twenty-first round, the Python API and the engine's own checks (docs/bad_inputs.md, "twenty-first round")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from spectra.linalg import all_finite, finite_tensor
+
+INF, NAN = float("inf"), float("nan")
+
+
+# ---- the finiteness check takes a sum first: it must never call a non-finite tensor finite, nor the reverse ------
+@pytest.mark.parametrize(("values", "dtype", "want"), [
+    ([1.0, 2.0], torch.float32, True),
+    ([1.0, NAN], torch.float32, False),
+    ([INF, -INF], torch.float32, False),  # their sum is NaN, not a cancellation
+    ([INF, 1.0], torch.float64, False),
+    ([3e38, 3e38], torch.float32, True),  # finite values whose float32 sum overflows
+    ([1e308, 1e308], torch.float64, True),
+    ([60000.0, 60000.0], torch.float16, True),
+    ([1.0, INF], torch.bfloat16, False),
+    ([1.0, 2.0], torch.float8_e4m3fn, True),  # fp8: no isfinite on the CPU, read through float32
+    ([1.0, INF], torch.float8_e5m2, False),
+    ([448.0] * 4096, torch.float8_e4m3fn, True),
+])
+def test_all_finite_agrees_with_isfinite_of_every_entry(values, dtype, want):
+    t = torch.tensor(values, dtype=torch.float64).to(dtype)
+    assert all_finite(t) is want
+    assert bool(np.isfinite(t.double().numpy()).all()) is want  # the independent reference
+
+
+def test_all_finite_of_integers_empty_and_finite_tensor_message():
+    assert all_finite(torch.arange(5)) and all_finite(torch.zeros(0)) and all_finite(torch.zeros((3, 0)))
+    M = torch.ones(4, 4, dtype=torch.float64)
+    M[2, 1] = NAN
+    with pytest.raises(ValueError, match=r"^W holds NaN or Inf"):
+        finite_tensor(M, "W")
+    big = torch.full((4, 4), 1e308, dtype=torch.float64)
+    assert finite_tensor(big, "W") is not None  # overflowing sum, finite entries: accepted
+
+
+# ---- esd: log10 Σλ^α is a number where Σλ^α leaves float64's range -----------------------------------------------
+@pytest.mark.parametrize("scale", [1e100, 1e30, 1.0])
+def test_log_alpha_norm_in_log_space(scale):
+    from scipy.special import logsumexp
+
+    from spectra.esd import esd_metrics
+
+    G = np.random.default_rng(0).standard_normal((60, 40)) * scale
+    lam = np.linalg.svd(G, compute_uv=False)[::-1] ** 2
+    m = esd_metrics(lam, G.shape)
+    assert m.alpha is not None
+    want = float(logsumexp(m.alpha * np.log(lam))) / math.log(10)  # independent: natural-log logsumexp
+    assert m.log_alpha_norm == pytest.approx(want, rel=1e-12)
+
+
+def test_log_alpha_norm_of_a_large_alpha_on_the_command_line(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    save_file({"layers.0.a.weight": torch.diag(torch.tensor([1000.0, 1001.0]))}, str(tmp_path / "m.safetensors"))
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", "esd", str(tmp_path / "m.safetensors"),
+                        "--json"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout)["matrices"][0]
+    lam = np.array([1000.0, 1001.0]) ** 2
+    want = (row["alpha"] * np.log(lam)).max() / math.log(10) + math.log10(np.sum((lam / lam.max()) ** row["alpha"]))
+    assert row["alpha"] > 300 and row["log_alpha_norm"] == pytest.approx(want, rel=1e-12)
