@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import host_array, rank_resolution
+from spectra.metrics import host_array, log10_power_sum, rank_resolution
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -626,8 +626,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
     alpha_weighted = log_alpha_norm = None
     if fit.ok:
         alpha_weighted = fit.alpha * log_spec if log_spec is not None else None
-        with np.errstate(over="ignore", divide="ignore"):
-            log_alpha_norm = _log10(float(np.sum(np.power(lam, fit.alpha))))
+        log_alpha_norm = log10_power_sum(lam, fit.alpha)  # in log space: Σλ^α overflowed at α·log10 λ_max > 308
     mp = mp_bulk_fit(lam, shape, zero_at=max(floor, resolution**2))
     return EsdMetrics(
         N=N, M=M, num_evals=M, num_fit_evals=fit.n_fit,

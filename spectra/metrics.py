@@ -295,3 +295,20 @@ def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence
         energy_rank_frac={t: (k / p if p else 0.0) for t, k in ranks.items()},
         signal_rank=signal_rank(S, shape),
     )
+
+
+def log10_power_sum(x: np.ndarray, a: float) -> float | None:
+    """``log10 Σ xᵢ^a`` of non-negative ``x`` ``(n,)`` (float64) and ``a > 0``, computed as
+    ``a·log10 x_max + log10 Σ (xᵢ/x_max)^a`` so that a sum beyond float64's range (``a·log10 x_max`` past
+    ±308: a large α, or weights of large or small scale) is still a number; None when every x is 0, or a
+    value is not finite.
+
+    Example:
+        >>> round(log10_power_sum(np.array([1000.0, 1001.0]), 501.25), 4)
+        1504.1733
+    """
+    x = np.asarray(x, dtype=np.float64)
+    top = float(np.max(x, initial=0.0))
+    if not (top > 0.0 and math.isfinite(top) and math.isfinite(a) and np.isfinite(x).all()):
+        return None
+    return a * math.log10(top) + math.log10(float(np.sum((x[x > 0] / top) ** a)))
