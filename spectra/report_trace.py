@@ -156,22 +156,24 @@ def section_html(path: Path, doc: dict) -> str:
     out.append(table(["step", "loss", "kind", "step from", "note"],
                      [[c["step"], c.get("loss"), c["kind"], c["source"], "; ".join(x for x in (c.get("note"), c.get("failed")) if x)]
                       for c in res.checkpoints]))
-    out.append("<h3>Per module kind, first and last checkpoint (medians over layers)</h3>")
+    out.append("<h3>Per module kind, first and last checkpoint (medians over the matrices that changed there; n counts all)</h3>")
     kinds: dict[str, list[dict[str, Any]]] = {}
     for m in res.matrices:
         kinds.setdefault(m["module"], []).append(m)
     alpha = any("base_alpha" in m for m in res.matrices)
     rows = []
     for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
-        def med(i: int, value, ms=kinds[kind]) -> float | None:
-            return _median([value(m["points"][i]) for m in ms if m["points"] and "skip" not in m["points"][i]])
+        def med(i: int, value, ms=kinds[kind], measured=moved) -> float | None:  # as the terminal's: matrices that changed
+            return _median([value(pts[i]) for m in ms if -len(pts := m["points"]) <= i < len(pts) and measured(pts[i])])
         row = [kind, len(kinds[kind])]
         for fn in (lambda p: (p.get("energy_rank") or {}).get(key), lambda p: p.get("rel_norm"), lambda p: p.get("sigma_ratio"),
                    lambda p: p.get("effective_rank_over_r", p.get("effective_rank"))):
             row += [med(0, fn), med(-1, fn)]
         row.append(med(-1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi")))
         if alpha:
-            row += [_median([m.get("base_alpha") for m in kinds[kind]]), med(-1, lambda p: p.get("alpha"))]
+            # α is the weight's, not ΔW's: a frozen matrix has one too (measured points, as α of W_base)
+            row += [_median([m.get("base_alpha") for m in kinds[kind]]),
+                    med(-1, lambda p: p.get("alpha"), measured=lambda p: isinstance(p, dict) and "skip" not in p)]
         rows.append(row)
     eff = "effective rank / r" if res.kind == "lora" else "effective rank"
     out.append(table(["module", "n", f"energy rank [{key}] first", "last", "‖ΔW‖/‖W‖ first", "last", "σ₁/σ₂ first", "last",

@@ -71,6 +71,22 @@ def open_weights(ref_path: str | Path, kind: str | None = None) -> Checkpoint:
     return open_checkpoint(path)
 
 
+def weights_identity(ckpt: Checkpoint, path: str | Path) -> frozenset:
+    """The files a checkpoint's tensors are read from, as ``(st_dev, st_ino)`` (a resolved path where one cannot be
+    stat'ed): one set of weights whatever spelling reached it (a folder or its weights file, a link, ``./``). An
+    adapter's config is part of it: the same factors under another ``lora_alpha`` are another update."""
+    out: set = set()
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    config = [folder / "adapter_config.json"] if (folder / "adapter_config.json").is_file() else []
+    for f in {t.file for t in ckpt.tensors.values()} | set(config) or {Path(path)}:
+        try:
+            st = Path(f).stat()
+            out.add((st.st_dev, st.st_ino))
+        except (OSError, ValueError):
+            out.add(str(f))
+    return frozenset(out)
+
+
 def _log_history(state: dict | None) -> list[dict[str, Any]]:
     out = []
     for rec in (state or {}).get("log_history") or []:
@@ -190,11 +206,18 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
     at its last checkpoint-N without a word would mislead. A link to a found checkpoint (``last``,
     ``best``) is that checkpoint: not listed."""
     out = []
-    how = ("to trace it, name it checkpoint-<step> or give it a trainer_state.json with its global_step "
-           "and list it with the checkpoints")
+
+    def how(folder: Path) -> str:  # a step its trainer_state.json gives is said, not called unknown
+        state, _ = _read_state(folder)
+        if state is not None and isinstance(state.get("global_step"), int) and not isinstance(state["global_step"], bool):
+            return (f"step {state['global_step']} read from its trainer_state.json; only checkpoint-<step> folders are "
+                    "traced from a run folder: list it with the checkpoints to include it")
+        return ("its step is not known; to trace it, name it checkpoint-<step> or give it a trainer_state.json with its "
+                "global_step and list it with the checkpoints")
+
     if (files := _holds_weights(run)):
         out.append({"path": str(files[0]), "reason": f"the run folder's own model ({', '.join(f.name for f in files[:2])}), "
-                                                    f"not a checkpoint-N folder: its step is not known; {how}"})
+                                                    f"not a checkpoint-N folder: {how(run)}"})
     try:
         entries = sorted(run.iterdir())
         known = {d.resolve() for d in found}
@@ -204,10 +227,29 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
         try:
             if (d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".")
                     and d.resolve() not in known and _holds_weights(d)):
-                out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: its step is not known; {how}"})
+                out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: {how(d)}"})
         except (OSError, RuntimeError):  # a link loop or a folder that cannot be read: not a model spectra can name
             continue
     return out
+
+
+def _once(refs: list[CheckpointRef], idents: list[tuple[frozenset, bool, int]],
+          skipped: list[dict[str, str]]) -> list[CheckpointRef]:
+    """A run folder's checkpoints with each set of weight files once (``ln -s checkpoint-20 checkpoint-30`` is no third
+    step): of those read from the same files the real folder is kept (not a link; else the one whose name is its step;
+    else the first by name), the others left out with the reason naming it, as a link such as ``last`` is not traced."""
+    groups: dict[frozenset, list[int]] = {}
+    for j, (ident, _link, _n) in enumerate(idents):
+        groups.setdefault(ident, []).append(j)
+    keep = {min(js, key=lambda j: (idents[j][1], idents[j][2] != refs[j].step, j)) for js in groups.values()}
+    for js in groups.values():
+        kept = next(j for j in js if j in keep)
+        for j in js:
+            if j != kept:
+                how = "a link to it" if idents[j][1] else "the same weight files"
+                skipped.append({"path": refs[j].path, "reason": f"the same checkpoint as {Path(refs[kept].path).name} "
+                                                                f"({how}): traced once, as {Path(refs[kept].path).name}"})
+    return [r for j, r in enumerate(refs) if j in keep]
 
 
 def _is_dora(path: str) -> bool:
@@ -266,6 +308,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         # the newest checkpoint without trainer_state.json is taken for one still being saved only when its
         # elder ones have theirs (a folder of copied model files has none anywhere: nothing is being saved)
         elders_have_state = len(found) == 1 or any((folder / "trainer_state.json").is_file() for _, folder in found[:-1])
+        idents: list[tuple[frozenset, bool, int]] = []  # each ref's weight files, whether a link, its name's step
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
             if not folder.is_dir():
@@ -280,7 +323,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                     continue
                 note = f"{why}: step from the folder name"
             try:
-                open_weights(folder)
+                ident = weights_identity(open_weights(folder), folder)
                 kind = "lora" if is_adapter(folder) else "full"
             except SpectraError as exc:  # which shard, when it is one file of several
                 where = f"{Path(exc.path).name}: " if exc.path and Path(exc.path) != folder else ""
@@ -291,20 +334,23 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 step, source = state["global_step"], "trainer_state"
                 if step != n:
                     note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
-                    warnings.append(f"{folder.name}: {note}")
             own[str(folder)] = _log_history(state)
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
+            idents.append((ident, folder.is_symlink(), n))
+        refs = _once(refs, idents, skipped)  # (a dropped link's name is no step of the run: no warning about it)
+        own = {r.path: own[r.path] for r in refs}
+        warnings += [f"{Path(r.path).name}: {r.note}" for r in refs if r.source == "trainer_state" and r.note]
         skipped += _models_beside_checkpoints(single, [d for _, d in found])
     else:
-        seen: dict[tuple[int, int], str] = {}
+        seen: dict[frozenset, str] = {}
         for i, p in enumerate(paths):
             path = Path(p)
-            open_weights(path)  # a listed checkpoint must be readable: errors propagate as one line
-            st = path.stat()
-            if (st.st_dev, st.st_ino) in seen:  # any spelling or link: a step that did not happen, a turn of 0
-                raise ConfigError(f"{p} is listed twice (also as {seen[st.st_dev, st.st_ino]})",
+            # a listed checkpoint must be readable: errors propagate as one line
+            ident = weights_identity(open_weights(path), path)
+            if ident in seen:  # any spelling, link, or a folder and its weights file: a step that did not happen, a turn of 0
+                raise ConfigError(f"{p} is listed twice (also as {seen[ident]}: the same weight files)",
                                   hint="list each checkpoint once")
-            seen[st.st_dev, st.st_ino] = str(p)
+            seen[ident] = str(p)
             kind = "lora" if is_adapter(path) else "full"
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
