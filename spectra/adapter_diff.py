@@ -11,6 +11,7 @@ refused: their B·A is not the update.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -90,6 +91,62 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
         out.append((mod, spec, name))
     out.sort(key=lambda t: spec_order(t[1]))  # the file's key order put layer 10 before layer 2
     return out
+
+
+def tied_pair_notes(updates: list[tuple[LoraModule, MatrixSpec, str | None]], whose: str = "the adapter's") -> dict[str, str]:
+    """Spec name -> note for the two LoRAs of one adapter that update one stored matrix: a LoRA on the output
+    head of a base that ties it to the input embedding (measured against that embedding: :func:`adapter_updates`)
+    beside a LoRA on the embedding itself. Each stays its own row, as an unmerged PEFT model applies ΔE in the
+    embedding and ΔH in the head; but merging (``merge_and_unload``) adds both to the one tensor, which the rows
+    alone do not show. The note gives the sum's ‖·‖_F, from the factors (:func:`_sum_fro`)."""
+    by_base: dict[str, list[tuple[LoraModule, MatrixSpec]]] = {}
+    for mod, spec, base_name in updates:
+        if base_name is not None:
+            by_base.setdefault(base_name, []).append((mod, spec))
+    notes = {}
+    for base_name, group in by_base.items():
+        if len(group) != 2 or {spec.role for _, spec in group} != {"embed", "head"}:
+            continue
+        (embed, se), (head, sh) = sorted(group, key=lambda g: g[1].role != "embed")
+        total = _sum_fro(embed, head)
+        notes[se.name] = notes[sh.name] = (
+            f"{whose} LoRAs on {se.name} and {sh.name} are separate updates of one stored matrix, {base_name} (the base ties "
+            "its output head to its embedding): each is measured alone, as an unmerged model applies them, and merging both "
+            f"moves the matrix by their sum{'' if total is None else f', ‖ΔE + ΔH‖_F = {total:.4g}'}")
+    return notes
+
+
+def _sum_fro(a: LoraModule, b: LoraModule) -> float | None:
+    """‖ΔA + ΔB‖_F of two LoRA updates of one matrix from their factors, never densified: ‖ΔA‖² + ‖ΔB‖² + 2⟨ΔA, ΔB⟩,
+    each ⟨s·B₁A₁, t·B₂A₂⟩ = s·t·tr((B₁ᵀB₂)(A₂A₁ᵀ)) from r × r products, in float64. None for a DoRA module (its update
+    is dense, not s·B·A), shapes that differ, or a sum that is not finite."""
+    if a.magnitude is not None or b.magnitude is not None or a.shape != b.shape:
+        return None
+    (Ba, Aa), (Bb, Ab) = ((B.double(), A.double()) for B, A in (a.factors(), b.factors()))
+
+    def inner(B1: torch.Tensor, A1: torch.Tensor, s1: float, B2: torch.Tensor, A2: torch.Tensor, s2: float) -> float:
+        return s1 * s2 * float(torch.trace((B1.mT @ B2) @ (A2 @ A1.mT)))
+
+    sq = inner(Ba, Aa, a.scale, Ba, Aa, a.scale) + inner(Bb, Ab, b.scale, Bb, Ab, b.scale) + 2 * inner(Ba, Aa, a.scale, Bb, Ab, b.scale)
+    return math.sqrt(max(sq, 0.0)) if math.isfinite(sq) else None  # rounding may leave a cancelled sum a hair below 0
+
+
+def tied_compare_notes(sides: list[tuple[str, str, Adapter | None, dict[str, str]]], base: Checkpoint | None) -> dict[str, list[str]]:
+    """For ``compare``: module name -> notes on an output head that a base ties to its embedding. ``sides`` holds
+    ``(who, label, adapter or None, heads)`` per input, ``heads`` the head name -> tuned embedding name of each head
+    that input, a full checkpoint tying its head too, stands in for by its embedding
+    (:func:`spectra.pairing.pair_tied_heads`). An adapter with LoRAs on both gets :func:`tied_pair_notes` on both rows."""
+    notes: dict[str, list[str]] = {}
+    for who, _, adapter, _ in sides:
+        if adapter is not None and base is not None:
+            for name, text in tied_pair_notes(adapter_updates(adapter, base), f"{who}'s").items():
+                notes.setdefault(name, []).append(text)
+    for (who, label, _, heads), (other, *_) in zip(sides, sides[::-1]):
+        for head, embed in heads.items():
+            notes.setdefault(head, []).append(
+                f"{who} ({label}) stores no output head: it ties its head to {embed}, so its head's update is that "
+                f"embedding's, compared here with {other}'s LoRA on {head} (which the base ties to the same matrix)")
+    return notes
 
 
 def recorded_base_warning(adapter: Adapter, base: Checkpoint) -> str | None:
@@ -281,7 +338,9 @@ def diff_adapter(
                       "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}
     units: list[tuple[LoraModule | SavedModule, MatrixSpec, str | None, str, torch.Tensor | None, str]] = []
     keep = selector(config.include, config.exclude, config.layers)
-    for mod, spec, base_name in adapter_updates(adapter, base):
+    updates = adapter_updates(adapter, base)
+    tied = tied_pair_notes(updates)  # an embedding LoRA and a tied head's: one stored matrix
+    for mod, spec, base_name in updates:
         for name, part_rows, module in units_of(spec, keep, split_fused=config.split_fused):
             units.append((mod, spec, base_name, name, part_rows, module))
     saved, not_saved = saved_modules(adapter, base)
@@ -306,6 +365,8 @@ def diff_adapter(
             res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
         else:
             res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
+            if not isinstance(res, str) and spec.name in tied:
+                res.note = "; ".join(x for x in (res.note, tied[spec.name]) if x)
         skip = None
         if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
             skip, res = Skipped(name, res), None

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips, tied_compare_notes
 from spectra.compare_findings import input_warnings
 from spectra.compare_records import (
     SCHEMA,
@@ -66,7 +66,7 @@ from spectra.naming import (
     unique_pairing_keys,
 )
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -517,6 +517,8 @@ def compare(
     base_ckpt = base if isinstance(base, Checkpoint) or base is None else open_checkpoint(base)
     A = _Side(a, base_ckpt, config)
     B = _Side(b, base_ckpt, config)
+    # an adapter's LoRA on a tied head against a full side that ties its head too: that head is its embedding
+    heads = {w: pair_tied_heads(o.tied if o.adapter else {}, s.pairs, s.names, s.tuned) for w, s, o in (("A", A, B), ("B", B, A))}
     result = CompareResult(A.label, B.label, None if base_ckpt is None else base_ckpt.label, {"a": A.kind, "b": B.kind}, asdict(config),
                            device=str(device))
     # how each folder was read (several weight sets in one: the one transformers reads), once each
@@ -621,6 +623,9 @@ def compare(
                         result.phi_grids[rec.name] = grids
                 if callback:
                     callback(i + 1, len(jobs), job.spec.name)
+        tied_notes = tied_compare_notes([(w, s.label, s.adapter, heads[w]) for w, s in (("A", A), ("B", B))], base_ckpt)
+        for m in result.modules:  # a head tied to the embedding: said on the rows it concerns (after a resume too)
+            m.note = "; ".join(x for x in (m.note, *tied_notes.get(m.name, ())) if x) or None
         for who, side in (("A", A), ("B", B)):  # numerical caveats of the dense updates, one line per kind and side
             notes = [(m.name, note_part(m.note, f"{who}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(notes, len(result.modules), f" of {who} ({side.label})")

@@ -350,6 +350,26 @@ def drop_tied_heads(pairing: Pairing, base: Checkpoint, tuned: Checkpoint) -> No
     pairing.pairs[:] = kept
 
 
+def pair_tied_heads(heads: dict[str, tuple[MatrixSpec, str]], pairs: dict[str, MatrixPair], names: dict[str, str],
+                    tuned: Checkpoint | None) -> dict[str, str]:
+    """For ``compare``: a full fine-tune's pair for each output head that the other input, an adapter, updates
+    by a LoRA on a tied base (``heads``: pairing key -> (the head's spec, the base embedding it is measured
+    against), as :func:`spectra.adapter_diff.adapter_updates` pairs it). A tuned model that ties its head too
+    (it stores no head, and its config does not say untied) computes its head with its embedding, so its head's
+    update is that embedding's: the embedding's pair (ΔW = tuned − base embedding, vocab × hidden as the head's
+    LoRA is) is added to ``pairs`` under the head's key, the tuned name to ``names``; else the head stayed
+    unpaired and was called one-sided, though the full side changed it. A tuned model that stores its own
+    head (untied) keeps its own pairing. In place; returns the head's name -> the tuned embedding's, per pair added."""
+    if tuned is None or (tuned.config or {}).get("tie_word_embeddings") is False \
+            or any(sp.role == "head" for sp in tuned.specs.values()):
+        return {}
+    by_base = {p.base.name: p for p in pairs.values() if p.base.role == p.tuned.role}
+    added = {k: (spec.name, by_base[embed]) for k, (spec, embed) in heads.items() if k not in pairs and embed in by_base}
+    pairs.update({k: pair for k, (_, pair) in added.items()})
+    names.update({k: pair.tuned.name for k, (_, pair) in added.items()})
+    return {head: pair.tuned.name for head, pair in added.values()}
+
+
 def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[str], side: str) -> None:
     """Refuse a checkpoint that holds a module as an unmerged PEFT layer (``X.base_layer.weight``
     beside ``X.lora_A.<adapter>.weight``) where the other input holds it as a plain ``X.weight``: that
