@@ -90,7 +90,7 @@ def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: in
 
 def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
     """What identifies a checkpoint's results for ``--resume``: its format; each weight file's resolved
-    path, size, modification time and a sample of its content (:func:`content_sample`); each tensor's
+    path, size, modification and change times and a sample of its content (:func:`content_sample`); each tensor's
     name, shape, dtype and offset; the parsed ``config.json``; and the content digest of each
     :data:`DECIDING_FILES` file in its folder (or of the index passed).
 
@@ -111,7 +111,9 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
         except OSError:
             digests.append((q.name, None))
     stats = {f: os.stat(f) for f in files}
-    where = [(named[f],) if portable else (f, stats[f].st_mtime_ns) for f in files]
+    # the change time too: os.utime puts a modification time back after an edit in place (the content sample,
+    # 64 KiB, misses most tensors of a large file), and nothing but a change sets st_ctime
+    where = [(named[f],) if portable else (f, stats[f].st_mtime_ns, stats[f].st_ctime_ns) for f in files]
     return [ckpt.format, [(*w, stats[f].st_size, content_sample(f)) for w, f in zip(where, files)],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
