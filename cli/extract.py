@@ -20,10 +20,11 @@ from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar,
               help="The adapter folder to write (must be empty or new; see --force, --resume).")
 @click.option("--rank", "-r", type=click.IntRange(min=1), default=None, help="Every module keeps R components (uniform).")
 @click.option("--energy", "-e", type=float, default=None,
-              help="Each module keeps the smallest rank holding ≥ τ of its ‖ΔW‖² (default: 0.9 when no rule is given).")
+              help="Each module keeps the smallest rank holding ≥ τ of its ‖ΔW‖² (default: 0.9 when no rule is given), "
+                   "never directions at the rounding level of the stored weights.")
 @click.option("--budget", "-b", default=None,
-              help="Total LoRA parameters (1200000, 1.2M), a share of the full update's (10%), or a size (50MB, 1GiB): "
-                   "components go where they keep the most energy.")
+              help="Total LoRA parameters (1200000, 1.2M), a share of the full update's (10%: of the changed matrices' "
+                   "out × in), or a size (50MB, 1GiB): components go where they keep the most energy.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="No module keeps more components than this.")
 @click.option("--serving", type=click.Choice(["none", "vllm"]), default="none", show_default=True,
               help="vllm: ranks up to 512, the largest max_lora_rank vLLM serves; the serving cost (max_lora_rank × "
@@ -183,7 +184,8 @@ def eval_table(doc: dict) -> Table | None:
 @click.command("recommend")
 @click.argument("results", type=click.Path(exists=True))
 @click.option("--energy", "-e", type=float, default=None, help="Each module's rank holds ≥ τ of its ‖ΔW‖² (default 0.9 without --budget).")
-@click.option("--budget", "-b", default=None, help="At most this many LoRA parameters (1.2M, 10%, 50MB of bf16).")
+@click.option("--budget", "-b", default=None,
+              help="At most this many LoRA parameters (1.2M; 10%: of the changed matrices' out × in; 50MB of bf16).")
 @click.option("--alpha-ratio", type=float, default=2.0, show_default=True, help="lora_alpha = ratio × r (Biderman et al.: 2).")
 @click.option("--rslora", is_flag=True, help="use_rslora (alpha = ratio × √r).")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap every rank.")

@@ -71,6 +71,7 @@ from spectra.extract_plan import (
     module_of,
     one_lora_per_tied_weight,
     plan_ranks,
+    settle_budget,
     target_of,
     why_not_target,
 )
@@ -243,9 +244,8 @@ def _settings(config: ExtractConfig, device: torch.device) -> RunSettings:
 
 def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
     settings = _settings(config, device)
-    # a budget's gains stop at the rounding floor: components of stored-weight rounding are no part of the update
-    prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes,
-                        floors=config.mode == "budget")
+    # each ΔW's rounding floor: its stored weights' rounding is no part of the update (budget and energy stop there)
+    prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes, floors=True)
     try:
         # the CPU decomposes as many matrices at once as it has threads (one BLAS thread each), so a batch
         # keeps only those and the pairs read ahead in memory
@@ -365,12 +365,12 @@ def _refined_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: 
         for (i, item, _), tr in results:
             if tr is not None:
                 run.add_spectrum(i, tr.S, tr.total, tr.method, residual=tr.residual, base_fro=item.base_fro, note=item.note,
-                                 exp=tr.exp)
+                                 exp=tr.exp, floor=item.floor)
                 run.add_factors(i, tr.B, tr.A, stored=True)
             elif item.delta is None:
                 run.skip(i, item.skip or "skipped")
             else:
-                _randomized(run, i, item.delta)
+                _randomized(run, i, item.delta, item.floor)
             item.delta = None
 
 
@@ -488,7 +488,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     evaluation = _eval_inputs(base_ckpt, tuned, config) if config.eval_text else None
     prepare_out(out, resume, force)  # after every check of the inputs: a refused run deletes nothing
     dtype = out_dtype(config, [t.dtype for t in src.targets])
-    plan = plan_ranks(src.targets, config, torch.empty(0, dtype=dtype).element_size())
+    plan = plan_ranks(src.targets, config, bytes_per := torch.empty(0, dtype=dtype).element_size())
     inputs = [base_ckpt] + ([src.tuned] if src.tuned is not None else [])
     options = {k: getattr(config, k) for k in RESULT_FIELDS}
     if src.adapter is not None:  # the adapter's weights file (names, shapes, size, mtime) and its config
@@ -525,6 +525,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         _dense_pass(src, run, config, device, stage="spectra")
     else:
         _adapter_pass(src, run, device)
+    plan = run.plan = settle_budget(plan, src.targets, config, run.spectra, bytes_per)  # a percentage: of the changed ones
     ranks, alloc = final_ranks(src.targets, plan, config, run.spectra)
     usable = [i for i in range(len(src.targets)) if not run.spectra[i].get("skipped")]
     if not usable:

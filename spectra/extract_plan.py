@@ -50,10 +50,13 @@ class ExtractConfig(SharedOptions):
     Attributes:
         rank: ``--rank R``: every module keeps R components (what mergekit's extract-lora does).
         energy: ``--energy τ`` in (0, 1]: each module keeps the smallest rank holding ≥ τ of its
-            ‖ΔW‖²_F, its ``energy_rank[τ]`` (the default when no rule is given: τ = 0.9).
+            ‖ΔW‖²_F, its ``energy_rank[τ]`` (the default when no rule is given: τ = 0.9), at most the
+            directions above the rounding floor of its stored weights (:func:`resolved_count`).
         budget: ``--budget``: total LoRA parameters (``1200000``, ``1.2M``), a percentage of the
-            full update's parameter count (``10%``) or a size in the output dtype (``50MB``); rank-1
-            components are spread over the modules to keep the most energy (:func:`spectra.lowrank.allocate_budget`).
+            full update's parameter count (``10%``: of Σ out·in over the chosen matrices that changed, those
+            with an update above the rounding level, as ``totals.full_params`` counts them) or a size in the
+            output dtype (``50MB``); rank-1 components are spread over the modules to keep the most energy
+            (:func:`spectra.lowrank.allocate_budget`).
         max_rank: no module keeps more components than this.
         serving: ``"vllm"``: ranks up to 512, the largest ``max_lora_rank`` vLLM serves (every rank at most that loads;
             vLLM pads each module to it); ``"none"``: any rank. The serving cost (max_lora_rank × modules) is reported either way.
@@ -327,7 +330,9 @@ class RankPlan:
         levels: the ranks each target may take (:func:`spectra.lowrank.rank_levels`), ascending.
         caps: the largest of them (with a budget, also at most budget / (out + in)).
         groups: tied group -> target indices.
-        budget: the budget in parameters (``budget`` rule only).
+        budget: the budget in parameters (``budget`` rule only). A percentage is of the matrices that
+            changed, known only once their spectra are: until :func:`settle_budget`, it is of every target
+            (an upper bound, so the first pass keeps every component the settled budget can choose).
         uniform_bound: components each module keeps beyond its own rank so that a uniform adapter of
             the same size can be built (``eval_text``), or 0.
     """
@@ -367,19 +372,54 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
         levels = [[want] for _ in levels]
         uniform_bound = want if config.eval_text else 0
     elif config.mode == "budget":
+        # a percentage of every target here: the changed ones are known after the spectra (settle_budget)
         full = sum(t.shape[0] * t.shape[1] for t in targets)
-        budget = config.parsed_budget.params(full, bytes_per_param)
-        c = min(range(len(targets)), key=lambda i: levels[i][0] * targets[i].cost)
-        need = levels[c][0] * targets[c].cost
-        if budget < need:
-            raise ConfigError(
-                f"--budget {config.budget} is {budget:,} LoRA parameters, below the cheapest component of the chosen "
-                f"modules ({need:,} for rank {levels[c][0]} of {targets[c].name})",
-                hint="raise the budget, or choose fewer or smaller modules with --include/--exclude")
-        levels = [[v for v in lv if v * t.cost <= budget] for lv, t in zip(levels, targets)]
-        uniform_bound = budget // sum(t.cost for t in targets) if config.eval_text else 0
+        budget, levels, uniform_bound = _budget_levels(targets, levels, config.parsed_budget.params(full, bytes_per_param),
+                                                       range(len(targets)), config)
     caps = [lv[-1] if lv else 0 for lv in levels]
     return RankPlan(levels, caps, groups, budget, uniform_bound)
+
+
+def _budget_levels(targets: list[Target], levels: list[list[int]], budget: int, among: Iterable[int],
+                   config: ExtractConfig) -> tuple[int, list[list[int]], int]:
+    """``(budget, levels, uniform_bound)``: each target's ranks cut to those whose cost fits ``budget`` parameters,
+    and the uniform rank it affords (``eval_text``).
+
+    Raises:
+        ConfigError: the budget is below the cheapest component of the targets ``among`` (indices).
+    """
+    among = list(among)
+    c = min(among, key=lambda i: levels[i][0] * targets[i].cost)
+    need = levels[c][0] * targets[c].cost
+    if budget < need:
+        raise ConfigError(
+            f"--budget {config.budget} is {budget:,} LoRA parameters, below the cheapest component of the chosen "
+            f"modules ({need:,} for rank {levels[c][0]} of {targets[c].name})",
+            hint="raise the budget, or choose fewer or smaller modules with --include/--exclude")
+    cut = [[v for v in lv if v * t.cost <= budget] for lv, t in zip(levels, targets)]
+    return budget, cut, budget // sum(targets[i].cost for i in among) if config.eval_text else 0
+
+
+def settle_budget(plan: RankPlan, targets: list[Target], config: ExtractConfig, spectra: dict[int, dict],
+                  bytes_per_param: int) -> RankPlan:
+    """The plan of a percentage budget once every target's spectrum is journaled: the percentage of the full
+    update, Σ out·in over the targets that changed (:func:`extractable`: a nonzero update above the rounding
+    level; ``totals.full_params`` and ``spectra recommend`` count the same), not of every target. Frozen
+    matrices held no update, so counting them raised the budget (10% of a half-frozen model bought 20% of
+    its update). Other budgets, and a selection where nothing changed, keep ``plan``.
+
+    Raises:
+        ConfigError: the settled budget is below the cheapest component of the changed modules.
+    """
+    changed = [i for i in range(len(targets)) if not spectra[i].get("skipped") and extractable(spectra[i])]
+    if config.mode != "budget" or config.parsed_budget.kind != "fraction" or not changed:
+        return plan
+    full = sum(targets[i].shape[0] * targets[i].shape[1] for i in changed)
+    serving = "vllm" if config.serving == "vllm" else None
+    levels = [rank_levels(t.p, config.max_rank, serving) for t in targets]
+    budget, levels, uniform_bound = _budget_levels(targets, levels, config.parsed_budget.params(full, bytes_per_param),
+                                                   changed, config)
+    return RankPlan(levels, [lv[-1] if lv else 0 for lv in levels], plan.groups, budget, uniform_bound)
 
 
 def common_exp(spectra: Iterable[dict]) -> int:
@@ -396,6 +436,18 @@ def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
     S = np.asarray(spec["S"][:n], dtype=np.float64)
     S = np.where(float(spec.get("floor", 0.0)) < S, S, 0.0)
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
+
+
+def resolved_count(spec: dict) -> int | None:
+    """How many of a journaled spectrum's singular values stand above its rounding floor (``floor``,
+    :func:`spectra.delta.pair_floor`: the largest singular value rounding the stored tuned weights can put into
+    ΔW), when the journaled values reach below it; None when no floor is known (an adapter's exact factors, a
+    journal without one) or every value journaled stands above it (a sketch may end above the floor)."""
+    floor = float(spec.get("floor", 0.0))
+    S = np.asarray(spec.get("S") or [], dtype=np.float64)
+    if floor <= 0 or not np.any(floor >= S):
+        return None
+    return int(np.count_nonzero(floor < S))
 
 
 def extractable(spec: dict) -> bool:
@@ -429,7 +481,12 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     if config.mode == "energy":
         for i in (i for i in range(n) if total[i] > 0):
             r = energy_rank_top(S[i], total[i], config.energy, targets[i].p)
-            ranks[i] = min(plan.caps[i], round_up(plan.caps[i] if r is None else r, plan.levels[i]))
+            r = plan.caps[i] if r is None else r
+            # directions at or below the rounding floor are the stored weights' rounding, not the update (τ = 1
+            # counted float32 noise as rank): never kept, as a budget never buys them (the module's note says so)
+            if (res := resolved_count(spectra[i])) is not None:
+                r = min(r, res)
+            ranks[i] = min(plan.caps[i], round_up(r, plan.levels[i]))
         for g in plan.groups.values():
             cap = min(plan.caps[i] for i in g)
             top = min(cap, max(ranks[i] for i in g))
@@ -519,5 +576,5 @@ def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list
 
 __all__ = ["EXPERTS_GROUP", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
-           "is_embedding_name",
+           "is_embedding_name", "resolved_count", "settle_budget",
            "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "why_not_target"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from spectra.display import matrices
-from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, extractable
+from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, extractable, resolved_count
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, result_json
@@ -288,13 +288,37 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
         "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
-        "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p),
+        "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p), floor_note(spec, r, config, t.p),
                                       ("rank 0: rounding noise is not extracted" if not r else "rounding noise, held at its expert "
                                        "stack's rank (one rank per stack)") if noise else "") if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
     return rec
+
+
+def floor_note(spec: dict, r: int, config: ExtractConfig, p: int) -> str:
+    """What a changed module's note says of its directions at or below the rounding floor of its stored weights
+    (:func:`spectra.extract_plan.resolved_count`; "" for none): under ``--energy`` a rank the floor capped (the
+    energy rank counted rounding noise), under ``--rank`` a rank above the resolved directions (kept, as asked
+    for). A budget never buys such components; its warning says when that left some unspent (:func:`_floored`)."""
+    res = resolved_count(spec)
+    if res is None or not extractable(spec):
+        return ""
+    if config.mode == "energy":
+        er = energy_rank_top(np.asarray(spec["S"], dtype=np.float64), float(spec["total"]), config.energy, p)
+        if r != res or (er is not None and er <= res):
+            return ""
+        if not res:
+            return ("every singular value is at or below the rounding floor of its stored weights (rounding noise, not "
+                    "the update): rank 0")
+        counted = f"energy rank {er} at τ = {config.energy:g} counts {er - res}" if er else f"the energy rank at τ = {config.energy:g} counts"
+        return (f"{counted} directions at or below the rounding floor of its stored weights (rounding noise, not the "
+                f"update): rank capped at the {res} resolved")
+    if config.mode == "rank" and r > res:
+        return (f"{f'only {res}' if res else 'none'} of its {r} directions stand above the rounding floor of its stored "
+                f"weights: the other {r - res} are rounding noise, not the update (kept: --rank asks for {r})")
+    return ""
 
 
 def _tie_note(S: np.ndarray, r: int, p: int) -> str:
@@ -481,8 +505,20 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent: the next components of "
                         f"{len(floored)} modules (e.g. {floored[0]}) are at the rounding level of their stored weights "
                         "(rounding noise, not the update), which a budget is never spent on")
+    # directions at the rounding floor: an energy rank stops before them, a --rank above them keeps them (as asked)
+    at_floor = [(m["name"], resolved_count(spectra[i])) for i, (t, m) in enumerate(zip(targets, mods))
+               if floor_note(spectra[i], ranks[i], config, t.p)]
+    if at_floor and config.mode == "energy":
+        warnings.append(f"{len(at_floor)} modules' energy rank at τ = {config.energy:g} counts directions at or below the rounding "
+                        f"floor of their stored weights (e.g. {at_floor[0][0]}): --energy keeps only the {at_floor[0][1]} resolved "
+                        "ones there, as a budget does (rounding noise is not the update); energy_kept is what that rank holds")
+    elif at_floor:
+        warnings.append(f"--rank {config.rank} is above the directions standing above the rounding floor of the stored "
+                        f"weights in {len(at_floor)} modules (e.g. {at_floor[0][0]}, {at_floor[0][1]} resolved): the rest of "
+                        "their rank holds rounding noise, not the update (--energy 1.0 keeps only the resolved directions)")
     if config.mode == "energy":
-        short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12]
+        capped = {n for n, _ in at_floor}  # below τ by the rounding noise left out, said just above
+        short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12 and m["name"] not in capped]
         if short:
             warnings.append(f"{len(short)} modules keep less than τ = {config.energy:g} of their energy because "
                             f"--max-rank or --serving caps their rank (e.g. {short[0]})")

@@ -54,7 +54,7 @@ class Budget:
 
     Attributes:
         kind: ``"params"`` (LoRA parameters), ``"fraction"`` (of the full update's parameter count,
-            Σ out·in over the chosen modules) or ``"bytes"`` (adapter size in the output dtype).
+            Σ out·in over the chosen modules whose update is nonzero and above the rounding level) or ``"bytes"`` (adapter size in the output dtype).
         value: parameters, a fraction in (0, 1], or bytes.
         text: the text it was parsed from.
     """

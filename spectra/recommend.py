@@ -58,7 +58,8 @@ class Recommendation:
         config: ``LoraConfig`` keyword arguments (``peft.LoraConfig(**config)``), JSON-ready.
         ranks: module path -> recommended rank (modules with rank 0 are left out of the config).
         params: LoRA parameters of the config, Σ r·(out + in).
-        full_params: parameters of the modules' full updates, Σ out·in.
+        full_params: parameters of the full update, Σ out·in over the modules that changed (a nonzero update
+            above the rounding level of its storage dtype), the denominator of a percentage budget.
         notes: caveats (ranks read off truncated spectra, capped modules, budget shortfalls).
     """
 
@@ -102,8 +103,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         results: a ``results.json`` of ``spectra diff`` (path, or the folder holding it, or the parsed document).
         energy: τ in (0, 1]: each module's rank holds ≥ τ of its update's energy; None with a budget
             alone (then each module may take as many components as the results hold singular values).
-        budget: at most this many LoRA parameters (``1.2M``, ``10%`` of the modules' full updates, ``50MB``
-            of a bf16 adapter), spread to keep the most energy.
+        budget: at most this many LoRA parameters (``1.2M``, ``10%`` of the full update: Σ out·in of the modules
+            that changed, :attr:`Recommendation.full_params`; ``50MB`` of a bf16 adapter), spread to keep the most energy.
         alpha_ratio: ``lora_alpha = alpha_ratio · r`` (or ``· √r`` with ``rslora``).
         rslora: write ``use_rslora``.
         max_rank: cap every rank.
@@ -219,7 +220,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # them PEFT fuses in pairs (w1, w3 -> gate_up_proj at rank 2r over both outputs) when it converts them
     stack = [p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"])]
     fused_leaves = rules.fused if rules is not None and rules.retargeted else frozenset()
-    full = sum(whole[p]["out"] * whole[p]["in"] for p in paths)
+    # the full update: the modules that changed (a nonzero update above the rounding level), as extract's percentage
+    # budget and its totals.full_params count it; a frozen module held none (10% of all raised a budget 2× where half froze)
+    full = sum(whole[p]["out"] * whole[p]["in"] for p in paths
+               if any(m["fro_norm"] and m["name"] not in noise for m in whole[p]["parts"]))
     ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
     budget_n: int | None = None
     if budget is not None:

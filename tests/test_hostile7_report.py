@@ -121,7 +121,7 @@ def test_recommend_leaves_modules_at_the_rounding_level_out(rounding):
     results = root / "d" / "results.json"
     noise = {m.name for m in DiffResult.from_dict(json.loads(results.read_text())).modules if "rounding_level" in m.caveats}
     assert noise == {f"model.layers.{i}.self_attn.k_proj.weight" for i in range(2)}  # diff's own rule flags k_proj
-    for kw in ({"energy": 0.9}, {"energy": 0.9, "budget": "5%"}, {"energy": None, "budget": "3%"}):
+    for kw in ({"energy": 0.9}, {"energy": 0.9, "budget": "5%"}, {"energy": None, "budget": "6%"}):
         rec = recommend(results, **kw)
         assert set(rec.ranks) == {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}, kw
         assert rec.config["target_modules"] == ["q_proj"]
