@@ -42,7 +42,7 @@ from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import remove_earlier_outputs
-from spectra.journal import REWRITE_EVERY_S, RecordJournal, inputs_fingerprint
+from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, inputs_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
@@ -162,6 +162,12 @@ def ww_skip_reason(pair: MatrixPair) -> str | None:
     if N > WW_MAX_N:
         return f"max(shape) = {N} > {WW_MAX_N}: above WeightWatcher's max_N (--ww-compatible)"
     return None
+
+
+def _record_name(rec: object) -> str | None:
+    """The matrix an esd journal record (``{"matrix": …}`` or ``{"skipped": …}``, checked) is of."""
+    entry = rec.get("matrix", rec.get("skipped")) if isinstance(rec, dict) else None
+    return entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else None
 
 
 def _plotted(tasks: list[Task], pattern: str | None) -> set[str]:
@@ -305,7 +311,9 @@ def esd(
                 raise ResultsFormatError(f"record {i} is of {str(name)[:120]!r}, which this run does not analyse (another "
                                          "model's journal, or an edited one)", path=journal.path,
                                          hint="run without --resume into a new folder")
-        for rec in records:
+        # one record per name: a repeated line (an edited or joined journal) would list a matrix twice, counted
+        # twice in esd.csv, the summary and every median; a name the run lists as skipped already is not added again
+        for rec in first_of_each(records, _record_name, result.warnings, seen=(s["name"] for s in result.skipped)):
             if "matrix" in rec:
                 result.matrices.append(EsdRecord.from_dict(rec["matrix"]))
                 done_names.add(rec["matrix"]["name"])

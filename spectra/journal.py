@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -234,6 +234,27 @@ def absorb(result: DiffResult, records: list[dict]) -> set[str]:
         result.warnings.append(f"the journal held {repeated} repeated record(s) of a matrix already recorded; "
                                "the first of each was kept")
     return names
+
+
+def first_of_each(records: list, key: Callable[[object], Hashable | None], warnings: list[str], *,
+                  held: str = "the journal", of: str = "a matrix", seen: Iterable[Hashable] = ()) -> list:
+    """``records`` less each whose ``key`` came before (in ``seen`` or an earlier record), and one line in
+    ``warnings`` saying how many were left out. A line repeated by hand, or two journals joined, would
+    otherwise list one matrix twice in the result, counted twice in its totals and medians; the first of
+    each is kept, as :func:`absorb` keeps diff's. A record whose key is None (not of the shape the caller
+    keys on) is kept, for the caller's checks to refuse."""
+    known, kept, repeated = set(seen), [], 0
+    for rec in records:
+        k = key(rec)
+        if k is not None and k in known:
+            repeated += 1
+            continue
+        if k is not None:
+            known.add(k)
+        kept.append(rec)
+    if repeated:
+        warnings.append(f"{held} held {repeated} repeated record(s) of {of} already recorded; the first of each was kept")
+    return kept
 
 
 def read_records(path: Path) -> list[dict]:

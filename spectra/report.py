@@ -41,6 +41,7 @@ from spectra import (
 )
 from spectra.display import safe_text
 from spectra.errors import OutputError, ResultsFormatError, SpectraError
+from spectra.esd_results import check_names as check_esd_names
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, load_jsonl
@@ -152,6 +153,8 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             shown = schema[:80] + "…" if isinstance(schema, str) and len(schema) > 80 else schema  # one readable line
             raise ResultsFormatError(f"not a spectra result (schema {shown!r})", path=f,
                                      hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
+        if schema in CHECKS:  # before any section counts its records
+            CHECKS[schema](f, doc)
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
     found.training = _training_warnings(logs)
@@ -452,6 +455,11 @@ TITLES: dict[str, Callable[[Path, dict], str]] = {
     report_extract.SCHEMA: report_extract.title,
     report_interfere.SCHEMA: report_interfere.title,
     report_trace.SCHEMA: report_trace.title,
+}
+#: schema string -> a check of a whole document that its sections' own checks of each record do not make (a
+#: matrix listed twice would be counted twice in every median and count), ``check(path, doc)`` (optional).
+CHECKS: dict[str, Callable[[Path, dict], None]] = {
+    report_esd.SCHEMA: lambda path, doc: check_esd_names(doc.get("matrices"), path),
 }
 #: JSON-lines file name -> its loader, ``load(path) -> doc`` (a document with a ``schema`` of SECTIONS).
 JSONL_LOADERS: dict[str, Callable[[Path], dict]] = {

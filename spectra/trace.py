@@ -60,6 +60,7 @@ from spectra.trace_inputs import (
     check_trace_matrix,
     check_trace_point,
     find_checkpoints,
+    first_trace_records,
     moved,
     open_weights,
     refuse_empty_plan,
@@ -233,6 +234,7 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     """A :class:`TraceResult` from the lines of a ``trace.jsonl`` written by :class:`spectra.callbacks.SpectraTracker`:
     ``{"header": {...}}``, ``{"skipped": {...}}``, ``{"warning": "..."}``, ``{"log": {"step", "loss", ...}}`` and
     one ``{"kind", "step", "loss", "matrix": meta, "point": point}`` per matrix and measurement."""
+    records = first_trace_records(records)  # a repeated line: its (matrix, step)'s first kept, with a warning record
     recs = [r for r in records if isinstance(r, dict) and "matrix" in r and "point" in r]
     header = next((r["header"] for r in records if isinstance(r, dict) and isinstance(r.get("header"), dict)), {})
     logs = [r["log"] for r in records if isinstance(r, dict) and isinstance(r.get("log"), dict) and isinstance(r["log"].get("step"), int)]
@@ -369,7 +371,7 @@ def trace(
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
-    done = journal.start(result.fingerprint, resume=resume) if journal else []
+    done = first_trace_records(journal.start(result.fingerprint, resume=resume), result.warnings) if journal else []
     if journal is not None and not resume:  # an earlier trace's figures and report describe another run
         remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))
     try:

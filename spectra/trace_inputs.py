@@ -18,6 +18,7 @@ from spectra.io.adapter import ADAPTER_CONFIG, AdapterConfig, is_adapter
 from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
+from spectra.journal import first_of_each
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -444,6 +445,66 @@ def check_trace_matrix(m: Any, at: str, source: Any) -> None:
                                  hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
     for j, pt in enumerate(m["points"]):
         check_trace_point(pt, f"{at}.points[{j}]", source)
+
+
+def check_trace_names(matrices: list, source: Any) -> None:
+    """Refuse a ``trace.json`` listing a matrix twice (an edited file, or one written from a journal with a
+    line repeated): the report would count it twice in every median. Records without a string name are
+    left to :func:`check_trace_matrix`.
+
+    Raises:
+        ResultsFormatError: one line naming ``source``, the record and the name.
+    """
+    seen: set[str] = set()
+    for i, m in enumerate(matrices):
+        name = m.get("name") if isinstance(m, dict) else None
+        if isinstance(name, str) and name in seen:
+            raise ResultsFormatError(f"matrices[{i}].name is {name[:120]!r}, which is impossible: each matrix has one "
+                                     "record; this name came before", path=source,
+                                     hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+        if isinstance(name, str):
+            seen.add(name)
+
+
+def first_trace_records(records: list, warnings: list[str] | None = None) -> list:
+    """A trace's records less each repeated one (:func:`spectra.journal.first_of_each`, the first kept), with
+    one warning saying how many: into ``warnings`` for a ``spectra trace`` journal; with None (the lines of a
+    ``trace.jsonl`` of :class:`spectra.callbacks.SpectraTracker`), as a ``{"warning": …}`` record appended, as
+    the file's own warnings are. Without this a repeated line lists a matrix twice (a journal), or silently
+    replaces a point by its repeat (a ``trace.jsonl``: the last line of a (matrix, step) was kept)."""
+    said: list[str] = []
+    kept = first_of_each(records, _trace_record_key, said, held="the journal" if warnings is not None else "trace.jsonl",
+                         of="a matrix or checkpoint" if warnings is not None else "a matrix at a step")
+    if warnings is not None:
+        warnings += said
+        return kept
+    return kept + [{"warning": w} for w in said]
+
+
+def _trace_record_key(rec: object) -> tuple | None:
+    """What one record is of. ``spectra trace``'s journal: ``{"matrix": …}``, one matrix at every checkpoint
+    (a full trace); ``{"checkpoint": i, …}``, every module at one checkpoint (an adapter trace); ``{"failed":
+    {"index": i, …}}``, one checkpoint's failure. A ``trace.jsonl`` line ``{"step", "matrix", "point"}``: one
+    matrix at one step (steps only increase, and a resumed training drops the lines after its checkpoint).
+    Each is written once, so a second record of the same one is a repeated line; None for any other shape
+    (header, log, warning lines; malformed records, which the run's checks refuse)."""
+    def index(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(rec, dict):
+        return None
+    matrix, failed, step = rec.get("matrix"), rec.get("failed"), rec.get("step")
+    name = matrix.get("name") if isinstance(matrix, dict) else None
+    if "point" in rec:
+        ok = isinstance(name, str) and isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
+        return ("point", name, int(step)) if ok else None
+    if isinstance(name, str):
+        return ("matrix", name)
+    if index(rec.get("checkpoint")):
+        return ("checkpoint", rec["checkpoint"])
+    if isinstance(failed, dict) and index(failed.get("index")):
+        return ("failed", failed["index"])
+    return None
 
 
 def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str | None, exclude: str | None,
