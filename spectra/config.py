@@ -380,9 +380,12 @@ def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def validate_device(device: str) -> None:
-    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N."""
-    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N. Got {device!r} instead")
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N an ASCII index from 0 to 127
+    without leading zeros: torch parses "cuda:01" nowhere, "cuda:٣" raised deep inside, and its int8 index
+    read "cuda:128" as cuda:-128)."""
+    m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
+    if device != "auto" and (m is None or (m.group(1) is not None and int(m.group(1)) > 127)):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (N from 0 to 127). Got {device!r} instead")
 
 
 def cpu_by_default(entry: Callable[_P, _R]) -> Callable[_P, _R]:

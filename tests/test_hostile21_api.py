@@ -76,3 +76,45 @@ def test_log_alpha_norm_of_a_large_alpha_on_the_command_line(tmp_path):
     lam = np.array([1000.0, 1001.0]) ** 2
     want = (row["alpha"] * np.log(lam)).max() / math.log(10) + math.log10(np.sum((lam / lam.max()) ** row["alpha"]))
     assert row["alpha"] > 300 and row["log_alpha_norm"] == pytest.approx(want, rel=1e-12)
+
+
+# ---- --device with an index torch cannot parse, or parses wrong -------------------------------------------------
+@pytest.mark.parametrize("device", ["cuda:01", "cuda:٣", "cuda:128", "cuda:2147483647", "cuda:-1", "cuda: 1"])
+def test_device_index_is_ascii_without_leading_zeros_up_to_127(device):
+    from spectra.config import DiffConfig
+    from spectra.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--device must be auto, cpu, cuda or cuda:N \(N from 0 to 127\)"):
+        DiffConfig(device=device)
+    assert DiffConfig(device="cuda:127").device == "cuda:127" and DiffConfig(device="cuda:0").device == "cuda:0"
+
+
+def test_device_cuda_01_on_the_command_line_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    root = str(Path(__file__).resolve().parents[1])
+    for cmd in (["diff", base, tuned, "--device", "cuda:01"], ["esd", tuned, "--device", "cuda:01"]):
+        p = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *cmd], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": root}, timeout=300)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert "--device must be" in p.stderr.strip().splitlines()[-1]
+
+
+# ---- an empty path (an unset shell variable) is no checkpoint -----------------------------------------------------
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    from spectra import diff, open_checkpoint
+    from spectra.errors import ConfigError
+    from tests.pair_util import small_pair
+
+    base, tuned = small_pair(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a folder holding checkpoints: "" would have read it
+    with pytest.raises(ConfigError, match="^an empty path names no checkpoint"):
+        open_checkpoint("")
+    with pytest.raises(ConfigError, match="^an empty path names no checkpoint"):
+        diff("", tuned)

@@ -30,9 +30,12 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (
 
 
 def checkpoint_location(x: object) -> str | os.PathLike[str]:
-    """``x`` when it names a checkpoint on disk (a ``str`` or path-like); otherwise ConfigError saying how to
+    """``x`` when it names a checkpoint on disk (a non-empty ``str`` or path-like); otherwise ConfigError saying how to
     save what was given. spectra streams checkpoints from their files (bounded memory, resumable runs,
     fingerprints of the inputs), so an in-memory state dict, module or tensor is saved first."""
+    if isinstance(x, str) and not x:  # Path("") is ".": an unset shell variable ("$BASE") read the current folder
+        raise ConfigError("an empty path names no checkpoint",
+                          hint="is a shell variable unset? pass the file or folder; . is the current folder")
     if isinstance(x, (str, os.PathLike)):
         return x
     kind = type(x).__name__
