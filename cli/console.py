@@ -10,6 +10,7 @@ import re
 import time
 
 import click
+from click.core import ParameterSource
 from rich.cells import cell_len
 from rich.console import Console
 from rich.markup import escape
@@ -227,6 +228,13 @@ class OutPath(click.Path):
                                        f"{'; --out . writes into the current folder' if what == 'folder' else ''}")
             value = os.path.expanduser(value)
         return super().convert(value, param, ctx)
+
+
+def given(name: str) -> bool:
+    """Whether option ``name`` of the current command was given (command line or environment), not left at its
+    default: a warning about an option that has no effect is for one the user chose."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
 def one_pattern(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:

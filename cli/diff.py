@@ -20,7 +20,19 @@ from spectra.io.checkpoint import READ_NOTE_PREFIX
 from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
-from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import (
+    OutPath,
+    echo_json,
+    given,
+    one_pattern,
+    print_explanation,
+    print_table,
+    progress_bar,
+    short_name,
+    shown,
+    stderr,
+    stdout,
+)
 
 #: Shown by ``spectra diff --explain`` (and, shortened, under the table).
 EXPLAIN_EPILOG = ("Definitions of every metric, with formulas and sources: docs/definitions.md in the spectra "
@@ -114,14 +126,18 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
         approx=approx, approx_above=approx_above or None,
         max_batch_bytes=batch_memory << 20 if batch_memory else None, prefetch=prefetch,
     )
-    from spectra.distributed import launched, world_size
+    from spectra.distributed import is_lead, launched, world_size
 
+    if approx and given("approx_above") and is_lead():
+        # the caveat names "p above --approx-above" as the cause; with --approx it is --approx, whatever N is
+        stderr().print(f"[yellow]warning:[/] --approx-above {approx_above} has no effect with --approx: every matrix is "
+                       "approximate (where the caveat says \"p above --approx-above\", read --approx)", highlight=False)
     if nproc is not None and not plan_only:  # it plans; a run's ranks come from the launcher (torchrun)
         raise click.UsageError("--nproc goes with --plan (a run's ranks are torchrun's --nproc-per-node)")
     if plan_only:
         if tuned is None:
             raise click.UsageError("--plan needs BASE and TUNED checkpoints")
-        ran = [o for o, given in (("--out", out_dir), ("--resume", resume), ("--report", report)) if given]
+        ran = [o for o, chosen in (("--out", out_dir), ("--resume", resume), ("--report", report)) if chosen]
         if ran:  # the same command line with --plan added: these belong to the run, which a plan does not start
             stderr().print(shown(f"note: --plan runs nothing and writes nothing; {', '.join(ran)} apply to the run itself"),
                            highlight=False)

@@ -60,6 +60,13 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
                        layers=layers, plot_include=plot_include, device=device,
                        max_batch_bytes=batch_memory << 20 if batch_memory else None)
     err = stderr()
+    if plot_include is not None and not report and (no_plots or not out_dir):
+        # it picks the matrices esd_plots.png (and the report) draw: with neither, at most their eigenvalues are kept
+        why = "with --no-plots" if no_plots else "without --out"
+        kept = "esd.json" if out_dir else "the JSON printed" if as_json else None
+        err.print("[yellow]warning:[/] " + (f"--plot-include plots nothing {why}: it only keeps the matching matrices' "
+                                            f"eigenvalues in {kept}" if kept else f"--plot-include has no effect {why}"),
+                  highlight=False)
     progress = progress_bar(err)
     task_id = None
 

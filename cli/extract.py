@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, given, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("extract")
@@ -81,6 +81,10 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
                            eval_seq_len=eval_seq_len, eval_blocks=eval_blocks,
                            max_batch_bytes=batch_memory << 20 if batch_memory else None)
     err = stderr()
+    moot = [f"--{n.replace('_', '-')}" for n in ("eval_seq_len", "eval_blocks") if eval_text is None and given(n)]
+    if moot:  # they shape the --eval scoring alone; extract.json records them as null without it
+        err.print(f"[yellow]warning:[/] {' and '.join(moot)} {'apply' if len(moot) > 1 else 'applies'} only with --eval: "
+                  "no effect here (recorded as null in extract.json)", highlight=False)
     progress = progress_bar(err)
     tasks: dict[str, int] = {}
 

@@ -12,7 +12,7 @@ import click
 from rich.table import Table
 
 from spectra.config import DiffConfig
-from spectra_cli.console import OutPath, print_table, progress_bar, quiet_transformers, shown, stderr, stdout
+from spectra_cli.console import OutPath, given, print_table, progress_bar, quiet_transformers, shown, stderr, stdout
 from spectra_cli.diff import run_diff
 
 #: Largest seed (spectra.training_inputs.MAX_SEED: torch seeds are 64-bit); written out so that the
@@ -119,13 +119,17 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
     (a file more than 1% undecodable is refused). OUT must be new or empty (--force: first delete an
     earlier run's files there); it is locked while the run writes it.
     """
-    from spectra.training import TrainConfig, train
+    from spectra.training import LORA_ONLY, TrainConfig, train
 
     quiet_transformers()
+    err = stderr()
+    unused = [f"--{n}" for n in LORA_ONLY if given(n)]
+    if method == "full" and unused:  # a full fine-tune trains every weight: these would otherwise pass unseen
+        err.print(f"[yellow]warning:[/] --method full trains every weight: {', '.join(unused)} apply to LoRA only, "
+                  "have no effect and are recorded as null in train_config.json", highlight=False)
     config = TrainConfig(base=base, data=data, out=out_dir, method=method, rank=rank, alpha=alpha, rslora=rslora,
                          targets=targets, lr=lr, steps=steps, batch=batch, seq_len=seq_len, seed=seed,
                          eval_source=eval_source, eval_every=eval_every, device=device, trace_every=trace_every)
-    err = stderr()
     progress = progress_bar(err)
     task_id = progress.add_task(f"{method} fine-tune", total=steps, current="")
 
@@ -178,6 +182,9 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
     except ConfigError as exc:
         raise click.UsageError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
     err = stderr()
+    if "lora" not in method_list and given("ranks"):  # only LoRA runs have a rank: no run would use them
+        err.print(f"[yellow]warning:[/] --ranks applies to LoRA runs only: --methods {','.join(method_list)} trains none, "
+                  "so it has no effect", highlight=False)
     progress = progress_bar(err)
     tasks: dict[str, int] = {}
 

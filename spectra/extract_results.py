@@ -483,6 +483,8 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     selection = {"rank": config.rank, "energy": config.energy, "budget": config.budget, "budget_params": plan.budget,
                  "max_rank": config.max_rank, "serving": config.serving}
     cfg = {k: v for k, v in asdict(config).items() if k != "parsed_budget"}
+    if config.eval_text is None:  # nothing was scored: a block size and count beside eval_text null read as used
+        cfg.update(eval_seq_len=None, eval_blocks=None)
     warnings = []
     if left:
         warnings.append(f"{matrices(len(left))} could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "

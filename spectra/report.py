@@ -40,7 +40,7 @@ from spectra import (
     trace,
 )
 from spectra.display import safe_text
-from spectra.errors import OutputError, ResultsFormatError, SpectraError
+from spectra.errors import ConfigError, OutputError, ResultsFormatError, SpectraError
 from spectra.esd_results import check_names as check_esd_names
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
@@ -349,9 +349,13 @@ def write_report(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str
     """Build the report and write it atomically to ``out``.
 
     Raises:
-        ConfigError: ``out`` is one of the files read (it would replace them).
+        ConfigError: ``out`` is one of the files read (it would replace them), or ends in a path separator.
         OutputError: ``out`` cannot be written (a parent is a file, no permission, a full disk).
     """
+    if isinstance(out, str) and out.endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        # asks for a folder, but Path() drops the separator: "newdir/" was written as a file named newdir
+        raise ConfigError(f"-o {out} names a folder (it ends in {out[-1]}); the report is one HTML file",
+                          hint=f"pass -o {os.path.join(out, 'report.html')}")
     refuse_input_as_output(out, input_files(paths))
     refuse_replacing(out, (".html", ".htm"), option="-o", owned=is_report)
     for parent in Path(out).parents:  # checked first: the OS says only "File exists" or "Not a directory"

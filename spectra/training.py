@@ -69,6 +69,9 @@ TARGET_SETS = {
 TARGET_SETS["all"] = TARGET_SETS["attn"] + TARGET_SETS["mlp"]
 #: ``--targets all-linear``: PEFT's own choice of every linear layer but the output head
 ALL_LINEAR = "all-linear"
+#: The TrainConfig fields only LoRA uses; a full fine-tune trains every weight whatever they say, so its
+#: train_config.json records them (and resolved_alpha, target_modules) as null, not values that did nothing.
+LORA_ONLY = ("rank", "alpha", "rslora", "targets")
 #: Most tokens one optimiser step may take (batch × seq_len): far above any machine's memory, below int32/64 overflow.
 MAX_STEP_TOKENS = 2**31
 HOLDOUT_SEED = 1234  # fixed: every run on the same data holds out the same blocks
@@ -83,8 +86,10 @@ class TrainConfig:
         data: target data (text file, folder of text/code, or JSONL).
         out: output folder (the adapter or model, ``train_log.jsonl``, ``train_config.json``).
         method: ``"lora"`` (PEFT adapter) or ``"full"`` (every weight).
-        rank: LoRA rank r.
-        alpha: LoRA alpha (finite, > 0); default ``2 * rank`` (Biderman et al.).
+        rank: LoRA rank r. ``rank``, ``alpha``, ``rslora`` and ``targets`` apply to LoRA only (:data:`LORA_ONLY`:
+            null in a full run's ``train_config.json``).
+        alpha: LoRA alpha (finite, > 0, its scale alpha/r, or alpha/√r, a normal float32 number); default
+            ``2 * rank`` (Biderman et al.).
         rslora: scale by ``alpha / sqrt(r)``.
         targets: ``"all"`` (default, Biderman et al.), ``"attn"``, ``"mlp"`` (those of them the model has),
             ``"all-linear"`` (PEFT: every linear layer but the output head) or comma-separated module
@@ -141,6 +146,24 @@ class TrainConfig:
         if not self.target_modules():
             raise ConfigError(f"targets names no module. Got {self.targets!r} instead",
                               hint="all, attn, mlp, all-linear or comma-separated module names")
+        if self.method == "lora":
+            self._check_scale()
+
+    def _check_scale(self) -> None:
+        """PEFT multiplies the adapter's float32 output by alpha/r (alpha/√r with rslora): a scale float32
+        holds only as 0 or a subnormal trains an adapter that adds nothing (exit 0, no sign), one above its
+        largest value an infinite one."""
+        root = math.sqrt(self.rank) if self.rslora else float(self.rank)
+        scale = self.resolved_alpha / root
+        f32 = torch.finfo(torch.float32)
+        if not f32.tiny <= scale <= f32.max:
+            what = "0 or subnormal" if scale < f32.tiny else "infinite"
+            raise ConfigError(f"--alpha {self.resolved_alpha:.4g} gives the LoRA scale alpha/{'√' if self.rslora else ''}r = "
+                              f"{scale:.3g}, which is {what} in float32: the adapter would add "
+                              f"{'nothing' if scale < f32.tiny else 'inf or NaN'}",
+                              hint=(f"raise --alpha to at least {f32.tiny * root * 1.001:.3g}" if scale < f32.tiny else
+                                    f"lower --alpha to at most {f32.max * root * 0.999:.3g}")
+                                   + f" for --rank {self.rank}{' with --rslora' if self.rslora else ''}")
 
     @property
     def resolved_alpha(self) -> float:
@@ -412,6 +435,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
                "held_out_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in held)),
                "source_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in source))
                if source else None}
+    if config.method == "full":  # every weight trained: LoRA's options (given or default) did not apply
+        cfg_doc.update(dict.fromkeys((*LORA_ONLY, "resolved_alpha", "target_modules")))
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0 = time.perf_counter()
@@ -616,6 +641,6 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     return doc
 
 
-__all__ = ["ALL_LINEAR", "HOLDOUT_POOL", "HOLDOUT_SEED", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer",
+__all__ = ["ALL_LINEAR", "HOLDOUT_POOL", "HOLDOUT_SEED", "LORA_ONLY", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer",
            "TrainConfig", "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_digest",
            "held_out_loss", "holdout_split", "load_tokenizer", "read_examples", "sweep", "token_blocks", "train"]

@@ -463,7 +463,8 @@ def traced_run(timings: dict) -> None:
 
     out = CACHE / "runs" / "full_traced"
     full = portable(json.loads((CACHE / "runs" / "full" / "train_config.json").read_text()))
-    kwargs = {k: full[k] for k in ("base", "data", "method", "rank", "lr", "steps", "batch", "seq_len", "seed",
+    # not "rank": a full fine-tune has none (spectra train records it as null)
+    kwargs = {k: full[k] for k in ("base", "data", "method", "lr", "steps", "batch", "seq_len", "seed",
                                    "eval_source", "eval_every", "eval_batches", "device")}
     kwargs.update(out=rel(out), trace_every=TRACE_EVERY)
     saved = out / "train_config.json"
