@@ -74,8 +74,11 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
 
     Raises:
         SpectraError: a path does not exist.
+        ConfigError: a path is empty.
     """
     files: list[Path] = []
+    if any(isinstance(p, str) and not p for p in paths):  # Path("") is ".": an unset shell variable read this folder
+        raise ConfigError("an empty path names no results", hint="is a shell variable unset? pass the file or folder; . is the current folder")
     for p in map(Path, paths):
         if not p.exists():
             raise SpectraError("no such file or folder", path=p)

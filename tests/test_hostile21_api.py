@@ -118,3 +118,13 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, monke
         open_checkpoint("")
     with pytest.raises(ConfigError, match="^an empty path names no checkpoint"):
         diff("", tuned)
+
+
+def test_report_of_an_empty_path_is_refused(tmp_path, monkeypatch):
+    from spectra.errors import ConfigError
+    from spectra.report import input_files
+
+    (tmp_path / "results.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)  # "" would have read this folder's results
+    with pytest.raises(ConfigError, match="^an empty path names no results"):
+        input_files([""])
