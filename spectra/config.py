@@ -21,6 +21,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.io.patterns import MAX_CHOICES, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, choice_points, pattern_risk
+from spectra.linalg import validate_device
 from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.subspaces import DEFAULT_EPSILONS
 from spectra.training_inputs import check_seed
@@ -377,15 +378,6 @@ def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
         raise ConfigError(f"thresholds must each be in (0, 1] (--threshold/-t). Got {shown or 'none'} instead",
                           hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
     return tuple(sorted({float(t) for t in thresholds}))
-
-
-def validate_device(device: str) -> None:
-    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N an ASCII index from 0 to 127
-    without leading zeros: torch parses "cuda:01" nowhere, "cuda:٣" raised deep inside, and its int8 index
-    read "cuda:128" as cuda:-128)."""
-    m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
-    if device != "auto" and (m is None or (m.group(1) is not None and int(m.group(1)) > 127)):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (N from 0 to 127). Got {device!r} instead")
 
 
 def cpu_by_default(entry: Callable[_P, _R]) -> Callable[_P, _R]:

@@ -112,11 +112,18 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
             digests.append((q.name, None))
     stats = {f: os.stat(f) for f in files}
     # the change time too: os.utime puts a modification time back after an edit in place (the content sample,
-    # 64 KiB, misses most tensors of a large file), and nothing but a change sets st_ctime
+    # 64 KiB, misses most tensors of a large file), and no call sets st_ctime back (chmod, chown and a new hard
+    # link also set it: a resume after them is refused, which OTHER_INPUTS says)
     where = [(named[f],) if portable else (f, stats[f].st_mtime_ns, stats[f].st_ctime_ns) for f in files]
     return [ckpt.format, [(*w, stats[f].st_size, content_sample(f)) for w, f in zip(where, files)],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
             json.dumps(ckpt.config, sort_keys=True, default=str), digests]
+
+
+#: Why a journal is not resumed. A weight file's change time is part of its identity (an edit in place with its
+#: modification time put back is otherwise missed between the content samples), so metadata changes count too.
+OTHER_INPUTS = ("the journal here comes from different inputs or options (or another version of spectra; a weight file "
+                "changed since, its metadata included: chmod or a new hard link counts)")
 
 
 #: What ``spectra diff`` writes besides results.json/jsonl; removed when a new (not resumed) run starts.
@@ -160,7 +167,7 @@ class Journal:
                             max_bytes=RESULTS_MAX_BYTES)
             old = doc.get("fingerprint") if isinstance(doc, dict) else None
             if old != result.fingerprint:
-                raise ConfigError("the journal here comes from different inputs or options (or another version of spectra)", path=self.out_dir,
+                raise ConfigError(OTHER_INPUTS, path=self.out_dir,
                                   hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
             done = read_records(self.journal)
             for i, rec in enumerate(done, 1):
@@ -367,7 +374,7 @@ class RecordJournal:
             raise ResultsFormatError("the journal does not open with its run's fingerprint (an edited journal)", path=self.path,
                                      hint="run without --resume into a new folder")
         if records[0].get("fingerprint") != fingerprint:
-            raise ConfigError("the journal here comes from different inputs or options (or another version of spectra)", path=self.path,
+            raise ConfigError(OTHER_INPUTS, path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
         self.fingerprint = fingerprint
         return records[1:]

@@ -52,6 +52,7 @@ Certified float32 (:func:`certify_float32`)
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +66,15 @@ from spectra.metrics import SQUARING_LIMIT, refuse_meta, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
+
+
+def validate_device(device: str) -> None:
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N an ASCII index from 0 to 127
+    without leading zeros: torch parses "cuda:01" nowhere, "cuda:٣" raised deep inside, and its int8 index
+    read "cuda:128" as cuda:-128)."""
+    m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
+    if device != "auto" and (m is None or (m.group(1) is not None and int(m.group(1)) > 127)):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (N from 0 to 127). Got {device!r} instead")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

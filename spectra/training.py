@@ -132,6 +132,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ConfigError(f"method must be lora or full. Got {self.method!r} instead")
+        for name in ("base", "data", "out"):  # Path("") is ".": an unset shell variable named the current folder
+            if getattr(self, name) == "":
+                raise ConfigError(f"--{name} is an empty path", hint="is a shell variable unset? pass the path")
         for name in ("rank", "steps", "batch", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Got {getattr(self, name)} instead")

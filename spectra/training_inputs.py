@@ -22,6 +22,7 @@ from spectra.errors import ConfigError, SpectraError, output_error
 from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular
+from spectra.linalg import validate_device
 
 _TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml"}
 
@@ -116,6 +117,8 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
             tokenizer JSON are not data), not UTF-8 text, no text in it, or JSONL lines without
             ``text`` or ``prompt``/``response``.
     """
+    if isinstance(path, str) and not path:  # Path("") is ".": an unset shell variable read this folder's files
+        raise ConfigError("--data is an empty path", hint="is a shell variable unset? pass the text file or folder")
     p = Path(path)
     try:
         st = os.stat(p)
@@ -428,6 +431,8 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "mps":  # the same names as every other command (torch read "cuda:128" as cuda:-128)
+        validate_device(name)
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):

@@ -128,3 +128,22 @@ def test_report_of_an_empty_path_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # "" would have read this folder's results
     with pytest.raises(ConfigError, match="^an empty path names no results"):
         input_files([""])
+
+
+def test_train_takes_the_same_device_names_and_refuses_empty_paths(tmp_path, monkeypatch):
+    from spectra.errors import ConfigError
+    from spectra.training import TrainConfig
+    from spectra.training_inputs import read_examples, resolve_device
+
+    for bad in ("cuda:128", "cuda:01", "cuda:٣"):
+        with pytest.raises(ConfigError, match=r"--device must be auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    assert resolve_device("cpu") == torch.device("cpu")
+    (tmp_path / "a.txt").write_text("some text to train on\n")
+    monkeypatch.chdir(tmp_path)  # "" would have read a.txt
+    with pytest.raises(ConfigError, match="^--data is an empty path"):
+        read_examples("")
+    for field in ("base", "data", "out"):
+        kw = {"base": "b", "data": "d", "out": "o", field: ""}
+        with pytest.raises(ConfigError, match=f"^--{field} is an empty path"):
+            TrainConfig(**kw)
