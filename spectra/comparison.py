@@ -275,7 +275,7 @@ class _Side:
         # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
         resized = [pair.note] if pair.rows is not None and pair.note else []
         notes = pair_notes(pair, wb, wt, dense, base_fro)  # the floor's dtype: the tuned side's rounding
-        return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes), stored=pair.tuned_info.dtype)
+        return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes, dense), stored=pair.tuned_info.dtype)
 
     def _dense(self, dense: torch.Tensor, name: str, need: int) -> _Update | str:
         if not all_finite(dense):

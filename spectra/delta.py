@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
-from spectra.numerics import certified_floor, numeric_notes, rounding_floor
+from spectra.numerics import FLOOR_MARGIN, certified_floor, numeric_notes, rounding_floor
 from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
 
@@ -32,6 +32,8 @@ class Prepared:
     base: torch.Tensor | None = None  # W_base upcast, only with DiffConfig.weight_spectra
     note: str = ""  # numerical caveats of this ΔW (spectra.numerics)
     floor: float = 0.0  # storage rounding floor of ΔW's singular values (pair_floor), only when asked for
+    caveats: tuple[str, ...] = ()  # the notes one by one: certified_floor reads the rounding_steps one alone
+    floor_known: bool = False  # ``floor`` was computed (else 0.0 stands for "not asked")
 
 
 def oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor:
@@ -47,16 +49,15 @@ def oriented(w: torch.Tensor, transpose: bool, rows: int | None) -> torch.Tensor
 def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, keep_base: bool = False,
             floors: bool = False) -> list[Prepared]:
     """Read one tensor pair and form ΔW on ``device`` for each of its units (runs in a reader thread);
-    with ``floors`` also each ΔW's storage rounding floor (:func:`pair_floor`, one more pass over the pair)."""
+    with ``floors`` also each ΔW's storage rounding floor (:func:`pair_floor`, one more pass over the pair), and
+    without it too for a tuned side stored narrower than float32 (:func:`floor_when_read`)."""
     pair = task.pair
+    floors = floors or floor_when_read(pair.tuned_info.dtype)
     wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
     wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
     out = []
     for unit in task.units:
-        b = wb[unit.expert] if wb.ndim == 3 else wb
-        t = wt[unit.expert] if wt.ndim == 3 else wt
-        if unit.rows is not None:
-            b, t = b[unit.rows], t[unit.rows]
+        b, t = unit_tensors(unit, wb, wt)
         delta, base_fro, bad = form_delta(b, t, device)
         if bad == ["overflow"]:
             out.append(Prepared(unit, task, None, 0.0, "ΔW overflows float32 (weights near ±3.4e38); its spectrum is undefined"))
@@ -65,8 +66,62 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
         else:
             notes = pair_notes(pair, b, t, delta, base_fro)  # base_fro²: inf, not OverflowError, past 1e154
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
-                                 note="; ".join(notes), floor=pair_floor(pair, b, t, notes) if floors else 0.0))
+                                 note="; ".join(notes), floor=pair_floor(pair, b, t, notes, delta) if floors else 0.0,
+                                 caveats=tuple(notes), floor_known=floors))
     return out
+
+
+def floor_when_read(tuned_dtype: str) -> bool:
+    """Whether :func:`prepare` computes the rounding floor of a pair whose tuned side is stored in ``tuned_dtype``
+    even when not asked: a dtype narrower than float32 (bf16, fp16, fp8). There :func:`floor_bound`, 2·1.5·u/√3 of
+    ‖W‖_F, stands above the 64th singular value of nearly every fine-tune (bf16: σ₆₄ ≤ ‖ΔW‖_F/8 clears it only
+    when ‖ΔW‖_F ≥ 5.5% of ‖W‖_F), so
+    ``spectra diff`` needs the exact floor of almost every such matrix; computed in the reader thread, beside the
+    decomposition and on one OpenMP thread, it costs less than reading the pair again after it
+    (:func:`unit_floor`, which float32 and float64 pairs are left to: their bound is 2¹³× lower)."""
+    tdtype = getattr(torch, tuned_dtype, None)
+    return isinstance(tdtype, torch.dtype) and tdtype.is_floating_point and torch.finfo(tdtype).eps > torch.finfo(torch.float32).eps
+
+
+def unit_tensors(unit: Unit, wb: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(base, tuned)`` views of one unit (an expert, a fused part's rows) in the oriented stored tensors."""
+    b = wb[unit.expert] if wb.ndim == 3 else wb
+    t = wt[unit.expert] if wt.ndim == 3 else wt
+    if unit.rows is not None:
+        b, t = b[unit.rows], t[unit.rows]
+    return b, t
+
+
+def floor_bound(shape: Sequence[int], tuned_dtype: str, base_fro: float, fro: float) -> float:
+    """An upper bound of :func:`pair_floor` from norms ``spectra diff`` has anyway, with no pass over the weights.
+
+    The floor is ``1.5·u/√3·(max_i ‖X[i, :]‖ + max_j ‖X[:, j]‖)`` for ``X`` part of W_tuned (each ``|x|`` taken
+    at least the dtype's smallest normal), and a row or column norm is at most ``‖W_tuned‖_F ≤ ‖W_base‖_F +
+    ‖ΔW‖_F`` (plus the smallest normal's share, ``tiny·√in`` and ``tiny·√out``); the certified floor of
+    ``rounding_steps`` is lower still. ``base_fro``, ``fro``: ``‖W_base‖_F`` and ``‖ΔW‖_F`` of the unit. About
+    √out/2 above the floor for weights of one scale: enough to show that a spectrum's kept values are resolved,
+    not to cut them. 0.0 for an integer or unknown dtype (no floor, as :func:`pair_floor`); inf when the norms are not finite."""
+    tdtype = getattr(torch, tuned_dtype, None)
+    if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
+        return 0.0
+    info = torch.finfo(tdtype)
+    out_dim, in_dim = (int(x) for x in shape)
+    edge = 2.0 * (base_fro + fro) + info.tiny * (math.sqrt(out_dim) + math.sqrt(in_dim))
+    # 1.01: the norms come from float32 sums and a float32 spectrum (relative errors ~1e-4), the bound must hold
+    return FLOOR_MARGIN * info.eps / 2 / math.sqrt(3) * edge * 1.01 if math.isfinite(edge) else math.inf
+
+
+def unit_floor(item: Prepared, base: Checkpoint, tuned: Checkpoint) -> float:
+    """:func:`pair_floor` of a prepared unit whose ΔW (and stored tensors) are gone: its pair read again.
+
+    ``spectra diff`` asks it only of the matrices whose kept singular values reach :func:`floor_bound`, after
+    the decomposition (the reader threads do not know the spectrum): keeping every pair's stored tensors until
+    then would hold memory the prefetch budget does not count, for the few matrices that need them."""
+    pair = item.task.pair
+    wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
+    wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+    b, t = unit_tensors(item.unit, wb, wt)
+    return pair_floor(pair, b, t, item.caveats)
 
 
 def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torch.Tensor, base_fro: float) -> list[str]:
@@ -77,13 +132,15 @@ def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torc
                          base_sq=base_fro * base_fro)
 
 
-def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequence[str] = ()) -> float:
+def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequence[str] = (),
+               delta: torch.Tensor | None = None) -> float:
     """The storage rounding floor (:func:`spectra.numerics.rounding_floor`) of a ΔW formed from the
     oriented stored tensors ``wb``, ``wt`` of ``pair``: singular values of ΔW at or below it are rounding
     of the stored weights, not directions of the update. Used by every command that decomposes a
     dense update into directions (compare, trace, interfere). ``notes``: the pair's :func:`pair_notes`, whose
-    certified one-step update lowers it (:func:`spectra.numerics.certified_floor`)."""
-    return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb), notes, wt, wb)
+    certified one-step update lowers it (:func:`spectra.numerics.certified_floor`). ``delta``: that ΔW when at hand
+    (:func:`form_delta`'s), whose nonzero rows and columns save the floor's comparing pass."""
+    return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb, delta=delta), notes, wt, wb)
 
 
 def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22,

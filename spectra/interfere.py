@@ -163,7 +163,7 @@ class _Task:
         if bad:
             return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", [], 0.0
         return (delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro) if notes else [],
-                pair_floor(u, wb, wt) if notes else 0.0)
+                pair_floor(u, wb, wt, delta=delta) if notes else 0.0)
 
     def needs_dense(self, name: str) -> bool:
         u = self.updates[name]

@@ -274,7 +274,7 @@ FLOOR_MARGIN = 1.5
 
 
 def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor | None = None, *,
-                   block: int = 1 << 22) -> float:
+                   block: int = 1 << 22, delta: torch.Tensor | None = None) -> float:
     """The largest singular value that rounding the tuned weights to their stored dtype can put into ΔW.
 
     Each stored element ``x`` of ``W_tuned`` was rounded with an error of at most ``u·|x|`` (``u`` the
@@ -305,6 +305,8 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
         tuned_dtype: the stored dtype name (``"float32"``, ``"bfloat16"``…).
         W_base: the base weights, same shape and orientation; None: every row and column counts as changed.
         block: elements per float64 block (no full float64 copy).
+        delta: ΔW as :func:`spectra.delta.form_delta` formed it from these weights, when at hand: its nonzero rows
+            and columns are the changed ones (``t − b = 0`` exactly when ``t = b``), which saves the comparing pass.
 
     Example:
         >>> W = torch.full((4096, 4096), 0.02)
@@ -326,9 +328,9 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     # (weights beyond ~1e17 or below ~1e-19) give an infinite or zero bound: then again in float64
     wide = torch.float64 in (W_tuned.dtype, getattr(W_base, "dtype", None))
     tiny = _tiny_threshold(W_tuned, tuned_dtype) or 0.0  # a subnormal's rounding is u·tiny, not u·|x| (None: scaled values)
-    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block, tiny)
+    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block, tiny, delta)
     if not wide and not 0.0 < bound < math.inf:
-        bound = _norm_bound(W_tuned, W_base, torch.float64, block, tiny)
+        bound = _norm_bound(W_tuned, W_base, torch.float64, block, tiny, delta)
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
@@ -364,7 +366,8 @@ def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
             f"no resolved direction{'s' if plural else ''}")
 
 
-def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int, tiny: float = 0.0) -> float:
+def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int, tiny: float = 0.0,
+                delta: torch.Tensor | None = None) -> float:
     """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X`` (each ``|x|`` taken at least ``tiny``,
     the smallest normal, below which the rounding step stops shrinking), in ``work`` precision.
 
@@ -375,15 +378,20 @@ def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.
     rows = max(1, block // W_tuned.shape[1])
     out_dim, in_dim = W_tuned.shape
     dev = W_tuned.device
+    if delta is not None and (delta.device != dev or delta.shape != W_tuned.shape):
+        delta = None  # a GPU's ΔW would cross the bus back: the CPU pair is compared instead
     row_on = torch.ones(out_dim, dtype=work, device=dev)
     col_on = torch.ones(in_dim, dtype=work, device=dev)
     whole = None  # the tuned weights in ``work`` kept from the first pass when they are one block (no second upcast)
-    if W_base is not None:  # which rows and columns the fine-tune changed (a first, comparing pass)
+    if W_base is not None:  # which rows and columns the fine-tune changed (a first, comparing pass; ΔW's when given)
         col_max = torch.zeros(in_dim, dtype=work, device=dev)
         for r in range(0, out_dim, rows):
-            xt = W_tuned[r : r + rows].to(work)
-            whole = xt if rows >= out_dim else None
-            a = (xt - W_base[r : r + rows].to(work)).abs()
+            if delta is not None:
+                a = delta[r : r + rows].to(device=dev, dtype=work).abs()
+            else:
+                xt = W_tuned[r : r + rows].to(work)
+                whole = xt if rows >= out_dim else None
+                a = (xt - W_base[r : r + rows].to(work)).abs()
             row_on[r : r + rows] = (a.amax(dim=1) != 0).to(work)
             col_max = torch.maximum(col_max, a.amax(dim=0))  # (NaN propagates: changed)
         col_on = (col_max != 0).to(work)

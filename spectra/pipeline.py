@@ -12,6 +12,7 @@ loses at most one batch. Results come back in layer order whatever the work orde
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, config_of, cpu_by_default
-from spectra.delta import Prepared, pair_bytes, prepare
+from spectra.delta import Prepared, floor_bound, pair_bytes, prepare, unit_floor
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -91,6 +92,35 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
     _release(batch)
     return [(exact_result(item, S, config, seconds, *w, esd=e, precision=pr), None)
             for item, S, w, e, pr in zip(batch, S_all, weights, esds, solved)]
+
+
+def _with_floors(batch: list[Prepared], results: list[tuple[ModuleResult | None, Skipped | None]], base: Checkpoint,
+                 tuned: Checkpoint) -> list[tuple[ModuleResult | None, Skipped | None]]:
+    """``results`` (of :func:`_results`, one per item of ``batch``) with each module's ``rounding_floor``.
+
+    The upper bound :func:`spectra.delta.floor_bound` costs nothing (norms the result has); where the smallest
+    kept singular value stands above it, no kept value is at or below the floor and the bound is recorded. Only
+    where one is not is the exact floor computed (:func:`spectra.delta.unit_floor`, the pair read again and one
+    O(out·in) pass; a pair stored narrower than float32 has it from its reader already): a float32 fine-tune's
+    top-k values stand far above float32 rounding, so the common case pays nothing, while an update of exact low
+    rank, or one at the rounding level, gets the floor that tells its directions from the rounding."""
+    for item, (module, _) in zip(batch, results):
+        if module is None:
+            continue
+        if module.fro_norm == 0:  # ΔW = 0: no row or column changed, so no rounding reaches ΔW
+            module.rounding_floor = 0.0
+            continue
+        if item.floor_known:  # computed as the pair was read (a 16-bit or 8-bit tuned side, spectra.delta.floor_when_read)
+            module.rounding_floor = item.floor
+            continue
+        bound = floor_bound(module.shape, item.task.pair.tuned_info.dtype, item.base_fro, module.fro_norm)
+        kept = module.singular_values
+        if not kept or bound < kept[-1]:  # (--top-k 0 keeps no value: none to tell from the rounding)
+            module.rounding_floor = bound if math.isfinite(bound) else None
+        else:  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)
+            floor = unit_floor(item, base, tuned)
+            module.rounding_floor = floor if math.isfinite(floor) else None
+    return results
 
 
 def _release(batch: list[Prepared]) -> None:
@@ -185,6 +215,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
                               label_tuned=str(adapter_path), resume=resume)
+        for m in result.modules:  # decomposed from its factors, which hold no storage rounding: no floor
+            m.rounding_floor = 0.0
     elif tuned is None:
         raise ConfigError(f"{base} is not a PEFT adapter folder; a single input must be an adapter",
                           hint="pass BASE and TUNED to diff two checkpoints")
@@ -344,7 +376,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         shapes = [u.shape for t in tasks for u in t.units]
         k = 0
         for batch in batches(prepared, shapes, config.max_batch, budget):
-            for module, skip in _results(batch, config, device, dtype, budget):
+            for module, skip in _with_floors(batch, _results(batch, config, device, dtype, budget), base_ckpt, tuned_ckpt):
                 record(module, skip)
                 emitted += 1
                 if exchanger is not None:

@@ -10,7 +10,10 @@ With a budget, components are spread by :func:`spectra.lowrank.allocate_budget` 
 the results hold (``--top-k`` of the diff), each module capped at its τ rank and ``--max-rank``; a fused
 module's parts pool their values (a component of any part costs the whole module's ``out + in``).
 Matrices whose update is at the rounding level of their storage dtype (the rule of spectra diff's
-findings, :func:`spectra.findings.analysed`) get no components: their spectrum is rounding noise.
+findings, :func:`spectra.findings.analysed`) get no components: their spectrum is rounding noise. Nor does
+any component at or below a matrix's ``rounding_floor`` (the rounding of its stored weights, which diff
+records; ``spectra extract`` never buys one either): a budget larger than the update needs is left unspent,
+with a note; results without the field (an older diff) are read as before, with a note.
 Sums of σ² are scaled by a power of two (:func:`spectra.metrics.square_scale_exponent`), so that
 float64 updates near 1e200 do not overflow. Alphas follow ``alpha = alpha_ratio · r`` (Biderman et
 al. 2024 train with ``alpha = 2r``); rsLoRA on request.
@@ -60,7 +63,8 @@ class Recommendation:
         params: LoRA parameters of the config, Σ r·(out + in).
         full_params: parameters of the full update, Σ out·in over the modules that changed (a nonzero update
             above the rounding level of its storage dtype), the denominator of a percentage budget.
-        notes: caveats (ranks read off truncated spectra, capped modules, budget shortfalls).
+        notes: caveats (ranks read off truncated spectra, capped modules, components at the rounding floor left
+            out, budget shortfalls and budget left unspent).
     """
 
     config: dict[str, Any]
@@ -193,6 +197,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                      "checkpoint's; if it was saved through a wrapper (module., model.), rename them to the base model's")
     paths = sorted(whole)
     caps: list[list[int]] = []  # per module, per part: the most components it may take
+    floored: list[tuple[str, str, int]] = []  # (module path, part, its directions above the floor): capped there
+    complete: set[str] = set()  # parts whose values beyond those kept are known to lie at or below their floor
+    unfloored = 0  # changed parts whose record carries no rounding floor (an older diff's results)
     for path in paths:
         e = whole[path]
         per = []
@@ -200,8 +207,26 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            per.append(_part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or []))
+            want = _part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or [])
+            # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
+            above = _resolved(m)
+            unfloored += m.get("rounding_floor") is None
+            if above is not None:
+                complete.add(m["name"])
+                if want > above:
+                    floored.append((path, m["name"], above))
+                    want = above
+            per.append(want)
         caps.append(per)
+    if floored:
+        _, name, above = floored[0]
+        said = (f"' energy rank at τ = {energy:g} counts directions" if energy is not None else " hold singular values")
+        notes.append(f"{len(floored)} matrices{said} at or below the rounding floor of their stored weights (rounding "
+                     f"noise, not the update; e.g. {name}, {above} above it): they are never given rank")
+    if unfloored:
+        notes.append(f"the results carry no rounding floor for {unfloored} matrices (written by an older spectra diff): "
+                     "components at the rounding level of their stored weights cannot be told from the update and may be "
+                     "given rank; rerun spectra diff to leave them out")
     noisy = [p for p in paths if any(m["name"] in noise for m in whole[p]["parts"])]
     if noisy:
         left = [p for p, per in zip(paths, caps) if p in noisy and not any(per)]
@@ -238,7 +263,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         solo = [p for p in paths if p not in group]
         spend = sum(ranks[p] * cost[p] for p in solo) + max((ranks[p] for p in group), default=0) * group_cost
         if energy is None and spend + min(cost.values()) <= n:
-            _beyond_kept(budget, n, doc, paths, whole, where, noise)  # the ranks stop where the kept values do
+            _beyond_kept(budget, n, doc, paths, whole, where, noise | complete)  # the ranks stop where the kept values do
         if spend > n:
             # one power of two for every module (the greedy compares their σ² with each other)
             e = square_scale_exponent(np.array([float(m["fro_norm"]) for p in paths for m in whole[p]["parts"]]))
@@ -263,12 +288,23 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                                   hint="raise the budget")
             alloc = allocate_tied(gains, costs, n, tied=len(gains) - 1 if group else None)  # every rank of the experts tried
             if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
-                _beyond_kept(budget, n, doc, paths, whole, where, noise)
+                _beyond_kept(budget, n, doc, paths, whole, where, noise | complete)
             ranks = {**dict(zip(solo, alloc.ranks)), **dict.fromkeys(group, alloc.ranks[-1] if group else 0)}
             energy_all = sum(float(np.ldexp(float(m["fro_norm"]), -e)) ** 2 for p in paths for m in whole[p]["parts"]
                              if m["name"] not in noise) or 1.0
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
                          f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
+            spend = alloc.params
+        # what the floor left unbought, in extract's words: a module whose every component above it is taken, whose
+        # next one (at or below it) the rest of the budget would pay for
+        capped = {p for p, _, _ in floored}
+        left = [p for p, per in zip(paths, caps) if p in capped and ranks[p] == sum(per) < min(whole[p]["out"], whole[p]["in"],
+                                                                                                max_rank or 10**9)
+                and cost[p] <= n - spend]
+        if left:
+            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: the next components of {len(left)} modules "
+                         f"(e.g. {left[0]}) are at the rounding level of their stored weights (rounding noise, not the "
+                         "update), which a budget is never spent on")
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
@@ -322,6 +358,14 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if not all(math.isfinite(alpha(r)) for r in (r0, *pattern.values())):  # JSON has no Infinity; PEFT would get inf
         raise ConfigError(f"--alpha-ratio {alpha_ratio:g} × r overflows: lora_alpha would be infinite",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
+    # PEFT scales B·A by lora_alpha / r in the weights' dtype: a scale float32 flushes to 0 (1e-320) or rounds to
+    # inf leaves an adapter that does nothing or overflows, however the config reads
+    tiny, top = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # (as floats: no float32 cast of s)
+    if bad := [s for s in (alpha(r) / r for r in (r0, *pattern.values())) if not tiny <= s <= top]:
+        raise ConfigError(f"--alpha-ratio {alpha_ratio:g} gives a LoRA scale lora_alpha / r of {bad[0]:.3g}, outside the "
+                          f"normal float32 numbers ({tiny:.3g} to {top:.3g}): the adapter would "
+                          f"{'do nothing' if bad[0] < tiny else 'overflow'}",
+                          hint="lora_alpha = ratio × r; Biderman et al. use 2")
     # PEFT adapts every module whose name ends with a target: a short name (q_proj) would also reach the
     # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
     selection = doc.get("config") or {}
@@ -341,6 +385,17 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the greedy spent on them")
     return Recommendation(config, adapted, params, full, notes)
+
+
+def _resolved(m: dict) -> int | None:
+    """How many of a results record's kept singular values stand above its ``rounding_floor`` (spectra diff's
+    storage rounding floor), when a kept value is at or below it; None when none is (every kept value resolved,
+    those beyond unknown) or no floor is known (null, absent: an older diff; 0: an adapter's exact factors)."""
+    floor = m.get("rounding_floor")
+    kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
+    if floor is None or floor <= 0 or not any(x <= floor for x in kept):
+        return None
+    return sum(x > floor for x in kept)
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:
@@ -404,8 +459,9 @@ def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[s
                  noise: set[str]) -> None:
     """Raise when a budget that could buy more components meets matrices whose spectra the results
     keep only in part (``spectra diff --top-k``): the rest of each spectrum is unknown, so spending
-    less than the budget would be a guess. Nothing when every spectrum is kept whole (rounding noise,
-    ``noise``, takes no components, so its spectrum does not matter)."""
+    less than the budget would be a guess. Nothing when every spectrum is kept whole. ``noise``: matrices
+    whose spectrum beyond the kept values does not matter (rounding noise takes no components; a kept value at
+    or below the rounding floor puts every value after it there too)."""
     short = [p for p in paths for m in whole[p]["parts"]
              if len(m.get("singular_values") or []) < min(int(x) for x in m["shape"]) and m["fro_norm"] > 0
              and m["name"] not in noise]

@@ -109,6 +109,12 @@ class ModuleResult:
             λ = σ², WeightWatcher's default fit) or None where not computed, plus ``alpha_change``
             (α_tuned − α_base), ``alpha_change_z`` (that change in combined standard errors) and ``note``
             (why a side is None; empty otherwise).
+        rounding_floor: the storage rounding floor of ΔW's singular values (:func:`spectra.delta.pair_floor`, in
+            ΔW's units): a value at or below it is rounding of the stored tuned weights, not a direction of the
+            update (``spectra recommend`` never buys one). The exact floor where a kept value (``singular_values``)
+            reaches :func:`spectra.delta.floor_bound`, else that upper bound, which already shows every kept value
+            resolved; 0.0 for a PEFT adapter's factored update (no storage rounding) and an integer dtype; None
+            where unknown (results of an older spectra).
     """
 
     name: str
@@ -140,6 +146,7 @@ class ModuleResult:
     base_singular_values: list[float] | None = None
     tuned_singular_values: list[float] | None = None
     esd: dict[str, Any] | None = None
+    rounding_floor: float | None = None
 
     @property
     def p(self) -> int:

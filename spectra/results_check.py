@@ -120,6 +120,7 @@ def check_document(d: Any, source: Any, *, unique: bool = True) -> None:
             ("role", lambda v: v is None or isinstance(v, str), "a string or null"),
             ("energy_rank_frac", lambda v: isinstance(v, dict) and all(is_num(x) for x in v.values()), "an object of numbers"),
             ("seconds", lambda v: is_num(v) and v >= 0, "a non-negative number"),
+            ("rounding_floor", lambda v: v is None or is_num(v), "a number or null"),
             ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
                              'alpha, sigma, D, xmin) or null'),
         ):
@@ -162,6 +163,9 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
         v = m.get(key)
         if is_num(v) and not v >= 0:
             impossible(f"{at}.{key}", v, "norms and ranks are not negative", source)
+    # a singular value of rounding noise: recommend compares σᵢ with it, so -1 or inf would keep or drop every one
+    if is_num(floor := m.get("rounding_floor")) and not 0 <= floor < math.inf:
+        impossible(f"{at}.rounding_floor", floor, "a rounding floor is a finite number, not negative (null: unknown)", source)
     # τ = 1 is the numerical rank, which may be below the cumulative-sum rank at τ = 1 − 1e-13: left out
     ranks = sorted(((float(k), v) for k, v in m["energy_rank"].items() if is_int(v) and float(k) < 1.0), key=lambda kv: kv[0])
     if any(b[1] < a[1] for a, b in zip(ranks, ranks[1:])):

@@ -532,7 +532,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 continue
             for msg in (notes := pair_notes(pair, wb, wt, delta, base_fro)):  # rounding level, precision mismatch…
                 caveats.setdefault((caveat_codes(msg) or [msg])[0], []).append((ref.step, msg))
-            floor = pair_floor(pair, wb, wt, notes)  # directions at the rounding level of the stored weights: not the update's
+            floor = pair_floor(pair, wb, wt, notes, delta)  # directions at the rounding level of the stored weights: not the update's
             S, top = spectrum_and_top(delta, config.top_k, floor=floor)
             del delta
             now = Subspaces.of(top)
