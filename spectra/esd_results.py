@@ -15,7 +15,7 @@ from spectra.errors import ResultsFormatError
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results import rows_to_csv
-from spectra.results_check import impossible
+from spectra.results_check import unique_names
 
 SCHEMA = "spectra.esd/1"
 
@@ -104,24 +104,6 @@ def check_record(m: Any, at: str, source: Any) -> None:
             raise bad(key, "a number or null")
 
 
-def check_names(mats: Any, source: Any) -> None:
-    """Refuse an ``esd.json`` listing a matrix twice (an edited file, or one written from a journal with a
-    line repeated): the report would count it twice in its medians, flags and table. Records that are not
-    objects with a string name are left to :func:`check_record`.
-
-    Raises:
-        ResultsFormatError: one line naming ``source``, the record and the name.
-    """
-    seen: set[str] = set()
-    for i, m in enumerate(mats if isinstance(mats, list) else []):
-        name = m.get("name") if isinstance(m, dict) else None
-        if isinstance(name, str) and name in seen:
-            impossible(f"matrices[{i}].name", name[:120], "each matrix has one record; this name came before", source,
-                       rerun="spectra esd --out")
-        if isinstance(name, str):
-            seen.add(name)
-
-
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -174,7 +156,7 @@ class EsdResult:
             raise ResultsFormatError("matrices must be a list", path=source)
         for i, m in enumerate(mats):
             check_record(m, f"matrices[{i}]", source)
-        check_names(mats, source)
+        unique_names(mats, source, "spectra esd --out")
         fields = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in fields}
         kw["matrices"] = [EsdRecord.from_dict(m) for m in mats]

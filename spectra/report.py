@@ -41,14 +41,14 @@ from spectra import (
 )
 from spectra.display import safe_text
 from spectra.errors import ConfigError, OutputError, ResultsFormatError, SpectraError
-from spectra.esd_results import check_names as check_esd_names
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, load_jsonl
+from spectra.io.paths import refuse_empty_path
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
-from spectra.results_check import newer_schema_error
+from spectra.results_check import newer_schema_error, unique_names
 
 #: File names looked for in folders: results JSON documents (dispatched by their ``schema``), and the
 #: JSON-lines files read by a loader of :data:`JSONL_LOADERS` (``train_log.jsonl`` is read here).
@@ -77,8 +77,8 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         ConfigError: a path is empty.
     """
     files: list[Path] = []
-    if any(isinstance(p, str) and not p for p in paths):  # Path("") is ".": an unset shell variable read this folder
-        raise ConfigError("an empty path names no results", hint="is a shell variable unset? pass the file or folder; . is the current folder")
+    for p in paths:
+        refuse_empty_path(p, "an empty path names no results")
     for p in map(Path, paths):
         if not p.exists():
             raise SpectraError("no such file or folder", path=p)
@@ -466,7 +466,7 @@ TITLES: dict[str, Callable[[Path, dict], str]] = {
 #: schema string -> a check of a whole document that its sections' own checks of each record do not make (a
 #: matrix listed twice would be counted twice in every median and count), ``check(path, doc)`` (optional).
 CHECKS: dict[str, Callable[[Path, dict], None]] = {
-    report_esd.SCHEMA: lambda path, doc: check_esd_names(doc.get("matrices"), path),
+    report_esd.SCHEMA: lambda path, doc: unique_names(doc.get("matrices"), path, "spectra esd --out"),
 }
 #: JSON-lines file name -> its loader, ``load(path) -> doc`` (a document with a ``schema`` of SECTIONS).
 JSONL_LOADERS: dict[str, Callable[[Path], dict]] = {

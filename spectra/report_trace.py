@@ -17,8 +17,9 @@ from spectra.naming import role_sort_key
 from spectra.plots import trace as trace_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
+from spectra.results_check import unique_names
 from spectra.trace import SCHEMA, TraceResult, load_trace
-from spectra.trace_inputs import check_trace_matrix, check_trace_names, moved
+from spectra.trace_inputs import check_trace_matrix, moved
 
 __all__ = ["SCHEMA", "doc_from_jsonl", "findings", "load", "section_html", "title"]
 
@@ -33,7 +34,7 @@ def load(path: Path, doc: dict) -> TraceResult:
         raise ResultsFormatError("a trace needs lists of matrices and checkpoints", path=path)
     for i, m in enumerate(res.matrices):
         check_trace_matrix(m, f"matrices[{i}]", path)
-    check_trace_names(res.matrices, path)  # a matrix listed twice would count twice in every median
+    unique_names(res.matrices, path, "spectra trace --out")  # a matrix listed twice would count twice in every median
     return res
 
 

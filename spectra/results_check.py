@@ -207,6 +207,23 @@ def check_journal_records(records: list[dict], thresholds: list[float], known: s
                                      hint="run without --resume into a new folder")
 
 
+def unique_names(records: Any, source: Any, rerun: str) -> None:
+    """Refuse a results file listing a matrix twice (an edited file, or one written from a journal with a line
+    repeated): a report would count it twice in its medians and tables. ``records``: the file's list of matrix
+    records; those that are not objects with a string name are left to the per-record checks.
+
+    Raises:
+        ResultsFormatError: one line naming ``source``, the record and the name (:func:`impossible`).
+    """
+    seen: set[str] = set()
+    for i, m in enumerate(records if isinstance(records, list) else []):
+        name = m.get("name") if isinstance(m, dict) else None
+        if isinstance(name, str) and name in seen:
+            impossible(f"matrices[{i}].name", name[:120], "each matrix has one record; this name came before", source, rerun=rerun)
+        if isinstance(name, str):
+            seen.add(name)
+
+
 def impossible(where: str, value: Any, why: str, source: Any, rerun: str = "spectra diff --out") -> None:
     """Raise the one-line error for a value a results file cannot hold (naming the file, the record and the field).
 

@@ -447,25 +447,6 @@ def check_trace_matrix(m: Any, at: str, source: Any) -> None:
         check_trace_point(pt, f"{at}.points[{j}]", source)
 
 
-def check_trace_names(matrices: list, source: Any) -> None:
-    """Refuse a ``trace.json`` listing a matrix twice (an edited file, or one written from a journal with a
-    line repeated): the report would count it twice in every median. Records without a string name are
-    left to :func:`check_trace_matrix`.
-
-    Raises:
-        ResultsFormatError: one line naming ``source``, the record and the name.
-    """
-    seen: set[str] = set()
-    for i, m in enumerate(matrices):
-        name = m.get("name") if isinstance(m, dict) else None
-        if isinstance(name, str) and name in seen:
-            raise ResultsFormatError(f"matrices[{i}].name is {name[:120]!r}, which is impossible: each matrix has one "
-                                     "record; this name came before", path=source,
-                                     hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
-        if isinstance(name, str):
-            seen.add(name)
-
-
 def first_trace_records(records: list, warnings: list[str] | None = None) -> list:
     """A trace's records less each repeated one (:func:`spectra.journal.first_of_each`, the first kept), with
     one warning saying how many: into ``warnings`` for a ``spectra trace`` journal; with None (the lines of a

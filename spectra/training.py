@@ -38,6 +38,7 @@ from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
+from spectra.io.paths import refuse_empty_path
 from spectra.pipeline import diff
 from spectra.training_inputs import (
     TOKENIZER_FILES,
@@ -132,9 +133,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("lora", "full"):
             raise ConfigError(f"method must be lora or full. Got {self.method!r} instead")
-        for name in ("base", "data", "out"):  # Path("") is ".": an unset shell variable named the current folder
-            if getattr(self, name) == "":
-                raise ConfigError(f"--{name} is an empty path", hint="is a shell variable unset? pass the path")
+        for name in ("base", "data", "out"):
+            refuse_empty_path(getattr(self, name), f"--{name} is an empty path")
         for name in ("rank", "steps", "batch", "seq_len", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Got {getattr(self, name)} instead")

@@ -21,7 +21,7 @@ import torch
 from spectra.errors import ConfigError, SpectraError, output_error
 from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
-from spectra.io.paths import file_kind, open_regular
+from spectra.io.paths import file_kind, open_regular, refuse_empty_path
 from spectra.linalg import validate_device
 
 _TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml"}
@@ -117,8 +117,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
             tokenizer JSON are not data), not UTF-8 text, no text in it, or JSONL lines without
             ``text`` or ``prompt``/``response``.
     """
-    if isinstance(path, str) and not path:  # Path("") is ".": an unset shell variable read this folder's files
-        raise ConfigError("--data is an empty path", hint="is a shell variable unset? pass the text file or folder")
+    refuse_empty_path(path, "--data is an empty path")
     p = Path(path)
     try:
         st = os.stat(p)

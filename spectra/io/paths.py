@@ -29,13 +29,18 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (
           (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
 
 
+def refuse_empty_path(x: object, message: str) -> None:
+    """ConfigError(``message``) when ``x`` is the empty string: ``Path("")`` is ``"."``, so an unset shell variable
+    (``spectra diff "$BASE" …``) would read the current folder without a word."""
+    if isinstance(x, str) and not x:
+        raise ConfigError(message, hint="is a shell variable unset? pass the file or folder; . is the current folder")
+
+
 def checkpoint_location(x: object) -> str | os.PathLike[str]:
     """``x`` when it names a checkpoint on disk (a non-empty ``str`` or path-like); otherwise ConfigError saying how to
     save what was given. spectra streams checkpoints from their files (bounded memory, resumable runs,
     fingerprints of the inputs), so an in-memory state dict, module or tensor is saved first."""
-    if isinstance(x, str) and not x:  # Path("") is ".": an unset shell variable ("$BASE") read the current folder
-        raise ConfigError("an empty path names no checkpoint",
-                          hint="is a shell variable unset? pass the file or folder; . is the current folder")
+    refuse_empty_path(x, "an empty path names no checkpoint")
     if isinstance(x, (str, os.PathLike)):
         return x
     kind = type(x).__name__
