@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from spectra.extract import ExtractConfig, extract
+from tests.cli_util import cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 MATS = ("q_proj", "k_proj", "v_proj")
 SHAPE = (32, 48)  # (out, in) of every matrix: one cost per component, out + in = 80
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=240, cwd=ROOT, env=env)
 
 
 def _frozen_layer_pair(root: Path) -> tuple[str, str, dict[str, np.ndarray]]:

@@ -14,9 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,17 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from spectra.errors import ConfigError
+from tests.cli_util import cli as _cli
+from tests.train_util import corpus_tokens, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from train_util import corpus_tokens, tiny_llama  # noqa: E402
-
-
-def _cli(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=300, cwd=cwd, env=env)
 
 
 def _warnings(err: str) -> list[str]:

@@ -17,10 +17,7 @@ weights (extract's floor).
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +31,13 @@ from spectra.errors import ConfigError, ResultsFormatError
 from spectra.numerics import rounding_floor
 from spectra.recommend import recommend
 from spectra.results import DiffResult
+from tests.cli_util import cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 Q, K, V = (f"model.layers.0.self_attn.{m}_proj.weight" for m in "qkv")
 #: name -> (out, in, the exact update's singular values)
 SPECS = {Q: (32, 32, [0.05, 0.03, 0.01]), K: (16, 32, [0.05] * 3 + [0.025] * 3), V: (16, 32, [0.04] * 2)}
 TRUE = {n: len(s) for n, (_, _, s) in SPECS.items()}
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=240, cwd=ROOT, env=env)
 
 
 def _exact_low_rank_pair(root: Path) -> tuple[str, str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -21,17 +18,10 @@ from spectra.errors import ResultsFormatError
 from spectra.esd_results import EsdResult
 from spectra.esd_run import EsdConfig, esd
 from spectra.trace import load_trace, trace
+from tests.cli_util import cli as _cli
 
 D = 16
 NAMES = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
-
-
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=240, cwd=cwd, env=env)
 
 
 def _weights(step: int) -> dict[str, torch.Tensor]:

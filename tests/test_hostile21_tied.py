@@ -8,9 +8,6 @@ sum (``diff`` gives ‖ΔE + ΔH‖_F from the factors). Numbers against float64
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.cli_util import cli as _cli
+
 HIDDEN, VOCAB, SCALE = 32, 64, 2.0  # lora_alpha 8 over r 4
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=300, cwd=root, env=env)
 
 
 def _llama():

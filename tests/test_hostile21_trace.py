@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +17,10 @@ from safetensors.torch import save_file
 
 from spectra.errors import ConfigError
 from spectra.trace_inputs import find_checkpoints, moved
+from tests.cli_util import cli as _cli
 
 D = 16
 NAMES = [f"model.layers.{i}.{m}.weight" for i in range(3) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj")]
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (str(root), os.environ.get("PYTHONPATH")) if x),
-           "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", *args], capture_output=True,
-                          text=True, timeout=240, cwd=root, env=env)
 
 
 def _base() -> dict[str, torch.Tensor]:
