@@ -312,3 +312,14 @@ def log10_power_sum(x: np.ndarray, a: float) -> float | None:
     if not (top > 0.0 and math.isfinite(top) and math.isfinite(a) and np.isfinite(x).all()):
         return None
     return a * math.log10(top) + math.log10(float(np.sum((x[x > 0] / top) ** a)))
+
+
+def normal_float32(x: float) -> bool:
+    """Whether ``x`` is a normal float32 magnitude, ``1.18e-38 <= x <= 3.4e38``: a LoRA scale (lora_alpha / r) that
+    PEFT applies in float32 outside it flushes to 0 (the adapter adds nothing) or overflows.
+
+    >>> normal_float32(2.0), normal_float32(1e-320), normal_float32(1e39)
+    (True, False, False)
+    """
+    info = np.finfo(np.float32)
+    return float(info.tiny) <= x <= float(info.max)

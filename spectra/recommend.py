@@ -43,7 +43,7 @@ from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
-from spectra.metrics import square_scale_exponent, threshold_key
+from spectra.metrics import normal_float32, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
@@ -360,8 +360,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
     # PEFT scales B·A by lora_alpha / r in the weights' dtype: a scale float32 flushes to 0 (1e-320) or rounds to
     # inf leaves an adapter that does nothing or overflows, however the config reads
-    tiny, top = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)  # (as floats: no float32 cast of s)
-    if bad := [s for s in (alpha(r) / r for r in (r0, *pattern.values())) if not tiny <= s <= top]:
+    tiny, top = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    if bad := [s for s in (alpha(r) / r for r in (r0, *pattern.values())) if not normal_float32(s)]:
         raise ConfigError(f"--alpha-ratio {alpha_ratio:g} gives a LoRA scale lora_alpha / r of {bad[0]:.3g}, outside the "
                           f"normal float32 numbers ({tiny:.3g} to {top:.3g}): the adapter would "
                           f"{'do nothing' if bad[0] < tiny else 'overflow'}",

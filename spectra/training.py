@@ -39,6 +39,7 @@ from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
 from spectra.io.paths import refuse_empty_path
+from spectra.metrics import normal_float32
 from spectra.pipeline import diff
 from spectra.training_inputs import (
     TOKENIZER_FILES,
@@ -159,7 +160,7 @@ class TrainConfig:
         root = math.sqrt(self.rank) if self.rslora else float(self.rank)
         scale = self.resolved_alpha / root
         f32 = torch.finfo(torch.float32)
-        if not f32.tiny <= scale <= f32.max:
+        if not normal_float32(scale):
             what = "0 or subnormal" if scale < f32.tiny else "infinite"
             raise ConfigError(f"--alpha {self.resolved_alpha:.4g} gives the LoRA scale alpha/{'√' if self.rslora else ''}r = "
                               f"{scale:.3g}, which is {what} in float32: the adapter would add "
