@@ -301,7 +301,7 @@ def test_bad_options_and_model_folders_are_one_line_errors(env, tmp_path):
     bad_tok = model("badtok", lambda d: (d / "tokenizer.json").write_text("garbage"))
     (tmp_path / "afile").write_text("hi")
     cases = [
-        (("--device", "tpu"), "is not a device"),
+        (("--device", "tpu"), "--device must be auto, cpu, cuda or cuda:N"),
         (("--seed", str(2**80)), "range"),
         (("--base", bad_json), "not valid JSON"),
         (("--base", no_type), "model_type"),
