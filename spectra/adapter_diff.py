@@ -29,6 +29,7 @@ from spectra.io.adapter import Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import absorb, run_fingerprint
+from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
@@ -443,7 +444,7 @@ def non_finite_factor(mod: LoraModule) -> str | None:
     if mod.magnitude is not None:
         factors += (("lora_magnitude_vector", mod.magnitude),)
     for what, t in factors:
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             return f"{what} of {mod.module} contains NaN or Inf; ΔW is undefined"
     return None
 
@@ -465,7 +466,7 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         delta = mod.dora_delta(full)
         if rows is not None:
             delta = delta[rows]
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             return f"the DoRA update of {mod.module} is not finite (NaN or Inf in the base weight {base_name}); ΔW is undefined"
         S = batch_singular_values(delta.unsqueeze(0).to(torch.float32), device=device, dtype=dtype)[0]
         method = "dora/dense"
@@ -481,7 +482,7 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
     base_sv = tuned_sv = esd = None
     if config.weight_spectra and W is not None:  # W_tuned = W_base + ΔW, formed densely in float64
         tuned = W.double() + (delta.double() if mod.magnitude is not None else mod.scale * (Bf.double() @ Af.double()))
-        if not bool(torch.isfinite(tuned).all()):
+        if not all_finite(tuned):
             return f"W_base + ΔW of {mod.module} is not finite (NaN or Inf in the base weight {base_name}, or an overflowing update)"
         S_b, S_t = batch_singular_values([W.double(), tuned], device=device, dtype=dtype)
         del tuned

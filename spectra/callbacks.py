@@ -60,6 +60,7 @@ from spectra.io.adapter import base_changing_init
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
+from spectra.linalg import all_finite
 from spectra.metrics import refuse_meta
 from spectra.naming import describe_checkpoint
 from spectra.numerics import certified_floor, numeric_notes, rounding_floor, unresolved_text
@@ -373,13 +374,13 @@ class SpectraTracker:
                 sB0, A0 = tr.start
                 B = torch.cat([B.double(), -sB0.to(B.device)], dim=1)
                 A = torch.cat([A.double(), A0.to(A.device)], dim=0)
-            if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            if not (all_finite(B) and all_finite(A)):
                 return None, None, 0.0, []
             f = Factored.from_lora(B, A, 1.0)
             return f.S.cpu().numpy(), truncate(f, self.config.top_k), 0.0, []
         initial = tr.initial.to(tr.param.device)  # once: ΔW and the floor both read it (a copy on a GPU)
         delta = tr.param.detach().float() - initial.float()
-        if not bool(torch.isfinite(delta).all()):
+        if not all_finite(delta):
             return None, None, 0.0, []
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
         dtype = str(tr.param.dtype).removeprefix("torch.")

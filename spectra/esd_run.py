@@ -43,7 +43,7 @@ from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import remove_earlier_outputs
 from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, inputs_fingerprint
-from spectra.linalg import check_device_available, resolve_device
+from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
 from spectra.pairing import MatrixPair, pair_checkpoints
@@ -196,7 +196,7 @@ def _read(task: Task, ckpt: Checkpoint) -> list[tuple[Unit, Task, torch.Tensor |
         if unit.rows is not None:
             m = m[unit.rows]
         m = m.to(torch.float64 if m.dtype == torch.float64 else torch.float32)
-        if not bool(torch.isfinite(m).all()):
+        if not all_finite(m):
             out.append((unit, task, None, "NaN or Inf in the weights; the spectrum is undefined"))
         elif m.dtype == torch.float64 and not float(torch.linalg.vector_norm(m)) ** 2 < GRAM_LIMIT:
             # float32 squares cannot overflow float64; float64 weights near 1e154 make λ = σ² (and the Gram) overflow

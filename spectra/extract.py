@@ -97,7 +97,7 @@ from spectra.io.peft_writer import (
     write_adapter,
 )
 from spectra.journal import RecordJournal, inputs_fingerprint
-from spectra.linalg import check_device_available, resolve_device
+from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import (
     GramEig,
@@ -408,7 +408,7 @@ def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
             W = src.base.load(t.base_name).to(torch.float32)
             W = W.mT if t.conv1d else W
             delta = mod.dora_delta(W).to(device)
-            if not bool(torch.isfinite(delta).all()):
+            if not all_finite(delta):
                 run.skip(i, f"the DoRA update of {mod.module} is not finite (its base weight {t.base_name} holds NaN or "
                             "Inf, or the update overflows float32)")
                 continue

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import gram, real_tensor
+from spectra.linalg import all_finite, gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
@@ -70,7 +70,7 @@ def as_factored64(f: Factored) -> Factored:
     Vh = real_tensor(f.Vh, "Vh").to(U.device, torch.float64)
     if not bool((S >= 0).all()):  # a negative or NaN value would be dropped below as "no direction"
         raise ValueError(f"S must be non-negative singular values. Got {S.tolist()[:8]} instead.")
-    if not bool(torch.isfinite(S).all() and torch.isfinite(U).all() and torch.isfinite(Vh).all()):
+    if not (all_finite(S) and all_finite(U) and all_finite(Vh)):
         raise ValueError("an update's factors must be finite. Got NaN or Inf entries instead.")
     order = torch.argsort(S, descending=True)
     floor = RANK_TOL * float(S[order[0]]) if S.numel() else 0.0
@@ -95,7 +95,7 @@ def _dense64(x: Update) -> torch.Tensor:
     t = real_tensor(x, "an update").to(torch.float64)
     if t.ndim != 2:
         raise ValueError(f"an update must be a 2-D (out, in) matrix. Got shape {tuple(t.shape)} instead.")
-    if not bool(torch.isfinite(t).all()):  # its cosines would be NaN, which reads as "a zero update" here
+    if not all_finite(t):  # its cosines would be NaN, which reads as "a zero update" here
         raise ValueError("an update must be finite. Got NaN or Inf entries instead.")
     return t
 

@@ -39,6 +39,7 @@ from spectra.errors import ConfigError, SpectraError
 from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
 from spectra.io.paths import refuse_empty_path
+from spectra.linalg import all_finite
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
 from spectra.training_inputs import (
@@ -489,7 +490,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
                     tracker.measure(step, loss=value)  # the saved model is the last step's: the trace ends there too
             if step % config.eval_every == 0 or step == config.steps:
                 last = record(step, value)
-        if not all(bool(torch.isfinite(p).all()) for p in params):  # the last step can diverge after its loss was taken
+        if not all(all_finite(p) for p in params):  # the last step can diverge after its loss was taken
             raise SpectraError(f"the weights became infinite or NaN by step {config.steps}", path=out, hint="lower --lr")
     finally:
         log.close()
