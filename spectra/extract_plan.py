@@ -351,8 +351,7 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
         ConfigError: ``--rank`` above min(out, in) of a module (naming the smallest), or a budget
             below the cheapest component of the chosen modules (naming it).
     """
-    serving = "vllm" if config.serving == "vllm" else None
-    levels = [rank_levels(t.p, config.max_rank, serving) for t in targets]
+    levels = _rank_levels(targets, config)
     groups: dict[str, list[int]] = {}
     for i, t in enumerate(targets):
         if t.group:
@@ -378,6 +377,13 @@ def plan_ranks(targets: list[Target], config: ExtractConfig, bytes_per_param: in
                                                        range(len(targets)), config)
     caps = [lv[-1] if lv else 0 for lv in levels]
     return RankPlan(levels, caps, groups, budget, uniform_bound)
+
+
+def _rank_levels(targets: list[Target], config: ExtractConfig) -> list[list[int]]:
+    """The ranks each target may take before any budget (:func:`spectra.lowrank.rank_levels`: ``--max-rank``,
+    ``--serving``), ascending."""
+    serving = "vllm" if config.serving == "vllm" else None
+    return [rank_levels(t.p, config.max_rank, serving) for t in targets]
 
 
 def _budget_levels(targets: list[Target], levels: list[list[int]], budget: int, among: Iterable[int],
@@ -415,10 +421,8 @@ def settle_budget(plan: RankPlan, targets: list[Target], config: ExtractConfig, 
     if config.mode != "budget" or config.parsed_budget.kind != "fraction" or not changed:
         return plan
     full = sum(targets[i].shape[0] * targets[i].shape[1] for i in changed)
-    serving = "vllm" if config.serving == "vllm" else None
-    levels = [rank_levels(t.p, config.max_rank, serving) for t in targets]
-    budget, levels, uniform_bound = _budget_levels(targets, levels, config.parsed_budget.params(full, bytes_per_param),
-                                                   changed, config)
+    budget, levels, uniform_bound = _budget_levels(targets, _rank_levels(targets, config),
+                                                   config.parsed_budget.params(full, bytes_per_param), changed, config)
     return RankPlan(levels, [lv[-1] if lv else 0 for lv in levels], plan.groups, budget, uniform_bound)
 
 

@@ -224,22 +224,16 @@ def absorb(result: DiffResult, records: list[dict]) -> set[str]:
     them) to ``result``; their names."""
     names: set[str] = set()
     known = set(ModuleResult.__dataclass_fields__)
-    repeated = 0
-    for rec in records:
+    # an edited or concatenated journal: one result per name, the first (with a warning)
+    for rec in first_of_each(records, lambda r: (r.get("module") or r.get("skipped") or {}).get("name"), result.warnings):
         entry = rec.get("module", rec.get("skipped"))
         if entry is None:
-            continue
-        if entry["name"] in names:  # an edited or concatenated journal: one result per name, the first
-            repeated += 1
             continue
         names.add(entry["name"])
         if "module" in rec:
             result.modules.append(ModuleResult(**{k: v for k, v in entry.items() if k in known}))
         else:
             result.skipped.append(entry)
-    if repeated:
-        result.warnings.append(f"the journal held {repeated} repeated record(s) of a matrix already recorded; "
-                               "the first of each was kept")
     return names
 
 
