@@ -129,9 +129,8 @@ def diff_cmd(base, tuned, out_dir, thresholds, include, exclude, layers, device,
     from spectra.distributed import is_lead, launched, world_size
 
     if approx and given("approx_above") and is_lead():
-        # the caveat names "p above --approx-above" as the cause; with --approx it is --approx, whatever N is
         stderr().print(f"[yellow]warning:[/] --approx-above {approx_above} has no effect with --approx: every matrix is "
-                       "approximate (where the caveat says \"p above --approx-above\", read --approx)", highlight=False)
+                       "approximate", highlight=False)
     if nproc is not None and not plan_only:  # it plans; a run's ranks come from the launcher (torchrun)
         raise click.UsageError("--nproc goes with --plan (a run's ranks are torchrun's --nproc-per-node)")
     if plan_only:

@@ -56,9 +56,9 @@ CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
         "ΔW includes quantisation error, which is near full rank and inflates energy ranks"),
     "approximate": (  # not a caveat of the weights but of the numbers: said beside them as the others are
         re.compile(r"approximate: energy ranks lie within energy_rank_bounds"),
-        "energy ranks are estimates from a randomized sketch (approximate mode, p above --approx-above)",
+        "energy ranks are estimates from a randomized sketch (approximate mode: --approx, or p above --approx-above)",
         ("each lies within its guaranteed bounds in results.json (energy_rank_bounds); the table's medians and the "
-         "findings use the estimates (a larger --approx-above computes them exactly)")),
+         "findings use the estimates (without --approx, a larger --approx-above computes them exactly)")),
     "subnormal": (
         re.compile(r"subnormal values: "),
         "subnormal values carry part of ΔW",
