@@ -50,14 +50,13 @@ from spectra.compare_records import (
 from spectra.config import CompareConfig, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
-from spectra.interference import RANK_TOL
 from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
-from spectra.metrics import numerical_rank, outside_squaring_range
+from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
 from spectra.naming import (
     MatrixSpec,
     describe_checkpoint,
@@ -110,12 +109,12 @@ def _resolved_rank(form: Factored | TopSVD, p: int, floor: float = 0.0) -> int:
     route's top values) down to σ₁·√(p·u) (:func:`spectra.metrics.numerical_rank`) and above ``floor``,
     the rounding floor of the weights it was formed from (:func:`spectra.delta.pair_floor`); a factored one's
     (a LoRA's s·B·A, an SVD of its exact factors, accurate to ~u·σ₁) down to
-    :data:`spectra.interference.RANK_TOL`·σ₁, as ``spectra interfere`` counts them: a LoRA direction at
+    :data:`spectra.metrics.RANK_TOL`·σ₁, as ``spectra interfere`` counts them: a LoRA direction at
     1e-9·σ₁ is a direction, which the Gram route's 1e-7·σ₁ would drop."""
     S = form.S.detach().cpu().numpy()
     if isinstance(form, TopSVD):
         return min(numerical_rank(S, p), int(np.count_nonzero(floor < S)))
-    return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size else 0
+    return factored_rank(S)
 
 
 def _tie_widened(u: _Update | str, r: int, p: int) -> tuple[_Update | str, int, str]:

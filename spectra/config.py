@@ -50,6 +50,8 @@ class SharedOptions:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.device, torch.device):  # the Python API's own device type, recorded as its name
+            object.__setattr__(self, "device", str(self.device))
         check_field_types(self)
         if "seed" in self.__dataclass_fields__:  # every command's seed: 2**70 failed in torch ("Overflow when unpacking long long")
             check_seed(self.seed)  # type: ignore[attr-defined]

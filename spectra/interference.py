@@ -49,15 +49,14 @@ import torch
 from spectra.engine import factored_svd
 from spectra.linalg import all_finite, gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
-from spectra.metrics import effective_rank, energy_rank, stable_rank, threshold_key
+from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
 from spectra.ties import tie_cut
 
 Update = torch.Tensor | np.ndarray | Factored
 
-#: Singular values below ``RANK_TOL · σ₁`` count as zero when the numerical rank of a concatenation
-#: is taken (float64 SVD of a stack of exact factors: its rounding is ~1e-15 · σ₁).
-RANK_TOL = 1e-10
+# Singular values below RANK_TOL·σ₁ count as zero when the numerical rank of a concatenation is
+# taken (float64 SVD of a stack of exact factors: its rounding is ~1e-15·σ₁); spectra.metrics.RANK_TOL
 
 
 # ---- inputs ------------------------------------------------------------------------------------------

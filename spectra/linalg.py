@@ -68,17 +68,20 @@ from spectra.randmat import gavish_donoho_omega
 Method = Literal["gram", "svd"]
 
 
-def validate_device(device: str) -> None:
+def validate_device(device: str | torch.device) -> None:
     """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N an ASCII index from 0 to 127
     without leading zeros: torch parses "cuda:01" nowhere, "cuda:٣" raised deep inside, and its int8 index
-    read "cuda:128" as cuda:-128)."""
+    read "cuda:128" as cuda:-128), as a string or a ``torch.device`` (meta or mps failed deep inside)."""
+    device = str(device) if isinstance(device, torch.device) else device
     m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
     if device != "auto" and (m is None or (m.group(1) is not None and int(m.group(1)) > 127)):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N (N from 0 to 127). Got {device!r} instead")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    """``"auto"`` -> CUDA when available, else CPU; cpu, cuda or cuda:N (a string or a ``torch.device``) as
+    ``torch.device``; anything else a :class:`ConfigError` (:func:`validate_device`)."""
+    validate_device(device)
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -175,8 +178,8 @@ def singular_values(
     M = real_tensor(M, "M")
     if M.ndim not in (2, 3):
         raise ValueError(f"M must have shape (out, in) or (batch, out, in). Got {tuple(M.shape)} instead.")
-    if min(M.shape[-2:]) == 0:
-        return np.zeros(M.shape[:-2] + (0,), dtype=np.float64)
+    if min(M.shape[-2:]) == 0 or M.numel() == 0:  # an empty batch too: the inf-norm of no entries raised
+        return np.zeros(M.shape[:-2] + (min(M.shape[-2:]),), dtype=np.float64)
     if not M.is_floating_point():  # integers and booleans: exact in the decomposition's dtype
         M = M.to(dtype)
     amax = float(torch.linalg.vector_norm(M, ord=math.inf))

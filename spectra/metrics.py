@@ -199,6 +199,49 @@ def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     return int(np.count_nonzero(rank_resolution(float(S.max()), p) < S)) if S.max() > 0 else 0
 
 
+#: A factored update's singular values (an SVD of its exact factors, accurate to ~1e-15·σ₁) below
+#: ``RANK_TOL · σ₁`` count as zero: rounding, not a direction.
+RANK_TOL = 1e-10
+
+
+def factored_rank(S: np.ndarray) -> int:
+    """How many of a factored update's singular values ``S`` (a LoRA's ``s·B·A`` from its exact
+    factors) stand above ``RANK_TOL · σ₁``: its rank, where :func:`numerical_rank`'s Gram resolution
+    (~1e-7·σ₁) would drop real directions. 0 for a zero update.
+
+    >>> factored_rank(np.array([2.0, 1e-9, 1e-12, 0.0]))
+    2
+    """
+    S = as_spectrum(S)
+    return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size and S.max() > 0 else 0
+
+
+def amplification_factor(delta_fro: float, proj_delta: float) -> float:
+    """Hu et al. (2021, Sec. 7.3): ``‖ΔW‖_F / ‖U_rᵀ W V_r‖_F``; 0 when ``ΔW = 0``, inf when only the
+    projection is 0.
+
+    >>> round(amplification_factor(6.91, 0.32), 1)   # Table 7, GPT-3 W_q, r = 4
+    21.6
+    """
+    if delta_fro == 0.0:
+        return 0.0
+    return delta_fro / proj_delta if proj_delta > 0.0 else math.inf
+
+
+def random_projection_rms(w_fro: float, r: int, out: int, in_: int) -> float:
+    """``sqrt(E‖UᵀWV‖_F²) = r·‖W‖_F / sqrt(out·in)`` for independent random orthonormal ``U (out, r)``,
+    ``V (in, r)``.
+
+    Exact: ``E[UUᵀ] = (r/out)·I`` and ``E[VVᵀ] = (r/in)·I``, so ``E‖UᵀWV‖_F² = r²‖W‖_F²/(out·in)``.
+    This is the root mean square; ``E‖UᵀWV‖_F`` itself is slightly smaller (Jensen). docs/definitions.md's
+    0.0202 (r = 4) and 0.3227 (r = 64) for GPT-3's ``W_q`` (12288², ‖W‖_F = 61.95) are this value.
+
+    >>> round(random_projection_rms(61.95, 4, 12288, 12288), 4)
+    0.0202
+    """
+    return r * w_fro / math.sqrt(out * in_)
+
+
 def stable_rank(S: np.ndarray) -> float:
     """``Σσᵢ² / σ₁²``; 0 for a zero matrix."""
     S = as_spectrum(S)

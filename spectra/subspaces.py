@@ -31,7 +31,15 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.linalg import finite_tensor, singular_values
-from spectra.metrics import check_energy_range, check_index, numerical_rank, rank_resolution
+from spectra.metrics import (
+    amplification_factor,
+    check_energy_range,
+    check_index,
+    factored_rank,
+    numerical_rank,
+    random_projection_rms,
+    rank_resolution,
+)
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 from spectra.ties import tied_cuts
 
@@ -198,7 +206,8 @@ def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
             LoRA update, computed without forming ``B·A``), or a
             :class:`~spectra.singular_bases.TopSVD`.
         k: number of singular vectors, ``1 <= k <= p`` (``p = min(out, in)``, or ``q`` for a factored
-            ``M``, or the k of a ``TopSVD``).
+            ``M``, or the k of a ``TopSVD``), and at most ``M``'s resolved rank (docs/definitions.md:
+            directions past it are rounding noise; a zero ``M`` has no subspace and raises).
         side: ``"left"`` (output space, columns of ``U``) or ``"right"`` (input space, rows of ``Vh``).
 
     Returns:
@@ -217,13 +226,23 @@ def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right'. Got {side!r} instead.")
     if isinstance(M, TopSVD):
-        U, Vh = M.U, M.Vh
+        U, S, Vh = M.U, M.S, M.Vh
     elif _is_factored(M):
-        U, _, Vh = _factors64(M, "M", None)  # type: ignore[arg-type]
+        U, S, Vh = _factors64(M, "M", None)  # type: ignore[arg-type]
     else:
-        U, _, Vh = torch.linalg.svd(_matrix(M, "M", None), full_matrices=False)  # type: ignore[arg-type]
-    k = check_index(k, "k", 1, U.shape[1])
+        U, S, Vh = torch.linalg.svd(_matrix(M, "M", None), full_matrices=False)  # type: ignore[arg-type]
+    rank = _resolved(M, S)  # beyond it the vectors are a null space's arbitrary ones (two zero updates: φ = 1)
+    if rank == 0:
+        raise ValueError("M is zero (no singular value above its resolution): its singular subspaces are undefined.")
+    why = f" (M's {'rank' if _is_factored(M) else 'numerical rank'}: its other directions are rounding noise)"
+    k = check_index(k, "k", 1, rank, why if rank < U.shape[1] else "")
     return U[:, :k] if side == "left" else Vh[:k].mT
+
+
+def _resolved(M: Update, S: torch.Tensor) -> int:
+    # a factored update's directions above RANK_TOL·σ₁, a dense one's (a TopSVD's) above the Gram route's σ₁·√(p·u)
+    S64 = S.detach().to("cpu", torch.float64).numpy()
+    return factored_rank(S64) if _is_factored(M) else numerical_rank(S64, min(_update_shape(M)))
 
 
 # ---- principal angles ---------------------------------------------------------------------------
@@ -445,32 +464,6 @@ def captured_energy(dW: Update, U_L: Tensor, V_L: Tensor) -> CapturedEnergy:
 
 
 # ---- amplification ----------------------------------------------------------------------------------
-def amplification_factor(delta_fro: float, proj_delta: float) -> float:
-    """Hu et al. (2021, Sec. 7.3): ``‖ΔW‖_F / ‖U_rᵀ W V_r‖_F``; 0 when ``ΔW = 0``, inf when only the
-    projection is 0.
-
-    >>> round(amplification_factor(6.91, 0.32), 1)   # Table 7, GPT-3 W_q, r = 4
-    21.6
-    """
-    if delta_fro == 0.0:
-        return 0.0
-    return delta_fro / proj_delta if proj_delta > 0.0 else math.inf
-
-
-def random_projection_rms(w_fro: float, r: int, out: int, in_: int) -> float:
-    """``sqrt(E‖UᵀWV‖_F²) = r·‖W‖_F / sqrt(out·in)`` for independent random orthonormal ``U (out, r)``,
-    ``V (in, r)``.
-
-    Exact: ``E[UUᵀ] = (r/out)·I`` and ``E[VVᵀ] = (r/in)·I``, so ``E‖UᵀWV‖_F² = r²‖W‖_F²/(out·in)``.
-    This is the root mean square; ``E‖UᵀWV‖_F`` itself is slightly smaller (Jensen). docs/definitions.md's
-    0.0202 (r = 4) and 0.3227 (r = 64) for GPT-3's ``W_q`` (12288², ‖W‖_F = 61.95) are this value.
-
-    >>> round(random_projection_rms(61.95, 4, 12288, 12288), 4)
-    0.0202
-    """
-    return r * w_fro / math.sqrt(out * in_)
-
-
 @dataclass(frozen=True)
 class Amplification:
     """Hu et al. (2021, LoRA, Sec. 7.3, Table 7): how strongly ΔW amplifies directions of W.
@@ -521,8 +514,8 @@ def amplification(
             top-r factors are used, nothing is densified), or a
             :class:`~spectra.singular_bases.TopSVD` holding at least r triplets.
         W: ``(out, in)`` base weight.
-        r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``, or a dense
-            ``dW``'s numerical rank, :func:`spectra.metrics.numerical_rank`, when it is lower).
+        r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``), and at most
+            ``dW``'s resolved rank when it is lower (as :func:`top_subspace`'s k).
         generator: randomness of ``proj_random`` (seed it for reproducible numbers; None draws from, and advances, torch's global one).
         base: W's decomposition when already computed (:class:`spectra.singular_bases.WeightBasis`
             of this W, shared with the intruders); its top-r singular values and energy are used.
@@ -538,7 +531,9 @@ def amplification(
         Dense ΔW: its top-r triplets and its norm from the float64 Gram matrix
         (:func:`spectra.singular_bases.top_svd`, precision stated there). ``proj_own`` comes from
         W's exact float64 singular values (Gram route, :func:`spectra.linalg.singular_values`),
-        which equals the projection onto W's own top-r singular vectors without computing them.
+        which equals the projection onto W's own top-r singular vectors without computing them. An r
+        that ends inside tied singular values of ΔW leaves its top-r subspace, and so ``proj_delta``,
+        the solver's choice within the tie; ``spectra compare`` widens r past it (:func:`spectra.ties.tie_cut`).
 
     Example:
         >>> W = torch.diag(torch.tensor([4.0, 3.0, 0.5]))
@@ -550,12 +545,13 @@ def amplification(
     device, W64, shape = _weight_for_update(W, dW, "W")
     out, inn = shape
     r = check_index(r, "r", 1, min(shape))
-    if not isinstance(dW, (TopSVD, Factored, tuple)):
-        dW = top_svd(_matrix(dW, "dW", device), r)  # type: ignore[arg-type]
-        # as a factored ΔW holds q directions, a dense one holds its numerical rank: beyond, rounding noise
-        rank = numerical_rank(dW.S.cpu().numpy(), min(shape))
-        if 0 < rank < r:
-            raise ValueError(f"r must be in [1, {rank}] (dW's numerical rank: its other directions are rounding noise). Got {r} instead.")
+    dW = dW if isinstance(dW, (TopSVD, Factored, tuple)) else top_svd(_matrix(dW, "dW", device), r)  # type: ignore[arg-type]
+    # past the resolved rank, a null space's arbitrary directions (a LoRA with a zero column of B gave a
+    # factor set by the column it did not use): refused, as compare cuts r at the resolved rank
+    held = dW.S if isinstance(dW, (TopSVD, Factored)) else torch.as_tensor(dW[1])
+    if 0 < (rank := _resolved(dW, held)) < min(r, len(held)):
+        kind = "rank" if _is_factored(dW) else "numerical rank"
+        raise ValueError(f"r must be in [1, {rank}] (dW's {kind}: its other directions are rounding noise). Got {r} instead.")
     if isinstance(dW, TopSVD):
         U, S, Vh = (x.to(device=device, dtype=torch.float64) for x in (dW.U, dW.S, dW.Vh))
         delta_fro = math.sqrt(dW.energy)
