@@ -30,7 +30,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import absorb, run_fingerprint
 from spectra.linalg import all_finite
-from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, spec_order, unique_pairing_keys
+from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
@@ -62,7 +62,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
         specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
         lookup = unique_pairing_keys(list(base.tensors))
     else:
-        specs = describe_checkpoint({m.weight_name: m.shape for m in adapter.modules.values()})
+        specs = describe_updates({m.weight_name: m.shape for m in adapter.modules.values()}, fan_in_fan_out=adapter.config.fan_in_fan_out)
     out = []
     for mod in adapter.modules.values():
         if base is None:

@@ -60,6 +60,7 @@ from spectra.metrics import factored_rank, numerical_rank, outside_squaring_rang
 from spectra.naming import (
     MatrixSpec,
     describe_checkpoint,
+    describe_updates,
     pairing_key,
     role_sort_key,
     unique_pairing_keys,
@@ -209,7 +210,7 @@ class _Side:
     def own_specs(self) -> dict[str, MatrixSpec]:
         """Pairing key -> spec of each updated matrix, from this side's names alone (no base)."""
         if self.kind == "lora":
-            specs = describe_checkpoint({m.weight_name: m.shape for m in self.mods.values()})
+            specs = describe_updates({m.weight_name: m.shape for m in self.mods.values()}, fan_in_fan_out=self.adapter.config.fan_in_fan_out)
             return {k: specs[m.weight_name] for k, m in self.mods.items() if m.weight_name in specs}
         return {k: p.base for k, p in self.pairs.items()}
 

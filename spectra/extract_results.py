@@ -2,9 +2,9 @@
 the figures; and the part of an update a LoRA cannot hold (changed norms and biases, matrices left out).
 
 Per module: the rank kept, its parameters ``r·(out + in)``, the energy kept ``E = Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``,
-the relative Frobenius error of the truncation ``‖ΔW − B·A‖_F / ‖ΔW‖_F = √(1 − E)`` (Eckart–Young), the
-spectral error ``σ_{r+1} / σ₁`` (``‖ΔW − B·A‖₂ / ‖ΔW‖₂``), and beside them what a uniform rank with the
-same total parameter count would keep, computed from the same spectra at no extra cost. ``storage_error``
+the relative Frobenius error of the truncation ``‖ΔW − B·A‖_F / ‖ΔW‖_F = √(1 − E)`` (Eckart–Young; summed from the
+tail's σᵢ², :func:`tail_share`), the spectral error ``σ_{r+1} / σ₁`` (``‖ΔW − B·A‖₂ / ‖ΔW‖₂``), and beside them what a
+uniform rank with the same total parameter count would keep, computed from the same spectra at no extra cost. ``storage_error``
 bounds what storing the factors in the adapter's dtype does to their product (:func:`note_storage`).
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from spectra.display import matrices
-from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, extractable, resolved_count
+from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, energies, extractable, resolved_count
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, result_json
@@ -30,6 +30,7 @@ from spectra.lowrank import (
     Allocation,
     energy_kept,
     energy_rank_top,
+    rank_levels,
     round_up,
 )
 from spectra.naming import is_bias
@@ -262,6 +263,20 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def tail_share(spec: dict, r: int, p: int) -> float:
+    """``Σ_{i>r} σᵢ² / ‖ΔW‖²_F`` of a journaled spectrum (``rel_fro_error`` is its root: Eckart–Young), summed from
+    the values beyond r (and ``rest``, the energy of those not journaled, :meth:`spectra.extract_io.ExtractRun.add_spectrum`)
+    where the whole spectrum is known; else ``1 − E``, which cancels near an exact reconstruction (a flat rank-64 update
+    with a tail of 1e-6: ``rel_fro_error`` 3e-4 below the Eckart–Young minimum; rank 32 with 1e-8: 0). The values are the
+    float64 Gram's (exact to ≈1e-7·σ₁, :func:`spectra.lowrank.gram_eig`), so a tail below that is not resolved. 0 for no update."""
+    S, total = np.asarray(spec.get("S") or [], dtype=np.float64), float(spec["total"])
+    if total <= 0:
+        return 0.0
+    if S.size >= p or "rest" in spec:
+        return min(1.0, (float(np.sum(S[r:] ** 2)) + float(spec.get("rest", 0.0))) / total)
+    return max(0.0, 1.0 - energy_kept(S, total, r))
+
+
 def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractConfig) -> dict[str, Any]:
     """One module's line of ``extract.json`` from its journaled spectrum and rank (S and total of
     ``ΔW·2**-exp``: the ratios as they are, ‖ΔW‖_F and the σᵢ scaled back)."""
@@ -283,7 +298,7 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "name": t.name, "module": t.module, "label": t.label, "layer": t.layer, "role": t.role, "expert": t.expert,
         "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "changed": extractable(spec), "rank": r,
         "params": r * t.cost, "params_per_rank": t.cost,
-        "energy_kept": E, "rel_fro_error": math.sqrt(max(0.0, 1.0 - E)), "spectral_error": spectral,
+        "energy_kept": E, "rel_fro_error": math.sqrt(tail_share(spec, r, t.p)), "spectral_error": spectral,
         "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro),
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
@@ -396,6 +411,29 @@ def _floored(spectra: dict[int, dict], targets: list, ranks: list[int], left: in
     return out
 
 
+def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], items: list[list[int]],
+             config: ExtractConfig, left: int, energy: float) -> tuple[str, int, float, int] | None:
+    """The budget's knapsack items (a module; an expert stack, one rank for all) whose next component stands above
+    the rounding floor but costs more than the ``left`` parameters: ``(name, cost, its share of ``energy`` (ΔW's, in
+    units of 4**common_exp), how many wait so)`` for the one whose next component holds the most; None for none.
+    ``items`` index ``targets``."""
+    ref = common_exp(spectra.values())
+    found = []
+    for item in items:
+        # the ranks a member may take are 1 … cap (--max-rank, --serving; not the budget's cut, which drops a costly one)
+        r, cap = ranks[item[0]], min(len(rank_levels(targets[i].p, config.max_rank, config.serving)) for i in item)
+        # the next component's energy, above the floor (energies: 0 at or below it), summed over an expert stack
+        gain = sum(float(energies(spectra[i], ref, r + 1)[r:].sum()) for i in item if extractable(spectra[i]))
+        cost = sum(targets[i].cost for i in item)
+        if r < cap and gain > 0 and cost > left:
+            name = targets[item[0]].name + (f" (+{len(item) - 1} tied)" if len(item) > 1 else "")
+            found.append((gain, name, cost))
+    if not found or energy <= 0:
+        return None
+    gain, name, cost = max(found)
+    return name, cost, gain / energy, len(found)
+
+
 def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tuple[Allocation, list[list[int]]] | None,
                  plan: RankPlan, config: ExtractConfig, dtype: torch.dtype, device: torch.device, uniform: int,
                  not_extracted: list[dict], not_lora: list[dict]) -> ExtractResult:
@@ -421,6 +459,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         if any(v is None for v in vals):
             return None
         return sum(v * e for v, e in zip(vals, totals_e)) / energy if energy > 0 else 1.0
+
+    def error(rs: list[int]) -> float:  # ‖ΔW − B·A‖_F / ‖ΔW‖_F over the modules, from their tails (no 1 − E)
+        tail = sum(tail_share(spectra[i], r, t.p) * e for i, (t, r, e) in enumerate(zip(targets, rs, totals_e)))
+        return math.sqrt(min(1.0, tail / energy)) if energy > 0 else 0.0
 
     params = sum(m["params"] for m in mods)
     # the counts, medians and the dense update's size are of the updates there are: an unchanged matrix
@@ -449,7 +491,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
         "not_extracted_energy_share": outside_share,
         "energy_kept_all": (kept * energy + held) / whole if kept is not None and whole > 0 else kept,
-        "rel_fro_error": math.sqrt(max(0.0, 1.0 - kept)) if kept is not None else None,
+        "rel_fro_error": error(ranks) if kept is not None else None,
         "changed": sum(live), "median_energy_kept": _median([m["energy_kept"] for m in changed]),
         "min_energy_kept": min(m["energy_kept"] for m in changed), "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in changed),
         "max_rank": max(m["rank"] for m in changed), "min_rank": min(m["rank"] for m in changed),
@@ -458,7 +500,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     u_kept = share("uniform_energy_kept")
     u_params = sum(m["uniform_rank"] * t.cost for m, t in zip(mods, targets))
     uni = {"rank": uniform, "params": u_params, "energy_kept": u_kept,
-           "rel_fro_error": math.sqrt(max(0.0, 1.0 - u_kept)) if u_kept is not None else None,
+           "rel_fro_error": error([m["uniform_rank"] for m in mods]) if u_kept is not None else None,
            "median_energy_kept": _median([m["uniform_energy_kept"] for m in changed if m["uniform_energy_kept"] is not None]),
            "modules_at_90": sum((m["uniform_energy_kept"] or 0) >= 0.9 for m in changed)}
     allocation = None
@@ -503,10 +545,21 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
                         f"(e.g. {noise[0]['name']}): {len(noise) - held} get rank 0 (spectra diff gives such matrices no rank)"
                         f"{f', {held} keep their expert stack rank (one rank per stack)' if held else ''}; the counts and "
                         "medians of the totals are over the other changed modules")
-    if allocation is not None and (floored := _floored(spectra, targets, ranks, plan.budget - allocation["used_params"])):
-        warnings.append(f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent: the next components of "
-                        f"{len(floored)} modules (e.g. {floored[0]}) are at the rounding level of their stored weights "
-                        "(rounding noise, not the update), which a budget is never spent on")
+    unspent = plan.budget - allocation["used_params"] if allocation is not None else 0
+    if allocation is not None and (floored := _floored(spectra, targets, ranks, unspent)):
+        spent = f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent"
+        # the rounding floor explains what is left only where no component above it waits for more than that
+        at = {orig: i for i, orig in enumerate(keep)}  # the knapsack's items index every target, skipped ones too
+        knap = [[at[j] for j in item if j in at] for item in alloc[1]]
+        wait = _waiting(spectra, targets, ranks, [it for it in knap if it], config, unspent, energy)
+        if wait is None:
+            warnings.append(f"{spent}: the next components of {len(floored)} modules (e.g. {floored[0]}) are at the rounding "
+                            "level of their stored weights (rounding noise, not the update), which a budget is never spent on")
+        else:
+            name, cost, share_, n = wait
+            more = f" (and those of {n - 1} other modules)" if n > 1 else ""
+            warnings.append(f"{spent}: the {unspent:,} left are less than the next resolved component of {name}, which costs "
+                            f"{cost:,} parameters and holds {share_:.1%} of ΔW's energy{more}; raise the budget to give it rank")
     # directions at the rounding floor: an energy rank stops before them, a --rank above them keeps them (as asked)
     at_floor = [(m["name"], resolved_count(spectra[i])) for i, (t, m) in enumerate(zip(targets, mods))
                if floor_note(spectra[i], ranks[i], config, t.p)]
@@ -546,5 +599,6 @@ __all__ = [
     "pair_norms",
     "reads_pair_by_rows",
     "root_sigma1",
+    "tail_share",
     "tied_embedding_warning",
 ]

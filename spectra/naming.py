@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Container, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
 
@@ -519,6 +519,18 @@ def describe_checkpoint(
     return specs
 
 
+def describe_updates(shapes: Mapping[str, Sequence[int]], *, fan_in_fan_out: bool = False) -> dict[str, MatrixSpec]:
+    """:func:`describe_checkpoint` of updates already oriented ``(out, in)`` with no base (a PEFT LoRA's
+    ``B·A``). ``fan_in_fan_out`` (the adapter's base is GPT-2's ``Conv1D``) splits a fused ``c_attn`` in
+    GPT-2's layout, as the base's stored ``(in, out)`` shape does with a base; nothing is transposed."""
+    specs = describe_checkpoint(shapes)
+    if fan_in_fan_out:
+        as_stored = {n: (tuple(s)[::-1] if len(s) == 2 else tuple(s)) for n, s in shapes.items()}
+        conv = describe_checkpoint(as_stored, ArchInfo(conv1d=True))
+        specs.update({n: replace(s, transpose=False) for n, s in conv.items() if s.transpose and len(shapes[n]) == 2})
+    return specs
+
+
 _EXPERT_ROLES = frozenset({"gate_up", "gate", "up", "down"})
 
 
@@ -639,6 +651,6 @@ def spec_order(spec: MatrixSpec) -> tuple:
 
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
-    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "display_name", "foreign_quant_of", "is_bias", "module_labels",
+    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "is_bias", "module_labels",
     "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
 ]

@@ -264,6 +264,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         spend = sum(ranks[p] * cost[p] for p in solo) + max((ranks[p] for p in group), default=0) * group_cost
         if energy is None and spend + min(cost.values()) <= n:
             _beyond_kept(budget, n, doc, paths, whole, where, noise | complete)  # the ranks stop where the kept values do
+        waiting: list[tuple[float, str, int]] = []  # (next gain, module, its cost) of the items the budget left waiting
         if spend > n:
             # one power of two for every module (the greedy compares their σ² with each other)
             e = square_scale_exponent(np.array([float(m["fro_norm"]) for p in paths for m in whole[p]["parts"]]))
@@ -295,13 +296,23 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
                          f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
             spend = alloc.params
+            # the items whose next component (above the floor: the gains stop there) costs more than the budget left
+            names = [*solo, *([f"{group[0]} (+{len(group) - 1} tied)" if len(group) > 1 else group[0]] if group else [])]
+            waiting = sorted((float(g[r]), name, c) for g, c, r, name in zip(gains, costs, alloc.ranks, names)
+                             if r < g.size and g[r] > 0 and c > n - spend)
         # what the floor left unbought, in extract's words: a module whose every component above it is taken, whose
         # next one (at or below it) the rest of the budget would pay for
         capped = {p for p, _, _ in floored}
         left = [p for p, per in zip(paths, caps) if p in capped and ranks[p] == sum(per) < min(whole[p]["out"], whole[p]["in"],
                                                                                                 max_rank or 10**9)
                 and cost[p] <= n - spend]
-        if left:
+        if left and waiting:  # not the floor's doing: a component above it waits for more than is left
+            gain, name, c = waiting[-1]
+            more = f" (and those of {len(waiting) - 1} other modules)" if len(waiting) > 1 else ""
+            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: the {n - spend:,} left are less than the next "
+                         f"resolved component of {name}, which costs {c:,} parameters and holds {gain / energy_all:.1%} of the "
+                         f"modules' energy{more}; raise the budget to give it rank")
+        elif left:
             notes.append(f"{spend:,} of the budget's {n:,} parameters spent: the next components of {len(left)} modules "
                          f"(e.g. {left[0]}) are at the rounding level of their stored weights (rounding noise, not the "
                          "update), which a budget is never spent on")

@@ -464,6 +464,9 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     stored: dict[str, dict[str, str]] = {}  # module -> kind -> stored tensor name
     seen: dict[tuple[str, ...], str] = {}  # what a stored name normalises to -> that name
     adapter = Adapter(folder, config, {})
+    if weights.name == "adapter_model.safetensors" and ((folder / "adapter_model.bin").exists() or (folder / "adapter_model.bin").is_symlink()):
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds 2 weight sets; read adapter_model.safetensors "
+                             "(PEFT's order) and ignored adapter_model.bin")
     full = next((n for n in FOLDER_WEIGHTS if (folder / n).exists() and not (folder / n).is_dir()), None)
     if full is not None:  # `spectra inspect FOLDER` lists that model: say which of the two this read
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds a PEFT adapter and a full model ({full}); "
