@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -10,6 +11,9 @@ from rich.table import Table
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
 from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, shown, stderr, stdout
+
+if TYPE_CHECKING:
+    from spectra.compare_records import CompareResult
 
 #: Shown by ``spectra compare --explain`` after the columns.
 EXPLAIN_EPILOG = ("Definitions of every measure, with formulas and sources: docs/definitions.md in the spectra "
@@ -46,17 +50,21 @@ def _explain(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the figures (captured energy, φ grids, angles, intruders).")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--allow-identical", is_flag=True,
+              help="Exit 0 even when A's or B's update is exactly zero on every compared module (nothing compared).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 @click.option("--explain", is_flag=True, is_eager=True, expose_value=False, callback=_explain,
               help="Print what each column of the table means, and exit.")
-def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report, resume) -> None:
+def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, device, as_json, no_plots, report, resume,
+                allow_identical=False) -> None:
     """How two updates of one base relate: φ grids, principal angles, captured energy,
     amplification and intruder dimensions (definitions: docs/definitions.md, "Subspaces").
 
     A and B are each a PEFT LoRA adapter folder or a full fine-tuned checkpoint (then --base is
     required). Prints one row per module both update, a legend, and the findings in words
     (how much of B the subspaces of A hold against the best possible and random, whether φ is
-    above chance, amplification and intruders). --explain defines every column.
+    above chance, amplification and intruders). --explain defines every column. Exit 3 (results
+    still written) when A's or B's update is exactly zero on every compared module.
     """
     from spectra.comparison import compare
     from spectra.config import CompareConfig
@@ -112,6 +120,27 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
         first = result.skipped[0]
         raise PairingError(f"no module could be compared: all {len(result.skipped)} were skipped, e.g. {first['name']}: "
                            f"{first['reason']}", hint="the reasons are listed in compare.json (skipped)" if out_dir else None)
+    if not allow_identical:
+        raise_if_zero_side(result, out_dir)
+
+
+def raise_if_zero_side(result: CompareResult, out_dir: str | None) -> None:
+    """Raise :class:`spectra.errors.IdenticalCheckpointsError` (exit 3, as ``diff`` for identical checkpoints)
+    when modules were compared but A's or B's update is exactly zero (‖ΔW‖_F = 0) on every one of them:
+    a zero update has no direction, so every measure is null and nothing was compared."""
+    from spectra.errors import IdenticalCheckpointsError
+
+    zero = [(w, path) for w, path, key in (("A", result.a, "fro_a"), ("B", result.b, "fro_b"))
+            if result.modules and all(getattr(m, key) == 0 for m in result.modules)]
+    if not zero:
+        return
+    raise IdenticalCheckpointsError(
+        f"ΔW of {' and '.join(w for w, _ in zero)} is exactly zero on "
+        + ("the one compared module" if len(result.modules) == 1 else f"every one of the {len(result.modules)} compared modules")
+        + " (a copy of the base, or a LoRA saved at initialisation with B = 0): nothing could be compared",
+        path=", ".join(dict.fromkeys(str(path) for _, path in zero)),
+        hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this"
+             + (f"; results were still written to {out_dir}" if out_dir else ""))
 
 
 def short_legend(result) -> str:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+
+if TYPE_CHECKING:
+    from spectra.interfere import InterfereResult
 
 
 @click.command("interfere", short_help="Interference between several fine-tunes of one base (adapters or full).")
@@ -30,16 +34,19 @@ from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar,
               help="Most MiB of full-checkpoint updates held at once per matrix (beyond it tensors are read again).")
 @click.option("--json", "as_json", is_flag=True, help="Print interfere.json to stdout instead of the tables.")
 @click.option("--no-plots", is_flag=True, help="Do not write the heatmaps.")
+@click.option("--allow-identical", is_flag=True,
+              help="Exit 0 even when fewer than two tasks change any compared matrix (no pair measured).")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run in --out from its journal (same inputs and options).")
 def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, device, dense_memory, as_json, no_plots,
-                  report, resume) -> None:
+                  report, resume, allow_identical=False) -> None:
     """Interference between fine-tunes T1 T2 … Tn of BASE (PEFT LoRA adapters or full checkpoints).
 
-    Per matrix every task updates: for each pair, the cosine of the flattened updates, φ of their
+    Per matrix every task holds: for each pair, the cosine of the flattened updates, φ of their
     top-k subspaces, the energy one update holds in the other's subspaces, the Task Singular Vectors
     interference and the KnOTS alignment; over all n, the TSV interference, the KnOTS shared basis
     and the spectrum of the summed update against the parts. Definitions: README, "Several fine-tunes".
+    Exit 3 (results still written) when fewer than two tasks change any compared matrix: no pair is measured.
     """
     from spectra.interfere import InterfereConfig, interfere
 
@@ -98,6 +105,31 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
         first = result.skipped[0]
         raise PairingError(f"no matrix could be compared: all {len(result.skipped)} were skipped, e.g. {first['name']}: "
                            f"{first['reason']}", hint="the reasons are listed in interfere.json (skipped)" if out_dir else None)
+    if not allow_identical:
+        raise_if_unmeasured(result, out_dir)
+
+
+def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
+    """Raise :class:`spectra.errors.IdenticalCheckpointsError` (exit 3, as ``diff`` for identical checkpoints)
+    when matrices were compared but fewer than two tasks have a non-zero update on any of them: no pair of
+    tasks was measured, every pairwise number is null."""
+    from spectra.errors import IdenticalCheckpointsError
+    from spectra.interfere import changed_tasks
+
+    live = changed_tasks(result)
+    if not result.modules or len(live) >= 2:
+        return
+    idle = [i for i in range(len(result.tasks)) if i not in live]
+    who = ", ".join(result.names[i] for i in idle)
+    raise IdenticalCheckpointsError(
+        ("ΔW = 0 on the one compared matrix for " if len(result.modules) == 1 else
+         f"ΔW = 0 on every one of the {len(result.modules)} compared matrices for ")
+        + (f"{who}: only {result.names[live[0]]} changed {'it' if len(result.modules) == 1 else 'any'}" if live
+           else f"every task ({who})")
+        + ", so no pair of tasks was measured",
+        path=", ".join(dict.fromkeys(result.tasks[i] for i in idle)),
+        hint="check that you passed the fine-tuned checkpoints; --allow-identical accepts this"
+             + (f"; results were still written to {out_dir}" if out_dir else ""))
 
 
 def _pair_table(doc: dict, key: str, label: str) -> Table:

@@ -2,7 +2,7 @@
 
 Each Tᵢ is a PEFT LoRA adapter (its update ``s·B·A`` is used exactly, from the factors) or a full
 checkpoint (``ΔW = W_tuned − W_base``, formed as :mod:`spectra.delta` forms every update). For every
-base matrix that all n update, :mod:`spectra.interference` gives the pairwise measures (cosine of
+base matrix that all n hold, :mod:`spectra.interference` gives the pairwise measures (cosine of
 the flattened updates, φ of the top-k subspaces, captured energy, the Task Singular Vectors
 interference of each pair, the KnOTS alignment) and the measures over all n together (TSV
 interference, the KnOTS shared basis, the spectrum of the summed update against the parts).
@@ -190,7 +190,8 @@ class InterfereResult:
     Attributes:
         base: the base as given. tasks: the inputs as given; names: short names (folder names).
         kinds: ``"lora"`` or ``"full"`` per task. config: the options.
-        modules: one record per matrix every task updates (see :func:`interfere`).
+        modules: one record per matrix every task holds (see :func:`interfere`; a full checkpoint holds
+            every matrix, changed or not, so a task's update may be zero there).
         summary: per pairwise measure the element-wise median over modules (``n × n``), and medians
             of the n-way scalars.
         partial: matrices only some tasks hold, with those tasks' indices (a full checkpoint holds every
@@ -609,17 +610,39 @@ def interfere(
                                        "is entirely at the rounding level of its stored weights: no resolved direction, so "
                                        "its φ, captured energy, TSV and KnOTS entries there are null (not 0)")
             zero = sum(not m["fro"][i] for m in result.modules)
-            if result.modules and zero == len(result.modules):  # ‖ΔW_t‖ = 0 on every compared matrix
-                result.warnings.append(f"{t.label}: ΔW = 0 on every compared matrix (a copy of the base?): its pairs have no "
-                                       "interference to measure, and the totals hold the other tasks only")
-            elif zero * 2 > len(result.modules):  # its pairs' medians rest on the few matrices it changed
-                result.warnings.append(f"{t.label}: ΔW = 0 on {zero} of the {len(result.modules)} compared matrices: its pairs' "
-                                       f"medians are over the {len(result.modules) - zero} it changed (pair_modules in the summary)")
+            if len(result.modules) > zero and zero * 2 > len(result.modules):  # its pairs' medians rest on the few it changed
+                result.warnings.append(f"{result.names[i]}: ΔW = 0 on {zero} of the {len(result.modules)} compared matrices: its "
+                                       f"pairs' medians are over the {len(result.modules) - zero} it changed (pair_modules in the summary)")
+        result.warnings += _zero_tasks_warning(result)
+        # a folder given twice repeats its per-task caveats word for word: said once
+        result.warnings = list(dict.fromkeys(result.warnings))
         result.complete = True
         result.elapsed_s = time.perf_counter() - t0
         if out_dir is not None:
             result.save(out_dir, plots=plots)
     return result
+
+
+def changed_tasks(result: InterfereResult) -> list[int]:
+    """The indices of the tasks whose update is non-zero (‖ΔW_t‖_F > 0) on at least one compared matrix:
+    fewer than two and no pair of tasks is measured (``spectra interfere`` exits 3)."""
+    return [i for i in range(len(result.tasks)) if any(m["fro"][i] for m in result.modules)]
+
+
+def _zero_tasks_warning(result: InterfereResult) -> list[str]:
+    """One warning naming (by their distinct names) the tasks with ΔW = 0 on every compared matrix, and what
+    the totals then hold; none when there is no such task (or no compared matrix)."""
+    live = changed_tasks(result)
+    idle = [i for i in range(len(result.tasks)) if i not in live]
+    if not result.modules or not idle:
+        return []
+    one = len(idle) == 1
+    rest = ("the totals hold the other tasks only" if len(live) > 1 else
+            f"no pair is measured: the totals hold {result.names[live[0]]} alone" if live else
+            "no task changed any compared matrix: nothing is measured")
+    return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({'a copy' if one else 'copies'} "
+            f"of the base, or a LoRA saved at initialisation?): {'its' if one else 'their'} pairs have no interference to "
+            f"measure, and {rest}"]
 
 
 #: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).

@@ -123,6 +123,8 @@ def check(path: Path, doc: dict[str, Any]) -> None:
                     ints(f"partial[{i}].tasks[{j}]", t, n - 1)
     if "elapsed_s" in doc and not (is_num(doc["elapsed_s"]) and doc["elapsed_s"] >= 0):
         typed("elapsed_s", "a non-negative number", doc["elapsed_s"])
+    if "complete" in doc and not isinstance(doc["complete"], bool):  # "no", 0 or null would read as a finished run
+        typed("complete", "true or false", doc["complete"])
     seen: set[str] = set()
     for i, m in enumerate(doc["modules"]):
         if not isinstance(m, dict):
@@ -254,6 +256,10 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     s = d.get("summary") or {}
     out: list[Finding] = []
     names = d["names"]
+    if d.get("complete") is False:  # the writer saves only finished runs: an edited or foreign file, said first
+        out.append(Finding("incomplete", f"This run did not finish (complete: false): the numbers cover only the "
+                                         f"{matrices(len(d['modules']))} its interfere.json holds; spectra interfere … "
+                                         "--resume completes it from interfere.jsonl.", warning=True))
     cos, phi = _pairs(d, "cosine"), (s.get("phi") or [])
 
     def phi_of(a: int, b: int) -> str:
@@ -295,7 +301,7 @@ def section_html(path: Path, doc: dict) -> str:
     names, n = d["names"], len(d["names"])
     s = d.get("summary") or {}
     out = [f"<h2>Interference between {n} fine-tunes: {esc(', '.join(names))}</h2>",
-           (f"<p>base: {esc(d.get('base'))} · {matrices(len(d['modules']))} every task updates · top-k = "
+           (f"<p>base: {esc(d.get('base'))} · {matrices(len(d['modules']))} every task holds · top-k = "
            f"{esc((d.get('config') or {}).get('top_k'))} · results: {esc(path)}</p>"),
            table(["#", "name", "kind", "path"], [[i, names[i], d["kinds"][i], d["tasks"][i]] for i in range(n)])]
     figs = interfere_plots.interfere_figures(d)

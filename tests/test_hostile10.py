@@ -568,7 +568,7 @@ def test_a_filter_that_leaves_only_one_sided_modules_is_not_an_empty_selection(t
     for name, d in (("base", base), ("a", a), ("b", b)):
         save_file(d, str(tmp_path / f"{name}.safetensors"))
     res = _cli("compare", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--base", tmp_path / "base.safetensors",
-               "--include", "v_proj")
+               "--include", "v_proj", "--allow-identical")  # A's v_proj is zero: exit 3 without the flag
     assert res.exit_code == 0 and "no matrix is left" not in res.output, res.output
     assert "2 modules compared" in res.output  # full checkpoints: A's v_proj is a zero update, not one-sided
     for name, mods in (("ad_a", ("q_proj",)), ("ad_b", ("q_proj", "v_proj"))):  # adapters: v_proj only in B

@@ -39,7 +39,8 @@ def test_compare_zero_and_rounding_noise_says_both(tmp_path):
     W = 0.02 * torch.randn(64, 64, generator=g, dtype=torch.float64)
     noise = W + 1e-9 * W.abs().max() * torch.randn(64, 64, generator=g, dtype=torch.float64)
     f = _folders(tmp_path, {"base": W, "same": W, "noise": noise})
-    d = _json(_run(["compare", str(f["same"]), str(f["noise"]), "--base", str(f["base"]), "--json"]).output)
+    d = _json(_run(["compare", str(f["same"]), str(f["noise"]), "--base", str(f["base"]), "--json",
+                      "--allow-identical"]).output)  # (without it exit 3: A's update is zero everywhere)
     (m,) = d["modules"]
     assert m["status"] == "zero_update" and m["fro_b"] > 0
     assert "ΔW of A is exactly zero" in m["reason"]
