@@ -164,11 +164,19 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
 
 
 def _journaled(out: Path) -> bool:
-    """Whether ``out`` holds a non-empty journal (``*.jsonl``); False when it cannot be looked at (a
-    name too long, a folder not entered): the stop message is asked before and during any run."""
+    """Whether ``out`` holds a journal (``*.jsonl``) with a result in it: more than the fingerprint line a
+    sealed journal opens with (compare, esd, interfere, trace: a stop before the first result kept nothing).
+    False when it cannot be looked at (a name too long, a folder not entered): the stop message is asked
+    before and during any run."""
     try:
         with os.scandir(out) as entries:
-            return any(e.name.endswith(".jsonl") and e.is_file() and e.stat().st_size > 0 for e in entries)
+            found = [e.path for e in entries if e.name.endswith(".jsonl") and e.is_file() and e.stat().st_size > 0]
+        for path in found:
+            with open(path, "rb") as f:  # a regular file (is_file above); 64 KiB is enough to see a second line
+                lines = f.read(1 << 16).split(b"\n")
+            if len(lines) > 2 or (lines[1:] and lines[1].strip()) or not lines[0].startswith(b'{"fingerprint"'):
+                return True
+        return False
     except OSError:
         return False
 

@@ -423,11 +423,18 @@ def remove_earlier_outputs(out: Path, marker: str, schema: str, names: tuple[str
     Raises:
         OutputError: a file cannot be removed.
     """
-    try:
-        with open(out / marker, "rb") as f:  # the schema is the first key spectra writes: no need to parse it all
-            head = f.read(256).decode("utf-8", "replace")
+    try:  # non-blocking, and only a regular file: a FIFO under the marker's name blocked the run forever
+        fd = os.open(out / marker, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        head = os.pread(fd, 256, 0).decode("utf-8", "replace")  # the schema is the first key spectra writes
+    except OSError:
+        return
+    finally:
+        os.close(fd)
     if re.match(r'\s*\{\s*"schema"\s*:\s*"' + re.escape(schema) + '"', head) is None:
         return
     found = [out / n for n in names if n != marker] + [f for pattern in patterns for f in sorted(out.glob(pattern))]

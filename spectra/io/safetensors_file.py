@@ -149,7 +149,11 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorEntry], dict[str, str
                 path=path, hint="the file is truncated or not a safetensors file",
             )
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
+        if n > MAX_HEADER_BYTES and 8 + n <= size:  # whole, but larger than any checkpoint's (it said "truncated")
+            raise CheckpointFormatError(
+                f"header of {n:,} bytes is larger than the {MAX_HEADER_BYTES:,} the safetensors library accepts",
+                path=path, hint="no checkpoint has such a header: the file was made by hand or is damaged")
+        if 8 + n > size:
             raise CheckpointFormatError(
                 f"header declares {n} bytes but the file has {size}",
                 path=path, hint="the file is truncated or not a safetensors file",

@@ -167,6 +167,8 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
     refused = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
     why = f"the weights-only unpickler refuses it: {_clip(refused.group(1), 160)}" if refused else \
         f"{type(exc).__name__}: {_clip(text, 160)}"
+    if "storage has wrong byte size" in text:  # torch's own text leaves its printf codes in ("expected %ld got %ld4398…")
+        why = "a storage's declared size does not match the bytes stored for it"
     return CheckpointFormatError(f"cannot read this PyTorch file ({why})", path=path,
                                  hint="the file is truncated or corrupt; download it again")
 
