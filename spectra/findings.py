@@ -278,8 +278,10 @@ def _kinds_finding(ms: list[ModuleResult], k: str) -> Finding | None:
     tail = (f"; near or above random: {', '.join(display_name(x, 40) for x in above)}" if above
             else "; every kind is below its random baseline")
     lo, hi = by_value[0], by_value[-1]
-    spread = ("about the same in every kind" if hi[1] - lo[1] < 0.1 * max(hi[1], 1e-12) + 0.005
-              else f"lowest in {display_name(lo[0], 40)}, highest in {display_name(hi[0], 40)}")
+    # every kind shown with the extreme's value is named (gate_proj and up_proj at 0.59 both), in the table's order
+    lows, highs = ([kind for kind, f, _r in rows if _fmt(f) == _fmt(x[1])] for x in (lo, hi))
+    spread = ("about the same in every kind" if hi[1] - lo[1] < 0.1 * max(hi[1], 1e-12) + 0.005 or set(lows) & set(highs)
+              else f"lowest in {_kinds_text(lows)}, highest in {_kinds_text(highs)}")
     text = f"By module kind (median rank needed ÷ p, random in brackets): {listed}; {spread}{tail}."
     return Finding("modules", text, numbers={kind: {"median_frac": f, "random_frac": r} for kind, f, r in rows})
 
@@ -361,13 +363,27 @@ def _size_finding(ms: list[ModuleResult]) -> Finding | None:
     kinds: dict[str, list[float]] = {}
     for m in rel:
         kinds.setdefault(m.module, []).append(m.rel_norm)
-    big = max(kinds, key=lambda x: _median(kinds[x]))
+    meds = {x: _median(v) for x, v in kinds.items()}
+    shown = _fmt(max(meds.values()))
+    big = [x for x in kinds if _fmt(meds[x]) == shown]  # every kind whose median shows as the largest one does
+    by_kind = ("." if len(kinds) < 2 or big == [top.module] else
+               f"; by median every kind is about the same ({shown})." if len(big) == len(kinds) else
+               f"; by median the largest kind is {display_name(big[0], 40)} ({shown})." if len(big) == 1 else
+               f"; by median the largest kinds are {_kinds_text(big)} ({shown} each).")
     text = (f"Size: the update moved the weights by a median {percent(_median(vals))} of their norm (‖ΔW‖_F / ‖W_base‖_F "
             f"{_fmt(_median(vals))}, from {_fmt(min(vals))} to {_fmt(max(vals))}); largest in {where} ({_fmt(top.rel_norm)})"
-            + (f"; by median the largest kind is {display_name(big, 40)} ({_fmt(_median(kinds[big]))})."
-               if len(kinds) > 1 and big != top.module else "."))
+            + by_kind)
     return Finding("size", text, numbers={"median_rel_norm": _median(vals), "min_rel_norm": min(vals), "max_rel_norm": max(vals),
-                                          "largest": top.name})
+                                          "largest": top.name, "largest_kinds": big})
+
+
+def _kinds_text(kinds: list[str]) -> str:
+    """Module kinds in words: ``"q_proj"``, ``"gate_proj and up_proj"``, ``"a, b and c"``; beyond
+    :data:`MAX_KINDS_LISTED`, the first ones and how many more."""
+    names = [display_name(x, 40) for x in kinds]
+    if len(names) > MAX_KINDS_LISTED:
+        names = [*names[: MAX_KINDS_LISTED - 1], f"{len(names) - MAX_KINDS_LISTED + 1} more"]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def skipped_reasons(result: DiffResult) -> list[tuple[str, int]]:

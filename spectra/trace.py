@@ -50,10 +50,18 @@ from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics,
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names
-from spectra.results import caveat_codes, note_caveat_warnings, points_caveat_note, rows_to_csv
+from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
+from spectra.trace_checks import (
+    adapter_change_warnings,
+    gap_note,
+    run_warnings,
+    size_warning,
+    unpaired_matrices,
+    unpaired_warnings,
+)
 from spectra.trace_inputs import (
     CHECKPOINT_DIR,
     CheckpointRef,
@@ -61,7 +69,6 @@ from spectra.trace_inputs import (
     check_trace_point,
     find_checkpoints,
     first_trace_records,
-    moved,
     open_weights,
     refuse_empty_plan,
 )
@@ -389,17 +396,8 @@ def trace(
         if r.failed:
             result.warnings.append(f"{r.path}: {r.failed}")
     result.matrices.sort(key=_order)
-    # any checkpoint, not only the last: one from another run (another base) stands out wherever it is listed
-    above = []
-    for i, r in enumerate(refs):
-        rels = [m["points"][i].get("rel_norm") for m in result.matrices
-                if len(m["points"]) > i and moved(m["points"][i]) and m["points"][i].get("rel_norm") is not None]
-        if rels and float(np.median(rels)) > 1.0:
-            above.append(f"{'the last checkpoint' if i == len(refs) - 1 else Path(r.path).name} "
-                         f"({float(np.median(rels)):.2f})")
-    if above:
-        result.warnings.append(f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: "
-                               "was this run started from this base?")
+    if above := size_warning(refs, result.matrices):
+        result.warnings.append(above)
     result.warnings += run_warnings(result.matrices)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
@@ -408,32 +406,6 @@ def trace(
     if journal is not None:
         journal.release()  # finished: no lock left in the folder
     return result
-
-
-def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | None:
-    """The ``turn_note`` of checkpoint ``ci`` when its ``turn_prev`` is measured from an earlier checkpoint
-    than the one before (``prev_at``, the last with a subspace for the matrix), else None."""
-    return None if prev_at is None or prev_at == ci - 1 else (
-        f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
-        f"(step {refs[ci - 1].step} has none: see its point)")
-
-
-def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
-    """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, and one
-    for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
-    out = note_caveat_warnings([(m["name"], "; ".join([m.get("note") or "", *(pt.get("note") or "" for pt in m["points"] if isinstance(pt, dict))]))
-                                for m in matrices], len(matrices), " at one checkpoint or more")
-    # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
-    unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
-    hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
-           if isinstance(pt, dict) and str(pt.get("turn_note", "")).startswith(unresolved)]
-    if not hit:
-        return out
-    name, step = hit[0]
-    one = len(hit) == 1
-    return [*out, (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
-                   f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
-                   "turn_prev and turn_first are null there (turn_note in trace.json)")]
 
 
 def _alpha(w: torch.Tensor, device: torch.device) -> tuple[float | None, float | None]:
@@ -451,17 +423,26 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
                 config: TraceConfig, device: torch.device, journal: RecordJournal | None, done: list[dict],
                 callback: Callable[[int, int, str], None] | None) -> None:
     """Matrix by matrix: the base tensor once, then the same tensor of every checkpoint."""
-    pairings, said = [], {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
+    pairings, said, unpaired = [], {}, {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
     for ref, ck in zip(refs, ckpts):
         try:
             pairing = pair_by_base_names(base, ck)
-            pairings.append({p.base.name: p for p in pairing.pairs})
-            for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
-                said.setdefault(note, []).append(Path(ref.path).name)
         except SpectraError as exc:
             ref.failed = f"does not pair with the base ({exc.message})"
             pairings.append({})
+            continue
+        what, most = unpaired_matrices(pairing, ck)  # another architecture: its few matching shapes are no update of this base
+        if most:
+            ref.failed = f"does not pair with the base ({what}): a checkpoint of another model?"
+            pairings.append({})
+            continue
+        if what:
+            unpaired.setdefault(what, []).append(Path(ref.path).name)
+        pairings.append({p.base.name: p for p in pairing.pairs})
+        for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
+            said.setdefault(note, []).append(Path(ref.path).name)
     result.warnings += [f"{', '.join(names[:3])}{' …' * (len(names) > 3)}: {note}" for note, names in said.items()]
+    result.warnings += unpaired_warnings(unpaired)
     if all(ref.failed for ref in refs):
         raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
                                     hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")
@@ -583,7 +564,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     points: dict[str, dict[int, dict[str, Any]]] = {}
     first: dict[str, Subspaces] = {}
     prev: dict[str, Subspaces] = {}
-    prev_at: dict[str, int] = {}  # the checkpoint each prev is from (trace.gap_note)
+    prev_at: dict[str, int] = {}  # the checkpoint each prev is from (trace_checks.gap_note)
     saved: dict[str, str] = {}  # tensor an adapter stores whole (modules_to_save) -> why it is not traced
     for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
         if "checkpoint" in rec:
@@ -650,16 +631,11 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     result.skipped += [{"name": n, "reason": r} for n, r in sorted(saved.items())]
     if w := fused_whole_warning((base.specs[n] for n in sorted(metas) if n in base.specs), "trace"):
         result.warnings.append(w)
-    changed: list[tuple[str, list[str]]] = []  # (module, its r at each checkpoint)
     for name, meta in metas.items():
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
         result.matrices.append({**meta, "points": pts})
-        if len({p["lora_r"] for p in pts if p.get("lora_r")}) > 1:
-            changed.append((name, [str(p.get("lora_r") or "–") for p in pts]))
-    if changed:  # one run keeps its r: adapters of several runs (or a resized one) listed together
-        result.warnings.append(f"the LoRA rank r differs between checkpoints for {len(changed)} of {len(metas)} modules (e.g. "
-                               f"{changed[0][0]}: r = {', '.join(changed[0][1])}): are they checkpoints of one run? Each "
-                               "point's effective_rank_over_r uses its own lora_r")
+    # one run keeps its r and its target modules: adapters of several runs (or a resized one) listed together
+    result.warnings += adapter_change_warnings(metas, points, refs)
     if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
         every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
         refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,

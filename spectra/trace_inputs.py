@@ -5,6 +5,7 @@ read strictly (``trainer_state.json`` through the bounded JSON loader) and opene
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -56,6 +57,18 @@ def _read_state(folder: Path) -> tuple[dict | None, str]:
     return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")
 
 
+def _is_step(x: Any) -> bool:
+    """Whether ``x`` is a step as JSON writes one, an integer (``true`` is no step 1, nor ``"4"`` or ``4.5`` a step)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _no_step(state: dict) -> str:
+    """Why a ``trainer_state.json`` that was read gives no step, for a checkpoint's note."""
+    if "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    return f"trainer_state.json's global_step is {json.dumps(state['global_step'])[:40]}, not an integer"
+
+
 def open_weights(ref_path: str | Path, kind: str | None = None) -> Checkpoint:
     """The checkpoint holding a folder's tensors (an adapter's weights file), headers read and checked
     against the file sizes, so a file still being written fails here.
@@ -91,7 +104,7 @@ def weights_identity(ckpt: Checkpoint, path: str | Path) -> frozenset:
 def _log_history(state: dict | None) -> list[dict[str, Any]]:
     out = []
     for rec in (state or {}).get("log_history") or []:
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+        if isinstance(rec, dict) and _is_step(rec.get("step")):
             entry = {"step": rec["step"]}
             for key in ("loss", "eval_loss", "learning_rate"):
                 if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
@@ -111,7 +124,7 @@ def _train_log(folder: Path) -> list[dict[str, Any]]:
                 rec = parse_json(line.encode("utf-8"), path=f, what="a train_log.jsonl line")
             except SpectraError:
                 break  # a line being written
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            if isinstance(rec, dict) and _is_step(rec.get("step")):
                 out.append({"step": rec["step"], **{k: rec[k] for k in ("train_loss", "target_loss", "source_loss")
                                                      if isinstance(rec.get(k), (int, float))}})
                 if "train_loss" in out[-1]:
@@ -210,7 +223,7 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
 
     def how(folder: Path) -> str:  # a step its trainer_state.json gives is said, not called unknown
         state, _ = _read_state(folder)
-        if state is not None and isinstance(state.get("global_step"), int) and not isinstance(state["global_step"], bool):
+        if state is not None and _is_step(state.get("global_step")):
             return (f"step {state['global_step']} read from its trainer_state.json; only checkpoint-<step> folders are "
                     "traced from a run folder: list it with the checkpoints to include it")
         return ("its step is not known; to trace it, name it checkpoint-<step> or give it a trainer_state.json with its "
@@ -331,10 +344,12 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 skipped.append({"path": str(folder), "reason": f"cannot be read ({where}{exc.message})"})
                 continue
             step, source = n, "folder name"
-            if state is not None and isinstance(state.get("global_step"), int):  # as for listed checkpoints
+            if state is not None and _is_step(state.get("global_step")):  # as for listed checkpoints
                 step, source = state["global_step"], "trainer_state"
                 if step != n:
                     note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
+            elif state is not None:
+                note = f"{_no_step(state)}: step from the folder name"
             own[str(folder)] = _log_history(state)
             refs.append(CheckpointRef(str(folder), step, None, kind, source, note))
             idents.append((ident, folder.is_symlink(), n))
@@ -356,18 +371,20 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
             m = CHECKPOINT_DIR.match(folder.name)
-            if state is not None and isinstance(state.get("global_step"), int):
+            if state is not None and _is_step(state.get("global_step")):
                 step, source = state["global_step"], "trainer_state"
             elif m:
                 step, source = int(m.group(1)), "folder name"
             else:
                 step, source = i + 1, "position"
+            how = {"folder name": "step from the folder name", "position": "step from the position in the list"}.get(source, "")
+            note = (f"{_no_step(state)}: {how}" if how and state is not None  # read, yet no step in it: said
+                    else "step from the position in the list" if source == "position" else "")
             own[str(p)] = _log_history(state)
-            refs.append(CheckpointRef(str(p), step, None, kind, source, "step from the position in the list"
-                                      if source == "position" else ""))
+            refs.append(CheckpointRef(str(p), step, None, kind, source, note))
         placed = [r for r in refs if r.source == "position"]
         if placed and len(placed) < len(refs):  # a position is no step: sorted among real steps it would mislead
-            raise ConfigError(f"{len(placed)} of the {len(refs)} checkpoints have no step (no trainer_state.json, no "
+            raise ConfigError(f"{len(placed)} of the {len(refs)} checkpoints have no step (no global_step in a trainer_state.json, no "
                               f"checkpoint-N name: {', '.join(Path(r.path).name for r in placed[:3])}) while the others have one",
                               hint="give every checkpoint its step (its trainer_state.json, or a checkpoint-N folder name), "
                                    "or none (they are then traced in the order given)")

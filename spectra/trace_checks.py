@@ -1,0 +1,128 @@
+"""What ``spectra trace`` says about a run beside its numbers: checkpoints that do not fit the base (another
+architecture: matrices of other shapes, or that the base lacks), adapters whose rank r or adapted modules change
+between checkpoints, a median ‖ΔW‖/‖W_base‖ above 1, numerical caveats, and which step a ``turn_prev`` is from.
+
+Pure functions of a trace's records (:mod:`spectra.trace` calls them; no I/O).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spectra.io.checkpoint import Checkpoint
+from spectra.numerics import unresolved_text
+from spectra.pairing import Pairing
+from spectra.results import note_caveat_warnings
+from spectra.trace_inputs import CheckpointRef, moved
+
+#: Names shown per list in a warning before "…".
+SHOWN = 3
+
+
+def _names(names: list[str]) -> str:
+    """The first :data:`SHOWN` names, comma-separated, with "…" when there are more."""
+    return ", ".join(names[:SHOWN]) + (" …" if len(names) > SHOWN else "")
+
+
+def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint) -> tuple[str, bool]:
+    """What of a full checkpoint's matrices does not pair with the base, in words, and whether that is most of them
+    (more than half: a checkpoint of another model, which the trace marks failed rather than tracing its few
+    matrices of matching shape against an unrelated base). ``("", False)`` when every matrix pairs.
+
+    Counted: matrices whose shape differs from the base's (``shape mismatch`` skips of the pairing) and 2-D or larger
+    weights the base lacks (``tuned_only``); a tensor the base has and the checkpoint lacks is a point skipped as
+    "not in this checkpoint", as before, and a head tied to the base's embedding has its own pairing note."""
+    shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch")]
+    extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2]
+    if not shapes and not extra:
+        return "", False
+    bad = len(shapes) + len(extra)
+    total = bad + len(pairing.pairs)
+    what = []
+    if shapes:  # the first one's two shapes, as the pairing gives them ("base (64, 32) vs tuned (48, 32)")
+        what.append(f"{len(shapes)} differ{'s' * (len(shapes) == 1)} in shape from the base's (e.g. {shapes[0].name}: "
+                    f"{shapes[0].reason.removeprefix('shape mismatch: ').split(' (only ')[0]})")  # (its resize hint is not ours)
+    if extra:
+        what.append(f"{len(extra)} {'is' if len(extra) == 1 else 'are'} not in the base ({_names(extra)})")
+    return f"{bad} of its {total} matrices cannot be paired: {'; '.join(what)}", 2 * bad > total
+
+
+def unpaired_warnings(said: dict[str, list[str]]) -> list[str]:
+    """One warning per description of :func:`unpaired_matrices` (``said``: it -> the checkpoints' names), for
+    checkpoints traced despite it: their mismatched matrices are skipped there, the base's missing ones not traced."""
+    return [f"{_names(names)}: {what}; those are not traced at {'these checkpoints' if len(names) > 1 else 'this checkpoint'} "
+            "(a checkpoint of another model, or of a resized one?)" for what, names in said.items()]
+
+
+def adapter_change_warnings(metas: dict[str, dict[str, Any]], points: dict[str, dict[int, dict[str, Any]]],
+                            refs: list[CheckpointRef]) -> list[str]:
+    """Warnings for an adapter run whose adapters differ between checkpoints: the rank r of a module (its points'
+    ``lora_r``), or the modules adapted (one run keeps its ``target_modules``: a module entering or leaving the
+    adapter between two steps is adapters of several runs listed together, or a resized one). ``points``: module ->
+    checkpoint index -> point; a failed checkpoint neither adds nor drops a module."""
+    out = []
+    changed = []  # (module, its r at each checkpoint)
+    for name in metas:
+        pts = [points.get(name, {}).get(ci) or {} for ci in range(len(refs))]
+        if len({p["lora_r"] for p in pts if p.get("lora_r")}) > 1:
+            changed.append((name, [str(p.get("lora_r") or "–") for p in pts]))
+    if changed:
+        out.append(f"the LoRA rank r differs between checkpoints for {len(changed)} of {len(metas)} modules (e.g. "
+                   f"{changed[0][0]}: r = {', '.join(changed[0][1])}): are they checkpoints of one run? Each "
+                   "point's effective_rank_over_r uses its own lora_r")
+    used = [ci for ci, r in enumerate(refs) if not r.failed]
+    steps = []  # at each step whose adapter adapts other modules than the one before: which entered, which left
+    for a, b in zip(used, used[1:]):
+        held = [{n for n in metas if ci in points.get(n, {})} for ci in (a, b)]
+        came, went = sorted(held[1] - held[0]), sorted(held[0] - held[1])
+        if came or went:
+            steps.append(f"from step {refs[a].step} to {refs[b].step}, "
+                         + " and ".join(x for x in (f"{len(came)} enter ({_names(came)})" if came else "",
+                                                    f"{len(went)} leave ({_names(went)})" if went else "") if x))
+    if steps:
+        out.append(f"the adapted modules change between checkpoints: {'; '.join(steps[:SHOWN])}{' …' if len(steps) > SHOWN else ''}. "
+                   "Are they checkpoints of one run? A module's points where its adapter lacks it are skipped")
+    return out
+
+
+def size_warning(refs: list[CheckpointRef], matrices: list[dict[str, Any]]) -> str | None:
+    """A median ‖ΔW‖/‖W_base‖ (over the matrices that changed) above 1 at any checkpoint, not only the last: one from
+    another run (another base) stands out wherever it is listed. None when there is none."""
+    above = []
+    for i, r in enumerate(refs):
+        rels = [m["points"][i].get("rel_norm") for m in matrices
+                if len(m["points"]) > i and moved(m["points"][i]) and m["points"][i].get("rel_norm") is not None]
+        if rels and float(np.median(rels)) > 1.0:
+            above.append(f"{'the last checkpoint' if i == len(refs) - 1 else Path(r.path).name} "
+                         f"({float(np.median(rels)):.2f})")
+    return (f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: "
+            "was this run started from this base?") if above else None
+
+
+def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | None:
+    """The ``turn_note`` of checkpoint ``ci`` when its ``turn_prev`` is measured from an earlier checkpoint
+    than the one before (``prev_at``, the last with a subspace for the matrix), else None."""
+    return None if prev_at is None or prev_at == ci - 1 else (
+        f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
+        f"(step {refs[ci - 1].step} has none: see its point)")
+
+
+def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
+    """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, and one
+    for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
+    out = note_caveat_warnings([(m["name"], "; ".join([m.get("note") or "", *(pt.get("note") or "" for pt in m["points"] if isinstance(pt, dict))]))
+                                for m in matrices], len(matrices), " at one checkpoint or more")
+    # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
+    unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
+    hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
+           if isinstance(pt, dict) and str(pt.get("turn_note", "")).startswith(unresolved)]
+    if not hit:
+        return out
+    name, step = hit[0]
+    one = len(hit) == 1
+    return [*out, (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
+                   f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
+                   "turn_prev and turn_first are null there (turn_note in trace.json)")]
