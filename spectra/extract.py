@@ -587,7 +587,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     failed = None
     if evaluation is not None:
         try:
-            _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, evaluation)
+            _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, evaluation, not_lora)
         except Exception as exc:  # noqa: BLE001 - the adapter is written: its extract.json is saved, then exc raised
             failed, result.eval = exc, None
             result.warnings.append(f"--eval failed, so extract.json holds no held-out losses: {exc}")
@@ -669,8 +669,10 @@ def _eval_inputs(base_ckpt: Checkpoint, tuned: str | Checkpoint, config: Extract
 
 
 def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: ExtractRun, uniform: int,
-          config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, data: EvalData) -> None:
-    """Write the uniform-rank adapter of the same size beside the extracted one, then evaluate both."""
+          config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, data: EvalData,
+          not_lora: list[dict]) -> None:
+    """Write the uniform-rank adapter of the same size beside the extracted one, holding the same saved modules and
+    biases (without them it was scored with the norms' update removed), then evaluate both."""
     from spectra.extract_eval import held_out_losses
 
     held = {m["name"]: m["rank"] for m in result.modules}  # an unchanged expert of a stack holds the stack's rank
@@ -679,7 +681,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
                           hint="rerun with --force (the run keeps them when --eval is given from the start)")
-    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, [])
+    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, not_lora)
     udir = out / f"uniform_r{uniform}"
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)

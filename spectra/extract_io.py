@@ -125,13 +125,14 @@ class ExtractRun:
                      floor: float = 0.0) -> None:
         """Journal target i's top values ``S`` and ``total`` = ‖ΔW‖²_F, both of ``ΔW·2**-exp``, and ``floor``, the
         storage rounding floor of ΔW's singular values (:func:`spectra.delta.pair_floor`, in ΔW's units; 0: none known).
-        Where ``S`` holds more values than are journaled, ``rest`` is the energy of the others, Σσᵢ² summed from
-        them: a rank's tail energy without ``total − Σ_{i≤r}σᵢ²``, which cancels to noise near exact (``rel_fro_error``)."""
+        Where ``S`` is the whole spectrum (``p`` values) and more than are journaled, ``rest`` is the energy of the
+        others, Σσᵢ² summed from them: a rank's tail energy without ``total − Σ_{i≤r}σᵢ²``, which cancels to noise near
+        exact (``rel_fro_error``); a top-k ``S`` leaves it out (its unlisted values are not all of the tail)."""
         t = self.targets[i]
         n, S = self.n_values(i), np.asarray(S, dtype=np.float64)
         rec = {"order": t.order, "S": [float(x) for x in S[:n]], "total": float(total),
                "method": method, "residual": residual, "base_fro": base_fro, "note": note}
-        if S.size > n:
+        if S.size > n and S.size == t.p:
             rec["rest"] = float(np.sum(S[n:] ** 2))
         if exp:
             rec["exp"] = int(exp)

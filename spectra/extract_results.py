@@ -54,7 +54,8 @@ class ExtractResult:
         totals: sums over the modules (parameters; ``energy_kept``: the share of the extracted
             matrices' ‖ΔW‖²_F the adapter keeps; ``energy_kept_all``: the same over every matrix,
             those in ``not_extracted`` and an adapter's ``modules_to_save`` matrices included (kept whole
-            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; …).
+            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; 1-D tensors such as
+            norms and biases are not counted in either; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
         allocation: the budget's greedy: budget, parameters used (``filled_params`` of them spent after
             the prefix, :func:`spectra.lowrank.allocate_budget`), the fractional bound and the gap to it
@@ -507,9 +508,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     if alloc is not None:
         a, items = alloc
         crit = None
-        if a.critical is not None:
+        if a.critical is not None:  # items index every target, skipped ones too: named through src.targets
             members = items[a.critical[0]]
-            crit = {"module": targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
+            crit = {"module": src.targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
                     "rank": a.critical[1]}
         allocation = {"method": "greedy on σ²/(out+in), then the rest filled", "budget": config.budget, "budget_params": plan.budget,
                       "used_params": a.params, "filled_params": a.filled, "kept": a.kept / energy if energy > 0 else 1.0,
@@ -532,8 +533,8 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"{matrices(len(left))} could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
                         "see not_extracted in extract.json")
     if outside_share >= 0.01 and kept is not None:
-        warnings.append(f"the matrices not extracted hold {outside_share:.1%} of ΔW's energy: the adapter keeps "
-                        f"{totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
+        warnings.append(f"the matrices not extracted hold {outside_share:.1%} of the weight matrices' ΔW energy: the adapter "
+                        f"keeps {totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
                         "matrices; see not_extracted and not_lora in extract.json)")
     # the caveats of the notes (precision mismatch…) as diff warns them; rounding_level's is said just below
     warnings += [w for w in note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))

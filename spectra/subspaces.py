@@ -234,8 +234,7 @@ def top_subspace(M: Update, k: int, side: Side = "left") -> torch.Tensor:
     rank = _resolved(M, S)  # beyond it the vectors are a null space's arbitrary ones (two zero updates: φ = 1)
     if rank == 0:
         raise ValueError("M is zero (no singular value above its resolution): its singular subspaces are undefined.")
-    why = f" (M's {'rank' if _is_factored(M) else 'numerical rank'}: its other directions are rounding noise)"
-    k = check_index(k, "k", 1, rank, why if rank < U.shape[1] else "")
+    k = check_index(k, "k", 1, rank, f" (M's {_resolution(M)})" if rank < U.shape[1] else "")
     return U[:, :k] if side == "left" else Vh[:k].mT
 
 
@@ -243,6 +242,11 @@ def _resolved(M: Update, S: torch.Tensor) -> int:
     # a factored update's directions above RANK_TOL·σ₁, a dense one's (a TopSVD's) above the Gram route's σ₁·√(p·u)
     S64 = S.detach().to("cpu", torch.float64).numpy()
     return factored_rank(S64) if _is_factored(M) else numerical_rank(S64, min(_update_shape(M)))
+
+
+def _resolution(M: Update) -> str:
+    return ("rank: values below 1e-10·σ₁ are rounding of its factors" if _is_factored(M) else
+            "numerical rank: values below σ₁·√(p·u), spectra's float64 resolution, count as zero (docs/definitions.md)")
 
 
 # ---- principal angles ---------------------------------------------------------------------------
@@ -546,18 +550,16 @@ def amplification(
     out, inn = shape
     r = check_index(r, "r", 1, min(shape))
     dW = dW if isinstance(dW, (TopSVD, Factored, tuple)) else top_svd(_matrix(dW, "dW", device), r)  # type: ignore[arg-type]
-    # past the resolved rank, a null space's arbitrary directions (a LoRA with a zero column of B gave a
-    # factor set by the column it did not use): refused, as compare cuts r at the resolved rank
-    held = dW.S if isinstance(dW, (TopSVD, Factored)) else torch.as_tensor(dW[1])
-    if 0 < (rank := _resolved(dW, held)) < min(r, len(held)):
-        kind = "rank" if _is_factored(dW) else "numerical rank"
-        raise ValueError(f"r must be in [1, {rank}] (dW's {kind}: its other directions are rounding noise). Got {r} instead.")
     if isinstance(dW, TopSVD):
         U, S, Vh = (x.to(device=device, dtype=torch.float64) for x in (dW.U, dW.S, dW.Vh))
         delta_fro = math.sqrt(dW.energy)
     else:
         U, S, Vh = _factors64(dW, "dW", device)
         delta_fro = float(torch.sqrt((S**2).sum()))
+    # past the resolved rank, a null space's arbitrary directions (a LoRA with a zero column of B gave a
+    # factor set by the column it did not use): refused, as compare cuts r at the resolved rank
+    if 0 < (rank := _resolved(dW, S)) < min(r, S.shape[0]):
+        raise ValueError(f"r must be in [1, {rank}] (dW's {_resolution(dW)}). Got {r} instead.")
     r = check_index(r, "r", 1, S.shape[0])
     check_energy_range(delta_fro**2, bool(S.any()), "dW")
     proj_delta = float(torch.linalg.matrix_norm(U[:, :r].mT @ W64 @ Vh[:r].mT)) if delta_fro > 0 else 0.0

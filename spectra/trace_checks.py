@@ -33,10 +33,15 @@ def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint) -> tuple[str, bool]:
     matrices of matching shape against an unrelated base). ``("", False)`` when every matrix pairs.
 
     Counted: matrices whose shape differs from the base's (``shape mismatch`` skips of the pairing) and 2-D or larger
-    weights the base lacks (``tuned_only``); a tensor the base has and the checkpoint lacks is a point skipped as
+    weights the base lacks (``tuned_only``; not experts whose layout differs from the base's, which the pairing notes);
+    a tensor the base has and the checkpoint lacks is a point skipped as
     "not in this checkpoint", as before, and a head tied to the base's embedding has its own pairing note."""
     shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch")]
-    extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2]
+    # experts stored per matrix on one side and as 3-D stacks on the other pair with nothing, which the pairing's own
+    # note says: the same model saved by another transformers version, not another model (they outnumber the rest)
+    relayout = any("the experts are stored one matrix per expert" in n for n in pairing.notes)
+    extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2
+             and not (relayout and (ckpt.specs[n].expert is not None or len(ckpt.tensors[n].shape) == 3))]
     if not shapes and not extra:
         return "", False
     bad = len(shapes) + len(extra)
