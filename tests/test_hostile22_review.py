@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,43 @@ def test_the_budgets_critical_module_is_named_beside_a_skipped_one(tmp_path):
         used += cost
     crit = res.allocation["critical"]
     assert crit is not None and (crit["module"], crit["rank"]) == critical, (crit, critical)
+
+
+def test_extract_evals_uniform_adapter_holds_the_same_saved_modules(tmp_path):
+    """Probe G: with --save-modules the uniform adapter --eval scores beside the extracted one had no modules_to_save,
+    so it was scored with the norms' update removed."""
+    import shutil
+
+    import peft
+    import transformers
+    from safetensors.torch import load_file
+
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    cfg = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
+    sd = load_file(str(tmp_path / "base" / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    for k, v in sd.items():
+        if v.ndim == 2 and "embed" not in k and "lm_head" not in k:
+            sd[k] = v + 0.05 * torch.randn(v.shape[0], 3, generator=g) @ torch.randn(3, v.shape[1], generator=g)
+        elif v.ndim == 1:
+            sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)  # the norms move
+    (tmp_path / "tuned").mkdir()
+    save_file(sd, str(tmp_path / "tuned" / "model.safetensors"))
+    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "tuned")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "o", plots=False,
+                  config=ExtractConfig(rank=2, save_modules=True, eval_text=str(text), eval_seq_len=64, eval_blocks=2))
+    udir = Path(res.eval["uniform_adapter"])
+    saved = json.loads((tmp_path / "o" / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved and json.loads((udir / "adapter_config.json").read_text())["modules_to_save"] == saved
+    # merged by PEFT, the uniform adapter's norms are the tuned model's (they were the base's)
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"), udir)
+    merged = model.merge_and_unload().state_dict()
+    norms = [k for k in sd if sd[k].ndim == 1]
+    assert norms and all(torch.equal(merged[k], sd[k]) for k in norms)
