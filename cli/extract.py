@@ -187,7 +187,8 @@ def eval_table(doc: dict) -> Table | None:
 
 @click.command("recommend")
 @click.argument("results", type=click.Path(exists=True))
-@click.option("--energy", "-e", type=float, default=None, help="Each module's rank holds ≥ τ of its ‖ΔW‖² (default 0.9 without --budget).")
+@click.option("--energy", "-e", type=float, default=None,
+              help="Each module's rank holds ≥ τ of its ‖ΔW‖² (default 0.9 without --budget; with it, a cap within the budget).")
 @click.option("--budget", "-b", default=None,
               help="At most this many LoRA parameters (1.2M; 10%: of the changed matrices' out × in; 50MB of bf16).")
 @click.option("--alpha-ratio", type=float, default=2.0, show_default=True, help="lora_alpha = ratio × r (Biderman et al.: 2).")

@@ -62,7 +62,8 @@ def check(path: Path, doc: dict[str, Any]) -> None:
     t, u = doc.get("totals"), doc.get("uniform")
     for name, rec in (("totals", t), ("uniform", u)):
         if isinstance(rec, dict):
-            for key in ("energy_kept", "rel_fro_error", "median_energy_kept", "min_energy_kept", "param_fraction"):
+            for key in ("energy_kept", "rel_fro_error", "median_energy_kept", "min_energy_kept", "param_fraction",
+                        "energy_kept_all", "not_extracted_energy_share"):
                 (share if key != "param_fraction" else count)(f"{name}.{key}", rec.get(key))
             for key in ("params", "full_params", "modules", "changed", "modules_at_90", "rank", "min_rank", "max_rank", "bytes"):
                 count(f"{name}.{key}", rec.get(key))
@@ -153,11 +154,16 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
     t, u = doc["totals"], doc["uniform"]
     out = []
     if t.get("energy_kept") is not None:
-        text = (f"The adapter keeps {t['energy_kept']:.1%} of the update's energy with {t['params']:,} LoRA parameters "
-                f"({t['param_fraction']:.2%} of the full update's), ranks {t['min_rank']}–{t['max_rank']}")
+        # energy_kept is of the extracted matrices only: an embedding or head left out holds energy the
+        # adapter does not, which "of the update's energy" hid (energy_kept_all is of every weight matrix)
+        text = (f"The adapter keeps {t['energy_kept']:.1%} of the extracted matrices' energy{_of_all(doc)} with "
+                f"{t['params']:,} LoRA parameters ({t['param_fraction']:.2%} of the full update's), "
+                f"ranks {t['min_rank']}–{t['max_rank']}")
         if u.get("energy_kept") is not None:
             text += f"; a uniform rank {u['rank']} with the same parameters would keep {u['energy_kept']:.1%}"
-        out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept")}))
+        out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept"),
+                                                          "energy_kept_all": t.get("energy_kept_all"),
+                                                          "not_extracted_energy_share": t.get("not_extracted_energy_share")}))
     changed = t.get("changed", t["modules"])  # extract.json before the count: every module counted
     rest = f"; {t['modules'] - changed} unchanged or at the rounding level" if changed < t["modules"] else ""
     out.append(Finding("modules", f"{t['modules_at_90']} of the {changed} changed modules keep at least 90% of their energy "
@@ -191,6 +197,26 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
                                             f"{worst['rel_norm']:.3g}, {worst['name']}: {worst['reason']}).", warning=True))
     out += [Finding("warning", w, warning=True) for w in doc.get("warnings", [])]
     return out
+
+
+def _of_all(doc: dict[str, Any]) -> str:
+    """`` (x% of all the weight matrices': the n not extracted, e.g. NAME, hold y%)`` when matrices left out of the
+    adapter (``not_extracted``, and an adapter's ``modules_to_save`` matrices not saved) hold any of ‖ΔW‖²_F; else ``""``
+    (an extract.json before ``energy_kept_all`` too)."""
+    t = doc["totals"]
+    share, kept_all = t.get("not_extracted_energy_share"), t.get("energy_kept_all")
+    if not (is_num(share) and share > 0 and is_num(kept_all)):
+        return ""
+    left = [r for r in doc.get("not_extracted") or [] if isinstance(r, dict)]
+    left += [r for r in doc.get("not_lora") or [] if isinstance(r, dict) and r.get("kind") == "modules_to_save of the adapter"
+             and len(r.get("shape") or ()) == 2 and not r.get("held")]
+    # the largest named: the matrices as energy_kept_all counts them (extract_results.build_result)
+    left = sorted((r for r in left if is_num(r.get("fro_norm")) and r["fro_norm"] > 0), key=lambda r: -r["fro_norm"])
+    # a share below the printed precision is said as such, not as "0.0%" beside a claim that it holds some
+    said = f"{share:.1%}" if share >= 0.0005 else "under 0.05%"
+    who = (f"the {len(left)} not extracted, e.g. {left[0].get('name')}," if len(left) > 1 else
+           f"{left[0].get('name')}, not extracted," if left else "those not extracted")
+    return f" ({kept_all:.1%} of all the weight matrices': {who} hold{'s' if len(left) == 1 else ''} {said})"
 
 
 def section_html(path: Path, doc: dict[str, Any]) -> str:

@@ -250,6 +250,28 @@ def _pairs(d: dict, key: str) -> list[tuple[float, int, int]]:
     return sorted((m[s][t], s, t) for s in range(n) for t in range(s + 1, n) if m[s][t] is not None)
 
 
+def _cosine_chance(d: dict) -> tuple[int, str] | None:
+    """``(out·in, "out × in")`` of the median matrix compared (the lower middle one of an even count), whose
+    1/√(out·in) is the standard deviation of the cosine of two independent random updates of it; None for an
+    ``interfere.json`` whose modules do not list ``out`` and ``in``."""
+    shapes = sorted((m["out"] * m["in"], f"{m['out']} × {m['in']}") for m in d["modules"]
+                    if is_int(m.get("out")) and is_int(m.get("in")))
+    return shapes[(len(shapes) - 1) // 2] if shapes else None
+
+
+def _phi_random(d: dict, a: int, b: int) -> float | None:
+    """φ's random baseline for tasks a, b: max(k_a, k_b)/d (``ranks`` the top-k kept, d = ``in`` for the right
+    singular vectors, ``out`` for the left), the median over the matrices where their φ is defined, as the
+    summary's φ is; None without shapes."""
+    dim = "out" if (d.get("config") or {}).get("side") == "left" else "in"
+    vals = sorted(max(m["ranks"][a], m["ranks"][b]) / m[dim] for m in d["modules"]
+                  if m["phi"][a][b] is not None and is_int(m.get(dim)))
+    if not vals:
+        return None
+    h = len(vals) // 2  # the median as the summary takes it (the mean of the middle two of an even count)
+    return vals[h] if len(vals) % 2 else (vals[h - 1] + vals[h]) / 2
+
+
 def findings(path: Path, doc: dict) -> list[Finding]:
     """The most and least overlapping pairs, and what summing all the updates does, in words."""
     d = load(path, doc)
@@ -273,15 +295,43 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         k = counts[a][b] if counts else s.get("modules")
         return f"over {matrices(k)}" + (f" of {s.get('modules')}" if counts and k != s.get("modules") else "")
 
+    level = _cosine_chance(d)
+    sd = 1 / math.sqrt(level[0]) if level else None
+
+    def phi_vs(a: int, b: int) -> str:  # φ beside its random-subspace baseline for the pair
+        base = _phi_random(d, a, b)
+        said = phi_of(a, b)
+        return said + (f" against {base:.2f} for random subspaces" if base is not None and said[0].isdigit() else "")
+
+    # the cosine of two independent random updates of out·in entries has mean 0 and standard deviation
+    # 1/√(out·in): a ranking of pairs all within 3 of those ranks noise (the "least alike" had the higher φ)
+    unit = f"1/√(out·in) = {sd:.3f} for the median matrix, {level[1]}" if level else ""
+    alike = bool(cos) and sd is not None and all(abs(v) < 3 * sd for v, _, _ in cos)
+    nums = {"cosine": [cos[0][0], cos[-1][0]] if cos else [], "cosine_chance_sd": sd,
+            "phi_random": {f"{names[a]} | {names[b]}": _phi_random(d, a, b) for _, a, b in cos}}
     if len(cos) == 1:  # two fine-tunes: one pair, neither "most" nor "least" alike
         (v, a, b), = cos
-        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_of(a, b)}, "
-                                      f"{over(a, b)}.", numbers={"cosine": [v, v]}))
+        verdict = (f"; the cosine is within chance: below 3 standard deviations ({3 * sd:.3f}) of unrelated updates' "
+                   f"({unit})" if alike else
+                   f"; unrelated updates give cosines of standard deviation {unit}" if level else "")
+        out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_vs(a, b)}, "
+                                      f"{over(a, b)}{verdict}.", numbers=nums))
+    elif alike:
+        (lo, a, b), (hi, c, e) = cos[0], cos[-1]
+        text = (f"No pair stands out from unrelated updates: every median cosine lies within ±{3 * sd:.3f}, 3 standard "
+                f"deviations of the cosine of two independent random updates ({unit}), from {lo:.3f} ({names[a]} and "
+                f"{names[b]}) to {hi:.3f} ({names[c]} and {names[e]})")
+        defined = [(phi[x][y], x, y) for _, x, y in cos if x < len(phi) and y < len(phi[x]) and phi[x][y] is not None]
+        if defined:
+            _, x, y = max(defined)
+            text += f"; the highest φ is {names[x]} and {names[y]}'s, {phi_vs(x, y)}"
+        out.append(Finding("modules", text + ".", numbers=nums))
     elif cos:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
-        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_of(c, e)}, "
-                                      f"{over(c, e)}); least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_of(a, b)}, "
-                                      f"{over(a, b)}).", numbers={"cosine": [lo, hi]}))
+        chance = f"; unrelated updates give cosines of standard deviation {unit}" if level else ""
+        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_vs(c, e)}, "
+                                      f"{over(c, e)}); least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, "
+                                      f"{over(a, b)}){chance}.", numbers=nums))
     if s.get("spectral_over_max") is not None:
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) makes the strongest direction "
                                    f"{s['spectral_over_max']:.2f}× the strongest single update's (median; {len(names)} if "
@@ -307,7 +357,8 @@ def section_html(path: Path, doc: dict) -> str:
     figs = interfere_plots.interfere_figures(d)
     texts = {
         "cosine": "Cosine of the flattened updates, median over matrices: how much two fine-tunes push the weights the "
-                  "same way. Near 0 is typical of unrelated tasks; negative values mean they pull against each other.",
+                  "same way. Near 0 is typical of unrelated tasks (two independent random updates of an out × in matrix give "
+                  "cosines of standard deviation 1/√(out·in)); negative values mean they pull against each other.",
         "phi": "How much the top-k singular directions (input side by default) of two updates overlap: 1 when one "
                "contains the other, about max(k)/d for random directions.",
         "captured": "Row s, column t: the share of t's update that lies inside s's top-k directions on both sides. "

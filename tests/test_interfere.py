@@ -195,7 +195,8 @@ def test_cli_and_report(tasks, tmp_path):
     doc = json.loads(path.read_text())
     html = section_html(path, doc)
     assert "<i>lora</i>" not in html and "&lt;i&gt;lora&lt;/i&gt;" in html
-    assert any("Most alike" in f.text for f in findings(path, doc))
+    # the fixture's three tasks are independent random updates: every median cosine is within chance (3/√(out·in))
+    assert any(f.text.startswith("No pair stands out") for f in findings(path, doc))
     bad = CliRunner().invoke(group, ["interfere", "--base", str(root / "base"), str(root / "lora_a"), str(root / "lora_other")])
     assert bad.exit_code == 1 and bad.stderr.count("\n") <= 2 and "different base model" in bad.stderr
     usage = CliRunner().invoke(group, ["interfere", "--base", str(root / "base"), str(root / "lora_a")])
