@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+
+if TYPE_CHECKING:  # (spectra.trace imports torch: only when the command runs)
+    from spectra.trace import TraceResult
 
 
 @click.command("trace")
@@ -32,8 +36,9 @@ from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar,
 @click.option("--json", "as_json", is_flag=True, help="Print trace.json to stdout instead of the table.")
 @click.option("--no-plots", is_flag=True, help="Do not write the figures.")
 @click.option("--report", "report", is_flag=True, help="Also write OUT/report.html (needs --out).")
+@click.option("--allow-identical", is_flag=True, help="Exit 0 even when every ΔW is exactly zero at every checkpoint.")
 def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exclude, layers, device, resume, as_json,
-              no_plots, report) -> None:
+              no_plots, report, allow_identical=False) -> None:
     """Trace ΔW = W_step − BASE over a training run.
 
     CHECKPOINTS is one run folder holding Hugging Face Trainer checkpoint-N folders (full models or
@@ -41,6 +46,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     order. Per matrix and checkpoint: energy ranks, ‖ΔW‖ and ‖ΔW‖/‖W_base‖, σ₁/σ₂, stable and
     effective rank (LoRA: against r), and how far the top-k singular subspaces turned since the
     previous and the first checkpoint. A checkpoint still being written is left out with the reason.
+    Exit 3 (results still written) when ΔW is exactly zero for every matrix at every checkpoint.
     """
     from spectra.display import matrices
     from spectra.trace import TraceConfig, jsonable, trace
@@ -83,6 +89,23 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
         from spectra.report import folder_results, write_report
 
         err.print(shown(f"report: {write_report(folder_results(out_dir, 'trace.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+    if not allow_identical:
+        raise_if_unchanged(result, out_dir)
+
+
+def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
+    """Raise :class:`spectra.errors.IdenticalCheckpointsError` (exit 3, as ``diff`` for identical checkpoints) when
+    ΔW is exactly zero for every traced matrix at every checkpoint not marked failed: the run has no update to trace
+    (a zero at some checkpoints only, such as step 0, is a trace)."""
+    from spectra.errors import IdenticalCheckpointsError
+    from spectra.trace_checks import unchanged_text
+
+    zero = unchanged_text(result.checkpoints, result.matrices)
+    if zero is None:
+        return
+    raise IdenticalCheckpointsError(zero, path=result.run,
+                                    hint="check that you passed the fine-tuned checkpoints; --allow-identical accepts this"
+                                         + (f"; results were still written to {out_dir}" if out_dir else ""))
 
 
 def _summary_table(result) -> Table:

@@ -59,6 +59,7 @@ from spectra.trace_checks import (
     gap_note,
     run_warnings,
     size_warning,
+    unchanged_text,
     unpaired_matrices,
     unpaired_warnings,
 )
@@ -399,6 +400,8 @@ def trace(
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
     result.warnings += run_warnings(result.matrices)
+    if zero := unchanged_text(result.checkpoints, result.matrices):  # (the CLI exits 3 on it, as diff does)
+        result.warnings.append(f"{zero}; check that you passed the fine-tuned checkpoints")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     if out_dir is not None:

@@ -131,3 +131,24 @@ def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
     return [*out, (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
                    f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
                    "turn_prev and turn_first are null there (turn_note in trace.json)")]
+
+
+def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]]) -> str | None:
+    """What a trace measured when ΔW is exactly zero (‖ΔW‖_F = 0) for every traced matrix at every checkpoint that was
+    not marked failed (``checkpoints``: ``trace.json``'s records, in step order; ``matrices``: its matrix records):
+    the checkpoints hold the base's weights (copies of it, or adapters saved at initialisation with B = 0), so the run
+    has no update to trace. None when some point changed, or none was measured (every one skipped).
+
+    Said as a warning, and by ``spectra trace`` as exit 3 (as ``diff`` for identical checkpoints)."""
+    used = [i for i, c in enumerate(checkpoints) if not c.get("failed")]
+    pts = [m["points"][i] for m in matrices for i in used if i < len(m["points"]) and isinstance(m["points"][i], dict)]
+    measured = [p for p in pts if "skip" not in p and p.get("fro_norm") is not None]
+    if not measured or any(p["fro_norm"] != 0 for p in measured):
+        return None
+    skipped = len(pts) - len(measured)  # (NaN/Inf, a shape the base lacks, a tensor not saved there): not the base's
+    if skipped:
+        return (f"ΔW = 0 at every checkpoint for every measured point, but {skipped} point{'s were' if skipped > 1 else ' was'} "
+                "skipped (see 'skip' in trace.json)")
+    lora = any(c.get("kind") == "lora" for c in checkpoints)
+    return "ΔW = 0 at every checkpoint: they hold the base's weights" + (
+        " (adapters saved at initialisation, with B = 0?)" if lora else "")

@@ -300,6 +300,9 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         if not Path(p).exists():
             raise CheckpointNotFoundError(missing_text(p), path=p)
     single = Path(paths[0])
+    if len(paths) == 1 and not single.is_dir():  # one weights file: a trace of one point (of the base, given the base's)
+        raise ConfigError("one checkpoint is not a trace", path=single,
+                          hint="pass a run folder with checkpoint-N folders, or two or more checkpoints in order")
     # a checkpoint-N link to nothing counts too: it is listed as skipped with why, never dropped unsaid
     found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (d.is_dir() or d.is_symlink())
                     and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
