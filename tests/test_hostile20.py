@@ -269,13 +269,10 @@ def test_sweep_rank_error_names_its_own_option(tmp_path):
 
 @pytest.fixture(scope="module")
 def mixtral_pair(tmp_path_factory):
-    import transformers as T
+    from tests.train_util import tiny_mixtral
 
     root = tmp_path_factory.mktemp("mixtral")
-    torch.manual_seed(0)
-    cfg = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)
-    model = T.AutoModelForCausalLM.from_config(cfg).float()
+    model = tiny_mixtral()
     model.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -95,11 +95,10 @@ def test_recommend_names_the_component_the_budget_cannot_pay_for(tmp_path):
 def _tiny_mixtral(root: Path) -> tuple[Path, Path]:
     """Mixtral (hidden 32, intermediate 48, 2 layers of 3 experts), float32: every attention matrix and every expert's
     matrix moved at rank 1 (the router, embeddings and head not)."""
-    T = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = T.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)
-    model = T.AutoModelForCausalLM.from_config(cfg).float()
+    pytest.importorskip("transformers")
+    from tests.train_util import tiny_mixtral
+
+    model = tiny_mixtral()
     model.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -125,29 +125,23 @@ def test_the_budgets_critical_module_is_named_beside_a_skipped_one(tmp_path):
 def test_extract_evals_uniform_adapter_holds_the_same_saved_modules(tmp_path):
     """Probe G: with --save-modules the uniform adapter --eval scores beside the extracted one had no modules_to_save,
     so it was scored with the norms' update removed."""
-    import shutil
-
     import peft
     import transformers
     from safetensors.torch import load_file
 
     from spectra.extract import extract
     from spectra.extract_plan import ExtractConfig
+    from tests.train_util import byte_llama_pair
 
-    cfg = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
-    sd = load_file(str(tmp_path / "base" / "model.safetensors"))
     g = torch.Generator().manual_seed(1)
-    for k, v in sd.items():
+
+    def edit(k: str, v: torch.Tensor) -> torch.Tensor:
         if v.ndim == 2 and "embed" not in k and "lm_head" not in k:
-            sd[k] = v + 0.05 * torch.randn(v.shape[0], 3, generator=g) @ torch.randn(3, v.shape[1], generator=g)
-        elif v.ndim == 1:
-            sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)  # the norms move
-    (tmp_path / "tuned").mkdir()
-    save_file(sd, str(tmp_path / "tuned" / "model.safetensors"))
-    shutil.copy(tmp_path / "base" / "config.json", tmp_path / "tuned")
+            return v + 0.05 * torch.randn(v.shape[0], 3, generator=g) @ torch.randn(3, v.shape[1], generator=g)
+        return v + 0.05 * torch.randn(v.shape, generator=g) if v.ndim == 1 else v  # the norms move
+
+    byte_llama_pair(tmp_path, edit)
+    sd = load_file(str(tmp_path / "tuned" / "model.safetensors"))
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "o", plots=False,

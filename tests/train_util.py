@@ -28,6 +28,36 @@ def tiny_llama(seed: int = 0):
     return transformers.LlamaForCausalLM(cfg)
 
 
+def tiny_mixtral(seed: int = 0):
+    """Mixtral (hidden 32, intermediate 48, 2 layers of 3 experts, vocabulary 64), float32, initialised after
+    ``torch.manual_seed(seed)``."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float()
+
+
+def byte_llama_pair(root: Path, edit) -> tuple[Path, Path]:
+    """``root/base`` (a byte-level Llama: vocabulary 256, no tokenizer files, hidden 32, 2 layers) and ``root/tuned``,
+    its weights passed through ``edit(name, tensor) -> tensor`` (with its config.json): a pair ``--eval`` can score."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    cfg = transformers.AutoConfig.for_model("llama", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "base")
+    sd = load_file(str(root / "base" / "model.safetensors"))
+    (root / "tuned").mkdir()
+    save_file({k: edit(k, v) for k, v in sd.items()}, str(root / "tuned" / "model.safetensors"))
+    shutil.copy(root / "base" / "config.json", root / "tuned")
+    return root / "base", root / "tuned"
+
+
 def train(model, tokens: torch.Tensor, *, steps: int, lr: float, seed: int, seq: int = 64, batch: int = 8) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
