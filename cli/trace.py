@@ -100,10 +100,10 @@ def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
     from spectra.errors import IdenticalCheckpointsError
     from spectra.trace_checks import unchanged_text
 
-    zero = unchanged_text(result.checkpoints, result.matrices)
+    zero = unchanged_text(result.checkpoints, result.matrices, result.config)
     if zero is None:
         return
-    raise IdenticalCheckpointsError(zero, path=result.run,
+    raise IdenticalCheckpointsError(zero, path=result.run or f"{result.base} vs {len(result.checkpoints)} checkpoints",
                                     hint="check that you passed the fine-tuned checkpoints; --allow-identical accepts this"
                                          + (f"; results were still written to {out_dir}" if out_dir else ""))
 

@@ -269,6 +269,10 @@ def raise_if_identical(result: DiffResult, out_dir: str | Path | None = None) ->
                 hint=("see the pairing warnings (a tensor renamed on one side?); " if result.unpaired else "")
                 + ("`spectra inspect` shows why each tensor was skipped; " if result.skipped_matrices() else "")
                 + "--allow-identical accepts this" + written)
+        if any((result.config or {}).get(k) for k in ("include", "exclude", "layers")):  # the rest may have changed
+            raise IdenticalCheckpointsError(
+                f"each of the {len(result.modules)} matrices selected (--include, --exclude, --layers) has ΔW = 0",
+                path=f"{result.base} vs {result.tuned}", hint="widen the selection; --allow-identical accepts this" + written)
         twice = result.base and result.tuned and same_file(result.base, result.tuned)
         raise IdenticalCheckpointsError(
             f"every one of the {len(result.modules)} analysed matrices has ΔW = 0: base and tuned hold the same weights"

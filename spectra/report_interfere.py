@@ -5,6 +5,7 @@ of one base overlap, pair by pair and all together. Definitions: README, "Interf
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -264,12 +265,22 @@ def _phi_random(d: dict, a: int, b: int) -> float | None:
     singular vectors, ``out`` for the left), the median over the matrices where their φ is defined, as the
     summary's φ is; None without shapes."""
     dim = "out" if (d.get("config") or {}).get("side") == "left" else "in"
-    vals = sorted(max(m["ranks"][a], m["ranks"][b]) / m[dim] for m in d["modules"]
-                  if m["phi"][a][b] is not None and is_int(m.get(dim)))
-    if not vals:
-        return None
-    h = len(vals) // 2  # the median as the summary takes it (the mean of the middle two of an even count)
-    return vals[h] if len(vals) % 2 else (vals[h - 1] + vals[h]) / 2
+    vals = [max(m["ranks"][a], m["ranks"][b]) / m[dim] for m in d["modules"] if m["phi"][a][b] is not None and is_int(m.get(dim))]
+    return statistics.median(vals) if vals else None
+
+
+#: √(π/2): the standard deviation of the median of m independent standard normals is about this / √m.
+MEDIAN_SD = math.sqrt(math.pi / 2)
+
+
+def _at_chance(d: dict, a: int, b: int) -> bool | None:
+    """Whether tasks a, b's cosines are what unrelated updates give: each matrix's cosine times √(out·in) is about a
+    standard normal for independent random updates, and the median of m of them lies within 3·√(π/2)/√m of 0 (a
+    median over many matrices is far tighter than one matrix's 1/√(out·in): consistent small cosines are no
+    chance); None without shapes."""
+    zs = [m["cosine"][a][b] * math.sqrt(m["out"] * m["in"]) for m in d["modules"]
+          if m["cosine"][a][b] is not None and is_int(m.get("out")) and is_int(m.get("in"))]
+    return abs(statistics.median(zs)) < 3 * MEDIAN_SD / math.sqrt(len(zs)) if zs else None
 
 
 def findings(path: Path, doc: dict) -> list[Finding]:
@@ -304,22 +315,24 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         return said + (f" against {base:.2f} for random subspaces" if base is not None and said[0].isdigit() else "")
 
     # the cosine of two independent random updates of out·in entries has mean 0 and standard deviation
-    # 1/√(out·in): a ranking of pairs all within 3 of those ranks noise (the "least alike" had the higher φ)
+    # 1/√(out·in); a pair is at chance when its scaled cosines' median is (_at_chance): a ranking of such pairs ranks noise
     unit = f"1/√(out·in) = {sd:.3f} for the median matrix, {level[1]}" if level else ""
-    alike = bool(cos) and sd is not None and all(abs(v) < 3 * sd for v, _, _ in cos)
+    alike = bool(cos) and all(_at_chance(d, a, b) for _, a, b in cos)
+    test = ("each pair's cosines scaled by √(out·in) have a median within 3 standard deviations (√(π/2)/√m over m "
+            "matrices) of unrelated updates'")
     nums = {"cosine": [cos[0][0], cos[-1][0]] if cos else [], "cosine_chance_sd": sd,
             "phi_random": {f"{names[a]} | {names[b]}": _phi_random(d, a, b) for _, a, b in cos}}
     if len(cos) == 1:  # two fine-tunes: one pair, neither "most" nor "least" alike
         (v, a, b), = cos
-        verdict = (f"; the cosine is within chance: below 3 standard deviations ({3 * sd:.3f}) of unrelated updates' "
-                   f"({unit})" if alike else
+        verdict = (f"; the cosines are within chance: unrelated updates give one matrix's cosine a standard deviation of "
+                   f"{unit}, and {test.replace('each pair', 'the pair')}" if alike else
                    f"; unrelated updates give cosines of standard deviation {unit}" if level else "")
         out.append(Finding("modules", f"{names[a]} and {names[b]}: median cosine {v:.2f}, φ {phi_vs(a, b)}, "
                                       f"{over(a, b)}{verdict}.", numbers=nums))
     elif alike:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
-        text = (f"No pair stands out from unrelated updates: every median cosine lies within ±{3 * sd:.3f}, 3 standard "
-                f"deviations of the cosine of two independent random updates ({unit}), from {lo:.3f} ({names[a]} and "
+        text = (f"No pair stands out from unrelated updates: one matrix's cosine of two independent random updates has "
+                f"standard deviation {unit}, and {test}; the median cosines run from {lo:.3f} ({names[a]} and "
                 f"{names[b]}) to {hi:.3f} ({names[c]} and {names[e]})")
         defined = [(phi[x][y], x, y) for _, x, y in cos if x < len(phi) and y < len(phi[x]) and phi[x][y] is not None]
         if defined:

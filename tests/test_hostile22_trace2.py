@@ -71,10 +71,15 @@ def test_checkpoints_that_hold_the_base_exit_3_and_a_run_equal_to_it_at_step_0_o
             "checkpoints") in doc["warnings"], doc["warnings"]
     allowed = cli(["trace", str(tmp_path / "base"), str(run), "-o", str(tmp_path / "t2"), "--no-plots", "--allow-identical"])
     assert allowed.returncode == 0 and not _errors(allowed.stderr), allowed.stderr
-    # listed checkpoints: the same, and the path named is none (no run folder)
+    # listed checkpoints: the same, the base and the count named (no run folder)
     listed = cli(["trace", str(tmp_path / "base"), str(run / "checkpoint-10"), str(run / "checkpoint-20"), "--no-plots"])
     assert listed.returncode == 3 and _errors(listed.stderr) == [
-        ZERO_LINE.format(where="", lora="", out="").replace("; results were still written to ", "")], listed.stderr
+        ZERO_LINE.format(where=f"{tmp_path / 'base'} vs 2 checkpoints: ", lora="", out="").replace(
+            "; results were still written to ", "")], listed.stderr
+    # a selection: only the matrices selected are said to be unchanged (those left out may have moved)
+    chosen = cli(["trace", str(tmp_path / "base"), str(run), "--include", "mlp", "--no-plots"])
+    assert chosen.returncode == 3 and _errors(chosen.stderr)[0].startswith(
+        f"error: {run}: ΔW = 0 at every checkpoint for each of the 2 matrices selected (--include, --exclude, --layers)")
 
     # a run whose step 0 is the base and whose step 10 moved: a trace, exit 0, ‖ΔW‖ as numpy says
     g = torch.Generator().manual_seed(1)
@@ -101,7 +106,8 @@ def test_a_failed_checkpoint_beside_copies_of_the_base_still_exits_3(tmp_path):
     (run / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10, "log_history": []}))
     proc = cli(["trace", str(tmp_path / "base"), str(run), "-o", str(tmp_path / "t"), "--no-plots"])
     assert proc.returncode == 3, proc.stderr
-    assert _errors(proc.stderr) == [ZERO_LINE.format(where=f"{run}: ", lora="", out=tmp_path / "t")], proc.stderr
+    assert _errors(proc.stderr) == [ZERO_LINE.format(where=f"{run}: ", lora="", out=tmp_path / "t").replace(
+        "at every checkpoint", "at every checkpoint not marked failed")], proc.stderr
     doc = json.loads((tmp_path / "t" / "trace.json").read_text())
     assert [bool(c["failed"]) for c in doc["checkpoints"]] == [False, True], doc["checkpoints"]
 
@@ -150,3 +156,22 @@ def test_one_weights_file_is_refused_as_one_checkpoint_folder_is(tmp_path, which
     two = cli(["trace", str(tmp_path / "base"), str(tmp_path / "base" / "model.safetensors"),
                str(tmp_path / "tuned" / "model.safetensors"), "--no-plots"])
     assert two.returncode == 0 and not _errors(two.stderr), two.stderr
+
+
+def test_diff_of_a_selection_that_did_not_change_does_not_say_the_weights_are_the_same(tmp_path):
+    """Review: `diff --include mlp` of a fine-tune of q_proj only said "base and tuned hold the same weights"."""
+    w = _base(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    _write(tmp_path / "tuned", {n: v + (0.1 * torch.randn(v.shape, generator=g) if "q_proj" in n else 0) for n, v in w.items()},
+           None)
+    proc = cli(["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--include", "mlp", "--no-plots"])
+    assert proc.returncode == 3
+    line = _errors(proc.stderr)[-1]
+    assert "each of the 2 matrices selected (--include, --exclude, --layers) has ΔW = 0" in line and "same weights" not in line
+    whole = cli(["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--no-plots", "--json"])
+    assert whole.returncode == 0  # the unselected q_proj moved: ‖ΔW‖_F as float64 numpy
+    rows = {m["name"]: m for m in json.loads(whole.stdout)["modules"]}
+    t = load_file(str(tmp_path / "tuned" / "model.safetensors"))  # numpy arrays
+    for n in NAMES:
+        want = float(np.linalg.norm(t[n].astype(np.float64) - w[n].double().numpy()))
+        assert rows[n]["fro_norm"] == pytest.approx(want, abs=1e-6)
