@@ -149,7 +149,7 @@ def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds
     top = np.minimum(a.top, a.fro_norm)
     sigma1 = float(top[0]) if top.size else 0.0
     fields = common_fields(item, config)
-    fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds; "
+    fields["note"] = "; ".join(n for n in (fields["note"], "approximate: energy ranks lie within energy_rank_bounds (results.json); "
                                            "nuclear norm, effective and signal rank need the full spectrum",
                                            WEIGHTS_APPROX_NOTE if config.weight_spectra else "") if n)
     return ModuleResult(

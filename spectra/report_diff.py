@@ -7,6 +7,7 @@ and what was skipped and why. Definitions: docs/definitions.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from spectra.display import matrices, range_text, tau_percent
 from spectra.findings import Finding, count_text, diff_findings, matrix_legend, skipped_reasons, summary_legend
@@ -79,20 +80,32 @@ def section_html(path: Path, doc: dict) -> str:
         out.append(note(f"Top row: the singular values of each update divided by its largest, one line per layer (colour: "
                         f"depth). Bottom row: the share of the update's energy held by its top k directions; where a curve "
                         f"crosses the dashed line is the rank needed for {tau_percent(tau)}. Solid lines come from the singular values "
-                        "the results keep (--top-k); dotted segments join the energy ranks at each threshold (exact points "
-                        "of the curve, with values in between not stored)."))
+                        "the results keep (--top-k); dotted segments join the energy ranks at each threshold ("
+                        + ("points of the curve, estimates where a matrix was sketched (approximate mode)" if any(
+                            m.method.startswith("approx") for m in res.modules) else "exact points of the curve")
+                        + ", with values in between not stored)."))
     figw = diff_plots.weight_spectra_figure(res)
     if figw is not None:
         out.append("<h3>Spectra of W_base, W_tuned and ΔW (Biderman et al. 2024, Fig. S7 style)</h3>" + svg_img(figw))
         out.append(note("The weights' spectra barely move while ΔW has a spectrum of its own: a fine-tune is a small "
                         "update whose shape (how many directions it needs) is what the rank-needed numbers measure."))
     out.append("<h3>Per module kind (the table spectra diff prints)</h3>")
-    rows = [[r["module"], count_text(r), r["p"], *((range_text(r["lora_r_range"]),) if lora else ()), r["energy_rank"], r["energy_rank_frac"],
+    # sketched ranks (approximate mode) marked as the terminal marks them: "≈" for a kind, [lo, hi] for a matrix
+    approx = {m.module for m in res.modules if m.method.startswith("approx")}
+
+    def est(x: Any, sketched: bool) -> Any:
+        return f"≈{x:.4g}" if sketched and isinstance(x, (int, float)) else x
+
+    def rank(m: Any) -> Any:
+        lo, hi = (m.energy_rank_bounds or {}).get(key) or (None, None)
+        return m.energy_rank.get(key) if lo is None or lo == hi else f"≈{m.energy_rank.get(key)} [{lo}, {hi}]"
+    rows = [[r["module"], count_text(r), r["p"], *((range_text(r["lora_r_range"]),) if lora else ()),
+             est(r["energy_rank"], r["module"] in approx), est(r["energy_rank_frac"], r["module"] in approx),
              r["random_frac"], r["rel_norm"]] for r in res.summary_records(tau)]
     out.append(table(["module", "n", "p", *(("LoRA r",) if lora else ()), f"rank[{key}]", "/ p", "random / p", "‖ΔW‖/‖W‖"],
                      rows, sortable=True))
     out.append(legend(summary_legend(tau, lora=lora), title="Columns of this table"))
-    rows = [[m.name, m.layer, m.expert, m.module, f"{m.shape[0]}×{m.shape[1]}", m.energy_rank.get(key), m.energy_rank_frac.get(key),
+    rows = [[m.name, m.layer, m.expert, m.module, f"{m.shape[0]}×{m.shape[1]}", rank(m), m.energy_rank_frac.get(key),
              m.random_frac(key), m.rel_norm, m.fro_norm, m.spectral_norm, m.stable_rank, m.effective_rank, m.lora_r, m.note]
             for m in res.modules]
     out.append("<h3>Every matrix (click a column to sort)</h3>")

@@ -202,3 +202,45 @@ def test_extract_findings_without_left_out_matrices_say_nothing_more(tmp_path):
     kept = sum(s[0] for s in e.values()) / sum(s.sum() for s in e.values())
     assert doc["totals"]["not_extracted_energy_share"] == 0
     assert first.startswith(f"The adapter keeps {kept:.1%} of the extracted matrices' energy with "), first
+
+
+# ---- diff --approx: the report marks what the terminal marks ---------------------------------------------------
+def test_the_diff_report_marks_sketched_ranks_and_shows_their_bounds(tmp_path):
+    """Probe I: the terminal marked approximate ranks "≈"; report.html showed them bare, never showed the bounds, and its
+    figure caption called them "exact points of the curve"; results.csv's note pointed to bounds it does not hold."""
+    import csv
+
+    g = torch.Generator().manual_seed(0)
+    base, tuned, S = {}, {}, {}
+    for layer in range(2):
+        o, i = 700, 500
+        U = torch.linalg.qr(torch.randn(o, i, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(i, i, generator=g, dtype=torch.float64)).Q
+        s = 0.05 * torch.exp(-torch.arange(i, dtype=torch.float64) / (20 + 10 * layer))
+        n = f"model.layers.{layer}.mlp.down_proj.weight"
+        base[n] = torch.randn(o, i, generator=g)
+        tuned[n] = (base[n].double() + (U * s) @ V.T).float()
+        S[n] = np.linalg.svd(tuned[n].double().numpy() - base[n].double().numpy(), compute_uv=False)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    r = cli(["diff", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--approx", "-o",
+             str(tmp_path / "o"), "--report"])
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "o" / "results.json").read_text())
+    key = str(min(doc["thresholds"], key=lambda t: abs(t - 0.9)))  # the headline τ the tables show
+    html = (tmp_path / "o" / "report.html").read_text()
+    wide = 0
+    for m in doc["modules"]:
+        e = np.cumsum(S[m["name"]] ** 2) / np.sum(S[m["name"]] ** 2)  # the float64 truth lies within the bounds
+        truth = int(np.searchsorted(e, float(key)) + 1)
+        lo, hi = m["energy_rank_bounds"][key]
+        assert lo <= truth <= hi, (m["name"], lo, truth, hi)
+        if lo < hi:
+            wide += 1
+            assert f"≈{m['energy_rank'][key]} [{lo}, {hi}]" in html
+    assert wide, "the setup: a sketched rank with bounds apart"
+    assert "≈" in html.split("Per module kind")[1].split("</table>")[0]  # the kind table's median
+    assert "exact points of the curve" not in html and "estimates where a matrix was sketched" in html
+    with open(tmp_path / "o" / "results.csv", newline="") as f:
+        notes = [row["note"] for row in csv.DictReader(f)]
+    assert notes and all("energy_rank_bounds (results.json)" in n for n in notes)
