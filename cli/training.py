@@ -26,6 +26,14 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
     """A float option that must be finite and > 0 when given (click's FloatRange lets NaN through)."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise click.BadParameter(f"must be a finite number > 0. Got {value} instead")
+    if value is not None and param.name == "lr":  # 1e-320 is 0 in float32: nothing would train (exit 0)
+        from spectra.errors import ConfigError
+        from spectra.training_inputs import check_lr
+
+        try:
+            check_lr(value)
+        except ConfigError as exc:
+            raise click.BadParameter(exc.message.removeprefix("--lr ") + f" ({exc.hint})") from None
     return value
 
 
@@ -79,7 +87,8 @@ def _sweep_stop_note(params: dict, since: float | None) -> str:
         return f"sweep.json and every run and analysis were written to {out} before the stop"
     return ((f"the finished runs ({', '.join(done)}) are in {out}; " if done else "")
             + (f"the finished analyses ({', '.join(analyses)}) are in {out / 'analysis'}; " if analyses else "")
-            + f"sweep.json{' was' if analyses else ' and the analyses were'} not written (rerun with --force to start again)")
+            + f"sweep.json{' was' if analyses else ' and the analyses were'} not written (rerun with the same options and "
+              "--resume to finish the sweep, keeping what is finished; --force deletes the finished runs and starts again)")
 
 
 @click.command("train", short_help="One reference fine-tune (LoRA via PEFT, or full), logged.")
@@ -168,9 +177,13 @@ def _int_list(text: str, option: str) -> list[int]:
 @click.option("--out", "-o", "out_dir", required=True, type=OutPath(file_okay=False),
               help="Output folder: one subfolder per run (adapter or model, logs), their diffs and compares, sweep.json.")
 @click.option("--force", is_flag=True, help="Write into a used --out, first deleting what an earlier sweep wrote there.")
-def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, trace_every, out_dir, force) -> None:
+@click.option("--resume", is_flag=True, help="Finish an interrupted sweep in --out, given the options it was started with: "
+                                             "keep its finished runs and analyses, train the others afresh.")
+def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_len, device, trace_every, out_dir, force,
+              resume) -> None:
     """Several reference runs on one base and dataset, then diff each and, within each seed, compare
-    every LoRA run with the full run and consecutive LoRA ranks (OUT/sweep.json lists everything)."""
+    every LoRA run with the full run and consecutive LoRA ranks (OUT/sweep.json lists everything; OUT/sweep_options.json
+    records the options, which --resume must repeat)."""
     from spectra.errors import ConfigError
     from spectra.training import check_sweep, sweep
 
@@ -181,6 +194,8 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
         check_sweep(method_list, rank_list if "lora" in method_list else [], seed_list)
     except ConfigError as exc:
         raise click.UsageError(exc.message + (f" ({exc.hint})" if exc.hint else "")) from None
+    if force and resume:
+        raise click.UsageError("--force deletes the finished runs that --resume keeps: pass one of them")
     err = stderr()
     if "lora" not in method_list and given("ranks"):  # only LoRA runs have a rank: no run would use them
         err.print(f"[yellow]warning:[/] --ranks applies to LoRA runs only: --methods {','.join(method_list)} trains none, "
@@ -195,7 +210,7 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
 
     with progress:  # a stop is worded by _sweep_stop_note
         doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
-                    callback=on_record, force=force, steps=steps, batch=batch, seq_len=seq_len, device=device,
+                    callback=on_record, force=force, resume=resume, steps=steps, batch=batch, seq_len=seq_len, device=device,
                     trace_every=trace_every)
     table = Table(title="sweep", title_justify="left")
     for c in ("run", "target loss", "source loss", "seconds"):

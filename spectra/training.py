@@ -43,16 +43,21 @@ from spectra.linalg import all_finite
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
 from spectra.training_inputs import (
+    SWEEP_OPTIONS,
     TOKENIZER_FILES,
     ByteTokenizer,
+    analysis_written,
     check_causal_lm,
+    check_lr,
     check_out,
     check_positions,
     check_positive,
     check_seed,
+    check_sweep_options,
     check_targets,
     check_vocabulary,
     clear_run_outputs,
+    finished_run,
     first_line,
     foreign_outputs,
     leading_blocks,
@@ -62,6 +67,7 @@ from spectra.training_inputs import (
     read_examples,
     refuse_file_in_path,
     resolve_device,
+    run_fields,
     token_blocks,
 )
 
@@ -78,6 +84,8 @@ LORA_ONLY = ("rank", "alpha", "rslora", "targets")
 #: Most tokens one optimiser step may take (batch × seq_len): far above any machine's memory, below int32/64 overflow.
 MAX_STEP_TOKENS = 2**31
 HOLDOUT_SEED = 1234  # fixed: every run on the same data holds out the same blocks
+#: Fewest tokens per sequence (``--seq-len``'s minimum): a block of 1 token has no next token to predict.
+MIN_SEQ_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -137,9 +145,11 @@ class TrainConfig:
             raise ConfigError(f"method must be lora or full. Got {self.method!r} instead")
         for name in ("base", "data", "out"):
             refuse_empty_path(getattr(self, name), f"--{name} is an empty path")
-        for name in ("rank", "steps", "batch", "seq_len", "eval_every", "eval_batches"):
+        for name in ("rank", "steps", "batch", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Got {getattr(self, name)} instead")
+        if self.seq_len < MIN_SEQ_LEN:  # as --seq-len: 1 token predicts nothing, and was blamed on the data
+            raise ConfigError(f"seq_len must be >= {MIN_SEQ_LEN} tokens. Got {self.seq_len} instead")
         if self.trace_every < 0:
             raise ConfigError(f"trace_every must be >= 0. Got {self.trace_every} instead")
         if not 0 < self.holdout < 1:
@@ -148,6 +158,8 @@ class TrainConfig:
         for name in ("lr", "alpha"):  # NaN, inf or 0 would train nothing or diverge with a misleading message
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
+        if self.lr is not None:
+            check_lr(self.lr)
         if not self.target_modules():
             raise ConfigError(f"targets names no module. Got {self.targets!r} instead",
                               hint="all, attn, mlp, all-linear or comma-separated module names")
@@ -240,9 +252,16 @@ def data_blocks(config: TrainConfig) -> int:
     """Blocks of ``config.seq_len`` tokens a run reads from a large ``--data`` text file: enough for
     :data:`DATA_POOL_FACTOR` × the blocks it draws in its training share, for ``eval_batches``
     batches in its held-out share (:func:`holdout_split`), and at least :data:`HOLDOUT_POOL`."""
+    return max(_pool_terms(config).values())
+
+
+def _pool_terms(config: TrainConfig) -> dict[str, int]:
+    """:func:`data_blocks`'s terms (blocks), keyed by what each says in ``train_config.json``'s ``data_read`` note."""
     draws = config.steps * config.batch
-    return max(math.ceil(DATA_POOL_FACTOR * draws / (1 - config.holdout)),
-               math.ceil(config.eval_batches * config.batch / config.holdout), HOLDOUT_POOL, 2)
+    return {f"{DATA_POOL_FACTOR}× the blocks the run draws": math.ceil(DATA_POOL_FACTOR * draws / (1 - config.holdout)),
+            f"enough that its held-out share ({config.holdout:g}) holds the {config.eval_batches * config.batch} blocks an "
+            "evaluation scores": math.ceil(config.eval_batches * config.batch / config.holdout),
+            f"the {HOLDOUT_POOL} blocks the held-out split is drawn from, whatever the run's length": max(HOLDOUT_POOL, 2)}
 
 
 def holdout_split(n: int, holdout: float, scored: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,9 +361,10 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         check_out(out, base=base, inputs=inputs, force=force)  # again under the lock: another run may have written
         if force:
             clear_run_outputs(out)
+        terms = _pool_terms(config)  # the note names the term that set the count
         read = None if whole else {"blocks": len(ids), "tokens": len(ids) * config.seq_len,
                                    "note": f"{config.data} holds more than the run can use: its first {len(ids)} blocks of "
-                                           f"{config.seq_len} tokens are used ({DATA_POOL_FACTOR}× the blocks the run draws; "
+                                           f"{config.seq_len} tokens are used ({max(terms, key=terms.__getitem__)}; "
                                            "a text file is read no further)"}
         return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype)
 
@@ -544,7 +564,8 @@ def clear_sweep_outputs(root: Path) -> None:
     """Delete what an earlier sweep wrote in ``root``: ``sweep.json``, the ``analysis/diff_*`` and
     ``analysis/compare_*`` folders and the run files of its run folders (``full``, ``lora<r>``...);
     nothing else (a folder left empty goes too)."""
-    (root / "sweep.json").unlink(missing_ok=True)
+    for name in ("sweep.json", SWEEP_OPTIONS):
+        (root / name).unlink(missing_ok=True)
     analysis = root / "analysis"
     folders = [d for d in sorted(root.iterdir()) if RUN_NAME.fullmatch(d.name) and d.is_dir() and not d.is_symlink()]
     for d in sorted(analysis.iterdir()) if analysis.is_dir() and not analysis.is_symlink() else []:
@@ -581,7 +602,7 @@ def _refuse_inputs_in_sweep_folders(root: Path, inputs: dict[str, str | None]) -
 
 def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int], seeds: list[int] | None = None,
           eval_source: str | None = None, callback: Callable[[str, dict], None] | None = None, force: bool = False,
-          **train_kwargs) -> dict:
+          resume: bool = False, **train_kwargs) -> dict:
     """Several reference runs on one base and dataset, then ``spectra diff`` of each and, within each
     seed, ``compare`` of every LoRA run with the full run (if any) and of consecutive LoRA ranks
     (ascending).
@@ -593,6 +614,9 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
         callback: ``callback(run_name, log_record)`` as runs progress.
         force: write into a folder that is not empty, first deleting what an earlier sweep wrote
             (:func:`clear_sweep_outputs`).
+        resume: finish an interrupted sweep in ``out`` started with the same options (recorded in
+            :data:`~spectra.training_inputs.SWEEP_OPTIONS`): keep its finished runs and analyses, train its
+            unfinished runs afresh (clearing only their folders), then the missing analyses and ``sweep.json``.
         train_kwargs: any other :class:`TrainConfig` field (steps, lr, batch, seq_len…), for every run.
 
     Returns:
@@ -600,17 +624,28 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
         also written to ``out/sweep.json``.
 
     Raises:
-        ConfigError: as :func:`check_sweep`, or ``out`` not empty without ``force``.
+        ConfigError: as :func:`check_sweep`, ``out`` not empty without ``force`` or ``resume``, both given, or
+            ``resume`` of a sweep started with other options.
     """
     root = Path(out)
     seeds = [0] if seeds is None else seeds
     check_sweep(methods, ranks if "lora" in methods else [], seeds)
+    if force and resume:
+        raise ConfigError("--force deletes the finished runs that --resume keeps", hint="pass one of them")
     refuse_file_in_path(root)
-    if root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir()):
+    used = root.is_dir() and any(p.name != LOCK_NAME for p in root.iterdir())
+    if used:
         refuse_if_held(root)  # a live sweep's folder: not "pass --force", which would delete its files
-    if root.is_dir() and not force and any(p.name != LOCK_NAME for p in root.iterdir()):
-        raise ConfigError("the output folder is not empty", path=root,
-                          hint="choose an empty or new folder, or pass --force to delete what an earlier sweep wrote there")
+    if used and not (force or resume):
+        raise ConfigError("the output folder is not empty", path=root, hint="choose an empty or new folder, pass --resume "
+                          "to finish an interrupted sweep there, or --force to delete what an earlier sweep wrote")
+    # what every run shares (defaults filled in, paths resolved): --resume finishes only a sweep started so
+    shared = run_fields(asdict(TrainConfig(base=base, data=data, out=str(root), method="full", eval_source=eval_source,
+                                           **train_kwargs)))
+    options = {"methods": sorted(methods), "ranks": sorted(ranks) if "lora" in methods else [], "seeds": sorted(seeds),
+               **{k: v for k, v in shared.items() if k not in ("method", "rank", "seed")}}
+    if resume and used:
+        check_sweep_options(root, options)
     if "lora" in methods and ranks:  # before the first run: a rank no matrix can hold fails now, not runs later
         _check_rank_early(TrainConfig(base=base, data=data, out=str(root / "lora"), method="lora", rank=max(ranks),
                                       **train_kwargs), "--ranks")
@@ -620,26 +655,36 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
         if force:
             _refuse_inputs_in_sweep_folders(root, {"--base": base, "--data": data, "--eval-source": eval_source})
             clear_sweep_outputs(root)
+        if not (resume and used):
+            atomic_write_text(root / SWEEP_OPTIONS, json.dumps(options, indent=2, sort_keys=True) + "\n")
+        fresh: set[str] = set()  # the runs trained now: their analyses are redone
         for seed in seeds:
             suffix = f"_seed{seed}" if len(seeds) > 1 else ""
             full = [(f"full{suffix}", "full", 1)] if "full" in methods else []
             loras = [(f"lora{r}{suffix}", "lora", r) for r in sorted(ranks)] if "lora" in methods else []
             for name, method, rank in full + loras:
-                summary = train(TrainConfig(base=base, data=data, out=str(root / name), method=method, rank=rank,
-                                            seed=seed, eval_source=eval_source, **train_kwargs),
-                                callback=(lambda r, n=name: callback(n, r)) if callback else None, force=force)
-                runs[name] = asdict(summary)
+                config = TrainConfig(base=base, data=data, out=str(root / name), method=method, rank=rank, seed=seed,
+                                     eval_source=eval_source, **train_kwargs)
+                expected = {**run_fields(asdict(config)), **(dict.fromkeys(LORA_ONLY) if method == "full" else {})}
+                kept = finished_run(root / name, expected) if resume else None
+                if kept is None:  # an unfinished run starts again from its first step, in a cleared folder
+                    fresh.add(name)
+                    kept = asdict(train(config, callback=(lambda r, n=name: callback(n, r)) if callback else None,
+                                        force=force or resume))
+                runs[name] = {**kept, "out": str(root / name)}
             # within one seed: every LoRA run against the full run, then consecutive ranks
             pairs += [(a, full[0][0]) for a, _, _ in loras] if full else []
             pairs += [(a[0], b[0]) for a, b in zip(loras, loras[1:])]
         diffs = {}
         for name in runs:
-            diff(base, str(root / name), out_dir=root / "analysis" / f"diff_{name}")
+            if not (resume and name not in fresh and analysis_written(root / "analysis" / f"diff_{name}" / "results.json")):
+                diff(base, str(root / name), out_dir=root / "analysis" / f"diff_{name}")
             diffs[name] = str(root / "analysis" / f"diff_{name}")
         compares = {}
         for a, b in pairs:
             folder = root / "analysis" / f"compare_{a}_vs_{b}"
-            compare(str(root / a), str(root / b), base=base, out_dir=folder)
+            if not (resume and not {a, b} & fresh and analysis_written(folder / "compare.json")):
+                compare(str(root / a), str(root / b), base=base, out_dir=folder)
             compares[f"{a}_vs_{b}"] = str(folder)
         doc = {"runs": runs, "diffs": diffs, "compares": compares}
         atomic_write_text(root / "sweep.json", json.dumps(finite_or_null(doc), indent=2, sort_keys=True) + "\n")

@@ -472,6 +472,81 @@ def check_positive(value: object, name: str) -> None:
         raise ConfigError(f"{name} must be a finite number > 0. Got {value!r} instead")
 
 
+def check_lr(lr: float) -> None:
+    """Refuse a learning rate (finite, > 0, as :func:`check_positive` checked) that is no normal float32 number:
+    AdamW steps float32 weights by lr × m/√v, so below ~1.18e-38 (0 or subnormal in float32) no weight moves
+    and the run saves its start (exit 0, no sign), above ~3.4e38 the first step is inf.
+
+    Raises:
+        ConfigError: ``lr`` outside [1.18e-38, 3.4e38].
+    """
+    from spectra.metrics import normal_float32
+
+    if not normal_float32(lr):
+        f32 = torch.finfo(torch.float32)
+        what = ("0 or subnormal in float32: no weight would move (the run would save its start)" if lr < f32.tiny
+                else "infinite in float32: the first step would make the weights inf or NaN")
+        raise ConfigError(f"--lr {lr:.4g} is {what}", hint=f"use an --lr from {f32.tiny:.3g} to {f32.max:.3g}")
+
+
+# ---- resuming a sweep ----------------------------------------------------------------------------------
+#: A sweep records its options here at its start; ``spectra sweep --resume`` finishes it only with the same ones.
+SWEEP_OPTIONS = "sweep_options.json"
+
+
+def run_fields(doc: dict) -> dict:
+    """A run's TrainConfig fields (``asdict`` or its ``train_config.json``) as a sweep compares them: without
+    ``out`` (one folder has many spellings), the input paths (base, data, eval_source) resolved."""
+    found = {k: v for k, v in doc.items() if k != "out"}
+    for k in ("base", "data", "eval_source"):
+        if isinstance(found.get(k), str):
+            found[k] = os.path.realpath(found[k])
+    return found
+
+
+def _json_or_none(path: Path) -> Any:
+    """``path`` parsed, or None when it is missing or unreadable (a run or analysis cut off while writing it)."""
+    try:
+        return load_json(path, what=path.name, error=ConfigError)
+    except (SpectraError, OSError):
+        return None
+
+
+def finished_run(folder: Path, expected: dict) -> dict | None:
+    """The ``train_summary.json`` (a :class:`spectra.training.TrainSummary` dict, written after the adapter or
+    model) of a finished run in ``folder`` whose ``train_config.json`` holds ``expected`` (:func:`run_fields`);
+    None when the run did not finish or ran with other options."""
+    summary, config = _json_or_none(folder / "train_summary.json"), _json_or_none(folder / "train_config.json")
+    if not (isinstance(summary, dict) and isinstance(config, dict)):
+        return None
+    have = run_fields(config)
+    return summary if all(have.get(k) == v for k, v in expected.items()) else None
+
+
+def analysis_written(path: Path) -> bool:
+    """Whether a diff's ``results.json`` or a compare's ``compare.json`` is a finished one (a diff rewrites
+    its file as it goes, ``complete`` false until the end; a compare writes its own at the end)."""
+    doc = _json_or_none(path)
+    return isinstance(doc, dict) and doc.get("complete", True) is True
+
+
+def check_sweep_options(root: Path, options: dict) -> None:
+    """Refuse ``--resume`` of the sweep in ``root`` with other options than it recorded (:data:`SWEEP_OPTIONS`).
+
+    Raises:
+        ConfigError: no record, or one whose options differ (the first differing one named).
+    """
+    recorded = _json_or_none(root / SWEEP_OPTIONS)
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"--resume: {root} holds no readable {SWEEP_OPTIONS}, so no sweep of this version to finish",
+                          path=root, hint="pass --force to delete what an earlier sweep wrote and start again")
+    for key in sorted(options.keys() | recorded.keys()):
+        if options.get(key) != recorded.get(key):
+            raise ConfigError(f"--resume: the sweep in {root} was started with {key} {recorded.get(key)!r}, this one "
+                              f"has {options.get(key)!r}", path=root,
+                              hint=f"rerun with the options in {root / SWEEP_OPTIONS}, or pass --force to start again")
+
+
 # ---- the output folder ---------------------------------------------------------------------------------
 #: Marks a folder as ``spectra demo``'s own: its reruns replace the checkpoints, data and results there.
 DEMO_MARK = ".spectra-demo"

@@ -264,7 +264,8 @@ def test_sweep_stop_note_lists_what_was_written(tmp_path):
     (tmp_path / "analysis" / "diff_lora2" / "results.json").write_text("{}")
     note = _sweep_stop_note({"out_dir": str(tmp_path)}, since)
     assert "finished runs (lora2)" in note and "finished analyses (diff_lora2)" in note
-    assert note.endswith("sweep.json was not written (rerun with --force to start again)")
+    assert note.endswith("sweep.json was not written (rerun with the same options and --resume to finish the sweep, keeping "
+                         "what is finished; --force deletes the finished runs and starts again)")
     (tmp_path / "sweep.json").write_text("{}")
     assert "were written" in _sweep_stop_note({"out_dir": str(tmp_path)}, since)
 
