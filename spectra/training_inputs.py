@@ -10,6 +10,7 @@ to do.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import stat
@@ -519,8 +520,8 @@ def finished_run(folder: Path, expected: dict) -> dict | None:
     summary, config = _json_or_none(folder / "train_summary.json"), _json_or_none(folder / "train_config.json")
     if not (isinstance(summary, dict) and isinstance(config, dict)):
         return None
-    have = run_fields(config)
-    return summary if all(have.get(k) == v for k, v in expected.items()) else None
+    have, want = run_fields(config), json.loads(json.dumps(expected))  # as JSON holds them (a tuple is a list there)
+    return summary if all(have.get(k) == v for k, v in want.items()) else None
 
 
 def analysis_written(path: Path) -> bool:
@@ -540,6 +541,7 @@ def check_sweep_options(root: Path, options: dict) -> None:
     if not isinstance(recorded, dict):
         raise ConfigError(f"--resume: {root} holds no readable {SWEEP_OPTIONS}, so no sweep of this version to finish",
                           path=root, hint="pass --force to delete what an earlier sweep wrote and start again")
+    options = json.loads(json.dumps(options))  # as the record holds them (a tuple is a list in JSON)
     for key in sorted(options.keys() | recorded.keys()):
         if options.get(key) != recorded.get(key):
             raise ConfigError(f"--resume: the sweep in {root} was started with {key} {recorded.get(key)!r}, this one "
