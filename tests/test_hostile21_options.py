@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from spectra.errors import ConfigError
 from tests.cli_util import cli as _cli
-from tests.train_util import corpus_tokens, tiny_llama
+from tests.train_util import base_and_text, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,7 @@ def _warnings(err: str) -> list[str]:
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny byte-level Llama (no tokenizer files: bytes) and a little text."""
-    root = tmp_path_factory.mktemp("h21o")
-    tiny_llama().save_pretrained(root / "base")
-    (root / "data.txt").write_bytes(bytes(corpus_tokens(4000).tolist()))
-    return root / "base", root / "data.txt"
+    return base_and_text(tmp_path_factory.mktemp("h21o"), 4000)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 
 from spectra.errors import ConfigError
 from tests.cli_util import cli as _cli
-from tests.train_util import corpus_tokens, tiny_llama
+from tests.train_util import base_and_text
 
 #: float32's smallest normal number, written out (2^-126), and its largest
 F32_TINY, F32_MAX = 2.0**-126, float(np.finfo(np.float32).max)
@@ -31,10 +31,7 @@ SMALL = {"steps": 3, "batch": 2, "seq_len": 8, "device": "cpu", "trace_every": 0
 @pytest.fixture(scope="module")
 def base_and_data(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny byte-level Llama (no tokenizer files: bytes) and 60,000 bytes of prose."""
-    root = tmp_path_factory.mktemp("h22t")
-    tiny_llama().save_pretrained(root / "base")
-    (root / "data.txt").write_bytes(bytes(corpus_tokens(60_000).tolist()))
-    return root / "base", root / "data.txt"
+    return base_and_text(tmp_path_factory.mktemp("h22t"), 60_000)
 
 
 # ---- 1: a learning rate float32 flushes to 0 -------------------------------------------------------------

@@ -58,6 +58,14 @@ def byte_llama_pair(root: Path, edit) -> tuple[Path, Path]:
     return root / "base", root / "tuned"
 
 
+def base_and_text(root: Path, n_bytes: int) -> tuple[Path, Path]:
+    """``root/base`` (:func:`tiny_llama`: byte-level, no tokenizer files) and ``root/data.txt``, its first ``n_bytes``
+    of :func:`corpus_tokens` as text: what ``spectra train`` needs."""
+    tiny_llama().save_pretrained(root / "base")
+    (root / "data.txt").write_bytes(bytes(corpus_tokens(n_bytes).tolist()))
+    return root / "base", root / "data.txt"
+
+
 def train(model, tokens: torch.Tensor, *, steps: int, lr: float, seed: int, seq: int = 64, batch: int = 8) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
