@@ -578,7 +578,25 @@ def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list
                                "for both, and this head's own update differs from the embedding's"))
     return notes
 
+def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int] | None, floored: tuple[int, str],
+                 of: str) -> str:
+    """Why a budget was left partly unspent, as ``extract`` and ``recommend`` both say it: ``waiting`` = ``(module, its
+    cost in parameters, the share of ``of`` its next component holds, how many modules wait so)`` when a component above
+    the rounding floor costs more than what is left, else the floor's doing: ``floored`` = ``(modules stopped at it, an
+    example)``."""
+    said = f"{spent:,} of the budget's {budget:,} parameters spent"
+    if waiting is None:
+        n, name = floored
+        return (f"{said}: the next components of {n} modules (e.g. {name}) are at the rounding level of their stored "
+                "weights (rounding noise, not the update), which a budget is never spent on")
+    name, cost, share, n = waiting
+    more = f" (and those of {n - 1} other modules)" if n > 1 else ""
+    return (f"{said}: the {budget - spent:,} left are less than the next resolved component of {name}, which costs "
+            f"{cost:,} parameters and holds {share:.1%} of {of}{more}; raise the budget to give it rank")
+
+
 __all__ = ["EXPERTS_GROUP", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name", "resolved_count", "settle_budget",
-           "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "why_not_target"]
+           "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "unspent_text",
+           "why_not_target"]

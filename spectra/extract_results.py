@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from spectra.display import matrices
-from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, energies, extractable, resolved_count
+from spectra.extract_plan import (
+    ExtractConfig,
+    RankPlan,
+    Target,
+    common_exp,
+    energies,
+    extractable,
+    resolved_count,
+    unspent_text,
+)
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, result_json
@@ -548,19 +557,12 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
                         "medians of the totals are over the other changed modules")
     unspent = plan.budget - allocation["used_params"] if allocation is not None else 0
     if allocation is not None and (floored := _floored(spectra, targets, ranks, unspent)):
-        spent = f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent"
         # the rounding floor explains what is left only where no component above it waits for more than that
         at = {orig: i for i, orig in enumerate(keep)}  # the knapsack's items index every target, skipped ones too
         knap = [[at[j] for j in item if j in at] for item in alloc[1]]
         wait = _waiting(spectra, targets, ranks, [it for it in knap if it], config, unspent, energy)
-        if wait is None:
-            warnings.append(f"{spent}: the next components of {len(floored)} modules (e.g. {floored[0]}) are at the rounding "
-                            "level of their stored weights (rounding noise, not the update), which a budget is never spent on")
-        else:
-            name, cost, share_, n = wait
-            more = f" (and those of {n - 1} other modules)" if n > 1 else ""
-            warnings.append(f"{spent}: the {unspent:,} left are less than the next resolved component of {name}, which costs "
-                            f"{cost:,} parameters and holds {share_:.1%} of ΔW's energy{more}; raise the budget to give it rank")
+        warnings.append(unspent_text(allocation["used_params"], plan.budget, waiting=wait, floored=(len(floored), floored[0]),
+                                     of="ΔW's energy"))
     # directions at the rounding floor: an energy rank stops before them, a --rank above them keeps them (as asked)
     at_floor = [(m["name"], resolved_count(spectra[i])) for i, (t, m) in enumerate(zip(targets, mods))
                if floor_note(spectra[i], ranks[i], config, t.p)]

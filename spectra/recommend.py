@@ -35,7 +35,7 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_plan import is_embedding_name
+from spectra.extract_plan import is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
@@ -306,16 +306,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         left = [p for p, per in zip(paths, caps) if p in capped and ranks[p] == sum(per) < min(whole[p]["out"], whole[p]["in"],
                                                                                                 max_rank or 10**9)
                 and cost[p] <= n - spend]
-        if left and waiting:  # not the floor's doing: a component above it waits for more than is left
-            gain, name, c = waiting[-1]
-            more = f" (and those of {len(waiting) - 1} other modules)" if len(waiting) > 1 else ""
-            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: the {n - spend:,} left are less than the next "
-                         f"resolved component of {name}, which costs {c:,} parameters and holds {gain / energy_all:.1%} of the "
-                         f"modules' energy{more}; raise the budget to give it rank")
-        elif left:
-            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: the next components of {len(left)} modules "
-                         f"(e.g. {left[0]}) are at the rounding level of their stored weights (rounding noise, not the "
-                         "update), which a budget is never spent on")
+        if left:  # the floor's doing, unless a component above it waits for more than is left
+            wait = (waiting[-1][1], waiting[-1][2], waiting[-1][0] / energy_all, len(waiting)) if waiting else None
+            notes.append(unspent_text(spend, n, waiting=wait, floored=(len(left), left[0]), of="the modules' energy"))
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
