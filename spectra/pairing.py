@@ -214,6 +214,10 @@ def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
     return f"quantisation parameter ({kind}) of {weight}, which this checkpoint does not hold"
 
 
+#: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
+EXPERT_LAYOUT_NOTE = "the experts are stored one matrix per expert"
+
+
 def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: dict[str, MatrixSpec],
                            tspecs: dict[str, MatrixSpec], base: Checkpoint, tuned: Checkpoint) -> str | None:
     """A warning when one side stores its experts one matrix per expert (``experts.N.w1``) and the
@@ -227,7 +231,7 @@ def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: 
     (bp, bs), (tp, ts) = kinds(base_only, bspecs, base), kinds(tuned_only, tspecs, tuned)
     if (bp and ts) or (bs and tp):
         per_side, stack_side = ("base", "tuned") if bp else ("tuned", "base")
-        return (f"{PAIRING_NOTE_PREFIX}the experts are stored one matrix per expert in {per_side} ({bp or tp} matrices) but as 3-D stacks in "
+        return (f"{PAIRING_NOTE_PREFIX}{EXPERT_LAYOUT_NOTE} in {per_side} ({bp or tp} matrices) but as 3-D stacks in "
                 f"{stack_side} ({bs or ts} tensors): they pair with nothing and are not compared. Save both with the same "
                 "transformers version (load and save_pretrained the older one) to compare them")
     return None

@@ -14,7 +14,7 @@ import numpy as np
 
 from spectra.io.checkpoint import Checkpoint
 from spectra.numerics import unresolved_text
-from spectra.pairing import Pairing
+from spectra.pairing import EXPERT_LAYOUT_NOTE, Pairing
 from spectra.results import note_caveat_warnings
 from spectra.trace_inputs import CheckpointRef, moved
 
@@ -39,7 +39,7 @@ def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint) -> tuple[str, bool]:
     shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch")]
     # experts stored per matrix on one side and as 3-D stacks on the other pair with nothing, which the pairing's own
     # note says: the same model saved by another transformers version, not another model (they outnumber the rest)
-    relayout = any("the experts are stored one matrix per expert" in n for n in pairing.notes)
+    relayout = any(EXPERT_LAYOUT_NOTE in n for n in pairing.notes)
     extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2
              and not (relayout and (ckpt.specs[n].expert is not None or len(ckpt.tensors[n].shape) == 3))]
     if not shapes and not extra:
