@@ -20,6 +20,7 @@ from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 from spectra.journal import first_of_each
+from spectra.results_check import is_int  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -55,11 +56,6 @@ def _read_state(folder: Path) -> tuple[dict | None, str]:
     except SpectraError as exc:  # half written, or not JSON at all
         return None, exc.message
     return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")
-
-
-def _is_step(x: Any) -> bool:
-    """Whether ``x`` is a step as JSON writes one, an integer (``true`` is no step 1, nor ``"4"`` or ``4.5`` a step)."""
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _no_step(state: dict) -> str:
@@ -104,7 +100,7 @@ def weights_identity(ckpt: Checkpoint, path: str | Path) -> frozenset:
 def _log_history(state: dict | None) -> list[dict[str, Any]]:
     out = []
     for rec in (state or {}).get("log_history") or []:
-        if isinstance(rec, dict) and _is_step(rec.get("step")):
+        if isinstance(rec, dict) and is_int(rec.get("step")):
             entry = {"step": rec["step"]}
             for key in ("loss", "eval_loss", "learning_rate"):
                 if isinstance(rec.get(key), (int, float)) and math.isfinite(rec[key]):
@@ -124,7 +120,7 @@ def _train_log(folder: Path) -> list[dict[str, Any]]:
                 rec = parse_json(line.encode("utf-8"), path=f, what="a train_log.jsonl line")
             except SpectraError:
                 break  # a line being written
-            if isinstance(rec, dict) and _is_step(rec.get("step")):
+            if isinstance(rec, dict) and is_int(rec.get("step")):
                 out.append({"step": rec["step"], **{k: rec[k] for k in ("train_loss", "target_loss", "source_loss")
                                                      if isinstance(rec.get(k), (int, float))}})
                 if "train_loss" in out[-1]:
@@ -223,7 +219,7 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
 
     def how(folder: Path) -> str:  # a step its trainer_state.json gives is said, not called unknown
         state, _ = _read_state(folder)
-        if state is not None and _is_step(state.get("global_step")):
+        if state is not None and is_int(state.get("global_step")):
             return (f"step {state['global_step']} read from its trainer_state.json; only checkpoint-<step> folders are "
                     "traced from a run folder: list it with the checkpoints to include it")
         return ("its step is not known; to trace it, name it checkpoint-<step> or give it a trainer_state.json with its "
@@ -347,7 +343,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 skipped.append({"path": str(folder), "reason": f"cannot be read ({where}{exc.message})"})
                 continue
             step, source = n, "folder name"
-            if state is not None and _is_step(state.get("global_step")):  # as for listed checkpoints
+            if state is not None and is_int(state.get("global_step")):  # as for listed checkpoints
                 step, source = state["global_step"], "trainer_state"
                 if step != n:
                     note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
@@ -374,7 +370,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
             m = CHECKPOINT_DIR.match(folder.name)
-            if state is not None and _is_step(state.get("global_step")):
+            if state is not None and is_int(state.get("global_step")):
                 step, source = state["global_step"], "trainer_state"
             elif m:
                 step, source = int(m.group(1)), "folder name"
