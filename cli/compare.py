@@ -10,7 +10,19 @@ from rich.table import Table
 
 from spectra.compare_findings import compare_findings, headline_side, table_legend
 from spectra.display import display_name
-from spectra_cli.console import OutPath, echo_json, one_pattern, print_explanation, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import (
+    OutPath,
+    echo_json,
+    identical_hint,
+    one_pattern,
+    print_explanation,
+    print_table,
+    progress_bar,
+    short_name,
+    shown,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:
     from spectra.compare_records import CompareResult
@@ -139,8 +151,7 @@ def raise_if_zero_side(result: CompareResult, out_dir: str | None) -> None:
         + ("the one compared module" if len(result.modules) == 1 else f"every one of the {len(result.modules)} compared modules")
         + " (a copy of the base, or a LoRA saved at initialisation with B = 0): nothing could be compared",
         path=", ".join(dict.fromkeys(str(path) for _, path in zero)),
-        hint="check that you passed the fine-tuned checkpoint; --allow-identical accepts this"
-             + (f"; results were still written to {out_dir}" if out_dir else ""))
+        hint=identical_hint(out_dir, "checkpoint"))
 
 
 def short_legend(result) -> str:

@@ -27,6 +27,11 @@ EXIT_ERROR = 1
 EXIT_IDENTICAL = 3
 
 
+def identical_hint(out_dir: str | None, what: str = "checkpoints") -> str:
+    """The hint of an exit-3 error (nothing measured: the updates are exactly zero), in compare, interfere and trace."""
+    return (f"check that you passed the fine-tuned {what}; --allow-identical accepts this"
+            + (f"; results were still written to {out_dir}" if out_dir else ""))
+
 
 def shown(text: object) -> str:
     """``text`` fit for a rich markup string: control characters (a hostile tensor name's or path's ESC, BEL,

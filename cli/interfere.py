@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 if TYPE_CHECKING:
     from spectra.interfere import InterfereResult
@@ -128,8 +128,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
            else f"every task ({who})")
         + ", so no pair of tasks was measured",
         path=", ".join(dict.fromkeys(result.tasks[i] for i in idle)),
-        hint="check that you passed the fine-tuned checkpoints; --allow-identical accepts this"
-             + (f"; results were still written to {out_dir}" if out_dir else ""))
+        hint=identical_hint(out_dir))
 
 
 def _pair_table(doc: dict, key: str, label: str) -> Table:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 if TYPE_CHECKING:  # (spectra.trace imports torch: only when the command runs)
     from spectra.trace import TraceResult
@@ -104,8 +104,7 @@ def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
     if zero is None:
         return
     raise IdenticalCheckpointsError(zero, path=result.run or f"{result.base} vs {len(result.checkpoints)} checkpoints",
-                                    hint="check that you passed the fine-tuned checkpoints; --allow-identical accepts this"
-                                         + (f"; results were still written to {out_dir}" if out_dir else ""))
+                                    hint=identical_hint(out_dir))
 
 
 def _summary_table(result) -> Table:
