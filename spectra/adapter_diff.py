@@ -231,6 +231,9 @@ SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minu
 SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
              "(e.g. a new classification head), which has no update to measure")
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
+SAVED_BIAS = ("a bias the adapter trained (adapter_config.json's bias = 'all' or 'lora_only', or a module in "
+              "modules_to_save): a vector, not a weight matrix")
+SAVED_VARIANT = "a LoRA variant's own tensor (VeLoRA's, MonteCLoRA's), outside s·B·A: PEFT's merge does not use it"
 #: Why a command that measures LoRA updates (compare, trace, interfere) lists a matrix an adapter stores whole.
 SAVED_NOT_LORA = "stored whole (modules_to_save), not a LoRA update (spectra diff BASE ADAPTER measures it)"
 SAVED_COPY = ("PEFT's internal copy of a module it wraps (original_module / modules_to_save), saved beside the "
@@ -246,6 +249,8 @@ def _saved_kind_reason(name: str) -> str | None:
         return SAVED_TOKENS
     if "original_module" in parts or "modules_to_save" in parts:
         return SAVED_COPY
+    if any(p.startswith("lora_") for p in parts):  # not a factor (the adapter reader took those): a variant's extra
+        return SAVED_VARIANT
     return None
 
 
@@ -264,7 +269,7 @@ def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, 
     saved: dict[str, SavedModule] = {}
     skipped: list[Skipped] = []
     for name, t in adapter.full.items():
-        why = _saved_kind_reason(name) or (SAVED_VECTOR if t.ndim < 2 else None)
+        why = _saved_kind_reason(name) or ((SAVED_BIAS if name.endswith(".bias") else SAVED_VECTOR) if t.ndim < 2 else None)
         if why:
             skipped.append(Skipped(name, why))
             continue
@@ -352,7 +357,8 @@ def diff_adapter(
     for skip in not_saved:
         result.skipped.append(asdict(skip))
     for copy in adapter.base_copies:
-        result.skipped.append(asdict(Skipped(copy, "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
+        result.skipped.append(asdict(Skipped(copy, SAVED_BIAS if copy.endswith(".bias") else
+                                             "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
         result.skipped.append(asdict(skip))
     finished: set[str] = set()

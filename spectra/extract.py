@@ -228,7 +228,9 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
                          "embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)"))
             continue
         t = target_of(order, spec, mod.module, tuple(mod.shape), base_name=base_name, dtype="float32", note=spec.note)
-        targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": adapter_dtype(adapter)}))
+        # s·B·A holds at most r components (a DoRA update is dense)
+        targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": adapter_dtype(adapter),
+                                 "components": mod.r if mod.magnitude is None else 0}))
         mods[order] = mod
     for s in adapter.skipped:
         left.append(((s.name, (), None, None), s.reason))
@@ -547,7 +549,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     live = [i for i in usable if extractable(run.spectra[i]) or ranks[i]]
     uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
     if src.kind == "full" and config.resolved_strategy == "two-pass":
-        want = {i: min(t.p, max(r, min(t.p, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
+        want = {i: min(t.p, max(r, min(t.cap, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
         _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
     elif src.kind == "full":
         # one pass kept each module's components above the greedy prefix's cut-off; the budget's fill step
@@ -611,7 +613,7 @@ def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
     from spectra.lowrank import uniform_rank
 
     params = sum(r * t.cost for t, r in zip(targets, ranks))
-    return uniform_rank([t.cost for t in targets], [t.p for t in targets], params)
+    return uniform_rank([t.cost for t in targets], [t.cap for t in targets], params)
 
 
 def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig,
@@ -676,7 +678,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     from spectra.extract_eval import held_out_losses
 
     held = {m["name"]: m["rank"] for m in result.modules}  # an unchanged expert of a stack holds the stack's rank
-    ranks_u = [min(uniform, t.p) if extractable(run.spectra[i]) or held.get(t.name) else 0 for i, t in enumerate(src.targets)]
+    ranks_u = [min(uniform, t.cap) if extractable(run.spectra[i]) or held.get(t.name) else 0 for i, t in enumerate(src.targets)]
     missing = [t.name for i, (t, r) in enumerate(zip(src.targets, ranks_u)) if r and not run.has_factors(i, r)]
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.io.adapter import is_adapter
+from spectra.io.adapter import ADAPTER_CONFIG, AdapterConfig, is_adapter
 
 #: Blocks scored per forward pass.
 EVAL_BATCH = 8
@@ -148,9 +148,13 @@ def _blocks(text: str | Path, tok: Any, tok_info: dict[str, Any], seq_len: int, 
     short_hint = (f"give a longer text, or a smaller --eval-seq-len (--eval needs 2 blocks of it at least, and scores up "
                   f"to --eval-blocks {blocks})")
     if p.is_dir() or is_jsonl(p):
-        try:
-            ids, labels = token_blocks(read_examples(p), tok, seq_len)
+        try:  # a file's own error (a bad line of a.jsonl in a folder) keeps its path and hint
+            examples = read_examples(p)
         except SpectraError as exc:
+            raise type(exc)(f"--eval: {exc.message}", path=exc.path or p, tensor=exc.tensor, hint=exc.hint) from None
+        try:
+            ids, labels = token_blocks(examples, tok, seq_len)
+        except SpectraError as exc:  # too little text for the blocks
             raise SpectraError(f"--eval: {exc.message} (--eval-seq-len, read with {how})", path=p, hint=short_hint) from None
         return ids[:blocks], labels[:blocks]
     need = seq_len * blocks + _MARGIN_TOKENS
@@ -272,6 +276,8 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"--eval: PEFT cannot load the adapter on the base: {first_line(exc)}", path=folder,
                               hint="pass an adapter of BASE, or drop --eval") from None
+        if AdapterConfig.from_file(Path(folder) / ADAPTER_CONFIG).ensure_weight_tying:  # peft 0.21 merges it twice
+            return model, "unmerged (ensure_weight_tying: PEFT's merge adds a tied embedding's update twice)"
         try:  # merged, as deployed merged: a tied head then follows an embedding LoRA, as it does in the tuned model
             return model.merge_and_unload(), "merged"
         except _LOAD_ERRORS as exc:  # RuntimeError covers PEFT's NotImplemented merges

@@ -186,6 +186,8 @@ class Target:
         fused_out: ``out`` again for an expert matrix PEFT fuses with another (Mixtral's ``w1`` and ``w3`` into
             ``gate_up_proj``, :attr:`spectra.peft_moe.PeftMoeRules.fused`): it builds their LoRA at rank 2r over both
             outputs, a block-diagonal B holding ``r·out`` more parameters per member; else 0.
+        components: the most nonzero singular values ΔW can have when fewer than ``p``: a LoRA module's rank
+            when an adapter is resized (its factors hold no more); 0: ``p``.
     """
 
     order: int
@@ -203,10 +205,16 @@ class Target:
     dtype: str
     note: str = ""
     fused_out: int = 0
+    components: int = 0
 
     @property
     def p(self) -> int:
         return min(self.shape)
+
+    @property
+    def cap(self) -> int:
+        """The most components a rank of this module can hold: ``p``, or fewer (:attr:`components`)."""
+        return min(self.p, self.components) if self.components else self.p
 
     @property
     def cost(self) -> int:

@@ -297,7 +297,7 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
     E = energy_kept(S, total, r)
     noise = total > 0 and not extractable(spec)
     # the uniform baseline spends nothing on no update, but an unchanged expert of a stack keeps its rank
-    ur = min(uniform, t.p) if extractable(spec) or r else 0
+    ur = min(uniform, t.cap) if extractable(spec) or r else 0
     spectral = None
     if total <= 0 or r >= t.p:
         spectral = 0.0

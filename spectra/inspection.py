@@ -48,6 +48,27 @@ def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = F
     return sorted(records, key=model_order)
 
 
+def inspect_adapter(path: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """One record per LoRA module of the PEFT adapter folder ``path``, as :func:`inspect_checkpoint`'s, with the
+    update's ``(out, in)`` shape, ``r``, ``lora_alpha``, ``scale`` (after the patterns) and ``dora``; and the adapter's
+    read notes, and why each of its other stored tensors is not a LoRA update (``"name: reason"``).
+
+    Raises:
+        CheckpointFormatError: the folder is not an adapter spectra reads (the refusals of ``spectra diff``).
+    """
+    from spectra.adapter_diff import SAVED_BIAS, adapter_updates
+    from spectra.io.adapter import open_adapter
+
+    adapter = open_adapter(path)
+    records = [{"name": mod.weight_name, "layer": spec.layer, "expert": spec.expert, "module": spec.module, "role": spec.role,
+                "shape": list(mod.shape), "r": mod.r, "lora_alpha": mod.alpha, "scale": mod.scale,
+                "dora": mod.magnitude is not None, "note": spec.note} for mod, spec, _ in adapter_updates(adapter, None)]
+    other = ([f"{s.name}: {s.reason}" for s in adapter.skipped]
+             + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'stored whole (modules_to_save)'}" for n in adapter.full]
+             + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'a copy of the base layer PEFT saved'}" for n in adapter.base_copies])
+    return sorted(records, key=model_order), [*adapter.notes, *other]
+
+
 def natural_key(name: str) -> tuple:
     """Sort key comparing the numbers inside a name as numbers: ``layers.2`` before ``layers.10``.
 

@@ -63,8 +63,24 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 PEFT_LORA_DEFAULTS: Mapping[str, Any] = {
     "r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
     "init_lora_weights": True, "target_modules": None, "exclude_modules": None, "modules_to_save": None,
-    "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+    "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "ensure_weight_tying": False,
 }
+#: LoraConfig fields (peft 0.21) whose set value makes the update something other than s·B·A on the stored
+#: base weight, or no one weight at all: refused, each with what it does.
+LORA_VARIANTS: Mapping[str, str] = {
+    "kasa_config": "KaSA removes the base weight's smallest singular directions and scales B·A by a learned diagonal",
+    "use_bdlora": "BD-LoRA stores block-diagonal factors in a compact form",
+    "use_qalora": "QA-LoRA's A acts on inputs averaged in groups (GPTQ bases), and PEFT cannot merge it",
+    "arrow_config": "Arrow routes each token to some of several LoRA experts, so no one update stands for it",
+}
+#: Variant fields spectra knows to leave s·B·A as PEFT merges it (initialisations, training-time options); any
+#: other ``use_*`` or ``*_config`` field that is set may change the update and is refused.
+KNOWN_OPTIONS = ("use_rslora", "use_dora", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
+                 "monteclora_config", "megatron_config", "runtime_config")
+#: peft_type values of prompt-learning methods: they train inputs, not weights.
+PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
+#: The way out for an adapter whose merged weights spectra can measure but whose factors it does not read.
+MERGE_HINT = "merge the adapter (merge_and_unload) and diff the merged model against the base"
 #: Largest adapter_config.json read (real ones are a few KB).
 MAX_CONFIG_BYTES = 10_000_000
 #: Wall-clock bound on matching every module name against the config's patterns. Each single match
@@ -115,6 +131,7 @@ class AdapterConfig:
         layers_to_transform, layers_pattern: only these layer indices are adapted (list form of
             ``target_modules`` only).
         lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
+        ensure_weight_tying: PEFT ties an output head's LoRA to the tied embedding's (the same factors, transposed).
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the
             adapted model (its layer i runs on base layer :meth:`replicated_layers` ``[i]``).
@@ -136,6 +153,7 @@ class AdapterConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     lora_bias: bool = False
+    ensure_weight_tying: bool = False
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     source: Path | None = field(default=None, compare=False, repr=False)
@@ -155,8 +173,18 @@ class AdapterConfig:
             raise CheckpointFormatError("adapter config is not a JSON object", path=path)
         peft_type = raw.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise CheckpointFormatError(f"peft_type must be LORA. Got {peft_type!r} instead", path=path,
-                                        hint="spectra analyses LoRA-family adapters (LoRA, rsLoRA, DoRA)")
+            prompt = str(peft_type).upper() in PROMPT_LEARNING
+            raise CheckpointFormatError(
+                f"peft_type must be LORA. Got {peft_type!r} instead", path=path,
+                hint="a prompt-learning adapter trains inputs and changes no weight: there is no ΔW to measure" if prompt
+                else f"spectra reads LoRA, rsLoRA and DoRA factors; {MERGE_HINT}")
+        for key, value in raw.items():
+            if value in (None, False, {}, []) or key in KNOWN_OPTIONS or not (key.startswith("use_") or key.endswith("_config")):
+                continue  # PEFT's defaults: the variant is off
+            what = LORA_VARIANTS.get(key, "a LoRA variant this version of spectra does not know, which may change the update")
+            raise CheckpointFormatError(
+                f"{key} is set: {what}; s·B·A would not be its update", path=path,
+                hint="spectra cannot measure this adapter" if key in ("use_qalora", "arrow_config") else MERGE_HINT)
         r = raw.get("r", PEFT_LORA_DEFAULTS["r"])
         alpha = raw.get("lora_alpha", PEFT_LORA_DEFAULTS["lora_alpha"])
         if not (isinstance(r, int) and not isinstance(r, bool) and r > 0):
@@ -211,7 +239,7 @@ class AdapterConfig:
             modules_to_save=tuple(modules_to_save) if modules_to_save is not None else None,
             layers_to_transform=tuple(layers) if layers else None,
             layers_pattern=tuple(layers_pattern) if layers_pattern else None,
-            lora_bias=_flag(raw, "lora_bias", path),
+            lora_bias=_flag(raw, "lora_bias", path), ensure_weight_tying=_flag(raw, "ensure_weight_tying", path),
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             source=path,
@@ -413,7 +441,8 @@ class Adapter:
         modules: module path -> :class:`LoraModule`.
         full: tensors the adapter stores whole and trained (``modules_to_save``): base tensor name
             -> tensor.
-        base_copies: names of untrained base-layer copies PEFT saved beside embedding LoRAs.
+        base_copies: names of ``base_layer`` tensors PEFT saved: untrained copies beside embedding LoRAs, and the
+            biases of adapted modules it trained (``bias`` = ``"all"`` or ``"lora_only"``).
         skipped: stored tensors not analysed, each with its reason: factors of modules PEFT would
             not adapt under the config (``target_modules`` ...), LoRA biases, DoRA magnitudes of an
             adapter whose config does not say ``use_dora``.
@@ -534,7 +563,10 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     for module, kinds in stored.items():
         reason, r, alpha = matched[module]
         if reason:
-            adapter.skipped.extend(Skipped(n, f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})") for n in kinds.values())
+            emb = _tied_embedding(ckpt, stored, kinds) if config.ensure_weight_tying else None
+            why = (f"the output head's LoRA that PEFT ties to {emb}'s (ensure_weight_tying in {ADAPTER_CONFIG}): the same "
+                   f"update, measured once, on {emb}") if emb else f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})"
+            adapter.skipped.extend(Skipped(n, why) for n in kinds.values())
             continue
         try:
             lora = _lora_module(ckpt, config, module, kinds, (r, alpha), folder, weights)
@@ -568,6 +600,20 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     """A stored factor in float32, or float64 when stored so (a float64 adapter rounded to float32 lost
     ~1e-8 of its update's norm: its numbers no longer matched its own merge)."""
     return t if t.dtype == torch.float64 else t.to(torch.float32)
+
+
+def _tied_embedding(ckpt: Checkpoint, stored: dict[str, dict[str, str]], kinds: dict[str, str]) -> str | None:
+    """The embedding module whose LoRA factors, transposed, are this head's ``lora_A``/``lora_B`` (PEFT's
+    ``ensure_weight_tying`` saves both), or None."""
+    if set(kinds) != {"lora_A", "lora_B"}:
+        return None
+    A, B = ckpt.load(kinds["lora_A"]), ckpt.load(kinds["lora_B"])
+    for module, other in stored.items():
+        if {"lora_embedding_A", "lora_embedding_B"} <= set(other):
+            eA, eB = ckpt.load(other["lora_embedding_A"]), ckpt.load(other["lora_embedding_B"])
+            if eA.shape == B.mT.shape and eB.shape == A.mT.shape and torch.equal(eA, B.mT) and torch.equal(eB, A.mT):
+                return module
+    return None
 
 
 def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: dict[str, str], rank_alpha: tuple[int, float],
@@ -607,7 +653,8 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
     mag_name = kinds.get("lora_magnitude_vector")
     if config.use_dora:
         if embedding:
-            raise CheckpointFormatError("DoRA on an embedding is not supported", path=weights, tensor=module)
+            raise CheckpointFormatError("DoRA on an embedding is not read by spectra", path=weights, tensor=module,
+                                        hint=MERGE_HINT)
         if mag_name is None:
             raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector",
                                         path=weights, tensor=module,
