@@ -32,6 +32,15 @@ PHI_WORDS: tuple[tuple[float, str], ...] = (
     (10.0, "clearly more than chance"),
 )
 PHI_STRONG = "far more than chance"
+#: A module whose random baseline max(r_A, r_B)/d reaches this leaves φ (at most 1) no room to stand above chance
+#: (1 / the first bound of :data:`PHI_WORDS`): its ranks nearly fill the space, so any two subspaces overlap.
+PHI_BLIND = 1 / PHI_WORDS[0][0]
+
+
+def phi_tells(m: ComparedModule, side: str) -> bool:
+    """Whether module ``m``'s φ on ``side`` can show overlap above chance: its baseline is below :data:`PHI_BLIND`."""
+    phi = m.phi.get(side)
+    return phi is not None and phi.random < PHI_BLIND
 
 
 def phi_words(ratio: float) -> str:
@@ -160,7 +169,17 @@ def _captured_finding(ms: list[ComparedModule]) -> Finding:
                                               "median_ratio_to_random": _median(over) if over else None})
 
 
-def _phi_finding(ms: list[ComparedModule], side: str) -> Finding:
+def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
+    ms = [m for m in every if phi_tells(m, side)]
+    blind = [m for m in every if not phi_tells(m, side)]
+    if blind:
+        e = blind[0]
+        fill = (f"in {len(blind)} of {len(every)} modules the ranks nearly fill the space (e.g. {display_name(e.name, 60)}: "
+                f"r_A = {e.rank_a}, r_B = {e.rank_b} of d = {e.phi[side].d}, random baseline {e.phi[side].random:.3g}): φ is "
+                f"near 1 for any two subspaces there, so it cannot tell overlap from chance")
+        if not ms:
+            return Finding("phi", f"φ(r_A, r_B) says nothing here: {fill} (compare smaller ranks: --top-k for a full update).",
+                           numbers={"side": side, "modules": 0, "uninformative": len(blind)})
     phi = _median([m.phi[side].phi_full for m in ms])
     rand = _median([m.phi[side].random for m in ms])
     above = sum(m.phi[side].phi_full > 2 * m.phi[side].random for m in ms)
@@ -169,9 +188,9 @@ def _phi_finding(ms: list[ComparedModule], side: str) -> Finding:
     vectors = "input (right" if side == "right" else "output (left"
     text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {phi:.3g} against its random baseline {rand:.3g} "
             f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio)}; φ exceeds twice its baseline in "
-            f"{above} of {len(ms)} modules.")
+            f"{above} of {len(ms)} modules" + (f"; {fill}, and they are left out of these medians." if blind else "."))
     return Finding("phi", text, numbers={"side": side, "median_phi": phi, "median_random": rand, "ratio": ratio,
-                                         "above_twice_random": above, "modules": len(ms)})
+                                         "above_twice_random": above, "modules": len(ms), "uninformative": len(blind)})
 
 
 def _amplification_finding(result: CompareResult) -> Finding | None:
@@ -239,7 +258,7 @@ def table_legend(side: str, *, with_base: bool) -> list[tuple[str, str]]:
     return items
 
 
-__all__ = ["PHI_STRONG", "PHI_WORDS", "compare_findings", "headline_side", "phi_words", "random_two_sided", "table_legend",
+__all__ = ["PHI_BLIND", "PHI_STRONG", "PHI_WORDS", "compare_findings", "phi_tells", "headline_side", "phi_words", "random_two_sided", "table_legend",
            "unmatched_text"]
 
 

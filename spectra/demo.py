@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spectra.compare_findings import PHI_BLIND
 from spectra.comparison import compare
 from spectra.config import CompareConfig, DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError
@@ -283,8 +284,12 @@ def _summary(config, runs, logs, diffs, comparisons, stages) -> dict:
             "median_rel_norm": _median([m.rel_norm for m in res.modules if m.rel_norm is not None]),
         }
     full, lora = per_run["full"], per_run["lora8"]
-    comp = {k: {"median_phi": _median([m["phi"]["right"]["phi_full"] for m in c.modules]),
-                "median_random_phi": _median([m["phi"]["right"]["random"] for m in c.modules]),
+    # φ of modules whose ranks nearly fill the space is near 1 for any subspaces: left out (compare_findings.phi_tells)
+    told = {k: [m for m in c.modules if m["phi"]["right"] is not None and m["phi"]["right"]["random"] < PHI_BLIND]
+            for k, c in comparisons.items()}
+    comp = {k: {"median_phi": _median([m["phi"]["right"]["phi_full"] for m in told[k]]),
+                "median_random_phi": _median([m["phi"]["right"]["random"] for m in told[k]]),
+                "phi_modules": len(told[k]), "modules": len(c.modules),
                 "median_captured_b_in_a": _median([m["captured"]["b_in_a"]["two_sided"] for m in c.modules]),
                 "median_intruders_a": _median([m["intruders"]["a"]["count"] for m in c.modules]),
                 "median_intruders_b": _median([m["intruders"]["b"]["count"] for m in c.modules])}
@@ -296,8 +301,23 @@ def _summary(config, runs, logs, diffs, comparisons, stages) -> dict:
             "full_rank_over_lora_rank": full["median_energy_rank_0.9"] / max(lora["median_energy_rank_0.9"], 1e-9),
             "lora_learned_less": lora["target_loss"] > full["target_loss"],
             "lora_forgot_less": lora["source_loss"] < full["source_loss"],
+            "forgetting": forgetting_text(start["source_loss"], full["source_loss"], lora["source_loss"]),
         },
     }
+
+
+def forgetting_text(base: float, full: float, lora: float) -> str:
+    """What the source (forgetting) losses say, against the base's first: a run whose source loss fell forgot nothing.
+
+    >>> forgetting_text(3.4, 3.3, 3.36)
+    'neither forgot: the source loss fell for both (base 3.400, full 3.300, LoRA r=8 3.360)'
+    """
+    losses = f"(base {base:.3f}, full {full:.3f}, LoRA r=8 {lora:.3f})"
+    if full <= base and lora <= base:
+        return f"neither forgot: the source loss fell for both {losses}"
+    if full > base and lora > base:
+        return f"LoRA r=8 forgot {'less' if lora < full else 'no less'} than full fine-tuning: the source loss rose for both {losses}"
+    return f"only {'full fine-tuning' if full > base else 'LoRA r=8'} forgot: its source loss rose {losses}"
 
 
 def _interference_summary(s: dict, tasks: list[str]) -> dict:
@@ -320,12 +340,14 @@ def _summary_md(s: dict) -> str:
     lines += ["", "| comparison | median φ(r_A, r_B) (right) | random | B's energy in A's subspaces | intruders A | intruders B |",
               "|---|---|---|---|---|---|"]
     for name, c in s["comparisons"].items():
-        lines.append(f"| {name} | {c['median_phi']:.3f} | {c['median_random_phi']:.3f} | {c['median_captured_b_in_a']:.3f} | "
+        phi = ((f"{c['median_phi']:.3f}", f"{c['median_random_phi']:.3f}") if c.get("phi_modules", 1)
+               else ("– (ranks fill d: φ ≈ 1 for any subspaces)", "–"))
+        lines.append(f"| {name} | {phi[0]} | {phi[1]} | {c['median_captured_b_in_a']:.3f} | "
                      f"{c['median_intruders_a']:g} | {c['median_intruders_b']:g} |")
     lines += ["", "What came out (measured, whatever it is):", "",
               f"- Full fine-tuning's ΔW needs {f['full_rank_over_lora_rank']:.1f}× the rank of the LoRA r=8 update to explain 90% of its energy.",
-              f"- LoRA r=8 {'learned less' if f['lora_learned_less'] else 'did not learn less'} than full fine-tuning (target loss) and "
-              f"{'forgot less' if f['lora_forgot_less'] else 'did not forget less'} (source loss).",
+              f"- LoRA r=8 {'learned less' if f['lora_learned_less'] else 'did not learn less'} than full fine-tuning (target loss); "
+              f"{f['forgetting']}.",
               *([f"- Two LoRA r=8 fine-tunes on the same data (two seeds): median cosine {s['interference']['same_task_cosine']:.2f}, "
                  f"φ {s['interference']['same_task_phi']:.2f}; on Python code vs JSON records (other seeds too): cosine "
                  f"{s['interference']['two_tasks_cosine']:.2f}, φ {s['interference']['two_tasks_phi']:.2f} (`interfere/`)."]

@@ -329,6 +329,8 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     used = [m.energy_rank[k] for m in ms]
     rs = sorted({m.lora_r for m in ms})
     eff = [m.effective_rank for m in ms if m.effective_rank is not None]
+    # a matrix holds at most p = min(out, in) directions: an r above p is measured against p
+    shares = [m.energy_rank[k] / m.lora_capacity for m in ms]
     if len(rs) == 1:
         r = rs[0]
         text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {matrices(len(ms))}; from {min(used)} to "
@@ -339,13 +341,17 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
         for r in rs:
             u = [m.energy_rank[k] for m in ms if m.lora_r == r]
             per.append(f"r = {r}: {_median(u):g} of {r} used ({matrices(len(u))})")
-        share = _median([m.energy_rank[k] / m.lora_r for m in ms])
-        text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {share:.0%} of their r for "
+        text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {_median(shares):.0%} of their r for "
                 f"{tau_percent(tau)} of their energy; " + "; ".join(per) + ".")
-    if max(used) < min(rs):
-        text += f" No matrix needs all of its r for {tau_percent(tau)} of its energy."
+    wide = [m for m in ms if m.lora_r > m.p]
+    if wide:
+        e = wide[0]
+        text += (f" r exceeds min(out, in) = p in {matrices(len(wide))} (e.g. {display_name(e.module, 40)}, r = {e.lora_r}, "
+                 f"p = {e.p}): those hold at most p directions, so their use is counted against p.")
+    if all(u < m.lora_capacity for u, m in zip(used, ms)):
+        text += f" No matrix needs all of its r{' (or p)' if wide else ''} for {tau_percent(tau)} of its energy."
     return Finding("adapter", text, numbers={"r": rs, "median_used": _median(used), "min_used": min(used), "max_used": max(used),
-                                             "median_share_of_r": _median([m.energy_rank[k] / m.lora_r for m in ms])})
+                                             "median_share_of_r": _median(shares)})
 
 
 def _size_finding(ms: list[ModuleResult]) -> Finding | None:

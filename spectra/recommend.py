@@ -80,8 +80,12 @@ def _is_embedding(m: dict) -> bool:
 
 
 def _part_rank(m: dict, tau: float) -> int:
-    """The energy rank at τ of one results record."""
+    """The energy rank at τ of one results record; of an approximate one, its guaranteed upper bound (the
+    estimate may hold less than τ)."""
     key = threshold_key(tau)
+    bounds = (m.get("energy_rank_bounds") or {}).get(key)
+    if isinstance(bounds, list) and len(bounds) == 2 and isinstance(bounds[1], int) and not isinstance(bounds[1], bool):
+        return bounds[1]
     ranks = m.get("energy_rank") or {}
     if key in ranks and ranks[key] is not None:
         return int(ranks[key])
@@ -200,6 +204,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     floored: list[tuple[str, str, int]] = []  # (module path, part, its directions above the floor): capped there
     complete: set[str] = set()  # parts whose values beyond those kept are known to lie at or below their floor
     unfloored = 0  # changed parts whose record carries no rounding floor (an older diff's results)
+    estimated = 0  # parts whose τ rank the diff estimated (--approx): given their upper bound
     for path in paths:
         e = whole[path]
         per = []
@@ -208,6 +213,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                 per.append(0)
                 continue
             want = _part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or [])
+            estimated += energy is not None and (b := (m.get("energy_rank_bounds") or {}).get(threshold_key(energy))) is not None \
+                and b[0] != b[1]
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
             above = _resolved(m)
             unfloored += m.get("rounding_floor") is None
@@ -218,6 +225,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                     want = above
             per.append(want)
         caps.append(per)
+    if estimated:
+        notes.append(f"{estimated} matrices have approximate ranks (spectra diff --approx): each gets the upper bound of its "
+                     f"τ rank, which holds at least τ of its energy (rerun diff without --approx for the exact ranks)")
     if floored:
         _, name, above = floored[0]
         said = (f"' energy rank at τ = {energy:g} counts directions" if energy is not None else " hold singular values")

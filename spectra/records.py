@@ -137,13 +137,26 @@ def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: flo
     )
 
 
+#: The ``esd`` note of a matrix the approximate mode solved exactly (ΔW's spectrum only).
+ESD_EXACT_DELTA_NOTE = ("approximate mode: W_base and W_tuned are not decomposed, so only ΔW is fitted (raise "
+                        "--approx-above to fit them)")
 #: Why an approximated matrix has no ``base_singular_values``/``tuned_singular_values`` under ``--weight-spectra``.
 WEIGHTS_APPROX_NOTE = ("weight spectra not computed in the approximate mode (each needs a full decomposition of "
                        "W_base and W_tuned): drop --approx, or raise --approx-above past this matrix's size")
 
 
 def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds: float) -> ModuleResult:
+    """The result of one matrix the approximate mode measured: estimated ranks with their bounds, or, where the
+    sketch grew to p/2 and the whole spectrum was computed instead, the exact result (W's spectra still not)."""
     p = min(item.unit.shape)
+    if a.exact:
+        res = exact_result(item, a.top, config, seconds, precision="float64",
+                           esd=esd_entry(item.unit.shape, a.top, note=ESD_EXACT_DELTA_NOTE) if config.esd else None)
+        res.note = "; ".join(n for n in (res.note, "approximate mode: the sketch reached half the matrix's size, so its "
+                                         "spectrum was computed exactly", WEIGHTS_APPROX_NOTE if config.weight_spectra else "")
+                             if n)
+        res.method = "gram/float64"  # what sketch.approx_energy_ranks solved it with, whatever --method says
+        return res
     keys = [threshold_key(tau) for tau in config.thresholds]
     # the sketch's values are float32's: σ̂₁ can exceed ‖ΔW‖_F by its rounding (a stable rank below 1); never above it
     top = np.minimum(a.top, a.fro_norm)

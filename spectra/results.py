@@ -154,6 +154,12 @@ class ModuleResult:
         return min(self.shape)
 
     @property
+    def lora_capacity(self) -> int | None:
+        """The most directions a LoRA update of this matrix can have: ``min(lora_r, p)`` (an r above p buys
+        nothing more), or None for a full update."""
+        return min(self.lora_r, self.p) if self.lora_r else None
+
+    @property
     def caveats(self) -> list[str]:
         """Codes of the numerical caveats of the weights in ``note`` (see :data:`CAVEATS`); empty when none. The
         approximate mode's is not one (a sketch of exact weights): its warning comes from :func:`caveat_groups`."""

@@ -121,6 +121,7 @@ def check_document(d: Any, source: Any, *, unique: bool = True) -> None:
             ("energy_rank_frac", lambda v: isinstance(v, dict) and all(is_num(x) for x in v.values()), "an object of numbers"),
             ("seconds", lambda v: is_num(v) and v >= 0, "a non-negative number"),
             ("rounding_floor", lambda v: v is None or is_num(v), "a number or null"),
+            ("energy_rank_bounds", lambda v: v is None or isinstance(v, dict), "an object or null"),
             ("esd", _esd_ok, 'null or an object whose "base", "tuned" and "delta" are objects (numbers or null for '
                              'alpha, sigma, D, xmin) or null'),
         ):
@@ -182,6 +183,13 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     if any(is_num(x) and x < 0 for x in m["singular_values"]):
         impossible(f"{at}.singular_values", min(x for x in m["singular_values"] if is_num(x)),
                    "singular values are not negative", source)
+    # recommend gives an approximate record its upper bound: it must contain the estimate, within 0..p
+    for k, b in (m.get("energy_rank_bounds") or {}).items():
+        est = m["energy_rank"].get(k)
+        if not (isinstance(b, list) and len(b) == 2 and all(is_int(x) for x in b) and 0 <= b[0] <= b[1] <= p
+                and (not is_int(est) or b[0] <= est <= b[1])):
+            impossible(f"{at}.energy_rank_bounds[{k}]", b, f"bounds are [lo, hi] with 0 <= lo <= energy_rank <= hi <= "
+                                                          f"min(shape) = {p}", source)
     for k, v in (m.get("energy_rank_frac") or {}).items():  # after the ranks' own checks, which say more
         rank = m["energy_rank"].get(k)
         if is_num(v) and is_int(rank) and not math.isclose(v, rank / p, rel_tol=1e-9, abs_tol=1e-12):

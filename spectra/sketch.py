@@ -195,6 +195,8 @@ class ApproxSpectrum:
         residual_energy: ``‖M‖_F² − ‖QᵀM‖_F²``: energy outside the sketch (exact up to rounding).
         ranks: threshold -> :class:`ApproxRank`.
         sketch: final sketch width.
+        exact: the sketch grew to p/2 and the whole spectrum was computed instead (float64 Gram eigensolve):
+            ``top`` holds all p singular values and every rank is exact.
     """
 
     fro_norm: float
@@ -202,6 +204,7 @@ class ApproxSpectrum:
     residual_energy: float
     ranks: dict[float, ApproxRank]
     sketch: int
+    exact: bool = False
 
 
 def energy_rank_bounds(top: np.ndarray, total: float, residual: float, tau: float, p: int,
@@ -282,7 +285,7 @@ def approx_energy_ranks(
                                   generator=generator, device=dev)
         with np.errstate(over="ignore"):  # an energy (σ²) of such a matrix may not be representable: inf
             residual = float(np.ldexp(res.residual_energy, 2 * e))
-        return ApproxSpectrum(float(np.ldexp(res.fro_norm, e)), np.ldexp(res.top, e), residual, res.ranks, res.sketch)
+        return ApproxSpectrum(float(np.ldexp(res.fro_norm, e)), np.ldexp(res.top, e), residual, res.ranks, res.sketch, res.exact)
     ell = min(start, p)
     while True:
         tsvd = randomized_svd(M, min(ell, p), oversample=0, n_iter=n_iter, generator=generator)
@@ -290,7 +293,7 @@ def approx_energy_ranks(
             top = batch_singular_values(src.unsqueeze(0), device=dev)[0]  # in the given precision: the diff's values
             # the exact route's rule on the same values (its own total): the same rank, also at a tie
             ranks = {float(t): ApproxRank(r, r, r) for t in thresholds for r in [energy_rank(top, float(t))]}
-            return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p)
+            return ApproxSpectrum(math.sqrt(total), top, 0.0, ranks, p, exact=True)
         top = tsvd.S
         captured = float(np.sum(top.astype(np.float64) ** 2))
         residual = max(total - captured, 0.0)

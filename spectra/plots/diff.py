@@ -78,19 +78,19 @@ def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None,
 
     Full updates: ``energy_rank[τ] / p`` with p = min(out, in), on a colour scale fitted to the data,
     with each shape's Gaussian-matrix baseline ``random_energy_rank[τ] / p`` marked on the colour
-    bar (or listed there when it lies outside the data's range). LoRA adapters: ``energy_rank[τ] / r``,
-    the share of the adapter's rank r the update uses, on 0–1, each cell reading "used/r".
+    bar (or listed there when it lies outside the data's range). LoRA adapters: ``energy_rank[τ] / min(r, p)``,
+    the share of the adapter's rank r the update uses (p where r exceeds it), on 0–1, each cell reading "used/r".
     Returns the written path, or the figure when ``path`` is None.
     """
     k = threshold_key(threshold)
     if is_adapter(result):
-        grid, layers, modules, moe = layer_grid(result, lambda m: m.energy_rank[k] / m.lora_r)
+        grid, layers, modules, moe = layer_grid(result, lambda m: m.energy_rank[k] / m.lora_capacity)
         used, _, _, _ = layer_grid(result, lambda m: m.energy_rank[k])
-        r, _, _, _ = layer_grid(result, lambda m: m.lora_r)
+        r, _, _, _ = layer_grid(result, lambda m: m.lora_capacity)
         text = np.where(np.isfinite(grid), np.char.add(np.char.add(np.nan_to_num(used).round().astype(int).astype(str), "/"),
                                                          np.nan_to_num(r).round().astype(int).astype(str)), "")
         title = (f"LoRA: ranks used for {tau_percent(threshold)} of the update's energy, out of the adapter's r\n"
-                 f"(cells: energy_rank[{k}] / r; 1 = every rank of the adapter is needed)")
+                 f"(cells: energy_rank[{k}] / r, or / p where r > p = min(out, in); 1 = every rank is needed)")
         fig = heatmap(grid, layers, modules, title=title + ("   (experts: median)" if moe else ""),
                       cbar_label=f"energy_rank[{k}] / r", cell_text=text, vmin=0.0, vmax=1.0, cmap="viridis")
     else:
