@@ -613,7 +613,7 @@ def compare(
             for i, job in enumerate(jobs):
                 out = done[i] if i in done else next(computed)
                 if journal is not None and i not in done:
-                    journal.add(journal.sealed(journal_record(i, out)))
+                    journal.add(journal_record(i, out))
                 if isinstance(out, dict):
                     result.skipped.append(out)
                 else:

@@ -5,6 +5,7 @@ from the inputs, among them those of the matrices left out, computed beside the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -82,6 +83,11 @@ def rounding_error(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> np.n
 
 
 # ---- the run state: spectra, factors on disk, the journal -------------------------------------------
+def _digest(path: Path) -> str:
+    """SHA-256 of a scratch file's bytes (a module's factors: kilobytes to megabytes)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class ExtractRun:
     """Records of one run: per target its spectrum and the factors kept in the scratch shard.
 
@@ -105,12 +111,19 @@ class ExtractRun:
         self._cut, self._cut_at, self._cut_exp = 0.0, 0, 0  # the last budget cut-off, modules it saw, its unit 4**e
 
     def absorb(self, records: list[dict]) -> None:
-        """Records of an interrupted run (factors only where their shard file is there)."""
+        """Records of an interrupted run (their seals checked by the journal); factors only where their scratch file
+        is there, is the one its module writes, and holds the bytes it was written with (else computed again)."""
         for rec in records:
             if "spectrum" in rec and rec["spectrum"]["order"] in self.index:
                 self.spectra[self.index[rec["spectrum"]["order"]]] = rec["spectrum"]
-            elif "factors" in rec and rec["factors"]["order"] in self.index and (self.scratch / rec["factors"]["file"]).is_file():
+            elif "factors" in rec and rec["factors"]["order"] in self.index and self._intact(rec["factors"]):
                 self.factors[self.index[rec["factors"]["order"]]] = rec["factors"]
+
+    def _intact(self, rec: dict) -> bool:
+        if not rec.get("k"):
+            return True
+        path = self.scratch / f"{rec['order']}.safetensors"  # never a path the journal names
+        return rec.get("file") == path.name and path.is_file() and rec.get("sha256") == _digest(path)
 
     def n_values(self, i: int) -> int:
         """Singular values journaled for target i: enough for every rank it may take, the uniform
@@ -168,8 +181,8 @@ class ExtractRun:
         if not stored:
             self.store_factors(i, B, A)
         rec = {"order": t.order, "k": k, "file": name if k else ""}
-        if not k:  # nothing to store: no file, but the record says so
-            rec["file"] = ""
+        if k:  # a resumed run uses the file only if it still holds these bytes
+            rec["sha256"] = _digest(self.scratch / name)
         if i in self._rounding:
             rec["rounding"] = self._rounding.pop(i)
         self.factors[i] = rec

@@ -579,7 +579,7 @@ def interfere(
                 except _SkipModule as exc:
                     rec = {"skipped": {"name": name, "reason": str(exc)}}
                 if journal is not None:
-                    journal.add(journal.sealed({"i": i, **rec}))
+                    journal.add({"i": i, **rec})
             if "module" in rec:
                 result.modules.append(rec["module"])
             else:

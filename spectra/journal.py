@@ -300,10 +300,10 @@ def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
 
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,
                  clear: Callable[[], None]) -> tuple[RecordJournal, list[tuple[int, dict]]]:
-    """Start the sealed journal at ``path`` of a run over ``checkpoints`` with ``options``
-    (:func:`inputs_fingerprint`; the folder locked): with ``resume``, the records it holds, unsealed
-    (:meth:`RecordJournal.unsealed`), each with its line number; without, ``clear()`` first removes an
-    earlier run's result files and the journal starts afresh.
+    """Start the journal at ``path`` of a run over ``checkpoints`` with ``options``
+    (:func:`inputs_fingerprint`; the folder locked): with ``resume``, the records it holds (their seals
+    checked), each with its line number; without, ``clear()`` first removes an earlier run's result files
+    and the journal starts afresh.
 
     Raises:
         ConfigError: ``resume`` without a journal, or a journal of other inputs, options or code.
@@ -313,20 +313,14 @@ def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, re
     records = journal.start(inputs_fingerprint(checkpoints, options), resume=resume)
     if not resume:  # an earlier run's files here describe another run: gone before this one's first write
         clear()
-    out = []
-    for line, rec in enumerate(records, start=2):
-        body = journal.unsealed(rec)
-        if body is None:
-            raise ResultsFormatError(f"record {line} was changed after it was written (its seal does not match), or is "
-                                     "not one this command wrote", path=journal.path, hint="run without --resume into a new folder")
-        out.append((line, body))
-    return journal, out
+    return journal, list(enumerate(records, start=2))
 
 
 class RecordJournal:
     """A resumable JSON-lines journal of per-item records for any streaming command (``esd``,
     ``extract``, ``trace``...): the first line holds the run's fingerprint, each later line one
-    finished item, appended as soon as it is computed.
+    finished item, appended as soon as it is computed and sealed (:meth:`sealed`): a resumed run
+    refuses a record changed since, which would otherwise go into its results.
 
     Example:
         >>> import tempfile, pathlib
@@ -371,11 +365,18 @@ class RecordJournal:
             raise ConfigError(OTHER_INPUTS, path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
         self.fingerprint = fingerprint
-        return records[1:]
+        out = []
+        for line, rec in enumerate(records[1:], start=2):
+            body = self.unsealed(rec)
+            if body is None:
+                raise ResultsFormatError(f"record {line} was changed after it was written (its seal does not match), or is "
+                                         "not one this command wrote", path=self.path, hint="run without --resume into a new folder")
+            out.append(body)
+        return out
 
     def add(self, record: dict) -> None:
-        """Append one finished item."""
-        append_record(self.path, record)
+        """Append one finished item, sealed."""
+        append_record(self.path, self.sealed(record))
 
     def sealed(self, record: dict) -> dict:
         """``record`` with a ``seal``: a hash of its content and of the run's fingerprint, which
