@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -29,6 +30,8 @@ def report_cmd(results, out_path, title) -> None:
 
     if not out_path.strip():
         raise click.BadParameter("must name a file", param_hint="--out")
+    if not title.strip():
+        raise click.BadParameter("must not be empty (the page's title and heading)", param_hint="--title")
     path = write_report(list(results), out_path, title=title)
     stderr().print(shown(f"report: {display_name(str(path), None)}"), highlight=False)
 
@@ -50,8 +53,12 @@ def inspect_cmd(path, show_all, as_json) -> None:
     the rest.
     """
     from spectra.inspection import inspect_checkpoint
+    from spectra.io.adapter import is_adapter
     from spectra.io.checkpoint import open_checkpoint
 
+    if is_adapter(Path(path)):  # what the adapter updates, as diff will read it
+        _inspect_adapter(path, as_json)
+        return
     ckpt = open_checkpoint(path)
     records = inspect_checkpoint(ckpt, include_non_matrices=show_all)
     if as_json:
@@ -75,6 +82,30 @@ def inspect_cmd(path, show_all, as_json) -> None:
         for row in rows:
             table.add_row(*map(shown, row))
         stdout().print(table)
-    stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed", highlight=False)
+    hidden = len(ckpt.tensors) - len(records)
+    stderr().print(f"{sum(1 for r in records if r['module'])} matrices, {len(records)} tensors listed"
+                   + (f" ({hidden} more, not matrices spectra analyses: --all lists them)" if hidden else ""), highlight=False)
     for note in ckpt.notes:  # which weight set of a folder was read
         stderr().print(f"[yellow]warning:[/] {shown(note)}", highlight=False)
+
+
+def _inspect_adapter(path: str, as_json: bool) -> None:
+    from spectra.inspection import inspect_adapter
+
+    records, notes = inspect_adapter(path)
+    if as_json:
+        echo_json(json.dumps(records, indent=1, ensure_ascii=False))
+    else:
+        cols = ("name", "layer", "expert", "module", "role", "update (out×in)", "r", "alpha", "scale", "note")
+        table = Table(title=shown(display_name(str(path), None) + " (PEFT adapter)"), title_justify="left")
+        for col in cols:
+            table.add_column(col, overflow="fold")
+        for r in records:
+            table.add_row(*map(shown, (display_name(r["name"], 200), "" if r["layer"] is None else str(r["layer"]),
+                                       "" if r["expert"] is None else str(r["expert"]), display_name(r["module"] or "", 80),
+                                       r["role"] or "", "×".join(map(str, r["shape"])), str(r["r"]), f"{r['lora_alpha']:g}",
+                                       f"{r['scale']:g}" + (" (DoRA)" if r["dora"] else ""), display_name(r["note"] or "", 400))))
+        stdout().print(table)
+        stderr().print(f"{len(records)} LoRA modules listed", highlight=False)
+    for note in notes:  # tensors that are not LoRA factors, and how the folder was read
+        stderr().print(f"[yellow]note:[/] {shown(display_name(note, 400))}", highlight=False)

@@ -409,7 +409,7 @@ def parse_layers(spec: str) -> Callable[[int], bool]:
     ranges: list[tuple[int, int | None]] = []
     for part in spec.split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d*))?", part)
+        m = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]*))?", part)  # ASCII digits: "١" is no layer number
         if not m:
             raise ConfigError(f"--layers must look like '0-3,7,10-'. Got {spec!r} instead")
         lo = int(m.group(1))

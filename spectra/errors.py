@@ -101,6 +101,9 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
     if exc.errno == errno.ENAMETOOLONG:  # the path itself: nothing was written under it
         return OutputError(f"cannot write results: {why}: a name in the path is longer than the file system allows "
                            "(255 bytes on most)", path=path, hint="choose a shorter --out")
+    if exc.errno == errno.ENOENT and Path(path).parent.is_dir():  # /proc and other file systems that make no files
+        return OutputError(f"cannot write results: {why}: the folder exists but its file system does not create files "
+                           "there", path=path, hint="choose an --out (or -o) on an ordinary disk")
     if exc.errno == errno.ENOENT:  # the output folder went away mid-run (rm -rf): with it the journal, so no --resume
         return OutputError(f"cannot write results: {why}: the output folder (or a part of its path) was removed "
                            "during the run", path=path, hint="run the command again; what it had written went with the folder")

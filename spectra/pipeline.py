@@ -43,6 +43,8 @@ from spectra.selection import Task, plan_units
 from spectra.sketch import approx_energy_ranks
 from spectra.stream import batches, largest_first, prefetch, run_settings
 
+#: The largest tensor pair ``plan_run`` reads to measure the I/O rate (stored bytes of both sides).
+PROBE_MAX_BYTES = 128 << 20
 #: A distributed run exchanges results this many times at most (in a background thread, so ranks do
 #: not wait for each other; more rounds mean a finer journal on rank 0 after a lost rank).
 ROUNDS = 32
@@ -441,8 +443,11 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     cost = CostModel.default(device)
     if calibrate_cost:
         probe = None
-        if tasks:  # one real pair, the one nearest 32 MiB, read and subtracted as the run will
-            task = min(tasks, key=lambda t: abs(t.pair.stored_bytes - (32 << 20)))
+        # one real pair, the one nearest 32 MiB, read and subtracted as the run will (twice); none above 128 MiB:
+        # a plan computes nothing, and a lone 2 GB pair read for a rate took minutes and its memory (the default rate)
+        small = [t for t in tasks if t.pair.stored_bytes <= PROBE_MAX_BYTES]
+        if small:
+            task = min(small, key=lambda t: abs(t.pair.stored_bytes - (32 << 20)))
             probe = (lambda: prepare(task, base_ckpt, tuned_ckpt, device), task.pair.stored_bytes)
         cost = calibrate(device, config.precision, io_probe=probe)
     io, compute = zip(*(_task_seconds(t, cost, config) for t in tasks)) if tasks else ((), ())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import pickletools
 import re
 import struct
@@ -289,9 +290,73 @@ def read_state_dict(path: Path) -> LoadedState:
         check_unchanged(path, stamp, regular_file(path))  # a file rewritten under the load: say that, not "corrupt"
         raise _load_error(path, head, zipped, exc) from None
     check_unchanged(path, stamp, regular_file(path))  # torch opened it by name: the same file as stamped?
+    if zipped:
+        _check_records(path)
     found = find_state(path, obj)
     return LoadedState({k: _plain_tensor(path, k, v) for k, v in found.tensors.items()}, stamp, found.wrapper,
                        mapped=zipped, notes=found.notes)
+
+
+class _Inert:
+    """What :class:`_StorageScan` makes of every global and call: nothing runs, only the storage classes' names stay."""
+
+    def __init__(self, *args: object, name: str = "", **kwargs: object) -> None:
+        self.name = name
+
+    def __call__(self, *args: object, **kwargs: object) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Lists the storages a ``torch.save`` pickle refers to, ``(key, dtype name, numel)``, importing and calling
+    nothing (run only on a pickle ``torch.load(weights_only=True)`` has accepted)."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: list[tuple[str, str, int]] = []
+
+    def find_class(self, module: str, name: str) -> _Inert:  # never imports
+        return _Inert(name=name if module == "torch" else "")
+
+    def persistent_load(self, pid: object) -> _Inert:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Inert):
+            self.storages.append((str(pid[2]), pid[1].name, int(pid[4])))
+        return _Inert()
+
+
+def _check_records(path: Path) -> None:
+    """A memory-mapped load reads each storage at its zip record's offset without checking the record (torch's
+    full load does): a record shorter than its storage would be read into the next one's bytes, a compressed one as
+    its compressed bytes. Refuse both, naming the record."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            pkl = next((n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if pkl is None:
+                return
+            prefix = pkl[: -len("data.pkl")]
+            scan = _StorageScan(z.read(pkl))
+            scan.load()
+    except Exception:  # noqa: BLE001 - torch read it; a pickle this scan cannot follow is left to torch's checks
+        return
+    for key, kind, numel in scan.storages:
+        info = infos.get(f"{prefix}data/{key}")
+        with warnings.catch_warnings():  # typed storages are deprecated (their dtype is all that is read)
+            warnings.simplefilter("ignore")
+            dtype = getattr(torch, kind, None) if kind.endswith("Storage") else None
+            size = getattr(getattr(dtype, "dtype", None), "itemsize", None)
+        if info is None or size is None:
+            continue
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointFormatError(f"storage record {info.filename} is compressed: its bytes cannot be read in place",
+                                        path=path, hint="re-save the checkpoint with torch.save (or as safetensors)")
+        if info.file_size != numel * size:
+            raise CheckpointFormatError(f"storage record {info.filename} holds {info.file_size} bytes where its tensor "
+                                        f"needs {numel * size} ({numel} × {size}): the file is corrupt", path=path,
+                                        hint="download or save the checkpoint again")
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
