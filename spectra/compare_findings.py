@@ -175,8 +175,8 @@ def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
     if blind:
         e = blind[0]
         fill = (f"in {len(blind)} of {len(every)} modules the ranks nearly fill the space (e.g. {display_name(e.name, 60)}: "
-                f"r_A = {e.rank_a}, r_B = {e.rank_b} of d = {e.phi[side].d}, random baseline {e.phi[side].random:.3g}): φ is "
-                f"near 1 for any two subspaces there, so it cannot tell overlap from chance")
+                f"r_A = {e.rank_a}, r_B = {e.rank_b} of d = {e.phi[side].d}, random baseline {e.phi[side].random:.3g}): φ ≤ 1 "
+                f"keeps φ at most {PHI_WORDS[0][0]:g}× its baseline there, so it cannot tell overlap from chance")
         if not ms:
             return Finding("phi", f"φ(r_A, r_B) says nothing here: {fill} (compare smaller ranks: --top-k for a full update).",
                            numbers={"side": side, "modules": 0, "uninformative": len(blind)})

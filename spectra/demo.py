@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from spectra.compare_findings import PHI_BLIND
+from spectra.compare_findings import phi_tells
 from spectra.comparison import compare
 from spectra.config import CompareConfig, DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError
@@ -285,8 +285,7 @@ def _summary(config, runs, logs, diffs, comparisons, stages) -> dict:
         }
     full, lora = per_run["full"], per_run["lora8"]
     # φ of modules whose ranks nearly fill the space is near 1 for any subspaces: left out (compare_findings.phi_tells)
-    told = {k: [m for m in c.modules if m["phi"]["right"] is not None and m["phi"]["right"]["random"] < PHI_BLIND]
-            for k, c in comparisons.items()}
+    told = {k: [m for m in c.modules if phi_tells(m, "right")] for k, c in comparisons.items()}
     comp = {k: {"median_phi": _median([m["phi"]["right"]["phi_full"] for m in told[k]]),
                 "median_random_phi": _median([m["phi"]["right"]["random"] for m in told[k]]),
                 "phi_modules": len(told[k]), "modules": len(c.modules),

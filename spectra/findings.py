@@ -331,27 +331,32 @@ def _adapter_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:
     eff = [m.effective_rank for m in ms if m.effective_rank is not None]
     # a matrix holds at most p = min(out, in) directions: an r above p is measured against p
     shares = [m.energy_rank[k] / m.lora_capacity for m in ms]
-    if len(rs) == 1:
+    wide = [m for m in ms if m.lora_r > m.p]
+    of = "min(r, p)" if wide else "r"
+    if len(rs) == 1 and not wide:
         r = rs[0]
         text = (f"LoRA r = {r}: {_median(used):g} of {r} ranks used (median over {matrices(len(ms))}; from {min(used)} to "
                 f"{max(used)}) for {tau_percent(tau)} of each update's energy"
                 + (f"; effective rank {_fmt(_median(eff))} of {r}." if eff else "."))
+    elif len(rs) == 1:
+        e = wide[0]
+        text = (f"LoRA r = {rs[0]}, above min(out, in) = p in {matrices(len(wide))} (e.g. {display_name(e.module, 40)}, p = {e.p}: "
+                f"at most p directions): the updates use a median {_median(shares):.0%} of min(r, p) ({_median(used):g} ranks; "
+                f"from {min(used)} to {max(used)}) for {tau_percent(tau)} of their energy"
+                + (f"; effective rank {_fmt(_median(eff))}." if eff else "."))
     else:
         per = []
         for r in rs:
             u = [m.energy_rank[k] for m in ms if m.lora_r == r]
             per.append(f"r = {r}: {_median(u):g} of {r} used ({matrices(len(u))})")
-        text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {_median(shares):.0%} of their r for "
-                f"{tau_percent(tau)} of their energy; " + "; ".join(per) + ".")
-    wide = [m for m in ms if m.lora_r > m.p]
-    if wide:
-        e = wide[0]
-        text += (f" r exceeds min(out, in) = p in {matrices(len(wide))} (e.g. {display_name(e.module, 40)}, r = {e.lora_r}, "
-                 f"p = {e.p}): those hold at most p directions, so their use is counted against p.")
+        text = (f"LoRA with ranks {rs[0]}–{rs[-1]} (rank_pattern): the updates use a median {_median(shares):.0%} of their {of} "
+                f"for {tau_percent(tau)} of their energy; " + "; ".join(per) + "."
+                + (f" r exceeds p = min(out, in) in {matrices(len(wide))}: those hold at most p directions." if wide else ""))
     if all(u < m.lora_capacity for u, m in zip(used, ms)):
-        text += f" No matrix needs all of its r{' (or p)' if wide else ''} for {tau_percent(tau)} of its energy."
+        text += f" No matrix needs all of its {of} for {tau_percent(tau)} of its energy."
+    # median_share_of_r: of min(r, p), the most ranks a matrix can use
     return Finding("adapter", text, numbers={"r": rs, "median_used": _median(used), "min_used": min(used), "max_used": max(used),
-                                             "median_share_of_r": _median(shares)})
+                                             "median_share_of_r": _median(shares), "r_above_p": len(wide)})
 
 
 def _size_finding(ms: list[ModuleResult]) -> Finding | None:

@@ -375,8 +375,8 @@ class RecordJournal:
         return out
 
     def add(self, record: dict) -> None:
-        """Append one finished item, sealed."""
-        append_record(self.path, self.sealed(record))
+        """Append one finished item, sealed (NaN/Inf as null first: the seal is of what the line holds)."""
+        append_record(self.path, self.sealed(finite_or_null(record)))
 
     def sealed(self, record: dict) -> dict:
         """``record`` with a ``seal``: a hash of its content and of the run's fingerprint, which

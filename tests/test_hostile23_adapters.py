@@ -199,3 +199,23 @@ def test_a_head_lora_tied_to_the_embedding_is_named_and_eval_scores_it_unmerged(
     with torch.no_grad():
         want = torch.nn.functional.cross_entropy(pm(x).logits[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1))
     assert losses["loss"]["tuned"] == pytest.approx(float(want), rel=1e-4)
+
+
+def test_an_activated_lora_is_read_with_a_note(tmp_path):
+    """aLoRA (alora_invocation_tokens) was read as a plain update with no word (the review): PEFT applies it only after
+    its invocation tokens and cannot merge it."""
+    from peft import LoraConfig
+
+    from spectra import diff
+
+    base, alora, before = _peft_adapter(tmp_path, "llama", "alora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                              alora_invocation_tokens=[1, 2]))
+    res = diff(str(base), str(alora))
+    assert any("an activated LoRA (alora_invocation_tokens)" in w for w in res.warnings), res.warnings
+    from safetensors.torch import load_file
+
+    sd = load_file(str(alora / "adapter_model.safetensors"))
+    for m in res.modules:  # the update where it applies: s·B·A, float64
+        key = "base_model.model." + m.name.removesuffix(".weight")
+        dW = 2.0 * sd[key + ".lora_B.weight"].double() @ sd[key + ".lora_A.weight"].double()
+        assert m.fro_norm == pytest.approx(float(torch.linalg.norm(dW)), rel=1e-6)

@@ -114,3 +114,39 @@ def test_esd_refuses_an_edited_alpha(tmp_path):
     _edit(journal, 3, alpha.group(0), '"alpha": 3.0')
     with pytest.raises(ResultsFormatError, match="record 3 was changed after it was written"):
         esd(str(model), out_dir=tmp_path / "b", config=EsdConfig(device="cpu"), resume=True, plots=False)
+
+
+def test_a_record_with_an_infinite_norm_is_journaled_as_null_and_resumes(tmp_path):
+    """The review: sealing every record made json.dumps(allow_nan=False) run before the journal's NaN/Inf → null, so
+    extract of a float64 base whose ‖W‖ overflows failed with a traceback (it used to finish)."""
+    import numpy as np
+
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    g = torch.Generator().manual_seed(0)
+    b = {"model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, dtype=torch.float64, generator=g) * 1e307,
+         "model.layers.0.self_attn.v_proj.weight": torch.randn(64, 64, dtype=torch.float64, generator=g)}
+    t = {k: v.clone() for k, v in b.items()}
+    t["model.layers.0.self_attn.q_proj.weight"][:4] *= 1.5
+    t["model.layers.0.self_attn.v_proj.weight"] += torch.randn(64, 2, dtype=torch.float64, generator=g) @ \
+        torch.randn(2, 64, dtype=torch.float64, generator=g)
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file(t, str(tmp_path / "t.safetensors"))
+    cfg = ExtractConfig(rank=2)
+
+    def stop(event) -> None:
+        if event.done >= 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), tmp_path / "x", config=cfg, plots=False,
+                callback=stop)
+    lines = [json.loads(x) for x in (tmp_path / "x" / "extract.jsonl").read_text().splitlines()[1:]]
+    assert any(r.get("spectrum", {}).get("base_fro", 0) is None for r in lines)  # ‖W_base‖ overflows: null
+    res = extract(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), tmp_path / "x", config=cfg, plots=False,
+                  resume=True)
+    v = next(m for m in res.modules if "v_proj" in m["name"])
+    S = np.linalg.svd((t["model.layers.0.self_attn.v_proj.weight"] - b["model.layers.0.self_attn.v_proj.weight"]).numpy(),
+                      compute_uv=False)
+    assert v["rank"] == 2 and v["energy_kept"] == pytest.approx(1.0, abs=1e-9) and S[2] / S[0] < 1e-12

@@ -107,9 +107,10 @@ def test_a_lora_rank_above_min_out_in_is_measured_against_p(tmp_path):
 
     found = diff_findings(res)
     text = next(f.text for f in found if f.topic == "adapter")
-    assert "r exceeds min(out, in) = p in 4 matrices" in text and "r = 64, p = 16" in text, text
+    assert text.startswith("LoRA r = 64, above min(out, in) = p in 4 matrices") and "p = 16" in text, text
+    assert "of 64" not in text and "of min(r, p)" in text
     full = [m for m in res.modules if m.energy_rank["0.9"] == m.lora_capacity]
-    assert ("No matrix needs all of its r" in text) == (not full), text
+    assert ("No matrix needs all of its min(r, p)" in text) == (not full), text
     f = next(f for f in found if f.topic == "adapter")
     assert f.numbers["median_share_of_r"] == pytest.approx(float(np.median([m.energy_rank["0.9"] / min(64, m.p) for m in res.modules])))
 
@@ -144,6 +145,7 @@ def test_compare_leaves_phi_that_cannot_tell_overlap_from_chance_out_of_its_verd
     ratio = float(np.median([m.phi["right"].phi_full / m.phi["right"].random for m in big]))
     assert f.numbers["median_phi"] == pytest.approx(want) and phi_words(ratio) in f.text and ratio > 10
     assert "in 2 of 4 modules the ranks nearly fill the space" in f.text and "left out of these medians" in f.text
+    assert "φ ≤ 1 keeps φ at most 1.5× its baseline" in f.text
     # only blind modules: no verdict at all
     res.modules = small
     f = next(x for x in compare_findings(res) if x.topic == "phi")

@@ -132,6 +132,7 @@ class AdapterConfig:
             ``target_modules`` only).
         lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
         ensure_weight_tying: PEFT ties an output head's LoRA to the tied embedding's (the same factors, transposed).
+        activated: an activated LoRA (aLoRA, ``alora_invocation_tokens``): s·B·A applies only after its invocation tokens.
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the
             adapted model (its layer i runs on base layer :meth:`replicated_layers` ``[i]``).
@@ -154,6 +155,7 @@ class AdapterConfig:
     layers_pattern: tuple[str, ...] | None = None
     lora_bias: bool = False
     ensure_weight_tying: bool = False
+    activated: bool = False
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     source: Path | None = field(default=None, compare=False, repr=False)
@@ -240,6 +242,7 @@ class AdapterConfig:
             layers_to_transform=tuple(layers) if layers else None,
             layers_pattern=tuple(layers_pattern) if layers_pattern else None,
             lora_bias=_flag(raw, "lora_bias", path), ensure_weight_tying=_flag(raw, "ensure_weight_tying", path),
+            activated=raw.get("alora_invocation_tokens") not in (None, [], ""),
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             source=path,
@@ -500,6 +503,10 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
     if full is not None:  # `spectra inspect FOLDER` lists that model: say which of the two this read
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds a PEFT adapter and a full model ({full}); "
                              f"read the adapter ({weights.name}); pass {folder / full} to analyse the full model")
+    if config.activated:
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: an activated LoRA (alora_invocation_tokens): PEFT applies s·B·A "
+                             "only to the tokens after its invocation sequence and cannot merge it; its spectrum is that of the "
+                             "update where it applies")
     # PEFT saves each adapter of another name than "default" in a sub-folder of that name (a Trainer's
     # checkpoint-N sub-folders are a training run's, which spectra trace reads)
     others = named_adapters(folder)

@@ -309,6 +309,15 @@ class _Inert:
     def __setstate__(self, state: object) -> None:
         pass
 
+    def __setitem__(self, key: object, value: object) -> None:  # an OrderedDict's SETITEMS
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
 
 class _StorageScan(pickle.Unpickler):
     """Lists the storages a ``torch.save`` pickle refers to, ``(key, dtype name, numel)``, importing and calling
@@ -319,7 +328,7 @@ class _StorageScan(pickle.Unpickler):
         self.storages: list[tuple[str, str, int]] = []
 
     def find_class(self, module: str, name: str) -> _Inert:  # never imports
-        return _Inert(name=name if module == "torch" else "")
+        return _Inert(name=name if module in ("torch", "torch.storage") else "")
 
     def persistent_load(self, pid: object) -> _Inert:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Inert):
@@ -335,25 +344,36 @@ def _check_records(path: Path) -> None:
         with zipfile.ZipFile(path) as z:
             infos = {i.filename: i for i in z.infolist()}
             pkl = next((n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if pkl is None:
-                return
-            prefix = pkl[: -len("data.pkl")]
-            scan = _StorageScan(z.read(pkl))
-            scan.load()
-    except Exception:  # noqa: BLE001 - torch read it; a pickle this scan cannot follow is left to torch's checks
+            data = z.read(pkl) if pkl is not None else b""
+    except (OSError, zipfile.BadZipFile, RuntimeError) as exc:  # torch read it: a zip this module cannot is corrupt
+        raise CheckpointFormatError(f"the file is corrupt: {exc}", path=path, hint="download or save the checkpoint again") from None
+    if pkl is None:
+        return
+    prefix = pkl[: -len("data.pkl")]
+    packed = next((i for n, i in infos.items() if n.startswith(prefix + "data/") and i.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise CheckpointFormatError(f"storage record {packed.filename} is compressed: its bytes cannot be read in place",
+                                    path=path, hint="re-save the checkpoint with torch.save (or as safetensors)")
+    scan = _StorageScan(data)
+    try:
+        scan.load()
+    except Exception:  # noqa: BLE001 - torch read it, this scan cannot follow it: torch's full load checks every record
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.load(path, map_location="cpu", weights_only=True, mmap=False)  # memory: the file, this once
+        except Exception as exc:  # noqa: BLE001 - a record torch's full load refuses (short, or of another size)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise CheckpointFormatError(f"the file is corrupt: {first}", path=path, hint="download or save the checkpoint again") from None
         return
     for key, kind, numel in scan.storages:
         info = infos.get(f"{prefix}data/{key}")
         with warnings.catch_warnings():  # typed storages are deprecated (their dtype is all that is read)
             warnings.simplefilter("ignore")
-            dtype = getattr(torch, kind, None) if kind.endswith("Storage") else None
-            size = getattr(getattr(dtype, "dtype", None), "itemsize", None)
-        if info is None or size is None:
-            continue
-        if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointFormatError(f"storage record {info.filename} is compressed: its bytes cannot be read in place",
-                                        path=path, hint="re-save the checkpoint with torch.save (or as safetensors)")
-        if info.file_size != numel * size:
+            dtype = getattr(torch, kind, None) if kind.endswith("Storage") and kind != "UntypedStorage" else None
+            # an untyped storage (float8, uint16 …) counts bytes
+            size = 1 if kind == "UntypedStorage" else getattr(getattr(dtype, "dtype", None), "itemsize", None)
+        if info is not None and size is not None and info.file_size != numel * size:
             raise CheckpointFormatError(f"storage record {info.filename} holds {info.file_size} bytes where its tensor "
                                         f"needs {numel * size} ({numel} × {size}): the file is corrupt", path=path,
                                         hint="download or save the checkpoint again")
