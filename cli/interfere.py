@@ -132,7 +132,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
 
 
 def _pair_table(doc: dict, key: str, label: str) -> Table:
-    from spectra.interfere import over_matrices
+    from spectra.interfere_summary import over_matrices
 
     names = doc["names"]
     m = (doc.get("summary") or {}).get(key) or []

@@ -36,6 +36,7 @@ from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_s
 from spectra.config import SharedOptions, check_thresholds, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError, ResultsFormatError
+from spectra.interfere_summary import clean, summarise
 from spectra.interference import (
     accumulation,
     captured_two_sided,
@@ -55,7 +56,7 @@ from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outp
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
+from spectra.metrics import DEFAULT_THRESHOLDS, RANK_TOL, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
@@ -251,71 +252,6 @@ class InterfereResult:
         return files
 
 
-def _clean(x: Any) -> Any:
-    """numpy/torch values -> JSON types, NaN/inf -> None (never a number that is not one)."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _clean(x.tolist())
-    if isinstance(x, torch.Tensor):
-        return _clean(x.tolist())
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return v if math.isfinite(v) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _nanmedian(stack: list[Any]) -> Any:
-    arr = np.array([[[np.nan if v is None else v for v in row] for row in m] for m in stack], dtype=float)
-    if arr.size == 0 or np.all(np.isnan(arr)):
-        return None
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN (-> None)
-            return _clean(np.nanmedian(arr, axis=0))
-
-
-def _scalar_median(values: list[Any]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return float(np.median(vals)) if vals else None
-
-
-def over_matrices(summary: dict[str, Any]) -> str:
-    """What a pair table's medians are over: ``"median over 16 matrices"``, or, where a task left matrices
-    unchanged, the range of the per-pair counts (``pair_modules``: the matrices both tasks changed)."""
-    n, counts = summary.get("modules", 0), summary.get("pair_modules") or []
-    off = [c for i, row in enumerate(counts) for j, c in enumerate(row) if i != j]
-    if not off or min(off) == max(off) == n:
-        return f"median over {n} matrices"
-    lo, hi = min(off), max(off)
-    return f"median per pair over the matrices both changed ({lo}{'' if lo == hi else f'–{hi}'} of {n})"
-
-
-def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
-    """Element-wise medians over modules of every pairwise measure, and medians of the n-way scalars."""
-    if not modules:
-        return {}
-    return {
-        "cosine": _nanmedian([m["cosine"] for m in modules]), "phi": _nanmedian([m["phi"] for m in modules]),
-        "captured": _nanmedian([m["captured"] for m in modules]), "tsv": _nanmedian([m["tsv"]["pairs"] for m in modules]),
-        "knots": _nanmedian([m["knots"]["alignment"] for m in modules]),
-        "tsv_relative": _scalar_median([m["tsv"]["relative"] for m in modules]),
-        "tsv_relative_fro": _scalar_median([m["tsv"]["relative_fro"] for m in modules]),
-        "spectral_over_max": _scalar_median([m["sum"]["spectral_over_max"] for m in modules]),
-        "fro_sq_ratio": _scalar_median([m["sum"]["fro_sq_ratio"] for m in modules]),
-        "nuclear_ratio": _scalar_median([m["sum"]["nuclear_ratio"] for m in modules]),
-        "modules": len(modules),
-        # per pair, the matrices its medians are over: those both tasks changed (a zero update has no cosine)
-        "pair_modules": np.sum([[[v is not None for v in row] for row in m["cosine"]] for m in modules], axis=0).tolist(),
-    }
-
-
 # ---- one module ----------------------------------------------------------------------------------------
 class _SkipModule(Exception):
     """A task's update of this module is undefined (NaN/Inf) or out of float64's squaring range: the
@@ -373,6 +309,11 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
             u = tasks[t].updates[name]
             spectra_[t], factors[t] = spectrum_and_top(delta, min(k, u.r) if isinstance(u, LoraModule) else k, floor=floor)
             floors[t] = floor
+            S_all, kept = np.asarray(spectra_[t], dtype=np.float64), factors[t].S.numel()
+            if isinstance(u, LoraModule) and S_all.size > kept and S_all[kept:].any():  # as compare says it
+                share = float(np.sum(S_all[:kept] ** 2) / np.sum(S_all ** 2))
+                numeric.append(f"{tasks[t].label}: its DoRA update is dense: its top {kept} directions, {share:.1%} of its "
+                               "energy, stand for it in φ, captured energy, TSV and KnOTS (the cosine and the sum use all of it)")
             if undetermined_cut(spectra_[t], factors[t].S.numel(), floor):
                 numeric.append(f"{tasks[t].label}: {UNDETERMINED_TEXT}")
             rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
@@ -436,6 +377,12 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     # (and well below the largest task's σ₁: tasks that are themselves at the rounding level do not cancel)
     top_task = max((float(f.S[0]) for f in fs if f.S.numel()), default=0.0)
     cancel = 0 < floor_sum < math.inf and top_task > 0 and (not S_sum.size or S_sum[0] <= min(floor_sum, 0.5 * top_task))
+    # every task factored (no storage floor): the stacked SVD's rounding is about ε·Σ_t σ₁(t), so values below
+    # RANK_TOL of that sum are no direction of the sum (two LoRAs with B and −B left ~1e-16 read as a spread-out update)
+    level = RANK_TOL * sum(float(f.S[0]) for f in fs if f.S.numel()) if total is None else 0.0
+    if level > 0:
+        S_sum = np.where(S_sum > level, S_sum, 0.0)
+    cancelled = level > 0 and top_task > 0 and not (S_sum > 0).any()
     tsv = singular_task_interference(fs)
     knots = knots_basis(fs, config.thresholds, floor=max(floors.values(), default=0.0))
     # the dense updates' spectra (Gram route too) as the sum's: otherwise its nuclear ratio reads 0.99999995 for a lone task
@@ -446,8 +393,12 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
         numeric.append("the updates cancel: their sum is at the rounding level of the stored weights (σ₁ "
                        f"{float(S_sum[0]) if S_sum.size else 0.0:.3g} against a floor of {floor_sum:.3g}), so its energy "
                        "ranks are 0 (no direction above rounding); its ratios say how far it cancelled")
+    elif cancelled:
+        acc = replace(acc, energy_rank={k: 0 for k in acc.energy_rank})
+        numeric.append(f"the updates cancel: their sum is zero (every singular value at or below {level:.3g}, the rounding of "
+                       "float64 arithmetic on the factors), so it has no direction and no energy ranks")
     out_dim, in_dim = spec_shape(spec, base)
-    return _clean({
+    return clean({
         "name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role, "out": out_dim, "in": in_dim,
         "ranks": [int(f.S.numel()) for f in fs], "fro": [math.sqrt(max(G[t, t], 0.0)) for t in range(n)],
         "rel_norm": rel_norms, "unresolved": unresolved,

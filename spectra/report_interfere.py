@@ -12,7 +12,8 @@ from typing import Any
 from spectra.display import matrices
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
-from spectra.interfere import PAIR_MEASURES, SCHEMA, summarise
+from spectra.interfere import PAIR_MEASURES, SCHEMA
+from spectra.interfere_summary import summarise
 from spectra.plots import interfere as interfere_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
@@ -61,7 +62,7 @@ def check(path: Path, doc: dict[str, Any]) -> None:
     """Refuse an ``interfere.json`` the report would state as facts though no run writes it: a value of
     the wrong type or outside its range (a cosine past ±1, a share or φ outside [0, 1], a negative norm or
     rank), a pair matrix that is not n × n or not symmetric, a matrix listed twice, or a summary that is
-    not the medians of the listed matrices (:func:`spectra.interfere.summarise`).
+    not the medians of the listed matrices (:func:`spectra.interfere_summary.summarise`).
 
     Raises:
         ResultsFormatError: one line naming the file, the record and the field.
@@ -189,7 +190,7 @@ def _check_module(m: dict[str, Any], at: str, n: int, *, typed, bad, number, lis
 
 
 def _check_summary(doc: dict[str, Any], n: int, *, typed, bad, number, ints, pairs) -> None:
-    """``summary``: in range, and the medians :func:`spectra.interfere.summarise` takes of ``modules``
+    """``summary``: in range, and the medians :func:`spectra.interfere_summary.summarise` takes of ``modules``
     (the findings state it: a summary over matrices the file does not hold reads as theirs)."""
     s = doc.get("summary")
     if s is None:
@@ -309,10 +310,13 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     level = _cosine_chance(d)
     sd = 1 / math.sqrt(level[0]) if level else None
 
-    def phi_vs(a: int, b: int) -> str:  # φ beside its random-subspace baseline for the pair
+    left = (d.get("config") or {}).get("side") == "left"
+
+    def phi_vs(a: int, b: int) -> str:  # φ beside its random-subspace baseline for the pair (and its side, if not the default)
         base = _phi_random(d, a, b)
         said = phi_of(a, b)
-        return said + (f" against {base:.2f} for random subspaces" if base is not None and said[0].isdigit() else "")
+        return said + (f" against {base:.2f} for random subspaces" if base is not None and said[0].isdigit() else "") + \
+            (" on the output side" if left and said[0].isdigit() else "")
 
     # the cosine of two independent random updates of out·in entries has mean 0 and standard deviation
     # 1/√(out·in); a pair is at chance when its scaled cosines' median is (_at_chance): a ranking of such pairs ranks noise
@@ -342,10 +346,21 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     elif cos:
         (lo, a, b), (hi, c, e) = cos[0], cos[-1]
         chance = f"; unrelated updates give cosines of standard deviation {unit}" if level else ""
-        out.append(Finding("modules", f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_vs(c, e)}, "
-                                      f"{over(c, e)}); least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, "
-                                      f"{over(a, b)}){chance}.", numbers=nums))
-    if s.get("spectral_over_max") is not None:
+        # the most alike pair may be at chance where another pair stands out by pulling the other way
+        most = (f"No pair is more alike than unrelated updates (the highest median cosine, {hi:.3f}, is {names[c]} and "
+                f"{names[e]}'s, within chance by the test above)" if _at_chance(d, c, e) and level else
+                f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_vs(c, e)}, {over(c, e)})")
+        against = lo < 0 and not _at_chance(d, a, b)
+        least = (f"{names[a]} and {names[b]} pull against each other (median cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})"
+                 + (": opposite updates in one shared subspace, which cancel in a sum" if lo <= -0.99 else "") if against else
+                 f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})")
+        out.append(Finding("modules", f"{most}; {least}{chance}.", numbers=nums))
+    if s.get("spectral_over_max") is not None and s["spectral_over_max"] < 1e-6:  # the sum is zero, or only rounding
+        out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) cancels them: the sum's strongest "
+                                   f"direction is {s['spectral_over_max']:.2g}× the strongest single update's (median), "
+                                   "at the rounding level (each matrix's note says so).",
+                           numbers={"spectral_over_max": s["spectral_over_max"], "fro_sq_ratio": s["fro_sq_ratio"]}))
+    elif s.get("spectral_over_max") is not None:
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) makes the strongest direction "
                                    f"{s['spectral_over_max']:.2f}× the strongest single update's (median; {len(names)} if "
                                    f"all pushed the same direction, 1 if none shared it), and ‖sum‖² is "
@@ -368,12 +383,13 @@ def section_html(path: Path, doc: dict) -> str:
            f"{esc((d.get('config') or {}).get('top_k'))} · results: {esc(path)}</p>"),
            table(["#", "name", "kind", "path"], [[i, names[i], d["kinds"][i], d["tasks"][i]] for i in range(n)])]
     figs = interfere_plots.interfere_figures(d)
+    side = "output side (--side left)" if (d.get("config") or {}).get("side") == "left" else "input side"
     texts = {
         "cosine": "Cosine of the flattened updates, median over matrices: how much two fine-tunes push the weights the "
                   "same way. Near 0 is typical of unrelated tasks (two independent random updates of an out × in matrix give "
                   "cosines of standard deviation 1/√(out·in)); negative values mean they pull against each other.",
-        "phi": "How much the top-k singular directions (input side by default) of two updates overlap: 1 when one "
-               "contains the other, about max(k)/d for random directions.",
+        "phi": f"How much the top-k singular directions ({side}) of two updates overlap: 1 when one contains the other, "
+               "about max(k)/d for random directions.",
         "captured": "Row s, column t: the share of t's update that lies inside s's top-k directions on both sides. "
                     "Read along a column to see which task's subspace would absorb t's update in a merge.",
         "tsv": "Task Singular Vectors interference of each pair (Gargiulo et al. 2025), in its bounded form: the singular "

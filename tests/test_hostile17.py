@@ -247,7 +247,8 @@ def test_interfere_medians_say_how_many_matrices_each_pair_rests_on(tmp_path):
     tasks' 2, 2) with no note."""
     from safetensors.torch import load_file
 
-    from spectra.interfere import interfere, over_matrices
+    from spectra.interfere import interfere
+    from spectra.interfere_summary import over_matrices
     from spectra.report_interfere import findings
 
     g = torch.Generator().manual_seed(2)

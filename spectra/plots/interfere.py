@@ -34,6 +34,8 @@ def interfere_figures(doc: dict[str, Any]) -> dict[str, Any]:
         if summary.get(key) is None:
             continue
         grid = np.array([[np.nan if v is None else v for v in row] for row in summary[key]], dtype=float)
+        if key == "phi" and (doc.get("config") or {}).get("side") == "left":
+            title += ", output side"
         figs[f"interfere_{key}"] = heatmap(grid, names, names, title=f"{title}; median over {count} matrices",
                                            cbar_label=cbar, fmt=lambda v: f"{v:.2f}", vmin=lo, vmax=hi, cmap=cmap,
                                            row_label="task s", col_label="task t")
