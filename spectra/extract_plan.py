@@ -603,7 +603,19 @@ def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int
             f"{cost:,} parameters and holds {share:.1%} of {of}{more}; raise the budget to give it rank")
 
 
-__all__ = ["EXPERTS_GROUP", "common_exp", "energies",
+def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None) -> str:
+    """Why a budget was left unspent when every module already holds all of its update's directions (each at
+    min(r, p), or every one above its rounding floor), as ``extract`` and ``recommend`` say it; ``dearer`` = ``(modules
+    whose LoRA holds more parameters than their dense ΔW, an example)`` or None."""
+    text = (f"{spent:,} of the budget's {budget:,} parameters spent: every module already holds all of its update's "
+            "directions, so the rest of the budget buys nothing")
+    if dearer:
+        text += (f"; in {dearer[0]} modules (e.g. {dearer[1]}) the LoRA factors hold more parameters than the dense ΔW "
+                 "(r·(out + in) > out·in): storing those updates whole would be smaller")
+    return text
+
+
+__all__ = ["EXPERTS_GROUP", "all_held_text", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name", "resolved_count", "settle_budget",
            "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "unspent_text",

@@ -25,6 +25,7 @@ from spectra.extract_plan import (
     ExtractConfig,
     RankPlan,
     Target,
+    all_held_text,
     common_exp,
     energies,
     extractable,
@@ -63,7 +64,8 @@ class ExtractResult:
         totals: sums over the modules (parameters; ``energy_kept``: the share of the extracted
             matrices' ‖ΔW‖²_F the adapter keeps; ``energy_kept_all``: the same over every matrix,
             those in ``not_extracted`` and an adapter's ``modules_to_save`` matrices included (kept whole
-            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; 1-D tensors such as
+            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; ``unmeasured``: the
+            matrices not extracted whose ΔW is not finite (NaN/Inf), which neither share counts; 1-D tensors such as
             norms and biases are not counted in either; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
         allocation: the budget's greedy: budget, parameters used (``filled_params`` of them spent after
@@ -421,6 +423,15 @@ def _floored(spectra: dict[int, dict], targets: list, ranks: list[int], left: in
     return out
 
 
+def _more_to_buy(spec: dict, t: Target, r: int, top: int) -> bool:
+    """Whether a module at rank ``r`` may gain from one more component: below ``top`` and its cap (:attr:`Target.cap`)
+    and, where the journal holds its next singular value, that value above zero and its rounding floor."""
+    if spec.get("skipped") or not extractable(spec) or r >= min(t.cap, top):
+        return False
+    S = spec.get("S") or []
+    return r >= len(S) or S[r] > max(float(spec.get("floor", 0.0)), 0.0)
+
+
 def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], items: list[list[int]],
              config: ExtractConfig, left: int, energy: float) -> tuple[str, int, float, int] | None:
     """The budget's knapsack items (a module; an expert stack, one rank for all) whose next component stands above
@@ -493,6 +504,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     saved = [r for r in not_lora if r.get("kind") == "modules_to_save of the adapter" and len(r.get("shape") or ()) == 2]
     held = sq([r for r in saved if r.get("held")])
     outside = sq(not_extracted) + sq([r for r in saved if not r.get("held")])
+    # a matrix left out for NaN/Inf has no ΔW energy to count: "all" is then of the matrices with one, and said so
+    unmeasured = [r for r in not_extracted if len(r.get("shape") or ()) == 2 and "NaN or Inf" in str(r.get("reason"))
+                  and not (isinstance(r.get("fro_norm"), (int, float)) and math.isfinite(r["fro_norm"]))]
     whole = energy + outside + held
     outside_share = outside / whole if whole > 0 else 0.0
     adapted = [m for m in mods if m["rank"]]
@@ -501,6 +515,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
         "not_extracted_energy_share": outside_share,
         "energy_kept_all": (kept * energy + held) / whole if kept is not None and whole > 0 else kept,
+        "unmeasured": len(unmeasured),
         "rel_fro_error": error(ranks) if kept is not None else None,
         "changed": sum(live), "median_energy_kept": _median([m["energy_kept"] for m in changed]),
         "min_energy_kept": min(m["energy_kept"] for m in changed), "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in changed),
@@ -541,6 +556,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     if left:
         warnings.append(f"{matrices(len(left))} could not be extracted (e.g. {left[0]['name']}: {left[0]['reason']}); "
                         "see not_extracted in extract.json")
+    if unmeasured:
+        warnings.append(f"{matrices(len(unmeasured))} not extracted {'has' if len(unmeasured) == 1 else 'have'} no finite ΔW "
+                        f"(e.g. {unmeasured[0]['name']}: {unmeasured[0]['reason']}): energy_kept_all and "
+                        "not_extracted_energy_share are over the matrices with one")
     if outside_share >= 0.01 and kept is not None:
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of the weight matrices' ΔW energy: the adapter "
                         f"keeps {totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
@@ -563,6 +582,16 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         wait = _waiting(spectra, targets, ranks, [it for it in knap if it], config, unspent, energy)
         warnings.append(unspent_text(allocation["used_params"], plan.budget, waiting=wait, floored=(len(floored), floored[0]),
                                      of="ΔW's energy"))
+    elif allocation is not None and unspent > 0 and not any(
+            _more_to_buy(spectra[i], t, r, max(plan.levels[i], default=0)) for i, (t, r) in enumerate(zip(targets, ranks))):
+        # nothing left to buy: every module holds all of its directions, or sits at the largest rank allowed
+        capped = [(t.name, r) for i, (t, r) in enumerate(zip(targets, ranks)) if _more_to_buy(spectra[i], t, r, t.cap)]
+        dearer = [t.name for t, r in zip(targets, ranks) if r * t.cost > t.shape[0] * t.shape[1]]
+        warnings.append(
+            f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent: {len(capped)} modules are at the "
+            f"largest rank --max-rank / --serving allows (e.g. {capped[0][0]} at r = {capped[0][1]}), the others hold all of "
+            "their directions: the rest of the budget buys nothing under that cap" if capped else
+            all_held_text(allocation["used_params"], plan.budget, (len(dearer), dearer[0]) if dearer else None))
     # directions at the rounding floor: an energy rank stops before them, a --rank above them keeps them (as asked)
     at_floor = [(m["name"], resolved_count(spectra[i])) for i, (t, m) in enumerate(zip(targets, mods))
                if floor_note(spectra[i], ranks[i], config, t.p)]

@@ -56,7 +56,7 @@ from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outp
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, RANK_TOL, outside_squaring_range, rank_resolution
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
@@ -72,6 +72,8 @@ SCHEMA = "spectra.interfere/1"
 INTERFERE_FILES = ("interfere.json", "interfere.csv", "report.html")
 #: The pairwise measures, each an n × n matrix per module (and their medians in ``summary``).
 PAIR_MEASURES = ("cosine", "phi", "captured", "tsv", "knots")
+#: float64's machine epsilon, the scale of a factored sum's rounding (relative to the parts' σ₁).
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 @dataclass(frozen=True)
@@ -377,9 +379,10 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     # (and well below the largest task's σ₁: tasks that are themselves at the rounding level do not cancel)
     top_task = max((float(f.S[0]) for f in fs if f.S.numel()), default=0.0)
     cancel = 0 < floor_sum < math.inf and top_task > 0 and (not S_sum.size or S_sum[0] <= min(floor_sum, 0.5 * top_task))
-    # every task factored (no storage floor): the stacked SVD's rounding is about ε·Σ_t σ₁(t), so values below
-    # RANK_TOL of that sum are no direction of the sum (two LoRAs with B and −B left ~1e-16 read as a spread-out update)
-    level = RANK_TOL * sum(float(f.S[0]) for f in fs if f.S.numel()) if total is None else 0.0
+    # every task factored (no storage floor): the stacked SVD's rounding is a few k·ε·Σ_t σ₁(t) (k the stacked rank), so
+    # values below 16 times that are no direction of the sum (two LoRAs with B and −B left ~1e-16 read as a spread-out update)
+    stacked = sum(int(f.S.numel()) for f in fs)
+    level = 16 * stacked * EPS64 * sum(float(f.S[0]) for f in fs if f.S.numel()) if total is None else 0.0
     if level > 0:
         S_sum = np.where(S_sum > level, S_sum, 0.0)
     cancelled = level > 0 and top_task > 0 and not (S_sum > 0).any()

@@ -35,7 +35,7 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_plan import is_embedding_name, unspent_text
+from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
@@ -275,6 +275,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         if energy is None and spend + min(cost.values()) <= n:
             _beyond_kept(budget, n, doc, paths, whole, where, noise | complete)  # the ranks stop where the kept values do
         waiting: list[tuple[float, str, int]] = []  # (next gain, module, its cost) of the items the budget left waiting
+        n_bound = spend  # what the ranks cost before the budget binds (spend changes only where it binds)
         if spend > n:
             # one power of two for every module (the greedy compares their σ² with each other)
             e = square_scale_exponent(np.array([float(m["fro_norm"]) for p in paths for m in whole[p]["parts"]]))
@@ -319,6 +320,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         if left:  # the floor's doing, unless a component above it waits for more than is left
             wait = (waiting[-1][1], waiting[-1][2], waiting[-1][0] / energy_all, len(waiting)) if waiting else None
             notes.append(unspent_text(spend, n, waiting=wait, floored=(len(left), left[0]), of="the modules' energy"))
+        elif energy is None and spend == n_bound and spend < n and all(
+                ranks[p] == sum(per) or ranks[p] == max_rank for p, per in zip(paths, caps)) and all(
+                m["name"] in complete or m["name"] in noise or len(m.get("singular_values") or []) >= min(m["shape"])
+                for p in paths for m in whole[p]["parts"]):
+            # the budget did not bind: every module holds every direction its (complete) spectrum has, or --max-rank's
+            capped = [p for p, per in zip(paths, caps) if ranks[p] < sum(per)]
+            dearer = [p for p in paths if ranks[p] * cost[p] > whole[p]["out"] * whole[p]["in"]]
+            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: {len(capped)} modules are at --max-rank {max_rank} "
+                         f"(e.g. {capped[0]}), the others hold all of their directions: the rest of the budget buys nothing "
+                         "under that cap" if capped else all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None))
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)

@@ -216,7 +216,9 @@ def _of_all(doc: dict[str, Any]) -> str:
     said = f"{share:.1%}" if share >= 0.0005 else "under 0.05%"
     who = (f"the {len(left)} not extracted, e.g. {left[0].get('name')}," if len(left) > 1 else
            f"{left[0].get('name')}, not extracted," if left else "those not extracted")
-    return f" ({kept_all:.1%} of all the weight matrices': {who} hold{'s' if len(left) == 1 else ''} {said})"
+    # a NaN matrix left out has no energy to count
+    of = "of every weight matrix with a finite ΔW" if t.get("unmeasured") else "of all the weight matrices'"
+    return f" ({kept_all:.1%} {of}: {who} hold{'s' if len(left) == 1 else ''} {said})"
 
 
 def section_html(path: Path, doc: dict[str, Any]) -> str:

@@ -348,19 +348,25 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         chance = f"; unrelated updates give cosines of standard deviation {unit}" if level else ""
         # the most alike pair may be at chance where another pair stands out by pulling the other way
         most = (f"No pair is more alike than unrelated updates (the highest median cosine, {hi:.3f}, is {names[c]} and "
-                f"{names[e]}'s, within chance by the test above)" if _at_chance(d, c, e) and level else
+                f"{names[e]}'s, within chance: {test})" if _at_chance(d, c, e) and level else
                 f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_vs(c, e)}, {over(c, e)})")
         against = lo < 0 and not _at_chance(d, a, b)
+        # opposite directions cancel in a sum only as far as the norms agree
+        size = statistics.median([min(m["fro"][a], m["fro"][b]) / max(m["fro"][a], m["fro"][b]) for m in d["modules"]
+                                  if m["fro"][a] and m["fro"][b]] or [0.0])
         least = (f"{names[a]} and {names[b]} pull against each other (median cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})"
-                 + (": opposite updates in one shared subspace, which cancel in a sum" if lo <= -0.99 else "") if against else
+                 + ((": opposite updates in one shared subspace, which cancel in a sum" if size >= 0.99 else
+                     f": opposite updates in one shared subspace, which partly cancel in a sum (the smaller's norm is a "
+                     f"median {size:.2f} of the larger's)") if lo <= -0.99 else "") if against else
                  f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})")
         out.append(Finding("modules", f"{most}; {least}{chance}.", numbers=nums))
-    if s.get("spectral_over_max") is not None and s["spectral_over_max"] < 1e-6:  # the sum is zero, or only rounding
-        out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) cancels them: the sum's strongest "
-                                   f"direction is {s['spectral_over_max']:.2g}× the strongest single update's (median), "
-                                   "at the rounding level (each matrix's note says so).",
-                           numbers={"spectral_over_max": s["spectral_over_max"], "fro_sq_ratio": s["fro_sq_ratio"]}))
-    elif s.get("spectral_over_max") is not None:
+    cancelled = [m for m in d["modules"] if "the updates cancel" in (m.get("note") or "")]  # measure_module's verdicts
+    if cancelled:
+        where = "every matrix" if len(cancelled) == len(d["modules"]) else f"{len(cancelled)} of {matrices(len(d['modules']))}"
+        out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) cancels them in {where} (e.g. "
+                                   f"{cancelled[0]['name']}: its note says how far): the sum is at the rounding level there.",
+                           numbers={"cancelled": len(cancelled)}))
+    if s.get("spectral_over_max") is not None and len(cancelled) < len(d["modules"]):  # the ratios of a sum that is there
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) makes the strongest direction "
                                    f"{s['spectral_over_max']:.2f}× the strongest single update's (median; {len(names)} if "
                                    f"all pushed the same direction, 1 if none shared it), and ‖sum‖² is "

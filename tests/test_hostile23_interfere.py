@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from tests.test_hostile23_adapters import _peft_adapter
 
 
-def _negated(src: Path, dst: Path) -> Path:
-    """The adapter ``src`` with every lora_B negated: its update is −ΔW."""
+def _negated(src: Path, dst: Path, scale: float = -1.0) -> Path:
+    """The adapter ``src`` with every lora_B times ``scale`` (−1: its update is −ΔW)."""
     dst.mkdir()
     (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
-    t = {k: (-v if "lora_B" in k else v) for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    t = {k: (scale * v if "lora_B" in k else v) for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
     save_file(t, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
     return dst
 
@@ -41,7 +41,17 @@ def test_two_loras_that_cancel_have_a_zero_sum(tmp_path):
         assert m["cosine"][0][1] == pytest.approx(-1.0, abs=1e-12)
     doc = json.loads((tmp_path / "o" / "interfere.json").read_text())
     text = " ".join(f.text for f in findings(tmp_path / "o" / "interfere.json", doc))
-    assert "cancels them" in text, text
+    assert "cancels them in every matrix" in text and "strongest direction" not in text, text
+    # a small third task beside the two that cancel is the sum, not rounding (the second review: a 1e-10·Σσ₁ cut zeroed it)
+    tiny = _negated(l4, tmp_path / "l4tiny", scale=1e-9)
+    res = interfere(str(base), [str(l4), str(neg), str(tiny)], plots=False)
+    sd = load_file(str(tiny / "adapter_model.safetensors"))
+    for m in res.modules:
+        assert "cancel" not in m["note"] and m["sum"]["energy_rank"]["0.9"] > 0, m
+        key = "base_model.model." + m["name"].removesuffix(".weight")
+        S = np.linalg.svd(2.0 * sd[key + ".lora_B.weight"].double().numpy() @ sd[key + ".lora_A.weight"].double().numpy(),
+                          compute_uv=False)
+        assert m["sum"]["singular_values"][0] == pytest.approx(S[0], rel=1e-4)
 
 
 def test_a_dora_task_says_its_top_r_directions_stand_for_it(tmp_path):
@@ -90,4 +100,10 @@ def test_side_left_is_named_and_a_pair_at_chance_is_not_most_alike(tmp_path):
     assert not text.startswith("Most alike") and text.startswith("No pair is more alike than unrelated updates"), text
     assert "c.safetensors and neg.safetensors pull against each other (median cosine -1.00" in text
     assert "which cancel in a sum" in text and "on the output side" in text
+    # opposite but of different sizes: they partly cancel (the second review: -1 does not mean a zero sum)
+    save_file({n: W[n] - 0.1 * (tasks["c"][n] - W[n]) for n in names}, str(tmp_path / "neg.safetensors"))
+    interfere(str(tmp_path / "base.safetensors"), paths, config=InterfereConfig(side="left"), out_dir=tmp_path / "p", plots=False)
+    doc = json.loads((tmp_path / "p" / "interfere.json").read_text())
+    text = next(f.text for f in findings(tmp_path / "p" / "interfere.json", doc) if f.topic == "modules")
+    assert "which partly cancel in a sum (the smaller's norm is a median 0.10 of the larger's)" in text, text
     assert "output side (--side left)" in section_html(tmp_path / "o" / "interfere.json", doc)
