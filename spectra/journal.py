@@ -131,8 +131,23 @@ STALE_DIFF_FILES = ("results.csv", "diff_config.json", "rank_heatmap.png", "reln
                     "report.html")
 
 
+def seal_of(fingerprint: str, record: dict) -> str:
+    """A journal record's seal: a hash of its content and of its run's fingerprint (not a secret: a check that a
+    record read back on ``--resume`` is the one the run wrote, so that a hand edit is refused, not written into the
+    results)."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
+    return hashlib.sha256((fingerprint + "\n" + text).encode()).hexdigest()[:16]
+
+
+def changed_record(line: int, path: Path) -> ResultsFormatError:
+    """The error for journal record ``line`` whose seal does not match."""
+    return ResultsFormatError(f"record {line} was changed after it was written (its seal does not match), or is not one "
+                              "this command wrote", path=path, hint="run without --resume into a new folder")
+
+
 class Journal:
-    """Journal each result to ``results.jsonl`` at once; fold into ``results.json`` periodically."""
+    """Journal each result to ``results.jsonl`` at once, sealed (:func:`seal_of`, with the run's fingerprint); fold
+    into ``results.json`` periodically."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
@@ -140,6 +155,7 @@ class Journal:
         self.last = 0.0
         self.save_s = 0.0  # how long the last rewrite of results.json took
         self.lock: OutputLock | None = None  # held from start() to finish() (or flush() on a stop)
+        self.fingerprint = ""  # the run's (records are sealed with it)
 
     def start(self, result: DiffResult, *, resume: bool = False, known: set[str] | None = None) -> list[dict]:
         """Begin a run; with ``resume``, return the journal's records of an earlier run with the same
@@ -157,6 +173,7 @@ class Journal:
             raise output_error(self.out_dir, exc) from exc
         if self.lock is None:
             self.lock = OutputLock.acquire(self.out_dir)
+        self.fingerprint = result.fingerprint
         done: list[dict] = []
         if resume:
             previous = self.out_dir / "results.json"
@@ -177,6 +194,7 @@ class Journal:
                         f"record {i} must be {{\"module\": {{…}}}} or {{\"skipped\": {{…}}}} with a string name. "
                         f"Got {str(rec)[:80]!r} instead", path=self.journal,
                         hint="the journal was edited: run without --resume into a new folder")
+            done = [self._unsealed(rec, i) for i, rec in enumerate(done, 1)]  # after the shape's checks, which say more
             check_journal_records(done, result.thresholds, known, self.journal)
         else:
             # a new run replaces the folder's results: when the folder holds an earlier diff, its files that
@@ -188,8 +206,15 @@ class Journal:
         self.last = time.monotonic()
         return done
 
+    def _unsealed(self, rec: dict, line: int) -> dict:
+        body = {k: v for k, v in rec.items() if k != "seal"}
+        if rec.get("seal") != seal_of(self.fingerprint, body):
+            raise changed_record(line, self.journal)
+        return body
+
     def add(self, result: DiffResult, module: ModuleResult | None, skipped: Skipped | None) -> None:
-        append_record(self.journal, {"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)})
+        rec = finite_or_null({"module": asdict(module)} if module is not None else {"skipped": asdict(skipped)})
+        append_record(self.journal, {**rec, "seal": seal_of(self.fingerprint, rec)})
         # each rewrite serialises every record so far: spaced by a multiple of its own cost, so that on
         # 16k matrices (5 s a save) the run is not mostly rewriting (the journal holds every result anyway)
         if time.monotonic() - self.last >= max(REWRITE_EVERY_S, REWRITE_COST_FACTOR * self.save_s):
@@ -369,8 +394,7 @@ class RecordJournal:
         for line, rec in enumerate(records[1:], start=2):
             body = self.unsealed(rec)
             if body is None:
-                raise ResultsFormatError(f"record {line} was changed after it was written (its seal does not match), or is "
-                                         "not one this command wrote", path=self.path, hint="run without --resume into a new folder")
+                raise changed_record(line, self.path)
             out.append(body)
         return out
 
@@ -392,8 +416,7 @@ class RecordJournal:
         return body if record["seal"] == self._seal(body) else None
 
     def _seal(self, record: dict) -> str:
-        text = json.dumps(record, sort_keys=True, ensure_ascii=False, allow_nan=False, default=str)
-        return hashlib.sha256((self.fingerprint + "\n" + text).encode()).hexdigest()[:16]
+        return seal_of(self.fingerprint, record)
 
     def release(self) -> None:
         """Release the folder's lock (dropping the journal or the process's exit releases it too)."""

@@ -150,3 +150,33 @@ def test_a_record_with_an_infinite_norm_is_journaled_as_null_and_resumes(tmp_pat
     S = np.linalg.svd((t["model.layers.0.self_attn.v_proj.weight"] - b["model.layers.0.self_attn.v_proj.weight"]).numpy(),
                       compute_uv=False)
     assert v["rank"] == 2 and v["energy_kept"] == pytest.approx(1.0, abs=1e-9) and S[2] / S[0] < 1e-12
+
+
+def test_diff_refuses_an_edited_record_its_checks_cannot_see(tmp_path):
+    """The last probe: diff's results.jsonl was not sealed; a base_fro_norm edited from 0 to 10 (plausible for every
+    check of a record) went into results.json on --resume, exit 0."""
+    import spectra
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(4)]
+    b = {n: (torch.zeros(8, 6) if i == 1 else torch.randn(8, 6, generator=g)) for i, n in enumerate(names)}
+    t = {n: v + 0.1 * torch.randn(8, 6, generator=g) for n, v in b.items()}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file(t, str(tmp_path / "t.safetensors"))
+    args = (str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"))
+    spectra.diff(*args, out_dir=tmp_path / "a", plots=False)
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "results.json").write_text((tmp_path / "a" / "results.json").read_text())
+    lines = (tmp_path / "a" / "results.jsonl").read_text().splitlines(keepends=True)
+    line = next(i for i, x in enumerate(lines, start=1) if names[1] in x)
+    (out / "results.jsonl").write_text("".join(lines[:line]))  # stopped after that record
+    _edit(out / "results.jsonl", line, '"base_fro_norm": 0.0', '"base_fro_norm": 10.0')
+    with pytest.raises(ResultsFormatError, match=rf"record {line} was changed after it was written") as e:
+        spectra.diff(*args, out_dir=out, resume=True, plots=False)
+    assert "results.jsonl" in str(e.value)
+    # unedited, the same stopped journal resumes to the uninterrupted run's numbers
+    (out / "results.jsonl").write_text("".join(lines[:line]))
+    res = spectra.diff(*args, out_dir=out, resume=True, plots=False)
+    whole = {m.name: m for m in spectra.diff(*args, plots=False).modules}
+    assert {m.name: (m.fro_norm, m.base_fro_norm) for m in res.modules} == {n: (m.fro_norm, m.base_fro_norm) for n, m in whole.items()}

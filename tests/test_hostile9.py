@@ -397,9 +397,10 @@ def _journal_edit(path, key, edit):
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     i = next(i for i, r in enumerate(lines) if key in r)
     edit(lines[i][key])
-    if "seal" in lines[i]:
+    if "seal" in lines[i]:  # diff's fingerprint is in results.json; the other commands' on the journal's first line
         journal = RecordJournal(path)
-        journal.fingerprint = lines[0]["fingerprint"]
+        journal.fingerprint = (lines[0].get("fingerprint") if "fingerprint" in lines[0] else
+                               json.loads((path.parent / "results.json").read_text())["fingerprint"])
         lines[i] = journal.sealed({k: v for k, v in lines[i].items() if k != "seal"})
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
 
