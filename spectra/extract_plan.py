@@ -603,12 +603,17 @@ def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int
             f"{cost:,} parameters and holds {share:.1%} of {of}{more}; raise the budget to give it rank")
 
 
-def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None) -> str:
-    """Why a budget was left unspent when every module already holds all of its update's directions (each at
-    min(r, p), or every one above its rounding floor), as ``extract`` and ``recommend`` say it; ``dearer`` = ``(modules
+def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, capped: tuple[int, str, str] | None = None) -> str:
+    """Why a budget was left unspent when no module can take another component, as ``extract`` and ``recommend`` say
+    it: every module holds all of its update's directions (each at min(r, p), or every one above its rounding floor),
+    or ``capped`` = ``(modules at the largest rank allowed, an example, what allows it)``; ``dearer`` = ``(modules
     whose LoRA holds more parameters than their dense ΔW, an example)`` or None."""
-    text = (f"{spent:,} of the budget's {budget:,} parameters spent: every module already holds all of its update's "
-            "directions, so the rest of the budget buys nothing")
+    said = f"{spent:,} of the budget's {budget:,} parameters spent"
+    if capped:
+        n, name, cap = capped
+        return (f"{said}: {n} modules are at the largest rank {cap} allows (e.g. {name}), the others hold all of their "
+                "directions: the rest of the budget buys nothing under that cap")
+    text = f"{said}: every module already holds all of its update's directions, so the rest of the budget buys nothing"
     if dearer:
         text += (f"; in {dearer[0]} modules (e.g. {dearer[1]}) the LoRA factors hold more parameters than the dense ΔW "
                  "(r·(out + in) > out·in): storing those updates whole would be smaller")

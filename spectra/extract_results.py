@@ -587,11 +587,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         # nothing left to buy: every module holds all of its directions, or sits at the largest rank allowed
         capped = [(t.name, r) for i, (t, r) in enumerate(zip(targets, ranks)) if _more_to_buy(spectra[i], t, r, t.cap)]
         dearer = [t.name for t, r in zip(targets, ranks) if r * t.cost > t.shape[0] * t.shape[1]]
-        warnings.append(
-            f"{allocation['used_params']:,} of the budget's {plan.budget:,} parameters spent: {len(capped)} modules are at the "
-            f"largest rank --max-rank / --serving allows (e.g. {capped[0][0]} at r = {capped[0][1]}), the others hold all of "
-            "their directions: the rest of the budget buys nothing under that cap" if capped else
-            all_held_text(allocation["used_params"], plan.budget, (len(dearer), dearer[0]) if dearer else None))
+        warnings.append(all_held_text(allocation["used_params"], plan.budget, (len(dearer), dearer[0]) if dearer else None,
+                                      (len(capped), f"{capped[0][0]} at r = {capped[0][1]}", "--max-rank / --serving")
+                                      if capped else None))
     # directions at the rounding floor: an energy rank stops before them, a --rank above them keeps them (as asked)
     at_floor = [(m["name"], resolved_count(spectra[i])) for i, (t, m) in enumerate(zip(targets, mods))
                if floor_note(spectra[i], ranks[i], config, t.p)]

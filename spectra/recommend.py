@@ -327,9 +327,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             # the budget did not bind: every module holds every direction its (complete) spectrum has, or --max-rank's
             capped = [p for p, per in zip(paths, caps) if ranks[p] < sum(per)]
             dearer = [p for p in paths if ranks[p] * cost[p] > whole[p]["out"] * whole[p]["in"]]
-            notes.append(f"{spend:,} of the budget's {n:,} parameters spent: {len(capped)} modules are at --max-rank {max_rank} "
-                         f"(e.g. {capped[0]}), the others hold all of their directions: the rest of the budget buys nothing "
-                         "under that cap" if capped else all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None))
+            notes.append(all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None,
+                                       (len(capped), capped[0], f"--max-rank {max_rank}") if capped else None))
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)

@@ -44,9 +44,9 @@ def test_a_budget_larger_than_every_direction_is_said_unspent(tmp_path):
     res = extract(base, tuned, tmp_path / "m", config=ExtractConfig(budget="100000", max_rank=2), plots=False)
     assert [m["rank"] for m in res.modules] == [2, 2]
     assert any("80 of the budget's 100,000 parameters spent: 2 modules are at the largest rank --max-rank / --serving "
-               "allows" in w for w in res.warnings), res.warnings
+               "allows (e.g. model.layers.0.mlp.up_proj.weight at r = 2)" in w for w in res.warnings), res.warnings
     rec = recommend(tmp_path / "d" / "results.json", energy=None, budget="100000", max_rank=2)
-    assert any("2 modules are at --max-rank 2" in n for n in rec.notes), rec.notes
+    assert any("2 modules are at the largest rank --max-rank 2 allows" in n for n in rec.notes), rec.notes
     # a budget that binds says nothing of the kind
     res = extract(base, tuned, tmp_path / "y", config=ExtractConfig(budget="200"), plots=False)
     assert not any("already holds all" in w for w in res.warnings)
