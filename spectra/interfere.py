@@ -72,6 +72,8 @@ SCHEMA = "spectra.interfere/1"
 INTERFERE_FILES = ("interfere.json", "interfere.csv", "report.html")
 #: The pairwise measures, each an n × n matrix per module (and their medians in ``summary``).
 PAIR_MEASURES = ("cosine", "phi", "captured", "tsv", "knots")
+#: How a matrix's note begins where the tasks' updates cancel (the report's findings count them by it).
+CANCEL_NOTE = "the updates cancel"
 #: float64's machine epsilon, the scale of a factored sum's rounding (relative to the parts' σ₁).
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -393,12 +395,12 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                        thresholds=config.thresholds, keep=config.keep_singular)
     if cancel:
         acc = replace(acc, energy_rank={k: 0 for k in acc.energy_rank})
-        numeric.append("the updates cancel: their sum is at the rounding level of the stored weights (σ₁ "
+        numeric.append(f"{CANCEL_NOTE}: their sum is at the rounding level of the stored weights (σ₁ "
                        f"{float(S_sum[0]) if S_sum.size else 0.0:.3g} against a floor of {floor_sum:.3g}), so its energy "
                        "ranks are 0 (no direction above rounding); its ratios say how far it cancelled")
     elif cancelled:
         acc = replace(acc, energy_rank={k: 0 for k in acc.energy_rank})
-        numeric.append(f"the updates cancel: their sum is zero (every singular value at or below {level:.3g}, the rounding of "
+        numeric.append(f"{CANCEL_NOTE}: their sum is zero (every singular value at or below {level:.3g}, the rounding of "
                        "float64 arithmetic on the factors), so it has no direction and no energy ranks")
     out_dim, in_dim = spec_shape(spec, base)
     return clean({

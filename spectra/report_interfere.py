@@ -12,7 +12,7 @@ from typing import Any
 from spectra.display import matrices
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
-from spectra.interfere import PAIR_MEASURES, SCHEMA
+from spectra.interfere import CANCEL_NOTE, PAIR_MEASURES, SCHEMA
 from spectra.interfere_summary import summarise
 from spectra.plots import interfere as interfere_plots
 from spectra.plots.base import svg_img
@@ -350,17 +350,18 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         most = (f"No pair is more alike than unrelated updates (the highest median cosine, {hi:.3f}, is {names[c]} and "
                 f"{names[e]}'s, within chance: {test})" if _at_chance(d, c, e) and level else
                 f"Most alike: {names[c]} and {names[e]} (median cosine {hi:.2f}, φ {phi_vs(c, e)}, {over(c, e)})")
-        against = lo < 0 and not _at_chance(d, a, b)
-        # opposite directions cancel in a sum only as far as the norms agree
-        size = statistics.median([min(m["fro"][a], m["fro"][b]) / max(m["fro"][a], m["fro"][b]) for m in d["modules"]
-                                  if m["fro"][a] and m["fro"][b]] or [0.0])
-        least = (f"{names[a]} and {names[b]} pull against each other (median cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})"
-                 + ((": opposite updates in one shared subspace, which cancel in a sum" if size >= 0.99 else
-                     f": opposite updates in one shared subspace, which partly cancel in a sum (the smaller's norm is a "
-                     f"median {size:.2f} of the larger's)") if lo <= -0.99 else "") if against else
-                 f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})")
+        if lo < 0 and not _at_chance(d, a, b):
+            least = f"{names[a]} and {names[b]} pull against each other (median cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})"
+            if lo <= -0.99:  # opposite directions cancel in a sum only as far as the norms agree
+                size = statistics.median([min(m["fro"][a], m["fro"][b]) / max(m["fro"][a], m["fro"][b]) for m in d["modules"]
+                                          if m["fro"][a] and m["fro"][b]] or [0.0])
+                least += (": opposite updates in one shared subspace, which cancel in a sum" if size >= 0.99 else
+                          f": opposite updates in one shared subspace, which partly cancel in a sum (the smaller's norm is a "
+                          f"median {size:.2f} of the larger's)")
+        else:
+            least = f"least: {names[a]} and {names[b]} (cosine {lo:.2f}, φ {phi_vs(a, b)}, {over(a, b)})"
         out.append(Finding("modules", f"{most}; {least}{chance}.", numbers=nums))
-    cancelled = [m for m in d["modules"] if "the updates cancel" in (m.get("note") or "")]  # measure_module's verdicts
+    cancelled = [m for m in d["modules"] if CANCEL_NOTE in (m.get("note") or "")]  # measure_module's verdicts
     if cancelled:
         where = "every matrix" if len(cancelled) == len(d["modules"]) else f"{len(cancelled)} of {matrices(len(d['modules']))}"
         out.append(Finding("size", f"Adding the {len(names)} updates (task arithmetic) cancels them in {where} (e.g. "
