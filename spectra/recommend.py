@@ -79,16 +79,16 @@ def _is_embedding(m: dict) -> bool:
     return m.get("role") == "head" or is_embedding_name(m["name"].split(":")[0], m.get("role"))
 
 
-def _part_rank(m: dict, tau: float) -> int:
-    """The energy rank at τ of one results record; of an approximate one, its guaranteed upper bound (the
-    estimate may hold less than τ)."""
+def _part_rank(m: dict, tau: float) -> tuple[int, bool]:
+    """The energy rank at τ of one results record, and whether it was estimated: of an approximate record whose
+    bounds differ, the guaranteed upper bound (the estimate may hold less than τ)."""
     key = threshold_key(tau)
     bounds = (m.get("energy_rank_bounds") or {}).get(key)
     if isinstance(bounds, list) and len(bounds) == 2 and isinstance(bounds[1], int) and not isinstance(bounds[1], bool):
-        return bounds[1]
+        return bounds[1], bounds[0] != bounds[1]
     ranks = m.get("energy_rank") or {}
     if key in ranks and ranks[key] is not None:
-        return int(ranks[key])
+        return int(ranks[key]), False
     S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
     shape = m.get("shape")
     fro = float(m["fro_norm"])
@@ -99,7 +99,7 @@ def _part_rank(m: dict, tau: float) -> int:
         raise ConfigError(f"τ = {tau:g} is not among the results' thresholds ({', '.join(ranks) or 'none'}) and the "
                           f"{S.size} singular values kept for {m['name']} do not reach it",
                           hint=f"rerun spectra diff with -t {tau:g} (or a larger --top-k)")
-    return r
+    return r, False
 
 
 def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget: str | None = None, alpha_ratio: float = 2.0,
@@ -212,9 +212,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            want = _part_rank(m, float(energy)) if energy is not None else len(m.get("singular_values") or [])
-            estimated += energy is not None and (b := (m.get("energy_rank_bounds") or {}).get(threshold_key(energy))) is not None \
-                and b[0] != b[1]
+            want, guessed = _part_rank(m, float(energy)) if energy is not None else (len(m.get("singular_values") or []), False)
+            estimated += guessed
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
             above = _resolved(m)
             unfloored += m.get("rounding_floor") is None
