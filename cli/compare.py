@@ -13,6 +13,7 @@ from spectra.display import display_name
 from spectra_cli.console import (
     OutPath,
     echo_json,
+    folder_report,
     identical_hint,
     one_pattern,
     print_explanation,
@@ -100,6 +101,9 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
             task_id = progress.add_task("subspaces", total=total, current="")
         progress.update(task_id, completed=done, current=short_name(name))
 
+    from spectra.report import shared_report
+
+    rebuild = bool(out_dir) and not report and shared_report(out_dir, "compare.json")  # before the run removes it
     with progress:
         result = compare(a, b, base=base, config=config, out_dir=out_dir, callback=on_module, plots=not no_plots, resume=resume)
     found = compare_findings(result)
@@ -118,11 +122,8 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
               f"{len(result.skipped)} skipped, {len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
     if out_dir:
         err.print(f"results: {shown(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
-    if report:
-        from spectra.report import folder_results, write_report
-
-        written = write_report(folder_results(out_dir, "compare.json"), Path(out_dir) / "report.html")
-        err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
+    if report or rebuild:  # rebuild: the folder's report also showed another command's results
+        folder_report(err, out_dir, "compare.json")
     for f in found:
         if f.warning:
             err.print(f"[yellow]warning:[/] {shown(f.text)}", highlight=False)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -161,6 +162,14 @@ def quiet_transformers() -> None:
         pass
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+
+
+def folder_report(err: Console, out_dir: str, own: str) -> None:
+    """Write ``out_dir/report.html`` over every result file in the folder (``own`` first) and say where."""
+    from spectra.report import folder_results, write_report
+
+    written = write_report(folder_results(out_dir, own), Path(out_dir) / "report.html")
+    err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
 
 
 def short_name(name: str) -> str:

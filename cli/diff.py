@@ -23,6 +23,7 @@ from spectra.records import DiffEvent
 from spectra_cli.console import (
     OutPath,
     echo_json,
+    folder_report,
     given,
     one_pattern,
     print_explanation,
@@ -173,6 +174,9 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
             progress.console.print(f"[yellow]warning:[/] {shown(display_name(ev.skipped.name))}: "
                                    f"{shown(display_name(ev.skipped.reason, 400))}", highlight=False)
 
+    from spectra.report import shared_report
+
+    rebuild = bool(out_dir) and lead and not report and shared_report(out_dir, "results.json")  # before the run removes it
     with progress:
         result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
                               plots=plots, allow_identical=True, resume=resume, distributed_run=distributed)
@@ -203,11 +207,8 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         err.print(shown(f"skipped: {reasons} (each name and reason: {where})"), highlight=False)
     if out_dir:
         err.print(f"results: {shown(display_name(str(Path(out_dir) / 'results.json'), None))}", highlight=False)
-    if report:
-        from spectra.report import folder_results, write_report
-
-        written = write_report(folder_results(out_dir, "results.json"), Path(out_dir) / "report.html")
-        err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
+    if report or rebuild:  # rebuild: the folder's report also showed another command's results
+        folder_report(err, out_dir, "results.json")
     for f in found:
         if f.warning:
             err.print(f"[yellow]warning:[/] {shown(f.text)}", highlight=False)

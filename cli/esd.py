@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("esd")
@@ -79,6 +79,9 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
         if ev.skipped is not None:
             progress.console.print(f"[yellow]warning:[/] {shown(ev.skipped['name'])}: {shown(ev.skipped['reason'])}", highlight=False)
 
+    from spectra.report import shared_report
+
+    rebuild = bool(out_dir) and not report and shared_report(out_dir, "esd.json")  # before the run removes it
     with progress:
         result = esd(model, config=config, out_dir=out_dir, callback=on_event, resume=resume, plots=not no_plots)
     if as_json:
@@ -93,10 +96,8 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
         err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'esd.json'))}", highlight=False)
-    if report:
-        from spectra.report import folder_results, write_report
-
-        err.print(shown(f"report: {write_report(folder_results(out_dir, 'esd.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+    if report or rebuild:  # rebuild: the folder's report also showed another command's results
+        folder_report(err, out_dir, "esd.json")
     if not result.matrices and result.skipped:  # nothing analysed: not a success, whatever was written
         from spectra.errors import PairingError
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, folder_report, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 if TYPE_CHECKING:
     from spectra.interfere import InterfereResult
@@ -72,6 +72,9 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
             task_id = progress.add_task("interference", total=total, current="")
         progress.update(task_id, completed=done, current=short_name(name))
 
+    from spectra.report import shared_report
+
+    rebuild = bool(out_dir) and not report and shared_report(out_dir, "interfere.json")  # before the run removes it
     with progress:
         result = interfere(base, list(tuned), config=config, out_dir=out_dir, callback=on_module, plots=not no_plots,
                            resume=resume)
@@ -94,11 +97,8 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
               f"{len(result.partial)} held by some tasks only, {len(result.skipped)} skipped", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'interfere.json'))}", highlight=False)
-    if report:
-        from spectra.report import folder_results, write_report
-
-        written = write_report(folder_results(out_dir, "interfere.json"), Path(out_dir) / "report.html")
-        err.print(shown(f"report: {written}"), highlight=False)
+    if report or rebuild:  # rebuild: the folder's report also showed another command's results
+        folder_report(err, out_dir, "interfere.json")
     if not result.modules and result.skipped:  # nothing measured: not a success, whatever was written
         from spectra.errors import PairingError
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, folder_report, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 if TYPE_CHECKING:  # (spectra.trace imports torch: only when the command runs)
     from spectra.trace import TraceResult
@@ -67,6 +67,9 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
             task_id = progress.add_task("trace", total=total, current="")
         progress.update(task_id, completed=done, current=short_name(what))
 
+    from spectra.report import shared_report
+
+    rebuild = bool(out_dir) and not report and shared_report(out_dir, "trace.json")  # before the run removes it
     with progress:
         result = trace(base, list(checkpoints), config=config, out_dir=out_dir, callback=on_progress, resume=resume,
                        plots=not no_plots)
@@ -85,10 +88,8 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
               f"on {result.device}; {matrices(len(result.skipped))} skipped{skipped_points}", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'trace.json'))}", highlight=False)
-    if report:
-        from spectra.report import folder_results, write_report
-
-        err.print(shown(f"report: {write_report(folder_results(out_dir, 'trace.json'), Path(out_dir) / 'report.html')}"), highlight=False)
+    if report or rebuild:  # rebuild: the folder's report also showed another command's results
+        folder_report(err, out_dir, "trace.json")
     if not allow_identical:
         raise_if_unchanged(result, out_dir)
 

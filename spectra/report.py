@@ -339,6 +339,15 @@ def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:
     return [folder / own] + [folder / n for n in RESULT_FILES if n != own and (folder / n).is_file()]
 
 
+def shared_report(out_dir: str | os.PathLike[str], own: str) -> bool:
+    """Whether ``out_dir/report.html`` is a report spectra wrote and the folder also holds another command's
+    results (another of :data:`RESULT_FILES` than ``own``). A new run of ``own``'s command removes that report
+    with its earlier files; the command then rebuilds it (:func:`folder_results`), so the other's part is not
+    lost when ``--report`` was not given."""
+    folder = Path(out_dir)
+    return is_report(folder / "report.html") and any((folder / n).is_file() for n in RESULT_FILES if n != own)
+
+
 def is_report(path: Path) -> bool:
     """Whether the file at ``path`` is a report spectra wrote (it begins with :data:`HTML_HEAD`)."""
     try:
