@@ -26,15 +26,17 @@ from spectra.findings import Finding, percent
 from spectra.results import note_part
 
 #: How a median φ ÷ its random baseline is put in words (upper bounds, checked in order).
+PHI_CHANCE = 1.5
 PHI_WORDS: tuple[tuple[float, str], ...] = (
-    (1.5, "no more than unrelated random subspaces would (at chance)"),
+    (0.5, "less than unrelated random subspaces would (below chance: each avoids the other's directions)"),
+    (PHI_CHANCE, "no more than unrelated random subspaces would (at chance)"),
     (3.0, "somewhat more than chance"),
     (10.0, "clearly more than chance"),
 )
 PHI_STRONG = "far more than chance"
 #: A module whose random baseline max(r_A, r_B)/d reaches this leaves φ (at most 1) no room to stand above chance
-#: (1 / the first bound of :data:`PHI_WORDS`): its ranks nearly fill the space, so any two subspaces overlap.
-PHI_BLIND = 1 / PHI_WORDS[0][0]
+#: (1 / the "at chance" bound of :data:`PHI_WORDS`): its ranks nearly fill the space, so any two subspaces overlap.
+PHI_BLIND = 1 / PHI_CHANCE
 
 
 def phi_tells(m: ComparedModule, side: str) -> bool:
@@ -176,7 +178,7 @@ def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
         e = blind[0]
         fill = (f"in {len(blind)} of {len(every)} modules the ranks nearly fill the space (e.g. {display_name(e.name, 60)}: "
                 f"r_A = {e.rank_a}, r_B = {e.rank_b} of d = {e.phi[side].d}, random baseline {e.phi[side].random:.3g}): φ ≤ 1 "
-                f"keeps φ at most {PHI_WORDS[0][0]:g}× its baseline there, so it cannot tell overlap from chance")
+                f"keeps φ at most {PHI_CHANCE:g}× its baseline there, so it cannot tell overlap from chance")
         if not ms:
             return Finding("phi", f"φ(r_A, r_B) says nothing here: {fill} (compare smaller ranks: --top-k for a full update).",
                            numbers={"side": side, "modules": 0, "uninformative": len(blind)})
@@ -227,6 +229,9 @@ def _intruder_finding(result: CompareResult) -> Finding | None:
             parts.append(f"{who.upper()} has none in any of its {len(counts)} modules")
     if not parts:
         return None
+    # the vectors examined: at most p per module (an intruder_k above p examines them all)
+    looked = sorted({len(m.intruders[w].max_cos) for m in result.modules if m.intruders for w in ("a", "b") if m.intruders.get(w)})
+    k = k if not looked or looked[-1] >= k else f"min({k}, p) = {'–'.join(dict.fromkeys(map(str, (looked[0], looked[-1]))))}"
     text = (f"Intruder dimensions (top-{k} singular vectors of W + ΔW unlike every base direction, |cos| < {eps}): "
             f"{'; '.join(parts)}. Shuttleworth et al. (2024) found that LoRA creates them and full fine-tuning rarely does.")
     return Finding("intruders", text, numbers=numbers)

@@ -50,7 +50,7 @@ from spectra.compare_records import (
 from spectra.config import CompareConfig, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
-from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
+from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.paths import checkpoint_location
@@ -85,7 +85,7 @@ from spectra.subspaces import (
     random_orthonormal,
     top_subspace,
 )
-from spectra.threads import imap_one_blas_thread
+from spectra.threads import check_workers, imap_one_blas_thread
 from spectra.ties import cut_in_tie, tie_cut, tied_cuts
 from spectra.trace_inputs import open_weights
 
@@ -553,6 +553,9 @@ def compare(
                     continue
                 if k in other.saved:  # not one-sided: the other adapter stores it whole (listed as skipped below)
                     continue
+                if side.kind == "lora" and side.mods[k].zero_update:  # adapted, but B = 0: no update to call one-sided
+                    result.skipped.append({"name": side.names[k], "reason": f"{'A' if side is A else 'B'} ({side.label}): {ZERO_LORA}"})
+                    continue
                 if k in other.skipped:  # not one-sided: the other side holds it but cannot pair it (another shape…)
                     who = "B" if other is B else "A"
                     result.skipped.append({"name": side.names[k], "reason": f"{who} ({other.label}): {other.skipped[k]}"})
@@ -592,8 +595,7 @@ def compare(
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, seed))
     journal, done = _journaled(jobs, A, B, base_ckpt, config, out_dir, resume)
-    if workers is None:
-        workers = torch.get_num_threads() if device.type == "cpu" else 1
+    workers = check_workers(workers, torch.get_num_threads() if device.type == "cpu" else 1)
     def measure(job: _Job):
         return _measure(job, A, B, base_ckpt, config, device)
 

@@ -39,6 +39,7 @@ import torch
 from spectra.linalg import (
     CERTIFY_RTOL,
     Method,
+    all_finite,
     as_numpy,
     certify_float32,
     check_device_available,
@@ -51,8 +52,8 @@ from spectra.linalg import (
     resolve_device,
     trace_and_fro,
 )
-from spectra.metrics import DEFAULT_THRESHOLDS
-from spectra.threads import map_one_blas_thread
+from spectra.metrics import DEFAULT_THRESHOLDS, check_index, check_number, check_tau
+from spectra.threads import check_workers, map_one_blas_thread
 
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32
 #: where a certificate proves it gives the float64 results, float64 elsewhere) or ``"float32"``.
@@ -226,6 +227,16 @@ def exact_spectra(
         if not mats or any(m.ndim != 2 or m.shape != mats[0].shape for m in mats):
             raise ValueError(f"mats must be equally shaped (out, in) matrices. Got {[tuple(m.shape) for m in mats]} instead.")
         count, shape = len(mats), (int(mats[0].shape[0]), int(mats[0].shape[1]))
+    workers = check_workers(workers, torch.get_num_threads())
+    # a NaN rtol turned the certificate's norm checks off (every comparison with NaN is False)
+    rtol, top_k = check_number(rtol, "rtol", 0.0, 1.0), check_index(top_k, "top_k", 0, 1 << 62)
+    thresholds = tuple(check_tau(t, "each threshold") for t in thresholds)
+    for name, limit in (("max_batch_bytes", max_batch_bytes), ("hard_limit_bytes", hard_limit_bytes)):
+        if limit is not None:
+            check_index(limit, name, 1, 1 << 62)
+    if not all(all_finite(m) for m in mats):  # NaN rows, or LAPACK's "did not converge"
+        bad = next(i for i, m in enumerate(mats) if not all_finite(m))
+        raise ValueError(f"mats[{bad}] holds NaN or Inf: its singular values are undefined.")
     dev = resolve_device(device)
     check_device_available(dev)
     if backend == "auto":
@@ -237,10 +248,10 @@ def exact_spectra(
     p = min(shape)
     if p == 0 or count == 0:
         empty = np.zeros(count)
-        return Spectra(np.zeros((count, p)), (precision,) * count, ((),) * count, empty, empty.copy())
+        return Spectra(np.zeros((count, p)), ("float64",) * count, ((),) * count, empty, empty.copy())  # nothing to certify
     check = dict(thresholds=tuple(float(t) for t in thresholds), top_k=top_k, rtol=rtol, metrics=metrics, shape=shape)
     if backend == "lapack":
-        rows = _lapack_batch(mats, count, precision, check, workers if workers is not None else torch.get_num_threads())
+        rows = _lapack_batch(mats, count, precision, check, workers)
     else:
         rows = _torch_batch(mats, count, shape, dev, precision, method, check, max_batch_bytes, hard_limit_bytes)
     return Spectra(
@@ -457,7 +468,8 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
     Returns:
         ``U (out, r)``, ``S (r,)`` descending, ``Vh (r, in)`` with ``U diag(S) Vh = scale·B·A``.
         Cost O((out + in)·r²): QR of B and of Aᵀ, then the SVD of the r × r core
-        ``scale · R_B R_Aᵀ``.
+        ``scale · R_B R_Aᵀ``. Finite factors and scale whose product overflows ``dtype`` give NaN values:
+        callers check ``S`` (each names the module and its lora_alpha).
     """
     B, A = finite_tensor(B, "B").to(dtype), finite_tensor(A, "A").to(dtype)
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:

@@ -230,6 +230,17 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            "the base weights themselves. Was the fine-tune started from this base? (Two independent "
                            "initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
                            numbers={"median_rel_norm": median_rel}))
+    elif far := sorted((m for m in nonempty if m.rel_norm is not None and m.rel_norm >= 1.0), key=lambda m: -m.rel_norm):
+        # a few matrices as far from their base as unrelated weights, hidden by the median (a layer removed on one side)
+        layers = sorted({m.layer for m in far if m.layer is not None})
+        shown = ", ".join(map(str, layers[:6])) + (", …" if len(layers) > 6 else "")
+        where = f" (in layer{'s' if len(layers) > 1 else ''} {shown})" if layers else ""
+        out.append(Finding("unrelated", f"{len(far)} of {len(nonempty)} matrices moved by their own norm or more{where}: "
+                           f"‖ΔW‖_F / ‖W_base‖_F up to {far[0].rel_norm:.2f} (e.g. {display_name(far[0].name, 60)}), where "
+                           f"the median is {median_rel:.2f}. A fine-tune moves a matrix by a fraction of its norm; two "
+                           "independent initialisations give about √2 ≈ 1.4: was a layer removed, inserted or "
+                           "re-initialised on one side? (Layers pair by their number.)", warning=True,
+                           numbers={"matrices": len(far), "max_rel_norm": far[0].rel_norm, "median_rel_norm": median_rel}))
     bad = result.non_finite()
     if bad:
         out.append(Finding("nonfinite", f"{len(bad)} value(s) are NaN or infinite ({', '.join(bad[:3])}"

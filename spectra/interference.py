@@ -47,9 +47,9 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import all_finite, gram, real_tensor
+from spectra.linalg import all_finite, finite_tensor, gram, real_tensor
 from spectra.lowrank import scale_pow2, squaring_exponent
-from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
+from spectra.metrics import RANK_TOL, check_index, check_number, effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
 from spectra.ties import tie_cut
 
@@ -80,8 +80,7 @@ def as_factored64(f: Factored) -> Factored:
 def truncate(f: Factored, k: int) -> Factored:
     """The top-``k`` triplets of ``f`` (all of them when it has fewer), float64, descending; ``k`` is
     widened past singular values tied with the k-th (:func:`tie_cut`)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1. Got {k} instead.")
+    k = check_index(k, "k", 1, 1 << 62)  # 2.5 was cut to 2 without a word
     g = as_factored64(f)
     k = tie_cut(g.S, k, g.S.numel())
     return Factored(g.U[:, :k], g.S[:k], g.Vh[:k])
@@ -138,10 +137,11 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
         ``(S, top)``: float64 ``(p,)`` descending and a float64 :class:`Factored` with at most k
         triplets, more when the k-th ties the next (none for a zero update).
     """
+    delta = finite_tensor(delta, "delta")  # NaN or Inf: NaN values and no vectors, read as a zero update
     if delta.ndim != 2:
         raise ValueError(f"delta must be a 2-D (out, in) matrix. Got shape {tuple(delta.shape)} instead.")
-    if k < 1:
-        raise ValueError(f"k must be >= 1. Got {k} instead.")
+    k = check_index(k, "k", 1, 1 << 62)
+    rel_tol, floor = check_number(rel_tol, "rel_tol", 0.0, 1.0), check_number(floor, "floor", 0.0)
     out, inn = delta.shape
     wide = out <= inn
     e = squaring_exponent(delta)  # 0 unless float64 (narrower entries square within float64's range)

@@ -206,6 +206,10 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     t = torch.as_tensor(M).detach()
     if t.is_complex():
         raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")
+    if t.dtype == torch.bool:  # no matrix of numbers: negation and norms fail deep inside torch
+        raise ValueError(f"{name} must hold numbers. Got dtype torch.bool instead (convert it with .float()).")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor. Got layout {t.layout} instead (convert it with .to_dense()).")
     refuse_meta(t, name)
     return t
 

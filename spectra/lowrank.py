@@ -33,14 +33,12 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
-from spectra.linalg import as_numpy, fro_norm, gram, gram_scale_exponent, gram_upper
-from spectra.metrics import as_spectrum, check_rank, check_tau, numerical_rank
+from spectra.linalg import as_numpy, finite_tensor, fro_norm, gram, gram_scale_exponent, gram_upper
+from spectra.metrics import as_spectrum, check_index, check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
-#: The values vLLM accepts for its server's ``max_lora_rank`` (``MaxLoRARanks`` in vllm/config/lora.py). An
-#: adapter loads when its every rank is at most that (PEFTHelper.validate_legal), so any r ≤ 512 serves; vLLM
-#: pads every adapted module to ``max_lora_rank``, so serving memory is that rank times the modules, whatever
-#: each one's r.
+#: vLLM's accepted ``max_lora_rank`` values (``MaxLoRARanks``, vllm/config/lora.py): any adapter of r ≤ 512 loads, and
+#: every module is padded to ``max_lora_rank`` (serving memory is that rank times the modules, whatever each one's r).
 VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 _PARAM_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -169,14 +167,14 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = Non
 def rank_levels(p: int, max_rank: int | None = None, serving: str | None = None) -> list[int]:
     """The ranks a module of ``p = min(out, in)`` may take, ascending (0 is always allowed).
 
-    Every rank 1 … min(p, max_rank); with ``serving="vllm"`` also at most 512, the largest ``max_lora_rank``
-    vLLM serves (:data:`VLLM_RANKS` are the values of that server setting, not of an adapter's ranks: a grid of
-    8, 16, 32 … per module bought nothing, as vLLM pads every module to ``max_lora_rank`` anyway, and left a
-    budget's modules at 0 where ranks 1 … 7 kept twice the energy).
+    Every rank 1 … min(p, max_rank); with ``serving="vllm"`` also at most 512, vLLM's largest ``max_lora_rank``
+    (a grid of :data:`VLLM_RANKS` per module bought nothing, as vLLM pads every module anyway).
 
     >>> rank_levels(5, 3), rank_levels(4, serving="vllm"), len(rank_levels(4096, serving="vllm"))
     ([1, 2, 3], [1, 2, 3, 4], 512)
     """
+    if serving not in (None, "none", "vllm"):
+        raise ValueError(f"serving must be 'none' (or None) or 'vllm'. Got {serving!r} instead.")
     cap = min(p, max_rank) if max_rank is not None else p
     if serving == "vllm":
         cap = min(cap, VLLM_RANKS[-1])
@@ -470,6 +468,7 @@ def gram_eig(delta: torch.Tensor) -> GramEig:
     exact path); the components below that hold < 1e-14 of the energy. A float64 ΔW beyond the
     squaring range is scaled first (``exp``).
     """
+    delta = finite_tensor(delta, "delta")
     e = squaring_exponent(delta)
     delta = scale_pow2(delta, -e) if e else delta
     tri = None
@@ -496,6 +495,7 @@ def gram_top(delta: torch.Tensor, n: int, k: int) -> GramEig:
     (:meth:`~spectra.lapack.Tridiagonal.top_pairs`): no pass for all p eigenvalues (``dsterf``: ~4 ms of a
     576² matrix's ~50). Elsewhere :func:`gram_eig`, cut. ``S``: the top n values (float64, descending); ``total``:
     ``‖ΔW‖²_F``, the Gram matrix's trace (Σ of its eigenvalues up to rounding). Precision, ``exp`` as :func:`gram_eig`."""
+    delta = finite_tensor(delta, "delta")
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
@@ -549,21 +549,20 @@ def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) ->
         >>> t.S.round(6).tolist(), round(t.total, 6), bool(torch.allclose(t.B @ t.A, torch.diag(torch.tensor([3.0, 2.0, 0.0]))))
         ([3.0, 2.0, 1.0], 14.0, True)
     """
+    delta = finite_tensor(delta, "delta")  # detached: no autograd graph in the factors
     p = min(delta.shape)
-    if not 0 <= k <= p:
-        raise ValueError(f"k must be in [0, {p}]. Got {k} instead.")
+    k = check_index(k, "k", 0, p)
+    values = None if values is None else check_index(values, "values", 0, 1 << 62)
     eig = gram_eig(delta)
     B, A = eig_factors(delta, eig, k)
     n = min(p, values if values is not None else k + 1)
     return Triplets(eig.S[:n], eig.total, B, A, "gram-eigh/float64", exp=eig.exp)
 
 
-#: :func:`refined_triplets` takes the float64 route when the n-th float32 eigenvalue of the Gram matrix is
-#: below this many times √p·eps₃₂·λ₁ (√p·eps₃₂·λ₁ is the typical rounding error of a float32 Gram
-#: eigensolve: 2.9e-6·λ₁ at p = 576, so the floor is 2.9e-5·λ₁ there). Measured at p = 576, 65 values, an
-#: update one direction of which dominates the rest: with the others at λ ratio 9e-6 their values came
-#: within 2.4e-5 (relative) of float64's and the energy within 6e-9 of ‖ΔW‖²; at 1e-6 within 6e-3 and
-#: 8e-8. Smoothly decaying spectra stay accurate far lower (λ ratio 5e-6: 1e-5 and 6e-10).
+#: :func:`refined_triplets` takes the float64 route when the n-th float32 Gram eigenvalue is below this many times
+#: √p·eps₃₂·λ₁ (a float32 eigensolve's typical rounding: 2.9e-6·λ₁ at p = 576). Measured at p = 576, 65 values, one
+#: dominant direction: the others at λ ratio 9e-6 came within 2.4e-5 (relative) of float64's values and 6e-9 of
+#: ‖ΔW‖²; at 1e-6 within 6e-3 and 8e-8. Smoothly decaying spectra stay accurate far lower (5e-6: 1e-5, 6e-10).
 REFINED_FLOOR = 10.0
 
 
@@ -600,8 +599,10 @@ def refined_triplets(delta: torch.Tensor, n: int, k: int) -> Triplets:
     (:func:`factors_out`). Returns: :class:`Triplets`: ``S`` the n Ritz values, ``total`` the exact ``‖ΔW‖²_F``,
     method ``"gram-eigh/float32+ritz/float64"`` with the residual (float64 route: ``"gram-eigh/float64"``, none).
     """
+    delta = finite_tensor(delta, "delta")  # detached: numpy cannot read a tensor that requires grad
     p = min(delta.shape)
-    if not 0 <= k <= n <= p:
+    n, k = check_index(n, "n", 0, p), check_index(k, "k", 0, p)
+    if not k <= n:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
     # a float64 ΔW beyond float64's squaring range: all of it on ΔW·2**-e, the factors scaled back
     e, dtype = squaring_exponent(delta), delta.dtype
@@ -668,6 +669,8 @@ def randomized_triplets(delta: torch.Tensor, k: int, *, seed: int = 0, tol: floa
     sketch's top singular subspace) and a lower bound of the optimal rank-k energy, both up to the float32
     sketch's rounding (measured ~1e-8 relative above the optimum on a 600 × 500 ΔW). The sketch runs in
     float32: a ΔW whose squares would leave float32's range is scaled first (``exp``)."""
+    delta = finite_tensor(delta, "delta")
+    k = check_index(k, "k", 0, min(delta.shape))
     e, dtype = squaring_exponent(delta, np.float32), delta.dtype
     delta = scale_pow2(delta, -e) if e else delta
     total = fro_norm(delta) ** 2

@@ -146,6 +146,20 @@ def check_index(value: object, name: str, lo: int, hi: int, what: str = "") -> i
     raise ValueError(f"{name} must be {'in' if whole is not None else 'a whole number in'} [{lo}, {hi}]{what}. Got {value!r} instead.")
 
 
+def check_number(value: object, name: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``value`` as a float when it is a finite real number in ``[lo, hi]`` (a bool or a string is not), else one-line
+    ValueError naming ``name``: a NaN tolerance turned checks off (every comparison with NaN is False).
+
+    >>> check_number(1e-3, "tol", 0.0)
+    0.001
+    """
+    ok = not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+    if ok and math.isfinite(float(value)) and lo <= float(value) <= hi:  # type: ignore[arg-type]
+        return float(value)  # type: ignore[arg-type]
+    bounds = f" in [{lo:g}, {hi:g}]" if math.isfinite(lo) and math.isfinite(hi) else f" >= {lo:g}" if math.isfinite(lo) else ""
+    raise ValueError(f"{name} must be a finite number{bounds}. Got {value!r} instead.")
+
+
 def check_shape(shape: object) -> tuple[int, int]:
     """``shape`` as ``(out, in)``, two whole numbers >= 0 (``(4.0, 4.0)`` is ``(4, 4)``), else ValueError."""
     try:

@@ -24,6 +24,14 @@ from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
 WRAPPER_PREFIXES = frozenset({
     "model", "transformer", "bert", "roberta", "gpt_neox", "base_model", "module", "_orig_mod",
     "language_model", "decoder_model",
+    # transformers' base_model_prefix of the encoders whose task heads wrap them (a sentence-transformers fine-tune
+    # saves the headless model; the base's checkpoint carries the prefix). Not the generic ones ("encoder",
+    # "vision_model", "text_model"): a dual encoder holds two of them side by side.
+    "albert", "beit", "biogpt", "canine", "convbert", "data2vec_audio", "data2vec_text", "data2vec_vision", "deberta",
+    "deit", "dinov2", "distilbert", "electra", "ernie", "esm", "fnet", "funnel", "gpt_neox_japanese", "gte", "hubert",
+    "ibert", "layoutlm", "longformer", "luke", "mobilebert", "mpnet", "mra", "nomic_bert", "nystromformer", "rembert",
+    "roberta_prelayernorm", "roc_bert", "roformer", "sew", "sew_d", "splinter", "swin", "swinv2", "tapas", "unispeech",
+    "unispeech_sat", "videomae", "vit", "wav2vec2", "wav2vec2_bert", "wav2vec2_conformer", "wavlm", "yoso",
 })
 
 #: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).
@@ -54,7 +62,7 @@ QUANT_PARAM_LEAVES = frozenset({
 #: int8 (``X.SCB``, ``X.weight_format``). ``scales``/``biases`` count only beside a weight of their
 #: module: a float ``scales`` matrix alone would be analysed.
 FOREIGN_QUANT_LEAVES = frozenset({"qzeros", "g_idx", "SCB", "weight_format", "absmax", "quant_map", "nested_absmax",
-                                  "nested_quant_map"})
+                                  "nested_quant_map", "weight_packed", "weight_shape"})
 
 #: The quantisation parameters that dequantise the weight beside them (``X.<leaf>`` -> ``X.weight``).
 WEIGHT_QUANT_LEAVES = ("weight_scale", "weight_scale_inv", "weight_zero_point")
@@ -272,11 +280,22 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
     if leaf in FOREIGN_QUANT_LEAVES:
         module, _, parent = prefix.rpartition(".")
         return (module if parent == "weight" else prefix) or None
+    if leaf.startswith("weight_") and prefix and f"{prefix}.weight_packed" in names:  # compressed-tensors' packed ints
+        return prefix
     if leaf == "scales" and prefix and (f"{prefix}.qweight" in names or f"{prefix}.weight" in names):
         return prefix
     if leaf in ("biases", "qbiases") and prefix and f"{prefix}.scales" in names:  # MLX; transformers' metal format
         return prefix
     return None
+
+
+def layer_of(name: str) -> int | None:
+    """The layer number in a tensor's name (``model.layers.3.input_layernorm.weight`` → 3); None outside the stack.
+
+    >>> layer_of("model.layers.3.input_layernorm.weight"), layer_of("model.norm.weight")
+    (3, None)
+    """
+    return _parse(name).layer
 
 
 def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:

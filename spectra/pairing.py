@@ -184,6 +184,8 @@ def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
     if any(f"{module}.weight.{x}" in names for x in ("absmax", "quant_map", "quant_state.bitsandbytes__nf4",
                                                       "quant_state.bitsandbytes__fp4")):
         return "bitsandbytes 4-bit"
+    if f"{module}.weight_packed" in names:
+        return "compressed-tensors pack-quantized"
     if f"{module}.SCB" in names:
         return "bitsandbytes int8"
     if f"{module}.scales" in names and f"{module}.biases" in names:
@@ -212,6 +214,27 @@ def _quant_param_reason(name: str, ckpt: Checkpoint) -> str | None:
     if weight in ckpt.tensors:
         return f"quantisation parameter ({kind}) of {weight}, which is stored as {ckpt.tensors[weight].dtype}, not fp8/int8; not applied"
     return f"quantisation parameter ({kind}) of {weight}, which this checkpoint does not hold"
+
+
+def _packed_on_one_side(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
+    """A module quantised by a format spectra does not read (GPTQ's ``X.qweight``…) on one side against the other's
+    ``X.weight``: one skipped entry naming the format and the way out, its tensors taken off the one-sided lists (they
+    were left there, "not paired", with no word of the quantisation)."""
+    for side, ckpt, own, other in (("tuned", tuned, result.tuned_only, result.base_only),
+                                   ("base", base, result.base_only, result.tuned_only)):
+        weights = {pairing_key(n): n for n in other if n.endswith(".weight")}
+        modules = {n: foreign_quant_of(n, ckpt.tensors) or (n.rpartition(".")[0] if n.endswith(".qweight") else None)
+                   for n in own}
+        found: dict[str, str] = {}  # the other side's weight -> this side's quantised module
+        for module in modules.values():
+            if module and foreign_format(module, ckpt) and (w := weights.get(pairing_key(f"{module}.weight"))):
+                found.setdefault(w, module)
+        for w, module in found.items():
+            result.skipped.append(Skipped(w, f"{side} stores this matrix packed by {foreign_format(module, ckpt)} quantisation, "
+                                          f"which spectra does not dequantise: {DEQUANTISE_HINT}"))
+        gone = set(found) | {n for n, module in modules.items() if module in set(found.values())}
+        own[:] = [n for n in own if n not in gone]
+        other[:] = [n for n in other if n not in gone]
 
 
 #: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
@@ -252,6 +275,19 @@ def _head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec]
     return (f"{PAIRING_NOTE_PREFIX}the base stores an output head, {heads[0]}, the tuned checkpoint none (a head {tied_to}, "
             "or a model saved without its head): the head's update is not measured. Save the tuned model untied "
             "(tie_word_embeddings: false) to compare its head")
+
+
+def _layer_counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec]) -> str | None:
+    """A note where the two sides hold different layer numbers: layers pair by number, so after a layer removed or
+    inserted (pruning, depth up-scaling) each layer is measured against another one, which no shape check sees."""
+    layers = [sorted({s.layer for s in specs.values() if s.layer is not None}) for specs in (bspecs, tspecs)]
+    if not all(layers) or layers[0] == layers[1]:
+        return None
+    b, t = (f"layers {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} layers ({x[0]}–{x[-1]}, with gaps)"
+            for x in layers)
+    return (f"{PAIRING_NOTE_PREFIX}the base holds {b}, tuned {t}: layers pair by their number, so if layers were "
+            "removed or inserted (pruning, depth up-scaling) every layer after that point is measured against another "
+            "one (a ‖ΔW‖_F / ‖W_base‖_F near √2 ≈ 1.4 shows unrelated weights)")
 
 
 def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], matched_b: set[str],
@@ -606,12 +642,14 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     result.base_only = [n for n in base.tensors if n not in matched_b]
     result.tuned_only = [n for n in tuned.tensors if n not in matched_t]
     if not single:
+        _packed_on_one_side(result, base, tuned)
         _refuse_unmerged_peft(tuned, result.tuned_only, result.base_only, "tuned")
         _refuse_unmerged_peft(base, result.base_only, result.tuned_only, "base")
     for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
                  _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
                  _head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
-                 _spelling_differs(result.base_only, result.tuned_only, base, tuned)):
+                 _spelling_differs(result.base_only, result.tuned_only, base, tuned),
+                 None if single else _layer_counts_differ(bspecs, tspecs)):
         if note:
             result.notes.append(note)
     if not result.pairs:

@@ -39,7 +39,7 @@ from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, p
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
-from spectra.selection import Task, plan_units
+from spectra.selection import Task, name_filter, plan_units
 from spectra.sketch import approx_energy_ranks
 from spectra.stream import batches, largest_first, prefetch, run_settings
 
@@ -305,10 +305,11 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     drop_tied_heads(pairing, base_ckpt, tuned_ckpt)  # a tied head's row would repeat the embedding's
     planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     order = {u.name: u.order for t in planned for u in t.units}
+    chosen = name_filter(config.include, config.exclude, config.layers)  # what is not analysed, as far as selected
     result = DiffResult(
         base=base_ckpt.label, tuned=tuned_ckpt.label, thresholds=list(config.thresholds),
-        skipped=[asdict(s) for s in pairing.skipped],
-        unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
+        skipped=[asdict(s) for s in pairing.skipped if chosen(s.name)],
+        unmatched={"base_only": [n for n in pairing.base_only if chosen(n)], "tuned_only": [n for n in pairing.tuned_only if chosen(n)]},
         config=asdict(config), device=str(device), version=__version__,
     )
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read

@@ -180,7 +180,7 @@ class ModuleResult:
 #: is not a float weight (quantised), a shape or fused layout that differs, weights or a difference that
 #: is not finite. Listed, not excluded: a reason not named here (a norm, a bias, a quantisation
 #: parameter, an adapter's vector) never counts as a matrix left out.
-_MATRIX_SKIP = re.compile(r"^shape mismatch|is not a float weight|^fused rows laid out differently|NaN or Inf|overflows")
+_MATRIX_SKIP = re.compile(r"^shape mismatch|is not a float weight|^fused rows laid out differently|NaN or Inf|overflows|stores this matrix packed by")
 
 
 def is_matrix_skip(reason: str) -> bool:

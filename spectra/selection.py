@@ -12,7 +12,7 @@ import torch
 from spectra.config import parse_layers, search_pattern
 from spectra.display import display_name
 from spectra.errors import ConfigError
-from spectra.naming import MatrixSpec, Part
+from spectra.naming import MatrixSpec, Part, layer_of
 from spectra.pairing import MatrixPair
 
 
@@ -55,6 +55,14 @@ def selector(include: str | None, exclude: str | None, layers: str | None) -> Ca
         return not ((inc and not any(inc.search(n) for n in names)) or (exc and any(exc.search(n) for n in names)))
 
     return keep
+
+
+def name_filter(include: str | None, exclude: str | None, layers: str | None) -> Callable[[str], bool]:
+    """Whether ``--include``/``--exclude``/``--layers`` select a tensor that is not analysed (a norm, a bias, a shape
+    mismatch, a tensor on one side only), by its name and the layer number in it (:func:`spectra.naming.layer_of`):
+    a run asked for layer 0 listed every other layer's norms as skipped."""
+    keep = selector(include, exclude, layers)
+    return lambda name: keep(name, layer_of(name))
 
 
 def units_of(spec: MatrixSpec, keep: Callable[..., bool], *, split_fused: bool = True,

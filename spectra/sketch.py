@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from spectra.engine import batch_singular_values
-from spectra.linalg import check_device_available, gram_scale_exponent, real_tensor, resolve_device
-from spectra.metrics import check_tau, energy_rank, rank_resolution
+from spectra.linalg import check_device_available, finite_tensor, gram_scale_exponent, resolve_device
+from spectra.metrics import check_index, check_number, check_tau, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",
            "truncated_singular_values"]
@@ -64,7 +64,7 @@ class TruncatedSVD:
 
 def _float_input(M: torch.Tensor, name: str) -> torch.Tensor:
     """``M`` detached, as a real floating tensor (numpy arrays accepted); complex input is refused, not cast."""
-    M = real_tensor(M, name)
+    M = finite_tensor(M, name)  # NaN or Inf: a LAPACK error deep inside, or NaN values
     if M.ndim < 2:
         raise ValueError(f"{name} must have shape (out, in) or (b, out, in). Got {tuple(M.shape)} instead.")
     return M if M.is_floating_point() else M.double()
@@ -118,6 +118,13 @@ def randomized_svd(
         raise ValueError(f"oversample must be a non-negative integer or None. Got {oversample!r} instead.")
     if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 0:
         raise ValueError(f"n_iter must be a non-negative integer. Got {n_iter!r} instead.")
+    if tol is not None:
+        check_number(tol, "tol", 0.0)
+    check_index(max_iter, "max_iter", 0, 1 << 16)  # a NaN or infinite cap never ended the loop below
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64. Got {dtype!r} instead.")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None. Got {generator!r} instead.")
     if M.numel():
         # values beyond the working dtype's squaring range would overflow, or flush to zero and certify a
         # residual of 0 (float64 near 1e-300): a power of two per matrix first (exact), values and
@@ -268,6 +275,8 @@ def approx_energy_ranks(
     thresholds = [check_tau(float(t) if isinstance(t, (int, float, np.floating)) and not isinstance(t, bool) else t,
                             "each threshold") for t in thresholds]
     M = _float_input(M, "M")
+    if M.ndim != 2 or not M.numel():
+        raise ValueError(f"M must be one non-empty (out, in) matrix. Got shape {tuple(M.shape)} instead.")
     dev = resolve_device(device) if device is not None else M.device
     check_device_available(dev)
     # the sketch runs in float32: a float64 matrix beyond 2**±32 is scaled by a power of two first

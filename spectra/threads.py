@@ -22,7 +22,7 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
+__all__ = ["check_workers", "imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -163,6 +163,22 @@ def release_workers() -> None:
     starts, before the pool registers it) leaves a thread the pool's own exit hook never wakes, and
     the exit waits on it; ``shutdown`` wakes every thread reading the pool's queue, registered or not."""
     _WORKERS.shutdown()
+
+
+def check_workers(workers: int | None, default: int) -> int:
+    """A ``workers`` argument of the API: ``default`` for None, else a whole number ≥ 1.
+
+    Raises:
+        ConfigError: 0, a negative or a non-integer count (``max(1, …)`` ran 0 and -1 as 1 without a word).
+    """
+    from spectra.errors import ConfigError
+
+    if workers is None:
+        return default
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be a whole number >= 1 (matrices measured at once). Got {workers!r} instead",
+                          hint="leave it out for torch's thread count")
+    return workers
 
 
 def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None, *,

@@ -384,6 +384,10 @@ def _names_or_regex(raw: Mapping[str, Any], name: str, path: Path) -> str | tupl
     return tuple(names) if names is not None else None
 
 
+#: Why a module an adapter targets is not called updated: its factors multiply to zero.
+ZERO_LORA = "adapted, but its update s·B·A is exactly zero (a factor all zeros, as PEFT initialises lora_B): nothing to compare"
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted module.
@@ -412,6 +416,12 @@ class LoraModule:
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of ΔW (embeddings: ``(vocab, dim)``, the stored embedding orientation)."""
         return (self.A.shape[1], self.B.shape[0]) if self.embedding else (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def zero_update(self) -> bool:
+        """Whether s·B·A is exactly zero (a factor all zeros: PEFT initialises B so) and no DoRA magnitude changes the
+        weight instead (DoRA's update with B = 0 is the magnitude's rescaling, not zero)."""
+        return self.magnitude is None and not (bool(self.B.any()) and bool(self.A.any()))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B', A')`` with ``ΔW = scale · B' · A'`` in ``(out, in)`` orientation; B' ``(out, r)``, A' ``(r, in)``."""
