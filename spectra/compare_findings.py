@@ -37,6 +37,10 @@ PHI_STRONG = "far more than chance"
 #: A module whose random baseline max(r_A, r_B)/d reaches this leaves φ (at most 1) no room to stand above chance
 #: (1 / the "at chance" bound of :data:`PHI_WORDS`): its ranks nearly fill the space, so any two subspaces overlap.
 PHI_BLIND = 1 / PHI_CHANCE
+#: "Below chance" needs at least this many modules and this smallest rank: φ ÷ baseline of unrelated subspaces is
+#: skewed at small rank (its median is 0.47 at r = 1, d = 32: two unrelated rank-1 LoRAs read "below chance" half the
+#: time); at r >= 4 the 1% quantile of a median over 4 modules is 0.56 (simulated, d from 32 to 2048).
+PHI_BELOW_MIN = 4
 
 
 def phi_tells(m: ComparedModule, side: str) -> bool:
@@ -45,13 +49,14 @@ def phi_tells(m: ComparedModule, side: str) -> bool:
     return phi is not None and phi.random < PHI_BLIND
 
 
-def phi_words(ratio: float) -> str:
-    """Words for a median φ ÷ random baseline (:data:`PHI_WORDS`).
+def phi_words(ratio: float, below: bool = True) -> str:
+    """Words for a median φ ÷ random baseline (:data:`PHI_WORDS`); ``below`` False where a low ratio is what unrelated
+    subspaces give too (:data:`PHI_BELOW_MIN`), so it reads "at chance".
 
-    >>> phi_words(1.1), phi_words(40.0)
-    ('no more than unrelated random subspaces would (at chance)', 'far more than chance')
+    >>> phi_words(1.1), phi_words(40.0), phi_words(0.3, below=False)
+    ('no more than unrelated random subspaces would (at chance)', 'far more than chance', 'no more than unrelated random subspaces would (at chance)')
     """
-    for bound, words in PHI_WORDS:
+    for bound, words in PHI_WORDS[0 if below else 1:]:
         if ratio < bound:
             return words
     return PHI_STRONG
@@ -187,9 +192,11 @@ def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
     above = sum(m.phi[side].phi_full > 2 * m.phi[side].random for m in ms)
     over = [m.phi[side].phi_full / m.phi[side].random for m in ms if m.phi[side].random > 0]
     ratio = _median(over) if over else float("inf")  # each module against its own baseline
+    below = len(ms) >= PHI_BELOW_MIN and min(min(m.rank_a, m.rank_b) for m in ms) >= PHI_BELOW_MIN
     vectors = "input (right" if side == "right" else "output (left"
     text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {phi:.3g} against its random baseline {rand:.3g} "
-            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio)}; φ exceeds twice its baseline in "
+            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio, below)}; "
+            "φ exceeds twice its baseline in "
             f"{above} of {len(ms)} modules" + (f"; {fill}, and they are left out of these medians." if blind else "."))
     return Finding("phi", text, numbers={"side": side, "median_phi": phi, "median_random": rand, "ratio": ratio,
                                          "above_twice_random": above, "modules": len(ms), "uninformative": len(blind)})
@@ -231,7 +238,8 @@ def _intruder_finding(result: CompareResult) -> Finding | None:
         return None
     # the vectors examined: at most p per module (an intruder_k above p examines them all)
     looked = sorted({len(m.intruders[w].max_cos) for m in result.modules if m.intruders for w in ("a", "b") if m.intruders.get(w)})
-    k = k if not looked or looked[-1] >= k else f"min({k}, p) = {'–'.join(dict.fromkeys(map(str, (looked[0], looked[-1]))))}"
+    if looked and isinstance(k, int) and looked[-1] < k:
+        k = f"min({k}, p) = {'–'.join(dict.fromkeys(map(str, (looked[0], looked[-1]))))}"
     text = (f"Intruder dimensions (top-{k} singular vectors of W + ΔW unlike every base direction, |cos| < {eps}): "
             f"{'; '.join(parts)}. Shuttleworth et al. (2024) found that LoRA creates them and full fine-tuning rarely does.")
     return Finding("intruders", text, numbers=numbers)
@@ -263,8 +271,10 @@ def table_legend(side: str, *, with_base: bool) -> list[tuple[str, str]]:
     return items
 
 
-__all__ = ["PHI_BLIND", "PHI_STRONG", "PHI_WORDS", "compare_findings", "phi_tells", "headline_side", "phi_words", "random_two_sided", "table_legend",
-           "unmatched_text"]
+__all__ = [
+    "PHI_BELOW_MIN", "PHI_BLIND", "PHI_STRONG", "PHI_WORDS", "compare_findings", "phi_tells", "headline_side", "phi_words", "random_two_sided",
+    "table_legend", "unmatched_text"
+]
 
 
 def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[str]:

@@ -25,7 +25,7 @@ from spectra._version import __version__
 from spectra.errors import ResultsFormatError
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results_check import impossible, is_int, is_num
-from spectra.subspaces import Amplification, CapturedEnergy
+from spectra.subspaces import Amplification, CapturedEnergy, phi_random_baseline
 
 SCHEMA = "spectra.compare/1"
 #: ``ComparedModule.status`` values: every measure computed; one or both updates exactly zero; one or both
@@ -399,6 +399,10 @@ class _Reader:
             d = m.out if side == "left" else m.in_
             if ph is not None and ph.d != d:
                 bad(f"phi.{side}.d", ph.d, f"the {side} singular vectors have {'out' if side == 'left' else 'in'} = {d} entries")
+            # the baseline follows from the ranks and d: an edited one turned "at chance" into "far more than chance"
+            if ph is not None and m.rank_a and m.rank_b and not math.isclose(ph.random, want := phi_random_baseline(
+                    m.rank_a, m.rank_b, d), rel_tol=1e-9):
+                bad(f"phi.{side}.random", ph.random, f"it is max(rank_a, rank_b) / d = {want:.6g}")
         for who, ce in m.captured.items():
             for key in ("two_sided", "left", "right"):
                 v = getattr(ce, key) if ce is not None else None
@@ -417,6 +421,10 @@ class _Reader:
             for key, count in [("count", intr.count), *((f"counts[{e!r}]", c) for e, c in intr.counts.items())]:
                 if count > k:
                     bad(f"intruders.{who}.{key}", count, f"at most the {k} top directions examined (max_cos) are intruders")
+            for e, count in intr.counts.items():  # max_cos is stored to 6 decimals: a value at ε ± 1e-6 may go either way
+                lo, hi = (sum(c < float(e) + t for c in intr.max_cos) for t in (-1e-6, 1e-6))
+                if not lo <= count <= hi:
+                    bad(f"intruders.{who}.counts[{e!r}]", count, f"max_cos holds {lo} values below ε = {e}")
 
     def result(self, d: Any) -> CompareResult:
         if not isinstance(d, dict):

@@ -232,8 +232,8 @@ def exact_spectra(
     rtol, top_k = check_number(rtol, "rtol", 0.0, 1.0), check_index(top_k, "top_k", 0, 1 << 62)
     thresholds = tuple(check_tau(t, "each threshold") for t in thresholds)
     for name, limit in (("max_batch_bytes", max_batch_bytes), ("hard_limit_bytes", hard_limit_bytes)):
-        if limit is not None:
-            check_index(limit, name, 1, 1 << 62)
+        if limit is not None:  # no upper bound: a cap above the memory there is no cap (--batch-memory 2^42 MiB)
+            check_index(limit, name, 1, 1 << 256)
     if not all(all_finite(m) for m in mats):  # NaN rows, or LAPACK's "did not converge"
         bad = next(i for i, m in enumerate(mats) if not all_finite(m))
         raise ValueError(f"mats[{bad}] holds NaN or Inf: its singular values are undefined.")

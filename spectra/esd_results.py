@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.errors import ResultsFormatError
+from spectra.esd import training_warning
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results import rows_to_csv
@@ -102,6 +103,10 @@ def check_record(m: Any, at: str, source: Any) -> None:
                 raise bad(key, "an array of numbers or null")
         elif key != "shape" and v is not None and not _number(v):
             raise bad(key, "a number or null")
+    # the flag follows from α (WeightWatcher's thresholds): an edited α beside the old flag was counted by the flag
+    if "warning" in m and "alpha" in m and (m["warning"] or "") != training_warning(m["alpha"]):
+        raise bad("warning", f"{training_warning(m['alpha']) or 'empty'!r} for α = {m['alpha']} (α < 2: over-trained, "
+                             "α > 6: under-trained)")
 
 
 def _number(v: Any) -> bool:

@@ -47,7 +47,7 @@ from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
 from spectra.pairing import MatrixPair, pair_checkpoints
-from spectra.selection import Task, Unit, name_filter, plan_units
+from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
 
 __all__ = ["WW_MAX_EVALS", "WW_MAX_N", "WW_MIN_EVALS", "EsdConfig", "EsdEvent", "esd", "ww_skip_reason"]
@@ -274,7 +274,7 @@ def esd(
     pairing = pair_checkpoints(ckpt, ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
                        split_fused=config.split_fused, what="matrices")
-    chosen = name_filter(config.include, config.exclude, config.layers)  # what is not analysed, as far as selected
+    chosen = layer_filter(config.layers)  # what is not analysed, in the layers asked for
     result = EsdResult(model=ckpt.label, skipped=[asdict(s) for s in pairing.skipped if chosen(s.name)], config=asdict(config), device=str(device),
                        version=__version__)
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read

@@ -226,7 +226,7 @@ def _warnings(result: DiffResult) -> list[Finding]:
     rels = [m.rel_norm for m in nonempty if m.fro_norm and m.rel_norm is not None and math.isfinite(m.rel_norm)]
     median_rel = statistics.median(rels) if rels else 0.0
     if median_rel > 1.0:  # a fine-tune moves weights by a fraction of their norm
-        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {median_rel:.2f}: the update is larger than "
+        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {median_rel:.3f}: the update is larger than "
                            "the base weights themselves. Was the fine-tune started from this base? (Two independent "
                            "initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
                            numbers={"median_rel_norm": median_rel}))
@@ -239,7 +239,8 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            f"‖ΔW‖_F / ‖W_base‖_F up to {far[0].rel_norm:.2f} (e.g. {display_name(far[0].name, 60)}), where "
                            f"the median is {median_rel:.2f}. A fine-tune moves a matrix by a fraction of its norm; two "
                            "independent initialisations give about √2 ≈ 1.4: was a layer removed, inserted or "
-                           "re-initialised on one side? (Layers pair by their number.)", warning=True,
+                           "re-initialised on one side (layers pair by their number), or is the base matrix near zero "
+                           "(a zero-initialised gate)?", warning=True,
                            numbers={"matrices": len(far), "max_rel_norm": far[0].rel_norm, "median_rel_norm": median_rel}))
     bad = result.non_finite()
     if bad:

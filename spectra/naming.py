@@ -24,9 +24,13 @@ from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
 WRAPPER_PREFIXES = frozenset({
     "model", "transformer", "bert", "roberta", "gpt_neox", "base_model", "module", "_orig_mod",
     "language_model", "decoder_model",
-    # transformers' base_model_prefix of the encoders whose task heads wrap them (a sentence-transformers fine-tune
-    # saves the headless model; the base's checkpoint carries the prefix). Not the generic ones ("encoder",
-    # "vision_model", "text_model"): a dual encoder holds two of them side by side.
+})
+
+#: transformers' ``base_model_prefix`` of the encoders whose task heads wrap them (a sentence-transformers fine-tune
+#: saves the headless model; the base's checkpoint carries the prefix). Not wrapper prefixes: pairing drops one only
+#: where no other tensor of that checkpoint would then share the name (:func:`spectra.pairing`'s last pass), since a
+#: two-tower checkpoint holds ``vit.encoder…`` beside ``text_model.encoder…``.
+ENCODER_PREFIXES = frozenset({
     "albert", "beit", "biogpt", "canine", "convbert", "data2vec_audio", "data2vec_text", "data2vec_vision", "deberta",
     "deit", "dinov2", "distilbert", "electra", "ernie", "esm", "fnet", "funnel", "gpt_neox_japanese", "gte", "hubert",
     "ibert", "layoutlm", "longformer", "luke", "mobilebert", "mpnet", "mra", "nomic_bert", "nystromformer", "rembert",

@@ -17,6 +17,7 @@ says so; otherwise it is an error, never ``W_t − W_bᵀ`` in silence.
 from __future__ import annotations
 
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import (
+    ENCODER_PREFIXES,
     MatrixSpec,
     Part,
     foreign_quant_of,
@@ -166,7 +168,27 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     for key, bn in bk.items():
         if key in tk:
             matches.append((bn, tk[key]))
+    # last: an encoder's prefix (distilbert., vit. …) against the headless model, where dropping it is unambiguous
+    done_b, done_t = {b for b, _ in matches}, {t for _, t in matches}
+    bk = _encoder_keys([n for n in rest_b if n not in done_b], base_names)
+    tk = _encoder_keys([n for n in rest_t if n not in done_t], tuned_names)
+    matches += [(bn, tk[key]) for key, bn in bk.items() if key in tk]
     return matches
+
+
+def _encoder_keys(names: list[str], every: list[str]) -> dict[str, str]:
+    """Unique key -> name of ``names``: the pairing key, without a leading :data:`~spectra.naming.ENCODER_PREFIXES`
+    component where no other tensor of the checkpoint (``every``) has, or would have, that key (a dual encoder's
+    ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix: its text tower would pair with the vision one)."""
+    keys = [pairing_key(n) for n in every]
+    own = set(keys)
+    tails = Counter(pairing_key(k.partition(".")[2]) for k in keys if "." in k)  # each name without its first component
+    found: dict[str, list[str]] = {}
+    for n in names:
+        head, _, tail = (key := pairing_key(n)).partition(".")
+        bare = pairing_key(tail) if head in ENCODER_PREFIXES and tail else None
+        found.setdefault(bare if bare is not None and bare not in own and tails[bare] == 1 else key, []).append(n)
+    return {k: v[0] for k, v in found.items() if len(v) == 1}
 
 
 #: What to do with a checkpoint of a quantisation format spectra does not dequantise.
@@ -277,11 +299,19 @@ def _head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec]
             "(tie_word_embeddings: false) to compare its head")
 
 
-def _layer_counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec]) -> str | None:
+def _layer_counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], base: Checkpoint,
+                         tuned: Checkpoint) -> str | None:
     """A note where the two sides hold different layer numbers: layers pair by number, so after a layer removed or
-    inserted (pruning, depth up-scaling) each layer is measured against another one, which no shape check sees."""
+    inserted (pruning, depth up-scaling) each layer is measured against another one, which no shape check sees. Said
+    when the config.json files give other layer counts, or when neither side's layers are a subset of the other's (a
+    checkpoint holding some of its model's layers keeps their numbers)."""
     layers = [sorted({s.layer for s in specs.values() if s.layer is not None}) for specs in (bspecs, tspecs)]
     if not all(layers) or layers[0] == layers[1]:
+        return None
+    counts = [next((c[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(c, dict) and
+                    isinstance(c.get(k), int)), None) for c in (base.config, tuned.config)]
+    sets = [set(x) for x in layers]
+    if (None in counts or counts[0] == counts[1]) and (sets[0] <= sets[1] or sets[1] <= sets[0]):
         return None
     b, t = (f"layers {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} layers ({x[0]}–{x[-1]}, with gaps)"
             for x in layers)
@@ -649,7 +679,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                  _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
                  _head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
                  _spelling_differs(result.base_only, result.tuned_only, base, tuned),
-                 None if single else _layer_counts_differ(bspecs, tspecs)):
+                 None if single else _layer_counts_differ(bspecs, tspecs, base, tuned)):
         if note:
             result.notes.append(note)
     if not result.pairs:

@@ -39,7 +39,7 @@ from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, p
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
-from spectra.selection import Task, name_filter, plan_units
+from spectra.selection import Task, layer_filter, plan_units
 from spectra.sketch import approx_energy_ranks
 from spectra.stream import batches, largest_first, prefetch, run_settings
 
@@ -305,7 +305,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     drop_tied_heads(pairing, base_ckpt, tuned_ckpt)  # a tied head's row would repeat the embedding's
     planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
     order = {u.name: u.order for t in planned for u in t.units}
-    chosen = name_filter(config.include, config.exclude, config.layers)  # what is not analysed, as far as selected
+    chosen = layer_filter(config.layers)  # what is not analysed, in the layers asked for
     result = DiffResult(
         base=base_ckpt.label, tuned=tuned_ckpt.label, thresholds=list(config.thresholds),
         skipped=[asdict(s) for s in pairing.skipped if chosen(s.name)],

@@ -41,6 +41,7 @@ from spectra import (
 )
 from spectra.display import safe_text
 from spectra.errors import ConfigError, OutputError, ResultsFormatError, SpectraError
+from spectra.esd_results import EsdResult
 from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, load_jsonl
@@ -48,7 +49,7 @@ from spectra.io.paths import refuse_empty_path
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
-from spectra.results_check import newer_schema_error, unique_names
+from spectra.results_check import newer_schema_error
 
 #: File names looked for in folders: results JSON documents (dispatched by their ``schema``), and the
 #: JSON-lines files read by a loader of :data:`JSONL_LOADERS` (``train_log.jsonl`` is read here).
@@ -223,7 +224,10 @@ def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:
             cfg = None
         if not isinstance(cfg, dict):
             continue
-        if not (folder / "train_summary.json").is_file():
+        if recs and isinstance(recs[-1].get("error"), str):  # spectra train wrote why it stopped (a divergence)
+            out.append(f"{folder}: a spectra train that failed at step {recs[-1].get('step')} ({recs[-1]['error']}; no saved "
+                       "model): its row is not a finished run")
+        elif not (folder / "train_summary.json").is_file():
             last = recs[-1].get("step") if recs else None
             out.append(f"{folder}: a stopped spectra train (its log ends at step {last} of {cfg.get('steps')}; no "
                        "train_summary.json, no saved model): its row is not a finished run")
@@ -472,10 +476,15 @@ TITLES: dict[str, Callable[[Path, dict], str]] = {
     report_interfere.SCHEMA: report_interfere.title,
     report_trace.SCHEMA: report_trace.title,
 }
+def _check_esd(path: Path, doc: dict) -> None:
+    """An ``esd.json``'s records as ``--resume`` reads them (types, and each flag against its α) and no matrix twice."""
+    EsdResult.from_dict(doc, source=path)
+
+
 #: schema string -> a check of a whole document that its sections' own checks of each record do not make (a
 #: matrix listed twice would be counted twice in every median and count), ``check(path, doc)`` (optional).
 CHECKS: dict[str, Callable[[Path, dict], None]] = {
-    report_esd.SCHEMA: lambda path, doc: unique_names(doc.get("matrices"), path, "spectra esd --out"),
+    report_esd.SCHEMA: lambda path, doc: _check_esd(path, doc),
 }
 #: JSON-lines file name -> its loader, ``load(path) -> doc`` (a document with a ``schema`` of SECTIONS).
 JSONL_LOADERS: dict[str, Callable[[Path], dict]] = {

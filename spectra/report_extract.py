@@ -91,6 +91,9 @@ def check(path: Path, doc: dict[str, Any]) -> None:
                                              f"r·({'out + in' if per == sum(shape) else '2·out + in'}) = {m['rank'] * per} parameters")
         for key in ("energy_kept", "rel_fro_error", "spectral_error", "uniform_energy_kept"):
             share(f"{at}.{key}", m.get(key))
+        kept, err = m.get("energy_kept"), m.get("rel_fro_error")
+        if is_num(kept) and is_num(err) and abs(err ** 2 - max(0.0, 1.0 - kept)) > 1e-3:  # Eckart–Young: one number twice
+            bad(f"{at}.rel_fro_error", err, f"it is √(1 − energy_kept) = {math.sqrt(max(0.0, 1.0 - kept)):.6g}")
         for key in ("params", "fro_norm", "base_fro_norm", "rel_norm"):
             count(f"{at}.{key}", m.get(key))
     if isinstance(t, dict) and isinstance(doc.get("modules"), list) and all(isinstance(m, dict) for m in doc["modules"]):
@@ -126,6 +129,10 @@ def _check_totals(mods: list[dict[str, Any]], t: dict[str, Any], u: dict[str, An
         return sum(vals) if all(is_num(v) for v in vals) else None
 
     same("totals.modules", t.get("modules"), len(mods), "it is the number of modules listed")
+    kept = [m["energy_kept"] for m in mods if is_num(m.get("energy_kept")) and is_num(m.get("fro_norm")) and m["fro_norm"] > 0]
+    if kept and is_num(t.get("energy_kept")) and not min(kept) - 1e-9 <= t["energy_kept"] <= max(kept) + 1e-9:
+        bad("totals.energy_kept", t["energy_kept"], f"an energy-weighted mean of the modules' shares, from {min(kept):.6g} to "
+                                                    f"{max(kept):.6g}")
     same("totals.params", t.get("params"), total("params"), "it is the sum of the modules' params")
     if all(is_int(m.get("uniform_rank")) for m in mods):
         same("uniform.params", u.get("params"), sum(m["uniform_rank"] * (_per_rank(m) or 0) for m in mods),

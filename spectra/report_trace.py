@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from spectra.compare_findings import PHI_BLIND, PHI_CHANCE
 from spectra.display import matrices, tau_percent
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
@@ -65,6 +66,37 @@ def _at(res: TraceResult, index: int, value) -> float | None:
     return _median(vals)
 
 
+def _turn_finding(res: TraceResult) -> Finding | None:
+    """How far the top-k input directions turned from the first checkpoint to the last (median φ), against what two
+    unrelated k-dimensional subspaces of the input width d give (k/d); modules where k/d leaves φ no room above chance
+    (:data:`spectra.compare_findings.PHI_BLIND`: k = d gives φ = 1 whatever the updates) are left out and counted."""
+    told, blind = [], 0
+    for m in res.matrices:
+        pts, d = m.get("points") or [], (m.get("shape") or [0, 0])[1]
+        turn = ((pts[-1].get("turn_first") or {}).get("right") or {}) if pts and moved(pts[-1]) else {}
+        if turn.get("phi") is None or not turn.get("k") or not d:
+            continue
+        if turn["k"] / d >= PHI_BLIND:
+            blind += 1
+        else:
+            told.append((turn["phi"], turn["k"], turn["k"] / d))
+    top_k = res.config.get("top_k")
+    if not told:
+        return None if not blind else Finding("rank", f"φ between the first and last checkpoints' top-{top_k} input directions "
+                                               "says nothing here: k is at least 2/3 of every module's input width, where any "
+                                               "two subspaces overlap (φ = 1 at k = d).", numbers={"phi_blind": blind})
+    turned, k, chance = (float(np.median([t[i] for t in told])) for i in range(3))
+    words = ("turned as far as unrelated random subspaces would (at chance)" if turned < PHI_CHANCE * chance else
+             "barely turned" if turned > 0.9 else "turned part of the way" if turned > 0.5 else "turned away")
+    # φ compares the directions both updates resolve (k = the fewer of the two), which can be below top_k
+    fewer = f" (median {k:g} resolved of the {top_k} asked)" if isinstance(top_k, int) and k < top_k else ""
+    left = f"; {blind} modules whose k is at least 2/3 of their width, where φ cannot tell, left out" if blind else ""
+    return Finding("rank", f"The top-{top_k if top_k is not None else 'k'} input directions{fewer} of the updates {words} since "
+                           f"the first checkpoint: median φ = {turned:.2f} against {chance:.2f} for unrelated random subspaces "
+                           f"(1: the same subspace, or the smaller one within the larger; 0: orthogonal){left}.",
+                   numbers={"phi_first_last": turned, "k": k, "phi_random": chance, "phi_blind": blind})
+
+
 def _key(res: TraceResult) -> str:
     return trace_plots.headline_key(res.to_dict())
 
@@ -88,16 +120,8 @@ def findings(path: Path, doc: dict) -> list[Finding]:
         else:
             out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {tau_percent(key)} of "
                                        f"its energy went from {r0:g} to {r1:g}{size}.", numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
-    turned = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi"))
-    if turned is not None and len(res.checkpoints) > 1:
-        words = "barely turned" if turned > 0.9 else ("turned part of the way" if turned > 0.5 else "turned away")
-        # φ compares the directions both updates resolve (k = the fewer of the two), which can be below top_k
-        k = _at(res, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("k"))
-        top_k = res.config.get("top_k")
-        fewer = f" (median {k:g} resolved of the {top_k} asked)" if k is not None and isinstance(top_k, int) and k < top_k else ""
-        out.append(Finding("rank", f"The top-{top_k if top_k is not None else 'k'} input directions{fewer} of the updates {words} "
-                                   f"since the first checkpoint: median φ = {turned:.2f} (1: the same subspace, or the "
-                                   "smaller one within the larger; 0: orthogonal).", numbers={"phi_first_last": turned, "k": k}))
+    if len(res.checkpoints) > 1 and (turn := _turn_finding(res)) is not None:
+        out.append(turn)
     if res.kind == "lora":
         u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (0, -1))
         if u0 is not None and u1 is not None:

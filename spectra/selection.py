@@ -57,11 +57,12 @@ def selector(include: str | None, exclude: str | None, layers: str | None) -> Ca
     return keep
 
 
-def name_filter(include: str | None, exclude: str | None, layers: str | None) -> Callable[[str], bool]:
-    """Whether ``--include``/``--exclude``/``--layers`` select a tensor that is not analysed (a norm, a bias, a shape
-    mismatch, a tensor on one side only), by its name and the layer number in it (:func:`spectra.naming.layer_of`):
-    a run asked for layer 0 listed every other layer's norms as skipped."""
-    keep = selector(include, exclude, layers)
+def layer_filter(layers: str | None) -> Callable[[str], bool]:
+    """Whether ``--layers`` selects a tensor that is not analysed (a norm, a bias, a shape mismatch, a tensor on one
+    side only), by the layer number in its name (:func:`spectra.naming.layer_of`): a run asked for layer 0 listed every
+    other layer's norms as skipped. Not ``--include``/``--exclude``: they may match a fused matrix's part names or the
+    other side's spelling, which a skipped tensor's name does not show (a shape mismatch would be hidden)."""
+    keep = selector(None, None, layers)
     return lambda name: keep(name, layer_of(name))
 
 

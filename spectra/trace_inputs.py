@@ -459,8 +459,15 @@ def check_trace_matrix(m: Any, at: str, source: Any) -> None:
             and isinstance(m.get("points"), list)):
         raise ResultsFormatError(f"{at} must be an object with a string name and module and a list of points", path=source,
                                  hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+    base = m.get("base_fro_norm")
     for j, pt in enumerate(m["points"]):
         check_trace_point(pt, f"{at}.points[{j}]", source)
+        fro, rel = pt.get("fro_norm"), pt.get("rel_norm")
+        # one number twice (‖ΔW‖ / ‖W_base‖): an edited rel_norm moved the findings' median, as diff's results_check refuses
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, fro, rel)) and base > 0 and \
+                not math.isclose(rel, fro / base, rel_tol=1e-6, abs_tol=1e-300):
+            raise ResultsFormatError(f"{at}.points[{j}].rel_norm is {rel:.6g}, but fro_norm / base_fro_norm is {fro / base:.6g}",
+                                     path=source, hint="the file was edited or damaged; rerun spectra trace --out")
 
 
 def first_trace_records(records: list, warnings: list[str] | None = None) -> list:

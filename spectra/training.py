@@ -53,6 +53,7 @@ from spectra.training_inputs import (
     check_positions,
     check_positive,
     check_seed,
+    check_step_memory,
     check_sweep_options,
     check_targets,
     check_vocabulary,
@@ -81,8 +82,6 @@ ALL_LINEAR = "all-linear"
 #: The TrainConfig fields only LoRA uses; a full fine-tune trains every weight whatever they say, so its
 #: train_config.json records them (and resolved_alpha, target_modules) as null, not values that did nothing.
 LORA_ONLY = ("rank", "alpha", "rslora", "targets")
-#: Most tokens one optimiser step may take (batch × seq_len): far above any machine's memory, below int32/64 overflow.
-MAX_STEP_TOKENS = 2**31
 HOLDOUT_SEED = 1234  # fixed: every run on the same data holds out the same blocks
 #: Fewest tokens per sequence (``--seq-len``'s minimum): a block of 1 token has no next token to predict.
 MIN_SEQ_LEN = 8
@@ -318,6 +317,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_causal_lm(base, model_cfg)  # an encoder's loss would peek at the token it predicts
     device = resolve_device(config.device)
     check_positions(base, model_cfg, config.seq_len)
+    check_step_memory(config.batch, config.seq_len, model_cfg, device)  # before --out is made
     inputs = [config.data, *([config.eval_source] if config.eval_source else [])]
     if config.eval_source and _same_file(config.eval_source, config.data):  # a "forgetting" score of the training text
         raise ConfigError("--eval-source is --data: the forgetting measure would score the text the run trains on",
@@ -325,10 +325,6 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tok = load_tokenizer(base, config.tokenizer)
-    if config.batch * config.seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed torch.randint
-        # refused before any data is read; the data's size has no part in it (blocks are drawn with replacement)
-        raise ConfigError(f"--batch {config.batch} × --seq-len {config.seq_len} is more tokens per step than {MAX_STEP_TOKENS:,}",
-                          hint="use a smaller --batch or --seq-len")
     # a text file larger than the run can use is read only as far as a pool of blocks many times what
     # the run draws (a 1 GB corpus held as token lists took ~50 GB); a smaller one, or a folder, whole
     pool = data_blocks(config)
@@ -464,15 +460,13 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         cfg_doc.update(dict.fromkeys((*LORA_ONLY, "resolved_alpha", "target_modules")))
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
-    t0 = time.perf_counter()
-    first = None
-    tokens = 0
+    t0, first, tokens = time.perf_counter(), None, 0
 
     def record(step: int, train_loss: float | None) -> dict:
         rec = {"step": step, "train_loss": train_loss,
                "target_loss": held_out_loss(model, held, config.eval_batches, config.batch, device, autocast),
                "source_loss": held_out_loss(model, source, config.eval_batches, config.batch, device, autocast) if source else None,
-               "lr": sched.get_last_lr()[0], "tokens": tokens, "seconds": time.perf_counter() - t0}
+               "lr": lr_used, "tokens": tokens, "seconds": time.perf_counter() - t0}
         log.write(json.dumps(finite_or_null(rec)) + "\n")  # JSON has no NaN: an undefined loss is null
         log.flush()
         bad = next((k for k in ("target_loss", "source_loss") if rec[k] is not None and not math.isfinite(rec[k])), None)
@@ -489,9 +483,15 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
             callback(rec)
         return rec
 
+    def diverged(step: int, what: str) -> SpectraError:  # said in the log too: a report reads it, not only stderr
+        log.write(json.dumps({"step": step, "train_loss": None, "error": what}) + "\n")
+        return SpectraError(f"{what} at step {step}", path=out, hint="lower --lr")
+
+    lr_used = sched.get_last_lr()[0]  # the rate of the step a record is written after (the scheduler moves on first)
     try:
         last = record(0, None)
         for step in range(1, config.steps + 1):
+            lr_used = sched.get_last_lr()[0]
             idx = torch.randint(0, len(train_ids), (config.batch,), generator=g)
             loss = _loss(model, train_ids[idx], train_labels[idx], device, autocast)
             loss.backward()
@@ -501,7 +501,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
             opt.zero_grad(set_to_none=True)
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise SpectraError(f"the loss became {value} at step {step}", path=out, hint="lower --lr")
+                raise diverged(step, f"the loss became {value}")
             first = value if first is None else first
             tokens += int(train_ids[idx].numel())
             if tracker is not None:
@@ -511,7 +511,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
             if step % config.eval_every == 0 or step == config.steps:
                 last = record(step, value)
         if not all(all_finite(p) for p in params):  # the last step can diverge after its loss was taken
-            raise SpectraError(f"the weights became infinite or NaN by step {config.steps}", path=out, hint="lower --lr")
+            raise diverged(config.steps, "the weights became infinite or NaN")
     finally:
         log.close()
         if tracker is not None:

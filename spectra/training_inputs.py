@@ -336,6 +336,43 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
                                            "holds the tokens")
 
 
+#: Most tokens one optimiser step may take (batch × seq_len): below int32/64 overflow, whatever the memory.
+MAX_STEP_TOKENS = 2**31
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the run can still allocate on ``device``: CUDA's free memory, the kernel's ``MemAvailable`` on a CPU; None
+    where neither is known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_step_memory(batch: int, seq_len: int, cfg: dict[str, Any], device: torch.device) -> None:
+    """Refuse a step whose float32 logits alone (with their log-softmax and gradient: 3 × batch × seq_len × vocab × 4
+    bytes, a lower bound of what the step holds) exceed the memory left: ``--batch 100000`` grew to 23 GB and the
+    kernel killed the run with no message.
+
+    Raises:
+        ConfigError: naming both options and the sizes.
+    """
+    if batch * seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed torch.randint (the data's size has no part: blocks are drawn)
+        raise ConfigError(f"--batch {batch} × --seq-len {seq_len} is more tokens per step than {MAX_STEP_TOKENS:,}",
+                          hint="use a smaller --batch or --seq-len")
+    vocab, free = cfg.get("vocab_size"), free_memory(device)
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or free is None:
+        return
+    need = 3 * 4 * batch * seq_len * vocab
+    if need > free:
+        raise ConfigError(f"--batch {batch} × --seq-len {seq_len} needs at least {need / 2**30:.1f} GiB for the logits of one step "
+                          f"(vocabulary {vocab:,}), more than the {free / 2**30:.1f} GiB free on {device}",
+                          hint="use a smaller --batch or --seq-len")
+
+
 def check_positions(base: str | Path, cfg: dict[str, Any], seq_len: int, option: str = "--seq-len") -> None:
     """Refuse sequences longer than a learned position table (GPT-2's ``n_positions``, or
     ``max_position_embeddings`` of a model without rotary/ALiBi positions, e.g. OPT, BERT): it has no

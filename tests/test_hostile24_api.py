@@ -68,6 +68,8 @@ def test_exact_spectra_labels_and_values_of_ordinary_calls_hold():
         res = exact_spectra(M, device="cpu", backend=backend, precision="float64")
         assert np.allclose(res.S, ref, rtol=1e-12, atol=1e-12) and set(res.precision) == {"float64"}
     assert exact_spectra(torch.zeros(2, 0, 3), device="cpu").precision == ("float64", "float64")  # not 'certified'
+    # a batch cap above any memory is no cap (--batch-memory 2^42 MiB failed with a traceback after the run began)
+    assert np.allclose(exact_spectra(M, device="cpu", backend="torch", max_batch_bytes=2**84).S, ref, rtol=1e-6)
 
 
 def test_spectrum_and_top_checks_its_floors_and_k():

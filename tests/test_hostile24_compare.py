@@ -16,6 +16,7 @@ from spectra.compare_findings import compare_findings
 from spectra.errors import ConfigError
 
 D = 32
+LAYERS = 4  # "below chance" needs at least 4 modules of rank >= 4 (compare_findings.PHI_BELOW_MIN)
 
 
 def _name(layer: int, mod: str) -> str:
@@ -36,22 +37,22 @@ def _adapter(folder: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """base/ (two layers of q_proj and v_proj), a/ (q_proj only, inputs e0…e3), orth/ (q_proj inputs e4…e7: φ = 0
+    """base/ (four layers of q_proj and v_proj), a/ (q_proj only, inputs e0…e3), orth/ (q_proj inputs e4…e7: φ = 0
     exactly) and zero/ (q_proj inputs e0…e3, and v_proj targeted with B = 0, as PEFT saves an untrained module)."""
     root = tmp_path_factory.mktemp("h24c")
     g = torch.Generator().manual_seed(0)
     (root / "base").mkdir()
-    save_file({_name(i, m): torch.randn(D, D, generator=g) / D**0.5 for i in range(2) for m in ("q_proj", "v_proj")},
+    save_file({_name(i, m): torch.randn(D, D, generator=g) / D**0.5 for i in range(LAYERS) for m in ("q_proj", "v_proj")},
               str(root / "base" / "model.safetensors"))
     eye = torch.eye(D)
 
     def lora(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.randn(D, 4, generator=g), eye[rows].clone()
 
-    a = _adapter(root / "a", {_name(i, "q_proj"): lora(slice(0, 4)) for i in range(2)})
-    orth = _adapter(root / "orth", {_name(i, "q_proj"): lora(slice(4, 8)) for i in range(2)})
-    zero = _adapter(root / "zero", {**{_name(i, "q_proj"): lora(slice(0, 4)) for i in range(2)},
-                                    **{_name(i, "v_proj"): (torch.zeros(D, 4), torch.randn(4, D, generator=g)) for i in range(2)}})
+    a = _adapter(root / "a", {_name(i, "q_proj"): lora(slice(0, 4)) for i in range(LAYERS)})
+    orth = _adapter(root / "orth", {_name(i, "q_proj"): lora(slice(4, 8)) for i in range(LAYERS)})
+    zero = _adapter(root / "zero", {**{_name(i, "q_proj"): lora(slice(0, 4)) for i in range(LAYERS)},
+                                    **{_name(i, "v_proj"): (torch.zeros(D, 4), torch.randn(4, D, generator=g)) for i in range(LAYERS)}})
     return str(root / "base"), a, orth, zero
 
 
@@ -64,6 +65,10 @@ def test_orthogonal_updates_are_said_below_chance_not_at_chance(pair):
         assert m.phi["right"].phi_full < 1e-12 and m.phi["right"].random == pytest.approx(4 / D)
     text = next(f.text for f in compare_findings(res) if f.topic == "phi")
     assert "below chance" in text and "(at chance)" not in text
+    one = [_adapter(Path(orth).parent / f"r1_{i}", {_name(j, "q_proj"): (torch.randn(D, 1), torch.randn(1, D)) for j in
+                                                      range(LAYERS)}, r=1) for i in range(2)]
+    text = next(f.text for f in compare_findings(compare(*one, base=base)) if f.topic == "phi")
+    assert "below chance" not in text  # rank 1: half of all unrelated pairs have φ below half its baseline
     same = compare(a, a, base=base)  # the identical pair still reads far above chance
     assert "clearly more than chance" in next(f.text for f in compare_findings(same) if f.topic == "phi")  # φ = 1: 8× its baseline
 
@@ -75,7 +80,7 @@ def test_a_targeted_module_left_at_zero_is_not_called_one_sided(pair):
     res = compare(a, zero, base=base)
     assert res.b_only == [] and res.a_only == []
     left = {s["name"]: s["reason"] for s in res.skipped}
-    assert set(left) == {_name(0, "v_proj"), _name(1, "v_proj")}
+    assert set(left) == {_name(i, "v_proj") for i in range(LAYERS)}
     assert all(r.startswith("B (") and "exactly zero" in r for r in left.values())
     assert not any("updated only by" in f.text for f in compare_findings(res))
     back = compare(zero, a, base=base)  # the other way round: A's

@@ -122,3 +122,29 @@ def test_layers_selects_what_is_listed_as_skipped_or_unpaired(tmp_path):
     assert doc["unmatched"] == {"base_only": [], "tuned_only": []} and "not paired" not in r.stderr
     whole = spectra.diff(str(base), str(other), config=DiffConfig())  # no selection: every one of them is listed
     assert len(whole.unmatched["base_only"]) == 9 and len(whole.skipped) == 5
+
+
+def test_an_encoder_prefix_is_dropped_only_where_no_other_tower_shares_the_name(tmp_path):
+    """With the encoders' prefixes stripped always (this round's first change), a two-tower base (`vit.encoder…` beside
+    `text_model.encoder…`) paired a headless text fine-tune with its *vision* tower (‖ΔW‖/‖W‖ 1.41, exit 0), and a base
+    holding `vit.encoder…` beside a headless `encoder…` refused a pair that had paired (both keys became one)."""
+    from spectra.errors import PairingError
+
+    g = torch.Generator().manual_seed(0)
+    mods = ("attention.output.dense", "intermediate.dense")
+    dual = {f"{tower}.encoder.layer.{i}.{m}.weight": torch.randn(32 if "inter" in m else 16, 16, generator=g)
+            for tower in ("vit", "text_model") for i in range(2) for m in mods}
+    save_file(dual, str(tmp_path / "dual.safetensors"))
+    text = {k.removeprefix("text_model."): v + 0.01 * torch.randn(v.shape, generator=g) for k, v in dual.items() if k.startswith("text_model.")}
+    save_file(text, str(tmp_path / "text.safetensors"))
+    try:
+        res = spectra.diff(str(tmp_path / "dual.safetensors"), str(tmp_path / "text.safetensors"), config=DiffConfig())
+    except PairingError:
+        res = None  # refused: no matrix of this base is the text tower's under the headless names
+    assert res is None or all(m.rel_norm < 0.1 for m in res.modules)  # never the vision tower against the text one
+    side = {f"vit.encoder.layer.{i}.{m}.weight": torch.randn(16, 16, generator=g) for i in range(2) for m in mods[:1]}
+    side |= {f"encoder.layer.{i}.{m}.weight": torch.randn(16, 16, generator=g) for i in range(2) for m in mods[:1]}
+    save_file(side, str(tmp_path / "b2.safetensors"))
+    save_file({"model." + k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in side.items()}, str(tmp_path / "t2.safetensors"))
+    res = spectra.diff(str(tmp_path / "b2.safetensors"), str(tmp_path / "t2.safetensors"), config=DiffConfig())
+    assert len(res.modules) == 4 and all(m.rel_norm < 0.1 for m in res.modules)
