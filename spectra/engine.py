@@ -234,9 +234,6 @@ def exact_spectra(
     for name, limit in (("max_batch_bytes", max_batch_bytes), ("hard_limit_bytes", hard_limit_bytes)):
         if limit is not None:  # no upper bound: a cap above the memory there is no cap (--batch-memory 2^42 MiB)
             check_index(limit, name, 1, 1 << 256)
-    if not all(all_finite(m) for m in mats):  # NaN rows, or LAPACK's "did not converge"
-        bad = next(i for i, m in enumerate(mats) if not all_finite(m))
-        raise ValueError(f"mats[{bad}] holds NaN or Inf: its singular values are undefined.")
     dev = resolve_device(device)
     check_device_available(dev)
     if backend == "auto":
@@ -250,14 +247,26 @@ def exact_spectra(
         empty = np.zeros(count)
         return Spectra(np.zeros((count, p)), ("float64",) * count, ((),) * count, empty, empty.copy())  # nothing to certify
     check = dict(thresholds=tuple(float(t) for t in thresholds), top_k=top_k, rtol=rtol, metrics=metrics, shape=shape)
-    if backend == "lapack":
-        rows = _lapack_batch(mats, count, precision, check, workers)
-    else:
-        rows = _torch_batch(mats, count, shape, dev, precision, method, check, max_batch_bytes, hard_limit_bytes)
-    return Spectra(
-        S=np.stack([r[0] for r in rows]), precision=tuple(r[1] for r in rows), failed=tuple(r[2] for r in rows),
-        gram_seconds=np.array([r[3] for r in rows]), eig_seconds=np.array([r[4] for r in rows]),
-    )
+    try:
+        if backend == "lapack":
+            rows = _lapack_batch(mats, count, precision, check, workers)
+        else:
+            rows = _torch_batch(mats, count, shape, dev, precision, method, check, max_batch_bytes, hard_limit_bytes)
+    except (np.linalg.LinAlgError, torch.linalg.LinAlgError, ValueError):  # "did not converge", NaN metrics: NaN input?
+        _refuse_non_finite(mats)
+        raise
+    S = np.stack([r[0] for r in rows])
+    if not np.isfinite(S).all():  # checked after, not before: a pass over every matrix costs the diff ~1.5%
+        _refuse_non_finite(mats)
+    return Spectra(S=S, precision=tuple(r[1] for r in rows), failed=tuple(r[2] for r in rows),
+                   gram_seconds=np.array([r[3] for r in rows]), eig_seconds=np.array([r[4] for r in rows]))
+
+
+def _refuse_non_finite(mats: torch.Tensor | Sequence[torch.Tensor]) -> None:
+    """ValueError naming the first of ``mats`` that holds NaN or Inf (its singular values are undefined); none: returns."""
+    bad = next((i for i, m in enumerate(mats) if not all_finite(m)), None)
+    if bad is not None:
+        raise ValueError(f"mats[{bad}] holds NaN or Inf: its singular values are undefined.")
 
 
 def batch_singular_values(
