@@ -474,7 +474,9 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
             delta = delta[rows]
         if not all_finite(delta):
             return f"the DoRA update of {mod.module} is not finite (NaN or Inf in the base weight {base_name}); ΔW is undefined"
-        S = batch_singular_values(delta.unsqueeze(0).to(torch.float32), device=device, dtype=dtype)[0]
+        if not all_finite(delta := delta.to(torch.float32)):  # finite in float64, beyond float32's range
+            return f"the DoRA update of {mod.module} overflows float32 (base weight {base_name} near its largest values)"
+        S = batch_singular_values(delta.unsqueeze(0), device=device, dtype=dtype)[0]
         method = "dora/dense"
     else:
         _, s, _ = factored_svd(Bf.to(device), Af.to(device), mod.scale)

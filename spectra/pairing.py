@@ -168,26 +168,36 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     for key, bn in bk.items():
         if key in tk:
             matches.append((bn, tk[key]))
-    # last: an encoder's prefix (distilbert., vit. …) against the headless model, where dropping it is unambiguous
+    # last: an encoder's prefix (distilbert., vit. …) on one side against the headless model on the other (never both
+    # stripped: hubert. against wav2vec2. are two models), where dropping it is unambiguous
     done_b, done_t = {b for b, _ in matches}, {t for _, t in matches}
-    bk = _encoder_keys([n for n in rest_b if n not in done_b], base_names)
-    tk = _encoder_keys([n for n in rest_t if n not in done_t], tuned_names)
-    matches += [(bn, tk[key]) for key, bn in bk.items() if key in tk]
+    rest_b, rest_t = [n for n in rest_b if n not in done_b], [n for n in rest_t if n not in done_t]
+    plain_b, plain_t = unique_pairing_keys(rest_b), unique_pairing_keys(rest_t)
+    for bare, other, stripped_base in ((_encoder_keys(rest_b, base_names), plain_t, True),
+                                       (_encoder_keys(rest_t, tuned_names), plain_b, False)):
+        for key, name in ((k, n) for k, n in bare.items() if k in other):
+            b, t = (name, other[key]) if stripped_base else (other[key], name)
+            if b not in done_b and t not in done_t:
+                matches.append((b, t))
+                done_b.add(b)
+                done_t.add(t)
     return matches
 
 
 def _encoder_keys(names: list[str], every: list[str]) -> dict[str, str]:
-    """Unique key -> name of ``names``: the pairing key, without a leading :data:`~spectra.naming.ENCODER_PREFIXES`
-    component where no other tensor of the checkpoint (``every``) has, or would have, that key (a dual encoder's
-    ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix: its text tower would pair with the vision one)."""
+    """Unique key -> name of the ``names`` that begin with an :data:`~spectra.naming.ENCODER_PREFIXES` component,
+    keyed without it, where no other tensor of the checkpoint (``every``) has, or would have, that key (a dual
+    encoder's ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix: its text tower would pair with the
+    vision one)."""
     keys = [pairing_key(n) for n in every]
     own = set(keys)
     tails = Counter(pairing_key(k.partition(".")[2]) for k in keys if "." in k)  # each name without its first component
     found: dict[str, list[str]] = {}
     for n in names:
-        head, _, tail = (key := pairing_key(n)).partition(".")
+        head, _, tail = pairing_key(n).partition(".")
         bare = pairing_key(tail) if head in ENCODER_PREFIXES and tail else None
-        found.setdefault(bare if bare is not None and bare not in own and tails[bare] == 1 else key, []).append(n)
+        if bare is not None and bare not in own and tails[bare] == 1:
+            found.setdefault(bare, []).append(n)
     return {k: v[0] for k, v in found.items() if len(v) == 1}
 
 
@@ -308,8 +318,9 @@ def _layer_counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, Matrix
     layers = [sorted({s.layer for s in specs.values() if s.layer is not None}) for specs in (bspecs, tspecs)]
     if not all(layers) or layers[0] == layers[1]:
         return None
-    counts = [next((c[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(c, dict) and
-                    isinstance(c.get(k), int)), None) for c in (base.config, tuned.config)]
+    counts = [next((c[k] for c in (cfg, (cfg or {}).get("text_config")) if isinstance(c, dict)  # a VLM's in text_config
+                    for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers") if isinstance(c.get(k), int)), None)
+              for cfg in (base.config, tuned.config)]
     sets = [set(x) for x in layers]
     if (None in counts or counts[0] == counts[1]) and (sets[0] <= sets[1] or sets[1] <= sets[0]):
         return None

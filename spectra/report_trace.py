@@ -34,7 +34,7 @@ def load(path: Path, doc: dict) -> TraceResult:
     if not isinstance(res.matrices, list) or not isinstance(res.checkpoints, list):
         raise ResultsFormatError("a trace needs lists of matrices and checkpoints", path=path)
     for i, m in enumerate(res.matrices):
-        check_trace_matrix(m, f"matrices[{i}]", path)
+        check_trace_matrix(m, f"matrices[{i}]", path, ratios=res.source == "spectra trace")
     unique_names(res.matrices, path, "spectra trace --out")  # a matrix listed twice would count twice in every median
     return res
 

@@ -9,6 +9,7 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import threading
 import time
@@ -169,16 +170,18 @@ def check_workers(workers: int | None, default: int) -> int:
     """A ``workers`` argument of the API: ``default`` for None, else a whole number ≥ 1.
 
     Raises:
-        ConfigError: 0, a negative or a non-integer count (``max(1, …)`` ran 0 and -1 as 1 without a word).
+        ValueError: 0, a negative or a non-integer count (``max(1, …)`` ran 0 and -1 as 1 without a word).
     """
-    from spectra.errors import ConfigError
-
     if workers is None:
         return default
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be a whole number >= 1 (matrices measured at once). Got {workers!r} instead",
-                          hint="leave it out for torch's thread count")
-    return workers
+    try:  # ints, numpy and torch integers (not bools, not floats)
+        n = None if isinstance(workers, bool) else operator.index(workers)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"workers must be a whole number >= 1 (matrices measured at once; leave it out for torch's thread "
+                         f"count). Got {workers!r} instead.")
+    return n
 
 
 def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None, *,

@@ -452,9 +452,11 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
                                      hint="the file was edited or damaged; rerun spectra trace --out")
 
 
-def check_trace_matrix(m: Any, at: str, source: Any) -> None:
+def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> None:
     """Refuse a ``trace.json`` matrix record without a string name and module, or with a point that
-    :func:`check_trace_point` refuses."""
+    :func:`check_trace_point` refuses; with ``ratios``, also a point whose ``rel_norm`` is not its ``fro_norm`` over the
+    record's ``base_fro_norm`` (not for a tracker's ``trace.jsonl``: a resumed run measures from the weights it
+    resumed, each line with its own base norm)."""
     if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)
             and isinstance(m.get("points"), list)):
         raise ResultsFormatError(f"{at} must be an object with a string name and module and a list of points", path=source,
@@ -464,7 +466,7 @@ def check_trace_matrix(m: Any, at: str, source: Any) -> None:
         check_trace_point(pt, f"{at}.points[{j}]", source)
         fro, rel = pt.get("fro_norm"), pt.get("rel_norm")
         # one number twice (‖ΔW‖ / ‖W_base‖): an edited rel_norm moved the findings' median, as diff's results_check refuses
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, fro, rel)) and base > 0 and \
+        if ratios and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, fro, rel)) and base > 0 and \
                 not math.isclose(rel, fro / base, rel_tol=1e-6, abs_tol=1e-300):
             raise ResultsFormatError(f"{at}.points[{j}].rel_norm is {rel:.6g}, but fro_norm / base_fro_norm is {fro / base:.6g}",
                                      path=source, hint="the file was edited or damaged; rerun spectra trace --out")

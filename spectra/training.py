@@ -462,6 +462,10 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0, first, tokens = time.perf_counter(), None, 0
 
+    def diverged(step: int, what: str, hint: str = "lower --lr") -> SpectraError:  # in the log too: a report reads it
+        log.write(json.dumps({"step": step, "train_loss": None, "error": what}) + "\n")
+        return SpectraError(f"{what} at step {step}", path=out, hint=hint)
+
     def record(step: int, train_loss: float | None) -> dict:
         rec = {"step": step, "train_loss": train_loss,
                "target_loss": held_out_loss(model, held, config.eval_batches, config.batch, device, autocast),
@@ -478,14 +482,10 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
                                                device, autocast)):
                         hint = (f"the LoRA scale ({config.resolved_alpha:g} / {'√' if config.rslora else ''}r) overflows "
                                 "in the adapter's forward pass; the base model's loss is finite: lower --alpha")
-            raise SpectraError(f"the held-out {bad.replace('_', ' ')} became {rec[bad]} at step {step}", path=out, hint=hint)
+            raise diverged(step, f"the held-out {bad.replace('_', ' ')} became {rec[bad]}", hint)
         if callback:
             callback(rec)
         return rec
-
-    def diverged(step: int, what: str) -> SpectraError:  # said in the log too: a report reads it, not only stderr
-        log.write(json.dumps({"step": step, "train_loss": None, "error": what}) + "\n")
-        return SpectraError(f"{what} at step {step}", path=out, hint="lower --lr")
 
     lr_used = sched.get_last_lr()[0]  # the rate of the step a record is written after (the scheduler moves on first)
     try:

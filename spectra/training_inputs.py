@@ -345,11 +345,16 @@ def free_memory(device: torch.device) -> int | None:
     where neither is known."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
+    found = []
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        # a container's limit (cgroup v2) is below the host's MemAvailable: the kernel kills at the limit
+        limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
+        found += [int(limit) - int(used)] if limit.isdigit() and used.isdigit() else []
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(found) if found else None
 
 
 def check_step_memory(batch: int, seq_len: int, cfg: dict[str, Any], device: torch.device) -> None:
@@ -363,8 +368,8 @@ def check_step_memory(batch: int, seq_len: int, cfg: dict[str, Any], device: tor
     if batch * seq_len > MAX_STEP_TOKENS:  # 1e20 overflowed torch.randint (the data's size has no part: blocks are drawn)
         raise ConfigError(f"--batch {batch} × --seq-len {seq_len} is more tokens per step than {MAX_STEP_TOKENS:,}",
                           hint="use a smaller --batch or --seq-len")
-    vocab, free = cfg.get("vocab_size"), free_memory(device)
-    if not isinstance(vocab, int) or isinstance(vocab, bool) or free is None:
+    vocab, free = config_int(cfg, "vocab_size"), free_memory(device)  # a vision-language model's in text_config
+    if vocab is None or free is None:
         return
     need = 3 * 4 * batch * seq_len * vocab
     if need > free:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -148,3 +149,19 @@ def test_an_encoder_prefix_is_dropped_only_where_no_other_tower_shares_the_name(
     save_file({"model." + k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in side.items()}, str(tmp_path / "t2.safetensors"))
     res = spectra.diff(str(tmp_path / "b2.safetensors"), str(tmp_path / "t2.safetensors"), config=DiffConfig())
     assert len(res.modules) == 4 and all(m.rel_norm < 0.1 for m in res.modules)
+
+
+def test_two_different_encoders_prefixes_are_not_both_dropped(tmp_path):
+    """The review: with both sides' encoder prefixes dropped, `hubert.encoder…` paired with `wav2vec2.encoder…`
+    (two models of the same module names and shapes measured as one update); at 29bec09 they paired nothing."""
+    from spectra.errors import PairingError
+
+    g = torch.Generator().manual_seed(0)
+    tail = [f"encoder.layers.{i}.attention.{m}.weight" for i in range(2) for m in ("k_proj", "q_proj")]
+    save_file({"hubert." + t: torch.randn(16, 16, generator=g) for t in tail}, str(tmp_path / "hubert.safetensors"))
+    save_file({"wav2vec2." + t: torch.randn(16, 16, generator=g) for t in tail}, str(tmp_path / "w2v.safetensors"))
+    with pytest.raises(PairingError, match="no weight matrix of the base pairs"):
+        spectra.diff(str(tmp_path / "hubert.safetensors"), str(tmp_path / "w2v.safetensors"), config=DiffConfig())
+    save_file({t: torch.randn(16, 16, generator=g) for t in tail}, str(tmp_path / "bare.safetensors"))  # headless
+    res = spectra.diff(str(tmp_path / "bare.safetensors"), str(tmp_path / "w2v.safetensors"), config=DiffConfig())
+    assert len(res.modules) == 4  # one side's prefix dropped: paired

@@ -92,3 +92,24 @@ def test_hand_edits_that_contradict_the_records_own_fields_are_refused(tmp_path)
         with pytest.raises(ResultsFormatError, match=field.replace(".", r"\.").replace("[", r"\[")):
             build_report([path])
         path.write_text(kept)
+
+
+def test_a_resumed_trackers_trace_jsonl_still_reports(tmp_path):
+    """The review: a training resumed where the tracker cannot read the base again measures from the resumed weights,
+    each line with its own base norm; the round's rel_norm check refused the report of such a trace.jsonl."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.report import build_report
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.layers[0].mlp = torch.nn.Module()
+    model.layers[0].mlp.up_proj = torch.nn.Linear(16, 24, bias=False)
+    for resume, steps in ((None, (1, 2)), (2, (3, 4))):
+        tracker = SpectraTracker(model, every=1, out_dir=tmp_path / "run", **({"resume_step": resume} if resume else {}))
+        for step in steps:
+            with torch.no_grad():
+                model.layers[0].mlp.up_proj.weight.add_(0.05 * torch.randn(24, 16))
+            tracker.step(model, step)
+        tracker.close()
+    assert "trace" in build_report([tmp_path / "run" / "trace.jsonl"]).lower()
