@@ -476,6 +476,8 @@ TITLES: dict[str, Callable[[Path, dict], str]] = {
     report_interfere.SCHEMA: report_interfere.title,
     report_trace.SCHEMA: report_trace.title,
 }
+
+
 def _check_esd(path: Path, doc: dict) -> None:
     """An ``esd.json``'s records as ``--resume`` reads them (types, and each flag against its α) and no matrix twice."""
     EsdResult.from_dict(doc, source=path)
@@ -484,7 +486,7 @@ def _check_esd(path: Path, doc: dict) -> None:
 #: schema string -> a check of a whole document that its sections' own checks of each record do not make (a
 #: matrix listed twice would be counted twice in every median and count), ``check(path, doc)`` (optional).
 CHECKS: dict[str, Callable[[Path, dict], None]] = {
-    report_esd.SCHEMA: lambda path, doc: _check_esd(path, doc),
+    report_esd.SCHEMA: _check_esd,
 }
 #: JSON-lines file name -> its loader, ``load(path) -> doc`` (a document with a ``schema`` of SECTIONS).
 JSONL_LOADERS: dict[str, Callable[[Path], dict]] = {
