@@ -36,6 +36,9 @@ ENCODER_PREFIXES = frozenset({
     "ibert", "layoutlm", "longformer", "luke", "mobilebert", "mpnet", "mra", "nomic_bert", "nystromformer", "rembert",
     "roberta_prelayernorm", "roc_bert", "roformer", "sew", "sew_d", "splinter", "swin", "swinv2", "tapas", "unispeech",
     "unispeech_sat", "videomae", "vit", "wav2vec2", "wav2vec2_bert", "wav2vec2_conformer", "wavlm", "yoso",
+    "audio_spectrogram_transformer", "bit", "bros", "convnext", "convnextv2", "cvt", "dinov2_with_registers", "donut",
+    "efficientnet", "esmc", "hiera", "ijepa", "layoutlmv2", "layoutlmv3", "levit", "lilt", "markuplm", "mobilevit",
+    "mobilevitv2", "perceiver", "pvt", "pvt_v2", "reformer", "regnet", "resnet", "segformer",
 })
 
 #: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).

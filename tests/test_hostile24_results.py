@@ -113,3 +113,19 @@ def test_a_resumed_trackers_trace_jsonl_still_reports(tmp_path):
             tracker.step(model, step)
         tracker.close()
     assert "trace" in build_report([tmp_path / "run" / "trace.jsonl"]).lower()
+
+
+def test_esd_of_a_constant_matrix_plots_and_reports(tmp_path):
+    """An all-ones matrix (a rank-1 Gram whose other eigenvalues are the solver's subnormals, down to 2.5e-323): the
+    log-log panel's bins ~1e-323 wide overflowed its density, and `spectra esd` ended in matplotlib's OverflowError
+    (exit 1); `spectra report` refused the esd.json that `--no-plots` wrote, as if edited by hand."""
+    from tests.cli_util import cli
+
+    save_file({"model.layers.0.mlp.g.weight": torch.ones(64, 64),
+               "model.layers.0.mlp.h.weight": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))},
+              str(tmp_path / "m.safetensors"))
+    r = cli(["esd", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "e")], cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert (tmp_path / "e" / "esd_plots.png").is_file()
+    r = cli(["report", str(tmp_path / "e"), "-o", str(tmp_path / "r.html")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr

@@ -65,7 +65,10 @@ def _loglog_panel(ax, rec: dict[str, Any]) -> None:
     from matplotlib.ticker import NullFormatter
 
     lam = np.asarray(rec["eigenvalues"], dtype=np.float64)
-    lam = lam[lam > 0]
+    lam = lam[np.isfinite(lam) & (lam > 0)]
+    # below p·eps·λ_max an eigenvalue is the solver's rounding (subnormals of a constant matrix's rank-1 Gram): bins
+    # down there are ~1e-323 wide, their density overflows and the log axis fails
+    lam = lam[lam > lam.max(initial=0.0) * max(lam.size, 1) * np.finfo(np.float64).eps]
     if lam.size == 0:
         ax.set_title(f"{label(rec['module'])}: all eigenvalues are 0", fontsize=8, parse_math=False)
         return
