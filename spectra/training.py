@@ -463,7 +463,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
     t0, first, tokens = time.perf_counter(), None, 0
 
     def diverged(step: int, what: str, hint: str = "lower --lr") -> SpectraError:  # in the log too: a report reads it
-        log.write(json.dumps({"step": step, "train_loss": None, "error": what}) + "\n")
+        log.write(json.dumps({"step": step, "train_loss": None, "target_loss": None, "source_loss": None, "error": what}) + "\n")
         return SpectraError(f"{what} at step {step}", path=out, hint=hint)
 
     def record(step: int, train_loss: float | None) -> dict:
