@@ -8,7 +8,6 @@ import json
 import os
 import re
 import time
-from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -166,9 +165,11 @@ def quiet_transformers() -> None:
 
 def folder_report(err: Console, out_dir: str, own: str) -> None:
     """Write ``out_dir/report.html`` over every result file in the folder (``own`` first) and say where."""
-    from spectra.report import folder_results, write_report
+    from spectra.report import write_folder_report
 
-    written = write_report(folder_results(out_dir, own), Path(out_dir) / "report.html")
+    written, left_out = write_folder_report(out_dir, own)
+    for text in left_out:
+        err.print(f"[yellow]warning:[/] {shown('the report leaves out a result file of another command: ' + text)}", highlight=False)
     err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
 
 

@@ -587,20 +587,23 @@ def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list
     return notes
 
 def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int] | None, floored: tuple[int, str],
-                 of: str) -> str:
+                 of: str, capped: tuple[int, str, str] | None = None) -> str:
     """Why a budget was left partly unspent, as ``extract`` and ``recommend`` both say it: ``waiting`` = ``(module, its
     cost in parameters, the share of ``of`` its next component holds, how many modules wait so)`` when a component above
     the rounding floor costs more than what is left, else the floor's doing: ``floored`` = ``(modules stopped at it, an
-    example)``."""
+    example)``; ``capped`` = ``(modules whose resolved components go on past the largest rank allowed, an example, what
+    allows it)`` or None."""
     said = f"{spent:,} of the budget's {budget:,} parameters spent"
+    cap = (f"; {capped[0]} modules stop at the largest rank {capped[2]} allows (e.g. {capped[1]}) with resolved "
+           "components left: raise it to give them more") if capped else ""
     if waiting is None:
         n, name = floored
         return (f"{said}: the next components of {n} modules (e.g. {name}) are at the rounding level of their stored "
-                "weights (rounding noise, not the update), which a budget is never spent on")
+                f"weights (rounding noise, not the update), which a budget is never spent on{cap}")
     name, cost, share, n = waiting
     more = f" (and those of {n - 1} other modules)" if n > 1 else ""
     return (f"{said}: the {budget - spent:,} left are less than the next resolved component of {name}, which costs "
-            f"{cost:,} parameters and holds {share:.1%} of {of}{more}; raise the budget to give it rank")
+            f"{cost:,} parameters and holds {share:.1%} of {of}{more}; raise the budget to give it rank{cap}")
 
 
 def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, capped: tuple[int, str, str] | None = None) -> str:

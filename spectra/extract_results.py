@@ -580,8 +580,11 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         at = {orig: i for i, orig in enumerate(keep)}  # the knapsack's items index every target, skipped ones too
         knap = [[at[j] for j in item if j in at] for item in alloc[1]]
         wait = _waiting(spectra, targets, ranks, [it for it in knap if it], config, unspent, energy)
+        capped = [(t.name, r) for i, (t, r) in enumerate(zip(targets, ranks)) if _more_to_buy(spectra[i], t, r, t.cap)
+                  and not _more_to_buy(spectra[i], t, r, max(plan.levels[i], default=0))]
         warnings.append(unspent_text(allocation["used_params"], plan.budget, waiting=wait, floored=(len(floored), floored[0]),
-                                     of="ΔW's energy"))
+                                     of="ΔW's energy", capped=(len(capped), f"{capped[0][0]} at r = {capped[0][1]}",
+                                                               "--max-rank / --serving") if capped else None))
     elif allocation is not None and unspent > 0 and not any(
             _more_to_buy(spectra[i], t, r, max(plan.levels[i], default=0)) for i, (t, r) in enumerate(zip(targets, ranks))):
         # nothing left to buy: every module holds all of its directions, or sits at the largest rank allowed

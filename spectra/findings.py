@@ -238,8 +238,8 @@ def _warnings(result: DiffResult) -> list[Finding]:
         out.append(Finding("unrelated", f"{len(far)} of {len(nonempty)} matrices moved by their own norm or more{where}: "
                            f"‖ΔW‖_F / ‖W_base‖_F up to {far[0].rel_norm:.2f} (e.g. {display_name(far[0].name, 60)}), where "
                            f"the median is {median_rel:.2f}. A fine-tune moves a matrix by a fraction of its norm; two "
-                           "independent initialisations give about √2 ≈ 1.4: was a layer removed, inserted or "
-                           "re-initialised on one side (layers pair by their number), or is the base matrix near zero "
+                           "independent initialisations give about √2 ≈ 1.4: was a layer or expert removed, inserted or "
+                           "re-initialised on one side (both pair by their number), or is the base matrix near zero "
                            "(a zero-initialised gate)?", warning=True,
                            numbers={"matrices": len(far), "max_rel_norm": far[0].rel_norm, "median_rel_norm": median_rel}))
     bad = result.non_finite()

@@ -33,7 +33,7 @@ import torch
 
 from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
-from spectra.linalg import as_numpy, finite_tensor, fro_norm, gram, gram_scale_exponent, gram_upper
+from spectra.linalg import as_numpy, finite_tensor, fro_norm, gram, gram_scale_exponent, gram_upper, real_tensor
 from spectra.metrics import as_spectrum, check_index, check_rank, check_tau, numerical_rank
 from spectra.sketch import randomized_svd
 
@@ -495,14 +495,14 @@ def gram_top(delta: torch.Tensor, n: int, k: int) -> GramEig:
     (:meth:`~spectra.lapack.Tridiagonal.top_pairs`): no pass for all p eigenvalues (``dsterf``: ~4 ms of a
     576² matrix's ~50). Elsewhere :func:`gram_eig`, cut. ``S``: the top n values (float64, descending); ``total``:
     ``‖ΔW‖²_F``, the Gram matrix's trace (Σ of its eigenvalues up to rounding). Precision, ``exp`` as :func:`gram_eig`."""
-    delta = finite_tensor(delta, "delta")
+    delta = real_tensor(delta, "delta")
     p = min(delta.shape)
     if not 0 <= k <= n <= p:
         raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
     if delta.device.type != "cpu" or not Tridiagonal.available():
-        eig = gram_eig(delta)
+        eig = gram_eig(delta)  # refuses NaN/Inf itself
         return GramEig(eig.S[:n], eig.total, eig.top(k) if k else None, None, eig.exp)
-    e = squaring_exponent(delta)
+    e = squaring_exponent(delta := finite_tensor(delta, "delta"))
     G = gram_upper(as_numpy(scale_pow2(delta, -e) if e else delta))
     total = float(np.trace(G))
     lam, vecs = Tridiagonal.of(G, values=False, overwrite=True).top_pairs(n, k)
@@ -549,7 +549,7 @@ def dense_triplets(delta: torch.Tensor, k: int, *, values: int | None = None) ->
         >>> t.S.round(6).tolist(), round(t.total, 6), bool(torch.allclose(t.B @ t.A, torch.diag(torch.tensor([3.0, 2.0, 0.0]))))
         ([3.0, 2.0, 1.0], 14.0, True)
     """
-    delta = finite_tensor(delta, "delta")  # detached: no autograd graph in the factors
+    delta = real_tensor(delta, "delta")  # detached: no autograd graph in the factors; gram_eig refuses NaN/Inf
     p = min(delta.shape)
     k = check_index(k, "k", 0, p)
     values = None if values is None else check_index(values, "values", 0, 1 << 62)

@@ -16,7 +16,6 @@ says so; otherwise it is an error, never ``W_t − W_bᵀ`` in silence.
 
 from __future__ import annotations
 
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,6 +33,16 @@ from spectra.naming import (
     quant_param_of,
     spec_order,
     unique_pairing_keys,
+)
+from spectra.pairing_notes import (
+    PAIRING_NOTE_PREFIX,
+    counts_differ,
+    expert_layouts_differ,
+    head_tie_unknown_note,
+    head_tied_in_tuned_only,
+    prefix_dropped,
+    spelling_differs,
+    tie_unknown,
 )
 
 
@@ -94,8 +103,7 @@ class Pairing:
     notes: list[str] = field(default_factory=list)
 
 
-#: The start of a warning about how the two checkpoints paired (printed by the CLI beside the read notes).
-PAIRING_NOTE_PREFIX = "pairing: "
+
 
 
 def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -186,18 +194,23 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
 
 def _encoder_keys(names: list[str], every: list[str]) -> dict[str, str]:
     """Unique key -> name of the ``names`` that begin with an :data:`~spectra.naming.ENCODER_PREFIXES` component,
-    keyed without it, where no other tensor of the checkpoint (``every``) has, or would have, that key (a dual
-    encoder's ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix: its text tower would pair with the
-    vision one)."""
+    keyed without it, where no tensor of the checkpoint (``every``) under that prefix has, or would have, another
+    tensor's key (a dual encoder's ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix on every name:
+    its text tower would pair with the vision one)."""
     keys = [pairing_key(n) for n in every]
     own = set(keys)
     tails = Counter(pairing_key(k.partition(".")[2]) for k in keys if "." in k)  # each name without its first component
+
+    def bare(key: str) -> str | None:
+        head, _, tail = key.partition(".")
+        return pairing_key(tail) if head in ENCODER_PREFIXES and tail else None
+
+    # a prefix any of whose names would collide is one tower of several: kept on all its names, not only those
+    towers = {k.partition(".")[0] for k in keys if (b := bare(k)) is not None and (b in own or tails[b] > 1)}
     found: dict[str, list[str]] = {}
     for n in names:
-        head, _, tail = pairing_key(n).partition(".")
-        bare = pairing_key(tail) if head in ENCODER_PREFIXES and tail else None
-        if bare is not None and bare not in own and tails[bare] == 1:
-            found.setdefault(bare, []).append(n)
+        if (b := bare(pairing_key(n))) is not None and pairing_key(n).partition(".")[0] not in towers:
+            found.setdefault(b, []).append(n)
     return {k: v[0] for k, v in found.items() if len(v) == 1}
 
 
@@ -269,68 +282,6 @@ def _packed_on_one_side(result: Pairing, base: Checkpoint, tuned: Checkpoint) ->
         other[:] = [n for n in other if n not in gone]
 
 
-#: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
-EXPERT_LAYOUT_NOTE = "the experts are stored one matrix per expert"
-
-
-def _expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: dict[str, MatrixSpec],
-                           tspecs: dict[str, MatrixSpec], base: Checkpoint, tuned: Checkpoint) -> str | None:
-    """A warning when one side stores its experts one matrix per expert (``experts.N.w1``) and the
-    other as 3-D stacks (``experts.gate_up_proj``, transformers ≥ 5): the two layouts share no name, so
-    every expert is unpaired; said once, with what to do, instead of leaving them in the unmatched lists."""
-    def kinds(names: list[str], specs: dict[str, MatrixSpec], ckpt: Checkpoint) -> tuple[int, int]:
-        per = sum(1 for n in names if n in specs and specs[n].expert is not None and len(ckpt.tensors[n].shape) == 2)
-        stacked = sum(1 for n in names if n in specs and len(ckpt.tensors[n].shape) == 3)
-        return per, stacked
-
-    (bp, bs), (tp, ts) = kinds(base_only, bspecs, base), kinds(tuned_only, tspecs, tuned)
-    if (bp and ts) or (bs and tp):
-        per_side, stack_side = ("base", "tuned") if bp else ("tuned", "base")
-        return (f"{PAIRING_NOTE_PREFIX}{EXPERT_LAYOUT_NOTE} in {per_side} ({bp or tp} matrices) but as 3-D stacks in "
-                f"{stack_side} ({bs or ts} tensors): they pair with nothing and are not compared. Save both with the same "
-                "transformers version (load and save_pretrained the older one) to compare them")
-    return None
-
-
-def _head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec],
-                             tuned: Checkpoint, base: Checkpoint) -> str | None:
-    """A warning when the base stores an output head that the tuned checkpoint does not (it ties the head
-    to its embedding): the head's update, tuned embedding minus base head, is not measured, and an
-    otherwise unchanged pair would read "identical"."""
-    heads = [n for n in base_only if n in bspecs and bspecs[n].role == "head"]
-    if len(heads) != 1 or any(sp.role == "head" for sp in tspecs.values()) or (tuned.config or {}).get("tie_word_embeddings") is False:
-        return None
-    if (base.config or {}).get("tie_word_embeddings") is True:
-        return None  # the base's stored head is its embedding when loaded: the head's update is the embedding's, measured
-    embeds = [sp.name for sp in tspecs.values() if sp.role == "embed" and sp.layer is None]
-    tied_to = f"tied to {embeds[0]}" if len(embeds) == 1 else "tied to its embedding"
-    return (f"{PAIRING_NOTE_PREFIX}the base stores an output head, {heads[0]}, the tuned checkpoint none (a head {tied_to}, "
-            "or a model saved without its head): the head's update is not measured. Save the tuned model untied "
-            "(tie_word_embeddings: false) to compare its head")
-
-
-def _layer_counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], base: Checkpoint,
-                         tuned: Checkpoint) -> str | None:
-    """A note where the two sides hold different layer numbers: layers pair by number, so after a layer removed or
-    inserted (pruning, depth up-scaling) each layer is measured against another one, which no shape check sees. Said
-    when the config.json files give other layer counts, or when neither side's layers are a subset of the other's (a
-    checkpoint holding some of its model's layers keeps their numbers)."""
-    layers = [sorted({s.layer for s in specs.values() if s.layer is not None}) for specs in (bspecs, tspecs)]
-    if not all(layers) or layers[0] == layers[1]:
-        return None
-    counts = [next((c[k] for c in (cfg, (cfg or {}).get("text_config")) if isinstance(c, dict)  # a VLM's in text_config
-                    for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers") if isinstance(c.get(k), int)), None)
-              for cfg in (base.config, tuned.config)]
-    sets = [set(x) for x in layers]
-    if (None in counts or counts[0] == counts[1]) and (sets[0] <= sets[1] or sets[1] <= sets[0]):
-        return None
-    b, t = (f"layers {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} layers ({x[0]}–{x[-1]}, with gaps)"
-            for x in layers)
-    return (f"{PAIRING_NOTE_PREFIX}the base holds {b}, tuned {t}: layers pair by their number, so if layers were "
-            "removed or inserted (pruning, depth up-scaling) every layer after that point is measured against another "
-            "one (a ‖ΔW‖_F / ‖W_base‖_F near √2 ≈ 1.4 shows unrelated weights)")
-
-
 def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], matched_b: set[str],
                matched_t: set[str]) -> tuple[MatrixSpec, MatrixSpec] | None:
     """A base that ties its output head to the input embedding stores no head, while a tuned copy saved
@@ -340,7 +291,7 @@ def _tied_head(base: Checkpoint, tuned: Checkpoint, bspecs: dict[str, MatrixSpec
     heads = [tspecs[n] for n in tspecs if n not in matched_t and tspecs[n].role == "head"]
     if len(heads) != 1 or any(sp.role == "head" for sp in bspecs.values()):
         return None
-    if (base.config or {}).get("tie_word_embeddings") is False or _tie_unknown(base, tuned):
+    if (base.config or {}).get("tie_word_embeddings") is False or tie_unknown(base, tuned):
         return None
     embeds = [sp for sp in bspecs.values() if sp.role == "embed" and sp.layer is None]
     if len(embeds) != 1 or embeds[0].name not in matched_b:  # the tuned side has the embedding too
@@ -371,25 +322,6 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
     result.notes.append(f"{PAIRING_NOTE_PREFIX}tuned stores its layer matrices transposed against the base ({len(flipped)} "
                         f"of them, e.g. {name}: base {b} vs tuned {t}), as a re-save in another layout with the config "
                         f"unchanged would; none of its {len(flipped) + len(square)} layer matrices is compared")
-
-
-def _tie_unknown(base: Checkpoint, tuned: Checkpoint) -> bool:
-    """Whether a base storing no head has no config.json at all (one that leaves ``tie_word_embeddings`` out
-    means its model type's default, True for GPT-2's) while the tuned config says its own head is untied:
-    the base may as well be a backbone without a head (a ``LlamaModel`` saved as one file), and the tuned
-    head minus the base embedding would be no update at all."""
-    return not base.config and (tuned.config or {}).get("tie_word_embeddings") is False
-
-
-def _head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: dict[str, MatrixSpec], base: Checkpoint,
-                           tuned: Checkpoint) -> str | None:
-    """The note for a tuned head left unpaired by :func:`_tie_unknown`."""
-    heads = [n for n in tuned_only if n in tspecs and tspecs[n].role == "head" and tspecs[n].layer is None]
-    if len(heads) != 1 or not _tie_unknown(base, tuned) or any(sp.role == "head" for sp in base.specs.values()):
-        return None
-    return (f"{PAIRING_NOTE_PREFIX}the base stores no output head and has no config.json to say whether it ties the head to its embedding "
-            f"(the tuned config says tie_word_embeddings: false): {heads[0]} is not compared; if the base ties them, "
-            "give the base's folder with its config.json")
 
 
 def pair_by_base_names(base: Checkpoint, tuned: Checkpoint) -> Pairing:
@@ -467,33 +399,6 @@ def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[
             raise CheckpointFormatError(
                 f"{side} is the state dict of an unmerged PEFT model ({n} beside its lora_A/lora_B factors, where the other "
                 "input stores the plain weight): its LoRA updates are not in its weights", path=ckpt.label, hint=fix)
-
-
-def spelling_key(name: str) -> str:
-    """``name`` with its spelling normalised: Unicode NFC, case folded, ``/`` read as ``.``, spaces around
-    each dotted part and repeated or outer dots removed (two names with one key differ only in how they
-    are written)."""
-    text = unicodedata.normalize("NFC", name).casefold().replace("/", ".")
-    return ".".join(part.strip() for part in text.split(".") if part.strip())
-
-
-def _spelling_differs(base_only: list[str], tuned_only: list[str], base: Checkpoint, tuned: Checkpoint) -> str | None:
-    """A warning when tensors on one side only have a counterpart of the same shape on the other whose
-    name differs only in spelling (:func:`spelling_key`: case, Unicode form, spaces, separators): they are
-    not paired, as a model loading one side by the other's names would not find them either; or None."""
-    if not base_only or not tuned_only:
-        return None
-    keys: dict[str, str] = {}
-    for n in base_only:
-        keys.setdefault(spelling_key(n), n)
-    near = [(keys[k], n) for n in tuned_only if (k := spelling_key(n)) in keys
-            and tuple(base.tensors[keys[k]].shape) == tuple(tuned.tensors[n].shape)]
-    if not near:
-        return None
-    b, t = near[0]
-    return (f"{PAIRING_NOTE_PREFIX}{len(near)} tensor(s) of tuned have a name that differs from a base tensor's only in its "
-            f"spelling (e.g. base {b!r}, tuned {t!r}: case, Unicode form, spaces or separators), with the same shape: not "
-            "paired (names are matched exactly, as a model loads them); rename them on one side to compare them")
 
 
 def _vocabulary_rows(ckpt: Checkpoint, specs: dict[str, MatrixSpec]) -> int | None:
@@ -594,7 +499,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     matched_b: set[str] = set()
     matched_t: set[str] = set()
     flipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # layer matrices stored transposed on one side
-    for bn, tn in _match_names(list(base.tensors), list(tuned.tensors)):
+    matches = _match_names(list(base.tensors), list(tuned.tensors))
+    for bn, tn in matches:
         matched_b.add(bn)
         matched_t.add(tn)
         bi, ti = base.tensors[bn], tuned.tensors[tn]
@@ -686,11 +592,11 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         _packed_on_one_side(result, base, tuned)
         _refuse_unmerged_peft(tuned, result.tuned_only, result.base_only, "tuned")
         _refuse_unmerged_peft(base, result.base_only, result.tuned_only, "base")
-    for note in (_expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
-                 _head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
-                 _head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
-                 _spelling_differs(result.base_only, result.tuned_only, base, tuned),
-                 None if single else _layer_counts_differ(bspecs, tspecs, base, tuned)):
+    for note in (expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
+                 head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
+                 head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
+                 spelling_differs(result.base_only, result.tuned_only, base, tuned), prefix_dropped(matches),
+                 *([] if single else counts_differ(bspecs, tspecs, base, tuned))):
         if note:
             result.notes.append(note)
     if not result.pairs:

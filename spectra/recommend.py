@@ -318,7 +318,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                 and cost[p] <= n - spend]
         if left:  # the floor's doing, unless a component above it waits for more than is left
             wait = (waiting[-1][1], waiting[-1][2], waiting[-1][0] / energy_all, len(waiting)) if waiting else None
-            notes.append(unspent_text(spend, n, waiting=wait, floored=(len(left), left[0]), of="the modules' energy"))
+            over = [p for p, per in zip(paths, caps) if max_rank and ranks[p] == max_rank < sum(per)]
+            notes.append(unspent_text(spend, n, waiting=wait, floored=(len(left), left[0]), of="the modules' energy",
+                                      capped=(len(over), over[0], f"--max-rank {max_rank}") if over else None))
         elif energy is None and spend == n_bound and spend < n and all(
                 ranks[p] == sum(per) or ranks[p] == max_rank for p, per in zip(paths, caps)) and all(
                 m["name"] in complete or m["name"] in noise or len(m.get("singular_values") or []) >= min(m["shape"])

@@ -343,6 +343,31 @@ def folder_results(out_dir: str | os.PathLike[str], own: str) -> list[Path]:
     return [folder / own] + [folder / n for n in RESULT_FILES if n != own and (folder / n).is_file()]
 
 
+def write_folder_report(out_dir: str | os.PathLike[str], own: str) -> tuple[Path, list[str]]:
+    """Write ``out_dir/report.html`` over :func:`folder_results`. Another command's result file in the folder that
+    the report refuses (hand-edited, damaged) is left out rather than costing the folder its report: returns the
+    path written and, per file left out, its error's text.
+
+    Raises:
+        SpectraError: as :func:`write_report`, for ``own``'s file or the output.
+    """
+    paths = folder_results(out_dir, own)
+    target = Path(out_dir) / "report.html"
+    try:
+        return write_report(paths, target), []
+    except (ResultsFormatError, SpectraError) as exc:
+        if isinstance(exc, (OutputError, ConfigError)) or len(paths) == 1:
+            raise
+    kept, left = paths[:1], []
+    for path in paths[1:]:  # which one: each alone (only here, after a failure)
+        try:
+            build_report([path])
+            kept.append(path)
+        except SpectraError as exc:
+            left.append(str(exc))
+    return write_report(kept, target), left
+
+
 def shared_report(out_dir: str | os.PathLike[str], own: str) -> bool:
     """Whether ``out_dir/report.html`` is a report spectra wrote and the folder also holds another command's
     results (another of :data:`RESULT_FILES` than ``own``). A new run of ``own``'s command removes that report

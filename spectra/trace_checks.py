@@ -14,7 +14,8 @@ import numpy as np
 
 from spectra.io.checkpoint import Checkpoint
 from spectra.numerics import unresolved_text
-from spectra.pairing import EXPERT_LAYOUT_NOTE, Pairing
+from spectra.pairing import Pairing
+from spectra.pairing_notes import EXPERT_LAYOUT_NOTE
 from spectra.results import note_caveat_warnings
 from spectra.trace_inputs import CheckpointRef, moved
 

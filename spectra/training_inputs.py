@@ -340,20 +340,19 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
 MAX_STEP_TOKENS = 2**31
 
 
-def free_memory(device: torch.device) -> int | None:
-    """Bytes the run can still allocate on ``device``: CUDA's free memory, the kernel's ``MemAvailable`` on a CPU; None
-    where neither is known."""
+def free_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the run can still allocate on ``device``: CUDA's free memory; on a CPU the kernel's ``MemAvailable`` or a
+    container's (cgroup v2 at ``cgroup``) limit less its working set, whichever is less; None where neither is known."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     found = []
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-        # a container's limit (cgroup v2) is below the host's MemAvailable: the kernel kills at the limit
-        limit, used = (Path("/sys/fs/cgroup", n).read_text().strip() for n in ("memory.max", "memory.current"))
-        found += [int(limit) - int(used)] if limit.isdigit() and used.isdigit() else []
-    except (OSError, ValueError, IndexError):
-        pass
+    with contextlib.suppress(OSError, ValueError):  # not Linux
+        found += [int(x.split()[1]) * 1024 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no limit ("max")
+        # the usage counts page cache, whose inactive part the kernel reclaims before it kills (the working set)
+        fields = (cgroup / "memory.stat").read_text().split()
+        cache = int(fields[fields.index("inactive_file") + 1]) if "inactive_file" in fields else 0
+        found.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()) + cache)
     return min(found) if found else None
 
 

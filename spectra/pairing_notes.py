@@ -1,0 +1,147 @@
+"""Notes on what pairing two checkpoints by name could not see: layouts, heads, counts and spellings that differ.
+
+Each function returns a warning (beginning :data:`PAIRING_NOTE_PREFIX`) or None; none reads tensor data.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter
+
+from spectra.io.checkpoint import Checkpoint
+from spectra.naming import ENCODER_PREFIXES, MatrixSpec, pairing_key
+
+#: The start of a warning about how the two checkpoints paired (printed by the CLI beside the read notes).
+PAIRING_NOTE_PREFIX = "pairing: "
+
+
+#: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
+EXPERT_LAYOUT_NOTE = "the experts are stored one matrix per expert"
+
+
+def expert_layouts_differ(base_only: list[str], tuned_only: list[str], bspecs: dict[str, MatrixSpec],
+                          tspecs: dict[str, MatrixSpec], base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """A warning when one side stores its experts one matrix per expert (``experts.N.w1``) and the
+    other as 3-D stacks (``experts.gate_up_proj``, transformers ≥ 5): the two layouts share no name, so
+    every expert is unpaired; said once, with what to do, instead of leaving them in the unmatched lists."""
+    def kinds(names: list[str], specs: dict[str, MatrixSpec], ckpt: Checkpoint) -> tuple[int, int]:
+        per = sum(1 for n in names if n in specs and specs[n].expert is not None and len(ckpt.tensors[n].shape) == 2)
+        stacked = sum(1 for n in names if n in specs and len(ckpt.tensors[n].shape) == 3)
+        return per, stacked
+
+    (bp, bs), (tp, ts) = kinds(base_only, bspecs, base), kinds(tuned_only, tspecs, tuned)
+    if (bp and ts) or (bs and tp):
+        per_side, stack_side = ("base", "tuned") if bp else ("tuned", "base")
+        return (f"{PAIRING_NOTE_PREFIX}{EXPERT_LAYOUT_NOTE} in {per_side} ({bp or tp} matrices) but as 3-D stacks in "
+                f"{stack_side} ({bs or ts} tensors): they pair with nothing and are not compared. Save both with the same "
+                "transformers version (load and save_pretrained the older one) to compare them")
+    return None
+
+
+def head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec],
+                            tuned: Checkpoint, base: Checkpoint) -> str | None:
+    """A warning when the base stores an output head that the tuned checkpoint does not (it ties the head
+    to its embedding): the head's update, tuned embedding minus base head, is not measured, and an
+    otherwise unchanged pair would read "identical"."""
+    heads = [n for n in base_only if n in bspecs and bspecs[n].role == "head"]
+    if len(heads) != 1 or any(sp.role == "head" for sp in tspecs.values()) or (tuned.config or {}).get("tie_word_embeddings") is False:
+        return None
+    if (base.config or {}).get("tie_word_embeddings") is True:
+        return None  # the base's stored head is its embedding when loaded: the head's update is the embedding's, measured
+    embeds = [sp.name for sp in tspecs.values() if sp.role == "embed" and sp.layer is None]
+    tied_to = f"tied to {embeds[0]}" if len(embeds) == 1 else "tied to its embedding"
+    return (f"{PAIRING_NOTE_PREFIX}the base stores an output head, {heads[0]}, the tuned checkpoint none (a head {tied_to}, "
+            "or a model saved without its head): the head's update is not measured. Save the tuned model untied "
+            "(tie_word_embeddings: false) to compare its head")
+
+
+#: config.json keys of a model's layer count, and of its experts per MoE layer (Mixtral, Qwen2-MoE, DeepSeek)
+_COUNT_KEYS = {"layer": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
+               "expert": ("num_local_experts", "num_experts", "n_routed_experts")}
+
+
+def counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], base: Checkpoint,
+                  tuned: Checkpoint) -> list[str]:
+    """Notes where the two sides hold different layer (or MoE expert) numbers: both pair by number, so after a
+    layer or expert removed or inserted (pruning, depth up-scaling) each one is measured against another one, which
+    no shape check sees. Said when the config.json files give other counts, or when neither side's numbers are a
+    subset of the other's (a checkpoint holding some of its model's layers keeps their numbers)."""
+    notes = []
+    for what, keys in _COUNT_KEYS.items():
+        found = [sorted({getattr(s, what) for s in specs.values() if getattr(s, what) is not None}) for specs in (bspecs, tspecs)]
+        if not all(found) or found[0] == found[1]:
+            continue
+        counts = [next((c[k] for c in (cfg, (cfg or {}).get("text_config")) if isinstance(c, dict)  # a VLM's in text_config
+                        for k in keys if isinstance(c.get(k), int)), None) for cfg in (base.config, tuned.config)]
+        sets = [set(x) for x in found]
+        if (None in counts or counts[0] == counts[1]) and (sets[0] <= sets[1] or sets[1] <= sets[0]):
+            continue
+        b, t = (f"{what}s {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} {what}s ({x[0]}–{x[-1]}, with gaps)"
+                for x in found)
+        how = "pruning, depth up-scaling" if what == "layer" else "expert pruning or merging"
+        notes.append(f"{PAIRING_NOTE_PREFIX}the base holds {b}, tuned {t}: {what}s pair by their number, so if {what}s "
+                     f"were removed or inserted ({how}) every {what} after that point is measured against another one (a "
+                     "‖ΔW‖_F / ‖W_base‖_F near √2 ≈ 1.4 shows unrelated weights)")
+    return notes
+
+
+def prefix_dropped(matches: list[tuple[str, str]]) -> str | None:
+    """A note naming the encoder prefix (:data:`~spectra.naming.ENCODER_PREFIXES`) that pairing dropped from one
+    side's names to pair ``(base name, tuned name)`` matches (a task model against its headless encoder), or None."""
+    dropped: Counter[tuple[str, str]] = Counter()
+    for b, t in (m for m in matches if m[0] != m[1]):
+        for side, long, short in (("base", b, t), ("tuned", t, b)):
+            head, _, tail = pairing_key(long).partition(".")
+            if head in ENCODER_PREFIXES and tail and pairing_key(tail) == pairing_key(short):
+                dropped[(side, head)] += 1
+    if not dropped:
+        return None
+    (side, head), n = dropped.most_common(1)[0]
+    return (f"{PAIRING_NOTE_PREFIX}{n} matrices paired after dropping {head!r} from the front of the {side}'s names (a "
+            "model against its headless encoder); if the two sides are different models, they are not comparable")
+
+
+def tie_unknown(base: Checkpoint, tuned: Checkpoint) -> bool:
+    """Whether a base storing no head has no config.json at all (one that leaves ``tie_word_embeddings`` out
+    means its model type's default, True for GPT-2's) while the tuned config says its own head is untied:
+    the base may as well be a backbone without a head (a ``LlamaModel`` saved as one file), and the tuned
+    head minus the base embedding would be no update at all."""
+    return not base.config and (tuned.config or {}).get("tie_word_embeddings") is False
+
+
+def head_tie_unknown_note(base_only: list[str], tuned_only: list[str], tspecs: dict[str, MatrixSpec], base: Checkpoint,
+                           tuned: Checkpoint) -> str | None:
+    """The note for a tuned head left unpaired by :func:`tie_unknown`."""
+    heads = [n for n in tuned_only if n in tspecs and tspecs[n].role == "head" and tspecs[n].layer is None]
+    if len(heads) != 1 or not tie_unknown(base, tuned) or any(sp.role == "head" for sp in base.specs.values()):
+        return None
+    return (f"{PAIRING_NOTE_PREFIX}the base stores no output head and has no config.json to say whether it ties the head to its embedding "
+            f"(the tuned config says tie_word_embeddings: false): {heads[0]} is not compared; if the base ties them, "
+            "give the base's folder with its config.json")
+
+
+def spelling_key(name: str) -> str:
+    """``name`` with its spelling normalised: Unicode NFC, case folded, ``/`` read as ``.``, spaces around
+    each dotted part and repeated or outer dots removed (two names with one key differ only in how they
+    are written)."""
+    text = unicodedata.normalize("NFC", name).casefold().replace("/", ".")
+    return ".".join(part.strip() for part in text.split(".") if part.strip())
+
+
+def spelling_differs(base_only: list[str], tuned_only: list[str], base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """A warning when tensors on one side only have a counterpart of the same shape on the other whose
+    name differs only in spelling (:func:`spelling_key`: case, Unicode form, spaces, separators): they are
+    not paired, as a model loading one side by the other's names would not find them either; or None."""
+    if not base_only or not tuned_only:
+        return None
+    keys: dict[str, str] = {}
+    for n in base_only:
+        keys.setdefault(spelling_key(n), n)
+    near = [(keys[k], n) for n in tuned_only if (k := spelling_key(n)) in keys
+            and tuple(base.tensors[keys[k]].shape) == tuple(tuned.tensors[n].shape)]
+    if not near:
+        return None
+    b, t = near[0]
+    return (f"{PAIRING_NOTE_PREFIX}{len(near)} tensor(s) of tuned have a name that differs from a base tensor's only in its "
+            f"spelling (e.g. base {b!r}, tuned {t!r}: case, Unicode form, spaces or separators), with the same shape: not "
+            "paired (names are matched exactly, as a model loads them); rename them on one side to compare them")
