@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import signal
 import sys
@@ -181,6 +182,19 @@ def _journaled(out: Path) -> bool:
         return False
 
 
+def _finished(out: Path, since: float) -> str | None:
+    """The result file in ``out`` (:data:`spectra.report.RESULT_FILES`) that this run, started at ``since``
+    (``time.time()``), wrote as complete, or None."""
+    from spectra.report import RESULT_FILES
+
+    for name in RESULT_FILES:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # absent, being written, not an object
+            path = out / name
+            if path.stat().st_mtime >= since and json.loads(path.read_text(encoding="utf-8")).get("complete") is True:
+                return str(path)
+    return None
+
+
 def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = None) -> str:
     """What a stop leaves of the command ``ctx``'s arguments name, in words: the journal of a command that
     can resume (``--resume``) and was given ``--out``, else that nothing (or nothing usable) was kept.
@@ -200,6 +214,9 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
         return str(note(params, since))
     out = params.get("out_dir")
     if out and "resume" in params:
+        if since is not None and (done := _finished(Path(out), since)):  # stopped while the figures were drawn
+            return (f"{done} was complete before the stop; figures may be missing (run the same command with --resume "
+                    "to draw them)")
         if not _journaled(Path(out)):  # stopped while the inputs were opened
             return f"stopped before any result was written to {out}: run the command again"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "

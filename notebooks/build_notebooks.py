@@ -59,8 +59,9 @@ NOTEBOOKS = {
         ("code", ("lora = spectra.DiffResult.load(demo / 'diff_lora8')\n"
                  "print(next(f.text for f in diff_findings(lora) if f.topic == 'adapter'))\nlora.plot_rank_heatmap()")),
         ("md", "And a live run, on a generated Llama-shaped pair with a planted low-rank update (seconds on a CPU):"),
-        ("code", ("import tempfile\nfrom spectra.synthetic import LlamaShape, make_llama_pair\n\n"
-                 "base, tuned = make_llama_pair(tempfile.mkdtemp(), shape=LlamaShape(layers=2, hidden=256, intermediate=688, "
+        ("code", ("import os, tempfile\nfrom spectra.synthetic import LlamaShape, make_llama_pair\n\n"
+                 "os.chdir(tempfile.mkdtemp())  # a scratch folder: the pair's paths below are relative to it\n"
+                 "base, tuned = make_llama_pair('.', shape=LlamaShape(layers=2, hidden=256, intermediate=688, "
                  "heads=4, kv_heads=2, vocab=512))\n"
                  "planted = spectra.diff(base, tuned)\nprint(planted)\nprint(diff_findings(planted)[0].text)")),
     ],

@@ -66,7 +66,7 @@ from spectra.naming import (
     unique_pairing_keys,
 )
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -186,8 +186,8 @@ class _Side:
         else:
             self.tuned = opened or open_checkpoint(label)  # first: a missing path is "no such file", not "needs --base"
             if base is None:
-                raise ConfigError(f"{label} is a full checkpoint: its update needs the base model",
-                                  hint="pass --base BASE")
+                refuse_lora_file(self.tuned)
+                raise ConfigError(f"{label} is a full checkpoint: its update needs the base model", hint="pass --base BASE")
             self.kind = "full"
             # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
             # matrices, shared rows of a resized vocabulary, a tuned head on a base that ties it (keyed by

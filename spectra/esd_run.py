@@ -46,6 +46,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, input
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
+from spectra.naming import lora_factor_names
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
@@ -266,8 +267,7 @@ def esd(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    factors = [n for n in ckpt.tensors if ".lora_A." in n or ".lora_B." in n or ".lora_embedding_" in n]
-    if factors and len(factors) * 2 >= len(ckpt.tensors):  # an adapter's weights file given alone
+    if factors := lora_factor_names(ckpt.tensors):  # an adapter's weights file given alone
         raise ConfigError(f"holds LoRA factors ({factors[0]}, …): esd fits full weight matrices, and a rank-r "
                           "factor's spectrum says nothing of the model's", path=ckpt.root,
                           hint="merge the adapter into its base first, or use `spectra diff BASE ADAPTER_FOLDER --esd`")

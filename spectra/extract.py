@@ -595,15 +595,17 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             result.warnings.append(f"--eval failed, so extract.json holds no held-out losses: {exc}")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
-    if loader is not None:
+    result.save(out, plots=False)
+    shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the adapter is whole: a stop while the figures are drawn keeps no copy
+    if loader is not None and result.modules:  # the figures' imports ran beside the decompositions (plots asked for)
+        from spectra.plots.extract import save_extract_plots
+
         loader.join()
-    result.save(out, plots=plots)
-    shutil.rmtree(out / SCRATCH, ignore_errors=True)
+        save_extract_plots(result.to_dict(), out)
     journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
     if isinstance(failed, SpectraError):
-        raise type(failed)(failed.message, path=failed.path, tensor=failed.tensor,
-                           hint=f"{failed.hint + '; ' if failed.hint else ''}the adapter and extract.json (without the "
-                                f"held-out losses) were written to {out}")
+        raise type(failed)(failed.message, path=failed.path, tensor=failed.tensor, hint=f"{failed.hint + '; ' if failed.hint else ''}"
+                           f"the adapter and extract.json (without the held-out losses) were written to {out}")
     if failed is not None:
         raise failed
     return result

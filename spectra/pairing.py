@@ -25,10 +25,12 @@ from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import (
     ENCODER_PREFIXES,
+    LORA_FILE_HINT,
     MatrixSpec,
     Part,
     foreign_quant_of,
     is_bias,
+    lora_factor_names,
     pairing_key,
     quant_param_of,
     spec_order,
@@ -445,10 +447,20 @@ def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
     return "; ".join(parts) + ("; …" if len(ranked) > limit else "")
 
 
+def refuse_lora_file(ckpt: Checkpoint) -> None:
+    """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model (:func:`lora_factor_names`): it
+    pairs with nothing, and "same architecture?" would send its user looking for the wrong mistake."""
+    if factors := lora_factor_names(ckpt.tensors):
+        raise PairingError(f"holds LoRA factors ({factors[0]}, …): an adapter's weights file, not a model", path=ckpt.label,
+                           hint=LORA_FILE_HINT)
+
+
 def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> None:
     """The one-line error when no matrix pairs: every one skipped (with why), or nothing to pair."""
     single = base is tuned
     path = base.label if single else f"{base.label} vs {tuned.label}"
+    for ckpt in (base, tuned):
+        refuse_lora_file(ckpt)
     if skipped:
         what = "tensor" if single else "tensor pair"
         raise PairingError(

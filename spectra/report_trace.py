@@ -66,10 +66,11 @@ def _at(res: TraceResult, index: int, value) -> float | None:
     return _median(vals)
 
 
-def _turn_finding(res: TraceResult) -> Finding | None:
-    """How far the top-k input directions turned from the first checkpoint to the last (median φ), against what two
-    unrelated k-dimensional subspaces of the input width d give (k/d); modules where k/d leaves φ no room above chance
-    (:data:`spectra.compare_findings.PHI_BLIND`: k = d gives φ = 1 whatever the updates) are left out and counted."""
+def _turn_finding(res: TraceResult, since: str) -> Finding | None:
+    """How far the top-k input directions turned from the first checkpoint (``since``: its words) to the last (median
+    φ), against what two unrelated k-dimensional subspaces of the input width d give (k/d); modules where k/d leaves φ
+    no room above chance (:data:`spectra.compare_findings.PHI_BLIND`: k = d gives φ = 1 whatever the updates) are left
+    out and counted. Where fewer than half the modules turned as the median says, the words give the range instead."""
     told, blind = [], 0
     for m in res.matrices:
         pts, d = m.get("points") or [], (m.get("shape") or [0, 0])[1]
@@ -86,13 +87,18 @@ def _turn_finding(res: TraceResult) -> Finding | None:
                                                "says nothing here: k is at least 2/3 of every module's input width, where any "
                                                "two subspaces overlap (φ = 1 at k = d).", numbers={"phi_blind": blind})
     turned, k, chance = (float(np.median([t[i] for t in told])) for i in range(3))
-    words = ("turned as far as unrelated random subspaces would (at chance)" if turned < PHI_CHANCE * chance else
-             "barely turned" if turned > 0.9 else "turned part of the way" if turned > 0.5 else "turned away")
+
+    def how(phi: float, chance: float) -> str:
+        return ("turned as far as unrelated random subspaces would (at chance)" if phi < PHI_CHANCE * chance else
+                "barely turned" if phi > 0.9 else "turned part of the way" if phi > 0.5 else "turned away")
+    words = how(turned, chance)
+    if 2 * sum(how(phi, c) == words for phi, _, c in told) < len(told):  # an even count's median between two extremes
+        words = f"turned by different amounts in different modules (φ from {min(t[0] for t in told):.2f} to {max(t[0] for t in told):.2f})"
     # φ compares the directions both updates resolve (k = the fewer of the two), which can be below top_k
     fewer = f" (median {k:g} resolved of the {top_k} asked)" if isinstance(top_k, int) and k < top_k else ""
     left = f"; {blind} modules whose k is at least 2/3 of their width, where φ cannot tell, left out" if blind else ""
     return Finding("rank", f"The top-{top_k if top_k is not None else 'k'} input directions{fewer} of the updates {words} since "
-                           f"the first checkpoint: median φ = {turned:.2f} against {chance:.2f} for unrelated random subspaces "
+                           f"{since}: median φ = {turned:.2f} against {chance:.2f} for unrelated random subspaces "
                            f"(1: the same subspace, or the smaller one within the larger; 0: orthogonal){left}.",
                    numbers={"phi_first_last": turned, "k": k, "phi_random": chance, "phi_blind": blind})
 
@@ -108,19 +114,28 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if not res.checkpoints or not res.matrices:
         return [Finding("incomplete", "the trace holds no measured checkpoint", warning=True)]
     key = _key(res)
-    first, last = res.checkpoints[0]["step"], res.checkpoints[-1]["step"]
-    r0, r1 = (_at(res, i, lambda p: (p.get("energy_rank") or {}).get(key)) for i in (0, -1))
-    n0, n1 = (_at(res, i, lambda p: p.get("rel_norm")) for i in (0, -1))
+
+    def rank(p: dict) -> float | None:
+        return (p.get("energy_rank") or {}).get(key)
+
+    # from the first checkpoint where a matrix moved: a run's step-0 copy of the base has no rank, norm or subspace
+    start = next((i for i in range(len(res.checkpoints)) if _at(res, i, rank) is not None), 0)
+    first, last = res.checkpoints[start]["step"], res.checkpoints[-1]["step"]
+    r0, r1 = _at(res, start, rank), _at(res, -1, rank)
+    n0, n1 = (_at(res, i, lambda p: p.get("rel_norm")) for i in (start, -1))
+    unmoved = f" (at step {res.checkpoints[0]['step']} no matrix had moved from the base)" if start else ""
     if r0 is not None and r1 is not None:
         size = f"; ‖ΔW‖/‖W_base‖ from {n0:.3g} to {n1:.3g}" if n0 is not None and n1 is not None else ""
-        if len(res.checkpoints) == 1:  # one checkpoint: a state, not a change
+        if start == len(res.checkpoints) - 1:  # one checkpoint: a state, not a change
             size = f"; ‖ΔW‖/‖W_base‖ is {n1:.3g}" if n1 is not None else ""
-            out.append(Finding("rank", f"At step {last} (the only checkpoint) the median rank ΔW needs for {tau_percent(key)} "
-                                       f"of its energy is {r1:g}{size}.", numbers={"rank": [r1, r1], "rel_norm": [n1, n1]}))
+            only = "the only checkpoint" if len(res.checkpoints) == 1 else "the only one where a matrix moved"
+            out.append(Finding("rank", f"At step {last} ({only}) the median rank ΔW needs for {tau_percent(key)} "
+                                       f"of its energy is {r1:g}{size}{unmoved}.", numbers={"rank": [r1, r1], "rel_norm": [n1, n1]}))
         else:
             out.append(Finding("rank", f"From step {first} to step {last} the median rank ΔW needs for {tau_percent(key)} of "
-                                       f"its energy went from {r0:g} to {r1:g}{size}.", numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
-    if len(res.checkpoints) > 1 and (turn := _turn_finding(res)) is not None:
+                                       f"its energy went from {r0:g} to {r1:g}{size}{unmoved}.",
+                               numbers={"rank": [r0, r1], "rel_norm": [n0, n1]}))
+    if len(res.checkpoints) > 1 and (turn := _turn_finding(res, f"step {first}" if start else "the first checkpoint")) is not None:
         out.append(turn)
     if res.kind == "lora":
         u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (0, -1))

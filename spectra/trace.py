@@ -49,7 +49,7 @@ from spectra.linalg import check_device_available, resolve_device, singular_valu
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names
+from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
 from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
@@ -374,6 +374,8 @@ def trace(
                          config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
                          warnings=list(found.warnings), device=str(device))
     weights = [open_weights(r.path, r.kind) for r in refs]
+    for w in weights if result.kind == "full" else ():  # an adapter's weights file pairs with nothing: said as such
+        refuse_lora_file(w)
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}

@@ -29,3 +29,29 @@ def test_a_damaged_sibling_result_leaves_the_folder_its_report(tmp_path):
     # asked for explicitly, the damaged file is still refused in one line, naming it
     r = cli(["report", str(out), "-o", str(tmp_path / "all.html")])
     assert r.returncode != 0 and "results.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_stop_while_extract_draws_its_figures_says_the_adapter_is_whole(tmp_path):
+    """Ctrl-C while extract drew its figures: "results finished so far are kept … run --resume to finish" (exit 130)
+    where extract.json said complete and the adapter was whole, and a scratch copy of every module's factors
+    (.extract-scratch, the adapter's size again) stayed beside it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.cli_util import ROOT
+
+    base, tuned = small_pair(tmp_path)
+    out = tmp_path / "x"
+    stop_in_plots = ("import os, signal, spectra.plots.extract as m; "
+                     "m.save_extract_plots = lambda *a, **k: os.kill(os.getpid(), signal.SIGINT); "
+                     "from spectra_cli.main import run; run()")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", stop_in_plots, "extract", base, tuned, "--rank", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 130, r.stderr
+    assert "extract.json was complete before the stop; figures may be missing" in r.stderr, r.stderr
+    assert json.loads((out / "extract.json").read_text())["complete"] is True
+    assert not (out / ".extract-scratch").exists() and (out / "adapter_model.safetensors").is_file()
+    again = cli(["extract", base, tuned, "--rank", "2", "--out", str(out), "--resume"])
+    assert again.returncode == 0 and (out / "extract.png").is_file(), again.stderr

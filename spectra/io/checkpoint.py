@@ -490,10 +490,9 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
                               f"trace read the adapter; pass {folder / present[0]} to read the full model everywhere")
         return ckpt
     if (folder / "adapter_config.json").is_file():
-        raise CheckpointFormatError(
-            "this folder is a PEFT adapter (adapter_config.json), not a full checkpoint",
-            path=folder, hint="an adapter goes second: `spectra diff BASE ADAPTER`, or alone: `spectra diff ADAPTER`",
-        )
+        raise CheckpointFormatError("this folder is a PEFT adapter (adapter_config.json), not a full checkpoint", path=folder,
+                                    hint="an adapter is the fine-tuned side, never the base: give the full model it was "
+                                         "trained on as the base (`spectra diff BASE ADAPTER`, `spectra compare A B --base BASE`)")
     try:
         # found by suffix, not named: a sub-folder called x.safetensors is no candidate (a named one is refused above)
         candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and not p.is_dir())
