@@ -49,6 +49,7 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
+from spectra.engine import CPU_BATCH_BYTES
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
@@ -529,8 +530,7 @@ def compare(
         result.warnings.append(f"A and B are the same checkpoint ({A.label}): every measure compares an update with itself")
     shared = [k for k in A.names if k in B.names]
     if not shared:
-        raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}",
-                           hint="are they fine-tunes of the same base model?")
+        raise PairingError("the two inputs update no module in common", path=f"{a} vs {b}", hint="are they fine-tunes of the same base model?")
     keep = selector(config.include, config.exclude, config.layers)
     base_keys: dict[str, str] = {}
     if base_ckpt is not None:
@@ -606,10 +606,12 @@ def compare(
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
             held.callback(journal.release)
-        # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread)
+        # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread);
+        # a module's working set is several float64 copies of its matrix: a big one (a 128k-row embedding, ~3 GB) alone
         pending = [job for i, job in enumerate(jobs) if i not in done]
         n = max(1, min(workers, len(pending)))
-        outs = imap_one_blas_thread(measure, pending, n) if n > 1 else (measure(job) for job in pending)
+        outs = (imap_one_blas_thread(measure, pending, n, cost=lambda job: 8 * job.shape[0] * job.shape[1], max_cost=CPU_BATCH_BYTES)
+                if n > 1 else (measure(job) for job in pending))
         with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
             computed = iter(outs)
             for i, job in enumerate(jobs):

@@ -160,8 +160,9 @@ def _tensor_kind(shape: tuple[int, ...], spec: MatrixSpec | None) -> str:
     return "a scalar" if not shape else f"a {len(shape)}-D tensor"
 
 
-def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[str, str]]:
+def _match_names(base_tensors: dict[str, TensorInfo], tuned_tensors: dict[str, TensorInfo]) -> list[tuple[str, str]]:
     """Exact name matches first, then unique pairing-key matches."""
+    base_names, tuned_names = list(base_tensors), list(tuned_tensors)
     matches: list[tuple[str, str]] = []
     tuned_set = set(tuned_names)
     used_t: set[str] = set()
@@ -183,8 +184,8 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     done_b, done_t = {b for b, _ in matches}, {t for _, t in matches}
     rest_b, rest_t = [n for n in rest_b if n not in done_b], [n for n in rest_t if n not in done_t]
     plain_b, plain_t = unique_pairing_keys(rest_b), unique_pairing_keys(rest_t)
-    for bare, other, stripped_base in ((_encoder_keys(rest_b, base_names), plain_t, True),
-                                       (_encoder_keys(rest_t, tuned_names), plain_b, False)):
+    for bare, other, stripped_base in ((_encoder_keys(rest_b, base_tensors), plain_t, True),
+                                       (_encoder_keys(rest_t, tuned_tensors), plain_b, False)):
         for key, name in ((k, n) for k, n in bare.items() if k in other):
             b, t = (name, other[key]) if stripped_base else (other[key], name)
             if b not in done_b and t not in done_t:
@@ -194,11 +195,12 @@ def _match_names(base_names: list[str], tuned_names: list[str]) -> list[tuple[st
     return matches
 
 
-def _encoder_keys(names: list[str], every: list[str]) -> dict[str, str]:
+def _encoder_keys(names: list[str], every: dict[str, TensorInfo]) -> dict[str, str]:
     """Unique key -> name of the ``names`` that begin with an :data:`~spectra.naming.ENCODER_PREFIXES` component,
-    keyed without it, where no tensor of the checkpoint (``every``) under that prefix has, or would have, another
-    tensor's key (a dual encoder's ``vit.encoder…`` beside ``text_model.encoder…`` keeps its prefix on every name:
-    its text tower would pair with the vision one)."""
+    keyed without it, where no other tensor of the checkpoint (``every``) has, or would have, that key; and none at
+    all under a prefix one of whose matrices would (a dual encoder's ``vit.encoder…`` beside ``text_model.encoder…``
+    keeps its prefix on every name: its text tower would pair with the vision one; AST's ``layernorm.weight`` beside
+    its classifier's is one 1-D name, not a tower)."""
     keys = [pairing_key(n) for n in every]
     own = set(keys)
     tails = Counter(pairing_key(k.partition(".")[2]) for k in keys if "." in k)  # each name without its first component
@@ -207,11 +209,16 @@ def _encoder_keys(names: list[str], every: list[str]) -> dict[str, str]:
         head, _, tail = key.partition(".")
         return pairing_key(tail) if head in ENCODER_PREFIXES and tail else None
 
-    # a prefix any of whose names would collide is one tower of several: kept on all its names, not only those
-    towers = {k.partition(".")[0] for k in keys if (b := bare(k)) is not None and (b in own or tails[b] > 1)}
+    def collides(b: str) -> bool:
+        return b in own or tails[b] > 1
+
+    # a prefix any of whose matrices would collide is one tower of several: kept on all its names, not only those
+    towers = {k.partition(".")[0] for k, info in zip(keys, every.values())
+              if len(info.shape) >= 2 and (b := bare(k)) is not None and collides(b)}
     found: dict[str, list[str]] = {}
     for n in names:
-        if (b := bare(pairing_key(n))) is not None and pairing_key(n).partition(".")[0] not in towers:
+        key = pairing_key(n)
+        if (b := bare(key)) is not None and not collides(b) and key.partition(".")[0] not in towers:
             found.setdefault(b, []).append(n)
     return {k: v[0] for k, v in found.items() if len(v) == 1}
 
@@ -511,7 +518,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     matched_b: set[str] = set()
     matched_t: set[str] = set()
     flipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # layer matrices stored transposed on one side
-    matches = _match_names(list(base.tensors), list(tuned.tensors))
+    matches = _match_names(base.tensors, tuned.tensors)
     for bn, tn in matches:
         matched_b.add(bn)
         matched_t.add(tn)
@@ -607,7 +614,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     for note in (expert_layouts_differ(result.base_only, result.tuned_only, bspecs, tspecs, base, tuned),
                  head_tied_in_tuned_only(result.base_only, bspecs, tspecs, tuned, base),
                  head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
-                 spelling_differs(result.base_only, result.tuned_only, base, tuned), prefix_dropped(matches),
+                 spelling_differs(result.base_only, result.tuned_only, base, tuned),
+                 prefix_dropped([(b, t) for b, t in matches if t in tspecs]),
                  *([] if single else counts_differ(bspecs, tspecs, base, tuned))):
         if note:
             result.notes.append(note)

@@ -123,7 +123,7 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     first, last = res.checkpoints[start]["step"], res.checkpoints[-1]["step"]
     r0, r1 = _at(res, start, rank), _at(res, -1, rank)
     n0, n1 = (_at(res, i, lambda p: p.get("rel_norm")) for i in (start, -1))
-    unmoved = f" (at step {res.checkpoints[0]['step']} no matrix had moved from the base)" if start else ""
+    unmoved = f" (before step {first} no matrix had moved from the base)" if start else ""
     if r0 is not None and r1 is not None:
         size = f"; ‖ΔW‖/‖W_base‖ from {n0:.3g} to {n1:.3g}" if n0 is not None and n1 is not None else ""
         if start == len(res.checkpoints) - 1:  # one checkpoint: a state, not a change
@@ -138,7 +138,7 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if len(res.checkpoints) > 1 and (turn := _turn_finding(res, f"step {first}" if start else "the first checkpoint")) is not None:
         out.append(turn)
     if res.kind == "lora":
-        u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (0, -1))
+        u0, u1 = (_at(res, i, lambda p: p.get("effective_rank_over_r")) for i in (start, -1))
         if u0 is not None and u1 is not None:
             since = f", {u0:.0%} at step {first}" if len(res.checkpoints) > 1 else ""
             out.append(Finding("adapter", f"LoRA's effective rank is {u1:.0%} of r at step {last} (median over modules){since}.",

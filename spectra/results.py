@@ -486,7 +486,7 @@ class DiffResult:
         label, or, when pandas is not installed, as that list of dicts.
 
         Example:
-            >>> res.summary()                      # doctest: +SKIP (pandas shows every column in a wide console)
+            >>> res.summary()                      # doctest: +SKIP
                     role  count  changed    p  energy_rank  energy_rank_frac  random_frac  rel_norm  lora_r lora_r_range
             module
             q_proj     q     30       30  576         26.0             0.045        0.512     0.013    <NA>         None

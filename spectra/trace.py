@@ -374,8 +374,6 @@ def trace(
                          config=asdict(config), skipped_checkpoints=found.skipped, loss_history=found.loss_history,
                          warnings=list(found.warnings), device=str(device))
     weights = [open_weights(r.path, r.kind) for r in refs]
-    for w in weights if result.kind == "full" else ():  # an adapter's weights file pairs with nothing: said as such
-        refuse_lora_file(w)
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
@@ -449,6 +447,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     result.warnings += [f"{', '.join(names[:3])}{' …' * (len(names) > 3)}: {note}" for note, names in said.items()]
     result.warnings += unpaired_warnings(unpaired)
     if all(ref.failed for ref in refs):
+        for ck in ckpts:  # an adapter's weights file given as a checkpoint: said as such
+            refuse_lora_file(ck)
         raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
                                     hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")
     for i, rec in enumerate(done, 1):  # a resumed run: finished matrices and checkpoints that failed earlier

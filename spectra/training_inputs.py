@@ -346,13 +346,14 @@ def free_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> 
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     found = []
-    with contextlib.suppress(OSError, ValueError):  # not Linux
+    with contextlib.suppress(OSError, ValueError, IndexError):  # not Linux
         found += [int(x.split()[1]) * 1024 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:")]
     with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no limit ("max")
-        # the usage counts page cache, whose inactive part the kernel reclaims before it kills (the working set)
-        fields = (cgroup / "memory.stat").read_text().split()
-        cache = int(fields[fields.index("inactive_file") + 1]) if "inactive_file" in fields else 0
-        found.append(int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text()) + cache)
+        free = int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text())
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the usage counts page cache, whose inactive part
+            fields = (cgroup / "memory.stat").read_text().split()  # the kernel reclaims before it kills (working set)
+            free += int(fields[fields.index("inactive_file") + 1]) if "inactive_file" in fields else 0
+        found.append(max(free, 0))
     return min(found) if found else None
 
 

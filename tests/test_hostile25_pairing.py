@@ -51,6 +51,8 @@ def test_a_headless_encoder_pairing_is_said(tmp_path):
     base = {f"encoder.layer.{i}.attention.self.query.weight": torch.randn(16, 16, generator=g) for i in range(2)}
     tuned = {f"distilbert.{k}": v + 1e-2 * torch.randn(v.shape, generator=g) for k, v in base.items()}
     tuned["classifier.weight"] = torch.randn(3, 16, generator=g)
+    base["encoder.layer.0.attention.self.query.bias"] = torch.zeros(16)  # a bias pairs too, but is no matrix
+    tuned["distilbert.encoder.layer.0.attention.self.query.bias"] = torch.zeros(16)
     res = spectra.diff(str(_save(tmp_path / "b", base)), str(_save(tmp_path / "t", tuned)), config=DiffConfig())
     assert len(res.modules) == 2
     assert any("2 matrices paired after dropping 'distilbert' from the front of the tuned's names" in w for w in res.warnings)
@@ -94,3 +96,22 @@ def test_pruned_experts_are_said(tmp_path):
     base2, tuned2 = _mixtral(list(range(8)), torch.Generator().manual_seed(2))
     same = spectra.diff(str(_save(tmp_path / "b2", base2, cfg)), str(_save(tmp_path / "t2", tuned2, cfg)), config=DiffConfig())
     assert not any("experts pair by their number" in w for w in same.warnings)
+
+
+def test_a_task_head_norm_beside_the_encoders_does_not_make_it_a_tower(tmp_path):
+    """AST's task model holds `audio_spectrogram_transformer.layernorm.weight` beside `classifier.layernorm.weight`:
+    one 1-D name that would collide. The review found this round's tower rule keeping the prefix on every name (no
+    pair with the headless base, "are both checkpoints of the same architecture?"); only a colliding matrix makes a
+    tower, and the colliding norm alone keeps its prefix."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layers.{i}.attention.{m}.weight": torch.randn(32, 32, generator=g) for i in range(2) for m in ("q_proj", "k_proj")}
+    base["layernorm.weight"] = torch.ones(32)
+    tuned = {f"audio_spectrogram_transformer.{k}": v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+    tuned["classifier.layernorm.weight"] = torch.ones(32)
+    tuned["classifier.dense.weight"] = torch.randn(5, 32, generator=g)
+    res = spectra.diff(str(_save(tmp_path / "b", base)), str(_save(tmp_path / "t", tuned)), config=DiffConfig())
+    assert len(res.modules) == 4
+    for m in res.modules:
+        bare = m.name.removeprefix("audio_spectrogram_transformer.")
+        ref = np.linalg.norm((tuned[m.name] - base[bare]).double().numpy())
+        assert abs(m.fro_norm - ref) < 1e-6 * ref

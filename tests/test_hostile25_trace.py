@@ -48,7 +48,7 @@ def test_a_step_zero_copy_of_the_base_keeps_the_rank_sentence_and_opposite_turns
     found = trace_findings(tmp_path / "t.json", res.to_dict())
     text = " ".join(f.text for f in found)
     rank = next(f for f in found if "median rank" in f.text)
-    assert "From step 5 to step 10" in rank.text and "(at step 0 no matrix had moved from the base)" in rank.text
+    assert "From step 5 to step 10" in rank.text and "(before step 5 no matrix had moved from the base)" in rank.text
     qn = np.linalg.norm(0.05 * np.array([4.0, 3.0, 2.0, 1.0]))  # q_proj's ‖ΔW‖ at steps 5 and 10 (a rotation keeps it)
     wq = np.random.default_rng(5).standard_normal((32, 32))
     ref0, ref1 = np.median([qn / np.linalg.norm(wq), rels[1]]), np.median([qn / np.linalg.norm(wq), rels[2]])
@@ -63,3 +63,26 @@ def test_a_step_zero_copy_of_the_base_keeps_the_rank_sentence_and_opposite_turns
     found = trace_findings(tmp_path / "t.json", trace(base, run, config=TraceConfig(top_k=4)).to_dict())
     turn = next(f for f in found if "input directions" in f.text)
     assert "barely turned since step 5" in turn.text  # φ = cos²10° = 0.970 and 1
+
+
+def test_checkpoints_saved_with_unmerged_lora_layers_on_every_side_still_trace(tmp_path):
+    """A model saved with its LoRA layers unmerged (base_layer, lora_A, lora_B) in the base and in every checkpoint
+    pairs tensor by tensor, as diff pairs it; the review of this round's adapter-file check found trace refusing it
+    ("holds LoRA factors … an adapter's weights file") before pairing was tried."""
+    def weights(scale: float) -> dict:
+        out = {}
+        for layer in range(2):
+            for m in ("q_proj", "v_proj"):
+                p = f"model.layers.{layer}.self_attn.{m}"
+                out[p + ".base_layer.weight"] = torch.randn(32, 32, generator=torch.Generator().manual_seed(layer * 7 + len(m)))
+                out[p + ".lora_A.default.weight"] = torch.randn(4, 32, generator=torch.Generator().manual_seed(layer * 3 + 1)) * (1 + scale)
+                out[p + ".lora_B.default.weight"] = torch.full((32, 4), scale)
+        return out
+
+    save_file(weights(0.0), str(tmp_path / "base.safetensors"))
+    for step in (1, 2):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(weights(0.01 * step), str(folder / "model.safetensors"))
+    res = trace(str(tmp_path / "base.safetensors"), [str(tmp_path / "run")], config=TraceConfig(top_k=2))
+    assert res.matrices and all(len(m["points"]) == 2 for m in res.matrices)

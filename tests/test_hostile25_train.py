@@ -47,3 +47,15 @@ class _NoMeminfo(type(Path())):
         if str(self) == "/proc/meminfo":
             raise OSError("not in this test")
         return super().read_text(*args, **kwargs)
+
+
+def test_free_memory_of_a_cgroup_without_its_stat_file_or_over_its_limit(tmp_path, monkeypatch):
+    """The review: a missing memory.stat dropped the container's limit too (the host's MemAvailable used), and usage
+    above the limit gave a negative free memory ("more than the -0.1 GiB free")."""
+    monkeypatch.setattr("spectra.training_inputs.Path", _NoMeminfo)
+    gib = 2**30
+    cg = _cgroup(tmp_path / "cg", str(4 * gib), 3 * gib, 0)
+    (cg / "memory.stat").unlink()
+    assert free_memory(torch.device("cpu"), cg) == gib
+    over = _cgroup(tmp_path / "over", str(4 * gib), 5 * gib, 0)
+    assert free_memory(torch.device("cpu"), over) == 0

@@ -1,0 +1,44 @@
+"""Twenty-fifth round, memory (docs/bad_inputs.md, "twenty-fifth round"): compare measured its largest modules at
+once, one per worker, with no cap (a 128k-row embedding's module costs ~3 GB: 6 GB on two workers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from spectra.engine import CPU_BATCH_BYTES
+from tests.test_trace import write_adapter
+
+
+def test_compare_runs_a_module_above_the_batch_cap_alone(tmp_path, monkeypatch):
+    """Two adapters of three modules: two (70,000 × 512, float64 ~287 MB each, above the 256 MiB cap) may not run
+    together on two workers; a small one may run beside anything."""
+    import spectra.comparison as comparison
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (70_000, 512), "model.layers.1.mlp.up_proj.weight": (70_000, 512),
+              "model.layers.0.self_attn.q_proj.weight": (64, 64)}
+    for name in ("a", "b"):
+        write_adapter(tmp_path / name, {n: (torch.randn(o, 1, generator=g), torch.randn(1, i, generator=g))
+                                        for n, (o, i) in shapes.items()}, r=1, alpha=1.0)
+    running, most, lock = [], [0], threading.Lock()
+    measure = comparison._measure
+
+    def tracked(job, *args):
+        big = job.shape[0] * job.shape[1] * 8 > CPU_BATCH_BYTES
+        with lock:
+            running.append(big)
+            most[0] = max(most[0], sum(running))
+        time.sleep(0.3)  # long enough for a second worker to start beside it
+        try:
+            return measure(job, *args)
+        finally:
+            with lock:
+                running.remove(big)
+
+    monkeypatch.setattr(comparison, "_measure", tracked)
+    res = comparison.compare(str(tmp_path / "a"), str(tmp_path / "b"), workers=2)
+    assert len(res.modules) == 3
+    assert most[0] == 1  # never two big modules at once
