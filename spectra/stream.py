@@ -93,19 +93,20 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
 def read_ahead(tasks: list[Task], read: Callable[[Task], list[T]], cost: Callable[[Task], int], *, depth: int, workers: int,
                max_bytes: int | None, name: str) -> Iterator[T]:
     """``read(task)``'s items for every task, in order, while ``workers`` threads (one OpenMP thread
-    each) run up to ``depth`` tasks ahead and no more than ``max_bytes`` of ``cost`` (one task always
-    goes, however large). A reader's exception is re-raised here, in order; tasks not started when
-    the consumer stops are cancelled."""
+    each) run up to ``depth`` tasks ahead and no more than ``max_bytes`` of ``cost``, counting the task
+    whose items the consumer holds (one task always goes when nothing else is read or held, however
+    large). A reader's exception is re-raised here, in order; tasks not started when the consumer
+    stops are cancelled."""
     todo = deque(tasks)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix=name, initializer=one_openmp_thread) as pool:
         pending: deque = deque()
-        in_flight = 0
+        in_flight = held = 0
 
         def fill() -> None:
             nonlocal in_flight
             while todo and len(pending) < depth:
                 nbytes = cost(todo[0])
-                if pending and max_bytes is not None and in_flight + nbytes > max_bytes:
+                if (pending or held) and max_bytes is not None and in_flight + held + nbytes > max_bytes:
                     return
                 in_flight += nbytes
                 pending.append((pool.submit(read, todo.popleft()), nbytes))
@@ -115,9 +116,13 @@ def read_ahead(tasks: list[Task], read: Callable[[Task], list[T]], cost: Callabl
             while pending:
                 fut, nbytes = pending.popleft()
                 items = fut.result()
-                in_flight -= nbytes
+                # the consumer holds these until it asks for the next: a 128k-row embedding pair read while the
+                # previous one was decomposed held both (+500 MiB over the largest pair the docs give as the floor)
+                in_flight, held = in_flight - nbytes, nbytes
                 fill()
                 yield from items
+                held = 0
+                fill()
         finally:
             for fut, _ in pending:
                 fut.cancel()

@@ -42,3 +42,28 @@ def test_compare_runs_a_module_above_the_batch_cap_alone(tmp_path, monkeypatch):
     res = comparison.compare(str(tmp_path / "a"), str(tmp_path / "b"), workers=2)
     assert len(res.modules) == 3
     assert most[0] == 1  # never two big modules at once
+
+
+def test_read_ahead_counts_the_pair_the_consumer_holds():
+    """Two pairs each above half the read-ahead cap (a 128k-row embedding and its head): the second was read while
+    the first was still being decomposed (its bytes left the count when its read finished), ~500 MiB over the
+    documented floor of the largest pair. Small pairs behind a small one are still read ahead."""
+    from spectra.stream import read_ahead
+
+    log, lock = [], threading.Lock()
+
+    def read(task):
+        with lock:
+            log.append(f"read {task}")
+        return [task]
+
+    sizes = {"embed": 100, "head": 100, "a": 1, "b": 1, "c": 1}
+    for task in read_ahead(list(sizes), read, lambda t: sizes[t], depth=4, workers=1, max_bytes=150, name="t"):
+        time.sleep(0.2)  # decomposing it: a reader that may start would have started by now
+        with lock:
+            log.append(f"use {task}")
+            if task == "embed":
+                assert "read head" not in log  # 100 held + 100 > 150: after the consumer is done with it
+            if task == "head":
+                assert "read a" in log and "read b" in log  # 100 + 1 + 1 fit beside it
+    assert [x for x in log if x.startswith("use")] == [f"use {t}" for t in sizes]
