@@ -215,8 +215,8 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
     out = params.get("out_dir")
     if out and "resume" in params:
         if since is not None and (done := _finished(Path(out), since)):  # stopped while the figures were drawn
-            return (f"{done} was complete before the stop; figures may be missing (run the same command with --resume "
-                    "to draw them)")
+            return (f"{done} was complete before the stop; files written after it (figures, the CSV) may be missing: "
+                    "run the same command with --resume to write them")
         if not _journaled(Path(out)):  # stopped while the inputs were opened
             return f"stopped before any result was written to {out}: run the command again"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "

@@ -606,12 +606,12 @@ def compare(
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
             held.callback(journal.release)
-        # modules are independent: several at once, one BLAS thread each (one worker: on this thread, every thread);
-        # a module's working set is several float64 copies of its matrix: a big one (a 128k-row embedding, ~3 GB) alone
+        # modules are independent: several at once, one BLAS thread each, on pool threads even for one worker (on a busy
+        # machine torch's solvers stalled on the main thread: 14 s against 1.1 s); a module's working set is several
+        # float64 copies of its matrix: a big one (a 128k-row embedding, ~3 GB) alone
         pending = [job for i, job in enumerate(jobs) if i not in done]
         n = max(1, min(workers, len(pending)))
-        outs = (imap_one_blas_thread(measure, pending, n, cost=lambda job: 8 * job.shape[0] * job.shape[1], max_cost=CPU_BATCH_BYTES)
-                if n > 1 else (measure(job) for job in pending))
+        outs = imap_one_blas_thread(measure, pending, n, cost=lambda job: 8 * job.shape[0] * job.shape[1], max_cost=CPU_BATCH_BYTES)
         with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
             computed = iter(outs)
             for i, job in enumerate(jobs):

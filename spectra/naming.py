@@ -660,12 +660,13 @@ def _is_matrix(name: str, shape: Sequence[int], names: Container[str] = ()) -> b
 
 
 def lora_factor_names(names: Iterable[str]) -> list[str]:
-    """The PEFT LoRA factors (``lora_A``/``lora_B``/``lora_embedding_*``) among ``names`` when they are at least half
-    of them, the sign of an adapter's weights file given as a model (without its adapter_config.json: no r, no α), else
-    an empty list."""
+    """The PEFT LoRA factors (``lora_A``/``lora_B``/``lora_embedding_*``) among ``names`` when none is a ``base_layer``:
+    an adapter's weights file given as a model (without its adapter_config.json: no r, no α; its ``modules_to_save``
+    copies pair, and the LoRA update would be lost), else an empty list (no factors, or a model saved with unmerged
+    LoRA layers beside their ``base_layer``, as Phi-4-multimodal ships)."""
     names = list(names)
     factors = [n for n in names if ".lora_A." in n or ".lora_B." in n or ".lora_embedding_" in n]
-    return factors if factors and 2 * len(factors) >= len(names) else []
+    return factors if not any(".base_layer." in n for n in names) else []
 
 
 #: What to do with an adapter's weights file given as a model (every command that reads checkpoints says it).

@@ -466,8 +466,6 @@ def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Ski
     """The one-line error when no matrix pairs: every one skipped (with why), or nothing to pair."""
     single = base is tuned
     path = base.label if single else f"{base.label} vs {tuned.label}"
-    for ckpt in (base, tuned):
-        refuse_lora_file(ckpt)
     if skipped:
         what = "tensor" if single else "tensor pair"
         raise PairingError(
@@ -502,6 +500,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             matrix was skipped (the message counts the reasons, :func:`skip_summary`).
     """
     single = base is tuned
+    for ckpt in () if single else (base, tuned):  # even where its saved copies (modules_to_save) would pair
+        refuse_lora_file(ckpt)
 
     bspecs = base.specs
     tspecs = tuned.specs

@@ -67,3 +67,28 @@ def test_read_ahead_counts_the_pair_the_consumer_holds():
             if task == "head":
                 assert "read a" in log and "read b" in log  # 100 + 1 + 1 fit beside it
     assert [x for x in log if x.startswith("use")] == [f"use {t}" for t in sizes]
+
+
+def test_compare_on_one_worker_measures_off_the_main_thread(tmp_path, monkeypatch):
+    """compare(workers=1) measured on the main thread, where torch's solvers stall on a busy machine (a probe: 14 s
+    against 1.1 s on two workers for the same 16 modules; spectra.threads runs even one worker on a pool thread)."""
+    import spectra.comparison as comparison
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {f"model.layers.{i}.self_attn.q_proj.weight": (32, 32) for i in range(3)}
+    for name in ("a", "b"):
+        write_adapter(tmp_path / name, {n: (torch.randn(o, 2, generator=g), torch.randn(2, i, generator=g))
+                                        for n, (o, i) in shapes.items()}, r=2, alpha=2.0)
+    on_main, measure = [], comparison._measure
+
+    def tracked(job, *args):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return measure(job, *args)
+
+    monkeypatch.setattr(comparison, "_measure", tracked)
+    one = comparison.compare(str(tmp_path / "a"), str(tmp_path / "b"), workers=1)
+    assert len(on_main) == 3 and not any(on_main)
+    monkeypatch.setattr(comparison, "_measure", measure)
+    two = comparison.compare(str(tmp_path / "a"), str(tmp_path / "b"), workers=2)
+    for m1, m2 in zip(one.modules, two.modules):  # the same numbers on one worker and on two
+        assert m1.name == m2.name and abs(m1.phi["right"].phi_full - m2.phi["right"].phi_full) < 1e-12
