@@ -658,7 +658,6 @@ def _is_matrix(name: str, shape: Sequence[int], names: Container[str] = ()) -> b
     return "experts" in comps or tuple(comps[-2:]) in _STACKED_MODULES
 
 
-
 def lora_factor_names(names: Iterable[str]) -> list[str]:
     """The PEFT LoRA factors (``lora_A``/``lora_B``/``lora_embedding_*``) among ``names`` when none is a ``base_layer``:
     an adapter's weights file given as a model (without its adapter_config.json: no r, no α; its ``modules_to_save``

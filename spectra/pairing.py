@@ -105,9 +105,6 @@ class Pairing:
     notes: list[str] = field(default_factory=list)
 
 
-
-
-
 def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The stored ``shape`` in ``(…, out, in)`` orientation (``spec.transpose`` swaps the last two)."""
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
