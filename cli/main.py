@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -387,6 +388,9 @@ def run() -> None:
     exception (a traceback) or a Python without ``threading._shutdown`` exits the ordinary way.
     """
     _escape_unencodable_output()
+    # a name's emoji that the figure font lacks is drawn as a box; matplotlib's warning printed its own source line,
+    # per glyph, per figure, past the CLI's output (names in the results are exact)
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
     if sys.stderr is not None:
         sys.stderr = _DiagnosticStream(sys.stderr)
     if sys.stdout is not None:

@@ -55,3 +55,19 @@ def test_a_stop_while_extract_draws_its_figures_says_the_adapter_is_whole(tmp_pa
     assert not (out / ".extract-scratch").exists() and (out / "adapter_model.safetensors").is_file()
     again = cli(["extract", base, tuned, "--rank", "2", "--out", str(out), "--resume"])
     assert again.returncode == 0 and (out / "extract.png").is_file(), again.stderr
+
+
+def test_a_name_the_figure_font_lacks_prints_no_matplotlib_warnings(tmp_path):
+    """An emoji in a tensor name: `diff --report` printed matplotlib's "Glyph 128293 (\\N{FIRE}) missing from font(s)"
+    with its source line, 5-7 times per run, past the CLI's own output."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    b = {"model.layers.0.😀🔥.weight": torch.randn(16, 12, generator=g)}
+    for name, tensors in (("b", b), ("t", {k: v + 0.1 * torch.randn(16, 12, generator=g) for k, v in b.items()})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    r = cli(["diff", str(tmp_path / "b"), str(tmp_path / "t"), "--out", str(tmp_path / "o"), "--report"])
+    assert r.returncode == 0 and "Glyph" not in r.stderr and "UserWarning" not in r.stderr, r.stderr
+    assert "😀🔥" in (tmp_path / "o" / "results.csv").read_text(encoding="utf-8")
