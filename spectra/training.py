@@ -36,9 +36,11 @@ import torch
 from spectra.callbacks import SpectraTracker
 from spectra.comparison import compare
 from spectra.errors import ConfigError, SpectraError
+from spectra.io.checkpoint import open_checkpoint
 from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
 from spectra.io.paths import refuse_empty_path
+from spectra.journal import content_sample, inputs_fingerprint
 from spectra.linalg import all_finite
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
@@ -644,6 +646,8 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
                                            **train_kwargs)))
     options = {"methods": sorted(methods), "ranks": sorted(ranks) if "lora" in methods else [], "seeds": sorted(seeds),
                **{k: v for k, v in shared.items() if k not in ("method", "rank", "seed")}}
+    texts = {str(p): [content_sample(p), os.path.getsize(p)] for p in (data, eval_source) if p and os.path.isfile(p)}
+    options["inputs"] = inputs_fingerprint([open_checkpoint(base)], texts)  # the same paths, other weights or text: two sweeps
     if resume and used:
         check_sweep_options(root, options)
     if "lora" in methods and ranks:  # before the first run: a rank no matrix can hold fails now, not runs later

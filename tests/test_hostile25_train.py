@@ -59,3 +59,42 @@ def test_free_memory_of_a_cgroup_without_its_stat_file_or_over_its_limit(tmp_pat
     assert free_memory(torch.device("cpu"), cg) == gib
     over = _cgroup(tmp_path / "over", str(4 * gib), 5 * gib, 0)
     assert free_memory(torch.device("cpu"), over) == 0
+
+
+SMALL = {"steps": 3, "batch": 2, "seq_len": 8, "device": "cpu", "trace_every": 0, "eval_every": 3, "eval_batches": 1}
+
+
+def test_sweep_resume_refuses_other_text_or_weights_at_the_same_paths(tmp_path):
+    """A sweep stopped after its first run, then --data rewritten (or the base replaced) at the same path: the resume
+    kept the first run (trained on the old text or from the old base) beside runs trained on the new ones, exit 0,
+    no word (only the paths were compared)."""
+    import shutil
+
+    from spectra.training import sweep
+    from tests.train_util import base_and_text
+
+    base, data = base_and_text(tmp_path / "in", 60_000)
+
+    def stop_in_lora(name: str, rec: dict) -> None:
+        if name == "lora2" and rec["step"] == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "sw"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(str(base), str(data), str(out), methods=["lora", "full"], ranks=[2], callback=stop_in_lora, **SMALL)
+    assert (out / "full" / "train_summary.json").is_file()
+    text = Path(data).read_bytes()
+    Path(data).write_bytes(text[::-1])  # other text, the same size
+    with pytest.raises(ConfigError, match="was started with inputs"):
+        sweep(str(base), str(data), str(out), methods=["lora", "full"], ranks=[2], resume=True, **SMALL)
+    Path(data).write_bytes(text)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    weights = next(other.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v + 1 for k, v in load_file(str(weights)).items()}, str(weights))
+    shutil.rmtree(base)
+    shutil.copytree(other, base)  # the base replaced at its path
+    with pytest.raises(ConfigError, match="was started with inputs"):
+        sweep(str(base), str(data), str(out), methods=["lora", "full"], ranks=[2], resume=True, **SMALL)
