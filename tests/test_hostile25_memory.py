@@ -31,7 +31,7 @@ def test_compare_runs_a_module_above_the_batch_cap_alone(tmp_path, monkeypatch):
         with lock:
             running.append(big)
             most[0] = max(most[0], sum(running))
-        time.sleep(0.3)  # long enough for a second worker to start beside it
+        time.sleep(0.6 if big else 0.05)  # a big one outlasts the small one beside it: the next big could start then
         try:
             return measure(job, *args)
         finally:
