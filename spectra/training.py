@@ -647,9 +647,9 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     options = {"methods": sorted(methods), "ranks": sorted(ranks) if "lora" in methods else [], "seeds": sorted(seeds),
                **{k: v for k, v in shared.items() if k not in ("method", "rank", "seed")}}
     texts = {str(p): [content_sample(p), os.path.getsize(p)] for p in (data, eval_source) if p and os.path.isfile(p)}
-    options["inputs"] = inputs_fingerprint([open_checkpoint(base)], texts)  # the same paths, other weights or text: two sweeps
+    inputs = lambda: {"inputs": inputs_fingerprint([open_checkpoint(base)], texts)}  # the same paths, other weights or text
     if resume and used:
-        check_sweep_options(root, options)
+        check_sweep_options(root, options | inputs())
     if "lora" in methods and ranks:  # before the first run: a rank no matrix can hold fails now, not runs later
         _check_rank_early(TrainConfig(base=base, data=data, out=str(root / "lora"), method="lora", rank=max(ranks),
                                       **train_kwargs), "--ranks")
@@ -660,7 +660,7 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
             _refuse_inputs_in_sweep_folders(root, {"--base": base, "--data": data, "--eval-source": eval_source})
             clear_sweep_outputs(root)
         if not (resume and used):
-            atomic_write_text(root / SWEEP_OPTIONS, json.dumps(options, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(root / SWEEP_OPTIONS, json.dumps(options | inputs(), indent=2, sort_keys=True) + "\n")
         fresh: set[str] = set()  # the runs trained now: their analyses are redone
         for seed in seeds:
             suffix = f"_seed{seed}" if len(seeds) > 1 else ""
