@@ -355,7 +355,7 @@ def write_folder_report(out_dir: str | os.PathLike[str], own: str) -> tuple[Path
     target = Path(out_dir) / "report.html"
     try:
         return write_report(paths, target), []
-    except (ResultsFormatError, SpectraError) as exc:
+    except SpectraError as exc:
         if isinstance(exc, (OutputError, ConfigError)) or len(paths) == 1:
             raise
     kept, left = paths[:1], []
