@@ -52,18 +52,18 @@ def inspect_cmd(path, show_all, as_json) -> None:
     embeddings, then layers 0, 1, 2 … by number (each in q, k, v, o, gate, up, down order), then
     the rest.
     """
+    from spectra.adapter_files import adapter_file
     from spectra.inspection import inspect_checkpoint
     from spectra.io.adapter import is_adapter
     from spectra.io.checkpoint import open_checkpoint
-    from spectra.naming import LORA_FILE_HINT, lora_factor_names
 
     if is_adapter(Path(path)):  # what the adapter updates, as diff will read it
         _inspect_adapter(path, as_json)
         return
     ckpt = open_checkpoint(path)
     records = inspect_checkpoint(ckpt, include_non_matrices=show_all)
-    if factors := lora_factor_names(ckpt.tensors):  # listed as stored; the folder shows the updates they make
-        stderr().print(f"[yellow]warning:[/] {shown(f'{path} holds LoRA factors ({factors[0]}, …), listed as stored; {LORA_FILE_HINT}')}",
+    if found := adapter_file(ckpt.tensors):  # listed as stored; the folder (or the merged model) shows the updates they make
+        stderr().print(f"[yellow]warning:[/] {shown(f'{path} {found.message}; listed as stored: {found.hint}')}",
                        highlight=False, soft_wrap=True)
     if as_json:
         echo_json(json.dumps(records, indent=1, ensure_ascii=False))

@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import host_array, log10_power_sum, rank_resolution
+from spectra.metrics import host_array, log10_power_sum
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -482,8 +482,10 @@ class EsdMetrics:
             singular values resolved that far (:func:`matrix_rank`).
         entropy: WeightWatcher's spectral entropy ``−Σ pᵢ ln pᵢ / ln(rank)``, ``pᵢ = λᵢ/Σλ + 1e-10``,
             ``rank = matrix_rank + 1e-10`` (``RMT_Util.matrix_entropy``; 1 for a flat spectrum).
-        sv_max, sv_min: largest and smallest singular value.
+        sv_max, sv_min: largest and smallest singular value; sv_min None when it is below the resolution.
         rank_loss: ``M − matrix_rank``; ``weak_rank_loss``: eigenvalues below 1e-6.
+        unresolved: singular values at or below the solver's ``resolution`` (:func:`matrix_rank`), which
+            matrix_rank, rank_loss, weak_rank_loss and entropy count as 0 (an exact SVD: 0).
         mp_sigma2, mp_bulk_min, mp_bulk_max, mp_spike_threshold, mp_num_spikes, mp_softrank: the
             Marchenko–Pastur fit (:class:`MPFit`); None when it does not apply.
     """
@@ -514,9 +516,10 @@ class EsdMetrics:
     matrix_rank: int
     entropy: float | None
     sv_max: float
-    sv_min: float
+    sv_min: float | None
     rank_loss: int
     weak_rank_loss: int
+    unresolved: int
     mp_sigma2: float | None
     mp_bulk_min: float | None
     mp_bulk_max: float | None
@@ -638,62 +641,10 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         alpha_weighted=alpha_weighted, log_alpha_norm=log_alpha_norm,
         stable_rank=norm / lam_max if lam_max > 0 else None,
         matrix_rank=rank, entropy=spectral_entropy(lam, N, resolution=resolution),
-        sv_max=float(S[-1]), sv_min=float(S[0]), rank_loss=M - rank,
+        sv_max=float(S[-1]), sv_min=float(S[0]) if resolution <= 0.0 or S[0] > resolution else None, rank_loss=M - rank,
         weak_rank_loss=int(np.count_nonzero((lam < WEAK_RANK_LOSS_TOLERANCE) | np.less_equal(S, resolution))),
+        unresolved=int(np.count_nonzero(np.less_equal(S, resolution))) if resolution > 0.0 else 0,
         mp_sigma2=mp.sigma2 if mp else None, mp_bulk_min=mp.bulk_min if mp else None,
         mp_bulk_max=mp.bulk_max if mp else None, mp_spike_threshold=mp.spike_threshold if mp else None,
         mp_num_spikes=mp.num_spikes if mp else None, mp_softrank=mp.softrank if mp else None,
     )
-
-
-def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_tuned: np.ndarray | None = None, *,
-               shape: tuple[int, int], xmin: XminMethod = "fit", thresh: float = EVALS_THRESH) -> dict:
-    """The ``esd`` entry of one ``spectra diff --esd`` result: the metrics of ΔW, W_base and W_tuned.
-
-    Args:
-        S_delta: singular values of ΔW, descending (what the diff engine returns): all ``p = min(shape)``
-            of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros; None: not fitted.
-        S_base, S_tuned: full singular values of W_base and W_tuned, or None (not computed).
-            All three come from the float64 Gram route, so ranks count only singular values above its
-            resolution :func:`spectra.metrics.rank_resolution` (:func:`matrix_rank`).
-        shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`power_law_fit`.
-
-    Returns:
-        ``{"delta": {...}, "base": {...} | None, "tuned": {...} | None, "alpha_change": float | None,
-        "alpha_change_z": float | None}``, each ``{...}`` an :meth:`EsdMetrics.to_dict`;
-        ``alpha_change = α_tuned − α_base`` and ``alpha_change_z`` its size in standard errors
-        (:func:`alpha_change`).
-
-    >>> S = np.linspace(3.0, 0.1, 64)
-    >>> f = esd_fields(S, S, S, shape=(128, 64))
-    >>> f["alpha_change"], f["delta"]["M"]
-    (0.0, 64)
-    """
-    p = min(shape)
-
-    def one(S: np.ndarray | None) -> dict | None:
-        if S is None:
-            return None
-        S = np.asarray(S, dtype=np.float64).ravel()
-        if S.size > p:
-            raise ValueError(f"a {shape[0]}×{shape[1]} matrix has {p} singular values. Got {S.size} instead.")
-        lam = np.concatenate([S**2, np.zeros(p - S.size)])  # the zeros a factored update leaves implicit
-        # the diff engine's spectra come from a float64 Gram matrix: below σ₁·√(p·ε) its values are noise
-        res = rank_resolution(float(S.max()), p) if S.size and math.isfinite(float(S.max())) else 0.0
-        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh, resolution=res).to_dict()
-
-    base, tuned = one(S_base), one(S_tuned)
-    change = alpha_change(base, tuned) if base and tuned else (None, None)
-    return {"delta": one(S_delta), "base": base, "tuned": tuned, "alpha_change": change[0], "alpha_change_z": change[1]}
-
-
-def alpha_change(base: dict, tuned: dict) -> tuple[float | None, float | None]:
-    """``(α_tuned − α_base, z)`` with ``z = Δα / sqrt(σ_base² + σ_tuned²)`` from two metric records
-    (dicts with ``alpha`` and ``sigma``); ``(None, None)`` when a fit failed, z None when both σ are 0.
-    ``|z| > 2`` reads as "fine-tuning moved α beyond its fitting error" (a heuristic: the two fits are
-    not independent, and σ_α ignores the choice of xmin)."""
-    if base.get("alpha") is None or tuned.get("alpha") is None:
-        return None, None
-    d = float(tuned["alpha"] - base["alpha"])
-    s = math.hypot(base.get("sigma") or 0.0, tuned.get("sigma") or 0.0)
-    return d, (d / s if s > 0 else None)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
+from spectra.adapter_files import adapter_file
 from spectra.config import SharedOptions, config_of, cpu_by_default, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
@@ -46,7 +47,6 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, input
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
-from spectra.naming import lora_factor_names
 from spectra.pairing import MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
@@ -267,10 +267,10 @@ def esd(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    if factors := lora_factor_names(ckpt.tensors):  # an adapter's weights file given alone
-        raise ConfigError(f"holds LoRA factors ({factors[0]}, …): esd fits full weight matrices, and a rank-r "
-                          "factor's spectrum says nothing of the model's", path=ckpt.root,
-                          hint="merge the adapter into its base first, or use `spectra diff BASE ADAPTER_FOLDER --esd`")
+    if found := adapter_file(ckpt.tensors):  # an adapter's weights file given alone
+        raise ConfigError(f"{found.message}: esd fits full weight matrices, and a factor's spectrum says nothing of the "
+                          "model's", path=ckpt.root, hint="merge the adapter into its base first"
+                          + (", or use `spectra diff BASE ADAPTER_FOLDER --esd`" if found.kind == "LoRA" and not found.unmerged else ""))
     pairing = pair_checkpoints(ckpt, ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
                        split_fused=config.split_fused, what="matrices")
@@ -443,10 +443,15 @@ def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, res: list[float], pe
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
         metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r)
         pair = task.pair
+        # above REFINE_MAX_ELEMENTS, values the Gram route cannot resolve are not recomputed: said where it happens
+        unresolved = (f"{metrics.unresolved} of its {metrics.M} singular values are below the float64 Gram route's resolution "
+                      f"σ₁·√(p·ε) = {r:.3g} (not recomputed by an SVD above {REFINE_MAX_ELEMENTS:,} entries): matrix_rank, "
+                      "rank_loss, weak_rank_loss and entropy count them as 0, sv_min is null; WeightWatcher's SVD "
+                      "resolves them") if metrics.unresolved else ""
         out.append(EsdRecord(
             name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
             shape=list(unit.shape), dtype=pair.tuned_info.dtype,
-            note="; ".join(n for n in (pair.note, pair.tuned.note) if n),
+            note="; ".join(n for n in (pair.note, pair.tuned.note, unresolved) if n),
             metrics=metrics.to_dict(), seconds=per + time.perf_counter() - t,
             eigenvalues=[float(v) for v in lam] if unit.name in plotted else None,
         ))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
@@ -658,20 +658,6 @@ def _is_matrix(name: str, shape: Sequence[int], names: Container[str] = ()) -> b
     return "experts" in comps or tuple(comps[-2:]) in _STACKED_MODULES
 
 
-def lora_factor_names(names: Iterable[str]) -> list[str]:
-    """The PEFT LoRA factors (``lora_A``/``lora_B``/``lora_embedding_*``) among ``names`` when none is a ``base_layer``:
-    an adapter's weights file given as a model (without its adapter_config.json: no r, no α; its ``modules_to_save``
-    copies pair, and the LoRA update would be lost), else an empty list (no factors, or a model saved with unmerged
-    LoRA layers beside their ``base_layer``, as Phi-4-multimodal ships)."""
-    names = list(names)
-    factors = [n for n in names if ".lora_A." in n or ".lora_B." in n or ".lora_embedding_" in n]
-    return factors if not any(".base_layer." in n for n in names) else []
-
-
-#: What to do with an adapter's weights file given as a model (every command that reads checkpoints says it).
-LORA_FILE_HINT = "pass the adapter's folder (with its adapter_config.json), as TUNED or alone, with the full base model"
-
-
 def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
     """Sort key putting modules in ROLE_ORDER, unknown roles last."""
     try:
@@ -690,7 +676,6 @@ def spec_order(spec: MatrixSpec) -> tuple:
 
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
-    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "is_bias", "LORA_FILE_HINT",
-    "lora_factor_names", "module_labels",
-    "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
+    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "is_bias",
+    "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
 ]

@@ -21,16 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from spectra.adapter_files import adapter_file, factor_of
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import (
     ENCODER_PREFIXES,
-    LORA_FILE_HINT,
     MatrixSpec,
     Part,
     foreign_quant_of,
     is_bias,
-    lora_factor_names,
     pairing_key,
     quant_param_of,
     spec_order,
@@ -176,19 +175,17 @@ def _match_names(base_tensors: dict[str, TensorInfo], tuned_tensors: dict[str, T
     for key, bn in bk.items():
         if key in tk:
             matches.append((bn, tk[key]))
-    # last: an encoder's prefix (distilbert., vit. …) on one side against the headless model on the other (never both
-    # stripped: hubert. against wav2vec2. are two models), where dropping it is unambiguous
+    # last: an encoder's prefix (distilbert., vit. …) on one side against the headless model on the other, where
+    # dropping it is unambiguous; never on both sides, in one name or across names (hubert. against wav2vec2., or
+    # vit. dropped from a base name and deit. from a tuned one, are two models)
     done_b, done_t = {b for b, _ in matches}, {t for _, t in matches}
     rest_b, rest_t = [n for n in rest_b if n not in done_b], [n for n in rest_t if n not in done_t]
     plain_b, plain_t = unique_pairing_keys(rest_b), unique_pairing_keys(rest_t)
-    for bare, other, stripped_base in ((_encoder_keys(rest_b, base_tensors), plain_t, True),
-                                       (_encoder_keys(rest_t, tuned_tensors), plain_b, False)):
-        for key, name in ((k, n) for k, n in bare.items() if k in other):
-            b, t = (name, other[key]) if stripped_base else (other[key], name)
-            if b not in done_b and t not in done_t:
-                matches.append((b, t))
-                done_b.add(b)
-                done_t.add(t)
+    bare_b, bare_t = _encoder_keys(rest_b, base_tensors), _encoder_keys(rest_t, tuned_tensors)
+    from_base = [(n, plain_t[k]) for k, n in bare_b.items() if k in plain_t]
+    from_tuned = [(plain_b[k], n) for k, n in bare_t.items() if k in plain_b]
+    if not (from_base and from_tuned):
+        matches += from_base or from_tuned
     return matches
 
 
@@ -396,7 +393,7 @@ def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[
     matrix would read as unchanged. (A model that ships such layers on both sides, as Phi-4-multimodal
     does, pairs them tensor by tensor.)"""
     plain = {pairing_key(n) for n in other_alone}
-    lora = {n.split(".lora_")[0] for n in alone if ".lora_A." in n or ".lora_B." in n}
+    lora = {f[1] for n in alone if (f := factor_of(n)) is not None}  # the modules that hold factors
     for n in alone:
         module = pairing_key(n).removesuffix(".base_layer") if n.endswith(".base_layer.weight") else None
         if module is not None and module in plain and n.removesuffix(".base_layer.weight") in lora:
@@ -452,11 +449,11 @@ def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
 
 
 def refuse_lora_file(ckpt: Checkpoint) -> None:
-    """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model (:func:`lora_factor_names`): it
-    pairs with nothing, and "same architecture?" would send its user looking for the wrong mistake."""
-    if factors := lora_factor_names(ckpt.tensors):
-        raise PairingError(f"holds LoRA factors ({factors[0]}, …): an adapter's weights file, not a model", path=ckpt.label,
-                           hint=LORA_FILE_HINT)
+    """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model, or a model whose adapter layers
+    are unmerged beside their plain weights (:func:`spectra.adapter_files.adapter_file`): it pairs with nothing, or
+    only its saved copies, and "same architecture?" would send its user looking for the wrong mistake."""
+    if found := adapter_file(ckpt.tensors):
+        raise PairingError(found.message, path=ckpt.label, hint=found.hint)
 
 
 def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> None:

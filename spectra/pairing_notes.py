@@ -5,6 +5,7 @@ Each function returns a warning (beginning :data:`PAIRING_NOTE_PREFIX`) or None;
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections import Counter
 
@@ -60,26 +61,56 @@ _COUNT_KEYS = {"layer": ("num_hidden_layers", "n_layer", "n_layers", "num_layers
                "expert": ("num_local_experts", "num_experts", "n_routed_experts")}
 
 
+def _numbered(specs: dict[str, MatrixSpec], what: str) -> dict[str, set[int]]:
+    """The layer (or expert) numbers each stack holds, by the pairing key before the number: ``model.layers`` and
+    ``model.decoder.layers`` are two stacks, each layer's ``…experts`` list one (a number that is no component of
+    the key, as in a fused name, counts in stack "")."""
+    stacks: dict[str, set[int]] = {}
+    for sp in specs.values():
+        if (n := getattr(sp, what)) is None:
+            continue
+        parts = sp.key.split(".")
+        after = next((i for i, c in enumerate(parts) if c == str(sp.layer)), -1) if what == "expert" else -1
+        at = next((i for i, c in enumerate(parts) if c == str(n) and i > after), None)
+        stacks.setdefault("" if at is None else ".".join(parts[:at]), set()).add(n)
+    return stacks
+
+
+def _shard_file(ckpt: Checkpoint) -> bool:
+    """Whether the checkpoint is one shard of a sharded model given alone (``model-00001-of-00004.safetensors``)."""
+    return re.search(r"-\d+-of-\d+\.\w+$", ckpt.label) is not None
+
+
 def counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], base: Checkpoint,
                   tuned: Checkpoint) -> list[str]:
-    """Notes where the two sides hold different layer (or MoE expert) numbers: both pair by number, so after a
-    layer or expert removed or inserted (pruning, depth up-scaling) each one is measured against another one, which
-    no shape check sees. Said when the config.json files give other counts, or when neither side's numbers are a
-    subset of the other's (a checkpoint holding some of its model's layers keeps their numbers)."""
+    """Notes where a stack of layers (or a layer's MoE experts) holds other numbers on the two sides: both pair by
+    number, so after a layer or expert removed or inserted (pruning, depth up-scaling) each one is measured against
+    another one, which no shape check sees. Said when the config.json files give other counts, when neither side's
+    numbers are a subset of the other's, or when the side holding fewer in one stack holds the other's numbers in
+    another (a decoder pruned beside a whole encoder, experts pruned in one layer); not for a checkpoint holding some
+    of its model's layers under their numbers (one shard given alone)."""
     notes = []
     for what, keys in _COUNT_KEYS.items():
-        found = [sorted({getattr(s, what) for s in specs.values() if getattr(s, what) is not None}) for specs in (bspecs, tspecs)]
-        if not all(found) or found[0] == found[1]:
-            continue
+        stacks = [_numbered(specs, what) for specs in (bspecs, tspecs)]
         counts = [next((c[k] for c in (cfg, (cfg or {}).get("text_config")) if isinstance(c, dict)  # a VLM's in text_config
                         for k in keys if isinstance(c.get(k), int)), None) for cfg in (base.config, tuned.config)]
-        sets = [set(x) for x in found]
-        if (None in counts or counts[0] == counts[1]) and (sets[0] <= sets[1] or sets[1] <= sets[0]):
+        common = [g for g in stacks[0] if g in stacks[1]]
+        whole = [g for g in common if stacks[0][g] == stacks[1][g]]  # stacks the two sides hold alike
+        differ = []
+        for g in (g for g in common if stacks[0][g] != stacks[1][g]):
+            sets = (stacks[0][g], stacks[1][g])
+            fewer = 0 if len(sets[0]) < len(sets[1]) else 1
+            pruned = any(len(stacks[fewer][h]) > len(sets[fewer]) for h in whole) and not _shard_file((base, tuned)[fewer])
+            if (None not in counts and counts[0] != counts[1]) or not (sets[0] <= sets[1] or sets[1] <= sets[0]) or pruned:
+                differ.append(g)
+        if not differ:
             continue
         b, t = (f"{what}s {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} {what}s ({x[0]}–{x[-1]}, with gaps)"
-                for x in found)
+                for x in (sorted(stacks[0][differ[0]]), sorted(stacks[1][differ[0]])))
+        # where some stacks are alike, the one that differs is named
+        where = f"in {differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''} " if len(differ) < len(common) else ""
         how = "pruning, depth up-scaling" if what == "layer" else "expert pruning or merging"
-        notes.append(f"{PAIRING_NOTE_PREFIX}the base holds {b}, tuned {t}: {what}s pair by their number, so if {what}s "
+        notes.append(f"{PAIRING_NOTE_PREFIX}{where}the base holds {b}, tuned {t}: {what}s pair by their number, so if {what}s "
                      f"were removed or inserted ({how}) every {what} after that point is measured against another one (a "
                      "‖ΔW‖_F / ‖W_base‖_F near √2 ≈ 1.4 shows unrelated weights)")
     return notes
@@ -97,7 +128,7 @@ def prefix_dropped(matches: list[tuple[str, str]]) -> str | None:
     if not dropped:
         return None
     (side, head), n = dropped.most_common(1)[0]
-    return (f"{PAIRING_NOTE_PREFIX}{n} matrices paired after dropping {head!r} from the front of the {side}'s names (a "
+    return (f"{PAIRING_NOTE_PREFIX}{n} matri{'ces' if n != 1 else 'x'} paired after dropping {head!r} from the front of the {side}'s names (a "
             "model against its headless encoder); if the two sides are different models, they are not comparable")
 
 

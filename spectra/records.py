@@ -4,13 +4,14 @@ spectrum (exact or approximate), the random-matrix baselines beside them, the ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
-from spectra.esd import EVALS_THRESH, esd_fields
+from spectra.esd import EVALS_THRESH, XminMethod, esd_metrics
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
@@ -177,3 +178,56 @@ def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds
         method=f"approx/sketch{a.sketch}", seconds=seconds,
         esd=esd_entry(item.unit.shape, None, note=ESD_APPROX_NOTE) if config.esd else None,
     )
+
+
+def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_tuned: np.ndarray | None = None, *,
+               shape: tuple[int, int], xmin: XminMethod = "fit", thresh: float = EVALS_THRESH) -> dict:
+    """The ``esd`` entry of one ``spectra diff --esd`` result: the metrics of ΔW, W_base and W_tuned.
+
+    Args:
+        S_delta: singular values of ΔW, descending (what the diff engine returns): all ``p = min(shape)``
+            of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros; None: not fitted.
+        S_base, S_tuned: full singular values of W_base and W_tuned, or None (not computed).
+            All three come from the float64 Gram route, so ranks count only singular values above its
+            resolution :func:`spectra.metrics.rank_resolution` (:func:`matrix_rank`).
+        shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`power_law_fit`.
+
+    Returns:
+        ``{"delta": {...}, "base": {...} | None, "tuned": {...} | None, "alpha_change": float | None,
+        "alpha_change_z": float | None}``, each ``{...}`` an :meth:`EsdMetrics.to_dict`;
+        ``alpha_change = α_tuned − α_base`` and ``alpha_change_z`` its size in standard errors
+        (:func:`alpha_change`).
+
+    >>> S = np.linspace(3.0, 0.1, 64)
+    >>> f = esd_fields(S, S, S, shape=(128, 64))
+    >>> f["alpha_change"], f["delta"]["M"]
+    (0.0, 64)
+    """
+    p = min(shape)
+
+    def one(S: np.ndarray | None) -> dict | None:
+        if S is None:
+            return None
+        S = np.asarray(S, dtype=np.float64).ravel()
+        if S.size > p:
+            raise ValueError(f"a {shape[0]}×{shape[1]} matrix has {p} singular values. Got {S.size} instead.")
+        lam = np.concatenate([S**2, np.zeros(p - S.size)])  # the zeros a factored update leaves implicit
+        # the diff engine's spectra come from a float64 Gram matrix: below σ₁·√(p·ε) its values are noise
+        res = rank_resolution(float(S.max()), p) if S.size and math.isfinite(float(S.max())) else 0.0
+        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh, resolution=res).to_dict()
+
+    base, tuned = one(S_base), one(S_tuned)
+    change = alpha_change(base, tuned) if base and tuned else (None, None)
+    return {"delta": one(S_delta), "base": base, "tuned": tuned, "alpha_change": change[0], "alpha_change_z": change[1]}
+
+
+def alpha_change(base: dict, tuned: dict) -> tuple[float | None, float | None]:
+    """``(α_tuned − α_base, z)`` with ``z = Δα / sqrt(σ_base² + σ_tuned²)`` from two metric records
+    (dicts with ``alpha`` and ``sigma``); ``(None, None)`` when a fit failed, z None when both σ are 0.
+    ``|z| > 2`` reads as "fine-tuning moved α beyond its fitting error" (a heuristic: the two fits are
+    not independent, and σ_α ignores the choice of xmin)."""
+    if base.get("alpha") is None or tuned.get("alpha") is None:
+        return None, None
+    d = float(tuned["alpha"] - base["alpha"])
+    s = math.hypot(base.get("sigma") or 0.0, tuned.get("sigma") or 0.0)
+    return d, (d / s if s > 0 else None)

@@ -20,9 +20,7 @@ from safetensors.torch import save_file
 from spectra.errors import ConfigError, ResultsFormatError
 from spectra.esd import (
     EVALS_THRESH,
-    alpha_change,
     candidate_fits,
-    esd_fields,
     esd_metrics,
     matrix_rank,
     mp_bulk_fit,
@@ -32,6 +30,7 @@ from spectra.esd import (
 )
 from spectra.esd_results import EsdResult
 from spectra.esd_run import EsdConfig, esd
+from spectra.records import alpha_change, esd_fields
 from spectra_cli.esd import esd_cmd
 from spectra_cli.main import main
 from tests.conftest import random_lora

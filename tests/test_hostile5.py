@@ -19,11 +19,11 @@ from spectra.compare_findings import compare_findings
 from spectra.config import CompareConfig, DiffConfig, search_pattern
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError
-from spectra.esd import esd_fields
 from spectra.esd_run import EsdConfig, esd
 from spectra.extract_plan import ExtractConfig
 from spectra.interfere import InterfereConfig
 from spectra.io.checkpoint import open_checkpoint
+from spectra.records import esd_fields
 from spectra.trace import TraceConfig
 from spectra_cli.main import main
 

@@ -1,0 +1,189 @@
+"""Twenty-sixth round, inputs (docs/bad_inputs.md, "twenty-sixth round"): adapter files of other PEFT tuners, kohya
+and MLX given as a model; unmerged adapter layers beside their weights; experts or a decoder pruned in one stack
+only; encoder prefixes dropped on both sides; esd's unresolved singular values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra.config import DiffConfig
+from tests.cli_util import cli
+from tests.train_util import tiny_llama
+
+
+def _save(folder: Path, tensors: dict, config: dict | None = None, name: str = "model.safetensors") -> Path:
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata={"format": "pt"})
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def peft_files(tmp_path_factory):
+    """A tiny Llama and the weights files of a LoHa and an IA3 adapter made by PEFT, each saving a copy of lm_head."""
+    import peft
+
+    root = tmp_path_factory.mktemp("tuners")
+    tiny_llama().save_pretrained(root / "base")
+    for name, config in (("loha", peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                                                   init_weights=False)),
+                         ("ia3", peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                                 modules_to_save=["lm_head"], init_ia3_weights=False))):
+        torch.manual_seed(0)
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.parametrize("tuner,stem", [("loha", "hada_"), ("ia3", "ia3_")])
+@pytest.mark.parametrize("command", ["diff", "esd", "compare"])
+def test_other_peft_tuners_weights_files_are_refused(peft_files, tmp_path, tuner, stem, command):
+    """A LoHa (IA3) adapter's weights file given as a model: its saved lm_head copy paired with the base's and its
+    whole update was dropped, exit 0 with "1 matrix" analysed (**silent wrong numbers**)."""
+    f = str(peft_files / tuner / "adapter_model.safetensors")
+    assert any(stem in k for k in spectra.open_checkpoint(f).tensors)  # the adapter holds the tuner's own parameters
+    args = {"diff": ["diff", str(peft_files / "base"), f, "--out", str(tmp_path / "o")], "esd": ["esd", f, "--no-plots"],
+            "compare": ["compare", f, f, "--base", str(peft_files / "base")]}[command]
+    r = cli(args)
+    assert r.returncode not in (0, 2) and "Traceback" not in r.stderr, r.stderr
+    kind = {"loha": "LoHa", "ia3": "IA3"}[tuner]
+    assert f"holds {kind} adapter weights" in r.stderr and "an adapter's weights file, not a model" in r.stderr, r.stderr
+    assert ("merge the adapter into its base" if command == "esd" else "merge_and_unload") in r.stderr
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.parametrize("names,kind", [
+    (["lora_te_model_layers_0_self_attn_q_proj.lora_down.weight", "lora_te_model_layers_0_self_attn_q_proj.lora_up.weight"], "kohya LoRA"),
+    (["model.layers.0.self_attn.q_proj.lora_a", "model.layers.0.self_attn.q_proj.lora_b"], "MLX LoRA"),
+])
+def test_kohya_and_mlx_adapter_files_are_refused(tmp_path, names, kind):
+    """kohya's and MLX's LoRA files: diff said "are both checkpoints of the same architecture?", esd fitted the
+    factors as weight matrices (exit 0)."""
+    g = torch.Generator().manual_seed(0)
+    f = _save(tmp_path / "a", {names[0]: torch.randn(4, 32, generator=g), names[1]: torch.randn(32, 4, generator=g)})
+    base = _save(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": torch.randn(32, 32, generator=g)})
+    for args in (["diff", str(base), str(f), "--no-plots"], ["esd", str(f), "--no-plots"]):
+        r = cli(args)
+        assert r.returncode not in (0, 2) and f"holds {kind} factors" in r.stderr, r.stderr
+        assert "same architecture" not in r.stderr
+
+
+def test_unmerged_lora_layers_beside_their_weights_are_told_to_merge(tmp_path):
+    """`q_proj.weight` beside `q_proj.lora_A.weight` (a custom LoRA layer, no base_layer) was told "pass the adapter's
+    folder", which does not exist; loralib's bare `q_proj.lora_A` ended in "every ΔW = 0" instead."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 32, generator=g)
+    base = _save(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": w})
+    for i, suffix in enumerate(("lora_{}.weight", "lora_{}")):
+        tuned = _save(tmp_path / f"t{i}", {"model.layers.0.self_attn.q_proj.weight": w,
+                                           f"model.layers.0.self_attn.q_proj.{suffix.format('A')}": torch.randn(4, 32, generator=g),
+                                           f"model.layers.0.self_attn.q_proj.{suffix.format('B')}": torch.randn(32, 4, generator=g)})
+        r = cli(["diff", str(base), str(tuned), "--no-plots"])
+        assert r.returncode not in (0, 2) and "holds unmerged LoRA layers (model.layers.0.self_attn.q_proj.weight beside" in r.stderr, r.stderr
+        assert "merge the factors into the weights" in r.stderr and "pass the adapter's folder" not in r.stderr
+
+
+def _mixtral(pruned_layer: int | None, g: torch.Generator) -> tuple[dict, dict]:
+    """Base: 2 layers of 4 near-copies of one FFN (a sparse-upcycled MoE); tuned: the same, fine-tuned by 0.1%, with
+    expert 1 of ``pruned_layer`` removed and experts 2, 3 renumbered 1, 2."""
+    base, tuned = {}, {}
+    for layer in range(2):
+        ffn = torch.randn(48, 32, generator=g)
+        experts = [ffn + 0.05 * torch.randn(48, 32, generator=g) for _ in range(4)]
+        kept = [0, 2, 3] if layer == pruned_layer else [0, 1, 2, 3]
+        for e, w in enumerate(experts):
+            base[f"model.layers.{layer}.block_sparse_moe.experts.{e}.w1.weight"] = w
+        for new, e in enumerate(kept):
+            tuned[f"model.layers.{layer}.block_sparse_moe.experts.{new}.w1.weight"] = experts[e] + 1e-3 * torch.randn(48, 32, generator=g)
+    return base, tuned
+
+
+def test_experts_pruned_in_one_layer_are_said(tmp_path):
+    """Expert 1 of layer 0 removed, 2 and 3 renumbered (config unchanged): tuned experts 1, 2 were measured against
+    base experts 1, 2 (‖ΔW‖/‖W‖ 0.14 against 0.001 for the rest), reported as the fine-tune's largest change, no note:
+    the expert numbers were compared over the whole model (**wrong pairing, unsaid**)."""
+    cfg = dict(model_type="mixtral", num_hidden_layers=2, num_local_experts=4)
+    base, tuned = _mixtral(0, torch.Generator().manual_seed(0))
+    res = spectra.diff(str(_save(tmp_path / "b", base, cfg)), str(_save(tmp_path / "t", tuned, cfg)), config=DiffConfig())
+    far = {m.name for m in res.modules if m.rel_norm > 0.05}
+    assert far == {f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight" for e in (1, 2)}  # the wrong pairs, measured
+    assert any("in layers.0.block_sparse_moe.experts the base holds experts 0–3, tuned experts 0–2: experts pair by their "
+               "number" in w for w in res.warnings), res.warnings
+    same = spectra.diff(str(tmp_path / "b"), str(_save(tmp_path / "t2", _mixtral(None, torch.Generator().manual_seed(0))[1], cfg)),
+                        config=DiffConfig())
+    assert not any("pair by their number" in w for w in same.warnings)
+
+
+def test_a_decoder_pruned_beside_a_whole_encoder_is_said_but_not_one_shard(tmp_path):
+    """distil-whisper style: decoder layers 0 and 3 kept and renumbered 0, 1, the encoder whole: no layer note (the
+    encoder's numbers hid the decoder's). One shard of a sharded model given alone keeps its layers' numbers: no note."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.{s}.layers.{i}.self_attn.q_proj.weight": torch.randn(16, 16, generator=g) for s in ("encoder", "decoder") for i in range(4)}
+    tuned = {k: v + 1e-3 for k, v in base.items() if ".encoder." in k}
+    tuned |= {f"model.decoder.layers.{new}.self_attn.q_proj.weight": base[f"model.decoder.layers.{old}.self_attn.q_proj.weight"] + 1e-3
+              for new, old in ((0, 0), (1, 3))}
+    b = _save(tmp_path / "b", base)
+    res = spectra.diff(str(b), str(_save(tmp_path / "t", tuned)), config=DiffConfig())
+    assert any("in decoder.layers the base holds layers 0–3, tuned layers 0–1: layers pair by their number" in w
+               for w in res.warnings), res.warnings
+    shard = _save(tmp_path / "s", tuned, name="model-00001-of-00002.safetensors") / "model-00001-of-00002.safetensors"
+    res = spectra.diff(str(b), str(shard), config=DiffConfig())
+    assert not any("pair by their number" in w for w in res.warnings)
+
+
+def test_encoder_prefixes_are_never_dropped_on_both_sides(tmp_path):
+    """`vit.` dropped from a base name and `deit.` from a tuned one in the same run: both pairs made (two models
+    measured against each other), and the note named one of the two prefixes, "1 matrices"."""
+    g = torch.Generator().manual_seed(0)
+    base = {"vit.encoder.layer.0.attention.query.weight": torch.randn(16, 16, generator=g),
+            "encoder.layer.1.attention.query.weight": torch.randn(16, 16, generator=g),
+            "pooler.dense.weight": torch.randn(16, 16, generator=g)}
+    tuned = {"encoder.layer.0.attention.query.weight": torch.randn(16, 16, generator=g),
+             "deit.encoder.layer.1.attention.query.weight": torch.randn(16, 16, generator=g),
+             "pooler.dense.weight": base["pooler.dense.weight"] + 1e-3}
+    res = spectra.diff(str(_save(tmp_path / "b", base)), str(_save(tmp_path / "t", tuned)), config=DiffConfig())
+    assert [m.name for m in res.modules] == ["pooler.dense.weight"]
+    assert not any("paired after dropping" in w for w in res.warnings)
+    one = {"distilbert.encoder.layer.0.attention.query.weight": base["vit.encoder.layer.0.attention.query.weight"] + 1e-3}
+    res = spectra.diff(str(_save(tmp_path / "b1", {"encoder.layer.0.attention.query.weight": one[next(iter(one))] - 1e-3})),
+                       str(_save(tmp_path / "t1", one)), config=DiffConfig())
+    assert any("1 matrix paired after dropping 'distilbert'" in w for w in res.warnings), res.warnings
+
+
+def test_esd_says_which_values_it_could_not_resolve(tmp_path):
+    """A rank-100 product stored in float32 at 4096 × 1025 (one column past the 2²² entries esd recomputes by an SVD):
+    matrix_rank 100 where numpy's float64 SVD and WeightWatcher say 1025, sv_min 0.0, and no word of it; at 4096 × 1024
+    (recomputed) numpy's numbers. `diff --esd` never recomputes: its `unresolved` says how many it counted as 0."""
+    rng = np.random.default_rng(0)
+    W = {i: (rng.standard_normal((4096, 100)) @ rng.standard_normal((100, i)) * 0.01).astype(np.float32) for i in (1024, 1025)}
+    f = _save(tmp_path / "m", {f"model.layers.{k}.mlp.up_proj.weight": torch.from_numpy(W[i]) for k, i in enumerate(W)})
+    out = tmp_path / "o"
+    r = cli(["esd", str(f), "--no-plots", "--out", str(out)])
+    assert r.returncode == 0, r.stderr
+    recs = {m["shape"][1]: m for m in json.loads((out / "esd.json").read_text())["matrices"]}
+    for i, m in recs.items():
+        sv = np.linalg.svd(W[i].astype(np.float64), compute_uv=False)
+        tol = sv.max() * 4096 * np.finfo(np.float64).eps
+        resolved = sv > sv.max() * np.sqrt(i * np.finfo(np.float64).eps)  # the Gram route's resolution
+        if i == 1024:  # recomputed: numpy's rank and smallest value
+            assert m["matrix_rank"] == int((sv > tol).sum()) == 1024 and m["unresolved"] == 0 and not m["note"]
+            assert m["sv_min"] == pytest.approx(sv.min(), rel=1e-6)
+        else:
+            assert m["matrix_rank"] == int(resolved.sum()) == 100 and m["sv_min"] is None
+            assert m["unresolved"] == i - 100 and "925 of its 1025 singular values are below the float64 Gram route's resolution" in m["note"]
+    # diff --esd of a 512 × 256 rank-100 float32 base: its values below the resolution are counted, and said
+    Wb = (rng.standard_normal((512, 100)) @ rng.standard_normal((100, 256)) * 0.1).astype(np.float32)
+    Wt = Wb + (1e-2 * rng.standard_normal((512, 256))).astype(np.float32)
+    b, t = (_save(tmp_path / n, {"model.layers.0.mlp.up_proj.weight": torch.from_numpy(x)}) for n, x in (("b", Wb), ("t", Wt)))
+    res = spectra.diff(str(b), str(t), config=DiffConfig(esd=True))
+    esd_base = res.modules[0].esd["base"]
+    sv = np.linalg.svd(Wb.astype(np.float64), compute_uv=False)
+    assert esd_base["matrix_rank"] == int((sv > sv.max() * np.sqrt(256 * np.finfo(np.float64).eps)).sum()) == 100
+    assert esd_base["unresolved"] == 156 and esd_base["sv_min"] is None
