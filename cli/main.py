@@ -161,7 +161,11 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
             kept = kept()
         except Exception:  # the message must never stop the exit
             kept = ""
-    os.write(2, f"stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
+    try:  # a rank waiting inside the rendezvous for a peer that died is stopped here: its lines carry its rank
+        prefix = _rank_prefix()
+    except Exception:
+        prefix = ""
+    os.write(2, f"{prefix}stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
 
 

@@ -168,8 +168,9 @@ def _context(owns_group: bool) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0), str(dist.get_backend()), owns_group)
 
 
-def exchange(ctx: DistContext, obj: Any, *, where: str) -> list[Any]:
-    """All ranks' ``obj`` (a list indexed by rank), after every rank has called this.
+def exchange(ctx: DistContext, obj: Any, *, where: str, journaled: bool = True) -> list[Any]:
+    """All ranks' ``obj`` (a list indexed by rank), after every rank has called this; ``journaled``: whether rank 0
+    journals results by now (the hint of a failure then says ``--resume``).
 
     Raises:
         DistributedError: a rank died, was killed or timed out (``where`` says what was being done).
@@ -181,7 +182,8 @@ def exchange(ctx: DistContext, obj: Any, *, where: str) -> list[Any]:
         raise DistributedError(
             f"rank {ctx.rank}: another rank of the distributed run failed or was killed while {where} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'connection lost'})",
-            hint="results exchanged so far are journaled by rank 0; rerun the same command with --resume to finish",
+            hint="results exchanged so far are journaled by rank 0; rerun the same command with --resume to finish" if journaled
+            else "see that rank's error; nothing was written yet: run the same command again",
         ) from exc
     return out
 

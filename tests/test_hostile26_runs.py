@@ -1,0 +1,69 @@
+"""Twenty-sixth round, runs (docs/bad_inputs.md, "twenty-sixth round"): `diff --plan`'s read rate measured on one
+small pair on the main thread's OpenMP team; a distributed run's failure before anything was journaled."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import threadpoolctl
+import torch
+from safetensors.torch import save_file
+
+import spectra.pipeline as pipeline
+from spectra.config import DiffConfig
+from spectra.distributed import DistContext, exchange
+from spectra.errors import DistributedError
+
+
+def test_the_plans_read_probe_reads_as_the_run_does(tmp_path, monkeypatch):
+    """A model of 0.25-0.5 MiB pairs beside a 234 MiB embedding: the plan timed one 0.5 MiB pair on the main thread,
+    whose OpenMP team's barriers on a busy machine cost ~40 ms per pair, and priced the 3 s run at 60-70 s. It now
+    reads pairs up to 32 MiB in all, on a reader thread of one OpenMP thread, as the run's reader does."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"model.layers.{i}.self_attn.{m}.weight" for i in range(4) for m in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    base = {n: torch.randn(256, 256, generator=g) for n in names}
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file({n: w + 1e-3 for n, w in base.items()}, str(tmp_path / "t.safetensors"))
+    seen = []
+    real = pipeline.prepare
+
+    def spy(task, *args, **kwargs):
+        seen.append((task.pair.tuned.name, threadpoolctl.threadpool_info()))
+        return real(task, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare", spy)
+    plan = pipeline.plan_run(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), DiffConfig())
+    assert plan.tensors == 16
+    assert {n for n, _ in seen} == set(names)  # every pair (4 MiB in all, under 32), read twice
+    assert len(seen) == 2 * len(names)
+    for _, info in seen:
+        assert all(p["num_threads"] == 1 for p in info if p["user_api"] == "openmp"), info
+
+
+def test_a_rank_failing_before_anything_was_journaled_is_not_told_to_resume():
+    """A rank that failed while the ranks' inputs were compared (a truncated shard on one rank): "results exchanged so
+    far are journaled by rank 0; rerun the same command with --resume", where no --out folder existed yet and --resume
+    then said "nothing to resume"."""
+    ctx = DistContext(0, 2, 0, "gloo", False)  # no process group: the gather fails as when a peer is gone
+    with pytest.raises(DistributedError) as before:
+        exchange(ctx, 1, where="comparing the ranks' inputs", journaled=False)
+    assert "run the same command again" in before.value.hint and "--resume" not in before.value.hint
+    with pytest.raises(DistributedError) as during:
+        exchange(ctx, 1, where="exchanging results (round 1 of 2)")
+    assert "--resume" in during.value.hint
+
+
+def test_a_ranks_hard_exit_names_the_rank():
+    """A rank stuck in the rendezvous for a peer that died before joining is ended by the 20 s stop watchdog: its
+    line, "stopped at once (did not stop within 20 s) …", was the only one without the `[rank N]` of the others."""
+    script = textwrap.dedent("""
+        from spectra_cli.main import _hard_exit
+        _hard_exit(143, "did not stop within 20 s", "")
+    """)
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert res.returncode == 143 and res.stderr.strip() == "[rank 1] stopped at once (did not stop within 20 s)", res.stderr
