@@ -489,5 +489,9 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
         raise ValueError(f"scale must be a finite number (lora_alpha / r; 0 and negative ones are fine). Got {scale!r} instead.")
     Qb, Rb = torch.linalg.qr(B, mode="reduced")      # (out, r), (r, r)
     Qa, Ra = torch.linalg.qr(A.mT, mode="reduced")   # (in, r), (r, r)
-    Uc, S, Vch = torch.linalg.svd(float(scale) * (Rb @ Ra.mT), full_matrices=False)
+    core = float(scale) * (Rb @ Ra.mT)
+    if not all_finite(core):  # the SVD would fail to converge on inf: NaN values, as promised above
+        k = min(core.shape)
+        return Qb[:, :k], torch.full((k,), math.nan, dtype=core.dtype, device=core.device), Qa[:, :k].mT
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
     return Qb @ Uc, S, Vch @ Qa.mT

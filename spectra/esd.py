@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import host_array, log10_power_sum
+from spectra.metrics import check_index, check_number, host_array, log10_power_sum
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -554,9 +554,10 @@ def matrix_rank(svals: np.ndarray, N: int, *, resolution: float = 0.0) -> int:
     (3, 2)
     """
     sv = np.asarray(svals, dtype=np.float64)
+    N, resolution = check_index(N, "N", 1, 1 << 62), check_number(resolution, "resolution", 0.0)  # a NaN counted nothing
     if sv.size == 0:
         return 0
-    tol = max(float(np.max(sv)) * N * np.finfo(np.float64).eps, float(resolution))
+    tol = max(float(np.max(sv)) * N * np.finfo(np.float64).eps, resolution)
     return int(np.count_nonzero(sv > tol))
 
 
@@ -576,6 +577,7 @@ def spectral_entropy(evals: np.ndarray, N: int, *, resolution: float = 0.0) -> f
     """
     lam = as_eigenvalues(evals)
     total = float(np.sum(lam))
+    N, resolution = check_index(N, "N", 1, 1 << 62), check_number(resolution, "resolution", 0.0)
     if lam.size <= 1 or total <= 0.0:
         return None
     if resolution > 0.0:

@@ -183,6 +183,8 @@ def singular_values(
         return np.zeros(M.shape[:-2] + (min(M.shape[-2:]),), dtype=np.float64)
     if not M.is_floating_point():  # integers and booleans: exact in the decomposition's dtype
         M = M.to(dtype)
+    elif M.element_size() == 1:  # fp8 has no norm kernel; float32 holds every fp8 value exactly
+        M = M.float()
     amax = float(torch.linalg.vector_norm(M, ord=math.inf))
     if not math.isfinite(amax):
         raise ValueError("M holds NaN or Inf: its singular values are undefined.")
@@ -202,7 +204,12 @@ def singular_values(
 
 def real_tensor(M: object, name: str) -> torch.Tensor:
     """``M`` (a tensor or numpy array) detached, as a tensor; complex input is refused (a cast to a
-    real dtype would drop its imaginary part)."""
+    real dtype would drop its imaginary part). Lists and tuples are read as numpy reads them (Python
+    floats as float64), not rounded to torch's default dtype (float32, or bf16 if a caller set it)."""
+    if not isinstance(M, (torch.Tensor, np.ndarray)):
+        M = np.asarray(M)
+        if M.dtype.kind not in "biufc":  # strings, None, ragged objects: torch's TypeError named no argument
+            raise ValueError(f"{name} must hold numbers. Got numpy dtype {M.dtype} instead.")
     t = torch.as_tensor(M).detach()
     if t.is_complex():
         raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")

@@ -251,7 +251,6 @@ def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: i
         levels: per module, the ranks it may take, ascending (default every rank 1 … len(gains)).
             Consecutive levels form blocks; since each block's σ² are all ≤ the previous block's,
             the blocks' values per parameter are non-increasing too, and the greedy still applies.
-
         fill: spend what the prefix leaves (below).
 
     Returns:
@@ -272,9 +271,10 @@ def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: i
         raise ValueError(f"gains and costs must have the same length. Got {len(gains)} and {len(costs)} instead.")
     mods, reach, cost, gain, ratio = [], [], [], [], []
     for i, g in enumerate(gains):
-        if costs[i] <= 0:
-            raise ValueError(f"costs must be positive. Got {costs[i]} for module {i} instead.")
-        r, added, v = _blocks(np.asarray(g, dtype=np.float64), None if levels is None else levels[i])
+        g = np.asarray(g, dtype=np.float64)
+        if costs[i] <= 0 or not np.all(np.isfinite(g) & (g >= 0)):  # a NaN gain sorted anywhere and took a share
+            raise ValueError(f"module {i}: costs must be positive and gains finite and >= 0. Got cost {costs[i]}, gains {g[:4]} instead.")
+        r, added, v = _blocks(g, None if levels is None else levels[i])
         c = added * int(costs[i])
         mods.append(np.full(r.size, i))
         reach.append(r)

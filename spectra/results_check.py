@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from spectra.errors import ResultsFormatError
+from spectra.io.safetensors_file import MAX_DIM
 from spectra.metrics import threshold_key
 
 SCHEMA = "spectra.diff/1"
@@ -67,6 +68,8 @@ def check_document(d: Any, source: Any, *, unique: bool = True) -> None:
     th = d["thresholds"]
     if not isinstance(th, list) or not th or not all(is_num(t) and 0 < t <= 1 for t in th):
         fail("a non-empty array of numbers in (0, 1]", th, "thresholds")
+    if any(b <= a for a, b in zip(th, th[1:])):  # spectra diff writes them sorted, each once
+        impossible("thresholds", th, "each threshold is listed once, in increasing order", source)
     keys = [threshold_key(t) for t in th]
     if not isinstance(d["modules"], list):
         fail("an array of objects", d["modules"], "modules")
@@ -84,6 +87,8 @@ def check_document(d: Any, source: Any, *, unique: bool = True) -> None:
     for key in ("elapsed_s",):
         if key in d and not (is_num(d[key]) and d[key] >= 0):
             fail("a non-negative number", d[key], key)
+    if d.get("device") is not None and not isinstance(d["device"], str):  # the report printed "on 5"
+        fail("a string or null", d["device"], "device")
     if "complete" in d and not isinstance(d["complete"], bool):  # "no" would read as a finished run
         fail("true or false", d["complete"], "complete")
     seen: set[str] = set()
@@ -139,6 +144,11 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     p = min(m["shape"])
     if p < 1:  # spectra diff skips empty matrices: none is ever in ``modules``
         impossible(f"{at}.shape", m["shape"], "a matrix has at least one row and one column", source)
+    if max(m["shape"]) > MAX_DIM:  # the checkpoint readers refuse such an axis
+        impossible(f"{at}.shape", m["shape"], f"no axis spectra reads is larger than {MAX_DIM} (2^31)", source)
+    for key in ("layer", "expert"):  # indices parsed from names have at most 18 digits (spectra.naming)
+        if is_int(m.get(key)) and m[key] >= 10**18:
+            impossible(f"{at}.{key}", m[key], "an index in a tensor name has at most 18 digits", source)
     for key in ("energy_rank", "random_energy_rank", "signal_rank"):
         ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}
         for k, v in ranks.items():

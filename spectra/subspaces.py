@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import finite_tensor, singular_values
+from spectra.linalg import finite_tensor, real_tensor, singular_values
 from spectra.metrics import (
     amplification_factor,
     check_energy_range,
@@ -104,7 +104,7 @@ def _to64(x: Tensor, device: torch.device | None, name: str) -> torch.Tensor:
 
 
 def _eps(x: Tensor) -> float:
-    t = torch.as_tensor(x)
+    t = real_tensor(x, "Q")  # a list as the measures read it (float64), not in torch's default dtype
     return torch.finfo(t.dtype).eps if t.is_floating_point() else torch.finfo(torch.float64).eps
 
 
@@ -121,7 +121,12 @@ def _basis(Q: Tensor, name: str, device: torch.device | None) -> torch.Tensor:
     Every measure here is only meaningful on orthonormal bases (φ of a raw matrix can exceed 1), so
     the check is not optional; it costs O(d·k²), the same order as the measures themselves. The
     tolerance, ``max(1e-6, min(100·eps(dtype)·√d, 0.02))`` on ``max |QᵀQ − I|``, passes float32 SVD bases
-    and bf16/fp16 roundings of orthonormal ones (QᵀQ moves by ≤ ~2·eps), never a raw weight matrix."""
+    and bf16/fp16 roundings of orthonormal ones (QᵀQ moves by ≤ ~2·eps), never a raw weight matrix.
+
+    An accepted basis not orthonormal to float64 precision (``max |QᵀQ − I| > 1e-10``: a float32, fp16 or
+    bf16 rounding) is orthonormalised in float64 (QR, column signs kept; the span is what the measures use):
+    the cosines σ(QAᵀQB) of rounded bases are biased (0.1° between a bf16 basis and itself). A basis
+    orthonormal to float64 precision comes back unchanged, bit for bit."""
     Q64 = _matrix(Q, name, device)
     d, k = Q64.shape
     if k == 0 or k > d:
@@ -133,6 +138,9 @@ def _basis(Q: Tensor, name: str, device: torch.device | None) -> torch.Tensor:
             f"{name} must have orthonormal columns (max |{name}ᵀ{name} − I| <= {tol:.1e}). Got {err:.3e} instead; "
             "build bases with spectra.subspaces.top_subspace."
         )
+    if err > 1e-10:
+        Q64, R = torch.linalg.qr(Q64)
+        Q64 = torch.where(R.diagonal() < 0, -Q64, Q64)  # each column's sign as given: R's diagonal near ±1
     return Q64
 
 
