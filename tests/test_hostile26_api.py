@@ -157,3 +157,27 @@ def test_metric_arguments_and_budget_gains_are_checked():
         with pytest.raises(ValueError, match="module 1: costs must be positive and gains finite"):
             allocate_budget([np.array([4.0, 1.0]), np.array([bad, 0.5])], [1, 1], 2)
     assert allocate_budget([np.array([4.0, 1.0]), np.array([2.0, 0.5])], [1, 1], 2).ranks == [1, 1]
+
+
+
+def test_compare_loader_refuses_impossible_sizes_and_layers(tmp_path):
+    """compare.json with `out` 2**70 or a layer 2**70 was loaded (the diff loader now refuses both): the findings would
+    state them."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from spectra.compare_records import CompareResult
+    from spectra.errors import ResultsFormatError
+    from tests.pair_util import small_pair
+
+    b, t = small_pair(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in load_file(b).items()}, str(tmp_path / "t2.safetensors"))
+    doc = spectra.compare(t, str(tmp_path / "t2.safetensors"), base=b).to_dict()
+    assert CompareResult.from_dict(json.loads(json.dumps(doc))).modules  # as written: loads
+    for key, value in (("out", 2**70), ("in", 2**40), ("layer", 2**70)):
+        bad = json.loads(json.dumps(doc))
+        bad["modules"][0][key] = value
+        with pytest.raises(ResultsFormatError, match=f"modules\\[0\\]\\.{key}"):
+            CompareResult.from_dict(bad, source="compare.json")
