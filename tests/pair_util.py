@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,3 +16,12 @@ def small_pair(root: Path) -> tuple[str, str]:
     save_file(W, str(root / "base.safetensors"))
     save_file({k: v + 0.1 * torch.randn(*v.shape, generator=g) for k, v in W.items()}, str(root / "tuned.safetensors"))
     return str(root / "base.safetensors"), str(root / "tuned.safetensors")
+
+
+def save_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None, name: str = "model.safetensors") -> Path:
+    """``folder`` (made if new) holding ``tensors`` as safetensors file ``name`` and, given, ``config`` as config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata={"format": "pt"})
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder

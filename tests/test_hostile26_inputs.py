@@ -5,25 +5,16 @@ only; encoder prefixes dropped on both sides; esd's unresolved singular values."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import spectra
 from spectra.config import DiffConfig
 from tests.cli_util import cli
+from tests.pair_util import save_folder as _save
 from tests.train_util import tiny_llama
-
-
-def _save(folder: Path, tensors: dict, config: dict | None = None, name: str = "model.safetensors") -> Path:
-    folder.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name), metadata={"format": "pt"})
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,13 @@ from spectra.extract_plan import ExtractConfig
 from spectra.metrics import energy_rank, numerical_rank
 from spectra_cli.main import main
 from tests.conftest import random_lora
+from tests.pair_util import save_folder as _save
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=64)
-
-
-def _save(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    if config is not None:
-        (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.fixture(scope="module")
