@@ -567,8 +567,8 @@ def _stacked_in_out(
     """Whether a 3-D expert stack is stored ``(experts, in, out)`` (transpose it), and a note when
     that was judged from shapes or could not be judged.
 
-    Shapes first: the model width (``hidden``) is the input of gate/up and the output of down, and a
-    ``gate_up`` stack beside its ``down`` is ``(2I, H)``/``(H, I)`` as (out, in). A model type's known
+    Shapes first: a ``gate_up`` stack beside its ``down`` is ``(2I, H)``/``(H, I)`` as (out, in), else the model
+    width (``hidden``) is the input of gate/up and the output of down. A model type's known
     layout (:data:`EXPERTS_IN_OUT`, :data:`EXPERTS_OUT_IN`) gives way only to the module's own pair:
     Qwen3-VL-MoE ships ``(E, H, 2I)`` but transformers 5 saves ``(E, 2I, H)``. Then Llama-4's names;
     else ``(out, in)``, as ``nn.Linear`` stores it. Square stacks (gpt-oss) need the model type.
@@ -593,7 +593,8 @@ def _stacked_in_out(
         as_in_out = gu[-2] == dn[-1] and gu[-1] == 2 * dn[-2]
         if as_out_in != as_in_out:
             by_pair = as_in_out
-    if in_out is None and by_pair is not None:
+    if by_pair is not None and by_pair != in_out:  # the module's own pair outranks the model width, which can be another
+        # block's (muse_spark's experts run at moe_hidden_size, 2·I of them equal to hidden_size: gate and up were mixed)
         in_out, how = by_pair, "shapes: gate_up beside down_proj"
     known = True if mt in EXPERTS_IN_OUT else False if mt in EXPERTS_OUT_IN else None
     if in_out is not None and known is not None:

@@ -178,3 +178,23 @@ def test_esd_says_which_values_it_could_not_resolve(tmp_path):
     sv = np.linalg.svd(Wb.astype(np.float64), compute_uv=False)
     assert esd_base["matrix_rank"] == int((sv > sv.max() * np.sqrt(256 * np.finfo(np.float64).eps)).sum()) == 100
     assert esd_base["unresolved"] == 156 and esd_base["sv_min"] is None
+
+
+def test_an_expert_stacks_own_pair_outranks_the_model_width(tmp_path):
+    """muse_spark's experts run at moe_hidden_size (16 here) beside hidden_size 64 = 2·I: the width rule read the
+    (E, 2I, H_moe) gate_up stack as (experts, in, out), transposed it and split gate from up along its input features:
+    a change of the gate rows only was reported as gate 5.9 and up 6.8 (**silent wrong numbers**). The stack's own
+    down_proj (E, H_moe, I) says (out, in)."""
+    g = torch.Generator().manual_seed(0)
+    E, I, H = 4, 32, 16
+    base = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * I, H, generator=g),
+            "model.layers.0.mlp.experts.down_proj": torch.randn(E, H, I, generator=g)}
+    tuned = dict(base)
+    gu = base["model.layers.0.mlp.experts.gate_up_proj"].clone()
+    gu[0, :I] += 0.5 * torch.randn(I, 1, generator=g) @ torch.randn(1, H, generator=g)  # expert 0's gate rows only
+    tuned["model.layers.0.mlp.experts.gate_up_proj"] = gu
+    cfg = {"model_type": "some_moe", "hidden_size": 2 * I, "num_local_experts": E}
+    res = spectra.diff(str(_save(tmp_path / "b", base, cfg)), str(_save(tmp_path / "t", tuned, cfg)), config=DiffConfig())
+    got = {m.name.rpartition(":")[2]: m.fro_norm for m in res.modules if m.expert == 0 and "gate_up" in m.name}
+    d = (gu[0] - base["model.layers.0.mlp.experts.gate_up_proj"][0]).double().numpy()
+    assert got["gate"] == pytest.approx(np.linalg.norm(d[:I]), rel=1e-6) and got["up"] == 0.0, got
