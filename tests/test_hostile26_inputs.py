@@ -198,3 +198,24 @@ def test_an_expert_stacks_own_pair_outranks_the_model_width(tmp_path):
     got = {m.name.rpartition(":")[2]: m.fro_norm for m in res.modules if m.expert == 0 and "gate_up" in m.name}
     d = (gu[0] - base["model.layers.0.mlp.experts.gate_up_proj"][0]).double().numpy()
     assert got["gate"] == pytest.approx(np.linalg.norm(d[:I]), rel=1e-6) and got["up"] == 0.0, got
+
+
+@pytest.mark.parametrize("model_type,name", [("mpt", "transformer.blocks.0.attn.Wqkv.weight"),
+                                             ("modernbert", "model.layers.0.attn.Wqkv.weight")])
+def test_plain_wqkv_blocks_are_split(tmp_path, model_type, name):
+    """MPT (`chunk(3)`) and ModernBERT (`view(…, 3, -1, head_dim)`) store Wqkv as q, k, v row blocks; it was left
+    whole with the note "wqkv uses a grouped layout" (InternLM2's, which stays unsplit)."""
+    g = torch.Generator().manual_seed(0)
+    d = 32
+    W = torch.randn(3 * d, d, generator=g)
+    T = W.clone()
+    T[d:2 * d] += 0.1 * torch.randn(d, d, generator=g)  # the k rows only
+    cfg = {"model_type": model_type, "hidden_size": d, "num_attention_heads": 4}
+    res = spectra.diff(str(_save(tmp_path / "b", {name: W}, cfg)), str(_save(tmp_path / "t", {name: T}, cfg)), config=DiffConfig())
+    got = {m.name.rpartition(":")[2]: m.fro_norm for m in res.modules}
+    ref = (T - W).double().numpy()
+    assert set(got) == {"q", "k", "v"} and got["q"] == got["v"] == 0.0, got
+    assert got["k"] == pytest.approx(np.linalg.norm(ref[d:2 * d]), rel=1e-6)
+    internlm = spectra.diff(str(_save(tmp_path / "bi", {name: W}, cfg | {"model_type": "internlm2"})),
+                            str(_save(tmp_path / "ti", {name: T}, cfg | {"model_type": "internlm2"})), config=DiffConfig())
+    assert len(internlm.modules) == 1 and "grouped layout" in (internlm.modules[0].note or "")
