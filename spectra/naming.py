@@ -39,6 +39,7 @@ ENCODER_PREFIXES = frozenset({
     "audio_spectrogram_transformer", "bit", "bros", "convnext", "convnextv2", "cvt", "dinov2_with_registers", "donut",
     "efficientnet", "esmc", "hiera", "ijepa", "layoutlmv2", "layoutlmv3", "levit", "lilt", "markuplm", "mobilevit",
     "mobilevitv2", "perceiver", "pvt", "pvt_v2", "reformer", "regnet", "resnet", "segformer",
+    "backbone", "cpmant", "git",  # Mamba, Mamba-2, FalconMamba (``backbone.``), CPM-Ant and GIT's causal LMs
 })
 
 #: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).

@@ -219,3 +219,18 @@ def test_plain_wqkv_blocks_are_split(tmp_path, model_type, name):
     internlm = spectra.diff(str(_save(tmp_path / "bi", {name: W}, cfg | {"model_type": "internlm2"})),
                             str(_save(tmp_path / "ti", {name: T}, cfg | {"model_type": "internlm2"})), config=DiffConfig())
     assert len(internlm.modules) == 1 and "grouped layout" in (internlm.modules[0].note or "")
+
+
+def test_a_headless_mamba_pairs_with_its_causal_lm(tmp_path):
+    """MambaForCausalLM stores `backbone.layers.N…` where MambaModel stores `layers.N…` (and GIT `git.`, CPM-Ant
+    `cpmant.`): nothing paired ("no weight matrix of the base pairs …")."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"backbone.layers.{i}.mixer.in_proj.weight": torch.randn(64, 16, generator=g) for i in range(2)}
+    base["lm_head.weight"] = torch.randn(50, 16, generator=g)
+    tuned = {k.removeprefix("backbone."): v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items() if k.startswith("backbone.")}
+    res = spectra.diff(str(_save(tmp_path / "b", base)), str(_save(tmp_path / "t", tuned)), config=DiffConfig())
+    assert sorted(m.name for m in res.modules) == [f"layers.{i}.mixer.in_proj.weight" for i in range(2)]
+    for m in res.modules:
+        ref = (tuned[m.name] - base["backbone." + m.name]).double().numpy()
+        assert m.fro_norm == pytest.approx(np.linalg.norm(ref), rel=1e-6)
+    assert any("paired after dropping 'backbone'" in w for w in res.warnings)
