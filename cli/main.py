@@ -161,10 +161,9 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
             kept = kept()
         except Exception:  # the message must never stop the exit
             kept = ""
-    try:  # a rank waiting inside the rendezvous for a peer that died is stopped here: its lines carry its rank
-        prefix = _rank_prefix()
-    except Exception:
-        prefix = ""
+    # a rank waiting inside the rendezvous for a peer that died is stopped here: its lines carry its rank (read from
+    # the environment: an import from this watchdog thread could wait on an import lock the stuck thread holds)
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else ""
     os.write(2, f"{prefix}stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
 

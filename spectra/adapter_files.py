@@ -5,8 +5,9 @@ IA3's ``ia3_l`` …), kohya's scripts save ``lora_down``/``lora_up`` and MLX ``l
 file holds no weight matrix of the model: given as one, only the copies it saves (``modules_to_save``: a
 task head, embeddings) would pair and the update itself would be lost. A model that ships unmerged
 adapter layers in PEFT's own layout (``X.base_layer.weight`` beside ``X.lora_A.…``, as Phi-4-multimodal)
-is a model; one whose factors sit beside the plain ``X.weight`` is a model whose updates are not in its
-weights (:attr:`AdapterFile.unmerged`).
+is a model; one whose factors sit beside the plain ``X.weight`` (loralib's layers) is a model too, whose
+weights may or may not hold the update: loralib adds it into ``weight`` in ``eval()`` and keeps the factors, so
+the names cannot tell (:attr:`AdapterFile.unmerged`: said, not refused).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class AdapterFile:
     Attributes:
         kind: ``"LoRA"`` (PEFT's), another PEFT tuner's name (``"LoHa"``, ``"IA3"`` …), ``"kohya LoRA"`` or ``"MLX LoRA"``.
         factors: the factor tensors' names, in the checkpoint's order (at least one).
-        unmerged: a factor's module also stores its plain weight (``plain``): a model saved with unmerged
-            adapter layers, whose updates are in the factors, not in its weights.
+        unmerged: a factor's module also stores its plain weight (``plain``): a model saved with its adapter
+            layers (merged into the weights or not: the names cannot tell), not an adapter file.
         plain: that weight's name when ``unmerged``, else None.
     """
 
@@ -44,10 +45,10 @@ class AdapterFile:
 
     @property
     def message(self) -> str:
-        """What the file is, for a one-line error (the factor named)."""
+        """What the file is (the factor named): for a one-line error, or a warning where :attr:`unmerged`."""
         if self.unmerged:
-            return (f"holds unmerged {self.kind} layers ({self.plain} beside {self.factors[0]}): its updates are in the "
-                    "factors, not in its weights")
+            return (f"holds {self.kind} factors beside its modules' weights ({self.plain} beside {self.factors[0]}): the "
+                    "weights are analysed as stored, the factors as tensors of their own")
         what = "LoRA factors" if self.kind == "LoRA" else (f"{self.kind} factors" if self.kind.endswith("LoRA") else f"{self.kind} adapter weights")
         return f"holds {what} ({self.factors[0]}, …): an adapter's weights file, not a model"
 
@@ -55,12 +56,13 @@ class AdapterFile:
     def hint(self) -> str:
         """What to do instead."""
         if self.unmerged:
-            return "merge the factors into the weights, W + s·B·A for LoRA, and save the model"
+            return ("if the factors are not merged into the weights (loralib merges them in eval(), and keeps them), the "
+                    "update is not in the weights: merge them, W + s·B·A for LoRA, and save the model")
         if self.kind == "LoRA":
             return LORA_FILE_HINT
-        if self.kind in PEFT_TUNER_STEMS.values():
-            return ("spectra reads LoRA, rsLoRA and DoRA adapters: merge this one into its base (merge_and_unload), save "
-                    "the model and diff it against the base")
+        if self.kind in (*PEFT_TUNER_STEMS.values(), "AdaLoRA"):
+            return ("spectra reads LoRA, rsLoRA and DoRA adapters: merge this one into its base (PEFT's merge_and_unload, "
+                    "or the tool that made it), save the model and diff it against the base")
         return "merge it into its base model and save the merged model, then diff it against the base"
 
 
@@ -70,14 +72,17 @@ def factor_of(name: str) -> tuple[str, str] | None:
     parts = name.split(".")
     for i, c in enumerate(parts[1:], 1):
         rest, kind = parts[i + 1:], None
-        if c in ("lora_A", "lora_B") or c.startswith("lora_embedding_"):
+        if c == "lora_E":  # AdaLoRA's singular values, beside its lora_A / lora_B
+            kind = "AdaLoRA"
+        elif c in ("lora_A", "lora_B") or c.startswith("lora_embedding_"):
             kind = "LoRA"
         elif c in ("lora_down", "lora_up"):
             kind = "kohya LoRA"
         elif c in ("lora_a", "lora_b") and not rest:
             kind = "MLX LoRA"
-        elif len(rest) <= 1 and all(r in ("weight", "bias") for r in rest):
-            # PEFT saves a tuner's parameter last, or as a layer's weight (OFT's oft_R.weight)
+        elif len(rest) <= 2 and (len(rest) == 1 or rest[-1:] in ([], ["weight"], ["bias"])):
+            # PEFT saves a tuner's parameter last or as a layer's weight (OFT's oft_R.weight); a model's state dict
+            # holds the adapter's name after it (hada_w1_a.default, oft_R.default.weight)
             kind = next((k for stem, k in PEFT_TUNER_STEMS.items() if c.startswith(stem) and len(c) > len(stem)), None)
         if kind is not None:
             return kind, ".".join(parts[:i])
@@ -96,7 +101,8 @@ def adapter_file(names: Iterable[str]) -> AdapterFile | None:
         return None
     stored = set(names)
     plain = next((f"{m}.weight" for m in sorted({m for _, (_, m) in found}) if f"{m}.weight" in stored), None)
-    return AdapterFile(found[0][1][0], [n for n, _ in found], plain is not None, plain)
+    kinds = {k for _, (k, _) in found}
+    return AdapterFile("AdaLoRA" if "AdaLoRA" in kinds else found[0][1][0], [n for n, _ in found], plain is not None, plain)
 
 
 __all__ = ["LORA_FILE_HINT", "PEFT_TUNER_STEMS", "AdapterFile", "adapter_file", "factor_of"]

@@ -25,7 +25,7 @@ from spectra._version import __version__
 from spectra.errors import ResultsFormatError
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.io.safetensors_file import MAX_DIM
-from spectra.results_check import impossible, is_int, is_num
+from spectra.results_check import MAX_INDEX, impossible, is_axis, is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy, phi_random_baseline
 
 SCHEMA = "spectra.compare/1"
@@ -284,10 +284,6 @@ def _positive(v: Any) -> bool:
     return is_int(v) and v >= 1
 
 
-def _axis(v: Any) -> bool:  # no axis spectra reads is larger (the checkpoint readers refuse one)
-    return _positive(v) and v <= MAX_DIM
-
-
 def _count(v: Any) -> bool:
     return is_int(v) and v >= 0
 
@@ -365,11 +361,12 @@ class _Reader:
         g = self.get
         base = {
             "name": g(m, "name", at, lambda v: isinstance(v, str), "a string"),
-            "layer": g(m, "layer", at, lambda v: v is None or (is_int(v) and 0 <= v < 10**18), "an integer or null, not negative"
+            "layer": g(m, "layer", at, lambda v: v is None or (is_int(v) and 0 <= v < MAX_INDEX), "an integer or null, not negative"
                        " (a tensor name's index has at most 18 digits)"),
             "module": g(m, "module", at, lambda v: isinstance(v, str), "a string"),
             "role": g(m, "role", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            "out": g(m, "out", at, _axis, f"a positive integer up to {MAX_DIM}"), "in_": g(m, "in", at, _axis, f"a positive integer up to {MAX_DIM}"),
+            "out": g(m, "out", at, is_axis, f"a positive integer up to {MAX_DIM}"),
+            "in_": g(m, "in", at, is_axis, f"a positive integer up to {MAX_DIM}"),
             "rank_a": g(m, "rank_a", at, _count, "an integer, not negative"),
             "rank_b": g(m, "rank_b", at, _count, "an integer, not negative"),
             "fro_a": g(m, "fro_a", at, _norm, "a number, not negative"), "fro_b": g(m, "fro_b", at, _norm, "a number, not negative"),

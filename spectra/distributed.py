@@ -226,11 +226,11 @@ class Exchanger:
         device: this rank's compute device (NCCL needs it current in the exchanging thread).
     """
 
-    def __init__(self, ctx: DistContext, rounds: int, device: torch.device) -> None:
+    def __init__(self, ctx: DistContext, rounds: int, device: torch.device, *, journaled: bool = True) -> None:
         import queue
         import threading
 
-        self.ctx, self.rounds, self.device = ctx, rounds, device
+        self.ctx, self.rounds, self.device, self.journaled = ctx, rounds, device, journaled  # journaled: see exchange
         self._out: queue.Queue = queue.Queue()
         self._in: queue.Queue = queue.Queue()
         self.received = 0  # rounds whose results were handed out by receive()
@@ -244,7 +244,8 @@ class Exchanger:
                 torch.cuda.set_device(self.device)
             for k in range(self.rounds):
                 items = self._out.get()
-                self._in.put(exchange(self.ctx, items, where=f"exchanging results (round {k + 1} of {self.rounds})"))
+                self._in.put(exchange(self.ctx, items, where=f"exchanging results (round {k + 1} of {self.rounds})",
+                                      journaled=self.journaled))
         except BaseException as exc:  # handed to the main thread, which raises it
             self._in.put(exc)
 

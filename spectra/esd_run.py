@@ -267,7 +267,7 @@ def esd(
     if resume and out_dir is None:
         raise ConfigError("resume needs the output folder of the interrupted run", hint="pass --out DIR with --resume")
     ckpt = model if isinstance(model, Checkpoint) else open_checkpoint(model)
-    if found := adapter_file(ckpt.tensors):  # an adapter's weights file given alone
+    if (found := adapter_file(ckpt.tensors)) and not found.unmerged:  # an adapter's weights file given alone
         raise ConfigError(f"{found.message}: esd fits full weight matrices, and a factor's spectrum says nothing of the "
                           "model's", path=ckpt.root, hint="merge the adapter into its base first"
                           + (", or use `spectra diff BASE ADAPTER_FOLDER --esd`" if found.kind == "LoRA" and not found.unmerged else ""))

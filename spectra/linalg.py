@@ -207,8 +207,11 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     real dtype would drop its imaginary part). Lists and tuples are read as numpy reads them (Python
     floats as float64), not rounded to torch's default dtype (float32, or bf16 if a caller set it)."""
     if not isinstance(M, (torch.Tensor, np.ndarray)):
-        M = np.asarray(M)
-        if M.dtype.kind not in "biufc":  # strings, None, ragged objects: torch's TypeError named no argument
+        try:
+            M = np.asarray(M)
+        except ValueError as exc:  # ragged lists: numpy's "inhomogeneous shape" named no argument
+            raise ValueError(f"{name} must be a rectangular array of numbers ({exc})") from None
+        if M.dtype.kind not in "biufc":  # strings, None: torch's TypeError named no argument
             raise ValueError(f"{name} must hold numbers. Got numpy dtype {M.dtype} instead.")
     t = torch.as_tensor(M).detach()
     if t.is_complex():

@@ -393,15 +393,15 @@ def _refuse_unmerged_peft(ckpt: Checkpoint, alone: list[str], other_alone: list[
     matrix would read as unchanged. (A model that ships such layers on both sides, as Phi-4-multimodal
     does, pairs them tensor by tensor.)"""
     plain = {pairing_key(n) for n in other_alone}
-    lora = {f[1] for n in alone if (f := factor_of(n)) is not None}  # the modules that hold factors
+    kinds = {f[1]: f[0] for n in alone if (f := factor_of(n)) is not None}  # the modules that hold factors: their kind
     for n in alone:
         module = pairing_key(n).removesuffix(".base_layer") if n.endswith(".base_layer.weight") else None
-        if module is not None and module in plain and n.removesuffix(".base_layer.weight") in lora:
+        if module is not None and module in plain and (kind := kinds.get(n.removesuffix(".base_layer.weight"))):
             fix = ("pass the adapter folder (PeftModel.save_pretrained) as TUNED, or merge it (merge_and_unload()) and save the model"
                    if side == "tuned" else "merge it (merge_and_unload()) and save the model, or pass the model it was made from as BASE")
             raise CheckpointFormatError(
-                f"{side} is the state dict of an unmerged PEFT model ({n} beside its lora_A/lora_B factors, where the other "
-                "input stores the plain weight): its LoRA updates are not in its weights", path=ckpt.label, hint=fix)
+                f"{side} is the state dict of an unmerged PEFT model ({n} beside its {kind} factors, where the other "
+                f"input stores the plain weight): its {kind} updates are not in its weights", path=ckpt.label, hint=fix)
 
 
 def _vocabulary_rows(ckpt: Checkpoint, specs: dict[str, MatrixSpec]) -> int | None:
@@ -452,7 +452,7 @@ def refuse_lora_file(ckpt: Checkpoint) -> None:
     """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model, or a model whose adapter layers
     are unmerged beside their plain weights (:func:`spectra.adapter_files.adapter_file`): it pairs with nothing, or
     only its saved copies, and "same architecture?" would send its user looking for the wrong mistake."""
-    if found := adapter_file(ckpt.tensors):
+    if (found := adapter_file(ckpt.tensors)) and not found.unmerged:  # factors beside their weights: a model, said
         raise PairingError(found.message, path=ckpt.label, hint=found.hint)
 
 
@@ -496,6 +496,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
     single = base is tuned
     for ckpt in () if single else (base, tuned):  # even where its saved copies (modules_to_save) would pair
         refuse_lora_file(ckpt)
+    beside = [f"{PAIRING_NOTE_PREFIX}{ckpt.label} {found.message}; {found.hint}" for ckpt in ((base,) if single else (base, tuned))
+              if (found := adapter_file(ckpt.tensors)) and found.unmerged]
 
     bspecs = base.specs
     tspecs = tuned.specs
@@ -610,7 +612,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                  head_tie_unknown_note(result.base_only, result.tuned_only, tspecs, base, tuned) if tied_head else None,
                  spelling_differs(result.base_only, result.tuned_only, base, tuned),
                  prefix_dropped([(b, t) for b, t in matches if t in tspecs]),
-                 *([] if single else counts_differ(bspecs, tspecs, base, tuned))):
+                 *([] if single else counts_differ(bspecs, tspecs, base, tuned)), *beside):
         if note:
             result.notes.append(note)
     if not result.pairs:

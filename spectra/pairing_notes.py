@@ -64,7 +64,8 @@ _COUNT_KEYS = {"layer": ("num_hidden_layers", "n_layer", "n_layers", "num_layers
 def _numbered(specs: dict[str, MatrixSpec], what: str) -> dict[str, set[int]]:
     """The layer (or expert) numbers each stack holds, by the pairing key before the number: ``model.layers`` and
     ``model.decoder.layers`` are two stacks, each layer's ``…experts`` list one (a number that is no component of
-    the key, as in a fused name, counts in stack "")."""
+    the key, as in a fused name, counts in stack "the model"). An encoder prefix is not part of the stack's name
+    (``vit.encoder.layer`` is ``encoder.layer``, as pairing drops it)."""
     stacks: dict[str, set[int]] = {}
     for sp in specs.values():
         if (n := getattr(sp, what)) is None:
@@ -72,13 +73,43 @@ def _numbered(specs: dict[str, MatrixSpec], what: str) -> dict[str, set[int]]:
         parts = sp.key.split(".")
         after = next((i for i, c in enumerate(parts) if c == str(sp.layer)), -1) if what == "expert" else -1
         at = next((i for i, c in enumerate(parts) if c == str(n) and i > after), None)
-        stacks.setdefault("" if at is None else ".".join(parts[:at]), set()).add(n)
+        first = 1 if parts[0] in ENCODER_PREFIXES and at is not None and at > 1 else 0
+        stacks.setdefault("the model" if at is None else ".".join(parts[first:at]), set()).add(n)
     return stacks
 
 
+#: File names of one shard of a sharded checkpoint (``model-00001-of-00004.safetensors``, ``consolidated.00.pth``).
+_SHARD_NAME = re.compile(r"(-\d+-of-\d+|^consolidated\.\d+)\.\w+$")
+
+
 def _shard_file(ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint is one shard of a sharded model given alone (``model-00001-of-00004.safetensors``)."""
-    return re.search(r"-\d+-of-\d+\.\w+$", ckpt.label) is not None
+    """Whether the checkpoint is one shard of a sharded model read alone (given as a file, or the one file of a folder)."""
+    files = {info.file for info in ckpt.tensors.values()}
+    return len(files) == 1 and _SHARD_NAME.search(next(iter(files)).name) is not None
+
+
+def _span(what: str, numbers: set[int]) -> str:
+    """``layers 0–3``, ``layer 3``, ``5 layers (0–7, with gaps)``."""
+    x = sorted(numbers)
+    if len(x) == 1:
+        return f"{what} {x[0]}"
+    return f"{what}s {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} {what}s ({x[0]}–{x[-1]}, with gaps)"
+
+
+def _stacks_differ(stacks: list[dict[str, set[int]]], counts: list[int | None], shard: tuple[bool, bool]) -> list[str]:
+    """The stacks both sides hold whose numbers differ in a way pairing by number cannot absorb (:func:`counts_differ`)."""
+    common = [g for g in stacks[0] if g in stacks[1]]
+    # each side's largest stack among those the two hold alike: a side that holds fewer numbers than that in another
+    # stack lost some there (one pass over the stacks: a hostile header of 10⁵ expert lists took minutes pairwise)
+    alike = [max((len(stacks[s][g]) for g in common if stacks[0][g] == stacks[1][g]), default=0) for s in (0, 1)]
+    differ = []
+    for g in (g for g in common if stacks[0][g] != stacks[1][g]):
+        sets = (stacks[0][g], stacks[1][g])
+        fewer = 0 if len(sets[0]) < len(sets[1]) else 1
+        pruned = alike[fewer] > len(sets[fewer]) and not shard[fewer]
+        if (None not in counts and counts[0] != counts[1]) or not (sets[0] <= sets[1] or sets[1] <= sets[0]) or pruned:
+            differ.append(g)
+    return differ
 
 
 def counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], base: Checkpoint,
@@ -86,32 +117,24 @@ def counts_differ(bspecs: dict[str, MatrixSpec], tspecs: dict[str, MatrixSpec], 
     """Notes where a stack of layers (or a layer's MoE experts) holds other numbers on the two sides: both pair by
     number, so after a layer or expert removed or inserted (pruning, depth up-scaling) each one is measured against
     another one, which no shape check sees. Said when the config.json files give other counts, when neither side's
-    numbers are a subset of the other's, or when the side holding fewer in one stack holds the other's numbers in
-    another (a decoder pruned beside a whole encoder, experts pruned in one layer); not for a checkpoint holding some
-    of its model's layers under their numbers (one shard given alone)."""
+    numbers are a subset of the other's, or when the side holding fewer in one stack holds more in another that the
+    two hold alike (a decoder pruned beside a whole encoder, experts pruned in one layer); not for a checkpoint
+    holding some of its model's layers under their numbers (one shard read alone)."""
     notes = []
+    shard = (_shard_file(base), _shard_file(tuned))
     for what, keys in _COUNT_KEYS.items():
         stacks = [_numbered(specs, what) for specs in (bspecs, tspecs)]
         counts = [next((c[k] for c in (cfg, (cfg or {}).get("text_config")) if isinstance(c, dict)  # a VLM's in text_config
                         for k in keys if isinstance(c.get(k), int)), None) for cfg in (base.config, tuned.config)]
-        common = [g for g in stacks[0] if g in stacks[1]]
-        whole = [g for g in common if stacks[0][g] == stacks[1][g]]  # stacks the two sides hold alike
-        differ = []
-        for g in (g for g in common if stacks[0][g] != stacks[1][g]):
-            sets = (stacks[0][g], stacks[1][g])
-            fewer = 0 if len(sets[0]) < len(sets[1]) else 1
-            pruned = any(len(stacks[fewer][h]) > len(sets[fewer]) for h in whole) and not _shard_file((base, tuned)[fewer])
-            if (None not in counts and counts[0] != counts[1]) or not (sets[0] <= sets[1] or sets[1] <= sets[0]) or pruned:
-                differ.append(g)
-        if not differ:
+        if not (differ := _stacks_differ(stacks, counts, shard)):
             continue
-        b, t = (f"{what}s {x[0]}–{x[-1]}" if x[-1] - x[0] + 1 == len(x) else f"{len(x)} {what}s ({x[0]}–{x[-1]}, with gaps)"
-                for x in (sorted(stacks[0][differ[0]]), sorted(stacks[1][differ[0]])))
         # where some stacks are alike, the one that differs is named
-        where = f"in {differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''} " if len(differ) < len(common) else ""
+        common = sum(1 for g in stacks[0] if g in stacks[1])
+        where = f"in {differ[0]}{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''} " if len(differ) < common else ""
         how = "pruning, depth up-scaling" if what == "layer" else "expert pruning or merging"
-        notes.append(f"{PAIRING_NOTE_PREFIX}{where}the base holds {b}, tuned {t}: {what}s pair by their number, so if {what}s "
-                     f"were removed or inserted ({how}) every {what} after that point is measured against another one (a "
+        notes.append(f"{PAIRING_NOTE_PREFIX}{where}the base holds {_span(what, stacks[0][differ[0]])}, tuned "
+                     f"{_span(what, stacks[1][differ[0]])}: {what}s pair by their number, so if {what}s were removed or "
+                     f"inserted ({how}) every {what} after that point is measured against another one (a "
                      "‖ΔW‖_F / ‖W_base‖_F near √2 ≈ 1.4 shows unrelated weights)")
     return notes
 

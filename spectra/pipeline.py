@@ -227,7 +227,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
     else:
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx)
+        result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx,
+                                   journaled=out_dir is not None)
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     result.add_caveat_warnings()
@@ -295,8 +296,9 @@ def _task_seconds(task: Task, cost: CostModel, config: DiffConfig) -> tuple[floa
 
 def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: DiffConfig, device: torch.device,
                       dtype: torch.dtype, writer: Journal | None, callback: Callable[[DiffEvent], None] | None,
-                      resume: bool = False, ctx: DistContext | None = None) -> DiffResult:
-    """The streaming, batched run over two full checkpoints (see the module docstring).
+                      resume: bool = False, ctx: DistContext | None = None, *, journaled: bool = False) -> DiffResult:
+    """The streaming, batched run over two full checkpoints (see the module docstring); ``journaled``: rank 0
+    journals the results (what a distributed failure's hint says).
 
     With ``ctx`` (a distributed run) every rank plans the same work, takes its cost-balanced share
     of the tensor pairs, and hands its results to a background exchange after each of ``rounds``
@@ -375,7 +377,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         if callback:
             callback(DiffEvent(done, total, module, skip))
 
-    exchanger = distributed.Exchanger(ctx, rounds, device) if ctx is not None else None
+    exchanger = distributed.Exchanger(ctx, rounds, device, journaled=journaled) if ctx is not None else None
 
     def collect(wait: bool = False) -> None:  # results the other ranks finished
         for module, skip in exchanger.receive(wait=wait):
@@ -412,6 +414,20 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
 
 
 @cpu_by_default
+def probe_tasks(tasks: list[Task], target: int = 32 << 20, most: int = 64) -> list[Task]:
+    """The tensor pairs ``--plan`` reads for the I/O rate: those nearest ``target`` bytes (stored, both sides) until
+    ``target`` in all (at most ``most``), none above :data:`PROBE_MAX_BYTES`: a plan computes nothing, and a lone 2 GB
+    pair read for a rate took minutes and its memory (the default rate is used when none is small enough). Several
+    small ones, not one: a 0.5 MiB pair's fixed cost read as a rate of 5 MB/s priced a 470 MiB embedding and head at
+    68 s, read in 2."""
+    chosen: list[Task] = []
+    for t in sorted((t for t in tasks if t.pair.stored_bytes <= PROBE_MAX_BYTES), key=lambda t: abs(t.pair.stored_bytes - target)):
+        if sum(c.pair.stored_bytes for c in chosen) >= target or len(chosen) == most:
+            break
+        chosen.append(t)
+    return chosen
+
+
 def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig | None = None, *,
              world_size: int = 1, calibrate_cost: bool = True) -> Plan:
     """What ``diff(base, tuned, config)`` will do and cost, before doing it (``spectra diff --plan``).
@@ -446,15 +462,8 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     cost = CostModel.default(device)
     if calibrate_cost:
         probe = None
-        # real pairs, those nearest 32 MiB until 32 MiB in all, read and subtracted as the run will (twice); none above
-        # 128 MiB: a plan computes nothing, and a lone 2 GB pair read for a rate took minutes and its memory (the default
-        # rate); several small ones, not one: a 0.5 MiB pair's fixed cost read as a rate of 5 MB/s priced a model's
-        # 470 MiB embedding and head at 68 s, read in 2
-        chosen: list[Task] = []
-        for t in sorted((t for t in tasks if t.pair.stored_bytes <= PROBE_MAX_BYTES), key=lambda t: abs(t.pair.stored_bytes - (32 << 20))):
-            if sum(c.pair.stored_bytes for c in chosen) >= 32 << 20 or len(chosen) == 64:
-                break
-            chosen.append(t)
+        chosen = probe_tasks(tasks)
+
         def read_chosen() -> None:
             for t in chosen:
                 prepare(t, base_ckpt, tuned_ckpt, device)  # each pair freed before the next is read

@@ -110,7 +110,7 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
     Returns:
         ``{"base", "tuned", "delta"}``, each the :meth:`spectra.esd.EsdMetrics.to_dict` of that matrix's
         eigenvalues ``λ = σ²`` (WeightWatcher's default fit) or None, with ``alpha_change`` (α_tuned −
-        α_base), ``alpha_change_z`` (:func:`spectra.esd.alpha_change`) and ``note``.
+        α_base), ``alpha_change_z`` (:func:`alpha_change`) and ``note``.
     """
     if S_delta is not None and (why := delta_fit_refusal(S_delta, shape)) is not None:
         S_delta, note = None, "; ".join(x for x in (note, why) if x)
@@ -189,8 +189,8 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
             of them, or the nonzero ones of a factored (LoRA) update, the rest being zeros; None: not fitted.
         S_base, S_tuned: full singular values of W_base and W_tuned, or None (not computed).
             All three come from the float64 Gram route, so ranks count only singular values above its
-            resolution :func:`spectra.metrics.rank_resolution` (:func:`matrix_rank`).
-        shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`power_law_fit`.
+            resolution :func:`spectra.metrics.rank_resolution` (:func:`spectra.esd.matrix_rank`).
+        shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`spectra.esd.power_law_fit`.
 
     Returns:
         ``{"delta": {...}, "base": {...} | None, "tuned": {...} | None, "alpha_change": float | None,

@@ -16,6 +16,14 @@ from spectra.metrics import threshold_key
 
 SCHEMA = "spectra.diff/1"
 
+#: Layer and expert indices are parsed from tensor names of at most 18 digits (:mod:`spectra.naming`).
+MAX_INDEX = 10**18
+
+
+def is_axis(v: Any) -> bool:
+    """Whether ``v`` is a matrix dimension spectra can have read: a whole number in ``[1, MAX_DIM]`` (2^31)."""
+    return is_int(v) and 1 <= v <= MAX_DIM
+
 
 def _type(x: Any) -> str:
     return "null" if x is None else {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(x), type(x).__name__)
@@ -144,10 +152,10 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
     p = min(m["shape"])
     if p < 1:  # spectra diff skips empty matrices: none is ever in ``modules``
         impossible(f"{at}.shape", m["shape"], "a matrix has at least one row and one column", source)
-    if max(m["shape"]) > MAX_DIM:  # the checkpoint readers refuse such an axis
+    if not all(is_axis(n) for n in m["shape"]):  # the checkpoint readers refuse such an axis
         impossible(f"{at}.shape", m["shape"], f"no axis spectra reads is larger than {MAX_DIM} (2^31)", source)
-    for key in ("layer", "expert"):  # indices parsed from names have at most 18 digits (spectra.naming)
-        if is_int(m.get(key)) and m[key] >= 10**18:
+    for key in ("layer", "expert"):
+        if is_int(m.get(key)) and m[key] >= MAX_INDEX:
             impossible(f"{at}.{key}", m[key], "an index in a tensor name has at most 18 digits", source)
     for key in ("energy_rank", "random_energy_rank", "signal_rank"):
         ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}

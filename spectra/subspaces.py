@@ -158,18 +158,19 @@ def _factors64(dW: Factored | tuple, name: str, device: torch.device | None) -> 
     if S64.ndim != 1:
         raise ValueError(f"{name}'s S must have shape (q,). Got {tuple(S64.shape)} instead.")
     q = S64.shape[0]
-    U64 = _basis(U, f"{name}'s U", device)
-    Vh64 = _matrix(Vh, f"{name}'s Vh", device)
-    if U64.shape[1] != q or Vh64.shape[0] != q:
+    U_t, Vh_t = real_tensor(U, f"{name}'s U"), real_tensor(Vh, f"{name}'s Vh")
+    if U_t.ndim != 2 or Vh_t.ndim != 2 or U_t.shape[1] != q or Vh_t.shape[0] != q:
         raise ValueError(
-            f"{name} must be U (out, q), S (q,), Vh (q, in) with one q. Got U {tuple(U64.shape)}, "
-            f"S {tuple(S64.shape)}, Vh {tuple(Vh64.shape)} instead."
+            f"{name} must be U (out, q), S (q,), Vh (q, in) with one q. Got U {tuple(U_t.shape)}, "
+            f"S {tuple(S64.shape)}, Vh {tuple(Vh_t.shape)} instead."
         )
-    V64 = _basis(Vh64.mT, f"{name}'s Vh.mT", device)
     if bool((S64 < 0).any()):
         raise ValueError(f"{name}'s S must be non-negative. Got min {float(S64.min()):.3e} instead.")
-    order = torch.argsort(S64, descending=True)  # factored_svd already sorts; a hand-built tuple may not
-    return U64[:, order], S64[order], V64[:, order].mT
+    # sorted first (a hand-built tuple may not be): _basis's QR of a rounded basis keeps each top-i span only in this order
+    order = torch.argsort(S64, descending=True)
+    U64 = _basis(U_t[:, order.to(U_t.device)], f"{name}'s U", device)
+    V64 = _basis(Vh_t[order.to(Vh_t.device)].mT, f"{name}'s Vh.mT", device)
+    return U64, S64[order], V64.mT
 
 
 def _is_factored(dW: Update) -> bool:

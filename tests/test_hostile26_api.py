@@ -181,3 +181,18 @@ def test_compare_loader_refuses_impossible_sizes_and_layers(tmp_path):
         bad["modules"][0][key] = value
         with pytest.raises(ResultsFormatError, match=f"modules\\[0\\]\\.{key}"):
             CompareResult.from_dict(bad, source="compare.json")
+
+
+def test_an_unsorted_rounded_factored_update_keeps_its_top_subspaces():
+    """The review: a hand-built (U, S, Vh) of bf16-rounded bases, S not sorted, was re-orthonormalised in the given
+    column order and sorted after, so the top-1 direction mixed in the lower-σ column."""
+    from spectra.subspaces import top_subspace
+
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.standard_normal((64, 3)))[0]
+    V = np.linalg.qr(rng.standard_normal((48, 3)))[0]
+    S = np.array([0.5, 2.0, 1.0])  # the largest in the middle
+    Ub, Vhb = torch.from_numpy(U).bfloat16(), torch.from_numpy(V.T).bfloat16()
+    top = top_subspace((Ub, torch.from_numpy(S), Vhb), 1, "left").double().numpy()
+    ref = Ub.double().numpy()[:, 1:2] / np.linalg.norm(Ub.double().numpy()[:, 1])  # the σ = 2 column, as given
+    assert abs(float(ref[:, 0] @ top[:, 0])) == pytest.approx(1.0, abs=1e-12)

@@ -66,19 +66,25 @@ def test_kohya_and_mlx_adapter_files_are_refused(tmp_path, names, kind):
         assert "same architecture" not in r.stderr
 
 
-def test_unmerged_lora_layers_beside_their_weights_are_told_to_merge(tmp_path):
+def test_lora_factors_beside_their_weights_are_said_not_refused(tmp_path):
     """`q_proj.weight` beside `q_proj.lora_A.weight` (a custom LoRA layer, no base_layer) was told "pass the adapter's
-    folder", which does not exist; loralib's bare `q_proj.lora_A` ended in "every ΔW = 0" instead."""
+    folder", which does not exist; loralib's bare `q_proj.lora_A` ended in "every ΔW = 0". The review of this round:
+    loralib merges the update into `weight` in eval() and keeps the factors, so the names cannot tell merged from
+    unmerged: a merged model is analysed (with a warning), an unmerged one has every ΔW = 0 (refused as such)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(32, 32, generator=g)
+    A, B = torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g)
     base = _save(tmp_path / "b", {"model.layers.0.self_attn.q_proj.weight": w})
     for i, suffix in enumerate(("lora_{}.weight", "lora_{}")):
-        tuned = _save(tmp_path / f"t{i}", {"model.layers.0.self_attn.q_proj.weight": w,
-                                           f"model.layers.0.self_attn.q_proj.{suffix.format('A')}": torch.randn(4, 32, generator=g),
-                                           f"model.layers.0.self_attn.q_proj.{suffix.format('B')}": torch.randn(32, 4, generator=g)})
-        r = cli(["diff", str(base), str(tuned), "--no-plots"])
-        assert r.returncode not in (0, 2) and "holds unmerged LoRA layers (model.layers.0.self_attn.q_proj.weight beside" in r.stderr, r.stderr
-        assert "merge the factors into the weights" in r.stderr and "pass the adapter's folder" not in r.stderr
+        factors = {f"model.layers.0.self_attn.q_proj.{suffix.format('A')}": A, f"model.layers.0.self_attn.q_proj.{suffix.format('B')}": B}
+        merged = _save(tmp_path / f"m{i}", {"model.layers.0.self_attn.q_proj.weight": w + 2 * B @ A, **factors})
+        res = spectra.diff(str(base), str(merged), config=DiffConfig())
+        assert res.modules[0].fro_norm == pytest.approx(np.linalg.norm(2 * (B @ A).double().numpy()), rel=1e-6)
+        assert any("holds LoRA factors beside its modules' weights (model.layers.0.self_attn.q_proj.weight beside" in w
+                   and "loralib merges them in eval()" in w for w in res.warnings), res.warnings
+        unmerged = _save(tmp_path / f"u{i}", {"model.layers.0.self_attn.q_proj.weight": w, **factors})
+        r = cli(["diff", str(base), str(unmerged), "--no-plots"])
+        assert r.returncode not in (0, 2) and "ΔW = 0" in r.stderr and "pass the adapter's folder" not in r.stderr, r.stderr
 
 
 def _mixtral(pruned_layer: int | None, g: torch.Generator) -> tuple[dict, dict]:
@@ -234,3 +240,40 @@ def test_a_headless_mamba_pairs_with_its_causal_lm(tmp_path):
         ref = (tuned[m.name] - base["backbone." + m.name]).double().numpy()
         assert m.fro_norm == pytest.approx(np.linalg.norm(ref), rel=1e-6)
     assert any("paired after dropping 'backbone'" in w for w in res.warnings)
+
+
+def test_factor_names_of_every_kind_and_a_peft_state_dicts_infix(tmp_path):
+    """The review: AdaLoRA's file (lora_E beside lora_A/B) was typed "LoRA" and sent to pass its folder (which is then
+    refused as AdaLoRA); a LoHa PEFT model's state dict (`q_proj.hada_w1_a.default` beside `q_proj.base_layer.weight`)
+    against its base read "every ΔW = 0" where the LoRA one gets the unmerged-PEFT refusal."""
+    from spectra.adapter_files import adapter_file, factor_of
+
+    ada = adapter_file(["m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight", "m.q_proj.lora_E"])
+    assert ada is not None and ada.kind == "AdaLoRA" and "merge_and_unload" in ada.hint and not ada.unmerged
+    assert factor_of("m.q_proj.hada_w1_a.default") == ("LoHa", "m.q_proj")
+    assert factor_of("m.q_proj.oft_R.default.weight") == ("OFT", "m.q_proj")
+    assert factor_of("m.q_proj.weight") is None and factor_of("m.hra_x.a.b") is None
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 16, generator=g)
+    base = _save(tmp_path / "b", {"model.q_proj.weight": w})
+    sd = _save(tmp_path / "t", {"model.q_proj.base_layer.weight": w, "model.q_proj.hada_w1_a.default": torch.randn(16, 2, generator=g)})
+    r = cli(["diff", str(base), str(sd), "--no-plots"])
+    assert r.returncode not in (0, 2) and "state dict of an unmerged PEFT model" in r.stderr and "LoHa factors" in r.stderr, r.stderr
+
+
+def test_layer_counts_are_compared_across_a_dropped_encoder_prefix_and_a_shards_folder(tmp_path):
+    """The review: `vit.encoder.layer` and `encoder.layer` were two stacks, so a tuned ViT of layers 0 and 3 kept (as
+    0, 1; config 2 layers) against its 4-layer headless base lost the count note; and a folder holding one shard (no
+    index) was not seen as a shard (the label is the folder)."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"encoder.layer.{i}.attention.query.weight": torch.randn(16, 16, generator=g) for i in range(4)}
+    tuned = {f"vit.encoder.layer.{new}.attention.query.weight": base[f"encoder.layer.{old}.attention.query.weight"] + 1e-3
+             for new, old in ((0, 0), (1, 3))}
+    res = spectra.diff(str(_save(tmp_path / "b", base, {"num_hidden_layers": 4})),
+                       str(_save(tmp_path / "t", tuned, {"num_hidden_layers": 2})), config=DiffConfig())
+    assert any("the base holds layers 0–3, tuned layers 0–1: layers pair by their number" in w for w in res.warnings), res.warnings
+    enc_dec = {f"model.{s}.layers.{i}.self_attn.q_proj.weight": torch.randn(16, 16, generator=g) for s in ("encoder", "decoder") for i in range(4)}
+    part = {k: v + 1e-3 for k, v in enc_dec.items() if ".encoder." in k or ".layers.0." in k or ".layers.1." in k}
+    b2 = _save(tmp_path / "b2", enc_dec)
+    res = spectra.diff(str(b2), str(_save(tmp_path / "s2", part, name="model-00001-of-00002.safetensors")), config=DiffConfig())
+    assert not any("pair by their number" in w for w in res.warnings), res.warnings
