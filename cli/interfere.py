@@ -115,6 +115,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
     tasks was measured, every pairwise number is null."""
     from spectra.errors import IdenticalCheckpointsError
     from spectra.interfere import changed_tasks
+    from spectra.selection import unmeasured_clause
 
     live = changed_tasks(result)
     if not result.modules or len(live) >= 2:
@@ -126,7 +127,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
          f"ΔW = 0 on every one of the {len(result.modules)} compared matrices for ")
         + (f"{who}: only {result.names[live[0]]} changed {'it' if len(result.modules) == 1 else 'any'}" if live
            else f"every task ({who})")
-        + ", so no pair of tasks was measured",
+        + ", so no pair of tasks was measured" + unmeasured_clause(result.skipped),
         path=", ".join(dict.fromkeys(result.tasks[i] for i in idle)),
         hint=identical_hint(out_dir))
 

@@ -101,7 +101,7 @@ def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
     from spectra.errors import IdenticalCheckpointsError
     from spectra.trace_checks import unchanged_text
 
-    zero = unchanged_text(result.checkpoints, result.matrices, result.config)
+    zero = unchanged_text(result.checkpoints, result.matrices, result.config, result.skipped)
     if zero is None:
         return
     raise IdenticalCheckpointsError(zero, path=result.run or f"{result.base} vs {len(result.checkpoints)} checkpoints",

@@ -61,7 +61,7 @@ from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
-from spectra.selection import fused_whole_warning, selector
+from spectra.selection import fused_whole_warning, selector, unmeasured_clause
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut
 from spectra.trace_inputs import open_weights
@@ -596,9 +596,10 @@ def _zero_tasks_warning(result: InterfereResult) -> list[str]:
     rest = ("the totals hold the other tasks only" if len(live) > 1 else
             f"no pair is measured: the totals hold {result.names[live[0]]} alone" if live else
             "no task changed any compared matrix: nothing is measured")
-    return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({'a copy' if one else 'copies'} "
-            f"of the base, or a LoRA saved at initialisation?): {'its' if one else 'their'} pairs have no interference to "
-            f"measure, and {rest}"]
+    why = (unmeasured_clause(result.skipped)[2:] if result.skipped else  # the update may sit in what was not compared
+           f"{'a copy' if one else 'copies'} of the base, or a LoRA saved at initialisation?")
+    return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({why}): {'its' if one else 'their'} "
+            f"pairs have no interference to measure, and {rest}"]
 
 
 #: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).

@@ -125,6 +125,17 @@ def refuse_empty_selection(count: int, example: str, *, include: str | None, exc
                       + ("searched in each name" if what == "matrices" else "searched in the tuned and the base name"))
 
 
+def unmeasured_clause(skipped: list[dict[str, str]], what: str = "compared") -> str:
+    """``"; 4 matrices were not compared (e.g. X: 3-D expert stack …): the update may be in them"`` for the matrices
+    a command left out (``{"name", "reason"}`` records), or ``""``: where every measured ΔW is 0, the inputs are not
+    then copies of the base (a Mixtral whose only change sits in skipped expert stacks)."""
+    if not skipped:
+        return ""
+    n, first = len(skipped), skipped[0]
+    return (f"; {n} matri{'ces were' if n > 1 else 'x was'} not {what} (e.g. {first.get('name')}: {first.get('reason')}): "
+            f"the update may be in {'them' if n > 1 else 'it'}")
+
+
 def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,
                layers: str | None = None, split_fused: bool = True, what: str = "paired matrices") -> list[Task]:
     """Expand pairs into units (parts × experts), apply the filters, and order the work so that

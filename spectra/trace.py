@@ -400,7 +400,7 @@ def trace(
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
     result.warnings += run_warnings(result.matrices)
-    if zero := unchanged_text(result.checkpoints, result.matrices, result.config):  # (the CLI exits 3 on it, as diff)
+    if zero := unchanged_text(result.checkpoints, result.matrices, result.config, result.skipped):  # (the CLI exits 3 on it, as diff)
         result.warnings.append(f"{zero}; check that you passed the fine-tuned checkpoints")
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0

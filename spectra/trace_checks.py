@@ -17,6 +17,7 @@ from spectra.numerics import unresolved_text
 from spectra.pairing import Pairing
 from spectra.pairing_notes import EXPERT_LAYOUT_NOTE
 from spectra.results import note_caveat_warnings
+from spectra.selection import unmeasured_clause
 from spectra.trace_inputs import CheckpointRef, moved
 
 #: Names shown per list in a warning before "…".
@@ -134,12 +135,14 @@ def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
                    "turn_prev and turn_first are null there (turn_note in trace.json)")]
 
 
-def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]], config: dict[str, Any] | None = None) -> str | None:
+def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]], config: dict[str, Any] | None = None,
+                   left_out: list[dict[str, str]] | None = None) -> str | None:
     """What a trace measured when ΔW is exactly zero (‖ΔW‖_F = 0) for every traced matrix at every checkpoint that was
     not marked failed (``checkpoints``: ``trace.json``'s records, in step order; ``matrices``: its matrix records):
     the checkpoints hold the base's weights (copies of it, or adapters saved at initialisation with B = 0), so the run
     has no update to trace. None when some point changed, or none was measured (every one skipped). ``config``: the
-    run's options (``trace.json``'s): a selection (include, exclude, layers) says of the matrices traced only.
+    run's options (``trace.json``'s): a selection (include, exclude, layers) says of the matrices traced only;
+    ``left_out``: the matrices not traced (``{"name", "reason"}``), which may hold the update.
 
     Said as a warning, and by ``spectra trace`` as exit 3 (as ``diff`` for identical checkpoints)."""
     used = [i for i, c in enumerate(checkpoints) if not c.get("failed")]
@@ -152,6 +155,8 @@ def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, A
         return (f"ΔW = 0 at every checkpoint for every measured point, but {skipped} point{'s were' if skipped > 1 else ' was'} "
                 "skipped (see 'skip' in trace.json)")
     at = "every checkpoint" + (" not marked failed" if len(used) < len(checkpoints) else "")
+    if left_out:  # an update only in matrices trace does not measure (3-D expert stacks): not the base's weights
+        return f"ΔW = 0 at {at} for each of the {len(matrices)} matrices traced" + unmeasured_clause(left_out, "traced")
     if any((config or {}).get(k) for k in ("include", "exclude", "layers")):  # what was left out may have changed
         return f"ΔW = 0 at {at} for each of the {len(matrices)} matrices selected (--include, --exclude, --layers)"
     lora = any(c.get("kind") == "lora" for c in checkpoints)

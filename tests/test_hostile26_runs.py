@@ -67,3 +67,28 @@ def test_a_ranks_hard_exit_names_the_rank():
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 143 and res.stderr.strip() == "[rank 1] stopped at once (did not stop within 20 s)", res.stderr
+
+
+def test_an_update_only_in_skipped_expert_stacks_is_not_called_a_copy_of_the_base(tmp_path):
+    """A Mixtral stored as 3-D expert stacks whose fine-tunes changed only expert 2: trace said "ΔW = 0 at every
+    checkpoint: they hold the base's weights", interfere "copies of the base, or a LoRA saved at initialisation?",
+    where the update sat in the stacks they skip."""
+    from tests.cli_util import cli
+    from tests.pair_util import save_folder
+
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g),
+            "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 32, 16, generator=g),
+            "model.layers.0.mlp.experts.down_proj": torch.randn(4, 16, 16, generator=g)}
+    cfg = {"model_type": "mixtral", "hidden_size": 16, "num_local_experts": 4}
+    b = save_folder(tmp_path / "base", base, cfg)
+    tuned = []
+    for i in (1, 2):
+        t = dict(base)
+        t["model.layers.0.mlp.experts.gate_up_proj"] = base["model.layers.0.mlp.experts.gate_up_proj"].clone()
+        t["model.layers.0.mlp.experts.gate_up_proj"][2] += 0.1 * i
+        tuned.append(str(save_folder(tmp_path / f"t{i}", t, cfg)))
+    for args in (["trace", str(b), *tuned, "--no-plots"], ["interfere", "--base", str(b), *tuned, "--no-plots"]):
+        r = cli(args)
+        assert r.returncode == 3 and "were not" in r.stderr and "3-D expert stack" in r.stderr and "the update may be in them" in r.stderr, r.stderr
+        assert "hold the base's weights" not in r.stderr and "copies of the base" not in r.stderr
