@@ -196,7 +196,8 @@ def eval_table(doc: dict) -> Table | None:
 @click.option("--rslora", is_flag=True, help="use_rslora (alpha = ratio × √r).")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap every rank.")
 @click.option("--embeddings", is_flag=True, help="Also recommend LoRA for embeddings and the head.")
-@click.option("--task-type", default="CAUSAL_LM", show_default=True, help="PEFT task_type of the config ('none' for none).")
+@click.option("--task-type", default="auto", show_default=True,
+              help="PEFT task_type of the config (auto: from the base's config.json, CAUSAL_LM when it is not found; 'none' for none).")
 @click.option("--out", "-o", "out_path", type=OutPath(dir_okay=False), default=None, help="Write the config JSON here too.")
 def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embeddings, task_type, out_path) -> None:
     """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the

@@ -48,6 +48,7 @@ from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_eval import EvalData
+from spectra.extract_heads import head_modules, head_of, head_records
 from spectra.extract_io import (
     JOURNAL,
     OUTPUT_FILES,
@@ -84,18 +85,11 @@ from spectra.extract_results import (
     root_sigma1,
     tied_embedding_warning,
 )
+from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.paths import checkpoint_location
-from spectra.io.peft_writer import (
-    LoraFactors,
-    adapter_config,
-    lora_layout,
-    lora_tensors,
-    saved_name,
-    task_type_for,
-    write_adapter,
-)
+from spectra.io.peft_writer import task_type_for, write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import load_renames, renames_text
@@ -140,6 +134,8 @@ class _Source:
     renames: dict[str, str] = field(default_factory=dict)  # module path as stored -> as transformers loads it
     notes: list[str] = field(default_factory=list)  # how the targets were chosen, for the warnings
     base_prefix: str = ""  # a wrapper prefix of the base names the modules drop (they take the tuned names then)
+    task_type: str | None = None  # the adapter's PEFT task_type
+    saved: list[dict] = field(default_factory=list)  # the task head's not_lora records (extract_heads), held whole
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -165,17 +161,23 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     base_prefix = "" if base.config is not None else next(
         (p.base.name[: -len(p.tuned.name)] for p in pairing.pairs
          if p.base.role == p.tuned.role and p.base.name.endswith("." + p.tuned.name)), "")
+    model_config = base.config or (tuned_ckpt.config if base_prefix else None)
+    task_type = task_type_for(model_config) if config.task_type == "auto" else config.task_type
+    # a task head PEFT stores whole (SEQ_CLS: classifier, score): never a LoRA target, listed in not_lora instead
+    heads = head_modules(task_type, [n.removeprefix(base_prefix) for n in base.tensors] + [n.removeprefix(prefix) for n in tuned_ckpt.tensors])
     for task in tasks:
         spec = task.pair.tuned
+        # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
+        module = module_of(task.pair, prefix).removeprefix(base_prefix)
+        if head_of(module, heads):
+            continue
         why = why_not_target(spec, tuple(task.pair.tuned_info.shape), config, rows_differ=task.pair.rows is not None,
                              rules=rules)
         if why:
             left.append((task, why))
             continue
         unit = task.units[0]
-        # named as the base names it: the adapter loads onto the base model (a tuned `module.` prefix must not reach it)
-        targets.append(target_of(unit.order, spec, module_of(task.pair, prefix).removeprefix(base_prefix), unit.shape,
-                                 base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
+        targets.append(target_of(unit.order, spec, module, unit.shape, base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
                                  note="; ".join(x for x in (spec.note, task.pair.note) if x), rules=rules))
         kept.append(task)
     # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
@@ -184,6 +186,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
+        if head_of(s.name.removeprefix(prefix), heads):  # the head's records say what happened to it
+            continue
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
         floating = info is not None and info.dtype.startswith(("float", "bfloat"))
         one_dim = floating and len(info.shape) == 1
@@ -202,7 +206,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             one_d.append((s.name, bn))
     return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
-                   label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix)
+                   label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
+                   saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
 
 
 def _same_key(ckpt: Checkpoint, name: str) -> str | None:
@@ -220,8 +225,10 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
                           hint="merge it (merge_and_unload) and extract from the merged model against the original base")
     keep = selector(config.include, config.exclude, config.layers)
     targets, mods, left = [], {}, []
+    task_type = task_type_for(base.config) if config.task_type == "auto" else config.task_type
+    heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
     for order, (mod, spec, base_name) in enumerate(adapter_updates(adapter, base)):
-        if not keep(spec.name, spec.layer):
+        if not keep(spec.name, spec.layer) or head_of(mod.module, heads):
             continue
         if mod.embedding and not config.embeddings:
             left.append(((spec.name, tuple(mod.shape), lora_fro(mod), tensor_fro(base, base_name)),
@@ -235,7 +242,8 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
     for s in adapter.skipped:
         left.append(((s.name, (), None, None), s.reason))
     return _Source("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
-                   one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path))
+                   one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
+                   saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])
 
 
 # ---- passes -----------------------------------------------------------------------------------------
@@ -558,8 +566,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                  and not run.has_factors(i, r)}
         if short:
             _dense_pass(src, run, config, device, stage="vectors", want=short)
-    not_lora = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
-                             config.save_modules, src.base_prefix)
+    head = {r["name"] for r in src.saved}  # the head's tensors are held whole whatever --save-modules says
+    not_lora = [r for r in one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
+                                         config.save_modules, src.base_prefix) if r["name"] not in head] + src.saved
     renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
     src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
     src.targets = [replace(t, module=src.renames.get(t.module, t.module)) for t in src.targets]
@@ -567,7 +576,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     result.fingerprint, result.version = fingerprint, __version__
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
     note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
-    result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks)
+    result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks, src.tuned)
     if cut := [m["name"] for m in result.modules if "cuts through tied singular values" in (m.get("note") or "")]:
         result.warnings.append(f"{len(cut)} of {len(result.modules)} modules (e.g. {cut[0]}) have a rank that cuts through tied "
                                "singular values: their adapter holds one of equally good choices (each one's note in extract.json)")
@@ -585,7 +594,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
                     path=f"{base_ckpt.label} vs {src.label}",
                     hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
-    _write(out, src, run, ranks, config, dtype, not_lora, result)
+    write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
     failed = None
     if evaluation is not None:
         try:
@@ -618,52 +627,6 @@ def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
     return uniform_rank([t.cost for t in targets], [t.cap for t in targets], params)
 
 
-def _adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig,
-                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
-    """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
-    a generator loading them one module at a time from the scratch shard (memory: one module), and
-    ``adapter_config.json``. Biases and saved modules come from ``not_lora``."""
-    def as_loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
-        return src.renames.get(module, module)
-
-    biases = {as_loaded(r["module"]): r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
-    full = {f"{as_loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
-            for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
-    chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r]
-    layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
-    layout += [(saved_name(n), tuple(v.shape)) for n, v in full.items()]
-
-    def tensors() -> Iterator[torch.Tensor]:
-        for i, t, r in chosen:
-            B, A = run.load(i, r)
-            # lora_bias is one flag for every adapted module: zeros where the bias did not change
-            bias = (biases.get(t.module, torch.zeros(t.shape[0])) if biases else None)
-            yield from (x for _, x in lora_tensors(LoraFactors(t.module, B, A, t.embedding, bias)))
-        yield from full.values()
-
-    adapted = {t.module: r for i, t, r in chosen}
-    groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
-    # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
-    all_modules = [as_loaded(n[: -len(".weight")].removeprefix(src.base_prefix)) for n in src.base.tensors if n.endswith(".weight")]
-    task = task_type_for(src.base.config or (src.tuned.config if src.base_prefix else None)) if config.task_type == "auto" else config.task_type
-    cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=task, rslora=config.rslora,
-                         fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
-                         modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
-                         lora_bias=bool(biases), shared_rank=groups[0] if groups else None)
-    return layout, tensors(), cfg
-
-
-def _write(out: Path, src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
-           not_lora: list[dict], result: ExtractResult) -> None:
-    layout, tensors, cfg = _adapter_files(src, run, ranks, config, not_lora)
-    files = write_adapter(out, layout, tensors, cfg, dtype)
-    result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
-                      "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"],
-                      "lora_bias": cfg["lora_bias"], "fan_in_fan_out": cfg["fan_in_fan_out"], "task_type": cfg["task_type"],
-                      "dtype": str(dtype).removeprefix("torch."), "bytes": sum(f.stat().st_size for f in files),
-                      "tensors": len(layout)}
-
-
 def _eval_inputs(base_ckpt: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> EvalData:
     """``--eval``'s inputs, checked and tokenised (:func:`spectra.extract_eval.prepare_eval`)."""
     from spectra.extract_eval import prepare_eval
@@ -685,7 +648,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Sourc
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
                           hint="rerun with --force (the run keeps them when --eval is given from the start)")
-    layout, tensors, cfg = _adapter_files(src, run, ranks_u, config, not_lora)
+    layout, tensors, cfg = adapter_files(src, run, ranks_u, config, not_lora)
     udir = out / f"uniform_r{uniform}"
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)

@@ -13,7 +13,8 @@ differ between base and tuned (a resized vocabulary), and tensors that are not a
 Per-expert 2-D matrices (Mixtral's ``experts.N.w1``) share one rank: transformers ≥ 5 fuses them on
 load and PEFT converts such an adapter only when they all have its global ``r``. Modules PEFT would
 drop on load (:mod:`spectra.peft_moe`: per-expert LoRAs of a model type PEFT does not convert,
-dense MLPs named like the experts of one it does) are not targets either.
+dense MLPs named like the experts of one it does) are not targets either, nor a task head PEFT stores whole
+(SEQ_CLS's ``classifier``, :mod:`spectra.extract_heads`).
 """
 
 from __future__ import annotations

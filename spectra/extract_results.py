@@ -49,6 +49,12 @@ from spectra.selection import Task
 from spectra.ties import TIE_REL, cut_in_tie
 
 SCHEMA = "spectra.extract/1"
+#: ``kind`` of a task head's tensor in ``not_lora``, stored whole (:mod:`spectra.extract_heads`).
+HEAD_KIND = "task head (modules_to_save)"
+#: Architecture-name endings of transformers classes with an output head over the vocabulary, which a config may
+#: tie to the input embedding (when the class itself cannot be asked).
+_LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining", "ForConditionalGeneration", "WithLMHead",
+             "DoubleHeadsModel", "Seq2SeqLM")
 
 
 @dataclass
@@ -398,14 +404,44 @@ def note_storage(result: ExtractResult, errors: dict[str, float | None], dtype: 
         f"flush towards zero), so the adapter is further from ΔW than energy_kept says; rerun with --dtype {fix} --force")
 
 
-def tied_embedding_warning(base: Checkpoint, targets: list[Target], ranks: list[int]) -> list[str]:
-    """A warning for an adapted embedding of a base that ties its output head to it (it stores no head and
-    its config does not say ``tie_word_embeddings: false``): PEFT's embedding LoRA acts on the input lookup
-    only, so the adapter reproduces the update only once merged (the merged weight is the head's too)."""
+def has_output_head(config: dict | None, *checkpoints: Checkpoint | None) -> bool:
+    """Whether the model has an output head over the vocabulary: a checkpoint stores one, or the config's
+    architecture is a class transformers ties one to the embedding (``_tied_weights_keys`` naming a module that is
+    not an embedding; by its name's ending when transformers cannot say). Unknown (no architecture): True.
+
+    >>> has_output_head({"architectures": ["BertForSequenceClassification"]}), has_output_head({"architectures": ["GPT2LMHeadModel"]})
+    (False, True)
+    """
+    if any(c is not None and any(sp.role == "head" for sp in c.specs.values()) for c in checkpoints):
+        return True
+    archs = (config or {}).get("architectures")
+    if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        return True
+    for arch in archs:
+        try:
+            import transformers
+
+            keys = getattr(getattr(transformers, arch), "_tied_weights_keys", None) or {}
+        except Exception:  # noqa: BLE001 - no transformers, or a class it does not have: the name says
+            if arch.endswith(_LM_HEADS):
+                return True
+            continue
+        if any("emb" not in k.rpartition(".")[0].rpartition(".")[2].lower() for k in keys):
+            return True
+    return False
+
+
+def tied_embedding_warning(base: Checkpoint, targets: list[Target], ranks: list[int], tuned: Checkpoint | None = None) -> list[str]:
+    """A warning for an adapted embedding of a base that ties its output head to it (it stores no head, its config
+    does not say ``tie_word_embeddings: false``, and the model has a head, :func:`has_output_head`: BERT's configs say
+    ``true`` by default, a sequence classifier has none): PEFT's embedding LoRA acts on the input lookup only, so the
+    adapter reproduces the update only once merged (the merged weight is the head's too)."""
     cfg = base.config or {}
     # the token embedding (a position embedding is not tied): the one with vocab_size rows where the config says
     emb = [t for t, r in zip(targets, ranks) if r and t.embedding and cfg.get("vocab_size") in (None, t.shape[0])]
     if not emb or cfg.get("tie_word_embeddings") is False or any(sp.role == "head" for sp in base.specs.values()):
+        return []
+    if not has_output_head(cfg, tuned):
         return []
     return [f"{emb[0].name} is tied to the output head (tie_word_embeddings): PEFT's embedding LoRA changes the input "
             "embedding only, so served unmerged the adapter leaves the tied lm_head as the base's and does not reproduce "
@@ -501,7 +537,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
 
     # an adapter's matrices stored whole (modules_to_save: an embedding, a head) are part of its update
     # too: kept exactly with --save-modules, else not extracted
-    saved = [r for r in not_lora if r.get("kind") == "modules_to_save of the adapter" and len(r.get("shape") or ()) == 2]
+    saved = [r for r in not_lora if r.get("kind") in ("modules_to_save of the adapter", HEAD_KIND) and len(r.get("shape") or ()) == 2]
     held = sq([r for r in saved if r.get("held")])
     outside = sq(not_extracted) + sq([r for r in saved if not r.get("held")])
     # a matrix left out for NaN/Inf has no ΔW energy to count: "all" is then of the matrices with one, and said so
@@ -633,5 +669,5 @@ __all__ = [
     "reads_pair_by_rows",
     "root_sigma1",
     "tail_share",
-    "tied_embedding_warning",
+    "tied_embedding_warning", "has_output_head", "HEAD_KIND",
 ]

@@ -35,11 +35,12 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
+from spectra.extract_heads import head_modules
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules, task_type_for
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
@@ -104,7 +105,7 @@ def _part_rank(m: dict, tau: float) -> tuple[int, bool]:
 
 def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget: str | None = None, alpha_ratio: float = 2.0,
               rslora: bool = False, max_rank: int | None = None, embeddings: bool = False,
-              task_type: str | None = "CAUSAL_LM") -> Recommendation:
+              task_type: str | None = "auto") -> Recommendation:
     """Recommend per-module LoRA ranks for training from a diff's results.
 
     Args:
@@ -117,7 +118,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         rslora: write ``use_rslora``.
         max_rank: cap every rank.
         embeddings: also recommend LoRA for embeddings and the output head.
-        task_type: PEFT task type written into the config.
+        task_type: PEFT task type written into the config; ``"auto"``: the one of the diff's base model
+            (:func:`spectra.io.peft_writer.task_type_for` of its ``config.json``), ``CAUSAL_LM`` when that is not found.
+            Under SEQ_CLS, TOKEN_CLS and QUESTION_ANS, PEFT trains the task head whole (:mod:`spectra.extract_heads`):
+            it gets no rank and is named in ``modules_to_save``.
 
     Raises:
         ConfigError: not diff results, τ outside (0, 1], τ not computable from the results, a bad
@@ -140,7 +144,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise ConfigError(f"--alpha-ratio must be a finite number > 0. Got {alpha_ratio} instead",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
-    check_task_type(task_type, "--task-type")  # PEFT's LoraConfig refuses any other
+    check_task_type(task_type, "--task-type", also=("auto",))  # PEFT's LoraConfig refuses any other
     where = None if isinstance(results, dict) else Path(results)
     doc = results if isinstance(results, dict) else _load(Path(results))
     if doc.get("schema") != DIFF_SCHEMA:
@@ -194,6 +198,19 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if not whole:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
     whole, unread = _as_base_names(doc, whole)
+    base_config = _base_config(doc)
+    if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
+        task_type = task_type_for(base_config) if base_config is not None else "CAUSAL_LM"
+    # the task head PEFT trains whole under this task type (SEQ_CLS: classifier, score): no LoRA rank, no LoRA parameters
+    heads = head_modules(task_type, [p + ".weight" for p in whole])
+    if held := [p for p in whole if any(p == h or p.startswith(h + ".") for h in heads)]:
+        for p in held:
+            del whole[p]
+        notes.append(f"{len(held)} matrices are trained whole, not with a LoRA ({', '.join(heads)}): PEFT's {task_type} models "
+                     "add the task head to modules_to_save; they are not in target_modules, nor in the parameter counts")
+        if not whole:
+            raise ConfigError("the results hold no module PEFT can train with LoRA besides the task head",
+                              hint="--task-type none (or another task type) trains the head with a LoRA")
     if unread:  # the names stay the results' (the tuned checkpoint's): say so, a wrapper prefix would not match
         # a relative base path is the diff's working folder's: run from another one, it names nothing here
         rel = "" if Path(unread).is_absolute() else " (a relative path, read from this folder: run recommend where spectra diff ran)"
@@ -373,12 +390,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # the names transformers >= 5 loads the modules under (GPT-NeoX's embed_out is lm_head, LLaVA's layers move):
     # PEFT matches those, so the LoraConfig names them so
     skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    base_config = _base_config(doc)
-    loaded, how = load_renames(base_config, paths + skipped)
+    loaded, how = load_renames(base_config, paths + skipped + heads)
     if used := {k: v for k, v in loaded.items() if k in adapted}:  # of the modules the config adapts
         notes.append(renames_text(used, how, "the LoraConfig"))
     named = {loaded.get(p, p): r for p, r in adapted.items()}
-    every = [loaded.get(p, p) for p in paths + skipped]
+    every = [loaded.get(p, p) for p in paths + skipped + heads]  # a short target must not name a head module either
     pattern = {pattern_key(p): named[p] for p in rank_pattern_keys(named, r0)}  # PEFT's first match wins
     if not all(math.isfinite(alpha(r)) for r in (r0, *pattern.values())):  # JSON has no Infinity; PEFT would get inf
         raise ConfigError(f"--alpha-ratio {alpha_ratio:g} × r overflows: lora_alpha would be infinite",
@@ -403,6 +419,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
               "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}
+    if heads:
+        config["modules_to_save"] = sorted(loaded.get(h, h) for h in heads)
     if ArchInfo.from_config(base_config).conv1d and any(p.rsplit(".", 1)[-1] in CONV1D_LEAVES for p in named):
         config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out): without it PEFT warns and sets it itself
     params = sum(r * cost[p] for p, r in adapted.items()) + extra

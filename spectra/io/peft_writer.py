@@ -54,8 +54,8 @@ def check_task_type(task_type: str | None, option: str = "task_type", *, also: t
         ConfigError: any other value.
     """
     if task_type is not None and task_type not in (*also, *PEFT_TASK_TYPES):
-        raise ConfigError(f"{option} must be {', '.join((*also, 'none'))} or one of {', '.join(PEFT_TASK_TYPES)}. "
-                          f"Got {task_type!r} instead")
+        raise ConfigError(f"{option} must be none or one of {', '.join(PEFT_TASK_TYPES)}"
+                          f"{' (or ' + ' or '.join(also) + ')' if also else ''}. Got {task_type!r} instead")
 
 
 @dataclass
