@@ -48,7 +48,8 @@ from spectra_cli.console import OutPath, given, one_pattern, print_table, progre
 @click.option("--precision", type=click.Choice(["mixed", "float64"]), default="mixed", show_default=True,
               help="--rank on the CPU: mixed finds each subspace in float32 and computes values and factors on it in "
                    "float64 (energies within ~1e-8 of ‖ΔW‖² of float64's, measured); float64: exact float64 vectors throughout.")
-@click.option("--task-type", default="auto", show_default=True, help="PEFT task_type of the adapter (auto: from config.json).")
+@click.option("--task-type", default="auto", show_default=True,
+              help="PEFT task_type of the adapter (auto: the tuned model's classifier task if it has one, else the base's config.json).")
 @click.option("--eval", "eval_text", type=click.Path(exists=True), default=None,
               help="A text file: held-out loss of base, tuned, base + adapter and base + a uniform adapter of the same size.")
 @click.option("--eval-seq-len", type=click.IntRange(min=2), default=128, show_default=True,
@@ -197,7 +198,8 @@ def eval_table(doc: dict) -> Table | None:
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap every rank.")
 @click.option("--embeddings", is_flag=True, help="Also recommend LoRA for embeddings and the head.")
 @click.option("--task-type", default="auto", show_default=True,
-              help="PEFT task_type of the config (auto: from the base's config.json, CAUSAL_LM when it is not found; 'none' for none).")
+              help="PEFT task_type of the config (auto: SEQ_CLS/TOKEN_CLS/QUESTION_ANS for a classifier's results, else "
+                   "CAUSAL_LM; 'none' for none).")
 @click.option("--out", "-o", "out_path", type=OutPath(dir_okay=False), default=None, help="Write the config JSON here too.")
 def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embeddings, task_type, out_path) -> None:
     """A PEFT LoraConfig (r, rank_pattern, alpha_pattern, target_modules) for training, from the

@@ -114,7 +114,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
     when matrices were compared but fewer than two tasks have a non-zero update on any of them: no pair of
     tasks was measured, every pairwise number is null."""
     from spectra.errors import IdenticalCheckpointsError
-    from spectra.interfere import changed_tasks
+    from spectra.interfere import changed_tasks, skips_of
     from spectra.selection import unmeasured_clause
 
     live = changed_tasks(result)
@@ -127,7 +127,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
          f"ΔW = 0 on every one of the {len(result.modules)} compared matrices for ")
         + (f"{who}: only {result.names[live[0]]} changed {'it' if len(result.modules) == 1 else 'any'}" if live
            else f"every task ({who})")
-        + ", so no pair of tasks was measured" + unmeasured_clause(result.skipped),
+        + ", so no pair of tasks was measured" + unmeasured_clause(skips_of(result, idle)),
         path=", ".join(dict.fromkeys(result.tasks[i] for i in idle)),
         hint=identical_hint(out_dir))
 

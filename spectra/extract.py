@@ -48,7 +48,7 @@ from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_eval import EvalData
-from spectra.extract_heads import head_modules, head_of, head_records
+from spectra.extract_heads import head_modules, head_of, head_records, head_task_type
 from spectra.extract_io import (
     JOURNAL,
     OUTPUT_FILES,
@@ -162,7 +162,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         (p.base.name[: -len(p.tuned.name)] for p in pairing.pairs
          if p.base.role == p.tuned.role and p.base.name.endswith("." + p.tuned.name)), "")
     model_config = base.config or (tuned_ckpt.config if base_prefix else None)
-    task_type = task_type_for(model_config) if config.task_type == "auto" else config.task_type
+    # auto: a classifier's task type from the tuned model's config too (its base may be the pretrained LM)
+    task_type = (head_task_type(tuned_ckpt.config, model_config) or task_type_for(model_config)) if config.task_type == "auto" else config.task_type
     # a task head PEFT stores whole (SEQ_CLS: classifier, score): never a LoRA target, listed in not_lora instead
     heads = head_modules(task_type, [n.removeprefix(base_prefix) for n in base.tensors] + [n.removeprefix(prefix) for n in tuned_ckpt.tensors])
     for task in tasks:
@@ -225,7 +226,8 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
                           hint="merge it (merge_and_unload) and extract from the merged model against the original base")
     keep = selector(config.include, config.exclude, config.layers)
     targets, mods, left = [], {}, []
-    task_type = task_type_for(base.config) if config.task_type == "auto" else config.task_type
+    task_type = ((head_task_type(base.config, adapter_task=adapter.config.task_type) or task_type_for(base.config))
+                 if config.task_type == "auto" else config.task_type)  # auto: the adapter's own task head first
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
     for order, (mod, spec, base_name) in enumerate(adapter_updates(adapter, base)):
         if not keep(spec.name, spec.layer) or head_of(mod.module, heads):

@@ -11,17 +11,31 @@ carries the tuned head whole, changed or not, and spends no LoRA rank on it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from spectra.extract_results import HEAD_KIND, _fro_blocks, _rel
 from spectra.io.checkpoint import Checkpoint
+from spectra.io.peft_writer import task_type_for
 
 #: PEFT task type -> the module names its PeftModel subclass adds to ``modules_to_save``.
 HEAD_NAMES: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                                           "QUESTION_ANS": ("qa_outputs",)}
+
+
+def head_task_type(*configs: Mapping[str, Any] | None, adapter_task: object = None) -> str | None:
+    """The first of ``adapter_task`` (an adapter's own ``task_type``) and the task types of ``configs``' architectures
+    (:func:`spectra.io.peft_writer.task_type_for`) whose PEFT class stores a task head whole (:data:`HEAD_NAMES`), or
+    None. The tuned model's config counts: a classifier fine-tuned from a pretrained LM has a base that says
+    ``BertForMaskedLM`` or ``LlamaForCausalLM``, and a head only in the tuned checkpoint.
+
+    >>> head_task_type({"architectures": ["BertForSequenceClassification"]}, {"architectures": ["BertForMaskedLM"]})
+    'SEQ_CLS'
+    """
+    found = [adapter_task, *(task_type_for(c) for c in configs)]
+    return next((t for t in found if isinstance(t, str) and t in HEAD_NAMES), None)
 
 
 def head_reason(task_type: str) -> str:
@@ -56,8 +70,8 @@ def _record(name: str, tensor: torch.Tensor, base: Checkpoint, base_name: str | 
     """One head tensor's ``not_lora`` record, its tensor under ``"tensors"`` (``saved``: its name in the base model)."""
     fro = bf = None
     if base_name is not None and tuple(base.tensors[base_name].shape) == tuple(tensor.shape):
-        fro = _fro_blocks(base.load(base_name), tensor)[0]
-        bf = float(torch.linalg.vector_norm(base.load(base_name).double()).item())
+        W = base.load(base_name)
+        fro, bf = _fro_blocks(W, tensor)[0], float(torch.linalg.vector_norm(W.double()).item())
     return {"name": name, "kind": HEAD_KIND, "shape": list(tensor.shape), "fro_norm": fro, "rel_norm": _rel(fro, bf),
             "module": module, "held": "modules_to_save", "reason": head_reason(task_type), "tensors": {saved: tensor}}
 
@@ -99,4 +113,4 @@ def head_records(task_type: str, heads: list[str], base: Checkpoint, tuned: Chec
     return out
 
 
-__all__ = ["HEAD_KIND", "HEAD_NAMES", "head_modules", "head_of", "head_reason", "head_records"]
+__all__ = ["HEAD_KIND", "HEAD_NAMES", "head_modules", "head_of", "head_reason", "head_records", "head_task_type"]

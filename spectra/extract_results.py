@@ -417,16 +417,18 @@ def has_output_head(config: dict | None, *checkpoints: Checkpoint | None) -> boo
     archs = (config or {}).get("architectures")
     if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
         return True
+    if any(arch.endswith(_LM_HEADS) for arch in archs):  # the name says (GPT-NeoX-Japanese's head is `embed_out`)
+        return True
     for arch in archs:
         try:
             import transformers
 
             keys = getattr(getattr(transformers, arch), "_tied_weights_keys", None) or {}
-        except Exception:  # noqa: BLE001 - no transformers, or a class it does not have: the name says
-            if arch.endswith(_LM_HEADS):
-                return True
+        except Exception:  # noqa: BLE001 - no transformers, or a class it does not have
             continue
-        if any("emb" not in k.rpartition(".")[0].rpartition(".")[2].lower() for k in keys):
+        # a dict maps either way (head -> embedding, or back): any side that is not an embedding is a head
+        names = [*keys, *keys.values()] if isinstance(keys, dict) else list(keys)
+        if any(isinstance(k, str) and "emb" not in k.rpartition(".")[0].rpartition(".")[2].lower() for k in names):
             return True
     return False
 
@@ -669,5 +671,7 @@ __all__ = [
     "reads_pair_by_rows",
     "root_sigma1",
     "tail_share",
-    "tied_embedding_warning", "has_output_head", "HEAD_KIND",
+    "tied_embedding_warning",
+    "has_output_head",
+    "HEAD_KIND",
 ]

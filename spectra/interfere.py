@@ -585,6 +585,17 @@ def changed_tasks(result: InterfereResult) -> list[int]:
     return [i for i in range(len(result.tasks)) if any(m["fro"][i] for m in result.modules)]
 
 
+def skips_of(result: InterfereResult, tasks: list[int]) -> list[dict[str, str]]:
+    """The skipped matrices that may hold an update of ``tasks`` (indices): those skipped for them or for every task,
+    not those another task's input alone caused (its resized embedding says nothing of a copy of the base)."""
+    others = [result.tasks[i] for i in range(len(result.tasks)) if i not in tasks]
+    mine = [result.tasks[i] for i in tasks]
+
+    def elsewhere(reason: str) -> bool:  # a reason naming another task's input ("…: …", "rows differ … in T2"), not one of these
+        return any(o in reason for o in others) and not any(m in reason for m in mine)
+    return [s for s in result.skipped if not elsewhere(str(s.get("reason", "")))]
+
+
 def _zero_tasks_warning(result: InterfereResult) -> list[str]:
     """One warning naming (by their distinct names) the tasks with ΔW = 0 on every compared matrix, and what
     the totals then hold; none when there is no such task (or no compared matrix)."""
@@ -596,7 +607,7 @@ def _zero_tasks_warning(result: InterfereResult) -> list[str]:
     rest = ("the totals hold the other tasks only" if len(live) > 1 else
             f"no pair is measured: the totals hold {result.names[live[0]]} alone" if live else
             "no task changed any compared matrix: nothing is measured")
-    why = (unmeasured_clause(result.skipped)[2:] if result.skipped else  # the update may sit in what was not compared
+    why = (unmeasured_clause(mine)[2:] if (mine := skips_of(result, idle)) else  # the update may sit in what was not compared
            f"{'a copy' if one else 'copies'} of the base, or a LoRA saved at initialisation?")
     return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({why}): {'its' if one else 'their'} "
             f"pairs have no interference to measure, and {rest}"]

@@ -189,11 +189,9 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
         if out_dim != 3 * in_dim:
             return (Part(""),), f"in_proj_weight has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"
         return blocks(("q", "k", "v"), (in_dim,) * 3)
-    # qkv_proj (Phi-3), W_pack (Baichuan), wqkv: MPT, ModernBERT and DBRX chunk it into q, k, v row blocks; InternLM2
-    # uses a grouped layout we do not guess
+    # qkv_proj (Phi-3), W_pack (Baichuan), wqkv: MPT and ModernBERT chunk it into q, k, v row blocks; InternLM2
+    # uses a grouped layout we do not guess (DBRX's GQA blocks need attn_config's kv heads, which are not read)
     if leaf == "wqkv" and arch.model_type in _WQKV_BLOCKS:
-        if hd and heads and kv and out_dim == (heads + 2 * kv) * hd:
-            return blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
         return blocks(("q", "k", "v"), (in_dim,) * 3, out_dim)
     if leaf == "wqkv":
         return (Part(""),), "wqkv uses a grouped layout; left unsplit"
@@ -231,9 +229,8 @@ _UP_FIRST: Mapping[str, frozenset[str]] = {"phi4_multimodal": frozenset({"feed_f
 #: ``qkv[..., :q_pos]``, ``qkv[..., q_pos:q_pos + kv]``, ``qkv[..., q_pos + kv:]``).
 _QKV_PROJ_BLOCKS = frozenset({"phi3", "phi4_multimodal", "phi4mm"})
 
-#: ``config.json`` model types whose ``Wqkv`` is q, k, v row blocks (``chunk(3)``, ``view(…, 3, -1, head_dim)``, DBRX's
-#: ``split([hidden, kv·head_dim, kv·head_dim])``)
-_WQKV_BLOCKS = frozenset({"mpt", "modernbert", "dbrx"})
+#: ``config.json`` model types whose ``Wqkv`` is q, k, v row blocks of equal size (``chunk(3)``, ``view(…, 3, -1, head_dim)``)
+_WQKV_BLOCKS = frozenset({"mpt", "modernbert"})
 
 #: ``config.json`` model types whose ``qkv_proj`` rows interleave q, k, v. The value says how:
 #: ``("blocks", n, order)``: n equal blocks of rows, each holding its share of the parts in ``order``

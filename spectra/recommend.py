@@ -35,12 +35,12 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_heads import head_modules
+from spectra.extract_heads import head_modules, head_task_type
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules, task_type_for
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import load_renames, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
@@ -118,10 +118,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         rslora: write ``use_rslora``.
         max_rank: cap every rank.
         embeddings: also recommend LoRA for embeddings and the output head.
-        task_type: PEFT task type written into the config; ``"auto"``: the one of the diff's base model
-            (:func:`spectra.io.peft_writer.task_type_for` of its ``config.json``), ``CAUSAL_LM`` when that is not found.
-            Under SEQ_CLS, TOKEN_CLS and QUESTION_ANS, PEFT trains the task head whole (:mod:`spectra.extract_heads`):
-            it gets no rank and is named in ``modules_to_save``.
+        task_type: PEFT task type written into the config; ``"auto"``: SEQ_CLS, TOKEN_CLS or QUESTION_ANS when the
+            ``config.json`` of the diff's tuned model (or base) names such a class (:func:`spectra.extract_heads.head_task_type`),
+            else ``CAUSAL_LM``. Under those three, PEFT trains the task head whole (:mod:`spectra.extract_heads`): it gets
+            no rank and is named in ``modules_to_save``.
 
     Raises:
         ConfigError: not diff results, τ outside (0, 1], τ not computable from the results, a bad
@@ -200,14 +200,14 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     whole, unread = _as_base_names(doc, whole)
     base_config = _base_config(doc)
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
-        task_type = task_type_for(base_config) if base_config is not None else "CAUSAL_LM"
+        task_type = head_task_type(_base_config(doc, "tuned"), base_config) or "CAUSAL_LM"
     # the task head PEFT trains whole under this task type (SEQ_CLS: classifier, score): no LoRA rank, no LoRA parameters
     heads = head_modules(task_type, [p + ".weight" for p in whole])
     if held := [p for p in whole if any(p == h or p.startswith(h + ".") for h in heads)]:
         for p in held:
             del whole[p]
-        notes.append(f"{len(held)} matrices are trained whole, not with a LoRA ({', '.join(heads)}): PEFT's {task_type} models "
-                     "add the task head to modules_to_save; they are not in target_modules, nor in the parameter counts")
+        notes.append(f"{len(held)} matri{'ces are' if len(held) > 1 else 'x is'} trained whole, not with a LoRA ({', '.join(heads)}): "
+                     f"PEFT's {task_type} models add the task head to modules_to_save; not in target_modules, nor in the parameter counts")
         if not whole:
             raise ConfigError("the results hold no module PEFT can train with LoRA besides the task head",
                               hint="--task-type none (or another task type) trains the head with a LoRA")
@@ -484,9 +484,10 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
     return {renamed[p]: e for p, e in whole.items()}, None
 
 
-def _base_config(doc: dict) -> dict | None:
-    """The ``config.json`` beside the diff's base (a folder, or a file in one), when it is still there."""
-    base = doc.get("base")
+def _base_config(doc: dict, side: str = "base") -> dict | None:
+    """The ``config.json`` beside the diff's base (``side`` "tuned": its tuned model; a folder, or a file in one),
+    when it is still there."""
+    base = doc.get(side)
     if not isinstance(base, str) or not base:
         return None
     try:

@@ -183,3 +183,43 @@ def test_no_tied_head_warning_for_a_model_without_an_output_head(bert, tmp_path)
     base2, tuned2 = _pair(tmp_path / "mlm", transformers.AutoModelForMaskedLM, "bert", **_SMALL)
     res = extract(base2, tuned2, tmp_path / "b", config=ExtractConfig(rank=2, embeddings=True), plots=False)
     assert [w for w in res.warnings if "bert.embeddings.word_embeddings.weight is tied to the output head" in w], res.warnings
+
+
+# ---- the review of the fix ---------------------------------------------------------------------------------------------
+def test_a_classifier_fine_tuned_from_a_masked_lm_gets_its_head(bert, tmp_path):
+    """The usual setup: BertForMaskedLM (the pretrained model) as the base, a BertForSequenceClassification as the
+    tuned model. auto read the base's config only: task type null, the classifier left out (a random head on load)."""
+    from spectra.extract import ExtractConfig, extract
+
+    base_dir, tuned_dir = bert
+    mlm = tmp_path / "mlm_base"
+    mlm.mkdir()
+    for f in base_dir.iterdir():
+        (mlm / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((mlm / "config.json").read_text())
+    (mlm / "config.json").write_text(json.dumps(cfg | {"architectures": ["BertForMaskedLM"]}))
+    extract(mlm, tuned_dir, tmp_path / "a", config=ExtractConfig(rank=3), plots=False)
+    written = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert written["task_type"] == "SEQ_CLS" and written["modules_to_save"] == ["classifier"]
+    model = _load(transformers.AutoModelForSequenceClassification, base_dir, tmp_path / "a")
+    merged = model.merge_and_unload().state_dict()
+    tuned = _sd(tuned_dir)
+    assert torch.equal(merged["classifier.weight"].double(), tuned["classifier.weight"])  # the tuned head, whole
+
+
+def test_recommend_keeps_causal_lm_where_no_classifier_is_named(tmp_path):
+    """recommend's auto gave None for a causal LM whose config has no `architectures`, FEATURE_EXTRACTION for a
+    LlamaModel: CAUSAL_LM was written before, and still is."""
+    from spectra.extract_heads import head_task_type
+    from spectra.extract_results import has_output_head
+
+    assert head_task_type({"model_type": "llama"}) is None and head_task_type({"architectures": ["LlamaModel"]}) is None
+    assert head_task_type({"architectures": ["LlamaForCausalLM"]}, {"architectures": ["LlamaForSequenceClassification"]}) == "SEQ_CLS"
+    assert has_output_head({"architectures": ["GPTNeoXJapaneseForCausalLM"]})  # its head is `embed_out`
+    import spectra
+    from spectra.recommend import recommend
+    from tests.pair_util import small_pair
+
+    b, t = small_pair(tmp_path)  # two up_proj matrices, no config.json at all
+    spectra.diff(b, t, out_dir=tmp_path / "d")
+    assert recommend(tmp_path / "d" / "results.json").config["task_type"] == "CAUSAL_LM"

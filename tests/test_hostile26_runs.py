@@ -90,3 +90,22 @@ def test_an_update_only_in_skipped_expert_stacks_is_not_called_a_copy_of_the_bas
         r = cli(args)
         assert r.returncode == 3 and "were not" in r.stderr and "3-D expert stack" in r.stderr and "the update may be in them" in r.stderr, r.stderr
         assert "hold the base's weights" not in r.stderr and "copies of the base" not in r.stderr
+
+
+def test_a_copy_of_the_base_is_not_blamed_on_another_tasks_skipped_matrix(tmp_path):
+    """The review: A a copy of the base, B with a resized embedding (skipped for B alone): A was told "1 matrix was not
+    compared (e.g. embed_tokens: rows differ … in B): the update may be in it" instead of being called a copy."""
+    from spectra.interfere import InterfereConfig, interfere
+    from tests.pair_util import save_folder
+
+    g = torch.Generator().manual_seed(0)
+    base = {"model.embed_tokens.weight": torch.randn(10, 8, generator=g), "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=g)}
+    b = save_folder(tmp_path / "base", base)
+    a = save_folder(tmp_path / "a", dict(base))
+    other = {"model.embed_tokens.weight": torch.randn(12, 8, generator=g),
+             "model.layers.0.self_attn.q_proj.weight": base["model.layers.0.self_attn.q_proj.weight"] + 0.1}
+    c = save_folder(tmp_path / "c", other)
+    d = save_folder(tmp_path / "d", {k: v + 0.05 * torch.randn(v.shape, generator=g) if "q_proj" in k else v for k, v in other.items()})
+    res = interfere(str(b), [str(a), str(c), str(d)], config=InterfereConfig())
+    said = [w for w in res.warnings if "ΔW = 0 on every compared matrix" in w]
+    assert len(said) == 1 and "a copy of the base" in said[0] and "may be in" not in said[0], res.warnings

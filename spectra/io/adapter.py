@@ -136,6 +136,7 @@ class AdapterConfig:
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the
             adapted model (its layer i runs on base layer :meth:`replicated_layers` ``[i]``).
+        task_type: PEFT's ``task_type`` as saved (a string), or None.
         source: the file this was read from, for messages.
     """
 
@@ -158,6 +159,7 @@ class AdapterConfig:
     activated: bool = False
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
+    task_type: str | None = None
     source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -245,7 +247,7 @@ class AdapterConfig:
             activated=raw.get("alora_invocation_tokens") not in (None, [], ""),
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
-            source=path,
+            task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None, source=path,
         )
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
