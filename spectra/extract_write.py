@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,8 +23,12 @@ from spectra.io.peft_writer import (
     write_adapter,
 )
 
+if TYPE_CHECKING:  # extract imports this module: its run types are named for the checker only
+    from spectra.extract import _Source
+    from spectra.extract_io import ExtractRun
 
-def adapter_files(src: Any, run: Any, ranks: list[int], config: ExtractConfig,
+
+def adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig,
                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
@@ -59,7 +63,7 @@ def adapter_files(src: Any, run: Any, ranks: list[int], config: ExtractConfig,
     return layout, tensors(), cfg
 
 
-def write_extracted(out: Path, src: Any, run: Any, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
+def write_extracted(out: Path, src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
                     not_lora: list[dict], result: ExtractResult) -> None:
     """Write the adapter into ``out`` (:func:`adapter_files`, :func:`spectra.io.peft_writer.write_adapter`) and say
     what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole)."""
