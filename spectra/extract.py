@@ -116,7 +116,7 @@ from spectra.threads import map_one_blas_thread, zip_results
 
 # ---- inputs ---------------------------------------------------------------------------------------
 @dataclass
-class _Source:
+class ExtractSource:
     """What is extracted: the targets, and for a full checkpoint the tensor pairs to stream; for an
     adapter its modules. Plus what is not extracted, for the report."""
 
@@ -142,7 +142,7 @@ class _Source:
 RENAME_WAIT_S = 120.0
 
 
-def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> _Source:
+def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> ExtractSource:
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
         return _adapter_source(base, open_adapter(tuned), config)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
@@ -205,7 +205,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
                 left.append(((s.name, tuple(info.shape), fro, base_fro), f"{s.reason}: LoRA adapts 2-D weights only"))
         elif one_dim and bn is not None:
             one_d.append((s.name, bn))
-    return _Source("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
+    return ExtractSource("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
                    saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
@@ -217,7 +217,7 @@ def _same_key(ckpt: Checkpoint, name: str) -> str | None:
     return unique_pairing_keys(list(ckpt.tensors)).get(pairing_key(name))
 
 
-def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> _Source:
+def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> ExtractSource:
     """Targets of an adapter being resized: each of its LoRA modules (whole, as PEFT wrapped it)."""
     init = adapter.config.base_changing_init
     if init:
@@ -243,7 +243,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         mods[order] = mod
     for s in adapter.skipped:
         left.append(((s.name, (), None, None), s.reason))
-    return _Source("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
+    return ExtractSource("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
                    saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])
 
@@ -254,7 +254,7 @@ def _settings(config: ExtractConfig, device: torch.device) -> RunSettings:
     return run_settings(DiffConfig(device=config.device, max_batch_bytes=config.max_batch_bytes, prefetch=config.prefetch), device)
 
 
-def _stream(src: _Source, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
+def _stream(src: ExtractSource, tasks: list[Task], config: ExtractConfig, device: torch.device) -> Iterator[list[Prepared]]:
     settings = _settings(config, device)
     # each ΔW's rounding floor: its stored weights' rounding is no part of the update (budget and energy stop there)
     prepared = prefetch(tasks, src.base, src.tuned, settings.depth, settings.workers, device, False, settings.ahead_bytes, floors=True)
@@ -288,7 +288,7 @@ def _randomized(run: ExtractRun, i: int, delta: torch.Tensor, floor: float = 0.0
     run.add_factors(i, tr.B, tr.A)
 
 
-def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: torch.device, *, stage: str,
+def _dense_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, device: torch.device, *, stage: str,
                 want: dict[int, int] | None = None) -> None:
     """Stream the pairs of the targets still to do. ``want`` None: the first pass (spectra; with the
     one-pass strategy also the factors); else the second: target -> components to factor."""
@@ -343,7 +343,7 @@ def _dense_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: to
             item.delta = None
 
 
-def _refined_pass(src: _Source, run: ExtractRun, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
+def _refined_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
     """``--rank`` (one pass) under ``precision="mixed"`` on the CPU: each matrix's subspace in float32,
     its values and factors in float64 (:func:`spectra.lowrank.refined_triplets`).
 
@@ -403,7 +403,7 @@ def _in_parallel(fn: Callable[..., _R], args: list[tuple], device: torch.device)
     return [fn(*a) for a in args]
 
 
-def _adapter_pass(src: _Source, run: ExtractRun, device: torch.device) -> None:
+def _adapter_pass(src: ExtractSource, run: ExtractRun, device: torch.device) -> None:
     """Each LoRA module of the adapter: its exact factored SVD (DoRA: the dense update's)."""
     for i, t in enumerate(run.targets):
         if i in run.spectra and i in run.factors:
@@ -637,7 +637,7 @@ def _eval_inputs(base_ckpt: Checkpoint, tuned: str | Checkpoint, config: Extract
     return prepare_eval(base_ckpt.label, tuned_label, config.eval_text, seq_len=config.eval_seq_len, blocks=config.eval_blocks)
 
 
-def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: _Source, run: ExtractRun, uniform: int,
+def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: ExtractSource, run: ExtractRun, uniform: int,
           config: ExtractConfig, dtype: torch.dtype, device: torch.device, result: ExtractResult, data: EvalData,
           not_lora: list[dict]) -> None:
     """Write the uniform-rank adapter of the same size beside the extracted one, holding the same saved modules and

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from spectra.extract_results import HEAD_KIND, _fro_blocks, _rel
+from spectra.extract_results import HEAD_KIND, fro_blocks
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.peft_writer import task_type_for
+from spectra.metrics import relative_norm
 
 #: PEFT task type -> the module names its PeftModel subclass adds to ``modules_to_save``.
 HEAD_NAMES: dict[str, tuple[str, ...]] = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -70,9 +71,9 @@ def _record(name: str, tensor: torch.Tensor, base: Checkpoint, base_name: str | 
     """One head tensor's ``not_lora`` record, its tensor under ``"tensors"`` (``saved``: its name in the base model)."""
     fro = bf = None
     if base_name is not None and tuple(base.tensors[base_name].shape) == tuple(tensor.shape):
-        W = base.load(base_name)
-        fro, bf = _fro_blocks(W, tensor)[0], float(torch.linalg.vector_norm(W.double()).item())
-    return {"name": name, "kind": HEAD_KIND, "shape": list(tensor.shape), "fro_norm": fro, "rel_norm": _rel(fro, bf),
+        fro, bf = fro_blocks(base.load(base_name), tensor)
+    return {"name": name, "kind": HEAD_KIND, "shape": list(tensor.shape), "fro_norm": fro,
+            "rel_norm": None if fro is None or bf is None else relative_norm(fro, bf),
             "module": module, "held": "modules_to_save", "reason": head_reason(task_type), "tensors": {saved: tensor}}
 
 

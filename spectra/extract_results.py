@@ -138,8 +138,8 @@ class ExtractResult:
         return files
 
 
-def _fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None, block: int = 1 << 20) -> tuple[float, float]:
-    """``(‖t − b‖_F, ‖b‖_F)``: float32 differences of blocks of ``block`` elements (exact for bf16/fp16
+def fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None, block: int = 1 << 20) -> tuple[float, float]:
+    """``(‖t − b‖_F, ‖b‖_F)`` of two tensors of one shape: float32 differences of blocks of ``block`` elements (exact for bf16/fp16
     inputs up to one float32 rounding), norms accumulated in float64; no copy of the whole tensor."""
     t = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
     b = None if b is None else (b.reshape(-1, b.shape[-1]) if b.ndim > 1 else b.reshape(1, -1))
@@ -189,7 +189,7 @@ def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: 
     files allow it (2-D safetensors tensors with as many columns): an embedding left out of the
     extraction is never held whole (which kept up to both sides of it in memory beside the pass)."""
     if not reads_pair_by_rows(base, base_name, tuned, tuned_name, rows):
-        return _fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
+        return fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
     n = tuned.tensors[tuned_name].shape[0] if rows is None else rows
     step = max(1, block // max(1, tuned.tensors[tuned_name].shape[1]))
     return _norms_of_blocks((tuned.load_rows(tuned_name, r, min(n, r + step)), base.load_rows(base_name, r, min(n, r + step)))
@@ -235,7 +235,7 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
     if adapter is not None:
         for name, tensor in adapter.full.items():
             bf = float(torch.linalg.vector_norm(base.load(name).double()).item()) if name in base.tensors else None
-            fro = _fro_blocks(base.load(name), tensor)[0] if name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape) else None
+            fro = fro_blocks(base.load(name), tensor)[0] if name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape) else None
             module = name.rpartition(".")[0]
             rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
                    "rel_norm": _rel(fro, bf), "module": module, "held": None,
@@ -250,7 +250,7 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
         t, b = tuned.load(tn), base.load(bn)
         if t.shape != b.shape or torch.equal(t, b):
             continue
-        fro, bf = _fro_blocks(b, t)
+        fro, bf = fro_blocks(b, t)
         # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
         # (less a wrapper prefix of the base names that the modules drop: extract._open_source)
         tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
@@ -674,4 +674,5 @@ __all__ = [
     "tied_embedding_warning",
     "has_output_head",
     "HEAD_KIND",
+    "fro_blocks",
 ]

@@ -24,15 +24,15 @@ from spectra.io.peft_writer import (
 )
 
 if TYPE_CHECKING:  # extract imports this module: its run types are named for the checker only
-    from spectra.extract import _Source
+    from spectra.extract import ExtractSource
     from spectra.extract_io import ExtractRun
 
 
-def adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig,
+def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig,
                   not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
     """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
     a generator loading them one module at a time from the scratch shard (memory: one module), and
-    ``adapter_config.json``. ``src``: the run's source (``spectra.extract._Source``); ``run``: its
+    ``adapter_config.json``. ``src``: the run's source (``spectra.extract.ExtractSource``); ``run``: its
     :class:`spectra.extract_io.ExtractRun`. Biases and saved modules come from ``not_lora``."""
     def as_loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
         return src.renames.get(module, module)
@@ -63,7 +63,7 @@ def adapter_files(src: _Source, run: ExtractRun, ranks: list[int], config: Extra
     return layout, tensors(), cfg
 
 
-def write_extracted(out: Path, src: _Source, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
+def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
                     not_lora: list[dict], result: ExtractResult) -> None:
     """Write the adapter into ``out`` (:func:`adapter_files`, :func:`spectra.io.peft_writer.write_adapter`) and say
     what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole)."""
