@@ -449,9 +449,10 @@ def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
 
 
 def refuse_lora_file(ckpt: Checkpoint) -> None:
-    """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model, or a model whose adapter layers
-    are unmerged beside their plain weights (:func:`spectra.adapter_files.adapter_file`): it pairs with nothing, or
-    only its saved copies, and "same architecture?" would send its user looking for the wrong mistake."""
+    """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model
+    (:func:`spectra.adapter_files.adapter_file`; factors beside their modules' weights are a model, said by
+    :func:`pair_checkpoints`): it pairs with nothing, or only its saved copies, and "same architecture?" would send
+    its user looking for the wrong mistake."""
     if (found := adapter_file(ckpt.tensors)) and not found.unmerged:  # factors beside their weights: a model, said
         raise PairingError(found.message, path=ckpt.label, hint=found.hint)
 
