@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spectra.adapter_files import adapter_file, factor_of
+from spectra.adapter_files import AdapterFile, adapter_file, factor_of
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
 from spectra.naming import (
@@ -448,13 +448,15 @@ def skip_summary(skipped: list[Skipped], *, limit: int = 3) -> str:
     return "; ".join(parts) + ("; …" if len(ranked) > limit else "")
 
 
-def refuse_lora_file(ckpt: Checkpoint) -> None:
+def refuse_lora_file(ckpt: Checkpoint) -> AdapterFile | None:
     """Raise PairingError when ``ckpt`` is an adapter's weights file given as a model
-    (:func:`spectra.adapter_files.adapter_file`; factors beside their modules' weights are a model, said by
-    :func:`pair_checkpoints`): it pairs with nothing, or only its saved copies, and "same architecture?" would send
-    its user looking for the wrong mistake."""
-    if (found := adapter_file(ckpt.tensors)) and not found.unmerged:  # factors beside their weights: a model, said
+    (:func:`spectra.adapter_files.adapter_file`): it pairs with nothing, or only its saved copies, and "same
+    architecture?" would send its user looking for the wrong mistake. Returns the factors found beside their modules'
+    weights (a model, which :func:`pair_checkpoints` says), else None."""
+    found = adapter_file(ckpt.tensors)
+    if found and not found.unmerged:
         raise PairingError(found.message, path=ckpt.label, hint=found.hint)
+    return found
 
 
 def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Skipped]) -> None:
@@ -495,10 +497,9 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             matrix was skipped (the message counts the reasons, :func:`skip_summary`).
     """
     single = base is tuned
-    for ckpt in () if single else (base, tuned):  # even where its saved copies (modules_to_save) would pair
-        refuse_lora_file(ckpt)
+    # refused before pairing, even where its saved copies (modules_to_save) would pair; factors beside weights: said
     beside = [f"{PAIRING_NOTE_PREFIX}{ckpt.label} {found.message}; {found.hint}" for ckpt in ((base,) if single else (base, tuned))
-              if (found := adapter_file(ckpt.tensors)) and found.unmerged]
+              if (found := refuse_lora_file(ckpt))]
 
     bspecs = base.specs
     tspecs = tuned.specs

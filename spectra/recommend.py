@@ -35,7 +35,7 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_heads import head_modules, head_task_type
+from spectra.extract_heads import head_modules, head_of, head_task_type
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
@@ -203,7 +203,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         task_type = head_task_type(_base_config(doc, "tuned"), base_config) or "CAUSAL_LM"
     # the task head PEFT trains whole under this task type (SEQ_CLS: classifier, score): no LoRA rank, no LoRA parameters
     heads = head_modules(task_type, [p + ".weight" for p in whole])
-    if held := [p for p in whole if any(p == h or p.startswith(h + ".") for h in heads)]:
+    if held := [p for p in whole if head_of(p, heads)]:
         for p in held:
             del whole[p]
         notes.append(f"{len(held)} matri{'ces are' if len(held) > 1 else 'x is'} trained whole, not with a LoRA ({', '.join(heads)}): "
