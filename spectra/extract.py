@@ -87,7 +87,7 @@ from spectra.extract_results import (
 )
 from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter, open_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import task_type_for, write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
@@ -190,7 +190,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         if head_of(s.name.removeprefix(prefix), heads):  # the head's records say what happened to it
             continue
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
-        floating = info is not None and info.dtype.startswith(("float", "bfloat"))
+        floating = info is not None and info.dtype in FLOAT_DTYPES
         one_dim = floating and len(info.shape) == 1
         other = floating and len(info.shape) not in (1, 2) and not mismatched  # 0-D, a conv's 4-D…
         if not (mismatched or one_dim or other):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from spectra.extract_results import HEAD_KIND, fro_blocks
-from spectra.io.checkpoint import Checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import task_type_for
 from spectra.metrics import relative_norm
 
@@ -89,7 +89,7 @@ def head_records(task_type: str, heads: list[str], base: Checkpoint, tuned: Chec
     if tuned is not None:
         for tn, info in tuned.tensors.items():
             saved = tn.removeprefix(prefix)
-            if (h := head_of(saved, heads)) and info.dtype.startswith(("float", "bfloat")):
+            if (h := head_of(saved, heads)) and info.dtype in FLOAT_DTYPES:
                 seen.add(saved)
                 out.append(_record(tn, tuned.load(tn), base, base_names.get(saved), h, task_type, saved))
     lora = {m.weight_name: m for m in (adapter.modules.values() if adapter is not None else ())}
@@ -97,7 +97,7 @@ def head_records(task_type: str, heads: list[str], base: Checkpoint, tuned: Chec
     for saved in sorted({*base_names, *full} - seen):
         h = head_of(saved, heads)
         bn = base_names.get(saved)
-        if not h or (bn is not None and not base.tensors[bn].dtype.startswith(("float", "bfloat"))):
+        if not h or (bn is not None and base.tensors[bn].dtype not in FLOAT_DTYPES):
             continue
         if saved in full:
             tensor = full[saved]
