@@ -25,7 +25,7 @@ from spectra.config import DiffConfig
 from spectra.delta import form_delta, oriented
 from spectra.engine import batch_singular_values, factored_svd
 from spectra.errors import CheckpointFormatError, PairingError
-from spectra.io.adapter import Adapter, LoraModule
+from spectra.io.adapter import LORA_KINDS, Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import absorb, run_fingerprint
@@ -92,6 +92,17 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
         out.append((mod, spec, name))
     out.sort(key=lambda t: spec_order(t[1]))  # the file's key order put layer 10 before layer 2
     return out
+
+
+def stacked_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
+    """Each LoRA of one expert of a 3-D base tensor (``target_parameters``: :mod:`spectra.param_experts`), with that
+    tensor's spec (its ``expert`` set) and name; only ``spectra diff`` analyses them (the other commands measure 2-D
+    matrices only, and list them: :func:`saved_skips`)."""
+    if base is None or not adapter.stacked:
+        return []
+    specs = base.specs
+    return sorted(((mod, replace(specs[mod.weight_name], expert=mod.expert), mod.weight_name) for mod in adapter.stacked.values()),
+                  key=lambda t: (spec_order(t[1]), t[0].expert))
 
 
 def tied_pair_notes(updates: list[tuple[LoraModule, MatrixSpec, str | None]], whose: str = "the adapter's") -> dict[str, str]:
@@ -233,8 +244,12 @@ SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module train
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
 SAVED_BIAS = ("a bias the adapter trained (adapter_config.json's bias = 'all' or 'lora_only', or a module in "
               "modules_to_save): a vector, not a weight matrix")
+SAVED_OTHER_ADAPTER = ("a factor of another named adapter (PEFT keys it lora_A.<name>): the file holds several adapters and "
+                       "spectra reads the one named default; save each with PeftModel.save_pretrained to analyse it")
 SAVED_VARIANT = "a LoRA variant's own tensor (VeLoRA's, MonteCLoRA's), outside s·B·A: PEFT's merge does not use it"
 #: Why a command that measures LoRA updates (compare, trace, interfere) lists a matrix an adapter stores whole.
+STACK_NOT_2D = ("a LoRA on every expert of this 3-D expert stack (target_parameters): this command measures 2-D matrices "
+                "only (spectra diff BASE ADAPTER analyses each expert)")
 SAVED_NOT_LORA = "stored whole (modules_to_save), not a LoRA update (spectra diff BASE ADAPTER measures it)"
 SAVED_COPY = ("PEFT's internal copy of a module it wraps (original_module / modules_to_save), saved beside the "
               "module's own weight: not a separate update")
@@ -249,6 +264,8 @@ def _saved_kind_reason(name: str) -> str | None:
         return SAVED_TOKENS
     if "original_module" in parts or "modules_to_save" in parts:
         return SAVED_COPY
+    if any(p in LORA_KINDS and nxt not in ("weight", "bias", "default") for p, nxt in zip(parts, parts[1:])):
+        return SAVED_OTHER_ADAPTER  # lora_A.<name>.weight: PEFT's key of an adapter named other than "default"
     if any(p.startswith("lora_") for p in parts):  # not a factor (the adapter reader took those): a variant's extra
         return SAVED_VARIANT
     return None
@@ -263,7 +280,7 @@ def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, 
     if not adapter.full:
         return {}, []
     if base is None:
-        return {}, [Skipped(n, SAVED_NO_BASE) for n in adapter.full]
+        return {}, [Skipped(n, _saved_kind_reason(n) or SAVED_NO_BASE) for n in adapter.full]
     specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
     lookup = unique_pairing_keys(list(base.tensors))
     saved: dict[str, SavedModule] = {}
@@ -346,8 +363,8 @@ def diff_adapter(
     keep = selector(config.include, config.exclude, config.layers)
     updates = adapter_updates(adapter, base)
     tied = tied_pair_notes(updates)  # an embedding LoRA and a tied head's: one stored matrix
-    for mod, spec, base_name in updates:
-        for name, part_rows, module in units_of(spec, keep, split_fused=config.split_fused):
+    for mod, spec, base_name in updates + stacked_updates(adapter, base):
+        for name, part_rows, module in units_of(spec, keep, split_fused=config.split_fused, expert=mod.expert):
             units.append((mod, spec, base_name, name, part_rows, module))
     saved, not_saved = saved_modules(adapter, base)
     for sv in saved.values():
@@ -367,11 +384,20 @@ def diff_adapter(
         finished = absorb(result, writer.start(result, resume=resume, known={u[3] for u in units}))
     units = [u for u in units if u[3] not in finished]
     total = len(finished) + len(units)
+    last: dict[str, torch.Tensor] = {}  # the base tensor of the unit before: a 3-D stack's experts follow each other
+
+    def load(base_name: str) -> torch.Tensor:
+        if base_name not in last:
+            last.clear()
+            last[base_name] = base.load(base_name)  # type: ignore[union-attr]
+        return last[base_name]
+
     for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=len(finished) + 1):
         if isinstance(mod, SavedModule):
             res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
         else:
-            res = non_finite_factor(mod) or _module_result(mod, spec, base, base_name, name, rows, module, config, device, dtype)
+            res = non_finite_factor(mod) or _module_result(mod, spec, load if base is not None else None, base_name, name, rows,
+                                                           module, config, device, dtype)
             if not isinstance(res, str) and spec.name in tied:
                 res.note = "; ".join(x for x in (res.note, tied[spec.name]) if x)
         skip = None
@@ -403,9 +429,11 @@ def saved_skips(adapter: Adapter, base: Checkpoint | None) -> list[tuple[str, st
     (:func:`saved_modules`) with :data:`SAVED_NOT_LORA`, anything else with its own reason (a vector,
     PEFT's internal copies, trainable token rows, no base); ``layer`` for the ``--layers`` filter."""
     whole, unmeasured = saved_modules(adapter, base)
-    specs = base.specs if base is not None and unmeasured else {}  # (describes every base tensor: once)
+    specs = base.specs if base is not None and (unmeasured or adapter.stacked) else {}  # (describes every base tensor: once)
+    stacks = dict.fromkeys(m.weight_name for m in adapter.stacked.values())
     return ([(n, SAVED_NOT_LORA, sm.spec.layer) for n, sm in whole.items()]
-            + [(x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None) for x in unmeasured])
+            + [(x.name, x.reason, sp.layer if (sp := specs.get(x.name)) else None) for x in unmeasured]
+            + [(n, STACK_NOT_2D, sp.layer if (sp := specs.get(n)) else None) for n in stacks])
 
 
 def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch.Tensor | None, module: str,
@@ -455,14 +483,16 @@ def non_finite_factor(mod: LoraModule) -> str | None:
     return None
 
 
-def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, base_name: str | None, name: str,
-                   rows: torch.Tensor | None, module: str, config: DiffConfig, device: torch.device,
+def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torch.Tensor] | None, base_name: str | None,
+                   name: str, rows: torch.Tensor | None, module: str, config: DiffConfig, device: torch.device,
                    dtype: torch.dtype) -> ModuleResult | str:
     """The result of one analysed part of a LoRA module, or why it has none (a DoRA update that is not
-    finite, from a base weight holding NaN or Inf)."""
+    finite, from a base weight holding NaN or Inf); ``load`` reads a base tensor by name (None: no base)."""
     start = time.perf_counter()
     Bf, Af = mod.factors()
-    full = oriented(base.load(base_name).to(torch.float32), spec.transpose, None) if base is not None else None
+    full = oriented(load(base_name).to(torch.float32), spec.transpose, None) if load is not None and base_name else None
+    if full is not None and mod.expert is not None:  # one expert of a 3-D stack
+        full = full[mod.expert]
     W = full[rows] if full is not None and rows is not None else full  # the analysed part's rows
     if rows is not None:
         Bf = Bf[rows]
@@ -503,8 +533,7 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, base: Checkpoint | None, b
         esd = esd_entry(shape, S, note="no base checkpoint: W_base and W_tuned are unknown")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")
             + (", embedding" if mod.embedding else ""))
-    if spec.note:
-        note += "; " + spec.note
+    note += "".join("; " + x for x in (mod.note, spec.note) if x)
     if base_fro == 0:
         note += "; " + ZERO_BASE_NOTE
     return ModuleResult(

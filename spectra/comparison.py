@@ -176,7 +176,7 @@ class _Side:
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
-            self.adapter = open_adapter(label)
+            self.adapter = open_adapter(label, base=base)
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)

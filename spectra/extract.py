@@ -65,6 +65,7 @@ from spectra.extract_io import (
 )
 from spectra.extract_plan import (
     RESULT_FIELDS,
+    STACK_NOT_WRITTEN,
     ExtractConfig,
     Target,
     extractable,
@@ -144,7 +145,7 @@ RENAME_WAIT_S = 120.0
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> ExtractSource:
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
-        return _adapter_source(base, open_adapter(tuned), config)
+        return _adapter_source(base, open_adapter(tuned, base=base), config)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
@@ -229,20 +230,31 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
     task_type = ((head_task_type(base.config, adapter_task=adapter.config.task_type) or task_type_for(base.config))
                  if config.task_type == "auto" else config.task_type)  # auto: the adapter's own task head first
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
-    for order, (mod, spec, base_name) in enumerate(adapter_updates(adapter, base)):
+    updates = adapter_updates(adapter, base)
+    # an MoE: what PEFT would drop on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)
+    rules = peft_moe_rules(base.arch.model_type) if any(spec.expert is not None for _, spec, _ in updates) else None
+    for order, (mod, spec, base_name) in enumerate(updates):
         if not keep(spec.name, spec.layer) or head_of(mod.module, heads):
             continue
-        if mod.embedding and not config.embeddings:
-            left.append(((spec.name, tuple(mod.shape), lora_fro(mod), tensor_fro(base, base_name)),
-                         "embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)"))
+        why = ("embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)" if mod.embedding and not config.embeddings
+               else rules.why_dropped(spec.name.removesuffix(".weight"), spec.expert) if rules is not None else None)
+        if why:
+            left.append(((spec.name, tuple(mod.shape), lora_fro(mod), tensor_fro(base, base_name)), why))
             continue
-        t = target_of(order, spec, mod.module, tuple(mod.shape), base_name=base_name, dtype="float32", note=spec.note)
+        t = target_of(order, spec, mod.module, tuple(mod.shape), base_name=base_name, dtype="float32", note=spec.note, rules=rules)
         # s·B·A holds at most r components (a DoRA update is dense)
         targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": adapter_dtype(adapter),
                                  "components": mod.r if mod.magnitude is None else 0}))
         mods[order] = mod
     for s in adapter.skipped:
         left.append(((s.name, (), None, None), s.reason))
+    stacks: dict[str, float] = {}  # a 3-D base tensor -> Σ over its experts' LoRAs of ‖s·B·A‖²_F
+    specs = base.specs if adapter.stacked else {}
+    for m in adapter.stacked.values():
+        if keep(m.weight_name, specs[m.weight_name].layer):
+            stacks[m.weight_name] = stacks.get(m.weight_name, 0.0) + (lora_fro(m) or 0.0) ** 2
+    for stack, sq in stacks.items():
+        left.append(((stack, tuple(base.tensors[stack].shape), math.sqrt(sq), tensor_fro(base, stack)), STACK_NOT_WRITTEN))
     return ExtractSource("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
                    saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])

@@ -202,8 +202,9 @@ class ExtractRun:
 
     def load(self, i: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored top-r factors of target i, ``B (out, r)``, ``A (r, in)``, in the scratch dtype. A target
-        that stored fewer than r (an expert whose update is zero, given its stack's shared rank: PEFT loads
-        an MoE adapter only when every expert has one r) gets zero components to make up r."""
+        that stored fewer than r (an expert whose update is zero, or an adapter's expert of a lower LoRA rank, given
+        its stack's shared rank: PEFT loads an MoE adapter only when every expert has one r) gets zero components
+        to make up r."""
         rec = self.factors.get(i) or {"k": 0, "file": ""}
         out_dim, in_dim = self.targets[i].shape
         if rec["k"]:
@@ -212,7 +213,8 @@ class ExtractRun:
         else:
             B, A = torch.zeros(out_dim, 0), torch.zeros(0, in_dim)
         if B.shape[1] < r:
-            if float((self.spectra.get(i) or {}).get("total") or 0) > 0:  # a changed module must have its components
+            # a changed module must have its components, up to the most its update holds (an adapter's: its r)
+            if B.shape[1] < min(r, self.targets[i].cap) and float((self.spectra.get(i) or {}).get("total") or 0) > 0:
                 raise RuntimeError(f"{self.targets[i].name}: {B.shape[1]} components stored, rank {r} asked")
             B = torch.cat([B, B.new_zeros(out_dim, r - B.shape[1])], 1)
             A = torch.cat([A, A.new_zeros(r - A.shape[0], in_dim)], 0)

@@ -274,6 +274,10 @@ def is_embedding(spec: MatrixSpec) -> bool:
     return is_embedding_name(spec.name, spec.role)
 
 
+#: Why a 3-D expert stack (or an adapter's LoRA on one) is not extracted.
+STACK_NOT_WRITTEN = "3-D expert stack: PEFT adapts it through target_parameters, which spectra extract does not write"
+
+
 def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: ExtractConfig, *,
                    rows_differ: bool = False, rules: PeftMoeRules | None = None) -> str | None:
     """Why a paired matrix is not extracted as a LoRA module, or None when it is (module docstring).
@@ -282,7 +286,7 @@ def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: Extr
     a module PEFT would drop on load is not extracted, so that no number claims what the adapter
     does not hold once loaded."""
     if len(stored_shape) == 3:
-        return "3-D expert stack: PEFT adapts it through target_parameters, which spectra extract does not write"
+        return STACK_NOT_WRITTEN
     if not spec.name.endswith(".weight"):
         return "not a module's weight (PEFT wraps modules whose matrix is named <module>.weight)"
     if spec.role == "router":

@@ -126,7 +126,7 @@ class _Task:
         self.pair_notes: list[str] = []  # what pairing said (names that differ only in spelling…), as diff warns it
         if is_adapter(label):
             self.kind = "lora"
-            self.adapter = open_adapter(label)
+            self.adapter = open_adapter(label, base=base)
             init = self.adapter.config.base_changing_init
             if init:
                 raise CheckpointFormatError(

@@ -138,4 +138,57 @@ def _from_tables(model_type: str, why: str) -> PeftMoeRules:
                         fused=_fused_names(_PEFT_MOE_TARGETS[pattern]))
 
 
-__all__ = ["PeftMoeRules", "peft_moe_rules"]
+@dataclass(frozen=True)
+class ExpertFusion:
+    """How transformers >= 5 builds one fused 3-D expert parameter from a checkpoint's per-expert matrices on
+    load: where each expert's rows of a LoRA on that parameter (PEFT's ``target_parameters``) sit on disk.
+
+    Attributes:
+        target: the fused parameter's name tail, e.g. ``.experts.gate_up_proj`` (``(experts, out, in)`` in memory).
+        sources: the per-expert tensors' name tails with ``*`` for the expert index, in row order of the fused
+            matrix (``.experts.*.w1.weight`` then ``.experts.*.w3.weight``: gate rows first).
+        renames: ``(on disk, in memory)`` name parts renamed on load (Mixtral's ``.block_sparse_moe.`` -> ``.mlp.``).
+    """
+
+    target: str
+    sources: tuple[str, ...]
+    renames: tuple[tuple[str, str], ...] = ()
+
+
+#: The two fusion patterns of transformers 5.24 (Mixtral's and Qwen2-MoE's), for where transformers is not installed.
+_FUSION_TABLES: tuple[ExpertFusion, ...] = (
+    ExpertFusion(".experts.gate_up_proj", (".experts.*.w1.weight", ".experts.*.w3.weight"), ((".block_sparse_moe.", ".mlp."),)),
+    ExpertFusion(".experts.down_proj", (".experts.*.w2.weight",), ((".block_sparse_moe.", ".mlp."),)),
+    ExpertFusion("mlp.experts.gate_up_proj", ("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight")),
+    ExpertFusion("mlp.experts.down_proj", ("mlp.experts.*.down_proj.weight",)),
+)
+
+
+def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], str]:
+    """The expert fusions transformers applies on loading a ``model_type`` checkpoint, and where they came from.
+
+    Read from the installed transformers' ``conversion_mapping`` (only converters that stack the experts
+    (``MergeModulelist(dim=0)``) and concatenate their matrices along the rows (``Concatenate(dim=1)``), the
+    layouts whose inverse is a row split); else, or for an unknown model type, the tables of transformers 5.24.
+    """
+    try:
+        from transformers import conversion_mapping
+
+        convs = list(conversion_mapping.get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
+    except Exception:  # noqa: BLE001 - no transformers, or a helper that changed: the tables
+        convs = []
+    renames = tuple((src, dst) for c in convs if type(c).__name__ == "WeightRenaming"
+                    for src, dst in zip(getattr(c, "source_patterns", ()) or (), getattr(c, "target_patterns", ()) or ()))
+    fusions = []
+    for c in convs:
+        sources, targets = list(getattr(c, "source_patterns", ()) or ()), list(getattr(c, "target_patterns", ()) or ())
+        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in getattr(c, "operations", ()) or ()]
+        if (type(c).__name__ == "WeightConverter" and len(targets) == 1 and sources and all(s.count("*") == 1 for s in sources)
+                and ops and ops[0] == ("MergeModulelist", 0) and all(op in (("Concatenate", 1),) for op in ops[1:])):
+            fusions.append(ExpertFusion(targets[0], tuple(sources), renames))
+    if fusions:
+        return tuple(fusions), f"the conversion_mapping of the installed transformers for {model_type}"
+    return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
+
+
+__all__ = ["ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]

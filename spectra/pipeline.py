@@ -216,7 +216,7 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         base_ckpt = None
         if tuned is not None:
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        result = diff_adapter(base_ckpt, open_adapter(adapter_path), config=config, device=device, dtype=dtype,
+        result = diff_adapter(base_ckpt, open_adapter(adapter_path, base=base_ckpt), config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
                               label_tuned=str(adapter_path), resume=resume)
         for m in result.modules:  # decomposed from its factors, which hold no storage rounding: no floor

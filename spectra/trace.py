@@ -665,7 +665,7 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
         SpectraError: the adapter does not fit the base, or cannot be read.
     """
-    adapter = open_adapter(ref.path)
+    adapter = open_adapter(ref.path, base=base)
     if adapter.config.use_dora:
         raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
                           path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")

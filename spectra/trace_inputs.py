@@ -530,7 +530,7 @@ def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str 
     keep = selector(include, exclude, layers)
     if refs[0].kind == "lora":
         try:
-            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter(refs[0].path), base)]
+            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter(refs[0].path, base=base), base)]
         except (SpectraError, OSError):
             return
         what = "modules the first adapter updates"

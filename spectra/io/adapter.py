@@ -35,6 +35,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, named_adapters, tensor_infos
 from spectra.io.jsonfile import load_json
+from spectra.io.param_lora import ParamLora, factor_float, param_lora
 from spectra.io.paths import allowed_roots, check_inside, checkpoint_location, missing_text
 from spectra.io.patterns import (
     PatternError,
@@ -52,6 +53,8 @@ from spectra.pairing import Skipped
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
+#: The kinds of tensor a PEFT LoRA module saves.
+LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
                        r"(?:\.default)?(?:\.(?P<leaf>weight|bias))?$")
 #: init_lora_weights values that change the base weights, so B·A alone is not the update (peft 0.21 spells
@@ -402,6 +405,8 @@ class LoraModule:
         r, alpha, scale: after the patterns.
         embedding: an embedding LoRA (ΔW = s·(B·A)ᵀ).
         magnitude: DoRA magnitude ``(out,)``, or None.
+        expert: the expert of a 3-D base tensor this updates (``target_parameters``: :mod:`spectra.param_experts`).
+        note: where the factors came from when not a module's own (an expert's share of a ``target_parameters`` LoRA).
     """
 
     module: str
@@ -413,6 +418,8 @@ class LoraModule:
     scale: float
     embedding: bool = False
     magnitude: torch.Tensor | None = None
+    expert: int | None = None
+    note: str = ""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -463,6 +470,8 @@ class Adapter:
             adapter whose config does not say ``use_dora``.
         notes: caveats of how it was read, for a result's warnings (each starts with
             :data:`spectra.io.checkpoint.READ_NOTE_PREFIX`): a full model beside it in the folder, not read.
+        stacked: ``module.param:e<k>`` -> the LoRA of expert k of a 3-D base tensor (``target_parameters``);
+            :attr:`modules` holds those on per-expert base matrices.
     """
 
     path: Path
@@ -472,13 +481,15 @@ class Adapter:
     base_copies: list[str] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    stacked: dict[str, LoraModule] = field(default_factory=dict)
 
 
-def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
+def open_adapter(path: str | Path, *, base: Checkpoint | None = None, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
     """Read a PEFT LoRA adapter folder as PEFT would load it (see the module docstring).
 
     Args:
         path: the folder holding ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
+        base: the base model, which places LoRAs of PEFT's ``target_parameters`` (expert stacks) on its matrices.
         match_budget_s: wall-clock bound on matching module names against the config's patterns.
 
     Raises:
@@ -486,7 +497,8 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
         CheckpointFormatError: invalid config, a file that is not a regular file or resolves outside
             the folder, missing A/B halves, one factor under two names, ranks that disagree with
             the config, DoRA magnitudes missing or not ``(out,)``, a DoRA embedding (not supported),
-            or pattern matching over its time bound.
+            or pattern matching over its time bound; ``target_parameters`` LoRAs without a base, or that do
+            not fit it (:func:`spectra.param_experts.place_params`).
     """
     folder = Path(path)
     if not folder.exists():
@@ -579,7 +591,11 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                              f"with different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained "
                              "applies it, but PEFT's save_pretrained sorts the keys, so the run that trained it may have used "
                              "another (its update then differs from this file's)")
+    params: list[ParamLora] = []
     for module, kinds in stored.items():
+        if (param := param_lora(ckpt, config.target_parameters, module, kinds, weights)) is not None:
+            params.append(param)
+            continue
         reason, r, alpha = matched[module]
         if reason:
             emb = _tied_embedding(ckpt, stored, kinds) if config.ensure_weight_tying else None
@@ -602,8 +618,14 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
             adapter.skipped.append(Skipped(kinds["lora_magnitude_vector"],
                                            "DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it, "
                                            "and the update is s·B·A"))
-    if not adapter.modules:
-        why = f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else ""
+    if params:  # the base's layout places them (a late import: spectra.param_experts reads names as pairing does)
+        from spectra.param_experts import place_params
+
+        place_params(adapter, params, base)
+    if not adapter.modules and not adapter.stacked:
+        other = next((n for n in adapter.full if any(f".{k}." in n for k in LORA_KINDS)), None)  # lora_A.<name>.weight
+        why = (f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else
+               f" of the adapter named default (e.g. {other} is another named adapter's)" if other else "")
         raise CheckpointFormatError(f"adapter holds no LoRA factors (lora_A/lora_B){why}", path=weights)
     # PEFT saves every key under base_model.model. and loads only those: a file written otherwise (by
     # another tool, or edited) is read here by its module names, but PeftModel would load none of it
@@ -613,12 +635,6 @@ def open_adapter(path: str | Path, *, match_budget_s: float = MATCH_BUDGET_S) ->
                              f"PEFT saves them under (e.g. {bare[0]}): PeftModel.from_pretrained loads none of them (it warns "
                              "of missing adapter keys); spectra reads them as the factors of the modules they name")
     return adapter
-
-
-def _float(t: torch.Tensor) -> torch.Tensor:
-    """A stored factor in float32, or float64 when stored so (a float64 adapter rounded to float32 lost
-    ~1e-8 of its update's norm: its numbers no longer matched its own merge)."""
-    return t if t.dtype == torch.float64 else t.to(torch.float32)
 
 
 def _tied_embedding(ckpt: Checkpoint, stored: dict[str, dict[str, str]], kinds: dict[str, str]) -> str | None:
@@ -647,17 +663,11 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
         missing = b_key if a_key in kinds else a_key
         raise CheckpointFormatError(f"LoRA module {module} has no {missing}", path=weights, tensor=module,
                                     hint="the adapter file is incomplete")
-    A, B = _float(ckpt.load(kinds[a_key])), _float(ckpt.load(kinds[b_key]))
+    A, B = factor_float(ckpt.load(kinds[a_key])), factor_float(ckpt.load(kinds[b_key]))
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
                                     path=weights, tensor=module)
     r, alpha = rank_alpha
-    if r != A.shape[0] and config.target_parameters:  # per-parameter LoRA: r × experts rows
-        raise CheckpointFormatError(
-            f"{module} is adapted through PEFT's target_parameters ({', '.join(config.target_parameters)}): one LoRA per "
-            "parameter of a stacked tensor (MoE experts, r × experts rows), which spectra does not read",
-            path=folder, tensor=module,
-            hint="merge the adapter (merge_and_unload) and diff the merged model against the base")
     if r != A.shape[0] and A.shape[1] == r == B.shape[0]:  # lora_A is (x, r), lora_B (r, y): stored under each other's key
         raise CheckpointFormatError(
             f"{module}'s {a_key} is {tuple(A.shape)} and {b_key} {tuple(B.shape)} for rank {r}: the two look exchanged",
@@ -678,7 +688,7 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector",
                                         path=weights, tensor=module,
                                         hint="without it the update is not s·B·A; the adapter file is incomplete")
-        magnitude = _float(ckpt.load(mag_name))
+        magnitude = factor_float(ckpt.load(mag_name))
         if tuple(magnitude.shape) != (B.shape[0],):
             raise CheckpointFormatError(
                 f"DoRA magnitude {mag_name} has shape {tuple(magnitude.shape)}; PEFT requires (out,) = ({B.shape[0]},)",

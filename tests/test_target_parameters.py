@@ -1,0 +1,208 @@
+"""LoRA adapters on MoE expert stacks (PEFT's ``target_parameters``), read per expert (spectra.param_experts).
+
+The reference is PEFT's own merge (``merge_and_unload``) of the adapter into a transformers Mixtral, whose experts
+are 3-D stacks in memory: ΔW of expert e = merged − base, float64 numpy SVD. The base is stored both ways a Mixtral
+checkpoint is found: per expert (``block_sparse_moe.experts.e.w1/w2/w3``, what ``save_pretrained`` writes) and as
+the in-memory 3-D stacks (``mlp.experts.gate_up_proj`` ``(E, 2I, H)``)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectra import CompareConfig, DiffConfig, compare, diff
+from spectra.adapter_diff import STACK_NOT_2D
+from spectra.errors import CheckpointFormatError
+from spectra.io.adapter import open_adapter
+from tests.cli_util import cli
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+_E, _H, _I = 3, 32, 40
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> dict:
+    """A tiny Mixtral saved per expert (``base``) and stacked (``stacked``), a target_parameters adapter on it
+    (``adapter``: both expert stacks at r = 2, down_proj at r = 3 by rank_pattern, and q_proj as a module), and
+    the merged update per stacked parameter in float64."""
+    root = tmp_path_factory.mktemp("moe")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=_E, num_experts_per_tok=2)
+    model = transformers.MixtralForCausalLM(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(root / "base")
+    (root / "stacked").mkdir()
+    base_sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(base_sd, str(root / "stacked" / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(root / "stacked")
+    lc = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], rank_pattern={"down_proj": 3},
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(model, lc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(root / "adapter")
+        merged = pm.merge_and_unload().state_dict()
+    delta = {k: (merged[k].double() - base_sd[k].double()).numpy() for k in base_sd if "experts" in k or "q_proj" in k}
+    return {"root": root, "delta": delta}
+
+
+def _sv(x: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(x, compute_uv=False)
+
+
+def _per_expert_reference(delta: dict) -> dict[str, np.ndarray]:
+    """Result name -> ΔW, for the per-expert base (w1 = the gate rows of gate_up_proj, w3 the up rows, w2 = down)."""
+    out = {}
+    for layer in range(2):
+        gu, down = delta[f"model.layers.{layer}.mlp.experts.gate_up_proj"], delta[f"model.layers.{layer}.mlp.experts.down_proj"]
+        for e in range(_E):
+            stem = f"model.layers.{layer}.block_sparse_moe.experts.{e}"
+            out[f"{stem}.w1.weight"], out[f"{stem}.w3.weight"], out[f"{stem}.w2.weight"] = gu[e][:_I], gu[e][_I:], down[e]
+    return out
+
+
+def _check(mods: list, ref: dict[str, np.ndarray]) -> None:
+    for name, d in ref.items():
+        m = mods[name]
+        s = _sv(d)
+        np.testing.assert_allclose(m.fro_norm, np.linalg.norm(d), rtol=2e-5)
+        np.testing.assert_allclose(m.singular_values[:4], s[:4], rtol=1e-4, atol=1e-6 * s[0])
+        assert m.energy_rank["0.9"] == int(np.searchsorted(np.cumsum(s**2) / np.sum(s**2), 0.9 - 1e-12) + 1)
+
+
+def test_per_expert_base_gets_each_experts_share_as_peft_merges_it(moe):
+    res = diff(str(moe["root"] / "base"), str(moe["root"] / "adapter"), config=DiffConfig(top_k=8))
+    mods = {m.name: m for m in res.modules}
+    ref = _per_expert_reference(moe["delta"])
+    _check(mods, ref)
+    assert mods["model.layers.0.block_sparse_moe.experts.1.w2.weight"].lora_r == 3  # rank_pattern matched on module.param
+    assert mods["model.layers.0.block_sparse_moe.experts.1.w1.weight"].lora_r == 2
+    assert "target_parameters LoRA on model.layers.0.mlp.experts.gate_up_proj, expert 1, rows 0–39" in \
+        mods["model.layers.0.block_sparse_moe.experts.1.w1.weight"].note
+    assert len([n for n in mods if "experts" in n]) == 2 * 3 * _E and "model.layers.1.self_attn.q_proj.weight" in mods
+
+
+def test_stacked_base_gets_each_expert_of_each_stack(moe):
+    res = diff(str(moe["root"] / "stacked"), str(moe["root"] / "adapter"), config=DiffConfig(top_k=8))
+    mods = {m.name: m for m in res.modules}
+    ref = {}
+    for layer in range(2):
+        for e in range(_E):
+            stem = f"model.layers.{layer}.mlp.experts"
+            gu = moe["delta"][f"{stem}.gate_up_proj"][e]
+            ref[f"{stem}.gate_up_proj:e{e}:gate"], ref[f"{stem}.gate_up_proj:e{e}:up"] = gu[:_I], gu[_I:]
+            ref[f"{stem}.down_proj:e{e}"] = moe["delta"][f"{stem}.down_proj"][e]
+    _check(mods, ref)
+    assert mods["model.layers.1.mlp.experts.down_proj:e2"].expert == 2
+    assert mods["model.layers.1.mlp.experts.down_proj:e2"].base_fro_norm > 0
+
+
+def test_without_a_base_the_adapter_is_refused_by_name(moe):
+    with pytest.raises(CheckpointFormatError, match="target_parameters.*depends on the base model's layout"):
+        open_adapter(moe["root"] / "adapter")
+    r = cli(["diff", str(moe["root"] / "adapter"), "--no-plots"])
+    assert r.returncode != 0 and "pass the base model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_base_with_other_experts_is_refused_not_misread(moe, tmp_path):
+    """A base with 4 experts per layer: the adapter's r·E rows fit no parameter, and it says so."""
+    torch.manual_seed(1)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointFormatError, match=r"fits none of model\.layers\.0\.mlp\.experts's parameters"):
+        open_adapter(moe["root"] / "adapter", base=__import__("spectra").open_checkpoint(str(tmp_path / "other")))
+
+
+def test_compare_against_the_merged_model_finds_the_same_update(moe, tmp_path):
+    """The merged model saved by transformers (per expert again) compared with the adapter: each expert matrix's
+    update is the adapter's own, so the subspaces coincide (principal angles 0)."""
+    root = moe["root"]
+    model = transformers.MixtralForCausalLM.from_pretrained(root / "base")
+    merged = peft.PeftModel.from_pretrained(model, root / "adapter").merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged.save_pretrained(tmp_path / "merged")
+    res = compare(str(root / "adapter"), str(tmp_path / "merged"), base=str(root / "base"), config=CompareConfig(top_k=4))
+    rows = {m.name: m for m in res.modules}
+    assert len([n for n in rows if "experts" in n]) == 2 * 3 * _E
+    for name, d in _per_expert_reference(moe["delta"]).items():
+        m = rows[name]
+        assert m.fro_a == pytest.approx(np.linalg.norm(d), rel=1e-5)
+        assert m.fro_b == pytest.approx(np.linalg.norm(d), rel=1e-3)  # the merged model is stored in float32
+        assert m.captured["b_in_a"].two_sided == pytest.approx(1.0, abs=1e-4)
+
+
+def test_compare_lists_experts_of_a_stacked_base_as_skipped(moe):
+    root = moe["root"]
+    res = compare(str(root / "adapter"), str(root / "adapter"), base=str(root / "stacked"))
+    skipped = {s["name"]: s["reason"] for s in res.skipped}
+    assert skipped["model.layers.0.mlp.experts.gate_up_proj"].endswith(f"({root / 'adapter'}): {STACK_NOT_2D}")
+    assert {m.name for m in res.modules} == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+
+
+def test_extract_resizes_per_expert_loras_and_lists_stacks(moe, tmp_path):
+    from spectra.extract import extract
+    from spectra.extract_plan import STACK_NOT_WRITTEN, ExtractConfig
+
+    root = moe["root"]
+    res = extract(str(root / "stacked"), str(root / "adapter"), tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    left = {x["name"]: x for x in res.not_extracted}
+    stack = left["model.layers.0.mlp.experts.down_proj"]
+    assert stack["reason"] == STACK_NOT_WRITTEN and stack["shape"] == [_E, _H, _I]
+    assert stack["fro_norm"] == pytest.approx(np.linalg.norm(moe["delta"]["model.layers.0.mlp.experts.down_proj"]), rel=1e-5)
+    assert {m["name"] for m in res.modules} == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+
+
+def test_extract_on_a_per_expert_base_writes_an_adapter_peft_loads_to_the_same_merge(moe, tmp_path):
+    """Resized to keep every component (--energy 1.0), the per-expert adapter spectra writes loads in PEFT (which
+    converts per-expert Mixtral LoRAs to its fused experts) to the merge of the target_parameters adapter."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    root = moe["root"]
+    res = extract(str(root / "base"), str(root / "adapter"), tmp_path / "x", config=ExtractConfig(energy=1.0), plots=False)
+    assert res.totals["energy_kept"] == pytest.approx(1.0, abs=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.MixtralForCausalLM.from_pretrained(root / "base")
+        base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+        merged = peft.PeftModel.from_pretrained(model, tmp_path / "x").merge_and_unload().state_dict()
+    for k, d in moe["delta"].items():
+        got = (merged[k].double() - base_sd[k].double()).numpy()
+        np.testing.assert_allclose(got, d, atol=1e-5 * np.abs(d).max())
+
+
+def test_extract_leaves_out_per_expert_loras_peft_would_drop(tmp_path):
+    """Qwen2-MoE: transformers >= 5 fuses its experts on load and PEFT converts no per-expert LoRA for it. Resizing a
+    target_parameters adapter onto its per-expert checkpoint must not write expert LoRAs that load as nothing (they
+    were written, and counted as kept, by the adapter path, which did not ask the MoE rules a full model's path asks)."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=_H, intermediate_size=48, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=_E, num_experts_per_tok=2)
+    model = transformers.Qwen2MoeForCausalLM(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(tmp_path / "base")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+        pm.save_pretrained(tmp_path / "adapter")
+    res = extract(str(tmp_path / "base"), str(tmp_path / "adapter"), tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    assert {m["name"] for m in res.modules} == {"model.layers.0.self_attn.q_proj.weight"}
+    left = {x["name"]: x["reason"] for x in res.not_extracted}
+    assert len(left) == 3 * _E and all("PEFT does not convert" in why for why in left.values())
+    assert res.totals["energy_kept_all"] < 0.5
