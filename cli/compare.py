@@ -12,6 +12,7 @@ from spectra.compare_findings import compare_findings, headline_side, table_lege
 from spectra.display import display_name
 from spectra_cli.console import (
     OutPath,
+    cell,
     echo_json,
     folder_report,
     identical_hint,
@@ -223,5 +224,5 @@ def compare_table(result) -> Table:
     for name, second, values in rows:
         # a median of counts can fall between two (2.5): shown as it is, not rounded to an even neighbour
         cells = [_f(v, ".1f" if spec == ".0f" and v is not None and v % 1 else spec) for v, spec in zip(values, specs)]
-        table.add_row(shown(display_name(name, 40)), second, *cells)
+        table.add_row(cell(name), second, *cells)
     return table

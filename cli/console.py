@@ -173,6 +173,12 @@ def folder_report(err: Console, out_dir: str, own: str) -> None:
     err.print(shown(f"report: {display_name(str(written), None)}"), highlight=False)
 
 
+def cell(name: object, limit: int = 40) -> str:
+    """A name for a table cell: on one line (a line break written ``\\n``, as :func:`shown` keeps it for messages),
+    at most ``limit`` characters keeping its start and end, rich markup escaped."""
+    return shown(display_name(name, limit))
+
+
 def short_name(name: str) -> str:
     """A tensor name for a progress line: printable (no control characters reach the terminal) and
     at most :data:`PROGRESS_NAME` characters, keeping its start and end."""

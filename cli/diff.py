@@ -22,6 +22,7 @@ from spectra.pipeline import all_zero, raise_if_identical
 from spectra.records import DiffEvent
 from spectra_cli.console import (
     OutPath,
+    cell,
     echo_json,
     folder_report,
     given,
@@ -281,7 +282,7 @@ def _summary_table(result: spectra.DiffResult) -> Table:
     for r in result.summary_records(tau):
         est = "≈" if r["module"] in approx else ""
         table.add_row(
-            shown(display_name(r["module"], 40)), count_text(r), f"{r['p']:g}",
+            cell(r["module"]), count_text(r), f"{r['p']:g}",
             *((range_text(r["lora_r_range"]),) if lora else ()),
             f"{est}{r['energy_rank']:g}", f"{est}{r['energy_rank_frac']:.3f}",
             f"{r['random_frac']:.3f}", "–" if r["rel_norm"] is None else f"{r['rel_norm']:.3g}",

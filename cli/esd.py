@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, cell, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("esd")
@@ -120,7 +120,7 @@ def _summary_table(result) -> Table:
         table.add_column(col, justify="left" if col == "module" else "right")
     rows = sorted(result.summary(), key=lambda r: role_sort_key(r["role"], r["module"]))
     for r in rows:
-        table.add_row(shown(r["module"]), str(r["count"]), str(r["fitted"]), alpha_text(r["alpha_median"]),
+        table.add_row(cell(r["module"]), str(r["count"]), str(r["fitted"]), alpha_text(r["alpha_median"]),
                       alpha_text(r["alpha_min"]), alpha_text(r["alpha_max"]), _fmt(r["D_median"], ".3f"), str(r["over_trained"]),
                       str(r["under_trained"]))
     return table

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, given, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, cell, given, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("extract")
@@ -135,13 +135,13 @@ def summary_table(doc: dict) -> Table:
         n, ms = len(groups[label]), [m for m in groups[label] if m.get("changed", True)]
         params = f"{sum(m['params'] for m in groups[label]):,}"  # an unchanged expert of a stack holds some
         if not ms:
-            table.add_row(shown(label), f"0/{n}", "–", "–", "–", "–", "–", params)
+            table.add_row(cell(label), f"0/{n}", "–", "–", "–", "–", "–", params)
             continue
         ranks = sorted(m["rank"] for m in ms)
         kept = sorted(m["energy_kept"] for m in ms)
         uni = sorted(m["uniform_energy_kept"] for m in ms if m.get("uniform_energy_kept") is not None)
         # the median as extract.json, diff and trace take it (the mean of the middle two of an even count)
-        table.add_row(shown(label), str(n) if n == len(ms) else f"{len(ms)}/{n}", f"{statistics.median(ranks):g}",
+        table.add_row(cell(label), str(n) if n == len(ms) else f"{len(ms)}/{n}", f"{statistics.median(ranks):g}",
                       f"{ranks[0]}–{ranks[-1]}", f"{statistics.median(kept):.3f}", f"{kept[0]:.3f}",
                       f"{statistics.median(uni):.3f}" if uni else "–", params)
     return table

@@ -9,7 +9,19 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, folder_report, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import (
+    OutPath,
+    cell,
+    folder_report,
+    identical_hint,
+    one_pattern,
+    print_table,
+    progress_bar,
+    short_name,
+    shown,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:
     from spectra.interfere import InterfereResult
@@ -140,9 +152,9 @@ def _pair_table(doc: dict, key: str, label: str) -> Table:
     table = Table(title=f"{label}, {over_matrices(doc['summary'])}", title_justify="left")
     table.add_column("")
     for n in names:
-        table.add_column(shown(n), justify="right")
+        table.add_column(cell(n), justify="right")
     for i, row in enumerate(m):
-        table.add_row(shown(names[i]), *("–" if v is None else f"{v:.3f}" for v in row))
+        table.add_row(cell(names[i]), *("–" if v is None else f"{v:.3f}" for v in row))
     return table
 
 
@@ -165,7 +177,7 @@ def _module_table(doc: dict) -> Table:
 
     for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
         ms = kinds[kind]
-        table.add_row(shown(kind), str(len(ms)), med([m["tsv"]["relative"] for m in ms]),
+        table.add_row(cell(kind), str(len(ms)), med([m["tsv"]["relative"] for m in ms]),
                       med([m["tsv"].get("relative_fro") for m in ms]), med([m["sum"]["spectral_over_max"] for m in ms]),
                       med([m["sum"]["fro_sq_ratio"] for m in ms]), med([m["sum"]["nuclear_ratio"] for m in ms]))
     return table

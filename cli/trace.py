@@ -9,7 +9,19 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, folder_report, identical_hint, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import (
+    OutPath,
+    cell,
+    folder_report,
+    identical_hint,
+    one_pattern,
+    print_table,
+    progress_bar,
+    short_name,
+    shown,
+    stderr,
+    stdout,
+)
 
 if TYPE_CHECKING:  # (spectra.trace imports torch: only when the command runs)
     from spectra.trace import TraceResult
@@ -84,7 +96,9 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     # a point (one matrix at one checkpoint) is skipped for NaN/Inf or a shape its base does not share
     points = [pt for m in result.matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("skip")]
     skipped_points = f", {len(points)} points (a matrix at one checkpoint) skipped: see 'skip' in trace.json" if points else ""
-    err.print(f"{matrices(len(result.matrices))} over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
+    nowhere = sum(1 for m in result.matrices if m["points"] and all(isinstance(pt, dict) and pt.get("skip") for pt in m["points"]))
+    nowhere_text = f" ({nowhere} of them measured at no checkpoint)" if nowhere else ""
+    err.print(f"{matrices(len(result.matrices))}{nowhere_text} over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
               f"on {result.device}; {matrices(len(result.skipped))} skipped{skipped_points}", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'trace.json'))}", highlight=False)
@@ -138,7 +152,7 @@ def _summary_table(result) -> Table:
 
     for kind in sorted(kinds, key=lambda k: role_sort_key(kinds[k][0].get("role"), k)):
         ms = kinds[kind]
-        table.add_row(shown(kind), str(len(ms)),
+        table.add_row(cell(kind), str(len(ms)),
                       med(ms, 0, lambda p: (p.get("energy_rank") or {}).get(key)), med(ms, -1, lambda p: (p.get("energy_rank") or {}).get(key)),
                       med(ms, 0, lambda p: p.get("rel_norm")), med(ms, -1, lambda p: p.get("rel_norm")),
                       med(ms, -1, lambda p: ((p.get("turn_first") or {}).get("right") or {}).get("phi")))

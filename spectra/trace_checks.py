@@ -118,10 +118,16 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
 
 
 def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
-    """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, and one
-    for points (a matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
+    """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, one for
+    matrices skipped at every checkpoint (measured nowhere: a skipped matrix in all but name), and one for points (a
+    matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
     out = note_caveat_warnings([(m["name"], "; ".join([m.get("note") or "", *(pt.get("note") or "" for pt in m["points"] if isinstance(pt, dict))]))
                                 for m in matrices], len(matrices), " at one checkpoint or more")
+    nowhere = [m for m in matrices if m["points"] and all(isinstance(pt, dict) and pt.get("skip") for pt in m["points"])]
+    if nowhere:
+        one = len(nowhere) == 1
+        out.append(f"{len(nowhere)} matri{'x is' if one else 'ces are'} measured at no checkpoint (e.g. {nowhere[0]['name']}: "
+                   f"{nowhere[0]['points'][0]['skip']}); 'skip' of each point in trace.json says why")
     # (other turn_notes say which checkpoint turn_prev is from, or that a tie left the subspace undetermined)
     unresolved = unresolved_text("ΔW", "")[:30]  # "every singular value of ΔW is…": the wording of such a point
     hit = [(m["name"], pt.get("step")) for m in matrices for pt in m["points"]
