@@ -372,11 +372,12 @@ def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
     """The energy thresholds τ (``--threshold``/``-t``), sorted and each once.
 
     Raises:
-        ConfigError: none given, or one outside (0, 1] (a value below ~1e-308, as typed, reads as 0).
+        ConfigError: none given, or one outside (0, 1] (a value below 5e-324, as typed, reads as 0).
     """
     bad = [t for t in thresholds if not 0.0 < float(t) <= 1.0]
     if not thresholds or bad:
-        shown = ", ".join(repr(float(t)) + (" (below ~1e-308 a number reads as 0)" if float(t) == 0 else "") for t in bad)
+        zero = " (0, or a value below 5e-324, the smallest float, which reads as 0)"
+        shown = ", ".join(repr(float(t)) + (zero if float(t) == 0 else "") for t in bad)
         raise ConfigError(f"thresholds must each be in (0, 1] (--threshold/-t). Got {shown or 'none'} instead",
                           hint="τ is the share of ‖ΔW‖² to hold, e.g. 0.9")
     return tuple(sorted({float(t) for t in thresholds}))

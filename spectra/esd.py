@@ -50,6 +50,10 @@ from spectra.randmat import mp_median
 XminMethod = Literal["fit", "peak", "mid"]
 XMIN_METHODS: tuple[str, ...] = ("fit", "peak", "mid")
 
+#: ``‖W‖_F²`` at or above this is refused (skipped with the reason): the Gram matrix's entries and the
+#: eigenvalues λ = σ² would overflow float64 (max ≈ 1.8e308) in the decomposition; at or below its inverse they
+#: underflow (subnormals, then 0).
+GRAM_LIMIT = 1e300
 #: Eigenvalues at or below this are dropped before the power-law fit (WeightWatcher's ``EVALS_THRESH``
 #: in ``constants.py``, applied as ``evals[evals > thresh]`` in ``WeightWatcher.fit_powerlaw``). It is an
 #: absolute threshold, as WeightWatcher's: a matrix whose whole spectrum is below it has no fit.

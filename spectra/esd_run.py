@@ -37,7 +37,7 @@ from spectra.config import SharedOptions, config_of, cpu_by_default, search_patt
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
-from spectra.esd import EVALS_THRESH, XMIN_METHODS, XminMethod, esd_metrics
+from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, XminMethod, esd_metrics
 from spectra.esd_results import SCHEMA as ESD_SCHEMA
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
@@ -67,9 +67,6 @@ ESD_FILES = ("esd.json", "esd.csv", "esd_config.json", "alpha_heatmap.png", "esd
 #: EsdConfig fields that change the numbers written (``--resume`` refuses a journal made with others).
 RESULT_FIELDS = ("include", "exclude", "layers", "xmin", "ww_compatible", "split_fused", "evals_thresh", "plot_include")
 
-#: ``‖W‖_F²`` at or above this is refused (skipped with the reason): the Gram matrix's entries and the
-#: eigenvalues λ = σ² would overflow float64 (max ≈ 1.8e308) in the decomposition.
-GRAM_LIMIT = 1e300
 
 #: ESD plots of at most this many matrices when ``plot_include`` is not given (the middle layer's).
 DEFAULT_PLOTTED = 8

@@ -152,7 +152,7 @@ def diff_findings(result: DiffResult, threshold: float | None = None) -> list[Fi
     noise = [m for m in result.modules if m.fro_norm and "rounding_level" in m.caveats]
     if not ms and noise:
         out.append(Finding("rank", f"No statement on rank: every updated matrix ({len(noise)}) is at the rounding level of "
-                           "its storage dtype, so its spectrum is rounding noise (see the warning).",
+                           "its storage dtype, so its spectrum is not resolved from rounding noise (see the warning).",
                            numbers={"matrices": 0, "rounding_level": len(noise)}))
     elif noise:
         out.append(Finding("rank", f"The statements on rank below leave out the {matrices(len(noise))} at the rounding "

@@ -14,7 +14,7 @@ the spectrum of ΔW may reflect the storage format rather than the fine-tuning:
     ``|ΔW_ij| ≤ ε · max(|W_base,ij|, |W_tuned,ij|)`` with ε = ``torch.finfo(dtype).eps``
     (one ulp at 1: bf16 2^-7, fp16 2^-10, fp32 2^-23, fp8 e4m3 2^-3); ``ε/2`` where the base is stored
     finer than the tuned weights (its ΔW holds only the tuned side's round-to-nearest, at most half an ulp). A 1e-8 relative update stored
-    in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is that of rounding noise.
+    in bf16 comes out as 0 or as isolated ±1-ulp flips: the spectrum is not resolved from rounding noise.
     Not said when power iteration shows a top singular value that such noise cannot reach (``rounding_steps``).
     The norm ratio ‖ΔW‖_F/‖W_base‖_F is reported beside the unit roundoff u = ε/2, but is not the
     criterion on its own: a sparse real update (a few rows of an embedding) has a small ratio too.
@@ -65,6 +65,9 @@ ROUNDING_ENERGY = 0.5
 RESOLVED_MARGIN = 1.5
 #: How a ``rounding_steps`` note starts (the caveat's pattern in :data:`spectra.results.CAVEATS` reads it).
 STEPS_START = "ΔW moved its entries by at most one rounding step of "
+#: How a ``rounding_level`` note starts (the caveat's pattern in :data:`spectra.results.CAVEATS` reads it; and
+#: :func:`certified_floor`, which raises the floor of such a ΔW on one grid).
+LEVEL_START = "ΔW is at the rounding level of "
 #: How a ``rounding_steps`` note on one grid names its certificate (:func:`certified_floor` reads it back).
 ONE_GRID_TOP = "its top singular value"
 #: Power-iteration steps of that certificate (a top value at 1.5× a noise bulk is within 1% after ~6).
@@ -242,8 +245,11 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
             else:
                 rel = fro / s["base_sq"] ** 0.5 if s["base_sq"] > 0 else float("inf")
                 notes.append(NumericNote("rounding_level", (
-                    f"ΔW is at the rounding level of {coarse}{mixed}: {steps}; ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit "
-                    f"roundoff of {eps / 2:.3g}: its spectrum is that of rounding noise, not of a learned update")))
+                    f"{LEVEL_START}{coarse}{mixed}: {steps}; ‖ΔW‖_F/‖W‖_F = {rel:.3g} against a unit roundoff of "
+                    f"{eps / 2:.3g}; and its top singular value stays within {RESOLVED_MARGIN:g}× the {edge:.3g} (largest row "
+                    f"norm + largest column norm) that independent rounding noise of those entries reaches: its spectrum "
+                    f"is not resolved from rounding noise (a learned update this small, rounded entry by entry, cannot be "
+                    f"told from none)")))
 
     # (3) quantisation grids (sampled rows).
     grid = _grid_note(b2, t2, base_dtype, tuned_dtype, sample_rows)
@@ -337,7 +343,9 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
 def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W_base: torch.Tensor) -> float:
     """``floor`` (:func:`rounding_floor`), lowered for a ΔW whose ``rounding_steps`` certificate fired on one grid
     (``notes``: :func:`numeric_notes` of the pair) to :data:`RESOLVED_MARGIN` × (largest row norm + largest column norm
-    of ΔW), the ceiling of independent one-step noise of its entries that the certificate rests on.
+    of ΔW), the ceiling of independent one-step noise of its entries that the certificate rests on; raised to that
+    ceiling for a ΔW on one grid said to be at the rounding level (the certificate did not fire), whose singular values
+    between the two diff called rounding noise while compare, trace and extract counted them as directions.
 
     The ``u·|x|`` floor assumes every entry carries a rounding error of up to half a step; a sub-step update of
     weights already on the grid moves a few entries by one step, with an error far smaller, so that floor sat 20×
@@ -347,10 +355,16 @@ def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W
     Args:
         W_tuned, W_base: ``(out, in)`` as analysed (any float dtype, one device).
     """
-    if not any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes):
+    steps = any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes)
+    # the converse: a ΔW on one grid whose top value stays under that ceiling is said to be unresolved from rounding
+    # noise (rounding_level): its floor is at least the ceiling, so that no command counts directions in it
+    level = any(n.startswith(LEVEL_START) and " (base " not in n.partition(":")[0] for n in notes)
+    if not (steps or level):
         return floor
     edge = _edge(W_tuned.float() - W_base.float())
-    return min(floor, RESOLVED_MARGIN * edge) if math.isfinite(edge) else floor
+    if not math.isfinite(edge):
+        return floor
+    return min(floor, RESOLVED_MARGIN * edge) if steps else max(floor, RESOLVED_MARGIN * edge)
 
 
 def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:

@@ -30,12 +30,14 @@ from spectra.delta import Prepared, floor_bound, pair_bytes, prepare, unit_floor
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
-from spectra.io.adapter import is_adapter, open_adapter
+from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
+from spectra.numerics import LEVEL_START
 from spectra.pairing import Skipped, drop_tied_heads, pair_checkpoints
+from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
@@ -119,7 +121,9 @@ def _with_floors(batch: list[Prepared], results: list[tuple[ModuleResult | None,
             continue
         bound = floor_bound(module.shape, item.task.pair.tuned_info.dtype, item.base_fro, module.fro_norm)
         kept = module.singular_values
-        if not kept or bound < kept[-1]:  # (--top-k 0 keeps no value: none to tell from the rounding)
+        # (--top-k 0 keeps no value: none to tell from the rounding; a ΔW at the rounding level has its floor raised
+        # above the bound: spectra.numerics.certified_floor)
+        if (not kept or bound < kept[-1]) and not any(c.startswith(LEVEL_START) for c in item.caveats):
             module.rounding_floor = bound if math.isfinite(bound) else None
         else:  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)
             floor = unit_floor(item, base, tuned)
@@ -216,7 +220,7 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         base_ckpt = None
         if tuned is not None:
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        result = diff_adapter(base_ckpt, open_adapter(adapter_path, base=base_ckpt), config=config, device=device, dtype=dtype,
+        result = diff_adapter(base_ckpt, open_adapter_on(adapter_path, base_ckpt), config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
                               label_tuned=str(adapter_path), resume=resume)
         for m in result.modules:  # decomposed from its factors, which hold no storage rounding: no floor

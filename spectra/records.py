@@ -11,7 +11,7 @@ import numpy as np
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
-from spectra.esd import EVALS_THRESH, XminMethod, esd_metrics
+from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XminMethod, esd_metrics
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
@@ -114,9 +114,24 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
     """
     if S_delta is not None and (why := delta_fit_refusal(S_delta, shape)) is not None:
         S_delta, note = None, "; ".join(x for x in (note, why) if x)
-    fields = esd_fields(S_delta, S_base, S_tuned, shape=shape)
+    sides = {"ΔW": S_delta, "W_base": S_base, "W_tuned": S_tuned}
+    for side, S in sides.items():  # float64 weights near 1e±154: λ = σ² leaves float64 (as spectra esd skips them)
+        if S is not None and (why := _squares_refusal(np.asarray(S, dtype=np.float64))) is not None:
+            sides[side], note = None, "; ".join(x for x in (note, f"{side} not fitted: {why}") if x)
+    fields = esd_fields(sides["ΔW"], sides["W_base"], sides["W_tuned"], shape=shape)
     return {"base": fields["base"], "tuned": fields["tuned"], "delta": fields["delta"],
             "alpha_change": fields["alpha_change"], "alpha_change_z": fields["alpha_change_z"], "note": note}
+
+
+def _squares_refusal(S: np.ndarray) -> str | None:
+    """Why the eigenvalues λ = σ² of singular values ``S`` cannot be fitted in float64 (their sum leaves its range,
+    the rule of :data:`spectra.esd.GRAM_LIMIT`), or None."""
+    top = float(S.max()) if S.size else 0.0
+    if not math.isfinite(top) or top * top * S.size >= GRAM_LIMIT:
+        return f"Σλ = ‖W‖_F² exceeds {GRAM_LIMIT:.0e}, so the eigenvalues λ = σ² overflow float64; rescale the weights"
+    if 0.0 < top <= (1.0 / GRAM_LIMIT / S.size) ** 0.5:  # (top² itself underflows to 0 below ~1e-162)
+        return f"Σλ = ‖W‖_F² is below {1.0 / GRAM_LIMIT:.0e}, so the eigenvalues λ = σ² underflow float64; rescale the weights"
+    return None
 
 
 #: The ``esd`` note of a result computed in the approximate mode.

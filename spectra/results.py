@@ -34,8 +34,8 @@ CAVEATS: dict[str, tuple[re.Pattern[str], str, str]] = {
     "rounding_level": (
         re.compile(r"ΔW is at the rounding level of "),
         "ΔW is at the rounding level of its storage dtype",
-        ("their spectra are those of rounding noise, not of a learned update, so a rank needed near the random "
-        "baseline says nothing about the fine-tune")),
+        ("their spectra are not resolved from rounding noise (a learned update this small cannot be told from none), "
+         "so a rank needed near the random baseline says nothing about the fine-tune")),
     "rounding_steps": (
         re.compile(r"ΔW moved its entries by at most one rounding step of "),
         "ΔW is made of single rounding steps of its storage dtype, with top directions above rounding noise",

@@ -215,7 +215,7 @@ def test_trace_refuses_a_checkpoint_listed_twice_and_compare_warns_of_one_input_
 def test_option_messages_name_the_option(tmp_path):
     b, t, _ = _pair(tmp_path)
     res = _cli("diff", b, t, "-t", "1e-400")
-    assert res.exit_code == 1 and "below ~1e-308 a number reads as 0" in _last_line(res) and "[0.0]" not in res.output
+    assert res.exit_code == 1 and "a value below 5e-324, the smallest float, which reads as 0" in _last_line(res) and "[0.0]" not in res.output
     res = _cli("diff", b, t, "--device", "tpu")
     assert res.exit_code == 1 and "--device must be auto, cpu, cuda or cuda:N" in _last_line(res)
 
