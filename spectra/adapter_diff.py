@@ -33,6 +33,7 @@ from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
+from spectra.param_experts import BaseNames
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
@@ -61,6 +62,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
                 "needs no base")
         specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
         lookup = unique_pairing_keys(list(base.tensors))
+        names = BaseNames(base, specs, lookup)  # a PEFT adapter of a transformers >= 5 model names modules as it loads them
     else:
         specs = describe_updates({m.weight_name: m.shape for m in adapter.modules.values()}, fan_in_fan_out=adapter.config.fan_in_fan_out)
     out = []
@@ -68,7 +70,7 @@ def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[Lor
         if base is None:
             out.append((mod, specs[mod.weight_name], None))
             continue
-        name = mod.weight_name if mod.weight_name in base.tensors else lookup.get(pairing_key(mod.weight_name))
+        name = mod.weight_name if mod.weight_name in base.tensors else names.find(mod.weight_name)
         if name is None or name not in specs:
             tied = _tied_head_of(mod, base, specs)
             if tied is not None:

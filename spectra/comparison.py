@@ -51,7 +51,7 @@ from spectra.config import CompareConfig, config_of, cpu_by_default
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.engine import CPU_BATCH_BYTES
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
-from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter, open_adapter
+from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.paths import checkpoint_location
@@ -68,6 +68,7 @@ from spectra.naming import (
 )
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
+from spectra.param_experts import open_adapter_on
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -176,7 +177,7 @@ class _Side:
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
-            self.adapter = open_adapter(label, base=base)
+            self.adapter = open_adapter_on(label, base)
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)

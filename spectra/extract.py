@@ -87,7 +87,7 @@ from spectra.extract_results import (
     tied_embedding_warning,
 )
 from spectra.extract_write import adapter_files, write_extracted
-from spectra.io.adapter import Adapter, is_adapter, open_adapter
+from spectra.io.adapter import Adapter, is_adapter
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import task_type_for, write_adapter
@@ -108,6 +108,7 @@ from spectra.lowrank import (
 )
 from spectra.metrics import square_scale_exponent
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
+from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_moe_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
@@ -145,7 +146,7 @@ RENAME_WAIT_S = 120.0
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> ExtractSource:
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
-        return _adapter_source(base, open_adapter(tuned, base=base), config)
+        return _adapter_source(base, open_adapter_on(tuned, base), config)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)

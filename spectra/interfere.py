@@ -50,7 +50,7 @@ from spectra.interference import (
     truncate,
     tsv_pair_matrix,
 )
-from spectra.io.adapter import Adapter, LoraModule, is_adapter, open_adapter
+from spectra.io.adapter import Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import result_json
@@ -60,6 +60,7 @@ from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_res
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
+from spectra.param_experts import open_adapter_on
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector, unmeasured_clause
 from spectra.subspaces import Factored
@@ -126,7 +127,7 @@ class _Task:
         self.pair_notes: list[str] = []  # what pairing said (names that differ only in spelling…), as diff warns it
         if is_adapter(label):
             self.kind = "lora"
-            self.adapter = open_adapter(label, base=base)
+            self.adapter = open_adapter_on(label, base)
             init = self.adapter.config.base_changing_init
             if init:
                 raise CheckpointFormatError(

@@ -66,6 +66,26 @@ def _loaded_key(key: str, built: tuple[Any, Any, list, list, dict, str | None]) 
     return new, fused
 
 
+def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str]:
+    """``{stored key: its name in the loaded model}`` for the tensors transformers renames (not fuses) on load
+    (GraniteMoE's ``block_sparse_moe.input_linear.weight`` -> ``block_sparse_moe.experts.gate_up_proj``, Mixtral's
+    ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``); empty without transformers or for a model it cannot
+    build. The names a PEFT adapter saved from a transformers >= 5 model uses."""
+    built = _loaded_model(config)
+    if built is None:
+        return {}
+    own = built[4]
+    out: dict[str, str] = {}
+    for key in keys:
+        try:
+            new, fused = _loaded_key(key, built)
+        except Exception:  # noqa: BLE001 - a rule this key breaks: the stored name
+            continue
+        if fused is None and new != key and new in own:
+            out[key] = new
+    return out
+
+
 def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
     """``{module path: its path in the loaded model}`` for the modules transformers renames on load,
     and a phrase saying where that came from (None when nothing is renamed).
@@ -146,4 +166,4 @@ def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> s
     return f"{source}: {what} names them as loaded, as PEFT matches them ({len(renames)} renamed, e.g. {old} → {new})"
 
 
-__all__ = ["load_renames", "renames_text"]
+__all__ = ["loaded_keys", "load_renames", "renames_text"]

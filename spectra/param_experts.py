@@ -1,17 +1,24 @@
 """Place the LoRAs of PEFT's ``target_parameters`` (MoE expert stacks, :mod:`spectra.io.param_lora`) on a base
 checkpoint's matrices, one rank-r update per expert.
 
-A base stores an expert stack either as a 3-D tensor under the parameter's own name (``mlp.experts.gate_up_proj``),
-or — what transformers >= 5 fuses on load — as per-expert matrices (Mixtral's ``block_sparse_moe.experts.3.w1.weight``
-and ``w3.weight``, whose rows follow each other in the fused ``gate_up_proj``: :func:`spectra.peft_moe.expert_fusions`).
-Per-expert matrices get ordinary :class:`spectra.io.adapter.LoraModule` s, one per expert and matrix (expert e's
-B_e split by rows where several matrices were fused), so every command measures them as it measures any LoRA.
-The experts of a 3-D tensor get modules with ``expert`` set, kept apart (``Adapter.stacked``): ``spectra diff``
-analyses each expert; the commands that measure 2-D matrices only list them, as they list a full model's stacks.
+A base stores an expert stack either as a 3-D tensor (under the parameter's own name, or one transformers renames on
+load: GraniteMoE's ``block_sparse_moe.input_linear.weight`` is ``experts.gate_up_proj``), or — what transformers >= 5
+fuses on load — as per-expert matrices (Mixtral's ``block_sparse_moe.experts.3.w1.weight`` and ``w3.weight``, whose
+rows follow each other in the fused ``gate_up_proj``: :func:`spectra.peft_moe.expert_fusions`). Per-expert matrices
+get ordinary :class:`spectra.io.adapter.LoraModule` s, one per expert and matrix (expert e's B_e split by rows where
+several matrices were fused), so every command measures them as it measures any LoRA. The experts of a 3-D tensor
+get modules with ``expert`` set, kept apart (``Adapter.stacked``): ``spectra diff`` analyses each expert; the
+commands that measure 2-D matrices only list them, as they list a full model's stacks. A 2-D parameter (a router's
+``gate.weight``) is an ordinary module; a bias parameter (gpt-oss's ``gate_up_proj_bias``) is skipped with why.
+
+Orientation: PEFT adds ``s·B_e·A_e`` to the stored ``(d1, d2)`` matrix of expert e, or its transpose where the experts
+module says ``is_transposed`` (gpt-oss, Aria: stored ``(in, out)``); Llama-4's, stored ``(in, out)`` too, do not say it.
+Which of the two an adapter holds is read from its factors' shapes, and for a square stack from the model type
+(:data:`spectra.peft_moe.TRANSPOSED_EXPERTS`); the update is then turned into spectra's ``(out, in)``.
 
 Which parameter a stored wrapper holds is read from shapes: the one of its module's ``target_parameters`` whose
-``(out, in)`` and number of experts fit its factors (``lora_A`` ``(r·E, in)``, ``lora_B`` ``(out, r·E)``); a
-wrapper that fits none, or wrappers that fit more than one assignment, are refused by name.
+shape and number of experts fit its factors (``lora_A`` ``(r·E, ·)``, ``lora_B`` ``(·, r·E)``); a wrapper that fits
+none, or wrappers that fit more than one assignment, are refused by name.
 """
 
 from __future__ import annotations
@@ -19,96 +26,142 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from spectra.errors import CheckpointFormatError
-from spectra.io.adapter import Adapter, LoraModule
+from spectra.io.adapter import Adapter, LoraModule, open_adapter
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.param_lora import ParamLora
+from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, pairing_key, unique_pairing_keys
-from spectra.pairing import oriented_shape
-from spectra.peft_moe import ExpertFusion, expert_fusions
+from spectra.pairing import Skipped
+from spectra.peft_moe import TRANSPOSED_EXPERTS, ExpertFusion, expert_fusions
 
 _MERGE = "merge the adapter (merge_and_unload) and diff the merged model against the base"
 
 
 @dataclass(frozen=True)
 class _Target:
-    """Where one parameter's experts sit in the base: a 3-D tensor (``stack``) or per-expert matrices (``parts``:
-    per expert, ``(base name, rows)`` in the fused matrix's row order)."""
+    """Where one parameter sits in the base: a 3-D tensor or a 2-D one (``stored``, its stored ``(d1, d2)`` per expert and
+    whether spectra reads it transposed), or per-expert matrices (``parts``: per expert, ``(base name, rows)`` in the
+    fused matrix's row order, ``(d1, d2)`` the fused ``(out, in)``)."""
 
     experts: int
-    out: int
-    inp: int
-    stack: str | None = None
+    d1: int
+    d2: int
+    stored: str | None = None
+    transpose: bool = False
     parts: tuple[tuple[tuple[str, int], ...], ...] = ()
+    bias: bool = False
+    stack: bool = False
 
     def describe(self) -> str:
-        where = self.stack or f"{self.parts[0][0][0]} …"
-        return f"{self.experts} experts of ({self.out}, {self.inp}) at {where}"
+        where = self.stored or f"{self.parts[0][0][0]} …"
+        return f"{self.experts} expert(s) of ({self.d1}, {self.d2}) at {where}"
 
 
-def place_params(adapter: Adapter, params: list[ParamLora], base: Checkpoint | None) -> None:
+@dataclass
+class BaseNames:
+    """A base's tensors as a PEFT adapter names them: its specs, names by pairing key, and (on first need) the names
+    transformers >= 5 loads its tensors under, inverted (a PEFT adapter saved from such a model uses those)."""
+
+    ckpt: Checkpoint
+    specs: dict[str, MatrixSpec]
+    lookup: dict[str, str]
+    _loaded: dict[str, str] | None = None
+
+    def find(self, name: str) -> str | None:
+        """The stored tensor a loaded-model name (PEFT's) stands for, or None."""
+        if name in self.ckpt.tensors:
+            return name
+        if (found := self.lookup.get(pairing_key(name))) is not None:
+            return found
+        if self._loaded is None:  # (builds the model on the meta device: only for a name found neither way)
+            self._loaded = {new: old for old, new in loaded_keys(self.ckpt.config, self.ckpt.tensors).items()}
+        return self._loaded.get(name)
+
+
+def open_adapter_on(path: str | Path, base: Checkpoint | None) -> Adapter:
+    """:func:`spectra.io.adapter.open_adapter`, with its ``target_parameters`` LoRAs placed on ``base``
+    (:func:`place_params`); without a base they are refused, as ``open_adapter`` refuses them."""
+    adapter = open_adapter(path, params=base is not None)
+    if adapter.params and base is not None:
+        place_params(adapter, adapter.params, base)
+    return adapter
+
+
+def place_params(adapter: Adapter, params: list[ParamLora], base: Checkpoint) -> None:
     """Add the per-expert LoRA modules of ``params`` to ``adapter`` (see the module docstring).
 
     Raises:
-        CheckpointFormatError: no base (where an expert's rows land depends on its layout); DoRA (PEFT builds
-            none on parameters); a wrapper that fits no parameter of the base, or fits several ways; a matrix
-            that another LoRA of the adapter already updates.
+        CheckpointFormatError: DoRA (PEFT builds none on parameters); a wrapper that fits no parameter of the
+            base, or fits several ways; a matrix that another LoRA of the adapter already updates.
     """
     first = params[0]
     named = f"{first.module} is adapted through PEFT's target_parameters ({', '.join(adapter.config.target_parameters or ())})"
-    if base is None:
-        raise CheckpointFormatError(f"{named}: which matrices each expert's LoRA updates depends on the base model's layout",
-                                    path=adapter.path, tensor=first.stored[0],
-                                    hint="pass the base model (spectra diff BASE ADAPTER; compare, trace and interfere: --base)")
     if adapter.config.use_dora:
         raise CheckpointFormatError(f"{named} with use_dora: PEFT builds no DoRA on parameters", path=adapter.path,
                                     tensor=first.stored[0], hint="the adapter_config.json was edited; " + _MERGE)
-    specs = base.specs
-    lookup = unique_pairing_keys(list(base.tensors))
+    where = BaseNames(base, base.specs, unique_pairing_keys(list(base.tensors)))
     fusions, source = expert_fusions(base.arch.model_type)
+    square_transposed = (base.arch.model_type or "") in TRANSPOSED_EXPERTS
     groups: dict[str, list[ParamLora]] = {}
     for p in params:
         groups.setdefault(p.module, []).append(p)
     for module, wrappers in groups.items():
-        targets = {name: t for name in wrappers[0].params
-                   if (t := _target(f"{module}.{name}", base, specs, lookup, fusions)) is not None}
-        for w, (param, target, r, alpha) in zip(wrappers, _assign(adapter, wrappers, targets, source)):
-            scale = alpha / math.sqrt(r) if adapter.config.use_rslora else alpha / r
-            for e in range(target.experts):
-                B_e, A_e = w.expert_factors(e, target.experts, r)
-                origin = f"target_parameters LoRA on {module}.{param}, expert {e}"
-                if target.stack is not None:
-                    key = f"{module}.{param}:e{e}"
-                    adapter.stacked[key] = LoraModule(key, target.stack, A_e, B_e, r, alpha, scale, expert=e, note=origin)
-                    continue
-                row = 0
-                for name, rows in target.parts[e]:
-                    mod = name.removesuffix(".weight")
-                    if mod in adapter.modules:
-                        raise CheckpointFormatError(
-                            f"{name} is updated twice: by the LoRA of {mod} and by expert {e}'s of {module}.{param} "
-                            "(target_parameters)", path=adapter.path, tensor=name, hint=_MERGE)
-                    part = f"{origin}, rows {row}–{row + rows - 1}" if len(target.parts[e]) > 1 else origin
-                    adapter.modules[mod] = LoraModule(mod, name, A_e, B_e[row:row + rows].contiguous(), r, alpha, scale,
-                                                      note=part)
-                    row += rows
+        targets = {name: t for name in wrappers[0].params if (t := _target(f"{module}.{name}", where, fusions)) is not None}
+        for w, (param, target, r, alpha, peft_t) in zip(wrappers, _assign(adapter, wrappers, targets, source, square_transposed)):
+            full = f"{module}.{param}"
+            if target.bias:
+                adapter.skipped.extend(Skipped(n, f"a LoRA on the bias parameter {full} (target_parameters): a vector per "
+                                                  "expert, not a weight matrix; not analysed") for n in w.stored)
+                continue
+            _add(adapter, w, full, target, r, alpha, flip=peft_t != target.transpose)
 
 
-def _target(full: str, base: Checkpoint, specs: dict[str, MatrixSpec], lookup: dict[str, str],
-            fusions: tuple[ExpertFusion, ...]) -> _Target | None:
-    """Where the parameter ``full`` (``module.param``) sits in ``base``, or None when it has none."""
-    name = full if full in base.tensors else lookup.get(pairing_key(full))
-    if name is not None and len(shape := tuple(base.tensors[name].shape)) == 3 and name in specs:
-        out, inp = oriented_shape(specs[name], shape)[1:]
-        return _Target(shape[0], out, inp, stack=name)
+def _add(adapter: Adapter, w: ParamLora, full: str, target: _Target, r: int, alpha: float, *, flip: bool) -> None:
+    """``w``'s LoRA modules, one per expert (and fused part), in spectra's ``(out, in)``: ``flip`` where PEFT's
+    update ``s·B_e·A_e`` is that matrix's transpose."""
+    scale = alpha / math.sqrt(r) if adapter.config.use_rslora else alpha / r
+    for e in range(target.experts):
+        B_e, A_e = w.expert_factors(e, target.experts, r)
+        if flip:  # (B·A)ᵀ = Aᵀ·Bᵀ
+            B_e, A_e = A_e.mT.contiguous(), B_e.mT.contiguous()
+        origin = f"target_parameters LoRA on {full}" + (f", expert {e}" if target.experts > 1 or target.parts else "")
+        if target.stack:
+            key = f"{full}:e{e}"
+            adapter.stacked[key] = LoraModule(key, target.stored, A_e, B_e, r, alpha, scale, expert=e, note=origin)
+            continue
+        parts = target.parts[e] if target.parts else ((target.stored, B_e.shape[0]),)
+        row = 0
+        for name, rows in parts:
+            mod = name.removesuffix(".weight")
+            if mod in adapter.modules:
+                raise CheckpointFormatError(f"{name} is updated twice: by the LoRA of {mod} and by that of {full} (target_parameters)",
+                                            path=adapter.path, tensor=name, hint=_MERGE)
+            note = f"{origin}, rows {row}–{row + rows - 1}" if len(parts) > 1 else origin
+            adapter.modules[mod] = LoraModule(mod, name, A_e, B_e[row:row + rows].contiguous(), r, alpha, scale, note=note)
+            row += rows
+
+
+def _target(full: str, base: BaseNames, fusions: tuple[ExpertFusion, ...]) -> _Target | None:
+    """Where the parameter ``full`` (``module.param``, as the loaded model names it) sits in ``base``, or None."""
+    name = base.find(full)
+    if name is not None and name in base.specs and len(shape := tuple(base.ckpt.tensors[name].shape)) in (2, 3):
+        if len(shape) == 2:  # a 2-D parameter: one "expert"
+            return _Target(1, shape[0], shape[1], stored=name, transpose=base.specs[name].transpose,
+                           bias=full.rpartition(".")[2].endswith("bias"))
+        return _Target(shape[0], shape[1], shape[2], stored=name, transpose=base.specs[name].transpose, stack=True)
+    if name is not None and full.rpartition(".")[2].endswith("bias") and len(base.ckpt.tensors[name].shape) == 2:
+        shape = tuple(base.ckpt.tensors[name].shape)
+        return _Target(1, shape[0], shape[1], stored=name, bias=True)
     for fusion in fusions:
         tail = fusion.target.lstrip(".")
         if not ("." + full).endswith("." + tail):
             continue
         prefix = full[: len(full) - len(tail)]
         for renamed in (False, True):
-            parts = _per_expert(prefix, fusion, renamed, base, specs, lookup)
+            parts = _per_expert(prefix, fusion, renamed, base)
             if parts:
                 ins = {inp for expert in parts for _, _, inp in expert}
                 if len(ins) == 1:
@@ -117,8 +170,7 @@ def _target(full: str, base: Checkpoint, specs: dict[str, MatrixSpec], lookup: d
     return None
 
 
-def _per_expert(prefix: str, fusion: ExpertFusion, renamed: bool, base: Checkpoint, specs: dict[str, MatrixSpec],
-                lookup: dict[str, str]) -> list[list[tuple[str, int, int]]]:
+def _per_expert(prefix: str, fusion: ExpertFusion, renamed: bool, base: BaseNames) -> list[list[tuple[str, int, int]]]:
     """Per expert, ``(base name, out, in)`` of each of ``fusion``'s source matrices under ``prefix`` (on-disk names:
     ``renamed`` undoes the fusion's renames), for experts 0, 1, … while every source is there."""
     experts: list[list[tuple[str, int, int]]] = []
@@ -130,27 +182,40 @@ def _per_expert(prefix: str, fusion: ExpertFusion, renamed: bool, base: Checkpoi
                 for on_disk, loaded in fusion.renames:
                     stored = stored.replace(loaded, on_disk)
             stored = stored[1:]
-            name = stored if stored in base.tensors else lookup.get(pairing_key(stored))
-            shape = tuple(base.tensors[name].shape) if name is not None else ()
-            if name is None or len(shape) != 2 or name not in specs:
+            name = stored if stored in base.ckpt.tensors else base.lookup.get(pairing_key(stored))
+            shape = tuple(base.ckpt.tensors[name].shape) if name is not None else ()
+            if name is None or len(shape) != 2 or name not in base.specs:
                 return experts
-            out, inp = oriented_shape(specs[name], shape)
+            out, inp = shape[::-1] if base.specs[name].transpose else shape
             found.append((name, out, inp))
         experts.append(found)
 
 
-def _assign(adapter: Adapter, wrappers: list[ParamLora], targets: dict[str, _Target],
-            source: str) -> list[tuple[str, _Target, int, float]]:
+def _fits(w: ParamLora, t: _Target, r: int, square_transposed: bool) -> bool | None:
+    """Whether PEFT built ``w`` on ``t`` as transposed (its update the stored matrix's transpose), or None when
+    ``w``'s factors do not fit ``t`` at rank ``r``."""
+    if w.A.shape[0] != r * t.experts:
+        return None
+    got = (w.B.shape[0], w.A.shape[1])
+    if t.parts or t.experts == 1 and not t.bias:  # fused per-expert matrices and 2-D parameters: never transposed by PEFT
+        return False if got == (t.d1, t.d2) else None
+    if got == (t.d1, t.d2) and got == (t.d2, t.d1):  # a square stack: the model type says
+        return square_transposed
+    return False if got == (t.d1, t.d2) else True if got == (t.d2, t.d1) else None
+
+
+def _assign(adapter: Adapter, wrappers: list[ParamLora], targets: dict[str, _Target], source: str,
+            square_transposed: bool) -> list[tuple[str, _Target, int, float, bool]]:
     """The one assignment of ``wrappers`` to distinct parameters of ``targets`` whose shapes fit; each with its
-    ``(param, target, r, alpha)`` (``r`` and ``alpha`` after the patterns, matched on ``module.param`` as PEFT
-    matches them)."""
+    ``(param, target, r, alpha, transposed by PEFT)`` (``r`` and ``alpha`` after the patterns, matched on
+    ``module.param`` as PEFT matches them)."""
     options = []
     for w in wrappers:
         fits = []
         for param, t in targets.items():
             r, alpha = adapter.config.rank_alpha(f"{w.module}.{param}")
-            if w.A.shape[0] == r * t.experts and (w.B.shape[0], w.A.shape[1]) == (t.out, t.inp):
-                fits.append((param, t, r, alpha))
+            if (peft_t := _fits(w, t, r, square_transposed)) is not None:
+                fits.append((param, t, r, alpha, peft_t))
         if not fits:
             where = "; ".join(f"{p}: {t.describe()}" for p, t in targets.items()) or "none of them is in the base"
             raise CheckpointFormatError(
@@ -168,4 +233,4 @@ def _assign(adapter: Adapter, wrappers: list[ParamLora], targets: dict[str, _Tar
     return list(ways[0])
 
 
-__all__ = ["place_params"]
+__all__ = ["BaseNames", "open_adapter_on", "place_params"]

@@ -155,6 +155,10 @@ class ExpertFusion:
     renames: tuple[tuple[str, str], ...] = ()
 
 
+#: Model types whose experts module says ``is_transposed`` (stored ``(experts, in, out)``), where PEFT adds the transpose of
+#: ``B_e·A_e`` to each expert's stored matrix (transformers 5.25: gpt-oss, Aria, Ergo, OpenAI Privacy Filter); what a
+#: square stack's LoRA is read by (other shapes tell it themselves: :mod:`spectra.param_experts`).
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "ergo", "openai_privacy_filter"})
 #: The two fusion patterns of transformers 5.24 (Mixtral's and Qwen2-MoE's), for where transformers is not installed.
 _FUSION_TABLES: tuple[ExpertFusion, ...] = (
     ExpertFusion(".experts.gate_up_proj", (".experts.*.w1.weight", ".experts.*.w3.weight"), ((".block_sparse_moe.", ".mlp."),)),
@@ -191,4 +195,4 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]
+__all__ = ["TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]

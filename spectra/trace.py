@@ -39,7 +39,6 @@ from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
 from spectra.esd import power_law_fit
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
@@ -50,6 +49,7 @@ from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics,
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
+from spectra.param_experts import open_adapter_on
 from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
@@ -665,7 +665,7 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
         SpectraError: the adapter does not fit the base, or cannot be read.
     """
-    adapter = open_adapter(ref.path, base=base)
+    adapter = open_adapter_on(ref.path, base)
     if adapter.config.use_dora:
         raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
                           path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")

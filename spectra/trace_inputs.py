@@ -524,13 +524,13 @@ def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str 
         ConfigError: :func:`spectra.selection.refuse_empty_selection`'s.
     """
     from spectra.adapter_diff import adapter_updates  # the adapter readers only for this check
-    from spectra.io.adapter import open_adapter
+    from spectra.param_experts import open_adapter_on
     from spectra.selection import refuse_empty_selection, selector
 
     keep = selector(include, exclude, layers)
     if refs[0].kind == "lora":
         try:
-            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter(refs[0].path, base=base), base)]
+            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter_on(refs[0].path, base), base)]
         except (SpectraError, OSError):
             return
         what = "modules the first adapter updates"

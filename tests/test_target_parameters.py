@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from spectra import CompareConfig, DiffConfig, compare, diff
+from spectra import CompareConfig, DiffConfig, compare, diff, open_checkpoint
 from spectra.adapter_diff import STACK_NOT_2D
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import open_adapter
+from spectra.param_experts import open_adapter_on
 from tests.cli_util import cli
 
 peft = pytest.importorskip("peft")
@@ -121,7 +122,7 @@ def test_a_base_with_other_experts_is_refused_not_misread(moe, tmp_path):
         warnings.simplefilter("ignore")
         transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "other")
     with pytest.raises(CheckpointFormatError, match=r"fits none of model\.layers\.0\.mlp\.experts's parameters"):
-        open_adapter(moe["root"] / "adapter", base=__import__("spectra").open_checkpoint(str(tmp_path / "other")))
+        open_adapter_on(moe["root"] / "adapter", open_checkpoint(str(tmp_path / "other")))
 
 
 def test_compare_against_the_merged_model_finds_the_same_update(moe, tmp_path):
@@ -206,3 +207,86 @@ def test_extract_leaves_out_per_expert_loras_peft_would_drop(tmp_path):
     left = {x["name"]: x["reason"] for x in res.not_extracted}
     assert len(left) == 3 * _E and all("PEFT does not convert" in why for why in left.values())
     assert res.totals["energy_kept_all"] < 0.5
+
+
+# ---- the twenty-seventh round's probe of this reader (docs/bad_inputs.md): orientation, 2-D parameters, renames ----
+def _family(root, cls, cfg, lora: dict) -> dict[str, np.ndarray]:
+    """``root/base`` (save_pretrained), ``root/stacked`` (the in-memory state dict), ``root/adapter`` and PEFT's merged
+    update per loaded name (float64)."""
+    torch.manual_seed(0)
+    model = cls(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(root / "base")
+        base_sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        (root / "stacked").mkdir()
+        save_file(base_sd, str(root / "stacked" / "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(root / "stacked")
+        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **lora))
+        pm.save_pretrained(root / "adapter")
+        merged = pm.merge_and_unload().state_dict()
+    return {k: d for k in base_sd if np.abs(d := (merged[k].double() - base_sd[k].double()).numpy()).max() > 0}
+
+
+def test_llama4_experts_stored_in_out_without_is_transposed(tmp_path):
+    """Llama-4's experts are stored (E, in, out) but its module does not say is_transposed: PEFT adds s·B_e·A_e to the
+    stored matrix. Square gate_up_proj (hidden 32 = 2 × 16) passed the shape check read the other way round (gate
+    ‖ΔW‖ 1.36 where PEFT's merge gives 1.72); the usual shapes were refused as "not for this base"."""
+    cfg = transformers.Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=_E, num_experts_per_tok=1,
+                                        head_dim=8, interleave_moe_layer_step=1)
+    delta = _family(tmp_path, transformers.Llama4ForCausalLM, cfg,
+                    dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["feed_forward.experts.gate_up_proj",
+                                                                                   "feed_forward.experts.down_proj"]))
+    mods = {m.name: m for m in diff(str(tmp_path / "stacked"), str(tmp_path / "adapter"), config=DiffConfig(top_k=4)).modules}
+    stem = "model.layers.0.feed_forward.experts"
+    for e in range(_E):
+        gu = delta[f"{stem}.gate_up_proj"][e].T  # stored (in, out): the update in (out, in)
+        for part, d in (("gate", gu[:16]), ("up", gu[16:])):
+            np.testing.assert_allclose(mods[f"{stem}.gate_up_proj:e{e}:{part}"].singular_values[:2], _sv(d)[:2], rtol=1e-4)
+        np.testing.assert_allclose(mods[f"{stem}.down_proj:e{e}"].fro_norm, np.linalg.norm(delta[f"{stem}.down_proj"][e]), rtol=1e-5)
+        assert mods[f"{stem}.gate_up_proj:e{e}:gate"].shape == [16, 32]
+
+
+def test_a_2d_parameter_takes_its_patterns_on_module_dot_param_and_renamed_names(tmp_path):
+    """A router targeted as a parameter (mlp.gate.weight): PEFT matches alpha_pattern on "module.weight" (spectra read
+    the module's name: ‖ΔW‖ 1.44 where the merge gives 5.77); and on the per-expert base its stored name is
+    block_sparse_moe.gate (transformers renames it on load: "the base checkpoint does not have")."""
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=_E, num_experts_per_tok=2)
+    delta = _family(tmp_path, transformers.MixtralForCausalLM, cfg,
+                    dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.gate.weight"], alpha_pattern={"gate.weight": 16}))
+    ref = np.linalg.norm(delta["model.layers.0.mlp.gate.weight"])
+    for base, name in (("stacked", "model.layers.0.mlp.gate.weight"), ("base", "model.layers.0.block_sparse_moe.gate.weight")):
+        [m] = diff(str(tmp_path / base), str(tmp_path / "adapter")).modules
+        assert m.name == name and m.lora_alpha == 16
+        assert m.fro_norm == pytest.approx(ref, rel=1e-5)
+    # the same router as a module (target_modules): its loaded name was not found on the per-expert base either
+    delta = _family(tmp_path / "m", transformers.MixtralForCausalLM, cfg, dict(r=2, lora_alpha=4, target_modules=["gate"]))
+    [m] = diff(str(tmp_path / "m" / "base"), str(tmp_path / "m" / "adapter")).modules
+    assert m.name == "model.layers.0.block_sparse_moe.gate.weight"
+    assert m.fro_norm == pytest.approx(np.linalg.norm(delta["model.layers.0.mlp.gate.weight"]), rel=1e-5)
+
+
+def test_granitemoe_stacks_renamed_on_load_and_gpt_oss_bias_loras(tmp_path):
+    """GraniteMoE stores its stacks as block_sparse_moe.input_linear.weight (transformers loads them as
+    experts.gate_up_proj): "none of them is in the base". gpt-oss with its gate_up_proj_bias targeted too: the whole
+    adapter was refused; the bias LoRA is now skipped with why, the stack read."""
+    cfg = transformers.GraniteMoeConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, num_local_experts=_E, num_experts_per_tok=2)
+    delta = _family(tmp_path / "g", transformers.GraniteMoeForCausalLM, cfg,
+                    dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["block_sparse_moe.experts.down_proj"]))
+    mods = {m.name: m for m in diff(str(tmp_path / "g" / "base"), str(tmp_path / "g" / "adapter")).modules}
+    d = delta["model.layers.0.block_sparse_moe.experts.down_proj"]
+    assert sorted(mods) == [f"model.layers.0.block_sparse_moe.output_linear.weight:e{e}" for e in range(_E)]
+    for e in range(_E):
+        assert mods[f"model.layers.0.block_sparse_moe.output_linear.weight:e{e}"].fro_norm == pytest.approx(np.linalg.norm(d[e]), rel=1e-5)
+    cfg = transformers.GptOssConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, num_local_experts=_E, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"])
+    delta = _family(tmp_path / "o", transformers.GptOssForCausalLM, cfg,
+                    dict(r=2, lora_alpha=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias"]))
+    res = diff(str(tmp_path / "o" / "stacked"), str(tmp_path / "o" / "adapter"))
+    assert len(res.modules) == 2 * _E and any("bias parameter model.layers.0.mlp.experts.gate_up_proj_bias" in s["reason"] for s in res.skipped)
+    gu = delta["model.layers.0.mlp.experts.gate_up_proj"][1].T  # stored (in, out), interleaved gate/up columns
+    rows = {m.name: m for m in res.modules}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj:e1:gate"].fro_norm == pytest.approx(np.linalg.norm(gu[0::2]), rel=1e-5)

@@ -472,6 +472,7 @@ class Adapter:
             :data:`spectra.io.checkpoint.READ_NOTE_PREFIX`): a full model beside it in the folder, not read.
         stacked: ``module.param:e<k>`` -> the LoRA of expert k of a 3-D base tensor (``target_parameters``);
             :attr:`modules` holds those on per-expert base matrices.
+        params: the ``target_parameters`` LoRAs as stored, before :func:`spectra.param_experts.place_params`.
     """
 
     path: Path
@@ -482,14 +483,16 @@ class Adapter:
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stacked: dict[str, LoraModule] = field(default_factory=dict)
+    params: list[ParamLora] = field(default_factory=list)
 
 
-def open_adapter(path: str | Path, *, base: Checkpoint | None = None, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
+def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
     """Read a PEFT LoRA adapter folder as PEFT would load it (see the module docstring).
 
     Args:
         path: the folder holding ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``).
-        base: the base model, which places LoRAs of PEFT's ``target_parameters`` (expert stacks) on its matrices.
+        params: keep LoRAs of PEFT's ``target_parameters`` (expert stacks) in :attr:`Adapter.params`, for
+            :func:`spectra.param_experts.open_adapter_on` to place on a base; else they are refused.
         match_budget_s: wall-clock bound on matching module names against the config's patterns.
 
     Raises:
@@ -497,10 +500,9 @@ def open_adapter(path: str | Path, *, base: Checkpoint | None = None, match_budg
         CheckpointFormatError: invalid config, a file that is not a regular file or resolves outside
             the folder, missing A/B halves, one factor under two names, ranks that disagree with
             the config, DoRA magnitudes missing or not ``(out,)``, a DoRA embedding (not supported),
-            or pattern matching over its time bound; ``target_parameters`` LoRAs without a base, or that do
-            not fit it (:func:`spectra.param_experts.place_params`).
+            or pattern matching over its time bound; ``target_parameters`` LoRAs unless ``params``.
     """
-    folder = Path(path)
+    folder, keep_params = Path(path), params
     if not folder.exists():
         raise CheckpointNotFoundError(missing_text(folder), path=folder)
     if not folder.is_dir():
@@ -618,11 +620,12 @@ def open_adapter(path: str | Path, *, base: Checkpoint | None = None, match_budg
             adapter.skipped.append(Skipped(kinds["lora_magnitude_vector"],
                                            "DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it, "
                                            "and the update is s·B·A"))
-    if params:  # the base's layout places them (a late import: spectra.param_experts reads names as pairing does)
-        from spectra.param_experts import place_params
-
-        place_params(adapter, params, base)
-    if not adapter.modules and not adapter.stacked:
+    if params and not keep_params:  # the base's layout places them (spectra.param_experts)
+        raise CheckpointFormatError(f"{params[0].module} is adapted through PEFT's target_parameters ({', '.join(config.target_parameters or ())}"
+                                    "): which matrices each expert's LoRA updates depends on the base model's layout", path=folder,
+                                    tensor=params[0].stored[0], hint="pass the base model (spectra diff BASE ADAPTER; other commands: --base)")
+    adapter.params = params
+    if not adapter.modules and not params:
         other = next((n for n in adapter.full if any(f".{k}." in n for k in LORA_KINDS)), None)  # lora_A.<name>.weight
         why = (f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else
                f" of the adapter named default (e.g. {other} is another named adapter's)" if other else "")

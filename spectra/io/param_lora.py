@@ -91,10 +91,11 @@ def factor_float(t: torch.Tensor) -> torch.Tensor:
 def param_lora(ckpt: Checkpoint, target_parameters: tuple[str, ...] | None, module: str, kinds: dict[str, str],
                weights: Path) -> ParamLora | None:
     """The factors of a parameter PEFT wrapped (``target_parameters``: :mod:`spectra.io.param_lora`), or None for a
-    module's own LoRA (a Linear's ``weight`` targeted as a parameter is one: its update is s·B·A)."""
+    module's own LoRA (a Linear's ``weight`` targeted as a parameter is read as a parameter: PEFT matches its
+    ``rank_pattern``/``alpha_pattern`` on ``module.weight``, not on the module)."""
     unwrapped_module, depth = unwrapped(module)
     params = matching_params(unwrapped_module, target_parameters)
-    if not params or (params == ("weight",) and depth == 0):
+    if not params:
         return None
     if set(kinds) != {"lora_A", "lora_B"}:
         raise CheckpointFormatError(f"the target_parameters LoRA of {unwrapped_module} holds {', '.join(sorted(kinds))}; "
