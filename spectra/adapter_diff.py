@@ -492,9 +492,11 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torc
     finite, from a base weight holding NaN or Inf); ``load`` reads a base tensor by name (None: no base)."""
     start = time.perf_counter()
     Bf, Af = mod.factors()
-    full = oriented(load(base_name).to(torch.float32), spec.transpose, None) if load is not None and base_name else None
-    if full is not None and mod.expert is not None:  # one expert of a 3-D stack
-        full = full[mod.expert]
+    full = None
+    if load is not None and base_name:
+        stored = load(base_name)
+        stored = stored[mod.expert] if mod.expert is not None else stored  # one expert of a 3-D stack, before converting
+        full = oriented(stored.to(torch.float32), spec.transpose, None)
     W = full[rows] if full is not None and rows is not None else full  # the analysed part's rows
     if rows is not None:
         Bf = Bf[rows]

@@ -59,13 +59,16 @@ def inspect_adapter(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     from spectra.adapter_diff import SAVED_BIAS, adapter_updates
     from spectra.io.adapter import open_adapter
 
-    adapter = open_adapter(path)
+    adapter = open_adapter(path, params=True)  # target_parameters LoRAs listed as stored (a base places them)
     records = [{"name": mod.weight_name, "layer": spec.layer, "expert": spec.expert, "module": spec.module, "role": spec.role,
                 "shape": list(mod.shape), "r": mod.r, "lora_alpha": mod.alpha, "scale": mod.scale,
                 "dora": mod.magnitude is not None, "note": spec.note} for mod, spec, _ in adapter_updates(adapter, None)]
     other = ([f"{s.name}: {s.reason}" for s in adapter.skipped]
              + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'stored whole (modules_to_save)'}" for n in adapter.full]
-             + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'a copy of the base layer PEFT saved'}" for n in adapter.base_copies])
+             + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'a copy of the base layer PEFT saved'}" for n in adapter.base_copies]
+             + [f"{p.stored[0]}: a target_parameters LoRA on {p.module} ({' or '.join(p.params)}), A {tuple(p.A.shape)}, B "
+                f"{tuple(p.B.shape)}: one rank-r LoRA per expert, placed on a base's matrices by spectra diff BASE ADAPTER"
+                for p in adapter.params])
     return sorted(records, key=model_order), [*adapter.notes, *other]
 
 

@@ -356,15 +356,20 @@ def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W
         W_tuned, W_base: ``(out, in)`` as analysed (any float dtype, one device).
     """
     steps = any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes)
-    # the converse: a ΔW on one grid whose top value stays under that ceiling is said to be unresolved from rounding
-    # noise (rounding_level): its floor is at least the ceiling, so that no command counts directions in it
-    level = any(n.startswith(LEVEL_START) and " (base " not in n.partition(":")[0] for n in notes)
-    if not (steps or level):
+    if not (steps or raises_floor(notes)):
         return floor
-    edge = _edge(W_tuned.float() - W_base.float())
+    work = torch.float64 if torch.float64 in (W_tuned.dtype, W_base.dtype) else torch.float32  # (float32 loses a float64 ΔW)
+    edge = _edge(W_tuned.to(work) - W_base.to(work))
     if not math.isfinite(edge):
         return floor
     return min(floor, RESOLVED_MARGIN * edge) if steps else max(floor, RESOLVED_MARGIN * edge)
+
+
+def raises_floor(notes: Sequence[str]) -> bool:
+    """Whether :func:`certified_floor` raises the floor of a ΔW with these notes: a ΔW on one grid whose top value stays
+    under the noise ceiling is said to be unresolved from rounding noise (``rounding_level``), so its floor is at least
+    that ceiling and no command counts directions in it."""
+    return any(n.startswith(LEVEL_START) and " (base " not in n.partition(":")[0] for n in notes)
 
 
 def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
@@ -614,4 +619,4 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-__all__ = ["NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes"]
+__all__ = ["NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor"]

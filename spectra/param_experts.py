@@ -182,7 +182,7 @@ def _per_expert(prefix: str, fusion: ExpertFusion, renamed: bool, base: BaseName
                 for on_disk, loaded in fusion.renames:
                     stored = stored.replace(loaded, on_disk)
             stored = stored[1:]
-            name = stored if stored in base.ckpt.tensors else base.lookup.get(pairing_key(stored))
+            name = base.find(stored)
             shape = tuple(base.ckpt.tensors[name].shape) if name is not None else ()
             if name is None or len(shape) != 2 or name not in base.specs:
                 return experts
@@ -197,7 +197,7 @@ def _fits(w: ParamLora, t: _Target, r: int, square_transposed: bool) -> bool | N
     if w.A.shape[0] != r * t.experts:
         return None
     got = (w.B.shape[0], w.A.shape[1])
-    if t.parts or t.experts == 1 and not t.bias:  # fused per-expert matrices and 2-D parameters: never transposed by PEFT
+    if t.parts or not t.stack and not t.bias:  # fused per-expert matrices and 2-D parameters: never transposed by PEFT
         return False if got == (t.d1, t.d2) else None
     if got == (t.d1, t.d2) and got == (t.d2, t.d1):  # a square stack: the model type says
         return square_transposed

@@ -35,7 +35,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
-from spectra.numerics import LEVEL_START
+from spectra.numerics import raises_floor
 from spectra.pairing import Skipped, drop_tied_heads, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
@@ -123,7 +123,7 @@ def _with_floors(batch: list[Prepared], results: list[tuple[ModuleResult | None,
         kept = module.singular_values
         # (--top-k 0 keeps no value: none to tell from the rounding; a ΔW at the rounding level has its floor raised
         # above the bound: spectra.numerics.certified_floor)
-        if (not kept or bound < kept[-1]) and not any(c.startswith(LEVEL_START) for c in item.caveats):
+        if (not kept or bound < kept[-1]) and not raises_floor(item.caveats):
             module.rounding_floor = bound if math.isfinite(bound) else None
         else:  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)
             floor = unit_floor(item, base, tuned)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -69,3 +70,29 @@ def test_a_zero_threshold_says_what_reads_as_zero(tmp_path):
     b, t = small_pair(tmp_path)
     r = cli(["diff", b, t, "-t", "0", "--no-plots"])
     assert r.returncode != 0 and "0, or a value below 5e-324, the smallest float, which reads as 0" in r.stderr
+
+
+def test_the_raised_floor_of_a_float64_update_is_measured_in_float64():
+    """The review: the noise ceiling was measured on the float32 difference of float64 weights: 0 for one-step float64
+    flips (the floor not raised: a direction counted above it), or 1e-6 where entries straddle a float32 boundary
+    (a floor nine orders above the update)."""
+    import math
+
+    from spectra.numerics import certified_floor, numeric_notes, rounding_floor
+
+    g = torch.Generator().manual_seed(0)
+    for straddle in (False, True):
+        W = torch.randn(64, 48, generator=g, dtype=torch.float64)
+        if straddle:
+            W = W.float().double()
+            W = W + 0.5 * (torch.nextafter(W.float(), torch.full_like(W.float(), math.inf)).double() - W)
+        T = W.clone()
+        flip = torch.rand(W.shape, generator=g, dtype=torch.float64) < 0.3
+        T[flip] = torch.nextafter(W[flip], torch.full_like(W[flip], math.inf))
+        d = T - W
+        notes = numeric_notes(W, T, d, base_dtype="float64", tuned_dtype="float64")
+        assert notes and notes[0].startswith("ΔW is at the rounding level of float64")
+        floor = certified_floor(rounding_floor(T, "float64", W), notes, T, W)
+        top = float(torch.linalg.svdvals(d)[0])
+        edge = float(d.norm(dim=1).max() + d.norm(dim=0).max())
+        assert top <= floor == pytest.approx(RESOLVED_MARGIN * edge, rel=1e-9)

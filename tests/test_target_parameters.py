@@ -290,3 +290,24 @@ def test_granitemoe_stacks_renamed_on_load_and_gpt_oss_bias_loras(tmp_path):
     gu = delta["model.layers.0.mlp.experts.gate_up_proj"][1].T  # stored (in, out), interleaved gate/up columns
     rows = {m.name: m for m in res.modules}
     assert rows["model.layers.0.mlp.experts.gate_up_proj:e1:gate"].fro_norm == pytest.approx(np.linalg.norm(gu[0::2]), rel=1e-5)
+
+
+def test_a_module_lora_named_like_a_target_parameter_stays_a_module_lora(tmp_path):
+    """The review: target_parameters=["down_proj"] beside target_modules=["down_proj"] on Qwen2-MoE: the shared expert's
+    Linear down_proj (which holds no parameter down_proj) was read as a parameter LoRA and the adapter refused."""
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=_H, intermediate_size=_I, moe_intermediate_size=24,
+                                      shared_expert_intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, num_experts=_E, num_experts_per_tok=2)
+    delta = _family(tmp_path, transformers.Qwen2MoeForCausalLM, cfg,
+                    dict(r=2, lora_alpha=4, target_modules=["down_proj"], target_parameters=["down_proj"]))
+    mods = {m.name: m for m in diff(str(tmp_path / "base"), str(tmp_path / "adapter")).modules}
+    shared = "model.layers.0.mlp.shared_expert.down_proj.weight"
+    assert mods[shared].fro_norm == pytest.approx(np.linalg.norm(delta[shared]), rel=1e-5)
+    for e in range(_E):
+        ref = np.linalg.norm(delta["model.layers.0.mlp.experts.down_proj"][e])
+        assert mods[f"model.layers.0.mlp.experts.{e}.down_proj.weight"].fro_norm == pytest.approx(ref, rel=1e-5)
+    from spectra.inspection import inspect_adapter
+
+    records, other = inspect_adapter(str(tmp_path / "adapter"))  # no base: the parameter LoRA listed as stored
+    assert [r["name"] for r in records] == [shared]
+    assert any("a target_parameters LoRA on model.layers.0.mlp.experts (down_proj), A (6, 24)" in o for o in other)

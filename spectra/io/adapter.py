@@ -35,7 +35,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError
 from spectra.io.checkpoint import FOLDER_WEIGHTS, READ_NOTE_PREFIX, Checkpoint, named_adapters, tensor_infos
 from spectra.io.jsonfile import load_json
-from spectra.io.param_lora import ParamLora, factor_float, param_lora
+from spectra.io.param_lora import ParamLora, check_chain, factor_float, param_lora, weight_param
 from spectra.io.paths import allowed_roots, check_inside, checkpoint_location, missing_text
 from spectra.io.patterns import (
     PatternError,
@@ -595,7 +595,9 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                              "another (its update then differs from this file's)")
     params: list[ParamLora] = []
     for module, kinds in stored.items():
-        if (param := param_lora(ckpt, config.target_parameters, module, kinds, weights)) is not None:
+        if weight_param(module, config.target_parameters):  # a Linear's weight as a parameter: patterns on module.weight
+            matched[module] = (None, *config.rank_alpha(module + ".weight"))
+        elif (param := param_lora(ckpt, config.target_parameters, module, kinds, weights)) is not None:
             params.append(param)
             continue
         reason, r, alpha = matched[module]
@@ -667,9 +669,7 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
         raise CheckpointFormatError(f"LoRA module {module} has no {missing}", path=weights, tensor=module,
                                     hint="the adapter file is incomplete")
     A, B = factor_float(ckpt.load(kinds[a_key])), factor_float(ckpt.load(kinds[b_key]))
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
-                                    path=weights, tensor=module)
+    check_chain(A, B, module, weights)
     r, alpha = rank_alpha
     if r != A.shape[0] and A.shape[1] == r == B.shape[0]:  # lora_A is (x, r), lora_B (r, y): stored under each other's key
         raise CheckpointFormatError(

@@ -77,7 +77,8 @@ def matching_params(module: str, target_parameters: tuple[str, ...] | None) -> t
     for entry in target_parameters or ():
         param = entry.rpartition(".")[2]
         key = f"{module}.{param}"
-        if (key == entry or key.endswith("." + entry)) and param not in out:
+        # (a Linear named down_proj holds weight and bias, never a parameter down_proj: PEFT matches the module's own)
+        if (key == entry or key.endswith("." + entry)) and param not in out and param != module.rpartition(".")[2]:
             out.append(param)
     return tuple(out)
 
@@ -88,23 +89,33 @@ def factor_float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.to(torch.float32)
 
 
+def weight_param(module: str, target_parameters: tuple[str, ...] | None) -> bool:
+    """Whether ``module``'s LoRA is PEFT's on its ``weight`` as a parameter (a router's ``gate.weight``): a module LoRA,
+    s·B·A, whose ``rank_pattern``/``alpha_pattern`` PEFT matches on ``module.weight``, not on the module."""
+    return matching_params(module, target_parameters) == ("weight",)
+
+
+def check_chain(A: torch.Tensor, B: torch.Tensor, module: str, weights: Path) -> None:
+    """Refuse factors that are not ``A (r, in)``, ``B (out, r)`` of one ``r``."""
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
+                                    path=weights, tensor=module)
+
+
 def param_lora(ckpt: Checkpoint, target_parameters: tuple[str, ...] | None, module: str, kinds: dict[str, str],
                weights: Path) -> ParamLora | None:
     """The factors of a parameter PEFT wrapped (``target_parameters``: :mod:`spectra.io.param_lora`), or None for a
-    module's own LoRA (a Linear's ``weight`` targeted as a parameter is read as a parameter: PEFT matches its
-    ``rank_pattern``/``alpha_pattern`` on ``module.weight``, not on the module)."""
+    module's own LoRA (and for a Linear's ``weight`` targeted as a parameter, :func:`weight_param`: its update is s·B·A)."""
     unwrapped_module, depth = unwrapped(module)
     params = matching_params(unwrapped_module, target_parameters)
-    if not params:
+    if not params or (params == ("weight",) and depth == 0):
         return None
     if set(kinds) != {"lora_A", "lora_B"}:
         raise CheckpointFormatError(f"the target_parameters LoRA of {unwrapped_module} holds {', '.join(sorted(kinds))}; "
                                     "PEFT saves lora_A and lora_B only", path=weights, tensor=module, hint="the adapter file is incomplete")
     A, B = factor_float(ckpt.load(kinds["lora_A"])), factor_float(ckpt.load(kinds["lora_B"]))
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-        raise CheckpointFormatError(f"LoRA factors of {module} do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}",
-                                    path=weights, tensor=module)
+    check_chain(A, B, module, weights)
     return ParamLora(unwrapped_module, depth, A, B, params, (kinds["lora_A"], kinds["lora_B"]))
 
 
-__all__ = ["ParamLora", "factor_float", "matching_params", "param_lora", "unwrapped"]
+__all__ = ["ParamLora", "check_chain", "factor_float", "matching_params", "param_lora", "unwrapped", "weight_param"]
