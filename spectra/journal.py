@@ -17,7 +17,7 @@ from pathlib import Path
 from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
-from spectra.io.files import OutputLock, atomic_write_text, remove_earlier_outputs
+from spectra.io.files import OutputLock, atomic_write_text, content_sample, remove_earlier_outputs
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl, result_json
 from spectra.pairing import Skipped
 from spectra.results import SCHEMA, DiffResult, ModuleResult
@@ -70,22 +70,6 @@ def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig, *, 
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a
 #: tensor, LoRA ranks and alphas): their content goes into the fingerprint.
 DECIDING_FILES = ("config.json", "adapter_config.json", "*.index.json")
-
-
-def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: int = 4096) -> str | None:
-    """SHA-256 of ``samples`` chunks of ``chunk`` bytes spread evenly over the file (64 KiB read
-    whatever its size; None if it cannot be read): a file replaced by another of the same size with
-    its modification time kept (``cp -p``, ``rsync -a``, ``tar x``) is told apart, as its weights differ."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            for i in range(samples):
-                f.seek(max(0, size - chunk) * i // max(1, samples - 1))
-                h.update(f.read(chunk))
-    except OSError:
-        return None
-    return h.hexdigest()
 
 
 def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:

@@ -229,8 +229,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            want, guessed = _part_rank(m, float(energy)) if energy is not None else (len(m.get("singular_values") or []), False)
+            want, guessed = _part_rank(m, float(energy)) if energy is not None else (_nonzero_kept(m), False)
             estimated += guessed
+            if _ends_kept(m):  # the values beyond those kept are zeros (a LoRA's r, or a zero kept): no more to buy
+                complete.add(m["name"])
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
             above = _resolved(m)
             unfloored += m.get("rounding_floor") is None
@@ -428,6 +430,20 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the greedy spent on them")
     return Recommendation(config, adapted, params, full, notes)
+
+
+def _nonzero_kept(m: dict) -> int:
+    """How many of a results record's kept singular values are nonzero (a LoRA diff keeps r of them and zeros after:
+    exact, from the factors); the components a budget can buy."""
+    return sum(1 for x in m.get("singular_values") or [] if x is not None and float(x) > 0)
+
+
+def _ends_kept(m: dict) -> bool:
+    """Whether a record's spectrum beyond its kept singular values is known to be zero: it kept a zero (values are
+    descending), or as many as its LoRA rank (``lora_r``: s·B·A holds at most r directions)."""
+    kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
+    r = m.get("lora_r")
+    return any(x == 0 for x in kept) or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r)
 
 
 def _resolved(m: dict) -> int | None:

@@ -40,7 +40,8 @@ from spectra.io.checkpoint import open_checkpoint
 from spectra.io.files import LOCK_NAME, atomic_write_text, folder_lock, refuse_if_held
 from spectra.io.jsonfile import finite_or_null
 from spectra.io.paths import refuse_empty_path
-from spectra.journal import content_sample, inputs_fingerprint
+from spectra.io.text_data import data_fingerprint, overlapping
+from spectra.journal import inputs_fingerprint
 from spectra.linalg import all_finite
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
@@ -321,8 +322,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_positions(base, model_cfg, config.seq_len)
     check_step_memory(config.batch, config.seq_len, model_cfg, device)  # before --out is made
     inputs = [config.data, *([config.eval_source] if config.eval_source else [])]
-    if config.eval_source and _same_file(config.eval_source, config.data):  # a "forgetting" score of the training text
-        raise ConfigError("--eval-source is --data: the forgetting measure would score the text the run trains on",
+    if config.eval_source and overlapping(config.eval_source, config.data):  # a "forgetting" score of the training text
+        raise ConfigError("--eval-source is --data, or inside it or holds it: the forgetting measure would score the text the "
+                          "run trains on",
                           hint="give --eval-source text of the base model's own domain (e.g. general prose), or leave it out")
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -365,14 +367,6 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                                            f"{config.seq_len} tokens are used ({max(terms, key=terms.__getitem__)}; "
                                            "a text file is read no further)"}
         return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype)
-
-
-def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file or folder (any spelling or link); False when either cannot be read."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _add_lora(model, config: TrainConfig):
@@ -646,7 +640,7 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
                                            **train_kwargs)))
     options = {"methods": sorted(methods), "ranks": sorted(ranks) if "lora" in methods else [], "seeds": sorted(seeds),
                **{k: v for k, v in shared.items() if k not in ("method", "rank", "seed")}}
-    texts = {str(p): [content_sample(p), os.path.getsize(p)] for p in (data, eval_source) if p and os.path.isfile(p)}
+    texts = {str(p): data_fingerprint(p) for p in (data, eval_source) if p}  # a folder: each file it reads
     inputs = lambda: {"inputs": inputs_fingerprint([open_checkpoint(base)], texts)}  # the same paths, other weights or text
     if resume and used:
         check_sweep_options(root, options | inputs())

@@ -23,9 +23,8 @@ from spectra.errors import ConfigError, SpectraError, output_error
 from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular, refuse_empty_path
+from spectra.io.text_data import TEXT_SUFFIXES, text_files
 from spectra.linalg import validate_device
-
-_TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh", ".toml", ".yaml", ".yml"}
 
 #: Largest share of a data file's characters that may be undecodable UTF-8 (read as U+FFFD): above
 #: it the file is binary or in another encoding, and training on it would learn replacement marks.
@@ -134,14 +133,13 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         if (p / "config.json").is_file() and weights:  # its config and tokenizer JSON would be read as text
             raise SpectraError(f"is a model folder ({', '.join(sorted(weights))}), not data", path=p,
                                hint="pass a text file, a folder of text/code files or JSONL")
-        found = sorted(f for f in p.rglob("*") if f.is_file())  # is_file: FIFOs skipped
-        files = [f for f in found if f.suffix.lower() in (*_TEXT_SUFFIXES, ".jsonl")]  # b.TXT is text too
+        found, files = text_files(p)
         out = [pair for f in files for pair in (_jsonl_examples(f) if is_jsonl(f) else [("", read_text(f))])]
         if not any(b.strip() for _, b in out):
             others = [f.name for f in found if f not in files]
             raise SpectraError("no text found" + (f": {len(others)} file(s) of other suffixes left out (e.g. {', '.join(others[:3])})"
                                                    if others else ""), path=p,
-                               hint=f"a folder's text is read from {', '.join(sorted(_TEXT_SUFFIXES))} and .jsonl files")
+                               hint=f"a folder's text is read from {', '.join(sorted(TEXT_SUFFIXES))} and .jsonl files")
     elif is_jsonl(p):
         out = _jsonl_examples(p)
     else:

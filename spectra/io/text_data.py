@@ -1,0 +1,49 @@
+"""Which files of a training ``--data`` (or ``--eval-source``) folder are read, and what identifies their contents.
+
+A folder's text is every file under it (recursively) whose suffix is one of :data:`TEXT_SUFFIXES` or ``.jsonl``.
+:func:`data_fingerprint` names those files and a sample of each one's bytes, so that ``spectra sweep --resume`` can
+tell a folder whose files were added, removed or rewritten from the one its finished runs trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from spectra.io.files import content_sample
+
+#: The suffixes of a data folder's text files (lowercased: ``b.TXT`` is text too), besides ``.jsonl``.
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh",
+                           ".toml", ".yaml", ".yml"})
+
+
+def text_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """``(every regular file under folder, those read as text)``, sorted: the text is :data:`TEXT_SUFFIXES` and
+    ``.jsonl`` files (FIFOs and other special files are skipped)."""
+    found = sorted(f for f in folder.rglob("*") if f.is_file())
+    return found, [f for f in found if f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")]
+
+
+def data_fingerprint(path: str | os.PathLike[str]) -> list | None:
+    """What identifies the text of a data path: ``[content sample, size]`` of a file; of a folder, that of each file
+    read (:func:`text_files`) by its path inside the folder; None for a path that cannot be read."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return [[str(f.relative_to(p)), content_sample(f), f.stat().st_size] for f in text_files(p)[1]]
+        return [content_sample(p), os.path.getsize(p)] if p.is_file() else None
+    except OSError:
+        return None
+
+
+def overlapping(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two data paths share text: the same file or folder (any spelling or link), or one inside the other
+    (an ``--eval-source`` file inside the ``--data`` folder is trained on); False when either cannot be read."""
+    try:
+        pa, pb = Path(a).resolve(strict=True), Path(b).resolve(strict=True)
+        return os.path.samefile(pa, pb) or pa in pb.parents or pb in pa.parents
+    except OSError:
+        return False
+
+
+__all__ = ["TEXT_SUFFIXES", "data_fingerprint", "overlapping", "text_files"]
