@@ -70,11 +70,13 @@ class BaseNames:
     lookup: dict[str, str]
     _loaded: dict[str, str] | None = None
 
+    def stored(self, name: str) -> str | None:
+        """The stored tensor of this name, or of its pairing key (a wrapper prefix apart), or None."""
+        return name if name in self.ckpt.tensors else self.lookup.get(pairing_key(name))
+
     def find(self, name: str) -> str | None:
         """The stored tensor a loaded-model name (PEFT's) stands for, or None."""
-        if name in self.ckpt.tensors:
-            return name
-        if (found := self.lookup.get(pairing_key(name))) is not None:
+        if (found := self.stored(name)) is not None:
             return found
         if self._loaded is None:  # (builds the model on the meta device: only for a name found neither way)
             self._loaded = {new: old for old, new in loaded_keys(self.ckpt.config, self.ckpt.tensors).items()}
@@ -147,14 +149,12 @@ def _add(adapter: Adapter, w: ParamLora, full: str, target: _Target, r: int, alp
 def _target(full: str, base: BaseNames, fusions: tuple[ExpertFusion, ...]) -> _Target | None:
     """Where the parameter ``full`` (``module.param``, as the loaded model names it) sits in ``base``, or None."""
     name = base.find(full)
-    if name is not None and name in base.specs and len(shape := tuple(base.ckpt.tensors[name].shape)) in (2, 3):
+    bias = full.rpartition(".")[2].endswith("bias")
+    if name is not None and (name in base.specs or bias) and len(shape := tuple(base.ckpt.tensors[name].shape)) in (2, 3):
+        transpose = name in base.specs and base.specs[name].transpose
         if len(shape) == 2:  # a 2-D parameter: one "expert"
-            return _Target(1, shape[0], shape[1], stored=name, transpose=base.specs[name].transpose,
-                           bias=full.rpartition(".")[2].endswith("bias"))
-        return _Target(shape[0], shape[1], shape[2], stored=name, transpose=base.specs[name].transpose, stack=True)
-    if name is not None and full.rpartition(".")[2].endswith("bias") and len(base.ckpt.tensors[name].shape) == 2:
-        shape = tuple(base.ckpt.tensors[name].shape)
-        return _Target(1, shape[0], shape[1], stored=name, bias=True)
+            return _Target(1, shape[0], shape[1], stored=name, transpose=transpose, bias=bias)
+        return _Target(shape[0], shape[1], shape[2], stored=name, transpose=transpose, stack=True, bias=bias)
     for fusion in fusions:
         tail = fusion.target.lstrip(".")
         if not ("." + full).endswith("." + tail):
@@ -182,7 +182,7 @@ def _per_expert(prefix: str, fusion: ExpertFusion, renamed: bool, base: BaseName
                 for on_disk, loaded in fusion.renames:
                     stored = stored.replace(loaded, on_disk)
             stored = stored[1:]
-            name = base.find(stored)
+            name = base.stored(stored)  # (on-disk names: not what transformers loads them as)
             shape = tuple(base.ckpt.tensors[name].shape) if name is not None else ()
             if name is None or len(shape) != 2 or name not in base.specs:
                 return experts

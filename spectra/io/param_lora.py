@@ -2,9 +2,10 @@
 
 PEFT wraps a module's ``nn.Parameter`` — typically a 3-D expert stack such as ``mlp.experts.gate_up_proj``
 ``(experts, out, in)`` — in a ``ParamWrapper`` whose ``lora_A`` is ``(r·E, in)`` and ``lora_B`` ``(out, r·E)``
-for ``E`` experts. Expert ``e``'s update, in ``(out, in)`` orientation whichever order the stack is stored in,
-is ``s · B_e · A_e`` with ``A_e = A[e·r:(e+1)·r]`` and ``B_e = B[:, e::E]``: PEFT reshapes A to ``(E, r, in)``
-but B to ``(out, r, E)``, so B's columns interleave the experts (``peft.tuners.lora.layer.ParamWrapper``).
+for ``E`` experts. Expert ``e``'s update is ``s · B_e · A_e`` with ``A_e = A[e·r:(e+1)·r]`` and ``B_e = B[:, e::E]``:
+PEFT reshapes A to ``(E, r, in)`` but B to ``(out, r, E)``, so B's columns interleave the experts
+(``peft.tuners.lora.layer.ParamWrapper``). PEFT's "out" and "in" are the stored matrix's rows and columns (its
+transpose's where the experts module says ``is_transposed``), whatever order the model computes in.
 
 Several parameters of one module nest wrappers: the saved keys of the parameter wrapped first carry one
 ``base_layer.`` more per parameter wrapped after it (``experts.base_layer.lora_A`` and ``experts.lora_A``).
@@ -49,7 +50,7 @@ class ParamLora:
 
     def expert_factors(self, e: int, experts: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B_e, A_e)`` of expert ``e`` of ``experts`` at rank ``r``: B_e ``(out, r)``, A_e ``(r, in)``
-        (contiguous copies), with expert ``e``'s update ``s · B_e · A_e`` in ``(out, in)`` orientation."""
+        (contiguous copies), with expert ``e``'s update ``s · B_e · A_e`` in PEFT's orientation (module docstring)."""
         return self.B[:, e::experts].contiguous(), self.A[e * r:(e + 1) * r].contiguous()
 
 
