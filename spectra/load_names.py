@@ -66,14 +66,8 @@ def _loaded_key(key: str, built: tuple[Any, Any, list, list, dict, str | None]) 
     return new, fused
 
 
-def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str]:
-    """``{stored key: its name in the loaded model}`` for the tensors transformers renames (not fuses) on load
-    (GraniteMoE's ``block_sparse_moe.input_linear.weight`` -> ``block_sparse_moe.experts.gate_up_proj``, Mixtral's
-    ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``); empty without transformers or for a model it cannot
-    build. The names a PEFT adapter saved from a transformers >= 5 model uses."""
-    built = _loaded_model(config)
-    if built is None:
-        return {}
+def _renamed(built: tuple[Any, Any, list, list, dict, str | None], keys: Iterable[str]) -> dict[str, str]:
+    """``{stored key: loaded name}`` of the keys ``built``'s transformers renames (not fuses) to one of its own parameters."""
     own = built[4]
     out: dict[str, str] = {}
     for key in keys:
@@ -84,6 +78,15 @@ def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[s
         if fused is None and new != key and new in own:
             out[key] = new
     return out
+
+
+def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str]:
+    """``{stored key: its name in the loaded model}`` for the tensors transformers renames (not fuses) on load
+    (GraniteMoE's ``block_sparse_moe.input_linear.weight`` -> ``block_sparse_moe.experts.gate_up_proj``, Mixtral's
+    ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``); empty without transformers or for a model it cannot
+    build. The names a PEFT adapter saved from a transformers >= 5 model uses."""
+    built = _loaded_model(config)
+    return {} if built is None else _renamed(built, keys)
 
 
 def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
@@ -100,16 +103,9 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
     built = _loaded_model(config)
     if built is None:
         return {}, None
-    transformers, model, *_, own, _ = built
-    out: dict[str, str] = {}
-    for m in modules:
-        key = f"{m}.weight"
-        try:
-            new, fused = _loaded_key(key, built)
-        except Exception:  # noqa: BLE001 - a rule this key breaks: the stored name
-            continue
-        if fused is None and new != key and new in own and new.endswith(".weight"):
-            out[m] = new[: -len(".weight")]
+    transformers, model = built[:2]
+    out = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _renamed(built, (f"{m}.weight" for m in modules)).items()
+           if v.endswith(".weight")}
     return out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None)
 
 
