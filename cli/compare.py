@@ -120,7 +120,7 @@ def compare_cmd(a, b, base, out_dir, side, top_k, include, exclude, layers, devi
             for f in plain:
                 out.print(f"  • {shown(f.text)}", highlight=False)
     err.print(f"{len(result.modules)} modules compared in {result.elapsed_s:.1f} s on {shown(result.device or '?')}; "
-              f"{len(result.skipped)} skipped, {len(result.a_only)} only in A, {len(result.b_only)} only in B", highlight=False)
+              f"{len(result.skipped)} skipped, {len(result.a_only)} held only by A, {len(result.b_only)} only by B", highlight=False)
     if out_dir:
         err.print(f"results: {shown(display_name(str(Path(out_dir) / 'compare.json'), None))}", highlight=False)
     if report or rebuild:  # rebuild: the folder's report also showed another command's results

@@ -114,7 +114,8 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
     than the one before (``prev_at``, the last with a subspace for the matrix), else None."""
     return None if prev_at is None or prev_at == ci - 1 else (
         f"turn_prev is from step {refs[prev_at].step}, the last checkpoint where this matrix has a subspace "
-        f"(step {refs[ci - 1].step} has none: see its point)")
+        f"(step {refs[ci - 1].step} has none: ΔW is zero there, or unresolved, or the point was skipped: see its fro_norm, "
+        "turn_note or skip)")
 
 
 def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:

@@ -59,3 +59,20 @@ def test_a_matrix_skipped_at_every_checkpoint_is_said(tmp_path):
     assert "(1 of them measured at no checkpoint)" in r.stderr
     doc = json.loads((tmp_path / "t" / "trace.json").read_text())
     assert any("measured at no checkpoint" in w for w in doc["warnings"])
+
+
+def test_a_turn_from_an_earlier_step_says_why_the_step_between_has_no_subspace(tmp_path):
+    """A matrix whose update is exactly zero at the middle checkpoint: the next point's turn_prev is from the first, and
+    its note pointed to "see its point", whose turn_note is null (the zero ΔW said nothing in words)."""
+    g = torch.Generator().manual_seed(2)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base = {name: torch.randn(24, 16, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for step, scale in ((10, 0.1), (20, 0.0), (30, 0.2)):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({name: base[name] + scale * torch.randn(24, 16, generator=g)}, str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    r = cli(["trace", str(tmp_path / "base.safetensors"), str(tmp_path / "run"), "--out", str(tmp_path / "t"), "--no-plots"])
+    assert r.returncode == 0, r.stderr
+    [m] = json.loads((tmp_path / "t" / "trace.json").read_text())["matrices"]
+    assert m["points"][1]["fro_norm"] == 0
+    assert "step 20 has none: ΔW is zero there, or unresolved, or the point was skipped" in m["points"][2]["turn_note"]
