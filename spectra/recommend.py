@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -145,6 +146,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         raise ConfigError(f"--alpha-ratio must be a finite number > 0. Got {alpha_ratio} instead",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
     check_task_type(task_type, "--task-type", also=("auto",))  # PEFT's LoraConfig refuses any other
+    if hasattr(results, "to_dict") and not isinstance(results, dict):  # the DiffResult spectra.diff returned
+        results = results.to_dict()  # type: ignore[union-attr]
+    if not isinstance(results, (dict, str, os.PathLike)):
+        raise ConfigError(f"results must be a results.json path, its folder, a parsed document or a DiffResult. Got "
+                          f"{type(results).__name__} instead")
     where = None if isinstance(results, dict) else Path(results)
     doc = results if isinstance(results, dict) else _load(Path(results))
     if doc.get("schema") != DIFF_SCHEMA:
@@ -213,7 +219,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                               hint="--task-type none (or another task type) trains the head with a LoRA")
     if unread:  # the names stay the results' (the tuned checkpoint's): say so, a wrapper prefix would not match
         # a relative base path is the diff's working folder's: run from another one, it names nothing here
-        rel = "" if Path(unread).is_absolute() else " (a relative path, read from this folder: run recommend where spectra diff ran)"
+        rel = ("" if Path(unread).is_absolute() or doc.get("cwd")
+               else " (a relative path, read from this folder: run recommend where spectra diff ran)")
         notes.append(f"the diff's base ({unread}) cannot be read now{rel}: module names are as the results store them, the tuned "
                      "checkpoint's; if it was saved through a wrapper (module., model.), rename them to the base model's")
     paths = sorted(whole)
@@ -477,6 +484,16 @@ def _number(value: object, name: str, *, whole: bool) -> float:
     return f
 
 
+def _input_path(doc: dict, side: str) -> str | None:
+    """The diff's ``side`` ("base", "tuned") as a path to read now: a relative one is the diff's working folder's
+    (``cwd`` in the results), not this process's (another project's ``base/`` was read there); None when absent."""
+    p = doc.get(side)
+    if not isinstance(p, str) or not p:
+        return None
+    cwd = doc.get("cwd")
+    return str(Path(cwd) / p) if isinstance(cwd, str) and cwd and not Path(p).is_absolute() else p
+
+
 def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:
     """``(whole, unread)``: ``whole`` keyed by the diff's base checkpoint's module paths where they differ
     from the results' (a tuned copy saved through a wrapper, DDP's ``module.`` or a LightningModule's
@@ -485,8 +502,8 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
     leading wrapper components to the results' (a LightningModule's state dict saved bare, ``model.model.…``,
     against a plain tuned model) is not taken: PEFT matches names by suffix, and the wrapper is not in the
     model it loads."""
-    base = doc.get("base")
-    if not isinstance(base, str) or not base:
+    base = _input_path(doc, "base")
+    if base is None:
         return whole, None
     try:
         names = list(open_checkpoint(base).tensors)  # the header only
@@ -503,8 +520,8 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
 def _base_config(doc: dict, side: str = "base") -> dict | None:
     """The ``config.json`` beside the diff's base (``side`` "tuned": its tuned model; a folder, or a file in one),
     when it is still there."""
-    base = doc.get(side)
-    if not isinstance(base, str) or not base:
+    base = _input_path(doc, side)
+    if base is None:
         return None
     try:
         # resolved: the config's own path is resolved when checked against its folder, so a relative folder
@@ -537,9 +554,9 @@ def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules 
     mods = doc.get("modules", [])
     if not any(isinstance(m, dict) and (m.get("expert") is not None or m.get("role") == "router") for m in mods):
         return None
-    base = doc.get("base")
+    base = _input_path(doc, "base")
     model_type = None
-    if isinstance(base, str):
+    if base is not None:
         folder = Path(base) if Path(base).is_dir() else Path(base).parent
         try:
             cfg = load_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None

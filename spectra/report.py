@@ -77,6 +77,8 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         SpectraError: a path does not exist.
         ConfigError: a path is empty.
     """
+    if isinstance(paths, (str, os.PathLike)):  # one path, not a list: its characters were read as paths ("d: no such file")
+        paths = [paths]
     files: list[Path] = []
     for p in paths:
         refuse_empty_path(p, "an empty path names no results")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.display import display_name, matrices
-from spectra.errors import ResultsFormatError
+from spectra.errors import ConfigError, ResultsFormatError
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.metrics import threshold_key
@@ -214,6 +214,8 @@ class DiffResult:
         device: the device the spectra were computed on.
         adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
         fingerprint: hash of the inputs and result-affecting options (``--resume`` checks it).
+        cwd: the folder the run was started in (absolute), against which a relative ``base``/``tuned`` is read
+            again later (``spectra recommend`` reads the models' configs); None in results of older versions.
     """
 
     base: str | None
@@ -230,6 +232,7 @@ class DiffResult:
     version: str = ""
     adapter: dict[str, Any] | None = None
     fingerprint: str = ""
+    cwd: str | None = None
 
     def __repr__(self) -> str:
         # short: a notebook cell ending in `res` must not print every singular value of every matrix
@@ -397,6 +400,22 @@ class DiffResult:
         computed threshold nearest to it."""
         return min(self.thresholds, key=lambda t: abs(t - 0.9))
 
+    def computed_threshold(self, threshold: float | None) -> float:
+        """``threshold`` as one of the run's computed τ (None: :attr:`headline_threshold`); a numpy float32 0.9
+        is 0.9 (within 1e-6).
+
+        Raises:
+            ConfigError: a τ the run did not compute (naming those it did).
+        """
+        if threshold is None:
+            return self.headline_threshold
+        tau = float(threshold)
+        near = [t for t in self.thresholds if abs(t - tau) <= 1e-6]
+        if not near:
+            raise ConfigError(f"τ = {tau:g} was not computed by this run (its thresholds: {', '.join(f'{t:g}' for t in self.thresholds)})",
+                              hint=f"rerun spectra diff with -t {tau:g}")
+        return near[0]
+
     # ---- tables --------------------------------------------------------------------------------
     def rows(self) -> list[dict[str, Any]]:
         """Flat per-matrix records (what the CSV and the DataFrame hold)."""
@@ -455,7 +474,7 @@ class DiffResult:
         """
         from spectra.naming import role_sort_key
 
-        tau = self.headline_threshold if threshold is None else threshold
+        tau = self.computed_threshold(threshold)
         k = threshold_key(tau)
         groups: dict[str, list[ModuleResult]] = {}
         for m in self.modules:
@@ -506,7 +525,7 @@ class DiffResult:
         figure or writes ``path`` (:func:`spectra.plots.diff.rank_heatmap`)."""
         from spectra.plots import diff as diff_plots
 
-        return diff_plots.rank_heatmap(self, path, threshold=self.headline_threshold if threshold is None else threshold)
+        return diff_plots.rank_heatmap(self, path, threshold=self.computed_threshold(threshold))
 
     def plot_relnorm_heatmap(self, path: str | os.PathLike[str] | None = None):
         """Layers × modules heatmap of ‖ΔW‖_F / ‖W_base‖_F (:func:`spectra.plots.diff.relnorm_heatmap`)."""

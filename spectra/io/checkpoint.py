@@ -435,7 +435,8 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         >>> w = ckpt.load("model.layers.0.self_attn.q_proj.weight")  # doctest: +SKIP
     """
     label = str(checkpoint_location(spec))
-    path = Path(os.path.expanduser(label))
+    # absolute now: its tensors are read later, and a notebook's os.chdir in between named another folder's files
+    path = Path(os.path.expanduser(label)).absolute()
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
