@@ -12,7 +12,6 @@ refused: their B·A is not the update.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -355,7 +354,8 @@ def diff_adapter(
         raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
                                     hint="pass the base model: spectra diff BASE ADAPTER")
     result = DiffResult(base=label_base, tuned=label_tuned or str(adapter.path), thresholds=list(config.thresholds),
-                        config=asdict(config), device=str(device), version=__version__, cwd=os.getcwd())
+                        config=asdict(config), device=str(device), version=__version__,
+                        inputs={**({"base": str(base.root)} if base is not None else {}), "tuned": str(adapter.path.absolute())})
     result.warnings.extend(adapter.notes)  # which of a folder's inputs was read (an adapter beside a full model)
     if base is not None and (other := recorded_base_warning(adapter, base)):
         result.warnings.append(other)

@@ -13,7 +13,6 @@ loses at most one batch. Results come back in layer order whatever the work orde
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -319,7 +318,8 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         base=base_ckpt.label, tuned=tuned_ckpt.label, thresholds=list(config.thresholds),
         skipped=[asdict(s) for s in pairing.skipped if chosen(s.name)],
         unmatched={"base_only": [n for n in pairing.base_only if chosen(n)], "tuned_only": [n for n in pairing.tuned_only if chosen(n)]},
-        config=asdict(config), device=str(device), version=__version__, cwd=os.getcwd(),
+        config=asdict(config), device=str(device), version=__version__,
+        inputs={"base": str(base_ckpt.root), "tuned": str(tuned_ckpt.root)},
     )
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)

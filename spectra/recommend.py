@@ -219,7 +219,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                               hint="--task-type none (or another task type) trains the head with a LoRA")
     if unread:  # the names stay the results' (the tuned checkpoint's): say so, a wrapper prefix would not match
         # a relative base path is the diff's working folder's: run from another one, it names nothing here
-        rel = ("" if Path(unread).is_absolute() or doc.get("cwd")
+        rel = ("" if Path(unread).is_absolute()
                else " (a relative path, read from this folder: run recommend where spectra diff ran)")
         notes.append(f"the diff's base ({unread}) cannot be read now{rel}: module names are as the results store them, the tuned "
                      "checkpoint's; if it was saved through a wrapper (module., model.), rename them to the base model's")
@@ -447,9 +447,9 @@ def _nonzero_kept(m: dict) -> int:
 
 def _ends_kept(m: dict) -> bool:
     """Whether a record's spectrum beyond its kept singular values is known to be zero: it kept a zero (values are
-    descending), or as many as its LoRA rank (``lora_r``: s·B·A holds at most r directions)."""
+    descending), or as many as its LoRA rank (``lora_r``: s·B·A holds at most r directions; not a DoRA update)."""
     kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
-    r = m.get("lora_r")
+    r = m.get("lora_r") if not str(m.get("method") or "").startswith("dora") else None  # DoRA's update is dense
     return any(x == 0 for x in kept) or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r)
 
 
@@ -485,13 +485,13 @@ def _number(value: object, name: str, *, whole: bool) -> float:
 
 
 def _input_path(doc: dict, side: str) -> str | None:
-    """The diff's ``side`` ("base", "tuned") as a path to read now: a relative one is the diff's working folder's
-    (``cwd`` in the results), not this process's (another project's ``base/`` was read there); None when absent."""
-    p = doc.get(side)
-    if not isinstance(p, str) or not p:
-        return None
-    cwd = doc.get("cwd")
-    return str(Path(cwd) / p) if isinstance(cwd, str) and cwd and not Path(p).is_absolute() else p
+    """The diff's ``side`` ("base", "tuned") as a path to read now: where the diff read it (``inputs`` in the results:
+    absolute), not the label as typed, relative to this process's folder (another project's ``base/`` was read there);
+    the label for results of older versions; None when absent."""
+    where = doc.get("inputs")
+    p = where.get(side) if isinstance(where, dict) else None
+    p = p if isinstance(p, str) and p else doc.get(side)
+    return p if isinstance(p, str) and p else None
 
 
 def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], str | None]:

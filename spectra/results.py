@@ -214,8 +214,9 @@ class DiffResult:
         device: the device the spectra were computed on.
         adapter: for an adapter run, its configuration (r, lora_alpha, rslora, DoRA, patterns).
         fingerprint: hash of the inputs and result-affecting options (``--resume`` checks it).
-        cwd: the folder the run was started in (absolute), against which a relative ``base``/``tuned`` is read
-            again later (``spectra recommend`` reads the models' configs); None in results of older versions.
+        inputs: ``{"base": ..., "tuned": ...}``, the absolute location each input was read from (a hub id's cache
+            folder, ``~`` expanded), where ``spectra recommend`` reads the models' configs again; empty in results of
+            older versions (their ``base``/``tuned`` are read as typed, from the current folder).
     """
 
     base: str | None
@@ -232,7 +233,7 @@ class DiffResult:
     version: str = ""
     adapter: dict[str, Any] | None = None
     fingerprint: str = ""
-    cwd: str | None = None
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # short: a notebook cell ending in `res` must not print every singular value of every matrix

@@ -584,8 +584,9 @@ def check_sweep_options(root: Path, options: dict) -> None:
     options = json.loads(json.dumps(options))  # as the record holds them (a tuple is a list in JSON)
     for key in sorted(options.keys() | recorded.keys()):
         if options.get(key) != recorded.get(key):
+            what = " (a fingerprint of the base's weights, the --data and --eval-source text and spectra's version)" if key == "inputs" else ""
             raise ConfigError(f"--resume: the sweep in {root} was started with {key} {recorded.get(key)!r}, this one "
-                              f"has {options.get(key)!r}", path=root,
+                              f"has {options.get(key)!r}{what}", path=root,
                               hint=f"rerun with the options in {root / SWEEP_OPTIONS}, or pass --force to start again")
 
 

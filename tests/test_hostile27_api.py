@@ -1,5 +1,5 @@
 """Twenty-seventh round, the Python API (docs/bad_inputs.md, "twenty-seventh round"): recommend read the diff's models
-relative to its own working folder (another project's base/ and tuned/ were read, their task type taken), an opened
+relative to the folder it was run from (another project's base/ and tuned/ were read, their task type taken), an opened
 checkpoint read another folder's files after os.chdir, and bare KeyError/TypeError tracebacks for a τ the run did
 not compute, a DiffResult given to recommend, one path given to build_report."""
 
@@ -40,6 +40,14 @@ def test_recommend_reads_the_models_where_the_diff_ran(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "projB")  # relative base/ and tuned/ name this project's models here
     rec = recommend(tmp_path / "projA" / "res" / "results.json")
     assert rec.config["task_type"] == "CAUSAL_LM" and not any("cannot be read" in n for n in rec.notes)
+    # the review: checkpoints opened in A, diffed from B (the labels are A's): the inputs' own locations are recorded
+    monkeypatch.chdir(tmp_path / "projA")
+    b, t = open_checkpoint("base"), open_checkpoint("tuned")
+    monkeypatch.chdir(tmp_path / "projB")
+    res = diff(b, t, out_dir=tmp_path / "res2")
+    assert res.inputs == {"base": str(tmp_path / "projA" / "base" / "model.safetensors"),
+                          "tuned": str(tmp_path / "projA" / "tuned" / "model.safetensors")}
+    assert recommend(tmp_path / "res2").config["task_type"] == "CAUSAL_LM"
 
 
 def test_an_opened_checkpoint_reads_its_own_files_after_chdir(tmp_path, monkeypatch):
@@ -52,6 +60,10 @@ def test_an_opened_checkpoint_reads_its_own_files_after_chdir(tmp_path, monkeypa
     got = diff(b, t)
     assert [m.fro_norm for m in got.modules] == [m.fro_norm for m in ref.modules]
     assert got.base == "base"  # the label as typed
+    (tmp_path / "projB" / "empty").mkdir()
+    with pytest.raises(SpectraError) as info:  # a message names the path as typed, not made absolute
+        open_checkpoint("empty")
+    assert str(info.value).startswith("empty: ") and str(tmp_path) not in str(info.value)
 
 
 def test_api_misuse_is_one_line(tmp_path, monkeypatch):

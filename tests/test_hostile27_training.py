@@ -64,8 +64,29 @@ def test_eval_source_inside_the_data_folder_is_refused(tmp_path):
     (data / "b.py").write_text("class A:\n    pass\n" * 40)
     assert overlapping(data / "a.py", data) and overlapping(data, data / "a.py") and overlapping(data, tmp_path / "." / "code")
     assert not overlapping(data / "a.py", data / "b.py")
+    (data / "notes.csv").write_text("x,y\n")  # not read as text: no overlap (the review)
+    (tmp_path / "else.txt").write_text("prose " * 50)
+    (data / "linked.txt").symlink_to(tmp_path / "else.txt")  # read through the link: an overlap
+    assert not overlapping(data / "notes.csv", data) and overlapping(tmp_path / "else.txt", data)
     for eval_source, d in ((data / "a.py", data), (data, data / "a.py")):
         r = cli(["train", "--base", str(base), "--data", str(d), "--eval-source", str(eval_source), "--steps", "2", "--batch", "2",
                  "--seq-len", "16", "-o", str(tmp_path / "out")])
         assert r.returncode != 0 and "--eval-source is --data, or inside it or holds it" in r.stderr, r.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_a_dora_records_lora_r_does_not_end_its_spectrum(tmp_path):
+    """The review: a DoRA update is dense (its magnitude rescales every row); its record's lora_r made recommend take
+    the 8 kept values as the whole spectrum ("every module already holds all of its update's directions")."""
+    from spectra.errors import ConfigError
+    from tests.conftest import random_lora
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    random_lora(model, 1, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True).save_pretrained(tmp_path / "adapter")
+    diff(str(tmp_path / "base"), str(tmp_path / "adapter"), config=DiffConfig(top_k=8), out_dir=tmp_path / "d")
+    with pytest.raises(ConfigError, match="needs more of the spectra than the results keep"):
+        recommend(tmp_path / "d", energy=None, budget="1e9")

@@ -37,11 +37,15 @@ def data_fingerprint(path: str | os.PathLike[str]) -> list | None:
 
 
 def overlapping(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two data paths share text: the same file or folder (any spelling or link), or one inside the other
-    (an ``--eval-source`` file inside the ``--data`` folder is trained on); False when either cannot be read."""
+    """Whether two data paths share text: a file either reads (a folder's :func:`text_files`, a file itself) is one
+    file of the other, by any spelling or link (an ``--eval-source`` file inside the ``--data`` folder, or linked
+    into it, is trained on); False when either cannot be read."""
+    def files(p: Path) -> set[tuple[int, int]]:
+        st = [f.stat() for f in (text_files(p)[1] if p.is_dir() else [p])]
+        return {(x.st_dev, x.st_ino) for x in st}
+
     try:
-        pa, pb = Path(a).resolve(strict=True), Path(b).resolve(strict=True)
-        return os.path.samefile(pa, pb) or pa in pb.parents or pb in pa.parents
+        return bool(files(Path(a)) & files(Path(b)))
     except OSError:
         return False
 
