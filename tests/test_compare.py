@@ -336,7 +336,7 @@ def test_cli_table_legend_findings_and_filters(planted, tmp_path):
     assert "Findings" in out.stdout and "of what was possible" in out.stdout and "random baseline" in out.stdout
     assert "Amplification" in out.stdout and "Intruder dimensions" in out.stdout
     assert "–" in out.stdout  # the zero updates' undefined measures
-    assert "0 only in B" in out.stderr and "on cpu" in out.stderr  # embed_tokens is outside layers 0-1
+    assert "0 only by B" in out.stderr and "on cpu" in out.stderr  # embed_tokens is outside layers 0-1
     assert "warning:" in out.stderr and "exactly zero" in out.stderr
     doc = json.loads((tmp_path / "o" / "compare.json").read_text())
     assert doc["b_only"] == [] and doc["device"] == "cpu" and doc["config"]["device"] == "auto"
