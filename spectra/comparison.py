@@ -271,8 +271,7 @@ class _Side:
                     else f"the {' and '.join(bad)} weights contain NaN or Inf")
             return f"{what} ({pair.tuned.name} in {self.label})"
         u = self._dense(dense, pair.tuned.name, need)
-        # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
-        if isinstance(u, str):
+        if isinstance(u, str):  # a bf16 update at the rounding level measures rounding noise: said, as spectra diff says it
             return u
         # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
         resized = [pair.note] if pair.rows is not None and pair.note else []
