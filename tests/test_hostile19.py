@@ -127,8 +127,9 @@ def test_recommend_sets_fan_in_fan_out_for_gpt2(tmp_path):
         peft.get_peft_model(T.GPT2LMHeadModel(cfg), peft.LoraConfig(**{k: v for k, v in rec.config.items() if k != "peft_type"}))
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message)], [str(w.message) for w in caught]
     # without the base's config.json (moved away) nothing is assumed: PEFT decides, as before
-    (tmp_path / "d" / "results.json").write_text(json.dumps({**json.loads((tmp_path / "d" / "results.json").read_text()),
-                                                              "base": str(tmp_path / "nowhere")}))
+    doc = json.loads((tmp_path / "d" / "results.json").read_text())
+    nowhere = str(tmp_path / "nowhere")
+    (tmp_path / "d" / "results.json").write_text(json.dumps({**doc, "base": nowhere, "inputs": {**doc["inputs"], "base": nowhere}}))
     assert "fan_in_fan_out" not in recommend(tmp_path / "d" / "results.json").config
 
 
