@@ -55,7 +55,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 #: The kinds of tensor a PEFT LoRA module saves.
 LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+_LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})"
                        r"(?:\.default)?(?:\.(?P<leaf>weight|bias))?$")
 #: init_lora_weights values that change the base weights, so B·A alone is not the update (peft 0.21 spells
 #: LoRA-GA "lora_ga": its init subtracts s·B₀·A₀ from W, as PiSSA does).
@@ -502,7 +502,7 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
             the config, DoRA magnitudes missing or not ``(out,)``, a DoRA embedding (not supported),
             or pattern matching over its time bound; ``target_parameters`` LoRAs unless ``params``.
     """
-    folder, keep_params = Path(path), params
+    folder = Path(path)
     if not folder.exists():
         raise CheckpointNotFoundError(missing_text(folder), path=folder)
     if not folder.is_dir():
@@ -593,12 +593,12 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                              f"with different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained "
                              "applies it, but PEFT's save_pretrained sorts the keys, so the run that trained it may have used "
                              "another (its update then differs from this file's)")
-    params: list[ParamLora] = []
+    wrapped: list[ParamLora] = []  # target_parameters LoRAs
     for module, kinds in stored.items():
         if weight_param(module, config.target_parameters):  # a Linear's weight as a parameter: patterns on module.weight
             matched[module] = (None, *config.rank_alpha(module + ".weight"))
         elif (param := param_lora(ckpt, config.target_parameters, module, kinds, weights)) is not None:
-            params.append(param)
+            wrapped.append(param)
             continue
         reason, r, alpha = matched[module]
         if reason:
@@ -622,12 +622,12 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
             adapter.skipped.append(Skipped(kinds["lora_magnitude_vector"],
                                            "DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it, "
                                            "and the update is s·B·A"))
-    if params and not keep_params:  # the base's layout places them (spectra.param_experts)
-        raise CheckpointFormatError(f"{params[0].module} is adapted through PEFT's target_parameters ({', '.join(config.target_parameters or ())}"
+    if wrapped and not params:  # the base's layout places them (spectra.param_experts)
+        raise CheckpointFormatError(f"{wrapped[0].module} is adapted through PEFT's target_parameters ({', '.join(config.target_parameters or ())}"
                                     "): which matrices each expert's LoRA updates depends on the base model's layout", path=folder,
-                                    tensor=params[0].stored[0], hint="pass the base model (spectra diff BASE ADAPTER; other commands: --base)")
-    adapter.params = params
-    if not adapter.modules and not params:
+                                    tensor=wrapped[0].stored[0], hint="pass the base model (spectra diff BASE ADAPTER; other commands: --base)")
+    adapter.params = wrapped
+    if not adapter.modules and not wrapped:
         other = next((n for n in adapter.full if any(f".{k}." in n for k in LORA_KINDS)), None)  # lora_A.<name>.weight
         why = (f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else
                f" of the adapter named default (e.g. {other} is another named adapter's)" if other else "")
