@@ -107,6 +107,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
+from spectra.naming import layer_of
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_moe_rules
@@ -185,6 +186,14 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         kept.append(task)
     # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
     notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)] + one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
+    # a weight matrix in one checkpoint only (a layer the fine-tune added or removed): no update the adapter can hold
+    keep = selector(config.include, config.exclude, config.layers)
+    alone = [f"{side}-only {n}" for side, names, ck in (("base", pairing.base_only, base), ("tuned", pairing.tuned_only, tuned_ckpt))
+             for n in names if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES and keep(n, layer_of(n))
+             and not head_of(n.removeprefix(prefix), heads)]
+    if alone:
+        notes.append(f"{len(alone)} weight matri{'ces are' if len(alone) > 1 else 'x is'} in one checkpoint only (e.g. {alone[0]}): "
+                     f"the adapter holds no update of {'them' if len(alone) > 1 else 'it'} (extract.json \"unmatched\")")
     one_d = []
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:

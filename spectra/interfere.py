@@ -168,8 +168,10 @@ class _Task:
         delta, base_fro, bad = form_delta(wb, wt, device)
         if bad:
             return None, base_fro, f"{self.label}: {' and '.join(bad)} weights hold NaN or Inf (or ΔW overflows)", [], 0.0
-        return (delta, base_fro, "", pair_notes(u, wb, wt, delta, base_fro) if notes else [],
-                pair_floor(u, wb, wt, delta=delta) if notes else 0.0)
+        if not notes:
+            return delta, base_fro, "", [], 0.0
+        said = pair_notes(u, wb, wt, delta, base_fro)  # the floor reads them: a rounding-level update's is raised to its ceiling
+        return delta, base_fro, "", said, pair_floor(u, wb, wt, said, delta)
 
     def needs_dense(self, name: str) -> bool:
         u = self.updates[name]

@@ -589,8 +589,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             result.skipped.append(Skipped(tn, "fused rows laid out differently: base splits them as "
                                           f"{_parts_text(bs.parts)} but tuned as {_parts_text(ts.parts)}"))
             continue
-        deq = [f"{side} {c.scales[n].describe(i.dtype)}" for side, i, n, c in
-               (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales]
+        # one checkpoint analysed alone (esd) has no base and tuned side: its one phrase, unprefixed
+        deq = ([base.scales[bn].describe(bi.dtype)] if single and bn in base.scales else
+               [f"{side} {c.scales[n].describe(i.dtype)}" for side, i, n, c in
+                (("base", bi, bn, base), ("tuned", ti, tn, tuned)) if n in c.scales and not single])
         note = "; ".join(x for x in (note, *deq) if x)
         result.pairs.append(MatrixPair(bs, ts, bi, ti, rows, note))
     tied = _tied_head(base, tuned, bspecs, tspecs, matched_b, matched_t) if tied_head else None

@@ -112,7 +112,13 @@ def place_params(adapter: Adapter, params: list[ParamLora], base: Checkpoint) ->
         groups.setdefault(p.module, []).append(p)
     for module, wrappers in groups.items():
         targets = {name: t for name in wrappers[0].params if (t := _target(f"{module}.{name}", where, fusions)) is not None}
-        for w, (param, target, r, alpha, peft_t) in zip(wrappers, _assign(adapter, wrappers, targets, source, square_transposed)):
+        assigned = _assign(adapter, wrappers, targets, source, square_transposed)
+        # PEFT wraps every parameter target_parameters match: one the base holds without stored factors is a file short
+        # of keys (PEFT says "missing adapter keys"), listed rather than read as unchanged
+        adapter.skipped.extend(Skipped(f"{module}.{param}", f"target_parameters match it and the base holds it ({t.describe()}), but the "
+                                       "adapter stores no LoRA factors for it (PEFT loads it with missing adapter keys): not analysed")
+                               for param, t in targets.items() if param not in {a[0] for a in assigned})
+        for w, (param, target, r, alpha, peft_t) in zip(wrappers, assigned):
             full = f"{module}.{param}"
             if target.bias:
                 adapter.skipped.extend(Skipped(n, f"a LoRA on the bias parameter {full} (target_parameters): a vector per "

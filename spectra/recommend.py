@@ -36,7 +36,7 @@ import torch
 
 from spectra.allocation import allocate_tied
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_heads import head_modules, head_of, head_task_type
+from spectra.extract_heads import HEAD_NAMES, head_modules, head_of, head_task_type
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
@@ -192,6 +192,12 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
         entry["parts"].append(m)
         entry["out"] += int(m["shape"][0])
+    # matrices the diff could not measure (NaN/Inf, a shape mismatch…): no rank to read, so not in the config either
+    unmeasured = [s for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("reason"), str)
+                  and "not a weight matrix" not in s["reason"] and not s["reason"].startswith("tied to")]
+    if unmeasured:
+        notes.append(f"{len(unmeasured)} matri{'ces' if len(unmeasured) > 1 else 'x'} the diff skipped {'are' if len(unmeasured) > 1 else 'is'} "
+                     f"not in the config (e.g. {unmeasured[0].get('name')}: {unmeasured[0]['reason']})")
     for why, names in left_out.items():
         uniq = sorted(set(names))
         notes.append(f"{len(uniq)} matrices are not in the config, nor in its parameter counts ({why}); e.g. {uniq[0]}")
@@ -204,9 +210,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if not whole:
         raise ConfigError("the results hold no module PEFT can train with LoRA", hint="embeddings and the head need --embeddings")
     whole, unread = _as_base_names(doc, whole)
+    _partial_fused(doc, whole, where)
     base_config = _base_config(doc)
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
-        task_type = head_task_type(_base_config(doc, "tuned"), base_config) or "CAUSAL_LM"
+        tuned_config = _base_config(doc, "tuned")
+        task_type = head_task_type(tuned_config, base_config) or "CAUSAL_LM"
+        heads = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
+        if tuned_config is None and base_config is None and heads:  # moved models: CAUSAL_LM put the head under a LoRA
+            raise ConfigError(f"the results hold {heads[0]}, a classifier's task head, but neither the diff's tuned model nor its "
+                              "base has a config.json to read now (moved?): whether PEFT trains it whole cannot be told",
+                              hint="pass --task-type SEQ_CLS, TOKEN_CLS or QUESTION_ANS (the head trained whole), or CAUSAL_LM")
     # the task head PEFT trains whole under this task type (SEQ_CLS: classifier, score): no LoRA rank, no LoRA parameters
     heads = head_modules(task_type, [p + ".weight" for p in whole])
     if held := [p for p in whole if head_of(p, heads)]:
@@ -515,6 +528,30 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
     if len(set(renamed.values())) != len(renamed):  # two results paths on one base module: leave them
         return whole, None
     return {renamed[p]: e for p, e in whole.items()}, None
+
+
+def _partial_fused(doc: dict, whole: dict[str, dict], where: Path | None) -> None:
+    """Refuse a fused matrix (qkv_proj, c_attn, gate_up_proj) of which the diff measured only some parts (an --include
+    or --exclude on part names, ``…qkv_proj.weight:q``): PEFT adapts the whole matrix, whose rank and LoRA parameters
+    those parts do not give (a budget was spent at the q part's price). Checked against the base's stored shape."""
+    split = {p: e for p, e in whole.items() if any(":" in m["name"] for m in e["parts"])}
+    selection = doc.get("config") or {}
+    if not split or not (selection.get("include") or selection.get("exclude")):
+        return
+    base = _input_path(doc, "base")
+    try:
+        tensors = open_checkpoint(base).tensors if base else None  # the header only
+    except (OSError, ValueError, SpectraError):
+        tensors = None
+    for path, e in split.items():
+        info = tensors.get(path + ".weight") if tensors is not None else None
+        if info is not None and math.prod(info.shape) == e["out"] * e["in"]:
+            continue
+        measured = ", ".join(m["name"].rpartition(":")[2] for m in e["parts"])
+        raise ConfigError(f"the diff measured only part of the fused matrix {path} ({measured}"
+                          f"{'' if tensors is not None else '; its base cannot be read now to check the rest'}): PEFT adapts the "
+                          "whole matrix, whose rank and LoRA parameters those parts do not give", path=where,
+                          hint="rerun spectra diff with every part of it selected (an --include on the matrix's name), or with --no-split")
 
 
 def _base_config(doc: dict, side: str = "base") -> dict | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -103,13 +104,26 @@ def check_chain(A: torch.Tensor, B: torch.Tensor, module: str, weights: Path) ->
                                     path=weights, tensor=module)
 
 
-def param_lora(ckpt: Checkpoint, target_parameters: tuple[str, ...] | None, module: str, kinds: dict[str, str],
-               weights: Path) -> ParamLora | None:
+class _Targets(Protocol):
+    """What :func:`param_lora` reads of an adapter's config (:class:`spectra.io.adapter.AdapterConfig`)."""
+
+    target_modules: str | tuple[str, ...] | None
+    target_parameters: tuple[str, ...] | None
+
+    def untargeted(self, module: str, *, modules: bool = False) -> str | None: ...
+
+
+def param_lora(ckpt: Checkpoint, config: _Targets, module: str, kinds: dict[str, str], weights: Path) -> ParamLora | None:
     """The factors of a parameter PEFT wrapped (``target_parameters``: :mod:`spectra.io.param_lora`), or None for a
     module's own LoRA (and for a Linear's ``weight`` targeted as a parameter, :func:`weight_param`: its update is s·B·A)."""
     unwrapped_module, depth = unwrapped(module)
-    params = matching_params(unwrapped_module, target_parameters)
+    params = matching_params(unwrapped_module, config.target_parameters)
     if not params or (params == ("weight",) and depth == 0):
+        return None
+    tm = config.target_modules
+    # a bare entry ("gate_up_proj") ends every module's path, but PEFT wraps only parameters a module holds: a Linear
+    # that target_modules names is adapted as a module (its keys never nest base_layer); all-linear names no module
+    if depth == 0 and tm is not None and str(tm).lower() != "all-linear" and config.untargeted(unwrapped_module, modules=True) is None:
         return None
     if set(kinds) != {"lora_A", "lora_B"}:
         raise CheckpointFormatError(f"the target_parameters LoRA of {unwrapped_module} holds {', '.join(sorted(kinds))}; "
