@@ -361,7 +361,8 @@ def diff_adapter(
         result.warnings.append(other)
     result.adapter = {"r": adapter.config.r, "lora_alpha": adapter.config.lora_alpha, "use_rslora": adapter.config.use_rslora,
                       "use_dora": adapter.config.use_dora, "rank_pattern": adapter.config.rank_pattern,
-                      "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out}
+                      "alpha_pattern": adapter.config.alpha_pattern, "fan_in_fan_out": adapter.config.fan_in_fan_out,
+                      "task_type": adapter.config.task_type}
     units: list[tuple[LoraModule | SavedModule, MatrixSpec, str | None, str, torch.Tensor | None, str]] = []
     keep = selector(config.include, config.exclude, config.layers)
     updates = adapter_updates(adapter, base)

@@ -43,8 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from spectra.config import config_of
-from spectra.errors import ConfigError, SpectraError
+from spectra.errors import ConfigError, OutputError, SpectraError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
 from spectra.io.adapter import base_changing_init
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
@@ -72,9 +72,11 @@ from spectra.trace import (
     matrix_meta,
     point_metrics,
 )
+from spectra.tracker_logs import log_medians
 
-#: Metrics sent to the loggers, as medians per module kind (the full detail goes to trace.jsonl).
-LOG_METRICS = ("energy_rank", "rel_norm", "effective_rank", "turn_prev", "turn_first")
+#: What to do when the tracker cannot write its trace (a full disk): the Trainer callback warns and trains on.
+TRACKER_WRITE_HINT = ("free disk space, or give the tracker another out_dir; trace.jsonl keeps every whole record written "
+                      "before, and a run resumed from a checkpoint continues it (resume_step, or the Trainer's resume_from_checkpoint)")
 #: Beside ``trace.jsonl``: the first measured subspaces, which a resumed run measures φ from.
 FIRST_FILE = "trace_first.npz"  # numpy, not .safetensors: a folder's one .safetensors file is its model
 _PEFT_PREFIX = "base_model.model."
@@ -147,10 +149,12 @@ class SpectraTracker:
         if is_main:
             self._discover(model, int(resume_step))
             if self.path is not None and resume_step > 0 and self.path.is_file():
-                self._resume(int(resume_step))
+                with _tracker_hint():
+                    self._resume(int(resume_step))
                 self._measured_to = int(resume_step)  # kept up to there; the resumed run measures the later steps
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
-                atomic_write_text(self.path, "")
+                with _tracker_hint():
+                    atomic_write_text(self.path, "")
                 self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
                 self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
                                         "config": asdict(self.config)}})
@@ -184,7 +188,7 @@ class SpectraTracker:
             try:
                 rec = json.loads(line)
             except ValueError:
-                break  # the torn last line of a run that was killed
+                continue  # a line torn by a kill or a full disk: the whole records after it are kept
             tagged = next((rec[k] for k in ("log", "timing") if isinstance(rec.get(k), dict)), None) if isinstance(rec, dict) else None
             at = rec.get("step") if isinstance(rec, dict) and "matrix" in rec else \
                 tagged.get("step") if tagged is not None else None
@@ -214,7 +218,8 @@ class SpectraTracker:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.path is not None:
-            append_record(self.path, jsonable(record))
+            with _tracker_hint():
+                append_record(self.path, jsonable(record))
 
     def warn(self, text: str) -> None:
         """Record a caveat of this trace (kept in ``trace.jsonl``, shown by the report)."""
@@ -379,7 +384,9 @@ class SpectraTracker:
             f = Factored.from_lora(B, A, 1.0)
             return f.S.cpu().numpy(), truncate(f, self.config.top_k), 0.0, []
         initial = tr.initial.to(tr.param.device)  # once: ΔW and the floor both read it (a copy on a GPU)
-        delta = tr.param.detach().float() - initial.float()
+        # in float64 for float64 weights, as spectra trace forms it (a float32 difference rounds a small update away)
+        work = torch.float64 if torch.float64 in (tr.param.dtype, initial.dtype) else torch.float32
+        delta = tr.param.detach().to(work) - initial.to(work)
         if not all_finite(delta):
             return None, None, 0.0, []
         # directions at the rounding level of the weights as held (bf16 training…) are not directions
@@ -426,7 +433,7 @@ class SpectraTracker:
             return
         arrays = {f"{tr.name}.{side}": t.detach().to("cpu", torch.float64).numpy()
                   for tr in self.matrices if tr.first is not None for side, t in (("U", tr.first.U), ("V", tr.first.V))}
-        with atomic_file(self.first_path) as f:
+        with _tracker_hint(), atomic_file(self.first_path) as f:
             np.savez(f, **arrays)
         self._first_saved = True
 
@@ -440,6 +447,15 @@ class SpectraTracker:
 #: nothing from threads, and on a loaded machine their OpenMP regions wait for descheduled threads
 #: (measured here: a 192 × 8 SVD took 50 ms with 2 threads under load and 18 µs with 1).
 SMALL_MATRIX = 1 << 20
+
+
+@contextlib.contextmanager
+def _tracker_hint() -> Iterator[None]:
+    """A write error of the tracker with its own hint (the CLI's names --out and --resume, which a tracker has not)."""
+    try:
+        yield
+    except OutputError as exc:
+        raise OutputError(exc.message, path=exc.path, hint=TRACKER_WRITE_HINT) from None
 
 
 @contextlib.contextmanager
@@ -562,30 +578,6 @@ def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]
     return A.mT, B.mT, s  # (B·A)ᵀ = Aᵀ·Bᵀ
 
 
-def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
-    """``spectra/<module>/<metric>`` -> median over that module kind's matrices, for the loggers:
-    energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (and, for LoRA,
-    ``effective_rank_over_r``: that ÷ r), and φ with the previous and the first measurement (right
-    singular vectors). Each key carries the quantity its name says, as ``trace.jsonl`` names it."""
-    groups: dict[str, dict[str, list[float]]] = {}
-    for rec in records:
-        pt, kind = rec["point"], rec["matrix"]["module"]
-        ranks = pt.get("energy_rank") or {}
-        key = min(ranks, key=lambda t: abs(float(t) - 0.9)) if ranks else None
-        values = {
-            f"energy_rank_{key}": ranks.get(key) if key else None,
-            "rel_norm": pt.get("rel_norm"),
-            "effective_rank": pt.get("effective_rank"),
-            "effective_rank_over_r": pt.get("effective_rank_over_r"),
-            "phi_prev": ((pt.get("turn_prev") or {}).get("right") or {}).get("phi"),
-            "phi_first": ((pt.get("turn_first") or {}).get("right") or {}).get("phi"),
-        }
-        for metric, v in values.items():
-            if v is not None:
-                groups.setdefault(kind, {}).setdefault(metric, []).append(float(v))
-    return {f"spectra/{kind}/{metric}": statistics.median(vs) for kind, ms in groups.items() for metric, vs in ms.items()}
-
-
 class _CallbackHooks:
     """A ``transformers.TrainerCallback`` over :class:`SpectraTracker` (created at ``on_train_begin``
     from the model the Trainer trains, so a full fine-tune's initial weights are the ones training
@@ -635,10 +627,21 @@ class _CallbackHooks:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
                               "with, not from the base (the folder the model was loaded from could not be read again)")
 
+    def _stop_tracing(self, exc: OutputError, step: int) -> None:
+        """A trace that cannot be written (a full disk) stops tracing, not the training: warned once."""
+        warnings.warn(f"spectra: tracing stopped at step {step}, the training goes on: {exc}", RuntimeWarning, stacklevel=3)
+        if self.tracker is not None:
+            self.tracker.close()
+        self.tracker = None
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.tracker is None:
             return control
-        logs = self.tracker.step(None, state.global_step)  # the loss of this step is logged after this hook
+        try:
+            logs = self.tracker.step(None, state.global_step)  # the loss of this step is logged after this hook
+        except OutputError as exc:
+            self._stop_tracing(exc, state.global_step)
+            return control
         if logs:
             if self.trainer is not None:
                 due = control.should_log
@@ -653,7 +656,10 @@ class _CallbackHooks:
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.tracker is not None and logs and any(k in logs for k in ("loss", "eval_loss")):
-            self.tracker.log_loss(state.global_step, loss=logs.get("loss"), eval_loss=logs.get("eval_loss"))
+            try:
+                self.tracker.log_loss(state.global_step, loss=logs.get("loss"), eval_loss=logs.get("eval_loss"))
+            except OutputError as exc:
+                self._stop_tracing(exc, state.global_step)
         if self._pending and logs is not None:
             logs.update(self._pending)  # reaches the callbacks after this one
             if state.log_history:

@@ -72,8 +72,10 @@ from spectra.extract_plan import (
     final_ranks,
     module_of,
     one_lora_per_tied_weight,
+    one_side_only,
     plan_ranks,
     settle_budget,
+    stack_flip,
     target_of,
     why_not_target,
 )
@@ -93,7 +95,7 @@ from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import task_type_for, write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import all_finite, check_device_available, resolve_device
-from spectra.load_names import load_renames, renames_text
+from spectra.load_names import adapter_renames, renames_text
 from spectra.lowrank import (
     GramEig,
     Triplets,
@@ -107,7 +109,6 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
-from spectra.naming import layer_of
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_moe_rules
@@ -180,20 +181,21 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         if why:
             left.append((task, why))
             continue
+        note = "; ".join(x for x in (spec.note, task.pair.note) if x)
+        if len(shape := task.pair.tuned_info.shape) == 3:  # each expert a target, the stack one target_parameters LoRA
+            param, flip = task.pair.base.name.removeprefix(base_prefix), stack_flip(spec, base.arch.model_type or tuned_ckpt.arch.model_type)
+            targets += [target_of(u.order, spec, param, u.shape, base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
+                                  note=note, unit=(u.name, int(u.expert or 0), int(shape[0]), flip)) for u in task.units]
+            kept.append(task)
+            continue
         unit = task.units[0]
         targets.append(target_of(unit.order, spec, module, unit.shape, base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
-                                 note="; ".join(x for x in (spec.note, task.pair.note) if x), rules=rules))
+                                 note=note, rules=rules))
         kept.append(task)
     # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
     notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)] + one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
-    # a weight matrix in one checkpoint only (a layer the fine-tune added or removed): no update the adapter can hold
-    keep = selector(config.include, config.exclude, config.layers)
-    alone = [f"{side}-only {n}" for side, names, ck in (("base", pairing.base_only, base), ("tuned", pairing.tuned_only, tuned_ckpt))
-             for n in names if len(ck.tensors[n].shape) >= 2 and ck.tensors[n].dtype in FLOAT_DTYPES and keep(n, layer_of(n))
-             and not head_of(n.removeprefix(prefix), heads)]
-    if alone:
-        notes.append(f"{len(alone)} weight matri{'ces are' if len(alone) > 1 else 'x is'} in one checkpoint only (e.g. {alone[0]}): "
-                     f"the adapter holds no update of {'them' if len(alone) > 1 else 'it'} (extract.json \"unmatched\")")
+    notes += one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
+                           lambda side, n: head_of(n.removeprefix(base_prefix if side == "base" else prefix), heads) is not None)
     one_d = []
     base_by_key = {n: n for n in base.tensors}
     for s in pairing.skipped:
@@ -319,16 +321,18 @@ def _dense_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, devi
         todo = {i for i in range(len(run.targets)) if i not in run.spectra or (not two and i not in run.factors)}
     else:
         todo = {i for i, k in want.items() if not run.has_factors(i, k)}
-    tasks = largest_first([t for t in src.tasks if run.index[t.units[0].order] in todo])
+    tasks = largest_first([t for t in src.tasks if any(run.index[u.order] in todo for u in t.units)])  # a stack: its experts
     if want is None and not two and config.mode == "rank" and config.precision == "mixed" and device.type == "cpu":
-        _refined_pass(src, run, config, device, tasks)
+        _refined_pass(src, run, config, device, tasks, todo)
         return
     for batch in _stream(src, tasks, config, device):
         cutoff = run.cutoff() if want is None and not two else 0.0
         exact = []
         for item in batch:
             i = run.index[item.unit.order]
-            if item.delta is None:
+            if i not in todo:  # an expert of a stack read again for another one: done already
+                item.delta = None
+            elif item.delta is None:
                 run.skip(i, item.skip or "skipped")
             elif _approx(config, run.targets[i]):
                 _randomized(run, i, item.delta, item.floor)
@@ -365,7 +369,8 @@ def _dense_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, devi
             item.delta = None
 
 
-def _refined_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, device: torch.device, tasks: list[Task]) -> None:
+def _refined_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, device: torch.device, tasks: list[Task],
+                  todo: set[int]) -> None:
     """``--rank`` (one pass) under ``precision="mixed"`` on the CPU: each matrix's subspace in float32,
     its values and factors in float64 (:func:`spectra.lowrank.refined_triplets`).
 
@@ -381,6 +386,9 @@ def _refined_pass(src: ExtractSource, run: ExtractRun, config: ExtractConfig, de
         for batch in _stream(src, tasks, config, device):
             for item in batch:
                 i = run.index[item.unit.order]
+                if i not in todo:  # an expert of a stack done before (a resumed run)
+                    item.delta = None
+                    continue
                 exact = item.delta is not None and not _approx(config, run.targets[i])
                 yield i, item, run.keep_now(i, np.zeros(0), 1.0, 0.0) if exact else None
 
@@ -546,9 +554,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
     # model (seconds) run beside the decompositions
     loaded: dict[str, Any] = {}
-    renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source"), load_renames(
+    renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source", "params"), adapter_renames(
         src.base.config or (src.tuned.config if src.base_prefix else None),
-        [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")]))),
+        [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")],
+        sorted({t.module for t in src.targets if t.stack})))),  # target_parameters name the parameters as loaded too
         name="spectra-load-names", daemon=True)
     renamer.start()
     # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
@@ -595,7 +604,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                                          config.save_modules, src.base_prefix) if r["name"] not in head] + src.saved
     renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
     src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
-    src.targets = [replace(t, module=src.renames.get(t.module, t.module)) for t in src.targets]
+    params = dict(loaded.get("params") or {}) if not renamer.is_alive() else {}
+    src.targets = [replace(t, module=(params if t.stack else src.renames).get(t.module, t.module)) for t in src.targets]
     result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
     result.fingerprint, result.version = fingerprint, __version__
     # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged

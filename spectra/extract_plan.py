@@ -7,11 +7,12 @@ What a LoRA target is: a 2-D ``….weight`` of a module PEFT wraps whole. Fused 
 ``qkv_proj``/``gate_up_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) are extracted as the
 module PEFT wraps, never split; GPT-2's ``Conv1D`` is oriented ``(out, in)`` like every matrix (PEFT's
 ``fan_in_fan_out``). Not targets, each reported with its reason: embeddings and the output head
-unless asked for (``embeddings``), 3-D expert stacks (PEFT adapts them through ``target_parameters``),
-MoE routers (plain parameters in transformers ≥ 5, which PEFT cannot wrap), matrices whose rows
+unless asked for (``embeddings``), MoE routers (plain parameters in transformers ≥ 5, which PEFT cannot wrap), matrices whose rows
 differ between base and tuned (a resized vocabulary), and tensors that are not a module's ``weight``.
 Per-expert 2-D matrices (Mixtral's ``experts.N.w1``) share one rank: transformers ≥ 5 fuses them on
-load and PEFT converts such an adapter only when they all have its global ``r``. Modules PEFT would
+load and PEFT converts such an adapter only when they all have its global ``r``. The experts of a 3-D stack
+(gpt-oss's ``experts.gate_up_proj``) are one target each, in that shared rank too, written as PEFT's
+``target_parameters`` LoRA of the whole stack (:mod:`spectra.extract_write`). Modules PEFT would
 drop on load (:mod:`spectra.peft_moe`: per-expert LoRAs of a model type PEFT does not convert,
 dense MLPs named like the experts of one it does) are not targets either, nor a task head PEFT stores whole
 (SEQ_CLS's ``classifier``, :mod:`spectra.extract_heads`).
@@ -19,7 +20,7 @@ dense MLPs named like the experts of one it does) are not targets either, nor a 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,12 +30,12 @@ import torch
 from spectra.allocation import allocate_tied
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
-from spectra.io.checkpoint import Checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
-from spectra.naming import MatrixSpec
-from spectra.pairing import MatrixPair
-from spectra.peft_moe import PeftMoeRules
+from spectra.naming import MatrixSpec, layer_of
+from spectra.pairing import MatrixPair, Pairing
+from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
 from spectra.results import caveat_codes
 from spectra.selection import Task
 
@@ -189,6 +190,10 @@ class Target:
             outputs, a block-diagonal B holding ``r·out`` more parameters per member; else 0.
         components: the most nonzero singular values ΔW can have when fewer than ``p``: a LoRA module's rank
             when an adapter is resized (its factors hold no more); 0: ``p``.
+        stack: for expert ``expert`` of a 3-D stack, the stack's number of experts (``module`` is then the stored
+            parameter's name, ``model.layers.0.mlp.experts.gate_up_proj``); 0 for a module's own matrix.
+        flip: PEFT's LoRA of the stack holds ΔWᵀ: its experts module says ``is_transposed`` where spectra reads the
+            stored matrix as is, or the reverse (:func:`stack_flip`).
     """
 
     order: int
@@ -207,6 +212,8 @@ class Target:
     note: str = ""
     fused_out: int = 0
     components: int = 0
+    stack: int = 0
+    flip: bool = False
 
     @property
     def p(self) -> int:
@@ -274,8 +281,16 @@ def is_embedding(spec: MatrixSpec) -> bool:
     return is_embedding_name(spec.name, spec.role)
 
 
-#: Why a 3-D expert stack (or an adapter's LoRA on one) is not extracted.
-STACK_NOT_WRITTEN = "3-D expert stack: PEFT adapts it through target_parameters, which spectra extract does not write"
+#: Why an adapter's LoRA on a 3-D expert stack is not extracted (a full checkpoint's stacks are).
+STACK_NOT_WRITTEN = ("a target_parameters LoRA on a 3-D expert stack: spectra extract writes such LoRAs from full checkpoints, "
+                     "it does not resize them")
+
+
+def stack_flip(spec: MatrixSpec, model_type: str | None) -> bool:
+    """Whether PEFT's LoRA on the 3-D stack ``spec`` holds the transpose of spectra's ``(out, in)`` ΔW: PEFT's update of
+    an expert is the stored matrix, or its transpose where the experts module says ``is_transposed``
+    (:data:`spectra.peft_moe.TRANSPOSED_EXPERTS`), and spectra reads the stored matrix transposed where ``spec.transpose``."""
+    return ((model_type or "") in TRANSPOSED_EXPERTS) != spec.transpose
 
 
 def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: ExtractConfig, *,
@@ -285,8 +300,8 @@ def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: Extr
     ``rules``: what PEFT drops on a model of the base's type (:func:`spectra.peft_moe.peft_moe_rules`);
     a module PEFT would drop on load is not extracted, so that no number claims what the adapter
     does not hold once loaded."""
-    if len(stored_shape) == 3:
-        return STACK_NOT_WRITTEN
+    if len(stored_shape) == 3:  # written as PEFT's target_parameters LoRA on the stack: a parameter, any name
+        return None if spec.role != "router" else "MoE router: a plain parameter, which PEFT cannot wrap"
     if not spec.name.endswith(".weight"):
         return "not a module's weight (PEFT wraps modules whose matrix is named <module>.weight)"
     if spec.role == "router":
@@ -302,8 +317,14 @@ def why_not_target(spec: MatrixSpec, stored_shape: tuple[int, ...], config: Extr
 
 
 def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int], *, base_name: str | None,
-              dtype: str, note: str = "", rules: PeftMoeRules | None = None) -> Target:
-    """The :class:`Target` of a chosen matrix (``rules``: the base's :class:`PeftMoeRules`, for PEFT's fused experts)."""
+              dtype: str, note: str = "", rules: PeftMoeRules | None = None, unit: tuple[str, int, int, bool] | None = None) -> Target:
+    """The :class:`Target` of a chosen matrix (``rules``: the base's :class:`PeftMoeRules`, for PEFT's fused experts;
+    ``unit``: ``(name, expert, experts, flip)`` of one expert of a 3-D stack, :attr:`Target.stack`)."""
+    if unit is not None:
+        name, expert, stack, flip = unit
+        return Target(order=order, name=name, module=module, label=spec.module, layer=spec.layer, role=spec.role, expert=expert,
+                      shape=(int(shape[0]), int(shape[1])), embedding=False, conv1d=False, group=EXPERTS_GROUP,
+                      base_name=base_name, dtype=dtype, note=note, stack=stack, flip=flip)
     fused = rules is not None and bool(rules.retargeted) and spec.expert is not None and module.rpartition(".")[2] in rules.fused
     return Target(order=order, name=spec.name, module=module, label=spec.module, layer=spec.layer, role=spec.role,
                   expert=spec.expert, shape=(int(shape[0]), int(shape[1])), embedding=is_embedding(spec),
@@ -322,17 +343,22 @@ def module_of(pair: MatrixPair, prefix: str = "") -> str:
     return pair.tuned.name.removeprefix(prefix)[: -len(".weight")]
 
 
-def pair_target(order: int, pair: MatrixPair, config: ExtractConfig,
-                rules: PeftMoeRules | None = None) -> tuple[Target | None, str | None]:
-    """``(target, None)`` for a pair extracted as a LoRA module, ``(None, reason)`` otherwise
-    (``rules``: :func:`why_not_target`)."""
-    spec = pair.tuned
-    why = why_not_target(spec, tuple(pair.tuned_info.shape), config, rows_differ=pair.rows is not None, rules=rules)
-    if why:
-        return None, why
-    notes = "; ".join(x for x in (spec.note, pair.note) if x)
-    return target_of(order, spec, module_of(pair), pair.out_in, base_name=pair.base.name,
-                     dtype=pair.tuned_info.dtype, note=notes, rules=rules), None
+def one_side_only(pairing: Pairing, base: Checkpoint, tuned: Checkpoint, keep: Callable[[str, int | None], bool],
+                  head: Callable[[str, str], bool]) -> list[str]:
+    """The warning, as a one-item list (else empty), for the weight matrices (floating, 2-D or a 3-D stack, named as
+    weights; quantisation scales and buffers aside) that only one checkpoint holds among those ``keep`` selects, task
+    heads (``head(side, name)``) aside: a layer the fine-tune added or removed, whose update no adapter holds
+    (extract.json lists them under ``unmatched``)."""
+    def matrix(ck: Checkpoint, n: str) -> bool:
+        aux = {x for w in ck.scales.values() for x in (w.scale, w.zero_point) if x}
+        info = ck.tensors[n]
+        return n in ck.specs and n not in aux and len(info.shape) in (2, 3) and info.dtype in FLOAT_DTYPES
+
+    alone = [f"{side}-only {n}" for side, names, ck in (("base", pairing.base_only, base), ("tuned", pairing.tuned_only, tuned))
+             for n in names if matrix(ck, n) and keep(n, layer_of(n)) and not head(side, n)]
+    many = len(alone) > 1
+    return [f"{len(alone)} weight matri{'ces are' if many else 'x is'} in one checkpoint only (e.g. {alone[0]}): "
+            f"the adapter holds no update of {'them' if many else 'it'} (extract.json \"unmatched\")"] if alone else []
 
 
 @dataclass
@@ -631,5 +657,5 @@ def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, cappe
 __all__ = ["EXPERTS_GROUP", "all_held_text", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name", "resolved_count", "settle_budget",
-           "default_tie", "module_of", "one_lora_per_tied_weight", "pair_target", "plan_ranks", "target_of", "unspent_text",
+           "default_tie", "module_of", "one_lora_per_tied_weight", "one_side_only", "plan_ranks", "stack_flip", "target_of", "unspent_text",
            "why_not_target"]

@@ -1,7 +1,8 @@
 """Writing the adapter of a ``spectra extract`` run: ``adapter_model.safetensors`` streamed one module at a time
 from the scratch shard, and ``adapter_config.json`` (:mod:`spectra.io.peft_writer`).
 
-Modules are written as PEFT LoRA modules; biases and whole modules (norms, a task head) from ``not_lora``.
+Modules are written as PEFT LoRA modules; biases and whole modules (norms, a task head) from ``not_lora``; the
+experts of a 3-D stack together as one ``target_parameters`` LoRA of the stack (:func:`spectra.io.peft_writer.param_lora_layout`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from spectra.io.peft_writer import (
     adapter_config,
     lora_layout,
     lora_tensors,
+    param_depths,
+    param_lora_layout,
+    param_lora_tensors,
     saved_name,
     write_adapter,
 )
@@ -40,8 +44,12 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
     biases = {as_loaded(r["module"]): r["delta"] for r in not_lora if r.get("held") == "lora_bias"}
     full = {f"{as_loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
             for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
-    chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r]
+    chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r and not t.stack]
+    stacks = _stacks(src, ranks)
+    depths = param_depths(list(stacks))
     layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
+    layout += [e for p, (r, shape, _) in stacks.items() for e in param_lora_layout(p, r, len(stacks[p][2]), shape, depths[p],
+                                                                                    bias=bool(biases))]
     layout += [(saved_name(n), tuple(v.shape)) for n, v in full.items()]
 
     def tensors() -> Iterator[torch.Tensor]:
@@ -50,17 +58,41 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
             # lora_bias is one flag for every adapted module: zeros where the bias did not change
             bias = (biases.get(t.module, torch.zeros(t.shape[0])) if biases else None)
             yield from (x for _, x in lora_tensors(LoraFactors(t.module, B, A, t.embedding, bias)))
+        for r, shape, experts in stacks.values():  # one stack's factors at once (r·E·(out + in) values)
+            factors = [None if i is None else _peft_oriented(*run.load(i, r), flip=src.targets[i].flip) for i in experts]
+            yield from param_lora_tensors(factors, r, shape, bias=bool(biases))
         yield from full.values()
 
     adapted = {t.module: r for i, t, r in chosen}
-    groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]
+    groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]  # the stacks' rank among them
     # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
     all_modules = [as_loaded(n[: -len(".weight")].removeprefix(src.base_prefix)) for n in src.base.tensors if n.endswith(".weight")]
     cfg = adapter_config(adapted, all_modules=all_modules, base_model=src.base.label, task_type=src.task_type, rslora=config.rslora,
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
                          modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
-                         lora_bias=bool(biases), shared_rank=groups[0] if groups else None)
+                         lora_bias=bool(biases), shared_rank=groups[0] if groups else None, params=list(stacks))
     return layout, tensors(), cfg
+
+
+def _stacks(src: ExtractSource, ranks: list[int]) -> dict[str, tuple[int, tuple[int, int], list[int | None]]]:
+    """``{parameter path: (r, (out, in) in PEFT's orientation, target index of each expert or None)}`` of the 3-D stacks
+    adapted at ``ranks``: every expert of a stack shares the experts' rank (an unchanged one holds zero factors); an
+    expert no target holds (left out by --include, NaN or Inf) stays at zero."""
+    out: dict[str, tuple[int, tuple[int, int], list[int | None]]] = {}
+    for i, (t, r) in enumerate(zip(src.targets, ranks)):
+        if not (t.stack and r):
+            continue
+        shape = (t.shape[1], t.shape[0]) if t.flip else t.shape
+        r0, _, experts = out.setdefault(t.module, (r, shape, [None] * t.stack))
+        if r != r0:  # the plan ties every expert to one rank: a second rank is a bug, not an input
+            raise RuntimeError(f"{t.name}: rank {r} in a stack at rank {r0}")
+        experts[int(t.expert or 0)] = i
+    return out
+
+
+def _peft_oriented(B: torch.Tensor, A: torch.Tensor, *, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` of ΔW = B·A in spectra's ``(out, in)``, as PEFT's stack holds them: ``(Aᵀ, Bᵀ)`` where it holds ΔWᵀ."""
+    return (A.mT.contiguous(), B.mT.contiguous()) if flip else (B, A)
 
 
 def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
@@ -69,10 +101,14 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
     what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole)."""
     layout, tensors, cfg = adapter_files(src, run, ranks, config, not_lora)
     files = write_adapter(out, layout, tensors, cfg, dtype)
+    if stacked := cfg.get("target_parameters"):
+        result.warnings.append(f"{len(stacked)} 3-D expert stack(s) (e.g. {stacked[0]}) are written as PEFT target_parameters LoRAs, "
+                               "one per stack: PEFT >= 0.17 loads them; a serving engine may not (vLLM serves module LoRAs)")
     whole = {n: v for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}  # a module's records share them
     saved = sum(v.numel() for v in whole.values())
     result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
-                      "target_modules": cfg["target_modules"], "modules_to_save": cfg["modules_to_save"], "saved_params": saved,
+                      "target_modules": cfg["target_modules"], "target_parameters": cfg.get("target_parameters"),
+                      "modules_to_save": cfg["modules_to_save"], "saved_params": saved,
                       "lora_bias": cfg["lora_bias"], "fan_in_fan_out": cfg["fan_in_fan_out"], "task_type": cfg["task_type"],
                       "dtype": str(dtype).removeprefix("torch."), "bytes": sum(f.stat().st_size for f in files),
                       "tensors": len(layout)}

@@ -283,16 +283,23 @@ def append_record(path: Path, record: dict) -> None:
     and ``results.json`` writes them as null with a warning in any case).
 
     Raises:
-        OutputError: the file cannot be written; every line written before this one is kept.
+        OutputError: the file cannot be written; every line written before this one is kept, and the part of
+            this one that was written is cut off again (a full disk left ``{"kind": "full",`` for the next
+            record to be glued onto, and every reader stopped there).
     """
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            try:
-                line = result_json(record, indent=None)
-            except ValueError:  # a non-finite number (an overflowing update): null, as in results.json
-                line = result_json(finite_or_null(record), indent=None)
-            f.write(line + "\n")
+        line = result_json(record, indent=None)
+    except ValueError:  # a non-finite number (an overflowing update): null, as in results.json
+        line = result_json(finite_or_null(record), indent=None)
+    start = None
+    try:
+        with open(path, "ab") as f:
+            start = f.tell()
+            f.write((line + "\n").encode("utf-8"))
     except OSError as exc:
+        if start is not None:
+            with contextlib.suppress(OSError):
+                os.truncate(path, start)
         raise output_error(path, exc) from exc
 
 

@@ -100,13 +100,21 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
     A module ``m`` goes where its weight ``m.weight`` goes; a renamed weight that is not one of the
     model's own parameters (transformers would not load it there either) leaves ``m`` as stored.
     """
+    return adapter_renames(config, modules)[:2]
+
+
+def adapter_renames(config: Mapping[str, Any] | None, modules: Iterable[str],
+                    params: Iterable[str] = ()) -> tuple[dict[str, str], str | None, dict[str, str]]:
+    """:func:`load_renames` of ``modules`` and :func:`loaded_keys` of ``params`` (the parameters of a
+    ``target_parameters`` LoRA, which PEFT names as loaded too), from one meta-device model."""
     built = _loaded_model(config)
     if built is None:
-        return {}, None
+        return {}, None, {}
     transformers, model = built[:2]
     out = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _renamed(built, (f"{m}.weight" for m in modules)).items()
            if v.endswith(".weight")}
-    return out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None)
+    return (out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None),
+            _renamed(built, params))
 
 
 #: What WeightWatcher 0.7.7 calls a layer it analyses (``PyTorchLayer.layer_type``): the lowercased
@@ -162,4 +170,4 @@ def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> s
     return f"{source}: {what} names them as loaded, as PEFT matches them ({len(renames)} renamed, e.g. {old} → {new})"
 
 
-__all__ = ["loaded_keys", "load_renames", "renames_text"]
+__all__ = ["adapter_renames", "loaded_keys", "load_renames", "renames_text"]

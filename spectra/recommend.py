@@ -192,9 +192,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
         entry["parts"].append(m)
         entry["out"] += int(m["shape"][0])
-    # matrices the diff could not measure (NaN/Inf, a shape mismatch…): no rank to read, so not in the config either
+    # weight matrices the diff could not measure (NaN/Inf, overflow, a shape mismatch): no rank to read, so not in the
+    # config either (buffers and 1-D tensors are skipped too, and are no one's business here)
     unmeasured = [s for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("reason"), str)
-                  and "not a weight matrix" not in s["reason"] and not s["reason"].startswith("tied to")]
+                  and (any(w in s["reason"] for w in ("NaN or Inf", "overflow")) or s["reason"].startswith(("shape mismatch", "fused rows")))]
     if unmeasured:
         notes.append(f"{len(unmeasured)} matri{'ces' if len(unmeasured) > 1 else 'x'} the diff skipped {'are' if len(unmeasured) > 1 else 'is'} "
                      f"not in the config (e.g. {unmeasured[0].get('name')}: {unmeasured[0]['reason']})")
@@ -213,12 +214,13 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     _partial_fused(doc, whole, where)
     base_config = _base_config(doc)
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
-        tuned_config = _base_config(doc, "tuned")
-        task_type = head_task_type(tuned_config, base_config) or "CAUSAL_LM"
-        heads = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
-        if tuned_config is None and base_config is None and heads:  # moved models: CAUSAL_LM put the head under a LoRA
-            raise ConfigError(f"the results hold {heads[0]}, a classifier's task head, but neither the diff's tuned model nor its "
-                              "base has a config.json to read now (moved?): whether PEFT trains it whole cannot be told",
+        tuned_config, adapter = _base_config(doc, "tuned"), doc.get("adapter")
+        adapter_task = adapter.get("task_type") if isinstance(adapter, dict) else None  # a diff of an adapter: its own
+        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task) or "CAUSAL_LM"
+        head_like = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
+        if tuned_config is None and base_config is None and adapter is None and head_like:  # moved: CAUSAL_LM gave the head a LoRA
+            raise ConfigError(f"the results hold {head_like[0]}, a classifier's task head, but neither the diff's tuned model nor "
+                              "its base has a config.json to read now (moved?): whether PEFT trains it whole cannot be told",
                               hint="pass --task-type SEQ_CLS, TOKEN_CLS or QUESTION_ANS (the head trained whole), or CAUSAL_LM")
     # the task head PEFT trains whole under this task type (SEQ_CLS: classifier, score): no LoRA rank, no LoRA parameters
     heads = head_modules(task_type, [p + ".weight" for p in whole])
@@ -533,25 +535,32 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
 def _partial_fused(doc: dict, whole: dict[str, dict], where: Path | None) -> None:
     """Refuse a fused matrix (qkv_proj, c_attn, gate_up_proj) of which the diff measured only some parts (an --include
     or --exclude on part names, ``…qkv_proj.weight:q``): PEFT adapts the whole matrix, whose rank and LoRA parameters
-    those parts do not give (a budget was spent at the q part's price). Checked against the base's stored shape."""
+    those parts do not give (a budget was spent at the q part's price). Checked against the stored matrix's size in the
+    tuned checkpoint (the results' names are its names), else the base; with neither readable, the parts must be a
+    whole set (q, k, v; gate, up; k, v)."""
     split = {p: e for p, e in whole.items() if any(":" in m["name"] for m in e["parts"])}
     selection = doc.get("config") or {}
     if not split or not (selection.get("include") or selection.get("exclude")):
         return
-    base = _input_path(doc, "base")
-    try:
-        tensors = open_checkpoint(base).tensors if base else None  # the header only
-    except (OSError, ValueError, SpectraError):
-        tensors = None
+    headers = [_header(doc, side) for side in ("tuned", "base")]
     for path, e in split.items():
-        info = tensors.get(path + ".weight") if tensors is not None else None
-        if info is not None and math.prod(info.shape) == e["out"] * e["in"]:
+        names = (e["parts"][0]["name"].partition(":")[0], path + ".weight")  # the tuned name, the base's
+        sizes = [math.prod(h[n].shape) for h, n in zip(headers, names) if h is not None and n in h]
+        measured = [m["name"].rpartition(":")[2] for m in e["parts"]]
+        if sizes[0] == e["out"] * e["in"] if sizes else set(measured) in ({"q", "k", "v"}, {"gate", "up"}, {"k", "v"}):
             continue
-        measured = ", ".join(m["name"].rpartition(":")[2] for m in e["parts"])
-        raise ConfigError(f"the diff measured only part of the fused matrix {path} ({measured}"
-                          f"{'' if tensors is not None else '; its base cannot be read now to check the rest'}): PEFT adapts the "
-                          "whole matrix, whose rank and LoRA parameters those parts do not give", path=where,
+        raise ConfigError(f"the diff measured only part of the fused matrix {path} ({', '.join(measured)}): PEFT adapts the whole "
+                          "matrix, whose rank and LoRA parameters those parts do not give", path=where,
                           hint="rerun spectra diff with every part of it selected (an --include on the matrix's name), or with --no-split")
+
+
+def _header(doc: dict, side: str) -> dict[str, Any] | None:
+    """The tensors of the diff's ``side`` checkpoint (its header only), or None when it cannot be read now."""
+    where = _input_path(doc, side)
+    try:
+        return dict(open_checkpoint(where).tensors) if where else None
+    except (OSError, ValueError, SpectraError):
+        return None
 
 
 def _base_config(doc: dict, side: str = "base") -> dict | None:

@@ -300,13 +300,19 @@ def load_trace(path: str | Path) -> TraceResult:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsFormatError(f"cannot read trace.jsonl ({exc.__class__.__name__})", path=p) from None
-    records = []
-    for line in text.splitlines():
+    records, torn = [], []
+    lines = text.splitlines()
+    for i, line in enumerate(lines, start=1):
         try:
             records.append(parse_json(line.encode("utf-8"), path=p, what="a trace.jsonl line", error=ResultsFormatError))
         except ResultsFormatError:
-            break  # the last line of a training still running
-    return result_from_records(records, run=str(p.parent))
+            if i < len(lines):  # not the line a running training is writing: a write cut short (a full disk), then more
+                torn.append(i)
+    result = result_from_records(records, run=str(p.parent))
+    if torn:
+        result.warnings.append(f"trace.jsonl line(s) {', '.join(map(str, torn[:5]))} are not valid JSON (a write cut short, e.g. by a "
+                               "full disk): skipped, and the records after them read")
+    return result
 
 
 def _order(meta: dict[str, Any]) -> tuple:

@@ -58,11 +58,16 @@ def _read_state(folder: Path) -> tuple[dict | None, str]:
     return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")
 
 
+def _is_step(x: object) -> bool:
+    """A training step as the Trainer writes it: a whole number >= 0 (a negative one is a hand edit)."""
+    return is_int(x) and x >= 0  # type: ignore[operator]
+
+
 def _no_step(state: dict) -> str:
     """Why a ``trainer_state.json`` that was read gives no step, for a checkpoint's note."""
     if "global_step" not in state:
         return "trainer_state.json has no global_step"
-    return f"trainer_state.json's global_step is {json.dumps(state['global_step'])[:40]}, not an integer"
+    return f"trainer_state.json's global_step is {json.dumps(state['global_step'])[:40]}, not a step (a whole number >= 0)"
 
 
 def open_weights(ref_path: str | Path, kind: str | None = None) -> Checkpoint:
@@ -219,7 +224,7 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
 
     def how(folder: Path) -> str:  # a step its trainer_state.json gives is said, not called unknown
         state, _ = _read_state(folder)
-        if state is not None and is_int(state.get("global_step")):
+        if state is not None and _is_step(state.get("global_step")):
             return (f"step {state['global_step']} read from its trainer_state.json; only checkpoint-<step> folders are "
                     "traced from a run folder: list it with the checkpoints to include it")
         return ("its step is not known; to trace it, name it checkpoint-<step> or give it a trainer_state.json with its "
@@ -343,7 +348,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
                 skipped.append({"path": str(folder), "reason": f"cannot be read ({where}{exc.message})"})
                 continue
             step, source = n, "folder name"
-            if state is not None and is_int(state.get("global_step")):  # as for listed checkpoints
+            if state is not None and _is_step(state.get("global_step")):  # as for listed checkpoints
                 step, source = state["global_step"], "trainer_state"
                 if step != n:
                     note = f"the folder name says step {n}; trainer_state.json's global_step {step} is used"
@@ -370,7 +375,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
             m = CHECKPOINT_DIR.match(folder.name)
-            if state is not None and is_int(state.get("global_step")):
+            if state is not None and _is_step(state.get("global_step")):
                 step, source = state["global_step"], "trainer_state"
             elif m:
                 step, source = int(m.group(1)), "folder name"

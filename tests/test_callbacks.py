@@ -13,9 +13,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from spectra.callbacks import SpectraCallback, SpectraTracker, log_medians
+from spectra.callbacks import SpectraCallback, SpectraTracker
 from spectra.errors import ConfigError
 from spectra.trace import TraceConfig, load_trace, trace
+from spectra.tracker_logs import log_medians
 from tests.test_trace import trainer_run
 
 

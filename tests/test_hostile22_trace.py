@@ -61,7 +61,7 @@ def _full_run(root: Path, steps=(10, 20, 30)) -> tuple[Path, Path, dict[str, tor
 
 
 # ---- 1. a global_step that is no integer ---------------------------------------------------------------------
-@pytest.mark.parametrize("value", [True, "20", 20.5, None, "absent"])
+@pytest.mark.parametrize("value", [True, "20", 20.5, None, "absent", -3])
 def test_a_global_step_that_is_no_integer_gives_the_folder_names_step_with_a_note(tmp_path, value):
     """``"global_step": true`` was step 1 (a bool is an int in Python): the loss of step 1, ``"step": true`` in trace.json,
     which report and --resume then refused; ``"20"``, ``20.5``, ``null`` fell back to the folder name without a word."""
@@ -73,7 +73,7 @@ def test_a_global_step_that_is_no_integer_gives_the_folder_names_step_with_a_not
     else:
         doc["global_step"] = value
     state.write_text(json.dumps(doc))
-    spelled = "has no global_step" if value == "absent" else f"global_step is {json.dumps(value)}, not an integer"
+    spelled = "has no global_step" if value == "absent" else f"global_step is {json.dumps(value)}, not a step (a whole number >= 0)"
     for paths in ([str(run)], [str(run / f"checkpoint-{s}") for s in (10, 20, 30)]):  # a run folder; listed checkpoints
         res = trace(str(base), paths)
         steps = [c["step"] for c in res.checkpoints]

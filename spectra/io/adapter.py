@@ -268,14 +268,14 @@ class AdapterConfig:
         r, alpha = self.rank_alpha(module)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-    def untargeted(self, module: str, *, modules: bool = False) -> str | None:
+    def untargeted(self, module: str, *, module_loras: bool = False) -> str | None:
         """Why PEFT would not put a LoRA on ``module`` under this config, or None when it would.
 
         Follows ``peft.tuners.tuners_utils.check_target_module_exists``: ``exclude_modules`` first,
         then ``modules_to_save``, then ``target_modules`` (one regular expression matched against the
         whole name, or a list of names each matching the name or a dotted suffix), then
         ``layers_to_transform``. With ``target_modules`` absent (PEFT's per-architecture default,
-        which the saved config does not record) or ``target_parameters`` set (unless ``modules``: PEFT's
+        which the saved config does not record) or ``target_parameters`` set (unless ``module_loras``: PEFT's
         module LoRAs alone), nothing is excluded by it.
 
         Raises:
@@ -289,7 +289,7 @@ class AdapterConfig:
             if _guard(self.source, "modules_to_save", component_match, entry, module):
                 return f"{module} is in modules_to_save (trained whole, never with a LoRA)"
         tm = self.target_modules
-        if tm is None or (self.target_parameters and not modules):
+        if tm is None or (self.target_parameters and not module_loras):
             return None
         if isinstance(tm, str):
             if tm.lower() == "all-linear" or _guard(self.source, "target_modules", full_match, tm, module):

@@ -110,7 +110,7 @@ class _Targets(Protocol):
     target_modules: str | tuple[str, ...] | None
     target_parameters: tuple[str, ...] | None
 
-    def untargeted(self, module: str, *, modules: bool = False) -> str | None: ...
+    def untargeted(self, module: str, *, module_loras: bool = False) -> str | None: ...
 
 
 def param_lora(ckpt: Checkpoint, config: _Targets, module: str, kinds: dict[str, str], weights: Path) -> ParamLora | None:
@@ -122,8 +122,10 @@ def param_lora(ckpt: Checkpoint, config: _Targets, module: str, kinds: dict[str,
         return None
     tm = config.target_modules
     # a bare entry ("gate_up_proj") ends every module's path, but PEFT wraps only parameters a module holds: a Linear
-    # that target_modules names is adapted as a module (its keys never nest base_layer); all-linear names no module
-    if depth == 0 and tm is not None and str(tm).lower() != "all-linear" and config.untargeted(unwrapped_module, modules=True) is None:
+    # that target_modules names is adapted as a module (its keys never nest base_layer). "all-linear" (which PEFT
+    # saves expanded) would name the experts module too by this test, which cannot tell a Linear by its name
+    all_linear = isinstance(tm, str) and tm.lower() == "all-linear"
+    if depth == 0 and tm is not None and not all_linear and config.untargeted(unwrapped_module, module_loras=True) is None:
         return None
     if set(kinds) != {"lora_A", "lora_B"}:
         raise CheckpointFormatError(f"the target_parameters LoRA of {unwrapped_module} holds {', '.join(sorted(kinds))}; "

@@ -10,7 +10,12 @@ PEFT's on-disk names (the definitions document, "LoRA adapters"; ``peft.utils.sa
 - an embedding ``M``: ``base_model.model.M.lora_embedding_A`` ``(r, vocab)`` and
   ``…lora_embedding_B`` ``(dim, r)`` (no ``.weight``), with ``ΔW = s·(B·A)ᵀ`` ``(vocab, dim)``;
 - ``lora_bias``: ``base_model.model.M.lora_B.bias`` ``(out,)``, added to the bias times s on merge;
-- ``modules_to_save`` entry ``M``: each of its tensors whole, ``base_model.model.M.weight`` / ``.bias``.
+- ``modules_to_save`` entry ``M``: each of its tensors whole, ``base_model.model.M.weight`` / ``.bias``;
+- a parameter ``M.p`` of ``E`` experts (``target_parameters``, PEFT >= 0.17): ``base_model.model.M.lora_A.weight``
+  ``(r·E, in)`` and ``…lora_B.weight`` ``(out, r·E)``, expert e's update ``s·B[:, e::E]·A[e·r:(e+1)·r]`` (PEFT's
+  ``ParamWrapper``: A reshaped to ``(E, r, in)``, B to ``(out, r, E)``), in the stored matrix's orientation or its
+  transpose where the experts module says ``is_transposed``. Several parameters of one module nest: the keys of a
+  parameter carry one ``.base_layer`` per parameter of that module wrapped after it (:func:`param_depths`).
 
 Ranks and alphas: ``r`` and ``lora_alpha`` are the most common rank (or the rank every tied module
 must share, see :func:`adapter_config`), and every other module gets its own through
@@ -104,6 +109,54 @@ def lora_layout(module: str, r: int, shape: tuple[int, int], *, embedding: bool 
         return [(f"{_PREFIX}{module}.lora_embedding_A", (r, out_dim)), (f"{_PREFIX}{module}.lora_embedding_B", (in_dim, r))]
     return [(f"{_PREFIX}{module}.lora_A.weight", (r, in_dim)), (f"{_PREFIX}{module}.lora_B.weight", (out_dim, r))] + (
         [(f"{_PREFIX}{module}.lora_B.bias", (out_dim,))] if bias else [])
+
+
+def param_depths(params: Iterable[str]) -> dict[str, int]:
+    """``{parameter path: its keys' base_layer depth}`` for the ``target_parameters`` LoRAs of ``params``: PEFT wraps a
+    module's parameters in their registration order, each wrapper around the last, so the first wrapped is the deepest.
+    Every experts module of transformers >= 5 (Mixtral, gpt-oss, Llama-4, Qwen2/3-MoE, OLMoE, PhiMoE, GraniteMoE, MiniMax,
+    Qwen3-Next) registers ``gate_up_proj`` before ``down_proj``: a ``down`` parameter is taken as registered last.
+
+    >>> param_depths(["m.experts.down_proj", "m.experts.gate_up_proj", "n.experts.gate_up_proj"])
+    {'m.experts.down_proj': 0, 'm.experts.gate_up_proj': 1, 'n.experts.gate_up_proj': 0}
+    """
+    by_module: dict[str, list[str]] = {}
+    for p in params:
+        by_module.setdefault(p.rpartition(".")[0], []).append(p)
+    depths = {}
+    for group in by_module.values():
+        ordered = sorted(group, key=lambda q: ("down" in q.rpartition(".")[2], q))
+        depths.update({q: len(ordered) - 1 - i for i, q in enumerate(ordered)})
+    return {p: depths[p] for p in params}
+
+
+def param_lora_layout(param: str, r: int, experts: int, shape: tuple[int, int], depth: int, *,
+                      bias: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the ``target_parameters`` LoRA of parameter ``param`` (``module.name``) of ``experts``
+    experts, each ``shape`` ``(out, in)`` in PEFT's orientation, at rank r (module docstring).
+
+    >>> param_lora_layout("m.experts.gate_up_proj", 2, 3, (8, 4), 1)
+    [('base_model.model.m.experts.base_layer.lora_A.weight', (6, 4)), ('base_model.model.m.experts.base_layer.lora_B.weight', (8, 6))]
+    """
+    stem = f"{_PREFIX}{param.rpartition('.')[0]}{'.base_layer' * depth}"
+    return [(f"{stem}.lora_A.weight", (r * experts, shape[1])), (f"{stem}.lora_B.weight", (shape[0], r * experts))] + (
+        [(f"{stem}.lora_B.bias", (shape[0],))] if bias else [])
+
+
+def param_lora_tensors(factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None], r: int, shape: tuple[int, int],
+                       *, bias: bool = False) -> list[torch.Tensor]:
+    """The tensors of :func:`param_lora_layout`: ``factors[e]`` is expert e's ``(B (out, r), A (r, in))`` in PEFT's
+    orientation, or None for an expert left at zero (B = 0: no update). A is ``(r·E, in)`` with expert e's rows
+    ``e·r…(e+1)·r``; B ``(out, r·E)`` with its columns ``e, e + E, …`` (PEFT's interleave); a bias is zero."""
+    experts = len(factors)
+    first = next((f for f in factors if f is not None), None)
+    dtype = first[0].dtype if first is not None else torch.float32
+    A = torch.zeros(r * experts, shape[1], dtype=dtype)
+    B = torch.zeros(shape[0], r * experts, dtype=dtype)
+    for e, f in enumerate(factors):
+        if f is not None:
+            B[:, e::experts], A[e * r:(e + 1) * r] = f[0], f[1]
+    return [A, B] + ([torch.zeros(shape[0], dtype=dtype)] if bias else [])
 
 
 def saved_name(name: str) -> str:
@@ -248,7 +301,8 @@ def task_type_for(config: Mapping[str, Any] | None) -> str | None:
 
 def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base_model: str | None,
                    task_type: str | None, rslora: bool = False, fan_in_fan_out: bool = False,
-                   modules_to_save: Sequence[str] = (), lora_bias: bool = False, shared_rank: int | None = None) -> dict[str, Any]:
+                   modules_to_save: Sequence[str] = (), lora_bias: bool = False, shared_rank: int | None = None,
+                   params: Sequence[str] = ()) -> dict[str, Any]:
     """``adapter_config.json`` for modules adapted at ``ranks`` (module path -> r > 0), each at scale 1.
 
     Args:
@@ -264,8 +318,9 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
         shared_rank: the global ``r`` when some modules must take it (per-expert MoE matrices that
             transformers ≥ 5 fuses on load: PEFT converts such adapters at the global r only);
             default the most common rank (ties: the larger).
+        params: parameter paths adapted through ``target_parameters`` (3-D expert stacks), each at ``shared_rank``.
     """
-    if not ranks:
+    if not ranks and not (params and shared_rank):
         raise ValueError("ranks must name at least one adapted module. Got none instead.")
     if shared_rank is None:
         counts = Counter(ranks.values())
@@ -287,6 +342,7 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
         "use_rslora": bool(rslora),
         "target_modules": targets,
         **({"exclude_modules": excluded} if excluded else {}),  # only when needed: PEFT < 0.14 has no such field
+        **({"target_parameters": sorted(params)} if params else {}),  # PEFT >= 0.17 only: written when there are some
         "rank_pattern": pattern,
         "alpha_pattern": {m: alpha(r) for m, r in pattern.items()},
         "fan_in_fan_out": bool(fan_in_fan_out),
@@ -316,5 +372,5 @@ def write_adapter(out_dir: str | Path, layout: Sequence[tuple[str, tuple[int, ..
 
 
 __all__ = ["PEFT_TASK_TYPES", "TASK_TYPES", "LoraFactors", "adapter_config", "check_task_type", "lora_layout", "lora_tensors",
-           "saved_name", "target_modules", "exclude_modules", "rank_pattern_keys", "pattern_key", "task_type_for", "write_adapter",
-           "write_safetensors"]
+           "param_depths", "param_lora_layout", "param_lora_tensors", "saved_name", "target_modules", "exclude_modules",
+           "rank_pattern_keys", "pattern_key", "task_type_for", "write_adapter", "write_safetensors"]

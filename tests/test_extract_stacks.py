@@ -1,0 +1,162 @@
+"""``spectra extract`` of 3-D expert stacks (gpt-oss, Llama-4, GraniteMoE, Mixtral saved as loaded): each expert a
+target, each stack written as PEFT's ``target_parameters`` LoRA. The reference: PEFT's own load and merge of the written
+adapter in float64 against each expert's float64 best rank-r truncation (Eckart–Young)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from spectra import diff
+from spectra.extract import extract
+from spectra.extract_plan import ExtractConfig
+from spectra.io.peft_writer import param_depths, param_lora_layout, param_lora_tensors
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+_E = 3
+
+
+def _model(kind: str):
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  num_local_experts=_E)
+    if kind == "gpt_oss":  # experts stored (E, in, out), is_transposed
+        return transformers.GptOssForCausalLM(transformers.GptOssConfig(**common, num_experts_per_tok=2, head_dim=8))
+    if kind == "llama4":  # stored (E, in, out) without is_transposed
+        return transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**common, intermediate_size_mlp=48, head_dim=8))
+    if kind == "granitemoe":  # on disk input_linear.weight / output_linear.weight, loaded as experts.gate_up_proj / down_proj
+        return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(**common, num_experts_per_tok=2))
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**common, num_experts_per_tok=2))
+
+
+@pytest.fixture(scope="module", params=["gpt_oss", "llama4", "granitemoe", "mixtral"])
+def stacked(request, tmp_path_factory):
+    """``base``/``tuned`` folders of a tiny MoE whose stacks moved by rank-3 updates plus noise, every other matrix by a
+    rank-2 one; ``delta``: the loaded names' float64 ΔW. Mixtral is saved as loaded (3-D stacks on disk)."""
+    kind, root = request.param, tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _model(kind)
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 3:
+                    E, a, b = p.shape
+                    p.add_(0.05 * torch.randn(E, a, 3, generator=g) @ torch.randn(E, 3, b, generator=g) + 1e-3 * torch.randn(E, a, b, generator=g))
+                elif p.ndim == 2 and p.shape[0] != 64:  # not the embedding or head
+                    p.add_(0.05 * torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
+        after = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if kind == "mixtral":  # transformers 5 saves Mixtral per expert; a checkpoint of the loaded layout has 3-D stacks
+            for name, sd in (("base", before), ("tuned", after)):
+                (root / name).mkdir()
+                save_file({k: v.contiguous() for k, v in sd.items()}, str(root / name / "model.safetensors"), metadata={"format": "pt"})
+                model.config.save_pretrained(root / name)
+        else:
+            model.load_state_dict(before)
+            model.save_pretrained(root / "base")
+            model.load_state_dict(after)
+            model.save_pretrained(root / "tuned")
+    return {"kind": kind, "root": root, "cls": type(model), "delta": {k: (after[k].double() - before[k].double()) for k in before},
+            "base": before}
+
+
+def _truncated(d: torch.Tensor, r: int) -> torch.Tensor:
+    U, S, Vh = torch.linalg.svd(d)
+    return (U[:, :r] * S[:r]) @ Vh[:r]
+
+
+def _merged(st, folder) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = st["cls"].from_pretrained(st["root"] / "base", dtype=torch.float64)
+        return peft.PeftModel.from_pretrained(base, folder).merge_and_unload().state_dict()
+
+
+def test_each_expert_merges_to_its_best_rank_r_truncation(stacked, tmp_path):
+    res = extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
+    stacks = [k for k, v in stacked["delta"].items() if v.ndim == 3]
+    assert sorted(cfg["target_parameters"]) == sorted(stacks) and cfg["r"] == 2
+    assert any("target_parameters LoRAs" in w for w in res.warnings)
+    merged = _merged(stacked, tmp_path / "x")
+    # each stack's experts, and each matrix extracted as a module LoRA (the router, embedding and head are not)
+    modules = [m["name"] for m in res.modules if m.get("expert") is None and m["name"] in stacked["delta"]]
+    assert modules
+    for k in stacks + modules:
+        d, got = stacked["delta"][k], merged[k].double() - stacked["base"][k].double()
+        for e in range(_E) if d.ndim == 3 else [None]:
+            want, part = (_truncated(d[e], 2), got[e]) if e is not None else (_truncated(d, 2), got)
+            torch.testing.assert_close(part, want, rtol=0, atol=2e-7 * float(want.abs().max()), msg=f"{k} expert {e}")
+    # the records: one per expert, named as spectra diff names them, energy kept as the float64 spectrum says
+    recs = {m["name"]: m for m in res.modules}
+    for k in stacks:
+        for e in range(_E):
+            rows = [m for n, m in recs.items() if f":e{e}" in n and (n.startswith(k) or m["module"] == k)]
+            assert rows, (k, e, list(recs)[:6])
+    one = next(m for m in res.modules if m.get("expert") is not None)
+    d = stacked["delta"][next(k for k in stacks if k == one["module"] or one["name"].startswith(k))][one["expert"]]
+    d = d if d.shape == tuple(one["shape"]) else d.mT
+    s = torch.linalg.svdvals(d)
+    assert one["energy_kept"] == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-6)
+
+
+def test_the_written_adapter_reads_back_as_the_truncated_update(stacked, tmp_path):
+    extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "x", config=ExtractConfig(rank=3), plots=False)
+    back = diff(stacked["root"] / "base", tmp_path / "x")
+    stacks = {k: v for k, v in stacked["delta"].items() if v.ndim == 3}
+    norms = [m.fro_norm for m in back.modules if m.expert is not None]
+    want = [float(torch.linalg.matrix_norm(_truncated(d[e], 3))) for d in stacks.values() for e in range(_E)]
+    # gate and up are read back as parts of the fused stack: compare the sums of squares
+    assert sum(x * x for x in norms) == pytest.approx(sum(x * x for x in want), rel=1e-5)
+
+
+def test_a_budget_is_kept_as_peft_counts_it(stacked, tmp_path):
+    res = extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "b", config=ExtractConfig(budget="4000"), plots=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = stacked["cls"].from_pretrained(stacked["root"] / "base")
+        pm = peft.PeftModel.from_pretrained(base, tmp_path / "b")
+    count = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+    assert count == res.totals["params"] <= 4000
+    ranks = {m["rank"] for m in res.modules if m.get("expert") is not None}
+    assert len(ranks) == 1  # every expert at the stack's one rank
+
+
+def test_resume_of_an_interrupted_stack_run_writes_the_same_adapter(stacked, tmp_path):
+    if stacked["kind"] != "gpt_oss":
+        pytest.skip("one architecture is enough for the journal")
+    config = ExtractConfig(budget="4000")
+    seen = []
+
+    def stop(ev):
+        seen.append(ev.name)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "run", config=config, callback=stop, plots=False)
+    extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "run", config=config, resume=True, plots=False)
+    extract(stacked["root"] / "base", stacked["root"] / "tuned", tmp_path / "fresh", config=config, plots=False)
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("run", "fresh"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-8)
+
+
+def test_param_layout_interleaves_b_and_nests_the_parameter_wrapped_first():
+    # PEFT's ParamWrapper: expert e's update is B[:, e::E] @ A[e*r:(e+1)*r]; gate_up_proj is registered before down_proj
+    assert param_depths(["m.experts.gate_up_proj", "m.experts.down_proj"]) == {"m.experts.gate_up_proj": 1, "m.experts.down_proj": 0}
+    g = torch.Generator().manual_seed(0)
+    factors = [(torch.randn(5, 2, generator=g), torch.randn(2, 4, generator=g)) for _ in range(3)]
+    A, B = param_lora_tensors([factors[0], None, factors[2]], 2, (5, 4))
+    for e in (0, 2):
+        torch.testing.assert_close(B[:, e::3] @ A[e * 2:(e + 1) * 2], factors[e][0] @ factors[e][1])
+    assert not B[:, 1::3].any()
+    assert [s for _, s in param_lora_layout("m.experts.down_proj", 2, 3, (5, 4), 0)] == [(6, 4), (5, 6)]
