@@ -61,6 +61,7 @@ from spectra.io.paths import (
     FileStamp,
     allowed_roots,
     check_inside,
+    check_unchanged,
     checkpoint_location,
     file_kind,
     hub_cache_hint,
@@ -215,7 +216,9 @@ class Checkpoint:
             tensor = state[name]
         except KeyError:
             raise CheckpointFormatError("tensor vanished from the file since it was opened", path=info.file, tensor=name) from None
-        return tensor.clone()  # the cached state dict is shared (and mapped): callers get their own copy
+        copy = tensor.clone()  # the cached state dict is shared (and mapped): callers get their own copy
+        check_unchanged(info.file, info.stamp, os.stat(info.file), tensor=name)  # rewritten under the mapped copy: mixed bytes
+        return copy
 
     def reads_rows(self, name: str) -> bool:
         """Whether :meth:`load_rows` can read ``name`` a block of rows at a time (a safetensors tensor with

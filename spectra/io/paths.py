@@ -159,14 +159,15 @@ def check_inside(path: str | os.PathLike[str], roots: tuple[Path, ...], *, what:
                 hint="spectra reads only files inside the folder it is given; copy the file into the folder")
 
 
-#: What identifies the bytes of a file: ``(st_dev, st_ino, st_size, st_mtime_ns)``. A file replaced
-#: (a new inode) or rewritten in place (new size or mtime) since its header was read no longer matches.
-FileStamp = tuple[int, int, int, int]
+#: What identifies the bytes of a file: ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``. A file replaced
+#: (a new inode) or rewritten in place (new size, mtime or change time: ``cp -p`` or ``rsync -t`` restore the mtime
+#: of a file rewritten in place, never its ctime) since its header was read no longer matches.
+FileStamp = tuple[int, int, int, int, int]
 
 
 def file_stamp(st: os.stat_result) -> FileStamp:
     """The :data:`FileStamp` of a ``stat`` / ``fstat`` result."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def check_unchanged(path: str | os.PathLike[str], stamp: FileStamp | None, now: os.stat_result | FileStamp, *,

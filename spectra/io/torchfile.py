@@ -281,6 +281,8 @@ def read_state_dict(path: Path) -> LoadedState:
     if sniffed is not None:
         raise CheckpointFormatError(sniffed[0], path=path, hint=sniffed[1])
     zipped = head.startswith(_ZIP_MAGIC)
+    if zipped:
+        _check_pickle(path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what counts
             warnings.simplefilter("ignore")
@@ -334,6 +336,26 @@ class _StorageScan(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Inert):
             self.storages.append((str(pid[2]), pid[1].name, int(pid[4])))
         return _Inert()
+
+
+#: The largest ``data.pkl`` read: ``torch.save`` writes about 100 bytes per tensor (a megabyte for ten thousand).
+MAX_PICKLE_BYTES = 64 << 20
+
+
+def _check_pickle(path: Path) -> None:
+    """Refuse, from the zip's directory alone, a ``data.pkl`` that ``torch.save`` cannot have written: compressed (it
+    stores every record) or above :data:`MAX_PICKLE_BYTES`: a 2 MB file whose deflated pickle held a 2 GB string took
+    8 GB of memory in ``torch.load`` before it was refused as no state dict."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return  # torch.load says what is wrong with it
+    if pkl is not None and (pkl.compress_type != zipfile.ZIP_STORED or pkl.file_size > MAX_PICKLE_BYTES):
+        what = "is compressed" if pkl.compress_type != zipfile.ZIP_STORED else f"holds {pkl.file_size:,} bytes"
+        raise CheckpointFormatError(f"{pkl.filename} {what}: torch.save writes its pickle stored and small (a state dict's is "
+                                    f"under {MAX_PICKLE_BYTES >> 20} MiB), so this is no checkpoint it saved", path=path,
+                                    hint="load it with torch.load where that is safe and save the state dict as safetensors")
 
 
 def _check_records(path: Path) -> None:
