@@ -183,6 +183,9 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             continue
         note = "; ".join(x for x in (spec.note, task.pair.note) if x)
         if len(shape := task.pair.tuned_info.shape) == 3:  # each expert a target, the stack one target_parameters LoRA
+            if len(task.units) != shape[0]:  # PEFT's LoRA of a stack adapts every expert: the rest would be zeros, paid for
+                raise ConfigError(f"--include/--exclude select {len(task.units)} of the {shape[0]} experts of {spec.name}: PEFT's "
+                                  "target_parameters LoRA adapts every expert of a stack", hint="select the stack whole, or none of it")
             param, flip = task.pair.base.name.removeprefix(base_prefix), stack_flip(spec, base.arch.model_type or tuned_ckpt.arch.model_type)
             targets += [target_of(u.order, spec, param, u.shape, base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
                                   note=note, unit=(u.name, int(u.expert or 0), int(shape[0]), flip)) for u in task.units]
@@ -205,7 +208,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
         floating = info is not None and info.dtype in FLOAT_DTYPES
         one_dim = floating and len(info.shape) == 1
-        other = floating and len(info.shape) not in (1, 2) and not mismatched  # 0-D, a conv's 4-D…
+        other = floating and (len(info.shape) not in (1, 2) or s.reason.startswith("per-expert bias")) and not mismatched  # 0-D, 4-D, (E, out)
         if not (mismatched or one_dim or other):
             continue
         bn = base_by_key.get(s.name) or _same_key(base, s.name)
@@ -215,7 +218,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             # listed (as spectra diff lists it) when fine-tuning changed it: LoRA cannot hold it
             fro, base_fro = pair_norms(base, bn, tuned_ckpt, s.name, None)
             if fro != 0.0:
-                left.append(((s.name, tuple(info.shape), fro, base_fro), f"{s.reason}: LoRA adapts 2-D weights only"))
+                left.append(((s.name, tuple(info.shape), fro, base_fro), f"{s.reason}: LoRA adapts weight matrices only"))
         elif one_dim and bn is not None:
             one_d.append((s.name, bn))
     return ExtractSource("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,

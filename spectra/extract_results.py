@@ -504,6 +504,8 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
              "fro_norm": None, "base_fro_norm": None, "rel_norm": None} for i in skipped]
     not_extracted = not_extracted + left
     keep = [i for i in range(len(src.targets)) if not spectra[i].get("skipped")]
+    # a stack is written whole (one target_parameters LoRA): an expert skipped here (NaN/Inf) is stored at its rank, as zeros
+    zeros = sum(ranks[i] * src.targets[i].cost for i in skipped if src.targets[i].stack)
     targets, ranks = [src.targets[i] for i in keep], [ranks[i] for i in keep]
     spectra = dict(enumerate(spectra[i] for i in keep))
     bytes_per = torch.empty(0, dtype=dtype).element_size()
@@ -523,7 +525,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         tail = sum(tail_share(spectra[i], r, t.p) * e for i, (t, r, e) in enumerate(zip(targets, rs, totals_e)))
         return math.sqrt(min(1.0, tail / energy)) if energy > 0 else 0.0
 
-    params = sum(m["params"] for m in mods)
+    params = sum(m["params"] for m in mods) + zeros
     # the counts, medians and the dense update's size are of the updates there are: an unchanged matrix
     # (energy kept 1.0 at rank 0) or one at the rounding level would pass for a module the adapter holds
     live = [m["changed"] for m in mods]

@@ -160,3 +160,60 @@ def test_param_layout_interleaves_b_and_nests_the_parameter_wrapped_first():
         torch.testing.assert_close(B[:, e::3] @ A[e * 2:(e + 1) * 2], factors[e][0] @ factors[e][1])
     assert not B[:, 1::3].any()
     assert [s for _, s in param_lora_layout("m.experts.down_proj", 2, 3, (5, 4), 0)] == [(6, 4), (5, 6)]
+
+
+# ---- the probe of the feature -----------------------------------------------------------------------------------
+def _gpt_oss_pair(root, change):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _model("gpt_oss")
+        model.save_pretrained(root / "base")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                change(n, p)
+        model.save_pretrained(root / "tuned")
+    return type(model)
+
+
+def _low_rank(n, p):
+    if p.ndim == 3:
+        p.add_(0.05 * torch.randn(p.shape[0], p.shape[1], 2) @ torch.randn(p.shape[0], 2, p.shape[2]))
+
+
+def test_a_selection_of_some_experts_of_a_stack_is_refused(tmp_path):
+    # --include ':e1' wrote every expert (zeros for the others) but counted one: 920 parameters said, 2760 loaded (budget 1000)
+    from spectra.errors import ConfigError
+
+    _gpt_oss_pair(tmp_path, _low_rank)
+    with pytest.raises(ConfigError, match=r"select 1 of the 3 experts of .*experts\.(down|gate_up)_proj: PEFT's target_parameters"):
+        extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", config=ExtractConfig(budget="1000", include=":e1"), plots=False)
+
+
+def test_an_expert_with_nan_is_written_as_zeros_and_counted(tmp_path):
+    # the NaN expert's zero factors are in the file at the stack's rank: extract.json said 1184 where PEFT loads 1552
+    def change(n, p):
+        _low_rank(n, p)
+        if n.endswith("experts.down_proj"):
+            p[1, 0, 0] = float("nan")
+
+    cls = _gpt_oss_pair(tmp_path, change)
+    res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    assert any("down_proj" in r["name"] and "NaN" in r["reason"] for r in res.not_extracted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "base"), tmp_path / "x")
+    assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == res.totals["params"]
+
+
+def test_a_changed_per_expert_bias_is_listed_as_not_extracted(tmp_path):
+    # gpt-oss's experts.gate_up_proj_bias (E, 2I) changed: in neither not_extracted nor not_lora, no word
+    def change(n, p):
+        _low_rank(n, p)
+        if n.endswith("gate_up_proj_bias"):
+            p.add_(0.1)
+
+    _gpt_oss_pair(tmp_path, change)
+    res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    left = {r["name"]: r["reason"] for r in res.not_extracted}
+    assert left.get("model.layers.0.mlp.experts.gate_up_proj_bias", "").startswith("per-expert bias"), left
