@@ -76,8 +76,8 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
 
 def _stacks(src: ExtractSource, ranks: list[int]) -> dict[str, tuple[int, tuple[int, int], list[int | None]]]:
     """``{parameter path: (r, (out, in) in PEFT's orientation, target index of each expert or None)}`` of the 3-D stacks
-    adapted at ``ranks``: every expert of a stack shares the experts' rank (an unchanged one holds zero factors); an
-    expert no target holds (left out by --include, NaN or Inf) stays at zero."""
+    adapted at ``ranks``: every expert of a stack shares the experts' rank; an unchanged one, or one skipped for NaN or
+    Inf, holds zero factors (:meth:`spectra.extract_io.ExtractRun.load` pads them; None here when its rank is 0)."""
     out: dict[str, tuple[int, tuple[int, int], list[int | None]]] = {}
     for i, (t, r) in enumerate(zip(src.targets, ranks)):
         if not (t.stack and r):

@@ -520,11 +520,9 @@ def _as_base_names(doc: dict, whole: dict[str, dict]) -> tuple[dict[str, dict], 
     base = _input_path(doc, "base")
     if base is None:
         return whole, None
-    try:
-        names = list(open_checkpoint(base).tensors)  # the header only
-    except (OSError, ValueError, SpectraError):
+    if (header := _header(doc, "base")) is None:
         return whole, base
-    by_key = unique_pairing_keys(names)
+    by_key = unique_pairing_keys(list(header))
     renamed = {p: (by_key.get(pairing_key(p + ".weight")) or p + ".weight")[: -len(".weight")] for p in whole}
     renamed = {p: p if b.endswith("." + p) else b for p, b in renamed.items()}
     if len(set(renamed.values())) != len(renamed):  # two results paths on one base module: leave them
@@ -547,7 +545,8 @@ def _partial_fused(doc: dict, whole: dict[str, dict], where: Path | None) -> Non
         names = (e["parts"][0]["name"].partition(":")[0], path + ".weight")  # the tuned name, the base's
         sizes = [math.prod(h[n].shape) for h, n in zip(headers, names) if h is not None and n in h]
         measured = [m["name"].rpartition(":")[2] for m in e["parts"]]
-        if sizes[0] == e["out"] * e["in"] if sizes else set(measured) in ({"q", "k", "v"}, {"gate", "up"}, {"k", "v"}):
+        whole_set = (sizes[0] == e["out"] * e["in"]) if sizes else set(measured) in ({"q", "k", "v"}, {"gate", "up"}, {"k", "v"})
+        if whole_set:
             continue
         raise ConfigError(f"the diff measured only part of the fused matrix {path} ({', '.join(measured)}): PEFT adapts the whole "
                           "matrix, whose rank and LoRA parameters those parts do not give", path=where,
