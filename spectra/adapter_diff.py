@@ -427,6 +427,22 @@ def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: Diff
     return run_fingerprint(base if base is not None else files, files, config)
 
 
+def merged_skips(skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``{"name", "reason"}`` records with one per name, in first-seen order, the reasons of a name's repeats joined by
+    "; " (a matrix each input leaves out: counted once, both reasons said).
+
+    >>> merged_skips([{"name": "a", "reason": "A: x"}, {"name": "b", "reason": "y"}, {"name": "a", "reason": "B: z"}])
+    [{'name': 'a', 'reason': 'A: x; B: z'}, {'name': 'b', 'reason': 'y'}]
+    """
+    out: dict[str, dict[str, str]] = {}
+    for s in skipped:
+        if (seen := out.get(s["name"])) is None:
+            out[s["name"]] = dict(s)
+        elif s["reason"] not in seen["reason"].split("; "):
+            seen["reason"] = f"{seen['reason']}; {s['reason']}"
+    return list(out.values())
+
+
 def saved_skips(adapter: Adapter, base: Checkpoint | None) -> list[tuple[str, str, int | None]]:
     """``(name, reason, layer)`` of each tensor ``adapter`` stores outside its LoRA factors, for the
     commands that measure LoRA updates only (compare, trace, interfere): a matrix saved whole

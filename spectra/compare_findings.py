@@ -150,7 +150,7 @@ def _warnings(result: CompareResult) -> list[Finding]:
                            "rounding noise.", warning=True, numbers={"unresolved": len(unresolved), "by_side": dict(which)}))
     if result.skipped:
         reasons = Counter(s["reason"] for s in result.skipped)
-        listed = "; ".join(display_name(r, 120) for r in list(reasons)[:3]) + ("; …" if len(reasons) > 3 else "")
+        listed = "; ".join(display_name(r, 300) for r in list(reasons)[:3]) + ("; …" if len(reasons) > 3 else "")
         out.append(Finding("skipped", f"{len(result.skipped)} modules were not compared: {listed}. They are listed with "
                            "their reason in compare.json (\"skipped\").", warning=True,
                            numbers={"skipped": len(result.skipped)}))
@@ -194,8 +194,13 @@ def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
     ratio = _median(over) if over else float("inf")  # each module against its own baseline
     below = len(ms) >= PHI_BELOW_MIN and min(min(m.rank_a, m.rank_b) for m in ms) >= PHI_BELOW_MIN
     vectors = "input (right" if side == "right" else "output (left"
+    words = phi_words(ratio, below)
+    if phi >= 1 - 1e-6:  # its largest value: beside a baseline above 1/3 the ratio (≤ 1/baseline) read "somewhat more than chance"
+        inside = (f"φ is at its largest value, 1, in {sum(m.phi[side].phi_full >= 1 - 1e-6 for m in ms)} of {len(ms)} modules "
+                  "(the smaller subspace lies inside the other)")
+        words = f"as much as φ can show: {inside}" if ratio < PHI_WORDS[2][0] else f"{words} ({inside})"
     text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {phi:.3g} against its random baseline {rand:.3g} "
-            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {phi_words(ratio, below)}; "
+            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {words}; "
             "φ exceeds twice its baseline in "
             f"{above} of {len(ms)} modules" + (f"; {fill}, and they are left out of these medians." if blind else "."))
     return Finding("phi", text, numbers={"side": side, "median_phi": phi, "median_random": rand, "ratio": ratio,

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips, tied_compare_notes
+from spectra.adapter_diff import adapter_updates, merged_skips, recorded_base_warning, saved_skips, tied_compare_notes
 from spectra.compare_findings import input_warnings
 from spectra.compare_records import (
     SCHEMA,
@@ -565,10 +565,10 @@ def compare(
     # an adapter's tensors stored whole are no LoRA update: listed with the reason, not dropped or called one-sided
     result.skipped += [{"name": name, "reason": f"{who} ({side.label}): {why}"} for who, side in (("A", A), ("B", B))
                        for name, why, layer in side.saved.values() if keep(name, layer)]
-    # a 3-D expert stack has no single subspace per module: listed, not dropped without a word
-    result.skipped += [{"name": sp.name, "reason": "3-D expert stack: compare measures 2-D matrices only "
+    result.skipped += [{"name": sp.name, "reason": "3-D expert stack: compare measures 2-D matrices only "  # no one subspace
                         "(spectra diff analyses each expert)"}
                        for _, sp in sorted({**A.stacks, **B.stacks}.items()) if keep(sp.name, sp.layer)]
+    result.skipped = merged_skips(result.skipped)  # a stack both sides hold (an adapter's LoRA on it, a full update): once
     todo = []
     for k in shared:
         spec = specs.get(k)

@@ -207,8 +207,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             continue
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
         floating = info is not None and info.dtype in FLOAT_DTYPES
-        one_dim = floating and len(info.shape) == 1
-        other = floating and (len(info.shape) not in (1, 2) or s.reason.startswith("per-expert bias")) and not mismatched  # 0-D, 4-D, (E, out)
+        one_dim = floating and (len(info.shape) == 1 or s.reason.startswith("per-expert bias"))  # an MoE's (E, out) bias: a bias
+        other = floating and len(info.shape) not in (1, 2) and not mismatched  # 0-D, a conv's 4-D…
         if not (mismatched or one_dim or other):
             continue
         bn = base_by_key.get(s.name) or _same_key(base, s.name)

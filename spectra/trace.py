@@ -481,6 +481,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
             result.skipped.append({"name": name, "reason": "3-D expert stack: trace follows 2-D matrices only"})
         elif name not in finished:
             todo.append(name)
+    if stacks := [s["name"] for s in result.skipped if "3-D expert stack" in s["reason"]]:  # the update may be mostly there
+        result.warnings.append(f"{len(stacks)} 3-D expert stack(s) are not traced (e.g. {stacks[0]}): trace follows 2-D matrices only; "
+                               "spectra diff analyses each expert")
     if not todo and not finished and not result.skipped:
         refuse_empty_selection(len(names), names[0] if names else "", include=config.include, exclude=config.exclude,
                                layers=config.layers, what="matrices the checkpoints update")

@@ -206,8 +206,9 @@ def test_an_expert_with_nan_is_written_as_zeros_and_counted(tmp_path):
     assert sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n) == res.totals["params"]
 
 
-def test_a_changed_per_expert_bias_is_listed_as_not_extracted(tmp_path):
-    # gpt-oss's experts.gate_up_proj_bias (E, 2I) changed: in neither not_extracted nor not_lora, no word
+def test_a_changed_per_expert_bias_is_listed_as_not_held(tmp_path):
+    # gpt-oss's experts.gate_up_proj_bias (E, 2I) changed: in neither not_extracted nor not_lora, no word; then (the
+    # pipelines' probe) listed as not extracted, where the matrices' energy share counted it: a bias, as 1-D ones are
     def change(n, p):
         _low_rank(n, p)
         if n.endswith("gate_up_proj_bias"):
@@ -215,5 +216,51 @@ def test_a_changed_per_expert_bias_is_listed_as_not_extracted(tmp_path):
 
     _gpt_oss_pair(tmp_path, change)
     res = extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
-    left = {r["name"]: r["reason"] for r in res.not_extracted}
-    assert left.get("model.layers.0.mlp.experts.gate_up_proj_bias", "").startswith("per-expert bias"), left
+    rec = next((r for r in res.not_lora if r["name"] == "model.layers.0.mlp.experts.gate_up_proj_bias"), None)
+    assert rec is not None and rec["kind"] == "bias" and not rec["held"] and rec["fro_norm"] > 0, res.not_lora
+    assert not any("bias" in r["name"] for r in res.not_extracted)
+    assert res.totals["not_extracted_energy_share"] == pytest.approx(0.0, abs=1e-12) or all(
+        "router" in r["name"] for r in res.not_extracted)
+
+
+def test_compare_and_trace_say_once_what_they_leave_of_the_stacks(tmp_path):
+    # compare counted each stack twice (A's reason, B's) and cut the reason mid-word; trace said only "4 matrices skipped"
+    from spectra import compare
+    from spectra.trace import trace
+
+    def change(n, p):
+        _low_rank(n, p)
+        if n.endswith("q_proj.weight"):
+            p.add_(0.05 * torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]))
+
+    _gpt_oss_pair(tmp_path, change)
+    extract(tmp_path / "base", tmp_path / "tuned", tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    res = compare(tmp_path / "x", tmp_path / "tuned", base=tmp_path / "base")
+    stacks = [s for s in res.skipped if "expert stack" in s["reason"]]
+    assert sorted(s["name"] for s in stacks) == ["model.layers.0.mlp.experts.down_proj", "model.layers.0.mlp.experts.gate_up_proj"]
+    assert all(s["reason"].startswith("A (") and "; 3-D expert stack: compare measures" in s["reason"] for s in stacks)
+    import shutil
+
+    shutil.copytree(tmp_path / "tuned", tmp_path / "tuned2")  # a trace needs two checkpoints
+    tr = trace(str(tmp_path / "base"), [str(tmp_path / "tuned"), str(tmp_path / "tuned2")], plots=False)
+    assert any(w.startswith("2 3-D expert stack(s) are not traced") for w in tr.warnings), tr.warnings
+
+
+def test_compare_says_phi_at_its_maximum_as_such(tmp_path):
+    # an adapter extracted from a full update lies inside its subspace: φ = 1 beside a baseline of 0.5 read
+    # "overlap somewhat more than chance" (the ratio cannot pass 2 there)
+    from spectra import compare
+    from spectra.compare_findings import compare_findings
+    from tests.pair_util import save_folder
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.self_attn.{m}.weight": torch.randn(16, 16, generator=g) for i in range(2) for m in ("q_proj", "v_proj")}
+    tuned = {k: v + torch.randn(16, 8, generator=g) @ torch.diag(torch.linspace(2, 1, 8)) @ torch.randn(8, 16, generator=g) / 4
+             for k, v in base.items()}
+    save_folder(tmp_path / "b", base)
+    save_folder(tmp_path / "t", tuned)
+    extract(tmp_path / "b", tmp_path / "t", tmp_path / "x", config=ExtractConfig(rank=4), plots=False)
+    res = compare(tmp_path / "x", tmp_path / "t", base=tmp_path / "b")
+    assert all(m.phi["right"].phi_full == pytest.approx(1.0, abs=1e-6) and m.phi["right"].random == 0.5 for m in res.modules)
+    text = next(f.text for f in compare_findings(res) if f.topic == "phi")
+    assert "at its largest value, 1, in 4 of 4 modules" in text and "somewhat" not in text
