@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, cell, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, cell, echo_json, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("esd")
@@ -85,7 +85,7 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
     with progress:
         result = esd(model, config=config, out_dir=out_dir, callback=on_event, resume=resume, plots=not no_plots)
     if as_json:
-        click.echo(result.to_json())
+        echo_json(result.to_json())
     else:
         print_table(stdout(), _summary_table(result))
     over = sum(m["warning"] == "over-trained" for m in result.matrices)

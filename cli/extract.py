@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from spectra_cli.console import OutPath, cell, given, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
+from spectra_cli.console import OutPath, cell, echo_json, given, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
 @click.command("extract")
@@ -97,7 +97,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
     with progress:
         result = extract(base, tuned, out_dir, config=config, resume=resume, force=force, plots=not no_plots, callback=on_event)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+        echo_json(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
     else:
         out = stdout()
         print_table(out, summary_table(result.to_dict()))

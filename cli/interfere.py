@@ -12,6 +12,7 @@ from rich.table import Table
 from spectra_cli.console import (
     OutPath,
     cell,
+    echo_json,
     folder_report,
     identical_hint,
     one_pattern,
@@ -92,7 +93,7 @@ def interfere_cmd(tuned, base, out_dir, top_k, side, include, exclude, layers, d
                            resume=resume)
     doc = result.to_dict()
     if as_json:
-        click.echo(json.dumps(doc, indent=1, ensure_ascii=False))
+        echo_json(json.dumps(doc, indent=1, ensure_ascii=False))
     else:
         out = stdout()
         for key, label in (("cosine", "cosine of the flattened updates"), ("phi", f"φ of the top-k subspaces ({side})"),

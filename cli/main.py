@@ -410,6 +410,12 @@ def run() -> None:
         code: object = 0
     except SystemExit as exc:
         code = exc.code
+    except OSError as exc:  # --version / --help of the group (printed while parsing, before _Group.invoke) into a full disk
+        if exc.errno not in (errno.EPIPE, errno.ENOSPC, errno.EBADF) or os.environ.get("SPECTRA_DEBUG") == "1":
+            raise
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            click.echo(f"error: cannot write the output: {exc.strerror or exc}", err=True)
+        code = EXIT_ERROR
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is None or threading.current_thread() is not threading.main_thread():  # pragma: no cover
         sys.exit(code)

@@ -12,6 +12,7 @@ from rich.table import Table
 from spectra_cli.console import (
     OutPath,
     cell,
+    echo_json,
     folder_report,
     identical_hint,
     one_pattern,
@@ -86,7 +87,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
         result = trace(base, list(checkpoints), config=config, out_dir=out_dir, callback=on_progress, resume=resume,
                        plots=not no_plots)
     if as_json:
-        click.echo(json.dumps(jsonable(result.to_dict()), indent=1, ensure_ascii=False))
+        echo_json(json.dumps(jsonable(result.to_dict()), indent=1, ensure_ascii=False))
     else:
         print_table(stdout(), _summary_table(result))
     for s in result.skipped_checkpoints:

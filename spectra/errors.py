@@ -105,8 +105,9 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
         return OutputError(f"cannot write results: {why}: the folder exists but its file system does not create files "
                            "there", path=path, hint="choose an --out (or -o) on an ordinary disk")
     if exc.errno == errno.ENOENT:  # the output folder went away mid-run (rm -rf): with it the journal, so no --resume
-        return OutputError(f"cannot write results: {why}: the output folder (or a part of its path) was removed "
-                           "during the run", path=path, hint="run the command again; what it had written went with the folder")
+        return OutputError(f"cannot write results: {why}: the output folder (or a part of its path) is missing: it was removed "
+                           "during the run, or the file system there makes no folders (/proc, /sys)", path=path,
+                           hint="run the command again with an --out (or -o) on an ordinary disk; what it had written went with the folder")
     fix = ("free disk space" if full else "fix the folder's permissions (or its immutable flag)" if denied
            else "remove or rename what is in the way" if odd else "free disk space or fix the folder's permissions")
     # the lock file is the first thing a run writes: nothing before it to be intact or to resume
