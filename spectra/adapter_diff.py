@@ -434,13 +434,13 @@ def merged_skips(skipped: list[dict[str, str]]) -> list[dict[str, str]]:
     >>> merged_skips([{"name": "a", "reason": "A: x"}, {"name": "b", "reason": "y"}, {"name": "a", "reason": "B: z"}])
     [{'name': 'a', 'reason': 'A: x; B: z'}, {'name': 'b', 'reason': 'y'}]
     """
-    out: dict[str, dict[str, str]] = {}
+    first: dict[str, dict[str, str]] = {}
+    reasons: dict[str, list[str]] = {}
     for s in skipped:
-        if (seen := out.get(s["name"])) is None:
-            out[s["name"]] = dict(s)
-        elif s["reason"] not in seen["reason"].split("; "):
-            seen["reason"] = f"{seen['reason']}; {s['reason']}"
-    return list(out.values())
+        first.setdefault(s["name"], dict(s))
+        if s["reason"] not in (said := reasons.setdefault(s["name"], [])):
+            said.append(s["reason"])
+    return [{**rec, "reason": "; ".join(reasons[name])} for name, rec in first.items()]
 
 
 def saved_skips(adapter: Adapter, base: Checkpoint | None) -> list[tuple[str, str, int | None]]:

@@ -72,13 +72,13 @@ from spectra.trace import (
     matrix_meta,
     point_metrics,
 )
+from spectra.tracker_files import FIRST_FILE, load_first, set_aside
 from spectra.tracker_logs import log_medians
 
-#: What to do when the tracker cannot write its trace (a full disk): the Trainer callback warns and trains on.
-TRACKER_WRITE_HINT = ("free disk space, or give the tracker another out_dir; trace.jsonl keeps every whole record written "
-                      "before, and a run resumed from a checkpoint continues it (resume_step, or the Trainer's resume_from_checkpoint)")
-#: Beside ``trace.jsonl``: the first measured subspaces, which a resumed run measures φ from.
-FIRST_FILE = "trace_first.npz"  # numpy, not .safetensors: a folder's one .safetensors file is its model
+#: After the fix an OutputError names (free disk space, fix the permissions…), when the tracker cannot write its trace:
+#: the Trainer callback warns and trains on.
+TRACKER_WRITE_HINT = ("or give the tracker another out_dir; trace.jsonl keeps every whole record written before, and a run "
+                      "resumed from a checkpoint continues it (resume_step, or the Trainer's resume_from_checkpoint)")
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -184,11 +184,11 @@ class SpectraTracker:
         now (the checkpoint's, the same update); otherwise the first turn_prev after the resume is null,
         not a turn from the checkpoint's weights, which no record holds."""
         kept, dropped, measured, at_step = [], 0, set(), set()
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
+        for line in self.path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff").split("\n"):
+            try:  # records are framed by "\n" alone (a name may hold U+2028, which splitlines() splits at)
                 rec = json.loads(line)
             except ValueError:
-                continue  # a line torn by a kill or a full disk: the whole records after it are kept
+                continue  # a blank line, or one torn by a kill or a full disk: the whole records after it are kept
             tagged = next((rec[k] for k in ("log", "timing") if isinstance(rec.get(k), dict)), None) if isinstance(rec, dict) else None
             at = rec.get("step") if isinstance(rec, dict) and "matrix" in rec else \
                 tagged.get("step") if tagged is not None else None
@@ -202,7 +202,7 @@ class SpectraTracker:
             kept.append(line + "\n")
         atomic_write_text(self.path, "".join(kept))
         exact = self.kind == "lora" or self.from_base  # the update the first measurement was of, measured again
-        refs = _load_first(self.first_path) if exact else {}
+        refs = load_first(self.first_path) if exact else {}
         for tr in self.matrices:
             tr.first = refs.get(tr.name) if tr.name in measured else None
             top = self._now(tr)[1] if exact and tr.name in at_step else None
@@ -455,7 +455,8 @@ def _tracker_hint() -> Iterator[None]:
     try:
         yield
     except OutputError as exc:
-        raise OutputError(exc.message, path=exc.path, hint=TRACKER_WRITE_HINT) from None
+        fix = (exc.hint or "").split(", or choose another --out")[0].split(";")[0] or "free disk space"
+        raise OutputError(exc.message, path=exc.path, hint=f"{fix}, {TRACKER_WRITE_HINT}") from exc
 
 
 @contextlib.contextmanager
@@ -489,21 +490,6 @@ def _original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor]) -
         return None
     ok = all(name in ckpt.tensors and tuple(ckpt.tensors[name].shape) == tuple(p.shape) for name, p in params.items())
     return ckpt if ok else None
-
-
-def _set_aside(out: Path) -> str | None:
-    """Rename ``trace.jsonl`` (and ``trace_first.npz``) in ``out`` to the first free ``trace.N.jsonl``
-    (``trace_first.N.npz``); the new name, or None when there was no trace."""
-    trace = out / "trace.jsonl"
-    if not trace.is_file():
-        return None
-    n = 1
-    while (out / f"trace.{n}.jsonl").exists():
-        n += 1
-    trace.rename(out / f"trace.{n}.jsonl")
-    if (out / FIRST_FILE).is_file():
-        (out / FIRST_FILE).rename(out / f"trace_first.{n}.npz")
-    return f"trace.{n}.jsonl"
 
 
 #: Segments wrappers add to parameter names that a saved checkpoint does not hold: torch.compile's,
@@ -550,19 +536,6 @@ def _peft_inits(model: torch.nn.Module) -> dict[str, str]:
     return {name: m for name, c in _peft_configs(model).items() if (m := base_changing_init(getattr(c, "init_lora_weights", "")))}
 
 
-def _load_first(path: Path) -> dict[str, Subspaces]:
-    """The first subspaces :meth:`SpectraTracker._save_first` wrote, by matrix name ({} when none or unreadable)."""
-    if not path.is_file():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: torch.from_numpy(z[k]) for k in z.files}
-    except (OSError, ValueError, EOFError):
-        return {}
-    names = {k.rsplit(".", 1)[0] for k in arrays}
-    return {n: Subspaces(arrays[f"{n}.U"], arrays[f"{n}.V"]) for n in names if f"{n}.U" in arrays and f"{n}.V" in arrays}
-
-
 def _active(mod: Any) -> tuple[str, ...]:
     """The adapters a PEFT LoRA layer applies now (its active ones that hold LoRA factors)."""
     return tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
@@ -602,16 +575,23 @@ class _CallbackHooks:
         self.every, self.out_dir, self.config, self.initial, self.trainer = every, out_dir, config, initial, trainer
         self.tracker: SpectraTracker | None = None
         self._pending: dict[str, float] = {}
+        self._began = False  # a training began with this callback (its tracker may have stopped since)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # resume_from_checkpoint: the Trainer has restored global_step; the trace up to it is kept and continued
         out = Path(self.out_dir or args.output_dir)
         # a second trainer.train() of this callback (a curriculum's next phase) starts a trace of its own: the
         # earlier one is kept beside it, not overwritten
-        earlier = _set_aside(out) if self.tracker is not None and state.global_step == 0 and state.is_world_process_zero else None
+        earlier = set_aside(out) if self._began and state.global_step == 0 and state.is_world_process_zero else None
+        self._began = True
         try:
             self.tracker = SpectraTracker(model, every=self.every, out_dir=out, config=self.config, initial=self.initial,
                                           is_main=state.is_world_process_zero, resume_step=state.global_step)
+        except OutputError as exc:  # a fresh run whose trace cannot be written is said before it trains; a resumed one trains on
+            if state.global_step == 0:
+                raise
+            self._stop_tracing(exc, state.global_step)
+            return control
         except ConfigError as exc:
             if state.global_step == 0:  # a run that cannot be traced is said before it trains
                 raise

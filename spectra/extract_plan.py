@@ -349,13 +349,13 @@ def one_side_only(pairing: Pairing, base: Checkpoint, tuned: Checkpoint, keep: C
     weights; quantisation scales and buffers aside) that only one checkpoint holds among those ``keep`` selects, task
     heads (``head(side, name)``) aside: a layer the fine-tune added or removed, whose update no adapter holds
     (extract.json lists them under ``unmatched``)."""
-    def matrix(ck: Checkpoint, n: str) -> bool:
-        aux = {x for w in ck.scales.values() for x in (w.scale, w.zero_point) if x}
-        info = ck.tensors[n]
-        return n in ck.specs and n not in aux and len(info.shape) in (2, 3) and info.dtype in FLOAT_DTYPES
+    def matrices(ck: Checkpoint, names: list[str]) -> list[str]:
+        aux = {x for w in ck.scales.values() for x in (w.scale, w.zero_point) if x}  # quantisation scales, zero points
+        return [n for n in names if n in ck.specs and n not in aux and len(ck.tensors[n].shape) in (2, 3)
+                and ck.tensors[n].dtype in FLOAT_DTYPES]
 
     alone = [f"{side}-only {n}" for side, names, ck in (("base", pairing.base_only, base), ("tuned", pairing.tuned_only, tuned))
-             for n in names if matrix(ck, n) and keep(n, layer_of(n)) and not head(side, n)]
+             for n in matrices(ck, names) if keep(n, layer_of(n)) and not head(side, n)]
     many = len(alone) > 1
     return [f"{len(alone)} weight matri{'ces are' if many else 'x is'} in one checkpoint only (e.g. {alone[0]}): "
             f"the adapter holds no update of {'them' if many else 'it'} (extract.json \"unmatched\")"] if alone else []

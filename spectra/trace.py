@@ -301,8 +301,10 @@ def load_trace(path: str | Path) -> TraceResult:
     except (OSError, UnicodeDecodeError) as exc:
         raise ResultsFormatError(f"cannot read trace.jsonl ({exc.__class__.__name__})", path=p) from None
     records, torn = [], []
-    lines = text.splitlines()
+    lines = text.removeprefix("\ufeff").split("\n")  # records are framed by "\n" alone: a name may hold U+2028
     for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             records.append(parse_json(line.encode("utf-8"), path=p, what="a trace.jsonl line", error=ResultsFormatError))
         except ResultsFormatError:

@@ -30,7 +30,7 @@ def test_a_bin_whose_pickle_is_compressed_is_refused_before_torch_loads_it(tmp_p
     torch.save({W: torch.randn(16, 16)}, tmp_path / "base.bin")
     proc = cli(["diff", str(tmp_path / "base.bin"), str(tmp_path / "tuned.bin"), "--out", str(tmp_path / "d")])
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "data.pkl is compressed: torch.save writes its pickle stored" in proc.stderr
+    assert "data.pkl is compressed: torch.save stores its pickle" in proc.stderr
 
 
 def test_a_file_rewritten_in_place_with_its_mtime_restored_is_seen(tmp_path):
@@ -66,3 +66,27 @@ def test_a_bin_rewritten_while_its_mapped_tensor_is_copied_is_seen(tmp_path, mon
     monkeypatch.setattr(type(states), "get", get_then_rewrite)
     with pytest.raises(CheckpointFormatError, match="file changed since it was opened"):
         ckpt.load(W)
+
+
+def test_a_bin_whose_zip_directory_is_corrupt_is_one_line(tmp_path):
+    # a directory entry flagged UTF-8 holding other bytes: zipfile raises UnicodeDecodeError, which the pickle check let out
+    buf = io.BytesIO()
+    torch.save({W: torch.randn(4, 4)}, buf)
+    raw = bytearray(buf.getvalue())
+    at = raw.index(b"PK\x01\x02")  # the first central directory entry: its name made invalid UTF-8, flagged as UTF-8
+    raw[at + 8:at + 10] = (int.from_bytes(raw[at + 8:at + 10], "little") | 0x800).to_bytes(2, "little")
+    name_len = int.from_bytes(raw[at + 28:at + 30], "little")
+    raw[at + 46:at + 46 + name_len] = b"\xff" * name_len
+    (tmp_path / "t.bin").write_bytes(bytes(raw))
+    torch.save({W: torch.randn(4, 4)}, tmp_path / "b.bin")
+    proc = cli(["diff", str(tmp_path / "b.bin"), str(tmp_path / "t.bin"), "--out", str(tmp_path / "d")])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.strip().startswith("error: ")
+
+
+def test_a_chmod_between_open_and_read_is_named_as_such(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(4, 4)}, str(path))
+    ckpt = open_checkpoint(path)
+    os.chmod(path, 0o600)
+    with pytest.raises(CheckpointFormatError, match="its change time moved: a chmod, a new hard link"):
+        ckpt.load("a")

@@ -121,3 +121,41 @@ def test_the_trackers_write_error_names_what_a_tracker_has(tmp_path):
     with pytest.raises(OutputError) as err:
         SpectraTracker(m, every=1, out_dir=tmp_path).step(m, 1)
     assert "--resume" not in (err.value.hint or "") and "out_dir" in err.value.hint
+
+
+# ---- the second review of the round ----------------------------------------------------------------------------
+def test_a_second_training_after_tracing_stopped_keeps_the_first_trace(tmp_path):
+    # _stop_tracing left tracker None, and on_train_begin set the earlier trace aside only when a tracker was there:
+    # the next phase rewrote trace.jsonl empty
+    pytest.importorskip("transformers")
+    m = _model()
+    cb = callback_class()(every=1, out_dir=tmp_path)
+    args, control = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(should_log=False)
+    cb.on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=True), control, model=m)
+    for step in (1, 2):
+        with torch.no_grad():
+            m.q_proj.weight.add_(0.01 * torch.randn(32, 32))
+        cb.on_step_end(args, SimpleNamespace(global_step=step), control)
+    cb.tracker.step = lambda model, step: (_ for _ in ()).throw(OutputError("cannot write results: No space left", path=tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cb.on_step_end(args, SimpleNamespace(global_step=3), control)
+    assert cb.tracker is None
+    cb.on_train_begin(args, SimpleNamespace(global_step=0, is_world_process_zero=True), control, model=m)
+    first = load_trace(tmp_path / "trace.1.jsonl")
+    assert [c["step"] for c in first.checkpoints] == [1, 2]
+
+
+def test_a_name_holding_a_line_separator_is_one_record(tmp_path):
+    # records were split with str.splitlines(), which cuts at U+2028: both halves dropped as "a write cut short"
+    m = torch.nn.Sequential()
+    m.add_module("q\u2028proj", torch.nn.Linear(8, 8, bias=False))
+    tracker = SpectraTracker(m, every=1, out_dir=tmp_path)
+    for step in (1, 2):
+        with torch.no_grad():
+            m[0].weight.add_(0.01 * torch.randn(8, 8))
+        tracker.step(m, step)
+    res = load_trace(tmp_path / "trace.jsonl")
+    assert [c["step"] for c in res.checkpoints] == [1, 2] and not any("not valid JSON" in w for w in res.warnings)
+    SpectraTracker(m, every=1, out_dir=tmp_path, resume_step=2)
+    assert [c["step"] for c in load_trace(tmp_path / "trace.jsonl").checkpoints] == [1, 2]

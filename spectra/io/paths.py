@@ -182,6 +182,10 @@ def check_unchanged(path: str | os.PathLike[str], stamp: FileStamp | None, now: 
     now = file_stamp(now) if isinstance(now, os.stat_result) else now  # a stat_result is a tuple too
     if stamp is None or now == stamp:
         return
+    if now[:4] == stamp[:4]:  # only the change time: permissions, links or a rewrite whose mtime was put back
+        raise CheckpointFormatError("file changed since it was opened (its change time moved: a chmod, a new hard link, or a "
+                                    "rewrite in place whose modification time was restored, which spectra cannot tell apart)",
+                                    path=path, tensor=tensor, hint="rerun when nothing else touches the file")
     # a shorter file is usually a truncation (or a writer that truncates first): say how short
     shrunk = f"file ended after {now[2]} of the {stamp[2]} bytes it had when opened: " if now[2] < stamp[2] else ""
     raise CheckpointFormatError(f"{shrunk}file changed since it was opened", path=path, tensor=tensor,

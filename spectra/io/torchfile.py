@@ -349,13 +349,16 @@ def _check_pickle(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
             pkl = next((i for i in z.infolist() if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"), None)
-    except (OSError, zipfile.BadZipFile, RuntimeError):
-        return  # torch.load says what is wrong with it
-    if pkl is not None and (pkl.compress_type != zipfile.ZIP_STORED or pkl.file_size > MAX_PICKLE_BYTES):
-        what = "is compressed" if pkl.compress_type != zipfile.ZIP_STORED else f"holds {pkl.file_size:,} bytes"
-        raise CheckpointFormatError(f"{pkl.filename} {what}: torch.save writes its pickle stored and small (a state dict's is "
-                                    f"under {MAX_PICKLE_BYTES >> 20} MiB), so this is no checkpoint it saved", path=path,
+    except Exception:  # noqa: BLE001 - a corrupt directory (zipfile raises ValueError, UnicodeDecodeError…): torch.load says what
+        return
+    if pkl is not None and pkl.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointFormatError(f"{pkl.filename} is compressed: torch.save stores its pickle, so this is no checkpoint it saved "
+                                    "(a deflated pickle can stand for gigabytes)", path=path,
                                     hint="load it with torch.load where that is safe and save the state dict as safetensors")
+    if pkl is not None and pkl.file_size > MAX_PICKLE_BYTES:
+        raise CheckpointFormatError(f"{pkl.filename} holds {pkl.file_size:,} bytes, more than spectra reads ({MAX_PICKLE_BYTES >> 20} "
+                                    "MiB; a state dict's pickle takes about 100 bytes per tensor): besides the tensors it holds much "
+                                    "else", path=path, hint="save the state dict alone (torch.save(model.state_dict(), …) or safetensors)")
 
 
 def _check_records(path: Path) -> None:
