@@ -323,8 +323,8 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     check_step_memory(config.batch, config.seq_len, model_cfg, device)  # before --out is made
     inputs = [config.data, *([config.eval_source] if config.eval_source else [])]
     if config.eval_source and overlapping(config.eval_source, config.data):  # a "forgetting" score of the training text
-        raise ConfigError("--eval-source is --data, or inside it or holds it: the forgetting measure would score the text the "
-                          "run trains on",
+        raise ConfigError("--eval-source is --data, or inside it or holds it, or a copy of a file it reads: the forgetting "
+                          "measure would score the text the run trains on",
                           hint="give --eval-source text of the base model's own domain (e.g. general prose), or leave it out")
     check_out(out, base=base, inputs=inputs, force=force)  # early: a refused folder costs no data reading
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()

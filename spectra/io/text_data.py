@@ -1,16 +1,16 @@
 """Which files of a training ``--data`` (or ``--eval-source``) folder are read, and what identifies their contents.
 
 A folder's text is every file under it (recursively) whose suffix is one of :data:`TEXT_SUFFIXES` or ``.jsonl``.
-:func:`data_fingerprint` names those files and a sample of each one's bytes, so that ``spectra sweep --resume`` can
-tell a folder whose files were added, removed or rewritten from the one its finished runs trained on.
+:func:`data_fingerprint` names those files and the SHA-256 of each one's bytes, so that ``spectra sweep --resume`` can
+tell a folder whose files were added, removed or rewritten from the one its finished runs trained on (a sample of the
+bytes missed an edit between its chunks: training text is small beside a model, and read whole anyway).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
-
-from spectra.io.files import content_sample
 
 #: The suffixes of a data folder's text files (lowercased: ``b.TXT`` is text too), besides ``.jsonl``.
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh",
@@ -24,14 +24,23 @@ def text_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return found, [f for f in found if f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")]
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def data_fingerprint(path: str | os.PathLike[str]) -> list | None:
-    """What identifies the text of a data path: ``[content sample, size]`` of a file; of a folder, that of each file
-    read (:func:`text_files`) by its path inside the folder; None for a path that cannot be read."""
+    """What identifies the text of a data path: ``[SHA-256, size]`` of a file; of a folder, that of each file read
+    (:func:`text_files`) by its path inside the folder; None for a path that cannot be read."""
     p = Path(path)
     try:
         if p.is_dir():
-            return [[str(f.relative_to(p)), content_sample(f), f.stat().st_size] for f in text_files(p)[1]]
-        return [content_sample(p), os.path.getsize(p)] if p.is_file() else None
+            return [[str(f.relative_to(p)), file_digest(f), f.stat().st_size] for f in text_files(p)[1]]
+        return [file_digest(p), os.path.getsize(p)] if p.is_file() else None
     except OSError:
         return None
 
@@ -39,15 +48,19 @@ def data_fingerprint(path: str | os.PathLike[str]) -> list | None:
 def overlapping(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether two data paths share text: a file either reads (a folder's :func:`text_files`, a file itself) is one
     file of the other, by any spelling or link (an ``--eval-source`` file inside the ``--data`` folder, or linked
-    into it, is trained on); False when either cannot be read."""
-    def files(p: Path) -> set[tuple[int, int]]:
-        st = [f.stat() for f in (text_files(p)[1] if p.is_dir() else [p])]
-        return {(x.st_dev, x.st_ino) for x in st}
+    into it, is trained on), or holds the same bytes (a copy); False when either cannot be read."""
+    def files(p: Path) -> list[tuple[Path, os.stat_result]]:
+        return [(f, f.stat()) for f in (text_files(p)[1] if p.is_dir() else [p])]
 
     try:
-        return bool(files(Path(a)) & files(Path(b)))
+        fa, fb = files(Path(a)), files(Path(b))
+        if {(x.st_dev, x.st_ino) for _, x in fa} & {(x.st_dev, x.st_ino) for _, x in fb}:
+            return True
+        common = {x.st_size for _, x in fa} & {x.st_size for _, x in fb} - {0}  # a copy has the size of its source
+        digests = {file_digest(f) for f, x in fb if x.st_size in common}
+        return any(file_digest(f) in digests for f, x in fa if x.st_size in common)
     except OSError:
         return False
 
 
-__all__ = ["TEXT_SUFFIXES", "data_fingerprint", "overlapping", "text_files"]
+__all__ = ["TEXT_SUFFIXES", "data_fingerprint", "file_digest", "overlapping", "text_files"]
