@@ -5,7 +5,6 @@ from the inputs, among them those of the matrices left out, computed beside the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -25,7 +24,7 @@ from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, en
 from spectra.extract_results import compared_rows, left_out_record, reads_pair_by_rows
 from spectra.io.adapter import Adapter
 from spectra.io.checkpoint import Checkpoint, tensor_infos
-from spectra.io.files import LOCK_NAME, refuse_if_held
+from spectra.io.files import LOCK_NAME, file_digest, refuse_if_held
 from spectra.io.peft_writer import write_safetensors
 from spectra.journal import RecordJournal
 from spectra.lowrank import allocate_budget, energy_rank_top, factored_triplets, reach_above, round_up
@@ -83,11 +82,6 @@ def rounding_error(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> np.n
 
 
 # ---- the run state: spectra, factors on disk, the journal -------------------------------------------
-def _digest(path: Path) -> str:
-    """SHA-256 of a scratch file's bytes (a module's factors: kilobytes to megabytes)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class ExtractRun:
     """Records of one run: per target its spectrum and the factors kept in the scratch shard.
 
@@ -123,7 +117,7 @@ class ExtractRun:
         if not rec.get("k"):
             return True
         path = self.scratch / f"{rec['order']}.safetensors"  # never a path the journal names
-        return rec.get("file") == path.name and path.is_file() and rec.get("sha256") == _digest(path)
+        return rec.get("file") == path.name and path.is_file() and rec.get("sha256") == file_digest(path)
 
     def n_values(self, i: int) -> int:
         """Singular values journaled for target i: enough for every rank it may take, the uniform
@@ -182,7 +176,7 @@ class ExtractRun:
             self.store_factors(i, B, A)
         rec = {"order": t.order, "k": k, "file": name if k else ""}
         if k:  # a resumed run uses the file only if it still holds these bytes
-            rec["sha256"] = _digest(self.scratch / name)
+            rec["sha256"] = file_digest(self.scratch / name)
         if i in self._rounding:
             rec["rounding"] = self._rounding.pop(i)
         self.factors[i] = rec

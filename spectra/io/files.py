@@ -449,6 +449,15 @@ def remove_earlier_outputs(out: Path, marker: str, schema: str, names: tuple[str
                 raise output_error(f, exc) from exc
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB chunks: memory stays flat whatever the file's size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: int = 4096) -> str | None:
     """SHA-256 of ``samples`` chunks of ``chunk`` bytes spread evenly over the file (64 KiB read
     whatever its size; None if it cannot be read): a file replaced by another of the same size with

@@ -8,9 +8,10 @@ bytes missed an edit between its chunks: training text is small beside a model, 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from spectra.io.files import file_digest
 
 #: The suffixes of a data folder's text files (lowercased: ``b.TXT`` is text too), besides ``.jsonl``.
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".py", ".rst", ".json", ".c", ".h", ".js", ".ts", ".java", ".go", ".rs", ".sh",
@@ -22,15 +23,6 @@ def text_files(folder: Path) -> tuple[list[Path], list[Path]]:
     ``.jsonl`` files (FIFOs and other special files are skipped)."""
     found = sorted(f for f in folder.rglob("*") if f.is_file())
     return found, [f for f in found if f.suffix.lower() in (*TEXT_SUFFIXES, ".jsonl")]
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-256 of a file's bytes, hex (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_fingerprint(path: str | os.PathLike[str]) -> list | None:
@@ -63,4 +55,4 @@ def overlapping(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
-__all__ = ["TEXT_SUFFIXES", "data_fingerprint", "file_digest", "overlapping", "text_files"]
+__all__ = ["TEXT_SUFFIXES", "data_fingerprint", "overlapping", "text_files"]
