@@ -492,8 +492,9 @@ def test_train_reads_a_large_corpus_only_as_far_as_the_run_needs(tmp_path):
     model.save_pretrained(tmp_path / "base")
     cfg = TrainConfig(base=str(tmp_path / "base"), data=str(big), out=str(tmp_path / "run"), steps=2, batch=2, seq_len=16,
                       device="cpu", trace_every=0)
-    source = tmp_path / "source.txt"  # the same text under another name (--eval-source equal to --data is refused)
-    source.write_bytes(big.read_bytes())
+    # a text as large as the data, not a copy of it (--eval-source equal to --data, or a copy of it, is refused)
+    source = tmp_path / "source.txt"
+    source.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics, reverse=True)) * 3, encoding="utf-8")
     res = _cli("train", "--base", tmp_path / "base", "--data", big, "--eval-source", source, "--steps", "2", "--batch", "2",
                "--seq-len", "16", "--device", "cpu", "--trace-every", "0", "--out", tmp_path / "run")
     assert res.exit_code == 0, res.output
