@@ -56,7 +56,7 @@ from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outp
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution, relative_norm
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
@@ -281,16 +281,21 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
     k = config.top_k
     dense_tasks = [t for t in range(n) if tasks[t].needs_dense(name)]
     exact = {t: tasks[t].exact(name, device) for t in range(n) if t not in dense_tasks}
-    W = base.load(name) if dense_tasks else None  # read once per module
+    # read once per module; a LoRA-only module reads it too, for ‖ΔW‖/‖W_base‖ (as diff and compare give it)
+    W = base.load(name)
     # the measures square entries unscaled (norms, inner products, Gram matrices): float64 values near
     # 1e±200 would give inf or 0 (an update reported as zero), so such a module is skipped with the reason
     for who, top in [(tasks[t].label, float(f.S.max()) if f.S.numel() else 0.0) for t, f in exact.items()] + (
-            [("the base", float(W.abs().max()))] if W is not None and W.dtype == torch.float64 and W.numel() else []):
+            [("the base", float(W.abs().max()))] if dense_tasks and W.dtype == torch.float64 and W.numel() else []):
         if outside_squaring_range(top):
             raise _SkipModule(_out_of_range(who, top))
     factors: dict[int, Factored] = {t: truncate(f, k) for t, f in exact.items()}
     spectra_: dict[int, np.ndarray] = {t: f.S.cpu().numpy() for t, f in exact.items()}
     rel_norms: list[float | None] = [None] * n
+    if exact:
+        base_fro = float(torch.linalg.vector_norm(W.double())) if W.numel() else 0.0  # NaN/Inf: null, as relative_norm says
+        for t, f in exact.items():
+            rel_norms[t] = relative_norm(float(torch.linalg.vector_norm(f.S.double())), base_fro)
     G = np.full((n, n), np.nan)
     C = np.full((n, n), np.nan)
     total = None  # dense float64 running sum when any update is dense
@@ -455,7 +460,7 @@ def interfere(
 
     Returns:
         :class:`InterfereResult`. Each module record holds ``ranks`` (triplets used per task),
-        ``fro`` (‖ΔW_t‖_F), ``rel_norm`` (‖ΔW_t‖_F/‖W_base‖_F for dense updates, else None), the n × n
+        ``fro`` (‖ΔW_t‖_F), ``rel_norm`` (‖ΔW_t‖_F/‖W_base‖_F; None where ‖W_base‖_F is 0 or not finite), the n × n
         matrices ``cosine``, ``phi``, ``captured`` (row s: whose subspaces, column t: whose energy),
         ``tsv.pairs`` and ``knots.alignment``, the n-way ``tsv`` (``sti``, ``relative``) and ``knots``
         (``rank``, ``energy_rank``, ``task_energy_rank``), ``sum`` (:class:`spectra.interference.Accumulation`),
