@@ -16,7 +16,7 @@ from spectra.esd import training_warning
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results import rows_to_csv
-from spectra.results_check import unique_names
+from spectra.results_check import impossible, unique_names
 
 SCHEMA = "spectra.esd/1"
 
@@ -103,10 +103,44 @@ def check_record(m: Any, at: str, source: Any) -> None:
                 raise bad(key, "an array of numbers or null")
         elif key != "shape" and v is not None and not _number(v):
             raise bad(key, "a number or null")
+    _check_ranges(m, min(shape), max(shape), at, source)
     # the flag follows from α (WeightWatcher's thresholds): an edited α beside the old flag was counted by the flag
     if "warning" in m and "alpha" in m and (m["warning"] or "") != training_warning(m["alpha"]):
         raise bad("warning", f"{training_warning(m['alpha']) or 'empty'!r} for α = {m['alpha']} (α < 2: over-trained, "
                              "α > 6: under-trained)")
+
+
+def _check_ranges(m: dict[str, Any], M: int, N: int, at: str, source: Any) -> None:
+    """Refuse values no ESD of an ``N × M`` matrix (``M <= N``) can have: counts outside 0..M, α below 1 (the
+    power-law MLE is 1 + n / Σ ln(λ/xmin)), a KS distance outside [0, 1], negative scales, xmin above xmax, λ_max
+    above Σλ, a stable rank above M. ``m`` has passed the type checks of :func:`check_record`."""
+    def no(key: str, why: str) -> None:
+        impossible(f"{at}.{key}", m[key], why, source, rerun="spectra esd --out")
+
+    def has(key: str) -> bool:
+        return _number(m.get(key))
+
+    for key in ("N", "M"):
+        if has(key) and m[key] != {"N": N, "M": M}[key]:
+            no(key, f"it is {'max' if key == 'N' else 'min'}(shape) = {({'N': N, 'M': M})[key]}")
+    for key in ("num_evals", "num_fit_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "weak_rank_loss", "unresolved",
+                "mp_num_spikes"):
+        if has(key) and not 0 <= m[key] <= M:
+            no(key, f"a count of eigenvalues lies from 0 to min(shape) = {M}")
+    if has("alpha") and not m["alpha"] >= 1:
+        no("alpha", "the power-law exponent's estimate 1 + n / Σ ln(λ/xmin) is above 1")
+    if has("D") and not 0 <= m["D"] <= 1:
+        no("D", "a Kolmogorov–Smirnov distance lies from 0 to 1")
+    for key in ("sigma", "xmin", "xmax", "norm", "spectral_norm", "lambda_max", "sv_max", "sv_min", "stable_rank", "mp_sigma2"):
+        if has(key) and not m[key] >= 0:
+            no(key, "it is not negative")
+    if has("xmin") and has("xmax") and m["xmin"] > m["xmax"] * (1 + 1e-12):
+        no("xmin", f"the fitted tail starts at or below its largest eigenvalue ({m['xmax']})")
+    for key in ("spectral_norm", "lambda_max"):
+        if has(key) and has("norm") and m[key] > m["norm"] * (1 + 1e-6) + 1e-300:
+            no(key, f"λ_max is at most Σλ = {m['norm']}")
+    if has("stable_rank") and m["stable_rank"] > M * (1 + 1e-9):
+        no("stable_rank", f"Σλ / λ_max is at most min(shape) = {M}")
 
 
 def _number(v: Any) -> bool:

@@ -20,7 +20,7 @@ from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
 from spectra.results_check import unique_names
 from spectra.trace import SCHEMA, TraceResult, load_trace
-from spectra.trace_inputs import check_trace_matrix, moved
+from spectra.trace_inputs import check_trace_matrix, check_trace_steps, moved
 
 __all__ = ["SCHEMA", "doc_from_jsonl", "findings", "load", "section_html", "title"]
 
@@ -35,6 +35,7 @@ def load(path: Path, doc: dict) -> TraceResult:
         raise ResultsFormatError("a trace needs lists of matrices and checkpoints", path=path)
     for i, m in enumerate(res.matrices):
         check_trace_matrix(m, f"matrices[{i}]", path, ratios=res.source == "spectra trace")
+    check_trace_steps(res.checkpoints, res.matrices, path, aligned=res.source == "spectra trace")
     unique_names(res.matrices, path, "spectra trace --out")  # a matrix listed twice would count twice in every median
     return res
 

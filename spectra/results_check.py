@@ -170,6 +170,20 @@ def _check_module_values(m: dict[str, Any], at: str, source: Any) -> None:
         v = m.get(key)
         if is_num(v) and v > p * (1 + 1e-9):
             impossible(f"{at}.{key}", v, f"it is at most min(shape) = {p}", source)
+    # s·B·A (measured from its factors) has at most r directions: "3 of 1 ranks used" is an edit
+    if m.get("method") == "factored" and (r := m.get("lora_r")) is not None:
+        if not (is_int(r) and r >= 1):
+            impossible(f"{at}.lora_r", r, "a LoRA rank is a whole number of at least 1", source)
+        cap = min(r, p)
+        for key in ("energy_rank", "signal_rank", "stable_rank", "effective_rank"):
+            ranks = m.get(key) if isinstance(m.get(key), dict) else {"": m.get(key)}
+            for k, v in ranks.items():
+                if is_num(v) and v > cap * (1 + 1e-9):
+                    impossible(f"{at}.{key}{f'[{k}]' if k else ''}", v,
+                               f"s·B·A of LoRA rank {r} has at most {cap} direction{'s' * (cap != 1)}", source)
+        if sum(1 for x in m["singular_values"] if is_num(x) and x > 0) > cap:
+            impossible(f"{at}.singular_values", "…",
+                       f"s·B·A of LoRA rank {r} has at most {cap} non-zero singular value{'s' * (cap != 1)}", source)
     values = [float(x) for x in m["singular_values"] if is_num(x)]
     if len(m["singular_values"]) > p:
         impossible(f"{at}.singular_values", f"{len(m['singular_values'])} values", f"a matrix has min(shape) = {p}", source)

@@ -20,7 +20,7 @@ from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 from spectra.journal import first_of_each
-from spectra.results_check import is_int  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
+from spectra.results_check import impossible, is_int  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -457,6 +457,80 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
                                      hint="the file was edited or damaged; rerun spectra trace --out")
 
 
+def _check_point_values(pt: dict[str, Any], p: int, at: str, source: Any) -> None:
+    """Refuse values no ΔW of a matrix with ``p = min(shape)`` can have (an edited ``trace.json``): ranks outside 0..p,
+    negative norms, σ₁ above ‖ΔW‖_F, σ₁/σ₂ below 1, singular values not descending, φ outside [0, 1], angles
+    outside [0°, 90°]. ``pt`` has passed :func:`check_trace_point`."""
+    def num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def no(key: str, v: Any, why: str) -> None:
+        impossible(f"{at}.{key}", v, why, source, rerun="spectra trace --out")
+
+    for k, v in (pt.get("energy_rank") or {}).items() if isinstance(pt.get("energy_rank"), dict) else ():
+        if num(v) and not 0 <= v <= p:
+            no(f"energy_rank[{k}]", v, f"a rank lies from 0 to min(shape) = {p}")
+    for key in ("fro_norm", "spectral_norm", "rel_norm", "stable_rank", "effective_rank"):
+        if num(v := pt.get(key)) and not v >= 0:
+            no(key, v, "norms and ranks are not negative")
+    for key in ("stable_rank", "effective_rank"):  # ‖ΔW‖_F²/σ₁² and exp(entropy) are at most p
+        if num(v := pt.get(key)) and v > p * (1 + 1e-9):
+            no(key, v, f"it is at most min(shape) = {p}")
+    fro, top = pt.get("fro_norm"), pt.get("spectral_norm")
+    if num(fro) and num(top) and top > fro * (1 + 1e-3) + 1e-300:
+        no("spectral_norm", top, f"σ₁ is at most ‖ΔW‖_F ({fro})")
+    if num(v := pt.get("sigma_ratio")) and not v >= 1 - 1e-12:
+        no("sigma_ratio", v, "σ₁/σ₂ is at least 1")
+    values = pt.get("singular_values")
+    if isinstance(values, list) and values and all(num(x) for x in values) and (
+            len(values) > p or min(values) < 0 or any(b > a for a, b in zip(values, values[1:]))):
+        no("singular_values", "…", f"at most min(shape) = {p} values, not negative, largest first")
+    for turn in ("turn_prev", "turn_first"):
+        sides = pt.get(turn) if isinstance(pt.get(turn), dict) else {}
+        for side, t in sides.items():
+            t = t if isinstance(t, dict) else {}
+            if num(v := t.get("phi")) and not 0 <= v <= 1 + 1e-9:
+                no(f"{turn}.{side}.phi", v, "φ lies from 0 (orthogonal) to 1 (unturned)")
+            if num(v := t.get("max_angle_deg")) and not 0 <= v <= 90 + 1e-9:
+                no(f"{turn}.{side}.max_angle_deg", v, "a principal angle lies from 0° to 90°")
+            if num(v := t.get("k")) and not 0 <= v <= p:
+                no(f"{turn}.{side}.k", v, f"a subspace of ΔW has from 0 to min(shape) = {p} directions")
+
+
+def check_trace_steps(checkpoints: Any, matrices: list, source: Any, *, aligned: bool) -> None:
+    """Refuse a trace whose checkpoints are not in step order (each an object with an integer ``step`` and a number or
+    null ``loss``), or, with ``aligned`` (``spectra trace``'s own document: one point per checkpoint and matrix), a
+    matrix with another number of points, or a point whose ``step`` is not its checkpoint's: the findings label each
+    point by its checkpoint's step ("from step 30 to step 10" read a reversed list).
+
+    Raises:
+        ResultsFormatError: one line naming ``source`` and the field.
+    """
+    steps = []
+    for i, ck in enumerate(checkpoints):
+        if not (isinstance(ck, dict) and is_int(ck.get("step")) and ck["step"] >= 0):
+            impossible(f"checkpoints[{i}].step", ck.get("step") if isinstance(ck, dict) else ck, "a step is a whole number >= 0",
+                       source, rerun="spectra trace --out")
+        loss = ck.get("loss")
+        if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+            impossible(f"checkpoints[{i}].loss", loss, "a loss is a number or null", source, rerun="spectra trace --out")
+        if steps and ck["step"] < steps[-1]:
+            impossible(f"checkpoints[{i}].step", ck["step"], f"checkpoints are listed in step order (the one before is at "
+                                                             f"step {steps[-1]})", source, rerun="spectra trace --out")
+        steps.append(ck["step"])
+    if not aligned:
+        return
+    for i, m in enumerate(matrices):
+        pts = m["points"]
+        if len(pts) != len(steps):
+            impossible(f"matrices[{i}].points", f"{len(pts)} points", f"one per checkpoint: {len(steps)}", source,
+                       rerun="spectra trace --out")
+        for j, pt in enumerate(pts):
+            if is_int(pt.get("step")) and pt["step"] != steps[j]:
+                impossible(f"matrices[{i}].points[{j}].step", pt["step"], f"its checkpoint is at step {steps[j]}", source,
+                           rerun="spectra trace --out")
+
+
 def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> None:
     """Refuse a ``trace.json`` matrix record without a string name and module, or with a point that
     :func:`check_trace_point` refuses; with ``ratios``, also a point whose ``rel_norm`` is not its ``fro_norm`` over the
@@ -467,8 +541,12 @@ def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> 
         raise ResultsFormatError(f"{at} must be an object with a string name and module and a list of points", path=source,
                                  hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
     base = m.get("base_fro_norm")
+    shape = m.get("shape")
+    p = min(shape) if isinstance(shape, list) and len(shape) == 2 and all(is_int(x) and x > 0 for x in shape) else None
     for j, pt in enumerate(m["points"]):
         check_trace_point(pt, f"{at}.points[{j}]", source)
+        if p is not None and isinstance(pt, dict):
+            _check_point_values(pt, p, f"{at}.points[{j}]", source)
         fro, rel = pt.get("fro_norm"), pt.get("rel_norm")
         # one number twice (‖ΔW‖ / ‖W_base‖): an edited rel_norm moved the findings' median, as diff's results_check refuses
         if ratios and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, fro, rel)) and base > 0 and \
