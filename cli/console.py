@@ -232,8 +232,8 @@ class _LogProgress(Progress):
 
 class OutPath(click.Path):
     """A path a command writes to (``--out``): ``~`` expanded as in input paths (a quoted ``'~/res'`` made a
-    folder named ``~`` here, which a later ``rm -rf ~`` would not forgive); ``-`` refused, as spectra
-    writes files there, not to standard output."""
+    folder named ``~`` here, which a later ``rm -rf ~`` would not forgive), a folder reached through links
+    resolved once; ``-`` refused, as spectra writes files there, not to standard output."""
 
     def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
         if isinstance(value, str):
@@ -248,6 +248,10 @@ class OutPath(click.Path):
                                   hint=f"pass {opt} {'DIR' if what == 'folder' else 'FILE'}"
                                        f"{'; --out . writes into the current folder' if what == 'folder' else ''}")
             value = os.path.expanduser(value)
+            if not self.file_okay and os.path.realpath(value) != os.path.abspath(value):
+                # an output folder reached through a link (`latest -> run-7`) is the folder it names now: a link
+                # switched mid-run split the run's files between two folders, the second written without its lock
+                value = os.path.realpath(value)
         return super().convert(value, param, ctx)
 
 

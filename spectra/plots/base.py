@@ -213,10 +213,15 @@ def _lay_out(fig, ax, cax, *, pad: float = 0.08, gap: float = 0.15, bar: float =
 
 def preload() -> None:
     """Import what drawing and saving a figure needs (matplotlib: ~0.5 s), so that a caller can do it
-    in a thread while it computes (:func:`spectra.diff` does, when it will write heatmaps)."""
-    import matplotlib.backends.backend_agg  # noqa: F401
-    import matplotlib.colors  # noqa: F401
-    import matplotlib.figure  # noqa: F401
+    in a thread while it computes (:func:`spectra.diff` does, when it will write heatmaps). A failure (a library
+    that cannot be mapped under a memory limit) is left for the figures' own imports to report, after the results
+    are written: a thread's error would print a traceback in the middle of the run."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.colors  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: the drawing imports again and says what failed
+        return
 
 
 def run_split(tasks: Sequence[Callable[[], T]], *, timeout_s: float = 300.0) -> list[T]:
