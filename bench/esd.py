@@ -130,7 +130,7 @@ def in_process(model: Path, repeats: int) -> dict[str, list[float]]:
     return inproc
 
 
-def in_process_only(model: Path, repeats: int, name: str) -> None:
+def in_process_only(model: Path, repeats: int, name: str | None) -> None:
     """``--inproc-only``: the in-process comparison alone, saved as ``bench/results/<name>.{md,json}``."""
     load0 = os.getloadavg()
     inproc = in_process(model, repeats)
@@ -149,6 +149,8 @@ def in_process_only(model: Path, repeats: int, name: str) -> None:
         f"**Speed-up, analysis alone: {speed:.1f}×**",
     ])
     print(text)
+    if name is None:
+        return
     print(save(name, text, {"cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_start": load0, "loadavg_end": load1,
                             "in_process_s": inproc, "in_process_median_s": med, "speedup_in_process": speed}))
 
@@ -158,7 +160,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--inproc-repeats", type=int, default=1)
     ap.add_argument("--workdir", default=None, help="Keep the models here (default: a temporary folder).")
-    ap.add_argument("--save", default="esd-cpu")
+    ap.add_argument("--save", default=None, help="write bench/results/SAVE.md and .json (nothing is written without it)")
     ap.add_argument("--inproc-only", action="store_true",
                     help="Only the in-process comparison (--inproc-repeats runs), saved as <save>-inproc.")
     args = ap.parse_args()
@@ -166,7 +168,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = build(work / "smollm2-135m-layout")
     if args.inproc_only:
-        in_process_only(model, args.inproc_repeats, args.save + "-inproc")
+        in_process_only(model, args.inproc_repeats, args.save and args.save + "-inproc")
         return
     py = sys.executable
     load0 = os.getloadavg()
@@ -231,7 +233,8 @@ def main() -> None:
         + ", ".join(f"{k} {v:.1e}" for k, v in par["worst_rel_diff"].items()),
     ])
     print(text)
-    print(save(args.save, text, data))
+    if args.save:
+        print(save(args.save, text, data))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -184,7 +185,12 @@ def run_measured(cmd: list[str], *, cwd: Path, env: dict) -> tuple[float, int, s
     with tempfile.TemporaryFile(mode="w+") as out_f, tempfile.TemporaryFile(mode="w+") as err_f:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out_f, stderr=err_f, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # Ctrl-C, SIGTERM (as an exit, below): the child is not left running
+            proc.kill()
+            proc.wait()
+            raise
         seconds = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out_f.seek(0)
@@ -197,7 +203,11 @@ def run_measured(cmd: list[str], *, cwd: Path, env: dict) -> tuple[float, int, s
 
 def extract_before(ref: str, dest: Path) -> str:
     """``spectra/`` and ``cli/`` (as ``spectra_cli``) of ``ref`` into ``dest``; returns the commit id."""
-    commit = subprocess.run(["git", "rev-parse", ref], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=REPO, capture_output=True, text=True)
+    if found.returncode != 0:  # a copied bench/, a shallow clone, a source tarball
+        sys.exit(f"error: the git ref {ref!r} (--before) is not a commit of {REPO}: run in a full clone, pass another "
+                 "--before, or --only after")
+    commit = found.stdout.strip()
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", commit, "spectra", "cli"], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
@@ -233,17 +243,22 @@ def main() -> None:
          "profile": lambda: child_profile(*rest), "probe": child_probe}[kind]()
         return
 
+    # a SIGTERM (timeout, a scheduler) as an exit: run_measured then stops the child it waits on
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="spectra-135m-"))
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    env_after = {**os.environ, "PYTHONPATH": ""}
+    # this checkout's working tree, whatever spectra is installed (its cli/ is the spectra_cli package)
+    after_dir = work / "after-code"
+    shutil.rmtree(after_dir, ignore_errors=True)
+    shutil.copytree(REPO / "spectra", after_dir / "spectra", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "cli", after_dir / "spectra_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    env_after = {**os.environ, "PYTHONPATH": str(after_dir)}
     before_dir = work / "before-code"
     if before_dir.exists():
         shutil.rmtree(before_dir)
-    commit = extract_before(args.before, before_dir)
     env_before = {**os.environ, "PYTHONPATH": str(before_dir)}
     load_start = os.getloadavg()
-    print(f"# 135M whole-command benchmark in {work}; before = {args.before} ({commit[:10]}); load average {load_start}", flush=True)
 
     if not (work / "tuned" / "model.safetensors").exists():
         _, _, out, _ = run_measured([py, str(Path(__file__).resolve()), "--child", "generate", str(work), str(args.layers)], cwd=work, env=env_after)
@@ -275,6 +290,8 @@ def main() -> None:
     }
     if args.only:
         variants = {k: v for k, v in variants.items() if args.only in k}
+    commit = extract_before(args.before, before_dir) if any(k.startswith("before") for k in variants) else "(not run)"
+    print(f"# 135M whole-command benchmark in {work}; before = {args.before} ({commit[:10]}); load average {load_start}", flush=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     rss: dict[str, list[int]] = {k: [] for k in variants}
     ranks: dict[str, dict] = {}
