@@ -298,7 +298,35 @@ def _kinds_finding(ms: list[ModuleResult], k: str) -> Finding | None:
     return Finding("modules", text, numbers={kind: {"median_frac": f, "random_frac": r} for kind, f, r in rows})
 
 
+def _stack(m: ModuleResult) -> str:
+    """The layer stack a matrix is in: its name before the layer index (``encoder.block`` of T5's
+    ``encoder.block.2.layer.0.SelfAttention.q.weight``; ``model.layers`` of a decoder-only model)."""
+    head, sep, _ = m.name.partition(f".{m.layer}.")
+    return head if sep else ""
+
+
 def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
+    """How the rank needed changes along the depth; with several stacks of layers (an encoder and a decoder, a
+    vision tower beside a language model), one clause per stack: their layer numbers are each stack's own, and
+    pooled, the stack with more matrices per layer hid the other's opposite trend."""
+    stacks: dict[str, list[ModuleResult]] = {}
+    for m in ms:
+        if m.layer is not None:
+            stacks.setdefault(_stack(m), []).append(m)
+    if len(stacks) < 2:
+        one = _stack_depth(ms, k)
+        return None if one is None else Finding("depth", one[0], numbers=one[2])
+    found = {name: d for name, group in sorted(stacks.items()) if (d := _stack_depth(group, k)) is not None}
+    if not found:
+        return None
+    text = ("Along the depth, per stack of layers (median rank needed ÷ p, each stack numbering its own layers): "
+            + "; ".join(f"{name}: {clause}" for name, (_, clause, _) in found.items()) + ".")
+    return Finding("depth", text, numbers={"stacks": {name: numbers for name, (_, _, numbers) in found.items()}})
+
+
+def _stack_depth(ms: list[ModuleResult], k: str) -> tuple[str, str, dict] | None:
+    """``(sentence, clause, numbers)`` of the rank needed along one stack's layers: the sentence for a model of one
+    stack, the clause for one of several (no semicolons inside); None with fewer than two layers."""
     per_layer: dict[int, list[float]] = {}
     for m in ms:
         if m.layer is not None:
@@ -311,7 +339,7 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
     lo = min(layers, key=lambda lay: (med[lay], lay))
     if len(layers) < 6:
         listed = ", ".join(f"layer {lay} {_fmt(med[lay])}" for lay in layers)
-        text = f"Along the depth (median rank needed ÷ p per layer): {listed}."
+        text, clause = f"Along the depth (median rank needed ÷ p per layer): {listed}.", listed
         thirds = None
     else:
         n = len(layers)
@@ -322,9 +350,10 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
                  "falls with depth" if thirds[2] < thirds[0] / 1.15 else "is about the same at every depth")
         extremes = (f"the same in every layer ({_fmt(med[hi])})" if med[hi] == med[lo]  # not "highest in 0, lowest in 0"
                     else f"highest in layer {hi} ({_fmt(med[hi])}), lowest in layer {lo} ({_fmt(med[lo])})")
-        text = (f"Along the depth, the rank needed {trend}: {_fmt(thirds[0])} of p in layers {span[0]}, "
-                f"{_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}; {extremes}.")
-    return Finding("depth", text, numbers={"per_layer": med, "thirds": thirds, "highest_layer": hi, "lowest_layer": lo})
+        thirds_text = f"{_fmt(thirds[0])} of p in layers {span[0]}, {_fmt(thirds[1])} in {span[1]}, {_fmt(thirds[2])} in {span[2]}"
+        text = f"Along the depth, the rank needed {trend}: {thirds_text}; {extremes}."
+        clause = f"the rank needed {trend} ({thirds_text}), {extremes}"
+    return text, clause, {"per_layer": med, "thirds": thirds, "highest_layer": hi, "lowest_layer": lo}
 
 
 def _dora_finding(ms: list[ModuleResult], k: str, tau: float) -> Finding:

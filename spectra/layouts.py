@@ -193,6 +193,9 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
     # uses a grouped layout we do not guess (DBRX's GQA blocks need attn_config's kv heads, which are not read)
     if leaf == "wqkv" and arch.model_type in _WQKV_BLOCKS:
         return blocks(("q", "k", "v"), (in_dim,) * 3, out_dim)
+    if leaf == "wqkv" and arch.model_type is None:  # an adapter diffed alone, a file without its config.json
+        return (Part(""),), ("wqkv left unsplit: its layout is the model type's (MPT and ModernBERT chunk it into q, k, v; "
+                             "InternLM2 groups it by kv head), and no config.json says which")
     if leaf == "wqkv":
         return (Part(""),), "wqkv uses a grouped layout; left unsplit"
     if leaf == "qkv_proj" and arch.model_type in _QKV_PROJ_LAYOUTS:

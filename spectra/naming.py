@@ -402,12 +402,14 @@ _PARENT_LEAF_ROLES = {
     ("shared_mlp", "input_linear"): "gate_up", ("shared_mlp", "output_linear"): "down",
     ("router", "layer"): "router",  # Granite-MoE's block_sparse_moe.router.layer.weight
     ("gate", "weight_1"): "router",  # ERNIE-4.5-VL's vision-expert router mlp.gate.weight_1
+    # RWKV's channel mix: value(relu(key(x))²), an MLP's up and down (not attention's k and v)
+    ("feed_forward", "key"): "up", ("feed_forward", "value"): "down",
 }
 
 _LEAF_ROLES = {
-    "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q",
-    "k_proj": "k", "key": "k", "wk": "k",
-    "v_proj": "v", "value": "v", "wv": "v",
+    "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q", "query_proj": "q",  # query_proj…: DeBERTa-v2
+    "k_proj": "k", "key": "k", "wk": "k", "key_proj": "k",
+    "v_proj": "v", "value": "v", "wv": "v", "value_proj": "v",
     "o_proj": "o", "out_proj": "o",
     "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "w_pack": "qkv", "wqkv": "qkv", "in_proj_weight": "qkv",
     "gate_proj": "gate", "w1": "gate",
@@ -417,7 +419,10 @@ _LEAF_ROLES = {
     "router": "router",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "embed_in": "embed",
     "shared": "embed", "tok_embeddings": "embed",
-    "wpe": "pos_embed", "position_embeddings": "pos_embed",
+    # Mamba's backbone.embeddings, OpenAI-GPT's tokens_embed, CLIP's token_embedding (a tied head pairs with these);
+    # not CLIP's vision position_embedding: its rows are a patch grid's, not leading positions kept across a resize
+    "embeddings": "embed", "tokens_embed": "embed", "token_embedding": "embed",
+    "wpe": "pos_embed", "position_embeddings": "pos_embed", "positions_embed": "pos_embed",
     "lm_head": "head", "embed_out": "head",
 }
 
@@ -438,7 +443,7 @@ def _role(p: _Parsed) -> str | None:
                 role = "up"
         elif leaf == "gate" and parent in ("block_sparse_moe", "mlp", "moe"):
             role = "router"
-        elif leaf == "output" and p.layer is None:
+        elif leaf == "output" and p.layer is None:  # (a bare `head` is timm's classifier as often as RWKV's output head)
             role = "head"
     if parent == "intermediate" and leaf == "dense":
         role = "up"

@@ -327,6 +327,29 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
                         f"unchanged would; none of its {len(flipped) + len(square)} layer matrices is compared")
 
 
+def _drop_aliases(result: Pairing) -> None:
+    """A pair whose base tensor and tuned tensor are both the same stored tensors as another pair's (tied weights
+    saved whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`) is that pair's update again:
+    it moves to ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks'
+    ``embed_tokens`` and ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The
+    pair of the names first stored stays. In place."""
+    def key(p: MatrixPair) -> tuple[str, str, str]:
+        part = p.tuned.name[len(p.tuned_info.name):] if p.tuned.name.startswith(p.tuned_info.name) else p.tuned.name
+        return p.base_info.alias_of or p.base_info.name, p.tuned_info.alias_of or p.tuned_info.name, part
+
+    first: dict[tuple[str, str, str], MatrixPair] = {}
+    for p in sorted(result.pairs, key=lambda p: (p.base_info.alias_of is not None) + (p.tuned_info.alias_of is not None)):
+        first.setdefault(key(p), p)
+    if len(first) == len(result.pairs):
+        return
+    for p in result.pairs:
+        kept = first[key(p)]
+        if kept is not p:
+            result.skipped.append(Skipped(p.tuned.name, f"the same stored tensor as {kept.tuned.name} in both checkpoints (tied "
+                                                        "weights saved under several names): its update is measured there"))
+    result.pairs[:] = [p for p in result.pairs if first[key(p)] is p]
+
+
 def pair_by_base_names(base: Checkpoint, tuned: Checkpoint) -> Pairing:
     """:func:`pair_checkpoints` for callers that key each pair by the base's tensor name (``trace``,
     ``interfere``): a tuned output head that a tied base can only pair with its embedding would be keyed as
@@ -603,6 +626,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
                                        f"the base ties its output head to {bs.name} (it stores no {ts.name}): "
                                        "the tuned head is compared with that embedding"))
+    _drop_aliases(result)
     if not single:
         _square_beside_transposes(result, flipped)
     result.base_only = [n for n in base.tensors if n not in matched_b]

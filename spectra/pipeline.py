@@ -495,8 +495,10 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
     notes = ["memory is the data's; the allocator keeps some freed memory on top (40-80 MiB in tests/test_scale.py)"]
     if approx:
-        notes.append(f"{approx} matrices use the approximate mode (priced as exact: the time an upper estimate, the memory "
-                     "a lower one: the sketch's working space, up to ~1.5× each such matrix's ΔW, is not counted)")
+        notes.append(f"{approx} matrices use the approximate mode, priced as exact: the time is an upper estimate only where "
+                     "the sketch settles early; a spectrum that decays slowly (or τ = 1) widens it to half the matrix and then "
+                     "takes the exact route as well, several times the exact time; the memory is a lower estimate: the "
+                     "sketch's working space, up to ~1.5× each such matrix's ΔW, is not counted")
     return Plan(
         matrices=sum(shapes.values()), tensors=len(tasks),
         read_bytes=sum(t.pair.stored_bytes for t in tasks), shapes=shapes,

@@ -95,6 +95,8 @@ class TensorInfo:
         entry: its safetensors header entry, or None for ``.bin`` files.
         stamp: for a ``.bin`` file, its :data:`~spectra.io.paths.FileStamp` when it was listed (a
             safetensors entry carries its own); reads refuse a file changed since.
+        alias_of: for a ``.bin`` file, the first name of the same file holding the same tensor (tied weights saved
+            whole: :attr:`spectra.io.torchfile.LoadedState.aliases`); None for the first name or another tensor.
     """
 
     name: str
@@ -103,6 +105,7 @@ class TensorInfo:
     file: Path
     entry: TensorEntry | None = None
     stamp: FileStamp | None = field(default=None, compare=False)
+    alias_of: str | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -588,8 +591,8 @@ def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, 
         # a legacy-format file is held whole: not kept past its listing, so that opening many checkpoints
         # (trace, interfere) holds none of them; its first read loads it again
         states.forget(path)
-    return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path, stamp=loaded.stamp)
-            for n, t in loaded.tensors.items()}
+    return {n: TensorInfo(n, tuple(t.shape), str(t.dtype).removeprefix("torch."), path, stamp=loaded.stamp,
+                          alias_of=loaded.aliases.get(n)) for n, t in loaded.tensors.items()}
 
 
 def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkpoint:

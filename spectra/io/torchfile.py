@@ -32,7 +32,7 @@ import threading
 import warnings
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -235,6 +235,9 @@ class LoadedState:
         wrapper: the key of a training checkpoint the state dict was found under (``"model"``...), or None.
         mapped: whether the tensors are views of the memory-mapped file.
         notes: how the file was read beyond the wrapper (skipped extra state, another weight set beside it).
+        aliases: name -> the first name holding the same tensor (same storage, offset, shape, strides and dtype):
+            ``torch.save`` keeps tied weights shared, so a T5 state dict saved whole holds its one embedding as
+            ``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens`` and ``lm_head``.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -242,6 +245,20 @@ class LoadedState:
     wrapper: str | None = None
     mapped: bool = False
     notes: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def _aliases(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """:attr:`LoadedState.aliases` of the loaded ``tensors`` (empty ones, which hold no data, alias nothing)."""
+    first: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        out.update({name: first[key]} if key in first else {})
+        first.setdefault(key, name)
+    return out
 
 
 def read_state_dict(path: Path) -> LoadedState:
@@ -295,8 +312,8 @@ def read_state_dict(path: Path) -> LoadedState:
     if zipped:
         _check_records(path)
     found = find_state(path, obj)
-    return LoadedState({k: _plain_tensor(path, k, v) for k, v in found.tensors.items()}, stamp, found.wrapper,
-                       mapped=zipped, notes=found.notes)
+    tensors = {k: _plain_tensor(path, k, v) for k, v in found.tensors.items()}
+    return LoadedState(tensors, stamp, found.wrapper, mapped=zipped, notes=found.notes, aliases=_aliases(tensors))
 
 
 class _Inert:
