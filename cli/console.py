@@ -248,7 +248,8 @@ class OutPath(click.Path):
                                   hint=f"pass {opt} {'DIR' if what == 'folder' else 'FILE'}"
                                        f"{'; --out . writes into the current folder' if what == 'folder' else ''}")
             value = os.path.expanduser(value)
-            if not self.file_okay and os.path.realpath(value) != os.path.abspath(value):
+            dangling = os.path.islink(value) and not os.path.exists(value)  # refused as no folder, further on
+            if not self.file_okay and not dangling and os.path.realpath(value) != os.path.abspath(value):
                 # an output folder reached through a link (`latest -> run-7`) is the folder it names now: a link
                 # switched mid-run split the run's files between two folders, the second written without its lock
                 value = os.path.realpath(value)

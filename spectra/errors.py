@@ -134,7 +134,7 @@ def out_of_memory(exc: BaseException) -> str | None:
     """
     text = str(exc)
     if isinstance(exc, RuntimeError) and "can't start new thread" in text:  # its stack could not be mapped (ulimit -v)
-        return "out of memory: a new thread could not be started (or the limit of processes, ulimit -u, was reached)"
+        return "out of memory: a new thread could not be started (its stack could not be allocated)"
     if not (isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and any(w in text.lower() for w in _OOM_WORDS))):
         return None
     import re

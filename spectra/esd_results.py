@@ -16,7 +16,7 @@ from spectra.esd import training_warning
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.results import rows_to_csv
-from spectra.results_check import impossible, unique_names
+from spectra.results_check import impossible, is_num, unique_names
 
 SCHEMA = "spectra.esd/1"
 
@@ -99,9 +99,9 @@ def check_record(m: Any, at: str, source: Any) -> None:
             if v is not None and not isinstance(v, str):
                 raise bad(key, "text or null")
         elif key == "eigenvalues":
-            if v is not None and not (isinstance(v, list) and all(_number(x) for x in v)):
+            if v is not None and not (isinstance(v, list) and all(is_num(x) for x in v)):
                 raise bad(key, "an array of numbers or null")
-        elif key != "shape" and v is not None and not _number(v):
+        elif key != "shape" and v is not None and not is_num(v):
             raise bad(key, "a number or null")
     _check_ranges(m, min(shape), max(shape), at, source)
     # the flag follows from α (WeightWatcher's thresholds): an edited α beside the old flag was counted by the flag
@@ -118,7 +118,7 @@ def _check_ranges(m: dict[str, Any], M: int, N: int, at: str, source: Any) -> No
         impossible(f"{at}.{key}", m[key], why, source, rerun="spectra esd --out")
 
     def has(key: str) -> bool:
-        return _number(m.get(key))
+        return is_num(m.get(key))
 
     for key in ("N", "M"):
         if has(key) and m[key] != {"N": N, "M": M}[key]:
@@ -141,10 +141,6 @@ def _check_ranges(m: dict[str, Any], M: int, N: int, at: str, source: Any) -> No
             no(key, f"λ_max is at most Σλ = {m['norm']}")
     if has("stable_rank") and m["stable_rank"] > M * (1 + 1e-9):
         no("stable_rank", f"Σλ / λ_max is at most min(shape) = {M}")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 @dataclass

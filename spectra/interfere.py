@@ -328,7 +328,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                                "energy, stand for it in φ, captured energy, TSV and KnOTS (the cosine and the sum use all of it)")
             if undetermined_cut(spectra_[t], factors[t].S.numel(), floor):
                 numeric.append(f"{tasks[t].label}: {UNDETERMINED_TEXT}")
-            rel_norms[t] = float(torch.linalg.vector_norm(delta.double())) / base_fro if base_fro > 0 else None
+            rel_norms[t] = relative_norm(float(torch.linalg.vector_norm(delta.double())), base_fro)
             if total is None:
                 total = torch.zeros(delta.shape, dtype=torch.float64, device=device)
                 for f in exact.values():

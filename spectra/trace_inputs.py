@@ -20,7 +20,7 @@ from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 from spectra.journal import first_of_each
-from spectra.results_check import impossible, is_int  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
+from spectra.results_check import impossible, is_int, is_num  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -437,7 +437,7 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
         ResultsFormatError: one line naming ``source``, the record and the key.
     """
     def num(v: Any) -> bool:
-        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        return v is None or is_num(v)
 
     if not isinstance(pt, dict):
         raise ResultsFormatError(f"{at} must be an object. Got {str(pt)[:60]!r} instead", path=source)
@@ -461,39 +461,36 @@ def _check_point_values(pt: dict[str, Any], p: int, at: str, source: Any) -> Non
     """Refuse values no ΔW of a matrix with ``p = min(shape)`` can have (an edited ``trace.json``): ranks outside 0..p,
     negative norms, σ₁ above ‖ΔW‖_F, σ₁/σ₂ below 1, singular values not descending, φ outside [0, 1], angles
     outside [0°, 90°]. ``pt`` has passed :func:`check_trace_point`."""
-    def num(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
     def no(key: str, v: Any, why: str) -> None:
         impossible(f"{at}.{key}", v, why, source, rerun="spectra trace --out")
 
     for k, v in (pt.get("energy_rank") or {}).items() if isinstance(pt.get("energy_rank"), dict) else ():
-        if num(v) and not 0 <= v <= p:
+        if is_num(v) and not 0 <= v <= p:
             no(f"energy_rank[{k}]", v, f"a rank lies from 0 to min(shape) = {p}")
     for key in ("fro_norm", "spectral_norm", "rel_norm", "stable_rank", "effective_rank"):
-        if num(v := pt.get(key)) and not v >= 0:
+        if is_num(v := pt.get(key)) and not v >= 0:
             no(key, v, "norms and ranks are not negative")
     for key in ("stable_rank", "effective_rank"):  # ‖ΔW‖_F²/σ₁² and exp(entropy) are at most p
-        if num(v := pt.get(key)) and v > p * (1 + 1e-9):
+        if is_num(v := pt.get(key)) and v > p * (1 + 1e-9):
             no(key, v, f"it is at most min(shape) = {p}")
     fro, top = pt.get("fro_norm"), pt.get("spectral_norm")
-    if num(fro) and num(top) and top > fro * (1 + 1e-3) + 1e-300:
+    if is_num(fro) and is_num(top) and top > fro * (1 + 1e-3) + 1e-300:
         no("spectral_norm", top, f"σ₁ is at most ‖ΔW‖_F ({fro})")
-    if num(v := pt.get("sigma_ratio")) and not v >= 1 - 1e-12:
+    if is_num(v := pt.get("sigma_ratio")) and not v >= 1 - 1e-12:
         no("sigma_ratio", v, "σ₁/σ₂ is at least 1")
     values = pt.get("singular_values")
-    if isinstance(values, list) and values and all(num(x) for x in values) and (
+    if isinstance(values, list) and values and all(is_num(x) for x in values) and (
             len(values) > p or min(values) < 0 or any(b > a for a, b in zip(values, values[1:]))):
         no("singular_values", "…", f"at most min(shape) = {p} values, not negative, largest first")
     for turn in ("turn_prev", "turn_first"):
         sides = pt.get(turn) if isinstance(pt.get(turn), dict) else {}
         for side, t in sides.items():
             t = t if isinstance(t, dict) else {}
-            if num(v := t.get("phi")) and not 0 <= v <= 1 + 1e-9:
+            if is_num(v := t.get("phi")) and not 0 <= v <= 1 + 1e-9:
                 no(f"{turn}.{side}.phi", v, "φ lies from 0 (orthogonal) to 1 (unturned)")
-            if num(v := t.get("max_angle_deg")) and not 0 <= v <= 90 + 1e-9:
+            if is_num(v := t.get("max_angle_deg")) and not 0 <= v <= 90 + 1e-9:
                 no(f"{turn}.{side}.max_angle_deg", v, "a principal angle lies from 0° to 90°")
-            if num(v := t.get("k")) and not 0 <= v <= p:
+            if is_num(v := t.get("k")) and not 0 <= v <= p:
                 no(f"{turn}.{side}.k", v, f"a subspace of ΔW has from 0 to min(shape) = {p} directions")
 
 
@@ -512,7 +509,7 @@ def check_trace_steps(checkpoints: Any, matrices: list, source: Any, *, aligned:
             impossible(f"checkpoints[{i}].step", ck.get("step") if isinstance(ck, dict) else ck, "a step is a whole number >= 0",
                        source, rerun="spectra trace --out")
         loss = ck.get("loss")
-        if loss is not None and not (isinstance(loss, (int, float)) and not isinstance(loss, bool)):
+        if loss is not None and not is_num(loss):
             impossible(f"checkpoints[{i}].loss", loss, "a loss is a number or null", source, rerun="spectra trace --out")
         if steps and ck["step"] < steps[-1]:
             impossible(f"checkpoints[{i}].step", ck["step"], f"checkpoints are listed in step order (the one before is at "
