@@ -41,16 +41,20 @@ ESD_EDITS = {  # α = −3 was "the lowest median α"; a tail of 9999 eigenvalue
 }
 
 
-@pytest.mark.parametrize("field", list(ESD_EDITS))
-def test_esd_values_no_matrix_has_are_refused(outputs, field):
-    path = outputs / "esd.json"
+def _refused(path, edit, said: str) -> None:
+    """``spectra report`` of ``path`` after ``edit`` (the file restored afterwards) is refused with ``said``."""
     kept = path.read_text()
     try:
-        _edit(path, ESD_EDITS[field])
-        with pytest.raises(ResultsFormatError, match=rf"matrices\[0\]\.{field} is .*impossible"):
+        _edit(path, edit)
+        with pytest.raises(ResultsFormatError, match=said):
             build_report([path])
     finally:
         path.write_text(kept)
+
+
+@pytest.mark.parametrize("field", list(ESD_EDITS))
+def test_esd_values_no_matrix_has_are_refused(outputs, field):
+    _refused(outputs / "esd.json", ESD_EDITS[field], rf"matrices\[0\]\.{field} is .*impossible")
 
 
 def _point(d, j=-1):
@@ -70,14 +74,7 @@ TRACE_EDITS = {  # an energy rank of 500 for a 32 × 32 matrix was in the per-ki
 
 @pytest.mark.parametrize("field", list(TRACE_EDITS))
 def test_trace_values_no_matrix_has_are_refused(outputs, field):
-    path = outputs / "trace.json"
-    kept = path.read_text()
-    try:
-        _edit(path, TRACE_EDITS[field])
-        with pytest.raises(ResultsFormatError, match=rf"{field} is .*impossible"):
-            build_report([path])
-    finally:
-        path.write_text(kept)
+    _refused(outputs / "trace.json", TRACE_EDITS[field], rf"{field} is .*impossible")
 
 
 @pytest.fixture(scope="module")
