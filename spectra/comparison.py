@@ -194,7 +194,7 @@ class _Side:
             # the same pairing as `spectra diff`: wrapper prefixes, skipped non-float or mismatched
             # matrices, shared rows of a resized vocabulary, a tuned head on a base that ties it (keyed by
             # the head's name: the embedding keeps its own key)
-            pairing = pair_checkpoints(base, self.tuned, tied_head=True)
+            pairing = pair_checkpoints(base, self.tuned, tied_head=True, aliases=False)  # tied names matched by name
             self.stacks = {pairing_key(p.tuned.name): p.tuned for p in pairing.pairs if len(p.tuned_info.shape) != 2}
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
             for p in (p for p in pairing.pairs if len(p.tuned_info.shape) == 2):

@@ -21,9 +21,8 @@ rsLoRA ``alpha = √r``) from the top-r singular vectors (float64 Gram eigendeco
 ``--rank`` on the CPU the subspace from float32 and the values and factors on it in float64,
 :func:`spectra.lowrank.refined_triplets`, matrices streamed through the compute threads; the
 randomized SVD with its certified residual above ``approx_above``; for an adapter, the factored SVD
-of ``s·B·A``, never densified; DoRA from its dense update), stored in the tuned checkpoint's dtype.
-The output folder's checks and the inputs' norms live in :mod:`spectra.extract_io`.
-"""
+of ``s·B·A``, never densified; DoRA from its dense update), stored in the tuned checkpoint's dtype. The output
+folder's checks and the inputs' norms live in :mod:`spectra.extract_io`."""
 
 from __future__ import annotations
 
@@ -68,6 +67,7 @@ from spectra.extract_plan import (
     STACK_NOT_WRITTEN,
     ExtractConfig,
     Target,
+    alias_notes,
     extractable,
     final_ranks,
     module_of,
@@ -197,7 +197,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         kept.append(task)
     # how the two paired (a layout that left every layer matrix out…), then the tied weights' note
     notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)] + one_lora_per_tied_weight(targets, kept, left, base, tuned_ckpt)
-    notes += one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
+    notes += alias_notes(pairing) + one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
                            lambda side, n: head_of(n.removeprefix(base_prefix if side == "base" else prefix), heads) is not None)
     one_d = []
     base_by_key = {n: n for n in base.tensors}

@@ -34,7 +34,7 @@ from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
 from spectra.naming import MatrixSpec, layer_of
-from spectra.pairing import MatrixPair, Pairing
+from spectra.pairing import ALIAS_REASON, MatrixPair, Pairing
 from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
 from spectra.results import caveat_codes
 from spectra.selection import Task
@@ -577,6 +577,12 @@ def default_tie(base: Checkpoint) -> bool | None:
         return None
 
 
+def alias_notes(pairing: Pairing) -> list[str]:
+    """One line per tied name a ``.bin`` saved whole that the pairing left out (extract's results list no such skip)."""
+    return [f"{k.name} is not extracted: {k.reason.removesuffix(': measured there')}; one LoRA there holds the update of both"
+            for k in pairing.skipped if k.reason.startswith(ALIAS_REASON)]
+
+
 def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list[tuple[Any, str]], base: Checkpoint,
                               tuned: Checkpoint) -> list[str]:
     """Keep one LoRA per weight of a base that ties its output head to its embedding (it stores no head, so
@@ -598,7 +604,13 @@ def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list
             return torch.equal(base.load(head.base_name), base.load(token.base_name))
         return tied
 
+    by_base = {t.base_name: t for t in targets}
+
     def tied_to(t: Target) -> Target | None:
+        # a .bin saved whole stores tied weights as one tensor under several names (T5's shared and both embed_tokens)
+        root = base.tensors[t.base_name].alias_of if t.base_name in base.tensors else None
+        if root is not None and root in by_base:
+            return by_base[root]
         if t.embedding:
             return None
         return embedding.get(t.base_name) or (token if ties(t) else None)

@@ -145,7 +145,7 @@ class _Task:
         else:
             self.kind = "full"
             self.ckpt = open_checkpoint(label)
-            pairing = pair_by_base_names(base, self.ckpt)
+            pairing = pair_by_base_names(base, self.ckpt, aliases=False)  # tied names matched by name against the others
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
             for p in pairing.pairs:
                 self.updates[p.base.name] = p

@@ -327,6 +327,10 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
                         f"unchanged would; none of its {len(flipped) + len(square)} layer matrices is compared")
 
 
+#: How :func:`_drop_aliases` begins its skip reasons (the stored tensor's kept name follows).
+ALIAS_REASON = "the same stored tensor as"
+
+
 def _drop_aliases(result: Pairing) -> None:
     """A pair whose base tensor and tuned tensor are both the same stored tensors as another pair's (tied weights
     saved whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`) is that pair's update again:
@@ -345,17 +349,17 @@ def _drop_aliases(result: Pairing) -> None:
     for p in result.pairs:
         kept = first[key(p)]
         if kept is not p:
-            result.skipped.append(Skipped(p.tuned.name, f"the same stored tensor as {kept.tuned.name} in both checkpoints (tied "
-                                                        "weights saved under several names): its update is measured there"))
+            result.skipped.append(Skipped(p.tuned.name, f"{ALIAS_REASON} {kept.tuned.name} (tied weights saved under several "
+                                                        "names): measured there"))
     result.pairs[:] = [p for p in result.pairs if first[key(p)] is p]
 
 
-def pair_by_base_names(base: Checkpoint, tuned: Checkpoint) -> Pairing:
+def pair_by_base_names(base: Checkpoint, tuned: Checkpoint, *, aliases: bool = True) -> Pairing:
     """:func:`pair_checkpoints` for callers that key each pair by the base's tensor name (``trace``,
     ``interfere``): a tuned output head that a tied base can only pair with its embedding would be keyed as
     that embedding, so it is left out, as without ``tied_head``, but said (a pairing note, and ``skipped``):
-    unpaired, it had gone unmentioned while the head changed."""
-    pairing = pair_checkpoints(base, tuned, tied_head=True)
+    unpaired, it had gone unmentioned while the head changed. ``aliases``: as :func:`pair_checkpoints`."""
+    pairing = pair_checkpoints(base, tuned, tied_head=True, aliases=aliases)
     tied = [p for p in pairing.pairs if p.base.role != p.tuned.role and p.tuned.role == "head"]
     for p in tied:
         why = (f"an output head the base ties to its embedding {p.base.name} (the base stores no head): not followed "
@@ -505,8 +509,13 @@ def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Ski
     )
 
 
-def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = False) -> Pairing:
+def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = False, aliases: bool = True) -> Pairing:
     """Pair every matrix of ``tuned`` with its ``base`` counterpart.
+
+    With ``aliases``, a pair whose two tensors are the same stored tensors as another pair's (tied weights a ``.bin``
+    saved under several names) is skipped (:func:`_drop_aliases`); without, it is kept, for callers that match pairs
+    by name against another input (``compare``, ``interfere``: an adapter's LoRA on ``lm_head`` or ``shared`` finds the
+    full fine-tune's update of that stored tensor under its own name).
 
     With ``tied_head``, a tuned output head that a tied base does not store pairs with the base's
     embedding (:func:`_tied_head`); only for callers that key their pairs by the tuned name (diff,
@@ -626,7 +635,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
                                        f"the base ties its output head to {bs.name} (it stores no {ts.name}): "
                                        "the tuned head is compared with that embedding"))
-    _drop_aliases(result)
+    if aliases:
+        _drop_aliases(result)
     if not single:
         _square_beside_transposes(result, flipped)
     result.base_only = [n for n in base.tensors if n not in matched_b]

@@ -48,7 +48,7 @@ from spectra.linalg import check_device_available, resolve_device, singular_valu
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
+from spectra.pairing import ALIAS_REASON, PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
 from spectra.param_experts import open_adapter_on
 from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
@@ -452,6 +452,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
         pairings.append({p.base.name: p for p in pairing.pairs})
         for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
             said.setdefault(note, []).append(Path(ref.path).name)
+        for k in (k for k in pairing.skipped if k.reason.startswith(ALIAS_REASON)):  # tied names a .bin saved whole
+            said.setdefault(f"{k.name} is not followed: {k.reason}", []).append(Path(ref.path).name)
     result.warnings += [f"{', '.join(names[:3])}{' …' * (len(names) > 3)}: {note}" for note, names in said.items()]
     result.warnings += unpaired_warnings(unpaired)
     if all(ref.failed for ref in refs):

@@ -60,7 +60,7 @@ def test_tied_weights_saved_whole_are_measured_once(t5_bin):
     assert tied[0].fro_norm == pytest.approx(want, rel=1e-9) and tied[0].energy_rank["0.9"] <= 2
     said = {s["name"]: s["reason"] for s in res.skipped}
     for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
-        assert "the same stored tensor as shared.weight in both checkpoints" in said[name]
+        assert "the same stored tensor as shared.weight (tied weights saved under several names)" in said[name]
 
 
 def test_extract_of_tied_weights_saved_whole_writes_one_embedding_lora(t5_bin, tmp_path):
@@ -78,6 +78,44 @@ def test_extract_of_tied_weights_saved_whole_writes_one_embedding_lora(t5_bin, t
     got = (merged.shared.weight.detach() - before).numpy()
     want = deltas["shared.weight"].numpy()  # rank 2: kept whole, to float32 storage
     assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_compare_matches_a_lora_on_a_tied_name_with_the_full_update_of_that_tensor(t5_bin, tmp_path):
+    # a LoRA on lm_head against a .bin full fine-tune that stores lm_head as the embedding's alias: the full side's
+    # lm_head pair was dropped as "measured there", and compare, which matches the two sides by name, compared nothing
+    from spectra import compare
+    from tests.conftest import random_lora
+
+    root, _ = t5_bin
+    base = transformers.T5ForConditionalGeneration.from_pretrained(root / "base")
+    random_lora(base, 3, r=2, target_modules=["lm_head", "q"]).save_pretrained(tmp_path / "lora")
+    res = compare(tmp_path / "lora", root / "tuned", base=root / "base")
+    head = next(m for m in res.modules if m.name.startswith("lm_head"))
+    tuned = torch.load(root / "tuned" / "pytorch_model.bin", weights_only=True)
+    old = torch.load(root / "base" / "pytorch_model.bin", weights_only=True)
+    want = np.linalg.norm((tuned["lm_head.weight"].double() - old["lm_head.weight"].double()).numpy())
+    assert head.fro_b == pytest.approx(want, rel=1e-6)
+
+
+def test_extract_from_a_tied_base_writes_one_lora_per_stored_tensor(t5_bin, tmp_path):
+    # a tied .bin base against an untied fine-tune (each embedding name its own update): LoRAs on shared and both
+    # embed_tokens, three updates PEFT's merge added into the one stored tensor of the base
+    from spectra.extract import ExtractConfig, extract
+
+    root, _ = t5_bin
+    sd = torch.load(root / "tuned" / "pytorch_model.bin", weights_only=True)
+    g = torch.Generator().manual_seed(7)
+    untied = {k: v.clone() + (0.01 * torch.randn(v.shape, generator=g) if k.endswith("embed_tokens.weight") else 0) for k, v in sd.items()}
+    (tmp_path / "untied").mkdir()
+    (tmp_path / "untied" / "config.json").write_text((root / "tuned" / "config.json").read_text())
+    torch.save(untied, tmp_path / "untied" / "pytorch_model.bin")
+    res = extract(root / "base", tmp_path / "untied", tmp_path / "ad", plots=False,
+                  config=ExtractConfig(rank=2, embeddings=True, exclude="relative_attention_bias"))
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert "shared" in cfg["target_modules"] and not any("embed_tokens" in t for t in cfg["target_modules"])
+    left = {r["name"]: r["reason"] for r in res.not_extracted}
+    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        assert "the base ties it to shared.weight" in left[name]
 
 
 def test_a_tied_head_pairs_with_an_embedding_named_embeddings(tmp_path):
@@ -148,3 +186,17 @@ def test_a_wqkv_without_a_config_says_why_it_is_whole(tmp_path):
     save_file({name: W + 0.1 * torch.randn(96, 32, generator=g)}, str(tmp_path / "t.safetensors"))
     res = diff(tmp_path / "b.safetensors", tmp_path / "t.safetensors")
     assert len(res.modules) == 1 and "no config.json says which" in res.modules[0].note
+
+
+def test_trace_says_which_tied_names_it_follows_once(t5_bin, tmp_path):
+    # trace of tied .bin checkpoints followed the embedding once and said "0 matrices skipped": the other names silent
+    from spectra.trace import trace
+
+    root, _ = t5_bin
+    for step in (1, 2):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        for f in ("config.json", "pytorch_model.bin"):
+            (tmp_path / "run" / f"checkpoint-{step}" / f).write_bytes((root / "tuned" / f).read_bytes())
+    res = trace(root / "base", tmp_path / "run")
+    said = [w for w in res.warnings if "lm_head.weight is not followed: the same stored tensor as shared.weight" in w]
+    assert len(said) == 1 and "checkpoint-1" in said[0] and "checkpoint-2" in said[0]
