@@ -120,9 +120,9 @@ def _check_ranges(m: dict[str, Any], M: int, N: int, at: str, source: Any) -> No
     def has(key: str) -> bool:
         return is_num(m.get(key))
 
-    for key in ("N", "M"):
-        if has(key) and m[key] != {"N": N, "M": M}[key]:
-            no(key, f"it is {'max' if key == 'N' else 'min'}(shape) = {({'N': N, 'M': M})[key]}")
+    for key, want, of in (("N", N, "max"), ("M", M, "min")):
+        if has(key) and m[key] != want:
+            no(key, f"it is {of}(shape) = {want}")
     for key in ("num_evals", "num_fit_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "weak_rank_loss", "unresolved",
                 "mp_num_spikes"):
         if has(key) and not 0 <= m[key] <= M:

@@ -256,8 +256,10 @@ def _aliases(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
         if t.numel() == 0:
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        out.update({name: first[key]} if key in first else {})
-        first.setdefault(key, name)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
     return out
 
 
