@@ -1,12 +1,15 @@
 """Top-k eigenvectors of a tridiagonal matrix: MRRR (``dstemr``, k vectors) against divide and conquer
 (``dstedc``, all p), the choice :func:`spectra.lapack.mrrr_is_cheaper` makes for
-:meth:`spectra.lapack.Tridiagonal.top_vectors` (``spectra extract``'s factors).
+:meth:`spectra.lapack.Tridiagonal.top_vectors` (``spectra extract``'s factors), and inverse iteration from
+eigenvalues already known (``dstein``, the route :meth:`~spectra.lapack.Tridiagonal.top_pairs` takes when every
+eigenvalue was computed first: ``spectra compare``'s base weights, ``spectra extract --budget``).
 
 For each p, the tridiagonal form of the Gram matrix of a Gaussian ``(p, 2.67p)`` matrix ("flat"
 spectrum, Marchenko-Pastur) and of the same with row i scaled by ``i^-0.5`` ("decay"); one BLAS
 thread (the engine solves one matrix per thread); medians of ``--repeats``. Prints, per p and
-spectrum, the time of ``dstedc`` and of ``dstemr`` for each k, the largest k at which ``dstemr`` was
-faster, and the largest k the rule gives it.
+spectrum, the time of ``dstedc``, of ``dstemr`` and of ``dstein`` for each k (the vectors of the
+tridiagonal matrix only, no back-transformation), the largest k at which ``dstemr`` was faster than
+``dstedc``, and the largest k the rule gives it.
 
 Run: ``python bench/tridiagonal_vectors.py [--sizes 192,576,1024,2048] [--repeats 3] [--save NAME]``.
 """
@@ -56,17 +59,19 @@ def main() -> None:
                 tri = Tridiagonal.of(M @ M.T)
                 stedc = median_ms(tri._all_tridiagonal_vectors, args.repeats)
                 stemr = {k: median_ms(lambda k=k: tri._tridiagonal_vectors(k), args.repeats) for k in KS if k <= p // 2}
+                stein = {k: median_ms(lambda k=k: tri._known_value_vectors(k, k), args.repeats) for k in stemr}
                 faster = max((k for k, t in stemr.items() if t < stedc), default=0)
                 rule = max((k for k in range(1, p + 1) if mrrr_is_cheaper(p, k)), default=0)
-                rows.append([p, kind, f"{stedc:.1f}", " ".join(f"{k}: {t:.1f}" for k, t in stemr.items()), faster, rule])
-                data.append({"p": p, "spectrum": kind, "stedc_ms": stedc, "stemr_ms": stemr, "largest_k_stemr_faster": faster,
+                rows.append([p, kind, f"{stedc:.1f}", " ".join(f"{k}: {t:.1f}" for k, t in stemr.items()),
+                             " ".join(f"{k}: {t:.1f}" for k, t in stein.items()), faster, rule])
+                data.append({"p": p, "spectrum": kind, "stedc_ms": stedc, "stemr_ms": stemr, "stein_ms": stein, "largest_k_stemr_faster": faster,
                              "rule_k": rule})
                 print(*rows[-1], flush=True)
-    table = markdown_table(["p", "spectrum", "dstedc ms (all p)", "dstemr ms per k", "largest k, dstemr faster", "rule's k"], rows)
+    table = markdown_table(["p", "spectrum", "dstedc ms (all p)", "dstemr ms per k", "dstein ms per k (values known)", "largest k, dstemr faster", "rule's k"], rows)
     print(table)
     if args.save:
         cmd = "python bench/tridiagonal_vectors.py " + " ".join(sys.argv[1:])
-        text = (f"# Tridiagonal eigenvectors: MRRR (k) against divide and conquer (all)\n\nMachine: {machine()}, one BLAS thread\n\n"
+        text = (f"# Tridiagonal eigenvectors: MRRR (k) against divide and conquer (all) and inverse iteration (k, values known)\n\nMachine: {machine()}, one BLAS thread\n\n"
                 f"Command: `{cmd}`\n\n{table}\n")
         print("wrote", save(args.save, text, {"machine": machine(), "rows": data}))
 

@@ -9,9 +9,9 @@ numpy's ``linalg`` releases it but has no subset solver, and a full ``eigh`` com
 so matrices solved in parallel threads use every core.
 
 - :class:`Tridiagonal`: one reduction to tridiagonal form (``sytrd``), every eigenvalue at once, and
-  the top-k vectors later (MRRR ``stemr`` or divide and conquer ``stedc``, then ``ormtr`` for those
-  k only) for a k chosen from those eigenvalues (``spectra extract``); in float64, or in float32 for
-  callers that refine in float64.
+  the top-k vectors later (inverse iteration ``stein`` from the eigenvalues already computed, MRRR
+  ``stemr`` or divide and conquer ``stedc``, then ``ormtr`` for those k only) for a k chosen from those
+  eigenvalues (``spectra extract``); in float64, or in float32 for callers that refine in float64.
 - :func:`top_eigh_upper`: the top k eigenpairs, by the same steps (faster than LAPACK's ``dsyevr``,
   which does them too: see its docstring). On the project's 2-core CPU, ``p = 576``, one thread: the
   top 64 pairs in 17.5 ms against 43-57 ms for ``numpy.linalg.eigh`` (all 576).
@@ -38,7 +38,7 @@ _P = ctypes.c_void_p
 
 
 #: Arguments of each routine used here (all by pointer, Fortran convention; ``int`` is 32-bit in scipy's API).
-_NARGS = {"sytrd": 10, "sterf": 4, "stemr": 21, "stedc": 11, "ormtr": 13}
+_NARGS = {"sytrd": 10, "sterf": 4, "stemr": 21, "stedc": 11, "ormtr": 13, "stein": 13}
 
 
 @functools.cache
@@ -138,11 +138,12 @@ def mrrr_is_cheaper(p: int, k: int) -> bool:
 class Tridiagonal:
     """A symmetric float64 (or float32) matrix reduced once to tridiagonal form (LAPACK ``dsytrd`` /
     ``ssytrd``, the GIL released): all its eigenvalues at once (``dsterf``, O(p²)), and the eigenvectors
-    of any top k later (``dstemr`` for a few, ``dstedc`` for more, as :func:`mrrr_is_cheaper` decides;
-    then ``dormtr`` for those k only, 2p²k flops), so that a caller can choose k from the eigenvalues.
+    of any top k later (``dstein`` from those eigenvalues, or ``dstemr`` without them, for a few; ``dstedc``
+    for more, as :func:`mrrr_is_cheaper` decides; then ``dormtr`` for those k only, 2p²k flops), so that a
+    caller can choose k from the eigenvalues.
     One reduction serves both, where ``eigvalsh`` then a top-k ``eigh`` would reduce twice and a full
     ``eigh`` back-transforms all p vectors. At p = 576, one thread: the reduction with every eigenvalue
-    ~18-22 ms, then the top 10 vectors ~3 ms, the top 64 ~18 ms, against 43 ms for
+    ~14-20 ms, then the top 10 vectors ~1 ms, the top 64 ~4-6 ms, against 43 ms for
     ``numpy.linalg.eigh``. Accuracy is that of ``eigvalsh`` and ``eigh`` (backward stable) in the
     matrix's precision; float32 (the ``s`` routines: at p = 576 the reduction in ~0.6 of float64's time,
     MRRR in ~0.8) is for callers that refine the vectors in float64 (:func:`spectra.lowrank.refined_triplets`).
@@ -217,12 +218,18 @@ class Tridiagonal:
             raise ValueError(f"need 0 <= k <= n <= {p}. Got k = {k}, n = {n} instead.")
         if n == 0:
             return np.zeros(0, dtype=real), np.zeros((p, 0), dtype=real)
-        if mrrr_is_cheaper(p, n):
-            w, z = self._tridiagonal_vectors(n)
+        # with every eigenvalue known, only the k vectors are computed (inverse iteration); else MRRR or divide and
+        # conquer, which find the values again (n of them: MRRR computes a vector for each)
+        known = self._known_value_vectors(n, k) if mrrr_is_cheaper(p, k) else None
+        if known is not None:
+            w, z = known
         else:
-            w, z = self._all_tridiagonal_vectors()
-            w, z = w[p - n:], z[:, p - n:]
-        z = z[:, n - k:]  # ascending: the top k are the last columns
+            if mrrr_is_cheaper(p, n):
+                w, z = self._tridiagonal_vectors(n)
+            else:
+                w, z = self._all_tridiagonal_vectors()
+                w, z = w[p - n:], z[:, p - n:]
+            z = z[:, n - k:]  # ascending: the top k are the last columns
         if k and p > 1:  # Z := Q·Z, Q the reflectors of sytrd
             ref, c_int = ctypes.byref, ctypes.c_int
             z = np.asfortranarray(z)
@@ -235,6 +242,36 @@ class Tridiagonal:
             if info.value != 0:
                 raise np.linalg.LinAlgError(f"LAPACK {x}ormtr failed (info = {info.value})")
         return w[::-1].copy(), z[:, ::-1].copy()
+
+    def _known_value_vectors(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The n largest eigenvalues ``(n,)`` and the eigenvectors ``(p, k)`` of the k largest, ascending, when
+        :attr:`lam` is known: inverse iteration from those values (``stein``, as LAPACK's ``syevx`` does after its
+        bisection), about half of MRRR's time, which spends most of its own on finding the values again
+        (p = 576, one thread, with the back-transformation: 11 vectors 1.5 against 2.8 ms, 65 vectors 4.7-5.9 against
+        10.6-11.8; residuals and orthogonality ~5e-15·λ₁ for both, ``bench/tridiagonal_vectors.py``). None when the
+        values are not known, when the matrix splits into blocks (``stein`` would need each block's own values) or
+        when a vector does not converge: the caller then uses MRRR."""
+        p = self.d.size
+        if self.lam is None or k == 0:
+            return None
+        x, real, _ = self._lapack
+        d, e = self.d, self.e
+        # stebz's splitting test, so that the matrix stein sees is the one block the values belong to
+        if p > 1 and bool(np.any(e * e <= np.abs(d[1:] * d[:-1]) * np.finfo(real).eps ** 2 + np.finfo(real).tiny)):
+            return None
+        ref, c_int = ctypes.byref, ctypes.c_int
+        w = np.ascontiguousarray(self.lam[:k][::-1], dtype=real)  # ascending within the one block
+        e_full = np.zeros(p, dtype=real)
+        e_full[: p - 1] = e
+        iblock, isplit = np.ones(k, dtype=np.intc), np.zeros(p, dtype=np.intc)
+        isplit[0] = p
+        z, ifail, info = np.empty((p, k), dtype=real, order="F"), np.zeros(k, dtype=np.intc), c_int(0)
+        _routine(x + "stein")(ref(c_int(p)), _ptr(np.ascontiguousarray(d)), _ptr(e_full), ref(c_int(k)), _ptr(w), _ptr(iblock),
+                              _ptr(isplit), _ptr(z), ref(c_int(p)), _ptr(np.empty(5 * p, dtype=real)),
+                              _ptr(np.empty(p, dtype=np.intc)), _ptr(ifail), ref(info))
+        if info.value != 0:  # > 0: vectors that did not converge (ifail); < 0 cannot happen with these arguments
+            return None
+        return np.ascontiguousarray(self.lam[:n][::-1]), z
 
     def _all_tridiagonal_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every eigenvalue ``(p,)`` and eigenvector ``(p, p)`` of the tridiagonal matrix, ascending: divide and

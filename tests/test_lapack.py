@@ -325,3 +325,56 @@ def test_refined_triplets_see_every_component_of_a_dominated_or_extreme_update(s
     tr2 = refined_triplets(d2, 17, 16)
     assert tr2.method == "gram-eigh/float32+ritz/float64"
     np.testing.assert_allclose(tr2.S, _svd(d2)[1][:17], rtol=1e-7)
+
+
+def _spectrum_gram(rng: np.random.Generator, values: np.ndarray) -> np.ndarray:
+    Q, _ = np.linalg.qr(rng.standard_normal((values.size, values.size)))
+    return (Q * values) @ Q.T
+
+
+@pytest.mark.parametrize("case", ["flat", "decay", "tied"])
+def test_vectors_from_known_values_equal_mrrr_and_numpy(monkeypatch, case):
+    """With every eigenvalue known (``of`` with values), the top vectors come from inverse iteration on those values,
+    not from MRRR (which finds them again): the same pairs as MRRR's and numpy's, to rounding; a tied cluster's
+    vectors span the same space."""
+    rng = np.random.default_rng(3)
+    p = 300
+    if case == "flat":
+        G = _gram(rng, p, 700)
+    elif case == "decay":
+        G = _gram(rng, p, 700, 1.0)
+    else:  # five equal values on top, then two equal ones inside the top 12, then a random bulk
+        G = _spectrum_gram(rng, np.concatenate([[9.0] * 5, [7.0, 6.5], [6.0] * 2, np.sort(rng.uniform(0.1, 5.0, p - 9))[::-1]]))
+    tri, bare = Tridiagonal.of(G), Tridiagonal.of(G, values=False)
+    calls = []
+    mrrr = Tridiagonal._tridiagonal_vectors
+    monkeypatch.setattr(Tridiagonal, "_tridiagonal_vectors", lambda self, n: calls.append(n) or mrrr(self, n))
+    for k in (1, 5, 12, 16):
+        lam, vecs = tri.top_pairs(k + 3, k)
+        assert calls == []  # inverse iteration, not MRRR
+        lam_m, vecs_m = bare.top_pairs(k + 3, k)  # MRRR (or divide and conquer past its range)
+        assert calls == ([k + 3] if mrrr_is_cheaper(p, k + 3) else [])
+        calls.clear()
+        np.testing.assert_allclose(lam, lam_m, rtol=0, atol=1e-13 * lam[0])
+        _check(G, k, lam[:k], vecs)
+        if case == "tied":  # the top 5 are any basis of the tie: the same projector as MRRR's
+            for a, b in ((0, 5), (7, 9)):
+                if k >= b:
+                    np.testing.assert_allclose(vecs[:, a:b] @ vecs[:, a:b].T, vecs_m[:, a:b] @ vecs_m[:, a:b].T, atol=1e-12)
+
+
+def test_a_matrix_that_splits_takes_mrrr(monkeypatch):
+    """A tridiagonal matrix with a zero off-diagonal entry splits into blocks, whose values inverse iteration would
+    need block by block: MRRR is used instead, with the same results."""
+    rng = np.random.default_rng(4)
+    A, B = _gram(rng, 40, 90), _gram(rng, 30, 90) * 3.0
+    G = np.zeros((70, 70))
+    G[:40, :40], G[40:, 40:] = A, B  # block diagonal: the reduction keeps the blocks apart
+    tri = Tridiagonal.of(G)
+    assert np.any(tri.e == 0.0)
+    calls = []
+    mrrr = Tridiagonal._tridiagonal_vectors
+    monkeypatch.setattr(Tridiagonal, "_tridiagonal_vectors", lambda self, n: calls.append(n) or mrrr(self, n))
+    lam, vecs = tri.top_pairs(4, 4)
+    assert calls == [4]
+    _check(G, 4, lam, vecs)
