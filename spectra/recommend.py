@@ -121,8 +121,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         embeddings: also recommend LoRA for embeddings and the output head.
         task_type: PEFT task type written into the config; ``"auto"``: SEQ_CLS, TOKEN_CLS or QUESTION_ANS when the
             ``config.json`` of the diff's tuned model (or base) names such a class (:func:`spectra.extract_heads.head_task_type`),
-            else ``CAUSAL_LM``. Under those three, PEFT trains the task head whole (:mod:`spectra.extract_heads`): it gets
-            no rank and is named in ``modules_to_save``.
+            else ``CAUSAL_LM``, or None (PEFT's plain ``PeftModel``) for a model that does not generate (a
+            ``…ForMaskedLM``: :data:`NO_GENERATION`), on which PEFT's CAUSAL_LM class fails. Under those three, PEFT
+            trains the task head whole (:mod:`spectra.extract_heads`): it gets no rank and is named in ``modules_to_save``.
 
     Raises:
         ConfigError: not diff results, τ outside (0, 1], τ not computable from the results, a bad
@@ -217,6 +218,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         tuned_config, adapter = _base_config(doc, "tuned"), doc.get("adapter")
         adapter_task = adapter.get("task_type") if isinstance(adapter, dict) else None  # a diff of an adapter: its own
         task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task) or "CAUSAL_LM"
+        if task_type == "CAUSAL_LM" and adapter_task is None and (arch := _no_generation(tuned_config, base_config)):
+            # PEFT's CAUSAL_LM class needs a model that generates: on a BertForMaskedLM get_peft_model raised
+            task_type = None
+            notes.append(f"task_type none (PEFT's plain PeftModel): its CAUSAL_LM class needs a model that generates, which {arch} "
+                         "is not; pass --task-type to choose another")
         head_like = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
         if tuned_config is None and base_config is None and adapter is None and head_like:  # moved: CAUSAL_LM gave the head a LoRA
             raise ConfigError(f"the results hold {head_like[0]}, a classifier's task head, but neither the diff's tuned model nor "
@@ -560,6 +566,20 @@ def _header(doc: dict, side: str) -> dict[str, Any] | None:
         return dict(open_checkpoint(where).tensors) if where else None
     except (OSError, ValueError, SpectraError):
         return None
+
+
+#: Architectures that do not generate (no ``prepare_inputs_for_generation``, which PEFT's CAUSAL_LM class calls for).
+NO_GENERATION = ("ForMaskedLM", "ForPreTraining", "ForMultipleChoice", "ForNextSentencePrediction")
+
+
+def _no_generation(*configs: dict | None) -> str | None:
+    """The architecture of the first config that names one, when it is a class that does not generate
+    (:data:`NO_GENERATION`: a BERT masked LM), else None."""
+    for c in configs:
+        archs = (c or {}).get("architectures")
+        if isinstance(archs, list) and archs and isinstance(archs[0], str):
+            return archs[0] if archs[0].endswith(NO_GENERATION) else None
+    return None
 
 
 def _base_config(doc: dict, side: str = "base") -> dict | None:
