@@ -46,6 +46,13 @@ from spectra.pairing_notes import (
     tie_unknown,
 )
 
+#: Dtypes of buffers that are no weights when both sides hold them (int64 position ids, a bool mask); packed
+#: quantised weights are int8, uint8 or int32 (GPTQ's ``qweight``), which stay "not a float weight".
+BUFFER_DTYPES = frozenset({"bool", "int64"})
+#: Last name components of an optimizer's per-parameter state (Adam's moments, SGD's momentum) saved in one flat
+#: mapping with the weights (``optim.state.<param>.exp_avg``): same shapes as the weights, no weights.
+OPTIMIZER_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -554,6 +561,9 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         matched_t.add(tn)
         bi, ti = base.tensors[bn], tuned.tensors[tn]
         bs, ts = bspecs.get(bn), tspecs.get(tn)
+        if tn.rpartition(".")[2] in OPTIMIZER_STATE:  # a flat dump of the optimizer beside the weights
+            result.skipped.append(Skipped(tn, f"optimizer state ({tn.rpartition('.')[2]} of a parameter), not a weight"))
+            continue
         if bs is None or ts is None:
             quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)
             if quant is None and (bs is None) != (ts is None) and not (is_bias(tn) or is_bias(bn)):
@@ -575,6 +585,11 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                         if (f := foreign_format(n.removesuffix(".qweight").removesuffix(".weight"), c))), None)
             # a complex (or bool) tensor is no quantised weight either: say what it is instead
             odd = all(b.rpartition(" ")[2].startswith(("complex", "bool")) for b in bad)
+            if not fmt and len(bad) == (1 if single else 2) and all(b.rpartition(" ")[2] in BUFFER_DTYPES for b in bad):
+                # int64 position ids, a bool mask on both sides: no weight was left out (not counted as one)
+                result.skipped.append(Skipped(tn, f"{', '.join(bad)}: an integer or boolean buffer (indices, a mask, a counter), "
+                                                  "not a weight matrix"))
+                continue
             result.skipped.append(Skipped(tn, f"{', '.join(bad)} is not a float weight" + (
                 f" ({fmt}, which spectra does not dequantise: {DEQUANTISE_HINT})" if fmt
                 else " (not a real-valued weight matrix)" if odd
@@ -632,9 +647,13 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         bs, ts = tied
         matched_b.add(bs.name)
         matched_t.add(ts.name)
+        said = (base.config or {}).get("tie_word_embeddings") is True
+        # without a config.json saying so, a base storing no head may be a bare backbone: the tie is assumed, as said
+        tie = (f"the base ties its output head to {bs.name} (it stores no {ts.name})" if said else
+               f"the base stores no {ts.name} and no config.json says it ties its head: taken as tied to {bs.name}, "
+               "transformers' default")
         result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
-                                       f"the base ties its output head to {bs.name} (it stores no {ts.name}): "
-                                       "the tuned head is compared with that embedding"))
+                                       f"{tie}: the tuned head is compared with that embedding"))
     if aliases:
         _drop_aliases(result)
     if not single:

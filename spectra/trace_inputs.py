@@ -24,6 +24,8 @@ from spectra.results_check import impossible, is_int, is_num  # a step is a JSON
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+#: A step in a checkpoint file's name: PyTorch Lightning's default ``epoch=2-step=20.ckpt``.
+STEP_IN_NAME = re.compile(r"(?:^|[-_])step=(\d+)(?=[-_.]|$)")
 
 
 @dataclass
@@ -33,7 +35,7 @@ class CheckpointRef:
     Attributes:
         path: the folder or file. step: training step. loss: training loss logged at that step
             (None when the logs have none). kind: ``"lora"`` or ``"full"``. source: where the step
-            came from (``"trainer_state"``, ``"folder name"``, ``"position"``). note: caveats.
+            came from (``"trainer_state"``, ``"folder name"``, ``"file name"``, ``"position"``). note: caveats.
         failed: why it stopped being readable during the run (its later points are skipped).
     """
 
@@ -284,7 +286,8 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     writes that file last, so the checkpoint is probably still being saved); models beside the
     ``checkpoint-N`` folders (the run folder's own, ``checkpoint-final``) are listed as left out. Listed checkpoints must
     all be readable. Steps come from ``trainer_state.json`` (``global_step``), else from a
-    ``checkpoint-N`` name, else from the position in the list; losses from the ``log_history``
+    ``checkpoint-N`` name, else from a file name's ``step=N`` (PyTorch Lightning's), else from the position in the
+    list; losses from the ``log_history``
     (and ``train_log.jsonl`` of ``spectra train``).
 
     Raises:
@@ -375,13 +378,17 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
             m = CHECKPOINT_DIR.match(folder.name)
+            named = STEP_IN_NAME.search(path.name) if not path.is_dir() else None
             if state is not None and _is_step(state.get("global_step")):
                 step, source = state["global_step"], "trainer_state"
             elif m:
                 step, source = int(m.group(1)), "folder name"
+            elif named:  # Lightning's epoch=9-step=90.ckpt: a shell glob lists step=100 before step=20
+                step, source = int(named.group(1)), "file name"
             else:
                 step, source = i + 1, "position"
-            how = {"folder name": "step from the folder name", "position": "step from the position in the list"}.get(source, "")
+            how = {"folder name": "step from the folder name", "file name": "step from the file name",
+                   "position": "step from the position in the list"}.get(source, "")
             note = (f"{_no_step(state)}: {how}" if how and state is not None  # read, yet no step in it: said
                     else "step from the position in the list" if source == "position" else "")
             own[str(p)] = _log_history(state)
@@ -389,7 +396,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         placed = [r for r in refs if r.source == "position"]
         if placed and len(placed) < len(refs):  # a position is no step: sorted among real steps it would mislead
             raise ConfigError(f"{len(placed)} of the {len(refs)} checkpoints have no step (no global_step in a trainer_state.json, no "
-                              f"checkpoint-N name: {', '.join(Path(r.path).name for r in placed[:3])}) while the others have one",
+                              f"checkpoint-N or step=N name: {', '.join(Path(r.path).name for r in placed[:3])}) while the others have one",
                               hint="give every checkpoint its step (its trainer_state.json, or a checkpoint-N folder name), "
                                    "or none (they are then traced in the order given)")
     order = sorted(range(len(refs)), key=lambda j: refs[j].step)

@@ -54,7 +54,9 @@ def _deepspeed_step(step: Path, root: bool) -> tuple[str, str]:
     whole = [n for n in names if re.fullmatch(r"mp_rank_\d+_model_states\.pt", n)]
     zero3 = any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names)
     hint = ZERO_TO_FP32
-    if whole and not zero3:  # ZeRO-1/2 keep every weight whole in the model-states file
+    # ZeRO-1/2 keep every weight whole in the model-states file, unless tensor parallelism split them over
+    # several such files (mp_rank_00 and mp_rank_01 each hold half of every split matrix)
+    if len(whole) == 1 and not zero3:
         hint += f", or pass {step / whole[0]}, which holds the whole weights under ZeRO-1/2"
     where = f"its latest step is {step.name}/" if root else "model and optimizer states"
     return f"this is a DeepSpeed {'ZeRO-3 ' if zero3 else ''}checkpoint folder ({where}), not a model folder", hint
