@@ -396,7 +396,21 @@ def diff_adapter(
             last[base_name] = base.load(base_name)  # type: ignore[union-attr]
         return last[base_name]
 
-    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=len(finished) + 1):
+    try:
+        _measure_units(units, len(finished), base, load, tied, config, device, dtype, result, writer, callback, total)
+    except BaseException:  # an error or a stop: results.json holds what was finished, and the folder is free again
+        if writer:
+            writer.flush(result)
+        raise
+    return result
+
+
+def _measure_units(units: list, done_before: int, base: Checkpoint | None, load: Callable[[str], torch.Tensor], tied: dict[str, str],
+                   config: DiffConfig, device: torch.device, dtype: torch.dtype, result: DiffResult, writer,
+                   callback: Callable[[DiffEvent], None] | None, total: int) -> None:
+    """:func:`diff_adapter`'s loop over its units (module, spec, base name, name, rows, module path): each measured,
+    added to ``result`` and to the journal, then reported to ``callback``."""
+    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=done_before + 1):
         if isinstance(mod, SavedModule):
             res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
         else:
@@ -415,7 +429,6 @@ def diff_adapter(
             writer.add(result, res, skip)
         if callback:
             callback(DiffEvent(done, total, res, skip))
-    return result
 
 
 def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: DiffConfig) -> str:

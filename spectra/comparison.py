@@ -47,7 +47,7 @@ from spectra.compare_records import (
     from_journal_record,
     journal_record,
 )
-from spectra.config import CompareConfig, config_of, cpu_by_default
+from spectra.config import CompareConfig, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.engine import CPU_BATCH_BYTES
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
@@ -470,7 +470,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
     return rec, grids
 
 
-@cpu_by_default
+@public_entry
 def compare(
     a: str | Checkpoint,
     b: str | Checkpoint,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
+import inspect
 import math
+import os
 import re
 import types
 import typing
@@ -383,15 +385,46 @@ def check_thresholds(thresholds: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(sorted({float(t) for t in thresholds}))
 
 
-def cpu_by_default(entry: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``entry`` (a public entry point) run with torch's default device the CPU, whatever the caller set:
-    spectra makes its own tensors where it means them (``device=`` from its options) and takes an
-    unplaced one to be on the CPU, so a notebook's ``torch.set_default_device("meta")`` failed every
-    command with "Cannot copy out of meta tensor" (and "cuda" would have moved its scratch there). The
-    setting is per thread; the CPU default is entered only where another one is set (a device context
-    costs a Python call per torch operation)."""
+#: Keyword arguments the public entry points share, checked before any work (:func:`public_entry`).
+_FLAGS = ("plots", "resume", "allow_identical")
+
+
+def _checked_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a call to a public entry point with its shared arguments checked: ``out_dir`` a path
+    (``~`` expanded, as the inputs are: ``"~/x"`` made a folder named ``~`` in the working directory), ``callback``
+    callable, the flags True or False (``plots="no"`` drew the figures). A call that does not bind is passed on as
+    it is, for Python's own error."""
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    got = bound.arguments
+    out = got.get("out_dir")
+    if out is not None:
+        if not isinstance(out, (str, os.PathLike)) or not isinstance(os.fspath(out), str):
+            raise ConfigError(f"out_dir must be a folder path (a str or os.PathLike). Got {type(out).__name__} {out!r:.60} instead")
+        if os.fspath(out).startswith("~"):
+            got["out_dir"] = os.path.expanduser(os.fspath(out))
+    if (cb := got.get("callback")) is not None and not callable(cb):
+        raise ConfigError(f"callback must be a function or None. Got {type(cb).__name__} {cb!r:.60} instead")
+    for flag in _FLAGS:
+        if flag in got and not isinstance(got[flag], (bool, np.bool_)):
+            raise ConfigError(f"{flag} must be True or False. Got {type(got[flag]).__name__} {got[flag]!r:.60} instead")
+    return bound.args, bound.kwargs
+
+
+def public_entry(entry: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``entry`` (a public entry point) with its shared arguments checked (:func:`_checked_arguments`) and run
+    with torch's default device the CPU, whatever the caller set: spectra makes its own tensors where it means them
+    (``device=`` from its options) and takes an unplaced one to be on the CPU, so a notebook's
+    ``torch.set_default_device("meta")`` failed every command with "Cannot copy out of meta tensor" (and "cuda"
+    would have moved its scratch there). The setting is per thread; the CPU default is entered only where another
+    one is set (a device context costs a Python call per torch operation)."""
+    sig = inspect.signature(entry)
+
     @functools.wraps(entry)
     def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        args, kwargs = _checked_arguments(sig, args, kwargs)
         current = getattr(torch, "get_default_device", lambda: torch.device("cpu"))()
         if current.type == "cpu":
             return entry(*args, **kwargs)

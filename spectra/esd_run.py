@@ -33,7 +33,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_files import adapter_file
-from spectra.config import SharedOptions, config_of, cpu_by_default, search_pattern
+from spectra.config import SharedOptions, config_of, public_entry, search_pattern
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
@@ -221,7 +221,7 @@ def _stream(tasks: list[Task], ckpt: Checkpoint, depth: int, max_bytes: int) -> 
                           name="spectra-esd-read")
 
 
-@cpu_by_default
+@public_entry
 def esd(
     model: str | Checkpoint,
     *,

@@ -42,7 +42,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
-from spectra.config import DiffConfig, config_of, cpu_by_default
+from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -475,7 +475,7 @@ def _adapter_pass(src: ExtractSource, run: ExtractRun, device: torch.device) -> 
 
 
 # ---- the command ------------------------------------------------------------------------------------
-@cpu_by_default
+@public_entry
 def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path, *, config: ExtractConfig | None = None,
             resume: bool = False, force: bool = False, plots: bool = True,
             callback: Callable[[ExtractEvent], None] | None = None) -> ExtractResult:
@@ -548,113 +548,113 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     journal = RecordJournal(out / JOURNAL)
     # factors are kept in the adapter's dtype (float64 factors of a float64 ΔW stay float64 in a float64 adapter)
     run = ExtractRun(src.targets, plan, config, out, journal, callback, scratch_dtype=dtype)
-    try:
+    try:  # a refused resume, an error or a stop leaves no lock behind (the journal stays, for --resume)
         run.absorb(journal.start(fingerprint, resume=resume))
-    except BaseException:  # a refused resume (other inputs) leaves no lock behind
-        journal.release()
-        raise
-    not_extracted = left_out_records(src.base, src.tuned, src.left_out)
-    # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
-    # model (seconds) run beside the decompositions
-    loaded: dict[str, Any] = {}
-    renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source", "params"), adapter_renames(
-        src.base.config or (src.tuned.config if src.base_prefix else None),
-        [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")],
-        sorted({t.module for t in src.targets if t.stack})))),  # target_parameters name the parameters as loaded too
-        name="spectra-load-names", daemon=True)
-    renamer.start()
-    # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
-    loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
-    if loader is not None:
-        loader.start()
-    if src.kind == "full":
-        _dense_pass(src, run, config, device, stage="spectra")
-    else:
-        _adapter_pass(src, run, device)
-    plan = run.plan = settle_budget(plan, src.targets, config, run.spectra, bytes_per)  # a percentage: of the changed ones
-    ranks, alloc = final_ranks(src.targets, plan, config, run.spectra)
-    usable = [i for i in range(len(src.targets)) if not run.spectra[i].get("skipped")]
-    if not usable:
-        raise ConfigError(f"none of the {len(src.targets)} chosen matrices can be extracted: "
-                          f"{run.spectra[0]['note']} ({src.targets[0].name}){' and others' if len(src.targets) > 1 else ''}",
-                          path=f"{base_ckpt.label} vs {src.label}", hint="spectra diff lists the reason of each matrix")
-    # every entry of B = U√σ and A = √σVᵀ (orthonormal U, V) is at most √σ₁: a module whose √σ₁ exceeds
-    # the storage dtype's range (fp16: 65504) is refused before anything is written, never stored as inf
-    for i in usable:
-        root = root_sigma1(run.spectra[i])  # of ΔW itself, not of the journaled ΔW·2**-exp
-        if ranks[i] and dtype.is_floating_point and root > torch.finfo(dtype).max:
-            wider = "float32" if dtype == torch.float16 and root <= torch.finfo(torch.float32).max else "float64"
-            raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {root:.3g}, beyond "
-                              f"the largest {str(dtype).removeprefix('torch.')} ({torch.finfo(dtype).max:.3g}): they would be "
-                              "stored as inf", path=out, hint=f"write the adapter in {wider}: rerun with --dtype {wider} --force")
-    # the uniform baseline spreads the same parameters over the updates there are (skipped, unchanged and
-    # rounding-level matrices get none, as in the extracted adapter)
-    # (an unchanged expert of a stack keeps the stack's rank, as PEFT needs: its zero factors count)
-    live = [i for i in usable if extractable(run.spectra[i]) or ranks[i]]
-    uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
-    if src.kind == "full" and config.resolved_strategy == "two-pass":
-        want = {i: min(t.p, max(r, min(t.cap, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
-        _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
-    elif src.kind == "full":
-        # one pass kept each module's components above the greedy prefix's cut-off; the budget's fill step
-        # (lowrank.allocate_budget) may give a module more, below it: those modules are factored again
-        short = {i: r for i, r in enumerate(ranks) if r and float(run.spectra[i].get("total") or 0) > 0
-                 and not run.has_factors(i, r)}
-        if short:
-            _dense_pass(src, run, config, device, stage="vectors", want=short)
-    head = {r["name"] for r in src.saved}  # the head's tensors are held whole whatever --save-modules says
-    not_lora = [r for r in one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
-                                         config.save_modules, src.base_prefix) if r["name"] not in head] + src.saved
-    renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
-    src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
-    params = dict(loaded.get("params") or {}) if not renamer.is_alive() else {}
-    src.targets = [replace(t, module=(params if t.stack else src.renames).get(t.module, t.module)) for t in src.targets]
-    result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
-    result.fingerprint, result.version = fingerprint, __version__
-    # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
-    note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
-    result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks, src.tuned)
-    if cut := [m["name"] for m in result.modules if "cuts through tied singular values" in (m.get("note") or "")]:
-        result.warnings.append(f"{len(cut)} of {len(result.modules)} modules (e.g. {cut[0]}) have a rank that cuts through tied "
-                               "singular values: their adapter holds one of equally good choices (each one's note in extract.json)")
-    written = {t.module for t, r in zip(src.targets, ranks) if r} | {src.renames.get(x["module"], x["module"]) for x in not_lora if x.get("held")}
-    if used := {k: v for k, v in src.renames.items() if v in written}:  # GPT-NeoX's embed_out is lm_head once loaded…
-        result.warnings.append(renames_text(used, loaded["source"], "the adapter"))
-    if not any(extractable(run.spectra[i]) for i in usable) or not any(ranks[i] for i in usable):
+        not_extracted = left_out_records(src.base, src.tuned, src.left_out)
+        # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
+        # model (seconds) run beside the decompositions
+        loaded: dict[str, Any] = {}
+        renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source", "params"), adapter_renames(
+            src.base.config or (src.tuned.config if src.base_prefix else None),
+            [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")],
+            sorted({t.module for t in src.targets if t.stack})))),  # target_parameters name the parameters as loaded too
+            name="spectra-load-names", daemon=True)
+        renamer.start()
+        # the figures' imports (~0.5 s of matplotlib) run beside the decompositions, not after them
+        loader = threading.Thread(target=preload_plots, name="spectra-plots-import", daemon=True) if plots else None
+        if loader is not None:
+            loader.start()
+        if src.kind == "full":
+            _dense_pass(src, run, config, device, stage="spectra")
+        else:
+            _adapter_pass(src, run, device)
+        plan = run.plan = settle_budget(plan, src.targets, config, run.spectra, bytes_per)  # a percentage: of the changed ones
+        ranks, alloc = final_ranks(src.targets, plan, config, run.spectra)
+        usable = [i for i in range(len(src.targets)) if not run.spectra[i].get("skipped")]
+        if not usable:
+            raise ConfigError(f"none of the {len(src.targets)} chosen matrices can be extracted: "
+                              f"{run.spectra[0]['note']} ({src.targets[0].name}){' and others' if len(src.targets) > 1 else ''}",
+                              path=f"{base_ckpt.label} vs {src.label}", hint="spectra diff lists the reason of each matrix")
+        # every entry of B = U√σ and A = √σVᵀ (orthonormal U, V) is at most √σ₁: a module whose √σ₁ exceeds
+        # the storage dtype's range (fp16: 65504) is refused before anything is written, never stored as inf
+        for i in usable:
+            root = root_sigma1(run.spectra[i])  # of ΔW itself, not of the journaled ΔW·2**-exp
+            if ranks[i] and dtype.is_floating_point and root > torch.finfo(dtype).max:
+                wider = "float32" if dtype == torch.float16 and root <= torch.finfo(torch.float32).max else "float64"
+                raise ConfigError(f"the LoRA factors of {src.targets[i].name} reach up to √σ₁ = {root:.3g}, beyond "
+                                  f"the largest {str(dtype).removeprefix('torch.')} ({torch.finfo(dtype).max:.3g}): they would be "
+                                  "stored as inf", path=out, hint=f"write the adapter in {wider}: rerun with --dtype {wider} --force")
+        # the uniform baseline spreads the same parameters over the updates there are (skipped, unchanged and
+        # rounding-level matrices get none, as in the extracted adapter)
+        # (an unchanged expert of a stack keeps the stack's rank, as PEFT needs: its zero factors count)
+        live = [i for i in usable if extractable(run.spectra[i]) or ranks[i]]
+        uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
+        if src.kind == "full" and config.resolved_strategy == "two-pass":
+            want = {i: min(t.p, max(r, min(t.cap, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
+            _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
+        elif src.kind == "full":
+            # one pass kept each module's components above the greedy prefix's cut-off; the budget's fill step
+            # (lowrank.allocate_budget) may give a module more, below it: those modules are factored again
+            short = {i: r for i, r in enumerate(ranks) if r and float(run.spectra[i].get("total") or 0) > 0
+                     and not run.has_factors(i, r)}
+            if short:
+                _dense_pass(src, run, config, device, stage="vectors", want=short)
+        head = {r["name"] for r in src.saved}  # the head's tensors are held whole whatever --save-modules says
+        not_lora = [r for r in one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
+                                             config.save_modules, src.base_prefix) if r["name"] not in head] + src.saved
+        renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
+        src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
+        params = dict(loaded.get("params") or {}) if not renamer.is_alive() else {}
+        src.targets = [replace(t, module=(params if t.stack else src.renames).get(t.module, t.module)) for t in src.targets]
+        result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
+        result.fingerprint, result.version = fingerprint, __version__
+        # what the adapter's dtype does to each module's factors (F6), and a tied head the adapter cannot reach unmerged
+        note_storage(result, {src.targets[i].name: run.storage_error(i, ranks[i]) for i in usable}, dtype)
+        result.warnings += src.notes + tied_embedding_warning(src.base, src.targets, ranks, src.tuned)
+        if cut := [m["name"] for m in result.modules if "cuts through tied singular values" in (m.get("note") or "")]:
+            result.warnings.append(f"{len(cut)} of {len(result.modules)} modules (e.g. {cut[0]}) have a rank that cuts through tied "
+                                   "singular values: their adapter holds one of equally good choices (each one's note in extract.json)")
+        written = {t.module for t, r in zip(src.targets, ranks) if r} | {src.renames.get(x["module"], x["module"]) for x in not_lora if x.get("held")}
+        if used := {k: v for k, v in src.renames.items() if v in written}:  # GPT-NeoX's embed_out is lm_head once loaded…
+            result.warnings.append(renames_text(used, loaded["source"], "the adapter"))
+        if not any(extractable(run.spectra[i]) for i in usable) or not any(ranks[i] for i in usable):
+            result.elapsed_s = time.perf_counter() - t0
+            result.save(out, plots=False)
+            zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
+            what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
+            if any(extractable(run.spectra[i]) for i in usable):  # a budget's components, all at or below the rounding floor
+                what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
+            error = IdenticalCheckpointsError if zero else ConfigError
+            raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
+                        path=f"{base_ckpt.label} vs {src.label}",
+                        hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
+        write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
+        failed = None
+        if evaluation is not None:
+            try:
+                _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, evaluation, not_lora)
+            except Exception as exc:  # noqa: BLE001 - the adapter is written: its extract.json is saved, then exc raised
+                failed, result.eval = exc, None
+                result.warnings.append(f"--eval failed, so extract.json holds no held-out losses: {exc}")
+        result.complete = True
         result.elapsed_s = time.perf_counter() - t0
         result.save(out, plots=False)
-        zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
-        what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
-        if any(extractable(run.spectra[i]) for i in usable):  # a budget's components, all at or below the rounding floor
-            what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
-        error = IdenticalCheckpointsError if zero else ConfigError
-        raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
-                    path=f"{base_ckpt.label} vs {src.label}",
-                    hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
-    write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
-    failed = None
-    if evaluation is not None:
-        try:
-            _eval(out, base_ckpt, tuned, src, run, uniform, config, dtype, device, result, evaluation, not_lora)
-        except Exception as exc:  # noqa: BLE001 - the adapter is written: its extract.json is saved, then exc raised
-            failed, result.eval = exc, None
-            result.warnings.append(f"--eval failed, so extract.json holds no held-out losses: {exc}")
-    result.complete = True
-    result.elapsed_s = time.perf_counter() - t0
-    result.save(out, plots=False)
-    shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the adapter is whole: a stop while the figures are drawn keeps no copy
-    if loader is not None and result.modules:  # the figures' imports ran beside the decompositions (plots asked for)
-        from spectra.plots.extract import save_extract_plots
+        shutil.rmtree(out / SCRATCH, ignore_errors=True)  # the adapter is whole: a stop while the figures are drawn keeps no copy
+        if loader is not None and result.modules:  # the figures' imports ran beside the decompositions (plots asked for)
+            from spectra.plots.extract import save_extract_plots
 
-        loader.join()
-        save_extract_plots(result.to_dict(), out)
-    journal.release()  # finished: no lock left in the folder (an error leaves it to the process's exit)
-    if isinstance(failed, SpectraError):
-        raise type(failed)(failed.message, path=failed.path, tensor=failed.tensor, hint=f"{failed.hint + '; ' if failed.hint else ''}"
-                           f"the adapter and extract.json (without the held-out losses) were written to {out}")
-    if failed is not None:
-        raise failed
-    return result
+            loader.join()
+            save_extract_plots(result.to_dict(), out)
+        journal.release()  # finished: no lock left in the folder
+        if isinstance(failed, SpectraError):
+            raise type(failed)(failed.message, path=failed.path, tensor=failed.tensor, hint=f"{failed.hint + '; ' if failed.hint else ''}"
+                               f"the adapter and extract.json (without the held-out losses) were written to {out}")
+        if failed is not None:
+            raise failed
+        return result
+    except BaseException:
+        journal.release()
+        raise
 
 
 def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:

@@ -33,7 +33,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
-from spectra.config import SharedOptions, check_thresholds, config_of, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, PairingError, ResultsFormatError
 from spectra.interfere_summary import clean, summarise
@@ -435,7 +435,7 @@ def spec_shape(spec: MatrixSpec, base: Checkpoint) -> tuple[int, int]:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-@cpu_by_default
+@public_entry
 def interfere(
     base: str,
     tuned_list: list[str],

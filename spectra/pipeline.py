@@ -25,7 +25,7 @@ import torch
 from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
-from spectra.config import DiffConfig, config_of, cpu_by_default
+from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared, floor_bound, pair_bytes, prepare, unit_floor
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
@@ -139,7 +139,7 @@ def _release(batch: list[Prepared]) -> None:
         item.base = None
 
 
-@cpu_by_default
+@public_entry
 def diff(
     base: str | Checkpoint,
     tuned: str | Checkpoint | None = None,
@@ -418,7 +418,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     return result
 
 
-@cpu_by_default
+@public_entry
 def probe_tasks(tasks: list[Task], target: int = 32 << 20, most: int = 64) -> list[Task]:
     """The tensor pairs ``--plan`` reads for the I/O rate: those nearest ``target`` bytes (stored, both sides) until
     ``target`` in all (at most ``most``), none above :data:`PROBE_MAX_BYTES`: a plan computes nothing, and a lone 2 GB

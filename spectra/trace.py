@@ -34,7 +34,7 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, saved_skips
-from spectra.config import SharedOptions, check_thresholds, config_of, cpu_by_default
+from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
 from spectra.esd import power_law_fit
@@ -324,7 +324,7 @@ def _order(meta: dict[str, Any]) -> tuple:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-@cpu_by_default
+@public_entry
 def trace(
     base: str,
     paths: list[str],

@@ -170,17 +170,22 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
             file is left behind. Other exceptions of the block propagate as they are.
     """
     path = Path(path)
-    tmp = None
+    tmp = fd = None
+    wrapped = False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
+            wrapped = True  # the file object closes the descriptor from here on
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
+        if fd is not None and not wrapped:  # a Ctrl-C between mkstemp and fdopen left the descriptor open
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError):
