@@ -9,7 +9,7 @@ spectrum, Marchenko-Pastur) and of the same with row i scaled by ``i^-0.5`` ("de
 thread (the engine solves one matrix per thread); medians of ``--repeats``. Prints, per p and
 spectrum, the time of ``dstedc``, of ``dstemr`` and of ``dstein`` for each k (the vectors of the
 tridiagonal matrix only, no back-transformation), the largest k at which ``dstemr`` was faster than
-``dstedc``, and the largest k the rule gives it.
+``dstedc``, and the largest k the rule gives it; the same for ``dstein`` (:func:`spectra.lapack.stein_is_cheaper`).
 
 Run: ``python bench/tridiagonal_vectors.py [--sizes 192,576,1024,2048] [--repeats 3] [--save NAME]``.
 """
@@ -28,7 +28,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, markdown_table, save  # noqa: E402
 
-from spectra.lapack import Tridiagonal, mrrr_is_cheaper  # noqa: E402
+from spectra.lapack import Tridiagonal, mrrr_is_cheaper, stein_is_cheaper  # noqa: E402
 
 KS = (8, 16, 32, 64, 128, 256, 512)
 
@@ -62,12 +62,14 @@ def main() -> None:
                 stein = {k: median_ms(lambda k=k: tri._known_value_vectors(k, k), args.repeats) for k in stemr}
                 faster = max((k for k, t in stemr.items() if t < stedc), default=0)
                 rule = max((k for k in range(1, p + 1) if mrrr_is_cheaper(p, k)), default=0)
+                stein_faster = max((k for k, t in stein.items() if t < stedc), default=0)
+                stein_rule = max((k for k in range(1, p + 1) if stein_is_cheaper(p, k)), default=0)
                 rows.append([p, kind, f"{stedc:.1f}", " ".join(f"{k}: {t:.1f}" for k, t in stemr.items()),
-                             " ".join(f"{k}: {t:.1f}" for k, t in stein.items()), faster, rule])
-                data.append({"p": p, "spectrum": kind, "stedc_ms": stedc, "stemr_ms": stemr, "stein_ms": stein, "largest_k_stemr_faster": faster,
+                             " ".join(f"{k}: {t:.1f}" for k, t in stein.items()), faster, rule, stein_faster, stein_rule])
+                data.append({"p": p, "spectrum": kind, "stedc_ms": stedc, "stemr_ms": stemr, "stein_ms": stein, "largest_k_stemr_faster": faster, "largest_k_stein_faster": stein_faster, "stein_rule_k": stein_rule,
                              "rule_k": rule})
                 print(*rows[-1], flush=True)
-    table = markdown_table(["p", "spectrum", "dstedc ms (all p)", "dstemr ms per k", "dstein ms per k (values known)", "largest k, dstemr faster", "rule's k"], rows)
+    table = markdown_table(["p", "spectrum", "dstedc ms (all p)", "dstemr ms per k", "dstein ms per k (values known)", "largest k, dstemr faster", "rule's k", "largest k, dstein faster", "stein rule's k"], rows)
     print(table)
     if args.save:
         cmd = "python bench/tridiagonal_vectors.py " + " ".join(sys.argv[1:])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-__all__ = ["Tridiagonal", "mrrr_is_cheaper", "top_eigh_upper"]
+__all__ = ["Tridiagonal", "mrrr_is_cheaper", "stein_is_cheaper", "top_eigh_upper"]
 
 _P = ctypes.c_void_p
 
@@ -134,6 +134,14 @@ def mrrr_is_cheaper(p: int, k: int) -> bool:
     return 16 * k <= p or (4800 * k <= p * p and 5 * k <= p)
 
 
+def stein_is_cheaper(p: int, k: int) -> bool:
+    """Whether k eigenvectors of a p × p tridiagonal matrix whose eigenvalues are known cost less by inverse
+    iteration (``dstein``) than all p by divide and conquer. Measured as :func:`mrrr_is_cheaper` (``bench/tridiagonal_vectors.py``):
+    inverse iteration is 3-4× faster than MRRR and the cheaper up to k ≈ p/2 on flat spectra, p/3-p/4 on decaying
+    ones (its reorthogonalisation within clusters grows with k); ``4k ≤ p``, or MRRR's own range, stays on the safe side."""
+    return 4 * k <= p or mrrr_is_cheaper(p, k)
+
+
 @dataclass
 class Tridiagonal:
     """A symmetric float64 (or float32) matrix reduced once to tridiagonal form (LAPACK ``dsytrd`` /
@@ -220,7 +228,7 @@ class Tridiagonal:
             return np.zeros(0, dtype=real), np.zeros((p, 0), dtype=real)
         # with every eigenvalue known, only the k vectors are computed (inverse iteration); else MRRR or divide and
         # conquer, which find the values again (n of them: MRRR computes a vector for each)
-        known = self._known_value_vectors(n, k) if mrrr_is_cheaper(p, k) else None
+        known = self._known_value_vectors(n, k) if stein_is_cheaper(p, k) else None
         if known is not None:
             w, z = known
         else:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from spectra.lapack import Tridiagonal, mrrr_is_cheaper, top_eigh_upper
+from spectra.lapack import Tridiagonal, mrrr_is_cheaper, stein_is_cheaper, top_eigh_upper
 
 
 def _gram(rng: np.random.Generator, p: int, n: int, decay: float = 0.0) -> np.ndarray:
@@ -349,12 +349,17 @@ def test_vectors_from_known_values_equal_mrrr_and_numpy(monkeypatch, case):
     calls = []
     mrrr = Tridiagonal._tridiagonal_vectors
     monkeypatch.setattr(Tridiagonal, "_tridiagonal_vectors", lambda self, n: calls.append(n) or mrrr(self, n))
-    for k in (1, 5, 12, 16):
+    every = []
+    dc = Tridiagonal._all_tridiagonal_vectors
+    monkeypatch.setattr(Tridiagonal, "_all_tridiagonal_vectors", lambda self: every.append(1) or dc(self))
+    for k in (1, 5, 12, 16, 70):  # 70: past MRRR's range (divide and conquer without the values), inside stein's
         lam, vecs = tri.top_pairs(k + 3, k)
-        assert calls == []  # inverse iteration, not MRRR
+        assert calls == [] and every == []  # inverse iteration, not MRRR nor divide and conquer
+        assert stein_is_cheaper(p, k) and (k < 70 or not mrrr_is_cheaper(p, k))
         lam_m, vecs_m = bare.top_pairs(k + 3, k)  # MRRR (or divide and conquer past its range)
         assert calls == ([k + 3] if mrrr_is_cheaper(p, k + 3) else [])
         calls.clear()
+        every.clear()
         np.testing.assert_allclose(lam, lam_m, rtol=0, atol=1e-13 * lam[0])
         _check(G, k, lam[:k], vecs)
         if case == "tied":  # the top 5 are any basis of the tie: the same projector as MRRR's
