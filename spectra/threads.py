@@ -75,7 +75,7 @@ class _OneBlasThread:
                 libs = _blas_controller().select(user_api="blas").lib_controllers
                 self._saved = [(lib, lib.get_num_threads()) for lib in libs]
                 for lib, _ in self._saved:
-                    lib.set_num_threads(1)
+                    _set_blas_threads(lib, 1)
             self._holders += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -92,6 +92,19 @@ class _OneBlasThread:
 _RESTORE_TRIES = 50
 
 
+def _set_blas_threads(lib, n: int) -> None:
+    """Set a BLAS library's thread count. A pthreads OpenBLAS's count is process-wide, and set directly:
+    threadpoolctl ≥ 3.8 makes the first thread to set it its controlling thread for as long as that thread
+    lives and ignores the others, so after a call from the main thread every later call from another thread
+    (a notebook's thread pool) left OpenBLAS on two threads per worker, whose spinning made a compare 3.7× slower."""
+    # threadpoolctl's own setter under that logic (its name private; before 3.8 set_num_threads had no such logic)
+    direct = getattr(lib, "_real_set_num_threads", None)
+    if getattr(lib, "internal_api", "") == "openblas" and getattr(lib, "threading_layer", "") == "pthreads" and callable(direct):
+        direct(n)
+    else:
+        lib.set_num_threads(n)
+
+
 def _restore_blas(saved: list[tuple[object, int]]) -> None:
     for attempt in range(_RESTORE_TRIES):
         wrong = [(lib, n) for lib, n in saved if lib.get_num_threads() != n]
@@ -100,7 +113,7 @@ def _restore_blas(saved: list[tuple[object, int]]) -> None:
         if attempt:
             time.sleep(0.002)
         for lib, n in wrong:
-            lib.set_num_threads(n)
+            _set_blas_threads(lib, n)
 
 
 _ONE_BLAS_THREAD = _OneBlasThread()

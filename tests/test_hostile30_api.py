@@ -108,3 +108,30 @@ def test_a_stop_between_creating_and_opening_the_temporary_file_leaks_nothing(tm
         atomic_write_text(tmp_path / "results.json", "{}")
     monkeypatch.undo()
     assert len(os.listdir("/proc/self/fd")) == fds and os.listdir(tmp_path) == []
+
+
+def test_a_call_from_another_thread_holds_blas_to_one_thread_per_worker():
+    """threadpoolctl ≥ 3.8 makes the first thread to set OpenBLAS's thread count its controlling thread and ignores the
+    others while it lives: after one call from the main thread, every call from another thread (a notebook's thread
+    pool, a web server's) left each worker on two BLAS threads, and a compare took 3.7× as long (5.2 s against 1.4)."""
+    import threading
+
+    from threadpoolctl import threadpool_info
+
+    from spectra.threads import imap_one_blas_thread
+
+    def blas() -> list[int]:
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+
+    before = blas()
+    seen: dict[str, list[int]] = {}
+
+    def run(tag: str) -> None:
+        seen[tag] = list(imap_one_blas_thread(lambda _: blas(), [0, 1, 2], 2))[-1]
+
+    run("main")  # the main thread sets the count first, as a notebook's first call does
+    th = threading.Thread(target=run, args=("thread",))
+    th.start()
+    th.join()
+    assert seen["main"] == seen["thread"] == [1] * len(before)
+    assert blas() == before  # given back
