@@ -103,3 +103,58 @@ def test_a_head_paired_with_the_embedding_of_a_base_without_config_says_it_is_as
     head = next(m for m in res.modules if m.name == "lm_head.weight")
     assert "the base ties its output head to model.embed_tokens.weight" in head.note
     assert json.dumps(res.to_dict())  # serialisable as ever
+
+
+def test_a_training_loops_own_state_files_say_what_they_are(tmp_path):
+    """A Trainer folder's optimizer.pt, scheduler.pt and rng_state.pth were "not a state dict; its top-level keys are
+    'state', 'param_groups'" (or "entry 'python' is a tuple"), without saying what they are or where the weights are."""
+    import random
+
+    import numpy as np
+
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    torch.save(sched.state_dict(), tmp_path / "scheduler.pt")
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
+               tmp_path / "rng_state.pth")  # as the Trainer saves it: numpy's state needs pickle code to load
+    torch.save({"python": random.getstate(), "numpy": "kept apart", "cpu": torch.random.get_rng_state()}, tmp_path / "rng.pt")
+    for name, what in (("optimizer.pt", "an optimizer's state"), ("scheduler.pt", "a learning-rate scheduler's state"),
+                       ("rng_state.pth", "random number generator states"), ("rng.pt", "random number generator states")):
+        with pytest.raises(SpectraError) as exc:
+            open_checkpoint(tmp_path / name)
+        assert what in exc.value.message and "not model weights" in exc.value.message and "model.safetensors" in exc.value.hint
+
+
+def test_a_composer_checkpoint_is_read_from_its_state_model(tmp_path):
+    """MosaicML Composer keeps the weights at ckpt["state"]["model"]: refused with "its top-level keys are 'state',
+    'rng'"; read now, as the other training checkpoints' wrappers are."""
+    for side, shift in (("base", 0.0), ("tuned", 0.01)):
+        w = _weights(0, shift)
+        torch.save({"state": {"model": w, "optimizers": {"AdamW": {}}, "timestamp": {}}, "rng": [{}]}, tmp_path / f"{side}.pt")
+    res = spectra.diff(str(tmp_path / "base.pt"), str(tmp_path / "tuned.pt"))
+    assert sorted(m.name for m in res.modules) == NAMES
+    assert all(m.fro_norm == pytest.approx(0.01 * (12 * 8) ** 0.5, rel=1e-5) for m in res.modules)
+
+
+@pytest.mark.parametrize("layout", ["trainer", "lightning"])
+def test_a_folder_of_checkpoints_names_them(tmp_path, layout):
+    """A Trainer output folder holding only checkpoint-N folders, or a Lightning folder of .ckpt files, got the generic
+    "no model.safetensors … in this folder"."""
+    run = tmp_path / "run"
+    for step in (10, 20):
+        if layout == "trainer":
+            save_folder(run / f"checkpoint-{step}", _weights())
+        else:
+            run.mkdir(exist_ok=True)
+            torch.save({"state_dict": _weights(), "global_step": step}, run / f"epoch=0-step={step}.ckpt")
+    with pytest.raises(SpectraError) as exc:
+        open_checkpoint(run)
+    if layout == "trainer":
+        assert "a training run's folder of checkpoints (checkpoint-10, checkpoint-20)" in exc.value.message
+        assert "spectra trace BASE" in exc.value.hint and "checkpoint-20" in exc.value.hint
+    else:
+        assert "a folder of training checkpoints (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt)" in exc.value.message

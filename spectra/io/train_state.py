@@ -28,6 +28,12 @@ from spectra.errors import CheckpointFormatError
 #: many loops ``model``, the PyTorch tutorial ``model_state_dict``), beside ``epoch`` or ``optimizer``:
 #: unwrapped one level when exactly one holds one (``state_dict`` first).
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
+#: Where a MosaicML Composer checkpoint keeps the model's state dict: ``ckpt["state"]["model"]``.
+COMPOSER_KEY = "state.model"
+#: Top-level keys of what a training loop saves beside the weights, and what each file is (none holds weights).
+_NOT_WEIGHTS = ((("state", "param_groups"), "an optimizer's state (torch.optim: 'state', 'param_groups')"),
+                (("last_epoch", "base_lrs"), "a learning-rate scheduler's state"),
+                (("python", "numpy", "cpu"), "random number generator states (the Trainer's rng_state.pth)"))
 #: A module's extra state (``nn.Module.get_extra_state``) is saved under this suffix, as any Python object.
 EXTRA_STATE = "_extra_state"
 #: Top-level keys only DeepSpeed's engine writes (``DeepSpeedEngine._save_checkpoint``).
@@ -149,10 +155,11 @@ def find_state(path: Path, obj: object) -> FoundState:
             raise CheckpointFormatError(
                 f"holds a state dict under both {found[0]!r} and {found[1]!r}: which one is the model is ambiguous",
                 path=path, hint="save the one you mean: torch.save(model.state_dict(), ...)")
-        if not found:
+        composer = isinstance(obj.get("state"), dict) and _state_like(obj["state"].get("model"))
+        if not found and not composer:
             raise _not_state(path, obj, hint)
-        key = found[0]
-        inner = obj[key]
+        key = found[0] if found else COMPOSER_KEY  # MosaicML Composer: {"state": {"model": ..., "optimizers": ...}, "rng": ...}
+        inner = obj[key] if found else obj["state"]["model"]
     tensors, extra = _strip_extra(inner)
     _refuse_zero3(path, obj, tensors)
     _refuse_tensor_parallel(path, obj)
@@ -167,7 +174,12 @@ def find_state(path: Path, obj: object) -> FoundState:
 
 def _not_state(path: Path, obj: dict, hint: str) -> CheckpointFormatError:
     """The error for a mapping in which no state dict was found: the entry that is not a tensor, inside the
-    wrapper key that holds tensors when there is one (not the top-level keys, which are fine)."""
+    wrapper key that holds tensors when there is one (not the top-level keys, which are fine); or what the file is,
+    when a training loop's own state (an optimizer's, a scheduler's, the random generators')."""
+    for keys, what in _NOT_WEIGHTS:
+        if all(k in obj for k in keys):
+            return CheckpointFormatError(f"{what}, not model weights", path=path,
+                                         hint="pass the model's weights: the model.safetensors or pytorch_model.bin saved beside it")
     for k in (*WRAPPER_KEYS, None):
         inner = obj if k is None else obj.get(k)
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):

@@ -77,6 +77,14 @@ def describe_folder(folder: Path) -> tuple[str, str] | None:
     if fsdp:
         return (f"this is an Accelerate FSDP sharded checkpoint ({fsdp[0]}/ holds DCP shards), not a model folder",
                 f"convert it to one file: {DCP_TO_TORCH} {folder / fsdp[0]} model.pt, then pass model.pt")
+    runs = sorted((n for n in names if re.fullmatch(r"checkpoint-\d+", n) and (folder / n).is_dir()), key=lambda n: int(n[11:]))
+    if runs:  # a Trainer's output folder
+        return (f"this is a training run's folder of checkpoints ({', '.join(runs[:3])}{' …' if len(runs) > 3 else ''}), not a model "
+                "folder", f"pass one of them (e.g. {folder / runs[-1]}), or trace the run: spectra trace BASE {folder}")
+    ckpts = sorted(n for n in names if n.endswith(".ckpt") and (folder / n).is_file())
+    if ckpts:  # PyTorch Lightning's ModelCheckpoint folder
+        return (f"this is a folder of training checkpoints ({', '.join(ckpts[:3])}{' …' if len(ckpts) > 3 else ''}), not a model folder",
+                f"pass one of the files (e.g. {folder / ckpts[-1]}), or several in order to spectra trace")
     return None
 
 
