@@ -396,39 +396,31 @@ def diff_adapter(
             last[base_name] = base.load(base_name)  # type: ignore[union-attr]
         return last[base_name]
 
-    try:
-        _measure_units(units, len(finished), base, load, tied, config, device, dtype, result, writer, callback, total)
-    except BaseException:  # an error or a stop: results.json holds what was finished, and the folder is free again
+    try:  # an error or a stop: results.json holds what was finished, and the folder is free again
+        for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=len(finished) + 1):
+            if isinstance(mod, SavedModule):
+                res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
+            else:
+                res = non_finite_factor(mod) or _module_result(mod, spec, load if base is not None else None, base_name, name, rows,
+                                                               module, config, device, dtype)
+                if not isinstance(res, str) and spec.name in tied:
+                    res.note = "; ".join(x for x in (res.note, tied[spec.name]) if x)
+            skip = None
+            if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
+                skip, res = Skipped(name, res), None
+                result.skipped.append(asdict(skip))
+                result.warnings.append(f"{name}: {skip.reason}")
+            else:
+                result.modules.append(res)
+            if writer:
+                writer.add(result, res, skip)
+            if callback:
+                callback(DiffEvent(done, total, res, skip))
+    except BaseException:
         if writer:
             writer.flush(result)
         raise
     return result
-
-
-def _measure_units(units: list, done_before: int, base: Checkpoint | None, load: Callable[[str], torch.Tensor], tied: dict[str, str],
-                   config: DiffConfig, device: torch.device, dtype: torch.dtype, result: DiffResult, writer,
-                   callback: Callable[[DiffEvent], None] | None, total: int) -> None:
-    """:func:`diff_adapter`'s loop over its units (module, spec, base name, name, rows, module path): each measured,
-    added to ``result`` and to the journal, then reported to ``callback``."""
-    for done, (mod, spec, base_name, name, rows, module) in enumerate(units, start=done_before + 1):
-        if isinstance(mod, SavedModule):
-            res = _saved_result(mod, base, name, rows, module, config, device, dtype)  # type: ignore[arg-type]
-        else:
-            res = non_finite_factor(mod) or _module_result(mod, spec, load if base is not None else None, base_name, name, rows,
-                                                           module, config, device, dtype)
-            if not isinstance(res, str) and spec.name in tied:
-                res.note = "; ".join(x for x in (res.note, tied[spec.name]) if x)
-        skip = None
-        if isinstance(res, str):  # a skip with its reason, as a full diff skips NaN/Inf weights
-            skip, res = Skipped(name, res), None
-            result.skipped.append(asdict(skip))
-            result.warnings.append(f"{name}: {skip.reason}")
-        else:
-            result.modules.append(res)
-        if writer:
-            writer.add(result, res, skip)
-        if callback:
-            callback(DiffEvent(done, total, res, skip))
 
 
 def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: DiffConfig) -> str:

@@ -561,8 +561,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         matched_t.add(tn)
         bi, ti = base.tensors[bn], tuned.tensors[tn]
         bs, ts = bspecs.get(bn), tspecs.get(tn)
-        if tn.rpartition(".")[2] in OPTIMIZER_STATE:  # a flat dump of the optimizer beside the weights
-            result.skipped.append(Skipped(tn, f"optimizer state ({tn.rpartition('.')[2]} of a parameter), not a weight"))
+        if (leaf := tn.rpartition(".")[2]) in OPTIMIZER_STATE:  # a flat dump of the optimizer beside the weights
+            result.skipped.append(Skipped(tn, f"optimizer state ({leaf} of a parameter), not a weight"))
             continue
         if bs is None or ts is None:
             quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)

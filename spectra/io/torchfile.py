@@ -40,7 +40,7 @@ import torch
 from spectra.errors import CheckpointFormatError, CheckpointNotFoundError, UnsafeCheckpointError
 from spectra.io.paths import FileStamp, check_unchanged, file_stamp, open_regular, regular_file
 from spectra.io.safetensors_file import MAX_DIM
-from spectra.io.train_state import find_state
+from spectra.io.train_state import TRAINER_FILES, WEIGHTS_BESIDE, find_state
 
 #: What torch.save writes first: a zip archive (since torch 1.6), or a pickle protocol-2 PROTO opcode.
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -131,12 +131,6 @@ def _pickle_globals(data: bytes) -> list[str]:
     return found
 
 
-#: What the Hugging Face Trainer saves in a ``checkpoint-N`` folder beside the weights, by file name.
-TRAINER_FILES = {"rng_state.pth": "the Trainer's random number generator states", "optimizer.pt": "the Trainer's optimizer state",
-                 "scheduler.pt": "the Trainer's learning-rate scheduler state", "training_args.bin": "the Trainer's training arguments",
-                 "scaler.pt": "the Trainer's gradient scaler state"}
-
-
 def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Exception:
     """The one-line error for a ``.bin`` that ``torch.load(weights_only=True)`` could not read."""
     text = str(exc)
@@ -152,7 +146,7 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
     if unsafe and path.name in TRAINER_FILES:  # the Trainer's own state beside the weights: no weights to convert
         return UnsafeCheckpointError(f"{TRAINER_FILES[path.name]}, not model weights (refused: loading it would need pickle "
                                      f"code execution, it calls {unsafe[0]})", path=path,
-                                     hint="pass the model's weights: the model.safetensors or pytorch_model.bin saved beside it")
+                                     hint=WEIGHTS_BESIDE)
     if unsafe:
         return UnsafeCheckpointError(
             f"refused: loading this file would need pickle code execution (it calls {unsafe[0]}; weights_only=True refused it)",

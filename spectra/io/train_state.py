@@ -30,6 +30,12 @@ from spectra.errors import CheckpointFormatError
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 #: Where a MosaicML Composer checkpoint keeps the model's state dict: ``ckpt["state"]["model"]``.
 COMPOSER_KEY = "state.model"
+#: What the Hugging Face Trainer saves in a ``checkpoint-N`` folder beside the weights, by file name (none holds weights).
+TRAINER_FILES = {"rng_state.pth": "the Trainer's random number generator states", "optimizer.pt": "the Trainer's optimizer state",
+                 "scheduler.pt": "the Trainer's learning-rate scheduler state", "training_args.bin": "the Trainer's training arguments",
+                 "scaler.pt": "the Trainer's gradient scaler state"}
+#: What to do instead when given one of those files.
+WEIGHTS_BESIDE = "pass the model's weights: the model.safetensors or pytorch_model.bin saved beside it"
 #: Top-level keys of what a training loop saves beside the weights, and what each file is (none holds weights).
 _NOT_WEIGHTS = ((("state", "param_groups"), "an optimizer's state (torch.optim: 'state', 'param_groups')"),
                 (("last_epoch", "base_lrs"), "a learning-rate scheduler's state"),
@@ -178,8 +184,7 @@ def _not_state(path: Path, obj: dict, hint: str) -> CheckpointFormatError:
     when a training loop's own state (an optimizer's, a scheduler's, the random generators')."""
     for keys, what in _NOT_WEIGHTS:
         if all(k in obj for k in keys):
-            return CheckpointFormatError(f"{what}, not model weights", path=path,
-                                         hint="pass the model's weights: the model.safetensors or pytorch_model.bin saved beside it")
+            return CheckpointFormatError(f"{what}, not model weights", path=path, hint=WEIGHTS_BESIDE)
     for k in (*WRAPPER_KEYS, None):
         inner = obj if k is None else obj.get(k)
         if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
