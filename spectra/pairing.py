@@ -46,8 +46,9 @@ from spectra.pairing_notes import (
     tie_unknown,
 )
 
-#: Dtypes of buffers that are no weights when both sides hold them (int64 position ids, a bool mask); packed
-#: quantised weights are int8, uint8 or int32 (GPTQ's ``qweight``), which stay "not a float weight".
+#: Dtypes of buffers that are no weights when both sides hold them under a name other than ``….weight`` (int64
+#: position ids, a bool mask); packed quantised weights are int8, uint8 or int32 (GPTQ's ``qweight``), which stay
+#: "not a float weight".
 BUFFER_DTYPES = frozenset({"bool", "int64"})
 #: Last name components of an optimizer's per-parameter state (Adam's moments, SGD's momentum) saved in one flat
 #: mapping with the weights (``optim.state.<param>.exp_avg``): same shapes as the weights, no weights.
@@ -585,8 +586,10 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                         if (f := foreign_format(n.removesuffix(".qweight").removesuffix(".weight"), c))), None)
             # a complex (or bool) tensor is no quantised weight either: say what it is instead
             odd = all(b.rpartition(" ")[2].startswith(("complex", "bool")) for b in bad)
-            if not fmt and len(bad) == (1 if single else 2) and all(b.rpartition(" ")[2] in BUFFER_DTYPES for b in bad):
-                # int64 position ids, a bool mask on both sides: no weight was left out (not counted as one)
+            if (not fmt and len(bad) == (1 if single else 2) and all(b.rpartition(" ")[2] in BUFFER_DTYPES for b in bad)
+                    and not tn.endswith(".weight")):
+                # int64 position ids, a bool mask on both sides: no weight was left out (not counted as one); a
+                # tensor named as a weight stays one left out, whatever it holds
                 result.skipped.append(Skipped(tn, f"{', '.join(bad)}: an integer or boolean buffer (indices, a mask, a counter), "
                                                   "not a weight matrix"))
                 continue
