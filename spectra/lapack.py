@@ -232,8 +232,9 @@ class Tridiagonal:
         if known is not None:
             w, z = known
         else:
-            if mrrr_is_cheaper(p, n):
-                w, z = self._tridiagonal_vectors(n)
+            got = self._mrrr_vectors(n) if mrrr_is_cheaper(p, n) else None
+            if got is not None:
+                w, z = got
             else:
                 w, z = self._all_tridiagonal_vectors()
                 w, z = w[p - n:], z[:, p - n:]
@@ -251,6 +252,20 @@ class Tridiagonal:
                 raise np.linalg.LinAlgError(f"LAPACK {x}ormtr failed (info = {info.value})")
         return w[::-1].copy(), z[:, ::-1].copy()
 
+    def _mrrr_vectors(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_tridiagonal_vectors`, or None when MRRR fails or returns a vector that is not finite or not of unit
+        norm: asked for one eigenvalue (``il = iu``) at the top of a cluster of five or more tied values, ``dstemr``
+        returned a NaN or all-zero vector with ``info = 0`` (an extract at rank 1 wrote an adapter of NaN and reported
+        the optimal energy); ``sstemr`` fails outright on some tied spectra. The caller then uses divide and conquer."""
+        try:
+            w, z = self._tridiagonal_vectors(n)
+        except np.linalg.LinAlgError:
+            return None
+        tol = 1e3 * float(np.finfo(z.dtype).eps)  # MRRR normalises each vector to working accuracy
+        if not (np.isfinite(w).all() and np.isfinite(z).all() and np.all(np.abs(np.linalg.norm(z, axis=0) - 1.0) <= tol)):
+            return None
+        return w, z
+
     def _known_value_vectors(self, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The n largest eigenvalues ``(n,)`` and the eigenvectors ``(p, k)`` of the k largest, ascending, when
         :attr:`lam` is known: inverse iteration from those values (``stein``, as LAPACK's ``syevx`` does after its
@@ -258,7 +273,7 @@ class Tridiagonal:
         (p = 576, one thread, with the back-transformation: 11 vectors 1.5 against 2.8 ms, 65 vectors 4.7-5.9 against
         10.6-11.8; residuals and orthogonality ~5e-15·λ₁ for both, ``bench/tridiagonal_vectors.py``). None when the
         values are not known, when the matrix splits into blocks (``stein`` would need each block's own values) or
-        when a vector does not converge: the caller then uses MRRR."""
+        when a vector does not converge: the caller then uses MRRR (checked, :meth:`_mrrr_vectors`)."""
         p = self.d.size
         if self.lam is None or k == 0:
             return None
