@@ -510,11 +510,26 @@ def _raise_nothing_paired(base: Checkpoint, tuned: Checkpoint, skipped: list[Ski
     if single:
         raise PairingError(f"no weight matrix found (it holds e.g. {sample(list(base.tensors))})", path=path,
                            hint="`spectra inspect` shows how each tensor is understood")
+    for side, ckpt, other in (("tuned", tuned, base), ("base", base, tuned)):
+        if found := _models_under_prefixes(ckpt, other):  # a DPO file (policy., ref_model.), a teacher and a student
+            raise PairingError(
+                f"no weight matrix of the base pairs with the tuned checkpoint: {side} holds "
+                + (f"{len(found)} models, under {' and '.join(repr(f + '.') for f in found)}" if len(found) > 1 else
+                   f"its model under {found[0] + '.'!r}") + ", which pair with the other checkpoint once that prefix is dropped",
+                path=path, hint=f"save the one you mean alone, its names without the prefix: {{k[len('{found[0]}.'):]: v for k, v in "
+                                f"state_dict.items() if k.startswith('{found[0]}.')}}")
     raise PairingError(
         f"no weight matrix of the base pairs with the tuned checkpoint (base has e.g. {sample(list(base.tensors))}; "
         f"tuned has e.g. {sample(list(tuned.tensors))})", path=path,
         hint="are both checkpoints of the same architecture? `spectra inspect` shows how each is understood",
     )
+
+
+def _models_under_prefixes(ckpt: Checkpoint, other: Checkpoint) -> list[str]:
+    """The first name components of ``ckpt`` under which it holds tensors that ``other`` stores without that component
+    (``policy.model.layers.0…`` against ``model.layers.0…``), in order; empty when there is none."""
+    names = set(other.tensors)
+    return sorted({n.split(".", 1)[0] for n in ckpt.tensors if "." in n and n.split(".", 1)[1] in names})
 
 
 def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = False, aliases: bool = True) -> Pairing:

@@ -158,3 +158,18 @@ def test_a_folder_of_checkpoints_names_them(tmp_path, layout):
         assert "spectra trace BASE" in exc.value.hint and "checkpoint-20" in exc.value.hint
     else:
         assert "a folder of training checkpoints (epoch=0-step=10.ckpt, epoch=0-step=20.ckpt)" in exc.value.message
+
+
+def test_a_file_of_two_models_names_their_prefixes(tmp_path):
+    """A DPO trainer's state (policy.… and ref_model.…) against its base: "no weight matrix of the base pairs … are both
+    checkpoints of the same architecture?", where the file holds two models of that very architecture."""
+    w = _weights()
+    torch.save(w, tmp_path / "base.pt")
+    torch.save({f"{who}.{n}": t + 0.01 for who in ("policy", "ref_model") for n, t in w.items()}, tmp_path / "dpo.pt")
+    with pytest.raises(SpectraError) as exc:
+        spectra.diff(str(tmp_path / "base.pt"), str(tmp_path / "dpo.pt"))
+    assert "tuned holds 2 models, under 'policy.' and 'ref_model.'" in exc.value.message
+    assert "k.startswith('policy.')" in exc.value.hint
+    save_folder(tmp_path / "b", {f"student.{n}": t for n, t in w.items()})
+    with pytest.raises(SpectraError, match=r"base holds its model under 'student\.'"):
+        spectra.diff(str(tmp_path / "b"), str(tmp_path / "base.pt"))
