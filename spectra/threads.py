@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import numpy  # noqa: F401 - both OpenBLAS libraries are loaded before threadpoolctl first looks
@@ -23,7 +23,7 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["check_workers", "imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
+__all__ = ["RESULTS_AHEAD", "check_workers", "imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -123,6 +123,10 @@ _ONE_BLAS_THREAD = _OneBlasThread()
 #: thread only when no idle one can take a task), so a run holds about as many as it asks for.
 _MAX_THREADS = 64
 
+#: Results :func:`imap_one_blas_thread` may hold, finished and waiting for an earlier one, per worker:
+#: enough that one long item (an embedding) does not idle the other cores, few enough to bound memory.
+RESULTS_AHEAD = 4
+
 
 class _Workers:
     """The compute threads, kept for the life of the process.
@@ -206,13 +210,15 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
     thousand one eigensolve barely uses two threads, while two matrices in two threads use both cores.
     The BLAS thread count is process-wide (OpenBLAS has no per-thread setting); it holds until the
     iterator is exhausted or closed, then is restored. ``workers`` None: ``torch.get_num_threads()``.
-    The threads are the process's compute workers (:class:`_Workers`), kept between calls; the caller
-    submits the next item as each result is taken, so at most ``workers`` run at once and an early
-    stop (the first exception, a closed iterator) leaves the rest unstarted. The first exception is
-    raised where its result would have come. ``items`` may be a lazy iterator (a stream that reads as
-    it goes): an item is taken from it only when it can start, and a generator is closed when the map
-    ends. With ``cost``, the items running at once also cost at most ``max_cost`` together (one always
-    runs, whatever its cost): memory stays bounded when items are large matrices.
+    The threads are the process's compute workers (:class:`_Workers`), kept between calls; the caller's
+    thread submits the next item whenever a worker is free (also while it waits on an earlier item, so
+    one long item does not idle the other workers), so at most ``workers`` run at once, at most
+    ``RESULTS_AHEAD`` finished results per worker wait for an earlier one, and an early stop (the first
+    exception, a closed iterator) leaves the rest unstarted. The first exception is raised where its
+    result would have come. ``items`` may be a lazy iterator (a stream that reads as it goes): an item
+    is taken from it only when it can start, and a generator is closed when the map ends. With
+    ``cost``, the items started and not yet handed over also cost at most ``max_cost`` together (one
+    always runs, whatever its cost): memory stays bounded when items are large matrices.
     """
     workers = max(1, torch.get_num_threads() if workers is None else workers)
     if isinstance(items, Sized):
@@ -225,36 +231,43 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
             return
         pool = _WORKERS.executor()
         todo = iter(items)
-        running: deque[tuple[Future[_R], int]] = deque()
+        queue: deque[tuple[Future[_R], int]] = deque()  # started, not yet handed over, in order
         waiting: list[_T] = []  # an item taken from todo that did not fit yet
-        in_flight = 0
+        in_flight = 0  # the cost of the items in queue: a finished one's holds until it is handed over
 
         def top_up() -> None:
             nonlocal in_flight
-            while len(running) < workers:
+            # a worker whose item finished before the head's takes the next (results are handed over in
+            # order: waiting on the head alone left a core idle behind each long item); finished results
+            # wait in queue, at most RESULTS_AHEAD per worker, their cost counted, so memory stays bounded
+            while sum(not f.done() for f, _ in queue) < workers and len(queue) < RESULTS_AHEAD * workers:
                 if not waiting:
                     try:
                         waiting.append(next(todo))
                     except StopIteration:
                         return
                 c = cost(waiting[0]) if cost is not None else 0
-                if running and max_cost is not None and in_flight + c > max_cost:
+                if queue and max_cost is not None and in_flight + c > max_cost:
                     return
-                running.append((pool.submit(fn, waiting.pop()), c))
+                queue.append((pool.submit(fn, waiting.pop()), c))
                 in_flight += c
 
         try:
             top_up()
-            while running:
-                future, c = running.popleft()
-                result = future.result()
+            while queue:
+                head, c = queue[0]
+                if not head.done():
+                    wait([f for f, _ in queue if not f.done()], return_when=FIRST_COMPLETED)
+                    top_up()
+                    continue
+                queue.popleft()
                 in_flight -= c
                 top_up()  # the next item starts before this result is handed over
-                yield result
+                yield head.result()
         finally:  # stopped early (an error, a closed iterator): finish what started; the rest never starts
-            for f, _ in running:
+            for f, _ in queue:
                 f.cancel()
-            wait([f for f, _ in running])
+            wait([f for f, _ in queue])
             waiting.clear()
             close = getattr(todo, "close", None)
             if close is not None:  # a stream: its readers stop and its buffers go now, not with a traceback

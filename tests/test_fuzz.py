@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from spectra.errors import SpectraError
 from spectra.io.adapter import open_adapter
 from spectra.io.checkpoint import open_checkpoint
-from spectra.io.jsonfile import MAX_JSON_DEPTH, json_depth, parse_json
+from spectra.io.jsonfile import MAX_JSON_DEPTH, finite_or_null, json_depth, parse_json
 from spectra.io.patterns import MAX_NAME_CHARS, PatternError, component_expression, component_match, full_match, suffix_expression, suffix_match
 from spectra.io.safetensors_file import MAX_DIM, read_header
 from spectra.pairing import pair_checkpoints
@@ -579,3 +579,29 @@ def test_any_regex_is_matched_like_peft_or_refused_quickly(key, name):
 def test_safe_regexes_are_never_refused(key, name):
     assert _ours_vs_python(suffix_match, suffix_expression(key), key, name, re.match) is not None, key
     assert _ours_vs_python(full_match, key, key, name, re.fullmatch) is not None, key
+
+
+def _finite_or_null_reference(x):
+    """finite_or_null element by element (what its one-pass sum over a list of numbers must equal)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null_reference(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null_reference(v) for v in x]
+    return x
+
+
+_JSON_LEAVES = st.one_of(st.floats(), st.sampled_from([1e308, -1e308, math.inf, -math.inf, math.nan]), st.integers(),
+                         st.sampled_from([10**400, -(10**400)]), st.booleans(), st.none(), st.text(max_size=3))
+
+
+@SETTINGS
+@given(st.recursive(_JSON_LEAVES, lambda kids: st.one_of(st.lists(kids, max_size=6), st.tuples(kids, kids),
+                                                         st.dictionaries(st.text(max_size=3), kids, max_size=4)), max_leaves=40))
+def test_finite_or_null_replaces_every_nan_and_inf(doc):
+    """Result files write NaN/Inf as null: the fast path for lists of numbers (a sum that is finite only
+    when every element is) must agree with the element-wise walk, also when finite numbers overflow the
+    sum (1e308 + 1e308), for ints too large for a float, and for mixed lists."""
+    got, want = finite_or_null(doc), _finite_or_null_reference(doc)
+    assert json.dumps(got, allow_nan=False) == json.dumps(want, allow_nan=False)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import spectra
 from spectra.config import DiffConfig
 from spectra.stream import CPU_COLLECT_BYTES, run_settings
-from spectra.threads import imap_one_blas_thread, map_one_blas_thread, one_openmp_thread, zip_results
+from spectra.threads import RESULTS_AHEAD, imap_one_blas_thread, map_one_blas_thread, one_openmp_thread, zip_results
 
 
 def test_a_reader_thread_runs_torch_on_one_openmp_thread_and_the_others_keep_theirs():
@@ -103,8 +103,8 @@ def test_a_stopped_compute_map_finishes_what_started_and_skips_the_rest():
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork here")
 def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
     """extract's streamed pass: items come from a generator that reads as it goes; each is taken only when
-    a worker is free (never more than `workers` ahead of what the caller has consumed), results come in
-    order, and an error stops the stream where it happened, the generator closed."""
+    a worker is free (never more than RESULTS_AHEAD per worker ahead of what the caller has consumed),
+    results come in order, and an error stops the stream where it happened, the generator closed."""
     pulled, closed = [], []
 
     def stream(n):
@@ -118,7 +118,7 @@ def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
     taken = []
     for x, y in zip_results(stream(12), lambda i: (threading.Event().wait(0.002), i * i)[1], workers=3):
         taken.append((x, y))
-        assert len(pulled) <= len(taken) + 3
+        assert len(pulled) <= len(taken) + 3 * RESULTS_AHEAD
     assert taken == [(i, i * i) for i in range(12)] and closed
 
     pulled.clear()
@@ -133,7 +133,26 @@ def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
     with pytest.raises(ValueError, match="bad matrix 4"):
         for x, _ in zip_results(stream(100), boom, workers=2):
             got.append(x)
-    assert got == [0, 1, 2, 3] and len(pulled) <= 7 and closed
+    assert got == [0, 1, 2, 3] and len(pulled) <= 5 + 2 * RESULTS_AHEAD and closed
+
+
+def test_a_long_item_does_not_idle_the_other_workers():
+    """Results come in order, but a worker whose item finished takes the next one while the first still
+    runs: item 0 here finishes only once three later items have (the old head-of-line wait ran one
+    item beside it, then idled, and item 0 timed out)."""
+    finished, lock, three = [], threading.Lock(), threading.Event()
+
+    def work(i):
+        if i == 0:
+            return three.wait(10)
+        with lock:
+            finished.append(i)
+            if len(finished) == 3:
+                three.set()
+        return i
+
+    got = list(imap_one_blas_thread(work, range(8), workers=2))
+    assert got == [True, 1, 2, 3, 4, 5, 6, 7]
 
 
 def test_zip_results_keeps_what_runs_at_once_within_its_cost():

@@ -60,6 +60,11 @@ def finite_or_null(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: finite_or_null(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
+        try:  # a list of numbers (a spectrum) in one C loop: a NaN or ±Inf anywhere makes the sum non-finite
+            if math.isfinite(sum(x)):
+                return list(x)
+        except (TypeError, OverflowError):  # not all numbers (dicts, strings, None), or an int too large for a float
+            pass
         return [finite_or_null(v) for v in x]
     return x
 
