@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.table import Table
 
+from spectra.display import counted
 from spectra_cli.console import (
     OutPath,
     cell,
@@ -99,7 +100,7 @@ def trace_cmd(base, checkpoints, out_dir, thresholds, top_k, alpha, include, exc
     skipped_points = f", {len(points)} points (a matrix at one checkpoint) skipped: see 'skip' in trace.json" if points else ""
     nowhere = sum(1 for m in result.matrices if m["points"] and all(isinstance(pt, dict) and pt.get("skip") for pt in m["points"]))
     nowhere_text = f" ({nowhere} of them measured at no checkpoint)" if nowhere else ""
-    err.print(f"{matrices(len(result.matrices))}{nowhere_text} over {len(result.checkpoints)} checkpoints in {result.elapsed_s:.1f} s "
+    err.print(f"{matrices(len(result.matrices))}{nowhere_text} over {counted(len(result.checkpoints), 'checkpoint')} in {result.elapsed_s:.1f} s "
               f"on {result.device}; {matrices(len(result.skipped))} skipped{skipped_points}", highlight=False)
     if out_dir:
         err.print(f"results: {shown(str(Path(out_dir) / 'trace.json'))}", highlight=False)
@@ -119,7 +120,7 @@ def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
     zero = unchanged_text(result.checkpoints, result.matrices, result.config, result.skipped)
     if zero is None:
         return
-    raise IdenticalCheckpointsError(zero, path=result.run or f"{result.base} vs {len(result.checkpoints)} checkpoints",
+    raise IdenticalCheckpointsError(zero, path=result.run or f"{result.base} vs {counted(len(result.checkpoints), 'checkpoint')}",
                                     hint=identical_hint(out_dir))
 
 
@@ -135,7 +136,7 @@ def _summary_table(result) -> Table:
     key = headline_key(result.to_dict())
     steps = [c["step"] for c in result.checkpoints]
     span = (f"at step {steps[0]} (a single checkpoint)" if len(steps) == 1 else
-            f"from step {steps[0]} to step {steps[-1]} ({len(steps)} checkpoints)")
+            f"from step {steps[0]} to step {steps[-1]} ({counted(len(steps), 'checkpoint')})")
     table = Table(title=f"ΔW {span}, median per module", title_justify="left")
     for col in ("module", "n", f"rank[{key}] first", "last", "‖ΔW‖/‖W‖ first", "last", "φ with first (last ckpt)"):
         table.add_column(col, justify="left" if col == "module" else "right")

@@ -116,10 +116,19 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 checkpoint"``, ``"3 checkpoints"``: a count in words (``plural``: when it is not ``noun + "s"``).
+
+    >>> counted(1, "checkpoint"), counted(0, "checkpoint"), counted(2, "matrix", "matrices")
+    ('1 checkpoint', '0 checkpoints', '2 matrices')
+    """
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def matrices(n: int) -> str:
     """``"1 matrix"``, ``"3 matrices"``: a count of matrices in words.
 
     >>> matrices(1), matrices(0)
     ('1 matrix', '0 matrices')
     """
-    return f"{n} {'matrix' if n == 1 else 'matrices'}"
+    return counted(n, "matrix", "matrices")

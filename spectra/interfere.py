@@ -20,6 +20,7 @@ checkpoint is read once when they fit, which the default 1 GiB allows for n·out
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -52,7 +53,7 @@ from spectra.interference import (
 )
 from spectra.io.adapter import Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
-from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
+from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
@@ -65,7 +66,7 @@ from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector, unmeasured_clause
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut
-from spectra.trace_inputs import open_weights
+from spectra.trace_inputs import open_weights, weights_identity
 
 SCHEMA = "spectra.interfere/1"
 
@@ -152,6 +153,11 @@ class _Task:
             # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"
             self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
                              if x.reason.startswith(("shape mismatch", "fused rows", "an output head"))]
+
+    @functools.cached_property
+    def weights(self) -> Checkpoint:
+        """The checkpoint its tensors are read from (an adapter's weights file), for its identity and the journal's."""
+        return self.ckpt if self.adapter is None else open_weights(self.adapter.path, "lora")  # type: ignore[return-value]
 
     def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device, *,
               notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str], float]:
@@ -500,9 +506,11 @@ def interfere(
     result.warnings += read_notes((base_ckpt, *(t.ckpt for t in tasks), *(t.adapter for t in tasks)))
     result.warnings += [w for t in tasks if t.adapter is not None and (w := recorded_base_warning(t.adapter, base_ckpt))]
     # as compare says of A and B: a task given twice makes its pairs an update measured against itself
+    # the files read, not the spelling: a folder and its weights file, or a link to either, are one checkpoint
+    ids = [weights_identity(t.weights, t.label) for t in tasks]
+    same = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels)) if ids[i] == ids[j]]
     result.warnings += [f"tasks {result.names[i]} and {result.names[j]} are the same checkpoint ({labels[i]}): their pair "
-                        "compares an update with itself"
-                        for i in range(len(labels)) for j in range(i + 1, len(labels)) if same_file(labels[i], labels[j])]
+                        "compares an update with itself" for i, j in same]
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))
@@ -559,7 +567,7 @@ def interfere(
         result.warnings += [f"tasks {result.names[i]} and {result.names[j]} have updates of the same norm, to 12 digits, on "
                             f"every one of the {k} matrices: copies of one fine-tune? their pair compares an update with itself"
                             for i in range(len(tasks)) for j in range(i + 1, len(tasks))
-                            if not same_file(labels[i], labels[j]) and (k := _copies(result.modules, i, j))]
+                            if (i, j) not in same and (k := _copies(result.modules, i, j))]
         for i, t in enumerate(tasks):
             rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
             if rels and float(np.median(rels)) > 1.0:
@@ -650,7 +658,7 @@ def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Che
     """
     if out_dir is None:
         return None, {}
-    weights = [t.ckpt if t.adapter is None else open_weights(t.adapter.path, "lora") for t in tasks]
+    weights = [t.weights for t in tasks]
     options = {k: v for k, v in asdict(config).items() if k not in ("device", "max_dense_bytes")}  # neither moves a number
     # the labels as typed too: the records' notes name them (another spelling would mix two in one result)
     journal, records = start_sealed(Path(out_dir) / JOURNAL, [base, *weights], {**options, "tasks": [t.label for t in tasks]},

@@ -28,6 +28,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import Adapter, LoraModule, open_adapter
 from spectra.io.checkpoint import Checkpoint
@@ -36,6 +38,7 @@ from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped
 from spectra.peft_moe import TRANSPOSED_EXPERTS, ExpertFusion, expert_fusions
+from spectra.trace_inputs import open_weights
 
 _MERGE = "merge the adapter (merge_and_unload) and diff the merged model against the base"
 
@@ -89,7 +92,55 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None) -> Adapter:
     adapter = open_adapter(path, params=base is not None)
     if adapter.params and base is not None:
         place_params(adapter, adapter.params, base)
+    if base is not None:
+        check_base_copies(adapter, base)
     return adapter
+
+
+def check_base_copies(adapter: Adapter, base: Checkpoint, *, rows: int = 8192) -> None:
+    """Refuse an adapter whose saved copy of a base layer differs from ``base``'s matrix beyond rounding.
+
+    PEFT saves ``X.base_layer.weight`` beside an embedding or output-head LoRA and loads it over the
+    model's own weight: PEFT's model then updates ``base`` by ``(copy − W) + s·B·A``, not ``s·B·A``, and a
+    copy that differs means the adapter was made on other weights than these. Equal within the rounding
+    of the coarser of the two dtypes (``|copy − W| <= u·|W|`` entrywise, plus a subnormal step): a base
+    loaded in bfloat16 saves a rounded copy. Read ``rows`` rows at a time (an embedding in float64 would
+    be several GB for a 7B model).
+
+    Raises:
+        CheckpointFormatError: names the copy, the base tensor and the largest difference.
+    """
+    copies = [n for n in adapter.base_copies if n.endswith(".base_layer.weight")]
+    if not copies:
+        return
+    where = BaseNames(base, base.specs, unique_pairing_keys(list(base.tensors)))
+    weights = open_weights(adapter.path, "lora")
+    for name in copies:
+        mod = adapter.modules.get(name.removeprefix("base_model.model.").removesuffix(".base_layer.weight"))
+        base_name = None if mod is None else mod.weight_name if mod.weight_name in base.tensors else where.find(mod.weight_name)
+        if base_name is None:  # a copy without a LoRA, or of a head the base ties: nothing measured against it here
+            continue
+        copy, W = weights.load(name), base.load(base_name)
+        if copy.shape != W.shape:
+            raise CheckpointFormatError(f"this copy of a base layer, which PEFT loads over the base's, is {tuple(copy.shape)}, "
+                                        f"the base's {base_name} {tuple(W.shape)} (a resized vocabulary?)",
+                                        path=adapter.path, tensor=name, hint=_MERGE)
+        info = [torch.finfo(t.dtype) for t in (copy, W) if t.is_floating_point()]
+        u, step = max((i.eps / 2 for i in info), default=0.0), max((i.tiny * i.eps for i in info), default=0.0)
+        worst, at = 0.0, 0.0
+        for i in range(0, max(W.shape[0], 1), rows):
+            c, w = copy[i:i + rows].double(), W[i:i + rows].double()
+            excess = ((c - w).abs() - u * w.abs() - step).nan_to_num(nan=math.inf)
+            if bool((excess > 0).any()):
+                k = int(excess.argmax())
+                worst, at = float((c - w).abs().flatten()[k]), float(w.abs().flatten()[k])
+                break
+        if worst:
+            raise CheckpointFormatError(
+                f"this copy of a base layer differs from the base's {base_name} (by {worst:.3g} at an entry of {at:.3g}): PEFT "
+                "loads the copy over the base's, so s·B·A is not this adapter's update of it, and the adapter was made on "
+                "other weights than this base", path=adapter.path, tensor=name,
+                hint="pass the base it was trained on; or " + _MERGE)
 
 
 def place_params(adapter: Adapter, params: list[ParamLora], base: Checkpoint) -> None:
@@ -239,4 +290,4 @@ def _assign(adapter: Adapter, wrappers: list[ParamLora], targets: dict[str, _Tar
     return list(ways[0])
 
 
-__all__ = ["BaseNames", "open_adapter_on", "place_params"]
+__all__ = ["BaseNames", "check_base_copies", "open_adapter_on", "place_params"]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from spectra.compare_findings import PHI_BLIND, PHI_CHANCE
-from spectra.display import matrices, tau_percent
+from spectra.display import counted, matrices, tau_percent
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
 from spectra.naming import role_sort_key
@@ -48,7 +48,7 @@ def doc_from_jsonl(path: Path) -> dict:
 def title(path: Path, doc: dict) -> str:
     """``trace: RUN`` (the run folder, or the base with the checkpoint count)."""
     res = load(path, doc)
-    return f"trace: {res.run or path.parent} ({len(res.checkpoints)} checkpoints, {res.kind})"
+    return f"trace: {res.run or path.parent} ({counted(len(res.checkpoints), 'checkpoint')}, {res.kind})"
 
 
 def _median(values: list[float | None]) -> float | None:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, saved_skips
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
@@ -584,6 +584,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
     prev: dict[str, Subspaces] = {}
     prev_at: dict[str, int] = {}  # the checkpoint each prev is from (trace_checks.gap_note)
     saved: dict[str, str] = {}  # tensor an adapter stores whole (modules_to_save) -> why it is not traced
+    other_base: dict[str, str] = {}  # a base the adapters record that is not BASE -> the warning (once per base)
     for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
         if "checkpoint" in rec:
             if not (isinstance(rec["checkpoint"], int) and 0 <= rec["checkpoint"] < len(refs)
@@ -609,7 +610,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
                 prev_at[name] = used[-1]
             for ci, into in ((used[0], first), (used[-1], prev)) if used else ():
                 if ci not in cache:
-                    cache[ci] = {spec.name: s for mod, spec, _shape, _base in _adapter_modules(refs[ci], base, keep)
+                    cache[ci] = {spec.name: s for mod, spec, _shape, _base in _adapter_modules(refs[ci], base, keep, None, other_base)
                                  if (s := _lora_subspaces(mod, config, device)) is not None}
                 if name in cache[ci]:
                     into[name] = cache[ci][name]
@@ -618,7 +619,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             continue
         try:
             new_saved: dict[str, str] = {}
-            modules = _adapter_modules(ref, base, keep, new_saved)
+            modules = _adapter_modules(ref, base, keep, new_saved, other_base)
             saved.update(new_saved)
         except (SpectraError, OSError) as exc:  # unreadable now, or made for another base
             ref.failed = f"cannot be used ({getattr(exc, 'message', exc)})"
@@ -633,7 +634,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             f = Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale)
             now = Subspaces.of(truncate(f, config.top_k))
             new_meta[name] = metas[name] = metas.get(name) or matrix_meta(spec, shape, base_fro[name], mod.r)
-            pt = {"step": ref.step, **point_metrics(f.S.cpu().numpy(), shape, base_fro[name], config, mod.r),
+            pt = {"step": ref.step, **point_metrics(f.S.cpu().numpy(), shape, base_fro[name], config, mod.r), "lora_scale": mod.scale,
                   "turn_prev": subspace_turn(prev.get(name), now), "turn_first": subspace_turn(first.get(name), now)}
             if now is not None and name in prev and (gap := gap_note(refs, prev_at.get(name), ci)):
                 pt["turn_note"] = gap
@@ -653,7 +654,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
         pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
         result.matrices.append({**meta, "points": pts})
     # one run keeps its r and its target modules: adapters of several runs (or a resized one) listed together
-    result.warnings += adapter_change_warnings(metas, points, refs)
+    result.warnings += adapter_change_warnings(metas, points, refs) + list(other_base.values())
     if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
         every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
         refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,
@@ -667,12 +668,14 @@ def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subs
     return Subspaces.of(truncate(Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale), config.top_k))
 
 
-def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
-                     saved: dict[str, str] | None = None) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
+def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable, saved: dict[str, str] | None = None,
+                     other_base: dict[str, str] | None = None) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
     """``(LoraModule, spec, (out, in), base tensor name)`` of each kept module of an adapter checkpoint
     (the spec names the updated matrix; its base tensor differs for a head tied to the embedding).
     ``saved``, when given, receives each kept tensor the adapter stores whole (``modules_to_save``) with
-    why it is not traced (:func:`spectra.adapter_diff.saved_modules` pairs them; ``spectra diff`` measures them).
+    why it is not traced (:func:`spectra.adapter_diff.saved_modules` pairs them; ``spectra diff`` measures them);
+    ``other_base`` the base the adapter records when it is not ``base`` (its ``rel_norm`` is then against
+    weights it was not trained on), with the warning, as diff, compare and interfere give it.
 
     Raises:
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
@@ -687,6 +690,8 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable,
                                     "the base weights: s·B·A alone is not the update", path=ref.path)
     if saved is not None:
         saved.update({n: why for n, why, layer in saved_skips(adapter, base) if keep(n, layer)})
+    if other_base is not None and (w := recorded_base_warning(adapter, base)):
+        other_base.setdefault(str(adapter.config.base_model_name_or_path), w)
     out = []
     for mod, spec, base_name in adapter_updates(adapter, base):
         if keep(spec.name, spec.layer):

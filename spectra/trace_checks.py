@@ -17,6 +17,7 @@ from spectra.numerics import unresolved_text
 from spectra.pairing import Pairing
 from spectra.pairing_notes import EXPERT_LAYOUT_NOTE
 from spectra.results import note_caveat_warnings
+from spectra.results_check import is_num
 from spectra.selection import unmeasured_clause
 from spectra.trace_inputs import CheckpointRef, moved
 
@@ -71,15 +72,22 @@ def adapter_change_warnings(metas: dict[str, dict[str, Any]], points: dict[str, 
     adapter between two steps is adapters of several runs listed together, or a resized one). ``points``: module ->
     checkpoint index -> point; a failed checkpoint neither adds nor drops a module."""
     out = []
-    changed = []  # (module, its r at each checkpoint)
+    changed, scaled = [], []  # (module, its r / its scale at each checkpoint)
     for name in metas:
         pts = [points.get(name, {}).get(ci) or {} for ci in range(len(refs))]
         if len({p["lora_r"] for p in pts if p.get("lora_r")}) > 1:
             changed.append((name, [str(p.get("lora_r") or "–") for p in pts]))
+        elif len({p["lora_scale"] for p in pts if is_num(p.get("lora_scale"))}) > 1:  # one r, another lora_alpha
+            scaled.append((name, [f"{p['lora_scale']:.4g}" if is_num(p.get("lora_scale")) else "–" for p in pts]))
     if changed:
         out.append(f"the LoRA rank r differs between checkpoints for {len(changed)} of {len(metas)} modules (e.g. "
                    f"{changed[0][0]}: r = {', '.join(changed[0][1])}): are they checkpoints of one run? Each "
                    "point's effective_rank_over_r uses its own lora_r")
+    if scaled:
+        out.append(f"the LoRA scale s of s·B·A (lora_alpha / r, or / √r with rsLoRA) differs between checkpoints for "
+                   f"{len(scaled)} of {len(metas)} modules (e.g. {scaled[0][0]}: s = {', '.join(scaled[0][1][:12])}"
+                   f"{' …' if len(scaled[0][1]) > 12 else ''}): are they checkpoints of one run? A jump in the norms "
+                   "at such a step is the scale's, not training's")
     used = [ci for ci, r in enumerate(refs) if not r.failed]
     steps = []  # at each step whose adapter adapts other modules than the one before: which entered, which left
     for a, b in zip(used, used[1:]):

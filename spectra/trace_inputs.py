@@ -49,12 +49,14 @@ class CheckpointRef:
 
 
 def _read_state(folder: Path) -> tuple[dict | None, str]:
-    """``trainer_state.json`` of a checkpoint folder (strict, bounded JSON), or None and why."""
+    """``trainer_state.json`` of a checkpoint folder (bounded JSON), or None and why. Python's NaN and Infinity
+    are read: the Trainer writes them (an fp16 run's infinite ``grad_norm``, a diverged loss), and a strict
+    read left out every checkpoint after the first as "still being saved"; non-finite losses are not used."""
     f = folder / "trainer_state.json"
     if not f.is_file():
         return None, "no trainer_state.json"
     try:
-        doc = load_json(f, what="trainer_state.json")
+        doc = load_json(f, what="trainer_state.json", nonfinite=True)
     except SpectraError as exc:  # half written, or not JSON at all
         return None, exc.message
     return (doc, "") if isinstance(doc, dict) else (None, "trainer_state.json is not a JSON object")

@@ -161,7 +161,7 @@ def _lone_surrogate(obj: Any) -> str | None:
 
 
 def parse_json(raw: bytes, *, path: str | os.PathLike[str], what: str, max_depth: int = MAX_JSON_DEPTH,
-               error: type[SpectraError] = CheckpointFormatError, lone_surrogates: bool = False) -> Any:
+               error: type[SpectraError] = CheckpointFormatError, lone_surrogates: bool = False, nonfinite: bool = False) -> Any:
     """Parse untrusted JSON bytes strictly (see the module docstring).
 
     Args:
@@ -172,6 +172,9 @@ def parse_json(raw: bytes, *, path: str | os.PathLike[str], what: str, max_depth
         error: the :class:`SpectraError` subclass to raise.
         lone_surrogates: accept ``"\\ud800"`` escapes (for files spectra wrote with
             ``json.dumps(ensure_ascii=True)`` from names that held one); refused by default.
+        nonfinite: read Python's ``NaN``, ``Infinity`` and ``-Infinity`` tokens as floats (for files Python's
+            ``json.dumps`` wrote with its default ``allow_nan=True``: transformers' ``trainer_state.json``
+            logs an fp16 run's infinite ``grad_norm`` so); refused by default.
 
     Returns:
         The parsed value (``dict``, ``list``, ``str``, ``int``, ``float``, ``bool`` or None).
@@ -190,10 +193,10 @@ def parse_json(raw: bytes, *, path: str | os.PathLike[str], what: str, max_depth
         raise error(f"{what} is nested deeper than {max_depth} levels ({depth})", path=path,
                     hint="no real file nests this deep; it is corrupt or hostile") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant,
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=float if nonfinite else _refuse_constant,
                            parse_float=_parse_float, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", path=path,
+        raise error(f"{what} is not valid JSON ({exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno})", path=path,
                     hint="the file is corrupt or not what its name says") from None
     except (ValueError, RecursionError) as exc:  # from the hooks; int digits limit; depth (checked above)
         raise error(f"{what} is not valid JSON ({str(exc).splitlines()[0][:120]})", path=path,
@@ -221,9 +224,9 @@ def _read_bounded(path: str | os.PathLike[str], what: str, max_bytes: int, error
 
 def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_JSON_DEPTH,
               max_bytes: int = MAX_JSON_BYTES, error: type[SpectraError] = CheckpointFormatError,
-              lone_surrogates: bool = False) -> Any:
+              lone_surrogates: bool = False, nonfinite: bool = False) -> Any:
     """Read and parse an untrusted JSON file: a regular file of at most ``max_bytes`` bytes, parsed by
-    :func:`parse_json`.
+    :func:`parse_json` (``lone_surrogates``, ``nonfinite`` as there).
 
     Raises:
         CheckpointNotFoundError: no such file, or it cannot be read.
@@ -239,7 +242,8 @@ def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_J
         size = os.stat(path).st_size
         raise error(f"{what} is {size} bytes; more than {max_bytes} is not a {what}", path=path,
                     hint="the file is corrupt or not what its name says")
-    return parse_json(raw, path=Path(path), what=what, max_depth=max_depth, error=error, lone_surrogates=lone_surrogates)
+    return parse_json(raw, path=Path(path), what=what, max_depth=max_depth, error=error, lone_surrogates=lone_surrogates,
+                      nonfinite=nonfinite)
 
 
 def load_jsonl(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_JSON_DEPTH,
