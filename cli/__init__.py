@@ -42,17 +42,23 @@ def _release_large_blocks() -> None:
 
 
 class _TermWhileStarting(KeyboardInterrupt):
-    """SIGTERM during the imports, handled as Ctrl-C there (the command's own handler comes later)."""
+    """SIGTERM or SIGHUP during the imports, handled as Ctrl-C there (the command's own handler comes later)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 def _term_while_starting(signum: int, frame: object) -> None:
-    raise _TermWhileStarting()
+    raise _TermWhileStarting(signum)
 
 
 _release_large_blocks()
 _collector_was_on = gc.isenabled()
 _is_command = os.path.basename(sys.argv[0]) == "spectra"  # inside another program, signals are that program's
-_term_before = signal.signal(signal.SIGTERM, _term_while_starting) if _is_command else None
+# a signal ignored at the start (nohup's SIGHUP) stays ignored
+_term_before = {s: signal.signal(s, _term_while_starting) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+                if s is not None and signal.getsignal(s) is not signal.SIG_IGN} if _is_command else {}
 gc.disable()
 try:
     import click  # noqa: F401
@@ -64,14 +70,16 @@ except KeyboardInterrupt as _stop:
     # Ctrl-C (or SIGTERM) during the command's ~1 s of imports printed a traceback through torch's import
     # machinery, or ended the process without a word; the command has done nothing yet.
     if _is_command:
-        term = isinstance(_stop, _TermWhileStarting)
-        os.write(2, b"stopped by " + (b"SIGTERM" if term else b"Ctrl-C") + b" while starting: nothing was written\n")
-        os._exit(143 if term else 130)
+        signum = _stop.signum if isinstance(_stop, _TermWhileStarting) else signal.SIGINT
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            os.write(2, f"stopped by {name} while starting: nothing was written\n".encode())
+        os._exit(128 + signum)
     raise
 finally:
     gc.freeze()
     if _collector_was_on:
         gc.enable()
-    if _term_before is not None:
-        signal.signal(signal.SIGTERM, _term_before)
+    for _signum, _handler in _term_before.items():
+        signal.signal(_signum, _handler)
 del _collector_was_on

@@ -25,7 +25,7 @@ import click
 
 import spectra
 from spectra.display import display_name
-from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory
+from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory, too_long_text
 from spectra.io.files import held_locks, release_locks
 from spectra_cli import compare as compare_commands
 from spectra_cli import diff as diff_commands
@@ -47,13 +47,23 @@ DUPLICATE_S = 0.25
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run), handled as Ctrl-C."""
+    """SIGTERM (a scheduler's stop, torchrun stopping the ranks of a failed run) or SIGHUP (the terminal
+    closed, an ssh connection dropped), handled as Ctrl-C; ``signum`` says which."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+#: The signals that stop a command cleanly. SIGHUP ended it without a word, results.json behind its journal
+#: (3 of 26 matrices) and the folder locked; one ignored when the command started (``nohup``) stays ignored.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
 
 class _StopSignals:
-    """SIGTERM and Ctrl-C for one command: the first raises in the main thread (a clean stop: what was
+    """SIGTERM, SIGHUP and Ctrl-C for one command: the first raises in the main thread (a clean stop: what was
     computed is journaled, results.json is flushed); the second, or the grace period running out,
-    ends the process with ``os._exit`` (143 for SIGTERM, 130 for Ctrl-C), like SIGKILL, which the
+    ends the process with ``os._exit`` (128 + the signal: 143 for SIGTERM, 129 for SIGHUP, 130 for Ctrl-C), like SIGKILL, which the
     journal survives. Signals are seen by a watcher thread through ``signal.set_wakeup_fd``: Python
     runs handlers only in the main thread between bytecodes, so a main thread blocked in a join or
     a long native call would never see the second one."""
@@ -71,23 +81,25 @@ class _StopSignals:
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
         self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        self._previous_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # (Ctrl-C is Python's own KeyboardInterrupt; a signal ignored at the start, as nohup ignores SIGHUP, stays so)
+        self._previous = {s: signal.signal(s, self._on_sigterm) for s in STOP_SIGNALS
+                          if s != signal.SIGINT and signal.getsignal(s) is not signal.SIG_IGN}
         threading.Thread(target=self._watch, name="spectra-stop", daemon=True).start()
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
         if not self._raised:  # the first stops cleanly; a later one is the watcher's to act on
             self._raised = True
-            raise Terminated()
+            raise Terminated(signum)
 
     def _watch(self) -> None:
         while data := os.read(self._read, 64):  # blocks without the GIL; empty once closed
             for signum in data:
-                if signum in (signal.SIGTERM, signal.SIGINT):
+                if signum in STOP_SIGNALS:
                     self._seen(signum)
         os.close(self._read)
 
     def _seen(self, signum: int) -> None:
-        code = 143 if signum == signal.SIGTERM else 130
+        code = 128 + signum
         now = time.monotonic()
         with self._lock:
             if self.count and signum == self._first[0] and now - self._first[1] < DUPLICATE_S:
@@ -105,7 +117,7 @@ class _StopSignals:
 
     @property
     def stopped_by(self) -> int | None:
-        """The signal of the first stop seen (SIGINT or SIGTERM), None when none came."""
+        """The signal of the first stop seen (SIGINT, SIGTERM or SIGHUP), None when none came."""
         return self._first[0] if self.count else None
 
     def close(self, *, owns_process: bool) -> None:
@@ -117,7 +129,8 @@ class _StopSignals:
         if self.timer is not None and not owns_process:
             self.timer.cancel()
         signal.set_wakeup_fd(self._previous_fd)
-        signal.signal(signal.SIGTERM, _after_command if owns_process else self._previous_term)
+        for s, previous in self._previous.items():
+            signal.signal(s, _after_command if owns_process else previous)
         if owns_process:
             signal.signal(signal.SIGINT, _after_command)
         os.close(self._write)
@@ -260,7 +273,7 @@ class _Group(click.Group):
                 if stop is not None and stop.stopped_by is not None:
                     # a stop raised where Python swallows exceptions (a weakref callback while a figure is
                     # drawn: "Exception ignored in …") let the command run on: honoured now
-                    raise Terminated() if stop.stopped_by == signal.SIGTERM else KeyboardInterrupt()
+                    raise KeyboardInterrupt() if stop.stopped_by == signal.SIGINT else Terminated(stop.stopped_by)
                 return result
             except SpectraError as exc:
                 if os.environ.get("SPECTRA_DEBUG") == "1":
@@ -274,8 +287,7 @@ class _Group(click.Group):
                 if os.environ.get("SPECTRA_DEBUG") == "1":
                     raise
                 if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path given: a name over 255 bytes, a link loop
-                    what = "a name in it is longer than the file system allows" if exc.errno == errno.ENAMETOOLONG else \
-                        "it goes through a loop of symbolic links"
+                    what = too_long_text(exc.filename) if exc.errno == errno.ENAMETOOLONG else "it goes through a loop of symbolic links"
                     click.echo(f"{_rank_prefix()}error: {display_name(exc.filename if exc.filename is not None else '?', 200)}: "
                                f"{what} (choose another path)", err=True)
                     ctx.exit(EXIT_ERROR)
@@ -302,10 +314,12 @@ class _Group(click.Group):
             interrupt = _interrupt_behind(exc)
             if interrupt is None:
                 raise
-            what = "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C"
+            signum = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             kept = kept_on_stop(self, ctx, since=started) or kept  # what the files say now
-            click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
-            ctx.exit(143 if isinstance(interrupt, Terminated) else 130)
+            with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                click.echo(f"{_rank_prefix()}stopped by {what}{': ' + kept if kept else ''}", err=True)
+            ctx.exit(128 + signum)
         finally:
             if stop is not None:
                 stop.close(owns_process=_owns_process())

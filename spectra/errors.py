@@ -9,6 +9,7 @@ the line, drive the terminal with escape sequences, or fail to encode.
 from __future__ import annotations
 
 import errno
+import os
 from pathlib import Path
 
 from spectra.display import fmt_bytes
@@ -85,6 +86,15 @@ class OutputError(SpectraError):
     """A result file could not be written (full disk, no permission); earlier files are unchanged."""
 
 
+def too_long_text(path: str | os.PathLike[str] | bytes | None) -> str:
+    """Why a path was refused as too long (``ENAMETOOLONG``): one of its names (255 bytes on most file systems),
+    or, when none is that long, the whole path (4,096 bytes on Linux)."""
+    raw = os.fsencode(path) if path is not None else b""
+    if path is None or any(len(part) > 255 for part in raw.split(b"/")):
+        return "a name in the path is longer than the file system allows (255 bytes on most)"
+    return f"the path ({len(raw)} bytes) is longer than the system allows (4,096 bytes on Linux)"
+
+
 def output_error(path: str | Path, exc: OSError) -> OutputError:
     """The :class:`OutputError` for an ``OSError`` raised while writing ``path``."""
     why = exc.strerror or type(exc).__name__
@@ -99,8 +109,7 @@ def output_error(path: str | Path, exc: OSError) -> OutputError:
         why = f"{why}: a symbolic link stands where spectra writes a file of its own"
     odd = exc.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ELOOP)
     if exc.errno == errno.ENAMETOOLONG:  # the path itself: nothing was written under it
-        return OutputError(f"cannot write results: {why}: a name in the path is longer than the file system allows "
-                           "(255 bytes on most)", path=path, hint="choose a shorter --out")
+        return OutputError(f"cannot write results: {why}: {too_long_text(path)}", path=path, hint="choose a shorter --out")
     if exc.errno == errno.ENOENT and Path(path).parent.is_dir():  # /proc and other file systems that make no files
         return OutputError(f"cannot write results: {why}: the folder exists but its file system does not create files "
                            "there", path=path, hint="choose an --out (or -o) on an ordinary disk")

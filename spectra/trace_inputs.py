@@ -309,9 +309,9 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     if len(paths) == 1 and not single.is_dir():  # one weights file: a trace of one point (of the base, given the base's)
         raise ConfigError("one checkpoint is not a trace", path=single,
                           hint="pass a run folder with checkpoint-N folders, or two or more checkpoints in order")
-    # a checkpoint-N link to nothing counts too: it is listed as skipped with why, never dropped unsaid
-    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (d.is_dir() or d.is_symlink())
-                    and (m := CHECKPOINT_DIR.match(d.name))), key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
+    # a checkpoint-N link to nothing, or a file or FIFO of that name, counts too: listed as skipped with why, never dropped unsaid
+    found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (m := CHECKPOINT_DIR.match(d.name))),
+                   key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
     if len(paths) == 1 and single.is_dir() and not found:
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
             # a `spectra train` folder holds its run's trace already (trace.jsonl), and no checkpoints
@@ -335,7 +335,7 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         for i, (n, folder) in enumerate(found):
             newest = i == len(found) - 1
             if not folder.is_dir():
-                skipped.append({"path": str(folder), "reason": missing_text(folder)})
+                skipped.append({"path": str(folder), "reason": missing_text(folder, "not a folder (a Trainer checkpoint is one)")})
                 continue
             state, why = _read_state(folder)
             note = ""

@@ -8,6 +8,7 @@ PEFT's saved copies of base layers (an embedding or head LoRA) checked against t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,3 +135,26 @@ def test_a_saved_base_layer_copy_is_checked_against_the_base(models, tmp_path):
         r = cli(list(args))
         assert r.returncode != 0 and "this copy of a base layer differs from the base's lm_head.weight" in r.stderr, args
         assert "Traceback" not in r.stderr
+
+
+def test_a_fifo_named_like_a_checkpoint_is_listed_as_left_out(tmp_path):
+    """A link loop and a link to nothing were listed; a FIFO (or a file) named checkpoint-50 was dropped unsaid."""
+    base, run, _ = synthetic_run(tmp_path, _update, steps=(10, 20))
+    os.mkfifo(run / "checkpoint-50")
+    (run / "checkpoint-60").write_text("not a folder")
+    res = trace(str(base), [str(run)], config=TraceConfig(top_k=2))
+    assert [c["step"] for c in res.checkpoints] == [10, 20]
+    left = {Path(s["path"]).name: s["reason"] for s in res.skipped_checkpoints}
+    assert left == {"checkpoint-50": "not a folder (a Trainer checkpoint is one)", "checkpoint-60": "not a folder (a Trainer checkpoint is one)"}
+
+
+def test_a_path_over_path_max_is_not_blamed_on_one_name(tmp_path):
+    """--out of 20 names of 240 bytes (none over 255, the whole over 4,096): "a name in the path is longer than the file
+    system allows" sent the user hunting for a long name."""
+    base, run, _ = synthetic_run(tmp_path, _update, steps=(10,))
+    deep = tmp_path.joinpath(*["d" * 240] * 20)
+    r = cli(["diff", str(base), str(run / "checkpoint-10"), "--out", str(deep)])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "is longer than the system allows (4,096 bytes on Linux)" in r.stderr and "a name in the path" not in r.stderr
+    r = cli(["diff", str(base), str(run / "checkpoint-10"), "--out", str(tmp_path / ("x" * 300))])
+    assert r.returncode == 1 and "a name in the path is longer than the file system allows" in r.stderr
