@@ -97,15 +97,15 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None) -> Adapter:
     return adapter
 
 
-def check_base_copies(adapter: Adapter, base: Checkpoint, *, rows: int = 8192) -> None:
+def check_base_copies(adapter: Adapter, base: Checkpoint, *, chunk: int = 1 << 23) -> None:
     """Refuse an adapter whose saved copy of a base layer differs from ``base``'s matrix beyond rounding.
 
     PEFT saves ``X.base_layer.weight`` beside an embedding or output-head LoRA and loads it over the
     model's own weight: PEFT's model then updates ``base`` by ``(copy − W) + s·B·A``, not ``s·B·A``, and a
     copy that differs means the adapter was made on other weights than these. Equal within the rounding
     of the coarser of the two dtypes (``|copy − W| <= u·|W|`` entrywise, plus a subnormal step): a base
-    loaded in bfloat16 saves a rounded copy. Read ``rows`` rows at a time (an embedding in float64 would
-    be several GB for a 7B model).
+    loaded in bfloat16 saves a rounded copy. Compared ``chunk`` entries at a time, in float64 (a whole
+    7B model's embedding in float64 is 1 GB, and the comparison makes several).
 
     Raises:
         CheckpointFormatError: names the copy, the base tensor and the largest difference.
@@ -128,12 +128,13 @@ def check_base_copies(adapter: Adapter, base: Checkpoint, *, rows: int = 8192) -
         info = [torch.finfo(t.dtype) for t in (copy, W) if t.is_floating_point()]
         u, step = max((i.eps / 2 for i in info), default=0.0), max((i.tiny * i.eps for i in info), default=0.0)
         worst, at = 0.0, 0.0
-        for i in range(0, max(W.shape[0], 1), rows):
-            c, w = copy[i:i + rows].double(), W[i:i + rows].double()
+        flat_copy, flat_W = copy.reshape(-1), W.reshape(-1)
+        for i in range(0, flat_W.numel(), chunk):
+            c, w = flat_copy[i:i + chunk].double(), flat_W[i:i + chunk].double()
             excess = ((c - w).abs() - u * w.abs() - step).nan_to_num(nan=math.inf)
             if bool((excess > 0).any()):
                 k = int(excess.argmax())
-                worst, at = float((c - w).abs().flatten()[k]), float(w.abs().flatten()[k])
+                worst, at = float((c[k] - w[k]).abs()), float(w[k].abs())
                 break
         if worst:
             raise CheckpointFormatError(
