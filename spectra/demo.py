@@ -247,17 +247,20 @@ def extract_at_lora_size(base: Path, full: Path, lora: Path, out: Path, texts: d
     rank), then the held-out losses of base, full, both adapters and the trained ``lora`` on each text.
 
     Returns:
-        ``{"lora_params", "rank", "energy_kept": {adapter: share of ‖ΔW‖²_F}, "loss": {text: {model: nats/token}},
+        ``{"lora_params", "rank", "energy_kept": {adapter: share of the extracted matrices' ‖ΔW‖²_F},
+        "energy_kept_all": {adapter: share of every matrix's}, "loss": {text: {model: nats/token}},
         "recovered": {text: {adapter: share of the full fine-tune's loss change}}, "tokens": {text: count}}``.
     """
     cfg = load_json(lora / "train_config.json", what="train_config.json", error=ResultsFormatError)
     params, rank = int(cfg["trainable_params"]), int(cfg["rank"])
     adapters = {"extracted_budget": out / "extract_budget", f"extracted_rank{rank}": out / f"extract_rank{rank}"}
-    result: dict = {"lora_params": params, "rank": rank, "energy_kept": {}, "loss": {}, "recovered": {}, "tokens": {}}
+    result: dict = {"lora_params": params, "rank": rank, "energy_kept": {}, "energy_kept_all": {}, "loss": {}, "recovered": {},
+                    "tokens": {}}
     for (name, folder), config in zip(adapters.items(), (ExtractConfig(budget=str(params)), ExtractConfig(rank=rank))):
         log(f"extracting the full fine-tune at LoRA r={rank}'s size: {name}")
         res = extract(str(base), str(full), folder, config=config, force=True)
         result["energy_kept"][name] = res.totals["energy_kept"]
+        result["energy_kept_all"][name] = res.totals.get("energy_kept_all")
     for text_name, text in texts.items():
         ev = held_out_losses(str(base), str(full), {**{k: str(v) for k, v in adapters.items()}, f"trained_lora{rank}": str(lora)},
                              str(text), seq_len=seq_len, blocks=blocks)
@@ -351,20 +354,25 @@ def _summary_md(s: dict) -> str:
                  f"φ {s['interference']['same_task_phi']:.2f}; on Python code vs JSON records (other seeds too): cosine "
                  f"{s['interference']['two_tasks_cosine']:.2f}, φ {s['interference']['two_tasks_phi']:.2f} (`interfere/`)."]
                 if "interference" in s else []),
-              *(_extract_lines(s["extract"]) if "extract" in s else []), "",
+              *(extract_summary_lines(s["extract"]) if "extract" in s else []), "",
               "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in s["stage_seconds"].items()), "",
               "Look at: `report.html` (everything in one page), `learning_vs_forgetting.png`, `diff_*/rank_heatmap.png`, "
               "`compare_*/phi_grids.png`, `compare_*/captured_heatmap.png`."]
     return "\n".join(lines) + "\n"
 
 
-def _extract_lines(x: dict) -> list[str]:
+def extract_summary_lines(x: dict) -> list[str]:
     """Extracted vs trained LoRA at the same size, for summary.md."""
     r = x["rank"]
     names = ("extracted_budget", f"extracted_rank{r}", f"trained_lora{r}")
+
+    def kept(name: str) -> str:  # the extracted matrices' share, and every matrix's (the embeddings and head are not extracted)
+        whole = (x.get("energy_kept_all") or {}).get(name)
+        return f"{x['energy_kept'][name]:.3f}" + (f" ({whole:.3f} of every matrix's)" if whole is not None else "")
+
     lines = [f"- The full fine-tune extracted into LoRA adapters of the r={r} run's size ({x['lora_params']:,} parameters; "
-             f"`extract_budget/`, `extract_rank{r}/`) keeps {x['energy_kept']['extracted_budget']:.3f} of ‖ΔW‖²_F spread by energy "
-             f"and {x['energy_kept'][f'extracted_rank{r}']:.3f} at uniform rank {r}. Held-out losses (nats/token) and the share of "
+             f"`extract_budget/`, `extract_rank{r}/`) keeps {kept('extracted_budget')} of the extracted matrices' ‖ΔW‖²_F spread "
+             f"by energy and {kept(f'extracted_rank{r}')} at uniform rank {r}. Held-out losses (nats/token) and the share of "
              "the full fine-tune's change each reproduces:", "",
              "| text | base | full | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for text, loss in x["loss"].items():

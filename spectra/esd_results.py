@@ -7,7 +7,7 @@ import copy
 import json
 import os
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +192,11 @@ class EsdResult:
         for i, m in enumerate(mats):
             check_record(m, f"matrices[{i}]", source)
         unique_names(mats, source, "spectra esd --out")
-        fields = set(cls.__dataclass_fields__)
-        kw = {k: v for k, v in d.items() if k in fields}
+        # a key every esd.json holds, deleted by hand or never written by an older writer: one line, not a TypeError
+        if missing := [f.name for f in fields(cls) if f.name not in d and f.default is MISSING and f.default_factory is MISSING]:
+            raise ResultsFormatError(f"esd.json has no {missing[0]!r}, which spectra esd always writes", path=source,
+                                     hint="the file was edited or damaged; rerun spectra esd --out to rewrite it")
+        kw = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         kw["matrices"] = [EsdRecord.from_dict(m) for m in mats]
         return cls(**kw)
 

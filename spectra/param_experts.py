@@ -38,7 +38,6 @@ from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped
 from spectra.peft_moe import TRANSPOSED_EXPERTS, ExpertFusion, expert_fusions
-from spectra.trace_inputs import open_weights
 
 _MERGE = "merge the adapter (merge_and_unload) and diff the merged model against the base"
 
@@ -113,14 +112,15 @@ def check_base_copies(adapter: Adapter, base: Checkpoint, *, chunk: int = 1 << 2
     copies = [n for n in adapter.base_copies if n.endswith(".base_layer.weight")]
     if not copies:
         return
+    if adapter.weights is None:  # an adapter built by hand: nothing to read its copies from
+        return
     where = BaseNames(base, base.specs, unique_pairing_keys(list(base.tensors)))
-    weights = open_weights(adapter.path, "lora")
     for name in copies:
         mod = adapter.modules.get(name.removeprefix("base_model.model.").removesuffix(".base_layer.weight"))
         base_name = None if mod is None else mod.weight_name if mod.weight_name in base.tensors else where.find(mod.weight_name)
         if base_name is None:  # a copy without a LoRA, or of a head the base ties: nothing measured against it here
             continue
-        copy, W = weights.load(name), base.load(base_name)
+        copy, W = adapter.weights.load(name), base.load(base_name)
         if copy.shape != W.shape:
             raise CheckpointFormatError(f"this copy of a base layer, which PEFT loads over the base's, is {tuple(copy.shape)}, "
                                         f"the base's {base_name} {tuple(W.shape)} (a resized vocabulary?)",

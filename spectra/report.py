@@ -158,7 +158,8 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
                 raise newer
             shown = schema[:80] + "…" if isinstance(schema, str) and len(schema) > 80 else schema  # one readable line
             raise ResultsFormatError(f"not a spectra result (schema {shown!r})", path=f,
-                                     hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
+                                     hint=f"pass {', '.join((*RESULT_FILES, 'trace.jsonl', TRAIN_LOG))} or folders holding them "
+                                          "(a LoraConfig from spectra recommend is an input to PEFT, not a result)")
         if schema in CHECKS:  # before any section counts its records
             CHECKS[schema](f, doc)
         found.docs.append((f, doc))

@@ -85,7 +85,7 @@ details.legend dt{font-weight:600}details.legend dd{margin:0}
 img.fig{max-width:100%;height:auto;display:block;margin:.5em 0}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0}th,td{border:1px solid #ddd;padding:2px 6px;text-align:right}
 th{background:#f0f0f0;cursor:pointer;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
-td{max-width:40em;overflow-wrap:anywhere}
+td{max-width:40em;overflow-wrap:anywhere}li,p{overflow-wrap:anywhere}
 .scroll{max-height:520px;overflow:auto}
 @media print{.scroll{max-height:none;overflow:visible}th{position:static}}
 """

@@ -465,14 +465,13 @@ class Adapter:
             -> tensor.
         base_copies: names of ``base_layer`` tensors PEFT saved: untrained copies beside embedding LoRAs, and the
             biases of adapted modules it trained (``bias`` = ``"all"`` or ``"lora_only"``).
-        skipped: stored tensors not analysed, each with its reason: factors of modules PEFT would
-            not adapt under the config (``target_modules`` ...), LoRA biases, DoRA magnitudes of an
-            adapter whose config does not say ``use_dora``.
-        notes: caveats of how it was read, for a result's warnings (each starts with
-            :data:`spectra.io.checkpoint.READ_NOTE_PREFIX`): a full model beside it in the folder, not read.
+        skipped: stored tensors not analysed, each with its reason: factors of modules PEFT would not adapt under
+            the config (``target_modules`` ...), LoRA biases, DoRA magnitudes of an adapter without ``use_dora``.
+        notes: caveats of how it was read, for a result's warnings (each starting :data:`spectra.io.checkpoint.READ_NOTE_PREFIX`).
         stacked: ``module.param:e<k>`` -> the LoRA of expert k of a 3-D base tensor (``target_parameters``);
             :attr:`modules` holds those on per-expert base matrices.
         params: the ``target_parameters`` LoRAs as stored, before :func:`spectra.param_experts.place_params`.
+        weights: its weights file, opened (:attr:`base_copies` are read from it); None for one built by hand.
     """
 
     path: Path
@@ -484,6 +483,7 @@ class Adapter:
     notes: list[str] = field(default_factory=list)
     stacked: dict[str, LoraModule] = field(default_factory=dict)
     params: list[ParamLora] = field(default_factory=list)
+    weights: Checkpoint | None = None
 
 
 def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: float = MATCH_BUDGET_S) -> Adapter:
@@ -521,7 +521,7 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                       tensor_infos(weights, states), None, states)
     stored: dict[str, dict[str, str]] = {}  # module -> kind -> stored tensor name
     seen: dict[tuple[str, ...], str] = {}  # what a stored name normalises to -> that name
-    adapter = Adapter(folder, config, {})
+    adapter = Adapter(folder, config, {}, weights=ckpt)
     if weights.name == "adapter_model.safetensors" and ((folder / "adapter_model.bin").exists() or (folder / "adapter_model.bin").is_symlink()):
         adapter.notes.append(f"{READ_NOTE_PREFIX}{folder}: the folder holds 2 weight sets; read adapter_model.safetensors "
                              "(PEFT's order) and ignored adapter_model.bin")

@@ -99,10 +99,10 @@ def layer_step_heatmap(doc: dict[str, Any], *, which: str = "rank"):
     layers = sorted({m["layer"] for m in mats})
     cells: dict[tuple[int, int], list[float]] = {}
     for m in mats:
-        denom = m.get("lora_r") or min(m["shape"])
         for j, p in enumerate(m["points"]):
             if not moved(p):
                 continue
+            denom = p.get("lora_r") or m.get("lora_r") or min(m["shape"])  # each point's own r: a run may change it
             v = (p.get("energy_rank") or {}).get(key)
             v = v / denom if which == "rank" and v is not None else (_turn(p, "turn_first") if which == "turn" else None)
             if v is not None:
