@@ -49,7 +49,7 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.engine import CPU_BATCH_BYTES
+from spectra.engine import COMPARE_BATCH_BYTES, MEASURE_COPIES
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
@@ -606,12 +606,12 @@ def compare(
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
             held.callback(journal.release)
-        # modules are independent: several at once, one BLAS thread each, on pool threads even for one worker (on a busy
-        # machine torch's solvers stalled on the main thread: 14 s against 1.1 s); a module's working set is several
-        # float64 copies of its matrix: a big one (a 128k-row embedding, ~3 GB) alone
+        # modules are independent: several at once, one BLAS thread each, on pool threads even for one worker (on a busy machine
+        # torch's solvers stalled on the main thread: 14 s against 1.1 s) while their working sets fit; a big one alone
         pending = [job for i, job in enumerate(jobs) if i not in done]
         n = max(1, min(workers, len(pending)))
-        outs = imap_one_blas_thread(measure, pending, n, cost=lambda job: 8 * job.shape[0] * job.shape[1], max_cost=CPU_BATCH_BYTES)
+        outs = imap_one_blas_thread(measure, pending, n, cost=lambda job: MEASURE_COPIES * 8 * job.shape[0] * job.shape[1],
+                                    max_cost=COMPARE_BATCH_BYTES)
         with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
             computed = iter(outs)
             for i, job in enumerate(jobs):

@@ -140,7 +140,7 @@ def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequ
     dense update into directions (compare, trace, interfere). ``notes``: the pair's :func:`pair_notes`, whose
     certified one-step update lowers it (:func:`spectra.numerics.certified_floor`). ``delta``: that ΔW when at hand
     (:func:`form_delta`'s), whose nonzero rows and columns save the floor's comparing pass."""
-    return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb, delta=delta), notes, wt, wb)
+    return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb, delta=delta), notes, wt, wb, delta=delta)
 
 
 def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22,

@@ -67,6 +67,11 @@ Backend = Literal["auto", "lapack", "torch"]
 #: Default batch memory cap on the CPU, bytes. Batching buys little on a CPU, so the cap is small
 #: and keeps peak memory low.
 CPU_BATCH_BYTES = 256 << 20
+#: Float64 copies of its matrix that compare's measures of one module hold at once (the base, both updates, W + ΔW
+#: for the intruders, their products: ~300 MB measured for a 2048 × 2048 module); its cost against the cap below.
+MEASURE_COPIES = 9
+#: compare's cap on the working sets of the modules measured at once on the CPU, bytes; a larger module runs alone.
+COMPARE_BATCH_BYTES = 2 << 30
 
 #: Default share of the free CUDA memory a batch may use; a quarter more goes to reading ahead
 #: (``DiffConfig.prefetch_bytes``), leaving room for the allocator and other processes.

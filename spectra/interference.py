@@ -160,11 +160,24 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
     Qk, Sk = Q[:, :keep], S[:keep]  # the short side's singular vectors (p, keep)
     X = delta if wide else delta.mT  # (p, long)
-    Y = (X.mT.to(torch.float64) @ Qk) / Sk  # (long, keep): already orthonormal up to rounding
+    Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
     other, R = torch.linalg.qr(Y, mode="reduced")
     other = other * torch.sign(torch.diagonal(R))  # undo the QR's sign flips: U diag(S) Vh stays the truncation
     U, Vh = (Qk, other.mT) if wide else (other, Qk.mT)
     return S_np, Factored(U, torch.from_numpy(S_np[:keep].copy()).to(Sk.device), Vh)
+
+
+def _times(A: torch.Tensor, Q: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
+    """``A @ Q`` in float64 (``A (n, p)`` any float dtype, ``Q (p, k)`` float64), ``A`` upcast ``block`` entries at a
+    time: a float64 copy of a whole 100k-row embedding's ΔW is 800 MB that trace's and interfere's memory
+    statements ("one ΔW") do not count."""
+    if A.numel() <= block or A.dtype == torch.float64:
+        return A.to(torch.float64) @ Q
+    out = torch.empty(A.shape[0], Q.shape[1], dtype=torch.float64, device=Q.device)
+    step = max(1, block // max(1, A.shape[1]))
+    for i in range(0, A.shape[0], step):
+        out[i:i + step] = A[i:i + step].to(torch.float64) @ Q
+    return out
 
 
 # ---- pairs -------------------------------------------------------------------------------------------

@@ -340,7 +340,8 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
-def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W_base: torch.Tensor) -> float:
+def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W_base: torch.Tensor, *,
+                    delta: torch.Tensor | None = None) -> float:
     """``floor`` (:func:`rounding_floor`), lowered for a ΔW whose ``rounding_steps`` certificate fired on one grid
     (``notes``: :func:`numeric_notes` of the pair) to :data:`RESOLVED_MARGIN` × (largest row norm + largest column norm
     of ΔW), the ceiling of independent one-step noise of its entries that the certificate rests on; raised to that
@@ -354,12 +355,15 @@ def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W
 
     Args:
         W_tuned, W_base: ``(out, in)`` as analysed (any float dtype, one device).
+        delta: ``W_tuned − W_base`` when at hand (:func:`spectra.delta.form_delta`'s, float32 or float64): used as it
+            is, rather than a second full-size difference (a 100k-row bf16 embedding's cost 1.2 GB more at the peak).
     """
     steps = any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes)
     if not (steps or raises_floor(notes)):
         return floor
     work = torch.float64 if torch.float64 in (W_tuned.dtype, W_base.dtype) else torch.float32  # (float32 loses a float64 ΔW)
-    edge = _edge(W_tuned.to(work) - W_base.to(work))
+    usable = delta is not None and delta.dtype in (work, torch.float64) and delta.shape == W_tuned.shape
+    edge = _edge(delta) if usable else _edge_of_difference(W_tuned, W_base, work)  # type: ignore[arg-type]
     if not math.isfinite(edge):
         return floor
     return min(floor, RESOLVED_MARGIN * edge) if steps else max(floor, RESOLVED_MARGIN * edge)
@@ -521,10 +525,29 @@ def _down3(x: float) -> str:
     return f"{math.floor(x / step) * step:.3g}"
 
 
-def _edge(x: torch.Tensor) -> float:
+def _edge(x: torch.Tensor, block: int = 1 << 22) -> float:
     """``max_i ‖x[i, :]‖₂ + max_j ‖x[:, j]‖₂``: about the largest singular value independent noise of these entries
-    reaches (the certificate's and :func:`certified_floor`'s one measure)."""
+    reaches (the certificate's and :func:`certified_floor`'s one measure). Above ``block`` entries, in float64 blocks of
+    rows (:func:`_edge_of_difference`)."""
+    if x.ndim == 2 and x.numel() > block and x.shape[0] > 0:
+        return _edge_of_difference(x, None, x.dtype, block)
     return float(torch.linalg.vector_norm(x, dim=1).max()) + float(torch.linalg.vector_norm(x, dim=0).max())
+
+
+def _edge_of_difference(a: torch.Tensor, b: torch.Tensor | None, work: torch.dtype, block: int = 1 << 22) -> float:
+    """:func:`_edge` of ``a − b`` (2-D, formed in ``work``; ``b`` None: of ``a``), ``block`` entries at a time, the
+    norms in float64: a full-size difference (or float64 copy) of a large embedding is memory the run's plan does not
+    count. NaN propagates as in one max over every row."""
+    if a.ndim != 2 or a.numel() <= block or a.shape[0] == 0:
+        return _edge(a.to(work) - b.to(work) if b is not None else a.to(work))
+    step = max(1, block // max(1, a.shape[1]))
+    rows, cols = None, None
+    for i in range(0, a.shape[0], step):
+        d = (a[i:i + step].to(work) - b[i:i + step].to(work) if b is not None else a[i:i + step].to(work)).double()
+        r, c = torch.linalg.vector_norm(d, dim=1).max(), torch.linalg.vector_norm(d, dim=0)
+        rows = r if rows is None else torch.maximum(rows, r)  # (torch.maximum keeps a NaN)
+        cols = c if cols is None else torch.hypot(cols, c)  # a column's norm over the blocks, without squaring
+    return float(rows) + float(cols.max())  # type: ignore[union-attr]
 
 
 def _top_singular_lower(d: torch.Tensor) -> tuple[float, float]:

@@ -8,13 +8,13 @@ import time
 
 import torch
 
-from spectra.engine import CPU_BATCH_BYTES
+from spectra.engine import COMPARE_BATCH_BYTES, MEASURE_COPIES
 from tests.test_trace import write_adapter
 
 
 def test_compare_runs_a_module_above_the_batch_cap_alone(tmp_path, monkeypatch):
-    """Two adapters of three modules: two (70,000 × 512, float64 ~287 MB each, above the 256 MiB cap) may not run
-    together on two workers; a small one may run beside anything."""
+    """Two adapters of three modules: two (70,000 × 512, working sets of ~2.6 GB each, above the 2 GiB cap) may not
+    run together on two workers; a small one may run beside anything."""
     import spectra.comparison as comparison
 
     g = torch.Generator().manual_seed(0)
@@ -27,7 +27,7 @@ def test_compare_runs_a_module_above_the_batch_cap_alone(tmp_path, monkeypatch):
     measure = comparison._measure
 
     def tracked(job, *args):
-        big = job.shape[0] * job.shape[1] * 8 > CPU_BATCH_BYTES
+        big = MEASURE_COPIES * job.shape[0] * job.shape[1] * 8 > COMPARE_BATCH_BYTES
         with lock:
             running.append(big)
             most[0] = max(most[0], sum(running))
