@@ -57,8 +57,10 @@ _release_large_blocks()
 _collector_was_on = gc.isenabled()
 _is_command = os.path.basename(sys.argv[0]) == "spectra"  # inside another program, signals are that program's
 # a signal ignored at the start (nohup's SIGHUP) stays ignored
-_term_before = {s: signal.signal(s, _term_while_starting) for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
-                if s is not None and signal.getsignal(s) is not signal.SIG_IGN} if _is_command else {}
+_term_before = {}
+for _signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if _is_command else ():
+    if _signum is not None and signal.getsignal(_signum) is not signal.SIG_IGN:
+        _term_before[_signum] = signal.signal(_signum, _term_while_starting)
 gc.disable()
 try:
     import click  # noqa: F401

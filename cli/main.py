@@ -177,7 +177,8 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
     # a rank waiting inside the rendezvous for a peer that died is stopped here: its lines carry its rank (read from
     # the environment: an import from this watchdog thread could wait on an import lock the stuck thread holds)
     prefix = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else ""
-    os.write(2, f"{prefix}stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO): the exit must still come
+        os.write(2, f"{prefix}stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
 
 
@@ -286,6 +287,9 @@ class _Group(click.Group):
                 # before are on disk; one line instead of a traceback. Any other OSError is unexpected: raised.
                 if os.environ.get("SPECTRA_DEBUG") == "1":
                     raise
+                if stop is not None and stop.stopped_by is not None and exc.errno == errno.EIO:
+                    # the stop's own lines written to a terminal that went away with the SIGHUP: still that stop
+                    raise (KeyboardInterrupt() if stop.stopped_by == signal.SIGINT else Terminated(stop.stopped_by)) from exc
                 if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path given: a name over 255 bytes, a link loop
                     what = too_long_text(exc.filename) if exc.errno == errno.ENAMETOOLONG else "it goes through a loop of symbolic links"
                     click.echo(f"{_rank_prefix()}error: {display_name(exc.filename if exc.filename is not None else '?', 200)}: "

@@ -33,7 +33,7 @@ from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
-from spectra.param_experts import BaseNames
+from spectra.param_experts import BaseNames, tied_head_spec
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
@@ -190,31 +190,9 @@ def recorded_base_warning(adapter: Adapter, base: Checkpoint) -> str | None:
 def _tied_head_of(mod: LoraModule, base: Checkpoint,
                   specs: dict[str, MatrixSpec]) -> tuple[LoraModule, MatrixSpec, str] | None:
     """``(mod, spec, embedding name)`` when ``mod`` is a LoRA on the output head of a base that ties the
-    head to its input embedding (:func:`_tied_head_spec`). Else None."""
-    tied = _tied_head_spec(mod.weight_name, tuple(mod.shape), base, specs)
+    head to its input embedding (:func:`spectra.param_experts.tied_head_spec`). Else None."""
+    tied = tied_head_spec(mod.weight_name, tuple(mod.shape), base, specs)
     return None if tied is None else (mod, *tied)
-
-
-def _tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,
-                    rows_may_differ: bool = False) -> tuple[MatrixSpec, str] | None:
-    """``(spec, embedding name)`` when ``weight_name`` (its ``(out, in)`` ``shape``, as nn.Linear stores it) is the output
-    head of a base that ties the head to its input embedding (no head stored, ``tie_word_embeddings``
-    not false, one embedding of the head's shape, or of its width with ``rows_may_differ``: a vocabulary
-    resized since): PEFT's lm_head then computes with that matrix. Else None."""
-    own = describe_checkpoint({weight_name: shape}, base.arch).get(weight_name)
-    if own is None or own.role != "head" or any(sp.role == "head" for sp in specs.values()):
-        return None
-    if (base.config or {}).get("tie_word_embeddings") is False:
-        return None
-    embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None]
-    if len(embeds) != 1:
-        return None
-    embed_shape = oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape))
-    if (embed_shape[1:] != tuple(shape)[1:]) if rows_may_differ else (embed_shape != tuple(shape)):
-        return None
-    note = (f"the base ties its output head to {embeds[0].name} (it stores no {weight_name}): "
-            "the update is measured against that embedding")
-    return replace(own, transpose=embeds[0].transpose, note="; ".join(x for x in (own.note, note) if x)), embeds[0].name
 
 
 @dataclass(frozen=True)
@@ -295,7 +273,7 @@ def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, 
         base_name = name if name in base.tensors else lookup.get(pairing_key(name))
         spec, note = (specs.get(base_name) if base_name else None), ""
         if spec is None and base_name is None:
-            tied = _tied_head_spec(name, tuple(t.shape), base, specs, rows_may_differ=True)  # tokens added: rows differ
+            tied = tied_head_spec(name, tuple(t.shape), base, specs, rows_may_differ=True)  # tokens added: rows differ
             if tied is None:
                 skipped.append(Skipped(name, SAVED_NEW))
                 continue
@@ -379,8 +357,7 @@ def diff_adapter(
         result.skipped.append(asdict(skip))
     for copy in adapter.base_copies:
         result.skipped.append(asdict(Skipped(copy, SAVED_BIAS if copy.endswith(".bias") else
-                                             "copy of the base layer saved by PEFT beside an embedding LoRA, not an update"
-                                             + (" (equal to the base's within rounding)" if base is not None else ""))))
+                                             "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
         result.skipped.append(asdict(skip))
     finished: set[str] = set()

@@ -177,7 +177,7 @@ class _Side:
         # pairing key -> (name, why it is not compared, layer) of each tensor an adapter stores whole (modules_to_save)
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
-            self.adapter = open_adapter_on(label, base)
+            self.adapter = open_adapter_on(label, base, keep=selector(config.include, config.exclude, config.layers))
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)
@@ -611,7 +611,7 @@ def compare(
         pending = [job for i, job in enumerate(jobs) if i not in done]
         n = max(1, min(workers, len(pending)))
         outs = imap_one_blas_thread(measure, pending, n, cost=lambda job: MEASURE_COPIES * 8 * job.shape[0] * job.shape[1],
-                                    max_cost=COMPARE_BATCH_BYTES)
+                                    max_cost=COMPARE_BATCH_BYTES, small_results=True)
         with contextlib.closing(outs):  # a stop (Ctrl-C, a callback's error) restores the BLAS threads at once
             computed = iter(outs)
             for i, job in enumerate(jobs):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
+from spectra.linalg import row_blocks
 from spectra.numerics import FLOOR_MARGIN, certified_floor, numeric_notes, rounding_floor
 from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
@@ -157,20 +158,20 @@ def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: in
     """
     work = work or (torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32)
     delta = torch.empty(b.shape, dtype=work, device=device)
-    rows = max(1, block // max(1, b.shape[-1]))
     sq = torch.zeros((), dtype=torch.float64, device=device)
     finite_b = torch.ones((), dtype=torch.bool, device=device)
     delta_ok = torch.ones((), dtype=torch.bool, device=device)
-    for r in range(0, b.shape[0], rows):
-        bb = b[r : r + rows].to(device).to(work)
-        tb = t[r : r + rows].to(device).to(work)
+    blocks = row_blocks(b.shape[0], b.shape[-1], block)
+    for rows in blocks:
+        bb = b[rows].to(device).to(work)
+        tb = t[rows].to(device).to(work)
         # accumulated in float64 without a float64 copy of the block (half the time, 8 bytes/element less)
         part = torch.linalg.vector_norm(bb, dtype=torch.float64) ** 2
         sq += part
         # a float32² sum cannot overflow float64, so it is finite exactly when the block is; float64
         # weights above 1e154 would overflow it, so they are checked one by one (float64 is rare)
         finite_b &= torch.isfinite(bb).all() if work == torch.float64 else torch.isfinite(part)
-        d = delta[r : r + rows]
+        d = delta[rows]
         torch.sub(tb, bb, out=d)
         delta_ok &= torch.isfinite(d.sum())  # NaN/Inf in tuned reach the sum (isfinite() per element is 5× slower)
     base_ok, sums_ok = torch.stack([finite_b, delta_ok]).tolist()  # one sync per matrix
@@ -178,10 +179,9 @@ def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: in
     if not sums_ok:  # rare: tuned or base is not finite, or a sum overflowed; look closely
         # (fp8 has no isfinite on the CPU: upcast each block)
         wide = (torch.float32, torch.float64)  # (a float64 weight above 3.4e38 is finite: never narrowed to float32)
-        if not all(bool(torch.isfinite(tb if (tb := t[r : r + rows]).dtype in wide else tb.float()).all())
-                   for r in range(0, t.shape[0], rows)):
+        if not all(bool(torch.isfinite(tb if (tb := t[rows]).dtype in wide else tb.float()).all()) for rows in blocks):
             bad.append("tuned")
-        elif base_ok and not all(bool(torch.isfinite(delta[r : r + rows]).all()) for r in range(0, delta.shape[0], rows)):
+        elif base_ok and not all(bool(torch.isfinite(delta[rows]).all()) for rows in blocks):
             if work == torch.float32:  # both sides finite, their float32 difference is not: float64 holds it
                 del delta
                 return form_delta(b, t, device, block, work=torch.float64)

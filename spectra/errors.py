@@ -90,7 +90,7 @@ def too_long_text(path: str | os.PathLike[str] | bytes | None) -> str:
     """Why a path was refused as too long (``ENAMETOOLONG``): one of its names (255 bytes on most file systems),
     or, when none is that long, the whole path (4,096 bytes on Linux)."""
     raw = os.fsencode(path) if path is not None else b""
-    if path is None or any(len(part) > 255 for part in raw.split(b"/")):
+    if path is None or len(raw) < 4096 or any(len(part) > 255 for part in raw.split(b"/")):  # (eCryptfs allows 143-byte names)
         return "a name in the path is longer than the file system allows (255 bytes on most)"
     return f"the path ({len(raw)} bytes) is longer than the system allows (4,096 bytes on Linux)"
 

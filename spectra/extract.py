@@ -148,7 +148,7 @@ RENAME_WAIT_S = 120.0
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> ExtractSource:
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
-        return _adapter_source(base, open_adapter_on(tuned, base), config)
+        return _adapter_source(base, open_adapter_on(tuned, base, keep=selector(config.include, config.exclude, config.layers)), config)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)

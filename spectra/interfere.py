@@ -119,7 +119,7 @@ class InterfereConfig(SharedOptions):
 class _Task:
     """One input: a LoRA adapter or a full checkpoint, and the base matrices it updates."""
 
-    def __init__(self, label: str, base: Checkpoint) -> None:
+    def __init__(self, label: str, base: Checkpoint, keep: Callable[[str, int | None], bool] | None = None) -> None:
         self.label = label
         self.adapter: Adapter | None = None
         self.ckpt: Checkpoint | None = None
@@ -128,7 +128,7 @@ class _Task:
         self.pair_notes: list[str] = []  # what pairing said (names that differ only in spelling…), as diff warns it
         if is_adapter(label):
             self.kind = "lora"
-            self.adapter = open_adapter_on(label, base)
+            self.adapter = open_adapter_on(label, base, keep=keep)
             init = self.adapter.config.base_changing_init
             if init:
                 raise CheckpointFormatError(
@@ -157,7 +157,7 @@ class _Task:
     @functools.cached_property
     def weights(self) -> Checkpoint:
         """The checkpoint its tensors are read from (an adapter's weights file), for its identity and the journal's."""
-        return self.ckpt if self.adapter is None else open_weights(self.adapter.path, "lora")  # type: ignore[return-value]
+        return self.ckpt if self.adapter is None else self.adapter.weights or open_weights(self.adapter.path, "lora")  # type: ignore[return-value]
 
     def dense(self, spec: MatrixSpec, W: torch.Tensor, device: torch.device, *,
               notes: bool = True) -> tuple[torch.Tensor | None, float, str, list[str], float]:
@@ -497,7 +497,7 @@ def interfere(
     device = resolve_device(config.device)
     check_device_available(device)
     base_ckpt = open_checkpoint(base)
-    tasks = [_Task(lbl, base_ckpt) for lbl in labels]
+    tasks = [_Task(lbl, base_ckpt, selector(config.include, config.exclude, config.layers)) for lbl in labels]
     result = InterfereResult(base=str(base), tasks=labels, names=_short_names(labels), kinds=[t.kind for t in tasks],
                              config=asdict(config), device=str(device))
     for t in tasks:
@@ -509,8 +509,11 @@ def interfere(
     # the files read, not the spelling: a folder and its weights file, or a link to either, are one checkpoint
     ids = [weights_identity(t.weights, t.label) for t in tasks]
     same = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels)) if ids[i] == ids[j]]
-    result.warnings += [f"tasks {result.names[i]} and {result.names[j]} are the same checkpoint ({labels[i]}): their pair "
-                        "compares an update with itself" for i, j in same]
+    groups = [[i, *(j for j in range(i + 1, len(labels)) if ids[j] == ids[i])] for i in range(len(labels))
+              if ids[i] not in ids[:i] and ids.count(ids[i]) > 1]  # one warning for a checkpoint given three times
+    result.warnings += [f"tasks {', '.join(result.names[i] for i in g[:-1])} and {result.names[g[-1]]} are the same checkpoint "
+                        f"({labels[g[0]]}): {'their pair compares' if len(g) == 2 else 'their pairs compare'} an update with itself"
+                        for g in groups]
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
     keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))

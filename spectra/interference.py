@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from spectra.engine import factored_svd
-from spectra.linalg import all_finite, finite_tensor, gram, real_tensor
+from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import RANK_TOL, check_index, check_number, effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
@@ -174,9 +174,8 @@ def _times(A: torch.Tensor, Q: torch.Tensor, block: int = 1 << 22) -> torch.Tens
     if A.numel() <= block or A.dtype == torch.float64:
         return A.to(torch.float64) @ Q
     out = torch.empty(A.shape[0], Q.shape[1], dtype=torch.float64, device=Q.device)
-    step = max(1, block // max(1, A.shape[1]))
-    for i in range(0, A.shape[0], step):
-        out[i:i + step] = A[i:i + step].to(torch.float64) @ Q
+    for rows in row_blocks(A.shape[0], A.shape[1], block):
+        out[rows] = A[rows].to(torch.float64) @ Q
     return out
 
 

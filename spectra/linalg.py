@@ -224,6 +224,17 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
     return t
 
 
+def row_blocks(rows: int, cols: int, block: int) -> list[slice]:
+    """Slices of whole rows of a ``(rows, cols)`` matrix, each at most ``block`` entries (one row at least): the pieces
+    a large matrix is upcast or differenced in, so that no full-size copy is made.
+
+    >>> row_blocks(5, 4, 8)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    step = max(1, block // max(1, cols))
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether the tensor ``t`` (any shape and dtype, fp8 included) holds no NaN or Inf (always for integer
     and bool tensors).

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 import torch
 
 from spectra.io.checkpoint import QUANTISED_DTYPES
+from spectra.linalg import row_blocks
 
 #: ``subnormal`` fires when flushing the subnormal entries could change ‖ΔW‖_F by this fraction.
 SUBNORMAL_EFFECT = 0.01
@@ -540,10 +541,9 @@ def _edge_of_difference(a: torch.Tensor, b: torch.Tensor | None, work: torch.dty
     count. NaN propagates as in one max over every row."""
     if a.ndim != 2 or a.numel() <= block or a.shape[0] == 0:
         return _edge(a.to(work) - b.to(work) if b is not None else a.to(work))
-    step = max(1, block // max(1, a.shape[1]))
     rows, cols = None, None
-    for i in range(0, a.shape[0], step):
-        d = (a[i:i + step].to(work) - b[i:i + step].to(work) if b is not None else a[i:i + step].to(work)).double()
+    for part in row_blocks(a.shape[0], a.shape[1], block):
+        d = (a[part].to(work) - b[part].to(work) if b is not None else a[part].to(work)).double()
         r, c = torch.linalg.vector_norm(d, dim=1).max(), torch.linalg.vector_norm(d, dim=0)
         rows = r if rows is None else torch.maximum(rows, r)  # (torch.maximum keeps a NaN)
         cols = c if cols is None else torch.hypot(cols, c)  # a column's norm over the blocks, without squaring

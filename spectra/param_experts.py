@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,8 +36,8 @@ from spectra.io.adapter import Adapter, LoraModule, open_adapter
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.param_lora import ParamLora
 from spectra.load_names import loaded_keys
-from spectra.naming import MatrixSpec, pairing_key, unique_pairing_keys
-from spectra.pairing import Skipped
+from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
+from spectra.pairing import Skipped, oriented_shape
 from spectra.peft_moe import TRANSPOSED_EXPERTS, ExpertFusion, expert_fusions
 
 _MERGE = "merge the adapter (merge_and_unload) and diff the merged model against the base"
@@ -85,26 +86,54 @@ class BaseNames:
         return self._loaded.get(name)
 
 
-def open_adapter_on(path: str | Path, base: Checkpoint | None) -> Adapter:
+def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable[[str, int | None], bool] | None = None,
+                    check_copies: bool = True) -> Adapter:
     """:func:`spectra.io.adapter.open_adapter`, with its ``target_parameters`` LoRAs placed on ``base``
-    (:func:`place_params`); without a base they are refused, as ``open_adapter`` refuses them."""
+    (:func:`place_params`); without a base they are refused, as ``open_adapter`` refuses them. With ``check_copies``,
+    its saved base-layer copies of the matrices ``keep(name, layer)`` selects (all: None) are checked against ``base``
+    (:func:`check_base_copies`)."""
     adapter = open_adapter(path, params=base is not None)
     if adapter.params and base is not None:
         place_params(adapter, adapter.params, base)
-    if base is not None:
-        check_base_copies(adapter, base)
+    if base is not None and check_copies:
+        check_base_copies(adapter, base, keep=keep)
     return adapter
 
 
-def check_base_copies(adapter: Adapter, base: Checkpoint, *, chunk: int = 1 << 23) -> None:
+def tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,
+                    rows_may_differ: bool = False) -> tuple[MatrixSpec, str] | None:
+    """``(spec, embedding name)`` when ``weight_name`` (its ``(out, in)`` ``shape``, as nn.Linear stores it) is the output
+    head of a base that ties the head to its input embedding (no head stored, ``tie_word_embeddings``
+    not false, one embedding of the head's shape, or of its width with ``rows_may_differ``: a vocabulary
+    resized since): PEFT's lm_head then computes with that matrix. Else None."""
+    own = describe_checkpoint({weight_name: shape}, base.arch).get(weight_name)
+    if own is None or own.role != "head" or any(sp.role == "head" for sp in specs.values()):
+        return None
+    if (base.config or {}).get("tie_word_embeddings") is False:
+        return None
+    embeds = [sp for sp in specs.values() if sp.role == "embed" and sp.layer is None]
+    if len(embeds) != 1:
+        return None
+    embed_shape = oriented_shape(embeds[0], tuple(base.tensors[embeds[0].name].shape))
+    if (embed_shape[1:] != tuple(shape)[1:]) if rows_may_differ else (embed_shape != tuple(shape)):
+        return None
+    note = (f"the base ties its output head to {embeds[0].name} (it stores no {weight_name}): "
+            "the update is measured against that embedding")
+    return replace(own, transpose=embeds[0].transpose, note="; ".join(x for x in (own.note, note) if x)), embeds[0].name
+
+
+def check_base_copies(adapter: Adapter, base: Checkpoint, *, keep: Callable[[str, int | None], bool] | None = None,
+                      chunk: int = 1 << 23) -> None:
     """Refuse an adapter whose saved copy of a base layer differs from ``base``'s matrix beyond rounding.
 
     PEFT saves ``X.base_layer.weight`` beside an embedding or output-head LoRA and loads it over the
     model's own weight: PEFT's model then updates ``base`` by ``(copy − W) + s·B·A``, not ``s·B·A``, and a
     copy that differs means the adapter was made on other weights than these. Equal within the rounding
     of the coarser of the two dtypes (``|copy − W| <= u·|W|`` entrywise, plus a subnormal step): a base
-    loaded in bfloat16 saves a rounded copy. Compared ``chunk`` entries at a time, in float64 (a whole
-    7B model's embedding in float64 is 1 GB, and the comparison makes several).
+    loaded in bfloat16 saves a rounded copy; NaN where both hold NaN is equal. Only the matrices ``keep(name,
+    layer)`` selects (``--exclude lm_head`` measures the rest); a head's copy, where the base ties the head to
+    its embedding, against that embedding; a copy without a LoRA is not compared. Compared ``chunk`` entries at a time, in float64 (a whole 7B model's
+    embedding in float64 is 1 GB, and the comparison makes several).
 
     Raises:
         CheckpointFormatError: names the copy, the base tensor and the largest difference.
@@ -118,7 +147,12 @@ def check_base_copies(adapter: Adapter, base: Checkpoint, *, chunk: int = 1 << 2
     for name in copies:
         mod = adapter.modules.get(name.removeprefix("base_model.model.").removesuffix(".base_layer.weight"))
         base_name = None if mod is None else mod.weight_name if mod.weight_name in base.tensors else where.find(mod.weight_name)
-        if base_name is None:  # a copy without a LoRA, or of a head the base ties: nothing measured against it here
+        if base_name is None and mod is not None and (tied := tied_head_spec(mod.weight_name, tuple(mod.shape), base, base.specs)):
+            base_name = tied[1]  # a head the base ties to its embedding: PEFT loads the copy over that shared matrix
+        if base_name is None:  # a copy without a LoRA: nothing measured against it
+            continue
+        spec = base.specs.get(base_name)
+        if keep is not None and spec is not None and not keep(spec.name, spec.layer):
             continue
         copy, W = adapter.weights.load(name), base.load(base_name)
         if copy.shape != W.shape:
@@ -127,16 +161,21 @@ def check_base_copies(adapter: Adapter, base: Checkpoint, *, chunk: int = 1 << 2
                                         path=adapter.path, tensor=name, hint=_MERGE)
         info = [torch.finfo(t.dtype) for t in (copy, W) if t.is_floating_point()]
         u, step = max((i.eps / 2 for i in info), default=0.0), max((i.tiny * i.eps for i in info), default=0.0)
-        worst, at = 0.0, 0.0
+        differs = None  # (the difference, the base's entry) at the first entry beyond rounding
         flat_copy, flat_W = copy.reshape(-1), W.reshape(-1)
         for i in range(0, flat_W.numel(), chunk):
             c, w = flat_copy[i:i + chunk].double(), flat_W[i:i + chunk].double()
-            excess = ((c - w).abs() - u * w.abs() - step).nan_to_num(nan=math.inf)
+            same = (c == w) | (c.isnan() & w.isnan())  # (an equal Inf, a NaN on both sides: a copy)
+            # values of a narrower format stored wider (a model loaded in bfloat16, saved in float32) carry its rounding
+            tol = u + sum(torch.finfo(f).eps / 2 for f in (torch.bfloat16, torch.float16)
+                          if torch.finfo(f).eps / 2 > u and bool((c.to(f).double() == c).all()))
+            excess = ((c - w).abs() - tol * w.abs() - step).nan_to_num(nan=math.inf).masked_fill(same, -1.0)
             if bool((excess > 0).any()):
                 k = int(excess.argmax())
-                worst, at = float((c[k] - w[k]).abs()), float(w[k].abs())
+                differs = float((c[k] - w[k]).abs()), float(w[k].abs())
                 break
-        if worst:
+        if differs is not None:
+            worst, at = differs
             raise CheckpointFormatError(
                 f"this copy of a base layer differs from the base's {base_name} (by {worst:.3g} at an entry of {at:.3g}): PEFT "
                 "loads the copy over the base's, so s·B·A is not this adapter's update of it, and the adapter was made on "
@@ -291,4 +330,4 @@ def _assign(adapter: Adapter, wrappers: list[ParamLora], targets: dict[str, _Tar
     return list(ways[0])
 
 
-__all__ = ["BaseNames", "check_base_copies", "open_adapter_on", "place_params"]
+__all__ = ["BaseNames", "check_base_copies", "open_adapter_on", "place_params", "tied_head_spec"]

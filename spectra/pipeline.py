@@ -42,7 +42,7 @@ from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, p
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import DiffResult, ModuleResult
-from spectra.selection import Task, layer_filter, plan_units
+from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
 from spectra.stream import batches, largest_first, prefetch, run_settings
 from spectra.threads import one_openmp_thread
@@ -220,7 +220,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         base_ckpt = None
         if tuned is not None:
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        result = diff_adapter(base_ckpt, open_adapter_on(adapter_path, base_ckpt), config=config, device=device, dtype=dtype,
+        opened = open_adapter_on(adapter_path, base_ckpt, keep=selector(config.include, config.exclude, config.layers))
+        result = diff_adapter(base_ckpt, opened, config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
                               label_tuned=str(adapter_path), resume=resume)
         for m in result.modules:  # decomposed from its factors, which hold no storage rounding: no floor

@@ -159,7 +159,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             shown = schema[:80] + "…" if isinstance(schema, str) and len(schema) > 80 else schema  # one readable line
             raise ResultsFormatError(f"not a spectra result (schema {shown!r})", path=f,
                                      hint=f"pass {', '.join((*RESULT_FILES, 'trace.jsonl', TRAIN_LOG))} or folders holding them "
-                                          "(a LoraConfig from spectra recommend is an input to PEFT, not a result)")
+                                          "(a recommend LoraConfig is not one)")
         if schema in CHECKS:  # before any section counts its records
             CHECKS[schema](f, doc)
         found.docs.append((f, doc))

@@ -202,7 +202,8 @@ def check_workers(workers: int | None, default: int) -> int:
 
 
 def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: int | None = None, *,
-                         cost: Callable[[_T], int] | None = None, max_cost: int | None = None) -> Iterator[_R]:
+                         cost: Callable[[_T], int] | None = None, max_cost: int | None = None,
+                         small_results: bool = False) -> Iterator[_R]:
     """``fn(x)`` for each of ``items``, in order, computed up to ``workers`` at once in threads with one
     BLAS thread each; results are yielded as they come, so a caller can report progress.
 
@@ -213,12 +214,13 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
     The threads are the process's compute workers (:class:`_Workers`), kept between calls; the caller's
     thread submits the next item whenever a worker is free (also while it waits on an earlier item, so
     one long item does not idle the other workers), so at most ``workers`` run at once, at most
-    ``RESULTS_AHEAD`` finished results per worker wait for an earlier one, and an early stop (the first
+    ``RESULTS_AHEAD × workers`` items are started and not yet handed over, and an early stop (an
     exception, a closed iterator) leaves the rest unstarted. The first exception is raised where its
     result would have come. ``items`` may be a lazy iterator (a stream that reads as it goes): an item
     is taken from it only when it can start, and a generator is closed when the map ends. With
     ``cost``, the items started and not yet handed over also cost at most ``max_cost`` together (one
-    always runs, whatever its cost): memory stays bounded when items are large matrices.
+    always runs, whatever its cost): memory stays bounded when items are large matrices. With
+    ``small_results``, an item's cost ends when it finishes (a working set, freed then; its result is small).
     """
     workers = max(1, torch.get_num_threads() if workers is None else workers)
     if isinstance(items, Sized):
@@ -233,13 +235,21 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
         todo = iter(items)
         queue: deque[tuple[Future[_R], int]] = deque()  # started, not yet handed over, in order
         waiting: list[_T] = []  # an item taken from todo that did not fit yet
-        in_flight = 0  # the cost of the items in queue: a finished one's holds until it is handed over
+        in_flight = 0  # the cost of the items in queue: a finished one's holds until it is handed over (unless small_results)
+        freed: set[Future[_R]] = set()  # finished items whose cost small_results ended
 
         def top_up() -> None:
             nonlocal in_flight
+            if small_results:
+                for f, c in queue:
+                    if f.done() and f not in freed:
+                        freed.add(f)
+                        in_flight -= c
+            if any(f.done() and not f.cancelled() and f.exception() is not None for f, _ in queue):
+                return  # an item failed: nothing more starts (its error is raised in turn)
             # a worker whose item finished before the head's takes the next (results are handed over in
             # order: waiting on the head alone left a core idle behind each long item); finished results
-            # wait in queue, at most RESULTS_AHEAD per worker, their cost counted, so memory stays bounded
+            # wait in queue, their cost counted, so memory stays bounded
             while sum(not f.done() for f, _ in queue) < workers and len(queue) < RESULTS_AHEAD * workers:
                 if not waiting:
                     try:
@@ -261,7 +271,10 @@ def imap_one_blas_thread(fn: Callable[[_T], _R], items: Iterable[_T], workers: i
                     top_up()
                     continue
                 queue.popleft()
-                in_flight -= c
+                if head in freed:
+                    freed.discard(head)
+                else:
+                    in_flight -= c
                 top_up()  # the next item starts before this result is handed over
                 yield head.result()
         finally:  # stopped early (an error, a closed iterator): finish what started; the rest never starts

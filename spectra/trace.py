@@ -601,7 +601,7 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
                 saved.update({str(k): str(v) for k, v in rec["saved"].items()})
             for name, pt in rec.get("points", {}).items():
                 points.setdefault(name, {})[rec["checkpoint"]] = pt
-    finished = {rec["checkpoint"] for rec in done if "checkpoint" in rec}
+    finished, checked = {rec["checkpoint"] for rec in done if "checkpoint" in rec}, False  # checked: the base-layer copies
     if finished:  # the first and previous subspaces the next points compare with, recomputed from their adapters
         cache: dict[int, dict[str, Subspaces]] = {}
         for name, pts in points.items():
@@ -619,7 +619,8 @@ def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkp
             continue
         try:
             new_saved: dict[str, str] = {}
-            modules = _adapter_modules(ref, base, keep, new_saved, other_base)
+            modules = _adapter_modules(ref, base, keep, new_saved, other_base, check_copies=not checked)  # once a run: one base
+            checked = True
             saved.update(new_saved)
         except (SpectraError, OSError) as exc:  # unreadable now, or made for another base
             ref.failed = f"cannot be used ({getattr(exc, 'message', exc)})"
@@ -669,19 +670,19 @@ def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subs
 
 
 def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable, saved: dict[str, str] | None = None,
-                     other_base: dict[str, str] | None = None) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
+                     other_base: dict[str, str] | None = None, check_copies: bool = False) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
     """``(LoraModule, spec, (out, in), base tensor name)`` of each kept module of an adapter checkpoint
     (the spec names the updated matrix; its base tensor differs for a head tied to the embedding).
     ``saved``, when given, receives each kept tensor the adapter stores whole (``modules_to_save``) with
     why it is not traced (:func:`spectra.adapter_diff.saved_modules` pairs them; ``spectra diff`` measures them);
-    ``other_base`` the base the adapter records when it is not ``base`` (its ``rel_norm`` is then against
-    weights it was not trained on), with the warning, as diff, compare and interfere give it.
+    ``other_base`` the base the adapter records when not ``base`` (its ``rel_norm`` is then against other weights), with the
+    warning diff, compare and interfere give; ``check_copies``: its base-layer copies checked (``check_base_copies``).
 
     Raises:
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
         SpectraError: the adapter does not fit the base, or cannot be read.
     """
-    adapter = open_adapter_on(ref.path, base)
+    adapter = open_adapter_on(ref.path, base, keep=keep, check_copies=check_copies)
     if adapter.config.use_dora:
         raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
                           path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")

@@ -77,8 +77,8 @@ def adapter_change_warnings(metas: dict[str, dict[str, Any]], points: dict[str, 
         pts = [points.get(name, {}).get(ci) or {} for ci in range(len(refs))]
         if len({p["lora_r"] for p in pts if p.get("lora_r")}) > 1:
             changed.append((name, [str(p.get("lora_r") or "–") for p in pts]))
-        elif len({p["lora_scale"] for p in pts if is_num(p.get("lora_scale"))}) > 1:  # one r, another lora_alpha
-            scaled.append((name, [f"{p['lora_scale']:.4g}" if is_num(p.get("lora_scale")) else "–" for p in pts]))
+        elif (s := [p["lora_scale"] for p in pts if is_num(p.get("lora_scale"))]) and max(s) > min(s) * (1 + 1e-6):  # another lora_alpha
+            scaled.append((name, [f"{p['lora_scale']:.6g}" if is_num(p.get("lora_scale")) else "–" for p in pts]))
     if changed:
         out.append(f"the LoRA rank r differs between checkpoints for {len(changed)} of {len(metas)} modules (e.g. "
                    f"{changed[0][0]}: r = {', '.join(changed[0][1])}): are they checkpoints of one run? Each "

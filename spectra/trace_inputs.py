@@ -108,7 +108,8 @@ def weights_identity(ckpt: Checkpoint, path: str | Path) -> frozenset:
 
 def _log_history(state: dict | None) -> list[dict[str, Any]]:
     out = []
-    for rec in (state or {}).get("log_history") or []:
+    history = (state or {}).get("log_history")
+    for rec in history if isinstance(history, list) else []:  # (a hand edit: NaN, a number, an object)
         if isinstance(rec, dict) and is_int(rec.get("step")):
             entry = {"step": rec["step"]}
             for key in ("loss", "eval_loss", "learning_rate"):
@@ -619,7 +620,7 @@ def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str 
     keep = selector(include, exclude, layers)
     if refs[0].kind == "lora":
         try:
-            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter_on(refs[0].path, base), base)]
+            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter_on(refs[0].path, base, check_copies=False), base)]
         except (SpectraError, OSError):
             return
         what = "modules the first adapter updates"

@@ -56,7 +56,7 @@ def test_a_file_that_is_no_result_names_every_result_file(tmp_path):
     with pytest.raises(ResultsFormatError) as err:
         collect([tmp_path / "lora_config.json"])
     for name in ("results.json", "compare.json", "esd.json", "extract.json", "interfere.json", "trace.json", "trace.jsonl",
-                 "train_log.jsonl", "spectra recommend"):
+                 "train_log.jsonl", "recommend LoraConfig"):
         assert name in err.value.hint
 
 

@@ -135,6 +135,9 @@ def test_a_saved_base_layer_copy_is_checked_against_the_base(models, tmp_path):
         r = cli(list(args))
         assert r.returncode != 0 and "this copy of a base layer differs from the base's lm_head.weight" in r.stderr, args
         assert "Traceback" not in r.stderr
+    # the copy is of lm_head alone: a run that leaves lm_head out measures the rest (PEFT loads it over that matrix only)
+    r = cli(["diff", str(base), str(changed), "--exclude", "lm_head", "--no-plots"])
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_a_fifo_named_like_a_checkpoint_is_listed_as_left_out(tmp_path):
@@ -158,3 +161,60 @@ def test_a_path_over_path_max_is_not_blamed_on_one_name(tmp_path):
     assert "is longer than the system allows (4,096 bytes on Linux)" in r.stderr and "a name in the path" not in r.stderr
     r = cli(["diff", str(base), str(run / "checkpoint-10"), "--out", str(tmp_path / ("x" * 300))])
     assert r.returncode == 1 and "a name in the path is longer than the file system allows" in r.stderr
+
+
+def test_a_tied_heads_copy_and_a_copy_of_narrower_values_are_judged_right(models, tmp_path):
+    """Review round: a tied base's lm_head copy (PEFT loads it over the shared embedding) was never compared, so a
+    changed one passed (‖ΔW‖ 1.03 where PEFT's merged model has 23); and a float32 copy holding bfloat16 values (a
+    model loaded in bfloat16, saved in float32) was refused against the float32 base."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=32, max_position_embeddings=16, tie_word_embeddings=True,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "tied"),
+                                peft.LoraConfig(r=2, target_modules=["lm_head", "q_proj"]))
+    model.save_pretrained(tmp_path / "head")
+    tensors = load_file(tmp_path / "head" / "adapter_model.safetensors")
+    head = "base_model.model.lm_head.base_layer.weight"
+    assert head in tensors
+    open_adapter_on(tmp_path / "head", open_checkpoint(tmp_path / "tied"))  # its own copy: accepted
+    shutil.copytree(tmp_path / "head", tmp_path / "bad")
+    save_file({**tensors, head: tensors[head] + torch.randn(tensors[head].shape)}, tmp_path / "bad" / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointFormatError, match="this copy of a base layer differs from the base's model.embed_tokens.weight"):
+        open_adapter_on(tmp_path / "bad", open_checkpoint(tmp_path / "tied"))
+
+    emb = load_file(models / "emb" / "adapter_model.safetensors")
+    lm = "base_model.model.lm_head.base_layer.weight"
+    shutil.copytree(models / "emb", tmp_path / "narrow")
+    save_file({**emb, lm: emb[lm].to(torch.bfloat16).float()}, tmp_path / "narrow" / "adapter_model.safetensors",
+              metadata={"format": "pt"})  # bfloat16 values, stored in float32
+    open_adapter_on(tmp_path / "narrow", open_checkpoint(models / "base"))
+
+
+def test_odd_trainer_states_and_near_equal_scales(tmp_path, models):
+    """A log_history of NaN (a hand edit the allow-NaN read lets through) raised TypeError; a lora_alpha of 8 against
+    8.0000001 warned "s = 2, 2"."""
+    base, run, _ = synthetic_run(tmp_path, _update, steps=(10, 20))
+    state = run / "checkpoint-20" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"log_history": [', '"log_history": NaN, "was": ['))
+    assert [c["step"] for c in trace(str(base), [str(run)], config=TraceConfig(top_k=2)).checkpoints] == [10, 20]
+    near = tmp_path / "near"
+    shutil.copytree(models / "run", near)
+    cfg = near / "checkpoint-2" / "adapter_config.json"
+    doc = json.loads(cfg.read_text())
+    doc["lora_alpha"] = doc["lora_alpha"] + 1e-7
+    cfg.write_text(json.dumps(doc))
+    assert not any("LoRA scale" in w for w in trace(str(models / "base"), [str(near)], config=TraceConfig(top_k=2)).warnings)
+
+
+def test_one_checkpoint_three_ways_is_one_warning(models, tmp_path):
+    full = models / "full"
+    (tmp_path / "link").symlink_to(full)
+    res = interfere(str(models / "base"), [str(full), str(tmp_path / "link"), str(full / "model.safetensors")])
+    same = [w for w in res.warnings if "are the same checkpoint" in w]
+    assert len(same) == 1 and "their pairs compare an update with itself" in same[0]

@@ -116,10 +116,10 @@ def test_zip_results_pulls_a_lazy_stream_only_as_workers_free_up():
             closed.append(True)
 
     taken = []
-    for x, y in zip_results(stream(12), lambda i: (threading.Event().wait(0.002), i * i)[1], workers=3):
+    for x, y in zip_results(stream(40), lambda i: (threading.Event().wait(0.002), i * i)[1], workers=3):
         taken.append((x, y))
-        assert len(pulled) <= len(taken) + 3 * RESULTS_AHEAD
-    assert taken == [(i, i * i) for i in range(12)] and closed
+        assert len(pulled) <= len(taken) + 3 * RESULTS_AHEAD  # (40 items: more than the bound could ever pull)
+    assert taken == [(i, i * i) for i in range(40)] and closed
 
     pulled.clear()
     closed.clear()
@@ -300,3 +300,40 @@ def test_a_skipped_unit_closes_the_batch_waiting_for_it(tmp_path):
         s = np.linalg.svd(d, compute_uv=False)
         assert m.fro_norm == pytest.approx(float(np.sqrt((s**2).sum())), rel=1e-5)
         assert m.energy_rank["0.9"] == int(np.searchsorted(np.cumsum(s**2) / (s**2).sum(), 0.9 - 1e-12) + 1)
+
+
+def test_a_failed_item_starts_nothing_more():
+    """An item that fails while an earlier one still runs: the rest stay unstarted (they started, one after another,
+    until the earlier item finished and the error could be raised in its turn)."""
+    started, lock = [], threading.Lock()
+
+    def work(i):
+        with lock:
+            started.append(i)
+        if i == 1:
+            raise ValueError("bad matrix 1")
+        threading.Event().wait(0.3 if i == 0 else 0.01)
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad matrix 1"):
+        for y in imap_one_blas_thread(work, range(12), workers=2):
+            got.append(y)
+    assert got == [0] and set(started) <= {0, 1, 2}
+
+
+def test_small_results_free_their_cost_when_they_finish():
+    """compare's cost is a module's working set, freed when its measures end (its result is a record): finished
+    results waiting behind a long first item no longer hold the cap, so the other worker keeps going."""
+    done_while_first_ran, first_done = [], threading.Event()
+
+    def work(i):
+        if i == 0:
+            threading.Event().wait(0.5)
+            first_done.set()
+        elif not first_done.is_set():
+            done_while_first_ran.append(i)
+        return i
+
+    got = list(imap_one_blas_thread(work, range(10), workers=2, cost=lambda i: 100, max_cost=300, small_results=True))
+    assert got == list(range(10)) and len(done_while_first_ran) >= 4  # (without it: 2, the cap's 3 items less the first)
