@@ -55,7 +55,10 @@ def _term_while_starting(signum: int, frame: object) -> None:
 
 _release_large_blocks()
 _collector_was_on = gc.isenabled()
-_is_command = os.path.basename(sys.argv[0]) == "spectra"  # inside another program, signals are that program's
+# the console script, or `python -m spectra` (runpy has set argv[0] to spectra/__main__.py by now); inside another
+# program, signals are that program's
+_is_command = bool(sys.argv) and (os.path.basename(sys.argv[0]) == "spectra"
+                                  or sys.argv[0].endswith(os.path.join("spectra", "__main__.py")))
 # a signal ignored at the start (nohup's SIGHUP) stays ignored
 _term_before = {}
 for _signum in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if _is_command else ():

@@ -130,10 +130,10 @@ def check_base_copies(adapter: Adapter, base: Checkpoint, *, keep: Callable[[str
     model's own weight: PEFT's model then updates ``base`` by ``(copy − W) + s·B·A``, not ``s·B·A``, and a
     copy that differs means the adapter was made on other weights than these. Equal within the rounding
     of the coarser of the two dtypes (``|copy − W| <= u·|W|`` entrywise, plus a subnormal step): a base
-    loaded in bfloat16 saves a rounded copy; NaN where both hold NaN is equal. Only the matrices ``keep(name,
-    layer)`` selects (``--exclude lm_head`` measures the rest); a head's copy, where the base ties the head to
-    its embedding, against that embedding; a copy without a LoRA is not compared. Compared ``chunk`` entries at a time, in float64 (a whole 7B model's
-    embedding in float64 is 1 GB, and the comparison makes several).
+    loaded in bfloat16 saves a rounded copy, and so does a narrower format's values stored wider; NaN where both hold
+    NaN is equal. Only the matrices ``keep(name, layer)`` selects are checked (``--exclude lm_head`` measures the
+    rest); the copy of a head the base ties to its embedding is checked against that embedding; a copy without a
+    LoRA is not checked. Compared ``chunk`` entries at a time, in float64 (a 7B model's embedding in float64 is 1 GB).
 
     Raises:
         CheckpointFormatError: names the copy, the base tensor and the largest difference.

@@ -123,8 +123,9 @@ _ONE_BLAS_THREAD = _OneBlasThread()
 #: thread only when no idle one can take a task), so a run holds about as many as it asks for.
 _MAX_THREADS = 64
 
-#: Results :func:`imap_one_blas_thread` may hold, finished and waiting for an earlier one, per worker:
-#: enough that one long item (an embedding) does not idle the other cores, few enough to bound memory.
+#: Items :func:`imap_one_blas_thread` may have started and not yet handed over, per worker (running, or finished and
+#: waiting for an earlier one): enough that one long item (an embedding) does not idle the other cores, few enough to
+#: bound memory.
 RESULTS_AHEAD = 4
 
 

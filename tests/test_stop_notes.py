@@ -4,12 +4,14 @@ the ``stop_note`` of ``spectra train`` and ``sweep``)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 
 import click
+import pytest
 
 from spectra_cli.main import kept_on_stop, main
 
@@ -135,20 +137,26 @@ def test_an_error_raised_while_stopping_is_not_hidden_as_the_stop(tmp_path, monk
     assert isinstance(result.exception, KeyError) and "stopped by" not in result.output
 
 
-def test_sigterm_while_the_command_starts_says_nothing_was_written():
+# SIGHUP too (a terminal closed while the command loads), and under `python -m spectra` (argv[0] is spectra/__main__.py):
+# that ended by the signal without the line
+@pytest.mark.parametrize("sig, argv0", [("SIGTERM", "spectra"), ("SIGHUP", "spectra"),
+                                        ("SIGHUP", os.path.join("x", "spectra", "__main__.py"))])
+def test_sigterm_while_the_command_starts_says_nothing_was_written(sig, argv0):
     """SIGTERM during the imports (before the command's handler) ended the process without a word."""
-    code = textwrap.dedent("""
+    code = textwrap.dedent(f"""
         import os, signal, sys
-        sys.argv = ["spectra"]
+        sys.argv = [{argv0!r}]
         class SignalAtClick:  # the signal arrives while the command imports its libraries
             def find_spec(self, name, path, target=None):
                 if name == "click":
-                    os.kill(os.getpid(), signal.SIGTERM)
+                    os.kill(os.getpid(), signal.{sig})
                 return None
         sys.meta_path.insert(0, SignalAtClick())
         import spectra_cli
         print("imported")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 143 and proc.stderr.strip() == "stopped by SIGTERM while starting: nothing was written", proc.stderr
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    code_wanted = 128 + getattr(signal, sig)
+    assert proc.returncode == code_wanted and proc.stderr.strip() == f"stopped by {sig} while starting: nothing was written", proc.stderr
     assert "imported" not in proc.stdout
