@@ -120,6 +120,11 @@ class _StopSignals:
         """The signal of the first stop seen (SIGINT, SIGTERM or SIGHUP), None when none came."""
         return self._first[0] if self.count else None
 
+    def interrupt(self) -> KeyboardInterrupt:
+        """The exception of the first stop seen (Ctrl-C's KeyboardInterrupt, or :class:`Terminated`), to raise where
+        Python let it pass."""
+        return KeyboardInterrupt() if self.stopped_by == signal.SIGINT else Terminated(self.stopped_by or signal.SIGTERM)
+
     def close(self, *, owns_process: bool) -> None:
         """Restore the previous handler and wakeup fd; the watcher ends. Inside another program (a
         notebook, a test runner: ``owns_process`` False) a pending grace timer is cancelled, so that a
@@ -274,7 +279,7 @@ class _Group(click.Group):
                 if stop is not None and stop.stopped_by is not None:
                     # a stop raised where Python swallows exceptions (a weakref callback while a figure is
                     # drawn: "Exception ignored in …") let the command run on: honoured now
-                    raise KeyboardInterrupt() if stop.stopped_by == signal.SIGINT else Terminated(stop.stopped_by)
+                    raise stop.interrupt()
                 return result
             except SpectraError as exc:
                 if os.environ.get("SPECTRA_DEBUG") == "1":
@@ -289,7 +294,7 @@ class _Group(click.Group):
                     raise
                 if stop is not None and stop.stopped_by is not None and exc.errno == errno.EIO:
                     # the stop's own lines written to a terminal that went away with the SIGHUP: still that stop
-                    raise (KeyboardInterrupt() if stop.stopped_by == signal.SIGINT else Terminated(stop.stopped_by)) from exc
+                    raise stop.interrupt() from exc
                 if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # a path given: a name over 255 bytes, a link loop
                     what = too_long_text(exc.filename) if exc.errno == errno.ENAMETOOLONG else "it goes through a loop of symbolic links"
                     click.echo(f"{_rank_prefix()}error: {display_name(exc.filename if exc.filename is not None else '?', 200)}: "

@@ -497,7 +497,8 @@ def interfere(
     device = resolve_device(config.device)
     check_device_available(device)
     base_ckpt = open_checkpoint(base)
-    tasks = [_Task(lbl, base_ckpt, selector(config.include, config.exclude, config.layers)) for lbl in labels]
+    keep = selector(config.include, config.exclude, config.layers)
+    tasks = [_Task(lbl, base_ckpt, keep) for lbl in labels]
     result = InterfereResult(base=str(base), tasks=labels, names=_short_names(labels), kinds=[t.kind for t in tasks],
                              config=asdict(config), device=str(device))
     for t in tasks:
@@ -515,7 +516,6 @@ def interfere(
                         f"({labels[g[0]]}): {'their pair compares' if len(g) == 2 else 'their pairs compare'} an update with itself"
                         for g in groups]
     specs = describe_checkpoint({n: i.shape for n, i in base_ckpt.tensors.items()}, base_ckpt.arch)
-    keep = selector(config.include, config.exclude, config.layers)
     every = set.intersection(*(set(t.updates) for t in tasks))
     some = set.union(*(set(t.updates) for t in tasks)) - every
     result.partial = [{"name": n, "tasks": [i for i, t in enumerate(tasks) if n in t.updates]}

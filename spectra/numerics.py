@@ -364,7 +364,7 @@ def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W
         return floor
     work = torch.float64 if torch.float64 in (W_tuned.dtype, W_base.dtype) else torch.float32  # (float32 loses a float64 ΔW)
     usable = delta is not None and delta.dtype in (work, torch.float64) and delta.shape == W_tuned.shape
-    edge = _edge(delta) if usable else _edge_of_difference(W_tuned, W_base, work)  # type: ignore[arg-type]
+    edge = _edge(delta) if usable else _edge(W_tuned, W_base, work)  # type: ignore[arg-type]
     if not math.isfinite(edge):
         return floor
     return min(floor, RESOLVED_MARGIN * edge) if steps else max(floor, RESOLVED_MARGIN * edge)
@@ -526,21 +526,16 @@ def _down3(x: float) -> str:
     return f"{math.floor(x / step) * step:.3g}"
 
 
-def _edge(x: torch.Tensor, block: int = 1 << 22) -> float:
-    """``max_i ‖x[i, :]‖₂ + max_j ‖x[:, j]‖₂``: about the largest singular value independent noise of these entries
-    reaches (the certificate's and :func:`certified_floor`'s one measure). Above ``block`` entries, in float64 blocks of
-    rows (:func:`_edge_of_difference`)."""
-    if x.ndim == 2 and x.numel() > block and x.shape[0] > 0:
-        return _edge_of_difference(x, None, x.dtype, block)
-    return float(torch.linalg.vector_norm(x, dim=1).max()) + float(torch.linalg.vector_norm(x, dim=0).max())
-
-
-def _edge_of_difference(a: torch.Tensor, b: torch.Tensor | None, work: torch.dtype, block: int = 1 << 22) -> float:
-    """:func:`_edge` of ``a − b`` (2-D, formed in ``work``; ``b`` None: of ``a``), ``block`` entries at a time, the
-    norms in float64: a full-size difference (or float64 copy) of a large embedding is memory the run's plan does not
-    count. NaN propagates as in one max over every row."""
+def _edge(a: torch.Tensor, b: torch.Tensor | None = None, work: torch.dtype | None = None, block: int = 1 << 22) -> float:
+    """``max_i ‖x[i, :]‖₂ + max_j ‖x[:, j]‖₂`` of ``x = a − b`` (``b`` None: ``a``), formed in ``work`` (default ``a``'s
+    dtype): about the largest singular value independent noise of these entries reaches (the certificate's and
+    :func:`certified_floor`'s one measure). Above ``block`` entries, ``x`` is formed a block of rows at a time and the
+    norms summed in float64: a full-size difference (or float64 copy) of a large embedding is memory the run's plan does
+    not count. NaN propagates as in one max over every row."""
+    work = work or a.dtype
     if a.ndim != 2 or a.numel() <= block or a.shape[0] == 0:
-        return _edge(a.to(work) - b.to(work) if b is not None else a.to(work))
+        x = a.to(work) - b.to(work) if b is not None else a.to(work)
+        return float(torch.linalg.vector_norm(x, dim=1).max()) + float(torch.linalg.vector_norm(x, dim=0).max())
     rows, cols = None, None
     for part in row_blocks(a.shape[0], a.shape[1], block):
         d = (a[part].to(work) - b[part].to(work) if b is not None else a[part].to(work)).double()
