@@ -594,7 +594,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
         elif src.kind == "full":
             # one pass kept each module's components above the greedy prefix's cut-off; the budget's fill step
-            # (lowrank.allocate_budget) may give a module more, below it: those modules are factored again
+            # or the exact search (spectra.allocation) may give a module more, below it: those modules are factored again
             short = {i: r for i, r in enumerate(ranks) if r and float(run.spectra[i].get("total") or 0) > 0
                      and not run.has_factors(i, r)}
             if short:
@@ -658,7 +658,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
 
 
 def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
-    from spectra.lowrank import uniform_rank
+    from spectra.allocation import uniform_rank
 
     params = sum(r * t.cost for t, r in zip(targets, ranks))
     return uniform_rank([t.cost for t in targets], [t.cap for t in targets], params)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from spectra.allocation import allocate_budget, reach_above
 from spectra.errors import ConfigError
 from spectra.extract_plan import ExtractConfig, RankPlan, Target, common_exp, energies
 from spectra.extract_results import compared_rows, left_out_record, reads_pair_by_rows
@@ -27,7 +28,7 @@ from spectra.io.checkpoint import Checkpoint, tensor_infos
 from spectra.io.files import LOCK_NAME, file_digest, refuse_if_held
 from spectra.io.peft_writer import write_safetensors
 from spectra.journal import RecordJournal
-from spectra.lowrank import allocate_budget, energy_rank_top, factored_triplets, reach_above, round_up
+from spectra.lowrank import energy_rank_top, factored_triplets, round_up
 from spectra.selection import Task
 from spectra.threads import one_openmp_thread
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from spectra.allocation import allocate_tied
+from spectra.allocation import allocate
 from spectra.config import SharedOptions
 from spectra.errors import ConfigError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
@@ -58,7 +58,7 @@ class ExtractConfig(SharedOptions):
             full update's parameter count (``10%``: of Σ out·in over the chosen matrices that changed, those
             with an update above the rounding level, as ``totals.full_params`` counts them) or a size in the
             output dtype (``50MB``); rank-1 components are spread over the modules to keep the most energy
-            (:func:`spectra.lowrank.allocate_budget`).
+            (:func:`spectra.allocation.allocate`: the greedy, then the exact optimum).
         max_rank: no module keeps more components than this.
         serving: ``"vllm"``: ranks up to 512, the largest ``max_lora_rank`` vLLM serves (every rank at most that loads;
             vLLM pads each module to it); ``"none"``: any rank. The serving cost (max_lora_rank × modules) is reported either way.
@@ -475,7 +475,7 @@ def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
     """The first ``n`` σᵢ² of a journaled spectrum in units of ``4**ref`` (exact powers of two; those of a
     module far below the unit underflow to 0, as its energy is nothing beside the others'), float64. Values
     at or below the spectrum's rounding floor (``floor``, journaled under a budget) gain 0: a budget is never
-    spent on the rounding of the stored weights (:func:`spectra.lowrank.allocate_budget` takes no zero gain)."""
+    spent on the rounding of the stored weights (:func:`spectra.allocation.allocate_budget` takes no zero gain)."""
     S = np.asarray(spec["S"][:n], dtype=np.float64)
     S = np.where(float(spec.get("floor", 0.0)) < S, S, 0.0)
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
@@ -502,7 +502,7 @@ def extractable(spec: dict) -> bool:
 
 def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, spectra: dict[int, dict]):
     """Each target's rank under the config's rule, from the journaled spectra; and, for a budget, its
-    :class:`spectra.lowrank.Allocation` with the target indices of each knapsack module (None otherwise).
+    :class:`spectra.allocation.Allocation` with the target indices of each knapsack module (None otherwise).
 
     Tied groups (per-expert matrices) take one rank: under ``energy`` the largest of their members'
     ranks; under ``budget`` the group is one knapsack module whose k-th component costs the members'
@@ -555,7 +555,7 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
         costs.append(sum(targets[i].cost for i in g))
         levels.append([v for v in plan.levels[g[0]] if v <= cap])
     # each rank of the experts' one item tried (the greedy left them at r = 1 where r = 2 kept far more)
-    alloc = allocate_tied(gains, costs, plan.budget, levels=levels, tied=len(items) - 1 if plan.groups else None)
+    alloc = allocate(gains, costs, plan.budget, levels=levels, tied=len(items) - 1 if plan.groups else None)
     for item, r in zip(items, alloc.ranks):
         for i in item:
             ranks[i] = r

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from spectra.allocation import Allocation
 from spectra.display import matrices
 from spectra.extract_plan import (
     ExtractConfig,
@@ -37,7 +38,6 @@ from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import finite_or_null, result_json
 from spectra.lowrank import (
     VLLM_RANKS,
-    Allocation,
     energy_kept,
     energy_rank_top,
     rank_levels,
@@ -74,9 +74,10 @@ class ExtractResult:
             matrices not extracted whose ΔW is not finite (NaN/Inf), which neither share counts; 1-D tensors such as
             norms and biases are not counted in either; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
-        allocation: the budget's greedy: budget, parameters used (``filled_params`` of them spent after
-            the prefix, :func:`spectra.lowrank.allocate_budget`), the fractional bound and the gap to it
-            (as shares of the extracted matrices' energy), the first component that did not fit.
+        allocation: the budget's allocation (:func:`spectra.allocation.allocate`): budget, parameters used
+            (``filled_params`` of them outside the greedy's prefix), ``optimal`` (no allocation of whole components
+            keeps more: proved by the exact search), the fractional bound and the gap to it (as shares of the
+            extracted matrices' energy), the first component that did not fit the greedy's prefix.
         serving: vLLM's cost: ``max_lora_rank`` (the largest rank rounded up to an accepted one) × the
             adapted modules' ``out + in``.
         adapter: what was written (path, r, lora_alpha, target_modules, bytes...).
@@ -576,7 +577,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
             members = items[a.critical[0]]
             crit = {"module": src.targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
                     "rank": a.critical[1]}
-        allocation = {"method": "greedy on σ²/(out+in), then the rest filled", "budget": config.budget, "budget_params": plan.budget,
+        allocation = {"method": "greedy on σ²/(out+in), the rest filled, then the exact optimum" if a.optimal
+                      else "greedy on σ²/(out+in), then the rest filled", "optimal": a.optimal,
+                      "budget": config.budget, "budget_params": plan.budget,
                       "used_params": a.params, "filled_params": a.filled, "kept": a.kept / energy if energy > 0 else 1.0,
                       "fractional_bound": a.bound / energy if energy > 0 else 1.0,
                       "gap": a.gap / energy if energy > 0 else 0.0, "critical": crit}

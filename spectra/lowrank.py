@@ -2,15 +2,10 @@
 
 Two halves, both pure (no I/O, no printing):
 
-- **Allocation** (numpy, float64). ``--rank R`` keeps R components everywhere; ``--energy τ`` keeps
-  the smallest rank holding ≥ τ of each module's ‖ΔW‖²_F (the diff's ``energy_rank[τ]``);
-  ``--budget N`` maximises the total energy kept for at most N LoRA parameters, where one
-  component of an ``(out, in)`` module costs ``out + in`` parameters (its column of B and row of A).
-  That is a knapsack whose items are the rank-1 components; each module's σᵢ² are non-increasing, so
-  the value per parameter ``σᵢ² / (out + in)`` is too, and taking components in decreasing order of
-  it (:func:`allocate_budget`) solves the fractional problem exactly and the integer one up to the
-  first component that does not fit (Dantzig 1957): the shortfall against the optimum is at most
-  that component's energy, and the fractional bound reported beside the result caps it.
+- **Ranks of one module** (numpy, float64). ``--rank R`` keeps R components everywhere; ``--energy τ`` keeps
+  the smallest rank holding ≥ τ of each module's ‖ΔW‖²_F (the diff's ``energy_rank[τ]``); budgets
+  (:class:`Budget`) and the rank levels a serving engine accepts. A budget spread over modules is
+  :mod:`spectra.allocation`'s.
 - **Factors** (torch, float64). The top singular triplets of a dense ΔW come from the eigenvectors
   of its smaller Gram matrix (:func:`dense_triplets`), the same route as the exact spectra of
   :mod:`spectra.linalg`; each is split evenly, ``B = U_r·diag(√σ)``, ``A = diag(√σ)·V_rᵀ``, so that
@@ -190,159 +185,6 @@ def round_up(r: int, levels: Sequence[int]) -> int:
     if r <= 0 or not levels:
         return 0
     return next((v for v in levels if v >= r), levels[-1])
-
-
-# ---- the budget allocation ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Allocation:
-    """The result of :func:`allocate_budget`.
-
-    Attributes:
-        ranks: rank of each module.
-        kept: Σ of the σ² kept (same units as the gains).
-        params: LoRA parameters used, Σ rᵢ·costᵢ (≤ the budget).
-        bound: the fractional-knapsack optimum (an upper bound of every integer allocation's kept
-            energy): ``kept`` plus the budget left times the value per parameter of the first block
-            that did not fit; equal to ``kept`` when everything fitted.
-        critical: ``(module, rank it would have reached)`` of that first block; None when none.
-        ratio: that block's gain per parameter (0 when none), the greedy prefix's cut-off: every block
-            above it is taken, and adding modules to the problem only raises it. Blocks below it are
-            taken only to spend what the prefix left (``fill``), each within that rest.
-        filled: parameters of the blocks taken after the prefix (part of ``params``).
-    """
-
-    ranks: list[int]
-    kept: float
-    params: int
-    bound: float
-    critical: tuple[int, int] | None = None
-    ratio: float = 0.0
-    filled: int = 0
-
-    @property
-    def gap(self) -> float:
-        """``bound − kept``: how much more any allocation could keep at most (0 when none could)."""
-        return max(0.0, self.bound - self.kept)
-
-
-def _blocks(gains: np.ndarray, levels: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(rank reached, components added, gain)`` of each step between consecutive allowed levels,
-    up to the first step that adds no energy (later ones add none either: the gains are non-increasing)."""
-    n = gains.size
-    reach = np.arange(1, n + 1) if levels is None else np.unique(np.minimum(np.asarray(levels, dtype=np.int64), n))
-    reach = reach[reach > 0]
-    cum = np.concatenate([[0.0], np.cumsum(gains)])
-    prev = np.concatenate([[0], reach[:-1]])
-    gain = cum[reach] - cum[prev]
-    stop = np.flatnonzero(gain <= 0)
-    keep = stop[0] if stop.size else reach.size
-    return reach[:keep], (reach - prev)[:keep], gain[:keep]
-
-
-def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int, *,
-                    levels: Sequence[Sequence[int]] | None = None, fill: bool = True) -> Allocation:
-    """Ranks that keep the most energy for at most ``budget`` parameters (greedy on energy per parameter).
-
-    Args:
-        gains: per module, ``σᵢ²`` for i = 1 … (the most components it may take), non-increasing,
-            float64. Zero gains are never taken (they would spend parameters on nothing).
-        costs: per module, parameters per component (``out + in``), positive integers.
-        budget: parameters available.
-        levels: per module, the ranks it may take, ascending (default every rank 1 … len(gains)).
-            Consecutive levels form blocks; since each block's σ² are all ≤ the previous block's,
-            the blocks' values per parameter are non-increasing too, and the greedy still applies.
-        fill: spend what the prefix leaves (below).
-
-    Returns:
-        :class:`Allocation`. Blocks are taken in decreasing order of gain / cost (ties: module index,
-        then rank) until the first that does not fit (the textbook greedy's prefix, vectorised: one
-        sort of all blocks). With ``fill``, the rest of that order is then walked once, taking each
-        block that still fits and continues its module's rank (a module whose block was passed over
-        takes no later one): narrow modules' components spend a rest that the critical module's wider
-        one does not fit (600 parameters: 512 spent by the prefix, an 80-parameter component left out).
-        Still not the integer optimum in every case: the gap to the fractional optimum is reported.
-
-    Example:
-        >>> a = allocate_budget([np.array([9.0, 1.0]), np.array([4.0, 4.0])], [1, 1], 3)
-        >>> a.ranks, a.kept, a.params
-        ([1, 2], 17.0, 3)
-    """
-    if len(gains) != len(costs):
-        raise ValueError(f"gains and costs must have the same length. Got {len(gains)} and {len(costs)} instead.")
-    mods, reach, cost, gain, ratio = [], [], [], [], []
-    for i, g in enumerate(gains):
-        g = np.asarray(g, dtype=np.float64)
-        if costs[i] <= 0 or not np.all(np.isfinite(g) & (g >= 0)):  # a NaN gain sorted anywhere and took a share
-            raise ValueError(f"module {i}: costs must be positive and gains finite and >= 0. Got cost {costs[i]}, gains {g[:4]} instead.")
-        r, added, v = _blocks(g, None if levels is None else levels[i])
-        c = added * int(costs[i])
-        mods.append(np.full(r.size, i))
-        reach.append(r)
-        cost.append(c)
-        gain.append(v)
-        # non-increasing within a module in exact arithmetic; the running minimum keeps it so after
-        # rounding, so that a module's blocks are always taken in order
-        ratio.append(np.minimum.accumulate(v / c) if r.size else v)
-    ranks = [0] * len(gains)
-    if not mods or not sum(m.size for m in mods):
-        return Allocation(ranks, 0.0, 0, 0.0)
-    mod, rch, cst, gn, rt = (np.concatenate(x) for x in (mods, reach, cost, gain, ratio))
-    order = np.lexsort((rch, mod, -rt))  # by ratio descending, then module, then rank
-    cum = np.cumsum(cst[order])
-    n = int(np.searchsorted(cum, int(budget), side="right"))  # the blocks whose prefix fits
-    taken = order[:n]
-    for i, r in zip(mod[taken].tolist(), rch[taken].tolist()):
-        ranks[i] = max(ranks[i], r)
-    kept = float(np.sum(gn[taken]))
-    used = int(cum[n - 1]) if n else 0
-    if n == order.size:
-        return Allocation(ranks, kept, used, kept)
-    crit = order[n]
-    bound = kept + (int(budget) - used) * float(rt[crit])  # the fractional optimum: the prefix's, not the filled one's
-    filled = 0
-    if fill:
-        left, cheapest = int(budget) - used, int(cst.min())
-        start = rch - cst // np.asarray(costs, dtype=np.int64)[mod]  # the rank each block continues from
-        for b in order[n:].tolist():
-            if left < cheapest:
-                break
-            i = int(mod[b])
-            if cst[b] <= left and ranks[i] == start[b]:
-                ranks[i], left, kept, filled = int(rch[b]), left - int(cst[b]), kept + float(gn[b]), filled + int(cst[b])
-    return Allocation(ranks, kept, used + filled, max(bound, kept), (int(mod[crit]), int(rch[crit])), float(rt[crit]), filled)
-
-
-def reach_above(gains: np.ndarray, cost: int, ratio: float, levels: Sequence[int] | None = None) -> int:
-    """The largest allowed rank whose every block has a gain per parameter ≥ ``ratio``: the most
-    components a module can receive once another allocation's critical ratio is ``ratio`` (adding
-    modules to a knapsack only pushes the greedy's cut-off up, :class:`Allocation`).
-
-    >>> reach_above(np.array([9.0, 4.0, 1.0]), 1, 4.0)
-    2
-    """
-    reach, added, gain = _blocks(np.asarray(gains, dtype=np.float64), levels)
-    if not reach.size:
-        return 0
-    ok = np.minimum.accumulate(gain / (added * cost)) >= ratio
-    n = int(np.argmin(ok)) if not ok.all() else ok.size
-    return int(reach[n - 1]) if n else 0
-
-
-def uniform_rank(costs: Sequence[int], caps: Sequence[int], params: int) -> int:
-    """The largest uniform rank r whose adapter, each module at ``min(r, cap)``, costs at most
-    ``params`` parameters: what "the same parameter count, spread evenly" buys.
-
-    >>> uniform_rank([10, 10], [4, 1], 45)
-    3
-    """
-    lo, hi = 0, max(caps, default=0)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if sum(min(mid, c) * k for c, k in zip(caps, costs)) <= params:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 # ---- factors ----------------------------------------------------------------------------------------
@@ -693,8 +535,7 @@ def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) 
     return Triplets(S.double().cpu().numpy(), total, B.float().cpu() if k else None, A.float().cpu() if k else None, "factored")
 
 
-__all__ = ["REFINED_FLOOR", "VLLM_RANKS", "Allocation", "Budget", "GramEig", "Triplets", "allocate_budget",
+__all__ = ["REFINED_FLOOR", "VLLM_RANKS", "Budget", "GramEig", "Triplets",
            "dense_triplets", "eig_factors", "energy_kept", "energy_rank_top", "factored_triplets", "factors_out",
            "gram_eig", "gram_top", "parse_budget", "randomized_triplets", "refined_triplets", "rank_levels",
-           "reach_above", "round_up", "scale_pow2", "spectrum_total", "split_factors", "squaring_exponent",
-           "uniform_rank"]
+           "round_up", "scale_pow2", "spectrum_total", "split_factors", "squaring_exponent"]

@@ -6,7 +6,7 @@ From each module's record: ``energy_rank[τ]`` when the diff computed that thres
 read off its top singular values and ``fro_norm`` (when they reach τ). Fused matrices the diff split
 (``qkv_proj:q``…) are trained whole by PEFT: the whole module gets the sum of its parts' ranks (a
 rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in) and ``--max-rank``.
-With a budget, components are spread by :func:`spectra.lowrank.allocate_budget` over the singular values
+With a budget, components are spread by :func:`spectra.allocation.allocate_budget` over the singular values
 the results hold (``--top-k`` of the diff), each module capped at its τ rank and ``--max-rank``; a fused
 module's parts pool their values (a component of any part costs the whole module's ``out + in``).
 Matrices whose update is at the rounding level of their storage dtype (the rule of spectra diff's
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spectra.allocation import allocate_tied
+from spectra.allocation import allocate
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_heads import HEAD_NAMES, head_modules, head_of, head_task_type
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
@@ -344,14 +344,23 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if n < min(costs):
                 raise ConfigError(f"--budget {budget} is {n:,} parameters, below one component of the cheapest module ({min(costs):,})",
                                   hint="raise the budget")
-            alloc = allocate_tied(gains, costs, n, tied=len(gains) - 1 if group else None)  # every rank of the experts tried
+            alloc = allocate(gains, costs, n, tied=len(gains) - 1 if group else None)  # every rank of the experts tried
             if sum(alloc.ranks) == sum(g.size for g in gains) and alloc.params + min(costs) <= n:
                 _beyond_kept(budget, n, doc, paths, whole, where, noise | complete)
             ranks = {**dict(zip(solo, alloc.ranks)), **dict.fromkeys(group, alloc.ranks[-1] if group else 0)}
             energy_all = sum(float(np.ldexp(float(m["fro_norm"]), -e)) ** 2 for p in paths for m in whole[p]["parts"]
                              if m["name"] not in noise) or 1.0
-            notes.append(f"budget {budget} ({n:,} parameters) binds: the greedy keeps {alloc.kept / energy_all:.3f} of the "
-                         f"modules' energy (fractional bound {alloc.bound / energy_all:.3f})")
+            if pooled := [p for p in paths if len(whole[p]["parts"]) > 1 and ranks[p] < own[p].size]:
+                # a fused matrix's top-r energy is at least its parts' pooled top r, not equal: values and bound are low
+                notes.append(f"budget {budget} ({n:,} parameters) binds: the allocation keeps at least {alloc.kept / energy_all:.3f} "
+                             f"of the modules' energy: {len(pooled)} fused module(s) (e.g. {pooled[0]}) are valued by their parts' "
+                             "singular values pooled, a lower bound of what the whole matrix's top components hold (PEFT adapts it "
+                             "whole), so they may get too few components; spectra diff --no-split measures them whole, and "
+                             "spectra extract --budget decomposes them whole")
+            else:
+                how = "the most any allocation of whole components keeps" if alloc.optimal else "the greedy's, not proven the most"
+                notes.append(f"budget {budget} ({n:,} parameters) binds: the allocation keeps {alloc.kept / energy_all:.3f} of the "
+                             f"modules' energy ({how}; fractional bound {alloc.bound / energy_all:.3f})")
             spend = alloc.params
             # the items whose next component (above the floor: the gains stop there) costs more than the budget left
             names = [*solo, *([f"{group[0]} (+{len(group) - 1} tied)" if len(group) > 1 else group[0]] if group else [])]
@@ -378,7 +387,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             notes.append(all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None,
                                        (len(capped), capped[0], f"--max-rank {max_rank}") if capped else None))
     adapted = {p: r for p, r in ranks.items() if r > 0}
-    if fused := [p for p in adapted if len(whole[p]["parts"]) > 1]:
+    if budget_n is None and (fused := [p for p in adapted if len(whole[p]["parts"]) > 1]):
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
         notes.append(f"{len(fused)} fused module(s) (e.g. {fused[0]}) get the sum of their parts' ranks, an upper bound of what "
                      "the whole matrix needs: spectra diff --no-split measures them whole, and recommend on that gives "

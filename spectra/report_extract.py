@@ -178,8 +178,10 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
                        numbers={"modules_at_90": t["modules_at_90"]}))
     a = doc.get("allocation")
     if a:
+        best = ("it keeps the most energy any allocation of whole components can (the exact search proved it); "
+                if a.get("optimal") else "")
         out.append(Finding("budget", f"The allocation used {a['used_params']:,} of {a['budget_params']:,} parameters; "
-                                     f"no allocation within the budget could keep more than {a['fractional_bound']:.2%} "
+                                     f"{best}no allocation within the budget could keep more than {a['fractional_bound']:.2%} "
                                      f"(gap {a['gap']:.2e} of the energy).", numbers=dict(a)))
     ev = doc.get("eval")
     if ev:

@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spectra
+from spectra.allocation import allocate_budget, uniform_rank
 from spectra.errors import CheckpointFormatError, ConfigError, IdenticalCheckpointsError, PairingError
 from spectra.extract import ExtractConfig, extract
 from spectra.io.adapter import open_adapter
-from spectra.lowrank import allocate_budget, dense_triplets, energy_kept, energy_rank_top, factored_triplets, parse_budget, rank_levels, uniform_rank
+from spectra.lowrank import dense_triplets, energy_kept, energy_rank_top, factored_triplets, parse_budget, rank_levels
 from spectra.metrics import energy_rank
 from spectra.recommend import recommend
 from tests.conftest import random_lora

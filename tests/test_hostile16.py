@@ -179,7 +179,7 @@ def test_the_budget_allocation_spends_what_the_greedy_prefix_leaves():
     not fit) while an 80-parameter component of a 16×64 module still fitted: 0.426 kept against 0.446."""
     import itertools
 
-    from spectra.lowrank import allocate_budget
+    from spectra.allocation import allocate_budget
 
     gains = [np.array([10, 9.9, 9.8, 9.7, 9.6]), np.array([40.0, 5, 4]), np.array([3, 2.9, 2.8, 2.7]), np.array([25.0, 24, 2])]
     costs = [128, 256, 80, 256]

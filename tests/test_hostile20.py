@@ -328,8 +328,7 @@ def test_allocate_tied_against_brute_force():
     greedy's energy and never more than the optimum, and finds it when the rest is one module."""
     from itertools import product
 
-    from spectra.allocation import allocate_tied
-    from spectra.lowrank import allocate_budget
+    from spectra.allocation import allocate_budget, allocate_tied
 
     rng = np.random.default_rng(5)
     for _ in range(200):

@@ -143,8 +143,8 @@ def test_metric_arguments_and_budget_gains_are_checked():
     """Noted in the twenty-fifth round, now refused in one line: `spectral_entropy(N=-5)` (a negative tolerance counted
     every value), `matrix_rank(resolution=nan)` (every comparison False: rank 0), and `allocate_budget` with a NaN gain
     (sorted anywhere, it took a share of the budget)."""
+    from spectra.allocation import allocate_budget
     from spectra.esd import matrix_rank, spectral_entropy
-    from spectra.lowrank import allocate_budget
 
     S = np.array([3.0, 1.0, 1e-9])
     with pytest.raises(ValueError, match="N must be in"):
