@@ -20,7 +20,8 @@ from spectra_cli.console import OutPath, cell, echo_json, folder_report, one_pat
                    "peak, or the median eigenvalue.")
 @click.option("--ww-compatible", is_flag=True,
               help="Analyse only what WeightWatcher 0.7.7's analyze() does (module .weight matrices with "
-                   "8 <= min(shape) <= 15000 and max(shape) <= 50000), so rows compare one to one.")
+                   "8 <= min(shape) <= 15000 and max(shape) <= 50000), so rows compare one to one (its Conv2d rows "
+                   "excepted: 4-D kernels are no matrices here).")
 @click.option("--split", "split_fused", is_flag=True,
               help="Split fused matrices (qkv_proj, c_attn, gate_up_proj…) into their parts (default: whole, as WeightWatcher).")
 @click.option("--include", multiple=True, callback=one_pattern,

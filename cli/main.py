@@ -24,8 +24,9 @@ from pathlib import Path
 import click
 
 import spectra
+from spectra import distributed as spectra_distributed
 from spectra.display import display_name
-from spectra.errors import IdenticalCheckpointsError, SpectraError, out_of_memory, too_long_text
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError, out_of_memory, too_long_text
 from spectra.io.files import held_locks, release_locks
 from spectra_cli import compare as compare_commands
 from spectra_cli import diff as diff_commands
@@ -251,9 +252,7 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
 
 def _rank_prefix() -> str:
     """``[rank N] `` in a multi-process run, so that each rank's lines can be told apart."""
-    from spectra.distributed import launched
-
-    return f"[rank {os.environ.get('RANK', '?')}] " if launched() else ""
+    return f"[rank {os.environ.get('RANK', '?')}] " if spectra_distributed.launched() else ""
 
 
 class _Group(click.Group):
@@ -337,8 +336,14 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(spectra.__version__, prog_name="spectra")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Weight-space spectral analysis of fine-tuned models."""
+    # under torchrun every rank would run the whole command into one folder: one wins the lock, the rest fail
+    if ctx.invoked_subcommand not in (None, "diff") and spectra_distributed.launched():
+        raise ConfigError(f"spectra {ctx.invoked_subcommand} runs in one process (WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
+                          "here); only spectra diff splits its work over the ranks of a launcher",
+                          hint="run it without torchrun (or unset WORLD_SIZE)")
 
 
 for _command in (diff_commands.diff_cmd, compare_commands.compare_cmd, other_commands.report_cmd, other_commands.inspect_cmd,

@@ -24,7 +24,7 @@ from spectra._version import __version__
 from spectra.config import DiffConfig
 from spectra.delta import form_delta, oriented
 from spectra.engine import batch_singular_values, factored_svd
-from spectra.errors import CheckpointFormatError, PairingError
+from spectra.errors import CheckpointFormatError, PairingError, SpectraError
 from spectra.io.adapter import LORA_KINDS, Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
@@ -221,6 +221,17 @@ SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minu
                  "pass the base (spectra diff BASE ADAPTER) to measure it")
 SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
              "(e.g. a new classification head), which has no update to measure")
+def refuse_base_changing(adapter: Adapter, then: str, error: type[SpectraError] = CheckpointFormatError) -> None:
+    """Raise ``error`` for an adapter whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoRA-GA… saved
+    without conversion: :attr:`~spectra.io.adapter.AdapterConfig.base_changing_init`): s·B·A alone is not its update,
+    and every number of it would describe the base's moved principal components. ``then``: what to do with the merged
+    model, for the hint."""
+    if init := adapter.config.base_changing_init:
+        raise error(f"this adapter was initialised with {init} (init_lora_weights={adapter.config.init_lora_weights!r}), "
+                    "which changes the base weights: s·B·A alone is not the fine-tuning update",
+                    path=adapter.path, hint=f"merge it (merge_and_unload) and {then}")
+
+
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
 SAVED_BIAS = ("a bias the adapter trained (adapter_config.json's bias = 'all' or 'lora_only', or a module in "
               "modules_to_save): a vector, not a weight matrix")
@@ -321,13 +332,7 @@ def diff_adapter(
         resume: continue the journal of an interrupted run of the same adapter, base and options in
             ``writer``'s folder (its finished matrices are kept, the rest computed).
     """
-    init = adapter.config.base_changing_init
-    if init:
-        raise CheckpointFormatError(
-            f"this adapter was initialised with {init} (init_lora_weights={adapter.config.init_lora_weights!r}), "
-            "which changes the base weights: s·B·A alone is not the fine-tuning update",
-            path=adapter.path, hint="merge it (merge_and_unload) and diff the merged model against the original base",
-        )
+    refuse_base_changing(adapter, "diff the merged model against the original base")
     if adapter.config.use_dora and base is None:
         raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
                                     hint="pass the base model: spectra diff BASE ADAPTER")

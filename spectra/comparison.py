@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, merged_skips, recorded_base_warning, saved_skips, tied_compare_notes
+from spectra.adapter_diff import adapter_updates, merged_skips, recorded_base_warning, refuse_base_changing, saved_skips, tied_compare_notes
 from spectra.compare_findings import input_warnings
 from spectra.compare_records import (
     SCHEMA,
@@ -58,14 +58,7 @@ from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
-from spectra.naming import (
-    MatrixSpec,
-    describe_checkpoint,
-    describe_updates,
-    pairing_key,
-    role_sort_key,
-    unique_pairing_keys,
-)
+from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, role_sort_key, unique_pairing_keys
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.param_experts import open_adapter_on
@@ -178,6 +171,7 @@ class _Side:
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
             self.adapter = open_adapter_on(label, base, keep=selector(config.include, config.exclude, config.layers))
+            refuse_base_changing(self.adapter, "pass the merged model instead")  # PiSSA's s·B·A holds W's top components
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)

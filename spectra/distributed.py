@@ -84,7 +84,7 @@ def is_lead() -> bool:
     Raises:
         ConfigError: ``RANK`` is set but is not an integer.
     """
-    return _env_int("RANK", 0) == 0
+    return not launched() or _env_int("RANK", 0) == 0  # a RANK left over from elsewhere makes no rank of one process
 
 
 def launched() -> bool:

@@ -432,7 +432,8 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
        structure moves each eigenvalue by at most k places (Weyl's interlacing), so the median, and the
        estimate, barely move while k ≪ M (measured: +0.8% with 5 strong spikes at 1200 × 600).
     2. Spikes: eigenvalues above ``s²[(√N' + √M)² + 2.02·(√N' + √M)(1/√N' + 1/√M)^(1/3)]``, N' = N − 1,
-       the 99th percentile of the largest eigenvalue of pure noise (Johnstone 2001, Tracy–Widom β = 1).
+       the 99th percentile of the largest eigenvalue of pure noise of known s² (Johnstone 2001, Tracy–Widom β = 1);
+       with s² estimated from the same eigenvalues, 3-8% of Gaussian matrices of 16 to 128 rows show a spike.
 
     This is not WeightWatcher's fit (a kernel-density brute-force search, ``RMT_Util.fit_density_with_range``),
     whose σ is in rescaled units; ``tests/test_esd.py`` checks this one on planted spiked Wishart matrices.

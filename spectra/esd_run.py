@@ -276,6 +276,10 @@ def esd(
                        version=__version__)
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     if config.ww_compatible:
+        for s in result.skipped:  # rows WeightWatcher has and this run cannot: said, since they break one to one
+            if s["reason"] == "4-D tensor, not a weight matrix" and s["name"].endswith(".weight"):
+                s["reason"] += ("; WeightWatcher analyses a Conv2d's kernel (its slices pooled), so its rows hold one for "
+                                "this tensor that --ww-compatible has not")
         kept = []
         # the modules WeightWatcher walks are those of the model the installed transformers builds (>= 5: MoE
         # experts stacked, routers not Linear); without config.json or transformers, the name rules alone

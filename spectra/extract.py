@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, non_finite_factor
+from spectra.adapter_diff import adapter_updates, non_finite_factor, refuse_base_changing
 from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
@@ -235,11 +235,7 @@ def _same_key(ckpt: Checkpoint, name: str) -> str | None:
 
 def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> ExtractSource:
     """Targets of an adapter being resized: each of its LoRA modules (whole, as PEFT wrapped it)."""
-    init = adapter.config.base_changing_init
-    if init:
-        raise ConfigError(f"this adapter was initialised with {init}, which changes the base weights: s·B·A is not "
-                          "the fine-tuning update", path=adapter.path,
-                          hint="merge it (merge_and_unload) and extract from the merged model against the original base")
+    refuse_base_changing(adapter, "extract from the merged model against the original base", ConfigError)
     keep = selector(config.include, config.exclude, config.layers)
     targets, mods, left = [], {}, []
     task_type = ((head_task_type(base.config, adapter_task=adapter.config.task_type) or task_type_for(base.config))

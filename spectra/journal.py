@@ -101,7 +101,39 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
     where = [(named[f],) if portable else (f, stats[f].st_mtime_ns, stats[f].st_ctime_ns) for f in files]
     return [ckpt.format, [(*w, stats[f].st_size, content_sample(f)) for w, f in zip(where, files)],
             sorted((n, list(t.shape), t.dtype, t.entry.start if t.entry else -1) for n, t in ckpt.tensors.items()),
-            json.dumps(ckpt.config, sort_keys=True, default=str), digests]
+            json.dumps(ckpt.config, sort_keys=True, default=str), digests, *([tensor_samples(ckpt)] if portable else [])]
+
+
+#: Chunks read from each tensor of a safetensors file for the identity the ranks of a distributed run compare (at
+#: most; fewer, down to its first and last, past :data:`TENSOR_SAMPLE_CHUNKS` chunks in all).
+TENSOR_SAMPLES = 8
+TENSOR_SAMPLE_CHUNKS = 16384
+
+
+def tensor_samples(ckpt: Checkpoint, *, chunk: int = 4096) -> str | None:
+    """SHA-256 of chunks of ``chunk`` bytes spread evenly over each safetensors tensor's data, first and last byte
+    included (:data:`TENSOR_SAMPLES` per tensor; 64 MiB read at most): the file-wide sample (:func:`content_sample`,
+    16 chunks) misses a copy whose changed tensors lie between its chunks (a LoRA merged into q and v: 6% of such
+    copies of a 7B model), while a tensor changed as a whole (fine-tuned, merged, rescaled) differs in each of its
+    own chunks. None when a file cannot be read; ``.bin`` tensors (no byte range) are left to the file-wide sample."""
+    entries = sorted(((t.file, t.entry) for t in ckpt.tensors.values() if t.entry is not None), key=lambda x: (x[0], x[1].start))
+    per = max(2, min(TENSOR_SAMPLES, TENSOR_SAMPLE_CHUNKS // max(1, len(entries))))
+    h = hashlib.sha256()
+    fds: dict[str, int] = {}
+    try:
+        for file, e in entries:
+            fd = fds.get(file)
+            if fd is None:
+                fd = fds[file] = os.open(file, os.O_RDONLY)
+            span = max(0, e.nbytes - chunk)
+            for i in range(per):
+                h.update(os.pread(fd, min(chunk, e.nbytes), e.start + span * i // (per - 1)))
+    except OSError:
+        return None
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return h.hexdigest()
 
 
 #: Why a journal is not resumed. A weight file's change time is part of its identity (an edit in place with its

@@ -69,12 +69,13 @@ Method = Literal["gram", "svd"]
 
 
 def validate_device(device: str | torch.device, name: str = "--device") -> None:
-    """Raise :class:`ConfigError` unless ``device`` is auto, cpu, cuda or cuda:N (N an ASCII index from 0 to 127
+    """Raise :class:`ConfigError` unless ``device`` is auto, cpu (or cpu:0), cuda or cuda:N (N an ASCII index from 0 to 127
     without leading zeros: torch parses "cuda:01" nowhere, "cuda:٣" raised deep inside, and its int8 index
     read "cuda:128" as cuda:-128), as a string or a ``torch.device`` (meta or mps failed deep inside). ``name``: the
     option or argument the message names."""
     device = str(device) if isinstance(device, torch.device) else device
-    m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
+    # cpu:0 is torch's own name of torch.device("cpu", 0)
+    m = re.fullmatch(r"cpu(?::0)?|cuda(?::(0|[1-9][0-9]{0,2}))?", device, flags=re.ASCII) if isinstance(device, str) else None
     if device != "auto" and (m is None or (m.group(1) is not None and int(m.group(1)) > 127)):
         raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N (N from 0 to 127). Got {device!r} instead")
 

@@ -357,6 +357,8 @@ def _parse(name: str, keep_indices: bool = False) -> _Parsed:
         if keep_indices or not _index(c):
             rel.append(c)
         i += 1
+    if not rel:  # a container's own weights ("layers.2.weight", an nn.Sequential's "2.weight"): it names the module
+        rel = [c for c in comps if not _index(c)] or comps
     words = [c for c in rel if not _index(c)]  # leaf and parent name a module, never an index
     leaf = words[-1] if words else key
     parent = words[-2] if len(words) > 1 else ""

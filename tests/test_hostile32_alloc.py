@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_util import cli
 from safetensors.torch import save_file
 
-from cli_util import cli
 from spectra.allocation import EXACT_WORK, allocate, allocate_budget, allocate_tied, exact_allocation
 
 

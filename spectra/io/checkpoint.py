@@ -570,6 +570,12 @@ def unwrap_notes(label: str, states: StateDictCache) -> list[str]:
     return notes
 
 
+#: The note of a safetensors file whose metadata says TensorFlow or Flax wrote it.
+FOREIGN_LAYOUT = ("its metadata says format {fmt!r}: TensorFlow and Flax store a dense kernel as (in, out), the transpose of "
+                  "PyTorch's (out, in) that spectra reads, so a square matrix paired with a PyTorch checkpoint's is compared "
+                  "transposed (convert it first: transformers' from_{fmt}=True, then save_pretrained)")
+
+
 def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, TensorInfo]:
     """Every tensor of one ``.safetensors`` or ``.bin`` / ``.pt`` / ``.pth`` file, headers only for
     safetensors (a ``.bin`` is loaded, memory-mapped when its format allows, to learn its shapes).
@@ -583,7 +589,10 @@ def tensor_infos(path: Path, states: StateDictCache | None = None) -> dict[str, 
         CheckpointNotFoundError, CheckpointFormatError, UnsafeCheckpointError: as :func:`open_checkpoint`.
     """
     if path.suffix == ".safetensors":
-        entries, _ = read_header(path)
+        entries, metadata = read_header(path)
+        if states is not None and (fmt := metadata.get("format")) in ("tf", "flax"):
+            # transformers converts such files (from_tf / from_flax); read as they are, a square kernel is transposed
+            states.file_notes[path] = (*states.file_notes.get(path, ()), FOREIGN_LAYOUT.format(fmt=fmt))
         return {n: TensorInfo(n, e.shape, dtype_name(e.dtype), path, e) for n, e in entries.items()}
     states = states if states is not None else StateDictCache()
     loaded = states.get(path)

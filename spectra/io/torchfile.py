@@ -174,6 +174,10 @@ def _load_error(path: Path, head: bytes, zipped: bool, exc: Exception) -> Except
         f"{type(exc).__name__}: {_clip(text, 160)}"
     if "storage has wrong byte size" in text:  # torch's own text leaves its printf codes in ("expected %ld got %ld4398…")
         why = "a storage's declared size does not match the bytes stored for it"
+    if not zipped and "UntypedStorage' has no attribute 'dtype'" in text:  # torch >= 2.x on fp8 in the pre-1.6 format
+        return CheckpointFormatError("torch cannot read this file: float8 (or other newer dtype) tensors saved in the legacy (pre-zip) format of "
+                                     "torch.save(..., _use_new_zipfile_serialization=False)", path=path,
+                                     hint="save it again in torch.save's default (zip) format or as safetensors, where it was made")
     return CheckpointFormatError(f"cannot read this PyTorch file ({why})", path=path,
                                  hint="the file is truncated or corrupt; download it again")
 
