@@ -148,9 +148,22 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 
     with progress:  # a stop is worded by _train_stop_note (spectra_cli.main.kept_on_stop)
         summary = train(config, callback=on_record, force=force)
+    _warn_untargeted(err, [Path(out_dir)])
     err.print(shown(f"{summary.steps} steps in {summary.seconds:.1f} s: target loss {summary.target_loss:.3f}"
                      + ("" if summary.source_loss is None else f", source loss {summary.source_loss:.3f}")
                      + f"; outputs in {out_dir}"), highlight=False)
+
+
+def _warn_untargeted(err, runs: list[Path]) -> None:
+    """Say once what a LoRA preset left out of the model (each run's train_config.json records it)."""
+    from spectra.io.jsonfile import load_json
+    from spectra.lora_targets import untargeted_text
+
+    for run in runs:
+        with contextlib.suppress(Exception):  # a record that cannot be read was already said by the run
+            if text := untargeted_text(load_json(run / "train_config.json", what="train_config.json")):
+                err.print("[yellow]warning:[/] " + shown(text), highlight=False)
+                return
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -212,6 +225,7 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
         doc = sweep(base, data, out_dir, methods=method_list, ranks=rank_list, seeds=seed_list, eval_source=eval_source,
                     callback=on_record, force=force, resume=resume, steps=steps, batch=batch, seq_len=seq_len, device=device,
                     trace_every=trace_every)
+    _warn_untargeted(err, [Path(r["out"]) for r in doc["runs"].values() if r.get("out")])
     table = Table(title="sweep", title_justify="left")
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")

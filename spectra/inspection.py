@@ -66,9 +66,11 @@ def inspect_adapter(path: str) -> tuple[list[dict[str, Any]], list[str]]:
     other = ([f"{s.name}: {s.reason}" for s in adapter.skipped]
              + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'stored whole (modules_to_save)'}" for n in adapter.full]
              + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'a copy of the base layer PEFT saved'}" for n in adapter.base_copies]
-             + [f"{p.stored[0]}: a target_parameters LoRA on {p.module} ({' or '.join(p.params)}), A {tuple(p.A.shape)}, B "
-                f"{tuple(p.B.shape)}: one rank-r LoRA per expert, placed on a base's matrices by spectra diff BASE ADAPTER"
-                for p in adapter.params])
+             # the adapter does not say which of the config's target_parameters a LoRA is on (a router's 2-D weight or
+             # an expert stack): the base does
+             + [f"{p.stored[0]}: a target_parameters LoRA on {p.module} (on its {' or '.join(p.params)}: the base says which), "
+                f"A {tuple(p.A.shape)}, B {tuple(p.B.shape)}: on a 3-D expert stack one rank-r LoRA per expert; spectra diff "
+                "BASE ADAPTER places it on the base's matrices" for p in adapter.params])
     return sorted(records, key=model_order), [*adapter.notes, *other]
 
 

@@ -43,6 +43,7 @@ from spectra.io.paths import refuse_empty_path
 from spectra.io.text_data import data_fingerprint, overlapping
 from spectra.journal import inputs_fingerprint
 from spectra.linalg import all_finite
+from spectra.lora_targets import ALL_LINEAR, TARGET_SETS, check_rank, check_targets, untargeted
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
 from spectra.training_inputs import (
@@ -58,7 +59,6 @@ from spectra.training_inputs import (
     check_seed,
     check_step_memory,
     check_sweep_options,
-    check_targets,
     check_vocabulary,
     clear_run_outputs,
     finished_run,
@@ -75,13 +75,6 @@ from spectra.training_inputs import (
     token_blocks,
 )
 
-TARGET_SETS = {
-    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mlp": ["gate_proj", "up_proj", "down_proj"],
-}
-TARGET_SETS["all"] = TARGET_SETS["attn"] + TARGET_SETS["mlp"]
-#: ``--targets all-linear``: PEFT's own choice of every linear layer but the output head
-ALL_LINEAR = "all-linear"
 #: The TrainConfig fields only LoRA uses; a full fine-tune trains every weight whatever they say, so its
 #: train_config.json records them (and resolved_alpha, target_modules) as null, not values that did nothing.
 LORA_ONLY = ("rank", "alpha", "rslora", "targets")
@@ -316,6 +309,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise SpectraError("training needs the train extra", hint="pip install 'spectra[train]'") from exc
     base, out = Path(config.base), Path(config.out)
+    if (base / "adapter_config.json").is_file():  # transformers loads it onto the model: a full run then trains nothing
+        raise ConfigError("the base folder holds a PEFT adapter (adapter_config.json) beside the model: transformers would load "
+                          "it onto the base", path=base, hint="pass a folder with the base model alone (move the adapter out)")
     model_cfg = model_config(base)
     check_causal_lm(base, model_cfg)  # an encoder's loss would peek at the token it predicts
     device = resolve_device(config.device)
@@ -353,8 +349,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     base_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model = model.float()
     targets = None
+    lora = ([], ([], 0.0))
     if config.method == "lora":
-        model, targets = _add_lora(model, config)
+        model, targets, *lora = _add_lora(model, config)
     model.to(device).train()
     # the folder is made only now, every input checked; a second run into it is refused, not interleaved
     with folder_lock(out):
@@ -366,17 +363,21 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
                                    "note": f"{config.data} holds more than the run can use: its first {len(ids)} blocks of "
                                            f"{config.seq_len} tokens are used ({max(terms, key=terms.__getitem__)}; "
                                            "a text file is read no further)"}
-        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype)
+        return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype, lora)
 
 
 def _add_lora(model, config: TrainConfig):
-    """``(PEFT model, the module names adapted)``: ``--targets`` checked against the model first."""
+    """``(PEFT model, the module names adapted, the tensors PEFT adapts by name as target_parameters, what a preset left
+    out: the weights' paths within a layer and their share)``: ``--targets`` checked against the model first."""
     import peft
 
+    left: tuple[list[str], float] = ([], 0.0)
     if config.targets == ALL_LINEAR:
         modules: str | list[str] = ALL_LINEAR
     else:
         modules = check_targets(model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
+        if config.targets in TARGET_SETS:  # "all" of a model with fused experts or a router adapts far less than all
+            left = untargeted(model, modules, config.targets)
     check_rank(model, modules, config.rank)
     # GPT-2's Conv1D layers store (in, out): said in the config, else PEFT warns and sets it itself, module by module
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
@@ -388,29 +389,9 @@ def _add_lora(model, config: TrainConfig):
         raise ConfigError(f"PEFT cannot adapt --targets {config.targets}: {first_line(exc)}",
                           hint="name linear layers (see the model's module names), or pass --targets all-linear") from None
     adapted = model.peft_config["default"].target_modules
+    params = sorted(getattr(model.peft_config["default"], "target_parameters", None) or [])  # an MoE's experts under all-linear
     # all-linear: PEFT resolves full module names; the short names, as the presets record them
-    return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules)
-
-
-def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int, option: str = "--rank") -> None:
-    """Refuse a LoRA rank above ``min(out, in)`` of every matrix it would adapt: such factors add
-    parameters and no direction (and a rank like 2^63 overflowed inside PEFT with a traceback).
-
-    Args:
-        modules: :data:`ALL_LINEAR` or the module names to adapt, matched as PEFT matches them (a module
-            named so, or whose path ends in ``.name``).
-        option: the command-line option that gave ``rank``, for the message (``spectra sweep``'s ``--ranks``).
-
-    Raises:
-        ConfigError: ``rank`` above the largest ``min(out, in)`` among the adapted modules.
-    """
-    kinds = (torch.nn.Linear, torch.nn.Embedding)
-    dims = [min(m.weight.shape[-2:]) for n, m in model.named_modules()
-            if (isinstance(m, kinds) or type(m).__name__ == "Conv1D") and getattr(m, "weight", None) is not None
-            and m.weight.dim() == 2 and (modules == ALL_LINEAR or any(n == t or n.endswith("." + t) for t in modules))]
-    if dims and rank > max(dims):
-        raise ConfigError(f"{option} {rank} is above min(out, in) of every matrix it adapts (at most {max(dims)} here): "
-                          "the factors would add parameters and no direction", hint=f"use {option} {max(dims)} or less")
+    return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules), params, left
 
 
 def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
@@ -431,9 +412,10 @@ def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
          targets: list[str] | None, callback: Callable[[dict], None] | None, read: dict | None = None,
-         base_dtype: str = "float32") -> TrainSummary:
+         base_dtype: str = "float32", lora: tuple = ([], ([], 0.0))) -> TrainSummary:
     """The optimisation loop and the outputs, in the locked, checked ``config.out`` (``base_dtype``: the base's
-    stored dtype, recorded beside the float32 the run trains and saves)."""
+    stored dtype, recorded beside the float32 the run trains and saves; ``lora``: PEFT's target_parameters and what a
+    preset left out, :func:`_add_lora`)."""
     out = Path(config.out)
     train_ids, train_labels = blocks
     g = torch.Generator().manual_seed(config.seed)
@@ -446,6 +428,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": targets if targets is not None else config.target_modules(),
+               "target_parameters": lora[0] or None,  # PEFT's LoRAs on tensors by name (an MoE's experts, all-linear)
+               "not_adapted": {"weights": lora[1][0], "share": lora[1][1]} if lora[1][0] else None,
                "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
                "data_read": read or "whole", "base_dtype": base_dtype, "trained_dtype": "float32",
                # what the held-out losses score: runs whose digests differ are scored on other blocks
@@ -453,7 +437,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
                "source_digest": held_out_digest(tuple(t[: config.eval_batches * config.batch] for t in source))
                if source else None}
     if config.method == "full":  # every weight trained: LoRA's options (given or default) did not apply
-        cfg_doc.update(dict.fromkeys((*LORA_ONLY, "resolved_alpha", "target_modules")))
+        cfg_doc.update(dict.fromkeys((*LORA_ONLY, "resolved_alpha", "target_modules", "target_parameters", "not_adapted")))
     atomic_write_text(out / "train_config.json", json.dumps(cfg_doc, indent=2, sort_keys=True) + "\n")
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0, first, tokens = time.perf_counter(), None, 0
@@ -689,6 +673,6 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
     return doc
 
 
-__all__ = ["ALL_LINEAR", "HOLDOUT_POOL", "HOLDOUT_SEED", "LORA_ONLY", "RUN_NAME", "TARGET_SETS", "TOKENIZER_FILES", "ByteTokenizer",
+__all__ = ["HOLDOUT_POOL", "HOLDOUT_SEED", "LORA_ONLY", "RUN_NAME", "TOKENIZER_FILES", "ByteTokenizer",
            "TrainConfig", "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_digest",
            "held_out_loss", "holdout_split", "load_tokenizer", "read_examples", "sweep", "token_blocks", "train"]

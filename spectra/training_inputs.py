@@ -432,35 +432,6 @@ def load_model(base: str | Path):
                            hint="pass a local causal-LM folder written by save_pretrained") from None
 
 
-def adaptable_modules(model: torch.nn.Module) -> list[str]:
-    """Last parts of the names of the model's modules LoRA can adapt (linear, GPT-2's Conv1D,
-    embeddings), sorted: what ``--targets`` may name."""
-    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if n and (isinstance(m, kinds) or type(m).__name__ == "Conv1D")})
-
-
-def check_targets(model: torch.nn.Module, targets: list[str], *, preset: str | None = None) -> list[str]:
-    """The ``targets`` the model has (a name matches a module named so, or ending in ``.name``, as
-    PEFT matches). A preset (``all``, ``attn``, ``mlp``) keeps the names the model has; names the
-    user typed must all be there.
-
-    Raises:
-        ConfigError: a typed name matches no module, or a preset none.
-    """
-    names = [n for n, _ in model.named_modules() if n]
-    have = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
-    known = ", ".join(adaptable_modules(model)) or "none"
-    if preset is not None and not have:
-        raise ConfigError(f"--targets {preset} adapts {', '.join(targets)}, none of which this model has; the modules LoRA can "
-                          f"adapt in it are: {known}", hint="pass --targets with some of those names, or --targets all-linear")
-    missing = [t for t in targets if t not in have]
-    if preset is None and missing:
-        raise ConfigError(f"--targets names modules this model does not have: {', '.join(missing)}; the modules LoRA can adapt "
-                          f"in it are: {known}", hint="correct the names, or pass --targets all-linear (every linear layer but the output head)")
-    return have
-
-
 # ---- options --------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked
@@ -694,6 +665,6 @@ def clear_run_outputs(out: Path) -> list[str]:
 
 
 __all__ = ["MAX_SEED", "MAX_UNDECODABLE", "RUN_FILES", "RUN_GLOBS", "TOKENIZER_FILES", "WEIGHT_FILES", "ByteTokenizer",
-           "adaptable_modules", "check_causal_lm", "check_out", "check_positions", "check_positive", "check_seed", "check_targets",
+           "check_causal_lm", "check_out", "check_positions", "check_positive", "check_seed",
            "check_vocabulary", "clear_run_outputs", "foreign_outputs", "config_int", "first_line", "load_model", "load_tokenizer", "model_config",
            "encode_text", "read_examples", "read_text", "read_text_prefix", "refuse_file_in_path", "resolve_device", "run_outputs", "token_blocks"]
