@@ -340,10 +340,11 @@ class _Group(click.Group):
 def main(ctx: click.Context) -> None:
     """Weight-space spectral analysis of fine-tuned models."""
     # under torchrun every rank would run the whole command into one folder: one wins the lock, the rest fail
-    if ctx.invoked_subcommand not in (None, "diff") and spectra_distributed.launched():
+    asks_help = any(a in ctx.help_option_names for a in ctx.meta.get("spectra.args", ()))
+    if ctx.invoked_subcommand not in (None, "diff") and not asks_help and spectra_distributed.launched():
         raise ConfigError(f"spectra {ctx.invoked_subcommand} runs in one process (WORLD_SIZE={os.environ.get('WORLD_SIZE')} "
                           "here); only spectra diff splits its work over the ranks of a launcher",
-                          hint="run it without torchrun (or unset WORLD_SIZE)")
+                          hint="run it without torchrun, or unset WORLD_SIZE")
 
 
 for _command in (diff_commands.diff_cmd, compare_commands.compare_cmd, other_commands.report_cmd, other_commands.inspect_cmd,

@@ -156,11 +156,12 @@ def train_cmd(base, data, method, rank, alpha, rslora, targets, lr, steps, batch
 
 def _warn_untargeted(err, runs: list[Path]) -> None:
     """Say once what a LoRA preset left out of the model (each run's train_config.json records it)."""
+    from spectra.errors import SpectraError
     from spectra.io.jsonfile import load_json
     from spectra.lora_targets import untargeted_text
 
     for run in runs:
-        with contextlib.suppress(Exception):  # a record that cannot be read was already said by the run
+        with contextlib.suppress(SpectraError, OSError):  # the run wrote it: a record it cannot read was said by then
             if text := untargeted_text(load_json(run / "train_config.json", what="train_config.json")):
                 err.print("[yellow]warning:[/] " + shown(text), highlight=False)
                 return

@@ -216,11 +216,6 @@ class SavedModule:
     note: str = ""
 
 
-#: Why a tensor an adapter stores whole is not measured, by case.
-SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minus the base's; "
-                 "pass the base (spectra diff BASE ADAPTER) to measure it")
-SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
-             "(e.g. a new classification head), which has no update to measure")
 def refuse_base_changing(adapter: Adapter, then: str, error: type[SpectraError] = CheckpointFormatError) -> None:
     """Raise ``error`` for an adapter whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoRA-GA… saved
     without conversion: :attr:`~spectra.io.adapter.AdapterConfig.base_changing_init`): s·B·A alone is not its update,
@@ -232,6 +227,11 @@ def refuse_base_changing(adapter: Adapter, then: str, error: type[SpectraError] 
                     path=adapter.path, hint=f"merge it (merge_and_unload) and {then}")
 
 
+#: Why a tensor an adapter stores whole is not measured, by case.
+SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minus the base's; "
+                 "pass the base (spectra diff BASE ADAPTER) to measure it")
+SAVED_NEW = ("stored whole (modules_to_save) and not in the base: a module trained from scratch "
+             "(e.g. a new classification head), which has no update to measure")
 SAVED_VECTOR = "stored whole (modules_to_save): a vector (a norm or a bias), not a weight matrix"
 SAVED_BIAS = ("a bias the adapter trained (adapter_config.json's bias = 'all' or 'lora_only', or a module in "
               "modules_to_save): a vector, not a weight matrix")

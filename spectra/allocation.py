@@ -15,8 +15,8 @@ non-increasing, so its value per parameter is too. Three steps, pure numpy:
    One that keeps more than the greedy has ``Σ D < U − kept``: only the ranks within that of the fractional
    optimum remain (reduced-cost fixing, as in branch-and-bound knapsack solvers: Martello & Toth 1990, ch. 2-3),
    usually a few per module near the cut-off, and a search over their combinations that keeps only the Pareto
-   states (parameters, energy) finds the best. When the states outgrow :data:`EXACT_STATES` the greedy's allocation
-   stands, with ``optimal`` False.
+   states (parameters, energy) finds the best. When the states outgrow :data:`EXACT_STATES` (or the work
+   :data:`EXACT_WORK`) the greedy's allocation stands, with ``optimal`` False.
 
 A budget where the greedy goes wrong: 192 parameters, a module of cost 192 holding σ² = 1.0 and one of cost 96 holding
 0.51 and 0.10. The greedy buys 0.51 first (more per parameter) and keeps 0.61; the optimum is the 1.0.
@@ -38,7 +38,8 @@ EXACT_WORK = 2_000_000
 
 @dataclass(frozen=True)
 class Allocation:
-    """The result of :func:`allocate_budget`.
+    """A rank per module under a budget (what :func:`allocate_budget`, :func:`allocate_tied`, :func:`exact_allocation`
+    and :func:`allocate` return).
 
     Attributes:
         ranks: rank of each module.
@@ -85,6 +86,30 @@ def _blocks(gains: np.ndarray, levels: Sequence[int] | None) -> tuple[np.ndarray
     return reach[:keep], (reach - prev)[:keep], gain[:keep]
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_problem(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int,
+                   levels: Sequence[Sequence[int]] | None) -> None:
+    """Refuse (ValueError) what would make an allocation wrong without a word: gains that are not finite, >= 0 and
+    non-increasing, or whose sum overflows (a NaN sorted anywhere and took a share); costs, budget and levels that are
+    not integers (a float cost counted rounded), a negative budget or cost, a level below 1."""
+    if len(gains) != len(costs) or (levels is not None and len(levels) != len(gains)):
+        raise ValueError(f"gains, costs and levels must have one entry per module. Got {len(gains)}, {len(costs)}"
+                         f"{'' if levels is None else f' and {len(levels)}'} instead.")
+    if not _is_int(budget) or budget < 0:
+        raise ValueError(f"budget must be an integer >= 0. Got {budget!r} instead.")
+    for i, g in enumerate(gains):
+        g = np.asarray(g, dtype=np.float64)
+        if not _is_int(costs[i]) or costs[i] <= 0 or not np.all(np.isfinite(g) & (g >= 0)) or np.any(g[1:] > g[:-1]) \
+                or not np.isfinite(g.sum()):
+            raise ValueError(f"module {i}: costs must be positive integers and gains finite, >= 0 and non-increasing. Got cost "
+                             f"{costs[i]!r}, gains {g[:4]} instead.")
+        if levels is not None and not all(_is_int(v) and v >= 1 for v in levels[i]):
+            raise ValueError(f"module {i}: levels must be integers >= 1. Got {list(levels[i])[:8]} instead.")
+
+
 def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int, *,
                     levels: Sequence[Sequence[int]] | None = None, fill: bool = True) -> Allocation:
     """Ranks that keep the most energy for at most ``budget`` parameters (greedy on energy per parameter).
@@ -113,13 +138,10 @@ def allocate_budget(gains: Sequence[np.ndarray], costs: Sequence[int], budget: i
         >>> a.ranks, a.kept, a.params
         ([1, 2], 17.0, 3)
     """
-    if len(gains) != len(costs):
-        raise ValueError(f"gains and costs must have the same length. Got {len(gains)} and {len(costs)} instead.")
+    _check_problem(gains, costs, budget, levels)
     mods, reach, cost, gain, ratio = [], [], [], [], []
     for i, g in enumerate(gains):
         g = np.asarray(g, dtype=np.float64)
-        if costs[i] <= 0 or not np.all(np.isfinite(g) & (g >= 0)):  # a NaN gain sorted anywhere and took a share
-            raise ValueError(f"module {i}: costs must be positive and gains finite and >= 0. Got cost {costs[i]}, gains {g[:4]} instead.")
         r, added, v = _blocks(g, None if levels is None else levels[i])
         c = added * int(costs[i])
         mods.append(np.full(r.size, i))
@@ -214,6 +236,8 @@ def allocate_tied(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int
     plain = allocate_budget(gains, costs, budget, levels=levels)
     if tied is None:
         return plain
+    if not _is_int(tied) or not 0 <= tied < len(gains):
+        raise ValueError(f"tied must be the index of a module, 0 to {len(gains) - 1}. Got {tied!r} instead.")
     steps = [0, *(levels[tied] if levels is not None else range(1, len(gains[tied]) + 1))]
     steps = [r for r in steps if r <= len(gains[tied]) and r * int(costs[tied]) <= budget]
     if len(steps) > TIED_TRIES:  # evenly spaced ranks, and those around the greedy's (never worse than it)
@@ -234,6 +258,7 @@ def allocate_tied(gains: Sequence[np.ndarray], costs: Sequence[int], budget: int
             best = Allocation(ranks, kept, sub.params + r * int(costs[tied]), max(plain.bound, kept), plain.critical,
                               plain.ratio, sub.filled)
     return best
+
 
 def _options(gains: np.ndarray, cost: int, levels: Sequence[int] | None, lam: float) -> tuple[np.ndarray, ...]:
     """The ranks one module may take, ``(K + 1,)`` each from 0: rank, energy kept, parameters, and D (module
@@ -257,27 +282,33 @@ def exact_allocation(gains: Sequence[np.ndarray], costs: Sequence[int], budget: 
     Returns:
         :class:`Allocation` with ``optimal`` True and the best ranks (``start``'s when none keeps more than it by
         more than the sums' rounding, 1e-12 relative); ``bound``, ``critical`` and ``ratio`` are ``start``'s, and
-        ``filled`` counts the parameters outside the greedy's prefix. ``start`` itself, ``optimal`` False, when
-        the search would outgrow :data:`EXACT_STATES` / :data:`EXACT_WORK`.
+        ``filled`` counts the parameters outside the greedy's prefix. ``start``'s ranks, ``optimal`` False, when
+        the search would outgrow :data:`EXACT_STATES` / :data:`EXACT_WORK` (checked before each step's arrays are made).
 
     Example:
         >>> g, c = [np.array([1.0]), np.array([0.51, 0.10])], [192, 96]
         >>> allocate_budget(g, c, 192).ranks, exact_allocation(g, c, 192, allocate_budget(g, c, 192)).ranks
         ([0, 2], [1, 0])
     """
-    if start.optimal or start.critical is None:
+    if start.critical is None:  # everything fitted
         return replace(start, optimal=True)
+
+    def settled(ranks: list[int], kept: float, optimal: bool) -> Allocation:  # filled: one meaning whatever start was
+        params = sum(r * int(c) for r, c in zip(ranks, costs))
+        return replace(start, ranks=ranks, kept=kept, params=params, optimal=optimal,
+                       filled=params - _prefix_params(gains, costs, levels, ranks, start))
+
     lam = max(float(start.ratio), 0.0)
     mods = [_options(g, c, None if levels is None else levels[i], lam) for i, (g, c) in enumerate(zip(gains, costs))]
     upper = lam * int(budget) + sum(m[4] for m in mods)  # every allocation keeps at most this (weak duality)
     tol = 1e-12 * max(upper, float(np.finfo(np.float64).tiny))
     gap = upper - start.kept
-    if gap <= tol:
-        return replace(start, optimal=True)
+    if start.optimal or gap <= tol:
+        return settled(list(start.ranks), start.kept, True)
     # each module's ranks within the gap of the fractional optimum (start's own always: rounding cannot drop it)
     choices = [np.union1d(np.flatnonzero(m[3] <= gap + tol), np.flatnonzero(m[0] == r)) for m, r in zip(mods, start.ranks)]
     if any(ch.size == 0 for ch in choices):  # a rank of start's that is no option (cannot happen with start from here)
-        return start
+        return settled(list(start.ranks), start.kept, False)
     fixed = [i for i, ch in enumerate(choices) if ch.size == 1]
     free = sorted((i for i, ch in enumerate(choices) if ch.size > 1), key=lambda i: choices[i].size)
     params0 = sum(int(mods[i][2][choices[i][0]]) for i in fixed)
@@ -292,10 +323,12 @@ def exact_allocation(gains: Sequence[np.ndarray], costs: Sequence[int], budget: 
     work = 0
     for s, i in enumerate(free):
         ch = choices[i]
+        work += par.size * ch.size
+        if work > EXACT_WORK:  # before the step's arrays: a flat module of thousands of ranks would take gigabytes
+            return settled(list(start.ranks), start.kept, False)
         p_new = (par[:, None] + mods[i][2][ch][None, :]).ravel()
         v_new = (val[:, None] + mods[i][1][ch][None, :]).ravel()
         d_new = (dev[:, None] + mods[i][3][ch][None, :]).ravel()
-        work += p_new.size
         # a state must fit, and must be able to beat start: its D, and λ times the parameters it leaves unspent
         # even when every module to come takes its widest choice, stay below the gap
         unspent = np.maximum(budget - p_new - rest_most[s + 1], 0)
@@ -303,12 +336,12 @@ def exact_allocation(gains: Sequence[np.ndarray], costs: Sequence[int], budget: 
         order = ok[np.lexsort((-v_new[ok], p_new[ok]))]  # by parameters, then most energy first
         best_before = np.maximum.accumulate(np.concatenate([[-np.inf], v_new[order]]))[:-1]
         order = order[v_new[order] > best_before]  # the Pareto states: more energy than every cheaper one
-        if work > EXACT_WORK or order.size > EXACT_STATES:
-            return start
+        if order.size > EXACT_STATES:
+            return settled(list(start.ranks), start.kept, False)
         trail.append((order // ch.size, order % ch.size))
         par, val, dev = p_new[order], v_new[order], d_new[order]
     if not val.size or float(val.max()) <= start.kept + tol:
-        return replace(start, optimal=True)
+        return settled(list(start.ranks), start.kept, True)
     ranks = list(start.ranks)
     for i in fixed:
         ranks[i] = int(mods[i][0][choices[i][0]])
@@ -317,15 +350,14 @@ def exact_allocation(gains: Sequence[np.ndarray], costs: Sequence[int], budget: 
         parent, pick = trail[s]
         ranks[free[s]] = int(mods[free[s]][0][choices[free[s]][pick[k]]])
         k = int(parent[k])
-    params = sum(r * int(c) for r, c in zip(ranks, costs))
-    return replace(start, ranks=ranks, kept=float(val.max()), params=params, optimal=True,
-                   filled=params - _prefix_params(gains, costs, levels, ranks, start))
+    return settled(ranks, float(val.max()), True)
 
 
 def _prefix_params(gains: Sequence[np.ndarray], costs: Sequence[int], levels: Sequence[Sequence[int]] | None,
                    ranks: Sequence[int], start: Allocation) -> int:
     """Parameters of ``ranks``' blocks that lie in the greedy's prefix (ordered before ``start.critical``, as
-    :func:`allocate_budget` orders them: value per parameter descending, then module, then rank)."""
+    :func:`allocate_budget` orders them: value per parameter descending, then module, then rank). ``rt == ratio`` holds
+    bit for bit for the critical block's ties because both sides compute the ratio by the same arithmetic."""
     cm, cr = start.critical or (len(gains), 0)
     total = 0
     for i, (g, c) in enumerate(zip(gains, costs)):

@@ -577,8 +577,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
             members = items[a.critical[0]]
             crit = {"module": src.targets[members[0]].name + (f" (+{len(members) - 1} tied)" if len(members) > 1 else ""),
                     "rank": a.critical[1]}
-        allocation = {"method": "greedy on σ²/(out+in), the rest filled, then the exact optimum" if a.optimal
-                      else "greedy on σ²/(out+in), then the rest filled", "optimal": a.optimal,
+        method = ("greedy on σ²/(out+in): every component fitted" if a.critical is None else
+                  "greedy on σ²/(out+in), the rest filled, then the exact optimum" if a.optimal else
+                  "greedy on σ²/(out+in), then the rest filled (the exact search gave up)")
+        allocation = {"method": method, "optimal": a.optimal,
                       "budget": config.budget, "budget_params": plan.budget,
                       "used_params": a.params, "filled_params": a.filled, "kept": a.kept / energy if energy > 0 else 1.0,
                       "fractional_bound": a.bound / energy if energy > 0 else 1.0,

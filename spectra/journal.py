@@ -17,7 +17,7 @@ from pathlib import Path
 from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
-from spectra.io.files import OutputLock, atomic_write_text, content_sample, remove_earlier_outputs
+from spectra.io.files import OutputLock, atomic_write_text, content_sample, hash_spread, remove_earlier_outputs
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl, result_json
 from spectra.pairing import Skipped
 from spectra.results import SCHEMA, DiffResult, ModuleResult
@@ -105,34 +105,36 @@ def checkpoint_identity(ckpt: Checkpoint, *, portable: bool = False) -> list:
 
 
 #: Chunks read from each tensor of a safetensors file for the identity the ranks of a distributed run compare (at
-#: most; fewer, down to its first and last, past :data:`TENSOR_SAMPLE_CHUNKS` chunks in all).
+#: most; down to its first and last, and shorter than 4 KiB, past :data:`TENSOR_SAMPLE_CHUNKS` chunks in all).
 TENSOR_SAMPLES = 8
 TENSOR_SAMPLE_CHUNKS = 16384
 
 
-def tensor_samples(ckpt: Checkpoint, *, chunk: int = 4096) -> str | None:
-    """SHA-256 of chunks of ``chunk`` bytes spread evenly over each safetensors tensor's data, first and last byte
-    included (:data:`TENSOR_SAMPLES` per tensor; 64 MiB read at most): the file-wide sample (:func:`content_sample`,
-    16 chunks) misses a copy whose changed tensors lie between its chunks (a LoRA merged into q and v: 6% of such
-    copies of a 7B model), while a tensor changed as a whole (fine-tuned, merged, rescaled) differs in each of its
-    own chunks. None when a file cannot be read; ``.bin`` tensors (no byte range) are left to the file-wide sample."""
-    entries = sorted(((t.file, t.entry) for t in ckpt.tensors.values() if t.entry is not None), key=lambda x: (x[0], x[1].start))
-    per = max(2, min(TENSOR_SAMPLES, TENSOR_SAMPLE_CHUNKS // max(1, len(entries))))
+def tensor_samples(ckpt: Checkpoint) -> str | None:
+    """SHA-256 of chunks spread evenly over each safetensors tensor's data, its first and last bytes included
+    (:data:`TENSOR_SAMPLES` of 4 KiB per tensor; fewer and smaller past :data:`TENSOR_SAMPLE_CHUNKS` in all, 64 MiB
+    read at most): the file-wide sample (:func:`content_sample`, 16 chunks) misses a copy whose changed tensors lie
+    between its chunks (a LoRA merged into q and v: 6% of such copies of a 7B model), while a tensor changed as a whole
+    (fine-tuned, merged, rescaled) differs in each of its own chunks. None when a file cannot be read; ``.bin`` tensors
+    (no byte range) are left to the file-wide sample."""
+    by_file: dict[str, list] = {}
+    for t in ckpt.tensors.values():
+        if t.entry is not None:
+            by_file.setdefault(t.file, []).append(t.entry)
+    n = sum(len(v) for v in by_file.values())
+    per = max(2, min(TENSOR_SAMPLES, TENSOR_SAMPLE_CHUNKS // max(1, n)))
+    chunk = max(64, min(4096, (TENSOR_SAMPLE_CHUNKS << 12) // max(1, n * per)))
     h = hashlib.sha256()
-    fds: dict[str, int] = {}
     try:
-        for file, e in entries:
-            fd = fds.get(file)
-            if fd is None:
-                fd = fds[file] = os.open(file, os.O_RDONLY)
-            span = max(0, e.nbytes - chunk)
-            for i in range(per):
-                h.update(os.pread(fd, min(chunk, e.nbytes), e.start + span * i // (per - 1)))
+        for file in sorted(by_file):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                for e in sorted(by_file[file], key=lambda e: e.start):
+                    hash_spread(h, fd, e.start, e.nbytes, samples=per, chunk=chunk)
+            finally:
+                os.close(fd)
     except OSError:
         return None
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return h.hexdigest()
 
 

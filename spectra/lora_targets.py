@@ -2,8 +2,8 @@
 
 The presets follow Biderman et al. (2024): ``all`` (attention and MLP), ``attn``, ``mlp``. Each names the split
 projections of Llama-style models and the fused ones of the models that fuse them (Phi-3's ``qkv_proj`` and
-``gate_up_proj``); a preset keeps the names the model has. What PEFT cannot reach through module names (an MoE's fused
-expert tensors, which ``all-linear`` adapts as ``target_parameters``; a router) is said by :func:`untargeted`.
+``gate_up_proj``); a preset keeps the names the model has. What the presets do not name (an MoE's fused expert tensors,
+which ``all-linear`` adapts as PEFT ``target_parameters``; a router) is said by :func:`untargeted`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from spectra.errors import ConfigError
-from spectra.naming import layer_of
+from spectra.naming import in_attention, layer_of, module_path
 
 TARGET_SETS = {
     "attn": ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"],
@@ -20,8 +20,6 @@ TARGET_SETS = {
 TARGET_SETS["all"] = TARGET_SETS["attn"] + TARGET_SETS["mlp"]
 #: ``--targets all-linear``: PEFT's own choice of every linear layer but the output head
 ALL_LINEAR = "all-linear"
-#: Path components that place a weight in the attention block or the MLP (for what ``attn`` and ``mlp`` leave out).
-_ATTN_PARTS = frozenset({"attn", "self_attn", "attention", "self_attention", "cross_attn"})
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -58,7 +56,7 @@ def check_targets(model: torch.nn.Module, targets: list[str], *, preset: str | N
     return have
 
 
-def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int, option: str = "--rank") -> None:
+def check_lora_rank(model: torch.nn.Module, modules: str | list[str], rank: int, option: str = "--rank") -> None:
     """Refuse a LoRA rank above ``min(out, in)`` of every matrix it would adapt: such factors add
     parameters and no direction (and a rank like 2^63 overflowed inside PEFT with a traceback).
 
@@ -79,6 +77,14 @@ def check_rank(model: torch.nn.Module, modules: str | list[str], rank: int, opti
                           "the factors would add parameters and no direction", hint=f"use {option} {max(dims)} or less")
 
 
+def resolve_targets(model: torch.nn.Module, targets: str, names: list[str]) -> str | list[str]:
+    """What ``--targets`` (``targets``, standing for the module ``names``) adapts in this model: :data:`ALL_LINEAR`, or
+    the names it has (:func:`check_targets`: a preset keeps those, typed names must all be there)."""
+    if targets == ALL_LINEAR:
+        return ALL_LINEAR
+    return check_targets(model, names, preset=targets if targets in TARGET_SETS else None)
+
+
 def untargeted(model: torch.nn.Module, targets: list[str], preset: str) -> tuple[list[str], float]:
     """The weights of the layer stack a preset leaves out: their paths without the layer index (``mlp.experts.gate_up_proj``,
     ``mlp.gate``), sorted, and their share of the stack's matrix entries. Weights of two or more dimensions count
@@ -95,14 +101,12 @@ def untargeted(model: torch.nn.Module, targets: list[str], preset: str) -> tuple
         if p.dim() < 2 or layer_of(name) is None:
             continue
         module = name.rpartition(".")[0]
-        in_attn = bool(_ATTN_PARTS & set(name.split(".")))
+        in_attn = in_attention(name)
         if (preset == "attn" and not in_attn) or (preset == "mlp" and in_attn):
             continue
         total += p.numel()
-        if not _matches(module, targets):
-            comps = name.removesuffix(".weight").split(".")
-            at = next(i for i, c in enumerate(comps) if c.isascii() and c.isdigit())  # the layer index: the path within a layer
-            short = ".".join(comps[at + 1:]) or name
+        if not _matches(module, targets):  # one entry for every layer's and expert's copy
+            short = module_path(name)
             left[short] = left.get(short, 0) + p.numel()
     return sorted(left), (sum(left.values()) / total if total else 0.0)
 
@@ -119,4 +123,5 @@ def untargeted_text(run_config: dict) -> str | None:
             "an MoE's fused experts; or name the modules")
 
 
-__all__ = ["ALL_LINEAR", "TARGET_SETS", "adaptable_modules", "check_rank", "check_targets", "untargeted", "untargeted_text"]
+__all__ = ["ALL_LINEAR", "TARGET_SETS", "adaptable_modules", "check_lora_rank", "check_targets", "resolve_targets", "untargeted",
+           "untargeted_text"]

@@ -306,6 +306,16 @@ def layer_of(name: str) -> int | None:
     return _parse(name).layer
 
 
+def module_path(name: str) -> str:
+    """A tensor's module path without wrappers, layer and expert numbers (``model.layers.3.mlp.experts.7.w1.weight`` → ``mlp.experts.w1``)."""
+    return _parse(name).rel_path
+
+
+def in_attention(name: str) -> bool:
+    """Whether a tensor's path runs through a self- or cross-attention block (a component named as one, any case)."""
+    return any(c.lower() in _ATTN_PARENTS | _CROSS_PARENTS for c in pairing_key(name).split("."))
+
+
 def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
     """Pairing key -> name, for the keys exactly one of ``names`` has (a shared key pairs nothing)."""
     seen: dict[str, list[str]] = {}
@@ -685,6 +695,6 @@ def spec_order(spec: MatrixSpec) -> tuple:
 
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
-    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "is_bias",
-    "module_labels", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
+    "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "in_attention",
+    "is_bias", "module_labels", "module_path", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
 ]

@@ -6,7 +6,7 @@ From each module's record: ``energy_rank[τ]`` when the diff computed that thres
 read off its top singular values and ``fro_norm`` (when they reach τ). Fused matrices the diff split
 (``qkv_proj:q``…) are trained whole by PEFT: the whole module gets the sum of its parts' ranks (a
 rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in) and ``--max-rank``.
-With a budget, components are spread by :func:`spectra.allocation.allocate_budget` over the singular values
+With a budget, components are spread by :func:`spectra.allocation.allocate` (the integer optimum) over the singular values
 the results hold (``--top-k`` of the diff), each module capped at its τ rank and ``--max-rank``; a fused
 module's parts pool their values (a component of any part costs the whole module's ``out + in``).
 Matrices whose update is at the rounding level of their storage dtype (the rule of spectra diff's

@@ -43,7 +43,7 @@ from spectra.io.paths import refuse_empty_path
 from spectra.io.text_data import data_fingerprint, overlapping
 from spectra.journal import inputs_fingerprint
 from spectra.linalg import all_finite
-from spectra.lora_targets import ALL_LINEAR, TARGET_SETS, check_rank, check_targets, untargeted
+from spectra.lora_targets import ALL_LINEAR, TARGET_SETS, check_lora_rank, resolve_targets, untargeted
 from spectra.metrics import normal_float32
 from spectra.pipeline import diff
 from spectra.training_inputs import (
@@ -371,14 +371,10 @@ def _add_lora(model, config: TrainConfig):
     out: the weights' paths within a layer and their share)``: ``--targets`` checked against the model first."""
     import peft
 
-    left: tuple[list[str], float] = ([], 0.0)
-    if config.targets == ALL_LINEAR:
-        modules: str | list[str] = ALL_LINEAR
-    else:
-        modules = check_targets(model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
-        if config.targets in TARGET_SETS:  # "all" of a model with fused experts or a router adapts far less than all
-            left = untargeted(model, modules, config.targets)
-    check_rank(model, modules, config.rank)
+    modules = resolve_targets(model, config.targets, config.target_modules())
+    # "all" of a model with fused experts or a router adapts far less than all of it
+    left = untargeted(model, list(modules), config.targets) if config.targets in TARGET_SETS else ([], 0.0)
+    check_lora_rank(model, modules, config.rank)
     # GPT-2's Conv1D layers store (in, out): said in the config, else PEFT warns and sets it itself, module by module
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     try:
@@ -395,7 +391,7 @@ def _add_lora(model, config: TrainConfig):
 
 
 def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
-    """:func:`check_rank` on the model built without weights (meta device: no memory, no reading);
+    """:func:`~spectra.lora_targets.check_lora_rank` on the model built without weights (meta device: no memory, no reading);
     a model this cannot build is left to :func:`train`, which says why."""
     import transformers
 
@@ -405,9 +401,7 @@ def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
             model = transformers.AutoModelForCausalLM.from_config(cfg)
     except Exception:  # noqa: BLE001 - any failure here is train()'s to report, with its own message
         return
-    modules = ALL_LINEAR if config.targets == ALL_LINEAR else check_targets(
-        model, config.target_modules(), preset=config.targets if config.targets in TARGET_SETS else None)
-    check_rank(model, modules, config.rank, option)
+    check_lora_rank(model, resolve_targets(model, config.targets, config.target_modules()), config.rank, option)
 
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,

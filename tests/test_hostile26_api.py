@@ -154,7 +154,7 @@ def test_metric_arguments_and_budget_gains_are_checked():
     tol = S.max() * 3 * np.finfo(np.float64).eps  # numpy's tolerance, unchanged
     assert matrix_rank(S, 3) == int(np.count_nonzero(np.greater(S, tol)))
     for bad in (np.nan, np.inf, -1.0):
-        with pytest.raises(ValueError, match="module 1: costs must be positive and gains finite"):
+        with pytest.raises(ValueError, match="module 1: costs must be positive integers and gains finite"):
             allocate_budget([np.array([4.0, 1.0]), np.array([bad, 0.5])], [1, 1], 2)
     assert allocate_budget([np.array([4.0, 1.0]), np.array([2.0, 0.5])], [1, 1], 2).ranks == [1, 1]
 

@@ -129,3 +129,19 @@ def test_recommend_says_a_split_fused_module_is_valued_low(tmp_path):
     text = " ".join(rec.stderr.split())
     assert "keeps at least" in text and "valued by their parts' singular values pooled, a lower bound" in text
     assert "--no-split" in text and "fractional bound" not in text
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(gains=[np.array([1.0]), np.array([0.5, 0.4])], costs=[2, 1], budget=4, levels=[[1], [-1, 1, 2]], tied=1), "levels must be"),
+    (dict(gains=[np.array([1.0]), np.array([0.8, 0.4])], costs=[2, 1], budget=4, tied=-1), "tied must be the index"),
+    (dict(gains=[np.array([1.0]), np.array([0.8])], costs=[1.5, 1], budget=3), "costs must be positive integers"),
+    (dict(gains=[np.array([1.0])], costs=[1], budget=-5), "budget must be an integer >= 0"),
+    (dict(gains=[np.array([0.0, 5.0])], costs=[1], budget=1), "non-increasing"),
+    (dict(gains=[np.array([1.7e308, 1.7e308])], costs=[1], budget=2), "finite"),
+])
+def test_allocation_refuses_what_it_would_get_wrong(kwargs, match):
+    """The probe's API inputs: a negative level put rank −1 and gains[:-1] in `kept` (over the budget, called optimal),
+    tied = −1 counted the wrong module, a float cost was rounded (over budget), rising gains and an overflowing sum were
+    called optimal."""
+    with pytest.raises(ValueError, match=match):
+        allocate(**kwargs)

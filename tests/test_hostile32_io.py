@@ -99,6 +99,9 @@ def test_other_commands_under_torchrun_say_they_run_in_one_process(copies, tmp_p
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
         assert f"spectra {args[0]} runs in one process (WORLD_SIZE=2 here); only spectra diff splits its work" in res.stderr
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
+    res = subprocess.run([sys.executable, "-c", "from spectra_cli.main import run; run()", "compare", "--help"], capture_output=True,
+                         text=True, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert res.returncode == 0 and "Usage:" in res.stdout  # help is no run
 
 
 def test_a_rank_without_a_world_is_the_lead(monkeypatch):
@@ -123,8 +126,10 @@ def test_top_level_tensors_beside_a_wrapped_state_dict_are_ambiguous(tmp_path):
     torch.save({**tuned, "model": base}, tmp_path / "mixed.pt")
     res = cli(["diff", str(tmp_path / "b.pt"), str(tmp_path / "mixed.pt"), "--no-plots"])
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert "holds 1 tensor at its top level (e.g. 'fc.weight') and a state dict under 'model'" in res.stderr
-    torch.save({"model": tuned, "step": torch.tensor(3)}, tmp_path / "ckpt.pt")  # a 0-D counter is no weight
+    assert "holds 1 weight matrix at its top level (e.g. 'fc.weight') and a state dict under 'model'" in res.stderr
+    # a counter, a saved RNG state, normalisation statistics: no weight matrices
+    torch.save({"model": tuned, "step": torch.tensor(3), "torch_rng_state": torch.get_rng_state(), "mean": torch.zeros(3)},
+               tmp_path / "ckpt.pt")
     res = cli(["diff", str(tmp_path / "b.pt"), str(tmp_path / "ckpt.pt"), "--no-plots", "--json"])
     assert res.returncode == 0, res.stderr
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from spectra.errors import OutputError, output_error
 
@@ -463,17 +463,25 @@ def file_digest(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def hash_spread(h: Any, fd: int, start: int, nbytes: int, *, samples: int, chunk: int) -> None:
+    """Feed the hash ``h`` with ``samples`` chunks of ``chunk`` bytes (all of them when fewer) spread evenly over bytes
+    ``[start, start + nbytes)`` of the open file ``fd``, the first and last included. Raises OSError as ``os.pread``."""
+    span = max(0, nbytes - chunk)
+    for i in range(samples):
+        h.update(os.pread(fd, min(chunk, nbytes), start + span * i // max(1, samples - 1)))
+
+
 def content_sample(path: str | os.PathLike[str], *, samples: int = 16, chunk: int = 4096) -> str | None:
     """SHA-256 of ``samples`` chunks of ``chunk`` bytes spread evenly over the file (64 KiB read
     whatever its size; None if it cannot be read): a file replaced by another of the same size with
     its modification time kept (``cp -p``, ``rsync -a``, ``tar x``) is told apart, as its weights differ."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            for i in range(samples):
-                f.seek(max(0, size - chunk) * i // max(1, samples - 1))
-                h.update(f.read(chunk))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            hash_spread(h, fd, 0, os.fstat(fd).st_size, samples=samples, chunk=chunk)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     return h.hexdigest()

@@ -165,10 +165,11 @@ def find_state(path: Path, obj: object) -> FoundState:
         if not found and not composer:
             raise _not_state(path, obj, hint)
         key = found[0] if found else COMPOSER_KEY  # MosaicML Composer: {"state": {"model": ..., "optimizers": ...}, "rng": ...}
-        # weights beside the wrapper (a step counter is 0-D) would be dropped without a word: which are the model?
-        if top := [k for k, v in obj.items() if isinstance(v, torch.Tensor) and v.dim() >= 1]:
+        # weight matrices beside the wrapper would be dropped without a word: which are the model? (a step counter, a
+        # saved RNG state or normalisation statistics are no weight matrices)
+        if top := [k for k, v in obj.items() if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.is_floating_point()]:
             raise CheckpointFormatError(
-                f"holds {len(top)} tensor{'s' * (len(top) != 1)} at its top level (e.g. {str(top[0])[:80]!r}) and a state dict "
+                f"holds {len(top)} weight matri{'ces' if len(top) != 1 else 'x'} at its top level (e.g. {str(top[0])[:80]!r}) and a state dict "
                 f"under {key!r}: which one is the model is ambiguous", path=path,
                 hint="save the one you mean: torch.save(model.state_dict(), ...)")
         inner = obj[key] if found else obj["state"]["model"]
