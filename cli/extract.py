@@ -168,7 +168,8 @@ def totals_table(doc: dict) -> Table:
                   f(u["energy_kept"]), f(u["rel_fro_error"]), f"{u['modules_at_90']} / {changed}")
     if doc.get("allocation"):
         a = doc["allocation"]
-        table.add_row("fractional bound", f"{a['budget_params']:,}", "", f(a["fractional_bound"]), "", "")
+        how = "" if a.get("critical") is None else " (allocation: the optimum)" if a.get("optimal") else " (allocation: not proven)"
+        table.add_row(f"fractional bound{how}", f"{a['budget_params']:,}", "", f(a["fractional_bound"]), "", "")
     if s.get("max_lora_rank"):
         table.add_row(f"vLLM serving (max_lora_rank {s['max_lora_rank']})", f"{s['params']:,}", "", "", "", "")
     return table
@@ -222,5 +223,5 @@ def recommend_cmd(results, energy, budget, alpha_ratio, rslora, max_rank, embedd
     err = stderr()
     for n in rec.notes:
         err.print(f"note: {shown(n)}", highlight=False)
-    err.print(f"{len(rec.ranks)} modules, {rec.params:,} LoRA parameters "
+    err.print(f"{len(rec.ranks)} module{'s' * (len(rec.ranks) != 1)}, {rec.params:,} LoRA parameters "
               f"({rec.params / rec.full_params:.2%} of the full update's {rec.full_params:,})", highlight=False)

@@ -350,7 +350,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             ranks = {**dict(zip(solo, alloc.ranks)), **dict.fromkeys(group, alloc.ranks[-1] if group else 0)}
             energy_all = sum(float(np.ldexp(float(m["fro_norm"]), -e)) ** 2 for p in paths for m in whole[p]["parts"]
                              if m["name"] not in noise) or 1.0
-            if pooled := [p for p in paths if len(whole[p]["parts"]) > 1 and ranks[p] < own[p].size]:
+            if pooled := [p for p in paths if len(whole[p]["parts"]) > 1 and own[p].size]:  # however many it got
                 # a fused matrix's top-r energy is at least its parts' pooled top r, not equal: values and bound are low
                 notes.append(f"budget {budget} ({n:,} parameters) binds: the allocation keeps at least {alloc.kept / energy_all:.3f} "
                              f"of the modules' energy: {len(pooled)} fused module(s) (e.g. {pooled[0]}) are valued by their parts' "
@@ -465,7 +465,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     params = sum(r * cost[p] for p, r in adapted.items()) + extra
     if budget_n is not None and params > budget_n:  # the experts' one rank (and PEFT's fused pairs) cost more than chosen
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
-                     "one rank per stack, as PEFT builds them, costs more than the greedy spent on them")
+                     "one rank per stack, as PEFT builds them, costs more than the allocation spent on them")
     return Recommendation(config, adapted, params, full, notes)
 
 

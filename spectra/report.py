@@ -46,6 +46,7 @@ from spectra.findings import Finding
 from spectra.io.files import atomic_write_text, refuse_input_as_output, refuse_replacing
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, load_jsonl
 from spectra.io.paths import refuse_empty_path
+from spectra.lora_targets import untargeted_text
 from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
@@ -234,6 +235,8 @@ def _training_warnings(logs: list[tuple[Path, list[dict]]]) -> list[str]:
             last = recs[-1].get("step") if recs else None
             out.append(f"{folder}: a stopped spectra train (its log ends at step {last} of {cfg.get('steps')}; no "
                        "train_summary.json, no saved model): its row is not a finished run")
+        if text := untargeted_text(cfg):  # a LoRA preset that left most of an MoE out: the run is not "all linear"
+            out.append(f"{folder}: {text}")
         for key, seen in digests.items():
             if isinstance(cfg.get(key), str):
                 seen.setdefault(cfg[key], []).append(names[folder])

@@ -178,8 +178,9 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
                        numbers={"modules_at_90": t["modules_at_90"]}))
     a = doc.get("allocation")
     if a:
-        best = ("it keeps the most energy any allocation of whole components can (the exact search proved it); "
-                if a.get("optimal") else "")
+        best = ("every component fitted; " if a.get("critical") is None else
+                "it keeps the most energy any allocation of whole components can (the exact search proved it); "
+                if a.get("optimal") else "the exact search gave up: the greedy's allocation, not proven the most; ")
         out.append(Finding("budget", f"The allocation used {a['used_params']:,} of {a['budget_params']:,} parameters; "
                                      f"{best}no allocation within the budget could keep more than {a['fractional_bound']:.2%} "
                                      f"(gap {a['gap']:.2e} of the energy).", numbers=dict(a)))

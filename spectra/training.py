@@ -311,7 +311,7 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     base, out = Path(config.base), Path(config.out)
     if (base / "adapter_config.json").is_file():  # transformers loads it onto the model: a full run then trains nothing
         raise ConfigError("the base folder holds a PEFT adapter (adapter_config.json) beside the model: transformers would load "
-                          "it onto the base", path=base, hint="pass a folder with the base model alone (move the adapter out)")
+                          "it onto the base", path=base, hint="pass a folder with the base model alone: move the adapter out")
     model_cfg = model_config(base)
     check_causal_lm(base, model_cfg)  # an encoder's loss would peek at the token it predicts
     device = resolve_device(config.device)

@@ -39,6 +39,8 @@ def test_presets_adapt_fused_projections_and_say_what_they_leave_out(tmp_path):
     assert {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"} <= set(left["weights"]) and 0.5 < left["share"] < 1
     text = " ".join(r.stderr.split())
     assert "were not adapted: --targets all-linear adapts every linear layer" in text and "mlp.experts.gate_up_proj" in text
+    rep = cli(["report", str(tmp_path / "m"), "-o", str(tmp_path / "m.html")], cwd=tmp_path)  # the page says it too
+    assert rep.returncode == 0 and "were not adapted" in (tmp_path / "m.html").read_text(), rep.stderr
     r = _run(tmp_path, tmp_path / "mixtral", data, "ml", "--targets", "all-linear")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "ml" / "train_config.json").read_text())
