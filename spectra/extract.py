@@ -95,7 +95,7 @@ from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import task_type_for, write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import all_finite, check_device_available, resolve_device
-from spectra.load_names import adapter_renames, renames_text
+from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import (
     GramEig,
     Triplets,
@@ -550,7 +550,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
         # model (seconds) run beside the decompositions
         loaded: dict[str, Any] = {}
-        renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source", "params"), adapter_renames(
+        renamer = threading.Thread(target=lambda: loaded.update(zip(("renames", "source", "params", "split"), adapter_renames(
             src.base.config or (src.tuned.config if src.base_prefix else None),
             [n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight")],
             sorted({t.module for t in src.targets if t.stack})))),  # target_parameters name the parameters as loaded too
@@ -601,6 +601,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
         src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
         params = dict(loaded.get("params") or {}) if not renamer.is_alive() else {}
+        if not renamer.is_alive():  # (the spectra are journaled: the rerun it asks for takes them from there)
+            refuse_split(loaded.get("split") or {}, [t.module for t, r in zip(src.targets, ranks) if r and not t.stack],
+                         "the adapter", out, "it into a new folder (or with --force)")
         src.targets = [replace(t, module=(params if t.stack else src.renames).get(t.module, t.module)) for t in src.targets]
         result = build_result(src, run.spectra, ranks, alloc, plan, config, dtype, device, uniform, not_extracted(), not_lora)
         result.fingerprint, result.version = fingerprint, __version__

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from spectra.errors import ConfigError
+
 
 def _loaded_model(config: Mapping[str, Any] | None) -> tuple[Any, Any, list, list, dict, str | None] | None:
     """``(transformers, model on the meta device, renamings, converters, its state dict, base_model_prefix)``
@@ -103,18 +105,48 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
     return adapter_renames(config, modules)[:2]
 
 
+
 def adapter_renames(config: Mapping[str, Any] | None, modules: Iterable[str],
-                    params: Iterable[str] = ()) -> tuple[dict[str, str], str | None, dict[str, str]]:
-    """:func:`load_renames` of ``modules`` and :func:`loaded_keys` of ``params`` (the parameters of a
-    ``target_parameters`` LoRA, which PEFT names as loaded too), from one meta-device model."""
+                    params: Iterable[str] = ()) -> tuple[dict[str, str], str | None, dict[str, str], dict[str, str]]:
+    """:func:`load_renames` of ``modules``, :func:`loaded_keys` of ``params`` (the parameters of a
+    ``target_parameters`` LoRA, which PEFT names as loaded too) and :func:`_split` of ``modules``, from one
+    meta-device model."""
     built = _loaded_model(config)
     if built is None:
-        return {}, None, {}
+        return {}, None, {}, {}
     transformers, model = built[:2]
+    modules = list(modules)
     out = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _renamed(built, (f"{m}.weight" for m in modules)).items()
            if v.endswith(".weight")}
     return (out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None),
-            _renamed(built, params))
+            _renamed(built, params), _split(built, modules))
+
+
+def _split(built: tuple[Any, Any, list, list, dict, str | None], modules: Iterable[str]) -> dict[str, str]:
+    """``{module: the first module its weight goes to}`` for the modules whose weight a converter splits on load into
+    other modules' weights (Param2-MoE's ``attention.query_key_value`` into ``self_attn.q_proj``, ``k_proj``,
+    ``v_proj``): no module of the stored name exists once loaded, so PEFT skips a LoRA on it without a word.
+    Stacked experts (a converter into a bare parameter) are :mod:`spectra.peft_moe`'s and not listed."""
+    out: dict[str, str] = {}
+    for m in modules:
+        try:
+            new, fused = _loaded_key(f"{m}.weight", built)
+        except Exception:  # noqa: BLE001 - a rule this key breaks: left as stored
+            continue
+        if fused is not None and new.endswith(".weight") and new in built[4] and new[: -len(".weight")] != m:
+            out[m] = new[: -len(".weight")]
+    return out
+
+
+def refuse_split(split: Mapping[str, str], modules: Iterable[str], what: str, path: Any, rerun: str) -> None:
+    """Raise :class:`~spectra.errors.ConfigError` when ``what`` (an adapter, a LoraConfig) would adapt one of ``modules``
+    that transformers splits on load (``split``: :func:`_split`'s map); ``rerun``: the command its hint names."""
+    if chosen := {m: split[m] for m in modules if m in split}:
+        first = next(iter(chosen))
+        raise ConfigError(f"{what} would adapt {len(chosen)} module{'s' * (len(chosen) != 1)} (e.g. {first}) that transformers "
+                          f"splits on load into others ({first} becomes {chosen[first]}, …): PEFT would skip "
+                          f"{'their' if len(chosen) != 1 else 'its'} LoRA without a word, and the energy said kept would not be",
+                          path=path, hint=f"rerun {rerun} with --exclude '{first.rpartition('.')[2]}'")
 
 
 #: What WeightWatcher 0.7.7 calls a layer it analyses (``PyTorchLayer.layer_type``): the lowercased
@@ -170,4 +202,4 @@ def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> s
     return f"{source}: {what} names them as loaded, as PEFT matches them ({len(renames)} renamed, e.g. {old} → {new})"
 
 
-__all__ = ["adapter_renames", "loaded_keys", "load_renames", "renames_text"]
+__all__ = ["adapter_renames", "loaded_keys", "load_renames", "refuse_split", "renames_text"]

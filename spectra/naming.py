@@ -453,7 +453,7 @@ def _role(p: _Parsed) -> str | None:
                 role = "down"
             elif leaf == "dense" and parent == "intermediate":
                 role = "up"
-        elif leaf == "gate" and parent in ("block_sparse_moe", "mlp", "moe"):
+        elif leaf == "gate" and parent in ("block_sparse_moe", "mlp", "moe", "feed_forward"):  # LFM2-MoE: feed_forward
             role = "router"
         elif leaf == "output" and p.layer is None:  # (a bare `head` is timm's classifier as often as RWKV's output head)
             role = "head"

@@ -43,7 +43,7 @@ from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
-from spectra.load_names import load_renames, renames_text
+from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import normal_float32, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
@@ -429,7 +429,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # the names transformers >= 5 loads the modules under (GPT-NeoX's embed_out is lm_head, LLaVA's layers move):
     # PEFT matches those, so the LoraConfig names them so
     skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
-    loaded, how = load_renames(base_config, paths + skipped + heads)
+    loaded, how, _, split = adapter_renames(base_config, paths + skipped + heads)
+    refuse_split(split, adapted, "the LoraConfig", where, "spectra diff")
     if used := {k: v for k, v in loaded.items() if k in adapted}:  # of the modules the config adapts
         notes.append(renames_text(used, how, "the LoraConfig"))
     named = {loaded.get(p, p): r for p, r in adapted.items()}
