@@ -68,7 +68,8 @@ def inspect_adapter(path: str) -> tuple[list[dict[str, Any]], list[str]]:
              + [f"{n}: {SAVED_BIAS if n.endswith('.bias') else 'a copy of the base layer PEFT saved'}" for n in adapter.base_copies]
              # the adapter does not say which of the config's target_parameters a LoRA is on (a router's 2-D weight or
              # an expert stack): the base does
-             + [f"{p.stored[0]}: a target_parameters LoRA on {p.module} (on its {' or '.join(p.params)}: the base says which), "
+             + [f"{p.stored[0]}: a target_parameters LoRA on {p.module} "
+                f"({p.params[0] if len(p.params) == 1 else ' or '.join(p.params) + ': the base says which'}), "
                 f"A {tuple(p.A.shape)}, B {tuple(p.B.shape)}: on a 3-D expert stack one rank-r LoRA per expert; spectra diff "
                 "BASE ADAPTER places it on the base's matrices" for p in adapter.params])
     return sorted(records, key=model_order), [*adapter.notes, *other]
