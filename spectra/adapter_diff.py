@@ -24,7 +24,7 @@ from spectra._version import __version__
 from spectra.config import DiffConfig
 from spectra.delta import form_delta, oriented
 from spectra.engine import batch_singular_values, factored_svd
-from spectra.errors import CheckpointFormatError, PairingError, SpectraError
+from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import LORA_KINDS, Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
@@ -33,7 +33,7 @@ from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
-from spectra.param_experts import BaseNames, tied_head_spec
+from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
@@ -216,17 +216,6 @@ class SavedModule:
     note: str = ""
 
 
-def refuse_base_changing(adapter: Adapter, then: str, error: type[SpectraError] = CheckpointFormatError) -> None:
-    """Raise ``error`` for an adapter whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoRA-GA… saved
-    without conversion: :attr:`~spectra.io.adapter.AdapterConfig.base_changing_init`): s·B·A alone is not its update,
-    and every number of it would describe the base's moved principal components. ``then``: what to do with the merged
-    model, for the hint."""
-    if init := adapter.config.base_changing_init:
-        raise error(f"this adapter was initialised with {init} (init_lora_weights={adapter.config.init_lora_weights!r}), "
-                    "which changes the base weights: s·B·A alone is not the fine-tuning update",
-                    path=adapter.path, hint=f"merge it (merge_and_unload) and {then}")
-
-
 #: Why a tensor an adapter stores whole is not measured, by case.
 SAVED_NO_BASE = ("stored whole (modules_to_save): its update is this tensor minus the base's; "
                  "pass the base (spectra diff BASE ADAPTER) to measure it")
@@ -332,7 +321,7 @@ def diff_adapter(
         resume: continue the journal of an interrupted run of the same adapter, base and options in
             ``writer``'s folder (its finished matrices are kept, the rest computed).
     """
-    refuse_base_changing(adapter, "diff the merged model against the original base")
+    refuse_base_changing(adapter, "diff the merged model against the original base")  # (opened by open_adapter: unchecked)
     if adapter.config.use_dora and base is None:
         raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
                                     hint="pass the base model: spectra diff BASE ADAPTER")

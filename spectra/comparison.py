@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spectra.adapter_diff import adapter_updates, merged_skips, recorded_base_warning, refuse_base_changing, saved_skips, tied_compare_notes
+from spectra.adapter_diff import adapter_updates, merged_skips, recorded_base_warning, saved_skips, tied_compare_notes
 from spectra.compare_findings import input_warnings
 from spectra.compare_records import (
     SCHEMA,
@@ -171,7 +171,6 @@ class _Side:
         self.saved: dict[str, tuple[str, str, int | None]] = {}
         if opened is None and is_adapter(label):
             self.adapter = open_adapter_on(label, base, keep=selector(config.include, config.exclude, config.layers))
-            refuse_base_changing(self.adapter, "pass the merged model instead")  # PiSSA's s·B·A holds W's top components
             self.kind = "lora"
             if base is not None:  # every adapted module exists in the base, same shape
                 self.tied = {pairing_key(m.weight_name): (sp, n) for m, sp, n in adapter_updates(self.adapter, base)

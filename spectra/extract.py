@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, non_finite_factor, refuse_base_changing
+from spectra.adapter_diff import adapter_updates, non_finite_factor
 from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
@@ -148,7 +148,8 @@ RENAME_WAIT_S = 120.0
 
 def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> ExtractSource:
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
-        return _adapter_source(base, open_adapter_on(tuned, base, keep=selector(config.include, config.exclude, config.layers)), config)
+        return _adapter_source(base, open_adapter_on(tuned, base, keep=selector(config.include, config.exclude, config.layers),
+                                                      merged="extract from the merged model against the original base"), config)
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
@@ -235,7 +236,6 @@ def _same_key(ckpt: Checkpoint, name: str) -> str | None:
 
 def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> ExtractSource:
     """Targets of an adapter being resized: each of its LoRA modules (whole, as PEFT wrapped it)."""
-    refuse_base_changing(adapter, "extract from the merged model against the original base", ConfigError)
     keep = selector(config.include, config.exclude, config.layers)
     targets, mods, left = [], {}, []
     task_type = ((head_task_type(base.config, adapter_task=adapter.config.task_type) or task_type_for(base.config))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, refuse_base_changing, saved_skips
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
@@ -129,7 +129,6 @@ class _Task:
         if is_adapter(label):
             self.kind = "lora"
             self.adapter = open_adapter_on(label, base, keep=keep)
-            refuse_base_changing(self.adapter, "pass the merged model instead")
             for mod, spec, base_name in adapter_updates(self.adapter, base):
                 if spec.name != base_name:  # a head tied to the embedding: keyed by base tensor it would mix with it
                     self.skipped.append({"name": spec.name, "reason": f"{label}: a LoRA on an output head the base ties to "

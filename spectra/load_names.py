@@ -68,18 +68,25 @@ def _loaded_key(key: str, built: tuple[Any, Any, list, list, dict, str | None]) 
     return new, fused
 
 
-def _renamed(built: tuple[Any, Any, list, list, dict, str | None], keys: Iterable[str]) -> dict[str, str]:
-    """``{stored key: loaded name}`` of the keys ``built``'s transformers renames (not fuses) to one of its own parameters."""
+def _load_map(built: tuple[Any, Any, list, list, dict, str | None], keys: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``({stored key: loaded name}, {stored key: the first loaded name it is split into})``: the keys ``built``'s
+    transformers renames (not fuses) to one of its own parameters, and the keys a converter splits on load into other
+    weights (Param2-MoE's ``attention.query_key_value.weight`` into ``self_attn.q_proj.weight``, …). One rename per key."""
     own = built[4]
-    out: dict[str, str] = {}
+    renamed: dict[str, str] = {}
+    split: dict[str, str] = {}
     for key in keys:
         try:
             new, fused = _loaded_key(key, built)
         except Exception:  # noqa: BLE001 - a rule this key breaks: the stored name
             continue
-        if fused is None and new != key and new in own:
-            out[key] = new
-    return out
+        if new == key or new not in own:
+            continue
+        if fused is None:
+            renamed[key] = new
+        elif new.endswith(".weight") and key.endswith(".weight"):
+            split[key] = new
+    return renamed, split
 
 
 def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[str, str]:
@@ -88,7 +95,7 @@ def loaded_keys(config: Mapping[str, Any] | None, keys: Iterable[str]) -> dict[s
     ``block_sparse_moe.gate.weight`` -> ``mlp.gate.weight``); empty without transformers or for a model it cannot
     build. The names a PEFT adapter saved from a transformers >= 5 model uses."""
     built = _loaded_model(config)
-    return {} if built is None else _renamed(built, keys)
+    return {} if built is None else _load_map(built, keys)[0]
 
 
 def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tuple[dict[str, str], str | None]:
@@ -109,38 +116,23 @@ def load_renames(config: Mapping[str, Any] | None, modules: Iterable[str]) -> tu
 def adapter_renames(config: Mapping[str, Any] | None, modules: Iterable[str],
                     params: Iterable[str] = ()) -> tuple[dict[str, str], str | None, dict[str, str], dict[str, str]]:
     """:func:`load_renames` of ``modules``, :func:`loaded_keys` of ``params`` (the parameters of a
-    ``target_parameters`` LoRA, which PEFT names as loaded too) and :func:`_split` of ``modules``, from one
-    meta-device model."""
+    ``target_parameters`` LoRA, which PEFT names as loaded too) and ``{module: the first module its weight is split
+    into}`` for the ``modules`` transformers splits on load (:func:`refuse_split`), from one meta-device model."""
     built = _loaded_model(config)
     if built is None:
         return {}, None, {}, {}
     transformers, model = built[:2]
-    modules = list(modules)
-    out = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in _renamed(built, (f"{m}.weight" for m in modules)).items()
-           if v.endswith(".weight")}
+    renamed, split = _load_map(built, (f"{m}.weight" for m in modules))
+    out = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in renamed.items() if v.endswith(".weight")}
+    # the modules a converter splits on load: no module of the stored name exists once loaded, so PEFT skips a LoRA
+    # on it without a word (stacked experts, a converter into a bare parameter, are spectra.peft_moe's: not listed)
     return (out, (f"transformers {transformers.__version__} loads {type(model).__name__} with these modules renamed" if out else None),
-            _renamed(built, params), _split(built, modules))
-
-
-def _split(built: tuple[Any, Any, list, list, dict, str | None], modules: Iterable[str]) -> dict[str, str]:
-    """``{module: the first module its weight goes to}`` for the modules whose weight a converter splits on load into
-    other modules' weights (Param2-MoE's ``attention.query_key_value`` into ``self_attn.q_proj``, ``k_proj``,
-    ``v_proj``): no module of the stored name exists once loaded, so PEFT skips a LoRA on it without a word.
-    Stacked experts (a converter into a bare parameter) are :mod:`spectra.peft_moe`'s and not listed."""
-    out: dict[str, str] = {}
-    for m in modules:
-        try:
-            new, fused = _loaded_key(f"{m}.weight", built)
-        except Exception:  # noqa: BLE001 - a rule this key breaks: left as stored
-            continue
-        if fused is not None and new.endswith(".weight") and new in built[4] and new[: -len(".weight")] != m:
-            out[m] = new[: -len(".weight")]
-    return out
+            _load_map(built, params)[0], {k[: -len(".weight")]: v[: -len(".weight")] for k, v in split.items()})
 
 
 def refuse_split(split: Mapping[str, str], modules: Iterable[str], what: str, path: Any, rerun: str) -> None:
     """Raise :class:`~spectra.errors.ConfigError` when ``what`` (an adapter, a LoraConfig) would adapt one of ``modules``
-    that transformers splits on load (``split``: :func:`_split`'s map); ``rerun``: the command its hint names."""
+    that transformers splits on load (``split``: :func:`adapter_renames`' last map); ``rerun``: the command its hint names."""
     if chosen := {m: split[m] for m in modules if m in split}:
         first = next(iter(chosen))
         raise ConfigError(f"{what} would adapt {len(chosen)} module{'s' * (len(chosen) != 1)} (e.g. {first}) that transformers "

@@ -117,6 +117,11 @@ def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
 
 
+def not_matrix_reason(what: str) -> str:
+    """The skip reason of a tensor that is no weight matrix (``what``: "4-D tensor"…), which esd's readers match."""
+    return f"{what}, not a weight matrix"
+
+
 #: Roles of tables indexed by token (or position): when the two sides' row counts differ (a resized
 #: vocabulary) the leading rows both have are the same tokens and are paired.
 VOCAB_ROLES = frozenset({"embed", "pos_embed", "head"})
@@ -590,7 +595,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
             if ndim > 1 and is_bias(tn):  # gpt-oss's experts.gate_up_proj_bias (experts, out)
                 what = "per-expert bias" if ndim == 2 and "experts" in tn.split(".") else f"{ndim}-D bias"
-            result.skipped.append(Skipped(tn, quant or f"{what}, not a weight matrix"))
+            result.skipped.append(Skipped(tn, quant or not_matrix_reason(what)))
             continue
         bad = [f"{side} dtype {i.dtype}" for side, i, n, c in (("base", bi, bn, base), ("tuned", ti, tn, tuned))
                if i.dtype not in FLOAT_DTYPES and n not in c.scales]

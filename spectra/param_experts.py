@@ -86,13 +86,34 @@ class BaseNames:
         return self._loaded.get(name)
 
 
+def refuse_base_changing(adapter: Adapter, then: str) -> None:
+    """Refuse an adapter whose initialisation changed the base weights (PiSSA, OLoRA, CorDA, LoRA-GA… saved without
+    conversion: :attr:`~spectra.io.adapter.AdapterConfig.base_changing_init`): s·B·A alone is not its update, and every
+    number of it would describe the base's moved principal components. ``then``: what to do with the merged model, for
+    the hint.
+
+    Raises:
+        CheckpointFormatError: names the adapter and its initialisation.
+    """
+    if init := adapter.config.base_changing_init:
+        raise CheckpointFormatError(f"this adapter was initialised with {init} (init_lora_weights={adapter.config.init_lora_weights!r}), "
+                                    "which changes the base weights: s·B·A alone is not the fine-tuning update",
+                                    path=adapter.path, hint=f"merge it (merge_and_unload) and {then}")
+
+
 def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable[[str, int | None], bool] | None = None,
-                    check_copies: bool = True) -> Adapter:
-    """:func:`spectra.io.adapter.open_adapter`, with its ``target_parameters`` LoRAs placed on ``base``
-    (:func:`place_params`); without a base they are refused, as ``open_adapter`` refuses them. With ``check_copies``,
-    its saved base-layer copies of the matrices ``keep(name, layer)`` selects (all: None) are checked against ``base``
-    (:func:`check_base_copies`)."""
+                    check_copies: bool = True, merged: str = "pass the merged model instead") -> Adapter:
+    """:func:`spectra.io.adapter.open_adapter` for measuring its updates: one whose initialisation changed the base
+    (PiSSA…) is refused (:func:`refuse_base_changing`; ``merged`` says what to do with the merged model instead), its
+    ``target_parameters`` LoRAs are placed on ``base`` (:func:`place_params`; without a base they are refused, as
+    ``open_adapter`` refuses them), and with ``check_copies`` its saved base-layer copies of the matrices
+    ``keep(name, layer)`` selects (all: None) are checked against ``base`` (:func:`check_base_copies`).
+
+    Raises:
+        CheckpointFormatError: a base-changing initialisation, a saved copy that differs from ``base``.
+    """
     adapter = open_adapter(path, params=base is not None)
+    refuse_base_changing(adapter, merged)
     if adapter.params and base is not None:
         place_params(adapter, adapter.params, base)
     if base is not None and check_copies:

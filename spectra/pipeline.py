@@ -220,7 +220,8 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         base_ckpt = None
         if tuned is not None:
             base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-        opened = open_adapter_on(adapter_path, base_ckpt, keep=selector(config.include, config.exclude, config.layers))
+        opened = open_adapter_on(adapter_path, base_ckpt, keep=selector(config.include, config.exclude, config.layers),
+                                 merged="diff the merged model against the original base")
         result = diff_adapter(base_ckpt, opened, config=config, device=device, dtype=dtype,
                               callback=callback, writer=writer, label_base=base_ckpt.label if base_ckpt else None,
                               label_tuned=str(adapter_path), resume=resume)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, refuse_base_changing, saved_skips
+from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
@@ -682,11 +682,10 @@ def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable, saved
         ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
         SpectraError: the adapter does not fit the base, or cannot be read.
     """
-    adapter = open_adapter_on(ref.path, base, keep=keep, check_copies=check_copies)
+    adapter = open_adapter_on(ref.path, base, keep=keep, check_copies=check_copies, merged="trace merged checkpoints instead")
     if adapter.config.use_dora:
         raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
                           path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")
-    refuse_base_changing(adapter, "trace merged checkpoints instead")
     if saved is not None:
         saved.update({n: why for n, why, layer in saved_skips(adapter, base) if keep(n, layer)})
     if other_base is not None and (w := recorded_base_warning(adapter, base)):

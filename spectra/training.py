@@ -191,6 +191,21 @@ class TrainConfig:
 
 
 # ---- the run ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraSetup:
+    """What PEFT adapted by name and what a preset left out, as train_config.json records them.
+
+    Attributes:
+        target_parameters: the tensors PEFT adapts as ``target_parameters`` (an MoE's stacked experts under all-linear).
+        not_adapted: the weights a preset left out, as paths within a layer (:func:`~spectra.lora_targets.untargeted`).
+        not_adapted_share: their share of the layer stack's matrix entries, in [0, 1].
+    """
+
+    target_parameters: list[str] = field(default_factory=list)
+    not_adapted: list[str] = field(default_factory=list)
+    not_adapted_share: float = 0.0
+
+
 @dataclass
 class TrainSummary:
     """Final numbers of a run (also the last line of ``train_log.jsonl``)."""
@@ -349,9 +364,9 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
     base_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model = model.float()
     targets = None
-    lora = ([], ([], 0.0))
+    lora = LoraSetup()
     if config.method == "lora":
-        model, targets, *lora = _add_lora(model, config)
+        model, targets, lora = _add_lora(model, config)
     model.to(device).train()
     # the folder is made only now, every input checked; a second run into it is refused, not interleaved
     with folder_lock(out):
@@ -366,14 +381,14 @@ def train(config: TrainConfig, *, callback: Callable[[dict], None] | None = None
         return _fit(config, model, tok, held, blocks, source, device, autocast, targets, callback, read, base_dtype, lora)
 
 
-def _add_lora(model, config: TrainConfig):
-    """``(PEFT model, the module names adapted, the tensors PEFT adapts by name as target_parameters, what a preset left
-    out: the weights' paths within a layer and their share)``: ``--targets`` checked against the model first."""
+def _add_lora(model, config: TrainConfig) -> tuple[torch.nn.Module, list[str], LoraSetup]:
+    """``(PEFT model, the module names adapted, what it adapts by name and a preset left out)``: ``--targets``
+    checked against the model first."""
     import peft
 
     modules = resolve_targets(model, config.targets, config.target_modules())
     # "all" of a model with fused experts or a router adapts far less than all of it
-    left = untargeted(model, list(modules), config.targets) if config.targets in TARGET_SETS else ([], 0.0)
+    left, share = untargeted(model, list(modules), config.targets) if config.targets in TARGET_SETS else ([], 0.0)
     check_lora_rank(model, modules, config.rank)
     # GPT-2's Conv1D layers store (in, out): said in the config, else PEFT warns and sets it itself, module by module
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
@@ -387,7 +402,8 @@ def _add_lora(model, config: TrainConfig):
     adapted = model.peft_config["default"].target_modules
     params = sorted(getattr(model.peft_config["default"], "target_parameters", None) or [])  # an MoE's experts under all-linear
     # all-linear: PEFT resolves full module names; the short names, as the presets record them
-    return model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules), params, left
+    return (model, sorted({n.rsplit(".", 1)[-1] for n in adapted}) if modules == ALL_LINEAR else list(modules),
+            LoraSetup(params, left, share))
 
 
 def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
@@ -406,10 +422,11 @@ def _check_rank_early(config: TrainConfig, option: str = "--rank") -> None:
 
 def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.device, autocast: bool,
          targets: list[str] | None, callback: Callable[[dict], None] | None, read: dict | None = None,
-         base_dtype: str = "float32", lora: tuple = ([], ([], 0.0))) -> TrainSummary:
+         base_dtype: str = "float32", lora: LoraSetup | None = None) -> TrainSummary:
     """The optimisation loop and the outputs, in the locked, checked ``config.out`` (``base_dtype``: the base's
     stored dtype, recorded beside the float32 the run trains and saves; ``lora``: PEFT's target_parameters and what a
-    preset left out, :func:`_add_lora`)."""
+    preset left out, :func:`_add_lora`; None for a full fine-tune)."""
+    lora = lora or LoraSetup()
     out = Path(config.out)
     train_ids, train_labels = blocks
     g = torch.Generator().manual_seed(config.seed)
@@ -422,8 +439,8 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
     cfg_doc = {**asdict(config), "resolved_alpha": config.resolved_alpha, "resolved_lr": config.resolved_lr,
                "target_modules": targets if targets is not None else config.target_modules(),
-               "target_parameters": lora[0] or None,  # PEFT's LoRAs on tensors by name (an MoE's experts, all-linear)
-               "not_adapted": {"weights": lora[1][0], "share": lora[1][1]} if lora[1][0] else None,
+               "target_parameters": lora.target_parameters or None,  # PEFT's LoRAs on tensors by name (an MoE's experts, all-linear)
+               "not_adapted": {"weights": lora.not_adapted, "share": lora.not_adapted_share} if lora.not_adapted else None,
                "tokenizer_used": type(tok).__name__, "trainable_params": sum(p.numel() for p in params),
                "data_read": read or "whole", "base_dtype": base_dtype, "trained_dtype": "float32",
                # what the held-out losses score: runs whose digests differ are scored on other blocks
@@ -668,5 +685,5 @@ def sweep(base: str, data: str, out: str, *, methods: list[str], ranks: list[int
 
 
 __all__ = ["HOLDOUT_POOL", "HOLDOUT_SEED", "LORA_ONLY", "RUN_NAME", "TOKENIZER_FILES", "ByteTokenizer",
-           "TrainConfig", "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_digest",
+           "LoraSetup", "TrainConfig", "TrainSummary", "check_sweep", "check_vocabulary", "clear_sweep_outputs", "held_out_digest",
            "held_out_loss", "holdout_split", "load_tokenizer", "read_examples", "sweep", "token_blocks", "train"]
