@@ -25,6 +25,7 @@ from spectra._version import __version__
 from spectra.errors import ResultsFormatError
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.io.safetensors_file import MAX_DIM
+from spectra.numerics import unresolved_text
 from spectra.results_check import MAX_INDEX, impossible, is_axis, is_int, is_num
 from spectra.subspaces import Amplification, CapturedEnergy, phi_random_baseline
 
@@ -499,5 +500,24 @@ def from_journal_record(d: Any, source: str | os.PathLike[str], line: int) -> tu
     return d["i"], (reader.module(d["module"], d["i"]), grids)
 
 
+def zero_reason(zero_a: bool, zero_b: bool) -> str:
+    """The ``reason`` of a module whose update on side A (``zero_a``), B or both is exactly zero: status ``zero_update``."""
+    who = "A and B" if zero_a and zero_b else ("A" if zero_a else "B")
+    return (f"ΔW of {who} is exactly zero (a frozen module, or a LoRA saved at initialisation with B = 0): "
+            "it has no singular subspace, so φ, the angles and the captured energies are undefined")
+
+
+def unresolved_reason(a: str | None, b: str | None) -> str:
+    """The ``reason`` of a module whose non-zero dense update on side A, B or both has no singular value above the
+    rounding floor of its stored weights (``a``, ``b``: the stored dtype of each such side, None for the others):
+    status ``unresolved``, with null subspace measures (also appended to a ``zero_update`` reason when the other side
+    is exactly zero)."""
+    both = a is not None and b is not None
+    whose = "A's and B's updates" if both else f"{'A' if a is not None else 'B'}'s update"
+    stored = "/".join(dict.fromkeys(x for x in (a, b) if x is not None))
+    return (f"{unresolved_text(whose, stored, plural=both)}: {'each' if both else 'the'} update is rounding noise of "
+            "the stored weights, so φ, the angles and the captured energies are undefined")
+
+
 __all__ = ["SCHEMA", "STATUSES", "AngleSummary", "CompareResult", "ComparedModule", "IntruderSummary", "PhiSummary",
-           "from_journal_record", "journal_record", "random_two_sided"]
+           "from_journal_record", "journal_record", "random_two_sided", "unresolved_reason", "zero_reason"]

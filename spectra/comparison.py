@@ -46,6 +46,8 @@ from spectra.compare_records import (
     PhiSummary,
     from_journal_record,
     journal_record,
+    unresolved_reason,
+    zero_reason,
 )
 from spectra.config import CompareConfig, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
@@ -59,8 +61,8 @@ from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, role_sort_key, unique_pairing_keys
-from spectra.numerics import unresolved_text
-from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
+from spectra.pairing import PAIRING_NOTE_PREFIX, VOCAB_ROLES, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
+from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
@@ -190,6 +192,8 @@ class _Side:
             pairing = pair_checkpoints(base, self.tuned, tied_head=True, aliases=False)  # tied names matched by name
             self.stacks = {pairing_key(p.tuned.name): p.tuned for p in pairing.pairs if len(p.tuned_info.shape) != 2}
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
+            if unpaired := unpaired_matrices(pairing, self.tuned, selector(config.include, config.exclude, config.layers))[0]:
+                self.pair_notes.append(f"{unpaired}: not compared (spectra diff BASE {label} lists them)")  # was said nowhere
             for p in (p for p in pairing.pairs if len(p.tuned_info.shape) == 2):
                 tied = p.tuned.role == "head" and p.base.role == "embed"
                 key = pairing_key(p.tuned.name if tied else p.base.name)
@@ -228,13 +232,14 @@ class _Side:
         return self.kind == "lora" and self.mods[key].magnitude is not None
 
     def update(self, key: str, W: torch.Tensor | None, transpose: bool, device: torch.device, need: int,
-               base_name: str | None = None) -> _Update | str:
+               base_name: str | None = None, rows: int | None = None) -> _Update | str:
         """The update, or why it cannot be measured (NaN/Inf, overflow) as one line.
 
         ``W`` is the base weight ``base_name`` as stored (DoRA needs it; a full update reuses it
         instead of reading it again); a dense update keeps its top
         ``max(top_k, need)`` singular triplets (``need``: the largest rank any measure of the module
-        uses, e.g. the other side's r for the best energy a rank-r subspace can capture)."""
+        uses, e.g. the other side's r for the best energy a rank-r subspace can capture). ``rows``: the rows compared
+        when fewer than this side's (the other side's vocabulary resized further, :func:`_shared_rows`)."""
         if self.kind == "lora":
             mod = self.mods[key]
             Bf, Af = mod.factors()
@@ -256,8 +261,9 @@ class _Side:
             return _Update(f, float((f.S.double() ** 2).sum()))
         pair = self.pairs[key]
         stored = W if W is not None and base_name == pair.base.name else self.base.load(pair.base.name)
-        wb = oriented(stored, pair.base.transpose, pair.rows)
-        wt = oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
+        cut = rows if rows is not None and rows < pair.out_in[0] else pair.rows
+        wb = oriented(stored, pair.base.transpose, cut)
+        wt = oriented(self.tuned.load(pair.tuned.name), pair.tuned.transpose, cut)
         dense, base_fro, bad = form_delta(wb, wt, device)
         if bad:
             what = ("the difference of the weights overflows" if bad == ["overflow"]
@@ -268,6 +274,10 @@ class _Side:
             return u
         # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
         resized = [pair.note] if pair.rows is not None and pair.note else []
+        if cut != pair.rows:  # (its own resize said first, without the rows it would have analysed)
+            resized = [f"{pair.note.partition(': ')[0]}; " if resized else "",
+                       f"the other input's vocabulary was resized otherwise: the {cut} leading rows all three have are compared"]
+            resized = ["".join(resized)]
         notes = pair_notes(pair, wb, wt, dense, base_fro)  # the floor's dtype: the tuned side's rounding
         return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes, dense), stored=pair.tuned_info.dtype)
 
@@ -303,6 +313,15 @@ class _Job:
     random_seed: int | None  # of the random bases of amplification's baseline (None: no base weights)
 
 
+def _shared_rows(A: _Side, B: _Side, key: str, spec: MatrixSpec) -> tuple[int, int]:
+    """The ``(out, in)`` compared of module ``key``: A's, or, for a vocabulary table two full checkpoints resized
+    differently (one shrunk, one grown: each pairs its own leading rows with the base's), the rows all three share."""
+    shape, other = A.shape(key), B.shape(key)
+    if A.kind == B.kind == "full" and spec.role in VOCAB_ROLES and shape[1] == other[1]:
+        return min(shape[0], other[0]), shape[1]
+    return shape
+
+
 def _random_bases(job: _Job, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The Haar-random ``(U (out, r), V (in, r))`` of amplification's random baseline for each side, drawn
     from the module's own generator (``job.random_seed``): a's U, a's V, b's U, b's V."""
@@ -319,27 +338,9 @@ def _top_share(form: Factored | TopSVD, r: int) -> float:
     return min(1.0, float((form.S[:r] ** 2).sum()) / form.energy)
 
 
-def _zero_reason(zero_a: bool, zero_b: bool) -> str:
-    who = "A and B" if zero_a and zero_b else ("A" if zero_a else "B")
-    return (f"ΔW of {who} is exactly zero (a frozen module, or a LoRA saved at initialisation with B = 0): "
-            "it has no singular subspace, so φ, the angles and the captured energies are undefined")
-
-
 def _floor_cuts(form: Factored | TopSVD, floor: float, r: int) -> bool:
     """Whether the rounding floor, not the float64 resolution, ended a dense update's resolved directions at ``r``."""
     return r < form.S.numel() and float(form.S[r]) <= floor
-
-
-def _unresolved_reason(a: bool, b: bool, ua: _Update, ub: _Update) -> str:
-    """The ``reason`` of a module whose non-zero dense update on side A (``a``), B (``b``) or both has no
-    singular value above the rounding floor of its stored weights (``ua.stored``, ``ub.stored`` name
-    their dtypes): status ``unresolved``, with null subspace measures (also appended to a
-    ``zero_update`` reason when the other side is exactly zero)."""
-    both = a and b
-    whose = "A's and B's updates" if both else f"{'A' if a else 'B'}'s update"
-    stored = "/".join(dict.fromkeys(u.stored for u, x in ((ua, a), (ub, b)) if x))
-    return (f"{unresolved_text(whose, stored, plural=both)}: {'each' if both else 'the'} update is rounding noise of "
-            "the stored weights, so φ, the angles and the captured energies are undefined")
 
 
 def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
@@ -358,8 +359,8 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
         if why:
             return {"name": spec.name, "reason": f"the base weights of {spec.name} {why}"}
     need = max(job.rank_a, job.rank_b)
-    ua = A.update(job.key, W_stored, spec.transpose, device, need, job.base_name)
-    ub = B.update(job.key, W_stored, spec.transpose, device, need, job.base_name)
+    ua = A.update(job.key, W_stored, spec.transpose, device, need, job.base_name, out_dim)
+    ub = B.update(job.key, W_stored, spec.transpose, device, need, job.base_name, out_dim)
     for u in (ua, ub):
         if isinstance(u, str):
             return {"name": spec.name, "reason": u}
@@ -399,13 +400,9 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
                                          *dora, *tied, *numeric]) or None)
     grids: dict[str, list[list[float]]] = {}
     if zero_a or zero_b or unresolved_a or unresolved_b:
-        if zero_a or zero_b:
-            # the other side may be all rounding noise: said too, or its update would read as measured
-            rec.status, rec.reason = "zero_update", "; ".join(
-                [_zero_reason(zero_a, zero_b)]
-                + ([_unresolved_reason(unresolved_a, unresolved_b, ua, ub)] if unresolved_a or unresolved_b else []))
-        else:
-            rec.status, rec.reason = "unresolved", _unresolved_reason(unresolved_a, unresolved_b, ua, ub)
+        noise = [unresolved_reason(ua.stored if unresolved_a else None, ub.stored if unresolved_b else None)] if unresolved_a or unresolved_b else []
+        # the other side may be all rounding noise: said too, or its update would read as measured
+        rec.status, rec.reason = ("zero_update", "; ".join([zero_reason(zero_a, zero_b), *noise])) if zero_a or zero_b else ("unresolved", noise[0])
         rec.phi = dict.fromkeys(sides)
         rec.angles = dict.fromkeys(sides)
         rec.captured = {"b_in_a": None, "a_in_b": None}
@@ -579,7 +576,7 @@ def compare(
     gen = torch.Generator().manual_seed(config.seed)
     jobs = []
     for k, spec in todo:
-        shape = A.shape(k)
+        shape = _shared_rows(A, B, k, spec)
         ra, rb = A.rank(k, shape), B.rank(k, shape)
         seed = None
         if base_ckpt is not None and base_keys.get(k) is not None:

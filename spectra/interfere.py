@@ -61,6 +61,7 @@ from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_res
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
+from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
 from spectra.selection import fused_whole_warning, selector, unmeasured_clause
@@ -143,6 +144,8 @@ class _Task:
             self.ckpt = open_checkpoint(label)
             pairing = pair_by_base_names(base, self.ckpt, aliases=False)  # tied names matched by name against the others
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
+            if unpaired := unpaired_matrices(pairing, self.ckpt, keep)[0]:  # a weight the base lacks was said nowhere
+                self.pair_notes.append(f"{unpaired}: not measured (spectra diff BASE {label} lists them)")
             for p in pairing.pairs:
                 self.updates[p.base.name] = p
             # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"

@@ -8,9 +8,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spectra.io.checkpoint import Checkpoint
 from spectra.naming import ENCODER_PREFIXES, MatrixSpec, pairing_key
+
+if TYPE_CHECKING:
+    from spectra.pairing import Pairing
 
 #: The start of a warning about how the two checkpoints paired (printed by the CLI beside the read notes).
 PAIRING_NOTE_PREFIX = "pairing: "
@@ -199,3 +204,37 @@ def spelling_differs(base_only: list[str], tuned_only: list[str], base: Checkpoi
     return (f"{PAIRING_NOTE_PREFIX}{len(near)} tensor(s) of tuned have a name that differs from a base tensor's only in its "
             f"spelling (e.g. base {b!r}, tuned {t!r}: case, Unicode form, spaces or separators), with the same shape: not "
             "paired (names are matched exactly, as a model loads them); rename them on one side to compare them")
+
+
+def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint, keep: Callable[[str, int | None], bool] | None = None) -> tuple[str, bool]:
+    """What of a full checkpoint's matrices does not pair with the base, in words, and whether that is most of them
+    (more than half: a checkpoint of another model, which the trace marks failed rather than tracing its few
+    matrices of matching shape against an unrelated base). ``("", False)`` when every matrix pairs.
+
+    Counted: matrices whose shape differs from the base's (``shape mismatch`` skips of the pairing) and 2-D or larger
+    weights the base lacks (``tuned_only``; not experts whose layout differs from the base's, which the pairing notes);
+    a tensor the base has and the checkpoint lacks is a point skipped as
+    "not in this checkpoint" by trace, and a head tied to the base's embedding has its own pairing note. ``keep(name,
+    layer)``: the matrices the run's filters select (all: None)."""
+    def kept(name: str) -> bool:
+        spec = ckpt.specs.get(name)
+        return keep is None or spec is None or keep(name, spec.layer)
+
+    shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch") and kept(s.name)]
+    # experts stored per matrix on one side and as 3-D stacks on the other pair with nothing, which the pairing's own
+    # note says: the same model saved by another transformers version, not another model (they outnumber the rest)
+    relayout = any(EXPERT_LAYOUT_NOTE in n for n in pairing.notes)
+    extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2 and kept(n)
+             and not (relayout and (ckpt.specs[n].expert is not None or len(ckpt.tensors[n].shape) == 3))]
+    if not shapes and not extra:
+        return "", False
+    bad = len(shapes) + len(extra)
+    total = bad + sum(kept(p.tuned.name) for p in pairing.pairs)
+    what = []
+    if shapes:  # the first one's two shapes, as the pairing gives them ("base (64, 32) vs tuned (48, 32)")
+        what.append(f"{len(shapes)} differ{'s' * (len(shapes) == 1)} in shape from the base's (e.g. {shapes[0].name}: "
+                    f"{shapes[0].reason.removeprefix('shape mismatch: ').split(' (only ')[0]})")  # (its resize hint is not ours)
+    if extra:
+        shown = ", ".join(extra[:3]) + (" …" if len(extra) > 3 else "")
+        what.append(f"{len(extra)} {'is' if len(extra) == 1 else 'are'} not in the base ({shown})")
+    return f"{bad} of its {total} matrices cannot be paired: {'; '.join(what)}", 2 * bad > total

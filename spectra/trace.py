@@ -49,6 +49,7 @@ from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics,
 from spectra.naming import MatrixSpec, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import ALIAS_REASON, PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
+from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
@@ -60,7 +61,6 @@ from spectra.trace_checks import (
     run_warnings,
     size_warning,
     unchanged_text,
-    unpaired_matrices,
     unpaired_warnings,
 )
 from spectra.trace_inputs import (

@@ -12,10 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spectra.io.checkpoint import Checkpoint
 from spectra.numerics import unresolved_text
-from spectra.pairing import Pairing
-from spectra.pairing_notes import EXPERT_LAYOUT_NOTE
 from spectra.results import note_caveat_warnings
 from spectra.results_check import is_num
 from spectra.selection import unmeasured_clause
@@ -28,34 +25,6 @@ SHOWN = 3
 def _names(names: list[str]) -> str:
     """The first :data:`SHOWN` names, comma-separated, with "…" when there are more."""
     return ", ".join(names[:SHOWN]) + (" …" if len(names) > SHOWN else "")
-
-
-def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint) -> tuple[str, bool]:
-    """What of a full checkpoint's matrices does not pair with the base, in words, and whether that is most of them
-    (more than half: a checkpoint of another model, which the trace marks failed rather than tracing its few
-    matrices of matching shape against an unrelated base). ``("", False)`` when every matrix pairs.
-
-    Counted: matrices whose shape differs from the base's (``shape mismatch`` skips of the pairing) and 2-D or larger
-    weights the base lacks (``tuned_only``; not experts whose layout differs from the base's, which the pairing notes);
-    a tensor the base has and the checkpoint lacks is a point skipped as
-    "not in this checkpoint", as before, and a head tied to the base's embedding has its own pairing note."""
-    shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch")]
-    # experts stored per matrix on one side and as 3-D stacks on the other pair with nothing, which the pairing's own
-    # note says: the same model saved by another transformers version, not another model (they outnumber the rest)
-    relayout = any(EXPERT_LAYOUT_NOTE in n for n in pairing.notes)
-    extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2
-             and not (relayout and (ckpt.specs[n].expert is not None or len(ckpt.tensors[n].shape) == 3))]
-    if not shapes and not extra:
-        return "", False
-    bad = len(shapes) + len(extra)
-    total = bad + len(pairing.pairs)
-    what = []
-    if shapes:  # the first one's two shapes, as the pairing gives them ("base (64, 32) vs tuned (48, 32)")
-        what.append(f"{len(shapes)} differ{'s' * (len(shapes) == 1)} in shape from the base's (e.g. {shapes[0].name}: "
-                    f"{shapes[0].reason.removeprefix('shape mismatch: ').split(' (only ')[0]})")  # (its resize hint is not ours)
-    if extra:
-        what.append(f"{len(extra)} {'is' if len(extra) == 1 else 'are'} not in the base ({_names(extra)})")
-    return f"{bad} of its {total} matrices cannot be paired: {'; '.join(what)}", 2 * bad > total
 
 
 def unpaired_warnings(said: dict[str, list[str]]) -> list[str]:
