@@ -26,6 +26,17 @@ from spectra.results_check import impossible, is_int, is_num  # a step is a JSON
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 #: A step in a checkpoint file's name: PyTorch Lightning's default ``epoch=2-step=20.ckpt``.
 STEP_IN_NAME = re.compile(r"(?:^|[-_])step=(\d+)(?=[-_.]|$)")
+#: The suffixes of a checkpoint saved as one file (safetensors, torch.save, Lightning's .ckpt).
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def file_step(path: Path) -> int | None:
+    """The step a checkpoint file's name gives (``checkpoint-20.safetensors``, Lightning's ``epoch=1-step=20.ckpt``),
+    or None: not a weights file, or no step in its name."""
+    if not path.name.endswith((*WEIGHT_FILE_SUFFIXES, ".index.json")):
+        return None
+    m = CHECKPOINT_DIR.match(path.stem) or STEP_IN_NAME.search(path.name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -218,6 +229,14 @@ def _holds_weights(folder: Path) -> list[Path]:
         return []
 
 
+def _run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder holding ``checkpoint-N`` folders (a Trainer's output folder)."""
+    try:
+        return path.is_dir() and any(CHECKPOINT_DIR.match(d.name) and d.is_dir() for d in path.iterdir())
+    except OSError:  # unreadable: reading it as a checkpoint says why
+        return False
+
+
 def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, str]]:
     """Models in a run folder that are not ``checkpoint-N`` folders (Trainer.save_model's final model at the
     run folder itself; ``checkpoint-final``, ``step_0007``, ``epoch-1``), listed as left out with the way
@@ -245,7 +264,10 @@ def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, s
         return out
     for d in entries:
         try:
-            if (d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".")
+            if d.is_file() and (step := file_step(d)) is not None:  # checkpoint-20.safetensors: no folder, still a step
+                out.append({"path": str(d), "reason": f"a checkpoint file (step {step} by its name), not a checkpoint-N folder: "
+                                                      "list it with the checkpoints to trace it"})
+            elif (d.is_dir() and not CHECKPOINT_DIR.match(d.name) and not d.name.startswith(".")
                     and d.resolve() not in known and _holds_weights(d)):
                 out.append({"path": str(d), "reason": f"a model folder not named checkpoint-N: {how(d)}"})
         except (OSError, RuntimeError):  # a link loop or a folder that cannot be read: not a model spectra can name
@@ -314,6 +336,12 @@ def find_checkpoints(paths: list[str]) -> Discovery:
     found = sorted(((int(m.group(1)), d) for d in single.iterdir() if (m := CHECKPOINT_DIR.match(d.name))),
                    key=lambda x: (x[0], x[1].name)) if len(paths) == 1 and single.is_dir() else []
     if len(paths) == 1 and single.is_dir() and not found:
+        stepped = sorted((file_step(f), f.name) for f in single.iterdir() if f.is_file() and file_step(f) is not None)
+        if len(stepped) > 1:  # checkpoint-5.safetensors, checkpoint-10.safetensors: a run saved as files, not one model
+            raise ConfigError(f"a folder of checkpoint files ({', '.join(n for _, n in stepped[:3])}{' …' * (len(stepped) > 3)}), "
+                              "not a run folder of checkpoint-N folders", path=single,
+                              hint="list them, traced in the order of the steps in their names: "
+                                   f"spectra trace BASE {shlex.quote(str(single))}/*{Path(stepped[0][1]).suffix}")
         if (single / ADAPTER_CONFIG).is_file() or any(single.glob("*.safetensors")) or any(single.glob("*.bin")):
             # a `spectra train` folder holds its run's trace already (trace.jsonl), and no checkpoints
             held = (f"; its trace.jsonl (spectra train --trace-every) is shown by spectra report {shlex.quote(str(single))}"
@@ -371,6 +399,11 @@ def find_checkpoints(paths: list[str]) -> Discovery:
         seen: dict[frozenset, str] = {}
         for i, p in enumerate(paths):
             path = Path(p)
+            if _run_folder(path):
+                # (read as a model, a loose weights file in it would give a step-less point of another kind)
+                raise ConfigError("this is a training run's folder of checkpoint-N folders, listed with other checkpoints",
+                                  path=path, hint=f"list its checkpoints with the others, or trace one run at a time: "
+                                                  f"spectra trace BASE {shlex.quote(p)}")
             # a listed checkpoint must be readable: errors propagate as one line
             ident = weights_identity(open_weights(path), path)
             if ident in seen:  # any spelling, link, or a folder and its weights file: a step that did not happen, a turn of 0
@@ -381,13 +414,13 @@ def find_checkpoints(paths: list[str]) -> Discovery:
             folder = path if path.is_dir() else path.parent
             state, _ = _read_state(folder)
             m = CHECKPOINT_DIR.match(folder.name)
-            named = STEP_IN_NAME.search(path.name) if not path.is_dir() else None
+            named = file_step(path) if not path.is_dir() else None
             if state is not None and _is_step(state.get("global_step")):
                 step, source = state["global_step"], "trainer_state"
             elif m:
                 step, source = int(m.group(1)), "folder name"
-            elif named:  # Lightning's epoch=9-step=90.ckpt: a shell glob lists step=100 before step=20
-                step, source = int(named.group(1)), "file name"
+            elif named is not None:  # Lightning's epoch=9-step=90.ckpt: a shell glob lists step=100 before step=20
+                step, source = named, "file name"
             else:
                 step, source = i + 1, "position"
             how = {"folder name": "step from the folder name", "file name": "step from the file name",
