@@ -477,7 +477,7 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
         B: ``(out, r)`` (PEFT's ``lora_B.weight``).
         A: ``(r, in)`` (PEFT's ``lora_A.weight``).
         scale: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
-        dtype: working precision.
+        dtype: working precision, torch.float32 or torch.float64 (ValueError otherwise: half precision has no QR).
 
     Returns:
         ``U (out, r)``, ``S (r,)`` descending, ``Vh (r, in)`` with ``U diag(S) Vh = scale·B·A``.
@@ -485,6 +485,8 @@ def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
         ``scale · R_B R_Aᵀ``. Finite factors and scale whose product overflows ``dtype`` give NaN values:
         callers check ``S`` (each names the module and its lora_alpha).
     """
+    if dtype not in (torch.float32, torch.float64):  # float16 failed deep inside ("geqrf_cpu" not implemented for 'Half')
+        raise ValueError(f"dtype must be torch.float32 or torch.float64. Got {dtype!r} instead.")
     B, A = finite_tensor(B, "B").to(dtype), finite_tensor(A, "A").to(dtype)
     if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"B must be (out, r) and A (r, in) with one r. Got B {tuple(B.shape)}, A {tuple(A.shape)} instead.")

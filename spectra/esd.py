@@ -44,7 +44,7 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import check_index, check_number, host_array, log10_power_sum
+from spectra.metrics import check_index, check_number, check_shape, host_array, log10_power_sum
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -344,7 +344,7 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
     Args:
         evals: eigenvalues ``λ = σ²`` of one matrix, any order, ``(p,)``.
         xmin: how xmin is chosen (above).
-        thresh: eigenvalues ``≤ thresh`` are dropped (absolute, as WeightWatcher).
+        thresh: eigenvalues ``≤ thresh`` are dropped (absolute, as WeightWatcher): a finite number >= 0.
 
     Returns:
         A :class:`PowerLawFit`; ``alpha`` is None (with ``reason``) when fewer than 2 eigenvalues are
@@ -359,6 +359,7 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
     """
     if xmin not in XMIN_METHODS:
         raise ValueError(f"xmin must be one of {XMIN_METHODS}. Got {xmin!r} instead.")
+    thresh = check_number(thresh, "thresh", 0.0)  # "1e-5" failed inside numpy's comparison
     lam = as_eigenvalues(evals)
     x = lam[lam > thresh]
     N = x.size
@@ -440,7 +441,7 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
 
     Args:
         evals: all ``M = min(shape)`` eigenvalues ``λ = σ²`` (zeros included), any order.
-        shape: ``(out, in)`` of the matrix.
+        shape: ``(out, in)`` of the matrix, two whole numbers >= 0 (ValueError otherwise, or when ``evals`` does not hold ``M``).
         zero_at: eigenvalues at or below this are zero (the solver's rounding level).
 
     Returns:
@@ -448,9 +449,11 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         at most M/2 has no noise bulk to fit (its "median" would be rounding noise, and every
         eigenvalue above it a spike).
     """
-    lam = as_eigenvalues(evals)
+    lam, shape = as_eigenvalues(evals), check_shape(shape)
     N, M = max(shape), min(shape)
-    if M < 2 or lam.size == 0 or not float(np.median(lam)) > zero_at:
+    if lam.size != M:  # the top eigenvalues alone: their median is no bulk's (σ² 2.4 where the full ESD gives 0.99)
+        raise ValueError(f"evals must hold min(shape) = {M} eigenvalues. Got {lam.size} instead.")
+    if M < 2 or not float(np.median(lam)) > zero_at:
         return None
     mu = mp_median(M / N)
     n1 = max(N - 1, 1)
@@ -618,7 +621,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         >>> m.status, m.N, m.M, m.mp_num_spikes
         ('success', 300, 100, 0)
     """
-    lam = as_eigenvalues(evals)
+    lam, shape = as_eigenvalues(evals), check_shape(shape)  # (-300, 100) was reported as "min(shape) = -300 eigenvalues"
     N, M = max(shape), min(shape)
     if lam.size != M:
         raise ValueError(f"evals must hold min(shape) = {M} eigenvalues. Got {lam.size} instead.")

@@ -271,7 +271,11 @@ def phi_matrix(factors: Sequence[Factored], side: str = "right") -> np.ndarray:
         the spans are orthogonal, ``max(k_s, k_t)/d`` in expectation for random spans; NaN where an
         update is zero (no subspace).
     """
-    _check_shapes(list(factors))
+    factors = list(factors)
+    for i, f in enumerate(factors):  # a dense matrix failed inside ("'numpy.ndarray' object has no attribute 'U'")
+        if not isinstance(f, Factored):
+            raise TypeError(f"factors must be Factored thin SVDs (Factored.from_lora, spectrum_and_top). Got {type(f).__name__} at {i} instead.")
+    _check_shapes(factors)
     Qs = [subspace(f, side) for f in factors]
     n = len(Qs)
     P = np.full((n, n), np.nan)

@@ -107,29 +107,33 @@ def parse_budget(text: str) -> Budget:
 
 # ---- ranks of one module --------------------------------------------------------------------------
 def spectrum_total(S: np.ndarray) -> float:
-    """``Σσᵢ²`` summed as :func:`spectra.metrics.energy_rank` sums it (the last cumulative sum, float64),
-    so that ranks from :func:`energy_rank_top` equal the diff's on the same spectrum.
+    """``Σσᵢ²`` summed as :func:`spectra.metrics.energy_rank` sums it (the last cumulative sum, float64, descending),
+    so that ranks from :func:`energy_rank_top` equal the diff's on the same spectrum. ``S`` ``(n,)``, any order, any
+    real dtype (a tensor is detached, bf16/fp16 widened), validated as :func:`spectra.metrics.as_spectrum` does.
 
     >>> spectrum_total(np.array([3.0, 1.0]))
     10.0
     """
-    cum = np.cumsum(np.asarray(S, dtype=np.float64) ** 2)
+    cum = np.cumsum(as_spectrum(S) ** 2)
     return float(cum[-1]) if cum.size else 0.0
 
 
 def energy_kept(S: np.ndarray, total: float, r: int) -> float:
     """``Σ_{i≤r} σᵢ² / ‖ΔW‖²_F``: the share of the update's energy a rank-r truncation keeps (1 for a
-    zero update). ``S`` holds at least the top r values, descending; ``total`` is ‖ΔW‖²_F.
+    zero update). ``S`` ``(n,)`` holds at least the top r values, any order (sorted descending here, as
+    :func:`energy_rank_top` sorts), validated as :func:`spectra.metrics.as_spectrum` does (NaN, Inf and negative
+    values refused; a tensor detached, bf16/fp16 widened); ``total`` is ‖ΔW‖²_F.
 
     >>> energy_kept(np.array([3.0, 1.0]), 10.0, 1)
     0.9
     """
     check_rank(r, "r")
+    S = as_spectrum(S)  # NaN read as all of the energy (min(1, nan)), an ascending S as its smallest values
     if not math.isfinite(total):  # an energy beyond float64 (σ near 1e200) or NaN: no ratio to report
         raise ValueError(f"total must be a finite energy (scale S by a power of two first). Got {total!r} instead.")
     if total <= 0:
         return 1.0
-    top = np.asarray(S, dtype=np.float64)[:r]
+    top = S[:r]
     return float(min(1.0, np.sum(top * top) / total))
 
 
@@ -242,9 +246,12 @@ def factors_out(B: torch.Tensor, A: torch.Tensor, exp: int, dtype: torch.dtype) 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``B = U·diag(√S)`` ``(out, k)`` and ``A = diag(√S)·Vh`` ``(k, in)``, so that ``B·A = U·diag(S)·Vh``
     with a PEFT scale of 1 and both factors of the same magnitude (neither over- nor underflows when
-    stored in bf16/fp16). Signs are normalised: each column of B has its largest |entry| positive.
+    stored in bf16/fp16). Signs are normalised: each column of B has its largest |entry| positive. ``S`` ``(k,)``
+    must not hold negative values (ValueError: clamped to 0, a direction would be dropped without a word).
     """
-    root = S.clamp_min(0).sqrt()
+    if bool((S < 0).any()):
+        raise ValueError(f"S must hold non-negative singular values. Got min {float(S.min())!r} instead.")
+    root = S.sqrt()
     B, A = U * root, root.unsqueeze(-1) * Vh
     flip = _sign(B)
     return B * flip, flip.unsqueeze(-1) * A

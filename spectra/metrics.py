@@ -86,7 +86,7 @@ def host_array(x: object, name: str) -> object:
 def as_spectrum(S: np.ndarray, name: str = "S") -> np.ndarray:
     """``S`` as a float64 1-D array of singular values in descending order (sorted when given otherwise,
     e.g. ``sqrt(eigvalsh(G))``, which ascends); ValueError for what no spectrum is: complex, not 1-D,
-    NaN or Inf, or negative values (whose metrics would be numbers of something else).
+    NaN or Inf, negative values (whose metrics would be numbers of something else), strings, bools or objects.
 
     >>> as_spectrum([1.0, 3.0, 2.0]).tolist()
     [3.0, 2.0, 1.0]
@@ -94,7 +94,10 @@ def as_spectrum(S: np.ndarray, name: str = "S") -> np.ndarray:
     S = host_array(S, name)
     if np.iscomplexobj(S):
         raise ValueError(f"{name} must hold real singular values. Got a complex array instead.")
-    S = np.asarray(S, dtype=np.float64)
+    S = np.asarray(S)
+    if S.dtype.kind not in "iuf":  # strings and bools were read as numbers: ['3', '1'] as 3.0 and 1.0, True as 1.0
+        raise ValueError(f"{name} must hold real numbers (singular values). Got numpy dtype {S.dtype} instead.")
+    S = S.astype(np.float64, copy=False)
     if S.ndim != 1:
         raise ValueError(f"{name} must be a 1-D array of singular values. Got shape {S.shape} instead.")
     if S.size and not (np.isfinite(S).all() and S.min() >= 0.0):
@@ -232,11 +235,13 @@ def factored_rank(S: np.ndarray) -> int:
 
 def amplification_factor(delta_fro: float, proj_delta: float) -> float:
     """Hu et al. (2021, Sec. 7.3): ``‖ΔW‖_F / ‖U_rᵀ W V_r‖_F``; 0 when ``ΔW = 0``, inf when only the
-    projection is 0.
+    projection is 0. Both norms finite and >= 0, else ValueError naming the argument.
 
     >>> round(amplification_factor(6.91, 0.32), 1)   # Table 7, GPT-3 W_q, r = 4
     21.6
     """
+    # a NaN projection read as inf, a negative norm gave a negative factor
+    delta_fro, proj_delta = check_number(delta_fro, "delta_fro", 0.0), check_number(proj_delta, "proj_delta", 0.0)
     if delta_fro == 0.0:
         return 0.0
     return delta_fro / proj_delta if proj_delta > 0.0 else math.inf
@@ -250,9 +255,15 @@ def random_projection_rms(w_fro: float, r: int, out: int, in_: int) -> float:
     This is the root mean square; ``E‖UᵀWV‖_F`` itself is slightly smaller (Jensen). docs/definitions.md's
     0.0202 (r = 4) and 0.3227 (r = 64) for GPT-3's ``W_q`` (12288², ‖W‖_F = 61.95) are this value.
 
+    ``w_fro`` finite and >= 0, ``out, in_ >= 1`` and ``1 <= r <= min(out, in_)`` (no r-dimensional orthonormal U or V
+    exists past it), else ValueError naming the argument.
+
     >>> round(random_projection_rms(61.95, 4, 12288, 12288), 4)
     0.0202
     """
+    w_fro = check_number(w_fro, "w_fro", 0.0)
+    out, in_ = check_index(out, "out", 1, 2**62), check_index(in_, "in_", 1, 2**62)
+    r = check_index(r, "r", 1, min(out, in_), " (min(out, in_))")
     return r * w_fro / math.sqrt(out * in_)
 
 
@@ -284,12 +295,13 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     """Gavish & Donoho (2014) hard threshold for unknown noise: ``#{σᵢ > ω(β)·median(σ)}``.
 
     ``β = p / max(out, in)``. A Gaussian-noise matrix gives about 0; a rank-r signal well above the
-    noise gives r.
+    noise gives r. ``S``: all ``p = min(out, in)`` singular values, any order (the median needs every one).
     """
     S = as_spectrum(S)
     shape = check_shape(shape)
-    if S.size > min(shape):  # (0, 0) divided by zero below
-        raise ValueError(f"S holds {S.size} values, more than min(out, in) of shape {shape}: pass the matrix's shape.")
+    if S.size != min(shape):  # more: (0, 0) divided by zero below; fewer: the median of a truncated spectrum is no noise level
+        raise ValueError(f"S holds {S.size} values, {'more' if S.size > min(shape) else 'fewer'} than min(out, in) of shape {shape}: "
+                         f"pass all {min(shape)} singular values and the matrix's shape.")
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
@@ -298,7 +310,10 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
 
 def relative_norm(fro: float, base_fro: float) -> float | None:
     """``‖ΔW‖_F / ‖W_base‖_F``; 0 for a zero update, None (not NaN/inf, not a silent 0) when only the
-    base is zero or either norm is not finite (float64 weights whose norm overflowed)."""
+    base is zero or either norm is not finite (float64 weights whose norm overflowed). A negative norm is a ValueError."""
+    for name, v in (("fro", fro), ("base_fro", base_fro)):
+        if v < 0:  # no norm: its ratio would be a negative "relative norm"
+            raise ValueError(f"{name} must be a norm (>= 0). Got {v!r} instead.")
     if not (math.isfinite(fro) and math.isfinite(base_fro)):
         return None
     if base_fro > 0:

@@ -54,10 +54,15 @@ def random_energy_rank(shape: tuple[int, int], tau: float) -> int:
 
     Matches seeded Monte Carlo to within about 0.5% of p for p >= 256 (tested). docs/definitions.md reference:
     4096×4096 -> ≈ 2088, 4096×11008 -> ≈ 2917, 1024×1024 -> ≈ 523.
+
+    ``shape``: two whole numbers >= 0; ``tau``: a number in (0, 1]; else ValueError (:func:`spectra.metrics.energy_rank`'s checks).
     """
+    from spectra.metrics import check_shape, check_tau  # metrics imports this module: here, not at the top
+
+    # tau=True read as 1, a 0-d tensor as its value, (10.5, 20) as a matrix of 10.5 rows
+    shape, tau = check_shape(shape), check_tau(tau)
     p, n = min(shape), max(shape)
     if p == 0:
-        mp_energy_fraction(1.0, tau)  # τ is still checked
         return 0
     return max(1, min(p, math.ceil(mp_energy_fraction(p / n, tau) * p)))
 
@@ -75,6 +80,10 @@ def gavish_donoho_omega(beta: float) -> float:
     ``ω(β) = λ*(β) / sqrt(μ_β)`` with
     ``λ*(β) = sqrt(2(β+1) + 8β / ((β+1) + sqrt(β² + 14β + 1)))`` and ``μ_β`` the Marchenko–Pastur
     median. ω(1) ≈ 2.858; the paper's fit ``0.56β³ − 0.95β² + 1.82β + 1.43`` agrees to ≈ 0.02.
+    ``β = min(out, in) / max(out, in)`` in (0, 1], else ValueError.
     """
+    ok = not isinstance(beta, (bool, np.bool_)) and isinstance(beta, (int, float, np.integer, np.floating))
+    if not (ok and 0.0 < beta <= 1.0):  # -0.5 raised "math domain error", naming nothing
+        raise ValueError(f"beta = min(out, in) / max(out, in) must be a number in (0, 1]. Got {beta!r} instead.")
     lam = math.sqrt(2 * (beta + 1) + 8 * beta / ((beta + 1) + math.sqrt(beta**2 + 14 * beta + 1)))
     return lam / math.sqrt(mp_median(beta))

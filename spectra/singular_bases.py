@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 from spectra.lapack import Tridiagonal, top_eigh_upper
-from spectra.linalg import gram_upper
-from spectra.metrics import check_energy_range, numerical_rank
+from spectra.linalg import finite_tensor, gram_upper
+from spectra.metrics import check_energy_range, check_index, numerical_rank
 from spectra.ties import TIE_REL, tie_runs
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps
@@ -50,7 +50,7 @@ class TopSVD:
     """A dense ``(out, in)`` matrix with its top-k singular triplets and its energy, decomposed once.
 
     Attributes:
-        dense: the matrix as given (float32 or float64, any device).
+        dense: the matrix as given (float32 or float64, any device; :func:`top_svd` widens other dtypes to float64).
         U: ``(out, k)`` float64, orthonormal columns, by descending singular value.
         S: ``(k,)`` float64, descending.
         Vh: ``(k, in)`` float64, orthonormal rows.
@@ -141,11 +141,26 @@ def _directions(Y: torch.Tensor, *, complete: bool) -> torch.Tensor:
     return Y / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 
+def dense_matrix(M: object, name: str) -> torch.Tensor:
+    """``M`` as the real 2-D tensor the Gram route reads (a numpy array or a list converted, detached; float32 and
+    float64 kept, other dtypes such as bf16, fp16 or integers widened to float64, which the route works in and numpy,
+    whose BLAS forms the Gram matrix on the CPU, has no bf16 for). ValueError naming ``name`` for complex input (a cast
+    would drop the imaginary part), bool, NaN or Inf, a meta tensor, or a shape other than ``(out, in)``."""
+    t = finite_tensor(M, name)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (out, in) matrix. Got shape {tuple(t.shape)} instead.")
+    return t if t.dtype in (torch.float32, torch.float64) else t.double()
+
+
 def top_svd(M: torch.Tensor, k: int) -> TopSVD:
     """Top-k singular triplets of a dense ``(out, in)`` matrix through its Gram matrix.
 
     Cost: the ``p × p`` float64 Gram (``out·in·p`` multiply-adds), a top-k symmetric eigensolve and
     one ``(out, in) × (·, k)`` product; no SVD. Precision: see the module docstring.
+
+    Args:
+        M: ``(out, in)`` real tensor or numpy array, any device (:func:`dense_matrix`: other dtypes than float32/64 widened).
+        k: triplets wanted, a whole number in ``[1, min(out, in)]``.
 
     Returns:
         :class:`TopSVD`; ``U``, ``S``, ``Vh`` on ``M``'s device.
@@ -156,6 +171,8 @@ def top_svd(M: torch.Tensor, k: int) -> TopSVD:
         >>> t.S.tolist(), t.energy
         ([3.0, 2.0], 14.0)
     """
+    M = dense_matrix(M, "M")  # a complex M lost its imaginary part in the float64 Gram matrix
+    k = check_index(k, "k", 1, min(M.shape))
     wide = M.shape[0] <= M.shape[1]
     lam, vecs, trace = gram_eigh(M, k)
     S = lam.sqrt()
@@ -189,6 +206,9 @@ class WeightBasis:
     m + 1) of W's Gram matrix and computes all ``p`` vectors only when :meth:`max_cosines` cannot be
     decided from the top m.
 
+    Arguments: ``W`` ``(out, in)`` real tensor or numpy array (:func:`dense_matrix`); ``m``, ``values`` whole numbers
+    (``m >= 1``; both capped at p) or None (m: all p).
+
     Attributes:
         W: ``(out, in)`` float64 weight.
         U: ``(out, m)`` float64 left singular vectors, by descending σ (all p once :meth:`complete` ran).
@@ -206,9 +226,11 @@ class WeightBasis:
     """
 
     def __init__(self, W: torch.Tensor, m: int | None = None, values: int | None = None) -> None:
+        W = dense_matrix(W, "W")
         self.W = W.to(torch.float64)
         p = min(W.shape)
-        m = p if m is None else max(1, min(m, p))
+        m = p if m is None else min(check_index(m, "m", 1, 1 << 62), p)
+        values = None if values is None else check_index(values, "values", 0, 1 << 62)
         # one value past the m vectors: whether the m-th is tied with the next (:meth:`max_cosines`)
         n_values = min(p, max(m + 1, m if values is None else min(values, p)))
         G = _gram64(self.W)
@@ -341,7 +363,9 @@ def top_left_singular_vectors(M: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_left_singular_pairs(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k left singular vectors of ``M (out, in)``, ``(out, k)`` float64 by descending σ, and
-    their singular values ``(k,)`` float64, on M's device."""
+    their singular values ``(k,)`` float64, on M's device. ``M`` as :func:`top_svd`'s, ``k`` in ``[1, min(out, in)]``."""
+    M = dense_matrix(M, "M")
+    k = check_index(k, "k", 1, min(M.shape))
     wide = M.shape[0] <= M.shape[1]
     lam, vecs, _ = gram_eigh(M, k)
     S = lam.sqrt().to(M.device)
@@ -350,5 +374,5 @@ def top_left_singular_pairs(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return _other_side(M.to(torch.float64), vecs.to(M.device), wide=False, complete=True), S
 
 
-__all__ = ["GRAM_KEEP_MAX_P", "TopSVD", "WeightBasis", "gram_eigh", "left_singular_basis", "top_left_singular_pairs",
+__all__ = ["GRAM_KEEP_MAX_P", "TopSVD", "WeightBasis", "dense_matrix", "gram_eigh", "left_singular_basis", "top_left_singular_pairs",
            "top_left_singular_vectors", "top_svd"]

@@ -506,8 +506,9 @@ class Amplification:
 def random_orthonormal(n: int, r: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """``(n, r)`` float64 orthonormal columns whose span is uniformly (Haar) distributed: the QR of a
     Gaussian matrix drawn from ``generator`` (on its device), moved to ``device``."""
-    gen_dev = "cpu" if generator is None else generator.device
-    G = torch.randn(n, r, generator=generator, device=gen_dev, dtype=torch.float64).to(device)
+    if generator is not None and not isinstance(generator, torch.Generator):  # a seed (0) failed deep inside: "no attribute device"
+        raise TypeError(f"generator must be a torch.Generator or None (seed one: torch.Generator().manual_seed(0)). Got {generator!r} instead.")
+    G = torch.randn(n, r, generator=generator, device="cpu" if generator is None else generator.device, dtype=torch.float64).to(device)
     return torch.linalg.qr(G, mode="reduced").Q
 
 
@@ -529,7 +530,7 @@ def amplification(
         W: ``(out, in)`` base weight.
         r: rank, ``1 <= r <= p`` (``p = min(out, in)``, or ``q`` for a factored ``dW``), and at most
             ``dW``'s resolved rank when it is lower (as :func:`top_subspace`'s k).
-        generator: randomness of ``proj_random`` (seed it for reproducible numbers; None draws from, and advances, torch's global one).
+        generator: ``proj_random``'s ``torch.Generator`` (seeded: reproducible; None: torch's global one, advanced; else TypeError).
         base: W's decomposition when already computed (:class:`spectra.singular_bases.WeightBasis`
             of this W, shared with the intruders); its top-r singular values and energy are used.
         random_bases: the random ``(U (out, r), V (in, r))`` of ``proj_random``, when drawn ahead
@@ -677,8 +678,7 @@ def intruder_dimensions(
         (1, 0, 2)
     """
     device, Wb, shape = _weight_for_update(W_base, dW, "W_base")
-    p = min(shape)
-    k = check_index(k, "k", 1, p)
+    k, epsilons = check_index(k, "k", 1, p := min(shape)), tuple(epsilons)  # a generator was used up by the check below: counts {}
     for name, e in (*(("epsilons", x) for x in epsilons), ("epsilon", epsilon)):  # "0.5" failed inside the comparison
         if isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, float, np.integer, np.floating)) or not 0.0 <= e <= 1.0:
             raise ValueError(f"{name} must be in [0, 1]. Got {e!r} instead.")
