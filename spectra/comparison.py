@@ -425,7 +425,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
             rec.phi[side] = PhiSummary(phi_full=float(grid[-1, -1]), phi_11=None if undefined[0, 0] else float(grid[0, 0]),
                                        mean=float(np.nanmean(grid)), random=phi_random_baseline(ra, rb, d), d=d)
             ang = principal_angles(QA, QB)
-            rec.angles[side] = AngleSummary(cosines=np.cos(ang).round(8).tolist(), grassmann=grassmann_distance(QA, QB))
+            rec.angles[side] = AngleSummary(cosines=np.cos(ang).tolist(), grassmann=grassmann_distance(QA, QB))
         UA, VA = top_subspace(fa, ra, "left"), top_subspace(fa, ra, "right")
         UB, VB = top_subspace(fb, rb, "left"), top_subspace(fb, rb, "right")
         rec.captured = {"b_in_a": captured_energy(fb, UA, VA), "a_in_b": captured_energy(fa, UB, VB)}
@@ -452,7 +452,7 @@ def _measure(job: _Job, A: _Side, B: _Side, base: Checkpoint | None, config: Com
             intr = intruder_dimensions(W, u.form, k=k, epsilons=config.epsilons, epsilon=config.epsilon, base=basis)
             rec.intruders[who] = IntruderSummary(count=intr.count, epsilon=intr.epsilon,
                                                  counts={str(float(e)): c for e, c in intr.counts.items()},
-                                                 max_cos=np.asarray(intr.max_cos).round(6).tolist())
+                                                 max_cos=np.asarray(intr.max_cos, dtype=float).tolist())
             if intr.tied:
                 rec.note = "; ".join(x for x in (rec.note, f"{who.upper()}'s tuned weight W + ΔW has tied singular values "
                                                   f"among its top {k}: those vectors, their cosines with W's and so the "

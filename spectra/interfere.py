@@ -570,7 +570,8 @@ def interfere(
                             for i in range(len(tasks)) for j in range(i + 1, len(tasks))
                             if (i, j) not in same and (k := _copies(result.modules, i, j))]
         for i, t in enumerate(tasks):
-            rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i] is not None]
+            # over the matrices it changed, as diff and compare take it (its unchanged ones, as 0, hid a large update)
+            rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i]]
             if rels and float(np.median(rels)) > 1.0:
                 result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
                                        "base weights themselves: is it a fine-tune of this base?")

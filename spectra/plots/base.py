@@ -437,7 +437,8 @@ def save_figures(builders: dict[str, Callable[[], object]], out_dir: str | os.Pa
 
 def svg_img(fig, *, alt: str = "figure") -> str:
     """An <img> holding the figure as an SVG data URI (inert: scripts in an <img> never run). Text is
-    drawn as paths, so the figure looks the same without the fonts it was made with."""
+    drawn as paths, so the figure looks the same without the fonts it was made with; the same figure gives the same
+    bytes (no date, ids from a fixed salt)."""
     import base64
     import html
     import io
@@ -445,8 +446,9 @@ def svg_img(fig, *, alt: str = "figure") -> str:
     import matplotlib
 
     buf = io.BytesIO()
-    with matplotlib.rc_context({"svg.fonttype": "path"}):
-        fig.savefig(buf, format="svg")
+    # no date and fixed ids: the same results render the same report, byte for byte
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "spectra"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f'<img class="fig" alt="{html.escape(alt, quote=True)}" src="data:image/svg+xml;base64,{data}">'
 
