@@ -47,7 +47,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, input
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
-from spectra.pairing import MatrixPair, not_matrix_reason, pair_checkpoints
+from spectra.pairing import NOT_MATRIX, MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
 
@@ -277,7 +277,7 @@ def esd(
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
     if config.ww_compatible:
         for s in result.skipped:  # rows WeightWatcher has and this run cannot: said, since they break one to one
-            if s["reason"] == not_matrix_reason("4-D tensor") and s["name"].endswith(".weight"):
+            if s["reason"] == f"4-D tensor, {NOT_MATRIX}" and s["name"].endswith(".weight"):
                 s["reason"] += ("; WeightWatcher analyses a Conv2d's kernel (its slices pooled), so its rows hold one for "
                                 "this tensor that --ww-compatible has not")
         kept = []

@@ -117,10 +117,8 @@ def oriented_shape(spec: MatrixSpec, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape[:-2] + (shape[-1], shape[-2]) if spec.transpose else shape
 
 
-def not_matrix_reason(what: str) -> str:
-    """The skip reason of a tensor that is no weight matrix (``what``: "4-D tensor"…), which esd's readers match."""
-    return f"{what}, not a weight matrix"
-
+#: How the skip reason of a tensor that is no weight matrix ends ("4-D tensor, " + it): esd --ww-compatible matches it.
+NOT_MATRIX = "not a weight matrix"
 
 #: Roles of tables indexed by token (or position): when the two sides' row counts differ (a resized
 #: vocabulary) the leading rows both have are the same tokens and are paired.
@@ -595,7 +593,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
             what = "1-D tensor (norm or bias)" if ndim == 1 else f"{ndim}-D tensor"
             if ndim > 1 and is_bias(tn):  # gpt-oss's experts.gate_up_proj_bias (experts, out)
                 what = "per-expert bias" if ndim == 2 and "experts" in tn.split(".") else f"{ndim}-D bias"
-            result.skipped.append(Skipped(tn, quant or not_matrix_reason(what)))
+            result.skipped.append(Skipped(tn, quant or f"{what}, {NOT_MATRIX}"))
             continue
         bad = [f"{side} dtype {i.dtype}" for side, i, n, c in (("base", bi, bn, base), ("tuned", ti, tn, tuned))
                if i.dtype not in FLOAT_DTYPES and n not in c.scales]
