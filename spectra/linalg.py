@@ -120,8 +120,9 @@ def check_device_available(device: torch.device) -> None:
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0 or (device.index is not None and device.index >= count):
-        raise ConfigError(f"--device {device} was asked for but this machine has {count} CUDA device(s)",
-                          hint="use --device cpu, auto or an existing cuda:N")
+        # (worded for both the commands' --device and the Python API's device argument)
+        raise ConfigError(f"device {device} was asked for but this machine has {count} CUDA device(s)",
+                          hint="use the device cpu, auto or an existing cuda:N")
 
 
 def gram(M: torch.Tensor, *, dtype: torch.dtype = torch.float64, block_bytes: int = 64 << 20) -> torch.Tensor:
