@@ -36,6 +36,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from spectra.checks import check_index, check_number, check_tau
 from spectra.linalg import (
     CERTIFY_RTOL,
     Method,
@@ -52,7 +53,7 @@ from spectra.linalg import (
     resolve_device,
     trace_and_fro,
 )
-from spectra.metrics import DEFAULT_THRESHOLDS, check_index, check_number, check_tau
+from spectra.metrics import DEFAULT_THRESHOLDS
 from spectra.threads import check_workers, map_one_blas_thread
 
 #: What an exact spectrum is computed in: ``"float64"`` (the reference), ``"certified"`` (float32

@@ -44,7 +44,8 @@ from typing import Literal
 
 import numpy as np
 
-from spectra.metrics import check_index, check_number, check_shape, host_array, log10_power_sum
+from spectra.checks import check_index, check_number, check_shape
+from spectra.metrics import host_array, log10_power_sum
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]

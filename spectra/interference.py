@@ -46,10 +46,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spectra.checks import check_index, check_number
 from spectra.engine import factored_svd
 from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks
 from spectra.lowrank import scale_pow2, squaring_exponent
-from spectra.metrics import RANK_TOL, check_index, check_number, effective_rank, energy_rank, stable_rank, threshold_key
+from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
 from spectra.ties import tie_cut
 

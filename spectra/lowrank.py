@@ -26,10 +26,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from spectra.checks import check_index, check_rank, check_tau
 from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
 from spectra.linalg import as_numpy, finite_tensor, fro_norm, gram, gram_scale_exponent, gram_upper, real_tensor
-from spectra.metrics import as_spectrum, check_index, check_rank, check_tau, numerical_rank
+from spectra.metrics import as_spectrum, numerical_rank
 from spectra.sketch import randomized_svd
 
 #: vLLM's accepted ``max_lora_rank`` values (``MaxLoRARanks``, vllm/config/lora.py): any adapter of r ≤ 512 loads, and

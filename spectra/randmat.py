@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from spectra.checks import check_shape, check_tau
+
 _GRID = 200_001  # quadrature points in the angle variable; errors ~1e-9 in the fractions
 
 
@@ -57,8 +59,6 @@ def random_energy_rank(shape: tuple[int, int], tau: float) -> int:
 
     ``shape``: two whole numbers >= 0; ``tau``: a number in (0, 1]; else ValueError (:func:`spectra.metrics.energy_rank`'s checks).
     """
-    from spectra.metrics import check_shape, check_tau  # metrics imports this module: here, not at the top
-
     # tau=True read as 1, a 0-d tensor as its value, (10.5, 20) as a matrix of 10.5 rows
     shape, tau = check_shape(shape), check_tau(tau)
     p, n = min(shape), max(shape)

@@ -35,9 +35,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from spectra.checks import check_index
 from spectra.lapack import Tridiagonal, top_eigh_upper
 from spectra.linalg import finite_tensor, gram_upper
-from spectra.metrics import check_energy_range, check_index, numerical_rank
+from spectra.metrics import check_energy_range, numerical_rank
 from spectra.ties import TIE_REL, tie_runs
 
 #: Largest p = min(out, in) whose Gram matrix (and its tridiagonal reduction) a :class:`WeightBasis` keeps

@@ -22,9 +22,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from spectra.checks import check_index, check_number, check_tau
 from spectra.engine import batch_singular_values
 from spectra.linalg import check_device_available, finite_tensor, gram_scale_exponent, resolve_device
-from spectra.metrics import as_spectrum, check_index, check_number, check_tau, energy_rank, rank_resolution
+from spectra.metrics import as_spectrum, energy_rank, rank_resolution
 
 __all__ = ["ApproxRank", "ApproxSpectrum", "TruncatedSVD", "approx_energy_ranks", "energy_rank_bounds", "randomized_svd",
            "truncated_singular_values"]

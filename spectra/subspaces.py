@@ -29,12 +29,12 @@ from typing import Literal, Union
 import numpy as np
 import torch
 
+from spectra.checks import check_index
 from spectra.engine import factored_svd
 from spectra.linalg import finite_tensor, real_tensor, singular_values
 from spectra.metrics import (
     amplification_factor,
     check_energy_range,
-    check_index,
     factored_rank,
     numerical_rank,
     random_projection_rms,
