@@ -9,7 +9,7 @@ forms it here, so how ΔW is formed has one home.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -208,3 +208,26 @@ def pair_bytes(task: Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool 
     item = 8 if "float64" in (pair.base_info.dtype, pair.tuned_info.dtype) else 4
     formed = sum(item * u.shape[0] * u.shape[1] for u in task.units) * (2 if keep_base else 1)
     return loaded(base, pair.base.name, pair.base_info) + loaded(tuned, pair.tuned.name, pair.tuned_info), formed
+
+
+def fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None, block: int = 1 << 20) -> tuple[float, float]:
+    """``(‖t − b‖_F, ‖b‖_F)`` of two tensors of one shape: float32 differences of blocks of ``block`` elements (exact for bf16/fp16
+    inputs up to one float32 rounding), norms accumulated in float64; no copy of the whole tensor."""
+    t = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
+    b = None if b is None else (b.reshape(-1, b.shape[-1]) if b.ndim > 1 else b.reshape(1, -1))
+    if rows is not None:
+        t, b = t[:rows], (None if b is None else b[:rows])
+    step = max(1, block // max(1, t.shape[1]))
+    return norms_of_blocks((t[r : r + step], None if b is None else b[r : r + step]) for r in range(0, t.shape[0], step))
+
+
+def norms_of_blocks(blocks: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float]:
+    """``(‖t − b‖_F, ‖b‖_F)`` summed over ``(t, b)`` blocks (b None: zeros): float32 differences (exact for
+    bf16/fp16 inputs up to one float32 rounding), norms accumulated in float64."""
+    d2 = b2 = 0.0
+    for t_block, b_block in blocks:
+        tb = t_block.float()
+        bb = b_block.float() if b_block is not None else torch.zeros_like(tb)
+        d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
+        b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
+    return math.sqrt(d2), math.sqrt(b2)

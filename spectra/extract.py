@@ -79,15 +79,7 @@ from spectra.extract_plan import (
     target_of,
     why_not_target,
 )
-from spectra.extract_results import (
-    ExtractResult,
-    build_result,
-    note_storage,
-    one_d_changes,
-    pair_norms,
-    root_sigma1,
-    tied_embedding_warning,
-)
+from spectra.extract_results import ExtractResult, build_result, note_storage, one_d_changes, pair_norms, root_sigma1, tied_embedding_warning
 from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
@@ -111,7 +103,7 @@ from spectra.lowrank import (
 from spectra.metrics import square_scale_exponent
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
-from spectra.peft_moe import peft_moe_rules
+from spectra.peft_moe import PEFT_REFUSED_LEAVES, peft_moe_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
@@ -154,9 +146,10 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
     targets, kept, left = [], [], []
-    # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts)
-    moe = any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs)
-    rules = peft_moe_rules(base.arch.model_type or tuned_ckpt.arch.model_type) if moe else None
+    # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts); a Mamba's refusals
+    model_type = base.arch.model_type or tuned_ckpt.arch.model_type
+    rules = (peft_moe_rules(model_type) if model_type in PEFT_REFUSED_LEAVES
+             or any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs) else None)
     # the wrapper prefix of the tuned names (DDP's module., a LightningModule's model.), from a module both name
     prefix = next((p.tuned.name[: -len(p.base.name)] for p in pairing.pairs
                    if p.base.role == p.tuned.role and p.tuned.name.endswith("." + p.base.name)), "")
@@ -242,8 +235,9 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
                  if config.task_type == "auto" else config.task_type)  # auto: the adapter's own task head first
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
     updates = adapter_updates(adapter, base)
-    # an MoE: what PEFT would drop on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)
-    rules = peft_moe_rules(base.arch.model_type) if any(spec.expert is not None for _, spec, _ in updates) else None
+    # an MoE: what PEFT drops on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)
+    moe = any(spec.expert is not None for _, spec, _ in updates) or base.arch.model_type in PEFT_REFUSED_LEAVES  # (a Mamba too)
+    rules = peft_moe_rules(base.arch.model_type) if moe else None
     for order, (mod, spec, base_name) in enumerate(updates):
         if not keep(spec.name, spec.layer) or head_of(mod.module, heads):
             continue

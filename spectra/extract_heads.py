@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from spectra.extract_results import HEAD_KIND, fro_blocks
+from spectra.delta import fro_blocks
+from spectra.extract_results import HEAD_KIND
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import task_type_for
 from spectra.metrics import relative_norm

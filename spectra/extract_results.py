@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from spectra.allocation import Allocation
+from spectra.delta import fro_blocks, norms_of_blocks
 from spectra.display import matrices
 from spectra.extract_plan import (
     ExtractConfig,
@@ -139,29 +139,6 @@ class ExtractResult:
         return files
 
 
-def fro_blocks(b: torch.Tensor | None, t: torch.Tensor, rows: int | None = None, block: int = 1 << 20) -> tuple[float, float]:
-    """``(‖t − b‖_F, ‖b‖_F)`` of two tensors of one shape: float32 differences of blocks of ``block`` elements (exact for bf16/fp16
-    inputs up to one float32 rounding), norms accumulated in float64; no copy of the whole tensor."""
-    t = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(1, -1)
-    b = None if b is None else (b.reshape(-1, b.shape[-1]) if b.ndim > 1 else b.reshape(1, -1))
-    if rows is not None:
-        t, b = t[:rows], (None if b is None else b[:rows])
-    step = max(1, block // max(1, t.shape[1]))
-    return _norms_of_blocks((t[r : r + step], None if b is None else b[r : r + step]) for r in range(0, t.shape[0], step))
-
-
-def _norms_of_blocks(blocks: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[float, float]:
-    """``(‖t − b‖_F, ‖b‖_F)`` summed over ``(t, b)`` blocks (b None: zeros): float32 differences (exact for
-    bf16/fp16 inputs up to one float32 rounding), norms accumulated in float64."""
-    d2 = b2 = 0.0
-    for t_block, b_block in blocks:
-        tb = t_block.float()
-        bb = b_block.float() if b_block is not None else torch.zeros_like(tb)
-        d2 += float(torch.linalg.vector_norm(tb - bb, dtype=torch.float64)) ** 2
-        b2 += float(torch.linalg.vector_norm(bb, dtype=torch.float64)) ** 2
-    return math.sqrt(d2), math.sqrt(b2)
-
-
 #: The reason of a left-out matrix equal in base and tuned, whole: nothing of the update is left behind.
 UNCHANGED = "unchanged (ΔW = 0): nothing to extract"
 
@@ -193,7 +170,7 @@ def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: 
         return fro_blocks(base.load(base_name), tuned.load(tuned_name), rows, block)
     n = tuned.tensors[tuned_name].shape[0] if rows is None else rows
     step = max(1, block // max(1, tuned.tensors[tuned_name].shape[1]))
-    return _norms_of_blocks((tuned.load_rows(tuned_name, r, min(n, r + step)), base.load_rows(base_name, r, min(n, r + step)))
+    return norms_of_blocks((tuned.load_rows(tuned_name, r, min(n, r + step)), base.load_rows(base_name, r, min(n, r + step)))
                             for r in range(0, n, step))
 
 
@@ -681,5 +658,4 @@ __all__ = [
     "tied_embedding_warning",
     "has_output_head",
     "HEAD_KIND",
-    "fro_blocks",
 ]

@@ -50,9 +50,10 @@ from spectra.pairing_notes import (
 #: position ids, a bool mask); packed quantised weights are int8, uint8 or int32 (GPTQ's ``qweight``), which stay
 #: "not a float weight".
 BUFFER_DTYPES = frozenset({"bool", "int64"})
-#: Last name components of an optimizer's per-parameter state (Adam's moments, SGD's momentum) saved in one flat
-#: mapping with the weights (``optim.state.<param>.exp_avg``): same shapes as the weights, no weights.
-OPTIMIZER_STATE = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
+#: Last name components of tensors of a weight's shape that are no linear map, and why: an optimizer's state saved with the
+#: weights (``optim.state.<param>.exp_avg``: Adam's moments, SGD's momentum), a Mamba mixer's ``A_log`` (A = −exp(A_log)).
+NOT_WEIGHTS = {**dict.fromkeys(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"), "optimizer state ({leaf} of a parameter), no weight"),
+               "A_log": "an SSM's state parameter (A_log: A = −exp(A_log), diagonal per channel), not a linear map"}
 
 
 @dataclass(frozen=True)
@@ -580,8 +581,8 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         matched_t.add(tn)
         bi, ti = base.tensors[bn], tuned.tensors[tn]
         bs, ts = bspecs.get(bn), tspecs.get(tn)
-        if (leaf := tn.rpartition(".")[2]) in OPTIMIZER_STATE:  # a flat dump of the optimizer beside the weights
-            result.skipped.append(Skipped(tn, f"optimizer state ({leaf} of a parameter), not a weight"))
+        if why := NOT_WEIGHTS.get(leaf := tn.rpartition(".")[2]):  # a flat dump of the optimizer beside the weights…
+            result.skipped.append(Skipped(tn, why.format(leaf=leaf)))
             continue
         if bs is None or ts is None:
             quant = _quant_param_reason(tn, tuned) or _quant_param_reason(bn, base)

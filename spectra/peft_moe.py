@@ -22,7 +22,7 @@ change between releases), else from the tables below (transformers 5.24, PEFT 0.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 #: PEFT's target-name conversions, by pattern: an expert projection's old name -> the fused name.
 #: The router (``gate``) maps to its own weight and is not a loss.
@@ -59,6 +59,7 @@ class PeftMoeRules:
             into ``gate_up_proj``), whose LoRA it builds at rank ``r`` times their number over their stacked
             outputs (a block-diagonal B: ``2r·(in + out_w1 + out_w3)`` parameters per expert for two).
         source: where the rules came from (``"transformers 5.24.0, peft 0.21.2"`` or the tables).
+        refused: last name components PEFT refuses as LoRA targets on this model type (:data:`PEFT_REFUSED_LEAVES`).
     """
 
     model_type: str | None
@@ -66,10 +67,14 @@ class PeftMoeRules:
     retargeted: frozenset[str] = frozenset()
     source: str = ""
     fused: frozenset[str] = frozenset()
+    refused: frozenset[str] = frozenset()
 
     def why_dropped(self, module: str, expert: int | None) -> str | None:
-        """Why PEFT would drop a LoRA on ``module`` (a module path; ``expert``: its expert index,
-        None outside the experts), or None when it applies it."""
+        """Why PEFT would drop (or refuse: :attr:`refused`) a LoRA on ``module`` (a module path; ``expert``: its expert
+        index, None outside the experts), or None when it applies it."""
+        if (leaf := module.rpartition(".")[2]) in self.refused:
+            return (f"PEFT refuses a LoRA on any module named {leaf} of a {self.model_type} model (Mamba-based): "
+                    "an adapter or LoraConfig naming it fails to load")
         if expert is not None and self.experts_dropped:
             return (f"per-expert LoRA: transformers >= 5 fuses the experts of a {self.model_type} model on load and PEFT "
                     f"does not convert per-expert adapters for it, so it would drop this module ({self.source})")
@@ -79,9 +84,20 @@ class PeftMoeRules:
         return None
 
 
+#: Model types on which PEFT refuses a LoRA on modules of these names (PEFT 0.21's ``_check_lora_target_modules_mamba``,
+#: whose table is local to that function: a Mamba mixer's ``out_proj`` and ``conv1d``; any module of the name counts).
+PEFT_REFUSED_LEAVES: dict[str, frozenset[str]] = dict.fromkeys(
+    ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"), frozenset({"out_proj", "conv1d"}))
+
+
 def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
     """The :class:`PeftMoeRules` of a model type, from the installed transformers and PEFT when they
-    are installed (transformers < 5 fuses nothing: no rule), else from this module's tables."""
+    are installed (transformers < 5 fuses nothing: no rule), else from this module's tables; with the
+    module names PEFT refuses on it (:data:`PEFT_REFUSED_LEAVES`)."""
+    return replace(_moe_rules(model_type), refused=PEFT_REFUSED_LEAVES.get(model_type or "", frozenset()))
+
+
+def _moe_rules(model_type: str | None) -> PeftMoeRules:
     if not model_type:
         return PeftMoeRules(None)
     if importlib.util.find_spec("transformers") is None:  # rules for where the adapter will likely be loaded
@@ -195,4 +211,4 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]
+__all__ = ["PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]

@@ -26,7 +26,7 @@ from spectra import distributed
 from spectra._version import __version__
 from spectra.adapter_diff import diff_adapter
 from spectra.config import DiffConfig, config_of, public_entry
-from spectra.delta import Prepared, floor_bound, pair_bytes, prepare, unit_floor
+from spectra.delta import Prepared, floor_bound, fro_blocks, pair_bytes, prepare, unit_floor
 from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
@@ -35,8 +35,9 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
+from spectra.naming import pairing_key
 from spectra.numerics import raises_floor
-from spectra.pairing import Skipped, drop_tied_heads, pair_checkpoints
+from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
@@ -415,9 +416,36 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
             writer.flush(result)
     result.modules.sort(key=lambda m: order[m.name])
+    if moved := _changed_beyond_matrices(result, base_ckpt, tuned_ckpt):
+        result.warnings.append(moved)
     result.skipped.sort(key=lambda s: order.get(s["name"], -1))  # pairing skips first, then layer order
     result.warnings.extend(f"{s['name']}: {s['reason']}" for s in result.skipped if s["name"] in order)
     return result
+
+
+def _changed_beyond_matrices(result: DiffResult, base: Checkpoint, tuned: Checkpoint) -> str | None:
+    """A warning when skipped tensors of three or more dimensions changed (a convolution kernel: Whisper's conv1 and conv2,
+    a Mamba's conv1d, a ViT's patch embedding), with their share of the update's energy: the findings saw only the
+    matrices, and a fine-tune whose update is mostly in a kernel read as small. None when none changed."""
+    keys = {pairing_key(n): n for n in base.tensors}
+    changed = []
+    for s in result.skipped:
+        tn = s["name"]
+        if not s["reason"].endswith(NOT_MATRIX) or tn not in tuned.tensors or len(tuned.tensors[tn].shape) < 3:
+            continue
+        bn = tn if tn in base.tensors else keys.get(pairing_key(tn))
+        if bn is not None and tuple(base.tensors[bn].shape) == tuple(tuned.tensors[tn].shape):
+            fro = fro_blocks(base.load(bn), tuned.load(tn))[0]  # in blocks: no float copy of the whole tensor
+            if fro > 0:
+                changed.append((tn, fro))
+    if not changed:
+        return None
+    inside = sum(m.fro_norm**2 for m in result.modules if m.fro_norm is not None and math.isfinite(m.fro_norm))
+    outside = sum(f * f for _, f in changed)
+    name, fro = max(changed, key=lambda x: x[1])
+    return (f"{len(changed)} skipped tensor{'s' * (len(changed) > 1)} of three or more dimensions changed (e.g. {name}, "
+            f"‖ΔW‖_F {fro:.3g}), {outside / (inside + outside):.1%} of the update's energy (‖ΔW‖²_F of {'them' if len(changed) > 1 else 'it'} "
+            "and the analysed matrices): no number here describes that part")
 
 
 @public_entry

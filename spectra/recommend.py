@@ -41,13 +41,13 @@ from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules, task_type_for
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import normal_float32, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
-from spectra.peft_moe import PeftMoeRules, peft_moe_rules
+from spectra.peft_moe import PEFT_REFUSED_LEAVES, PeftMoeRules, peft_moe_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
 
@@ -121,8 +121,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         embeddings: also recommend LoRA for embeddings and the output head.
         task_type: PEFT task type written into the config; ``"auto"``: SEQ_CLS, TOKEN_CLS or QUESTION_ANS when the
             ``config.json`` of the diff's tuned model (or base) names such a class (:func:`spectra.extract_heads.head_task_type`),
-            else ``CAUSAL_LM``, or None (PEFT's plain ``PeftModel``) for a model that does not generate (a
-            ``…ForMaskedLM``: :data:`NO_GENERATION`), on which PEFT's CAUSAL_LM class fails. Under those three, PEFT
+            else the base's (or tuned's) class as ``extract`` writes it (:func:`spectra.io.peft_writer.task_type_for`:
+            ``CAUSAL_LM`` for a ``…ForCausalLM``, ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION`` for a bare ``…Model``), None (PEFT's
+            plain ``PeftModel``) for other classes (a ``…ForMaskedLM``, a ViT classifier: PEFT's CAUSAL_LM class fails on
+            a model that does not generate), ``CAUSAL_LM`` when no config is left to read. Under the first three, PEFT
             trains the task head whole (:mod:`spectra.extract_heads`): it gets no rank and is named in ``modules_to_save``.
 
     Raises:
@@ -217,12 +219,14 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
         tuned_config, adapter = _base_config(doc, "tuned"), doc.get("adapter")
         adapter_task = adapter.get("task_type") if isinstance(adapter, dict) else None  # a diff of an adapter: its own
-        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task) or "CAUSAL_LM"
-        if task_type == "CAUSAL_LM" and adapter_task is None and (arch := _no_generation(tuned_config, base_config)):
-            # PEFT's CAUSAL_LM class needs a model that generates: on a BertForMaskedLM get_peft_model raised
-            task_type = None
-            notes.append(f"task_type none (PEFT's plain PeftModel): its CAUSAL_LM class needs a model that generates, which {arch} "
-                         "is not; pass --task-type to choose another")
+        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task)
+        if task_type is None:  # as extract writes it: the base's class (CAUSAL_LM only for a causal LM), or the tuned's
+            arch = _architecture(base_config, tuned_config)
+            task_type = (adapter_task if isinstance(adapter_task, str) else
+                         "CAUSAL_LM" if arch is None else task_type_for({"architectures": [arch]}))
+            if task_type is None:  # PEFT's CAUSAL_LM class needs a model that generates: on CLIPModel, ViT, BERT's MLM it raised
+                notes.append(f"task_type none (PEFT's plain PeftModel): {arch} has no PEFT task class (CAUSAL_LM needs a model "
+                             "that generates); pass --task-type to choose another")
         head_like = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
         if tuned_config is None and base_config is None and adapter is None and head_like:  # moved: CAUSAL_LM gave the head a LoRA
             raise ConfigError(f"the results hold {head_like[0]}, a classifier's task head, but neither the diff's tuned model nor "
@@ -578,17 +582,12 @@ def _header(doc: dict, side: str) -> dict[str, Any] | None:
         return None
 
 
-#: Architectures that do not generate (no ``prepare_inputs_for_generation``, which PEFT's CAUSAL_LM class calls for).
-NO_GENERATION = ("ForMaskedLM", "ForPreTraining", "ForMultipleChoice", "ForNextSentencePrediction")
-
-
-def _no_generation(*configs: dict | None) -> str | None:
-    """The architecture of the first config that names one, when it is a class that does not generate
-    (:data:`NO_GENERATION`: a BERT masked LM), else None."""
+def _architecture(*configs: dict | None) -> str | None:
+    """The first ``architectures`` entry of the first config that names one, else None."""
     for c in configs:
         archs = (c or {}).get("architectures")
         if isinstance(archs, list) and archs and isinstance(archs[0], str):
-            return archs[0] if archs[0].endswith(NO_GENERATION) else None
+            return archs[0]
     return None
 
 
@@ -624,11 +623,10 @@ def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[s
 
 
 def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules | None:
-    """What PEFT drops on the diff's base model (:mod:`spectra.peft_moe`), read off the base's
-    ``config.json`` when it is still where the diff found it; None for a model without experts."""
+    """What PEFT drops (or refuses) on the diff's base model (:mod:`spectra.peft_moe`), read off the base's
+    ``config.json`` when it is still where the diff found it; None for a model without experts, or a Mamba's names."""
     mods = doc.get("modules", [])
-    if not any(isinstance(m, dict) and (m.get("expert") is not None or m.get("role") == "router") for m in mods):
-        return None
+    moe = any(isinstance(m, dict) and (m.get("expert") is not None or m.get("role") == "router") for m in mods)
     base = _input_path(doc, "base")
     model_type = None
     if base is not None:
@@ -639,6 +637,8 @@ def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules 
             cfg = None
         mt = cfg.get("model_type") if isinstance(cfg, dict) else None
         model_type = mt if isinstance(mt, str) else None
+    if not moe:
+        return peft_moe_rules(model_type) if model_type in PEFT_REFUSED_LEAVES else None
     if model_type is None:
         notes.append("an MoE model whose base config.json was not found (where the diff read the base): whether PEFT "
                      "loads LoRAs on its experts and on MLPs named like them was not checked")
