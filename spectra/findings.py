@@ -316,7 +316,8 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
     if len(stacks) < 2:
         one = _stack_depth(ms, k)
         return None if one is None else Finding("depth", one[0], numbers=one[2])
-    found = {name: d for name, group in sorted(stacks.items()) if (d := _stack_depth(group, k)) is not None}
+    # a stack of one layer is named too (T5's encoder changed in one layer beside a decoder changed in two was left out)
+    found = {name: d for name, group in sorted(stacks.items()) if (d := _stack_depth(group, k, one=True)) is not None}
     if not found:
         return None
     text = ("Along the depth, per stack of layers (median rank needed ÷ p, each stack numbering its own layers): "
@@ -324,21 +325,21 @@ def _depth_finding(ms: list[ModuleResult], k: str) -> Finding | None:
     return Finding("depth", text, numbers={"stacks": {name: numbers for name, (_, _, numbers) in found.items()}})
 
 
-def _stack_depth(ms: list[ModuleResult], k: str) -> tuple[str, str, dict] | None:
+def _stack_depth(ms: list[ModuleResult], k: str, *, one: bool = False) -> tuple[str, str, dict] | None:
     """``(sentence, clause, numbers)`` of the rank needed along one stack's layers: the sentence for a model of one
-    stack, the clause for one of several (no semicolons inside); None with fewer than two layers."""
+    stack, the clause for one of several (no semicolons inside); None with fewer than two layers (one, with ``one``)."""
     per_layer: dict[int, list[float]] = {}
     for m in ms:
         if m.layer is not None:
             per_layer.setdefault(m.layer, []).append(m.energy_rank_frac.get(k, 0.0))
-    if len(per_layer) < 2:
+    if len(per_layer) < (1 if one else 2):
         return None
     layers = sorted(per_layer)
     med = {lay: _median(v) for lay, v in per_layer.items()}
     hi = max(layers, key=lambda lay: (med[lay], -lay))
     lo = min(layers, key=lambda lay: (med[lay], lay))
     if len(layers) < 6:
-        listed = ", ".join(f"layer {lay} {_fmt(med[lay])}" for lay in layers)
+        listed = ("only " if len(layers) == 1 else "") + ", ".join(f"layer {lay} {_fmt(med[lay])}" for lay in layers)
         text, clause = f"Along the depth (median rank needed ÷ p per layer): {listed}.", listed
         thirds = None
     else:

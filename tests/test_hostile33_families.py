@@ -118,3 +118,21 @@ def test_diff_says_a_changed_kernel_holds_most_of_the_update_and_skips_a_mambas_
     hit = [w for w in out["warnings"] if "of three or more dimensions changed" in w]
     assert len(hit) == 1 and "model.encoder.conv1.weight" in hit[0], out["warnings"]
     assert f"{ek / (ek + eq):.1%} of the update's energy" in hit[0]
+
+
+def test_the_depth_finding_names_a_stack_changed_in_one_layer(tmp_path):
+    """T5 with updates in encoder layer 1 and decoder layers 1 and 2: the depth finding listed the decoder alone (a stack
+    needed two layers), as if the encoder had not changed."""
+    g = torch.Generator().manual_seed(0)
+    names = ["encoder.block.1.layer.0.SelfAttention.q.weight", "decoder.block.1.layer.0.SelfAttention.q.weight",
+             "decoder.block.2.layer.0.SelfAttention.q.weight"]
+    base = {n: torch.randn(16, 16, generator=g) for n in names}
+    save_file(base, tmp_path / "b.safetensors")
+    save_file({n: w + 0.1 * torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for n, w in base.items()},
+              tmp_path / "t.safetensors")
+    res = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "d"), "--no-plots"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "d" / "results.json").read_text())
+    ranks = {m["name"]: m["energy_rank_frac"]["0.9"] for m in out["modules"]}
+    line = next(x for x in res.stdout.splitlines() if "Along the depth" in x)
+    assert f"encoder.block: only layer 1 {ranks[names[0]]:.2f}" in line and "decoder.block: layer 1" in line
