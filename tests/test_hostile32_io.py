@@ -186,7 +186,8 @@ def test_container_weights_get_a_module_label(tmp_path):
 
 
 # ---- compare of an adapter whose initialisation moved the base --------------------------------------------------
-def _adapter(folder: Path, init: object, g: torch.Generator) -> Path:
+def init_adapter(folder: Path, init: object, g: torch.Generator) -> Path:
+    """A rank-2 PEFT adapter on q_proj (16 × 16) with ``init_lora_weights = init`` in its config."""
     folder.mkdir()
     key = "base_model.model.model.layers.0.self_attn.q_proj"
     save_file({f"{key}.lora_A.weight": torch.randn(2, 16, generator=g), f"{key}.lora_B.weight": torch.randn(16, 2, generator=g)},
@@ -203,7 +204,7 @@ def test_compare_refuses_an_adapter_that_moved_its_base(tmp_path):
     g = torch.Generator().manual_seed(0)
     (tmp_path / "base").mkdir()
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g)}, tmp_path / "base" / "model.safetensors")
-    pissa, plain = _adapter(tmp_path / "pissa", "pissa", g), _adapter(tmp_path / "plain", True, g)
+    pissa, plain = init_adapter(tmp_path / "pissa", "pissa", g), init_adapter(tmp_path / "plain", True, g)
     for args in (["compare", str(pissa), str(plain), "--base", str(tmp_path / "base")], ["compare", str(plain), str(pissa)]):
         res = cli([*args, "--out", str(tmp_path / "c"), "--no-plots"])
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr

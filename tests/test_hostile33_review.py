@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from cli_util import cli
 from safetensors.torch import save_file
+from test_hostile32_io import init_adapter
 
 from spectra.errors import CheckpointFormatError
 from spectra.io.checkpoint import open_checkpoint
 from spectra.param_experts import open_adapter_on
-
-
-def _adapter(folder: Path, init: object, g: torch.Generator) -> Path:
-    folder.mkdir(parents=True)
-    key = "base_model.model.model.layers.0.self_attn.q_proj"
-    save_file({f"{key}.lora_A.weight": torch.randn(2, 16, generator=g), f"{key}.lora_B.weight": torch.randn(16, 2, generator=g)},
-              folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["q_proj"],
-                                                            "init_lora_weights": init}))
-    return folder
 
 
 @pytest.fixture
@@ -30,7 +18,7 @@ def pissa_setup(tmp_path):
     g = torch.Generator().manual_seed(0)
     (tmp_path / "base").mkdir()
     save_file({"model.layers.0.self_attn.q_proj.weight": torch.randn(16, 16, generator=g)}, tmp_path / "base" / "model.safetensors")
-    return tmp_path, _adapter(tmp_path / "pissa", "pissa", g), _adapter(tmp_path / "plain", True, g)
+    return tmp_path, init_adapter(tmp_path / "pissa", "pissa", g), init_adapter(tmp_path / "plain", True, g)
 
 
 def test_every_measuring_command_refuses_a_base_changing_adapter_with_its_own_hint(pissa_setup):
