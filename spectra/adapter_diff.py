@@ -321,7 +321,7 @@ def diff_adapter(
         resume: continue the journal of an interrupted run of the same adapter, base and options in
             ``writer``'s folder (its finished matrices are kept, the rest computed).
     """
-    refuse_base_changing(adapter, "diff the merged model against the original base")  # (opened by open_adapter: unchecked)
+    refuse_base_changing(adapter, "diff the merged model against the original base")  # an API caller's open_adapter checks none
     if adapter.config.use_dora and base is None:
         raise CheckpointFormatError("a DoRA adapter's update depends on the base weights", path=adapter.path,
                                     hint="pass the base model: spectra diff BASE ADAPTER")

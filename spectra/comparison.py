@@ -61,7 +61,7 @@ from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, role_sort_key, unique_pairing_keys
-from spectra.pairing import PAIRING_NOTE_PREFIX, VOCAB_ROLES, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
+from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.plots.base import preload as preload_plots
@@ -274,10 +274,9 @@ class _Side:
             return u
         # a resized vocabulary's shared rows are what is compared: said, as spectra diff says it
         resized = [pair.note] if pair.rows is not None and pair.note else []
-        if cut != pair.rows:  # (its own resize said first, without the rows it would have analysed)
-            resized = [f"{pair.note.partition(': ')[0]}; " if resized else "",
-                       f"the other input's vocabulary was resized otherwise: the {cut} leading rows all three have are compared"]
-            resized = ["".join(resized)]
+        if cut != pair.rows:
+            resized.append(f"the other input's vocabulary was resized otherwise: of these, the {cut} leading rows all three "
+                           "have are compared")
         notes = pair_notes(pair, wb, wt, dense, base_fro)  # the floor's dtype: the tuned side's rounding
         return replace(u, notes=(*resized, *notes), floor=pair_floor(pair, wb, wt, notes, dense), stored=pair.tuned_info.dtype)
 
@@ -317,8 +316,8 @@ def _shared_rows(A: _Side, B: _Side, key: str, spec: MatrixSpec) -> tuple[int, i
     """The ``(out, in)`` compared of module ``key``: A's, or, for a vocabulary table two full checkpoints resized
     differently (one shrunk, one grown: each pairs its own leading rows with the base's), the rows all three share."""
     shape, other = A.shape(key), B.shape(key)
-    if A.kind == B.kind == "full" and spec.role in VOCAB_ROLES and shape[1] == other[1]:
-        return min(shape[0], other[0]), shape[1]
+    if A.kind == B.kind == "full" and shape[1] == other[1] and (A.pairs[key].rows, B.pairs[key].rows) != (None, None):
+        return min(shape[0], other[0]), shape[1]  # (rows the pairing shared: a vocabulary table, by role or by row count)
     return shape
 
 

@@ -144,7 +144,7 @@ class _Task:
             self.ckpt = open_checkpoint(label)
             pairing = pair_by_base_names(base, self.ckpt, aliases=False)  # tied names matched by name against the others
             self.pair_notes = [n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)]  # read notes: said apart
-            if unpaired := unpaired_matrices(pairing, self.ckpt, keep)[0]:  # a weight the base lacks was said nowhere
+            if unpaired := unpaired_matrices(pairing, self.ckpt, keep, shapes=False)[0]:  # (shape mismatches: skipped below)
                 self.pair_notes.append(f"{unpaired}: not measured (spectra diff BASE {label} lists them)")
             for p in pairing.pairs:
                 self.updates[p.base.name] = p

@@ -206,7 +206,8 @@ def spelling_differs(base_only: list[str], tuned_only: list[str], base: Checkpoi
             "paired (names are matched exactly, as a model loads them); rename them on one side to compare them")
 
 
-def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint, keep: Callable[[str, int | None], bool] | None = None) -> tuple[str, bool]:
+def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint, keep: Callable[[str, int | None], bool] | None = None, *,
+                      shapes: bool = True) -> tuple[str, bool]:
     """What of a full checkpoint's matrices does not pair with the base, in words, and whether that is most of them
     (more than half: a checkpoint of another model, which the trace marks failed rather than tracing its few
     matrices of matching shape against an unrelated base). ``("", False)`` when every matrix pairs.
@@ -215,25 +216,26 @@ def unpaired_matrices(pairing: Pairing, ckpt: Checkpoint, keep: Callable[[str, i
     weights the base lacks (``tuned_only``; not experts whose layout differs from the base's, which the pairing notes);
     a tensor the base has and the checkpoint lacks is a point skipped as
     "not in this checkpoint" by trace, and a head tied to the base's embedding has its own pairing note. ``keep(name,
-    layer)``: the matrices the run's filters select (all: None)."""
+    layer)``: the matrices the run's filters select (all: None); ``shapes``: count the shape mismatches (False where the
+    caller lists them as skipped already)."""
     def kept(name: str) -> bool:
         spec = ckpt.specs.get(name)
         return keep is None or spec is None or keep(name, spec.layer)
 
-    shapes = [s for s in pairing.skipped if s.reason.startswith("shape mismatch") and kept(s.name)]
+    mismatched = [s for s in pairing.skipped if shapes and s.reason.startswith("shape mismatch") and kept(s.name)]
     # experts stored per matrix on one side and as 3-D stacks on the other pair with nothing, which the pairing's own
     # note says: the same model saved by another transformers version, not another model (they outnumber the rest)
     relayout = any(EXPERT_LAYOUT_NOTE in n for n in pairing.notes)
     extra = [n for n in pairing.tuned_only if n in ckpt.specs and len(ckpt.tensors[n].shape) >= 2 and kept(n)
              and not (relayout and (ckpt.specs[n].expert is not None or len(ckpt.tensors[n].shape) == 3))]
-    if not shapes and not extra:
+    if not mismatched and not extra:
         return "", False
-    bad = len(shapes) + len(extra)
+    bad = len(mismatched) + len(extra)
     total = bad + sum(kept(p.tuned.name) for p in pairing.pairs)
     what = []
-    if shapes:  # the first one's two shapes, as the pairing gives them ("base (64, 32) vs tuned (48, 32)")
-        what.append(f"{len(shapes)} differ{'s' * (len(shapes) == 1)} in shape from the base's (e.g. {shapes[0].name}: "
-                    f"{shapes[0].reason.removeprefix('shape mismatch: ').split(' (only ')[0]})")  # (its resize hint is not ours)
+    if mismatched:  # the first one's two shapes, as the pairing gives them ("base (64, 32) vs tuned (48, 32)")
+        what.append(f"{len(mismatched)} differ{'s' * (len(mismatched) == 1)} in shape from the base's (e.g. {mismatched[0].name}: "
+                    f"{mismatched[0].reason.removeprefix('shape mismatch: ').split(' (only ')[0]})")  # (its resize hint is not ours)
     if extra:
         shown = ", ".join(extra[:3]) + (" …" if len(extra) > 3 else "")
         what.append(f"{len(extra)} {'is' if len(extra) == 1 else 'are'} not in the base ({shown})")

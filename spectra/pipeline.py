@@ -31,7 +31,7 @@ from spectra.distributed import DistContext
 from spectra.engine import batch_singular_values, exact_spectra
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.io.adapter import is_adapter
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
@@ -416,22 +416,26 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         if writer and not completed:  # interrupted (error, Ctrl-C): keep everything finished so far
             writer.flush(result)
     result.modules.sort(key=lambda m: order[m.name])
-    if moved := _changed_beyond_matrices(result, base_ckpt, tuned_ckpt):
+    if moved := _changed_beyond_matrices(result, base_ckpt, tuned_ckpt, selector(config.include, config.exclude, config.layers)):
         result.warnings.append(moved)
     result.skipped.sort(key=lambda s: order.get(s["name"], -1))  # pairing skips first, then layer order
     result.warnings.extend(f"{s['name']}: {s['reason']}" for s in result.skipped if s["name"] in order)
     return result
 
 
-def _changed_beyond_matrices(result: DiffResult, base: Checkpoint, tuned: Checkpoint) -> str | None:
+def _changed_beyond_matrices(result: DiffResult, base: Checkpoint, tuned: Checkpoint,
+                             keep: Callable[[str, int | None], bool]) -> str | None:
     """A warning when skipped tensors of three or more dimensions changed (a convolution kernel: Whisper's conv1 and conv2,
     a Mamba's conv1d, a ViT's patch embedding), with their share of the update's energy: the findings saw only the
-    matrices, and a fine-tune whose update is mostly in a kernel read as small. None when none changed."""
+    matrices, and a fine-tune whose update is mostly in a kernel read as small. None when none changed. ``keep(name,
+    layer)``: the run's filters (--include, --exclude, --layers)."""
     keys = {pairing_key(n): n for n in base.tensors}
     changed = []
     for s in result.skipped:
         tn = s["name"]
-        if not s["reason"].endswith(NOT_MATRIX) or tn not in tuned.tensors or len(tuned.tensors[tn].shape) < 3:
+        info, spec = tuned.tensors.get(tn), tuned.specs.get(tn)
+        if (not s["reason"].endswith(NOT_MATRIX) or info is None or len(info.shape) < 3 or info.dtype not in FLOAT_DTYPES
+                or not keep(tn, spec.layer if spec is not None else None)):
             continue
         bn = tn if tn in base.tensors else keys.get(pairing_key(tn))
         if bn is not None and tuple(base.tensors[bn].shape) == tuple(tuned.tensors[tn].shape):

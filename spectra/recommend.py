@@ -168,7 +168,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     kept_names = {m.name for m in analysed(res)}
     noise = {m.name for m in res.modules if m.fro_norm and m.name not in kept_names}
     whole: dict[str, dict] = {}  # module path -> {"shape": [out, in], "parts": [records]}
-    rules = _moe_rules(doc, where, notes)
+    rules = _moe_rules(doc, notes)
     left_out: dict[str, list[str]] = {}  # why -> module names left out of the config
     for m in doc.get("modules", []):
         name = m["name"]
@@ -219,14 +219,13 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
         tuned_config, adapter = _base_config(doc, "tuned"), doc.get("adapter")
         adapter_task = adapter.get("task_type") if isinstance(adapter, dict) else None  # a diff of an adapter: its own
-        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task)
-        if task_type is None:  # as extract writes it: the base's class (CAUSAL_LM only for a causal LM), or the tuned's
-            arch = _architecture(base_config, tuned_config)
-            task_type = (adapter_task if isinstance(adapter_task, str) else
-                         "CAUSAL_LM" if arch is None else task_type_for({"architectures": [arch]}))
-            if task_type is None:  # PEFT's CAUSAL_LM class needs a model that generates: on CLIPModel, ViT, BERT's MLM it raised
-                notes.append(f"task_type none (PEFT's plain PeftModel): {arch} has no PEFT task class (CAUSAL_LM needs a model "
-                             "that generates); pass --task-type to choose another")
+        named, arch = _named(base_config, tuned_config)
+        # as extract writes it (CAUSAL_LM only for a model that generates: on CLIPModel, ViT, BERT's MLM get_peft_model raised)
+        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task) or (
+            adapter_task if isinstance(adapter_task, str) else "CAUSAL_LM" if named is None else task_type_for(named))
+        if task_type is None:
+            notes.append(f"task_type none (PEFT's plain PeftModel): {arch} has no PEFT task class (CAUSAL_LM needs a model "
+                         "that generates); pass --task-type to choose another")
         head_like = sorted({h for t in HEAD_NAMES for h in head_modules(t, [p + ".weight" for p in whole])})
         if tuned_config is None and base_config is None and adapter is None and head_like:  # moved: CAUSAL_LM gave the head a LoRA
             raise ConfigError(f"the results hold {head_like[0]}, a classifier's task head, but neither the diff's tuned model nor "
@@ -582,13 +581,13 @@ def _header(doc: dict, side: str) -> dict[str, Any] | None:
         return None
 
 
-def _architecture(*configs: dict | None) -> str | None:
-    """The first ``architectures`` entry of the first config that names one, else None."""
+def _named(*configs: dict | None) -> tuple[dict | None, str | None]:
+    """The first config whose ``architectures`` names a class, and that class; ``(None, None)`` when none does."""
     for c in configs:
         archs = (c or {}).get("architectures")
         if isinstance(archs, list) and archs and isinstance(archs[0], str):
-            return archs[0]
-    return None
+            return c, archs[0]
+    return None, None
 
 
 def _base_config(doc: dict, side: str = "base") -> dict | None:
@@ -622,21 +621,13 @@ def _beyond_kept(budget: str, n: int, doc: dict, paths: list[str], whole: dict[s
                           f"e.g. {short[0]})", path=where, hint="rerun spectra diff with a larger --top-k, or give a smaller budget")
 
 
-def _moe_rules(doc: dict, where: Path | None, notes: list[str]) -> PeftMoeRules | None:
+def _moe_rules(doc: dict, notes: list[str]) -> PeftMoeRules | None:
     """What PEFT drops (or refuses) on the diff's base model (:mod:`spectra.peft_moe`), read off the base's
     ``config.json`` when it is still where the diff found it; None for a model without experts, or a Mamba's names."""
     mods = doc.get("modules", [])
     moe = any(isinstance(m, dict) and (m.get("expert") is not None or m.get("role") == "router") for m in mods)
-    base = _input_path(doc, "base")
-    model_type = None
-    if base is not None:
-        folder = Path(base) if Path(base).is_dir() else Path(base).parent
-        try:
-            cfg = load_json(folder / "config.json", what="config.json") if (folder / "config.json").is_file() else None
-        except SpectraError:  # an unreadable config: judged as unknown below
-            cfg = None
-        mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-        model_type = mt if isinstance(mt, str) else None
+    mt = (_base_config(doc) or {}).get("model_type")  # (read as open_checkpoint reads it: a link out of the folder refused)
+    model_type = mt if isinstance(mt, str) else None
     if not moe:
         return peft_moe_rules(model_type) if model_type in PEFT_REFUSED_LEAVES else None
     if model_type is None:

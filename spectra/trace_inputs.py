@@ -16,7 +16,7 @@ from typing import Any
 
 from spectra.errors import CheckpointNotFoundError, ConfigError, ResultsFormatError, SpectraError
 from spectra.io.adapter import ADAPTER_CONFIG, AdapterConfig, is_adapter
-from spectra.io.checkpoint import FOLDER_WEIGHTS, Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FOLDER_WEIGHTS, WEIGHT_FILE_SUFFIXES, Checkpoint, open_checkpoint
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 from spectra.journal import first_of_each
@@ -26,8 +26,6 @@ from spectra.results_check import impossible, is_int, is_num  # a step is a JSON
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 #: A step in a checkpoint file's name: PyTorch Lightning's default ``epoch=2-step=20.ckpt``.
 STEP_IN_NAME = re.compile(r"(?:^|[-_])step=(\d+)(?=[-_.]|$)")
-#: The suffixes of a checkpoint saved as one file (safetensors, torch.save, Lightning's .ckpt).
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def file_step(path: Path) -> int | None:
@@ -230,11 +228,14 @@ def _holds_weights(folder: Path) -> list[Path]:
 
 
 def _run_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder holding ``checkpoint-N`` folders (a Trainer's output folder)."""
+    """Whether ``path`` is a folder holding ``checkpoint-N`` folders (a Trainer's output folder) whose own model, if any,
+    has no step (a final model with its trainer_state.json's global_step is a checkpoint to list with the others)."""
     try:
-        return path.is_dir() and any(CHECKPOINT_DIR.match(d.name) and d.is_dir() for d in path.iterdir())
+        runs = path.is_dir() and any(CHECKPOINT_DIR.match(d.name) and d.is_dir() for d in path.iterdir())
     except OSError:  # unreadable: reading it as a checkpoint says why
         return False
+    state, _ = _read_state(path) if runs else (None, "")
+    return runs and not (state is not None and _is_step(state.get("global_step")))
 
 
 def _models_beside_checkpoints(run: Path, found: list[Path]) -> list[dict[str, str]]:

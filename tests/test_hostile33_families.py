@@ -136,3 +136,15 @@ def test_the_depth_finding_names_a_stack_changed_in_one_layer(tmp_path):
     ranks = {m["name"]: m["energy_rank_frac"]["0.9"] for m in out["modules"]}
     line = next(x for x in res.stdout.splitlines() if "Along the depth" in x)
     assert f"encoder.block: only layer 1 {ranks[names[0]]:.2f}" in line and "decoder.block: layer 1" in line
+
+
+def test_a_vision_language_decoder_gets_causal_lm_and_an_encoder_decoder_seq2seq():
+    """…ForConditionalGeneration was SEQ_2_SEQ_LM for every class: LLaVA, Qwen2-VL and Gemma 3 are decoders (their saved
+    config.json holds no is_encoder_decoder), on which PEFT's seq2seq class feeds decoder inputs; T5 saves it true."""
+    from spectra.io.peft_writer import task_type_for
+
+    assert task_type_for({"architectures": ["LlavaForConditionalGeneration"]}) == "CAUSAL_LM"
+    assert task_type_for({"architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True}) == "SEQ_2_SEQ_LM"
+    for cls in (transformers.T5Config, transformers.BartConfig, transformers.WhisperConfig):
+        saved = cls().to_diff_dict()  # what save_pretrained writes
+        assert task_type_for({**saved, "architectures": ["XForConditionalGeneration"]}) == "SEQ_2_SEQ_LM"

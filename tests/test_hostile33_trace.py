@@ -81,3 +81,18 @@ def test_a_run_folder_listed_with_other_checkpoints_is_called_a_run_folder(tmp_p
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert "this is a training run's folder of checkpoint-N folders, listed with other checkpoints" in res.stderr
     assert f"spectra trace BASE {run}" in res.stderr
+
+
+def test_a_run_folder_with_its_own_stepped_model_can_be_listed_beside_its_checkpoints(tmp_path):
+    """The refusal above is for a run folder read as a step-less model: one whose own model has a trainer_state.json
+    with its global_step (the final model) is a checkpoint, listed with the others as before."""
+    base, steps = _run(tmp_path)
+    run = tmp_path / "run"
+    for s in (5, 9):
+        _model(run / f"checkpoint-{s}", steps[s])
+    save_file({Q: steps[15].contiguous()}, run / "model.safetensors")
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 15, "log_history": []}))
+    res = cli(["trace", str(base), str(run / "checkpoint-5"), str(run / "checkpoint-9"), str(run), "--out", str(tmp_path / "t"),
+               "--no-plots"])
+    assert res.returncode == 0, res.stderr
+    assert [c["step"] for c in json.loads((tmp_path / "t" / "trace.json").read_text())["checkpoints"]] == [5, 9, 15]

@@ -80,6 +80,8 @@ QUANTISED_DTYPES = frozenset({"float8_e4m3fn", "float8_e5m2", "int8"})
 #: DeepSeek-V3's block size, used for ``weight_scale_inv`` when config.json does not give one.
 DEFAULT_SCALE_BLOCK = (128, 128)
 _BIN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # .ckpt: PyTorch Lightning's torch.save checkpoint
+#: The suffixes of a checkpoint saved as one file (safetensors, torch.save, Lightning's .ckpt).
+WEIGHT_FILE_SUFFIXES = (".safetensors", *_BIN_SUFFIXES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -546,7 +548,7 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     files it leads to (shards, ``config.json``) must resolve inside ``roots``."""
     if path.name.endswith(".index.json"):
         return _open_index(label, path, roots)
-    if path.suffix not in (".safetensors", *_BIN_SUFFIXES):
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
         what, hint = describe_file(path) or (f"unknown checkpoint file type {path.suffix!r}",
                                              "expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json")
         raise CheckpointFormatError(what, path=path, hint=hint)
@@ -633,7 +635,7 @@ def _open_index(label: str, index_path: Path, roots: tuple[Path, ...]) -> Checkp
         check_inside(shards[shard], roots, what=shard)
     fmt = "safetensors" if all(s.endswith(".safetensors") for s in shards) else "bin"
     states = StateDictCache()
-    per_shard = {s: tensor_infos(p, states) if p.suffix in (".safetensors", *_BIN_SUFFIXES) else _unknown_shard(index_path, s)
+    per_shard = {s: tensor_infos(p, states) if p.suffix in WEIGHT_FILE_SUFFIXES else _unknown_shard(index_path, s)
                  for s, p in shards.items()}
     # every tensor of every listed shard, in transformers' order (spectra.io.shard_index)
     tensors, _, texts = read_order(sorted(spellings), weight_map, per_shard, index_path.name)

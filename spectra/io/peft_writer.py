@@ -286,7 +286,9 @@ def pattern_key(module: str) -> str:
 
 def task_type_for(config: Mapping[str, Any] | None) -> str | None:
     """PEFT's ``task_type`` for a base model's ``config.json`` (its first ``architectures`` entry):
-    ``…ForCausalLM`` → ``CAUSAL_LM`` etc.; None when unknown (PEFT then loads a plain ``PeftModel``).
+    ``…ForCausalLM`` → ``CAUSAL_LM`` etc.; ``…ForConditionalGeneration`` is ``SEQ_2_SEQ_LM`` where the config says
+    ``is_encoder_decoder: true`` (T5, BART, Whisper save it), else ``CAUSAL_LM`` (a vision-language decoder: LLaVA,
+    Qwen2-VL, Gemma 3); None when unknown (PEFT then loads a plain ``PeftModel``).
 
     >>> task_type_for({"architectures": ["LlamaForCausalLM"]}), task_type_for({"architectures": ["BertForMaskedLM"]})
     ('CAUSAL_LM', None)
@@ -295,7 +297,8 @@ def task_type_for(config: Mapping[str, Any] | None) -> str | None:
     arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else ""
     for suffix, task in TASK_TYPES:
         if arch.endswith(suffix):
-            return task
+            # LLaVA, Qwen2-VL, Gemma 3 are …ForConditionalGeneration decoders: PEFT's seq2seq class feeds decoder inputs
+            return "CAUSAL_LM" if task == "SEQ_2_SEQ_LM" and (config or {}).get("is_encoder_decoder") is not True else task
     return None
 
 
