@@ -51,7 +51,7 @@ from spectra.compare_records import (
 )
 from spectra.config import CompareConfig, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.engine import COMPARE_BATCH_BYTES, MEASURE_COPIES
+from spectra.engine import COMPARE_BATCH_BYTES, MEASURE_COPIES, MEASURE_MIN_COPIES
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
@@ -64,6 +64,7 @@ from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pa
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
+from spectra.plan import free_memory
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -319,6 +320,15 @@ def _shared_rows(A: _Side, B: _Side, key: str, spec: MatrixSpec) -> tuple[int, i
     if A.kind == B.kind == "full" and shape[1] == other[1] and (A.pairs[key].rows, B.pairs[key].rows) != (None, None):
         return min(shape[0], other[0]), shape[1]  # (rows the pairing shared: a vocabulary table, by role or by row count)
     return shape
+
+
+def _refuse_beyond_memory(jobs: list[_Job], device: torch.device) -> None:
+    """Refuse a run whose largest module's float64 measures need more than the free memory (a 128256 × 4096 embedding
+    grew past 22 GB, to be killed by the kernel): named, with the way to leave it out."""
+    big = max(jobs, key=lambda j: j.shape[0] * j.shape[1], default=None)
+    if big is not None and (free := free_memory(device)) is not None and (need := MEASURE_MIN_COPIES * 8 * math.prod(big.shape)) > free:
+        raise ConfigError(f"{big.spec.name} {big.shape} needs at least {need / 2**30:.3g} GiB for compare's float64 measures, and "
+                          f"{free / 2**30:.3g} GiB is free", hint=f"--exclude '{big.spec.module}' (spectra diff measures it in far less)")
 
 
 def _random_bases(job: _Job, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -583,6 +593,7 @@ def compare(
             # the bases themselves are drawn by the worker (in parallel, and only for the modules in flight)
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, seed))
+    _refuse_beyond_memory(jobs, device)
     journal, done = _journaled(jobs, A, B, base_ckpt, config, out_dir, resume)
     workers = check_workers(workers, torch.get_num_threads() if device.type == "cpu" else 1)
     def measure(job: _Job):

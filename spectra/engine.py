@@ -71,6 +71,9 @@ CPU_BATCH_BYTES = 256 << 20
 #: Float64 copies of its matrix that compare's measures of one module hold at once (the base, both updates, W + ΔW
 #: for the intruders, their products: ~300 MB measured for a 2048 × 2048 module); its cost against the cap below.
 MEASURE_COPIES = 9
+#: The float64 copies of its matrix compare holds at least for one module (49 bytes per entry measured on a 32000 × 4096
+#: embedding): a module whose copies exceed the free memory is refused before the run, not killed by the kernel.
+MEASURE_MIN_COPIES = 6
 #: compare's cap on the working sets of the modules measured at once on the CPU, bytes; a larger module runs alone.
 COMPARE_BATCH_BYTES = 2 << 30
 

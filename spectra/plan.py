@@ -15,10 +15,12 @@ reports both.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -302,3 +304,20 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, bytes (Linux ``ru_maxrss`` is KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def free_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the run can still allocate on ``device``: CUDA's free memory; on a CPU the kernel's ``MemAvailable`` or a
+    container's (cgroup v2 at ``cgroup``) limit less its working set, whichever is less; None where neither is known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    found = []
+    with contextlib.suppress(OSError, ValueError, IndexError):  # not Linux
+        found += [int(x.split()[1]) * 1024 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no limit ("max")
+        free = int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text())
+        with contextlib.suppress(OSError, ValueError, IndexError):  # the usage counts page cache, whose inactive part
+            fields = (cgroup / "memory.stat").read_text().split()  # the kernel reclaims before it kills (working set)
+            free += int(fields[fields.index("inactive_file") + 1]) if "inactive_file" in fields else 0
+        found.append(max(free, 0))
+    return min(found) if found else None

@@ -25,6 +25,7 @@ from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular, refuse_empty_path
 from spectra.io.text_data import TEXT_SUFFIXES, text_files
 from spectra.linalg import validate_device
+from spectra.plan import free_memory
 
 #: Largest share of a data file's characters that may be undecodable UTF-8 (read as U+FFFD): above
 #: it the file is binary or in another encoding, and training on it would learn replacement marks.
@@ -336,23 +337,6 @@ def check_vocabulary(base: str | Path, tok, ids: torch.Tensor) -> None:
 
 #: Most tokens one optimiser step may take (batch × seq_len): below int32/64 overflow, whatever the memory.
 MAX_STEP_TOKENS = 2**31
-
-
-def free_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes the run can still allocate on ``device``: CUDA's free memory; on a CPU the kernel's ``MemAvailable`` or a
-    container's (cgroup v2 at ``cgroup``) limit less its working set, whichever is less; None where neither is known."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    found = []
-    with contextlib.suppress(OSError, ValueError, IndexError):  # not Linux
-        found += [int(x.split()[1]) * 1024 for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:")]
-    with contextlib.suppress(OSError, ValueError):  # no cgroup v2, or no limit ("max")
-        free = int((cgroup / "memory.max").read_text()) - int((cgroup / "memory.current").read_text())
-        with contextlib.suppress(OSError, ValueError, IndexError):  # the usage counts page cache, whose inactive part
-            fields = (cgroup / "memory.stat").read_text().split()  # the kernel reclaims before it kills (working set)
-            free += int(fields[fields.index("inactive_file") + 1]) if "inactive_file" in fields else 0
-        found.append(max(free, 0))
-    return min(found) if found else None
 
 
 def check_step_memory(batch: int, seq_len: int, cfg: dict[str, Any], device: torch.device) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spectra.errors import ConfigError
-from spectra.training_inputs import check_step_memory, free_memory
+from spectra.plan import free_memory
+from spectra.training_inputs import check_step_memory
 
 
 def _cgroup(root: Path, limit: str, current: int, inactive_file: int) -> Path:
@@ -25,7 +26,7 @@ def test_a_containers_page_cache_is_free_memory(tmp_path, monkeypatch):
     memory was read as 1 GiB and `--batch 8 --seq-len 512` of a 50k vocabulary refused (needs ≥ 2.3 GiB)."""
     gib = 2**30
     cg = _cgroup(tmp_path / "cg", str(16 * gib), 15 * gib, 14 * gib)
-    monkeypatch.setattr("spectra.training_inputs.Path", _NoMeminfo)  # only the cgroup's number
+    monkeypatch.setattr("spectra.plan.Path", _NoMeminfo)  # only the cgroup's number
     assert free_memory(torch.device("cpu"), cg) == 15 * gib
     # with no cache the same usage leaves 1 GiB: a 2.3 GiB step is refused, naming both options
     tight = _cgroup(tmp_path / "tight", str(16 * gib), 15 * gib, 0)
@@ -52,7 +53,7 @@ class _NoMeminfo(type(Path())):
 def test_free_memory_of_a_cgroup_without_its_stat_file_or_over_its_limit(tmp_path, monkeypatch):
     """The review: a missing memory.stat dropped the container's limit too (the host's MemAvailable used), and usage
     above the limit gave a negative free memory ("more than the -0.1 GiB free")."""
-    monkeypatch.setattr("spectra.training_inputs.Path", _NoMeminfo)
+    monkeypatch.setattr("spectra.plan.Path", _NoMeminfo)
     gib = 2**30
     cg = _cgroup(tmp_path / "cg", str(4 * gib), 3 * gib, 0)
     (cg / "memory.stat").unlink()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from cli_util import cli
 from safetensors.torch import save_file
@@ -77,3 +78,22 @@ def test_compare_and_interfere_say_what_a_full_checkpoint_holds_beyond_the_base(
     res = cli(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(tmp_path / "base"), "--include", "q_proj",
                "--out", str(tmp_path / "c2"), "--no-plots"])
     assert res.returncode == 0 and extra not in res.stderr, res.stderr
+
+
+def test_compare_refuses_a_module_whose_measures_exceed_the_free_memory(tmp_path, monkeypatch):
+    """A Llama-3-8B-sized embedding (128256 × 4096) grew compare past 22 GB of 23.5 with no word (the kernel kills such a
+    run); the largest module's float64 measures are checked against the free memory first (here a 100 × 48 embedding
+    against 100 kB free, since the machine's own memory cannot be made small in a test)."""
+    import spectra
+    from spectra.errors import ConfigError
+
+    g = torch.Generator().manual_seed(2)
+    base = _base(tmp_path, g)
+    for side in ("a", "b"):
+        _save(tmp_path / side, {EMB: base[EMB] + _low_rank(100, g), Q: base[Q] + _low_rank(48, g)}, 100)
+    monkeypatch.setattr("spectra.comparison.free_memory", lambda device: 100_000)
+    with pytest.raises(ConfigError, match=r"model.embed_tokens.weight \(100, 48\) needs at least [0-9.e-]+ GiB .* is free") as err:
+        spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False)
+    assert "--exclude 'embed_tokens'" in str(err.value.hint)
+    monkeypatch.setattr("spectra.comparison.free_memory", lambda device: None)  # unknown: not refused
+    assert spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False).modules
