@@ -48,6 +48,7 @@ import torch
 
 from spectra.checks import check_index, check_number
 from spectra.engine import factored_svd
+from spectra.lapack import Tridiagonal
 from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
@@ -117,7 +118,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     """Every singular value of a dense update and its top-k triplets, from one float64 eigensolve.
 
     The smaller Gram matrix ``G = X Xᵀ`` (``X`` = ΔW, or ΔWᵀ when out > in; :func:`spectra.linalg.gram`)
-    is decomposed with ``torch.linalg.eigh`` on ``delta``'s device: ``σ_i = sqrt(λ_i)`` and the
+    is decomposed on ``delta``'s device (on the CPU reduced once, :class:`spectra.lapack.Tridiagonal`: every value,
+    then the kept vectors only; elsewhere ``torch.linalg.eigh``): ``σ_i = sqrt(λ_i)`` and the
     eigenvectors are the singular vectors of that side; the other side's top-k vectors are
     ``Xᵀ q_i / σ_i``, re-orthonormalised by a QR (only their span is used downstream). Singular
     values are exact to ≈1e-7·σ₁ (float64 Gram, the definitions' precision statement); vectors are
@@ -148,8 +150,15 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     e = squaring_exponent(delta)  # 0 unless float64 (narrower entries square within float64's range)
     if e:
         delta = scale_pow2(delta, -e)
-    lam, Q = torch.linalg.eigh(gram(delta, dtype=torch.float64))  # ascending
-    lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
+    G = gram(delta, dtype=torch.float64)
+    # on the CPU one reduction gives every value, then only the vectors kept (a full eigh back-transformed all p: at
+    # p = 4096, 21 s against 3.7 s for the values, for 16 vectors)
+    tri = Tridiagonal.of(G.numpy(), overwrite=True) if G.device.type == "cpu" and Tridiagonal.available() else None
+    if tri is not None:
+        lam = torch.from_numpy(tri.lam).clamp_min(0.0)
+    else:
+        lam, Q = torch.linalg.eigh(G)  # ascending
+        lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
     S_np = np.ldexp(S.cpu().numpy(), e)
     # the floor in the scaled units (ldexp: exact)
@@ -159,7 +168,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
-    Qk, Sk = Q[:, :keep], S[:keep]  # the short side's singular vectors (p, keep)
+    Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
+    Sk = S[:keep]
     X = delta if wide else delta.mT  # (p, long)
     Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
     other, R = torch.linalg.qr(Y, mode="reduced")
