@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 
 import click
@@ -221,13 +222,33 @@ class _LogProgress(Progress):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._logged = time.monotonic()
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        super().start()
+        # a timer too: a run's largest matrices come first, and minutes without a line read as a hang
+        threading.Thread(target=self._tick, name="spectra-log-progress", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        super().stop()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(max(LOG_EVERY_S, 0.01)):
+            self._log()
 
     def update(self, *args, **kwargs) -> None:
         super().update(*args, **kwargs)
-        now = time.monotonic()
-        if now - self._logged >= LOG_EVERY_S and self.live.is_started:
+        self._log()
+
+    def _log(self) -> None:
+        with self._lock:  # (the timer's thread and the run's)
+            now = time.monotonic()
+            if now - self._logged < LOG_EVERY_S or not self.live.is_started:
+                return
             self._logged = now
-            self.console.print(self.make_tasks_table(self.tasks), highlight=False)
+            table = self.make_tasks_table(self.tasks)
+        self.console.print(table, highlight=False)
 
 
 class OutPath(click.Path):

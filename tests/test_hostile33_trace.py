@@ -96,3 +96,22 @@ def test_a_run_folder_with_its_own_stepped_model_can_be_listed_beside_its_checkp
                "--no-plots"])
     assert res.returncode == 0, res.stderr
     assert [c["step"] for c in json.loads((tmp_path / "t" / "trace.json").read_text())["checkpoints"]] == [5, 9, 15]
+
+
+def test_progress_in_a_log_prints_while_one_long_item_runs(monkeypatch):
+    """On a log, the progress line came only when an item finished: an esd of an 8B pair printed nothing for 145 s (its
+    embedding first), which reads as a hang. A timer prints it every LOG_EVERY_S seconds too."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    import spectra_cli.console as console
+
+    monkeypatch.setattr(console, "LOG_EVERY_S", 0.05)
+    out = io.StringIO()
+    progress = console._LogProgress(console=Console(file=out, force_terminal=False, width=120))
+    with progress:
+        progress.add_task("ESD fits", total=5)
+        time.sleep(0.4)  # no update at all
+    assert out.getvalue().count("ESD fits") >= 3, out.getvalue()
