@@ -137,11 +137,11 @@ def test_compare_unresolved_finding_note_and_legend(tmp_path):
     d = _json(_run(["compare", str(f["n1"]), str(f["n2"]), "--base", str(f["base"]), "--json"]).output)
     (mm,) = d["modules"]
     assert mm["status"] == "unresolved" and mm["reason"].startswith("every singular value of A's and B's updates is at")
-    import spectra.comparison as comparison
+    import spectra.compare_records as compare_records
     from spectra.compare_findings import compare_findings, table_legend
     from spectra.compare_records import CompareResult
 
-    assert comparison._unresolved_reason.__doc__  # (d): the reason's helper says what it words
+    assert compare_records.unresolved_reason.__doc__  # (d): the reason's helper says what it words
     found = compare_findings(CompareResult.from_dict(d))
     unres = [x for x in found if x.topic == "unresolved"]
     assert len(unres) == 1 and unres[0].numbers["unresolved"] == 1 and NAME.split(".")[-2] in unres[0].text
