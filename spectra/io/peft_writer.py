@@ -298,7 +298,8 @@ def task_type_for(config: Mapping[str, Any] | None) -> str | None:
     for suffix, task in TASK_TYPES:
         if arch.endswith(suffix):
             # LLaVA, Qwen2-VL, Gemma 3 are …ForConditionalGeneration decoders: PEFT's seq2seq class feeds decoder inputs
-            return "CAUSAL_LM" if task == "SEQ_2_SEQ_LM" and (config or {}).get("is_encoder_decoder") is not True else task
+            decoder = suffix == "ForConditionalGeneration" and (config or {}).get("is_encoder_decoder") is not True
+            return "CAUSAL_LM" if decoder else task
     return None
 
 
