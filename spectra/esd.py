@@ -329,6 +329,8 @@ def as_eigenvalues(evals: np.ndarray | Sequence[float], name: str = "evals") -> 
 ALPHA_TIE = 1e6
 _TIE_REASON = (f"α above {ALPHA_TIE:.0e}: the tail's eigenvalues are equal within a millionth (a tie split by "
                "rounding), not a power law")
+#: The failed fit's reason of a matrix whose eigenvalues are all zero.
+ZERO_REASON = "the matrix is exactly zero (every eigenvalue 0)"
 
 def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fit",
                   thresh: float = EVALS_THRESH) -> PowerLawFit:
@@ -366,7 +368,8 @@ def power_law_fit(evals: np.ndarray | Sequence[float], *, xmin: XminMethod = "fi
     N = x.size
     xmax = float(x[-1]) if N else None
     if N < 2:
-        return _failed(xmin, N, f"{N} eigenvalue(s) above {thresh:g}; a power-law fit needs at least 2", xmax)
+        return _failed(xmin, N, ZERO_REASON if not lam.any() else
+                       f"{N} eigenvalue(s) above {thresh:g}; a power-law fit needs at least 2", xmax)
     if xmin == "fit" and N < SMALL_N_CUTOFF:
         fit = _small_n_fit(x)
         if fit is None or not math.isfinite(fit.alpha):  # N >= 2 here: every eigenvalue equal

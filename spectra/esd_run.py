@@ -37,7 +37,7 @@ from spectra.config import SharedOptions, config_of, public_entry, search_patter
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
-from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, XminMethod, esd_metrics
+from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics
 from spectra.esd_results import SCHEMA as ESD_SCHEMA
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
@@ -391,7 +391,11 @@ def esd(
                 journal.release()  # and no lock in the folder
     result.matrices.sort(key=lambda r: order.get(r.name, len(order)))
     failed = sum(m["alpha"] is None for m in result.matrices)
-    if failed:
+    zero = sum(m.metrics.get("fit_note") == ZERO_REASON for m in result.matrices)
+    if zero == len(result.matrices) > 1:  # a preallocated file that never got its data reads as zeros past its header
+        result.warnings.append(f"every one of the {zero} matrices is exactly zero: a preallocated or incompletely written "
+                               "checkpoint? (no power law to fit)")
+    elif failed:
         result.warnings.append(f"{failed} of {len(result.matrices)} power-law fits failed (too few eigenvalues above "
                                f"{config.evals_thresh:g}, or a degenerate tail); their alpha is null")
     result.complete = True

@@ -71,7 +71,7 @@ from spectra.io.paths import (
 from spectra.io.safetensors_file import TensorEntry, dtype_name, read_header, read_rows, read_tensor
 from spectra.io.shard_index import read_order, safe_relative, shard_key
 from spectra.io.torchfile import StateDictCache
-from spectra.io.training_folders import describe_file, describe_folder
+from spectra.io.training_folders import INDEX_NAME, describe_file, describe_folder, lone_shard, model_parallel_file
 from spectra.naming import WEIGHT_QUANT_LEAVES, ArchInfo, MatrixSpec, describe_checkpoint
 
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
@@ -506,9 +506,13 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         chosen = folder / present[0]
         check_inside(chosen, roots)
         ckpt = _open_index(label, chosen, roots) if present[0].endswith(".index.json") else _open_file(label, chosen, roots)
-        if len(present) > 1:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
-            ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present)} weight sets; read {present[0]} "
-                              f"(transformers' order) and ignored {', '.join(present[1:])}")
+        # shards no index names (a newer download's, beside a stale pytorch_model.bin) are another weight set
+        loose = [] if "model.safetensors.index.json" in present else \
+            sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and lone_shard(p))
+        if len(present) > 1 or loose:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
+            ignored = present[1:] + ([f"{len(loose)} shard files ({loose[0]} …) no index names"] if loose else [])
+            ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present) + bool(loose)} weight sets; read "
+                              f"{present[0]} (transformers' order) and ignored {', '.join(ignored)}")
         if _is_entry(folder / "adapter_config.json"):  # commands that take adapters read the adapter instead
             ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds a full model and a PEFT adapter "
                               f"(adapter_config.json); read the full model {present[0]} here, while diff, compare, esd and "
@@ -523,13 +527,19 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and not p.is_dir())
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot list the folder ({exc.strerror or exc.__class__.__name__})", path=folder) from None
+    if len(candidates) == 1 and (shard := lone_shard(folder / candidates[0])):  # an interrupted download, most often
+        raise CheckpointFormatError(f"the folder holds only {candidates[0]}, shard {shard[0]} of {shard[1]}, and no index: "
+                                    "the other shards are missing", path=folder,
+                                    hint="download the rest of the model (its index too), or pass the file to read that shard alone")
     if len(candidates) == 1:
         check_inside(folder / candidates[0], roots)
         return _open_file(label, folder / candidates[0], roots)
     if candidates:
+        variants = sorted(p.name for p in folder.iterdir() if INDEX_NAME.fullmatch(p.name) and p.is_file())
         raise CheckpointFormatError(
             f"{len(candidates)} .safetensors files but no model.safetensors.index.json",
-            path=folder, hint="pass one file, or add the index that says which shards form the model",
+            path=folder, hint=f"pass the variant's index ({folder / variants[0]})" if variants else
+            "pass one file, or add the index that says which shards form the model",
         )
     hub = hub_cache_hint(folder) or describe_folder(folder)  # a hub cache passed for its snapshot, a DeepSpeed folder…
     # PEFT saves an adapter of another name than "default" in a sub-folder of that name
@@ -546,17 +556,19 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
 def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     """``path`` is the file the user named, or one found in a folder and checked against ``roots``;
     files it leads to (shards, ``config.json``) must resolve inside ``roots``."""
-    if path.name.endswith(".index.json"):
+    if INDEX_NAME.fullmatch(path.name):
         return _open_index(label, path, roots)
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        what, hint = describe_file(path) or (f"unknown checkpoint file type {path.suffix!r}",
-                                             "expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json")
+    if path.suffix not in WEIGHT_FILE_SUFFIXES or (split := model_parallel_file(path)):
+        what, hint = split or describe_file(path) or (f"unknown checkpoint file type {path.suffix!r}",
+                                                      "expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json")
         raise CheckpointFormatError(what, path=path, hint=hint)
     states = StateDictCache()
     infos = tensor_infos(path, states)
     ckpt = Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
                       read_config(path.parent, roots), states)
     ckpt.notes.extend(unwrap_notes(label, states))
+    if shard := lone_shard(path):  # named by the user: one shard's matrices on purpose, but never the whole model
+        ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: {path.name} is shard {shard[0]} of {shard[1]}; only its tensors are read")
     return ckpt
 
 

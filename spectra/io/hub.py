@@ -54,6 +54,13 @@ def resolve_hub_cache(repo: str) -> Path:
                                           hint="the cache entry is corrupt or was tampered with; download the model again")
     snapshot = entry / "snapshots" / commit
     if not _COMMIT.match(commit) or not snapshot.is_dir():
+        try:  # the snapshots that are there (a cache copied without refs/, or a download by commit)
+            held = sorted(p.name for p in (entry / "snapshots").iterdir() if _COMMIT.match(p.name) and p.is_dir())
+        except OSError:
+            held = []
+        if held:
+            hint = (f"pass one of the cached revisions: {', '.join(f'{repo_id}@{h}' for h in held[:3])}"
+                    + (f" ({len(held)} in all)" if len(held) > 3 else "") + f", or {hint}")
         raise CheckpointNotFoundError(f"revision {revision!r} of {repo_id} is not in the local cache ({entry})", path=repo, hint=hint)
     check_inside(snapshot, (Path(os.path.realpath(entry / "snapshots")),), error=CheckpointNotFoundError)
     return snapshot

@@ -81,11 +81,53 @@ def describe_folder(folder: Path) -> tuple[str, str] | None:
     if runs:  # a Trainer's output folder
         return (f"this is a training run's folder of checkpoints ({', '.join(runs[:3])}{' …' if len(runs) > 3 else ''}), not a model "
                 "folder", f"pass one of them (e.g. {folder / runs[-1]}), or trace the run: spectra trace BASE {folder}")
+    meta = _meta_shards(folder, names)
+    if meta:  # Meta's own layout (llama, Mistral's reference code): consolidated.NN.pth + params.json
+        if len(meta) > 1:
+            return _model_parallel(folder, meta)
+        return (f"this is a Meta-format checkpoint folder ({meta[0]}), not a Hugging Face model folder",
+                f"pass the file: {folder / meta[0]}")
+    if "pytorch_model_fsdp.bin" in names:  # Accelerate's FSDP FULL_STATE_DICT
+        return ("this is an Accelerate FSDP checkpoint folder (pytorch_model_fsdp.bin), not a Hugging Face model folder",
+                f"pass the file: {folder / 'pytorch_model_fsdp.bin'}")
     ckpts = sorted(n for n in names if n.endswith(".ckpt") and (folder / n).is_file())
     if ckpts:  # PyTorch Lightning's ModelCheckpoint folder
         return (f"this is a folder of training checkpoints ({', '.join(ckpts[:3])}{' …' if len(ckpts) > 3 else ''}), not a model folder",
                 f"pass one of the files (e.g. {folder / ckpts[-1]}), or several in order to spectra trace")
     return None
+
+
+def _meta_shards(folder: Path, names: list[str]) -> list[str]:
+    """The ``consolidated.NN.pth`` files of a folder, in rank order."""
+    return sorted(n for n in names if re.fullmatch(r"consolidated\.\d+\.pth?", n) and (folder / n).is_file())
+
+
+def _model_parallel(folder: Path, meta: list[str]) -> tuple[str, str]:
+    return (f"{folder} holds {len(meta)} model-parallel ranks ({meta[0]} … {meta[-1]}) of a Meta-format checkpoint: each "
+            "holds a slice of every split matrix (wq, w1, … by rows; wo, w2, the embedding by columns), so one read alone "
+            "measures half-width matrices", "merge the ranks first (transformers' convert_llama_weights_to_hf.py "
+            f"--input_dir {folder} --output_dir OUT, or your model's own converter), then pass OUT")
+
+
+def model_parallel_file(path: Path) -> tuple[str, str] | None:
+    """``(what, what to do)`` for one rank's ``consolidated.NN.pth`` of a model-parallel Meta-format checkpoint (the
+    folder holds more than one), else None."""
+    if not re.fullmatch(r"consolidated\.\d+\.pth?", path.name):
+        return None
+    meta = _meta_shards(path.parent, _names(path.parent))
+    return _model_parallel(path.parent, meta) if len(meta) > 1 else None
+
+
+#: An index file's name: ``model.safetensors.index.json``, or a variant's (``model.safetensors.index.fp16.json``).
+INDEX_NAME = re.compile(r".*\.index(\.[\w-]+)?\.json")
+#: One shard's file name (``model-00001-of-00004.safetensors``, a variant's ``model.fp16-00001-of-00002.safetensors``).
+SHARD_NAME = re.compile(r".*-(\d+)-of-(\d+)\.(safetensors|bin)")
+
+
+def lone_shard(path: Path) -> tuple[int, int] | None:
+    """``(k, n)`` when ``path`` is named shard k of n > 1 (``model-0000k-of-0000n.safetensors``), else None."""
+    m = SHARD_NAME.fullmatch(path.name)
+    return (int(m[1]), int(m[2])) if m and int(m[2]) > 1 else None
 
 
 def describe_file(path: Path) -> tuple[str, str] | None:
