@@ -23,6 +23,7 @@ from collections import Counter
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.display import display_name
 from spectra.findings import Finding, percent
+from spectra.metrics import oversized_update, oversized_words
 from spectra.results import note_part
 
 #: How a median φ ÷ its random baseline is put in words (upper bounds, checked in order).
@@ -294,9 +295,8 @@ def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[st
     for who in ("a", "b"):
         rels = [getattr(m, f"fro_{who}") / amp.w_fro for m in result.modules
                 if (amp := (m.amplification or {}).get(who)) is not None and amp.w_fro > 0]
-        if rels and (med := _median(rels)) > 1.0:
-            out.append(f"{who.upper()} ({labels[who]}): the median ‖ΔW‖/‖W_base‖ is {med:.2f}, larger than the base "
-                       "weights themselves: is it a fine-tune of this base?")
+        if big := oversized_update(rels):
+            out.append(f"{who.upper()} ({labels[who]}): {oversized_words(big)}")
     live = [m for m in result.modules if m.fro_a > 0 or m.fro_b > 0]
     if live and all(math.isclose(m.fro_a, m.fro_b, rel_tol=1e-12) for m in live) and not same_path:
         out.append(f"A and B have updates of the same norm, to 12 digits, on every one of the {len(live)} compared "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spectra.display import display_name, matrices, range_text, tau_percent
-from spectra.metrics import threshold_key
+from spectra.metrics import oversized_update, oversized_words, threshold_key
 from spectra.naming import role_sort_key
 from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
 
@@ -225,10 +225,10 @@ def _warnings(result: DiffResult) -> list[Finding]:
     # over the changed matrices, as the size finding's median: frozen layers (ΔW = 0) must not hide it
     rels = [m.rel_norm for m in nonempty if m.fro_norm and m.rel_norm is not None and math.isfinite(m.rel_norm)]
     median_rel = statistics.median(rels) if rels else 0.0
-    if median_rel > 1.0:  # a fine-tune moves weights by a fraction of their norm
-        out.append(Finding("unrelated", f"The median ‖ΔW‖_F / ‖W_base‖_F is {median_rel:.3f}: the update is larger than "
-                           "the base weights themselves. Was the fine-tune started from this base? (Two independent "
-                           "initialisations of one architecture give about √2 ≈ 1.4.)", warning=True,
+    if big := oversized_update(rels):  # a fine-tune moves weights by a fraction of their norm
+        words = oversized_words(big)
+        out.append(Finding("unrelated", words[0].upper() + words[1:] + ("" if big[1] else " (Two independent "
+                           "initialisations of one architecture give about √2 ≈ 1.4.)"), warning=True,
                            numbers={"median_rel_norm": median_rel}))
     elif far := sorted((m for m in nonempty if m.rel_norm is not None and m.rel_norm >= 1.0), key=lambda m: -m.rel_norm):
         # a few matrices as far from their base as unrelated weights, hidden by the median (a layer removed on one side)

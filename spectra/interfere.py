@@ -57,7 +57,7 @@ from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outp
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, rank_resolution, relative_norm
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, oversized_update, oversized_words, rank_resolution, relative_norm
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
@@ -571,10 +571,8 @@ def interfere(
                             if (i, j) not in same and (k := _copies(result.modules, i, j))]
         for i, t in enumerate(tasks):
             # over the matrices it changed, as diff and compare take it (its unchanged ones, as 0, hid a large update)
-            rels = [m["rel_norm"][i] for m in result.modules if m["rel_norm"][i]]
-            if rels and float(np.median(rels)) > 1.0:
-                result.warnings.append(f"{t.label}: the median ‖ΔW‖/‖W_base‖ is {float(np.median(rels)):.2f}, larger than the "
-                                       "base weights themselves: is it a fine-tune of this base?")
+            if big := oversized_update(m["rel_norm"][i] for m in result.modules):
+                result.warnings.append(f"{t.label}: {oversized_words(big)}")
             result.warnings += [f"{t.label}: {note}" for note in t.pair_notes]
             own = [(m["name"], note_part(m.get("note"), f"{t.label}: ")) for m in result.modules]
             result.warnings += note_caveat_warnings(own, len(result.modules), f" of {t.label}")

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from spectra.metrics import oversized_update
 from spectra.numerics import unresolved_text
 from spectra.results import note_caveat_warnings
 from spectra.results_check import is_num
@@ -75,15 +74,17 @@ def adapter_change_warnings(metas: dict[str, dict[str, Any]], points: dict[str, 
 def size_warning(refs: list[CheckpointRef], matrices: list[dict[str, Any]]) -> str | None:
     """A median ‖ΔW‖/‖W_base‖ (over the matrices that changed) above 1 at any checkpoint, not only the last: one from
     another run (another base) stands out wherever it is listed. None when there is none."""
-    above = []
+    above, zero = [], []
     for i, r in enumerate(refs):
-        rels = [m["points"][i].get("rel_norm") for m in matrices
-                if len(m["points"]) > i and moved(m["points"][i]) and m["points"][i].get("rel_norm") is not None]
-        if rels and float(np.median(rels)) > 1.0:
-            above.append(f"{'the last checkpoint' if i == len(refs) - 1 else Path(r.path).name} "
-                         f"({float(np.median(rels)):.2f})")
-    return (f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: "
-            "was this run started from this base?") if above else None
+        big = oversized_update(m["points"][i].get("rel_norm") for m in matrices if len(m["points"]) > i and moved(m["points"][i]))
+        if big:
+            name = "the last checkpoint" if i == len(refs) - 1 else Path(r.path).name
+            (zero if big[1] else above).append(f"{name} ({big[0]:.2f})")
+    words = [f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: was this run "
+             "started from this base?"] if above else []
+    words += [f"‖ΔW‖/‖W_base‖ is 1 on every changed matrix at {', '.join(z.rsplit(' (', 1)[0] for z in zero)}, as when the "
+              "tuned weights are all zero (ΔW = −W_base): preallocated or incompletely written checkpoints?"] if zero else []
+    return "; ".join(words) or None
 
 
 def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | None:
