@@ -47,7 +47,7 @@ from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_eval import EvalData
-from spectra.extract_heads import head_modules, head_of, head_records, head_task_type
+from spectra.extract_heads import auto_task_type, head_modules, head_of, head_records
 from spectra.extract_io import (
     JOURNAL,
     OUTPUT_FILES,
@@ -84,7 +84,7 @@ from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.paths import checkpoint_location
-from spectra.io.peft_writer import task_type_for, write_adapter
+from spectra.io.peft_writer import write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import adapter_renames, refuse_split, renames_text
@@ -161,7 +161,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
          if p.base.role == p.tuned.role and p.base.name.endswith("." + p.tuned.name)), "")
     model_config = base.config or (tuned_ckpt.config if base_prefix else None)
     # auto: a classifier's task type from the tuned model's config too (its base may be the pretrained LM)
-    task_type = (head_task_type(tuned_ckpt.config, model_config) or task_type_for(model_config)) if config.task_type == "auto" else config.task_type
+    task_type = auto_task_type(tuned_ckpt.config, model_config) if config.task_type == "auto" else config.task_type
     # a task head PEFT stores whole (SEQ_CLS: classifier, score): never a LoRA target, listed in not_lora instead
     heads = head_modules(task_type, [n.removeprefix(base_prefix) for n in base.tensors] + [n.removeprefix(prefix) for n in tuned_ckpt.tensors])
     for task in tasks:
@@ -231,8 +231,8 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
     """Targets of an adapter being resized: each of its LoRA modules (whole, as PEFT wrapped it)."""
     keep = selector(config.include, config.exclude, config.layers)
     targets, mods, left = [], {}, []
-    task_type = ((head_task_type(base.config, adapter_task=adapter.config.task_type) or task_type_for(base.config))
-                 if config.task_type == "auto" else config.task_type)  # auto: the adapter's own task head first
+    # auto: the adapter's own task type (a resized adapter loads as the original did), else the base's class
+    task_type = auto_task_type(None, base.config, adapter.config.task_type) if config.task_type == "auto" else config.task_type
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
     updates = adapter_updates(adapter, base)
     # an MoE: what PEFT drops on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)

@@ -40,6 +40,34 @@ def head_task_type(*configs: Mapping[str, Any] | None, adapter_task: object = No
     return next((t for t in found if isinstance(t, str) and t in HEAD_NAMES), None)
 
 
+def named_class(*configs: Mapping[str, Any] | None) -> str | None:
+    """The class the first of ``configs`` names first in ``architectures``, or None when none names one."""
+    for c in configs:
+        archs = (c or {}).get("architectures")
+        if isinstance(archs, list) and archs and isinstance(archs[0], str):
+            return archs[0]
+    return None
+
+
+def auto_task_type(tuned: Mapping[str, Any] | None, base: Mapping[str, Any] | None, adapter_task: object = None) -> str | None:
+    """The PEFT ``task_type`` that ``extract`` and ``recommend`` write for ``--task-type auto``: a task head's type
+    (:func:`head_task_type`: the adapter's own, then the tuned model's, then the base's config), else the adapter's own
+    ``task_type``, else that of the class the base's (or else the tuned model's) config names
+    (:func:`spectra.io.peft_writer.task_type_for`); None when that class has no PEFT task class or no config names one.
+
+    >>> auto_task_type({"architectures": ["BertForSequenceClassification"]}, {"architectures": ["BertForMaskedLM"]})
+    'SEQ_CLS'
+    >>> auto_task_type(None, {"architectures": ["LlamaForCausalLM"]}), auto_task_type(None, None, "CAUSAL_LM")
+    ('CAUSAL_LM', 'CAUSAL_LM')
+    """
+    if (head := head_task_type(tuned, base, adapter_task=adapter_task)) is not None:
+        return head
+    if isinstance(adapter_task, str):
+        return adapter_task
+    arch = named_class(base, tuned)
+    return task_type_for(base if named_class(base) == arch else tuned) if arch is not None else None
+
+
 def head_reason(task_type: str) -> str:
     """Why a head is in ``not_lora``, in ``extract.json``'s words."""
     return f"kept whole: PEFT's {task_type} adapters store the task head (modules_to_save), whatever changed in it"
@@ -115,4 +143,5 @@ def head_records(task_type: str, heads: list[str], base: Checkpoint, tuned: Chec
     return out
 
 
-__all__ = ["HEAD_KIND", "HEAD_NAMES", "head_modules", "head_of", "head_reason", "head_records", "head_task_type"]
+__all__ = ["HEAD_KIND", "HEAD_NAMES", "auto_task_type", "head_modules", "head_of", "head_reason", "head_records", "head_task_type",
+           "named_class"]

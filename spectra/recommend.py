@@ -36,12 +36,12 @@ import torch
 
 from spectra.allocation import allocate
 from spectra.errors import ConfigError, SpectraError
-from spectra.extract_heads import HEAD_NAMES, head_modules, head_of, head_task_type
+from spectra.extract_heads import HEAD_NAMES, auto_task_type, head_modules, head_of, named_class
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules, task_type_for
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
@@ -119,13 +119,14 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         rslora: write ``use_rslora``.
         max_rank: cap every rank.
         embeddings: also recommend LoRA for embeddings and the output head.
-        task_type: PEFT task type written into the config; ``"auto"``: SEQ_CLS, TOKEN_CLS or QUESTION_ANS when the
-            ``config.json`` of the diff's tuned model (or base) names such a class (:func:`spectra.extract_heads.head_task_type`),
-            else the base's (or tuned's) class as ``extract`` writes it (:func:`spectra.io.peft_writer.task_type_for`:
-            ``CAUSAL_LM`` for a ``…ForCausalLM``, ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION`` for a bare ``…Model``), None (PEFT's
-            plain ``PeftModel``) for other classes (a ``…ForMaskedLM``, a ViT classifier: PEFT's CAUSAL_LM class fails on
-            a model that does not generate), ``CAUSAL_LM`` when no config is left to read. Under the first three, PEFT
-            trains the task head whole (:mod:`spectra.extract_heads`): it gets no rank and is named in ``modules_to_save``.
+        task_type: PEFT task type written into the config; ``"auto"``: as ``extract`` writes it
+            (:func:`spectra.extract_heads.auto_task_type`): SEQ_CLS, TOKEN_CLS or QUESTION_ANS when the diffed adapter or
+            the ``config.json`` of the diff's tuned model (or base) says so, else the diffed adapter's own type, else the
+            base's (or tuned's) class's (``CAUSAL_LM`` for a ``…ForCausalLM``, ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION`` for a
+            bare ``…Model``), None (PEFT's plain ``PeftModel``) for other classes (a ``…ForMaskedLM``, a ViT classifier:
+            PEFT's CAUSAL_LM class fails on a model that does not generate), ``CAUSAL_LM`` when no config is left to read.
+            Under the first three, PEFT trains the task head whole (:mod:`spectra.extract_heads`): it gets no rank and is
+            named in ``modules_to_save``.
 
     Raises:
         ConfigError: not diff results, τ outside (0, 1], τ not computable from the results, a bad
@@ -219,10 +220,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if task_type == "auto":  # a PeftModelForCausalLM on a sequence classifier fails (no prepare_inputs_for_generation)
         tuned_config, adapter = _base_config(doc, "tuned"), doc.get("adapter")
         adapter_task = adapter.get("task_type") if isinstance(adapter, dict) else None  # a diff of an adapter: its own
-        named, arch = _named(base_config, tuned_config)
-        # as extract writes it (CAUSAL_LM only for a model that generates: on CLIPModel, ViT, BERT's MLM get_peft_model raised)
-        task_type = head_task_type(tuned_config, base_config, adapter_task=adapter_task) or (
-            adapter_task if isinstance(adapter_task, str) else "CAUSAL_LM" if named is None else task_type_for(named))
+        arch = named_class(base_config, tuned_config)
+        # as extract writes it (CAUSAL_LM only for a model that generates: on CLIPModel, ViT, BERT's MLM get_peft_model
+        # raised); with no config naming a class at all, the common case (a decoder LM) rather than none
+        task_type = auto_task_type(tuned_config, base_config, adapter_task) or (None if arch is not None else "CAUSAL_LM")
         if task_type is None:
             notes.append(f"task_type none (PEFT's plain PeftModel): {arch} has no PEFT task class (CAUSAL_LM needs a model "
                          "that generates); pass --task-type to choose another")
@@ -579,15 +580,6 @@ def _header(doc: dict, side: str) -> dict[str, Any] | None:
         return dict(open_checkpoint(where).tensors) if where else None
     except (OSError, ValueError, SpectraError):
         return None
-
-
-def _named(*configs: dict | None) -> tuple[dict | None, str | None]:
-    """The first config whose ``architectures`` names a class, and that class; ``(None, None)`` when none does."""
-    for c in configs:
-        archs = (c or {}).get("architectures")
-        if isinstance(archs, list) and archs and isinstance(archs[0], str):
-            return c, archs[0]
-    return None, None
 
 
 def _base_config(doc: dict, side: str = "base") -> dict | None:
