@@ -103,7 +103,7 @@ from spectra.lowrank import (
 from spectra.metrics import square_scale_exponent
 from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
-from spectra.peft_moe import PEFT_REFUSED_LEAVES, peft_moe_rules
+from spectra.peft_moe import peft_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
@@ -148,8 +148,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     targets, kept, left = [], [], []
     # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts); a Mamba's refusals
     model_type = base.arch.model_type or tuned_ckpt.arch.model_type
-    rules = (peft_moe_rules(model_type) if model_type in PEFT_REFUSED_LEAVES
-             or any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs) else None)
+    rules = peft_rules(model_type, any(p.tuned.expert is not None or len(p.tuned_info.shape) == 3 for p in pairing.pairs))
     # the wrapper prefix of the tuned names (DDP's module., a LightningModule's model.), from a module both name
     prefix = next((p.tuned.name[: -len(p.base.name)] for p in pairing.pairs
                    if p.base.role == p.tuned.role and p.tuned.name.endswith("." + p.base.name)), "")
@@ -236,8 +235,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
     updates = adapter_updates(adapter, base)
     # an MoE: what PEFT drops on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)
-    moe = any(spec.expert is not None for _, spec, _ in updates) or base.arch.model_type in PEFT_REFUSED_LEAVES  # (a Mamba too)
-    rules = peft_moe_rules(base.arch.model_type) if moe else None
+    rules = peft_rules(base.arch.model_type, any(spec.expert is not None for _, spec, _ in updates))
     for order, (mod, spec, base_name) in enumerate(updates):
         if not keep(spec.name, spec.layer) or head_of(mod.module, heads):
             continue

@@ -97,6 +97,15 @@ def peft_moe_rules(model_type: str | None) -> PeftMoeRules:
     return replace(_moe_rules(model_type), refused=PEFT_REFUSED_LEAVES.get(model_type or "", frozenset()))
 
 
+def peft_rules(model_type: str | None, moe: bool) -> PeftMoeRules | None:
+    """What PEFT drops or refuses on a model: :func:`peft_moe_rules` for one with experts (``moe``), only the refused
+    names of a model type in :data:`PEFT_REFUSED_LEAVES` otherwise (no transformers import), None for any other."""
+    if moe:
+        return peft_moe_rules(model_type)
+    refused = PEFT_REFUSED_LEAVES.get(model_type or "")
+    return PeftMoeRules(model_type, refused=refused) if refused else None
+
+
 def _moe_rules(model_type: str | None) -> PeftMoeRules:
     if not model_type:
         return PeftMoeRules(None)
@@ -211,4 +220,4 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules"]
+__all__ = ["PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules"]

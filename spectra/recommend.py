@@ -47,7 +47,7 @@ from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import normal_float32, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
-from spectra.peft_moe import PEFT_REFUSED_LEAVES, PeftMoeRules, peft_moe_rules
+from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
 
@@ -621,7 +621,7 @@ def _moe_rules(doc: dict, notes: list[str]) -> PeftMoeRules | None:
     mt = (_base_config(doc) or {}).get("model_type")  # (read as open_checkpoint reads it: a link out of the folder refused)
     model_type = mt if isinstance(mt, str) else None
     if not moe:
-        return peft_moe_rules(model_type) if model_type in PEFT_REFUSED_LEAVES else None
+        return peft_rules(model_type, False)
     if model_type is None:
         notes.append("an MoE model whose base config.json was not found (where the diff read the base): whether PEFT "
                      "loads LoRAs on its experts and on MLPs named like them was not checked")
