@@ -40,9 +40,11 @@ from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.interfere_summary import clean, summarise
 from spectra.interference import (
     accumulation,
-    captured_two_sided,
+    as_factored64,
+    captured64,
+    checked64,
     cosine_from_gram,
-    flat_inner,
+    inner64,
     knots_basis,
     phi_matrix,
     singular_task_interference,
@@ -338,25 +340,34 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                 for f in exact.values():
                     total += (f.U * f.S) @ f.Vh
             total += delta.double()
-        return delta
+        # float64 and checked once per read, not once per pair (20 tasks: 380 conversions of each)
+        d64 = checked64(delta)
+        sq[t] = float((d64**2).sum())
+        f64[t] = as_factored64(factors[t])
+        return d64
+
+    f64: dict[int, Factored] = {t: as_factored64(f) for t, f in factors.items()}  # each task's top triplets, checked
+    sq: dict[int, float] = {}  # ‖ΔW_t‖_F²
 
     def pair(s: int, t: int, us: Any, ut: Any) -> None:
-        G[s, t] = G[t, s] = flat_inner(us, ut)
-        C[s, t] = captured_two_sided(factors[s], ut)
-        C[t, s] = captured_two_sided(factors[t], us)
+        G[s, t] = G[t, s] = inner64(us, ut)
+        C[s, t] = captured64(f64[s], ut, sq[t])
+        C[t, s] = captured64(f64[t], us, sq[s])
 
     def diag(t: int, ut: Any) -> None:
-        G[t, t] = flat_inner(ut, ut)
-        C[t, t] = captured_two_sided(factors[t], ut)
+        G[t, t] = inner64(ut, ut)
+        C[t, t] = captured64(f64[t], ut, sq[t])
 
+    ex64 = {t: checked64(f) for t, f in exact.items()}
+    sq.update({t: float((f.S**2).sum()) for t, f in ex64.items()})
     lora = sorted(exact)
     for i, s in enumerate(lora):
-        diag(s, exact[s])
+        diag(s, ex64[s])
         for t in lora[i + 1:]:
-            pair(s, t, exact[s], exact[t])
+            pair(s, t, ex64[s], ex64[t])
     if dense_tasks:
         out_dim, in_dim = spec_shape(spec, base)
-        per = out_dim * in_dim * (8 if base.tensors[name].dtype == "float64" else 4)  # one ΔW as formed
+        per = out_dim * in_dim * 8  # one ΔW held in float64
         g = max(1, config.max_dense_bytes // max(per, 1))
         groups = [dense_tasks[i:i + g] for i in range(0, len(dense_tasks), g)]
         for gi, group in enumerate(groups):
@@ -366,7 +377,7 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                 for t in group[j + 1:]:
                     pair(s, t, held[s], held[t])
                 for t in lora:
-                    pair(s, t, held[s], exact[t])
+                    pair(s, t, held[s], ex64[t])
             for later in groups[gi + 1:]:
                 for u in later:  # streamed against the held group, then dropped
                     du = load(u)
@@ -401,7 +412,14 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
         S_sum = np.where(S_sum > level, S_sum, 0.0)
     cancelled = level > 0 and top_task > 0 and not (S_sum > 0).any()
     tsv = singular_task_interference(fs)
-    knots = knots_basis(fs, config.thresholds, floor=max(floors.values(), default=0.0))
+    knots = knots_basis(fs, config.thresholds, floor=(fmax := max(floors.values(), default=0.0)))
+    # a coarse task (bf16 beside float32) sets the shared rank's cut: say what of the finer tasks falls under it
+    under = sum(int((fs[t].S.cpu() <= 2.0 * fmax).sum()) for t in range(n) if floors.get(t, 0.0) < fmax / 4) if fmax > 0 else 0
+    if under:
+        coarse = max(floors, key=floors.__getitem__)
+        numeric.append(f"KnOTS's shared rank counts the directions above twice {tasks[coarse].label}'s rounding floor "
+                       f"({fmax:.3g}, the coarsest task's): {under} resolved directions of finer tasks lie below it (their "
+                       "KnOTS alignment counts them)")
     # the dense updates' spectra (Gram route too) as the sum's: otherwise its nuclear ratio reads 0.99999995 for a lone task
     acc = accumulation(S_sum, [_resolved(spectra_[t]) if t in seen else spectra_[t] for t in range(n)],
                        thresholds=config.thresholds, keep=config.keep_singular)

@@ -96,7 +96,8 @@ def test_svd_method_in_float32_scales_float64_input(scale):
     M = _planted(30, 50, s, seed=4)
     out = exact_spectra(M.unsqueeze(0), precision="float32", method="svd")
     S = out.S[0]
-    np.testing.assert_allclose(S, np.linalg.svd(M.numpy(), compute_uv=False), rtol=1e-5)
+    # float32's own error: each σ within about p·ε₃₂·σ₁ (the smallest, 1e-3·σ₁, moved 1.3e-5 relative on one run)
+    np.testing.assert_allclose(S, np.linalg.svd(M.numpy(), compute_uv=False), rtol=1e-5, atol=30 * 1.2e-7 * scale)
 
 
 @pytest.mark.parametrize("scale", [1e40, 1e-50])
