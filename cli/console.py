@@ -231,7 +231,10 @@ class _LogProgress(Progress):
 
     def stop(self) -> None:
         self._stopped.set()
-        super().stop()
+        if self.tasks:
+            super().stop()
+        else:  # stopped before its first task (a refusal): rich's closing empty line stood before the error
+            self.live.stop()
 
     def _tick(self) -> None:
         while not self._stopped.wait(max(LOG_EVERY_S, 0.01)):

@@ -101,7 +101,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
-from spectra.pairing import PAIRING_NOTE_PREFIX, pair_checkpoints
+from spectra.pairing import NOT_WEIGHTS, PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_rules
 from spectra.plots.base import preload as preload_plots
@@ -201,7 +201,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         mismatched = info is not None and len(info.shape) >= 2 and s.reason.startswith("shape mismatch")
         floating = info is not None and info.dtype in FLOAT_DTYPES
         one_dim = floating and (len(info.shape) == 1 or s.reason.startswith("per-expert bias"))  # an MoE's (E, out) bias: a bias
-        other = floating and len(info.shape) not in (1, 2) and not mismatched  # 0-D, a conv's 4-D…
+        # 0-D, a conv's 4-D…, and a Mamba's A_log (2-D, no linear map: the pairing skipped it)
+        other = floating and (len(info.shape) not in (1, 2) or s.reason == NOT_WEIGHTS["A_log"]) and not mismatched
         if not (mismatched or one_dim or other):
             continue
         bn = base_by_key.get(s.name) or _same_key(base, s.name)
@@ -609,16 +610,20 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         if used := {k: v for k, v in src.renames.items() if v in written}:  # GPT-NeoX's embed_out is lm_head once loaded…
             result.warnings.append(renames_text(used, loaded["source"], "the adapter"))
         if not any(extractable(run.spectra[i]) for i in usable) or not any(ranks[i] for i in usable):
+            moved = result.nothing_written()
             result.elapsed_s = time.perf_counter() - t0
             result.save(out, plots=False)
             zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
             what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
             if any(extractable(run.spectra[i]) for i in usable):  # a budget's components, all at or below the rounding floor
                 what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
-            error = IdenticalCheckpointsError if zero else ConfigError
-            raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract",
+            only = (f"; only {len(moved)} norm/bias tensor{'s' if len(moved) > 1 else ''} changed (e.g. {moved[0]}), which "
+                    "a LoRA adapter cannot hold (PEFT's modules_to_save rides on a LoRA target)") if zero and moved else ""
+            error = IdenticalCheckpointsError if zero and not moved else ConfigError
+            raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract{only}",
                         path=f"{base_ckpt.label} vs {src.label}",
-                        hint=f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}")
+                        hint=(f"use the tuned checkpoint itself (spectra diff lists what changed); extract.json was written to {out}"
+                              if only else f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}"))
         write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
         failed = None
         if evaluation is not None:

@@ -438,7 +438,7 @@ def _budget_levels(targets: list[Target], levels: list[list[int]], budget: int, 
     need = levels[c][0] * targets[c].cost
     if budget < need:
         raise ConfigError(
-            f"--budget {config.budget} is {budget:,} LoRA parameters, below the cheapest component of the chosen "
+            f"--budget {config.budget} is {budget:,} LoRA parameter{'s' if budget != 1 else ''}, below the cheapest component of the chosen "
             f"modules ({need:,} for rank {levels[c][0]} of {targets[c].name})",
             hint="raise the budget, or choose fewer or smaller modules with --include/--exclude")
     cut = [[v for v in lv if v * t.cost <= budget] for lv, t in zip(levels, targets)]

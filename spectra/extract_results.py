@@ -120,6 +120,16 @@ class ExtractResult:
                 "spectral_error", "fro_norm", "rel_norm", "uniform_rank", "uniform_energy_kept", "method", "storage_error")
         return [{k: (m["shape"][0] if k == "out" else m["shape"][1] if k == "in" else m.get(k)) for k in keys} for m in self.modules]
 
+    def nothing_written(self) -> list[str]:
+        """Mend a run that writes no adapter (no chosen matrix holds an update a LoRA can hold): nothing in ``not_lora``
+        is "kept", no budget was spent; the names of the norms and biases that changed (LayerNorm tuning, BitFit: what
+        the fine-tune moved, which no LoRA adapter holds)."""
+        for r in self.not_lora:
+            if r.get("held"):
+                r.update(held=None, reason="not written: no adapter (no chosen matrix has an update a LoRA can hold)")
+        self.warnings = [w for w in self.warnings if "parameters spent" not in w]
+        return [r["name"] for r in self.not_lora if r.get("rel_norm")]
+
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write ``extract.json``, ``extract.csv`` and (``plots``) the figures, each atomically."""
         out = Path(out_dir)
@@ -639,6 +649,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         not_extracted=not_extracted, not_lora=[{k: v for k, v in r.items() if k not in ("delta", "tensors")} for r in not_lora],
         unmatched=src.unmatched or {}, warnings=warnings, device=str(device),
     )
+
 
 
 __all__ = [

@@ -7,6 +7,7 @@ experts of a 3-D stack together as one ``target_parameters`` LoRA of the stack (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,7 +99,8 @@ def _peft_oriented(B: torch.Tensor, A: torch.Tensor, *, flip: bool) -> tuple[tor
 def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig, dtype: torch.dtype,
                     not_lora: list[dict], result: ExtractResult) -> None:
     """Write the adapter into ``out`` (:func:`adapter_files`, :func:`spectra.io.peft_writer.write_adapter`) and say
-    what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole)."""
+    what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole; ``bias_params``: of
+    the ``lora_B.bias`` vectors, zeros where a bias did not change; both outside the budget, which buys LoRA factors)."""
     layout, tensors, cfg = adapter_files(src, run, ranks, config, not_lora)
     files = write_adapter(out, layout, tensors, cfg, dtype)
     if stacked := cfg.get("target_parameters"):
@@ -106,9 +108,15 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
                                "one per stack: PEFT >= 0.17 loads them; a serving engine may not (vLLM serves module LoRAs)")
     whole = {n: v for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}  # a module's records share them
     saved = sum(v.numel() for v in whole.values())
+    # lora_bias is one flag: every adapted module carries a bias vector (out,), changed or not
+    bias = sum(math.prod(shape) for name, shape in layout if name.endswith(".lora_B.bias"))
+    if saved or bias:
+        result.warnings.append(f"the adapter stores {saved + bias:,} parameters besides its LoRA factors, outside the budget: "
+                               f"{saved:,} of modules kept whole (modules_to_save), {bias:,} of lora_B.bias vectors "
+                               "(adapter.saved_params, adapter.bias_params)")
     result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
                       "target_modules": cfg["target_modules"], "target_parameters": cfg.get("target_parameters"),
-                      "modules_to_save": cfg["modules_to_save"], "saved_params": saved,
+                      "modules_to_save": cfg["modules_to_save"], "saved_params": saved, "bias_params": bias,
                       "lora_bias": cfg["lora_bias"], "fan_in_fan_out": cfg["fan_in_fan_out"], "task_type": cfg["task_type"],
                       "dtype": str(dtype).removeprefix("torch."), "bytes": sum(f.stat().st_size for f in files),
                       "tensors": len(layout)}

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from spectra.allocation import allocate
+from spectra.display import matrices
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_heads import HEAD_NAMES, auto_task_type, head_modules, head_of, named_class
 from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
@@ -205,7 +206,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                      f"not in the config (e.g. {unmeasured[0].get('name')}: {unmeasured[0]['reason']})")
     for why, names in left_out.items():
         uniq = sorted(set(names))
-        notes.append(f"{len(uniq)} matrices are not in the config, nor in its parameter counts ({why}); e.g. {uniq[0]}")
+        notes.append(f"{matrices(len(uniq))} {'is' if len(uniq) == 1 else 'are'} not in the config, nor in its parameter counts "
+                     f"({why}); e.g. {uniq[0]}")
     undefined = sorted(p for p, e in whole.items() if any(m.get("fro_norm") is None for m in e["parts"]))
     if undefined:  # null: an update that was not finite (diff writes NaN/Inf as null); no rank can be read off it
         notes.append(f"{len(undefined)} modules have no finite update (fro_norm null) and are left out: {', '.join(undefined[:5])}"
