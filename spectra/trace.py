@@ -56,7 +56,9 @@ from spectra.selection import fused_whole_warning, refuse_empty_selection, selec
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
 from spectra.trace_checks import (
+    absent_warning,
     adapter_change_warnings,
+    base_copy_warning,
     gap_note,
     run_warnings,
     size_warning,
@@ -407,7 +409,7 @@ def trace(
     result.matrices.sort(key=_order)
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
-    result.warnings += run_warnings(result.matrices)
+    result.warnings += run_warnings(result.matrices) + [w for w in [base_copy_warning(result.checkpoints, result.matrices)] if w]
     if zero := unchanged_text(result.checkpoints, result.matrices, result.config, result.skipped):  # (the CLI exits 3 on it, as diff)
         result.warnings.append(f"{zero}; check that you passed the fine-tuned checkpoints")
     result.complete = True
@@ -478,6 +480,7 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     keep = selector(config.include, config.exclude, config.layers)
     names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
     todo = []
+    result.warnings += absent_warning([n for n in specs if len(base.tensors[n].shape) == 2 and keep(n, specs[n].layer)], names)
     for name in names:
         if not keep(name, specs[name].layer):
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spectra.display import counted
 from spectra.metrics import oversized_update
 from spectra.numerics import unresolved_text
 from spectra.results import note_caveat_warnings
@@ -118,6 +119,38 @@ def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
     return [*out, (f"{len(hit)} point{'' if one else 's'} (a matrix at one checkpoint) {'has' if one else 'have'} an update entirely "
                    f"at the rounding level of its stored weights (e.g. {name} at step {step}): no resolved direction, so "
                    "turn_prev and turn_first are null there (turn_note in trace.json)")]
+
+
+def absent_warning(chosen: list[str], held: list[str]) -> list[str]:
+    """The warning (a list of one, or none) naming the base matrices ``chosen`` (selected, 2-D) that no checkpoint holds
+    (``held``: those some checkpoint pairs): a run that saves its trained layers only leaves the rest untraced."""
+    have = set(held)
+    absent = [n for n in chosen if n not in have]
+    if not absent:
+        return []
+    return [f"{counted(len(absent), 'matrix', 'matrices')} of the base {'is' if len(absent) == 1 else 'are'} in no checkpoint "
+            f"(e.g. {absent[0]}): not traced (checkpoints that save the trained layers only?)"]
+
+
+def base_copy_warning(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]]) -> str | None:
+    """A warning naming the checkpoints (``trace.json``'s records, in step order; failed ones aside) where ΔW is exactly
+    zero for every measured matrix after an earlier checkpoint changed some: a copy of the base saved mid-run (a wrong
+    save, or the base copied in) reads as a training that went back and came again. None when there is none; a run
+    that starts at the base (LoRA adapters saved at initialisation) is not one."""
+    moved, copies = False, []
+    for i, c in enumerate(checkpoints):
+        pts = [pt for m in matrices if i < len(m["points"]) and isinstance(pt := m["points"][i], dict)
+               and "skip" not in pt and pt.get("fro_norm") is not None]
+        if c.get("failed") or not pts:
+            continue
+        if all(pt["fro_norm"] == 0 for pt in pts):
+            copies += [Path(str(c.get("path"))).name] if moved else []
+        else:
+            moved = True
+    if not copies:
+        return None
+    return (f"{_names(copies)}: ΔW = 0 for every matrix, the base's own weights, between checkpoints that changed them: a "
+            "save of the wrong weights, or the base copied in? (their turns are measured against the base)")
 
 
 def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]], config: dict[str, Any] | None = None,
