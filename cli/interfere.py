@@ -127,7 +127,7 @@ def raise_if_unmeasured(result: InterfereResult, out_dir: str | None) -> None:
     when matrices were compared but fewer than two tasks have a non-zero update on any of them: no pair of
     tasks was measured, every pairwise number is null."""
     from spectra.errors import IdenticalCheckpointsError
-    from spectra.interfere import changed_tasks, skips_of
+    from spectra.interfere_summary import changed_tasks, skips_of
     from spectra.selection import unmeasured_clause
 
     live = changed_tasks(result)

@@ -64,7 +64,7 @@ from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pa
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
-from spectra.plan import free_memory
+from spectra.plan import refuse_beyond_memory
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
@@ -325,10 +325,9 @@ def _shared_rows(A: _Side, B: _Side, key: str, spec: MatrixSpec) -> tuple[int, i
 def _refuse_beyond_memory(jobs: list[_Job], device: torch.device) -> None:
     """Refuse a run whose largest module's float64 measures need more than the free memory (a 128256 × 4096 embedding
     grew past 22 GB, to be killed by the kernel): named, with the way to leave it out."""
-    big = max(jobs, key=lambda j: j.shape[0] * j.shape[1], default=None)
-    if big is not None and (free := free_memory(device)) is not None and (need := MEASURE_MIN_COPIES * 8 * math.prod(big.shape)) > free:
-        raise ConfigError(f"{big.spec.name} {big.shape} needs at least {need / 2**30:.3g} GiB for compare's float64 measures, and "
-                          f"{free / 2**30:.3g} GiB is free", hint=f"--exclude '{big.spec.module}' (spectra diff measures it in far less)")
+    if (big := max(jobs, key=lambda j: j.shape[0] * j.shape[1], default=None)) is not None:
+        refuse_beyond_memory(f"{big.spec.name} {big.shape}", MEASURE_MIN_COPIES * 8 * math.prod(big.shape), "compare's float64 measures",
+                             device, hint=f"--exclude '{big.spec.module}' (spectra diff measures it in far less)")
 
 
 def _random_bases(job: _Job, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -37,7 +37,7 @@ from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_s
 from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
-from spectra.interfere_summary import clean, summarise
+from spectra.interfere_summary import clean, copies, summarise, zero_tasks_warning
 from spectra.interference import (
     accumulation,
     as_factored64,
@@ -65,8 +65,9 @@ from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
+from spectra.plan import refuse_beyond_memory
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
-from spectra.selection import fused_whole_warning, selector, unmeasured_clause
+from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut
 from spectra.trace_inputs import open_weights, weights_identity
@@ -79,6 +80,8 @@ INTERFERE_FILES = ("interfere.json", "interfere.csv", "report.html")
 PAIR_MEASURES = ("cosine", "phi", "captured", "tsv", "knots")
 #: How a matrix's note begins where the tasks' updates cancel (the report's findings count them by it).
 CANCEL_NOTE = "the updates cancel"
+#: Bytes per entry a module with a dense update needs at least (float64 sum and held update, the update as formed).
+DENSE_MIN_BYTES = 24
 #: float64's machine epsilon, the scale of a factored sum's rounding (relative to the parts' σ₁).
 EPS64 = float(np.finfo(np.float64).eps)
 
@@ -334,15 +337,16 @@ def measure_module(name: str, spec: MatrixSpec, tasks: list[_Task], base: Checkp
                                "energy, stand for it in φ, captured energy, TSV and KnOTS (the cosine and the sum use all of it)")
             if undetermined_cut(spectra_[t], factors[t].S.numel(), floor):
                 numeric.append(f"{tasks[t].label}: {UNDETERMINED_TEXT}")
-            rel_norms[t] = relative_norm(float(torch.linalg.vector_norm(delta.double())), base_fro)
+            # (no float64 temporaries of the whole matrix: an embedding's are gigabytes)
+            rel_norms[t] = relative_norm(float(torch.linalg.vector_norm(delta, dtype=torch.float64)), base_fro)
             if total is None:
                 total = torch.zeros(delta.shape, dtype=torch.float64, device=device)
                 for f in exact.values():
                     total += (f.U * f.S) @ f.Vh
-            total += delta.double()
+            total.add_(delta)
         # float64 and checked once per read, not once per pair (20 tasks: 380 conversions of each)
         d64 = checked64(delta)
-        sq[t] = float((d64**2).sum())
+        sq[t] = float(torch.linalg.vector_norm(d64)) ** 2
         f64[t] = as_factored64(factors[t])
         return d64
 
@@ -557,6 +561,11 @@ def interfere(
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
     if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
         result.warnings.append(w)
+    # float64 sum, one update held in float64, the one being formed: a 128256 × 4096 embedding's are some 19 GB
+    if dense := [(math.prod(spec_shape(sp, base_ckpt)), n, sp) for n, sp in todo if any(t.needs_dense(n) for t in tasks)]:
+        size, name, spec = max(dense, key=lambda x: x[0])
+        refuse_beyond_memory(f"{name} {spec_shape(spec, base_ckpt)}", size * DENSE_MIN_BYTES, "interfere's float64 sums and updates",
+                             device, hint=f"--exclude '{spec.module}' (spectra diff measures each task's update in far less)")
     journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume)
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
@@ -586,7 +595,7 @@ def interfere(
         result.warnings += [f"tasks {result.names[i]} and {result.names[j]} have updates of the same norm, to 12 digits, on "
                             f"every one of the {k} matrices: copies of one fine-tune? their pair compares an update with itself"
                             for i in range(len(tasks)) for j in range(i + 1, len(tasks))
-                            if (i, j) not in same and (k := _copies(result.modules, i, j))]
+                            if (i, j) not in same and (k := copies(result.modules, i, j))]
         for i, t in enumerate(tasks):
             # over the matrices it changed, as diff and compare take it (its unchanged ones, as 0, hid a large update)
             if big := oversized_update(m["rel_norm"][i] for m in result.modules):
@@ -603,7 +612,7 @@ def interfere(
             if len(result.modules) > zero and zero * 2 > len(result.modules):  # its pairs' medians rest on the few it changed
                 result.warnings.append(f"{result.names[i]}: ΔW = 0 on {zero} of the {len(result.modules)} compared matrices: its "
                                        f"pairs' medians are over the {len(result.modules) - zero} it changed (pair_modules in the summary)")
-        result.warnings += _zero_tasks_warning(result)
+        result.warnings += zero_tasks_warning(result)
         # a folder given twice repeats its per-task caveats word for word: said once
         result.warnings = list(dict.fromkeys(result.warnings))
         result.complete = True
@@ -613,51 +622,8 @@ def interfere(
     return result
 
 
-def changed_tasks(result: InterfereResult) -> list[int]:
-    """The indices of the tasks whose update is non-zero (‖ΔW_t‖_F > 0) on at least one compared matrix:
-    fewer than two and no pair of tasks is measured (``spectra interfere`` exits 3)."""
-    return [i for i in range(len(result.tasks)) if any(m["fro"][i] for m in result.modules)]
-
-
-def skips_of(result: InterfereResult, tasks: list[int]) -> list[dict[str, str]]:
-    """The skipped matrices that may hold an update of ``tasks`` (indices): those skipped for them or for every task,
-    not those another task's input alone caused (its resized embedding says nothing of a copy of the base)."""
-    others = [result.tasks[i] for i in range(len(result.tasks)) if i not in tasks]
-    mine = [result.tasks[i] for i in tasks]
-
-    def elsewhere(reason: str) -> bool:  # a reason naming another task's input ("…: …", "rows differ … in T2"), not one of these
-        return any(o in reason for o in others) and not any(m in reason for m in mine)
-    return [s for s in result.skipped if not elsewhere(str(s.get("reason", "")))]
-
-
-def _zero_tasks_warning(result: InterfereResult) -> list[str]:
-    """One warning naming (by their distinct names) the tasks with ΔW = 0 on every compared matrix, and what
-    the totals then hold; none when there is no such task (or no compared matrix)."""
-    live = changed_tasks(result)
-    idle = [i for i in range(len(result.tasks)) if i not in live]
-    if not result.modules or not idle:
-        return []
-    one = len(idle) == 1
-    rest = ("the totals hold the other tasks only" if len(live) > 1 else
-            f"no pair is measured: the totals hold {result.names[live[0]]} alone" if live else
-            "no task changed any compared matrix: nothing is measured")
-    why = (unmeasured_clause(mine)[2:] if (mine := skips_of(result, idle)) else  # the update may sit in what was not compared
-           f"{'a copy' if one else 'copies'} of the base, or a LoRA saved at initialisation?")
-    return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({why}): {'its' if one else 'their'} "
-            f"pairs have no interference to measure, and {rest}"]
-
-
 #: interfere's journal in its folder: one line per matrix as it is measured (``--resume``).
 JOURNAL = "interfere.jsonl"
-
-
-def _copies(modules: list[dict[str, Any]], i: int, j: int) -> int:
-    """How many matrices tasks ``i`` and ``j`` changed when their updates look one on every one of them (norms
-    equal to 12 digits and cosine +1: an update and its negation, task negation, share a norm), else 0."""
-    live = [m for m in modules if m["fro"][i] or m["fro"][j]]
-    same = all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) and m["cosine"][i][j] is not None
-               and m["cosine"][i][j] > 1 - 1e-9 for m in live)
-    return len(live) if same else 0
 
 
 #: The keys of a module record that the summary and the outputs read, and their shapes: per task (n) or n × n.

@@ -1,14 +1,19 @@
-"""What ``spectra interfere`` keeps of its per-matrix records: JSON-ready values, and the medians over matrices
-that its summary, table and report give (pure functions, no I/O)."""
+"""What ``spectra interfere`` keeps of its per-matrix records: JSON-ready values, the medians over matrices
+that its summary, table and report give, and the warnings read off its records (pure functions, no I/O)."""
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from spectra.selection import unmeasured_clause
+
+if TYPE_CHECKING:  # interfere imports this module: its result type is named for the checker only
+    from spectra.interfere import InterfereResult
 
 
 def clean(x: Any) -> Any:
@@ -73,4 +78,46 @@ def summarise(modules: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["clean", "nanmedian", "over_matrices", "scalar_median", "summarise"]
+def changed_tasks(result: InterfereResult) -> list[int]:
+    """The indices of the tasks whose update is non-zero (‖ΔW_t‖_F > 0) on at least one compared matrix:
+    fewer than two and no pair of tasks is measured (``spectra interfere`` exits 3)."""
+    return [i for i in range(len(result.tasks)) if any(m["fro"][i] for m in result.modules)]
+
+
+def skips_of(result: InterfereResult, tasks: list[int]) -> list[dict[str, str]]:
+    """The skipped matrices that may hold an update of ``tasks`` (indices): those skipped for them or for every task,
+    not those another task's input alone caused (its resized embedding says nothing of a copy of the base)."""
+    others = [result.tasks[i] for i in range(len(result.tasks)) if i not in tasks]
+    mine = [result.tasks[i] for i in tasks]
+
+    def elsewhere(reason: str) -> bool:  # a reason naming another task's input ("…: …", "rows differ … in T2"), not one of these
+        return any(o in reason for o in others) and not any(m in reason for m in mine)
+    return [s for s in result.skipped if not elsewhere(str(s.get("reason", "")))]
+
+
+def zero_tasks_warning(result: InterfereResult) -> list[str]:
+    """One warning naming (by their distinct names) the tasks with ΔW = 0 on every compared matrix, and what
+    the totals then hold; none when there is no such task (or no compared matrix)."""
+    live = changed_tasks(result)
+    idle = [i for i in range(len(result.tasks)) if i not in live]
+    if not result.modules or not idle:
+        return []
+    one = len(idle) == 1
+    rest = ("the totals hold the other tasks only" if len(live) > 1 else
+            f"no pair is measured: the totals hold {result.names[live[0]]} alone" if live else
+            "no task changed any compared matrix: nothing is measured")
+    why = (unmeasured_clause(mine)[2:] if (mine := skips_of(result, idle)) else  # the update may sit in what was not compared
+           f"{'a copy' if one else 'copies'} of the base, or a LoRA saved at initialisation?")
+    return [f"{', '.join(result.names[i] for i in idle)}: ΔW = 0 on every compared matrix ({why}): {'its' if one else 'their'} "
+            f"pairs have no interference to measure, and {rest}"]
+
+
+def copies(modules: list[dict[str, Any]], i: int, j: int) -> int:
+    """How many matrices tasks ``i`` and ``j`` changed when their updates look one on every one of them (norms
+    equal to 12 digits and cosine +1: an update and its negation, task negation, share a norm), else 0."""
+    live = [m for m in modules if m["fro"][i] or m["fro"][j]]
+    same = all(math.isclose(m["fro"][i], m["fro"][j], rel_tol=1e-12) and m["cosine"][i][j] is not None
+               and m["cosine"][i][j] > 1 - 1e-9 for m in live)
+    return len(live) if same else 0
+
+__all__ = ["changed_tasks", "clean", "copies", "nanmedian", "over_matrices", "scalar_median", "skips_of", "summarise", "zero_tasks_warning"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spectra.errors import ConfigError
 from spectra.linalg import gram
 
 #: Rates used when nothing was calibrated, per device type (float64 exact path), fitted by
@@ -315,6 +316,16 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far, bytes (Linux ``ru_maxrss`` is KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def refuse_beyond_memory(what: str, need: int, use: str, device: torch.device, *, hint: str) -> None:
+    """Refuse a run whose largest module (``what``: its name and shape) needs ``need`` bytes for ``use`` when less memory
+    is free (:func:`free_memory`; unknown: no refusal): the kernel would kill it later, results lost.
+
+    Raises:
+        ConfigError: naming the module, the bytes needed and free, with ``hint`` (how to leave it out)."""
+    if (free := free_memory(device)) is not None and need > free:
+        raise ConfigError(f"{what} needs at least {need / 2**30:.3g} GiB for {use}, and {free / 2**30:.3g} GiB is free", hint=hint)
 
 
 def free_memory(device: torch.device, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:

@@ -26,7 +26,8 @@ def test_the_log_holds_each_steps_own_rate_and_a_divergence(tmp_path):
         want = 2e-4 * min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
         assert math.isclose(rec["lr"], want, rel_tol=1e-9), rec
     assert recs[-1]["lr"] > 0
-    r = cli([*common, "--steps", "3", "--lr", "1e3", "--method", "full", "-o", str(tmp_path / "nan")], cwd=tmp_path)
+    # (1e3 reached NaN on one machine and a saturated uniform output, loss ln 256, on another: 1e8 overflows anywhere)
+    r = cli([*common, "--steps", "3", "--lr", "1e8", "--method", "full", "-o", str(tmp_path / "nan")], cwd=tmp_path)
     assert r.returncode != 0 and "became" in r.stderr
     last = json.loads((tmp_path / "nan" / "train_log.jsonl").read_text().splitlines()[-1])
     assert last["step"] > 0 and "became" in last["error"]

@@ -91,9 +91,9 @@ def test_compare_refuses_a_module_whose_measures_exceed_the_free_memory(tmp_path
     base = _base(tmp_path, g)
     for side in ("a", "b"):
         _save(tmp_path / side, {EMB: base[EMB] + _low_rank(100, g), Q: base[Q] + _low_rank(48, g)}, 100)
-    monkeypatch.setattr("spectra.comparison.free_memory", lambda device: 100_000)
+    monkeypatch.setattr("spectra.plan.free_memory", lambda device: 100_000)
     with pytest.raises(ConfigError, match=r"model.embed_tokens.weight \(100, 48\) needs at least [0-9.e-]+ GiB .* is free") as err:
         spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False)
     assert "--exclude 'embed_tokens'" in str(err.value.hint)
-    monkeypatch.setattr("spectra.comparison.free_memory", lambda device: None)  # unknown: not refused
+    monkeypatch.setattr("spectra.plan.free_memory", lambda device: None)  # unknown: not refused
     assert spectra.compare(str(tmp_path / "a"), str(tmp_path / "b"), base=str(tmp_path / "base"), plots=False).modules
