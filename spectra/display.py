@@ -24,14 +24,15 @@ def printable(text: str) -> str:
     'layer.\\\\x1b[31mred\\\\x1b[0m'
     >>> printable("q_proj.\\ud800")
     'q_proj.\\\\ud800'
-    >>> printable("Gewichte.größe")
-    'Gewichte.größe'
+    >>> printable("Gewichte.größe"), printable("a\\\\nb"), printable("a\\nb")
+    ('Gewichte.größe', 'a\\\\\\\\nb', 'a\\\\nb')
     """
-    if text.isprintable():  # the common case: nothing to do
+    if text.isprintable() and "\\" not in text:  # the common case: nothing to do
         return text
     # str.isprintable is False for categories C* (control, format, surrogate, private, unassigned)
-    # and for separators other than the space
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)  # '\x1b', '\ud800'
+    # and for separators other than the space; a backslash is doubled, as repr does (and results.csv): a name holding
+    # "\\n" read as one holding a newline
+    return "".join(ch if ch.isprintable() and ch != "\\" else "\\\\" if ch == "\\" else ascii(ch)[1:-1] for ch in text)
 
 
 def shorten(text: str, limit: int = MAX_NAME) -> str:

@@ -103,6 +103,8 @@ def check_record(m: Any, at: str, source: Any) -> None:
                 raise bad(key, "an array of numbers or null")
         elif key != "shape" and v is not None and not is_num(v):
             raise bad(key, "a number or null")
+    if m.get("status") == "success" and not is_num(m.get("alpha")):  # a missing α read as a failed fit, the medians moved
+        raise bad("alpha", "a number where the fit succeeded (status success)")
     _check_ranges(m, min(shape), max(shape), at, source)
     # the flag follows from α (WeightWatcher's thresholds): an edited α beside the old flag was counted by the flag
     if "warning" in m and "alpha" in m and (m["warning"] or "") != training_warning(m["alpha"]):

@@ -37,7 +37,7 @@ from spectra.config import SharedOptions, config_of, public_entry, search_patter
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
-from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics
+from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics, rounding_bulk
 from spectra.esd_results import SCHEMA as ESD_SCHEMA
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
@@ -47,6 +47,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, input
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
+from spectra.numerics import unit_roundoff
 from spectra.pairing import NOT_MATRIX, MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
@@ -446,8 +447,12 @@ def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, res: list[float], pe
     for (unit, task), S, r in zip(items, S_all, res):
         t = time.perf_counter()
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
-        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r)
         pair = task.pair
+        u = unit_roundoff(pair.tuned_info.dtype)
+        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r, roundoff=u)
+        mid, level = float(np.median(lam)), rounding_bulk(u, float(lam.sum()), lam.size)
+        bulk = (f"its median eigenvalue {mid:.3g} is at the rounding of its {pair.tuned_info.dtype} storage (4·u²·Σλ/(3M) = "
+                f"{level:.3g}): no Marchenko–Pastur fit (mp_* null)") if metrics.mp_sigma2 is None and 0 < mid <= level else ""
         # above REFINE_MAX_ELEMENTS, values the Gram route cannot resolve are not recomputed: said where it happens
         unresolved = (f"{metrics.unresolved} of its {metrics.M} singular values are below the float64 Gram route's resolution "
                       f"σ₁·√(p·ε) = {r:.3g} (not recomputed by an SVD above {REFINE_MAX_ELEMENTS:,} entries): matrix_rank, "
@@ -456,7 +461,7 @@ def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, res: list[float], pe
         out.append(EsdRecord(
             name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
             shape=list(unit.shape), dtype=pair.tuned_info.dtype,
-            note="; ".join(n for n in (pair.note, pair.tuned.note, unresolved) if n),
+            note="; ".join(n for n in (pair.note, pair.tuned.note, unresolved, bulk) if n),
             metrics=metrics.to_dict(), seconds=per + time.perf_counter() - t,
             eigenvalues=[float(v) for v in lam] if unit.name in plotted else None,
         ))

@@ -432,6 +432,13 @@ def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.
     return math.sqrt(float(row_sq)) + math.sqrt(float(col_sq.max()))
 
 
+def unit_roundoff(dtype: str) -> float:
+    """The unit roundoff ``u = torch.finfo(dtype).eps / 2`` of a stored dtype (bfloat16 2⁻⁸, float32 2⁻²⁴): each stored
+    value is within ``u·|x|`` of what was rounded; 0 for integer or unknown dtypes."""
+    eps = _eps(dtype)
+    return eps / 2 if eps is not None else 0.0
+
+
 def _eps(dtype: str) -> float | None:
     """``torch.finfo(dtype).eps`` (one ulp at 1.0), or None for integer / unknown dtypes."""
     tdtype = getattr(torch, dtype, None)

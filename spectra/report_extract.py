@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
 from spectra.plots.base import svg_img
 from spectra.plots.extract import energy_figure, rank_heatmap
@@ -36,6 +37,12 @@ COLUMNS = (
 
 #: Float rounding allowed above 1 in a share (an energy summed in float64 can end at 1 + 1e-16).
 _SHARE_SLACK = 1e-9
+
+
+#: Keys of an ``extract.json`` module record the report reads, and those that are numbers (or null).
+_REQUIRED = ("name", "shape", "rank", "params", "energy_kept")
+_NUMBERS = ("rank", "params", "energy_kept", "rel_fro_error", "spectral_error", "fro_norm", "rel_norm", "uniform_rank",
+            "uniform_energy_kept", "storage_error")
 
 
 def check(path: Path, doc: dict[str, Any]) -> None:
@@ -74,6 +81,13 @@ def check(path: Path, doc: dict[str, Any]) -> None:
         if not isinstance(m, dict):
             continue
         at = f"modules[{i}] ({str(m.get('name'))[:80]})"
+        for key in _REQUIRED:  # the generic "KeyError: 'energy_kept'" named no record
+            if key not in m:
+                raise ResultsFormatError(f"{at}: missing key {key!r}", path=path, hint="rerun spectra extract --force to rewrite it")
+        for key in _NUMBERS:  # a number as text was shown raw, unrounded, where every other file refuses it
+            if m.get(key) is not None and not is_num(m[key]):
+                raise ResultsFormatError(f"{at}.{key} must be a number or null. Got {str(m[key])[:60]!r} instead", path=path,
+                                         hint="the file was edited or damaged; rerun spectra extract --force to rewrite it")
         if str(m.get("name")) in seen:  # counted twice in the table, and against the totals
             bad(f"{at}.name", str(m["name"])[:80], "each module has one record; this name came before")
         seen.add(str(m.get("name")))
@@ -160,6 +174,15 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
     check(path, doc)
     t, u = doc["totals"], doc["uniform"]
     out = []
+    if doc.get("complete") is False:  # "nothing to extract" writes its extract.json too, with no adapter
+        out.append(Finding("incomplete", "No adapter was written (complete: false): the run found nothing to extract, or "
+                           "stopped; the numbers below are what it measured, not an adapter's." if doc.get("adapter") is None else
+                           "This run did not finish (complete: false): finish it with `spectra extract … --resume`.", warning=True))
+    changed = t.get("changed", t["modules"])  # extract.json before the count: every module counted
+    if changed == 0:  # no energy to keep: "100% with 0 parameters" and "13 of the 0 changed" said nothing true
+        out.append(Finding("modules", f"None of the {t['modules']} modules changed (ΔW = 0, or at the rounding level of its "
+                                      "stored weights): there is no update to extract.", warning=True))
+        return out + [Finding("warning", w, warning=True) for w in doc.get("warnings", [])]
     if t.get("energy_kept") is not None:
         # energy_kept is of the extracted matrices only: an embedding or head left out holds energy the
         # adapter does not, which "of the update's energy" hid (energy_kept_all is of every weight matrix)
@@ -171,7 +194,6 @@ def findings(path: Path, doc: dict[str, Any]) -> list[Finding]:
         out.append(Finding("energy", text + ".", numbers={"energy_kept": t["energy_kept"], "uniform": u.get("energy_kept"),
                                                           "energy_kept_all": t.get("energy_kept_all"),
                                                           "not_extracted_energy_share": t.get("not_extracted_energy_share")}))
-    changed = t.get("changed", t["modules"])  # extract.json before the count: every module counted
     rest = f"; {t['modules'] - changed} unchanged or at the rounding level" if changed < t["modules"] else ""
     out.append(Finding("modules", f"{t['modules_at_90']} of the {changed} changed modules keep at least 90% of their energy "
                                   f"(median module {t['median_energy_kept']:.1%}, lowest {t['min_energy_kept']:.1%}{rest}).",

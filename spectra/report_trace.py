@@ -115,6 +115,9 @@ def findings(path: Path, doc: dict) -> list[Finding]:
     if not res.checkpoints or not res.matrices:
         return [Finding("incomplete", "the trace holds no measured checkpoint", warning=True)]
     key = _key(res)
+    if not res.complete and res.source == "spectra trace":  # a stopped run's trace.json: the checkpoints it reached
+        out.append(Finding("incomplete", "This run did not finish (complete: false): the numbers cover only the matrices "
+                           "measured before it stopped; finish it with `spectra trace … --resume`.", warning=True))
 
     def rank(p: dict) -> float | None:
         return (p.get("energy_rank") or {}).get(key)

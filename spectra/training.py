@@ -220,6 +220,10 @@ class TrainSummary:
     trainable_params: int
 
 
+#: What to do when the loss diverged: the folder holds this run's log, so a rerun into it needs --force.
+RERUN_LOWER = "lower --lr and rerun with --force (the folder keeps this run's log)"
+
+
 def _loss(model, ids: torch.Tensor, labels: torch.Tensor, device: torch.device, autocast: bool) -> torch.Tensor:
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
         return model(input_ids=ids.to(device), labels=labels.to(device)).loss
@@ -453,7 +457,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (appended to through the loop, closed in finally)
     t0, first, tokens = time.perf_counter(), None, 0
 
-    def diverged(step: int, what: str, hint: str = "lower --lr") -> SpectraError:  # in the log too: a report reads it
+    def diverged(step: int, what: str, hint: str = RERUN_LOWER) -> SpectraError:  # in the log too: a report reads it
         log.write(json.dumps({"step": step, "train_loss": None, "target_loss": None, "source_loss": None, "error": what}) + "\n")
         return SpectraError(f"{what} at step {step}", path=out, hint=hint)
 
@@ -466,7 +470,7 @@ def _fit(config: TrainConfig, model, tok, held, blocks, source, device: torch.de
         log.flush()
         bad = next((k for k in ("target_loss", "source_loss") if rec[k] is not None and not math.isfinite(rec[k])), None)
         if bad is not None:  # weights too large to evaluate: no model is saved with a loss nobody can read
-            hint = "lower --lr" if step else "the base model's loss is not finite on this data"
+            hint = RERUN_LOWER if step else "the base model's loss is not finite on this data"
             if not step and targets is not None:  # B = 0: the adapter adds nothing unless its scale overflows
                 with model.disable_adapter():
                     if math.isfinite(held_out_loss(model, held if bad == "target_loss" else source, config.eval_batches, config.batch,

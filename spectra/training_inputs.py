@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from spectra.errors import ConfigError, SpectraError, output_error
+from spectra.io.checkpoint import WEIGHT_FILE_SUFFIXES
 from spectra.io.files import LOCK_NAME, refuse_if_held, same_file
 from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular, refuse_empty_path
@@ -130,11 +131,17 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         raise SpectraError(f"is {file_kind(st.st_mode)}, not a regular file or folder", path=p,
                            hint="pass a text file, a folder of text/code files or JSONL")
     if stat.S_ISDIR(st.st_mode):
-        weights = [f.name for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")][:3]
+        weights = [f.name for f in p.iterdir() if f.suffix in (*WEIGHT_FILE_SUFFIXES, ".gguf")][:3]
         if (p / "config.json").is_file() and weights:  # its config and tokenizer JSON would be read as text
             raise SpectraError(f"is a model folder ({', '.join(sorted(weights))}), not data", path=p,
                                hint="pass a text file, a folder of text/code files or JSONL")
         found, files = text_files(p)
+        # a model folder under it too (a folder of models passed as data): its JSON files are no text to train on
+        if nested := sorted({f.parent for f in files if f.name == "config.json" and any(
+                g.suffix in WEIGHT_FILE_SUFFIXES for g in f.parent.iterdir())}):
+            raise SpectraError(f"holds a model folder ({nested[0]}{f' and {len(nested) - 1} more' if len(nested) > 1 else ''}), "
+                               "whose config and tokenizer JSON would be read as text", path=p,
+                               hint="pass the text alone: a file, or a folder of text/code files or JSONL without models in it")
         out = [pair for f in files for pair in (_jsonl_examples(f) if is_jsonl(f) else [("", read_text(f))])]
         if not any(b.strip() for _, b in out):
             others = [f.name for f in found if f not in files]

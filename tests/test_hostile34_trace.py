@@ -25,3 +25,21 @@ def test_a_base_copy_mid_run_and_matrices_no_checkpoint_holds_are_warned(tmp_pat
     copies = [w for w in res.warnings if "between checkpoints that changed them" in w]
     assert len(copies) == 1 and copies[0].startswith("checkpoint-3: ΔW = 0 for every matrix"), res.warnings
     assert any(w.startswith(f"1 matrix of the base is in no checkpoint (e.g. {names[2]})") for w in res.warnings), res.warnings
+
+
+def test_data_holding_model_folders_is_refused(tmp_path):
+    """--data pointing at a folder of model folders trained on their config.json and generation_config.json (19 JSON
+    files, exit 0): the check for a model folder looked at the top folder only."""
+    import pytest
+
+    from spectra.errors import SpectraError
+    from spectra.training_inputs import read_examples
+
+    (tmp_path / "data" / "models" / "m1").mkdir(parents=True)
+    (tmp_path / "data" / "notes.txt").write_text("some text to train on\n" * 20)
+    (tmp_path / "data" / "models" / "m1" / "config.json").write_text('{"model_type": "gpt2"}')
+    save_file({"w": torch.zeros(2, 2)}, tmp_path / "data" / "models" / "m1" / "model.safetensors")
+    with pytest.raises(SpectraError, match=r"holds a model folder \(.*m1\), whose config and tokenizer JSON would be read"):
+        read_examples(tmp_path / "data")
+    (tmp_path / "data" / "models" / "m1" / "model.safetensors").unlink()  # JSON without weights: data, as before
+    assert read_examples(tmp_path / "data")
