@@ -21,9 +21,9 @@ import statistics
 from collections import Counter
 
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
-from spectra.display import display_name
+from spectra.display import display_name, oversized_words
 from spectra.findings import Finding, percent
-from spectra.metrics import oversized_update, oversized_words
+from spectra.metrics import oversized_update
 from spectra.results import note_part
 
 #: How a median φ ÷ its random baseline is put in words (upper bounds, checked in order).

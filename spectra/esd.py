@@ -600,18 +600,8 @@ def spectral_entropy(evals: np.ndarray, N: int, *, resolution: float = 0.0) -> f
     return _finite(float(-np.sum(p * np.log(p)) / np.log(rank)))
 
 
-#: How far above the mean eigenvalue of storage rounding (``u²·Σλ/(3M)``) a median eigenvalue must lie to be a bulk.
-ROUNDING_BULK = 4.0
-
-
-def rounding_bulk(roundoff: float, total: float, M: int) -> float:
-    """The median eigenvalue at or below which an ESD's bulk may be storage rounding (:func:`esd_metrics`'s
-    ``roundoff``): :data:`ROUNDING_BULK` · ``u²·Σλ/(3M)``."""
-    return ROUNDING_BULK * roundoff * roundoff * total / (3 * M) if M else 0.0
-
-
 def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, xmin: XminMethod = "fit",
-                thresh: float = EVALS_THRESH, resolution: float = 0.0, roundoff: float = 0.0) -> EsdMetrics:
+                thresh: float = EVALS_THRESH, resolution: float = 0.0, rounding: float = 0.0) -> EsdMetrics:
     """All ESD metrics of one matrix from its eigenvalues (``WeightWatcher.apply_esd``,
     ``apply_powerlaw`` and ``apply_norm_metrics`` on one layer).
 
@@ -625,12 +615,9 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
             0 for an exact SVD, :func:`spectra.metrics.rank_resolution` for eigenvalues of a float64 Gram
             matrix. ``matrix_rank``, ``rank_loss``, ``weak_rank_loss`` and ``entropy`` count the
             singular values at or below it as 0.
-        roundoff: the unit roundoff ``u`` of the matrix's stored dtype (:func:`spectra.numerics.unit_roundoff`; 0:
-            exact): storage rounding adds entries of variance at most ``u²w²/3``, whose M eigenvalues average at most
-            ``u²·Σλ/(3M)``; a median eigenvalue at or below :data:`ROUNDING_BULK` times that may be rounding, not
-            the weight's own bulk, and the Marchenko–Pastur fit (``mp_*``) is dropped (a rank-5 weight stored in
-            bfloat16 read 21 spikes off its rounding). A full-rank weight's median is about ``Σλ/M``: never near.
-
+        rounding: the median eigenvalue at or below which the bulk may be the rounding of the matrix's storage
+            (:func:`spectra.esd_run.rounding_bulk`; 0: exact): the Marchenko–Pastur fit (``mp_*``) is then dropped (a rank-5 weight
+            stored in bfloat16 read 21 spikes off its rounding). A full-rank weight's median lies far above it.
     Returns:
         :class:`EsdMetrics`. Norm metrics use every eigenvalue; the fit only those above the threshold.
 
@@ -659,7 +646,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
     if fit.ok:
         alpha_weighted = fit.alpha * log_spec if log_spec is not None else None
         log_alpha_norm = log10_power_sum(lam, fit.alpha)  # in log space: Σλ^α overflowed at α·log10 λ_max > 308
-    mp = mp_bulk_fit(lam, shape, zero_at=max(floor, resolution**2, rounding_bulk(roundoff, norm, M)))
+    mp = mp_bulk_fit(lam, shape, zero_at=max(floor, resolution**2, rounding))
     return EsdMetrics(
         N=N, M=M, num_evals=M, num_fit_evals=fit.n_fit,
         alpha=fit.alpha, D=fit.D, xmin=fit.xmin, xmax=fit.xmax, sigma=fit.sigma,

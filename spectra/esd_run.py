@@ -21,6 +21,7 @@ Differences from ``WeightWatcher(model).analyze()`` (0.7.7) in what is analysed,
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from spectra.config import SharedOptions, config_of, public_entry, search_patter
 from spectra.delta import oriented
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
-from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics, rounding_bulk
+from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics
 from spectra.esd_results import SCHEMA as ESD_SCHEMA
 from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
@@ -361,7 +362,9 @@ def esd(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spectra-esd-fit", initializer=one_openmp_thread) as fitter:
             def flush() -> None:
                 S_all, res, per = _decompose(batch, device, budget)
-                items = [(unit, task) for unit, task, _ in batch]
+                # each matrix's storage rounding level (a bulk at it is no bulk), from its stored entries
+                levels = [rounding_bulk(W, unit_roundoff(task.pair.tuned_info.dtype)) for _, task, W in batch]
+                items = [(unit, task, level) for (unit, task, _), level in zip(batch, levels)]
                 batch.clear()  # drop the weights now: the next tensors are being read
                 fits.append(fitter.submit(_fit, items, S_all, res, per, config, plotted))
                 drain(wait=False)
@@ -408,6 +411,32 @@ def esd(
     return result
 
 
+#: How far above the median eigenvalue storage rounding would give a median eigenvalue must lie to be the matrix's bulk.
+ROUNDING_BULK = 4.0
+#: The median of w² for Gaussian w over its mean (χ²₁'s median): turns a median of squares into a typical mean square.
+_CHI2_MEDIAN = 0.45494
+#: Entries sampled for the typical square of a matrix (:func:`rounding_bulk`).
+_BULK_SAMPLE = 1 << 16
+
+
+def rounding_bulk(W: torch.Tensor, roundoff: float) -> float:
+    """The median eigenvalue of ``WᵀW`` (``W`` ``(out, in)``, any float dtype) at or below which its bulk may be the
+    rounding of its storage (``roundoff``: the stored dtype's unit roundoff, :func:`spectra.numerics.unit_roundoff`;
+    0 gives 0): :data:`ROUNDING_BULK` · ``u²/3 · N · w²``, ``N = max(out, in)`` and ``w²`` the typical square of an entry
+    (the median of the squares of up to 65,536 sampled entries, over χ²₁'s median). Rounding adds entries of variance
+    at most ``u²w²/3``, so a bulk of it has a median eigenvalue near ``u²/3 · N · w²``; a typical entry, not the mean,
+    because a few outlier rows or columns put their rounding in a few eigenvalues, not in the bulk (a mean-based bound
+    dropped the fit of a Gaussian weight with two ×3000 columns)."""
+    if roundoff <= 0 or W.numel() == 0:
+        return 0.0
+    flat = W.reshape(-1)
+    step = max(1, flat.numel() // _BULK_SAMPLE)
+    while math.gcd(step, W.shape[-1]) != 1:  # a step sharing a factor with the row length samples a few columns only
+        step += 1
+    x = flat[::step].double()
+    return ROUNDING_BULK * roundoff * roundoff / 3 * max(W.shape) * float(torch.median(x * x)) / _CHI2_MEDIAN
+
+
 #: The largest matrix (elements) whose Gram spectrum, when it leaves singular values unresolved, is
 #: recomputed by an SVD in float64 (32 MiB; ~1-2 s at 2048², where 8192² took over 7 minutes on the project's
 #: 2-core CPU: a hostile file of such matrices would run for hours); a larger one keeps the Gram values and
@@ -439,20 +468,19 @@ def _decompose(batch: list[tuple[Unit, Task, torch.Tensor]], device: torch.devic
     return S_all, res, (time.perf_counter() - start) / len(batch)
 
 
-def _fit(items: list[tuple[Unit, Task]], S_all: np.ndarray, res: list[float], per: float, config: EsdConfig,
+def _fit(items: list[tuple[Unit, Task, float]], S_all: np.ndarray, res: list[float], per: float, config: EsdConfig,
          plotted: set[str]) -> list[EsdRecord]:
     """The ESD metrics of each matrix of a decomposed batch, as records (runs on the fit thread);
     ``res``: the resolution of each row of ``S_all`` (:func:`_decompose`)."""
     out = []
-    for (unit, task), S, r in zip(items, S_all, res):
+    for (unit, task, level), S, r in zip(items, S_all, res):
         t = time.perf_counter()
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
         pair = task.pair
-        u = unit_roundoff(pair.tuned_info.dtype)
-        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r, roundoff=u)
-        mid, level = float(np.median(lam)), rounding_bulk(u, float(lam.sum()), lam.size)
-        bulk = (f"its median eigenvalue {mid:.3g} is at the rounding of its {pair.tuned_info.dtype} storage (4·u²·Σλ/(3M) = "
-                f"{level:.3g}): no Marchenko–Pastur fit (mp_* null)") if metrics.mp_sigma2 is None and 0 < mid <= level else ""
+        metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r, rounding=level)
+        mid = float(np.median(lam))
+        bulk = (f"its median eigenvalue {mid:.3g} is at the rounding of its {pair.tuned_info.dtype} storage ({level:.3g}): no "
+                "Marchenko–Pastur fit (mp_* null)") if metrics.mp_sigma2 is None and 0 < mid <= level else ""
         # above REFINE_MAX_ELEMENTS, values the Gram route cannot resolve are not recomputed: said where it happens
         unresolved = (f"{metrics.unresolved} of its {metrics.M} singular values are below the float64 Gram route's resolution "
                       f"σ₁·√(p·ε) = {r:.3g} (not recomputed by an SVD above {REFINE_MAX_ELEMENTS:,} entries): matrix_rank, "

@@ -64,8 +64,8 @@ def auto_task_type(tuned: Mapping[str, Any] | None, base: Mapping[str, Any] | No
         return head
     if isinstance(adapter_task, str):
         return adapter_task
-    arch = named_class(base, tuned)
-    return task_type_for(base if named_class(base) == arch else tuned) if arch is not None else None
+    named = base if named_class(base) is not None else tuned if named_class(tuned) is not None else None
+    return task_type_for(named) if named is not None else None
 
 
 def head_reason(task_type: str) -> str:

@@ -45,6 +45,9 @@ OUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 EXPERTS_GROUP = "experts"
 
 
+#: The words of the budget's spending warning (``extract_results.ExtractResult.nothing_written`` drops it).
+SPENT = " parameters spent"
+
 @dataclass(frozen=True)
 class ExtractConfig(SharedOptions):
     """Options of ``spectra extract``; saved with the results.
@@ -636,7 +639,7 @@ def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int
     the rounding floor costs more than what is left, else the floor's doing: ``floored`` = ``(modules stopped at it, an
     example)``; ``capped`` = ``(modules whose resolved components go on past the largest rank allowed, an example, what
     allows it)`` or None."""
-    said = f"{spent:,} of the budget's {budget:,} parameters spent"
+    said = f"{spent:,} of the budget's {budget:,}{SPENT}"
     cap = (f"; {capped[0]} modules stop at the largest rank {capped[2]} allows (e.g. {capped[1]}) with resolved "
            "components left: raise it to give them more") if capped else ""
     if waiting is None:
@@ -654,7 +657,7 @@ def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, cappe
     it: every module holds all of its update's directions (each at min(r, p), or every one above its rounding floor),
     or ``capped`` = ``(modules at the largest rank allowed, an example, what allows it)``; ``dearer`` = ``(modules
     whose LoRA holds more parameters than their dense ΔW, an example)`` or None."""
-    said = f"{spent:,} of the budget's {budget:,} parameters spent"
+    said = f"{spent:,} of the budget's {budget:,}{SPENT}"
     if capped:
         n, name, cap = capped
         return (f"{said}: {n} modules are at the largest rank {cap} allows (e.g. {name}), the others hold all of their "

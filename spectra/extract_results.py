@@ -23,6 +23,7 @@ from spectra.allocation import Allocation
 from spectra.delta import fro_blocks, norms_of_blocks
 from spectra.display import matrices
 from spectra.extract_plan import (
+    SPENT,
     ExtractConfig,
     RankPlan,
     Target,
@@ -56,6 +57,9 @@ HEAD_KIND = "task head (modules_to_save)"
 _LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining", "ForConditionalGeneration", "WithLMHead",
              "DoubleHeadsModel", "Seq2SeqLM")
 
+
+#: ``not_lora`` kinds of the norms and biases a fine-tune changed (LayerNorm tuning, BitFit), which no LoRA holds.
+ONE_D_KINDS = ("bias", "1-D (norm or scale)")
 
 @dataclass
 class ExtractResult:
@@ -127,8 +131,8 @@ class ExtractResult:
         for r in self.not_lora:
             if r.get("held"):
                 r.update(held=None, reason="not written: no adapter (no chosen matrix has an update a LoRA can hold)")
-        self.warnings = [w for w in self.warnings if "parameters spent" not in w]
-        return [r["name"] for r in self.not_lora if r.get("rel_norm")]
+        self.warnings = [w for w in self.warnings if SPENT not in w]
+        return [r["name"] for r in self.not_lora if r.get("rel_norm") and r.get("kind") in ONE_D_KINDS]
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         """Write ``extract.json``, ``extract.csv`` and (``plots``) the figures, each atomically."""
@@ -242,7 +246,7 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
         # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
         # (less a wrapper prefix of the base names that the modules drop: extract._open_source)
         tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
-        rec = {"name": tn, "kind": "bias" if is_bias(tn) else "1-D (norm or scale)", "shape": list(t.shape), "fro_norm": fro,
+        rec = {"name": tn, "kind": ONE_D_KINDS[0] if is_bias(tn) else ONE_D_KINDS[1], "shape": list(t.shape), "fro_norm": fro,
                "rel_norm": _rel(fro, bf), "module": owner, "held": None, "reason": ""}
         inside = descendants(tuned_owner)
         only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)

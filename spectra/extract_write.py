@@ -110,10 +110,11 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
     saved = sum(v.numel() for v in whole.values())
     # lora_bias is one flag: every adapted module carries a bias vector (out,), changed or not
     bias = sum(math.prod(shape) for name, shape in layout if name.endswith(".lora_B.bias"))
-    if saved or bias:
+    if config.mode == "budget" and (saved or bias):  # (--rank and --energy spend no budget)
+        parts = [f"{saved:,} of modules kept whole (modules_to_save, adapter.saved_params)"] * bool(saved) + \
+                [f"{bias:,} of lora_B.bias vectors (adapter.bias_params)"] * bool(bias)
         result.warnings.append(f"the adapter stores {saved + bias:,} parameters besides its LoRA factors, outside the budget: "
-                               f"{saved:,} of modules kept whole (modules_to_save), {bias:,} of lora_B.bias vectors "
-                               "(adapter.saved_params, adapter.bias_params)")
+                               + ", ".join(parts))
     result.adapter = {"path": str(out), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "use_rslora": cfg["use_rslora"],
                       "target_modules": cfg["target_modules"], "target_parameters": cfg.get("target_parameters"),
                       "modules_to_save": cfg["modules_to_save"], "saved_params": saved, "bias_params": bias,

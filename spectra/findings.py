@@ -20,8 +20,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from spectra.display import display_name, matrices, range_text, tau_percent
-from spectra.metrics import oversized_update, oversized_words, threshold_key
+from spectra.display import display_name, matrices, oversized_words, range_text, tau_percent
+from spectra.metrics import oversized_update, threshold_key
 from spectra.naming import role_sort_key
 from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
 

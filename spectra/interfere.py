@@ -36,6 +36,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
 from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
 from spectra.delta import form_delta, oriented, pair_floor, pair_notes
+from spectra.display import oversized_words
 from spectra.errors import ConfigError, PairingError, ResultsFormatError
 from spectra.interfere_summary import clean, copies, summarise, zero_tasks_warning
 from spectra.interference import (
@@ -59,7 +60,7 @@ from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outp
 from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, oversized_update, oversized_words, rank_resolution, relative_norm
+from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, oversized_update, rank_resolution, relative_norm
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
@@ -561,15 +562,16 @@ def interfere(
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
     if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
         result.warnings.append(w)
-    # float64 sum, one update held in float64, the one being formed: a 128256 × 4096 embedding's are some 19 GB
-    if dense := [(math.prod(spec_shape(sp, base_ckpt)), n, sp) for n, sp in todo if any(t.needs_dense(n) for t in tasks)]:
-        size, name, spec = max(dense, key=lambda x: x[0])
-        refuse_beyond_memory(f"{name} {spec_shape(spec, base_ckpt)}", size * DENSE_MIN_BYTES, "interfere's float64 sums and updates",
-                             device, hint=f"--exclude '{spec.module}' (spectra diff measures each task's update in far less)")
     journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume)
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
             held.callback(journal.release)
+        # float64 sum, one update held in float64, the one being formed: a 128256 × 4096 embedding's are some 19 GB
+        if dense := [(math.prod(spec_shape(sp, base_ckpt)), n, sp) for k, (n, sp) in enumerate(todo)
+                     if k not in done and any(t.needs_dense(n) for t in tasks)]:  # (a resume: what is left to measure)
+            size, name, spec = max(dense, key=lambda x: x[0])
+            refuse_beyond_memory(f"{name} {spec_shape(spec, base_ckpt)}", size * DENSE_MIN_BYTES, "interfere's float64 sums and "
+                                 "updates", device, hint=f"--exclude '{spec.module}' (spectra diff measures each task's update in far less)")
         for i, (name, spec) in enumerate(todo):
             if i in done:
                 rec = done[i]

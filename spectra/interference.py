@@ -205,8 +205,9 @@ def flat_inner(a: Update, b: Update) -> float:
 
 
 def checked64(x: Update) -> torch.Tensor | Factored:
-    """An update as :func:`inner64` and :func:`captured64` take it: a factored one through :func:`as_factored64`, a
-    dense one as a finite float64 ``(out, in)`` tensor (:func:`_dense64`'s checks); check once, use in every pair."""
+    """An update as :func:`inner64` and :func:`captured64` take it: a factored one through :func:`as_factored64`
+    (``U (out, k)``, ``S (k,)``, ``Vh (k, in)`` float64, descending), a dense one as a finite float64 ``(out, in)`` tensor
+    (:func:`_dense64`'s checks); check once, use in every pair."""
     return as_factored64(x) if isinstance(x, Factored) else _dense64(x)
 
 
@@ -312,7 +313,8 @@ def captured_two_sided(f_s: Factored, update_t: Update) -> float:
 
 
 def captured64(g: Factored, h: torch.Tensor | Factored, total: float) -> float:
-    """:func:`captured_two_sided` of updates already checked (:func:`checked64`), ``total`` being ``‖h‖_F²``."""
+    """:func:`captured_two_sided` of updates already checked (:func:`checked64`, one shape ``(out, in)``, one device):
+    ``g`` whose subspaces, ``h`` whose energy, ``total`` being ``‖h‖_F²`` (float64, the units of h squared)."""
     if g.S.numel() == 0 or total == 0.0:
         return math.nan
     U, V = g.U, g.Vh.mT

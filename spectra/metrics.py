@@ -268,22 +268,13 @@ def oversized_update(rels: Iterable[float | None]) -> tuple[float, bool] | None:
     ones left out) say the update is no fine-tune of this base, else None: a median above 1 (a fine-tune moves a
     matrix by a fraction of its norm; two independent initialisations give about √2), or every ratio 1 to 6 digits
     (``all_one``: ΔW = −W_base, what a tuned checkpoint of all-zero weights gives, e.g. a preallocated file that never
-    got its data). ``diff``, ``compare``, ``trace`` and ``interfere`` warn of it (:func:`oversized_words`)."""
+    got its data). ``diff``, ``compare``, ``trace`` and ``interfere`` warn of it (:func:`spectra.display.oversized_words`)."""
     x = [r for r in rels if r and math.isfinite(r)]
     if not x:
         return None
     med = float(np.median(x))
     one = all(abs(r - 1.0) < 1e-6 for r in x)
     return (med, one) if one or med > 1.0 else None
-
-
-def oversized_words(found: tuple[float, bool]) -> str:
-    """The warning's words for :func:`oversized_update`'s ``(median, all_one)``."""
-    med, one = found
-    if one:
-        return ("‖ΔW‖/‖W_base‖ is 1 on every changed matrix, as when the tuned weights are all zero (ΔW = −W_base): "
-                "a preallocated or incompletely written checkpoint?")
-    return f"the median ‖ΔW‖/‖W_base‖ is {med:.2f}, larger than the base weights themselves: is it a fine-tune of this base?"
 
 
 @dataclass(frozen=True)

@@ -306,7 +306,7 @@ def estimate_memory(pairs: Sequence[tuple[int, int, Sequence[tuple[int, int]]]],
             of_shape.setdefault(sh, []).append(i)
     peak = ahead([b for b, _ in sizes])
     for sh, n in counts.items():  # (one pass over the largest pairs per shape: 10⁵ shapes of a hostile header stay fast)
-        k = min(n, max_batch)
+        k = min(n, max_batch, max(1, batch_bytes // (4 * sh[0] * sh[1])))  # the batch's ΔW, which left the pairs in flight
         held = min(batch_bytes, k * 4 * sh[0] * sh[1]) + estimate_batch_bytes(sh, dtype, method)
         out = set(of_shape[sh][:k])
         peak = max(peak, held + ahead([b for b, i in sizes[: depth + 1 + k] if i not in out]))

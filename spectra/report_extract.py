@@ -48,8 +48,9 @@ _NUMBERS = ("rank", "params", "energy_kept", "rel_fro_error", "spectral_error", 
 def check(path: Path, doc: dict[str, Any]) -> None:
     """Refuse an ``extract.json`` holding values no extraction can produce (a rank outside
     0 … min(shape), a share of energy outside [0, 1], a negative norm or count, an empty shape, a loss
-    that is not a finite number ≥ 0): the report would show them as facts. Types the report reads
-    but this does not check fail later, in :func:`spectra.report._guarded`.
+    that is not a finite number ≥ 0), and a module record without one of :data:`_REQUIRED` or with text where
+    :data:`_NUMBERS` are numbers: the report would show them as facts. Other types the report reads
+    fail later, in :func:`spectra.report._guarded`.
 
     Raises:
         ResultsFormatError: one line naming the file, the record and the field.

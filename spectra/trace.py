@@ -409,7 +409,7 @@ def trace(
     result.matrices.sort(key=_order)
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
-    result.warnings += run_warnings(result.matrices) + [w for w in [base_copy_warning(result.checkpoints, result.matrices)] if w]
+    result.warnings += run_warnings(result.matrices) + base_copy_warning(result.checkpoints, result.matrices)
     if zero := unchanged_text(result.checkpoints, result.matrices, result.config, result.skipped):  # (the CLI exits 3 on it, as diff)
         result.warnings.append(f"{zero}; check that you passed the fine-tuned checkpoints")
     result.complete = True
@@ -480,7 +480,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     keep = selector(config.include, config.exclude, config.layers)
     names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
     todo = []
-    result.warnings += absent_warning([n for n in specs if len(base.tensors[n].shape) == 2 and keep(n, specs[n].layer)], names)
+    result.warnings += absent_warning([n for n in specs if len(base.tensors[n].shape) == 2 and specs[n].layer is not None
+                                       and keep(n, specs[n].layer)], names)
     for name in names:
         if not keep(name, specs[name].layer):
             continue

@@ -13,6 +13,7 @@ from typing import Any
 from spectra.display import counted
 from spectra.metrics import oversized_update
 from spectra.numerics import unresolved_text
+from spectra.pairing import NOT_WEIGHTS
 from spectra.results import note_caveat_warnings
 from spectra.results_check import is_num
 from spectra.selection import unmeasured_clause
@@ -80,10 +81,13 @@ def size_warning(refs: list[CheckpointRef], matrices: list[dict[str, Any]]) -> s
         big = oversized_update(m["points"][i].get("rel_norm") for m in matrices if len(m["points"]) > i and moved(m["points"][i]))
         if big:
             name = "the last checkpoint" if i == len(refs) - 1 else Path(r.path).name
-            (zero if big[1] else above).append(f"{name} ({big[0]:.2f})")
+            if big[1]:
+                zero.append(name)
+            else:
+                above.append(f"{name} ({big[0]:.2f})")
     words = [f"the median ‖ΔW‖/‖W_base‖ is larger than the base weights themselves at {', '.join(above)}: was this run "
              "started from this base?"] if above else []
-    words += [f"‖ΔW‖/‖W_base‖ is 1 on every changed matrix at {', '.join(z.rsplit(' (', 1)[0] for z in zero)}, as when the "
+    words += [f"‖ΔW‖/‖W_base‖ is 1 on every changed matrix at {', '.join(zero)}, as when the "
               "tuned weights are all zero (ΔW = −W_base): preallocated or incompletely written checkpoints?"] if zero else []
     return "; ".join(words) or None
 
@@ -122,35 +126,38 @@ def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
 
 
 def absent_warning(chosen: list[str], held: list[str]) -> list[str]:
-    """The warning (a list of one, or none) naming the base matrices ``chosen`` (selected, 2-D) that no checkpoint holds
-    (``held``: those some checkpoint pairs): a run that saves its trained layers only leaves the rest untraced."""
+    """The warning (a list of one, or none) naming the base's layer matrices ``chosen`` (selected, 2-D, in a layer:
+    a tied head or an embedding a checkpoint saves once is no such matrix) that no checkpoint holds (``held``: those
+    some checkpoint pairs): a run that saves its trained layers only leaves the rest untraced. State parameters the
+    pairing skips as no weight (a Mamba's ``A_log``) are not counted."""
     have = set(held)
-    absent = [n for n in chosen if n not in have]
+    absent = [n for n in chosen if n not in have and n.rpartition(".")[2] not in NOT_WEIGHTS]
     if not absent:
         return []
     return [f"{counted(len(absent), 'matrix', 'matrices')} of the base {'is' if len(absent) == 1 else 'are'} in no checkpoint "
             f"(e.g. {absent[0]}): not traced (checkpoints that save the trained layers only?)"]
 
 
-def base_copy_warning(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]]) -> str | None:
+def base_copy_warning(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]]) -> list[str]:
     """A warning naming the checkpoints (``trace.json``'s records, in step order; failed ones aside) where ΔW is exactly
     zero for every measured matrix after an earlier checkpoint changed some: a copy of the base saved mid-run (a wrong
     save, or the base copied in) reads as a training that went back and came again. None when there is none; a run
-    that starts at the base (LoRA adapters saved at initialisation) is not one."""
+    that starts at the base (LoRA adapters saved at initialisation) is not one, nor an adapter reset to B = 0 mid-run
+    (ReLoRA: a known scheme, not a wrong save)."""
     moved, copies = False, []
     for i, c in enumerate(checkpoints):
         pts = [pt for m in matrices if i < len(m["points"]) and isinstance(pt := m["points"][i], dict)
                and "skip" not in pt and pt.get("fro_norm") is not None]
-        if c.get("failed") or not pts:
+        if c.get("failed") or not pts or c.get("kind") == "lora":
             continue
         if all(pt["fro_norm"] == 0 for pt in pts):
             copies += [Path(str(c.get("path"))).name] if moved else []
         else:
             moved = True
     if not copies:
-        return None
-    return (f"{_names(copies)}: ΔW = 0 for every matrix, the base's own weights, between checkpoints that changed them: a "
-            "save of the wrong weights, or the base copied in? (their turns are measured against the base)")
+        return []
+    return [f"{_names(copies)}: ΔW = 0 for every matrix, the base's own weights, between checkpoints that changed them: a "
+            "save of the wrong weights, or the base copied in? (their turns are measured against the base)"]
 
 
 def unchanged_text(checkpoints: list[dict[str, Any]], matrices: list[dict[str, Any]], config: dict[str, Any] | None = None,

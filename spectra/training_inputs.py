@@ -131,14 +131,13 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
         raise SpectraError(f"is {file_kind(st.st_mode)}, not a regular file or folder", path=p,
                            hint="pass a text file, a folder of text/code files or JSONL")
     if stat.S_ISDIR(st.st_mode):
-        weights = [f.name for f in p.iterdir() if f.suffix in (*WEIGHT_FILE_SUFFIXES, ".gguf")][:3]
-        if (p / "config.json").is_file() and weights:  # its config and tokenizer JSON would be read as text
+        weights = _model_weights(p)
+        if weights:  # its config and tokenizer JSON would be read as text
             raise SpectraError(f"is a model folder ({', '.join(sorted(weights))}), not data", path=p,
                                hint="pass a text file, a folder of text/code files or JSONL")
         found, files = text_files(p)
         # a model folder under it too (a folder of models passed as data): its JSON files are no text to train on
-        if nested := sorted({f.parent for f in files if f.name == "config.json" and any(
-                g.suffix in WEIGHT_FILE_SUFFIXES for g in f.parent.iterdir())}):
+        if nested := sorted({f.parent for f in files if f.name == "config.json" and _model_weights(f.parent)}):
             raise SpectraError(f"holds a model folder ({nested[0]}{f' and {len(nested) - 1} more' if len(nested) > 1 else ''}), "
                                "whose config and tokenizer JSON would be read as text", path=p,
                                hint="pass the text alone: a file, or a folder of text/code files or JSONL without models in it")
@@ -156,6 +155,16 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
     if not out:
         raise SpectraError("no text found", path=p, hint="pass a text file, a folder of text/code files or JSONL")
     return out
+
+
+def _model_weights(folder: Path) -> list[str]:
+    """Up to three weight files of ``folder`` when it holds a ``config.json`` too (a model folder), else none."""
+    try:
+        if not (folder / "config.json").is_file():
+            return []
+        return sorted(f.name for f in folder.iterdir() if f.suffix in (*WEIGHT_FILE_SUFFIXES, ".gguf"))[:3]
+    except OSError:  # unreadable: not known to be a model folder (reading its text says what is wrong)
+        return []
 
 
 def _jsonl_examples(p: Path) -> list[tuple[str, str]]:

@@ -639,7 +639,7 @@ def test_esd_hostile_matrices(tmp_path):
     res = esd(tmp_path / "m.safetensors", config=EsdConfig(device="cpu"), out_dir=tmp_path / "o")
     rec = {m.name: m for m in res.matrices}
     assert rec["layers.0.ok.weight"]["status"] == "success"
-    for name, why in (("zero", "0 eigenvalue(s) above 1e-05"), ("row", "1 eigenvalue(s) above 1e-05"),
+    for name, why in (("zero", "the matrix is exactly zero"), ("row", "1 eigenvalue(s) above 1e-05"),
                       ("col", "1 eigenvalue(s) above 1e-05"), ("huge", "1 eigenvalue(s) above 2.04")):
         r = rec[f"layers.0.{name}.weight"]
         assert r["alpha"] is None and r["status"] == "failed" and r["fit_note"].startswith(why), (name, r["fit_note"])

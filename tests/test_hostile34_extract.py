@@ -48,11 +48,15 @@ def test_save_modules_counts_the_lora_bias_vectors(tmp_path):
     tuned["model.norm.weight"] = torch.ones(16) * 1.1
     base["model.norm.weight"] = torch.ones(16)
     b, t = _pair(tmp_path, base, tuned)
-    res = cli(["extract", b, t, "-r", "2", "--save-modules", "--out", str(tmp_path / "out"), "--no-plots"])
+    res = cli(["extract", b, t, "-b", "50%", "--save-modules", "--out", str(tmp_path / "out"), "--no-plots"])
     assert res.returncode == 0, res.stderr
     doc = json.loads((tmp_path / "out" / "extract.json").read_text())
     assert doc["adapter"]["bias_params"] == 4 * 24 and doc["adapter"]["saved_params"] == 16, doc["adapter"]
-    assert any("16 of modules kept whole (modules_to_save), 96 of lora_B.bias vectors" in w for w in doc["warnings"]), doc["warnings"]
+    assert any("outside the budget: 16 of modules kept whole (modules_to_save, adapter.saved_params), 96 of lora_B.bias"
+               in w for w in doc["warnings"]), doc["warnings"]
+    res = cli(["extract", b, t, "-r", "2", "--save-modules", "--out", str(tmp_path / "rank"), "--no-plots"])
+    doc = json.loads((tmp_path / "rank" / "extract.json").read_text())  # --rank spends no budget: counted, not warned
+    assert doc["adapter"]["bias_params"] == 96 and not any("outside the budget" in w for w in doc["warnings"]), doc["warnings"]
 
 
 def test_a_norms_only_fine_tune_is_named_and_nothing_is_kept(tmp_path):

@@ -32,3 +32,29 @@ def test_a_resized_adapter_keeps_its_own_task_type(tmp_path):
     assert auto_task_type({"architectures": ["BertForTokenClassification"]}, bert, "CAUSAL_LM") == "TOKEN_CLS"
     assert auto_task_type(llama, bert) is None and auto_task_type(llama, None) == "CAUSAL_LM"
     assert auto_task_type(None, {"architectures": []}) is None
+
+
+def test_plan_counts_the_batch_its_bytes_allow():
+    """The new per-shape peak took min(n, max_batch) pairs out of flight while the batch held only batch_bytes of
+    them: the same run planned 84 MiB with max_batch 8 and 100 MiB with max_batch 2 (the review's case)."""
+    from spectra.plan import estimate_memory
+
+    pairs = [(8 << 20, 4 << 20, [(1024, 1024)])] * 10
+    kw = {"depth": 3, "batch_bytes": 8 << 20}
+    assert estimate_memory(pairs, max_batch=8, **kw) == estimate_memory(pairs, max_batch=2, **kw)
+
+
+def test_a_variant_index_beside_model_safetensors_is_no_loose_shard(tmp_path):
+    """transformers' hub layout, model.safetensors beside an fp16 variant's shards and its index, was noted as "ignored
+    2 shard files … no index names"; the variant's index names them."""
+    import json as _json
+
+    from spectra.io.checkpoint import open_checkpoint
+
+    w = torch.zeros(4, 4)
+    save_file({"a.weight": w, "b.weight": w.clone()}, tmp_path / "model.safetensors")
+    save_file({"a.weight": w.half()}, tmp_path / "model.fp16-00001-of-00002.safetensors")
+    save_file({"b.weight": w.half()}, tmp_path / "model.fp16-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.fp16.json").write_text(_json.dumps({"weight_map": {
+        "a.weight": "model.fp16-00001-of-00002.safetensors", "b.weight": "model.fp16-00002-of-00002.safetensors"}}))
+    assert not open_checkpoint(tmp_path).notes

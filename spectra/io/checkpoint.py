@@ -507,8 +507,8 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         check_inside(chosen, roots)
         ckpt = _open_index(label, chosen, roots) if present[0].endswith(".index.json") else _open_file(label, chosen, roots)
         # shards no index names (a newer download's, beside a stale pytorch_model.bin) are another weight set
-        loose = [] if "model.safetensors.index.json" in present else \
-            sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and lone_shard(p))
+        loose = [] if "model.safetensors.index.json" in present or any(INDEX_NAME.fullmatch(p.name) for p in folder.iterdir()) \
+            else sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and lone_shard(p))  # (a variant's index names them)
         if len(present) > 1 or loose:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
             ignored = present[1:] + ([f"{len(loose)} shard files ({loose[0]} …) no index names"] if loose else [])
             ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present) + bool(loose)} weight sets; read "
@@ -558,7 +558,8 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     files it leads to (shards, ``config.json``) must resolve inside ``roots``."""
     if INDEX_NAME.fullmatch(path.name):
         return _open_index(label, path, roots)
-    if path.suffix not in WEIGHT_FILE_SUFFIXES or (split := model_parallel_file(path)):
+    split = model_parallel_file(path) if path.suffix in WEIGHT_FILE_SUFFIXES else None
+    if path.suffix not in WEIGHT_FILE_SUFFIXES or split:
         what, hint = split or describe_file(path) or (f"unknown checkpoint file type {path.suffix!r}",
                                                       "expected .safetensors, .bin, .pt, .pth, .ckpt or an .index.json")
         raise CheckpointFormatError(what, path=path, hint=hint)

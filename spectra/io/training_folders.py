@@ -103,9 +103,10 @@ def _meta_shards(folder: Path, names: list[str]) -> list[str]:
 
 
 def _model_parallel(folder: Path, meta: list[str]) -> tuple[str, str]:
+    """``(what, what to do)`` for a folder of several ``consolidated.NN.pth`` ranks ``meta``."""
     return (f"{folder} holds {len(meta)} model-parallel ranks ({meta[0]} … {meta[-1]}) of a Meta-format checkpoint: each "
             "holds a slice of every split matrix (wq, w1, … by rows; wo, w2, the embedding by columns), so one read alone "
-            "measures half-width matrices", "merge the ranks first (transformers' convert_llama_weights_to_hf.py "
+            f"measures matrices 1/{len(meta)} of their size", "merge the ranks first (transformers' convert_llama_weights_to_hf.py "
             f"--input_dir {folder} --output_dir OUT, or your model's own converter), then pass OUT")
 
 
