@@ -227,10 +227,11 @@ def gram_matrix(updates: Sequence[Update]) -> np.ndarray:
     """``G[s, t] = ⟨ΔW_s, ΔW_t⟩_F``, float64 ``(n, n)``, symmetric (:func:`flat_inner`)."""
     _check_shapes(updates)
     n = len(updates)
+    ready = [checked64(u) for u in updates]  # converted and checked once, not once per pair
     G = np.zeros((n, n))
     for s in range(n):
         for t in range(s, n):
-            G[s, t] = G[t, s] = flat_inner(updates[s], updates[t])
+            G[s, t] = G[t, s] = inner64(ready[s], ready[t])
     return G
 
 
