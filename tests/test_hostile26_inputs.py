@@ -170,7 +170,8 @@ def test_esd_says_which_values_it_could_not_resolve(tmp_path):
         tol = sv.max() * 4096 * np.finfo(np.float64).eps
         resolved = sv > sv.max() * np.sqrt(i * np.finfo(np.float64).eps)  # the Gram route's resolution
         if i == 1024:  # recomputed: numpy's rank and smallest value
-            assert m["matrix_rank"] == int((sv > tol).sum()) == 1024 and m["unresolved"] == 0 and not m["note"]
+            # (its other 924 values are float32 rounding: no Marchenko–Pastur bulk, said in the note since round 34)
+            assert m["matrix_rank"] == int((sv > tol).sum()) == 1024 and m["unresolved"] == 0 and "Gram route" not in m["note"]
             assert m["sv_min"] == pytest.approx(sv.min(), rel=1e-6)
         else:
             assert m["matrix_rank"] == int(resolved.sum()) == 100 and m["sv_min"] is None

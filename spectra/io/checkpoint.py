@@ -527,11 +527,7 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         candidates = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and not p.is_dir())
     except OSError as exc:
         raise CheckpointNotFoundError(f"cannot list the folder ({exc.strerror or exc.__class__.__name__})", path=folder) from None
-    if len(candidates) == 1 and (shard := lone_shard(folder / candidates[0])):  # an interrupted download, most often
-        raise CheckpointFormatError(f"the folder holds only {candidates[0]}, shard {shard[0]} of {shard[1]}, and no index: "
-                                    "the other shards are missing", path=folder,
-                                    hint="download the rest of the model (its index too), or pass the file to read that shard alone")
-    if len(candidates) == 1:
+    if len(candidates) == 1:  # one shard of several (an interrupted download, most often) is read with a note saying so
         check_inside(folder / candidates[0], roots)
         return _open_file(label, folder / candidates[0], roots)
     if candidates:
@@ -568,8 +564,9 @@ def _open_file(label: str, path: Path, roots: tuple[Path, ...]) -> Checkpoint:
     ckpt = Checkpoint(label, path, "safetensors" if path.suffix == ".safetensors" else "bin", infos,
                       read_config(path.parent, roots), states)
     ckpt.notes.extend(unwrap_notes(label, states))
-    if shard := lone_shard(path):  # named by the user: one shard's matrices on purpose, but never the whole model
-        ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: {path.name} is shard {shard[0]} of {shard[1]}; only its tensors are read")
+    if shard := lone_shard(path):  # one shard's matrices, never the whole model: every command says so
+        ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: {path.name} is shard {shard[0]} of {shard[1]} and no index names the "
+                          "others; only its tensors are read (an interrupted download?)")
     return ckpt
 
 
