@@ -480,8 +480,8 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     keep = selector(config.include, config.exclude, config.layers)
     names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
     todo = []
-    result.warnings += absent_warning([n for n in specs if len(base.tensors[n].shape) == 2 and specs[n].layer is not None
-                                       and keep(n, specs[n].layer)], names)
+    result.warnings += absent_warning([n for n, s in specs.items() if s.layer is not None and keep(n, s.layer)
+                                       and len(base.tensors[n].shape) == 2], names)
     for name in names:
         if not keep(name, specs[name].layer):
             continue
@@ -500,11 +500,9 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
     total = len(todo) + len(finished)
     for count, name in enumerate(todo, start=len(finished) + 1):
         W = base.load(name)  # the one read of this base tensor
-        first = prev = None
+        first = prev = meta = base_alpha = None
         prev_at = None  # index of the checkpoint prev is from
-        meta = None
         points = []
-        base_alpha = None
         caveats: dict[str, list[tuple[int | None, str]]] = {}  # code -> (step, its message) at each checkpoint
         for ci, (ref, pairs) in enumerate(zip(refs, pairings)):
             if ref.failed:
