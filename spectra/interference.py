@@ -53,6 +53,7 @@ from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blo
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
+from spectra.threads import ONE_THREAD_MAX_P, one_blas_thread
 from spectra.ties import tie_cut
 
 Update = torch.Tensor | np.ndarray | Factored
@@ -153,7 +154,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     G = gram(delta, dtype=torch.float64)
     # on the CPU one reduction gives every value, then only the vectors kept (a full eigh back-transformed all p: at
     # p = 4096, 21 s against 3.7 s for the values, for 16 vectors)
-    tri = Tridiagonal.of(G.numpy(), overwrite=True) if G.device.type == "cpu" and Tridiagonal.available() else None
+    blas = one_blas_thread(G.shape[0] <= ONE_THREAD_MAX_P)  # a small reduction is faster on one BLAS thread
+    with blas:
+        tri = Tridiagonal.of(G.numpy(), overwrite=True) if G.device.type == "cpu" and Tridiagonal.available() else None
     if tri is not None:
         lam = torch.from_numpy(tri.lam).clamp_min(0.0)
     else:
@@ -168,7 +171,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
-    Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
+    with blas:
+        Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
     Sk = S[:keep]
     X = delta if wide else delta.mT  # (p, long)
     Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding

@@ -8,6 +8,7 @@ set and restored around a call with threadpoolctl; the OpenMP count is per threa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 import os
@@ -23,7 +24,8 @@ import scipy.linalg  # noqa: F401
 import torch
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["RESULTS_AHEAD", "check_workers", "imap_one_blas_thread", "map_one_blas_thread", "one_openmp_thread", "release_workers", "zip_results"]
+__all__ = ["ONE_THREAD_MAX_P", "RESULTS_AHEAD", "check_workers", "imap_one_blas_thread", "map_one_blas_thread", "one_blas_thread",
+           "one_openmp_thread", "release_workers", "zip_results"]
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -117,6 +119,18 @@ def _restore_blas(saved: list[tuple[object, int]]) -> None:
 
 
 _ONE_BLAS_THREAD = _OneBlasThread()
+
+#: The largest side p of a symmetric eigenproblem solved on one BLAS thread outside the engine's worker pools
+#: (:func:`one_blas_thread`): measured on the project's 2-core CPU, idle, an interfere of 256-1024 matrices ran in 1.1 s
+#: on one OpenBLAS thread against 2.1-2.7 s on two (its reduction's threads spin against torch's OpenMP team), a trace
+#: of 512-1024 matrices in 1.6-2.3 s against 4.1-4.5 s; at p = 2048 the two were even (3.8 s and 3.7 s).
+ONE_THREAD_MAX_P = 2048
+
+
+def one_blas_thread(enabled: bool = True) -> contextlib.AbstractContextManager[None]:
+    """A context holding the process's BLAS on one thread (shared by overlapping holders, restored by the last), or
+    a context that does nothing when not ``enabled`` (a large eigenproblem, whose reduction two threads speed up)."""
+    return _ONE_BLAS_THREAD if enabled else contextlib.nullcontext()
 
 
 #: Upper bound of the kept compute threads; they are made on demand (ThreadPoolExecutor starts a

@@ -58,3 +58,22 @@ def test_a_variant_index_beside_model_safetensors_is_no_loose_shard(tmp_path):
     (tmp_path / "model.safetensors.index.fp16.json").write_text(_json.dumps({"weight_map": {
         "a.weight": "model.fp16-00001-of-00002.safetensors", "b.weight": "model.fp16-00002-of-00002.safetensors"}}))
     assert not open_checkpoint(tmp_path).notes
+
+
+def test_a_small_eigenproblem_runs_on_one_blas_thread_and_gives_the_count_back():
+    """trace and interfere reduced small Gram matrices on two OpenBLAS threads, which spun against torch's OpenMP team:
+    a trace of 512-1024 matrices took 4.1-4.5 s where one BLAS thread took 1.6-2.3 s. spectrum_and_top holds one thread
+    up to ONE_THREAD_MAX_P and leaves the process's count as it found it; the numbers are the same."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from spectra.interference import spectrum_and_top
+
+    def counts() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = counts()
+    D = torch.randn(300, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    S, top = spectrum_and_top(D, 5)
+    assert counts() == before
+    np.testing.assert_allclose(S, np.linalg.svd(D.numpy(), compute_uv=False), rtol=1e-10)
