@@ -507,8 +507,9 @@ def _open_folder(label: str, folder: Path) -> Checkpoint:
         check_inside(chosen, roots)
         ckpt = _open_index(label, chosen, roots) if present[0].endswith(".index.json") else _open_file(label, chosen, roots)
         # shards no index names (a newer download's, beside a stale pytorch_model.bin) are another weight set
-        loose = [] if "model.safetensors.index.json" in present or any(INDEX_NAME.fullmatch(p.name) for p in folder.iterdir()) \
-            else sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and lone_shard(p))  # (a variant's index names them)
+        listed = os.listdir(folder)  # once: a variant's index names its shards, which are then no loose weight set
+        loose = [] if "model.safetensors.index.json" in present or any(INDEX_NAME.fullmatch(n) for n in listed) \
+            else sorted(n for n in listed if n.endswith(".safetensors") and lone_shard(folder / n))
         if len(present) > 1 or loose:  # e.g. a stale pytorch_model.bin index left beside a newer model.safetensors
             ignored = present[1:] + ([f"{len(loose)} shard files ({loose[0]} …) no index names"] if loose else [])
             ckpt.notes.append(f"{READ_NOTE_PREFIX}{label}: the folder holds {len(present) + bool(loose)} weight sets; read "

@@ -97,9 +97,13 @@ def describe_folder(folder: Path) -> tuple[str, str] | None:
     return None
 
 
+#: One rank's file of a Meta-format checkpoint (``consolidated.00.pth``).
+_META_RANK = re.compile(r"consolidated\.\d+\.pth?")
+
+
 def _meta_shards(folder: Path, names: list[str]) -> list[str]:
     """The ``consolidated.NN.pth`` files of a folder, in rank order."""
-    return sorted(n for n in names if re.fullmatch(r"consolidated\.\d+\.pth?", n) and (folder / n).is_file())
+    return sorted(n for n in names if _META_RANK.fullmatch(n) and (folder / n).is_file())
 
 
 def _model_parallel(folder: Path, meta: list[str]) -> tuple[str, str]:
@@ -113,7 +117,7 @@ def _model_parallel(folder: Path, meta: list[str]) -> tuple[str, str]:
 def model_parallel_file(path: Path) -> tuple[str, str] | None:
     """``(what, what to do)`` for one rank's ``consolidated.NN.pth`` of a model-parallel Meta-format checkpoint (the
     folder holds more than one), else None."""
-    if not re.fullmatch(r"consolidated\.\d+\.pth?", path.name):
+    if not _META_RANK.fullmatch(path.name):
         return None
     meta = _meta_shards(path.parent, _names(path.parent))
     return _model_parallel(path.parent, meta) if len(meta) > 1 else None
