@@ -34,7 +34,7 @@ from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pa
 from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
-from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
+from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields, weight_rounding
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
 
@@ -457,7 +457,7 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
         if config.weight_spectra:
             base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
         if config.esd:
-            esd = esd_entry(shape, S, S_b, S_t)
+            esd = esd_entry(shape, S, S_b, S_t, rounding=(weight_rounding(wb, base_dtype), weight_rounding(wt, tuned_dtype)))
     note = "; ".join(x for x in ("trained whole (modules_to_save): ΔW = the saved matrix − the base's, dense", sv.note, spec.note,
                                  *notes, ZERO_BASE_NOTE if base_fro == 0 else "") if x)
     return ModuleResult(
@@ -487,9 +487,10 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torc
     finite, from a base weight holding NaN or Inf); ``load`` reads a base tensor by name (None: no base)."""
     start = time.perf_counter()
     Bf, Af = mod.factors()
-    full = None
+    full, base_dtype = None, ""
     if load is not None and base_name:
         stored = load(base_name)
+        base_dtype = str(stored.dtype).removeprefix("torch.")
         stored = stored[mod.expert] if mod.expert is not None else stored  # one expert of a 3-D stack, before converting
         full = oriented(stored.to(torch.float32), spec.transpose, None)
     W = full[rows] if full is not None and rows is not None else full  # the analysed part's rows
@@ -522,12 +523,14 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torc
         if not all_finite(tuned):
             return f"W_base + ΔW of {mod.module} is not finite (NaN or Inf in the base weight {base_name}, or an overflowing update)"
         S_b, S_t = batch_singular_values([W.double(), tuned], device=device, dtype=dtype)
+        # W_tuned carries W_base's storage rounding (the update is exact): both get the base's dtype
+        rounding = (weight_rounding(W, base_dtype), weight_rounding(tuned, base_dtype)) if config.esd else ((0.0, ""), (0.0, ""))
         del tuned
         base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
         if config.esd:
             # a factored ΔW has at most r nonzero eigenvalues: fitted by the rule a merged model's dense ΔW
             # meets (spectra.records.delta_fit_refusal), so both forms of one update get one answer
-            esd = esd_entry(shape, S, S_b, S_t)
+            esd = esd_entry(shape, S, S_b, S_t, rounding=rounding)
     elif config.esd:  # the adapter alone (DoRA needs the base, so ΔW is factored here)
         esd = esd_entry(shape, S, note="no base checkpoint: W_base and W_tuned are unknown")
     note = (f"LoRA r={mod.r}, alpha={mod.alpha:g}, scale={mod.scale:g}" + (", DoRA" if mod.magnitude is not None else "")

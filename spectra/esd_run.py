@@ -21,7 +21,6 @@ Differences from ``WeightWatcher(model).analyze()`` (0.7.7) in what is analysed,
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -48,7 +47,7 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, input
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
-from spectra.numerics import unit_roundoff
+from spectra.numerics import rounding_bulk, rounding_bulk_note, unit_roundoff
 from spectra.pairing import NOT_MATRIX, MatrixPair, pair_checkpoints
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
@@ -411,32 +410,6 @@ def esd(
     return result
 
 
-#: How far above the median eigenvalue storage rounding would give a median eigenvalue must lie to be the matrix's bulk.
-ROUNDING_BULK = 4.0
-#: The median of w² for Gaussian w over its mean (χ²₁'s median): turns a median of squares into a typical mean square.
-_CHI2_MEDIAN = 0.45494
-#: Entries sampled for the typical square of a matrix (:func:`rounding_bulk`).
-_BULK_SAMPLE = 1 << 16
-
-
-def rounding_bulk(W: torch.Tensor, roundoff: float) -> float:
-    """The median eigenvalue of ``WᵀW`` (``W`` ``(out, in)``, any float dtype) at or below which its bulk may be the
-    rounding of its storage (``roundoff``: the stored dtype's unit roundoff, :func:`spectra.numerics.unit_roundoff`;
-    0 gives 0): :data:`ROUNDING_BULK` · ``u²/3 · N · w²``, ``N = max(out, in)`` and ``w²`` the typical square of an entry
-    (the median of the squares of up to 65,536 sampled entries, over χ²₁'s median). Rounding adds entries of variance
-    at most ``u²w²/3``, so a bulk of it has a median eigenvalue near ``u²/3 · N · w²``; a typical entry, not the mean,
-    because a few outlier rows or columns put their rounding in a few eigenvalues, not in the bulk (a mean-based bound
-    dropped the fit of a Gaussian weight with two ×3000 columns)."""
-    if roundoff <= 0 or W.numel() == 0:
-        return 0.0
-    flat = W.reshape(-1)
-    step = max(1, flat.numel() // _BULK_SAMPLE)
-    while math.gcd(step, W.shape[-1]) != 1:  # a step sharing a factor with the row length samples a few columns only
-        step += 1
-    x = flat[::step].double()
-    return ROUNDING_BULK * roundoff * roundoff / 3 * max(W.shape) * float(torch.median(x * x)) / _CHI2_MEDIAN
-
-
 #: The largest matrix (elements) whose Gram spectrum, when it leaves singular values unresolved, is
 #: recomputed by an SVD in float64 (32 MiB; ~1-2 s at 2048², where 8192² took over 7 minutes on the project's
 #: 2-core CPU: a hostile file of such matrices would run for hours); a larger one keeps the Gram values and
@@ -478,9 +451,7 @@ def _fit(items: list[tuple[Unit, Task, float]], S_all: np.ndarray, res: list[flo
         lam = np.square(S[::-1])  # ascending eigenvalues λ = σ² (not divided by N, as WeightWatcher)
         pair = task.pair
         metrics = esd_metrics(lam, unit.shape, xmin=config.xmin, thresh=config.evals_thresh, resolution=r, rounding=level)
-        mid = float(np.median(lam))
-        bulk = (f"its median eigenvalue {mid:.3g} is at the rounding of its {pair.tuned_info.dtype} storage ({level:.3g}): no "
-                "Marchenko–Pastur fit (mp_* null)") if metrics.mp_sigma2 is None and 0 < mid <= level else ""
+        bulk = rounding_bulk_note(lam, metrics.mp_sigma2, level, pair.tuned_info.dtype)
         # above REFINE_MAX_ELEMENTS, values the Gram route cannot resolve are not recomputed: said where it happens
         unresolved = (f"{metrics.unresolved} of its {metrics.M} singular values are below the float64 Gram route's resolution "
                       f"σ₁·√(p·ε) = {r:.3g} (not recomputed by an SVD above {REFINE_MAX_ELEMENTS:,} entries): matrix_rank, "

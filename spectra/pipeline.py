@@ -41,7 +41,7 @@ from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoin
 from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
-from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
+from spectra.records import DiffEvent, approx_result, esd_entry, exact_result, weight_rounding
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
@@ -89,13 +89,18 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
     if config.weight_spectra:
         bases = [item.base for item in batch]
         S_b = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
-        for item in batch:  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
+        # each side's storage rounding level (a Marchenko–Pastur bulk at it is no bulk), as spectra esd
+        levels = [[weight_rounding(item.base, item.task.pair.base_info.dtype)] if config.esd else [] for item in batch]
+        for item, lv in zip(batch, levels):  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
             item.base += item.delta
+            if config.esd:
+                lv.append(weight_rounding(item.base, item.task.pair.tuned_info.dtype))
         S_t = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
         del bases
         weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
         if config.esd:  # on the full spectra, before anything is truncated to top_k
-            esds = [esd_entry(item.unit.shape, S, sb, st) for item, S, sb, st in zip(batch, S_all, S_b, S_t)]
+            esds = [esd_entry(item.unit.shape, S, sb, st, rounding=(lv[0], lv[1]))
+                    for item, S, sb, st, lv in zip(batch, S_all, S_b, S_t, levels)]
     _release(batch)
     return [(exact_result(item, S, config, seconds, *w, esd=e, precision=pr), None)
             for item, S, w, e, pr in zip(batch, S_all, weights, esds, solved)]

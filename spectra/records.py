@@ -8,11 +8,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
 from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XminMethod, esd_metrics
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
+from spectra.numerics import rounding_bulk, rounding_bulk_note, unit_roundoff
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
@@ -96,7 +98,8 @@ def delta_fit_refusal(S_delta: np.ndarray, shape: tuple[int, int], what: str = "
 
 
 def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.ndarray | None = None,
-              S_tuned: np.ndarray | None = None, *, note: str = "") -> dict:
+              S_tuned: np.ndarray | None = None, *, note: str = "",
+              rounding: tuple[tuple[float, str], tuple[float, str]] = ((0.0, ""), (0.0, ""))) -> dict:
     """The ``esd`` entry of one ``spectra diff --esd`` result (:attr:`ModuleResult.esd`).
 
     Args:
@@ -106,6 +109,8 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
             not fitted either (:func:`delta_fit_refusal` adds why to the note).
         S_base, S_tuned: the full singular values of W_base and W_tuned, or None (not available).
         note: why a side is missing; ``""`` when all three are there.
+        rounding: ``(level, dtype)`` of W_base and of W_tuned (:func:`weight_rounding`): a side whose median eigenvalue
+            is at its storage's rounding level gets no Marchenko–Pastur fit, as in ``spectra esd``, and a note says so.
 
     Returns:
         ``{"base", "tuned", "delta"}``, each the :meth:`spectra.esd.EsdMetrics.to_dict` of that matrix's
@@ -118,9 +123,20 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
     for side, S in sides.items():  # float64 weights near 1e±154: λ = σ² leaves float64 (as spectra esd skips them)
         if S is not None and (why := _squares_refusal(np.asarray(S, dtype=np.float64))) is not None:
             sides[side], note = None, "; ".join(x for x in (note, f"{side} not fitted: {why}") if x)
-    fields = esd_fields(sides["ΔW"], sides["W_base"], sides["W_tuned"], shape=shape)
+    fields = esd_fields(sides["ΔW"], sides["W_base"], sides["W_tuned"], shape=shape, rounding=(rounding[0][0], rounding[1][0]))
+    for side, key, (level, dtype) in (("W_base", "base", rounding[0]), ("W_tuned", "tuned", rounding[1])):
+        S = sides[side]
+        if fields[key] is not None and S is not None and (why := rounding_bulk_note(
+                np.square(np.asarray(S, dtype=np.float64)), fields[key]["mp_sigma2"], level, dtype)):
+            note = "; ".join(x for x in (note, f"{side}: {why}") if x)
     return {"base": fields["base"], "tuned": fields["tuned"], "delta": fields["delta"],
             "alpha_change": fields["alpha_change"], "alpha_change_z": fields["alpha_change_z"], "note": note}
+
+
+def weight_rounding(W: torch.Tensor, dtype: str) -> tuple[float, str]:
+    """``(level, dtype)`` of a weight ``W`` (``(out, in)``, any float dtype) stored in ``dtype``, for
+    :func:`esd_entry`'s ``rounding``: :func:`spectra.numerics.rounding_bulk` with that dtype's unit roundoff."""
+    return rounding_bulk(W, unit_roundoff(dtype)), dtype
 
 
 def _squares_refusal(S: np.ndarray) -> str | None:
@@ -196,7 +212,8 @@ def approx_result(item: Prepared, a: ApproxSpectrum, config: DiffConfig, seconds
 
 
 def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_tuned: np.ndarray | None = None, *,
-               shape: tuple[int, int], xmin: XminMethod = "fit", thresh: float = EVALS_THRESH) -> dict:
+               shape: tuple[int, int], xmin: XminMethod = "fit", thresh: float = EVALS_THRESH,
+               rounding: tuple[float, float] = (0.0, 0.0)) -> dict:
     """The ``esd`` entry of one ``spectra diff --esd`` result: the metrics of ΔW, W_base and W_tuned.
 
     Args:
@@ -206,6 +223,7 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
             All three come from the float64 Gram route, so ranks count only singular values above its
             resolution :func:`spectra.metrics.rank_resolution` (:func:`spectra.esd.matrix_rank`).
         shape: ``(out, in)`` of the matrix; xmin, thresh: see :func:`spectra.esd.power_law_fit`.
+        rounding: the storage rounding levels of W_base and W_tuned (:func:`spectra.esd.esd_metrics`'s ``rounding``).
 
     Returns:
         ``{"delta": {...}, "base": {...} | None, "tuned": {...} | None, "alpha_change": float | None,
@@ -220,7 +238,7 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
     """
     p = min(shape)
 
-    def one(S: np.ndarray | None) -> dict | None:
+    def one(S: np.ndarray | None, level: float = 0.0) -> dict | None:
         if S is None:
             return None
         S = np.asarray(S, dtype=np.float64).ravel()
@@ -229,9 +247,9 @@ def esd_fields(S_delta: np.ndarray | None, S_base: np.ndarray | None = None, S_t
         lam = np.concatenate([S**2, np.zeros(p - S.size)])  # the zeros a factored update leaves implicit
         # the diff engine's spectra come from a float64 Gram matrix: below σ₁·√(p·ε) its values are noise
         res = rank_resolution(float(S.max()), p) if S.size and math.isfinite(float(S.max())) else 0.0
-        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh, resolution=res).to_dict()
+        return esd_metrics(lam, shape, xmin=xmin, thresh=thresh, resolution=res, rounding=level).to_dict()
 
-    base, tuned = one(S_base), one(S_tuned)
+    base, tuned = one(S_base, rounding[0]), one(S_tuned, rounding[1])
     change = alpha_change(base, tuned) if base and tuned else (None, None)
     return {"delta": one(S_delta), "base": base, "tuned": tuned, "alpha_change": change[0], "alpha_change_z": change[1]}
 

@@ -71,8 +71,7 @@ def test_no_marchenko_pastur_bulk_of_storage_rounding():
     import numpy as np
 
     from spectra.esd import esd_metrics
-    from spectra.esd_run import rounding_bulk
-    from spectra.numerics import unit_roundoff
+    from spectra.numerics import rounding_bulk, unit_roundoff
 
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(200, 5, generator=g, dtype=torch.float64))
