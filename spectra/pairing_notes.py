@@ -5,13 +5,13 @@ Each function returns a warning (beginning :data:`PAIRING_NOTE_PREFIX`) or None;
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from spectra.io.checkpoint import Checkpoint
+from spectra.io.training_folders import lone_shard
 from spectra.naming import ENCODER_PREFIXES, MatrixSpec, pairing_key
 
 if TYPE_CHECKING:
@@ -83,14 +83,11 @@ def _numbered(specs: dict[str, MatrixSpec], what: str) -> dict[str, set[int]]:
     return stacks
 
 
-#: File names of one shard of a sharded checkpoint (``model-00001-of-00004.safetensors``, ``consolidated.00.pth``).
-_SHARD_NAME = re.compile(r"(-\d+-of-\d+|^consolidated\.\d+)\.\w+$")
-
-
 def _shard_file(ckpt: Checkpoint) -> bool:
-    """Whether the checkpoint is one shard of a sharded model read alone (given as a file, or the one file of a folder)."""
+    """Whether the checkpoint is one shard of a sharded model read alone (given as a file, or the one file of a folder;
+    one rank of a model-parallel ``consolidated.NN.pth`` checkpoint is refused on opening)."""
     files = {info.file for info in ckpt.tensors.values()}
-    return len(files) == 1 and _SHARD_NAME.search(next(iter(files)).name) is not None
+    return len(files) == 1 and lone_shard(next(iter(files))) is not None
 
 
 def _span(what: str, numbers: set[int]) -> str:
