@@ -16,11 +16,13 @@ metrics ``spectra trace`` computes from checkpoints (:func:`spectra.trace.point_
 
 A run resumed from a checkpoint (``resume_from_checkpoint``) continues its trace: the records up to
 the resumed step stay; a full fine-tune's base is read again from the folder the model was loaded
-from (``name_or_path``; without one, ΔW is measured from the resumed weights and its φ to the first
-restarts, as a warning says); φ to the first measurement is measured from the same first step (its
+from (``name_or_path``, unless it is one of the run's own checkpoints or its norms are not those the trace
+recorded; without it, ΔW is measured from the resumed weights and its φ to the first restarts, as a warning
+says); φ to the first measurement is measured from the same first step (its
 subspaces are kept in ``out_dir/trace_first.npz``); the first turn after a resume at an unmeasured
-step is null (the previous subspaces are not kept). A second ``trainer.train()`` of one callback keeps the earlier
-trace as ``trace.1.jsonl``. PiSSA, OLoRA, CorDA and LoRA-GA inits move ``s·B₀·A₀`` out of W: their
+step is null (the previous subspaces are not kept). A fresh tracker in a folder that holds a trace (a second
+``trainer.train()`` of one callback, another run with the same ``output_dir``) keeps the earlier trace as
+``trace.1.jsonl``. PiSSA, OLoRA, CorDA and LoRA-GA inits move ``s·B₀·A₀`` out of W: their
 update is ``s·(B·A − B₀·A₀)``, traced from the factors at the start (LoftQ not at all; resumed, such a
 run trains on untraced, as its trace says). Other PEFT tuners (LoHa, IA3, OFT, VeRA…) are refused. A matrix holding NaN or inf (a diverged
 run) is not measured; a warning in the trace says so.
@@ -54,10 +56,8 @@ import numpy as np
 import torch
 
 from spectra.config import config_of
-from spectra.errors import ConfigError, OutputError, SpectraError
+from spectra.errors import ConfigError, OutputError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.adapter import base_changing_init
-from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import atomic_file, atomic_write_text
 from spectra.journal import append_record
 from spectra.linalg import all_finite
@@ -74,6 +74,17 @@ from spectra.trace import (
 )
 from spectra.tracker_files import FIRST_FILE, load_first, set_aside
 from spectra.tracker_logs import log_medians
+from spectra.tracker_model import (
+    active_adapters,
+    is_module_wrapper,
+    lora_factors,
+    original_weights,
+    peft_inits,
+    peft_types,
+    recorded_base_norms,
+    stored_name,
+    trainable_matrices,
+)
 
 #: After the fix an OutputError names (free disk space, fix the permissions…), when the tracker cannot write its trace:
 #: the Trainer callback warns and trains on.
@@ -89,6 +100,7 @@ class _Tracked:
     name: str
     meta: dict[str, Any]
     transpose: bool
+    source: str = ""  # the parameter's (full) or PEFT layer's (LoRA) name in the model, as a checkpoint stores it
     module: Any = None  # LoRA: the PEFT layer
     adapters: tuple[str, ...] = ()
     start: tuple[torch.Tensor, torch.Tensor] | None = None  # (s·B₀, A₀) of an init that moved them out of W (PiSSA…)
@@ -146,6 +158,10 @@ class SpectraTracker:
         #: whether ΔW is measured from the weights training started from (False: a resumed full fine-tune whose
         #: base could not be read again, measured from the weights it resumed with)
         self.from_base = True
+        #: why ΔW is not measured from the base (``from_base`` False), for the warning that says so
+        self.base_note = ""
+        #: stored names of the model's trained 2-D weights when last looked at: one that starts training later is said once
+        self._known: set[str] = set()
         if is_main:
             self._discover(model, int(resume_step))
             if self.path is not None and resume_step > 0 and self.path.is_file():
@@ -153,13 +169,17 @@ class SpectraTracker:
                     self._resume(int(resume_step))
                 self._measured_to = int(resume_step)  # kept up to there; the resumed run measures the later steps
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
-                with _tracker_hint():
+                with _tracker_hint():  # an earlier run's trace (a curriculum's phase, another process) is kept beside it
+                    earlier = set_aside(self.path.parent) if self.path.is_file() and self.path.stat().st_size else None
                     atomic_write_text(self.path, "")
                 self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
                 self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
                                         "config": asdict(self.config)}})
                 for s in self.skipped:
                     self._write({"skipped": s})
+                if earlier:
+                    self.warn(f"the earlier training's trace is kept as {earlier}: {self.path.parent} held a trace when this "
+                              "one began")
                 if wide := [tr for tr in self.matrices if tr.meta.get("lora_r") and tr.meta["lora_r"] > min(tr.meta["shape"])]:
                     tr = wide[0]  # factors wider than the matrix: directions they cannot hold, a ratio that cannot reach 1
                     self.warn(f"LoRA r = {tr.meta['lora_r']} is above min(out, in) of {len(wide)} adapted matrices (e.g. {tr.name}: "
@@ -240,15 +260,17 @@ class SpectraTracker:
     # ---- discovery --------------------------------------------------------------------------------
     def _discover(self, model: torch.nn.Module, resume_step: int) -> None:
         keep = selector(self.config.include, self.config.exclude, self.config.layers)
-        inits = _peft_inits(model)
+        wrapped = is_module_wrapper(model)
+        self._known = {stored_name(n, wrapped) for n in trainable_matrices(model)}
+        inits = peft_inits(model)
         lora = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")]
         found: list[tuple[str, tuple[int, ...], dict[str, Any]]] = []
         if lora:
             for mod_name, mod in lora:
                 base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else getattr(mod, "base_layer", None)
                 weight = getattr(base, "weight", None)
-                active = _active(mod)
-                name = _stored_name(mod_name).removeprefix(_PEFT_PREFIX) + ".weight"
+                active = active_adapters(mod)
+                name = stored_name(mod_name, wrapped).removeprefix(_PEFT_PREFIX) + ".weight"
                 if weight is None or weight.ndim != 2 or not active:
                     continue
                 if any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
@@ -267,33 +289,39 @@ class SpectraTracker:
                 if any(a in mod.lora_A and mod.lora_A[a].weight.ndim != 2 for a in active):
                     self.skipped.append({"name": name, "reason": "convolution LoRA: not a matrix"})
                     continue
-                B, A, scale = _factors(mod, active[0])
+                B, A, scale = lora_factors(mod, active[0])
                 out_in = (int(B.shape[0]), int(A.shape[1]))  # ΔW's (out, in) as the factors give it
                 # a quantised base (QLoRA's packed 4-bit weight) has another shape: no relative norm then
                 dense_base = weight.is_floating_point() and tuple(weight.shape) in (out_in, out_in[::-1])
                 start = (scale * B.double(), A.double()) if moved else None  # copies: training changes B and A in place
                 found.append((name, tuple(weight.shape) if dense_base else out_in,
                               {"module": mod, "adapters": active, "weight": weight if dense_base else None, "out_in": out_in,
-                               "start": start}))
-            self.skipped += [{"name": _stored_name(n), "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
+                               "start": start, "source": stored_name(mod_name, wrapped)}))
+            self.skipped += [{"name": stored_name(n, wrapped), "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
                              for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and "lora_" not in n]
-        elif tuners := sorted({t for t in _peft_types(model) if t != "LORA"}):
+        elif tuners := sorted({t for t in peft_types(model) if t != "LORA"}):
             raise ConfigError(f"the model holds PEFT {', '.join(tuners)} adapters: the tracker traces LoRA updates (s·B·A) and "
                               "full fine-tuning, and reading these factors as weights would give wrong numbers",
                               hint="trace a LoRA or a full fine-tune")
         else:
-            for name, p in model.named_parameters():
-                if p.ndim == 2 and p.requires_grad and p.is_floating_point():
-                    found.append((_stored_name(name), tuple(p.shape), {"param": p}))
+            for name, p in trainable_matrices(model).items():
+                found.append((stored_name(name, wrapped), tuple(p.shape), {"param": p, "source": stored_name(name, wrapped)}))
+        if len(names := [n for n, _, _ in found]) != len(set(names)):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"two trained weights of the model have one name as a checkpoint stores it ({twice}): their "
+                              "records would be one matrix's", hint="rename one of the submodules")
         for name, _, parts in found:  # a model on the meta device: shapes, no values ("Cannot copy out of meta tensor" below)
-            for t in (parts.get("param"), parts.get("weight"), *(t for a in parts.get("adapters", ()) for t in _factors(parts["module"], a)[:2])):
+            for t in (parts.get("param"), parts.get("weight"), *(t for a in parts.get("adapters", ()) for t in lora_factors(parts["module"], a)[:2])):
                 refuse_meta(t, f"weight {name}")
         if any(len(s) != 2 or 0 in s for _, s, _ in found):
             raise ConfigError("some trained weights are empty or not 2-D on this process (sharded by FSDP or ZeRO-3?)",
                               hint="trace from saved checkpoints with `spectra trace` instead")
         params = {n: parts["param"] for n, _, parts in found if "param" in parts}
         # a resumed full fine-tune: its base, read again from the folder the model was loaded from, is what ΔW is of
-        originals = _original_weights(model, params) if resume_step > 0 and params else None
+        originals = None
+        if resume_step > 0 and params:
+            recorded = recorded_base_norms(self.path) if self.path is not None else {}
+            originals, self.base_note = original_weights(model, params, self.path.parent if self.path else None, recorded)
         self.from_base = not params or resume_step == 0 or originals is not None
         specs = describe_checkpoint({n: s for n, s, _ in found})
         for name, shape, parts in found:
@@ -306,10 +334,11 @@ class SpectraTracker:
                 dev = p.device if self.initial == "device" else torch.device("cpu")
                 init = (originals.load(name) if originals is not None else p.detach()).to(device=dev, dtype=p.dtype, copy=True)
                 base_fro = float(torch.linalg.vector_norm(init.double()))
-                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, param=p, initial=init))
+                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, parts["source"], param=p,
+                                              initial=init))
             else:
                 mod, start = parts["module"], parts["start"]
-                r = sum(_factors(mod, a)[0].shape[1] for a in parts["adapters"])
+                r = sum(lora_factors(mod, a)[0].shape[1] for a in parts["adapters"])
                 w = parts["weight"]
                 base_fro = None
                 if w is not None:  # the base the update is of: W, or W + s·B₀·A₀ where the init moved that out of W
@@ -320,7 +349,7 @@ class SpectraTracker:
                         sB0, A0 = (t.to(w64.device) for t in start)
                         sq += 2.0 * float(torch.trace(sB0.mT @ w64 @ A0.mT)) + float(torch.sum((sB0.mT @ sB0) * (A0 @ A0.mT)))
                     base_fro = max(sq, 0.0) ** 0.5
-                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro, r), False,
+                self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro, r), False, parts["source"],
                                               module=mod, adapters=parts["adapters"], start=start))
         if not self.matrices:
             said = "; ".join(f"{x['name']}: {x['reason']}" for x in self.skipped[:2])
@@ -332,11 +361,46 @@ class SpectraTracker:
     # ---- measuring ----------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module | None, step: int, *, loss: float | None = None) -> dict[str, float] | None:
         """Measure when ``step`` is a multiple of ``every`` (and > 0); returns the logger medians, or
-        None when nothing was measured. ``model`` is accepted for symmetry with training loops (the
-        tracked tensors were found at construction)."""
+        None when nothing was measured. ``model`` (None: not checked), the model being trained: a traced weight
+        replaced since the tracker was made (``module.weight = nn.Parameter(…)``) is measured as replaced, one
+        gone is no longer measured, and weights that started training since (gradual unfreezing) are named, not
+        traced (each said once in the trace)."""
         if not self.is_main or self.every == 0 or step <= 0 or step % self.every:
             return None
-        return self.measure(step, loss=loss)
+        if model is not None:
+            self._follow(model)
+        return self.measure(step, loss=loss) if self.matrices else None
+
+    def _follow(self, model: torch.nn.Module) -> None:
+        """Re-bind each traced matrix to what ``model`` holds under its name now (see :meth:`step`)."""
+        wrapped = is_module_wrapper(model)
+        params = {stored_name(n, wrapped): p for n, p in model.named_parameters()}
+        modules = {stored_name(n, wrapped): m for n, m in model.named_modules()} if self.kind == "lora" else {}
+        replaced, gone = [], []
+        for tr in self.matrices:
+            now = params.get(tr.source) if tr.param is not None else modules.get(tr.source)
+            held = tr.param if tr.param is not None else tr.module
+            if now is held:
+                continue
+            same = now is not None and (tuple(now.shape) == tuple(held.shape) if tr.param is not None else
+                                        hasattr(now, "lora_A") and active_adapters(now) == tr.adapters)
+            if same and tr.param is not None:
+                tr.param = now
+            elif same:
+                tr.module = now
+            (replaced if same else gone).append(tr.name)
+        self.matrices = [tr for tr in self.matrices if tr.name not in gone]
+        if replaced:
+            self.warn(f"{len(replaced)} traced weights were replaced in the model since the tracker was made (e.g. {replaced[0]}): "
+                      "measured from what the model holds now")
+        if gone:
+            self.warn(f"{len(gone)} traced weights are no longer in the model in their shape (e.g. {gone[0]}): not measured from "
+                      "here")
+        trained = {stored_name(n, wrapped) for n in trainable_matrices(model)}
+        if new := sorted(trained - self._known):
+            self.warn(f"{len(new)} weights train now that did not when the tracker was made (e.g. {new[0]}): not traced; make the "
+                      "tracker after unfreezing them, or trace the saved checkpoints with spectra trace")
+        self._known |= trained
 
     @torch.no_grad()
     def measure(self, step: int, *, loss: float | None = None) -> dict[str, float]:
@@ -372,7 +436,7 @@ class SpectraTracker:
         full update, as ``spectra trace`` says them); ``(None, None, 0.0, [])`` when it holds NaN or inf (a diverged
         run: no SVD of it is defined)."""
         if tr.module is not None:
-            factors = [_factors(tr.module, a) for a in tr.adapters]
+            factors = [lora_factors(tr.module, a) for a in tr.adapters]
             B = torch.cat([s * b for b, _, s in factors], dim=1)
             A = torch.cat([a for _, a, _ in factors], dim=0)
             if tr.start is not None:  # s·B·A − s·B₀·A₀ as one factored product [s·B, −s·B₀]·[A; A₀]
@@ -398,7 +462,7 @@ class SpectraTracker:
     def _records(self, step: int, loss: float | None) -> list[dict[str, Any]]:
         records, diverged, switched = [], [], []
         for tr in self.matrices:
-            if tr.module is not None and _active(tr.module) != tr.adapters:  # set_adapter() since: not what is trained
+            if tr.module is not None and active_adapters(tr.module) != tr.adapters:  # set_adapter() since: not what is trained
                 switched.append(tr.name)
                 continue
             S, top, floor, caveats = self._now(tr)
@@ -476,27 +540,6 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Checkpoint | None:
-    """The folder the model was loaded from (``name_or_path``, a local folder), opened, when it stores every
-    one of ``params`` (stored name -> the trained parameter) in its shape: what a resumed full fine-tune's
-    ΔW is of (each is read when its copy is made). None otherwise (then ΔW is measured from the resumed
-    weights, as said)."""
-    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not path or not Path(path).is_dir():
-        return None
-    try:
-        ckpt = open_checkpoint(path)
-    except (SpectraError, OSError):
-        return None
-    ok = all(name in ckpt.tensors and tuple(ckpt.tensors[name].shape) == tuple(p.shape) for name, p in params.items())
-    return ckpt if ok else None
-
-
-#: Segments wrappers add to parameter names that a saved checkpoint does not hold: torch.compile's,
-#: FSDP's and activation checkpointing's (anywhere), DistributedDataParallel's ``module.`` (in front).
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
 def _number(value: Any, name: str) -> float | None:
     """A loss as a JSON number: a one-element tensor (the loop's own loss, detached) or numpy scalar as a float, None as
     None; anything else refused (a tensor failed json.dumps after the step was marked measured, a string was written as is)."""
@@ -507,48 +550,6 @@ def _number(value: Any, name: str) -> float | None:
         return None if value is None else float(value)
     raise ConfigError(f"{name} must be a number, a one-element tensor or None. Got {type(value).__name__} instead",
                       hint="pass the loss tensor itself or loss.item()")
-
-
-def _stored_name(name: str) -> str:
-    """A parameter's name as a checkpoint stores it: without the segments of :data:`_WRAPPER_SEGMENTS` and a
-    leading ``module.`` (a tracker given the DDP-wrapped model named every matrix ``module.model.…``, so its
-    filters matched nothing and its names differed from ``spectra trace`` of the same run's checkpoints)."""
-    for seg in _WRAPPER_SEGMENTS:
-        name = name.replace("." + seg, ".").removeprefix(seg)
-    return name.removeprefix("module.")
-
-
-def _peft_configs(model: torch.nn.Module) -> dict[str, Any]:
-    """``peft_config`` of a PEFT model (also under torch.compile's or DDP's wrapper), adapter name -> its config; {} otherwise."""
-    configs = getattr(model, "peft_config", None) or next(
-        (c for w in ("_orig_mod", "module") if (c := getattr(getattr(model, w, None), "peft_config", None))), None)
-    return configs if isinstance(configs, dict) else {}
-
-
-def _peft_types(model: torch.nn.Module) -> set[str]:
-    """The PEFT tuner types of a model's adapters (``"LORA"``, ``"LOHA"``, ``"IA3"``…)."""
-    return {str(getattr(getattr(c, "peft_type", None), "value", getattr(c, "peft_type", ""))).upper() for c in _peft_configs(model).values()}
-
-
-def _peft_inits(model: torch.nn.Module) -> dict[str, str]:
-    """Adapter name -> the base-changing ``init_lora_weights`` it was made with
-    (:data:`spectra.io.adapter.BASE_CHANGING_INITS`: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); others absent."""
-    return {name: m for name, c in _peft_configs(model).items() if (m := base_changing_init(getattr(c, "init_lora_weights", "")))}
-
-
-def _active(mod: Any) -> tuple[str, ...]:
-    """The adapters a PEFT LoRA layer applies now (its active ones that hold LoRA factors)."""
-    return tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
-
-
-def _factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(B (out, r), A (r, in), scale)`` of one adapter of a PEFT LoRA layer, in the base weight's
-    ``(out, in)`` orientation as stored by ``nn.Linear`` (embeddings: the stored ``(vocab, dim)``)."""
-    s = float(mod.scaling[adapter])
-    if adapter in mod.lora_A:
-        return mod.lora_B[adapter].weight.detach(), mod.lora_A[adapter].weight.detach(), s
-    A, B = mod.lora_embedding_A[adapter].detach(), mod.lora_embedding_B[adapter].detach()  # (r, vocab), (dim, r)
-    return A.mT, B.mT, s  # (B·A)ᵀ = Aᵀ·Bᵀ
 
 
 class _CallbackHooks:
@@ -575,15 +576,12 @@ class _CallbackHooks:
         self.every, self.out_dir, self.config, self.initial, self.trainer = every, out_dir, config, initial, trainer
         self.tracker: SpectraTracker | None = None
         self._pending: dict[str, float] = {}
-        self._began = False  # a training began with this callback (its tracker may have stopped since)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # resume_from_checkpoint: the Trainer has restored global_step; the trace up to it is kept and continued
         out = Path(self.out_dir or args.output_dir)
-        # a second trainer.train() of this callback (a curriculum's next phase) starts a trace of its own: the
-        # earlier one is kept beside it, not overwritten
-        earlier = set_aside(out) if self._began and state.global_step == 0 and state.is_world_process_zero else None
-        self._began = True
+        # a second trainer.train() of this callback (a curriculum's next phase), or another process in the same
+        # output_dir, starts a trace of its own: the tracker keeps the earlier one beside it, not overwritten
         try:
             self.tracker = SpectraTracker(model, every=self.every, out_dir=out, config=self.config, initial=self.initial,
                                           is_main=state.is_world_process_zero, resume_step=state.global_step)
@@ -601,11 +599,9 @@ class _CallbackHooks:
                 append_record(out / "trace.jsonl", {"warning": f"training resumed at step {state.global_step}: not traced "
                                                                f"from there ({exc.message})"})
             return control
-        if earlier:
-            self.tracker.warn(f"a new training began with this callback: the earlier training's trace is kept as {earlier}")
         if state.global_step > 0 and not self.tracker.from_base and state.is_world_process_zero:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "
-                              "with, not from the base (the folder the model was loaded from could not be read again)")
+                              f"with, not from the base ({self.tracker.base_note})")
 
     def _stop_tracing(self, exc: OutputError, step: int) -> None:
         """A trace that cannot be written (a full disk) stops tracing, not the training: warned once."""
@@ -618,7 +614,7 @@ class _CallbackHooks:
         if self.tracker is None:
             return control
         try:
-            logs = self.tracker.step(None, state.global_step)  # the loss of this step is logged after this hook
+            logs = self.tracker.step(kwargs.get("model"), state.global_step)  # the loss of this step is logged after this hook
         except OutputError as exc:
             self._stop_tracing(exc, state.global_step)
             return control
