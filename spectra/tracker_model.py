@@ -75,8 +75,13 @@ _MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"
 
 
 def is_module_wrapper(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is a DDP / DataParallel / DeepSpeed engine wrapper (its names start with ``module.``)."""
-    return type(model).__name__ in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), torch.nn.Module)
+    """Whether ``model`` wraps the trained model as ``module`` (every name then starts with ``module.``): a DDP /
+    DataParallel / DeepSpeed engine, or any module whose one child is ``module`` and which holds no parameter of its
+    own (a model with a ``weight`` beside a submodule ``module`` is not one)."""
+    if not isinstance(getattr(model, "module", None), torch.nn.Module):
+        return False
+    return type(model).__name__ in _MODULE_WRAPPERS or (
+        [n for n, _ in model.named_children()] == ["module"] and not any(True for _ in model.named_parameters(recurse=False)))
 
 
 def stored_name(name: str, wrapped: bool) -> str:
