@@ -22,7 +22,7 @@ from collections import Counter
 
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
 from spectra.display import display_name, oversized_words
-from spectra.findings import Finding, percent
+from spectra.findings import Finding, percent, shown
 from spectra.metrics import oversized_update
 from spectra.results import note_part
 
@@ -167,7 +167,7 @@ def _captured_finding(ms: list[ComparedModule]) -> Finding:
     fits = [c.two_sided / c.best_rank_r for m in ms if (c := m.captured["b_in_a"]).best_rank_r > 0]
     of_best = _median(fits) if fits else 0.0
     over = [m.captured["b_in_a"].two_sided / r for m in ms if (r := random_two_sided(m.rank_a, m.out, m.in_)) > 0]
-    times = (f"{_median(over):.3g}× what random subspaces of the same ranks hold (median of each module's ratio; "
+    times = (f"{shown(_median(over))}× what random subspaces of the same ranks hold (median of each module's ratio; "
              f"random holds a median {percent(rand)})") if over else ""
     text = (f"A's top subspaces hold {percent(got)} of B's update energy (median over {len(ms)} modules, two-sided); "
             f"the best any subspace of that rank could hold is {percent(best)}, so A reaches {percent(of_best)} of what was "
@@ -200,8 +200,8 @@ def _phi_finding(every: list[ComparedModule], side: str) -> Finding:
         inside = (f"φ is at its largest value, 1, in {sum(m.phi[side].phi_full >= 1 - 1e-6 for m in ms)} of {len(ms)} modules "
                   "(the smaller subspace lies inside the other)")
         words = f"as much as φ can show: {inside}" if ratio < PHI_WORDS[2][0] else f"{words} ({inside})"
-    text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {phi:.3g} against its random baseline {rand:.3g} "
-            f"(median of each module's ratio {ratio:.3g}×): the two updates' subspaces overlap {words}; "
+    text = (f"φ(r_A, r_B) on the {vectors} singular vectors) has median {shown(phi)} against its random baseline {rand:.3g} "
+            f"(median of each module's ratio {shown(ratio)}×): the two updates' subspaces overlap {words}; "
             "φ exceeds twice its baseline in "
             f"{above} of {len(ms)} modules" + (f"; {fill}, and they are left out of these medians." if blind else "."))
     return Finding("phi", text, numbers={"side": side, "median_phi": phi, "median_random": rand, "ratio": ratio,
@@ -287,8 +287,8 @@ def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[st
     """Warnings about what was compared, from the records alone: a side whose median ‖ΔW‖_F/‖W_base‖_F is
     above 1 (its update larger than the base weights: not a fine-tune of the base given, as ``diff``,
     ``trace`` and ``interfere`` warn), and two sides whose updates have the same norm (12 digits) on every
-    module (two copies of one fine-tune under different paths: every measure compares an update with
-    itself; not said when ``same_path``, which the caller says). Needs ``amplification`` (a base given) for
+    module, and φ of 1 wherever measured (two copies of one fine-tune under different paths: every measure compares an
+    update with itself; not said when ``same_path``, which the caller says). Needs ``amplification`` (a base given) for
     the first."""
     out = []
     labels = {"a": result.a, "b": result.b}
@@ -298,7 +298,10 @@ def input_warnings(result: CompareResult, *, same_path: bool = False) -> list[st
         if big := oversized_update(rels):
             out.append(f"{who.upper()} ({labels[who]}): {oversized_words(big)}")
     live = [m for m in result.modules if m.fro_a > 0 or m.fro_b > 0]
-    if live and all(math.isclose(m.fro_a, m.fro_b, rel_tol=1e-12) for m in live) and not same_path:
+    # and one subspace: two orthogonal updates of one spectrum share every norm (a planted pair was called copies)
+    phis = [ph.phi_full for m in live for ph in m.phi.values() if ph is not None]
+    if live and all(math.isclose(m.fro_a, m.fro_b, rel_tol=1e-12) for m in live) and not same_path \
+            and phis and min(phis) > 1 - 1e-6:
         out.append(f"A and B have updates of the same norm, to 12 digits, on every one of the {len(live)} compared "
                    "modules: copies of one fine-tune (or one the negation of the other)? every measure, blind to sign, "
                    "would then compare an update with itself")

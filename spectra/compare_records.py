@@ -393,6 +393,36 @@ class _Reader:
             impossible(f"{at}{key}", value, why, self.source, rerun="spectra compare --out")
 
         p = min(m.out, m.in_)
+        measured = [v is not None for d in (m.phi, m.angles, m.captured) for v in d.values()]
+        if m.status == "ok" and not all(measured):  # the findings count an "ok" module's measures
+            bad("status", m.status, "a module whose φ, angles or captured energy are null has status zero_update or unresolved")
+        if m.status != "ok" and any(measured):  # a "zero" module still counted in the findings' medians and intruders
+            bad("status", m.status, "φ, the angles and the captured energies of a module with no update are null")
+        if (m.status == "zero_update") != (m.fro_a == 0 or m.fro_b == 0):
+            bad("status", m.status, f"status is zero_update exactly where fro_a or fro_b is 0 (here {m.fro_a:.6g} and {m.fro_b:.6g})")
+        for side, ang in m.angles.items():
+            if ang is None:
+                continue
+            if len(ang.cosines) != min(m.rank_a, m.rank_b):
+                bad(f"angles.{side}.cosines", f"{len(ang.cosines)} values", f"there are min(rank_a, rank_b) = "
+                                                                              f"{min(m.rank_a, m.rank_b)} principal angles")
+            if any(x < y - _SLACK for x, y in zip(ang.cosines, ang.cosines[1:])):
+                bad(f"angles.{side}.cosines", ang.cosines[:4], "cosines are in descending order")
+            want = math.sqrt(sum(math.acos(min(1.0, c)) ** 2 for c in ang.cosines))
+            if not math.isclose(ang.grassmann, want, rel_tol=1e-4, abs_tol=1e-4):
+                bad(f"angles.{side}.grassmann", ang.grassmann, f"it is ‖arccos(cosines)‖₂ = {want:.6g}")
+        for who, rank in (("b_in_a", m.rank_a), ("a_in_b", m.rank_b)):
+            if (ce := m.captured.get(who)) is not None and ce.r != rank:
+                bad(f"captured.{who}.r", ce.r, f"the subspaces are {'A' if who == 'b_in_a' else 'B'}'s, of rank {rank}")
+        for who, rank, fro in (("a", m.rank_a, m.fro_a), ("b", m.rank_b, m.fro_b)):
+            amp = (m.amplification or {}).get(who)
+            if amp is None:
+                continue
+            if amp.r != rank or not math.isclose(amp.delta_fro, fro, rel_tol=1e-9, abs_tol=1e-300):
+                bad(f"amplification.{who}", f"r {amp.r}, delta_fro {amp.delta_fro:.6g}", f"its rank and ‖ΔW‖_F are rank_{who} = {rank} "
+                                                                                           f"and fro_{who} = {fro:.6g}")
+            if amp.proj_own > amp.w_fro * (1 + 1e-9) or amp.proj_delta > amp.w_fro * (1 + 1e-9):
+                bad(f"amplification.{who}.proj_own", amp.proj_own, f"no projection of W is larger than ‖W‖_F = {amp.w_fro:.6g}")
         for key in ("rank_a", "rank_b"):
             rank = getattr(m, key)
             if rank > p:
@@ -425,10 +455,30 @@ class _Reader:
             for key, count in [("count", intr.count), *((f"counts[{e!r}]", c) for e, c in intr.counts.items())]:
                 if count > k:
                     bad(f"intruders.{who}.{key}", count, f"at most the {k} top directions examined (max_cos) are intruders")
+            if (at_eps := intr.counts.get(str(float(intr.epsilon)))) is not None and at_eps != intr.count:
+                bad(f"intruders.{who}.count", intr.count, f"it is counts[{str(float(intr.epsilon))!r}] = {at_eps}, the count at its ε")
             for e, count in intr.counts.items():  # max_cos is stored to 6 decimals: a value at ε ± 1e-6 may go either way
                 lo, hi = (sum(c < float(e) + t for c in intr.max_cos) for t in (-1e-6, 1e-6))
                 if not lo <= count <= hi:
                     bad(f"intruders.{who}.counts[{e!r}]", count, f"max_cos holds {lo} values below ε = {e}")
+
+    def across(self, modules: dict[str, ComparedModule], grids: dict[str, Any], config: dict[str, Any]) -> None:
+        """Refuse φ grids of a module not compared or not of its ranks' shape, and intruders at another ε than the config's."""
+        for name, by_side in grids.items():
+            m = modules.get(name)
+            if m is None:
+                impossible(f"phi_grids[{name[:60]!r}]", "a grid", "grids are of compared modules only", self.source,
+                           rerun="spectra compare --out")
+            for side, grid in by_side.items():
+                if len(grid) != m.rank_a or any(len(row) != m.rank_b for row in grid):
+                    impossible(f"phi_grids[{name[:60]!r}].{side}", f"{len(grid)} × {len(grid[0]) if grid else 0}",
+                               f"the grid is rank_a × rank_b = {m.rank_a} × {m.rank_b}", self.source, rerun="spectra compare --out")
+        eps = config.get("epsilon")
+        for m in modules.values():
+            for who, intr in (m.intruders or {}).items():
+                if intr is not None and is_num(eps) and not math.isclose(intr.epsilon, eps, rel_tol=1e-12):
+                    impossible(f"modules[{m.name[:60]!r}].intruders.{who}.epsilon", intr.epsilon, f"it is config.epsilon = {eps}",
+                               self.source, rerun="spectra compare --out")
 
     def result(self, d: Any) -> CompareResult:
         if not isinstance(d, dict):
@@ -450,19 +500,24 @@ class _Reader:
             isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("reason"), str) for s in v),
             'an array of {"name", "reason"} strings', required=False, default=[])
         records = [self.module(m, i) for i, m in enumerate(modules)]
-        seen: set[str] = set()
+        seen: dict[str, ComparedModule] = {}
         for i, m in enumerate(records):
             if m.name in seen:  # counted twice in every median and count of the findings
                 impossible(f"modules[{i}].name", m.name[:80], "each module has one record; this name came before", self.source,
                            rerun="spectra compare --out")
-            seen.add(m.name)
+            seen[m.name] = m
+        config = g(d, "config", at, lambda v: isinstance(v, dict), "an object", required=False, default={})
+        self.across(seen, grids, config)
+        a_only = g(d, "a_only", at, names, "an array of strings", required=False, default=[])
+        b_only = g(d, "b_only", at, names, "an array of strings", required=False, default=[])
+        for key, listed in (("a_only", a_only), ("b_only", b_only)):
+            if both := next((n for n in listed if n in seen), None):  # "updated only by A" and compared
+                impossible(key, both[:80], "a module updated by one side only is not among the compared modules", self.source,
+                           rerun="spectra compare --out")
         return CompareResult(
             a=g(d, "a", at, is_str, "a string"), b=g(d, "b", at, is_str, "a string"),
             base=g(d, "base", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),
-            kinds=kinds, config=g(d, "config", at, lambda v: isinstance(v, dict), "an object", required=False, default={}),
-            modules=records,
-            a_only=g(d, "a_only", at, names, "an array of strings", required=False, default=[]),
-            b_only=g(d, "b_only", at, names, "an array of strings", required=False, default=[]),
+            kinds=kinds, config=config, modules=records, a_only=a_only, b_only=b_only,
             phi_grids=grids, skipped=skipped,
             warnings=g(d, "warnings", at, names, "an array of strings", required=False, default=[]),
             device=g(d, "device", at, lambda v: v is None or isinstance(v, str), "a string or null", required=False),

@@ -57,7 +57,7 @@ from spectra.io.adapter import ZERO_LORA, Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs, same_file
 from spectra.io.paths import checkpoint_location
-from spectra.journal import RecordJournal, start_sealed
+from spectra.journal import RecordJournal, first_by_index, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, role_sort_key, unique_pairing_keys
@@ -593,7 +593,7 @@ def compare(
             seed = int(torch.randint(0, 2**62, (1,), generator=gen))
         jobs.append(_Job(k, spec, base_keys.get(k), shape, ra, rb, seed))
     _refuse_beyond_memory(jobs, device)
-    journal, done = _journaled(jobs, A, B, base_ckpt, config, out_dir, resume)
+    journal, done = _journaled(jobs, A, B, base_ckpt, config, out_dir, resume, result.warnings)
     workers = check_workers(workers, torch.get_num_threads() if device.type == "cpu" else 1)
     def measure(job: _Job):
         return _measure(job, A, B, base_ckpt, config, device)
@@ -646,10 +646,10 @@ def compare(
 
 
 def _journaled(jobs: list[_Job], A: _Side, B: _Side, base: Checkpoint | None, config: CompareConfig,
-               out_dir: str | Path | None, resume: bool) -> tuple[RecordJournal | None, dict[int, _Out]]:
+               out_dir: str | Path | None, resume: bool, warnings: list[str]) -> tuple[RecordJournal | None, dict[int, _Out]]:
     """The journal of a run into ``out_dir``, started (the folder locked; an earlier compare's files
-    removed unless resuming), and with ``resume`` the measures it holds, by plan index; ``(None, {})``
-    without ``out_dir``.
+    removed unless resuming), and with ``resume`` the measures it holds, by plan index (a record repeated is left
+    out, said in ``warnings``); ``(None, {})`` without ``out_dir``.
 
     Raises:
         ConfigError: ``resume`` without a journal, or a journal of other inputs or options.
@@ -664,6 +664,7 @@ def _journaled(jobs: list[_Job], A: _Side, B: _Side, base: Checkpoint | None, co
                                     {**options, "labels": [A.label, B.label]}, resume=resume,
                                     clear=lambda: remove_earlier_outputs(Path(out_dir), "compare.json", SCHEMA, COMPARE_FILES))
     done: dict[int, _Out] = {}
+    records = first_by_index(records, warnings, of="a module")  # a line repeated by hand replaced the first
     for line, body in records:
         i, out = from_journal_record(body, journal.path, line)
         name = out["name"] if isinstance(out, dict) else out[0].name

@@ -82,11 +82,31 @@ def percent(x: float) -> str:
     """A share as a percentage, two significant digits below 10%, whole percents above (never an
     exponent: 0.9999 gave '1e+02%').
 
-    >>> percent(0.1325), percent(0.0042), percent(0.9999), percent(1.5)
-    ('13%', '0.42%', '100%', '150%')
+    Shares at float64 rounding of 1 (below 1e-12) read 0%, others below 0.01% "<0.01%": a share of 1.5e-32
+    (two orthogonal updates) read "1.5e-30%".
+
+    >>> percent(0.1325), percent(0.0042), percent(0.9999), percent(1.5), percent(1.5e-32), percent(3e-7)
+    ('13%', '0.42%', '100%', '150%', '0%', '<0.01%')
     """
     v = x * 100
+    if abs(x) < ROUNDING_SHOWN:
+        return "0%"
+    if abs(v) < 0.01:
+        return "<0.01%"
     return f"{v:.2g}%" if abs(v) < 10 else f"{v:.0f}%"
+
+
+#: Measures in [0, 1] (φ, shares) below this are float64 rounding of sums of O(1) terms: shown as 0.
+ROUNDING_SHOWN = 1e-12
+
+
+def shown(x: float) -> str:
+    """A measure of order 1 to three significant digits, 0 below :data:`ROUNDING_SHOWN` (φ 6.22e-32 was printed).
+
+    >>> shown(0.12345), shown(6.2e-32), shown(2.0)
+    ('0.123', '0', '2')
+    """
+    return "0" if abs(x) < ROUNDING_SHOWN else f"{x:.3g}"
 
 
 def analysed(result: DiffResult) -> list[ModuleResult]:
@@ -518,4 +538,4 @@ def matrix_legend(tau: float) -> list[tuple[str, str]]:
 
 
 __all__ = ["MOVED_Z", "NOT_LOW_RANK", "RANK_WORDS", "Finding", "alpha_findings", "analysed", "diff_findings", "esd_points",
-           "matrix_legend", "percent", "rank_words", "skipped_finding", "skipped_reasons", "summary_legend"]
+           "matrix_legend", "ROUNDING_SHOWN", "percent", "rank_words", "shown", "skipped_finding", "skipped_reasons", "summary_legend"]

@@ -58,7 +58,7 @@ from spectra.io.adapter import Adapter, LoraModule, is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, folder_lock, remove_earlier_outputs
 from spectra.io.jsonfile import result_json
-from spectra.journal import RecordJournal, start_sealed
+from spectra.journal import RecordJournal, first_by_index, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, oversized_update, rank_resolution, relative_norm
 from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
@@ -562,7 +562,7 @@ def interfere(
     todo.sort(key=lambda ns: (ns[1].layer if ns[1].layer is not None else -1, role_sort_key(ns[1].role, ns[1].module), ns[0]))
     if w := fused_whole_warning((spec for _, spec in todo), "interfere"):
         result.warnings.append(w)
-    journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume)
+    journal, done = _journaled(todo, tasks, base_ckpt, config, out_dir, resume, result.warnings)
     with contextlib.ExitStack() as held:
         if journal is not None:  # finished, failed or stopped: no lock left in the folder (the journal stays)
             held.callback(journal.release)
@@ -633,7 +633,7 @@ _PER_TASK, _PER_PAIR = ("ranks", "fro", "rel_norm"), ("cosine", "phi", "captured
 
 
 def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Checkpoint, config: InterfereConfig,
-               out_dir: str | Path | None, resume: bool) -> tuple[RecordJournal | None, dict[int, dict[str, Any]]]:
+               out_dir: str | Path | None, resume: bool, warnings: list[str]) -> tuple[RecordJournal | None, dict[int, dict[str, Any]]]:
     """The journal of a run into ``out_dir``, started (the folder locked; an earlier interfere's files
     removed unless resuming), and with ``resume`` the records it holds by plan index (``{"module": …}`` or
     ``{"skipped": …}``); ``(None, {})`` without ``out_dir``.
@@ -651,6 +651,7 @@ def _journaled(todo: list[tuple[str, MatrixSpec]], tasks: list[_Task], base: Che
                                     resume=resume, clear=lambda: remove_earlier_outputs(
                                         Path(out_dir), "interfere.json", SCHEMA, INTERFERE_FILES, ("interfere_*.png",)))
     n, done = len(tasks), {}
+    records = first_by_index(records, warnings, of="a matrix")  # a line repeated by hand replaced the first
     for line, rec in records:
         body = rec.get("module", rec.get("skipped"))
         i = rec.get("i")

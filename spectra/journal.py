@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError, output_error
@@ -21,7 +22,7 @@ from spectra.io.files import OutputLock, atomic_write_text, content_sample, hash
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl, result_json
 from spectra.pairing import Skipped
 from spectra.results import SCHEMA, DiffResult, ModuleResult
-from spectra.results_check import check_journal_records
+from spectra.results_check import check_journal_records, is_int
 
 #: results.json is rewritten at most this often during a run (the journal has every result at once).
 REWRITE_EVERY_S = 5.0
@@ -299,6 +300,13 @@ def first_of_each(records: list, key: Callable[[object], Hashable | None], warni
     if repeated:
         warnings.append(f"{held} held {repeated} repeated record(s) of {of} already recorded; the first of each was kept")
     return kept
+
+
+def first_by_index(records: list[tuple[int, Any]], warnings: list[str], *, of: str) -> list[tuple[int, Any]]:
+    """:func:`first_of_each` of a sealed journal's ``(line, record)`` pairs keyed on each record's plan index ``"i"``
+    (compare's and interfere's journals)."""
+    return first_of_each(records, lambda r: r[1].get("i") if isinstance(r[1], dict) and is_int(r[1].get("i")) else None,
+                         warnings, of=of)
 
 
 def read_records(path: Path) -> list[dict]:
