@@ -108,7 +108,8 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     held = [r for r in result.not_lora if r["held"] is None]
     if held:
-        err.print(f"{len(held)} changed norms/biases are not in the adapter (see not_lora in extract.json"
+        kinds = sorted({"saved modules" if r.get("kind") == "modules_to_save of the adapter" else "norms/biases" for r in held})
+        err.print(f"{len(held)} changed {' and '.join(kinds)} are not in the adapter (see not_lora in extract.json"
                   f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
     moved = [r for r in result.not_extracted if r.get("reason") != UNCHANGED]  # an unchanged matrix leaves nothing behind
     if moved:

@@ -79,10 +79,11 @@ from spectra.extract_plan import (
     target_of,
     why_not_target,
 )
-from spectra.extract_results import ExtractResult, build_result, note_storage, one_d_changes, pair_norms, root_sigma1, tied_embedding_warning
+from spectra.extract_results import ExtractResult, build_result, note_storage, pair_norms, root_sigma1, tied_embedding_warning
+from spectra.extract_vectors import LORA_BIAS_REASON, one_d_changes
 from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter
-from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
+from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint, read_notes
 from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import write_adapter
 from spectra.journal import RecordJournal, inputs_fingerprint
@@ -241,6 +242,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         if not keep(spec.name, spec.layer) or head_of(mod.module, heads):
             continue
         why = ("embedding: pass --embeddings to keep it (as PEFT's embedding LoRA)" if mod.embedding and not config.embeddings
+               else "output head: pass --embeddings to extract it (as PEFT's LoRA)" if spec.role == "head" and not config.embeddings
                else rules.why_dropped(spec.name.removesuffix(".weight"), spec.expert) if rules is not None else None)
         if why:
             left.append(((spec.name, tuple(mod.shape), lora_fro(mod), tensor_fro(base, base_name)), why))
@@ -250,8 +252,9 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         targets.append(Target(**{**asdict(t), "embedding": mod.embedding, "dtype": adapter_dtype(adapter),
                                  "components": mod.r if mod.magnitude is None else 0}))
         mods[order] = mod
-    for s in adapter.skipped:
-        left.append(((s.name, (), None, None), s.reason))
+    for s in adapter.skipped:  # (a lora_B.bias is a bias: one_d_changes accounts for it)
+        if not s.reason.startswith(LORA_BIAS_REASON):
+            left.append(((s.name, (), None, None), s.reason))
     stacks: dict[str, float] = {}  # a 3-D base tensor -> Σ over its experts' LoRAs of ‖s·B·A‖²_F
     specs = base.specs if adapter.stacked else {}
     for m in adapter.stacked.values():
@@ -261,6 +264,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         left.append(((stack, tuple(base.tensors[stack].shape), math.sqrt(sq), tensor_fro(base, stack)), STACK_NOT_WRITTEN))
     return ExtractSource("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
+                   notes=read_notes((base, adapter)),
                    saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])
 
 

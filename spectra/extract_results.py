@@ -44,7 +44,7 @@ from spectra.lowrank import (
     rank_levels,
     round_up,
 )
-from spectra.naming import is_bias
+from spectra.metrics import factored_rank
 from spectra.results import CAVEAT_PREFIX, note_caveat_warnings, rows_to_csv
 from spectra.selection import Task
 from spectra.ties import TIE_REL, cut_in_tie
@@ -188,7 +188,8 @@ def pair_norms(base: Checkpoint, base_name: str, tuned: Checkpoint, tuned_name: 
                             for r in range(0, n, step))
 
 
-def _rel(fro: float | None, base_fro: float | None) -> float | None:
+def rel_or_none(fro: float | None, base_fro: float | None) -> float | None:
+    """``fro / base_fro``; 0 for an unchanged tensor of a zero base, None where undefined."""
     if fro is None or base_fro is None or (isinstance(fro, float) and math.isnan(fro)):
         return None
     return fro / base_fro if base_fro > 0 else (0.0 if fro == 0 else None)
@@ -209,64 +210,7 @@ def left_out_record(base: Checkpoint, tuned: Checkpoint | None, what: Any, reaso
         shape = list(shape)
     if fro == 0 and whole:  # nothing of the update is left behind: not the rule's advice ("pass --embeddings")
         reason = UNCHANGED
-    return {"name": name, "shape": shape, "reason": reason, "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro)}
-
-
-def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[str, str]], adapted: list[Target],
-                  adapter: Any, save_modules: bool, base_prefix: str = "") -> list[dict[str, Any]]:
-    """Changed 1-D tensors (norms, biases) and, for an adapter, its ``modules_to_save``: what LoRA
-    cannot hold. With ``save_modules`` each is kept where PEFT can: the bias of an adapted module as
-    ``lora_B.bias`` (PEFT's ``lora_bias`` is one flag for every adapted module, so only when each
-    has a bias and none is an embedding), a module holding only 1-D tensors as ``modules_to_save``.
-    Records carry the tensors to write under ``"delta"``/``"tensors"`` (dropped from ``extract.json``).
-    """
-    targets = {t.module: t for t in adapted}
-    biased = bool(adapted) and not any(t.embedding for t in adapted) and all(
-        t.base_name is not None and t.base_name.removesuffix(".weight") + ".bias" in base.tensors for t in adapted)
-    out = []
-    if adapter is not None:
-        for name, tensor in adapter.full.items():
-            bf = float(torch.linalg.vector_norm(base.load(name).double()).item()) if name in base.tensors else None
-            fro = fro_blocks(base.load(name), tensor)[0] if name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape) else None
-            module = name.rpartition(".")[0]
-            rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
-                   "rel_norm": _rel(fro, bf), "module": module, "held": None,
-                   "reason": "stored whole by the tuned adapter: pass --save-modules to keep it"}
-            if save_modules:
-                rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save", tensors={name: tensor})
-            out.append(rec)
-        return out
-    def descendants(module: str) -> list[str]:  # every tensor of the module, its submodules' too
-        return [n for n in tuned.tensors if n.startswith(module + ".")]
-    for tn, bn in pairs:
-        t, b = tuned.load(tn), base.load(bn)
-        if t.shape != b.shape or torch.equal(t, b):
-            continue
-        fro, bf = fro_blocks(b, t)
-        # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
-        # (less a wrapper prefix of the base names that the modules drop: extract._open_source)
-        tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
-        rec = {"name": tn, "kind": ONE_D_KINDS[0] if is_bias(tn) else ONE_D_KINDS[1], "shape": list(t.shape), "fro_norm": fro,
-               "rel_norm": _rel(fro, bf), "module": owner, "held": None, "reason": ""}
-        inside = descendants(tuned_owner)
-        only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
-        if owner in targets:
-            if not biased:
-                rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module "
-                                 "and no embedding among them; not held")
-            elif save_modules:
-                rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=(t.double() - b.double()).float())
-            else:
-                rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
-        elif not only_1d:
-            rec["reason"] = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
-        elif save_modules:
-            rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save",
-                       tensors={owner + c[len(tuned_owner):]: tuned.load(c) for c in inside})
-        else:
-            rec["reason"] = "pass --save-modules to keep it as PEFT modules_to_save"
-        out.append(rec)
-    return out
+    return {"name": name, "shape": shape, "reason": reason, "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": rel_or_none(fro, base_fro)}
 
 
 def _median(xs: list[float]) -> float | None:
@@ -309,17 +253,27 @@ def module_record(t: Target, spec: dict, r: int, uniform: int, config: ExtractCo
         "shape": list(t.shape), "embedding": t.embedding, "group": t.group, "changed": extractable(spec), "rank": r,
         "params": r * t.cost, "params_per_rank": t.cost,
         "energy_kept": E, "rel_fro_error": math.sqrt(tail_share(spec, r, t.p)), "spectral_error": spectral,
-        "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": _rel(fro, base_fro),
+        "fro_norm": fro, "base_fro_norm": base_fro, "rel_norm": rel_or_none(fro, base_fro),
         "uniform_rank": ur, "uniform_energy_kept": energy_kept(S, total, ur) if ur <= S.size or total <= 0 else None,
         "method": spec["method"], "residual": spec.get("residual"),
         "singular_values": [float(x) for x in np.ldexp(S[: config.top_values], e)],
         "note": "; ".join(x for x in (t.note, spec.get("note") or "", _tie_note(S, r, t.p), floor_note(spec, r, config, t.p),
+                                      deficient_note(spec, r, config),
                                       ("rank 0: rounding noise is not extracted" if not r else "rounding noise, held at its expert "
                                        "stack's rank (one rank per stack)") if noise else "") if x),
     }
     if config.mode == "energy":
         rec["energy_rank"] = energy_rank_top(S, total, config.energy, t.p)
     return rec
+
+
+def deficient_note(spec: dict, r: int, config: ExtractConfig) -> str:
+    """What the note of an adapter's module says when ``--rank`` asks for more components than its update ``s·B·A``
+    has (:func:`spectra.metrics.factored_rank` of its exact factored spectrum): the rest are written as zeros; "" else."""
+    if spec.get("method") != "factored" or config.mode != "rank" or r <= (k := factored_rank(np.asarray(spec["S"], dtype=np.float64))):
+        return ""
+    return (f"{f'only {k}' if k else 'none'} of its {r} components are nonzero: the adapter's update s·B·A has rank {k}, so "
+            f"the other {r - k} {'is' if r - k == 1 else 'are'} written as zeros (kept: --rank asks for {r})")
 
 
 def floor_note(spec: dict, r: int, config: ExtractConfig, p: int) -> str:
@@ -611,16 +565,19 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
                         f"{f', {held} keep their expert stack rank (one rank per stack)' if held else ''}; the counts and "
                         "medians of the totals are over the other changed modules")
     unspent = plan.budget - allocation["used_params"] if allocation is not None else 0
+    at = {orig: i for i, orig in enumerate(keep)}  # the knapsack's items index every target, skipped ones too
+    knap = [it for item in (alloc[1] if alloc is not None else []) if (it := [at[j] for j in item if j in at])]
+    # the components waiting for more than is left (a module's next one above the floor)
+    wait = _waiting(spectra, targets, ranks, knap, config, unspent, energy) if allocation is not None else None
     if allocation is not None and (floored := _floored(spectra, targets, ranks, unspent)):
         # the rounding floor explains what is left only where no component above it waits for more than that
-        at = {orig: i for i, orig in enumerate(keep)}  # the knapsack's items index every target, skipped ones too
-        knap = [[at[j] for j in item if j in at] for item in alloc[1]]
-        wait = _waiting(spectra, targets, ranks, [it for it in knap if it], config, unspent, energy)
         capped = [(t.name, r) for i, (t, r) in enumerate(zip(targets, ranks)) if _more_to_buy(spectra[i], t, r, t.cap)
                   and not _more_to_buy(spectra[i], t, r, max(plan.levels[i], default=0))]
         warnings.append(unspent_text(allocation["used_params"], plan.budget, waiting=wait, floored=(len(floored), floored[0]),
                                      of="ΔW's energy", capped=(len(capped), f"{capped[0][0]} at r = {capped[0][1]}",
                                                                "--max-rank / --serving") if capped else None))
+    elif allocation is not None and unspent > 0 and wait is not None:  # (the budget's cut, not --max-rank, stops them)
+        warnings.append(unspent_text(allocation["used_params"], plan.budget, waiting=wait, floored=(0, ""), of="ΔW's energy"))
     elif allocation is not None and unspent > 0 and not any(
             _more_to_buy(spectra[i], t, r, max(plan.levels[i], default=0)) for i, (t, r) in enumerate(zip(targets, ranks))):
         # nothing left to buy: every module holds all of its directions, or sits at the largest rank allowed
@@ -640,6 +597,10 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"--rank {config.rank} is above the directions standing above the rounding floor of the stored "
                         f"weights in {len(at_floor)} modules (e.g. {at_floor[0][0]}, {at_floor[0][1]} resolved): the rest of "
                         "their rank holds rounding noise, not the update (--energy 1.0 keeps only the resolved directions)")
+    if hollow := [m["name"] for i, m in enumerate(mods) if deficient_note(spectra[i], ranks[i], config)]:
+        warnings.append(f"--rank {config.rank} is above the rank of the adapter's update s·B·A in {len(hollow)} modules (e.g. "
+                        f"{hollow[0]}): their other components are zeros, parameters that hold nothing (--energy 1.0 keeps "
+                        "only the nonzero ones)")
     if config.mode == "energy":
         capped = {n for n, _ in at_floor}  # below τ by the rounding noise left out, said just above
         short = [m["name"] for m, ok in zip(mods, live) if ok and m["energy_kept"] < config.energy - 1e-12 and m["name"] not in capped]
@@ -665,7 +626,6 @@ __all__ = [
     "left_out_record",
     "module_record",
     "note_storage",
-    "one_d_changes",
     "pair_norms",
     "reads_pair_by_rows",
     "root_sigma1",

@@ -434,7 +434,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
 
     # the names transformers >= 5 loads the modules under (GPT-NeoX's embed_out is lm_head, LLaVA's layers move):
     # PEFT matches those, so the LoraConfig names them so
-    skipped = [s["name"].removesuffix(".weight") for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
+    # an adapter diff's skipped tensors carry PEFT's names (base_model.model.lm_head.base_layer.weight): as the model's
+    # module, or the module a target names would be "excluded" (exclude_modules listed the targets themselves)
+    skipped = [s["name"].removeprefix("base_model.model.").replace(".base_layer.", ".").partition(".lora_")[0].removesuffix(".weight")
+               for s in doc.get("skipped") or [] if isinstance(s, dict) and isinstance(s.get("name"), str)]
     loaded, how, _, split = adapter_renames(base_config, paths + skipped + heads)
     refuse_split(split, adapted, "the LoraConfig", where, "spectra diff")
     if used := {k: v for k, v in loaded.items() if k in adapted}:  # of the modules the config adapts

@@ -1,0 +1,145 @@
+"""What a LoRA cannot hold, in a ``spectra extract`` run: the norms and biases a fine-tune changed (LayerNorm tuning,
+BitFit) and an adapter's whole saved modules, each recorded in ``not_lora`` and, with ``--save-modules``, kept where
+PEFT can keep it (``lora_B.bias``, ``modules_to_save``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spectra.delta import fro_blocks
+from spectra.extract_plan import Target
+from spectra.extract_results import ONE_D_KINDS, rel_or_none
+from spectra.io.checkpoint import Checkpoint
+from spectra.naming import is_bias
+
+#: The prefix PEFT puts before the model's own names in an adapter file.
+_PEFT_PREFIX = "base_model.model."
+#: The reason :mod:`spectra.io.adapter` gives a ``lora_B.bias`` (``lora_bias=True``), which this module accounts for.
+LORA_BIAS_REASON = "LoRA bias (lora_bias=True)"
+
+
+def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[str, str]], adapted: list[Target],
+                  adapter: Any, save_modules: bool, base_prefix: str = "") -> list[dict[str, Any]]:
+    """Changed 1-D tensors (norms, biases) and, for an adapter, its ``modules_to_save`` and trained biases: what LoRA
+    cannot hold. With ``save_modules`` each is kept where PEFT can: the bias of an adapted module as
+    ``lora_B.bias`` (PEFT's ``lora_bias`` is one flag for every adapted module, so only when each
+    has a bias and none is an embedding), a module holding only 1-D tensors as ``modules_to_save``.
+    Records carry the tensors to write under ``"delta"``/``"tensors"`` (dropped from ``extract.json``).
+    """
+    targets = {t.module: t for t in adapted}
+    biased = bool(adapted) and not any(t.embedding for t in adapted) and all(
+        t.base_name is not None and t.base_name.removesuffix(".weight") + ".bias" in base.tensors for t in adapted)
+    if adapter is not None:
+        return _adapter_changes(base, adapter, targets, biased, save_modules)
+    out = []
+    def descendants(module: str) -> list[str]:  # every tensor of the module, its submodules' too
+        return [n for n in tuned.tensors if n.startswith(module + ".")]
+    for tn, bn in pairs:
+        t, b = tuned.load(tn), base.load(bn)
+        if t.shape != b.shape or torch.equal(t, b):
+            continue
+        fro, bf = fro_blocks(b, t)
+        # the module as the base names it (what the adapter targets), found in the tuned checkpoint by its own name
+        # (less a wrapper prefix of the base names that the modules drop: extract._open_source)
+        tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
+        rec = {"name": tn, "kind": ONE_D_KINDS[0] if is_bias(tn) else ONE_D_KINDS[1], "shape": list(t.shape), "fro_norm": fro,
+               "rel_norm": rel_or_none(fro, bf), "module": owner, "held": None, "reason": ""}
+        inside = descendants(tuned_owner)
+        only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
+        if owner in targets:
+            if not biased:
+                rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module "
+                                 "and no embedding among them; not held")
+            elif save_modules:
+                rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=(t.double() - b.double()).float())
+            else:
+                rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+        elif not only_1d:
+            rec["reason"] = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
+        elif save_modules:
+            rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save",
+                       tensors={owner + c[len(tuned_owner):]: tuned.load(c) for c in inside})
+        else:
+            rec["reason"] = "pass --save-modules to keep it as PEFT modules_to_save"
+        out.append(rec)
+    return out
+
+
+def _bias_record(name: str, module: str, delta: torch.Tensor, base_bias: torch.Tensor | None, targets: dict[str, Target],
+                 biased: bool, save_modules: bool) -> dict[str, Any]:
+    """The ``not_lora`` record of a trained bias ``delta`` (Δb, float64) of ``module``, kept as ``lora_B.bias`` where it can be."""
+    fro = float(torch.linalg.vector_norm(delta))
+    bf = float(torch.linalg.vector_norm(base_bias.double())) if base_bias is not None else None
+    rec = {"name": name, "kind": ONE_D_KINDS[0], "shape": list(delta.shape), "fro_norm": fro, "rel_norm": rel_or_none(fro, bf),
+           "module": module, "held": None, "reason": ""}
+    if module not in targets:
+        rec["reason"] = "bias of a module not extracted (no component of its weight update kept); not held"
+    elif not biased:
+        rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module and no embedding "
+                         "among them; not held")
+    elif save_modules:
+        rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=delta.float())
+    else:
+        rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+    return rec
+
+
+def _adapter_changes(base: Checkpoint, adapter: Any, targets: dict[str, Target], biased: bool,
+                     save_modules: bool) -> list[dict[str, Any]]:
+    """:func:`one_d_changes` of an adapter: its ``modules_to_save`` (those that differ from the base), the biases of
+    its adapted modules it trained (``bias="lora_only"``/``"all"``: saved as ``base_layer.bias``; ``lora_bias=True``:
+    ``scale·lora_B.bias``, summed per module), and the biases of other modules ``bias="all"`` trained."""
+    out: list[dict[str, Any]] = []
+    copies: dict[str, str] = {}  # module -> its trained bias as saved (base_layer.bias)
+    loras: dict[str, str] = {}  # module -> its lora_B.bias (added, times the module's scale, to the bias)
+    for name in adapter.base_copies:
+        if name.endswith(".base_layer.bias"):
+            copies[name.removeprefix(_PEFT_PREFIX).removesuffix(".base_layer.bias")] = name
+    for s in adapter.skipped if adapter.config.lora_bias else ():  # (without the flag PEFT does not load them)
+        module = s.name.removeprefix(_PEFT_PREFIX).partition(".lora_B")[0]
+        if s.reason.startswith(LORA_BIAS_REASON) and module in adapter.modules:
+            loras[module] = s.name
+    for module in dict.fromkeys([*copies, *loras]):
+        t = targets.get(module)
+        weight = t.base_name if t is not None and t.base_name else adapter.modules[module].weight_name \
+            if module in adapter.modules else f"{module}.weight"
+        bn = weight.removesuffix(".weight") + ".bias"
+        base_bias = base.load(bn) if bn in base.tensors else None
+        before = base_bias.double() if base_bias is not None else None
+        delta = adapter.weights.load(copies[module]).double() - (before if before is not None else 0.0) \
+            if module in copies else torch.zeros_like(before) if before is not None else None
+        if module in loras:
+            lora = adapter.weights.load(loras[module]).double() * adapter.modules[module].scale
+            delta = lora if delta is None else delta + lora
+        if delta is not None and float(torch.linalg.vector_norm(delta)) > 0:
+            out.append(_bias_record(copies.get(module, loras.get(module, "")), module, delta, base_bias, targets, biased,
+                                    save_modules))
+    for name, tensor in adapter.full.items():
+        in_base = name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape)
+        fro = fro_blocks(base.load(name), tensor)[0] if in_base else None
+        if fro == 0.0:  # saved whole but unchanged: nothing of the update is in it (written, it costs its size)
+            continue
+        module = name.rpartition(".")[0]
+        bf = float(torch.linalg.vector_norm(base.load(name).double()).item()) if name in base.tensors else None
+        if is_bias(name) and tensor.ndim == 1 and f"{module}.weight" not in adapter.full and in_base:
+            if module in targets:  # an adapted module's bias trained under bias="all"
+                out.append(_bias_record(name, module, tensor.double() - base.load(name).double(), base.load(name), targets,
+                                        biased, save_modules))
+            else:  # bias="all": the bias of a module that also holds a matrix
+                out.append({"name": name, "kind": ONE_D_KINDS[0], "shape": list(tensor.shape), "fro_norm": fro,
+                            "rel_norm": rel_or_none(fro, bf), "module": module, "held": None,
+                            "reason": "its module also holds a matrix; saving the module whole (modules_to_save) would store "
+                                      "that matrix"})
+            continue
+        rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
+               "rel_norm": rel_or_none(fro, bf), "module": module, "held": None,
+               "reason": "stored whole by the tuned adapter: pass --save-modules to keep it"}
+        if save_modules:
+            rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save", tensors={name: tensor})
+        out.append(rec)
+    return out
+
+
+__all__ = ["LORA_BIAS_REASON", "one_d_changes"]
