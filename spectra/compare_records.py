@@ -393,6 +393,12 @@ class _Reader:
             impossible(f"{at}{key}", value, why, self.source, rerun="spectra compare --out")
 
         p = min(m.out, m.in_)
+        for key in ("rank_a", "rank_b"):
+            rank = getattr(m, key)
+            if rank > p:
+                bad(key, rank, f"a rank is at most min(out, in) = {p}")
+            if rank == 0 and m.status == "ok":  # 0 only for an update with no direction (status says which)
+                bad(key, rank, 'a rank is at least 1 where status is "ok"')
         measured = [v is not None for d in (m.phi, m.angles, m.captured) for v in d.values()]
         if m.status == "ok" and not all(measured):  # the findings count an "ok" module's measures
             bad("status", m.status, "a module whose φ, angles or captured energy are null has status zero_update or unresolved")
@@ -423,12 +429,6 @@ class _Reader:
                                                                                            f"and fro_{who} = {fro:.6g}")
             if amp.proj_own > amp.w_fro * (1 + 1e-9) or amp.proj_delta > amp.w_fro * (1 + 1e-9):
                 bad(f"amplification.{who}.proj_own", amp.proj_own, f"no projection of W is larger than ‖W‖_F = {amp.w_fro:.6g}")
-        for key in ("rank_a", "rank_b"):
-            rank = getattr(m, key)
-            if rank > p:
-                bad(key, rank, f"a rank is at most min(out, in) = {p}")
-            if rank == 0 and m.status == "ok":  # 0 only for an update with no direction (status says which)
-                bad(key, rank, 'a rank is at least 1 where status is "ok"')
         for side, ph in m.phi.items():
             d = m.out if side == "left" else m.in_
             if ph is not None and ph.d != d:
