@@ -254,8 +254,9 @@ def _print_plan(plan: spectra.plan.Plan, console: Console) -> None:
                                                  f"(process now {fmt_bytes(plan.baseline_bytes)} + data {fmt_bytes(plan.host_bytes)})")
     if plan.device_bytes:
         table.add_row("estimated peak memory, GPU", fmt_bytes(plan.device_bytes))
-    table.add_row("calibration", f"{c.device}, {c.precision}: Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, "
-                                 f"eigensolve {c.eig_rate / 1e9:.2f} G p³/s, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
+    rates = (f"SVD {c.gram_rate / 1e9:.2f} G m·n·p/s" if c.method == "svd" else
+             f"Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, eigensolve {c.eig_rate / 1e9:.2f} G p³/s")
+    table.add_row("calibration", f"{c.device}, {c.precision}: {rates}, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
     print_table(console, table)
     shapes = Table(title="matrices by shape (out × in)", title_justify="left")
     for col in ("shape", "count", "est. s / matrix"):

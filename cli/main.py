@@ -110,7 +110,9 @@ class _StopSignals:
             if first:
                 self._first = (signum, now)
         if first:  # kept after the command returns when this process is the command: it also bounds a hang in its exit
-            self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"did not stop within {self.grace_s:g} s", self.kept))
+            # "stopped at once (did not stop within 20 s)" read as a contradiction: this stop is the forced one
+            self.timer = threading.Timer(self.grace_s, _hard_exit, (code, f"it did not stop within {self.grace_s:g} s of the signal",
+                                                                    self.kept, "ended by force"))
             self.timer.daemon = True
             self.timer.start()
         else:
@@ -174,7 +176,7 @@ def _owns_process() -> bool:
     return Path(sys.argv[0]).stem == "spectra" or (spec is not None and spec.name in ("spectra", "spectra.__main__"))
 
 
-def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
+def _hard_exit(code: int, why: str, kept: str | Callable[[], str], head: str = "stopped at once") -> None:
     if callable(kept):
         try:
             kept = kept()
@@ -184,7 +186,7 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str]) -> None:
     # the environment: an import from this watchdog thread could wait on an import lock the stuck thread holds)
     prefix = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else ""
     with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO): the exit must still come
-        os.write(2, f"{prefix}stopped at once ({why}){': ' + kept if kept else ''}\n".encode())
+        os.write(2, f"{prefix}{head} ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
 
 
@@ -238,6 +240,10 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
         return str(note(params, since))
     out = params.get("out_dir")
     if out and "resume" in params:
+        # another rank of a distributed run keeps nothing itself: rank 0 journals (on its own machine)
+        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and os.environ.get("RANK", "0").strip() != "0":
+            return (f"rank 0 journals the results exchanged so far in its {out} (on its machine); run the same command "
+                    "with --resume to finish")
         if since is not None and (done := _finished(Path(out), since)):  # stopped while the figures were drawn
             return (f"{done} was complete before the stop; files written after it (figures, the CSV) may be missing: "
                     "run the same command with --resume to write them")

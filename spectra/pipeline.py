@@ -463,9 +463,11 @@ def probe_tasks(tasks: list[Task], target: int = 32 << 20, most: int = 64) -> li
     ``target`` in all (at most ``most``), none above :data:`PROBE_MAX_BYTES`: a plan computes nothing, and a lone 2 GB
     pair read for a rate took minutes and its memory (the default rate is used when none is small enough). Several
     small ones, not one: a 0.5 MiB pair's fixed cost read as a rate of 5 MB/s priced a 470 MiB embedding and head at
-    68 s, read in 2."""
+    68 s, read in 2. Nearest by ratio, not difference: a 64 MiB pair is 32 MiB from the target, so any smaller one came
+    first and 64 tiny pairs priced a model of 2048 × 8192 matrices at 5 minutes (read in 18 s)."""
     chosen: list[Task] = []
-    for t in sorted((t for t in tasks if t.pair.stored_bytes <= PROBE_MAX_BYTES), key=lambda t: abs(t.pair.stored_bytes - target)):
+    for t in sorted((t for t in tasks if t.pair.stored_bytes <= PROBE_MAX_BYTES),
+                    key=lambda t: abs(math.log(max(t.pair.stored_bytes, 1) / target))):
         if sum(c.pair.stored_bytes for c in chosen) >= target or len(chosen) == most:
             break
         chosen.append(t)
@@ -517,7 +519,7 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         with ThreadPoolExecutor(max_workers=1, initializer=one_openmp_thread) as reader:
             if chosen:
                 probe = (lambda: reader.submit(read_chosen).result(), sum(t.pair.stored_bytes for t in chosen))
-            cost = calibrate(device, config.precision, io_probe=probe)
+            cost = calibrate(device, config.precision, io_probe=probe, method=config.method)
     io, compute = zip(*(_task_seconds(t, cost, config) for t in tasks)) if tasks else ((), ())
     shares = balance([a + b for a, b in zip(io, compute)], world_size)
     slowest = max(shares, key=lambda s: sum(io[i] + compute[i] for i in s))
@@ -533,6 +535,11 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
         on_gpu=device.type == "cuda", max_in_flight=run.ahead_bytes, workers=run.workers)
     approx = sum(n for s, n in shapes.items() if config.approx or (config.approx_above is not None and min(s) > config.approx_above))
     notes = ["memory is the data's; the allocator keeps some freed memory on top (40-80 MiB in tests/test_scale.py)"]
+    if config.precision == "float32":
+        notes.append("a float32 spectrum whose energy ranks cannot be certified is solved again in float64, which the time "
+                     "does not price (up to twice it for such a matrix)")
+    if config.method == "svd" and not calibrate_cost:
+        notes.append("--method svd is priced at the Gram route's default rates: an SVD per matrix takes many times longer")
     if approx:
         notes.append(f"{approx} matrices use the approximate mode, priced as exact: the time is an upper estimate only where "
                      "the sketch settles early; a spectrum that decays slowly (or τ = 1) widens it to half the matrix and then "

@@ -49,6 +49,7 @@ class CostModel:
         overhead_s: fixed seconds per matrix (launches, bookkeeping).
         device: where the rates were measured (``"cpu"``, ``"cuda:0"``, or ``"default"``).
         precision: ``"float64"`` or ``"float32"``, the decomposition dtype measured.
+        method: ``"gram"`` (Gram product + eigensolve) or ``"svd"`` (``gram_rate`` is an SVD's ``m·n·p`` per second).
     """
 
     gram_rate: float = DEFAULT_RATES["cpu"]["gram_rate"]
@@ -57,6 +58,7 @@ class CostModel:
     overhead_s: float = DEFAULT_RATES["cpu"]["overhead_s"]
     device: str = "default"
     precision: str = "float64"
+    method: str = "gram"
 
     @classmethod
     def default(cls, device: torch.device | str) -> CostModel:
@@ -166,7 +168,7 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 def calibrate(device: torch.device, precision: str = "float64", *, size: int | None = None,
-              io_probe: tuple[Callable[[], object], int] | None = None) -> CostModel:
+              io_probe: tuple[Callable[[], object], int] | None = None, method: str = "gram") -> CostModel:
     """Measure the rates of :class:`CostModel` on ``device`` (about a second).
 
     Args:
@@ -176,6 +178,8 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
             the measured rates hold at model sizes).
         io_probe: ``(read, nbytes)``: a callable that reads one tensor pair and forms its ΔW, and
             the stored bytes it reads; None keeps the default I/O rate.
+        method: ``"svd"`` (``--method svd``) measures ``torch.linalg.svdvals`` of the probe and prices every matrix
+            as ``m·n·p`` at that rate (``eig_rate`` 1e30: no eigensolve): priced as the Gram route, a plan said 1.8 s for a 49 s run.
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     p = size or (4096 if device.type == "cuda" else 512)
@@ -185,6 +189,16 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
     if io_probe is not None:
         read, nbytes = io_probe
         io_rate = nbytes / max(_median_time(read, repeats=2), 1e-6)
+    if method == "svd":  # one SVD per matrix, its cost growing as m·n·p: a batch through the run's own route
+        from spectra.engine import exact_spectra
+
+        k = 2
+        mats = M.unsqueeze(0).expand(k, *M.shape).contiguous()
+        prec = "float32" if precision == "float32" else "float64"
+        exact_spectra(mats[:1], precision=prec, device=device, method="svd", metrics=False)  # warm-up
+        t_svd = _median_time(lambda: exact_spectra(mats, precision=prec, device=device, method="svd", metrics=False)) / k
+        return CostModel(gram_rate=4 * p**3 / max(t_svd, 1e-9), eig_rate=1e30, io_rate=io_rate, device=str(device),
+                         precision=precision, method="svd")
     if device.type == "cpu":
         gram_rate, eig_rate = _cpu_rates(M, precision)
         return CostModel(gram_rate=gram_rate, eig_rate=eig_rate, io_rate=io_rate, device=str(device), precision=precision)

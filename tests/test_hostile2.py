@@ -403,7 +403,7 @@ def test_one_sigterm_ends_a_blocked_run_after_the_grace_period(tmp_path):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143, err
     assert 0.9 <= time.monotonic() - start < 15
-    assert "stopped at once (did not stop within 1 s)" in err
+    assert "ended by force (it did not stop within 1 s of the signal)" in err
 
 
 # ---- wrong-type and malformed edits of the files spectra reads back ------------------------------------

@@ -60,11 +60,11 @@ def test_a_ranks_hard_exit_names_the_rank():
     line, "stopped at once (did not stop within 20 s) …", was the only one without the `[rank N]` of the others."""
     script = textwrap.dedent("""
         from spectra_cli.main import _hard_exit
-        _hard_exit(143, "did not stop within 20 s", "")
+        _hard_exit(143, "it did not stop within 20 s of the signal", "", "ended by force")
     """)
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
-    assert res.returncode == 143 and res.stderr.strip() == "[rank 1] stopped at once (did not stop within 20 s)", res.stderr
+    assert res.returncode == 143 and res.stderr.strip() == "[rank 1] ended by force (it did not stop within 20 s of the signal)", res.stderr
 
 
 def test_an_update_only_in_skipped_expert_stacks_is_not_called_a_copy_of_the_base(tmp_path):
