@@ -254,7 +254,7 @@ def _print_plan(plan: spectra.plan.Plan, console: Console) -> None:
                                                  f"(process now {fmt_bytes(plan.baseline_bytes)} + data {fmt_bytes(plan.host_bytes)})")
     if plan.device_bytes:
         table.add_row("estimated peak memory, GPU", fmt_bytes(plan.device_bytes))
-    rates = (f"SVD {c.gram_rate / 1e9:.2f} G m·n·p/s" if c.method == "svd" else
+    rates = (f"SVD {c.svd_rate / 1e9:.2f} G m·n·p/s" if c.method == "svd" and c.svd_rate else
              f"Gram {c.gram_rate / 1e9:.1f} G mult-adds/s, eigensolve {c.eig_rate / 1e9:.2f} G p³/s")
     table.add_row("calibration", f"{c.device}, {c.precision}: {rates}, read+ΔW {c.io_rate / 1e6:.0f} MB/s")
     print_table(console, table)

@@ -176,6 +176,12 @@ def _owns_process() -> bool:
     return Path(sys.argv[0]).stem == "spectra" or (spec is not None and spec.name in ("spectra", "spectra.__main__"))
 
 
+def _launched_rank() -> str | None:
+    """``RANK`` as the launcher set it when this process is one rank of a distributed run (``WORLD_SIZE`` above 1; "?"
+    without a RANK), else None: read from the environment, as the stop watchdog may not import."""
+    return os.environ.get("RANK", "?").strip() if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else None
+
+
 def _hard_exit(code: int, why: str, kept: str | Callable[[], str], head: str = "stopped at once") -> None:
     if callable(kept):
         try:
@@ -184,7 +190,7 @@ def _hard_exit(code: int, why: str, kept: str | Callable[[], str], head: str = "
             kept = ""
     # a rank waiting inside the rendezvous for a peer that died is stopped here: its lines carry its rank (read from
     # the environment: an import from this watchdog thread could wait on an import lock the stuck thread holds)
-    prefix = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") else ""
+    prefix = f"[rank {os.environ.get('RANK', '?')}] " if _launched_rank() is not None else ""
     with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone (EIO): the exit must still come
         os.write(2, f"{prefix}{head} ({why}){': ' + kept if kept else ''}\n".encode())
     os._exit(code)
@@ -241,7 +247,7 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
     out = params.get("out_dir")
     if out and "resume" in params:
         # another rank of a distributed run keeps nothing itself: rank 0 journals (on its own machine)
-        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and os.environ.get("RANK", "0").strip() != "0":
+        if _launched_rank() not in (None, "0"):
             return (f"rank 0 journals the results exchanged so far in its {out} (on its machine); run the same command "
                     "with --resume to finish")
         if since is not None and (done := _finished(Path(out), since)):  # stopped while the figures were drawn

@@ -231,7 +231,7 @@ def sweep_cmd(base, data, methods, ranks, seeds, eval_source, steps, batch, seq_
     for c in ("run", "target loss", "source loss", "seconds"):
         table.add_column(c, justify="left" if c == "run" else "right")
     for name, r in doc["runs"].items():
-        table.add_row(shown(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.0f}")
+        table.add_row(shown(name), f"{r['target_loss']:.3f}", "–" if r["source_loss"] is None else f"{r['source_loss']:.3f}", f"{r['seconds']:.1f}")
     print_table(stdout(), table)
     err.print(shown(f"analyses in {Path(out_dir) / 'analysis'}; index: {Path(out_dir) / 'sweep.json'}"), highlight=False)
 

@@ -31,10 +31,10 @@ from spectra.io.files import same_file
 from spectra.journal import absorb, run_fingerprint
 from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
-from spectra.numerics import numeric_notes
+from spectra.numerics import numeric_notes, weight_rounding
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
-from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields, weight_rounding
+from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.selection import selector, units_of
 

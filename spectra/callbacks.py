@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -258,7 +259,7 @@ class SpectraTracker:
         return "lora" if any(t.module is not None for t in self.matrices) else "full"
 
     # ---- discovery --------------------------------------------------------------------------------
-    def _discover(self, model: torch.nn.Module, resume_step: int) -> None:
+    def _discover(self, model: torch.nn.Module, resume_step: int, *, use_originals: bool = True) -> None:
         keep = selector(self.config.include, self.config.exclude, self.config.layers)
         wrapped = is_module_wrapper(model)
         self._known = {stored_name(n, wrapped) for n in trainable_matrices(model)}
@@ -318,10 +319,10 @@ class SpectraTracker:
                               hint="trace from saved checkpoints with `spectra trace` instead")
         params = {n: parts["param"] for n, _, parts in found if "param" in parts}
         # a resumed full fine-tune: its base, read again from the folder the model was loaded from, is what ΔW is of
-        originals = None
-        if resume_step > 0 and params:
+        originals, recorded = None, {}
+        if resume_step > 0 and params and use_originals:
             recorded = recorded_base_norms(self.path) if self.path is not None else {}
-            originals, self.base_note = original_weights(model, params, self.path.parent if self.path else None, recorded)
+            originals, self.base_note = original_weights(model, params, self.path.parent if self.path else None, resume_step)
         self.from_base = not params or resume_step == 0 or originals is not None
         specs = describe_checkpoint({n: s for n, s, _ in found})
         for name, shape, parts in found:
@@ -334,6 +335,9 @@ class SpectraTracker:
                 dev = p.device if self.initial == "device" else torch.device("cpu")
                 init = (originals.load(name) if originals is not None else p.detach()).to(device=dev, dtype=p.dtype, copy=True)
                 base_fro = float(torch.linalg.vector_norm(init.double()))
+                # the same copy gives the same norm (to the rounding of another device's sum); a checkpoint of the run does not
+                if originals is not None and name in recorded and not math.isclose(base_fro, recorded[name], rel_tol=1e-12):
+                    return self._discover_from_resumed(model, resume_step, originals.label, name, base_fro, recorded[name])
                 self.matrices.append(_Tracked(name, matrix_meta(spec, out_in, base_fro), spec.transpose, parts["source"], param=p,
                                               initial=init))
             else:
@@ -357,6 +361,17 @@ class SpectraTracker:
                               " (no trained 2-D weight, or none that include/exclude/layers keep)"),
                               hint="check the filters against the weight names as a checkpoint stores them "
                                    "(model.layers.0.self_attn.q_proj.weight), or that the model has trainable weights")
+
+    def _discover_from_resumed(self, model: torch.nn.Module, resume_step: int, folder: str, name: str, now: float,
+                               then: float) -> None:
+        """:meth:`_discover` again with ΔW measured from the resumed weights: the folder the model was loaded from holds
+        another ``name`` than the base the trace measured from (its norm ``now`` against the recorded ``then``)."""
+        self.matrices.clear()
+        self.skipped.clear()
+        self._discover(model, resume_step, use_originals=False)
+        self.from_base = False
+        self.base_note = (f"the folder it was loaded from ({folder}) is not the base the trace measured from ({name}: ‖W‖_F "
+                          f"{now:.9g} there, {then:.9g} in trace.jsonl)")
 
     # ---- measuring ----------------------------------------------------------------------------------
     def step(self, model: torch.nn.Module | None, step: int, *, loss: float | None = None) -> dict[str, float] | None:
@@ -478,6 +493,8 @@ class SpectraTracker:
                 point["turn_note"] = f"{unresolved_text('ΔW', str(tr.param.dtype).removeprefix('torch.'))}, so turn_prev and turn_first are null"
             if caveats:
                 point["note"] = "; ".join(caveats)
+            if tr.module is not None and len(tr.adapters) == 1:  # as spectra trace gives it (trace_checks reads a change)
+                point["lora_scale"] = float(tr.module.scaling[tr.adapters[0]])
             if now is not None:
                 tr.prev = now
                 if tr.first is None:

@@ -415,7 +415,7 @@ class _Reader:
             if any(x < y - _SLACK for x, y in zip(ang.cosines, ang.cosines[1:])):
                 bad(f"angles.{side}.cosines", ang.cosines[:4], "cosines are in descending order")
             want = math.sqrt(sum(math.acos(min(1.0, c)) ** 2 for c in ang.cosines))
-            if not math.isclose(ang.grassmann, want, rel_tol=1e-4, abs_tol=1e-4):
+            if ang.grassmann is not None and not math.isclose(ang.grassmann, want, rel_tol=1e-4, abs_tol=1e-4):
                 bad(f"angles.{side}.grassmann", ang.grassmann, f"it is ‖arccos(cosines)‖₂ = {want:.6g}")
         for who, rank in (("b_in_a", m.rank_a), ("a_in_b", m.rank_b)):
             if (ce := m.captured.get(who)) is not None and ce.r != rank:
@@ -424,11 +424,13 @@ class _Reader:
             amp = (m.amplification or {}).get(who)
             if amp is None:
                 continue
-            if amp.r != rank or not math.isclose(amp.delta_fro, fro, rel_tol=1e-9, abs_tol=1e-300):
-                bad(f"amplification.{who}", f"r {amp.r}, delta_fro {amp.delta_fro:.6g}", f"its rank and ‖ΔW‖_F are rank_{who} = {rank} "
-                                                                                           f"and fro_{who} = {fro:.6g}")
-            if amp.proj_own > amp.w_fro * (1 + 1e-9) or amp.proj_delta > amp.w_fro * (1 + 1e-9):
-                bad(f"amplification.{who}.proj_own", amp.proj_own, f"no projection of W is larger than ‖W‖_F = {amp.w_fro:.6g}")
+            if amp.r != rank:
+                bad(f"amplification.{who}.r", amp.r, f"the subspaces are of rank_{who} = {rank}")
+            if amp.delta_fro is not None and not math.isclose(amp.delta_fro, fro, rel_tol=1e-9, abs_tol=1e-300):
+                bad(f"amplification.{who}.delta_fro", amp.delta_fro, f"it is fro_{who} = {fro:.6g}")
+            for key in ("proj_own", "proj_delta"):  # (null where undefined: the record's rule allows it)
+                if (v := getattr(amp, key)) is not None and amp.w_fro is not None and v > amp.w_fro * (1 + 1e-9):
+                    bad(f"amplification.{who}.{key}", v, f"no projection of W is larger than ‖W‖_F = {amp.w_fro:.6g}")
         for side, ph in m.phi.items():
             d = m.out if side == "left" else m.in_
             if ph is not None and ph.d != d:
@@ -455,7 +457,7 @@ class _Reader:
             for key, count in [("count", intr.count), *((f"counts[{e!r}]", c) for e, c in intr.counts.items())]:
                 if count > k:
                     bad(f"intruders.{who}.{key}", count, f"at most the {k} top directions examined (max_cos) are intruders")
-            if (at_eps := intr.counts.get(str(float(intr.epsilon)))) is not None and at_eps != intr.count:
+            if is_num(intr.epsilon) and (at_eps := intr.counts.get(str(float(intr.epsilon)))) is not None and at_eps != intr.count:
                 bad(f"intruders.{who}.count", intr.count, f"it is counts[{str(float(intr.epsilon))!r}] = {at_eps}, the count at its ε")
             for e, count in intr.counts.items():  # max_cos is stored to 6 decimals: a value at ε ± 1e-6 may go either way
                 lo, hi = (sum(c < float(e) + t for c in intr.max_cos) for t in (-1e-6, 1e-6))
@@ -476,7 +478,7 @@ class _Reader:
         eps = config.get("epsilon")
         for m in modules.values():
             for who, intr in (m.intruders or {}).items():
-                if intr is not None and is_num(eps) and not math.isclose(intr.epsilon, eps, rel_tol=1e-12):
+                if intr is not None and is_num(eps) and is_num(intr.epsilon) and not math.isclose(intr.epsilon, eps, rel_tol=1e-12):
                     impossible(f"modules[{m.name[:60]!r}].intruders.{who}.epsilon", intr.epsilon, f"it is config.epsilon = {eps}",
                                self.source, rerun="spectra compare --out")
 

@@ -12,7 +12,7 @@ from spectra.delta import fro_blocks
 from spectra.extract_plan import Target
 from spectra.extract_results import ONE_D_KINDS, rel_or_none
 from spectra.io.checkpoint import Checkpoint
-from spectra.naming import is_bias
+from spectra.naming import is_bias, pairing_key, unique_pairing_keys
 
 #: The prefix PEFT puts before the model's own names in an adapter file.
 _PEFT_PREFIX = "base_model.model."
@@ -49,15 +49,9 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
         inside = descendants(tuned_owner)
         only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
         if owner in targets:
-            if not biased:
-                rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module "
-                                 "and no embedding among them; not held")
-            elif save_modules:
-                rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=(t.double() - b.double()).float())
-            else:
-                rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+            _as_lora_bias(rec, t.double() - b.double(), biased, save_modules)
         elif not only_1d:
-            rec["reason"] = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
+            rec["reason"] = HOLDS_MATRIX
         elif save_modules:
             rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save",
                        tensors={owner + c[len(tuned_owner):]: tuned.load(c) for c in inside})
@@ -67,6 +61,22 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
     return out
 
 
+#: Why a changed 1-D tensor of a module that also holds a matrix is not kept (as PEFT ``modules_to_save``).
+HOLDS_MATRIX = "its module also holds a matrix; saving the module whole (modules_to_save) would store that matrix"
+
+
+def _as_lora_bias(rec: dict[str, Any], delta: torch.Tensor, biased: bool, save_modules: bool) -> None:
+    """Fill ``rec`` (the ``not_lora`` record of an adapted module's bias) with how its change ``delta`` (Δb, float64)
+    is held: as ``lora_B.bias`` with ``save_modules`` where PEFT's one ``lora_bias`` flag can hold it, else why not."""
+    if not biased:
+        rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module and no embedding "
+                         "among them; not held")
+    elif save_modules:
+        rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=delta.float())
+    else:
+        rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+
+
 def _bias_record(name: str, module: str, delta: torch.Tensor, base_bias: torch.Tensor | None, targets: dict[str, Target],
                  biased: bool, save_modules: bool) -> dict[str, Any]:
     """The ``not_lora`` record of a trained bias ``delta`` (Δb, float64) of ``module``, kept as ``lora_B.bias`` where it can be."""
@@ -74,16 +84,19 @@ def _bias_record(name: str, module: str, delta: torch.Tensor, base_bias: torch.T
     bf = float(torch.linalg.vector_norm(base_bias.double())) if base_bias is not None else None
     rec = {"name": name, "kind": ONE_D_KINDS[0], "shape": list(delta.shape), "fro_norm": fro, "rel_norm": rel_or_none(fro, bf),
            "module": module, "held": None, "reason": ""}
-    if module not in targets:
-        rec["reason"] = "bias of a module not extracted (no component of its weight update kept); not held"
-    elif not biased:
-        rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module and no embedding "
-                         "among them; not held")
-    elif save_modules:
-        rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=delta.float())
+    if module in targets:
+        _as_lora_bias(rec, delta, biased, save_modules)
     else:
-        rec["reason"] = "bias of an adapted module: pass --save-modules to keep it as lora_B.bias"
+        rec["reason"] = "bias of a module not extracted (no component of its weight update kept); not held"
     return rec
+
+
+def _base_tensor(base: Checkpoint, name: str) -> str | None:
+    """``name`` as the base stores it: itself, or the one base tensor of its pairing key (a wrapper prefix the adapter's
+    names drop: ``model.`` of a bare base model); None when the base has none."""
+    if name in base.tensors:
+        return name
+    return unique_pairing_keys(list(base.tensors)).get(pairing_key(name))
 
 
 def _adapter_changes(base: Checkpoint, adapter: Any, targets: dict[str, Target], biased: bool,
@@ -105,8 +118,8 @@ def _adapter_changes(base: Checkpoint, adapter: Any, targets: dict[str, Target],
         t = targets.get(module)
         weight = t.base_name if t is not None and t.base_name else adapter.modules[module].weight_name \
             if module in adapter.modules else f"{module}.weight"
-        bn = weight.removesuffix(".weight") + ".bias"
-        base_bias = base.load(bn) if bn in base.tensors else None
+        bn = _base_tensor(base, weight.removesuffix(".weight") + ".bias")
+        base_bias = base.load(bn) if bn is not None else None
         before = base_bias.double() if base_bias is not None else None
         delta = adapter.weights.load(copies[module]).double() - (before if before is not None else 0.0) \
             if module in copies else torch.zeros_like(before) if before is not None else None
@@ -117,21 +130,20 @@ def _adapter_changes(base: Checkpoint, adapter: Any, targets: dict[str, Target],
             out.append(_bias_record(copies.get(module, loras.get(module, "")), module, delta, base_bias, targets, biased,
                                     save_modules))
     for name, tensor in adapter.full.items():
-        in_base = name in base.tensors and tuple(base.tensors[name].shape) == tuple(tensor.shape)
-        fro = fro_blocks(base.load(name), tensor)[0] if in_base else None
+        bn = _base_tensor(base, name)
+        in_base = bn is not None and tuple(base.tensors[bn].shape) == tuple(tensor.shape)
+        fro = fro_blocks(base.load(bn), tensor)[0] if in_base else None
         if fro == 0.0:  # saved whole but unchanged: nothing of the update is in it (written, it costs its size)
             continue
         module = name.rpartition(".")[0]
-        bf = float(torch.linalg.vector_norm(base.load(name).double()).item()) if name in base.tensors else None
+        bf = float(torch.linalg.vector_norm(base.load(bn).double()).item()) if bn is not None else None
         if is_bias(name) and tensor.ndim == 1 and f"{module}.weight" not in adapter.full and in_base:
             if module in targets:  # an adapted module's bias trained under bias="all"
-                out.append(_bias_record(name, module, tensor.double() - base.load(name).double(), base.load(name), targets,
+                out.append(_bias_record(name, module, tensor.double() - base.load(bn).double(), base.load(bn), targets,
                                         biased, save_modules))
             else:  # bias="all": the bias of a module that also holds a matrix
                 out.append({"name": name, "kind": ONE_D_KINDS[0], "shape": list(tensor.shape), "fro_norm": fro,
-                            "rel_norm": rel_or_none(fro, bf), "module": module, "held": None,
-                            "reason": "its module also holds a matrix; saving the module whole (modules_to_save) would store "
-                                      "that matrix"})
+                            "rel_norm": rel_or_none(fro, bf), "module": module, "held": None, "reason": HOLDS_MATRIX})
             continue
         rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
                "rel_norm": rel_or_none(fro, bf), "module": module, "held": None,

@@ -674,6 +674,12 @@ def rounding_bulk(W: torch.Tensor, roundoff: float) -> float:
     return ROUNDING_BULK * roundoff * roundoff / 3 * max(W.shape) * float(torch.median(x * x)) / _CHI2_MEDIAN
 
 
+def weight_rounding(W: torch.Tensor, dtype: str) -> tuple[float, str]:
+    """``(level, dtype)`` of a weight ``W`` (``(out, in)``, any float dtype) stored in ``dtype``, for
+    :func:`spectra.records.esd_entry`'s ``rounding``: :func:`rounding_bulk` with that dtype's unit roundoff."""
+    return rounding_bulk(W, unit_roundoff(dtype)), dtype
+
+
 def rounding_bulk_note(lam: np.ndarray, mp_sigma2: float | None, level: float, dtype: str) -> str:
     """Why a matrix with eigenvalues ``lam`` (any order) has no Marchenko–Pastur fit when its median eigenvalue is at
     or below ``level`` (:func:`rounding_bulk` of its ``dtype`` storage), or ``""`` (a fit, or a bulk above it)."""

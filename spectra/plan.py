@@ -19,7 +19,7 @@ import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,9 @@ class CostModel:
         overhead_s: fixed seconds per matrix (launches, bookkeeping).
         device: where the rates were measured (``"cpu"``, ``"cuda:0"``, or ``"default"``).
         precision: ``"float64"`` or ``"float32"``, the decomposition dtype measured.
-        method: ``"gram"`` (Gram product + eigensolve) or ``"svd"`` (``gram_rate`` is an SVD's ``m·n·p`` per second).
+        method: ``"gram"`` (Gram product + eigensolve) or ``"svd"`` (one SVD per matrix, priced by ``svd_rate``).
+        svd_rate: ``m·n·p`` per second of ``--method svd``'s SVDs (measured on a ``p × 4p`` probe: a square matrix,
+            whose bidiagonalisation costs about half as much per ``m·n·p``, is priced about 2× high); None for Gram.
     """
 
     gram_rate: float = DEFAULT_RATES["cpu"]["gram_rate"]
@@ -59,6 +61,7 @@ class CostModel:
     device: str = "default"
     precision: str = "float64"
     method: str = "gram"
+    svd_rate: float | None = None
 
     @classmethod
     def default(cls, device: torch.device | str) -> CostModel:
@@ -70,6 +73,8 @@ class CostModel:
         """Estimated seconds to decompose one ``(m, n)`` matrix exactly."""
         m, n = shape
         p = min(m, n)
+        if self.method == "svd" and self.svd_rate:
+            return m * n * p / self.svd_rate + self.overhead_s
         return m * n * p / self.gram_rate + p**3 / self.eig_rate + self.overhead_s
 
     def io_seconds(self, nbytes: int) -> float:
@@ -178,8 +183,9 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
             the measured rates hold at model sizes).
         io_probe: ``(read, nbytes)``: a callable that reads one tensor pair and forms its ΔW, and
             the stored bytes it reads; None keeps the default I/O rate.
-        method: ``"svd"`` (``--method svd``) measures ``torch.linalg.svdvals`` of the probe and prices every matrix
-            as ``m·n·p`` at that rate (``eig_rate`` 1e30: no eigensolve): priced as the Gram route, a plan said 1.8 s for a 49 s run.
+        method: ``"svd"`` (``--method svd``) times SVDs of the probe through the run's own route
+            (:func:`spectra.engine.exact_spectra`) for :attr:`CostModel.svd_rate`: priced as the Gram route, a plan said
+            1.8 s for a 49 s run.
     """
     dtype = torch.float64 if precision == "float64" else torch.float32
     p = size or (4096 if device.type == "cuda" else 512)
@@ -197,8 +203,8 @@ def calibrate(device: torch.device, precision: str = "float64", *, size: int | N
         prec = "float32" if precision == "float32" else "float64"
         exact_spectra(mats[:1], precision=prec, device=device, method="svd", metrics=False)  # warm-up
         t_svd = _median_time(lambda: exact_spectra(mats, precision=prec, device=device, method="svd", metrics=False)) / k
-        return CostModel(gram_rate=4 * p**3 / max(t_svd, 1e-9), eig_rate=1e30, io_rate=io_rate, device=str(device),
-                         precision=precision, method="svd")
+        return replace(CostModel.default(device), io_rate=io_rate, device=str(device), precision=precision, method="svd",
+                       svd_rate=4 * p**3 / max(t_svd, 1e-9))
     if device.type == "cpu":
         gram_rate, eig_rate = _cpu_rates(M, precision)
         return CostModel(gram_rate=gram_rate, eig_rate=eig_rate, io_rate=io_rate, device=str(device), precision=precision)

@@ -8,13 +8,12 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from spectra.config import DiffConfig
 from spectra.delta import Prepared
 from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XminMethod, esd_metrics
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
-from spectra.numerics import rounding_bulk, rounding_bulk_note, unit_roundoff
+from spectra.numerics import rounding_bulk_note
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
@@ -109,7 +108,7 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
             not fitted either (:func:`delta_fit_refusal` adds why to the note).
         S_base, S_tuned: the full singular values of W_base and W_tuned, or None (not available).
         note: why a side is missing; ``""`` when all three are there.
-        rounding: ``(level, dtype)`` of W_base and of W_tuned (:func:`weight_rounding`): a side whose median eigenvalue
+        rounding: ``(level, dtype)`` of W_base and of W_tuned (:func:`spectra.numerics.weight_rounding`): a side whose median eigenvalue
             is at its storage's rounding level gets no Marchenko–Pastur fit, as in ``spectra esd``, and a note says so.
 
     Returns:
@@ -131,12 +130,6 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
             note = "; ".join(x for x in (note, f"{side}: {why}") if x)
     return {"base": fields["base"], "tuned": fields["tuned"], "delta": fields["delta"],
             "alpha_change": fields["alpha_change"], "alpha_change_z": fields["alpha_change_z"], "note": note}
-
-
-def weight_rounding(W: torch.Tensor, dtype: str) -> tuple[float, str]:
-    """``(level, dtype)`` of a weight ``W`` (``(out, in)``, any float dtype) stored in ``dtype``, for
-    :func:`esd_entry`'s ``rounding``: :func:`spectra.numerics.rounding_bulk` with that dtype's unit roundoff."""
-    return rounding_bulk(W, unit_roundoff(dtype)), dtype
 
 
 def _squares_refusal(S: np.ndarray) -> str | None:

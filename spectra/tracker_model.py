@@ -5,7 +5,6 @@ weights under, the trained matrices, a PEFT model's configs and LoRA factors, an
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,25 @@ import torch
 from spectra.errors import SpectraError
 from spectra.io.adapter import base_changing_init
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
+from spectra.naming import INNER_WRAPPERS
 
 
-def original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], out_dir: Path | None,
-                     recorded: dict[str, float]) -> tuple[Checkpoint | None, str]:
-    """``(checkpoint, why not)``: the folder the model was loaded from (``name_or_path``, a local folder), opened,
-    when it stores every one of ``params`` (stored name -> the trained parameter) in its shape and is the base the
-    trace so far measured from: what a resumed full fine-tune's ΔW is of (each is read when its copy is made). Else
+def original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], trace_dir: Path | None,
+                     resume_step: int) -> tuple[Checkpoint | None, str]:
+    """``(checkpoint, why not)``: the folder the model was loaded from (``name_or_path``, a local folder), opened, when
+    it stores every one of ``params`` (stored name -> the trained parameter) in its shape and is not a checkpoint of
+    the run being resumed: what a resumed full fine-tune's ΔW is of (each is read when its copy is made, and its norm
+    checked against the trace's records there: :meth:`spectra.callbacks.SpectraTracker._discover`). Else
     ``(None, why)`` (ΔW is then measured from the resumed weights, as the trace says).
 
     A model loaded from the run's own checkpoint before resuming from it has that checkpoint as ``name_or_path``: it
     holds every weight in its shape, and taking it for the base measured every later step from the resumed weights
-    while the trace said "from the base". So the folder must not be one of ``out_dir``'s checkpoints, and its norms
-    must be those the trace's records give (``recorded``: stored name -> ``base_fro_norm``)."""
+    while the trace said "from the base". A folder in ``trace_dir`` (the folder of ``trace.jsonl``), or one whose
+    ``trainer_state.json`` is at ``resume_step`` (the Trainer's checkpoint being resumed), is not the base."""
     path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path or not Path(path).is_dir():
         return None, "the model was not loaded from a local folder (name_or_path)"
-    if out_dir is not None and Path(path).resolve().parent == out_dir.resolve():
+    if trace_dir is not None and Path(path).resolve().parent == trace_dir.resolve() or _trainer_step(Path(path)) == resume_step:
         return None, f"the model was loaded from {Path(path).name}, a checkpoint of this run, not from its base"
     try:
         ckpt = open_checkpoint(path)
@@ -38,14 +39,16 @@ def original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], ou
         return None, f"the folder it was loaded from ({path}) could not be read again"
     if not all(name in ckpt.tensors and tuple(ckpt.tensors[name].shape) == tuple(p.shape) for name, p in params.items()):
         return None, f"the folder it was loaded from ({path}) does not hold every trained weight in its shape"
-    for name, norm in recorded.items():
-        if name in params and name in ckpt.tensors:
-            now = float(torch.linalg.vector_norm(ckpt.load(name).double()))
-            if not math.isclose(now, norm, rel_tol=1e-6, abs_tol=1e-300):
-                return None, (f"the folder it was loaded from ({path}) is not the base the trace measured from ({name}: "
-                              f"‖W‖_F {now:.6g} there, {norm:.6g} in trace.jsonl)")
-            break  # one weight tells a checkpoint of the run from its base
     return ckpt, ""
+
+
+def _trainer_step(folder: Path) -> int | None:
+    """``global_step`` of a Trainer checkpoint's ``trainer_state.json`` in ``folder``, None without one."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def recorded_base_norms(path: Path) -> dict[str, float]:
@@ -65,9 +68,6 @@ def recorded_base_norms(path: Path) -> dict[str, float]:
     return out
 
 
-#: Segments wrappers add to parameter names that a saved checkpoint does not hold: torch.compile's,
-#: FSDP's and activation checkpointing's (anywhere), DistributedDataParallel's ``module.`` (in front).
-_WRAPPER_SEGMENTS = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 #: Wrappers that hold the trained model as their ``module`` attribute (every name then starts with ``module.``).
@@ -75,22 +75,19 @@ _MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"
 
 
 def is_module_wrapper(model: torch.nn.Module) -> bool:
-    """Whether ``model`` wraps the trained model as ``module`` (every name then starts with ``module.``): a DDP /
-    DataParallel / DeepSpeed engine, or any module whose one child is ``module`` and which holds no parameter of its
-    own (a model with a ``weight`` beside a submodule ``module`` is not one)."""
-    if not isinstance(getattr(model, "module", None), torch.nn.Module):
-        return False
-    return type(model).__name__ in _MODULE_WRAPPERS or (
-        [n for n, _ in model.named_children()] == ["module"] and not any(True for _ in model.named_parameters(recurse=False)))
+    """Whether ``model`` is a DDP / DataParallel / DeepSpeed engine wrapping the trained model as ``module`` (every
+    name then starts with ``module.``); a model's own submodule called ``module`` is not one (its checkpoints keep it)."""
+    return type(model).__name__ in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), torch.nn.Module)
 
 
 def stored_name(name: str, wrapped: bool) -> str:
-    """A parameter's name as a checkpoint stores it: without the segments of :data:`_WRAPPER_SEGMENTS`, and without
-    the leading ``module.`` of a wrapper (``wrapped``, :func:`is_module_wrapper`; a tracker given the DDP-wrapped model
+    """A parameter's name as a checkpoint stores it: without the segments of
+    :data:`spectra.naming.INNER_WRAPPERS` (torch.compile's, FSDP's, activation checkpointing's), and without the
+    leading ``module.`` of a wrapper (``wrapped``, :func:`is_module_wrapper`; a tracker given the DDP-wrapped model
     named every matrix ``module.model.…``, so its filters matched nothing). Only a wrapper's: a model's own submodule
     called ``module`` keeps it (stripped, ``module.weight`` and a ``weight`` beside it were one name)."""
-    for seg in _WRAPPER_SEGMENTS:
-        name = name.replace("." + seg, ".").removeprefix(seg)
+    parts = name.split(".")
+    name = ".".join([c for c in parts[:-1] if c not in INNER_WRAPPERS] + parts[-1:])
     return name.removeprefix("module.") if wrapped else name
 
 

@@ -411,12 +411,12 @@ def test_tracker_names_matrices_as_a_checkpoint_stores_them_under_ddp(tmp_path):
 
     model = tiny_llama()
 
-    class Wrapped(torch.nn.Module):  # what DistributedDataParallel puts around it: the model as `module`
+    class DistributedDataParallel(torch.nn.Module):  # a stand-in (the real one needs a process group): the model as `module`
         def __init__(self, inner: torch.nn.Module) -> None:
             super().__init__()
             self.module = inner
 
-    tracker = SpectraTracker(Wrapped(model), every=1, out_dir=None, config=TraceConfig(include=r"^model\.layers\.1\.self_attn\.q"))
+    tracker = SpectraTracker(DistributedDataParallel(model), every=1, out_dir=None, config=TraceConfig(include=r"^model\.layers\.1\.self_attn\.q"))
     assert [t.name for t in tracker.matrices] == ["model.layers.1.self_attn.q_proj.weight"]
 
 

@@ -62,11 +62,13 @@ def test_a_resume_from_a_model_loaded_out_of_the_runs_checkpoint_is_not_measured
             m.model.layers[0].mlp.up_proj.weight.add_(steps[k - 1])
         tracker.step(m, k)
     at2 = m.model.layers[0].mlp.up_proj.weight.detach().clone()
-    for folder in (out / "checkpoint-2", tmp_path / "elsewhere" / "checkpoint-2"):  # the run's own, and a copy of it
-        _save(folder, at2)
-        resumed = _Loaded(at2, folder)
-        tr2 = SpectraTracker(resumed, every=1, out_dir=out, resume_step=2)
-        assert not tr2.from_base and ("a checkpoint of this run" in tr2.base_note or "is not the base" in tr2.base_note)
+    for folder, why in ((out / "checkpoint-2", "a checkpoint of this run"), (tmp_path / "elsewhere" / "ck", "is not the base")):
+        _save(folder, at2)  # the run's own checkpoint, and a copy of it elsewhere (told by its norms)
+        tr2 = SpectraTracker(_Loaded(at2, folder), every=1, out_dir=out, resume_step=2)
+        assert not tr2.from_base and why in tr2.base_note, tr2.base_note
+    (tmp_path / "elsewhere" / "ck" / "trainer_state.json").write_text('{"global_step": 2}')  # the Trainer's own, at that step
+    tr2 = SpectraTracker(_Loaded(at2, tmp_path / "elsewhere" / "ck"), every=1, out_dir=out, resume_step=2)
+    assert not tr2.from_base and "a checkpoint of this run" in tr2.base_note
     exact = _Loaded(at2, base)  # loaded from the base, the checkpoint's weights put in (as Trainer's resume does)
     tr3 = SpectraTracker(exact, every=1, out_dir=out, resume_step=2)
     assert tr3.from_base
@@ -130,3 +132,20 @@ def test_a_submodule_called_module_keeps_its_name_and_a_wrapper_loses_its_own(tm
     assert {tr.name for tr in SpectraTracker(m, every=1).matrices} == {"module.weight", "weight"}
     wrapped = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False)))
     assert [tr.name for tr in SpectraTracker(wrapped, every=1).matrices] == ["0.weight"]
+
+
+def test_a_base_stored_in_float32_and_trained_in_bfloat16_is_still_the_base(tmp_path):
+    """The review: a norm check of the stored float32 tensor against the bf16 copy's recorded norm (6e-6 apart) refused
+    the genuine base. The copy is made in the model's dtype, as at the start, so its norm is the recorded one."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(32, 16, generator=g)
+    base = _save(tmp_path / "base", W0)  # float32 on disk
+    m = _Loaded(W0, base).to(torch.bfloat16)
+    tracker = SpectraTracker(m, every=1, out_dir=tmp_path / "run")
+    with torch.no_grad():
+        m.model.layers[0].mlp.up_proj.weight.add_(0.05)
+    tracker.step(m, 1)
+    resumed = _Loaded(W0, base).to(torch.bfloat16)
+    with torch.no_grad():
+        resumed.model.layers[0].mlp.up_proj.weight.copy_(m.model.layers[0].mlp.up_proj.weight)
+    assert SpectraTracker(resumed, every=1, out_dir=tmp_path / "run", resume_step=1).from_base

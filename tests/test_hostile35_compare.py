@@ -58,7 +58,7 @@ def test_orthogonal_updates_of_one_spectrum_are_not_called_copies(tmp_path):
 def compare_doc(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("cmp")
     base, a, b = _planted(folder, overlap=2)
-    spectra.compare(a, b, base=base, config=spectra.CompareConfig(top_k=4), out_dir=folder / "out", plots=False)
+    spectra.compare(a, b, base=base, config=spectra.CompareConfig(top_k=4, side="both"), out_dir=folder / "out", plots=False)
     return json.loads((folder / "out" / "compare.json").read_text())
 
 
@@ -83,6 +83,22 @@ EDITS = {  # each: an edit no comparison writes, and the key the refusal names
     "delta_fro_not_fro_a": (lambda d: _first(d)["amplification"]["a"].update(
         delta_fro=99.0, factor=99.0 / _first(d)["amplification"]["a"]["proj_delta"]), "amplification.a"),
     "epsilon_not_config": (lambda d: _first(d)["intruders"]["a"].update(epsilon=0.3), "intruders.a.epsilon"),
+    "proj_delta_above_w": (lambda d: _first(d)["amplification"]["b"].update(proj_delta=99.0, factor=_first(d)["amplification"]["b"]
+                                                                             ["delta_fro"] / 99.0), "amplification.b.proj_delta"),
+    "ok_with_a_null_phi": (lambda d: _first(d)["phi"].update(left=None), "modules[0].status"),
+    "zero_update_of_two_updates": (lambda d: [_first(d).update(status="zero_update", reason="x"),
+                                              [_first(d)[k].update(dict.fromkeys(_first(d)[k])) for k in ("phi", "angles", "captured")]],
+                                   "modules[0].status"),
+    "left_cosines_ascending": (lambda d: _first(d)["angles"]["left"].update(cosines=sorted(_first(d)["angles"]["left"]["cosines"])),
+                               "angles.left.cosines"),
+}
+
+NULLED = {  # fields a record may hold as null (undefined): the new checks must pass them over, not raise TypeError
+    "grassmann": lambda d: _first(d)["angles"]["right"].update(grassmann=None),
+    "delta_fro": lambda d: _first(d)["amplification"]["a"].update(delta_fro=None, factor=None),
+    "proj_own": lambda d: _first(d)["amplification"]["a"].update(proj_own=None),
+    "w_fro": lambda d: _first(d)["amplification"]["a"].update(w_fro=None),
+    "epsilon": lambda d: _first(d)["intruders"]["a"].update(epsilon=None),
 }
 
 
@@ -96,6 +112,17 @@ def test_a_compare_json_that_contradicts_itself_is_refused(compare_doc, edit, tm
     change(doc)
     with pytest.raises(ResultsFormatError, match=re.escape(key)):
         CompareResult.from_dict(doc, source=tmp_path / "compare.json")
+
+
+@pytest.mark.parametrize("field", sorted(NULLED))
+def test_a_null_field_is_read_or_refused_in_one_line(compare_doc, field, tmp_path):
+    """The review: the new checks did arithmetic on fields whose rule allows null: a bare TypeError."""
+    doc = copy.deepcopy(compare_doc)
+    NULLED[field](doc)
+    try:
+        CompareResult.from_dict(doc, source=tmp_path / "compare.json")
+    except ResultsFormatError:
+        pass
 
 
 def test_a_repeated_compare_journal_line_is_left_out_with_a_word(tmp_path):
