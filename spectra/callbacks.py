@@ -171,7 +171,7 @@ class SpectraTracker:
                 self._measured_to = int(resume_step)  # kept up to there; the resumed run measures the later steps
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
                 with _tracker_hint():  # an earlier run's trace (a curriculum's phase, another process) is kept beside it
-                    earlier = set_aside(self.path.parent) if self.path.is_file() and self.path.stat().st_size else None
+                    earlier = set_aside(self.path.parent) if _holds_text(self.path) else None
                     atomic_write_text(self.path, "")
                 self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
                 self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
@@ -322,7 +322,8 @@ class SpectraTracker:
         originals, recorded = None, {}
         if resume_step > 0 and params and use_originals:
             recorded = recorded_base_norms(self.path) if self.path is not None else {}
-            originals, self.base_note = original_weights(model, params, self.path.parent if self.path else None, resume_step)
+            originals, self.base_note = original_weights(model, params, self.path.parent if self.path else None, resume_step,
+                                                         by_norms=bool(recorded.keys() & params.keys()))
         self.from_base = not params or resume_step == 0 or originals is not None
         specs = describe_checkpoint({n: s for n, s, _ in found})
         for name, shape, parts in found:
@@ -528,6 +529,15 @@ class SpectraTracker:
 #: nothing from threads, and on a loaded machine their OpenMP regions wait for descheduled threads
 #: (measured here: a 192 × 8 SVD took 50 ms with 2 threads under load and 18 µs with 1).
 SMALL_MATRIX = 1 << 20
+
+
+def _holds_text(path: Path) -> bool:
+    """Whether ``path`` is a file with more than whitespace in its first 64 KiB (a trace worth keeping)."""
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(1 << 16).strip())
+    except OSError:  # none there (or not a file): nothing to keep
+        return False
 
 
 @contextlib.contextmanager

@@ -122,20 +122,24 @@ def _with_floors(batch: list[Prepared], results: list[tuple[ModuleResult | None,
         if module.fro_norm == 0:  # ΔW = 0: no row or column changed, so no rounding reaches ΔW
             module.rounding_floor = 0.0
             continue
-        if item.floor_known:  # computed as the pair was read (a 16-bit or 8-bit tuned side, spectra.delta.floor_when_read)
-            module.rounding_floor = item.floor
-            continue
-        bound = floor_bound(module.shape, item.task.pair.tuned_info.dtype, item.base_fro, module.fro_norm)
-        kept = module.singular_values
-        # (--top-k 0 keeps no value: none to tell from the rounding; a ΔW at the rounding level has its floor raised
-        # above the bound: spectra.numerics.certified_floor)
-        if (not kept or bound < kept[-1]) and not raises_floor(item.caveats):
-            module.rounding_floor = bound if math.isfinite(bound) else None
-        else:  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)
-            floor = unit_floor(item, base, tuned)
-            module.rounding_floor = floor if math.isfinite(floor) else None
+        module.rounding_floor = _floor(item, module, base, tuned)
+        # (a 16-bit pair, whose rounding is the largest, too: the note was skipped where the reader had the floor)
         module.note = "; ".join(n for n in (module.note, floor_count_note(module)) if n)
     return results
+
+
+def _floor(item: Prepared, module: ModuleResult, base: Checkpoint, tuned: Checkpoint) -> float | None:
+    """One module's ``rounding_floor`` (see :func:`_with_floors`); None where it is not finite."""
+    if item.floor_known:  # computed as the pair was read (a 16-bit or 8-bit tuned side, spectra.delta.floor_when_read)
+        return item.floor
+    bound = floor_bound(module.shape, item.task.pair.tuned_info.dtype, item.base_fro, module.fro_norm)
+    kept = module.singular_values
+    # (--top-k 0 keeps no value: none to tell from the rounding; a ΔW at the rounding level has its floor raised
+    # above the bound: spectra.numerics.certified_floor)
+    if (not kept or bound < kept[-1]) and not raises_floor(item.caveats):
+        return bound if math.isfinite(bound) else None
+    floor = unit_floor(item, base, tuned)  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)
+    return floor if math.isfinite(floor) else None
 
 
 def floor_count_note(module: ModuleResult) -> str:

@@ -17,7 +17,7 @@ from spectra.naming import INNER_WRAPPERS
 
 
 def original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], trace_dir: Path | None,
-                     resume_step: int) -> tuple[Checkpoint | None, str]:
+                     resume_step: int, *, by_norms: bool = False) -> tuple[Checkpoint | None, str]:
     """``(checkpoint, why not)``: the folder the model was loaded from (``name_or_path``, a local folder), opened, when
     it stores every one of ``params`` (stored name -> the trained parameter) in its shape and is not a checkpoint of
     the run being resumed: what a resumed full fine-tune's ΔW is of (each is read when its copy is made, and its norm
@@ -26,12 +26,15 @@ def original_weights(model: torch.nn.Module, params: dict[str, torch.Tensor], tr
 
     A model loaded from the run's own checkpoint before resuming from it has that checkpoint as ``name_or_path``: it
     holds every weight in its shape, and taking it for the base measured every later step from the resumed weights
-    while the trace said "from the base". A folder in ``trace_dir`` (the folder of ``trace.jsonl``), or one whose
-    ``trainer_state.json`` is at ``resume_step`` (the Trainer's checkpoint being resumed), is not the base."""
+    while the trace said "from the base". Where the trace holds norms to check each copy against (``by_norms``), those
+    decide; without them, a folder in ``trace_dir`` (the folder of ``trace.jsonl``), or one whose
+    ``trainer_state.json`` is at ``resume_step`` (the Trainer's checkpoint being resumed), is taken for no base (a
+    stage-2 run's base, a stage-1 checkpoint at the same step, was refused so with its norms at hand)."""
     path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
     if not path or not Path(path).is_dir():
         return None, "the model was not loaded from a local folder (name_or_path)"
-    if trace_dir is not None and Path(path).resolve().parent == trace_dir.resolve() or _trainer_step(Path(path)) == resume_step:
+    if not by_norms and (trace_dir is not None and Path(path).resolve().parent == trace_dir.resolve()
+                         or _trainer_step(Path(path)) == resume_step):
         return None, f"the model was loaded from {Path(path).name}, a checkpoint of this run, not from its base"
     try:
         ckpt = open_checkpoint(path)
@@ -76,7 +79,10 @@ _MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "DeepSpeedEngine"
 
 def is_module_wrapper(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a DDP / DataParallel / DeepSpeed engine wrapping the trained model as ``module`` (every
-    name then starts with ``module.``); a model's own submodule called ``module`` is not one (its checkpoints keep it)."""
+    name then starts with ``module.``), also under ``torch.compile`` (``compile(DDP(model))``, the order PyTorch
+    recommends: ``_orig_mod.module.…``); a model's own submodule called ``module`` is not one (its checkpoints keep it)."""
+    if type(model).__name__ == "OptimizedModule":
+        model = getattr(model, "_orig_mod", model)
     return type(model).__name__ in _MODULE_WRAPPERS and isinstance(getattr(model, "module", None), torch.nn.Module)
 
 

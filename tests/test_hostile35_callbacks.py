@@ -62,13 +62,16 @@ def test_a_resume_from_a_model_loaded_out_of_the_runs_checkpoint_is_not_measured
             m.model.layers[0].mlp.up_proj.weight.add_(steps[k - 1])
         tracker.step(m, k)
     at2 = m.model.layers[0].mlp.up_proj.weight.detach().clone()
-    for folder, why in ((out / "checkpoint-2", "a checkpoint of this run"), (tmp_path / "elsewhere" / "ck", "is not the base")):
-        _save(folder, at2)  # the run's own checkpoint, and a copy of it elsewhere (told by its norms)
-        tr2 = SpectraTracker(_Loaded(at2, folder), every=1, out_dir=out, resume_step=2)
-        assert not tr2.from_base and why in tr2.base_note, tr2.base_note
+    for folder in (out / "checkpoint-2", tmp_path / "elsewhere" / "ck"):  # the run's own checkpoint, and a copy elsewhere
+        _save(folder, at2)
+        tr2 = SpectraTracker(_Loaded(at2, folder), every=1, out_dir=out, resume_step=2)  # told by the trace's norms
+        assert not tr2.from_base and "is not the base the trace measured from" in tr2.base_note, tr2.base_note
+    # with no records to check against (a trace kept elsewhere), the folder's place and its trainer_state.json decide
     (tmp_path / "elsewhere" / "ck" / "trainer_state.json").write_text('{"global_step": 2}')  # the Trainer's own, at that step
-    tr2 = SpectraTracker(_Loaded(at2, tmp_path / "elsewhere" / "ck"), every=1, out_dir=out, resume_step=2)
-    assert not tr2.from_base and "a checkpoint of this run" in tr2.base_note
+    _save(tmp_path / "fresh" / "checkpoint-2", at2)
+    for folder, trace_dir in ((tmp_path / "fresh" / "checkpoint-2", tmp_path / "fresh"), (tmp_path / "elsewhere" / "ck", tmp_path / "new")):
+        tr2 = SpectraTracker(_Loaded(at2, folder), every=1, out_dir=trace_dir, resume_step=2)
+        assert not tr2.from_base and "a checkpoint of this run" in tr2.base_note, (folder, tr2.base_note)
     exact = _Loaded(at2, base)  # loaded from the base, the checkpoint's weights put in (as Trainer's resume does)
     tr3 = SpectraTracker(exact, every=1, out_dir=out, resume_step=2)
     assert tr3.from_base
@@ -149,3 +152,30 @@ def test_a_base_stored_in_float32_and_trained_in_bfloat16_is_still_the_base(tmp_
     with torch.no_grad():
         resumed.model.layers[0].mlp.up_proj.weight.copy_(m.model.layers[0].mlp.up_proj.weight)
     assert SpectraTracker(resumed, every=1, out_dir=tmp_path / "run", resume_step=1).from_base
+
+
+def test_regression_probe_compiled_wrapper_stage2_base_and_a_blank_trace(tmp_path):
+    """The round's regression probe: torch.compile(DataParallel(m)) (PyTorch's recommended order) kept `module.` in every
+    name; a stage-2 run whose base is a stage-1 checkpoint at the resumed step, or a base saved inside the output
+    folder, was refused though the trace's norms confirm it; a whitespace-only trace.jsonl was set aside with a warning."""
+    compiled = torch.compile(torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))))
+    assert [t.name for t in SpectraTracker(compiled, every=1).matrices] == ["0.weight"]
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(32, 16, generator=g)
+    for base, out in ((tmp_path / "stage1" / "checkpoint-2", tmp_path / "stage2"), (tmp_path / "run3" / "base", tmp_path / "run3")):
+        _save(base, W0)
+        (base / "trainer_state.json").write_text('{"global_step": 2}')
+        m = _Loaded(W0, base)
+        tracker = SpectraTracker(m, every=1, out_dir=out)
+        for k in (1, 2):
+            with torch.no_grad():
+                m.model.layers[0].mlp.up_proj.weight.add_(0.05)
+            tracker.step(m, k)
+        resumed = _Loaded(m.model.layers[0].mlp.up_proj.weight.detach(), base)
+        with torch.no_grad():  # as the Trainer resumes: loaded from the base, the checkpoint's weights put in
+            resumed.model.layers[0].mlp.up_proj.weight.copy_(m.model.layers[0].mlp.up_proj.weight)
+        assert SpectraTracker(resumed, every=1, out_dir=out, resume_step=2).from_base, out
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "trace.jsonl").write_text("\n \n")
+    SpectraTracker(_Loaded(W0, tmp_path), every=1, out_dir=tmp_path / "blank")
+    assert not (tmp_path / "blank" / "trace.1.jsonl").exists()

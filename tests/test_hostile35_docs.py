@@ -46,3 +46,19 @@ def test_the_trackers_lora_points_carry_lora_scale(tmp_path):
     tracker.step(pm, 1)
     points = [json.loads(line)["point"] for line in (tmp_path / "trace.jsonl").read_text().splitlines() if '"matrix"' in line]
     assert points and all(p["lora_scale"] == 3.0 for p in points)
+
+
+def test_the_floor_count_note_reaches_16_bit_pairs(tmp_path):
+    """The regression probe: the note was skipped where the reader computed the floor (a bf16 or fp16 tuned side), the
+    pairs whose rounding is the largest: `-t 1.0` read 48 for a rank-4 update with 4 values above the floor, no note."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 48, generator=g)
+    D = 0.05 * torch.randn(64, 4, generator=g) @ torch.randn(4, 48, generator=g)
+    for dtype in (torch.bfloat16, torch.float16):
+        save_file({"model.layers.0.mlp.down_proj.weight": W.to(dtype)}, tmp_path / "b.safetensors")
+        save_file({"model.layers.0.mlp.down_proj.weight": (W + D).to(dtype)}, tmp_path / "t.safetensors")
+        res = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "-t", "1.0", "--json"])
+        m = json.loads(res.stdout)["modules"][0]
+        resolved = sum(v > m["rounding_floor"] for v in m["singular_values"])
+        assert m["energy_rank"]["1.0"] > resolved, (dtype, m["energy_rank"], resolved)
+        assert f"counts {m['energy_rank']['1.0'] - resolved} directions at or below the rounding floor" in m["note"], dtype
