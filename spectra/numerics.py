@@ -645,7 +645,6 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-__all__ = ["NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor"]
 
 
 #: How far above the median eigenvalue storage rounding would give a median eigenvalue must lie to be the matrix's bulk.
@@ -689,3 +688,6 @@ def rounding_bulk_note(lam: np.ndarray, mp_sigma2: float | None, level: float, d
     return (f"its median eigenvalue {mid:.3g} is at the rounding of its {dtype} storage ({level:.3g}): no "
             "Marchenko–Pastur fit (mp_* null)")
 
+
+__all__ = ["ROUNDING_BULK", "NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor",
+           "rounding_bulk", "rounding_bulk_note", "weight_rounding"]

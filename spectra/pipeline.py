@@ -89,18 +89,18 @@ def _results(batch: list[Prepared], config: DiffConfig, device: torch.device, dt
     if config.weight_spectra:
         bases = [item.base for item in batch]
         S_b = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
-        # each side's storage rounding level (a Marchenko–Pastur bulk at it is no bulk), as spectra esd
-        levels = [[weight_rounding(item.base, item.task.pair.base_info.dtype)] if config.esd else [] for item in batch]
-        for item, lv in zip(batch, levels):  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
+        # each side's storage rounding level (a Marchenko–Pastur bulk at it is no bulk), as spectra esd: W_base's
+        # before the copy becomes W_tuned
+        base_levels = [weight_rounding(item.base, item.task.pair.base_info.dtype) for item in batch] if config.esd else []
+        for item in batch:  # W_tuned = W_base + ΔW, in place in the private upcast copy of W_base
             item.base += item.delta
-            if config.esd:
-                lv.append(weight_rounding(item.base, item.task.pair.tuned_info.dtype))
+        tuned_levels = [weight_rounding(item.base, item.task.pair.tuned_info.dtype) for item in batch] if config.esd else []
         S_t = batch_singular_values(bases, device=device, method=config.method, dtype=dtype, max_batch_bytes=budget)
         del bases
         weights = [([float(x) for x in sb[: config.top_k]], [float(x) for x in st[: config.top_k]]) for sb, st in zip(S_b, S_t)]
         if config.esd:  # on the full spectra, before anything is truncated to top_k
-            esds = [esd_entry(item.unit.shape, S, sb, st, rounding=(lv[0], lv[1]))
-                    for item, S, sb, st, lv in zip(batch, S_all, S_b, S_t, levels)]
+            esds = [esd_entry(item.unit.shape, S, sb, st, rounding=lv)
+                    for item, S, sb, st, lv in zip(batch, S_all, S_b, S_t, zip(base_levels, tuned_levels))]
     _release(batch)
     return [(exact_result(item, S, config, seconds, *w, esd=e, precision=pr), None)
             for item, S, w, e, pr in zip(batch, S_all, weights, esds, solved)]
