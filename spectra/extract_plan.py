@@ -33,6 +33,7 @@ from spectra.errors import ConfigError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
+from spectra.metrics import resolved_above
 from spectra.naming import MatrixSpec, layer_of
 from spectra.pairing import ALIAS_REASON, MatrixPair, Pairing
 from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
@@ -486,14 +487,10 @@ def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
 
 def resolved_count(spec: dict) -> int | None:
     """How many of a journaled spectrum's singular values stand above its rounding floor (``floor``,
-    :func:`spectra.delta.pair_floor`: the largest singular value rounding the stored tuned weights can put into
-    ΔW), when the journaled values reach below it; None when no floor is known (an adapter's exact factors, a
-    journal without one) or every value journaled stands above it (a sketch may end above the floor)."""
-    floor = float(spec.get("floor", 0.0))
-    S = np.asarray(spec.get("S") or [], dtype=np.float64)
-    if floor <= 0 or not np.any(floor >= S):
-        return None
-    return int(np.count_nonzero(floor < S))
+    :func:`spectra.delta.pair_floor`), as :func:`spectra.metrics.resolved_above` counts them: None when no floor
+    is known (an adapter's exact factors, a journal without one) or every value journaled stands above it (a
+    sketch may end above the floor)."""
+    return resolved_above(spec.get("S") or [], float(spec.get("floor", 0.0)))
 
 
 def extractable(spec: dict) -> bool:

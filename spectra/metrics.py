@@ -175,6 +175,21 @@ def factored_rank(S: np.ndarray) -> int:
     return int(np.count_nonzero(RANK_TOL * S.max() < S)) if S.size and S.max() > 0 else 0
 
 
+def resolved_above(S: Iterable[float | None], floor: float | None) -> int | None:
+    """How many singular values ``S`` (any order; None entries skipped) stand above a rounding ``floor`` (the
+    largest singular value rounding the stored weights can put into ΔW, :func:`spectra.delta.pair_floor`), when
+    at least one is at or below it; None when no floor is known (None or <= 0: an older record, an adapter's
+    exact factors) or every value stands above it (those beyond the list are then unknown).
+
+    >>> resolved_above([3.0, 1e-3, 1e-9], 1e-8), resolved_above([3.0, 1.0], 1e-8), resolved_above([1.0], None)
+    (2, None, None)
+    """
+    kept = [float(x) for x in S if x is not None]
+    if floor is None or not floor > 0 or not any(x <= floor for x in kept):
+        return None
+    return sum(x > floor for x in kept)
+
+
 def amplification_factor(delta_fro: float, proj_delta: float) -> float:
     """Hu et al. (2021, Sec. 7.3): ``‖ΔW‖_F / ‖U_rᵀ W V_r‖_F``; 0 when ``ΔW = 0``, inf when only the
     projection is 0. Both norms finite and >= 0, else ValueError naming the argument.

@@ -35,6 +35,7 @@ from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
+from spectra.metrics import resolved_above
 from spectra.naming import pairing_key
 from spectra.numerics import raises_floor, weight_rounding
 from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoints
@@ -152,7 +153,7 @@ def floor_count_note(module: ModuleResult) -> str:
     if not over:
         return ""
     key, r = max(over.items(), key=lambda kv: kv[1])
-    resolved = sum(1 for v in kept if v > floor)
+    resolved = resolved_above(kept, floor) or 0
     return (f"energy rank {r} at τ = {key} counts {r - resolved} directions at or below the rounding floor of its stored "
             f"weights ({floor:.3g}: rounding noise, not the update; {resolved} stand above it)")
 

@@ -46,7 +46,7 @@ from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
-from spectra.metrics import normal_float32, square_scale_exponent, threshold_key
+from spectra.metrics import normal_float32, resolved_above, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
@@ -268,7 +268,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if _ends_kept(m):  # the values beyond those kept are zeros (a LoRA's r, or a zero kept): no more to buy
                 complete.add(m["name"])
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
-            above = _resolved(m)
+            above = resolved_above(m.get("singular_values") or [], m.get("rounding_floor"))
             unfloored += m.get("rounding_floor") is None
             if above is not None:
                 complete.add(m["name"])
@@ -491,17 +491,6 @@ def _ends_kept(m: dict) -> bool:
     kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
     r = m.get("lora_r") if not str(m.get("method") or "").startswith("dora") else None  # DoRA's update is dense
     return any(x == 0 for x in kept) or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r)
-
-
-def _resolved(m: dict) -> int | None:
-    """How many of a results record's kept singular values stand above its ``rounding_floor`` (spectra diff's
-    storage rounding floor), when a kept value is at or below it; None when none is (every kept value resolved,
-    those beyond unknown) or no floor is known (null, absent: an older diff; 0: an adapter's exact factors)."""
-    floor = m.get("rounding_floor")
-    kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
-    if floor is None or floor <= 0 or not any(x <= floor for x in kept):
-        return None
-    return sum(x > floor for x in kept)
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:

@@ -162,3 +162,15 @@ def test_signal_rank_finds_planted_rank_in_noise():
     S = svd64(signal + noise)
     assert signal_rank(S, (m, n)) == r
     assert signal_rank(svd64(noise), (m, n)) == 0
+
+
+def test_resolved_above_counts_values_over_the_floor_only_when_one_reaches_it():
+    from spectra.metrics import resolved_above
+
+    S = [4.0, 2.0, 1e-7, None, 3e-9]
+    assert resolved_above(S, 1e-8) == 3  # 4, 2 and 1e-7 stand above; None skipped
+    assert resolved_above(S, 1e-7) == 2  # a value equal to the floor is not resolved
+    assert resolved_above([4.0, 2.0], 1e-8) is None  # all above: those beyond the list unknown
+    for floor in (None, 0.0, -1.0, float("nan")):
+        assert resolved_above(S, floor) is None
+    assert resolved_above(np.array([1.0, 0.0]), 0.5) == 1
