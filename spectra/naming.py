@@ -181,11 +181,10 @@ class _Parsed:
     parent: str
 
 
-#: Characters that must not reach a terminal, a log or a UTF-8 file as they are: C0 and C1 control
-#: characters (ESC starts ANSI sequences that recolour, retitle or rewrite a terminal; U+009B is a
-#: one-character CSI), line and paragraph separators, bidirectional overrides and isolates (which
-#: reorder what is displayed, "Trojan Source"), and lone UTF-16 surrogates (which cannot be encoded
-#: as UTF-8 at all: writing one raises UnicodeEncodeError).
+#: Characters that must not reach a terminal, a log or a UTF-8 file as they are: C0 and C1 control characters (ESC
+#: starts ANSI sequences that recolour, retitle or rewrite a terminal; U+009B is a one-character CSI), line and paragraph
+#: separators, bidirectional overrides and isolates (which reorder what is displayed, "Trojan Source"), and lone UTF-16
+#: surrogates (which cannot be encoded as UTF-8 at all: writing one raises UnicodeEncodeError).
 _UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -416,6 +415,7 @@ _PARENT_LEAF_ROLES = {
     ("gate", "weight_1"): "router",  # ERNIE-4.5-VL's vision-expert router mlp.gate.weight_1
     # RWKV's channel mix: value(relu(key(x))²), an MLP's up and down (not attention's k and v)
     ("feed_forward", "key"): "up", ("feed_forward", "value"): "down",
+    ("attn", "qkv"): "qkv", ("attn", "proj"): "o",  # ViT-style attention: timm, Qwen2-VL's and InternViT's vision towers
 }
 
 _LEAF_ROLES = {
