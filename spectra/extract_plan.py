@@ -33,7 +33,7 @@ from spectra.errors import ConfigError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
-from spectra.metrics import resolved_above
+from spectra.metrics import rank_resolution, resolved_above
 from spectra.naming import MatrixSpec, layer_of
 from spectra.pairing import ALIAS_REASON, MatrixPair, Pairing
 from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
@@ -475,13 +475,26 @@ def common_exp(spectra: Iterable[dict]) -> int:
     return max((int(s.get("exp", 0)) for s in spectra if not s.get("skipped") and float(s["total"]) > 0), default=0)
 
 
+def noise_level(spec: dict) -> float:
+    """The level at or below which a journaled singular value is not the update (in the spectrum's own unit,
+    ``2**exp``): its rounding floor (``floor``, journaled under a budget) or, for a spectrum of the float64 Gram
+    route, that route's resolution σ₁·√(p·ε) (:func:`spectra.metrics.rank_resolution`, p = the values journaled:
+    all of them on that route), whichever is higher. An exactly rank-1 float64 update showed values of 3e-8·σ₁ there
+    (the Gram route's rounding), above its 1e-16 storage floor: a budget bought them."""
+    level = max(float(spec.get("floor", 0.0)), 0.0)
+    S, method = spec.get("S") or [], str(spec.get("method") or "")
+    if len(S) and "gram-eig" in method and "float32" not in method:
+        level = max(level, rank_resolution(float(max(S)), len(S)))
+    return level
+
+
 def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
     """The first ``n`` σᵢ² of a journaled spectrum in units of ``4**ref`` (exact powers of two; those of a
     module far below the unit underflow to 0, as its energy is nothing beside the others'), float64. Values
-    at or below the spectrum's rounding floor (``floor``, journaled under a budget) gain 0: a budget is never
-    spent on the rounding of the stored weights (:func:`spectra.allocation.allocate_budget` takes no zero gain)."""
+    at or below its :func:`noise_level` (the rounding floor of the stored weights, the Gram route's resolution) gain
+    0: a budget is never spent on rounding (:func:`spectra.allocation.allocate_budget` takes no zero gain)."""
     S = np.asarray(spec["S"][:n], dtype=np.float64)
-    S = np.where(float(spec.get("floor", 0.0)) < S, S, 0.0)
+    S = np.where(noise_level(spec) < S, S, 0.0)
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
 
 
@@ -538,14 +551,17 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
         return ranks, None
     items, gains, costs, levels = [], [], [], []
     ref = common_exp(spectra[i] for i in range(n))  # one unit for every module's σ² (most: 1)
+    # the ranks before the budget's cut: no rank that costs more than the budget is chosen, but the first block that
+    # does not fit sets the fractional bound (cut here, every component "fitted" and the bound was the kept energy)
+    allowed = _rank_levels(targets, config)
     for i in range(n):
         if i not in members:
             items.append([i])
-            gains.append(energies(spectra[i], ref, plan.caps[i]) if total[i] > 0 else np.zeros(0))
+            gains.append(energies(spectra[i], ref, allowed[i][-1] if allowed[i] else 0) if total[i] > 0 else np.zeros(0))
             costs.append(targets[i].cost)
-            levels.append(plan.levels[i])
+            levels.append(allowed[i])
     for g in plan.groups.values():
-        cap = min(plan.caps[i] for i in g)
+        cap = min(allowed[i][-1] if allowed[i] else 0 for i in g)
         summed = np.zeros(cap)
         for i in (i for i in g if total[i] > 0):
             s = energies(spectra[i], ref, cap)
@@ -553,7 +569,7 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
         items.append(g)
         gains.append(summed)
         costs.append(sum(targets[i].cost for i in g))
-        levels.append([v for v in plan.levels[g[0]] if v <= cap])
+        levels.append([v for v in allowed[g[0]] if v <= cap])
     # each rank of the experts' one item tried (the greedy left them at r = 1 where r = 2 kept far more)
     alloc = allocate(gains, costs, plan.budget, levels=levels, tied=len(items) - 1 if plan.groups else None)
     for item, r in zip(items, alloc.ranks):
@@ -668,6 +684,6 @@ def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, cappe
 
 __all__ = ["EXPERTS_GROUP", "all_held_text", "common_exp", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
-           "is_embedding_name", "resolved_count", "settle_budget",
+           "is_embedding_name", "noise_level", "resolved_count", "settle_budget",
            "default_tie", "module_of", "one_lora_per_tied_weight", "one_side_only", "plan_ranks", "stack_flip", "target_of", "unspent_text",
            "why_not_target"]

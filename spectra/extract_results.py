@@ -31,6 +31,7 @@ from spectra.extract_plan import (
     common_exp,
     energies,
     extractable,
+    noise_level,
     resolved_count,
     unspent_text,
 )
@@ -409,11 +410,11 @@ def _floored(spectra: dict[int, dict], targets: list, ranks: list[int], left: in
 
 def _more_to_buy(spec: dict, t: Target, r: int, top: int) -> bool:
     """Whether a module at rank ``r`` may gain from one more component: below ``top`` and its cap (:attr:`Target.cap`)
-    and, where the journal holds its next singular value, that value above zero and its rounding floor."""
+    and, where the journal holds its next singular value, that value above zero and its :func:`noise_level`."""
     if spec.get("skipped") or not extractable(spec) or r >= min(t.cap, top):
         return False
     S = spec.get("S") or []
-    return r >= len(S) or S[r] > max(float(spec.get("floor", 0.0)), 0.0)
+    return r >= len(S) or S[r] > noise_level(spec)
 
 
 def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], items: list[list[int]],

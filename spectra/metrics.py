@@ -249,10 +249,15 @@ def effective_rank(S: np.ndarray) -> float:
 
 
 def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
-    """Gavish & Donoho (2014) hard threshold for unknown noise: ``#{σᵢ > ω(β)·median(σ)}``.
+    """Gavish & Donoho (2014) hard threshold for unknown noise: ``#{σᵢ > ω(β)·median(σ)}``, counting only values
+    above the Gram route's resolution ``σ₁·√(p·ε)`` too (:func:`numerical_rank`): where the median lies under it (an
+    exactly rank-1 update: values 2e-9 … 3e-8 of σ₁ that are that route's rounding), the rule counted the rounding.
 
     ``β = p / max(out, in)``. A Gaussian-noise matrix gives about 0; a rank-r signal well above the
     noise gives r. ``S``: all ``p = min(out, in)`` singular values, any order (the median needs every one).
+
+    >>> signal_rank(np.array([3.0, 3e-8, 2e-8, 1e-12, 1e-12, 1e-12, 1e-12]), (7, 7))  # (3 by the median rule alone)
+    1
     """
     S = as_spectrum(S)
     shape = check_shape(shape)
@@ -262,7 +267,7 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
-    return int(np.sum(gavish_donoho_omega(beta) * np.median(S) < S))
+    return int(np.sum(max(gavish_donoho_omega(beta) * np.median(S), rank_resolution(float(S.max()), S.size)) < S))
 
 
 def relative_norm(fro: float, base_fro: float) -> float | None:

@@ -46,7 +46,7 @@ from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
-from spectra.metrics import normal_float32, resolved_above, square_scale_exponent, threshold_key
+from spectra.metrics import normal_float32, numerical_rank, resolved_above, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
@@ -263,9 +263,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            want, guessed = _part_rank(m, float(energy)) if energy is not None else (_nonzero_kept(m), False)
+            want, guessed = _part_rank(m, float(energy)) if energy is not None else (_buyable(m), False)
             estimated += guessed
-            if _ends_kept(m):  # the values beyond those kept are zeros (a LoRA's r, or a zero kept): no more to buy
+            if _ends_kept(m):  # the values beyond those kept are zeros or rounding (a LoRA's r, a zero kept): no more to buy
                 complete.add(m["name"])
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
             above = resolved_above(m.get("singular_values") or [], m.get("rounding_floor"))
@@ -479,18 +479,28 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     return Recommendation(config, adapted, params, full, notes)
 
 
-def _nonzero_kept(m: dict) -> int:
-    """How many of a results record's kept singular values are nonzero (a LoRA diff keeps r of them and zeros after:
-    exact, from the factors); the components a budget can buy."""
-    return sum(1 for x in m.get("singular_values") or [] if x is not None and float(x) > 0)
+def _buyable(m: dict) -> int:
+    """How many of a results record's kept singular values a budget can buy: of a factored update (a LoRA diff keeps r
+    of them, exact from the factors, and zeros after) the nonzero ones; of a dense one those above the Gram route's
+    resolution σ₁·√(p·ε), its energy rank at τ = 1 (:func:`spectra.metrics.numerical_rank`: an exactly rank-1 float64
+    update kept 3e-8·σ₁ of that route's rounding as values 2-9, and a budget bought them)."""
+    kept = np.array([float(x) for x in m.get("singular_values") or [] if x is not None], dtype=np.float64)
+    kept = kept[kept > 0]
+    if not kept.size or str(m.get("method") or "").startswith("factored"):
+        return int(kept.size)
+    shape = m.get("shape")
+    p = min(shape) if isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) for x in shape) else 0
+    return numerical_rank(kept, max(p, kept.size))
 
 
 def _ends_kept(m: dict) -> bool:
-    """Whether a record's spectrum beyond its kept singular values is known to be zero: it kept a zero (values are
-    descending), or as many as its LoRA rank (``lora_r``: s·B·A holds at most r directions; not a DoRA update)."""
+    """Whether a record's spectrum beyond its kept singular values is known to be zero or rounding: it kept a zero
+    (values are descending) or a value at or below the Gram route's resolution (:func:`_buyable`), or as many as its
+    LoRA rank (``lora_r``: s·B·A holds at most r directions; not a DoRA update)."""
     kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
     r = m.get("lora_r") if not str(m.get("method") or "").startswith("dora") else None  # DoRA's update is dense
-    return any(x == 0 for x in kept) or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r)
+    return (any(x == 0 for x in kept) or _buyable(m) < len(kept)
+            or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r))
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:
