@@ -282,7 +282,7 @@ def _describe(hint: object) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
-        return f"a tuple of {_describe(args[0])}" if args else "a tuple"
+        return f"a tuple or list, each item {_describe(args[0])}" if args else "a tuple or list"  # ("a tuple of a number")
     names = {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}
     return names.get(hint, getattr(hint, "__name__", str(hint)))  # type: ignore[call-overload]
 

@@ -43,7 +43,7 @@ from spectra.esd_results import EsdRecord, EsdResult, check_record
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import remove_earlier_outputs
-from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, inputs_fingerprint
+from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, run_identity
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
@@ -294,11 +294,11 @@ def esd(
         tasks = kept
     order = {u.name: u.order for t in tasks for u in t.units}
     plotted = _plotted(tasks, config.plot_include)
-    result.fingerprint = inputs_fingerprint([ckpt], {k: getattr(config, k) for k in RESULT_FIELDS})
+    result.fingerprint, about = run_identity([ckpt], {k: getattr(config, k) for k in RESULT_FIELDS})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     done_names: set[str] = set()
     if journal is not None:
-        records = journal.start(result.fingerprint, resume=resume)  # takes the folder's lock
+        records = journal.start(result.fingerprint, resume=resume, about=about)  # takes the folder's lock
         if not resume:  # an earlier esd's files here describe another run: gone before this one's first write
             remove_earlier_outputs(Path(out_dir), "esd.json", ESD_SCHEMA, ESD_FILES)
         for i, rec in enumerate(records, 1):  # checked before esd.json is rewritten: a refusal loses nothing

@@ -86,7 +86,7 @@ from spectra.io.adapter import Adapter, is_adapter
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint, read_notes
 from spectra.io.paths import checkpoint_location
 from spectra.io.peft_writer import write_adapter
-from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.journal import RecordJournal, run_identity
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import (
@@ -537,12 +537,12 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     # journal records name targets by position: the same names in the same order, or no resume (an adapter's
     # modules are in layer order since the tenth round; a journal of the file's key order must not be resumed)
     options["targets"] = hashlib.sha256("\n".join(t.name for t in src.targets).encode()).hexdigest()[:16]
-    fingerprint = inputs_fingerprint(inputs, options)
+    fingerprint, about = run_identity(inputs, options)
     journal = RecordJournal(out / JOURNAL)
     # factors are kept in the adapter's dtype (float64 factors of a float64 ΔW stay float64 in a float64 adapter)
     run = ExtractRun(src.targets, plan, config, out, journal, callback, scratch_dtype=dtype)
     try:  # a refused resume, an error or a stop leaves no lock behind (the journal stays, for --resume)
-        run.absorb(journal.start(fingerprint, resume=resume))
+        run.absorb(journal.start(fingerprint, resume=resume, about=about))
         not_extracted = left_out_records(src.base, src.tuned, src.left_out)
         # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
         # model (seconds) run beside the decompositions

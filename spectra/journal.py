@@ -20,6 +20,7 @@ from spectra.errors import ConfigError, ResultsFormatError, output_error
 from spectra.io.checkpoint import Checkpoint
 from spectra.io.files import OutputLock, atomic_write_text, content_sample, hash_spread, remove_earlier_outputs
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, load_jsonl, result_json
+from spectra.naming import display_name
 from spectra.pairing import Skipped
 from spectra.results import SCHEMA, DiffResult, ModuleResult
 from spectra.results_check import check_journal_records, is_int
@@ -349,11 +350,50 @@ def append_record(path: Path, record: dict) -> None:
 def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
     """A hash of checkpoints (:func:`checkpoint_identity`) and of the options that change the
     results: a journal is resumed only under the same one. For commands other than ``diff``."""
-    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=list).encode())
+    return run_identity(checkpoints, options)[0]
+
+
+def run_identity(checkpoints: list[Checkpoint], options: dict) -> tuple[str, dict]:
+    """``(fingerprint, about)``: :func:`inputs_fingerprint`, and what it was made of in a form a journal's header keeps
+    (``code``: :func:`code_identity`; ``options``; ``inputs``: each checkpoint's resolved path and a hash of its
+    identity), from which :func:`other_run` says what differs when a resume is refused."""
+    text = json.dumps(options, sort_keys=True, default=list)
+    h = hashlib.sha256(text.encode())
     h.update(code_identity().encode())
+    inputs = []
     for ckpt in checkpoints:
-        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
-    return h.hexdigest()[:16]
+        identity = json.dumps(checkpoint_identity(ckpt)).encode()
+        h.update(identity)
+        inputs.append([os.path.realpath(ckpt.root), hashlib.sha256(identity).hexdigest()[:16]])
+    return h.hexdigest()[:16], {"code": code_identity(), "options": json.loads(text), "inputs": inputs}
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return display_name(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def other_run(then: object, now: dict | None) -> str:
+    """Why a journal whose header holds ``then`` (:func:`run_identity`'s ``about``) is not this run's (``now``), in
+    words: the code, each option that differs, inputs added, gone, reordered or changed; :data:`OTHER_INPUTS` when
+    the header holds none (an older journal) or nothing found differs."""
+    if not isinstance(then, dict) or now is None:
+        return OTHER_INPUTS
+    said = ["another version of spectra wrote it (its code changed since)"] if then.get("code") != now["code"] else []
+    old = then.get("options") if isinstance(then.get("options"), dict) else {}
+    said += [f"{k} was {_shown(old.get(k))}, now {_shown(now['options'].get(k))}"
+             for k in sorted(set(old) | set(now["options"]), key=str) if old.get(k) != now["options"].get(k)]
+    before = {str(p): h for p, h in (x for x in then.get("inputs") or [] if isinstance(x, list) and len(x) == 2)}
+    after = dict(now["inputs"])
+    for what, paths in (("added", [p for p in after if p not in before]), ("gone", [p for p in before if p not in after]),
+                        ("changed since (content, size, times or metadata: chmod or a new hard link counts)",
+                         [p for p in after if p in before and before[p] != after[p]])):
+        if paths:
+            said.append(f"input{'s' * (len(paths) > 1)} {what}: " + ", ".join(display_name(p) for p in paths[:3])
+                        + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
+    if not said and list(before) != list(after):
+        said.append("the same inputs in another order")
+    return "the journal here comes from another run: " + "; ".join(said[:6]) if said else OTHER_INPUTS
 
 
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,
@@ -368,7 +408,8 @@ def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, re
         ResultsFormatError: a record changed after it was written, or not one of this journal's.
     """
     journal = RecordJournal(path)
-    records = journal.start(inputs_fingerprint(checkpoints, options), resume=resume)
+    fingerprint, about = run_identity(checkpoints, options)
+    records = journal.start(fingerprint, resume=resume, about=about)
     if not resume:  # an earlier run's files here describe another run: gone before this one's first write
         clear()
     return journal, list(enumerate(records, start=2))
@@ -395,9 +436,10 @@ class RecordJournal:
         self.lock: OutputLock | None = None  # the folder's lock, held while this journal lives
         self.fingerprint = ""  # the run's, once started (records are sealed with it)
 
-    def start(self, fingerprint: str, *, resume: bool) -> list[dict]:
+    def start(self, fingerprint: str, *, resume: bool, about: dict | None = None) -> list[dict]:
         """Begin a run; with ``resume``, return the records of an earlier run with the same
-        fingerprint and append to it, else start afresh.
+        fingerprint and append to it, else start afresh. ``about`` (:func:`run_identity`), kept in the header,
+        lets a later refused resume say what differs.
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
@@ -410,7 +452,7 @@ class RecordJournal:
         if self.lock is None:
             self.lock = OutputLock.acquire(self.path.parent)
         if not resume:
-            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+            atomic_write_text(self.path, json.dumps({"fingerprint": fingerprint, **({"about": about} if about else {})}) + "\n")
             self.fingerprint = fingerprint
             return []
         if not self.path.is_file():
@@ -420,7 +462,7 @@ class RecordJournal:
             raise ResultsFormatError("the journal does not open with its run's fingerprint (an edited journal)", path=self.path,
                                      hint="run without --resume into a new folder")
         if records[0].get("fingerprint") != fingerprint:
-            raise ConfigError(OTHER_INPUTS, path=self.path,
+            raise ConfigError(other_run(records[0].get("about"), about), path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
         self.fingerprint = fingerprint
         out = []

@@ -43,7 +43,7 @@ from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
 from spectra.io.paths import checkpoint_location
-from spectra.journal import RecordJournal, inputs_fingerprint
+from spectra.journal import RecordJournal, run_identity
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
 from spectra.naming import MatrixSpec, role_sort_key
@@ -387,9 +387,9 @@ def trace(
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
-    result.fingerprint = inputs_fingerprint([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
+    result.fingerprint, about = run_identity([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
-    done = first_trace_records(journal.start(result.fingerprint, resume=resume), result.warnings) if journal else []
+    done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about), result.warnings) if journal else []
     if journal is not None and not resume:  # an earlier trace's figures and report describe another run
         remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))
     try:

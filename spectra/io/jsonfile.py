@@ -242,8 +242,15 @@ def load_json(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_J
         size = os.stat(path).st_size
         raise error(f"{what} is {size} bytes; more than {max_bytes} is not a {what}", path=path,
                     hint="the file is corrupt or not what its name says")
-    return parse_json(raw, path=Path(path), what=what, max_depth=max_depth, error=error, lone_surrogates=lone_surrogates,
-                      nonfinite=nonfinite)
+    try:
+        return parse_json(raw, path=Path(path), what=what, max_depth=max_depth, error=error, lone_surrogates=lone_surrogates,
+                          nonfinite=nonfinite)
+    except SpectraError:
+        if Path(path).suffix != ".jsonl":
+            raise
+        # a run's journal passed for its results: "not valid JSON (Extra data at line 2) … corrupt" misled
+        raise error(f"this is a JSON-lines file (a run's journal: one record per line, kept for --resume), not {what}",
+                    path=path, hint=f"pass {what} or the folder holding it") from None
 
 
 def load_jsonl(path: str | os.PathLike[str], *, what: str, max_depth: int = MAX_JSON_DEPTH,
