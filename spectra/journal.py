@@ -204,7 +204,7 @@ class Journal:
                             max_bytes=RESULTS_MAX_BYTES)
             old = doc.get("fingerprint") if isinstance(doc, dict) else None
             if old != result.fingerprint:
-                raise ConfigError(OTHER_INPUTS, path=self.out_dir,
+                raise ConfigError(_other_diff(doc, result), path=self.out_dir,
                                   hint="pass the same BASE, TUNED and options, or run without --resume into a new folder")
             done = read_records(self.journal)
             for i, rec in enumerate(done, 1):
@@ -373,6 +373,18 @@ def _shown(value: object, limit: int = 60) -> str:
     return display_name(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+def _other_diff(doc: object, result: DiffResult) -> str:
+    """Why an earlier ``results.json`` (``doc``) is not this diff's: the result-affecting options and the inputs' locations
+    it records that differ (:func:`other_run`'s words); :data:`OTHER_INPUTS` when those agree (a file changed, other code)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict) or not isinstance(doc.get("inputs"), dict):
+        return OTHER_INPUTS
+    now = json.loads(json.dumps({k: result.config.get(k) for k in RESULT_FIELDS}, default=list))
+    said = [f"{k} was {_shown(doc['config'].get(k))}, now {_shown(now[k])}" for k in RESULT_FIELDS if doc["config"].get(k) != now[k]]
+    said += [f"{side} was {_shown(doc['inputs'].get(side))}, now {_shown(result.inputs.get(side))}"
+             for side in ("base", "tuned") if doc["inputs"].get(side) != result.inputs.get(side)]
+    return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS
+
+
 def other_run(then: object, now: dict | None) -> str:
     """Why a journal whose header holds ``then`` (:func:`run_identity`'s ``about``) is not this run's (``now``), in
     words: the code, each option that differs, inputs added, gone, reordered or changed; :data:`OTHER_INPUTS` when
@@ -393,7 +405,7 @@ def other_run(then: object, now: dict | None) -> str:
                         + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
     if not said and list(before) != list(after):
         said.append("the same inputs in another order")
-    return "the journal here comes from another run: " + "; ".join(said[:6]) if said else OTHER_INPUTS
+    return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS
 
 
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,

@@ -65,7 +65,7 @@ def test_an_older_journal_header_gets_the_general_reason(tmp_path):
     header = json.loads((tmp_path / "j" / "x.jsonl").read_text().splitlines()[0])
     assert header == {"fingerprint": "0" * 16}
     other = run_identity([ckpt], {"a": 2})[1]
-    assert other_run(about, other) == "the journal here comes from another run: a was 1, now 2"
+    assert other_run(about, other) == "the journal here comes from different inputs or options: a was 1, now 2"
 
 
 def test_a_journal_passed_for_results_and_a_thresholds_array_are_named(tmp_path):
@@ -83,3 +83,15 @@ def test_a_journal_passed_for_results_and_a_thresholds_array_are_named(tmp_path)
     assert spectra.DiffResult.load(tmp_path / "o").modules  # the folder still loads
     with pytest.raises(ConfigError, match="thresholds must be a tuple or list, each item a number"):
         spectra.DiffConfig(thresholds=np.array([0.9, 0.5]))  # was "a tuple of a number"
+
+
+def test_diff_resume_refusal_names_the_threshold_and_the_swapped_inputs(tmp_path):
+    _model(tmp_path / "b", 0)
+    _model(tmp_path / "t", 1)
+    b, t, out = str(tmp_path / "b"), str(tmp_path / "t"), str(tmp_path / "o")
+    assert cli(["diff", b, t, "--out", out, "--no-plots"]).returncode == 0
+    run = cli(["diff", b, t, "--out", out, "--no-plots", "--resume", "-t", "0.8"])
+    assert run.returncode != 0 and "thresholds was [0.5, 0.9, 0.99], now [0.8]" in run.stderr, run.stderr
+    run = cli(["diff", t, b, "--out", out, "--no-plots", "--resume"])
+    assert run.returncode != 0 and "base was " in run.stderr and "tuned was " in run.stderr, run.stderr
+    assert cli(["diff", b, t, "--out", out, "--no-plots", "--resume"]).returncode == 0
