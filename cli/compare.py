@@ -194,7 +194,7 @@ def compare_table(result) -> Table:
     :data:`MAX_MODULE_ROWS` modules, one per module kind with the medians of its modules' defined values."""
     import statistics
 
-    from spectra.naming import role_sort_key
+    from spectra.roles import role_sort_key
 
     side = headline_side(result)
     with_base = any(m.amplification is not None for m in result.modules)

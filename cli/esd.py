@@ -113,7 +113,7 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 def _summary_table(result) -> Table:
     from spectra.esd import alpha_text  # the digits that keep α on its side of 2 and 6, as its flag
-    from spectra.naming import role_sort_key
+    from spectra.roles import role_sort_key
 
     table = Table(title=shown(f"Power-law exponent α per module: {result.model} (xmin: {result.config.get('xmin')})"),
                   title_justify="left")

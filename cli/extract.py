@@ -123,7 +123,7 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
 def summary_table(doc: dict) -> Table:
     """Per module label: matrices (changed/all where some are unchanged), rank (median and range) and energy
     kept (median, min) of the changed ones, and parameters."""
-    from spectra.naming import role_sort_key
+    from spectra.roles import role_sort_key
 
     groups: dict[str, list[dict]] = {}
     for m in doc["modules"]:

@@ -160,7 +160,7 @@ def _pair_table(doc: dict, key: str, label: str) -> Table:
 
 
 def _module_table(doc: dict) -> Table:
-    from spectra.naming import role_sort_key
+    from spectra.roles import role_sort_key
 
     table = Table(title=f"All {len(doc['names'])} together, median per module", title_justify="left")
     for col in ("module", "n", "TSV (ℓ1)", "TSV (bounded)", "σ₁ sum / max", "‖sum‖² / Σ‖·‖²", "nuclear sum / Σ"):

@@ -127,10 +127,10 @@ def raise_if_unchanged(result: TraceResult, out_dir: str | None) -> None:
 def _summary_table(result) -> Table:
     """Per module kind: the median energy rank, relative norm and φ with the first checkpoint, at the
     first and the last checkpoint, over the kind's matrices that changed there (n counts all)."""
-    from spectra.naming import role_sort_key
     from spectra.plots.trace import (
         headline_key,  # a pure helper; matplotlib is imported only when plotting
     )
+    from spectra.roles import role_sort_key
     from spectra.trace_inputs import moved
 
     key = headline_key(result.to_dict())

@@ -36,6 +36,7 @@ from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
+from spectra.roles import part_role
 from spectra.selection import selector, units_of
 
 
@@ -461,7 +462,8 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
     note = "; ".join(x for x in ("trained whole (modules_to_save): ΔW = the saved matrix − the base's, dense", sv.note, spec.note,
                                  *notes, ZERO_BASE_NOTE if base_fro == 0 else "") if x)
     return ModuleResult(
-        name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
+        name=name, layer=spec.layer, module=module, role=part_role(spec.role, module, spec.rel_path), expert=spec.expert,
+        shape=list(shape),
         base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
         dtype=f"{base_dtype}/{tuned_dtype}", method="modules_to_save/dense",
         seconds=time.perf_counter() - start, note=note, base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
@@ -539,7 +541,8 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torc
     if base_fro == 0:
         note += "; " + ZERO_BASE_NOTE
     return ModuleResult(
-        name=name, layer=spec.layer, module=module, role=spec.role, expert=spec.expert, shape=list(shape),
+        name=name, layer=spec.layer, module=module, role=part_role(spec.role, module, spec.rel_path), expert=spec.expert,
+        shape=list(shape),
         base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
         dtype="float32", method=method, seconds=time.perf_counter() - start, note=note,
         lora_r=mod.r, lora_alpha=mod.alpha, lora_scale=mod.scale,

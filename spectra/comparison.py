@@ -8,12 +8,11 @@ subspaces next to the best any subspace of that rank can capture, and, with the 
 amplification factor and Shuttleworth et al.'s intruder dimensions for each side. Matrices are compared
 whole: fused matrices (``qkv_proj``, ``c_attn``) are not split here.
 
-Cost: no SVD of a dense matrix. A LoRA update is decomposed from its factors; a dense update's
-top-k triplets, the base weight's left singular basis (computed once per module and shared by the
-intruders of both sides and by both amplification factors) and the top-k left singular vectors of
-each ``W + ΔW`` come from float64 Gram eigensolves that compute only the vectors asked for
-(:mod:`spectra.singular_bases`, which states their precision). Modules run on several threads on the
-CPU, one BLAS thread each; the numbers do not depend on it.
+Cost: no SVD of a dense matrix. A LoRA update is decomposed from its factors; a dense update's top-k triplets, the
+base weight's left singular basis (computed once per module and shared by the intruders of both sides and by both
+amplification factors) and the top-k left singular vectors of each ``W + ΔW`` come from float64 Gram eigensolves that
+compute only the vectors asked for (:mod:`spectra.singular_bases`, which states their precision). Modules run on
+several threads on the CPU, one BLAS thread each; the numbers do not depend on it.
 
 Undefined measures are null, never numbers from an arbitrary basis: an update that is exactly zero
 (a frozen module, a LoRA saved at initialisation with B = 0) has no singular subspace, nor has a non-zero
@@ -60,7 +59,7 @@ from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, first_by_index, start_sealed
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.metrics import factored_rank, numerical_rank, outside_squaring_range
-from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, role_sort_key, unique_pairing_keys
+from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, unique_pairing_keys
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_checkpoints, pair_tied_heads, refuse_lora_file
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
@@ -68,6 +67,7 @@ from spectra.plan import refuse_beyond_memory
 from spectra.plots.base import preload as preload_plots
 from spectra.plots.compare import compare_plots
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
+from spectra.roles import role_sort_key
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.singular_bases import TopSVD, WeightBasis, top_svd
 from spectra.sketch import randomized_svd

@@ -49,6 +49,7 @@ from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
 from spectra.numerics import rounding_bulk, rounding_bulk_note, unit_roundoff
 from spectra.pairing import NOT_MATRIX, MatrixPair, pair_checkpoints
+from spectra.roles import part_role
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
 
@@ -458,7 +459,8 @@ def _fit(items: list[tuple[Unit, Task, float]], S_all: np.ndarray, res: list[flo
                       "rank_loss, weak_rank_loss and entropy count them as 0, sv_min is null; WeightWatcher's SVD "
                       "resolves them") if metrics.unresolved else ""
         out.append(EsdRecord(
-            name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
+            name=unit.name, layer=pair.tuned.layer, module=unit.module, role=part_role(pair.tuned.role, unit.module, pair.tuned.rel_path),
+            expert=unit.expert,
             shape=list(unit.shape), dtype=pair.tuned_info.dtype,
             note="; ".join(n for n in (pair.note, pair.tuned.note, unresolved, bulk) if n),
             metrics=metrics.to_dict(), seconds=per + time.perf_counter() - t,

@@ -22,8 +22,8 @@ from typing import Any
 
 from spectra.display import display_name, matrices, oversized_words, range_text, tau_percent
 from spectra.metrics import oversized_update, threshold_key
-from spectra.naming import role_sort_key
-from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
+from spectra.results import RESIZED_NOTE, DiffResult, ModuleResult, caveat_groups, caveat_sentence
+from spectra.roles import role_sort_key
 
 #: How a median ratio (rank needed ÷ the random baseline of the same shape) is put in words.
 #: Upper bounds, checked in order; the last word applies above the last bound.
@@ -230,7 +230,10 @@ def _warnings(result: DiffResult) -> list[Finding]:
                            "same weights (check that the fine-tuned checkpoint was passed).", warning=True,
                            numbers={"matrices": len(zero)}))
     elif zero:
-        names = ", ".join(display_name(m.name, 60) for m in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        # a resized table unchanged over the rows both hold: its new rows are not measured, not "not changed"
+        names = ", ".join(display_name(m.name, 60) + (" (over the rows both hold; the rows one side alone holds are not "
+                                                      "measured)" if RESIZED_NOTE in (m.note or "") else "")
+                          for m in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
         out.append(Finding("zero", f"{len(zero)} of {len(nonempty)} matrices were not changed at all (ΔW = 0: "
                            f"frozen or not trained): {names}. They are left out of the statements below.", warning=True,
                            numbers={"matrices": len(zero)}))

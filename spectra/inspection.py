@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
-from spectra.naming import ROLE_ORDER
+from spectra.roles import ROLE_ORDER
 
 
 def inspect_checkpoint(path: str | Checkpoint, *, include_non_matrices: bool = False) -> list[dict[str, Any]]:

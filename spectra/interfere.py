@@ -61,13 +61,14 @@ from spectra.io.jsonfile import result_json
 from spectra.journal import RecordJournal, first_by_index, start_sealed
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, outside_squaring_range, oversized_update, rank_resolution, relative_norm
-from spectra.naming import MatrixSpec, describe_checkpoint, role_sort_key
+from spectra.naming import MatrixSpec, describe_checkpoint
 from spectra.numerics import unresolved_text
 from spectra.pairing import PAIRING_NOTE_PREFIX, MatrixPair, pair_by_base_names
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.plan import refuse_beyond_memory
 from spectra.results import note_caveat_warnings, note_part, rows_to_csv
+from spectra.roles import role_sort_key
 from spectra.selection import fused_whole_warning, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, tied_cuts, undetermined_cut

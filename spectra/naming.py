@@ -18,6 +18,7 @@ from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from spectra.layouts import CONV1D_LEAVES, ArchInfo, Part, split_fused
+from spectra.roles import ATTN_PARENTS, CROSS_PARENTS, role_of, role_sort_key
 
 #: Leading name components that only wrap a model (``model.``, ``transformer.``, ``bert.``...): two
 #: checkpoints of one model saved through different heads differ by these, and pairing ignores them.
@@ -44,12 +45,6 @@ ENCODER_PREFIXES = frozenset({
 
 #: A component followed by an integer that counts the layer stack (``layers.3``, ``h.3``, ``block.3``).
 LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block", "attentions", "ffns"})
-
-#: Column order of tables and heatmaps, by role; unknown roles come after, alphabetically.
-ROLE_ORDER = (
-    "embed", "pos_embed", "q", "k", "v", "qkv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
-    "router", "gate", "up", "gate_up", "down", "head",
-)
 
 _WEIGHT_SUFFIXES = ("weight",)
 
@@ -312,7 +307,7 @@ def module_path(name: str) -> str:
 
 def in_attention(name: str) -> bool:
     """Whether a tensor's path runs through a self- or cross-attention block (a component named as one, any case)."""
-    return any(c.lower() in _ATTN_PARENTS | _CROSS_PARENTS for c in pairing_key(name).split("."))
+    return any(c.lower() in ATTN_PARENTS | CROSS_PARENTS for c in pairing_key(name).split("."))
 
 
 def unique_pairing_keys(names: Sequence[str]) -> dict[str, str]:
@@ -402,68 +397,6 @@ def _with_prefix(name: str, p: _Parsed) -> _Parsed:
     return _Parsed(p.key, p.layer, p.expert, f"{prefix}.{p.rel_path}" if prefix else p.rel_path, p.leaf, p.parent)
 
 
-_ATTN_PARENTS = frozenset({"attn", "self_attn", "attention", "self_attention", "selfattention", "mixer"})
-_CROSS_PARENTS = frozenset({"encdecattention", "crossattention", "encoder_attn", "cross_attn"})
-_MLP_PARENTS = frozenset({"mlp", "feed_forward", "densereludense", "ffn", "intermediate", "shared_expert", "experts"})
-
-#: Roles that need the parent's name too: ``(parent, leaf)`` -> role.
-_PARENT_LEAF_ROLES = {
-    ("block_sparse_moe", "input_linear"): "gate_up", ("block_sparse_moe", "output_linear"): "down",
-    # Granite-MoE-shared/hybrid's dense shared MLP: input_linear(x).chunk(2, dim=-1) -> gate, up
-    ("shared_mlp", "input_linear"): "gate_up", ("shared_mlp", "output_linear"): "down",
-    ("router", "layer"): "router",  # Granite-MoE's block_sparse_moe.router.layer.weight
-    ("gate", "weight_1"): "router",  # ERNIE-4.5-VL's vision-expert router mlp.gate.weight_1
-    # RWKV's channel mix: value(relu(key(x))²), an MLP's up and down (not attention's k and v)
-    ("feed_forward", "key"): "up", ("feed_forward", "value"): "down",
-    ("attn", "qkv"): "qkv", ("attn", "proj"): "o",  # ViT-style attention: timm, Qwen2-VL's and InternViT's vision towers
-}
-
-_LEAF_ROLES = {
-    "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q", "query_proj": "q",  # query_proj…: DeBERTa-v2
-    "k_proj": "k", "key": "k", "wk": "k", "key_proj": "k",
-    "v_proj": "v", "value": "v", "wv": "v", "value_proj": "v",
-    "o_proj": "o", "out_proj": "o",
-    "qkv_proj": "qkv", "c_attn": "qkv", "query_key_value": "qkv", "w_pack": "qkv", "wqkv": "qkv", "in_proj_weight": "qkv",
-    "gate_proj": "gate", "w1": "gate",
-    "up_proj": "up", "w3": "up", "dense_h_to_4h": "up", "c_fc": "up", "fc1": "up", "wi": "up",
-    "down_proj": "down", "w2": "down", "dense_4h_to_h": "down", "fc2": "down",
-    "gate_up_proj": "gate_up",
-    "router": "router",
-    "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "embed_in": "embed",
-    "shared": "embed", "tok_embeddings": "embed",
-    # Mamba's backbone.embeddings, OpenAI-GPT's tokens_embed, CLIP's token_embedding (a tied head pairs with these);
-    # not CLIP's vision position_embedding: its rows are a patch grid's, not leading positions kept across a resize
-    "embeddings": "embed", "tokens_embed": "embed", "token_embedding": "embed",
-    "wpe": "pos_embed", "position_embeddings": "pos_embed", "positions_embed": "pos_embed",
-    "lm_head": "head", "embed_out": "head",
-}
-
-
-def _role(p: _Parsed) -> str | None:
-    leaf, parent = p.leaf.lower(), p.parent.lower()
-    role = _PARENT_LEAF_ROLES.get((parent, leaf)) or _LEAF_ROLES.get(leaf)
-    cross = parent in _CROSS_PARENTS
-    if role is None:
-        if leaf in ("q", "k", "v", "o"):
-            role = leaf
-        elif leaf in ("dense", "c_proj", "wo"):
-            if parent in _ATTN_PARENTS or cross or (leaf == "dense" and parent == "output" and "attention" in p.rel_path):
-                role = "o"
-            elif parent in _MLP_PARENTS or parent == "output":
-                role = "down"
-            elif leaf == "dense" and parent == "intermediate":
-                role = "up"
-        elif leaf == "gate" and parent in ("block_sparse_moe", "mlp", "moe", "feed_forward"):  # LFM2-MoE: feed_forward
-            role = "router"
-        elif leaf == "output" and p.layer is None:  # (a bare `head` is timm's classifier as often as RWKV's output head)
-            role = "head"
-    if parent == "intermediate" and leaf == "dense":
-        role = "up"
-    if cross and role in ("q", "k", "v", "o"):
-        role = "cross_" + role
-    return role
-
-
 #: Leaf names too generic to label a module alone (:func:`module_labels`).
 _VAGUE_LEAVES = frozenset({"layer", "weight_1"})
 
@@ -514,7 +447,7 @@ def describe_checkpoint(
     arch = arch or ArchInfo.from_config(None, shapes)
     parsed = _parse_all([n for n, s in shapes.items() if _is_matrix(n, s, shapes)])
     labels = module_labels([p.rel_path for p in parsed.values()])
-    roles = {n: _role(p) for n, p in parsed.items()}
+    roles = {n: role_of(p.leaf, p.parent, p.layer, p.rel_path, arch.model_type) for n, p in parsed.items()}
     stacked_roles = _STACKED_LEAVES.get(arch.model_type or "", {})
     for n, p in parsed.items():
         if len(shapes[n]) == 3 and p.leaf.lower() in stacked_roles:
@@ -677,14 +610,6 @@ def _is_matrix(name: str, shape: Sequence[int], names: Container[str] = ()) -> b
     return "experts" in comps or tuple(comps[-2:]) in _STACKED_MODULES
 
 
-def role_sort_key(role: str | None, module: str) -> tuple[int, str]:
-    """Sort key putting modules in ROLE_ORDER, unknown roles last."""
-    try:
-        return (ROLE_ORDER.index(role or ""), module)
-    except ValueError:
-        return (len(ROLE_ORDER), module)
-
-
 def spec_order(spec: MatrixSpec) -> tuple:
     """Sort key of results: embeddings first, then layers in numeric order (layer 2 before 10),
     experts, module roles (:data:`ROLE_ORDER`), then matrices outside the stack (the head)."""
@@ -696,5 +621,5 @@ def spec_order(spec: MatrixSpec) -> tuple:
 __all__ = [
     "ArchInfo", "EXPERTS_IN_OUT", "EXPERTS_OUT_IN", "MatrixSpec", "Part", "QUANT_PARAM_LEAVES", "ROUTERS_IN_OUT",
     "FOREIGN_QUANT_LEAVES", "describe_checkpoint", "describe_updates", "display_name", "foreign_quant_of", "in_attention",
-    "is_bias", "module_labels", "module_path", "pairing_key", "quant_param_of", "role_sort_key", "ROLE_ORDER", "spec_order",
+    "is_bias", "module_labels", "module_path", "pairing_key", "quant_param_of", "spec_order",
 ]

@@ -24,17 +24,7 @@ import torch
 from spectra.adapter_files import AdapterFile, adapter_file, factor_of
 from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_notes
-from spectra.naming import (
-    ENCODER_PREFIXES,
-    MatrixSpec,
-    Part,
-    foreign_quant_of,
-    is_bias,
-    pairing_key,
-    quant_param_of,
-    spec_order,
-    unique_pairing_keys,
-)
+from spectra.naming import ENCODER_PREFIXES, MatrixSpec, Part, foreign_quant_of, is_bias, pairing_key, quant_param_of, spec_order, unique_pairing_keys
 from spectra.pairing_notes import (
     PAIRING_NOTE_PREFIX,
     counts_differ,
@@ -45,6 +35,8 @@ from spectra.pairing_notes import (
     spelling_differs,
     tie_unknown,
 )
+from spectra.results import RESIZED_NOTE
+from spectra.stored_bytes import stored_copies
 
 #: Dtypes of buffers that are no weights when both sides hold them under a name other than ``….weight`` (int64
 #: position ids, a bool mask); packed quantised weights are int8, uint8 or int32 (GPTQ's ``qweight``), which stay
@@ -343,18 +335,23 @@ def _square_beside_transposes(result: Pairing, flipped: list[tuple[str, tuple[in
 ALIAS_REASON = "the same stored tensor as"
 
 
-def _drop_aliases(result: Pairing) -> None:
+def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     """A pair whose base tensor and tuned tensor are both the same stored tensors as another pair's (tied weights
-    saved whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`) is that pair's update again:
-    it moves to ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks'
-    ``embed_tokens`` and ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The
-    pair of the names first stored stays. In place."""
+    saved whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`; or saved as copies, the same bytes
+    in both checkpoints: :func:`spectra.stored_bytes.stored_copies`) is that pair's update again: it moves to
+    ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks' ``embed_tokens`` and
+    ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The pair of the names first
+    stored stays. In place."""
+    outside = [p for p in result.pairs if p.base.layer is None and p.tuned.layer is None]  # embeddings, heads: where models tie
+    cb, ct = (stored_copies(c, {getattr(p, side).name for p in outside}) for c, side in ((base, "base_info"), (tuned, "tuned_info")))
+
     def key(p: MatrixPair) -> tuple[str, str, str]:
         part = p.tuned.name[len(p.tuned_info.name):] if p.tuned.name.startswith(p.tuned_info.name) else p.tuned.name
-        return p.base_info.alias_of or p.base_info.name, p.tuned_info.alias_of or p.tuned_info.name, part
+        b, t = p.base_info, p.tuned_info
+        return b.alias_of or cb.get(b.name) or b.name, t.alias_of or ct.get(t.name) or t.name, part
 
     first: dict[tuple[str, str, str], MatrixPair] = {}
-    for p in sorted(result.pairs, key=lambda p: (p.base_info.alias_of is not None) + (p.tuned_info.alias_of is not None)):
+    for p in sorted(result.pairs, key=lambda p: (key(p)[0] != p.base_info.name) + (key(p)[1] != p.tuned_info.name)):
         first.setdefault(key(p), p)
     if len(first) == len(result.pairs):
         return
@@ -362,7 +359,7 @@ def _drop_aliases(result: Pairing) -> None:
         kept = first[key(p)]
         if kept is not p:
             result.skipped.append(Skipped(p.tuned.name, f"{ALIAS_REASON} {kept.tuned.name} (tied weights saved under several "
-                                                        "names): measured there"))
+                                                        "names, the same bytes in both checkpoints): measured there"))
     result.pairs[:] = [p for p in result.pairs if first[key(p)] is p]
 
 
@@ -642,7 +639,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
                 None not in vocab_rows and (bshape[-2], tshape[-2]) == vocab_rows))
             if vocab and bshape[:-2] == tshape[:-2] and bshape[-1] == tshape[-1] and len(bshape) == 2:
                 rows = min(bshape[-2], tshape[-2])
-                rows_note = (f"rows differ (base {bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
+                rows_note = (f"{RESIZED_NOTE}{bshape[-2]}, tuned {tshape[-2]}, e.g. a resized vocabulary): "
                              f"the {rows} leading rows both have are analysed")
                 note = "; ".join(x for x in (note, rows_note) if x)
             else:
@@ -677,7 +674,7 @@ def pair_checkpoints(base: Checkpoint, tuned: Checkpoint, *, tied_head: bool = F
         result.pairs.append(MatrixPair(bs, ts, base.tensors[bs.name], tuned.tensors[ts.name], None,
                                        f"{tie}: the tuned head is compared with that embedding"))
     if aliases:
-        _drop_aliases(result)
+        _drop_aliases(result, base, tuned)
     if not single:
         _square_beside_transposes(result, flipped)
     result.base_only = [n for n in base.tensors if n not in matched_b]

@@ -43,9 +43,10 @@ from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
-from spectra.results import DiffResult, ModuleResult
+from spectra.results import CHANGED_SKIP, DiffResult, ModuleResult
 from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
+from spectra.stored_bytes import changed_tensors
 from spectra.stream import batches, largest_first, prefetch, run_settings
 from spectra.threads import one_openmp_thread
 
@@ -262,6 +263,9 @@ def _diff(base: str | Checkpoint, tuned: str | Checkpoint | None, config: DiffCo
         tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
         result = _diff_checkpoints(base_ckpt, tuned_ckpt, config, device, dtype, writer, callback, resume, ctx,
                                    journaled=out_dir is not None)
+        if all_zero(result):  # the change may lie in what a diff does not analyse: biases, norms, kernels (BitFit)
+            changed = set(changed_tensors(base_ckpt, tuned_ckpt, [s["name"] for s in result.skipped]))
+            result.skipped = [{**s, "reason": s["reason"] + CHANGED_SKIP} if s["name"] in changed else s for s in result.skipped]
     result.complete = True
     result.elapsed_s = time.perf_counter() - t0
     result.add_caveat_warnings()

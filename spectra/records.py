@@ -17,6 +17,7 @@ from spectra.numerics import rounding_bulk_note
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
+from spectra.roles import part_role
 from spectra.sketch import ApproxSpectrum
 
 
@@ -45,7 +46,8 @@ def common_fields(item: Prepared, config: DiffConfig) -> dict:
     """The fields every result has, whichever path computed it."""
     pair, unit = item.task.pair, item.unit
     return dict(
-        name=unit.name, layer=pair.tuned.layer, module=unit.module, role=pair.tuned.role, expert=unit.expert,
+        name=unit.name, layer=pair.tuned.layer, module=unit.module, role=part_role(pair.tuned.role, unit.module, pair.tuned.rel_path),
+            expert=unit.expert,
         shape=list(unit.shape), base_fro_norm=item.base_fro, random_energy_rank=random_ranks(unit.shape, config),
         dtype=f"{pair.base_info.dtype}/{pair.tuned_info.dtype}",
         note="; ".join(n for n in (pair.note, pair.tuned.note, item.note, ZERO_BASE_NOTE if item.base_fro == 0 else "") if n),

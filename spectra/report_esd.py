@@ -16,11 +16,11 @@ from typing import Any
 from spectra.display import matrices
 from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
 from spectra.findings import MOVED_Z, Finding, esd_points
-from spectra.naming import role_sort_key
 from spectra.plots import esd as esd_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
 from spectra.results import SCHEMA as DIFF_SCHEMA
+from spectra.roles import role_sort_key
 
 SCHEMA = "spectra.esd/1"
 #: ``|Δα| / sqrt(σ_base² + σ_tuned²)`` above this reads as "fine-tuning moved α".

@@ -14,11 +14,11 @@ from spectra.compare_findings import PHI_BLIND, PHI_CHANCE
 from spectra.display import counted, matrices, tau_percent
 from spectra.errors import ResultsFormatError
 from spectra.findings import Finding
-from spectra.naming import role_sort_key
 from spectra.plots import trace as trace_plots
 from spectra.plots.base import svg_img
 from spectra.report_html import esc, legend, note, table
 from spectra.results_check import unique_names
+from spectra.roles import role_sort_key
 from spectra.trace import SCHEMA, TraceResult, load_trace
 from spectra.trace_inputs import check_trace_matrix, check_trace_steps, moved
 

@@ -195,6 +195,13 @@ def is_matrix_skip(reason: str) -> bool:
     return bool(_MATRIX_SKIP.search(reason))
 
 
+#: Ends the reason of a skipped tensor whose stored data differs between base and tuned (checked where every
+#: analysed ΔW is zero: a bias-only or norm-only fine-tune, a convolution kernel).
+CHANGED_SKIP = "; it differs between base and tuned"
+#: Begins the note of a table whose two sides have different row counts (a resized vocabulary; :mod:`spectra.pairing`).
+RESIZED_NOTE = "rows differ (base "
+
+
 @dataclass
 class DiffResult:
     """Everything ``spectra diff`` computed; serialises to ``results.json`` (docs/definitions.md,
@@ -279,6 +286,15 @@ class DiffResult:
         if skipped := self.skipped_matrices():
             parts.append(f"{matrices(len(skipped))} {'was' if len(skipped) == 1 else 'were'} skipped "
                          f"(e.g. {skipped[0]['name']}: {skipped[0]['reason']})")
+        if resized := [m for m in self.modules if RESIZED_NOTE in (m.note or "")]:  # rows one side alone holds
+            counts = re.search(r"base (\d+), tuned (\d+)", resized[0].note or "")
+            parts.append(f"{len(resized)} table{'s' * (len(resized) > 1)} of another row count hold{'s' * (len(resized) == 1)} "
+                         "rows one side alone has "
+                         f"(e.g. {resized[0].name}" + (f": base {counts[1]}, tuned {counts[2]} rows)" if counts else ")"))
+        if changed := [s for s in self.skipped if s.get("reason", "").endswith(CHANGED_SKIP) and s not in skipped]:
+            parts.append(f"{len(changed)} tensor{'s' * (len(changed) > 1)} not analysed differ{'s' * (len(changed) == 1)} "
+                         f"(e.g. {changed[0]['name']}: "
+                         f"{changed[0]['reason'].removesuffix(CHANGED_SKIP)})")
         return "; ".join(parts) or None
 
     def non_finite(self) -> list[str]:
@@ -473,7 +489,7 @@ class DiffResult:
         would otherwise make a kind whose other two moved by 300% read rank 0, size 0); over all of
         them when none changed. A median of an even count keeps its half (p of 64 and 1: 32.5).
         """
-        from spectra.naming import role_sort_key
+        from spectra.roles import role_sort_key
 
         tau = self.computed_threshold(threshold)
         k = threshold_key(tau)

@@ -46,12 +46,13 @@ from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, run_identity
 from spectra.linalg import check_device_available, resolve_device, singular_values
 from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
-from spectra.naming import MatrixSpec, role_sort_key
+from spectra.naming import MatrixSpec
 from spectra.numerics import unresolved_text
 from spectra.pairing import ALIAS_REASON, PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
 from spectra.pairing_notes import unpaired_matrices
 from spectra.param_experts import open_adapter_on
 from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
+from spectra.roles import role_sort_key
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
 from spectra.ties import UNDETERMINED_TEXT, undetermined_cut

@@ -1,23 +1,21 @@
 """PEFT LoRA adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
 
-An adapter holds, per adapted module, ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight``
-``(out, r)`` (embeddings: ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``),
-and the update is ``ΔW = s · B · A`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
-rsLoRA); ``r`` and ``lora_alpha`` per module come from ``rank_pattern`` / ``alpha_pattern``, matched as
-PEFT matches them. Embeddings: ``ΔW = s · (B·A)ᵀ`` ``(vocab, dim)``. DoRA adds a magnitude vector;
-its update depends on the base weight (:meth:`LoraModule.dora_delta`). See the definitions document,
-"LoRA adapters".
+An adapter holds, per adapted module, ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)`` (embeddings:
+``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``), and the update is ``ΔW = s · B · A`` with
+``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA); ``r`` and ``lora_alpha`` per module come from
+``rank_pattern`` / ``alpha_pattern``, matched as PEFT matches them. Embeddings: ``ΔW = s · (B·A)ᵀ`` ``(vocab, dim)``.
+DoRA adds a magnitude vector; its update depends on the base weight (:meth:`LoraModule.dora_delta`). See the
+definitions document, "LoRA adapters".
 
-The adapter is read as PEFT would load it (``peft.PeftModel.from_pretrained``): every field missing
-from ``adapter_config.json`` takes ``peft.LoraConfig``'s default (:data:`PEFT_LORA_DEFAULTS`: r = 8,
-lora_alpha = 8, not alpha = r); factors of modules PEFT would not adapt under ``target_modules``,
-``exclude_modules``, ``modules_to_save`` or ``layers_to_transform`` are skipped with that reason;
-a DoRA adapter needs a magnitude of shape ``(out,)`` for every module; one factor stored under two
-names (with and without ``base_model.model.``) is an error, not "the last one wins". Module patterns
-are untrusted regular expressions, matched safely (:mod:`spectra.io.patterns`).
+The adapter is read as PEFT would load it (``peft.PeftModel.from_pretrained``): every field missing from
+``adapter_config.json`` takes ``peft.LoraConfig``'s default (:data:`PEFT_LORA_DEFAULTS`: r = 8, lora_alpha = 8, not
+alpha = r); factors of modules PEFT would not adapt under ``target_modules``, ``exclude_modules``, ``modules_to_save``
+or ``layers_to_transform`` are skipped with that reason; a DoRA adapter needs a magnitude of shape ``(out,)`` for
+every module; one factor stored under two names (with and without ``base_model.model.``) is an error, not "the last
+one wins". Module patterns are untrusted regular expressions, matched safely (:mod:`spectra.io.patterns`).
 
-Everything stays factored: :meth:`LoraModule.factors` returns ``(B', A')`` with ``ΔW = s·B'·A'`` in
-``(out, in)`` orientation, for :func:`spectra.engine.factored_svd`.
+Everything stays factored: :meth:`LoraModule.factors` returns ``(B', A')`` with ``ΔW = s·B'·A'`` in ``(out, in)``
+orientation, for :func:`spectra.engine.factored_svd`.
 """
 
 from __future__ import annotations
@@ -86,8 +84,8 @@ PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROM
 MERGE_HINT = "merge the adapter (merge_and_unload) and diff the merged model against the base"
 #: Largest adapter_config.json read (real ones are a few KB).
 MAX_CONFIG_BYTES = 10_000_000
-#: Wall-clock bound on matching every module name against the config's patterns. Each single match
-#: is bounded by :mod:`spectra.io.patterns` (≤ 0.05 s); this bounds their number times that.
+#: Wall-clock bound on matching every module name against the config's patterns. Each single match is bounded by
+#: :mod:`spectra.io.patterns` (≤ 0.05 s); this bounds their number times that.
 MATCH_BUDGET_S = 10.0
 
 
@@ -114,8 +112,8 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The fields of ``adapter_config.json`` that decide ΔW and which modules PEFT adapts; each
-    default is ``peft.LoraConfig``'s (:data:`PEFT_LORA_DEFAULTS`).
+    """The fields of ``adapter_config.json`` that decide ΔW and which modules PEFT adapts; each default is
+    ``peft.LoraConfig``'s (:data:`PEFT_LORA_DEFAULTS`).
 
     Attributes:
         r: default rank (PEFT default 8).
@@ -126,19 +124,17 @@ class AdapterConfig:
         use_dora: DoRA adapter (magnitude vectors; ΔW needs the base weight).
         init_lora_weights: as saved; PiSSA/OLoRA/CorDA/LoftQ initialisations change the base weights.
         base_model_name_or_path: what the adapter was trained on, if recorded.
-        target_modules: None (PEFT's per-architecture default: every stored factor is kept), one
-            regular expression matched against the whole module name, ``"all-linear"``, or names
-            matched as the name or a dotted suffix of it.
+        target_modules: None (PEFT's per-architecture default: every stored factor is kept), one regular expression
+            matched against the whole module name, ``"all-linear"``, or names matched as the name or a dotted suffix of it.
         exclude_modules: the same forms; matching modules are not adapted.
         modules_to_save: modules trained whole; PEFT never puts a LoRA on them.
-        layers_to_transform, layers_pattern: only these layer indices are adapted (list form of
-            ``target_modules`` only).
+        layers_to_transform, layers_pattern: only these layer indices are adapted (list form of ``target_modules`` only).
         lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
         ensure_weight_tying: PEFT ties an output head's LoRA to the tied embedding's (the same factors, transposed).
         activated: an activated LoRA (aLoRA, ``alora_invocation_tokens``): s·B·A applies only after its invocation tokens.
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
-        layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the
-            adapted model (its layer i runs on base layer :meth:`replicated_layers` ``[i]``).
+        layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the adapted model (its
+            layer i runs on base layer :meth:`replicated_layers` ``[i]``).
         task_type: PEFT's ``task_type`` as saved (a string), or None.
         source: the file this was read from, for messages.
     """
@@ -271,10 +267,9 @@ class AdapterConfig:
     def untargeted(self, module: str, *, module_loras: bool = False) -> str | None:
         """Why PEFT would not put a LoRA on ``module`` under this config, or None when it would.
 
-        Follows ``peft.tuners.tuners_utils.check_target_module_exists``: ``exclude_modules`` first,
-        then ``modules_to_save``, then ``target_modules`` (one regular expression matched against the
-        whole name, or a list of names each matching the name or a dotted suffix), then
-        ``layers_to_transform``. With ``target_modules`` absent (PEFT's per-architecture default,
+        Follows ``peft.tuners.tuners_utils.check_target_module_exists``: ``exclude_modules`` first, then ``modules_to_save``,
+        then ``target_modules`` (one regular expression matched against the whole name, or a list of names each matching
+        the name or a dotted suffix), then ``layers_to_transform``. With ``target_modules`` absent (PEFT's per-architecture default,
         which the saved config does not record) or ``target_parameters`` set (unless ``module_loras``: PEFT's
         module LoRAs alone), nothing is excluded by it.
 
@@ -607,6 +602,11 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                    f"update, measured once, on {emb}") if emb else f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})"
             adapter.skipped.extend(Skipped(n, why) for n in kinds.values())
             continue
+        if {len(ckpt.tensors[n].shape) for k, n in kinds.items() if k in ("lora_A", "lora_B")} - {2}:
+            shapes = ", ".join(f"{k} {tuple(ckpt.tensors[n].shape)}" for k, n in kinds.items() if k in ("lora_A", "lora_B"))
+            adapter.skipped.extend(Skipped(n, f"LoRA on a convolution ({shapes}): a kernel's update, not a weight matrix (a full "
+                                              "checkpoint's kernels are skipped alike)") for n in kinds.values())
+            continue
         try:
             lora = _lora_module(ckpt, config, module, kinds, (r, alpha), folder, weights)
         except CheckpointFormatError as exc:  # the likelier cause, where several keys match: PEFT re-sorted them
@@ -629,7 +629,7 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
     adapter.params = wrapped
     if not adapter.modules and not wrapped:
         other = next((n for n in adapter.full if any(f".{k}." in n for k in LORA_KINDS)), None)  # lora_A.<name>.weight
-        why = (f" that PEFT would load ({adapter.skipped[0].reason})" if adapter.skipped else
+        why = (f" that spectra analyses ({adapter.skipped[0].reason})" if adapter.skipped else
                f" of the adapter named default (e.g. {other} is another named adapter's)" if other else "")
         raise CheckpointFormatError(f"adapter holds no LoRA factors (lora_A/lora_B){why}", path=weights)
     # PEFT saves every key under base_model.model. and loads only those: a file written otherwise (by

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from spectra.compare_records import ComparedModule, CompareResult, random_two_sided
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, legend_label, plain_text, save_figures, wrap
+from spectra.roles import role_sort_key
 
 #: At most this many module kinds get a φ panel (the first ones in the usual role order).
 MAX_PHI_PANELS = 8

@@ -16,8 +16,8 @@ import numpy as np
 
 from spectra.display import tau_percent
 from spectra.metrics import threshold_key
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, plain_text, save_figure, wrap
+from spectra.roles import role_sort_key
 
 if TYPE_CHECKING:
     from spectra.results import DiffResult, ModuleResult

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from spectra.esd import OVER_TRAINED_ALPHA, UNDER_TRAINED_ALPHA, alpha_text
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, legend_label, plain_text, save_figure
+from spectra.roles import role_sort_key
 
 
 def alpha_grid(records: list[dict[str, Any]], key: str = "alpha") -> tuple[np.ndarray, list[int], list[str]]:

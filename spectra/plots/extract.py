@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, label, plain_text, save_figures
+from spectra.roles import role_sort_key
 
 
 @plain_text

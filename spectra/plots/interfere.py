@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, save_figures
+from spectra.roles import role_sort_key
 
 #: measure key -> (title, colour-bar label, vmin, vmax, colour map)
 MEASURES: dict[str, tuple[str, str, float, float, str]] = {

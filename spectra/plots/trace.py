@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from spectra.display import tau_percent
-from spectra.naming import role_sort_key
 from spectra.plots.base import heatmap, legend_label, plain_text, save_figures
+from spectra.roles import role_sort_key
 from spectra.trace_inputs import moved
 
 
