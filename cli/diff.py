@@ -163,14 +163,16 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
     lead = not distributed or spectra_distributed.is_lead()
     err = stderr() if lead else Console(stderr=True, quiet=True)  # other ranks print only their errors
     progress = progress_bar(err)
-    task_id = None
+    # the task starts with the run: the first (largest) matrix may take minutes, and a log showed no line and an
+    # elapsed time without it until it ended (its total comes with the first event)
+    task_id = progress.add_task("ΔW spectra", total=None, current="")
+    started = False
 
     def on_event(ev: DiffEvent) -> None:
-        nonlocal task_id
-        if task_id is None:
-            task_id = progress.add_task("ΔW spectra", total=ev.total, current="")
+        nonlocal started
+        started = True
         current = ev.result.name if ev.result else ev.skipped.name
-        progress.update(task_id, completed=ev.done, current=short_name(current))
+        progress.update(task_id, total=ev.total, completed=ev.done, current=short_name(current))
         if ev.skipped is not None:
             progress.console.print(f"[yellow]warning:[/] {shown(display_name(ev.skipped.name))}: "
                                    f"{shown(display_name(ev.skipped.reason, 400))}", highlight=False)
@@ -179,8 +181,13 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
 
     rebuild = bool(out_dir) and lead and not report and shared_report(out_dir, "results.json")  # before the run removes it
     with progress:
-        result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
-                              plots=plots, allow_identical=True, resume=resume, distributed_run=distributed)
+        try:
+            result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
+                                  plots=plots, allow_identical=True, resume=resume, distributed_run=distributed)
+        except BaseException:
+            if not started:  # refused before any matrix: the error alone, no empty progress line
+                progress.remove_task(task_id)
+            raise
     if not lead:
         return
     result.add_caveat_warnings()  # already in results.json when written; for the lines below in any case

@@ -254,7 +254,8 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
             return (f"{done} was complete before the stop; files written after it (figures, the CSV) may be missing: "
                     "run the same command with --resume to write them")
         if not _journaled(Path(out)):  # stopped while the inputs were opened
-            return f"stopped before any result was written to {out}: run the command again"
+            holds = " (the files there hold none)" if any(Path(out).glob("*.json*")) else ""  # an empty results.json, a journal's first line
+            return f"stopped before any result was written to {out}{holds}: run the command again"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")
     if out:  # a command that writes --out only as it finishes (every one that writes results journals them now)

@@ -342,7 +342,8 @@ def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks' ``embed_tokens`` and
     ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The pair of the names first
     stored stays. In place."""
-    outside = [p for p in result.pairs if p.base.layer is None and p.tuned.layer is None]  # embeddings, heads: where models tie
+    tied = (tuned.config or {}).get("tie_word_embeddings") is True  # a head then goes by drop_tied_heads, which says so
+    outside = [p for p in result.pairs if p.base.layer is None and p.tuned.layer is None and not (tied and p.tuned.role == "head")]
     cb, ct = (stored_copies(c, {getattr(p, side).name for p in outside}) for c, side in ((base, "base_info"), (tuned, "tuned_info")))
 
     def key(p: MatrixPair) -> tuple[str, str, str]:

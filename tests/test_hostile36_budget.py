@@ -55,3 +55,19 @@ def test_budgets_and_signal_rank_leave_the_gram_routes_rounding_alone(tmp_path):
     assert ext.returncode == 0, ext.stderr
     (mod,) = json.loads((tmp_path / "x" / "extract.json").read_text())["modules"]
     assert mod["rank"] == 1
+
+
+def test_approx_goes_to_the_exact_route_without_a_full_svd_at_half_width(monkeypatch):
+    # a dense update: the sketches never narrow the bounds; at p/2 the sketch was a full float64 SVD with its vectors
+    # (3.4 GB for a 50000 × 2000 update), dropped, before the exact route ran
+    import spectra.sketch as sketch
+
+    widths = []
+    real = sketch.randomized_svd
+    monkeypatch.setattr(sketch, "randomized_svd", lambda M, k, **kw: widths.append(k) or real(M, k, **kw))
+    M = torch.randn(3000, 400, generator=torch.Generator().manual_seed(0))
+    res = sketch.approx_energy_ranks(M, [0.9])
+    S = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    e = np.cumsum(S**2) / np.sum(S**2)
+    assert res.exact and widths == [64, 128]  # 256 columns would be p/2 or more: no sketch, the Gram route's values
+    assert res.ranks[0.9].lo == res.ranks[0.9].hi == int(np.searchsorted(e, 0.9) + 1)
