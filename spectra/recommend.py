@@ -263,7 +263,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            want, guessed = _part_rank(m, float(energy)) if energy is not None else (_buyable(m), False)
+            nonzero = sum(1 for x in m.get("singular_values") or [] if x is not None and float(x) > 0)
+            want, guessed = _part_rank(m, float(energy)) if energy is not None else (nonzero, False)
             estimated += guessed
             if _ends_kept(m):  # the values beyond those kept are zeros or rounding (a LoRA's r, a zero kept): no more to buy
                 complete.add(m["name"])
@@ -275,7 +276,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                 if want > above:
                     floored.append((path, m["name"], above))
                     want = above
-            per.append(want)
+            # a budget buys no value at or below the Gram route's resolution either (an exactly rank-1 float64 update
+            # kept its rounding, 3e-8·σ₁, above a 7e-16 storage floor: r = 9)
+            per.append(want if energy is not None else min(want, _buyable(m)))
         caps.append(per)
     if estimated:
         notes.append(f"{estimated} matrices have approximate ranks (spectra diff --approx): each gets the upper bound of its "

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 import spectra
 from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError
+from spectra.metrics import numerical_rank
 from spectra.numerics import rounding_floor
 from spectra.recommend import recommend
 from spectra.results import DiffResult
@@ -128,10 +129,11 @@ def test_results_without_a_floor_behave_as_before_with_a_note(diffed):
     for m in doc["modules"]:
         del m["rounding_floor"]
     rec = recommend(doc, budget="1e18", energy=None)
-    # every nonzero value kept, as results of an older diff gave (a value the diff computed as exactly 0 is no
-    # component to buy: the twenty-seventh round)
-    S = {m["name"]: m["singular_values"] for m in doc["modules"]}
-    assert sorted(rec.ranks.values()) == sorted(sum(1 for x in s if x > 0) for s in S.values()) == [16, 16, 31]
+    # every value kept above the Gram route's resolution σ₁√(pε), as results of an older diff gave, with no floor to cut
+    # at (a value the diff computed as exactly 0 is no component to buy: the twenty-seventh round; one at or below the
+    # resolution is that route's rounding: the thirty-sixth, which took 31 to 26)
+    S = {m["name"]: (m["singular_values"], min(m["shape"])) for m in doc["modules"]}
+    assert sorted(rec.ranks.values()) == sorted(numerical_rank(np.array(s), p) for s, p in S.values()) == [16, 16, 26]
     assert sum("no rounding floor" in n and "rerun spectra diff" in n for n in rec.notes) == 1, rec.notes
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import spectra
 from spectra.errors import ConfigError
+from spectra.metrics import numerical_rank
 from spectra.recommend import recommend
 from spectra.report import build_report, input_files
 from spectra.results import DiffResult
@@ -182,7 +183,8 @@ def test_recommend_on_weights_near_1e200_matches_numpy_on_a_scaled_copy(huge, kw
         cost[key.removesuffix(".weight")] = d.shape[0] + d.shape[1]
         full += d.shape[0] * d.shape[1]
     tau = kw["energy"]
-    caps = {p: (_energy_rank(s, tau) if tau is not None else s.size) for p, s in S.items()}
+    # a budget alone buys every value above the Gram route's resolution σ₁√(pε) (below it: rounding, thirty-sixth round)
+    caps = {p: (_energy_rank(s, tau) if tau is not None else numerical_rank(s)) for p, s in S.items()}
     n = int(float(kw.get("budget", "100%").rstrip("%")) / 100 * full)
     if sum(caps[p] * cost[p] for p in S) <= n:
         assert rec.ranks == caps
