@@ -352,7 +352,7 @@ def diff_adapter(
         result.skipped.append(asdict(skip))
     for copy in adapter.base_copies:
         result.skipped.append(asdict(Skipped(copy, SAVED_BIAS if copy.endswith(".bias") else
-                                             "copy of the base layer saved by PEFT beside an embedding LoRA, not an update")))
+                                             "copy of the base layer PEFT saves whole beside a LoRA on an embedding or output head, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
         result.skipped.append(asdict(skip))
     finished: set[str] = set()

@@ -241,7 +241,7 @@ def test_matrix_skip_reasons_are_classified_as_pairing_words_them():
     assert is_matrix_skip("tuned weights contain NaN or Inf; ΔW is undefined")
     # an adapter's own reasons (review): none is a matrix left out
     assert not is_matrix_skip("lora_B.bias of x: a vector, not a weight matrix; the weight update s·B·A is analysed")
-    assert not is_matrix_skip("copy of the base layer saved by PEFT beside an embedding LoRA, not an update")
+    assert not is_matrix_skip("copy of the base layer PEFT saves whole beside a LoRA on an embedding or output head, not an update")
     assert not is_matrix_skip("DoRA magnitude, but use_dora is false in adapter_config.json: PEFT does not load it")
 
 
