@@ -184,10 +184,9 @@ def run_diff(base: str, tuned: str | None, config: DiffConfig, *, out_dir: str |
         try:
             result = spectra.diff(base, tuned, config=config, out_dir=out_dir, callback=on_event,
                                   plots=plots, allow_identical=True, resume=resume, distributed_run=distributed)
-        except BaseException:
-            if not started:  # refused before any matrix: the error alone, no empty progress line
+        finally:
+            if not started:  # refused before any matrix, or none to analyse: no empty progress line
                 progress.remove_task(task_id)
-            raise
     if not lead:
         return
     result.add_caveat_warnings()  # already in results.json when written; for the lines below in any case

@@ -205,9 +205,9 @@ def _journaled(out: Path) -> bool:
         with os.scandir(out) as entries:
             found = [e.path for e in entries if e.name.endswith(".jsonl") and e.is_file() and e.stat().st_size > 0]
         for path in found:
-            with open(path, "rb") as f:  # a regular file (is_file above); 64 KiB is enough to see a second line
-                lines = f.read(1 << 16).split(b"\n")
-            if len(lines) > 2 or (lines[1:] and lines[1].strip()) or not lines[0].startswith(b'{"fingerprint"'):
+            with open(path, "rb") as f:  # a regular file (is_file above); a header names every input: read it whole
+                first, second = f.readline(1 << 26), f.readline(1 << 16)
+            if second.strip() or not first.startswith(b'{"fingerprint"'):
                 return True
         return False
     except OSError:
@@ -254,7 +254,9 @@ def kept_on_stop(group: click.Group, ctx: click.Context, since: float | None = N
             return (f"{done} was complete before the stop; files written after it (figures, the CSV) may be missing: "
                     "run the same command with --resume to write them")
         if not _journaled(Path(out)):  # stopped while the inputs were opened
-            holds = " (the files there hold none)" if any(Path(out).glob("*.json*")) else ""  # an empty results.json, a journal's first line
+            holds = ""
+            with contextlib.suppress(OSError):  # a name too long, a folder not entered: asked before any run too
+                holds = " (the files there hold none)" if any(Path(out).glob("*.json*")) else ""  # an empty results.json
             return f"stopped before any result was written to {out}{holds}: run the command again"
         return (f"results finished so far are kept in {out} (in its journal, *.jsonl); run the same command "
                 "with --resume to finish")

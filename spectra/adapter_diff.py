@@ -464,7 +464,7 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=part_role(spec.role, module, spec.rel_path), expert=spec.expert,
         shape=list(shape),
-        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
+        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro, "gram"), random_energy_rank=random_ranks(shape, config),
         dtype=f"{base_dtype}/{tuned_dtype}", method="modules_to_save/dense",
         seconds=time.perf_counter() - start, note=note, base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,
     )
@@ -543,7 +543,7 @@ def _module_result(mod: LoraModule, spec: MatrixSpec, load: Callable[[str], torc
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=part_role(spec.role, module, spec.rel_path), expert=spec.expert,
         shape=list(shape),
-        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro), random_energy_rank=random_ranks(shape, config),
+        base_fro_norm=base_fro, **spectrum_fields(S, shape, config, base_fro, method), random_energy_rank=random_ranks(shape, config),
         dtype="float32", method=method, seconds=time.perf_counter() - start, note=note,
         lora_r=mod.r, lora_alpha=mod.alpha, lora_scale=mod.scale,
         base_singular_values=base_sv, tuned_singular_values=tuned_sv, esd=esd,

@@ -240,7 +240,7 @@ class ExtractRun:
         need = sum(self.plan.caps[i] * self.targets[i].cost for i in idx)
         if need > self.plan.budget:  # before that every seen component fits: the cut-off is 0
             ref = common_exp(self.spectra[i] for i in idx)
-            gains = [energies(self.spectra[i], ref, self.plan.caps[i]) for i in idx]
+            gains = [energies(self.spectra[i], ref, self.plan.caps[i], self.targets[i].p) for i in idx]
             self._cut = allocate_budget(gains, [self.targets[i].cost for i in idx], self.plan.budget,
                                         levels=[self.plan.levels[i] for i in idx], fill=False).ratio
             self._cut_at, self._cut_exp = len(idx), ref

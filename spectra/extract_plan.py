@@ -33,7 +33,7 @@ from spectra.errors import ConfigError
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint
 from spectra.io.peft_writer import PEFT_TASK_TYPES, check_task_type
 from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, rank_levels, round_up
-from spectra.metrics import rank_resolution, resolved_above
+from spectra.metrics import resolved_above, route_resolution
 from spectra.naming import MatrixSpec, layer_of
 from spectra.pairing import ALIAS_REASON, MatrixPair, Pairing
 from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
@@ -475,26 +475,24 @@ def common_exp(spectra: Iterable[dict]) -> int:
     return max((int(s.get("exp", 0)) for s in spectra if not s.get("skipped") and float(s["total"]) > 0), default=0)
 
 
-def noise_level(spec: dict) -> float:
-    """The level at or below which a journaled singular value is not the update (in the spectrum's own unit,
-    ``2**exp``): its rounding floor (``floor``, journaled under a budget) or, for a spectrum of the float64 Gram
-    route, that route's resolution σ₁·√(p·ε) (:func:`spectra.metrics.rank_resolution`, p = the values journaled:
-    all of them on that route), whichever is higher. An exactly rank-1 float64 update showed values of 3e-8·σ₁ there
-    (the Gram route's rounding), above its 1e-16 storage floor: a budget bought them."""
+def noise_level(spec: dict, p: int) -> float:
+    """The level at or below which a journaled singular value of a ``p = min(out, in)`` matrix is not the update (in
+    the spectrum's own unit, ``2**exp``): its rounding floor (``floor``, journaled under a budget) or its route's
+    resolution (:func:`spectra.metrics.route_resolution` by the journaled ``method``: the float64 Gram route's
+    σ₁·√(p·ε)), whichever is higher. An exactly rank-1 float64 update showed values of 3e-8·σ₁ there (the Gram route's
+    rounding), above its 1e-16 storage floor: a budget bought them."""
     level = max(float(spec.get("floor", 0.0)), 0.0)
-    S, method = spec.get("S") or [], str(spec.get("method") or "")
-    if len(S) and "gram-eig" in method and "float32" not in method:
-        level = max(level, rank_resolution(float(max(S)), len(S)))
-    return level
+    S = spec.get("S") or []
+    return max(level, route_resolution(float(max(S)), p, spec.get("method"))) if len(S) else level
 
 
-def energies(spec: dict, ref: int, n: int | None = None) -> np.ndarray:
-    """The first ``n`` σᵢ² of a journaled spectrum in units of ``4**ref`` (exact powers of two; those of a
+def energies(spec: dict, ref: int, n: int | None, p: int) -> np.ndarray:
+    """The first ``n`` σᵢ² of a journaled spectrum of a ``p = min(out, in)`` matrix in units of ``4**ref`` (exact powers of two; those of a
     module far below the unit underflow to 0, as its energy is nothing beside the others'), float64. Values
     at or below its :func:`noise_level` (the rounding floor of the stored weights, the Gram route's resolution) gain
     0: a budget is never spent on rounding (:func:`spectra.allocation.allocate_budget` takes no zero gain)."""
     S = np.asarray(spec["S"][:n], dtype=np.float64)
-    S = np.where(noise_level(spec) < S, S, 0.0)
+    S = np.where(noise_level(spec, p) < S, S, 0.0)
     return np.ldexp(S * S, 2 * (int(spec.get("exp", 0)) - ref))
 
 
@@ -557,14 +555,14 @@ def final_ranks(targets: list[Target], plan: RankPlan, config: ExtractConfig, sp
     for i in range(n):
         if i not in members:
             items.append([i])
-            gains.append(energies(spectra[i], ref, allowed[i][-1] if allowed[i] else 0) if total[i] > 0 else np.zeros(0))
+            gains.append(energies(spectra[i], ref, allowed[i][-1] if allowed[i] else 0, targets[i].p) if total[i] > 0 else np.zeros(0))
             costs.append(targets[i].cost)
             levels.append(allowed[i])
     for g in plan.groups.values():
         cap = min(allowed[i][-1] if allowed[i] else 0 for i in g)
         summed = np.zeros(cap)
         for i in (i for i in g if total[i] > 0):
-            s = energies(spectra[i], ref, cap)
+            s = energies(spectra[i], ref, cap, targets[i].p)
             summed[: s.size] += s
         items.append(g)
         gains.append(summed)

@@ -414,7 +414,7 @@ def _more_to_buy(spec: dict, t: Target, r: int, top: int) -> bool:
     if spec.get("skipped") or not extractable(spec) or r >= min(t.cap, top):
         return False
     S = spec.get("S") or []
-    return r >= len(S) or S[r] > noise_level(spec)
+    return r >= len(S) or S[r] > noise_level(spec, t.p)
 
 
 def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], items: list[list[int]],
@@ -429,7 +429,7 @@ def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], 
         # the ranks a member may take are 1 … cap (--max-rank, --serving; not the budget's cut, which drops a costly one)
         r, cap = ranks[item[0]], min(len(rank_levels(targets[i].p, config.max_rank, config.serving)) for i in item)
         # the next component's energy, above the floor (energies: 0 at or below it), summed over an expert stack
-        gain = sum(float(energies(spectra[i], ref, r + 1)[r:].sum()) for i in item if extractable(spectra[i]))
+        gain = sum(float(energies(spectra[i], ref, r + 1, targets[i].p)[r:].sum()) for i in item if extractable(spectra[i]))
         cost = sum(targets[i].cost for i in item)
         if r < cap and gain > 0 and cost > left:
             name = targets[item[0]].name + (f" (+{len(item) - 1} tied)" if len(item) > 1 else "")

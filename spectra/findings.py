@@ -22,7 +22,8 @@ from typing import Any
 
 from spectra.display import display_name, matrices, oversized_words, range_text, tau_percent
 from spectra.metrics import oversized_update, threshold_key
-from spectra.results import RESIZED_NOTE, DiffResult, ModuleResult, caveat_groups, caveat_sentence
+from spectra.pairing_notes import RESIZED_NOTE
+from spectra.results import DiffResult, ModuleResult, caveat_groups, caveat_sentence
 from spectra.roles import role_sort_key
 
 #: How a median ratio (rank needed ÷ the random baseline of the same shape) is put in words.

@@ -379,7 +379,9 @@ def _other_diff(doc: object, result: DiffResult) -> str:
     if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict) or not isinstance(doc.get("inputs"), dict):
         return OTHER_INPUTS
     now = json.loads(json.dumps({k: result.config.get(k) for k in RESULT_FIELDS}, default=list))
-    said = [f"{k} was {_shown(doc['config'].get(k))}, now {_shown(now[k])}" for k in RESULT_FIELDS if doc["config"].get(k) != now[k]]
+    # a key the older results lack is no cause to name (its code's fingerprint differs anyway: the general sentence)
+    said = [f"{k} was {_shown(doc['config'][k])}, now {_shown(now[k])}" for k in RESULT_FIELDS
+            if k in doc["config"] and doc["config"][k] != now[k]]
     said += [f"{side} was {_shown(doc['inputs'].get(side))}, now {_shown(result.inputs.get(side))}"
              for side in ("base", "tuned") if doc["inputs"].get(side) != result.inputs.get(side)]
     return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS

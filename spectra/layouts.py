@@ -188,7 +188,7 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
     if leaf == "qkv":  # ViT-style attn.qkv: qkv(x).reshape(…, 3, heads, head_dim), three equal row blocks
         if out_dim % 3:
             return (Part(""),), f"{stored} has {out_dim} rows, not three equal blocks (q, k, v); left unsplit"
-        return blocks(("q", "k", "v"), (out_dim // 3,) * 3)
+        return blocks(("q", "k", "v"), (out_dim // 3,) * 3, out_dim)
     if leaf == "in_proj_weight":  # torch.nn.MultiheadAttention: F._in_projection_packed's w.chunk(3): q, k, v
         if out_dim != 3 * in_dim:
             return (Part(""),), f"in_proj_weight has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"

@@ -142,6 +142,20 @@ def rank_resolution(sigma_max: float, p: int) -> float:
     return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
 
 
+def route_resolution(sigma_max: float, p: int, method: str | None = None) -> float:
+    """The smallest singular value a route tells from 0 in a matrix of ``p = min(out, in)`` whose largest is
+    ``sigma_max``, by its results' ``method``: ``RANK_TOL·σ₁`` for a factored update's exact factors (``factored``),
+    ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), and the float64 Gram route's ``σ₁·√(p·ε)``
+    (:func:`rank_resolution`) for every other (``gram/…``, ``gram-eigh/…``, DoRA's and saved modules' dense updates,
+    sketches). Values at or below it are that route's rounding: no direction to count or buy."""
+    m = str(method or "")
+    if m.startswith("factored"):
+        return RANK_TOL * float(sigma_max)
+    if m.startswith("svd"):
+        return p * float(np.finfo(np.float64).eps) * float(sigma_max)
+    return rank_resolution(sigma_max, p)
+
+
 def numerical_rank(S: np.ndarray, p: int | None = None) -> int:
     """The energy rank at τ = 1: how many singular values stand above ``σ₁·√(p·ε)`` (ε = 2.2e-16, p =
     ``len(S)`` unless given), the resolution of the exact float64 Gram route, below which a singular
@@ -248,10 +262,11 @@ def effective_rank(S: np.ndarray) -> float:
     return float(np.exp(-np.sum(q * np.log(q))))
 
 
-def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
+def signal_rank(S: np.ndarray, shape: tuple[int, int], resolution: float | None = None) -> int:
     """Gavish & Donoho (2014) hard threshold for unknown noise: ``#{σᵢ > ω(β)·median(σ)}``, counting only values
-    above the Gram route's resolution ``σ₁·√(p·ε)`` too (:func:`numerical_rank`): where the median lies under it (an
-    exactly rank-1 update: values 2e-9 … 3e-8 of σ₁ that are that route's rounding), the rule counted the rounding.
+    above the route's ``resolution`` too (:func:`route_resolution`; None: the Gram route's ``σ₁·√(p·ε)``): where the
+    median lies under it (an exactly rank-1 update: values 2e-9 … 3e-8 of σ₁ that are that route's rounding), the
+    rule counted the rounding.
 
     ``β = p / max(out, in)``. A Gaussian-noise matrix gives about 0; a rank-r signal well above the
     noise gives r. ``S``: all ``p = min(out, in)`` singular values, any order (the median needs every one).
@@ -267,7 +282,8 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int]) -> int:
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
-    return int(np.sum(max(gavish_donoho_omega(beta) * np.median(S), rank_resolution(float(S.max()), S.size)) < S))
+    res = rank_resolution(float(S.max()), S.size) if resolution is None else resolution
+    return int(np.sum(max(gavish_donoho_omega(beta) * np.median(S), res) < S))
 
 
 def relative_norm(fro: float, base_fro: float) -> float | None:
@@ -324,8 +340,10 @@ class SpectrumMetrics:
     signal_rank: int
 
 
-def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> SpectrumMetrics:
-    """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (length p, any order)."""
+def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+                     method: str | None = None) -> SpectrumMetrics:
+    """All spectrum metrics of a matrix of ``shape`` with singular values ``S`` (length p, any order), computed by the
+    route ``method`` names (:func:`route_resolution`; None: the float64 Gram route)."""
     S = as_spectrum(S)
     shape = check_shape(shape)
     p = min(shape)
@@ -341,7 +359,7 @@ def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence
         effective_rank=effective_rank(S),
         energy_rank=ranks,
         energy_rank_frac={t: (k / p if p else 0.0) for t, k in ranks.items()},
-        signal_rank=signal_rank(S, shape),
+        signal_rank=signal_rank(S, shape, route_resolution(float(S.max()), p, method) if p else None),
     )
 
 

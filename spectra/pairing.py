@@ -27,6 +27,7 @@ from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, TensorInfo, read_not
 from spectra.naming import ENCODER_PREFIXES, MatrixSpec, Part, foreign_quant_of, is_bias, pairing_key, quant_param_of, spec_order, unique_pairing_keys
 from spectra.pairing_notes import (
     PAIRING_NOTE_PREFIX,
+    RESIZED_NOTE,
     counts_differ,
     expert_layouts_differ,
     head_tie_unknown_note,
@@ -35,7 +36,6 @@ from spectra.pairing_notes import (
     spelling_differs,
     tie_unknown,
 )
-from spectra.results import RESIZED_NOTE
 from spectra.stored_bytes import stored_copies
 
 #: Dtypes of buffers that are no weights when both sides hold them under a name other than ``….weight`` (int64
@@ -343,7 +343,9 @@ def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The pair of the names first
     stored stays. In place."""
     tied = (tuned.config or {}).get("tie_word_embeddings") is True  # a head then goes by drop_tied_heads, which says so
-    outside = [p for p in result.pairs if p.base.layer is None and p.tuned.layer is None and not (tied and p.tuned.role == "head")]
+    # embeddings and heads outside the stack, where models tie (a stack the names do not show would be all-pairs reads)
+    outside = [p for p in result.pairs if p.base.role in VOCAB_ROLES and p.tuned.role in VOCAB_ROLES and p.tuned.layer is None
+               and not (tied and p.tuned.role == "head")]
     cb, ct = (stored_copies(c, {getattr(p, side).name for p in outside}) for c, side in ((base, "base_info"), (tuned, "tuned_info")))
 
     def key(p: MatrixPair) -> tuple[str, str, str]:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 PAIRING_NOTE_PREFIX = "pairing: "
 
 
+#: Begins the note of a table whose two sides have different row counts (a resized vocabulary), which
+#: :meth:`spectra.results.DiffResult.not_compared` reads.
+RESIZED_NOTE = "rows differ (base "
+
 #: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
 EXPERT_LAYOUT_NOTE = "the experts are stored one matrix per expert"
 

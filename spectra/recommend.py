@@ -46,7 +46,7 @@ from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
-from spectra.metrics import normal_float32, numerical_rank, resolved_above, square_scale_exponent, threshold_key
+from spectra.metrics import normal_float32, resolved_above, route_resolution, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
@@ -483,17 +483,17 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
 
 
 def _buyable(m: dict) -> int:
-    """How many of a results record's kept singular values a budget can buy: of a factored update (a LoRA diff keeps r
-    of them, exact from the factors, and zeros after) the nonzero ones; of a dense one those above the Gram route's
-    resolution σ₁·√(p·ε), its energy rank at τ = 1 (:func:`spectra.metrics.numerical_rank`: an exactly rank-1 float64
-    update kept 3e-8·σ₁ of that route's rounding as values 2-9, and a budget bought them)."""
+    """How many of a results record's kept singular values a budget can buy: those above its route's resolution
+    (:func:`spectra.metrics.route_resolution` by the record's ``method``: a factored update's exact values down to
+    1e-10·σ₁, the Gram route's to σ₁·√(p·ε); an exactly rank-1 float64 update kept 3e-8·σ₁ of that route's rounding as
+    values 2-9, and a budget bought them)."""
     kept = np.array([float(x) for x in m.get("singular_values") or [] if x is not None], dtype=np.float64)
     kept = kept[kept > 0]
-    if not kept.size or str(m.get("method") or "").startswith("factored"):
-        return int(kept.size)
+    if not kept.size:
+        return 0
     shape = m.get("shape")
     p = min(shape) if isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) for x in shape) else 0
-    return numerical_rank(kept, max(p, kept.size))
+    return int(np.count_nonzero(route_resolution(float(kept.max()), max(p, kept.size), m.get("method")) < kept))
 
 
 def _ends_kept(m: dict) -> bool:

@@ -54,10 +54,12 @@ def common_fields(item: Prepared, config: DiffConfig) -> dict:
     )
 
 
-def spectrum_fields(S: np.ndarray, shape: tuple[int, int], config: DiffConfig, base_fro: float | None) -> dict:
+def spectrum_fields(S: np.ndarray, shape: tuple[int, int], config: DiffConfig, base_fro: float | None,
+                    method: str | None = None) -> dict:
     """The :class:`ModuleResult` fields that follow from the full spectrum ``S`` (descending, length p)
-    of a ``shape`` update and ``‖W_base‖_F`` (None when there is no base)."""
-    m = spectrum_metrics(S, shape, config.thresholds)
+    of a ``shape`` update and ``‖W_base‖_F`` (None when there is no base), computed by the route ``method`` names
+    (None: the run's ``config.method``)."""
+    m = spectrum_metrics(S, shape, config.thresholds, method or config.method)
     keys = [threshold_key(tau) for tau in config.thresholds]
     return dict(
         fro_norm=m.fro_norm, rel_norm=relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,

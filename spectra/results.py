@@ -26,6 +26,7 @@ from spectra.errors import ConfigError, ResultsFormatError
 from spectra.io.files import atomic_write_text
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, finite_or_null, load_json, result_json
 from spectra.metrics import threshold_key
+from spectra.pairing_notes import RESIZED_NOTE
 from spectra.results_check import SCHEMA, check_document
 
 #: The numerical caveats of :mod:`spectra.numerics`, recognised in a result's ``note`` (which holds
@@ -198,8 +199,6 @@ def is_matrix_skip(reason: str) -> bool:
 #: Ends the reason of a skipped tensor whose stored data differs between base and tuned (checked where every
 #: analysed ΔW is zero: a bias-only or norm-only fine-tune, a convolution kernel).
 CHANGED_SKIP = "; it differs between base and tuned"
-#: Begins the note of a table whose two sides have different row counts (a resized vocabulary; :mod:`spectra.pairing`).
-RESIZED_NOTE = "rows differ (base "
 
 
 @dataclass

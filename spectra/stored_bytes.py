@@ -40,11 +40,32 @@ def stored_copies(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, str]:
             groups.setdefault((info.dtype, tuple(info.shape)), []).append(info)
     out: dict[str, str] = {}
     for group in groups.values():
-        for i, info in enumerate(group):
-            first = next((f for f in group[:i] if f.name not in out and same_bytes(f, info)), None)
-            if first is not None:
-                out[info.name] = first.name
+        by_sample: dict[bytes | None, list[TensorInfo]] = {}
+        for info in group:  # a few KiB of each first: tensors that differ there are never read whole
+            by_sample.setdefault(_sample(info), []).append(info)
+        for sample, same in by_sample.items():
+            for i, info in enumerate(same):
+                first = next((f for f in same[:i] if f.name not in out and sample is not None and same_bytes(f, info)), None)
+                if first is not None:
+                    out[info.name] = first.name
     return out
+
+
+def _sample(info: TensorInfo, n: int = 1 << 12) -> bytes | None:
+    """The first and last ``n`` bytes of a safetensors tensor's data; None when they cannot be read."""
+    if info.entry is None:
+        return None
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        k = min(n, info.entry.nbytes)
+        return os.pread(fd, k, info.entry.start) + os.pread(fd, k, info.entry.start + info.entry.nbytes - k)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def same_bytes(a: TensorInfo, b: TensorInfo) -> bool | None:
@@ -75,18 +96,24 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool | None:
 
 
 def changed_tensors(base: Checkpoint, tuned: Checkpoint, names: Iterable[str]) -> list[str]:
-    """The ``names`` (tensors of ``tuned``) whose stored data differs from the base tensor of the same pairing key (same
-    dtype and shape; another dtype or shape counts as changed), in the order given; tensors the base lacks are left out
-    (pairing lists them). Safetensors tensors are compared byte for byte, others loaded."""
-    by_key = {pairing_key(n): n for n in base.tensors}
+    """The ``names`` (tensors of ``tuned``) whose data differs from the base tensor of the same name or pairing key, in the
+    order given; tensors the base lacks are left out (pairing lists them). Another shape counts as changed; another dtype
+    compares the values; the same dtype the bytes (safetensors read a block at a time, others loaded)."""
+    by_key: dict[str, str] = {}
+    for n in base.tensors:
+        by_key.setdefault(pairing_key(n), n)
     out = []
     for name in names:
-        b = by_key.get(pairing_key(name))
+        b = name if name in base.tensors else by_key.get(pairing_key(name))
         if b is None or name not in tuned.tensors:
             continue
         bi, ti = base.tensors[b], tuned.tensors[name]
-        if (bi.dtype, tuple(bi.shape)) != (ti.dtype, tuple(ti.shape)):
+        if tuple(bi.shape) != tuple(ti.shape):
             out.append(name)
+        elif bi.dtype != ti.dtype:  # a bf16 base beside a float32 copy: the values decide, not the bytes
+            x, y = base.load(b, dequantize=False), tuned.load(name, dequantize=False)
+            if not (x.is_floating_point() and y.is_floating_point() and torch.equal(x.double(), y.double())):
+                out.append(name)
         elif bi.entry is not None and ti.entry is not None:
             if same_bytes(bi, ti) is False:
                 out.append(name)

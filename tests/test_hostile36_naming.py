@@ -177,3 +177,22 @@ def test_a_conv_lora_is_skipped_with_its_reason_not_a_broken_chain(tmp_path):
     assert len(changed) == 1 and "projection" not in changed[0]
     conv = [s for s in result.skipped if "projection" in s["name"]]
     assert conv and all("LoRA on a convolution (lora_A (2, 3, 8, 8), lora_B (32, 2, 1, 1))" in s["reason"] for s in conv)
+
+
+def test_review_a_cast_copy_is_not_changed_and_a_long_out_name_gets_its_stop_note(tmp_path):
+    from safetensors.torch import save_file
+
+    from spectra.io.checkpoint import open_checkpoint
+    from spectra.stored_bytes import changed_tensors
+
+    g = torch.Generator().manual_seed(0)
+    bias = torch.randn(8, generator=g).to(torch.bfloat16)
+    save_file({"m.bias": bias, "m.other": bias.clone()}, str(tmp_path / "b.safetensors"))
+    save_file({"m.bias": bias.float(), "m.other": bias.float() + 1}, str(tmp_path / "t.safetensors"))  # a float32 copy
+    base, tuned = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
+    assert changed_tensors(base, tuned, ["m.bias", "m.other", "absent"]) == ["m.other"]  # values decide across dtypes
+
+    from tests.cli_util import cli
+
+    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / ("x" * 300))])
+    assert "Traceback" not in run.stderr and run.returncode != 0, run.stderr  # the stop note's glob raised ENAMETOOLONG

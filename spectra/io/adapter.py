@@ -602,7 +602,7 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                    f"update, measured once, on {emb}") if emb else f"not loaded by PEFT: {reason} ({ADAPTER_CONFIG})"
             adapter.skipped.extend(Skipped(n, why) for n in kinds.values())
             continue
-        if {len(ckpt.tensors[n].shape) for k, n in kinds.items() if k in ("lora_A", "lora_B")} - {2}:
+        if min((len(ckpt.tensors[n].shape) for k, n in kinds.items() if k in ("lora_A", "lora_B")), default=2) >= 3:
             shapes = ", ".join(f"{k} {tuple(ckpt.tensors[n].shape)}" for k, n in kinds.items() if k in ("lora_A", "lora_B"))
             adapter.skipped.extend(Skipped(n, f"LoRA on a convolution ({shapes}): a kernel's update, not a weight matrix (a full "
                                               "checkpoint's kernels are skipped alike)") for n in kinds.values())
