@@ -116,6 +116,7 @@ NOT_MATRIX = "not a weight matrix"
 #: Roles of tables indexed by token (or position): when the two sides' row counts differ (a resized
 #: vocabulary) the leading rows both have are the same tokens and are paired.
 VOCAB_ROLES = frozenset({"embed", "pos_embed", "head"})
+EMBED_ROLES = VOCAB_ROLES - {"head"}
 
 #: Roles whose matrix reads the model width (input = hidden size) or writes it (output = hidden size).
 _READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up"})
@@ -342,10 +343,9 @@ def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks' ``embed_tokens`` and
     ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The pair of the names first
     stored stays. In place."""
-    tied = (tuned.config or {}).get("tie_word_embeddings") is True  # a head then goes by drop_tied_heads, which says so
-    # embeddings and heads outside the stack, where models tie (a stack the names do not show would be all-pairs reads)
-    outside = [p for p in result.pairs if p.base.role in VOCAB_ROLES and p.tuned.role in VOCAB_ROLES and p.tuned.layer is None
-               and not (tied and p.tuned.role == "head")]
+    # embedding tables outside the stack (a stack the names do not show would be all-pairs reads); not heads: a head the
+    # config ties goes by drop_tied_heads, and an untied head equal to its embedding is a separate weight all the same
+    outside = [p for p in result.pairs if p.base.role in EMBED_ROLES and p.tuned.role in EMBED_ROLES and p.tuned.layer is None]
     cb, ct = (stored_copies(c, {getattr(p, side).name for p in outside}) for c, side in ((base, "base_info"), (tuned, "tuned_info")))
 
     def key(p: MatrixPair) -> tuple[str, str, str]:

@@ -3,8 +3,8 @@
 ``torch.save`` keeps tied weights as one tensor under several names (``TensorInfo.alias_of``); ``safetensors``
 refuses shared tensors, so a checkpoint written with :func:`safetensors.torch.save_file` after cloning them holds T5's
 one embedding four times (``shared``, both stacks' ``embed_tokens``, ``lm_head``). Read as four matrices, one update
-was measured four times. Only tensors outside the layer stack are compared (embeddings and heads, where models tie),
-first by size, then byte for byte, a block at a time.
+was measured four times. Only embedding tables outside the layer stack are compared (where models tie; a head goes by
+its config's ``tie_word_embeddings``), first by size and a sample, then byte for byte, a block at a time.
 
 Where every analysed ΔW is zero, the tensors a diff does not analyse (biases, norms, convolution kernels) are compared
 the same way (:func:`changed_tensors`): a bias-only (BitFit) or LayerNorm-only fine-tune was called "the same weights".

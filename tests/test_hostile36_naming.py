@@ -196,3 +196,29 @@ def test_review_a_cast_copy_is_not_changed_and_a_long_out_name_gets_its_stop_not
 
     run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / ("x" * 300))])
     assert "Traceback" not in run.stderr and run.returncode != 0, run.stderr  # the stop note's glob raised ENAMETOOLONG
+
+
+def test_an_untied_head_equal_to_its_embedding_is_measured_on_its_own(tmp_path):
+    # regression probe: a separate head (tie_word_embeddings false) whose bytes equal the embedding's was dropped as a
+    # copy, and extract's adapter left its update out (PEFT's merge kept the base head: error = the whole ‖ΔW‖)
+    from safetensors.torch import save_file
+
+    import spectra
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   vocab_size=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(64, 1, generator=g) @ torch.randn(1, 32, generator=g) * 0.1
+    for folder, add in (("b", False), ("t", True)):
+        (tmp_path / folder).mkdir()
+        sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd[k] = sd[k] + d if add else sd[k]
+        save_file(sd, str(tmp_path / folder / "model.safetensors"))
+        cfg.save_pretrained(tmp_path / folder)
+    result = spectra.diff(str(tmp_path / "b"), str(tmp_path / "t"), plots=False)
+    assert sorted(m.name for m in result.modules if m.fro_norm) == ["lm_head.weight", "model.embed_tokens.weight"]
