@@ -337,12 +337,11 @@ ALIAS_REASON = "the same stored tensor as"
 
 
 def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
-    """A pair whose base tensor and tuned tensor are both the same stored tensors as another pair's (tied weights
-    saved whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`; or saved as copies, the same bytes
-    in both checkpoints: :func:`spectra.stored_bytes.stored_copies`) is that pair's update again: it moves to
-    ``skipped`` with why. T5's one embedding was measured four times (as ``shared``, both stacks' ``embed_tokens`` and
-    ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The pair of the names first
-    stored stays. In place."""
+    """A pair whose base tensor and tuned tensor are both the same stored tensors as another pair's (tied weights saved
+    whole by ``torch.save``: :attr:`spectra.io.checkpoint.TensorInfo.alias_of`; or embeddings saved as copies, the same
+    bytes in both checkpoints: :func:`spectra.stored_bytes.stored_copies`) is that pair's update again: it moves to
+    ``skipped`` with why. T5's one embedding was measured four times (``shared``, both stacks' ``embed_tokens``,
+    ``lm_head``), and extract wrote a LoRA on each, which PEFT's merge added three times. The first pair stays. In place."""
     # embedding tables outside the stack (a stack the names do not show would be all-pairs reads); not heads: a head the
     # config ties goes by drop_tied_heads, and an untied head equal to its embedding is a separate weight all the same
     outside = [p for p in result.pairs if p.base.role in EMBED_ROLES and p.tuned.role in EMBED_ROLES and p.tuned.layer is None]
@@ -361,8 +360,9 @@ def _drop_aliases(result: Pairing, base: Checkpoint, tuned: Checkpoint) -> None:
     for p in result.pairs:
         kept = first[key(p)]
         if kept is not p:
+            how = "" if p.base_info.alias_of or p.tuned_info.alias_of else ", the same bytes in both checkpoints"  # or copies
             result.skipped.append(Skipped(p.tuned.name, f"{ALIAS_REASON} {kept.tuned.name} (tied weights saved under several "
-                                                        "names, the same bytes in both checkpoints): measured there"))
+                                                        f"names{how}): measured there"))
     result.pairs[:] = [p for p in result.pairs if first[key(p)] is p]
 
 
