@@ -263,8 +263,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            nonzero = sum(1 for x in m.get("singular_values") or [] if x is not None and float(x) > 0)
-            want, guessed = _part_rank(m, float(energy)) if energy is not None else (nonzero, False)
+            want, guessed = _part_rank(m, float(energy)) if energy is not None else (int(np.count_nonzero(_kept(m) > 0)), False)
             estimated += guessed
             if _ends_kept(m):  # the values beyond those kept are zeros or rounding (a LoRA's r, a zero kept): no more to buy
                 complete.add(m["name"])
@@ -482,12 +481,17 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     return Recommendation(config, adapted, params, full, notes)
 
 
+def _kept(m: dict) -> np.ndarray:
+    """A results record's kept singular values (null entries left out), float64."""
+    return np.array([float(x) for x in m.get("singular_values") or [] if x is not None], dtype=np.float64)
+
+
 def _buyable(m: dict) -> int:
     """How many of a results record's kept singular values a budget can buy: those above its route's resolution
     (:func:`spectra.metrics.route_resolution` by the record's ``method``: a factored update's exact values down to
     1e-10·σ₁, the Gram route's to σ₁·√(p·ε); an exactly rank-1 float64 update kept 3e-8·σ₁ of that route's rounding as
     values 2-9, and a budget bought them)."""
-    kept = np.array([float(x) for x in m.get("singular_values") or [] if x is not None], dtype=np.float64)
+    kept = _kept(m)
     kept = kept[kept > 0]
     if not kept.size:
         return 0
@@ -500,9 +504,9 @@ def _ends_kept(m: dict) -> bool:
     """Whether a record's spectrum beyond its kept singular values is known to be zero or rounding: it kept a zero
     (values are descending) or a value at or below the Gram route's resolution (:func:`_buyable`), or as many as its
     LoRA rank (``lora_r``: s·B·A holds at most r directions; not a DoRA update)."""
-    kept = [float(x) for x in m.get("singular_values") or [] if x is not None]
+    kept = _kept(m)
     r = m.get("lora_r") if not str(m.get("method") or "").startswith("dora") else None  # DoRA's update is dense
-    return (any(x == 0 for x in kept) or _buyable(m) < len(kept)
+    return (bool(np.any(kept == 0)) or _buyable(m) < len(kept)
             or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r))
 
 

@@ -30,10 +30,9 @@ def stored_copies(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, str]:
     (a ``.bin`` saved whole keeps tied weights as one tensor already)."""
     wanted = set(names)
     groups: dict[tuple[str, tuple[int, ...]], list[TensorInfo]] = {}
-    # the table the model owns stays: an embedding before a head, the shortest name (T5's ``shared`` before both
-    # stacks' ``embed_tokens``; safetensors stores names sorted, ``decoder…`` first), then the file's order
-    order = {n: (ckpt.specs[n].role == "head" if n in ckpt.specs else True, pairing_key(n).count("."), i)
-             for i, n in enumerate(ckpt.tensors) if n in wanted}
+    # the table the model owns stays: the shortest name (T5's ``shared`` before both stacks' ``embed_tokens``;
+    # safetensors stores names sorted, ``decoder…`` first), then the file's order
+    order = {n: (pairing_key(n).count("."), i) for i, n in enumerate(ckpt.tensors) if n in wanted}
     for name in sorted(order, key=order.__getitem__):
         info = ckpt.tensors[name]
         if info.entry is not None:
@@ -44,8 +43,10 @@ def stored_copies(ckpt: Checkpoint, names: Iterable[str]) -> dict[str, str]:
         for info in group:  # a few KiB of each first: tensors that differ there are never read whole
             by_sample.setdefault(_sample(info), []).append(info)
         for sample, same in by_sample.items():
+            if sample is None:  # unreadable: nothing is taken for a copy unread
+                continue
             for i, info in enumerate(same):
-                first = next((f for f in same[:i] if f.name not in out and sample is not None and same_bytes(f, info)), None)
+                first = next((f for f in same[:i] if f.name not in out and same_bytes(f, info)), None)
                 if first is not None:
                     out[info.name] = first.name
     return out
