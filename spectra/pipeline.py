@@ -36,7 +36,6 @@ from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import resolved_above
-from spectra.naming import pairing_key
 from spectra.numerics import raises_floor, weight_rounding
 from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoints
 from spectra.param_experts import open_adapter_on
@@ -46,7 +45,7 @@ from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import CHANGED_SKIP, DiffResult, ModuleResult
 from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
-from spectra.stored_bytes import changed_tensors
+from spectra.stored_bytes import base_lookup, changed_tensors
 from spectra.stream import batches, largest_first, prefetch, run_settings
 from spectra.threads import one_openmp_thread
 
@@ -459,16 +458,14 @@ def _changed_beyond_matrices(result: DiffResult, base: Checkpoint, tuned: Checkp
     a Mamba's conv1d, a ViT's patch embedding), with their share of the update's energy: the findings saw only the
     matrices, and a fine-tune whose update is mostly in a kernel read as small. None when none changed. ``keep(name,
     layer)``: the run's filters (--include, --exclude, --layers)."""
-    keys = {pairing_key(n): n for n in base.tensors}
-    changed = []
+    base_of, changed = base_lookup(base), []
     for s in result.skipped:
         tn = s["name"]
         info, spec = tuned.tensors.get(tn), tuned.specs.get(tn)
         if (not s["reason"].endswith(NOT_MATRIX) or info is None or len(info.shape) < 3 or info.dtype not in FLOAT_DTYPES
                 or not keep(tn, spec.layer if spec is not None else None)):
             continue
-        bn = tn if tn in base.tensors else keys.get(pairing_key(tn))
-        if bn is not None and tuple(base.tensors[bn].shape) == tuple(tuned.tensors[tn].shape):
+        if (bn := base_of(tn)) is not None and tuple(base.tensors[bn].shape) == tuple(tuned.tensors[tn].shape):
             fro = fro_blocks(base.load(bn), tuned.load(tn))[0]  # in blocks: no float copy of the whole tensor
             if fro > 0:
                 changed.append((tn, fro))

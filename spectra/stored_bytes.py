@@ -13,7 +13,7 @@ the same way (:func:`changed_tensors`): a bias-only (BitFit) or LayerNorm-only f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -96,16 +96,23 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool | None:
         os.close(fb)
 
 
-def changed_tensors(base: Checkpoint, tuned: Checkpoint, names: Iterable[str]) -> list[str]:
-    """The ``names`` (tensors of ``tuned``) whose data differs from the base tensor of the same name or pairing key, in the
-    order given; tensors the base lacks are left out (pairing lists them). Another shape counts as changed; another dtype
-    compares the values; the same dtype the bytes (safetensors read a block at a time, others loaded)."""
+def base_lookup(base: Checkpoint) -> Callable[[str], str | None]:
+    """A function from a tuned tensor's name to the base tensor it compares with: the same name, else the first base
+    tensor (in the file's order) of the same pairing key (another prefix, ``base_model.model.``); None when none."""
     by_key: dict[str, str] = {}
     for n in base.tensors:
         by_key.setdefault(pairing_key(n), n)
+    return lambda name: name if name in base.tensors else by_key.get(pairing_key(name))
+
+
+def changed_tensors(base: Checkpoint, tuned: Checkpoint, names: Iterable[str]) -> list[str]:
+    """The ``names`` (tensors of ``tuned``) whose data differs from their base tensor (:func:`base_lookup`), in the
+    order given; tensors the base lacks are left out (pairing lists them). Another shape counts as changed; another dtype
+    compares the values; the same dtype the bytes (safetensors read a block at a time, others loaded)."""
+    base_of = base_lookup(base)
     out = []
     for name in names:
-        b = name if name in base.tensors else by_key.get(pairing_key(name))
+        b = base_of(name)
         if b is None or name not in tuned.tensors:
             continue
         bi, ti = base.tensors[b], tuned.tensors[name]
@@ -124,4 +131,4 @@ def changed_tensors(base: Checkpoint, tuned: Checkpoint, names: Iterable[str]) -
     return out
 
 
-__all__ = ["BLOCK_BYTES", "changed_tensors", "same_bytes", "stored_copies"]
+__all__ = ["BLOCK_BYTES", "base_lookup", "changed_tensors", "same_bytes", "stored_copies"]
