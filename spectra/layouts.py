@@ -35,6 +35,8 @@ class ArchInfo:
         conv1d: matrices are stored ``(in, out)`` (GPT-2's ``Conv1D``) and must be transposed.
         falcon_layout: for Falcon's ``query_key_value``: ``"new"`` (grouped per kv head),
             ``"multi_query"`` (q rows, then one k and one v head) or ``"interleaved"`` (per head).
+        qk_nope_head_dim, v_head_dim: DeepSeek-V2/V3's multi-head latent attention: per head, the rows of
+            ``kv_b_proj`` holding the key's part without rotary embedding, then the value's.
     """
 
     model_type: str | None = None
@@ -44,6 +46,8 @@ class ArchInfo:
     hidden_size: int | None = None
     conv1d: bool = False
     falcon_layout: str | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]] | None = None) -> ArchInfo:
@@ -87,7 +91,8 @@ class ArchInfo:
                 if "c_attn" in comps and len(shape) == 2 and shape[1] == 3 * shape[0]:
                     conv1d = True
                     break
-        return cls(model_type, heads, kv, head_dim, hidden, conv1d, falcon_layout)
+        return cls(model_type, heads, kv, head_dim, hidden, conv1d, falcon_layout,
+                   _first_int(config, "qk_nope_head_dim"), _first_int(config, "v_head_dim"))
 
 
 def _first_int(config: Mapping[str, Any], *keys: str) -> int | None:
@@ -123,7 +128,7 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
     Args:
         leaf: the module's own name as stored (``"qkv_proj"``, ``"c_attn"``...).
         rel_path: the module path without wrappers, layer and expert numbers (``"attn.c_attn"``).
-        role: ``"qkv"``, ``"gate_up"`` or another role (anything else is returned unsplit).
+        role: ``"qkv"``, ``"gate_up"``, ``"kv"`` or another role (anything else is returned unsplit).
         out_dim, in_dim: the ``(out, in)``-oriented shape.
         arch: what ``config.json`` says about heads and the model type.
         interleaved: gate and up alternate along the fused output (gpt-oss: ``gate_up[..., ::2]``,
@@ -142,6 +147,8 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
         half = out_dim // 2  # Phi-3: gate, up = gate_up_proj(x).chunk(2, dim=-1); Llama-4, Mixtral (3-D) alike
         first, second = ("up", "gate") if set(rel_path.split(".")) & _UP_FIRST.get(arch.model_type or "", set()) else ("gate", "up")
         return (Part(first, torch.arange(0, half)), Part(second, torch.arange(half, out_dim))), ""
+    if role == "kv":
+        return _latent_kv(stored, out_dim, arch)
     if role != "qkv":
         return (Part(""),), ""
     hd, heads, kv = arch.head_dim, arch.num_heads, arch.num_kv_heads
@@ -216,6 +223,19 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
         parts, note = blocks(("q", "k", "v"), (in_dim, kvd, kvd), out_dim)
         return parts, "split assuming q has `in` rows (no config.json head counts)"
     return (Part(""),), f"{stored} has {out_dim} rows that do not split into q, k, v; left unsplit"
+
+
+def _latent_kv(stored: str, out_dim: int, arch: ArchInfo) -> tuple[tuple[Part, ...], str]:
+    """k and v of DeepSeek-V2/V3's ``kv_b_proj``: ``kv_b_proj(c).view(…, heads, nope + v_dim)`` split into
+    ``[qk_nope_head_dim, v_head_dim]`` per head."""
+    heads, nope, vd = arch.num_heads, arch.qk_nope_head_dim, arch.v_head_dim
+    if not heads or not nope or not vd:
+        return (Part(""),), (f"{stored} (k and v per head) is split with config.json's num_attention_heads, "
+                             "qk_nope_head_dim and v_head_dim; none was read; left unsplit")
+    if out_dim != heads * (nope + vd):
+        return (Part(""),), f"{stored} has {out_dim} rows, not {heads} heads x ({nope} + {vd}); left unsplit"
+    idx = torch.arange(out_dim).view(heads, nope + vd)
+    return (Part("k", idx[:, :nope].reshape(-1)), Part("v", idx[:, nope:].reshape(-1))), ""
 
 
 def blocks(names: Sequence[str], sizes: Sequence[int], total: int | None = None) -> tuple[tuple[Part, ...], str]:

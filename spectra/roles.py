@@ -10,7 +10,7 @@ from __future__ import annotations
 
 #: Column order of tables and heatmaps, by role; unknown roles come after, alphabetically.
 ROLE_ORDER = (
-    "embed", "pos_embed", "q", "k", "v", "qkv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
+    "embed", "pos_embed", "q_a", "q", "k", "v", "qkv", "kv_a", "kv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
     "router", "gate", "up", "gate_up", "down", "head",
 )
 
@@ -47,6 +47,8 @@ LEAF_ROLES = {
     "down_proj": "down", "w2": "down", "dense_4h_to_h": "down", "fc2": "down", "fc_out": "down",
     "wi_0": "gate", "wi_1": "up",  # T5's gated DenseReluDense: act(wi_0(x)) * wi_1(x)
     "gate_up_proj": "gate_up",
+    # DeepSeek-V2/V3's latent attention: q = q_b(norm(q_a(x))); [c, k_rope] = kv_a(x); [k_nope, v] per head = kv_b(norm(c))
+    "q_a_proj": "q_a", "q_b_proj": "q", "kv_a_proj_with_mqa": "kv_a", "kv_b_proj": "kv",
     "router": "router",
     "embed_tokens": "embed", "wte": "embed", "word_embeddings": "embed", "embed_in": "embed",
     "shared": "embed", "tok_embeddings": "embed",
@@ -104,7 +106,7 @@ def part_role(role: str | None, module: str, rel_path: str = "") -> str | None:
     ``v``; ``cross_v`` under a cross-attention ``rel_path``; ``gate_up_proj:e2:gate``: ``gate``), else ``role``: a
     filter on ``role == "v"`` finds every model's v, fused or not."""
     head, colon, part = module.rpartition(":")
-    if not colon or role not in ("qkv", "gate_up") or part not in _PART_ORDER:
+    if not colon or role not in ("qkv", "gate_up", "kv") or part not in _PART_ORDER:
         return role
     cross = part in ("q", "k", "v") and any(c.lower() in CROSS_PARENTS for c in rel_path.split("."))
     return f"cross_{part}" if cross else part
