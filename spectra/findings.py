@@ -76,7 +76,12 @@ def _median(xs: list[float]) -> float:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.2f}" if 0.01 <= abs(x) < 100 else f"{x:.2g}"
+    """Two decimals from 0.1 to 100, else two significant digits (0.0128 read "0.01" beside a minimum of "0.0092").
+
+    >>> _fmt(0.1525), _fmt(0.0128), _fmt(0.0092), _fmt(98.84), _fmt(1234.0)
+    ('0.15', '0.013', '0.0092', '98.84', '1.2e+03')
+    """
+    return f"{x:.2f}" if 0.1 <= abs(x) < 100 else f"{x:.2g}"
 
 
 def percent(x: float) -> str:

@@ -51,7 +51,7 @@ from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
 from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks
 from spectra.lowrank import scale_pow2, squaring_exponent
-from spectra.metrics import RANK_TOL, effective_rank, energy_rank, stable_rank, threshold_key
+from spectra.metrics import RANK_TOL, effective_rank, energy_rank, rank_resolution, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
 from spectra.threads import ONE_THREAD_MAX_P, one_blas_thread
 from spectra.ties import tie_cut
@@ -114,7 +114,7 @@ def _check_shapes(updates: Sequence[Update]) -> tuple[int, int]:
     return next(iter(shapes))  # type: ignore[return-value]
 
 
-def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
+def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = None,
                      floor: float = 0.0) -> tuple[np.ndarray, Factored]:
     """Every singular value of a dense update and its top-k triplets, from one float64 eigensolve.
 
@@ -124,7 +124,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     eigenvectors are the singular vectors of that side; the other side's top-k vectors are
     ``Xᵀ q_i / σ_i``, re-orthonormalised by a QR (only their span is used downstream). Singular
     values are exact to ≈1e-7·σ₁ (float64 Gram, the definitions' precision statement); vectors are
-    kept only for ``σ_i > max(rel_tol · σ₁, floor)``: below ``rel_tol · σ₁`` the Gram route cannot
+    kept only for ``σ_i > max(rel_tol · σ₁, floor)``: below the route's resolution ``σ₁·√(p·ε)``
+    (:func:`spectra.metrics.rank_resolution`, the default ``rel_tol``, as ``compare`` cuts) the Gram route cannot
     resolve them, and at or below ``floor`` (the storage rounding floor of the weights ΔW was formed
     from, :func:`spectra.delta.pair_floor`) they are rounding noise of the stored weights. A float64
     update whose squares would leave float64's range (entries near 1e±200) is scaled by a power of two
@@ -133,7 +134,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     Args:
         delta: ``(out, in)`` float tensor on any device.
         k: triplets kept (``>= 1``), more when the k-th value ties the next (:func:`tie_cut`).
-        rel_tol: relative floor of the kept singular values.
+        rel_tol: relative floor of the kept singular values; None: ``√(p·ε)``, the float64 Gram route's resolution
+            (a fixed 1e-6 dropped a direction at 5e-7·σ₁ that ``compare`` resolves, and kept rounding at p > 4500).
         floor: absolute floor of the kept singular values, in ΔW's units (0: none). The spectrum
             ``S`` is returned whole either way.
 
@@ -145,8 +147,9 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float = 1e-6,
     if delta.ndim != 2:
         raise ValueError(f"delta must be a 2-D (out, in) matrix. Got shape {tuple(delta.shape)} instead.")
     k = check_index(k, "k", 1, 1 << 62)
-    rel_tol, floor = check_number(rel_tol, "rel_tol", 0.0, 1.0), check_number(floor, "floor", 0.0)
+    floor = check_number(floor, "floor", 0.0)
     out, inn = delta.shape
+    rel_tol = rank_resolution(1.0, min(out, inn)) if rel_tol is None else check_number(rel_tol, "rel_tol", 0.0, 1.0)
     wide = out <= inn
     e = squaring_exponent(delta)  # 0 unless float64 (narrower entries square within float64's range)
     if e:

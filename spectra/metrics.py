@@ -136,21 +136,25 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     return min(k, energy.size)
 
 
-def rank_resolution(sigma_max: float, p: int) -> float:
-    """``σ₁·√(p·ε)`` (ε = 2.2e-16): the smallest singular value the exact float64 Gram route tells from 0
+def rank_resolution(sigma_max: float, p: int, eps: float = float(np.finfo(np.float64).eps)) -> float:
+    """``σ₁·√(p·ε)`` (ε = 2.2e-16 unless given): the smallest singular value the exact float64 Gram route tells from 0
     in a matrix of ``p = min(out, in)`` whose largest is ``sigma_max``; the threshold of :func:`numerical_rank`."""
-    return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
+    return float(sigma_max) * math.sqrt(p * eps)
 
 
 def route_resolution(sigma_max: float, p: int, method: str | None = None) -> float:
     """The smallest singular value a route tells from 0 in a matrix of ``p = min(out, in)`` whose largest is
     ``sigma_max``, by its results' ``method``: ``RANK_TOL·σ₁`` for a factored update's exact factors (``factored``),
-    ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), and the float64 Gram route's ``σ₁·√(p·ε)``
-    (:func:`rank_resolution`) for every other (``gram/…``, ``gram-eigh/…``, DoRA's and saved modules' dense updates,
-    sketches). Values at or below it are that route's rounding: no direction to count or buy."""
+    ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), the float32 Gram route's ``σ₁·√(p·ε₃₂)`` (``…float32…``: its
+    certified ranks come with values rounded at ~p·ε₃₂·σ₁², which ``signal_rank`` counted and a budget bought), and the
+    float64 Gram route's ``σ₁·√(p·ε)`` (:func:`rank_resolution`) for every other (``gram/float64``, ``gram-eigh/…``,
+    DoRA's and saved modules' dense updates, sketches). Values at or below it are that route's rounding: no direction
+    to count or buy."""
     m = str(method or "")
     if m.startswith("factored"):
         return RANK_TOL * float(sigma_max)
+    if "float32" in m:
+        return rank_resolution(sigma_max, p, float(np.finfo(np.float32).eps))
     if m.startswith("svd"):
         return p * float(np.finfo(np.float64).eps) * float(sigma_max)
     return rank_resolution(sigma_max, p)
@@ -349,7 +353,10 @@ def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence
     p = min(shape)
     if S.shape != (p,):
         raise ValueError(f"S must have shape ({p},) for a {shape} matrix. Got {S.shape} instead.")
-    ranks = {float(t): energy_rank(S, t) for t in thresholds}
+    res = route_resolution(float(S.max()), p, method) if p else None
+    # τ = 1: the numerical rank, or the values above a coarser route's resolution (a certified float32 spectrum's)
+    tau1 = int(np.count_nonzero(max(res, rank_resolution(float(S.max()), p)) < S)) if p and S.max() > 0 else 0
+    ranks = {float(t): energy_rank(S, t) if t != 1.0 else tau1 for t in thresholds}
     return SpectrumMetrics(
         p=p,
         fro_norm=fro_norm_of(S),
@@ -359,7 +366,7 @@ def spectrum_metrics(S: np.ndarray, shape: tuple[int, int], thresholds: Sequence
         effective_rank=effective_rank(S),
         energy_rank=ranks,
         energy_rank_frac={t: (k / p if p else 0.0) for t, k in ranks.items()},
-        signal_rank=signal_rank(S, shape, route_resolution(float(S.max()), p, method) if p else None),
+        signal_rank=signal_rank(S, shape, res),
     )
 
 

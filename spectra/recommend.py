@@ -94,6 +94,8 @@ def _part_rank(m: dict, tau: float) -> tuple[int, bool]:
         return int(ranks[key]), False
     S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
     shape = m.get("shape")
+    if tau == 1.0 and ((k := _buyable(m)) < S.size or isinstance(shape, list) and shape and S.size >= min(shape)):
+        return k, False  # the values above the record's route's resolution (a float32 route's rounding is none)
     fro = float(m["fro_norm"])
     e = square_scale_exponent(np.append(S, fro))  # ranks are scale-free; σ² of a 1e200 update is inf
     r = energy_rank_top(np.ldexp(S, -e), float(np.ldexp(fro, -e)) ** 2, tau,

@@ -1,0 +1,85 @@
+"""Thirty-seventh round: numbers of the float32 route and of the resolved directions that every command counts
+(docs/bad_inputs.md, "thirty-seventh round")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from tests.cli_util import cli
+
+
+def test_float32_route_cuts_signal_rank_and_budgets_at_its_own_rounding(tmp_path):
+    # an exactly rank-1 update of a float32 matrix: the float32 Gram route certifies its energy ranks, but the values it
+    # keeps past σ₁ are its rounding (~1e-4·σ₁), far above the float64 route's resolution
+    g = torch.Generator().manual_seed(0)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    W = torch.randn(48, 48, generator=g) * 0.05
+    u, v = torch.randn(48, 1, generator=g), torch.randn(1, 48, generator=g)
+    save_file({name: W}, str(tmp_path / "b.safetensors"))
+    save_file({name: W + 0.02 * u @ v}, str(tmp_path / "t.safetensors"))
+    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--precision", "float32",
+               "--out", str(tmp_path / "o"), "--no-plots"])
+    assert run.returncode == 0, run.stderr
+    (m,) = json.loads((tmp_path / "o" / "results.json").read_text())["modules"]
+    assert m["method"] == "gram/float32-certified"
+    assert m["singular_values"][1] > 1e3 * m["rounding_floor"]  # the float32 solve's rounding, not the storage's
+    assert m["signal_rank"] == 1 and m["energy_rank"]["0.99"] == 1
+    for opts in (["--budget", "100%"], ["--energy", "1.0"]):
+        rec = cli(["recommend", str(tmp_path / "o" / "results.json"), *opts])
+        assert rec.returncode == 0, rec.stderr
+        assert '"r": 1,' in rec.stdout, (opts, rec.stdout)
+    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--precision", "float32",
+               "-t", "0.9", "-t", "1.0", "--out", str(tmp_path / "o1"), "--no-plots"])
+    assert run.returncode == 0, run.stderr
+    (m,) = json.loads((tmp_path / "o1" / "results.json").read_text())["modules"]
+    assert m["energy_rank"] == {"0.9": 1, "1.0": 1}  # τ = 1: the values above the float32 route's resolution
+
+
+def test_interfere_and_trace_resolve_the_directions_compare_resolves(tmp_path):
+    # two float64 updates sharing their top direction, each with another second direction at 5e-7·σ₁: above the
+    # Gram route's resolution √(p·ε)·σ₁ = 1.0e-7·σ₁ (p = 48), which compare cuts at; interfere cut at 1e-6·σ₁
+    from spectra.interference import spectrum_and_top
+
+    rng = np.random.default_rng(9)
+    U, _ = np.linalg.qr(rng.standard_normal((48, 3)))
+    V, _ = np.linalg.qr(rng.standard_normal((80, 3)))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    W = rng.standard_normal((48, 80)) * 0.05
+    A = np.outer(U[:, 0], V[:, 0]) + 5e-7 * np.outer(U[:, 1], V[:, 1])
+    B = np.outer(U[:, 0], V[:, 0]) + 5e-7 * np.outer(U[:, 2], V[:, 2])
+    for file, M in (("base", W), ("a", W + A), ("b", W + B)):
+        save_file({name: torch.tensor(M)}, str(tmp_path / f"{file}.safetensors"))
+    S, top = spectrum_and_top(torch.tensor(A), 4)
+    assert top.S.numel() == 2  # both resolved directions, as compare's rank_a
+    f = [str(tmp_path / f"{x}.safetensors") for x in ("base", "a", "b")]
+    comp = cli(["compare", f[1], f[2], "--base", f[0], "--top-k", "4", "--out", str(tmp_path / "c"), "--no-plots"])
+    assert comp.returncode == 0, comp.stderr
+    inter = cli(["interfere", "--base", f[0], f[1], f[2], "--top-k", "4", "--out", str(tmp_path / "i"), "--no-plots"])
+    assert inter.returncode == 0, inter.stderr
+    (c,) = json.loads((tmp_path / "c" / "compare.json").read_text())["modules"]
+    (i,) = json.loads((tmp_path / "i" / "interfere.json").read_text())["modules"]
+    assert (c["rank_a"], c["rank_b"]) == (2, 2) and i["ranks"] == [2, 2]
+    # φ of the right subspaces: the shared direction of two, 1/2 (Hu et al.'s normalisation by min(k_a, k_b))
+    assert abs(c["phi"]["right"]["phi_full"] - 0.5) < 1e-6 and abs(i["phi"][0][1] - 0.5) < 1e-6
+
+
+def test_approx_stops_sketching_when_a_round_costs_more_than_the_exact_route(monkeypatch):
+    # a dense 8000 × 600 update: its ranks need a sketch near p/2, and each round after the first costs more than the
+    # float64 Gram route's whole spectrum; the sketch went 64, 128, 256 columns before computing that spectrum anyway
+    import spectra.sketch as sk
+    from spectra.metrics import energy_rank
+
+    widths = []
+    real = sk.randomized_svd
+    monkeypatch.setattr(sk, "randomized_svd", lambda M, k, **kw: widths.append(k) or real(M, k, **kw))
+    M = torch.randn(8000, 600, generator=torch.Generator().manual_seed(0))
+    res = sk.approx_energy_ranks(M, [0.5, 0.9])
+    assert widths == [64] and res.exact
+    S = np.linalg.svd(M.double().numpy(), compute_uv=False)
+    for tau in (0.5, 0.9):
+        r = res.ranks[tau]
+        assert r.lo == r.hi == energy_rank(S, tau)
