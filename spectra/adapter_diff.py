@@ -28,7 +28,7 @@ from spectra.errors import CheckpointFormatError, PairingError
 from spectra.io.adapter import LORA_KINDS, Adapter, LoraModule
 from spectra.io.checkpoint import Checkpoint, open_checkpoint
 from spectra.io.files import same_file
-from spectra.journal import absorb, run_fingerprint
+from spectra.journal import absorb, diff_identity
 from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes, weight_rounding
@@ -357,7 +357,7 @@ def diff_adapter(
         result.skipped.append(asdict(skip))
     finished: set[str] = set()
     if writer:
-        result.fingerprint = _adapter_fingerprint(adapter, base, config)
+        result.fingerprint, result.identity = _adapter_identity(adapter, base, config)
         finished = absorb(result, writer.start(result, resume=resume, known={u[3] for u in units}))
     units = [u for u in units if u[3] not in finished]
     total = len(finished) + len(units)
@@ -396,13 +396,13 @@ def diff_adapter(
     return result
 
 
-def _adapter_fingerprint(adapter: Adapter, base: Checkpoint | None, config: DiffConfig) -> str:
+def _adapter_identity(adapter: Adapter, base: Checkpoint | None, config: DiffConfig) -> tuple[str, dict[str, str]]:
     """What a journal of this adapter diff is resumed under: the adapter's weights file with its
-    adapter_config.json (:func:`spectra.journal.run_fingerprint`), the base's, and the options."""
+    adapter_config.json, the base's, and the options (:func:`spectra.journal.diff_identity`)."""
     weights = next(p for p in (adapter.path / "adapter_model.safetensors", adapter.path / "adapter_model.bin")
                    if p.exists() or p.is_symlink())
     files = open_checkpoint(str(weights))
-    return run_fingerprint(base if base is not None else files, files, config)
+    return diff_identity(base if base is not None else files, files, config)
 
 
 def merged_skips(skipped: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -69,6 +69,19 @@ def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig, *, 
     return h.hexdigest()[:16]
 
 
+def diff_identity(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> tuple[str, dict[str, str]]:
+    """``(fingerprint, identity)``: :func:`run_fingerprint`, and what results.json keeps so that a refused ``--resume``
+    names its cause (:func:`_other_diff`): ``{"code": code_identity(), "base": …, "tuned": …}``, each input's
+    :func:`input_hash`."""
+    return (run_fingerprint(base, tuned, config),
+            {"code": code_identity(), "base": input_hash(base), "tuned": input_hash(tuned)})
+
+
+def input_hash(ckpt: Checkpoint) -> str:
+    """A short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files): it changes when the input does."""
+    return hashlib.sha256(json.dumps(checkpoint_identity(ckpt)).encode()).hexdigest()[:16]
+
+
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a
 #: tensor, LoRA ranks and alphas): their content goes into the fingerprint.
 DECIDING_FILES = ("config.json", "adapter_config.json", "*.index.json")
@@ -362,9 +375,8 @@ def run_identity(checkpoints: list[Checkpoint], options: dict) -> tuple[str, dic
     h.update(code_identity().encode())
     inputs = []
     for ckpt in checkpoints:
-        identity = json.dumps(checkpoint_identity(ckpt)).encode()
-        h.update(identity)
-        inputs.append([os.path.realpath(ckpt.root), hashlib.sha256(identity).hexdigest()[:16]])
+        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
+        inputs.append([os.path.realpath(ckpt.root), input_hash(ckpt)])
     return h.hexdigest()[:16], {"code": code_identity(), "options": json.loads(text), "inputs": inputs}
 
 
@@ -384,6 +396,13 @@ def _other_diff(doc: object, result: DiffResult) -> str:
             if k in doc["config"] and doc["config"][k] != now[k]]
     said += [f"{side} was {_shown(doc['inputs'].get(side))}, now {_shown(result.inputs.get(side))}"
              for side in ("base", "tuned") if doc["inputs"].get(side) != result.inputs.get(side)]
+    then = doc.get("identity") if isinstance(doc.get("identity"), dict) else {}  # absent in older results
+    if then.get("code") not in (None, result.identity.get("code")):
+        said.insert(0, "another version of spectra wrote it (its code changed since)")
+    said += [f"{side} changed since (content, size, times or metadata: chmod or a new hard link counts): "
+             f"{display_name(str(result.inputs.get(side)))}" for side in ("base", "tuned")
+             if result.inputs.get(side) and doc["inputs"].get(side) == result.inputs.get(side)
+             and then.get(side) not in (None, result.identity.get(side))]
     return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS
 
 

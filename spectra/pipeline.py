@@ -33,7 +33,7 @@ from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.io.adapter import is_adapter
 from spectra.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoint
 from spectra.io.files import same_file
-from spectra.journal import Journal, absorb, run_fingerprint
+from spectra.journal import Journal, absorb, diff_identity, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import resolved_above
 from spectra.numerics import raises_floor, weight_rounding
@@ -354,7 +354,7 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
         inputs={"base": str(base_ckpt.root), "tuned": str(tuned_ckpt.root)},
     )
     result.warnings.extend(pairing.notes)  # e.g. which of a folder's weight sets was read
-    result.fingerprint = run_fingerprint(base_ckpt, tuned_ckpt, config)
+    result.fingerprint, result.identity = diff_identity(base_ckpt, tuned_ckpt, config)
     if ctx is None:
         finished = writer.start(result, resume=resume, known=set(order)) if writer else []
     else:  # only rank 0 reads the journal; the others learn what is done, or why it was refused

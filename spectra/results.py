@@ -223,6 +223,8 @@ class DiffResult:
         inputs: ``{"base": ..., "tuned": ...}``, the absolute location each input was read from (a hub id's cache
             folder, ``~`` expanded), where ``spectra recommend`` reads the models' configs again; empty in results of
             older versions (their ``base``/``tuned`` are read as typed, from the current folder).
+        identity: ``{"code", "base", "tuned"}``: hashes of spectra's source and of each input's files (paths, sizes,
+            times, content samples, tensors), with which a refused ``--resume`` names what changed; empty in older results.
     """
 
     base: str | None
@@ -240,6 +242,7 @@ class DiffResult:
     adapter: dict[str, Any] | None = None
     fingerprint: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
+    identity: dict[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # short: a notebook cell ending in `res` must not print every singular value of every matrix
