@@ -36,7 +36,7 @@ from spectra.lowrank import VLLM_RANKS, Budget, energy_rank_top, parse_budget, r
 from spectra.metrics import resolved_above, route_resolution
 from spectra.naming import MatrixSpec, layer_of
 from spectra.pairing import ALIAS_REASON, MatrixPair, Pairing
-from spectra.peft_moe import TRANSPOSED_EXPERTS, PeftMoeRules
+from spectra.peft_moe import LOAD_TRANSPOSED_EXPERTS, TRANSPOSED_EXPERTS, PeftMoeRules
 from spectra.results import caveat_codes
 from spectra.selection import Task
 
@@ -293,7 +293,11 @@ STACK_NOT_WRITTEN = ("a target_parameters LoRA on a 3-D expert stack: spectra ex
 def stack_flip(spec: MatrixSpec, model_type: str | None) -> bool:
     """Whether PEFT's LoRA on the 3-D stack ``spec`` holds the transpose of spectra's ``(out, in)`` ΔW: PEFT's update of
     an expert is the stored matrix, or its transpose where the experts module says ``is_transposed``
-    (:data:`spectra.peft_moe.TRANSPOSED_EXPERTS`), and spectra reads the stored matrix transposed where ``spec.transpose``."""
+    (:data:`spectra.peft_moe.TRANSPOSED_EXPERTS`), and spectra reads the stored matrix transposed where ``spec.transpose``;
+    never where transformers transposes the stored stack on load (:data:`~spectra.peft_moe.LOAD_TRANSPOSED_EXPERTS`: the
+    factors were written for the stored orientation, and PEFT refused them, "size mismatch")."""
+    if (model_type or "") in LOAD_TRANSPOSED_EXPERTS:
+        return False
     return ((model_type or "") in TRANSPOSED_EXPERTS) != spec.transpose
 
 

@@ -174,12 +174,13 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = Non
     if keep == 0:
         return S_np, Factored(torch.zeros(out, 0, dtype=torch.float64, device=delta.device), S[:0],
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
-    with blas:
-        Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
     Sk = S[:keep]
     X = delta if wide else delta.mT  # (p, long)
-    Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
-    other, R = torch.linalg.qr(Y, mode="reduced")
+    # the QR too on the one thread: after the context, a 2 × 2 QR woke the second thread's team, 4.8 ms against 0.01
+    with blas:
+        Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
+        Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
+        other, R = torch.linalg.qr(Y, mode="reduced")
     other = other * torch.sign(torch.diagonal(R))  # undo the QR's sign flips: U diag(S) Vh stays the truncation
     U, Vh = (Qk, other.mT) if wide else (other, Qk.mT)
     return S_np, Factored(U, torch.from_numpy(S_np[:keep].copy()).to(Sk.device), Vh)

@@ -184,6 +184,10 @@ class ExpertFusion:
 #: ``B_e·A_e`` to each expert's stored matrix (transformers 5.25: gpt-oss, Aria, Ergo, OpenAI Privacy Filter); what a
 #: square stack's LoRA is read by (other shapes tell it themselves: :mod:`spectra.param_experts`).
 TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "ergo", "openai_privacy_filter"})
+#: Model types whose stacks transformers transposes on load where stored ``(experts, in, out)`` (Qwen3-VL-MoE:
+#: ``conversion_mapping``'s ``Transpose(1, 2, check_dims=True)`` to the module's ``(experts, out, in)``): PEFT's LoRA is of
+#: the loaded parameter, spectra's ``(out, in)``, whichever way the checkpoint stores it.
+LOAD_TRANSPOSED_EXPERTS = frozenset({"qwen3_vl_moe", "qwen3_vl_moe_text"})
 #: The two fusion patterns of transformers 5.24 (Mixtral's and Qwen2-MoE's), for where transformers is not installed.
 _FUSION_TABLES: tuple[ExpertFusion, ...] = (
     ExpertFusion(".experts.gate_up_proj", (".experts.*.w1.weight", ".experts.*.w3.weight"), ((".block_sparse_moe.", ".mlp."),)),
@@ -220,4 +224,5 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS", "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules"]
+__all__ = ["LOAD_TRANSPOSED_EXPERTS", "PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS",
+           "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules"]
