@@ -153,8 +153,10 @@ def totals_table(doc: dict) -> Table:
     t, u, s = doc["totals"], doc["uniform"], doc["serving"]
     outside = t.get("not_extracted_energy_share") or 0.0
     finite = " (over the matrices with a finite ΔW)" if t.get("unmeasured") else ""
+    whole = "the selected matrices' ΔW energy" if t.get("outside_selection") else "all of ΔW's energy"  # the rest unread
     title = ("totals (energy kept: share of the extracted matrices' ΔW energy; the matrices not extracted hold "
-             f"{outside:.1%} of all of it{finite})" if outside >= 0.0005 else f"totals (energy kept: share of all of ΔW's energy{finite})")
+             f"{outside:.1%} of {'the selected' if t.get('outside_selection') else 'all of'} it{finite})" if outside >= 0.0005
+             else f"totals (energy kept: share of {whole}{finite})")
     table = Table(title=title, title_justify="left", show_header=True)
     changed = t.get("changed", t["modules"])  # the modules with an update (extract.json before: all of them)
     for col in ("", "params", "share of full update", "energy kept", "‖ΔW − BA‖/‖ΔW‖", "changed modules ≥ 90%"):

@@ -44,6 +44,7 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
 from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
+from spectra.display import matrices
 from spectra.engine import batch_singular_values
 from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_eval import EvalData
@@ -102,6 +103,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
+from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.pairing import NOT_WEIGHTS, PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_rules
@@ -133,6 +135,7 @@ class ExtractSource:
     base_prefix: str = ""  # a wrapper prefix of the base names the modules drop (they take the tuned names then)
     task_type: str | None = None  # the adapter's PEFT task_type
     saved: list[dict] = field(default_factory=list)  # the task head's not_lora records (extract_heads), held whole
+    outside_selection: int = 0  # paired matrices --include/--exclude/--layers left out (not read: no energy to count)
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -194,7 +197,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     notes += alias_notes(pairing) + one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
                            lambda side, n: head_of(n.removeprefix(base_prefix if side == "base" else prefix), heads) is not None)
     one_d = []
-    base_by_key = {n: n for n in base.tensors}
+    by_key = unique_pairing_keys(list(base.tensors))  # once: per skipped tensor it was quadratic in the count
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
         if head_of(s.name.removeprefix(prefix), heads):  # the head's records say what happened to it
@@ -206,7 +209,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         other = floating and (len(info.shape) not in (1, 2) or s.reason == NOT_WEIGHTS["A_log"]) and not mismatched
         if not (mismatched or one_dim or other):
             continue
-        bn = base_by_key.get(s.name) or _same_key(base, s.name)
+        bn = s.name if s.name in base.tensors else by_key.get(pairing_key(s.name))
         if mismatched:  # a matrix whose base has another shape: not silently dropped, listed with the reason
             left.append(((s.name, tuple(info.shape), None, tensor_fro(base, bn)), s.reason))
         elif other and bn is not None and tuple(base.tensors[bn].shape) == tuple(info.shape):
@@ -217,15 +220,10 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         elif one_dim and bn is not None:
             one_d.append((s.name, bn))
     return ExtractSource("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
-                   one_d=one_d, unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
+                   outside_selection=len({p.tuned.name for p in pairing.pairs} - {t.pair.tuned.name for t in tasks}), one_d=one_d,
+                   unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
                    saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
-
-
-def _same_key(ckpt: Checkpoint, name: str) -> str | None:
-    from spectra.naming import pairing_key, unique_pairing_keys
-
-    return unique_pairing_keys(list(ckpt.tensors)).get(pairing_key(name))
 
 
 def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -> ExtractSource:
@@ -623,7 +621,9 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                 what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
             only = (f"; only {len(moved)} norm/bias tensor{'s' if len(moved) > 1 else ''} changed (e.g. {moved[0]}), which "
                     "a LoRA adapter cannot hold (PEFT's modules_to_save rides on a LoRA target)") if zero and moved else ""
-            error = IdenticalCheckpointsError if zero and not moved else ConfigError
+            if left := [r for r in result.not_extracted if isinstance(r.get("fro_norm"), (int, float)) and r["fro_norm"] > 0]:  # changed
+                only += f"; {matrices(len(left))} that changed not extracted (e.g. {left[0]['name']}: {left[0]['reason']})"
+            error = IdenticalCheckpointsError if zero and not moved and not left else ConfigError
             raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract{only}",
                         path=f"{base_ckpt.label} vs {src.label}",
                         hint=(f"use the tuned checkpoint itself (spectra diff lists what changed); extract.json was written to {out}"

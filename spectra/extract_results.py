@@ -75,7 +75,8 @@ class ExtractResult:
         totals: sums over the modules (parameters; ``energy_kept``: the share of the extracted
             matrices' ‖ΔW‖²_F the adapter keeps; ``energy_kept_all``: the same over every matrix,
             those in ``not_extracted`` and an adapter's ``modules_to_save`` matrices included (kept whole
-            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; ``unmeasured``: the
+            with ``--save-modules``), the share not held being ``not_extracted_energy_share``; of the selected ones when
+            ``outside_selection`` (paired matrices ``--include``/``--exclude``/``--layers`` left out, unread) is not 0; ``unmeasured``: the
             matrices not extracted whose ΔW is not finite (NaN/Inf), which neither share counts; 1-D tensors such as
             norms and biases are not counted in either; …).
         uniform: the uniform-rank adapter of the same parameter count, from the same spectra.
@@ -502,7 +503,7 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         "param_fraction": params / full if full else 0.0, "bytes": params * bytes_per, "energy_kept": kept,
         "not_extracted_energy_share": outside_share,
         "energy_kept_all": (kept * energy + held) / whole if kept is not None and whole > 0 else kept,
-        "unmeasured": len(unmeasured),
+        "unmeasured": len(unmeasured), "outside_selection": int(getattr(src, "outside_selection", 0)),
         "rel_fro_error": error(ranks) if kept is not None else None,
         "changed": sum(live), "median_energy_kept": _median([m["energy_kept"] for m in changed]),
         "min_energy_kept": min(m["energy_kept"] for m in changed), "modules_at_90": sum(m["energy_kept"] >= 0.9 for m in changed),
@@ -555,6 +556,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
         warnings.append(f"the matrices not extracted hold {outside_share:.1%} of the weight matrices' ΔW energy: the adapter "
                         f"keeps {totals['energy_kept_all']:.3f} of all of it (energy_kept, {kept:.3f}, is of the extracted "
                         "matrices; see not_extracted and not_lora in extract.json)")
+    if totals["outside_selection"] and kept is not None:  # not read: their share of the update is unknown
+        warnings.append(f"--include/--exclude/--layers left {matrices(totals['outside_selection'])} out, unread: energy_kept_all "
+                        f"({totals['energy_kept_all']:.3f}) is of the selected matrices' ΔW energy, not of the whole update's")
     # the caveats of the notes (precision mismatch…) as diff warns them; rounding_level's is said just below
     warnings += [w for w in note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))
                  if not w.startswith(f"{CAVEAT_PREFIX}(rounding_level)")]

@@ -477,6 +477,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if ArchInfo.from_config(base_config).conv1d and any(p.rsplit(".", 1)[-1] in CONV1D_LEAVES for p in named):
         config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out): without it PEFT warns and sets it itself
     params = sum(r * cost[p] for p, r in adapted.items()) + extra
+    dearer = [p for p, r in adapted.items() if r * cost[p] > whole[p]["out"] * whole[p]["in"]]
+    if dearer and not any("hold more parameters than the dense" in x for x in notes):  # a budget's note may have said it
+        notes.append(f"in {len(dearer)} modules (e.g. {dearer[0]}) the LoRA factors hold more parameters than the dense ΔW "
+                     "(r·(out + in) > out·in): training or storing those updates whole would be smaller")
     if budget_n is not None and params > budget_n:  # the experts' one rank (and PEFT's fused pairs) cost more than chosen
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the allocation spent on them")

@@ -67,3 +67,41 @@ def test_qwen3_vl_moe_stacks_stored_transposed_give_an_adapter_peft_loads_and_me
         a = rows[0][key]
         assert a["shape"] == m["shape"] and a["fro_norm"] == pytest.approx(m["fro_norm"], rel=1e-4), key
         assert a["singular_values"][:2] == pytest.approx(m["singular_values"][:2], rel=1e-4), key
+
+
+def _llama_pair(tmp_path, changed: str):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 2 and changed in n:
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "tuned")
+    return str(tmp_path / "base"), str(tmp_path / "tuned")
+
+
+def test_extract_of_a_selection_says_its_share_is_of_the_selected_matrices(tmp_path):
+    # every matrix changed; --layers 1 reads a third of them: "share of all of ΔW's energy" was of those alone
+    b, t = _llama_pair(tmp_path, "")
+    run = cli(["extract", b, t, "-o", str(tmp_path / "x"), "--rank", "2", "--layers", "1", "--no-plots"])
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "x" / "extract.json").read_text())
+    n_layer = 7  # q, k, v, o, gate, up, down
+    assert doc["totals"]["modules"] == n_layer
+    assert doc["totals"]["outside_selection"] == 2 * n_layer + 2  # the other layers, the embedding and the head
+    assert any("left 16 matrices out" in w and "of the selected matrices" in w for w in doc["warnings"]), doc["warnings"]
+    assert "share of the selected matrices' ΔW energy" in run.stdout, run.stdout
+    full = cli(["extract", b, t, "-o", str(tmp_path / "y"), "--rank", "2", "--no-plots"])
+    assert full.returncode == 0, full.stderr
+    assert json.loads((tmp_path / "y" / "extract.json").read_text())["totals"]["outside_selection"] == 0
+
+
+def test_extract_where_only_the_embedding_changed_names_it_instead_of_identical_weights(tmp_path):
+    b, t = _llama_pair(tmp_path, "embed_tokens")
+    run = cli(["extract", b, t, "-o", str(tmp_path / "x"), "--rank", "2", "--no-plots"])
+    assert run.returncode not in (0, 3), (run.returncode, run.stderr)  # 3: "the updates are exactly zero"
+    assert "model.embed_tokens.weight" in run.stderr and "--embeddings" in run.stderr, run.stderr

@@ -83,3 +83,19 @@ def test_approx_stops_sketching_when_a_round_costs_more_than_the_exact_route(mon
     for tau in (0.5, 0.9):
         r = res.ranks[tau]
         assert r.lo == r.hi == energy_rank(S, tau)
+
+
+def test_recommend_says_when_the_lora_holds_more_parameters_than_the_dense_update(tmp_path):
+    # 4 × 4 updates of rank 4: r·(out + in) = 32 > out·in = 16 (extract said it; recommend gave 200% silently)
+    g = torch.Generator().manual_seed(0)
+    b = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(4, 4, generator=g) for i in range(3)}
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(4, 4, generator=g) for k, v in b.items()}, str(tmp_path / "t.safetensors"))
+    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "o"),
+               "--no-plots"])
+    assert run.returncode == 0, run.stderr
+    rec = cli(["recommend", str(tmp_path / "o" / "results.json"), "--energy", "0.999"])
+    assert rec.returncode == 0, rec.stderr
+    assert "hold more parameters than the dense ΔW" in (rec.stdout + rec.stderr).replace("\n", " "), rec.stderr
+    small = cli(["recommend", str(tmp_path / "o" / "results.json"), "--energy", "0.5"])
+    assert small.returncode == 0 and "hold more parameters" not in small.stdout + small.stderr
