@@ -643,8 +643,8 @@ def one_lora_per_tied_weight(targets: list[Target], kept: list[Task], left: list
                          f"one LoRA (on {emb.module}) holds their shared update; a second on {head.module} would be "
                          "merged into the same tensor twice")
         else:
-            left.append((task, f"the base ties it to {emb.base_name}, whose LoRA is written: a tied base holds one matrix "
-                               "for both, and this head's own update differs from the embedding's"))
+            left.append((task, f"the base ties it to {emb.base_name}: a tied base holds one matrix for both, which takes the "
+                               "embedding's update (a LoRA on it, if that changed), and this head's own update differs from it"))
     return notes
 
 def unspent_text(spent: int, budget: int, *, waiting: tuple[str, int, float, int] | None, floored: tuple[int, str],
