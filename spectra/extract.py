@@ -623,11 +623,11 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                     "a LoRA adapter cannot hold (PEFT's modules_to_save rides on a LoRA target)") if zero and moved else ""
             if left := [r for r in result.not_extracted if isinstance(r.get("fro_norm"), (int, float)) and r["fro_norm"] > 0]:  # changed
                 only += f"; {matrices(len(left))} that changed not extracted (e.g. {left[0]['name']}: {left[0]['reason']})"
-            error = IdenticalCheckpointsError if zero and not moved and not left else ConfigError
-            raise error(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract{only}",
+            raise (IdenticalCheckpointsError if zero and not moved and not left else ConfigError)(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract{only}",
                         path=f"{base_ckpt.label} vs {src.label}",
-                        hint=(f"use the tuned checkpoint itself (spectra diff lists what changed); extract.json was written to {out}"
-                              if only else f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}"))
+                        hint=(f"{'act on its reason' if left else 'use the tuned checkpoint itself (spectra diff lists what changed)'}; "
+                              f"extract.json was written to {out}" if only else
+                              f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}"))
         write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
         failed = None
         if evaluation is not None:

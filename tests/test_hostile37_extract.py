@@ -105,3 +105,4 @@ def test_extract_where_only_the_embedding_changed_names_it_instead_of_identical_
     run = cli(["extract", b, t, "-o", str(tmp_path / "x"), "--rank", "2", "--no-plots"])
     assert run.returncode not in (0, 3), (run.returncode, run.stderr)  # 3: "the updates are exactly zero"
     assert "model.embed_tokens.weight" in run.stderr and "--embeddings" in run.stderr, run.stderr
+    assert "act on its reason" in run.stderr and "use the tuned checkpoint itself" not in run.stderr
