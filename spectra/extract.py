@@ -44,9 +44,8 @@ from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
 from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
-from spectra.display import matrices
 from spectra.engine import batch_singular_values
-from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
+from spectra.errors import ConfigError, SpectraError
 from spectra.extract_eval import EvalData
 from spectra.extract_heads import auto_task_type, head_modules, head_of, head_records
 from spectra.extract_io import (
@@ -80,7 +79,15 @@ from spectra.extract_plan import (
     target_of,
     why_not_target,
 )
-from spectra.extract_results import ExtractResult, build_result, note_storage, pair_norms, root_sigma1, tied_embedding_warning
+from spectra.extract_results import (
+    ExtractResult,
+    build_result,
+    note_storage,
+    nothing_extracted_error,
+    pair_norms,
+    root_sigma1,
+    tied_embedding_warning,
+)
 from spectra.extract_vectors import LORA_BIAS_REASON, one_d_changes
 from spectra.extract_write import adapter_files, write_extracted
 from spectra.io.adapter import Adapter, is_adapter
@@ -615,19 +622,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
             moved = result.nothing_written()
             result.elapsed_s = time.perf_counter() - t0
             result.save(out, plots=False)
-            zero = all(float(run.spectra[i]["total"]) == 0.0 for i in usable)
-            what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
-            if any(extractable(run.spectra[i]) for i in usable):  # a budget's components, all at or below the rounding floor
-                what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
-            only = (f"; only {len(moved)} norm/bias tensor{'s' if len(moved) > 1 else ''} changed (e.g. {moved[0]}), which "
-                    "a LoRA adapter cannot hold (PEFT's modules_to_save rides on a LoRA target)") if zero and moved else ""
-            if left := [r for r in result.not_extracted if isinstance(r.get("fro_norm"), (int, float)) and r["fro_norm"] > 0]:  # changed
-                only += f"; {matrices(len(left))} that changed not extracted (e.g. {left[0]['name']}: {left[0]['reason']})"
-            raise (IdenticalCheckpointsError if zero and not moved and not left else ConfigError)(f"every one of the {len(usable)} chosen matrices {what}: there is nothing to extract{only}",
-                        path=f"{base_ckpt.label} vs {src.label}",
-                        hint=(f"{'act on its reason' if left else 'use the tuned checkpoint itself (spectra diff lists what changed)'}; "
-                              f"extract.json was written to {out}" if only else
-                              f"check that you passed the fine-tuned checkpoint; extract.json was written to {out}"))
+            raise nothing_extracted_error(result, [float(run.spectra[i]["total"]) for i in usable],
+                                          any(extractable(run.spectra[i]) for i in usable), moved, f"{base_ckpt.label} vs {src.label}", out)
         write_extracted(out, src, run, ranks, config, dtype, not_lora, result)
         failed = None
         if evaluation is not None:

@@ -22,6 +22,7 @@ import torch
 from spectra.allocation import Allocation
 from spectra.delta import fro_blocks, norms_of_blocks
 from spectra.display import matrices
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_plan import (
     SPENT,
     ExtractConfig,
@@ -441,6 +442,28 @@ def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], 
     return name, cost, gain / energy, len(found)
 
 
+def nothing_extracted_error(result: ExtractResult, totals: list[float], extractable: bool, moved: list[str], where: str,
+                            out: Path) -> SpectraError:
+    """The error of a run with nothing to write (``extract.json`` written to ``out``): every chosen matrix's ΔW
+    (``totals``: their ‖ΔW‖²_F) zero, at its rounding level, or (``extractable``) with every component a budget could buy
+    at its rounding floor. Exit 3 (:class:`IdenticalCheckpointsError`) only where nothing changed at all: norm or bias
+    tensors that changed (``moved``) and changed matrices not extracted (an embedding without ``--embeddings``, once
+    called "the same weights") are named."""
+    zero = all(t == 0.0 for t in totals)
+    what = "has ΔW = 0" if zero else "has ΔW = 0 or one at the rounding level of its stored weights (rounding noise)"
+    if extractable:  # a budget's components, all at or below the rounding floor
+        what = "has every component at or below the rounding floor of its stored weights (rounding noise)"
+    only = (f"; only {len(moved)} norm/bias tensor{'s' if len(moved) > 1 else ''} changed (e.g. {moved[0]}), which "
+            "a LoRA adapter cannot hold (PEFT's modules_to_save rides on a LoRA target)") if zero and moved else ""
+    if left := [r for r in result.not_extracted if isinstance(r.get("fro_norm"), (int, float)) and r["fro_norm"] > 0]:
+        only += f"; {matrices(len(left))} that changed not extracted (e.g. {left[0]['name']}: {left[0]['reason']})"
+    hint = ("act on its reason" if left else "use the tuned checkpoint itself (spectra diff lists what changed)") if only else (
+        "check that you passed the fine-tuned checkpoint")
+    return (IdenticalCheckpointsError if zero and not moved and not left else ConfigError)(
+        f"every one of the {len(totals)} chosen matrices {what}: there is nothing to extract{only}", path=where,
+        hint=f"{hint}; extract.json was written to {out}")
+
+
 def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tuple[Allocation, list[list[int]]] | None,
                  plan: RankPlan, config: ExtractConfig, dtype: torch.dtype, device: torch.device, uniform: int,
                  not_extracted: list[dict], not_lora: list[dict]) -> ExtractResult:
@@ -629,6 +652,7 @@ __all__ = [
     "build_result",
     "compared_rows",
     "left_out_record",
+    "nothing_extracted_error",
     "module_record",
     "note_storage",
     "pair_norms",
