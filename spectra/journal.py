@@ -62,24 +62,27 @@ def run_fingerprint(base: Checkpoint, tuned: Checkpoint, config: DiffConfig, *, 
     the result-affecting options: a journal is resumed only under the same one. ``portable``: the
     files by name, size and content only (not path or modification time), the same for copies of
     the same files on other machines: what the ranks of a distributed run compare."""
+    return _fingerprint(config, [checkpoint_identity(c, portable=portable) for c in (base, tuned)])
+
+
+def _fingerprint(config: DiffConfig, identities: list[list]) -> str:
     h = hashlib.sha256(json.dumps({k: getattr(config, k) for k in RESULT_FIELDS}, sort_keys=True, default=list).encode())
     h.update(code_identity().encode())
-    for ckpt in (base, tuned):
-        h.update(json.dumps(checkpoint_identity(ckpt, portable=portable)).encode())
+    for identity in identities:
+        h.update(json.dumps(identity).encode())
     return h.hexdigest()[:16]
 
 
 def diff_identity(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> tuple[str, dict[str, str]]:
     """``(fingerprint, identity)``: :func:`run_fingerprint`, and what results.json keeps so that a refused ``--resume``
     names its cause (:func:`_other_diff`): ``{"code": code_identity(), "base": …, "tuned": …}``, each input's
-    :func:`input_hash`."""
-    return (run_fingerprint(base, tuned, config),
-            {"code": code_identity(), "base": input_hash(base), "tuned": input_hash(tuned)})
+    short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files), read once for both."""
+    ids = [checkpoint_identity(c) for c in (base, tuned)]
+    return _fingerprint(config, ids), {"code": code_identity(), "base": _short_hash(ids[0]), "tuned": _short_hash(ids[1])}
 
 
-def input_hash(ckpt: Checkpoint) -> str:
-    """A short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files): it changes when the input does."""
-    return hashlib.sha256(json.dumps(checkpoint_identity(ckpt)).encode()).hexdigest()[:16]
+def _short_hash(identity: list) -> str:
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a
@@ -375,8 +378,9 @@ def run_identity(checkpoints: list[Checkpoint], options: dict) -> tuple[str, dic
     h.update(code_identity().encode())
     inputs = []
     for ckpt in checkpoints:
-        h.update(json.dumps(checkpoint_identity(ckpt)).encode())
-        inputs.append([os.path.realpath(ckpt.root), input_hash(ckpt)])
+        identity = checkpoint_identity(ckpt)  # read once: the fingerprint's and the header's
+        h.update(json.dumps(identity).encode())
+        inputs.append([os.path.realpath(ckpt.root), _short_hash(identity)])
     return h.hexdigest()[:16], {"code": code_identity(), "options": json.loads(text), "inputs": inputs}
 
 
