@@ -190,7 +190,8 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
             if len(task.units) != shape[0]:  # PEFT's LoRA of a stack adapts every expert: the rest would be zeros, paid for
                 raise ConfigError(f"--include/--exclude select {len(task.units)} of the {shape[0]} experts of {spec.name}: PEFT's "
                                   "target_parameters LoRA adapts every expert of a stack", hint="select the stack whole, or none of it")
-            param, flip = task.pair.base.name.removeprefix(base_prefix), stack_flip(spec, base.arch.model_type or tuned_ckpt.arch.model_type)
+            param = task.pair.base.name.removeprefix(base_prefix)
+            flip = stack_flip(spec, base.arch.model_type or tuned_ckpt.arch.model_type, tuple(shape))
             targets += [target_of(u.order, spec, param, u.shape, base_name=task.pair.base.name, dtype=task.pair.tuned_info.dtype,
                                   note=note, unit=(u.name, int(u.expert or 0), int(shape[0]), flip)) for u in task.units]
             kept.append(task)

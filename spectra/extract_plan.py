@@ -290,13 +290,14 @@ STACK_NOT_WRITTEN = ("a target_parameters LoRA on a 3-D expert stack: spectra ex
                      "it does not resize them")
 
 
-def stack_flip(spec: MatrixSpec, model_type: str | None) -> bool:
+def stack_flip(spec: MatrixSpec, model_type: str | None, shape: tuple[int, ...] = ()) -> bool:
     """Whether PEFT's LoRA on the 3-D stack ``spec`` holds the transpose of spectra's ``(out, in)`` ΔW: PEFT's update of
     an expert is the stored matrix, or its transpose where the experts module says ``is_transposed``
     (:data:`spectra.peft_moe.TRANSPOSED_EXPERTS`), and spectra reads the stored matrix transposed where ``spec.transpose``;
-    never where transformers transposes the stored stack on load (:data:`~spectra.peft_moe.LOAD_TRANSPOSED_EXPERTS`: the
-    factors were written for the stored orientation, and PEFT refused them, "size mismatch")."""
-    if (model_type or "") in LOAD_TRANSPOSED_EXPERTS:
+    never where transformers transposes the stored stack (``shape``) on load (:data:`~spectra.peft_moe.LOAD_TRANSPOSED_EXPERTS`:
+    the factors were written for the stored orientation, and PEFT refused them, "size mismatch"), which it does only when
+    the stored shape differs from the module's (``Transpose(check_dims=True)``): a square stack is loaded as stored."""
+    if (model_type or "") in LOAD_TRANSPOSED_EXPERTS and len(shape) == 3 and shape[1] != shape[2]:
         return False
     return ((model_type or "") in TRANSPOSED_EXPERTS) != spec.transpose
 

@@ -114,6 +114,10 @@ def _check_shapes(updates: Sequence[Update]) -> tuple[int, int]:
     return next(iter(shapes))  # type: ignore[return-value]
 
 
+#: Entries of the largest block :func:`spectrum_and_top` orthonormalises by numpy's QR rather than torch's.
+SMALL_QR = 1 << 16
+
+
 def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = None,
                      floor: float = 0.0) -> tuple[np.ndarray, Factored]:
     """Every singular value of a dense update and its top-k triplets, from one float64 eigensolve.
@@ -176,11 +180,15 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = Non
                               torch.zeros(0, inn, dtype=torch.float64, device=delta.device))
     Sk = S[:keep]
     X = delta if wide else delta.mT  # (p, long)
-    # the QR too on the one thread: after the context, a 2 × 2 QR woke the second thread's team, 4.8 ms against 0.01
     with blas:
         Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
         Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
-        other, R = torch.linalg.qr(Y, mode="reduced")
+        # a small one by numpy, on the one BLAS thread: torch's woke its OpenMP team for each matrix (13 of an
+        # interfere's 42 s over 300 matrices of 2 × 2, 15 ms a QR on a loaded 2-core machine; 576 × 10: 3.0 against
+        # 0.23 ms in a loop); a large one by torch (49152 × 8: 63 against 99 ms)
+        small = Y.device.type == "cpu" and Y.numel() <= SMALL_QR
+        other, R = ((torch.from_numpy(x) for x in np.linalg.qr(Y.numpy(), mode="reduced")) if small
+                    else torch.linalg.qr(Y, mode="reduced"))
     other = other * torch.sign(torch.diagonal(R))  # undo the QR's sign flips: U diag(S) Vh stays the truncation
     U, Vh = (Qk, other.mT) if wide else (other, Qk.mT)
     return S_np, Factored(U, torch.from_numpy(S_np[:keep].copy()).to(Sk.device), Vh)

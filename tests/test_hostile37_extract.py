@@ -14,9 +14,10 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def _qwen3_vl_moe(path, *, transposed: bool, seed: int, tuned_from=None):
-    """A tiny Qwen3-VL-MoE saved (its expert stacks as the Hub stores them, ``(E, in, out)``, with ``transposed``)."""
-    tc = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=1,
+def _qwen3_vl_moe(path, *, transposed: bool, seed: int, tuned_from=None, moe: int = 48):
+    """A tiny Qwen3-VL-MoE saved (its expert stacks as the Hub stores them, ``(E, in, out)``, with ``transposed``); its
+    ``gate_up_proj`` stack is square where ``2·moe`` equals the hidden size, 64."""
+    tc = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=moe, num_hidden_layers=1,
               num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
               head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]})
     vc = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
@@ -39,15 +40,17 @@ def _qwen3_vl_moe(path, *, transposed: bool, seed: int, tuned_from=None):
     return model
 
 
-def test_qwen3_vl_moe_stacks_stored_transposed_give_an_adapter_peft_loads_and_merges(tmp_path):
-    base = _qwen3_vl_moe(tmp_path / "base", transposed=True, seed=0)
-    tuned = _qwen3_vl_moe(tmp_path / "tuned", transposed=True, seed=0, tuned_from=base)
+@pytest.mark.parametrize("moe", [48, 32])  # 32: a square (4, 64, 64) gate_up stack, which transformers loads as stored
+def test_qwen3_vl_moe_stacks_stored_transposed_give_an_adapter_peft_loads_and_merges(tmp_path, moe):
+    base = _qwen3_vl_moe(tmp_path / "base", transposed=True, seed=0, moe=moe)
+    _qwen3_vl_moe(tmp_path / "tuned", transposed=True, seed=0, tuned_from=base, moe=moe)
     run = cli(["extract", str(tmp_path / "base"), str(tmp_path / "tuned"), "-o", str(tmp_path / "x"), "--include", "experts",
                "--rank", "2", "--no-plots"])
     assert run.returncode == 0, run.stderr
     loaded = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "base")
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
-    want = tuned.state_dict()
+    # the tuned model as transformers loads it (a square stack stored transposed is loaded as stored)
+    want = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "tuned").state_dict()
     merged = peft.PeftModel.from_pretrained(loaded, tmp_path / "x").merge_and_unload().state_dict()  # "size mismatch" before
     stacks = [k for k in before if "experts" in k]
     assert stacks
