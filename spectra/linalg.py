@@ -62,7 +62,7 @@ import scipy.linalg
 import torch
 
 from spectra.errors import ConfigError
-from spectra.metrics import SQUARING_LIMIT, refuse_meta, spectrum_metrics
+from spectra.metrics import SQUARING_LIMIT, rank_resolution, refuse_meta, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -511,8 +511,8 @@ def certify_float32(
     - ``spectral_norm``, ``stable_rank``, the leading ``top_k`` singular values: relative error
       ``<= rtol`` over each value's Weyl interval ``λ̂ᵢ ± Δ``;
     - ``nuclear_norm`` and ``effective_rank``: relative error ``<= rtol`` by the Hoffman–Wielandt bounds;
-    - ``signal_rank``: the count of σᵢ above ``ω(β)·median(σ)`` is the same at both ends of every
-      value's Weyl interval.
+    - ``signal_rank`` (also without ``metrics``: it is reported): the count of σᵢ above ``max(ω(β)·median(σ), res)``
+      (``res`` the float64 route's resolution) is the same at both ends of every value's Weyl interval.
 
     Args:
         lam: ``(p,)`` the computed eigenvalues, descending, unclamped (as float64).
@@ -522,8 +522,8 @@ def certify_float32(
         thresholds: the energy-rank thresholds τ to certify.
         rtol: relative tolerance of the float metrics.
         top_k: how many leading singular values must also be within ``rtol``.
-        metrics: also check the norms, stable, effective and signal rank (False when only the leading
-            values and the energy ranks are reported, as for the spectra of the weights themselves).
+        metrics: also check the norms, stable and effective rank (False where those are reported from the float32
+            values as they are, or not at all, as for the spectra of the weights themselves).
 
     Returns:
         :class:`Certificate`. A zero matrix (``trace == 0``) is certified when every computed value is 0.
@@ -564,6 +564,14 @@ def certify_float32(
     top, spread = S[:n_top], np.maximum(hi_s[:n_top] - S[:n_top], S[:n_top] - lo_s[:n_top])
     if n_top and (np.any(top <= 0) or np.max(spread / np.where(top > 0, top, 1.0)) > rtol):
         failed.append("singular_values")
+    # signal rank, reported whatever ``metrics``: the same count at both ends of every interval (the median is monotone),
+    # above the float64 route's resolution too; a low-rank update's float32 rounding (values within √Δ of 0) fails it
+    res = rank_resolution(float(hi_s[0]), p)
+    omega = gavish_donoho_omega(p / max(shape))
+    count_lo = int(np.sum(lo_s > max(omega * float(np.median(hi_s)), res)))
+    count_hi = int(np.sum(hi_s > max(omega * float(np.median(lo_s)), res)))
+    if not count_lo == count_hi == m.signal_rank:
+        failed.append("signal_rank")
     if not metrics:
         return Certificate(not failed, tuple(failed), D)
     # norms and stable rank
@@ -583,10 +591,4 @@ def certify_float32(
     err_h = _entropy_error(S, lam, D, err_n) if err_n < nuclear else math.inf
     if not math.isfinite(err_h) or math.expm1(err_h) > rtol:
         failed.append("effective_rank")
-    # signal rank: the same count at both ends of every interval (the median is monotone)
-    omega = gavish_donoho_omega(p / max(shape))
-    count_lo = int(np.sum(lo_s > omega * np.median(hi_s)))
-    count_hi = int(np.sum(hi_s > omega * np.median(lo_s)))
-    if not count_lo == count_hi == m.signal_rank:
-        failed.append("signal_rank")
     return Certificate(not failed, tuple(failed), D)

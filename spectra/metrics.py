@@ -145,16 +145,19 @@ def rank_resolution(sigma_max: float, p: int, eps: float = float(np.finfo(np.flo
 def route_resolution(sigma_max: float, p: int, method: str | None = None) -> float:
     """The smallest singular value a route tells from 0 in a matrix of ``p = min(out, in)`` whose largest is
     ``sigma_max``, by its results' ``method``: ``RANK_TOL·σ₁`` for a factored update's exact factors (``factored``),
-    ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), the float32 Gram route's ``σ₁·√(p·ε₃₂)`` (``…float32…``: its
-    certified ranks come with values rounded at ~p·ε₃₂·σ₁², which ``signal_rank`` counted and a budget bought), and the
+    ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), the certified float32 route's error bound ``√Δ`` (``…float32…``,
+    about ``σ₁·√(8·√p·ε₃₂)``: its kept values below it may be rounding, which ``signal_rank`` counted and a budget
+    bought), and the
     float64 Gram route's ``σ₁·√(p·ε)`` (:func:`rank_resolution`) for every other (``gram/float64``, ``gram-eigh/…``,
     DoRA's and saved modules' dense updates, sketches). Values at or below it are that route's rounding: no direction
     to count or buy."""
     m = str(method or "")
     if m.startswith("factored"):
         return RANK_TOL * float(sigma_max)
-    if "float32" in m:
-        return rank_resolution(sigma_max, p, float(np.finfo(np.float32).eps))
+    if "float32" in m:  # the certificate's error bound √Δ (spectra.linalg.float32_error_bound, ‖G‖_F taken as σ₁²)
+        from spectra.linalg import float32_error_bound  # (linalg reads this module)
+
+        return max(math.sqrt(float32_error_bound(float(sigma_max) ** 2, p)), rank_resolution(sigma_max, p))
     if m.startswith("svd"):
         return p * float(np.finfo(np.float64).eps) * float(sigma_max)
     return rank_resolution(sigma_max, p)

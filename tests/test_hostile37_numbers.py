@@ -6,37 +6,47 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests.cli_util import cli
 
 
-def test_float32_route_cuts_signal_rank_and_budgets_at_its_own_rounding(tmp_path):
-    # an exactly rank-1 update of a float32 matrix: the float32 Gram route certifies its energy ranks, but the values it
-    # keeps past σ₁ are its rounding (~1e-4·σ₁), far above the float64 route's resolution
+def test_float32_route_certifies_signal_rank_or_solves_again_in_float64(tmp_path):
+    # an exactly rank-1 update of a float32 matrix: the float32 Gram route certified its energy ranks, but its values past
+    # σ₁ are its rounding (~1e-4·σ₁, within the certificate's bound √Δ of 0): signal_rank counted them (22), recommend
+    # bought them (r = 24); the certificate now checks the signal rank, and such a matrix is solved in float64
     g = torch.Generator().manual_seed(0)
-    name = "model.layers.0.self_attn.q_proj.weight"
-    W = torch.randn(48, 48, generator=g) * 0.05
+    name, dense = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    W, W2 = torch.randn(48, 48, generator=g) * 0.05, torch.randn(48, 64, generator=g) * 0.05
     u, v = torch.randn(48, 1, generator=g), torch.randn(1, 48, generator=g)
-    save_file({name: W}, str(tmp_path / "b.safetensors"))
-    save_file({name: W + 0.02 * u @ v}, str(tmp_path / "t.safetensors"))
-    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--precision", "float32",
-               "--out", str(tmp_path / "o"), "--no-plots"])
-    assert run.returncode == 0, run.stderr
-    (m,) = json.loads((tmp_path / "o" / "results.json").read_text())["modules"]
-    assert m["method"] == "gram/float32-certified"
-    assert m["singular_values"][1] > 1e3 * m["rounding_floor"]  # the float32 solve's rounding, not the storage's
-    assert m["signal_rank"] == 1 and m["energy_rank"]["0.99"] == 1
+    save_file({name: W, dense: W2}, str(tmp_path / "b.safetensors"))
+    save_file({name: W + 0.02 * u @ v, dense: W2 + 0.01 * torch.randn(48, 64, generator=g)}, str(tmp_path / "t.safetensors"))
+    runs = {}
+    for precision in ("float32", "float64"):
+        run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--precision", precision,
+                   "--out", str(tmp_path / precision), "--no-plots"])
+        assert run.returncode == 0, run.stderr
+        runs[precision] = {m["name"]: m for m in json.loads((tmp_path / precision / "results.json").read_text())["modules"]}
+    low, full = runs["float32"][name], runs["float32"][dense]
+    assert low["method"] == "gram/float64" and low["signal_rank"] == 1 and low["energy_rank"]["0.99"] == 1
+    # a dense update keeps the certified float32 spectrum, and its signal rank is the float64 route's
+    assert full["method"] == "gram/float32-certified" and full["signal_rank"] == runs["float64"][dense]["signal_rank"]
     for opts in (["--budget", "100%"], ["--energy", "1.0"]):
-        rec = cli(["recommend", str(tmp_path / "o" / "results.json"), *opts])
+        rec = cli(["recommend", str(tmp_path / "float32" / "results.json"), *opts])
         assert rec.returncode == 0, rec.stderr
-        assert '"r": 1,' in rec.stdout, (opts, rec.stdout)
-    run = cli(["diff", str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), "--precision", "float32",
-               "-t", "0.9", "-t", "1.0", "--out", str(tmp_path / "o1"), "--no-plots"])
-    assert run.returncode == 0, run.stderr
-    (m,) = json.loads((tmp_path / "o1" / "results.json").read_text())["modules"]
-    assert m["energy_rank"] == {"0.9": 1, "1.0": 1}  # τ = 1: the values above the float32 route's resolution
+        assert '"model.layers.0.self_attn.q_proj": 1' in rec.stdout, (opts, rec.stdout)
+
+
+def test_certified_float32_record_buys_no_value_within_its_error_bound():
+    # a certified float32 record's values at or below √Δ (its error bound) may be rounding: no budget buys them
+    from spectra.linalg import float32_error_bound
+    from spectra.metrics import rank_resolution, route_resolution
+
+    cut = route_resolution(1.0, 512, "gram/float32-certified")
+    assert cut == pytest.approx(float32_error_bound(1.0, 512) ** 0.5) and 2e-3 < cut < 5e-3  # not √(p·ε₃₂) = 7.8e-3
+    assert route_resolution(1.0, 512, "gram/float64") == rank_resolution(1.0, 512)
 
 
 def test_interfere_and_trace_resolve_the_directions_compare_resolves(tmp_path):
