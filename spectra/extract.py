@@ -82,6 +82,7 @@ from spectra.extract_plan import (
 from spectra.extract_results import (
     ExtractResult,
     build_result,
+    no_target_error,
     note_storage,
     nothing_extracted_error,
     pair_norms,
@@ -517,10 +518,7 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     src = _open_source(base_ckpt, tuned, config)
     if not src.targets:
-        why = next((n.removeprefix(PAIRING_NOTE_PREFIX) for n in src.notes if n.startswith(PAIRING_NOTE_PREFIX)), None)
-        raise ConfigError(f"no matrix to extract: {why or 'the selection is empty'}", path=f"{base_ckpt.label} vs {src.label}",
-                          hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)" if why is None
-                          else "give a tuned checkpoint stored as its base is")
+        raise no_target_error(src.notes, src.left_out or [], f"{base_ckpt.label} vs {src.label}")
     if src.kind == "lora" and config.mode == "rank":  # s·B·A has at most r nonzero singular values
         low = min(src.targets, key=lambda t: src.mods[t.order].r)
         r_low = src.mods[low.order].r

@@ -47,6 +47,7 @@ from spectra.lowrank import (
     round_up,
 )
 from spectra.metrics import factored_rank
+from spectra.pairing import PAIRING_NOTE_PREFIX
 from spectra.results import CAVEAT_PREFIX, note_caveat_warnings, rows_to_csv
 from spectra.selection import Task
 from spectra.ties import TIE_REL, cut_in_tie
@@ -442,6 +443,22 @@ def _waiting(spectra: dict[int, dict], targets: list[Target], ranks: list[int], 
     return name, cost, gain / energy, len(found)
 
 
+def no_target_error(notes: list[str], left_out: list[tuple[Any, str]], where: str) -> ConfigError:
+    """The error of a run with no matrix to extract: the pairing's reason (a layout that left every layer matrix out,
+    in ``notes``), else the selected matrices none of which can be a LoRA module (``left_out``: a router, an embedding
+    without ``--embeddings``; once "the selection is empty"), else an empty selection."""
+    why = next((n.removeprefix(PAIRING_NOTE_PREFIX) for n in notes if n.startswith(PAIRING_NOTE_PREFIX)), None)
+    if why is not None:
+        return ConfigError(f"no matrix to extract: {why}", path=where, hint="give a tuned checkpoint stored as its base is")
+    if left_out:
+        what, reason = left_out[0]
+        return ConfigError(f"no matrix to extract: none of the {matrices(len(left_out))} selected can be a LoRA module (e.g. "
+                           f"{what.pair.tuned.name if isinstance(what, Task) else what[0]}: {reason})", path=where,
+                           hint="act on the reason, or select other matrices with --include/--exclude/--layers")
+    return ConfigError("no matrix to extract: the selection is empty", path=where,
+                       hint="check --include/--exclude/--layers (embeddings and the head need --embeddings)")
+
+
 def nothing_extracted_error(result: ExtractResult, totals: list[float], extractable: bool, moved: list[str], where: str,
                             out: Path) -> SpectraError:
     """The error of a run with nothing to write (``extract.json`` written to ``out``): every chosen matrix's ΔW
@@ -652,6 +669,7 @@ __all__ = [
     "build_result",
     "compared_rows",
     "left_out_record",
+    "no_target_error",
     "nothing_extracted_error",
     "module_record",
     "note_storage",

@@ -109,3 +109,13 @@ def test_extract_where_only_the_embedding_changed_names_it_instead_of_identical_
     assert run.returncode not in (0, 3), (run.returncode, run.stderr)  # 3: "the updates are exactly zero"
     assert "model.embed_tokens.weight" in run.stderr and "--embeddings" in run.stderr, run.stderr
     assert "act on its reason" in run.stderr and "use the tuned checkpoint itself" not in run.stderr
+
+
+def test_extract_of_a_selection_none_of_which_can_be_a_lora_says_why(tmp_path):
+    # --include embed_tokens without --embeddings: the selection holds a changed matrix ("the selection is empty" before)
+    b, t = _llama_pair(tmp_path, "")
+    run = cli(["extract", b, t, "-o", str(tmp_path / "x"), "--rank", "2", "--include", "embed_tokens", "--no-plots"])
+    assert run.returncode == 1, run.stderr
+    text = run.stderr.replace("\n", " ")
+    assert "selection is empty" not in text and "none of the 1 matrix selected can be a LoRA module" in text, run.stderr
+    assert "model.embed_tokens.weight" in text and "--embeddings" in text

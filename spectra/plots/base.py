@@ -141,7 +141,7 @@ def heatmap(grid: np.ndarray, rows: Sequence[object], cols: Sequence[object], *,
     ax.set_yticks(range(0, n_rows, step), [label(r) for r in list(rows)[::step]])
     for t in ax.get_yticklabels():
         t.set_parse_math(False)
-    ax.set_xlabel(col_label + (f" (every {cstep}th of {n_cols} labelled)" if cstep > 1 else ""))
+    ax.set_xlabel(col_label + (f" (one column in {cstep} labelled, of {n_cols})" if cstep > 1 else ""))
     ax.set_ylabel(row_label)
     ax.set_title(wrap(title, int(width * 11)), fontsize=10, parse_math=False)
     cb = fig.colorbar(im, cax=cax)
