@@ -10,6 +10,8 @@ import math
 import numpy as np
 import torch
 
+from spectra.metrics import rank_resolution
+
 #: Singular values closer than this fraction of σ₁ are tied: the Gram route resolves values to about
 #: 1e-7·σ₁, and a top-k cut between tied values picks an arbitrary part of their span.
 TIE_REL = 1e-6
@@ -77,13 +79,15 @@ UNDETERMINED_TEXT = ("its top-k cut lies inside a cluster of tied singular value
                      "the subspace is not determined, and its measures depend on the solver's choice within the cluster")
 
 
-def undetermined_cut(S: np.ndarray | torch.Tensor, k: int, floor: float = 0.0, rel_tol: float = 1e-6) -> bool:
+def undetermined_cut(S: np.ndarray | torch.Tensor, k: int, floor: float = 0.0, rel_tol: float | None = None) -> bool:
     """Whether the top ``k`` of the full spectrum ``S`` (descending) were cut inside a tie that
-    :func:`tie_cut` left cut (:func:`cut_in_tie` among the values :func:`spectrum_and_top` keeps)."""
+    :func:`tie_cut` left cut (:func:`cut_in_tie` among the values :func:`spectrum_and_top` keeps: above ``rel_tol·σ₁``,
+    by default its cut, the Gram route's resolution ``√(p·ε)``, and above ``floor``)."""
     vals = _values(S)
     if k < 1 or not vals.size or vals[0] <= 0:
         return False
-    return cut_in_tie(vals, k, int(np.count_nonzero(vals > max(rel_tol * float(vals[0]), floor))), floor)
+    rel = rank_resolution(1.0, vals.size) if rel_tol is None else rel_tol
+    return cut_in_tie(vals, k, int(np.count_nonzero(vals > max(rel * float(vals[0]), floor))), floor)
 
 
 def tie_cut(S: np.ndarray | torch.Tensor, k: int, available: int, floor: float = 0.0, p: int | None = None) -> int:
