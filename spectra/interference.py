@@ -49,7 +49,7 @@ import torch
 from spectra.checks import check_index, check_number
 from spectra.engine import factored_svd
 from spectra.lapack import Tridiagonal
-from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks
+from spectra.linalg import all_finite, finite_tensor, gram, real_tensor, row_blocks, thin_qr
 from spectra.lowrank import scale_pow2, squaring_exponent
 from spectra.metrics import RANK_TOL, effective_rank, energy_rank, rank_resolution, stable_rank, threshold_key
 from spectra.subspaces import Factored, phi, principal_angles
@@ -114,10 +114,6 @@ def _check_shapes(updates: Sequence[Update]) -> tuple[int, int]:
     return next(iter(shapes))  # type: ignore[return-value]
 
 
-#: Entries of the largest block :func:`spectrum_and_top` orthonormalises by numpy's QR rather than torch's.
-SMALL_QR = 1 << 16
-
-
 def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = None,
                      floor: float = 0.0) -> tuple[np.ndarray, Factored]:
     """Every singular value of a dense update and its top-k triplets, from one float64 eigensolve.
@@ -138,8 +134,8 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = Non
     Args:
         delta: ``(out, in)`` float tensor on any device.
         k: triplets kept (``>= 1``), more when the k-th value ties the next (:func:`tie_cut`).
-        rel_tol: relative floor of the kept singular values; None: ``√(p·ε)``, the float64 Gram route's resolution
-            (a fixed 1e-6 dropped a direction at 5e-7·σ₁ that ``compare`` resolves, and kept rounding at p > 4500).
+        rel_tol: relative floor of the kept singular values; None: ``√(p·ε)`` (a fixed 1e-6 dropped a direction at
+            5e-7·σ₁ that ``compare`` resolves, and kept rounding at p > 4500).
         floor: absolute floor of the kept singular values, in ΔW's units (0: none). The spectrum
             ``S`` is returned whole either way.
 
@@ -171,8 +167,7 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = Non
         lam, Q = lam.flip(0).clamp_min(0.0), Q.flip(1)
     S = lam.sqrt()
     S_np = np.ldexp(S.cpu().numpy(), e)
-    # the floor in the scaled units (ldexp: exact)
-    cut = max(rel_tol * float(S[0]), math.ldexp(floor, -e) if floor > 0 else 0.0)
+    cut = max(rel_tol * float(S[0]), math.ldexp(floor, -e) if floor > 0 else 0.0)  # the floor in the scaled units (exact)
     above = int((cut < S).sum()) if float(S[0]) > 0 else 0
     keep = tie_cut(S, min(k, above), above, math.ldexp(floor, -e) if floor > 0 else 0.0)  # a cut inside a tie widens
     if keep == 0:
@@ -182,13 +177,7 @@ def spectrum_and_top(delta: torch.Tensor, k: int, *, rel_tol: float | None = Non
     X = delta if wide else delta.mT  # (p, long)
     with blas:
         Qk = torch.from_numpy(tri.top_vectors(keep)) if tri is not None else Q[:, :keep]  # the short side's singular vectors (p, keep)
-        Y = _times(X.mT, Qk) / Sk  # (long, keep): already orthonormal up to rounding
-        # a small one by numpy, on the one BLAS thread: torch's woke its OpenMP team for each matrix (13 of an
-        # interfere's 42 s over 300 matrices of 2 × 2, 15 ms a QR on a loaded 2-core machine; 576 × 10: 3.0 against
-        # 0.23 ms in a loop); a large one by torch (49152 × 8: 63 against 99 ms)
-        small = Y.device.type == "cpu" and Y.numel() <= SMALL_QR
-        other, R = ((torch.from_numpy(x) for x in np.linalg.qr(Y.numpy(), mode="reduced")) if small
-                    else torch.linalg.qr(Y, mode="reduced"))
+        other, R = thin_qr(_times(X.mT, Qk) / Sk)  # of (long, keep), already orthonormal up to rounding
     other = other * torch.sign(torch.diagonal(R))  # undo the QR's sign flips: U diag(S) Vh stays the truncation
     U, Vh = (Qk, other.mT) if wide else (other, Qk.mT)
     return S_np, Factored(U, torch.from_numpy(S_np[:keep].copy()).to(Sk.device), Vh)

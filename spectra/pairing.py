@@ -121,8 +121,6 @@ EMBED_ROLES = VOCAB_ROLES - {"head"}
 #: Roles whose matrix reads the model width (input = hidden size) or writes it (output = hidden size).
 _READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "q_a", "kv_a"})
 _WRITES_HIDDEN = frozenset({"o", "down"})
-#: Leaves whose role reads the model width elsewhere but which read a latent here (DeepSeek's q_b_proj: q_lora_rank).
-_READS_LATENT = frozenset({"q_b_proj"})
 
 
 def layout_confirmed(ckpt: Checkpoint, specs: dict[str, MatrixSpec], *, transpose: bool, ndim: int) -> bool:
@@ -140,7 +138,7 @@ def layout_confirmed(ckpt: Checkpoint, specs: dict[str, MatrixSpec], *, transpos
         if spec.transpose != transpose or len(shape) != ndim or shape[-1] == shape[-2]:
             continue
         out_dim, in_dim = oriented_shape(spec, shape)[-2:]
-        if spec.role in _READS_HIDDEN and spec.rel_path.rpartition(".")[2].lower() not in _READS_LATENT:
+        if spec.role in _READS_HIDDEN and spec.rel_path.rpartition(".")[2].lower() != "q_b_proj":  # DeepSeek's: a latent
             ok = in_dim == hidden
         elif spec.role in _WRITES_HIDDEN:
             ok = out_dim == hidden

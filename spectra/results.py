@@ -223,8 +223,7 @@ class DiffResult:
         inputs: ``{"base": ..., "tuned": ...}``, the absolute location each input was read from (a hub id's cache
             folder, ``~`` expanded), where ``spectra recommend`` reads the models' configs again; empty in results of
             older versions (their ``base``/``tuned`` are read as typed, from the current folder).
-        identity: ``{"code", "base", "tuned"}``: hashes of spectra's source and of each input's files (paths, sizes,
-            times, content samples, tensors), with which a refused ``--resume`` names what changed; empty in older results.
+        identity: ``{"code", "base", "tuned"}``: hashes of spectra's source and of each input (``--resume`` names a change).
     """
 
     base: str | None
