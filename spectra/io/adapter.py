@@ -385,7 +385,7 @@ def _names_or_regex(raw: Mapping[str, Any], name: str, path: Path) -> str | tupl
 
 
 #: Why a module an adapter targets is not called updated: its factors multiply to zero.
-ZERO_LORA = "adapted, but its update s·B·A is exactly zero (a factor all zeros, as PEFT initialises lora_B): nothing to compare"
+ZERO_LORA = "adapted, but its update s·B·A is exactly zero (a factor all zeros: PEFT starts lora_B, an embedding's A, so): nothing to compare"
 
 
 @dataclass(frozen=True)
