@@ -59,7 +59,7 @@ import torch
 from spectra.config import config_of
 from spectra.errors import ConfigError, OutputError
 from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.files import atomic_file, atomic_write_text
+from spectra.io.files import atomic_file, atomic_write_text, holds_text
 from spectra.journal import append_record
 from spectra.linalg import all_finite
 from spectra.metrics import refuse_meta
@@ -74,7 +74,7 @@ from spectra.trace import (
     point_metrics,
 )
 from spectra.tracker_files import FIRST_FILE, load_first, set_aside
-from spectra.tracker_logs import log_medians
+from spectra.tracker_logs import log_medians, loss_number
 from spectra.tracker_model import (
     active_adapters,
     is_module_wrapper,
@@ -171,7 +171,7 @@ class SpectraTracker:
                 self._measured_to = int(resume_step)  # kept up to there; the resumed run measures the later steps
             elif self.path is not None:  # a fresh trace per run: its header, then what is not traced
                 with _tracker_hint():  # an earlier run's trace (a curriculum's phase, another process) is kept beside it
-                    earlier = set_aside(self.path.parent) if _holds_text(self.path) else None
+                    earlier = set_aside(self.path.parent) if holds_text(self.path) else None
                     atomic_write_text(self.path, "")
                 self.first_path.unlink(missing_ok=True)  # an earlier run's references are not this run's
                 self._write({"header": {"kind": self.kind, "every": every, "initial": initial, "matrices": len(self.matrices),
@@ -251,7 +251,7 @@ class SpectraTracker:
         """Record the training loss (or any of ``loss``, ``eval_loss``, ``target_loss``…) at ``step``
         for the report's loss curve (the measurements themselves are sparser)."""
         if self.is_main:
-            self._write({"log": {"step": int(step), **{k: x for k, v in values.items() if (x := _number(v, k)) is not None}}})
+            self._write({"log": {"step": int(step), **{k: x for k, v in values.items() if (x := loss_number(v, k)) is not None}}})
 
     @property
     def kind(self) -> str:
@@ -387,6 +387,15 @@ class SpectraTracker:
             self._follow(model)
         return self.measure(step, loss=loss) if self.matrices else None
 
+    def finish(self, model: torch.nn.Module | None, step: int) -> dict[str, float] | None:
+        """At the end of training: measure ``step`` when :meth:`step` did not (not a multiple of ``every``); the logger
+        medians, or None when nothing was measured."""
+        if not self.is_main or self.every == 0 or step <= 0 or (self._measured_to is not None and step <= self._measured_to):
+            return None
+        if model is not None:
+            self._follow(model)
+        return self.measure(step) if self.matrices else None
+
     def _follow(self, model: torch.nn.Module) -> None:
         """Re-bind each traced matrix to what ``model`` holds under its name now (see :meth:`step`)."""
         wrapped = is_module_wrapper(model)
@@ -421,7 +430,7 @@ class SpectraTracker:
     @torch.no_grad()
     def measure(self, step: int, *, loss: float | None = None) -> dict[str, float]:
         """Measure every tracked matrix now; append to ``trace.jsonl``; return the logger medians."""
-        loss = _number(loss, "loss")  # before anything is measured: a refused loss leaves the step to measure again
+        loss = loss_number(loss, "loss")  # before anything is measured: a refused loss leaves the step to measure again
         # a step measured again (or an earlier one) would repeat records, or turn against a later point
         if self._measured_to is not None and step <= self._measured_to:
             if not any("not after the last step measured" in w for w in self.warnings):
@@ -504,6 +513,10 @@ class SpectraTracker:
         if switched and not any("set_adapter() since?" in w for w in self.warnings):  # said once
             self.warn(f"from step {step}: the active LoRA adapters of {len(switched)} modules (e.g. {switched[0]}) are no longer "
                       "those the tracker was made for (set_adapter() since?): not measured; make the tracker after set_adapter()")
+        if (cast := next((tr for tr in self.matrices if tr.param is not None and tr.param.dtype != tr.initial.dtype), None)) and not any(
+                "were cast" in w for w in self.warnings):  # model.to(bfloat16) after the tracker copied them: said once
+            self.warn(f"the traced weights were cast since the tracker copied them (e.g. {cast.name}: {cast.initial.dtype} → "
+                      f"{cast.param.dtype}): ΔW holds the cast's rounding; make the tracker after the cast")
         if diverged:
             self.warn(f"step {step}: {len(diverged)} matrices hold NaN or inf (the training diverged), not measured: "
                       + ", ".join(diverged[:3]) + ("…" if len(diverged) > 3 else ""))
@@ -531,15 +544,6 @@ class SpectraTracker:
 SMALL_MATRIX = 1 << 20
 
 
-def _holds_text(path: Path) -> bool:
-    """Whether ``path`` is a file with more than whitespace in its first 64 KiB (a trace worth keeping)."""
-    try:
-        with open(path, "rb") as f:
-            return bool(f.read(1 << 16).strip())
-    except OSError:  # none there (or not a file): nothing to keep
-        return False
-
-
 @contextlib.contextmanager
 def _tracker_hint() -> Iterator[None]:
     """A write error of the tracker with its own hint (the CLI's names --out and --resume, which a tracker has not)."""
@@ -565,18 +569,6 @@ def _few_threads(matrices: list[_Tracked]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _number(value: Any, name: str) -> float | None:
-    """A loss as a JSON number: a one-element tensor (the loop's own loss, detached) or numpy scalar as a float, None as
-    None; anything else refused (a tensor failed json.dumps after the step was marked measured, a string was written as is)."""
-    one = value.size == 1 if isinstance(value, np.ndarray) else isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
-    if one:
-        value = (value.detach() if isinstance(value, torch.Tensor) else value).reshape(()).item()
-    if value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))):
-        return None if value is None else float(value)
-    raise ConfigError(f"{name} must be a number, a one-element tensor or None. Got {type(value).__name__} instead",
-                      hint="pass the loss tensor itself or loss.item()")
 
 
 class _CallbackHooks:
@@ -672,6 +664,12 @@ class _CallbackHooks:
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.tracker is not None:
+            try:  # the model the Trainer ends with, as spectra train traces it (every=4, max_steps=6 left step 6 out)
+                if (logs := self.tracker.finish(kwargs.get("model"), state.global_step)) and self.trainer is not None:
+                    self.trainer.log(dict(logs))
+            except OutputError as exc:
+                self._stop_tracing(exc, state.global_step)
+                return control
             self.tracker.close()
         return control
 

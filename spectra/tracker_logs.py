@@ -1,10 +1,15 @@
 """What :class:`spectra.callbacks.SpectraTracker` sends to a training's loggers (TensorBoard, W&B…): medians per
-module kind of a step's trace records; the full detail stays in ``trace.jsonl``."""
+module kind of a step's trace records (the full detail stays in ``trace.jsonl``), and the losses it records."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
+
+import numpy as np
+import torch
+
+from spectra.errors import ConfigError
 
 #: Metrics sent to the loggers, as medians per module kind (the full detail goes to trace.jsonl).
 LOG_METRICS = ("energy_rank", "rel_norm", "effective_rank", "turn_prev", "turn_first")
@@ -14,10 +19,13 @@ def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
     """``spectra/<module>/<metric>`` -> median over that module kind's matrices, for the loggers:
     energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (and, for LoRA,
     ``effective_rank_over_r``: that ÷ r), and φ with the previous and the first measurement (right
-    singular vectors). Each key carries the quantity its name says, as ``trace.jsonl`` names it."""
+    singular vectors), over the matrices whose update is not zero (as trace's findings take them). Each key carries the
+    quantity its name says, as ``trace.jsonl`` names it."""
     groups: dict[str, dict[str, list[float]]] = {}
     for rec in records:
         pt, kind = rec["point"], rec["matrix"]["module"]
+        if pt.get("fro_norm") == 0:  # unchanged at this step (no gradient reached it): a median of 0 read as "no update"
+            continue
         ranks = pt.get("energy_rank") or {}
         key = min(ranks, key=lambda t: abs(float(t) - 0.9)) if ranks else None
         values = {
@@ -34,4 +42,16 @@ def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
     return {f"spectra/{kind}/{metric}": statistics.median(vs) for kind, ms in groups.items() for metric, vs in ms.items()}
 
 
-__all__ = ["LOG_METRICS", "log_medians"]
+def loss_number(value: Any, name: str) -> float | None:
+    """A loss as a JSON number: a one-element tensor (the loop's own loss, detached) or numpy scalar as a float, None as
+    None; anything else refused (a tensor failed json.dumps after the step was marked measured, a string was written as is)."""
+    one = value.size == 1 if isinstance(value, np.ndarray) else isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta
+    if one:
+        value = (value.detach() if isinstance(value, torch.Tensor) else value).reshape(()).item()
+    if value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))):
+        return None if value is None else float(value)
+    raise ConfigError(f"{name} must be a number, a one-element tensor or None. Got {type(value).__name__} instead",
+                      hint="pass the loss tensor itself or loss.item()")
+
+
+__all__ = ["LOG_METRICS", "log_medians", "loss_number"]

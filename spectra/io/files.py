@@ -26,6 +26,15 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 
+def holds_text(path: Path) -> bool:
+    """Whether ``path`` is a file with more than whitespace in its first 64 KiB (a trace worth keeping)."""
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(1 << 16).strip())
+    except OSError:  # none there (or not a file): nothing to keep
+        return False
+
+
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     """Whether ``a`` and ``b`` name one existing file or folder, through any spelling or link (False
     when either is missing or unreadable)."""
