@@ -383,8 +383,6 @@ def trace_and_fro(G: np.ndarray) -> tuple[float, float]:
     return float(d.sum()), math.sqrt(float(d @ d) + 2.0 * float(np.vdot(upper, upper)))
 
 
-# ---- certified float32 ------------------------------------------------------------------------------
-#: Unit roundoff of IEEE float32 (round to nearest).
 #: Entries of the largest block :func:`thin_qr` orthonormalises by numpy's QR rather than torch's.
 SMALL_QR = 1 << 16
 
@@ -400,6 +398,8 @@ def thin_qr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.qr(Y, mode="reduced")
 
 
+# ---- certified float32 ------------------------------------------------------------------------------
+#: Unit roundoff of IEEE float32 (round to nearest).
 EPS32 = 2.0**-24
 
 #: ``c₀`` of the float32 eigensolver's normwise backward error, ``‖E‖_F <= c₀·√p · u · ‖G‖_F``.

@@ -136,10 +136,10 @@ def energy_rank(S: np.ndarray, tau: float) -> int:
     return min(k, energy.size)
 
 
-def rank_resolution(sigma_max: float, p: int, eps: float = float(np.finfo(np.float64).eps)) -> float:
-    """``σ₁·√(p·ε)`` (ε = 2.2e-16 unless given): the smallest singular value the exact float64 Gram route tells from 0
+def rank_resolution(sigma_max: float, p: int) -> float:
+    """``σ₁·√(p·ε)`` (ε = 2.2e-16): the smallest singular value the exact float64 Gram route tells from 0
     in a matrix of ``p = min(out, in)`` whose largest is ``sigma_max``; the threshold of :func:`numerical_rank`."""
-    return float(sigma_max) * math.sqrt(p * eps)
+    return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
 
 
 def route_resolution(sigma_max: float, p: int, method: str | None = None) -> float:
@@ -147,10 +147,9 @@ def route_resolution(sigma_max: float, p: int, method: str | None = None) -> flo
     ``sigma_max``, by its results' ``method``: ``RANK_TOL·σ₁`` for a factored update's exact factors (``factored``),
     ``p·ε·σ₁`` for an SVD of the matrix (``svd/…``), the certified float32 route's error bound ``√Δ`` (``…float32…``,
     about ``σ₁·√(8·√p·ε₃₂)``: its kept values below it may be rounding, which ``signal_rank`` counted and a budget
-    bought), and the
-    float64 Gram route's ``σ₁·√(p·ε)`` (:func:`rank_resolution`) for every other (``gram/float64``, ``gram-eigh/…``,
-    DoRA's and saved modules' dense updates, sketches). Values at or below it are that route's rounding: no direction
-    to count or buy."""
+    bought), and the float64 Gram route's ``σ₁·√(p·ε)`` (:func:`rank_resolution`) for every other (``gram/float64``,
+    ``gram-eigh/…``, DoRA's and saved modules' dense updates, sketches). Values at or below it are that route's
+    rounding: no direction to count or buy."""
     m = str(method or "")
     if m.startswith("factored"):
         return RANK_TOL * float(sigma_max)
