@@ -19,12 +19,14 @@ def log_medians(records: list[dict[str, Any]]) -> dict[str, float]:
     """``spectra/<module>/<metric>`` -> median over that module kind's matrices, for the loggers:
     energy rank at τ = 0.9 (or the nearest traced τ), relative norm, effective rank (and, for LoRA,
     ``effective_rank_over_r``: that ÷ r), and φ with the previous and the first measurement (right
-    singular vectors), over the matrices whose update is not zero (as trace's findings take them). Each key carries the
-    quantity its name says, as ``trace.jsonl`` names it."""
+    singular vectors), over the matrices whose update is not zero (as trace's findings take them; untouched layers made a
+    median of 0 read as "no update"), or over all of a kind none of whose matrices changed (a LoRA's first step: 0). Each
+    key carries the quantity its name says, as ``trace.jsonl`` names it."""
+    moved = {rec["matrix"]["module"] for rec in records if rec["point"].get("fro_norm") != 0}
     groups: dict[str, dict[str, list[float]]] = {}
     for rec in records:
         pt, kind = rec["point"], rec["matrix"]["module"]
-        if pt.get("fro_norm") == 0:  # unchanged at this step (no gradient reached it): a median of 0 read as "no update"
+        if pt.get("fro_norm") == 0 and kind in moved:
             continue
         ranks = pt.get("energy_rank") or {}
         key = min(ranks, key=lambda t: abs(float(t) - 0.9)) if ranks else None
