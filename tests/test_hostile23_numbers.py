@@ -30,11 +30,12 @@ def test_recommend_on_approximate_ranks_gives_ranks_that_hold_tau(tmp_path):
     W = _planted(tmp_path)
     S2 = np.linalg.svd(W, compute_uv=False) ** 2
     res = diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), plots=False,
-               config=DiffConfig(approx_above=100, thresholds=(0.9, 0.95, 0.99), approx_tol=0.02))
+               config=DiffConfig(approx_above=100, thresholds=(0.8, 0.9), approx_tol=0.02))  # ranks a first sketch
+    # (64 columns) bounds: a wider one of this 400 × 400 update costs more than its exact spectrum, computed instead
     res.save(tmp_path / "out")
     m = res.modules[0]
     assert m.method.startswith("approx")
-    for tau in (0.9, 0.95, 0.99):
+    for tau in (0.8, 0.9):
         rec = recommend(tmp_path / "out" / "results.json", energy=tau)
         r = next(iter(rec.ranks.values()))
         # the rank recommended holds at least τ of the energy (float64 SVD of the stored update)
@@ -54,7 +55,7 @@ def test_bounds_that_do_not_hold_the_estimate_are_refused(tmp_path):
 
     _planted(tmp_path, p=300)
     diff(str(tmp_path / "b.safetensors"), str(tmp_path / "t.safetensors"), plots=False,
-         config=DiffConfig(approx_above=100, approx_tol=0.02)).save(tmp_path / "out")
+         config=DiffConfig(approx_above=100, approx_tol=0.05, thresholds=(0.5, 0.9))).save(tmp_path / "out")  # (as above)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     doc["modules"][0]["energy_rank_bounds"]["0.9"] = [1, 5000]
     (tmp_path / "out" / "results.json").write_text(json.dumps(doc))
