@@ -1,7 +1,7 @@
 """Certified float32 spectra: the constant behind the bound, how often the certificate holds, and
 what it saves, measured in one run.
 
-1. **Calibration of c₀** (``spectra.linalg.EIG_BACKWARD_C0``). For p = 64 … 1024 (2048 with ``--full``)
+1. **Calibration of c₀** (``spectra.metrics.EIG_BACKWARD_C0``). For p = 64 … 1024 (2048 with ``--full``)
    and ten kinds of spectra (Gaussian; power laws σᵢ ∝ i^-α, α = 0.3, 0.6, 1, 2; rank 8 plus 1e-3
    noise; exactly rank p/4; four clusters; a linear ramp; column-scaled like an embedding), the float64
    Gram matrix is rounded to float32 and solved by scipy's ``evd``, ``evr``, ``ev`` and torch's
@@ -39,8 +39,8 @@ from common import machine, markdown_table, save  # noqa: E402
 from smollm import update  # noqa: E402
 
 from spectra.engine import exact_spectra  # noqa: E402
-from spectra.linalg import EIG_BACKWARD_C0, EPS32, gram_upper, trace_and_fro  # noqa: E402
-from spectra.metrics import spectrum_metrics  # noqa: E402
+from spectra.linalg import gram_upper, trace_and_fro  # noqa: E402
+from spectra.metrics import EIG_BACKWARD_C0, EPS32, spectrum_metrics  # noqa: E402
 
 THRESHOLDS = (0.5, 0.9, 0.99)
 CALIBRATION = {64: 8, 192: 4, 576: 2, 1024: 1}

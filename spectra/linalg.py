@@ -33,7 +33,7 @@ Certified float32 (:func:`certify_float32`)
     to float32 contributes at most ``u · ‖G‖_F`` (each entry moves by at most ``u·|Gᵢⱼ|``), and the
     eigensolver's normwise backward error is at most ``c · u · ‖G‖_F`` (LAPACK's error model, Anderson
     et al., LAPACK Users' Guide §4.7: "a modestly growing function of p" times ``u·‖G‖``), with
-    ``c = c₀·√p`` and ``c₀`` = :data:`EIG_BACKWARD_C0` taken from measurement (see the constant). From
+    ``c = c₀·√p`` and ``c₀`` = :data:`spectra.metrics.EIG_BACKWARD_C0` taken from measurement (see the constant). From
     ``‖E‖_F <= Δ`` alone, rigorously:
 
     - Weyl: every eigenvalue ``|λ̂ᵢ − λᵢ| <= ‖E‖₂ <= Δ``;
@@ -62,7 +62,7 @@ import scipy.linalg
 import torch
 
 from spectra.errors import ConfigError
-from spectra.metrics import SQUARING_LIMIT, rank_resolution, refuse_meta, spectrum_metrics
+from spectra.metrics import SQUARING_LIMIT, float32_error_bound, rank_resolution, refuse_meta, spectrum_metrics
 from spectra.randmat import gavish_donoho_omega
 
 Method = Literal["gram", "svd"]
@@ -399,33 +399,8 @@ def thin_qr(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- certified float32 ------------------------------------------------------------------------------
-#: Unit roundoff of IEEE float32 (round to nearest).
-EPS32 = 2.0**-24
-
-#: ``c₀`` of the float32 eigensolver's normwise backward error, ``‖E‖_F <= c₀·√p · u · ‖G‖_F``.
-#: LAPACK bounds it by "a modestly growing function of p" times ``u·‖G‖`` (worst case O(p²) for
-#: Householder tridiagonalisation, typically O(√p)). Measured (``bench/certified.py``,
-#: ``bench/results/certified-cpu.md``): 640 float32 solves, p from 64 to 2048, ten kinds of spectra
-#: (Gaussian, power laws, low rank plus noise, exactly low rank, clusters, a ramp, embedding-like
-#: columns) and four solvers (scipy's ``evd``, ``evr``, ``ev``, torch's ``eigvalsh``). The largest of
-#: ``‖λ̂ − λ‖₂``, ``max |λ̂ᵢ − λᵢ|`` and the partial-sum errors over ``√k``, in units of ``u·‖G‖_F``,
-#: grew like √p (7.4 at p = 64, 52 at p = 2048) and stayed below ``1.16·√p``; ``c₀ = 8`` is 6.9× that.
-EIG_BACKWARD_C0 = 8.0
-
 #: Default relative tolerance of the float metrics of a certified float32 spectrum.
 CERTIFY_RTOL = 1e-4
-
-
-def float32_error_bound(gram_fro: float, p: int) -> float:
-    """``Δ``: the computed float32 eigenvalues of ``fl32(G)`` (``p × p``) are exact for ``G + E``, ``‖E‖_F <= Δ``.
-
-    ``Δ = (1 + c·(1 + u)) · u · ‖G‖_F`` with ``u = 2⁻²⁴`` and ``c = c₀·√p``, ``c₀`` =
-    :data:`EIG_BACKWARD_C0`: rounding G to float32 moves it by at most ``u·‖G‖_F``, and the
-    eigensolver's backward error on the rounded matrix is at most ``c·u·‖fl32(G)‖_F <= c·u·(1 + u)·‖G‖_F``.
-    Units: those of the eigenvalues (σ²).
-    """
-    c = EIG_BACKWARD_C0 * math.sqrt(p)
-    return (1.0 + c * (1.0 + EPS32)) * EPS32 * gram_fro
 
 
 @dataclass(frozen=True)
@@ -436,7 +411,7 @@ class Certificate:
         ok: every check passed: the integer metrics computed from the float32 spectrum (energy ranks,
             signal rank) equal the exact ones, the float metrics are within ``rtol`` of them.
         failed: the checks that did not pass, e.g. ``("energy_rank[0.9]", "nuclear_norm")``.
-        bound: ``Δ`` of :func:`float32_error_bound` (units of σ²).
+        bound: ``Δ`` of :func:`spectra.metrics.float32_error_bound` (units of σ²).
     """
 
     ok: bool
@@ -516,7 +491,7 @@ def certify_float32(
 ) -> Certificate:
     """Decide whether the float32 eigenvalues ``lam`` of a Gram matrix give its float64 results.
 
-    The checks (see the module docstring for the bounds; ``Δ`` = :func:`float32_error_bound`):
+    The checks (see the module docstring for the bounds; ``Δ`` = :func:`spectra.metrics.float32_error_bound`):
 
     - energy rank at each τ: with ``k`` the rank computed from ``lam`` (:func:`spectra.metrics.energy_rank`),
       the true cumulative energy must satisfy ``E_{k−1} < τ·T <= E_k`` for every spectrum within the

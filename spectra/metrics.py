@@ -142,6 +142,31 @@ def rank_resolution(sigma_max: float, p: int) -> float:
     return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
 
 
+#: Unit roundoff of IEEE float32 (round to nearest).
+EPS32 = 2.0**-24
+
+#: ``c₀`` of the float32 eigensolver's normwise backward error, ``‖E‖_F <= c₀·√p · u · ‖G‖_F``.
+#: LAPACK bounds it by "a modestly growing function of p" times ``u·‖G‖`` (worst case O(p²) for
+#: Householder tridiagonalisation, typically O(√p)). Measured (``bench/certified.py``,
+#: ``bench/results/certified-cpu.md``): 640 float32 solves, p from 64 to 2048, ten kinds of spectra
+#: (Gaussian, power laws, low rank plus noise, exactly low rank, clusters, a ramp, embedding-like
+#: columns) and four solvers (scipy's ``evd``, ``evr``, ``ev``, torch's ``eigvalsh``). The largest of
+#: ``‖λ̂ − λ‖₂``, ``max |λ̂ᵢ − λᵢ|`` and the partial-sum errors over ``√k``, in units of ``u·‖G‖_F``,
+#: grew like √p (7.4 at p = 64, 52 at p = 2048) and stayed below ``1.16·√p``; ``c₀ = 8`` is 6.9× that.
+EIG_BACKWARD_C0 = 8.0
+
+def float32_error_bound(gram_fro: float, p: int) -> float:
+    """``Δ``: the computed float32 eigenvalues of ``fl32(G)`` (``p × p``) are exact for ``G + E``, ``‖E‖_F <= Δ``.
+
+    ``Δ = (1 + c·(1 + u)) · u · ‖G‖_F`` with ``u = 2⁻²⁴`` and ``c = c₀·√p``, ``c₀`` =
+    :data:`EIG_BACKWARD_C0`: rounding G to float32 moves it by at most ``u·‖G‖_F``, and the
+    eigensolver's backward error on the rounded matrix is at most ``c·u·‖fl32(G)‖_F <= c·u·(1 + u)·‖G‖_F``.
+    Units: those of the eigenvalues (σ²).
+    """
+    c = EIG_BACKWARD_C0 * math.sqrt(p)
+    return (1.0 + c * (1.0 + EPS32)) * EPS32 * gram_fro
+
+
 def route_resolution(sigma_max: float, p: int, method: str | None = None) -> float:
     """The smallest singular value a route tells from 0 in a matrix of ``p = min(out, in)`` whose largest is
     ``sigma_max``, by its results' ``method``: ``RANK_TOL·σ₁`` for a factored update's exact factors (``factored``),
@@ -153,9 +178,7 @@ def route_resolution(sigma_max: float, p: int, method: str | None = None) -> flo
     m = str(method or "")
     if m.startswith("factored"):
         return RANK_TOL * float(sigma_max)
-    if "float32" in m:  # the certificate's error bound √Δ (spectra.linalg.float32_error_bound, ‖G‖_F taken as σ₁²)
-        from spectra.linalg import float32_error_bound  # (linalg reads this module)
-
+    if "float32" in m:  # the certificate's error bound √Δ (:func:`float32_error_bound`, ‖G‖_F taken as σ₁²)
         return max(math.sqrt(float32_error_bound(float(sigma_max) ** 2, p)), rank_resolution(sigma_max, p))
     if m.startswith("svd"):
         return p * float(np.finfo(np.float64).eps) * float(sigma_max)

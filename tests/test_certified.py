@@ -14,16 +14,8 @@ import torch
 
 from spectra import engine, linalg
 from spectra.engine import Spectra, batch_budget, exact_spectra
-from spectra.linalg import (
-    EIG_BACKWARD_C0,
-    EPS32,
-    certify_float32,
-    eigvalsh_upper,
-    float32_error_bound,
-    gram_upper,
-    trace_and_fro,
-)
-from spectra.metrics import energy_rank, spectrum_metrics
+from spectra.linalg import certify_float32, eigvalsh_upper, gram_upper, trace_and_fro
+from spectra.metrics import EIG_BACKWARD_C0, EPS32, energy_rank, float32_error_bound, spectrum_metrics
 from tests.conftest import svd64
 
 THRESHOLDS = (0.5, 0.9, 0.99)

@@ -41,8 +41,7 @@ def test_float32_route_certifies_signal_rank_or_solves_again_in_float64(tmp_path
 
 def test_certified_float32_record_buys_no_value_within_its_error_bound():
     # a certified float32 record's values at or below √Δ (its error bound) may be rounding: no budget buys them
-    from spectra.linalg import float32_error_bound
-    from spectra.metrics import rank_resolution, route_resolution
+    from spectra.metrics import float32_error_bound, rank_resolution, route_resolution
 
     cut = route_resolution(1.0, 512, "gram/float32-certified")
     assert cut == pytest.approx(float32_error_bound(1.0, 512) ** 0.5) and 2e-3 < cut < 5e-3  # not √(p·ε₃₂) = 7.8e-3
