@@ -679,13 +679,17 @@ def all_held_text(spent: int, budget: int, dearer: tuple[int, str] | None, cappe
         return (f"{said}: {n} modules are at the largest rank {cap} allows (e.g. {name}), the others hold all of their "
                 "directions: the rest of the budget buys nothing under that cap")
     text = f"{said}: every module already holds all of its update's directions, so the rest of the budget buys nothing"
-    if dearer:
-        text += (f"; in {dearer[0]} modules (e.g. {dearer[1]}) the LoRA factors hold more parameters than the dense ΔW "
-                 "(r·(out + in) > out·in): storing those updates whole would be smaller")
-    return text
+    return text + ("; " + dearer_text(*dearer) if dearer else "")
 
 
-__all__ = ["EXPERTS_GROUP", "all_held_text", "common_exp", "energies",
+def dearer_text(count: int, example: str) -> str:
+    """That ``count`` modules (``example`` one of them) hold a LoRA of more parameters than their dense ΔW, as
+    ``extract`` and ``recommend`` say it."""
+    return (f"in {count} modules (e.g. {example}) the LoRA factors hold more parameters than the dense ΔW "
+            "(r·(out + in) > out·in): storing those updates whole would be smaller")
+
+
+__all__ = ["EXPERTS_GROUP", "all_held_text", "common_exp", "dearer_text", "energies",
            "final_ranks", "OUT_DTYPES", "PEFT_TASK_TYPES", "RESULT_FIELDS", "ExtractConfig", "RankPlan", "Target", "is_embedding",
            "is_embedding_name", "noise_level", "resolved_count", "settle_budget",
            "default_tie", "module_of", "one_lora_per_tied_weight", "one_side_only", "plan_ranks", "stack_flip", "target_of", "unspent_text",

@@ -38,7 +38,7 @@ from spectra.allocation import allocate
 from spectra.display import matrices
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_heads import HEAD_NAMES, auto_task_type, head_modules, head_of, named_class
-from spectra.extract_plan import all_held_text, is_embedding_name, unspent_text
+from spectra.extract_plan import all_held_text, dearer_text, is_embedding_name, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
@@ -168,6 +168,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         raise ConfigError("these results are of a run that did not finish (complete: false)", path=where,
                           hint="finish it first: spectra diff BASE TUNED --out DIR --resume")
     notes: list[str] = []
+    dearer_said = False  # by the budget's note that every module holds all its directions
     # rounding noise, decided as diff's findings decide it: a nonzero update that is not "analysed"
     kept_names = {m.name for m in analysed(res)}
     noise = {m.name for m in res.modules if m.fro_norm and m.name not in kept_names}
@@ -396,6 +397,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             dearer = [p for p in paths if ranks[p] * cost[p] > whole[p]["out"] * whole[p]["in"]]
             notes.append(all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None,
                                        (len(capped), capped[0], f"--max-rank {max_rank}") if capped else None))
+            dearer_said = bool(dearer) and not capped
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if budget_n is None and (fused := [p for p in adapted if len(whole[p]["parts"]) > 1]):
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
@@ -478,9 +480,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         config["fan_in_fan_out"] = True  # GPT-2's Conv1D stores (in, out): without it PEFT warns and sets it itself
     params = sum(r * cost[p] for p, r in adapted.items()) + extra
     dearer = [p for p, r in adapted.items() if r * cost[p] > whole[p]["out"] * whole[p]["in"]]
-    if dearer and not any("hold more parameters than the dense" in x for x in notes):  # a budget's note may have said it
-        notes.append(f"in {len(dearer)} modules (e.g. {dearer[0]}) the LoRA factors hold more parameters than the dense ΔW "
-                     "(r·(out + in) > out·in): training or storing those updates whole would be smaller")
+    if dearer and not dearer_said:
+        notes.append(dearer_text(len(dearer), dearer[0]))
     if budget_n is not None and params > budget_n:  # the experts' one rank (and PEFT's fused pairs) cost more than chosen
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the allocation spent on them")

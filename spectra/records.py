@@ -159,7 +159,7 @@ def exact_result(item: Prepared, S: np.ndarray, config: DiffConfig, seconds: flo
     ``--weight-spectra`` the top singular values of W_base and W_tuned, with ``--esd`` its
     :func:`esd_entry`; ``precision``: what solved it (``"float32-certified"``, ``"float64"``…), default
     the configured one."""
-    method = f"{config.method}/{precision or config.precision}"  # its resolution cuts signal_rank (float32: ε₃₂'s)
+    method = f"{config.method}/{precision or config.precision}"  # its resolution cuts signal_rank (float32: the certificate's)
     return ModuleResult(
         **common_fields(item, config), **spectrum_fields(S, item.unit.shape, config, item.base_fro, method),
         method=method, seconds=seconds,
