@@ -111,12 +111,12 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
-from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.pairing import NOT_WEIGHTS, PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import peft_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
+from spectra.stored_bytes import base_lookup
 from spectra.stream import RunSettings, batches, largest_first, prefetch, run_settings
 from spectra.threads import map_one_blas_thread, zip_results
 
@@ -206,7 +206,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     notes += alias_notes(pairing) + one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
                            lambda side, n: head_of(n.removeprefix(base_prefix if side == "base" else prefix), heads) is not None)
     one_d = []
-    by_key = unique_pairing_keys(list(base.tensors))  # once: per skipped tensor it was quadratic in the count
+    base_of = base_lookup(base)  # built once: per skipped tensor it was quadratic in the count
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
         if head_of(s.name.removeprefix(prefix), heads):  # the head's records say what happened to it
@@ -218,7 +218,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
         other = floating and (len(info.shape) not in (1, 2) or s.reason == NOT_WEIGHTS["A_log"]) and not mismatched
         if not (mismatched or one_dim or other):
             continue
-        bn = s.name if s.name in base.tensors else by_key.get(pairing_key(s.name))
+        bn = base_of(s.name)
         if mismatched:  # a matrix whose base has another shape: not silently dropped, listed with the reason
             left.append(((s.name, tuple(info.shape), None, tensor_fro(base, bn)), s.reason))
         elif other and bn is not None and tuple(base.tensors[bn].shape) == tuple(info.shape):

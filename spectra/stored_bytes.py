@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
-from spectra.naming import pairing_key
+from spectra.naming import pairing_key, unique_pairing_keys
 
 #: Bytes compared per read: two blocks in memory at a time, whatever the tables' size.
 BLOCK_BYTES = 1 << 24
@@ -97,11 +97,11 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool | None:
 
 
 def base_lookup(base: Checkpoint) -> Callable[[str], str | None]:
-    """A function from a tuned tensor's name to the base tensor it compares with: the same name, else the first base
-    tensor (in the file's order) of the same pairing key (another prefix, ``base_model.model.``); None when none."""
-    by_key: dict[str, str] = {}
-    for n in base.tensors:
-        by_key.setdefault(pairing_key(n), n)
+    """A function from a tuned tensor's name to the base tensor it compares with, by pairing's rule: the same name,
+    else the one base tensor of the same pairing key (another prefix, ``base_model.model.``); None when the base has
+    none or several of that key (pairing pairs nothing there either). One rule for diff's changed-tensor checks and
+    extract's skipped tensors."""
+    by_key = unique_pairing_keys(list(base.tensors))
     return lambda name: name if name in base.tensors else by_key.get(pairing_key(name))
 
 
