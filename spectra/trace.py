@@ -61,8 +61,10 @@ from spectra.trace_checks import (
     adapter_change_warnings,
     base_copy_warning,
     gap_note,
+    pairing_notes_text,
     run_warnings,
     size_warning,
+    steps_text,
     unchanged_text,
     unpaired_warnings,
 )
@@ -404,9 +406,7 @@ def trace(
         raise
     result.checkpoints = [asdict(r) for r in refs]
     result.loss_history = found.merged_history(r.path for r in refs if r.failed)  # a failed one's log is not this run's
-    for r in refs:
-        if r.failed:
-            result.warnings.append(f"{r.path}: {r.failed}")
+    result.warnings += [f"{r.path}: {r.failed}" for r in refs if r.failed]
     result.matrices.sort(key=_order)
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
@@ -560,11 +560,10 @@ def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Chec
         rec = {**meta, "points": points}
         if base_alpha is not None:
             rec["base_alpha"], rec["base_alpha_sigma"] = base_alpha
-        if pairs_note := "; ".join(sorted({p[name].note for p in pairings if name in p and p[name].note})):
+        if pairs_note := pairing_notes_text(name, refs, pairings):  # a resized vocabulary's rows, with the steps that resized it
             rec["note"] = "; ".join(x for x in (rec["note"], pairs_note) if x)
         for msg, steps in ((m, [st for st, x in said if x == m]) for said in caveats.values() for m in dict.fromkeys(x for _, x in said)):
-            at = ", ".join("?" if st is None else str(st) for st in steps)  # the steps that said it (its numbers are theirs)
-            rec["note"] = "; ".join(x for x in (rec["note"], f"at step{'s' * (len(steps) > 1)} {at}: {msg}") if x)
+            rec["note"] = "; ".join(x for x in (rec["note"], f"{steps_text(steps)}: {msg}") if x)  # its numbers are those steps'
         result.matrices.append(jsonable(rec))
         if journal:
             journal.add({"matrix": result.matrices[-1]})

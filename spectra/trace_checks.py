@@ -14,7 +14,8 @@ from spectra.display import counted
 from spectra.metrics import oversized_update
 from spectra.numerics import unresolved_text
 from spectra.pairing import NOT_WEIGHTS
-from spectra.results import note_caveat_warnings
+from spectra.pairing_notes import RESIZED_NOTE
+from spectra.results import note_caveat_warnings, note_part
 from spectra.results_check import is_num
 from spectra.selection import unmeasured_clause
 from spectra.trace_inputs import CheckpointRef, moved
@@ -101,12 +102,35 @@ def gap_note(refs: list[CheckpointRef], prev_at: int | None, ci: int) -> str | N
         "turn_note or skip)")
 
 
+def steps_text(steps: list[int | None]) -> str:
+    """``"at step 4"`` or ``"at steps 2, 4"`` (an unknown step as ``?``): the checkpoints a note speaks of."""
+    return f"at step{'s' * (len(steps) > 1)} {', '.join('?' if st is None else str(st) for st in steps)}"
+
+
+def pairing_notes_text(name: str, refs: list[Any], pairings: list[dict[str, Any]]) -> str:
+    """The notes of matrix ``name``'s pairings with the checkpoints ``refs`` (``pairings[i]``: name -> its pair at
+    ``refs[i]``; rows of a resized table, each side's layout), each once, with the steps that gave it where not every
+    checkpoint holding the matrix did: a vocabulary resized at step 300 is said of the steps from 300 on."""
+    held: list[int | None] = []
+    said: dict[str, list[int | None]] = {}
+    for ref, pairs in zip(refs, pairings, strict=True):
+        if name in pairs:
+            held.append(ref.step)
+            if pairs[name].note:
+                said.setdefault(pairs[name].note, []).append(ref.step)
+    return "; ".join(msg if steps == held else f"{steps_text(steps)}: {msg}" for msg, steps in sorted(said.items()))
+
+
 def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
     """The run's warnings from its matrices (a trace's or a tracker's): one per numerical caveat of their notes, one for
     matrices skipped at every checkpoint (measured nowhere: a skipped matrix in all but name), and one for points (a
     matrix at one checkpoint) whose non-zero ΔW is entirely at the rounding level of its stored weights."""
     out = note_caveat_warnings([(m["name"], "; ".join([m.get("note") or "", *(pt.get("note") or "" for pt in m["points"] if isinstance(pt, dict))]))
                                 for m in matrices], len(matrices), " at one checkpoint or more")
+    if resized := [m for m in matrices if RESIZED_NOTE in (m.get("note") or "")]:  # the matrix's note says at which steps
+        m = resized[0]
+        out.append(f"{counted(len(resized), 'table')} hold{'s' * (len(resized) == 1)} another row count than the base at some "
+                   f"checkpoint (e.g. {m['name']}: {note_part(m['note'], RESIZED_NOTE, prefix=False)})")
     nowhere = [m for m in matrices if m["points"] and all(isinstance(pt, dict) and pt.get("skip") for pt in m["points"])]
     if nowhere:
         one = len(nowhere) == 1
