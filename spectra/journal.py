@@ -78,11 +78,36 @@ def diff_identity(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> tu
     names its cause (:func:`_other_diff`): ``{"code": code_identity(), "base": …, "tuned": …}``, each input's
     short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files), read once for both."""
     ids = [checkpoint_identity(c) for c in (base, tuned)]
-    return _fingerprint(config, ids), {"code": code_identity(), "base": _short_hash(ids[0]), "tuned": _short_hash(ids[1])}
+    return _fingerprint(config, ids), {"code": code_identity(), "base": _short_hash(ids[0]), "tuned": _short_hash(ids[1]),
+                                       "deciding": {"base": deciding_digests(ids[0]), "tuned": deciding_digests(ids[1])}}
 
 
 def _short_hash(identity: list) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def deciding_digests(identity: list) -> dict[str, str | None]:
+    """File name -> short content digest of each :data:`DECIDING_FILES` file of a :func:`checkpoint_identity`: kept
+    beside the identity's one hash so that a refused ``--resume`` names an edited ``config.json`` rather than the
+    weights."""
+    return {str(n): d[:16] if isinstance(d, str) else None for n, d in identity[4]}
+
+
+def changed_files(then: object, now: dict[str, str | None]) -> list[str]:
+    """The deciding files (:func:`deciding_digests`) whose digest differs between an earlier record ``then`` (None or
+    malformed in older results: none named) and ``now``, added and removed ones included."""
+    if not isinstance(then, dict):
+        return []
+    return sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
+
+
+def changed_text(where: str, files: list[str], path: str) -> str:
+    """``"<where> changed since (…): <path>"`` naming the edited deciding files and their folder when there are (else
+    the weights at ``path`` are meant)."""
+    if files:
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        return f"{', '.join(files[:3])} of {where} changed since: {display_name(folder)}"
+    return f"{where} changed since (content, size, times or metadata: chmod or a new hard link counts): {display_name(path)}"
 
 
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a
@@ -380,7 +405,7 @@ def run_identity(checkpoints: list[Checkpoint], options: dict) -> tuple[str, dic
     for ckpt in checkpoints:
         identity = checkpoint_identity(ckpt)  # read once: the fingerprint's and the header's
         h.update(json.dumps(identity).encode())
-        inputs.append([os.path.realpath(ckpt.root), _short_hash(identity)])
+        inputs.append([os.path.realpath(ckpt.root), _short_hash(identity), deciding_digests(identity)])
     return h.hexdigest()[:16], {"code": code_identity(), "options": json.loads(text), "inputs": inputs}
 
 
@@ -403,8 +428,9 @@ def _other_diff(doc: object, result: DiffResult) -> str:
     then = doc.get("identity") if isinstance(doc.get("identity"), dict) else {}  # absent in older results
     if then.get("code") not in (None, result.identity.get("code")):
         said.insert(0, "another version of spectra wrote it (its code changed since)")
-    said += [f"{side} changed since (content, size, times or metadata: chmod or a new hard link counts): "
-             f"{display_name(str(result.inputs.get(side)))}" for side in ("base", "tuned")
+    deciding = then.get("deciding") if isinstance(then.get("deciding"), dict) else {}
+    said += [changed_text(side, changed_files(deciding.get(side), result.identity.get("deciding", {}).get(side, {})),
+                          str(result.inputs.get(side))) for side in ("base", "tuned")
              if result.inputs.get(side) and doc["inputs"].get(side) == result.inputs.get(side)
              and then.get(side) not in (None, result.identity.get(side))]
     return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS
@@ -420,14 +446,15 @@ def other_run(then: object, now: dict | None) -> str:
     old = then.get("options") if isinstance(then.get("options"), dict) else {}
     said += [f"{k} was {_shown(old.get(k))}, now {_shown(now['options'].get(k))}"
              for k in sorted(set(old) | set(now["options"]), key=str) if old.get(k) != now["options"].get(k)]
-    before = {str(p): h for p, h in (x for x in then.get("inputs") or [] if isinstance(x, list) and len(x) == 2)}
-    after = dict(now["inputs"])
-    for what, paths in (("added", [p for p in after if p not in before]), ("gone", [p for p in before if p not in after]),
-                        ("changed since (content, size, times or metadata: chmod or a new hard link counts)",
-                         [p for p in after if p in before and before[p] != after[p]])):
+    before = {str(x[0]): x[1:] for x in then.get("inputs") or [] if isinstance(x, list) and len(x) in (2, 3)}
+    after = {str(x[0]): x[1:] for x in now["inputs"]}
+    changed = [p for p in after if p in before and before[p][0] != after[p][0]]
+    for what, paths in (("added", [p for p in after if p not in before]), ("gone", [p for p in before if p not in after])):
         if paths:
             said.append(f"input{'s' * (len(paths) > 1)} {what}: " + ", ".join(display_name(p) for p in paths[:3])
                         + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""))
+    said += [changed_text("input", changed_files(before[p][1] if len(before[p]) > 1 else None, after[p][1]), p) for p in changed[:3]]
+    said += [f"and {len(changed) - 3} more inputs changed since"] if len(changed) > 3 else []
     if not said and list(before) != list(after):
         said.append("the same inputs in another order")
     return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS

@@ -37,6 +37,9 @@ class ArchInfo:
             ``"multi_query"`` (q rows, then one k and one v head) or ``"interleaved"`` (per head).
         qk_nope_head_dim, v_head_dim: DeepSeek-V2/V3's multi-head latent attention: per head, the rows of
             ``kv_b_proj`` holding the key's part without rotary embedding, then the value's.
+        vision_heads, vision_kv_heads: a multimodal model's ``vision_config`` head counts, where it gives
+            key/value heads (grouped-query vision attention, EXAONE 4.5: ``attn.qkv`` is q, k, v blocks of
+            ``heads``, ``kv``, ``kv`` head widths, not three equal blocks).
     """
 
     model_type: str | None = None
@@ -48,6 +51,8 @@ class ArchInfo:
     falcon_layout: str | None = None
     qk_nope_head_dim: int | None = None
     v_head_dim: int | None = None
+    vision_heads: int | None = None
+    vision_kv_heads: int | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None, shapes: Mapping[str, Sequence[int]] | None = None) -> ArchInfo:
@@ -57,6 +62,7 @@ class ArchInfo:
         ``(d, 3d)``, since GPT-BigCode uses the same names with ``nn.Linear`` ``(out, in)`` storage.
         """
         config = dict(config or {})
+        vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
         if isinstance(config.get("text_config"), dict):  # multimodal wrappers keep the LM config inside
             config = {**config["text_config"], "model_type": config.get("model_type")}
         model_type = config.get("model_type")
@@ -92,7 +98,8 @@ class ArchInfo:
                     conv1d = True
                     break
         return cls(model_type, heads, kv, head_dim, hidden, conv1d, falcon_layout,
-                   _first_int(config, "qk_nope_head_dim"), _first_int(config, "v_head_dim"))
+                   _first_int(config, "qk_nope_head_dim"), _first_int(config, "v_head_dim"),
+                   _first_int(vision, "num_heads", "num_attention_heads"), _first_int(vision, "num_key_value_heads", "num_kv_heads"))
 
 
 def _first_int(config: Mapping[str, Any], *keys: str) -> int | None:
@@ -193,6 +200,14 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
             return blocks(("q", "k", "v"), (heads * hd, kv * hd, kv * hd), out_dim)
         return (Part(""),), "query_key_value layout needs config.json head counts (num_attention_heads, kv heads) to split; left unsplit"
     if leaf == "qkv":  # ViT-style attn.qkv: qkv(x).reshape(…, 3, heads, head_dim), three equal row blocks
+        vh, vkv = arch.vision_heads, arch.vision_kv_heads
+        vision = any(c.startswith("vis") for c in rel_path.lower().split("."))  # visual., vision_tower., vision_model.
+        if vision and vh and vkv and vkv != vh:  # grouped-query vision attention: qkv(x).split([q_dim, kv_dim, kv_dim])
+            if out_dim % (vh + 2 * vkv):
+                return (Part(""),), (f"{stored} has {out_dim} rows, not (heads {vh} + 2 × kv heads {vkv}) × head_dim "
+                                     "(q, k, v: vision_config in config.json); left unsplit")
+            d = out_dim // (vh + 2 * vkv)
+            return blocks(("q", "k", "v"), (vh * d, vkv * d, vkv * d), out_dim)
         if out_dim % 3:
             return (Part(""),), f"{stored} has {out_dim} rows, not three equal blocks (q, k, v); left unsplit"
         return blocks(("q", "k", "v"), (out_dim // 3,) * 3, out_dim)

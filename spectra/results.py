@@ -223,7 +223,7 @@ class DiffResult:
         inputs: ``{"base": ..., "tuned": ...}``, the absolute location each input was read from (a hub id's cache
             folder, ``~`` expanded), where ``spectra recommend`` reads the models' configs again; empty in results of
             older versions (their ``base``/``tuned`` are read as typed, from the current folder).
-        identity: ``{"code", "base", "tuned"}``: hashes of spectra's source and of each input (``--resume`` names a change).
+        identity: ``{"code", "base", "tuned", "deciding"}``: hashes of spectra's source, each input, its config files by name.
     """
 
     base: str | None
@@ -241,7 +241,7 @@ class DiffResult:
     adapter: dict[str, Any] | None = None
     fingerprint: str = ""
     inputs: dict[str, str] = field(default_factory=dict)
-    identity: dict[str, str] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         # short: a notebook cell ending in `res` must not print every singular value of every matrix

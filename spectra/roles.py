@@ -28,13 +28,17 @@ PARENT_LEAF_ROLES = {
     # RWKV's channel mix: value(relu(key(x))²), an MLP's up and down (not attention's k and v)
     ("feed_forward", "key"): "up", ("feed_forward", "value"): "down",
     ("attn", "qkv"): "qkv", ("attn", "proj"): "o",  # ViT-style attention: timm, Qwen2-VL's and InternViT's vision towers
-    ("mlp", "wi"): "gate_up",  # ModernBERT: input, gate = Wi(x).chunk(2); act(input) * gate (T5's DenseReluDense.wi is up)
     ("attention", "output"): "o",  # RWKV's time mix
 }
 
 #: Roles a model type gives a leaf that others use otherwise: ``model_type -> {leaf: role}``. ChatGLM's
 #: ``dense_h_to_4h`` is SwiGLU's gate and up (``chunk(2)``, gate first) where GPT-NeoX's and Bloom's is an up.
-MODEL_LEAF_ROLES = {"chatglm": {"dense_h_to_4h": "gate_up"}}
+MODEL_LEAF_ROLES = {"chatglm": {"dense_h_to_4h": "gate_up"}, "modernbert": {"wi": "gate_up"}, "modernbert-decoder": {"wi": "gate_up"}}
+
+#: ``(parent, leaf)`` -> role where the leaf's spelling tells families apart without a config.json: ModernBERT's
+#: ``mlp.Wi`` is gated (``input, gate = Wi(x).chunk(2)``; act(input) * gate), Switch Transformers' ``mlp.wi`` and T5's
+#: ``DenseReluDense.wi`` are a plain up projection.
+CASED_PARENT_LEAF_ROLES = {("mlp", "Wi"): "gate_up"}
 
 LEAF_ROLES = {
     "q_proj": "q", "query": "q", "wq": "q", "q_attn": "q", "query_proj": "q",  # query_proj…: DeBERTa-v2
@@ -63,9 +67,9 @@ LEAF_ROLES = {
 def role_of(leaf: str, parent: str, layer: int | None, rel_path: str, model_type: str | None = None) -> str | None:
     """The cross-architecture role (:data:`ROLE_ORDER`) of a module from its own name ``leaf``, its parent's, its layer
     (None outside the stack), its path without wrappers and indices and ``config.json``'s model type; None when unknown."""
-    leaf, parent = leaf.lower(), parent.lower()
-    role = (MODEL_LEAF_ROLES.get(model_type or "", {}).get(leaf) or PARENT_LEAF_ROLES.get((parent, leaf))
-            or LEAF_ROLES.get(leaf))
+    cased, leaf, parent = leaf, leaf.lower(), parent.lower()
+    role = (MODEL_LEAF_ROLES.get(model_type or "", {}).get(leaf) or CASED_PARENT_LEAF_ROLES.get((parent, cased))
+            or PARENT_LEAF_ROLES.get((parent, leaf)) or LEAF_ROLES.get(leaf))
     cross = parent in CROSS_PARENTS
     if role is None:
         if leaf in ("q", "k", "v", "o"):
@@ -112,5 +116,5 @@ def part_role(role: str | None, module: str, rel_path: str = "") -> str | None:
     return f"cross_{part}" if cross else part
 
 
-__all__ = ["ATTN_PARENTS", "CROSS_PARENTS", "LEAF_ROLES", "MLP_PARENTS", "MODEL_LEAF_ROLES", "PARENT_LEAF_ROLES", "ROLE_ORDER",
-           "part_role", "role_of", "role_sort_key"]
+__all__ = ["ATTN_PARENTS", "CASED_PARENT_LEAF_ROLES", "CROSS_PARENTS", "LEAF_ROLES", "MLP_PARENTS", "MODEL_LEAF_ROLES",
+           "PARENT_LEAF_ROLES", "ROLE_ORDER", "part_role", "role_of", "role_sort_key"]

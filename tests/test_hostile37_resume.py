@@ -24,7 +24,7 @@ def test_diff_resume_refusal_names_the_changed_file_and_other_code(tmp_path):
     b, t, out = str(tmp_path / "b"), str(tmp_path / "t"), tmp_path / "o"
     assert cli(["diff", b, t, "--out", str(out), "--no-plots"]).returncode == 0
     doc = json.loads((out / "results.json").read_text())
-    assert set(doc["identity"]) == {"code", "base", "tuned"}
+    assert set(doc["identity"]) == {"code", "base", "tuned", "deciding"}
     _model(tmp_path / "t", 2)  # the tuned weights rewritten in place, same path
     run = cli(["diff", b, t, "--out", str(out), "--no-plots", "--resume"])
     assert run.returncode != 0 and "tuned changed since" in run.stderr and "model.safetensors" not in run.stderr.split(

@@ -26,3 +26,60 @@ def test_an_ambiguous_pairing_key_pairs_nothing_as_in_pairing(tmp_path):
     assert lookup("base_model.model.model.layers.0.mlp.weight") == "model.layers.0.mlp.weight"  # one candidate
     assert lookup("model.layers.9.mlp.weight") is None
     assert changed_tensors(b, t, list(t.tensors)) == ["base_model.model.model.layers.0.mlp.weight"]
+
+
+def test_a_resume_refused_for_an_edited_config_names_that_file_not_the_weights(tmp_path):
+    import json
+
+    from tests.cli_util import cli
+
+    g = torch.Generator().manual_seed(0)
+    for side in ("b", "t"):
+        (tmp_path / side).mkdir()
+        save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(24, 16, generator=g) for i in range(2)},
+                  str(tmp_path / side / "model.safetensors"))
+        (tmp_path / side / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    b, t, out = str(tmp_path / "b"), str(tmp_path / "t"), str(tmp_path / "o")
+    assert cli(["diff", b, t, "--out", out, "--no-plots"]).returncode == 0
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "head_dim": 4}))
+    run = cli(["diff", b, t, "--out", out, "--no-plots", "--resume"])
+    said = " ".join(run.stderr.split())
+    assert run.returncode != 0 and "config.json of tuned changed since" in said and "model.safetensors" not in said, said
+    # the other commands' journals alike (esd's header keeps each input's deciding files)
+    assert cli(["esd", t, "--out", str(tmp_path / "e"), "--no-plots"]).returncode == 0
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    run = cli(["esd", t, "--out", str(tmp_path / "e"), "--no-plots", "--resume"])
+    said = " ".join(run.stderr.split())
+    assert run.returncode != 0 and "config.json of input changed since" in said, said
+
+
+def test_switch_transformers_wi_is_an_up_and_modernbert_wi_gated():
+    from spectra.layouts import ArchInfo
+    from spectra.naming import describe_checkpoint, describe_updates
+
+    # Switch Transformers' dense mlp.wi is wo(act(wi(x))): one up projection, not ModernBERT's gated Wi
+    d = describe_updates({"encoder.block.0.layer.1.mlp.wi.weight": (48, 32), "model.layers.0.mlp.Wi.weight": (96, 32)})
+    assert d["encoder.block.0.layer.1.mlp.wi.weight"].role == "up" and len(d["encoder.block.0.layer.1.mlp.wi.weight"].parts) == 1
+    assert [p.suffix for p in d["model.layers.0.mlp.Wi.weight"].parts] == ["gate", "up"]
+    sw = describe_checkpoint({"encoder.block.0.layer.1.mlp.wi.weight": (96, 32)},
+                             ArchInfo.from_config({"model_type": "switch_transformers", "d_model": 32}))
+    assert sw["encoder.block.0.layer.1.mlp.wi.weight"].role == "up"
+    for mt in ("modernbert", "modernbert-decoder"):  # a lower-case export of ModernBERT, told by its config
+        mb = describe_checkpoint({"model.layers.0.mlp.wi.weight": (96, 32)}, ArchInfo.from_config({"model_type": mt, "hidden_size": 32}))
+        assert [p.suffix for p in mb["model.layers.0.mlp.wi.weight"].parts] == ["gate", "up"]
+
+
+def test_a_grouped_query_vision_qkv_splits_by_its_head_counts():
+    from spectra.layouts import ArchInfo
+    from spectra.naming import describe_checkpoint
+
+    # EXAONE 4.5's vision attention: qkv(x).split([heads·d, kv·d, kv·d]) with 6 heads and 3 kv heads of 8
+    cfg = {"model_type": "exaone4_5", "text_config": {"model_type": "exaone4", "hidden_size": 32, "num_attention_heads": 4},
+           "vision_config": {"hidden_size": 48, "num_heads": 6, "num_key_value_heads": 3}}
+    name = "model.visual.blocks.0.attn.qkv.weight"
+    d = describe_checkpoint({name: (96, 48)}, ArchInfo.from_config(cfg))
+    assert [(p.suffix, p.rows[0].item(), p.rows.numel()) for p in d[name].parts] == [("q", 0, 48), ("k", 48, 24), ("v", 72, 24)]
+    odd = describe_checkpoint({name: (100, 48)}, ArchInfo.from_config(cfg))  # not (6 + 2·3)·d rows: whole, said why
+    assert len(odd[name].parts) == 1 and "kv heads 3" in odd[name].note
+    plain = describe_checkpoint({name: (144, 48)}, ArchInfo.from_config({"vision_config": {"num_heads": 6}}))  # ViT: 3 equal
+    assert [p.rows.numel() for p in plain[name].parts] == [48, 48, 48]
