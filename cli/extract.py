@@ -108,8 +108,10 @@ def extract_cmd(base, tuned, out_dir, rank, energy, budget, max_rank, serving, d
         err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     held = [r for r in result.not_lora if r["held"] is None]
     if held:
-        kinds = sorted({"saved modules" if r.get("kind") == "modules_to_save of the adapter" else "norms/biases" for r in held})
-        err.print(f"{len(held)} changed {' and '.join(kinds)} are not in the adapter (see not_lora in extract.json"
+        one = len(held) == 1
+        kinds = sorted({("saved module" if one else "saved modules") if r.get("kind") == "modules_to_save of the adapter"
+                        else ("norm/bias" if one else "norms/biases") for r in held})
+        err.print(f"{len(held)} changed {' and '.join(kinds)} {'is' if one else 'are'} not in the adapter (see not_lora in extract.json"
                   f"{'' if save_modules else '; --save-modules keeps those PEFT can hold'})", highlight=False)
     moved = [r for r in result.not_extracted if r.get("reason") != UNCHANGED]  # an unchanged matrix leaves nothing behind
     if moved:
@@ -154,8 +156,12 @@ def totals_table(doc: dict) -> Table:
     outside = t.get("not_extracted_energy_share") or 0.0
     finite = " (over the matrices with a finite ΔW)" if t.get("unmeasured") else ""
     whole = "the selected matrices' ΔW energy" if t.get("outside_selection") else "all of ΔW's energy"  # the rest unread
+    kept, kept_all = t.get("energy_kept"), t.get("energy_kept_all")
     title = ("totals (energy kept: share of the extracted matrices' ΔW energy; the matrices not extracted hold "
              f"{outside:.1%} of {'the selected' if t.get('outside_selection') else 'all of'} it{finite})" if outside >= 0.0005
+             # modules saved whole (modules_to_save) keep their update: the share over all of it is another number
+             else f"totals (energy kept: share of the extracted matrices' ΔW energy; with the modules saved whole, {kept_all:.4f} "
+                  f"of {whole}{finite})" if kept is not None and kept_all is not None and abs(kept_all - kept) >= 5e-5
              else f"totals (energy kept: share of {whole}{finite})")
     table = Table(title=title, title_justify="left", show_header=True)
     changed = t.get("changed", t["modules"])  # the modules with an update (extract.json before: all of them)

@@ -33,6 +33,7 @@ from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
 from spectra.numerics import numeric_notes, weight_rounding
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
+from spectra.pairing_notes import SAVED_WHOLE
 from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
@@ -459,7 +460,7 @@ def _saved_result(sv: SavedModule, base: Checkpoint, name: str, part_rows: torch
             base_sv, tuned_sv = [float(x) for x in S_b[: config.top_k]], [float(x) for x in S_t[: config.top_k]]
         if config.esd:
             esd = esd_entry(shape, S, S_b, S_t, rounding=(weight_rounding(wb, base_dtype), weight_rounding(wt, tuned_dtype)))
-    note = "; ".join(x for x in ("trained whole (modules_to_save): ΔW = the saved matrix − the base's, dense", sv.note, spec.note,
+    note = "; ".join(x for x in (f"{SAVED_WHOLE}: ΔW = the saved matrix − the base's, dense", sv.note, spec.note,
                                  *notes, ZERO_BASE_NOTE if base_fro == 0 else "") if x)
     return ModuleResult(
         name=name, layer=spec.layer, module=module, role=part_role(spec.role, module, spec.rel_path), expert=spec.expert,

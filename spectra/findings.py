@@ -263,7 +263,9 @@ def _warnings(result: DiffResult) -> list[Finding]:
         # a few matrices as far from their base as unrelated weights, hidden by the median (a layer removed on one side)
         layers = sorted({m.layer for m in far if m.layer is not None})
         shown = ", ".join(map(str, layers[:6])) + (", …" if len(layers) > 6 else "")
-        where = f" (in layer{'s' if len(layers) > 1 else ''} {shown})" if layers else ""
+        outside = sum(m.layer is None for m in far)  # the example (the largest) may be one of them: an embedding
+        where = (f" (in layer{'s' if len(layers) > 1 else ''} {shown}" + (f", and {outside} outside the layer stack" if outside else "")
+                 + ")" if layers else "")
         out.append(Finding("unrelated", f"{len(far)} of {len(nonempty)} matrices moved by their own norm or more{where}: "
                            f"‖ΔW‖_F / ‖W_base‖_F up to {far[0].rel_norm:.2f} (e.g. {display_name(far[0].name, 60)}), where "
                            f"the median is {median_rel:.2f}. A fine-tune moves a matrix by a fraction of its norm; two "

@@ -25,6 +25,9 @@ PAIRING_NOTE_PREFIX = "pairing: "
 #: :meth:`spectra.results.DiffResult.not_compared` reads.
 RESIZED_NOTE = "rows differ (base "
 
+#: Begins the note of a matrix an adapter saved whole (PEFT's ``modules_to_save``), which ``spectra recommend`` reads.
+SAVED_WHOLE = "trained whole (modules_to_save)"
+
 #: How the pairing note on experts stored per matrix against 3-D stacks begins (:func:`spectra.trace_checks` reads it).
 EXPERT_LAYOUT_NOTE = "the experts are stored one matrix per expert"
 

@@ -48,6 +48,7 @@ from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import normal_float32, resolved_above, route_resolution, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
+from spectra.pairing_notes import SAVED_WHOLE
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
@@ -192,6 +193,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             # changed: said, as the other matrices left out are (unchanged ones, and rounding noise, need no word)
             if m.get("fro_norm") is None:
                 left_out.setdefault("embeddings and the output head whose update is not finite (fro_norm null)", []).append(base)
+            elif m["fro_norm"] and name not in noise and SAVED_WHOLE in (m.get("note") or ""):  # the adapter trained it whole
+                left_out.setdefault("embeddings and the output head the adapter trained whole (modules_to_save): add them to "
+                                    "modules_to_save to train them so again, or pass --embeddings to adapt them", []).append(base)
             elif m["fro_norm"] and name not in noise:
                 left_out.setdefault("embeddings and the output head: pass --embeddings to adapt them", []).append(base)
             continue

@@ -68,8 +68,11 @@ def random_baselines(result: DiffResult, key: str) -> list[tuple[float, str]]:
 
 
 def is_adapter(result: DiffResult) -> bool:
-    """True when every analysed matrix is a LoRA update (``lora_r`` set)."""
-    return bool(result.modules) and all(m.lora_r for m in result.modules)
+    """True when every matrix the heatmaps draw (those of the layer stack; every one when none is) is a LoRA update
+    (``lora_r`` set): a head the adapter saved whole (``modules_to_save``) lies outside the grid and leaves the
+    adapter's view."""
+    drawn = [m for m in result.modules if m.layer is not None] or result.modules
+    return bool(drawn) and all(m.lora_r for m in drawn)
 
 
 def rank_heatmap(result: DiffResult, path: str | os.PathLike[str] | None = None, *, threshold: float = 0.9):
