@@ -10,7 +10,7 @@ from __future__ import annotations
 
 #: Column order of tables and heatmaps, by role; unknown roles come after, alphabetically.
 ROLE_ORDER = (
-    "embed", "pos_embed", "q_a", "q", "k", "v", "qkv", "kv_a", "kv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
+    "embed", "pos_embed", "q_a", "q", "kv_a", "k", "v", "qkv", "kv", "o", "cross_q", "cross_k", "cross_v", "cross_o",
     "router", "gate", "up", "gate_up", "down", "head",
 )
 

@@ -83,3 +83,13 @@ def test_a_grouped_query_vision_qkv_splits_by_its_head_counts():
     assert len(odd[name].parts) == 1 and "kv heads 3" in odd[name].note
     plain = describe_checkpoint({name: (144, 48)}, ArchInfo.from_config({"vision_config": {"num_heads": 6}}))  # ViT: 3 equal
     assert [p.rows.numel() for p in plain[name].parts] == [48, 48, 48]
+
+
+def test_deepseek_latent_attention_columns_follow_the_data_flow():
+    from spectra.roles import part_role, role_sort_key
+
+    mods = [("q", "self_attn.q_b_proj"), ("kv", "self_attn.kv_b_proj:k"), ("kv", "self_attn.kv_b_proj:v"),
+            ("kv_a", "self_attn.kv_a_proj_with_mqa"), ("q_a", "self_attn.q_a_proj"), ("o", "self_attn.o_proj")]
+    order = [m for r, m in sorted(mods, key=lambda x: role_sort_key(part_role(x[0], x[1]), x[1]))]
+    assert order == ["self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj:k",
+                     "self_attn.kv_b_proj:v", "self_attn.o_proj"]
