@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from spectra.display import counted, matrices
 from spectra_cli.console import OutPath, cell, echo_json, folder_report, one_pattern, print_table, progress_bar, short_name, shown, stderr, stdout
 
 
@@ -91,8 +92,8 @@ def esd_cmd(model, out_dir, as_json, xmin, ww_compatible, split_fused, include, 
         print_table(stdout(), _summary_table(result))
     over = sum(m["warning"] == "over-trained" for m in result.matrices)
     under = sum(m["warning"] == "under-trained" for m in result.matrices)
-    err.print(f"{len(result.matrices)} matrices in {result.elapsed_s:.1f} s on {result.device}; {over} over-trained "
-              f"(α < 2), {under} under-trained (α > 6); {len(result.skipped)} tensors skipped", highlight=False)
+    err.print(f"{matrices(len(result.matrices))} in {result.elapsed_s:.1f} s on {result.device}; {over} over-trained "
+              f"(α < 2), {under} under-trained (α > 6); {counted(len(result.skipped), 'tensor')} skipped", highlight=False)
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {shown(w)}", highlight=False)
     if out_dir:

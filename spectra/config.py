@@ -21,6 +21,7 @@ from typing import Literal, ParamSpec, TypeVar
 import numpy as np
 import torch
 
+from spectra.display import as_typed
 from spectra.errors import ConfigError
 from spectra.io.patterns import MAX_CHOICES, MAX_NAME_CHARS, MAX_PATTERN_CHARS, MAX_UNBOUNDED, choice_points, pattern_risk
 from spectra.linalg import validate_device
@@ -344,7 +345,7 @@ def search_pattern(option: str, pattern: str) -> SearchPattern:
     try:
         rx = re.compile(pattern)
     except (re.error, RecursionError, OverflowError) as exc:
-        raise ConfigError(f"{option} must be a valid regular expression. Got {pattern!r} instead ({exc})") from None
+        raise ConfigError(f"{option} must be a valid regular expression. Got {as_typed(pattern)} instead ({exc})") from None
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ConfigError(f"{option} is {len(pattern)} characters long; at most {MAX_PATTERN_CHARS} are matched",
                           hint="name the matrices with a shorter pattern")

@@ -64,6 +64,16 @@ def display_name(name: object, limit: int | None = MAX_NAME) -> str:
     return text if limit is None else shorten(text, limit)
 
 
+def as_typed(value: object) -> str:
+    r"""An option's value (a regex, a layer range) in single quotes as the user typed it, control characters escaped
+    (:func:`display_name`): ``repr`` doubled a regex's backslashes, and ``'a\\.b'`` copied back is another pattern.
+
+    >>> print(as_typed(r"a\.b"))
+    'a\.b'
+    """
+    return f"'{display_name(value)}'"
+
+
 def safe_text(text: str) -> str:
     """``text`` with lone surrogates replaced by their ``\\udXXX`` escape, so that it encodes as
     UTF-8 (a report or a terminal line); all other characters are kept.
@@ -78,7 +88,7 @@ def safe_text(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-__all__ = ["MAX_NAME", "display_name", "printable", "safe_text", "shorten"]
+__all__ = ["MAX_NAME", "as_typed", "display_name", "printable", "safe_text", "shorten"]
 
 
 def tau_percent(tau: float | str) -> str:

@@ -35,6 +35,7 @@ from spectra._version import __version__
 from spectra.adapter_files import adapter_file
 from spectra.config import SharedOptions, config_of, public_entry, search_pattern
 from spectra.delta import oriented
+from spectra.display import as_typed, matrices
 from spectra.engine import batch_budget, batch_singular_values
 from spectra.errors import ConfigError, ResultsFormatError
 from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XMIN_METHODS, ZERO_REASON, XminMethod, esd_metrics
@@ -295,6 +296,9 @@ def esd(
         tasks = kept
     order = {u.name: u.order for t in tasks for u in t.units}
     plotted = _plotted(tasks, config.plot_include)
+    if config.plot_include is not None and not plotted:  # esd_plots.png (and the report's panel) would be left out unsaid
+        result.warnings.append(f"--plot-include {as_typed(config.plot_include)} matches none of the {matrices(sum(len(t.units) for t in tasks))} "
+                               "analysed (after --include/--exclude/--layers): no ESD plot is drawn")
     result.fingerprint, about = run_identity([ckpt], {k: getattr(config, k) for k in RESULT_FIELDS})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     done_names: set[str] = set()

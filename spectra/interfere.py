@@ -115,6 +115,8 @@ class InterfereConfig(SharedOptions):
         super().__post_init__()
         if self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1. Got {self.top_k} instead")
+        # more directions than any matrix has keeps them all (as diff's and compare's --top-k): one bound the solvers take
+        object.__setattr__(self, "top_k", min(self.top_k, 1 << 62))
         if self.side not in ("left", "right"):
             raise ConfigError(f"side must be left or right. Got {self.side!r} instead")
         object.__setattr__(self, "thresholds", check_thresholds(self.thresholds))

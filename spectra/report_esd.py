@@ -91,7 +91,8 @@ def findings(path: Path, doc: dict) -> list[Finding]:
                                           f"({alpha_text(meds[-1][0])}).", numbers={k: m for m, k in meds}))
         over = sum(r.get("warning") == "over-trained" for r in recs)
         under = sum(r.get("warning") == "under-trained" for r in recs)
-        out.append(Finding("flags", f"{over} matrices have α < {OVER_TRAINED_ALPHA:g} (over-trained) and {under} have "
+        out.append(Finding("flags", f"{matrices(over)} {'has' if over == 1 else 'have'} α < {OVER_TRAINED_ALPHA:g} (over-trained) "
+                                    f"and {under} {'has' if under == 1 else 'have'} "
                                     f"α > {UNDER_TRAINED_ALPHA:g} (under-trained), of {len(recs)}.",
                            numbers={"over_trained": over, "under_trained": under, "matrices": len(recs)}))
     failed = len(recs) - len(fitted)

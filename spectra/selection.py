@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spectra.config import parse_layers, search_pattern
-from spectra.display import display_name
+from spectra.display import as_typed, display_name
 from spectra.errors import ConfigError
 from spectra.naming import MatrixSpec, Part, layer_of
 from spectra.pairing import MatrixPair
@@ -113,7 +113,7 @@ def refuse_empty_selection(count: int, example: str, *, include: str | None, exc
     """
     if not count or not (include or exclude or layers):
         return
-    given = ", ".join(f"--{k} {v!r}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
+    given = ", ".join(f"--{k} {as_typed(v)}" for k, v in (("include", include), ("exclude", exclude), ("layers", layers)) if v)
     if one_sided and any(one_sided.values()):
         side, names = next((s, n) for s, n in one_sided.items() if n)
         held = ", ".join(f"{len(n)} only in {s}" for s, n in one_sided.items() if n)
