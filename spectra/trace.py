@@ -60,6 +60,7 @@ from spectra.trace_checks import (
     absent_warning,
     adapter_change_warnings,
     base_copy_warning,
+    failed_checkpoint_warnings,
     gap_note,
     pairing_notes_text,
     run_warnings,
@@ -406,7 +407,7 @@ def trace(
         raise
     result.checkpoints = [asdict(r) for r in refs]
     result.loss_history = found.merged_history(r.path for r in refs if r.failed)  # a failed one's log is not this run's
-    result.warnings += [f"{r.path}: {r.failed}" for r in refs if r.failed]
+    result.warnings += failed_checkpoint_warnings(refs, result.matrices)
     result.matrices.sort(key=_order)
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from spectra.display import counted
+from spectra.display import matrices as matrices_text
 from spectra.metrics import oversized_update
 from spectra.numerics import unresolved_text
 from spectra.pairing import NOT_WEIGHTS
@@ -119,6 +120,19 @@ def pairing_notes_text(name: str, refs: list[Any], pairings: list[dict[str, Any]
             if pairs[name].note:
                 said.setdefault(pairs[name].note, []).append(ref.step)
     return "; ".join(msg if steps == held else f"{steps_text(steps)}: {msg}" for msg, steps in sorted(said.items()))
+
+
+def failed_checkpoint_warnings(refs: list[CheckpointRef], matrices: list[dict[str, Any]]) -> list[str]:
+    """One warning per checkpoint that failed (``refs[i].failed``), saying so of the matrices measured at its step before
+    it failed (a file deleted or rewritten during the trace): those points hold the file as it was then, the others
+    are skipped."""
+    out = []
+    for r in (r for r in refs if r.failed):
+        kept = sum(1 for m in matrices for pt in m["points"] if isinstance(pt, dict) and pt.get("step") == r.step and not pt.get("skip"))
+        out.append(f"{r.path}: {r.failed}" + (f"; {matrices_text(kept)} measured at step {r.step} before it failed keep"
+                                                f"{'s its point' if kept == 1 else ' their points'} (read from the file as it was then)"
+                                                if kept else ""))
+    return out
 
 
 def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:

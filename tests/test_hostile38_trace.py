@@ -42,3 +42,30 @@ def test_a_vocabulary_resized_at_one_checkpoint_is_said_of_its_steps_and_warned(
     warned = [w for w in out["warnings"] if "another row count than the base" in w]
     assert len(warned) == 1 and E in warned[0] and "at step 20" in warned[0], out["warnings"]
     assert "another row count" in " ".join(res.stderr.split())
+
+
+def test_a_checkpoint_that_fails_mid_trace_says_which_points_it_kept(tmp_path):
+    """A checkpoint file truncated after some matrices were measured at its step: its warning said only that it
+    failed, while the points measured before stayed in trace.json with numbers; now it says how many kept theirs."""
+    from spectra.trace import trace
+
+    g = torch.Generator().manual_seed(1)
+    names = [f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)]
+    W = {n: torch.randn(16, 16, generator=g) for n in names}
+    _save(tmp_path / "base", W)
+    run = tmp_path / "run"
+    for s in (10, 20):
+        _save(run / f"checkpoint-{s}", {n: w + 0.01 * s * torch.randn(16, 16, generator=g) for n, w in W.items()})
+    target = run / "checkpoint-20" / "model.safetensors"
+    size = target.stat().st_size
+
+    def cut(done, total, what):  # after the first matrix: the trainer's save_total_limit removes the file's tail
+        if done == 1:
+            with open(target, "r+b") as f:
+                f.truncate(size // 2)
+
+    res = trace(str(tmp_path / "base"), [str(run)], callback=cut, plots=False)
+    measured = [m["name"] for m in res.matrices if any(p["step"] == 20 and not p.get("skip") for p in m["points"])]
+    assert measured == [names[0]]
+    warned = [w for w in res.warnings if "checkpoint-20" in w and "could not be read any more" in w]
+    assert len(warned) == 1 and "1 matrix measured at step 20 before it failed keeps its point" in warned[0], res.warnings
