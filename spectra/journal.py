@@ -75,8 +75,9 @@ def _fingerprint(config: DiffConfig, identities: list[list]) -> str:
 
 def diff_identity(base: Checkpoint, tuned: Checkpoint, config: DiffConfig) -> tuple[str, dict[str, str]]:
     """``(fingerprint, identity)``: :func:`run_fingerprint`, and what results.json keeps so that a refused ``--resume``
-    names its cause (:func:`_other_diff`): ``{"code": code_identity(), "base": …, "tuned": …}``, each input's
-    short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files), read once for both."""
+    names its cause (:func:`_other_diff`): ``{"code": code_identity(), "base": …, "tuned": …, "deciding": …}``, each
+    input's short hash of :func:`checkpoint_identity` (files, times, tensors, deciding files), read once for both, and
+    its deciding files' digests by name (:func:`deciding_digests`)."""
     ids = [checkpoint_identity(c) for c in (base, tuned)]
     return _fingerprint(config, ids), {"code": code_identity(), "base": _short_hash(ids[0]), "tuned": _short_hash(ids[1]),
                                        "deciding": {"base": deciding_digests(ids[0]), "tuned": deciding_digests(ids[1])}}

@@ -69,8 +69,8 @@ def random_baselines(result: DiffResult, key: str) -> list[tuple[float, str]]:
 
 def is_adapter(result: DiffResult) -> bool:
     """True when every matrix the heatmaps draw (those of the layer stack; every one when none is) is a LoRA update
-    (``lora_r`` set): a head the adapter saved whole (``modules_to_save``) lies outside the grid and leaves the
-    adapter's view."""
+    (``lora_r`` set): a head the adapter saved whole (``modules_to_save``) lies outside the grid, so the cells keep
+    the adapter's "used / r" view."""
     drawn = [m for m in result.modules if m.layer is not None] or result.modules
     return bool(drawn) and all(m.lora_r for m in drawn)
 
