@@ -446,11 +446,11 @@ def parse_layers(spec: str) -> Callable[[int], bool]:
         part = part.strip()
         m = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]*))?", part)  # ASCII digits: "١" is no layer number
         if not m:
-            raise ConfigError(f"--layers must look like '0-3,7,10-'. Got {spec!r} instead")
+            raise ConfigError(f"--layers must look like '0-3,7,10-'. Got {as_typed(spec)} instead")
         lo = int(m.group(1))
         hi = lo if m.group(2) is None else (int(m.group(2)) if m.group(2) else None)
         if hi is not None and hi < lo:
-            raise ConfigError(f"--layers range {part!r} is empty (end before start)")
+            raise ConfigError(f"--layers range {as_typed(part)} is empty (end before start)")
         ranges.append((lo, hi))
     # single layers in a set, ranges merged and bisected: a list of 10,000 layers costs O(log n) per test
     singles = frozenset(lo for lo, hi in ranges if hi == lo)

@@ -71,7 +71,7 @@ def as_typed(value: object) -> str:
     >>> print(as_typed(r"a\.b"))
     'a\.b'
     """
-    return f"'{display_name(value)}'"
+    return f"'{display_name(value, None)}'"  # whole: a pattern is at most 512 characters (config.MAX_PATTERN_CHARS)
 
 
 def safe_text(text: str) -> str:

@@ -206,7 +206,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     notes += alias_notes(pairing) + one_side_only(pairing, base, tuned_ckpt, selector(config.include, config.exclude, config.layers),
                            lambda side, n: head_of(n.removeprefix(base_prefix if side == "base" else prefix), heads) is not None)
     one_d = []
-    base_of = base_lookup(base)  # built once: per skipped tensor it was quadratic in the count
+    base_of = base_lookup(base, tuned_ckpt)  # built once: per skipped tensor it was quadratic in the count
     for s in pairing.skipped:
         info = tuned_ckpt.tensors.get(s.name)
         if head_of(s.name.removeprefix(prefix), heads):  # the head's records say what happened to it

@@ -87,28 +87,36 @@ def _short_hash(identity: list) -> str:
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
 
+#: The entry of :func:`deciding_digests` for the rest of an input's identity: its weight files and their tensors.
+WEIGHTS_KEY = "(weights)"
+
+
 def deciding_digests(identity: list) -> dict[str, str | None]:
-    """File name -> short content digest of each :data:`DECIDING_FILES` file of a :func:`checkpoint_identity`: kept
-    beside the identity's one hash so that a refused ``--resume`` names an edited ``config.json`` rather than the
-    weights."""
-    return {str(n): d[:16] if isinstance(d, str) else None for n, d in identity[4]}
+    """File name -> short content digest of each :data:`DECIDING_FILES` file of a :func:`checkpoint_identity`, and
+    :data:`WEIGHTS_KEY` -> a short hash of the rest (weight files, tensors): kept beside the identity's one hash so
+    that a refused ``--resume`` names an edited ``config.json`` apart from the weights, and both when both changed."""
+    rest = [*identity[:3], *identity[5:]]  # without the parsed config.json (3) and the deciding files (4)
+    return {**{str(n): d[:16] if isinstance(d, str) else None for n, d in identity[4]}, WEIGHTS_KEY: _short_hash(rest)}
 
 
 def changed_files(then: object, now: dict[str, str | None]) -> list[str]:
-    """The deciding files (:func:`deciding_digests`) whose digest differs between an earlier record ``then`` (None or
-    malformed in older results: none named) and ``now``, added and removed ones included."""
+    """The entries of :func:`deciding_digests` that differ between an earlier record ``then`` (None or malformed in
+    older results: none named) and ``now``, added and removed ones included."""
     if not isinstance(then, dict):
         return []
     return sorted(n for n in set(then) | set(now) if then.get(n) != now.get(n))
 
 
-def changed_text(where: str, files: list[str], path: str) -> str:
-    """``"<where> changed since (…): <path>"`` naming the edited deciding files and their folder when there are (else
-    the weights at ``path`` are meant)."""
+def changed_text(where: str, changed: list[str], path: str) -> str:
+    """``"<where> changed since (…): <path>"``, naming the edited deciding files (:func:`changed_files`) and their
+    folder where they changed, the weights where they did (or where nothing tells)."""
+    files = [n for n in changed if n != WEIGHTS_KEY]
+    weights = "weights (content, size, times or metadata: chmod or a new hard link counts)"
     if files:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
-        return f"{', '.join(files[:3])} of {where} changed since: {display_name(folder)}"
-    return f"{where} changed since (content, size, times or metadata: chmod or a new hard link counts): {display_name(path)}"
+        both = f" and the {weights}" if WEIGHTS_KEY in changed else ""
+        return f"{', '.join(files[:3])}{both} of {where} changed since: {display_name(folder)}"
+    return f"{where} changed since ({weights.partition('(')[2]}: {display_name(path)}"
 
 
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a

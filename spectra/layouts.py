@@ -210,7 +210,10 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
             return blocks(("q", "k", "v"), (vh * d, vkv * d, vkv * d), out_dim)
         if out_dim % 3:
             return (Part(""),), f"{stored} has {out_dim} rows, not three equal blocks (q, k, v); left unsplit"
-        return blocks(("q", "k", "v"), (out_dim // 3,) * 3, out_dim)
+        parts, _ = blocks(("q", "k", "v"), (out_dim // 3,) * 3, out_dim)
+        # no config.json (an adapter alone): a grouped-query vision tower's rows are not thirds, which nothing here shows
+        return parts, ("split in three equal blocks (q, k, v) as a ViT's; no config.json gives the vision tower's head "
+                       "counts (a grouped-query one, EXAONE 4.5's, splits otherwise): pass the base" if vision and arch.model_type is None else "")
     if leaf == "in_proj_weight":  # torch.nn.MultiheadAttention: F._in_projection_packed's w.chunk(3): q, k, v
         if out_dim != 3 * in_dim:
             return (Part(""),), f"in_proj_weight has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"

@@ -458,7 +458,7 @@ def _changed_beyond_matrices(result: DiffResult, base: Checkpoint, tuned: Checkp
     a Mamba's conv1d, a ViT's patch embedding), with their share of the update's energy: the findings saw only the
     matrices, and a fine-tune whose update is mostly in a kernel read as small. None when none changed. ``keep(name,
     layer)``: the run's filters (--include, --exclude, --layers)."""
-    base_of, changed = base_lookup(base), []
+    base_of, changed = base_lookup(base, tuned), []
     for s in result.skipped:
         tn = s["name"]
         info, spec = tuned.tensors.get(tn), tuned.specs.get(tn)

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
-from spectra.naming import pairing_key, unique_pairing_keys
+from spectra.name_match import match_names
+from spectra.naming import pairing_key
 
 #: Bytes compared per read: two blocks in memory at a time, whatever the tables' size.
 BLOCK_BYTES = 1 << 24
@@ -96,20 +97,20 @@ def same_bytes(a: TensorInfo, b: TensorInfo) -> bool | None:
         os.close(fb)
 
 
-def base_lookup(base: Checkpoint) -> Callable[[str], str | None]:
-    """A function from a tuned tensor's name to the base tensor it compares with, by pairing's rule: the same name,
-    else the one base tensor of the same pairing key (another prefix, ``base_model.model.``); None when the base has
-    none or several of that key (pairing pairs nothing there either). One rule for diff's changed-tensor checks and
-    extract's skipped tensors."""
-    by_key = unique_pairing_keys(list(base.tensors))
-    return lambda name: name if name in base.tensors else by_key.get(pairing_key(name))
+def base_lookup(base: Checkpoint, tuned: Checkpoint) -> Callable[[str], str | None]:
+    """A function from a ``tuned`` tensor's name to the ``base`` tensor it compares with, by pairing's rule
+    (:func:`spectra.name_match.match_names`: the same name, else the one base tensor of another wrapper prefix, else an
+    encoder's prefix dropped on one side); None where pairing pairs it with nothing. One rule for diff's
+    changed-tensor checks and extract's skipped tensors."""
+    of = {t: b for b, t in match_names(base.tensors, tuned.tensors)}
+    return of.get
 
 
 def changed_tensors(base: Checkpoint, tuned: Checkpoint, names: Iterable[str]) -> list[str]:
     """The ``names`` (tensors of ``tuned``) whose data differs from their base tensor (:func:`base_lookup`), in the
     order given; tensors the base lacks are left out (pairing lists them). Another shape counts as changed; another dtype
     compares the values; the same dtype the bytes (safetensors read a block at a time, others loaded)."""
-    base_of = base_lookup(base)
+    base_of = base_lookup(base, tuned)
     out = []
     for name in names:
         b = base_of(name)

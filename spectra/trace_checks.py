@@ -143,8 +143,8 @@ def run_warnings(matrices: list[dict[str, Any]]) -> list[str]:
                                 for m in matrices], len(matrices), " at one checkpoint or more")
     if resized := [m for m in matrices if RESIZED_NOTE in (m.get("note") or "")]:  # the matrix's note says at which steps
         m = resized[0]
-        out.append(f"{counted(len(resized), 'table')} hold{'s' * (len(resized) == 1)} another row count than the base at some "
-                   f"checkpoint (e.g. {m['name']}: {note_part(m['note'], RESIZED_NOTE, prefix=False)})")
+        out.append(f"{counted(len(resized), 'table')} hold{'s' * (len(resized) == 1)} another row count than the base at "
+                   f"checkpoints (e.g. {m['name']}: {note_part(m['note'], RESIZED_NOTE, prefix=False)})")
     nowhere = [m for m in matrices if m["points"] and all(isinstance(pt, dict) and pt.get("skip") for pt in m["points"])]
     if nowhere:
         one = len(nowhere) == 1

@@ -20,12 +20,21 @@ def test_an_ambiguous_pairing_key_pairs_nothing_as_in_pairing(tmp_path):
     save_file(base, str(tmp_path / "b.safetensors"))
     save_file(tuned, str(tmp_path / "t.safetensors"))
     b, t = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
-    lookup = base_lookup(b)
-    assert lookup("model.layers.0.norm.weight") == "model.layers.0.norm.weight"  # the same name first
+    lookup = base_lookup(b, t)
     assert lookup("base_model.model.model.layers.0.norm.weight") is None  # two candidates: none
     assert lookup("base_model.model.model.layers.0.mlp.weight") == "model.layers.0.mlp.weight"  # one candidate
     assert lookup("model.layers.9.mlp.weight") is None
     assert changed_tensors(b, t, list(t.tensors)) == ["base_model.model.model.layers.0.mlp.weight"]
+
+
+def test_an_encoders_prefix_on_one_side_pairs_the_tensors_pairing_pairs(tmp_path):
+    # deberta.encoder… against a headless encoder…: pairing drops the prefix for the matrices; the changed-tensor
+    # check (a changed LayerNorm beside unchanged matrices) used the wrapper-prefix keys alone and found no base for it
+    ln, w = "encoder.layer.0.attention.output.LayerNorm.weight", "encoder.layer.0.attention.output.dense.weight"
+    save_file({"deberta." + ln: torch.ones(4), "deberta." + w: torch.eye(4)}, str(tmp_path / "b.safetensors"))
+    save_file({ln: torch.full((4,), 2.0), w: torch.eye(4)}, str(tmp_path / "t.safetensors"))
+    b, t = open_checkpoint(tmp_path / "b.safetensors"), open_checkpoint(tmp_path / "t.safetensors")
+    assert base_lookup(b, t)(ln) == "deberta." + ln and changed_tensors(b, t, [ln, w]) == [ln]
 
 
 def test_a_resume_refused_for_an_edited_config_names_that_file_not_the_weights(tmp_path):
@@ -45,9 +54,19 @@ def test_a_resume_refused_for_an_edited_config_names_that_file_not_the_weights(t
     run = cli(["diff", b, t, "--out", out, "--no-plots", "--resume"])
     said = " ".join(run.stderr.split())
     assert run.returncode != 0 and "config.json of tuned changed since" in said and "model.safetensors" not in said, said
+    # config.json put back, the weights rewritten and config.json edited again: both named
+    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(24, 16, generator=g) for i in range(2)},
+              str(tmp_path / "t" / "model.safetensors"))
+    run = cli(["diff", b, t, "--out", out, "--no-plots", "--resume"])
+    said = " ".join(run.stderr.split())
+    assert run.returncode != 0 and "config.json and the weights (content, size" in said and "of tuned changed since" in said, said
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))  # as at the start
+    run = cli(["diff", b, t, "--out", out, "--no-plots", "--resume"])
+    said = " ".join(run.stderr.split())
+    assert run.returncode != 0 and "tuned changed since (content, size" in said and "config.json" not in said, said
     # the other commands' journals alike (esd's header keeps each input's deciding files)
     assert cli(["esd", t, "--out", str(tmp_path / "e"), "--no-plots"]).returncode == 0
-    (tmp_path / "t" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16}))
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 16, "head_dim": 8}))
     run = cli(["esd", t, "--out", str(tmp_path / "e"), "--no-plots", "--resume"])
     said = " ".join(run.stderr.split())
     assert run.returncode != 0 and "config.json of input changed since" in said, said
