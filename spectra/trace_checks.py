@@ -108,7 +108,7 @@ def steps_text(steps: list[int | None]) -> str:
     return f"at step{'s' * (len(steps) > 1)} {', '.join('?' if st is None else str(st) for st in steps)}"
 
 
-def pairing_notes_text(name: str, refs: list[Any], pairings: list[dict[str, Any]]) -> str:
+def pairing_notes_text(name: str, refs: list[CheckpointRef], pairings: list[dict[str, Any]]) -> str:
     """The notes of matrix ``name``'s pairings with the checkpoints ``refs`` (``pairings[i]``: name -> its pair at
     ``refs[i]``; rows of a resized table, each side's layout), each once, with the steps that gave it where not every
     checkpoint holding the matrix did: a vocabulary resized at step 300 is said of the steps from 300 on."""
