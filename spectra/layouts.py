@@ -211,9 +211,15 @@ def split_fused(leaf: str, rel_path: str, role: str | None, out_dim: int, in_dim
         if out_dim % 3:
             return (Part(""),), f"{stored} has {out_dim} rows, not three equal blocks (q, k, v); left unsplit"
         parts, _ = blocks(("q", "k", "v"), (out_dim // 3,) * 3, out_dim)
-        # no config.json (an adapter alone): a grouped-query vision tower's rows are not thirds, which nothing here shows
-        return parts, ("split in three equal blocks (q, k, v) as a ViT's; no config.json gives the vision tower's head "
-                       "counts (a grouped-query one, EXAONE 4.5's, splits otherwise): pass the base" if vision and arch.model_type is None else "")
+        # no config.json (an adapter alone), or grouped-query vision heads on a path not named as the vision tower's:
+        # its rows may not be thirds, which nothing here shows
+        if vision and vh is None and arch.model_type is None:
+            return parts, ("split in three equal blocks (q, k, v) as a ViT's; no config.json gives the vision tower's head "
+                           "counts (a grouped-query one, EXAONE 4.5's, splits otherwise): pass the base")
+        if vh and vkv and vkv != vh:
+            return parts, (f"split in three equal blocks (q, k, v) as a ViT's: config.json's vision_config has {vh} heads and "
+                           f"{vkv} kv heads, but this path is not named as its vision tower's (visual., vision_…)")
+        return parts, ""
     if leaf == "in_proj_weight":  # torch.nn.MultiheadAttention: F._in_projection_packed's w.chunk(3): q, k, v
         if out_dim != 3 * in_dim:
             return (Part(""),), f"in_proj_weight has {out_dim} rows, not 3x{in_dim} (q, k, v); left unsplit"

@@ -101,7 +101,11 @@ def test_a_grouped_query_vision_qkv_splits_by_its_head_counts():
     odd = describe_checkpoint({name: (100, 48)}, ArchInfo.from_config(cfg))  # not (6 + 2·3)·d rows: whole, said why
     assert len(odd[name].parts) == 1 and "kv heads 3" in odd[name].note
     plain = describe_checkpoint({name: (144, 48)}, ArchInfo.from_config({"vision_config": {"num_heads": 6}}))  # ViT: 3 equal
-    assert [p.rows.numel() for p in plain[name].parts] == [48, 48, 48]
+    assert [p.rows.numel() for p in plain[name].parts] == [48, 48, 48] and not plain[name].note
+    # grouped-query vision heads, a path not named as the tower's: thirds, said
+    other = describe_checkpoint({"image_encoder.blocks.0.attn.qkv.weight": (96, 48)}, ArchInfo.from_config(cfg))
+    assert len(other["image_encoder.blocks.0.attn.qkv.weight"].parts) == 3
+    assert "6 heads and 3 kv heads" in other["image_encoder.blocks.0.attn.qkv.weight"].note
 
 
 def test_deepseek_latent_attention_columns_follow_the_data_flow():
