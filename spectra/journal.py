@@ -111,12 +111,12 @@ def changed_text(where: str, changed: list[str], path: str) -> str:
     """``"<where> changed since (…): <path>"``, naming the edited deciding files (:func:`changed_files`) and their
     folder where they changed, the weights where they did (or where nothing tells)."""
     files = [n for n in changed if n != WEIGHTS_KEY]
-    weights = "weights (content, size, times or metadata: chmod or a new hard link counts)"
+    what = "content, size, times or metadata: chmod or a new hard link counts"
     if files:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
-        both = f" and the {weights}" if WEIGHTS_KEY in changed else ""
+        both = f" and the weights ({what})" if WEIGHTS_KEY in changed else ""
         return f"{', '.join(files[:3])}{both} of {where} changed since: {display_name(folder)}"
-    return f"{where} changed since ({weights.partition('(')[2]}: {display_name(path)}"
+    return f"{where} changed since ({what}): {display_name(path)}"
 
 
 #: Small files beside the weights that decide results (head counts and layout, which shard holds a

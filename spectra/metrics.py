@@ -155,6 +155,7 @@ EPS32 = 2.0**-24
 #: grew like √p (7.4 at p = 64, 52 at p = 2048) and stayed below ``1.16·√p``; ``c₀ = 8`` is 6.9× that.
 EIG_BACKWARD_C0 = 8.0
 
+
 def float32_error_bound(gram_fro: float, p: int) -> float:
     """``Δ``: the computed float32 eigenvalues of ``fl32(G)`` (``p × p``) are exact for ``G + E``, ``‖E‖_F <= Δ``.
 
