@@ -144,6 +144,7 @@ class ExtractSource:
     task_type: str | None = None  # the adapter's PEFT task_type
     saved: list[dict] = field(default_factory=list)  # the task head's not_lora records (extract_heads), held whole
     outside_selection: int = 0  # paired matrices --include/--exclude/--layers left out (not read: no energy to count)
+    expert_leaves: frozenset[str] = frozenset()  # per-expert module names PEFT converts (PeftMoeRules.converted)
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -232,6 +233,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
                    outside_selection=len({p.tuned.name for p in pairing.pairs} - {t.pair.tuned.name for t in tasks}), one_d=one_d,
                    unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
+                   expert_leaves=rules.converted if rules is not None else frozenset(),
                    saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
 
 
@@ -271,7 +273,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         left.append(((stack, tuple(base.tensors[stack].shape), math.sqrt(sq), tensor_fro(base, stack)), STACK_NOT_WRITTEN))
     return ExtractSource("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
-                   notes=read_notes((base, adapter)),
+                   notes=read_notes((base, adapter)), expert_leaves=rules.converted if rules is not None else frozenset(),
                    saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])
 
 

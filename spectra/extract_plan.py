@@ -334,7 +334,7 @@ def target_of(order: int, spec: MatrixSpec, module: str, shape: tuple[int, int],
         return Target(order=order, name=name, module=module, label=spec.module, layer=spec.layer, role=spec.role, expert=expert,
                       shape=(int(shape[0]), int(shape[1])), embedding=False, conv1d=False, group=EXPERTS_GROUP,
                       base_name=base_name, dtype=dtype, note=note, stack=stack, flip=flip)
-    fused = rules is not None and bool(rules.retargeted) and spec.expert is not None and module.rpartition(".")[2] in rules.fused
+    fused = rules is not None and bool(rules.converted) and spec.expert is not None and module.rpartition(".")[2] in rules.fused
     return Target(order=order, name=spec.name, module=module, label=spec.module, layer=spec.layer, role=spec.role,
                   expert=spec.expert, shape=(int(shape[0]), int(shape[1])), embedding=is_embedding(spec),
                   conv1d=spec.transpose, group=EXPERTS_GROUP if spec.expert is not None else None,

@@ -3,25 +3,30 @@ into a transformers ≥ 5 model.
 
 transformers ≥ 5 fuses the per-expert ``nn.Linear`` weights some MoE checkpoints store
 (``experts.N.gate_proj``…) into 3-D stacks on load. An adapter written for the per-expert modules
-then loads only if PEFT converts it, which PEFT (0.21) does for two families of model types (the
-Mixtral pattern and the Qwen2-MoE pattern of transformers' ``conversion_mapping``) and only when
-every expert has the adapter's global ``r``. Two silent losses follow, both checked against PEFT's
-own loading (``PeftModel.from_pretrained`` then ``merge_and_unload``):
+then loads only if PEFT converts it, which PEFT does for two families of model types (the Mixtral
+pattern and the Qwen2-MoE pattern of transformers' ``conversion_mapping``; ``qwen2_moe`` itself from
+PEFT 0.22) and only when every expert has the adapter's global ``r``. Silent losses follow, each
+checked against PEFT's own loading (``PeftModel.from_pretrained`` then ``merge_and_unload``):
 
-- a model type whose experts transformers fuses but PEFT does not convert (``qwen2_moe`` itself,
-  ``phimoe``, ``jamba``…): the per-expert LoRA weights are dropped on load;
-- a model type PEFT does convert: every target whose name ends in one of the expert projections'
-  names (``gate_proj``, ``up_proj``, ``down_proj`` for the Qwen2-MoE pattern) is retargeted to the
-  fused expert parameters, so a LoRA on a dense MLP (DeepSeek-V3's first layers) or a shared
-  expert of those names is dropped too.
+- a model type whose experts transformers fuses but PEFT does not convert (``phimoe``, ``jamba``…;
+  ``qwen2_moe`` before PEFT 0.22): the per-expert LoRA weights are dropped on load;
+- PEFT < 0.22 on a model type it converts: every target whose name ends in one of the expert
+  projections' names (``gate_proj``, ``up_proj``, ``down_proj`` for the Qwen2-MoE pattern) is
+  retargeted to the fused expert parameters, so a LoRA on a dense MLP (DeepSeek-V3's first layers)
+  or a shared expert of those names is dropped too. PEFT 0.22 keeps a target whose modules are all
+  ``nn.Linear`` (its #3711);
+- PEFT 0.22 renames a converted target in place (``…experts.0.gate_proj`` becomes the parameter
+  ``…experts.0.gate_up_proj``, which does not exist), so an adapter must name its experts by the
+  projection's name alone or as ``…experts.gate_proj`` (:func:`spectra.io.peft_writer.target_modules`).
 
 The rules are read from the installed transformers and PEFT when they are there (the layouts
-change between releases), else from the tables below (transformers 5.24, PEFT 0.21).
+change between releases), else from the tables below (transformers 5.24, PEFT 0.22).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass, replace
 
 #: PEFT's target-name conversions, by pattern: an expert projection's old name -> the fused name.
@@ -31,7 +36,13 @@ _PEFT_MOE_TARGETS: dict[str, dict[str, str]] = {
     "qwen2_moe": {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
                   "down_proj": "down_proj"},
 }
-#: Model types whose experts transformers 5.24 fuses on load, and PEFT 0.21's pattern for each
+#: PEFT's own additions to transformers' conversion patterns (PEFT 0.22: Mixtral's and Qwen2-MoE's).
+_PEFT_PATTERNS: dict[str, str] = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
+#: The first PEFT release that keeps an all-``nn.Linear`` target beside the fused experts it converts.
+KEEPS_LINEAR_TARGETS = (0, 22)
+#: The first PEFT release that saves rank_pattern / alpha_pattern in their own order (earlier ones sorted the keys).
+KEEPS_PATTERN_ORDER = (0, 22)
+#: Model types whose experts transformers 5.24 fuses on load, and PEFT 0.22's pattern for each
 #: (None: PEFT does not convert them).
 _FUSED: dict[str, str | None] = {
     **dict.fromkeys(("mixtral", "minimax", "minimax_m2"), "mixtral"),
@@ -39,9 +50,9 @@ _FUSED: dict[str, str | None] = {
         "afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe",
         "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe",
         "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_text",
-        "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open"), "qwen2_moe"),
+        "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open", "qwen2_moe"), "qwen2_moe"),
     **dict.fromkeys((
-        "qwen2_moe", "phimoe", "jamba", "lfm2_moe", "kimi_linear", "nemotron_h", "ernie4_5_vl_moe", "deepseek_v4",
+        "phimoe", "jamba", "lfm2_moe", "kimi_linear", "nemotron_h", "ernie4_5_vl_moe", "deepseek_v4",
         "qwen3_5_moe_text", "sarvam_moe", "mimo_v2_flash", "bailing_hybrid"), None),
 }
 
@@ -53,13 +64,15 @@ class PeftMoeRules:
     Attributes:
         model_type: ``config.json``'s ``model_type``, or None when unknown.
         experts_dropped: per-expert 2-D LoRA modules are dropped on load.
-        retargeted: last name components PEFT retargets to the fused experts: a non-expert module
+        retargeted: last name components PEFT (< 0.22) retargets to the fused experts: a non-expert module
             with one of these names is dropped on load.
-        fused: those of :attr:`retargeted` that PEFT fuses into one parameter (Mixtral's ``w1`` and ``w3``
+        fused: those of :attr:`converted` that PEFT fuses into one parameter (Mixtral's ``w1`` and ``w3``
             into ``gate_up_proj``), whose LoRA it builds at rank ``r`` times their number over their stacked
             outputs (a block-diagonal B: ``2r·(in + out_w1 + out_w3)`` parameters per expert for two).
-        source: where the rules came from (``"transformers 5.24.0, peft 0.21.2"`` or the tables).
+        source: where the rules came from (``"transformers 5.24.0, peft 0.22.0"`` or the tables).
         refused: last name components PEFT refuses as LoRA targets on this model type (:data:`PEFT_REFUSED_LEAVES`).
+        converted: last name components of the per-expert modules PEFT converts to its LoRA on the fused experts
+            (at the global ``r``; named by that component or ``…experts.<name>``, never with the expert's index).
     """
 
     model_type: str | None
@@ -68,6 +81,7 @@ class PeftMoeRules:
     source: str = ""
     fused: frozenset[str] = frozenset()
     refused: frozenset[str] = frozenset()
+    converted: frozenset[str] = frozenset()
 
     def why_dropped(self, module: str, expert: int | None) -> str | None:
         """Why PEFT would drop (or refuse: :attr:`refused`) a LoRA on ``module`` (a module path; ``expert``: its expert
@@ -120,19 +134,38 @@ def _moe_rules(model_type: str | None) -> PeftMoeRules:
     patterns = dict(getattr(conversion_mapping, "_MODEL_TO_CONVERSION_PATTERN", {}))
     targets = _PEFT_MOE_TARGETS
     version = f"transformers {transformers.__version__}" + (f" ({fallback})" if fallback else "")
+    keeps_linear = True  # PEFT not installed: the rules of the release a user would install (the tables')
     try:
         import peft
         from peft.utils import transformers_weight_conversion as conv
         patterns = dict(getattr(conv, "_MODEL_TO_CONVERSION_PATTERN", {**patterns, "mixtral": "mixtral"}))
         targets = dict(getattr(conv, "_MOE_TARGET_MODULE_MAPPING", targets))
         version += f", peft {peft.__version__}"
+        keeps_linear = release(peft.__version__) >= KEEPS_LINEAR_TARGETS
     except ImportError:
-        patterns.setdefault("mixtral", "mixtral")
-    pattern = patterns.get(model_type)
-    converts = pattern in targets
-    retargeted = frozenset(targets[pattern]) - {"gate"} if converts else frozenset()
-    return PeftMoeRules(model_type, experts_dropped=fused and not converts, retargeted=retargeted, source=version,
-                        fused=_fused_names(targets[pattern]) if converts else frozenset())
+        patterns.update(_PEFT_PATTERNS)
+    return _rules(model_type, targets[patterns[model_type]] if patterns.get(model_type) in targets else None, fused=fused,
+                  keeps_linear=keeps_linear, source=version)
+
+
+def release(version: str) -> tuple[int, ...]:
+    """A version string's leading release numbers: ``"0.22.0.dev0@abc"`` -> ``(0, 22, 0)``; ``()`` when it has none.
+
+    >>> release("0.21.2") < (0, 22) <= release("0.22.0.dev0")
+    True
+    """
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    return tuple(int(x) for x in match.group().split(".")) if match else ()
+
+
+def _rules(model_type: str, mapping: dict[str, str] | None, *, fused: bool, keeps_linear: bool, source: str) -> PeftMoeRules:
+    """The rules of a model type whose experts transformers fuses (``fused``) under PEFT's target ``mapping`` for its
+    pattern (None: PEFT does not convert it); ``keeps_linear``: PEFT >= 0.22 keeps non-expert modules of those names."""
+    if mapping is None:
+        return PeftMoeRules(model_type, experts_dropped=fused, source=source)
+    converted = frozenset(mapping) - {"gate"}
+    return PeftMoeRules(model_type, retargeted=frozenset() if keeps_linear else converted, source=source,
+                        fused=_fused_names(mapping), converted=converted)
 
 
 def _fused_names(mapping: dict[str, str]) -> frozenset[str]:
@@ -156,11 +189,8 @@ def _from_tables(model_type: str, why: str) -> PeftMoeRules:
     if model_type not in _FUSED:
         return PeftMoeRules(model_type)
     pattern = _FUSED[model_type]
-    source = "tables of transformers 5.24 and PEFT 0.21" + (f"; {why}" if why else "")
-    if pattern is None:
-        return PeftMoeRules(model_type, experts_dropped=True, source=source)
-    return PeftMoeRules(model_type, retargeted=frozenset(_PEFT_MOE_TARGETS[pattern]) - {"gate"}, source=source,
-                        fused=_fused_names(_PEFT_MOE_TARGETS[pattern]))
+    return _rules(model_type, _PEFT_MOE_TARGETS[pattern] if pattern else None, fused=True, keeps_linear=True,
+                  source="tables of transformers 5.24 and PEFT 0.22" + (f"; {why}" if why else ""))
 
 
 @dataclass(frozen=True)
@@ -224,5 +254,5 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["LOAD_TRANSPOSED_EXPERTS", "PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS",
-           "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules"]
+__all__ = ["KEEPS_LINEAR_TARGETS", "KEEPS_PATTERN_ORDER", "LOAD_TRANSPOSED_EXPERTS", "PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS",
+           "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules", "release"]

@@ -42,7 +42,7 @@ from spectra.extract_plan import all_held_text, dearer_text, is_embedding_name, 
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
+from spectra.io.peft_writer import check_task_type, exclude_modules, expert_target, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
@@ -315,7 +315,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # the per-expert modules (one rank for all: PEFT's global r on transformers >= 5's fused experts), and those of
     # them PEFT fuses in pairs (w1, w3 -> gate_up_proj at rank 2r over both outputs) when it converts them
     stack = [p for p in paths if any(m.get("expert") is not None for m in whole[p]["parts"])]
-    fused_leaves = rules.fused if rules is not None and rules.retargeted else frozenset()
+    fused_leaves = rules.fused if rules is not None and rules.converted else frozenset()
     # the full update: the modules that changed (a nonzero update above the rounding level), as extract's percentage
     # budget and its totals.full_params count it; a frozen module held none (10% of all raised a budget 2× where half froze)
     full = sum(whole[p]["out"] * whole[p]["in"] for p in paths
@@ -411,7 +411,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     experts = [p for p in stack if p in adapted]
     tied = max((adapted[p] for p in experts), default=None)
     extra = 0  # parameters PEFT builds beyond r·(out + in) per module (a fused expert pair's block-diagonal B)
-    if experts and rules is not None and rules.retargeted:
+    if experts and rules is not None and rules.converted:
         # PEFT converts per-expert LoRAs to target_parameters on the fused experts: every expert of every stack at
         # the global r, and a fused pair (w1, w3 -> gate_up_proj) at rank 2r over both outputs; counted as built
         added = [p for p in stack if p not in adapted]
@@ -470,7 +470,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
     selection = doc.get("config") or {}
     partial = any(selection.get(k) for k in ("include", "exclude", "layers"))
-    targets = sorted(named) if partial else target_modules(list(named), every)
+    leaves = rules.converted if rules is not None else frozenset()  # experts PEFT converts: never named with their index
+    targets = sorted({expert_target(p, leaves) for p in named}) if partial else target_modules(list(named), every, leaves)
     if partial:
         notes.append("the diff measured part of the model (--include/--exclude/--layers): target_modules names each "
                      "measured module in full, so that PEFT adapts only those")

@@ -116,7 +116,7 @@ def peft_types(model: torch.nn.Module) -> set[str]:
 
 def peft_inits(model: torch.nn.Module) -> dict[str, str]:
     """Adapter name -> the base-changing ``init_lora_weights`` it was made with
-    (:data:`spectra.io.adapter.BASE_CHANGING_INITS`: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA); others absent."""
+    (:data:`spectra.io.adapter.BASE_CHANGING_INITS`: PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, Astra); others absent."""
     return {name: m for name, c in peft_configs(model).items() if (m := base_changing_init(getattr(c, "init_lora_weights", "")))}
 
 

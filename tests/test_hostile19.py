@@ -420,6 +420,13 @@ def test_an_exclude_that_takes_everything_is_worded_as_such(tmp_path):
         spectra.diff(base, tuned, config=DiffConfig(exclude="."))
 
 
+def _saved_by(folder: Path, version: str, field: str, keys: dict) -> None:
+    """Rewrite an adapter's config as that PEFT release saves it: ``peft_version``, and ``field``'s keys in the order
+    given (PEFT before 0.22 sorted them; this PEFT may not)."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "peft_version": version, field: keys}))
+
+
 def test_pattern_keys_that_clash_on_a_module_are_said(tmp_path):
     """Two alpha_pattern keys matching one module with different values: PEFT trains with the first in its order but
     save_pretrained sorts the keys, so the saved file may apply the other; nothing said so. A rank_pattern clash that
@@ -430,12 +437,18 @@ def test_pattern_keys_that_clash_on_a_module_are_said(tmp_path):
     base, _ = _llama_pair(tmp_path)
     random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                 alpha_pattern={"q_proj": 3, "layers.0.self_attn.q_proj": 20}).save_pretrained(tmp_path / "a")
+    _saved_by(tmp_path / "a", "0.21.2", "alpha_pattern", {"layers.0.self_attn.q_proj": 20, "q_proj": 3})
     proc = _cli(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--base", str(base), "--json"])
     assert "several alpha_pattern keys" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr
     random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=8, target_modules=["q_proj"],
                 rank_pattern={"q_proj": 5, "layers.0.self_attn.q_proj": 2}).save_pretrained(tmp_path / "r")
+    _saved_by(tmp_path / "r", "0.21.2", "rank_pattern", {"layers.0.self_attn.q_proj": 2, "q_proj": 5})
     proc = _cli(["diff", str(base), str(tmp_path / "r"), "--out", str(tmp_path / "o"), "--no-plots"])
     assert proc.returncode == 1 and "several rank_pattern keys" in proc.stderr and "sorts the keys" in proc.stderr, proc.stderr
+    # PEFT 0.22 keeps the patterns' order on saving: the first key in the file is the one training used, and no word is due
+    _saved_by(tmp_path / "r", "0.22.0", "rank_pattern", {"q_proj": 5, "layers.0.self_attn.q_proj": 2})
+    proc = _cli(["diff", str(base), str(tmp_path / "r"), "--out", str(tmp_path / "o2"), "--no-plots"])
+    assert proc.returncode == 0 and "several rank_pattern keys" not in proc.stdout + proc.stderr, proc.stderr
 
 
 def test_trace_gives_no_sigma_ratio_over_a_rounding_level_second_value(tmp_path):
@@ -556,6 +569,7 @@ def test_clashing_keys_are_found_in_a_long_pattern(tmp_path):
     filler = {f"layers.{i}.nothing_{j}": 4 for i in range(30) for j in range(10)}
     random_lora(T.LlamaForCausalLM.from_pretrained(base), 1, r=4, lora_alpha=8, target_modules=["q_proj"],
                 alpha_pattern={**filler, "q_proj": 3, "layers.0.self_attn.q_proj": 20}).save_pretrained(tmp_path / "a")
+    _saved_by(tmp_path / "a", "0.21.2", "alpha_pattern", dict(sorted({**filler, "q_proj": 3, "layers.0.self_attn.q_proj": 20}.items())))
     proc = _cli(["diff", str(base), str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--no-plots"])
     assert proc.returncode == 0, proc.stderr
     said = [w for w in json.loads((tmp_path / "o" / "results.json").read_text())["warnings"] if "several alpha_pattern keys" in w]

@@ -19,6 +19,7 @@ from spectra.adapter_diff import STACK_NOT_2D
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import open_adapter
 from spectra.param_experts import open_adapter_on
+from spectra.peft_moe import peft_moe_rules
 from tests.cli_util import cli
 
 peft = pytest.importorskip("peft")
@@ -185,9 +186,10 @@ def test_extract_on_a_per_expert_base_writes_an_adapter_peft_loads_to_the_same_m
 
 
 def test_extract_leaves_out_per_expert_loras_peft_would_drop(tmp_path):
-    """Qwen2-MoE: transformers >= 5 fuses its experts on load and PEFT converts no per-expert LoRA for it. Resizing a
-    target_parameters adapter onto its per-expert checkpoint must not write expert LoRAs that load as nothing (they
-    were written, and counted as kept, by the adapter path, which did not ask the MoE rules a full model's path asks)."""
+    """Qwen2-MoE: transformers >= 5 fuses its experts on load and PEFT < 0.22 converts no per-expert LoRA for it. Resizing
+    a target_parameters adapter onto its per-expert checkpoint must not write expert LoRAs that load as nothing (they
+    were written, and counted as kept, by the adapter path, which did not ask the MoE rules a full model's path asks).
+    PEFT 0.22 converts them: written, and loaded as the original adapter's update."""
     from spectra.extract import extract
     from spectra.extract_plan import ExtractConfig
 
@@ -203,10 +205,21 @@ def test_extract_leaves_out_per_expert_loras_peft_would_drop(tmp_path):
                                                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
         pm.save_pretrained(tmp_path / "adapter")
     res = extract(str(tmp_path / "base"), str(tmp_path / "adapter"), tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
-    assert {m["name"] for m in res.modules} == {"model.layers.0.self_attn.q_proj.weight"}
     left = {x["name"]: x["reason"] for x in res.not_extracted}
-    assert len(left) == 3 * _E and all("PEFT does not convert" in why for why in left.values())
-    assert res.totals["energy_kept_all"] < 0.5
+    if peft_moe_rules("qwen2_moe").experts_dropped:  # PEFT < 0.22
+        assert {m["name"] for m in res.modules} == {"model.layers.0.self_attn.q_proj.weight"}
+        assert len(left) == 3 * _E and all("PEFT does not convert" in why for why in left.values())
+        assert res.totals["energy_kept_all"] < 0.5
+        return
+    # PEFT 0.22 converts them: every expert written at the global r, and loaded (the rank-2 update is kept whole)
+    assert len(res.modules) == 1 + 3 * _E and not left, left
+    model = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "base")
+    want = {k: v.double() for k, v in peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).merge_and_unload().state_dict().items()}
+    model = transformers.Qwen2MoeForCausalLM.from_pretrained(tmp_path / "base")
+    got = {k: v.double() for k, v in peft.PeftModel.from_pretrained(model, str(tmp_path / "x")).merge_and_unload().state_dict().items()}
+    for k in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert torch.allclose(got[k], want[k], atol=1e-5) and not torch.equal(want[k], model.state_dict()[k].double()), k
+    assert res.totals["energy_kept_all"] == pytest.approx(1.0, abs=1e-6)
 
 
 # ---- the twenty-seventh round's probe of this reader (docs/bad_inputs.md): orientation, 2-D parameters, renames ----

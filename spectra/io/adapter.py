@@ -36,11 +36,13 @@ from spectra.io.jsonfile import load_json
 from spectra.io.param_lora import ParamLora, check_chain, factor_float, param_lora, weight_param
 from spectra.io.paths import allowed_roots, check_inside, checkpoint_location, missing_text
 from spectra.io.patterns import (
+    CLASH_CHECK_S,
     PatternError,
     check_component_key,
     check_full_key,
     check_layers_key,
     check_suffix_key,
+    clashing_keys,
     component_match,
     full_match,
     layer_index,
@@ -48,6 +50,7 @@ from spectra.io.patterns import (
 )
 from spectra.io.torchfile import StateDictCache
 from spectra.pairing import Skipped
+from spectra.peft_moe import KEEPS_PATTERN_ORDER, release
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -56,17 +59,16 @@ LORA_KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_
 _LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<kind>{'|'.join(LORA_KINDS)})"
                        r"(?:\.default)?(?:\.(?P<leaf>weight|bias))?$")
 #: init_lora_weights values that change the base weights, so B·A alone is not the update (peft 0.21 spells
-#: LoRA-GA "lora_ga": its init subtracts s·B₀·A₀ from W, as PiSSA does).
-BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-#: ``peft.LoraConfig``'s defaults for the fields that decide ΔW or which modules are adapted (peft
-#: 0.13 – 0.21; tests/test_hostile.py checks them against the installed peft). PEFT does *not*
-#: default lora_alpha to r.
+#: LoRA-GA "lora_ga", 0.22 adds Astra "astra": their inits subtract s·B₀·A₀ from W, as PiSSA does).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "astra")
+#: ``peft.LoraConfig``'s defaults for the fields that decide ΔW or which modules are adapted (peft 0.13 – 0.22;
+#: tests/test_hostile.py checks them against the installed peft). PEFT does *not* default lora_alpha to r.
 PEFT_LORA_DEFAULTS: Mapping[str, Any] = {
     "r": 8, "lora_alpha": 8, "use_rslora": False, "fan_in_fan_out": False, "use_dora": False, "lora_bias": False,
     "init_lora_weights": True, "target_modules": None, "exclude_modules": None, "modules_to_save": None,
     "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "ensure_weight_tying": False,
 }
-#: LoraConfig fields (peft 0.21) whose set value makes the update something other than s·B·A on the stored
+#: LoraConfig fields (peft 0.22) whose set value makes the update something other than s·B·A on the stored
 #: base weight, or no one weight at all: refused, each with what it does.
 LORA_VARIANTS: Mapping[str, str] = {
     "kasa_config": "KaSA removes the base weight's smallest singular directions and scales B·A by a learned diagonal",
@@ -77,7 +79,7 @@ LORA_VARIANTS: Mapping[str, str] = {
 #: Variant fields spectra knows to leave s·B·A as PEFT merges it (initialisations, training-time options); any
 #: other ``use_*`` or ``*_config`` field that is set may change the update and is refused.
 KNOWN_OPTIONS = ("use_rslora", "use_dora", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config",
-                 "monteclora_config", "megatron_config", "runtime_config")
+                 "monteclora_config", "megatron_config", "runtime_config", "astra_config")
 #: peft_type values of prompt-learning methods: they train inputs, not weights.
 PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT")
 #: The way out for an adapter whose merged weights spectra can measure but whose factors it does not read.
@@ -92,9 +94,8 @@ MATCH_BUDGET_S = 10.0
 def is_adapter(path: str | Path) -> bool:
     """True when ``path`` is a folder holding ``adapter_config.json``."""
     p = Path(checkpoint_location(path))
-    config = p / ADAPTER_CONFIG
     # exists(), not is_file(): a FIFO or folder by that name is an adapter's, and open_adapter says what is wrong with it
-    return p.is_dir() and (config.exists() or config.is_symlink())
+    return p.is_dir() and ((config := p / ADAPTER_CONFIG).exists() or config.is_symlink())
 
 
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
@@ -136,6 +137,8 @@ class AdapterConfig:
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the adapted model (its
             layer i runs on base layer :meth:`replicated_layers` ``[i]``).
         task_type: PEFT's ``task_type`` as saved (a string), or None.
+        ordered_patterns: saved by PEFT >= 0.22 (``peft_version``), which keeps rank_pattern / alpha_pattern in the
+            order training used (earlier releases sorted their keys on saving).
         source: the file this was read from, for messages.
     """
 
@@ -159,6 +162,7 @@ class AdapterConfig:
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     task_type: str | None = None
+    ordered_patterns: bool = False
     source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -247,7 +251,7 @@ class AdapterConfig:
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None, source=path,
-        )
+            ordered_patterns=isinstance(v := raw.get("peft_version"), str) and release(v) >= KEEPS_PATTERN_ORDER)
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` of ``module`` after the patterns.
@@ -309,7 +313,7 @@ class AdapterConfig:
 
     @property
     def base_changing_init(self) -> str | None:
-        """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), or None."""
+        """The name of an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA, Astra), or None."""
         return base_changing_init(self.init_lora_weights)
 
 
@@ -323,27 +327,6 @@ def base_changing_init(init_lora_weights: object) -> str | None:
 def _short(value: object, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + " ..."
-
-
-#: Seconds :func:`open_adapter` spends looking for pattern keys that clash on a module (a best effort: every key
-#: is matched against every module; a recommend config of an 80-layer model has ~560 keys, ~1 s with the
-#: compiled keys cached).
-CLASH_CHECK_S = 10.0
-
-
-def _clashing_keys(patterns: Mapping[str, Any], module: str) -> str | None:
-    """The keys of ``patterns`` matching ``module`` with their values, as text, when they give it different
-    values (which one applies then depends on the keys' order); None otherwise. A key that cannot be matched
-    safely is left to :func:`pattern_key`."""
-    if len(patterns) < 2:
-        return None
-    try:
-        hits = {k: v for k, v in patterns.items() if suffix_match(k, module)}
-    except PatternError:
-        return None
-    if len(set(hits.values())) < 2:
-        return None
-    return ", ".join(f"{k!r}: {v:g}" for k, v in hits.items())
 
 
 def _guard(path: Path | None, field_name: str, fn, *args):
@@ -574,20 +557,21 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
         matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
     started = time.monotonic()  # which modules match clashing keys: every key against every module
     targeted = [m for m, (reason, _, _) in matched.items() if reason is None]
-    for checked, module in enumerate(targeted):
+    for checked, module in enumerate([] if config.ordered_patterns else targeted):  # ordered: the first key trained it
         if time.monotonic() - started > CLASH_CHECK_S:  # given up, and said
             adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: whether several rank_pattern / alpha_pattern keys match one "
                                  f"module was checked for {checked} of its {len(targeted)} modules only (over {CLASH_CHECK_S:g} s)")
             break
         for field_name in ("rank_pattern", "alpha_pattern"):
-            if (keys := _clashing_keys(getattr(config, field_name), module)) is not None:
+            if (keys := clashing_keys(getattr(config, field_name), module)) is not None:
                 clashes.setdefault(field_name, {})[module] = keys
-    for field_name, mods in clashes.items():  # PEFT's first matching key wins, and save_pretrained sorts the keys
+    for field_name, mods in clashes.items():  # PEFT's first matching key wins, and save_pretrained < 0.22 sorted the keys
         module, keys = next(iter(mods.items()))
         adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: {len(mods)} module(s) (e.g. {module}) match several {field_name} keys "
                              f"with different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained "
-                             "applies it, but PEFT's save_pretrained sorts the keys, so the run that trained it may have used "
-                             "another (its update then differs from this file's)")
+                             "applies it, but PEFT's save_pretrained sorts the keys (before PEFT 0.22, and this file does not "
+                             "say it was saved by a later one), so the run that trained it may have used another (its update "
+                             "then differs from this file's)")
     wrapped: list[ParamLora] = []  # target_parameters LoRAs
     for module, kinds in stored.items():
         if weight_param(module, config.target_parameters):  # a Linear's weight as a parameter: patterns on module.weight
@@ -615,7 +599,7 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
             raise CheckpointFormatError(exc.message, path=folder, tensor=module,
                                         hint=f"{module} matches several rank_pattern keys ({clashes['rank_pattern'][module]}); PEFT "
                                              "trained with the first of them in its config's order, and save_pretrained "
-                                             "sorts the keys: put that key first again") from None
+                                             "before PEFT 0.22 sorts the keys: put that key first again") from None
         if lora is not None:
             adapter.modules[module] = lora
         if "lora_magnitude_vector" in kinds and not config.use_dora:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
+from typing import Any
 
 #: Longest key accepted; real keys are module paths well under 200 characters.
 MAX_PATTERN_CHARS = 512
@@ -337,3 +339,24 @@ def layer_index(name: str, layers_pattern: tuple[str, ...] | None) -> int | None
         if m:
             return int(m.group("idx"))
     return None
+
+
+#: Seconds :func:`spectra.io.adapter.open_adapter` spends looking for pattern keys that clash on a module (a best
+#: effort: every key is matched against every module; a recommend config of an 80-layer model has ~560 keys, ~1 s
+#: with the compiled keys cached).
+CLASH_CHECK_S = 10.0
+
+
+def clashing_keys(patterns: Mapping[str, Any], module: str) -> str | None:
+    """The keys of ``patterns`` matching ``module`` with their values, as text, when they give it different
+    values (which one applies then depends on the keys' order); None otherwise. A key that cannot be matched
+    safely is left to :func:`spectra.io.adapter.pattern_key`."""
+    if len(patterns) < 2:
+        return None
+    try:
+        hits = {k: v for k, v in patterns.items() if suffix_match(k, module)}
+    except PatternError:
+        return None
+    if len(set(hits.values())) < 2:
+        return None
+    return ", ".join(f"{k!r}: {v:g}" for k, v in hits.items())

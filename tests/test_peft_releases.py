@@ -1,0 +1,66 @@
+"""What changed with PEFT 0.22, checked against the installed PEFT's own loading: the MoE targets it converts (named
+without the expert's index), the dense modules it keeps beside them, pattern keys saved in order, and Astra's
+initialisation (base-changing, like PiSSA)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import spectra
+from spectra import DiffConfig, diff
+from spectra.errors import CheckpointFormatError
+from spectra.io.adapter import BASE_CHANGING_INITS, open_adapter
+from spectra.io.peft_writer import expert_target, target_modules
+from spectra.peft_moe import peft_moe_rules
+from spectra.recommend import recommend
+from tests.test_hostile8_moe import _DEEPSEEK, _moe_pair
+
+
+def test_astra_adapter_is_base_changing(tmp_path):
+    """PEFT 0.22's Astra init subtracts s·B₀·A₀ from the base weight: B·A alone is not the update. Its astra_config was
+    refused as "a LoRA variant this version of spectra does not know" instead of for what it does."""
+    assert "astra" in BASE_CHANGING_INITS
+    g = torch.Generator().manual_seed(11)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "init_lora_weights": "astra",
+         "astra_config": {"verbose": False, "prune_temp_fields": True}, "peft_version": "0.22.0"}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 8, generator=g),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(8, 2, generator=g)},
+              str(tmp_path / "adapter_model.safetensors"))
+    assert open_adapter(tmp_path).config.base_changing_init == "astra"
+    with pytest.raises(CheckpointFormatError, match="initialised with astra"):
+        spectra.diff(tmp_path, plots=False)
+
+
+def test_expert_targets_never_carry_the_expert_index():
+    """A per-expert module PEFT converts is named by its projection, or as ``…experts.<name>`` where the name alone
+    would reach a module left out; other modules keep their full path."""
+    experts = [f"m.layers.1.mlp.experts.{e}.{leaf}" for e in range(2) for leaf in ("gate_proj", "down_proj")]
+    every = ["m.layers.0.mlp.gate_proj", *experts]
+    assert target_modules(experts, every, {"gate_proj", "down_proj"}) == ["down_proj", "m.layers.1.mlp.experts.gate_proj"]
+    assert target_modules(experts, every) == ["down_proj", *sorted(e for e in experts if e.endswith("gate_proj"))]
+    assert expert_target("m.layers.0.mlp.gate_proj", {"gate_proj"}) == "m.layers.0.mlp.gate_proj"
+    assert expert_target("m.experts.x.gate_proj", {"gate_proj"}) == "m.experts.x.gate_proj"
+
+
+def test_recommend_on_part_of_an_moe_names_experts_peft_converts(tmp_path):
+    """recommend names each measured module in full after --exclude; an expert's full path (…experts.0.gate_proj) is
+    dropped by PEFT 0.22, whose conversion renames it to a parameter that does not exist. The LoRA PEFT builds from the
+    config must hold the experts and count the parameters recommend says."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = _moe_pair(tmp_path, "deepseek_v3", **_DEEPSEEK)
+    diff(str(base), str(tuned), out_dir=tmp_path / "d", plots=False, config=DiffConfig(exclude=r"layers\.0\.mlp\."))
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    rules = peft_moe_rules("deepseek_v3")
+    assert rules.converted and {r for p, r in rec.ranks.items() if ".experts." in p} == {rec.config["r"]}
+    assert not any(".experts.0." in t for t in rec.config["target_modules"]), rec.config["target_modules"]
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**rec.config))
+    names = [k for k, _ in model.named_parameters() if "lora_" in k]
+    assert any(".experts." in k for k in names) and not any("layers.0.mlp." in k for k in names), names
+    assert sum(v.numel() for k, v in model.named_parameters() if "lora_" in k) == rec.params
