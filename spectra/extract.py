@@ -113,7 +113,7 @@ from spectra.lowrank import (
 from spectra.metrics import square_scale_exponent
 from spectra.pairing import NOT_WEIGHTS, PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
-from spectra.peft_moe import peft_rules
+from spectra.peft_moe import PeftMoeRules, peft_rules
 from spectra.plots.base import preload as preload_plots
 from spectra.selection import Task, plan_units, selector
 from spectra.stored_bytes import base_lookup
@@ -144,7 +144,7 @@ class ExtractSource:
     task_type: str | None = None  # the adapter's PEFT task_type
     saved: list[dict] = field(default_factory=list)  # the task head's not_lora records (extract_heads), held whole
     outside_selection: int = 0  # paired matrices --include/--exclude/--layers left out (not read: no energy to count)
-    expert_leaves: frozenset[str] = frozenset()  # per-expert module names PEFT converts (PeftMoeRules.converted)
+    experts: PeftMoeRules | None = None  # what PEFT does with per-expert LoRAs on load (how target_modules names them)
 
 
 #: Seconds the adapter's writing waits for :func:`spectra.load_names.load_renames` past the decompositions.
@@ -233,7 +233,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
                    outside_selection=len({p.tuned.name for p in pairing.pairs} - {t.pair.tuned.name for t in tasks}), one_d=one_d,
                    unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
                    label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
-                   expert_leaves=rules.converted if rules is not None else frozenset(),
+                   experts=rules,
                    saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
 
 
@@ -273,7 +273,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
         left.append(((stack, tuple(base.tensors[stack].shape), math.sqrt(sq), tensor_fro(base, stack)), STACK_NOT_WRITTEN))
     return ExtractSource("dora" if adapter.config.use_dora else "lora", base, targets, adapter=adapter, mods=mods, left_out=left,
                    one_d=[], unmatched={"base_only": [], "tuned_only": []}, label=str(adapter.path), task_type=task_type,
-                   notes=read_notes((base, adapter)), expert_leaves=rules.converted if rules is not None else frozenset(),
+                   notes=read_notes((base, adapter)), experts=rules,
                    saved=head_records(task_type, heads, base, None, adapter=adapter) if heads else [])
 
 

@@ -72,7 +72,7 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
                          fan_in_fan_out=any(t.conv1d for i, t, r in chosen),
                          modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None, params=list(stacks),
-                         expert_leaves=src.expert_leaves)
+                         experts=src.experts)
     return layout, tensors(), cfg
 
 

@@ -73,6 +73,8 @@ class PeftMoeRules:
         refused: last name components PEFT refuses as LoRA targets on this model type (:data:`PEFT_REFUSED_LEAVES`).
         converted: last name components of the per-expert modules PEFT converts to its LoRA on the fused experts
             (at the global ``r``; named by that component or ``…experts.<name>``, never with the expert's index).
+        renames: ``(on disk, loaded)`` name parts transformers renames where it fuses the experts (Mixtral's
+            ``.block_sparse_moe.`` -> ``.mlp.``): a target naming the experts' container names it as loaded.
     """
 
     model_type: str | None
@@ -82,6 +84,25 @@ class PeftMoeRules:
     fused: frozenset[str] = frozenset()
     refused: frozenset[str] = frozenset()
     converted: frozenset[str] = frozenset()
+    renames: tuple[tuple[str, str], ...] = ()
+
+    def expert_target(self, module: str) -> str:
+        """How ``target_modules`` names ``module`` in full: its path, or for a per-expert module PEFT converts
+        (:attr:`converted`), its experts container's path as transformers loads it and the module's name. PEFT 0.22
+        renames a converted target in place, so ``…experts.0.gate_proj`` would become a parameter
+        ``…experts.0.gate_up_proj`` that does not exist, and its LoRA be dropped (PEFT < 0.22 keeps the last name only).
+
+        >>> PeftMoeRules("mixtral", converted=frozenset({"w1"}), renames=((".block_sparse_moe.", ".mlp."),)).expert_target(
+        ...     "model.layers.1.block_sparse_moe.experts.7.w1")
+        'model.layers.1.mlp.experts.w1'
+        """
+        parts = module.split(".")
+        if len(parts) < 3 or parts[-1] not in self.converted or not parts[-2].isdigit() or parts[-3] != "experts":
+            return module
+        container = "." + ".".join(parts[:-2]) + "."
+        for on_disk, loaded in self.renames:
+            container = container.replace(on_disk, loaded)
+        return container[1:] + parts[-1]
 
     def why_dropped(self, module: str, expert: int | None) -> str | None:
         """Why PEFT would drop (or refuse: :attr:`refused`) a LoRA on ``module`` (a module path; ``expert``: its expert
@@ -144,8 +165,9 @@ def _moe_rules(model_type: str | None) -> PeftMoeRules:
         keeps_linear = release(peft.__version__) >= KEEPS_LINEAR_TARGETS
     except ImportError:
         patterns.update(_PEFT_PATTERNS)
-    return _rules(model_type, targets[patterns[model_type]] if patterns.get(model_type) in targets else None, fused=fused,
-                  keeps_linear=keeps_linear, source=version)
+    pattern = patterns.get(model_type)
+    return _rules(model_type, targets.get(pattern or ""), fused=fused, keeps_linear=keeps_linear,
+                  source=version, renames=_renames(model_type, pattern))
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -158,14 +180,24 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(int(x) for x in match.group().split(".")) if match else ()
 
 
-def _rules(model_type: str, mapping: dict[str, str] | None, *, fused: bool, keeps_linear: bool, source: str) -> PeftMoeRules:
+def _rules(model_type: str, mapping: dict[str, str] | None, *, fused: bool, keeps_linear: bool, source: str,
+           renames: tuple[tuple[str, str], ...] = ()) -> PeftMoeRules:
     """The rules of a model type whose experts transformers fuses (``fused``) under PEFT's target ``mapping`` for its
     pattern (None: PEFT does not convert it); ``keeps_linear``: PEFT >= 0.22 keeps non-expert modules of those names."""
     if mapping is None:
         return PeftMoeRules(model_type, experts_dropped=fused, source=source)
     converted = frozenset(mapping) - {"gate"}
     return PeftMoeRules(model_type, retargeted=frozenset() if keeps_linear else converted, source=source,
-                        fused=_fused_names(mapping), converted=converted)
+                        fused=_fused_names(mapping), converted=converted, renames=renames)
+
+
+def _renames(model_type: str, pattern: str | None) -> tuple[tuple[str, str], ...]:
+    """The names transformers renames where it fuses ``model_type``'s experts: its conversion_mapping's, else those of
+    the tables' fusions for PEFT's ``pattern`` (Mixtral's ``.block_sparse_moe.`` -> ``.mlp.``)."""
+    fusions, source = expert_fusions(model_type)
+    if source.startswith("the conversion_mapping"):
+        return fusions[0].renames
+    return _FUSION_TABLES[0].renames if pattern == "mixtral" else ()
 
 
 def _fused_names(mapping: dict[str, str]) -> frozenset[str]:
@@ -190,7 +222,8 @@ def _from_tables(model_type: str, why: str) -> PeftMoeRules:
         return PeftMoeRules(model_type)
     pattern = _FUSED[model_type]
     return _rules(model_type, _PEFT_MOE_TARGETS[pattern] if pattern else None, fused=True, keeps_linear=True,
-                  source="tables of transformers 5.24 and PEFT 0.22" + (f"; {why}" if why else ""))
+                  source="tables of transformers 5.24 and PEFT 0.22" + (f"; {why}" if why else ""),
+                  renames=_FUSION_TABLES[0].renames if pattern == "mixtral" else ())
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from spectra.extract_plan import all_held_text, dearer_text, is_embedding_name, 
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
-from spectra.io.peft_writer import check_task_type, exclude_modules, expert_target, pattern_key, rank_pattern_keys, target_modules
+from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
@@ -470,8 +470,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
     selection = doc.get("config") or {}
     partial = any(selection.get(k) for k in ("include", "exclude", "layers"))
-    leaves = rules.converted if rules is not None else frozenset()  # experts PEFT converts: never named with their index
-    targets = sorted({expert_target(p, leaves) for p in named}) if partial else target_modules(list(named), every, leaves)
+    # experts PEFT converts are never named with their index (PEFT 0.22 drops them so)
+    targets = sorted({rules.expert_target(p) if rules else p for p in named}) if partial else target_modules(list(named), every, rules)
     if partial:
         notes.append("the diff measured part of the model (--include/--exclude/--layers): target_modules names each "
                      "measured module in full, so that PEFT adapts only those")

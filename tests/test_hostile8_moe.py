@@ -241,6 +241,8 @@ _DEEPSEEK = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_
     # the dense MLP left out: its gate_proj is not adapted, so the experts' cannot be named "gate_proj" alone, and
     # "…experts.0.gate_proj" loads as nothing under PEFT 0.22 ("…experts.gate_proj" under every release)
     ("deepseek_v3", _DEEPSEEK, r"layers\.0\.mlp\."),
+    # Mixtral's experts, stored under block_sparse_moe, load under mlp: "…block_sparse_moe.experts.w1" loads as nothing
+    ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, r"layers\.0\."),
 ])
 def test_extract_claims_what_peft_applies(tmp_path, model_type, extra, exclude):
     """qwen2_moe: PEFT < 0.22 drops per-expert LoRAs (it converts them for other model types only);
@@ -252,7 +254,8 @@ def test_extract_claims_what_peft_applies(tmp_path, model_type, extra, exclude):
     rules = peft_moe_rules(model_type)
     dropped = [r for r in res.not_extracted if r["reason"].startswith(("per-expert LoRA", "PEFT retargets"))]
     assert all(rules.why_dropped(r["name"].removesuffix(".weight"), 0 if ".experts." in r["name"] else None) for r in dropped)
-    assert bool(dropped) == (rules.experts_dropped or bool(rules.retargeted)), rules
+    # (PEFT < 0.22 retargets DeepSeek's dense and shared gate/up/down_proj; Mixtral has no other w1, w2, w3)
+    assert bool(dropped) == (rules.experts_dropped or bool(rules.retargeted) and model_type == "deepseek_v3"), rules
     assert any(".experts." in m["name"] for m in res.modules) != rules.experts_dropped
     truth = _peft_kept(base, tuned, tmp_path / "ad", exclude)  # of the selected matrices, as extract counts it
     assert res.totals["energy_kept_all"] == pytest.approx(truth, abs=2e-4)
@@ -260,8 +263,9 @@ def test_extract_claims_what_peft_applies(tmp_path, model_type, extra, exclude):
         assert res.totals["energy_kept"] > res.totals["energy_kept_all"] + 0.01
         assert any("of all of it" in w for w in res.warnings)
     # what that check is made against: the adapter PEFT 0.22 drops silently, with the experts named by their index
-    if exclude and not rules.retargeted:
-        cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert model_type != "mixtral" or "model.layers.1.mlp.experts.w1" in cfg["target_modules"], cfg["target_modules"]
+    if model_type == "deepseek_v3" and exclude and not rules.retargeted:
         assert "model.layers.1.mlp.experts.gate_proj" in cfg["target_modules"], cfg["target_modules"]
         cfg["target_modules"] = [t for t in cfg["target_modules"] if ".experts." not in t] + [
             f"model.layers.1.mlp.experts.{e}.{leaf}" for e in range(4) for leaf in ("gate_proj", "up_proj", "down_proj")]
@@ -282,8 +286,8 @@ def test_peft_rules_from_tables_match_the_installed_libraries():
     for mt in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "phimoe", "jamba", "llama", "gpt_oss"):
         live, table = peft_moe_rules(mt), peft_moe._from_tables(mt, "")
         if new:
-            assert (live.experts_dropped, live.retargeted, live.converted, live.fused) == \
-                (table.experts_dropped, table.retargeted, table.converted, table.fused), mt
+            assert (live.experts_dropped, live.retargeted, live.converted, live.fused, live.renames) == \
+                (table.experts_dropped, table.retargeted, table.converted, table.fused, table.renames), mt
         elif mt != "qwen2_moe":  # PEFT < 0.22 converts it not, and drops the dense modules named like what it converts
             assert (live.experts_dropped, live.converted, live.retargeted) == (table.experts_dropped, table.converted,
                                                                                table.converted), mt

@@ -14,8 +14,8 @@ import spectra
 from spectra import DiffConfig, diff
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import BASE_CHANGING_INITS, open_adapter
-from spectra.io.peft_writer import expert_target, target_modules
-from spectra.peft_moe import peft_moe_rules
+from spectra.io.peft_writer import target_modules
+from spectra.peft_moe import PeftMoeRules, peft_moe_rules
 from spectra.recommend import recommend
 from tests.test_hostile8_moe import _DEEPSEEK, _moe_pair
 
@@ -37,14 +37,15 @@ def test_astra_adapter_is_base_changing(tmp_path):
 
 
 def test_expert_targets_never_carry_the_expert_index():
-    """A per-expert module PEFT converts is named by its projection, or as ``…experts.<name>`` where the name alone
-    would reach a module left out; other modules keep their full path."""
-    experts = [f"m.layers.1.mlp.experts.{e}.{leaf}" for e in range(2) for leaf in ("gate_proj", "down_proj")]
-    every = ["m.layers.0.mlp.gate_proj", *experts]
-    assert target_modules(experts, every, {"gate_proj", "down_proj"}) == ["down_proj", "m.layers.1.mlp.experts.gate_proj"]
-    assert target_modules(experts, every) == ["down_proj", *sorted(e for e in experts if e.endswith("gate_proj"))]
-    assert expert_target("m.layers.0.mlp.gate_proj", {"gate_proj"}) == "m.layers.0.mlp.gate_proj"
-    assert expert_target("m.experts.x.gate_proj", {"gate_proj"}) == "m.experts.x.gate_proj"
+    """A per-expert module PEFT converts is named by its projection, or as ``…experts.<name>`` (the container as
+    transformers loads it) where the name alone would reach a module left out; other modules keep their full path."""
+    experts = [f"m.layers.1.block_sparse_moe.experts.{e}.{leaf}" for e in range(2) for leaf in ("w1", "w2")]
+    every = ["m.layers.0.mlp.w1", *experts]
+    rules = PeftMoeRules("mixtral", converted=frozenset({"w1", "w2"}), renames=((".block_sparse_moe.", ".mlp."),))
+    assert target_modules(experts, every, rules) == ["m.layers.1.mlp.experts.w1", "w2"]
+    assert target_modules(experts, every) == [*sorted(e for e in experts if e.endswith("w1")), "w2"]
+    assert rules.expert_target("m.layers.0.mlp.w1") == "m.layers.0.mlp.w1"
+    assert rules.expert_target("m.experts.x.w1") == "m.experts.x.w1"
 
 
 def test_recommend_on_part_of_an_moe_names_experts_peft_converts(tmp_path):

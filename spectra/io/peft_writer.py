@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import torch
 
 from spectra.errors import ConfigError
 from spectra.io.files import atomic_file, atomic_write_text
+from spectra.peft_moe import PeftMoeRules
 
 _PREFIX = "base_model.model."
 #: ``config.json`` architecture suffix -> PEFT ``task_type`` (the PeftModel subclass it loads with).
@@ -209,12 +210,12 @@ def _module_tree(modules: Iterable[str]) -> set[str]:
     return tree
 
 
-def target_modules(adapted: Sequence[str], all_modules: Iterable[str], expert_leaves: Collection[str] = ()) -> list[str]:
+def target_modules(adapted: Sequence[str], all_modules: Iterable[str], experts: PeftMoeRules | None = None) -> list[str]:
     """``target_modules`` for PEFT: for each adapted module its last name (``q_proj``; for an
     ``nn.Sequential`` child such as ``ffn.0`` the shortest ending that starts with a name) when that
-    names only adapted modules, else its full path; a per-expert module whose last name is in
-    ``expert_leaves`` (those PEFT converts to its LoRA on transformers ≥ 5's fused experts) is named
-    ``…experts.<name>`` instead of its full path (:func:`expert_target`).
+    names only adapted modules, else its full path; a per-expert module PEFT converts to its LoRA on
+    transformers ≥ 5's fused experts (``experts``: the model's rules) is named ``…experts.<name>``
+    instead of its full path (:meth:`spectra.peft_moe.PeftMoeRules.expert_target`).
 
     PEFT adapts a module whose name equals an entry or ends with ``"." + entry``, containers included:
     a short entry that also named a module left out (a layer excluded with ``--layers``) would give PEFT
@@ -226,7 +227,8 @@ def target_modules(adapted: Sequence[str], all_modules: Iterable[str], expert_le
     ['a.0.k', 'q']
     >>> target_modules(["h.0.ffn.0", "h.1.ffn.0"], ["h.0.ffn.0", "h.1.ffn.0", "h.0.ffn.2", "h.1.ffn.2"])
     ['ffn.0']
-    >>> target_modules(["l.1.experts.0.up", "l.1.experts.1.up"], ["l.0.up", "l.1.experts.0.up", "l.1.experts.1.up"], {"up"})
+    >>> target_modules(["l.1.experts.0.up", "l.1.experts.1.up"], ["l.0.up", "l.1.experts.0.up", "l.1.experts.1.up"],
+    ...                PeftMoeRules("olmoe", converted=frozenset({"up"})))
     ['l.1.experts.up']
     """
     adapted_set = set(adapted)
@@ -239,23 +241,8 @@ def target_modules(adapted: Sequence[str], all_modules: Iterable[str], expert_le
         # starts with a name; else the full path, as people and serving engines expect
         endings = ([".".join(parts[-k:]) for k in range(2, len(parts)) if not parts[-k].isdigit()][:1]
                    if parts[-1].isdigit() else parts[-1:])
-        out.add(next((e for e in endings if e not in taken), expert_target(m, expert_leaves)))
+        out.add(next((e for e in endings if e not in taken), experts.expert_target(m) if experts else m))
     return sorted(out)
-
-
-def expert_target(module: str, expert_leaves: Collection[str]) -> str:
-    """How ``target_modules`` names one module in full: its path, or for a per-expert module whose last name is in
-    ``expert_leaves``, its experts container's path and that name (PEFT 0.22 renames a converted target in place, so
-    ``…experts.0.gate_proj`` would become a parameter ``…experts.0.gate_up_proj`` that does not exist, and the LoRA be
-    dropped; PEFT < 0.22 keeps only the last name).
-
-    >>> expert_target("model.layers.1.mlp.experts.7.gate_proj", {"gate_proj"})
-    'model.layers.1.mlp.experts.gate_proj'
-    """
-    parts = module.split(".")
-    if len(parts) >= 3 and parts[-1] in expert_leaves and parts[-2].isdigit() and parts[-3] == "experts":
-        return ".".join(parts[:-2] + parts[-1:])
-    return module
 
 
 def exclude_modules(adapted: Sequence[str], all_modules: Iterable[str], targets: Sequence[str]) -> list[str]:
@@ -325,7 +312,7 @@ def task_type_for(config: Mapping[str, Any] | None) -> str | None:
 def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base_model: str | None,
                    task_type: str | None, rslora: bool = False, fan_in_fan_out: bool = False,
                    modules_to_save: Sequence[str] = (), lora_bias: bool = False, shared_rank: int | None = None,
-                   params: Sequence[str] = (), expert_leaves: Collection[str] = ()) -> dict[str, Any]:
+                   params: Sequence[str] = (), experts: PeftMoeRules | None = None) -> dict[str, Any]:
     """``adapter_config.json`` for modules adapted at ``ranks`` (module path -> r > 0), each at scale 1.
 
     Args:
@@ -342,7 +329,7 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
             transformers ≥ 5 fuses on load: PEFT converts such adapters at the global r only);
             default the most common rank (ties: the larger).
         params: parameter paths adapted through ``target_parameters`` (3-D expert stacks), each at ``shared_rank``.
-        expert_leaves: last names of the per-expert modules PEFT converts (:func:`target_modules`).
+        experts: the model's :class:`~spectra.peft_moe.PeftMoeRules`, for how its experts are named (:func:`target_modules`).
     """
     if not ranks and not (params and shared_rank):
         raise ValueError("ranks must name at least one adapted module. Got none instead.")
@@ -355,7 +342,7 @@ def adapter_config(ranks: Mapping[str, int], *, all_modules: Iterable[str], base
 
     pattern = {pattern_key(m): ranks[m] for m in rank_pattern_keys(ranks, shared_rank)}
     all_modules = list(all_modules)
-    targets = target_modules(list(ranks), all_modules, expert_leaves)
+    targets = target_modules(list(ranks), all_modules, experts)
     excluded = exclude_modules(list(ranks), all_modules, targets)
     return {
         "peft_type": "LORA",
@@ -396,5 +383,5 @@ def write_adapter(out_dir: str | Path, layout: Sequence[tuple[str, tuple[int, ..
 
 
 __all__ = ["PEFT_TASK_TYPES", "TASK_TYPES", "LoraFactors", "adapter_config", "check_task_type", "lora_layout", "lora_tensors",
-           "param_depths", "param_lora_layout", "param_lora_tensors", "saved_name", "target_modules", "expert_target", "exclude_modules",
+           "param_depths", "param_lora_layout", "param_lora_tensors", "saved_name", "target_modules", "exclude_modules",
            "rank_pattern_keys", "pattern_key", "task_type_for", "write_adapter", "write_safetensors"]
