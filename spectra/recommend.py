@@ -199,7 +199,11 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             elif m["fro_norm"] and name not in noise:
                 left_out.setdefault("embeddings and the output head: pass --embeddings to adapt them", []).append(base)
             continue
-        if not base.endswith(".weight"):
+        if not base.endswith(".weight"):  # PEFT wraps modules: a parameter of another name is reached by none of them
+            if m.get("fro_norm") and name not in noise and not base.endswith((".bias", "_bias")):
+                left_out.setdefault("parameters that are no module's .weight: PEFT adapts an nn.MultiheadAttention's "
+                                    "in_proj_weight when target_modules names the attention module, others only through "
+                                    "target_parameters", []).append(base)
             continue
         entry = whole.setdefault(base[: -len(".weight")], {"parts": [], "out": 0, "in": int(m["shape"][1])})
         entry["parts"].append(m)

@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import spectra
-from spectra import DiffConfig, diff
-from spectra.errors import CheckpointFormatError
+from spectra import DiffConfig, diff, peft_moe
+from spectra.errors import CheckpointFormatError, ConfigError
+from spectra.extract import extract
+from spectra.extract_plan import ExtractConfig
 from spectra.io.adapter import BASE_CHANGING_INITS, open_adapter
 from spectra.io.peft_writer import target_modules
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules
@@ -65,3 +67,59 @@ def test_recommend_on_part_of_an_moe_names_experts_peft_converts(tmp_path):
     names = [k for k, _ in model.named_parameters() if "lora_" in k]
     assert any(".experts." in k for k in names) and not any("layers.0.mlp." in k for k in names), names
     assert sum(v.numel() for k, v in model.named_parameters() if "lora_" in k) == rec.params
+
+
+class _Mha(torch.nn.Module):
+    """An nn.MultiheadAttention (in_proj_weight (3·8, 8), out_proj (8, 8)) and a Linear, as CLIP-style towers hold them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha, self.lin = torch.nn.MultiheadAttention(8, 2), torch.nn.Linear(8, 8)
+
+
+def _mha_adapter(tmp_path, peft):
+    """``base.safetensors`` and PEFT's LoRA on the attention module itself and on the Linear (random B: a nonzero update)."""
+    torch.manual_seed(0)
+    model = _Mha()
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["mha", "lin"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(tmp_path / "ad")
+
+
+def _merged_delta(tmp_path, peft) -> dict[str, torch.Tensor]:
+    """ΔW of each matrix as the installed PEFT merges the adapter (float64)."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(tmp_path / "base.safetensors"))
+    model = _Mha()
+    model.load_state_dict(base)
+    merged = peft.PeftModel.from_pretrained(model, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    return {k: merged[k].double() - base[k].double() for k in base if base[k].dim() == 2}
+
+
+def test_multihead_attention_lora_is_read_as_peft_merges_it(tmp_path):
+    """PEFT's LoRA of an nn.MultiheadAttention X stores X.lora_* (on in_proj_weight) and X.base_layer.out_proj.lora_*.
+    spectra refused it ("the adapter updates mha, which the base checkpoint does not have") and would have skipped the
+    out_proj as untargeted; PEFT before 0.22 applies the out_proj update twice, and 0.22 doubles lora_B of such files."""
+    peft = pytest.importorskip("peft")
+    _mha_adapter(tmp_path, peft)
+    saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    versions = [saved.get("peft_version")]
+    if peft_moe.release(peft.__version__) >= (0, 22):  # a file of an earlier release, as this PEFT loads it
+        versions.append("0.21.2")
+    for i, version in enumerate(versions):
+        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**saved, "peft_version": version}))
+        truth = _merged_delta(tmp_path, peft)
+        res = diff(str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), out_dir=tmp_path / f"o{i}", plots=False)
+        got = {m.name: m.fro_norm for m in res.modules}
+        qkv = sum(got[f"mha.in_proj_weight:{p}"] ** 2 for p in "qkv") ** 0.5
+        assert qkv == pytest.approx(float(truth["mha.in_proj_weight"].norm()), rel=1e-5), version
+        assert got["mha.out_proj.weight"] == pytest.approx(float(truth["mha.out_proj.weight"].norm()), rel=1e-5), version
+        assert got["lin.weight"] == pytest.approx(float(truth["lin.weight"].norm()), rel=1e-5)
+        assert not res.skipped or all("out_proj" not in s.name for s in res.skipped), res.skipped
+    # extract cannot write that layout back (out_proj under base_layer at the module's rank): said, not a silent loss
+    with pytest.raises(ConfigError, match="nn.MultiheadAttention"):
+        extract(str(tmp_path / "base.safetensors"), str(tmp_path / "ad"), tmp_path / "x", config=ExtractConfig(rank=2), plots=False)
+    # recommend from the diff: the in_proj_weight, a parameter no module holds as .weight, is said to be left out
+    rec = recommend(tmp_path / "o0" / "results.json", energy=0.9)
+    assert any("mha.in_proj_weight" in n and "names the attention module" in n for n in rec.notes), rec.notes

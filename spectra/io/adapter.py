@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from spectra.io.patterns import (
 )
 from spectra.io.torchfile import StateDictCache
 from spectra.pairing import Skipped
-from spectra.peft_moe import KEEPS_PATTERN_ORDER, release
+from spectra.peft_moe import KEEPS_PATTERN_ORDER, MHA_TWICE, mha_out_proj_twice, release
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
@@ -137,8 +137,7 @@ class AdapterConfig:
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the adapted model (its
             layer i runs on base layer :meth:`replicated_layers` ``[i]``).
         task_type: PEFT's ``task_type`` as saved (a string), or None.
-        ordered_patterns: saved by PEFT >= 0.22 (``peft_version``), which keeps rank_pattern / alpha_pattern in the
-            order training used (earlier releases sorted their keys on saving).
+        peft_version: the PEFT release that saved it, as saved (None where the file does not say: before PEFT 0.18).
         source: the file this was read from, for messages.
     """
 
@@ -162,7 +161,7 @@ class AdapterConfig:
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     task_type: str | None = None
-    ordered_patterns: bool = False
+    peft_version: str | None = None
     source: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -251,7 +250,13 @@ class AdapterConfig:
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None, source=path,
-            ordered_patterns=isinstance(v := raw.get("peft_version"), str) and release(v) >= KEEPS_PATTERN_ORDER)
+            peft_version=raw["peft_version"] if isinstance(raw.get("peft_version"), str) else None)
+
+    @property
+    def ordered_patterns(self) -> bool:
+        """Saved by PEFT >= 0.22, which keeps rank_pattern / alpha_pattern in the order training used (earlier releases
+        sorted their keys on saving)."""
+        return self.peft_version is not None and release(self.peft_version) >= KEEPS_PATTERN_ORDER
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` of ``module`` after the patterns.
@@ -544,6 +549,14 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                                                  "a vector, not a weight matrix; the weight update s·B·A is analysed"))
         else:
             stored.setdefault(module, {})[kind] = name
+    # PEFT's LoRA of an nn.MultiheadAttention X: X.lora_* on in_proj_weight, X.base_layer.out_proj.lora_* on out_proj,
+    # both at X's rank and alpha, targeted as X
+    mha: dict[str, str] = {}  # X -> X.out_proj
+    for m in [m for m in stored if m.endswith(".base_layer.out_proj")]:
+        if (x := m[: -len(".base_layer.out_proj")]) in stored and x + ".out_proj" not in stored:
+            stored[x + ".out_proj"] = stored.pop(m)
+            mha[x] = x + ".out_proj"
+    owner = {out: x for x, out in mha.items()}
     # every pattern match first, timed on its own (reading the factors below is not part of the bound)
     matched: dict[str, tuple[str | None, int, float]] = {}
     clashes: dict[str, dict[str, str]] = {}  # pattern field -> module -> its matching keys with their values
@@ -553,8 +566,8 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
             raise CheckpointFormatError(
                 f"matching {len(stored)} module names against the patterns of {ADAPTER_CONFIG} took over {match_budget_s:g} s",
                 path=config_path, hint="simplify rank_pattern / alpha_pattern / target_modules, or write module names out")
-        reason = config.untargeted(module)
-        matched[module] = (reason, *config.rank_alpha(module)) if reason is None else (reason, 0, 0.0)
+        reason = config.untargeted(owner.get(module, module))
+        matched[module] = (reason, *config.rank_alpha(owner.get(module, module))) if reason is None else (reason, 0, 0.0)
     started = time.monotonic()  # which modules match clashing keys: every key against every module
     targeted = [m for m, (reason, _, _) in matched.items() if reason is None]
     for checked, module in enumerate([] if config.ordered_patterns else targeted):  # ordered: the first key trained it
@@ -600,6 +613,11 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                                         hint=f"{module} matches several rank_pattern keys ({clashes['rank_pattern'][module]}); PEFT "
                                              "trained with the first of them in its config's order, and save_pretrained "
                                              "before PEFT 0.22 sorts the keys: put that key first again") from None
+        if lora is not None and module in mha:  # X's own LoRA is in_proj_weight's (q, k and v stacked)
+            lora = replace(lora, weight_name=module + ".in_proj_weight")
+        elif lora is not None and module in owner and mha_out_proj_twice(config.peft_version):
+            lora = replace(lora, scale=2 * lora.scale, note=f"{MHA_TWICE} ({ADAPTER_CONFIG}'s peft_version: "
+                                                            f"{config.peft_version or 'none, before 0.18'})")
         if lora is not None:
             adapter.modules[module] = lora
         if "lora_magnitude_vector" in kinds and not config.use_dora:
@@ -661,10 +679,8 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             path=weights, tensor=module,
             hint=f"PEFT stores {a_key} as (r, in) and {b_key} as (out, r); save them under each other's key")
     if r != A.shape[0]:
-        raise CheckpointFormatError(
-            f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}",
-            path=folder, tensor=module, hint="rank_pattern and the weights disagree; the config was edited or mismatched",
-        )
+        raise CheckpointFormatError(f"adapter_config.json gives {module} rank {r} but its factors have rank {A.shape[0]}", path=folder,
+                                    tensor=module, hint="rank_pattern and the weights disagree; the config was edited or mismatched")
     magnitude = None
     mag_name = kinds.get("lora_magnitude_vector")
     if config.use_dora:
@@ -672,9 +688,8 @@ def _lora_module(ckpt: Checkpoint, config: AdapterConfig, module: str, kinds: di
             raise CheckpointFormatError("DoRA on an embedding is not read by spectra", path=weights, tensor=module,
                                         hint=MERGE_HINT)
         if mag_name is None:
-            raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector",
-                                        path=weights, tensor=module,
-                                        hint="without it the update is not s·B·A; the adapter file is incomplete")
+            raise CheckpointFormatError(f"use_dora is true but LoRA module {module} has no lora_magnitude_vector", path=weights,
+                                        tensor=module, hint="without it the update is not s·B·A; the adapter file is incomplete")
         magnitude = factor_float(ckpt.load(mag_name))
         if tuple(magnitude.shape) != (B.shape[0],):
             raise CheckpointFormatError(
