@@ -478,7 +478,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     targets = sorted({rules.expert_target(p) if rules else p for p in named}) if partial else target_modules(list(named), every, rules)
     if partial:
         notes.append("the diff measured part of the model (--include/--exclude/--layers): target_modules names each "
-                     "measured module in full, so that PEFT adapts only those")
+                     "measured module in full, so that PEFT adapts only those"
+                     + (f"; but PEFT before 0.22 ({rules.source}) reaches the fused experts by their projection's name "
+                        "alone, in every layer, and builds LoRAs on those the diff left out too (not in the counts)"
+                        if experts and rules is not None and rules.retargeted else ""))
     excluded = exclude_modules(list(named), every, targets)
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
               "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,

@@ -123,3 +123,20 @@ def test_multihead_attention_lora_is_read_as_peft_merges_it(tmp_path):
     # recommend from the diff: the in_proj_weight, a parameter no module holds as .weight, is said to be left out
     rec = recommend(tmp_path / "o0" / "results.json", energy=0.9)
     assert any("mha.in_proj_weight" in n and "names the attention module" in n for n in rec.notes), rec.notes
+
+
+def test_recommend_on_some_layers_of_a_mixtral_counts_what_peft_builds(tmp_path):
+    """--exclude of layer 0: the config names layer 1's experts as loaded (mlp.experts.w1); PEFT 0.22 builds exactly
+    the counted LoRA, PEFT before 0.22 builds one on layer 0's experts too, which a note says."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = _moe_pair(tmp_path, "mixtral", num_local_experts=4, num_experts_per_tok=2)
+    diff(str(base), str(tuned), out_dir=tmp_path / "d", plots=False, config=DiffConfig(exclude=r"layers\.0\."))
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    assert "model.layers.1.mlp.experts.w1" in rec.config["target_modules"], rec.config["target_modules"]
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**rec.config))
+    built = {k: v.numel() for k, v in model.named_parameters() if "lora_" in k}
+    layer0 = sum(n for k, n in built.items() if ".layers.0." in k)
+    said = any("builds LoRAs on those the diff left out" in n for n in rec.notes)
+    assert sum(built.values()) - layer0 == rec.params and bool(layer0) == said == bool(peft_moe_rules("mixtral").retargeted)
