@@ -60,6 +60,7 @@ from spectra.extract_io import (
     out_dtype,
     prepare_out,
     refuse_an_input_folder,
+    refuse_unwritten_layouts,
     tensor_fro,
 )
 from spectra.extract_plan import (
@@ -244,9 +245,7 @@ def _adapter_source(base: Checkpoint, adapter: Adapter, config: ExtractConfig) -
     # auto: the adapter's own task type (a resized adapter loads as the original did), else the base's class
     task_type = auto_task_type(None, base.config, adapter.config.task_type) if config.task_type == "auto" else config.task_type
     heads = head_modules(task_type, [*base.tensors, *adapter.full, *(m.weight_name for m in adapter.modules.values())])
-    if mha := [m.module for m in adapter.modules.values() if m.weight_name.endswith(".in_proj_weight")]:  # out_proj under base_layer
-        raise ConfigError(f"{mha[0]} is an nn.MultiheadAttention with PEFT's LoRA, a layout extract does not write", path=adapter.path,
-                          hint="merge the adapter (merge_and_unload) and extract from the merged model against the base")
+    refuse_unwritten_layouts(adapter)
     updates = adapter_updates(adapter, base)
     # an MoE: what PEFT drops on load, as for a full model (per-expert LoRAs it does not convert to its fused experts)
     rules = peft_rules(base.arch.model_type, any(spec.expert is not None for _, spec, _ in updates))

@@ -310,6 +310,14 @@ def uniform_folder(path: Path) -> bool:
         return False
 
 
+def refuse_unwritten_layouts(adapter: Adapter) -> None:
+    """Refuse an adapter holding a layout extract does not write back: PEFT's LoRA of an ``nn.MultiheadAttention``
+    (its ``in_proj_weight`` LoRA on the module, its ``out_proj`` one under ``base_layer`` at the module's rank)."""
+    if mha := [m.module for m in adapter.modules.values() if m.weight_name.endswith(".in_proj_weight")]:
+        raise ConfigError(f"{mha[0]} is an nn.MultiheadAttention with PEFT's LoRA, a layout extract does not write", path=adapter.path,
+                          hint="merge the adapter (merge_and_unload) and extract from the merged model against the base")
+
+
 def refuse_an_input_folder(out: Path, *inputs: str | Checkpoint) -> None:
     """An output folder that is an input's folder would be overwritten (``--force`` first deletes the
     adapter files a run writes, which are an adapter input's own), and so would an input inside the
@@ -405,4 +413,5 @@ def left_out_records(base: Checkpoint, tuned: Checkpoint | None, left_out: list[
 
 
 __all__ = ["JOURNAL", "LEFT_OUT_BESIDE_BYTES", "OUTPUT_FILES", "SCRATCH", "ExtractEvent", "ExtractRun", "adapter_dtype",
-           "left_out_records", "lora_fro", "out_dtype", "prepare_out", "refuse_an_input_folder", "rounding_error", "tensor_fro"]
+           "left_out_records", "lora_fro", "out_dtype", "prepare_out", "refuse_an_input_folder", "refuse_unwritten_layouts",
+           "rounding_error", "tensor_fro"]

@@ -31,6 +31,7 @@ from spectra.io.peft_writer import (
 if TYPE_CHECKING:  # extract imports this module: its run types are named for the checker only
     from spectra.extract import ExtractSource
     from spectra.extract_io import ExtractRun
+    from spectra.extract_plan import Target
 
 
 def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig,
@@ -46,11 +47,13 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
     full = {f"{as_loaded(n.rpartition('.')[0])}.{n.rpartition('.')[2]}" if "." in n else n: v
             for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}
     chosen = [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r and not t.stack]
+    pads = _missing_experts(src, chosen)
     stacks = _stacks(src, ranks)
     depths = param_depths(list(stacks))
     layout = [e for i, t, r in chosen for e in lora_layout(t.module, r, t.shape, embedding=t.embedding, bias=bool(biases))]
     layout += [e for p, (r, shape, _) in stacks.items() for e in param_lora_layout(p, r, len(stacks[p][2]), shape, depths[p],
                                                                                     bias=bool(biases))]
+    layout += [e for m, r, shape in pads for e in lora_layout(m, r, shape, bias=bool(biases))]
     layout += [(saved_name(n), tuple(v.shape)) for n, v in full.items()]
 
     def tensors() -> Iterator[torch.Tensor]:
@@ -62,9 +65,12 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
         for r, shape, experts in stacks.values():  # one stack's factors at once (r·E·(out + in) values)
             factors = [None if i is None else _peft_oriented(*run.load(i, r), flip=src.targets[i].flip) for i in experts]
             yield from param_lora_tensors(factors, r, shape, bias=bool(biases))
+        for m, r, (out, inp) in pads:
+            yield from (x for _, x in lora_tensors(LoraFactors(m, torch.zeros(out, r), torch.zeros(r, inp), False,
+                                                               torch.zeros(out) if biases else None)))
         yield from full.values()
 
-    adapted = {t.module: r for i, t, r in chosen}
+    adapted = {t.module: r for i, t, r in chosen} | {m: r for m, r, _ in pads}
     groups = [ranks[i] for g in run.plan.groups.values() for i in g if ranks[i]]  # the stacks' rank among them
     # every module with a weight, of any rank (a Conv3d patch embedding is a module a short target would reach too)
     all_modules = [as_loaded(n[: -len(".weight")].removeprefix(src.base_prefix)) for n in src.base.tensors if n.endswith(".weight")]
@@ -74,6 +80,26 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None, params=list(stacks),
                          experts=src.experts)
     return layout, tensors(), cfg
+
+
+def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) -> list[tuple[str, int, tuple[int, int]]]:
+    """``(module, r, (out, in))`` of the experts a layer's written ones leave out, where PEFT converts per-expert LoRAs to
+    its LoRA on transformers ≥ 5's fused experts (:attr:`ExtractSource.experts`): it stacks every expert's factors, and an
+    adapter holding some fails to load. Each is written with zero factors at the experts' rank (no update), as the
+    experts --include/--exclude left out, or that the adapter being resized did not adapt."""
+    converted = src.experts.converted if src.experts is not None else frozenset()
+    written: dict[str, tuple[int, tuple[int, int], set[str]]] = {}  # "<container>.<leaf>" -> (r, shape, modules)
+    for _, t, r in chosen:
+        parts = t.module.split(".")
+        if t.expert is not None and len(parts) >= 3 and parts[-1] in converted and parts[-2].isdigit() and parts[-3] == "experts":
+            written.setdefault(".".join(parts[:-2] + parts[-1:]), (r, t.shape, set()))[2].add(t.module)
+    pads = []
+    for n in (n for n in src.base.tensors if written and n.endswith(".weight")):
+        parts = n[: -len(".weight")].removeprefix(src.base_prefix).split(".")
+        key = ".".join(parts[:-2] + parts[-1:]) if len(parts) >= 3 and parts[-2].isdigit() else None
+        if key in written and (module := ".".join(parts)) not in written[key][2]:
+            pads.append((module, written[key][0], written[key][1]))
+    return pads
 
 
 def _stacks(src: ExtractSource, ranks: list[int]) -> dict[str, tuple[int, tuple[int, int], list[int | None]]]:

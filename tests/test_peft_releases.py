@@ -140,3 +140,41 @@ def test_recommend_on_some_layers_of_a_mixtral_counts_what_peft_builds(tmp_path)
     layer0 = sum(n for k, n in built.items() if ".layers.0." in k)
     said = any("builds LoRAs on those the diff left out" in n for n in rec.notes)
     assert sum(built.values()) - layer0 == rec.params and bool(layer0) == said == bool(peft_moe_rules("mixtral").retargeted)
+
+
+def test_extract_of_some_experts_writes_every_expert_peft_stacks(tmp_path):
+    """--include of experts 0 and 1 of four: PEFT stacks every expert's LoRA into the fused experts' one, and the adapter
+    holding two failed to load (a size mismatch, under PEFT 0.21 and 0.22). The others are written with zero factors:
+    it loads, the selected experts take their update and the others none. An adapter holding some experts (written so
+    by hand) is resized the same way."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = _moe_pair(tmp_path, "olmoe", num_experts=4, num_experts_per_tok=2)
+    res = extract(str(base), str(tuned), tmp_path / "ad", config=ExtractConfig(energy=0.99, include=r"experts\.[01]\."), plots=False)
+
+    def merged(adapter):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        return {k: v.double() for k, v in peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict().items()}
+
+    def sd(path):
+        return {k: v.double() for k, v in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items()}
+
+    b, t, m = sd(base), sd(tuned), merged(tmp_path / "ad")
+    tot = miss = 0.0
+    for k in (k for k in b if k.endswith(("experts.gate_up_proj", "experts.down_proj"))):
+        d, got = t[k] - b[k], m[k] - b[k]
+        tot += float((d[:2] ** 2).sum())
+        miss += float(((d[:2] - got[:2]) ** 2).sum())
+        assert torch.equal(m[k][2:], b[k][2:]), k  # the experts left out: unchanged
+    assert tot > 0 and 1 - miss / tot == pytest.approx(res.totals["energy_kept_all"], abs=2e-4)
+    # an adapter of experts 0 and 1 only (the padding removed by hand): resized, it loads as the first one does
+    (tmp_path / "some").mkdir()
+    stored = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in stored.items() if not any(f".experts.{e}." in k for e in (2, 3))},
+              str(tmp_path / "some" / "adapter_model.safetensors"))
+    (tmp_path / "some" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    extract(str(base), str(tmp_path / "some"), tmp_path / "ad2", config=ExtractConfig(rank=res.adapter["r"]), plots=False)
+    m2 = merged(tmp_path / "ad2")
+    assert all(torch.allclose(m2[k], m[k], atol=1e-6) for k in m), [k for k in m if not torch.allclose(m2[k], m[k], atol=1e-6)]
