@@ -71,6 +71,7 @@ def head_tied_in_tuned_only(base_only: list[str], bspecs: dict[str, MatrixSpec],
 #: config.json keys of a model's layer count, and of its experts per MoE layer (Mixtral, Qwen2-MoE, DeepSeek)
 _COUNT_KEYS = {"layer": ("num_hidden_layers", "n_layer", "n_layers", "num_layers"),
                "expert": ("num_local_experts", "num_experts", "n_routed_experts")}
+EXPERT_COUNT_KEYS = _COUNT_KEYS["expert"]
 
 
 def _numbered(specs: dict[str, MatrixSpec], what: str) -> dict[str, set[int]]:

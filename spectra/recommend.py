@@ -48,7 +48,7 @@ from spectra.load_names import adapter_renames, refuse_split, renames_text
 from spectra.lowrank import energy_rank_top, parse_budget
 from spectra.metrics import normal_float32, resolved_above, route_resolution, square_scale_exponent, threshold_key
 from spectra.naming import pairing_key, unique_pairing_keys
-from spectra.pairing_notes import SAVED_WHOLE
+from spectra.pairing_notes import EXPERT_COUNT_KEYS, SAVED_WHOLE
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
@@ -422,8 +422,16 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         adapted.update(dict.fromkeys(stack, tied))
         experts = stack
         extra = sum(tied * whole[p]["out"] for p in stack if p.rpartition(".")[2] in fused_leaves)
+        # and the experts of those layers the diff did not measure (--include/--exclude): PEFT stacks them all
+        count = next((v for k in EXPERT_COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)), 0)
+        groups = Counter(rules.expert_target(p) for p in stack)  # "<experts>.<name>" -> experts measured
+        one = {rules.expert_target(p): p for p in stack}
+        unmeasured = sum(max(count - n, 0) * tied * (cost[one[g]] + whole[one[g]]["out"] * (one[g].rpartition(".")[2] in fused_leaves))
+                         for g, n in groups.items())
+        extra += unmeasured
         notes.append(f"PEFT builds its LoRA on the fused experts ({rules.source}): every expert of each stack at r = {tied}"
                      + (f" ({len(added)} more than the ranks pick, e.g. {added[0]})" if added else "")
+                     + (f", the experts the diff did not measure in those layers too (+{unmeasured:,} parameters)" if unmeasured else "")
                      + (f", and {' and '.join(sorted(rules.fused))} fused at rank {tied * len(rules.fused)} over their "
                         f"stacked outputs (+{extra:,} parameters)" if extra else "")
                      + "; the parameter count is of the LoRA it builds")

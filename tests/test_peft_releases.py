@@ -178,3 +178,17 @@ def test_extract_of_some_experts_writes_every_expert_peft_stacks(tmp_path):
     extract(str(base), str(tmp_path / "some"), tmp_path / "ad2", config=ExtractConfig(rank=res.adapter["r"]), plots=False)
     m2 = merged(tmp_path / "ad2")
     assert all(torch.allclose(m2[k], m[k], atol=1e-6) for k in m), [k for k in m if not torch.allclose(m2[k], m[k], atol=1e-6)]
+
+
+def test_recommend_on_some_experts_counts_every_expert_peft_builds(tmp_path):
+    """--include of two of four experts: PEFT builds its LoRA on every expert of those layers' fused experts; recommend
+    counted the two measured (23,456 parameters where PEFT built 42,272)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base, tuned = _moe_pair(tmp_path, "olmoe", num_experts=4, num_experts_per_tok=2)
+    diff(str(base), str(tuned), out_dir=tmp_path / "d", plots=False, config=DiffConfig(include=r"self_attn|experts\.[01]\."))
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(**rec.config))
+    assert sum(v.numel() for k, v in model.named_parameters() if "lora_" in k) == rec.params
+    assert any("the experts the diff did not measure" in n for n in rec.notes), rec.notes
