@@ -26,8 +26,9 @@ change between releases), else from the tables below (transformers 5.24, PEFT 0.
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass, replace
+
+from spectra.peft_releases import KEEPS_LINEAR_TARGETS, release
 
 #: PEFT's target-name conversions, by pattern: an expert projection's old name -> the fused name.
 #: The router (``gate``) maps to its own weight and is not a loss.
@@ -38,10 +39,6 @@ _PEFT_MOE_TARGETS: dict[str, dict[str, str]] = {
 }
 #: PEFT's own additions to transformers' conversion patterns (PEFT 0.22: Mixtral's and Qwen2-MoE's).
 _PEFT_PATTERNS: dict[str, str] = {"mixtral": "mixtral", "qwen2_moe": "qwen2_moe"}
-#: The first PEFT release that keeps an all-``nn.Linear`` target beside the fused experts it converts.
-KEEPS_LINEAR_TARGETS = (0, 22)
-#: The first PEFT release that saves rank_pattern / alpha_pattern in their own order (earlier ones sorted the keys).
-KEEPS_PATTERN_ORDER = (0, 22)
 #: Model types whose experts transformers 5.24 fuses on load, and PEFT 0.22's pattern for each
 #: (None: PEFT does not convert them).
 _FUSED: dict[str, str | None] = {
@@ -170,35 +167,6 @@ def _moe_rules(model_type: str | None) -> PeftMoeRules:
                   source=version, renames=_renames(model_type, pattern))
 
 
-def release(version: str) -> tuple[int, ...]:
-    """A version string's leading release numbers: ``"0.22.0.dev0@abc"`` -> ``(0, 22, 0)``; ``()`` when it has none.
-
-    >>> release("0.21.2") < (0, 22) <= release("0.22.0.dev0")
-    True
-    """
-    match = re.match(r"\d+(?:\.\d+)*", version.strip())
-    return tuple(int(x) for x in match.group().split(".")) if match else ()
-
-
-#: Why an ``nn.MultiheadAttention``'s ``out_proj`` update is 2·s·B·A in an adapter saved before PEFT 0.22 (PEFT #3774).
-MHA_TWICE = ("PEFT before 0.22 applied the out_proj LoRA of an nn.MultiheadAttention twice, and PEFT 0.22 doubles lora_B "
-             "of files saved so on load: the update is 2·s·B·A")
-
-
-def mha_out_proj_twice(peft_version: str | None) -> bool:
-    """Whether PEFT applies the ``out_proj`` LoRA of an ``nn.MultiheadAttention`` saved under ``peft_version`` twice:
-    releases before 0.22 added it twice (PEFT #3774), and 0.22 doubles ``lora_B`` of such files on load to keep their
-    outputs: a config without ``peft_version`` (before 0.18), a release before 0.21.1, or a non-dev one before 0.22.
-
-    >>> [mha_out_proj_twice(v) for v in (None, "0.21.2", "0.21.1.dev0", "0.22.0")]
-    [True, True, False, False]
-    """
-    if not peft_version:
-        return True
-    number = release(peft_version.partition("@")[0])
-    return number < (0, 21, 1) or ("dev" not in peft_version and number < (0, 22))
-
-
 def _rules(model_type: str, mapping: dict[str, str] | None, *, fused: bool, keeps_linear: bool, source: str,
            renames: tuple[tuple[str, str], ...] = ()) -> PeftMoeRules:
     """The rules of a model type whose experts transformers fuses (``fused``) under PEFT's target ``mapping`` for its
@@ -306,5 +274,5 @@ def expert_fusions(model_type: str | None) -> tuple[tuple[ExpertFusion, ...], st
     return _FUSION_TABLES, "the expert fusions of transformers 5.24 (Mixtral's and Qwen2-MoE's)"
 
 
-__all__ = ["KEEPS_LINEAR_TARGETS", "KEEPS_PATTERN_ORDER", "MHA_TWICE", "LOAD_TRANSPOSED_EXPERTS", "PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS",
-           "ExpertFusion", "PeftMoeRules", "expert_fusions", "mha_out_proj_twice", "peft_moe_rules", "peft_rules", "release"]
+__all__ = ["LOAD_TRANSPOSED_EXPERTS", "PEFT_REFUSED_LEAVES", "TRANSPOSED_EXPERTS",
+           "ExpertFusion", "PeftMoeRules", "expert_fusions", "peft_moe_rules", "peft_rules"]

@@ -280,9 +280,9 @@ def test_extract_claims_what_peft_applies(tmp_path, model_type, extra, exclude):
 def test_peft_rules_from_tables_match_the_installed_libraries():
     """The fallback tables (no transformers installed) say what the installed transformers and PEFT do."""
     peft = pytest.importorskip("peft")
-    from spectra import peft_moe
+    from spectra import peft_moe, peft_releases
 
-    new = peft_moe.release(peft.__version__) >= peft_moe.KEEPS_LINEAR_TARGETS  # the tables are PEFT 0.22's
+    new = peft_releases.release(peft.__version__) >= peft_releases.KEEPS_LINEAR_TARGETS  # the tables are PEFT 0.22's
     for mt in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "phimoe", "jamba", "llama", "gpt_oss"):
         live, table = peft_moe_rules(mt), peft_moe._from_tables(mt, "")
         if new:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import spectra
-from spectra import DiffConfig, diff, peft_moe
+from spectra import DiffConfig, diff, peft_releases
 from spectra.errors import CheckpointFormatError, ConfigError
 from spectra.extract import extract
 from spectra.extract_plan import ExtractConfig
@@ -105,7 +105,7 @@ def test_multihead_attention_lora_is_read_as_peft_merges_it(tmp_path):
     _mha_adapter(tmp_path, peft)
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     versions = [saved.get("peft_version")]
-    if peft_moe.release(peft.__version__) >= (0, 22):  # a file of an earlier release, as this PEFT loads it
+    if peft_releases.release(peft.__version__) >= (0, 22):  # a file of an earlier release, as this PEFT loads it
         versions.append("0.21.2")
     for i, version in enumerate(versions):
         (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps({**saved, "peft_version": version}))

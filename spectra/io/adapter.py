@@ -50,7 +50,7 @@ from spectra.io.patterns import (
 )
 from spectra.io.torchfile import StateDictCache
 from spectra.pairing import Skipped
-from spectra.peft_moe import KEEPS_PATTERN_ORDER, MHA_TWICE, mha_out_proj_twice, release
+from spectra.peft_releases import KEEPS_PATTERN_ORDER, MHA_TWICE, mha_out_proj_twice, release
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
