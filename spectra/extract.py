@@ -112,6 +112,7 @@ from spectra.lowrank import (
     spectrum_total,
 )
 from spectra.metrics import square_scale_exponent
+from spectra.naming import layer_of
 from spectra.pairing import NOT_WEIGHTS, PAIRING_NOTE_PREFIX, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.peft_moe import PeftMoeRules, peft_rules
@@ -233,8 +234,7 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     return ExtractSource("full", base, sorted(targets, key=lambda t: t.order), tuned=tuned_ckpt, tasks=kept, left_out=left,
                    outside_selection=len({p.tuned.name for p in pairing.pairs} - {t.pair.tuned.name for t in tasks}), one_d=one_d,
                    unmatched={"base_only": pairing.base_only, "tuned_only": pairing.tuned_only},
-                   label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type,
-                   experts=rules,
+                   label=tuned_ckpt.label, notes=notes, base_prefix=base_prefix, task_type=task_type, experts=rules,
                    saved=head_records(task_type, heads, base, tuned_ckpt, prefix=prefix, base_prefix=base_prefix) if heads else [])
 
 
@@ -600,9 +600,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
                      and not run.has_factors(i, r)}
             if short:
                 _dense_pass(src, run, config, device, stage="vectors", want=short)
-        head = {r["name"] for r in src.saved}  # the head's tensors are held whole whatever --save-modules says
-        not_lora = [r for r in one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
-                                             config.save_modules, src.base_prefix) if r["name"] not in head] + src.saved
+        head, keep = {r["name"] for r in src.saved}, selector(config.include, config.exclude, config.layers)  # (a head is held whole)
+        changes = one_d_changes(src.base, src.tuned, src.one_d, [t for t, r in zip(src.targets, ranks) if r], src.adapter,
+                                config.save_modules, src.base_prefix)
+        not_lora = [r for r in changes if r["name"] not in head and keep(r["name"], layer_of(r["name"]))] + src.saved  # selected ones
         renamer.join(timeout=RENAME_WAIT_S)  # a model transformers builds slowly: the stored names, as without it
         src.renames = dict(loaded.get("renames") or {}) if not renamer.is_alive() else {}
         params = dict(loaded.get("params") or {}) if not renamer.is_alive() else {}

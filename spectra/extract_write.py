@@ -27,6 +27,7 @@ from spectra.io.peft_writer import (
     saved_name,
     write_adapter,
 )
+from spectra.peft_releases import lost_before_0_22
 
 if TYPE_CHECKING:  # extract imports this module: its run types are named for the checker only
     from spectra.extract import ExtractSource
@@ -83,22 +84,26 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
 
 
 def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) -> list[tuple[str, int, tuple[int, int]]]:
-    """``(module, r, (out, in))`` of the experts a layer's written ones leave out, where PEFT converts per-expert LoRAs to
-    its LoRA on transformers ≥ 5's fused experts (:attr:`ExtractSource.experts`): it stacks every expert's factors, and an
-    adapter holding some fails to load. Each is written with zero factors at the experts' rank (no update), as the
-    experts --include/--exclude left out, or that the adapter being resized did not adapt."""
+    """``(module, r, (out, in))`` of the per-expert matrices a layer's written ones leave out, where PEFT converts
+    per-expert LoRAs to its LoRA on transformers ≥ 5's fused experts (:attr:`ExtractSource.experts`): it stacks every
+    expert's factors, fuses gate and up (``w1``, ``w3``) and refuses one without the other, and nests the fused pair's
+    LoRA under down's, so an adapter holding some of a layer's experts or projections fails to load or loads without
+    them. Each is written with zero factors at the experts' rank (no update): the experts and projections
+    --include/--exclude left out, or that the adapter being resized did not adapt."""
     converted = src.experts.converted if src.experts is not None else frozenset()
-    written: dict[str, tuple[int, tuple[int, int], set[str]]] = {}  # "<container>.<leaf>" -> (r, shape, modules)
-    for _, t, r in chosen:
-        parts = t.module.split(".")
-        if t.expert is not None and len(parts) >= 3 and parts[-1] in converted and parts[-2].isdigit() and parts[-3] == "experts":
-            written.setdefault(".".join(parts[:-2] + parts[-1:]), (r, t.shape, set()))[2].add(t.module)
+
+    def split(module: str) -> tuple[str, str] | None:  # "<layer>.experts.N.leaf" -> ("<layer>.experts", leaf)
+        parts = module.split(".")
+        ok = len(parts) >= 3 and parts[-1] in converted and parts[-2].isdigit() and parts[-3] == "experts"
+        return (".".join(parts[:-2]), parts[-1]) if ok else None
+
+    written = {t.module for _, t, _ in chosen}
+    rank = {key[0]: r for _, t, r in chosen if t.expert is not None and (key := split(t.module))}  # a layer's experts: one r
     pads = []
-    for n in (n for n in src.base.tensors if written and n.endswith(".weight")):
-        parts = n[: -len(".weight")].removeprefix(src.base_prefix).split(".")
-        key = ".".join(parts[:-2] + parts[-1:]) if len(parts) >= 3 and parts[-2].isdigit() else None
-        if key in written and (module := ".".join(parts)) not in written[key][2]:
-            pads.append((module, written[key][0], written[key][1]))
+    for n in (n for n in src.base.tensors if rank and n.endswith(".weight")):
+        module = n[: -len(".weight")].removeprefix(src.base_prefix)
+        if (key := split(module)) and key[0] in rank and module not in written and len(shape := src.base.tensors[n].shape) == 2:
+            pads.append((module, rank[key[0]], (int(shape[0]), int(shape[1]))))
     return pads
 
 
@@ -133,6 +138,23 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
     if stacked := cfg.get("target_parameters"):
         result.warnings.append(f"{len(stacked)} 3-D expert stack(s) (e.g. {stacked[0]}) are written as PEFT target_parameters LoRAs, "
                                "one per stack: PEFT >= 0.17 loads them; a serving engine may not (vLLM serves module LoRAs)")
+    if pads := _missing_experts(src, [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r and not t.stack]):
+        # counted as the others are, as PEFT builds them: a fused pair's block-diagonal B holds r·out more (Target.fused_out)
+        fused = src.experts.fused if src.experts is not None else frozenset()
+        extra = sum(r * (o + i) + r * o * (m.rpartition(".")[2] in fused) for m, r, (o, i) in pads)
+        totals = result.totals
+        totals["params"] += extra
+        totals["bytes"] = totals["params"] * torch.empty(0, dtype=dtype).element_size()
+        totals["param_fraction"] = totals["params"] / totals["full_params"] if totals.get("full_params") else 0.0
+        result.warnings.append(f"{len(pads)} per-expert matrices the selection leaves out (e.g. {pads[0][0]}) are written with zero "
+                               f"factors at r = {pads[0][1]} (+{extra:,} parameters, counted{', beyond the budget' * (config.mode == 'budget')}"
+                               "): PEFT stacks every expert of a layer, gate, up and down together, into its LoRA on the fused experts")
+    rules = src.experts  # written by PEFT 0.22's rules: an earlier PEFT drops some of it on load, unsaid by either
+    if rules is not None and rules.converted and not rules.retargeted and (lost := lost_before_0_22(
+            [(t.module, t.expert is not None) for t, r in zip(src.targets, ranks) if r and not t.stack], rules.model_type, rules.converted)):
+        result.warnings.append(f"written by the rules of {rules.source}: PEFT before 0.22 drops {len(lost)} of its LoRA modules on load "
+                               f"(e.g. {lost[0]}, {'an expert it does not convert' if '.experts.' in lost[0] else 'retargeted to the experts'})"
+                               "; load it with PEFT >= 0.22")
     whole = {n: v for r in not_lora if r.get("held") == "modules_to_save" for n, v in r["tensors"].items()}  # a module's records share them
     saved = sum(v.numel() for v in whole.values())
     # lora_bias is one flag: every adapted module carries a bias vector (out,), changed or not

@@ -418,6 +418,12 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     if experts and rules is not None and rules.converted:
         # PEFT converts per-expert LoRAs to target_parameters on the fused experts: every expert of every stack at
         # the global r, and a fused pair (w1, w3 -> gate_up_proj) at rank 2r over both outputs; counted as built
+        # PEFT refuses one of a fused pair without the other (w1 without w3: "Cannot convert …"): the other is adapted too
+        partners = {q: p for p in stack if (leaf := p.rpartition(".")[2]) in fused_leaves
+                    for q in (p[: -len(leaf)] + other for other in sorted(fused_leaves - {leaf})) if q not in whole}
+        for q, p in partners.items():
+            whole[q], cost[q] = {"parts": [], "out": whole[p]["out"], "in": whole[p]["in"]}, cost[p]
+        stack = [*stack, *partners]
         added = [p for p in stack if p not in adapted]
         adapted.update(dict.fromkeys(stack, tied))
         experts = stack
@@ -431,6 +437,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         extra += unmeasured
         notes.append(f"PEFT builds its LoRA on the fused experts ({rules.source}): every expert of each stack at r = {tied}"
                      + (f" ({len(added)} more than the ranks pick, e.g. {added[0]})" if added else "")
+                     + (f", {len(partners)} of them fused with a measured one, which PEFT refuses alone (e.g. {next(iter(partners))})"
+                        if partners else "")
                      + (f", the experts the diff did not measure in those layers too (+{unmeasured:,} parameters)" if unmeasured else "")
                      + (f", and {' and '.join(sorted(rules.fused))} fused at rank {tied * len(rules.fused)} over their "
                         f"stacked outputs (+{extra:,} parameters)" if extra else "")
