@@ -27,7 +27,6 @@ from spectra.io.peft_writer import (
     saved_name,
     write_adapter,
 )
-from spectra.peft_releases import lost_before_0_22
 
 if TYPE_CHECKING:  # extract imports this module: its run types are named for the checker only
     from spectra.extract import ExtractSource
@@ -90,13 +89,9 @@ def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) 
     LoRA under down's, so an adapter holding some of a layer's experts or projections fails to load or loads without
     them. Each is written with zero factors at the experts' rank (no update): the experts and projections
     --include/--exclude left out, or that the adapter being resized did not adapt."""
-    converted = src.experts.converted if src.experts is not None else frozenset()
-
-    def split(module: str) -> tuple[str, str] | None:  # "<layer>.experts.N.leaf" -> ("<layer>.experts", leaf)
-        parts = module.split(".")
-        ok = len(parts) >= 3 and parts[-1] in converted and parts[-2].isdigit() and parts[-3] == "experts"
-        return (".".join(parts[:-2]), parts[-1]) if ok else None
-
+    if src.experts is None:
+        return []
+    split = src.experts.converted_expert
     written = {t.module for _, t, _ in chosen}
     rank = {key[0]: r for _, t, r in chosen if t.expert is not None and (key := split(t.module))}  # a layer's experts: one r
     pads = []
@@ -150,8 +145,8 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
                                f"factors at r = {pads[0][1]} (+{extra:,} parameters, counted{', beyond the budget' * (config.mode == 'budget')}"
                                "): PEFT stacks every expert of a layer, gate, up and down together, into its LoRA on the fused experts")
     rules = src.experts  # written by PEFT 0.22's rules: an earlier PEFT drops some of it on load, unsaid by either
-    if rules is not None and rules.converted and not rules.retargeted and (lost := lost_before_0_22(
-            [(t.module, t.expert is not None) for t, r in zip(src.targets, ranks) if r and not t.stack], rules.model_type, rules.converted)):
+    if rules is not None and (old := rules.before_0_22()) is not rules and (lost := [
+            t.module for t, r in zip(src.targets, ranks) if r and not t.stack and old.why_dropped(t.module, t.expert)]):
         result.warnings.append(f"written by the rules of {rules.source}: PEFT before 0.22 drops {len(lost)} of its LoRA modules on load "
                                f"(e.g. {lost[0]}, {'an expert it does not convert' if '.experts.' in lost[0] else 'retargeted to the experts'})"
                                "; load it with PEFT >= 0.22")

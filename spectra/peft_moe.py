@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
-from spectra.peft_releases import KEEPS_LINEAR_TARGETS, release
+from spectra.peft_releases import CONVERTED_SINCE, KEEPS_LINEAR_TARGETS, release
 
 #: PEFT's target-name conversions, by pattern: an expert projection's old name -> the fused name.
 #: The router (``gate``) maps to its own weight and is not a loss.
@@ -93,13 +93,32 @@ class PeftMoeRules:
         ...     "model.layers.1.block_sparse_moe.experts.7.w1")
         'model.layers.1.mlp.experts.w1'
         """
-        parts = module.split(".")
-        if len(parts) < 3 or parts[-1] not in self.converted or not parts[-2].isdigit() or parts[-3] != "experts":
+        if (split := self.converted_expert(module)) is None:
             return module
-        container = "." + ".".join(parts[:-2]) + "."
+        container = "." + split[0] + "."
         for on_disk, loaded in self.renames:
             container = container.replace(on_disk, loaded)
-        return container[1:] + parts[-1]
+        return container[1:] + split[1]
+
+    def before_0_22(self) -> PeftMoeRules:
+        """These rules as PEFT before 0.22 applies them (the same where they are that release's): the modules named
+        like the experts it converts are retargeted, and the experts of a model type converted only since are dropped."""
+        if self.retargeted or not self.converted:
+            return self
+        return replace(self, retargeted=self.converted, experts_dropped=(self.model_type or "") in CONVERTED_SINCE,
+                       source=f"{self.source}, as PEFT before 0.22 applies them")
+
+    def converted_expert(self, module: str) -> tuple[str, str] | None:
+        """``(experts container, name)`` of a per-expert module PEFT converts (``…experts.<N>.<name>``, the name in
+        :attr:`converted`), as stored; None for any other module.
+
+        >>> PeftMoeRules("olmoe", converted=frozenset({"up_proj"})).converted_expert("m.layers.0.mlp.experts.3.up_proj")
+        ('m.layers.0.mlp.experts', 'up_proj')
+        """
+        parts = module.split(".")
+        if len(parts) < 3 or parts[-1] not in self.converted or not parts[-2].isdigit() or parts[-3] != "experts":
+            return None
+        return ".".join(parts[:-2]), parts[-1]
 
     def why_dropped(self, module: str, expert: int | None) -> str | None:
         """Why PEFT would drop (or refuse: :attr:`refused`) a LoRA on ``module`` (a module path; ``expert``: its expert

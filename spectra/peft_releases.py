@@ -31,19 +31,6 @@ MHA_TWICE = ("PEFT before 0.22 applied the out_proj LoRA of an nn.MultiheadAtten
              "of files saved so on load: the update is 2·s·B·A")
 
 
-def lost_before_0_22(modules: list[tuple[str, bool]], model_type: str | None, converted: frozenset[str]) -> list[str]:
-    """Of an adapter's ``(module, per-expert)`` LoRA modules on a model whose per-expert LoRAs PEFT >= 0.22 converts
-    (``converted``: their last names), those PEFT before 0.22 drops on load: a non-expert module of one of those names
-    (a dense MLP, a shared expert: retargeted to the experts), and every expert of a model type converted only since
-    (:data:`CONVERTED_SINCE`).
-
-    >>> lost_before_0_22([("l.0.mlp.up", False), ("l.1.mlp.experts.0.up", True), ("l.0.q", False)], "olmoe", frozenset({"up"}))
-    ['l.0.mlp.up']
-    """
-    new_type = CONVERTED_SINCE.get(model_type or "", ()) > (0, 21)  # (every entry is: a type converted since 0.22)
-    return [m for m, expert in modules if (new_type if expert else m.rpartition(".")[2] in converted)]
-
-
 def mha_out_proj_twice(peft_version: str | None) -> bool:
     """Whether PEFT applies the ``out_proj`` LoRA of an ``nn.MultiheadAttention`` saved under ``peft_version`` twice:
     releases before 0.22 added it twice (PEFT #3774), and 0.22 doubles ``lora_B`` of such files on load to keep their
@@ -58,4 +45,4 @@ def mha_out_proj_twice(peft_version: str | None) -> bool:
     return number < (0, 21, 1) or ("dev" not in peft_version and number < (0, 22))
 
 
-__all__ = ["CONVERTED_SINCE", "KEEPS_LINEAR_TARGETS", "KEEPS_PATTERN_ORDER", "MHA_TWICE", "lost_before_0_22", "mha_out_proj_twice", "release"]
+__all__ = ["CONVERTED_SINCE", "KEEPS_LINEAR_TARGETS", "KEEPS_PATTERN_ORDER", "MHA_TWICE", "mha_out_proj_twice", "release"]
