@@ -437,8 +437,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         extra += unmeasured
         notes.append(f"PEFT builds its LoRA on the fused experts ({rules.source}): every expert of each stack at r = {tied}"
                      + (f" ({len(added)} more than the ranks pick, e.g. {added[0]})" if added else "")
-                     + (f", {len(partners)} of them fused with a measured one, which PEFT refuses alone (e.g. {next(iter(partners))})"
-                        if partners else "")
+                     + (f", {len(partners)} of them fused with a measured one (one alone PEFT refuses: {next(iter(partners))}…)" if partners else "")
                      + (f", the experts the diff did not measure in those layers too (+{unmeasured:,} parameters)" if unmeasured else "")
                      + (f", and {' and '.join(sorted(rules.fused))} fused at rank {tied * len(rules.fused)} over their "
                         f"stacked outputs (+{extra:,} parameters)" if extra else "")
@@ -448,8 +447,8 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         # (rank_pattern entries of single experts are ignored): every expert takes one rank, the largest
         for p in experts:
             adapted[p] = tied
-        notes.append(f"the {len(experts)} per-expert modules take one rank, r = {tied} (the largest of theirs): PEFT "
-                     "loads per-expert LoRAs into transformers >= 5's fused experts at the global r only")
+        notes.append(f"the {len(experts)} per-expert modules take one rank, r = {tied} (the largest of theirs): PEFT loads per-expert LoRAs "
+                     "into transformers >= 5's fused experts at the global r only")
     if not adapted:
         if noise:
             raise ConfigError("every updated matrix is at the rounding level of its storage dtype (rounding noise, not a "
@@ -482,12 +481,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # inf leaves an adapter that does nothing or overflows, however the config reads
     tiny, top = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
     if bad := [s for s in (alpha(r) / r for r in (r0, *pattern.values())) if not normal_float32(s)]:
-        raise ConfigError(f"--alpha-ratio {alpha_ratio:g} gives a LoRA scale lora_alpha / r of {bad[0]:.3g}, outside the "
-                          f"normal float32 numbers ({tiny:.3g} to {top:.3g}): the adapter would "
-                          f"{'do nothing' if bad[0] < tiny else 'overflow'}",
+        raise ConfigError(f"--alpha-ratio {alpha_ratio:g} gives a LoRA scale lora_alpha / r of {bad[0]:.3g}, outside the normal float32 "
+                          f"numbers ({tiny:.3g} to {top:.3g}): the adapter would {'do nothing' if bad[0] < tiny else 'overflow'}",
                           hint="lora_alpha = ratio × r; Biderman et al. use 2")
-    # PEFT adapts every module whose name ends with a target: a short name (q_proj) would also reach the
-    # modules the diff left out (--include/--exclude/--layers) or skipped, which it did not measure
+    # PEFT adapts every module whose name ends with a target: a short one (q_proj) would reach those the diff did not measure
     selection = doc.get("config") or {}
     partial = any(selection.get(k) for k in ("include", "exclude", "layers"))
     # experts PEFT converts are never named with their index (PEFT 0.22 drops them so)
@@ -499,6 +496,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                         "alone, in every layer, and builds LoRAs on those the diff left out too (not in the counts)"
                         if experts and rules is not None and rules.retargeted else ""))
     excluded = exclude_modules(list(named), every, targets)
+    old = rules.before_0_22() if rules is not None else None  # a config made by PEFT 0.22's rules, trained with an earlier PEFT
+    if old is not rules and (lost := [p for p in adapted if old.why_dropped(p, 0 if p in stack else None)]):
+        notes.append(f"made by the rules of {rules.source}: PEFT before 0.22 leaves {len(lost)} of its modules unadapted (e.g. {lost[0]}, "
+                     f"{'an expert it does not convert' if lost[0] in stack else 'retargeted to the experts'}): train it with PEFT >= 0.22")
     config = {"peft_type": "LORA", "task_type": task_type, "r": r0, "lora_alpha": alpha(r0),
               "target_modules": targets, **({"exclude_modules": excluded} if excluded else {}), "rank_pattern": pattern,
               "alpha_pattern": {p: alpha(r) for p, r in pattern.items()}, "use_rslora": bool(rslora)}

@@ -94,3 +94,19 @@ def test_save_modules_keeps_only_the_selected_layers_norms(tmp_path):
     assert saved and all(s.startswith("model.layers.0.") for s in saved), saved
     b, (m, _) = _state(base), _merged(base, tmp_path / "ad")
     assert [k for k in b if ".layers.0." not in k and not torch.equal(m[k], b[k])] == []
+
+
+def test_a_config_made_by_peft_022_rules_says_what_earlier_releases_leave_out(tmp_path):
+    """recommend on DeepSeek-V3 under PEFT 0.22 adapts the dense MLP and the shared experts (0.22 keeps them); PEFT 0.21
+    retargets them to the experts, training none of them, and nothing said so."""
+    from tests.test_hostile8_moe import _DEEPSEEK
+
+    base, tuned = _moe_pair(tmp_path, "deepseek_v3", **_DEEPSEEK)
+    diff(str(base), str(tuned), out_dir=tmp_path / "d", plots=False)
+    rec = recommend(tmp_path / "d" / "results.json", energy=0.9)
+    said = [n for n in rec.notes if "PEFT before 0.22 leaves" in n]
+    dense = [p for p in rec.ranks if ".experts." not in p and p.rpartition(".")[2] in ("gate_proj", "up_proj", "down_proj")]
+    if release(peft.__version__) < (0, 22):  # its own rules: those modules are left out of the config, said as such
+        assert not said and not dense
+    else:
+        assert dense and len(said) == 1 and "retargeted to the experts" in said[0] and "train it with PEFT >= 0.22" in said[0]
