@@ -141,9 +141,10 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
         totals["params"] += extra
         totals["bytes"] = totals["params"] * torch.empty(0, dtype=dtype).element_size()
         totals["param_fraction"] = totals["params"] / totals["full_params"] if totals.get("full_params") else 0.0
-        result.warnings.append(f"{len(pads)} per-expert matrices the selection leaves out (e.g. {pads[0][0]}) are written with zero "
-                               f"factors at r = {pads[0][1]} (+{extra:,} parameters, counted{', beyond the budget' * (config.mode == 'budget')}"
-                               "): PEFT stacks every expert of a layer, gate, up and down together, into its LoRA on the fused experts")
+        result.warnings.append(f"{len(pads)} per-expert matrices not extracted (left out by the selection, or absent from the adapter "
+                               f"resized: e.g. {pads[0][0]}) are written with zero factors at r = {pads[0][1]} (+{extra:,} parameters, "
+                               f"counted{', beyond the budget' * (config.mode == 'budget')}): PEFT stacks every expert of a layer, gate, "
+                               "up and down together, into its LoRA on the fused experts")
     rules = src.experts  # written by PEFT 0.22's rules: an earlier PEFT drops some of it on load, unsaid by either
     if rules is not None and (old := rules.before_0_22()) is not rules and (lost := [
             t.module for t, r in zip(src.targets, ranks) if r and not t.stack and old.why_dropped(t.module, t.expert)]):
