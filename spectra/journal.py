@@ -469,6 +469,21 @@ def other_run(then: object, now: dict | None) -> str:
     return "the journal here comes from different inputs or options: " + "; ".join(said[:6]) if said else OTHER_INPUTS
 
 
+def appended_inputs(then: object, now: dict | None, grows: str) -> bool:
+    """Whether the run :func:`run_identity` described as ``now`` is the one described as ``then`` with inputs
+    appended: the same code and options but ``grows`` (a list, of which ``then``'s is a shorter start), and
+    ``then``'s inputs (each path with its identity) the first of ``now``'s."""
+    if not (isinstance(then, dict) and now is not None and then.get("code") == now["code"]):
+        return False
+    old, new = then.get("options"), json.loads(json.dumps(now["options"], default=list))
+    if not (isinstance(old, dict) and {k: v for k, v in old.items() if k != grows} == {k: v for k, v in new.items() if k != grows}):
+        return False
+    was, is_ = old.get(grows), new.get(grows)
+    inputs, added = then.get("inputs"), json.loads(json.dumps(now["inputs"], default=list))
+    return (isinstance(was, list) and isinstance(is_, list) and len(was) < len(is_) and is_[:len(was)] == was
+            and isinstance(inputs, list) and len(inputs) < len(added) and added[:len(inputs)] == inputs)
+
+
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,
                  clear: Callable[[], None]) -> tuple[RecordJournal, list[tuple[int, dict]]]:
     """Start the journal at ``path`` of a run over ``checkpoints`` with ``options``
@@ -509,10 +524,13 @@ class RecordJournal:
         self.lock: OutputLock | None = None  # the folder's lock, held while this journal lives
         self.fingerprint = ""  # the run's, once started (records are sealed with it)
 
-    def start(self, fingerprint: str, *, resume: bool, about: dict | None = None) -> list[dict]:
+    def start(self, fingerprint: str, *, resume: bool, about: dict | None = None, grows: str | None = None) -> list[dict]:
         """Begin a run; with ``resume``, return the records of an earlier run with the same
         fingerprint and append to it, else start afresh. ``about`` (:func:`run_identity`), kept in the header,
-        lets a later refused resume say what differs.
+        lets a later refused resume say what differs. ``grows`` names the option of a run that may be resumed
+        with inputs appended (a trace's ``steps``: checkpoints saved since): when the journal's run is this one
+        less its last inputs (:func:`appended_inputs`), its records are returned and the journal goes on under
+        this run's fingerprint (header and seals rewritten at once).
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
@@ -534,16 +552,21 @@ class RecordJournal:
         if not records or not isinstance(records[0], dict) or "fingerprint" not in records[0]:
             raise ResultsFormatError("the journal does not open with its run's fingerprint (an edited journal)", path=self.path,
                                      hint="run without --resume into a new folder")
-        if records[0].get("fingerprint") != fingerprint:
+        grown = records[0].get("fingerprint") != fingerprint
+        if grown and not (grows and appended_inputs(records[0].get("about"), about, grows)):
             raise ConfigError(other_run(records[0].get("about"), about), path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
-        self.fingerprint = fingerprint
+        self.fingerprint = str(records[0]["fingerprint"])  # the seals are the earlier run's
         out = []
         for line, rec in enumerate(records[1:], start=2):
             body = self.unsealed(rec)
             if body is None:
                 raise changed_record(line, self.path)
             out.append(body)
+        self.fingerprint = fingerprint
+        if grown:  # one write: a run stopped now resumes as this one, with every record kept
+            atomic_write_text(self.path, "".join(json.dumps(x) + "\n" for x in
+                                                 [{"fingerprint": fingerprint, "about": about}, *map(self.sealed, out)]))
         return out
 
     def add(self, record: dict) -> None:

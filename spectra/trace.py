@@ -13,7 +13,9 @@ tensor of each checkpoint, so each file is read once, tensor by tensor, and memo
 matrix, one ΔW and two top-k subspaces (first and previous) whatever the number of checkpoints.
 Adapters are traced checkpoint by checkpoint (their factors are small): the base contributes only
 ‖W_base‖_F per matrix (each base tensor read once), and per module the first and previous top-k
-subspaces are kept. ``--resume`` continues from the journal (``trace_journal.jsonl``).
+subspaces are kept. ``--resume`` continues from the journal (``trace_journal.jsonl``), and adds the checkpoints a
+run saved since it was traced (:func:`spectra.journal.appended_inputs`; a full trace reads each matrix's first and
+latest traced checkpoint again for its turns: :mod:`spectra.trace_full`).
 
 The same per-matrix metrics are computed inside a training process by
 :class:`spectra.callbacks.SpectraTracker`; its ``trace.jsonl`` loads with :func:`load_trace`.
@@ -21,7 +23,6 @@ The same per-matrix metrics are computed inside a training process by
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,125 +30,46 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from spectra._version import __version__
-from spectra.adapter_diff import adapter_updates, recorded_base_warning, saved_skips
-from spectra.config import SharedOptions, check_thresholds, config_of, public_entry
-from spectra.delta import form_delta, oriented, pair_floor, pair_notes
-from spectra.errors import CheckpointFormatError, ConfigError, ResultsFormatError, SpectraError
-from spectra.esd import power_law_fit
-from spectra.interference import Subspaces, spectrum_and_top, subspace_turn, truncate
-from spectra.io.checkpoint import Checkpoint, open_checkpoint, read_notes
+from spectra.config import config_of, public_entry
+from spectra.errors import ConfigError, ResultsFormatError
+from spectra.io.checkpoint import open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
 from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, run_identity
-from spectra.linalg import check_device_available, resolve_device, singular_values
-from spectra.metrics import DEFAULT_THRESHOLDS, relative_norm, spectrum_metrics, threshold_key
-from spectra.naming import MatrixSpec
-from spectra.numerics import unresolved_text
-from spectra.pairing import ALIAS_REASON, PAIRING_NOTE_PREFIX, pair_by_base_names, refuse_lora_file
-from spectra.pairing_notes import unpaired_matrices
-from spectra.param_experts import open_adapter_on
-from spectra.results import caveat_codes, points_caveat_note, rows_to_csv
-from spectra.roles import role_sort_key
-from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
-from spectra.subspaces import Factored
-from spectra.ties import UNDETERMINED_TEXT, undetermined_cut
+from spectra.linalg import check_device_available, resolve_device
+from spectra.results import points_caveat_note, rows_to_csv
+from spectra.trace_adapters import trace_adapters
 from spectra.trace_checks import (
-    absent_warning,
-    adapter_change_warnings,
     base_copy_warning,
     failed_checkpoint_warnings,
-    gap_note,
-    pairing_notes_text,
     run_warnings,
     size_warning,
-    steps_text,
     unchanged_text,
-    unpaired_warnings,
 )
+from spectra.trace_full import trace_full
 from spectra.trace_inputs import (
     CHECKPOINT_DIR,
     CheckpointRef,
-    check_trace_matrix,
-    check_trace_point,
     find_checkpoints,
     first_trace_records,
     open_weights,
     refuse_empty_plan,
+)
+from spectra.trace_points import (  # noqa: F401 (public here: spectra.callbacks and users import them from spectra.trace)
+    SIGMA_FLOOR,
+    TraceConfig,
+    jsonable,
+    matrix_meta,
+    matrix_order,
+    point_metrics,
 )
 
 SCHEMA = "spectra.trace/1"
 JOURNAL = "trace_journal.jsonl"
 #: A trace's own files (with its ``trace_*.png`` figures), removed before a new, not resumed, trace writes there.
 TRACE_FILES = ("trace.json", "trace.csv", "report.html")
-#: Singular values below this fraction of σ₁ are zero within the precision of the exact spectrum.
-SIGMA_FLOOR = 1e-7
-
-
-@dataclass(frozen=True)
-class TraceConfig(SharedOptions):
-    """Options of a trace (``spectra trace`` and :class:`spectra.callbacks.SpectraTracker`).
-
-    Attributes:
-        thresholds: energy-rank thresholds τ (each in (0, 1]).
-        top_k: rank of the subspaces compared between checkpoints (``min(top_k, rank)``; a LoRA
-            update of rank r <= top_k is compared whole). Small k keeps the angles about the
-            directions that carry the update; 8 holds most of a fine-tuning update's energy in the
-            demo's runs.
-        keep_singular: top singular values stored per point.
-        alpha: also fit WeightWatcher's power-law exponent α (:func:`spectra.esd.power_law_fit`, its
-            default ``xmin="fit"``) to the eigenvalues σ² of each checkpoint's weight ``W_step`` and of
-            ``W_base`` (full checkpoints only: one more exact eigensolve per matrix and checkpoint).
-        include, exclude, layers, device: see :class:`spectra.config.SharedOptions`.
-    """
-
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    top_k: int = 8
-    keep_singular: int = 8
-    alpha: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "thresholds", check_thresholds(self.thresholds))
-        if self.top_k < 1 or self.keep_singular < 0:
-            raise ConfigError(f"top_k must be >= 1 and keep_singular >= 0. Got {self.top_k}, {self.keep_singular} instead")
-
-
-# ---- per-point metrics (shared with spectra.callbacks) -------------------------------------------------
-def point_metrics(S: np.ndarray, shape: tuple[int, int], base_fro: float | None, config: TraceConfig,
-                  lora_r: int | None = None, floor: float = 0.0) -> dict[str, Any]:
-    """The spectrum fields of one (matrix, step) point from ΔW's singular values ``S`` (any length holding every non-zero
-    value; padded with zeros to ``p``). ``sigma_ratio`` (σ₁/σ₂) is None when σ₂ is at most ``SIGMA_FLOOR · σ₁`` (the float64
-    Gram route's precision) or ``floor``, the stored weights' rounding floor (:func:`spectra.delta.pair_floor`): a ratio of
-    a σ₂ that is zero within either is made of rounding (5.75e6 for a rank-1 float32 update)."""
-    p = min(shape)
-    S = np.sort(np.asarray(S, dtype=np.float64))[::-1][:p]
-    full = np.pad(S, (0, p - S.size))
-    m = spectrum_metrics(full, shape, config.thresholds)
-    point = {
-        "fro_norm": m.fro_norm, "rel_norm": relative_norm(m.fro_norm, base_fro) if base_fro is not None else None,
-        "spectral_norm": m.spectral_norm,
-        "sigma_ratio": float(full[0] / full[1]) if p > 1 and full[1] > max(SIGMA_FLOOR * full[0], floor) else None,
-        "stable_rank": m.stable_rank, "effective_rank": m.effective_rank,
-        "energy_rank": {threshold_key(t): m.energy_rank[t] for t in config.thresholds},
-        "singular_values": [float(x) for x in full[: config.keep_singular]],
-    }
-    if lora_r:
-        point["effective_rank_over_r"] = m.effective_rank / lora_r
-        point["lora_r"] = int(lora_r)  # this checkpoint's r: the ratio's denominator, which a mixed list can change
-    return point
-
-
-def matrix_meta(spec: MatrixSpec, shape: tuple[int, int], base_fro: float | None, lora_r: int | None = None) -> dict[str, Any]:
-    """The per-matrix fields of a trace (points are added beside them)."""
-    return {"name": spec.name, "layer": spec.layer, "module": spec.module, "role": spec.role,
-            "shape": [int(shape[0]), int(shape[1])], "base_fro_norm": base_fro, "lora_r": lora_r, "note": spec.note}
-
-
 # ---- result ----------------------------------------------------------------------------------------------
 @dataclass
 class TraceResult:
@@ -230,19 +152,6 @@ class TraceResult:
         return files
 
 
-def jsonable(x: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python (a JSON number is always a number)."""
-    if isinstance(x, dict):
-        return {k: jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def result_from_records(records: list[dict[str, Any]], *, base: str | None = None, run: str | None = None,
                         source: str = "spectra.callbacks") -> TraceResult:
     """A :class:`TraceResult` from the lines of a ``trace.jsonl`` written by :class:`spectra.callbacks.SpectraTracker`:
@@ -278,7 +187,7 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     res.device = next((t["device"] for t in reversed(timings) if isinstance(t.get("device"), str)), "")
     if not res.thresholds:
         res.thresholds = sorted({float(t) for r in recs for t in r["point"].get("energy_rank", {})})
-    for name in sorted(metas, key=lambda n: _order(metas[n])):
+    for name in sorted(metas, key=lambda n: matrix_order(metas[n])):
         pts = [points[name].get(s, {"step": s, "skip": "not measured"}) for s in steps]  # caveats: each point's own note
         res.matrices.append({**metas[name], "note": "; ".join(x for x in (metas[name].get("note"), points_caveat_note(pts)) if x), "points": pts})
     res.warnings += run_warnings(res.matrices)
@@ -323,12 +232,6 @@ def load_trace(path: str | Path) -> TraceResult:
     return result
 
 
-def _order(meta: dict[str, Any]) -> tuple:
-    band = 0 if meta.get("role") in ("embed", "pos_embed") else (1 if meta.get("layer") is not None else 2)
-    return (band, meta.get("layer") if meta.get("layer") is not None else -1,
-            role_sort_key(meta.get("role"), meta.get("module") or ""), meta["name"])
-
-
 # ---- the run -----------------------------------------------------------------------------------------------
 @public_entry
 def trace(
@@ -349,7 +252,8 @@ def trace(
         config: options (:class:`TraceConfig`).
         out_dir: where ``trace.json``, ``trace.csv``, the journal and the plots go.
         callback: ``callback(done, total, what)`` after each matrix (full) or checkpoint (LoRA).
-        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options).
+        resume: finish an interrupted run in ``out_dir`` from its journal (same inputs and options), or extend it with
+            checkpoints appended since (the same run folder, more ``checkpoint-N``; the traced points kept).
         plots: write the figures.
 
     Returns:
@@ -393,14 +297,14 @@ def trace(
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     result.fingerprint, about = run_identity([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
-    done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about), result.warnings) if journal else []
+    done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about, grows="steps"), result.warnings) if journal else []
     if journal is not None and not resume:  # an earlier trace's figures and report describe another run
         remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))
     try:
         if result.kind == "lora":
-            _trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)
+            trace_adapters(result, refs, base_ckpt, config, device, journal, done, callback)
         else:
-            _trace_full(result, refs, weights, base_ckpt, config, device, journal, done, callback)
+            trace_full(result, refs, weights, base_ckpt, config, device, journal, done, callback)
     except BaseException:
         if journal is not None:  # failed or stopped: no lock left in the folder (the journal stays for --resume)
             journal.release()
@@ -408,7 +312,7 @@ def trace(
     result.checkpoints = [asdict(r) for r in refs]
     result.loss_history = found.merged_history(r.path for r in refs if r.failed)  # a failed one's log is not this run's
     result.warnings += failed_checkpoint_warnings(refs, result.matrices)
-    result.matrices.sort(key=_order)
+    result.matrices.sort(key=matrix_order)
     if above := size_warning(refs, result.matrices):
         result.warnings.append(above)
     result.warnings += run_warnings(result.matrices) + base_copy_warning(result.checkpoints, result.matrices)
@@ -421,280 +325,3 @@ def trace(
     if journal is not None:
         journal.release()  # finished: no lock left in the folder
     return result
-
-
-def _alpha(w: torch.Tensor, device: torch.device) -> tuple[float | None, float | None]:
-    """WeightWatcher's α of a weight ``w`` and its standard error (None when the fit fails)."""
-    x = w.to(device)
-    fit = power_law_fit(singular_values(x if x.dtype in (torch.float32, torch.float64) else x.float()) ** 2)
-    return fit.alpha, fit.sigma
-
-
-def _skip_point(step: int, reason: str) -> dict[str, Any]:
-    return {"step": step, "skip": reason}
-
-
-def _trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Checkpoint], base: Checkpoint,
-                config: TraceConfig, device: torch.device, journal: RecordJournal | None, done: list[dict],
-                callback: Callable[[int, int, str], None] | None) -> None:
-    """Matrix by matrix: the base tensor once, then the same tensor of every checkpoint."""
-    pairings, said, unpaired = [], {}, {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
-    for ref, ck in zip(refs, ckpts):
-        try:
-            pairing = pair_by_base_names(base, ck)
-        except SpectraError as exc:
-            ref.failed = f"does not pair with the base ({exc.message})"
-            pairings.append({})
-            continue
-        what, most = unpaired_matrices(pairing, ck)  # another architecture: its few matching shapes are no update of this base
-        if most:
-            ref.failed = f"does not pair with the base ({what}): a checkpoint of another model?"
-            pairings.append({})
-            continue
-        if what:
-            unpaired.setdefault(what, []).append(Path(ref.path).name)
-        pairings.append({p.base.name: p for p in pairing.pairs})
-        for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
-            said.setdefault(note, []).append(Path(ref.path).name)
-        for k in (k for k in pairing.skipped if k.reason.startswith(ALIAS_REASON)):  # tied names a .bin saved whole
-            said.setdefault(f"{k.name} is not followed: {k.reason}", []).append(Path(ref.path).name)
-    result.warnings += [f"{', '.join(names[:3])}{' …' * (len(names) > 3)}: {note}" for note, names in said.items()]
-    result.warnings += unpaired_warnings(unpaired)
-    if all(ref.failed for ref in refs):
-        for ck in ckpts:  # an adapter's weights file given as a checkpoint: said as such
-            refuse_lora_file(ck)
-        raise CheckpointFormatError("no checkpoint pairs with the base", path=result.run or refs[0].path,
-                                    hint="is BASE the model these checkpoints were trained from? `spectra inspect` shows both")
-    for i, rec in enumerate(done, 1):  # a resumed run: finished matrices and checkpoints that failed earlier
-        if "matrix" in rec:
-            check_trace_matrix(rec["matrix"], f"record {i}", journal.path if journal else None)
-            result.matrices.append(rec["matrix"])
-        elif "failed" in rec:
-            f = rec["failed"]
-            if not (isinstance(f, dict) and isinstance(f.get("index"), int) and 0 <= f["index"] < len(refs)
-                    and isinstance(f.get("reason"), str)):
-                raise ResultsFormatError(f"record {i}: a failed checkpoint must have an index below {len(refs)} and a "
-                                         "reason", path=journal.path if journal else None,
-                                         hint="the journal was edited: run without --resume into a new folder")
-            refs[f["index"]].failed = f["reason"]
-    finished = {m["name"] for m in result.matrices}
-    specs = base.specs
-    keep = selector(config.include, config.exclude, config.layers)
-    names = sorted({n for p in pairings for n in p}, key=lambda n: _order(matrix_meta(specs[n], (0, 0), None)))
-    todo = []
-    result.warnings += absent_warning([n for n, s in specs.items() if s.layer is not None and keep(n, s.layer)
-                                       and len(base.tensors[n].shape) == 2], names)
-    for name in names:
-        if not keep(name, specs[name].layer):
-            continue
-        if len(base.tensors[name].shape) != 2:
-            result.skipped.append({"name": name, "reason": "3-D expert stack: trace follows 2-D matrices only"})
-        elif name not in finished:
-            todo.append(name)
-    if stacks := [s["name"] for s in result.skipped if "3-D expert stack" in s["reason"]]:  # the update may be mostly there
-        result.warnings.append(f"{len(stacks)} 3-D expert stack(s) are not traced (e.g. {stacks[0]}): trace follows 2-D matrices only; "
-                               "spectra diff analyses each expert")
-    if not todo and not finished and not result.skipped:
-        refuse_empty_selection(len(names), names[0] if names else "", include=config.include, exclude=config.exclude,
-                               layers=config.layers, what="matrices the checkpoints update")
-    if w := fused_whole_warning((specs[n] for n in sorted(set(todo) | finished) if n in specs), "trace"):
-        result.warnings.append(w)
-    total = len(todo) + len(finished)
-    for count, name in enumerate(todo, start=len(finished) + 1):
-        W = base.load(name)  # the one read of this base tensor
-        first = prev = meta = base_alpha = None
-        prev_at = None  # index of the checkpoint prev is from
-        points = []
-        caveats: dict[str, list[tuple[int | None, str]]] = {}  # code -> (step, its message) at each checkpoint
-        for ci, (ref, pairs) in enumerate(zip(refs, pairings)):
-            if ref.failed:
-                points.append(_skip_point(ref.step, ref.failed))
-                continue
-            pair = pairs.get(name)
-            if pair is None or len(pair.tuned_info.shape) != 2:
-                points.append(_skip_point(ref.step, "not in this checkpoint, or its shape differs from the base"))
-                continue
-            try:
-                wt = ckpts[ci].load(pair.tuned.name)
-            except (SpectraError, OSError) as exc:  # deleted (save_total_limit) or rewritten under us
-                ref.failed = f"could not be read any more during the trace ({getattr(exc, 'message', exc)})"
-                if journal:
-                    journal.add({"failed": {"index": ci, "reason": ref.failed}})
-                points.append(_skip_point(ref.step, ref.failed))
-                continue
-            wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
-            delta, base_fro, bad = form_delta(wb, wt, device)
-            shape = (int(delta.shape[0]), int(delta.shape[1]))
-            if meta is not None and list(shape) != meta["shape"]:  # the rows it shares with the base differ
-                points.append(_skip_point(ref.step, f"its ΔW is {shape[0]}×{shape[1]}, not {meta['shape'][0]}×{meta['shape'][1]} "
-                                                    "as at the earlier steps: this checkpoint shares other rows with the base"))
-                continue
-            meta = meta or matrix_meta(specs[name], shape, base_fro)
-            if bad:
-                points.append(_skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))
-                continue
-            for msg in (notes := pair_notes(pair, wb, wt, delta, base_fro)):  # rounding level, precision mismatch…
-                caveats.setdefault((caveat_codes(msg) or [msg])[0], []).append((ref.step, msg))
-            floor = pair_floor(pair, wb, wt, notes, delta)  # directions at the rounding level of the stored weights: not the update's
-            S, top = spectrum_and_top(delta, config.top_k, floor=floor)
-            del delta
-            now = Subspaces.of(top)
-            pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config, floor=floor),
-                  "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
-            if now is None and pt["fro_norm"] > 0:  # non-zero, yet nothing above the floor: null turns, said why
-                pt["turn_note"] = f"{unresolved_text('ΔW', pair.tuned_info.dtype)}, so turn_prev and turn_first are null"
-            else:  # "previous" skipped a checkpoint; a cut inside a tie too wide to widen: said
-                said = [gap_note(refs, prev_at, ci) if prev is not None else None,
-                        f"ΔW: {UNDETERMINED_TEXT}" if now is not None and undetermined_cut(S, top.S.numel(), floor) else None]
-                if any(said):
-                    pt["turn_note"] = "; ".join(x for x in said if x)
-            if config.alpha:
-                base_alpha = base_alpha or _alpha(wb, device)
-                pt["alpha"], pt["alpha_sigma"] = _alpha(wt, device)
-            del wt
-            points.append(pt)
-            if now is not None:
-                prev, first, prev_at = now, first or now, ci
-        if meta is None:
-            result.skipped.append({"name": name, "reason": "no checkpoint could be read for it"})
-            continue
-        rec = {**meta, "points": points}
-        if base_alpha is not None:
-            rec["base_alpha"], rec["base_alpha_sigma"] = base_alpha
-        if pairs_note := pairing_notes_text(name, refs, pairings):  # a resized vocabulary's rows, with the steps that resized it
-            rec["note"] = "; ".join(x for x in (rec["note"], pairs_note) if x)
-        for msg, steps in ((m, [st for st, x in said if x == m]) for said in caveats.values() for m in dict.fromkeys(x for _, x in said)):
-            rec["note"] = "; ".join(x for x in (rec["note"], f"{steps_text(steps)}: {msg}") if x)  # its numbers are those steps'
-        result.matrices.append(jsonable(rec))
-        if journal:
-            journal.add({"matrix": result.matrices[-1]})
-        if callback:
-            callback(count, total, name)
-
-
-def _trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpoint, config: TraceConfig,
-                    device: torch.device, journal: RecordJournal | None, done: list[dict],
-                    callback: Callable[[int, int, str], None] | None) -> None:
-    """Checkpoint by checkpoint: each adapter's factors, ‖W_base‖_F once per module, and per module
-    the first and previous top-k subspaces."""
-    keep = selector(config.include, config.exclude, config.layers)
-    if config.alpha:
-        result.warnings.append("α is fitted to dense weights; adapter checkpoints are traced without it")
-    base_fro: dict[str, float] = {}
-    metas: dict[str, dict[str, Any]] = {}
-    points: dict[str, dict[int, dict[str, Any]]] = {}
-    first: dict[str, Subspaces] = {}
-    prev: dict[str, Subspaces] = {}
-    prev_at: dict[str, int] = {}  # the checkpoint each prev is from (trace_checks.gap_note)
-    saved: dict[str, str] = {}  # tensor an adapter stores whole (modules_to_save) -> why it is not traced
-    other_base: dict[str, str] = {}  # a base the adapters record that is not BASE -> the warning (once per base)
-    for i, rec in enumerate(done, 1):  # a resumed run: the journal holds a prefix of the checkpoints
-        if "checkpoint" in rec:
-            if not (isinstance(rec["checkpoint"], int) and 0 <= rec["checkpoint"] < len(refs)
-                    and isinstance(rec.get("points", {}), dict)):
-                raise ResultsFormatError(f"record {i}: checkpoint must be an index below {len(refs)}, with points by "
-                                         "matrix", path=journal.path if journal else None,
-                                         hint="the journal was edited: run without --resume into a new folder")
-            for name, pt in rec.get("points", {}).items():
-                check_trace_point(pt, f"record {i}.points[{str(name)[:80]!r}]", journal.path if journal else None)
-            if rec.get("failed"):
-                refs[rec["checkpoint"]].failed = rec["failed"]
-            metas.update(rec.get("meta", {}))
-            if isinstance(rec.get("saved"), dict):  # tensors stored whole (modules_to_save), listed as skipped
-                saved.update({str(k): str(v) for k, v in rec["saved"].items()})
-            for name, pt in rec.get("points", {}).items():
-                points.setdefault(name, {})[rec["checkpoint"]] = pt
-    finished, checked = {rec["checkpoint"] for rec in done if "checkpoint" in rec}, False  # checked: the base-layer copies
-    if finished:  # the first and previous subspaces the next points compare with, recomputed from their adapters
-        cache: dict[int, dict[str, Subspaces]] = {}
-        for name, pts in points.items():
-            used = sorted(ci for ci, pt in pts.items() if "skip" not in pt and pt.get("fro_norm"))
-            if used:
-                prev_at[name] = used[-1]
-            for ci, into in ((used[0], first), (used[-1], prev)) if used else ():
-                if ci not in cache:
-                    cache[ci] = {spec.name: s for mod, spec, _shape, _base in _adapter_modules(refs[ci], base, keep, None, other_base)
-                                 if (s := _lora_subspaces(mod, config, device)) is not None}
-                if name in cache[ci]:
-                    into[name] = cache[ci][name]
-    for ci, ref in enumerate(refs):
-        if ci in finished:
-            continue
-        try:
-            new_saved: dict[str, str] = {}
-            modules = _adapter_modules(ref, base, keep, new_saved, other_base, check_copies=not checked)  # once a run: one base
-            checked = True
-            saved.update(new_saved)
-        except (SpectraError, OSError) as exc:  # unreadable now, or made for another base
-            ref.failed = f"cannot be used ({getattr(exc, 'message', exc)})"
-            if journal:
-                journal.add({"checkpoint": ci, "failed": ref.failed, "points": {}, "meta": {}})
-            continue
-        new_points, new_meta = {}, {}
-        for mod, spec, shape, base_name in modules:
-            name = spec.name
-            if name not in base_fro:  # the one read of this base tensor (a tied head's: the embedding)
-                base_fro[name] = float(torch.linalg.vector_norm(base.load(base_name).double()))
-            f = Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale)
-            now = Subspaces.of(truncate(f, config.top_k))
-            new_meta[name] = metas[name] = metas.get(name) or matrix_meta(spec, shape, base_fro[name], mod.r)
-            pt = {"step": ref.step, **point_metrics(f.S.cpu().numpy(), shape, base_fro[name], config, mod.r), "lora_scale": mod.scale,
-                  "turn_prev": subspace_turn(prev.get(name), now), "turn_first": subspace_turn(first.get(name), now)}
-            if now is not None and name in prev and (gap := gap_note(refs, prev_at.get(name), ci)):
-                pt["turn_note"] = gap
-            new_points[name] = points.setdefault(name, {})[ci] = jsonable(pt)
-            if now is not None:
-                prev[name], prev_at[name] = now, ci
-                first.setdefault(name, now)
-        if journal:
-            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta, "saved": new_saved})
-        if callback:
-            callback(ci + 1, len(refs), Path(ref.path).name)
-    # not a LoRA update: listed with the reason, never left out without a word (interfere lists them likewise)
-    result.skipped += [{"name": n, "reason": r} for n, r in sorted(saved.items())]
-    if w := fused_whole_warning((base.specs[n] for n in sorted(metas) if n in base.specs), "trace"):
-        result.warnings.append(w)
-    for name, meta in metas.items():
-        pts = [points[name].get(ci) or _skip_point(ref.step, ref.failed or "not in this adapter") for ci, ref in enumerate(refs)]
-        result.matrices.append({**meta, "points": pts})
-    # one run keeps its r and its target modules: adapters of several runs (or a resized one) listed together
-    result.warnings += adapter_change_warnings(metas, points, refs) + list(other_base.values())
-    if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
-        every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
-        refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,
-                               layers=config.layers, what="modules the first adapter updates")
-    if not result.matrices:
-        raise CheckpointFormatError("no adapter checkpoint could be used", path=result.run or refs[0].path,
-                                    hint="; ".join(r.failed for r in refs if r.failed)[:400] or None)
-
-
-def _lora_subspaces(mod: Any, config: TraceConfig, device: torch.device) -> Subspaces | None:
-    return Subspaces.of(truncate(Factored.from_lora(*(x.to(device) for x in mod.factors()), mod.scale), config.top_k))
-
-
-def _adapter_modules(ref: CheckpointRef, base: Checkpoint, keep: Callable, saved: dict[str, str] | None = None,
-                     other_base: dict[str, str] | None = None, check_copies: bool = False) -> list[tuple[Any, MatrixSpec, tuple[int, int], str]]:
-    """``(LoraModule, spec, (out, in), base tensor name)`` of each kept module of an adapter checkpoint
-    (the spec names the updated matrix; its base tensor differs for a head tied to the embedding).
-    ``saved``, when given, receives each kept tensor the adapter stores whole (``modules_to_save``) with
-    why it is not traced (:func:`spectra.adapter_diff.saved_modules` pairs them; ``spectra diff`` measures them);
-    ``other_base`` the base the adapter records when not ``base`` (its ``rel_norm`` is then against other weights), with the
-    warning diff, compare and interfere give; ``check_copies``: its base-layer copies checked (``check_base_copies``).
-
-    Raises:
-        ConfigError: a DoRA adapter (its update needs the base weights at every checkpoint).
-        SpectraError: the adapter does not fit the base, or cannot be read.
-    """
-    adapter = open_adapter_on(ref.path, base, keep=keep, check_copies=check_copies, merged="trace merged checkpoints instead")
-    if adapter.config.use_dora:
-        raise ConfigError("DoRA adapters are not traced: their update needs the base weights at every checkpoint",
-                          path=ref.path, hint="trace merged checkpoints instead (merge_and_unload)")
-    if saved is not None:
-        saved.update({n: why for n, why, layer in saved_skips(adapter, base) if keep(n, layer)})
-    if other_base is not None and (w := recorded_base_warning(adapter, base)):
-        other_base.setdefault(str(adapter.config.base_model_name_or_path), w)
-    out = []
-    for mod, spec, base_name in adapter_updates(adapter, base):
-        if keep(spec.name, spec.layer):
-            out.append((mod, spec, (int(mod.shape[0]), int(mod.shape[1])), base_name or spec.name))
-    return out

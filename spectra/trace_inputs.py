@@ -596,6 +596,27 @@ def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> 
                                      path=source, hint="the file was edited or damaged; rerun spectra trace --out")
 
 
+def check_earlier_points(m: dict[str, Any], caveats: Any, refs: list[CheckpointRef], at: str, source: Any) -> None:
+    """Refuse a full trace's journal record (matrix ``m``, checked by :func:`check_trace_matrix`, and the ``caveats``
+    of its points, ``[[step, message], …]``) that cannot be the start of this run's matrix: more points than
+    checkpoints, or points at other steps than the checkpoints' (a resumed run keeps them and adds the rest).
+
+    Raises:
+        ResultsFormatError: one line naming ``source`` and the record.
+    """
+    hint = "the journal was edited: run without --resume into a new folder"
+    steps = [pt.get("step") for pt in m["points"]]
+    if steps != [r.step for r in refs[:len(steps)]] or len(steps) > len(refs):
+        raise ResultsFormatError(f"{at}: its points are at steps {str(steps)[:80]}, not the checkpoints' "
+                                 f"{str([r.step for r in refs])[:80]}", path=source, hint=hint)
+    if not (isinstance(m.get("shape"), list) and len(m["shape"]) == 2 and all(is_int(x) for x in m["shape"])):
+        raise ResultsFormatError(f"{at}: shape must be two integers. Got {str(m.get('shape'))[:60]!r} instead", path=source, hint=hint)
+    if not (isinstance(caveats, list) and all(isinstance(c, list) and len(c) == 2 and (c[0] is None or is_int(c[0]))
+                                              and isinstance(c[1], str) for c in caveats)):
+        raise ResultsFormatError(f"{at}: caveats must be [[step, message], …]. Got {str(caveats)[:60]!r} instead",
+                                 path=source, hint=hint)
+
+
 def first_trace_records(records: list, warnings: list[str] | None = None) -> list:
     """A trace's records less each repeated one (:func:`spectra.journal.first_of_each`, the first kept), with
     one warning saying how many: into ``warnings`` for a ``spectra trace`` journal; with None (the lines of a
@@ -613,7 +634,8 @@ def first_trace_records(records: list, warnings: list[str] | None = None) -> lis
 
 def _trace_record_key(rec: object) -> tuple | None:
     """What one record is of. ``spectra trace``'s journal: ``{"matrix": …}``, one matrix at every checkpoint
-    (a full trace); ``{"checkpoint": i, …}``, every module at one checkpoint (an adapter trace); ``{"failed":
+    (a full trace; again, with more points, when a resumed run traces checkpoints saved since); ``{"checkpoint": i,
+    …}``, every module at one checkpoint (an adapter trace); ``{"failed":
     {"index": i, …}}``, one checkpoint's failure. A ``trace.jsonl`` line ``{"step", "matrix", "point"}``: one
     matrix at one step (steps only increase, and a resumed training drops the lines after its checkpoint).
     Each is written once, so a second record of the same one is a repeated line; None for any other shape
@@ -628,8 +650,8 @@ def _trace_record_key(rec: object) -> tuple | None:
     if "point" in rec:
         ok = isinstance(name, str) and isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step)
         return ("point", name, int(step)) if ok else None
-    if isinstance(name, str):
-        return ("matrix", name)
+    if isinstance(name, str):  # (a run resumed with checkpoints appended adds the matrix again with more points)
+        return ("matrix", name, len(matrix["points"]) if isinstance(matrix.get("points"), list) else None)
     if index(rec.get("checkpoint")):
         return ("checkpoint", rec["checkpoint"])
     if isinstance(failed, dict) and index(failed.get("index")):
