@@ -685,7 +685,7 @@ def _eval(out: Path, base_ckpt: Checkpoint, tuned: str | Checkpoint, src: Extrac
     if missing:
         raise ConfigError(f"the uniform rank-{uniform} adapter needs components that were not kept ({missing[0]}…)",
                           hint="rerun with --force (the run keeps them when --eval is given from the start)")
-    layout, tensors, cfg = adapter_files(src, run, ranks_u, config, not_lora)
+    layout, tensors, cfg, _ = adapter_files(src, run, ranks_u, config, not_lora)
     udir = out / f"uniform_r{uniform}"
     write_adapter(udir, layout, tensors, cfg, dtype)
     tuned_label = tuned.label if isinstance(tuned, Checkpoint) else str(tuned)

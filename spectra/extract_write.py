@@ -35,11 +35,13 @@ if TYPE_CHECKING:  # extract imports this module: its run types are named for th
 
 
 def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config: ExtractConfig,
-                  not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any]]:
-    """The adapter at ``ranks`` as ``(layout, tensors, config)``: the names and shapes of every tensor,
-    a generator loading them one module at a time from the scratch shard (memory: one module), and
-    ``adapter_config.json``. ``src``: the run's source (``spectra.extract.ExtractSource``); ``run``: its
-    :class:`spectra.extract_io.ExtractRun`. Biases and saved modules come from ``not_lora``."""
+                  not_lora: list[dict]) -> tuple[list[tuple[str, tuple[int, ...]]], Iterator[torch.Tensor], dict[str, Any],
+                                                 list[tuple[str, int, tuple[int, int]]]]:
+    """The adapter at ``ranks`` as ``(layout, tensors, config, pads)``: the names and shapes of every tensor,
+    a generator loading them one module at a time from the scratch shard (memory: one module),
+    ``adapter_config.json``, and the per-expert matrices written with zero factors (:func:`_missing_experts`).
+    ``src``: the run's source (``spectra.extract.ExtractSource``); ``run``: its :class:`spectra.extract_io.ExtractRun`.
+    Biases and saved modules come from ``not_lora``."""
     def as_loaded(module: str) -> str:  # the module's path once transformers >= 5 loads the model
         return src.renames.get(module, module)
 
@@ -79,7 +81,7 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
                          modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None, params=list(stacks),
                          experts=src.experts)
-    return layout, tensors(), cfg
+    return layout, tensors(), cfg, pads
 
 
 def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) -> list[tuple[str, int, tuple[int, int]]]:
@@ -100,6 +102,19 @@ def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) 
         if (key := split(module)) and key[0] in rank and module not in written and len(shape := src.base.tensors[n].shape) == 2:
             pads.append((module, rank[key[0]], (int(shape[0]), int(shape[1]))))
     return pads
+
+
+def _other_layers_experts(src: ExtractSource, written: list[str]) -> list[str]:
+    """The experts containers (as stored) that PEFT < 0.22 (rules whose :attr:`~spectra.peft_moe.PeftMoeRules.retargeted`
+    holds the converted names) adapts besides those of the ``written`` modules: it matches a converted expert by its last
+    name component, so an adapter of layer 0's experts builds LoRAs on every layer's."""
+    rules = src.experts
+    if rules is None or not rules.retargeted:
+        return []
+    keys = [key for m in written if (key := rules.converted_expert(m))]
+    mine, leaves = {k[0] for k in keys}, {k[1] for k in keys}
+    stored = (n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight"))
+    return sorted({key[0] for m in stored if (key := rules.converted_expert(m)) and key[0] not in mine and key[1] in leaves})
 
 
 def _stacks(src: ExtractSource, ranks: list[int]) -> dict[str, tuple[int, tuple[int, int], list[int | None]]]:
@@ -128,12 +143,12 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
     """Write the adapter into ``out`` (:func:`adapter_files`, :func:`spectra.io.peft_writer.write_adapter`) and say
     what was written in ``result.adapter`` (``saved_params``: entries of the tensors stored whole; ``bias_params``: of
     the ``lora_B.bias`` vectors, zeros where a bias did not change; both outside the budget, which buys LoRA factors)."""
-    layout, tensors, cfg = adapter_files(src, run, ranks, config, not_lora)
+    layout, tensors, cfg, pads = adapter_files(src, run, ranks, config, not_lora)
     files = write_adapter(out, layout, tensors, cfg, dtype)
     if stacked := cfg.get("target_parameters"):
         result.warnings.append(f"{len(stacked)} 3-D expert stack(s) (e.g. {stacked[0]}) are written as PEFT target_parameters LoRAs, "
                                "one per stack: PEFT >= 0.17 loads them; a serving engine may not (vLLM serves module LoRAs)")
-    if pads := _missing_experts(src, [(i, t, r) for i, (t, r) in enumerate(zip(src.targets, ranks)) if r and not t.stack]):
+    if pads:
         # counted as the others are, as PEFT builds them: a fused pair's block-diagonal B holds r·out more (Target.fused_out)
         fused = src.experts.fused if src.experts is not None else frozenset()
         extra = sum(r * (o + i) + r * o * (m.rpartition(".")[2] in fused) for m, r, (o, i) in pads)
@@ -145,7 +160,13 @@ def write_extracted(out: Path, src: ExtractSource, run: ExtractRun, ranks: list[
                                f"resized: e.g. {pads[0][0]}) are written with zero factors at r = {pads[0][1]} (+{extra:,} parameters, "
                                f"counted{', beyond the budget' * (config.mode == 'budget')}): PEFT stacks every expert of a layer, gate, "
                                "up and down together, into its LoRA on the fused experts")
-    rules = src.experts  # written by PEFT 0.22's rules: an earlier PEFT drops some of it on load, unsaid by either
+    rules = src.experts
+    if rules is not None and (others := _other_layers_experts(src, [t.module for t, r in zip(src.targets, ranks) if r and not t.stack])):
+        result.warnings.append(f"PEFT before 0.22 ({rules.source}) reaches the fused experts by their projection's name alone, in every "
+                               f"layer: loading this adapter also builds zero LoRAs (no update) on the experts of {len(others)} layer(s) "
+                               f"not extracted (e.g. {others[0]}), parameters beyond totals.params; PEFT >= 0.22 adapts only "
+                               "the extracted ones")
+    # written by PEFT 0.22's rules: an earlier PEFT drops some of it on load, unsaid by either
     if rules is not None and (old := rules.before_0_22()) is not rules and (lost := [
             t.module for t, r in zip(src.targets, ranks) if r and not t.stack and old.why_dropped(t.module, t.expert)]):
         result.warnings.append(f"written by the rules of {rules.source}: PEFT before 0.22 drops {len(lost)} of its LoRA modules on load "

@@ -110,3 +110,18 @@ def test_a_config_made_by_peft_022_rules_says_what_earlier_releases_leave_out(tm
         assert not said and not dense
     else:
         assert dense and len(said) == 1 and "retargeted to the experts" in said[0] and "train it with PEFT >= 0.22" in said[0]
+
+
+def test_extract_of_one_layers_experts_says_what_peft_before_022_builds_on_the_others(tmp_path):
+    """extract --layers 0 under PEFT 0.21: the adapter names layer 0's experts, but PEFT 0.21 matches a converted expert
+    by its projection's name alone and built zero LoRAs on layer 1's experts too (5,824 LoRA parameters where
+    totals.params said 3,136), unsaid. PEFT 0.22 builds exactly what was counted."""
+    base, tuned = _moe_pair(tmp_path, "mixtral", **_MIXTRAL)
+    res = extract(str(base), str(tuned), tmp_path / "ad", config=ExtractConfig(rank=2, layers="0"), plots=False)
+    b, (m, built) = _state(base), _merged(base, tmp_path / "ad")
+    assert all(torch.equal(m[k], b[k]) for k in b if ".layers.1." in k)  # the zero LoRAs change nothing
+    said = [w for w in res.warnings if "builds zero LoRAs" in w]
+    if release(peft.__version__) < (0, 22):
+        assert built > res.totals["params"] and len(said) == 1 and "model.layers.1.block_sparse_moe.experts" in said[0], res.warnings
+    else:
+        assert built == res.totals["params"] and not said, (built, res.totals["params"], res.warnings)
