@@ -121,6 +121,9 @@ EMBED_ROLES = VOCAB_ROLES - {"head"}
 #: Roles whose matrix reads the model width (input = hidden size) or writes it (output = hidden size).
 _READS_HIDDEN = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "q_a", "kv_a"})
 _WRITES_HIDDEN = frozenset({"o", "down"})
+#: Modules of a role in :data:`_READS_HIDDEN` that read a low-rank latent instead (DeepSeek's query up-projection,
+#: role "q", reads q_lora_rank): their input width says nothing of the layout.
+_READS_LATENT = frozenset({"q_b_proj"})
 
 
 def layout_confirmed(ckpt: Checkpoint, specs: dict[str, MatrixSpec], *, transpose: bool, ndim: int) -> bool:
@@ -138,7 +141,7 @@ def layout_confirmed(ckpt: Checkpoint, specs: dict[str, MatrixSpec], *, transpos
         if spec.transpose != transpose or len(shape) != ndim or shape[-1] == shape[-2]:
             continue
         out_dim, in_dim = oriented_shape(spec, shape)[-2:]
-        if spec.role in _READS_HIDDEN and spec.rel_path.rpartition(".")[2].lower() != "q_b_proj":  # DeepSeek's: a latent
+        if spec.role in _READS_HIDDEN and spec.rel_path.rpartition(".")[2].lower() not in _READS_LATENT:
             ok = in_dim == hidden
         elif spec.role in _WRITES_HIDDEN:
             ok = out_dim == hidden
