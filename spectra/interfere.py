@@ -157,9 +157,9 @@ class _Task:
                 self.pair_notes.append(f"{unpaired}: not measured (spectra diff BASE {label} lists them)")
             for p in pairing.pairs:
                 self.updates[p.base.name] = p
-            # matrices this task holds but cannot pair (another model's shapes): said, not only "partial"
+            # matrices this task holds but cannot pair (another model's shapes, a weight of an integer dtype): said, not only "partial"
             self.skipped += [{"name": x.name, "reason": f"{label}: {x.reason}"} for x in pairing.skipped
-                             if x.reason.startswith(("shape mismatch", "fused rows", "an output head"))]
+                             if x.reason.startswith(("shape mismatch", "fused rows", "an output head", "tuned dtype"))]
 
     @functools.cached_property
     def weights(self) -> Checkpoint:

@@ -34,7 +34,7 @@ import torch
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import Adapter, LoraModule, open_adapter
 from spectra.io.checkpoint import Checkpoint
-from spectra.io.param_lora import ParamLora
+from spectra.io.param_lora import ParamLora, weight_param
 from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
 from spectra.pairing import Skipped, oriented_shape
@@ -116,9 +116,28 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable
     refuse_base_changing(adapter, merged)
     if adapter.params and base is not None:
         place_params(adapter, adapter.params, base)
+    if base is not None:
+        orient_weight_params(adapter, base)
     if base is not None and check_copies:
         check_base_copies(adapter, base, keep=keep)
     return adapter
+
+
+def orient_weight_params(adapter: Adapter, base: Checkpoint) -> None:
+    """Turn each ``target_parameters`` LoRA of a 2-D weight that ``base`` stores as ``(in, out)`` (a Conv1D's: GPT-2's
+    ``c_attn``, ``c_proj``, ``c_fc``) to the ``(out, in)`` of its module LoRA, in ``adapter.modules``. PEFT adds s·B·A to
+    the parameter as stored (B ``(in, r)``, A ``(r, out)`` there), so the update is s·(B·A)ᵀ = s·Aᵀ·Bᵀ; a module's own
+    LoRA is ``(out, in)`` whatever its layer stores. Read as a module's, every direction of the update was the other
+    side's (φ 0.04 against its own merge) and a non-square one refused as transposed."""
+    names = None
+    for module, mod in list(adapter.modules.items()):
+        if not weight_param(module, adapter.config.target_parameters):
+            continue
+        names = names or BaseNames(base, base.specs, unique_pairing_keys(list(base.tensors)))
+        spec = base.specs.get(names.find(mod.weight_name) or "")
+        if spec is not None and spec.transpose:
+            adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), note="; ".join(x for x in (
+                mod.note, "PEFT's target_parameters LoRA of the weight as stored (in, out): the update is s·(B·A)ᵀ") if x))
 
 
 def tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,

@@ -40,21 +40,25 @@ def trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Check
                 callback: Callable[[int, int, str], None] | None) -> None:
     """Matrix by matrix: the base tensor once, then the same tensor of every checkpoint."""
     pairings, said, unpaired = [], {}, {}  # what pairing said of each checkpoint (names differing in spelling…), as diff warns it
+    why_not: list[dict[str, str]] = []  # per checkpoint: matrix -> why pairing left it out (an integer dtype…)
     for ref, ck in zip(refs, ckpts):
         try:
             pairing = pair_by_base_names(base, ck)
         except SpectraError as exc:
             ref.failed = f"does not pair with the base ({exc.message})"
             pairings.append({})
+            why_not.append({})
             continue
         what, most = unpaired_matrices(pairing, ck)  # another architecture: its few matching shapes are no update of this base
         if most:
             ref.failed = f"does not pair with the base ({what}): a checkpoint of another model?"
             pairings.append({})
+            why_not.append({})
             continue
         if what:
             unpaired.setdefault(what, []).append(Path(ref.path).name)
         pairings.append({p.base.name: p for p in pairing.pairs})
+        why_not.append({k.name: k.reason for k in pairing.skipped})
         for note in (n for n in pairing.notes if n.startswith(PAIRING_NOTE_PREFIX)):  # read notes: said apart
             said.setdefault(note, []).append(Path(ref.path).name)
         for k in (k for k in pairing.skipped if k.reason.startswith(ALIAS_REASON)):  # tied names a .bin saved whole
@@ -128,7 +132,8 @@ def trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Check
                 continue
             pair = pairs.get(name)
             if pair is None or len(pair.tuned_info.shape) != 2:
-                points.append(skip_point(ref.step, "not in this checkpoint, or its shape differs from the base"))
+                points.append(skip_point(ref.step, why_not[ci].get(
+                    name, "not in this checkpoint, or its shape differs from the base")))
                 continue
             try:
                 wt = ckpts[ci].load(pair.tuned.name)

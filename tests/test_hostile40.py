@@ -1,0 +1,97 @@
+"""The fortieth round's probe (docs/bad_inputs.md): PEFT's ``target_parameters`` LoRA of a weight stored ``(in, out)``
+(GPT-2's Conv1D), which PEFT adds to the parameter as stored, was read as a module's ``(out, in)`` LoRA: every
+direction of the update belonged to the other side (compare and interfere of an adapter against its own merge: φ and
+cosine 0.04; extract wrote the transpose, keeping −0.9 of the energy where it claimed 1.0), and a non-square one was
+refused as transposed. A checkpoint's tensor of an integer dtype was skipped by trace as "not in this checkpoint"."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from spectra import DiffConfig, diff
+from spectra.comparison import compare
+from spectra.config import CompareConfig
+from spectra.extract import extract
+from spectra.extract_plan import ExtractConfig
+from spectra.interfere import interfere
+from spectra.trace import trace
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+
+def _gpt2_param_lora(tmp_path, target: str):
+    """A tiny GPT-2, a PEFT target_parameters LoRA of ``target`` (non-zero factors), and PEFT's merge of it."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=[target]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    merged(tmp_path / "base", tmp_path / "adapter").save_pretrained(tmp_path / "merged")
+    return tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+
+
+def merged(base, adapter):
+    return peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), str(adapter)).merge_and_unload()
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in model.state_dict().items()}
+
+
+def test_a_square_conv1d_weights_parameter_lora_is_its_merge(tmp_path):
+    base, adapter, full = _gpt2_param_lora(tmp_path, "attn.c_proj.weight")
+    cmp = compare(str(adapter), str(full), base=str(base), config=CompareConfig(side="both"), plots=False)
+    assert cmp.modules
+    for m in cmp.modules:
+        m = m.to_dict() if hasattr(m, "to_dict") else m
+        for side in ("left", "right"):
+            assert m["phi"][side]["phi_full"] == pytest.approx(1.0, abs=1e-6), (m["name"], side)
+        assert m["captured"]["b_in_a"]["two_sided"] == pytest.approx(1.0, abs=1e-6)
+    inter = interfere(str(base), [str(adapter), str(full)], plots=False)
+    for m in inter.modules:
+        assert m["cosine"][0][1] == pytest.approx(1.0, abs=1e-6), m["name"]
+    res = extract(str(base), str(adapter), tmp_path / "ex", config=ExtractConfig(rank=2), plots=False)
+    W0, S, E = _state(transformers.GPT2LMHeadModel.from_pretrained(base)), _state(merged(base, adapter)), _state(merged(base, tmp_path / "ex"))
+    for m in res.modules:
+        D, L = S[m["name"]] - W0[m["name"]], E[m["name"]] - W0[m["name"]]
+        assert float(((D - L).norm() / D.norm()) ** 2) < 1e-8 and m["energy_kept"] == pytest.approx(1.0, abs=1e-6), m["name"]
+
+
+def test_a_non_square_conv1d_weights_parameter_lora_is_read_as_peft_merges_it(tmp_path):
+    base, adapter, full = _gpt2_param_lora(tmp_path, "mlp.c_fc.weight")
+    res = diff(str(base), str(adapter), out_dir=tmp_path / "d", plots=False, config=DiffConfig(esd=True))
+    ref = diff(str(base), str(full), out_dir=tmp_path / "f", plots=False, config=DiffConfig(esd=True, include="c_fc"))
+    got, want = {m.name: m for m in res.modules}, {m.name: m for m in ref.modules}
+    assert set(got) == {"transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_fc.weight"} == set(want)
+    for n in got:
+        assert got[n].shape == want[n].shape
+        assert got[n].fro_norm == pytest.approx(want[n].fro_norm, rel=1e-5)
+        assert got[n].esd["tuned"]["lambda_max"] == pytest.approx(want[n].esd["tuned"]["lambda_max"], rel=1e-5)
+
+
+def test_trace_and_interfere_say_why_a_checkpoints_integer_tensor_is_skipped(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"layers.0.q.weight": torch.randn(16, 16, generator=g), "layers.0.k.weight": torch.randn(16, 16, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({k: v + 0.1 * torch.randn(16, 16, generator=g) for k, v in base.items()}, tmp_path / "c1.safetensors")
+    c2 = {k: v + 0.2 * torch.randn(16, 16, generator=g) for k, v in base.items()}
+    c2["layers.0.q.weight"] = (c2["layers.0.q.weight"] * 50).clamp(0, 255).to(torch.uint8)
+    save_file(c2, tmp_path / "c2.safetensors")
+    res = trace(str(tmp_path / "base.safetensors"), [str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")])
+    q = next(m for m in res.matrices if m["name"] == "layers.0.q.weight")
+    assert "skip" not in q["points"][0]
+    assert "uint8" in q["points"][1]["skip"] and "not in this checkpoint" not in q["points"][1]["skip"], q["points"][1]
+    json.dumps(res.to_dict())
+    inter = interfere(str(tmp_path / "base.safetensors"), [str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")],
+                      plots=False)
+    assert any(s["name"] == "layers.0.q.weight" and "uint8" in s["reason"] for s in inter.skipped), inter.skipped
