@@ -33,7 +33,7 @@ import torch
 
 from spectra.errors import CheckpointFormatError
 from spectra.io.adapter import Adapter, LoraModule, open_adapter
-from spectra.io.checkpoint import Checkpoint
+from spectra.io.checkpoint import READ_NOTE_PREFIX, Checkpoint
 from spectra.io.param_lora import ParamLora, weight_param
 from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
@@ -118,6 +118,10 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable
         place_params(adapter, adapter.params, base)
     if base is not None:
         orient_weight_params(adapter, base)
+    elif lone := [m for m in adapter.modules if weight_param(m, adapter.config.target_parameters)]:
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{adapter.path}: {len(lone)} LoRA(s) of a weight named in target_parameters (e.g. "
+                             f"{lone[0]}) are read as (out, in); PEFT adds s·B·A to the weight as stored, (in, out) for a Conv1D "
+                             "(GPT-2's): pass the base to orient them by its layout")
     if base is not None and check_copies:
         check_base_copies(adapter, base, keep=keep)
     return adapter

@@ -95,3 +95,12 @@ def test_trace_and_interfere_say_why_a_checkpoints_integer_tensor_is_skipped(tmp
     inter = interfere(str(tmp_path / "base.safetensors"), [str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")],
                       plots=False)
     assert any(s["name"] == "layers.0.q.weight" and "uint8" in s["reason"] for s in inter.skipped), inter.skipped
+
+
+def test_a_weights_parameter_lora_without_a_base_says_its_orientation_is_assumed(tmp_path):
+    """Without the base nothing tells a Conv1D's weight from a Linear's: read as (out, in), and said."""
+    base, adapter, _ = _gpt2_param_lora(tmp_path, "attn.c_proj.weight")
+    res = diff(str(adapter), None, out_dir=tmp_path / "d", plots=False)
+    assert any("target_parameters" in w and "pass the base" in w for w in res.warnings), res.warnings
+    res = compare(str(adapter), str(adapter), plots=False)
+    assert any("target_parameters" in w and "pass the base" in w for w in res.warnings), res.warnings
