@@ -107,7 +107,8 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable
     (PiSSA…) is refused (:func:`refuse_base_changing`; ``merged`` says what to do with the merged model instead), its
     ``target_parameters`` LoRAs are placed on ``base`` (:func:`place_params`; without a base they are refused, as
     ``open_adapter`` refuses them), its LoRAs of a weight stored ``(in, out)`` turned (:func:`orient_weight_params`),
-    and with ``check_copies`` its saved base-layer copies of the matrices ``keep(name, layer)`` selects (all: None) are checked against ``base`` (:func:`check_base_copies`).
+    and with ``check_copies`` its saved base-layer copies of the matrices ``keep(name, layer)`` selects (all: None) are
+    checked against ``base`` (:func:`check_base_copies`).
 
     Raises:
         CheckpointFormatError: a base-changing initialisation, a saved copy that differs from ``base``.
