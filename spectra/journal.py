@@ -484,6 +484,16 @@ def appended_inputs(then: object, now: dict | None, grows: str) -> bool:
             and isinstance(inputs, list) and len(inputs) < len(added) and added[:len(inputs)] == inputs)
 
 
+def prefix_fingerprint(then: object, now: dict, checkpoints: list[Checkpoint], options: dict, grows: str) -> str | None:
+    """The fingerprint (:func:`run_identity`) of the run over ``checkpoints`` with ``options`` (whose ``now`` is its
+    ``about``) less the inputs appended since the run described by ``then`` (:func:`appended_inputs`), recomputed from
+    the inputs and ``then``'s ``grows`` option; None when ``then`` is no such run."""
+    if not appended_inputs(then, now, grows):
+        return None
+    n = len(then["inputs"])  # type: ignore[index]
+    return run_identity(checkpoints[:n], {**options, grows: then["options"][grows]})[0]  # type: ignore[index]
+
+
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,
                  clear: Callable[[], None]) -> tuple[RecordJournal, list[tuple[int, dict]]]:
     """Start the journal at ``path`` of a run over ``checkpoints`` with ``options``
@@ -523,14 +533,17 @@ class RecordJournal:
         self.path = Path(path)
         self.lock: OutputLock | None = None  # the folder's lock, held while this journal lives
         self.fingerprint = ""  # the run's, once started (records are sealed with it)
+        self.grown = False  # resumed with inputs appended (start's ``earlier``): the earlier run's outputs are stale
 
-    def start(self, fingerprint: str, *, resume: bool, about: dict | None = None, grows: str | None = None) -> list[dict]:
+    def start(self, fingerprint: str, *, resume: bool, about: dict | None = None,
+              earlier: Callable[[object], str | None] | None = None) -> list[dict]:
         """Begin a run; with ``resume``, return the records of an earlier run with the same
         fingerprint and append to it, else start afresh. ``about`` (:func:`run_identity`), kept in the header,
-        lets a later refused resume say what differs. ``grows`` names the option of a run that may be resumed
-        with inputs appended (a trace's ``steps``: checkpoints saved since): when the journal's run is this one
-        less its last inputs (:func:`appended_inputs`), its records are returned and the journal goes on under
-        this run's fingerprint (header and seals rewritten at once).
+        lets a later refused resume say what differs. ``earlier``, for a run that may be resumed with inputs
+        appended (a trace's checkpoints saved since): given the header's ``about``, the fingerprint of this run
+        less its last inputs (:func:`prefix_fingerprint`), or None; when it is the journal's, its records are
+        returned, :attr:`grown` is set, and the journal goes on under this run's fingerprint (header and seals
+        rewritten at once).
 
         Raises:
             ConfigError: ``resume`` with no journal, or a journal from other inputs or options.
@@ -553,7 +566,8 @@ class RecordJournal:
             raise ResultsFormatError("the journal does not open with its run's fingerprint (an edited journal)", path=self.path,
                                      hint="run without --resume into a new folder")
         grown = records[0].get("fingerprint") != fingerprint
-        if grown and not (grows and appended_inputs(records[0].get("about"), about, grows)):
+        # the header's "about" is not sealed: the earlier run is recomputed from the inputs, not taken from it
+        if grown and not (earlier is not None and earlier(records[0].get("about")) == records[0]["fingerprint"]):
             raise ConfigError(other_run(records[0].get("about"), about), path=self.path,
                               hint="pass the same inputs and options, or run without --resume into a new folder")
         self.fingerprint = str(records[0]["fingerprint"])  # the seals are the earlier run's
@@ -563,7 +577,7 @@ class RecordJournal:
             if body is None:
                 raise changed_record(line, self.path)
             out.append(body)
-        self.fingerprint = fingerprint
+        self.fingerprint, self.grown = fingerprint, grown
         if grown:  # one write: a run stopped now resumes as this one, with every record kept
             atomic_write_text(self.path, "".join(json.dumps(x) + "\n" for x in
                                                  [{"fingerprint": fingerprint, "about": about}, *map(self.sealed, out)]))

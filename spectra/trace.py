@@ -14,7 +14,7 @@ matrix, one ΔW and two top-k subspaces (first and previous) whatever the number
 Adapters are traced checkpoint by checkpoint (their factors are small): the base contributes only
 ‖W_base‖_F per matrix (each base tensor read once), and per module the first and previous top-k
 subspaces are kept. ``--resume`` continues from the journal (``trace_journal.jsonl``), and adds the checkpoints a
-run saved since it was traced (:func:`spectra.journal.appended_inputs`; a full trace reads each matrix's first and
+run saved since it was traced (:func:`spectra.journal.prefix_fingerprint`; a full trace reads each matrix's first and
 latest traced checkpoint again for its turns: :mod:`spectra.trace_full`).
 
 The same per-matrix metrics are computed inside a training process by
@@ -23,6 +23,7 @@ The same per-matrix metrics are computed inside a training process by
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -37,7 +38,7 @@ from spectra.io.checkpoint import open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
 from spectra.io.paths import checkpoint_location
-from spectra.journal import RecordJournal, run_identity
+from spectra.journal import RecordJournal, prefix_fingerprint, run_identity
 from spectra.linalg import check_device_available, resolve_device
 from spectra.results import points_caveat_note, rows_to_csv
 from spectra.trace_adapters import trace_adapters
@@ -295,10 +296,13 @@ def trace(
     # how each folder was read (several weight sets in one: the one transformers reads), once each
     result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
-    result.fingerprint, about = run_identity([base_ckpt, *weights], {**options, "steps": [r.step for r in refs]})
+    options["steps"] = [r.step for r in refs]
+    result.fingerprint, about = run_identity([base_ckpt, *weights], options)
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
-    done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about, grows="steps"), result.warnings) if journal else []
-    if journal is not None and not resume:  # an earlier trace's figures and report describe another run
+    # resumed after the run saved more checkpoints: the earlier run is this one less them
+    earlier = functools.partial(prefix_fingerprint, now=about, checkpoints=[base_ckpt, *weights], options=options, grows="steps")
+    done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about, earlier=earlier), result.warnings) if journal else []
+    if journal is not None and (not resume or journal.grown):  # an earlier trace's figures and report describe another run
         remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))
     try:
         if result.kind == "lora":

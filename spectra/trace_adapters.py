@@ -56,9 +56,15 @@ def trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpo
             metas.update(rec.get("meta", {}))
             if isinstance(rec.get("saved"), dict):  # tensors stored whole (modules_to_save), listed as skipped
                 saved.update({str(k): str(v) for k, v in rec["saved"].items()})
+            if isinstance(rec.get("other_base"), dict):  # a base the adapters record that is not BASE: warned again
+                other_base.update({str(k): str(v) for k, v in rec["other_base"].items()})
             for name, pt in rec.get("points", {}).items():
                 points.setdefault(name, {})[rec["checkpoint"]] = pt
     finished, checked = {rec["checkpoint"] for rec in done if "checkpoint" in rec}, False  # checked: the base-layer copies
+    if finished != set(range(len(finished))):  # checkpoints are journaled in order: a gap is a record deleted since
+        raise ResultsFormatError(f"the journal holds checkpoints {sorted(finished)[:8]} but not "
+                                 f"{sorted(set(range(max(finished) + 1)) - finished)[:8]}, which came before them",
+                                 path=journal.path if journal else None, hint="the journal was edited: run without --resume into a new folder")
     if finished:  # the first and previous subspaces the next points compare with, recomputed from their adapters
         cache: dict[int, dict[str, Subspaces]] = {}
         for name, pts in points.items():
@@ -76,6 +82,7 @@ def trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpo
             continue
         try:
             new_saved: dict[str, str] = {}
+            known = set(other_base)
             modules = _adapter_modules(ref, base, keep, new_saved, other_base, check_copies=not checked)  # once a run: one base
             checked = True
             saved.update(new_saved)
@@ -101,7 +108,8 @@ def trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpo
                 prev[name], prev_at[name] = now, ci
                 first.setdefault(name, now)
         if journal:
-            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta, "saved": new_saved})
+            journal.add({"checkpoint": ci, "points": new_points, "meta": new_meta, "saved": new_saved,
+                         "other_base": {k: v for k, v in other_base.items() if k not in known}})
         if callback:
             callback(ci + 1, len(refs), Path(ref.path).name)
     # not a LoRA update: listed with the reason, never left out without a word (interfere lists them likewise)

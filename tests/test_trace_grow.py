@@ -136,3 +136,85 @@ def test_resume_is_refused_when_the_earlier_checkpoints_are_not_the_same(tmp_pat
     save_file({k: v * 1.001 for k, v in load_file(f).items()}, f)  # rewritten since
     with pytest.raises(ConfigError, match="changed"):
         trace(str(base), [str(live)], config=TraceConfig(top_k=2), out_dir=out, resume=True, plots=False)
+
+
+def _adapter_run(tmp_path, steps=(5, 10, 15, 20), config_extra=None, extra_at=None):
+    base, _, _ = synthetic_run(tmp_path / "syn", lambda n, s: torch.zeros(NAMES[n], dtype=torch.float64), steps=(1,))
+    g = torch.Generator().manual_seed(3)
+    run = tmp_path / "lora_run"
+    for st in steps:
+        facs = {n: (torch.randn(o, 4, generator=g), torch.randn(4, i, generator=g)) for n, (o, i) in NAMES.items()}
+        write_adapter(run / f"checkpoint-{st}", facs, r=4, alpha=8)
+        write_state(run / f"checkpoint-{st}", st, {st: 1.0})
+        if config_extra and extra_at in (None, st):
+            f = run / f"checkpoint-{st}" / "adapter_config.json"
+            f.write_text(json.dumps({**json.loads(f.read_text()), **config_extra}))
+    return base, run
+
+
+def test_a_header_edited_to_this_runs_options_is_refused(tmp_path):
+    """The journal's header ("about") is not sealed: edited to this run's options, a grown resume kept the earlier
+    points at top_k 1 and τ 0.5 under a trace.json claiming τ 0.9 (64 fields wrong). The earlier run's fingerprint is
+    recomputed from the inputs instead."""
+    base, run, _ = synthetic_run(tmp_path / "syn", _turning, steps=(10, 20, 30))
+    live, out = tmp_path / "live", tmp_path / "out"
+    trace(str(base), [str(_grow(run, (10, 20), live))], config=TraceConfig(top_k=1, thresholds=(0.5,)), out_dir=out, plots=False)
+    journal = out / "trace_journal.jsonl"
+    lines = journal.read_text().splitlines()
+    header = json.loads(lines[0])
+    header["about"]["options"].update(top_k=3, thresholds=[0.9])
+    journal.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match="different inputs or options"):
+        trace(str(base), [str(_grow(run, (10, 20, 30), live))], config=TraceConfig(top_k=3, thresholds=(0.9,)), out_dir=out,
+              resume=True, plots=False)
+
+
+def test_an_adapter_journal_with_a_checkpoint_deleted_is_refused(tmp_path):
+    """A record of the middle checkpoint deleted (the others' seals intact): step 10's turn_prev was measured against
+    step 20, a later checkpoint."""
+    from spectra.errors import ResultsFormatError
+
+    base, run = _adapter_run(tmp_path, steps=(5, 10, 15))
+    out = tmp_path / "out"
+    trace(str(base), [str(run)], out_dir=out, plots=False)
+    journal = out / "trace_journal.jsonl"
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(ln for ln in lines if '"checkpoint": 1,' not in ln) + "\n")
+    assert len(journal.read_text().splitlines()) == len(lines) - 1
+    with pytest.raises(ResultsFormatError, match="journal holds checkpoints"):
+        trace(str(base), [str(run)], out_dir=out, resume=True, plots=False)
+
+
+def test_a_resumed_adapter_trace_keeps_the_warning_of_another_recorded_base(tmp_path):
+    """Only step 10's adapter records another base: a resumed run, which reads it no more, lost the warning."""
+    other = tmp_path / "otherbase"
+    other.mkdir()
+    base, run = _adapter_run(tmp_path, config_extra={"base_model_name_or_path": str(other)}, extra_at=10)
+    live, out = tmp_path / "live", tmp_path / "out"
+    trace(str(base), [str(_grow(run, (5, 10, 15), live))], out_dir=out, plots=False)  # 10 is read again by no later run
+    grown = trace(str(base), [str(_grow(run, (5, 10, 15, 20), live))], out_dir=out, resume=True, plots=False)
+    whole = trace(str(base), [str(live)], plots=False)
+    assert any("otherbase" in w for w in whole.warnings), whole.warnings
+    _same(grown, whole)
+
+
+def test_a_grown_resume_removes_the_shorter_traces_outputs_first(tmp_path):
+    """Stopped after the earlier trace.json and figures were kept beside a journal of more checkpoints, `spectra report`
+    showed the shorter trace as finished; finished without plots, its figures stayed beside the longer trace.json."""
+    base, run, _ = synthetic_run(tmp_path / "syn", _turning, steps=(10, 20, 30))
+    live, out = tmp_path / "live", tmp_path / "out"
+    trace(str(base), [str(_grow(run, (10, 20), live))], config=TraceConfig(top_k=2), out_dir=out)
+    assert (out / "trace_metrics.png").is_file()
+    calls = []
+
+    def stop(done, total, what):
+        calls.append(what)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trace(str(base), [str(_grow(run, (10, 20, 30), live))], config=TraceConfig(top_k=2), out_dir=out, resume=True,
+              callback=stop)
+    assert calls and not (out / "trace.json").exists() and not list(out.glob("trace_*.png"))
+    grown = trace(str(base), [str(live)], config=TraceConfig(top_k=2), out_dir=out, resume=True, plots=False)
+    assert [c["step"] for c in json.loads((out / "trace.json").read_text())["checkpoints"]] == [10, 20, 30]
+    assert not list(out.glob("trace_*.png")) and len(grown.matrices) == len(NAMES)
