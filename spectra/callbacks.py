@@ -83,6 +83,7 @@ from spectra.tracker_model import (
     peft_inits,
     peft_types,
     recorded_base_norms,
+    stored_in_out,
     stored_name,
     trainable_matrices,
 )
@@ -348,7 +349,7 @@ class SpectraTracker:
                 base_fro = None
                 if w is not None:  # the base the update is of: W, or W + s·B₀·A₀ where the init moved that out of W
                     w64 = w.detach().double()
-                    w64 = w64.mT if getattr(mod, "fan_in_fan_out", False) or tuple(w64.shape) != out_in else w64
+                    w64 = w64.mT if getattr(mod, "fan_in_fan_out", False) or stored_in_out(mod) or tuple(w64.shape) != out_in else w64
                     sq = float(torch.sum(w64 * w64))
                     if start is not None:
                         sB0, A0 = (t.to(w64.device) for t in start)

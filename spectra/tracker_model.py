@@ -125,11 +125,19 @@ def active_adapters(mod: Any) -> tuple[str, ...]:
     return tuple(a for a in getattr(mod, "active_adapters", ()) if a in mod.lora_A or a in getattr(mod, "lora_embedding_A", {}))
 
 
+def stored_in_out(mod: Any) -> bool:
+    """Whether ``mod`` is PEFT's ``target_parameters`` LoRA of a weight its module stores ``(in, out)`` (a Conv1D's:
+    GPT-2's): PEFT adds s·B·A to the parameter as stored, so in ``(out, in)`` the update is s·(B·A)ᵀ."""
+    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else None
+    return getattr(mod, "parameter_name", None) == "weight" and type(base).__name__ == "Conv1D"
+
+
 def lora_factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(B (out, r), A (r, in), scale)`` of one adapter of a PEFT LoRA layer, in the base weight's
     ``(out, in)`` orientation as stored by ``nn.Linear`` (embeddings: the stored ``(vocab, dim)``)."""
     s = float(mod.scaling[adapter])
     if adapter in mod.lora_A:
-        return mod.lora_B[adapter].weight.detach(), mod.lora_A[adapter].weight.detach(), s
+        B, A = mod.lora_B[adapter].weight.detach(), mod.lora_A[adapter].weight.detach()
+        return (A.mT, B.mT, s) if stored_in_out(mod) else (B, A, s)  # a Conv1D weight's: s·B·A as stored, (in, out)
     A, B = mod.lora_embedding_A[adapter].detach(), mod.lora_embedding_B[adapter].detach()  # (r, vocab), (dim, r)
     return A.mT, B.mT, s  # (B·A)ᵀ = Aᵀ·Bᵀ

@@ -104,3 +104,36 @@ def test_a_weights_parameter_lora_without_a_base_says_its_orientation_is_assumed
     assert any("target_parameters" in w and "pass the base" in w for w in res.warnings), res.warnings
     res = compare(str(adapter), str(adapter), plots=False)
     assert any("target_parameters" in w and "pass the base" in w for w in res.warnings), res.warnings
+
+
+def test_the_tracker_orients_a_conv1d_weights_parameter_lora_as_trace_does(tmp_path):
+    """SpectraTracker took PEFT's target_parameters LoRA of GPT-2's c_fc as (in, out): shape [32, 128] where trace says
+    [128, 32], and every turn's left and right exchanged (max angle left 12.3° where the float64 reference says 18.3°)."""
+    import numpy as np
+    from scipy.linalg import subspace_angles
+
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import TraceConfig
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(cfg), peft.LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                                                                                     target_parameters=["mlp.c_fc.weight"]))
+    tracker = SpectraTracker(model, every=1, out_dir=None, config=TraceConfig(top_k=2))
+    wrapper = next(m for n, m in model.named_modules() if hasattr(m, "lora_A") and "c_fc" in n)
+    deltas = []
+    for step in (1, 2):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.3 * torch.randn_like(p))
+        B, A = wrapper.lora_B["default"].weight.double(), wrapper.lora_A["default"].weight.double()
+        deltas.append((2.0 * B @ A).detach().numpy().T)  # PEFT adds s·B·A to the (in, out) Conv1D weight: ΔW is its transpose
+        tracker.step(model, step)
+    (tr,) = tracker.matrices
+    assert tr.meta["shape"] == [64, 16] == list(deltas[0].shape)
+    turn = tracker._records(3, None)[0]["point"]["turn_first"]
+    U0, _, V0 = np.linalg.svd(deltas[0])
+    U1, _, V1 = np.linalg.svd(deltas[1])
+    assert turn["left"]["max_angle_deg"] == pytest.approx(np.degrees(subspace_angles(U0[:, :2], U1[:, :2]).max()), abs=1e-4)
+    assert turn["right"]["max_angle_deg"] == pytest.approx(np.degrees(subspace_angles(V0[:2].T, V1[:2].T).max()), abs=1e-4)
