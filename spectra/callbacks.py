@@ -67,7 +67,7 @@ from spectra.naming import describe_checkpoint
 from spectra.numerics import certified_floor, numeric_notes, rounding_floor, unresolved_text
 from spectra.selection import selector
 from spectra.subspaces import Factored
-from spectra.trace import (
+from spectra.trace_points import (
     TraceConfig,
     jsonable,
     matrix_meta,

@@ -58,7 +58,7 @@ from spectra.trace_inputs import (
     open_weights,
     refuse_empty_plan,
 )
-from spectra.trace_points import (  # noqa: F401 (public here: spectra.callbacks and users import them from spectra.trace)
+from spectra.trace_points import (  # noqa: F401 (public here too: users import them from spectra.trace)
     SIGMA_FLOOR,
     TraceConfig,
     jsonable,
