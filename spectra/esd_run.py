@@ -273,7 +273,7 @@ def esd(
                           + (", or use `spectra diff BASE ADAPTER_FOLDER --esd`" if found.kind == "LoRA" and not found.unmerged else ""))
     pairing = pair_checkpoints(ckpt, ckpt)
     tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers,
-                       split_fused=config.split_fused, what="matrices")
+                       split_fused=config.split_fused, what="matrices", skipped=pairing.skipped)
     chosen = layer_filter(config.layers)  # what is not analysed, in the layers asked for
     result = EsdResult(model=ckpt.label, skipped=[asdict(s) for s in pairing.skipped if chosen(s.name)], config=asdict(config), device=str(device),
                        version=__version__)

@@ -157,9 +157,9 @@ def _open_source(base: Checkpoint, tuned: str | Checkpoint, config: ExtractConfi
     if not isinstance(tuned, Checkpoint) and is_adapter(tuned):
         return _adapter_source(base, open_adapter_on(tuned, base, keep=selector(config.include, config.exclude, config.layers),
                                                       merged="extract from the merged model against the original base"), config)
-    tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
-    pairing = pair_checkpoints(base, tuned_ckpt, tied_head=True)
-    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False)
+    pairing = pair_checkpoints(base, tuned_ckpt := tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned), tied_head=True)
+    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=False,
+                       skipped=pairing.skipped)
     targets, kept, left = [], [], []
     # an MoE: what PEFT would drop on load (per-expert LoRAs it cannot convert, dense MLPs named like experts); a Mamba's refusals
     model_type = base.arch.model_type or tuned_ckpt.arch.model_type

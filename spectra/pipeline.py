@@ -343,7 +343,8 @@ def _diff_checkpoints(base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, config: Dif
     """
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)
     drop_tied_heads(pairing, base_ckpt, tuned_ckpt)  # a tied head's row would repeat the embedding's
-    planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
+    planned = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused,
+                         skipped=pairing.skipped)
     order = {u.name: u.order for t in planned for u in t.units}
     chosen = layer_filter(config.layers)  # what is not analysed, in the layers asked for
     result = DiffResult(
@@ -526,7 +527,8 @@ def plan_run(base: str | Checkpoint, tuned: str | Checkpoint, config: DiffConfig
     tuned_ckpt = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned)
     pairing = pair_checkpoints(base_ckpt, tuned_ckpt, tied_head=True)  # as the run pairs them
     drop_tied_heads(pairing, base_ckpt, tuned_ckpt)
-    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused)
+    tasks = plan_units(pairing.pairs, include=config.include, exclude=config.exclude, layers=config.layers, split_fused=config.split_fused,
+                       skipped=pairing.skipped)
     cost = CostModel.default(device)
     if calibrate_cost:
         probe = None

@@ -4,7 +4,7 @@ equally shaped units are adjacent (the engine batches them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +13,7 @@ from spectra.config import parse_layers, search_pattern
 from spectra.display import as_typed, display_name
 from spectra.errors import ConfigError
 from spectra.naming import MatrixSpec, Part, layer_of
-from spectra.pairing import MatrixPair
+from spectra.pairing import MatrixPair, Skipped
 
 
 @dataclass(frozen=True)
@@ -101,12 +101,14 @@ def fused_whole_warning(specs: Iterable[MatrixSpec], command: str) -> str | None
 
 
 def refuse_empty_selection(count: int, example: str, *, include: str | None, exclude: str | None,
-                           layers: str | None, what: str = "paired matrices", one_sided: dict[str, list[str]] | None = None) -> None:
+                           layers: str | None, what: str = "paired matrices", one_sided: dict[str, list[str]] | None = None,
+                           skipped: Sequence[Skipped] = ()) -> None:
     """Refuse a run whose ``--include``/``--exclude``/``--layers`` left none of ``count`` candidates
     (``example``: one of their names, shown so the user sees what the filters are matched against).
     Every command refuses alike: an empty table with exit code 0 reads as "nothing changed".
     ``one_sided``: what the filters left that only one input holds (compare: ``{"A": names, "B": names}``),
-    said instead when there is some (the filters left matrices, none of them comparable).
+    said instead when there is some (the filters left matrices, none of them comparable). ``skipped``: the tensors
+    the pairing left out; those the filters keep are said with why (the filter is right, its matrix was not analysed).
 
     Raises:
         ConfigError: when a filter was given (without one, an empty run has another cause, told by its caller).
@@ -119,6 +121,11 @@ def refuse_empty_selection(count: int, example: str, *, include: str | None, exc
         held = ", ".join(f"{len(n)} only in {s}" for s, n in one_sided.items() if n)
         raise ConfigError(f"{given} leaves none of the {count} {what}, only matrices one input holds ({held}; e.g. {names[0]} "
                           f"in {side})", hint="widen the filter to modules both inputs update")
+    keep = selector(include, exclude, layers)
+    if kept := sorted((k for k in skipped if keep(k.name, layer_of(k.name))), key=lambda k: not k.name.endswith(".weight")):
+        raise ConfigError(f"{given} leaves none of the {count} {what}: what it keeps was not analysed ({len(kept)} tensor"
+                          f"{'s' * (len(kept) > 1)}, e.g. {kept[0].name}: {kept[0].reason})",
+                          hint="run without the filter to see every skipped tensor with its reason")
     # (said of every filter alike: an --exclude that matches all of them leaves none, as an --include that matches none)
     raise ConfigError(f"no matrix is left by {given}: none of the {count} {what} passes (names look like {example})",
                       hint="`spectra inspect CHECKPOINT` lists every name; --include/--exclude are regular expressions "
@@ -137,10 +144,12 @@ def unmeasured_clause(skipped: list[dict[str, str]], what: str = "compared") -> 
 
 
 def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,
-               layers: str | None = None, split_fused: bool = True, what: str = "paired matrices") -> list[Task]:
+               layers: str | None = None, split_fused: bool = True, what: str = "paired matrices",
+               skipped: Sequence[Skipped] = ()) -> list[Task]:
     """Expand pairs into units (parts × experts), apply the filters, and order the work so that
     equally shaped units are adjacent (they are batched together). ``what`` names the pairs in the
-    refusal of filters that leave none (``"matrices"`` for a single checkpoint).
+    refusal of filters that leave none (``"matrices"`` for a single checkpoint), ``skipped`` the tensors the
+    pairing left out (said there when the filters keep some).
 
     Raises:
         ConfigError: the filters leave no unit (:func:`refuse_empty_selection`)."""
@@ -164,6 +173,6 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
         first = pairs[0]
         refuse_empty_selection(len(pairs), first.tuned.name + (f" (base: {first.base.name})" if first.base.name != first.tuned.name
                                                                  else ""), include=include, exclude=exclude, layers=layers,
-                               what=what)
+                               what=what, skipped=skipped)
     tasks.sort(key=lambda t: (t.units[0].shape, t.units[0].order))
     return tasks

@@ -137,3 +137,23 @@ def test_the_tracker_orients_a_conv1d_weights_parameter_lora_as_trace_does(tmp_p
     U1, _, V1 = np.linalg.svd(deltas[1])
     assert turn["left"]["max_angle_deg"] == pytest.approx(np.degrees(subspace_angles(U0[:, :2], U1[:, :2]).max()), abs=1e-4)
     assert turn["right"]["max_angle_deg"] == pytest.approx(np.degrees(subspace_angles(V0[:2].T, V1[:2].T).max()), abs=1e-4)
+
+
+def test_a_filter_that_keeps_only_skipped_tensors_says_why_they_were_skipped(tmp_path):
+    """--include o_proj where the tuned o_proj is int8: "no matrix is left by --include 'o_proj' … are regular
+    expressions" sent users to fix a filter that was right (diff, esd and extract alike)."""
+    from spectra.errors import ConfigError
+
+    g = torch.Generator().manual_seed(0)
+    k = "model.layers.0.self_attn.{}.weight"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "t").mkdir()
+    save_file({k.format(m): torch.randn(16, 16, generator=g) for m in ("q_proj", "o_proj")}, tmp_path / "b" / "model.safetensors")
+    save_file({k.format("q_proj"): torch.randn(16, 16, generator=g), k.format("o_proj"): torch.ones(16, 16, dtype=torch.int8)},
+              tmp_path / "t" / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"leaves none of the 1 paired matrices: what it keeps was not analysed .*o_proj.*int8"):
+        diff(str(tmp_path / "b"), str(tmp_path / "t"), plots=False, config=DiffConfig(include="o_proj"))
+    with pytest.raises(ConfigError, match="no matrix is left by --include 'v_proj'"):  # a filter that keeps nothing at all
+        diff(str(tmp_path / "b"), str(tmp_path / "t"), plots=False, config=DiffConfig(include="v_proj"))
+    with pytest.raises(ConfigError, match="what it keeps was not analysed"):
+        extract(str(tmp_path / "b"), str(tmp_path / "t"), tmp_path / "x", config=ExtractConfig(rank=2, include="o_proj"), plots=False)
