@@ -37,7 +37,7 @@ from spectra.io.checkpoint import READ_NOTE_PREFIX, Checkpoint
 from spectra.io.param_lora import ParamLora, weight_param
 from spectra.load_names import loaded_keys
 from spectra.naming import MatrixSpec, describe_checkpoint, pairing_key, unique_pairing_keys
-from spectra.pairing import Skipped, oriented_shape
+from spectra.pairing import EMBED_ROLES, Skipped, oriented_shape
 from spectra.peft_moe import TRANSPOSED_EXPERTS, ExpertFusion, expert_fusions
 
 _MERGE = "merge the adapter (merge_and_unload) and diff the merged model against the base"
@@ -117,6 +117,7 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable
     refuse_base_changing(adapter, merged)
     if adapter.params and base is not None:
         place_params(adapter, adapter.params, base)
+    refuse_unloadable_weight_params(adapter)
     if base is not None:
         orient_weight_params(adapter, base)
     elif lone := [m for m in adapter.modules if weight_param(m, adapter.config.target_parameters)]:
@@ -126,6 +127,27 @@ def open_adapter_on(path: str | Path, base: Checkpoint | None, *, keep: Callable
     if base is not None and check_copies:
         check_base_copies(adapter, base, keep=keep)
     return adapter
+
+
+def refuse_unloadable_weight_params(adapter: Adapter) -> None:
+    """Refuse an adapter with a ``target_parameters`` LoRA of a module's ``weight`` that PEFT refuses to load: with
+    ``fan_in_fan_out`` set (its ParamWrapper "does not work with fan_in_fan_out"), or a module that ``target_modules``
+    names too (wrapped twice). Read anyway, its update was turned round or measured where PEFT builds none.
+
+    Raises:
+        CheckpointFormatError: names the module and the clash.
+    """
+    cfg = adapter.config
+    for module in (m for m in adapter.modules if weight_param(m, cfg.target_parameters)):
+        if cfg.fan_in_fan_out:
+            why = "fan_in_fan_out is true, which PEFT's LoRA of a parameter refuses"
+        elif cfg.target_modules is not None and cfg.untargeted(module, module_loras=True) is None:
+            why = "target_modules names the module too: PEFT would wrap it twice, and refuses"
+        else:
+            continue
+        raise CheckpointFormatError(f"{module}.weight is in target_parameters, but {why}: PEFT does not load this adapter",
+                                    path=adapter.path, tensor=module, hint="fix adapter_config.json to the way the adapter "
+                                    "was trained (target_modules or target_parameters, not both; fan_in_fan_out false)")
 
 
 def orient_weight_params(adapter: Adapter, base: Checkpoint) -> None:
@@ -143,6 +165,8 @@ def orient_weight_params(adapter: Adapter, base: Checkpoint) -> None:
         if spec is not None and spec.transpose:
             adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), note="; ".join(x for x in (
                 mod.note, "PEFT's target_parameters LoRA of the weight as stored (in, out): the update is s·(B·A)ᵀ") if x))
+        elif spec is not None and spec.role in EMBED_ROLES:  # s·B·A as stored, (vocab, dim): an embedding LoRA's factors
+            adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), embedding=True)
 
 
 def tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,

@@ -157,3 +157,50 @@ def test_a_filter_that_keeps_only_skipped_tensors_says_why_they_were_skipped(tmp
         diff(str(tmp_path / "b"), str(tmp_path / "t"), plots=False, config=DiffConfig(include="v_proj"))
     with pytest.raises(ConfigError, match="what it keeps was not analysed"):
         extract(str(tmp_path / "b"), str(tmp_path / "t"), tmp_path / "x", config=ExtractConfig(rank=2, include="o_proj"), plots=False)
+
+
+def test_extract_of_an_embeddings_parameter_lora_writes_peft_embedding_factors(tmp_path):
+    """target_parameters=["wpe.weight"]: extract wrote lora_A/lora_B under target_modules ["wpe"], which PEFT's embedding
+    LoRA (lora_embedding_A/B) does not load: the adapter did nothing, with exit 0 and no --embeddings asked."""
+    from spectra.errors import SpectraError
+
+    base, adapter, _ = _gpt2_param_lora(tmp_path, "wpe.weight")
+    with pytest.raises(SpectraError, match="pass --embeddings"):
+        extract(str(base), str(adapter), tmp_path / "no", config=ExtractConfig(rank=2), plots=False)
+    extract(str(base), str(adapter), tmp_path / "ex", config=ExtractConfig(rank=2, embeddings=True), plots=False)
+    W0, S, E = _state(transformers.GPT2LMHeadModel.from_pretrained(base)), _state(merged(base, adapter)), _state(merged(base, tmp_path / "ex"))
+    D, L = S["transformer.wpe.weight"] - W0["transformer.wpe.weight"], E["transformer.wpe.weight"] - W0["transformer.wpe.weight"]
+    assert float(D.norm()) > 0 and float(((D - L).norm() / D.norm()) ** 2) < 1e-8
+
+
+def _edit_config(adapter, **changes):
+    f = adapter / "adapter_config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+
+
+def test_module_loras_that_peft_does_not_load_beside_target_parameters_are_skipped(tmp_path):
+    """With target_parameters set, factors of a module target_modules does not name (c_fc) were measured (‖ΔW‖ 179)
+    where PEFT loads none of them."""
+    from safetensors.torch import load_file
+
+    base, adapter, _ = _gpt2_param_lora(tmp_path, "attn.c_proj.weight")
+    f = adapter / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(1)
+    save_file({**load_file(f), "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": torch.randn(2, 32, generator=g),
+               "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight": torch.randn(128, 2, generator=g)}, f)
+    res = diff(str(base), str(adapter), plots=False)
+    assert "transformer.h.0.mlp.c_fc.weight" not in {m.name for m in res.modules}
+    assert any("c_fc" in s["name"] and "not in target_modules" in s["reason"] for s in res.skipped), res.skipped
+
+
+@pytest.mark.parametrize("changes,said", [({"target_modules": ["c_proj"]}, "target_modules names the module too"),
+                                          ({"fan_in_fan_out": True}, "fan_in_fan_out is true")])
+def test_a_weights_parameter_lora_peft_refuses_to_load_is_refused(tmp_path, changes, said):
+    """target_modules ["c_proj"] beside target_parameters ["attn.c_proj.weight"] (or fan_in_fan_out with it): PEFT
+    refuses to load it; spectra read it, turned (compare against the merge: φ 0.08)."""
+    from spectra.errors import CheckpointFormatError
+
+    base, adapter, _ = _gpt2_param_lora(tmp_path, "attn.c_proj.weight")
+    _edit_config(adapter, **changes)
+    with pytest.raises(CheckpointFormatError, match=said):
+        diff(str(base), str(adapter), plots=False)

@@ -580,11 +580,10 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
                 clashes.setdefault(field_name, {})[module] = keys
     for field_name, mods in clashes.items():  # PEFT's first matching key wins, and save_pretrained < 0.22 sorted the keys
         module, keys = next(iter(mods.items()))
-        adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: {len(mods)} module(s) (e.g. {module}) match several {field_name} keys "
-                             f"with different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained "
-                             "applies it, but PEFT's save_pretrained sorts the keys (before PEFT 0.22, and this file does not "
-                             "say it was saved by a later one), so the run that trained it may have used another (its update "
-                             "then differs from this file's)")
+        adapter.notes.append(f"{READ_NOTE_PREFIX}{config_path}: {len(mods)} module(s) (e.g. {module}) match several {field_name} keys with "
+                             f"different values ({keys}): the first in the file is applied, as PeftModel.from_pretrained applies it, but "
+                             "PEFT's save_pretrained sorts the keys (before PEFT 0.22, and this file does not say it was saved by a later "
+                             "one), so the run that trained it may have used another (its update then differs from this file's)")
     wrapped: list[ParamLora] = []  # target_parameters LoRAs
     for module, kinds in stored.items():
         if weight_param(module, config.target_parameters):  # a Linear's weight as a parameter: patterns on module.weight
@@ -592,6 +591,8 @@ def open_adapter(path: str | Path, *, params: bool = False, match_budget_s: floa
         elif (param := param_lora(ckpt, config, module, kinds, weights)) is not None:
             wrapped.append(param)
             continue
+        elif config.target_parameters and matched[module][0] is None:  # a module's own LoRA: target_modules decides, as in PEFT
+            matched[module] = (config.untargeted(owner.get(module, module), module_loras=True), *matched[module][1:])
         reason, r, alpha = matched[module]
         if reason:
             emb = _tied_embedding(ckpt, stored, kinds) if config.ensure_weight_tying else None
