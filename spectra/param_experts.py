@@ -155,7 +155,9 @@ def orient_weight_params(adapter: Adapter, base: Checkpoint) -> None:
     ``c_attn``, ``c_proj``, ``c_fc``) to the ``(out, in)`` of its module LoRA, in ``adapter.modules``. PEFT adds s·B·A to
     the parameter as stored (B ``(in, r)``, A ``(r, out)`` there), so the update is s·(B·A)ᵀ = s·Aᵀ·Bᵀ; a module's own
     LoRA is ``(out, in)`` whatever its layer stores. Read as a module's, every direction of the update was the other
-    side's (φ 0.04 against its own merge) and a non-square one refused as transposed."""
+    side's (φ 0.04 against its own merge) and a non-square one refused as transposed. An embedding's weight (``(vocab,
+    dim)`` as stored, as spectra orients it) becomes an embedding LoRA (``LoraModule.embedding``), whose factors extract
+    writes as PEFT's ``lora_embedding_A/B``."""
     names = None
     for module, mod in list(adapter.modules.items()):
         if not weight_param(module, adapter.config.target_parameters):
