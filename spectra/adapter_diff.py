@@ -31,14 +31,15 @@ from spectra.io.files import same_file
 from spectra.journal import absorb, diff_identity
 from spectra.linalg import all_finite
 from spectra.naming import MatrixSpec, describe_checkpoint, describe_updates, pairing_key, spec_order, unique_pairing_keys
-from spectra.numerics import numeric_notes, weight_rounding
+from spectra.numerics import numeric_notes
 from spectra.pairing import PAIRING_NOTE_PREFIX, Skipped, oriented_shape
 from spectra.pairing_notes import SAVED_WHOLE
 from spectra.param_experts import BaseNames, refuse_base_changing, tied_head_spec
 from spectra.records import ZERO_BASE_NOTE, DiffEvent, esd_entry, random_ranks, spectrum_fields
 from spectra.results import DiffResult, ModuleResult
 from spectra.roles import part_role
-from spectra.selection import selector, units_of
+from spectra.rounding_bulk import weight_rounding
+from spectra.selection import refuse_empty_selection, selector, units_of
 
 
 def adapter_updates(adapter: Adapter, base: Checkpoint | None) -> list[tuple[LoraModule, MatrixSpec, str | None]]:
@@ -356,6 +357,11 @@ def diff_adapter(
                                              "copy of the base layer PEFT saves whole beside a LoRA on an embedding or output head, not an update")))
     for skip in adapter.skipped:  # untargeted factors, LoRA biases, stray DoRA magnitudes: each with its reason
         result.skipped.append(asdict(skip))
+    if not units:  # the filters left nothing: said so (what they keep and was skipped, with why), before any file is written
+        every = sorted([spec.name for _mod, spec, _base in updates] + [sv.spec.name for sv in saved.values()])
+        refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,
+                               layers=config.layers, what="modules the adapter updates",
+                               skipped=[Skipped(s["name"], s["reason"]) for s in result.skipped])
     finished: set[str] = set()
     if writer:
         result.fingerprint, result.identity = _adapter_identity(adapter, base, config)

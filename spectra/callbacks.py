@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 import warnings
@@ -63,7 +62,7 @@ from spectra.io.files import atomic_file, atomic_write_text, holds_text
 from spectra.journal import append_record
 from spectra.linalg import all_finite
 from spectra.metrics import refuse_meta
-from spectra.naming import describe_checkpoint
+from spectra.naming import describe_checkpoint, layer_of
 from spectra.numerics import certified_floor, numeric_notes, rounding_floor, unresolved_text
 from spectra.selection import selector
 from spectra.subspaces import Factored
@@ -73,7 +72,7 @@ from spectra.trace_points import (
     matrix_meta,
     point_metrics,
 )
-from spectra.tracker_files import FIRST_FILE, load_first, set_aside
+from spectra.tracker_files import FIRST_FILE, kept_records, load_first, refuse_other_options, set_aside
 from spectra.tracker_logs import log_medians, loss_number
 from spectra.tracker_model import (
     active_adapters,
@@ -83,9 +82,12 @@ from spectra.tracker_model import (
     peft_inits,
     peft_types,
     recorded_base_norms,
+    renamed_at_load,
     stored_in_out,
     stored_name,
     trainable_matrices,
+    untraced_lora,
+    untraced_params,
 )
 
 #: After the fix an OutputError names (free disk space, fix the permissions…), when the tracker cannot write its trace:
@@ -179,6 +181,12 @@ class SpectraTracker:
                                         "config": asdict(self.config)}})
                 for s in self.skipped:
                     self._write({"skipped": s})
+                if stacks := [s["name"] for s in self.skipped if "an expert stack?" in s["reason"]]:  # the update may be mostly there
+                    self.warn(f"{len(stacks)} weights of more than 2 dimensions are not traced (e.g. {stacks[0]}): "
+                              "the tracker follows 2-D matrices only")
+                if renamed := renamed_at_load(model):
+                    self.warn(f"transformers renamed weights of this model as it loaded them ({renamed}): the trace names them as the "
+                              "model holds them, its checkpoints store them under the other names (filters match the model's)")
                 if earlier:
                     self.warn(f"the earlier training's trace is kept as {earlier}: {self.path.parent} held a trace when this "
                               "one began")
@@ -205,23 +213,8 @@ class SpectraTracker:
         subspaces are not kept on disk: a LoRA measured at ``step`` itself takes them from its factors
         now (the checkpoint's, the same update); otherwise the first turn_prev after the resume is null,
         not a turn from the checkpoint's weights, which no record holds."""
-        kept, dropped, measured, at_step = [], 0, set(), set()
-        for line in self.path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff").split("\n"):
-            try:  # records are framed by "\n" alone (a name may hold U+2028, which splitlines() splits at)
-                rec = json.loads(line)
-            except ValueError:
-                continue  # a blank line, or one torn by a kill or a full disk: the whole records after it are kept
-            tagged = next((rec[k] for k in ("log", "timing") if isinstance(rec.get(k), dict)), None) if isinstance(rec, dict) else None
-            at = rec.get("step") if isinstance(rec, dict) and "matrix" in rec else \
-                tagged.get("step") if tagged is not None else None
-            if isinstance(at, int) and at > step:
-                dropped += 1
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("matrix"), dict):
-                measured.add(rec["matrix"].get("name"))
-                if at == step:
-                    at_step.add(rec["matrix"].get("name"))
-            kept.append(line + "\n")
+        refuse_other_options(self.path, {"kind": self.kind, "config": asdict(self.config)})
+        kept, dropped, measured, at_step = kept_records(self.path, step)
         atomic_write_text(self.path, "".join(kept))
         exact = self.kind == "lora" or self.from_base  # the update the first measurement was of, measured again
         refs = load_first(self.first_path) if exact else {}
@@ -243,10 +236,11 @@ class SpectraTracker:
             with _tracker_hint():
                 append_record(self.path, jsonable(record))
 
-    def warn(self, text: str) -> None:
-        """Record a caveat of this trace (kept in ``trace.jsonl``, shown by the report)."""
+    def warn(self, text: str, step: int | None = None) -> None:
+        """Record a caveat of this trace (kept in ``trace.jsonl``, shown by the report); ``step``: the step it is said of
+        (dropped with that step's records when a run resumes from an earlier one)."""
         self.warnings.append(text)
-        self._write({"warning": text})
+        self._write({"warning": text, **({"step": int(step)} if step is not None else {})})
 
     def log_loss(self, step: int, **values: float | None) -> None:
         """Record the training loss (or any of ``loss``, ``eval_loss``, ``target_loss``…) at ``step``
@@ -273,7 +267,10 @@ class SpectraTracker:
                 weight = getattr(base, "weight", None)
                 active = active_adapters(mod)
                 name = stored_name(mod_name, wrapped).removeprefix(_PEFT_PREFIX) + ".weight"
-                if weight is None or weight.ndim != 2 or not active:
+                if not active:
+                    continue
+                if (untraced := untraced_lora(mod, name, weight)) is not None:  # a conv's, a 3-D expert stack's
+                    self.skipped.append(untraced)
                     continue
                 if any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
                     self.skipped.append({"name": name, "reason": "DoRA: its update depends on the base weight; not traced"})
@@ -300,7 +297,7 @@ class SpectraTracker:
                               {"module": mod, "adapters": active, "weight": weight if dense_base else None, "out_in": out_in,
                                "start": start, "source": stored_name(mod_name, wrapped)}))
             self.skipped += [{"name": stored_name(n, wrapped), "reason": "trained whole beside the LoRA (modules_to_save); not traced"}
-                             for n, p in model.named_parameters() if p.requires_grad and p.ndim == 2 and "lora_" not in n]
+                             for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "lora_" not in n]
         elif tuners := sorted({t for t in peft_types(model) if t != "LORA"}):
             raise ConfigError(f"the model holds PEFT {', '.join(tuners)} adapters: the tracker traces LoRA updates (s·B·A) and "
                               "full fine-tuning, and reading these factors as weights would give wrong numbers",
@@ -308,6 +305,7 @@ class SpectraTracker:
         else:
             for name, p in trainable_matrices(model).items():
                 found.append((stored_name(name, wrapped), tuple(p.shape), {"param": p, "source": stored_name(name, wrapped)}))
+            self.skipped += [u for u in untraced_params(model, wrapped) if keep(u["name"], layer_of(u["name"]))]
         if len(names := [n for n, _, _ in found]) != len(set(names)):
             twice = next(n for n in names if names.count(n) > 1)
             raise ConfigError(f"two trained weights of the model have one name as a checkpoint stores it ({twice}): their "
@@ -513,14 +511,14 @@ class SpectraTracker:
             records.append({"kind": self.kind, "step": int(step), "loss": loss, "matrix": tr.meta, "point": jsonable(point)})
         if switched and not any("set_adapter() since?" in w for w in self.warnings):  # said once
             self.warn(f"from step {step}: the active LoRA adapters of {len(switched)} modules (e.g. {switched[0]}) are no longer "
-                      "those the tracker was made for (set_adapter() since?): not measured; make the tracker after set_adapter()")
+                      "those the tracker was made for (set_adapter() since?): not measured; make the tracker after set_adapter()", step)
         if (cast := next((tr for tr in self.matrices if tr.param is not None and tr.param.dtype != tr.initial.dtype), None)) and not any(
                 "were cast" in w for w in self.warnings):  # model.to(bfloat16) after the tracker copied them: said once
             self.warn(f"the traced weights were cast since the tracker copied them (e.g. {cast.name}: {cast.initial.dtype} → "
-                      f"{cast.param.dtype}): ΔW holds the cast's rounding; make the tracker after the cast")
+                      f"{cast.param.dtype}): ΔW holds the cast's rounding; make the tracker after the cast", step)
         if diverged:
             self.warn(f"step {step}: {len(diverged)} matrices hold NaN or inf (the training diverged), not measured: "
-                      + ", ".join(diverged[:3]) + ("…" if len(diverged) > 3 else ""))
+                      + ", ".join(diverged[:3]) + ("…" if len(diverged) > 3 else ""), step)
         return records
 
     def _save_first(self) -> None:

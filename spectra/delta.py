@@ -9,14 +9,14 @@ forms it here, so how ΔW is formed has one home.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
 from spectra.linalg import row_blocks
-from spectra.numerics import FLOOR_MARGIN, certified_floor, numeric_notes, rounding_floor
+from spectra.numerics import FLOOR_MARGIN, NOTE_ROWS, certified_floor, numeric_notes, rounding_floor
 from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
 
@@ -54,22 +54,72 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
     without it too for a tuned side stored narrower than float32 (:func:`floor_when_read`)."""
     pair = task.pair
     floors = floors or floor_when_read(pair.tuned_info.dtype)
+    if not keep_base and not floors and reads_by_rows(task, base, tuned):
+        return [_prepare_by_rows(task, base, tuned, device)]
     wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
     wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
     out = []
     for unit in task.units:
         b, t = unit_tensors(unit, wb, wt)
         delta, base_fro, bad = form_delta(b, t, device)
-        if bad == ["overflow"]:
-            out.append(Prepared(unit, task, None, 0.0, "ΔW overflows float32 (weights near ±3.4e38); its spectrum is undefined"))
-        elif bad:
-            out.append(Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined"))
+        if bad:
+            out.append(_skipped(unit, task, bad))
         else:
             notes = pair_notes(pair, b, t, delta, base_fro)  # base_fro²: inf, not OverflowError, past 1e154
             out.append(Prepared(unit, task, delta, base_fro, base=b.to(device=device, dtype=delta.dtype, copy=True) if keep_base else None,
                                  note="; ".join(notes), floor=pair_floor(pair, b, t, notes, delta) if floors else 0.0,
                                  caveats=tuple(notes), floor_known=floors))
     return out
+
+
+#: Elements from which a float32 pair is formed from row blocks read one at a time (:func:`reads_by_rows`).
+ROWS_READ_FROM = 1 << 23
+
+
+def reads_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint) -> bool:
+    """Whether :func:`prepare` forms the ΔW of ``task`` from row blocks of each side read from the files one at a time,
+    rather than from both tensors read whole: a float32 pair of one 2-D matrix stored as analysed (no transpose, no
+    fused parts or experts) of at least :data:`ROWS_READ_FROM` elements in safetensors files. Its peak is then ΔW alone,
+    not ΔW and the stored pair (a 49152 × 576 embedding: 113 MiB, not 340). The numerical caveats read their sampled
+    rows again (:func:`pair_notes`); a pair that needs more of the stored tensors (a rounding floor read with the pair, a
+    copy of W_base, a base stored finer than the tuned side) is read whole."""
+    pair = task.pair
+    if len(task.units) != 1 or task.units[0].expert is not None or task.units[0].rows is not None:
+        return False
+    if pair.base.transpose or pair.tuned.transpose or (pair.base_info.dtype, pair.tuned_info.dtype) != ("float32", "float32"):
+        return False
+    shape = tuple(pair.tuned_info.shape)
+    if len(shape) != 2 or tuple(pair.base_info.shape)[1:] != shape[1:]:
+        return False
+    rows = pair.rows if pair.rows is not None else shape[0]
+    return rows > NOTE_ROWS and rows * shape[1] >= ROWS_READ_FROM and base.reads_rows(pair.base.name) and tuned.reads_rows(pair.tuned.name)
+
+
+def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device) -> Prepared:
+    """:func:`prepare` of a pair :func:`reads_by_rows` accepts."""
+    pair, unit = task.pair, task.units[0]
+    rows = pair.rows if pair.rows is not None else pair.tuned_info.shape[0]
+
+    def read(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = block.start, min(block.stop, rows)
+        return base.load_rows(pair.base.name, start, stop), tuned.load_rows(pair.tuned.name, start, stop)
+
+    def rows_of(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        picked = [read(slice(i, i + 1)) for i in index.tolist()]
+        return torch.cat([b for b, _ in picked]), torch.cat([t for _, t in picked])
+
+    delta, base_fro, bad = form_delta_blocks(read, (rows, pair.tuned_info.shape[1]), (torch.float32, torch.float32), device)
+    if bad:
+        return _skipped(unit, task, bad)
+    notes = pair_notes(pair, None, None, delta, base_fro, rows_of=rows_of)
+    return Prepared(unit, task, delta, base_fro, note="; ".join(notes), caveats=tuple(notes))
+
+
+def _skipped(unit: Unit, task: Task, bad: list[str]) -> Prepared:
+    """The :class:`Prepared` of a unit whose ΔW is undefined (``bad``: :func:`form_delta`'s)."""
+    if bad == ["overflow"]:
+        return Prepared(unit, task, None, 0.0, "ΔW overflows float32 (weights near ±3.4e38); its spectrum is undefined")
+    return Prepared(unit, task, None, 0.0, f"{' and '.join(bad)} weights contain NaN or Inf; ΔW is undefined")
 
 
 def floor_when_read(tuned_dtype: str) -> bool:
@@ -125,12 +175,14 @@ def unit_floor(item: Prepared, base: Checkpoint, tuned: Checkpoint) -> float:
     return pair_floor(pair, b, t, item.caveats)
 
 
-def pair_notes(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, delta: torch.Tensor, base_fro: float) -> list[str]:
+def pair_notes(pair: MatrixPair, wb: torch.Tensor | None, wt: torch.Tensor | None, delta: torch.Tensor, base_fro: float,
+               rows_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[str]:
     """The numerical caveats (:func:`spectra.numerics.numeric_notes`) of the ΔW that :func:`form_delta`
     formed from the oriented stored tensors ``wb``, ``wt`` of ``pair`` (their stored dtypes decide ε), for
-    every command that forms ΔW (diff's :func:`prepare`, compare, trace, interfere)."""
+    every command that forms ΔW (diff's :func:`prepare`, compare, trace, interfere); with ``rows_of`` (and ``wb``,
+    ``wt`` None) the rows the caveats sample are read again from the files (:func:`reads_by_rows`)."""
     return numeric_notes(wb, wt, delta, base_dtype=pair.base_info.dtype, tuned_dtype=pair.tuned_info.dtype,
-                         base_sq=base_fro * base_fro)
+                         base_sq=base_fro * base_fro, rows_of=rows_of)
 
 
 def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequence[str] = (),
@@ -144,7 +196,11 @@ def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequ
     return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb, delta=delta), notes, wt, wb, delta=delta)
 
 
-def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = 1 << 22,
+#: Elements of each row block :func:`form_delta` upcasts and subtracts at a time.
+_BLOCK = 1 << 22
+
+
+def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: int = _BLOCK,
                work: torch.dtype | None = None) -> tuple[torch.Tensor, float, list[str]]:
     """ΔW = t − b on ``device`` (docs/definitions.md: upcast, then subtract), ‖b‖_F in float64, and which sides
     hold NaN/Inf.
@@ -156,15 +212,26 @@ def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: in
     a bf16 pair never has both float32 upcasts in memory at once (peak: the stored pair plus ΔW),
     and on a GPU only the stored bytes cross the bus.
     """
-    work = work or (torch.float64 if torch.float64 in (b.dtype, t.dtype) else torch.float32)
-    delta = torch.empty(b.shape, dtype=work, device=device)
+    return form_delta_blocks(lambda rows: (b[rows], t[rows]), tuple(b.shape), (b.dtype, t.dtype), device, block, work)
+
+
+def form_delta_blocks(read: Callable[[slice], tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...],
+                      dtypes: tuple[torch.dtype, torch.dtype], device: torch.device, block: int = _BLOCK,
+                      work: torch.dtype | None = None) -> tuple[torch.Tensor, float, list[str]]:
+    """:func:`form_delta` of a pair given by ``read(rows)``, which returns rows ``rows`` (a slice of the first axis, its
+    stop possibly past the end) of ``(W_base, W_tuned)`` as stored; ``shape`` ``(out, in)`` and ``dtypes`` the stored
+    dtypes of the two sides. A pair read from its files a block at a time (:func:`prepare`) never holds more of its
+    stored tensors than one block of each."""
+    work = work or (torch.float64 if torch.float64 in dtypes else torch.float32)
+    delta = torch.empty(shape, dtype=work, device=device)
     sq = torch.zeros((), dtype=torch.float64, device=device)
     finite_b = torch.ones((), dtype=torch.bool, device=device)
     delta_ok = torch.ones((), dtype=torch.bool, device=device)
-    blocks = row_blocks(b.shape[0], b.shape[-1], block)
+    blocks = row_blocks(shape[0], shape[-1], block)
     for rows in blocks:
-        bb = b[rows].to(device).to(work)
-        tb = t[rows].to(device).to(work)
+        b_rows, t_rows = read(rows)
+        bb = b_rows.to(device).to(work)
+        tb = t_rows.to(device).to(work)
         # accumulated in float64 without a float64 copy of the block (half the time, 8 bytes/element less)
         part = torch.linalg.vector_norm(bb, dtype=torch.float64) ** 2
         sq += part
@@ -179,28 +246,31 @@ def form_delta(b: torch.Tensor, t: torch.Tensor, device: torch.device, block: in
     if not sums_ok:  # rare: tuned or base is not finite, or a sum overflowed; look closely
         # (fp8 has no isfinite on the CPU: upcast each block)
         wide = (torch.float32, torch.float64)  # (a float64 weight above 3.4e38 is finite: never narrowed to float32)
-        if not all(bool(torch.isfinite(tb if (tb := t[rows]).dtype in wide else tb.float()).all()) for rows in blocks):
+        if not all(bool(torch.isfinite(tb if (tb := read(rows)[1]).dtype in wide else tb.float()).all()) for rows in blocks):
             bad.append("tuned")
         elif base_ok and not all(bool(torch.isfinite(delta[rows]).all()) for rows in blocks):
             if work == torch.float32:  # both sides finite, their float32 difference is not: float64 holds it
                 del delta
-                return form_delta(b, t, device, block, work=torch.float64)
+                return form_delta_blocks(read, shape, dtypes, device, block, work=torch.float64)
             bad.append("overflow")  # (float64 weights near 1.8e308 of opposite signs)
     base_fro = float(sq.item()) ** 0.5
     if base_ok and work == torch.float64 and not 1e-150 < base_fro < 1e150:
         # float64 weights whose squares over- or underflow: the norm of the scaled matrix, scaled back
-        amax = float(b.abs().max())
+        amax = max((float(x.abs().max()) for rows in blocks if (x := read(rows)[0]).numel()), default=0.0)
         if 0 < amax < math.inf:
-            base_fro = amax * float(torch.linalg.vector_norm(b.to(device, torch.float64) / amax))
+            scaled = sum(float(torch.linalg.vector_norm(read(rows)[0].to(device, torch.float64) / amax)) ** 2 for rows in blocks)
+            base_fro = amax * math.sqrt(scaled)
     return delta, base_fro, bad
 
 
-def pair_bytes(task: Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool = False) -> tuple[int, int]:
+def pair_bytes(task: Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool = False, floors: bool = False) -> tuple[int, int]:
     """Memory of one tensor pair in flight, bytes, as ``(loaded, formed)``: both tensors as loaded
-    (a quantised weight with a scale comes back float32), and what is formed from them: ΔW of each
-    unit (float64 when a side is stored in float64, else float32) and, with ``keep_base``, a copy of
-    W_base in that dtype."""
+    (a quantised weight with a scale comes back float32; a pair :func:`prepare` reads by rows, one block of each),
+    and what is formed from them: ΔW of each unit (float64 when a side is stored in float64, else float32) and, with
+    ``keep_base``, a copy of W_base in that dtype. ``floors`` as :func:`prepare`'s."""
     pair = task.pair
+    if not keep_base and not floors and not floor_when_read(pair.tuned_info.dtype) and reads_by_rows(task, base, tuned):
+        return 2 * _BLOCK * 4, 4 * task.units[0].shape[0] * task.units[0].shape[1]
 
     def loaded(ckpt: Checkpoint, name: str, info: TensorInfo) -> int:
         return math.prod(info.shape) * 4 if name in ckpt.scales else info.nbytes

@@ -616,7 +616,7 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
             matrix. ``matrix_rank``, ``rank_loss``, ``weak_rank_loss`` and ``entropy`` count the
             singular values at or below it as 0.
         rounding: the median eigenvalue at or below which the bulk may be the rounding of the matrix's storage
-            (:func:`spectra.numerics.rounding_bulk`; 0: exact): the Marchenko–Pastur fit (``mp_*``) is then dropped (a rank-5 weight
+            (:func:`spectra.rounding_bulk.rounding_bulk`; 0: exact): the Marchenko–Pastur fit (``mp_*``) is then dropped (a rank-5 weight
             stored in bfloat16 read 21 spikes off its rounding). A full-rank weight's median lies far above it.
     Returns:
         :class:`EsdMetrics`. Norm metrics use every eigenvalue; the fit only those above the threshold.

@@ -48,9 +48,10 @@ from spectra.journal import REWRITE_EVERY_S, RecordJournal, first_of_each, run_i
 from spectra.linalg import all_finite, check_device_available, resolve_device
 from spectra.load_names import ww_unseen
 from spectra.metrics import numerical_rank, rank_resolution
-from spectra.numerics import rounding_bulk, rounding_bulk_note, unit_roundoff
+from spectra.numerics import unit_roundoff
 from spectra.pairing import NOT_MATRIX, MatrixPair, pair_checkpoints
 from spectra.roles import part_role
+from spectra.rounding_bulk import rounding_bulk, rounding_bulk_note
 from spectra.selection import Task, Unit, layer_filter, plan_units
 from spectra.stream import largest_first, one_openmp_thread, read_ahead
 

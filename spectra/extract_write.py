@@ -97,11 +97,18 @@ def _missing_experts(src: ExtractSource, chosen: list[tuple[int, Target, int]]) 
     written = {t.module for _, t, _ in chosen}
     rank = {key[0]: r for _, t, r in chosen if t.expert is not None and (key := split(t.module))}  # a layer's experts: one r
     pads = []
-    for n in (n for n in src.base.tensors if rank and n.endswith(".weight")):
-        module = n[: -len(".weight")].removeprefix(src.base_prefix)
-        if (key := split(module)) and key[0] in rank and module not in written and len(shape := src.base.tensors[n].shape) == 2:
+    for module, shape in _stored_modules(src) if rank else ():
+        if (key := split(module)) and key[0] in rank and module not in written and len(shape) == 2:
             pads.append((module, rank[key[0]], (int(shape[0]), int(shape[1]))))
     return pads
+
+
+def _stored_modules(src: ExtractSource) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """``(module, stored shape)`` of each of the base's ``.weight`` tensors, the module named as PEFT names it (the
+    checkpoint's wrapper prefix removed)."""
+    for n, info in src.base.tensors.items():
+        if n.endswith(".weight"):
+            yield n[: -len(".weight")].removeprefix(src.base_prefix), tuple(info.shape)
 
 
 def _other_layers_experts(src: ExtractSource, written: list[str]) -> list[str]:
@@ -113,8 +120,7 @@ def _other_layers_experts(src: ExtractSource, written: list[str]) -> list[str]:
         return []
     keys = [key for m in written if (key := rules.converted_expert(m))]
     mine, leaves = {k[0] for k in keys}, {k[1] for k in keys}
-    stored = (n[: -len(".weight")].removeprefix(src.base_prefix) for n in src.base.tensors if n.endswith(".weight"))
-    return sorted({key[0] for m in stored if (key := rules.converted_expert(m)) and key[0] not in mine and key[1] in leaves})
+    return sorted({key[0] for m, _ in _stored_modules(src) if (key := rules.converted_expert(m)) and key[0] not in mine and key[1] in leaves})
 
 
 def _stacks(src: ExtractSource, ranks: list[int]) -> dict[str, tuple[int, tuple[int, int], list[int | None]]]:

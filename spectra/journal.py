@@ -403,16 +403,17 @@ def inputs_fingerprint(checkpoints: list[Checkpoint], options: dict) -> str:
     return run_identity(checkpoints, options)[0]
 
 
-def run_identity(checkpoints: list[Checkpoint], options: dict) -> tuple[str, dict]:
+def run_identity(checkpoints: list[Checkpoint], options: dict, identities: list[list] | None = None) -> tuple[str, dict]:
     """``(fingerprint, about)``: :func:`inputs_fingerprint`, and what it was made of in a form a journal's header keeps
     (``code``: :func:`code_identity`; ``options``; ``inputs``: each checkpoint's resolved path and a hash of its
-    identity), from which :func:`other_run` says what differs when a resume is refused."""
+    identity), from which :func:`other_run` says what differs when a resume is refused. ``identities``: each
+    checkpoint's :func:`checkpoint_identity` when the caller has them (they read content samples), else read here."""
     text = json.dumps(options, sort_keys=True, default=list)
     h = hashlib.sha256(text.encode())
     h.update(code_identity().encode())
     inputs = []
-    for ckpt in checkpoints:
-        identity = checkpoint_identity(ckpt)  # read once: the fingerprint's and the header's
+    for i, ckpt in enumerate(checkpoints):
+        identity = identities[i] if identities is not None else checkpoint_identity(ckpt)  # read once: the fingerprint's and the header's
         h.update(json.dumps(identity).encode())
         inputs.append([os.path.realpath(ckpt.root), _short_hash(identity), deciding_digests(identity)])
     return h.hexdigest()[:16], {"code": code_identity(), "options": json.loads(text), "inputs": inputs}
@@ -484,14 +485,17 @@ def appended_inputs(then: object, now: dict | None, grows: str) -> bool:
             and isinstance(inputs, list) and len(inputs) < len(added) and added[:len(inputs)] == inputs)
 
 
-def prefix_fingerprint(then: object, now: dict, checkpoints: list[Checkpoint], options: dict, grows: str) -> str | None:
+def prefix_fingerprint(then: object, now: dict, checkpoints: list[Checkpoint], options: dict, grows: str,
+                       identities: list[list] | None = None) -> str | None:
     """The fingerprint (:func:`run_identity`) of the run over ``checkpoints`` with ``options`` (whose ``now`` is its
     ``about``) less the inputs appended since the run described by ``then`` (:func:`appended_inputs`), recomputed from
-    the inputs and ``then``'s ``grows`` option; None when ``then`` is no such run."""
+    the inputs (``identities``: theirs, as :func:`run_identity` takes them) and ``then``'s ``grows`` option; None when
+    ``then`` is no such run."""
     if not appended_inputs(then, now, grows):
         return None
     n = len(then["inputs"])  # type: ignore[index]
-    return run_identity(checkpoints[:n], {**options, grows: then["options"][grows]})[0]  # type: ignore[index]
+    return run_identity(checkpoints[:n], {**options, grows: then["options"][grows]},  # type: ignore[index]
+                        identities[:n] if identities is not None else None)[0]
 
 
 def start_sealed(path: Path, checkpoints: list[Checkpoint], options: dict, *, resume: bool,

@@ -265,7 +265,7 @@ def quant_param_of(name: str) -> tuple[str, str] | None:
 def foreign_quant_of(name: str, names: Container[str]) -> str | None:
     """The module ``X`` when ``name`` is a parameter of a quantisation format spectra does not read
     (:data:`FOREIGN_QUANT_LEAVES`; ``X.scales`` beside ``X.qweight`` or ``X.weight``, ``X.biases`` beside
-    ``X.scales``, and ``X.qbiases``), looking at the other tensor ``names`` of its checkpoint; else None.
+    ``X.scales``, ``X.qbiases``, and MXFP4's ``X_blocks`` with ``X_scales``), looking at the other tensor ``names`` of its checkpoint; else None.
 
     >>> foreign_quant_of("l.0.q_proj.scales", {"l.0.q_proj.qweight", "l.0.q_proj.scales"})
     'l.0.q_proj'
@@ -273,6 +273,8 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
     'l.0.q_proj'
     >>> foreign_quant_of("l.0.norm.scales", {"l.0.norm.scales"}) is None
     True
+    >>> foreign_quant_of("l.0.mlp.experts.down_proj_blocks", {"l.0.mlp.experts.down_proj_blocks", "l.0.mlp.experts.down_proj_scales"})
+    'l.0.mlp.experts.down_proj'
     """
     comps = name.split(".")
     if "quant_state" in comps[:-1] and comps.index("quant_state") >= 1:  # X.weight.quant_state.<format>
@@ -288,6 +290,10 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
         return prefix
     if leaf in ("biases", "qbiases") and prefix and f"{prefix}.scales" in names:  # MLX; transformers' metal format
         return prefix
+    # MXFP4 (gpt-oss's release): a 3-D expert parameter X stored as uint8 X_blocks (E, out, in/32, 16) and X_scales
+    stem, _, kind = name.rpartition("_")
+    if kind in ("blocks", "scales") and stem and f"{stem}_blocks" in names and f"{stem}_scales" in names:
+        return stem
     return None
 
 

@@ -48,10 +48,9 @@ of rows: results are deterministic.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spectra.io.checkpoint import QUANTISED_DTYPES
@@ -107,8 +106,14 @@ class NumericNote:
     message: str
 
 
-def numeric_notes(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
-                  base_dtype: str, tuned_dtype: str, base_sq: float | None = None) -> list[str]:
+#: The rows of ΔW the element-wise caveats read (:func:`numeric_flags`' ``max_rows``): a full pass costs several times
+#: forming ΔW on a CPU.
+NOTE_ROWS = 64
+
+
+def numeric_notes(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: torch.Tensor, *,
+                  base_dtype: str, tuned_dtype: str, base_sq: float | None = None,
+                  rows_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[str]:
     """Explained numerical caveats of ΔW, as messages (see :func:`numeric_flags` for the arguments).
 
     Example:
@@ -120,12 +125,14 @@ def numeric_notes(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         >>> [m.split(":")[0] for m in numeric_notes(w, t, t.float() - w.float(), base_dtype="bfloat16", tuned_dtype="bfloat16")]
         ['ΔW is at the rounding level of bfloat16']
     """
-    return [n.message for n in numeric_flags(base, tuned, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype, base_sq=base_sq)]
+    return [n.message for n in numeric_flags(base, tuned, delta, base_dtype=base_dtype, tuned_dtype=tuned_dtype, base_sq=base_sq,
+                                             rows_of=rows_of)]
 
 
-def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, *,
+def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: torch.Tensor, *,
                   base_dtype: str, tuned_dtype: str, block: int = 1 << 22,
-                  sample_rows: int = 16, max_rows: int | None = 64, base_sq: float | None = None) -> list[NumericNote]:
+                  sample_rows: int = 16, max_rows: int | None = NOTE_ROWS, base_sq: float | None = None,
+                  rows_of: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[NumericNote]:
     """Numerical caveats of one update ΔW = W_tuned − W_base (module docstring), in a fixed order.
 
     Args:
@@ -144,17 +151,25 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
             rows are scaled up from the evenly spaced ones, and the note says it was estimated.
         base_sq: ‖W_base‖_F² when the caller has it (:func:`spectra.delta.form_delta` computes it while forming
             ΔW); else it is computed (or, with sampling, estimated) here.
+        rows_of: with ``base`` and ``tuned`` None, reads the given rows (int64 indices, in that order) of W_base and
+            W_tuned as stored, for a pair not held whole (formed from row blocks, :func:`spectra.delta.prepare`). Only
+            for a sampled pass (more rows than ``max_rows``) of a base stored no finer than the tuned side, the one case
+            that reads no other rows; ``base_sq`` is then needed.
 
     Returns:
         The :class:`NumericNote` of each check that fired; empty when ΔW is all zero or not finite.
     """
-    if base.shape != tuned.shape or base.shape != delta.shape:
+    if base is None or tuned is None:
+        if rows_of is None or base is not None or tuned is not None:
+            raise ValueError("give base and tuned, or rows_of without them")
+    elif base.shape != tuned.shape or base.shape != delta.shape:
         raise ValueError(f"base, tuned and delta must have one shape. Got {tuple(base.shape)}, "
                          f"{tuple(tuned.shape)}, {tuple(delta.shape)} instead")
     if delta.numel() == 0:
         return []
     cols = delta.shape[-1] if delta.ndim else 1
-    b2, t2, d2 = (x.reshape(-1, cols) for x in (base, tuned, delta))
+    d2 = delta.reshape(-1, cols)
+    b2, t2 = (None, None) if base is None or tuned is None else (base.reshape(-1, cols), tuned.reshape(-1, cols))
     eps_b, eps_t = _eps(base_dtype), _eps(tuned_dtype)
     # (2)'s ε is the rounding of the tuned weights when they were stored (as rounding_floor's): a base stored
     # coarser (a bf16 release fine-tuned and saved in float32) is exact as it stands, and changes below its
@@ -167,6 +182,8 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     # Finer by its values, not only its dtype: a bf16 release saved in float32 is on the bf16 grid (the rows read
     # are checked), and its fine-tune's one-ulp flips are rounding noise as on one grid
     finer_dtype = eps_b is not None and eps_t is not None and eps_b < eps_t
+    if b2 is None and (finer_dtype or max_rows is None or d2.shape[0] <= max_rows or base_sq is None):
+        raise ValueError("rows_of serves a sampled pass (more rows than max_rows, base_sq given) of a base stored no finer than the tuned side")
     tiny_b = _tiny_threshold(b2, base_dtype)
     tiny_t = _tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
@@ -189,15 +206,17 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
         scale = rest_rows.numel() / max(1, even.numel())
         weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
-        b_rows = b2[rows.to(b2.device)]
+        b_rows, t_rows = rows_of(rows.cpu()) if b2 is None or t2 is None else (b2[rows.to(b2.device)], t2[rows.to(t2.device)])
         finer_base = finer_dtype and not _on_grid(b_rows, tuned_dtype, block)
-        s = _pass(b_rows, t2[rows.to(t2.device)], d2[rows], eps / 2 if finer_base else eps, tiny_b, tiny_t, block,
+        s = _pass(b_rows, t_rows, d2[rows], eps / 2 if finer_base else eps, tiny_b, tiny_t, block,
                   weight=weight.to(d2.device), norms=base_sq is None, delta_sq=False)
         s["delta_sq"] = float((energy**2).sum())
+        # ratios to ‖ΔW‖² are taken over the same sample as their numerators: 40 flipped rows (16 read exactly, the
+        # other 24 between the evenly spaced ones) were 40% of the exact total, and the rounding note did not fire
+        s["sample_delta_sq"] = float((weight.to(energy.device) * energy[rows] ** 2).sum())
         for k in ("nonzero", "ulp", "sub_b", "sub_t"):
             s[k] = int(round(s[k]))
-        rows = rows.to(b2.device)
-        b2, t2 = b2[rows], t2[rows]  # the grid check samples from these
+        b2, t2 = b_rows, t_rows  # the grid check samples from these
         where = f" (estimated from {rows.numel()} of {total_rows} rows: the {top.numel()} that changed most, and evenly spaced others)"
     if base_sq is not None:  # exact, from the caller's pass over every element
         s["base_sq"] = s["tuned_sq"] = float(base_sq)  # ‖W_tuned‖ ≈ ‖W_base‖ at the precision these ratios need
@@ -205,12 +224,13 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
         return []
     notes: list[NumericNote] = []
     fro = s["delta_sq"] ** 0.5
+    sample_sq = s.get("sample_delta_sq", s["delta_sq"])
     n = total_rows * cols
 
     # (1) subnormals: flushing them to zero changes ΔW_ij by b_ij where the base's is subnormal and by −t_ij where
     # the tuned's is: exactly that, summed (a bound of ‖b_sub‖ + ‖t_sub‖ said 15% where flushing moved 0.02%,
     # as both sides' subnormals of one entry mostly cancel)
-    effect = s["flush_sq"] ** 0.5 / fro
+    effect = (s["flush_sq"] / sample_sq) ** 0.5 if sample_sq > 0 else 0.0
     if (s["sub_b"] or s["sub_t"]) and effect >= SUBNORMAL_EFFECT:
         sides = ", ".join(f"{side} {k} ({k / n:.2%}, below {tiny:.3g} in {dt})"
                           for side, k, tiny, dt in (("base", s["sub_b"], tiny_b, base_dtype), ("tuned", s["sub_t"], tiny_t, tuned_dtype)) if k)
@@ -222,7 +242,7 @@ def numeric_flags(base: torch.Tensor, tuned: torch.Tensor, delta: torch.Tensor, 
     rounding = False
     if eps is not None and s["nonzero"]:
         coarse = tuned_dtype if eps_t is not None else base_dtype
-        share = min(s["ulp_sq"] / s["delta_sq"], 1.0)  # sampled rows scaled up can estimate above the exact total
+        share = min(s["ulp_sq"] / sample_sq, 1.0) if sample_sq > 0 else 0.0
         if share >= ROUNDING_ENERGY:
             rounding = True  # either way, (5)'s mixed-precision rounding is said by this note
             mixed = f" (base {base_dtype}, tuned {tuned_dtype})" if base_dtype != tuned_dtype else ""
@@ -448,13 +468,13 @@ def _eps(dtype: str) -> float | None:
     return float(torch.finfo(tdtype).eps)
 
 
-def _tiny_threshold(x: torch.Tensor, dtype: str) -> float | None:
-    """Smallest normal of the stored dtype when ``x`` holds values in that dtype's units; None when
-    ``x`` was dequantised (scaled codes: subnormality of the codes cannot be seen in the values)."""
+def _tiny_threshold(x: torch.Tensor | None, dtype: str) -> float | None:
+    """Smallest normal of the stored dtype when ``x`` holds values in that dtype's units (None: read as stored);
+    None when ``x`` was dequantised (scaled codes: subnormality of the codes cannot be seen in the values)."""
     tdtype = getattr(torch, dtype, None)
     if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
         return None
-    if x.dtype != tdtype:
+    if x is not None and x.dtype != tdtype:
         rows = even_rows(x.shape[0], 16)
         sample = x[rows]
         if not torch.equal(sample.to(tdtype).to(sample.dtype), sample):
@@ -645,49 +665,4 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-
-
-#: How far above the median eigenvalue storage rounding would give a median eigenvalue must lie to be the matrix's bulk.
-ROUNDING_BULK = 4.0
-#: The median of w² for Gaussian w over its mean (χ²₁'s median): turns a median of squares into a typical mean square.
-_CHI2_MEDIAN = 0.45494
-#: Entries sampled for the typical square of a matrix (:func:`rounding_bulk`).
-_BULK_SAMPLE = 1 << 16
-
-
-def rounding_bulk(W: torch.Tensor, roundoff: float) -> float:
-    """The median eigenvalue of ``WᵀW`` (``W`` ``(out, in)``, any float dtype) at or below which its bulk may be the
-    rounding of its storage (``roundoff``: the stored dtype's unit roundoff, :func:`spectra.numerics.unit_roundoff`;
-    0 gives 0): :data:`ROUNDING_BULK` · ``u²/3 · N · w²``, ``N = max(out, in)`` and ``w²`` the typical square of an entry
-    (the median of the squares of up to 65,536 sampled entries, over χ²₁'s median). Rounding adds entries of variance
-    at most ``u²w²/3``, so a bulk of it has a median eigenvalue near ``u²/3 · N · w²``; a typical entry, not the mean,
-    because a few outlier rows or columns put their rounding in a few eigenvalues, not in the bulk (a mean-based bound
-    dropped the fit of a Gaussian weight with two ×3000 columns)."""
-    if roundoff <= 0 or W.numel() == 0:
-        return 0.0
-    flat = W.reshape(-1)
-    step = max(1, flat.numel() // _BULK_SAMPLE)
-    while math.gcd(step, W.shape[-1]) != 1:  # a step sharing a factor with the row length samples a few columns only
-        step += 1
-    x = flat[::step].double()
-    return ROUNDING_BULK * roundoff * roundoff / 3 * max(W.shape) * float(torch.median(x * x)) / _CHI2_MEDIAN
-
-
-def weight_rounding(W: torch.Tensor, dtype: str) -> tuple[float, str]:
-    """``(level, dtype)`` of a weight ``W`` (``(out, in)``, any float dtype) stored in ``dtype``, for
-    :func:`spectra.records.esd_entry`'s ``rounding``: :func:`rounding_bulk` with that dtype's unit roundoff."""
-    return rounding_bulk(W, unit_roundoff(dtype)), dtype
-
-
-def rounding_bulk_note(lam: np.ndarray, mp_sigma2: float | None, level: float, dtype: str) -> str:
-    """Why a matrix with eigenvalues ``lam`` (any order) has no Marchenko–Pastur fit when its median eigenvalue is at
-    or below ``level`` (:func:`rounding_bulk` of its ``dtype`` storage), or ``""`` (a fit, or a bulk above it)."""
-    mid = float(np.median(lam)) if len(lam) else 0.0
-    if mp_sigma2 is not None or not 0 < mid <= level:
-        return ""
-    return (f"its median eigenvalue {mid:.3g} is at the rounding of its {dtype} storage ({level:.3g}): no "
-            "Marchenko–Pastur fit (mp_* null)")
-
-
-__all__ = ["ROUNDING_BULK", "NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor",
-           "rounding_bulk", "rounding_bulk_note", "weight_rounding"]
+__all__ = ["NOTE_ROWS", "NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor"]

@@ -170,7 +170,7 @@ DEQUANTISE_HINT = ("dequantise it first (load it with transformers, call model.d
 
 
 def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
-    """The quantisation format (``"GPTQ/AWQ"``, ``"bitsandbytes 4-bit"``, ``"bitsandbytes int8"``, ``"MLX"``, ``"metal"``)
+    """The quantisation format (``"GPTQ/AWQ"``, ``"bitsandbytes 4-bit"``, ``"bitsandbytes int8"``, ``"MLX"``, ``"metal"``, ``"MXFP4"``)
     of module ``module`` in ``ckpt``, from the parameters stored beside its weight, or None."""
     names = ckpt.tensors
     if f"{module}.qweight" in names:
@@ -187,6 +187,8 @@ def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
         return "MLX"
     if f"{module}.scales" in names and f"{module}.qbiases" in names:
         return "metal"
+    if f"{module}_blocks" in names and f"{module}_scales" in names:
+        return "MXFP4"
     return None  # (scales beside a packed weight alone: HIGGS, others; said "packed")
 
 
@@ -217,12 +219,13 @@ def _packed_on_one_side(result: Pairing, base: Checkpoint, tuned: Checkpoint) ->
     were left there, "not paired", with no word of the quantisation)."""
     for side, ckpt, own, other in (("tuned", tuned, result.tuned_only, result.base_only),
                                    ("base", base, result.base_only, result.tuned_only)):
-        weights = {pairing_key(n): n for n in other if n.endswith(".weight")}
+        # (an MXFP4 stack X_blocks pairs with the other side's parameter X itself: no ``.weight``)
+        weights = {pairing_key(n): n for n in other if n.endswith(".weight") or f"{n}_blocks" in ckpt.tensors}
         modules = {n: foreign_quant_of(n, ckpt.tensors) or (n.rpartition(".")[0] if n.endswith(".qweight") else None)
                    for n in own}
         found: dict[str, str] = {}  # the other side's weight -> this side's quantised module
         for module in modules.values():
-            if module and foreign_format(module, ckpt) and (w := weights.get(pairing_key(f"{module}.weight"))):
+            if module and foreign_format(module, ckpt) and (w := weights.get(pairing_key(f"{module}.weight")) or weights.get(pairing_key(module))):
                 found.setdefault(w, module)
         for w, module in found.items():
             result.skipped.append(Skipped(w, f"{side} stores this matrix packed by {foreign_format(module, ckpt)} quantisation, "

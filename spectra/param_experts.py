@@ -164,11 +164,13 @@ def orient_weight_params(adapter: Adapter, base: Checkpoint) -> None:
             continue
         names = names or BaseNames(base, base.specs, unique_pairing_keys(list(base.tensors)))
         spec = base.specs.get(names.find(mod.weight_name) or "")
-        if spec is not None and spec.transpose:
-            adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), note="; ".join(x for x in (
-                mod.note, "PEFT's target_parameters LoRA of the weight as stored (in, out): the update is s·(B·A)ᵀ") if x))
-        elif spec is not None and spec.role in EMBED_ROLES:  # s·B·A as stored, (vocab, dim): an embedding LoRA's factors
-            adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), embedding=True)
+        if spec is None or not (spec.transpose or spec.role in EMBED_ROLES):
+            continue
+        # either way the factors swap sides: a Conv1D's update is s·(B·A)ᵀ; an embedding's s·B·A as stored, (vocab, dim),
+        # has an embedding LoRA's factors
+        note = "PEFT's target_parameters LoRA of the weight as stored (in, out): the update is s·(B·A)ᵀ" if spec.transpose else ""
+        adapter.modules[module] = replace(mod, A=mod.B.mT.contiguous(), B=mod.A.mT.contiguous(), embedding=not spec.transpose,
+                                          note="; ".join(x for x in (mod.note, note) if x))
 
 
 def tied_head_spec(weight_name: str, shape: tuple[int, ...], base: Checkpoint, specs: dict[str, MatrixSpec], *,

@@ -36,13 +36,14 @@ from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, diff_identity, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import resolved_above
-from spectra.numerics import raises_floor, weight_rounding
+from spectra.numerics import raises_floor
 from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
 from spectra.plots.base import preload as preload_plots
 from spectra.records import DiffEvent, approx_result, esd_entry, exact_result
 from spectra.results import CHANGED_SKIP, DiffResult, ModuleResult
+from spectra.rounding_bulk import weight_rounding
 from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
 from spectra.stored_bytes import base_lookup, changed_tensors

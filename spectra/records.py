@@ -13,11 +13,11 @@ from spectra.config import DiffConfig
 from spectra.delta import Prepared
 from spectra.esd import EVALS_THRESH, GRAM_LIMIT, XminMethod, esd_metrics
 from spectra.metrics import rank_resolution, relative_norm, spectrum_metrics, threshold_key
-from spectra.numerics import rounding_bulk_note
 from spectra.pairing import Skipped
 from spectra.randmat import random_energy_rank
 from spectra.results import ModuleResult
 from spectra.roles import part_role
+from spectra.rounding_bulk import rounding_bulk_note
 from spectra.sketch import ApproxSpectrum
 
 
@@ -112,7 +112,7 @@ def esd_entry(shape: tuple[int, int], S_delta: np.ndarray | None, S_base: np.nda
             not fitted either (:func:`delta_fit_refusal` adds why to the note).
         S_base, S_tuned: the full singular values of W_base and W_tuned, or None (not available).
         note: why a side is missing; ``""`` when all three are there.
-        rounding: ``(level, dtype)`` of W_base and of W_tuned (:func:`spectra.numerics.weight_rounding`): a side whose median eigenvalue
+        rounding: ``(level, dtype)`` of W_base and of W_tuned (:func:`spectra.rounding_bulk.weight_rounding`): a side whose median eigenvalue
             is at its storage's rounding level gets no Marchenko–Pastur fit, as in ``spectra esd``, and a note says so.
 
     Returns:

@@ -143,6 +143,22 @@ def unmeasured_clause(skipped: list[dict[str, str]], what: str = "compared") -> 
             f"the update may be in {'them' if n > 1 else 'it'}")
 
 
+def refuse_one_name_twice(names: Sequence[tuple[str, str]]) -> None:
+    """Refuse two units reported under one name (``(unit name, stored tensor)`` pairs): a split part ``X:q`` of a fused
+    ``X`` and a tensor stored under the name ``X:q``. Their records would be read back as one matrix's (a resumed run
+    took the second for done and left it out: the largest update of the model, gone, exit 0).
+
+    Raises:
+        ConfigError: names both tensors and the way out.
+    """
+    seen: dict[str, str] = {}
+    for name, tensor in names:
+        if (other := seen.setdefault(name, tensor)) != tensor:
+            raise ConfigError(f"two matrices would be reported as {name}: a part of {other if other != name else tensor} and the "
+                              "tensor stored under that name", hint="run with --no-split (fused matrices analysed whole), or "
+                              "rename the tensor")
+
+
 def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: str | None = None,
                layers: str | None = None, split_fused: bool = True, what: str = "paired matrices",
                skipped: Sequence[Skipped] = ()) -> list[Task]:
@@ -152,7 +168,8 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
     pairing left out (said there when the filters keep some).
 
     Raises:
-        ConfigError: the filters leave no unit (:func:`refuse_empty_selection`)."""
+        ConfigError: the filters leave no unit (:func:`refuse_empty_selection`), or two units have one name
+            (:func:`refuse_one_name_twice`)."""
     tasks: list[Task] = []
     order = 0
     keep = selector(include, exclude, layers)
@@ -169,6 +186,7 @@ def plan_units(pairs: list[MatrixPair], *, include: str | None = None, exclude: 
                 order += 1
         if task.units:
             tasks.append(task)
+    refuse_one_name_twice([(u.name, t.pair.tuned.name) for t in tasks for u in t.units])
     if pairs and not tasks:
         first = pairs[0]
         refuse_empty_selection(len(pairs), first.tuned.name + (f" (base: {first.base.name})" if first.base.name != first.tuned.name

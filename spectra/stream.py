@@ -83,7 +83,7 @@ def prefetch(tasks: list[Task], base: Checkpoint, tuned: Checkpoint, depth: int,
             yield from prepare(task, base, tuned, device, keep_base, floors)
         return
     def cost(task: Task) -> int:
-        loaded, formed = pair_bytes(task, base, tuned, keep_base)
+        loaded, formed = pair_bytes(task, base, tuned, keep_base, floors)
         return formed if device.type == "cuda" else loaded + formed
 
     yield from read_ahead(tasks, lambda task: prepare(task, base, tuned, device, keep_base, floors), cost, depth=depth,

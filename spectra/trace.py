@@ -38,7 +38,7 @@ from spectra.io.checkpoint import open_checkpoint, read_notes
 from spectra.io.files import atomic_write_text, remove_earlier_outputs, same_file
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json, parse_json, result_json
 from spectra.io.paths import checkpoint_location
-from spectra.journal import RecordJournal, prefix_fingerprint, run_identity
+from spectra.journal import RecordJournal, checkpoint_identity, prefix_fingerprint, run_identity
 from spectra.linalg import check_device_available, resolve_device
 from spectra.results import points_caveat_note, rows_to_csv
 from spectra.trace_adapters import trace_adapters
@@ -297,10 +297,12 @@ def trace(
     result.warnings += read_notes((base_ckpt, *weights))
     options = {k: getattr(config, k) for k in ("thresholds", "top_k", "keep_singular", "alpha", "include", "exclude", "layers")}
     options["steps"] = [r.step for r in refs]
-    result.fingerprint, about = run_identity([base_ckpt, *weights], options)
+    identities = [checkpoint_identity(c) for c in (base_ckpt, *weights)]  # (content samples: read once)
+    result.fingerprint, about = run_identity([base_ckpt, *weights], options, identities)
     journal = RecordJournal(Path(out_dir) / JOURNAL) if out_dir is not None else None
     # resumed after the run saved more checkpoints: the earlier run is this one less them
-    earlier = functools.partial(prefix_fingerprint, now=about, checkpoints=[base_ckpt, *weights], options=options, grows="steps")
+    earlier = functools.partial(prefix_fingerprint, now=about, checkpoints=[base_ckpt, *weights], options=options, grows="steps",
+                                identities=identities)
     done = first_trace_records(journal.start(result.fingerprint, resume=resume, about=about, earlier=earlier), result.warnings) if journal else []
     if journal is not None and (not resume or journal.grown):  # an earlier trace's figures and report describe another run
         remove_earlier_outputs(Path(out_dir), "trace.json", SCHEMA, TRACE_FILES, ("trace_*.png",))

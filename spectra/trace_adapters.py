@@ -15,6 +15,7 @@ from spectra.interference import Subspaces, subspace_turn, truncate
 from spectra.io.checkpoint import Checkpoint
 from spectra.journal import RecordJournal
 from spectra.naming import MatrixSpec
+from spectra.pairing import Skipped
 from spectra.param_experts import open_adapter_on
 from spectra.selection import fused_whole_warning, refuse_empty_selection, selector
 from spectra.subspaces import Factored
@@ -124,7 +125,8 @@ def trace_adapters(result: TraceResult, refs: list[CheckpointRef], base: Checkpo
     if not result.matrices and not any(r.failed for r in refs):  # every adapter was read: the filters left nothing
         every = sorted({spec.name for mod, spec, _shape, _base in _adapter_modules(refs[0], base, selector(None, None, None))})
         refuse_empty_selection(len(every), every[0] if every else "", include=config.include, exclude=config.exclude,
-                               layers=config.layers, what="modules the first adapter updates")
+                               layers=config.layers, what="modules the first adapter updates",
+                               skipped=[Skipped(n, r) for n, r in sorted(saved.items())])
     if not result.matrices:
         raise CheckpointFormatError("no adapter checkpoint could be used", path=result.run or refs[0].path,
                                     hint="; ".join(r.failed for r in refs if r.failed)[:400] or None)

@@ -143,9 +143,7 @@ def trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Check
                     journal.add({"failed": {"index": ci, "reason": ref.failed}})
                 points.append(skip_point(ref.step, ref.failed))
                 continue
-            wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
-            delta, base_fro, bad = form_delta(wb, wt, device)
-            shape = (int(delta.shape[0]), int(delta.shape[1]))
+            wb, wt, shape, base_fro, bad, notes, floor, S, top = _spectrum(pair, W, wt, device, config.top_k)
             if meta is not None and list(shape) != meta["shape"]:  # the rows it shares with the base differ
                 points.append(skip_point(ref.step, f"its ΔW is {shape[0]}×{shape[1]}, not {meta['shape'][0]}×{meta['shape'][1]} "
                                                     "as at the earlier steps: this checkpoint shares other rows with the base"))
@@ -154,11 +152,8 @@ def trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Check
             if bad:
                 points.append(skip_point(ref.step, f"{' and '.join(bad)} weights hold NaN or Inf; ΔW is undefined"))
                 continue
-            for msg in (notes := pair_notes(pair, wb, wt, delta, base_fro)):  # rounding level, precision mismatch…
+            for msg in notes:  # rounding level, precision mismatch…
                 caveats.setdefault((caveat_codes(msg) or [msg])[0], []).append((ref.step, msg))
-            floor = pair_floor(pair, wb, wt, notes, delta)  # directions at the rounding level of the stored weights: not the update's
-            S, top = spectrum_and_top(delta, config.top_k, floor=floor)
-            del delta
             now = Subspaces.of(top)
             pt = {"step": ref.step, **point_metrics(S, shape, base_fro, config, floor=floor),
                   "turn_prev": subspace_turn(prev, now), "turn_first": subspace_turn(first, now)}
@@ -193,6 +188,22 @@ def trace_full(result: TraceResult, refs: list[CheckpointRef], ckpts: list[Check
             callback(count, total, name)
 
 
+def _spectrum(pair: Any, W: torch.Tensor, wt: torch.Tensor, device: torch.device, top_k: int) -> tuple[Any, ...]:
+    """``(wb, wt, (out, in), ‖W_base‖_F, bad sides, numerical caveats, rounding floor, singular values, top-k factors)``
+    of one checkpoint's ΔW of ``pair`` (``W`` the base tensor and ``wt`` the checkpoint's, as stored; ``wb``, ``wt``
+    returned oriented); the last four empty or None when a side holds NaN or Inf (``bad``). Directions at the rounding
+    level of the stored weights are not the update's: the spectrum's top is taken above the floor."""
+    wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
+    delta, base_fro, bad = form_delta(wb, wt, device)
+    shape = (int(delta.shape[0]), int(delta.shape[1]))
+    if bad:
+        return wb, wt, shape, base_fro, bad, [], 0.0, None, None
+    notes = pair_notes(pair, wb, wt, delta, base_fro)
+    floor = pair_floor(pair, wb, wt, notes, delta)
+    S, top = spectrum_and_top(delta, top_k, floor=floor)
+    return wb, wt, shape, base_fro, bad, notes, floor, S, top
+
+
 def _earlier_subspaces(name: str, W: torch.Tensor, points: list[dict[str, Any]], pairings: list[dict[str, Any]],
                        ckpts: list[Checkpoint], config: TraceConfig, device: torch.device) -> tuple[Any, Any, int | None]:
     """``(first, previous, index of previous)``: the top-k subspaces of matrix ``name``'s ΔW at the first and the
@@ -206,12 +217,8 @@ def _earlier_subspaces(name: str, W: torch.Tensor, points: list[dict[str, Any]],
             wt = ckpts[ci].load(pair.tuned.name)
         except (SpectraError, OSError):  # (the run's read of it says why, at its own point)
             return None
-        wb, wt = oriented(W, pair.base.transpose, pair.rows), oriented(wt, pair.tuned.transpose, pair.rows)
-        delta, base_fro, bad = form_delta(wb, wt, device)
-        if bad:
-            return None
-        floor = pair_floor(pair, wb, wt, pair_notes(pair, wb, wt, delta, base_fro), delta)
-        return Subspaces.of(spectrum_and_top(delta, config.top_k, floor=floor)[1])
+        *_, bad, _notes, _floor, _S, top = _spectrum(pair, W, wt, device, config.top_k)
+        return None if bad else Subspaces.of(top)
 
     used = [ci for ci, pt in enumerate(points) if "skip" not in pt and pt.get("fro_norm")]
     first_at, first = next(((ci, s) for ci in used if (s := at(ci)) is not None), (None, None))

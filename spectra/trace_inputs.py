@@ -669,14 +669,18 @@ def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str 
     Raises:
         ConfigError: :func:`spectra.selection.refuse_empty_selection`'s.
     """
-    from spectra.adapter_diff import adapter_updates  # the adapter readers only for this check
+    from spectra.adapter_diff import adapter_updates, saved_skips  # the adapter readers only for this check
+    from spectra.pairing import Skipped
     from spectra.param_experts import open_adapter_on
     from spectra.selection import refuse_empty_selection, selector
 
     keep = selector(include, exclude, layers)
+    skipped: list[Skipped] = []  # what the first adapter stores whole: a filter keeping only those is told so
     if refs[0].kind == "lora":
         try:
-            specs = [spec for _mod, spec, _base in adapter_updates(open_adapter_on(refs[0].path, base, check_copies=False), base)]
+            adapter = open_adapter_on(refs[0].path, base, check_copies=False)
+            specs = [spec for _mod, spec, _base in adapter_updates(adapter, base)]
+            skipped = [Skipped(name, why) for name, why, _layer in saved_skips(adapter, base)]
         except (SpectraError, OSError):
             return
         what = "modules the first adapter updates"
@@ -685,4 +689,4 @@ def refuse_empty_plan(base: Checkpoint, refs: list[CheckpointRef], include: str 
         what = "matrices of the base"
     if specs and not any(keep(spec.name, spec.layer) for spec in specs):
         names = sorted(spec.name for spec in specs)
-        refuse_empty_selection(len(names), names[0], include=include, exclude=exclude, layers=layers, what=what)
+        refuse_empty_selection(len(names), names[0], include=include, exclude=exclude, layers=layers, what=what, skipped=skipped)

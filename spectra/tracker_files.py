@@ -1,13 +1,17 @@
 """The files :class:`spectra.callbacks.SpectraTracker` keeps beside ``trace.jsonl``: each matrix's first measured
-subspaces (``trace_first.npz``), which a resumed run measures φ from, and an earlier training's trace set aside."""
+subspaces (``trace_first.npz``), which a resumed run measures φ from, an earlier training's trace set aside, and the
+check that a resumed trace keeps its options."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from spectra.errors import ConfigError
 from spectra.interference import Subspaces
 
 #: Beside ``trace.jsonl``: the first measured subspaces, which a resumed run measures φ from.
@@ -43,3 +47,57 @@ def set_aside(out: Path) -> str | None:
 
 
 __all__ = ["FIRST_FILE", "load_first", "set_aside"]
+
+
+def refuse_other_options(path: Path, now: dict[str, Any]) -> None:
+    """Refuse to continue the trace in ``path`` (``trace.jsonl``) with other options than it began with: its header's
+    ``kind`` and ``config`` (thresholds, top_k, include/exclude/layers; not the device) against ``now`` (the resumed tracker's, the
+    header's fields). Records of both would sit under one header: energy ranks at thresholds it does not list, matrices
+    it did not select, turns of another k, read back as one trace. A file without a header is not checked.
+
+    Raises:
+        ConfigError: names each option that differs, with both values.
+    """
+    header = None
+    for line in path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff").split("\n"):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("header"), dict):
+            header = rec["header"]
+            break
+    if header is None:
+        return
+    was = {"kind": header.get("kind"), **(header.get("config") if isinstance(header.get("config"), dict) else {})}
+    new = json.loads(json.dumps({"kind": now["kind"], **now["config"]}))  # tuples as the header's lists
+    # (where it measures is no option of the trace: a run resumed on another device continues it)
+    if differ := [f"{k} {was.get(k)!r} → {v!r}" for k, v in new.items() if was.get(k) != v and k != "device"]:
+        raise ConfigError(f"the trace was begun with other options than this resumed tracker's ({'; '.join(differ)}): its records "
+                          "and the new ones would be read as one trace", path=path,
+                          hint="resume with the options the trace began with, or give the tracker another out_dir")
+
+
+def kept_records(path: Path, step: int) -> tuple[list[str], int, set[str], set[str]]:
+    """What a run resumed at ``step`` keeps of its ``trace.jsonl``: ``(lines kept, records dropped, names of the
+    matrices measured in the kept records, names measured at step itself)``. Records of a later step (matrices, logs,
+    timings, and warnings said of one: a divergence the resumed run may not repeat) are dropped: the interrupted run
+    measured them after the checkpoint, and the resumed run measures them again."""
+    kept, dropped, measured, at_step = [], 0, set(), set()
+    for line in path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff").split("\n"):
+        try:  # records are framed by "\n" alone (a name may hold U+2028, which splitlines() splits at)
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a blank line, or one torn by a kill or a full disk: the whole records after it are kept
+        tagged = next((rec[k] for k in ("log", "timing") if isinstance(rec.get(k), dict)), None) if isinstance(rec, dict) else None
+        at = rec.get("step") if isinstance(rec, dict) and ("matrix" in rec or "warning" in rec) else \
+            tagged.get("step") if tagged is not None else None
+        if isinstance(at, int) and at > step:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("matrix"), dict):
+            measured.add(rec["matrix"].get("name"))
+            if at == step:
+                at_step.add(rec["matrix"].get("name"))
+        kept.append(line + "\n")
+    return kept, dropped, measured, at_step

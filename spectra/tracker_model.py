@@ -141,3 +141,44 @@ def lora_factors(mod: Any, adapter: str) -> tuple[torch.Tensor, torch.Tensor, fl
         return (A.mT, B.mT, s) if stored_in_out(mod) else (B, A, s)  # a Conv1D weight's: s·B·A as stored, (in, out)
     A, B = mod.lora_embedding_A[adapter].detach(), mod.lora_embedding_B[adapter].detach()  # (r, vocab), (dim, r)
     return A.mT, B.mT, s  # (B·A)ᵀ = Aᵀ·Bᵀ
+
+
+#: Why the tracker does not follow a trained weight of more than two dimensions (a MoE's experts stacked in one 3-D
+#: parameter, transformers ≥ 5's ``mlp.experts.gate_up_proj``), said as ``spectra trace`` says it of a stack.
+NOT_2D = ("{n}-D weight (an expert stack?): the tracker follows 2-D matrices only; spectra trace of the saved checkpoints "
+          "follows experts stored one matrix each, spectra diff analyses each expert")
+
+
+def untraced_lora(mod: Any, name: str, weight: Any) -> dict[str, str] | None:
+    """The skipped record of a PEFT LoRA layer whose update the tracker does not follow (its base weight ``weight`` not
+    2-D: a convolution's, or a ``target_parameters`` LoRA of a 3-D expert stack, whose base layer holds no ``weight``);
+    ``name`` the update's stored name. None for a 2-D weight."""
+    if weight is not None and getattr(weight, "ndim", 0) == 2:
+        return None
+    param = getattr(mod, "parameter_name", None)
+    if weight is None and param:  # a ParamWrapper's: the parameter it adapts, as stored
+        held = getattr(mod.get_base_layer(), param, None) if hasattr(mod, "get_base_layer") else None
+        dims = getattr(held, "ndim", 0)
+        return {"name": name.removesuffix(".weight") + f".{param}", "reason": NOT_2D.format(n=dims) if dims > 2 else
+                "target_parameters LoRA of a parameter that is no matrix; not traced"}
+    if weight is None:
+        return {"name": name, "reason": "LoRA layer without a base weight; not traced"}
+    return {"name": name, "reason": "convolution LoRA: not a matrix" if weight.ndim > 2 else f"{weight.ndim}-D weight: not a matrix"}
+
+
+def untraced_params(model: torch.nn.Module, wrapped: bool) -> list[dict[str, str]]:
+    """Skipped records of the trained floating-point parameters of more than two dimensions (a full fine-tune's 3-D
+    expert stacks), which the tracker does not follow (:data:`NOT_2D`)."""
+    return [{"name": stored_name(n, wrapped), "reason": NOT_2D.format(n=p.ndim)} for n, p in model.named_parameters()
+            if p.ndim > 2 and p.requires_grad and p.is_floating_point()]
+
+
+def renamed_at_load(model: torch.nn.Module) -> str:
+    """``"'.block_sparse_moe.' → '.mlp.'"`` when transformers (≥ 5) renamed some of ``model``'s weights as it loaded them
+    (its ``_weight_conversions``): the tracker names weights as the model holds them, and its checkpoints store those
+    under the other names. ``""`` when nothing was renamed."""
+    for m in model.modules():  # (a PEFT or DDP model holds the transformers model as a submodule)
+        for c in getattr(m, "_weight_conversions", None) or ():
+            if type(c).__name__ == "WeightRenaming" and (src := getattr(c, "source_patterns", None)) and (dst := getattr(c, "target_patterns", None)):
+                return f"{src[0]!r} → {dst[0]!r}"
+    return ""

@@ -71,7 +71,8 @@ def test_no_marchenko_pastur_bulk_of_storage_rounding():
     import numpy as np
 
     from spectra.esd import esd_metrics
-    from spectra.numerics import rounding_bulk, unit_roundoff
+    from spectra.numerics import unit_roundoff
+    from spectra.rounding_bulk import rounding_bulk
 
     g = torch.Generator().manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(200, 5, generator=g, dtype=torch.float64))

@@ -1,0 +1,214 @@
+"""Hostile and odd inputs, forty-fifth round (docs/bad_inputs.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spectra_cli.main import main as cli
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _llama(path):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def test_trace_filter_keeping_only_saved_tensors_says_why(tmp_path):
+    """An adapter run whose --include keeps only a modules_to_save tensor: told what it keeps and why it is not traced,
+    not that the filter matched nothing."""
+    model = _llama(tmp_path / "base")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                                      init_lora_weights=False))
+    for step in (10, 20):
+        with torch.no_grad():
+            for _, w in lora.named_parameters():
+                if w.requires_grad:
+                    w.add_(0.01 * torch.randn_like(w))
+        lora.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+    res = CliRunner().invoke(cli, ["trace", str(tmp_path / "base"), str(tmp_path / "run"), "--include", "lm_head",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "lm_head.weight: stored whole (modules_to_save)" in res.output and "no matrix is left" not in res.output
+    assert not (tmp_path / "o" / "trace.json").exists()
+    res = CliRunner().invoke(cli, ["trace", str(tmp_path / "base"), str(tmp_path / "run"), "--include", "zzz"])
+    assert res.exit_code != 0 and "no matrix is left by --include 'zzz'" in res.output
+
+
+def test_adapter_diff_filter_leaving_no_module_names_the_filter(tmp_path):
+    """`diff BASE ADAPTER --layers 0 --exclude c_` said "all 2 tensors were skipped" (the adapter's other skips)."""
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                      init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    res = CliRunner().invoke(cli, ["diff", str(tmp_path / "base"), str(tmp_path / "lora"), "--layers", "0", "--exclude", "c_",
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert "no matrix is left by --exclude 'c_', --layers '0': none of the 6 modules the adapter updates" in res.output
+    assert not (tmp_path / "o" / "results.json").exists()
+    res = CliRunner().invoke(cli, ["diff", str(tmp_path / "base"), str(tmp_path / "lora"), "--layers", "0", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+
+
+def _tiny_llama(layers: int = 1):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                                  num_hidden_layers=layers, num_attention_heads=4,
+                                                                  num_key_value_heads=4, max_position_embeddings=64))
+
+
+def test_tracker_resumed_with_other_options_is_refused(tmp_path):
+    """A tracker resumed with another config appended τ 0.8, top_k 2 records of other matrices under a header saying
+    include 'q_proj', τ (0.5, 0.9, 0.99), top_k 8: read back as one trace."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.errors import ConfigError
+    from spectra.trace import TraceConfig, load_trace
+
+    m = _tiny_llama(2)
+    x = torch.randint(0, 128, (2, 16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+
+    def train(tr, a, b):
+        for s in range(a, b + 1):
+            m(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tr.step(m, s)
+
+    train(SpectraTracker(m, every=2, out_dir=tmp_path, config=TraceConfig(include="q_proj")), 1, 4)
+    before = (tmp_path / "trace.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"include 'q_proj' → 'q_proj\|v_proj'; thresholds \[0.5, 0.9, 0.99\] → \[0.8\]; top_k 8 → 2"):
+        SpectraTracker(m, every=2, out_dir=tmp_path, resume_step=4, config=TraceConfig(include="q_proj|v_proj", thresholds=(0.8,), top_k=2))
+    assert (tmp_path / "trace.jsonl").read_text() == before  # refused before anything was dropped or written
+    # the same options (another device named) continue it
+    train(SpectraTracker(m, every=2, out_dir=tmp_path, resume_step=4, config=TraceConfig(include="q_proj", device="cpu")), 5, 6)
+    steps = sorted({p["step"] for mt in load_trace(tmp_path / "trace.jsonl").matrices for p in mt["points"]})
+    assert steps == [2, 4, 6]
+
+
+def test_tracker_resume_drops_the_later_steps_warnings(tmp_path):
+    """A divergence warning of step 6 stayed after a resume at step 4 re-measured step 6 finite."""
+    import copy
+
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+
+    m = _tiny_llama()
+    x = torch.randint(0, 128, (2, 16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    tr = SpectraTracker(m, every=2, out_dir=tmp_path)
+    saved = None
+    for s in range(1, 7):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if s == 4:
+            saved = copy.deepcopy(m.state_dict())
+        if s == 6:
+            with torch.no_grad():
+                m.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+        tr.step(m, s)
+    assert any("training diverged" in w for w in load_trace(tmp_path / "trace.jsonl").warnings)
+    m.load_state_dict(saved)
+    tr2 = SpectraTracker(m, every=2, out_dir=tmp_path, resume_step=4)
+    for s in range(5, 7):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tr2.step(m, s)
+    t = load_trace(tmp_path / "trace.jsonl")
+    assert not any("training diverged" in w for w in t.warnings), t.warnings
+    assert all(p["fro_norm"] is not None for mt in t.matrices for p in mt["points"] if p["step"] == 6)
+
+
+def test_tracker_says_what_it_does_not_follow_of_a_moe(tmp_path):
+    """transformers ≥ 5 holds Mixtral's experts as 3-D parameters: the tracker dropped them (full and target_parameters
+    LoRA) without a word, and named the router as the model holds it (mlp.gate), not as checkpoints store it."""
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "base")
+    if not any(p.ndim == 3 for p in model.parameters()):
+        pytest.skip("this transformers stores Mixtral's experts one matrix each")
+    SpectraTracker(model, every=2, out_dir=tmp_path / "full")
+    t = load_trace(tmp_path / "full" / "trace.jsonl")
+    stacks = {s["name"] for s in t.skipped if "3-D weight (an expert stack?)" in s["reason"]}
+    assert stacks == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
+    assert any("2 weights of more than 2 dimensions are not traced" in w for w in t.warnings)
+    assert any("transformers renamed weights of this model as it loaded them ('.block_sparse_moe.' → '.mlp.')" in w for w in t.warnings)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
+    SpectraTracker(lora, every=2, out_dir=tmp_path / "lora")
+    t = load_trace(tmp_path / "lora" / "trace.jsonl")
+    assert {s["name"] for s in t.skipped if "expert stack" in s["reason"]} == {"model.layers.0.mlp.experts.gate_up_proj"}
+
+
+def _save(folder, tensors, config):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_experts_are_named_as_such(tmp_path):
+    """gpt-oss's MXFP4 release stores its experts as uint8 X_blocks (E, out, in/32, 16) and X_scales: they were "4-D
+    tensors", and against a bf16 fine-tune's X the base's stack was dropped from both one-sided lists unsaid (exit 0,
+    warnings [], findings from the attention alone)."""
+    from spectra import diff
+
+    g = torch.Generator().manual_seed(0)
+    cfg = {"model_type": "gpt_oss", "hidden_size": 32, "intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 8, "num_local_experts": 2, "quantization_config": {"quant_method": "mxfp4"}}
+    packed = {"model.layers.0.mlp.experts.gate_up_proj_blocks": torch.randint(0, 255, (2, 64, 1, 16), generator=g, dtype=torch.uint8),
+              "model.layers.0.mlp.experts.gate_up_proj_scales": torch.randint(120, 130, (2, 64, 1), generator=g, dtype=torch.uint8),
+              "model.layers.0.mlp.experts.down_proj_blocks": torch.randint(0, 255, (2, 32, 2, 16), generator=g, dtype=torch.uint8),
+              "model.layers.0.mlp.experts.down_proj_scales": torch.randint(120, 130, (2, 32, 2), generator=g, dtype=torch.uint8)}
+    q = torch.randn(32, 32, generator=g)
+    _save(tmp_path / "base", {**packed, "model.layers.0.self_attn.q_proj.weight": q}, cfg)
+    _save(tmp_path / "tuned", {**packed, "model.layers.0.self_attn.q_proj.weight": q + 0.01}, cfg)
+    res = diff(str(tmp_path / "base"), str(tmp_path / "tuned"))
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    assert set(reasons) == set(packed)
+    assert all("MXFP4 weight, which spectra does not dequantise: dequantise it first" in r for r in reasons.values())
+    plain = {"model.layers.0.mlp.experts.gate_up_proj": torch.randn(2, 32, 64, generator=g),
+             "model.layers.0.mlp.experts.down_proj": torch.randn(2, 32, 32, generator=g)}
+    plain_cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    _save(tmp_path / "bf16", {**plain, "model.layers.0.self_attn.q_proj.weight": q + 0.01}, plain_cfg)
+    res = diff(str(tmp_path / "base"), str(tmp_path / "bf16"))
+    reasons = {s["name"]: s["reason"] for s in res.skipped}
+    assert set(reasons) == set(plain) and all(r.startswith("base stores this matrix packed by MXFP4 quantisation") for r in reasons.values())
+    assert [m.name for m in res.modules] == ["model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_a_tensor_named_like_a_split_part_is_refused(tmp_path):
+    """A tensor stored as 'X:q' beside a fused GPT-2 c_attn X: two records of one name, and --resume kept one (the
+    largest update of the model lost, exit 0)."""
+    g = torch.Generator().manual_seed(0)
+    cfg = {"model_type": "gpt2", "n_embd": 16, "n_head": 2, "n_layer": 1, "vocab_size": 20, "n_positions": 8}
+    base = {"transformer.h.0.attn.c_attn.weight": torch.randn(16, 48, generator=g),
+            "transformer.h.0.attn.c_proj.weight": torch.randn(16, 16, generator=g),
+            "transformer.h.0.attn.c_attn.weight:q": torch.randn(16, 16, generator=g)}
+    _save(tmp_path / "base", base, cfg)
+    _save(tmp_path / "tuned", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, cfg)
+    res = CliRunner().invoke(cli, ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0
+    assert ("two matrices would be reported as transformer.h.0.attn.c_attn.weight:q: a part of transformer.h.0.attn.c_attn.weight "
+            "and the tensor stored under that name") in " ".join(res.output.split())
+    res = CliRunner().invoke(cli, ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--no-split", "--json"])
+    assert res.exit_code == 0, res.output
