@@ -240,7 +240,7 @@ SAVED_TOKENS = ("trainable token rows (trainable_token_indices): new values of a
                 "whole matrix; not measured")
 
 
-def _saved_kind_reason(name: str) -> str | None:
+def saved_kind_reason(name: str) -> str | None:
     """Why a tensor an adapter stores outside its LoRA factors is not a module saved whole, or None."""
     parts = name.split(".")
     if "trainable_tokens_delta" in parts or "token_adapter" in parts:
@@ -263,13 +263,13 @@ def saved_modules(adapter: Adapter, base: Checkpoint | None) -> tuple[dict[str, 
     if not adapter.full:
         return {}, []
     if base is None:
-        return {}, [Skipped(n, _saved_kind_reason(n) or SAVED_NO_BASE) for n in adapter.full]
+        return {}, [Skipped(n, saved_kind_reason(n) or SAVED_NO_BASE) for n in adapter.full]
     specs = describe_checkpoint({n: t.shape for n, t in base.tensors.items()}, base.arch)
     lookup = unique_pairing_keys(list(base.tensors))
     saved: dict[str, SavedModule] = {}
     skipped: list[Skipped] = []
     for name, t in adapter.full.items():
-        why = _saved_kind_reason(name) or ((SAVED_BIAS if name.endswith(".bias") else SAVED_VECTOR) if t.ndim < 2 else None)
+        why = saved_kind_reason(name) or ((SAVED_BIAS if name.endswith(".bias") else SAVED_VECTOR) if t.ndim < 2 else None)
         if why:
             skipped.append(Skipped(name, why))
             continue

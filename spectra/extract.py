@@ -42,10 +42,11 @@ import torch
 
 from spectra._version import __version__
 from spectra.adapter_diff import adapter_updates, non_finite_factor
+from spectra.allocation import uniform_rank
 from spectra.config import DiffConfig, config_of, public_entry
 from spectra.delta import Prepared
 from spectra.engine import batch_singular_values
-from spectra.errors import ConfigError, SpectraError
+from spectra.errors import ConfigError, IdenticalCheckpointsError, SpectraError
 from spectra.extract_eval import EvalData
 from spectra.extract_heads import auto_task_type, head_modules, head_of, head_records
 from spectra.extract_io import (
@@ -549,8 +550,10 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
     journal = RecordJournal(out / JOURNAL)
     # factors are kept in the adapter's dtype (float64 factors of a float64 ΔW stay float64 in a float64 adapter)
     run = ExtractRun(src.targets, plan, config, out, journal, callback, scratch_dtype=dtype)
+    started = False
     try:  # a refused resume, an error or a stop leaves no lock behind (the journal stays, for --resume)
         run.absorb(journal.start(fingerprint, resume=resume, about=about))
+        started = True  # (a refused resume keeps the earlier run's scratch factors)
         not_extracted = left_out_records(src.base, src.tuned, src.left_out)
         # the names transformers >= 5 loads the modules under (PEFT matches those): its import and a meta-device
         # model (seconds) run beside the decompositions
@@ -589,7 +592,8 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         # rounding-level matrices get none, as in the extracted adapter)
         # (an unchanged expert of a stack keeps the stack's rank, as PEFT needs: its zero factors count)
         live = [i for i in usable if extractable(run.spectra[i]) or ranks[i]]
-        uniform = _uniform_rank([src.targets[i] for i in live], [ranks[i] for i in live])
+        uniform = uniform_rank([src.targets[i].cost for i in live], [src.targets[i].cap for i in live],
+                               sum(ranks[i] * src.targets[i].cost for i in live))
         if src.kind == "full" and config.resolved_strategy == "two-pass":
             want = {i: min(t.p, max(r, min(t.cap, uniform) if config.eval_text else 0)) for i, (t, r) in enumerate(zip(src.targets, ranks))}
             _dense_pass(src, run, config, device, stage="vectors", want={i: k for i, k in want.items() if k})
@@ -652,16 +656,11 @@ def extract(base: str | Checkpoint, tuned: str | Checkpoint, out_dir: str | Path
         if failed is not None:
             raise failed
         return result
-    except BaseException:
+    except BaseException as exc:
+        if started and isinstance(exc, (ConfigError, IdenticalCheckpointsError)):  # refused for good (nothing to extract…)
+            shutil.rmtree(out / SCRATCH, ignore_errors=True)  # no scratch factors left behind: a rerun would be refused alike
         journal.release()
         raise
-
-
-def _uniform_rank(targets: list[Target], ranks: list[int]) -> int:
-    from spectra.allocation import uniform_rank
-
-    params = sum(r * t.cost for t, r in zip(targets, ranks))
-    return uniform_rank([t.cost for t in targets], [t.cap for t in targets], params)
 
 
 def _eval_inputs(base_ckpt: Checkpoint, tuned: str | Checkpoint, config: ExtractConfig) -> EvalData:

@@ -61,6 +61,10 @@ _LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining", "For
              "DoubleHeadsModel", "Seq2SeqLM")
 
 
+#: Why an adapter's trainable token rows (PEFT's ``trainable_token_indices``) are not kept by extract.
+TOKENS_NOT_HELD = ("trainable token rows (trainable_token_indices): PEFT loads them only as its own token adapter, which "
+                   "neither a LoRA nor modules_to_save holds (to keep them, merge the adapter, save the model, and extract "
+                   "BASE MERGED with --embeddings)")
 #: ``not_lora`` kinds of the norms and biases a fine-tune changed (LayerNorm tuning, BitFit), which no LoRA holds.
 ONE_D_KINDS = ("bias", "1-D (norm or scale)")
 
@@ -599,6 +603,9 @@ def build_result(src: Any, spectra: dict[int, dict], ranks: list[int], alloc: tu
     if totals["outside_selection"] and kept is not None:  # not read: their share of the update is unknown
         warnings.append(f"--include/--exclude/--layers left {matrices(totals['outside_selection'])} out, unread: energy_kept_all "
                         f"({totals['energy_kept_all']:.3f}) is of the selected matrices' ΔW energy, not of the whole update's")
+    if tokens := [r for r in not_lora if r.get("reason") == TOKENS_NOT_HELD]:  # an update the written adapter does not make
+        warnings.append(f"{tokens[0]['name']} is not kept: {TOKENS_NOT_HELD}; the extracted adapter leaves those embedding rows "
+                        "as the base has them, and energy_kept_all does not count them")
     # the caveats of the notes (precision mismatch…) as diff warns them; rounding_level's is said just below
     warnings += [w for w in note_caveat_warnings([(m["name"], m["note"]) for m in mods], len(mods))
                  if not w.startswith(f"{CAVEAT_PREFIX}(rounding_level)")]

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from spectra.adapter_diff import SAVED_TOKENS, saved_kind_reason
 from spectra.delta import fro_blocks
 from spectra.extract_plan import Target
-from spectra.extract_results import ONE_D_KINDS, rel_or_none
+from spectra.extract_results import ONE_D_KINDS, TOKENS_NOT_HELD, rel_or_none
 from spectra.io.checkpoint import Checkpoint
 from spectra.naming import is_bias, pairing_key, unique_pairing_keys
 
@@ -91,6 +92,21 @@ def _bias_record(name: str, module: str, delta: torch.Tensor, base_bias: torch.T
     return rec
 
 
+def _other_bias(base: Checkpoint, adapter: Any, name: str, bn: str, rec: dict[str, Any], save_modules: bool) -> dict[str, Any]:
+    """``rec`` completed for a bias ``bias="all"`` trained on a module no LoRA adapts (``name`` in the adapter, ``bn`` in
+    the base): kept whole as ``modules_to_save`` with ``save_modules`` where the module holds only 1-D tensors (a norm:
+    its weight from the adapter where saved, else the base's), else why not (a linear layer's matrix would be stored)."""
+    module, base_module = name.rpartition(".")[0], bn.rpartition(".")[0]
+    inside = [n for n in base.tensors if n.startswith(base_module + ".")]
+    if not all(len(base.tensors[n].shape) == 1 for n in inside):
+        return {**rec, "reason": HOLDS_MATRIX}
+    if not save_modules:
+        return {**rec, "reason": "pass --save-modules to keep it as PEFT modules_to_save"}
+    named = {module + n[len(base_module):]: n for n in inside}
+    return {**rec, "held": "modules_to_save", "reason": "kept whole as PEFT modules_to_save",
+            "tensors": {m: adapter.full[m] if m in adapter.full else base.load(n) for m, n in named.items()}}
+
+
 def _base_tensor(base: Checkpoint, name: str) -> str | None:
     """``name`` as the base stores it: itself, or the one base tensor of its pairing key (a wrapper prefix the adapter's
     names drop: ``model.`` of a bare base model); None when the base has none."""
@@ -141,14 +157,16 @@ def _adapter_changes(base: Checkpoint, adapter: Any, targets: dict[str, Target],
             if module in targets:  # an adapted module's bias trained under bias="all"
                 out.append(_bias_record(name, module, tensor.double() - base.load(bn).double(), base.load(bn), targets,
                                         biased, save_modules))
-            else:  # bias="all": the bias of a module that also holds a matrix
-                out.append({"name": name, "kind": ONE_D_KINDS[0], "shape": list(tensor.shape), "fro_norm": fro,
-                            "rel_norm": rel_or_none(fro, bf), "module": module, "held": None, "reason": HOLDS_MATRIX})
+            else:  # bias="all": the bias of a module no LoRA adapts (a linear layer's, or a norm's)
+                out.append(_other_bias(base, adapter, name, bn, {"name": name, "kind": ONE_D_KINDS[0], "shape": list(tensor.shape),
+                                       "fro_norm": fro, "rel_norm": rel_or_none(fro, bf), "module": module, "held": None}, save_modules))
             continue
         rec = {"name": name, "kind": "modules_to_save of the adapter", "shape": list(tensor.shape), "fro_norm": fro,
                "rel_norm": rel_or_none(fro, bf), "module": module, "held": None,
                "reason": "stored whole by the tuned adapter: pass --save-modules to keep it"}
-        if save_modules:
+        if saved_kind_reason(name) == SAVED_TOKENS:  # PEFT's own tensor: no modules_to_save entry loads it
+            rec["reason"] = TOKENS_NOT_HELD
+        elif save_modules:
             rec.update(held="modules_to_save", reason="kept whole as PEFT modules_to_save", tensors={name: tensor})
         out.append(rec)
     return out

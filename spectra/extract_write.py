@@ -81,6 +81,8 @@ def adapter_files(src: ExtractSource, run: ExtractRun, ranks: list[int], config:
                          modules_to_save=sorted({as_loaded(r["module"]) for r in not_lora if r.get("held") == "modules_to_save"}),
                          lora_bias=bool(biases), shared_rank=groups[0] if groups else None, params=list(stacks),
                          experts=src.experts)
+    if src.adapter is not None and src.adapter.config.activated:  # an aLoRA's update applies after its invocation tokens only
+        cfg["alora_invocation_tokens"] = list(src.adapter.config.activated)
     return layout, tensors(), cfg, pads
 
 

@@ -212,3 +212,87 @@ def test_a_tensor_named_like_a_split_part_is_refused(tmp_path):
             "and the tensor stored under that name") in " ".join(res.output.split())
     res = CliRunner().invoke(cli, ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--no-split", "--json"])
     assert res.exit_code == 0, res.output
+
+
+def _merged(base_dir, adapter_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+    return peft.PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().state_dict()
+
+
+def _trained(base_dir, config, scale=0.05, which=lambda n: True):
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and which(n):
+                p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+def test_extract_keeps_a_norms_trained_bias_and_says_token_rows_are_not_kept(tmp_path):
+    """bias="all" of a GPT-2 LoRA: the LayerNorms' biases were dropped as "its module also holds a matrix" (PEFT's merge of
+    the extracted adapter moved them 0 where the input moved them 0.42); trainable token rows were written as a
+    modules_to_save PEFT does not load, and called kept."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(
+        tmp_path / "g2")
+    _trained(tmp_path / "g2", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+             ).save_pretrained(tmp_path / "g2lora")
+    res = extract(str(tmp_path / "g2"), str(tmp_path / "g2lora"), tmp_path / "g2out", config=ExtractConfig(rank=4, save_modules=True),
+                  plots=False)
+    held = {r["name"]: r["held"] for r in res.not_lora if ".ln_" in r["name"]}
+    assert held and set(held.values()) == {"modules_to_save"}, res.not_lora
+    base, want, got = (transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "g2", dtype=torch.float64).state_dict(),
+                       _merged(tmp_path / "g2", tmp_path / "g2lora"), _merged(tmp_path / "g2", tmp_path / "g2out"))
+    for k in ("transformer.h.0.ln_1.bias", "transformer.ln_f.bias", "transformer.h.0.ln_1.weight"):
+        assert torch.allclose(got[k], want[k], atol=1e-6), k
+    assert float((want["transformer.h.0.ln_1.bias"] - base["transformer.h.0.ln_1.bias"]).norm()) > 0.1
+    # a linear layer's bias (c_proj, not adapted) is still not kept: its module holds a matrix
+    assert {r["held"] for r in res.not_lora if "c_proj.bias" in r["name"]} == {None}
+
+    _llama(tmp_path / "ll")
+    _trained(tmp_path / "ll", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[1, 5, 7])
+             ).save_pretrained(tmp_path / "tok")
+    res = extract(str(tmp_path / "ll"), str(tmp_path / "tok"), tmp_path / "tokout",
+                  config=ExtractConfig(rank=4, save_modules=True, embeddings=True), plots=False)
+    rec = next(r for r in res.not_lora if "trainable_tokens_delta" in r["name"])
+    assert rec["held"] is None and rec["reason"].startswith("trainable token rows")
+    assert any("trainable_tokens_delta is not kept" in w for w in res.warnings)
+    import json
+    assert not json.loads((tmp_path / "tokout" / "adapter_config.json").read_text()).get("modules_to_save")
+
+
+def test_extract_of_an_activated_lora_keeps_its_invocation_tokens(tmp_path):
+    """An aLoRA's extracted adapter lost alora_invocation_tokens: PEFT applied it to every token (logits 0.69 off the base
+    on a prompt without the invocation sequence, where the input adapter changes nothing)."""
+    from spectra.extract import extract
+    from spectra.extract_plan import ExtractConfig
+
+    _llama(tmp_path / "base")
+    _trained(tmp_path / "base", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6],
+                                                task_type="CAUSAL_LM"), scale=0.3, which=lambda n: "lora_" in n).save_pretrained(tmp_path / "alora")
+    extract(str(tmp_path / "base"), str(tmp_path / "alora"), tmp_path / "out", config=ExtractConfig(rank=4), plots=False)
+
+    def logits(adapter, ids):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model = peft.PeftModel.from_pretrained(model, adapter) if adapter else model
+        with torch.no_grad():
+            return model.eval()(torch.tensor([ids])).logits
+
+    plain, invoked = [10, 11, 12, 13, 14, 15], [10, 5, 6, 13, 14, 15]
+    assert torch.allclose(logits(tmp_path / "out", plain), logits(None, plain), atol=1e-6)
+    want, got = logits(tmp_path / "alora", invoked), logits(tmp_path / "out", invoked)
+    assert float((want - logits(None, invoked)).abs().max()) > 1e-3 and torch.allclose(got, want, atol=1e-4)
+
+
+def test_extract_with_nothing_to_extract_leaves_no_scratch(tmp_path):
+    from spectra.errors import IdenticalCheckpointsError
+    from spectra.extract import SCRATCH, extract
+    from spectra.extract_plan import ExtractConfig
+
+    _llama(tmp_path / "base")
+    with pytest.raises(IdenticalCheckpointsError):
+        extract(str(tmp_path / "base"), str(tmp_path / "base"), tmp_path / "out", config=ExtractConfig(rank=2), plots=False)
+    assert not (tmp_path / "out" / SCRATCH).exists() and (tmp_path / "out" / "extract.json").is_file()

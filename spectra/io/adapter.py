@@ -132,7 +132,7 @@ class AdapterConfig:
         layers_to_transform, layers_pattern: only these layer indices are adapted (list form of ``target_modules`` only).
         lora_bias: ``lora_B`` has a bias (added, scaled, to the base layer's bias).
         ensure_weight_tying: PEFT ties an output head's LoRA to the tied embedding's (the same factors, transposed).
-        activated: an activated LoRA (aLoRA, ``alora_invocation_tokens``): s·B·A applies only after its invocation tokens.
+        activated: an activated LoRA's (aLoRA's) ``alora_invocation_tokens``: s·B·A applies only after them; () for a LoRA.
         target_parameters: parameters (not modules) adapted, e.g. MoE expert stacks.
         layer_replication: PEFT's ``[[start, end), ...]`` ranges of base layers stacked into the adapted model (its
             layer i runs on base layer :meth:`replicated_layers` ``[i]``).
@@ -157,7 +157,7 @@ class AdapterConfig:
     layers_pattern: tuple[str, ...] | None = None
     lora_bias: bool = False
     ensure_weight_tying: bool = False
-    activated: bool = False
+    activated: tuple[Any, ...] = ()
     target_parameters: tuple[str, ...] | None = None
     layer_replication: tuple[tuple[int, int], ...] | None = None
     task_type: str | None = None
@@ -246,7 +246,7 @@ class AdapterConfig:
             layers_to_transform=tuple(layers) if layers else None,
             layers_pattern=tuple(layers_pattern) if layers_pattern else None,
             lora_bias=_flag(raw, "lora_bias", path), ensure_weight_tying=_flag(raw, "ensure_weight_tying", path),
-            activated=raw.get("alora_invocation_tokens") not in (None, [], ""),
+            activated=tuple(t) if isinstance(t := raw.get("alora_invocation_tokens"), list) else (t,) if t not in (None, "") else (),
             target_parameters=tuple(tp) if (tp := _str_list(raw, "target_parameters", path)) else None,
             layer_replication=tuple((a, b) for a, b in replication) if replication else None,
             task_type=raw["task_type"] if isinstance(raw.get("task_type"), str) else None, source=path,
