@@ -213,7 +213,7 @@ class SpectraTracker:
         subspaces are not kept on disk: a LoRA measured at ``step`` itself takes them from its factors
         now (the checkpoint's, the same update); otherwise the first turn_prev after the resume is null,
         not a turn from the checkpoint's weights, which no record holds."""
-        refuse_other_options(self.path, {"kind": self.kind, "config": asdict(self.config)})
+        refuse_other_options(self.path, {"kind": self.kind, "config": asdict(self.config)}, asdict(TraceConfig()))
         kept, dropped, measured, at_step = kept_records(self.path, step)
         atomic_write_text(self.path, "".join(kept))
         exact = self.kind == "lora" or self.from_base  # the update the first measurement was of, measured again
@@ -270,7 +270,7 @@ class SpectraTracker:
                 if not active:
                     continue
                 if (untraced := untraced_lora(mod, name, weight)) is not None:  # a conv's, a 3-D expert stack's
-                    self.skipped.append(untraced)
+                    self.skipped += [untraced] if keep(untraced["name"], layer_of(untraced["name"])) else []
                     continue
                 if any(getattr(mod, "use_dora", {}).get(a, False) for a in active):
                     self.skipped.append({"name": name, "reason": "DoRA: its update depends on the base weight; not traced"})
@@ -611,11 +611,12 @@ class _CallbackHooks:
         except ConfigError as exc:
             if state.global_step == 0:  # a run that cannot be traced is said before it trains
                 raise
-            # a resumed run the tracker cannot follow (a PiSSA init's B₀, A₀ are gone): it trains on, untraced, as said
+            # a resumed run the tracker cannot follow (a PiSSA init's B₀, A₀ are gone; other options): it trains on, untraced,
+            # as said; the interrupted run's records after the step it resumed from are of no run now
             self.tracker = None
-            if state.is_world_process_zero and (out / "trace.jsonl").is_file():
-                append_record(out / "trace.jsonl", {"warning": f"training resumed at step {state.global_step}: not traced "
-                                                               f"from there ({exc.message})"})
+            if state.is_world_process_zero and (path := out / "trace.jsonl").is_file():
+                atomic_write_text(path, "".join(kept_records(path, state.global_step)[0]))
+                append_record(path, {"warning": f"training resumed at step {state.global_step}: not traced from there ({exc.message})"})
             return control
         if state.global_step > 0 and not self.tracker.from_base and state.is_world_process_zero:
             self.tracker.warn(f"training resumed at step {state.global_step}: ΔW is measured from the weights it resumed "

@@ -273,7 +273,8 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
     'l.0.q_proj'
     >>> foreign_quant_of("l.0.norm.scales", {"l.0.norm.scales"}) is None
     True
-    >>> foreign_quant_of("l.0.mlp.experts.down_proj_blocks", {"l.0.mlp.experts.down_proj_blocks", "l.0.mlp.experts.down_proj_scales"})
+    >>> foreign_quant_of("l.0.mlp.experts.down_proj_blocks", {"l.0.mlp.experts.down_proj_blocks": (32, 2880, 90, 16),
+    ...                                                       "l.0.mlp.experts.down_proj_scales": (32, 2880, 90)})
     'l.0.mlp.experts.down_proj'
     """
     comps = name.split(".")
@@ -292,9 +293,21 @@ def foreign_quant_of(name: str, names: Container[str]) -> str | None:
         return prefix
     # MXFP4 (gpt-oss's release): a 3-D expert parameter X stored as uint8 X_blocks (E, out, in/32, 16) and X_scales
     stem, _, kind = name.rpartition("_")
-    if kind in ("blocks", "scales") and stem and f"{stem}_blocks" in names and f"{stem}_scales" in names:
+    if kind in ("blocks", "scales") and stem and _mxfp4(stem, names):
         return stem
     return None
+
+
+def _mxfp4(stem: str, names: Container[str]) -> bool:
+    """Whether ``names`` (a mapping to shapes or :class:`~spectra.io.checkpoint.TensorInfo`) holds ``stem`` as MXFP4 stores
+    it: ``stem_blocks`` ``(…, groups, 16)`` of packed 4-bit codes and ``stem_scales`` ``(…, groups)``, uint8 where the dtype
+    is known (a float matrix named ``conv_blocks`` is none)."""
+    if not isinstance(names, Mapping) or f"{stem}_blocks" not in names or f"{stem}_scales" not in names:
+        return False
+    blocks, scales = names[f"{stem}_blocks"], names[f"{stem}_scales"]
+    shape_b, shape_s = (tuple(getattr(x, "shape", x)) for x in (blocks, scales))
+    return (all(getattr(x, "dtype", "uint8") == "uint8" for x in (blocks, scales)) and len(shape_b) >= 3 and shape_b[-1] == 16
+            and shape_s == shape_b[:-1])
 
 
 def layer_of(name: str) -> int | None:

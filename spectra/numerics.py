@@ -144,11 +144,13 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
         block: elements per row block of the O(elements) pass (bounds temporary memory).
         sample_rows: rows read (evenly spaced among the rows the other checks read) by the
             quantisation-grid check.
-        max_rows: the element-wise checks read at most this many rows: evenly spaced ones plus the
-            16 rows where ΔW is largest (so that an update confined to a few rows, such as new
-            token embeddings, is seen); None reads every row. A full pass costs several times
-            forming ΔW on a CPU. ‖ΔW‖_F² is always taken over every row; the sums over the other
-            rows are scaled up from the evenly spaced ones, and the note says it was estimated.
+        max_rows: above this many rows the element-wise checks sample: the 16 rows where ΔW is largest
+            (so that an update confined to a few rows, such as new token embeddings, is seen), counted
+            exactly, and two samples of ``max_rows − 16`` others scaled up to all of them: evenly spaced
+            rows for the weights' sums (subnormals, the quantisation grid) and rows drawn in proportion to
+            their ‖ΔW‖² for ΔW's (the share of one-step changes, changed entries); None reads every row. A
+            full pass costs several times forming ΔW on a CPU. ‖ΔW‖_F² is always taken over every row, and
+            the note says what was estimated.
         base_sq: ‖W_base‖_F² when the caller has it (:func:`spectra.delta.form_delta` computes it while forming
             ΔW); else it is computed (or, with sampling, estimated) here.
         rows_of: with ``base`` and ``tuned`` None, reads the given rows (int64 indices, in that order) of W_base and
@@ -192,8 +194,8 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
         finer_base = finer_dtype and not _on_grid(b2, tuned_dtype, block)
         s = _pass(b2, t2, d2, eps / 2 if finer_base else eps, tiny_b, tiny_t, block, norms=base_sq is None)
     else:
-        # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW
-        # is largest, counted exactly, plus evenly spaced other rows, scaled up to all the others
+        # ‖ΔW‖² over every row (cheap: one norm per row); the element-wise sums from the rows where ΔW is largest, counted
+        # exactly, plus a sample of the others scaled up to all of them
         energy = torch.linalg.vector_norm(d2, dim=1).double()  # float32 per row: ample for these ratios, 4x faster
         if not bool(torch.isfinite(energy).all()):
             return []
@@ -201,36 +203,52 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
         rest = torch.ones(total_rows, dtype=torch.bool, device=energy.device)
         rest[top] = False
         rest_rows = torch.nonzero(rest).flatten()
-        even = rest_rows[even_rows(rest_rows.numel(), max_rows - top.numel()).to(rest_rows.device)]
-        rows = torch.cat([top, even])
-        # one pass over both sets of rows: the top rows count once, the evenly spaced ones for all the others
-        scale = rest_rows.numel() / max(1, even.numel())
-        weight = torch.cat([torch.ones(top.numel(), dtype=torch.float64), torch.full((even.numel(),), scale, dtype=torch.float64)])
-        b_rows, t_rows = rows_of(rows.cpu()) if b2 is None or t2 is None else (b2[rows.to(b2.device)], t2[rows.to(t2.device)])
-        finer_base = finer_dtype and not _on_grid(b_rows, tuned_dtype, block)
-        s = _pass(b_rows, t_rows, d2[rows], eps / 2 if finer_base else eps, tiny_b, tiny_t, block,
-                  weight=weight.to(d2.device), norms=base_sq is None, delta_sq=False)
+        k = max_rows - top.numel()
+        even = rest_rows[even_rows(rest_rows.numel(), k).to(rest_rows.device)]
+        ones = torch.ones(top.numel(), dtype=torch.float64, device=energy.device)
+        # the weights' sums (sizes, subnormals, the grid) from evenly spaced rows, each standing for as many rows
+        rows_b = torch.cat([top, even])
+        w_b = torch.cat([ones, torch.full((even.numel(),), rest_rows.numel() / max(1, even.numel()), dtype=torch.float64,
+                                          device=energy.device)])
+        # ΔW's (one-step share, flushing's effect, changed entries) from rows drawn in proportion to their ‖ΔW‖² (systematic
+        # sampling), each standing for an equal part of the others' energy: an update spread over more rows than the top
+        # ones is seen in proportion whichever rows hold it (evenly spaced rows missed 24 of 40 flipped rows, no note; or
+        # 184 of 200 learned rows, a false one)
+        e2 = energy[rest_rows] ** 2
+        rest_sq = float(e2.sum())
+        picked, mult = torch.unique(torch.searchsorted(torch.cumsum(e2, 0), (torch.arange(k, dtype=torch.float64, device=e2.device) + 0.5)
+                                                       * (rest_sq / max(k, 1))).clamp(max=max(e2.numel() - 1, 0)), return_counts=True) \
+            if rest_sq > 0 and k > 0 else (torch.zeros(0, dtype=torch.long, device=e2.device), None)
+        rows_a = torch.cat([top, rest_rows[picked]])
+        w_a = torch.cat([ones, mult * (rest_sq / k) / e2[picked]]) if mult is not None else ones
+        both = torch.cat([rows_a, rows_b])
+        b_rows, t_rows = rows_of(both.cpu()) if b2 is None or t2 is None else (b2[both.to(b2.device)], t2[both.to(t2.device)])
+        na = rows_a.numel()
+        finer_base = finer_dtype and not _on_grid(b_rows[na:], tuned_dtype, block)
+        step = eps / 2 if finer_base else eps
+        s = _pass(b_rows[na:], t_rows[na:], d2[rows_b], step, tiny_b, tiny_t, block, weight=w_b.to(d2.device), norms=base_sq is None,
+                  delta_sq=False)
+        by_energy = _pass(b_rows[:na], t_rows[:na], d2[rows_a], step, tiny_b, tiny_t, block, weight=w_a.to(d2.device), norms=False,
+                          delta_sq=False)
+        s.update({key: by_energy[key] for key in ("ulp_sq", "flush_sq", "nonzero", "ulp")}, finite=s["finite"] and by_energy["finite"])
         s["delta_sq"] = float((energy**2).sum())
-        # ratios to ‖ΔW‖² are taken over the same sample as their numerators: 40 flipped rows (16 read exactly, the
-        # other 24 between the evenly spaced ones) were 40% of the exact total, and the rounding note did not fire
-        s["sample_delta_sq"] = float((weight.to(energy.device) * energy[rows] ** 2).sum())
-        for k in ("nonzero", "ulp", "sub_b", "sub_t"):
-            s[k] = int(round(s[k]))
-        b2, t2 = b_rows, t_rows  # the grid check samples from these
-        where = f" (estimated from {rows.numel()} of {total_rows} rows: the {top.numel()} that changed most, and evenly spaced others)"
+        for key in ("nonzero", "ulp", "sub_b", "sub_t"):
+            s[key] = int(round(s[key]))
+        b2, t2 = b_rows[na:], t_rows[na:]  # the grid check samples from these
+        sampled = torch.unique(both).numel()
+        where = f" (estimated from {sampled} of {total_rows} rows: the {top.numel()} that changed most, and a sample of the others)"
     if base_sq is not None:  # exact, from the caller's pass over every element
         s["base_sq"] = s["tuned_sq"] = float(base_sq)  # ‖W_tuned‖ ≈ ‖W_base‖ at the precision these ratios need
     if s["delta_sq"] == 0.0 or not s["finite"]:
         return []
     notes: list[NumericNote] = []
     fro = s["delta_sq"] ** 0.5
-    sample_sq = s.get("sample_delta_sq", s["delta_sq"])
     n = total_rows * cols
 
     # (1) subnormals: flushing them to zero changes ΔW_ij by b_ij where the base's is subnormal and by −t_ij where
     # the tuned's is: exactly that, summed (a bound of ‖b_sub‖ + ‖t_sub‖ said 15% where flushing moved 0.02%,
     # as both sides' subnormals of one entry mostly cancel)
-    effect = (s["flush_sq"] / sample_sq) ** 0.5 if sample_sq > 0 else 0.0
+    effect = s["flush_sq"] ** 0.5 / fro
     if (s["sub_b"] or s["sub_t"]) and effect >= SUBNORMAL_EFFECT:
         sides = ", ".join(f"{side} {k} ({k / n:.2%}, below {tiny:.3g} in {dt})"
                           for side, k, tiny, dt in (("base", s["sub_b"], tiny_b, base_dtype), ("tuned", s["sub_t"], tiny_t, tuned_dtype)) if k)
@@ -242,7 +260,7 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
     rounding = False
     if eps is not None and s["nonzero"]:
         coarse = tuned_dtype if eps_t is not None else base_dtype
-        share = min(s["ulp_sq"] / sample_sq, 1.0) if sample_sq > 0 else 0.0
+        share = min(s["ulp_sq"] / s["delta_sq"], 1.0)  # sampled rows scaled up can estimate above the exact total
         if share >= ROUNDING_ENERGY:
             rounding = True  # either way, (5)'s mixed-precision rounding is said by this note
             mixed = f" (base {base_dtype}, tuned {tuned_dtype})" if base_dtype != tuned_dtype else ""

@@ -187,7 +187,7 @@ def foreign_format(module: str, ckpt: Checkpoint) -> str | None:
         return "MLX"
     if f"{module}.scales" in names and f"{module}.qbiases" in names:
         return "metal"
-    if f"{module}_blocks" in names and f"{module}_scales" in names:
+    if foreign_quant_of(f"{module}_blocks", names) == module:
         return "MXFP4"
     return None  # (scales beside a packed weight alone: HIGGS, others; said "packed")
 

@@ -49,11 +49,12 @@ def set_aside(out: Path) -> str | None:
 __all__ = ["FIRST_FILE", "load_first", "set_aside"]
 
 
-def refuse_other_options(path: Path, now: dict[str, Any]) -> None:
+def refuse_other_options(path: Path, now: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Refuse to continue the trace in ``path`` (``trace.jsonl``) with other options than it began with: its header's
     ``kind`` and ``config`` (thresholds, top_k, include/exclude/layers; not the device) against ``now`` (the resumed tracker's, the
-    header's fields). Records of both would sit under one header: energy ranks at thresholds it does not list, matrices
-    it did not select, turns of another k, read back as one trace. A file without a header is not checked.
+    header's fields; an option the header lacks, written before it existed, counts as its value in ``defaults``). Records
+    of both would sit under one header: energy ranks at thresholds it does not list, matrices it did not select, turns
+    of another k, read back as one trace. A file without a header is not checked.
 
     Raises:
         ConfigError: names each option that differs, with both values.
@@ -69,10 +70,18 @@ def refuse_other_options(path: Path, now: dict[str, Any]) -> None:
             break
     if header is None:
         return
-    was = {"kind": header.get("kind"), **(header.get("config") if isinstance(header.get("config"), dict) else {})}
-    new = json.loads(json.dumps({"kind": now["kind"], **now["config"]}))  # tuples as the header's lists
+    if not isinstance(header.get("config"), dict):
+        raise ConfigError("the trace's header holds no options (its config is not a mapping): it cannot be continued", path=path,
+                          hint="give the tracker another out_dir")
+    was = json.loads(json.dumps({**defaults, **header["config"], "kind": header.get("kind")}, default=list))
+    new = json.loads(json.dumps({"kind": now["kind"], **now["config"]}, default=list))  # tuples as the header's lists
+
+    def shown(value: object) -> str:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:59] + "…"
+
     # (where it measures is no option of the trace: a run resumed on another device continues it)
-    if differ := [f"{k} {was.get(k)!r} → {v!r}" for k, v in new.items() if was.get(k) != v and k != "device"]:
+    if differ := [f"{k} {shown(was.get(k))} → {shown(v)}" for k, v in new.items() if was.get(k) != v and k != "device"]:
         raise ConfigError(f"the trace was begun with other options than this resumed tracker's ({'; '.join(differ)}): its records "
                           "and the new ones would be read as one trace", path=path,
                           hint="resume with the options the trace began with, or give the tracker another out_dir")

@@ -135,7 +135,7 @@ def test_tracker_says_what_it_does_not_follow_of_a_moe(tmp_path):
     """transformers ≥ 5 holds Mixtral's experts as 3-D parameters: the tracker dropped them (full and target_parameters
     LoRA) without a word, and named the router as the model holds it (mlp.gate), not as checkpoints store it."""
     from spectra.callbacks import SpectraTracker
-    from spectra.trace import load_trace
+    from spectra.trace import TraceConfig, load_trace
 
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
@@ -154,6 +154,8 @@ def test_tracker_says_what_it_does_not_follow_of_a_moe(tmp_path):
     SpectraTracker(lora, every=2, out_dir=tmp_path / "lora")
     t = load_trace(tmp_path / "lora" / "trace.jsonl")
     assert {s["name"] for s in t.skipped if "expert stack" in s["reason"]} == {"model.layers.0.mlp.experts.gate_up_proj"}
+    SpectraTracker(lora, every=2, out_dir=tmp_path / "lora_q", config=TraceConfig(include="q_proj"))  # what the filters leave out: unsaid
+    assert not load_trace(tmp_path / "lora_q" / "trace.jsonl").skipped
 
 
 def _save(folder, tensors, config):
@@ -296,3 +298,89 @@ def test_extract_with_nothing_to_extract_leaves_no_scratch(tmp_path):
     with pytest.raises(IdenticalCheckpointsError):
         extract(str(tmp_path / "base"), str(tmp_path / "base"), tmp_path / "out", config=ExtractConfig(rank=2), plots=False)
     assert not (tmp_path / "out" / SCRATCH).exists() and (tmp_path / "out" / "extract.json").is_file()
+
+
+def test_tracker_resume_checks_review(tmp_path):
+    """Review probe of the resume check: a header written before an option existed is read at its default, a long value
+    is shortened in the refusal, and a header without options is refused as such."""
+    import json
+
+    from spectra.callbacks import SpectraTracker
+    from spectra.errors import ConfigError
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+
+    def run(edit):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        tr = SpectraTracker(m, every=2, out_dir=out)
+        for s in range(1, 5):
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 1e-2)
+            tr.step(m, s)
+        lines = [json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines() if x.strip()]
+        edit(lines[0]["header"])
+        (out / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        return out
+
+    SpectraTracker(m, every=2, out_dir=run(lambda h: h["config"].pop("alpha")), resume_step=4)  # (older header: at its default)
+    with pytest.raises(ConfigError) as err:
+        SpectraTracker(m, every=2, out_dir=run(lambda h: h["config"].update(include="x" * 100000)), resume_step=4)
+    assert len(str(err.value)) < 600 and "xxx…" in str(err.value)
+    with pytest.raises(ConfigError, match="header holds no options"):
+        SpectraTracker(m, every=2, out_dir=run(lambda h: h.update(config=None)), resume_step=4)
+
+
+def test_callback_resumed_with_other_options_drops_the_abandoned_steps(tmp_path):
+    """Under the Trainer a resume with other options trains on untraced (said in trace.jsonl): the interrupted run's
+    records after the checkpoint it resumed from (steps 6 and 8) stayed in the trace."""
+    import json
+    import shutil
+
+    from spectra.callbacks import attach
+    from spectra.trace import TraceConfig
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=4)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            x = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": x, "labels": x}
+
+    def trainer(steps, thresholds):
+        torch.manual_seed(0)
+        args = transformers.TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=4, save_steps=4,
+                                              logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2)
+        t = transformers.Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=Data())
+        attach(t, every=2, config=TraceConfig(thresholds=thresholds))
+        return t
+
+    def steps():
+        recs = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines() if x.strip()]
+        return sorted({r["step"] for r in recs if "matrix" in r}), [r["warning"] for r in recs if "warning" in r]
+
+    trainer(8, (0.5, 0.9)).train()
+    assert steps()[0] == [2, 4, 6, 8]
+    shutil.rmtree(tmp_path / "checkpoint-8")
+    trainer(6, (0.5, 0.99)).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    measured, warned = steps()
+    assert measured == [2, 4]
+    assert any("training resumed at step 4: not traced from there" in w and "thresholds [0.5, 0.9] → [0.5, 0.99]" in w for w in warned)
+
+
+def test_float_matrices_named_like_mxfp4_are_analysed(tmp_path):
+    from spectra import diff
+
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mixer.conv_blocks": torch.randn(64, 64, generator=g),
+            "model.layers.0.mixer.conv_scales": torch.randn(64, 64, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.randn(64, 32, generator=g)}
+    _save(tmp_path / "base", base, {"model_type": "llama"})
+    _save(tmp_path / "tuned", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, {"model_type": "llama"})
+    res = diff(str(tmp_path / "base"), str(tmp_path / "tuned"))
+    assert {m.name for m in res.modules} == set(base) and not res.skipped
