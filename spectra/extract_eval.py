@@ -257,18 +257,20 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from spectra.training_inputs import first_line
+    from spectra.training_inputs import first_line, refuse_partial_load
 
     device = torch.device(device)
     ids, labels = data.ids, data.labels
 
     def load(folder: str | Path) -> Any:
         try:
-            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
-                                                        trust_remote_code=False)
+            model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
+                                                               trust_remote_code=False, output_loading_info=True)
         except _LOAD_ERRORS as exc:
             raise ConfigError(f"--eval: transformers cannot load the model: {first_line(exc)}", path=folder,
                               hint="pass a local causal-LM folder written by save_pretrained, or drop --eval") from None
+        refuse_partial_load(folder, info)  # (weights initialised at random would be scored as the model's)
+        return model
 
     def with_adapter(folder: str | Path) -> tuple[Any, str]:
         try:

@@ -116,9 +116,13 @@ def untargeted_text(run_config: dict) -> str | None:
     left = run_config.get("not_adapted")
     if not isinstance(left, dict) or not left.get("weights"):
         return None
-    names = list(left["weights"])
-    return (f"--targets {run_config.get('targets')} adapted {', '.join(run_config.get('target_modules') or [])}; the model's "
-            f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({float(left.get('share') or 0):.0%} of its layers' matrix "
+    names, adapted, share = left["weights"], run_config.get("target_modules") or [], left.get("share") or 0
+    # (a file edited by hand: these fields as spectra train writes them, or no warning from it)
+    if not (isinstance(names, list) and isinstance(adapted, list) and all(isinstance(x, str) for x in names + adapted)
+            and isinstance(share, (int, float)) and not isinstance(share, bool) and 0 <= share <= 1):
+        raise ValueError(f"train_config.json's not_adapted is not as spectra train writes it (share {share!r})")
+    return (f"--targets {run_config.get('targets')} adapted {', '.join(adapted)}; the model's "
+            f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''} ({float(share):.0%} of its layers' matrix "
             "entries) were not adapted: --targets all-linear adapts every linear layer and, through PEFT's target_parameters, "
             "an MoE's fused experts; or name the modules")
 

@@ -20,6 +20,7 @@ are defined in docs/definitions.md.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,7 +166,12 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
             CHECKS[schema](f, doc)
         found.docs.append((f, doc))
     found.train_logs = dict(zip(run_labels([p for p, _ in logs]), (recs for _, recs in logs)))
-    found.training = _training_warnings(logs)
+    try:  # a train_config.json edited by hand: one line naming it, not a traceback
+        found.training = _training_warnings(logs)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ResultsFormatError(f"a train_config.json beside these logs is not as spectra train writes it ({safe_text(str(exc))[:200]})",
+                                 path=", ".join(str(f / "train_config.json") for f, _ in logs),
+                                 hint="rerun spectra train, or restore the file it wrote") from None
     found.unfinished = [_unfinished(j) for p in map(Path, paths) if p.is_dir() for j in _files_named(p, set(JOURNALS))
                         if not (j.parent / JOURNALS[j.name][1]).is_file()]
     order = list(SECTIONS)  # diffs first, then compares, …; the order found within each kind
@@ -261,12 +267,18 @@ def _train_log(path: Path) -> list[dict]:
                                      hint="pass the folder's result (compare.json, extract.json…); a stopped run: "
                                           "finish it with the same command and --resume")
         step = rec.get("step")
-        if step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-            raise ResultsFormatError(f"line {i}: step must be an integer. Got {step!r} instead", path=path)
-        for key in ("target_loss", "source_loss", "loss", "seconds"):
+        if "step" not in rec or not ("target_loss" in rec or "error" in rec):  # diff's results.jsonl, a --data file…
+            raise ResultsFormatError(f"line {i} is no training-log record (a step with its target_loss, as spectra train "
+                                     "writes them)", path=path, hint="pass a train_log.jsonl, or a command's result (results.json…)")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ResultsFormatError(f"line {i}: step must be an integer >= 0. Got {step!r} instead", path=path)
+        if records and step < records[-1]["step"]:  # two runs' logs in one file would read as one run
+            raise ResultsFormatError(f"line {i}: step {step} after step {records[-1]['step']}: steps must increase (two runs' "
+                                     "logs in one file?)", path=path)
+        for key in ("target_loss", "source_loss", "loss", "train_loss", "seconds"):
             v = rec.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
-                raise ResultsFormatError(f"line {i}: {key} must be a number or null. Got {type(v).__name__} instead", path=path)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf):
+                raise ResultsFormatError(f"line {i}: {key} must be a finite number >= 0 or null. Got {v!r} instead", path=path)
         records.append(rec)
     return records
 

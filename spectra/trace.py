@@ -160,6 +160,13 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
     one ``{"kind", "step", "loss", "matrix": meta, "point": point}`` per matrix and measurement."""
     records = first_trace_records(records)  # a repeated line: its (matrix, step)'s first kept, with a warning record
     recs = [r for r in records if isinstance(r, dict) and "matrix" in r and "point" in r]
+    timings = [r["timing"] for r in records if isinstance(r, dict) and isinstance(r.get("timing"), dict)]
+    # a step's timing follows its matrix records: a last step without one was cut off while written (a kill), its
+    # records a part of the matrices, whose medians beside the other steps' would compare other sets
+    partial = None
+    if timings and recs and (last := max(int(r["step"]) for r in recs)) not in {t.get("step") for t in timings}:
+        partial = (last, sum(int(r["step"]) == last for r in recs), len({r["matrix"]["name"] for r in recs}))
+        recs = [r for r in recs if int(r["step"]) != last]
     header = next((r["header"] for r in records if isinstance(r, dict) and isinstance(r.get("header"), dict)), {})
     logs = [r["log"] for r in records if isinstance(r, dict) and isinstance(r.get("log"), dict) and isinstance(r["log"].get("step"), int)]
     steps = sorted({int(r["step"]) for r in recs})
@@ -182,8 +189,10 @@ def result_from_records(records: list[dict[str, Any]], *, base: str | None = Non
                       loss_history=[history[s] for s in sorted(history)],
                       skipped=[r["skipped"] for r in records if isinstance(r, dict) and isinstance(r.get("skipped"), dict)],
                       warnings=[r["warning"] for r in records if isinstance(r, dict) and isinstance(r.get("warning"), str)])
+    if partial is not None:
+        res.warnings.append(f"step {partial[0]} was cut off while its records were written ({partial[1]} of {partial[2]} matrices; "
+                            "the run stopped): left out")
     # seconds spent measuring and where (0 s and no device from a trace.jsonl written before these records)
-    timings = [r["timing"] for r in records if isinstance(r, dict) and isinstance(r.get("timing"), dict)]
     res.elapsed_s = float(sum(t["seconds"] for t in timings if isinstance(t.get("seconds"), (int, float))))
     res.device = next((t["device"] for t in reversed(timings) if isinstance(t.get("device"), str)), "")
     if not res.thresholds:

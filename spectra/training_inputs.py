@@ -425,11 +425,46 @@ def load_model(base: str | Path):
     """
     import transformers
 
+    def load(**kw: Any) -> tuple[Any, dict]:
+        return transformers.AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False, local_files_only=True,
+                                                                 output_loading_info=True, **kw)
+
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False, local_files_only=True)
+        try:
+            model, info = load()
+        except RuntimeError as exc:  # shapes config.json builds that the stored tensors do not have: named, not "see the report"
+            if "ignore_mismatched_sizes" not in str(exc):
+                raise
+            refuse_partial_load(base, load(ignore_mismatched_sizes=True)[1])
+            raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:  # transformers' ways of saying "not loadable"
         raise SpectraError(f"transformers cannot load the model: {first_line(exc)}", path=base,
                            hint="pass a local causal-LM folder written by save_pretrained") from None
+    refuse_partial_load(base, info)
+    return model
+
+
+def refuse_partial_load(base: str | Path, info: dict) -> None:
+    """Refuse a model transformers built from ``config.json`` that is not the stored one (``info``: its loading info): weights
+    the checkpoint lacks (initialised at random, then trained and saved as if they were the base's), stored weights the
+    model has no place for (dropped: a model of fewer layers), or shapes the config contradicts.
+
+    Raises:
+        ConfigError: names the first of each kind, with counts.
+    """
+    said = []
+    for key, what in (("missing_keys", "weights the checkpoint does not hold (transformers would initialise them at random)"),
+                      ("unexpected_keys", "stored weights the model has no place for (they would be dropped)")):
+        if names := sorted(info.get(key) or ()):
+            said.append(f"{len(names)} {what}, e.g. {names[0]}")
+    if shapes := sorted(info.get("mismatched_keys") or (), key=lambda x: str(x[0])):
+        name, stored, built = shapes[0]
+        said.append(f"{len(shapes)} weights of another shape than stored, e.g. {name} stored {tuple(stored)}, "
+                    f"built {tuple(built)}")
+    if said:
+        raise ConfigError(f"config.json does not describe the weights stored beside it: {'; '.join(said)}", path=base,
+                          hint="fix config.json (num_hidden_layers, vocab_size, hidden_size…) to the checkpoint, or use the "
+                               "folder save_pretrained wrote")
 
 
 # ---- options --------------------------------------------------------------------------------------------

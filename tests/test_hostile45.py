@@ -384,3 +384,104 @@ def test_float_matrices_named_like_mxfp4_are_analysed(tmp_path):
     _save(tmp_path / "tuned", {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}, {"model_type": "llama"})
     res = diff(str(tmp_path / "base"), str(tmp_path / "tuned"))
     assert {m.name for m in res.modules} == set(base) and not res.skipped
+
+
+def test_train_refuses_a_config_that_does_not_describe_its_weights(tmp_path):
+    """spectra train loaded what config.json described: a stored weight missing was initialised at random, a config of
+    one more layer trained a random layer, one of fewer dropped a stored layer, and a missing vocab_size said only
+    "look at the above report" (suppressed). Each is now refused, naming a tensor, before anything is written."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spectra.errors import ConfigError
+    from spectra.training_inputs import load_model
+
+    _llama(tmp_path / "base")
+    cases = {}
+    for name in ("missing", "more", "fewer", "vocab"):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cases[name] = cfg
+    tensors = load_file(str(tmp_path / "base" / "model.safetensors"))
+    tensors.pop("model.layers.0.self_attn.q_proj.weight")
+    save_file(tensors, str(tmp_path / "missing" / "model.safetensors"), metadata={"format": "pt"})
+    cases["more"]["num_hidden_layers"] = 3
+    cases["fewer"]["num_hidden_layers"] = 1
+    cases["vocab"].pop("vocab_size")
+    for name in ("more", "fewer", "vocab"):
+        (tmp_path / name / "config.json").write_text(json.dumps(cases[name]))
+    load_model(tmp_path / "base")
+    want = {"missing": "1 weights the checkpoint does not hold (transformers would initialise them at random), e.g. "
+                       "model.layers.0.self_attn.q_proj.weight",
+            "more": "weights the checkpoint does not hold", "fewer": "9 stored weights the model has no place for (they would be dropped)",
+            "vocab": "weights of another shape than stored, e.g. lm_head.weight stored (128, 64), built (32000, 64)"}
+    for name, text in want.items():
+        with pytest.raises(ConfigError, match="config.json does not describe the weights stored beside it") as err:
+            load_model(tmp_path / name)
+        assert text in str(err.value), (name, str(err.value))
+    (tmp_path / "data.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    res = CliRunner().invoke(cli, ["train", "--method", "full", "--base", str(tmp_path / "missing"), "--data", str(tmp_path / "data.txt"),
+                                   "--steps", "2", "--batch", "2", "--seq-len", "16", "--trace-every", "0", "-o", str(tmp_path / "out")])
+    assert res.exit_code != 0 and "config.json does not describe the weights" in " ".join(res.output.split())
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_report_refuses_what_is_no_training_log(tmp_path):
+    """Any JSON-lines file was shown as a training run (diff's journal, a --data file); two logs pasted into one file read
+    as one run; a hand-edited train_config.json gave a traceback or "750% of its layers' matrix entries"."""
+    import json
+
+    def report(folder):
+        return CliRunner().invoke(cli, ["report", str(folder), "-o", str(tmp_path / f"{folder.name}.html")])
+
+    def log(name, records, config=None):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        if config is not None:
+            (tmp_path / name / "train_config.json").write_text(json.dumps(config))
+        return tmp_path / name
+
+    ok = [{"step": 0, "target_loss": 5.0, "source_loss": 4.0}, {"step": 10, "target_loss": 3.0, "source_loss": 4.1}]
+    assert report(log("ok", ok)).exit_code == 0
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data.jsonl").write_text('{"text": "hello"}\n')
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "data" / "data.jsonl"), "-o", str(tmp_path / "d.html")])
+    assert res.exit_code != 0 and "no training-log record" in " ".join(res.output.split())
+    res = report(log("pasted", ok + [{"step": 0, "target_loss": 9.0}, {"step": 10, "target_loss": 8.0}]))
+    assert res.exit_code != 0 and "step 0 after step 10: steps must increase" in " ".join(res.output.split())
+    res = report(log("negative", [{"step": 0, "target_loss": -3.0}]))
+    assert res.exit_code != 0 and "target_loss must be a finite number >= 0" in " ".join(res.output.split())
+    for share in (7.5, "abc"):
+        res = report(log(f"share{share}", ok, {"steps": 10, "targets": "attention", "target_modules": ["q_proj"],
+                                               "not_adapted": {"weights": ["mlp.up_proj"], "share": share}}))
+        assert res.exit_code != 0
+        assert "train_config.json beside these logs is not as spectra train writes it" in " ".join(res.output.split())
+
+
+def test_a_trace_cut_off_mid_step_leaves_that_step_out(tmp_path):
+    """A tracker killed while writing a step's records (7 of 14 matrices): the step was read as measured, the rest
+    "not measured", and the findings compared a median over 7 matrices with one over 14."""
+    import json
+
+    from spectra.callbacks import SpectraTracker
+    from spectra.trace import load_trace
+
+    m = _tiny_llama()
+    x = torch.randint(0, 128, (2, 16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    tr = SpectraTracker(m, every=2, out_dir=tmp_path)
+    for s in range(1, 7):
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tr.step(m, s)
+    lines = (tmp_path / "trace.jsonl").read_text().splitlines()
+    whole = load_trace(tmp_path / "trace.jsonl")
+    at6 = [i for i, x in enumerate(lines) if json.loads(x).get("step") == 6 and "matrix" in json.loads(x)]
+    (tmp_path / "trace.jsonl").write_text("\n".join(lines[: at6[len(at6) // 2]]) + "\n")  # killed half-way through step 6
+    cut = load_trace(tmp_path / "trace.jsonl")
+    assert [c["step"] for c in cut.checkpoints] == [2, 4] and [c["step"] for c in whole.checkpoints] == [2, 4, 6]
+    assert any(w.startswith(f"step 6 was cut off while its records were written ({len(at6) // 2} of {len(at6)} matrices") for w in cut.warnings)
+    assert all(p["step"] != 6 for mt in cut.matrices for p in mt["points"])
