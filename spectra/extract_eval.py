@@ -257,7 +257,8 @@ def held_out_losses(base: str, tuned: str, adapters: Mapping[str, str | Path], t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from spectra.training_inputs import first_line, refuse_partial_load
+    from spectra.load_names import refuse_partial_load
+    from spectra.training_inputs import first_line
 
     device = torch.device(device)
     ids, labels = data.ids, data.labels

@@ -1,4 +1,5 @@
-"""The names transformers ≥ 5 gives a checkpoint's modules when it loads them.
+"""The names transformers ≥ 5 gives a checkpoint's modules when it loads them, and whether the model it built from
+``config.json`` holds the stored weights (:func:`refuse_partial_load`).
 
 transformers 5 renames some stored keys on load (``conversion_mapping``'s ``WeightRenaming`` rules for the
 model and each of its sub-models, and a ``base_model_prefix`` added or stripped): GPT-NeoX's ``embed_out``
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -194,4 +196,27 @@ def renames_text(renames: Mapping[str, str], source: str | None, what: str) -> s
     return f"{source}: {what} names them as loaded, as PEFT matches them ({len(renames)} renamed, e.g. {old} → {new})"
 
 
-__all__ = ["adapter_renames", "loaded_keys", "load_renames", "refuse_split", "renames_text"]
+def refuse_partial_load(base: str | Path, info: dict) -> None:
+    """Refuse a model transformers built from ``config.json`` that is not the stored one (``info``: its loading info): weights
+    the checkpoint lacks (initialised at random, then trained and saved as if they were the base's), stored weights the
+    model has no place for (dropped: a model of fewer layers), or shapes the config contradicts.
+
+    Raises:
+        ConfigError: names the first of each kind, with counts.
+    """
+    said = []
+    for key, what in (("missing_keys", "weights the checkpoint does not hold (transformers would initialise them at random)"),
+                      ("unexpected_keys", "stored weights the model has no place for (they would be dropped)")):
+        if names := sorted(info.get(key) or ()):
+            said.append(f"{len(names)} {what}, e.g. {names[0]}")
+    if shapes := sorted(info.get("mismatched_keys") or (), key=lambda x: str(x[0])):
+        name, stored, built = shapes[0]
+        said.append(f"{len(shapes)} weights of another shape than stored, e.g. {name} stored {tuple(stored)}, "
+                    f"built {tuple(built)}")
+    if said:
+        raise ConfigError(f"config.json does not describe the weights stored beside it: {'; '.join(said)}", path=base,
+                          hint="fix config.json (num_hidden_layers, vocab_size, hidden_size…) to the checkpoint, or use the "
+                               "folder save_pretrained wrote")
+
+
+__all__ = ["adapter_renames", "loaded_keys", "load_renames", "refuse_partial_load", "refuse_split", "renames_text"]

@@ -26,6 +26,7 @@ from spectra.io.jsonfile import load_json, load_jsonl
 from spectra.io.paths import file_kind, open_regular, refuse_empty_path
 from spectra.io.text_data import TEXT_SUFFIXES, text_files
 from spectra.linalg import validate_device
+from spectra.load_names import refuse_partial_load
 from spectra.plan import free_memory
 
 #: Largest share of a data file's characters that may be undecodable UTF-8 (read as U+FFFD): above
@@ -442,29 +443,6 @@ def load_model(base: str | Path):
                            hint="pass a local causal-LM folder written by save_pretrained") from None
     refuse_partial_load(base, info)
     return model
-
-
-def refuse_partial_load(base: str | Path, info: dict) -> None:
-    """Refuse a model transformers built from ``config.json`` that is not the stored one (``info``: its loading info): weights
-    the checkpoint lacks (initialised at random, then trained and saved as if they were the base's), stored weights the
-    model has no place for (dropped: a model of fewer layers), or shapes the config contradicts.
-
-    Raises:
-        ConfigError: names the first of each kind, with counts.
-    """
-    said = []
-    for key, what in (("missing_keys", "weights the checkpoint does not hold (transformers would initialise them at random)"),
-                      ("unexpected_keys", "stored weights the model has no place for (they would be dropped)")):
-        if names := sorted(info.get(key) or ()):
-            said.append(f"{len(names)} {what}, e.g. {names[0]}")
-    if shapes := sorted(info.get("mismatched_keys") or (), key=lambda x: str(x[0])):
-        name, stored, built = shapes[0]
-        said.append(f"{len(shapes)} weights of another shape than stored, e.g. {name} stored {tuple(stored)}, "
-                    f"built {tuple(built)}")
-    if said:
-        raise ConfigError(f"config.json does not describe the weights stored beside it: {'; '.join(said)}", path=base,
-                          hint="fix config.json (num_hidden_layers, vocab_size, hidden_size…) to the checkpoint, or use the "
-                               "folder save_pretrained wrote")
 
 
 # ---- options --------------------------------------------------------------------------------------------

@@ -340,23 +340,16 @@ def test_callback_resumed_with_other_options_drops_the_abandoned_steps(tmp_path)
 
     from spectra.callbacks import attach
     from spectra.trace import TraceConfig
+    from tests.train_util import TokenData
 
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=4)
-
-    class Data(torch.utils.data.Dataset):
-        def __len__(self):
-            return 64
-
-        def __getitem__(self, i):
-            x = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
-            return {"input_ids": x, "labels": x}
 
     def trainer(steps, thresholds):
         torch.manual_seed(0)
         args = transformers.TrainingArguments(str(tmp_path), max_steps=steps, per_device_train_batch_size=4, save_steps=4,
                                               logging_steps=1, report_to=[], use_cpu=True, learning_rate=1e-2)
-        t = transformers.Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=Data())
+        t = transformers.Trainer(model=transformers.LlamaForCausalLM(cfg), args=args, train_dataset=TokenData())
         attach(t, every=2, config=TraceConfig(thresholds=thresholds))
         return t
 

@@ -105,3 +105,14 @@ def make_runs(root: Path, *, steps: int = 25) -> dict[str, Path]:
     full.save_pretrained(root / "full")
     out["full"] = root / "full"
     return out
+
+
+class TokenData(torch.utils.data.Dataset):
+    """64 examples of 16 random tokens below 64 (each seeded by its index), for a Trainer: labels = inputs."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": x, "labels": x}
