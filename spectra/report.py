@@ -267,9 +267,10 @@ def _train_log(path: Path) -> list[dict]:
                                      hint="pass the folder's result (compare.json, extract.json…); a stopped run: "
                                           "finish it with the same command and --resume")
         step = rec.get("step")
-        if "step" not in rec or not ("target_loss" in rec or "error" in rec):  # diff's results.jsonl, a --data file…
-            raise ResultsFormatError(f"line {i} is no training-log record (a step with its target_loss, as spectra train "
-                                     "writes them)", path=path, hint="pass a train_log.jsonl, or a command's result (results.json…)")
+        if "step" not in rec or not any(k in rec for k in ("target_loss", "source_loss", "train_loss", "loss", "error")):
+            # (diff's results.jsonl, a --data file…)
+            raise ResultsFormatError(f"line {i} is no training-log record (a step with its losses, as spectra train writes "
+                                     "them)", path=path, hint="pass a train_log.jsonl, or a command's result (results.json…)")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ResultsFormatError(f"line {i}: step must be an integer >= 0. Got {step!r} instead", path=path)
         if records and step < records[-1]["step"]:  # two runs' logs in one file would read as one run
