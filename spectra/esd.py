@@ -45,7 +45,7 @@ from typing import Literal
 import numpy as np
 
 from spectra.checks import check_index, check_number, check_shape
-from spectra.metrics import host_array, log10_power_sum
+from spectra.metrics import as_spectrum, host_array, log10_power_sum
 from spectra.randmat import mp_median
 
 XminMethod = Literal["fit", "peak", "mid"]
@@ -309,14 +309,21 @@ def as_eigenvalues(evals: np.ndarray | Sequence[float], name: str = "evals") -> 
     if np.iscomplexobj(lam):
         raise ValueError(f"{name} must be real eigenvalues of WᵀW. Got a complex array instead.")
     given = np.asarray(lam)
-    # the precision the eigenvalues were computed in (float32 eigvalsh rounds at ~1e-7·λ_max, not 1e-16)
+    if given.dtype.kind not in "iuf":  # strings and bools read as numbers: ['3', '1'] as 3.0, True as 1.0
+        raise ValueError(f"{name} must hold real numbers (eigenvalues of WᵀW). Got numpy dtype {given.dtype} instead.")
+    if given.ndim != 1:  # a matrix flattened would be read as p² eigenvalues
+        raise ValueError(f"{name} must be a 1-D array of eigenvalues. Got shape {given.shape} instead.")
+    # the precision the eigenvalues were computed in (float32 eigvalsh rounds at ~1e-7·λ_max, not 1e-16); no solver
+    # works in float16: its values were computed in float32 at least and rounded once when stored
     eps = float(np.finfo(given.dtype).eps) if given.dtype.kind == "f" else float(np.finfo(np.float64).eps)
-    lam = np.sort(given.astype(np.float64).ravel())
+    stored = max(0.0, eps - float(np.finfo(np.float32).eps))
+    eps = min(eps, float(np.finfo(np.float32).eps))
+    lam = np.sort(given.astype(np.float64))
     if lam.size and not np.isfinite(lam).all():
         raise ValueError(f"{name} must be finite. Got NaN or Inf instead.")
     if lam.size and lam[0] < 0.0:
         # the rounding of an eigensolver of a p × p Gram matrix: a few p·ε·λ_max (64× as margin)
-        tol = 64.0 * lam.size * eps * max(float(lam[-1]), 0.0)
+        tol = (64.0 * lam.size * eps + stored) * max(float(lam[-1]), 0.0)
         if lam[0] < -tol:
             raise ValueError(f"{name} must be eigenvalues of WᵀW (non-negative, or negative only by rounding, "
                              f"above -{tol:.1e}). Got {lam[0]:.6g} instead.")
@@ -454,6 +461,7 @@ def mp_bulk_fit(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         eigenvalue above it a spike).
     """
     lam, shape = as_eigenvalues(evals), check_shape(shape)
+    zero_at = check_number(zero_at, "zero_at", 0.0)  # a NaN zero level read every bulk as none
     N, M = max(shape), min(shape)
     if lam.size != M:  # the top eigenvalues alone: their median is no bulk's (σ² 2.4 where the full ESD gives 0.99)
         raise ValueError(f"evals must hold min(shape) = {M} eigenvalues. Got {lam.size} instead.")
@@ -565,7 +573,7 @@ def matrix_rank(svals: np.ndarray, N: int, *, resolution: float = 0.0) -> int:
     >>> matrix_rank(np.array([3.0, 1.0, 1e-9]), 3), matrix_rank(np.array([3.0, 1.0, 1e-9]), 3, resolution=1e-7)
     (3, 2)
     """
-    sv = np.asarray(svals, dtype=np.float64)
+    sv = as_spectrum(svals, "svals")  # NaN, negative, 2-D or string values are no singular values
     N, resolution = check_index(N, "N", 1, 1 << 62), check_number(resolution, "resolution", 0.0)  # a NaN counted nothing
     if sv.size == 0:
         return 0
@@ -635,7 +643,12 @@ def esd_metrics(evals: np.ndarray | Sequence[float], shape: tuple[int, int], *, 
         raise ValueError(f"shape must have no zero dimension. Got {tuple(shape)} instead.")
     # the rounding level of the eigensolver: a rank-deficient matrix of large scale has "eigenvalues" above
     # the absolute threshold that are noise (a constant 16 × 8 matrix of 3e38 gave α = 1.01 on them)
-    floor = float(lam[-1]) * M * np.finfo(np.float64).eps if lam.size and math.isfinite(lam[-1]) else 0.0
+    rounding = check_number(rounding, "rounding", 0.0)  # a NaN was ignored by max()
+    with np.errstate(over="ignore"):
+        if not math.isfinite(float(np.sum(lam))):  # norms and the fit's sums would be inf (λ near 1e308)
+            raise ValueError("evals sum beyond float64's range (Σλ = ‖W‖_F² overflows): divide W by a power of two first")
+    # M·ε first: λ_max·M overflowed past 1.8e308 and blamed a thresh nobody passed
+    floor = float(lam[-1]) * (M * np.finfo(np.float64).eps) if lam.size and math.isfinite(lam[-1]) else 0.0
     fit = power_law_fit(lam, xmin=xmin, thresh=max(thresh, floor))
     S = np.sqrt(np.clip(lam, 0.0, None))
     norm = float(np.sum(lam))

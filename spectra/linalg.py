@@ -187,13 +187,15 @@ def singular_values(
         M = M.to(dtype)
     elif M.element_size() == 1:  # fp8 has no norm kernel; float32 holds every fp8 value exactly
         M = M.float()
-    amax = float(torch.linalg.vector_norm(M, ord=math.inf))
-    if not math.isfinite(amax):
+    amax = torch.linalg.vector_norm(M, ord=math.inf, dim=(-2, -1)).reshape(-1).tolist()
+    if not all(math.isfinite(a) for a in amax):
         raise ValueError("M holds NaN or Inf: its singular values are undefined.")
     # values whose squares leave the decomposition's range (in float32, 1e-30 squared underflows to 0) are
-    # scaled by a power of two first: exact, and undone on the values
-    e = gram_scale_exponent(amax, dtype)
-    M = torch.ldexp(M.to(torch.promote_types(M.dtype, dtype)), torch.tensor(-e, device=M.device)) if e else M
+    # scaled by a power of two first: exact, and undone on the values; each matrix of a batch by its own (one
+    # 1e-170 matrix beside a normal one underflowed to zeros)
+    e = np.array([gram_scale_exponent(a, dtype) for a in amax], dtype=np.int64).reshape(M.shape[:-2])
+    if e.any():
+        M = torch.ldexp(M.to(torch.promote_types(M.dtype, dtype)), torch.as_tensor(-e, device=M.device)[..., None, None])
     if method == "gram":
         lam = torch.linalg.eigvalsh(gram(M, dtype=dtype))  # ascending
         s = lam.clamp_min_(0).sqrt_().flip(-1)
@@ -201,7 +203,7 @@ def singular_values(
         s = torch.linalg.svdvals(M.to(dtype))
     else:
         raise ValueError(f"method must be 'gram' or 'svd'. Got {method!r} instead.")
-    return np.ldexp(s.double().cpu().numpy(), e)
+    return np.ldexp(s.double().cpu().numpy(), e[..., None])
 
 
 def real_tensor(M: object, name: str) -> torch.Tensor:
@@ -215,6 +217,11 @@ def real_tensor(M: object, name: str) -> torch.Tensor:
             raise ValueError(f"{name} must be a rectangular array of numbers ({exc})") from None
         if M.dtype.kind not in "biufc":  # strings, None: torch's TypeError named no argument
             raise ValueError(f"{name} must hold numbers. Got numpy dtype {M.dtype} instead.")
+    if isinstance(M, np.ma.MaskedArray):  # torch reads the data under the mask: masked values counted silently
+        raise ValueError(f"{name} is a masked array: pass the values to use ({name}.compressed()) or .filled() ones.")
+    if isinstance(M, np.ndarray) and (not M.dtype.isnative or any(st < 0 for st in M.strides)):
+        # V[:, ::-1] (eigh's vectors descending) and big-endian files: torch refuses both with a message naming no argument
+        M = np.ascontiguousarray(M, dtype=M.dtype.newbyteorder("="))
     t = torch.as_tensor(M).detach()
     if t.is_complex():
         raise ValueError(f"{name} must be real. Got dtype {t.dtype} instead.")

@@ -135,7 +135,10 @@ def energy_kept(S: np.ndarray, total: float, r: int) -> float:
     if total <= 0:
         return 1.0
     top = S[:r]
-    return float(min(1.0, np.sum(top * top) / total))
+    kept = float(np.sum(top * top))
+    if kept > total * (1 + 1e-6):  # a total of another matrix, or a truncated one: no share of anything
+        raise ValueError(f"total must be ‖ΔW‖²_F, at least the kept values' Σσ² ({kept:.6g}). Got {total!r} instead.")
+    return min(1.0, kept / total)
 
 
 def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = None) -> int | None:
@@ -149,6 +152,8 @@ def energy_rank_top(S: np.ndarray, total: float, tau: float, p: int | None = Non
     (2, None)
     """
     tau = check_tau(tau)
+    if isinstance(total, (bool, np.bool_)) or not isinstance(total, (int, float, np.integer, np.floating)) or math.isnan(total):
+        raise ValueError(f"total must be a number, ‖ΔW‖²_F. Got {total!r} instead.")  # NaN read as "S too short"
     if total <= 0:
         return 0
     if tau == 1.0:  # the numerical rank (spectra.metrics.numerical_rank); unknown while S may go on above it
@@ -201,8 +206,9 @@ class Triplets:
         S: top singular values, descending, float64 (at least as many as factors kept, plus one when
             the spectrum has more, for the spectral error σ_{r+1}/σ₁).
         total: ``‖ΔW‖²_F`` in float64 (over the whole spectrum).
-        B: ``(out, k)`` float32, ``U_k·diag(√σ)``; None when k = 0.
-        A: ``(k, in)`` float32, ``diag(√σ)·V_kᵀ``; None when k = 0.
+        B: ``(out, k)`` ``U_k·diag(√σ)``, on the CPU, float64 for a float64 ΔW (or factors float32 cannot hold),
+            else float32; None when k = 0.
+        A: ``(k, in)`` ``diag(√σ)·V_kᵀ``, as B; None when k = 0.
         method: how it was computed (``"gram-eigh/float64"``, ``"randomized"``, ``"factored"``).
         residual: randomized path: the largest certified ``‖ΔW vᵢ − σᵢuᵢ‖/√2`` relative to σ₁
             (:class:`spectra.sketch.TruncatedSVD`); None for the exact paths.
@@ -540,7 +546,20 @@ def factored_triplets(Bf: torch.Tensor, Af: torch.Tensor, scale: float, k: int) 
     total = float((S.double() ** 2).sum().item())
     k = min(check_rank(k, "k"), int(S.numel()))
     B, A = split_factors(U[:, :k], S[:k], Vh[:k])
-    return Triplets(S.double().cpu().numpy(), total, B.float().cpu() if k else None, A.float().cpu() if k else None, "factored")
+    if k:
+        # float64 factors stay float64 (as factors_out keeps a float64 ΔW's), and so do factors float32 cannot hold:
+        # √σ of an update near 1e81 is inf in float32, near 1e-90 a subnormal that lost its digits
+        B, A = B.cpu(), A.cpu()
+        wide = torch.float64 in (Bf.dtype, Af.dtype) or not _fits_float32(B) or not _fits_float32(A)
+        B, A = (B.double(), A.double()) if wide else (B.float(), A.float())
+    return Triplets(S.double().cpu().numpy(), total, B if k else None, A if k else None, "factored")
+
+
+def _fits_float32(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite in float32 and its nonzero magnitudes are normal floats there."""
+    a = x.abs().double()
+    nz = a[a > 0]
+    return bool(a.max() <= torch.finfo(torch.float32).max) and (nz.numel() == 0 or bool(nz.max() >= torch.finfo(torch.float32).tiny))
 
 
 __all__ = ["REFINED_FLOOR", "VLLM_RANKS", "Budget", "GramEig", "Triplets",

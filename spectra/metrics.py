@@ -74,6 +74,8 @@ def host_array(x: object, name: str) -> object:
     """``x`` as numpy can read it: a torch tensor (no torch import here: duck-typed) detached, on the CPU,
     bfloat16/float16 widened to float64 (numpy has no bfloat16); anything else unchanged. A tensor on
     the meta device (shapes, no values) is refused, naming ``name``."""
+    if isinstance(x, np.ma.MaskedArray):  # np.asarray drops the mask: the masked values would be counted silently
+        raise ValueError(f"{name} is a masked array: pass the values to use ({name}.compressed()) or .filled() ones.")
     if not (hasattr(x, "detach") and hasattr(x, "is_meta")):
         return x
     refuse_meta(x, name)
@@ -140,6 +142,36 @@ def rank_resolution(sigma_max: float, p: int) -> float:
     """``σ₁·√(p·ε)`` (ε = 2.2e-16): the smallest singular value the exact float64 Gram route tells from 0
     in a matrix of ``p = min(out, in)`` whose largest is ``sigma_max``; the threshold of :func:`numerical_rank`."""
     return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
+
+
+def projection_resolution(w_sigma_max: float, S: np.ndarray, r: int, energy: float, shape: tuple[int, int]) -> float:
+    """The largest ``‖U_rᵀ W V_r‖_F`` that rounding alone can give, for ΔW's top-r singular vectors ``U_r``,
+    ``V_r`` from its float64 Gram matrix and ``W`` whose largest singular value is ``w_sigma_max``.
+
+    Args:
+        w_sigma_max: σ₁(W).
+        S: ΔW's top singular values, descending, float64 (at least r of them).
+        r: the rank projected on.
+        energy: ``‖ΔW‖_F²`` (bounds σ_{r+1}² by what the top r leave when S has no more values).
+        shape: ``(out, in)``.
+
+    Returns:
+        ``4·σ₁(W)·(θ·(1 + σ₁/σ_r) + n·ε)``, ``θ = n·ε·‖ΔW‖_F² / (σ_r² − σ_{r+1}²)`` the rounding angle of the top-r
+        subspace (Davis–Kahan over the Gram matrix's backward error, n = max(out, in)), never above
+        :func:`rank_resolution` of W: where ΔW's top r are well separated, a projection far below W's own Gram
+        resolution is told from 0 (W = diag(1e8, 1), ΔW = diag(0, 1): the projection 1 is exact, not rounding).
+    """
+    coarse = rank_resolution(w_sigma_max, min(shape))
+    S = np.asarray(S, dtype=np.float64)
+    if r < 1 or S.size < r or not S[r - 1] > 0:
+        return coarse
+    next_sq = float(S[r]) ** 2 if S.size > r else max(0.0, float(energy) - float(np.sum(S[:r] ** 2)))
+    gap = float(S[r - 1]) ** 2 - next_sq
+    if not gap > 0:
+        return coarse
+    eps, n = float(np.finfo(np.float64).eps), max(shape)
+    theta = min(1.0, n * eps * float(energy) / gap)
+    return min(coarse, 4.0 * float(w_sigma_max) * (theta * (1.0 + float(S[0] / S[r - 1])) + n * eps))
 
 
 #: Unit roundoff of IEEE float32 (round to nearest).
@@ -312,7 +344,7 @@ def signal_rank(S: np.ndarray, shape: tuple[int, int], resolution: float | None 
     if S.size == 0:
         return 0
     beta = min(shape) / max(shape)
-    res = rank_resolution(float(S.max()), S.size) if resolution is None else resolution
+    res = rank_resolution(float(S.max()), S.size) if resolution is None else check_number(resolution, "resolution", 0.0)
     return int(np.sum(max(gavish_donoho_omega(beta) * np.median(S), res) < S))
 
 
@@ -320,6 +352,8 @@ def relative_norm(fro: float, base_fro: float) -> float | None:
     """``‖ΔW‖_F / ‖W_base‖_F``; 0 for a zero update, None (not NaN/inf, not a silent 0) when only the
     base is zero or either norm is not finite (float64 weights whose norm overflowed). A negative norm is a ValueError."""
     for name, v in (("fro", fro), ("base_fro", base_fro)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ValueError(f"{name} must be a norm (a number >= 0). Got {v!r} instead.")
         if v < 0:  # no norm: its ratio would be a negative "relative norm"
             raise ValueError(f"{name} must be a norm (>= 0). Got {v!r} instead.")
     if not (math.isfinite(fro) and math.isfinite(base_fro)):
@@ -406,6 +440,8 @@ def log10_power_sum(x: np.ndarray, a: float) -> float | None:
         >>> round(log10_power_sum(np.array([1000.0, 1001.0]), 501.25), 4)
         1504.1733
     """
+    if isinstance(a, (int, float, np.integer, np.floating)) and not isinstance(a, (bool, np.bool_)) and a <= 0:
+        raise ValueError(f"a must be > 0 (a power of 0 is 1, a negative one infinite). Got {a!r} instead.")
     x = np.asarray(x, dtype=np.float64)
     top = float(np.max(x, initial=0.0))
     if not (top > 0.0 and math.isfinite(top) and math.isfinite(a) and np.isfinite(x).all()):

@@ -5,7 +5,8 @@ within a parameter budget, written as ``r``, ``rank_pattern``, ``alpha_pattern``
 From each module's record: ``energy_rank[τ]`` when the diff computed that threshold, else the rank
 read off its top singular values and ``fro_norm`` (when they reach τ). Fused matrices the diff split
 (``qkv_proj:q``…) are trained whole by PEFT: the whole module gets the sum of its parts' ranks (a
-rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in) and ``--max-rank``.
+rank that holds ≥ τ of each part holds ≥ τ of the whole), capped at its min(out, in), ``--max-rank`` and, in a diff
+of an adapter, its LoRA r (one s·B·A has no more directions).
 With a budget, components are spread by :func:`spectra.allocation.allocate` (the integer optimum) over the singular values
 the results hold (``--top-k`` of the diff), each module capped at its τ rank and ``--max-rank``; a fused
 module's parts pool their values (a component of any part costs the whole module's ``out + in``).
@@ -38,18 +39,19 @@ from spectra.allocation import allocate
 from spectra.display import matrices
 from spectra.errors import ConfigError, SpectraError
 from spectra.extract_heads import HEAD_NAMES, auto_task_type, head_modules, head_of, named_class
-from spectra.extract_plan import all_held_text, dearer_text, is_embedding_name, unspent_text
+from spectra.extract_plan import all_held_text, dearer_text, unspent_text
 from spectra.findings import analysed
 from spectra.io.checkpoint import open_checkpoint, read_config
 from spectra.io.jsonfile import RESULTS_MAX_BYTES, load_json
 from spectra.io.peft_writer import check_task_type, exclude_modules, pattern_key, rank_pattern_keys, target_modules
 from spectra.layouts import CONV1D_LEAVES, ArchInfo
 from spectra.load_names import adapter_renames, refuse_split, renames_text
-from spectra.lowrank import energy_rank_top, parse_budget
-from spectra.metrics import normal_float32, resolved_above, route_resolution, square_scale_exponent, threshold_key
+from spectra.lowrank import parse_budget
+from spectra.metrics import normal_float32, resolved_above, square_scale_exponent
 from spectra.naming import pairing_key, unique_pairing_keys
 from spectra.pairing_notes import EXPERT_COUNT_KEYS, SAVED_WHOLE
 from spectra.peft_moe import PeftMoeRules, peft_moe_rules, peft_rules
+from spectra.recommend_records import buyable, ends_kept, is_embedding, kept_values, lora_r, part_rank
 from spectra.results import SCHEMA as DIFF_SCHEMA
 from spectra.results import DiffResult
 
@@ -76,36 +78,6 @@ class Recommendation:
     params: int
     full_params: int
     notes: list[str] = field(default_factory=list)
-
-
-def _is_embedding(m: dict) -> bool:
-    """An embedding or the output head (the matrices LoRA adapts only when asked)."""
-    return m.get("role") == "head" or is_embedding_name(m["name"].split(":")[0], m.get("role"))
-
-
-def _part_rank(m: dict, tau: float) -> tuple[int, bool]:
-    """The energy rank at τ of one results record, and whether it was estimated: of an approximate record whose
-    bounds differ, the guaranteed upper bound (the estimate may hold less than τ)."""
-    key = threshold_key(tau)
-    bounds = (m.get("energy_rank_bounds") or {}).get(key)
-    if isinstance(bounds, list) and len(bounds) == 2 and isinstance(bounds[1], int) and not isinstance(bounds[1], bool):
-        return bounds[1], bounds[0] != bounds[1]
-    ranks = m.get("energy_rank") or {}
-    if key in ranks and ranks[key] is not None:
-        return int(ranks[key]), False
-    S = np.asarray(m.get("singular_values") or [], dtype=np.float64)
-    shape = m.get("shape")
-    if tau == 1.0 and ((k := _buyable(m)) < S.size or isinstance(shape, list) and shape and S.size >= min(shape)):
-        return k, False  # the values above the record's route's resolution (a float32 route's rounding is none)
-    fro = float(m["fro_norm"])
-    e = square_scale_exponent(np.append(S, fro))  # ranks are scale-free; σ² of a 1e200 update is inf
-    r = energy_rank_top(np.ldexp(S, -e), float(np.ldexp(fro, -e)) ** 2, tau,
-                        min(shape) if isinstance(shape, list) and shape else None)
-    if r is None:
-        raise ConfigError(f"τ = {tau:g} is not among the results' thresholds ({', '.join(ranks) or 'none'}) and the "
-                          f"{S.size} singular values kept for {m['name']} do not reach it",
-                          hint=f"rerun spectra diff with -t {tau:g} (or a larger --top-k)")
-    return r, False
 
 
 def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget: str | None = None, alpha_ratio: float = 2.0,
@@ -189,7 +161,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         if why:
             left_out.setdefault(why, []).append(base)
             continue
-        if _is_embedding(m) and not embeddings:
+        if is_embedding(m) and not embeddings:
             # changed: said, as the other matrices left out are (unchanged ones, and rounding noise, need no word)
             if m.get("fro_norm") is None:
                 left_out.setdefault("embeddings and the output head whose update is not finite (fro_norm null)", []).append(base)
@@ -274,9 +246,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
             if m["fro_norm"] == 0 or m["name"] in noise:
                 per.append(0)
                 continue
-            want, guessed = _part_rank(m, float(energy)) if energy is not None else (int(np.count_nonzero(_kept(m) > 0)), False)
+            want, guessed = part_rank(m, float(energy)) if energy is not None else (int(np.count_nonzero(kept_values(m) > 0)), False)
             estimated += guessed
-            if _ends_kept(m):  # the values beyond those kept are zeros or rounding (a LoRA's r, a zero kept): no more to buy
+            if ends_kept(m):  # the values beyond those kept are zeros or rounding (a LoRA's r, a zero kept): no more to buy
                 complete.add(m["name"])
             # components at or below the rounding floor are the stored weights' rounding: never given rank (as extract)
             above = resolved_above(m.get("singular_values") or [], m.get("rounding_floor"))
@@ -288,7 +260,7 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
                     want = above
             # a budget buys no value at or below the Gram route's resolution either (an exactly rank-1 float64 update
             # kept its rounding, 3e-8·σ₁, above a 7e-16 storage floor: r = 9)
-            per.append(want if energy is not None else min(want, _buyable(m)))
+            per.append(want if energy is not None else min(want, buyable(m)))
         caps.append(per)
     if estimated:
         notes.append(f"{estimated} matrices have approximate ranks (spectra diff --approx): each gets the upper bound of its "
@@ -324,7 +296,9 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     # budget and its totals.full_params count it; a frozen module held none (10% of all raised a budget 2× where half froze)
     full = sum(whole[p]["out"] * whole[p]["in"] for p in paths
                if any(m["fro_norm"] and m["name"] not in noise for m in whole[p]["parts"]))
-    ranks = {p: min(sum(c), whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p, c in zip(paths, caps)}
+    # what each module may take: its parts' ranks summed; a LoRA's fused module (one B·A) has at most its r directions
+    most = {p: min(sum(c), lora_r(whole[p]["parts"]) or 10**9) for p, c in zip(paths, caps)}
+    ranks = {p: min(most[p], whole[p]["out"], whole[p]["in"], max_rank or 10**9) for p in paths}
     budget_n: int | None = None
     if budget is not None:
         try:
@@ -388,20 +362,19 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         # what the floor left unbought, in extract's words: a module whose every component above it is taken, whose
         # next one (at or below it) the rest of the budget would pay for
         capped = {p for p, _, _ in floored}
-        left = [p for p, per in zip(paths, caps) if p in capped and ranks[p] == sum(per) < min(whole[p]["out"], whole[p]["in"],
-                                                                                                max_rank or 10**9)
+        left = [p for p in paths if p in capped and ranks[p] == most[p] < min(whole[p]["out"], whole[p]["in"], max_rank or 10**9)
                 and cost[p] <= n - spend]
         if left:  # the floor's doing, unless a component above it waits for more than is left
             wait = (waiting[-1][1], waiting[-1][2], waiting[-1][0] / energy_all, len(waiting)) if waiting else None
-            over = [p for p, per in zip(paths, caps) if max_rank and ranks[p] == max_rank < sum(per)]
+            over = [p for p in paths if max_rank and ranks[p] == max_rank < most[p]]
             notes.append(unspent_text(spend, n, waiting=wait, floored=(len(left), left[0]), of="the modules' energy",
                                       capped=(len(over), over[0], f"--max-rank {max_rank}") if over else None))
         elif energy is None and spend == n_bound and spend < n and all(
-                ranks[p] == sum(per) or ranks[p] == max_rank for p, per in zip(paths, caps)) and all(
+                ranks[p] == most[p] or ranks[p] == max_rank for p in paths) and all(
                 m["name"] in complete or m["name"] in noise or len(m.get("singular_values") or []) >= min(m["shape"])
                 for p in paths for m in whole[p]["parts"]):
             # the budget did not bind: every module holds every direction its (complete) spectrum has, or --max-rank's
-            capped = [p for p, per in zip(paths, caps) if ranks[p] < sum(per)]
+            capped = [p for p in paths if ranks[p] < most[p]]
             dearer = [p for p in paths if ranks[p] * cost[p] > whole[p]["out"] * whole[p]["in"]]
             notes.append(all_held_text(spend, n, (len(dearer), dearer[0]) if dearer else None,
                                        (len(capped), capped[0], f"--max-rank {max_rank}") if capped else None))
@@ -409,8 +382,10 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
     adapted = {p: r for p, r in ranks.items() if r > 0}
     if budget_n is None and (fused := [p for p in adapted if len(whole[p]["parts"]) > 1]):
         # the parts' ranks add up to a bound of the whole matrix's (GPT-2's c_attn: 66 where the whole needs 35)
-        notes.append(f"{len(fused)} fused module(s) (e.g. {fused[0]}) get the sum of their parts' ranks, an upper bound of what "
-                     "the whole matrix needs: spectra diff --no-split measures them whole, and recommend on that gives "
+        lora = " (or the adapter's r, where smaller: one B·A has no more directions)" if any(
+            lora_r(whole[p]["parts"]) for p in fused) else ""
+        notes.append(f"{len(fused)} fused module(s) (e.g. {fused[0]}) get the sum of their parts' ranks{lora}, an upper bound of "
+                     "what the whole matrix needs: spectra diff --no-split measures them whole, and recommend on that gives "
                      "their own rank")
     experts = [p for p in stack if p in adapted]
     tied = max((adapted[p] for p in experts), default=None)
@@ -515,35 +490,6 @@ def recommend(results: str | Path | dict, *, energy: float | None = 0.9, budget:
         notes.append(f"the config's {params:,} LoRA parameters exceed the budget {budget} ({budget_n:,}): the expert modules' "
                      "one rank per stack, as PEFT builds them, costs more than the allocation spent on them")
     return Recommendation(config, adapted, params, full, notes)
-
-
-def _kept(m: dict) -> np.ndarray:
-    """A results record's kept singular values (null entries left out), float64."""
-    return np.array([float(x) for x in m.get("singular_values") or [] if x is not None], dtype=np.float64)
-
-
-def _buyable(m: dict) -> int:
-    """How many of a results record's kept singular values a budget can buy: those above its route's resolution
-    (:func:`spectra.metrics.route_resolution` by the record's ``method``: a factored update's exact values down to
-    1e-10·σ₁, the Gram route's to σ₁·√(p·ε); an exactly rank-1 float64 update kept 3e-8·σ₁ of that route's rounding as
-    values 2-9, and a budget bought them)."""
-    kept = _kept(m)
-    kept = kept[kept > 0]
-    if not kept.size:
-        return 0
-    shape = m.get("shape")
-    p = min(shape) if isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) for x in shape) else 0
-    return int(np.count_nonzero(route_resolution(float(kept.max()), max(p, kept.size), m.get("method")) < kept))
-
-
-def _ends_kept(m: dict) -> bool:
-    """Whether a record's spectrum beyond its kept singular values is known to be zero or rounding: it kept a zero
-    (values are descending) or a value at or below the Gram route's resolution (:func:`_buyable`), or as many as its
-    LoRA rank (``lora_r``: s·B·A holds at most r directions; not a DoRA update)."""
-    kept = _kept(m)
-    r = m.get("lora_r") if not str(m.get("method") or "").startswith("dora") else None  # DoRA's update is dense
-    return (bool(np.any(kept == 0)) or _buyable(m) < len(kept)
-            or (isinstance(r, int) and not isinstance(r, bool) and len(kept) >= r))
 
 
 def _number(value: object, name: str, *, whole: bool) -> float:

@@ -1,0 +1,176 @@
+"""Hostile and odd inputs, forty-sixth round (docs/bad_inputs.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import spectra
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def _gpt2_lora(path, *, r: int, dora: bool = False):
+    """A tiny GPT-2 and a LoRA of r on its fused c_attn (Conv1D, split by diff into q, k, v), B random."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=32))
+    model.save_pretrained(path / "base")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                      use_dora=dora))
+    with torch.no_grad():
+        for n, w in lora.named_parameters():
+            if "lora_B" in n:
+                w.normal_()
+    lora.save_pretrained(path / "ad")
+    return lora
+
+
+def test_recommend_gives_a_fused_lora_module_no_more_than_its_adapter_r(tmp_path):
+    """A GPT-2 LoRA of r = 4 on c_attn, diffed (split into q, k, v, each of rank 4): recommend gave c_attn 12, the sum
+    of its parts' ranks, where one s·B·A has at most 4 directions (and diff --no-split measures 4)."""
+    from spectra.recommend import recommend
+
+    _gpt2_lora(tmp_path, r=4)
+    res = spectra.diff(str(tmp_path / "base"), str(tmp_path / "ad"), out_dir=str(tmp_path / "d"), plots=False)
+    assert len(res.modules) == 6 and all(m.energy_rank["0.9"] >= 2 for m in res.modules)  # every part carries the update
+    whole = spectra.diff(str(tmp_path / "base"), str(tmp_path / "ad"), out_dir=str(tmp_path / "w"), plots=False,
+                         config=spectra.DiffConfig(split_fused=False))
+    rec = recommend(tmp_path / "d")
+    wanted = {m.name.removesuffix(".weight"): m.energy_rank["0.9"] for m in whole.modules}
+    assert set(rec.ranks) == set(wanted)
+    for path, r in rec.ranks.items():
+        assert wanted[path] <= r <= 4  # an upper bound of the whole's τ rank, and at most the adapter's r
+    assert any("or the adapter's r, where smaller" in n for n in rec.notes)
+
+
+def test_recommend_leaves_a_dora_fused_module_at_its_parts_sum(tmp_path):
+    """DoRA's update is dense (the magnitude rescales W too): its r bounds nothing, so the parts' sum stays."""
+    from spectra.recommend import recommend
+
+    lora = _gpt2_lora(tmp_path, r=2, dora=True)
+    with torch.no_grad():
+        for n, w in lora.named_parameters():
+            if "magnitude" in n:
+                w.mul_(torch.linspace(0.5, 1.5, w.numel()).reshape(w.shape))
+    lora.save_pretrained(tmp_path / "ad")
+    res = spectra.diff(str(tmp_path / "base"), str(tmp_path / "ad"), out_dir=str(tmp_path / "d"), plots=False)
+    rec = recommend(tmp_path / "d")
+    parts: dict[str, int] = {}
+    for m in res.modules:
+        path = m.name.split(":")[0].removesuffix(".weight")
+        parts[path] = parts.get(path, 0) + m.energy_rank["0.9"]
+    assert rec.ranks == {p: min(r, 64) for p, r in parts.items()} and max(rec.ranks.values()) > 2
+    assert np.all(np.array(list(rec.ranks.values())) > 2)
+
+
+# ---- the Python API (a probe of the public functions with hostile arrays) --------------------------------
+def test_batch_singular_values_scale_each_matrix_by_its_own_power_of_two():
+    """A 1e-170 matrix stacked beside a normal one got σ = 0 (the batch's largest entry set the scale); float32
+    lost 1.8% of σ₃ of a 1e-22 matrix the same way."""
+    from spectra.linalg import singular_values
+
+    X = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = np.linalg.svd(X.numpy(), compute_uv=False)
+    got = singular_values(torch.stack([X * 1e-170, X]))
+    np.testing.assert_allclose(got[0], ref * 1e-170, rtol=1e-12)
+    np.testing.assert_allclose(got[1], ref, rtol=1e-12)
+    got32 = singular_values(torch.stack([X.float() * 1e-22, X.float()]), dtype=torch.float32)
+    np.testing.assert_allclose(got32[0] / 1e-22, ref, rtol=1e-5)
+
+
+def test_numpy_views_with_negative_strides_or_other_byte_order_are_read():
+    """eigh's vectors reversed (V[:, ::-1]) and big-endian arrays failed with torch's error naming no argument."""
+    from spectra import subspaces
+    from spectra.linalg import singular_values
+
+    G = np.random.default_rng(0).standard_normal((6, 6))
+    _, V = np.linalg.eigh(G @ G.T)
+    Q = V[:, ::-1][:, :2]
+    assert subspaces.phi(Q, np.ascontiguousarray(Q), 2, 2) == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(singular_values(np.eye(3)[::-1]), [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(singular_values(np.diag([3.0, 2.0]).astype(">f8")), [3.0, 2.0])
+
+
+def test_masked_arrays_are_refused_not_read_under_their_mask():
+    """energy_rank of [3, 1, 1] with the last masked gave 2, counting the masked value (numpy drops the mask)."""
+    from spectra.linalg import singular_values
+    from spectra.metrics import energy_rank
+
+    with pytest.raises(ValueError, match="masked array"):
+        energy_rank(np.ma.array([3.0, 1.0, 1.0], mask=[0, 0, 1]), 0.9)
+    with pytest.raises(ValueError, match="masked array"):
+        singular_values(np.ma.array(np.eye(3), mask=np.eye(3)))
+
+
+def test_factored_triplets_keep_factors_float32_cannot_hold():
+    """A LoRA of scale 1e81 gave ±inf factors, one of 1e-90 rebuilt its update 45% off (cast to float32 always), while the
+    dense routes keep a float64 ΔW's factors in float64."""
+    from spectra.lowrank import dense_triplets, factored_triplets
+
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(8, 2, generator=g, dtype=torch.float64), torch.randn(2, 6, generator=g, dtype=torch.float64)
+    for s in (1e40, 1e-45):
+        t = factored_triplets(B * s, A * s, 1.0, 2)
+        D = (B @ A) * s * s
+        assert t.B.dtype == torch.float64 and bool(torch.isfinite(t.B).all())
+        assert float((t.B @ t.A - D).norm() / D.norm()) < 1e-13
+    d = dense_triplets(B @ A, 2)
+    assert d.B.dtype == torch.float64
+    t = factored_triplets(B.float(), A.float(), 1.0, 2)  # float32 factors in range stay float32
+    assert t.B.dtype == torch.float32
+    assert float((t.B.double() @ t.A.double() - B.float().double() @ A.float().double()).norm() / (B @ A).norm()) < 1e-6
+
+
+def test_amplification_tells_an_exact_projection_of_an_ill_conditioned_weight_from_rounding():
+    """W = diag(1e8, 1), ΔW = diag(0, 1): the projection ‖U_rᵀ W V_r‖ = 1 exactly was cut at σ₁(W)·√(p·ε) = 2.1 and
+    reported as 0 (factor ∞). The cut now follows the rounding of ΔW's vectors (Davis–Kahan), never above the old one."""
+    from spectra.metrics import projection_resolution, rank_resolution
+    from spectra.subspaces import amplification
+
+    dW = torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64))
+    for w, factor in (((1e8, 1.0), 1.0), ((1.0, 1e-9), 1e9)):  # factor = ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F = 1 / w₂
+        W = torch.diag(torch.tensor(w, dtype=torch.float64))
+        a = amplification(dW, W, 1, generator=torch.Generator().manual_seed(0))
+        assert a.factor == pytest.approx(factor, rel=1e-9)
+    # a direction outside W's columns still reads 0 (its rounding projection 1e-17 is no projection)
+    W = torch.zeros(4, 4, dtype=torch.float64)
+    W[:2, :2] = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    d = torch.zeros(4, 4, dtype=torch.float64)
+    d[3, 3] = 1.0
+    assert amplification(d, W, 1, generator=torch.Generator().manual_seed(0)).proj_delta == 0.0
+    S = np.array([1.0, 1.0 - 1e-12])  # a near tie: no better than the coarse cut
+    assert projection_resolution(2.0, S, 1, 2.0, (4, 4)) == rank_resolution(2.0, 4)
+
+
+def test_esd_helpers_refuse_what_is_no_spectrum_and_name_their_arguments():
+    """matrix_rank counted NaN as nothing, a negative value as a singular value, a 3×3 array as 9 values; a float16 array
+    clipped −λ_max to 0 as "rounding"; NaN levels were ignored; λ near 1e308 blamed a thresh nobody passed."""
+    from spectra import esd, lowrank, metrics
+
+    for bad in ([float("nan"), 1.0], [-5.0, 1.0], np.ones((3, 3)), ["3", "1"]):
+        with pytest.raises(ValueError, match="svals"):
+            esd.matrix_rank(bad, 3)
+    with pytest.raises(ValueError, match="evals must be eigenvalues"):
+        esd.as_eigenvalues(np.array([-1.0] + [1.0] * 15, dtype=np.float16))
+    assert esd.as_eigenvalues(np.array([-1e-4, 1.0], dtype=np.float16)).tolist() == [0.0, 1.0]  # its storage rounding
+    with pytest.raises(ValueError, match="1-D"):
+        esd.as_eigenvalues(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="beyond float64's range"):
+        esd.esd_metrics(np.array([1e308, 1e308, 1.0, 1.0]), (4, 8))
+    with pytest.raises(ValueError, match="rounding"):
+        esd.esd_metrics(np.arange(1.0, 5.0), (4, 4), rounding=float("nan"))
+    with pytest.raises(ValueError, match="zero_at"):
+        esd.mp_bulk_fit(np.arange(1.0, 9.0), (8, 8), zero_at=float("nan"))
+    with pytest.raises(ValueError, match="resolution"):
+        metrics.signal_rank(np.array([10.0, 1, 1, 1]), (4, 4), resolution=float("nan"))
+    with pytest.raises(ValueError, match="a must be > 0"):
+        metrics.log10_power_sum(np.array([0.0, 2.0]), -1.0)
+    with pytest.raises(ValueError, match="total"):
+        lowrank.energy_rank_top(np.array([3.0, 1.0]), float("nan"), 0.9)
+    with pytest.raises(ValueError, match="total"):
+        lowrank.energy_kept(np.array([3.0, 1.0]), 5.0, 2)
+    with pytest.raises(ValueError, match="fro"):
+        metrics.relative_norm("1", 1.0)
+    assert lowrank.energy_kept(np.array([3.0, 1.0]), 10.0 * (1 - 1e-9), 2) == 1.0  # a total's rounding is no other total
