@@ -35,8 +35,6 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
     if adapter is not None:
         return _adapter_changes(base, adapter, targets, biased, save_modules)
     out = []
-    def descendants(module: str) -> list[str]:  # every tensor of the module, its submodules' too
-        return [n for n in tuned.tensors if n.startswith(module + ".")]
     for tn, bn in pairs:
         t, b = tuned.load(tn), base.load(bn)
         if t.shape != b.shape or torch.equal(t, b):
@@ -47,8 +45,7 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
         tuned_owner, owner = tn.rpartition(".")[0], bn.rpartition(".")[0].removeprefix(base_prefix)
         rec = {"name": tn, "kind": ONE_D_KINDS[0] if is_bias(tn) else ONE_D_KINDS[1], "shape": list(t.shape), "fro_norm": fro,
                "rel_norm": rel_or_none(fro, bf), "module": owner, "held": None, "reason": ""}
-        inside = descendants(tuned_owner)
-        only_1d = all(len(tuned.tensors[c].shape) == 1 for c in inside)
+        inside, only_1d = _module_tensors(tuned, tuned_owner)
         if owner in targets:
             _as_lora_bias(rec, t.double() - b.double(), biased, save_modules)
         elif not only_1d:
@@ -97,14 +94,21 @@ def _other_bias(base: Checkpoint, adapter: Any, name: str, bn: str, rec: dict[st
     the base): kept whole as ``modules_to_save`` with ``save_modules`` where the module holds only 1-D tensors (a norm:
     its weight from the adapter where saved, else the base's), else why not (a linear layer's matrix would be stored)."""
     module, base_module = name.rpartition(".")[0], bn.rpartition(".")[0]
-    inside = [n for n in base.tensors if n.startswith(base_module + ".")]
-    if not all(len(base.tensors[n].shape) == 1 for n in inside):
+    inside, only_1d = _module_tensors(base, base_module)
+    if not only_1d:
         return {**rec, "reason": HOLDS_MATRIX}
     if not save_modules:
         return {**rec, "reason": "pass --save-modules to keep it as PEFT modules_to_save"}
     named = {module + n[len(base_module):]: n for n in inside}
     return {**rec, "held": "modules_to_save", "reason": "kept whole as PEFT modules_to_save",
             "tensors": {m: adapter.full[m] if m in adapter.full else base.load(n) for m, n in named.items()}}
+
+
+def _module_tensors(ckpt: Checkpoint, module: str) -> tuple[list[str], bool]:
+    """Every tensor of ``module`` in ``ckpt`` (its submodules' too), and whether all are 1-D: a module PEFT can keep
+    whole as ``modules_to_save`` without storing a matrix (a norm)."""
+    inside = [n for n in ckpt.tensors if n.startswith(module + ".")]
+    return inside, all(len(ckpt.tensors[n].shape) == 1 for n in inside)
 
 
 def _base_tensor(base: Checkpoint, name: str) -> str | None:

@@ -219,22 +219,23 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
         picked, mult = torch.unique(torch.searchsorted(torch.cumsum(e2, 0), (torch.arange(k, dtype=torch.float64, device=e2.device) + 0.5)
                                                        * (rest_sq / max(k, 1))).clamp(max=max(e2.numel() - 1, 0)), return_counts=True) \
             if rest_sq > 0 and k > 0 else (torch.zeros(0, dtype=torch.long, device=e2.device), None)
-        rows_a = torch.cat([top, rest_rows[picked]])
-        w_a = torch.cat([ones, mult * (rest_sq / k) / e2[picked]]) if mult is not None else ones
-        both = torch.cat([rows_a, rows_b])
+        drawn = rest_rows[picked]
+        w_a = mult * (rest_sq / k) / e2[picked] if mult is not None else torch.zeros(0, dtype=torch.float64, device=e2.device)
+        both = torch.cat([rows_b, drawn])  # the top rows once: both estimates count them exactly
         b_rows, t_rows = rows_of(both.cpu()) if b2 is None or t2 is None else (b2[both.to(b2.device)], t2[both.to(t2.device)])
-        na = rows_a.numel()
-        finer_base = finer_dtype and not _on_grid(b_rows[na:], tuned_dtype, block)
+        nt, nb = top.numel(), rows_b.numel()
+        finer_base = finer_dtype and not _on_grid(b_rows[:nb], tuned_dtype, block)
         step = eps / 2 if finer_base else eps
-        s = _pass(b_rows[na:], t_rows[na:], d2[rows_b], step, tiny_b, tiny_t, block, weight=w_b.to(d2.device), norms=base_sq is None,
-                  delta_sq=False)
-        by_energy = _pass(b_rows[:na], t_rows[:na], d2[rows_a], step, tiny_b, tiny_t, block, weight=w_a.to(d2.device), norms=False,
-                          delta_sq=False)
-        s.update({key: by_energy[key] for key in ("ulp_sq", "flush_sq", "nonzero", "ulp")}, finite=s["finite"] and by_energy["finite"])
+        part = [_pass(b_rows[i:j], t_rows[i:j], d2[both[i:j]], step, tiny_b, tiny_t, block, weight=w.to(d2.device), norms=n and base_sq is None,
+                      delta_sq=False) for i, j, w, n in ((0, nt, ones, True), (nt, nb, w_b[nt:], True), (nb, both.numel(), w_a, False))]
+        # the weights' sums: top + evenly spaced rows; ΔW's: top + rows drawn by their energy
+        s = {key: part[0][key] + part[1 if key not in ("ulp_sq", "flush_sq", "nonzero", "ulp") else 2][key]
+             for key in part[0] if key != "finite"}
+        s["finite"] = all(x["finite"] for x in part)
         s["delta_sq"] = float((energy**2).sum())
         for key in ("nonzero", "ulp", "sub_b", "sub_t"):
             s[key] = int(round(s[key]))
-        b2, t2 = b_rows[na:], t_rows[na:]  # the grid check samples from these
+        b2, t2 = b_rows[:nb], t_rows[:nb]  # the grid check samples from these
         sampled = torch.unique(both).numel()
         where = f" (estimated from {sampled} of {total_rows} rows: the {top.numel()} that changed most, and a sample of the others)"
     if base_sq is not None:  # exact, from the caller's pass over every element

@@ -60,14 +60,15 @@ def refuse_other_options(path: Path, now: dict[str, Any], defaults: dict[str, An
         ConfigError: names each option that differs, with both values.
     """
     header = None
-    for line in path.read_text(encoding="utf-8", errors="replace").removeprefix("\ufeff").split("\n"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("header"), dict):
-            header = rec["header"]
-            break
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:  # up to the header only (its first line)
+        for line in f:  # newline="\n": records are framed by "\n" alone, as kept_records reads them
+            try:
+                rec = json.loads(line.removeprefix("\ufeff"))
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("header"), dict):
+                header = rec["header"]
+                break
     if header is None:
         return
     if not isinstance(header.get("config"), dict):
