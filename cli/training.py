@@ -260,7 +260,7 @@ def demo_cmd(out_dir, quick, synthetic, seed) -> None:
     out = Path(out_dir)
     from spectra.training_inputs import claim_demo_folder
 
-    claim_demo_folder(out)  # before anything is generated or trained
+    claim_demo_folder(out, "synthetic" if synthetic else "training")  # before anything is generated or trained
     if synthetic:
         from spectra.synthetic import LlamaShape, make_llama_pair
 

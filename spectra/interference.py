@@ -684,17 +684,17 @@ def subspace_turn(before: Subspaces | None, now: Subspaces | None) -> dict[str, 
     1 unturned, 0 orthogonal), the principal angles ``θ_l`` with ``cos θ_l = σ_l(M)``
     (:func:`spectra.subspaces.principal_angles`: small angles from their sines, so an unturned
     subspace reads 1e-15 rad, not arccos's 1.5e-8), ``max_angle_deg`` the largest in degrees,
-    ``grassmann`` = ‖θ‖₂ in radians, and ``k = min(k, k')``. O(d·k²) per side (products, the bases'
-    orthonormality check and the SVD of a ``d × k`` residual; this runs inside training loops, where the
-    update's own spectrum costs far more). None when either update is zero.
+    ``grassmann`` = ‖θ‖₂ in radians, ``k = min(k, k')``, and both sizes ``k_before``, ``k_now`` (unequal where one
+    checkpoint resolves more directions). O(d·k²) per side (products, the bases' orthonormality check and the SVD of
+    a ``d × k`` residual; this runs inside training loops, where the update's own spectrum costs far more). None when
+    either update is zero.
     """
     if before is None or now is None:
         return None
     out = {}
     for side, a, b in (("left", before.U, now.U), ("right", before.V, now.V)):
         M = a.to(torch.float64).mT @ b.to(device=a.device, dtype=torch.float64)
-        k = int(min(M.shape))
         theta = principal_angles(a, b)  # checks orthonormality at the bases' own precision (float32 ones too)
-        out[side] = {"phi": min(1.0, float((M**2).sum()) / k), "max_angle_deg": float(np.degrees(theta.max())),
-                     "grassmann": float(np.linalg.norm(theta)), "k": k}
+        out[side] = {"phi": min(1.0, float((M**2).sum()) / min(M.shape)), "max_angle_deg": float(np.degrees(theta.max())),
+                     "grassmann": float(np.linalg.norm(theta)), "k": min(M.shape), "k_before": M.shape[0], "k_now": M.shape[1]}
     return out

@@ -20,7 +20,6 @@ are defined in docs/definitions.md.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from spectra.plots import learning_forgetting_plot
 from spectra.plots.base import svg_img
 from spectra.report_html import CSS, DEFINITIONS, SORT_JS, esc, findings_list, note, table, warnings_box
 from spectra.results_check import newer_schema_error
+from spectra.training_inputs import DEMO_MARK
 
 #: File names looked for in folders: results JSON documents (dispatched by their ``schema``), and the
 #: JSON-lines files read by a loader of :data:`JSONL_LOADERS` (``train_log.jsonl`` is read here).
@@ -68,12 +68,14 @@ class ReportInputs:
     train_logs: dict[str, list[dict]] = field(default_factory=dict)
     unfinished: list[str] = field(default_factory=list)  # folders holding a stopped run's journal and no result
     training: list[str] = field(default_factory=list)  # what makes the training runs' losses incomparable or partial
+    unread: list[str] = field(default_factory=list)  # folders under the inputs that could not be read
 
 
-def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
+def input_files(paths: list[str | os.PathLike[str]], unread: list[str] | None = None) -> list[Path]:
     """The files a report reads from ``paths``: each file as given, and in each folder (recursively)
     every result file (:data:`RESULT_FILES`), training log and JSON-lines document; each file once
-    (``X`` and ``X/results.json`` name one file: counting it twice would show one run as two).
+    (``X`` and ``X/results.json`` name one file: counting it twice would show one run as two). Folders below
+    the inputs that cannot be read are said in ``unread`` (:func:`_files_named`).
 
     Raises:
         SpectraError: a path does not exist.
@@ -88,7 +90,7 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
         if not p.exists():
             raise SpectraError("no such file or folder", path=p)
         if p.is_dir():
-            files += _files_named(p, {*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS})
+            files += _files_named(p, {*RESULT_FILES, TRAIN_LOG, *JSONL_LOADERS}, unread)
         else:
             files.append(p)
     seen: set[Path] = set()
@@ -101,19 +103,33 @@ def input_files(paths: list[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
-def _files_named(root: Path, names: set[str]) -> list[Path]:
-    """The files under ``root`` (any depth, links to folders not followed) whose name is one of
-    ``names``, sorted. A loop over a stack: ``Path.rglob`` recursed once per level and raised
-    RecursionError on a folder ~1000 levels deep."""
-    found, stack = [], [root]
+def _files_named(root: Path, names: set[str], unread: list[str] | None = None) -> list[Path]:
+    """The files under ``root`` (any depth) whose name is one of ``names``, sorted. Links to folders are followed
+    (experiment folders link runs in from elsewhere), each real folder walked once (a link loop ends); a demo's
+    ``checkpoints/`` (its cache, copied to ``runs/``) is not walked, as the demo's own report leaves it out. A folder
+    that cannot be read is said in ``unread``; ``root`` itself is refused. A loop over a stack: ``Path.rglob``
+    recursed once per level and raised RecursionError on a folder ~1000 levels deep.
+
+    Raises:
+        SpectraError: ``root`` cannot be read."""
+    found, stack, seen = [], [root], {os.path.realpath(root)}
     while stack:
+        folder = stack.pop()
         try:
-            entries = list(os.scandir(stack.pop()))
-        except OSError:  # unreadable: skipped, as rglob skipped it
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            if folder == root:  # "no spectra results found" blamed the folder's contents
+                raise SpectraError(f"cannot read the folder ({exc.strerror or exc})", path=root,
+                                   hint="check the folder's permissions") from None
+            if unread is not None:
+                unread.append(f"{folder}: cannot read the folder ({exc.strerror or exc}): results in it, if any, are not in this report")
             continue
+        demo = any(e.name == DEMO_MARK for e in entries)
         for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
+            if e.is_dir() and not (demo and e.name == "checkpoints"):
+                if (real := os.path.realpath(e.path)) not in seen:
+                    seen.add(real)
+                    stack.append(Path(e.path))
             elif e.name in names and e.is_file():
                 found.append(Path(e.path))
     return sorted(found)
@@ -144,7 +160,7 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
     """
     found = ReportInputs()
     logs: list[tuple[Path, list[dict]]] = []
-    for f in input_files(paths):
+    for f in input_files(paths, found.unread):
         if f.name in JSONL_LOADERS:  # a document kept as JSON lines (e.g. a trace written during training)
             found.docs.append((f, JSONL_LOADERS[f.name](f)))
             continue
@@ -177,7 +193,8 @@ def collect(paths: list[str | os.PathLike[str]]) -> ReportInputs:
     order = list(SECTIONS)  # diffs first, then compares, …; the order found within each kind
     found.docs.sort(key=lambda item: order.index(item[1]["schema"]))
     if not (found.docs or found.train_logs):
-        raise SpectraError("no spectra results found" + (f" ({found.unfinished[0]})" if found.unfinished else ""),
+        said = found.unfinished or found.unread
+        raise SpectraError("no spectra results found" + (f" ({said[0]})" if said else ""),
                            path=", ".join(map(str, paths)),
                            hint="pass results.json, compare.json, train_log.jsonl or folders holding them")
     return found
@@ -278,8 +295,9 @@ def _train_log(path: Path) -> list[dict]:
                                      "logs in one file?)", path=path)
         for key in ("target_loss", "source_loss", "loss", "train_loss", "seconds"):
             v = rec.get(key)
-            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf):
-                raise ResultsFormatError(f"line {i}: {key} must be a finite number >= 0 or null. Got {v!r} instead", path=path)
+            # below 1e300: no training computes a loss near float64's end (1.7e308 broke the figure's axis)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1e300):
+                raise ResultsFormatError(f"line {i}: {key} must be a number from 0 to 1e300 or null. Got {v!r} instead", path=path)
         records.append(rec)
     return records
 
@@ -327,6 +345,7 @@ def build_report(paths: list[str | os.PathLike[str]], *, title: str = "spectra r
             groups.append(findings_list(name, plain))
     warn += [("unfinished run", text) for text in found.unfinished]
     warn += [("training runs", text) for text in found.training]
+    warn += [("folders not read", text) for text in found.unread]
     parts = [f"<h1>{esc(title)}</h1>", warnings_box(warn)]
     if groups:
         parts.append(f'<section id="findings"><h2>Findings</h2>{"".join(groups)}'

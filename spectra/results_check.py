@@ -274,6 +274,16 @@ def impossible(where: str, value: Any, why: str, source: Any, rerun: str = "spec
                              hint=f"the file was edited or damaged; rerun {rerun} to rewrite it")
 
 
+def trace_rerun(source: Any) -> str:
+    """What rewrites a trace: ``spectra trace`` its trace.json; a tracker's trace.jsonl only the training that wrote it."""
+    return "the training that wrote it (spectra train --trace-every, SpectraTracker)" if str(source).endswith(".jsonl") else "spectra trace --out"
+
+
+def damaged_hint(source: Any) -> str:
+    """The hint of a refused trace file (``source``): what rewrites it."""
+    return f"the file was edited or damaged; rerun {trace_rerun(source)} to rewrite it"
+
+
 def newer_schema_error(schema: Any, known: Iterable[str], source: Any) -> ResultsFormatError | None:
     """The error for a results file of a newer version of a known schema (``spectra.diff/2`` where this
     spectra reads ``spectra.diff/1``), or None when ``schema`` is not that."""

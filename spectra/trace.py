@@ -41,6 +41,7 @@ from spectra.io.paths import checkpoint_location
 from spectra.journal import RecordJournal, checkpoint_identity, prefix_fingerprint, run_identity
 from spectra.linalg import check_device_available, resolve_device
 from spectra.results import points_caveat_note, rows_to_csv
+from spectra.results_check import damaged_hint
 from spectra.trace_adapters import trace_adapters
 from spectra.trace_checks import (
     base_copy_warning,
@@ -231,15 +232,47 @@ def load_trace(path: str | Path) -> TraceResult:
         if not line.strip():
             continue
         try:
-            records.append(parse_json(line.encode("utf-8"), path=p, what="a trace.jsonl line", error=ResultsFormatError))
+            rec = parse_json(line.encode("utf-8"), path=p, what="a trace.jsonl line", error=ResultsFormatError)
         except ResultsFormatError:
             if i < len(lines):  # not the line a running training is writing: a write cut short (a full disk), then more
                 torn.append(i)
+            continue
+        _refuse_malformed(rec, i, p)
+        records.append(rec)
     result = result_from_records(records, run=str(p.parent))
     if torn:
         result.warnings.append(f"trace.jsonl line(s) {', '.join(map(str, torn[:5]))} are not valid JSON (a write cut short, e.g. by a "
                                "full disk): skipped, and the records after them read")
     return result
+
+
+def _refuse_malformed(rec: Any, line: int, path: Path) -> None:
+    """Refuse a trace.jsonl line whose parts have other types than the tracker writes (a traceback came from reading
+    it, before the points' own checks): a matrix record's integer ``step`` >= 0, ``matrix`` an object with a string
+    ``name`` and ``point`` an object; a header's ``config`` an object; a timing's integer ``step``.
+
+    Raises:
+        ResultsFormatError: one line naming the file, the line and the field.
+    """
+    def step(v: Any) -> bool:  # 2.5 was read as step 2, true as step 1
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    why = None
+    if not isinstance(rec, dict):
+        why = "must be a JSON object"
+    elif "matrix" in rec or "point" in rec:
+        if not (isinstance(rec.get("matrix"), dict) and isinstance(rec["matrix"].get("name"), str)):
+            why = '"matrix" must be an object with a string "name"'
+        elif not isinstance(rec.get("point"), dict):
+            why = '"point" must be an object'
+        elif not step(rec.get("step")):
+            why = f'"step" must be an integer >= 0. Got {str(rec.get("step"))[:40]!r} instead'
+    elif isinstance(rec.get("header"), dict) and "config" in rec["header"] and not isinstance(rec["header"]["config"], dict):
+        why = 'the header\'s "config" must be an object'
+    elif isinstance(rec.get("timing"), dict) and "step" in rec["timing"] and not step(rec["timing"]["step"]):
+        why = 'a timing\'s "step" must be an integer >= 0'
+    if why is not None:
+        raise ResultsFormatError(f"line {line}: {why}", path=path, hint=damaged_hint(path))
 
 
 # ---- the run -----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from spectra.io.checkpoint import FOLDER_WEIGHTS, WEIGHT_FILE_SUFFIXES, Checkpoi
 from spectra.io.jsonfile import load_json, parse_json
 from spectra.io.paths import missing_text
 from spectra.journal import first_of_each
-from spectra.results_check import impossible, is_int, is_num  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
+from spectra.results_check import damaged_hint, impossible, is_int, is_num, trace_rerun  # a step is a JSON integer: true is no step 1, nor "4" or 4.5
 
 #: A Trainer checkpoint folder's name.
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -488,7 +488,7 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
     step = pt.get("step")
     if step is not None and not (isinstance(step, int) and not isinstance(step, bool)):
         raise ResultsFormatError(f"{at}.step must be an integer or null. Got {str(step)[:60]!r} instead", path=source,
-                                 hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+                                 hint=damaged_hint(source))
     def numbers(v: Any, depth: int = 0) -> bool:  # a number or null, or arrays / objects of them (turn_prev nests)
         if isinstance(v, (list, dict)):
             return depth < 4 and all(numbers(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
@@ -498,7 +498,7 @@ def check_trace_point(pt: Any, at: str, source: Any) -> None:
         if not (isinstance(v, str) or numbers(v)):
             raise ResultsFormatError(f"{at}.{key} must be a number, text, or arrays and objects of numbers. Got "
                                      f"{str(v)[:60]!r} instead", path=source,
-                                     hint="the file was edited or damaged; rerun spectra trace --out")
+                                     hint=damaged_hint(source))
 
 
 def _check_point_values(pt: dict[str, Any], p: int, at: str, source: Any) -> None:
@@ -506,7 +506,7 @@ def _check_point_values(pt: dict[str, Any], p: int, at: str, source: Any) -> Non
     negative norms, σ₁ above ‖ΔW‖_F, σ₁/σ₂ below 1, singular values not descending, φ outside [0, 1], angles
     outside [0°, 90°]. ``pt`` has passed :func:`check_trace_point`."""
     def no(key: str, v: Any, why: str) -> None:
-        impossible(f"{at}.{key}", v, why, source, rerun="spectra trace --out")
+        impossible(f"{at}.{key}", v, why, source, rerun=trace_rerun(source))
 
     for k, v in (pt.get("energy_rank") or {}).items() if isinstance(pt.get("energy_rank"), dict) else ():
         if is_num(v) and not 0 <= v <= p:
@@ -534,8 +534,9 @@ def _check_point_values(pt: dict[str, Any], p: int, at: str, source: Any) -> Non
                 no(f"{turn}.{side}.phi", v, "φ lies from 0 (orthogonal) to 1 (unturned)")
             if is_num(v := t.get("max_angle_deg")) and not 0 <= v <= 90 + 1e-9:
                 no(f"{turn}.{side}.max_angle_deg", v, "a principal angle lies from 0° to 90°")
-            if is_num(v := t.get("k")) and not 0 <= v <= p:
-                no(f"{turn}.{side}.k", v, f"a subspace of ΔW has from 0 to min(shape) = {p} directions")
+            for key in ("k", "k_before", "k_now"):
+                if is_num(v := t.get(key)) and not 0 <= v <= p:
+                    no(f"{turn}.{side}.{key}", v, f"a subspace of ΔW has from 0 to min(shape) = {p} directions")
 
 
 def check_trace_steps(checkpoints: Any, matrices: list, source: Any, *, aligned: bool) -> None:
@@ -580,7 +581,7 @@ def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> 
     if not (isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("module"), str)
             and isinstance(m.get("points"), list)):
         raise ResultsFormatError(f"{at} must be an object with a string name and module and a list of points", path=source,
-                                 hint="the file was edited or damaged; rerun spectra trace --out to rewrite it")
+                                 hint=damaged_hint(source))
     base = m.get("base_fro_norm")
     shape = m.get("shape")
     p = min(shape) if isinstance(shape, list) and len(shape) == 2 and all(is_int(x) and x > 0 for x in shape) else None
@@ -593,7 +594,7 @@ def check_trace_matrix(m: Any, at: str, source: Any, *, ratios: bool = True) -> 
         if ratios and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (base, fro, rel)) and base > 0 and \
                 not math.isclose(rel, fro / base, rel_tol=1e-6, abs_tol=1e-300):
             raise ResultsFormatError(f"{at}.points[{j}].rel_norm is {rel:.6g}, but fro_norm / base_fro_norm is {fro / base:.6g}",
-                                     path=source, hint="the file was edited or damaged; rerun spectra trace --out")
+                                     path=source, hint=damaged_hint(source))
 
 
 def check_earlier_points(m: dict[str, Any], caveats: Any, refs: list[CheckpointRef], at: str, source: Any) -> None:

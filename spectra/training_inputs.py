@@ -550,9 +550,10 @@ def finished_run(folder: Path, expected: dict) -> dict | None:
 
 def analysis_written(path: Path) -> bool:
     """Whether a diff's ``results.json`` or a compare's ``compare.json`` is a finished one (a diff rewrites
-    its file as it goes, ``complete`` false until the end; a compare writes its own at the end)."""
+    its file as it goes, ``complete`` false until the end; a compare writes its own at the end), by a run that
+    ended: a lock file left in the folder is a run stopped after its JSON and before its figures (killed)."""
     doc = _json_or_none(path)
-    return isinstance(doc, dict) and doc.get("complete", True) is True
+    return isinstance(doc, dict) and doc.get("complete", True) is True and not (path.parent / LOCK_NAME).exists()
 
 
 def check_sweep_options(root: Path, options: dict) -> None:
@@ -579,14 +580,15 @@ def check_sweep_options(root: Path, options: dict) -> None:
 DEMO_MARK = ".spectra-demo"
 
 
-def claim_demo_folder(out: str | Path) -> None:
+def claim_demo_folder(out: str | Path, kind: str = "training") -> None:
     """Make ``out`` the demo's folder, refusing one that holds files the demo did not write: the demo
     replaces its own checkpoints and results in place (a user's model copied to ``out/checkpoints/full``
     was overwritten without a word). A folder with the mark, or with the training text every full demo
-    writes first (``checkpoints/data/source_train.txt``: a demo made before the mark existed), is the demo's.
+    writes first (``checkpoints/data/source_train.txt``: a demo made before the mark existed), is the demo's. ``kind``
+    (``"training"``, ``"synthetic"``) is in the mark: the two write other files, which would sit side by side.
 
     Raises:
-        ConfigError: ``out`` is a non-empty folder that is not the demo's.
+        ConfigError: ``out`` is a non-empty folder that is not the demo's, or another kind of demo's.
         OutputError: the folder or its mark cannot be written.
     """
     p = Path(out)
@@ -595,11 +597,26 @@ def claim_demo_folder(out: str | Path) -> None:
     if p.is_dir() and any(p.iterdir()) and not ours:
         raise ConfigError("the folder holds files that spectra demo did not write, and the demo replaces what it "
                           "writes there", path=p, hint="pass a new or empty folder to --out")
+    if ours and (was := _demo_kind(p)) != kind:
+        raise ConfigError(f"the folder holds a {was} demo's results; this {kind} demo writes other files, which would sit "
+                          "beside them", path=p, hint="pass a new or empty folder to --out")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        (p / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n", encoding="utf-8")
+        (p / DEMO_MARK).write_text(f"made by spectra demo ({kind}): its reruns replace the files in this folder\n", encoding="utf-8")
     except OSError as exc:
         raise output_error(p, exc) from exc
+
+
+def _demo_kind(p: Path) -> str:
+    """The kind of demo whose folder ``p`` is: as its mark says, or (a mark written before it said) ``"synthetic"``
+    where a diff's results lie at the top and no demo summary does, else ``"training"``."""
+    try:
+        said = (p / DEMO_MARK).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        said = ""
+    if "(synthetic)" in said or "(training)" in said:
+        return "synthetic" if "(synthetic)" in said else "training"
+    return "synthetic" if (p / "results.json").is_file() and not (p / "summary.json").is_file() else "training"
 
 
 def refuse_file_in_path(out: str | Path, option: str = "--out") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,157 @@ def test_esd_helpers_refuse_what_is_no_spectrum_and_name_their_arguments():
     with pytest.raises(ValueError, match="fro"):
         metrics.relative_norm("1", 1.0)
     assert lowrank.energy_kept(np.array([3.0, 1.0]), 10.0 * (1 - 1e-9), 2) == 1.0  # a total's rounding is no other total
+
+
+def test_a_turn_between_subspaces_of_unequal_size_names_both_sizes():
+    """A turn from a 3-direction to a 4-direction subspace reported only k = 3: read as "both sides used 3 vectors", φ
+    differs (‖Q₃ᵀQ₄‖²/3 against ‖Q₃ᵀQ₃'‖²/3). Both sizes are now recorded."""
+    from spectra.interference import Subspaces, subspace_turn
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.linalg.qr(torch.randn(12, 3, generator=g, dtype=torch.float64))[0]
+    b = torch.linalg.qr(torch.randn(12, 4, generator=g, dtype=torch.float64))[0]
+    turn = subspace_turn(Subspaces(a, a), Subspaces(b, b))["left"]
+    assert (turn["k"], turn["k_before"], turn["k_now"]) == (3, 3, 4)
+    assert turn["phi"] == pytest.approx(float(np.sum((a.numpy().T @ b.numpy()) ** 2)) / 3, rel=1e-12)
+
+
+# ---- reports, sweeps and demo folders (a probe of the files spectra reads back) ----------------------------
+def _train_run(d, lines):
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train_config.json").write_text(json.dumps({"steps": 3, "held_out_digest": "aaaa"}))
+    (d / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return d
+
+
+def test_report_draws_a_run_whose_target_loss_went_null_and_refuses_a_loss_at_float64s_end(tmp_path):
+    """spectra train logs a null target loss beside a finite source one when only the target diverges: the learning plot
+    annotated (source, None) and raised from matplotlib; a source loss of 1.7e308 broke the figure's axis."""
+    from spectra.errors import ResultsFormatError
+    from spectra.report import build_report
+
+    d = _train_run(tmp_path / "t", [{"step": 0, "target_loss": 5.5, "source_loss": 5.6},
+                                    {"step": 3, "train_loss": 5.52, "target_loss": None, "source_loss": 5.7},
+                                    {"step": 3, "target_loss": None, "source_loss": None, "error": "the held-out target loss became inf"}])
+    assert "Learning vs forgetting" in build_report([str(d)])
+    e = _train_run(tmp_path / "e", [{"step": 0, "target_loss": 5.5, "source_loss": 1.7e308}])
+    with pytest.raises(ResultsFormatError, match="source_loss must be a number from 0 to 1e300"):
+        build_report([str(e)])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda recs, r: r.update(matrix="q_proj"), '"matrix" must be an object with a string "name"'),
+    (lambda recs, r: r.update(point=None), '"point" must be an object'),
+    (lambda recs, r: r.update(step="two"), '"step" must be an integer >= 0'),
+    (lambda recs, r: r.update(step=2.5), '"step" must be an integer >= 0'),
+    (lambda recs, r: r.pop("step"), '"step" must be an integer >= 0'),
+    (lambda recs, r: r["matrix"].pop("name"), '"matrix" must be an object with a string "name"'),
+    (lambda recs, r: recs[0]["header"].update(config=None), "the header's \"config\" must be an object"),
+    (lambda recs, r: recs.append({"timing": {"step": {"a": 1}}}), "a timing's \"step\" must be an integer >= 0"),
+])
+def test_a_tracker_trace_with_a_malformed_record_is_refused_in_one_line(tmp_path, edit, message):
+    """One malformed record of a trace.jsonl raised TypeError, KeyError, ValueError or AttributeError from load_trace
+    (and spectra report); a step of 2.5 was read as step 2."""
+    import json
+
+    from spectra.errors import ResultsFormatError
+    from spectra.trace import load_trace
+
+    recs = [{"header": {"kind": "full", "config": {"thresholds": [0.9]}}},
+            {"kind": "full", "step": 2, "loss": 1.0, "matrix": {"name": "w", "module": "w", "shape": [4, 4], "base_fro_norm": 1.0},
+             "point": {"fro_norm": 0.1, "rel_norm": 0.1, "energy_rank": {"0.9": 1}}},
+            {"timing": {"step": 2, "seconds": 0.1, "device": "cpu"}}]
+    edit(recs, recs[1])
+    (tmp_path / "trace.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(ResultsFormatError, match=re.escape(message)) as info:
+        load_trace(tmp_path / "trace.jsonl")
+    assert "trace.jsonl" in str(info.value) and "spectra train --trace-every" in info.value.hint
+
+
+def test_a_refused_tracker_trace_names_the_training_that_wrote_it_not_spectra_trace(tmp_path):
+    """"rerun spectra trace --out to rewrite it" was the hint for a tracker's trace.jsonl, which spectra trace cannot write."""
+    from spectra.results_check import damaged_hint
+
+    assert "spectra train --trace-every" in damaged_hint(tmp_path / "trace.jsonl")
+    assert "spectra trace --out" in damaged_hint(tmp_path / "trace.json")
+
+
+def test_report_of_a_demo_folder_reads_each_run_once(tmp_path):
+    """A demo's folder holds each run's log in checkpoints/<run> (its cache) and runs/<run>: the report showed every
+    fine-tune twice, where the demo's own report.html leaves checkpoints/ out."""
+    from spectra.report import collect
+    from spectra.training_inputs import DEMO_MARK
+
+    lines = [{"step": 0, "target_loss": 5.5, "source_loss": 5.6}, {"step": 3, "target_loss": 5.0, "source_loss": 5.7}]
+    for where in ("checkpoints", "runs"):
+        _train_run(tmp_path / "demo" / where / "lora8", lines)
+    _train_run(tmp_path / "demo" / "checkpoints" / "base-1ecc", lines)
+    (tmp_path / "demo" / DEMO_MARK).write_text("made by spectra demo (training)\n")
+    assert list(collect([str(tmp_path / "demo")]).train_logs) == ["lora8"]
+    # a folder that is no demo's keeps its checkpoints/ runs
+    (tmp_path / "demo" / DEMO_MARK).unlink()
+    assert len(collect([str(tmp_path / "demo")]).train_logs) == 3
+
+
+def test_report_follows_linked_result_folders_once_and_says_what_it_cannot_read(tmp_path, monkeypatch):
+    """A results folder linked in (results/run1 -> /data/...) was skipped without a word ("no spectra results found"
+    for a folder of links); an unreadable folder inside was skipped unsaid, and one given directly was "no results"."""
+    import os
+
+    from spectra.errors import SpectraError
+    from spectra.report import build_report, collect
+
+    lines = [{"step": 0, "target_loss": 5.5, "source_loss": 5.6}]
+    _train_run(tmp_path / "data" / "run1", lines)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "run1").symlink_to(tmp_path / "data" / "run1", target_is_directory=True)
+    (tmp_path / "links" / "loop").symlink_to(tmp_path / "links", target_is_directory=True)  # a loop ends
+    assert list(collect([str(tmp_path / "links")]).train_logs) == ["run1"]
+
+    _train_run(tmp_path / "data" / "locked", lines)
+    real = os.scandir
+
+    def scandir(path):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    html = build_report([str(tmp_path / "data")])
+    assert "locked: cannot read the folder (Permission denied)" in html
+    with pytest.raises(SpectraError, match=r"cannot read the folder \(Permission denied\)"):
+        collect([str(tmp_path / "data" / "locked")])
+
+
+def test_sweep_resume_redoes_an_analysis_stopped_between_its_json_and_its_figures(tmp_path):
+    """A compare killed after compare.json, before its figures: --resume counted it done (no figures ever drawn) and
+    its dead run's .spectra.lock stayed. A lock left beside a finished JSON marks the run as stopped."""
+    import json
+
+    from spectra.io.files import LOCK_NAME
+    from spectra.training_inputs import analysis_written
+
+    (tmp_path / "compare.json").write_text(json.dumps({"schema": "spectra.compare/1"}))
+    assert analysis_written(tmp_path / "compare.json")
+    (tmp_path / LOCK_NAME).write_text('{"pid": 999999}')
+    assert not analysis_written(tmp_path / "compare.json")
+
+
+def test_a_demo_of_another_kind_is_refused_in_a_demo_folder(tmp_path):
+    """demo --synthetic into a training demo's folder wrote its diff beside the earlier analyses (summary.md and
+    report.html then described neither), and the reverse left a synthetic results.json at the top."""
+    from spectra.errors import ConfigError
+    from spectra.training_inputs import DEMO_MARK, claim_demo_folder
+
+    claim_demo_folder(tmp_path / "a", "training")
+    assert "(training)" in (tmp_path / "a" / DEMO_MARK).read_text()
+    with pytest.raises(ConfigError, match="holds a training demo's results"):
+        claim_demo_folder(tmp_path / "a", "synthetic")
+    claim_demo_folder(tmp_path / "a", "training")  # its own reruns go on
+    (tmp_path / "b").mkdir()  # a mark written before it named the kind: read from what lies there
+    (tmp_path / "b" / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n")
+    (tmp_path / "b" / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a synthetic demo's results"):
+        claim_demo_folder(tmp_path / "b", "training")

@@ -48,7 +48,8 @@ def learning_forgetting_plot(logs: dict[str, list[dict]], path: str | os.PathLik
     fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for name, recs in logs.items():
-        pts = [(r["source_loss"], r["target_loss"]) for r in recs if r.get("source_loss") is not None]
+        # points with both losses (a diverged run logs a null target loss beside a finite source one)
+        pts = [(r["source_loss"], r["target_loss"]) for r in recs if r.get("source_loss") is not None and r.get("target_loss") is not None]
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
