@@ -63,8 +63,9 @@ from spectra.journal import append_record
 from spectra.linalg import all_finite
 from spectra.metrics import refuse_meta
 from spectra.naming import describe_checkpoint, layer_of
-from spectra.numerics import certified_floor, numeric_notes, rounding_floor, unresolved_text
+from spectra.numerics import numeric_notes, unresolved_text
 from spectra.selection import selector
+from spectra.storage_floor import certified_floor, rounding_floor
 from spectra.subspaces import Factored
 from spectra.trace_points import (
     TraceConfig,

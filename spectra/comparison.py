@@ -148,7 +148,7 @@ class _Update:
     form: Factored | TopSVD
     energy: float
     notes: tuple[str, ...] = ()  # numerical caveats of a dense ΔW (spectra.numerics: rounding level…)
-    floor: float = 0.0  # a dense ΔW's storage rounding floor (spectra.numerics.rounding_floor); 0: none
+    floor: float = 0.0  # a dense ΔW's storage rounding floor (spectra.storage_floor.rounding_floor); 0: none
     stored: str = ""  # the stored dtype(s) that floor comes from, for the notes ("float32", "float32/bfloat16")
 
 

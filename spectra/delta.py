@@ -16,9 +16,10 @@ import torch
 
 from spectra.io.checkpoint import Checkpoint, TensorInfo
 from spectra.linalg import row_blocks
-from spectra.numerics import FLOOR_MARGIN, NOTE_ROWS, certified_floor, numeric_notes, rounding_floor
+from spectra.numerics import NOTE_ROWS, numeric_notes
 from spectra.pairing import MatrixPair
 from spectra.selection import Task, Unit
+from spectra.storage_floor import FLOOR_MARGIN, certified_floor, rounding_floor, rounding_floor_rows
 
 
 @dataclass
@@ -54,8 +55,8 @@ def prepare(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.devic
     without it too for a tuned side stored narrower than float32 (:func:`floor_when_read`)."""
     pair = task.pair
     floors = floors or floor_when_read(pair.tuned_info.dtype)
-    if not keep_base and not floors and reads_by_rows(task, base, tuned):
-        return [_prepare_by_rows(task, base, tuned, device)]
+    if not keep_base and reads_by_rows(task, base, tuned):
+        return [_prepare_by_rows(task, base, tuned, device, floors)]
     wb = oriented(base.load(pair.base.name), pair.base.transpose, pair.rows)
     wt = oriented(tuned.load(pair.tuned.name), pair.tuned.transpose, pair.rows)
     out = []
@@ -78,15 +79,17 @@ ROWS_READ_FROM = 1 << 23
 
 def reads_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint) -> bool:
     """Whether :func:`prepare` forms the ΔW of ``task`` from row blocks of each side read from the files one at a time,
-    rather than from both tensors read whole: a float32 pair of one 2-D matrix stored as analysed (no transpose, no
-    fused parts or experts) of at least :data:`ROWS_READ_FROM` elements in safetensors files. Its peak is then ΔW alone,
-    not ΔW and the stored pair (a 49152 × 576 embedding: 113 MiB, not 340). The numerical caveats read their sampled
-    rows again (:func:`pair_notes`); a pair that needs more of the stored tensors (a rounding floor read with the pair, a
-    copy of W_base, a base stored finer than the tuned side) is read whole."""
+    rather than from both tensors read whole: a float32, bf16 or fp16 pair (one dtype on both sides) of one 2-D matrix
+    stored as analysed (no transpose, no fused parts or experts) of at least :data:`ROWS_READ_FROM` elements in
+    safetensors files. Its peak is then ΔW alone, not ΔW and the stored pair (a 49152 × 576 float32 embedding: 113 MiB,
+    not 340). The numerical caveats read their sampled rows again (:func:`pair_notes`), the rounding floor the tuned
+    side's blocks (:func:`spectra.storage_floor.rounding_floor_rows`); a pair that needs more of the stored tensors (a
+    copy of W_base, a base stored in another dtype than the tuned side) is read whole."""
     pair = task.pair
     if len(task.units) != 1 or task.units[0].expert is not None or task.units[0].rows is not None:
         return False
-    if pair.base.transpose or pair.tuned.transpose or (pair.base_info.dtype, pair.tuned_info.dtype) != ("float32", "float32"):
+    if pair.base.transpose or pair.tuned.transpose or pair.base_info.dtype != pair.tuned_info.dtype or \
+            pair.tuned_info.dtype not in ("float32", "bfloat16", "float16"):
         return False
     shape = tuple(pair.tuned_info.shape)
     if len(shape) != 2 or tuple(pair.base_info.shape)[1:] != shape[1:]:
@@ -95,8 +98,9 @@ def reads_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint) -> bool:
     return rows > NOTE_ROWS and rows * shape[1] >= ROWS_READ_FROM and base.reads_rows(pair.base.name) and tuned.reads_rows(pair.tuned.name)
 
 
-def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device) -> Prepared:
-    """:func:`prepare` of a pair :func:`reads_by_rows` accepts."""
+def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: torch.device, floors: bool) -> Prepared:
+    """:func:`prepare` of a pair :func:`reads_by_rows` accepts; with ``floors`` the rounding floor from a second pass
+    over the tuned side's row blocks (:func:`spectra.storage_floor.rounding_floor_rows`)."""
     pair, unit = task.pair, task.units[0]
     rows = pair.rows if pair.rows is not None else pair.tuned_info.shape[0]
 
@@ -108,11 +112,14 @@ def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: to
         picked = [read(slice(i, i + 1)) for i in index.tolist()]
         return torch.cat([b for b, _ in picked]), torch.cat([t for _, t in picked])
 
-    delta, base_fro, bad = form_delta_blocks(read, (rows, pair.tuned_info.shape[1]), (torch.float32, torch.float32), device)
+    shape = (rows, pair.tuned_info.shape[1])
+    delta, base_fro, bad = form_delta_blocks(read, shape, (getattr(torch, pair.base_info.dtype), getattr(torch, pair.tuned_info.dtype)), device)
     if bad:
         return _skipped(unit, task, bad)
     notes = pair_notes(pair, None, None, delta, base_fro, rows_of=rows_of)
-    return Prepared(unit, task, delta, base_fro, note="; ".join(notes), caveats=tuple(notes))
+    floor = certified_floor(rounding_floor_rows(lambda r: read(r)[1], shape, pair.tuned_info.dtype, delta), notes, None, None,
+                            delta=delta) if floors else 0.0
+    return Prepared(unit, task, delta, base_fro, note="; ".join(notes), floor=floor, caveats=tuple(notes), floor_known=floors)
 
 
 def _skipped(unit: Unit, task: Task, bad: list[str]) -> Prepared:
@@ -187,11 +194,11 @@ def pair_notes(pair: MatrixPair, wb: torch.Tensor | None, wt: torch.Tensor | Non
 
 def pair_floor(pair: MatrixPair, wb: torch.Tensor, wt: torch.Tensor, notes: Sequence[str] = (),
                delta: torch.Tensor | None = None) -> float:
-    """The storage rounding floor (:func:`spectra.numerics.rounding_floor`) of a ΔW formed from the
+    """The storage rounding floor (:func:`spectra.storage_floor.rounding_floor`) of a ΔW formed from the
     oriented stored tensors ``wb``, ``wt`` of ``pair``: singular values of ΔW at or below it are rounding
     of the stored weights, not directions of the update. Used by every command that decomposes a
     dense update into directions (compare, trace, interfere). ``notes``: the pair's :func:`pair_notes`, whose
-    certified one-step update lowers it (:func:`spectra.numerics.certified_floor`). ``delta``: that ΔW when at hand
+    certified one-step update lowers it (:func:`spectra.storage_floor.certified_floor`). ``delta``: that ΔW when at hand
     (:func:`form_delta`'s), whose nonzero rows and columns save the floor's comparing pass."""
     return certified_floor(rounding_floor(wt, pair.tuned_info.dtype, wb, delta=delta), notes, wt, wb, delta=delta)
 
@@ -269,7 +276,7 @@ def pair_bytes(task: Task, base: Checkpoint, tuned: Checkpoint, keep_base: bool 
     and what is formed from them: ΔW of each unit (float64 when a side is stored in float64, else float32) and, with
     ``keep_base``, a copy of W_base in that dtype. ``floors`` as :func:`prepare`'s."""
     pair = task.pair
-    if not keep_base and not floors and not floor_when_read(pair.tuned_info.dtype) and reads_by_rows(task, base, tuned):
+    if not keep_base and reads_by_rows(task, base, tuned):  # (the floor's second pass reads blocks too)
         return 2 * _BLOCK * 4, 4 * task.units[0].shape[0] * task.units[0].shape[1]
 
     def loaded(ckpt: Checkpoint, name: str, info: TensorInfo) -> int:

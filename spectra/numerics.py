@@ -48,7 +48,7 @@ of rows: results are deterministic.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +67,9 @@ RESOLVED_MARGIN = 1.5
 #: How a ``rounding_steps`` note starts (the caveat's pattern in :data:`spectra.results.CAVEATS` reads it).
 STEPS_START = "ΔW moved its entries by at most one rounding step of "
 #: How a ``rounding_level`` note starts (the caveat's pattern in :data:`spectra.results.CAVEATS` reads it; and
-#: :func:`certified_floor`, which raises the floor of such a ΔW on one grid).
+#: :func:`spectra.storage_floor.certified_floor`, which raises the floor of such a ΔW on one grid).
 LEVEL_START = "ΔW is at the rounding level of "
-#: How a ``rounding_steps`` note on one grid names its certificate (:func:`certified_floor` reads it back).
+#: How a ``rounding_steps`` note on one grid names its certificate (:func:`spectra.storage_floor.certified_floor` reads it back).
 ONE_GRID_TOP = "its top singular value"
 #: Power-iteration steps of that certificate (a top value at 1.5× a noise bulk is within 1% after ~6).
 RESOLVED_STEPS = 12
@@ -172,8 +172,8 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
     cols = delta.shape[-1] if delta.ndim else 1
     d2 = delta.reshape(-1, cols)
     b2, t2 = (None, None) if base is None or tuned is None else (base.reshape(-1, cols), tuned.reshape(-1, cols))
-    eps_b, eps_t = _eps(base_dtype), _eps(tuned_dtype)
-    # (2)'s ε is the rounding of the tuned weights when they were stored (as rounding_floor's): a base stored
+    eps_b, eps_t = storage_eps(base_dtype), storage_eps(tuned_dtype)
+    # (2)'s ε is the rounding of the tuned weights when they were stored (as spectra.storage_floor.rounding_floor's): a base stored
     # coarser (a bf16 release fine-tuned and saved in float32) is exact as it stands, and changes below its
     # step are the update, not rounding (they were called noise, and recommend refused); the base's own
     # rounding, when TUNED was made from a finer original, is (5)'s caveat
@@ -186,8 +186,8 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
     finer_dtype = eps_b is not None and eps_t is not None and eps_b < eps_t
     if b2 is None and (finer_dtype or max_rows is None or d2.shape[0] <= max_rows or base_sq is None):
         raise ValueError("rows_of serves a sampled pass (more rows than max_rows, base_sq given) of a base stored no finer than the tuned side")
-    tiny_b = _tiny_threshold(b2, base_dtype)
-    tiny_t = _tiny_threshold(t2, tuned_dtype)
+    tiny_b = tiny_threshold(b2, base_dtype)
+    tiny_t = tiny_threshold(t2, tuned_dtype)
     total_rows = d2.shape[0]
     where = ""
     if max_rows is None or total_rows <= max_rows:
@@ -315,108 +315,6 @@ def numeric_flags(base: torch.Tensor | None, tuned: torch.Tensor | None, delta: 
     return notes
 
 
-#: The rounding floor's margin above the expected top singular value of the storage rounding noise:
-#: a finite matrix's top value fluctuates above its expectation by a few percent.
-FLOOR_MARGIN = 1.5
-
-
-def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor | None = None, *,
-                   block: int = 1 << 22, delta: torch.Tensor | None = None) -> float:
-    """The largest singular value that rounding the tuned weights to their stored dtype can put into ΔW.
-
-    Each stored element ``x`` of ``W_tuned`` was rounded with an error of at most ``u·|x|`` (``u`` the
-    unit roundoff of the stored dtype, ``torch.finfo(dtype).eps / 2``: float64 2⁻⁵³, float32 2⁻²⁴,
-    float16 2⁻¹¹, bfloat16 2⁻⁸, float8_e4m3fn 2⁻⁴, float8_e5m2 2⁻³; relative to each value, so fp8
-    dequantised with a scale too), uniform within that bound: ΔW holds a random full-rank matrix of
-    independent entries of standard deviation at most ``u·|x|/√3``, in the rows and columns the
-    fine-tune changed: a row or column stored equal on both sides is exactly 0 in ΔW (the untouched
-    rows of an embedding, a frozen outlier channel add no noise), while an unchanged entry of a
-    changed row may hold an update rounded away (up to half a unit in the last place, which a small
-    learning rate leaves on most entries). Such a matrix's largest singular
-    value is at most about the largest row norm plus the largest column norm of those deviations
-    (Latała; Bandeira and van Handel): ``(√out + √in)·σ`` for entries of one scale σ (the
-    Marchenko–Pastur edge), and the outlier rows or columns of real LLM weights where they dominate.
-    The floor is that bound times :data:`FLOOR_MARGIN`:
-
-        ``floor = 1.5 · u/√3 · (max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂)``,  ``X = W_tuned`` where its row and
-        its column each hold an entry that differs from ``W_base``, else 0
-
-    in the weights' units (as ΔW's singular values). Only the tuned side is counted: the base as
-    stored is where the fine-tune started (a base stored in another precision than training started
-    from is the ``precision_mismatch`` caveat). An integer or unknown dtype (an int8 grid, whose error
-    depends on a scale its values do not carry) has floor 0: its quantisation is the
-    ``quantisation_grid`` caveat. An empty matrix has floor 0.
-
-    Args:
-        W_tuned: ``(out, in)`` tuned weights as analysed (any float dtype, any device; oriented either way).
-        tuned_dtype: the stored dtype name (``"float32"``, ``"bfloat16"``…).
-        W_base: the base weights, same shape and orientation; None: every row and column counts as changed.
-        block: elements per float64 block (no full float64 copy).
-        delta: ΔW as :func:`spectra.delta.form_delta` formed it from these weights, when at hand: its nonzero rows
-            and columns are the changed ones (``t − b = 0`` exactly when ``t = b``), which saves the comparing pass.
-
-    Example:
-        >>> W = torch.full((4096, 4096), 0.02)
-        >>> round(rounding_floor(W, "bfloat16"), 6)   # 1.5 · 2⁻⁸/√3 · 2 · 0.02 · √4096
-        0.00866
-        >>> rounding_floor(W, "bfloat16", W.clone())   # nothing changed: no rounding in ΔW
-        0.0
-        >>> T = W.clone(); T[0, 0] += 1
-        >>> round(rounding_floor(T, "bfloat16", W), 6)   # one entry changed: 1.5 · 2⁻⁸/√3 · 2 · 1.02
-        0.006901
-        >>> rounding_floor(W, "int8")
-        0.0
-    """
-    eps = _eps(tuned_dtype)
-    if eps is None or W_tuned.ndim != 2 or W_tuned.numel() == 0:
-        return 0.0
-    # float32 work and sums for narrower weights (a bound with a 1.5 margin needs no more): a fifth of the
-    # time of a float64 pass, the floor being asked of every dense update; squares out of float32's range
-    # (weights beyond ~1e17 or below ~1e-19) give an infinite or zero bound: then again in float64
-    wide = torch.float64 in (W_tuned.dtype, getattr(W_base, "dtype", None))
-    tiny = _tiny_threshold(W_tuned, tuned_dtype) or 0.0  # a subnormal's rounding is u·tiny, not u·|x| (None: scaled values)
-    bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block, tiny, delta)
-    if not wide and not 0.0 < bound < math.inf:
-        bound = _norm_bound(W_tuned, W_base, torch.float64, block, tiny, delta)
-    return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
-
-
-def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor, W_base: torch.Tensor, *,
-                    delta: torch.Tensor | None = None) -> float:
-    """``floor`` (:func:`rounding_floor`), lowered for a ΔW whose ``rounding_steps`` certificate fired on one grid
-    (``notes``: :func:`numeric_notes` of the pair) to :data:`RESOLVED_MARGIN` × (largest row norm + largest column norm
-    of ΔW), the ceiling of independent one-step noise of its entries that the certificate rests on; raised to that
-    ceiling for a ΔW on one grid said to be at the rounding level (the certificate did not fire), whose singular values
-    between the two diff called rounding noise while compare, trace and extract counted them as directions.
-
-    The ``u·|x|`` floor assumes every entry carries a rounding error of up to half a step; a sub-step update of
-    weights already on the grid moves a few entries by one step, with an error far smaller, so that floor sat 20×
-    above the certified top value and trace, extract and compare called a learned direction unresolved while diff
-    called it resolved. A finer base's note certifies the change beyond its conversion, which the floor still covers.
-
-    Args:
-        W_tuned, W_base: ``(out, in)`` as analysed (any float dtype, one device).
-        delta: ``W_tuned − W_base`` when at hand (:func:`spectra.delta.form_delta`'s, float32 or float64): used as it
-            is, rather than a second full-size difference (a 100k-row bf16 embedding's cost 1.2 GB more at the peak).
-    """
-    steps = any(n.startswith(STEPS_START) and f"; yet {ONE_GRID_TOP} is at least" in n for n in notes)
-    if not (steps or raises_floor(notes)):
-        return floor
-    work = torch.float64 if torch.float64 in (W_tuned.dtype, W_base.dtype) else torch.float32  # (float32 loses a float64 ΔW)
-    usable = delta is not None and delta.dtype in (work, torch.float64) and delta.shape == W_tuned.shape
-    edge = _edge(delta) if usable else _edge(W_tuned, W_base, work)  # type: ignore[arg-type]
-    if not math.isfinite(edge):
-        return floor
-    return min(floor, RESOLVED_MARGIN * edge) if steps else max(floor, RESOLVED_MARGIN * edge)
-
-
-def raises_floor(notes: Sequence[str]) -> bool:
-    """Whether :func:`certified_floor` raises the floor of a ΔW with these notes: a ΔW on one grid whose top value stays
-    under the noise ceiling is said to be unresolved from rounding noise (``rounding_level``), so its floor is at least
-    that ceiling and no command counts directions in it."""
-    return any(n.startswith(LEVEL_START) and " (base " not in n.partition(":")[0] for n in notes)
-
-
 def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
     """The one wording, in every command, of a non-zero update with no singular value above the rounding
     floor of its stored weights (:func:`rounding_floor`): ``whose`` names the update(s) ("ΔW", "A's
@@ -430,56 +328,14 @@ def unresolved_text(whose: str, dtypes: str, plural: bool = False) -> str:
             f"no resolved direction{'s' if plural else ''}")
 
 
-def _norm_bound(W_tuned: torch.Tensor, W_base: torch.Tensor | None, work: torch.dtype, block: int, tiny: float = 0.0,
-                delta: torch.Tensor | None = None) -> float:
-    """``max_i ‖X[i, :]‖₂ + max_j ‖X[:, j]‖₂`` of :func:`rounding_floor`'s ``X`` (each ``|x|`` taken at least ``tiny``,
-    the smallest normal, below which the rounding step stops shrinking), in ``work`` precision.
-
-    In float arithmetic only: torch's elementwise kernels on bool and half tensors (``!=``, ``any``, ``where``) ran
-    several times slower than float ones here (a 1536 × 576 bf16 pair: 5.9 against 2.0 ms at best), and the floor is
-    asked of every dense update. A row or column changed where ``|t − b|`` is nonzero there (for finite weights
-    ``t − b = 0`` exactly when ``t = b``, subnormals included; a NaN or infinite entry counts as changed)."""
-    rows = max(1, block // W_tuned.shape[1])
-    out_dim, in_dim = W_tuned.shape
-    dev = W_tuned.device
-    if delta is not None and (delta.device != dev or delta.shape != W_tuned.shape):
-        delta = None  # a GPU's ΔW would cross the bus back: the CPU pair is compared instead
-    row_on = torch.ones(out_dim, dtype=work, device=dev)
-    col_on = torch.ones(in_dim, dtype=work, device=dev)
-    whole = None  # the tuned weights in ``work`` kept from the first pass when they are one block (no second upcast)
-    if W_base is not None:  # which rows and columns the fine-tune changed (a first, comparing pass; ΔW's when given)
-        col_max = torch.zeros(in_dim, dtype=work, device=dev)
-        for r in range(0, out_dim, rows):
-            if delta is not None:
-                a = delta[r : r + rows].to(device=dev, dtype=work).abs()
-            else:
-                xt = W_tuned[r : r + rows].to(work)
-                whole = xt if rows >= out_dim else None
-                a = (xt - W_base[r : r + rows].to(work)).abs()
-            row_on[r : r + rows] = (a.amax(dim=1) != 0).to(work)
-            col_max = torch.maximum(col_max, a.amax(dim=0))  # (NaN propagates: changed)
-        col_on = (col_max != 0).to(work)
-    row_sq = torch.zeros((), dtype=work, device=dev)
-    col_sq = torch.zeros(in_dim, dtype=work, device=dev)
-    for r in range(0, out_dim, rows):
-        x = whole if whole is not None else W_tuned[r : r + rows].to(work)
-        if tiny > 0.0:
-            x = torch.clamp(x.abs(), min=tiny)
-        x = x * row_on[r : r + rows, None] * col_on  # masked before squaring: an unchanged huge entry's square may overflow
-        sq = x * x
-        row_sq = torch.maximum(row_sq, sq.sum(dim=1).max())
-        col_sq += sq.sum(dim=0)
-    return math.sqrt(float(row_sq)) + math.sqrt(float(col_sq.max()))
-
-
 def unit_roundoff(dtype: str) -> float:
     """The unit roundoff ``u = torch.finfo(dtype).eps / 2`` of a stored dtype (bfloat16 2⁻⁸, float32 2⁻²⁴): each stored
     value is within ``u·|x|`` of what was rounded; 0 for integer or unknown dtypes."""
-    eps = _eps(dtype)
+    eps = storage_eps(dtype)
     return eps / 2 if eps is not None else 0.0
 
 
-def _eps(dtype: str) -> float | None:
+def storage_eps(dtype: str) -> float | None:
     """``torch.finfo(dtype).eps`` (one ulp at 1.0), or None for integer / unknown dtypes."""
     tdtype = getattr(torch, dtype, None)
     if not isinstance(tdtype, torch.dtype) or not tdtype.is_floating_point:
@@ -487,7 +343,7 @@ def _eps(dtype: str) -> float | None:
     return float(torch.finfo(tdtype).eps)
 
 
-def _tiny_threshold(x: torch.Tensor | None, dtype: str) -> float | None:
+def tiny_threshold(x: torch.Tensor | None, dtype: str) -> float | None:
     """Smallest normal of the stored dtype when ``x`` holds values in that dtype's units (None: read as stored);
     None when ``x`` was dequantised (scaled codes: subnormality of the codes cannot be seen in the values)."""
     tdtype = getattr(torch, dtype, None)
@@ -573,10 +429,10 @@ def _down3(x: float) -> str:
     return f"{math.floor(x / step) * step:.3g}"
 
 
-def _edge(a: torch.Tensor, b: torch.Tensor | None = None, work: torch.dtype | None = None, block: int = 1 << 22) -> float:
+def edge_norm(a: torch.Tensor, b: torch.Tensor | None = None, work: torch.dtype | None = None, block: int = 1 << 22) -> float:
     """``max_i ‖x[i, :]‖₂ + max_j ‖x[:, j]‖₂`` of ``x = a − b`` (``b`` None: ``a``), formed in ``work`` (default ``a``'s
     dtype): about the largest singular value independent noise of these entries reaches (the certificate's and
-    :func:`certified_floor`'s one measure). Above ``block`` entries, ``x`` is formed a block of rows at a time and the
+    :func:`spectra.storage_floor.certified_floor`'s one measure). Above ``block`` entries, ``x`` is formed a block of rows at a time and the
     norms summed in float64: a full-size difference (or float64 copy) of a large embedding is memory the run's plan does
     not count. NaN propagates as in one max over every row."""
     work = work or a.dtype
@@ -597,7 +453,7 @@ def _top_singular_lower(d: torch.Tensor) -> tuple[float, float]:
     unit ``v`` never exceeds σ₁; stops once above ``RESOLVED_MARGIN·edge``), and ``edge = max_i ‖d[i, :]‖₂ +
     max_j ‖d[:, j]‖₂``, in d's units. Float32 work (float64 for float64 input): the margin dwarfs its rounding."""
     x = d if d.dtype in (torch.float32, torch.float64) else d.float()
-    edge = _edge(x)
+    edge = edge_norm(x)
     v = x[int(torch.linalg.vector_norm(x, dim=1).argmax())].clone()  # the largest row: a rank-1 update's right vector at once
     sigma = 0.0
     for _ in range(RESOLVED_STEPS):
@@ -664,7 +520,7 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
         return None
 
     qb, qt = looks(levels_b, base_dtype), looks(levels_t, tuned_dtype)
-    fp8 = base_dtype == tuned_dtype and base_dtype in _QUANTISED_DTYPES and _eps(base_dtype) is not None
+    fp8 = base_dtype == tuned_dtype and base_dtype in _QUANTISED_DTYPES and storage_eps(base_dtype) is not None
     if fp8 and _on_grid(sb, base_dtype, sb.numel()) and _on_grid(st, tuned_dtype, st.numel()):
         return None  # two unscaled fp8 sides: one number format, as bf16 and bf16 (its steps are (2)'s to judge)
     if qb and qt:
@@ -684,4 +540,5 @@ def _grid_note(b: torch.Tensor, t: torch.Tensor, base_dtype: str, tuned_dtype: s
     return None
 
 
-__all__ = ["NOTE_ROWS", "NumericNote", "certified_floor", "even_rows", "numeric_flags", "numeric_notes", "raises_floor"]
+__all__ = ["NOTE_ROWS", "NumericNote", "edge_norm", "even_rows", "numeric_flags", "numeric_notes", "storage_eps", "tiny_threshold",
+           "unit_roundoff"]

@@ -36,7 +36,6 @@ from spectra.io.files import same_file
 from spectra.journal import Journal, absorb, diff_identity, run_fingerprint
 from spectra.linalg import check_device_available, resolve_device
 from spectra.metrics import resolved_above
-from spectra.numerics import raises_floor
 from spectra.pairing import NOT_MATRIX, Skipped, drop_tied_heads, pair_checkpoints
 from spectra.param_experts import open_adapter_on
 from spectra.plan import CostModel, Plan, balance, calibrate, estimate_memory, peak_rss_bytes, segment_ends
@@ -46,6 +45,7 @@ from spectra.results import CHANGED_SKIP, DiffResult, ModuleResult
 from spectra.rounding_bulk import weight_rounding
 from spectra.selection import Task, layer_filter, plan_units, selector
 from spectra.sketch import approx_energy_ranks
+from spectra.storage_floor import raises_floor
 from spectra.stored_bytes import base_lookup, changed_tensors
 from spectra.stream import batches, largest_first, prefetch, run_settings
 from spectra.threads import one_openmp_thread
@@ -137,7 +137,7 @@ def _floor(item: Prepared, module: ModuleResult, base: Checkpoint, tuned: Checkp
     bound = floor_bound(module.shape, item.task.pair.tuned_info.dtype, item.base_fro, module.fro_norm)
     kept = module.singular_values
     # (--top-k 0 keeps no value: none to tell from the rounding; a ΔW at the rounding level has its floor raised
-    # above the bound: spectra.numerics.certified_floor)
+    # above the bound: spectra.storage_floor.certified_floor)
     if (not kept or bound < kept[-1]) and not raises_floor(item.caveats):
         return bound if math.isfinite(bound) else None
     floor = unit_floor(item, base, tuned)  # (a float32 or float64 pair: read again, its ΔW and stored tensors being gone)

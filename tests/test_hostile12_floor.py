@@ -2,7 +2,7 @@
 
 compare, trace and interfere count a dense update's direction as resolved only above both the float64
 computation's resolution and the rounding floor of the stored weights
-(:func:`spectra.numerics.rounding_floor`; docs/definitions.md, "Subspaces")."""
+(:func:`spectra.storage_floor.rounding_floor`; docs/definitions.md, "Subspaces")."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from spectra.numerics import rounding_floor
+from spectra.storage_floor import rounding_floor
 from spectra_cli.main import main
 from tests.conftest import random_lora, tiny_llama
 

@@ -454,7 +454,7 @@ def test_pattern_keys_that_clash_on_a_module_are_said(tmp_path):
 def test_trace_gives_no_sigma_ratio_over_a_rounding_level_second_value(tmp_path):
     """A rank-1 float32 update: σ₂ is float32 rounding (2.6e-7, under the 7.5e-7 rounding floor) and trace reported
     σ₁/σ₂ = 5.75e6."""
-    from spectra.numerics import rounding_floor
+    from spectra.storage_floor import rounding_floor
     from spectra.trace import TraceConfig, trace
 
     g = torch.Generator().manual_seed(0)

@@ -124,7 +124,8 @@ def test_a_certified_one_step_update_is_resolved_in_every_command(tmp_path):
     """diff called a sub-step update of bf16 weights "resolved" (rounding_steps) while the u·|x| storage floor sat far
     above its σ₁: trace nulled its turns, extract --budget refused the pair as rounding noise (second probe of the
     round). The floor of a certified one-grid update is the certificate's own noise ceiling now."""
-    from spectra.numerics import certified_floor, numeric_notes, rounding_floor
+    from spectra.numerics import numeric_notes
+    from spectra.storage_floor import certified_floor, rounding_floor
 
     g = torch.Generator().manual_seed(0)
     base = (torch.randn(1024, 1024, generator=g) * 0.02).bfloat16()
@@ -152,7 +153,7 @@ def test_a_subnormals_step_is_the_formats_smallest():
     """fp16 weights of 1e-6 (98% subnormal) flipped by one bit on 30% of entries had no rounding note (a subnormal's
     step was taken as ε·|x|, far below its real one, ε·tiny); fp8 e4m3 one-bit flips were "55% … changed by at most
     one step" (all were) and stood above the floor."""
-    from spectra.numerics import rounding_floor
+    from spectra.storage_floor import rounding_floor
 
     g = torch.Generator().manual_seed(0)
     for w, name, bits in (((torch.randn(256, 256, generator=g) * 1e-6).half(), "float16", torch.int16),

@@ -10,7 +10,7 @@
 2. ``--alpha-ratio 1e-320`` wrote ``lora_alpha`` 3e-320: a LoRA scale that is zero in float32 (the adapter does
    nothing). A ratio whose scale ``lora_alpha / r`` is not a normal float32 is refused.
 
-References are numpy's float64 SVD of the stored ΔW and :func:`spectra.numerics.rounding_floor` of the stored
+References are numpy's float64 SVD of the stored ΔW and :func:`spectra.storage_floor.rounding_floor` of the stored
 weights (extract's floor).
 """
 
@@ -29,9 +29,9 @@ import spectra
 from spectra.config import DiffConfig
 from spectra.errors import ConfigError, ResultsFormatError
 from spectra.metrics import numerical_rank
-from spectra.numerics import rounding_floor
 from spectra.recommend import recommend
 from spectra.results import DiffResult
+from spectra.storage_floor import rounding_floor
 from tests.cli_util import cli as _cli
 
 ROOT = Path(__file__).resolve().parents[1]

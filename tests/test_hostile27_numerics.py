@@ -78,7 +78,8 @@ def test_the_raised_floor_of_a_float64_update_is_measured_in_float64():
     (a floor nine orders above the update)."""
     import math
 
-    from spectra.numerics import certified_floor, numeric_notes, rounding_floor
+    from spectra.numerics import numeric_notes
+    from spectra.storage_floor import certified_floor, rounding_floor
 
     g = torch.Generator().manual_seed(0)
     for straddle in (False, True):

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from spectra.interference import spectrum_and_top
-from spectra.numerics import RESOLVED_MARGIN, certified_floor, numeric_notes, raises_floor, rounding_floor
+from spectra.numerics import RESOLVED_MARGIN, numeric_notes
+from spectra.storage_floor import certified_floor, raises_floor, rounding_floor
 
 
 def test_the_floor_of_a_rounding_level_update_is_the_same_from_the_update_at_hand():

@@ -1,5 +1,5 @@
-"""A large float32 pair formed from row blocks read one at a time (spectra.delta.reads_by_rows): the same ΔW, norm,
-numerical caveats and results as the pair read whole, and the stored tensors never read whole."""
+"""A large float32, bf16 or fp16 pair formed from row blocks read one at a time (spectra.delta.reads_by_rows): the same
+ΔW, norm, numerical caveats, rounding floor and results as the pair read whole, and the stored tensors never read whole."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def test_rows_read_bad_values_as_whole_read(tmp_path, monkeypatch, bad):
 
 
 def test_rows_read_needs_the_whole_pair_otherwise(tmp_path, monkeypatch):
-    """A copy of W_base (--esd's weight spectra) or a rounding floor read with the pair: read whole."""
+    """A copy of W_base (--esd's weight spectra): read whole. A rounding floor: from a second pass over the tuned side's
+    row blocks, the same number as from the pair read whole."""
     base, tuned = _pair(tmp_path)
     task = _embedding_task(base, tuned)
     monkeypatch.setattr(delta_mod, "ROWS_READ_FROM", 1 << 20)
@@ -104,7 +105,38 @@ def test_rows_read_needs_the_whole_pair_otherwise(tmp_path, monkeypatch):
     (kept,) = prepare(task, base, tuned, torch.device("cpu"), keep_base=True)
     assert kept.base is not None and len(calls) == 2
     (floored,) = prepare(task, base, tuned, torch.device("cpu"), floors=True)
-    assert floored.floor_known and floored.floor > 0 and len(calls) == 4
+    assert floored.floor_known and floored.floor > 0 and len(calls) == 2
+    monkeypatch.setattr(delta_mod, "ROWS_READ_FROM", 1 << 40)
+    (whole,) = prepare(task, base, tuned, torch.device("cpu"), floors=True)
+    assert len(calls) == 4 and whole.floor == floored.floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("learned", [True, False])
+def test_narrow_pairs_read_by_rows_equal_whole_reads(tmp_path, monkeypatch, dtype, learned):
+    """A bf16 or fp16 pair (whose rounding floor is computed with it): by rows, the same ΔW, notes and floor as read whole;
+    the floor against its definition in float64 (1.5·u/√3·(largest changed row norm + largest changed column norm))."""
+    g = torch.Generator().manual_seed(2)
+    emb = (torch.randn(ROWS, COLS, generator=g) * 0.02).to(dtype)
+    t = emb.float()
+    t[100:400] += learned * (torch.randn(300, 3, generator=g) @ torch.randn(3, COLS, generator=g)) * 3e-3
+    t = t.to(dtype)
+    t[1000:1040] = torch.nextafter(t[1000:1040].float(), torch.ones(40, COLS)).to(dtype)  # (one step up, rounded back)
+    t[2000:2040] = t[2000:2040] + (t[2000:2040].float().abs() * torch.finfo(dtype).eps).to(dtype)  # one step
+    save_file({"model.embed_tokens.weight": emb}, str(tmp_path / "base.safetensors"))
+    save_file({"model.embed_tokens.weight": t}, str(tmp_path / "tuned.safetensors"))
+    base, tuned = open_checkpoint(tmp_path / "base.safetensors"), open_checkpoint(tmp_path / "tuned.safetensors")
+    a, b = _both(_embedding_task(base, tuned), base, tuned, monkeypatch)
+    assert a.skip is None and torch.equal(a.delta, b.delta) and a.note == b.note and a.caveats == b.caveats
+    assert a.floor_known and b.floor_known and a.floor == b.floor > 0
+    wt, d = t.double(), t.double() - emb.double()
+    on = (d != 0).any(dim=1)[:, None] & (d != 0).any(dim=0)[None, :]
+    x = torch.where(on, torch.clamp(wt.abs(), min=torch.finfo(dtype).tiny), torch.zeros_like(wt))
+    u = torch.finfo(dtype).eps / 2
+    ref = 1.5 * u / 3**0.5 * (float(x.norm(dim=1).max()) + float(x.norm(dim=0).max()))
+    if learned:  # the learned update dominates: no one-grid certificate moves the floor to its own ceiling
+        assert not any("rounding" in c for c in a.caveats), a.caveats
+        assert a.floor == pytest.approx(ref, rel=1e-5)
 
 
 def test_diff_results_equal_either_way(tmp_path, monkeypatch):
