@@ -330,3 +330,90 @@ def test_a_demo_of_another_kind_is_refused_in_a_demo_folder(tmp_path):
     (tmp_path / "b" / "results.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds a synthetic demo's results"):
         claim_demo_folder(tmp_path / "b", "training")
+
+
+# ---- hostile checkpoint files (a probe of the loaders) -------------------------------------------------------
+def test_a_pickled_tensor_attribute_cannot_shadow_the_layout_check(tmp_path):
+    """torch.load(weights_only=True) sets a tensor's pickled attributes: numel = complex made numel() 0j == 0, so a
+    4-byte storage passed as a 30000² matrix (8.8 GB, then a segfault in esd); every method is now the class's own."""
+    from spectra.errors import CheckpointFormatError
+    from spectra.io.torchfile import read_state_dict
+
+    big = torch.ones(1).expand(3000, 3000)
+    big.numel = complex
+    torch.save({"model.layers.0.self_attn.q_proj.weight": big}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match=r"strides \(0, 0\) claims 36000000 bytes from a 4-byte storage"):
+        read_state_dict(tmp_path / "pytorch_model.bin")
+    p = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+    p.numel = complex  # a plain weight with an attribute still reads, as itself
+    torch.save({"w": p}, tmp_path / "ok.bin")
+    t = read_state_dict(tmp_path / "ok.bin").tensors["w"]
+    assert type(t) is torch.Tensor and t.numel() == 6 and torch.equal(t, torch.arange(6.0).reshape(2, 3))
+
+
+def test_overlapping_views_under_many_names_are_refused(tmp_path):
+    """An adapter_model.bin of 1000 overlapping windows of one 4 MB storage took 4.2 GB as each was copied out; tied
+    weights (one tensor under several names) and a fused matrix's views still read."""
+    from spectra.errors import CheckpointFormatError
+    from spectra.io.torchfile import read_state_dict
+
+    store = torch.randn(200 * 200 + 300)
+    torch.save({f"junk{k}.weight": store[k : k + 200 * 200].view(200, 200) for k in range(300)}, tmp_path / "bad.bin")
+    with pytest.raises(CheckpointFormatError, match="overlapping views of the same bytes under many names"):
+        read_state_dict(tmp_path / "bad.bin")
+    emb, qkv = torch.randn(50, 8), torch.randn(24, 8)
+    torch.save({"embed.weight": emb, "lm_head.weight": emb, "shared.weight": emb, "q": qkv[:8], "k": qkv[8:16], "v": qkv[16:]},
+               tmp_path / "ok.bin")
+    state = read_state_dict(tmp_path / "ok.bin")
+    assert torch.equal(state.tensors["lm_head.weight"], emb) and torch.equal(state.tensors["v"], qkv[16:])
+
+
+def test_a_cuda_storage_class_does_not_skip_the_record_size_check(tmp_path):
+    """A zip .bin naming torch.cuda.FloatStorage (allowed, loaded on the CPU) skipped the record check: the mapped load
+    read past a 64-byte record into the zip's headers and the next tensor, and diff reported ‖ΔW‖ = 1.2e33, exit 0."""
+    import collections
+    import io
+    import pickle
+    import zipfile
+
+    from spectra.errors import CheckpointFormatError
+    from spectra.io.torchfile import read_state_dict
+
+    class Ref:
+        def __init__(self, key, numel):
+            self.key, self.numel = key, numel
+
+    class T:
+        def __init__(self, ref, size):
+            self.args = (ref, 0, size, (size[1], 1), False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, self.args)
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.cuda.FloatStorage, obj.key, "cpu", obj.numel) if isinstance(obj, Ref) else None
+
+    buf = io.BytesIO()
+    P(buf, protocol=2).dump(collections.OrderedDict(q=T(Ref("0", 48), (12, 4)), k=T(Ref("1", 16), (4, 4))))
+    with zipfile.ZipFile(tmp_path / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as w:
+        w.writestr("archive/data.pkl", buf.getvalue())
+        w.writestr("archive/byteorder", "little")
+        w.writestr("archive/data/0", torch.arange(16, dtype=torch.float32).numpy().tobytes())  # 64 bytes of the 192 claimed
+        w.writestr("archive/data/1", torch.full((16,), 7.0).numpy().tobytes())
+        w.writestr("archive/version", "3\n")
+    with pytest.raises(CheckpointFormatError, match="storage record archive/data/0 holds 64 bytes where its tensor needs 192"):
+        read_state_dict(tmp_path / "pytorch_model.bin")
+
+
+def test_a_lower_case_peft_type_is_refused_as_peft_refuses_it(tmp_path):
+    """"peft_type": "lora" was read as LoRA, where PEFT raises KeyError 'lora': numbers for an adapter PEFT cannot load."""
+    import json
+
+    from spectra.errors import CheckpointFormatError
+    from spectra.io.adapter import AdapterConfig
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q"]}))
+    with pytest.raises(CheckpointFormatError, match="PEFT cannot load it") as info:
+        AdapterConfig.from_file(tmp_path / "adapter_config.json")
+    assert 'write "peft_type": "LORA"' in info.value.hint

@@ -178,12 +178,12 @@ class AdapterConfig:
         if not isinstance(raw, dict):
             raise CheckpointFormatError("adapter config is not a JSON object", path=path)
         peft_type = raw.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            prompt = str(peft_type).upper() in PROMPT_LEARNING
+        if peft_type != "LORA":  # PEFT looks it up as written: "lora" is a KeyError there
+            upper = str(peft_type).upper()
             raise CheckpointFormatError(
-                f"peft_type must be LORA. Got {peft_type!r} instead", path=path,
-                hint="a prompt-learning adapter trains inputs and changes no weight: there is no ΔW to measure" if prompt
-                else f"spectra reads LoRA, rsLoRA and DoRA factors; {MERGE_HINT}")
+                f"peft_type must be LORA. Got {peft_type!r} instead" + (" (PEFT cannot load it)" if upper == "LORA" else ""), path=path,
+                hint='write "peft_type": "LORA"' if upper == "LORA" else "a prompt-learning adapter trains inputs and changes no weight: "
+                "there is no ΔW to measure" if upper in PROMPT_LEARNING else f"spectra reads LoRA, rsLoRA and DoRA factors; {MERGE_HINT}")
         for key, value in raw.items():
             if value in (None, False, {}, []) or key in KNOWN_OPTIONS or not (key.startswith("use_") or key.endswith("_config")):
                 continue  # PEFT's defaults: the variant is off

@@ -213,6 +213,9 @@ def _layout_problem(value: torch.Tensor) -> str | None:
 def _plain_tensor(path: Path, name: str, value: torch.Tensor) -> torch.Tensor:
     """A dense, CPU, autograd-free view of a loaded tensor; sparse, meta and quantized ones refused, and
     views whose shape claims more elements than their storage holds."""
+    # first, a fresh plain tensor: a pickle may set a tensor's attributes (weights_only allows it), and an attribute
+    # shadows a method (numel = complex made numel() 0j == 0, and 4 bytes passed as a 30000² matrix)
+    value = torch.Tensor.detach(value)
     if value.layout != torch.strided:
         raise CheckpointFormatError(f"sparse tensor ({str(value.layout).removeprefix('torch.')}), not a dense weight",
                                     path=path, tensor=name, hint="save it dense (tensor.to_dense()) or as safetensors")
@@ -230,7 +233,7 @@ def _plain_tensor(path: Path, name: str, value: torch.Tensor) -> torch.Tensor:
     if problem is not None:
         raise CheckpointFormatError(f"{problem}: it is not a stored weight", path=path, tensor=name,
                                     hint="save tensor.contiguous() instead; a file that does this on purpose is hostile")
-    return value.detach()  # an nn.Parameter (state_dict(keep_vars=True), named_parameters()) is an ordinary tensor
+    return value  # (detached: an nn.Parameter of state_dict(keep_vars=True), named_parameters(), is an ordinary tensor)
 
 
 @dataclass(frozen=True)
@@ -323,7 +326,28 @@ def read_state_dict(path: Path) -> LoadedState:
         _check_records(path)
     found = find_state(path, obj)
     tensors = {k: _plain_tensor(path, k, v) for k, v in found.tensors.items()}
-    return LoadedState(tensors, stamp, found.wrapper, mapped=zipped, notes=found.notes, aliases=_aliases(tensors))
+    aliases = _aliases(tensors)
+    _refuse_overlapping(path, tensors, aliases)
+    return LoadedState(tensors, stamp, found.wrapper, mapped=zipped, notes=found.notes, aliases=aliases)
+
+
+def _refuse_overlapping(path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """Refuse a state dict whose tensors (an alias of another counted once) claim more than 4× the bytes of their
+    storages and :data:`_REPEAT_SLACK`: overlapping views of one storage under many names, which a file of a few
+    megabytes made into gigabytes as each was copied out (1000 windows of one 4 MB storage: 4 GB). Tied weights are
+    aliases; a model's views of a fused matrix do not overlap."""
+    storages: dict[int, int] = {}
+    claimed = 0
+    for name, t in tensors.items():
+        if name not in aliases and t.numel():
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            claimed += t.numel() * t.element_size()
+    have = sum(storages.values())
+    if claimed > 4 * have + _REPEAT_SLACK:
+        raise CheckpointFormatError(f"its {len(tensors) - len(aliases)} tensors claim {claimed:,} bytes from {have:,} bytes of storage "
+                                    "(overlapping views of the same bytes under many names): it is not a saved state dict", path=path,
+                                    hint="save each weight on its own (tensor.clone()) or as safetensors; a file doing this on purpose is hostile")
 
 
 class _Inert:
@@ -357,7 +381,8 @@ class _StorageScan(pickle.Unpickler):
         self.storages: list[tuple[str, str, int]] = []
 
     def find_class(self, module: str, name: str) -> _Inert:  # never imports
-        return _Inert(name=name if module in ("torch", "torch.storage") else "")
+        # torch.cuda.FloatStorage is allowed too (loaded on the CPU): its record was not checked, and read past its end
+        return _Inert(name=name if module == "torch" or module.startswith("torch.") else "")
 
     def persistent_load(self, pid: object) -> _Inert:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Inert):
@@ -410,13 +435,7 @@ def _check_records(path: Path) -> None:
     try:
         scan.load()
     except Exception:  # noqa: BLE001 - torch read it, this scan cannot follow it: torch's full load checks every record
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.load(path, map_location="cpu", weights_only=True, mmap=False)  # memory: the file, this once
-        except Exception as exc:  # noqa: BLE001 - a record torch's full load refuses (short, or of another size)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise CheckpointFormatError(f"the file is corrupt: {first}", path=path, hint="download or save the checkpoint again") from None
+        _full_load_check(path)
         return
     for key, kind, numel in scan.storages:
         info = infos.get(f"{prefix}data/{key}")
@@ -425,10 +444,25 @@ def _check_records(path: Path) -> None:
             dtype = getattr(torch, kind, None) if kind.endswith("Storage") and kind != "UntypedStorage" else None
             # an untyped storage (float8, uint16 …) counts bytes
             size = 1 if kind == "UntypedStorage" else getattr(getattr(dtype, "dtype", None), "itemsize", None)
-        if info is not None and size is not None and info.file_size != numel * size:
+        if info is not None and size is None:  # a storage class the scan cannot size: torch's full load checks the records
+            _full_load_check(path)
+            return
+        if info is not None and info.file_size != numel * size:
             raise CheckpointFormatError(f"storage record {info.filename} holds {info.file_size} bytes where its tensor "
                                         f"needs {numel * size} ({numel} × {size}): the file is corrupt", path=path,
                                         hint="download or save the checkpoint again")
+
+
+def _full_load_check(path: Path) -> None:
+    """Refuse a zip ``.bin`` whose records torch's full (unmapped) load refuses: one shorter or longer than its storage.
+    Memory: the file, this once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # noqa: BLE001 - a record torch's full load refuses (short, or of another size)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointFormatError(f"the file is corrupt: {first}", path=path, hint="download or save the checkpoint again") from None
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
