@@ -24,7 +24,8 @@ from spectra_cli.console import OutPath, cell, echo_json, given, one_pattern, pr
                    "never directions at the rounding level of the stored weights.")
 @click.option("--budget", "-b", default=None,
               help="Total LoRA parameters (1200000, 1.2M), a share of the full update's (10%: of the changed matrices' "
-                   "out × in), or a size (50MB, 1GiB): components go where they keep the most energy.")
+                   "out × in), or a size (50MB, 1GiB: the factors' bytes in the output dtype, not the file's header of tensor names): "
+                   "components go where they keep the most energy.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="No module keeps more components than this.")
 @click.option("--serving", type=click.Choice(["none", "vllm"]), default="none", show_default=True,
               help="vllm: ranks up to 512, the largest max_lora_rank vLLM serves; the serving cost (max_lora_rank × "

@@ -26,12 +26,16 @@ def one_d_changes(base: Checkpoint, tuned: Checkpoint | None, pairs: list[tuple[
     """Changed 1-D tensors (norms, biases) and, for an adapter, its ``modules_to_save`` and trained biases: what LoRA
     cannot hold. With ``save_modules`` each is kept where PEFT can: the bias of an adapted module as
     ``lora_B.bias`` (PEFT's ``lora_bias`` is one flag for every adapted module, so only when each
-    has a bias and none is an embedding), a module holding only 1-D tensors as ``modules_to_save``.
+    has a bias, or the input adapter was trained with ``lora_bias``, and none is an embedding), a module holding only
+    1-D tensors as ``modules_to_save``.
     Records carry the tensors to write under ``"delta"``/``"tensors"`` (dropped from ``extract.json``).
     """
     targets = {t.module: t for t in adapted}
-    biased = bool(adapted) and not any(t.embedding for t in adapted) and all(
+    # an adapter trained with lora_bias keeps it (PEFT runs it on modules without a bias; merging them is what fails,
+    # for the input adapter as for the one written)
+    biased = bool(adapted) and not any(t.embedding for t in adapted) and (all(
         t.base_name is not None and t.base_name.removesuffix(".weight") + ".bias" in base.tensors for t in adapted)
+        or (adapter is not None and bool(adapter.config.lora_bias)))
     if adapter is not None:
         return _adapter_changes(base, adapter, targets, biased, save_modules)
     out = []
@@ -67,8 +71,8 @@ def _as_lora_bias(rec: dict[str, Any], delta: torch.Tensor, biased: bool, save_m
     """Fill ``rec`` (the ``not_lora`` record of an adapted module's bias) with how its change ``delta`` (Δb, float64)
     is held: as ``lora_B.bias`` with ``save_modules`` where PEFT's one ``lora_bias`` flag can hold it, else why not."""
     if not biased:
-        rec["reason"] = ("bias of an adapted module: PEFT's lora_bias needs a bias on every adapted module and no embedding "
-                         "among them; not held")
+        rec["reason"] = ("bias of an adapted module: PEFT merges a lora_bias only into modules that have a bias (not every "
+                         "adapted module has one, or one is an embedding); not held")
     elif save_modules:
         rec.update(held="lora_bias", reason="kept as lora_B.bias", delta=delta.float())
     else:

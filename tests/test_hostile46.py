@@ -417,3 +417,36 @@ def test_a_lower_case_peft_type_is_refused_as_peft_refuses_it(tmp_path):
     with pytest.raises(CheckpointFormatError, match="PEFT cannot load it") as info:
         AdapterConfig.from_file(tmp_path / "adapter_config.json")
     assert 'write "peft_type": "LORA"' in info.value.hint
+
+
+def test_extract_keeps_a_lora_bias_adapters_biases_on_modules_without_a_bias(tmp_path):
+    """A LoRA trained with lora_bias=True on a Llama (no biases): extract -e 1.0 --save-modules wrote lora_bias false and
+    dropped the biases ("PEFT's lora_bias needs a bias on every adapted module", which PEFT does not need to run it):
+    half the fine-tune's effect on the logits lost, energy_kept 1.0. The extracted adapter now runs as the input does."""
+    import json
+
+    from tests.cli_util import cli
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(tmp_path / "ad")
+    res = cli(["extract", str(tmp_path / "base"), str(tmp_path / "ad"), "-e", "1.0", "--save-modules", "-o", str(tmp_path / "x")])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["lora_bias"] is True
+    ids = torch.arange(12)[None]
+
+    def logits(adapter):
+        m = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64), adapter)
+        return m(ids).logits.detach()
+
+    want, got = logits(tmp_path / "ad"), logits(tmp_path / "x")
+    base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float64)(ids).logits.detach()
+    assert float((want - base).norm()) > 0.1 and float((got - want).norm()) < 1e-5 * float((want - base).norm())
