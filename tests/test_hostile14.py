@@ -106,8 +106,9 @@ def test_demo_refuses_a_folder_holding_files_it_did_not_write(tmp_path):
     (tmp_path / "users" / "summary.json").write_text("{}")  # a common name: not the demo's sign
     with pytest.raises(ConfigError, match="did not write"):
         claim_demo_folder(tmp_path / "users")
-    for ok in ("new", "empty", "marked", "old_demo"):
-        claim_demo_folder(tmp_path / ok)
+    # (a mark that names no kind, beside a diff's results and no summary: a synthetic demo's)
+    for ok, kind in (("new", "training"), ("empty", "training"), ("marked", "synthetic"), ("old_demo", "training")):
+        claim_demo_folder(tmp_path / ok, kind)
         assert (tmp_path / ok / DEMO_MARK).is_file()
 
 
