@@ -144,36 +144,6 @@ def rank_resolution(sigma_max: float, p: int) -> float:
     return float(sigma_max) * math.sqrt(p * float(np.finfo(np.float64).eps))
 
 
-def projection_resolution(w_sigma_max: float, S: np.ndarray, r: int, energy: float, shape: tuple[int, int]) -> float:
-    """The largest ``‖U_rᵀ W V_r‖_F`` that rounding alone can give, for ΔW's top-r singular vectors ``U_r``,
-    ``V_r`` from its float64 Gram matrix and ``W`` whose largest singular value is ``w_sigma_max``.
-
-    Args:
-        w_sigma_max: σ₁(W).
-        S: ΔW's top singular values, descending, float64 (at least r of them).
-        r: the rank projected on.
-        energy: ``‖ΔW‖_F²`` (bounds σ_{r+1}² by what the top r leave when S has no more values).
-        shape: ``(out, in)``.
-
-    Returns:
-        ``4·σ₁(W)·(θ·(1 + σ₁/σ_r) + n·ε)``, ``θ = n·ε·‖ΔW‖_F² / (σ_r² − σ_{r+1}²)`` the rounding angle of the top-r
-        subspace (Davis–Kahan over the Gram matrix's backward error, n = max(out, in)), never above
-        :func:`rank_resolution` of W: where ΔW's top r are well separated, a projection far below W's own Gram
-        resolution is told from 0 (W = diag(1e8, 1), ΔW = diag(0, 1): the projection 1 is exact, not rounding).
-    """
-    coarse = rank_resolution(w_sigma_max, min(shape))
-    S = np.asarray(S, dtype=np.float64)
-    if r < 1 or S.size < r or not S[r - 1] > 0:
-        return coarse
-    next_sq = float(S[r]) ** 2 if S.size > r else max(0.0, float(energy) - float(np.sum(S[:r] ** 2)))
-    gap = float(S[r - 1]) ** 2 - next_sq
-    if not gap > 0:
-        return coarse
-    eps, n = float(np.finfo(np.float64).eps), max(shape)
-    theta = min(1.0, n * eps * float(energy) / gap)
-    return min(coarse, 4.0 * float(w_sigma_max) * (theta * (1.0 + float(S[0] / S[r - 1])) + n * eps))
-
-
 #: Unit roundoff of IEEE float32 (round to nearest).
 EPS32 = 2.0**-24
 

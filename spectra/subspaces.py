@@ -37,8 +37,8 @@ from spectra.metrics import (
     check_energy_range,
     factored_rank,
     numerical_rank,
-    projection_resolution,
     random_projection_rms,
+    rank_resolution,
 )
 from spectra.singular_bases import TopSVD, WeightBasis, top_left_singular_pairs, top_svd
 from spectra.ties import tied_cuts
@@ -588,8 +588,8 @@ def amplification(
         Ur, Vr = (_basis(Q, name, device) for Q, name in zip(random_bases, ("U", "V")))
         if Ur.shape != (out, r) or Vr.shape != (inn, r):
             raise ValueError(f"random_bases must be U ({out}, {r}) and V ({inn}, {r}). Got {tuple(Ur.shape)}, {tuple(Vr.shape)} instead.")
-    # a projection at the rounding level of ΔW's vectors seen through W is 0: ΔW's directions lie outside W's, factor ∞
-    proj_delta = proj_delta if proj_delta > projection_resolution(float(np.max(S_W, initial=0.0)), S.cpu().numpy(), r, delta_fro**2, shape) else 0.0
+    # a projection at W's rounding level (σ₁(W)·√(p·ε)) is 0: ΔW's directions lie outside W's, factor ∞ (null)
+    proj_delta = proj_delta if proj_delta > rank_resolution(float(np.max(S_W, initial=0.0)), min(shape)) else 0.0
     return Amplification(
         r=r,
         delta_fro=delta_fro,

@@ -582,10 +582,9 @@ DEMO_MARK = ".spectra-demo"
 
 def claim_demo_folder(out: str | Path, kind: str = "training") -> None:
     """Make ``out`` the demo's folder, refusing one that holds files the demo did not write: the demo
-    replaces its own checkpoints and results in place (a user's model copied to ``out/checkpoints/full``
-    was overwritten without a word). A folder with the mark, or with the training text every full demo
-    writes first (``checkpoints/data/source_train.txt``: a demo made before the mark existed), is the demo's. ``kind``
-    (``"training"``, ``"synthetic"``) is in the mark: the two write other files, which would sit side by side.
+    replaces its own checkpoints and results in place (a user's model copied to ``out/checkpoints/full`` was overwritten
+    without a word). A folder with the mark, or with the training text every full demo writes first (a demo made before
+    the mark existed), is the demo's. ``kind`` (``"training"``, ``"synthetic"``) is in the mark: the two write other files.
 
     Raises:
         ConfigError: ``out`` is a non-empty folder that is not the demo's, or another kind of demo's.
@@ -597,7 +596,7 @@ def claim_demo_folder(out: str | Path, kind: str = "training") -> None:
     if p.is_dir() and any(p.iterdir()) and not ours:
         raise ConfigError("the folder holds files that spectra demo did not write, and the demo replaces what it "
                           "writes there", path=p, hint="pass a new or empty folder to --out")
-    if ours and (was := _demo_kind(p)) != kind:
+    if ours and (was := _demo_kind(p)) not in (None, kind):
         raise ConfigError(f"the folder holds a {was} demo's results; this {kind} demo writes other files, which would sit "
                           "beside them", path=p, hint="pass a new or empty folder to --out")
     try:
@@ -607,16 +606,17 @@ def claim_demo_folder(out: str | Path, kind: str = "training") -> None:
         raise output_error(p, exc) from exc
 
 
-def _demo_kind(p: Path) -> str:
-    """The kind of demo whose folder ``p`` is: as its mark says, or (a mark written before it said) ``"synthetic"``
-    where a diff's results lie at the top and no demo summary does, else ``"training"``."""
+def _demo_kind(p: Path) -> str | None:
+    """The kind of demo in ``p``: as its mark says, or (an older mark) by what lies there; None when nothing tells."""
     try:
         said = (p / DEMO_MARK).read_text(encoding="utf-8", errors="replace")
     except OSError:
         said = ""
-    if "(synthetic)" in said or "(training)" in said:
-        return "synthetic" if "(synthetic)" in said else "training"
-    return "synthetic" if (p / "results.json").is_file() and not (p / "summary.json").is_file() else "training"
+    if kind := next((k for k in ("synthetic", "training") if f"({k})" in said), None):
+        return kind
+    if (p / "summary.json").is_file() or (p / "checkpoints" / "data" / "source_train.txt").is_file():
+        return "training"
+    return "synthetic" if (p / "results.json").is_file() else None
 
 
 def refuse_file_in_path(out: str | Path, option: str = "--out") -> None:

@@ -125,27 +125,6 @@ def test_factored_triplets_keep_factors_float32_cannot_hold():
     assert float((t.B.double() @ t.A.double() - B.float().double() @ A.float().double()).norm() / (B @ A).norm()) < 1e-6
 
 
-def test_amplification_tells_an_exact_projection_of_an_ill_conditioned_weight_from_rounding():
-    """W = diag(1e8, 1), ΔW = diag(0, 1): the projection ‖U_rᵀ W V_r‖ = 1 exactly was cut at σ₁(W)·√(p·ε) = 2.1 and
-    reported as 0 (factor ∞). The cut now follows the rounding of ΔW's vectors (Davis–Kahan), never above the old one."""
-    from spectra.metrics import projection_resolution, rank_resolution
-    from spectra.subspaces import amplification
-
-    dW = torch.diag(torch.tensor([0.0, 1.0], dtype=torch.float64))
-    for w, factor in (((1e8, 1.0), 1.0), ((1.0, 1e-9), 1e9)):  # factor = ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F = 1 / w₂
-        W = torch.diag(torch.tensor(w, dtype=torch.float64))
-        a = amplification(dW, W, 1, generator=torch.Generator().manual_seed(0))
-        assert a.factor == pytest.approx(factor, rel=1e-9)
-    # a direction outside W's columns still reads 0 (its rounding projection 1e-17 is no projection)
-    W = torch.zeros(4, 4, dtype=torch.float64)
-    W[:2, :2] = torch.randn(2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    d = torch.zeros(4, 4, dtype=torch.float64)
-    d[3, 3] = 1.0
-    assert amplification(d, W, 1, generator=torch.Generator().manual_seed(0)).proj_delta == 0.0
-    S = np.array([1.0, 1.0 - 1e-12])  # a near tie: no better than the coarse cut
-    assert projection_resolution(2.0, S, 1, 2.0, (4, 4)) == rank_resolution(2.0, 4)
-
-
 def test_esd_helpers_refuse_what_is_no_spectrum_and_name_their_arguments():
     """matrix_rank counted NaN as nothing, a negative value as a singular value, a 3×3 array as 9 values; a float16 array
     clipped −λ_max to 0 as "rounding"; NaN levels were ignored; λ near 1e308 blamed a thresh nobody passed."""
@@ -326,6 +305,8 @@ def test_a_demo_of_another_kind_is_refused_in_a_demo_folder(tmp_path):
         claim_demo_folder(tmp_path / "a", "synthetic")
     claim_demo_folder(tmp_path / "a", "training")  # its own reruns go on
     (tmp_path / "b").mkdir()  # a mark written before it named the kind: read from what lies there
+    (tmp_path / "b" / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n")
+    claim_demo_folder(tmp_path / "b", "synthetic")  # nothing tells (a run stopped early): either kind goes on
     (tmp_path / "b" / DEMO_MARK).write_text("made by spectra demo: its reruns replace the files in this folder\n")
     (tmp_path / "b" / "results.json").write_text("{}")
     with pytest.raises(ConfigError, match="holds a synthetic demo's results"):
