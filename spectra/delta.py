@@ -104,9 +104,11 @@ def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: to
     pair, unit = task.pair, task.units[0]
     rows = pair.rows if pair.rows is not None else pair.tuned_info.shape[0]
 
+    def read_tuned(block: slice) -> torch.Tensor:
+        return tuned.load_rows(pair.tuned.name, block.start, min(block.stop, rows))
+
     def read(block: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        start, stop = block.start, min(block.stop, rows)
-        return base.load_rows(pair.base.name, start, stop), tuned.load_rows(pair.tuned.name, start, stop)
+        return base.load_rows(pair.base.name, block.start, min(block.stop, rows)), read_tuned(block)
 
     def rows_of(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         picked = [read(slice(i, i + 1)) for i in index.tolist()]
@@ -117,7 +119,8 @@ def _prepare_by_rows(task: Task, base: Checkpoint, tuned: Checkpoint, device: to
     if bad:
         return _skipped(unit, task, bad)
     notes = pair_notes(pair, None, None, delta, base_fro, rows_of=rows_of)
-    floor = certified_floor(rounding_floor_rows(lambda r: read(r)[1], shape, pair.tuned_info.dtype, delta), notes, None, None,
+    # (the floor's pass reads the tuned side alone)
+    floor = certified_floor(rounding_floor_rows(read_tuned, shape, pair.tuned_info.dtype, delta), notes, None, None,
                             delta=delta) if floors else 0.0
     return Prepared(unit, task, delta, base_fro, note="; ".join(notes), floor=floor, caveats=tuple(notes), floor_known=floors)
 

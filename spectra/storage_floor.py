@@ -75,6 +75,12 @@ def rounding_floor(W_tuned: torch.Tensor, tuned_dtype: str, W_base: torch.Tensor
     bound = _norm_bound(W_tuned, W_base, torch.float64 if wide else torch.float32, block, tiny, delta)
     if not wide and not 0.0 < bound < math.inf:
         bound = _norm_bound(W_tuned, W_base, torch.float64, block, tiny, delta)
+    return _floor_of(eps, bound)
+
+
+def _floor_of(eps: float, bound: float) -> float:
+    """The floor ``1.5 · u/√3 · bound`` (``u = eps/2``) of :func:`rounding_floor`'s row-plus-column norm ``bound``; 0 when
+    the bound is not finite."""
     return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
 
 
@@ -89,13 +95,11 @@ def rounding_floor_rows(tuned: Callable[[slice], torch.Tensor], shape: tuple[int
         return 0.0
     tiny = tiny_threshold(None, tuned_dtype) or 0.0  # read as stored
     rows = max(1, block // shape[1])
-    bound = math.nan
-    for work in (torch.float32, torch.float64):  # float64 where float32's squares leave its range (as rounding_floor)
-        on = _changed(lambda r, work=work: delta[r].to(work).abs(), shape, delta.device, work, rows)
-        bound = _masked_norms(tuned, shape, delta.device, work, rows, tiny, on)
-        if 0.0 < bound < math.inf:
-            break
-    return FLOOR_MARGIN * eps / 2 / math.sqrt(3) * bound if math.isfinite(bound) else 0.0
+    on = _changed(lambda r: delta[r].float().abs(), shape, delta.device, torch.float32, rows)  # 0/1: exact in either dtype
+    bound = _masked_norms(tuned, shape, delta.device, torch.float32, rows, tiny, on)
+    if not 0.0 < bound < math.inf:  # float32's squares left its range (as rounding_floor): again in float64
+        bound = _masked_norms(tuned, shape, delta.device, torch.float64, rows, tiny, (on[0].double(), on[1].double()))
+    return _floor_of(eps, bound)
 
 
 def certified_floor(floor: float, notes: Sequence[str], W_tuned: torch.Tensor | None, W_base: torch.Tensor | None, *,
